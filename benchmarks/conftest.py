@@ -1,0 +1,26 @@
+"""Test-tier setup. The first lines choose Triton's mode before anything imports triton."""
+
+import os
+
+# Triton's interpreter must be chosen before triton is first imported (diffusers, transformers, peft and
+# torch.compile all import it). On a CPU machine the Triton kernels run interpreted on CPU tensors; on a
+# GPU machine they run compiled. `import torch` alone does not import triton.
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # tiny tensors and 2 shared cores: one thread per process is fastest here
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_suite.sh on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
