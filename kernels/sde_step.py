@@ -1,0 +1,172 @@
+"""``sde_step``: one Flow-GRPO SDE step with its log-probability, fused (ALGORITHM.md §2).
+
+Eager PyTorch (Flow-GRPO's formulation) makes about ten element-wise passes over the latent per step and
+looks up each sample's sigma on the host. This kernel reads ``x``, ``v`` and the noise once, writes the
+next latent (and, optionally, the ODE next latent ``x + v*dt`` that starts a dense-reward completion), and
+reduces the log-prob to a few floats per row: 3 reads + 1 (or 2) writes instead of ~12 passes. Per-row
+sigma, sigma_next and std are device tensors read inside the kernel, so the step can be captured in a CUDA
+graph and traced by ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _sde_math as sm
+from ._common import backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _sde_step_kernel(
+    x_ptr, v_ptr, noise_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # inputs
+    out_ptr, ode_ptr, sum_sq_ptr,  # outputs: next latent, ODE next latent, per-chunk sums of (x'-mean)^2
+    N, n_chunks,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, WRITE_ODE: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    dt, cx, cv, ns = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    base = row * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, CHUNK, BLOCK):
+        offs = chunk * CHUNK + start + tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = sm.step_mean(x, v, cx, cv)
+        # The log-prob is taken of the latent as stored (rounded to the output dtype), so that training's
+        # recomputation from the stored latent reproduces it bit for bit.
+        x_next = tl.fma(ns, eps, mean).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + base + offs, x_next, mask=mask)
+        if WRITE_ODE:
+            tl.store(ode_ptr + base + offs, tl.fma(v, dt, x).to(ode_ptr.dtype.element_ty), mask=mask)
+        acc += sm.squared_deviation(x_next.to(tl.float32), mean, mask)
+    tl.store(sum_sq_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0))
+
+
+def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode):
+    B, N = sample.shape[0], sample[0].numel()
+    n_chunks = triton.cdiv(N, sm.CHUNK)
+    out = empty(sample.shape, sample.dtype, sample.device)
+    ode = empty(sample.shape, sample.dtype, sample.device) if write_ode else out
+    sum_sq = empty((B, n_chunks), torch.float32, sample.device)
+    _sde_step_kernel[(B, n_chunks)](
+        sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks,
+        CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode,
+    )  # fmt: skip
+    log_prob = sm.finish_log_prob(sum_sq.sum(1), N, sigma, sigma_next, std)
+    return out, log_prob, (ode if write_ode else None)
+
+
+# -------------------------------------------------------------------------------------------- the op
+
+
+@torch.library.custom_op("densegrpo::sde_step", mutates_args=())
+def _sde_step_op(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    std: torch.Tensor,
+    noise: torch.Tensor,
+    write_ode: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend_for(sample) == "triton":
+        out, log_prob, ode = _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode)
+    else:
+        out, log_prob, ode = sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_ode)
+    # custom ops return tensors only: an absent ODE output travels as an empty tensor
+    return out, log_prob, (ode if ode is not None else sample.new_empty(0))
+
+
+@_sde_step_op.register_fake
+def _(sample, velocity, sigma, sigma_next, std, noise, write_ode):
+    ode = torch.empty_like(sample) if write_ode else sample.new_empty(0)
+    return torch.empty_like(sample), sample.new_empty(sample.shape[0], dtype=torch.float32), ode
+
+
+def sde_step(
+    sample: torch.Tensor,
+    velocity: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_next: torch.Tensor,
+    std: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    write_ode: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One SDE step per row, with the log-probability of the step taken.
+
+    Args:
+        sample: ``x`` at sigma, [B, ...] float32/bfloat16/float16 (any trailing shape).
+        velocity: ``v`` at (x, sigma) after CFG, same shape, any of those dtypes.
+        sigma, sigma_next: per-row grid values, float32 [B], ``0 <= sigma_next < sigma <= 1``.
+        std: per-row SDE coefficient (``a_k * sqrt(s / (1 - s))``, see :func:`sde_std`), float32 [B], ``>= 0``;
+            ``0`` makes the row an ODE row (``x + v * dt``, log-prob 0).
+        noise: ``eps ~ N(0, I)``, same shape as sample, any float dtype.
+        write_ode: also return ``x + v * dt`` for every row (the first Euler step of a completion that
+            reuses this velocity).
+
+    Returns:
+        ``(next_sample, log_prob, ode_next)``: next_sample in sample's dtype; log_prob float32 [B] (the
+        per-element mean of the Gaussian log-density, taken at next_sample as stored); ode_next in sample's
+        dtype, or None.
+
+    All math is fp32 whatever the input dtype. Non-contiguous inputs are copied.
+    """
+    check_latent("sample", sample)
+    check_latent("velocity", velocity, like=sample)
+    check_latent("noise", noise, like=sample)
+    for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("std", std)):
+        check_rows(name, t, like=sample)
+    check_schedule(sigma, sigma_next, std)
+    out, log_prob, ode = _sde_step_op(
+        sample.contiguous(), velocity.contiguous(), sigma.contiguous(), sigma_next.contiguous(),
+        std.contiguous(), noise.contiguous(), write_ode,
+    )  # fmt: skip
+    return out, log_prob, (ode if write_ode else None)
+
+
+# --------------------------------------------------------------------------------------- reference
+
+
+def sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_ode: bool = False):
+    """The spec of :func:`sde_step` in plain PyTorch (its CPU path and benchmark baseline).
+
+    With ``s = sigma``, ``dt = sigma_next - s`` (negative), per row::
+
+        mean = x * (1 + std^2 / (2 s) * dt) + v * (1 + std^2 (1 - s) / (2 s)) * dt
+        x'   = mean + std * sqrt(-dt) * eps                         (stored in sample's dtype)
+        log_prob = mean_i[ -(x'_i - mean_i)^2 / (2 std^2 (-dt)) ] - log(std sqrt(-dt)) - log(sqrt(2 pi))
+        ode_next = x + v * dt
+
+    ``log_prob`` is 0 on rows with ``std == 0``. Computed in fp32 (fp64 when an input is fp64).
+    """
+    cd = sm.compute_dtype(sample, velocity, sigma)
+    x, v, eps = sample.to(cd), velocity.to(cd), noise.to(cd)
+    sigma, sigma_next, std = sigma.to(cd), sigma_next.to(cd), std.to(cd)
+    dt, _, _, ns = sm.row_coefficients(sigma, sigma_next, std)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    mean = sm.mean_reference(x, v, sigma, sigma_next, std)
+    out = (mean + ns.view(shape) * eps).to(sample.dtype)
+    log_prob = sm.log_prob_reference_from_mean(out.to(cd), mean, sigma, sigma_next, std)
+    ode = (x + v * dt.view(shape)).to(sample.dtype) if write_ode else None
+    return out, log_prob, ode
+
+
+def sde_std(sigma: torch.Tensor, noise_level: torch.Tensor | float, sigma_guard: float) -> torch.Tensor:
+    """The SDE coefficient ``std = a * sqrt(s / (1 - s))`` of ALGORITHM.md §2.
+
+    At ``s == 1`` (the first step of the grid) ``1 - s`` is replaced by ``1 - sigma_guard``, where
+    ``sigma_guard`` is the grid's ``sigma[1]`` (Flow-GRPO's guard). ``noise_level`` is ``a`` (a float) or the
+    per-row ``a_k`` (a tensor broadcastable to ``sigma``).
+    """
+    if not 0.0 <= sigma_guard < 1.0:
+        raise ValueError(
+            f"sigma_guard ({sigma_guard}) must lie in [0, 1): pass the grid's second value sigma[1]"
+        )
+    one_minus = 1.0 - torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_guard), sigma)
+    return noise_level * torch.sqrt(sigma / one_minus)
