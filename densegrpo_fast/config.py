@@ -28,7 +28,9 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: list[str], source: str = "config"):
         self.problems = problems
-        super().__init__(f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(
+            f"{len(problems)} problem(s) in {source}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -48,7 +50,11 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(model, loc)
         near = difflib.get_close_matches(loc[-1], valid, n=1)
-        hint = f"did you mean '{'.'.join(loc[:-1] + (near[0],))}'?" if near else f"valid keys: {', '.join(valid)}"
+        hint = (
+            f"did you mean '{'.'.join(loc[:-1] + (near[0],))}'?"
+            if near
+            else f"valid keys: {', '.join(valid)}"
+        )
         return f"{key}: unknown key; {hint}"
     return f"{key} = {err.get('input')!r}: {err['msg']}"
 
@@ -87,7 +93,9 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
         path = Path(path)
         source = str(path)
         if not path.is_file():
-            raise ConfigError([f"config file {str(path)!r} does not exist: pass an existing YAML (see configs/)"])
+            raise ConfigError(
+                [f"config file {str(path)!r} does not exist: pass an existing YAML (see configs/)"]
+            )
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(data).__name__}"])

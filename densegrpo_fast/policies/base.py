@@ -33,7 +33,9 @@ class PromptEmbeds:
         return self.embeds.shape[0]
 
     def _map(self, fn) -> PromptEmbeds:
-        return PromptEmbeds(**{f.name: (None if (t := getattr(self, f.name)) is None else fn(t)) for f in fields(self)})
+        return PromptEmbeds(
+            **{f.name: (None if (t := getattr(self, f.name)) is None else fn(t)) for f in fields(self)}
+        )
 
     def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
         """Rows ``idx`` of every field (``idx`` a slice or a LongTensor of row indices)."""
@@ -48,7 +50,9 @@ class PromptEmbeds:
         first = parts[0]
         return PromptEmbeds(
             **{
-                f.name: (None if getattr(first, f.name) is None else torch.cat([getattr(p, f.name) for p in parts]))
+                f.name: (
+                    None if getattr(first, f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
+                )
                 for f in fields(first)
             }
         )
