@@ -20,6 +20,38 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 SUBCOMMANDS: list = []  # filled by the _add_* functions below, in --help order
 
 
+def _add_pretrain_toy(sub) -> None:
+    p = sub.add_parser("pretrain-toy", help="pretrain the embedded toy text-to-image model (resumable)")
+    _add_overrides(p)
+
+    def handler(args):
+        from densegrpo_fast.toy.pretrain import run_pretrain
+
+        run_pretrain(args.config, args.overrides)
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_pretrain_toy)
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="GenEval-style held-out scores of a toy checkpoint, with a sample grid")
+    _add_overrides(p)
+    p.add_argument("--checkpoint", default=None, help="model .safetensors (overrides model.checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+    def handler(args):
+        from densegrpo_fast.toy.evaluate import run_eval
+
+        run_eval(args.config, args.overrides, checkpoint=args.checkpoint, as_json=args.json)
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densegrpo-fast",

@@ -1,0 +1,86 @@
+"""Config sections of the toy world, reusable by any recipe that runs the toy model.
+
+``ToyModelSection`` (which checkpoint, where it runs) and ``ToyEvalSection`` (the held-out GenEval-style
+evaluation) are meant to be embedded as-is by other configs, e.g. the DenseGRPO training config.
+"""
+
+from __future__ import annotations
+
+from pydantic import ConfigDict, Field
+
+from densegrpo_fast.config import Section
+
+
+class ToyModelSection(Section):
+    checkpoint: str | None = Field(
+        None, description="toy model .safetensors; null = the checkpoint shipped in densegrpo_fast/toy/assets"
+    )
+    device: str = Field("cpu", description="torch device to run the model on (cpu, cuda, cuda:1, ...)")
+    num_threads: int = Field(
+        1, ge=1, description="torch CPU threads; 1 is fastest for this tiny model on a shared 2-core machine"
+    )
+
+
+class ToyEvalSection(Section):
+    num_prompts: int = Field(
+        256, ge=6, description="held-out prompts to sample, balanced over the 6 categories"
+    )
+    num_steps: int = Field(20, ge=1, le=1000, description="Euler ODE steps of the sampler")
+    guidance_scale: float = Field(1.5, ge=1.0, description="classifier-free guidance scale (1 = off)")
+    shift: float = Field(1.0, gt=0, description="sigma-grid shift (SD3: sigma = shift*s / (1 + (shift-1)*s))")
+    seed: int = Field(0, description="seed of the prompt order and the initial noise")
+    batch_size: int = Field(128, ge=1, description="images per sampler call (CFG doubles the rows)")
+    output_dir: str = Field("runs/toy_eval", description="where scores.json and samples.png are written")
+    grid_size: int = Field(48, ge=0, description="samples drawn in samples.png (0 = no grid)")
+
+
+class ToyArchSection(Section):
+    patch_size: int = Field(4, ge=1, description="transformer patch size (image 32 px / 4 = 8 x 8 tokens)")
+    num_layers: int = Field(6, ge=1, description="SD3 joint transformer blocks")
+    num_heads: int = Field(4, ge=1, description="attention heads")
+    head_dim: int = Field(32, ge=8, description="channels per head (width = heads * head_dim)")
+    text_dim: int = Field(64, ge=8, description="token-embedding width D (SD3 joint_attention_dim)")
+    pooled_dim: int = Field(64, ge=8, description="pooled-vector width P (SD3 pooled_projection_dim)")
+
+
+class PretrainSection(Section):
+    steps: int = Field(6000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="freshly rendered images per step")
+    lr: float = Field(6e-4, gt=0, description="peak AdamW learning rate")
+    warmup_steps: int = Field(200, ge=0, description="linear warm-up steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decay ends at lr * min_lr_ratio")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA decay of the exported weights")
+    prompt_dropout: float = Field(0.1, ge=0, le=1, description="probability a prompt is replaced by '' (CFG)")
+    logit_normal_mean: float = Field(0.0, description="training sigma ~ sigmoid(N(mean, std)) (SD3)")
+    logit_normal_std: float = Field(1.0, gt=0, description="see logit_normal_mean")
+    seed: int = Field(0, description="seed of initial weights and of every step's data and noise")
+    output_dir: str = Field("runs/toy_pretrain", description="state.pt (resume), EMA exports and log.jsonl")
+    checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
+    eval_every: int = Field(0, ge=0, description="steps between quick held-out evals of the EMA (0 = never)")
+    eval_prompts: int = Field(96, ge=6, description="held-out prompts in each quick eval")
+    device: str = Field("cpu", description="torch device")
+    num_threads: int = Field(1, ge=1, description="torch CPU threads")
+
+
+class ToyPretrainConfig(Section):
+    arch: ToyArchSection = Field(default_factory=ToyArchSection)
+    train: PretrainSection = Field(default_factory=PretrainSection)
+    eval: ToyEvalSection = Field(
+        default_factory=lambda: ToyEvalSection(num_steps=20, grid_size=0),
+        description="sampler used by the quick evals during pretraining",
+    )
+
+
+class ToyEvalConfig(Section):
+    """What ``densegrpo-fast eval`` reads: the ``model`` and ``eval`` sections of a config file.
+
+    Other top-level sections (a training config embeds these two beside its own) are left to the commands
+    that own them; inside ``model`` and ``eval`` every unknown key is still an error.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True, protected_namespaces=())
+
+    model: ToyModelSection = Field(default_factory=ToyModelSection)
+    eval: ToyEvalSection = Field(default_factory=ToyEvalSection)
