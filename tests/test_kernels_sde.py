@@ -1,0 +1,207 @@
+"""sde_step and sde_log_prob on both backends against a float64 reference (ALGORITHM.md §2)."""
+
+import importlib
+import math
+
+import pytest
+import torch
+from tolerances import ATOL, assert_close_by_rule, interpreter_store_slack, max_err
+
+from densegrpo_fast.kernels import sde_log_prob, sde_log_prob_reference, sde_std, sde_step, sde_step_reference
+from densegrpo_fast.kernels import _sde_math as sm
+
+# the package re-exports functions under the modules' names, so fetch the modules themselves
+step_module = importlib.import_module("densegrpo_fast.kernels.sde_step")
+lp_module = importlib.import_module("densegrpo_fast.kernels.sde_log_prob")
+
+BACKENDS = ["reference", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# B = 1, 3, 37; the SD3.5-M latent (16x64x64), an odd latent, a FLUX-packed row, a tail shorter than a block
+SHAPES = [(3, 16, 64, 64), (1, 16, 64, 64), (37, 3, 5, 7), (3, 1024, 64), (4, 1, 33)]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("DENSEGRPO_KERNELS", request.param)
+    return request.param
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer an op allocates starts as NaN, so an element the kernel forgets to write fails."""
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    for module in (step_module, lp_module):
+        monkeypatch.setattr(module, "empty", nan_empty)
+
+
+def make_step(shape, dtype, seed=0, ode_rows=(), first_row_sigma_one=True):
+    """Random latents and a per-row schedule: row 0 at sigma = 1 (the guard), ODE rows with std = 0."""
+    g = torch.Generator().manual_seed(seed)
+    B = shape[0]
+    x = torch.randn(shape, generator=g).to(dtype)
+    v = torch.randn(shape, generator=g).to(dtype)
+    noise = torch.randn(shape, generator=g).to(dtype)
+    sigma = torch.rand(B, generator=g) * 0.85 + 0.1
+    if first_row_sigma_one:
+        sigma[0] = 1.0
+    sigma_next = sigma * (0.6 + 0.35 * torch.rand(B, generator=g))
+    std = sde_std(sigma, 0.7, sigma_guard=0.95)
+    for r in ode_rows:
+        if r < B:
+            std[r] = 0.0
+    return x, v, noise, sigma, sigma_next, std
+
+
+def f64(*ts):
+    return [t.double() for t in ts]
+
+
+def eager_step_same_dtype(x, v, noise, sigma, sigma_next, std):
+    """Flow-GRPO-style eager step computed in the inputs' own dtype (the 'eager' of the tolerance rule)."""
+    dt = (sigma_next - sigma).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+    s = sigma.to(x.dtype).view_as(dt)
+    sd = std.to(x.dtype).view_as(dt)
+    mean = x * (1 + sd**2 / (2 * s) * dt) + v * (1 + sd**2 * (1 - s) / (2 * s)) * dt
+    return mean + sd * torch.sqrt(-dt) * noise, x + v * dt
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sde_step_matches_float64(backend, poisoned, shape, dtype):
+    x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(1, 5))
+    out, log_prob, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True)
+    assert out.dtype == dtype and ode.dtype == dtype and log_prob.dtype == torch.float32
+    assert out.shape == x.shape and log_prob.shape == (shape[0],)
+
+    ref_out, _, ref_ode = sde_step_reference(*f64(x, v, sigma, sigma_next, std, noise), write_ode=True)
+    eager_out, eager_ode = eager_step_same_dtype(x, v, noise, sigma, sigma_next, std)
+    slack = interpreter_store_slack(backend, dtype)
+    assert_close_by_rule(out, eager_out, ref_out, dtype, "next_sample", ulps=slack)
+    assert_close_by_rule(ode, eager_ode, ref_ode, dtype, "ode_next", ulps=slack)
+
+    # The log-prob is of the latent as stored: its float64 value at the stored `out`.
+    ref_lp, _ = sde_log_prob_reference(*f64(x, v, out, sigma, sigma_next, std))
+    eager_lp, _ = sde_log_prob_reference(x, v, out, sigma, sigma_next, std)  # fp32 eager
+    assert_close_by_rule(log_prob, eager_lp, ref_lp, torch.float32, "log_prob")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ode_rows_are_plain_euler_with_zero_log_prob(backend, dtype):
+    x, v, noise, sigma, sigma_next, std = make_step((3, 4, 9, 9), dtype, ode_rows=(0, 1, 2))
+    out, log_prob, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True)
+    assert torch.equal(log_prob, torch.zeros(3))
+    # std = 0: the step is the Euler step, bit for bit the same as the completion's first step, so a
+    # noise-free step leaves the dense reward unchanged (dR = 0 exactly).
+    assert torch.equal(out, ode)
+    euler = (x.double() + v.double() * (sigma_next - sigma).double().view(-1, 1, 1, 1)).to(dtype)
+    assert max_err(out, euler) <= 2 * torch.finfo(dtype).eps * euler.abs().max().item()
+
+
+def test_sigma_one_guard():
+    sigma = torch.tensor([1.0, 0.5])
+    std = sde_std(sigma, 0.7, sigma_guard=0.9)
+    assert torch.isfinite(std).all()
+    assert std[0].item() == pytest.approx(0.7 * math.sqrt(1.0 / (1.0 - 0.9)), rel=1e-6)
+    assert std[1].item() == pytest.approx(0.7 * math.sqrt(0.5 / 0.5), rel=1e-6)
+    with pytest.raises(ValueError, match="sigma_guard"):
+        sde_std(sigma, 0.7, sigma_guard=1.0)
+
+
+def test_log_prob_is_the_gaussian_density():
+    """Independent check of the formula: the per-element mean of torch.distributions.Normal.log_prob."""
+    x, v, noise, sigma, sigma_next, std = f64(*make_step((2, 3, 4, 4), torch.float64, first_row_sigma_one=False))
+    out, lp, _ = sde_step_reference(x, v, sigma, sigma_next, std, noise)
+    s, dt = sigma.view(-1, 1, 1, 1), (sigma_next - sigma).view(-1, 1, 1, 1)
+    sd = std.view(-1, 1, 1, 1)
+    mean = x * (1 + sd**2 / (2 * s) * dt) + v * (1 + sd**2 * (1 - s) / (2 * s)) * dt
+    expected = torch.distributions.Normal(mean, sd * torch.sqrt(-dt)).log_prob(out).mean((1, 2, 3))
+    torch.testing.assert_close(lp, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 16, 64, 64), (37, 3, 5, 7)])
+def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
+    x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(2,))
+    out, log_prob, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+    again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
+    assert torch.equal(again, log_prob)
+    # A micro-batch of the rollout's rows reproduces them too (tiling never depends on the batch size).
+    idx = torch.tensor([shape[0] - 1, 0])
+    part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
+    assert torch.equal(part, log_prob[idx])
+    assert torch.equal(torch.exp(again - log_prob), torch.ones_like(log_prob))
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 64, 64), (37, 3, 5, 7), (4, 1, 33)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sde_log_prob_and_kl_match_float64(backend, poisoned, shape, dtype):
+    x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(1,))
+    xn = (x.float() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(1))).to(dtype)
+    v_ref = (v.float() + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(2))).to(dtype)
+    lp, kl = sde_log_prob(x, v, xn, sigma, sigma_next, std, ref_velocity=v_ref)
+    ref_lp, ref_kl = sde_log_prob_reference(*f64(x, v, xn, sigma, sigma_next, std, v_ref))
+    eager_lp, eager_kl = sde_log_prob_reference(x, v, xn, sigma, sigma_next, std, v_ref)
+    assert_close_by_rule(lp, eager_lp, ref_lp, torch.float32, "log_prob")
+    # KL is a small difference of nearly equal means: judge it relative to its size as well
+    assert_close_by_rule(kl, eager_kl, ref_kl, torch.float32, "kl")
+    assert kl[1].item() == 0.0 and lp[1].item() == 0.0
+    _, kl_exact = sde_log_prob(x, v, xn, sigma, sigma_next, std, ref_velocity=v_ref, kl_exact=True)
+    torch.testing.assert_close(kl_exact, kl / (sigma - sigma_next), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("with_kl", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 16, 64, 64), (5, 3, 7, 5)])
+def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl, dtype, shape):
+    x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(2,))
+    xn = (x.float() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))).to(dtype)
+    v_ref = (v.float() + 0.05 * torch.randn(shape)).to(dtype) if with_kl else None
+    g = torch.Generator().manual_seed(4)
+    w_lp, w_kl = torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g)
+
+    v_kernel = v.clone().requires_grad_(True)
+    lp, kl = sde_log_prob(x, v_kernel, xn, sigma, sigma_next, std, ref_velocity=v_ref)
+    ((lp * w_lp).sum() + ((kl * w_kl).sum() if with_kl else 0)).backward()
+    assert v_kernel.grad.dtype == dtype
+
+    def autograd_grad(vel, cast):
+        vel = vel.detach().requires_grad_(True)
+        args = [cast(t) for t in (x, vel, xn, sigma, sigma_next, std)] + [cast(v_ref) if with_kl else None]
+        lp_r, kl_r = sde_log_prob_reference(*args)
+        total = (lp_r * cast(w_lp)).sum() + ((kl_r * cast(w_kl)).sum() if with_kl else 0)
+        (grad,) = torch.autograd.grad(total, vel)
+        return grad
+
+    ref = autograd_grad(v.double(), lambda t: t.double())
+    eager = autograd_grad(v.float(), lambda t: t.float())  # the spec's own precision
+    assert_close_by_rule(v_kernel.grad.float(), eager, ref, dtype, "dL/dv")
+    assert torch.equal(v_kernel.grad[2], torch.zeros_like(v_kernel.grad[2]))  # ODE row: no gradient
+
+
+def test_gradient_flows_only_into_velocity():
+    x, v, noise, sigma, sigma_next, std = make_step((2, 3, 4, 4), torch.float32)
+    xs = x.clone().requires_grad_(True)
+    vv = v.clone().requires_grad_(True)
+    lp, _ = sde_log_prob(xs, vv, x + 0.1, sigma, sigma_next, std)
+    lp.sum().backward()
+    assert xs.grad is None and vv.grad is not None and vv.grad.abs().sum() > 0
+
+
+def test_triton_and_reference_agree_closely(monkeypatch):
+    """Both backends implement one spec: their log-probs differ by fp32 rounding only."""
+    x, v, noise, sigma, sigma_next, std = make_step((3, 16, 64, 64), torch.float32)
+    results = {}
+    for be in BACKENDS:
+        monkeypatch.setenv("DENSEGRPO_KERNELS", be)
+        results[be] = sde_step(x, v, sigma, sigma_next, std, noise)
+    assert max_err(results["triton"][0], results["reference"][0]) <= 4 * torch.finfo(torch.float32).eps * 8
+    assert max_err(results["triton"][1], results["reference"][1]) <= 1e-5
+    assert ATOL  # one table for the suite
+
+
+def test_tiling_constants_do_not_depend_on_batch():
+    # guard the promise that makes micro-batched recomputation exact
+    assert sm.CHUNK % sm.BLOCK == 0
