@@ -73,8 +73,8 @@ def check_values() -> bool:
     """Whether to check argument *values* (std >= 0, sigma_next < sigma).
 
     Value checks read device tensors on the host, which syncs a GPU and breaks CUDA-graph capture, so they
-    run on CPU tensors always and on CUDA tensors only with ``DENSEGRPO_CHECK_VALUES=1`` (the schedule that
-    builds sigma and std validates them once, when it is built).
+    run on CPU tensors always (except under ``torch.compile``) and on CUDA tensors only with
+    ``DENSEGRPO_CHECK_VALUES=1`` (the schedule that builds sigma and std validates them once, when built).
     """
     return os.environ.get("DENSEGRPO_CHECK_VALUES", "0") == "1"
 
@@ -126,8 +126,8 @@ def check_rows(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
 
 def check_schedule(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor) -> None:
     """Value rules of one SDE step (host read: see :func:`check_values`)."""
-    if sigma.is_cuda and not check_values():
-        return
+    if torch.compiler.is_compiling() or (sigma.is_cuda and not check_values()):
+        return  # values are data: a traced graph cannot branch on them
     if not bool(((sigma > 0) & (sigma <= 1)).all()):
         raise ValueError(
             f"sigma must lie in (0, 1], got {sigma.tolist()}: pass the grid value of the current step"

@@ -115,7 +115,8 @@ def sde_step(
         per-element mean of the Gaussian log-density, taken at next_sample as stored); ode_next in sample's
         dtype, or None.
 
-    All math is fp32 whatever the input dtype. Non-contiguous inputs are copied.
+    All math is fp32 whatever the input dtype. Non-contiguous inputs are copied. The step is not
+    differentiable (inputs are detached): training differentiates :func:`sde_log_prob` instead.
     """
     check_latent("sample", sample)
     check_latent("velocity", velocity, like=sample)
@@ -123,10 +124,10 @@ def sde_step(
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("std", std)):
         check_rows(name, t, like=sample)
     check_schedule(sigma, sigma_next, std)
+    sample, velocity, noise = (t.detach().contiguous() for t in (sample, velocity, noise))
     out, log_prob, ode = _sde_step_op(
-        sample.contiguous(), velocity.contiguous(), sigma.contiguous(), sigma_next.contiguous(),
-        std.contiguous(), noise.contiguous(), write_ode,
-    )  # fmt: skip
+        sample, velocity, sigma.contiguous(), sigma_next.contiguous(), std.contiguous(), noise, write_ode
+    )
     return out, log_prob, (ode if write_ode else None)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tolerances import ATOL, assert_close_by_rule, interpreter_store_slack, max_err
 
-from densegrpo_fast.kernels import sde_log_prob, sde_log_prob_reference, sde_std, sde_step, sde_step_reference
 from densegrpo_fast.kernels import _sde_math as sm
+from densegrpo_fast.kernels import sde_log_prob, sde_log_prob_reference, sde_std, sde_step, sde_step_reference
 
 # the package re-exports functions under the modules' names, so fetch the modules themselves
 step_module = importlib.import_module("densegrpo_fast.kernels.sde_step")
@@ -112,7 +112,9 @@ def test_sigma_one_guard():
 
 def test_log_prob_is_the_gaussian_density():
     """Independent check of the formula: the per-element mean of torch.distributions.Normal.log_prob."""
-    x, v, noise, sigma, sigma_next, std = f64(*make_step((2, 3, 4, 4), torch.float64, first_row_sigma_one=False))
+    x, v, noise, sigma, sigma_next, std = f64(
+        *make_step((2, 3, 4, 4), torch.float64, first_row_sigma_one=False)
+    )
     out, lp, _ = sde_step_reference(x, v, sigma, sigma_next, std, noise)
     s, dt = sigma.view(-1, 1, 1, 1), (sigma_next - sigma).view(-1, 1, 1, 1)
     sd = std.view(-1, 1, 1, 1)
