@@ -1,10 +1,17 @@
-"""Test-tier setup. The first lines choose Triton's mode before anything imports triton."""
+"""Benchmark-tier setup: Triton mode, thread count, the device copy bandwidth, the CSV and the table.
 
+Each benchmark reports its time through :func:`record`, which turns it into GB/s with the bytes-moved
+formula written beside the benchmark and into a percentage of the device copy bandwidth measured once in
+the same run. Rows are appended to benchmarks/results.csv and printed as a table at the end of the run.
+"""
+
+import csv
+import datetime
 import os
+import platform
+import subprocess
+from pathlib import Path
 
-# Triton's interpreter must be chosen before triton is first imported (diffusers, transformers, peft and
-# torch.compile all import it). On a CPU machine the Triton kernels run interpreted on CPU tensors; on a
-# GPU machine they run compiled. `import torch` alone does not import triton.
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 
@@ -14,13 +21,129 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)  # tiny tensors and 2 shared cores: one thread per process is fastest here
+HERE = Path(__file__).resolve().parent
+CSV_PATH = Path(os.environ.get("DENSEGRPO_BENCH_CSV", HERE / "results.csv"))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    torch.set_num_threads(int(os.environ.get("DENSEGRPO_BENCH_THREADS", "1")))
+ROWS: list[dict] = []
+COLUMNS = [
+    "utc", "git_sha", "device", "threads", "torch", "triton", "op", "impl", "shape", "dtype",
+    "mean_ms", "gb_per_s", "pct_of_copy", "copy_gb_per_s",
+]  # fmt: skip
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+def device_name() -> str:
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_per_call(benchmark, fn, inner: int) -> float:
+    """Run ``fn`` under pytest-benchmark, ``inner`` calls per timed round; seconds per call."""
+
+    def body():
+        for _ in range(inner):
+            fn()
+        sync()
+
+    body()  # warm-up (compiles Triton kernels)
+    benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
+    return benchmark.stats.stats.mean / inner
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth() -> float:
+    """Device copy bandwidth in GB/s (read + write bytes of a large copy), measured in this run."""
+    n = (256 if DEVICE.type == "cuda" else 32) * 2**20 // 4
+    src = torch.randn(n, device=DEVICE)
+    dst = torch.empty_like(src)
+    inner = 20 if DEVICE.type == "cuda" else 3
+    for _ in range(3):
+        dst.copy_(src)
+    sync()
+    import time
+
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            dst.copy_(src)
+        sync()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return 2 * src.numel() * 4 / best / 1e9
+
+
+@pytest.fixture
+def record(copy_bandwidth):
+    def _record(op: str, impl: str, shape, dtype: torch.dtype, seconds: float, bytes_moved: int):
+        gbps = bytes_moved / seconds / 1e9
+        ROWS.append(
+            {
+                "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "git_sha": git_sha(),
+                "device": device_name(),
+                "threads": torch.get_num_threads() if DEVICE.type == "cpu" else "",
+                "torch": torch.__version__,
+                "triton": _triton_version(),
+                "op": op,
+                "impl": impl,
+                "shape": "x".join(map(str, shape)),
+                "dtype": str(dtype).replace("torch.", ""),
+                "mean_ms": f"{seconds * 1e3:.4f}",
+                "gb_per_s": f"{gbps:.1f}",
+                "pct_of_copy": f"{100 * gbps / copy_bandwidth:.1f}",
+                "copy_gb_per_s": f"{copy_bandwidth:.1f}",
+            }
+        )
+
+    return _record
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "absent"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not ROWS:
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run benchmarks/gpu_suite.sh on a GPU machine)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    new = not CSV_PATH.exists()
+    with CSV_PATH.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(ROWS)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not ROWS:
+        return
+    tr = terminalreporter
+    tr.section(f"densegrpo-fast kernels on {ROWS[0]['device']} (copy {ROWS[0]['copy_gb_per_s']} GB/s)")
+    tr.write_line(f"{'op':<22}{'impl':<12}{'shape':<18}{'dtype':<10}{'ms':>10}{'GB/s':>9}{'% copy':>8}")
+    for r in ROWS:
+        tr.write_line(
+            f"{r['op']:<22}{r['impl']:<12}{r['shape']:<18}{r['dtype']:<10}{r['mean_ms']:>10}"
+            f"{r['gb_per_s']:>9}{r['pct_of_copy']:>8}"
+        )
+    tr.write_line(f"rows appended to {CSV_PATH}")

@@ -1,0 +1,136 @@
+"""Kernel throughput: each op as Triton, as its PyTorch reference, and as the peers' eager formulation.
+
+Shapes: SD3.5-M latents at 512 px (16x64x64) with B = 24 and 48, and FLUX.1 packed latents at 1024 px
+(4096 tokens x 64 channels). Bytes moved (the minimum any implementation must touch, written beside each
+benchmark) over time gives GB/s; the table also shows it as % of this device's copy bandwidth. On a CPU
+the Triton rows skip (the interpreter measures nothing useful) and the others run.
+"""
+
+import os
+
+import pytest
+import torch
+from conftest import DEVICE, time_per_call
+from flow_grpo_eager import flow_grpo_advantages, flow_grpo_log_prob, flow_grpo_sde_step
+
+from densegrpo_fast.kernels import (
+    group_advantages,
+    group_advantages_reference,
+    sde_log_prob,
+    sde_log_prob_reference,
+    sde_std,
+    sde_step,
+    sde_step_reference,
+)
+
+SHAPES = {"sd35m-b24": (24, 16, 64, 64), "sd35m-b48": (48, 16, 64, 64), "flux-1024px-b8": (8, 4096, 64)}
+DTYPES = [torch.bfloat16, torch.float32]
+IMPLS = ["triton", "reference", "flow-grpo"]
+INNER = 20 if DEVICE.type == "cuda" else 1
+
+
+def needs(impl):
+    if impl == "triton" and DEVICE.type != "cuda":
+        pytest.skip("Triton rows need a CUDA device (interpreted Triton measures nothing useful)")
+
+
+@pytest.fixture
+def force_backend(monkeypatch):
+    def _force(impl):
+        monkeypatch.setenv("DENSEGRPO_KERNELS", "triton" if impl == "triton" else "reference")
+
+    return _force
+
+
+def schedule(B, T=10):
+    """A 10-step SD3 grid (shift 3) with the batch's rows spread over its steps, as in a mixed batch."""
+    s = torch.linspace(1.0, 1.0 / T, T)
+    sig = torch.cat([3.0 * s / (1 + 2.0 * s), torch.zeros(1)]).to(DEVICE)
+    k = torch.arange(B, device=DEVICE) % (T - 1)
+    sigma, sigma_next = sig[k], sig[k + 1]
+    return sig, k, sigma, sigma_next, sde_std(sigma, 0.7, sigma_guard=sig[1].item())
+
+
+def latents(shape, dtype, n):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    return [torch.randn(shape, device=DEVICE, generator=g, dtype=torch.float32).to(dtype) for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sde_step(benchmark, record, force_backend, impl, shape_name, dtype):
+    needs(impl)
+    force_backend(impl)
+    shape = SHAPES[shape_name]
+    x, v, eps = latents(shape, dtype, 3)
+    sig, k, sigma, sigma_next, std = schedule(shape[0])
+    if impl == "flow-grpo":
+        timesteps = sig[:-1] * 1000
+        t = timesteps[k]
+        fn = lambda: flow_grpo_sde_step(x, v, t, sig, timesteps, eps)
+    elif impl == "reference":
+        fn = lambda: sde_step_reference(x, v, sigma, sigma_next, std, eps)
+    else:
+        fn = lambda: sde_step(x, v, sigma, sigma_next, std, eps)
+    seconds = time_per_call(benchmark, fn, INNER)
+    # reads x, v, eps; writes x' (all in dtype); the log-prob is B floats
+    record("sde_step", impl, shape, dtype, seconds, 4 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sde_log_prob_fwd_bwd(benchmark, record, force_backend, impl, shape_name, dtype):
+    needs(impl)
+    force_backend(impl)
+    shape = SHAPES[shape_name]
+    x, v0, xn = latents(shape, dtype, 3)
+    v = v0.clone().requires_grad_(True)
+    sig, k, sigma, sigma_next, std = schedule(shape[0])
+    if impl == "flow-grpo":
+        timesteps = sig[:-1] * 1000
+        t = timesteps[k]
+        loss = lambda: flow_grpo_log_prob(x, v, xn, t, sig, timesteps).sum()
+    elif impl == "reference":
+        loss = lambda: sde_log_prob_reference(x, v, xn, sigma, sigma_next, std)[0].sum()
+    else:
+        loss = lambda: sde_log_prob(x, v, xn, sigma, sigma_next, std)[0].sum()
+
+    def fn():
+        v.grad = None
+        loss().backward()
+
+    seconds = time_per_call(benchmark, fn, INNER)
+    # forward reads x, v, x'; backward reads x, v, x' and writes dL/dv
+    record("sde_log_prob fwd+bwd", impl, shape, dtype, seconds, 7 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("shape", [(48 * 24, 10), (48 * 24, 1)], ids=["dense-1152x10", "sparse-1152x1"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_group_advantages(benchmark, record, force_backend, impl, shape):
+    needs(impl)
+    force_backend(impl)
+    r = torch.randn(shape, device=DEVICE)
+    fns = {
+        "flow-grpo": lambda: flow_grpo_advantages(r, 24),
+        "reference": lambda: group_advantages_reference(r, 24),
+        "triton": lambda: group_advantages(r, 24),
+    }
+    seconds = time_per_call(benchmark, fns[impl], INNER)
+    record("group_advantages", impl, shape, torch.float32, seconds, 2 * r.numel() * 4)
+
+
+@pytest.mark.skipif(os.environ.get("DENSEGRPO_BENCH_CHECK", "1") == "0", reason="disabled")
+def test_benchmarked_paths_agree():
+    """The rows compare equal work: all three formulations give the same log-probs here."""
+    shape = (4, 16, 16, 16)
+    x, v, eps = latents(shape, torch.float32, 3)
+    sig, k, sigma, sigma_next, std = schedule(shape[0])
+    timesteps = sig[:-1] * 1000
+    prev, lp_peer, _ = flow_grpo_sde_step(x, v, timesteps[k], sig, timesteps, eps)
+    out, lp, _ = sde_step_reference(x, v, sigma, sigma_next, std, eps)
+    torch.testing.assert_close(out, prev, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lp, lp_peer, rtol=1e-4, atol=1e-4)
+    lp2 = flow_grpo_log_prob(x, v, out, timesteps[k], sig, timesteps)
+    torch.testing.assert_close(lp2, lp, rtol=1e-4, atol=1e-4)

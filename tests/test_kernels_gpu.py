@@ -1,0 +1,122 @@
+"""GPU tier: compiled Triton kernels, CUDA-graph capture and inductor compile. Skipped without CUDA.
+
+Run by benchmarks/gpu_suite.sh on a GPU machine; the CPU tier covers the same math interpreted.
+"""
+
+import pytest
+import torch
+from test_kernels_sde import eager_step_same_dtype, make_step
+from tolerances import assert_close_by_rule
+
+from densegrpo_fast.kernels import (
+    group_advantages,
+    group_advantages_reference,
+    sde_log_prob,
+    sde_log_prob_reference,
+    sde_step,
+    sde_step_reference,
+)
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("DENSEGRPO_KERNELS", "triton")
+
+
+def cuda(*ts):
+    return [t.cuda() for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(24, 16, 64, 64), (37, 3, 5, 7), (3, 4096, 64)])
+def test_compiled_sde_step_and_log_prob(dtype, shape):
+    x, v, noise, sigma, sigma_next, std = cuda(*make_step(shape, dtype, ode_rows=(1,)))
+    out, lp, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True)
+    d = [t.double() for t in (x, v, sigma, sigma_next, std, noise)]
+    ref_out, _, ref_ode = sde_step_reference(*d, write_ode=True)
+    eager_out, eager_ode = eager_step_same_dtype(x, v, noise, sigma, sigma_next, std)
+    assert_close_by_rule(out, eager_out, ref_out, dtype, "next_sample")
+    assert_close_by_rule(ode, eager_ode, ref_ode, dtype, "ode_next")
+    ref_lp, _ = sde_log_prob_reference(x.double(), v.double(), out.double(), *d[2:5])
+    eager_lp, _ = sde_log_prob_reference(x, v, out, sigma, sigma_next, std)
+    assert_close_by_rule(lp, eager_lp, ref_lp, torch.float32, "log_prob")
+    # on-policy exactness, compiled: the recomputation returns the rollout's log-prob bit for bit
+    again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
+    assert torch.equal(again, lp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_backward_with_kl(dtype):
+    shape = (24, 16, 64, 64)
+    x, v, noise, sigma, sigma_next, std = cuda(*make_step(shape, dtype, ode_rows=(2,)))
+    xn = (x.float() + 0.3 * torch.randn_like(x, dtype=torch.float32)).to(dtype)
+    v_ref = (v.float() + 0.05 * torch.randn_like(v, dtype=torch.float32)).to(dtype)
+    vv = v.clone().requires_grad_(True)
+    lp, kl = sde_log_prob(x, vv, xn, sigma, sigma_next, std, ref_velocity=v_ref)
+    (lp.sum() + 0.5 * kl.sum()).backward()
+
+    def grad_of(cast):
+        vel = cast(v).detach().requires_grad_(True)
+        lp_r, kl_r = sde_log_prob_reference(
+            *[cast(t) for t in (x,)], vel, *[cast(t) for t in (xn, sigma, sigma_next, std, v_ref)]
+        )
+        return torch.autograd.grad(lp_r.sum() + 0.5 * kl_r.sum(), vel)[0]
+
+    assert_close_by_rule(
+        vv.grad.float(), grad_of(lambda t: t.float()), grad_of(lambda t: t.double()), dtype, "dL/dv"
+    )
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+def test_compiled_group_advantages(global_std):
+    r = torch.randn(48 * 24, 10, device="cuda")
+    mask = torch.rand(48 * 24, device="cuda") > 0.1
+    out = group_advantages(r, 24, mask=mask, global_std=global_std)
+    ref = group_advantages_reference(r.double(), 24, mask=mask, global_std=global_std)
+    eager = group_advantages_reference(r, 24, mask=mask, global_std=global_std)
+    assert_close_by_rule(out, eager, ref, torch.float32, "advantages")
+
+
+def test_cuda_graph_capture_and_replay():
+    """One rollout step + advantages captured once and replayed on new data: no host sync inside."""
+    shape = (24, 16, 64, 64)
+    x, v, noise, sigma, sigma_next, std = cuda(*make_step(shape, torch.bfloat16))
+    rewards = torch.randn(24, 10, device="cuda")
+    static = [t.clone() for t in (x, v, noise, sigma, sigma_next, std, rewards)]
+
+    def step(x, v, noise, sigma, sigma_next, std, rewards):
+        out, lp, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True)
+        return out, lp, ode, group_advantages(rewards, 6)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(*static)  # warm-up compiles the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(*static)
+    fresh = cuda(*make_step(shape, torch.bfloat16, seed=7)) + [torch.randn(24, 10, device="cuda")]
+    for buf, new in zip(static, fresh, strict=True):
+        buf.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = step(*fresh)
+    for got, want in zip(outs, expected, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_inductor_compile_fullgraph():
+    shape = (8, 16, 32, 32)
+    x, v, noise, sigma, sigma_next, std = cuda(*make_step(shape, torch.bfloat16))
+
+    def f(x, v, noise, sigma, sigma_next, std):
+        out, lp, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+        lp2, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
+        return torch.exp(lp2 - lp)
+
+    ratio = torch.compile(f, fullgraph=True)(x, v, noise, sigma, sigma_next, std)
+    assert torch.equal(ratio, torch.ones_like(ratio))
