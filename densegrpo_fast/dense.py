@@ -1,0 +1,74 @@
+"""Latent rewards -> step rewards -> per-step group advantages (ALGORITHM.md §3, §4).
+
+``R`` holds the latent rewards of a rollout, ``R[:, k] = reward(decode(ODE_n(lat[k])))`` for ``k < T``
+and ``R[:, T] = reward(decode(lat[T]))``. Three modes share this one engine so comparisons are fair:
+
+- ``dense`` (DenseGRPO Eq. 10): ``dR_k = R_{k+1} - R_k``, normalised per step within each group;
+- ``sparse`` (Flow-GRPO): the terminal reward ``R_T`` normalised within each group, the same at every step;
+- ``dense_baseline`` (the paper's ablation): ``R_{k+1}`` normalised per step within each group.
+
+Advantages of steps that are not trained (ODE steps, the last step by default) are 0. The normalisation is
+one launch of the ``group_advantages`` kernel over all columns.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+
+from densegrpo_fast.kernels import group_advantages
+
+
+class AdvantageMode(str, Enum):
+    dense = "dense"
+    sparse = "sparse"
+    dense_baseline = "dense_baseline"
+
+
+def step_rewards(latent_rewards: torch.Tensor) -> torch.Tensor:
+    """``dR_k = R_{k+1} - R_k``. Shape: [N, T+1] -> [N, T]. Their sum over k is ``R_T - R_0``."""
+    return latent_rewards[:, 1:] - latent_rewards[:, :-1]
+
+
+def advantages(
+    latent_rewards: torch.Tensor,
+    group_size: int,
+    mode: AdvantageMode | str = AdvantageMode.dense,
+    trained: torch.Tensor | None = None,
+    *,
+    global_std: bool = False,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+) -> torch.Tensor:
+    """Per-(sample, step) advantages. Shape: R [N, T+1] -> A float32 [N, T].
+
+    ``trained`` (bool [T]) marks the steps that get an advantage; the others get 0.
+    """
+    mode = AdvantageMode(mode)
+    N, T1 = latent_rewards.shape
+    T = T1 - 1
+    if mode is AdvantageMode.dense:
+        adv = group_advantages(
+            step_rewards(latent_rewards), group_size, eps=eps, clip=clip, global_std=global_std
+        )
+    elif mode is AdvantageMode.dense_baseline:
+        adv = group_advantages(latent_rewards[:, 1:], group_size, eps=eps, clip=clip, global_std=global_std)
+    else:
+        final = group_advantages(latent_rewards[:, T:], group_size, eps=eps, clip=clip, global_std=global_std)
+        adv = final.expand(N, T)
+    if trained is not None:
+        adv = adv * trained.to(adv.device, adv.dtype)
+    return adv.contiguous()
+
+
+def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
+    """Per-step summaries for the logs: mean reward, mean |dR|, and the share of gains and losses."""
+    dR = step_rewards(latent_rewards.float())
+    return {
+        "R_mean": latent_rewards.float().mean(0).tolist(),
+        "dR_mean": dR.mean(0).tolist(),
+        "dR_abs_mean": dR.abs().mean(0).tolist(),
+        "dR_pos_frac": (dR > 0).float().mean(0).tolist(),
+        "dR_neg_frac": (dR < 0).float().mean(0).tolist(),
+    }

@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+from densegrpo_fast.dense import advantages, step_reward_stats, step_rewards
+from densegrpo_fast.kernels import group_advantages_reference
+from densegrpo_fast.loss import grpo_loss
+
+
+def latent_rewards(n_groups=3, G=4, T=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n_groups * G, T + 1, generator=g)
+
+
+def test_step_rewards_telescope():
+    R = latent_rewards()
+    dR = step_rewards(R)
+    torch.testing.assert_close(dR.sum(1), R[:, -1] - R[:, 0])
+
+
+def test_dense_mode_normalises_each_step_within_each_group():
+    R = latent_rewards()
+    A = advantages(R, 4, "dense")
+    dR = R[:, 1:] - R[:, :-1]
+    for k in range(5):
+        for g in range(3):
+            col = dR[g * 4 : g * 4 + 4, k].double()
+            expected = (col - col.mean()) / (col.std(unbiased=False) + 1e-4)
+            torch.testing.assert_close(A[g * 4 : g * 4 + 4, k].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_mode_is_terminal_reward_at_every_step():
+    R = latent_rewards()
+    A = advantages(R, 4, "sparse")
+    expected = group_advantages_reference(R[:, -1:].double(), 4).float()
+    torch.testing.assert_close(A, expected.expand(-1, 5), rtol=1e-5, atol=1e-6)
+
+
+def test_dense_baseline_mode_normalises_next_latent_reward():
+    R = latent_rewards()
+    torch.testing.assert_close(
+        advantages(R, 4, "dense_baseline"),
+        group_advantages_reference(R[:, 1:].double(), 4).float(),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_untrained_steps_get_zero_and_equal_gains_get_zero():
+    R = latent_rewards()
+    R[:, 3] = R[:, 2]  # step 2 changes nothing for anyone: dR_2 = 0 across every group
+    trained = torch.tensor([True, True, True, True, False])
+    A = advantages(R, 4, "dense", trained)
+    assert torch.equal(A[:, 4], torch.zeros(12)) and torch.equal(A[:, 2], torch.zeros(12))
+    assert (A[:, 0] != 0).all()
+
+
+def test_unknown_mode():
+    with pytest.raises(ValueError):
+        advantages(latent_rewards(), 4, "dense-ish")
+
+
+def test_stats():
+    R = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.5]])
+    s = step_reward_stats(R)
+    assert s["dR_pos_frac"] == [0.5, 0.5] and s["dR_neg_frac"] == [0.5, 0.0]
+
+
+def test_grpo_loss_clipping_and_gradient():
+    old = torch.zeros(4)
+    lp = torch.tensor([0.0, 1e-3, -1e-3, 5e-5], requires_grad=True)
+    A = torch.tensor([1.0, 1.0, -1.0, 2.0])
+    loss, stats = grpo_loss(lp, old, A, clip_range=1e-4)
+    loss.backward()
+    # rows 1 and 2 are clipped in the direction the advantage pushes: no gradient; rows 0, 3 get
+    # d(-A * exp(lp))/dlp / 4 = -A * ratio / 4
+    torch.testing.assert_close(
+        lp.grad, torch.tensor([-0.25, 0.0, 0.0, -0.5 * torch.exp(torch.tensor(5e-5)).item()])
+    )
+    assert stats["clip_frac"].item() == 0.5
+
+
+def test_grpo_loss_on_policy_value_and_kl():
+    lp = torch.randn(6)
+    A = torch.randn(6)
+    kl = torch.rand(6)
+    loss, stats = grpo_loss(lp, lp.clone(), A, 1e-4, kl=kl, beta=0.04)
+    torch.testing.assert_close(loss, -A.mean() + 0.04 * kl.mean())
+    assert stats["ratio_dev_max"].item() == 0.0

@@ -1,0 +1,57 @@
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid, window_mask
+
+
+@pytest.mark.parametrize("T,shift", [(10, 3.0), (40, 3.0), (1, 3.0), (7, 1.0), (28, 1.5)])
+def test_sigma_grid_equals_diffusers(T, shift):
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    sched.set_timesteps(T)
+    ours = sigma_grid(T, shift)
+    assert ours.shape == (T + 1,) and ours[0] == 1.0 and ours[-1] == 0.0
+    torch.testing.assert_close(ours, sched.sigmas.float(), rtol=0, atol=2e-7)
+    torch.testing.assert_close(1000 * ours[:-1], sched.timesteps.float(), rtol=1e-6, atol=1e-4)
+
+
+def test_uniform_std_has_the_guard_at_sigma_one():
+    s = make_schedule(10, 3.0, 0.7)
+    std = s.std
+    sig = s.sigmas
+    assert torch.isfinite(std).all()
+    torch.testing.assert_close(std[0], 0.7 * torch.sqrt(1 / (1 - sig[1])))
+    torch.testing.assert_close(std[1:], 0.7 * torch.sqrt(sig[1:-1] / (1 - sig[1:-1])))
+
+
+def test_window_and_calibrated_levels():
+    psi = [0.5 + 0.1 * k for k in range(10)]
+    s = make_schedule(10, 3.0, psi, window_start=2, window_size=3)
+    assert s.sde_steps.tolist() == [False, False, True, True, True, False, False, False, False, False]
+    torch.testing.assert_close(s.noise_level[2:5], torch.tensor(psi[2:5]))
+    assert (s.std[~s.sde_steps] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (
+            dict(num_steps=10, shift=3.0, noise_level=[0.7] * 9),
+            "has 9 values but the sampler has num_steps=10",
+        ),
+        (dict(num_steps=10, shift=3.0, noise_level=-0.1), "noise levels must be finite and >= 0"),
+        (dict(num_steps=10, shift=3.0, noise_level=0.7, window_start=8, window_size=3), "start \\+ size <="),
+        (dict(num_steps=10, shift=3.0, noise_level=0.7, window_start=2), "give both"),
+        (dict(num_steps=0, shift=3.0, noise_level=0.7), "num_steps \\(0\\) must be >= 1"),
+        (dict(num_steps=10, shift=0.0, noise_level=0.7), "shift"),
+    ],
+)
+def test_bad_schedules(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_schedule(**kwargs)
+
+
+def test_schedule_rejects_bad_grid():
+    with pytest.raises(ValueError, match="fall strictly"):
+        Schedule(torch.tensor([1.0, 0.5, 0.6, 0.0]), torch.zeros(3))
+    assert window_mask(4, None, None).all()
