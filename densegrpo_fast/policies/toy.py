@@ -193,10 +193,13 @@ class ToyPolicy(nn.Module):
 
         path = Path(path) if path is not None else DEFAULT_CHECKPOINT
         if not path.is_file():
-            raise ValueError(
-                f"toy checkpoint {str(path)!r} does not exist: pass an existing .safetensors file written by "
-                f"`densegrpo-fast pretrain-toy`, or leave model.checkpoint empty for the shipped one"
+            fix = (
+                "reinstall the package (the shipped checkpoint is missing) or pass a checkpoint path"
+                if path == DEFAULT_CHECKPOINT
+                else "pass an existing .safetensors file written by `densegrpo-fast pretrain-toy`, "
+                "or leave model.checkpoint null for the shipped one"
             )
+            raise ValueError(f"toy checkpoint {str(path)!r} does not exist: {fix}")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if "arch" not in meta:

@@ -2,8 +2,11 @@
 
 Pipeline (all on [B, ...] tensors, no loop over images):
 
-1. **Colour segmentation.** Each pixel takes the nearest palette colour (or the background) if it lies
-   within ``color_tol`` (RGB distance) of it; otherwise it belongs to nothing.
+1. **Colour segmentation.** Every pixel is matched to each palette colour's line from the background
+   (``bg + alpha * (colour - bg)``, alpha in [0, 1]); it takes the nearest line's colour if it lies within
+   ``color_tol`` (RGB distance) of it and at least ``min_alpha`` of the way from the background, and belongs
+   to nothing otherwise. Thresholding at half intensity keeps a blurred shape's outline where the sharp
+   one was (the 0.5 iso-contour of a blurred edge stays on the edge), so shapes survive blur.
 2. **Connected components** per colour (8-connectivity), by iterated max-pooling of pixel ids.
 3. **Gates**, so junk never counts as an object: area >= ``min_area`` px, both box sides within
    [``min_side``, ``max_side``], box aspect <= ``max_aspect``, and **template IoU** >= ``min_iou``. The
@@ -22,6 +25,7 @@ Measured on ground-truth renders, noise and blur: see ``densegrpo_fast/toy/READM
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +43,19 @@ from densegrpo_fast.toy.world import (
 # Requirement rows encoded as integers: kind, shape, colour, count, relation, other shape.
 _KINDS = ("present", "count", "color", "relation")
 _MAX_REQS = 4
-_TEMPLATE_AREA = {"circle": torch.pi / 4, "square": 1.0, "triangle": 0.5}  # fraction of the box
+
+
+@lru_cache(maxsize=8)
+def _template_areas(size: int) -> torch.Tensor:
+    """[len(SHAPES), size+1, size+1] pixel count of each ideal shape drawn in a w x h box (w, h <= size)."""
+    out = torch.zeros(len(SHAPES), size + 1, size + 1)
+    for w in range(1, size + 1):
+        for h in range(1, size + 1):
+            u = ((torch.arange(w) + 0.5) / w)[None, :]
+            v = ((torch.arange(h) + 0.5) / h)[:, None]
+            for i, shape in enumerate(SHAPES):
+                out[i, w, h] = shape_mask(shape, u, v).sum()
+    return out
 
 
 @dataclass
@@ -69,13 +85,17 @@ class Detections:
 
 @dataclass
 class DetectorSettings:
-    color_tol: float = 0.3
-    min_area: int = 30
-    min_side: int = 6
-    max_side: int = 20
-    max_aspect: float = 1.5
-    min_iou: float = 0.65
-    rel_margin: float = 3.0
+    """Gates of :func:`detect` (defaults tuned on renders, noise, blur and junk: see the toy README)."""
+
+    color_tol: float = 0.3  # max RGB distance to a palette colour's background-to-colour line
+    min_alpha: float = 0.5  # min fraction of the way from background to the colour
+    min_area: int = 36  # px; world objects are >= 45 px
+    min_side: int = 7  # px, short box side; world objects are 10-13 px, blur can take a triangle's apex
+    min_long_side: int = 9  # px, long box side; patch artefacts (and L's of them) are 4 or 8
+    max_side: int = 16  # px; two merged objects are wider
+    max_aspect: float = 1.45  # box long side / short side; world objects <= 10/9, 3 patches in a row 1.5
+    min_iou: float = 0.76  # template IoU; an L of three 4 px blocks scores 0.75 against the square
+    rel_margin: float = 3.0  # px a relation's centroid offset must exceed
 
 
 def _components(masks: torch.Tensor) -> torch.Tensor:
@@ -99,11 +119,17 @@ def detect(images: torch.Tensor, settings: DetectorSettings | None = None) -> De
     B, _, H, W = images.shape
     dev = images.device
     K = len(COLOR_NAMES)
-    palette = torch.tensor([BACKGROUND] + [COLORS[c] for c in COLOR_NAMES], device=dev)  # [K+1, 3]
-    dist = torch.cdist(images.permute(0, 2, 3, 1).reshape(B, H * W, 3), palette[None].expand(B, -1, -1))
-    dmin, nearest = dist.min(-1)  # [B, H*W]
-    nearest = torch.where(dmin < s.color_tol, nearest, torch.full_like(nearest, -1))
-    masks = nearest.view(B, 1, H, W) == torch.arange(1, K + 1, device=dev).view(1, K, 1, 1)  # [B, K, H, W]
+    bg = torch.tensor(BACKGROUND, device=dev)
+    pal = torch.tensor([COLORS[c] for c in COLOR_NAMES], device=dev) - bg  # [K, 3]
+    x = (images - bg.view(1, 3, 1, 1)).permute(0, 2, 3, 1).reshape(B, H * W, 1, 3)
+    # Each pixel's position along every palette colour's line from the background, and its distance to it.
+    alpha = ((x * pal).sum(-1) / (pal * pal).sum(-1)).clamp(0, 1)  # [B, H*W, K]
+    resid = (x - alpha[..., None] * pal).norm(dim=-1)  # [B, H*W, K]
+    resid, nearest = resid.min(-1)
+    alpha = alpha.gather(-1, nearest[..., None])[..., 0]
+    fg = (alpha >= s.min_alpha) & (resid < s.color_tol)
+    nearest = torch.where(fg, nearest, torch.full_like(nearest, -1))
+    masks = nearest.view(B, 1, H, W) == torch.arange(K, device=dev).view(1, K, 1, 1)  # [B, K, H, W]
 
     lab = _components(masks.view(B * K, H, W)).view(B * K, H * W)  # ids in 0..H*W
     slots = H * W + 1
@@ -126,19 +152,32 @@ def detect(images: torch.Tensor, settings: DetectorSettings | None = None) -> De
     bw, bh = (x1 - x0 + 1).clamp(min=1), (y1 - y0 + 1).clamp(min=1)
 
     # Template IoU: each on-pixel's centre in its component's box coordinates, tested against each shape.
+    # The box may be extended upward by up to 2 px: a triangle's one-pixel apex is the first thing lost to
+    # blur or a generator's soft edges, and the rest of the triangle should still match.
+    size = max(H, W)
+    areas = _template_areas(size + 2).to(dev)
     u = (x_on + 0.5 - x0[gid_on]) / bw[gid_on]
-    v = (y_on + 0.5 - y0[gid_on]) / bh[gid_on]
-    ious = []
-    for shape in SHAPES:
-        inter = reduce(shape_mask(shape, u, v).float(), "sum", 0.0)
-        ideal = _TEMPLATE_AREA[shape] * bw * bh
-        ious.append(inter / (area + ideal - inter).clamp(min=1e-6))
+    ious, exts = [], []
+    for i, shape in enumerate(SHAPES):
+        best = torch.zeros(n, device=dev)
+        best_ext = torch.zeros(n, device=dev)
+        for ext in range(3) if shape == "triangle" else range(1):
+            v = (y_on + 0.5 - y0[gid_on] + ext) / (bh[gid_on] + ext)
+            inter = reduce(shape_mask(shape, u, v).float(), "sum", 0.0)
+            ideal = areas[i, bw.long().clamp(max=size), (bh.long() + ext).clamp(max=size + 2)]
+            iou_e = inter / (area + ideal - inter).clamp(min=1e-6)
+            best_ext = torch.where(iou_e > best, float(ext), best_ext)
+            best = torch.maximum(best, iou_e)
+        ious.append(best)
+        exts.append(best_ext)
     iou, shape_idx = torch.stack(ious, -1).max(-1)  # [n]
+    bh = bh + torch.stack(exts, -1).gather(-1, shape_idx[:, None])[:, 0]  # the matched template's box
 
     aspect = torch.maximum(bw, bh) / torch.minimum(bw, bh)
     keep = (
         (area >= s.min_area)
         & (torch.minimum(bw, bh) >= s.min_side)
+        & (torch.maximum(bw, bh) >= s.min_long_side)
         & (torch.maximum(bw, bh) <= s.max_side)
         & (aspect <= s.max_aspect)
         & (iou >= s.min_iou)

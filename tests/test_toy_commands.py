@@ -1,0 +1,103 @@
+"""The pretrain-toy and eval commands: resumption, determinism, the eval JSON, and user errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from densegrpo_fast import cli
+from densegrpo_fast.config import ConfigError, load_config
+from densegrpo_fast.toy import pretrain as pt
+from densegrpo_fast.toy.config import ToyEvalConfig, ToyPretrainConfig
+from densegrpo_fast.toy.world import CATEGORIES
+
+TINY = [
+    "arch.num_layers=1",
+    "arch.num_heads=2",
+    "arch.head_dim=8",
+    "arch.text_dim=8",
+    "arch.pooled_dim=8",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.checkpoint_every=3",
+    "train.eval_every=0",
+]
+
+
+def _pretrain(out, extra=()):
+    cfg = load_config(
+        ToyPretrainConfig, "configs/toy_pretrain.yaml", [*TINY, f"train.output_dir={out}", *extra]
+    )
+    return load_file(str(pt.pretrain(cfg, progress=False)))
+
+
+def test_resumed_pretraining_equals_uninterrupted(tmp_path, monkeypatch):
+    straight = _pretrain(tmp_path / "a")
+    real = pt.make_batch
+
+    def crash_at_4(step, t):
+        if step == 4:
+            raise KeyboardInterrupt  # the run dies after the step-3 checkpoint and one more step
+        return real(step, t)
+
+    monkeypatch.setattr(pt, "make_batch", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain(tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "state.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(pt, "make_batch", real)
+    resumed = _pretrain(tmp_path / "b")
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    other_seed = _pretrain(tmp_path / "c", ["train.seed=1"])
+    assert any(not torch.equal(straight[k], other_seed[k]) for k in straight)
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 6
+
+
+def test_resume_with_another_arch_is_an_error(tmp_path):
+    _pretrain(tmp_path / "a", ["train.steps=1"])
+    with pytest.raises(ValueError, match="use the same arch to resume"):
+        _pretrain(tmp_path / "a", ["arch.num_layers=2"])
+
+
+def test_eval_command_json_has_every_category(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = [
+        "eval",
+        "--config",
+        "configs/toy_geneval.yaml",
+        "--json",
+        "eval.num_prompts=12",
+        "eval.num_steps=2",
+    ]
+    assert cli.main([*argv, f"eval.output_dir={out}", "eval.grid_size=6"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["per_category"]) == set(CATEGORIES)
+    for r in res["per_category"].values():
+        assert r["n"] == 2 and 0 <= r["strict"] <= r["partial"] <= 1
+    assert 0 <= res["strict"] <= res["partial"] <= 1
+    assert json.loads((out / "scores.json").read_text())["strict"] == res["strict"]
+    assert (out / "samples.png").stat().st_size > 1000
+
+
+def test_user_errors_name_value_rule_and_fix(tmp_path):
+    with pytest.raises(ValueError, match="nope.safetensors.* does not exist: pass an existing .safetensors"):
+        cli.main(
+            [
+                "eval",
+                "--config",
+                "configs/toy_geneval.yaml",
+                "--checkpoint",
+                str(tmp_path / "nope.safetensors"),
+            ]
+        )
+    with pytest.raises(ConfigError) as e:
+        load_config(ToyEvalConfig, "configs/toy_geneval.yaml", ["eval.num_steps=0", "eval.cfg_scale=2"])
+    msg = str(e.value)
+    assert "eval.num_steps = 0" in msg and "greater than or equal to 1" in msg
+    assert "did you mean 'eval.guidance_scale'" in msg or "eval.cfg_scale" in msg
+    with pytest.raises(ConfigError, match="train.stpes: unknown key; did you mean 'train.steps'"):
+        load_config(ToyPretrainConfig, "configs/toy_pretrain.yaml", ["train.stpes=3"])
