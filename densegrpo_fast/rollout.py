@@ -1,0 +1,183 @@
+"""SDE rollout with log-probs, carrying the dense-reward ODE completions in flight (DESIGN.md).
+
+The completion of ``lat[j]`` runs on the rollout's own sigma grid: its first Euler step reuses the
+velocity the rollout computed at ``lat[j]`` (the ``write_ode`` output of the fused ``sde_step``), after
+which it sits at ``sigma[j+1]``, exactly where the rollout is. So at step k one transformer call serves the
+B main rows *and* every completion currently at ``sigma[k]``; when the rollout ends, every completion has
+reached ``sigma = 0``. Dense rewards with ``n = remaining`` then cost T sequential calls in all (with
+``B * T(T-1)/2`` extra rows in them) instead of ``T + T(T-1)/2`` calls.
+
+A completion with ``n`` steps (the paper's ablations n = 1, 2) follows a sub-grid of the rollout's grid
+from ``sigma[j]`` to 0 (indices ``j = i_0 < i_1 < ... < i_n = T``, spread evenly), so its intermediate
+points are also grid points and ride the rollout's calls the same way. ``n = 1`` is the one-shot
+``x0 = x - sigma * v`` and costs no extra forward at all.
+
+**Batch composition.** A row's velocity can depend on which rows share its call (matmul blocking), and the
+training step recomputes the main rows' velocities in batches of its own. ``completion_batching="fused"``
+puts completion rows in the main rows' call (fewest calls); ``"separate"`` gives them a call of their own so
+that the main rows see exactly the batch they would see without dense rewards. Completions only feed the
+reward, never the PPO ratio.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from densegrpo_fast.kernels import sde_step
+from densegrpo_fast.policies.base import Policy, PromptEmbeds
+from densegrpo_fast.schedule import Schedule
+
+
+def completion_path(start: int, num_steps: int, n: int | None) -> list[int]:
+    """Grid indices a completion of ``lat[start]`` visits: ``[start, ..., T]`` with ``n`` steps (None = all
+    remaining steps; n larger than what remains is capped)."""
+    remaining = num_steps - start
+    n = remaining if n is None else min(n, remaining)
+    return [start + math.ceil(i * remaining / n) for i in range(n + 1)]
+
+
+def completion_starts(schedule: Schedule) -> list[int]:
+    """Latents whose reward needs a completion of its own.
+
+    With noise at every step, all of ``lat[0..T-1]``. With an SDE window ``[ws, we)`` (DenseGRPO-Fast)
+    only ``lat[ws..we-1]``: before the window every step is an ODE step on the same grid, so
+    ``R_k = R_ws`` for ``k < ws``; from ``we`` on the rollout itself is the ODE, so ``R_k = R_T``.
+    """
+    sde = schedule.sde_steps.tolist()
+    if not any(sde):
+        return []
+    ws = sde.index(True)
+    we = len(sde) - sde[::-1].index(True)
+    return list(range(ws, we))
+
+
+@dataclass
+class Rollout:
+    """What a rollout produced, and what training needs from it.
+
+    Shape:
+        latents:   [B, T+1, *latent] float32, ``lat[0]`` the initial noise, ``lat[T]`` the clean latent
+        log_probs: [B, T] float32, 0 on ODE steps
+        clean:     [B, T+1, *latent] float32 or None: the clean latent of each ``R_k`` (completions of
+                   ``lat[k]`` for the starts that needed one, ``lat[T]`` last); rows of latents that share a
+                   reward with another (outside an SDE window) are copies of it
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    clean: torch.Tensor | None
+
+
+@torch.no_grad()
+def sample(
+    policy: Policy,
+    cond: PromptEmbeds,
+    init_noise: torch.Tensor,
+    schedule: Schedule,
+    *,
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    completion_steps: int | None = None,
+    dense: bool = True,
+    completion_batching: str = "fused",
+) -> Rollout:
+    """One rollout of B trajectories with its dense-reward completions.
+
+    Args:
+        cond: prompt embeddings of the B rows (a prompt's group contiguous).
+        init_noise: ``lat[0]``, [B, *latent].
+        schedule: grid and per-step noise (``schedule.to(device)`` first).
+        completion_steps: ``n`` of ``ODE_n`` (None = remaining steps, the paper's choice).
+        dense: compute the completions (False: sparse reward, only ``lat[T]`` is clean).
+        completion_batching: ``"fused"`` or ``"separate"`` (see the module docstring).
+    """
+    if completion_batching not in ("fused", "separate"):
+        raise ValueError(f"completion_batching={completion_batching!r} must be 'fused' or 'separate'")
+    B = init_noise.shape[0]
+    T = schedule.num_steps
+    device = init_noise.device
+    sigmas = schedule.sigmas.to(device)
+    std = schedule.std.to(device)
+    starts = completion_starts(schedule) if dense else []
+    paths = {j: completion_path(j, T, completion_steps) for j in starts}
+
+    latents = init_noise.new_empty((B, T + 1, *init_noise.shape[1:]), dtype=torch.float32)
+    latents[:, 0] = init_noise
+    log_probs = torch.zeros(B, T, device=device)
+    state: dict[int, torch.Tensor] = {}  # start j -> its completion, currently at some grid point
+    finished: dict[int, torch.Tensor] = {}  # start j -> its clean latent
+    at: dict[int, int] = {}  # start j -> index into paths[j] of where it sits
+
+    for k in range(T):
+        x = latents[:, k]
+        riding = [j for j in state if paths[j][at[j]] == k]  # completions now at sigma[k]
+        rows = [x] + [state[j] for j in riding]
+        sig_k = sigmas[k].expand(B)
+        if completion_batching == "fused" or not riding:
+            v_all = policy.velocity(
+                torch.cat(rows), sigmas[k].expand(B * len(rows)), _repeat(cond, len(rows)), guidance_scale
+            )
+            v_main, v_rest = v_all[:B], v_all[B:]
+        else:
+            v_main = policy.velocity(x, sig_k, cond, guidance_scale)
+            n = len(riding)
+            v_rest = policy.velocity(
+                torch.cat(rows[1:]), sigmas[k].expand(B * n), _repeat(cond, n), guidance_scale
+            )
+
+        starts_here = k in paths
+        first_is_next = starts_here and paths[k][1] == k + 1
+        noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
+        x_next, lp, ode = sde_step(
+            x, v_main, sig_k, sigmas[k + 1].expand(B), std[k].expand(B), noise, write_ode=first_is_next
+        )
+        latents[:, k + 1] = x_next
+        log_probs[:, k] = lp
+
+        for i, j in enumerate(riding):  # Euler step of each riding completion to its next grid point
+            nxt = paths[j][at[j] + 1]
+            state[j] = state[j] + v_rest[i * B : (i + 1) * B] * (sigmas[nxt] - sigmas[k])
+            at[j] += 1
+        if starts_here:  # the completion of lat[k] starts with the rollout's own velocity
+            nxt = paths[k][1]
+            state[k] = ode if first_is_next else x + v_main * (sigmas[nxt] - sigmas[k])
+            at[k] = 1
+        for j in [j for j in state if paths[j][at[j]] == T]:
+            finished[j] = state.pop(j)
+
+    assert not state, "every completion reaches sigma = 0 by the last step"
+    clean = None
+    if dense:
+        clean = torch.empty_like(latents)
+        clean[:, T] = latents[:, T]
+        for idx in range(T - 1, -1, -1):  # outside an SDE window a latent shares the next one's reward
+            clean[:, idx] = finished[idx] if idx in finished else clean[:, idx + 1]
+    return Rollout(latents=latents, log_probs=log_probs, clean=clean)
+
+
+def _repeat(cond: PromptEmbeds, n: int) -> PromptEmbeds:
+    return cond if n == 1 else PromptEmbeds.cat([cond] * n)
+
+
+@torch.no_grad()
+def reference_completion(
+    policy: Policy,
+    cond: PromptEmbeds,
+    lat: torch.Tensor,
+    start: int,
+    schedule: Schedule,
+    guidance_scale: float,
+    n: int | None = None,
+) -> torch.Tensor:
+    """The plain definition: Euler ODE from ``sigma[start]`` to 0 along ``completion_path``, one call per
+    step with nothing else in the batch (the tests' reference for the in-flight engine)."""
+    sig = schedule.sigmas.to(lat.device)
+    path = completion_path(start, schedule.num_steps, n)
+    x = lat
+    for a, b in zip(path[:-1], path[1:], strict=True):
+        v = policy.velocity(x, sig[a].expand(x.shape[0]), cond, guidance_scale)
+        x = x + v * (sig[b] - sig[a])
+    return x

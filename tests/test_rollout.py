@@ -1,0 +1,95 @@
+"""The in-flight completion engine against plain per-latent completions (ALGORITHM.md §4, DESIGN.md)."""
+
+import numpy as np
+import pytest
+import torch
+
+from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
+from densegrpo_fast.rollout import completion_path, completion_starts, reference_completion, sample
+from densegrpo_fast.schedule import make_schedule
+from densegrpo_fast.toy import world
+
+
+@pytest.fixture(scope="module")
+def policy():
+    torch.manual_seed(0)
+    arch = ToyArch(num_layers=2, num_heads=2, head_dim=16, text_dim=32, pooled_dim=32)
+    return ToyPolicy(arch).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def cond(policy):
+    prompts = [p.text for p in world.sample_prompts("train", 3, np.random.default_rng(0))]
+    return policy.encode_prompts([p for p in prompts for _ in range(2)])  # 3 groups of 2
+
+
+def run(policy, cond, schedule, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(6, *policy.latent_shape, generator=g)
+    return sample(policy, cond, noise, schedule, guidance_scale=2.0, generator=g, **kw)
+
+
+def test_completion_paths():
+    assert completion_path(0, 5, None) == [0, 1, 2, 3, 4, 5]
+    assert completion_path(3, 5, 1) == [3, 5]
+    assert completion_path(0, 10, 2) == [0, 5, 10] and completion_path(7, 10, 2) == [7, 9, 10]
+    assert completion_path(4, 5, 2) == [4, 5]
+
+
+@pytest.mark.parametrize("n", [None, 1, 2])
+@pytest.mark.parametrize("batching", ["fused", "separate"])
+def test_in_flight_completions_equal_plain_completions(policy, cond, n, batching):
+    sched = make_schedule(6, 3.0, 0.7)
+    ro = run(policy, cond, sched, completion_steps=n, completion_batching=batching)
+    assert ro.clean.shape == (6, 7, *policy.latent_shape)
+    assert torch.equal(ro.clean[:, 6], ro.latents[:, 6])
+    for k in range(6):
+        ref = reference_completion(policy, cond, ro.latents[:, k], k, sched, 2.0, n)
+        torch.testing.assert_close(ro.clean[:, k], ref, rtol=0, atol=1e-5)
+
+
+def test_noise_free_step_gives_zero_step_reward_exactly(policy, cond):
+    """An ODE step inside the rollout changes nothing the completion would not: dR = 0 bit for bit."""
+    levels = [0.7, 0.0, 0.7, 0.0, 0.7, 0.7]
+    ro = run(policy, cond, make_schedule(6, 3.0, levels))
+    for k in (1, 3):
+        assert torch.equal(ro.clean[:, k], ro.clean[:, k + 1]), f"step {k} is noise-free"
+        assert torch.equal(ro.log_probs[:, k], torch.zeros(6))
+    assert not torch.equal(ro.clean[:, 0], ro.clean[:, 1])
+
+
+def test_sde_window_shares_rewards_outside_it(policy, cond):
+    sched = make_schedule(8, 3.0, 0.7, window_start=2, window_size=3)
+    assert completion_starts(sched) == [2, 3, 4]
+    ro = run(policy, cond, sched)
+    for k in (0, 1):
+        assert torch.equal(ro.clean[:, k], ro.clean[:, 2])
+    for k in (5, 6, 7):
+        assert torch.equal(ro.clean[:, k], ro.latents[:, 8])
+    for k in (2, 3, 4):
+        torch.testing.assert_close(
+            ro.clean[:, k],
+            reference_completion(policy, cond, ro.latents[:, k], k, sched, 2.0),
+            rtol=0,
+            atol=1e-5,
+        )
+    # the ODE completion of lat[1] really is lat[2]'s: same grid, no noise in between
+    torch.testing.assert_close(
+        reference_completion(policy, cond, ro.latents[:, 0], 0, sched, 2.0), ro.clean[:, 0], rtol=0, atol=1e-5
+    )
+
+
+def test_rollout_is_deterministic_and_log_probs_match_the_kernel(policy, cond):
+    sched = make_schedule(4, 3.0, 0.7)
+    a, b = run(policy, cond, sched, seed=3), run(policy, cond, sched, seed=3)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
+    assert (a.log_probs != 0).all()
+    sparse = run(policy, cond, sched, seed=3, dense=False)
+    assert sparse.clean is None
+    # completions must not perturb the main rows beyond fp32 rounding
+    torch.testing.assert_close(sparse.latents, a.latents, rtol=0, atol=1e-5)
+
+
+def test_bad_batching(policy, cond):
+    with pytest.raises(ValueError, match="completion_batching"):
+        run(policy, cond, make_schedule(3, 3.0, 0.7), completion_batching="waves")
