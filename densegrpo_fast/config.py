@@ -23,6 +23,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+class CrossCheckError(ValueError):
+    """Raised by a model validator with several problems; :func:`load_config` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
 class ConfigError(ValueError):
     """One or more config problems, each naming the key, the value, the rule and the fix."""
 
@@ -42,6 +50,13 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
             return []
         cls = field.annotation
     return list(getattr(cls, "model_fields", {}))
+
+
+def _format_errors(model: type[BaseModel], err: dict) -> list[str]:
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, CrossCheckError):
+        return cause.problems
+    return [_format_error(model, err)]
 
 
 def _format_error(model: type[BaseModel], err: dict) -> str:
@@ -103,9 +118,217 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError([_format_error(model, err) for err in e.errors()], source) from None
+        raise ConfigError([p for err in e.errors() for p in _format_errors(model, err)], source) from None
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# ============================================================================ the training config tree
+# Every section of `densegrpo-fast train`. Defaults follow ALGORITHM.md (Flow-GRPO's recipe, DenseGRPO's
+# dense reward and calibration); derived values are properties, never stored twice.
+
+from typing import Literal  # noqa: E402
+
+from pydantic import Field, model_validator  # noqa: E402
+
+
+class ModelSection(Section):
+    family: Literal["toy"] = Field("toy", description="policy adapter: toy (the embedded model)")
+    checkpoint: str | None = Field(
+        None, description="weights; toy: a .safetensors file, null = the shipped one"
+    )
+    device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
+    num_threads: int = Field(
+        1, ge=1, description="torch CPU threads (1 is fastest for tiny models on 2 cores)"
+    )
+
+
+class PromptSection(Section):
+    dataset: str = Field(
+        "toy:train", description="toy:train / toy:test, or a text file with one prompt per line"
+    )
+    prompts_per_iteration: int = Field(
+        8, ge=1, description="prompts sampled per iteration (each gets a group)"
+    )
+
+
+class SamplingSection(Section):
+    num_steps: int = Field(10, ge=2, le=1000, description="T, the denoising steps of a training rollout")
+    shift: float = Field(3.0, gt=0, description="sigma-grid shift (SD3.5: 3.0)")
+    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale in sampling and training")
+    group_size: int = Field(8, ge=2, description="G, samples per prompt, each from its own noise")
+    max_rows_per_call: int | None = Field(None, ge=1, description="cap on rows per transformer call (memory)")
+
+
+class CalibrationSection(Section):
+    iterations: int = Field(20, ge=1, description="K, calibration rounds (Algorithm 1)")
+    prompts: int | None = Field(None, ge=1, description="prompts per round (null = prompts_per_iteration)")
+    eps1: float = Field(2.0, ge=0, description="balance threshold on |#(dR>0) - #(dR<0)|")
+    eps2: float = Field(0.01, gt=0, description="psi step per round")
+    psi_min: float = Field(0.0, ge=0, description="lower bound of psi")
+    psi_max: float = Field(1.5, gt=0, description="upper bound of psi")
+    path: str | None = Field(
+        None, description="psi table (JSON) to use or write; null = <output_dir>/psi.json"
+    )
+
+
+class NoiseSection(Section):
+    kind: Literal["uniform", "calibrated"] = Field(
+        "calibrated", description="uniform a at every step, or DenseGRPO's calibrated per-step psi"
+    )
+    level: float = Field(0.7, ge=0, description="a (uniform), and the initial psi of calibration")
+    window_start: int | None = Field(
+        None, ge=0, description="first SDE step (DenseGRPO-Fast); null = no window"
+    )
+    window_size: int | None = Field(None, ge=1, description="SDE steps in the window")
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+
+
+class RewardSection(Section):
+    name: str = Field("toy_geneval", description="reward in the registry (densegrpo_fast.rewards)")
+    kwargs: dict = Field(default_factory=dict, description="keyword arguments of the reward's constructor")
+
+
+class DenseSection(Section):
+    mode: Literal["dense", "sparse", "dense_baseline"] = Field(
+        "dense",
+        description="dense (DenseGRPO), sparse (Flow-GRPO), dense_baseline (ablation: normalise R_k+1)",
+    )
+    completion_steps: int | None = Field(
+        None, ge=1, description="n of ODE_n for latent rewards; null = remaining steps (the paper's choice)"
+    )
+    completion_batching: Literal["fused", "separate"] = Field(
+        "fused", description="completion rows in the main rows' call, or in a call of their own"
+    )
+    global_std: bool = Field(False, description="normalise by the batch std per step instead of the group's")
+    adv_eps: float = Field(1e-4, ge=0, description="added to the std in the normalisation")
+    adv_clip: float = Field(5.0, gt=0, description="advantages clipped to [-adv_clip, adv_clip]")
+
+
+class GRPOSection(Section):
+    clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
+    beta: float = Field(0.04, ge=0, description="KL weight (0 = no reference forward)")
+    kl_exact: bool = Field(
+        False, description="exact Gaussian KL instead of Flow-GRPO's form (ALGORITHM.md §2)"
+    )
+    trained_steps: list[int] | None = Field(
+        None, description="steps to train; null = every SDE step but the last of the grid"
+    )
+    train_batch_size: int = Field(16, ge=1, description="(sample, step) rows per backward pass")
+    updates_per_iteration: int = Field(
+        1, ge=1, description="optimizer steps per rollout (split over the rows)"
+    )
+    filter_zero_advantage: bool = Field(True, description="skip (sample, step) rows whose advantage is 0")
+
+
+class OptimSection(Section):
+    lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+
+
+class LoRASection(Section):
+    enabled: bool = Field(
+        True, description="LoRA through peft; false = full fine-tuning (frozen reference copy)"
+    )
+    rank: int = Field(32, ge=1, description="LoRA r")
+    alpha: float = Field(64, gt=0, description="LoRA alpha")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+        description="module-name suffixes that get adapters (Flow-GRPO's attention projections)",
+    )  # fmt: skip
+
+
+class EMASection(Section):
+    enabled: bool = Field(True, description="keep an EMA of the trained weights for evaluation")
+    decay: float = Field(0.9, ge=0, lt=1, description="EMA decay")
+    every: int = Field(8, ge=1, description="optimizer steps between EMA updates")
+
+
+class RunSection(Section):
+    iterations: int = Field(100, ge=1, description="training iterations (rollout + update)")
+    seed: int = Field(0, description="seed of prompts, noise and initial weights")
+    output_dir: str = Field("runs/train", description="run directory (checkpoints, logs, plots)")
+    checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    sample_grid_every: int = Field(10, ge=0, description="iterations between sample-grid PNGs (0 = never)")
+    eval_every: int = Field(0, ge=0, description="iterations between held-out evals (0 = only at the end)")
+    tensorboard: bool = Field(True, description="write TensorBoard events beside metrics.jsonl")
+    deterministic: bool = Field(True, description="deterministic algorithms (CPU runs resume bit for bit)")
+
+
+class EvalSection(Section):
+    dataset: str = Field("toy:test", description="held-out prompts (toy:test, or a text file)")
+    num_prompts: int = Field(256, ge=6, description="held-out prompts, balanced over categories")
+    num_steps: int = Field(20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler")
+    guidance_scale: float = Field(1.5, ge=1.0, description="CFG scale of the evaluation sampler")
+    shift: float = Field(1.0, gt=0, description="sigma-grid shift of the evaluation sampler")
+    seed: int = Field(0, description="seed of prompt order and initial noise")
+    batch_size: int = Field(128, ge=1, description="images per sampler call")
+    output_dir: str = Field("runs/toy_eval", description="where scores.json and samples.png are written")
+    grid_size: int = Field(48, ge=0, description="samples drawn in samples.png (0 = no grid)")
+
+
+class TrainConfig(Section):
+    """The whole of one training run. ``densegrpo-fast show-config --config X`` prints it resolved."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    prompts: PromptSection = Field(default_factory=PromptSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    noise: NoiseSection = Field(default_factory=NoiseSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    dense: DenseSection = Field(default_factory=DenseSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    lora: LoRASection = Field(default_factory=LoRASection)
+    ema: EMASection = Field(default_factory=EMASection)
+    run: RunSection = Field(default_factory=RunSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        T = self.sampling.num_steps
+        problems = []
+        n = self.noise
+        if (n.window_start is None) != (n.window_size is None):
+            problems.append(
+                f"noise.window_start ({n.window_start}) and noise.window_size ({n.window_size}): give both, or "
+                "neither for SDE at every step"
+            )
+        elif n.window_start is not None and n.window_start + n.window_size > T:
+            problems.append(
+                f"noise.window_start + noise.window_size ({n.window_start} + {n.window_size}) must be <= "
+                f"sampling.num_steps ({T}): the window must fit in the grid"
+            )
+        for k in self.grpo.trained_steps or []:
+            if not 0 <= k < T:
+                problems.append(
+                    f"grpo.trained_steps contains {k}: steps run from 0 to sampling.num_steps - 1 = {T - 1}"
+                )
+        if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
+            problems.append("noise.calibration.psi_min must be <= psi_max")
+        if self.model.checkpoint is not None and not Path(self.model.checkpoint).exists():
+            problems.append(
+                f"model.checkpoint={self.model.checkpoint!r} does not exist: give an existing path, or null for "
+                "the model's default"
+            )
+        from densegrpo_fast.rewards import available
+
+        if self.reward.name not in available():
+            near = difflib.get_close_matches(self.reward.name, available(), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            problems.append(
+                f"reward.name={self.reward.name!r} is not a registered reward: {hint}choose one of {available()}"
+            )
+        if problems:
+            raise CrossCheckError(problems)
+        return self
+
+    @property
+    def rows_per_iteration(self) -> int:
+        """B = prompts per iteration x group size."""
+        return self.prompts.prompts_per_iteration * self.sampling.group_size

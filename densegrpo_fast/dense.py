@@ -72,3 +72,31 @@ def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
         "dR_pos_frac": (dR > 0).float().mean(0).tolist(),
         "dR_neg_frac": (dR < 0).float().mean(0).tolist(),
     }
+
+
+@torch.no_grad()
+def latent_rewards(
+    decode, reward_fn, clean: torch.Tensor, prompts: list[str], columns: list[int], chunk: int = 256
+) -> torch.Tensor:
+    """Score the clean latents of a rollout: ``R`` float32 [B, T+1].
+
+    ``clean`` is [B, T+1, *latent]; only ``columns`` (the latents that had a completion of their own, and
+    T) are decoded and scored, the others copy the reward of the next latent as the rollout copied it.
+    """
+    B, T1 = clean.shape[:2]
+    cols = sorted(set(columns) | {T1 - 1})
+    flat = clean[:, cols].flatten(0, 1)  # [B * len(cols), *latent], row-major: sample, then column
+    flat_prompts = [p for p in prompts for _ in cols]
+    scores = torch.cat(
+        [
+            reward_fn(decode(flat[i : i + chunk]), flat_prompts[i : i + chunk]).float()
+            for i in range(0, len(flat), chunk)
+        ]
+    ).view(B, len(cols))
+    R = torch.empty(B, T1, device=scores.device)
+    j = len(cols) - 1
+    for idx in range(T1 - 1, -1, -1):
+        if idx in cols:  # otherwise keep the smallest scored column above idx
+            j = cols.index(idx)
+        R[:, idx] = scores[:, j]
+    return R

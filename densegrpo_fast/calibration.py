@@ -1,0 +1,117 @@
+"""Reward-aware exploration calibration (DenseGRPO §4.2, Algorithm 1; ALGORITHM.md §5).
+
+Before training, with the pretrained policy: sample N trajectories with the current per-step noise level
+``psi``, compute every step reward ``dR_k``, and for each step move ``psi_k`` up by ``eps2`` when gains and
+losses are balanced (``|#(dR_k > 0) - #(dR_k < 0)| < eps1``) and down by ``eps2`` otherwise; K rounds.
+``dR_k == 0`` counts on neither side. psi is a multiplier of ``sqrt(s / (1 - s))`` (the same scale as
+Flow-GRPO's ``a``), clamped to ``[psi_min, psi_max]``; steps outside an SDE window stay at 0.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from densegrpo_fast.dense import latent_rewards, step_rewards
+from densegrpo_fast.rollout import completion_starts, sample
+from densegrpo_fast.schedule import Schedule, make_schedule
+
+
+def calibration_step(
+    psi: torch.Tensor,
+    dR: torch.Tensor,
+    eps1: float,
+    eps2: float,
+    psi_min: float,
+    psi_max: float,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """One round of Algorithm 1. Shapes: psi [T], dR [N, T], active bool [T] -> psi [T]."""
+    pos = (dR > 0).sum(0)
+    neg = (dR < 0).sum(0)
+    balanced = (pos - neg).abs() < eps1
+    new = torch.where(balanced, psi + eps2, psi - eps2).clamp(psi_min, psi_max)
+    return torch.where(active, new, psi)
+
+
+def save_psi(path: Path, psi: torch.Tensor, trajectory: list[list[float]], meta: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"psi": psi.tolist(), "trajectory": trajectory, **meta}, indent=1))
+    tmp.replace(path)
+
+
+def load_psi(path: Path, num_steps: int) -> torch.Tensor:
+    data = json.loads(Path(path).read_text())
+    psi = torch.tensor(data["psi"], dtype=torch.float32)
+    if psi.shape != (num_steps,):
+        raise ValueError(
+            f"psi table {path} has {psi.numel()} steps but sampling.num_steps={num_steps}: calibrate again for "
+            "this grid (delete the file, or point noise.calibration.path elsewhere)"
+        )
+    return psi
+
+
+def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    traj = torch.tensor(trajectory)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k in range(traj.shape[1]):
+        axes[0].plot(traj[:, k], label=f"k={k}")
+    axes[0].set(xlabel="calibration round", ylabel="psi_k", title="psi per step during calibration")
+    axes[0].legend(fontsize=6, ncol=2)
+    s = sigmas[:-1]
+    axes[1].plot(range(len(s)), traj[-1], "o-", label="psi_k (calibrated)")
+    axes[1].plot(range(len(s)), traj[0], "--", label="initial (uniform)")
+    axes[1].set(xlabel="step k", ylabel="psi", title="calibrated noise level")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: bool = True) -> torch.Tensor:
+    """Run Algorithm 1 with ``cfg`` (a TrainConfig); writes the psi table (JSON) and its plot."""
+    from tqdm import tqdm
+
+    cal = cfg.noise.calibration
+    T, G = cfg.sampling.num_steps, cfg.sampling.group_size
+    n_prompts = cal.prompts or cfg.prompts.prompts_per_iteration
+    base = make_schedule(
+        T, cfg.sampling.shift, cfg.noise.level, cfg.noise.window_start, cfg.noise.window_size
+    )
+    psi = base.noise_level.clone()
+    active = base.sde_steps
+    trajectory = [psi.tolist()]
+    device = policy.device
+    bar = tqdm(range(cal.iterations), desc="calibrating psi", disable=not progress, dynamic_ncols=True)
+    for it in bar:
+        sched = Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi)))
+        prompts = [p for p in prompt_source.sample(n_prompts, it, stream="calibration") for _ in range(G)]
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * it + 1)
+        noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen, device=device)
+        ro = sample(
+            policy, policy.encode_prompts(prompts), noise, sched.to(device), guidance_scale=cfg.sampling.guidance_scale,
+            generator=gen, completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
+        )  # fmt: skip
+        R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched))
+        psi = calibration_step(
+            psi, step_rewards(R).cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active
+        )
+        trajectory.append(psi.tolist())
+        bar.set_postfix(psi=" ".join(f"{p:.2f}" for p in psi.tolist()))
+    meta = {
+        "rounds": cal.iterations,
+        "trajectories_per_round": n_prompts * G,
+        "eps1": cal.eps1,
+        "eps2": cal.eps2,
+    }
+    save_psi(out_path, psi, trajectory, meta)
+    plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)
+    return psi

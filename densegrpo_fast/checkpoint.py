@@ -1,0 +1,46 @@
+"""Atomic, resumable checkpoints: trainable weights, optimizer, EMA, RNG states, position, psi."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> Path:
+    """Write ``state`` to run_dir/checkpoint.pt atomically (a kill mid-write leaves the previous one)."""
+    path = run_dir / CHECKPOINT
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: Path) -> dict | None:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that train (LoRA adapters, or everything in full fine-tuning)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(module.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise ValueError(
+            f"checkpoint holds {len(missing)} parameters this model lacks (e.g. {missing[0]!r}): was it written "
+            "with another model or LoRA config? Resume with the run's own config.yaml"
+        )
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)

@@ -1,0 +1,391 @@
+"""The recipe: setup -> (rollout -> score -> advantages -> update)* -> save.
+
+Thin by design: every step is a separately tested function (``rollout.sample``, ``dense.latent_rewards``,
+``dense.advantages``, ``kernels.sde_log_prob``, ``loss.grpo_loss``); this module wires them together, keeps
+the run directory, and resumes. Nothing here knows which model family or reward it drives.
+
+Randomness is derived from ``(run.seed, iteration)`` (prompts, initial noise, SDE noise, the order of the
+training rows), so a resumed run repeats exactly what an uninterrupted one does: on the CPU with
+``run.deterministic`` its metrics are identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from densegrpo_fast.calibration import calibrate, load_psi
+from densegrpo_fast.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from densegrpo_fast.config import TrainConfig, dump_config
+from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
+from densegrpo_fast.kernels import sde_log_prob
+from densegrpo_fast.logging import MetricsLog, plot_reward_curve, save_image_grid
+from densegrpo_fast.loss import grpo_loss
+from densegrpo_fast.policies import load_policy
+from densegrpo_fast.prompts import PromptSource
+from densegrpo_fast.rewards import build_reward
+from densegrpo_fast.rollout import completion_starts, sample
+from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid
+
+
+def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
+    return (cfg.run.seed * 1_000_003 + iteration * 7919 + stream * 104_729) % (2**63)
+
+
+@dataclass
+class Run:
+    """Everything that lives across iterations."""
+
+    cfg: TrainConfig
+    dir: Path
+    policy: object
+    reward_fn: object
+    prompts: PromptSource
+    eval_prompts: PromptSource
+    schedule: Schedule
+    trained: torch.Tensor  # bool [T]
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    ema: dict[str, torch.Tensor] | None
+    reference: torch.nn.Module | None  # frozen copy for full fine-tuning (LoRA disables its adapters instead)
+    log: MetricsLog
+    iteration: int = 0
+    opt_steps: int = 0
+    wall_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Run:
+    """Build or resume a run; fails before any model work on a bad config or a clashing run dir."""
+    run_dir = Path(cfg.run.output_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if ckpt_path.exists() and not resume:
+        raise ValueError(
+            f"run.output_dir={str(run_dir)!r} already holds a run (checkpoint.pt): pass --resume to continue it, "
+            "or choose another --output-dir"
+        )
+    if resume and (run_dir / "config.yaml").exists():
+        _check_same_run(cfg, run_dir / "config.yaml")
+    reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
+    prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
+    eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed)
+
+    torch.set_num_threads(cfg.model.num_threads)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(cfg.run.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+
+    policy = load_policy(cfg.model.family, cfg.model.checkpoint, cfg.model.device)
+    schedule = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
+    T = cfg.sampling.num_steps
+    trained = torch.zeros(T, dtype=torch.bool)
+    trained[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
+    trained &= schedule.sde_steps  # an ODE step has no log-prob to train
+
+    reference = None
+    transformer = policy.transformer
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        transformer.add_adapter(
+            LoraConfig(
+                r=cfg.lora.rank,
+                lora_alpha=cfg.lora.alpha,
+                target_modules=cfg.lora.target_modules,
+                init_lora_weights="gaussian",
+            )
+        )
+    else:
+        if cfg.grpo.beta > 0:
+            reference = copy.deepcopy(transformer).requires_grad_(False)
+        transformer.requires_grad_(True)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
+    )
+    ema = (
+        {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+        if cfg.ema.enabled
+        else None
+    )
+    log = MetricsLog(run_dir, cfg.run.tensorboard)
+    run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, schedule.to(policy.device), trained, optimizer,
+              params, ema, reference, log)  # fmt: skip
+    state = load_checkpoint(run_dir) if resume else None
+    if state is not None:
+        load_trainable_state(transformer, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ema is not None and state.get("ema") is not None:
+            ema.update(state["ema"])
+        run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
+        torch.set_rng_state(state["torch_rng"])
+        log.truncate_after(run.iteration)
+    elif resume:
+        log.truncate_after(0)
+    return run
+
+
+def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
+    from densegrpo_fast.config import load_config
+
+    saved = load_config(TrainConfig, saved_path).model_dump()
+    now = cfg.model_dump()
+    saved["run"]["iterations"] = now["run"]["iterations"]  # extending a run is what resuming is for
+    diffs = [k for k in now if now[k] != saved[k]]
+    if diffs:
+        raise ValueError(
+            f"--resume with a config that differs from the run's own in section(s) {diffs}: resume with "
+            f"--config {saved_path} (only run.iterations / --max-iterations may change)"
+        )
+
+
+def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) -> Schedule:
+    n = cfg.noise
+    T = cfg.sampling.num_steps
+    if n.kind == "uniform":
+        return make_schedule(T, cfg.sampling.shift, n.level, n.window_start, n.window_size)
+    path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
+    psi = load_psi(path, T) if path.exists() else calibrate(policy, reward_fn, prompts, cfg, path, progress)
+    return make_schedule(T, cfg.sampling.shift, psi, n.window_start, n.window_size)
+
+
+# --------------------------------------------------------------------------------------------- one iteration
+
+
+def collect(run: Run, prompts: list[str], iteration: int):
+    """Rollout and rewards for one iteration. Returns (rollout, cond, R [B, T+1], seconds per phase)."""
+    cfg, policy = run.cfg, run.policy
+    G = cfg.sampling.group_size
+    rows = [p for p in prompts for _ in range(G)]
+    device = policy.device
+    gen = torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 1))
+    t0 = time.perf_counter()
+    cond = policy.encode_prompts(rows)
+    noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)
+    dense = cfg.dense.mode != "sparse"
+    ro = sample(
+        policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale, generator=gen,
+        completion_steps=cfg.dense.completion_steps, dense=dense, completion_batching=cfg.dense.completion_batching,
+    )  # fmt: skip
+    t1 = time.perf_counter()
+    T = run.schedule.num_steps
+    if dense:
+        R = latent_rewards(policy.decode, run.reward_fn, ro.clean, rows, completion_starts(run.schedule))
+    else:
+        R = torch.zeros(len(rows), T + 1, device=device)
+        R[:, T] = run.reward_fn(policy.decode(ro.latents[:, T]), rows).float()
+    return ro, cond, R, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+
+
+def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
+    """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA."""
+    cfg, policy, sched = run.cfg, run.policy, run.schedule
+    A = advantages(R, cfg.sampling.group_size, cfg.dense.mode, run.trained, global_std=cfg.dense.global_std,
+                   eps=cfg.dense.adv_eps, clip=cfg.dense.adv_clip)  # fmt: skip
+    keep = run.trained.to(A.device).expand_as(A)
+    if cfg.grpo.filter_zero_advantage:
+        keep = keep & (A != 0)
+    rows, steps = keep.nonzero(as_tuple=True)  # one host sync per iteration, to plan the update
+    gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
+    order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
+    rows, steps = rows[order], steps[order]
+    stats: dict[str, list[float]] = {}
+    first_ratio_dev = None
+    sigmas, std = sched.sigmas, sched.std
+    transformer = policy.transformer
+    for chunk_rows, chunk_steps in zip(
+        rows.tensor_split(cfg.grpo.updates_per_iteration),
+        steps.tensor_split(cfg.grpo.updates_per_iteration),
+        strict=True,
+    ):
+        n = chunk_rows.numel()
+        if n == 0:
+            continue
+        for start in range(0, n, cfg.grpo.train_batch_size):
+            i = chunk_rows[start : start + cfg.grpo.train_batch_size]
+            k = chunk_steps[start : start + cfg.grpo.train_batch_size]
+            x, x_next = ro.latents[i, k], ro.latents[i, k + 1]
+            c = cond.index(i)
+            v = policy.velocity(x, sigmas[k], c, cfg.sampling.guidance_scale)
+            v_ref = _reference_velocity(run, x, sigmas[k], c) if cfg.grpo.beta > 0 else None
+            lp, kl = sde_log_prob(x, v, x_next, sigmas[k], sigmas[k + 1], std[k], ref_velocity=v_ref,
+                                  kl_exact=cfg.grpo.kl_exact)  # fmt: skip
+            loss, s = grpo_loss(lp, ro.log_probs[i, k], A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
+            (loss * (i.numel() / n)).backward()
+            if first_ratio_dev is None:
+                first_ratio_dev = s["ratio_dev_max"].item()
+            for key, val in s.items():
+                stats.setdefault(key, []).append(val.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+        stats.setdefault("grad_norm", []).append(grad_norm.item())
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.opt_steps += 1
+        if run.ema is not None and run.opt_steps % cfg.ema.every == 0:
+            with torch.no_grad():
+                for name, p in transformer.named_parameters():
+                    if name in run.ema:
+                        run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
+    out = {key: sum(vals) / len(vals) for key, vals in stats.items()}
+    out["ratio_dev_first"] = first_ratio_dev
+    out["rows_trained"] = int(rows.numel())
+    out["adv_nonzero_frac"] = (
+        (A[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
+    )
+    return out
+
+
+def _reference_velocity(run: Run, x, sigma, cond):
+    """The base model's velocity: LoRA adapters disabled, or the frozen copy in full fine-tuning."""
+    policy, cfg = run.policy, run.cfg
+    with torch.no_grad():
+        if run.reference is None:
+            policy.transformer.disable_adapters()
+            try:
+                return policy.velocity(x, sigma, cond, cfg.sampling.guidance_scale)
+            finally:
+                policy.transformer.enable_adapters()
+        trained, policy.transformer = policy.transformer, run.reference
+        try:
+            return policy.velocity(x, sigma, cond, cfg.sampling.guidance_scale)
+        finally:
+            policy.transformer = trained
+
+
+@contextlib.contextmanager
+def ema_weights(run: Run):
+    """Swap the EMA weights in (for evaluation and export), and the trained ones back after."""
+    if run.ema is None:
+        yield
+        return
+    params = dict(run.policy.transformer.named_parameters())
+    saved = {n: params[n].detach().clone() for n in run.ema}
+    with torch.no_grad():
+        for n, t in run.ema.items():
+            params[n].copy_(t)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].copy_(t)
+
+
+@torch.no_grad()
+def heldout_reward(run: Run) -> float:
+    """Mean reward of ODE samples (the eval section's sampler) on held-out prompts."""
+    cfg, policy = run.cfg, run.policy
+    e = cfg.eval
+    prompts = run.eval_prompts.sample(e.num_prompts, 0, stream="eval")
+    sched = Schedule(sigma_grid(e.num_steps, e.shift), torch.zeros(e.num_steps)).to(policy.device)
+    gen = torch.Generator(device=policy.device).manual_seed(e.seed)
+    scores = []
+    for s in range(0, len(prompts), e.batch_size):
+        chunk = prompts[s : s + e.batch_size]
+        noise = torch.randn(len(chunk), *policy.latent_shape, generator=gen, device=policy.device)
+        ro = sample(
+            policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False
+        )
+        scores.append(run.reward_fn(policy.decode(ro.latents[:, -1]), chunk).float())
+    return torch.cat(scores).mean().item()
+
+
+def export_policy(run: Run, path: Path) -> Path | None:
+    """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation."""
+    if not hasattr(run.policy, "save"):
+        return None
+    with ema_weights(run):
+        exported = copy.deepcopy(run.policy)
+    if run.cfg.lora.enabled:
+        exported.transformer.fuse_lora()
+        exported.transformer.unload_lora()
+    exported.save(path, metadata={"source": "densegrpo-fast train", "iteration": run.iteration})
+    return path
+
+
+def checkpoint(run: Run) -> None:
+    save_checkpoint(
+        run.dir,
+        {
+            "iteration": run.iteration,
+            "opt_steps": run.opt_steps,
+            "wall_s": run.wall_s,
+            "trainable": trainable_state(run.policy.transformer),
+            "optimizer": run.optimizer.state_dict(),
+            "ema": run.ema,
+            "torch_rng": torch.get_rng_state(),
+            "psi": run.schedule.noise_level.cpu(),
+        },
+    )
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the run directory."""
+    from tqdm import tqdm
+
+    run = setup(cfg, resume=resume, progress=progress)
+    total = cfg.run.iterations
+    bar = tqdm(total=total, initial=run.iteration, desc="DenseGRPO" if cfg.dense.mode != "sparse" else "Flow-GRPO",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+    if run.iteration == 0 and not run.log.read():
+        _evaluate(run, bar)
+    while run.iteration < total:
+        t0 = time.perf_counter()
+        it = run.iteration
+        prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
+        ro, cond, R, times = collect(run, prompts, it)
+        t1 = time.perf_counter()
+        up = update(run, ro, cond, R, it)
+        times["update_s"] = time.perf_counter() - t1
+        run.iteration += 1
+        run.wall_s += time.perf_counter() - t0
+        stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
+        record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
+                  "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
+        run.log.write(record)
+        bar.update(1)
+        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ratio_dev=f"{up['ratio_dev_first'] or 0:.1e}")
+        if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
+            n = min(16, R.shape[0])
+            images = run.policy.decode(ro.latents[:n, -1])
+            caps = [
+                f"{p}\nR={r:.2f}"
+                for p, r in zip(
+                    [p for p in prompts for _ in range(cfg.sampling.group_size)][:n],
+                    R[:n, -1].tolist(),
+                    strict=True,
+                )
+            ]
+            save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
+        if cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0 and run.iteration < total:
+            _evaluate(run, bar)
+        if run.iteration % cfg.run.checkpoint_every == 0 or run.iteration == total:
+            if run.iteration == total:
+                _evaluate(run, bar)
+            checkpoint(run)
+            plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
+    bar.close()
+    export_policy(run, run.dir / "policy_ema.safetensors")
+    run.log.close()
+    return run.dir
+
+
+def _evaluate(run: Run, bar) -> None:
+    bar.set_description_str("evaluating")
+    with ema_weights(run):
+        score = heldout_reward(run)
+    run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "eval_reward": score})
+    bar.set_description_str("DenseGRPO" if run.cfg.dense.mode != "sparse" else "Flow-GRPO")
+    bar.write(f"iteration {run.iteration}: held-out reward {score:.4f}")

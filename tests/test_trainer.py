@@ -1,0 +1,214 @@
+"""The training recipe end to end on a tiny random toy model (seconds on one CPU thread)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from densegrpo_fast.calibration import calibration_step
+from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
+from densegrpo_fast.trainer import setup, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "toy_geneval.yaml"
+TIMING = {"wall_s", "rollout_s", "reward_s", "update_s"}
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ToyPolicy(ToyArch(num_layers=2, num_heads=2, head_dim=16, text_dim=32, pooled_dim=32)).save(path)
+    return path
+
+
+def tiny_overrides(ckpt, out, iterations=3, extra=()):
+    return [
+        f"model.checkpoint={ckpt}", f"run.output_dir={out}", f"run.iterations={iterations}", "reward.name=redness",
+        "noise.kind=uniform", "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
+        "eval.num_prompts=12", "eval.num_steps=4", "lora.rank=4", "run.checkpoint_every=1", "run.tensorboard=false",
+        "run.sample_grid_every=2", "grpo.train_batch_size=8", "grpo.updates_per_iteration=2", "ema.every=1",
+        *extra,
+    ]  # fmt: skip
+
+
+def cfg_of(ckpt, out, **kw):
+    return load_config(TrainConfig, CONFIG, tiny_overrides(ckpt, out, **kw))
+
+
+def records(run_dir):
+    return [json.loads(ln) for ln in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(recs):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in recs]
+
+
+def test_short_training_run_writes_everything_and_is_on_policy(tiny_checkpoint, tmp_path):
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run"), progress=False)
+    recs = records(run_dir)
+    steps = [r for r in recs if "reward_mean" in r]
+    assert [r["iteration"] for r in steps] == [1, 2, 3]
+    for r in steps:
+        # the first update of every iteration is on-policy: the recomputed log-prob gives ratio 1
+        assert r["ratio_dev_first"] is not None and r["ratio_dev_first"] <= 1e-5
+        assert r["rows_trained"] == 8 * 3  # 8 samples x trained steps 0..T-2
+        assert len(r["dR_mean"]) == 4 and len(r["R_mean"]) == 5
+    evals = [r for r in recs if "eval_reward" in r]
+    assert [r["iteration"] for r in evals] == [0, 3]
+    for name in (
+        "config.yaml",
+        "checkpoint.pt",
+        "reward_curve.png",
+        "policy_ema.safetensors",
+        "samples/iter_00002.png",
+    ):
+        assert (run_dir / name).exists(), name
+    # the export is a plain policy with LoRA merged, loadable by the eval command
+    exported = ToyPolicy.load(run_dir / "policy_ema.safetensors")
+    assert not any("lora" in k for k in exported.state_dict())
+
+
+def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2)
+    run = setup(cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in run.policy.transformer.named_parameters() if p.requires_grad}
+    from densegrpo_fast.trainer import collect, update
+
+    prompts = run.prompts.sample(2, 0)
+    ro, cond, R, _ = collect(run, prompts, 0)
+    out = update(run, ro, cond, R, 0)
+    assert out["grad_norm"] > 0
+    after = dict(run.policy.transformer.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before), (
+        "an optimizer step must change LoRA weights"
+    )
+    assert run.opt_steps == 2
+    # EMA (decay 0.9, every step) sits between the start and the current weights
+    n = next(n for n in before if "lora_B" in n)
+    assert not torch.equal(run.ema[n], before[n]) and not torch.equal(run.ema[n], after[n].detach())
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["dense.mode=sparse"],
+        ["dense.mode=dense_baseline", "dense.completion_steps=1"],
+        ["noise.window_start=1", "noise.window_size=2", "dense.completion_batching=separate"],
+        ["lora.enabled=false", "grpo.beta=0.04"],
+    ],
+    ids=["sparse", "dense_baseline-n1", "window-separate", "full-finetune"],
+)
+def test_variants_run(tiny_checkpoint, tmp_path, extra):
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    (r,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert r["ratio_dev_first"] <= 1e-5
+    if "noise.window_start=1" in extra:
+        assert r["rows_trained"] == 8 * 2  # only the window's steps train
+
+
+def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path):
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra)
+    run_dir = train(cfg, progress=False)
+    psi = json.loads((run_dir / "psi.json").read_text())
+    assert len(psi["trajectory"]) == 4 and len(psi["psi"]) == 4
+    assert (run_dir / "psi.png").exists()
+    for a, b in zip(psi["trajectory"][:-1], psi["trajectory"][1:], strict=True):
+        assert all(abs(abs(x - y) - 0.01) < 1e-6 or y in (0.0, 1.5) for x, y in zip(a, b, strict=True))
+
+
+def test_calibration_step_follows_algorithm_1():
+    psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
+    dR = torch.tensor(
+        [[1.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]]
+    )
+    active = torch.tensor([True, True, True, False])
+    out = calibration_step(psi, dR, eps1=2, eps2=0.01, psi_min=0.0, psi_max=1.5, active=active)
+    # step 0: 2 gains, 2 losses -> balanced -> up; step 1: 3 gains, 0 losses -> down;
+    # step 2: all dR == 0 count on neither side -> balanced -> up; step 3: outside the window -> unchanged
+    torch.testing.assert_close(out, torch.tensor([0.71, 0.69, 0.71, 0.0]))
+
+
+def test_existing_run_needs_resume(tiny_checkpoint, tmp_path):
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1)
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="already holds a run.*--resume"):
+        train(cfg, progress=False)
+    other = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["grpo.beta=0.5"])
+    with pytest.raises(ValueError, match=r"differs from the run's own in section\(s\) \['grpo'\]"):
+        train(other, resume=True, progress=False)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoint, tmp_path):
+    iterations = 24
+    common = tiny_overrides(
+        tiny_checkpoint,
+        tmp_path / "a",
+        iterations,
+        extra=["run.checkpoint_every=3", "run.sample_grid_every=0"],
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--no-progress"]
+    killed = subprocess.Popen(cmd + common, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (
+            metrics.exists()
+            and sum(1 for ln in metrics.read_text().splitlines() if '"reward_mean"' in ln) >= 7
+        ):
+            break
+        if killed.poll() is not None:
+            pytest.fail(f"training ended before it could be killed: {killed.stderr.read().decode()[-2000:]}")
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert len(records(tmp_path / "a")) < iterations + 2, "the run must be killed before it finished"
+    resumed = subprocess.run(cmd + common + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    alone = subprocess.run(
+        cmd + [o.replace(str(tmp_path / "a"), str(tmp_path / "b")) for o in common],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert len(a) == len(b) == iterations + 2
+    assert without_timing(a) == without_timing(b)
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("sampling.group_sze=4", "did you mean 'sampling.group_size'"),
+        ("noise.level=-0.5", "noise.level = -0.5: Input should be greater than or equal to 0"),
+        (
+            "model.checkpoint=/does/not/exist.safetensors",
+            "model.checkpoint='/does/not/exist.safetensors' does not exist",
+        ),
+        ("reward.name=toy_genevl", "did you mean 'toy_geneval'"),
+        ("sampling.group_size=1", "sampling.group_size = 1: Input should be greater than or equal to 2"),
+    ],
+)
+def test_bad_configs_fail_before_any_model_work(override, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, CONFIG, [override, f"run.output_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "densegrpo_fast", "train", "--config", str(CONFIG), "reward.name=nope", "--output-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "reward.name='nope' is not a registered reward" in out.stderr and "Traceback" not in out.stderr
