@@ -7,6 +7,7 @@ its implementation lazily (so ``--help`` stays fast and needs no heavy imports).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from densegrpo_fast import __version__
@@ -52,6 +53,105 @@ def _add_eval(sub) -> None:
 SUBCOMMANDS.append(_add_eval)
 
 
+def _train_config(args):
+    """The training config of ``--config`` + overrides, with the command line's run options applied."""
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):
+        overrides.append(f"run.output_dir={args.output_dir}")
+    if getattr(args, "max_iterations", None):
+        overrides.append(f"run.iterations={args.max_iterations}")
+    return load_config(TrainConfig, args.config, overrides)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="DenseGRPO (or Flow-GRPO) training; resumable with --resume")
+    _add_overrides(p)
+    p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
+    p.add_argument(
+        "--max-iterations", type=int, help="train up to this many iterations (overrides run.iterations)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in the output directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def handler(args):
+        from densegrpo_fast.trainer import train
+
+        run_dir = train(_train_config(args), resume=args.resume, progress=not args.no_progress)
+        print(f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)")
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_train)
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser(
+        "calibrate", help="reward-aware noise calibration (DenseGRPO Algorithm 1) before training"
+    )
+    _add_overrides(p)
+    p.add_argument("--output-dir", help="run directory (overrides run.output_dir); psi.json is written there")
+
+    def handler(args):
+        from pathlib import Path
+
+        from densegrpo_fast.calibration import calibrate
+        from densegrpo_fast.policies import load_policy
+        from densegrpo_fast.prompts import PromptSource
+        from densegrpo_fast.rewards import build_reward
+
+        cfg = _train_config(args)
+        import torch
+
+        torch.set_num_threads(cfg.model.num_threads)
+        reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+        prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
+        policy = load_policy(cfg.model.family, cfg.model.checkpoint, cfg.model.device)
+        path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
+        psi = calibrate(policy, reward_fn, prompts, cfg, path)
+        print(
+            f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
+        )
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_calibrate)
+
+
+def _add_validate(sub) -> None:
+    p = sub.add_parser("validate", help="check a training config (every problem at once) without running it")
+    _add_overrides(p)
+
+    def handler(args):
+        cfg = _train_config(args)
+        print(
+            f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
+        )
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_validate)
+
+
+def _add_show_config(sub) -> None:
+    p = sub.add_parser("show-config", help="print the resolved training config (defaults filled in) as YAML")
+    _add_overrides(p)
+
+    def handler(args):
+        import yaml
+
+        print(yaml.safe_dump(_train_config(args).model_dump(mode="json"), sort_keys=False), end="")
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_show_config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densegrpo-fast",
@@ -70,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.handler(args) or 0)
+    try:
+        return int(args.handler(args) or 0)
+    except ValueError as e:  # a problem the user can fix (config, paths, values): say it, no traceback
+        if os.environ.get("DENSEGRPO_TRACEBACK") == "1":
+            raise
+        print(f"densegrpo-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
