@@ -99,6 +99,7 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
         ro = sample(
             policy, policy.encode_prompts(prompts), noise, sched.to(device), guidance_scale=cfg.sampling.guidance_scale,
             generator=gen, completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
+            max_rows_per_call=cfg.sampling.max_rows_per_call,
         )  # fmt: skip
         R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched))
         psi = calibration_step(

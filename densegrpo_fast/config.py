@@ -74,6 +74,10 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
     return f"{key} = {err.get('input')!r}: {err['msg']}"
 
 
+class _Whole(dict):
+    """A mapping given whole on the command line (``reward.kwargs={}``): it replaces, never merges."""
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
     tree: dict = {}
@@ -87,7 +91,8 @@ def parse_overrides(overrides: list[str]) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = _Whole(value) if isinstance(value, dict) else value
     if problems:
         raise ConfigError(problems, "command-line overrides")
     return tree
@@ -96,7 +101,8 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        merge = isinstance(v, dict) and not isinstance(v, _Whole) and isinstance(out.get(k), dict)
+        out[k] = _merge(out[k], v) if merge else (dict(v) if isinstance(v, _Whole) else v)
     return out
 
 
@@ -257,6 +263,11 @@ class RunSection(Section):
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
     sample_grid_every: int = Field(10, ge=0, description="iterations between sample-grid PNGs (0 = never)")
     eval_every: int = Field(0, ge=0, description="iterations between held-out evals (0 = only at the end)")
+    time_budget_s: float | None = Field(
+        None,
+        gt=0,
+        description="stop after this much training wall time (seconds), whatever run.iterations says",
+    )
     tensorboard: bool = Field(True, description="write TensorBoard events beside metrics.jsonl")
     deterministic: bool = Field(True, description="deterministic algorithms (CPU runs resume bit for bit)")
 
@@ -271,6 +282,9 @@ class EvalSection(Section):
     batch_size: int = Field(128, ge=1, description="images per sampler call")
     output_dir: str = Field("runs/toy_eval", description="where scores.json and samples.png are written")
     grid_size: int = Field(48, ge=0, description="samples drawn in samples.png (0 = no grid)")
+    rewards: dict[str, RewardSection] = Field(
+        default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
+    )
 
 
 class TrainConfig(Section):

@@ -85,6 +85,7 @@ def plot_reward_curve(records: list[dict], path: Path) -> None:
 
     train = [r for r in records if "reward_mean" in r]
     evals = [r for r in records if "eval_reward" in r]
+    eval_keys = sorted({k for r in evals for k in r if k.startswith("eval_")})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "iteration", "iteration"), (axes[1], "wall_s", "wall time (s)")):
         if train:

@@ -83,6 +83,7 @@ def sample(
     completion_steps: int | None = None,
     dense: bool = True,
     completion_batching: str = "fused",
+    max_rows_per_call: int | None = None,
 ) -> Rollout:
     """One rollout of B trajectories with its dense-reward completions.
 
@@ -93,6 +94,7 @@ def sample(
         completion_steps: ``n`` of ``ODE_n`` (None = remaining steps, the paper's choice).
         dense: compute the completions (False: sparse reward, only ``lat[T]`` is clean).
         completion_batching: ``"fused"`` or ``"separate"`` (see the module docstring).
+        max_rows_per_call: split each step's rows into calls of at most this many (memory, cache).
     """
     if completion_batching not in ("fused", "separate"):
         raise ValueError(f"completion_batching={completion_batching!r} must be 'fused' or 'separate'")
@@ -156,6 +158,17 @@ def sample(
         for idx in range(T - 1, -1, -1):  # outside an SDE window a latent shares the next one's reward
             clean[:, idx] = finished[idx] if idx in finished else clean[:, idx + 1]
     return Rollout(latents=latents, log_probs=log_probs, clean=clean)
+
+
+def _velocity(policy: Policy, x, sigma, cond: PromptEmbeds, guidance_scale: float, max_rows: int | None):
+    """``policy.velocity`` over row chunks of at most ``max_rows`` (all at once when None)."""
+    if max_rows is None or x.shape[0] <= max_rows:
+        return policy.velocity(x, sigma, cond, guidance_scale)
+    parts = []
+    for s in range(0, x.shape[0], max_rows):
+        idx = slice(s, s + max_rows)
+        parts.append(policy.velocity(x[idx], sigma[idx], cond.index(idx), guidance_scale))
+    return torch.cat(parts)
 
 
 def _repeat(cond: PromptEmbeds, n: int) -> PromptEmbeds:

@@ -175,6 +175,7 @@ def collect(run: Run, prompts: list[str], iteration: int):
     ro = sample(
         policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale, generator=gen,
         completion_steps=cfg.dense.completion_steps, dense=dense, completion_batching=cfg.dense.completion_batching,
+        max_rows_per_call=cfg.sampling.max_rows_per_call,
     )  # fmt: skip
     t1 = time.perf_counter()
     T = run.schedule.num_steps
@@ -281,22 +282,28 @@ def ema_weights(run: Run):
 
 
 @torch.no_grad()
-def heldout_reward(run: Run) -> float:
-    """Mean reward of ODE samples (the eval section's sampler) on held-out prompts."""
+def heldout_rewards(run: Run) -> dict[str, float]:
+    """Mean rewards of ODE samples (the eval section's sampler) on held-out prompts: ``eval_reward`` (the
+    training reward) and ``eval_<key>`` for each of ``eval.rewards``."""
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
+    fns = {
+        "eval_reward": run.reward_fn,
+        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()},
+    }
     prompts = run.eval_prompts.sample(e.num_prompts, 0, stream="eval")
     sched = Schedule(sigma_grid(e.num_steps, e.shift), torch.zeros(e.num_steps)).to(policy.device)
     gen = torch.Generator(device=policy.device).manual_seed(e.seed)
-    scores = []
+    scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
     for s in range(0, len(prompts), e.batch_size):
         chunk = prompts[s : s + e.batch_size]
         noise = torch.randn(len(chunk), *policy.latent_shape, generator=gen, device=policy.device)
-        ro = sample(
-            policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False
-        )
-        scores.append(run.reward_fn(policy.decode(ro.latents[:, -1]), chunk).float())
-    return torch.cat(scores).mean().item()
+        ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
+                    max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
+        images = policy.decode(ro.latents[:, -1])
+        for k, fn in fns.items():
+            scores[k].append(fn(images, chunk).float())
+    return {k: torch.cat(v).mean().item() for k, v in scores.items()}
 
 
 def export_policy(run: Run, path: Path) -> Path | None:
@@ -341,7 +348,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     if run.iteration == 0 and not run.log.read():
         _evaluate(run, bar)
-    while run.iteration < total:
+    budget = cfg.run.time_budget_s
+    while run.iteration < total and not (budget is not None and run.wall_s >= budget):
         t0 = time.perf_counter()
         it = run.iteration
         prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
@@ -369,11 +377,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 )
             ]
             save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
-        if cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0 and run.iteration < total:
+        last = run.iteration == total or (budget is not None and run.wall_s >= budget)
+        if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
             _evaluate(run, bar)
-        if run.iteration % cfg.run.checkpoint_every == 0 or run.iteration == total:
-            if run.iteration == total:
-                _evaluate(run, bar)
+        if last or run.iteration % cfg.run.checkpoint_every == 0:
             checkpoint(run)
             plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
     bar.close()
@@ -385,7 +392,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 def _evaluate(run: Run, bar) -> None:
     bar.set_description_str("evaluating")
     with ema_weights(run):
-        score = heldout_reward(run)
-    run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "eval_reward": score})
+        scores = heldout_rewards(run)
+    run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores})
     bar.set_description_str("DenseGRPO" if run.cfg.dense.mode != "sparse" else "Flow-GRPO")
-    bar.write(f"iteration {run.iteration}: held-out reward {score:.4f}")
+    bar.write(
+        f"iteration {run.iteration}: held-out " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
+    )

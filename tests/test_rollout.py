@@ -37,10 +37,12 @@ def test_completion_paths():
 
 
 @pytest.mark.parametrize("n", [None, 1, 2])
-@pytest.mark.parametrize("batching", ["fused", "separate"])
-def test_in_flight_completions_equal_plain_completions(policy, cond, n, batching):
+@pytest.mark.parametrize("batching,max_rows", [("fused", None), ("separate", None), ("fused", 5)])
+def test_in_flight_completions_equal_plain_completions(policy, cond, n, batching, max_rows):
     sched = make_schedule(6, 3.0, 0.7)
-    ro = run(policy, cond, sched, completion_steps=n, completion_batching=batching)
+    ro = run(
+        policy, cond, sched, completion_steps=n, completion_batching=batching, max_rows_per_call=max_rows
+    )
     assert ro.clean.shape == (6, 7, *policy.latent_shape)
     assert torch.equal(ro.clean[:, 6], ro.latents[:, 6])
     for k in range(6):

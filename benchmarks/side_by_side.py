@@ -1,0 +1,184 @@
+"""The paper's ablations at toy size: DenseGRPO against Flow-GRPO and its own variants, same budget.
+
+    python benchmarks/side_by_side.py --config configs/toy_geneval.yaml --seeds 0 1 --budget-s 300 \\
+        --parallel 2 --out benchmarks/side_by_side
+
+Variants (each overrides the config):
+    densegrpo          dense rewards, n = remaining, calibrated psi (the default config)
+    flow-grpo          sparse terminal reward, uniform a = 0.7 (Flow-GRPO)
+    densegrpo-uniform  dense rewards with uniform a = 0.7 (no calibration)
+    densegrpo-n1       dense rewards from one-step completions (x0 = x - sigma * v)
+    densegrpo-n2       dense rewards from two-step completions
+Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
+evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
+the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
+remaining, before the clock starts). Writes table.md, results.json and score_vs_time.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VARIANTS = {
+    "densegrpo": [],
+    "flow-grpo": ["dense.mode=sparse", "noise.kind=uniform"],
+    "densegrpo-uniform": ["noise.kind=uniform"],
+    "densegrpo-n1": ["dense.completion_steps=1"],
+    "densegrpo-n2": ["dense.completion_steps=2"],
+}
+
+
+def run(cmd: list[str], log: Path) -> int:
+    with log.open("w") as f:
+        return subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        ).returncode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/toy_geneval.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--budget-s", type=float, default=300.0, help="training wall time per run (seconds)")
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument(
+        "--parallel", type=int, default=1, help="runs at once (each uses model.num_threads threads)"
+    )
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--out", default="benchmarks/side_by_side")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = [sys.executable, "-m", "densegrpo_fast"]
+
+    # one psi table per seed, made before any clock starts
+    def calibrate(seed: int) -> Path:
+        psi = out / f"psi_seed{seed}.json"
+        if not psi.exists():
+            code = run(base + ["calibrate", "--config", args.config, f"run.seed={seed}", f"noise.calibration.path={psi}",
+                               *args.overrides], out / f"calibrate_seed{seed}.log")  # fmt: skip
+            if code:
+                raise SystemExit(f"calibration for seed {seed} failed: see {out}/calibrate_seed{seed}.log")
+        return psi
+
+    with ThreadPoolExecutor(args.parallel) as pool:
+        psi_paths = dict(zip(args.seeds, pool.map(calibrate, args.seeds), strict=True))
+
+    jobs = []
+    for seed in args.seeds:
+        for name in args.variants:
+            run_dir = out / f"{name}_seed{seed}"
+            cmd = base + ["train", "--config", args.config, "--output-dir", str(run_dir), "--no-progress",
+                          f"run.seed={seed}", f"run.time_budget_s={args.budget_s}", "run.iterations=100000",
+                          f"run.eval_every={args.eval_every}", f"noise.calibration.path={psi_paths[seed]}",
+                          *args.overrides, *VARIANTS[name]]  # fmt: skip
+            if (run_dir / "checkpoint.pt").exists():
+                cmd.append("--resume")
+            jobs.append((name, seed, run_dir, cmd))
+    with ThreadPoolExecutor(args.parallel) as pool:
+        codes = list(pool.map(lambda j: run(j[3], j[2].with_suffix(".log")), jobs))
+    for (name, seed, run_dir, _), code in zip(jobs, codes, strict=True):
+        if code:
+            print(f"{name} seed {seed} failed (exit {code}): see {run_dir.with_suffix('.log')}")
+
+    results = {}
+    for name, seed, run_dir, _ in jobs:
+        recs = (
+            [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            if (run_dir / "metrics.jsonl").exists()
+            else []
+        )
+        evals = [r for r in recs if "eval_reward" in r]
+        steps = [r for r in recs if "reward_mean" in r]
+        results.setdefault(name, []).append({"seed": seed, "evals": evals, "iterations": len(steps),
+                                             "s_per_iteration": (steps[-1]["wall_s"] / len(steps)) if steps else None})  # fmt: skip
+    (out / "results.json").write_text(json.dumps({"budget_s": args.budget_s, "config": args.config,
+                                                  "overrides": args.overrides, "results": results}, indent=1))  # fmt: skip
+    write_table(results, args, out)
+    plot(results, out)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def write_table(results: dict, args, out: Path) -> None:
+    keys = sorted(
+        {k for runs in results.values() for r in runs for e in r["evals"] for k in e if k.startswith("eval_")}
+    )
+    lines = [
+        f"Held-out scores (EMA weights, ODE sampler of the config's eval section) before and after "
+        f"{args.budget_s:.0f} s of training; mean over seeds {args.seeds}.",
+        "",
+        "| variant | iterations | s / iteration | "
+        + " | ".join(f"{k[5:]} start → end (Δ)" for k in keys)
+        + " |",
+        "|---|---:|---:|" + "---:|" * len(keys),
+    ]
+    for name, runs in results.items():
+        cells = []
+        for k in keys:
+            start = _mean([r["evals"][0].get(k) for r in runs if r["evals"]])
+            end = _mean([r["evals"][-1].get(k) for r in runs if r["evals"]])
+            cells.append(f"{start:.3f} → {end:.3f} ({end - start:+.3f})")
+        its = _mean([r["iterations"] for r in runs])
+        spi = _mean([r["s_per_iteration"] for r in runs])
+        lines.append(f"| {name} | {its:.0f} | {spi:.1f} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def plot(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = (
+        "eval_strict"
+        if any("eval_strict" in e for runs in results.values() for r in runs for e in r["evals"])
+        else "eval_reward"
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, runs) in enumerate(results.items()):
+        color = f"C{i}"
+        for j, r in enumerate(runs):
+            ev = [e for e in r["evals"] if key in e]
+            label = name if j == 0 else None
+            axes[0].plot(
+                [e["wall_s"] for e in ev],
+                [e[key] for e in ev],
+                "o-",
+                color=color,
+                alpha=0.7,
+                label=label,
+                ms=3,
+            )
+            axes[1].plot(
+                [e["iteration"] for e in ev],
+                [e[key] for e in ev],
+                "o-",
+                color=color,
+                alpha=0.7,
+                label=label,
+                ms=3,
+            )
+    axes[0].set(xlabel="training wall time (s)", ylabel=f"held-out {key[5:]}")
+    axes[1].set(xlabel="iteration", ylabel=f"held-out {key[5:]}")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("toy GenEval: DenseGRPO vs Flow-GRPO and ablations (one line per seed)")
+    fig.tight_layout()
+    fig.savefig(out / "score_vs_time.png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
