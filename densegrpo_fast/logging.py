@@ -95,13 +95,9 @@ def plot_reward_curve(records: list[dict], path: Path) -> None:
                 label="train reward (R_T mean)",
                 alpha=0.8,
             )
-        if evals:
-            ax.plot(
-                [r[key] for r in evals],
-                [r["eval_reward"] for r in evals],
-                "o-",
-                label="held-out reward (ODE)",
-            )
+        for ek in eval_keys:
+            pts = [(r[key], r[ek]) for r in evals if ek in r]
+            ax.plot(*zip(*pts, strict=True), "o-", label=f"held-out {ek[5:]} (ODE, EMA)")
         ax.set(xlabel=label, ylabel="reward")
         ax.legend(fontsize=7)
     fig.suptitle("densegrpo-fast training")
