@@ -131,7 +131,11 @@ def detect(images: torch.Tensor, settings: DetectorSettings | None = None) -> De
     nearest = torch.where(fg, nearest, torch.full_like(nearest, -1))
     masks = nearest.view(B, 1, H, W) == torch.arange(K, device=dev).view(1, K, 1, 1)  # [B, K, H, W]
 
-    lab = _components(masks.view(B * K, H, W)).view(B * K, H * W)  # ids in 0..H*W
+    flat_masks = masks.view(B * K, H, W)
+    used = flat_masks.flatten(1).any(1)  # most (image, colour) masks are empty: skip them
+    lab = torch.zeros(B * K, H, W, dtype=torch.long, device=dev)
+    lab[used] = _components(flat_masks[used])
+    lab = lab.view(B * K, H * W)  # ids in 0..H*W
     slots = H * W + 1
     gid = (torch.arange(B * K, device=dev)[:, None] * slots + lab).view(-1)  # global component id per pixel
     on = masks.view(-1)

@@ -102,7 +102,7 @@ def save_grid(images: torch.Tensor, prompts: list[str], passed: torch.Tensor, pa
     n = len(images)
     cols = min(8, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.85), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.0), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, text, ok in zip(axes.flat, images, prompts, passed.tolist(), strict=False):
