@@ -10,6 +10,7 @@ from densegrpo_fast import cli
 from densegrpo_fast.config import ConfigError, load_config
 from densegrpo_fast.toy import pretrain as pt
 from densegrpo_fast.toy.config import ToyEvalConfig, ToyPretrainConfig
+from densegrpo_fast.toy.evaluate import heldout_prompts
 from densegrpo_fast.toy.world import CATEGORIES
 
 TINY = [
@@ -83,21 +84,21 @@ def test_eval_command_json_has_every_category(tmp_path, capsys):
     assert (out / "samples.png").stat().st_size > 1000
 
 
-def test_user_errors_name_value_rule_and_fix(tmp_path):
-    with pytest.raises(ValueError, match="nope.safetensors.* does not exist: pass an existing .safetensors"):
-        cli.main(
-            [
-                "eval",
-                "--config",
-                "configs/toy_geneval.yaml",
-                "--checkpoint",
-                str(tmp_path / "nope.safetensors"),
-            ]
-        )
+def test_user_errors_name_value_rule_and_fix(tmp_path, capsys):
+    missing = str(tmp_path / "nope.safetensors")
+    assert cli.main(["eval", "--config", "configs/toy_geneval.yaml", "--checkpoint", missing]) == 2
+    assert f"{missing!r} does not exist: pass an existing .safetensors" in capsys.readouterr().err
     with pytest.raises(ConfigError) as e:
         load_config(ToyEvalConfig, "configs/toy_geneval.yaml", ["eval.num_steps=0", "eval.cfg_scale=2"])
     msg = str(e.value)
     assert "eval.num_steps = 0" in msg and "greater than or equal to 1" in msg
-    assert "did you mean 'eval.guidance_scale'" in msg or "eval.cfg_scale" in msg
+    assert "eval.cfg_scale: unknown key" in msg
     with pytest.raises(ConfigError, match="train.stpes: unknown key; did you mean 'train.steps'"):
         load_config(ToyPretrainConfig, "configs/toy_pretrain.yaml", ["train.stpes=3"])
+    with pytest.raises(ValueError, match="is not a toy-world prompt"):
+        heldout_prompts(str(_write(tmp_path / "p.txt", "a circle\na pink elephant\n")), 4, 0)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path

@@ -1,37 +1,15 @@
-"""Config sections of the toy world, reusable by any recipe that runs the toy model.
+"""Configs of the toy commands.
 
-``ToyModelSection`` (which checkpoint, where it runs) and ``ToyEvalSection`` (the held-out GenEval-style
-evaluation) are meant to be embedded as-is by other configs, e.g. the DenseGRPO training config.
+``eval`` reads the ``model`` and ``eval`` sections of any config file (they are the training config's own
+:class:`~densegrpo_fast.config.ModelSection` and :class:`~densegrpo_fast.config.EvalSection`, so
+``configs/toy_geneval.yaml`` serves both ``train`` and ``eval``); ``pretrain-toy`` has its own tree.
 """
 
 from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from densegrpo_fast.config import Section
-
-
-class ToyModelSection(Section):
-    checkpoint: str | None = Field(
-        None, description="toy model .safetensors; null = the checkpoint shipped in densegrpo_fast/toy/assets"
-    )
-    device: str = Field("cpu", description="torch device to run the model on (cpu, cuda, cuda:1, ...)")
-    num_threads: int = Field(
-        1, ge=1, description="torch CPU threads; 1 is fastest for this tiny model on a shared 2-core machine"
-    )
-
-
-class ToyEvalSection(Section):
-    num_prompts: int = Field(
-        256, ge=6, description="held-out prompts to sample, balanced over the 6 categories"
-    )
-    num_steps: int = Field(20, ge=1, le=1000, description="Euler ODE steps of the sampler")
-    guidance_scale: float = Field(1.5, ge=1.0, description="classifier-free guidance scale (1 = off)")
-    shift: float = Field(1.0, gt=0, description="sigma-grid shift (SD3: sigma = shift*s / (1 + (shift-1)*s))")
-    seed: int = Field(0, description="seed of the prompt order and the initial noise")
-    batch_size: int = Field(128, ge=1, description="images per sampler call (CFG doubles the rows)")
-    output_dir: str = Field("runs/toy_eval", description="where scores.json and samples.png are written")
-    grid_size: int = Field(48, ge=0, description="samples drawn in samples.png (0 = no grid)")
+from densegrpo_fast.config import EvalSection, ModelSection, Section
 
 
 class ToyArchSection(Section):
@@ -67,9 +45,9 @@ class PretrainSection(Section):
 class ToyPretrainConfig(Section):
     arch: ToyArchSection = Field(default_factory=ToyArchSection)
     train: PretrainSection = Field(default_factory=PretrainSection)
-    eval: ToyEvalSection = Field(
-        default_factory=lambda: ToyEvalSection(num_steps=20, grid_size=0),
-        description="sampler used by the quick evals during pretraining",
+    eval: EvalSection = Field(
+        default_factory=lambda: EvalSection(grid_size=0),
+        description="sampler of the quick held-out evals during pretraining (train.eval_every)",
     )
 
 
@@ -82,5 +60,5 @@ class ToyEvalConfig(Section):
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True, protected_namespaces=())
 
-    model: ToyModelSection = Field(default_factory=ToyModelSection)
-    eval: ToyEvalSection = Field(default_factory=ToyEvalSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    eval: EvalSection = Field(default_factory=EvalSection)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
+from densegrpo_fast.config import EvalSection
 from densegrpo_fast.policies.base import Policy
-from densegrpo_fast.toy.config import ToyEvalConfig, ToyEvalSection
+from densegrpo_fast.toy.config import ToyEvalConfig
 from densegrpo_fast.toy.detector import score
-from densegrpo_fast.toy.world import CATEGORIES, eval_prompts
+from densegrpo_fast.toy.world import CATEGORIES, ToyPrompt, eval_prompts, parse_prompt
 
 
 def sigma_grid(num_steps: int, shift: float = 1.0, s_min: float = 1e-3) -> torch.Tensor:
@@ -46,14 +47,36 @@ def sample(
     return policy.decode(x)
 
 
-def evaluate(policy: Policy, cfg: ToyEvalSection, grid_path: str | Path | None = None) -> dict:
-    """Strict and partial scores, overall and per category, on ``cfg.num_prompts`` held-out prompts."""
+def heldout_prompts(dataset: str, n: int, seed: int) -> list[ToyPrompt]:
+    """``n`` prompts of ``dataset``: ``toy:test`` / ``toy:train`` (balanced over categories), or a text file
+    of toy-world prompts (one per line, cycled to ``n``)."""
+    if dataset in ("toy:test", "toy:train"):
+        return eval_prompts(n, seed, dataset.split(":")[1])
+    path = Path(dataset)
+    if not path.is_file():
+        raise ValueError(
+            f"eval.dataset={dataset!r} is neither toy:test / toy:train nor an existing file: pass a text file of "
+            "toy-world prompts, one per line"
+        )
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
+    return [parse_prompt(lines[i % len(lines)]) for i in range(n)]
+
+
+def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = None) -> dict:
+    """Strict and partial scores, overall and per category, on ``cfg.num_prompts`` prompts of
+    ``cfg.dataset``, plus the mean of each of ``cfg.rewards`` (registry rewards) under ``"rewards"``."""
+    from densegrpo_fast.rewards import build_reward
+
     t0 = time.perf_counter()
-    prompts = eval_prompts(cfg.num_prompts, cfg.seed)
+    extra = {k: build_reward(r.name, **r.kwargs) for k, r in cfg.rewards.items()}
+    prompts = heldout_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
     texts = [p.text for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(prompts), *policy.latent_shape, generator=g)
     images, strict, partial = [], [], []
+    extra_scores: dict[str, list[torch.Tensor]] = {k: [] for k in extra}
     for i in range(0, len(prompts), cfg.batch_size):
         img = sample(
             policy,
@@ -64,6 +87,8 @@ def evaluate(policy: Policy, cfg: ToyEvalSection, grid_path: str | Path | None =
             cfg.shift,
         ).cpu()
         s = score(img, texts[i : i + cfg.batch_size])
+        for k, fn in extra.items():
+            extra_scores[k].append(fn(img, texts[i : i + cfg.batch_size]).float())
         images.append(img)
         strict.append(s["strict"])
         partial.append(s["partial"])
@@ -78,9 +103,13 @@ def evaluate(policy: Policy, cfg: ToyEvalSection, grid_path: str | Path | None =
         "guidance_scale": cfg.guidance_scale,
         "shift": cfg.shift,
         "seed": cfg.seed,
+        "dataset": cfg.dataset,
+        "rewards": {k: torch.cat(v).mean().item() for k, v in extra_scores.items()},
     }
     for c in CATEGORIES:
         idx = torch.tensor([i for i, k in enumerate(cats) if k == c], dtype=torch.long)
+        if len(idx) == 0:
+            continue
         out["per_category"][c] = {
             "strict": strict[idx].mean().item(),
             "partial": partial[idx].mean().item(),
@@ -121,6 +150,7 @@ def format_scores(res: dict) -> str:
     for c, r in res["per_category"].items():
         lines.append(f"{c:<14} {r['strict']:>7.3f} {r['partial']:>8.3f} {r['n']:>5}")
     lines.append(f"{'overall':<14} {res['strict']:>7.3f} {res['partial']:>8.3f} {res['num_prompts']:>5}")
+    lines += [f"reward {k}: {v:.4f}" for k, v in res["rewards"].items()]
     lines.append(
         f"({res['num_steps']} Euler steps, CFG {res['guidance_scale']}, shift {res['shift']}, seed {res['seed']}, "
         f"{res['wall_s']:.1f} s)"

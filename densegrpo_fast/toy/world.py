@@ -241,11 +241,11 @@ def sample_prompts(split: str, n: int, rng: np.random.Generator) -> list[ToyProm
     return [table[CATEGORIES[c]][rng.integers(0, len(table[CATEGORIES[c]]))] for c in cats]
 
 
-def eval_prompts(n: int, seed: int = 0) -> list[ToyPrompt]:
-    """``n`` held-out prompts, balanced over categories (round robin), each category cycling through its
-    test prompts in a seeded order. Deterministic in (n, seed)."""
+def eval_prompts(n: int, seed: int = 0, split: str = "test") -> list[ToyPrompt]:
+    """``n`` prompts of ``split`` (held-out by default), balanced over categories (round robin), each
+    category cycling through its prompts in a seeded order. Deterministic in (n, seed, split)."""
     rng = np.random.default_rng(seed)
-    table = prompt_split()["test"]
+    table = prompt_split()[split]
     orders = {c: [table[c][i] for i in rng.permutation(len(table[c]))] for c in CATEGORIES}
     return [orders[CATEGORIES[i % 6]][(i // 6) % len(orders[CATEGORIES[i % 6]])] for i in range(n)]
 
