@@ -63,10 +63,11 @@ def advantages(
 
 
 def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
-    """Per-step summaries for the logs: mean reward, mean |dR|, and the share of gains and losses."""
+    """Per-step summaries for the logs: reward mean/std, mean dR and |dR|, and the share of gains and losses."""
     dR = step_rewards(latent_rewards.float())
     return {
         "R_mean": latent_rewards.float().mean(0).tolist(),
+        "R_std": latent_rewards.float().std(0).tolist() if latent_rewards.shape[0] > 1 else None,
         "dR_mean": dR.mean(0).tolist(),
         "dR_abs_mean": dR.abs().mean(0).tolist(),
         "dR_pos_frac": (dR > 0).float().mean(0).tolist(),

@@ -181,6 +181,7 @@ def collect(run: Run, prompts: list[str], iteration: int):
     T = run.schedule.num_steps
     if dense:
         R = latent_rewards(policy.decode, run.reward_fn, ro.clean, rows, completion_starts(run.schedule))
+        ro.clean = None  # the completions feed the reward only: training never needs them
     else:
         R = torch.zeros(len(rows), T + 1, device=device)
         R[:, T] = run.reward_fn(policy.decode(ro.latents[:, T]), rows).float()
