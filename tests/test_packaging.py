@@ -73,3 +73,18 @@ def test_wheel_installs_kernels_as_densegrpo_fast_kernels(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith(str(target))
+
+
+def test_repo_root_kernels_folder_is_inert_as_top_level_kernels():
+    """From the repository root (``python -m ...``), transformers probes the PyPI name `kernels` by importing
+    it and finds our folder: it must stay empty there, or the densegrpo:: ops register twice (a segfault)."""
+    code = (
+        "import kernels, torch\n"
+        "assert not hasattr(kernels, 'sde_step') and not hasattr(kernels, '__version__')\n"
+        "from densegrpo_fast.kernels import sde_step, sde_std\n"
+        "x = torch.randn(2, 3, 4); s = torch.tensor([0.5, 0.4])\n"
+        "print(sde_step(x, x, s, s - 0.1, sde_std(s, 0.7, 0.9), x)[1].shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([2])" in out.stdout

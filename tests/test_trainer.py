@@ -212,3 +212,21 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert "reward.name='nope' is not a registered reward" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_readme_main_job_runs_a_few_iterations_with_the_shipped_model(tmp_path):
+    """The README's main job (the toy config, shipped checkpoint, calibrated noise), cut down to seconds."""
+    out = subprocess.run(
+        [sys.executable, "-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--output-dir", str(tmp_path / "run"),
+         "--max-iterations", "2", "--no-progress", "noise.calibration.iterations=2", "noise.calibration.prompts=1",
+         "prompts.prompts_per_iteration=2", "eval.num_prompts=12", "eval.num_steps=4"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "held-out reward" in out.stdout and "run directory" in out.stdout
+    recs = records(tmp_path / "run")
+    steps = [r for r in recs if "reward_mean" in r]
+    assert len(steps) == 2 and all(
+        r["ratio_dev_first"] is None or r["ratio_dev_first"] <= 1e-5 for r in steps
+    )
+    assert (tmp_path / "run" / "psi.json").exists() and (tmp_path / "run" / "reward_curve.png").exists()
