@@ -28,7 +28,7 @@ from ._common import tl, triton
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 # Elements per program along a row, and per loop iteration inside it. A row of N elements is reduced as
-# ceil(N / CHUNK) partial sums (one per program) that torch adds in a fixed order: at the SD3.5-M shape
+# ceil(N / CHUNK) partial sums (one per program) that `row_sums` adds in an order fixed by N: at the SD3.5-M shape
 # (N = 16*64*64 = 65536) that is 16 programs per row, so B = 24 already fills an H100's 132 SMs ~3 times.
 CHUNK = 4096
 BLOCK = 1024
@@ -106,3 +106,23 @@ def step_mean(x, v, cx, cv):
 def squared_deviation(next_sample, mean, mask):
     d = next_sample - mean
     return tl.where(mask, d * d, 0.0)
+
+
+@triton.jit
+def _row_sum_kernel(partial_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    vals = tl.load(partial_ptr + row * n_chunks + offs, mask=offs < n_chunks, other=0.0)
+    tl.store(out_ptr + row, tl.sum(vals, axis=0))
+
+
+def row_sums(partial: torch.Tensor) -> torch.Tensor:
+    """Sum of each row of the per-chunk partials [B, n_chunks] -> [B], in an order fixed by n_chunks alone.
+
+    torch's own reduction may pick a different strategy for a different B on a GPU, which would break the
+    bit-exact agreement between a rollout batch and a training micro-batch; this launch cannot.
+    """
+    B, n_chunks = partial.shape
+    out = torch.empty(B, dtype=torch.float32, device=partial.device)
+    _row_sum_kernel[(B,)](partial, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks))
+    return out

@@ -83,8 +83,8 @@ def _forward_triton(sample, velocity, next_sample, sigma, sigma_next, std, ref_v
         sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
         sum_sq, sum_dv2, N, n_chunks, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl,
     )  # fmt: skip
-    log_prob = sm.finish_log_prob(sum_sq.sum(1), N, sigma, sigma_next, std)
-    kl = sm.finish_kl(sum_dv2.sum(1), N, sigma, sigma_next, std) if with_kl else None
+    log_prob = sm.finish_log_prob(sm.row_sums(sum_sq), N, sigma, sigma_next, std)
+    kl = sm.finish_kl(sm.row_sums(sum_dv2), N, sigma, sigma_next, std) if with_kl else None
     return log_prob, kl
 
 
