@@ -22,7 +22,7 @@ class ToyArchSection(Section):
 
 
 class PretrainSection(Section):
-    steps: int = Field(6000, ge=1, description="optimizer steps")
+    steps: int = Field(8000, ge=1, description="optimizer steps")
     batch_size: int = Field(64, ge=1, description="freshly rendered images per step")
     lr: float = Field(6e-4, gt=0, description="peak AdamW learning rate")
     warmup_steps: int = Field(200, ge=0, description="linear warm-up steps")
