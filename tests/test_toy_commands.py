@@ -82,6 +82,7 @@ def test_eval_command_json_has_every_category(tmp_path, capsys):
     assert 0 <= res["strict"] <= res["partial"] <= 1
     assert json.loads((out / "scores.json").read_text())["strict"] == res["strict"]
     assert (out / "samples.png").stat().st_size > 1000
+    assert load_config(ToyEvalConfig, out / "config.yaml").eval.num_steps == 2
 
 
 def test_user_errors_name_value_rule_and_fix(tmp_path, capsys):

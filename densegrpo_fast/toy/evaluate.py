@@ -159,8 +159,9 @@ def format_scores(res: dict) -> str:
 
 
 def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, as_json: bool = False) -> dict:
-    """The ``eval`` command: load config and policy, evaluate, write scores.json and samples.png."""
-    from densegrpo_fast.config import load_config
+    """The ``eval`` command: load config and policy, evaluate, write scores.json, samples.png and the
+    resolved config.yaml (its ``model`` and ``eval`` sections) to ``eval.output_dir``."""
+    from densegrpo_fast.config import dump_config, load_config
     from densegrpo_fast.policies.toy import ToyPolicy
 
     cfg = load_config(ToyEvalConfig, config, overrides)
@@ -169,6 +170,7 @@ def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, a
     policy = ToyPolicy.load(ckpt, cfg.model.device)
     out_dir = Path(cfg.eval.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out_dir / "config.yaml")
     res = evaluate(policy, cfg.eval, out_dir / "samples.png")
     res["checkpoint"] = str(ckpt) if ckpt else "shipped"
     (out_dir / "scores.json").write_text(json.dumps(res, indent=2))
