@@ -34,7 +34,7 @@ def tiny_overrides(ckpt, out, iterations=3, extra=()):
         f"model.checkpoint={ckpt}", f"run.output_dir={out}", f"run.iterations={iterations}", "reward.name=redness", "reward.kwargs={}", "eval.rewards={}",
         "noise.kind=uniform", "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
         "eval.num_prompts=12", "eval.num_steps=4", "lora.rank=4", "run.checkpoint_every=1", "run.tensorboard=false",
-        "run.sample_grid_every=2", "grpo.train_batch_size=8", "grpo.updates_per_iteration=2", "ema.every=1",
+        "run.sample_grid_every=2", "run.eval_every=0", "grpo.train_batch_size=8", "grpo.updates_per_iteration=2", "ema.every=1",
         *extra,
     ]  # fmt: skip
 
