@@ -16,6 +16,17 @@ from ._common import FLOAT_DTYPES, backend_for, empty, tl, triton
 
 
 @triton.jit
+def _live_tile(r_ptr, mask_ptr, start, N, K, cols, BLOCK_G: tl.constexpr, HAS_MASK: tl.constexpr):
+    """Rows ``start .. start + BLOCK_G`` of the whole table, fp32, and which of their entries are live."""
+    rows = start + tl.arange(0, BLOCK_G).to(tl.int64)
+    live = (rows[:, None] < N) & (cols[None, :] < K)
+    if HAS_MASK:
+        live = live & (tl.load(mask_ptr + rows, mask=rows < N, other=0) != 0)[:, None]
+    x = tl.load(r_ptr + rows[:, None] * K + cols[None, :], mask=live, other=0.0).to(tl.float32)
+    return x, live
+
+
+@triton.jit
 def _group_advantages_kernel(
     r_ptr, mask_ptr, out_ptr,
     N, K, G, eps, clip,
@@ -43,21 +54,13 @@ def _group_advantages_kernel(
         g_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
         g_cnt = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(0, N, BLOCK_G):
-            rr = start + tl.arange(0, BLOCK_G).to(tl.int64)
-            m = (rr[:, None] < N) & (cols[None, :] < K)
-            if HAS_MASK:
-                m = m & (tl.load(mask_ptr + rr, mask=rr < N, other=0) != 0)[:, None]
-            x = tl.load(r_ptr + rr[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            x, m = _live_tile(r_ptr, mask_ptr, start, N, K, cols, BLOCK_G, HAS_MASK)
             g_sum += tl.sum(tl.where(m, x, 0.0), axis=0)
             g_cnt += tl.sum(m.to(tl.float32), axis=0)
         g_mean = g_sum / tl.maximum(g_cnt, 1.0)
         g_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(0, N, BLOCK_G):
-            rr = start + tl.arange(0, BLOCK_G).to(tl.int64)
-            m = (rr[:, None] < N) & (cols[None, :] < K)
-            if HAS_MASK:
-                m = m & (tl.load(mask_ptr + rr, mask=rr < N, other=0) != 0)[:, None]
-            x = tl.load(r_ptr + rr[:, None] * K + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            x, m = _live_tile(r_ptr, mask_ptr, start, N, K, cols, BLOCK_G, HAS_MASK)
             d = tl.where(m, x - g_mean[None, :], 0.0)
             g_sq += tl.sum(d * d, axis=0)
         std = tl.sqrt(g_sq / tl.maximum(g_cnt, 1.0))

@@ -5,7 +5,7 @@ import torch
 
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 from densegrpo_fast.policies.toy import DEFAULT_CHECKPOINT, ToyArch, ToyPolicy
-from densegrpo_fast.toy.evaluate import sample, sigma_grid
+from densegrpo_fast.toy.evaluate import sample
 
 TINY = ToyArch(num_layers=1, num_heads=2, head_dim=8, text_dim=8, pooled_dim=8)
 
@@ -50,13 +50,6 @@ def test_cfg_velocity_is_one_batched_call_of_both_branches(tiny):
     assert len(calls) == 1 and v.dtype == torch.float32 and v.shape == x.shape
     torch.testing.assert_close(v, v_neg + 2.0 * (v_pos - v_neg), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(v_pos, v_neg)
-
-
-def test_sigma_grid_matches_sd3_conventions():
-    g = sigma_grid(10, shift=3.0)
-    assert g.shape == (11,) and g[0] == 1 and g[-1] == 0 and (g.diff() < 0).all()
-    s = torch.linspace(1, 1e-3, 10)
-    torch.testing.assert_close(g[:-1], 3 * s / (1 + 2 * s))
 
 
 def test_save_load_round_trip(tiny, tmp_path):

@@ -16,16 +16,10 @@ import torch
 
 from densegrpo_fast.config import EvalSection
 from densegrpo_fast.policies.base import Policy
+from densegrpo_fast.schedule import sigma_grid
 from densegrpo_fast.toy.config import ToyEvalConfig
 from densegrpo_fast.toy.detector import score
 from densegrpo_fast.toy.world import CATEGORIES, ToyPrompt, eval_prompts, parse_prompt
-
-
-def sigma_grid(num_steps: int, shift: float = 1.0, s_min: float = 1e-3) -> torch.Tensor:
-    """SD3's flow-match Euler grid: ``s = linspace(1, s_min, T)``, shifted, then a final 0. Shape [T+1]."""
-    s = torch.linspace(1.0, s_min, num_steps, dtype=torch.float64)
-    sigma = shift * s / (1 + (shift - 1) * s)
-    return torch.cat([sigma, sigma.new_zeros(1)]).float()
 
 
 @torch.no_grad()
