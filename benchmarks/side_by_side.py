@@ -153,24 +153,10 @@ def plot(results: dict, out: Path) -> None:
         for j, r in enumerate(runs):
             ev = [e for e in r["evals"] if key in e]
             label = name if j == 0 else None
-            axes[0].plot(
-                [e["wall_s"] for e in ev],
-                [e[key] for e in ev],
-                "o-",
-                color=color,
-                alpha=0.7,
-                label=label,
-                ms=3,
-            )
-            axes[1].plot(
-                [e["iteration"] for e in ev],
-                [e[key] for e in ev],
-                "o-",
-                color=color,
-                alpha=0.7,
-                label=label,
-                ms=3,
-            )
+            for ax, x in zip(axes, ("wall_s", "iteration"), strict=True):
+                ax.plot(
+                    [e[x] for e in ev], [e[key] for e in ev], "o-", color=color, alpha=0.7, label=label, ms=3
+                )
     axes[0].set(xlabel="training wall time (s)", ylabel=f"held-out {key[5:]}")
     axes[1].set(xlabel="iteration", ylabel=f"held-out {key[5:]}")
     axes[0].legend(fontsize=7)

@@ -50,13 +50,21 @@ class Run:
     schedule: Schedule
     trained: torch.Tensor  # bool [T]
     optimizer: torch.optim.Optimizer
-    params: list[torch.nn.Parameter]
     ema: dict[str, torch.Tensor] | None
     reference: torch.nn.Module | None  # frozen copy for full fine-tuning (LoRA disables its adapters instead)
     log: MetricsLog
     iteration: int = 0
     opt_steps: int = 0
     wall_s: float = 0.0
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        """The trained parameters (those the optimizer steps)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @property
+    def name(self) -> str:
+        return "DenseGRPO" if self.cfg.dense.mode != "sparse" else "Flow-GRPO"
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -119,7 +127,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Run:
     )
     log = MetricsLog(run_dir, cfg.run.tensorboard)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, schedule.to(policy.device), trained, optimizer,
-              params, ema, reference, log)  # fmt: skip
+              ema, reference, log)  # fmt: skip
     state = load_checkpoint(run_dir) if resume else None
     if state is not None:
         load_trainable_state(transformer, state["trainable"])
@@ -345,7 +353,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
     run = setup(cfg, resume=resume, progress=progress)
     total = cfg.run.iterations
-    bar = tqdm(total=total, initial=run.iteration, desc="DenseGRPO" if cfg.dense.mode != "sparse" else "Flow-GRPO",
+    bar = tqdm(total=total, initial=run.iteration, desc=run.name,
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     if run.iteration == 0 and not run.log.read():
         _evaluate(run, bar)
@@ -395,7 +403,7 @@ def _evaluate(run: Run, bar) -> None:
     with ema_weights(run):
         scores = heldout_rewards(run)
     run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores})
-    bar.set_description_str("DenseGRPO" if run.cfg.dense.mode != "sparse" else "Flow-GRPO")
+    bar.set_description_str(run.name)
     bar.write(
         f"iteration {run.iteration}: held-out " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
     )
