@@ -2,6 +2,7 @@
 
 Iteration ``i`` of stream ``s`` draws from ``numpy.random.default_rng([seed, s, i])``, so a resumed run
 draws exactly the prompts it would have drawn: the sampler position is the iteration number.
+:meth:`PromptSource.heldout` is the fixed evaluation list instead (the same prompts every call).
 """
 
 from __future__ import annotations
@@ -41,3 +42,13 @@ class PromptSource:
             return [p.text for p in world.sample_prompts(self.dataset.split(":", 1)[1], n, rng)]
         idx = rng.choice(len(self._lines), size=n, replace=len(self._lines) < n)
         return [self._lines[i] for i in idx]
+
+    def heldout(self, n: int) -> list[str]:
+        """The evaluation list: ``n`` prompts, the same every call. Toy splits: balanced over categories
+        (:func:`densegrpo_fast.toy.world.eval_prompts` with this source's seed, as the eval command uses);
+        a file: its first ``n`` lines, cycled if it has fewer."""
+        if self._lines is None:
+            from densegrpo_fast.toy import world
+
+            return [p.text for p in world.eval_prompts(n, self.seed, self.dataset.split(":", 1)[1])]
+        return [self._lines[i % len(self._lines)] for i in range(n)]

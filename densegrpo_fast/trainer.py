@@ -300,13 +300,15 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         "eval_reward": run.reward_fn,
         **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()},
     }
-    prompts = run.eval_prompts.sample(e.num_prompts, 0, stream="eval")
+    prompts = run.eval_prompts.heldout(e.num_prompts)
     sched = Schedule(sigma_grid(e.num_steps, e.shift), torch.zeros(e.num_steps)).to(policy.device)
-    gen = torch.Generator(device=policy.device).manual_seed(e.seed)
+    # Drawn on the CPU in one go, as the eval command does: prompt i gets the same noise whatever the device
+    # and batch size, so this matches `densegrpo-fast eval` on the exported EMA policy.
+    all_noise = torch.randn(len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed))
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
     for s in range(0, len(prompts), e.batch_size):
         chunk = prompts[s : s + e.batch_size]
-        noise = torch.randn(len(chunk), *policy.latent_shape, generator=gen, device=policy.device)
+        noise = all_noise[s : s + e.batch_size].to(policy.device)
         ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
                     max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
         images = policy.decode(ro.latents[:, -1])

@@ -76,6 +76,24 @@ def test_short_training_run_writes_everything_and_is_on_policy(tiny_checkpoint, 
     assert not any("lora" in k for k in exported.state_dict())
 
 
+def test_trainer_heldout_score_is_the_eval_command_score(tiny_checkpoint, tmp_path):
+    """Before any update the trainer's held-out evaluation and `densegrpo-fast eval` see the same prompts,
+    noise and sampler, so they give the same score (the 20-minute target is read from either)."""
+    from densegrpo_fast.toy.evaluate import evaluate
+    from densegrpo_fast.trainer import heldout_rewards
+
+    extra = ["model.checkpoint=null", "reward.name=toy_geneval", "reward.kwargs={mode: partial}",
+             "eval.rewards={strict: {name: toy_geneval, kwargs: {mode: strict}}}", "eval.num_prompts=30",
+             "eval.num_steps=8", "eval.batch_size=16", "lora.enabled=false"]  # fmt: skip
+    cfg = load_config(TrainConfig, CONFIG, tiny_overrides(tiny_checkpoint, tmp_path / "run", extra=extra))
+    run = setup(cfg, progress=False)
+    ours = heldout_rewards(run)
+    theirs = evaluate(ToyPolicy.load(None), cfg.eval)
+    assert 0 < theirs["strict"] < 1  # the shipped model passes some prompts and fails others
+    assert ours["eval_strict"] == theirs["strict"]
+    assert ours["eval_reward"] == pytest.approx(theirs["partial"], abs=1e-6)
+
+
 def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2)
     run = setup(cfg, progress=False)
