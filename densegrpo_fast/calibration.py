@@ -16,7 +16,7 @@ import torch
 
 from densegrpo_fast.dense import latent_rewards, step_rewards
 from densegrpo_fast.rollout import completion_starts, sample
-from densegrpo_fast.schedule import Schedule, make_schedule
+from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
 
 def calibration_step(
@@ -84,8 +84,9 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
     T, G = cfg.sampling.num_steps, cfg.sampling.group_size
     n_prompts = cal.prompts or cfg.prompts.prompts_per_iteration
     base = make_schedule(
-        T, cfg.sampling.shift, cfg.noise.level, cfg.noise.window_start, cfg.noise.window_size
-    )
+        T, cfg.sampling.shift, cfg.noise.level, cfg.noise.window_start, cfg.noise.window_size,
+        sigmas=sampler_grid(T, cfg.sampling.shift, policy),
+    )  # fmt: skip
     psi = base.noise_level.clone()
     active = base.sde_steps
     trajectory = [psi.tolist()]

@@ -136,20 +136,84 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 # Every section of `densegrpo-fast train`. Defaults follow ALGORITHM.md (Flow-GRPO's recipe, DenseGRPO's
 # dense reward and calibration); derived values are properties, never stored twice.
 
-from typing import Literal  # noqa: E402
+from typing import ClassVar, Literal  # noqa: E402
 
 from pydantic import Field, model_validator  # noqa: E402
 
 
 class ModelSection(Section):
-    family: Literal["toy"] = Field("toy", description="policy adapter: toy (the embedded model)")
+    family: Literal["toy", "sd3", "flux"] = Field(
+        "toy", description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1)"
+    )
     checkpoint: str | None = Field(
-        None, description="weights; toy: a .safetensors file, null = the shipped one"
+        None,
+        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux: a diffusers-format "
+        "directory or a Hugging Face repo id, null = stabilityai/stable-diffusion-3.5-medium / "
+        "black-forest-labs/FLUX.1-dev",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
         1, ge=1, description="torch CPU threads (1 is fastest for tiny models on 2 cores)"
     )
+    dtype: Literal["bf16", "fp16", "fp32"] = Field(
+        "fp32",
+        description="sd3/flux: dtype of the transformer and text encoders (bf16 on GPUs); the VAE and the "
+        "SDE math stay fp32",
+    )
+    resolution: int = Field(512, ge=16, description="sd3/flux: image side in pixels, a multiple of 16")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="sd3/flux: T5 tokens per prompt; null = SD3's 256, FLUX.1's 512"
+    )
+    local_files_only: bool = Field(
+        True,
+        description="sd3/flux: load from the directory or the Hugging Face cache only (false = download "
+        "what is missing)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="sd3/flux: recompute transformer activations in backward (less memory, slower)"
+    )
+
+    #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
+    PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
+        "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing"
+    )  # fmt: skip
+
+    def adapter_options(self) -> dict:
+        """Keyword arguments of :func:`densegrpo_fast.policies.load_policy` beyond family/checkpoint/device."""
+        return {name: getattr(self, name) for name in self.PRETRAINED_ONLY}
+
+    def problems(self) -> list[str]:
+        """Cross-checks of this section (collected by :class:`TrainConfig` with the others)."""
+        out = []
+        if self.family == "toy":
+            if self.checkpoint is not None and not Path(self.checkpoint).exists():
+                out.append(
+                    f"model.checkpoint={self.checkpoint!r} does not exist: give an existing path, or null for "
+                    "the model's default"
+                )
+            for name in self.PRETRAINED_ONLY:
+                value = getattr(self, name)
+                if name in self.model_fields_set and value != type(self).model_fields[name].default:
+                    out.append(
+                        f"model.{name} ({value!r}) applies to model.family sd3/flux only: the toy model runs "
+                        "fp32 at 32 px from its own checkpoint; remove it"
+                    )
+            return out
+        from densegrpo_fast.policies.pretrained import is_repo_id
+
+        c = self.checkpoint
+        if c is not None and not Path(c).expanduser().is_dir() and not is_repo_id(c):
+            out.append(
+                f"model.checkpoint={c!r} is neither an existing directory nor a Hugging Face repo id "
+                f"(owner/name): model.family {self.family} loads a diffusers-format directory (model_index.json "
+                "and one folder per component), or a repo from the Hugging Face cache"
+            )
+        if self.resolution % 16:
+            out.append(
+                f"model.resolution ({self.resolution}) must be a multiple of 16 (the VAE's factor 8 x the "
+                f"transformer's 2x2 patches): choose e.g. {max(16, round(self.resolution / 16) * 16)}"
+            )
+        return out
 
 
 class PromptSection(Section):
@@ -163,8 +227,15 @@ class PromptSection(Section):
 
 class SamplingSection(Section):
     num_steps: int = Field(10, ge=2, le=1000, description="T, the denoising steps of a training rollout")
-    shift: float = Field(3.0, gt=0, description="sigma-grid shift (SD3.5: 3.0)")
-    guidance_scale: float = Field(4.5, ge=1.0, description="CFG scale in sampling and training")
+    shift: float | None = Field(
+        3.0,
+        gt=0,
+        description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid (sd3/flux; "
+        "FLUX.1: shifted by resolution, as FluxPipeline)",
+    )
+    guidance_scale: float = Field(
+        4.5, ge=1.0, description="CFG scale in sampling and training (FLUX.1-dev: its guidance input, 3.5)"
+    )
     group_size: int = Field(8, ge=2, description="G, samples per prompt, each from its own noise")
     max_rows_per_call: int | None = Field(None, ge=1, description="cap on rows per transformer call (memory)")
 
@@ -246,7 +317,8 @@ class LoRASection(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
-        description="module-name suffixes that get adapters (Flow-GRPO's attention projections)",
+        description="module-name suffixes that get adapters (Flow-GRPO's SD3 attention projections; in FLUX.1 the same "
+        "names cover the double-stream blocks and the single-stream blocks' q/k/v)",
     )  # fmt: skip
 
 
@@ -325,10 +397,17 @@ class TrainConfig(Section):
                 )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
-        if self.model.checkpoint is not None and not Path(self.model.checkpoint).exists():
+        problems += self.model.problems()
+        shift = self.sampling.shift
+        if shift is None and self.model.family == "toy":
             problems.append(
-                f"model.checkpoint={self.model.checkpoint!r} does not exist: give an existing path, or null for "
-                "the model's default"
+                "sampling.shift is null (the model's own grid), but the toy model has no scheduler of its own: "
+                "give a number (the toy config uses 1.0, SD3.5 3.0)"
+            )
+        if shift is not None and self.model.family == "flux":
+            problems.append(
+                f"sampling.shift ({shift}) with model.family flux: FLUX.1 samples on a grid shifted by the "
+                "image's token count, not a fixed shift; set sampling.shift=null for FluxPipeline's own grid"
             )
         from densegrpo_fast.rewards import available
 

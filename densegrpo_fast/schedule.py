@@ -10,6 +10,7 @@ coefficient ``std_k = a_k * sqrt(sigma_k / (1 - sigma_k))`` (with Flow-GRPO's gu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,36 @@ def sigma_grid(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 10
     t_min = 1.0 / num_train_timesteps
     s_min = shift * t_min / (1 + (shift - 1) * t_min)
     s = torch.linspace(1.0, s_min, num_steps, dtype=torch.float64)
+    sigma = shift * s / (1 + (shift - 1) * s)
+    return torch.cat([sigma, torch.zeros(1, dtype=torch.float64)]).float()
+
+
+def resolution_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """FLUX.1's resolution-dependent shift exponent ``mu``: linear in the image token count, from
+    ``base_shift`` at ``base_seq_len`` tokens to ``max_shift`` at ``max_seq_len`` (FLUX.1-dev's scheduler
+    values are the defaults; 1024 tokens = 512 px gives ``mu ≈ 0.63``, a shift of ``exp(mu) ≈ 1.88``)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux_sigma_grid(num_steps: int, mu: float) -> torch.Tensor:
+    """FLUX.1's flow-match Euler grid, float32 [T+1] (equal to FluxPipeline's scheduler sigmas).
+
+    ``s = linspace(1, 1/T, T)``, then the exponential time shift
+    ``sigma = e^mu / (e^mu + 1/s - 1)`` (which is :func:`sigma_grid`'s shift formula with
+    ``shift = e^mu``), then a final 0. Unlike SD3's grid, ``s`` ends at ``1/T`` (SD3's ends at the shifted
+    ``1 / num_train_timesteps``), so every point but the first differs. ``mu`` from :func:`resolution_mu`.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps ({num_steps}) must be >= 1: the sampler needs at least one step")
+    shift = math.exp(mu)
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     sigma = shift * s / (1 + (shift - 1) * s)
     return torch.cat([sigma, torch.zeros(1, dtype=torch.float64)]).float()
 
@@ -95,15 +126,33 @@ class Schedule:
         return Schedule(self.sigmas.to(device), self.noise_level.to(device))
 
 
+def sampler_grid(num_steps: int, shift: float | None, policy=None) -> torch.Tensor:
+    """The grid a run samples on, float32 [T+1]: SD3's :func:`sigma_grid` with ``shift``, or with
+    ``shift=None`` the model's own, ``policy.sigma_grid(num_steps)`` (the grid of the checkpoint's own
+    scheduler and pipeline: FLUX.1's resolution-dependent one, or SD3's with its scheduler's shift)."""
+    if shift is not None:
+        return sigma_grid(num_steps, shift)
+    own = getattr(policy, "sigma_grid", None)
+    if own is None:
+        raise ValueError(
+            f"sampling.shift is null (the model's own grid) but {type(policy).__name__} has no scheduler of "
+            "its own: give a number (SD3.5 uses 3.0, the toy config 1.0)"
+        )
+    return own(num_steps)
+
+
 def make_schedule(
     num_steps: int,
-    shift: float,
+    shift: float | None,
     noise_level: float | list[float] | torch.Tensor,
     window_start: int | None = None,
     window_size: int | None = None,
+    *,
+    sigmas: torch.Tensor | None = None,
 ) -> Schedule:
     """A schedule with uniform ``a`` (a float) or per-step ``a_k`` (a list/tensor of length T), zeroed
-    outside the SDE window when one is given."""
+    outside the SDE window when one is given. The grid is ``sigmas`` [T+1] when given (e.g. from
+    :func:`sampler_grid`), else ``sigma_grid(num_steps, shift)``."""
     a = torch.as_tensor(noise_level, dtype=torch.float32)
     if a.dim() == 0:
         a = a.expand(num_steps).clone()
@@ -113,4 +162,4 @@ def make_schedule(
             "(uniform) or one per step (a calibrated table made for this num_steps)"
         )
     a = torch.where(window_mask(num_steps, window_start, window_size), a, torch.zeros_like(a))
-    return Schedule(sigma_grid(num_steps, shift), a)
+    return Schedule(sigma_grid(num_steps, shift) if sigmas is None else sigmas.float(), a)

@@ -30,7 +30,7 @@ from densegrpo_fast.policies import load_policy
 from densegrpo_fast.prompts import PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import completion_starts, sample
-from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid
+from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, sigma_grid
 
 
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
@@ -92,7 +92,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
 
-    policy = load_policy(cfg.model.family, cfg.model.checkpoint, cfg.model.device)
+    policy = load_policy(
+        cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
+    )
     schedule = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
     T = cfg.sampling.num_steps
     trained = torch.zeros(T, dtype=torch.bool)
@@ -159,11 +161,12 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
 def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) -> Schedule:
     n = cfg.noise
     T = cfg.sampling.num_steps
+    grid = sampler_grid(T, cfg.sampling.shift, policy)
     if n.kind == "uniform":
-        return make_schedule(T, cfg.sampling.shift, n.level, n.window_start, n.window_size)
+        return make_schedule(T, cfg.sampling.shift, n.level, n.window_start, n.window_size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
     psi = load_psi(path, T) if path.exists() else calibrate(policy, reward_fn, prompts, cfg, path, progress)
-    return make_schedule(T, cfg.sampling.shift, psi, n.window_start, n.window_size)
+    return make_schedule(T, cfg.sampling.shift, psi, n.window_start, n.window_size, sigmas=grid)
 
 
 # --------------------------------------------------------------------------------------------- one iteration

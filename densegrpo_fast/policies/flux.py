@@ -1,0 +1,147 @@
+"""The FLUX.1 policy: diffusers' ``FluxPipeline`` components behind
+:class:`densegrpo_fast.policies.base.Policy`.
+
+FLUX.1-dev is guidance-distilled: the guidance scale is an *input* of the transformer (its ``guidance``
+embedding), not a second batch, so there is no CFG here. ``encode_prompts`` returns no negative embeds
+whatever ``with_negative`` says, and ``velocity`` is one transformer row per latent row with
+``guidance = guidance_scale`` (``sampling.guidance_scale``; FLUX.1-dev's usual value is 3.5). A checkpoint
+without a guidance embedding (FLUX.1-schnell) takes ``guidance_scale = 1`` only. The pipeline's optional
+"true CFG" (a negative prompt on top of the distilled guidance) is not offered.
+
+The engine sees an unpacked latent [16, H/8, W/8], as for SD3: ``velocity`` packs it into FLUX's 2x2
+patch tokens [B, H/16 * W/16, 64], builds the rotary position ids (``img_ids`` from the patch grid,
+``txt_ids`` zeros), and unpacks the transformer's output, all with the pipeline's own static helpers.
+The transformer takes ``timestep = sigma`` and multiplies by 1000 inside (FluxPipeline passes
+``t / 1000`` for the same reason), so it sees ``1000 * sigma`` like every other family.
+
+Prompts: CLIP's pooled vector ``pooled`` [B, 768] and T5's token embeddings ``embeds`` [B, L, 4096]
+(``L = max_sequence_length``, 512 for FLUX.1-dev), through the pipeline's ``encode_prompt``, once per
+distinct prompt. The sampling grid (:meth:`FluxPolicy.sigma_grid`, used when ``sampling.shift`` is null) is
+FluxPipeline's: shifted by the image's token count (:func:`densegrpo_fast.schedule.flux_sigma_grid`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.pretrained import DiffusersPolicy, encode_deduplicated
+
+DEFAULT_REPO = "black-forest-labs/FLUX.1-dev"
+COMPONENTS = {
+    "transformer": "model", "vae": "model", "text_encoder": "model", "text_encoder_2": "model",
+    "tokenizer": "tokenizer", "tokenizer_2": "tokenizer", "scheduler": "scheduler",
+}  # fmt: skip
+
+
+class FluxPolicy(DiffusersPolicy):
+    """FLUX.1 behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
+
+    Shape: latents and velocities [B, C, H/f, W/f] float32, unpacked (C = the transformer's
+    ``in_channels / 4``, f = the VAE's factor: (16, 64, 64) at 512 px); images [B, 3, H, W] in [0, 1].
+
+    Args:
+        pipe: a ``FluxPipeline`` holding the components (on the device, in their dtypes).
+        resolution: image side in pixels (square images).
+        max_sequence_length: T5 tokens per prompt (FLUX.1-dev: 512).
+    """
+
+    family = "flux"
+
+    def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
+        super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
+        side = self.check_resolution(
+            2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x FLUX's 2x2 latent patches"
+        )
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
+        self.image_seq_len = (side // 2) ** 2
+
+    @classmethod
+    def load(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.bfloat16,
+        resolution: int = 512,
+        max_sequence_length: int = 512,
+        local_files_only: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> FluxPolicy:
+        """Load a diffusers-format FLUX.1 checkpoint: a directory, or a repo id (default
+        ``black-forest-labs/FLUX.1-dev``) from the Hugging Face cache; offline unless ``local_files_only``
+        is false. Everything but the VAE (fp32) loads in ``dtype``."""
+        from diffusers import FluxPipeline
+
+        pipe = cls._load_pipeline(
+            FluxPipeline, COMPONENTS, DEFAULT_REPO, path_or_repo_id, device=device, dtype=dtype,
+            local_files_only=local_files_only, cache_dir=cache_dir,
+        )  # fmt: skip
+        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+        )
+        return embeds, pooled
+
+    def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
+        """``embeds`` [B, L, D] (T5) and ``pooled`` [B, P] (CLIP); never negative embeds (guidance is an
+        input of the distilled model, not a second batch), whatever ``with_negative`` says."""
+        return PromptEmbeds(*encode_deduplicated(self._encode, prompts))
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Velocity [B, *latent_shape] float32; ``guidance_scale`` goes in as the ``guidance`` input."""
+        from diffusers import FluxPipeline
+
+        B, C, H, W = x.shape
+        sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((B,), guidance_scale, device=x.device, dtype=torch.float32)
+        elif guidance_scale != 1.0:
+            raise ValueError(
+                f"sampling.guidance_scale ({guidance_scale}): this FLUX checkpoint has no guidance embedding "
+                "(e.g. FLUX.1-schnell) and takes no guidance: set it to 1"
+            )
+        packed = FluxPipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
+        img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, x.device, self.dtype)
+        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=self.dtype)
+        out = self.transformer(
+            hidden_states=packed,
+            timestep=sigma.float(),
+            guidance=guidance,
+            pooled_projections=cond.pooled.to(self.dtype),
+            encoder_hidden_states=cond.embeds.to(self.dtype),
+            txt_ids=txt_ids,
+            img_ids=img_ids,
+            return_dict=False,
+        )[0]
+        f = self.vae_scale_factor
+        return FluxPipeline._unpack_latents(out, H * f, W * f, f).float()
+
+    def sigma_grid(self, num_steps: int) -> torch.Tensor:
+        """FluxPipeline's grid for this resolution, float32 [T+1]: with the scheduler's dynamic shifting
+        (FLUX.1-dev) ``mu`` follows the image's token count; without it (FLUX.1-schnell) the static shift."""
+        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
+
+        fix = "use FLUX.1-dev's or FLUX.1-schnell's scheduler config (scheduler/scheduler_config.json)"
+        cfg = self.scheduler_config(fix=fix)
+        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(
+                f"the checkpoint's scheduler uses time_shift_type={cfg.get('time_shift_type')!r}; the engine's "
+                f"FLUX grid is FLUX.1's exponential shift: {fix}"
+            )
+        if not cfg.get("use_dynamic_shifting"):
+            return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)))
+        mu = resolution_mu(
+            self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+        )  # fmt: skip
+        return flux_sigma_grid(num_steps, mu)

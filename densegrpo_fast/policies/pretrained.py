@@ -1,0 +1,223 @@
+"""What the pretrained-model adapters (sd3, flux) share: finding weights, and :class:`DiffusersPolicy`.
+
+Weights are a diffusers-format directory, or a repo in the user's Hugging Face cache. Offline by default:
+nothing is downloaded unless the caller asks (``local_files_only=False``). Before any weights load,
+:func:`resolve_pretrained` checks that every component the pipeline needs is there and raises one
+``ValueError`` naming each missing folder or file and the fix, instead of the first loader's ``OSError``
+deep inside diffusers or transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_WEIGHTS = ("*.safetensors", "*.bin")
+#: Scheduler options that reshape the sigma grid in ways the engine's grids do not reproduce.
+_GRID_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                 "invert_sigmas", "use_flow_sigmas")  # fmt: skip
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``"bf16" | "fp16" | "fp32"`` (the config's names) or a torch dtype -> the torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def is_repo_id(name: str) -> bool:
+    """``owner/name`` with no path that exists locally: a Hugging Face repo id."""
+    return bool(_REPO_ID.match(name)) and not Path(name).exists()
+
+
+def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
+    """What ``root`` lacks of a diffusers-format checkpoint: ``model_index.json`` and, for each component
+    (``{"transformer": "model", "tokenizer": "tokenizer", "scheduler": "scheduler"}``), its folder with a
+    config and, for models, weight files (every shard an index names)."""
+    missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
+    for name, kind in components.items():
+        folder = root / name
+        if not folder.is_dir():
+            missing.append(f"{name}/")
+            continue
+        config = {"model": "config.json", "tokenizer": "tokenizer_config.json",
+                  "scheduler": "scheduler_config.json"}[kind]  # fmt: skip
+        if not (folder / config).is_file():
+            missing.append(f"{name}/{config}")
+        if kind != "model":
+            continue
+        indexes = sorted(folder.glob("*.index.json"))
+        if indexes:
+            shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
+            missing += [f"{name}/{s}" for s in shards if not (folder / s).is_file()]
+        elif not any(any(folder.glob(p)) for p in _WEIGHTS):
+            missing.append(f"{name}/<weights>.safetensors")
+    return missing
+
+
+def resolve_pretrained(
+    path_or_repo_id: str | Path,
+    *,
+    pipeline_cls,
+    components: dict[str, str],
+    default_repo: str,
+    local_files_only: bool = True,
+    cache_dir: str | Path | None = None,
+) -> Path:
+    """The local directory of a complete diffusers-format checkpoint.
+
+    ``path_or_repo_id`` is a directory, or a repo id looked up in the Hugging Face cache (downloaded with
+    ``pipeline_cls.download``, only the files the pipeline needs, when ``local_files_only`` is false).
+    Raises a ``ValueError`` naming what is missing and how to get it.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    name = str(path_or_repo_id)
+    fix = (
+        f"where there is network, run `hf download {default_repo}` (or set model.local_files_only=false; "
+        "gated repos need their licence accepted on huggingface.co and `hf auth login` first), or set "
+        "model.checkpoint to a local diffusers-format directory (model_index.json and one folder per "
+        f"component: {', '.join(components)})"
+    )
+    if is_repo_id(name):
+        cache = Path(cache_dir or constants.HF_HUB_CACHE)
+        try:
+            if local_files_only:
+                root = Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
+            else:
+                root = Path(pipeline_cls.download(name, cache_dir=cache_dir))
+        except Exception as e:  # LocalEntryNotFoundError, gated/auth/network errors: all end the same way
+            where = "is not in the Hugging Face cache" if local_files_only else "could not be downloaded"
+            raise ValueError(
+                f"model.checkpoint={name!r} {where} ({cache}; {type(e).__name__}): {fix}"
+            ) from None
+    else:
+        root = Path(name).expanduser()
+        if not root.is_dir():
+            raise ValueError(
+                f"model.checkpoint={name!r} is neither an existing directory nor a Hugging Face repo id "
+                f"(owner/name): {fix}"
+            )
+    missing = missing_parts(root, components)
+    if missing:
+        raise ValueError(
+            f"model.checkpoint={name!r} ({root}) is not a complete {pipeline_cls.__name__} checkpoint: "
+            f"missing {', '.join(missing)}. Fix: {fix}"
+        )
+    return root
+
+
+def encode_deduplicated(encode, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode(unique_prompts) -> (embeds, pooled)`` run once per distinct prompt, gathered back to
+    ``prompts``' rows (a group of G copies costs one encoder row)."""
+    unique = list(dict.fromkeys(prompts))
+    embeds, pooled = encode(unique)
+    if len(unique) == len(prompts):
+        return embeds, pooled
+    pos = {p: i for i, p in enumerate(unique)}
+    idx = torch.tensor([pos[p] for p in prompts], device=embeds.device)
+    return embeds[idx], pooled[idx]
+
+
+class DiffusersPolicy:
+    """Base of the adapters built on a diffusers pipeline: the parts of the
+    :class:`~densegrpo_fast.policies.base.Policy` contract that do not depend on the family.
+
+    Everything is frozen (eval, no grad) on construction; the trainer then adds LoRA to ``transformer``
+    or unfreezes it. The VAE decodes one image at a time (``vae.enable_slicing``): dense rewards decode
+    T+1 images per trajectory. Subclasses set ``latent_shape`` and implement ``encode_prompts``,
+    ``velocity`` and ``sigma_grid``.
+    """
+
+    family = ""
+
+    def __init__(self, pipe, *, resolution: int, max_sequence_length: int):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.resolution = resolution
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+        pipe.vae.enable_slicing()
+        pipe.set_progress_bar_config(disable=True)
+
+    def check_resolution(self, multiple: int, why: str) -> int:
+        """The latent side for ``self.resolution``; a ValueError unless it is a multiple of ``multiple``."""
+        if self.resolution % multiple:
+            raise ValueError(
+                f"model.resolution ({self.resolution}) must be a multiple of {multiple} ({why}): choose e.g. "
+                f"{max(multiple, round(self.resolution / multiple) * multiple)}"
+            )
+        return self.resolution // self.vae_scale_factor
+
+    @classmethod
+    def _load_pipeline(cls, pipeline_cls, components, default_repo, path_or_repo_id, *, device, dtype,
+                       local_files_only, cache_dir):  # fmt: skip
+        root = resolve_pretrained(
+            path_or_repo_id or default_repo, pipeline_cls=pipeline_cls, components=components,
+            default_repo=default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
+        )  # fmt: skip
+        pipe = pipeline_cls.from_pretrained(
+            root, dtype={"default": as_dtype(dtype), "vae": torch.float32}, local_files_only=True
+        )
+        return pipe.to(device)
+
+    def scheduler_config(self, *unsupported: str, fix: str):
+        """The checkpoint scheduler's config; a ValueError if it sets an option the engine's grid does not
+        reproduce (Karras sigmas, a terminal stretch, ... and ``unsupported``)."""
+        cfg = self.pipe.scheduler.config
+        bad = [k for k in (*_GRID_OPTIONS, *unsupported) if cfg.get(k)]
+        if bad:
+            raise ValueError(
+                f"the checkpoint's scheduler sets {bad}, which the engine's {self.family} grid does not "
+                f"reproduce: {fix}"
+            )
+        return cfg
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1], as the pipeline decodes."""
+        vae = self.pipe.vae
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        images = vae.decode(z, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def save(self, path: str | Path, metadata: dict | None = None) -> None:
+        """Write the transformer's weights (diffusers names, its dtype) to one safetensors file, its config
+        as JSON in the metadata; they load back with ``transformer.load_state_dict``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"family": self.family, "config": self.transformer.to_json_string(),
+                **{k: str(v) for k, v in (metadata or {}).items()}}  # fmt: skip
+        state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+    def __deepcopy__(self, memo):
+        """A copy with its own transformer; the frozen encoders, VAE and tokenizers are shared (the
+        trainer's export copies the policy to merge LoRA: copying T5-XXL there would cost ~10 GB)."""
+        clone = copy.copy(self)
+        clone.transformer = copy.deepcopy(self.transformer, memo)
+        return clone

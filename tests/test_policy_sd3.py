@@ -1,0 +1,227 @@
+"""SD3 policy on tiny random components: the contract, diffusers' pipeline reproduced by the engine's
+sampler, loading from a diffusers-format directory, the missing-weights message, and one DenseGRPO
+iteration through the trainer."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tiny_models as tiny
+import torch
+
+from densegrpo_fast.config import TrainConfig, load_config
+from densegrpo_fast.policies import load_policy
+from densegrpo_fast.policies.base import Policy, PromptEmbeds
+from densegrpo_fast.policies.sd3 import SD3Policy
+from densegrpo_fast.rollout import sample
+from densegrpo_fast.schedule import Schedule, sigma_grid
+
+PROMPTS = ["a red circle", "two blue squares"]
+OPTS = dict(resolution=tiny.RESOLUTION, max_sequence_length=tiny.MAX_T5_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny.sd3_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(pipe):
+    return SD3Policy(pipe, **OPTS)
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(pipe, tmp_path_factory):
+    """The tiny pipeline saved in diffusers format (weights, configs, tokenizers, model_index.json)."""
+    root = tmp_path_factory.mktemp("tiny_sd3")
+    pipe.save_pretrained(root)
+    return root
+
+
+def test_implements_the_policy_contract(policy, pipe):
+    assert isinstance(policy, Policy)
+    assert policy.latent_shape == (4, 16, 16) and policy.dtype == torch.float32
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, policy.transformer):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+    cond = policy.encode_prompts(["a red circle", "two blue squares", "a red circle"])
+    # the joint sequence: 16 CLIP tokens + 24 T5 tokens, width joint_attention_dim; pooled: two CLIP projections
+    assert cond.embeds.shape == (3, 40, 64) and cond.pooled.shape == (3, 64)
+    assert cond.neg_embeds.shape == cond.embeds.shape and cond.neg_pooled.shape == cond.pooled.shape
+    alone = policy.encode_prompts(["two blue squares"], with_negative=False)
+    assert alone.neg_embeds is None
+    torch.testing.assert_close(cond.embeds[1], alone.embeds[0], atol=1e-6, rtol=0)
+    assert torch.equal(cond.embeds[0], cond.embeds[2])  # one encoder row per distinct prompt, gathered
+    empty = policy.encode_prompts([""], with_negative=False)
+    torch.testing.assert_close(cond.neg_embeds[2], empty.embeds[0], atol=1e-6, rtol=0)
+    images = policy.decode(torch.randn(2, *policy.latent_shape))
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_cfg_velocity_is_one_batched_call_in_fp32(policy):
+    torch.manual_seed(1)
+    x = torch.randn(2, *policy.latent_shape)
+    sigma = torch.tensor([0.9, 0.3])
+    cond = policy.encode_prompts(PROMPTS)
+    v_pos = policy.velocity(x, sigma, PromptEmbeds(cond.embeds, cond.pooled))
+    v_neg = policy.velocity(x, sigma, PromptEmbeds(cond.neg_embeds, cond.neg_pooled))
+    calls = []
+    hook = policy.transformer.register_forward_hook(lambda *a: calls.append(1))
+    v = policy.velocity(x, sigma, cond, guidance_scale=4.5)
+    hook.remove()
+    assert len(calls) == 1 and v.dtype == torch.float32 and v.shape == x.shape
+    torch.testing.assert_close(v, v_neg + 4.5 * (v_pos - v_neg), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(v_pos, v_neg)
+
+
+def test_bf16_transformer_returns_an_fp32_velocity(pipe, policy):
+    import copy
+
+    low = copy.deepcopy(policy)
+    low.transformer.to(torch.bfloat16)
+    assert low.dtype == torch.bfloat16 and policy.dtype == torch.float32  # the copy owns its transformer
+    assert low.pipe is policy.pipe  # ...and shares the frozen encoders and VAE
+    x = torch.randn(2, *policy.latent_shape)
+    cond = policy.encode_prompts(PROMPTS)
+    v16, v32 = (
+        low.velocity(x, torch.tensor([0.7, 0.2]), cond, 4.5),
+        policy.velocity(x, torch.tensor([0.7, 0.2]), cond, 4.5),
+    )
+    assert v16.dtype == torch.float32
+    assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.5])
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance):
+    """Zero noise, the same initial latents: the engine's sampler is StableDiffusion3Pipeline to 1e-5."""
+    T = 4
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    call = dict(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, guidance_scale=guidance,
+                max_sequence_length=tiny.MAX_T5_TOKENS)  # fmt: skip
+    theirs = pipe(**call, latents=noise.clone(), output_type="latent").images
+    theirs_img = pipe(**call, latents=noise.clone(), output_type="pt").images
+
+    grid = policy.sigma_grid(T)
+    torch.testing.assert_close(grid, pipe.scheduler.sigmas, rtol=0, atol=2e-7)
+    assert torch.equal(grid, sigma_grid(T, 3.0))
+    sched = Schedule(grid, torch.zeros(T))  # every step an ODE step
+    ro = sample(policy, policy.encode_prompts(PROMPTS), noise, sched, guidance_scale=guidance, dense=False)
+    ours = ro.latents[:, T]
+    diff = (ours - theirs).abs().max().item()
+    diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
+    print(f"SD3 g={guidance}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    assert diff <= 1e-5 and diff_img <= 1e-5
+    assert ours.abs().max() > 0.1  # a real trajectory, not a collapsed one
+
+
+def test_loads_a_diffusers_directory(sd3_dir, policy):
+    loaded = load_policy("sd3", str(sd3_dir), "cpu", dtype="fp32", gradient_checkpointing=True, **OPTS)
+    assert isinstance(loaded, SD3Policy) and loaded.latent_shape == policy.latent_shape
+    assert loaded.transformer.gradient_checkpointing
+    assert loaded.pipe.vae.dtype == torch.float32
+    x = torch.randn(2, *policy.latent_shape)
+    sigma = torch.tensor([0.8, 0.4])
+    torch.testing.assert_close(
+        loaded.velocity(x, sigma, loaded.encode_prompts(PROMPTS), 4.5),
+        policy.velocity(x, sigma, policy.encode_prompts(PROMPTS), 4.5),
+    )
+    low = SD3Policy.load(sd3_dir, dtype="bf16", **OPTS)
+    assert low.dtype == torch.bfloat16 and low.pipe.text_encoder_3.dtype == torch.bfloat16
+    assert low.pipe.vae.dtype == torch.float32
+
+
+def test_missing_weights_are_named_with_the_fix(sd3_dir, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"'/no/such/dir' is neither an existing directory nor a Hugging Face repo id"
+    ):
+        SD3Policy.load("/no/such/dir")
+    with pytest.raises(
+        ValueError,
+        match=r"is not in the Hugging Face cache .*hf download stabilityai/stable-diffusion-3.5-medium",
+    ):
+        SD3Policy.load(None, cache_dir=tmp_path / "empty_cache")  # the default repo, not cached here
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for item in sd3_dir.iterdir():
+        if item.name not in ("tokenizer_3", "text_encoder_3"):
+            (partial / item.name).symlink_to(item)
+    (partial / "text_encoder_3").mkdir()
+    (partial / "text_encoder_3" / "config.json").symlink_to(sd3_dir / "text_encoder_3" / "config.json")
+    with pytest.raises(ValueError) as e:
+        SD3Policy.load(partial)
+    msg = str(e.value)
+    assert "missing text_encoder_3/<weights>.safetensors, tokenizer_3/" in msg
+    assert "hf download stabilityai/stable-diffusion-3.5-medium" in msg and "model.checkpoint" in msg
+
+
+def test_resolution_must_fit_the_model(pipe):
+    with pytest.raises(ValueError, match=r"model.resolution \(34\) must be a multiple of 4"):
+        SD3Policy(pipe, resolution=34)
+    with pytest.raises(ValueError, match="beyond this transformer's position embeddings"):
+        SD3Policy(pipe, resolution=128)
+
+
+def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
+    from densegrpo_fast.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green dog\n")
+    overrides = [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "noise.kind=uniform", "reward.name=redness",
+        "lora.rank=4", "grpo.train_batch_size=4", "grpo.beta=0.04", f"eval.dataset={prompts}", "eval.num_prompts=6",
+        "eval.num_steps=2", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+        "run.sample_grid_every=1", "ema.every=1",
+    ]  # fmt: skip
+    cfg = load_config(TrainConfig, None, overrides)
+    run_dir = train(cfg, progress=False)
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in recs if "reward_mean" in r]
+    numbers = [v for k, v in step.items() if isinstance(v, float)] + step["dR_mean"] + step["R_mean"]
+    assert all(math.isfinite(v) for v in numbers), step
+    assert step["rows_trained"] > 0 and step["grad_norm"] > 0
+    assert step["ratio_dev_first"] <= 1e-5  # the first update is on-policy
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    lora_b = [t for n, t in ckpt["trainable"].items() if "lora_B" in n]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b), "LoRA B starts at zero: an update must move it"
+    # the export is the transformer with LoRA merged, in diffusers names
+    from safetensors.torch import load_file
+
+    exported = load_file(Path(run_dir) / "policy_ema.safetensors")
+    assert not any("lora" in k for k in exported)
+    base = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS).transformer.state_dict()
+    assert exported.keys() == base.keys()
+    assert any(not torch.equal(exported[k], base[k]) for k in base)
+    assert (run_dir / "samples" / "iter_00001.png").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["model.dtype=bf16"], r"model.dtype \('bf16'\) applies to model.family sd3/flux only"),
+        (["sampling.shift=null"], "the toy model has no scheduler of its own"),
+        (
+            ["model.family=sd3", "model.checkpoint=/no/such/dir"],
+            "neither an existing directory nor a Hugging Face repo",
+        ),
+        (
+            ["model.family=sd3", "model.resolution=500"],
+            r"model.resolution \(500\) must be a multiple of 16.*496",
+        ),
+        (["model.family=flux"], r"sampling.shift \(3.0\) with model.family flux.*sampling.shift=null"),
+    ],
+)
+def test_model_section_cross_checks(overrides, match):
+    from densegrpo_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(TrainConfig, None, overrides)
+
+
+def test_model_section_accepts_repo_ids_and_passes_the_adapter_options():
+    cfg = load_config(TrainConfig, None, ["model.family=sd3", "model.checkpoint=stabilityai/stable-diffusion-3.5-medium",
+                                          "model.dtype=bf16", "sampling.shift=null"])  # fmt: skip
+    assert cfg.model.adapter_options() == dict(dtype="bf16", resolution=512, max_sequence_length=None,
+                                               local_files_only=True, gradient_checkpointing=False)  # fmt: skip
