@@ -108,7 +108,9 @@ def _add_calibrate(sub) -> None:
         torch.set_num_threads(cfg.model.num_threads)
         reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
         prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
-        policy = load_policy(cfg.model.family, cfg.model.checkpoint, cfg.model.device)
+        policy = load_policy(
+            cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
+        )
         path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
         psi = calibrate(policy, reward_fn, prompts, cfg, path)
         print(
@@ -150,6 +152,48 @@ def _add_show_config(sub) -> None:
 
 
 SUBCOMMANDS.append(_add_show_config)
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e}); e.g. '{{\"quality\": 95}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object of keyword arguments")
+    return value
+
+
+def _add_serve_reward(sub) -> None:
+    p = sub.add_parser(
+        "serve-reward",
+        help="host one reward over HTTP for the `remote` / `geneval` rewards (e.g. GenEval in its own env)",
+    )
+    p.add_argument(
+        "--reward",
+        required=True,
+        help="registry name (e.g. pickscore) or a user factory package.module:callable",
+    )
+    p.add_argument(
+        "--kwargs", type=_json_object, default={}, help="the reward's keyword arguments as a JSON object"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it trusted)")
+    p.add_argument("--port", type=int, required=True, help="port to listen on")
+    p.add_argument(
+        "--max-request-mb", type=float, default=512.0, help="larger requests get 413 (default 512 MiB)"
+    )
+
+    def handler(args):
+        from densegrpo_fast.rewards.server import serve
+
+        serve(args.reward, args.kwargs, args.host, args.port, args.max_request_mb)
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_serve_reward)
 
 
 def build_parser() -> argparse.ArgumentParser:

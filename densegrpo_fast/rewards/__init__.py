@@ -2,6 +2,16 @@
 
 A reward is a callable ``reward(images [B, 3, H, W] float32 in [0, 1], prompts: list[str]) -> [B] float32``.
 Register a factory with :func:`register`; :func:`build_reward` makes one from a config's name and kwargs.
+
+Rewards with weights or servers live in their own modules, imported at the end of this one so that they
+register; their heavy imports (transformers, PIL, easyocr) happen when a reward is built, not here:
+
+- ``pickscore``, ``clip_score``, ``aesthetic``: :mod:`densegrpo_fast.rewards.clip`
+- ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
+- ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
+- ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
+- ``remote``, ``geneval`` (reward server client): :mod:`densegrpo_fast.rewards.remote`; the server is
+  :mod:`densegrpo_fast.rewards.server` (``densegrpo-fast serve-reward``)
 """
 
 from __future__ import annotations
@@ -70,3 +80,7 @@ def _redness() -> Reward:
         return (r - (g + b) / 2).flatten(1).mean(1)
 
     return reward
+
+
+# The rewards of the modules listed in the docstring register themselves on import (light imports only).
+from densegrpo_fast.rewards import clip, jpeg, multi, ocr, remote  # noqa: E402, F401

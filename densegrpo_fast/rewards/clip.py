@@ -1,0 +1,375 @@
+"""CLIP-based rewards: PickScore, CLIP score and the LAION aesthetic predictor, scored on tensors.
+
+All three share :class:`ClipEncoder`: a transformers ``CLIPModel`` loaded offline from a local folder (or
+the user's Hugging Face cache) plus the processor's tokenizer and image settings. Images are preprocessed
+on their own device by :func:`clip_preprocess` (no PIL round trip): resize the shortest side to the
+processor's size with bicubic + antialias, center crop, normalise with the processor's mean and std.
+
+Measured difference to transformers' PIL ``CLIPImageProcessor`` on the same uint8 images (512 x 512,
+300 x 517, 1024 x 768 down to 224; 64 x 64 up to 224; noise and smooth images with sharp edges): at most
+one 8-bit level (two when upscaling) on a handful of pixels, where PIL's fixed-point arithmetic rounds the
+other way, and ~1e-5 on average in normalised units (a level is 1/255/std ~ 0.015 there).
+tests/test_rewards_clip.py pins this bound.
+
+Text embeddings are cached per prompt string (dense rewards score each prompt T+1 times per trajectory), in
+an LRU of ``text_cache_size`` prompts on the model's device.
+
+Weights (the real ones; pass their local folders, or the hub ids when they are in the HF cache):
+
+- PickScore: ``model=yuvalkirstain/PickScore_v1``, ``processor=laion/CLIP-ViT-H-14-laion2B-s32B-b79K``.
+- aesthetic: ``model=openai/clip-vit-large-patch14`` and ``head=`` the LAION improved-aesthetic-predictor
+  state dict (``sac+logos+ava1-l14-linearMSE.pth``) or its safetensors conversion.
+- CLIP score: any CLIP, e.g. ``openai/clip-vit-large-patch14``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards.images import check_batch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ClipImageSpec:
+    """The processor settings the on-device preprocessing needs (CLIP's: shortest side, crop, mean, std)."""
+
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def clip_preprocess(images: torch.Tensor, spec: ClipImageSpec) -> torch.Tensor:
+    """CLIP's image preprocessing on tensors, on the images' device.
+
+    Same geometry and resampling as transformers' PIL ``CLIPImageProcessor``: the shortest side goes to
+    ``spec.shortest_edge`` and the long side to ``int(shortest_edge * long / short)``; bicubic with
+    antialias (PyTorch's antialiased bicubic uses PIL's kernel, a = -0.5), done as PIL does it: a
+    horizontal pass, then a vertical one, each clamped to [0, 1] and rounded to 8 bits (PIL stores every
+    pass as uint8; without the intermediate clamp, bicubic overshoot on sharp edges differs by up to 20/255);
+    center crop with the top-left corner at ``(size - crop) // 2``; then ``(x - mean) / std``.
+
+    Shape: images [B, 3, H, W] float in [0, 1] -> [B, 3, crop_height, crop_width] float32.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images of shape {tuple(images.shape)}: a reward takes [B, 3, H, W] RGB in [0, 1]")
+    x = images.float()
+    h, w = x.shape[-2:]
+    s = spec.shortest_edge
+    new_h, new_w = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+    if new_h < spec.crop_height or new_w < spec.crop_width:
+        raise ValueError(
+            f"the processor resizes the shortest side to {s} px, smaller than its crop "
+            f"{spec.crop_height}x{spec.crop_width}: use a processor whose crop fits inside its resize"
+        )
+    for size in ((h, new_w), (new_h, new_w)):  # horizontal pass, then vertical, as PIL resamples
+        if size != tuple(x.shape[-2:]):
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 1.0).mul(255).round().div(255)
+    top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
+    x = x[..., top : top + spec.crop_height, left : left + spec.crop_width]
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _field(obj, key: str):
+    """``obj[key]`` for a transformers 4 size dict, ``obj.key`` for a transformers 5 SizeDict."""
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+
+def _missing(what: str, path: str, example: str, error: Exception) -> ValueError:
+    return ValueError(
+        f"reward.kwargs.{what}={path!r}: no {what} found there, nor in the Hugging Face cache (rewards load "
+        f"offline, local_files_only). Fix: download it once, e.g. `huggingface-cli download {example} "
+        f"--local-dir DIR`, and set reward.kwargs.{what}=DIR. ({type(error).__name__}: {error})"
+    )
+
+
+def _embedding(out) -> torch.Tensor:
+    """The projected embedding from ``get_*_features``: a tensor in transformers 4, an output in 5."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+class ClipEncoder:
+    """A CLIP model with on-device image preprocessing and a per-prompt text-embedding cache.
+
+    ``model``: folder (or cached hub id) of a transformers ``CLIPModel``; ``processor``: folder of its
+    processor (tokenizer + ``preprocessor_config.json``), default the model's. ``device``: where the model
+    runs; ``None`` follows the images (the model moves on the first call). ``dtype``: float32, bfloat16 or
+    float16 for the model's weights (preprocessing and similarities stay float32). ``max_batch``: images per
+    forward pass.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        processor: str | None = None,
+        *,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_batch: int = 64,
+        text_cache_size: int = 4096,
+        need_text: bool = True,
+        example: str = "openai/clip-vit-large-patch14",
+    ):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        if max_batch < 1 or text_cache_size < 1:
+            raise ValueError(
+                f"reward.kwargs max_batch={max_batch} and text_cache_size={text_cache_size} must be >= 1"
+            )
+        processor = processor or model
+        try:
+            self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
+        except OSError as e:
+            raise _missing("model", str(model), example, e) from None
+        try:
+            ip = AutoImageProcessor.from_pretrained(str(processor), local_files_only=True)
+            self.tokenizer = (
+                AutoTokenizer.from_pretrained(str(processor), local_files_only=True) if need_text else None
+            )
+        except OSError as e:
+            raise _missing("processor", str(processor), example, e) from None
+        short = _field(ip.size, "shortest_edge")
+        if not short:
+            raise ValueError(
+                f"reward.kwargs.processor={processor!r}: its image size {ip.size} has no shortest_edge; CLIP "
+                "processors resize the shortest side (give the processor folder that came with the model)"
+            )
+        self.spec = ClipImageSpec(
+            int(short),
+            int(_field(ip.crop_size, "height")),
+            int(_field(ip.crop_size, "width")),
+            tuple(float(v) for v in ip.image_mean),
+            tuple(float(v) for v in ip.image_std),
+        )
+        self.model.requires_grad_(False).eval().to(_DTYPES[dtype])
+        self.dtype = _DTYPES[dtype]
+        self.device = torch.device(device) if device else None
+        self._placed: torch.device | None = None
+        self.max_batch = max_batch
+        self.max_length = int(self.model.config.text_config.max_position_embeddings)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = text_cache_size
+        self.cache_hits = self.cache_misses = 0
+
+    def place(self, images: torch.Tensor) -> torch.device:
+        """Moves the model to its device (the images' one when ``device`` is None); returns that device."""
+        dev = self.device or images.device
+        if dev != self._placed:
+            self.model.to(dev)
+            self._cache.clear()  # cached embeddings live on the model's device
+            self._placed = dev
+        return dev
+
+    @torch.no_grad()
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings. Shape: [B, 3, H, W] in [0, 1] -> [B, D] float32."""
+        dev = self.place(images)
+        out = []
+        for chunk in images.split(self.max_batch):
+            pixels = clip_preprocess(chunk.to(dev), self.spec).to(self.dtype)
+            out.append(_embedding(self.model.get_image_features(pixel_values=pixels)).float())
+        return F.normalize(torch.cat(out), dim=-1)
+
+    @torch.no_grad()
+    def text_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, from the cache where the prompt was seen. Shape: [B, D] float32."""
+        if self.tokenizer is None:
+            raise RuntimeError("this ClipEncoder was built with need_text=False")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))  # unique, in order
+        self.cache_misses += len(missing)  # prompts encoded
+        self.cache_hits += len(prompts) - len(missing)  # rows served without encoding
+        for i in range(0, len(missing), self.max_batch):
+            batch = missing[i : i + self.max_batch]
+            tokens = self.tokenizer(
+                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.model.device)
+            emb = _embedding(self.model.get_text_features(**tokens)).float()
+            for p, e in zip(batch, F.normalize(emb, dim=-1), strict=True):
+                self._cache[p] = e
+        rows = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            rows.append(self._cache[p])
+        out = torch.stack(rows)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+
+@register("pickscore")
+class PickScore:
+    """PickScore (Kirstain et al., 2023): ``logit_scale.exp() * cos(image_emb, text_emb)`` of the PickScore
+    CLIP-H, times ``scale``.
+
+    ``scale`` = 1 (default) gives the raw PickScore as papers report it (SD3.5-M ~21.7, Flow-GRPO ~23.3, see
+    ALGORITHM.md); Flow-GRPO trains on ``raw / 26`` (``scale: 0.038461538``). GRPO's group normalisation
+    makes the scale irrelevant to the advantages except through the ``+ eps`` of the std and in ``multi``.
+
+    kwargs: ``model`` (default ``yuvalkirstain/PickScore_v1``), ``processor`` (default
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``), ``scale``, and :class:`ClipEncoder`'s ``device``, ``dtype``,
+    ``max_batch``, ``text_cache_size``.
+    """
+
+    def __init__(
+        self,
+        model: str = "yuvalkirstain/PickScore_v1",
+        processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        scale: float = 1.0,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_batch: int = 64,
+        text_cache_size: int = 4096,
+    ):
+        self.clip = ClipEncoder(
+            model,
+            processor,
+            device=device,
+            dtype=dtype,
+            max_batch=max_batch,
+            text_cache_size=text_cache_size,
+            example="yuvalkirstain/PickScore_v1",
+        )
+        self.scale = float(scale)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        cos = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)  # [B]
+        logit_scale = self.clip.model.logit_scale.detach().float().exp()
+        return (self.scale * logit_scale * cos).to(images.device)
+
+
+@register("clip_score")
+class ClipScore:
+    """CLIP score: ``scale * cos(image_emb, text_emb)``.
+
+    ``scale`` = 1 (default) is the plain cosine in [-1, 1]; ``scale: 100`` gives the x100 convention of the
+    text-to-image literature and torchmetrics' ``CLIPScore`` (which also clamps at 0; this reward does not, so
+    negative cosines still rank). kwargs: ``model``, ``processor`` (default: the model's folder), ``scale``,
+    and :class:`ClipEncoder`'s ``device``, ``dtype``, ``max_batch``, ``text_cache_size``.
+    """
+
+    def __init__(
+        self,
+        model: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        scale: float = 1.0,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_batch: int = 64,
+        text_cache_size: int = 4096,
+    ):
+        self.clip = ClipEncoder(
+            model, processor, device=device, dtype=dtype, max_batch=max_batch, text_cache_size=text_cache_size
+        )
+        self.scale = float(scale)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        cos = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)
+        return (self.scale * cos).to(images.device)
+
+
+def aesthetic_head(in_features: int = 768) -> torch.nn.Module:
+    """The LAION improved-aesthetic-predictor MLP: in -> 1024 -> 128 -> 64 -> 16 -> 1, no activations, dropout
+    0.2 / 0.2 / 0.1 after the first three layers (inactive in eval). Parameter names ``layers.{0,2,4,6,7}``
+    match the released state dict."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_features, 1024),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(1024, 128),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(128, 64),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(64, 16),
+        torch.nn.Linear(16, 1),
+    )
+
+
+class _AestheticHead(torch.nn.Module):
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.layers = aesthetic_head(in_features)
+
+
+def load_aesthetic_head(path: str, in_features: int) -> torch.nn.Module:
+    """The head's weights from a ``.safetensors`` file or a torch state dict (``torch.load`` with
+    ``weights_only=True``: tensors only, no arbitrary objects unpickled)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(
+            f"reward.kwargs.head={path!r}: no such file. Fix: give the LAION aesthetic head "
+            "(sac+logos+ava1-l14-linearMSE.pth, from github.com/christophschuhmann/improved-aesthetic-predictor) "
+            "or its .safetensors conversion"
+        )
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p))
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler refuses anything but tensors and containers
+            raise ValueError(
+                f"reward.kwargs.head={path!r} is not a plain state dict of tensors ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}); it is not loaded with full unpickling because that runs code"
+            ) from None
+    head = _AestheticHead(in_features)
+    expected = set(head.state_dict())
+    if not isinstance(state, dict) or set(state) != expected:
+        found = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"reward.kwargs.head={path!r} holds {found}, not the LAION aesthetic MLP's {sorted(expected)}"
+        )
+    shape = tuple(state["layers.0.weight"].shape)
+    if shape != (1024, in_features):
+        raise ValueError(
+            f"reward.kwargs.head={path!r}: first layer {shape} does not take the CLIP model's "
+            f"{in_features}-d embeddings: the head must match the CLIP (ViT-L/14: 768)"
+        )
+    head.load_state_dict(state)
+    return head.requires_grad_(False).eval()
+
+
+@register("aesthetic")
+class Aesthetic:
+    """LAION aesthetic score: the MLP head on the L2-normalised CLIP image embedding (roughly 1..10).
+
+    kwargs: ``head`` (path of the head's weights, required), ``model`` (default
+    ``openai/clip-vit-large-patch14``), ``processor`` (default: the model's), and :class:`ClipEncoder`'s
+    ``device``, ``dtype``, ``max_batch``. The head runs in float32.
+    """
+
+    def __init__(
+        self,
+        head: str,
+        model: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_batch: int = 64,
+    ):
+        self.clip = ClipEncoder(
+            model, processor, device=device, dtype=dtype, max_batch=max_batch, need_text=False
+        )
+        self.head = load_aesthetic_head(head, int(self.clip.model.config.projection_dim))
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        emb = self.clip.image_embeds(images)  # [B, D]
+        self.head.to(emb.device)
+        return self.head.layers(emb).squeeze(-1).to(images.device)

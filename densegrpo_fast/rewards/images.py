@@ -1,0 +1,21 @@
+"""Image tensor helpers shared by the rewards that leave float tensors (encoders, OCR, the HTTP client)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_batch(images: torch.Tensor, prompts: list[str]) -> None:
+    """A reward's input contract: ``images`` [B, 3, H, W] and one prompt per image."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images of shape {shape}: a reward takes [B, 3, H, W] RGB floats in [0, 1]")
+    if len(prompts) != images.shape[0]:
+        raise ValueError(
+            f"{images.shape[0]} images but {len(prompts)} prompts: a reward scores one pair per row"
+        )
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] float in [0, 1] -> the same shape as uint8 on the CPU: ``round(255 * clamp(x, 0, 1))``."""
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()

@@ -1,0 +1,61 @@
+"""Weighted sum of registry rewards.
+
+Config form::
+
+    reward:
+      name: multi
+      kwargs:
+        rewards:
+          pick: {name: pickscore, kwargs: {model: /w/PickScore_v1, processor: /w/CLIP-H}, weight: 1.0}
+          jpeg: {name: jpeg_compressibility, weight: 0.1}
+
+The score is ``sum_k weight_k * reward_k`` in the order given. Components are **not** normalised: raw
+PickScore is ~22 while a JPEG size is tens of kB and a CLIP cosine ~0.3, so choose weights on the scale of
+each reward (GRPO then normalises the sum per group, not each term).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densegrpo_fast.rewards import Reward, build_reward, register
+
+_SPEC_KEYS = {"name", "kwargs", "weight"}
+
+
+@register("multi")
+class WeightedSum:
+    """``rewards``: ``{key: {name, kwargs (optional), weight (optional, default 1)}}``."""
+
+    def __init__(self, rewards: dict):
+        if not isinstance(rewards, dict) or not rewards:
+            raise ValueError(
+                f"reward.kwargs.rewards={rewards!r} must be a non-empty mapping "
+                "{key: {name: ..., kwargs: {...}, weight: ...}}"
+            )
+        self.parts: dict[str, tuple[Reward, float]] = {}
+        for key, spec in rewards.items():
+            where = f"reward.kwargs.rewards.{key}"
+            if not isinstance(spec, dict) or "name" not in spec or set(spec) - _SPEC_KEYS:
+                raise ValueError(
+                    f"{where}={spec!r} must be a mapping with 'name' and optional 'kwargs' and 'weight' "
+                    f"(unknown keys: {sorted(set(spec) - _SPEC_KEYS) if isinstance(spec, dict) else '-'})"
+                )
+            weight = spec.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"{where}.weight={weight!r} must be a number")
+            kwargs = spec.get("kwargs") or {}
+            if not isinstance(kwargs, dict):
+                raise ValueError(f"{where}.kwargs={kwargs!r} must be a mapping of keyword arguments")
+            self.parts[key] = (build_reward(spec["name"], **kwargs), float(weight))
+
+    def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Each component's unweighted score. Shape: {key: [B] float32} on the images' device."""
+        return {k: fn(images, prompts).float().to(images.device) for k, (fn, _) in self.parts.items()}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        total = None
+        for key, score in self.components(images, prompts).items():
+            term = self.parts[key][1] * score
+            total = term if total is None else total + term
+        return total

@@ -1,0 +1,172 @@
+"""OCR reward: how well the image spells the text quoted in its prompt.
+
+The target is the text between the first pair of double quotes in the prompt, straight (``"``) or curly
+(``“ ”``): ``'A sign that says "Open 24 hours"'`` -> ``Open 24 hours``. A prompt without a quoted text, or
+with only whitespace between the quotes, is an error (ValueError naming the prompt), not a silent 0: an
+OCR prompt set without quotes is a data problem to fix, not a reward to learn from.
+
+Both the target and the recognised text are normalised as Flow-GRPO does: lower-cased, with whitespace
+removed (Flow-GRPO removes the space character; every whitespace character is removed here, so a line
+break between OCR lines counts as nothing). Then, with ``d`` the Levenshtein distance:
+
+- ``normalization: flow_grpo`` (default; Flow-GRPO's reward and the metric behind the paper's OCR numbers):
+  1 if the target occurs inside the recognised text, else ``1 - min(d, len(target)) / len(target)``;
+  extra recognised characters cost at most one target's length.
+- ``normalization: max_len``: ``1 - d / max(len(target), len(recognised))``, the symmetric normalised edit
+  similarity; extra recognised text is penalised.
+
+Both lie in [0, 1] by construction. The recognizer is pluggable: any object with ``read(images [B, 3, H, W]
+float in [0, 1]) -> list[str]`` (one string per image, its lines joined). ``recognizer: easyocr`` (default)
+builds :class:`EasyOcrRecognizer` (``pip install 'densegrpo-fast[ocr]'``); ``recognizer:
+"package.module:callable"`` calls a user factory with ``recognizer_kwargs``. Flow-GRPO uses PaddleOCR, so
+absolute OCR numbers from EasyOCR are not the paper's; wrap PaddleOCR in a factory to compare.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Protocol
+
+import torch
+
+from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards.images import check_batch, to_uint8
+
+_QUOTED = re.compile(r'["“”]([^"“”]*)["“”]')
+NORMALIZATIONS = ("flow_grpo", "max_len")
+
+
+class Recognizer(Protocol):
+    def read(self, images: torch.Tensor) -> list[str]: ...
+
+
+def quoted_text(prompt: str) -> str:
+    """The text between the first pair of straight or curly double quotes of ``prompt``."""
+    m = _QUOTED.search(prompt)
+    if m is None or not normalize_text(m.group(1)):
+        raise ValueError(
+            f"OCR prompt {prompt!r} has no text between double quotes: the OCR reward scores the image "
+            "against the quoted text (e.g. 'a sign saying \"Open\"'); quote the target text in every prompt"
+        )
+    return m.group(1)
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case and remove every whitespace character (Flow-GRPO's normalisation, see the module doc)."""
+    return "".join(text.split()).lower()
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions, each of cost 1), two-row dynamic programme."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def ocr_score(target: str, recognized: str, normalization: str = "flow_grpo") -> float:
+    """Score in [0, 1] of ``recognized`` against ``target`` (both normalised here; see the module doc)."""
+    t, r = normalize_text(target), normalize_text(recognized)
+    if not t:
+        raise ValueError(f"OCR target {target!r} is empty after normalisation: nothing to score against")
+    if normalization == "flow_grpo":
+        return 1.0 if t in r else 1.0 - min(levenshtein(r, t), len(t)) / len(t)
+    if normalization == "max_len":
+        return 1.0 - levenshtein(r, t) / max(len(t), len(r))
+    raise ValueError(f"reward.kwargs.normalization={normalization!r} is not one of {NORMALIZATIONS}")
+
+
+class EasyOcrRecognizer:
+    """EasyOCR (``pip install 'densegrpo-fast[ocr]'``), offline by default.
+
+    ``languages``: EasyOCR language codes; ``gpu``: None = when CUDA is available; ``model_dir``: where the
+    detector and recognizer weights are (EasyOCR's default ``~/.EasyOCR/model``); ``download``: let EasyOCR
+    fetch missing weights (off: no network unless asked); ``min_confidence``: recognised pieces at or below
+    it are dropped (Flow-GRPO keeps confidence > 0).
+    """
+
+    def __init__(
+        self,
+        languages: tuple[str, ...] | list[str] = ("en",),
+        gpu: bool | None = None,
+        model_dir: str | None = None,
+        download: bool = False,
+        min_confidence: float = 0.0,
+    ):
+        try:
+            import easyocr
+        except ImportError:
+            raise ValueError(
+                "reward 'ocr' with recognizer 'easyocr' needs EasyOCR, which is not installed: "
+                "pip install 'densegrpo-fast[ocr]' (or give reward.kwargs.recognizer='package.module:factory')"
+            ) from None
+        gpu = torch.cuda.is_available() if gpu is None else gpu
+        try:
+            self.reader = easyocr.Reader(
+                list(languages),
+                gpu=gpu,
+                model_storage_directory=model_dir,
+                download_enabled=download,
+                verbose=False,
+            )
+        except (FileNotFoundError, OSError) as e:
+            raise ValueError(
+                f"EasyOCR could not load its weights (model_dir={model_dir!r}, download={download}): {e}. Fix: "
+                "set reward.kwargs.recognizer_kwargs.download=true once (it fetches to model_dir or "
+                "~/.EasyOCR/model), or copy the weights there"
+            ) from None
+        self.min_confidence = float(min_confidence)
+
+    def read(self, images: torch.Tensor) -> list[str]:
+        texts = []
+        for arr in to_uint8(images).permute(0, 2, 3, 1).numpy():  # [B, H, W, 3] uint8
+            pieces = self.reader.readtext(arr, detail=1)
+            texts.append("".join(text for _, text, conf in pieces if conf > self.min_confidence))
+        return texts
+
+
+def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
+    if not isinstance(recognizer, str):
+        if not callable(getattr(recognizer, "read", None)):
+            raise ValueError(f"recognizer {recognizer!r} has no read(images) -> list[str] method")
+        return recognizer
+    if recognizer == "easyocr":
+        return EasyOcrRecognizer(**recognizer_kwargs)
+    if ":" in recognizer:
+        from densegrpo_fast.rewards.server import load_object
+
+        return _build_recognizer(load_object(recognizer)(**recognizer_kwargs), {})
+    raise ValueError(
+        f"reward.kwargs.recognizer={recognizer!r}: use 'easyocr' or a factory 'package.module:callable' "
+        "returning an object with read(images) -> list[str]"
+    )
+
+
+@register("ocr")
+class OcrReward:
+    """OCR reward (see the module doc): ``recognizer``, ``recognizer_kwargs``, ``normalization``."""
+
+    def __init__(
+        self,
+        recognizer: str | Recognizer = "easyocr",
+        recognizer_kwargs: dict | None = None,
+        normalization: str = "flow_grpo",
+    ):
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"reward.kwargs.normalization={normalization!r} is not one of {NORMALIZATIONS}")
+        self.normalization = normalization
+        self.recognizer = _build_recognizer(recognizer, dict(recognizer_kwargs or {}))
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        targets = [quoted_text(p) for p in prompts]  # fail on a bad prompt before running OCR
+        texts = self.recognizer.read(images)
+        if len(texts) != len(targets):
+            raise ValueError(f"the recognizer read {len(texts)} texts from {len(targets)} images")
+        scores = [ocr_score(t, r, self.normalization) for t, r in zip(targets, texts, strict=True)]
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)

@@ -1,0 +1,254 @@
+"""Rewards scored by another process over HTTP: the ``remote`` client, the ``geneval`` alias, the protocol.
+
+Why a server: GenEval's detector (mmdet + mmcv) pins an old torch stack that cannot live in the training
+environment, so the reward runs in its own environment and the trainer sends it images. Any registry
+reward, or any user factory, can be served the same way (``densegrpo_fast.rewards.server``).
+
+GenEval, step by step. The GenEval scorer is the user's code: a factory ``make_reward(**kwargs)`` that
+returns ``reward(images [B, 3, H, W] float in [0, 1], prompts: list[str]) -> [B]``, wrapping GenEval's
+detector and its per-prompt checks; GenEval needs each prompt's metadata (tag, objects, counts, colours),
+which the factory looks up by prompt text in GenEval's ``evaluation_metadata.jsonl``::
+
+    # 1. in the GenEval environment (Python >= 3.10, torch, safetensors, GenEval and its detector), install
+    #    this package without its training dependencies; the server imports only torch and safetensors:
+    pip install --no-deps -e /path/to/densegrpo-fast
+    # 2. start the server there, hosting the factory (my_geneval.py on PYTHONPATH):
+    PYTHONPATH=/path/to/my/code densegrpo-fast serve-reward --reward my_geneval:make_reward \\
+        --kwargs '{"detector": "/w/mask2former", "metadata": "/w/evaluation_metadata.jsonl"}' --port 8085
+    # 3. train against it with the alias (equivalently name: remote, kwargs: {url: ...}):
+    densegrpo-fast train --config configs/X.yaml reward.name=geneval reward.kwargs='{url: "http://127.0.0.1:8085"}'
+
+Any registry reward is served by name the same way, e.g. ``densegrpo-fast serve-reward --reward pickscore
+--kwargs '{"model": "/w/PickScore_v1", "processor": "/w/CLIP-H"}' --port 8086`` (to score on another GPU
+or machine), and used with ``reward: {name: remote, kwargs: {url: "http://127.0.0.1:8086"}}``.
+
+Protocol (version 1). ``POST /score`` with a safetensors body: one tensor ``images`` uint8 [B, 3, H, W]
+(8-bit pixels: 4x smaller than float32 and what any image reward sees in a PNG anyway), and the safetensors
+metadata ``{"protocol": "1", "prompts": "<JSON list of B strings>"}``. The answer is JSON ``{"scores": [B
+floats]}``; errors are JSON ``{"error": message}`` with 400 (malformed request), 404, 411, 413 (over the
+server's ``--max-request-mb``), 422 (the reward rejected the input, e.g. a ValueError), 500 (the reward
+failed). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1, "max_request_bytes":
+N}``. Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
+payload would give anyone who can reach the port a shell on the GPU machine; safetensors and JSON are
+parsed as data only.
+
+Client behaviour: ``timeout_s`` per HTTP request; on connection errors, timeouts and 5xx it retries
+``retries`` times with exponential backoff (``backoff_s``, 2x, 4x, ...); 4xx answers are not retried (the
+same request would fail again). Requests carry at most ``max_batch`` images and are split further to stay
+under the server's size limit (read from ``/health``). Scores come back bit-exact (float32 via JSON).
+Environment proxy settings (``http_proxy``) are ignored: the server is reached directly.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import torch
+
+from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards.images import check_batch, to_uint8
+
+PROTOCOL = 1
+
+
+class ProtocolError(ValueError):
+    """A request body that is not a well-formed protocol-1 request (the server answers 400 with it)."""
+
+
+class RemoteRewardError(ValueError):
+    """The reward server could not score: down, too slow, or it refused the request.
+
+    A ValueError, the project's kind for problems the user fixes (start the server, fix the URL, raise a
+    limit): the command line prints it without a traceback."""
+
+
+def encode_request(images: torch.Tensor, prompts: list[str]) -> bytes:
+    """The ``POST /score`` body: images uint8 [B, 3, H, W] and their prompts, as safetensors bytes."""
+    from safetensors.torch import save
+
+    return save(
+        {"images": images.contiguous()},
+        metadata={"protocol": str(PROTOCOL), "prompts": json.dumps(list(prompts))},
+    )
+
+
+def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
+    """Parse and validate a ``POST /score`` body as data only. Raises :class:`ProtocolError` with the reason."""
+    from safetensors.torch import load
+
+    rule = "the body must be safetensors with images uint8 [B, 3, H, W] and metadata prompts (JSON list)"
+    try:
+        tensors = load(bytes(body))
+        n = int.from_bytes(body[:8], "little")  # safetensors: u64 header length, then the JSON header
+        metadata = json.loads(body[8 : 8 + n]).get("__metadata__") or {}
+    except Exception as e:  # any parse failure is the sender's problem, whatever the parser raised
+        raise ProtocolError(f"body is not a safetensors file ({type(e).__name__}: {e}); {rule}") from None
+    if set(tensors) != {"images"}:
+        raise ProtocolError(f"tensors {sorted(tensors)}: expected exactly ['images']; {rule}")
+    images = tensors["images"]
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3 or 0 in images.shape:
+        raise ProtocolError(f"images {images.dtype} {list(images.shape)}: {rule}")
+    if metadata.get("protocol") != str(PROTOCOL):
+        raise ProtocolError(f"protocol {metadata.get('protocol')!r}: this server speaks protocol {PROTOCOL}")
+    try:
+        prompts = json.loads(metadata["prompts"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ProtocolError(f"metadata prompts missing or not JSON ({e}); {rule}") from None
+    if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+        raise ProtocolError(f"metadata prompts must be a JSON list of strings; {rule}")
+    if len(prompts) != images.shape[0]:
+        raise ProtocolError(f"{images.shape[0]} images but {len(prompts)} prompts: one prompt per image")
+    return images, prompts
+
+
+def _server_error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(e.read())["error"]
+    except Exception:  # not our server, or no JSON body: the status line is all there is
+        return e.reason or ""
+
+
+@register("remote")
+class RemoteReward:
+    """Client of a reward server (see the module doc for the protocol and the server command).
+
+    kwargs: ``url`` (e.g. ``http://127.0.0.1:8085``), ``timeout_s`` per request, ``retries`` after the
+    first attempt, ``backoff_s`` (first wait; doubles), ``max_batch`` images per request, ``check``: ask
+    ``/health`` when built, so a server that is down fails before the policy loads. ``start_hint``: the
+    command the error messages suggest.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 300.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        max_batch: int = 64,
+        check: bool = True,
+        start_hint: str | None = None,
+    ):
+        parsed = urllib.parse.urlparse(str(url))
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(
+                f"reward.kwargs.url={url!r} must be an http(s) URL such as http://127.0.0.1:8085"
+            )
+        if not timeout_s > 0 or retries < 0 or backoff_s < 0 or max_batch < 1:
+            raise ValueError(
+                f"reward.kwargs timeout_s={timeout_s} (> 0), retries={retries} (>= 0), backoff_s={backoff_s} "
+                f"(>= 0), max_batch={max_batch} (>= 1): a value is out of range"
+            )
+        self.url = str(url).rstrip("/")
+        self.timeout_s, self.backoff_s = float(timeout_s), float(backoff_s)
+        self.retries, self.max_batch = int(retries), int(max_batch)
+        port = parsed.port or 8085
+        self.start_hint = start_hint or f"densegrpo-fast serve-reward --reward NAME --port {port}"
+        # no proxies: a cluster's http_proxy would otherwise carry even loopback requests to the proxy
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self.max_request_bytes: int | None = None
+        if check:
+            self.max_request_bytes = self.health().get("max_request_bytes")
+
+    def health(self) -> dict:
+        """The server's ``GET /health`` answer (with the client's retries)."""
+        return self._request("/health")
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        pixels = to_uint8(images)  # [B, 3, H, W] uint8
+        scores: list[float] = []
+        for i in range(0, len(prompts), self.max_batch):
+            scores += self._score(pixels[i : i + self.max_batch], prompts[i : i + self.max_batch])
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> list[float]:
+        body = encode_request(pixels, prompts)
+        limit = self.max_request_bytes
+        if limit is not None and len(body) > limit:
+            if len(prompts) == 1:
+                raise RemoteRewardError(
+                    f"one {list(pixels.shape[1:])} image makes a {len(body)}-byte request, over the reward "
+                    f"server's limit of {limit} bytes: restart the server with a larger --max-request-mb"
+                )
+            h = len(prompts) // 2  # split until each request fits
+            return self._score(pixels[:h], prompts[:h]) + self._score(pixels[h:], prompts[h:])
+        out = self._request("/score", body)
+        scores = out.get("scores") if isinstance(out, dict) else None
+        if not (isinstance(scores, list) and len(scores) == len(prompts)):
+            raise RemoteRewardError(
+                f"reward server at {self.url} answered {str(out)[:200]!r} to {len(prompts)} images: "
+                'expected {"scores": [one number per image]}'
+            )
+        return scores
+
+    def _request(self, path: str, body: bytes | None = None) -> dict:
+        """GET (no body) or POST ``path``; the JSON answer. Retries transport failures and 5xx with backoff."""
+        url = self.url + path
+        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            request = urllib.request.Request(
+                url, data=body, headers=headers, method="GET" if body is None else "POST"
+            )
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:  # the server answered with an error status
+                message = _server_error_text(e)
+                if e.code == 413:
+                    raise RemoteRewardError(
+                        f"reward server at {url} refused a {len(body or b'')}-byte request as too large "
+                        f"(413: {message}): lower reward.kwargs.max_batch or restart the server with a larger "
+                        "--max-request-mb"
+                    ) from None
+                if e.code < 500:
+                    raise RemoteRewardError(
+                        f"reward server at {url} refused the request ({e.code}: {message})"
+                    ) from None
+                last = f"{e.code}: {message}"
+            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+                reason = getattr(e, "reason", e)
+                timed_out = isinstance(e, TimeoutError) or isinstance(reason, TimeoutError)
+                last = (
+                    f"timed out after {self.timeout_s:g} s"
+                    if timed_out
+                    else f"{type(reason).__name__}: {reason}"
+                )
+            except json.JSONDecodeError as e:
+                raise RemoteRewardError(
+                    f"reward server at {url} answered something that is not JSON ({e})"
+                ) from None
+        raise RemoteRewardError(
+            f"reward server at {url} did not answer after {self.retries + 1} attempt(s) (last: {last}). "
+            f"Is it running? Start it with: {self.start_hint} (see densegrpo_fast/rewards/remote.py); "
+            "a slow reward needs a larger reward.kwargs.timeout_s"
+        )
+
+
+GENEVAL_HINT = (
+    "densegrpo-fast serve-reward --reward my_geneval:make_reward --kwargs '{...}' --port {port}, "
+    "in the GenEval environment"
+)
+
+
+@register("geneval")
+def geneval(
+    url: str = "http://127.0.0.1:8085",
+    timeout_s: float = 300.0,
+    retries: int = 3,
+    backoff_s: float = 1.0,
+    max_batch: int = 64,
+    check: bool = True,
+) -> RemoteReward:
+    """GenEval through the reward server: ``remote`` with GenEval's default URL and start command in its
+    errors. The server is the user's GenEval factory, started in the GenEval environment (module doc)."""
+    port = urllib.parse.urlparse(str(url)).port or 8085
+    hint = GENEVAL_HINT.replace("{port}", str(port))
+    return RemoteReward(url, timeout_s, retries, backoff_s, max_batch, check, start_hint=hint)

@@ -1,0 +1,180 @@
+"""Weight-free rewards (JPEG), the OCR reward with a fake recognizer, the weighted sum, and the registry."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from densegrpo_fast.rewards import available, build_reward
+from densegrpo_fast.rewards.ocr import levenshtein, normalize_text, ocr_score, quoted_text
+
+
+def _images(b, h=24, w=20, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8).float() / 255
+
+
+def test_new_rewards_are_registered_and_the_import_stays_light():
+    new = {"pickscore", "clip_score", "aesthetic", "jpeg_compressibility", "jpeg_incompressibility", "ocr"}
+    assert new | {"multi", "remote", "geneval", "redness", "toy_geneval"} <= set(available())
+    code = (
+        "import sys, densegrpo_fast.rewards\n"
+        "heavy = [m for m in ('transformers', 'PIL', 'easyocr', 'http.server') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        # the server runs in other environments (GenEval's): it must not need the training dependencies
+        "import densegrpo_fast.cli, densegrpo_fast.rewards.server\n"
+        "train = ('transformers', 'diffusers', 'peft', 'pydantic', 'yaml', 'matplotlib')\n"
+        "heavy = [m for m in train if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+# --- JPEG ---------------------------------------------------------------------------------------------
+
+
+def test_jpeg_sizes_are_pil_sizes_in_kb():
+    images = torch.cat([torch.full((1, 3, 32, 32), 0.5), _images(2, 32, 32)])  # flat, then noise
+    inc = build_reward("jpeg_incompressibility")(images, ["x"] * 3)
+    comp = build_reward("jpeg_compressibility")(images, ["x"] * 3)
+    assert inc.shape == (3,) and inc.dtype == torch.float32
+    assert torch.equal(comp, -inc)
+    for i in range(3):  # the same encoding done by hand: uint8 HWC, quality 95, bytes / 1000
+        buf = io.BytesIO()
+        arr = (images[i] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+        assert inc[i].item() == pytest.approx(buf.tell() / 1000, abs=1e-6)
+    assert inc[0] < inc[1] and inc[0] < inc[2]  # a flat image compresses far better than noise
+    low = build_reward("jpeg_incompressibility", quality=10)(images, ["x"] * 3)
+    assert (low[1:] < inc[1:]).all()
+    with pytest.raises(ValueError, match=r"quality=0 must be an integer in \[1, 100\]"):
+        build_reward("jpeg_compressibility", quality=0)
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        build_reward("jpeg_compressibility")(images[:, :1], ["x"] * 3)
+
+
+# --- OCR ----------------------------------------------------------------------------------------------
+
+
+def test_quoted_text_takes_the_first_pair_of_straight_or_curly_quotes():
+    assert quoted_text('A sign that says "Open 24 hours" in neon') == "Open 24 hours"
+    assert quoted_text('a "first" and a "second"') == "first"
+    assert quoted_text("a poster reading “Hello World”, blue") == "Hello World"
+    assert quoted_text('mixed “quotes" here') == "quotes"
+    for bad in ["no quotes at all", 'one " only', 'empty "  " quotes']:
+        with pytest.raises(ValueError, match="has no text between double quotes") as e:
+            quoted_text(bad)
+        assert repr(bad) in str(e.value)
+
+
+def test_edit_distance_and_scores():
+    assert levenshtein("kitten", "sitting") == 3 and levenshtein("", "abc") == 3
+    assert levenshtein("abc", "") == 3 and levenshtein("flaw", "lawn") == levenshtein("lawn", "flaw") == 2
+    assert normalize_text(" Hello\n World\t") == "helloworld"
+    # flow_grpo (default): normalised by the target, capped; a target inside the read text scores 1
+    assert ocr_score("Hello World", "hello  world") == 1.0
+    assert ocr_score("hello", "hallo") == pytest.approx(0.8)
+    assert ocr_score("hello", "Big sale: HELLO there") == 1.0
+    assert ocr_score("hello", "") == 0.0 and ocr_score("hi", "completely unrelated text") == 0.0
+    # max_len: symmetric, extra text costs
+    assert ocr_score("hello", "hello world", "max_len") == pytest.approx(1 - 5 / 10)
+    assert ocr_score("hello", "hallo", "max_len") == pytest.approx(0.8)
+    assert ocr_score("hello", "", "max_len") == 0.0
+
+
+class FakeRecognizer:
+    """Reads a preset text per image and records its calls."""
+
+    def __init__(self, texts):
+        self.texts, self.calls = texts, 0
+
+    def read(self, images):
+        self.calls += 1
+        return list(self.texts[: images.shape[0]])
+
+
+def test_ocr_reward_with_a_fake_recognizer():
+    fake = FakeRecognizer(["OPEN 24 hours", "0pen 24 hours", "open 24", "open 24 hours, all week", ""])
+    reward = build_reward("ocr", recognizer=fake)
+    prompts = [
+        'a sign "Open 24 hours"',
+        "a neon “Open 24 Hours”",
+        'a "open 24 hours"',
+        '"Open 24 hours"',
+        '"a"',
+    ]
+    scores = reward(_images(5), prompts)
+    assert scores.dtype == torch.float32 and scores.shape == (5,)
+    # target "open24hours" (11 characters): exact, 1 substitution, 5 deletions, inside a longer text, nothing
+    assert scores.tolist() == pytest.approx([1.0, 1 - 1 / 11, 1 - 5 / 11, 1.0, 0.0])
+    strict = build_reward("ocr", recognizer=fake, normalization="max_len")(_images(5), prompts)
+    assert strict.tolist() == pytest.approx([1.0, 1 - 1 / 11, 1 - 5 / 11, 1 - 8 / 19, 0.0])
+    calls = fake.calls
+    with pytest.raises(ValueError, match="has no text between double quotes"):
+        reward(_images(2), ['a "quoted" one', "an unquoted one"])
+    assert fake.calls == calls  # the prompts are checked before the recognizer runs
+    with pytest.raises(ValueError, match="read 4 texts from 5 images"):
+        build_reward("ocr", recognizer=FakeRecognizer(["a"] * 4))(_images(5), ['"a"'] * 5)
+    with pytest.raises(ValueError, match="normalization='exact'"):
+        build_reward("ocr", recognizer=fake, normalization="exact")
+
+
+def test_ocr_recognizer_from_a_user_factory(tmp_path, monkeypatch):
+    (tmp_path / "my_ocr.py").write_text(
+        "class Reader:\n"
+        "    def __init__(self, text):\n"
+        "        self.text = text\n"
+        "    def read(self, images):\n"
+        "        return [self.text] * images.shape[0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = build_reward("ocr", recognizer="my_ocr:Reader", recognizer_kwargs={"text": "Hi"})
+    assert reward(_images(2), ['"hi"', '"ho"']).tolist() == [1.0, 0.5]
+
+
+def test_default_recognizer_without_the_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "easyocr", None)  # import easyocr -> ImportError, installed or not
+    with pytest.raises(ValueError, match=r"pip install 'densegrpo-fast\[ocr\]'"):
+        build_reward("ocr")
+
+
+# --- weighted sum -------------------------------------------------------------------------------------
+
+
+def test_multi_is_the_weighted_sum_of_its_components():
+    spec = {
+        "red": {"name": "redness", "weight": 0.5},
+        "jpeg": {"name": "jpeg_compressibility", "kwargs": {"quality": 80}, "weight": -2},
+        "red2": {"name": "redness"},  # weight defaults to 1
+    }
+    reward = build_reward("multi", rewards=spec)
+    images, prompts = _images(3), ["a", "b", "c"]
+    red = build_reward("redness")(images, prompts)
+    jpeg = build_reward("jpeg_compressibility", quality=80)(images, prompts)
+    assert torch.equal(reward(images, prompts), 0.5 * red + -2.0 * jpeg + 1.0 * red)
+    parts = reward.components(images, prompts)
+    assert list(parts) == ["red", "jpeg", "red2"] and torch.equal(parts["jpeg"], jpeg)
+    nested = build_reward(
+        "multi", rewards={"inner": {"name": "multi", "kwargs": {"rewards": spec}, "weight": 2}}
+    )
+    assert torch.equal(nested(images, prompts), 2.0 * reward(images, prompts))
+
+
+@pytest.mark.parametrize(
+    "rewards, match",
+    [
+        ({}, "must be a non-empty mapping"),
+        ({"a": {"kwargs": {}}}, r"rewards.a=.* must be a mapping with 'name'"),
+        ({"a": {"name": "redness", "wieght": 1}}, r"unknown keys: \['wieght'\]"),
+        ({"a": {"name": "redness", "weight": "high"}}, r"rewards.a.weight='high' must be a number"),
+        ({"a": {"name": "rednes"}}, "did you mean 'redness'"),
+        ({"a": {"name": "redness", "kwargs": [1]}}, r"rewards.a.kwargs=\[1\] must be a mapping"),
+    ],
+)
+def test_multi_config_errors(rewards, match):
+    with pytest.raises(ValueError, match=match):
+        build_reward("multi", rewards=rewards)

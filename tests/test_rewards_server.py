@@ -1,0 +1,255 @@
+"""The reward server and its client on loopback: exact round trips, timeouts, retries, malformed and
+oversize requests, a server that is down, and a body that is never unpickled."""
+
+import contextlib
+import http.client
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from densegrpo_fast.rewards import build_reward, remote
+from densegrpo_fast.rewards.remote import RemoteRewardError, encode_request
+from densegrpo_fast.rewards.server import RewardServer, load_reward
+
+FAST = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01}
+
+
+@contextlib.contextmanager
+def serving(reward, **kw):
+    server = RewardServer(reward, port=0, **kw).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _images(b, h=16, w=12, seed=0):
+    """uint8-representable floats: the round trip's 8-bit quantisation is then exact."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8).float() / 255
+
+
+def _post(url, body, headers=None):
+    """Raw POST /score: (status, JSON answer)."""
+    req = urllib.request.Request(url + "/score", data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["redness", "jpeg_compressibility"])
+def test_round_trip_equals_the_local_reward_exactly(name, monkeypatch):
+    for var in ("http_proxy", "HTTP_PROXY"):  # a cluster proxy must not capture the loopback requests
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    local = build_reward(name)
+    images, prompts = _images(7), [f"prompt {i} “ü”" for i in range(7)]
+    with serving(local, name=name) as server:
+        client = build_reward("remote", url=server.url, max_batch=3, **FAST)  # 3 requests: 3 + 3 + 1
+        assert client.health() == {
+            "status": "ok", "reward": name, "protocol": 1, "max_request_bytes": 512 << 20
+        }  # fmt: skip
+        assert torch.equal(client(images, prompts), local(images, prompts))
+
+
+def test_client_splits_requests_to_fit_the_server_limit():
+    local = build_reward("redness")
+    images, prompts = _images(6), ["p"] * 6
+    one = len(encode_request((images[:1] * 255).round().to(torch.uint8), ["p"]))
+    with serving(local, max_request_bytes=2 * one) as server:  # fits 2 images, not 6
+        client = build_reward("remote", url=server.url, **FAST)
+        assert client.max_request_bytes == 2 * one
+        assert torch.equal(client(images, prompts), local(images, prompts))
+        status, answer = _post(server.url, encode_request((images * 255).round().to(torch.uint8), prompts))
+        assert status == 413 and f"limit of {2 * one} bytes" in answer["error"]
+        unchecked = build_reward("remote", url=server.url, check=False, **FAST)  # does not know the limit
+        with pytest.raises(RemoteRewardError, match=r"too large \(413: .*\): lower reward.kwargs.max_batch"):
+            unchecked(images, prompts)
+    too_big = pytest.raises(RemoteRewardError, match="restart the server with a larger --max-request-mb")
+    with serving(local, max_request_bytes=one // 2) as server, too_big:
+        build_reward("remote", url=server.url, **FAST)(images, prompts)
+
+
+def _slow(images, prompts):
+    time.sleep(1.5)
+    return torch.zeros(len(prompts))
+
+
+def test_a_slow_reward_times_out_with_retries():
+    with serving(_slow) as server:
+        client = build_reward("remote", url=server.url, timeout_s=0.3, retries=1, backoff_s=0.01)
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteRewardError) as e:
+            client(_images(2), ["a", "b"])
+        assert time.perf_counter() - t0 < 1.4  # two 0.3 s attempts, not the reward's 1.5 s
+        msg = str(e.value)
+        assert "after 2 attempt(s)" in msg and "timed out after 0.3 s" in msg and "timeout_s" in msg
+
+
+def test_malformed_requests_get_400_and_the_client_says_why(monkeypatch):
+    calls = []
+    with serving(lambda images, prompts: calls.append(1) or torch.zeros(len(prompts))) as server:
+        u8 = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+        meta = {"protocol": "1", "prompts": '["a", "b"]'}
+        cases = [
+            (b"not a safetensors file", "body is not a safetensors file"),
+            (
+                save({"images": u8}, metadata={"protocol": "1", "prompts": '["one"]'}),
+                "2 images but 1 prompts",
+            ),
+            (save({"images": u8.float()}, metadata=meta), "torch.float32"),
+            (save({"images": u8[:, :1].contiguous()}, metadata=meta), "[2, 1, 4, 4]"),
+            (
+                save({"images": u8, "x": u8.clone()}, metadata={"protocol": "1", "prompts": "[]"}),
+                "exactly ['images']",
+            ),
+            (save({"images": u8}, metadata={"protocol": "1", "prompts": "[1, 2]"}), "JSON list of strings"),
+            (save({"images": u8}, metadata={"protocol": "1"}), "prompts missing"),
+            (save({"images": u8}, metadata={**meta, "protocol": "2"}), "speaks protocol 1"),
+        ]
+        for body, reason in cases:
+            status, answer = _post(server.url, body)
+            assert status == 400 and reason in answer["error"], (reason, answer)
+        assert _post(server.url, b"")[0] == 400  # empty body
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url + "/nothing", timeout=5)
+        assert e.value.code == 404
+        for length, status in [(None, 411), ("-1", 400), ("x", 411)]:  # the body size must be declared
+            conn = http.client.HTTPConnection(*server.server_address[:2], timeout=5)
+            conn.putrequest("POST", "/score")
+            if length is not None:
+                conn.putheader("Content-Length", length)
+            conn.endheaders()
+            assert conn.getresponse().status == status
+            conn.close()
+        # the client's message for a 4xx, and no retry (the same request would fail again)
+        monkeypatch.setattr(remote, "encode_request", lambda images, prompts: b"garbage")
+        client = build_reward("remote", url=server.url, check=False, retries=3, backoff_s=5)
+        opened, open_ = [], client._opener.open
+        monkeypatch.setattr(client._opener, "open", lambda *a, **k: opened.append(1) or open_(*a, **k))
+        with pytest.raises(
+            RemoteRewardError, match=r"refused the request \(400: body is not a safetensors file"
+        ):
+            client(_images(2), ["a", "b"])
+        assert len(opened) == 1
+    assert calls == []  # no malformed request reached the reward
+
+
+def test_a_pickled_body_is_rejected_not_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # unpickling runs open(marker, "w"): a file appears if anyone unpickles
+            return (open, (str(marker), "w"))
+
+    body = pickle.dumps({"images": Exploit(), "prompts": ["a"]})
+    with serving(build_reward("redness")) as server:
+        status, answer = _post(server.url, body)
+    assert status == 400 and "not a safetensors file" in answer["error"]
+    assert not marker.exists()
+
+
+def test_reward_errors_4xx_are_final_5xx_are_retried():
+    def refuses(images, prompts):
+        raise ValueError("prompt 'x' has no quotes")
+
+    with serving(refuses) as server:
+        client = build_reward("remote", url=server.url, retries=3, backoff_s=5)  # a retry would take 5 s
+        with pytest.raises(RemoteRewardError, match=r"\(422: the reward refused the request: prompt 'x'"):
+            client(_images(1), ["x"])
+
+    failures = [RuntimeError("CUDA hiccup")]
+
+    def flaky(images, prompts):
+        if failures:
+            raise failures.pop()
+        return torch.full((len(prompts),), 7.0)
+
+    with serving(flaky) as server:
+        client = build_reward("remote", url=server.url, **FAST)
+        assert client(_images(2), ["a", "b"]).tolist() == [7.0, 7.0]  # 500, then success
+
+    with serving(lambda images, prompts: torch.zeros(len(prompts) + 1)) as server:
+        client = build_reward("remote", url=server.url, **FAST)
+        with pytest.raises(RemoteRewardError, match=r"last: 500: .*returned shape \(3,\) for 2 images"):
+            client(_images(2), ["a", "b"])
+
+
+def test_server_down_is_a_clear_error_after_retries():
+    url = f"http://127.0.0.1:{_free_port()}"
+    t0 = time.perf_counter()
+    with pytest.raises(RemoteRewardError) as e:
+        build_reward("remote", url=url, retries=2, backoff_s=0.05)  # checks /health when built
+    assert time.perf_counter() - t0 >= 0.05 + 0.1  # backoff 0.05 s, then 0.1 s
+    msg = str(e.value)
+    assert f"reward server at {url}/health did not answer after 3 attempt(s)" in msg
+    assert "ConnectionRefusedError" in msg and "densegrpo-fast serve-reward --reward NAME --port" in msg
+    client = build_reward("remote", url=url, check=False, retries=0)
+    with pytest.raises(RemoteRewardError, match="Is it running"):
+        client(_images(1), ["a"])
+    with pytest.raises(RemoteRewardError, match="in the GenEval environment"):
+        build_reward("geneval", url=url, retries=0)
+    with pytest.raises(ValueError, match="must be an http"):
+        build_reward("remote", url="127.0.0.1:8085")
+
+
+def test_serves_a_user_factory_by_module_path(tmp_path, monkeypatch):
+    (tmp_path / "my_scorer.py").write_text(
+        "import torch\n"
+        "def make(offset=0.0):\n"
+        "    return lambda images, prompts: images.mean((1, 2, 3)) + offset\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = load_reward("my_scorer:make", {"offset": 1.0})
+    images = _images(3)
+    with serving(reward, name="my_scorer:make") as server:
+        out = build_reward("remote", url=server.url, **FAST)(images, ["a"] * 3)
+    assert torch.equal(out, images.mean((1, 2, 3)) + 1.0)
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
+        load_reward("no_such_module:make")
+    with pytest.raises(ValueError, match="has no 'missing'"):
+        load_reward("my_scorer:missing")
+
+
+def test_serve_reward_command(tmp_path):
+    """The real command in a subprocess: it starts, answers, and stops on SIGTERM."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "densegrpo_fast", "serve-reward", "--reward", "jpeg_incompressibility"]
+    proc = subprocess.Popen(
+        [*cmd, "--kwargs", '{"quality": 50}', "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        client = build_reward("remote", url=f"http://127.0.0.1:{port}", retries=8, backoff_s=0.1)  # <= 25 s
+        images, prompts = _images(2), ["a", "b"]
+        local = build_reward("jpeg_incompressibility", quality=50)
+        assert torch.equal(client(images, prompts), local(images, prompts))
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    assert f"serving reward 'jpeg_incompressibility' at http://127.0.0.1:{port}" in out
+    bad = subprocess.run([*cmd, "--kwargs", "{quality: 50}", "--port", "1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "is not JSON" in bad.stderr
