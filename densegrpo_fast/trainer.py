@@ -307,7 +307,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     sched = Schedule(sigma_grid(e.num_steps, e.shift), torch.zeros(e.num_steps)).to(policy.device)
     # Drawn on the CPU in one go, as the eval command does: prompt i gets the same noise whatever the device
     # and batch size, so this matches `densegrpo-fast eval` on the exported EMA policy.
-    all_noise = torch.randn(len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed))
+    all_noise = torch.randn(
+        len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed)
+    )
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
     for s in range(0, len(prompts), e.batch_size):
         chunk = prompts[s : s + e.batch_size]
