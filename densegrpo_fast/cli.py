@@ -37,13 +37,20 @@ SUBCOMMANDS.append(_add_pretrain_toy)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="GenEval-style held-out scores of a toy checkpoint, with a sample grid")
+    p = sub.add_parser(
+        "eval",
+        help="held-out scores: the toy's GenEval-style report, or eval.rewards on a prompt file (sd3/flux)",
+    )
     _add_overrides(p)
-    p.add_argument("--checkpoint", default=None, help="model .safetensors (overrides model.checkpoint)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="trained weights: a run's policy_ema.safetensors (toy: any toy checkpoint)",
+    )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
 
     def handler(args):
-        from densegrpo_fast.toy.evaluate import run_eval
+        from densegrpo_fast.evaluate import run_eval
 
         run_eval(args.config, args.overrides, checkpoint=args.checkpoint, as_json=args.json)
 

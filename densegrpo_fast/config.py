@@ -345,15 +345,34 @@ class RunSection(Section):
 
 
 class EvalSection(Section):
-    dataset: str = Field("toy:test", description="held-out prompts (toy:test, or a text file)")
-    num_prompts: int = Field(256, ge=6, description="held-out prompts, balanced over categories")
-    num_steps: int = Field(20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler")
-    guidance_scale: float = Field(1.5, ge=1.0, description="CFG scale of the evaluation sampler")
-    shift: float = Field(1.0, gt=0, description="sigma-grid shift of the evaluation sampler")
+    dataset: str = Field(
+        "toy:test", description="held-out prompts: toy:test, or a text file (one prompt per line) / .jsonl"
+    )
+    num_prompts: int | None = Field(
+        256,
+        ge=1,
+        description="held-out prompts (toy: balanced over categories); null = every prompt of the file",
+    )
+    images_per_prompt: int = Field(1, ge=1, description="samples per prompt, each from its own noise")
+    num_steps: int = Field(
+        20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (papers: 40)"
+    )
+    guidance_scale: float = Field(
+        1.5, ge=1.0, description="CFG scale of the evaluation sampler (papers: 4.5)"
+    )
+    shift: float | None = Field(
+        1.0,
+        gt=0,
+        description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3/flux)",
+    )
     seed: int = Field(0, description="seed of prompt order and initial noise")
     batch_size: int = Field(128, ge=1, description="images per sampler call")
-    output_dir: str = Field("runs/toy_eval", description="where scores.json and samples.png are written")
-    grid_size: int = Field(48, ge=0, description="samples drawn in samples.png (0 = no grid)")
+    output_dir: str = Field(
+        "runs/toy_eval",
+        description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go",
+    )
+    grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
+    save_images: bool = Field(False, description="sd3/flux eval command: also write every sample as a PNG")
     rewards: dict[str, RewardSection] = Field(
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
     )

@@ -83,6 +83,10 @@ def evaluate(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
+                "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
+                "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
+    _check_same_protocol(out / "protocol.json", protocol)
     scores_path = out / "scores.jsonl"
     done = {}
     if scores_path.exists():
@@ -122,18 +126,77 @@ def evaluate(
                     bar.update(1)
     bar.close()
     summary = {
-        "num_prompts": len(prompts),
-        "images_per_prompt": images_per_prompt,
         "scores": {
             k: sum(sum(r[k]) for r in done.values()) / (len(done) * images_per_prompt) for k in rewards
         },
-        "num_steps": len(sigmas) - 1,
-        "guidance_scale": guidance_scale,
-        "seed": seed,
+        **{k: v for k, v in protocol.items() if k != "sigmas"},
         "wall_s_this_call": round(time.perf_counter() - t0, 3),
-        **(info or {}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_same_protocol(path: Path, protocol: dict) -> None:
+    """Resuming is only sound under the same protocol: compare with the one saved by the first call."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        diff = {k: (saved.get(k), v) for k, v in protocol.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{path.parent} holds an evaluation made under another protocol ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
+                "give eval.output_dir a new directory (or delete the old one) to evaluate afresh"
+            )
+    else:
+        path.write_text(json.dumps(protocol, indent=2))
+
+
+def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, as_json: bool = False) -> dict:
+    """The ``eval`` command. Toy models get the toy world's per-category report
+    (:func:`densegrpo_fast.toy.evaluate.run_eval`); sd3/flux models are sampled by the eval section's ODE
+    (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model) and scored by each of
+    ``eval.rewards``, resumably, into ``eval.output_dir``."""
+    from densegrpo_fast.config import dump_config, load_config
+    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.schedule import sampler_grid
+    from densegrpo_fast.toy.config import ToyEvalConfig
+
+    cfg = load_config(ToyEvalConfig, config, overrides)
+    if cfg.model.family == "toy":
+        from densegrpo_fast.toy.evaluate import run_eval as toy_eval
+
+        return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
+    e = cfg.eval
+    if not e.rewards:
+        raise ValueError(
+            "eval.rewards is empty: name at least one reward to score the samples with, e.g. "
+            "eval.rewards={pickscore: {name: pickscore, kwargs: {model: /path/to/PickScore_v1}}}"
+        )
+    prompts = read_prompts(e.dataset, e.num_prompts)
+    rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
+    torch.set_num_threads(cfg.model.num_threads)
+    m = cfg.model
+    policy = load_policy(m.family, m.checkpoint, m.device, **m.adapter_options())
+    if checkpoint is not None:
+        policy.load_weights(checkpoint)
+    out = Path(e.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    summary = evaluate(
+        policy, prompts, rewards, sampler_grid(e.num_steps, e.shift, policy), guidance_scale=e.guidance_scale,
+        images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
+        save_images=e.save_images,
+        info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset},
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        for k, v in summary["scores"].items():
+            print(f"{k:<20} {v:.4f}")
+        print(
+            f"({summary['num_prompts']} prompts x {e.images_per_prompt}, {e.num_steps} Euler steps, CFG "
+            f"{e.guidance_scale}, seed {e.seed})\nwrote {out}/scores.jsonl, summary.json"
+        )
     return summary
 
 

@@ -43,12 +43,15 @@ class PromptSource:
         idx = rng.choice(len(self._lines), size=n, replace=len(self._lines) < n)
         return [self._lines[i] for i in idx]
 
-    def heldout(self, n: int) -> list[str]:
+    def heldout(self, n: int | None) -> list[str]:
         """The evaluation list: ``n`` prompts, the same every call. Toy splits: balanced over categories
-        (:func:`densegrpo_fast.toy.world.eval_prompts` with this source's seed, as the eval command uses);
-        a file: its first ``n`` lines, cycled if it has fewer."""
+        (:func:`densegrpo_fast.toy.world.eval_prompts` with this source's seed, as the eval command uses;
+        None = as many as the split has); a file: its first ``n`` lines (None = all), cycled if it has fewer."""
         if self._lines is None:
             from densegrpo_fast.toy import world
 
-            return [p.text for p in world.eval_prompts(n, self.seed, self.dataset.split(":", 1)[1])]
+            split = self.dataset.split(":", 1)[1]
+            n = sum(map(len, world.prompt_split()[split].values())) if n is None else n
+            return [p.text for p in world.eval_prompts(n, self.seed, split)]
+        n = len(self._lines) if n is None else n
         return [self._lines[i % len(self._lines)] for i in range(n)]

@@ -30,7 +30,7 @@ from densegrpo_fast.policies import load_policy
 from densegrpo_fast.prompts import PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import completion_starts, sample
-from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, sigma_grid
+from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
 
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
@@ -304,7 +304,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()},
     }
     prompts = run.eval_prompts.heldout(e.num_prompts)
-    sched = Schedule(sigma_grid(e.num_steps, e.shift), torch.zeros(e.num_steps)).to(policy.device)
+    sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # Drawn on the CPU in one go, as the eval command does: prompt i gets the same noise whatever the device
     # and batch size, so this matches `densegrpo-fast eval` on the exported EMA policy.
     all_noise = torch.randn(

@@ -196,6 +196,29 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     assert any(not torch.equal(exported[k], base[k]) for k in base)
     assert (run_dir / "samples" / "iter_00001.png").exists()
 
+    # the eval command scores the export (or the base model) with eval.rewards, resumably
+    from densegrpo_fast.evaluate import run_eval
+
+    export = str(run_dir / "policy_ema.safetensors")
+    ev = [*overrides[:4], f"eval.dataset={prompts}", "eval.num_prompts=null", "eval.num_steps=2", "eval.shift=null",
+          "eval.guidance_scale=4.5", "eval.batch_size=2", "eval.rewards={red: {name: redness}}"]  # fmt: skip
+    trained = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
+    base = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_base'}"])
+    assert trained["num_prompts"] == 3 and trained["num_steps"] == 2
+    assert trained["scores"]["red"] != base["scores"]["red"]
+    lines = (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["prompt"] for ln in lines] == ["a red circle", "two blue squares", "a green dog"]
+    again = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)  # nothing left to do
+    assert again["scores"] == trained["scores"]
+    with pytest.raises(ValueError, match="another protocol"):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"])  # the base model into the export's dir
+    flux_like = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(flux_like), metadata={"family": "flux"})
+    with pytest.raises(ValueError, match="model.family 'flux', not 'sd3'"):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], checkpoint=str(flux_like))
+
 
 @pytest.mark.parametrize(
     "overrides,match",

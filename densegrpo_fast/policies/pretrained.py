@@ -215,6 +215,34 @@ class DiffusersPolicy:
         save_file(state, str(tmp), metadata=meta)
         tmp.replace(path)
 
+    def load_weights(self, path: str | Path) -> None:
+        """Load transformer weights written by :meth:`save` (a run's ``policy_ema.safetensors``: the EMA
+        weights with LoRA merged) into this policy; a ValueError if they belong to another family or
+        architecture."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(
+                f"--checkpoint {str(path)!r} does not exist: give the policy_ema.safetensors of a training run"
+            )
+        with safe_open(str(path), "pt") as f:
+            family = (f.metadata() or {}).get("family")
+        if family != self.family:
+            raise ValueError(
+                f"{str(path)!r} holds weights of model.family {family!r}, not {self.family!r}: evaluate it with "
+                "the config of the run that wrote it"
+            )
+        state = load_file(str(path), device=str(self.device))
+        missing, unexpected = self.transformer.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{str(path)!r} does not fit this transformer ({len(missing)} weights missing, e.g. "
+                f"{missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}): it was written for "
+                "another checkpoint; use the model.checkpoint of the run that wrote it"
+            )
+
     def __deepcopy__(self, memo):
         """A copy with its own transformer; the frozen encoders, VAE and tokenizers are shared (the
         trainer's export copies the policy to merge LoRA: copying T5-XXL there would cost ~10 GB)."""

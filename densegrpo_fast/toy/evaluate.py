@@ -19,7 +19,7 @@ from densegrpo_fast.policies.base import Policy
 from densegrpo_fast.schedule import sigma_grid
 from densegrpo_fast.toy.config import ToyEvalConfig
 from densegrpo_fast.toy.detector import score
-from densegrpo_fast.toy.world import CATEGORIES, ToyPrompt, eval_prompts, parse_prompt
+from densegrpo_fast.toy.world import CATEGORIES, ToyPrompt, eval_prompts, parse_prompt, prompt_split
 
 
 @torch.no_grad()
@@ -41,11 +41,13 @@ def sample(
     return policy.decode(x)
 
 
-def heldout_prompts(dataset: str, n: int, seed: int) -> list[ToyPrompt]:
+def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
     """``n`` prompts of ``dataset``: ``toy:test`` / ``toy:train`` (balanced over categories), or a text file
-    of toy-world prompts (one per line, cycled to ``n``)."""
+    of toy-world prompts (one per line, cycled to ``n``); ``n = None``: as many as the split or file has."""
     if dataset in ("toy:test", "toy:train"):
-        return eval_prompts(n, seed, dataset.split(":")[1])
+        split = dataset.split(":")[1]
+        n = sum(map(len, prompt_split()[split].values())) if n is None else n
+        return eval_prompts(n, seed, split)
     path = Path(dataset)
     if not path.is_file():
         raise ValueError(
@@ -55,7 +57,7 @@ def heldout_prompts(dataset: str, n: int, seed: int) -> list[ToyPrompt]:
     lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
-    return [parse_prompt(lines[i % len(lines)]) for i in range(n)]
+    return [parse_prompt(lines[i % len(lines)]) for i in range(len(lines) if n is None else n)]
 
 
 def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = None) -> dict:
@@ -63,6 +65,11 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
     ``cfg.dataset``, plus the mean of each of ``cfg.rewards`` (registry rewards) under ``"rewards"``."""
     from densegrpo_fast.rewards import build_reward
 
+    if cfg.shift is None:
+        raise ValueError(
+            "eval.shift is null (the model's own grid), but the toy model has no scheduler of its own: give a "
+            "number (configs/toy_geneval.yaml uses 1.0)"
+        )
     t0 = time.perf_counter()
     extra = {k: build_reward(r.name, **r.kwargs) for k, r in cfg.rewards.items()}
     prompts = heldout_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
