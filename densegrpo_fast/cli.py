@@ -102,24 +102,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir); psi.json is written there")
 
     def handler(args):
-        from pathlib import Path
+        from densegrpo_fast.trainer import run_calibration
 
-        from densegrpo_fast.calibration import calibrate
-        from densegrpo_fast.policies import load_policy
-        from densegrpo_fast.prompts import PromptSource
-        from densegrpo_fast.rewards import build_reward
-
-        cfg = _train_config(args)
-        import torch
-
-        torch.set_num_threads(cfg.model.num_threads)
-        reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
-        prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
-        policy = load_policy(
-            cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
-        )
-        path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
-        psi = calibrate(policy, reward_fn, prompts, cfg, path)
+        psi, path = run_calibration(_train_config(args))
         print(
             f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
         )

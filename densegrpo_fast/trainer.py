@@ -158,6 +158,19 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
         )
 
 
+def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tensor, Path]:
+    """The ``calibrate`` command: Algorithm 1 with the config's policy, reward and prompts, before any
+    training; returns psi and the path of the table (``noise.calibration.path`` or the run directory's
+    psi.json), written with its plot."""
+    torch.set_num_threads(cfg.model.num_threads)
+    reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
+    m = cfg.model
+    policy = load_policy(m.family, m.checkpoint, m.device, **m.adapter_options())
+    path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
+    return calibrate(policy, reward_fn, prompts, cfg, path, progress), path
+
+
 def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) -> Schedule:
     n = cfg.noise
     T = cfg.sampling.num_steps

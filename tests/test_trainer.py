@@ -248,3 +248,14 @@ def test_readme_main_job_runs_a_few_iterations_with_the_shipped_model(tmp_path):
         r["ratio_dev_first"] is None or r["ratio_dev_first"] <= 1e-5 for r in steps
     )
     assert (tmp_path / "run" / "psi.json").exists() and (tmp_path / "run" / "reward_curve.png").exists()
+
+
+def test_calibrate_command_writes_the_psi_table(tiny_checkpoint, tmp_path, capsys):
+    from densegrpo_fast.cli import main
+
+    args = tiny_overrides(tiny_checkpoint, tmp_path / "run", extra=["noise.kind=calibrated",
+                                                                     "noise.calibration.iterations=2"])  # fmt: skip
+    assert main(["calibrate", "--config", str(CONFIG), *args]) == 0
+    table = json.loads((tmp_path / "run" / "psi.json").read_text())
+    assert len(table["psi"]) == 4 and (tmp_path / "run" / "psi.png").exists()
+    assert "psi = [" in capsys.readouterr().out
