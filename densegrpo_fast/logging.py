@@ -89,15 +89,18 @@ def plot_reward_curve(records: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "iteration", "iteration"), (axes[1], "wall_s", "wall time (s)")):
         if train:
-            ax.plot(
-                [r[key] for r in train],
-                [r["reward_mean"] for r in train],
-                label="train reward (R_T mean)",
-                alpha=0.8,
-            )
-        for ek in eval_keys:
+            xs, ys = [r[key] for r in train], [r["reward_mean"] for r in train]
+            ax.plot(xs, ys, label="train reward (R_T mean)", alpha=0.35, color="tab:blue")
+            w = max(1, len(ys) // 20)  # a few prompts per iteration make R_T noisy: show its trend too
+            if w > 1:
+                smooth = [
+                    sum(ys[max(0, i - w + 1) : i + 1]) / len(ys[max(0, i - w + 1) : i + 1])
+                    for i in range(len(ys))
+                ]
+                ax.plot(xs, smooth, label=f"train reward, mean of last {w}", color="tab:blue")
+        for i, ek in enumerate(eval_keys):
             pts = [(r[key], r[ek]) for r in evals if ek in r]
-            ax.plot(*zip(*pts, strict=True), "o-", label=f"held-out {ek[5:]} (ODE, EMA)")
+            ax.plot(*zip(*pts, strict=True), "o-", color=f"C{i + 1}", label=f"held-out {ek[5:]} (ODE, EMA)")
         ax.set(xlabel=label, ylabel="reward")
         ax.legend(fontsize=7)
     fig.suptitle("densegrpo-fast training")
