@@ -1,16 +1,46 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: the `gpu` tests (compiled Triton, CUDA graphs, inductor), the kernel
-# benchmarks, and a table of this run appended to benchmarks/RESULTS.md with the card's name.
+# benchmarks, real DenseGRPO iterations of SD3.5-Medium and FLUX.1-dev at full size with random weights
+# (benchmarks/real_model_iteration.py: peak memory and seconds per phase), and a section of this run
+# appended to benchmarks/RESULTS.md with the card's name.
 #
 #   bash benchmarks/gpu_suite.sh            # on a machine with a CUDA GPU, from the repository root
 #
 # It uses the python on PATH (torch, triton must be there); it installs the package without
 # dependencies so that the machine's CUDA torch is kept. Results also land in $OUT when that is set
-# (the device tool's output folder).
+# (the device tool's output folder; at most 8 files come back from it, and these are 8).
+#
+# Packages. The package also needs diffusers, transformers, peft (LoRA) and pydantic. The lent H100/H200
+# machines have no network, and their image (.library/device/KINDS.md) lists transformers and peft but not
+# diffusers nor pydantic. Wheels in wheels/ (gitignored) are installed first, into /tmp/site, ahead on
+# PYTHONPATH, never over the machine's torch. Make them here, where pip reaches PyPI, then carry them:
+#
+#   bash benchmarks/gpu_wheels.sh           # -> wheels/*.whl (cp312 manylinux x86_64, this venv's versions)
+#   device tool: run(command="bash benchmarks/gpu_suite.sh", carry=["wheels"], timeout_s=600)
+#
+# Time. Each step has its own `timeout` (their sum, 550 s, plus ~20 s of installs and the report, stays
+# under the device tool's 600 s per call). Estimated for an H100, not yet measured: gpu tests ~1-2 min,
+# kernel benchmarks ~1 min, SD3.5-M ~3 min, FLUX.1-dev ~1.5 min; about 7 minutes in all. The estimate:
+# transformer FLOPs per row (SD3.5-M at 512 px, 1024 image + 333 text tokens: ~2.5 TFLOP forward; FLUX.1-dev,
+# 1024 + 512 tokens: ~21 TFLOP) at an assumed 300 TFLOP/s sustained in bf16, rows from the engine (dense
+# rollout B*T(T+1)/2 latent rows, x2 for SD3's CFG batch; update (T-1)*B trained rows at 3 forward-
+# equivalents, 4 with gradient checkpointing, + 1 for the KL reference), ~25 ms per 512 px VAE decode, plus
+# ~30-40 s to import and build the models on the GPU. SD3.5-M, 2 prompts x 24 (B = 48), dense: rollout
+# ~45 s, 528 decodes ~15 s, update ~35 s; sparse: ~45 s. FLUX.1-dev, 1 prompt x 8 (B = 8), dense: rollout
+# ~32 s, update ~26 s. The recipe's own batch (48 x 24 = 1152 rows) is ~24x the SD3 run: 20-40 minutes
+# per iteration on one H100 (the paper's 19 A100-hours per 20 steps is ~57 A100-minutes per step), so no
+# 10-minute call holds it. The runs use the recipe's per-call sizes instead (max_rows_per_call and
+# train_batch_size: the transformer calls and the activation peaks are the recipe's) and the script
+# extrapolates seconds and the batch-proportional memory to 1152 rows, labelled as estimates. FLUX runs
+# G = 8: one group of 8 already fills its 48-row calls from step 5 on, at a sixth of a 48-row batch's time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1
+export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+if compgen -G "wheels/*.whl" >/dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheels/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "installing wheels/ failed"
+fi
 python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
 if ! python -c "import densegrpo_fast.kernels" 2>/dev/null; then
@@ -19,12 +49,34 @@ if ! python -c "import densegrpo_fast.kernels" 2>/dev/null; then
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python -c "import densegrpo_fast.kernels as k; print('kernels from', k.__file__)" || exit 1
+python - <<'EOF'
+import importlib.metadata as md
+import importlib.util
+
+need = {"diffusers": "diffusers", "transformers": "transformers", "peft": "peft", "pydantic": "pydantic",
+        "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "matplotlib": "matplotlib"}
+missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
+print("packages:", ", ".join(f"{p} {md.version(p)}" for m, p in need.items() if p not in missing))
+if missing:
+    print(f"MISSING {missing}: the model runs will fail; run `bash benchmarks/gpu_wheels.sh` where pip reaches "
+          "PyPI and carry wheels/ (see this script's header)")
+EOF
 python -m pip install -q --no-deps pytest-benchmark 2>/dev/null || true
 CSV=benchmarks/results.csv
 before=$( [ -f "$CSV" ] && wc -l < "$CSV" || echo 0 )
+LOGS=${OUT:-/tmp/gpu_suite}
+mkdir -p "$LOGS"
 status=0
-python -m pytest -q -m gpu tests/ 2>&1 | tee /tmp/gpu_tests.log || status=1
-python -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 | tee /tmp/gpu_bench.log || status=1
-python benchmarks/report.py --csv "$CSV" --skip "$before" --tests-log /tmp/gpu_tests.log >> benchmarks/RESULTS.md
-if [ -n "${OUT:-}" ]; then cp benchmarks/RESULTS.md "$CSV" /tmp/gpu_tests.log /tmp/gpu_bench.log "$OUT"/ 2>/dev/null; fi
+timeout -k 10 140 python -m pytest -q -m gpu --continue-on-collection-errors -p no:cacheprovider tests/ 2>&1 \
+  | tee "$LOGS/gpu_tests.log" || status=1
+timeout -k 10 90 python -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \
+  | tee "$LOGS/gpu_bench.log" || status=1
+# Real models: the JSON is rewritten after each mode, so a run stopped by its timeout keeps what it measured.
+timeout -k 10 190 python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse \
+  --out "$LOGS" 2>&1 | tee "$LOGS/real_sd3.log" || status=1
+timeout -k 10 130 python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 \
+  --out "$LOGS" 2>&1 | tee "$LOGS/real_flux.log" || status=1
+python benchmarks/report.py --csv "$CSV" --skip "$before" --tests-log "$LOGS/gpu_tests.log" \
+  --iterations "$LOGS/real_sd3.json" "$LOGS/real_flux.json" >> benchmarks/RESULTS.md
+if [ -n "${OUT:-}" ]; then cp benchmarks/RESULTS.md "$CSV" "$OUT"/ 2>/dev/null; fi
 exit $status

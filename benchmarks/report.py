@@ -1,10 +1,12 @@
 """Turn the rows of one benchmark run (benchmarks/results.csv) into a Markdown section for RESULTS.md.
 
-    python benchmarks/report.py --csv benchmarks/results.csv --skip N [--tests-log FILE]
+    python benchmarks/report.py --csv benchmarks/results.csv --skip N [--tests-log FILE] [--iterations JSON ...]
 
 ``--skip N`` skips the first N lines of the CSV (those written before this run). For each op, shape and
 dtype the section lists every implementation with its time, GB/s, % of the copy bandwidth measured in the
-same run, and the speed-up of the Triton kernel over the peers' eager formulation.
+same run, and the speed-up of the Triton kernel over the peers' eager formulation. ``--iterations`` adds a
+table of real-model iterations from the JSON files of benchmarks/real_model_iteration.py (a file that is
+missing is listed as such: its run timed out or failed before loading).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -22,10 +25,19 @@ def main() -> None:
     ap.add_argument("--csv", default="benchmarks/results.csv")
     ap.add_argument("--skip", type=int, default=0, help="CSV lines written before this run")
     ap.add_argument("--tests-log", help="pytest log of the gpu tests, for their summary line")
+    ap.add_argument("--iterations", nargs="*", default=[], help="JSON files of real_model_iteration.py")
     args = ap.parse_args()
-    lines = Path(args.csv).read_text().splitlines()
-    header, body = lines[0], lines[max(args.skip, 1) :]
-    rows = list(csv.DictReader(io.StringIO("\n".join([header, *body]))))
+    kernel_section(args)
+    if args.iterations:
+        print(iteration_section([Path(p) for p in args.iterations]))
+
+
+def kernel_section(args) -> None:
+    lines = Path(args.csv).read_text().splitlines() if Path(args.csv).exists() else []
+    rows = []
+    if lines:
+        header, body = lines[0], lines[max(args.skip, 1) :]
+        rows = list(csv.DictReader(io.StringIO("\n".join([header, *body]))))
     if not rows:
         print("\n(no benchmark rows in this run)\n")
         return
@@ -57,6 +69,77 @@ def main() -> None:
                 f"| {op} | {shape} | {dtype} | {impl} | {float(r['mean_ms']):.4f} | {r['gb_per_s']} | {r['pct_of_copy']} | {speed} |"
             )
     print()
+
+
+def _gib(x) -> str:
+    return "" if x is None else f"{x:.1f}"
+
+
+def iteration_section(paths: list[Path]) -> str:
+    """Markdown: one row per (model, mode) of real_model_iteration.py, with the dense / sparse ratios and
+    the extrapolation to the recipe's batch."""
+    results = [(p, json.loads(p.read_text())) for p in paths if p.exists()]
+    out, errors = [], []
+    if results:
+        r0 = results[0][1]
+        v = r0["versions"]
+        out.append(
+            f"\n### Real-model DenseGRPO iterations ({'tiny' if r0['tiny'] else 'full size'}, random weights) — "
+            f"{r0['device']}, {r0['utc'][:10]}, "
+            f"git {r0['git_sha']}, torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
+            f"peft {v['peft']}\n"
+        )
+        out.append(
+            "Command: `python benchmarks/real_model_iteration.py` (see benchmarks/gpu_suite.sh for the arguments). "
+            "Seconds after a device sync at each phase boundary; peak = `torch.cuda.max_memory_allocated` in the "
+            "phase; the last two columns are linear extrapolations to the recipe's 48 x 24 rows (estimates).\n"
+        )
+        out.append(
+            "| model | mode | prompts x G | T | rows/call | train batch | loaded GiB | encode s | rollout s | "
+            "reward s | update s | iteration s | peak GiB rollout / reward / update | transformer rows "
+            "(rollout + update) | images | ratio_dev_first | est. min @ recipe | est. peak GiB @ recipe |"
+        )
+        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
+    for _, r in results:
+        s = r["settings"]
+        head = (
+            f"| {r['family']} | {{mode}} | {s['prompts']} x {s['group_size']} | {s['steps']} | "
+            f"{s['max_rows_per_call']} | {s['train_batch_size']} | {_gib(r.get('load', {}).get('allocated_gib'))} |"
+        )
+        if "load_error" in r:
+            errors.append(f"{r['family']}: failed while loading: {r['load_error']}")
+        if not r["modes"]:
+            out.append(head.format(mode="—") + " no mode finished |" + " |" * 10)
+        for mode, m in r["modes"].items():
+            ph = m.get("phases", {})
+            sec = lambda k, ph=ph: f"{ph[k]['seconds']:.1f}" if k in ph else ""
+            peaks = " / ".join(
+                _gib(ph.get(k, {}).get("peak_allocated_gib")) for k in ("rollout", "reward", "update")
+            )
+            rows = f"{ph.get('rollout', {}).get('transformer_rows', '')} + {ph.get('update', {}).get('transformer_rows', '')}"
+            est = m.get("estimate_at_recipe_batch", {})
+            if "error" in m:
+                errors.append(f"{r['family']} {mode}: {m['error']}")
+                total, ratio_dev, est_min = "FAILED", "", ""
+            else:
+                dev = m["metrics"].get("ratio_dev_first")  # None when no row was trained
+                total, ratio_dev = f"{m['seconds']:.1f}", "" if dev is None else f"{dev:.1e}"
+                est_min = f"{est['seconds'] / 60:.1f}" if est else "(is the recipe)"
+            out.append(
+                head.format(mode=mode)
+                + f" {sec('encode')} | {sec('rollout')} | {sec('reward')} | {sec('update')} | {total} | {peaks} | "
+                f"{rows} | {ph.get('reward', {}).get('images_decoded', '')} | {ratio_dev} | {est_min} | "
+                f"{_gib(est.get('peak_allocated_gib'))} |"
+            )
+    for _, r in results:
+        if "dense_over_sparse" in r:
+            ratio = ", ".join(f"{k} {v:.2f}x" for k, v in r["dense_over_sparse"].items())
+            out.append(f"\n{r['family']} dense / sparse, same prompts and noise: {ratio}.")
+    out += [f"\nFAILED: {e}" for e in errors]
+    for path in paths:
+        if not path.exists():
+            out.append(f"\n{path.name}: no result (the run timed out or failed before loading; see its log).")
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -119,15 +119,12 @@ def sample(
         rows = [x] + [state[j] for j in riding]
         sig_k = sigmas[k].expand(B)
         if completion_batching == "fused" or not riding:
-            v_all = policy.velocity(
-                torch.cat(rows), sigmas[k].expand(B * len(rows)), _repeat(cond, len(rows)), guidance_scale
-            )
+            v_all = _velocity(policy, torch.cat(rows), sigmas[k], cond, guidance_scale, max_rows_per_call)
             v_main, v_rest = v_all[:B], v_all[B:]
         else:
-            v_main = policy.velocity(x, sig_k, cond, guidance_scale)
-            n = len(riding)
-            v_rest = policy.velocity(
-                torch.cat(rows[1:]), sigmas[k].expand(B * n), _repeat(cond, n), guidance_scale
+            v_main = _velocity(policy, x, sigmas[k], cond, guidance_scale, max_rows_per_call)
+            v_rest = _velocity(
+                policy, torch.cat(rows[1:]), sigmas[k], cond, guidance_scale, max_rows_per_call
             )
 
         starts_here = k in paths
@@ -161,13 +158,22 @@ def sample(
 
 
 def _velocity(policy: Policy, x, sigma, cond: PromptEmbeds, guidance_scale: float, max_rows: int | None):
-    """``policy.velocity`` over row chunks of at most ``max_rows`` (all at once when None)."""
-    if max_rows is None or x.shape[0] <= max_rows:
-        return policy.velocity(x, sigma, cond, guidance_scale)
+    """``policy.velocity`` of ``x`` [n * B, ...] at the one grid point ``sigma`` (a 0-d tensor), where row r
+    takes prompt row ``r % B`` of ``cond`` (B rows: the main rows, then n - 1 stacks of completions).
+
+    With ``max_rows`` the rows go in calls of at most that many, and each call gathers only its own prompt
+    rows: the n-fold copy of ``cond`` (n * B rows of [L, D] embeddings, more than the latents themselves at
+    SD3 / FLUX sizes) is never built.
+    """
+    total, B = x.shape[0], len(cond)
+    if max_rows is None or total <= max_rows:
+        return policy.velocity(x, sigma.expand(total), _repeat(cond, total // B), guidance_scale)
+    prompt_row = torch.arange(total, device=cond.embeds.device) % B
     parts = []
-    for s in range(0, x.shape[0], max_rows):
+    for s in range(0, total, max_rows):
         idx = slice(s, s + max_rows)
-        parts.append(policy.velocity(x[idx], sigma[idx], cond.index(idx), guidance_scale))
+        n = x[idx].shape[0]
+        parts.append(policy.velocity(x[idx], sigma.expand(n), cond.index(prompt_row[idx]), guidance_scale))
     return torch.cat(parts)
 
 

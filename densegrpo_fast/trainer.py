@@ -70,8 +70,12 @@ class Run:
 # --------------------------------------------------------------------------------------------- setup
 
 
-def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Run:
-    """Build or resume a run; fails before any model work on a bad config or a clashing run dir."""
+def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=None) -> Run:
+    """Build or resume a run; fails before any model work on a bad config or a clashing run dir.
+
+    ``policy``: an already-built frozen base policy, used instead of loading ``cfg.model`` (the benchmarks
+    inject full-size random-weight models this way); it must be what ``load_policy`` would return.
+    """
     run_dir = Path(cfg.run.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
@@ -92,9 +96,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Run:
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
 
-    policy = load_policy(
-        cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
-    )
+    if policy is None:
+        policy = load_policy(
+            cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
+        )
     schedule = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
     T = cfg.sampling.num_steps
     trained = torch.zeros(T, dtype=torch.bool)

@@ -208,7 +208,8 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     assert trained["scores"]["red"] != base["scores"]["red"]
     lines = (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()
     assert [json.loads(ln)["prompt"] for ln in lines] == ["a red circle", "two blue squares", "a green dog"]
-    again = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)  # nothing left to do
+    # nothing left to do: a second call only rereads the scores
+    again = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
     assert again["scores"] == trained["scores"]
     with pytest.raises(ValueError, match="another protocol"):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"])  # the base model into the export's dir

@@ -95,3 +95,26 @@ def test_rollout_is_deterministic_and_log_probs_match_the_kernel(policy, cond):
 def test_bad_batching(policy, cond):
     with pytest.raises(ValueError, match="completion_batching"):
         run(policy, cond, make_schedule(3, 3.0, 0.7), completion_batching="waves")
+
+
+@pytest.mark.parametrize("batching", ["fused", "separate"])
+def test_max_rows_per_call_caps_every_call_and_changes_nothing_else(policy, cond, batching):
+    """The cap is what lets the recipes' 1152 trajectories (x 10 stacked completions) fit one GPU."""
+    sched = make_schedule(4, 3.0, 0.7)
+    whole = run(policy, cond, sched, completion_batching=batching)
+    sizes = []
+    velocity = policy.velocity
+
+    def counted(x, sigma, c, g=1.0):
+        assert len(c) == x.shape[0] == sigma.shape[0]
+        sizes.append(x.shape[0])
+        return velocity(x, sigma, c, g)
+
+    policy.velocity = counted
+    try:
+        capped = run(policy, cond, sched, completion_batching=batching, max_rows_per_call=4)
+    finally:
+        del policy.velocity
+    assert max(sizes) == 4 and sum(sizes) == 6 * (1 + 2 + 3 + 4)
+    for name in ("latents", "log_probs", "clean"):
+        torch.testing.assert_close(getattr(capped, name), getattr(whole, name), rtol=0, atol=1e-5)

@@ -17,15 +17,16 @@ MAX_T5_TOKENS = 24  # max_sequence_length (256 for SD3, 512 for FLUX.1-dev)
 RESOLUTION = 32
 
 
-def clip_tokenizer():
-    """A byte-level BPE CLIP tokenizer over single characters, no merges."""
+def clip_tokenizer(max_length: int = MAX_CLIP_TOKENS):
+    """A byte-level BPE CLIP tokenizer over single characters, no merges, padding prompts to ``max_length``
+    tokens (77 gives the real models' sequence; benchmarks/real_model_iteration.py uses it that way)."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in CHARS:
         vocab[c] = len(vocab)
         vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=MAX_CLIP_TOKENS)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
 def t5_tokenizer():

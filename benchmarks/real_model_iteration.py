@@ -1,0 +1,623 @@
+"""Memory and time of real DenseGRPO iterations on SD3.5-Medium or FLUX.1-dev, at full size with random weights.
+
+    python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse --out /tmp/bench
+    python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 --out /tmp/bench
+    python benchmarks/real_model_iteration.py --family sd3 --tiny --out /tmp/bench    # CPU, seconds (CI)
+    python benchmarks/real_model_iteration.py --family flux --meta                    # parameter counts only
+
+Weights do not change memory or time, so the pipeline's components are built from the configs below, with
+random weights, directly on the device in their run dtype (bf16; the VAE fp32 as the adapters load it): no
+download, no checkpoint on disk, seconds instead of minutes of CPU initialisation for ~7B (SD3.5-M + T5-XXL)
+or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the tests' offline single-character ones
+(tests/tiny_models.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 / 512 for FLUX), so
+every tensor has its real shape.
+
+They go into the real adapters (``SD3Policy`` / ``FluxPolicy``), and the iteration is the trainer's own:
+``trainer.setup`` (LoRA, AdamW, EMA; the policy injected), ``trainer.collect`` (prompt encoding, the SDE
+rollout with its in-flight completions, decoding and reward) and ``trainer.update`` (recomputed log-probs,
+clipped loss + KL against the LoRA-disabled reference, gradient accumulation, optimizer steps), with the
+recipe's settings from configs/sd35m_pickscore.yaml or configs/flux_pickscore.yaml. Overridable: prompts
+per iteration, G, T, ``sampling.max_rows_per_call``, ``grpo.train_batch_size`` and any ``key=value``. Two
+settings always differ from the recipe: the reward is the registry's ``redness`` (on the device, nearly
+free: the engine is measured, not PickScore) and the noise is uniform a = 0.7 (no calibration run; a
+calibrated psi only changes the per-step std, not the cost).
+
+Measured per phase (encode, rollout with completions, decode + reward, update), after a device
+synchronisation at each boundary: seconds, peak allocated / reserved GPU memory, transformer calls and rows
+(CFG rows included), velocity calls and their largest batch, images decoded; and the trainer's metrics
+(``ratio_dev_first``: the first PPO ratio of the update, on-policy, 1 within 1e-5 in fp32, which the --tiny
+test asserts; in bf16 the rollout's and the update's calls have different batch sizes, so different GEMM
+kernels may round differently, and the full-size run reports the value rather than asserting it). With
+``--compare-sparse`` the same prompts and noise also run sparse (Flow-GRPO: one decode per trajectory) and
+the dense / sparse cost ratios are reported. A run at fewer rows than the recipe (a 10-minute GPU call
+cannot hold the recipe's 1152 trajectories: 20-40 minutes on an H100 by the estimate in gpu_suite.sh)
+is extrapolated to the recipe's batch: seconds scale with the rows, memory by the part of it that grows
+with the rows (the allocated memory when each transformer call starts, above what the loaded models hold).
+Those extrapolations are labelled as estimates. A CUDA out-of-memory error is recorded with its phase,
+not raised, and the next mode still runs.
+
+Writes ``<out>/real_<family>[_tiny].json`` (rewritten after every mode, so a killed run keeps what it
+measured) and prints a table. Exit status 1 if a mode failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from densegrpo_fast.config import TrainConfig, load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizers and the --tiny pipelines
+
+RECIPES = {"sd3": ROOT / "configs" / "sd35m_pickscore.yaml", "flux": ROOT / "configs" / "flux_pickscore.yaml"}
+GIB = 2**30
+
+# ------------------------------------------------------------------------------------------ full-size configs
+# Every value below is the published diffusers / transformers config of the checkpoint's component, as far as
+# the author knows it. SURE (and checked by --meta against the published parameter counts in KNOWN_PARAMS,
+# which tests/test_real_model_bench.py asserts): all widths, depths, head counts, channel lists, vocabulary and
+# position sizes, i.e. everything that sets memory and time; SD3.5-M's dual-attention layers 0..12 and RMS
+# qk-norm; the VAEs' scaling / shift factors (1.5305 / 0.0609 SD3, 0.3611 / 0.1159 FLUX) and the schedulers.
+# LESS SURE, and irrelevant to cost: activation names and norm epsilons of the CLIP encoders, T5's relative
+# attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's).
+
+#: SD3.5-Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+#: FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev, transformer/config.json): 3072 = 24 heads x 128.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+_CLIP_COMMON = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
+)
+#: CLIP ViT-L/14's text tower (SD3's text_encoder, FLUX's text_encoder): pooled 768.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu", **_CLIP_COMMON)  # fmt: skip
+#: OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2): pooled 1280 (768 + 1280 = SD3's 2048).
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, hidden_act="gelu", **_CLIP_COMMON)  # fmt: skip
+#: T5 v1.1 XXL's encoder (SD3's text_encoder_3, FLUX's text_encoder_2).
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+_VAE_COMMON = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609, **_VAE_COMMON)
+FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, **_VAE_COMMON)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
+)  # fmt: skip
+#: Parameter counts (millions) of the released checkpoints, from their sizes on disk as the author recalls them
+#: (16-bit files: SD3.5-M transformer 4.94 GB = 2243 M parameters + the 226 M-value position table, the "2.5B";
+#: T5-XXL encoder 9.52 GB; CLIP-G 1.39 GB; CLIP-L 0.25 GB; FLUX.1-dev 23.8 GB, the "12B"; VAEs 0.17 GB), not
+#: read from the files (no network). --meta and the test check the configs against them within 1%.
+KNOWN_PARAMS = {
+    "sd3": {"transformer": 2243, "text_encoder": 123.7, "text_encoder_2": 694.7, "text_encoder_3": 4762,
+            "vae": 83.8},
+    "flux": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
+}  # fmt: skip
+DEFAULT_SEQ = {"sd3": 256, "flux": 512}
+
+
+@contextlib.contextmanager
+def _built_on(device: torch.device, dtype: torch.dtype):
+    """Modules constructed inside are allocated (and randomly initialised) on ``device`` in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def full_size_components(family: str, device: torch.device, dtype: torch.dtype) -> dict:
+    """The pipeline's models at full size with random weights, built on ``device``: the transformer and text
+    encoders in ``dtype``, the VAE in fp32 (as ``DiffusersPolicy`` loads it)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    def make(ctor, dt):
+        with _built_on(device, dt):
+            module = ctor()
+        # buffers computed in fp32 (SD3's position table) follow; nn.Module.to skips diffusers' from_pretrained
+        # advice, which does not apply to a model built in place
+        return torch.nn.Module.to(module, device=device, dtype=dt)
+
+    t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))
+    if family == "sd3":
+        return {
+            "transformer": make(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER), dtype),
+            "text_encoder": make(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), dtype),
+            "text_encoder_2": make(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), dtype),
+            "text_encoder_3": make(t5, dtype),
+            "vae": make(lambda: AutoencoderKL(**SD3_VAE), torch.float32),
+        }
+    return {
+        "transformer": make(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), dtype),
+        "text_encoder": make(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)), dtype),
+        "text_encoder_2": make(t5, dtype),
+        "vae": make(lambda: AutoencoderKL(**FLUX_VAE), torch.float32),
+    }
+
+
+def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
+    """``StableDiffusion3Pipeline`` / ``FluxPipeline`` with random components: tiny (tests/tiny_models.py,
+    fp32 on the CPU) or full size on ``device``."""
+    import tiny_models
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    if tiny:
+        return tiny_models.sd3_pipeline(seed) if family == "sd3" else tiny_models.flux_pipeline(seed)
+    torch.manual_seed(seed)
+    parts = full_size_components(family, device, dtype)
+    if family == "sd3":
+        return StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), tokenizer=tiny_models.clip_tokenizer(77),
+            tokenizer_2=tiny_models.clip_tokenizer(77), tokenizer_3=tiny_models.t5_tokenizer(), **parts,
+        )  # fmt: skip
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), tokenizer=tiny_models.clip_tokenizer(77),
+        tokenizer_2=tiny_models.t5_tokenizer(), **parts,
+    )  # fmt: skip
+
+
+def param_counts(modules: dict) -> dict[str, float]:
+    """Millions of parameters per component."""
+    return {
+        name: round(sum(p.numel() for p in m.parameters()) / 1e6, 3)
+        for name, m in modules.items()
+        if isinstance(m, torch.nn.Module)
+    }
+
+
+# ------------------------------------------------------------------------------------------ instrumentation
+
+
+class Probe:
+    """Clocks, counts and memory of what the trainer's functions do with the policy, changing nothing they
+    compute: wrappers on the policy's ``encode_prompts`` / ``velocity`` / ``decode`` (instance attributes,
+    which the trainer, the rollout and the reward path call) and a forward pre-hook on the transformer.
+
+    Phases follow the trainer's order: ``encode`` (prompt embeddings) ends when ``encode_prompts`` returns,
+    ``rollout`` (SDE steps + in-flight completions) at the first ``decode``, ``reward`` (decodes + reward)
+    when ``collect`` returns, ``update`` when ``update`` returns. Each boundary synchronises the device.
+    """
+
+    def __init__(self, policy, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.phase = "load"
+        self.t0 = time.perf_counter()
+        self.phases: dict[str, dict] = {}
+        self.counts: dict[str, Counter] = {}
+        self._start_allocated = 0
+
+        encode, velocity, decode = policy.encode_prompts, policy.velocity, policy.decode
+
+        def encode_prompts(prompts, **kw):
+            out = encode(prompts, **kw)
+            if self.phase == "encode":
+                self.mark("rollout")
+            return out
+
+        def counted_velocity(x, sigma, cond, guidance_scale=1.0):
+            c = self._count()
+            c["velocity_calls"] += 1
+            c["velocity_rows"] += x.shape[0]
+            c["max_velocity_rows"] = max(c["max_velocity_rows"], x.shape[0])
+            if self.cuda:  # memory held when a call starts: the part that grows with the batch (no sync)
+                c["max_allocated_at_call"] = max(c["max_allocated_at_call"], torch.cuda.memory_allocated())
+            return velocity(x, sigma, cond, guidance_scale)
+
+        def counted_decode(latents):
+            if self.phase == "rollout":
+                self.mark("reward")
+            c = self._count()
+            c["decode_calls"] += 1
+            c["images_decoded"] += latents.shape[0]
+            return decode(latents)
+
+        policy.encode_prompts, policy.velocity, policy.decode = (
+            encode_prompts,
+            counted_velocity,
+            counted_decode,
+        )
+        policy.transformer.register_forward_pre_hook(self._transformer_call, with_kwargs=True)
+
+    def _count(self) -> Counter:
+        return self.counts.setdefault(self.phase, Counter())
+
+    def _transformer_call(self, module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        c = self._count()
+        c["transformer_calls"] += 1
+        c["transformer_rows"] += x.shape[0]
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def start(self, phase: str) -> None:
+        """Begin ``phase`` with fresh peak-memory statistics (the previous phase is dropped unrecorded)."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.phase, self.t0 = phase, time.perf_counter()
+        self.phases, self.counts = {}, {}
+        self._start_allocated = torch.cuda.memory_allocated() if self.cuda else 0
+
+    def mark(self, next_phase: str) -> None:
+        """End the current phase (seconds after a sync, peak memory) and begin ``next_phase``."""
+        self.sync()
+        now = time.perf_counter()
+        rec = {"seconds": now - self.t0}
+        if self.cuda:
+            rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+            rec["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            rec["allocated_start_gib"] = self._start_allocated / GIB
+            rec["allocated_end_gib"] = torch.cuda.memory_allocated() / GIB
+            torch.cuda.reset_peak_memory_stats()
+            self._start_allocated = torch.cuda.memory_allocated()
+        rec.update(self.counts.get(self.phase, {}))
+        if "max_allocated_at_call" in rec:
+            rec["max_allocated_at_call_gib"] = rec.pop("max_allocated_at_call") / GIB
+        self.phases[self.phase] = rec
+        self.phase, self.t0 = next_phase, now
+
+
+# ------------------------------------------------------------------------------------------ the measurement
+
+COLOURS = ("red", "green", "blue", "yellow")
+THINGS = ("cat", "dog", "car", "house", "tree", "bird", "boat", "cup", "clock", "horse", "chair", "apple")
+
+
+def write_prompts(path: Path) -> Path:
+    """48 short lowercase prompts that the offline tokenizers take whole, the tiny CLIP's 16 tokens too (the
+    length does not matter: the encoders pad every prompt to their full sequence)."""
+    lines = [f"{c} {t}" for t in THINGS for c in COLOURS]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig:
+    prompts_file = work / "prompts.txt"
+    over = [
+        f"model.device={device}", f"prompts.dataset={prompts_file}", f"eval.dataset={prompts_file}",
+        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "noise.kind=uniform", "noise.level=0.7",
+        f"dense.mode={mode}", f"run.output_dir={work / 'run'}",
+        "run.tensorboard=false", "run.deterministic=false", f"run.seed={args.seed}",
+    ]  # fmt: skip
+    if args.tiny:
+        import tiny_models
+
+        over += [
+            "model.dtype=fp32", f"model.resolution={tiny_models.RESOLUTION}",
+            f"model.max_sequence_length={tiny_models.MAX_T5_TOKENS}", "model.num_threads=1",
+            "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
+            "sampling.max_rows_per_call=8", "grpo.train_batch_size=4",
+        ]  # fmt: skip
+    for key, value in (
+        ("prompts.prompts_per_iteration", args.prompts),
+        ("sampling.group_size", args.group_size),
+        ("sampling.num_steps", args.steps),
+        ("sampling.max_rows_per_call", args.max_rows_per_call),
+        ("grpo.train_batch_size", args.train_batch_size),
+    ):
+        if value is not None:
+            over.append(f"{key}={value}")
+    return load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides])
+
+
+def warm_up(run, probe: Probe) -> None:
+    """One forward + backward at the update's batch and one decode, so that the measured phases do not pay
+    for CUDA / cuBLAS / cuDNN initialisation; gradients are dropped, no optimizer step."""
+    policy, cfg = run.policy, run.cfg
+    n = min(cfg.grpo.train_batch_size, cfg.rows_per_iteration)
+    cond = policy.encode_prompts(run.prompts.sample(1, 10**6) * n)
+    x = torch.randn(n, *policy.latent_shape, device=policy.device)
+    sigma = run.schedule.sigmas[:1].expand(n)
+    policy.velocity(x, sigma, cond, cfg.sampling.guidance_scale).square().mean().backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    policy.decode(x[:1])
+    probe.sync()
+
+
+def measure_mode(run, probe: Probe, iterations: int) -> dict:
+    """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one."""
+    from densegrpo_fast.trainer import collect, update
+
+    cfg = run.cfg
+    seconds = []
+    for it in range(iterations):
+        prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
+        probe.start("encode")
+        t0 = time.perf_counter()
+        ro, cond, R, trainer_times = collect(run, prompts, it)
+        probe.mark("update")
+        metrics = update(run, ro, cond, R, it)
+        probe.mark("done")
+        seconds.append(time.perf_counter() - t0)
+        reward_mean = R[:, -1].mean().item()
+        del ro, cond, R
+    return {
+        "mode": cfg.dense.mode,
+        "seconds": seconds[-1],
+        "seconds_per_iteration": seconds,
+        "phases": dict(probe.phases),
+        "trainer_times": trainer_times,
+        "reward_mean": reward_mean,
+        "metrics": metrics,
+    }
+
+
+def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | None) -> dict:
+    """The recipe's batch from a smaller one: seconds x rows ratio; peak memory + the batch-proportional part
+    (allocated memory above the loaded run's, at phase start or transformer-call start) x (ratio - 1)."""
+    scale = recipe_rows / rows
+    est = {"rows": recipe_rows, "scale": scale, "seconds": result["seconds"] * scale, "phases": {}}
+    for name, ph in result["phases"].items():
+        e = {"seconds": ph["seconds"] * scale}
+        if base_gib is not None and "peak_allocated_gib" in ph:
+            held = max(ph["allocated_start_gib"], ph.get("max_allocated_at_call_gib", 0.0)) - base_gib
+            e["peak_allocated_gib"] = ph["peak_allocated_gib"] + max(held, 0.0) * (scale - 1)
+        est["phases"][name] = e
+    peaks = [e["peak_allocated_gib"] for e in est["phases"].values() if "peak_allocated_gib" in e]
+    if peaks:
+        est["peak_allocated_gib"] = max(peaks)
+    return est
+
+
+def git_sha() -> str:
+    try:
+        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "diffusers", "transformers", "peft", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_meta(family: str) -> int:
+    """Build the full-size components on the meta device (no memory) and compare their sizes."""
+    counts = param_counts(full_size_components(family, torch.device("meta"), torch.bfloat16))
+    bad = []
+    for name, known in KNOWN_PARAMS[family].items():
+        ok = abs(counts[name] - known) <= 0.01 * known
+        bad += [] if ok else [name]
+        print(f"{name:<16}{counts[name]:>10.1f} M   expected {known:>8.1f} M   {'ok' if ok else 'MISMATCH'}")
+    print(json.dumps({"family": family, "params_m": counts}))
+    return 1 if bad else 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=["sd3", "flux"], required=True)
+    ap.add_argument("--tiny", action="store_true", help="tiny random components on the CPU (CI smoke run)")
+    ap.add_argument("--meta", action="store_true", help="only build the full-size configs on 'meta', count")
+    ap.add_argument("--prompts", type=int, help="prompts per iteration (recipe: 48)")
+    ap.add_argument("--group-size", type=int, help="G (recipe: 24)")
+    ap.add_argument("--steps", type=int, help="T (recipe: 10)")
+    ap.add_argument(
+        "--max-rows-per-call", type=int, help="sampling.max_rows_per_call (recipe: sd3 96, flux 48)"
+    )
+    ap.add_argument("--train-batch-size", type=int, help="grpo.train_batch_size (recipe: sd3 8, flux 4)")
+    ap.add_argument("--dense-mode", choices=["dense", "sparse"], default="dense")
+    ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")
+    ap.add_argument("--iterations", type=int, default=1, help="measured iterations per mode (last is kept)")
+    ap.add_argument("--no-warmup", action="store_true", help="measure the first calls cold")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu (--tiny: cpu)")
+    ap.add_argument("--out", default="runs/real_model_iteration", help="folder of the JSON (nothing else)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides applied last")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.meta:
+        return run_meta(args.family)
+    args.tag = "_tiny" if args.tiny else ""
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.out) / f"real_{args.family}{args.tag}.json"
+    work = Path(tempfile.mkdtemp(prefix=f"real_{args.family}_"))  # run dir and prompts: not in --out
+    write_prompts(work / "prompts.txt")
+    modes = [args.dense_mode] + (["sparse"] if args.compare_sparse and args.dense_mode != "sparse" else [])
+    cfgs = {m: config_for(args, m, work, device) for m in modes}  # config errors before model work
+    cfg = cfgs[modes[0]]
+    recipe_rows = load_config(TrainConfig, RECIPES[args.family]).rows_per_iteration  # 48 x 24
+    result = {
+        "family": args.family, "tiny": args.tiny,
+        "device": torch.cuda.get_device_name(device) if cuda else f"cpu ({os.cpu_count()} cores)",
+        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_sha": git_sha(), "versions": versions(),
+        "settings": {
+            "prompts": cfg.prompts.prompts_per_iteration, "group_size": cfg.sampling.group_size,
+            "rows": cfg.rows_per_iteration, "steps": cfg.sampling.num_steps,
+            "max_rows_per_call": cfg.sampling.max_rows_per_call, "train_batch_size": cfg.grpo.train_batch_size,
+            "updates_per_iteration": cfg.grpo.updates_per_iteration, "resolution": cfg.model.resolution,
+            "dtype": cfg.model.dtype, "guidance_scale": cfg.sampling.guidance_scale, "beta": cfg.grpo.beta,
+            "lora_rank": cfg.lora.rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "recipe_rows": recipe_rows, "overrides": args.overrides,
+        },
+        "modes": {},
+    }  # fmt: skip
+    print(f"[{args.family}{args.tag}] {result['device']}: {cfg.prompts.prompts_per_iteration} prompts x "
+          f"{cfg.sampling.group_size}, T={cfg.sampling.num_steps}, modes {modes}", flush=True)  # fmt: skip
+    write_json(json_path, result)
+    try:
+        run, probe = load(args, cfg, device, result)
+    except Exception as e:  # an OOM or a bug while building: recorded, so the report names it
+        traceback.print_exc()
+        result["load_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        write_json(json_path, result)
+        return 1
+    write_json(json_path, result)
+
+    base = result["load"].get("allocated_gib")
+    failed = False
+    for mode in modes:
+        try:
+            rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations)
+        except Exception as e:  # CUDA out of memory above all: the next mode still runs
+            traceback.print_exc()
+            failed = True
+            rec = {"mode": mode, "error": f"{type(e).__name__} in phase {probe.phase!r}: {str(e)[:300]}",
+                   "phases": dict(probe.phases)}  # fmt: skip
+            if cuda:
+                rec["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        run.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        if "error" not in rec and cfg.rows_per_iteration != recipe_rows:
+            rec["estimate_at_recipe_batch"] = extrapolate(rec, cfg.rows_per_iteration, recipe_rows, base)
+        result["modes"][mode] = rec
+        write_json(json_path, result)
+        print(summary_line(mode, rec), flush=True)
+
+    if len(modes) == 2 and not failed:
+        result["dense_over_sparse"] = ratios(*(result["modes"][m] for m in modes))
+        print("dense / sparse: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["dense_over_sparse"].items()))
+    write_json(json_path, result)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {json_path}")
+    return 1 if failed else 0
+
+
+def load(args, cfg: TrainConfig, device: torch.device, result: dict):
+    """Components -> adapter -> ``trainer.setup`` with the policy injected -> warm-up. Records the load
+    phase (seconds, memory, parameter counts) in ``result``; returns the run and its probe."""
+    from densegrpo_fast.policies.pretrained import as_dtype
+    from densegrpo_fast.trainer import setup
+
+    t0 = time.perf_counter()
+    pipe = build_pipeline(args.family, args.tiny, device, as_dtype(cfg.model.dtype), args.seed)
+    if args.family == "sd3":
+        from densegrpo_fast.policies.sd3 import SD3Policy as Adapter
+    else:
+        from densegrpo_fast.policies.flux import FluxPolicy as Adapter
+    seq = cfg.model.max_sequence_length or DEFAULT_SEQ[args.family]
+    policy = Adapter(pipe, resolution=cfg.model.resolution, max_sequence_length=seq)
+    if cfg.model.gradient_checkpointing:  # as load_policy does
+        policy.transformer.enable_gradient_checkpointing()
+    result["params_m"] = param_counts(pipe.components)
+    probe = Probe(policy, device)
+    probe.sync()
+    load_rec = {"build_s": time.perf_counter() - t0}
+    if probe.cuda:
+        load_rec["build_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+    probe.start("setup")
+    run = setup(cfg, progress=False, policy=policy)  # LoRA, AdamW, EMA: the trainer's own
+    probe.mark("warmup")
+    if not args.no_warmup:
+        warm_up(run, probe)
+    probe.mark("idle")
+    load_rec.update({k: probe.phases[k] for k in ("setup", "warmup")})
+    if probe.cuda:
+        load_rec["allocated_gib"] = torch.cuda.memory_allocated() / GIB
+        load_rec["reserved_gib"] = torch.cuda.memory_reserved() / GIB
+    result["load"] = load_rec
+    return run, probe
+
+
+def _total(rec: dict, key: str) -> float:
+    return sum(ph.get(key, 0) for ph in rec["phases"].values())
+
+
+def ratios(dense: dict, sparse: dict) -> dict[str, float]:
+    out = {"seconds": dense["seconds"] / sparse["seconds"]}
+    for ph in ("rollout", "reward", "update"):
+        out[f"{ph}_seconds"] = dense["phases"][ph]["seconds"] / sparse["phases"][ph]["seconds"]
+    for key in ("transformer_rows", "images_decoded"):
+        if _total(sparse, key):
+            out[key] = _total(dense, key) / _total(sparse, key)
+    out["rollout_transformer_rows"] = (
+        dense["phases"]["rollout"]["transformer_rows"] / sparse["phases"]["rollout"]["transformer_rows"]
+    )
+    if "peak_allocated_gib" in dense["phases"]["rollout"]:
+        peak = lambda r: max(ph["peak_allocated_gib"] for ph in r["phases"].values())
+        out["peak_allocated"] = peak(dense) / peak(sparse)
+    return out
+
+
+def summary_line(mode: str, rec: dict) -> str:
+    if "error" in rec:
+        return f"  {mode}: FAILED: {rec['error']}"
+    parts = [f"  {mode}: {rec['seconds']:.2f} s"]
+    for name in ("encode", "rollout", "reward", "update"):
+        ph = rec["phases"][name]
+        mem = f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else ""
+        parts.append(f"{name} {ph['seconds']:.2f} s{mem}")
+    m = rec["metrics"]
+    parts.append(
+        f"transformer rows {int(_total(rec, 'transformer_rows'))}, images {int(_total(rec, 'images_decoded'))}, "
+        f"ratio_dev_first {m['ratio_dev_first'] if m['ratio_dev_first'] is None else format(m['ratio_dev_first'], '.1e')}"
+    )
+    if "estimate_at_recipe_batch" in rec:
+        e = rec["estimate_at_recipe_batch"]
+        mem = f", peak ~{e['peak_allocated_gib']:.0f} GiB" if "peak_allocated_gib" in e else ""
+        parts.append(f"estimate at {e['rows']} rows: ~{e['seconds'] / 60:.0f} min{mem}")
+    return " | ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

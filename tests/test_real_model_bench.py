@@ -1,0 +1,85 @@
+"""benchmarks/real_model_iteration.py: its --tiny path (the same code as the full-size GPU run: real
+adapters, the trainer's setup / collect / update, the probes) runs and reports sound numbers, and its
+full-size component configs have the published parameter counts."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
+CFG_ROWS = {"sd3": 2, "flux": 1}  # transformer rows per latent row: SD3 batches CFG, FLUX.1-dev has none
+
+
+def finite_numbers(tree) -> bool:
+    if isinstance(tree, dict):
+        return all(finite_numbers(v) for v in tree.values())
+    if isinstance(tree, list):
+        return all(finite_numbers(v) for v in tree)
+    return not isinstance(tree, float) or math.isfinite(tree)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_tiny_iteration_through_the_trainer(family, tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--family", family, "--tiny", "--compare-sparse", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-2000:]
+    assert "dense / sparse:" in out.stdout
+    res = json.loads((tmp_path / f"real_{family}_tiny.json").read_text())
+    assert finite_numbers(res), res
+    s = res["settings"]
+    B, T, cap = s["rows"], s["steps"], s["max_rows_per_call"]
+    assert (B, T, cap) == (8, 4, 8)
+    assert set(res["modes"]) == {"dense", "sparse"}
+    for mode, rec in res["modes"].items():
+        assert "error" not in rec, rec
+        m = rec["metrics"]
+        assert m["ratio_dev_first"] <= 1e-5  # the update's first ratio is on-policy
+        assert m["rows_trained"] > 0 and m["grad_norm"] > 0
+        ph = rec["phases"]
+        assert set(ph) == {"encode", "rollout", "reward", "update"}
+        assert all(p["seconds"] > 0 for p in ph.values())
+        assert rec["seconds"] >= sum(p["seconds"] for p in ph.values()) * 0.99
+        # the rollout's calls respect sampling.max_rows_per_call; completions ride them when dense
+        latent_rows = B * T * (T + 1) // 2 if mode == "dense" else B * T
+        assert ph["rollout"]["velocity_rows"] == latent_rows
+        assert ph["rollout"]["max_velocity_rows"] <= cap
+        assert ph["rollout"]["transformer_rows"] == CFG_ROWS[family] * latent_rows
+        assert ph["reward"]["images_decoded"] == (B * (T + 1) if mode == "dense" else B)
+        # update: each trained row once through the policy and once through the reference (KL), in
+        # batches of grpo.train_batch_size
+        assert ph["update"]["velocity_rows"] == 2 * m["rows_trained"]
+        assert ph["update"]["max_velocity_rows"] <= s["train_batch_size"]
+        assert rec["estimate_at_recipe_batch"]["rows"] == 48 * 24
+    ratio = res["dense_over_sparse"]
+    assert ratio["images_decoded"] == T + 1
+    assert ratio["rollout_transformer_rows"] == (T + 1) / 2
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("real_model_iteration", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_full_size_configs_have_the_published_sizes(family):
+    """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev has its
+    checkpoint's parameter count, so the GPU run measures the real shapes."""
+    bench = _load_script()
+    parts = bench.full_size_components(family, torch.device("meta"), torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32  # the build restores it
+    counts = bench.param_counts(parts)
+    assert counts.keys() == bench.KNOWN_PARAMS[family].keys()
+    for name, known in bench.KNOWN_PARAMS[family].items():
+        assert counts[name] == pytest.approx(known, rel=0.01), name
+    assert parts["vae"].dtype == torch.float32 and parts["transformer"].dtype == torch.bfloat16
