@@ -153,7 +153,7 @@ class ModelSection(Section):
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
-        1, ge=1, description="torch CPU threads (1 is fastest for tiny models on 2 cores)"
+        1, ge=1, description="torch CPU threads (toy on 2 cores: 2 for training, whose calls are large)"
     )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32",
