@@ -398,7 +398,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                   "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
         run.log.write(record)
         bar.update(1)
-        bar.set_postfix(reward=f"{record['reward_mean']:.3f}", ratio_dev=f"{up['ratio_dev_first'] or 0:.1e}")
+        post = {"reward": f"{record['reward_mean']:.3f}", "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}"}
+        if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
+            post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
+        bar.set_postfix(post)
         if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
             n = min(16, R.shape[0])
             images = run.policy.decode(ro.latents[:n, -1])
