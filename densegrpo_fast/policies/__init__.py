@@ -35,10 +35,9 @@ def load_policy(
             from densegrpo_fast.policies.sd3 import SD3Policy as cls
         else:
             from densegrpo_fast.policies.flux import FluxPolicy as cls
-        extra = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         policy = cls.load(
-            checkpoint, device=device, dtype=dtype, resolution=resolution, local_files_only=local_files_only,
-            **extra,
+            checkpoint, device=device, dtype=dtype, resolution=resolution,
+            max_sequence_length=max_sequence_length, local_files_only=local_files_only,
         )  # fmt: skip
         if gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()

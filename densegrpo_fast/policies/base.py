@@ -92,3 +92,22 @@ class Policy(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1]."""
         ...
+
+
+def cfg_velocity(
+    forward_raw, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float
+):
+    """Classifier-free guidance in one batched call of ``forward_raw(x, sigma, embeds, pooled)``:
+    ``v_neg + g * (v_pos - v_neg)``; a plain conditional call when ``g == 1`` or there are no negative
+    embeds. ``sigma``: [B] or a scalar tensor."""
+    sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+    if guidance_scale == 1.0 or cond.neg_embeds is None:
+        return forward_raw(x, sigma, cond.embeds, cond.pooled)
+    v = forward_raw(
+        torch.cat([x, x]),
+        torch.cat([sigma, sigma]),
+        torch.cat([cond.neg_embeds, cond.embeds]),
+        torch.cat([cond.neg_pooled, cond.pooled]),
+    )
+    v_neg, v_pos = v.chunk(2)
+    return v_neg + guidance_scale * (v_pos - v_neg)

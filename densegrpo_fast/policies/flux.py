@@ -23,7 +23,6 @@ FluxPipeline's: shifted by the image's token count (:func:`densegrpo_fast.schedu
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
@@ -50,6 +49,10 @@ class FluxPolicy(DiffusersPolicy):
     """
 
     family = "flux"
+    pipeline_name = "FluxPipeline"
+    components = COMPONENTS
+    default_repo = DEFAULT_REPO
+    default_max_sequence_length = 512
 
     def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
@@ -58,29 +61,6 @@ class FluxPolicy(DiffusersPolicy):
         )
         self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
         self.image_seq_len = (side // 2) ** 2
-
-    @classmethod
-    def load(
-        cls,
-        path_or_repo_id: str | Path | None = None,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | str = torch.bfloat16,
-        resolution: int = 512,
-        max_sequence_length: int = 512,
-        local_files_only: bool = True,
-        cache_dir: str | Path | None = None,
-    ) -> FluxPolicy:
-        """Load a diffusers-format FLUX.1 checkpoint: a directory, or a repo id (default
-        ``black-forest-labs/FLUX.1-dev``) from the Hugging Face cache; offline unless ``local_files_only``
-        is false. Everything but the VAE (fp32) loads in ``dtype``."""
-        from diffusers import FluxPipeline
-
-        pipe = cls._load_pipeline(
-            FluxPipeline, COMPONENTS, DEFAULT_REPO, path_or_repo_id, device=device, dtype=dtype,
-            local_files_only=local_files_only, cache_dir=cache_dir,
-        )  # fmt: skip
-        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,17 +161,40 @@ class DiffusersPolicy:
             )
         return self.resolution // self.vae_scale_factor
 
+    #: Set by each family: the diffusers pipeline class name, the components it needs (see
+    #: :func:`missing_parts`), the default repo id and the default T5 length.
+    pipeline_name = ""
+    components: dict[str, str] = {}
+    default_repo = ""
+    default_max_sequence_length = 256
+
     @classmethod
-    def _load_pipeline(cls, pipeline_cls, components, default_repo, path_or_repo_id, *, device, dtype,
-                       local_files_only, cache_dir):  # fmt: skip
+    def load(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = torch.bfloat16,
+        resolution: int = 512,
+        max_sequence_length: int | None = None,
+        local_files_only: bool = True,
+        cache_dir: str | Path | None = None,
+    ):
+        """Load a diffusers-format checkpoint of this family: a directory, or a repo id (default
+        ``cls.default_repo``) from the Hugging Face cache; offline unless ``local_files_only`` is false.
+        Everything but the VAE (fp32) loads in ``dtype``; ``max_sequence_length=None`` takes the family's."""
+        import diffusers
+
+        pipeline_cls = getattr(diffusers, cls.pipeline_name)
         root = resolve_pretrained(
-            path_or_repo_id or default_repo, pipeline_cls=pipeline_cls, components=components,
-            default_repo=default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
+            path_or_repo_id or cls.default_repo, pipeline_cls=pipeline_cls, components=cls.components,
+            default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
         )  # fmt: skip
         pipe = pipeline_cls.from_pretrained(
             root, dtype={"default": as_dtype(dtype), "vae": torch.float32}, local_files_only=True
-        )
-        return pipe.to(device)
+        ).to(device)
+        length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+        return cls(pipe, resolution=resolution, max_sequence_length=length)
 
     def scheduler_config(self, *unsupported: str, fix: str):
         """The checkpoint scheduler's config; a ValueError if it sets an option the engine's grid does not

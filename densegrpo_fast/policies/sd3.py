@@ -27,11 +27,9 @@ Weights load offline by default from a diffusers-format directory or the Hugging
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity
 from densegrpo_fast.policies.pretrained import DiffusersPolicy, encode_deduplicated
 
 DEFAULT_REPO = "stabilityai/stable-diffusion-3.5-medium"
@@ -55,6 +53,10 @@ class SD3Policy(DiffusersPolicy):
     """
 
     family = "sd3"
+    pipeline_name = "StableDiffusion3Pipeline"
+    components = COMPONENTS
+    default_repo = DEFAULT_REPO
+    default_max_sequence_length = 256
 
     def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 256):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
@@ -70,29 +72,6 @@ class SD3Policy(DiffusersPolicy):
             )
         self.latent_shape = (cfg.in_channels, side, side)
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @classmethod
-    def load(
-        cls,
-        path_or_repo_id: str | Path | None = None,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | str = torch.bfloat16,
-        resolution: int = 512,
-        max_sequence_length: int = 256,
-        local_files_only: bool = True,
-        cache_dir: str | Path | None = None,
-    ) -> SD3Policy:
-        """Load a diffusers-format SD3/SD3.5 checkpoint: a directory, or a repo id (default
-        ``stabilityai/stable-diffusion-3.5-medium``) from the Hugging Face cache; offline unless
-        ``local_files_only`` is false. Everything but the VAE (fp32) loads in ``dtype``."""
-        from diffusers import StableDiffusion3Pipeline
-
-        pipe = cls._load_pipeline(
-            StableDiffusion3Pipeline, COMPONENTS, DEFAULT_REPO, path_or_repo_id, device=device, dtype=dtype,
-            local_files_only=local_files_only, cache_dir=cache_dir,
-        )  # fmt: skip
-        return cls(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,17 +109,7 @@ class SD3Policy(DiffusersPolicy):
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        if guidance_scale == 1.0 or cond.neg_embeds is None:
-            return self.forward_raw(x, sigma, cond.embeds, cond.pooled)
-        v = self.forward_raw(
-            torch.cat([x, x]),
-            torch.cat([sigma, sigma]),
-            torch.cat([cond.neg_embeds, cond.embeds]),
-            torch.cat([cond.neg_pooled, cond.pooled]),
-        )
-        v_neg, v_pos = v.chunk(2)
-        return v_neg + guidance_scale * (v_pos - v_neg)
+        return cfg_velocity(self.forward_raw, x, sigma, cond, guidance_scale)
 
     def sigma_grid(self, num_steps: int) -> torch.Tensor:
         """The grid of the checkpoint's scheduler, float32 [T+1] (SD3.5: :func:`sigma_grid` at shift 3.0)."""

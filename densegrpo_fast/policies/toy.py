@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity
 from densegrpo_fast.toy import world
 
 PAD, UNK = 0, 1  # special token ids; words start at 2
@@ -152,17 +152,7 @@ class ToyPolicy(nn.Module):
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
-        sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-        if guidance_scale == 1.0 or cond.neg_embeds is None:
-            return self.forward_raw(x, sigma, cond.embeds, cond.pooled)
-        v = self.forward_raw(
-            torch.cat([x, x]),
-            torch.cat([sigma, sigma]),
-            torch.cat([cond.neg_embeds, cond.embeds]),
-            torch.cat([cond.neg_pooled, cond.pooled]),
-        )
-        v_neg, v_pos = v.chunk(2)
-        return v_neg + guidance_scale * (v_pos - v_neg)
+        return cfg_velocity(self.forward_raw, x, sigma, cond, guidance_scale)
 
     @staticmethod
     def encode_images(images: torch.Tensor) -> torch.Tensor:

@@ -38,25 +38,23 @@ def _check_quality(quality: int) -> int:
     return quality
 
 
-@register("jpeg_compressibility")
-def jpeg_compressibility(quality: int = 95):
-    """``-`` JPEG size in kB at ``quality``: higher for images that compress well (flat, smooth)."""
+def _jpeg_size_reward(sign: float, quality: int):
     quality = _check_quality(quality)
 
     def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
-        return -jpeg_kb(images, quality).to(images.device)
+        return sign * jpeg_kb(images, quality).to(images.device)
 
     return reward
+
+
+@register("jpeg_compressibility")
+def jpeg_compressibility(quality: int = 95):
+    """``-`` JPEG size in kB at ``quality``: higher for images that compress well (flat, smooth)."""
+    return _jpeg_size_reward(-1.0, quality)
 
 
 @register("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95):
     """``+`` JPEG size in kB at ``quality``: higher for detailed, high-frequency images."""
-    quality = _check_quality(quality)
-
-    def reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        check_batch(images, prompts)
-        return jpeg_kb(images, quality).to(images.device)
-
-    return reward
+    return _jpeg_size_reward(1.0, quality)
