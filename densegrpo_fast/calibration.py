@@ -97,11 +97,13 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
         prompts = [p for p in prompt_source.sample(n_prompts, it, stream="calibration") for _ in range(G)]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * it + 1)
         noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen, device=device)
-        ro = sample(
-            policy, policy.encode_prompts(prompts), noise, sched.to(device), guidance_scale=cfg.sampling.guidance_scale,
-            generator=gen, completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
-            max_rows_per_call=cfg.sampling.max_rows_per_call,
-        )  # fmt: skip
+        cond = policy.encode_prompts(prompts)
+        with cfg.model.autocast_context():  # the numerics training will sample with
+            ro = sample(
+                policy, cond, noise, sched.to(device), guidance_scale=cfg.sampling.guidance_scale, generator=gen,
+                completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
+                max_rows_per_call=cfg.sampling.max_rows_per_call,
+            )  # fmt: skip
         R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched))
         psi = calibration_step(
             psi, step_rewards(R).cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active

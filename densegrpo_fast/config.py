@@ -160,6 +160,13 @@ class ModelSection(Section):
         description="sd3/flux: dtype of the transformer and text encoders (bf16 on GPUs); the VAE and the "
         "SDE math stay fp32",
     )
+    autocast: Literal["bf16", "fp16"] | None = Field(
+        None,
+        description="sample the training rollouts (and calibration) with the transformer's matmuls in this "
+        "dtype under torch.autocast; the update runs in the model's dtype and recomputes the old log-probs "
+        "itself; weights, SDE math and evaluation are untouched (toy on a CPU with avx512_bf16: bf16 makes "
+        "the rollout 1.7x faster)",
+    )
     resolution: int = Field(512, ge=16, description="sd3/flux: image side in pixels, a multiple of 16")
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="sd3/flux: T5 tokens per prompt; null = SD3's 256, FLUX.1's 512"
@@ -177,6 +184,17 @@ class ModelSection(Section):
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
         "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing"
     )  # fmt: skip
+
+    def autocast_context(self):
+        """The context the training's transformer calls run in: ``torch.autocast`` at ``autocast``, or none."""
+        import contextlib
+
+        import torch
+
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
+        return torch.autocast(torch.device(self.device).type, dtype=dtype)
 
     def adapter_options(self) -> dict:
         """Keyword arguments of :func:`densegrpo_fast.policies.load_policy` beyond family/checkpoint/device."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed)
 
     torch.set_num_threads(cfg.model.num_threads)
+    _warn_if_autocast_is_emulated(cfg)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.run.seed)
@@ -149,6 +151,22 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     return run
 
 
+def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
+    m = cfg.model
+    if m.autocast is None or torch.device(m.device).type != "cpu":
+        return
+    native = {
+        "bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+        "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported,
+    }
+    if not native[m.autocast]():
+        warnings.warn(
+            f"model.autocast={m.autocast}: this CPU has no native {m.autocast} matmuls (avx512_bf16 / AMX), so "
+            "they are emulated and slower than fp32; set model.autocast=null",
+            stacklevel=2,
+        )
+
+
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     from densegrpo_fast.config import load_config
 
@@ -201,11 +219,12 @@ def collect(run: Run, prompts: list[str], iteration: int):
     cond = policy.encode_prompts(rows)
     noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)
     dense = cfg.dense.mode != "sparse"
-    ro = sample(
-        policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale, generator=gen,
-        completion_steps=cfg.dense.completion_steps, dense=dense, completion_batching=cfg.dense.completion_batching,
-        max_rows_per_call=cfg.sampling.max_rows_per_call,
-    )  # fmt: skip
+    with cfg.model.autocast_context():
+        ro = sample(
+            policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale, generator=gen,
+            completion_steps=cfg.dense.completion_steps, dense=dense,
+            completion_batching=cfg.dense.completion_batching, max_rows_per_call=cfg.sampling.max_rows_per_call,
+        )  # fmt: skip
     t1 = time.perf_counter()
     T = run.schedule.num_steps
     if dense:
@@ -233,11 +252,15 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     first_ratio_dev = None
     sigmas, std = sched.sigmas, sched.std
     transformer = policy.transformer
-    for chunk_rows, chunk_steps in zip(
-        rows.tensor_split(cfg.grpo.updates_per_iteration),
-        steps.tensor_split(cfg.grpo.updates_per_iteration),
-        strict=True,
-    ):
+    u = cfg.grpo.updates_per_iteration
+    chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
+    # Old log-probs. Rollout and update share their numerics (fp32): the rollout's own, exact (ratio 1 at the
+    # first update). A rollout under model.autocast sampled with lower-precision velocities, whose rounding
+    # moves log-probs by about the clip range; the update (full precision) then recomputes them itself: the
+    # first chunk's in its own forward, the later chunks' here, before any optimizer step.
+    recompute = cfg.model.autocast is not None
+    old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
+    for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = chunk_rows.numel()
         if n == 0:
             continue
@@ -245,12 +268,15 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
             i = chunk_rows[start : start + cfg.grpo.train_batch_size]
             k = chunk_steps[start : start + cfg.grpo.train_batch_size]
             x, x_next = ro.latents[i, k], ro.latents[i, k + 1]
-            c = cond.index(i)
-            v = policy.velocity(x, sigmas[k], c, cfg.sampling.guidance_scale)
-            v_ref = _reference_velocity(run, x, sigmas[k], c) if cfg.grpo.beta > 0 else None
+            ci = cond.index(i)
+            v = policy.velocity(x, sigmas[k], ci, cfg.sampling.guidance_scale)
+            v_ref = _reference_velocity(run, x, sigmas[k], ci) if cfg.grpo.beta > 0 else None
             lp, kl = sde_log_prob(x, v, x_next, sigmas[k], sigmas[k + 1], std[k], ref_velocity=v_ref,
                                   kl_exact=cfg.grpo.kl_exact)  # fmt: skip
-            loss, s = grpo_loss(lp, ro.log_probs[i, k], A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
+            old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
+            if recompute:  # how far the autocast rollout's log-probs are from the update's
+                stats.setdefault("rollout_lp_dev", []).append((old - ro.log_probs[i, k]).abs().mean().item())
+            loss, s = grpo_loss(lp, old, A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
             (loss * (i.numel() / n)).backward()
             if first_ratio_dev is None:
                 first_ratio_dev = s["ratio_dev_max"].item()
@@ -272,6 +298,24 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     out["adv_nonzero_frac"] = (
         (A[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
     )
+    return out
+
+
+@torch.no_grad()
+def _recompute_log_probs(run: Run, ro, cond, chunks) -> torch.Tensor:
+    """``ro.log_probs`` with the (row, step) entries of ``chunks`` recomputed by the current policy at the
+    update's own precision, in the update's micro-batches."""
+    cfg, sched = run.cfg, run.schedule
+    out = ro.log_probs.clone()
+    b = cfg.grpo.train_batch_size
+    for chunk_rows, chunk_steps in chunks:
+        for start in range(0, chunk_rows.numel(), b):
+            i, k = chunk_rows[start : start + b], chunk_steps[start : start + b]
+            x = ro.latents[i, k]
+            v = run.policy.velocity(x, sched.sigmas[k], cond.index(i), cfg.sampling.guidance_scale)
+            out[i, k] = sde_log_prob(
+                x, v, ro.latents[i, k + 1], sched.sigmas[k], sched.sigmas[k + 1], sched.std[k]
+            )[0]
     return out
 
 

@@ -121,8 +121,9 @@ def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
         ["dense.mode=dense_baseline", "dense.completion_steps=1"],
         ["noise.window_start=1", "noise.window_size=2", "dense.completion_batching=separate"],
         ["lora.enabled=false", "grpo.beta=0.04"],
+        ["model.autocast=null"],
     ],
-    ids=["sparse", "dense_baseline-n1", "window-separate", "full-finetune"],
+    ids=["sparse", "dense_baseline-n1", "window-separate", "full-finetune", "fp32"],
 )
 def test_variants_run(tiny_checkpoint, tmp_path, extra):
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
@@ -130,6 +131,28 @@ def test_variants_run(tiny_checkpoint, tmp_path, extra):
     assert r["ratio_dev_first"] <= 1e-5
     if "noise.window_start=1" in extra:
         assert r["rows_trained"] == 8 * 2  # only the window's steps train
+
+
+def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
+    """model.autocast reaches the rollout (its samples differ from fp32 ones), not the update (which
+    recomputes the old log-probs: the first ratio is exactly 1, though the rollout's log-probs differ) and
+    not the held-out evaluation (its scores equal fp32 ones)."""
+    from densegrpo_fast.trainer import collect, heldout_rewards, update
+
+    out = {}
+    for mode in ("bf16", "null"):
+        cfg = cfg_of(tiny_checkpoint, tmp_path / mode, extra=[f"model.autocast={mode}"])
+        run = setup(cfg, progress=False)
+        ev = heldout_rewards(run)
+        ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+        out[mode] = ro.latents, update(run, ro, cond, R, 0), ev
+    (lat16, up16, ev16), (lat32, up32, ev32) = out["bf16"], out["null"]
+    assert torch.equal(lat16[:, 0], lat32[:, 0])  # same initial noise ...
+    assert not torch.allclose(lat16[:, -1], lat32[:, -1], atol=1e-4)  # ... sampled in another precision
+    assert (lat16[:, -1] - lat32[:, -1]).abs().max() < 0.2  # ... yet the same model
+    assert up16["ratio_dev_first"] == 0.0 and up32["ratio_dev_first"] == 0.0
+    assert up16["rollout_lp_dev"] > 0 and "rollout_lp_dev" not in up32
+    assert ev16 == ev32
 
 
 def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path):
