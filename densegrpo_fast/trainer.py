@@ -151,15 +151,18 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     return run
 
 
+def _cpu_has_native(dtype: str) -> bool:
+    """Whether oneDNN runs ``dtype`` (bf16 / fp16) matmuls natively on this CPU (avx512_bf16, AMX, ...)."""
+    if dtype == "bf16":
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
 def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
     m = cfg.model
     if m.autocast is None or torch.device(m.device).type != "cpu":
         return
-    native = {
-        "bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
-        "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported,
-    }
-    if not native[m.autocast]():
+    if not _cpu_has_native(m.autocast):
         warnings.warn(
             f"model.autocast={m.autocast}: this CPU has no native {m.autocast} matmuls (avx512_bf16 / AMX), so "
             "they are emulated and slower than fp32; set model.autocast=null",

@@ -155,6 +155,14 @@ def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
     assert ev16 == ev32
 
 
+def test_autocast_on_a_cpu_without_native_bf16_warns(tiny_checkpoint, tmp_path, monkeypatch):
+    from densegrpo_fast import trainer
+
+    monkeypatch.setattr(trainer, "_cpu_has_native", lambda dtype: False)
+    with pytest.warns(UserWarning, match="model.autocast=bf16.*emulated.*model.autocast=null"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=["model.autocast=bf16"]), progress=False)
+
+
 def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path):
     extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra)

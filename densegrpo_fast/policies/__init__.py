@@ -23,8 +23,9 @@ def load_policy(
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
     The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to sd3/flux;
-    the toy model runs fp32 from its own file and ignores them. ``max_sequence_length=None`` takes the
-    family's default (SD3: 256 T5 tokens, FLUX.1: 512).
+    the toy model loads fp32 from its own file and ignores them (``model.autocast``, which the trainer
+    applies, serves every family). ``max_sequence_length=None`` takes the family's default (SD3: 256 T5
+    tokens, FLUX.1: 512).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy
