@@ -241,7 +241,7 @@ def collect(run: Run, prompts: list[str], iteration: int):
 
 def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA."""
-    cfg, policy, sched = run.cfg, run.policy, run.schedule
+    cfg = run.cfg
     A = advantages(R, cfg.sampling.group_size, cfg.dense.mode, run.trained, global_std=cfg.dense.global_std,
                    eps=cfg.dense.adv_eps, clip=cfg.dense.adv_clip)  # fmt: skip
     keep = run.trained.to(A.device).expand_as(A)
@@ -253,8 +253,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     rows, steps = rows[order], steps[order]
     stats: dict[str, list[float]] = {}
     first_ratio_dev = None
-    sigmas, std = sched.sigmas, sched.std
-    transformer = policy.transformer
+    transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     # Old log-probs. Rollout and update share their numerics (fp32): the rollout's own, exact (ratio 1 at the
@@ -267,19 +266,12 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
         n = chunk_rows.numel()
         if n == 0:
             continue
-        for start in range(0, n, cfg.grpo.train_batch_size):
-            i = chunk_rows[start : start + cfg.grpo.train_batch_size]
-            k = chunk_steps[start : start + cfg.grpo.train_batch_size]
-            x, x_next = ro.latents[i, k], ro.latents[i, k + 1]
-            ci = cond.index(i)
-            v = policy.velocity(x, sigmas[k], ci, cfg.sampling.guidance_scale)
-            v_ref = _reference_velocity(run, x, sigmas[k], ci) if cfg.grpo.beta > 0 else None
-            lp, kl = sde_log_prob(x, v, x_next, sigmas[k], sigmas[k + 1], std[k], ref_velocity=v_ref,
-                                  kl_exact=cfg.grpo.kl_exact)  # fmt: skip
+        for i, k in _micro_batches(chunk_rows, chunk_steps, cfg.grpo.train_batch_size):
+            lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
-            if recompute:  # how far the autocast rollout's log-probs are from the update's
-                stats.setdefault("rollout_lp_dev", []).append((old - ro.log_probs[i, k]).abs().mean().item())
             loss, s = grpo_loss(lp, old, A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
+            if recompute:  # how far the autocast rollout's log-probs are from the update's
+                s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()
             if first_ratio_dev is None:
                 first_ratio_dev = s["ratio_dev_max"].item()
@@ -304,21 +296,31 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     return out
 
 
+def _micro_batches(rows: torch.Tensor, steps: torch.Tensor, size: int):
+    """(rows, steps) index pairs in slices of at most ``size`` (the update's micro-batches)."""
+    for start in range(0, rows.numel(), size):
+        yield rows[start : start + size], steps[start : start + size]
+
+
+def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl: bool):
+    """Log-prob of the stored steps ``lat[i, k] -> lat[i, k+1]`` under the current policy, and the KL to the
+    reference policy when ``with_kl`` (else None)."""
+    cfg, sched = run.cfg, run.schedule
+    x, ci, sigma = ro.latents[i, k], cond.index(i), sched.sigmas[k]
+    v = run.policy.velocity(x, sigma, ci, cfg.sampling.guidance_scale)
+    v_ref = _reference_velocity(run, x, sigma, ci) if with_kl else None
+    return sde_log_prob(x, v, ro.latents[i, k + 1], sigma, sched.sigmas[k + 1], sched.std[k], ref_velocity=v_ref,
+                        kl_exact=cfg.grpo.kl_exact)  # fmt: skip
+
+
 @torch.no_grad()
 def _recompute_log_probs(run: Run, ro, cond, chunks) -> torch.Tensor:
     """``ro.log_probs`` with the (row, step) entries of ``chunks`` recomputed by the current policy at the
     update's own precision, in the update's micro-batches."""
-    cfg, sched = run.cfg, run.schedule
     out = ro.log_probs.clone()
-    b = cfg.grpo.train_batch_size
     for chunk_rows, chunk_steps in chunks:
-        for start in range(0, chunk_rows.numel(), b):
-            i, k = chunk_rows[start : start + b], chunk_steps[start : start + b]
-            x = ro.latents[i, k]
-            v = run.policy.velocity(x, sched.sigmas[k], cond.index(i), cfg.sampling.guidance_scale)
-            out[i, k] = sde_log_prob(
-                x, v, ro.latents[i, k + 1], sched.sigmas[k], sched.sigmas[k + 1], sched.std[k]
-            )[0]
+        for i, k in _micro_batches(chunk_rows, chunk_steps, run.cfg.grpo.train_batch_size):
+            out[i, k] = _step_log_prob(run, ro, cond, i, k, with_kl=False)[0]
     return out
 
 
