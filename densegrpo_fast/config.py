@@ -8,6 +8,7 @@ raises one :class:`ConfigError` listing every problem with the nearest valid key
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -324,6 +325,28 @@ class OptimSection(Section):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="learning-rate decay after warm-up, from lr to lr * min_lr_ratio at run.iterations",
+    )
+    warmup_iterations: int = Field(
+        0, ge=0, description="iterations of linear warm-up: iteration i < w runs at lr * (i+1) / (w+1)"
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="final learning rate of a decay, as a fraction of lr"
+    )
+
+    def lr_at(self, iteration: int, iterations: int) -> float:
+        """The learning rate of iteration ``iteration`` (0-based) of a run of ``iterations``: a function of
+        the iteration alone, so a resumed run follows the same schedule with no scheduler state."""
+        if iteration < self.warmup_iterations:
+            return self.lr * (iteration + 1) / (self.warmup_iterations + 1)
+        if self.schedule == "constant":
+            return self.lr
+        span = max(1, iterations - self.warmup_iterations)
+        progress = min(1.0, (iteration - self.warmup_iterations) / span)
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if self.schedule == "cosine" else 1 - progress
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * shape)
 
 
 class LoRASection(Section):
@@ -432,6 +455,11 @@ class TrainConfig(Section):
                 problems.append(
                     f"grpo.trained_steps contains {k}: steps run from 0 to sampling.num_steps - 1 = {T - 1}"
                 )
+        if self.optim.warmup_iterations >= self.run.iterations and self.optim.warmup_iterations > 0:
+            problems.append(
+                f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
+                f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"
+            )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         problems += self.model.problems()

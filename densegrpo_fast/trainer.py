@@ -248,6 +248,9 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
     rows, steps = keep.nonzero(as_tuple=True)  # one host sync per iteration, to plan the update
+    lr = cfg.optim.lr_at(iteration, cfg.run.iterations)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
     order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
     rows, steps = rows[order], steps[order]
@@ -289,6 +292,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
                         run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
     out = {key: sum(vals) / len(vals) for key, vals in stats.items()}
     out["ratio_dev_first"] = first_ratio_dev
+    out["lr"] = lr
     out["rows_trained"] = int(rows.numel())
     out["adv_nonzero_frac"] = (
         (A[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
