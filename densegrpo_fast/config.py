@@ -257,6 +257,12 @@ class SamplingSection(Section):
     )
     group_size: int = Field(8, ge=2, description="G, samples per prompt, each from its own noise")
     max_rows_per_call: int | None = Field(None, ge=1, description="cap on rows per transformer call (memory)")
+    reward_waves: int = Field(
+        1,
+        ge=1,
+        description="1 = score after the rollout; W > 1 = roll out W waves of whole groups, each scored in "
+        "the background while the next rolls out (slow or remote rewards)",
+    )
 
 
 class CalibrationSection(Section):
@@ -455,6 +461,12 @@ class TrainConfig(Section):
                 problems.append(
                     f"grpo.trained_steps contains {k}: steps run from 0 to sampling.num_steps - 1 = {T - 1}"
                 )
+        groups = self.prompts.prompts_per_iteration
+        if self.sampling.reward_waves > groups:
+            problems.append(
+                f"sampling.reward_waves ({self.sampling.reward_waves}) must be <= prompts.prompts_per_iteration "
+                f"({groups}): a wave holds whole groups; lower the waves or raise the prompts"
+            )
         if self.optim.warmup_iterations >= self.run.iterations and self.optim.warmup_iterations > 0:
             problems.append(
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.prompts import PromptSource
 from densegrpo_fast.rewards import build_reward
-from densegrpo_fast.rollout import completion_starts, sample
+from densegrpo_fast.rollout import Rollout, completion_starts, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
 
@@ -211,32 +212,91 @@ def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) ->
 # --------------------------------------------------------------------------------------------- one iteration
 
 
-def collect(run: Run, prompts: list[str], iteration: int):
-    """Rollout and rewards for one iteration. Returns (rollout, cond, R [B, T+1], seconds per phase)."""
+def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
+    """Rollout and rewards for one iteration. Returns (rollout, cond, R [B, T+1], seconds per phase).
+
+    With ``sampling.reward_waves`` W > 1 the prompt groups roll out in W waves; each wave's clean latents
+    are decoded and scored on a worker thread (on a side CUDA stream on a GPU) while the next wave rolls
+    out, so only the last wave's reward stays on the critical path. All waves sample with the same weights:
+    nothing goes off-policy. ``overlap=False`` scores each wave before the next starts (the same numbers;
+    the tests' reference; with W = 1 scoring is always in line). Times: ``rollout_s`` until the last wave is sampled, ``reward_s`` the wait for
+    the rewards after it, ``reward_busy_s`` (W > 1) the scoring time itself, most of it hidden.
+    """
     cfg, policy = run.cfg, run.policy
     G = cfg.sampling.group_size
     rows = [p for p in prompts for _ in range(G)]
-    device = policy.device
+    device = torch.device(policy.device)
     gen = torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 1))
     t0 = time.perf_counter()
     cond = policy.encode_prompts(rows)
     noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)
-    dense = cfg.dense.mode != "sparse"
-    with cfg.model.autocast_context():
-        ro = sample(
-            policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale, generator=gen,
-            completion_steps=cfg.dense.completion_steps, dense=dense,
-            completion_batching=cfg.dense.completion_batching, max_rows_per_call=cfg.sampling.max_rows_per_call,
-        )  # fmt: skip
-    t1 = time.perf_counter()
-    T = run.schedule.num_steps
-    if dense:
-        R = latent_rewards(policy.decode, run.reward_fn, ro.clean, rows, completion_starts(run.schedule))
-        ro.clean = None  # the completions feed the reward only: training never needs them
-    else:
-        R = torch.zeros(len(rows), T + 1, device=device)
-        R[:, T] = run.reward_fn(policy.decode(ro.latents[:, T]), rows).float()
-    return ro, cond, R, {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+    W = cfg.sampling.reward_waves
+    bounds = [int(b) * G for b in torch.linspace(0, len(prompts), W + 1).round()]
+    waves = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    busy: list[float] = []
+    results, rollouts = [], []
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") if W > 1 and overlap else None
+    try:
+        for w, rs in enumerate(waves):
+            # one wave: the SDE noise continues the initial noise's stream; waves: one stream each
+            wave_gen = (
+                gen if W == 1 else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + w))
+            )
+            with cfg.model.autocast_context():
+                ro = sample(
+                    policy, cond if W == 1 else cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
+                    generator=wave_gen, completion_steps=cfg.dense.completion_steps, dense=cfg.dense.mode != "sparse",
+                    completion_batching=cfg.dense.completion_batching, max_rows_per_call=cfg.sampling.max_rows_per_call,
+                )  # fmt: skip
+            rollouts.append(ro)
+            t1 = time.perf_counter()  # the last wave's: rollout_s ends here
+            if pool is None:  # in line: the rollout waits for its reward
+                results.append(_done(_score_wave(run, ro, rows[rs], None, busy)))
+                continue
+            ready = torch.cuda.Event() if device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
+            results.append(pool.submit(_score_wave, run, ro, rows[rs], ready, busy))
+        R = torch.cat([f.result() for f in results])
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
+    times = {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
+    if W > 1:
+        times["reward_busy_s"] = sum(busy)
+    ro = rollouts[0] if W == 1 else Rollout(torch.cat([r.latents for r in rollouts]),
+                                            torch.cat([r.log_probs for r in rollouts]), None)  # fmt: skip
+    ro.clean = None  # the completions feed the reward only: training never needs them
+    return ro, cond, R, times
+
+
+def _done(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+@torch.no_grad()
+def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]) -> torch.Tensor:
+    """Decode and score one wave (on the reward worker thread): R [b, T+1]. ``ready``: the CUDA event after
+    the wave's rollout, which the side stream waits on; the stream is drained before R is handed back."""
+    t0 = time.perf_counter()
+    stream = torch.cuda.Stream(ro.latents.device) if ready is not None else None
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        if stream is not None:
+            stream.wait_event(ready)
+        T = run.schedule.num_steps
+        if ro.clean is not None:
+            R = latent_rewards(
+                run.policy.decode, run.reward_fn, ro.clean, rows, completion_starts(run.schedule)
+            )
+        else:
+            R = torch.zeros(len(rows), T + 1, device=ro.latents.device)
+            R[:, T] = run.reward_fn(run.policy.decode(ro.latents[:, T]), rows).float()
+    if stream is not None:
+        stream.synchronize()
+    busy.append(time.perf_counter() - t0)
+    return R
 
 
 def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
