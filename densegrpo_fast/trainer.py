@@ -257,7 +257,11 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
             if ready is not None:
                 ready.record()
             results.append(pool.submit(_score_wave, run, ro, rows[rs], ready, busy))
-        R = torch.cat([f.result() for f in results])
+        parts = [f.result() for f in results]
+        if pool is not None and device.type == "cuda":  # made on side streams, read on this one from now on
+            for r in parts:
+                r.record_stream(torch.cuda.current_stream(device))
+        R = torch.cat(parts)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)

@@ -240,6 +240,20 @@ def test_reward_waves_overlap_scoring_with_the_next_rollout(tiny_checkpoint, tmp
         cfg_of(tiny_checkpoint, tmp_path / "bad", extra=["sampling.reward_waves=3"])
 
 
+@pytest.mark.gpu
+def test_reward_waves_on_a_side_cuda_stream_equal_in_line_scoring(tiny_checkpoint, tmp_path):
+    """The GPU path of the waves: each wave's reward runs on a side stream after an event of the rollout's
+    stream; the numbers must equal scoring on the rollout's own stream."""
+    from densegrpo_fast.trainer import collect
+
+    extra = ["sampling.reward_waves=2", "model.device=cuda", "model.autocast=null"]
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    prompts = run.prompts.sample(2, 0)
+    ro_a, _, R_a, _ = collect(run, prompts, 0, overlap=True)
+    ro_b, _, R_b, _ = collect(run, prompts, 0, overlap=False)
+    assert R_a.is_cuda and torch.equal(R_a, R_b) and torch.equal(ro_a.latents, ro_b.latents)
+
+
 def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path):
     extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra)
