@@ -77,6 +77,7 @@ def main() -> None:
             run_dir = out / f"{name}_seed{seed}"
             cmd = base + ["train", "--config", args.config, "--output-dir", str(run_dir), "--no-progress",
                           f"run.seed={seed}", f"run.time_budget_s={args.budget_s}", "run.iterations=100000",
+                          "optim.schedule=constant",  # the budget ends these runs: no lr schedule to finish
                           f"run.eval_every={args.eval_every}", f"noise.calibration.path={psi_paths[seed]}",
                           *args.overrides, *VARIANTS[name]]  # fmt: skip
             if (run_dir / "checkpoint.pt").exists():

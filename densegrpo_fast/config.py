@@ -333,7 +333,8 @@ class OptimSection(Section):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip")
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant",
-        description="learning-rate decay after warm-up, from lr to lr * min_lr_ratio at run.iterations",
+        description="learning-rate decay after warm-up, from lr to lr * min_lr_ratio at run.iterations "
+        "(--max-iterations moves that end, on a resume too)",
     )
     warmup_iterations: int = Field(
         0, ge=0, description="iterations of linear warm-up: iteration i < w runs at lr * (i+1) / (w+1)"

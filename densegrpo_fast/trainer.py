@@ -219,8 +219,9 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     are decoded and scored on a worker thread (on a side CUDA stream on a GPU) while the next wave rolls
     out, so only the last wave's reward stays on the critical path. All waves sample with the same weights:
     nothing goes off-policy. ``overlap=False`` scores each wave before the next starts (the same numbers;
-    the tests' reference; with W = 1 scoring is always in line). Times: ``rollout_s`` until the last wave is sampled, ``reward_s`` the wait for
-    the rewards after it, ``reward_busy_s`` (W > 1) the scoring time itself, most of it hidden.
+    the tests' reference); with W = 1 scoring is always in line. Times: ``rollout_s`` until the last wave
+    is sampled, ``reward_s`` the wait for the rewards after it, ``reward_busy_s`` (W > 1) the scoring time
+    itself, most of it hidden behind the rollout.
     """
     cfg, policy = run.cfg, run.policy
     G = cfg.sampling.group_size
