@@ -468,7 +468,7 @@ class TrainConfig(Section):
                 f"sampling.reward_waves ({self.sampling.reward_waves}) must be <= prompts.prompts_per_iteration "
                 f"({groups}): a wave holds whole groups; lower the waves or raise the prompts"
             )
-        if self.optim.warmup_iterations >= self.run.iterations and self.optim.warmup_iterations > 0:
+        if self.optim.warmup_iterations >= self.run.iterations:
             problems.append(
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
                 f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"

@@ -245,20 +245,20 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
             )
             with cfg.model.autocast_context():
                 ro = sample(
-                    policy, cond if W == 1 else cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
+                    policy, cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                     generator=wave_gen, completion_steps=cfg.dense.completion_steps, dense=cfg.dense.mode != "sparse",
                     completion_batching=cfg.dense.completion_batching, max_rows_per_call=cfg.sampling.max_rows_per_call,
                 )  # fmt: skip
             rollouts.append(ro)
             t1 = time.perf_counter()  # the last wave's: rollout_s ends here
             if pool is None:  # in line: the rollout waits for its reward
-                results.append(_done(_score_wave(run, ro, rows[rs], None, busy)))
+                results.append(_score_wave(run, ro, rows[rs], None, busy))
                 continue
             ready = torch.cuda.Event() if device.type == "cuda" else None
             if ready is not None:
                 ready.record()
             results.append(pool.submit(_score_wave, run, ro, rows[rs], ready, busy))
-        parts = [f.result() for f in results]
+        parts = [r.result() if isinstance(r, Future) else r for r in results]
         if pool is not None and device.type == "cuda":  # made on side streams, read on this one from now on
             for r in parts:
                 r.record_stream(torch.cuda.current_stream(device))
@@ -273,12 +273,6 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
                                             torch.cat([r.log_probs for r in rollouts]), None)  # fmt: skip
     ro.clean = None  # the completions feed the reward only: training never needs them
     return ro, cond, R, times
-
-
-def _done(value) -> Future:
-    f: Future = Future()
-    f.set_result(value)
-    return f
 
 
 @torch.no_grad()
