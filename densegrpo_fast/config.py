@@ -242,6 +242,14 @@ class PromptSection(Section):
     prompts_per_iteration: int = Field(
         8, ge=1, description="prompts sampled per iteration (each gets a group)"
     )
+    sampling: Literal["uniform", "priority"] = Field(
+        "uniform",
+        description="uniform: as the dataset draws; priority: each prompt's chance scaled by the non-zero-"
+        "advantage fraction of its recent groups (+ priority_floor), so solved and hopeless prompts yield",
+    )
+    priority_floor: float = Field(
+        0.1, gt=0, description="priority sampling: weight kept by a prompt whose groups teach nothing"
+    )
 
 
 class SamplingSection(Section):

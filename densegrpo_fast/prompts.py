@@ -1,7 +1,8 @@
 """Prompt sources: the toy world's splits or a text file, sampled deterministically per iteration.
 
 Iteration ``i`` of stream ``s`` draws from ``numpy.random.default_rng([seed, s, i])``, so a resumed run
-draws exactly the prompts it would have drawn: the sampler position is the iteration number.
+draws exactly the prompts it would have drawn: the sampler position is the iteration number (with
+:class:`PromptPriority`, the iteration number and the priority table saved in the checkpoint).
 :meth:`PromptSource.heldout` is the fixed evaluation list instead (the same prompts every call).
 """
 
@@ -34,8 +35,28 @@ class PromptSource:
             if not self._lines:
                 raise ValueError(f"prompts.dataset={dataset!r} holds no prompt: put one prompt per line")
 
-    def sample(self, n: int, iteration: int, stream: str = "train") -> list[str]:
+    def pool(self) -> tuple[list[str], np.ndarray]:
+        """Every prompt the source can draw, with the probability :meth:`sample` draws it by (toy splits: a
+        uniform category, then a uniform prompt of it; a file: uniform over its lines, repeats counted)."""
+        if self._lines is None:
+            from densegrpo_fast.toy import world
+
+            table = world.prompt_split()[self.dataset.split(":", 1)[1]]
+            texts = [p.text for c in world.CATEGORIES for p in table[c]]
+            probs = [1 / (len(table) * len(table[c])) for c in world.CATEGORIES for _ in table[c]]
+            return texts, np.asarray(probs)
+        return list(self._lines), np.full(len(self._lines), 1 / len(self._lines))
+
+    def sample(
+        self, n: int, iteration: int, stream: str = "train", weights: np.ndarray | None = None
+    ) -> list[str]:
+        """``n`` prompts of iteration ``iteration``. ``weights`` (one per :meth:`pool` entry) reweight the
+        pool's probabilities, as :class:`PromptPriority` asks; None draws as the source does by itself."""
         rng = np.random.default_rng([self.seed, STREAMS[stream], iteration])
+        if weights is not None:
+            texts, probs = self.pool()
+            probs = probs * weights
+            return [texts[i] for i in rng.choice(len(texts), size=n, p=probs / probs.sum())]
         if self._lines is None:
             from densegrpo_fast.toy import world
 
@@ -55,3 +76,45 @@ class PromptSource:
             return [p.text for p in world.eval_prompts(n, self.seed, split)]
         n = len(self._lines) if n is None else n
         return [self._lines[i % len(self._lines)] for i in range(n)]
+
+
+class PromptPriority:
+    """Priority sampling: each prompt's draw probability scaled by how much of its recent groups trained.
+
+    A group whose samples all score alike has zero advantages and teaches nothing (a prompt the policy
+    always or never solves). This keeps, per prompt of the pool, an average of the fraction of its group's
+    trained (row, step) advantages that were non-zero (``decay`` weight on the past, per visit) and draws
+    prompts in proportion to ``pool probability x (signal + floor)``: unseen prompts start at signal 1,
+    solved ones sink to ``floor`` and are still revisited now and then, so a regression is seen.
+    """
+
+    def __init__(self, source: PromptSource, floor: float, decay: float = 0.5):
+        self.source = source
+        texts, _ = source.pool()
+        self.index: dict[str, list[int]] = {}
+        for i, t in enumerate(texts):  # a file may repeat a line: each copy is an entry of the pool
+            self.index.setdefault(t, []).append(i)
+        self.signal = np.ones(len(texts))
+        self.floor = floor
+        self.decay = decay
+
+    def sample(self, n: int, iteration: int) -> list[str]:
+        return self.source.sample(n, iteration, weights=self.signal + self.floor)
+
+    def observe(self, prompts: list[str], signal: list[float]) -> None:
+        """Record each group's non-zero-advantage fraction, in [0, 1]."""
+        for text, s in zip(prompts, signal, strict=True):
+            i = self.index[text]
+            self.signal[i] = self.decay * self.signal[i] + (1 - self.decay) * s
+
+    def state_dict(self) -> dict:
+        return {"signal": self.signal.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        signal = np.asarray(state["signal"], dtype=np.float64)
+        if signal.shape != self.signal.shape:
+            raise ValueError(
+                f"the checkpoint's prompt-priority table has {signal.size} prompts, the dataset "
+                f"{self.source.dataset!r} {self.signal.size}: resume with the run's own prompts.dataset"
+            )
+        self.signal = signal

@@ -29,7 +29,7 @@ from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, plot_reward_curve, save_image_grid
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
-from densegrpo_fast.prompts import PromptSource
+from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import Rollout, completion_starts, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
@@ -55,6 +55,7 @@ class Run:
     ema: dict[str, torch.Tensor] | None
     reference: torch.nn.Module | None  # frozen copy for full fine-tuning (LoRA disables its adapters instead)
     log: MetricsLog
+    priority: PromptPriority | None = None  # prompts.sampling = priority
     iteration: int = 0
     opt_steps: int = 0
     wall_s: float = 0.0
@@ -138,6 +139,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     log = MetricsLog(run_dir, cfg.run.tensorboard)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, schedule.to(policy.device), trained, optimizer,
               ema, reference, log)  # fmt: skip
+    if cfg.prompts.sampling == "priority":
+        run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     state = load_checkpoint(run_dir) if resume else None
     if state is not None:
         load_trainable_state(transformer, state["trainable"])
@@ -146,6 +149,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             ema.update(state["ema"])
         run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
         torch.set_rng_state(state["torch_rng"])
+        if run.priority is not None:
+            run.priority.load_state_dict(state["prompt_priority"])
         log.truncate_after(run.iteration)
     elif resume:
         log.truncate_after(0)
@@ -298,11 +303,26 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
     return R
 
 
+def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
+    """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps)."""
+    d = run.cfg.dense
+    return advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
+                      eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
+
+
+def group_signal(run: Run, R: torch.Tensor) -> list[float]:
+    """Per group, the fraction of its trained (row, step) advantages that are non-zero: what priority
+    sampling scales a prompt's chance by."""
+    A = _advantages(run, R)[:, run.trained.to(R.device)]
+    if A.shape[1] == 0:
+        return [0.0] * (A.shape[0] // run.cfg.sampling.group_size)
+    return (A != 0).float().view(-1, run.cfg.sampling.group_size * A.shape[1]).mean(1).tolist()
+
+
 def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
     """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA."""
     cfg = run.cfg
-    A = advantages(R, cfg.sampling.group_size, cfg.dense.mode, run.trained, global_std=cfg.dense.global_std,
-                   eps=cfg.dense.adv_eps, clip=cfg.dense.adv_clip)  # fmt: skip
+    A = _advantages(run, R)
     keep = run.trained.to(A.device).expand_as(A)
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
@@ -477,6 +497,7 @@ def checkpoint(run: Run) -> None:
             "ema": run.ema,
             "torch_rng": torch.get_rng_state(),
             "psi": run.schedule.noise_level.cpu(),
+            "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
         },
     )
 
@@ -498,11 +519,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     while run.iteration < total and not (budget is not None and run.wall_s >= budget):
         t0 = time.perf_counter()
         it = run.iteration
-        prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
+        n_prompts = cfg.prompts.prompts_per_iteration
+        prompts = run.priority.sample(n_prompts, it) if run.priority else run.prompts.sample(n_prompts, it)
         ro, cond, R, times = collect(run, prompts, it)
         t1 = time.perf_counter()
         up = update(run, ro, cond, R, it)
         times["update_s"] = time.perf_counter() - t1
+        if run.priority is not None:
+            run.priority.observe(prompts, group_signal(run, R))
         run.iteration += 1
         run.wall_s += time.perf_counter() - t0
         stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}

@@ -327,6 +327,20 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoint, tmp_
     assert without_timing(a) == without_timing(b)
 
 
+def test_priority_sampling_table_is_checkpointed_and_resumed(tiny_checkpoint, tmp_path):
+    # A random model never passes the strict detector: every group is all-zero, teaches nothing, and its
+    # prompt's signal halves at each visit, so the table is unlike a fresh one's (all 1).
+    extra = ["prompts.sampling=priority", "reward.name=toy_geneval", "reward.kwargs={mode: strict}"]
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=3, extra=extra)
+    train(cfg, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["prompt_priority"]
+    seen = [s for s in state["signal"] if s != 1.0]
+    assert len(seen) >= 2 and all(s in (0.5, 0.25, 0.125) for s in seen)
+    resumed = setup(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=4, extra=extra), resume=True)
+    assert resumed.priority.signal.tolist() == state["signal"]
+    assert all(r["rows_trained"] == 0 for r in records(tmp_path / "run") if "rows_trained" in r)
+
+
 @pytest.mark.parametrize(
     "override,match",
     [
