@@ -520,7 +520,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         t0 = time.perf_counter()
         it = run.iteration
         n_prompts = cfg.prompts.prompts_per_iteration
-        prompts = run.priority.sample(n_prompts, it) if run.priority else run.prompts.sample(n_prompts, it)
+        prompts = (run.priority or run.prompts).sample(n_prompts, it)
         ro, cond, R, times = collect(run, prompts, it)
         t1 = time.perf_counter()
         up = update(run, ro, cond, R, it)
