@@ -310,19 +310,20 @@ def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
                       eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
 
 
-def group_signal(run: Run, R: torch.Tensor) -> list[float]:
-    """Per group, the fraction of its trained (row, step) advantages that are non-zero: what priority
-    sampling scales a prompt's chance by."""
-    A = _advantages(run, R)[:, run.trained.to(R.device)]
+def group_signal(run: Run, A: torch.Tensor) -> list[float]:
+    """Per group, the fraction of its trained (row, step) advantages ``A`` [B, T] that are non-zero: what
+    priority sampling scales a prompt's chance by."""
+    A = A[:, run.trained.to(A.device)]
     if A.shape[1] == 0:
         return [0.0] * (A.shape[0] // run.cfg.sampling.group_size)
     return (A != 0).float().view(-1, run.cfg.sampling.group_size * A.shape[1]).mean(1).tolist()
 
 
-def update(run: Run, ro, cond, R: torch.Tensor, iteration: int) -> dict:
-    """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA."""
+def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor | None = None) -> dict:
+    """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA. ``A``: the
+    rollout's advantages when the caller has them already (computed from ``R`` otherwise)."""
     cfg = run.cfg
-    A = _advantages(run, R)
+    A = _advantages(run, R) if A is None else A
     keep = run.trained.to(A.device).expand_as(A)
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
@@ -523,10 +524,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         prompts = (run.priority or run.prompts).sample(n_prompts, it)
         ro, cond, R, times = collect(run, prompts, it)
         t1 = time.perf_counter()
-        up = update(run, ro, cond, R, it)
+        A = _advantages(run, R)
+        up = update(run, ro, cond, R, it, A)
         times["update_s"] = time.perf_counter() - t1
         if run.priority is not None:
-            run.priority.observe(prompts, group_signal(run, R))
+            run.priority.observe(prompts, group_signal(run, A))
         run.iteration += 1
         run.wall_s += time.perf_counter() - t0
         stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
