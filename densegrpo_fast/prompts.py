@@ -20,6 +20,7 @@ class PromptSource:
         self.dataset = dataset
         self.seed = seed
         self._lines: list[str] | None = None
+        self._pool: tuple[list[str], np.ndarray] | None = None
         if dataset.startswith("toy:"):
             split = dataset.split(":", 1)[1]
             if split not in ("train", "test"):
@@ -37,15 +38,19 @@ class PromptSource:
 
     def pool(self) -> tuple[list[str], np.ndarray]:
         """Every prompt the source can draw, with the probability :meth:`sample` draws it by (toy splits: a
-        uniform category, then a uniform prompt of it; a file: uniform over its lines, repeats counted)."""
-        if self._lines is None:
-            from densegrpo_fast.toy import world
+        uniform category, then a uniform prompt of it; a file: uniform over its lines, repeats counted).
+        Built once; the caller must not modify it."""
+        if self._pool is None:
+            if self._lines is None:
+                from densegrpo_fast.toy import world
 
-            table = world.prompt_split()[self.dataset.split(":", 1)[1]]
-            texts = [p.text for c in world.CATEGORIES for p in table[c]]
-            probs = [1 / (len(table) * len(table[c])) for c in world.CATEGORIES for _ in table[c]]
-            return texts, np.asarray(probs)
-        return list(self._lines), np.full(len(self._lines), 1 / len(self._lines))
+                table = world.prompt_split()[self.dataset.split(":", 1)[1]]
+                texts = [p.text for c in world.CATEGORIES for p in table[c]]
+                probs = [1 / (len(table) * len(table[c])) for c in world.CATEGORIES for _ in table[c]]
+                self._pool = texts, np.asarray(probs)
+            else:
+                self._pool = list(self._lines), np.full(len(self._lines), 1 / len(self._lines))
+        return self._pool
 
     def sample(
         self, n: int, iteration: int, stream: str = "train", weights: np.ndarray | None = None
