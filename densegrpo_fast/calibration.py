@@ -83,10 +83,11 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
     cal = cfg.noise.calibration
     T, G = cfg.sampling.num_steps, cfg.sampling.group_size
     n_prompts = cal.prompts or cfg.prompts.prompts_per_iteration
+    n = cfg.noise
+    ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)  # moving: all
     base = make_schedule(
-        T, cfg.sampling.shift, cfg.noise.level, cfg.noise.window_start, cfg.noise.window_size,
-        sigmas=sampler_grid(T, cfg.sampling.shift, policy),
-    )  # fmt: skip
+        T, cfg.sampling.shift, n.level, ws, size, sigmas=sampler_grid(T, cfg.sampling.shift, policy)
+    )
     psi = base.noise_level.clone()
     active = base.sde_steps
     trajectory = [psi.tolist()]

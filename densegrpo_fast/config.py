@@ -294,6 +294,13 @@ class NoiseSection(Section):
         None, ge=0, description="first SDE step (DenseGRPO-Fast); null = no window"
     )
     window_size: int | None = Field(None, ge=1, description="SDE steps in the window")
+    window_move: Literal["fixed", "sliding", "random"] = Field(
+        "fixed",
+        description="fixed: the window stays at window_start; sliding (MixGRPO): it starts at window_start and "
+        "moves one step later every window_every iterations, back to step 0 after the last fit; random: a "
+        "start drawn per iteration from 0..num_steps - window_size. A moving window is calibrated over every step",
+    )
+    window_every: int = Field(1, ge=1, description="iterations per one-step move of a sliding window")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
 
 
@@ -464,6 +471,11 @@ class TrainConfig(Section):
             problems.append(
                 f"noise.window_start + noise.window_size ({n.window_start} + {n.window_size}) must be <= "
                 f"sampling.num_steps ({T}): the window must fit in the grid"
+            )
+        if n.window_move != "fixed" and n.window_size is None:
+            problems.append(
+                f"noise.window_move={n.window_move} needs a window: give noise.window_start and noise.window_size "
+                "(or window_move=fixed)"
             )
         for k in self.grpo.trained_steps or []:
             if not 0 <= k < T:

@@ -11,6 +11,7 @@ coefficient ``std_k = a_k * sqrt(sigma_k / (1 - sigma_k))`` (with Flow-GRPO's gu
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,22 @@ def window_mask(num_steps: int, start: int | None, size: int | None) -> torch.Te
     mask[:] = False
     mask[start : start + size] = True
     return mask
+
+
+def window_start_at(
+    move: str, start: int, size: int, num_steps: int, iteration: int, *, every: int = 1, seed: int = 0
+) -> int:
+    """The first SDE step of iteration ``iteration``'s window: ``start`` (fixed); ``start`` moved one step
+    later every ``every`` iterations and wrapped over the ``num_steps - size + 1`` positions (sliding, MixGRPO);
+    or drawn uniformly from them, a function of (seed, iteration) alone so a resumed run draws the same (random)."""
+    positions = num_steps - size + 1
+    if move == "fixed":
+        return start
+    if move == "sliding":
+        return (start + iteration // every) % positions
+    if move == "random":
+        return random.Random(seed * 1_000_003 + iteration).randrange(positions)
+    raise ValueError(f"window move {move!r} is not one of fixed, sliding, random")
 
 
 @dataclass(frozen=True)

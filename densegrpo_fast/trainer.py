@@ -32,7 +32,7 @@ from densegrpo_fast.policies import load_policy
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import Rollout, completion_starts, sample
-from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
+from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
 
 
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
@@ -49,8 +49,8 @@ class Run:
     reward_fn: object
     prompts: PromptSource
     eval_prompts: PromptSource
-    schedule: Schedule
-    trained: torch.Tensor  # bool [T]
+    schedule: Schedule  # this iteration's (see set_window)
+    trained: torch.Tensor  # bool [T], this iteration's trained steps
     optimizer: torch.optim.Optimizer
     ema: dict[str, torch.Tensor] | None
     reference: torch.nn.Module | None  # frozen copy for full fine-tuning (LoRA disables its adapters instead)
@@ -59,6 +59,9 @@ class Run:
     iteration: int = 0
     opt_steps: int = 0
     wall_s: float = 0.0
+    base_schedule: Schedule | None = None  # every step's noise; a moving window takes its steps from it
+    trained_steps: torch.Tensor | None = None  # bool [T], grpo.trained_steps before the window applies
+    window_start: int | None = None  # this iteration's, for a moving window
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -104,11 +107,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         policy = load_policy(
             cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
         )
-    schedule = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
+    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
     T = cfg.sampling.num_steps
-    trained = torch.zeros(T, dtype=torch.bool)
-    trained[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
-    trained &= schedule.sde_steps  # an ODE step has no log-prob to train
+    trained_steps = torch.zeros(T, dtype=torch.bool)
+    trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
 
     reference = None
     transformer = policy.transformer
@@ -137,8 +139,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         else None
     )
     log = MetricsLog(run_dir, cfg.run.tensorboard)
-    run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, schedule.to(policy.device), trained, optimizer,
-              ema, reference, log)  # fmt: skip
+    base = base.to(policy.device)
+    run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
+              log, base_schedule=base, trained_steps=trained_steps)  # fmt: skip
+    set_window(run, 0)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     state = load_checkpoint(run_dir) if resume else None
@@ -204,14 +208,42 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
 
 
 def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) -> Schedule:
+    """The noise of every step the run may use: the fixed window's, or every step's for a moving window."""
     n = cfg.noise
     T = cfg.sampling.num_steps
     grid = sampler_grid(T, cfg.sampling.shift, policy)
+    ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)
     if n.kind == "uniform":
-        return make_schedule(T, cfg.sampling.shift, n.level, n.window_start, n.window_size, sigmas=grid)
+        return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
     psi = load_psi(path, T) if path.exists() else calibrate(policy, reward_fn, prompts, cfg, path, progress)
-    return make_schedule(T, cfg.sampling.shift, psi, n.window_start, n.window_size, sigmas=grid)
+    if ws is None and bool((psi == 0).any()):
+        raise ValueError(
+            f"psi table {path} has steps without noise ({psi.tolist()}), as one calibrated for a fixed window "
+            f"does, but noise.window_move={n.window_move} needs every step's: delete the file (or point "
+            "noise.calibration.path elsewhere) to calibrate over every step"
+        )
+    return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
+
+
+def set_window(run: Run, iteration: int) -> None:
+    """Point ``run.schedule`` and ``run.trained`` at iteration ``iteration``'s SDE window (a no-op but for
+    the first call with a fixed window)."""
+    n, base = run.cfg.noise, run.base_schedule
+    start = None
+    if n.window_move == "fixed":
+        schedule = base
+    else:
+        T = base.num_steps
+        start = window_start_at(n.window_move, n.window_start, n.window_size, T, iteration,
+                                every=n.window_every, seed=run.cfg.run.seed)  # fmt: skip
+        mask = window_mask(T, start, n.window_size).to(base.noise_level.device)
+        schedule = Schedule(
+            base.sigmas, torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level))
+        )
+    run.schedule = schedule
+    run.window_start = start
+    run.trained = run.trained_steps & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
 
 
 # --------------------------------------------------------------------------------------------- one iteration
@@ -497,7 +529,7 @@ def checkpoint(run: Run) -> None:
             "optimizer": run.optimizer.state_dict(),
             "ema": run.ema,
             "torch_rng": torch.get_rng_state(),
-            "psi": run.schedule.noise_level.cpu(),
+            "psi": run.base_schedule.noise_level.cpu(),
             "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
         },
     )
@@ -522,6 +554,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         it = run.iteration
         n_prompts = cfg.prompts.prompts_per_iteration
         prompts = (run.priority or run.prompts).sample(n_prompts, it)
+        set_window(run, it)
         ro, cond, R, times = collect(run, prompts, it)
         t1 = time.perf_counter()
         A = _advantages(run, R)
@@ -534,6 +567,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
         record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
                   "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
+        if run.window_start is not None:
+            record["window_start"] = run.window_start
         run.log.write(record)
         bar.update(1)
         post = {"reward": f"{record['reward_mean']:.3f}", "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}"}

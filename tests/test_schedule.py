@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid, window_mask
+from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid, window_mask, window_start_at
 
 
 @pytest.mark.parametrize("T,shift", [(10, 3.0), (40, 3.0), (1, 3.0), (7, 1.0), (28, 1.5)])
@@ -30,6 +30,20 @@ def test_window_and_calibrated_levels():
     assert s.sde_steps.tolist() == [False, False, True, True, True, False, False, False, False, False]
     torch.testing.assert_close(s.noise_level[2:5], torch.tensor(psi[2:5]))
     assert (s.std[~s.sde_steps] == 0).all()
+
+
+def test_moving_window_starts():
+    # sliding: one step later every `every` iterations, wrapped over the 10 - 3 + 1 = 8 positions
+    slide = [window_start_at("sliding", 2, 3, 10, i, every=2) for i in range(18)]
+    assert slide == [2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 0, 0, 1, 1, 2, 2]
+    assert [window_start_at("fixed", 2, 3, 10, i) for i in range(3)] == [2, 2, 2]
+    # random: a function of (seed, iteration) alone, every position drawn, none out of range
+    draws = [window_start_at("random", 0, 3, 10, i, seed=5) for i in range(400)]
+    assert draws == [window_start_at("random", 0, 3, 10, i, seed=5) for i in range(400)]
+    assert set(draws) == set(range(8))
+    assert draws != [window_start_at("random", 0, 3, 10, i, seed=6) for i in range(400)]
+    with pytest.raises(ValueError, match="not one of"):
+        window_start_at("jumping", 0, 3, 10, 0)
 
 
 @pytest.mark.parametrize(

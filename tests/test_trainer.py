@@ -265,6 +265,34 @@ def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path
         assert all(abs(abs(x - y) - 0.01) < 1e-6 or y in (0.0, 1.5) for x, y in zip(a, b, strict=True))
 
 
+def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_checkpoint, tmp_path):
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=2", "noise.calibration.prompts=1",
+             "noise.window_start=0", "noise.window_size=2", "noise.window_move=sliding", "grpo.trained_steps=[0,1,2,3]"]  # fmt: skip
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=3, extra=extra), progress=False)
+    psi = json.loads((run_dir / "psi.json").read_text())["psi"]
+    assert all(p > 0 for p in psi)  # calibrated over every step, not only the first window's
+    steps = [r for r in records(run_dir) if "reward_mean" in r]
+    assert [r["window_start"] for r in steps] == [0, 1, 2]
+    for r in steps:
+        assert r["ratio_dev_first"] <= 1e-5
+        assert r["rows_trained"] == 8 * 2  # the window's two steps, wherever it is
+        k = r["window_start"]
+        # outside the window every step is an ODE step: no reward gain there
+        assert all(d == 0 for j, d in enumerate(r["dR_mean"]) if not k <= j < k + 2)
+    # a table calibrated for a fixed window has steps without noise: a moving window refuses it
+    bad = tmp_path / "psi_fixed.json"
+    bad.write_text(json.dumps({"psi": [0.7, 0.7, 0.0, 0.0], "trajectory": []}))
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run2", extra=[*extra, f"noise.calibration.path={bad}"])
+    with pytest.raises(ValueError, match="window_move=sliding needs every step's"):
+        setup(cfg, progress=False)
+    with pytest.raises(ConfigError, match="window_move=random needs a window"):
+        load_config(
+            TrainConfig,
+            CONFIG,
+            ["noise.window_move=random", "noise.window_start=null", "noise.window_size=null"],
+        )
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(
