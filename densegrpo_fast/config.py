@@ -375,6 +375,12 @@ class LoRASection(Section):
     enabled: bool = Field(
         True, description="LoRA through peft; false = full fine-tuning (frozen reference copy)"
     )
+    merge_for_sampling: bool = Field(
+        False,
+        description="rollouts and held-out evals run each adapter folded into a temporary copy of its base weight "
+        "(one matmul per layer instead of three); the update then recomputes the old log-probs itself, as it "
+        "does under model.autocast anyway (toy: 1.13x faster rollouts)",
+    )
     rank: int = Field(32, ge=1, description="LoRA r")
     alpha: float = Field(64, gt=0, description="LoRA alpha")
     target_modules: list[str] = Field(

@@ -280,7 +280,7 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
             wave_gen = (
                 gen if W == 1 else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + w))
             )
-            with cfg.model.autocast_context():
+            with cfg.model.autocast_context(), lora_merged(run):
                 ro = sample(
                     policy, cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                     generator=wave_gen, completion_steps=cfg.dense.completion_steps, dense=cfg.dense.mode != "sparse",
@@ -371,11 +371,11 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
-    # Old log-probs. Rollout and update share their numerics (fp32): the rollout's own, exact (ratio 1 at the
-    # first update). A rollout under model.autocast sampled with lower-precision velocities, whose rounding
-    # moves log-probs by about the clip range; the update (full precision) then recomputes them itself: the
-    # first chunk's in its own forward, the later chunks' here, before any optimizer step.
-    recompute = cfg.model.autocast is not None
+    # Old log-probs. Rollout and update share their numerics (fp32, adapters unmerged): the rollout's own, exact
+    # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
+    # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
+    # them itself: the first chunk's in its own forward, the later chunks' here, before any optimizer step.
+    recompute = cfg.model.autocast is not None or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
     old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = chunk_rows.numel()
@@ -455,6 +455,35 @@ def _reference_velocity(run: Run, x, sigma, cond):
             return policy.velocity(x, sigma, cond, cfg.sampling.guidance_scale)
         finally:
             policy.transformer = trained
+
+
+@contextlib.contextmanager
+def lora_merged(run: Run):
+    """Sample with every LoRA layer's adapter folded into a fresh copy of its base weight and the adapters
+    off (``lora.merge_for_sampling``): one matmul per layer instead of three. The base weights are swapped
+    back untouched after (never merged into in place, so no rounding drift); no gradient flows here."""
+    if not (run.cfg.lora.enabled and run.cfg.lora.merge_for_sampling):
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    transformer, swapped = run.policy.transformer, []
+    try:
+        with torch.no_grad():
+            for m in transformer.modules():
+                if isinstance(m, LoraLayer) and not m.merged:
+                    base = m.get_base_layer()
+                    w = base.weight.data
+                    delta = sum(m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A)
+                    swapped.append((base, w))
+                    base.weight.data = (w + delta).to(w.dtype)
+        transformer.disable_adapters()
+        yield
+    finally:
+        if swapped:
+            transformer.enable_adapters()
+        for base, w in swapped:
+            base.weight.data = w
 
 
 @contextlib.contextmanager
@@ -601,7 +630,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
 
 def _evaluate(run: Run, bar) -> None:
     bar.set_description_str("evaluating")
-    with ema_weights(run):
+    with ema_weights(run), lora_merged(run):
         scores = heldout_rewards(run)
     run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores})
     bar.set_description_str(run.name)

@@ -142,8 +142,8 @@ def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
 
     out = {}
     for mode in ("bf16", "null"):
-        cfg = cfg_of(tiny_checkpoint, tmp_path / mode, extra=[f"model.autocast={mode}"])
-        run = setup(cfg, progress=False)
+        extra = [f"model.autocast={mode}", "lora.merge_for_sampling=false"]
+        run = setup(cfg_of(tiny_checkpoint, tmp_path / mode, extra=extra), progress=False)
         ev = heldout_rewards(run)
         ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
         out[mode] = ro.latents, update(run, ro, cond, R, 0), ev
@@ -154,6 +154,48 @@ def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
     assert up16["ratio_dev_first"] == 0.0 and up32["ratio_dev_first"] == 0.0
     assert up16["rollout_lp_dev"] > 0 and "rollout_lp_dev" not in up32
     assert ev16 == ev32
+
+
+def test_merged_lora_sampling_matches_unmerged_and_restores_the_weights(tiny_checkpoint, tmp_path):
+    """lora.merge_for_sampling folds trained (non-zero) adapters into temporary weights: the rollout equals
+    the unmerged one to fp32 rounding, the base weights come back bit for bit with the adapters on, and the
+    update, recomputing the old log-probs, starts at ratio 1 exactly."""
+    from densegrpo_fast.trainer import collect, lora_merged, update
+
+    out = {}
+    for merge in ("true", "false"):
+        extra = ["model.autocast=null", f"lora.merge_for_sampling={merge}"]
+        run = setup(cfg_of(tiny_checkpoint, tmp_path / merge, extra=extra), progress=False)
+        torch.manual_seed(1)
+        with torch.no_grad():  # a trained adapter: LoRA's B starts at zero, which would hide a wrong merge
+            for name, p in run.policy.transformer.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+        before = {k: v.clone() for k, v in run.policy.transformer.state_dict().items()}
+        x = torch.randn(4, *run.policy.latent_shape)
+        cond = run.policy.encode_prompts(["a red circle"] * 4)
+        sigma = torch.full((4,), 0.7)
+        with torch.no_grad():
+            v_plain = run.policy.velocity(x, sigma, cond, 1.5)
+            with lora_merged(run):
+                v_merged = run.policy.velocity(x, sigma, cond, 1.5)
+            run.policy.transformer.disable_adapters()
+            v_base = run.policy.velocity(x, sigma, cond, 1.5)
+            run.policy.transformer.enable_adapters()
+        assert (v_plain - v_base).abs().max() > 1e-2  # the adapters matter at this size
+        if merge == "true":
+            assert not torch.equal(v_merged, v_plain)  # another rounding: the merge happened ...
+            torch.testing.assert_close(v_merged, v_plain, rtol=1e-5, atol=1e-5)  # ... of the right weights
+        else:
+            assert torch.equal(v_merged, v_plain)  # off: the plain forward
+        after = run.policy.transformer.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+        out[merge] = ro.latents, update(run, ro, cond, R, 0)
+    (lat_m, up_m), (lat_p, up_p) = out["true"], out["false"]
+    torch.testing.assert_close(lat_m, lat_p, rtol=0, atol=1e-4)
+    assert up_m["ratio_dev_first"] == 0.0 and up_p["ratio_dev_first"] == 0.0
+    assert 0 < up_m["rollout_lp_dev"] < 1e-4 and "rollout_lp_dev" not in up_p
 
 
 def test_autocast_on_a_cpu_without_native_bf16_warns(tiny_checkpoint, tmp_path, monkeypatch):
