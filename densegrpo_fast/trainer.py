@@ -467,7 +467,7 @@ def lora_merged(run: Run):
         return
     from peft.tuners.lora import LoraLayer
 
-    transformer, swapped = run.policy.transformer, []
+    transformer, swapped, disabled = run.policy.transformer, [], False
     try:
         with torch.no_grad():
             for m in transformer.modules():
@@ -478,9 +478,10 @@ def lora_merged(run: Run):
                     swapped.append((base, w))
                     base.weight.data = (w + delta).to(w.dtype)
         transformer.disable_adapters()
+        disabled = True
         yield
     finally:
-        if swapped:
+        if disabled:
             transformer.enable_adapters()
         for base, w in swapped:
             base.weight.data = w
