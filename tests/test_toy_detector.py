@@ -38,6 +38,7 @@ def test_round_trip_on_renders_of_every_category(category):
     prompts = [prompts[i] for i in rng.integers(0, len(prompts), 150)]
     s = score(render(prompts, rng), [p.text for p in prompts])
     assert s["strict"].mean() >= 0.99 and s["partial"].mean() >= 0.99
+    assert s["exact"].mean() >= 0.99  # a render holds exactly the objects its prompt names
 
 
 def test_detections_recover_shape_colour_and_position():
@@ -147,6 +148,21 @@ def test_robust_to_mild_noise_and_blur():
     noisy = (gt + 0.1 * torch.randn(gt.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert score(noisy, texts)["strict"].mean() >= 0.99
     assert score(_blur(gt, 1.0), texts)["strict"].mean() >= 0.99
+
+
+def test_exact_mode_fails_unrequested_objects():
+    img = draw(draw(blank(), "circle", "red", 2, 2), "square", "blue", 18, 2)
+    assert score(img, ["a circle left of a square"])["exact"].item() == 1.0
+    assert score(img, ["a circle"])["exact"].item() == 0.0  # strict passes it: the square is extra
+    assert score(img, ["a circle"])["strict"].item() == 1.0
+    assert score(img, ["a red circle"])["exact"].item() == 0.0
+    draw(img, "circle", "green", 2, 18)  # two circles and a square
+    assert score(img, ["two circles"])["strict"].item() == 1.0
+    assert score(img, ["two circles"])["exact"].item() == 0.0
+    assert score(img, ["a circle and a square"])["exact"].item() == 0.0
+    one = draw(blank(), "triangle", "cyan", 10, 10)
+    assert score(one, ["a triangle"])["exact"].item() == 1.0
+    assert ToyGenEvalReward("exact")(one, ["a triangle"]).tolist() == [1.0]
 
 
 def test_reward_callable_modes_and_shape_errors():

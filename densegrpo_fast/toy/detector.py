@@ -276,20 +276,29 @@ def score(
     ok = check_requirements(det, rows, mask, s.rel_margin)
     met = ok.sum(1).float()
     total = mask.sum(1).float()
-    return {"strict": (met == total).float(), "partial": met / total}
+    strict = met == total
+    # Objects the prompt asks for: N for "N <shape>s", else one per named shape ("present" rows).
+    kind, count = rows[..., 0], rows[..., 3]
+    is_count = (kind == _KINDS.index("count")) & mask
+    named = ((kind == _KINDS.index("present")) & mask).sum(1)
+    wanted = torch.where(is_count.any(1), (count * is_count).sum(1), named)
+    exact = strict & (det.valid.sum(1) == wanted)
+    return {"strict": strict.float(), "partial": met / total, "exact": exact.float()}
 
 
 class ToyGenEvalReward:
     """Reward callable: ``reward(images [B, 3, H, W] in [0, 1], prompts) -> [B] float32``.
 
     ``mode="partial"`` (default) gives the fraction of the prompt's requirements met, as in the
-    partial-credit GenEval reward Flow-GRPO trains on; ``mode="strict"`` gives 0/1. Knows nothing of models:
+    partial-credit GenEval reward Flow-GRPO trains on; ``mode="strict"`` gives 0/1; ``mode="exact"`` is strict
+    and also fails an image holding more objects than the prompt asks for (GenEval does not penalise extra
+    objects but in counting: this closes the clutter hack for a training reward). Knows nothing of models:
     each prompt's requirements come from parsing the prompt string.
     """
 
     def __init__(self, mode: str = "partial", settings: DetectorSettings | None = None):
-        if mode not in ("partial", "strict"):
-            raise ValueError(f"mode {mode!r} must be 'partial' or 'strict'")
+        if mode not in ("partial", "strict", "exact"):
+            raise ValueError(f"mode {mode!r} must be 'partial', 'strict' or 'exact'")
         self.mode = mode
         self.settings = settings or DetectorSettings()
 
