@@ -227,8 +227,8 @@ def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) ->
 
 
 def set_window(run: Run, iteration: int) -> None:
-    """Point ``run.schedule`` and ``run.trained`` at iteration ``iteration``'s SDE window (a no-op but for
-    the first call with a fixed window)."""
+    """Point ``run.schedule`` and ``run.trained`` at iteration ``iteration``'s SDE window (with a fixed
+    window, the same every iteration)."""
     n, base = run.cfg.noise, run.base_schedule
     start = None
     if n.window_move == "fixed":
