@@ -265,7 +265,7 @@ def check_requirements(
 def score(
     images: torch.Tensor, prompts: list[str], settings: DetectorSettings | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"strict": [B], "partial": [B]}`` float32 scores of ``images`` [B, 3, H, W] against ``prompts``."""
+    """``{"strict", "partial", "exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against ``prompts``."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"images must be [B, 3, H, W] with B = len(prompts) = {len(prompts)}, got {tuple(images.shape)}"
