@@ -513,14 +513,16 @@ class TrainConfig(Section):
                 f"sampling.shift ({shift}) with model.family flux: FLUX.1 samples on a grid shifted by the "
                 "image's token count, not a fixed shift; set sampling.shift=null for FluxPipeline's own grid"
             )
-        from densegrpo_fast.rewards import available
+        from densegrpo_fast.rewards import available, kwargs_problems, unknown_name
 
-        if self.reward.name not in available():
-            near = difflib.get_close_matches(self.reward.name, available(), n=1)
-            hint = f"did you mean {near[0]!r}? " if near else ""
-            problems.append(
-                f"reward.name={self.reward.name!r} is not a registered reward: {hint}choose one of {available()}"
-            )
+        sections = {"reward": self.reward, **{f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()}}
+        for where, r in sections.items():
+            if r.name not in available():
+                problems.append(unknown_name(r.name, f"{where}.name"))
+            else:  # the rewards' own messages name reward.kwargs: say which section they are about
+                problems += [
+                    p if where == "reward" else f"{where}: {p}" for p in kwargs_problems(r.name, r.kwargs)
+                ]
         if problems:
             raise CrossCheckError(problems)
         return self

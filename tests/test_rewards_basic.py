@@ -178,3 +178,22 @@ def test_multi_is_the_weighted_sum_of_its_components():
 def test_multi_config_errors(rewards, match):
     with pytest.raises(ValueError, match=match):
         build_reward("multi", rewards=rewards)
+
+
+def test_kwargs_problems_found_without_building():
+    from densegrpo_fast.rewards import kwargs_problems
+
+    assert kwargs_problems("toy_geneval", {"mode": "strict"}) == []
+    assert "is not a toy_geneval mode" in kwargs_problems("toy_geneval", {"mode": "strit"})[0]
+    assert "its keywords are ['mode']" in kwargs_problems("toy_geneval", {"mood": "strict"})[0]
+    spec = {
+        "a": {"name": "rednes"},
+        "b": {"name": "toy_geneval", "kwargs": {"mode": "x"}},
+        "c": {"name": "redness"},
+    }
+    found = kwargs_problems("multi", {"rewards": spec})
+    assert len(found) == 2
+    assert (
+        found[0].startswith("reward.kwargs.rewards.a.name='rednes'") and "did you mean 'redness'" in found[0]
+    )
+    assert found[1].startswith("reward.kwargs.rewards.b: reward.kwargs.mode='x'")

@@ -165,6 +165,17 @@ def test_exact_mode_fails_unrequested_objects():
     assert ToyGenEvalReward("exact")(one, ["a triangle"]).tolist() == [1.0]
 
 
+def test_count_exact_mode_is_exact_on_counts_only():
+    img = draw(draw(draw(blank(), "circle", "red", 2, 2), "circle", "green", 2, 18), "square", "blue", 18, 2)
+    s = score(img.expand(3, -1, -1, -1), ["two circles", "a circle left of a square", "a circle"])
+    assert s["strict"].tolist() == [1.0, 1.0, 1.0]
+    assert s["count_exact"].tolist() == [0.0, 1.0, 1.0]  # only the count is failed by the extra square
+    two = draw(draw(blank(), "circle", "red", 2, 2), "circle", "green", 2, 18)
+    assert ToyGenEvalReward("count_exact")(two, ["two circles"]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="count_exact"):
+        ToyGenEvalReward("exactly")
+
+
 def test_reward_callable_modes_and_shape_errors():
     rng = np.random.default_rng(0)
     ps = [make_prompt("colors", (("square", "red"),)), make_prompt("counting", (("circle", None),) * 3)]

@@ -421,6 +421,9 @@ def test_priority_sampling_table_is_checkpointed_and_resumed(tiny_checkpoint, tm
             "model.checkpoint='/does/not/exist.safetensors' does not exist",
         ),
         ("reward.name=toy_genevl", "did you mean 'toy_geneval'"),
+        ("reward.kwargs.mode=strcit", "reward.kwargs.mode='strcit' is not a toy_geneval mode"),
+        ("eval.rewards.strict.kwargs.mode=stric", "eval.rewards.strict: reward.kwargs.mode='stric' is not"),
+        ("reward.kwargs={mod: strict}", "does not take reward.kwargs=.*its keywords are \\['mode'\\]"),
         ("sampling.group_size=1", "sampling.group_size = 1: Input should be greater than or equal to 2"),
     ],
 )

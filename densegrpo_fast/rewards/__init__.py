@@ -17,6 +17,7 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Protocol
 
@@ -46,14 +47,31 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def unknown_name(name: object, where: str = "reward.name") -> str:
+    """The error for a reward name not in the registry, with the nearest registered one."""
+    near = difflib.get_close_matches(str(name), available(), n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return f"{where}={name!r} is not a registered reward: {hint}choose one of {available()}"
+
+
+def kwargs_problems(name: str, kwargs: dict) -> list[str]:
+    """What is wrong with ``reward.kwargs`` for the registered reward ``name``, found without building it
+    (no weights load): keyword names the factory does not take, required ones missing, and the values a
+    factory declares checkable in its ``check`` attribute (a function of the kwargs returning problems)."""
+    factory = _REGISTRY[name]
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:
+        params = [p for p in inspect.signature(factory).parameters if p != "kwargs"]
+        return [f"reward {name!r} does not take reward.kwargs={kwargs} ({e}); its keywords are {params}"]
+    check = getattr(factory, "check", None)
+    return list(check(**kwargs)) if check else []
+
+
 def build_reward(name: str, **kwargs) -> Reward:
     """The reward registered as ``name``, built with ``kwargs``; unknown names get the nearest valid one."""
     if name not in _REGISTRY:
-        near = difflib.get_close_matches(name, available(), n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        raise ValueError(
-            f"reward.name={name!r} is not a registered reward: {hint}choose one of {available()}"
-        )
+        raise ValueError(unknown_name(name))
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:
@@ -66,6 +84,17 @@ def _toy_geneval(mode: str = "partial") -> Reward:
     from densegrpo_fast.toy.detector import ToyGenEvalReward
 
     return ToyGenEvalReward(mode=mode)
+
+
+def _toy_geneval_check(mode: str = "partial") -> list[str]:
+    from densegrpo_fast.toy.detector import MODES
+
+    if mode in MODES:
+        return []
+    return [f"reward.kwargs.mode={mode!r} is not a toy_geneval mode: choose one of {list(MODES)}"]
+
+
+_toy_geneval.check = _toy_geneval_check
 
 
 @register("redness")

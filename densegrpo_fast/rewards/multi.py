@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from densegrpo_fast.rewards import Reward, build_reward, register
+from densegrpo_fast.rewards import Reward, available, build_reward, kwargs_problems, register, unknown_name
 
 _SPEC_KEYS = {"name", "kwargs", "weight"}
 
@@ -48,6 +48,24 @@ class WeightedSum:
             if not isinstance(kwargs, dict):
                 raise ValueError(f"{where}.kwargs={kwargs!r} must be a mapping of keyword arguments")
             self.parts[key] = (build_reward(spec["name"], **kwargs), float(weight))
+
+    @staticmethod
+    def check(rewards: dict) -> list[str]:
+        """Each component's name and kwargs checked as the top-level reward's are (nothing is built); the
+        shape of the mapping itself is checked when the reward is built."""
+        problems = []
+        for key, spec in rewards.items() if isinstance(rewards, dict) else ():
+            if not isinstance(spec, dict) or not isinstance(spec.get("kwargs") or {}, dict):
+                continue
+            name = spec.get("name")
+            if name not in available():
+                problems.append(unknown_name(name, f"reward.kwargs.rewards.{key}.name"))
+            else:
+                problems += [
+                    f"reward.kwargs.rewards.{key}: {p}"
+                    for p in kwargs_problems(name, spec.get("kwargs") or {})
+                ]
+        return problems
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each component's unweighted score. Shape: {key: [B] float32} on the images' device."""

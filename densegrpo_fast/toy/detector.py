@@ -265,7 +265,7 @@ def check_requirements(
 def score(
     images: torch.Tensor, prompts: list[str], settings: DetectorSettings | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"strict", "partial", "exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against ``prompts``."""
+    """``{"strict", "partial", "exact", "count_exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against ``prompts``."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"images must be [B, 3, H, W] with B = len(prompts) = {len(prompts)}, got {tuple(images.shape)}"
@@ -283,7 +283,16 @@ def score(
     named = ((kind == _KINDS.index("present")) & mask).sum(1)
     wanted = torch.where(is_count.any(1), (count * is_count).sum(1), named)
     exact = strict & (det.valid.sum(1) == wanted)
-    return {"strict": strict.float(), "partial": met / total, "exact": exact.float()}
+    count_exact = torch.where(is_count.any(1), exact, strict)
+    return {
+        "strict": strict.float(),
+        "partial": met / total,
+        "exact": exact.float(),
+        "count_exact": count_exact.float(),
+    }
+
+
+MODES = ("partial", "strict", "exact", "count_exact")
 
 
 class ToyGenEvalReward:
@@ -292,13 +301,15 @@ class ToyGenEvalReward:
     ``mode="partial"`` (default) gives the fraction of the prompt's requirements met, as in the
     partial-credit GenEval reward Flow-GRPO trains on; ``mode="strict"`` gives 0/1; ``mode="exact"`` is strict
     and also fails an image holding more objects than the prompt asks for (GenEval does not penalise extra
-    objects but in counting: this closes the clutter hack for a training reward). Knows nothing of models:
+    objects but in counting: this closes the clutter hack for a training reward); ``mode="count_exact"`` is
+    exact on counting prompts and strict on the others (a count is wrong when other shapes crowd the canvas,
+    while a relation or a colour binding is not). Knows nothing of models:
     each prompt's requirements come from parsing the prompt string.
     """
 
     def __init__(self, mode: str = "partial", settings: DetectorSettings | None = None):
-        if mode not in ("partial", "strict", "exact"):
-            raise ValueError(f"mode {mode!r} must be 'partial', 'strict' or 'exact'")
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} must be one of {', '.join(map(repr, MODES))}")
         self.mode = mode
         self.settings = settings or DetectorSettings()
 
