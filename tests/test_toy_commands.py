@@ -64,6 +64,18 @@ def test_resume_with_another_arch_is_an_error(tmp_path):
         _pretrain(tmp_path / "a", ["arch.num_layers=2"])
 
 
+def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
+    first = tmp_path / "a" / "ema.safetensors"
+    start = _pretrain(tmp_path / "a")
+    zero_lr = _pretrain(tmp_path / "b", [f"train.init_checkpoint={first}", "train.lr=1e-30", "train.steps=2"])
+    for k in start:  # a vanishing lr keeps the starting weights (and the EMA starts at them)
+        torch.testing.assert_close(zero_lr[k], start[k], rtol=0, atol=1e-6, msg=k)
+    scratch = _pretrain(tmp_path / "c", ["train.lr=1e-30", "train.steps=2"])
+    assert any((scratch[k] - start[k]).abs().max() > 1e-3 for k in start)
+    with pytest.raises(ValueError, match="set the config's arch section to the checkpoint's"):
+        _pretrain(tmp_path / "d", [f"train.init_checkpoint={first}", "arch.num_layers=2"])
+
+
 def test_eval_command_json_has_every_category(tmp_path, capsys):
     out = tmp_path / "eval"
     argv = [

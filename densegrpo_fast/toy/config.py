@@ -34,6 +34,11 @@ class PretrainSection(Section):
     logit_normal_mean: float = Field(0.0, description="training sigma ~ sigmoid(N(mean, std)) (SD3)")
     logit_normal_std: float = Field(1.0, gt=0, description="see logit_normal_mean")
     seed: int = Field(0, description="seed of initial weights and of every step's data and noise")
+    init_checkpoint: str | None = Field(
+        None,
+        description="toy checkpoint (.safetensors) whose weights start the run (continued pretraining; its "
+        "arch must equal the config's); null = random initial weights",
+    )
     output_dir: str = Field("runs/toy_pretrain", description="state.pt (resume), EMA exports and log.jsonl")
     checkpoint_every: int = Field(250, ge=1, description="steps between resumable checkpoints")
     eval_every: int = Field(0, ge=0, description="steps between quick held-out evals of the EMA (0 = never)")

@@ -6,7 +6,9 @@ Each step renders ``batch_size`` images of random training prompts (the held-out
 named), draws ``sigma ~ sigmoid(N(m, s))`` (SD3's logit-normal) and noise, and regresses the velocity
 ``eps - x0`` at ``x_sigma = (1 - sigma) x0 + sigma eps`` with an MSE loss. A fraction ``prompt_dropout`` of
 prompts is replaced by the empty prompt so the model learns the unconditional velocity CFG needs. AdamW with
-linear warm-up and cosine decay; an EMA of the weights is what gets exported.
+linear warm-up and cosine decay; an EMA of the weights is what gets exported. ``train.init_checkpoint``
+starts from a checkpoint's weights instead of random ones (continued pretraining: fresh optimizer and
+schedule, the EMA starting at those weights).
 
 Determinism and resumption: the data, noise, sigmas and dropout of step ``k`` depend only on (seed, k), and
 ``output_dir/state.pt`` (written atomically every ``checkpoint_every`` steps and at the end) holds the
@@ -57,6 +59,17 @@ def make_batch(step: int, t: PretrainSection) -> tuple[list[str], torch.Tensor, 
     return texts, x0, noise, sigma
 
 
+def _init_weights(path: str, arch: ToyArch) -> dict[str, torch.Tensor]:
+    """The weights of ``path`` (a toy checkpoint), checked against ``arch``."""
+    start = ToyPolicy.load(path)
+    if start.arch != arch:
+        raise ValueError(
+            f"train.init_checkpoint {path!r} has arch {start.arch}, the config asks for {arch}: set the "
+            f"config's arch section to the checkpoint's, or start from random weights (init_checkpoint=null)"
+        )
+    return start.state_dict()
+
+
 def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -79,7 +92,10 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
     arch = arch_from_config(cfg)
 
     torch.manual_seed(t.seed)
-    policy = ToyPolicy(arch).to(t.device).train()
+    policy = ToyPolicy(arch)
+    if t.init_checkpoint is not None:
+        policy.load_state_dict(_init_weights(t.init_checkpoint, arch))
+    policy = policy.to(t.device).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
     ema = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     step, wall = 0, 0.0
