@@ -74,6 +74,8 @@ def test_continued_pretraining_starts_from_the_checkpoint(tmp_path):
     assert any((scratch[k] - start[k]).abs().max() > 1e-3 for k in start)
     with pytest.raises(ValueError, match="set the config's arch section to the checkpoint's"):
         _pretrain(tmp_path / "d", [f"train.init_checkpoint={first}", "arch.num_layers=2"])
+    with pytest.raises(ValueError, match="init_checkpoint .* does not exist: pass a .safetensors file"):
+        _pretrain(tmp_path / "e", [f"train.init_checkpoint={tmp_path / 'nope.safetensors'}"])
 
 
 def test_eval_command_json_has_every_category(tmp_path, capsys):

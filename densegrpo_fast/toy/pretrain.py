@@ -61,6 +61,11 @@ def make_batch(step: int, t: PretrainSection) -> tuple[list[str], torch.Tensor, 
 
 def _init_weights(path: str, arch: ToyArch) -> dict[str, torch.Tensor]:
     """The weights of ``path`` (a toy checkpoint), checked against ``arch``."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"train.init_checkpoint {path!r} does not exist: pass a .safetensors file written by "
+            "`densegrpo-fast pretrain-toy` (or the shipped densegrpo_fast/toy/assets/toy_sd3.safetensors), or null"
+        )
     start = ToyPolicy.load(path)
     if start.arch != arch:
         raise ValueError(
