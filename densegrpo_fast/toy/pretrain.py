@@ -98,7 +98,7 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
 
     torch.manual_seed(t.seed)
     policy = ToyPolicy(arch)
-    if t.init_checkpoint is not None:
+    if t.init_checkpoint is not None and not state_path.is_file():  # a resumed run has its own weights
         policy.load_state_dict(_init_weights(t.init_checkpoint, arch))
     policy = policy.to(t.device).train()
     opt = torch.optim.AdamW(policy.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.99))
