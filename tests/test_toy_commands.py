@@ -91,9 +91,12 @@ def test_eval_command_json_has_every_category(tmp_path, capsys):
     assert cli.main([*argv, f"eval.output_dir={out}", "eval.grid_size=6"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert set(res["per_category"]) == set(CATEGORIES)
-    for r in res["per_category"].values():
-        assert r["n"] == 2 and 0 <= r["strict"] <= r["partial"] <= 1
-    assert 0 <= res["strict"] <= res["partial"] <= 1
+    for r in [*res["per_category"].values(), res]:
+        assert 0 <= r["exact"] <= r["strict"] <= r["partial"] <= 1 and 0 <= r["extra"] <= 1
+        # an image with extra objects is never exact: exact <= 1 - extra, prompt by prompt and so on average
+        assert r["exact"] <= 1 - r["extra"] + 1e-6
+    assert all(r["n"] == 2 for r in res["per_category"].values())
+    assert res["rewards"]["exact"] == pytest.approx(res["exact"], abs=1e-6)  # the config's eval.rewards entry
     assert json.loads((out / "scores.json").read_text())["strict"] == res["strict"]
     assert (out / "samples.png").stat().st_size > 1000
     assert load_config(ToyEvalConfig, out / "config.yaml").eval.num_steps == 2

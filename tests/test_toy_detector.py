@@ -165,6 +165,24 @@ def test_exact_mode_fails_unrequested_objects():
     assert ToyGenEvalReward("exact")(one, ["a triangle"]).tolist() == [1.0]
 
 
+def test_extra_flags_more_objects_than_asked_whether_or_not_strict_passes():
+    img = draw(draw(draw(blank(), "circle", "red", 2, 2), "square", "blue", 18, 2), "circle", "green", 2, 18)
+    prompts = [
+        "a circle",
+        "two circles",
+        "a circle and a square",
+        "three circles",
+        "four squares",
+        "a triangle",
+    ]
+    s = score(img.expand(len(prompts), -1, -1, -1), prompts)
+    assert s["extra"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]  # 3 objects against 1, 2, 2, 3, 4, 1 asked
+    assert s["strict"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert (s["exact"] <= s["strict"] * (1 - s["extra"])).all()
+    one = draw(blank(), "triangle", "cyan", 10, 10)
+    assert score(one, ["a triangle"])["extra"].item() == 0.0
+
+
 def test_count_exact_mode_is_exact_on_counts_only():
     img = draw(draw(draw(blank(), "circle", "red", 2, 2), "circle", "green", 2, 18), "square", "blue", 18, 2)
     s = score(img.expand(3, -1, -1, -1), ["two circles", "a circle left of a square", "a circle"])

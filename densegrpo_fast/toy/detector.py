@@ -265,7 +265,9 @@ def check_requirements(
 def score(
     images: torch.Tensor, prompts: list[str], settings: DetectorSettings | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"strict", "partial", "exact", "count_exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against ``prompts``."""
+    """``{"strict", "partial", "exact", "count_exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against
+    ``prompts``, and ``"extra"`` [B]: 1 where the image holds more accepted objects than the prompt asks for
+    (the clutter that ``strict`` lets pass and ``exact`` does not)."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"images must be [B, 3, H, W] with B = len(prompts) = {len(prompts)}, got {tuple(images.shape)}"
@@ -282,13 +284,15 @@ def score(
     is_count = (kind == _KINDS.index("count")) & mask
     named = ((kind == _KINDS.index("present")) & mask).sum(1)
     wanted = torch.where(is_count.any(1), (count * is_count).sum(1), named)
-    exact = strict & (det.valid.sum(1) == wanted)
+    found = det.valid.sum(1)
+    exact = strict & (found == wanted)
     count_exact = torch.where(is_count.any(1), exact, strict)
     return {
         "strict": strict.float(),
         "partial": met / total,
         "exact": exact.float(),
         "count_exact": count_exact.float(),
+        "extra": (found > wanted).float(),
     }
 
 

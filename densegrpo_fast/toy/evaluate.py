@@ -41,6 +41,10 @@ def sample(
     return policy.decode(x)
 
 
+# The detector's scores the eval command reports per category (densegrpo_fast.toy.detector.score).
+_REPORTED = ("strict", "exact", "partial", "extra")
+
+
 def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
     """``n`` prompts of ``dataset``: ``toy:test`` / ``toy:train`` (balanced over categories), or a text file
     of toy-world prompts (one per line, cycled to ``n``); ``n = None``: as many as the split or file has."""
@@ -61,7 +65,8 @@ def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
 
 
 def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = None) -> dict:
-    """Strict and partial scores, overall and per category, on ``cfg.num_prompts`` prompts of
+    """Strict, exact and partial scores and the share of images with extra objects (see
+    :func:`~densegrpo_fast.toy.detector.score`), overall and per category, on ``cfg.num_prompts`` prompts of
     ``cfg.dataset``, plus the mean of each of ``cfg.rewards`` (registry rewards) under ``"rewards"``."""
     from densegrpo_fast.rewards import build_reward
 
@@ -71,13 +76,14 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
             "number (configs/toy_geneval.yaml uses 1.0)"
         )
     t0 = time.perf_counter()
-    extra = {k: build_reward(r.name, **r.kwargs) for k, r in cfg.rewards.items()}
+    reward_fns = {k: build_reward(r.name, **r.kwargs) for k, r in cfg.rewards.items()}
     prompts = heldout_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
     texts = [p.text for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(prompts), *policy.latent_shape, generator=g)
-    images, strict, partial = [], [], []
-    extra_scores: dict[str, list[torch.Tensor]] = {k: [] for k in extra}
+    images: list[torch.Tensor] = []
+    metrics: dict[str, list[torch.Tensor]] = {k: [] for k in _REPORTED}
+    reward_scores: dict[str, list[torch.Tensor]] = {k: [] for k in reward_fns}
     for i in range(0, len(prompts), cfg.batch_size):
         img = sample(
             policy,
@@ -88,16 +94,16 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
             cfg.shift,
         ).cpu()
         s = score(img, texts[i : i + cfg.batch_size])
-        for k, fn in extra.items():
-            extra_scores[k].append(fn(img, texts[i : i + cfg.batch_size]).float())
+        for k, fn in reward_fns.items():
+            reward_scores[k].append(fn(img, texts[i : i + cfg.batch_size]).float())
         images.append(img)
-        strict.append(s["strict"])
-        partial.append(s["partial"])
-    images, strict, partial = torch.cat(images), torch.cat(strict), torch.cat(partial)
+        for k in _REPORTED:
+            metrics[k].append(s[k])
+    images = torch.cat(images)
+    per_prompt = {k: torch.cat(v) for k, v in metrics.items()}
     cats = [p.category for p in prompts]
     out: dict = {
-        "strict": strict.mean().item(),
-        "partial": partial.mean().item(),
+        **{k: v.mean().item() for k, v in per_prompt.items()},
         "per_category": {},
         "num_prompts": len(prompts),
         "num_steps": cfg.num_steps,
@@ -105,20 +111,18 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
         "shift": cfg.shift,
         "seed": cfg.seed,
         "dataset": cfg.dataset,
-        "rewards": {k: torch.cat(v).mean().item() for k, v in extra_scores.items()},
+        "rewards": {k: torch.cat(v).mean().item() for k, v in reward_scores.items()},
     }
     for c in CATEGORIES:
         idx = torch.tensor([i for i, k in enumerate(cats) if k == c], dtype=torch.long)
         if len(idx) == 0:
             continue
-        out["per_category"][c] = {
-            "strict": strict[idx].mean().item(),
-            "partial": partial[idx].mean().item(),
-            "n": len(idx),
-        }
+        out["per_category"][c] = {**{k: v[idx].mean().item() for k, v in per_prompt.items()}, "n": len(idx)}
     out["wall_s"] = time.perf_counter() - t0
     if grid_path is not None and cfg.grid_size > 0:
-        save_grid(images[: cfg.grid_size], texts[: cfg.grid_size], strict[: cfg.grid_size], grid_path)
+        save_grid(
+            images[: cfg.grid_size], texts[: cfg.grid_size], per_prompt["strict"][: cfg.grid_size], grid_path
+        )
     return out
 
 
@@ -147,10 +151,17 @@ def save_grid(images: torch.Tensor, prompts: list[str], passed: torch.Tensor, pa
 
 
 def format_scores(res: dict) -> str:
-    lines = [f"{'category':<14} {'strict':>7} {'partial':>8} {'n':>5}"]
-    for c, r in res["per_category"].items():
-        lines.append(f"{c:<14} {r['strict']:>7.3f} {r['partial']:>8.3f} {r['n']:>5}")
-    lines.append(f"{'overall':<14} {res['strict']:>7.3f} {res['partial']:>8.3f} {res['num_prompts']:>5}")
+    """The eval command's table: a row per category and one overall, a column per score of ``_REPORTED``."""
+    lines = [f"{'category':<14}" + "".join(f" {k:>7}" for k in _REPORTED) + f" {'n':>5}"]
+    for name, r, n in [
+        *((c, r, r["n"]) for c, r in res["per_category"].items()),
+        ("overall", res, res["num_prompts"]),
+    ]:
+        lines.append(f"{name:<14}" + "".join(f" {r[k]:>7.3f}" for k in _REPORTED) + f" {n:>5}")
+    lines.append(
+        "strict: every requirement met (GenEval's score); exact: strict with no extra object; "
+        "extra: share of images with more objects than asked"
+    )
     lines += [f"reward {k}: {v:.4f}" for k, v in res["rewards"].items()]
     lines.append(
         f"({res['num_steps']} Euler steps, CFG {res['guidance_scale']}, shift {res['shift']}, seed {res['seed']}, "
