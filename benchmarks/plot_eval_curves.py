@@ -1,6 +1,6 @@
 """Held-out scores of several training runs against iteration, in one plot.
 
-    python benchmarks/plot_eval_curves.py OUT.png LABEL=runs/a/metrics.jsonl LABEL=runs/b/metrics.jsonl \
+    python benchmarks/plot_eval_curves.py OUT.png LABEL=runs/a/metrics.jsonl LABEL=runs/b/metrics.jsonl \\
         [--keys eval_strict eval_exact]
 
 Each run gets one colour; each key (an ``eval_*`` field of metrics.jsonl) one line style.
