@@ -194,6 +194,21 @@ def test_count_exact_mode_is_exact_on_counts_only():
         ToyGenEvalReward("exactly")
 
 
+def test_partial_exact_charges_each_surplus_object_as_an_unmet_requirement():
+    img = draw(draw(draw(blank(), "circle", "red", 2, 2), "square", "blue", 18, 2), "circle", "green", 2, 18)
+    prompts = ["a circle", "two circles", "three circles", "a red circle and a blue square", "a triangle"]
+    s = score(img.expand(len(prompts), -1, -1, -1), prompts)
+    # met / (requirements + objects beyond the asked ones): 1/(1+2), 2/(2+1), 1/(2+0), 4/(4+1), 0/(1+2)
+    assert s["partial_exact"].tolist() == pytest.approx([1 / 3, 2 / 3, 1 / 2, 4 / 5, 0.0])
+    assert (s["partial_exact"] <= s["partial"]).all()
+    assert ((s["partial_exact"] == 1) == (s["exact"] == 1)).all()
+    one = draw(blank(), "triangle", "cyan", 10, 10)
+    assert ToyGenEvalReward("partial_exact")(one.expand(2, -1, -1, -1), ["a triangle", "a square"]).tolist() == [
+        1.0,
+        0.0,
+    ]
+
+
 def test_reward_callable_modes_and_shape_errors():
     rng = np.random.default_rng(0)
     ps = [make_prompt("colors", (("square", "red"),)), make_prompt("counting", (("circle", None),) * 3)]

@@ -265,9 +265,9 @@ def check_requirements(
 def score(
     images: torch.Tensor, prompts: list[str], settings: DetectorSettings | None = None
 ) -> dict[str, torch.Tensor]:
-    """``{"strict", "partial", "exact", "count_exact": [B]}`` float32 scores of ``images`` [B, 3, H, W] against
-    ``prompts``, and ``"extra"`` [B]: 1 where the image holds more accepted objects than the prompt asks for
-    (the clutter that ``strict`` lets pass and ``exact`` does not)."""
+    """``{"strict", "partial", "exact", "count_exact", "partial_exact": [B]}`` float32 scores of ``images``
+    [B, 3, H, W] against ``prompts``, and ``"extra"`` [B]: 1 where the image holds more accepted objects than the
+    prompt asks for (the clutter that ``strict`` lets pass and ``exact`` does not)."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] != len(prompts):
         raise ValueError(
             f"images must be [B, 3, H, W] with B = len(prompts) = {len(prompts)}, got {tuple(images.shape)}"
@@ -287,16 +287,20 @@ def score(
     found = det.valid.sum(1)
     exact = strict & (found == wanted)
     count_exact = torch.where(is_count.any(1), exact, strict)
+    # Partial credit where each object beyond the asked ones counts as one more unmet requirement, so that
+    # the strict pass with nothing extra is the only score of 1 and clutter always costs.
+    surplus = (found - wanted).clamp(min=0).float()
     return {
         "strict": strict.float(),
         "partial": met / total,
         "exact": exact.float(),
         "count_exact": count_exact.float(),
+        "partial_exact": met / (total + surplus),
         "extra": (found > wanted).float(),
     }
 
 
-MODES = ("partial", "strict", "exact", "count_exact")
+MODES = ("partial", "strict", "exact", "count_exact", "partial_exact")
 
 
 class ToyGenEvalReward:
@@ -307,7 +311,9 @@ class ToyGenEvalReward:
     and also fails an image holding more objects than the prompt asks for (GenEval does not penalise extra
     objects but in counting: this closes the clutter hack for a training reward); ``mode="count_exact"`` is
     exact on counting prompts and strict on the others (a count is wrong when other shapes crowd the canvas,
-    while a relation or a colour binding is not). Knows nothing of models:
+    while a relation or a colour binding is not); ``mode="partial_exact"`` is partial credit in which every
+    object beyond the asked ones counts as one more unmet requirement (met / (requirements + surplus): a
+    graded reward whose only 1 is the exact pass). Knows nothing of models:
     each prompt's requirements come from parsing the prompt string.
     """
 
