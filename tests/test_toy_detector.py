@@ -203,10 +203,8 @@ def test_partial_exact_charges_each_surplus_object_as_an_unmet_requirement():
     assert (s["partial_exact"] <= s["partial"]).all()
     assert ((s["partial_exact"] == 1) == (s["exact"] == 1)).all()
     one = draw(blank(), "triangle", "cyan", 10, 10)
-    assert ToyGenEvalReward("partial_exact")(one.expand(2, -1, -1, -1), ["a triangle", "a square"]).tolist() == [
-        1.0,
-        0.0,
-    ]
+    reward = ToyGenEvalReward("partial_exact")
+    assert reward(one.expand(2, -1, -1, -1), ["a triangle", "a square"]).tolist() == [1.0, 0.0]
 
 
 def test_reward_callable_modes_and_shape_errors():
