@@ -289,14 +289,14 @@ def score(
     count_exact = torch.where(is_count.any(1), exact, strict)
     # Partial credit where each object beyond the asked ones counts as one more unmet requirement, so that
     # the strict pass with nothing extra is the only score of 1 and clutter always costs.
-    surplus = (found - wanted).clamp(min=0).float()
+    surplus = (found - wanted).clamp(min=0)
     return {
         "strict": strict.float(),
         "partial": met / total,
         "exact": exact.float(),
         "count_exact": count_exact.float(),
         "partial_exact": met / (total + surplus),
-        "extra": (found > wanted).float(),
+        "extra": (surplus > 0).float(),
     }
 
 
