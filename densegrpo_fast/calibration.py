@@ -43,7 +43,9 @@ def save_psi(path: Path, psi: torch.Tensor, trajectory: list[list[float]], meta:
     tmp.replace(path)
 
 
-def load_psi(path: Path, num_steps: int) -> torch.Tensor:
+def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int]]:
+    """The psi table at ``path`` and the steps its calibration covered (older tables, which do not record
+    them: the steps with noise)."""
     data = json.loads(Path(path).read_text())
     psi = torch.tensor(data["psi"], dtype=torch.float32)
     if psi.shape != (num_steps,):
@@ -51,7 +53,8 @@ def load_psi(path: Path, num_steps: int) -> torch.Tensor:
             f"psi table {path} has {psi.numel()} steps but sampling.num_steps={num_steps}: calibrate again for "
             "this grid (delete the file, or point noise.calibration.path elsewhere)"
         )
-    return psi
+    covered = data.get("calibrated_steps", psi.nonzero().flatten().tolist())
+    return psi, [int(k) for k in covered]
 
 
 def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) -> None:
@@ -116,6 +119,7 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
         "trajectories_per_round": n_prompts * G,
         "eps1": cal.eps1,
         "eps2": cal.eps2,
+        "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
     }
     save_psi(out_path, psi, trajectory, meta)
     plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)

@@ -307,6 +307,27 @@ def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path
         assert all(abs(abs(x - y) - 0.01) < 1e-6 or y in (0.0, 1.5) for x, y in zip(a, b, strict=True))
 
 
+def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, tmp_path):
+    cal = ["noise.kind=calibrated", "noise.calibration.iterations=1", "noise.calibration.prompts=1"]
+    extra = [*cal, "noise.window_start=0", "noise.window_size=2"]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    table = run_dir / "psi.json"
+    assert json.loads(table.read_text())["calibrated_steps"] == [0, 1]
+    # shared through noise.calibration.path, it still serves its own window (as on resume) ...
+    shared = [*extra, f"noise.calibration.path={table}"]
+    setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=shared), progress=False)
+    # ... but a moved window would get no noise and train nothing: refused before any model work
+    moved = [*cal, "noise.window_start=2", "noise.window_size=2", f"noise.calibration.path={table}"]
+    with pytest.raises(ValueError, match=r"calibrated for steps \[0, 1\].*needs steps \[2, 3\]"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run3", extra=moved), progress=False)
+    # an older table without the record is judged by the steps it gives noise
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"psi": [0.7, 0.7, 0.0, 0.0], "trajectory": []}))
+    wider = [*cal, "noise.window_start=1", "noise.window_size=2", f"noise.calibration.path={old}"]
+    with pytest.raises(ValueError, match=r"needs steps \[2\]"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run4", extra=wider), progress=False)
+
+
 def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_checkpoint, tmp_path):
     extra = ["noise.kind=calibrated", "noise.calibration.iterations=2", "noise.calibration.prompts=1",
              "noise.window_start=0", "noise.window_size=2", "noise.window_move=sliding", "grpo.trained_steps=[0,1,2,3]"]  # fmt: skip
@@ -325,7 +346,7 @@ def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_check
     bad = tmp_path / "psi_fixed.json"
     bad.write_text(json.dumps({"psi": [0.7, 0.7, 0.0, 0.0], "trajectory": []}))
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run2", extra=[*extra, f"noise.calibration.path={bad}"])
-    with pytest.raises(ValueError, match="window_move=sliding needs every step's"):
+    with pytest.raises(ValueError, match=r"window_move=sliding .* needs steps \[2, 3\]"):
         setup(cfg, progress=False)
     with pytest.raises(ConfigError, match="window_move=random needs a window"):
         load_config(
