@@ -338,7 +338,11 @@ class GRPOSection(Section):
     updates_per_iteration: int = Field(
         1, ge=1, description="optimizer steps per rollout (split over the rows)"
     )
-    filter_zero_advantage: bool = Field(True, description="skip (sample, step) rows whose advantage is 0")
+    filter_zero_advantage: bool = Field(
+        True,
+        description="skip (sample, step) rows whose advantage is 0, their KL term with them (the loss averages "
+        "over the rows kept)",
+    )
 
 
 class OptimSection(Section):
