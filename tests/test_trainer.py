@@ -316,7 +316,7 @@ def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, t
     # shared through noise.calibration.path, it still serves its own window (as on resume) ...
     shared = [*extra, f"noise.calibration.path={table}"]
     setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=shared), progress=False)
-    # ... but a moved window would get no noise and train nothing: refused before any model work
+    # ... but a moved window would get no noise and train nothing: refused before any training
     moved = [*cal, "noise.window_start=2", "noise.window_size=2", f"noise.calibration.path={table}"]
     with pytest.raises(ValueError, match=r"calibrated for steps \[0, 1\].*needs steps \[2, 3\]"):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run3", extra=moved), progress=False)
