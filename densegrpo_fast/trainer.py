@@ -216,19 +216,19 @@ def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) ->
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    if not path.exists():
+    if path.exists():
+        psi, covered = load_psi(path, T)
+        needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
+        missing = [k for k in needed if k not in covered]
+        if missing:
+            raise ValueError(
+                f"psi table {path} was calibrated for steps {covered} (psi {[round(p, 3) for p in psi.tolist()]}), "
+                f"but noise.window_move={n.window_move} with window_start={n.window_start}, "
+                f"window_size={n.window_size} needs steps {missing} too: they would run without noise and train "
+                "nothing. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this window"
+            )
+    else:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress)
-        return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
-    psi, covered = load_psi(path, T)
-    needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
-    missing = [k for k in needed if k not in covered]
-    if missing:
-        raise ValueError(
-            f"psi table {path} was calibrated for steps {covered} (psi {[round(p, 3) for p in psi.tolist()]}), "
-            f"but noise.window_move={n.window_move} with window_start={n.window_start}, "
-            f"window_size={n.window_size} needs steps {missing} too: they would run without noise and train "
-            "nothing. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this window"
-        )
     return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
 
 
