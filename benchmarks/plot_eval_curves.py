@@ -1,9 +1,10 @@
 """Held-out scores of several training runs against iteration, in one plot.
 
     python benchmarks/plot_eval_curves.py OUT.png LABEL=runs/a/metrics.jsonl LABEL=runs/b/metrics.jsonl \\
-        [--keys eval_strict eval_exact]
+        [--keys eval_strict eval_exact] [--x iteration|wall]
 
-Each run gets one colour; each key (an ``eval_*`` field of metrics.jsonl) one line style.
+Each run gets one colour; each key (an ``eval_*`` field of metrics.jsonl) one line style. ``--x wall`` puts
+the runs' training seconds (``wall_s``, evaluation excluded) on the x axis: the comparison at equal time.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/metrics.jsonl")
     ap.add_argument("--keys", nargs="+", default=["eval_strict", "eval_exact"])
     ap.add_argument("--title", default="held-out scores during training")
+    ap.add_argument("--x", choices=["iteration", "wall"], default="iteration")
     args = ap.parse_args()
 
     import matplotlib
@@ -34,12 +36,17 @@ def main() -> None:
             raise SystemExit(f"run {spec!r} must be LABEL=path/to/metrics.jsonl")
         recs = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
         for j, key in enumerate(args.keys):
-            pts = [(r["iteration"], r[key]) for r in recs if key in r]
+            pts = [
+                (r["iteration"] if args.x == "iteration" else r["wall_s"] / 60, r[key])
+                for r in recs
+                if key in r
+            ]
             if not pts:
                 raise SystemExit(f"{path} has no {key!r} records: pick --keys among its eval_* fields")
             ax.plot(*zip(*pts, strict=True), styles[j % len(styles)], marker="o", ms=3, color=f"C{i}",
                     label=f"{label}: {key.removeprefix('eval_')}")  # fmt: skip
-    ax.set(xlabel="iteration", ylabel="held-out score", title=args.title)
+    xlabel = "iteration" if args.x == "iteration" else "training minutes (evaluation excluded)"
+    ax.set(xlabel=xlabel, ylabel="held-out score", title=args.title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
