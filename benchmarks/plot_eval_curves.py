@@ -4,7 +4,7 @@
         [--keys eval_strict eval_exact] [--x iteration|wall]
 
 Each run gets one colour; each key (an ``eval_*`` field of metrics.jsonl) one line style. ``--x wall`` puts
-the runs' training seconds (``wall_s``, evaluation excluded) on the x axis: the comparison at equal time.
+the runs' training minutes (``wall_s`` / 60, evaluation excluded) on the x axis: the comparison at equal time.
 """
 
 from __future__ import annotations
