@@ -1,4 +1,4 @@
-"""Held-out scores of several training runs against iteration, in one plot.
+"""Held-out scores of several training runs against iteration (or training time), in one plot.
 
     python benchmarks/plot_eval_curves.py OUT.png LABEL=runs/a/metrics.jsonl LABEL=runs/b/metrics.jsonl \\
         [--keys eval_strict eval_exact] [--x iteration|wall]
