@@ -35,7 +35,7 @@ def main() -> None:
         cfg = load_config(TrainConfig, args.config, overrides)
         run = trainer.setup(cfg, progress=False)
         for n in (1, None):
-            objects, reward = _count(run, cfg, n, args.batches)
+            objects, reward = _count(run, n, args.batches)
             label = "n = 1" if n == 1 else "n = remaining"
             print(f"{label}: completion of " + ", ".join(
                 f"{name}: {torch.cat(objects[name]).mean():.2f} objects, reward {torch.cat(reward[name]).mean():.3f}"
@@ -43,11 +43,12 @@ def main() -> None:
             ))  # fmt: skip
 
 
-def _count(run, cfg, n: int | None, batches: int):
+def _count(run, n: int | None, batches: int):
     from densegrpo_fast.rollout import completion_starts, sample
     from densegrpo_fast.toy.detector import detect
 
-    policy, G = run.policy, cfg.sampling.group_size
+    cfg, policy = run.cfg, run.policy
+    G = cfg.sampling.group_size
     objects: dict[str, list[torch.Tensor]] = {}
     reward: dict[str, list[torch.Tensor]] = {}
     for b in range(batches):

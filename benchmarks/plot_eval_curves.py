@@ -36,11 +36,7 @@ def main() -> None:
             raise SystemExit(f"run {spec!r} must be LABEL=path/to/metrics.jsonl")
         recs = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
         for j, key in enumerate(args.keys):
-            pts = [
-                (r["iteration"] if args.x == "iteration" else r["wall_s"] / 60, r[key])
-                for r in recs
-                if key in r
-            ]
+            pts = points(recs, key, args.x)
             if not pts:
                 raise SystemExit(f"{path} has no {key!r} records: pick --keys among its eval_* fields")
             ax.plot(*zip(*pts, strict=True), styles[j % len(styles)], marker="o", ms=3, color=f"C{i}",
@@ -53,6 +49,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+
+
+def points(records: list[dict], key: str, x: str = "iteration") -> list[tuple[float, float]]:
+    """(x, score) of the records that carry ``key``; x is the iteration or the training minutes."""
+    return [(r["iteration"] if x == "iteration" else r["wall_s"] / 60, r[key]) for r in records if key in r]
 
 
 if __name__ == "__main__":
