@@ -86,7 +86,10 @@ def _add_train(sub) -> None:
         from densegrpo_fast.trainer import train
 
         run_dir = train(_train_config(args), resume=args.resume, progress=not args.no_progress)
-        print(f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+            print(
+                f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)"
+            )
 
     p.set_defaults(handler=handler)
 
@@ -207,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and args.command != "train":
+            raise ValueError(
+                f"`{args.command}` runs as one process, but this one was launched as one of {world} (WORLD_SIZE, "
+                "torchrun): only `train` runs data-parallel; run the command without torchrun"
+            )
         return int(args.handler(args) or 0)
     except ValueError as e:  # a problem the user can fix (config, paths, values): say it, no traceback
         if os.environ.get("DENSEGRPO_TRACEBACK") == "1":

@@ -55,6 +55,22 @@ class MetricsLog:
             self.writer.close()
 
 
+class NullLog:
+    """What ranks other than 0 of a torchrun job log to: nothing (rank 0 writes the batch's metrics)."""
+
+    def truncate_after(self, iteration: int) -> None:
+        pass
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def read(self) -> list[dict]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
 def save_image_grid(images: torch.Tensor, captions: list[str], path: Path, ncols: int = 8) -> None:
     """Images [N, 3, H, W] in [0, 1] with a caption each, as one PNG."""
     import matplotlib

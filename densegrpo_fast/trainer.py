@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from densegrpo_fast import distributed
 from densegrpo_fast.calibration import calibrate, load_psi
 from densegrpo_fast.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
 from densegrpo_fast.config import TrainConfig, dump_config
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.kernels import sde_log_prob
-from densegrpo_fast.logging import MetricsLog, plot_reward_curve, save_image_grid
+from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, save_image_grid
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.prompts import PromptPriority, PromptSource
@@ -62,6 +64,7 @@ class Run:
     base_schedule: Schedule | None = None  # every step's noise; a moving window takes its steps from it
     trained_steps: torch.Tensor | None = None  # bool [T], grpo.trained_steps before the window applies
     window_start: int | None = None  # this iteration's, for a moving window
+    dist: distributed.Dist = distributed.Dist()  # this process's share of a torchrun job
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -81,6 +84,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
 
     ``policy``: an already-built frozen base policy, used instead of loading ``cfg.model`` (the benchmarks
     inject full-size random-weight models this way); it must be what ``load_policy`` would return.
+
+    Launched by ``torchrun``, every process calls this; rank 0 alone writes the run directory and calibrates
+    psi while the others wait (see :mod:`densegrpo_fast.distributed`).
     """
     run_dir = Path(cfg.run.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
@@ -94,20 +100,33 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        _check_world(cfg, world)
+    dist = distributed.from_env(cfg.model.device)
 
     torch.set_num_threads(cfg.model.num_threads)
     _warn_if_autocast_is_emulated(cfg)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.run.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
+    distributed.barrier(dist)  # every rank has read the run directory before rank 0 writes to it
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
 
     if policy is None:
         policy = load_policy(
-            cfg.model.family, cfg.model.checkpoint, cfg.model.device, **cfg.model.adapter_options()
+            cfg.model.family,
+            cfg.model.checkpoint,
+            dist.device(cfg.model.device),
+            **cfg.model.adapter_options(),
         )
-    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress)
+    if not dist.main:  # rank 0 calibrates (or reads) psi and writes it; the others read its table
+        distributed.barrier(dist)
+    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress and dist.main)
+    if dist.main:
+        distributed.barrier(dist)
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
     trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
@@ -130,6 +149,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             reference = copy.deepcopy(transformer).requires_grad_(False)
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
+    distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
     )
@@ -138,10 +158,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         if cfg.ema.enabled
         else None
     )
-    log = MetricsLog(run_dir, cfg.run.tensorboard)
+    log = MetricsLog(run_dir, cfg.run.tensorboard) if dist.main else NullLog()
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
-              log, base_schedule=base, trained_steps=trained_steps)  # fmt: skip
+              log, base_schedule=base, trained_steps=trained_steps, dist=dist)  # fmt: skip
     set_window(run, 0)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
@@ -159,6 +179,23 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     elif resume:
         log.truncate_after(0)
     return run
+
+
+def _check_world(cfg: TrainConfig, world: int) -> None:
+    """A torchrun job of ``world`` processes splits each iteration's rows evenly (and each rank's waves hold
+    at least one row)."""
+    rows = cfg.prompts.prompts_per_iteration * cfg.sampling.group_size
+    if rows % world:
+        raise ValueError(
+            f"prompts.prompts_per_iteration x sampling.group_size = {rows} rows per iteration cannot be split "
+            f"evenly over {world} processes (WORLD_SIZE): each process takes the same number of rows; choose "
+            f"a process count that divides {rows}, or change the prompts per iteration"
+        )
+    if cfg.sampling.reward_waves > rows // world:
+        raise ValueError(
+            f"sampling.reward_waves ({cfg.sampling.reward_waves}) exceeds the {rows // world} rows each of the "
+            f"{world} processes rolls out: lower the waves"
+        )
 
 
 def _cpu_has_native(dtype: str) -> bool:
@@ -265,17 +302,24 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     the tests' reference); with W = 1 scoring is always in line. Times: ``rollout_s`` until the last wave
     is sampled, ``reward_s`` the wait for the rewards after it, ``reward_busy_s`` (W > 1) the scoring time
     itself, most of it hidden behind the rollout.
+
+    In a torchrun job each rank takes its slice of the rows (``run.dist.rows``) and returns that slice's
+    rollout and rewards; its waves are the waves ``rank * W + w`` of a single process with ``world * W``
+    waves, so the job samples exactly what one process with ``reward_waves = world * W`` would.
     """
-    cfg, policy = run.cfg, run.policy
+    cfg, policy, d = run.cfg, run.policy, run.dist
     G = cfg.sampling.group_size
     rows = [p for p in prompts for _ in range(G)]
     device = torch.device(policy.device)
     gen = torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 1))
     t0 = time.perf_counter()
+    mine = d.rows(len(rows))  # every row in a single process
+    noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)[mine]
+    rows = rows[mine]
     cond = policy.encode_prompts(rows)
-    noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)
     W = cfg.sampling.reward_waves
-    bounds = [int(b) * G for b in torch.linspace(0, len(prompts), W + 1).round()]
+    unit = G if len(rows) % G == 0 else 1  # waves of whole groups when the rank holds whole groups
+    bounds = [int(b) * unit for b in torch.linspace(0, len(rows) // unit, W + 1).round()]
     waves = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     busy: list[float] = []
     results, rollouts = [], []
@@ -284,7 +328,9 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
         for w, rs in enumerate(waves):
             # one wave: the SDE noise continues the initial noise's stream; waves: one stream each
             wave_gen = (
-                gen if W == 1 else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + w))
+                gen
+                if W * d.world == 1
+                else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + d.rank * W + w))
             )
             with cfg.model.autocast_context(), lora_merged(run):
                 ro = sample(
@@ -377,6 +423,15 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
+    # Each micro-batch's loss is scaled by its share of the chunk's rows over every rank, so the gradients
+    # summed over ranks (distributed.sum_grads) are the mean over the whole batch's rows.
+    counts = [c.numel() for c, _ in chunks]
+    trained_adv = A[:, run.trained.to(A.device)]
+    if run.dist.enabled:  # and the batch's fraction of non-zero advantages, in the same reduction
+        extra = [int((trained_adv != 0).sum()), trained_adv.numel()]
+        *counts, nonzero, total = distributed.sum_(
+            run.dist, torch.tensor(counts + extra, device=A.device)
+        ).tolist()
     # Old log-probs. Rollout and update share their numerics (fp32, adapters unmerged): the rollout's own, exact
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
@@ -384,8 +439,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     recompute = cfg.model.autocast is not None or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
     old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
-        n = chunk_rows.numel()
-        if n == 0:
+        n = counts[c]
+        if n == 0:  # no rank has a row in this chunk
             continue
         for i, k in _micro_batches(chunk_rows, chunk_steps, cfg.grpo.train_batch_size):
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
@@ -398,6 +453,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 first_ratio_dev = s["ratio_dev_max"].item()
             for key, val in s.items():
                 stats.setdefault(key, []).append(val.item())
+        distributed.sum_grads(run.dist, run.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
         stats.setdefault("grad_norm", []).append(grad_norm.item())
         run.optimizer.step()
@@ -408,13 +464,14 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 for name, p in transformer.named_parameters():
                     if name in run.ema:
                         run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
-    out = {key: sum(vals) / len(vals) for key, vals in stats.items()}
+    out = distributed.mean_stats(run.dist, stats)  # over every rank's micro-batches
     out["ratio_dev_first"] = first_ratio_dev
     out["lr"] = lr
-    out["rows_trained"] = int(rows.numel())
-    out["adv_nonzero_frac"] = (
-        (A[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
-    )
+    out["rows_trained"] = int(sum(counts))
+    if run.dist.enabled:
+        out["adv_nonzero_frac"] = nonzero / total if total else 0.0
+    else:
+        out["adv_nonzero_frac"] = (trained_adv != 0).float().mean().item() if run.trained.any() else 0.0
     return out
 
 
@@ -530,15 +587,22 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed)
     )
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
-    for s in range(0, len(prompts), e.batch_size):
-        chunk = prompts[s : s + e.batch_size]
-        noise = all_noise[s : s + e.batch_size].to(policy.device)
+    d = run.dist
+    lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
+    for s in range(lo, hi, e.batch_size):
+        chunk = prompts[s : min(s + e.batch_size, hi)]
+        noise = all_noise[s : s + len(chunk)].to(policy.device)
         ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
                     max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
         images = policy.decode(ro.latents[:, -1])
         for k, fn in fns.items():
             scores[k].append(fn(images, chunk).float())
-    return {k: torch.cat(v).mean().item() for k, v in scores.items()}
+    if not d.enabled:
+        return {k: torch.cat(v).mean().item() for k, v in scores.items()}
+    zero = torch.zeros((), dtype=torch.float64, device=policy.device)
+    sums = torch.stack([torch.cat(v).double().sum() if v else zero for v in scores.values()])
+    sums = distributed.sum_(d, sums) / len(prompts)
+    return dict(zip(scores, sums.tolist(), strict=True))
 
 
 def export_policy(run: Run, path: Path) -> Path | None:
@@ -555,6 +619,12 @@ def export_policy(run: Run, path: Path) -> Path | None:
 
 
 def checkpoint(run: Run) -> None:
+    """Rank 0 writes the checkpoint, after every rank has checked that it trains the same weights."""
+    distributed.check_in_sync(
+        run.dist, run.params + list((run.ema or {}).values()), "the trained weights or EMA"
+    )
+    if not run.dist.main:
+        return
     save_checkpoint(
         run.dir,
         {
@@ -579,10 +649,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     from tqdm import tqdm
 
     run = setup(cfg, resume=resume, progress=progress)
+    d = run.dist
     total = cfg.run.iterations
     bar = tqdm(total=total, initial=run.iteration, desc=run.name,
-               disable=not progress, dynamic_ncols=True)  # fmt: skip
-    if run.iteration == 0 and not run.log.read():
+               disable=not (progress and d.main), dynamic_ncols=True)  # fmt: skip
+    if distributed.broadcast(d, run.iteration == 0 and not run.log.read()):  # rank 0 holds the log
         _evaluate(run, bar)
     budget = cfg.run.time_budget_s
     while run.iteration < total and not (budget is not None and run.wall_s >= budget):
@@ -591,15 +662,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         n_prompts = cfg.prompts.prompts_per_iteration
         prompts = (run.priority or run.prompts).sample(n_prompts, it)
         set_window(run, it)
-        ro, cond, R, times = collect(run, prompts, it)
+        ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
         t1 = time.perf_counter()
-        A = _advantages(run, R)
-        up = update(run, ro, cond, R, it, A)
+        R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
+        A_all = _advantages(run, R_all)
+        up = update(run, ro, cond, R, it, A_all[d.rows(R_all.shape[0])])
         times["update_s"] = time.perf_counter() - t1
         if run.priority is not None:
-            run.priority.observe(prompts, group_signal(run, A))
+            run.priority.observe(prompts, group_signal(run, A_all))
         run.iteration += 1
-        run.wall_s += time.perf_counter() - t0
+        run.wall_s += distributed.max_(d, time.perf_counter() - t0, R.device)  # the slowest rank's
+        R = R_all
         stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
         record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
                   "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
@@ -611,7 +684,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
             post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
         bar.set_postfix(post)
-        if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
+        if d.main and cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
+            # rank 0's rows are the batch's first: these are the rows a single process would show
             n = min(16, R.shape[0])
             images = run.policy.decode(ro.latents[:n, -1])
             caps = [
@@ -628,10 +702,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             _evaluate(run, bar)
         if last or run.iteration % cfg.run.checkpoint_every == 0:
             checkpoint(run)
-            plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
+            if d.main:
+                plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
     bar.close()
-    export_policy(run, run.dir / "policy_ema.safetensors")
+    if d.main:
+        export_policy(run, run.dir / "policy_ema.safetensors")
     run.log.close()
+    distributed.barrier(d)
+    distributed.shutdown(d)
     return run.dir
 
 
@@ -641,6 +719,7 @@ def _evaluate(run: Run, bar) -> None:
         scores = heldout_rewards(run)
     run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores})
     bar.set_description_str(run.name)
-    bar.write(
-        f"iteration {run.iteration}: held-out " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
-    )
+    if run.dist.main:
+        bar.write(
+            f"iteration {run.iteration}: held-out " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items())
+        )

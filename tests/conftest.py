@@ -24,3 +24,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny random toy model (2 layers, width 32): a training iteration takes well under a second."""
+    from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    ToyPolicy(ToyArch(num_layers=2, num_heads=2, head_dim=16, text_dim=32, pooled_dim=32)).save(path)
+    return path

@@ -13,20 +13,12 @@ import torch
 
 from densegrpo_fast.calibration import calibration_step
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
-from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
+from densegrpo_fast.policies.toy import ToyPolicy
 from densegrpo_fast.trainer import setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "toy_geneval.yaml"
 TIMING = {"wall_s", "rollout_s", "reward_s", "update_s"}
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    ToyPolicy(ToyArch(num_layers=2, num_heads=2, head_dim=16, text_dim=32, pooled_dim=32)).save(path)
-    return path
 
 
 def tiny_overrides(ckpt, out, iterations=3, extra=()):

@@ -1,0 +1,200 @@
+"""Data parallelism across processes launched by ``torchrun`` (torch.distributed; nothing home-made).
+
+Every process runs the whole recipe on its share of the iteration's rows: the ``B = prompts x G`` rows are
+cut into ``world`` contiguous slices, rank ``r`` rolls out, scores and trains slice ``r``. What crosses
+processes is small:
+
+* the rewards ``R`` [B, T+1] are gathered, so every rank computes the advantages of the whole batch (a group
+  may span two ranks; the ``global_std`` option sees every row) and logs the batch's reward statistics;
+* the trained parameters' gradients are summed once per optimizer step, after the rank's micro-batches have
+  accumulated (each rank's loss is already scaled by the batch's row count, so the sum is the batch mean);
+* a few scalars (row counts, the iteration's wall time, held-out score sums) and rank 0's psi table.
+
+Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
+synchronised backward passes, and here a rank's micro-batch count depends on its rows
+(``grpo.filter_zero_advantage`` drops rows with zero advantage, so one rank can have none at all); and the
+adapters' own API (``disable_adapters`` for the KL reference, parameter names in checkpoints) stays
+unwrapped. The update makes one reduction per optimizer step (two per iteration in the recipes) after
+minutes of rollout, so DDP's overlap of communication with the backward pass would save nothing one can
+measure. Every rank applies the same summed gradient with the same optimizer, so the weights stay
+identical; :func:`check_in_sync` verifies that at every checkpoint.
+
+Rank 0 alone writes the run directory (config, psi table, metrics, checkpoints, grids, the exported policy);
+with several nodes the run directory must be on a shared file system, as every rank reads the checkpoint
+when resuming.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+#: Minutes a rank waits at a collective before failing (rank 0 calibrates psi alone while the others wait).
+TIMEOUT_ENV = "DENSEGRPO_DIST_TIMEOUT_MIN"
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job. ``world == 1``: a single process, and every helper is a no-op."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def rows(self, total: int) -> slice:
+        """This rank's contiguous slice of ``total`` rows (``total`` divisible by ``world``)."""
+        n = total // self.world
+        return slice(self.rank * n, (self.rank + 1) * n)
+
+    def device(self, device: str) -> str:
+        """The device this rank runs on: ``cuda`` becomes ``cuda:LOCAL_RANK``."""
+        if not self.enabled or torch.device(device).type != "cuda":
+            return device
+        if torch.device(device).index is not None:
+            raise ValueError(
+                f"model.device={device!r} names one GPU, but this job has {self.world} processes: set "
+                "model.device=cuda and each process takes the GPU of its LOCAL_RANK"
+            )
+        return f"cuda:{self.local_rank}"
+
+
+def from_env(device: str) -> Dist:
+    """The job torchrun launched (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), with its process group set up
+    (NCCL on CUDA, gloo on the CPU); a plain ``Dist()`` when not launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        cuda = torch.device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(d.local_rank)
+        minutes = float(os.environ.get(TIMEOUT_ENV, "120"))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
+    if dist.get_world_size() != world or dist.get_rank() != d.rank:
+        raise RuntimeError(
+            f"process group ({dist.get_rank()}/{dist.get_world_size()}) is not the environment's"
+        )
+    return d
+
+
+def shutdown(d: Dist) -> None:
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()
+
+
+def gather_rows(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` [n, ...] (equal n) concatenated in rank order: [world * n, ...] on every rank."""
+    if not d.enabled:
+        return t
+    parts = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def sum_(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over ranks (a new tensor; ``t`` itself when single-process)."""
+    if not d.enabled:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def max_(d: Dist, value: float, device) -> float:
+    """The largest of the ranks' ``value`` (the same answer on every rank)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast(d: Dist, obj):
+    """Rank 0's ``obj`` (picklable, small) on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_stats(d: Dist, stats: dict[str, list[float]]) -> dict[str, float]:
+    """Each key's mean over the values every rank holds (a rank may hold none, or not every key)."""
+    if not d.enabled:
+        return {key: sum(vals) / len(vals) for key, vals in stats.items()}
+    every: list[dict[str, list[float]]] = [{} for _ in range(d.world)]
+    dist.all_gather_object(every, {key: [sum(vals), len(vals)] for key, vals in stats.items()})
+    total: dict[str, list[float]] = {}
+    for part in every:
+        for key, (s, n) in part.items():
+            acc = total.setdefault(key, [0.0, 0])
+            acc[0] += s
+            acc[1] += n
+    return {key: s / n for key, (s, n) in total.items()}
+
+
+def broadcast_params(d: Dist, params: list[torch.nn.Parameter]) -> None:
+    """Copy rank 0's values of ``params`` to every rank (freshly initialised adapters)."""
+    if d.enabled:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=0)
+
+
+def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 << 27) -> None:
+    """Sum the ranks' ``.grad`` of ``params`` in place, in buckets of at most ``bucket_bytes`` per dtype (one
+    all-reduce per bucket). A parameter without a gradient (a rank with no rows this step) counts as zero."""
+    if not d.enabled:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for p in group + [None]:
+            if p is not None and (not bucket or size + p.grad.nbytes <= bucket_bytes):
+                bucket.append(p)
+                size += p.grad.nbytes
+                continue
+            flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+            dist.all_reduce(flat)
+            for q, g in zip(bucket, flat.split([q.numel() for q in bucket]), strict=True):
+                q.grad.copy_(g.view_as(q.grad))
+            bucket, size = ([p], p.grad.nbytes) if p is not None else ([], 0)
+
+
+def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
+    """Raise on every rank if the ranks' ``params`` differ (a float64 checksum per tensor, compared)."""
+    if not d.enabled or not params:
+        return
+    sums = torch.stack(
+        [p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params]
+    )
+    every = gather_rows(d, sums[None])
+    bad = (every != every[0]).any(1).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(
+            f"{what} differ between rank 0 and rank(s) {bad}: the processes no longer train the same model. "
+            "Run every rank with the same config and package version; report it if they did"
+        )

@@ -1,0 +1,49 @@
+"""The collectives of densegrpo_fast.distributed, run by test_distributed.py under
+``torchrun --nproc_per_node=2`` (gloo, CPU). Exits non-zero, with the failed assertion, if one is wrong."""
+
+import pytest
+import torch
+
+from densegrpo_fast import distributed
+
+d = distributed.from_env("cpu")
+assert d.world == 2 and d.enabled and d.main == (d.rank == 0)
+r = d.rank
+
+# rows: contiguous, equal slices in rank order
+assert d.rows(8) == slice(4 * r, 4 * r + 4)
+every = distributed.gather_rows(d, torch.full((3, 2), float(r)))
+assert torch.equal(every, torch.tensor([[0.0] * 2] * 3 + [[1.0] * 2] * 3))
+
+# sum_grads: several buckets (a 40-byte bucket holds ten fp32 values), two dtypes, and a parameter
+# without a gradient on one rank, which counts as zero
+params = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in [(3, torch.float32), (7, torch.float32),
+          (12, torch.float32), (5, torch.float64), (4, torch.float32)]]  # fmt: skip
+for i, p in enumerate(params):
+    if not (r == 1 and i == 2):
+        p.grad = torch.arange(p.numel(), dtype=p.dtype) * (i + 1) + 100 * r
+distributed.sum_grads(d, params, bucket_bytes=40)
+for i, p in enumerate(params):
+    ramp = torch.arange(p.numel(), dtype=p.dtype) * (i + 1)
+    want = ramp if i == 2 else 2 * ramp + 100
+    assert p.grad.dtype == p.dtype and torch.equal(p.grad, want), (i, p.grad, want)
+
+# sums, maxima, rank 0's objects, per-key means over micro-batches of every rank
+assert torch.equal(distributed.sum_(d, torch.tensor([1, r])), torch.tensor([2, 1]))
+assert distributed.max_(d, 0.5 + r, "cpu") == 1.5
+assert distributed.broadcast(d, {"from": r}) == {"from": 0}
+stats = {"loss": [1.0, 3.0], "kl": [2.0]} if r == 0 else {"loss": [5.0]}
+assert distributed.mean_stats(d, stats) == {"loss": 3.0, "kl": 2.0}
+
+# parameters broadcast from rank 0 are in sync; a rank that drifts makes every rank raise
+w = [torch.nn.Parameter(torch.randn(5) + r)]
+distributed.broadcast_params(d, w)
+distributed.check_in_sync(d, w, "w")
+if r == 1:
+    w[0].data[2] += 1e-6
+with pytest.raises(RuntimeError, match=r"w differ between rank 0 and rank\(s\) \[1\]"):
+    distributed.check_in_sync(d, w, "w")
+
+distributed.barrier(d)
+distributed.shutdown(d)
+print(f"rank {r}: ok")

@@ -1,0 +1,139 @@
+"""Data parallelism under torchrun, on the CPU (gloo): two processes train what one process trains.
+
+A two-process job splits each iteration's rows in two; rank r's rows are sampled exactly as wave r of a
+single process with ``sampling.reward_waves=2`` (same noise streams, same batch per transformer call), so the
+rollouts and rewards of the first iteration must be equal bit for bit, and the summed gradient equal to one
+process's up to the order of the additions.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_trainer import CONFIG, ROOT, records, tiny_overrides, without_timing
+
+from densegrpo_fast.distributed import Dist
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch.distributed with gloo is not available in this torch build",
+)
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+TRAIN = ["-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--no-progress"]
+# one optimizer step per iteration: with two, each step's rows are a random half of the rank's rows, not of
+# the batch's, and the processes would train on other subsets than one process does
+EXTRA = [
+    "model.num_threads=1",
+    "grpo.updates_per_iteration=1",
+    "run.sample_grid_every=0",
+    "eval.num_prompts=8",
+]
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def python(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def trainable(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["trainable"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "run"
+    done = torchrun([*TRAIN, *tiny_overrides(tiny_checkpoint, out, iterations=2, extra=EXTRA)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_the_collectives_under_torchrun():
+    done = torchrun([str(ROOT / "tests" / "distributed_worker.py")])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout  # the two may share a line
+
+
+def test_two_processes_train_what_one_process_with_two_waves_trains(
+    two_process_run, tiny_checkpoint, tmp_path
+):
+    dist_dir, done = two_process_run
+    assert done.stdout.count("run directory:") == 1, "rank 0 alone reports"
+    one = python([*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "one", iterations=2,
+                                          extra=[*EXTRA, "sampling.reward_waves=2"])])  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = records(dist_dir), records(tmp_path / "one")
+    assert [r["iteration"] for r in a] == [r["iteration"] for r in b] == [0, 1, 2, 2], "one line per record"
+
+    # iteration 1 samples with the initial weights: the same rollouts, rewards and advantages
+    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "dR_pos_frac", "rows_trained",
+             "adv_nonzero_frac", "lr"]  # fmt: skip
+    assert {k: a[1][k] for k in exact} == {k: b[1][k] for k in exact}
+    assert a[1]["ratio_dev_first"] == 0.0, "each rank's first update is on-policy"
+    # the gradient summed over the ranks is the batch's mean gradient (a factor 2 would show here)
+    for r in (1, 2):
+        assert a[r]["grad_norm"] == pytest.approx(b[r]["grad_norm"], rel=1e-5)
+    # from there on the weights differ by rounding only
+    assert a[2]["R_mean"] == pytest.approx(b[2]["R_mean"], rel=1e-4)
+    assert a[3]["eval_reward"] == pytest.approx(b[3]["eval_reward"], rel=1e-4)
+    wa, wb = trainable(dist_dir), trainable(tmp_path / "one")
+    assert set(wa) == set(wb)
+    # LoRA B starts at zero, so its weights are the update itself
+    ua = torch.cat([wa[n].flatten() for n in wa if "lora_B" in n])
+    ub = torch.cat([wb[n].flatten() for n in wa if "lora_B" in n])
+    assert (ub != 0).float().mean() > 0.5, "the weights moved"
+    assert (ua - ub).abs().max() <= 1e-3 * ub.abs().max()
+
+
+def test_a_two_process_run_resumes_where_it_stopped(two_process_run, tiny_checkpoint, tmp_path):
+    dist_dir, _ = two_process_run
+    overrides = tiny_overrides(tiny_checkpoint, tmp_path / "run", iterations=2, extra=EXTRA)
+    first = torchrun([*TRAIN, *overrides, "--max-iterations", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun([*TRAIN, *overrides, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the same iterations (the stopped run also evaluated when it stopped, at iteration 1)
+    steps = [r for r in without_timing(records(tmp_path / "run")) if "reward_mean" in r]
+    assert steps == [r for r in without_timing(records(dist_dir)) if "reward_mean" in r]
+    assert without_timing(records(tmp_path / "run"))[-1] == without_timing(records(dist_dir))[-1]
+    assert all(torch.equal(t, trainable(dist_dir)[n]) for n, t in trainable(tmp_path / "run").items())
+
+
+def test_rows_that_do_not_split_over_the_processes_are_refused(tiny_checkpoint, tmp_path, monkeypatch):
+    from test_trainer import cfg_of
+
+    from densegrpo_fast.trainer import setup
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match=r"= 8 rows per iteration cannot be split evenly over 3 processes"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run"), progress=False)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ValueError, match=r"reward_waves \(3\) exceeds the 2 rows each of the 6 processes"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=["prompts.prompts_per_iteration=3",
+                                                               "sampling.reward_waves=3"]), progress=False)  # fmt: skip
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_each_process_takes_its_own_gpu():
+    assert Dist(1, 4, 1).device("cuda") == "cuda:1"
+    assert Dist(1, 4, 1).device("cpu") == "cpu"
+    assert Dist().device("cuda:3") == "cuda:3"
+    with pytest.raises(
+        ValueError, match=r"model.device='cuda:0' names one GPU, but this job has 2 processes"
+    ):
+        Dist(0, 2, 0).device("cuda:0")
+
+
+def test_only_train_runs_under_torchrun(monkeypatch, capsys):
+    from densegrpo_fast.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["eval", "--config", str(CONFIG)]) == 2
+    assert "only `train` runs data-parallel; run the command without torchrun" in capsys.readouterr().err
