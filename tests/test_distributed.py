@@ -137,3 +137,17 @@ def test_only_train_runs_under_torchrun(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["eval", "--config", str(CONFIG)]) == 2
     assert "only `train` runs data-parallel; run the command without torchrun" in capsys.readouterr().err
+
+
+def test_a_group_split_over_two_processes_trains(tiny_checkpoint, tmp_path):
+    """One prompt's group of 4 over two processes (2 rows each): its advantages come from the gathered
+    rewards; with zero-advantage rows filtered a rank may hold fewer rows than the other, and the ranks
+    still step together (the checkpoint's sync check would stop the job otherwise)."""
+    extra = [*EXTRA, "prompts.prompts_per_iteration=1", "grpo.filter_zero_advantage=true"]
+    done = torchrun([*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in records(tmp_path / "run") if "reward_mean" in r]
+    assert len(steps) == 2
+    for r in steps:  # 4 rows x 3 trained steps, less those with zero advantage
+        assert 0 < r["rows_trained"] <= 12 and r["rows_trained"] == round(12 * r["adv_nonzero_frac"])
+        assert r["ratio_dev_first"] == 0.0
