@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and args.command != "train":
+        if world > 1 and args.command not in ("train", "eval"):
             raise ValueError(
                 f"`{args.command}` runs as one process, but this one was launched as one of {world} (WORLD_SIZE, "
-                "torchrun): only `train` runs data-parallel; run the command without torchrun"
+                "torchrun): only `train` and `eval` run data-parallel; run the command without torchrun"
             )
         return int(args.handler(args) or 0)
     except ValueError as e:  # a problem the user can fix (config, paths, values): say it, no traceback

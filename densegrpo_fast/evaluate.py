@@ -10,17 +10,25 @@ Outputs in ``eval.output_dir``:
                    batch by batch; a killed evaluation resumes by skipping the indices already there
     summary.json   the mean of each reward over all images, the protocol, the checkpoint, the count
     images/        ``{index:05d}_{j}.png`` when ``eval.save_images`` is on
+
+Under ``torchrun`` the prompts are shared out (prompt ``i`` to rank ``i % world``); each rank appends to
+``scores.rank<r>.jsonl``, and at the end rank 0 merges every file into ``scores.jsonl`` (sorted by index)
+and writes the summary. Since a sample's noise depends on (prompt, image) only, the scores are those of a
+single process, and a killed job resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from densegrpo_fast import distributed
+from densegrpo_fast.distributed import Dist
 from densegrpo_fast.policies.base import Policy
 
 
@@ -74,38 +82,40 @@ def evaluate(
     save_images: bool = False,
     info: dict | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> dict:
     """Score ``prompts`` (``images_per_prompt`` ODE samples each) with every reward of ``rewards``.
 
-    Resumes from ``output_dir/scores.jsonl``; returns (and writes) the summary.
+    Resumes from the scores in ``output_dir``; returns (and writes) the summary. ``dist``: this process's
+    share of a torchrun job (every rank calls this with the same arguments).
     """
     from tqdm.auto import tqdm
 
+    d = dist or Dist()
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
                 "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
+    # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
     _check_same_protocol(out / "protocol.json", protocol)
-    scores_path = out / "scores.jsonl"
-    done = {}
-    if scores_path.exists():
-        for ln in scores_path.read_text().splitlines():
-            if ln.strip():
-                row = json.loads(ln)
-                if missing := [k for k in rewards if k not in row]:
-                    raise ValueError(
-                        f"{scores_path} holds no scores for {missing}: it was written with other rewards; "
-                        "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
-                    )
-                done[row["index"]] = row
-    if save_images:
-        (out / "images").mkdir(exist_ok=True)
+    done = _read_scores(out, rewards)
+    distributed.barrier(d)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "protocol.json").exists():
+            (out / "protocol.json").write_text(json.dumps(protocol, indent=2))
+        if save_images:
+            (out / "images").mkdir(exist_ok=True)
+    distributed.barrier(d)
+    scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")
     # One work item per (prompt, image); a prompt's images are scored in one batch or several.
-    todo = [(i, j) for i in range(len(prompts)) if i not in done for j in range(images_per_prompt)]
+    mine = [i for i in range(len(prompts)) if i % d.world == d.rank]
+    todo = [(i, j) for i in mine if i not in done for j in range(images_per_prompt)]
     t0 = time.perf_counter()
     pending: dict[int, dict[str, list[float]]] = {}
-    bar = tqdm(total=len(prompts), initial=len(done), desc="evaluating", unit="prompt", disable=not progress)
+    desc = "evaluating" if not d.enabled else f"evaluating (rank 0 of {d.world})"
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo) // images_per_prompt, desc=desc, unit="prompt",
+               disable=not (progress and d.main))  # fmt: skip
     with scores_path.open("a") as f:
         for s in range(0, len(todo), batch_size):
             items = todo[s : s + batch_size]
@@ -125,6 +135,48 @@ def evaluate(
                     f.flush()
                     bar.update(1)
     bar.close()
+    distributed.barrier(d)  # every rank's scores are on disk
+    summary = None
+    if d.main:
+        if d.enabled or any(
+            out.glob("scores.rank*.jsonl")
+        ):  # (also what a killed job left to a single process)
+            done = _merge(out, rewards)
+        summary = _summary(out, done, rewards, protocol, images_per_prompt, t0)
+    return distributed.broadcast(d, summary)
+
+
+def _merge(out: Path, rewards: dict) -> dict[int, dict]:
+    """Every score file of ``out`` into ``scores.jsonl``, sorted by index, and the rank files removed."""
+    done = _read_scores(out, rewards)
+    tmp = out / "scores.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
+    tmp.replace(out / "scores.jsonl")
+    for p in out.glob("scores.rank*.jsonl"):
+        p.unlink()
+    return done
+
+
+def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
+    """The prompts already scored in ``out``: ``scores.jsonl`` and the rank files of a data-parallel job."""
+    done = {}
+    for path in [out / "scores.jsonl", *sorted(out.glob("scores.rank*.jsonl"))]:
+        if not path.exists():
+            continue
+        for ln in path.read_text().splitlines():
+            if ln.strip():
+                row = json.loads(ln)
+                if missing := [k for k in rewards if k not in row]:
+                    raise ValueError(
+                        f"{path} holds no scores for {missing}: it was written with other rewards; "
+                        "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
+                    )
+                done[row["index"]] = row
+    return done
+
+
+def _summary(out: Path, done: dict, rewards: dict, protocol: dict, images_per_prompt: int, t0: float) -> dict:
+    """Each reward's mean over every scored image, with the protocol; written to ``summary.json``."""
     summary = {
         "scores": {
             k: sum(sum(r[k]) for r in done.values()) / (len(done) * images_per_prompt) for k in rewards
@@ -146,11 +198,15 @@ def _check_same_protocol(path: Path, protocol: dict) -> None:
                 f"{path.parent} holds an evaluation made under another protocol ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
                 "give eval.output_dir a new directory (or delete the old one) to evaluate afresh"
             )
-    else:
-        path.write_text(json.dumps(protocol, indent=2))
 
 
-def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, as_json: bool = False) -> dict:
+def run_eval(
+    config: str,
+    overrides: list[str],
+    checkpoint: str | None = None,
+    as_json: bool = False,
+    progress: bool = True,
+) -> dict:
     """The ``eval`` command. Toy models get the toy world's per-category report
     (:func:`densegrpo_fast.toy.evaluate.run_eval`); sd3/flux models are sampled by the eval section's ODE
     (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model) and scored by each of
@@ -165,6 +221,10 @@ def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, a
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.evaluate import run_eval as toy_eval
 
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "the toy's eval report runs as one process (it takes seconds to minutes): run it without torchrun"
+            )
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval
     if not e.rewards:
@@ -176,18 +236,22 @@ def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, a
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
-    policy = load_policy(m.family, m.checkpoint, m.device, **m.adapter_options())
+    d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
+    policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
     out = Path(e.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
     summary = evaluate(
         policy, prompts, rewards, sampler_grid(e.num_steps, e.shift, policy), guidance_scale=e.guidance_scale,
         images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
-        save_images=e.save_images,
+        save_images=e.save_images, progress=progress, dist=d,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset},
     )  # fmt: skip
+    if d.main:
+        dump_config(cfg, out / "config.yaml")
+    distributed.shutdown(d)
+    if not d.main:
+        return summary
     if as_json:
         print(json.dumps(summary, indent=2))
     else:

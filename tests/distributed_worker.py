@@ -1,5 +1,8 @@
-"""The collectives of densegrpo_fast.distributed, run by test_distributed.py under
-``torchrun --nproc_per_node=2`` (gloo, CPU). Exits non-zero, with the failed assertion, if one is wrong."""
+"""Run by test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU): with no argument, checks
+the collectives of densegrpo_fast.distributed and exits non-zero, with the failed assertion, if one is
+wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel into OUT."""
+
+import sys
 
 import pytest
 import torch
@@ -7,6 +10,19 @@ import torch
 from densegrpo_fast import distributed
 
 d = distributed.from_env("cpu")
+if sys.argv[1:2] == ["eval"]:
+    from test_evaluate import run, tiny_policy
+
+    from densegrpo_fast import evaluate
+
+    sampled, ode_sample = [], evaluate.ode_sample
+    evaluate.ode_sample = lambda policy, prompts, *a: (
+        sampled.extend(prompts) or ode_sample(policy, prompts, *a)
+    )
+    run(tiny_policy(), sys.argv[2], batch_size=2, dist=d)
+    distributed.shutdown(d)
+    print(f"rank {d.rank} sampled {len(sampled)} images")
+    sys.exit(0)
 assert d.world == 2 and d.enabled and d.main == (d.rank == 0)
 r = d.rank
 

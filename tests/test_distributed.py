@@ -6,6 +6,7 @@ rollouts and rewards of the first iteration must be equal bit for bit, and the s
 process's up to the order of the additions.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -131,12 +132,17 @@ def test_each_process_takes_its_own_gpu():
         Dist(0, 2, 0).device("cuda:0")
 
 
-def test_only_train_runs_under_torchrun(monkeypatch, capsys):
+def test_only_train_and_eval_run_under_torchrun(monkeypatch, capsys):
     from densegrpo_fast.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["calibrate", "--config", str(CONFIG)]) == 2
+    assert (
+        "only `train` and `eval` run data-parallel; run the command without torchrun"
+        in capsys.readouterr().err
+    )
     assert main(["eval", "--config", str(CONFIG)]) == 2
-    assert "only `train` runs data-parallel; run the command without torchrun" in capsys.readouterr().err
+    assert "the toy's eval report runs as one process" in capsys.readouterr().err
 
 
 def test_a_group_split_over_two_processes_trains(tiny_checkpoint, tmp_path):
@@ -151,3 +157,28 @@ def test_a_group_split_over_two_processes_trains(tiny_checkpoint, tmp_path):
     for r in steps:  # 4 rows x 3 trained steps, less those with zero advantage
         assert 0 < r["rows_trained"] <= 12 and r["rows_trained"] == round(12 * r["adv_nonzero_frac"])
         assert r["ratio_dev_first"] == 0.0
+
+
+def test_two_processes_evaluate_what_one_process_evaluates(tmp_path):
+    """The eval command's sampler and scores under torchrun: prompt i on rank i % 2, one score file per
+    rank while it runs, merged by rank 0; every score equals one process's (batches of one prompt's two
+    images in both). A job killed midway leaves rank files, which a single process resumes and merges."""
+    from test_evaluate import rows, run, tiny_policy
+
+    done = torchrun([str(ROOT / "tests" / "distributed_worker.py"), "eval", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0 sampled 6 images" in done.stdout and "rank 1 sampled 4 images" in done.stdout
+    one = run(tiny_policy(), tmp_path / "one", batch_size=2)
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert rows(tmp_path / "two") == sorted(rows(tmp_path / "one"), key=lambda r: r["index"])
+    assert not list((tmp_path / "two").glob("scores.rank*"))
+    assert two["scores"]["redness"] == pytest.approx(one["scores"]["redness"], rel=1e-12)
+
+    lines = (
+        (tmp_path / "two" / "scores.jsonl").read_text().splitlines()
+    )  # as if killed: 0 and 2 done on rank 0
+    (tmp_path / "two" / "scores.rank0.jsonl").write_text(lines[0] + "\n" + lines[2] + "\n")
+    (tmp_path / "two" / "scores.jsonl").unlink()
+    resumed = run(tiny_policy(), tmp_path / "two", batch_size=2)
+    assert rows(tmp_path / "two") == rows(tmp_path / "one") and resumed["scores"] == two["scores"]
+    assert not list((tmp_path / "two").glob("scores.rank*"))

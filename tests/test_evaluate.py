@@ -13,10 +13,14 @@ from densegrpo_fast.schedule import sigma_grid
 PROMPTS = ["a red circle", "two squares", "a blue triangle", "a circle left of a square", "three circles"]
 
 
-@pytest.fixture(scope="module")
-def policy():
+def tiny_policy():
     torch.manual_seed(0)
     return ToyPolicy(ToyArch(num_layers=2, num_heads=2, head_dim=16, text_dim=32, pooled_dim=32))
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy()
 
 
 def run(policy, out, **kw):
