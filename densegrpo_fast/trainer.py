@@ -606,11 +606,18 @@ def heldout_rewards(run: Run) -> dict[str, float]:
 
 
 def export_policy(run: Run, path: Path) -> Path | None:
-    """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation."""
+    """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation; with LoRA on
+    an sd3 / flux model, also the EMA adapters alone in diffusers' LoRA format, in ``lora_ema/`` beside it
+    (``StableDiffusion3Pipeline.load_lora_weights``)."""
     if not hasattr(run.policy, "save"):
         return None
     with ema_weights(run):
         exported = copy.deepcopy(run.policy)
+    if run.cfg.lora.enabled and hasattr(exported, "save_lora"):
+        from peft.utils import get_peft_model_state_dict
+
+        lora = get_peft_model_state_dict(exported.transformer)
+        exported.save_lora(path.parent / "lora_ema", lora, run.cfg.lora.alpha / run.cfg.lora.rank)
     if run.cfg.lora.enabled:
         exported.transformer.fuse_lora()
         exported.transformer.unload_lora()

@@ -195,6 +195,21 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     assert exported.keys() == base.keys()
     assert any(not torch.equal(exported[k], base[k]) for k in base)
     assert (run_dir / "samples" / "iter_00001.png").exists()
+    # the EMA adapters alone, in diffusers' LoRA format: loaded onto the base pipeline they give the
+    # merged export's velocities (the LoRA scale alpha / rank = 2 is folded into lora_B)
+    from diffusers import StableDiffusion3Pipeline
+
+    with_lora = StableDiffusion3Pipeline.from_pretrained(sd3_dir, dtype=torch.float32)
+    with_lora.load_lora_weights(run_dir / "lora_ema")
+    merged = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS)
+    merged.load_weights(run_dir / "policy_ema.safetensors")
+    lora_policy, x = SD3Policy(with_lora, **OPTS), torch.randn(2, *merged.latent_shape)
+    cond = merged.encode_prompts(["a red circle", "a green dog"])
+    v_lora = lora_policy.velocity(x, torch.tensor([0.7, 0.3]), cond, 4.5)
+    v_merged = merged.velocity(x, torch.tensor([0.7, 0.3]), cond, 4.5)
+    v_base = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS).velocity(x, torch.tensor([0.7, 0.3]), cond, 4.5)
+    torch.testing.assert_close(v_lora, v_merged, rtol=1e-5, atol=1e-5)
+    assert (v_merged - v_base).abs().max() > 100 * (v_lora - v_merged).abs().max(), "the LoRA changes it"
 
     # the eval command scores the export (or the base model) with eval.rewards, resumably
     from densegrpo_fast.evaluate import run_eval

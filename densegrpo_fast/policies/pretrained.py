@@ -238,6 +238,21 @@ class DiffusersPolicy:
         save_file(state, str(tmp), metadata=meta)
         tmp.replace(path)
 
+    def save_lora(self, directory: str | Path, state: dict[str, torch.Tensor], scale: float) -> Path:
+        """Write LoRA weights ``state`` (peft names, as ``get_peft_model_state_dict`` gives them) in
+        diffusers' LoRA format, which ``<Pipeline>.load_lora_weights(directory)`` loads onto the base model.
+        The LoRA scale (``alpha / rank``) is folded into ``lora_B``, so the file means the same to a loader
+        that reads no alpha (it then takes alpha = rank)."""
+        import diffusers
+
+        state = {
+            k: (v * scale if ".lora_B." in k else v).detach().contiguous().cpu() for k, v in state.items()
+        }
+        getattr(diffusers, self.pipeline_name).save_lora_weights(
+            Path(directory), transformer_lora_layers=state
+        )
+        return Path(directory)
+
     def load_weights(self, path: str | Path) -> None:
         """Load transformer weights written by :meth:`save` (a run's ``policy_ema.safetensors``: the EMA
         weights with LoRA merged) into this policy; a ValueError if they belong to another family or
