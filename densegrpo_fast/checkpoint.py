@@ -25,7 +25,8 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the ranks of a node that all resume read one page cache, not one copy each of the optimizer state
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ def _add_train(sub) -> None:
         from densegrpo_fast.trainer import train
 
         run_dir = train(_train_config(args), resume=args.resume, progress=not args.no_progress)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the job
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":  # rank 0 speaks
             print(
                 f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)"
             )

@@ -6,9 +6,11 @@ processes is small:
 
 * the rewards ``R`` [B, T+1] are gathered, so every rank computes the advantages of the whole batch (a group
   may span two ranks; the ``global_std`` option sees every row) and logs the batch's reward statistics;
-* the trained parameters' gradients are summed once per optimizer step, after the rank's micro-batches have
-  accumulated (each rank's loss is already scaled by the batch's row count, so the sum is the batch mean);
-* a few scalars (row counts, the iteration's wall time, held-out score sums) and rank 0's psi table.
+* every rank plans the update of the whole batch as one process would (the same (row, step) pairs in the same
+  optimizer steps) and trains the pairs of its own rows; the gradients are summed once per optimizer step,
+  after the rank's micro-batches have accumulated (each loss is scaled by the step's row count over the whole
+  batch, so the sum is one process's gradient);
+* a few scalars (the iteration's wall time, held-out score sums), and rank 0's psi table, or its error.
 
 Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
 synchronised backward passes, and here a rank's micro-batch count depends on its rows
@@ -21,7 +23,11 @@ identical; :func:`check_in_sync` verifies that at every checkpoint.
 
 Rank 0 alone writes the run directory (config, psi table, metrics, checkpoints, grids, the exported policy);
 with several nodes the run directory must be on a shared file system, as every rank reads the checkpoint
-when resuming.
+when resuming (and checks that it resumed where rank 0 did).
+
+Timeouts: a collective fails after ``DENSEGRPO_DIST_TIMEOUT_MIN`` minutes (default 30), so that a job whose
+rank died on another node does not hang for long; the one long wait, the other ranks' while rank 0
+calibrates psi, runs on a gloo group of its own with a 12-hour limit, and an error there reaches every rank.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-#: Minutes a rank waits at a collective before failing (rank 0 calibrates psi alone while the others wait).
+#: Minutes a rank waits at a collective before failing.
 TIMEOUT_ENV = "DENSEGRPO_DIST_TIMEOUT_MIN"
+#: The limit of the waits for rank 0's one-off work (:func:`on_main`): calibration can take hours.
+SLOW_TIMEOUT = timedelta(hours=12)
+_slow_group = None  # a gloo group for on_main, made with the process group
 
 
 @dataclass(frozen=True)
@@ -81,8 +90,11 @@ def from_env(device: str) -> Dist:
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.set_device(d.local_rank)
-        minutes = float(os.environ.get(TIMEOUT_ENV, "120"))
+        minutes = float(os.environ.get(TIMEOUT_ENV, "30"))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
+    global _slow_group
+    if _slow_group is None:
+        _slow_group = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
     if dist.get_world_size() != world or dist.get_rank() != d.rank:
         raise RuntimeError(
             f"process group ({dist.get_rank()}/{dist.get_world_size()}) is not the environment's"
@@ -91,8 +103,46 @@ def from_env(device: str) -> Dist:
 
 
 def shutdown(d: Dist) -> None:
+    global _slow_group
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        _slow_group = None
+
+
+def on_main(d: Dist, fn):
+    """``fn()`` run by rank 0 alone while the others wait (up to 12 hours); every rank returns its result
+    (picklable), or raises its error: a ValueError stays a ValueError, anything else is a RuntimeError
+    naming it."""
+    if not d.enabled:
+        return fn()
+    box = [None]
+    if d.main:
+        try:
+            result = fn()
+            box = [(True, result)]
+        except Exception as e:
+            box = [(False, (type(e).__name__, str(e)))]
+            dist.broadcast_object_list(box, src=0, group=_slow_group)
+            raise
+    dist.broadcast_object_list(box, src=0, group=_slow_group)
+    ok, payload = box[0]
+    if ok:
+        return payload
+    name, message = payload
+    raise ValueError(message) if name == "ValueError" else RuntimeError(f"rank 0 failed: {name}: {message}")
+
+
+def check_same(d: Dist, value, what: str, fix: str) -> None:
+    """Raise on every rank unless every rank's ``value`` (picklable, small) equals rank 0's."""
+    if not d.enabled:
+        return
+    every = [None] * d.world
+    dist.all_gather_object(every, value)
+    bad = [r for r, v in enumerate(every) if v != every[0]]
+    if bad:
+        raise RuntimeError(
+            f"{what} differs between rank 0 ({every[0]}) and rank(s) {bad} ({[every[r] for r in bad]}): {fix}"
+        )
 
 
 def barrier(d: Dist) -> None:
@@ -161,9 +211,13 @@ def broadcast_params(d: Dist, params: list[torch.nn.Parameter]) -> None:
 
 def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 << 27) -> None:
     """Sum the ranks' ``.grad`` of ``params`` in place, in buckets of at most ``bucket_bytes`` per dtype (one
-    all-reduce per bucket). A parameter without a gradient (a rank with no rows this step) counts as zero."""
-    if not d.enabled:
+    all-reduce per bucket). A parameter without a gradient on a rank (no rows this step) counts as zero
+    there; one without a gradient on every rank keeps none (the optimizer skips it, as in one process)."""
+    if not d.enabled or not params:
         return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has)
+    params = [p for p, n in zip(params, has.tolist(), strict=True) if n]
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

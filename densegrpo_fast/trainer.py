@@ -6,7 +6,7 @@ the run directory, and resumes. Nothing here knows which model family or reward 
 
 Randomness is derived from ``(run.seed, iteration)`` (prompts, initial noise, SDE noise, the order of the
 training rows), so a resumed run repeats exactly what an uninterrupted one does: on the CPU with
-``run.deterministic`` its metrics are identical.
+``run.deterministic`` its metrics are identical (with the same number of processes, under torchrun).
 """
 
 from __future__ import annotations
@@ -111,9 +111,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(cfg.run.seed)
     distributed.barrier(dist)  # every rank has read the run directory before rank 0 writes to it
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+    distributed.on_main(dist, lambda: _start_run_dir(cfg, run_dir))
 
     if policy is None:
         policy = load_policy(
@@ -122,11 +120,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
-    if not dist.main:  # rank 0 calibrates (or reads) psi and writes it; the others read its table
-        distributed.barrier(dist)
-    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress and dist.main)
-    if dist.main:
-        distributed.barrier(dist)
+    # rank 0 calibrates (or reads) psi and writes its table; the others wait and take rank 0's schedule
+    base = distributed.on_main(
+        dist, lambda: _schedule(cfg, policy, reward_fn, prompts, run_dir, progress).to("cpu")
+    )
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
     trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
@@ -170,15 +167,35 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         load_trainable_state(transformer, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
-            ema.update(state["ema"])
+            for name, t in state["ema"].items():
+                ema[name].copy_(t)  # onto the parameters' device
         run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
+        if state.get("world", 1) != dist.world and dist.main:
+            warnings.warn(
+                f"resuming with {dist.world} process(es) a run checkpointed with {state.get('world', 1)}: it "
+                "continues, but samples other noise than the uninterrupted run would have",
+                stacklevel=2,
+            )
         torch.set_rng_state(state["torch_rng"])
         if run.priority is not None:
             run.priority.load_state_dict(state["prompt_priority"])
         log.truncate_after(run.iteration)
     elif resume:
         log.truncate_after(0)
+    if resume:
+        fix = (
+            "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
+        )
+        distributed.check_same(
+            dist, (run.iteration, run.opt_steps), "the resumed (iteration, optimizer step)", fix
+        )
+        distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
 
 
 def _check_world(cfg: TrainConfig, world: int) -> None:
@@ -304,8 +321,9 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     itself, most of it hidden behind the rollout.
 
     In a torchrun job each rank takes its slice of the rows (``run.dist.rows``) and returns that slice's
-    rollout and rewards; its waves are the waves ``rank * W + w`` of a single process with ``world * W``
-    waves, so the job samples exactly what one process with ``reward_waves = world * W`` would.
+    rollout and rewards; wave ``w`` of rank ``r`` draws its SDE noise from the stream of wave ``r * W + w``.
+    When each rank holds whole groups and W divides their number, the waves are those of one process with
+    ``reward_waves = world * W``, which then samples exactly what the job does.
     """
     cfg, policy, d = run.cfg, run.policy, run.dist
     G = cfg.sampling.group_size
@@ -318,8 +336,7 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     rows = rows[mine]
     cond = policy.encode_prompts(rows)
     W = cfg.sampling.reward_waves
-    unit = G if len(rows) % G == 0 else 1  # waves of whole groups when the rank holds whole groups
-    bounds = [int(b) * unit for b in torch.linspace(0, len(rows) // unit, W + 1).round()]
+    bounds = wave_bounds(len(rows), G, W)
     waves = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     busy: list[float] = []
     results, rollouts = [], []
@@ -351,7 +368,7 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
         if pool is not None and device.type == "cuda":  # made on side streams, read on this one from now on
             for r in parts:
                 r.record_stream(torch.cuda.current_stream(device))
-        R = torch.cat(parts)
+        R = torch.cat(parts).to(device)  # (a plugin reward may answer on the CPU)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
@@ -362,6 +379,14 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
                                             torch.cat([r.log_probs for r in rollouts]), None)  # fmt: skip
     ro.clean = None  # the completions feed the reward only: training never needs them
     return ro, cond, R, times
+
+
+def wave_bounds(rows: int, group_size: int, waves: int) -> list[int]:
+    """Row bounds of ``waves`` reward waves over ``rows`` rows: whole groups when the rows hold at least
+    ``waves`` whole groups (always so in one process), single rows otherwise (a rank's share of a torchrun
+    job may hold fewer groups than waves, or part of one)."""
+    unit = group_size if rows % group_size == 0 and rows // group_size >= waves else 1
+    return [int(b) * unit for b in torch.linspace(0, rows // unit, waves + 1).round()]
 
 
 @torch.no_grad()
@@ -405,8 +430,14 @@ def group_signal(run: Run, A: torch.Tensor) -> list[float]:
 
 def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor | None = None) -> dict:
     """The GRPO update on one rollout: recomputed log-probs, clipped loss + KL, AdamW, EMA. ``A``: the
-    rollout's advantages when the caller has them already (computed from ``R`` otherwise)."""
-    cfg = run.cfg
+    advantages when the caller has them already (computed from ``R`` otherwise).
+
+    In a torchrun job ``ro``, ``cond`` and ``R`` are the rank's rows and ``A`` the whole batch's: every rank
+    plans the update of the whole batch exactly as one process does (which (row, step) pairs, in which
+    optimizer step), then trains the pairs of its own rows, each loss scaled by its step's pair count over
+    the whole batch; the gradients summed over the ranks are one process's.
+    """
+    cfg, d = run.cfg, run.dist
     A = _advantages(run, R) if A is None else A
     keep = run.trained.to(A.device).expand_as(A)
     if cfg.grpo.filter_zero_advantage:
@@ -423,15 +454,14 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
-    # Each micro-batch's loss is scaled by its share of the chunk's rows over every rank, so the gradients
-    # summed over ranks (distributed.sum_grads) are the mean over the whole batch's rows.
-    counts = [c.numel() for c, _ in chunks]
-    trained_adv = A[:, run.trained.to(A.device)]
-    if run.dist.enabled:  # and the batch's fraction of non-zero advantages, in the same reduction
-        extra = [int((trained_adv != 0).sum()), trained_adv.numel()]
-        *counts, nonzero, total = distributed.sum_(
-            run.dist, torch.tensor(counts + extra, device=A.device)
-        ).tolist()
+    counts = [c.numel() for c, _ in chunks]  # the whole batch's pairs per optimizer step
+    A_all = A
+    if d.enabled:  # this rank's pairs, renumbered from its first row
+        mine = d.rows(A.shape[0])
+        A = A[mine]
+        chunks = [
+            (r[sel] - mine.start, k[sel]) for r, k in chunks for sel in [(r >= mine.start) & (r < mine.stop)]
+        ]
     # Old log-probs. Rollout and update share their numerics (fp32, adapters unmerged): the rollout's own, exact
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
@@ -440,7 +470,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = counts[c]
-        if n == 0:  # no rank has a row in this chunk
+        if n == 0:  # no pair in this step (on any rank)
             continue
         for i, k in _micro_batches(chunk_rows, chunk_steps, cfg.grpo.train_batch_size):
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
@@ -468,10 +498,9 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     out["ratio_dev_first"] = first_ratio_dev
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))
-    if run.dist.enabled:
-        out["adv_nonzero_frac"] = nonzero / total if total else 0.0
-    else:
-        out["adv_nonzero_frac"] = (trained_adv != 0).float().mean().item() if run.trained.any() else 0.0
+    out["adv_nonzero_frac"] = (
+        (A_all[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
+    )
     return out
 
 
@@ -600,7 +629,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     if not d.enabled:
         return {k: torch.cat(v).mean().item() for k, v in scores.items()}
     zero = torch.zeros((), dtype=torch.float64, device=policy.device)
-    sums = torch.stack([torch.cat(v).double().sum() if v else zero for v in scores.values()])
+    sums = torch.stack(
+        [torch.cat(v).double().sum().to(policy.device) if v else zero for v in scores.values()]
+    )
     sums = distributed.sum_(d, sums) / len(prompts)
     return dict(zip(scores, sums.tolist(), strict=True))
 
@@ -644,6 +675,7 @@ def checkpoint(run: Run) -> None:
             "torch_rng": torch.get_rng_state(),
             "psi": run.base_schedule.noise_level.cpu(),
             "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
+            "world": run.dist.world,
         },
     )
 
@@ -673,7 +705,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         t1 = time.perf_counter()
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
         A_all = _advantages(run, R_all)
-        up = update(run, ro, cond, R, it, A_all[d.rows(R_all.shape[0])])
+        up = update(run, ro, cond, R, it, A_all)
         times["update_s"] = time.perf_counter() - t1
         if run.priority is not None:
             run.priority.observe(prompts, group_signal(run, A_all))
@@ -692,8 +724,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
         bar.set_postfix(post)
         if d.main and cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
-            # rank 0's rows are the batch's first: these are the rows a single process would show
-            n = min(16, R.shape[0])
+            # rank 0's rows are the batch's first: the rows a single process would show, as far as it has them
+            n = min(16, ro.latents.shape[0])
             images = run.policy.decode(ro.latents[:n, -1])
             caps = [
                 f"{p}\nR={r:.2f}"

@@ -31,18 +31,19 @@ assert d.rows(8) == slice(4 * r, 4 * r + 4)
 every = distributed.gather_rows(d, torch.full((3, 2), float(r)))
 assert torch.equal(every, torch.tensor([[0.0] * 2] * 3 + [[1.0] * 2] * 3))
 
-# sum_grads: several buckets (a 40-byte bucket holds ten fp32 values), two dtypes, and a parameter
-# without a gradient on one rank, which counts as zero
+# sum_grads: several buckets (a 40-byte bucket holds ten fp32 values), two dtypes, a parameter without a
+# gradient on one rank, which counts as zero, and one without a gradient on any rank, which keeps none
 params = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in [(3, torch.float32), (7, torch.float32),
-          (12, torch.float32), (5, torch.float64), (4, torch.float32)]]  # fmt: skip
+          (12, torch.float32), (5, torch.float64), (4, torch.float32), (2, torch.float32)]]  # fmt: skip
 for i, p in enumerate(params):
-    if not (r == 1 and i == 2):
+    if not (r == 1 and i == 2) and i != 5:
         p.grad = torch.arange(p.numel(), dtype=p.dtype) * (i + 1) + 100 * r
 distributed.sum_grads(d, params, bucket_bytes=40)
-for i, p in enumerate(params):
+for i, p in enumerate(params[:5]):
     ramp = torch.arange(p.numel(), dtype=p.dtype) * (i + 1)
     want = ramp if i == 2 else 2 * ramp + 100
     assert p.grad.dtype == p.dtype and torch.equal(p.grad, want), (i, p.grad, want)
+assert params[5].grad is None
 
 # sums, maxima, rank 0's objects, per-key means over micro-batches of every rank
 assert torch.equal(distributed.sum_(d, torch.tensor([1, r])), torch.tensor([2, 1]))
@@ -50,6 +51,24 @@ assert distributed.max_(d, 0.5 + r, "cpu") == 1.5
 assert distributed.broadcast(d, {"from": r}) == {"from": 0}
 stats = {"loss": [1.0, 3.0], "kl": [2.0]} if r == 0 else {"loss": [5.0]}
 assert distributed.mean_stats(d, stats) == {"loss": 3.0, "kl": 2.0}
+
+# rank 0's one-off work: its result, or its error, on every rank
+assert distributed.on_main(d, lambda: {"psi": r}) == {"psi": 0}
+
+
+def fail(kind):
+    raise kind("no psi table")
+
+
+with pytest.raises(ValueError, match="^no psi table$"):
+    distributed.on_main(d, lambda: fail(ValueError))
+with pytest.raises(KeyError if r == 0 else RuntimeError, match="no psi table"):
+    distributed.on_main(d, lambda: fail(KeyError))
+distributed.check_same(d, ("at", 3), "the position", "fix it")
+with pytest.raises(
+    RuntimeError, match=r"the position differs between rank 0 \(3\) and rank\(s\) \[1\] \(\[4\]\): fix"
+):
+    distributed.check_same(d, 3 + r, "the position", "fix it")
 
 # parameters broadcast from rank 0 are in sync; a rank that drifts makes every rank raise
 w = [torch.nn.Parameter(torch.randn(5) + r)]

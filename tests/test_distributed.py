@@ -17,6 +17,7 @@ import torch
 from test_trainer import CONFIG, ROOT, records, tiny_overrides, without_timing
 
 from densegrpo_fast.distributed import Dist
+from densegrpo_fast.trainer import wave_bounds
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -25,14 +26,11 @@ pytestmark = pytest.mark.skipif(
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 TRAIN = ["-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--no-progress"]
-# one optimizer step per iteration: with two, each step's rows are a random half of the rank's rows, not of
-# the batch's, and the processes would train on other subsets than one process does
 EXTRA = [
     "model.num_threads=1",
-    "grpo.updates_per_iteration=1",
     "run.sample_grid_every=0",
     "eval.num_prompts=8",
-]
+]  # and 2 updates per iteration
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -78,19 +76,21 @@ def test_two_processes_train_what_one_process_with_two_waves_trains(
              "adv_nonzero_frac", "lr"]  # fmt: skip
     assert {k: a[1][k] for k in exact} == {k: b[1][k] for k in exact}
     assert a[1]["ratio_dev_first"] == 0.0, "each rank's first update is on-policy"
-    # the gradient summed over the ranks is the batch's mean gradient (a factor 2 would show here)
-    for r in (1, 2):
-        assert a[r]["grad_norm"] == pytest.approx(b[r]["grad_norm"], rel=1e-5)
-    # from there on the weights differ by rounding only
-    assert a[2]["R_mean"] == pytest.approx(b[2]["R_mean"], rel=1e-4)
-    assert a[3]["eval_reward"] == pytest.approx(b[3]["eval_reward"], rel=1e-4)
+    # The gradients summed over the ranks are one process's in both optimizer steps of iteration 1 (a
+    # factor 2, or other pairs in a step, would show). Only the order of the additions differs, and Adam,
+    # which divides each gradient by its own size, turns the rounding of near-cancelling gradients into
+    # weight differences of ~2e-3 of a step; from iteration 2 on the runs differ by that.
+    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=1e-5)
+    assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-3)
+    assert a[2]["R_mean"] == pytest.approx(b[2]["R_mean"], rel=1e-3)
+    assert a[3]["eval_reward"] == pytest.approx(b[3]["eval_reward"], rel=1e-3)
     wa, wb = trainable(dist_dir), trainable(tmp_path / "one")
     assert set(wa) == set(wb)
     # LoRA B starts at zero, so its weights are the update itself
     ua = torch.cat([wa[n].flatten() for n in wa if "lora_B" in n])
     ub = torch.cat([wb[n].flatten() for n in wa if "lora_B" in n])
     assert (ub != 0).float().mean() > 0.5, "the weights moved"
-    assert (ua - ub).abs().max() <= 1e-3 * ub.abs().max()
+    assert (ua - ub).norm() <= 1e-2 * ub.norm()
 
 
 def test_a_two_process_run_resumes_where_it_stopped(two_process_run, tiny_checkpoint, tmp_path):
@@ -182,3 +182,10 @@ def test_two_processes_evaluate_what_one_process_evaluates(tmp_path):
     resumed = run(tiny_policy(), tmp_path / "two", batch_size=2)
     assert rows(tmp_path / "two") == rows(tmp_path / "one") and resumed["scores"] == two["scores"]
     assert not list((tmp_path / "two").glob("scores.rank*"))
+
+
+def test_reward_waves_of_a_rank_hold_whole_groups_when_it_has_enough():
+    assert wave_bounds(48, 24, 2) == [0, 24, 48]  # one process: waves of whole groups
+    assert wave_bounds(72, 24, 4) == [0, 18, 36, 54, 72]  # 3 groups, 4 waves: rows (never an empty wave)
+    assert wave_bounds(36, 24, 4) == [0, 9, 18, 27, 36]  # 1.5 groups (1152 rows over 32 processes)
+    assert wave_bounds(48, 24, 4) == [0, 12, 24, 36, 48]
