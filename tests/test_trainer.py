@@ -288,6 +288,20 @@ def test_reward_waves_on_a_side_cuda_stream_equal_in_line_scoring(tiny_checkpoin
     assert R_a.is_cuda and torch.equal(R_a, R_b) and torch.equal(ro_a.latents, ro_b.latents)
 
 
+@pytest.mark.gpu
+def test_a_gpu_run_resumes_with_its_ema_on_the_gpu(tiny_checkpoint, tmp_path):
+    """checkpoint.pt loads onto the CPU; the resumed EMA must land on the parameters' device (it once stayed
+    on the CPU, and the next EMA step failed against CUDA parameters)."""
+    extra = ["model.device=cuda", "model.autocast=null"]
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    run = setup(
+        cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
+    )
+    assert run.iteration == 1 and all(t.is_cuda for t in run.ema.values())
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False)
+    assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2]
+
+
 def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path):
     extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra)
