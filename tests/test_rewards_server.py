@@ -253,3 +253,17 @@ def test_serve_reward_command(tmp_path):
     assert f"serving reward 'jpeg_incompressibility' at http://127.0.0.1:{port}" in out
     bad = subprocess.run([*cmd, "--kwargs", "{quality: 50}", "--port", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr
+
+
+def test_each_process_of_a_node_takes_its_own_server(monkeypatch):
+    """``url`` as a list: process LOCAL_RANK of a torchrun job talks to entry LOCAL_RANK % len (one server
+    per GPU, since a server scores one request at a time); a plain URL serves every process."""
+    with serving(build_reward("redness")) as first, serving(build_reward("redness")) as second:
+        urls = [first.url, second.url]
+        for local_rank, want in [("0", first.url), ("1", second.url), ("2", first.url)]:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+            assert build_reward("remote", url=urls).url == want
+            assert build_reward("geneval", url=urls).url == want
+        assert build_reward("remote", url=first.url).url == first.url
+    with pytest.raises(ValueError, match=r"url=\[\] names no server"):
+        build_reward("remote", url=[])

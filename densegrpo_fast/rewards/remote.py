@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 import urllib.error
 import urllib.parse
@@ -117,15 +118,16 @@ def _server_error_text(e: urllib.error.HTTPError) -> str:
 class RemoteReward:
     """Client of a reward server (see the module doc for the protocol and the server command).
 
-    kwargs: ``url`` (e.g. ``http://127.0.0.1:8085``), ``timeout_s`` per request, ``retries`` after the
-    first attempt, ``backoff_s`` (first wait; doubles), ``max_batch`` images per request, ``check``: ask
+    kwargs: ``url`` (e.g. ``http://127.0.0.1:8085``; or a list, of which process ``LOCAL_RANK`` of a
+    torchrun job takes entry ``LOCAL_RANK % len``: one server per GPU of a node, since a server scores one
+    request at a time), ``timeout_s`` per request, ``retries`` after the first attempt, ``backoff_s`` (first wait; doubles), ``max_batch`` images per request, ``check``: ask
     ``/health`` when built, so a server that is down fails before the policy loads. ``start_hint``: the
     command the error messages suggest.
     """
 
     def __init__(
         self,
-        url: str,
+        url: str | list[str],
         timeout_s: float = 300.0,
         retries: int = 3,
         backoff_s: float = 1.0,
@@ -133,6 +135,7 @@ class RemoteReward:
         check: bool = True,
         start_hint: str | None = None,
     ):
+        url = pick_url(url)
         parsed = urllib.parse.urlparse(str(url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(
@@ -238,9 +241,18 @@ GENEVAL_HINT = (
 )
 
 
+def pick_url(url: str | list[str]) -> str:
+    """``url`` itself, or this process's entry of a list (``LOCAL_RANK`` modulo its length)."""
+    if isinstance(url, str):
+        return url
+    if not url:
+        raise ValueError("reward.kwargs.url=[] names no server: give one URL, or one per GPU of a node")
+    return url[int(os.environ.get("LOCAL_RANK", "0")) % len(url)]
+
+
 @register("geneval")
 def geneval(
-    url: str = "http://127.0.0.1:8085",
+    url: str | list[str] = "http://127.0.0.1:8085",
     timeout_s: float = 300.0,
     retries: int = 3,
     backoff_s: float = 1.0,
@@ -249,6 +261,7 @@ def geneval(
 ) -> RemoteReward:
     """GenEval through the reward server: ``remote`` with GenEval's default URL and start command in its
     errors. The server is the user's GenEval factory, started in the GenEval environment (module doc)."""
+    url = pick_url(url)
     port = urllib.parse.urlparse(str(url)).port or 8085
     hint = GENEVAL_HINT.replace("{port}", str(port))
     return RemoteReward(url, timeout_s, retries, backoff_s, max_batch, check, start_hint=hint)

@@ -133,7 +133,9 @@ class _Handler(BaseHTTPRequestHandler):
 class RewardServer(ThreadingHTTPServer):
     """``reward`` served at ``host:port`` (port 0 picks a free one; see :attr:`url`)."""
 
-    daemon_threads = True
+    # server_close() (in stop()) waits for the requests in flight: a request thread left scoring while the
+    # interpreter exits can abort the process inside torch ("terminate called without an active exception")
+    daemon_threads = False
 
     def __init__(
         self,
@@ -196,7 +198,11 @@ def serve(reward: str, kwargs: dict, host: str, port: int, max_request_mb: float
     server = RewardServer(fn, name=reward, host=host, port=port, max_request_bytes=int(max_request_mb * _MIB))
     if host not in ("127.0.0.1", "localhost"):
         logger.warning("serving on %s: the reward server has no authentication; use a trusted network", host)
-    print(f"serving reward {reward!r} at {server.url} (POST /score, GET /health); Ctrl-C stops", flush=True)
+    print(
+        f"serving reward {reward!r} at {server.url} (POST /score, GET /health); Ctrl-C stops once the requests "
+        "in flight are answered",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
