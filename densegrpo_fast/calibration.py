@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from densegrpo_fast import distributed
 from densegrpo_fast.dense import latent_rewards, step_rewards
 from densegrpo_fast.rollout import completion_starts, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
@@ -79,8 +80,20 @@ def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) ->
     plt.close(fig)
 
 
-def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: bool = True) -> torch.Tensor:
-    """Run Algorithm 1 with ``cfg`` (a TrainConfig); writes the psi table (JSON) and its plot."""
+def calibrate(
+    policy,
+    reward_fn,
+    prompt_source,
+    cfg,
+    out_path: Path,
+    progress: bool = True,
+    dist: distributed.Dist = distributed.SINGLE,
+) -> torch.Tensor:
+    """Run Algorithm 1 with ``cfg`` (a TrainConfig); writes the psi table (JSON) and its plot.
+
+    In a torchrun job (``dist``) every rank rolls out its slice of each round's rows (SDE noise from a
+    stream of its own), the step rewards are gathered, and every rank takes the same step of psi; rank 0
+    writes the table."""
     from tqdm import tqdm
 
     cal = cfg.noise.calibration
@@ -100,7 +113,13 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
         sched = Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi)))
         prompts = [p for p in prompt_source.sample(n_prompts, it, stream="calibration") for _ in range(G)]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * it + 1)
-        noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen, device=device)
+        mine = dist.rows(len(prompts))  # every row in one process
+        noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen, device=device)[mine]
+        prompts = prompts[mine]
+        if dist.enabled:
+            gen = torch.Generator(device=device).manual_seed(
+                cfg.run.seed * 1_000_003 + 7919 * it + 2 + dist.rank
+            )
         cond = policy.encode_prompts(prompts)
         with cfg.model.autocast_context():  # the numerics training will sample with
             ro = sample(
@@ -109,18 +128,19 @@ def calibrate(policy, reward_fn, prompt_source, cfg, out_path: Path, progress: b
                 max_rows_per_call=cfg.sampling.max_rows_per_call,
             )  # fmt: skip
         R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched))
-        psi = calibration_step(
-            psi, step_rewards(R).cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active
-        )
+        dR = distributed.gather_rows(dist, step_rewards(R).to(device))  # every rank's rows
+        psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active)
         trajectory.append(psi.tolist())
         bar.set_postfix(psi=" ".join(f"{p:.2f}" for p in psi.tolist()))
     meta = {
         "rounds": cal.iterations,
-        "trajectories_per_round": n_prompts * G,
+        "trajectories_per_round": dR.shape[0],  # over every rank
         "eps1": cal.eps1,
         "eps2": cal.eps2,
         "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
     }
-    save_psi(out_path, psi, trajectory, meta)
-    plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)
+    if dist.main:
+        save_psi(out_path, psi, trajectory, meta)
+        plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)
+    distributed.barrier(dist)  # the table is written before any rank goes on
     return psi

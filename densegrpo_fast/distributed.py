@@ -10,7 +10,9 @@ processes is small:
   optimizer steps) and trains the pairs of its own rows; the gradients are summed once per optimizer step,
   after the rank's micro-batches have accumulated (each loss is scaled by the step's row count over the whole
   batch, so the sum is one process's gradient);
-* a few scalars (the iteration's wall time, held-out score sums), and rank 0's psi table, or its error.
+* the calibration's step rewards (every rank calibrates psi on its share of each round's rows);
+* a few scalars (the iteration's wall time, held-out score sums), and what rank 0 read or did alone (the
+  psi table, the run directory's set-up), or its error (:func:`on_main`).
 
 Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
 synchronised backward passes, and here a rank's micro-batch count depends on its rows
@@ -25,9 +27,8 @@ Rank 0 alone writes the run directory (config, psi table, metrics, checkpoints, 
 with several nodes the run directory must be on a shared file system, as every rank reads the checkpoint
 when resuming (and checks that it resumed where rank 0 did).
 
-Timeouts: a collective fails after ``DENSEGRPO_DIST_TIMEOUT_MIN`` minutes (default 30), so that a job whose
-rank died on another node does not hang for long; the one long wait, the other ranks' while rank 0
-calibrates psi, runs on a gloo group of its own with a 12-hour limit, and an error there reaches every rank.
+A collective fails after ``DENSEGRPO_DIST_TIMEOUT_MIN`` minutes (default 30), so that a job whose rank
+died on another node does not hang for long; no rank ever waits that long for another's work.
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ import torch.distributed as dist
 
 #: Minutes a rank waits at a collective before failing.
 TIMEOUT_ENV = "DENSEGRPO_DIST_TIMEOUT_MIN"
-#: The limit of the waits for rank 0's one-off work (:func:`on_main`): calibration can take hours.
-SLOW_TIMEOUT = timedelta(hours=12)
-_slow_group = None  # a gloo group for on_main, made with the process group
 
 
 @dataclass(frozen=True)
@@ -79,12 +77,16 @@ class Dist:
         return f"cuda:{self.local_rank}"
 
 
+#: A single process (the default wherever a ``Dist`` is optional).
+SINGLE = Dist()
+
+
 def from_env(device: str) -> Dist:
     """The job torchrun launched (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), with its process group set up
     (NCCL on CUDA, gloo on the CPU); a plain ``Dist()`` when not launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Dist()
+        return SINGLE
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
@@ -92,9 +94,6 @@ def from_env(device: str) -> Dist:
             torch.cuda.set_device(d.local_rank)
         minutes = float(os.environ.get(TIMEOUT_ENV, "30"))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
-    global _slow_group
-    if _slow_group is None:
-        _slow_group = dist.new_group(backend="gloo", timeout=SLOW_TIMEOUT)
     if dist.get_world_size() != world or dist.get_rank() != d.rank:
         raise RuntimeError(
             f"process group ({dist.get_rank()}/{dist.get_world_size()}) is not the environment's"
@@ -103,16 +102,14 @@ def from_env(device: str) -> Dist:
 
 
 def shutdown(d: Dist) -> None:
-    global _slow_group
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
-        _slow_group = None
 
 
 def on_main(d: Dist, fn):
-    """``fn()`` run by rank 0 alone while the others wait (up to 12 hours); every rank returns its result
-    (picklable), or raises its error: a ValueError stays a ValueError, anything else is a RuntimeError
-    naming it."""
+    """``fn()`` run by rank 0 alone (quick work: reading or writing the run directory) while the others wait;
+    every rank returns its result (picklable), or raises its error: a ValueError stays a ValueError,
+    anything else is a RuntimeError naming it."""
     if not d.enabled:
         return fn()
     box = [None]
@@ -122,9 +119,9 @@ def on_main(d: Dist, fn):
             box = [(True, result)]
         except Exception as e:
             box = [(False, (type(e).__name__, str(e)))]
-            dist.broadcast_object_list(box, src=0, group=_slow_group)
+            dist.broadcast_object_list(box, src=0)
             raise
-    dist.broadcast_object_list(box, src=0, group=_slow_group)
+    dist.broadcast_object_list(box, src=0)
     ok, payload = box[0]
     if ok:
         return payload

@@ -64,7 +64,7 @@ class Run:
     base_schedule: Schedule | None = None  # every step's noise; a moving window takes its steps from it
     trained_steps: torch.Tensor | None = None  # bool [T], grpo.trained_steps before the window applies
     window_start: int | None = None  # this iteration's, for a moving window
-    dist: distributed.Dist = distributed.Dist()  # this process's share of a torchrun job
+    dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -120,10 +120,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
-    # rank 0 calibrates (or reads) psi and writes its table; the others wait and take rank 0's schedule
-    base = distributed.on_main(
-        dist, lambda: _schedule(cfg, policy, reward_fn, prompts, run_dir, progress).to("cpu")
-    )
+    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist)
+    fix = "every rank must read the same psi table: put run.output_dir on a file system all nodes share"
+    distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
     trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
@@ -208,6 +207,13 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
             f"evenly over {world} processes (WORLD_SIZE): each process takes the same number of rows; choose "
             f"a process count that divides {rows}, or change the prompts per iteration"
         )
+    cal_rows = (cfg.noise.calibration.prompts or cfg.prompts.prompts_per_iteration) * cfg.sampling.group_size
+    if cfg.noise.kind == "calibrated" and cal_rows % world:
+        raise ValueError(
+            f"noise.calibration.prompts x sampling.group_size = {cal_rows} calibration rows per round cannot be "
+            f"split evenly over {world} processes (WORLD_SIZE): choose noise.calibration.prompts so that it "
+            f"times the group size is a multiple of {world}"
+        )
     if cfg.sampling.reward_waves > rows // world:
         raise ValueError(
             f"sampling.reward_waves ({cfg.sampling.reward_waves}) exceeds the {rows // world} rows each of the "
@@ -261,8 +267,19 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     return calibrate(policy, reward_fn, prompts, cfg, path, progress), path
 
 
-def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) -> Schedule:
-    """The noise of every step the run may use: the fixed window's, or every step's for a moving window."""
+def _schedule(
+    cfg,
+    policy,
+    reward_fn,
+    prompts,
+    run_dir: Path,
+    progress: bool,
+    dist: distributed.Dist = distributed.SINGLE,
+) -> Schedule:
+    """The noise of every step the run may use: the fixed window's, or every step's for a moving window.
+
+    Calibrated noise comes from the psi table when it exists (rank 0 reads it and sends it to the others),
+    else from Algorithm 1, run by every rank of a torchrun job on its share of the rows."""
     n = cfg.noise
     T = cfg.sampling.num_steps
     grid = sampler_grid(T, cfg.sampling.shift, policy)
@@ -270,20 +287,28 @@ def _schedule(cfg, policy, reward_fn, prompts, run_dir: Path, progress: bool) ->
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    if path.exists():
-        psi, covered = load_psi(path, T)
-        needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
-        missing = [k for k in needed if k not in covered]
-        if missing:
-            raise ValueError(
-                f"psi table {path} was calibrated for steps {covered} (psi {[round(p, 3) for p in psi.tolist()]}), "
-                f"but noise.window_move={n.window_move} with window_start={n.window_start}, "
-                f"window_size={n.window_size} needs steps {missing} too: they would run without noise and train "
-                "nothing. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this window"
-            )
-    else:
-        psi = calibrate(policy, reward_fn, prompts, cfg, path, progress)
+    psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size))
+    if psi is None:
+        psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
     return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
+
+
+def _read_psi(path: Path, n, T: int, ws, size) -> torch.Tensor | None:
+    """The psi table at ``path`` if there is one (None: calibrate), refused if it misses a step the window
+    needs."""
+    if not path.exists():
+        return None
+    psi, covered = load_psi(path, T)
+    needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
+    missing = [k for k in needed if k not in covered]
+    if missing:
+        raise ValueError(
+            f"psi table {path} was calibrated for steps {covered} (psi {[round(p, 3) for p in psi.tolist()]}), "
+            f"but noise.window_move={n.window_move} with window_start={n.window_start}, "
+            f"window_size={n.window_size} needs steps {missing} too: they would run without noise and train "
+            "nothing. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this window"
+        )
+    return psi
 
 
 def set_window(run: Run, iteration: int) -> None:

@@ -189,3 +189,15 @@ def test_reward_waves_of_a_rank_hold_whole_groups_when_it_has_enough():
     assert wave_bounds(72, 24, 4) == [0, 18, 36, 54, 72]  # 3 groups, 4 waves: rows (never an empty wave)
     assert wave_bounds(36, 24, 4) == [0, 9, 18, 27, 36]  # 1.5 groups (1152 rows over 32 processes)
     assert wave_bounds(48, 24, 4) == [0, 12, 24, 36, 48]
+
+
+def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
+    """Algorithm 1 under torchrun: each rank rolls out half of a round's rows, the step rewards are
+    gathered (the table counts every rank's trajectories), and every rank trains with the same psi."""
+    extra = [*EXTRA, "noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
+    done = torchrun([*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = json.loads((tmp_path / "run" / "psi.json").read_text())
+    assert table["trajectories_per_round"] == 4 and len(table["trajectory"]) == 4  # 1 prompt x 4, 3 rounds
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["psi"]
+    assert saved.tolist() == pytest.approx(table["psi"], abs=1e-7)
