@@ -108,9 +108,10 @@ def _add_calibrate(sub) -> None:
         from densegrpo_fast.trainer import run_calibration
 
         psi, path = run_calibration(_train_config(args))
-        print(
-            f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
-        )
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":
+            print(
+                f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
+            )
 
     p.set_defaults(handler=handler)
 
@@ -211,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and args.command not in ("train", "eval"):
+        if world > 1 and args.command not in ("train", "eval", "calibrate"):
             raise ValueError(
                 f"`{args.command}` runs as one process, but this one was launched as one of {world} (WORLD_SIZE, "
-                "torchrun): only `train` and `eval` run data-parallel; run the command without torchrun"
+                "torchrun): only `train`, `eval` and `calibrate` run data-parallel; run it without torchrun"
             )
         return int(args.handler(args) or 0)
     except ValueError as e:  # a problem the user can fix (config, paths, values): say it, no traceback

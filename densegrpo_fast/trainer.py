@@ -257,14 +257,22 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
 def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tensor, Path]:
     """The ``calibrate`` command: Algorithm 1 with the config's policy, reward and prompts, before any
     training; returns psi and the path of the table (``noise.calibration.path`` or the run directory's
-    psi.json), written with its plot."""
+    psi.json), written with its plot. Under torchrun every process calibrates on its share of the rows."""
     torch.set_num_threads(cfg.model.num_threads)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     m = cfg.model
-    policy = load_policy(m.family, m.checkpoint, m.device, **m.adapter_options())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        _check_world(
+            cfg.model_copy(update={"noise": cfg.noise.model_copy(update={"kind": "calibrated"})}), world
+        )
+    d = distributed.from_env(m.device)
+    policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
-    return calibrate(policy, reward_fn, prompts, cfg, path, progress), path
+    psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
+    distributed.shutdown(d)
+    return psi, path
 
 
 def _schedule(

@@ -132,15 +132,13 @@ def test_each_process_takes_its_own_gpu():
         Dist(0, 2, 0).device("cuda:0")
 
 
-def test_only_train_and_eval_run_under_torchrun(monkeypatch, capsys):
+def test_only_train_eval_and_calibrate_run_under_torchrun(monkeypatch, capsys):
     from densegrpo_fast.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["calibrate", "--config", str(CONFIG)]) == 2
-    assert (
-        "only `train` and `eval` run data-parallel; run the command without torchrun"
-        in capsys.readouterr().err
-    )
+    assert main(["show-config", "--config", str(CONFIG)]) == 2
+    err = capsys.readouterr().err
+    assert "only `train`, `eval` and `calibrate` run data-parallel; run it without torchrun" in err
     assert main(["eval", "--config", str(CONFIG)]) == 2
     assert "the toy's eval report runs as one process" in capsys.readouterr().err
 
@@ -201,3 +199,9 @@ def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
     assert table["trajectories_per_round"] == 4 and len(table["trajectory"]) == 4  # 1 prompt x 4, 3 rounds
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["psi"]
     assert saved.tolist() == pytest.approx(table["psi"], abs=1e-7)
+    # the calibrate command under torchrun takes the same steps
+    cal = ["-m", "densegrpo_fast", "calibrate", "--config", str(CONFIG)]
+    alone = torchrun([*cal, *tiny_overrides(tiny_checkpoint, tmp_path / "cal", extra=extra)])
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert alone.stdout.count("written to") == 1, "rank 0 alone reports"
+    assert json.loads((tmp_path / "cal" / "psi.json").read_text())["trajectory"] == table["trajectory"]
