@@ -28,7 +28,7 @@ with several nodes the run directory must be on a shared file system, as every r
 when resuming (and checks that it resumed where rank 0 did).
 
 A collective fails after ``DENSEGRPO_DIST_TIMEOUT_MIN`` minutes (default 30), so that a job whose rank
-died on another node does not hang for long; no rank ever waits that long for another's work.
+died on another node does not hang for long (in a healthy job no rank waits for another that long).
 """
 
 from __future__ import annotations
