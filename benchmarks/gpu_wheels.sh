@@ -6,18 +6,19 @@
 #   bash benchmarks/gpu_wheels.sh [EXTRA_PACKAGE ...]    # here, where pip reaches PyPI; writes wheels/
 #
 # Default set: diffusers and pydantic (with pydantic-core, annotated-types, typing-inspection and the
-# typing-extensions pydantic asks for), which the lent H100/H200 image did not list, and peft (listed there
-# at an unknown version; the trainer's LoRA). torch, triton, transformers, tokenizers, safetensors, pyyaml,
-# numpy, tqdm, matplotlib and tensorboard are on that image. To carry this venv's transformers as well:
-# `bash benchmarks/gpu_wheels.sh transformers tokenizers regex`.
+# typing-extensions pydantic asks for), which the lent H100/H200 image did not list; peft (listed there at
+# an unknown version; the trainer's LoRA); and transformers with the regex it needs, since the image holds
+# transformers 5.17 and the tests run here on this venv's (the tiny models' tokenizers are built through
+# its constructors). torch, triton, tokenizers, safetensors, pyyaml, numpy, tqdm, matplotlib and
+# tensorboard are on that image.
 #
 # wheels/ is gitignored; the device tool carries it: run(command="bash benchmarks/gpu_suite.sh",
 # carry=["wheels"], timeout_s=600). Run it with the project's venv active (it pins the versions installed
-# there); pip fetches the cp312 wheels from the package index (checked 2026-11-25: 7 wheels, 9.6 MB).
+# there); pip fetches the cp312 wheels from the package index (checked 2026-12-03: 9 wheels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-pkgs=(diffusers peft pydantic pydantic-core annotated-types typing-inspection typing-extensions "$@")
+pkgs=(diffusers peft transformers regex pydantic pydantic-core annotated-types typing-inspection typing-extensions "$@")
 mapfile -t pins < <("$PY" - "${pkgs[@]}" <<'EOF'
 import importlib.metadata as md
 import sys

@@ -39,19 +39,14 @@ def kernel_section(args) -> None:
         header, body = lines[0], lines[max(args.skip, 1) :]
         rows = list(csv.DictReader(io.StringIO("\n".join([header, *body]))))
     if not rows:
-        print("\n(no benchmark rows in this run)\n")
+        print("\n## GPU suite run without benchmark rows (the benchmark step failed or was stopped)\n")
+        tests_summary(args)
         return
     r0 = rows[0]
     print(
         f"\n## {r0['device']} — {r0['utc'][:10]}, git {r0['git_sha']}, torch {r0['torch']}, triton {r0['triton']}\n"
     )
-    if args.tests_log and Path(args.tests_log).exists():
-        summary = [
-            ln
-            for ln in Path(args.tests_log).read_text().splitlines()
-            if re.search(r"\d+ (passed|failed)", ln)
-        ]
-        print(f"GPU tests: `{summary[-1].strip('= ') if summary else 'no summary line'}`\n")
+    tests_summary(args)
     print(f"Copy bandwidth measured in the same run: {r0['copy_gb_per_s']} GB/s.\n")
     print("| op | shape | dtype | impl | ms | GB/s | % of copy | speed-up vs flow-grpo eager |")
     print("|---|---|---|---|---:|---:|---:|---:|")
@@ -69,6 +64,17 @@ def kernel_section(args) -> None:
                 f"| {op} | {shape} | {dtype} | {impl} | {float(r['mean_ms']):.4f} | {r['gb_per_s']} | {r['pct_of_copy']} | {speed} |"
             )
     print()
+
+
+def tests_summary(args) -> None:
+    """The gpu tests' pytest summary line, when their log is given."""
+    if args.tests_log and Path(args.tests_log).exists():
+        summary = [
+            ln
+            for ln in Path(args.tests_log).read_text().splitlines()
+            if re.search(r"\d+ (passed|failed)", ln)
+        ]
+        print(f"GPU tests: `{summary[-1].strip('= ') if summary else 'no summary line'}`\n")
 
 
 def _gib(x) -> str:

@@ -140,6 +140,11 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
                 init_lora_weights="gaussian",
             )
         )
+        # adapters train in fp32 over a bf16 / fp16 base (as diffusers' cast_training_params does): in bf16 an
+        # lr-3e-4 step of a weight of size 0.1 is below one ulp, and Adam's moments and the EMA would round too
+        for p in transformer.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     else:
         if cfg.grpo.beta > 0:
             reference = copy.deepcopy(transformer).requires_grad_(False)
@@ -439,6 +444,7 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         else:
             R = torch.zeros(len(rows), T + 1, device=ro.latents.device)
             R[:, T] = run.reward_fn(run.policy.decode(ro.latents[:, T]), rows).float()
+        R = R.to(ro.latents.device)  # (a plugin reward may answer on the CPU; record_stream needs CUDA)
     if stream is not None:
         stream.synchronize()
     busy.append(time.perf_counter() - t0)
@@ -499,7 +505,13 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
     # them itself: the first chunk's in its own forward, the later chunks' here, before any optimizer step.
-    recompute = cfg.model.autocast is not None or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
+    # The same holds for a bf16 / fp16 transformer (sd3 / flux): the rollout's calls and the update's micro-
+    # batches have other batch sizes, hence other kernels and other roundings.
+    recompute = (
+        cfg.model.autocast is not None
+        or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
+        or run.policy.dtype != torch.float32
+    )
     old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = counts[c]

@@ -236,6 +236,34 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], checkpoint=str(flux_like))
 
 
+def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
+    """The recipes' set-up: the transformer in bf16, its LoRA adapters (and so Adam's moments and the EMA)
+    in fp32, and old log-probs recomputed at the update's own batch sizes, so the first ratio is exactly 1."""
+    from densegrpo_fast.trainer import setup, train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    overrides = [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "noise.kind=uniform", "reward.name=redness",
+        "lora.rank=4", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=2", "eval.num_steps=2",
+        "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", "run.sample_grid_every=0",
+    ]  # fmt: skip
+    run = setup(
+        load_config(TrainConfig, None, [*overrides, f"run.output_dir={tmp_path / 'look'}"]), progress=False
+    )
+    lora = {n: p for n, p in run.policy.transformer.named_parameters() if p.requires_grad}
+    assert lora and all(p.dtype == torch.float32 for p in lora.values())
+    assert run.policy.dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in run.ema.values())
+    run_dir = train(load_config(TrainConfig, None, overrides), progress=False)
+    (step,) = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
+    ]
+    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    assert "rollout_lp_dev" in step  # the update recomputed the old log-probs
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
