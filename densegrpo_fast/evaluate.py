@@ -91,7 +91,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    d = dist or Dist()
+    d = dist or distributed.SINGLE
     out = Path(output_dir)
     protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
@@ -138,9 +138,8 @@ def evaluate(
     distributed.barrier(d)  # every rank's scores are on disk
     summary = None
     if d.main:
-        if d.enabled or any(
-            out.glob("scores.rank*.jsonl")
-        ):  # (also what a killed job left to a single process)
+        leftovers = any(out.glob("scores.rank*.jsonl"))  # a job's own, or what a killed job left
+        if d.enabled or leftovers:
             done = _merge(out, rewards)
         summary = _summary(out, done, rewards, protocol, images_per_prompt, t0)
     return distributed.broadcast(d, summary)

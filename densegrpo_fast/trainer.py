@@ -85,8 +85,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     ``policy``: an already-built frozen base policy, used instead of loading ``cfg.model`` (the benchmarks
     inject full-size random-weight models this way); it must be what ``load_policy`` would return.
 
-    Launched by ``torchrun``, every process calls this; rank 0 alone writes the run directory and calibrates
-    psi while the others wait (see :mod:`densegrpo_fast.distributed`).
+    Launched by ``torchrun``, every process calls this: rank 0 alone writes the run directory, every rank
+    takes its share of the psi calibration (see :mod:`densegrpo_fast.distributed`).
     """
     run_dir = Path(cfg.run.output_dir)
     ckpt_path = run_dir / "checkpoint.pt"
