@@ -99,6 +99,12 @@ def calibrate(
     cal = cfg.noise.calibration
     T, G = cfg.sampling.num_steps, cfg.sampling.group_size
     n_prompts = cal.prompts or cfg.prompts.prompts_per_iteration
+    if (n_prompts * G) % dist.world:  # (the same answer on every rank)
+        raise ValueError(
+            f"noise.calibration.prompts x sampling.group_size = {n_prompts * G} calibration rows per round "
+            f"cannot be split evenly over {dist.world} processes: choose noise.calibration.prompts so that "
+            f"it times the group size is a multiple of {dist.world}"
+        )
     n = cfg.noise
     ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)  # moving: all
     base = make_schedule(

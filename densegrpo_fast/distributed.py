@@ -74,7 +74,14 @@ class Dist:
                 f"model.device={device!r} names one GPU, but this job has {self.world} processes: set "
                 "model.device=cuda and each process takes the GPU of its LOCAL_RANK"
             )
-        return f"cuda:{self.local_rank}"
+        return f"cuda:{_gpu_index(self.local_rank)}"
+
+
+def _gpu_index(local_rank: int) -> int:
+    """The GPU of local rank ``local_rank``: the rank itself, modulo the visible GPUs (a scheduler that shows
+    each process one GPU through CUDA_VISIBLE_DEVICES leaves only cuda:0)."""
+    n = torch.cuda.device_count()
+    return local_rank % n if n else local_rank
 
 
 #: A single process (the default wherever a ``Dist`` is optional).
@@ -91,7 +98,7 @@ def from_env(device: str) -> Dist:
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
         if cuda:
-            torch.cuda.set_device(d.local_rank)
+            torch.cuda.set_device(_gpu_index(d.local_rank))
         minutes = float(os.environ.get(TIMEOUT_ENV, "30"))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     if dist.get_world_size() != world or dist.get_rank() != d.rank:

@@ -98,6 +98,9 @@ def evaluate(
                 "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
     # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
     _check_same_protocol(out / "protocol.json", protocol)
+    scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's
+    if scores_path.exists() and not (text := scores_path.read_text()).endswith("\n") and text:
+        scores_path.write_text(text[: text.rfind("\n") + 1])  # a line cut short by a kill: scored again
     done = _read_scores(out, rewards)
     distributed.barrier(d)
     if d.main:
@@ -107,7 +110,6 @@ def evaluate(
         if save_images:
             (out / "images").mkdir(exist_ok=True)
     distributed.barrier(d)
-    scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")
     # One work item per (prompt, image); a prompt's images are scored in one batch or several.
     mine = [i for i in range(len(prompts)) if i % d.world == d.rank]
     todo = [(i, j) for i in mine if i not in done for j in range(images_per_prompt)]
@@ -136,13 +138,19 @@ def evaluate(
                     bar.update(1)
     bar.close()
     distributed.barrier(d)  # every rank's scores are on disk
-    summary = None
-    if d.main:
-        leftovers = any(out.glob("scores.rank*.jsonl"))  # a job's own, or what a killed job left
-        if d.enabled or leftovers:
-            done = _merge(out, rewards)
-        summary = _summary(out, done, rewards, protocol, images_per_prompt, t0)
-    return distributed.broadcast(d, summary)
+
+    def finish() -> dict:  # rank 0; an error here reaches every rank
+        scored = done
+        if d.enabled or any(out.glob("scores.rank*.jsonl")):  # a job's own files, or a killed job's
+            scored = _merge(out, rewards)
+            if len(scored) != len(prompts):
+                raise ValueError(
+                    f"{out} holds scores for {len(scored)} of {len(prompts)} prompts after every process "
+                    "finished: eval.output_dir must be a directory every node of the job shares"
+                )
+        return _summary(out, scored, rewards, protocol, images_per_prompt, t0)
+
+    return distributed.on_main(d, finish)
 
 
 def _merge(out: Path, rewards: dict) -> dict[int, dict]:
@@ -162,9 +170,17 @@ def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
     for path in [out / "scores.jsonl", *sorted(out.glob("scores.rank*.jsonl"))]:
         if not path.exists():
             continue
-        for ln in path.read_text().splitlines():
+        lines = path.read_text().splitlines()
+        for n, ln in enumerate(lines):
             if ln.strip():
-                row = json.loads(ln)
+                try:
+                    row = json.loads(ln)
+                except json.JSONDecodeError:
+                    if n == len(lines) - 1:  # a write cut short by a kill: that prompt is scored again
+                        continue
+                    raise ValueError(
+                        f"{path}, line {n + 1}, is not JSON: delete that line to resume"
+                    ) from None
                 if missing := [k for k in rewards if k not in row]:
                     raise ValueError(
                         f"{path} holds no scores for {missing}: it was written with other rewards; "

@@ -121,8 +121,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             **cfg.model.adapter_options(),
         )
     base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist)
-    fix = "every rank must read the same psi table: put run.output_dir on a file system all nodes share"
-    distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)
+    fix = "the ranks built their noise schedules apart, which they must not: please report it"
+    distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
     trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
@@ -212,13 +212,6 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
             f"evenly over {world} processes (WORLD_SIZE): each process takes the same number of rows; choose "
             f"a process count that divides {rows}, or change the prompts per iteration"
         )
-    cal_rows = (cfg.noise.calibration.prompts or cfg.prompts.prompts_per_iteration) * cfg.sampling.group_size
-    if cfg.noise.kind == "calibrated" and cal_rows % world:
-        raise ValueError(
-            f"noise.calibration.prompts x sampling.group_size = {cal_rows} calibration rows per round cannot be "
-            f"split evenly over {world} processes (WORLD_SIZE): choose noise.calibration.prompts so that it "
-            f"times the group size is a multiple of {world}"
-        )
     if cfg.sampling.reward_waves > rows // world:
         raise ValueError(
             f"sampling.reward_waves ({cfg.sampling.reward_waves}) exceeds the {rows // world} rows each of the "
@@ -267,11 +260,6 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     m = cfg.model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        _check_world(
-            cfg.model_copy(update={"noise": cfg.noise.model_copy(update={"kind": "calibrated"})}), world
-        )
     d = distributed.from_env(m.device)
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")

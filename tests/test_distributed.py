@@ -122,8 +122,11 @@ def test_rows_that_do_not_split_over_the_processes_are_refused(tiny_checkpoint, 
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
-def test_each_process_takes_its_own_gpu():
+def test_each_process_takes_its_own_gpu(monkeypatch):
     assert Dist(1, 4, 1).device("cuda") == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler showing each process one GPU
+    assert Dist(3, 4, 3).device("cuda") == "cuda:0"
+    monkeypatch.undo()
     assert Dist(1, 4, 1).device("cpu") == "cpu"
     assert Dist().device("cuda:3") == "cuda:3"
     with pytest.raises(
@@ -205,3 +208,13 @@ def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert alone.stdout.count("written to") == 1, "rank 0 alone reports"
     assert json.loads((tmp_path / "cal" / "psi.json").read_text())["trajectory"] == table["trajectory"]
+
+
+def test_calibration_rows_that_do_not_split_are_refused(tiny_checkpoint, tmp_path):
+    from test_trainer import cfg_of
+
+    from densegrpo_fast.calibration import calibrate
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=["noise.calibration.prompts=1"])  # 1 x 4 rows
+    with pytest.raises(ValueError, match=r"= 4 calibration rows per round cannot be split evenly over 3"):
+        calibrate(None, None, None, cfg, tmp_path / "psi.json", dist=Dist(0, 3, 0))

@@ -58,6 +58,20 @@ def test_killed_evaluation_resumes_to_the_same_scores(policy, tmp_path):
     assert len(list((out / "images").glob("*.png"))) == 2 * len(PROMPTS)
 
 
+def test_a_score_line_cut_short_by_a_kill_is_scored_again(policy, tmp_path):
+    full = run(policy, tmp_path / "full")
+    out = tmp_path / "cut"
+    run(policy, out)
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    (out / "scores.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:15])  # killed mid-write
+    resumed = run(policy, out)
+    assert [r["index"] for r in rows(out)] == list(range(len(PROMPTS)))
+    assert resumed["scores"]["redness"] == pytest.approx(full["scores"]["redness"], abs=1e-6)
+    (out / "scores.jsonl").write_text(lines[0] + "\n{oops\n" + lines[2] + "\n")  # damage elsewhere: say where
+    with pytest.raises(ValueError, match=r"scores.jsonl, line 2, is not JSON: delete that line"):
+        run(policy, out)
+
+
 def test_resuming_with_other_rewards_is_an_error(policy, tmp_path):
     run(policy, tmp_path / "e")
     with pytest.raises(ValueError, match="new directory"):
