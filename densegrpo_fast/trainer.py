@@ -120,7 +120,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
-    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist)
+    state = load_checkpoint(run_dir) if resume else None
+    saved_psi = state.get("psi") if state is not None else None
+    base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist, saved_psi)
     fix = "the ranks built their noise schedules apart, which they must not: please report it"
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
     T = cfg.sampling.num_steps
@@ -166,7 +168,6 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     set_window(run, 0)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
-    state = load_checkpoint(run_dir) if resume else None
     if state is not None:
         load_trainable_state(transformer, state["trainable"])
         optimizer.load_state_dict(state["optimizer"])
@@ -276,11 +277,13 @@ def _schedule(
     run_dir: Path,
     progress: bool,
     dist: distributed.Dist = distributed.SINGLE,
+    saved_psi: torch.Tensor | None = None,
 ) -> Schedule:
     """The noise of every step the run may use: the fixed window's, or every step's for a moving window.
 
     Calibrated noise comes from the psi table when it exists (rank 0 reads it and sends it to the others),
-    else from Algorithm 1, run by every rank of a torchrun job on its share of the rows."""
+    else from the checkpoint of a resumed run (``saved_psi``: what it trained with), else from Algorithm 1,
+    run by every rank of a torchrun job on its share of the rows."""
     n = cfg.noise
     T = cfg.sampling.num_steps
     grid = sampler_grid(T, cfg.sampling.shift, policy)
@@ -289,6 +292,12 @@ def _schedule(
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
     psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size))
+    if psi is None and saved_psi is not None:
+        if dist.main:
+            warnings.warn(
+                f"psi table {path} is gone: resuming with the psi the checkpoint holds", stacklevel=2
+            )
+        psi = saved_psi.float().cpu()
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
     return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)

@@ -313,6 +313,25 @@ def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path
         assert all(abs(abs(x - y) - 0.01) < 1e-6 or y in (0.0, 1.5) for x, y in zip(a, b, strict=True))
 
 
+def test_a_resumed_run_whose_psi_table_is_gone_keeps_its_psi(tiny_checkpoint, tmp_path, monkeypatch):
+    from densegrpo_fast import trainer
+
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1"]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)["psi"]
+    (run_dir / "psi.json").unlink()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a resumed run must not calibrate again")
+
+    monkeypatch.setattr(trainer, "calibrate", no_calibration)
+    with pytest.warns(UserWarning, match="psi table .* is gone: resuming with the psi the checkpoint holds"):
+        run = setup(
+            cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
+        )
+    assert torch.equal(run.base_schedule.noise_level.cpu(), saved) and saved.abs().sum() > 0
+
+
 def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, tmp_path):
     cal = ["noise.kind=calibrated", "noise.calibration.iterations=1", "noise.calibration.prompts=1"]
     extra = [*cal, "noise.window_start=0", "noise.window_size=2"]
