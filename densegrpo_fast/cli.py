@@ -86,7 +86,9 @@ def _add_train(sub) -> None:
         from densegrpo_fast.trainer import train
 
         run_dir = train(_train_config(args), resume=args.resume, progress=not args.no_progress)
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":  # rank 0 speaks
+        from densegrpo_fast.distributed import speaks
+
+        if speaks():
             print(
                 f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)"
             )
@@ -108,7 +110,9 @@ def _add_calibrate(sub) -> None:
         from densegrpo_fast.trainer import run_calibration
 
         psi, path = run_calibration(_train_config(args))
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1 or os.environ.get("RANK") == "0":
+        from densegrpo_fast.distributed import speaks
+
+        if speaks():
             print(
                 f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
             )
@@ -211,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        from densegrpo_fast.distributed import world_size
+
+        world = world_size()
         if world > 1 and args.command not in ("train", "eval", "calibrate"):
             raise ValueError(
                 f"`{args.command}` runs as one process, but this one was launched as one of {world} (WORLD_SIZE, "

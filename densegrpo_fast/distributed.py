@@ -88,10 +88,20 @@ def _gpu_index(local_rank: int) -> int:
 SINGLE = Dist()
 
 
+def world_size() -> int:
+    """The number of processes torchrun launched (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def speaks() -> bool:
+    """Whether this process reports to the user: the only one, or rank 0 of a torchrun job."""
+    return world_size() == 1 or os.environ.get("RANK") == "0"
+
+
 def from_env(device: str) -> Dist:
     """The job torchrun launched (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), with its process group set up
     (NCCL on CUDA, gloo on the CPU); a plain ``Dist()`` when not launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world == 1:
         return SINGLE
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))

@@ -20,7 +20,6 @@ single process, and a killed job resumes with any number of processes.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,7 +81,7 @@ def evaluate(
     save_images: bool = False,
     info: dict | None = None,
     progress: bool = True,
-    dist: Dist | None = None,
+    dist: Dist = distributed.SINGLE,
 ) -> dict:
     """Score ``prompts`` (``images_per_prompt`` ODE samples each) with every reward of ``rewards``.
 
@@ -91,7 +90,7 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    d = dist or distributed.SINGLE
+    d = dist
     out = Path(output_dir)
     protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
@@ -236,7 +235,7 @@ def run_eval(
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.evaluate import run_eval as toy_eval
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if distributed.world_size() > 1:
             raise ValueError(
                 "the toy's eval report runs as one process (it takes seconds to minutes): run it without torchrun"
             )

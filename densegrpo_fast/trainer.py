@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -100,9 +99,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        _check_world(cfg, world)
+    if distributed.world_size() > 1:
+        _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
 
     torch.set_num_threads(cfg.model.num_threads)
@@ -495,9 +493,12 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     if d.enabled:  # this rank's pairs, renumbered from its first row
         mine = d.rows(A.shape[0])
         A = A[mine]
-        chunks = [
-            (r[sel] - mine.start, k[sel]) for r, k in chunks for sel in [(r >= mine.start) & (r < mine.stop)]
-        ]
+
+        def own(r: torch.Tensor, k: torch.Tensor):
+            sel = (r >= mine.start) & (r < mine.stop)
+            return r[sel] - mine.start, k[sel]
+
+        chunks = [own(r, k) for r, k in chunks]
     # Old log-probs. Rollout and update share their numerics (fp32, adapters unmerged): the rollout's own, exact
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
