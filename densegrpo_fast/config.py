@@ -180,6 +180,12 @@ class ModelSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="sd3/flux: recompute transformer activations in backward (less memory, slower)"
     )
+    sharding: Literal["auto", "fsdp", "replicate"] = Field(
+        "auto",
+        description="under torchrun: fsdp shards the transformer (and the frozen KL reference) over the processes "
+        "with FSDP2, its weights trained as fp32 shards and run in model.dtype; replicate keeps a whole copy in "
+        "each process; auto = fsdp for full fine-tuning, replicate for LoRA (which fsdp does not support)",
+    )
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
@@ -506,6 +512,11 @@ class TrainConfig(Section):
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         problems += self.model.problems()
+        if self.model.sharding == "fsdp" and self.lora.enabled:
+            problems.append(
+                "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
+                "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
+            )
         shift = self.sampling.shift
         if shift is None and self.model.family == "toy":
             problems.append(

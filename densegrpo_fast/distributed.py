@@ -14,6 +14,10 @@ processes is small:
 * a few scalars (the iteration's wall time, held-out score sums), and what rank 0 read or did alone (the
   psi table, the run directory's set-up), or its error (:func:`on_main`).
 
+That is the LoRA path (``model.sharding=replicate``): every rank holds a whole copy of the model. Full
+fine-tuning shards the transformer with FSDP2 instead (the end of this module), which reduces the gradients
+itself in each backward pass.
+
 Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
 synchronised backward passes, and here a rank's micro-batch count depends on its rows
 (``grpo.filter_zero_advantage`` drops rows with zero advantage, so one rank can have none at all); and the
@@ -253,7 +257,9 @@ def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 <
 
 
 def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
-    """Raise on every rank if the ranks' ``params`` differ (a float64 checksum per tensor, compared)."""
+    """Raise on every rank if the ranks' ``params`` differ (a float64 checksum per tensor, compared; sharded
+    tensors differ by design and are left out)."""
+    params = [p for p in params if not is_sharded(p)]
     if not d.enabled or not params:
         return
     sums = torch.stack(
@@ -266,3 +272,133 @@ def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
             f"{what} differ between rank 0 and rank(s) {bad}: the processes no longer train the same model. "
             "Run every rank with the same config and package version; report it if they did"
         )
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+#
+# Full fine-tuning under torchrun shards the transformer (and its frozen KL reference) with FSDP2
+# (``model.sharding``): each process holds 1/N of every parameter, gradient and AdamW moment, and the layers
+# are gathered for each call. The weights train as fp32 shards (the master weights) while the calls run in the
+# model's dtype, and the gradients are summed in fp32. Every call of a sharded module is a collective, so every
+# rank makes the same calls: the rollout does by construction (equal rows), the update and the held-out eval pad
+# a rank's shorter list of micro-batches with calls whose loss is multiplied by zero. Checkpoints hold the full
+# tensors in the single-process layout, so a sharded run resumes with any process count, or in one process.
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    """FSDP2 over every process, in place: each block of ``module``'s top-level ``ModuleList``s (the
+    transformer blocks) is one unit, the rest is the root's. ``compute_dtype``: the trained module's calls run
+    in it over fp32 shards (the parameters are upcast first) with gradients summed in fp32; None keeps the
+    parameters' dtype (the frozen reference). Gradients are summed over the ranks, not averaged: each rank's
+    loss is already scaled by the whole batch's counts."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy()
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+    def unit(m: torch.nn.Module) -> None:  # upcast unit by unit: one whole fp32 block at a time in memory
+        if compute_dtype is not None:
+            for p in m.parameters():
+                if not is_sharded(p):
+                    p.data = p.data.float()
+        fully_shard(m, mp_policy=mp)
+
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            for block in child:
+                unit(block)
+    unit(module)
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain sum (gloo has no pre-multiplied sum)
+
+
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every rank calls: the whole tensors of sharded ``tensors``, on the CPU, gathered one at a time (rank 0's
+    answer; the others get an empty dict)."""
+    out = {}
+    for name, t in tensors.items():
+        whole = t.full_tensor().cpu() if is_sharded(t) else t.detach().cpu()
+        if dist.get_rank() == 0:
+            out[name] = whole
+    return out
+
+
+def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every rank calls: the whole trainable parameters of sharded ``module`` on the CPU (rank 0's answer)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    trained = {n for n, p in module.named_parameters() if p.requires_grad}
+    state = get_model_state_dict(module, options=_full_options())
+    return {n: t for n, t in state.items() if n in trained}
+
+
+def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every rank calls: the whole AdamW state of sharded ``module`` on the CPU in ``optimizer.state_dict()``'s
+    own layout (parameters numbered in the optimizer's order), which a single process loads too (rank 0's
+    answer; the others get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(module, optimizer, options=_full_options())
+    if dist.get_rank() != 0:
+        return {}
+    number = {name: i for i, name in enumerate(_optimizer_names(module, optimizer))}
+    return {
+        "state": {number[name]: s for name, s in state["state"].items()},
+        "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_full_state(
+    module: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict, optim_state: dict
+) -> None:
+    """Every rank calls with the same whole state (read from the checkpoint): each keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = _optimizer_names(module, optimizer)
+    missing = [n for n in trainable if n not in dict(module.named_parameters())]
+    if missing:
+        raise ValueError(
+            f"checkpoint holds {len(missing)} parameters this model lacks (e.g. {missing[0]!r}): was it written "
+            "with another model or LoRA config? Resume with the run's own config.yaml"
+        )
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(module, trainable, options=options)
+    by_name = {
+        "state": {names[i]: s for i, s in optim_state["state"].items()},
+        "param_groups": [
+            {**g, "params": [names[i] for i in g["params"]]} for g in optim_state["param_groups"]
+        ],
+    }
+    set_optimizer_state_dict(module, optimizer, by_name, options=options)
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``whole`` (the same on every rank) cut as sharded ``like`` is, on its device."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(whole.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+
+def _optimizer_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The names of ``optimizer``'s parameters in its own order (parameters of ``module``)."""
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]

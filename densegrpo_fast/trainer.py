@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -64,6 +65,11 @@ class Run:
     trained_steps: torch.Tensor | None = None  # bool [T], grpo.trained_steps before the window applies
     window_start: int | None = None  # this iteration's, for a moving window
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
+    sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
+    compute_dtype: torch.dtype = torch.float32  # the dtype the transformer's calls run in
+    shell: torch.nn.Module | None = (
+        None  # sharded: an unsharded copy of the transformer on "meta", for export
+    )
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -129,6 +135,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
 
     reference = None
     transformer = policy.transformer
+    compute_dtype = policy.dtype  # (the weights of a sharded run train in fp32)
+    sharded = dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"
     if cfg.lora.enabled:
         from peft import LoraConfig
 
@@ -151,6 +159,16 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         transformer.requires_grad_(True)
     params = [p for p in transformer.parameters() if p.requires_grad]
     distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere
+    shell = None
+    if sharded:
+        shell = _meta_copy(transformer) if dist.main else None
+        distributed.shard(transformer, compute_dtype)
+        if reference is not None:
+            distributed.shard(reference)
+        params = [p for p in transformer.parameters() if p.requires_grad]  # their shards
+        if dist.main:
+            what = "the transformer and its KL reference" if reference is not None else "the transformer"
+            print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}", flush=True)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
     )
@@ -162,16 +180,20 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     log = MetricsLog(run_dir, cfg.run.tensorboard) if dist.main else NullLog()
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
-              log, base_schedule=base, trained_steps=trained_steps, dist=dist)  # fmt: skip
+              log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
+              compute_dtype=compute_dtype, shell=shell)  # fmt: skip
     set_window(run, 0)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     if state is not None:
-        load_trainable_state(transformer, state["trainable"])
-        optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # every rank cuts its shards from the whole tensors
+            distributed.load_full_state(transformer, optimizer, state["trainable"], state["optimizer"])
+        else:
+            load_trainable_state(transformer, state["trainable"])
+            optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
             for name, t in state["ema"].items():
-                ema[name].copy_(t)  # onto the parameters' device
+                ema[name].copy_(distributed.shard_like(t, ema[name]) if sharded else t)  # onto their device
         run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
         if state.get("world", 1) != dist.world and dist.main:
             warnings.warn(
@@ -194,6 +216,14 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         )
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` whose parameters are on the "meta" device (no memory; buffers are copied): the
+    unsharded shape a sharded run's whole weights are loaded into for export."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in module.parameters()}  # fmt: skip
+    return copy.deepcopy(module, memo)
 
 
 def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
@@ -490,6 +520,9 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     counts = [c.numel() for c, _ in chunks]  # the whole batch's pairs per optimizer step
     A_all = A
+    tbs = cfg.grpo.train_batch_size
+    # sharded: every rank makes as many calls per optimizer step as the rank with the most micro-batches
+    calls = [_most_micro_batches(r, A.shape[0], d.world, tbs) for r, _ in chunks] if run.sharded else None
     if d.enabled:  # this rank's pairs, renumbered from its first row
         mine = d.rows(A.shape[0])
         A = A[mine]
@@ -508,14 +541,19 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     recompute = (
         cfg.model.autocast is not None
         or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
-        or run.policy.dtype != torch.float32
+        or run.compute_dtype != torch.float32
     )
-    old_lp = _recompute_log_probs(run, ro, cond, chunks[1:]) if recompute else ro.log_probs
+    old_lp = (
+        _recompute_log_probs(run, ro, cond, chunks[1:], calls and calls[1:]) if recompute else ro.log_probs
+    )
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = counts[c]
         if n == 0:  # no pair in this step (on any rank)
             continue
-        for i, k in _micro_batches(chunk_rows, chunk_steps, cfg.grpo.train_batch_size):
+        batches = list(_micro_batches(chunk_rows, chunk_steps, tbs))
+        for _ in range(calls[c] - len(batches) if calls else 0):
+            _idle_call(run, ro, cond, backward=True)
+        for i, k in batches:
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
             loss, s = grpo_loss(lp, old, A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
@@ -526,8 +564,11 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 first_ratio_dev = s["ratio_dev_max"].item()
             for key, val in s.items():
                 stats.setdefault(key, []).append(val.item())
-        distributed.sum_grads(run.dist, run.params)
+        if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
+            distributed.sum_grads(run.dist, run.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+        if distributed.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         stats.setdefault("grad_norm", []).append(grad_norm.item())
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -553,6 +594,27 @@ def _micro_batches(rows: torch.Tensor, steps: torch.Tensor, size: int):
         yield rows[start : start + size], steps[start : start + size]
 
 
+def _most_micro_batches(rows: torch.Tensor, total: int, world: int, size: int) -> int:
+    """The most micro-batches of ``size`` any of ``world`` ranks holds among the pairs of ``rows`` (indices
+    into ``total`` rows, cut in equal contiguous slices per rank)."""
+    per_rank = torch.bincount(rows.cpu() // (total // world), minlength=world)
+    return int((per_rank.max().item() + size - 1) // size)
+
+
+def _idle_call(run: Run, ro, cond, backward: bool) -> None:
+    """One micro-batch's calls that change nothing (this rank's first row at a trained step, its loss times
+    zero): under FSDP every call is a collective, so a rank with fewer micro-batches makes these instead."""
+    k = run.trained.nonzero()[:1].flatten().to(ro.latents.device)
+    i = torch.zeros_like(k)
+    with_kl = run.cfg.grpo.beta > 0
+    if not backward:
+        with torch.no_grad():
+            _step_log_prob(run, ro, cond, i, k, with_kl=False)
+        return
+    lp, _ = _step_log_prob(run, ro, cond, i, k, with_kl=with_kl)
+    (lp.sum() * 0.0).backward()
+
+
 def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl: bool):
     """Log-prob of the stored steps ``lat[i, k] -> lat[i, k+1]`` under the current policy, and the KL to the
     reference policy when ``with_kl`` (else None)."""
@@ -565,12 +627,16 @@ def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl
 
 
 @torch.no_grad()
-def _recompute_log_probs(run: Run, ro, cond, chunks) -> torch.Tensor:
+def _recompute_log_probs(run: Run, ro, cond, chunks, calls: list[int] | None = None) -> torch.Tensor:
     """``ro.log_probs`` with the (row, step) entries of ``chunks`` recomputed by the current policy at the
-    update's own precision, in the update's micro-batches."""
+    update's own precision, in the update's micro-batches (sharded: ``calls`` per chunk, padded with idle
+    ones)."""
     out = ro.log_probs.clone()
-    for chunk_rows, chunk_steps in chunks:
-        for i, k in _micro_batches(chunk_rows, chunk_steps, run.cfg.grpo.train_batch_size):
+    for c, (chunk_rows, chunk_steps) in enumerate(chunks):
+        batches = list(_micro_batches(chunk_rows, chunk_steps, run.cfg.grpo.train_batch_size))
+        for _ in range(calls[c] - len(batches) if calls else 0):
+            _idle_call(run, ro, cond, backward=False)
+        for i, k in batches:
             out[i, k] = _step_log_prob(run, ro, cond, i, k, with_kl=False)[0]
     return out
 
@@ -661,14 +727,20 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
     d = run.dist
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
-    for s in range(lo, hi, e.batch_size):
-        chunk = prompts[s : min(s + e.batch_size, hi)]
-        noise = all_noise[s : s + len(chunk)].to(policy.device)
+    # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
+    end = lo + -(-len(prompts) // d.world) if run.sharded else hi
+    for s in range(lo, end, e.batch_size):
+        idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
+        chunk = [prompts[j] for j in idx]
+        noise = all_noise[idx].to(policy.device)
         ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
                     max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
-        images = policy.decode(ro.latents[:, -1])
+        real = max(0, min(len(idx), hi - s))
+        if real == 0:
+            continue
+        images = policy.decode(ro.latents[:real, -1])
         for k, fn in fns.items():
-            scores[k].append(fn(images, chunk).float())
+            scores[k].append(fn(images, chunk[:real]).float())
     if not d.enabled:
         return {k: torch.cat(v).mean().item() for k, v in scores.items()}
     zero = torch.zeros((), dtype=torch.float64, device=policy.device)
@@ -682,11 +754,26 @@ def heldout_rewards(run: Run) -> dict[str, float]:
 def export_policy(run: Run, path: Path) -> Path | None:
     """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation; with LoRA on
     an sd3 / flux model, also the EMA adapters alone in diffusers' LoRA format, in ``lora_ema/`` beside it
-    (``StableDiffusion3Pipeline.load_lora_weights``)."""
+    (``StableDiffusion3Pipeline.load_lora_weights``). Every rank calls; rank 0 writes (its error stops every
+    rank); a sharded run's whole weights are gathered first, in the model's dtype."""
     if not hasattr(run.policy, "save"):
         return None
-    with ema_weights(run):
-        exported = copy.deepcopy(run.policy)
+    whole = None
+    if run.sharded:
+        with ema_weights(run):
+            whole = distributed.full_model_state(run.policy.transformer)
+    return distributed.on_main(run.dist, lambda: _export(run, path, whole))
+
+
+def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path:
+    if whole is not None:  # a sharded run: its whole weights in the unsharded shape, as the base model ran
+        shell = copy.deepcopy(run.shell)
+        whole = {n: t.to(run.compute_dtype) if t.is_floating_point() else t for n, t in whole.items()}
+        shell.load_state_dict(whole, strict=False, assign=True)
+        exported = copy.deepcopy(run.policy, {id(run.policy.transformer): shell})
+    else:
+        with ema_weights(run):
+            exported = copy.deepcopy(run.policy)
     if run.cfg.lora.enabled and hasattr(exported, "save_lora"):
         from peft.utils import get_peft_model_state_dict
 
@@ -700,27 +787,42 @@ def export_policy(run: Run, path: Path) -> Path | None:
 
 
 def checkpoint(run: Run) -> None:
-    """Rank 0 writes the checkpoint, after every rank has checked that it trains the same weights."""
-    distributed.check_in_sync(
-        run.dist, run.params + list((run.ema or {}).values()), "the trained weights or EMA"
-    )
-    if not run.dist.main:
-        return
-    save_checkpoint(
-        run.dir,
-        {
-            "iteration": run.iteration,
-            "opt_steps": run.opt_steps,
-            "wall_s": run.wall_s,
-            "trainable": trainable_state(run.policy.transformer),
-            "optimizer": run.optimizer.state_dict(),
-            "ema": run.ema,
-            "torch_rng": torch.get_rng_state(),
-            "psi": run.base_schedule.noise_level.cpu(),
-            "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
-            "world": run.dist.world,
-        },
-    )
+    """Rank 0 writes the checkpoint (its error stops every rank), after every rank has checked that it trains
+    the same weights; a sharded run's whole tensors are gathered first, so the checkpoint is one process's."""
+    transformer = run.policy.transformer
+    if run.sharded:
+        weights = (
+            distributed.full_model_state(transformer),
+            distributed.full_optimizer_state(transformer, run.optimizer),
+            distributed.full_tensors(run.ema) if run.ema is not None else None,
+        )
+    else:
+        distributed.check_in_sync(
+            run.dist, run.params + list((run.ema or {}).values()), "the trained weights or EMA"
+        )
+
+    def write() -> None:
+        trainable, optimizer, ema = (
+            weights if run.sharded else (trainable_state(transformer), run.optimizer.state_dict(), run.ema)
+        )
+        save_checkpoint(
+            run.dir,
+            {
+                "iteration": run.iteration,
+                "opt_steps": run.opt_steps,
+                "wall_s": run.wall_s,
+                "trainable": trainable,
+                "optimizer": optimizer,
+                "ema": ema,
+                "torch_rng": torch.get_rng_state(),
+                "psi": run.base_schedule.noise_level.cpu(),
+                "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
+                "world": run.dist.world,
+            },
+        )
+        plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
+
+    distributed.on_main(run.dist, write)
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -766,33 +868,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
             post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
         bar.set_postfix(post)
-        if d.main and cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
-            # rank 0's rows are the batch's first: the rows a single process would show, as far as it has them
-            n = min(16, ro.latents.shape[0])
-            images = run.policy.decode(ro.latents[:n, -1])
-            caps = [
-                f"{p}\nR={r:.2f}"
-                for p, r in zip(
-                    [p for p in prompts for _ in range(cfg.sampling.group_size)][:n],
-                    R[:n, -1].tolist(),
-                    strict=True,
-                )
-            ]
-            save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
+        if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
+            distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
         last = run.iteration == total or (budget is not None and run.wall_s >= budget)
         if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
             _evaluate(run, bar)
         if last or run.iteration % cfg.run.checkpoint_every == 0:
             checkpoint(run)
-            if d.main:
-                plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
     bar.close()
-    if d.main:
-        export_policy(run, run.dir / "policy_ema.safetensors")
+    export_policy(run, run.dir / "policy_ema.safetensors")
     run.log.close()
     distributed.barrier(d)
     distributed.shutdown(d)
     return run.dir
+
+
+def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
+    """Rank 0's first rows (the batch's first: the rows a single process would show, as far as it has them)
+    with their rewards, as a PNG in ``samples/``."""
+    n = min(16, ro.latents.shape[0])
+    images = run.policy.decode(ro.latents[:n, -1])
+    rows = [p for p in prompts for _ in range(run.cfg.sampling.group_size)][:n]
+    caps = [f"{p}\nR={r:.2f}" for p, r in zip(rows, R[:n, -1].tolist(), strict=True)]
+    save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
 
 
 def _evaluate(run: Run, bar) -> None:

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with gloo is not available in this torch build",
 )
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DENSEGRPO_DIST_TIMEOUT_MIN": "2"}
 TRAIN = ["-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--no-progress"]
 EXTRA = [
     "model.num_threads=1",
@@ -218,3 +218,113 @@ def test_calibration_rows_that_do_not_split_are_refused(tiny_checkpoint, tmp_pat
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=["noise.calibration.prompts=1"])  # 1 x 4 rows
     with pytest.raises(ValueError, match=r"= 4 calibration rows per round cannot be split evenly over 3"):
         calibrate(None, None, None, cfg, tmp_path / "psi.json", dist=Dist(0, 3, 0))
+
+
+# --------------------------------------------------------------------------------------------- FSDP2
+# Full fine-tuning under torchrun shards the transformer and its KL reference (model.sharding=auto). The
+# micro-batch size 3 gives the ranks different micro-batch counts (the shorter list is padded with idle calls),
+# and 9 held-out prompts split 5 / 4 (the shorter rank samples a padded batch).
+FULL = ["lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", "eval.num_prompts=9"]
+
+
+def full_overrides(ckpt, out, extra=()):
+    return tiny_overrides(ckpt, out, iterations=2, extra=[*EXTRA, *FULL, *extra])
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2: the transformer and its KL reference sharded over 2 processes" in done.stdout
+    return out
+
+
+def _update_of(run_dir: Path, base: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    start = load_file(base)
+    w = trainable(run_dir)
+    return torch.cat([(w[n] - start[f"transformer.{n}"]).flatten() for n in sorted(w)])
+
+
+@pytest.mark.parametrize("sharding", ["auto", "replicate"])
+def test_full_fine_tuning_over_two_processes_trains_what_one_process_trains(
+    sharding, sharded_run, tiny_checkpoint, tmp_path
+):
+    if sharding == "auto":
+        dist_dir = sharded_run
+    else:  # a whole copy per process, gradients summed by hand
+        dist_dir = tmp_path / "replicated"
+        done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, dist_dir, ["model.sharding=replicate"])])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FSDP2" not in done.stdout
+    one = python([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "one", ["sampling.reward_waves=2"])])
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = records(dist_dir), records(tmp_path / "one")
+    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained", "lr"]
+    assert {k: a[1][k] for k in exact} == {k: b[1][k] for k in exact}
+    assert a[1]["ratio_dev_first"] == 0.0
+    assert a[0]["eval_reward"] == pytest.approx(b[0]["eval_reward"], rel=1e-6)  # the same 9 prompts scored
+    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=1e-5)
+    assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-4)
+    # the whole weights, in one process's layout; the update (weights minus the start) equal up to rounding
+    ua, ub = _update_of(dist_dir, tiny_checkpoint), _update_of(tmp_path / "one", tiny_checkpoint)
+    assert ub.norm() > 0
+    assert (ua - ub).norm() <= 1e-4 * ub.norm()  # measured 5e-6 (sharded)
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (dist_dir, tmp_path / "one"))
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys()
+    for i, s in sb["optimizer"]["state"].items():
+        assert sa["optimizer"]["state"][i]["exp_avg_sq"].shape == s["exp_avg_sq"].shape
+        torch.testing.assert_close(
+            sa["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"], rtol=1e-3, atol=1e-12
+        )
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(dist_dir / "policy_ema.safetensors"),
+        load_file(tmp_path / "one" / "policy_ema.safetensors"),
+    )
+    assert pa.keys() == pb.keys()
+    for n, t in pb.items():
+        torch.testing.assert_close(pa[n], t, rtol=0, atol=1e-5)
+
+
+def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_checkpoint, tmp_path):
+    import shutil
+
+    overrides = full_overrides(tiny_checkpoint, tmp_path / "run")
+    first = torchrun([*TRAIN, *overrides, "--max-iterations", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "run", tmp_path / "stopped")
+    # the checkpoint is one process's: a single process resumes it (other noise: it samples in one wave)
+    single = python([*TRAIN, *overrides, "--resume"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "resuming with 1 process(es) a run checkpointed with 2" in single.stderr
+    last = [r for r in records(tmp_path / "run") if "reward_mean" in r][-1]
+    assert last["iteration"] == 2 and last["ratio_dev_first"] == 0.0
+    # and two processes resume it to the uninterrupted run's weights, bit for bit
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(tmp_path / "stopped", tmp_path / "run")
+    resumed = torchrun([*TRAIN, *overrides, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    steps = [r for r in without_timing(records(tmp_path / "run")) if "reward_mean" in r]
+    assert steps == [r for r in without_timing(records(sharded_run)) if "reward_mean" in r]
+    assert all(torch.equal(t, trainable(sharded_run)[n]) for n, t in trainable(tmp_path / "run").items())
+
+
+def test_fsdp_with_lora_is_refused(tiny_checkpoint, tmp_path):
+    from test_trainer import cfg_of
+
+    with pytest.raises(ValueError, match=r"model.sharding=fsdp shards full fine-tuning only"):
+        cfg_of(tiny_checkpoint, tmp_path / "run", extra=["model.sharding=fsdp"])
+
+
+def test_the_padded_micro_batch_count_is_the_busiest_ranks():
+    from densegrpo_fast.trainer import _most_micro_batches
+
+    rows = torch.tensor([0, 1, 2, 3, 4, 9, 10])  # 12 rows over 3 ranks: 4, 1 and 2 pairs
+    assert _most_micro_batches(rows, 12, 3, 3) == 2
+    assert _most_micro_batches(rows, 12, 3, 4) == 1
+    assert _most_micro_batches(rows[4:], 12, 3, 1) == 2

@@ -264,6 +264,47 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     assert "rollout_lp_dev" in step  # the update recomputed the old log-probs
 
 
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
+def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
+    """FSDP2 on diffusers' SD3 transformer: fp32 shards (weights, AdamW, EMA), calls in bf16 (mixed
+    precision), the first ratio exactly 1, and one process's checkpoint and bf16 export at the end."""
+    from test_distributed import TRAIN, torchrun
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    done = torchrun([
+        *TRAIN, "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+        "model.dtype=bf16", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}",
+        "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
+        "noise.kind=uniform", "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "lora.enabled=false",
+        "grpo.beta=0.04", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3",
+        "eval.num_steps=2", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+        "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "FSDP2: the transformer and its KL reference sharded over 2 processes, calls in torch.bfloat16"
+        in done.stdout
+    )
+    run_dir = tmp_path / "run"
+    (step,) = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
+    ]
+    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    assert "rollout_lp_dev" in step  # bf16 calls: the update recomputed the old log-probs
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    base_model = SD3Policy.load(sd3_dir, dtype="bf16", **OPTS).transformer
+    base = base_model.state_dict()
+    assert ckpt["trainable"].keys() == dict(base_model.named_parameters()).keys()  # every parameter trains
+    assert all(t.dtype == torch.float32 for t in [*ckpt["trainable"].values(), *ckpt["ema"].values()])
+    assert all(s["exp_avg"].dtype == torch.float32 for s in ckpt["optimizer"]["state"].values())
+    from safetensors.torch import load_file
+
+    exported = load_file(run_dir / "policy_ema.safetensors")
+    assert exported.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())
+    assert any(not torch.equal(exported[k], base[k]) for k in base), "the weights moved"
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
