@@ -168,7 +168,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         params = [p for p in transformer.parameters() if p.requires_grad]  # their shards
         if dist.main:
             what = "the transformer and its KL reference" if reference is not None else "the transformer"
-            print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}", flush=True)
+            mine = sum(p.to_local().nbytes for p in params) / 2**20
+            whole = sum(p.numel() * p.element_size() for p in params) / 2**20
+            print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}; trained weights "
+                  f"{mine:.1f} MiB of {whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
     )
