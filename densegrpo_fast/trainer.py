@@ -865,7 +865,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                   "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
         if run.window_start is not None:
             record["window_start"] = run.window_start
-        run.log.write(record)
+        distributed.on_main(d, functools.partial(run.log.write, record))  # its error stops every rank
         bar.update(1)
         post = {"reward": f"{record['reward_mean']:.3f}", "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}"}
         if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
@@ -900,7 +900,8 @@ def _evaluate(run: Run, bar) -> None:
     bar.set_description_str("evaluating")
     with ema_weights(run), lora_merged(run):
         scores = heldout_rewards(run)
-    run.log.write({"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores})
+    record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores}
+    distributed.on_main(run.dist, functools.partial(run.log.write, record))
     bar.set_description_str(run.name)
     if run.dist.main:
         bar.write(

@@ -173,3 +173,37 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
     ]
     assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"]) and step["ratio_dev_first"] <= 1e-5
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
+def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
+    """FSDP2 on FLUX.1's transformer (double- and single-stream blocks, each a unit): bf16 calls over fp32
+    shards, on-policy first ratio, and the whole bf16 transformer exported."""
+    import json
+
+    from safetensors.torch import load_file
+    from test_distributed import TRAIN, torchrun
+
+    pipe.save_pretrained(tmp_path / "flux")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    done = torchrun([
+        *TRAIN, "model.family=flux", f"model.checkpoint={tmp_path / 'flux'}", f"model.resolution={tiny.RESOLUTION}",
+        "model.dtype=bf16", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}",
+        "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
+        "sampling.guidance_scale=3.5", "noise.kind=uniform", "reward.name=redness", "reward.kwargs={}", "eval.rewards={}",
+        "lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3",
+        "eval.num_steps=2", "eval.guidance_scale=3.5", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}",
+        "run.tensorboard=false", "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
+    ])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sharded over 2 processes, calls in torch.bfloat16" in done.stdout
+    run_dir = tmp_path / "run"
+    (step,) = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
+    ]
+    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    base = pipe.transformer.state_dict()
+    exported = load_file(run_dir / "policy_ema.safetensors")
+    assert exported.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())
+    assert any(not torch.equal(exported[k], base[k].bfloat16()) for k in base), "the weights moved"
