@@ -353,6 +353,8 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
     answer; the others get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    if not optimizer.state:  # no step yet (the same on every rank): get_optimizer_state_dict would take a
+        return optimizer.state_dict() if dist.get_rank() == 0 else {}  # zero step, and Adam's count with it
     state = get_optimizer_state_dict(module, optimizer, options=_full_options())
     if dist.get_rank() != 0:
         return {}
@@ -382,6 +384,9 @@ def load_full_state(
         )
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(module, trainable, options=options)
+    if not optim_state["state"]:  # saved before any step: hyperparameters only (see full_optimizer_state)
+        optimizer.load_state_dict(optim_state)
+        return
     by_name = {
         "state": {names[i]: s for i, s in optim_state["state"].items()},
         "param_groups": [

@@ -79,6 +79,43 @@ if r == 1:
 with pytest.raises(RuntimeError, match=r"w differ between rank 0 and rank\(s\) \[1\]"):
     distributed.check_in_sync(d, w, "w")
 
+
+# FSDP2: the whole state in one process's layout, and back into the shards; an optimizer that has not
+# stepped saves (and resumes) no state, not a zero step that would shift Adam's bias correction
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 6), torch.nn.Linear(6, 6)])
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+torch.manual_seed(0)
+net = Net()
+whole = {n: t.clone() for n, t in net.state_dict().items()}
+distributed.shard(net, torch.float32)
+assert all(distributed.is_sharded(p) for p in net.parameters())
+opt = torch.optim.AdamW(list(net.parameters()), lr=0.1)
+saved = distributed.full_optimizer_state(net, opt)
+assert not opt.state and (
+    saved == {} if r else saved["state"] == {} and saved["param_groups"][0]["params"] == [0, 1, 2, 3, 4, 5]
+)
+distributed.load_full_state(net, opt, dict(whole), distributed.broadcast(d, saved))  # (it fills the dict)
+assert not opt.state, "a resumed optimizer that never stepped holds no state"
+net(torch.randn(3, 4) + r).square().sum().backward()
+opt.step()
+state, saved = distributed.full_model_state(net), distributed.full_optimizer_state(net, opt)
+if r == 0:
+    assert state.keys() == whole.keys() and not torch.equal(state["head.weight"], whole["head.weight"])
+    assert sorted(saved["state"]) == [0, 1, 2, 3, 4, 5] and saved["state"][4]["exp_avg"].shape == (2, 6)
+    assert all(s["step"].item() == 1 for s in saved["state"].values())
+else:
+    assert state == {} and saved == {}
+
 distributed.barrier(d)
 distributed.shutdown(d)
 print(f"rank {r}: ok")
