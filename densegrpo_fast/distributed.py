@@ -291,19 +291,37 @@ def is_sharded(t: torch.Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def fsdp_available() -> bool:
+    """Whether this torch has FSDP2 with summed gradients (``fully_shard`` and
+    ``set_force_sum_reduction_for_comms``: torch 2.8 and later)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
+
+
 def shard(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
     """FSDP2 over every process, in place: each block of ``module``'s top-level ``ModuleList``s (the
-    transformer blocks) is one unit, the rest is the root's. ``compute_dtype``: the trained module's calls run
-    in it over fp32 shards (the parameters are upcast first) with gradients summed in fp32; None keeps the
-    parameters' dtype (the frozen reference). Gradients are summed over the ranks, not averaged: each rank's
-    loss is already scaled by the whole batch's counts."""
+    transformer blocks) is one unit, the rest is the root's.
+
+    ``compute_dtype``: the trained module's weights are kept as fp32 shards (upcast unit by unit, so one
+    whole fp32 block at a time is in memory) and gathered in ``compute_dtype`` for its calls, with gradients
+    summed in fp32; ``module.compute_dtype`` records it for the policy adapter, which casts the inputs itself
+    as it does for an unsharded model (FSDP casts nothing: the calls are the unsharded model's, bit for bit).
+    None keeps the parameters as they are (the frozen reference). Gradients are summed over the ranks, not
+    averaged: each rank's loss is already scaled by the whole batch's counts. Every unit, the root too, frees
+    its gathered weights after each call, so weights written into the shards (the EMA swap) are what the
+    next call gathers."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(cast_forward_inputs=False)
     if compute_dtype is not None and compute_dtype != torch.float32:
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(
+            param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
 
-    def unit(m: torch.nn.Module) -> None:  # upcast unit by unit: one whole fp32 block at a time in memory
+    def unit(m: torch.nn.Module) -> None:
         if compute_dtype is not None:
             for p in m.parameters():
                 if not is_sharded(p):
@@ -315,6 +333,9 @@ def shard(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> 
             for block in child:
                 unit(block)
     unit(module)
+    module.set_reshard_after_forward(True)  # the root keeps its weights gathered after a call otherwise
+    if compute_dtype is not None:
+        module.compute_dtype = compute_dtype
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -332,9 +353,9 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     answer; the others get an empty dict)."""
     out = {}
     for name, t in tensors.items():
-        whole = t.full_tensor().cpu() if is_sharded(t) else t.detach().cpu()
+        whole = t.full_tensor() if is_sharded(t) else t.detach()
         if dist.get_rank() == 0:
-            out[name] = whole
+            out[name] = whole.cpu()
     return out
 
 

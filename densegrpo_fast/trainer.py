@@ -137,6 +137,19 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     transformer = policy.transformer
     compute_dtype = policy.dtype  # (the weights of a sharded run train in fp32)
     sharded = dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"
+    if sharded and not distributed.fsdp_available():
+        if cfg.model.sharding == "fsdp":
+            raise ValueError(
+                f"model.sharding=fsdp needs FSDP2 with summed gradients, which torch {torch.__version__} lacks "
+                "(torch 2.8 or later): upgrade torch, or set model.sharding=replicate"
+            )
+        sharded = False
+        if dist.main:
+            warnings.warn(
+                f"model.sharding=auto: torch {torch.__version__} has no FSDP2 with summed gradients (2.8 or later), "
+                "so full fine-tuning keeps a whole copy of the model in each process",
+                stacklevel=2,
+            )
     if cfg.lora.enabled:
         from peft import LoraConfig
 
@@ -771,7 +784,8 @@ def export_policy(run: Run, path: Path) -> Path | None:
 def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path:
     if whole is not None:  # a sharded run: its whole weights in the unsharded shape, as the base model ran
         shell = copy.deepcopy(run.shell)
-        whole = {n: t.to(run.compute_dtype) if t.is_floating_point() else t for n, t in whole.items()}
+        for n, t in whole.items():  # in place: each fp32 tensor is freed as its cast is made
+            whole[n] = t.to(run.compute_dtype) if t.is_floating_point() else t
         shell.load_state_dict(whole, strict=False, assign=True)
         exported = copy.deepcopy(run.policy, {id(run.policy.transformer): shell})
     else:

@@ -223,8 +223,10 @@ def test_calibration_rows_that_do_not_split_are_refused(tiny_checkpoint, tmp_pat
 # --------------------------------------------------------------------------------------------- FSDP2
 # Full fine-tuning under torchrun shards the transformer and its KL reference (model.sharding=auto). The
 # micro-batch size 3 gives the ranks different micro-batch counts (the shorter list is padded with idle calls),
-# and 9 held-out prompts split 5 / 4 (the shorter rank samples a padded batch).
-FULL = ["lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", "eval.num_prompts=9"]
+# 9 held-out prompts split 5 / 4 (the shorter rank samples a padded batch), and the EMA evaluated after
+# iteration 1 must leave the trained weights in place for iteration 2 (no checkpoint in between).
+FULL = ["lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", "eval.num_prompts=9", "run.eval_every=1",
+        "run.checkpoint_every=2"]  # fmt: skip
 
 
 def full_overrides(ckpt, out, extra=()):
@@ -261,13 +263,20 @@ def test_full_fine_tuning_over_two_processes_trains_what_one_process_trains(
         assert "FSDP2" not in done.stdout
     one = python([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "one", ["sampling.reward_waves=2"])])
     assert one.returncode == 0, one.stderr[-3000:]
-    a, b = records(dist_dir), records(tmp_path / "one")
+    (a, ea), (b, eb) = (
+        ([r for r in recs if "reward_mean" in r], [r for r in recs if "eval_reward" in r])
+        for recs in (records(dist_dir), records(tmp_path / "one"))
+    )
     exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained", "lr"]
-    assert {k: a[1][k] for k in exact} == {k: b[1][k] for k in exact}
-    assert a[1]["ratio_dev_first"] == 0.0
-    assert a[0]["eval_reward"] == pytest.approx(b[0]["eval_reward"], rel=1e-6)  # the same 9 prompts scored
-    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=1e-5)
-    assert a[2]["grad_norm"] == pytest.approx(b[2]["grad_norm"], rel=1e-4)
+    assert {k: a[0][k] for k in exact} == {k: b[0][k] for k in exact}
+    assert a[0]["ratio_dev_first"] == 0.0
+    assert a[0]["grad_norm"] == pytest.approx(b[0]["grad_norm"], rel=1e-5)
+    # iteration 2 samples with weights 1e-6 apart (and the EMA evaluated in between left them in place)
+    assert a[1]["R_mean"] == pytest.approx(b[1]["R_mean"], rel=1e-4)
+    assert a[1]["grad_norm"] == pytest.approx(b[1]["grad_norm"], rel=1e-4)
+    assert len(ea) == len(eb) == 3  # iterations 0, 1, 2, the same 9 prompts scored
+    for x, y in zip(ea, eb, strict=True):
+        assert x["eval_reward"] == pytest.approx(y["eval_reward"], rel=1e-5)
     # the whole weights, in one process's layout; the update (weights minus the start) equal up to rounding
     ua, ub = _update_of(dist_dir, tiny_checkpoint), _update_of(tmp_path / "one", tiny_checkpoint)
     assert ub.norm() > 0
@@ -312,6 +321,15 @@ def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_check
     steps = [r for r in without_timing(records(tmp_path / "run")) if "reward_mean" in r]
     assert steps == [r for r in without_timing(records(sharded_run)) if "reward_mean" in r]
     assert all(torch.equal(t, trainable(sharded_run)[n]) for n, t in trainable(tmp_path / "run").items())
+
+
+def test_a_sharded_iteration_that_trains_nothing_evaluates_and_exports(tiny_checkpoint, tmp_path):
+    # the last step only: with noise at every step, its next sigma is 0, and no pair trains
+    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "run", ["run.iterations=1",
+                                                                                 "grpo.trained_steps=[3]"])])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (step,) = [r for r in records(tmp_path / "run") if "reward_mean" in r]
+    assert step["rows_trained"] == 0 and (tmp_path / "run" / "policy_ema.safetensors").exists()
 
 
 def test_fsdp_with_lora_is_refused(tiny_checkpoint, tmp_path):

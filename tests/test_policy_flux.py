@@ -182,12 +182,12 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
     import json
 
     from safetensors.torch import load_file
-    from test_distributed import TRAIN, torchrun
+    from test_distributed import TRAIN, python, torchrun
 
     pipe.save_pretrained(tmp_path / "flux")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
-    done = torchrun([
+    args = [
         *TRAIN, "model.family=flux", f"model.checkpoint={tmp_path / 'flux'}", f"model.resolution={tiny.RESOLUTION}",
         "model.dtype=bf16", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}",
         "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
@@ -195,7 +195,8 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
         "lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3",
         "eval.num_steps=2", "eval.guidance_scale=3.5", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}",
         "run.tensorboard=false", "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
-    ])  # fmt: skip
+    ]  # fmt: skip
+    done = torchrun(args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sharded over 2 processes, calls in torch.bfloat16" in done.stdout
     run_dir = tmp_path / "run"
@@ -203,6 +204,17 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
         json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
     ]
     assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    # the sharded calls are the whole bf16 model's: one process sampling the ranks' rows as two waves gets the
+    # same rollouts and rewards, bit for bit (FSDP casting the inputs itself would round them otherwise)
+    one = python([*args, f"run.output_dir={tmp_path / 'one'}", "sampling.reward_waves=2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    (ref,) = [
+        json.loads(ln)
+        for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+        if "reward_mean" in ln
+    ]
+    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained"]
+    assert {k: step[k] for k in exact} == {k: ref[k] for k in exact}
     base = pipe.transformer.state_dict()
     exported = load_file(run_dir / "policy_ema.safetensors")
     assert exported.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())

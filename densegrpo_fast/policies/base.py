@@ -72,7 +72,8 @@ class Policy(Protocol):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the transformer runs in (the SDE math is fp32 whatever this is)."""
+        """The dtype the transformer runs in (:func:`run_dtype`; the SDE math is fp32 whatever this is);
+        the adapter casts the transformer's inputs to it."""
         ...
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
@@ -92,6 +93,13 @@ class Policy(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1]."""
         ...
+
+
+def run_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype ``module``'s calls run in: ``module.compute_dtype`` where its owner set one (weights kept
+    at a higher precision than the calls, as data-parallel sharding keeps fp32 shards of a bf16 model), else
+    its first parameter's dtype."""
+    return getattr(module, "compute_dtype", None) or next(module.parameters()).dtype
 
 
 def cfg_velocity(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from densegrpo_fast.policies.base import run_dtype
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -214,7 +216,7 @@ class DiffusersPolicy:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return run_dtype(self.transformer)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

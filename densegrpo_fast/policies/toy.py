@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity
+from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity, run_dtype
 from densegrpo_fast.toy import world
 
 PAD, UNK = 0, 1  # special token ids; words start at 2
@@ -121,7 +121,7 @@ class ToyPolicy(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
+        return run_dtype(self.transformer)
 
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token embeddings and pooled vectors, with gradient (pretraining trains the encoder)."""
