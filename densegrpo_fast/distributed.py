@@ -280,9 +280,10 @@ def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
 # (``model.sharding``): each process holds 1/N of every parameter, gradient and AdamW moment, and the layers
 # are gathered for each call. The weights train as fp32 shards (the master weights) while the calls run in the
 # model's dtype, and the gradients are summed in fp32. Every call of a sharded module is a collective, so every
-# rank makes the same calls: the rollout does by construction (equal rows), the update and the held-out eval pad
-# a rank's shorter list of micro-batches with calls whose loss is multiplied by zero. Checkpoints hold the full
-# tensors in the single-process layout, so a sharded run resumes with any process count, or in one process.
+# rank makes the same calls: the rollout does by construction (equal rows), the update pads a rank's shorter list
+# of micro-batches with calls whose loss is multiplied by zero, the held-out eval a rank's shorter share of the
+# prompts with samples it does not score. Checkpoints hold the whole tensors in the single-process layout, so a
+# sharded run resumes with any process count, or in one process.
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -389,7 +390,8 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def load_full_state(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict, optim_state: dict
 ) -> None:
-    """Every rank calls with the same whole state (read from the checkpoint): each keeps its shards."""
+    """Every rank calls with the same whole state (read from the checkpoint): each keeps its shards (and
+    ``trainable``'s entries are replaced by them)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
