@@ -66,10 +66,7 @@ class Run:
     window_start: int | None = None  # this iteration's, for a moving window
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
-    compute_dtype: torch.dtype = torch.float32  # the dtype the transformer's calls run in
-    shell: torch.nn.Module | None = (
-        None  # sharded: an unsharded copy of the transformer on "meta", for export
-    )
+    shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -135,7 +132,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
 
     reference = None
     transformer = policy.transformer
-    compute_dtype = policy.dtype  # (the weights of a sharded run train in fp32)
+    compute_dtype = policy.dtype  # (a sharded run's weights train in fp32, its calls stay in this)
     sharded = dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"
     if sharded and not distributed.fsdp_available():
         if cfg.model.sharding == "fsdp":
@@ -197,7 +194,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
-              compute_dtype=compute_dtype, shell=shell)  # fmt: skip
+              shell=shell)  # fmt: skip
     set_window(run, 0)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
@@ -557,7 +554,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     recompute = (
         cfg.model.autocast is not None
         or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
-        or run.compute_dtype != torch.float32
+        or run.policy.dtype != torch.float32
     )
     old_lp = (
         _recompute_log_probs(run, ro, cond, chunks[1:], calls and calls[1:]) if recompute else ro.log_probs
@@ -785,7 +782,7 @@ def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path
     if whole is not None:  # a sharded run: its whole weights in the unsharded shape, as the base model ran
         shell = copy.deepcopy(run.shell)
         for n, t in whole.items():  # in place: each fp32 tensor is freed as its cast is made
-            whole[n] = t.to(run.compute_dtype) if t.is_floating_point() else t
+            whole[n] = t.to(run.policy.dtype) if t.is_floating_point() else t
         shell.load_state_dict(whole, strict=False, assign=True)
         exported = copy.deepcopy(run.policy, {id(run.policy.transformer): shell})
     else:
