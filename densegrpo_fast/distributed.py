@@ -14,9 +14,9 @@ processes is small:
 * a few scalars (the iteration's wall time, held-out score sums), and what rank 0 read or did alone (the
   psi table, the run directory's set-up), or its error (:func:`on_main`).
 
-That is the LoRA path (``model.sharding=replicate``): every rank holds a whole copy of the model. Full
-fine-tuning shards the transformer with FSDP2 instead (the end of this module), which reduces the gradients
-itself in each backward pass.
+That is the replicated path (LoRA always, full fine-tuning with ``model.sharding=replicate``): every rank
+holds a whole copy of the model. Full fine-tuning otherwise shards the transformer with FSDP2 (the end of
+this module), which reduces the gradients itself in each backward pass.
 
 Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
 synchronised backward passes, and here a rank's micro-batch count depends on its rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import math
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -166,15 +167,24 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     else:
         if cfg.grpo.beta > 0:
             reference = copy.deepcopy(transformer).requires_grad_(False)
+            if sharded:  # now: one whole copy of the model in memory again before the trained one is sharded
+                distributed.shard(reference)
         transformer.requires_grad_(True)
+        if not sharded and compute_dtype != torch.float32 and dist.main:
+            warnings.warn(
+                f"full fine-tuning of a {compute_dtype} transformer in one copy per process trains the "
+                f"{compute_dtype} weights themselves: lr-sized steps below one ulp round away, and AdamW's moments "
+                "and the EMA round too; under torchrun, model.sharding=fsdp keeps fp32 weights (or train LoRA "
+                "adapters, which are fp32)",
+                stacklevel=2,
+            )
     params = [p for p in transformer.parameters() if p.requires_grad]
-    distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere
+    if cfg.lora.enabled:
+        distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere (full: one file)
     shell = None
     if sharded:
         shell = _meta_copy(transformer) if dist.main else None
         distributed.shard(transformer, compute_dtype)
-        if reference is not None:
-            distributed.shard(reference)
         params = [p for p in transformer.parameters() if p.requires_grad]  # their shards
         if dist.main:
             what = "the transformer and its KL reference" if reference is not None else "the transformer"
@@ -232,10 +242,11 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``module`` whose parameters are on the "meta" device (no memory; buffers are copied): the
-    unsharded shape a sharded run's whole weights are loaded into for export."""
+    """A copy of ``module`` whose parameters are on the "meta" device (no memory) and whose buffers are
+    copied to the CPU: the unsharded shape a sharded run's whole weights are loaded into for export."""
     memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
             for p in module.parameters()}  # fmt: skip
+    memo.update({id(b): b.detach().to("cpu", copy=True) for b in module.buffers()})
     return copy.deepcopy(module, memo)
 
 
@@ -741,7 +752,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     d = run.dist
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
     # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
-    end = lo + -(-len(prompts) // d.world) if run.sharded else hi
+    end = lo + math.ceil(len(prompts) / d.world) if run.sharded else hi
     for s in range(lo, end, e.batch_size):
         idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
         chunk = [prompts[j] for j in idx]
@@ -804,8 +815,9 @@ def checkpoint(run: Run) -> None:
     """Rank 0 writes the checkpoint (its error stops every rank), after every rank has checked that it trains
     the same weights; a sharded run's whole tensors are gathered first, so the checkpoint is one process's."""
     transformer = run.policy.transformer
-    if run.sharded:
-        weights = (
+    gathered = None  # sharded: (weights, optimizer state, EMA), whole, on rank 0
+    if run.sharded:  # collectives: every rank takes part
+        gathered = (
             distributed.full_model_state(transformer),
             distributed.full_optimizer_state(transformer, run.optimizer),
             distributed.full_tensors(run.ema) if run.ema is not None else None,
@@ -815,9 +827,11 @@ def checkpoint(run: Run) -> None:
             run.dist, run.params + list((run.ema or {}).values()), "the trained weights or EMA"
         )
 
-    def write() -> None:
-        trainable, optimizer, ema = (
-            weights if run.sharded else (trainable_state(transformer), run.optimizer.state_dict(), run.ema)
+    def write() -> None:  # rank 0 alone
+        trainable, optimizer, ema = gathered or (
+            trainable_state(transformer),
+            run.optimizer.state_dict(),
+            run.ema,
         )
         save_checkpoint(
             run.dir,

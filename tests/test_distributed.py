@@ -226,7 +226,7 @@ def test_calibration_rows_that_do_not_split_are_refused(tiny_checkpoint, tmp_pat
 # 9 held-out prompts split 5 / 4 (the shorter rank samples a padded batch), and the EMA evaluated after
 # iteration 1 must leave the trained weights in place for iteration 2 (no checkpoint in between).
 FULL = ["lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", "eval.num_prompts=9", "run.eval_every=1",
-        "run.checkpoint_every=2"]  # fmt: skip
+        "run.checkpoint_every=2", "run.sample_grid_every=1"]  # fmt: skip
 
 
 def full_overrides(ckpt, out, extra=()):
@@ -318,9 +318,23 @@ def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_check
     shutil.copytree(tmp_path / "stopped", tmp_path / "run")
     resumed = torchrun([*TRAIN, *overrides, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    steps = [r for r in without_timing(records(tmp_path / "run")) if "reward_mean" in r]
-    assert steps == [r for r in without_timing(records(sharded_run)) if "reward_mean" in r]
-    assert all(torch.equal(t, trainable(sharded_run)[n]) for n, t in trainable(tmp_path / "run").items())
+    # every record (the stopped run also evaluated at iteration 1, as the uninterrupted one did), the weights,
+    # the EMA and the export: the EMA and the optimizer state came back from the whole tensors too
+    assert without_timing(records(tmp_path / "run")) == without_timing(records(sharded_run))
+    saved, want = (
+        torch.load(d / "checkpoint.pt", weights_only=False) for d in (tmp_path / "run", sharded_run)
+    )
+    for key in ("trainable", "ema"):
+        assert saved[key].keys() == want[key].keys()
+        assert all(torch.equal(t, want[key][n]) for n, t in saved[key].items()), key
+    from safetensors.torch import load_file
+
+    pa, pb = (
+        load_file(tmp_path / "run" / "policy_ema.safetensors"),
+        load_file(sharded_run / "policy_ema.safetensors"),
+    )
+    assert all(torch.equal(t, pb[n]) for n, t in pa.items())
+    assert (tmp_path / "run" / "samples" / "iter_00002.png").exists()  # drawn by rank 0 through on_main
 
 
 def test_a_sharded_iteration_that_trains_nothing_evaluates_and_exports(tiny_checkpoint, tmp_path):
