@@ -7,6 +7,7 @@ process's up to the order of the additions.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -298,6 +299,24 @@ def test_full_fine_tuning_over_two_processes_trains_what_one_process_trains(
     assert pa.keys() == pb.keys()
     for n, t in pb.items():
         torch.testing.assert_close(pa[n], t, rtol=0, atol=1e-5)
+
+
+def sharded_bf16_matches_one_process(args: list[str], tmp_path: Path) -> dict:
+    """For the SD3 / FLUX tests: train ``args`` (one iteration, output in tmp_path/run) sharded over two
+    processes and in one process sampling the ranks' rows as two waves; the sharded calls are the whole bf16
+    model's, so the rollouts and rewards agree bit for bit (FSDP casting the inputs itself would round them
+    otherwise). Returns the sharded run's iteration record."""
+    done = torchrun([*args, f"run.output_dir={tmp_path / 'run'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "sharded over 2 processes, calls in torch.bfloat16" in done.stdout
+    one = python([*args, f"run.output_dir={tmp_path / 'one'}", "sampling.reward_waves=2"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    (step,), (ref,) = ([r for r in records(tmp_path / d) if "reward_mean" in r] for d in ("run", "one"))
+    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained"]
+    assert {k: step[k] for k in exact} == {k: ref[k] for k in exact}
+    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    assert "rollout_lp_dev" in step  # bf16 calls: the update recomputed the old log-probs
+    return step
 
 
 def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_checkpoint, tmp_path):

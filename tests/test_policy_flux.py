@@ -179,10 +179,8 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
     """FSDP2 on FLUX.1's transformer (double- and single-stream blocks, each a unit): bf16 calls over fp32
     shards, on-policy first ratio, and the whole bf16 transformer exported."""
-    import json
-
     from safetensors.torch import load_file
-    from test_distributed import TRAIN, python, torchrun
+    from test_distributed import TRAIN, sharded_bf16_matches_one_process
 
     pipe.save_pretrained(tmp_path / "flux")
     prompts = tmp_path / "prompts.txt"
@@ -193,28 +191,11 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
         "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
         "sampling.guidance_scale=3.5", "noise.kind=uniform", "reward.name=redness", "reward.kwargs={}", "eval.rewards={}",
         "lora.enabled=false", "grpo.beta=0.04", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3",
-        "eval.num_steps=2", "eval.guidance_scale=3.5", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}",
+        "eval.num_steps=2", "eval.guidance_scale=3.5", "run.iterations=1",
         "run.tensorboard=false", "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
     ]  # fmt: skip
-    done = torchrun(args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "sharded over 2 processes, calls in torch.bfloat16" in done.stdout
+    sharded_bf16_matches_one_process(args, tmp_path)
     run_dir = tmp_path / "run"
-    (step,) = [
-        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
-    ]
-    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
-    # the sharded calls are the whole bf16 model's: one process sampling the ranks' rows as two waves gets the
-    # same rollouts and rewards, bit for bit (FSDP casting the inputs itself would round them otherwise)
-    one = python([*args, f"run.output_dir={tmp_path / 'one'}", "sampling.reward_waves=2"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    (ref,) = [
-        json.loads(ln)
-        for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
-        if "reward_mean" in ln
-    ]
-    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained"]
-    assert {k: step[k] for k in exact} == {k: ref[k] for k in exact}
     base = pipe.transformer.state_dict()
     exported = load_file(run_dir / "policy_ema.safetensors")
     assert exported.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())

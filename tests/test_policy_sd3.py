@@ -268,7 +268,7 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
     """FSDP2 on diffusers' SD3 transformer: fp32 shards (weights, AdamW, EMA), calls in bf16 (mixed
     precision), the first ratio exactly 1, and one process's checkpoint and bf16 export at the end."""
-    from test_distributed import TRAIN, python, torchrun
+    from test_distributed import TRAIN, sharded_bf16_matches_one_process
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
@@ -278,32 +278,11 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
         "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
         "noise.kind=uniform", "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "lora.enabled=false",
         "grpo.beta=0.04", "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3",
-        "eval.num_steps=2", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+        "eval.num_steps=2", "run.iterations=1", "run.tensorboard=false",
         "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
     ]  # fmt: skip
-    done = torchrun(args)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert (
-        "FSDP2: the transformer and its KL reference sharded over 2 processes, calls in torch.bfloat16"
-        in done.stdout
-    )
+    sharded_bf16_matches_one_process(args, tmp_path)
     run_dir = tmp_path / "run"
-    (step,) = [
-        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
-    ]
-    assert step["ratio_dev_first"] == 0.0 and math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
-    # the sharded calls are the whole bf16 model's: one process sampling the ranks' rows as two waves gets the
-    # same rollouts and rewards, bit for bit (FSDP casting the inputs itself would round them otherwise)
-    one = python([*args, f"run.output_dir={tmp_path / 'one'}", "sampling.reward_waves=2"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    (ref,) = [
-        json.loads(ln)
-        for ln in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
-        if "reward_mean" in ln
-    ]
-    exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained"]
-    assert {k: step[k] for k in exact} == {k: ref[k] for k in exact}
-    assert "rollout_lp_dev" in step  # bf16 calls: the update recomputed the old log-probs
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     base_model = SD3Policy.load(sd3_dir, dtype="bf16", **OPTS).transformer
     base = base_model.state_dict()
