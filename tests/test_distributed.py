@@ -301,11 +301,21 @@ def test_full_fine_tuning_over_two_processes_trains_what_one_process_trains(
         torch.testing.assert_close(pa[n], t, rtol=0, atol=1e-5)
 
 
-def sharded_bf16_matches_one_process(args: list[str], tmp_path: Path) -> dict:
-    """For the SD3 / FLUX tests: train ``args`` (one iteration, output in tmp_path/run) sharded over two
-    processes and in one process sampling the ranks' rows as two waves; the sharded calls are the whole bf16
-    model's, so the rollouts and rewards agree bit for bit (FSDP casting the inputs itself would round them
+def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path) -> dict:
+    """For the SD3 / FLUX tests: one iteration of bf16 full fine-tuning of the tiny ``model`` (its
+    ``model.*`` / ``sampling.*`` overrides) on two prompts, output in tmp_path/run, sharded over two processes
+    and in one process sampling the ranks' rows as two waves. The sharded calls are the whole bf16 model's,
+    so the rollouts and rewards agree bit for bit (FSDP casting the inputs itself would round them
     otherwise). Returns the sharded run's iteration record."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    args = [
+        *TRAIN, *model, "model.dtype=bf16", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "noise.kind=uniform",
+        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "lora.enabled=false", "grpo.beta=0.04",
+        "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3", "eval.num_steps=2",
+        "run.iterations=1", "run.tensorboard=false", "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
+    ]  # fmt: skip
     done = torchrun([*args, f"run.output_dir={tmp_path / 'run'}"])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "sharded over 2 processes, calls in torch.bfloat16" in done.stdout
