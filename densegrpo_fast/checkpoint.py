@@ -34,7 +34,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+def check_trainable_names(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A ValueError unless every tensor of a checkpoint's ``state`` names a parameter of ``module``."""
     params = dict(module.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
@@ -42,6 +43,11 @@ def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]
             f"checkpoint holds {len(missing)} parameters this model lacks (e.g. {missing[0]!r}): was it written "
             "with another model or LoRA config? Resume with the run's own config.yaml"
         )
+
+
+def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    check_trainable_names(module, state)
+    params = dict(module.named_parameters())
     with torch.no_grad():
         for n, t in state.items():
             params[n].copy_(t)

@@ -390,8 +390,8 @@ def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimiz
 def load_full_state(
     module: torch.nn.Module, optimizer: torch.optim.Optimizer, trainable: dict, optim_state: dict
 ) -> None:
-    """Every rank calls with the same whole state (read from the checkpoint): each keeps its shards (and
-    ``trainable``'s entries are replaced by them)."""
+    """Every rank calls with the same whole state (read from the checkpoint, its names checked): each keeps
+    its shards (and ``trainable``'s entries are replaced by them)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
@@ -399,12 +399,6 @@ def load_full_state(
     )
 
     names = _optimizer_names(module, optimizer)
-    missing = [n for n in trainable if n not in dict(module.named_parameters())]
-    if missing:
-        raise ValueError(
-            f"checkpoint holds {len(missing)} parameters this model lacks (e.g. {missing[0]!r}): was it written "
-            "with another model or LoRA config? Resume with the run's own config.yaml"
-        )
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(module, trainable, options=options)
     if not optim_state["state"]:  # saved before any step: hyperparameters only (see full_optimizer_state)

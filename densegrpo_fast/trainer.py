@@ -25,7 +25,13 @@ import torch
 
 from densegrpo_fast import distributed
 from densegrpo_fast.calibration import calibrate, load_psi
-from densegrpo_fast.checkpoint import load_checkpoint, load_trainable_state, save_checkpoint, trainable_state
+from densegrpo_fast.checkpoint import (
+    check_trainable_names,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+    trainable_state,
+)
 from densegrpo_fast.config import TrainConfig, dump_config
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.kernels import sde_log_prob
@@ -134,20 +140,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     reference = None
     transformer = policy.transformer
     compute_dtype = policy.dtype  # (a sharded run's weights train in fp32, its calls stay in this)
-    sharded = dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"
-    if sharded and not distributed.fsdp_available():
-        if cfg.model.sharding == "fsdp":
-            raise ValueError(
-                f"model.sharding=fsdp needs FSDP2 with summed gradients, which torch {torch.__version__} lacks "
-                "(torch 2.8 or later): upgrade torch, or set model.sharding=replicate"
-            )
-        sharded = False
-        if dist.main:
-            warnings.warn(
-                f"model.sharding=auto: torch {torch.__version__} has no FSDP2 with summed gradients (2.8 or later), "
-                "so full fine-tuning keeps a whole copy of the model in each process",
-                stacklevel=2,
-            )
+    sharded = _shards(cfg, dist)
     if cfg.lora.enabled:
         from peft import LoraConfig
 
@@ -210,6 +203,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     if state is not None:
         if sharded:  # every rank cuts its shards from the whole tensors
+            check_trainable_names(transformer, state["trainable"])
             distributed.load_full_state(transformer, optimizer, state["trainable"], state["optimizer"])
         else:
             load_trainable_state(transformer, state["trainable"])
@@ -239,6 +233,27 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         )
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
+    """Whether this job shards the transformer with FSDP2 (``model.sharding``): full fine-tuning under
+    torchrun, unless told to replicate or this torch lacks FSDP2 with summed gradients."""
+    if not (dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"):
+        return False
+    if distributed.fsdp_available():
+        return True
+    if cfg.model.sharding == "fsdp":
+        raise ValueError(
+            f"model.sharding=fsdp needs FSDP2 with summed gradients, which torch {torch.__version__} lacks "
+            "(torch 2.8 or later): upgrade torch, or set model.sharding=replicate"
+        )
+    if dist.main:
+        warnings.warn(
+            f"model.sharding=auto: torch {torch.__version__} has no FSDP2 with summed gradients (2.8 or later), "
+            "so full fine-tuning keeps a whole copy of the model in each process",
+            stacklevel=3,
+        )
+    return False
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -575,8 +590,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         if n == 0:  # no pair in this step (on any rank)
             continue
         batches = list(_micro_batches(chunk_rows, chunk_steps, tbs))
-        for _ in range(calls[c] - len(batches) if calls else 0):
-            _idle_call(run, ro, cond, backward=True)
+        _idle_calls(run, ro, cond, calls[c] - len(batches) if calls else 0, backward=True)
         for i, k in batches:
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
@@ -625,18 +639,21 @@ def _most_micro_batches(rows: torch.Tensor, total: int, world: int, size: int) -
     return int((per_rank.max().item() + size - 1) // size)
 
 
-def _idle_call(run: Run, ro, cond, backward: bool) -> None:
-    """One micro-batch's calls that change nothing (this rank's first row at a trained step, its loss times
-    zero): under FSDP every call is a collective, so a rank with fewer micro-batches makes these instead."""
+def _idle_calls(run: Run, ro, cond, count: int, backward: bool) -> None:
+    """``count`` micro-batches' calls that change nothing (this rank's first row at a trained step, its loss
+    times zero; forward only unless ``backward``): under FSDP every call is a collective, so a rank with fewer
+    micro-batches makes these instead."""
+    if count <= 0:
+        return
     k = run.trained.nonzero()[:1].flatten().to(ro.latents.device)
     i = torch.zeros_like(k)
-    with_kl = run.cfg.grpo.beta > 0
-    if not backward:
-        with torch.no_grad():
-            _step_log_prob(run, ro, cond, i, k, with_kl=False)
-        return
-    lp, _ = _step_log_prob(run, ro, cond, i, k, with_kl=with_kl)
-    (lp.sum() * 0.0).backward()
+    for _ in range(count):
+        if backward:
+            lp, _ = _step_log_prob(run, ro, cond, i, k, with_kl=run.cfg.grpo.beta > 0)
+            (lp.sum() * 0.0).backward()
+        else:
+            with torch.no_grad():
+                _step_log_prob(run, ro, cond, i, k, with_kl=False)
 
 
 def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl: bool):
@@ -658,8 +675,7 @@ def _recompute_log_probs(run: Run, ro, cond, chunks, calls: list[int] | None = N
     out = ro.log_probs.clone()
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         batches = list(_micro_batches(chunk_rows, chunk_steps, run.cfg.grpo.train_batch_size))
-        for _ in range(calls[c] - len(batches) if calls else 0):
-            _idle_call(run, ro, cond, backward=False)
+        _idle_calls(run, ro, cond, calls[c] - len(batches) if calls else 0, backward=False)
         for i, k in batches:
             out[i, k] = _step_log_prob(run, ro, cond, i, k, with_kl=False)[0]
     return out

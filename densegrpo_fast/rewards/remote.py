@@ -120,7 +120,8 @@ class RemoteReward:
 
     kwargs: ``url`` (e.g. ``http://127.0.0.1:8085``; or a list, of which process ``LOCAL_RANK`` of a
     torchrun job takes entry ``LOCAL_RANK % len``: one server per GPU of a node, since a server scores one
-    request at a time), ``timeout_s`` per request, ``retries`` after the first attempt, ``backoff_s`` (first wait; doubles), ``max_batch`` images per request, ``check``: ask
+    request at a time), ``timeout_s`` per request, ``retries`` after the first attempt, ``backoff_s`` (first
+    wait; doubles), ``max_batch`` images per request, ``check``: ask
     ``/health`` when built, so a server that is down fails before the policy loads. ``start_hint``: the
     command the error messages suggest.
     """
