@@ -70,7 +70,8 @@ python -m pip install -q --no-deps pytest-benchmark 2>/dev/null || true
 CSV=benchmarks/results.csv
 before=$( [ -f "$CSV" ] && wc -l < "$CSV" || echo 0 )
 LOGS=${OUT:-/tmp/gpu_suite}
-mkdir -p "$LOGS"
+EST=/tmp/gpu_suite_estimates  # the CPU memory estimates (below)
+mkdir -p "$LOGS" "$EST"
 status=0
 # One deadline for the whole call: each step gets its own limit, cut to what is left before the deadline,
 # and after each step the report so far (RESULTS.md with this run's section) and the CSV go to $OUT, so a
@@ -79,7 +80,8 @@ END=${SUITE_BUDGET_S:-585}  # seconds since the script started (bash SECONDS)
 limit() { local rest=$((END - SECONDS - 8)); if (( rest < $1 )); then echo $(( rest > 5 ? rest : 5 )); else echo "$1"; fi; }
 report() {
   python benchmarks/report.py --csv "$CSV" --skip "$before" --tests-log "$LOGS/gpu_tests.log" \
-    --iterations "$LOGS/real_sd3.json" "$LOGS/real_flux.json" > /tmp/gpu_section.md 2>&1
+    --iterations "$LOGS/real_sd3.json" "$LOGS/real_flux.json" \
+    --estimates "$EST/estimate_sd3.json" "$EST/estimate_flux.json" > /tmp/gpu_section.md 2>&1
   if [ -n "${OUT:-}" ]; then cat benchmarks/RESULTS.md /tmp/gpu_section.md > "$OUT/RESULTS.md"; cp "$CSV" "$OUT"/ 2>/dev/null; fi
 }
 timeout -k 3 "$(limit 140)" python -m pytest -q -m gpu --continue-on-collection-errors -p no:cacheprovider tests/ 2>&1 \
@@ -88,12 +90,20 @@ report
 timeout -k 3 "$(limit 90)" python -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \
   | tee "$LOGS/gpu_bench.log" || status=1
 report
+# The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU
+# cores while the GPU runs (not in $OUT, which takes 8 files: the report compares it with the measured peaks).
+( nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/sd35m_pickscore.yaml --json \
+    prompts.prompts_per_iteration=2 reward.name=redness 'reward.kwargs={}' > "$EST/estimate_sd3.json" 2> "$EST/estimate_sd3.log"
+  nice -n 10 timeout -k 3 "$(limit 300)" python -m densegrpo_fast memory --config configs/flux_pickscore.yaml --json \
+    prompts.prompts_per_iteration=1 sampling.group_size=8 reward.name=redness 'reward.kwargs={}' \
+    > "$EST/estimate_flux.json" 2> "$EST/estimate_flux.log" ) &
 # Real models: the JSON is rewritten after each mode, so a run stopped by its timeout keeps what it measured.
 timeout -k 3 "$(limit 200)" python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse \
   --out "$LOGS" 2>&1 | tee "$LOGS/real_sd3.log" || status=1
 report
 timeout -k 3 "$(limit 130)" python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 \
   --out "$LOGS" 2>&1 | tee "$LOGS/real_flux.log" || status=1
+wait  # the estimates (cut by their own timeouts)
 report
 cat /tmp/gpu_section.md >> benchmarks/RESULTS.md
 if [ -n "${OUT:-}" ]; then cp benchmarks/RESULTS.md "$OUT"/; fi

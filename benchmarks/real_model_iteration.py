@@ -70,65 +70,19 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizers a
 RECIPES = {"sd3": ROOT / "configs" / "sd35m_pickscore.yaml", "flux": ROOT / "configs" / "flux_pickscore.yaml"}
 GIB = 2**30
 
-# ------------------------------------------------------------------------------------------ full-size configs
-# Every value below is the published diffusers / transformers config of the checkpoint's component, as far as
-# the author knows it. SURE (and checked by --meta against the published parameter counts in KNOWN_PARAMS,
-# which tests/test_real_model_bench.py asserts): all widths, depths, head counts, channel lists, vocabulary and
-# position sizes, i.e. everything that sets memory and time; SD3.5-M's dual-attention layers 0..12 and RMS
-# qk-norm; the VAEs' scaling / shift factors (1.5305 / 0.0609 SD3, 0.3611 / 0.1159 FLUX) and the schedulers.
-# LESS SURE, and irrelevant to cost: activation names and norm epsilons of the CLIP encoders, T5's relative
-# attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's).
-
-#: SD3.5-Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
-SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)  # fmt: skip
-#: FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev, transformer/config.json): 3072 = 24 heads x 128.
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-    axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
-_CLIP_COMMON = dict(
-    vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
+from densegrpo_fast.policies.architectures import (  # noqa: E402  (the full-size configs)
+    CLIP_G,
+    CLIP_L,
+    DEFAULT_SEQ,
+    FLUX_DEV_TRANSFORMER,
+    FLUX_SCHEDULER,
+    FLUX_VAE,
+    KNOWN_PARAMS,
+    SD3_SCHEDULER,
+    SD3_VAE,
+    SD35M_TRANSFORMER,
+    T5_XXL,
 )
-#: CLIP ViT-L/14's text tower (SD3's text_encoder, FLUX's text_encoder): pooled 768.
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768, hidden_act="quick_gelu", **_CLIP_COMMON)  # fmt: skip
-#: OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2): pooled 1280 (768 + 1280 = SD3's 2048).
-CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-              projection_dim=1280, hidden_act="gelu", **_CLIP_COMMON)  # fmt: skip
-#: T5 v1.1 XXL's encoder (SD3's text_encoder_3, FLUX's text_encoder_2).
-T5_XXL = dict(
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
-    layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
-    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-)  # fmt: skip
-_VAE_COMMON = dict(
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
-)  # fmt: skip
-SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609, **_VAE_COMMON)
-FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, **_VAE_COMMON)
-SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-FLUX_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
-    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
-)  # fmt: skip
-#: Parameter counts (millions) of the released checkpoints, from their sizes on disk as the author recalls them
-#: (16-bit files: SD3.5-M transformer 4.94 GB = 2243 M parameters + the 226 M-value position table, the "2.5B";
-#: T5-XXL encoder 9.52 GB; CLIP-G 1.39 GB; CLIP-L 0.25 GB; FLUX.1-dev 23.8 GB, the "12B"; VAEs 0.17 GB), not
-#: read from the files (no network). --meta and the test check the configs against them within 1%.
-KNOWN_PARAMS = {
-    "sd3": {"transformer": 2243, "text_encoder": 123.7, "text_encoder_2": 694.7, "text_encoder_3": 4762,
-            "vae": 83.8},
-    "flux": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
-}  # fmt: skip
-DEFAULT_SEQ = {"sd3": 256, "flux": 512}
 
 
 @contextlib.contextmanager

@@ -26,10 +26,18 @@ def main() -> None:
     ap.add_argument("--skip", type=int, default=0, help="CSV lines written before this run")
     ap.add_argument("--tests-log", help="pytest log of the gpu tests, for their summary line")
     ap.add_argument("--iterations", nargs="*", default=[], help="JSON files of real_model_iteration.py")
+    ap.add_argument(
+        "--estimates",
+        nargs="*",
+        default=[],
+        help="`densegrpo-fast memory --json` outputs, estimate_<family>.json",
+    )
     args = ap.parse_args()
     kernel_section(args)
     if args.iterations:
         print(iteration_section([Path(p) for p in args.iterations]))
+    if args.estimates:
+        print(estimate_section([Path(p) for p in args.estimates], [Path(p) for p in args.iterations]))
 
 
 def kernel_section(args) -> None:
@@ -145,6 +153,50 @@ def iteration_section(paths: list[Path]) -> str:
     for path in paths:
         if not path.exists():
             out.append(f"\n{path.name}: no result (the run timed out or failed before loading; see its log).")
+    return "\n".join(out) + "\n"
+
+
+def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
+    """Markdown: the CPU memory estimate (densegrpo_fast/memory.py) of each real-model run against the peak
+    the run measured (dense mode), per phase, in GiB."""
+    measured = {}
+    for p in iterations:
+        if p.exists():
+            r = json.loads(p.read_text())
+            ph = r.get("modes", {}).get("dense", {}).get("phases", {})
+            peaks = {
+                k: ph[k].get("peak_allocated_gib")
+                for k in ("encode", "rollout", "reward", "update")
+                if k in ph
+            }
+            if peaks:
+                measured[r["family"]] = peaks
+    out = [
+        "\n### Memory estimate on the CPU against the measured peak\n",
+        "`densegrpo-fast memory --json` with the run's settings (fake weights, the trainer's own code, on this "
+        "machine's CPU), against `torch.cuda.max_memory_allocated` of the dense run above (its first iteration: "
+        "AdamW's state, which the estimate includes, is missing from its rollout).\n",
+        "| model | phase | estimated GiB | measured GiB | estimated / measured |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for p in estimates:
+        family = p.stem.removeprefix("estimate_")
+        try:
+            est = {k: v / 2**30 for k, v in json.loads(p.read_text())["phases"].items()}
+        except (OSError, ValueError, KeyError):  # not written (yet), or cut by its timeout
+            out.append(f"| {family} | no estimate (see its log) | | | |")
+            continue
+        real = measured.get(family, {})
+        pairs = {
+            "rollout + reward": max(
+                (real[k] for k in ("encode", "rollout", "reward") if real.get(k)), default=None
+            ),
+            "update": real.get("update"),
+        }
+        for phase, value in est.items():
+            m = pairs.get(phase)
+            ratio = f"{value / m:.3f}" if m else ""
+            out.append(f"| {family} | {phase} | {value:.2f} | {_gib(m)} | {ratio} |")
     return "\n".join(out) + "\n"
 
 

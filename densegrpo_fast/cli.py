@@ -154,6 +154,26 @@ def _add_show_config(sub) -> None:
 SUBCOMMANDS.append(_add_show_config)
 
 
+def _add_memory(sub) -> None:
+    p = sub.add_parser(
+        "memory",
+        help="estimate a training config's peak GPU memory on the CPU (fake weights, the trainer's own code)",
+    )
+    _add_overrides(p)
+    p.add_argument("--device-gib", type=float, default=80.0, help="the GPU's memory to compare with (GiB)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+    def handler(args):
+        from densegrpo_fast.memory import run_memory
+
+        run_memory(args.config, args.overrides, device_gib=args.device_gib, as_json=args.json)
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_memory)
+
+
 def _json_object(text: str) -> dict:
     import json
 

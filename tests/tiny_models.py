@@ -7,35 +7,24 @@ A 32 px image is a 4-channel 16 x 16 latent (VAE factor 2).
 
 from __future__ import annotations
 
-import string
-
 import torch
 
-CHARS = string.ascii_lowercase + string.digits
+from densegrpo_fast.policies import architectures
+
+CHARS = architectures.CHARS
 MAX_CLIP_TOKENS = 16  # the tokenizers' model_max_length (77 in the real models)
 MAX_T5_TOKENS = 24  # max_sequence_length (256 for SD3, 512 for FLUX.1-dev)
 RESOLUTION = 32
 
 
 def clip_tokenizer(max_length: int = MAX_CLIP_TOKENS):
-    """A byte-level BPE CLIP tokenizer over single characters, no merges, padding prompts to ``max_length``
-    tokens (77 gives the real models' sequence; benchmarks/real_model_iteration.py uses it that way)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in CHARS:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    """The single-character CLIP tokenizer (:mod:`densegrpo_fast.policies.architectures`), padding prompts to
+    ``max_length`` tokens."""
+    return architectures.clip_tokenizer(max_length)
 
 
 def t5_tokenizer():
-    """A unigram T5 tokenizer over single characters (and the word-start marker)."""
-    from transformers import T5Tokenizer
-
-    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    vocab += [(c, -1.0) for c in CHARS] + [("▁" + c, -1.5) for c in CHARS]
-    return T5Tokenizer(vocab=vocab, extra_ids=0)
+    return architectures.t5_tokenizer()
 
 
 def clip_text_config(**kw):

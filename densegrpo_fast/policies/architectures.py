@@ -1,0 +1,136 @@
+"""Full-size architectures of the checkpoints the recipes train, for building models without their weights.
+
+The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium
+and FLUX.1-dev from these configs when the checkpoint is not on disk (fake or random weights, the real
+shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
+lowercase prompt, one token per character, padded to the model's length.
+"""
+
+from __future__ import annotations
+
+import string
+
+# Every value below is the published diffusers / transformers config of the checkpoint's component, as far as
+# the author knows it. SURE (and checked by --meta against the published parameter counts in KNOWN_PARAMS,
+# which tests/test_real_model_bench.py asserts): all widths, depths, head counts, channel lists, vocabulary and
+# position sizes, i.e. everything that sets memory and time; SD3.5-M's dual-attention layers 0..12 and RMS
+# qk-norm; the VAEs' scaling / shift factors (1.5305 / 0.0609 SD3, 0.3611 / 0.1159 FLUX) and the schedulers.
+# LESS SURE, and irrelevant to cost: activation names and norm epsilons of the CLIP encoders, T5's relative
+# attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's).
+
+#: SD3.5-Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+#: FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev, transformer/config.json): 3072 = 24 heads x 128.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+_CLIP_COMMON = dict(
+    vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1
+)
+#: CLIP ViT-L/14's text tower (SD3's text_encoder, FLUX's text_encoder): pooled 768.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu", **_CLIP_COMMON)  # fmt: skip
+#: OpenCLIP ViT-bigG/14's text tower (SD3's text_encoder_2): pooled 1280 (768 + 1280 = SD3's 2048).
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, hidden_act="gelu", **_CLIP_COMMON)  # fmt: skip
+#: T5 v1.1 XXL's encoder (SD3's text_encoder_3, FLUX's text_encoder_2).
+T5_XXL = dict(
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    layer_norm_epsilon=1e-6, is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)  # fmt: skip
+_VAE_COMMON = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609, **_VAE_COMMON)
+FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, **_VAE_COMMON)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+    max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
+)  # fmt: skip
+#: Parameter counts (millions) of the released checkpoints, from their sizes on disk as the author recalls them
+#: (16-bit files: SD3.5-M transformer 4.94 GB = 2243 M parameters + the 226 M-value position table, the "2.5B";
+#: T5-XXL encoder 9.52 GB; CLIP-G 1.39 GB; CLIP-L 0.25 GB; FLUX.1-dev 23.8 GB, the "12B"; VAEs 0.17 GB), not
+#: read from the files (no network). --meta and the test check the configs against them within 1%.
+KNOWN_PARAMS = {
+    "sd3": {"transformer": 2243, "text_encoder": 123.7, "text_encoder_2": 694.7, "text_encoder_3": 4762,
+            "vae": 83.8},
+    "flux": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
+}  # fmt: skip
+DEFAULT_SEQ = {"sd3": 256, "flux": 512}
+
+
+CHARS = string.ascii_lowercase + string.digits
+
+
+def clip_tokenizer(max_length: int = 77):
+    """A byte-level BPE CLIP tokenizer over single characters, no merges, padding prompts to ``max_length``."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def t5_tokenizer():
+    """A unigram T5 tokenizer over single characters (and the word-start marker)."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -1.0) for c in CHARS] + [("\u2581" + c, -1.5) for c in CHARS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def stand_in_tokenizers(family: str) -> dict:
+    """The pipeline's tokenizers for ``family`` ("sd3" | "flux"), as stand-ins (see the module docstring)."""
+    if family == "sd3":
+        return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "tokenizer_3": t5_tokenizer()}
+    return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
+
+
+def full_size_models(family: str) -> dict:
+    """Constructors of the pipeline's models at full size, by component name (call them under the device,
+    dtype or fake mode wanted); the VAE's entry is ``"vae"``."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
+    if family == "sd3":
+        return {
+            "transformer": lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER),
+            "text_encoder": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)),
+            "text_encoder_2": lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)),
+            "text_encoder_3": t5,
+            "vae": lambda: AutoencoderKL(**SD3_VAE),
+        }
+    return {
+        "transformer": lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+        "text_encoder_2": t5,
+        "vae": lambda: AutoencoderKL(**FLUX_VAE),
+    }
+
+
+def scheduler(family: str):
+    """The checkpoint's flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(**(SD3_SCHEDULER if family == "sd3" else FLUX_SCHEDULER))
