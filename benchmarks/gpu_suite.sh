@@ -92,11 +92,12 @@ timeout -k 3 "$(limit 90)" python -m pytest -q benchmarks/ --benchmark-columns=m
 report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU
 # cores while the GPU runs (not in $OUT, which takes 8 files: the report compares it with the measured peaks).
-( nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/sd35m_pickscore.yaml --json \
-    prompts.prompts_per_iteration=2 reward.name=redness 'reward.kwargs={}' > "$EST/estimate_sd3.json" 2> "$EST/estimate_sd3.log"
-  nice -n 10 timeout -k 3 "$(limit 300)" python -m densegrpo_fast memory --config configs/flux_pickscore.yaml --json \
-    prompts.prompts_per_iteration=1 sampling.group_size=8 reward.name=redness 'reward.kwargs={}' \
-    > "$EST/estimate_flux.json" 2> "$EST/estimate_flux.log" ) &
+rm -f "$EST"/*
+nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/sd35m_pickscore.yaml --json \
+  prompts.prompts_per_iteration=2 reward.name=redness 'reward.kwargs={}' > "$EST/estimate_sd3.json" 2> "$EST/estimate_sd3.log" &
+nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/flux_pickscore.yaml --json \
+  prompts.prompts_per_iteration=1 sampling.group_size=8 reward.name=redness 'reward.kwargs={}' \
+  > "$EST/estimate_flux.json" 2> "$EST/estimate_flux.log" &
 # Real models: the JSON is rewritten after each mode, so a run stopped by its timeout keeps what it measured.
 timeout -k 3 "$(limit 200)" python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse \
   --out "$LOGS" 2>&1 | tee "$LOGS/real_sd3.log" || status=1

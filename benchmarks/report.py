@@ -184,7 +184,9 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
         try:
             est = {k: v / 2**30 for k, v in json.loads(p.read_text())["phases"].items()}
         except (OSError, ValueError, KeyError):  # not written (yet), or cut by its timeout
-            out.append(f"| {family} | no estimate (see its log) | | | |")
+            log = p.with_suffix(".log")
+            last = log.read_text().strip().splitlines()[-1:] if log.exists() else []
+            out.append(f"| {family} | no estimate: {last[0][:150] if last else 'no log'} | | | |")
             continue
         real = measured.get(family, {})
         pairs = {
@@ -196,7 +198,7 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
         for phase, value in est.items():
             m = pairs.get(phase)
             ratio = f"{value / m:.3f}" if m else ""
-            out.append(f"| {family} | {phase} | {value:.2f} | {_gib(m)} | {ratio} |")
+            out.append(f"| {family} | {phase} | {value:.2f} | {'' if m is None else f'{m:.2f}'} | {ratio} |")
     return "\n".join(out) + "\n"
 
 

@@ -3,7 +3,8 @@
 Users of Flow-GRPO and its peers find out that a recipe does not fit when it dies of out-of-memory an hour
 in. ``densegrpo-fast memory --config ...`` answers first, in a few minutes on a CPU, by running the trainer's
 own code (``trainer.setup``, then one ``collect`` + ``update`` iteration) at the config's full size, with
-fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage, no arithmetic):
+fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storage, no arithmetic) wherever
+the data do not steer the code:
 
 - **Weights are fake**: every model is built from its config (the checkpoint's, or the built-in
   architecture of SD3.5-Medium / FLUX.1-dev when the checkpoint is not on disk). Their bytes are exact.
@@ -16,13 +17,19 @@ fake tensors (``torch._subclasses.FakeTensorMode``: shapes and dtypes, no storag
 - **Everything else runs as written**: the rollout's latents and log-probs, the in-flight completions, prompt
   embeddings, the decoded images, the log-prob recompute, the loss and its backward, the gradients, AdamW's
   state and the EMA, on fake tensors; the rewards are real random numbers, so the advantages and the plan of
-  the update are the trainer's own. :class:`LiveBytes` follows each storage from allocation to release.
+  the update are the trainer's own. The few buffers the trainer allocates from scratch (the initial and SDE
+  noise, the rollout's latent and log-prob buffers) are real CPU tensors, written only through their fake
+  views: they cost virtual memory, and resident memory only where random numbers are drawn (about 5 GB for
+  the recipes). :class:`LiveBytes` follows each storage from allocation to release.
 
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). AdamW's
 state, created by the first optimizer step, is added where the first iteration did not have it yet, so the
 figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
-counts it; the CUDA context (~0.5 GiB), library workspaces and the caching allocator's fragmentation come on
-top, which is why the verdict asks for 10 % headroom.
+counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
+context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
+Not estimated: the end-of-run export (a copy of the transformer), held-out evaluation and sample grids,
+torchrun / FSDP jobs (the estimate is one process holding the whole batch), fp16's fp32 T5 layers
+(``_keep_in_fp32_modules``), and AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
 
 What it cannot see: kernels that allocate differently on the GPU than on the CPU (attention is forced to the
 flash kernel, which keeps no S x S matrix on either; the fused Triton SDE kernels allocate less than the
@@ -120,6 +127,7 @@ class CallProfile:
     forward_peak: int  # transient above the inputs during the forward, the output included
     kept: int  # with gradients: activations the graph keeps for the backward (the output excluded)
     backward_peak: int = 0  # with gradients: transient above what is live when the backward starts
+    saved_inputs: tuple[int, ...] = ()  # with gradients: the input leaves the graph keeps (full fine-tuning)
 
 
 def _signature(args, kwargs) -> tuple:
@@ -135,8 +143,8 @@ class _StubGrad(torch.autograd.Function):
     peak, releases the kept activations, and gives the trained weights their (fake) gradients."""
 
     @staticmethod
-    def forward(ctx, anchor, stub, profile):
-        ctx.stub, ctx.profile = stub, profile
+    def forward(ctx, anchor, stub, profile, inputs):
+        ctx.stub, ctx.profile, ctx.inputs = stub, profile, inputs  # the saved inputs live until the backward
         return tuple(_empty(profile.out, stub.fake_mode))
 
     @staticmethod
@@ -147,7 +155,8 @@ class _StubGrad(torch.autograd.Function):
                 p.grad = torch.zeros_like(p)
         stub.tracker.bump(profile.backward_peak)
         stub.tracker.add(-profile.kept)
-        return None, None, None
+        ctx.inputs = None
+        return None, None, None, None
 
 
 class Stub:
@@ -195,7 +204,8 @@ class Stub:
         self.tracker.bump(profile.forward_peak)
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
             self.tracker.add(profile.kept)
-            tensors = _StubGrad.apply(self._anchor, self, profile)
+            leaves = tree_flatten((args, kwargs))[0]
+            tensors = _StubGrad.apply(self._anchor, self, profile, [leaves[i] for i in profile.saved_inputs])
         else:
             tensors = _empty(profile.out, self.fake_mode)
         it = iter(tensors)
@@ -216,8 +226,20 @@ class Stub:
                 saved_grads = [p.grad for p in trained]
                 for p in trained:  # accumulate into existing gradients, as every micro-batch but the first
                     p.grad = torch.zeros_like(p)
+                leaves = tree_flatten((fake_args, fake_kwargs))[0]
+                where = {
+                    id(x.untyped_storage()): i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)
+                }
+                saved: set[int] = set()
+
+                def pack(t):  # which inputs the graph saves for the backward (it then holds them alive)
+                    i = where.get(id(t.untyped_storage()))
+                    if i is not None:
+                        saved.add(i)
+                    return t
+
                 counter = LiveBytes()
-                with counter:
+                with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     out = self._forward(*fake_args, **fake_kwargs)
                 outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
                 out_bytes = sum(o.untyped_storage().nbytes() for o in outs)
@@ -236,7 +258,7 @@ class Stub:
                 out = tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, out)
         finally:
             self.tracker.paused = False
-        return CallProfile(out, forward_peak, kept, backward_peak)
+        return CallProfile(out, forward_peak, kept, backward_peak, tuple(sorted(saved)))
 
 
 def _empty(out, mode) -> list[torch.Tensor]:
@@ -303,13 +325,12 @@ def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, tor
     """The models a reward holds (its attributes, their attributes, lists of them: a CLIP, an MLP head, the
     parts of a weighted sum), by dotted name."""
     found: dict[str, torch.nn.Module] = {}
-    items = (
-        enumerate(obj)
-        if isinstance(obj, list | tuple)
-        else vars(obj).items()
-        if hasattr(obj, "__dict__")
-        else []
-    )
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        items = vars(obj).items() if hasattr(obj, "__dict__") else []
     for key, value in items:
         name = f"{prefix}.{key}"
         if isinstance(value, torch.nn.Module):
@@ -373,6 +394,7 @@ class Estimate:
     peak: int
     calls: dict[str, int]
     profiles: dict[str, list[dict]]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def table(self, capacity: int | None = None) -> str:
         rows = [f"{'weights ' + k:<32}{v / GIB:>9.2f} GiB" for k, v in self.weights.items()]
@@ -384,13 +406,16 @@ class Estimate:
         return "\n".join(rows)
 
 
-def _iterations(cfg, policy, tracker: LiveBytes, reward_fn, iterations: int, seed: int) -> dict[str, int]:
+def _iterations(
+    cfg, policy, tracker: LiveBytes, reward_fn, iterations: int, seed: int, notes: list[str] | None = None
+) -> dict[str, int]:
     """``trainer.setup`` then ``iterations`` x (collect, update) under ``tracker``; the peak of each phase of
     the last iteration (live bytes, the weights that existed before not included). The reward's values
     are random (seeded), its calls are the real reward's (or ``reward_fn``'s).
 
     With one iteration, the phases are those of every later iteration: AdamW's state, created by the first
-    optimizer step, is added to the rollout and to the part of the update that ran before that step."""
+    optimizer step, is added to the rollout and to the part of the update that ran before that step. A
+    reward that fails on fake images is dropped, with a line in ``notes``."""
     from densegrpo_fast import trainer
 
     with tracker, host_reads_zero():
@@ -399,15 +424,24 @@ def _iterations(cfg, policy, tracker: LiveBytes, reward_fn, iterations: int, see
         gen = torch.Generator().manual_seed(seed)
 
         def reward(images, prompts):
-            scorer(images, prompts)
+            nonlocal scorer
+            if scorer is not None:
+                try:
+                    scorer(images, prompts)
+                except Exception as e:  # e.g. a reward that reads pixel values on the host (OCR)
+                    scorer = None
+                    if notes is not None:
+                        notes.append(
+                            f"the reward failed on fake images and is not counted ({type(e).__name__}: {e})"
+                        )
             return torch.rand(images.shape[0], generator=gen)
 
-        def stepped(*_):
+        def stepping(*_):  # the first step allocates AdamW's state: it belongs to the stepped part
             if tracker.phase == "update":
                 tracker.phase = "update, stepped"
 
         run.reward_fn = reward
-        hook = run.optimizer.register_step_post_hook(stepped)
+        hook = run.optimizer.register_step_pre_hook(stepping)
         for it in range(iterations):
             prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
             tracker.reset_peak()
@@ -430,13 +464,14 @@ def _iterations(cfg, policy, tracker: LiveBytes, reward_fn, iterations: int, see
     }
 
 
-def measure_run(cfg, policy, *, iterations: int = 2, seed: int = 0) -> dict[str, int]:
+def measure_run(cfg, policy, *, reward_fn=None, iterations: int = 2, seed: int = 0) -> dict[str, int]:
     """What :func:`estimate_run` estimates, counted on a real run (real weights, every call executed): the
-    phases' peaks, weights included. On the CPU this is how the estimate is checked (tests/test_memory.py)."""
+    phases' peaks, the policy's weights included (not ``reward_fn``'s). On the CPU this is how the estimate
+    is checked (tests/test_memory.py)."""
     weights = storage_bytes(
         [t for m in policy_modules(policy).values() for t in (*m.parameters(), *m.buffers())]
     )
-    phases = _iterations(cfg, policy, LiveBytes(), None, iterations, seed)
+    phases = _iterations(cfg, policy, LiveBytes(), reward_fn, iterations, seed)
     return {k: v + weights for k, v in phases.items()}
 
 
@@ -452,6 +487,7 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     for module in scored.values():
         make_fake(module, mode)
         module.requires_grad_(False)
+        module.to = types.MethodType(lambda self, *args, **kwargs: self, module)  # (CLIP rewards move theirs)
     weights = {k: storage_bytes([*m.parameters(), *m.buffers()]) for k, m in {**parts, **scored}.items()}
     tracker = LiveBytes()
     targets = {**_stub_targets(parts), **_reward_targets(scored)}
@@ -469,8 +505,9 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
 
     if add_adapter is not None:
         transformer.add_adapter = fake_adapter
+    notes: list[str] = []
     try:
-        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed)
+        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes)
     finally:
         for s in stubs:
             s.restore()
@@ -595,6 +632,7 @@ def run_memory(
 ) -> Estimate:
     """``densegrpo-fast memory``: estimate, print the table and the verdict for a ``device_gib`` GPU."""
     import json
+    import shutil
     import sys
     import tempfile
     import time
@@ -606,6 +644,11 @@ def run_memory(
     from densegrpo_fast.rewards import build_reward
 
     cfg = load_config(TrainConfig, config, overrides)
+    if cfg.model.family not in ("sd3", "flux"):
+        raise ValueError(
+            f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy "
+            "runs on the CPU in a few hundred MiB"
+        )
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
@@ -613,12 +656,15 @@ def run_memory(
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
     reward_fn = None
-    try:
-        reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
-    except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
-        notes.append(f"reward {cfg.reward.name!r} not counted: it does not load here ({type(e).__name__}: "
-                     f"{str(e)[:160]})")  # fmt: skip
-    if reward_fn is not None and not reward_modules(reward_fn):  # a server, JPEG sizes: nothing on the GPU
+    if cfg.reward.name in ("remote", "geneval"):
+        notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
+    else:
+        try:
+            reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+        except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
+            notes.append(f"reward {cfg.reward.name!r} not counted: it does not load here ({type(e).__name__}: "
+                         f"{str(e)[:160]})")  # fmt: skip
+    if reward_fn is not None and not reward_modules(reward_fn):  # JPEG sizes and the like: nothing on the GPU
         notes.append(f"reward {cfg.reward.name!r} holds no model on this process's device: not counted")
         reward_fn = None
     cfg = load_config(TrainConfig, config, [
@@ -640,9 +686,17 @@ def run_memory(
         f"running one iteration at full size ({cfg.rows_per_iteration} trajectories, T={cfg.sampling.num_steps}"
         f") with each model call profiled once per shape ..."
     )
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        est = estimate_run(cfg, policy, reward_fn=reward_fn)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            est = estimate_run(cfg, policy, reward_fn=reward_fn)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     say(f"  done in {time.perf_counter() - t0:.0f} s")
+    notes += est.notes
+    notes.append(
+        "not estimated: the end-of-run export (a copy of the transformer with the EMA merged), held-out "
+        "evaluation and sample grids; FSDP / torchrun jobs (this is one process holding the whole batch)"
+    )
     capacity = int(device_gib * GIB)
     if as_json:
         print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import tiny_models as tiny
 import torch
+from test_rewards_clip import clip_dir  # noqa: F401  (the tiny CLIP fixture)
 
 from densegrpo_fast.config import TrainConfig, load_config
 from densegrpo_fast.memory import (
@@ -70,6 +71,7 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
     "dtype,extra",
     [
         ("fp32", ()),
+        ("fp32", ("grpo.updates_per_iteration=2",)),  # AdamW's state exists from the second chunk on
         ("bf16", ()),
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),
@@ -91,6 +93,44 @@ def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype,
         # the live part (what grows with the batch) within 2 % of the real run's
         assert phases[phase] - weights == pytest.approx(real - weights, rel=0.02), phase
     assert calls["transformer"] > 0 and calls["vae.decoder"] > 0
+
+
+def _with_a_clip_reward(checkpoint, clip, tmp_path):
+    """In a process of its own: a PickScore reward (tiny CLIP) counted for real, then estimated as the
+    command does (the config's reward replaced by a stand-in, the real one's models made fake)."""
+    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.rewards import build_reward
+
+    torch.set_num_threads(1)
+    real_cfg, fake_cfg = (
+        _config(checkpoint, tmp_path / "real", "fp32"),
+        _config(checkpoint, tmp_path / "fake", "fp32"),
+    )
+    pickscore = lambda: build_reward("pickscore", model=str(clip), processor=str(clip))  # noqa: E731
+    policy = load_policy("sd3", str(checkpoint), "cpu", **real_cfg.model.adapter_options())
+    measured = measure_run(
+        real_cfg, policy, reward_fn=pickscore()
+    )  # (its weights loaded before: not counted)
+    policy, _ = fake_policy(fake_cfg, new_fake_mode())
+    est = estimate_run(fake_cfg, policy, reward_fn=pickscore())
+    return measured, est.phases, est.weights, est.calls, est.notes
+
+
+def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (the imported fixture)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        measured, phases, weights, calls, notes = pool.submit(
+            _with_a_clip_reward, sd3_dir, clip_dir, tmp_path
+        ).result(timeout=600)
+    assert not notes and calls["reward.clip.model.vision_model"] > 0 and weights["reward.clip.model"] > 0
+    every, policy_weights = (
+        sum(weights.values()),
+        sum(v for k, v in weights.items() if not k.startswith("reward.")),
+    )
+    for phase, real in measured.items():  # the live parts, the reward's calls included
+        assert phases[phase] - every == pytest.approx(real - policy_weights, rel=0.02), phase
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
