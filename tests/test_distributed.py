@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(
     reason="torch.distributed with gloo is not available in this torch build",
 )
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DENSEGRPO_DIST_TIMEOUT_MIN": "2"}
+# (not the checkout on PYTHONPATH: its kernels/ folder would shadow the PyPI `kernels` that transformers imports)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DENSEGRPO_DIST_TIMEOUT_MIN": "2"}
 TRAIN = ["-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--no-progress"]
 EXTRA = [
     "model.num_threads=1",
