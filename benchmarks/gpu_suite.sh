@@ -84,10 +84,11 @@ report() {
     --estimates "$EST/estimate_sd3.json" "$EST/estimate_flux.json" > /tmp/gpu_section.md 2>&1
   if [ -n "${OUT:-}" ]; then cat benchmarks/RESULTS.md /tmp/gpu_section.md > "$OUT/RESULTS.md"; cp "$CSV" "$OUT"/ 2>/dev/null; fi
 }
-timeout -k 3 "$(limit 140)" python -m pytest -q -m gpu --continue-on-collection-errors -p no:cacheprovider tests/ 2>&1 \
+# -P: not the checkout first on sys.path, whose kernels/ would shadow the PyPI `kernels` transformers >= 5.25 imports
+timeout -k 3 "$(limit 140)" python -P -m pytest -q -m gpu --continue-on-collection-errors -p no:cacheprovider tests/ 2>&1 \
   | tee "$LOGS/gpu_tests.log" || status=1
 report
-timeout -k 3 "$(limit 90)" python -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \
+timeout -k 3 "$(limit 90)" python -P -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \
   | tee "$LOGS/gpu_bench.log" || status=1
 report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU
