@@ -8,9 +8,9 @@
 Weights do not change memory or time, so the pipeline's components are built from the configs below, with
 random weights, directly on the device in their run dtype (bf16; the VAE fp32 as the adapters load it): no
 download, no checkpoint on disk, seconds instead of minutes of CPU initialisation for ~7B (SD3.5-M + T5-XXL)
-or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the tests' offline single-character ones
-(tests/tiny_models.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 / 512 for FLUX), so
-every tensor has its real shape.
+or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the offline single-character stand-ins
+(densegrpo_fast/policies/architectures.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 /
+512 for FLUX), so every tensor has its real shape.
 
 They go into the real adapters (``SD3Policy`` / ``FluxPolicy``), and the iteration is the trainer's own:
 ``trainer.setup`` (LoRA, AdamW, EMA; the policy injected), ``trainer.collect`` (prompt encoding, the SDE
@@ -65,24 +65,13 @@ import torch  # noqa: E402
 from densegrpo_fast.config import TrainConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the offline tokenizers and the --tiny pipelines
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the --tiny pipelines
 
 RECIPES = {"sd3": ROOT / "configs" / "sd35m_pickscore.yaml", "flux": ROOT / "configs" / "flux_pickscore.yaml"}
 GIB = 2**30
 
-from densegrpo_fast.policies.architectures import (  # noqa: E402  (the full-size configs)
-    CLIP_G,
-    CLIP_L,
-    DEFAULT_SEQ,
-    FLUX_DEV_TRANSFORMER,
-    FLUX_SCHEDULER,
-    FLUX_VAE,
-    KNOWN_PARAMS,
-    SD3_SCHEDULER,
-    SD3_VAE,
-    SD35M_TRANSFORMER,
-    T5_XXL,
-)
+from densegrpo_fast.policies import architectures  # noqa: E402  (the full-size configs)
+from densegrpo_fast.policies.architectures import DEFAULT_SEQ, KNOWN_PARAMS  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -100,58 +89,32 @@ def _built_on(device: torch.device, dtype: torch.dtype):
 def full_size_components(family: str, device: torch.device, dtype: torch.dtype) -> dict:
     """The pipeline's models at full size with random weights, built on ``device``: the transformer and text
     encoders in ``dtype``, the VAE in fp32 (as ``DiffusersPolicy`` loads it)."""
-    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
 
-    def make(ctor, dt):
+    def make(name, ctor):
+        dt = torch.float32 if name == "vae" else dtype
         with _built_on(device, dt):
             module = ctor()
         # buffers computed in fp32 (SD3's position table) follow; nn.Module.to skips diffusers' from_pretrained
         # advice, which does not apply to a model built in place
         return torch.nn.Module.to(module, device=device, dtype=dt)
 
-    t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))
-    if family == "sd3":
-        return {
-            "transformer": make(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER), dtype),
-            "text_encoder": make(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L)), dtype),
-            "text_encoder_2": make(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), dtype),
-            "text_encoder_3": make(t5, dtype),
-            "vae": make(lambda: AutoencoderKL(**SD3_VAE), torch.float32),
-        }
-    return {
-        "transformer": make(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), dtype),
-        "text_encoder": make(lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L)), dtype),
-        "text_encoder_2": make(t5, dtype),
-        "vae": make(lambda: AutoencoderKL(**FLUX_VAE), torch.float32),
-    }
+    return {name: make(name, ctor) for name, ctor in architectures.full_size_models(family).items()}
 
 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
     """``StableDiffusion3Pipeline`` / ``FluxPipeline`` with random components: tiny (tests/tiny_models.py,
-    fp32 on the CPU) or full size on ``device``."""
+    fp32 on the CPU) or full size on ``device``, with the stand-in tokenizers."""
     import tiny_models
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
     if tiny:
         return tiny_models.sd3_pipeline(seed) if family == "sd3" else tiny_models.flux_pipeline(seed)
     torch.manual_seed(seed)
     parts = full_size_components(family, device, dtype)
-    if family == "sd3":
-        return StableDiffusion3Pipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), tokenizer=tiny_models.clip_tokenizer(77),
-            tokenizer_2=tiny_models.clip_tokenizer(77), tokenizer_3=tiny_models.t5_tokenizer(), **parts,
-        )  # fmt: skip
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), tokenizer=tiny_models.clip_tokenizer(77),
-        tokenizer_2=tiny_models.t5_tokenizer(), **parts,
-    )  # fmt: skip
+    pipeline = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    return pipeline(
+        scheduler=architectures.scheduler(family), **architectures.stand_in_tokenizers(family), **parts
+    )
 
 
 def param_counts(modules: dict) -> dict[str, float]:

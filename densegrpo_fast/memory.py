@@ -314,11 +314,7 @@ def fake_mode_of(module: torch.nn.Module):
 def policy_modules(policy) -> dict[str, torch.nn.Module]:
     """The modules of ``policy`` whose calls are profiled (the transformer, the text encoders, the VAE's
     decoder) and every model it holds (for the weights' bytes)."""
-    if hasattr(policy, "pipe"):
-        parts = {k: v for k, v in policy.pipe.components.items() if isinstance(v, torch.nn.Module)}
-    else:  # the toy: one module
-        parts = {"transformer": policy.transformer}
-    return parts
+    return {k: v for k, v in policy.pipe.components.items() if isinstance(v, torch.nn.Module)}
 
 
 def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, torch.nn.Module]:
@@ -570,6 +566,14 @@ def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
     return models, others
 
 
+def _check_family(cfg) -> None:
+    if cfg.model.family not in ("sd3", "flux"):
+        raise ValueError(
+            f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy "
+            "runs on the CPU in a few hundred MiB"
+        )
+
+
 def fake_policy(cfg, mode):
     """The ``cfg.model`` policy (sd3 or flux) with fake weights: the models are built from the checkpoint's
     configs when it is on disk (a directory, or in the Hugging Face cache), from the built-in full-size
@@ -579,11 +583,7 @@ def fake_policy(cfg, mode):
     from densegrpo_fast.policies.pretrained import as_dtype, resolve_pretrained
 
     m = cfg.model
-    if m.family not in ("sd3", "flux"):
-        raise ValueError(
-            f"model.family={m.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy runs "
-            "on the CPU in a few hundred MiB"
-        )
+    _check_family(cfg)
     if m.family == "sd3":
         from densegrpo_fast.policies.sd3 import SD3Policy as Adapter
     else:
@@ -644,11 +644,7 @@ def run_memory(
     from densegrpo_fast.rewards import build_reward
 
     cfg = load_config(TrainConfig, config, overrides)
-    if cfg.model.family not in ("sd3", "flux"):
-        raise ValueError(
-            f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy "
-            "runs on the CPU in a few hundred MiB"
-        )
+    _check_family(cfg)  # before the reward loads
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length

@@ -197,3 +197,12 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     assert out["source"] == str(sd3_dir) and out["peak"] == max(out["phases"].values()) > sum(
         out["weights"].values()
     )
+
+
+def test_the_toy_is_refused_with_the_reason():
+    from pathlib import Path
+
+    from densegrpo_fast.memory import run_memory
+
+    with pytest.raises(ValueError, match="model.family='toy'.*GPU models"):
+        run_memory(str(Path(__file__).parents[1] / "configs" / "toy_geneval.yaml"), [])
