@@ -161,24 +161,19 @@ def _velocity(policy: Policy, x, sigma, cond: PromptEmbeds, guidance_scale: floa
     """``policy.velocity`` of ``x`` [n * B, ...] at the one grid point ``sigma`` (a 0-d tensor), where row r
     takes prompt row ``r % B`` of ``cond`` (B rows: the main rows, then n - 1 stacks of completions).
 
-    With ``max_rows`` the rows go in calls of at most that many, and each call gathers only its own prompt
-    rows: the n-fold copy of ``cond`` (n * B rows of [L, D] embeddings, more than the latents themselves at
-    SD3 / FLUX sizes) is never built.
+    With ``max_rows`` the rows go in calls of at most that many. Each call's conditioning indexes ``cond``'s
+    tables, so only that call's rows of [L, D] embeddings are gathered (at SD3 / FLUX sizes they outweigh
+    the latents).
     """
     total, B = x.shape[0], len(cond)
-    if max_rows is None or total <= max_rows:
-        return policy.velocity(x, sigma.expand(total), _repeat(cond, total // B), guidance_scale)
-    prompt_row = torch.arange(total, device=cond.embeds.device) % B
+    prompt_row = torch.arange(total, device=x.device) % B
+    step = total if max_rows is None else max_rows
     parts = []
-    for s in range(0, total, max_rows):
-        idx = slice(s, s + max_rows)
+    for s in range(0, total, step):
+        idx = slice(s, s + step)
         n = x[idx].shape[0]
         parts.append(policy.velocity(x[idx], sigma.expand(n), cond.index(prompt_row[idx]), guidance_scale))
-    return torch.cat(parts)
-
-
-def _repeat(cond: PromptEmbeds, n: int) -> PromptEmbeds:
-    return cond if n == 1 else PromptEmbeds.cat([cond] * n)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()

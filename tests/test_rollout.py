@@ -107,6 +107,7 @@ def test_max_rows_per_call_caps_every_call_and_changes_nothing_else(policy, cond
 
     def counted(x, sigma, c, g=1.0):
         assert len(c) == x.shape[0] == sigma.shape[0]
+        assert c.tables["embeds"] is cond.tables["embeds"]  # each call indexes the batch's table: no copies
         sizes.append(x.shape[0])
         return velocity(x, sigma, c, g)
 

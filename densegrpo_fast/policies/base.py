@@ -8,54 +8,119 @@ Conventions are those of ALGORITHM.md §1: ``x_sigma = (1 - sigma) * x0 + sigma 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Protocol, runtime_checkable
 
 import torch
 
 
-@dataclass
 class PromptEmbeds:
-    """Conditioning for a batch of prompts, already on the policy's device.
+    """Conditioning for a batch of B rows, already on the policy's device.
 
-    Shape:
+    What a policy reads (per row):
         embeds:   [B, L, D]  token embeddings (SD3: joint CLIP/T5 sequence)
         pooled:   [B, P]     pooled text vector
         neg_embeds / neg_pooled: the same for the negative (empty) prompt, or None when CFG is off.
+
+    What it holds: a table per field and a row index. The B rows of a batch repeat few prompts (a group of
+    G rows shares one, and the in-flight completions stack the batch n times), so the table keeps one row
+    per distinct prompt and ``rows`` [B] (a LongTensor, or None for "row b is table row b") points into it.
+    SD3.5's recipe holds 48 table rows of [333, 4096] for its 1152 trajectories instead of 1152 copies
+    (2.9 GiB in bf16). Reading a field gathers the rows (a new [B, ...] tensor): policies read each field
+    once per transformer call, so only the call's own rows are ever materialised. A one-row table (the empty
+    prompt's negative) is read as a broadcast view of its row, and costs nothing.
     """
 
-    embeds: torch.Tensor
-    pooled: torch.Tensor
-    neg_embeds: torch.Tensor | None = None
-    neg_pooled: torch.Tensor | None = None
+    FIELDS = ("embeds", "pooled", "neg_embeds", "neg_pooled")
+
+    def __init__(
+        self,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        neg_embeds: torch.Tensor | None = None,
+        neg_pooled: torch.Tensor | None = None,
+        *,
+        rows: torch.Tensor | None = None,
+    ):
+        U = embeds.shape[0]
+        if pooled.shape[0] != U:
+            raise ValueError(
+                f"pooled has {pooled.shape[0]} rows and embeds {U}: give one pooled row per embeds row"
+            )
+        if (neg_embeds is None) != (neg_pooled is None):
+            raise ValueError("neg_embeds and neg_pooled: give both (CFG) or neither")
+        for name, t in (("neg_embeds", neg_embeds), ("neg_pooled", neg_pooled)):
+            if t is not None and t.shape[0] not in (1, U):
+                raise ValueError(
+                    f"{name} has {t.shape[0]} rows: give 1 (broadcast to every row) or one per embeds row ({U})"
+                )
+        if rows is not None and (rows.ndim != 1 or rows.dtype != torch.long):
+            raise ValueError(
+                f"rows must be a 1-d LongTensor of table rows, got {rows.dtype} of shape {tuple(rows.shape)}"
+            )
+        self.tables = dict(zip(self.FIELDS, (embeds, pooled, neg_embeds, neg_pooled), strict=True))
+        self.rows = rows
+
+    @classmethod
+    def deduplicated(cls, encode, prompts: list[str], negative=None) -> PromptEmbeds:
+        """``encode(distinct_prompts) -> (embeds, pooled)`` run once per distinct prompt, in first-seen order;
+        the B rows of ``prompts`` index the result (a group of G copies costs one encoder row and one table
+        row). ``negative``: ``(embeds, pooled)`` of the negative prompt, one row each, or None."""
+        unique = list(dict.fromkeys(prompts))
+        embeds, pooled = encode(unique)
+        rows = None
+        if len(unique) != len(prompts):
+            pos = {p: i for i, p in enumerate(unique)}
+            rows = torch.tensor([pos[p] for p in prompts], device=embeds.device)
+        return cls(embeds, pooled, *(negative or (None, None)), rows=rows)
 
     def __len__(self) -> int:
-        return self.embeds.shape[0]
+        return self.tables["embeds"].shape[0] if self.rows is None else self.rows.shape[0]
 
-    def _map(self, fn) -> PromptEmbeds:
-        return PromptEmbeds(
-            **{f.name: (None if (t := getattr(self, f.name)) is None else fn(t)) for f in fields(self)}
-        )
+    def _read(self, name: str) -> torch.Tensor | None:
+        t = self.tables[name]
+        if t is None:
+            return None
+        if t.shape[0] == 1 and self.tables["embeds"].shape[0] != 1:  # one row for all: a broadcast view
+            return t.expand(len(self), *t.shape[1:])
+        return t if self.rows is None else t[self.rows]
+
+    @property
+    def embeds(self) -> torch.Tensor:
+        return self._read("embeds")
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        return self._read("pooled")
+
+    @property
+    def neg_embeds(self) -> torch.Tensor | None:
+        return self._read("neg_embeds")
+
+    @property
+    def neg_pooled(self) -> torch.Tensor | None:
+        return self._read("neg_pooled")
+
+    def _table_rows(self) -> torch.Tensor:
+        if self.rows is not None:
+            return self.rows
+        return torch.arange(self.tables["embeds"].shape[0], device=self.tables["embeds"].device)
 
     def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
-        """Rows ``idx`` of every field (``idx`` a slice or a LongTensor of row indices)."""
-        return self._map(lambda t: t[idx])
-
-    def repeat_interleave(self, n: int) -> PromptEmbeds:
-        """Each prompt repeated ``n`` times in place (a prompt's group stays contiguous)."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0))
+        """Rows ``idx`` (a slice or a LongTensor of row indices), sharing this batch's tables (no copy)."""
+        return PromptEmbeds(**self.tables, rows=self._table_rows()[idx])
 
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
+        """The parts' rows one after the other. Parts that share their tables (rows of one batch) give a
+        batch that shares them too; otherwise the rows are gathered into new tables."""
         first = parts[0]
-        return PromptEmbeds(
-            **{
-                f.name: (
-                    None if getattr(first, f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
-                )
-                for f in fields(first)
-            }
-        )
+        if all(p.tables[f] is first.tables[f] for p in parts for f in PromptEmbeds.FIELDS):
+            return PromptEmbeds(**first.tables, rows=torch.cat([p._table_rows() for p in parts]))
+        gathered = {
+            f: None if first.tables[f] is None else torch.cat([p._read(f) for p in parts])
+            for f in PromptEmbeds.FIELDS
+        }
+        return PromptEmbeds(**gathered)
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ import math
 import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
-from densegrpo_fast.policies.pretrained import DiffusersPolicy, encode_deduplicated
+from densegrpo_fast.policies.pretrained import DiffusersPolicy
 
 DEFAULT_REPO = "black-forest-labs/FLUX.1-dev"
 COMPONENTS = {
@@ -70,9 +70,10 @@ class FluxPolicy(DiffusersPolicy):
         return embeds, pooled
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
-        """``embeds`` [B, L, D] (T5) and ``pooled`` [B, P] (CLIP); never negative embeds (guidance is an
-        input of the distilled model, not a second batch), whatever ``with_negative`` says."""
-        return PromptEmbeds(*encode_deduplicated(self._encode, prompts))
+        """``embeds`` [B, L, D] (T5) and ``pooled`` [B, P] (CLIP), one encoder row per distinct prompt;
+        never negative embeds (guidance is an input of the distilled model, not a second batch), whatever
+        ``with_negative`` says."""
+        return PromptEmbeds.deduplicated(self._encode, prompts)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
@@ -92,13 +93,14 @@ class FluxPolicy(DiffusersPolicy):
             )
         packed = FluxPipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, x.device, self.dtype)
-        txt_ids = torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=self.dtype)
+        embeds = cond.embeds  # gathered once: [B, L, D]
+        txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype)
         out = self.transformer(
             hidden_states=packed,
             timestep=sigma.float(),
             guidance=guidance,
             pooled_projections=cond.pooled.to(self.dtype),
-            encoder_hidden_states=cond.embeds.to(self.dtype),
+            encoder_hidden_states=embeds.to(self.dtype),
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,

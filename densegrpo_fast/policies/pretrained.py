@@ -118,18 +118,6 @@ def resolve_pretrained(
     return root
 
 
-def encode_deduplicated(encode, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``encode(unique_prompts) -> (embeds, pooled)`` run once per distinct prompt, gathered back to
-    ``prompts``' rows (a group of G copies costs one encoder row)."""
-    unique = list(dict.fromkeys(prompts))
-    embeds, pooled = encode(unique)
-    if len(unique) == len(prompts):
-        return embeds, pooled
-    pos = {p: i for i, p in enumerate(unique)}
-    idx = torch.tensor([pos[p] for p in prompts], device=embeds.device)
-    return embeds[idx], pooled[idx]
-
-
 class DiffusersPolicy:
     """Base of the adapters built on a diffusers pipeline: the parts of the
     :class:`~densegrpo_fast.policies.base.Policy` contract that do not depend on the family.

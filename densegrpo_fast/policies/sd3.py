@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity
-from densegrpo_fast.policies.pretrained import DiffusersPolicy, encode_deduplicated
+from densegrpo_fast.policies.pretrained import DiffusersPolicy
 
 DEFAULT_REPO = "stabilityai/stable-diffusion-3.5-medium"
 COMPONENTS = {
@@ -82,16 +82,11 @@ class SD3Policy(DiffusersPolicy):
         return embeds, pooled
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
-        """``embeds`` [B, 77 + L, D] and ``pooled`` [B, P] as the pipeline encodes them; the negative is the
-        empty prompt's, broadcast to the B rows (read-only views)."""
-        embeds, pooled = encode_deduplicated(self._encode, prompts)
-        if not with_negative:
-            return PromptEmbeds(embeds, pooled)
-        if self._negative is None:
+        """``embeds`` [B, 77 + L, D] and ``pooled`` [B, P] as the pipeline encodes them, one encoder row per
+        distinct prompt; the negative is the empty prompt's, encoded once per policy and broadcast."""
+        if with_negative and self._negative is None:
             self._negative = self._encode([""])
-        neg_e, neg_p = self._negative
-        B = len(prompts)
-        return PromptEmbeds(embeds, pooled, neg_e.expand(B, -1, -1), neg_p.expand(B, -1))
+        return PromptEmbeds.deduplicated(self._encode, prompts, self._negative if with_negative else None)
 
     def forward_raw(
         self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor

@@ -129,12 +129,7 @@ class ToyPolicy(nn.Module):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
-        embeds, pooled = self.embed(prompts)
-        if not with_negative:
-            return PromptEmbeds(embeds, pooled)
-        neg_e, neg_p = self.embed([""])
-        B = len(prompts)
-        return PromptEmbeds(embeds, pooled, neg_e.expand(B, -1, -1).clone(), neg_p.expand(B, -1).clone())
+        return PromptEmbeds.deduplicated(self.embed, prompts, self.embed([""]) if with_negative else None)
 
     def forward_raw(
         self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
