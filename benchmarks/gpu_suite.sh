@@ -11,12 +11,15 @@
 # (the device tool's output folder; at most 8 files come back from it, and these are 8).
 #
 # Packages. The package also needs diffusers, transformers, peft (LoRA) and pydantic. The lent H100/H200
-# machines have no network, and their image (.library/device/KINDS.md) lists transformers and peft but not
-# diffusers nor pydantic. Wheels in wheels/ (gitignored) are installed first, into /tmp/site, ahead on
-# PYTHONPATH, never over the machine's torch. Make them here, where pip reaches PyPI, then carry them:
+# machines have no network, and their image (.library/device/KINDS.md) holds transformers 5.17 and
+# huggingface_hub 1.33 but not diffusers nor pydantic. benchmarks/gpu_env.sh installs the wheels in wheels/
+# (gitignored) into /tmp/site, ahead on PYTHONPATH, never over the machine's torch, then imports every
+# needed package and names what is missing. Make the wheels here, where pip reaches PyPI, then carry them:
 #
-#   bash benchmarks/gpu_wheels.sh           # -> wheels/*.whl (cp312 manylinux x86_64, this venv's versions;
-#                                           #    24 MB, with the 29 MB tree under the tool's 64 MiB carry)
+#   bash benchmarks/gpu_wheels.sh           # -> wheels/*.whl (cp312 manylinux x86_64, this venv's versions
+#                                           #    and their dependency closure: 28 MB, with the 29 MB tree
+#                                           #    under the tool's 64 MiB carry)
+#   bash benchmarks/gpu_wheels_check.sh     # optional, CPU: the same install over the image's old versions
 #   device tool: run(command="bash benchmarks/gpu_suite.sh", carry=["wheels"], timeout_s=600)
 #
 # Time. One deadline, 585 s after the start (SUITE_BUDGET_S): each step has its own `timeout`, cut to what
@@ -37,35 +40,7 @@
 # G = 8: one group of 8 already fills its 48-row calls from step 5 on, at a sixth of a 48-row batch's time.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-# the lent machines document python3 (their venv's); `timeout` below needs a real `python` binary on PATH
-command -v python >/dev/null || { mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH; }
-if compgen -G "wheels/*.whl" >/dev/null; then
-  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site wheels/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" || echo "installing wheels/ failed"
-fi
-python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || exit 1
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
-if ! python -c "import densegrpo_fast.kernels" 2>/dev/null; then
-  # no usable setuptools offline: expose kernels/ under the package name for this run only
-  ln -sfn ../kernels densegrpo_fast/kernels && trap 'rm -f densegrpo_fast/kernels' EXIT
-  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
-python -c "import densegrpo_fast.kernels as k; print('kernels from', k.__file__)" || exit 1
-python - <<'EOF'
-import importlib.metadata as md
-import importlib.util
-
-need = {"diffusers": "diffusers", "transformers": "transformers", "peft": "peft", "pydantic": "pydantic",
-        "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "matplotlib": "matplotlib"}
-missing = [pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None]
-print("packages:", ", ".join(f"{p} {md.version(p)}" for m, p in need.items() if p not in missing))
-if missing:
-    print(f"MISSING {missing}: the model runs will fail; run `bash benchmarks/gpu_wheels.sh` where pip reaches "
-          "PyPI and carry wheels/ (see this script's header)")
-EOF
+WHEELS=wheels SITE=/tmp/site REQUIRE_CUDA=1 . benchmarks/gpu_env.sh || exit 1
 python -m pip install -q --no-deps pytest-benchmark 2>/dev/null || true
 CSV=benchmarks/results.csv
 before=$( [ -f "$CSV" ] && wc -l < "$CSV" || echo 0 )
