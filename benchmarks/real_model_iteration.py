@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             "updates_per_iteration": cfg.grpo.updates_per_iteration, "resolution": cfg.model.resolution,
             "dtype": cfg.model.dtype, "guidance_scale": cfg.sampling.guidance_scale, "beta": cfg.grpo.beta,
             "lora_rank": cfg.lora.rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+            "offload_text_encoders": cfg.model.offload_text_encoders,
             "recipe_rows": recipe_rows, "overrides": args.overrides,
         },
         "modes": {},
@@ -476,6 +477,7 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     policy = Adapter(pipe, resolution=cfg.model.resolution, max_sequence_length=seq)
     if cfg.model.gradient_checkpointing:  # as load_policy does
         policy.transformer.enable_gradient_checkpointing()
+    policy.offload_text_encoders_(cfg.model.offload_text_encoders)
     result["params_m"] = param_counts(pipe.components)
     probe = Probe(policy, device)
     probe.sync()

@@ -190,9 +190,8 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
             continue
         real = measured.get(family, {})
         pairs = {
-            "rollout + reward": max(
-                (real[k] for k in ("encode", "rollout", "reward") if real.get(k)), default=None
-            ),
+            "prompt encoding": real.get("encode"),
+            "rollout + reward": max((real[k] for k in ("rollout", "reward") if real.get(k)), default=None),
             "update": real.get("update"),
         }
         for phase, value in est.items():

@@ -180,6 +180,12 @@ class ModelSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="sd3/flux: recompute transformer activations in backward (less memory, slower)"
     )
+    offload_text_encoders: bool = Field(
+        False,
+        description="sd3/flux: keep the frozen text encoders in host memory and move them to the device only "
+        "to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB of device memory freed for the "
+        "rollout and update, for two host-device copies per iteration)",
+    )
     sharding: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
         description="under torchrun: fsdp shards the transformer (and the frozen KL reference) over the processes "
@@ -189,7 +195,8 @@ class ModelSection(Section):
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
-        "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing"
+        "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing",
+        "offload_text_encoders",
     )  # fmt: skip
 
     def autocast_context(self):

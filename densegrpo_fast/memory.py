@@ -22,7 +22,9 @@ the data do not steer the code:
   views: they cost virtual memory, and resident memory only where random numbers are drawn (about 5 GB for
   the recipes). :class:`LiveBytes` follows each storage from allocation to release.
 
-The estimate is the peak, per phase, of (weights + live storages + the current call's transient). AdamW's
+The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
+phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update.
+Text encoders kept in host memory (``model.offload_text_encoders``) count during prompt encoding only. AdamW's
 state, created by the first optimizer step, is added where the first iteration did not have it yet, so the
 figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
 counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
@@ -382,7 +384,8 @@ def _stub_targets(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Modul
 class Estimate:
     """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration (weights
     included); ``weights``: every model's parameters and buffers; ``trained``: bytes of the trained
-    weights; ``peak``: the largest phase."""
+    weights; ``peak``: the largest phase; ``offloaded``: the models kept in host memory, on the device
+    only while they run (their weights count there and then)."""
 
     weights: dict[str, int]
     trained: int
@@ -391,9 +394,14 @@ class Estimate:
     calls: dict[str, int]
     profiles: dict[str, list[dict]]
     notes: list[str] = dataclasses.field(default_factory=list)
+    offloaded: list[str] = dataclasses.field(default_factory=list)
 
     def table(self, capacity: int | None = None) -> str:
-        rows = [f"{'weights ' + k:<32}{v / GIB:>9.2f} GiB" for k, v in self.weights.items()]
+        rows = [
+            f"{'weights ' + k:<32}{v / GIB:>9.2f} GiB"
+            + ("  (host; on the device while encoding)" * (k in self.offloaded))
+            for k, v in self.weights.items()
+        ]
         rows.append(f"{'trained weights':<32}{self.trained / GIB:>9.2f} GiB")
         rows += [f"{'peak in ' + k:<32}{v / GIB:>9.2f} GiB" for k, v in self.phases.items()]
         rows.append(f"{'PEAK (allocated)':<32}{self.peak / GIB:>9.2f} GiB")
@@ -403,7 +411,14 @@ class Estimate:
 
 
 def _iterations(
-    cfg, policy, tracker: LiveBytes, reward_fn, iterations: int, seed: int, notes: list[str] | None = None
+    cfg,
+    policy,
+    tracker: LiveBytes,
+    reward_fn,
+    iterations: int,
+    seed: int,
+    notes: list[str] | None = None,
+    encoder_bytes: int = 0,
 ) -> dict[str, int]:
     """``trainer.setup`` then ``iterations`` x (collect, update) under ``tracker``; the peak of each phase of
     the last iteration (live bytes, the weights that existed before not included). The reward's values
@@ -411,9 +426,34 @@ def _iterations(
 
     With one iteration, the phases are those of every later iteration: AdamW's state, created by the first
     optimizer step, is added to the rollout and to the part of the update that ran before that step. A
-    reward that fails on fake images is dropped, with a line in ``notes``."""
+    reward that fails on fake images is dropped, with a line in ``notes``.
+
+    Prompt encoding (sd3/flux) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
+    of offloaded text encoders, are on the device then and only then."""
     from densegrpo_fast import trainer
 
+    @contextlib.contextmanager
+    def encoding():  # stands in for policy.text_encoders_on_device, whose moves have nothing to do here
+        before = tracker.phase
+        tracker.phase = "prompt encoding"
+        tracker.add(encoder_bytes)
+        try:
+            yield
+        finally:
+            tracker.add(-encoder_bytes)
+            tracker.phase = before
+
+    encodes = hasattr(policy, "text_encoders_on_device")
+    if encodes:
+        policy.text_encoders_on_device = encoding
+    try:
+        return _run_iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, trainer)
+    finally:
+        if encodes:
+            del policy.text_encoders_on_device
+
+
+def _run_iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, trainer) -> dict[str, int]:
     with tracker, host_reads_zero():
         run = trainer.setup(cfg, progress=False, policy=policy)
         scorer = reward_fn or run.reward_fn
@@ -454,7 +494,9 @@ def _iterations(
         )
     peaks = tracker.phase_peaks
     late = state if iterations == 1 else 0
+    phases = {"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {}
     return {
+        **phases,
         "rollout + reward": peaks["rollout + reward"] + late,
         "update": max(peaks.get("update", 0) + late, peaks.get("update, stepped", 0)),
     }
@@ -501,15 +543,19 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
 
     if add_adapter is not None:
         transformer.add_adapter = fake_adapter
+    # offloaded text encoders: on the device only while the policy encodes (see _iterations)
+    on_host = getattr(policy, "offload_text_encoders", False)
+    host = [k for k in parts if k.startswith("text_encoder")] if on_host else []
+    host_bytes = sum(weights[k] for k in host)
     notes: list[str] = []
     try:
-        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes)
+        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes)
     finally:
         for s in stubs:
             s.restore()
         if add_adapter is not None:
             del transformer.add_adapter
-    base = sum(weights.values())
+    base = sum(weights.values()) - host_bytes
     trained = storage_bytes([p for p in transformer.parameters() if p.requires_grad])
     phases = {k: v + base for k, v in phases.items()}
     profiles = {
@@ -520,8 +566,9 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
         for s in stubs
     }
     return Estimate(
-        weights, trained, phases, max(phases.values()), {s.name: s.calls for s in stubs}, profiles
-    )
+        weights, trained, phases, max(phases.values()), {s.name: s.calls for s in stubs}, profiles,
+        offloaded=host,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -615,15 +662,22 @@ def fake_policy(cfg, mode):
     policy = Adapter(pipe, resolution=m.resolution, max_sequence_length=length)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
+    policy.offload_text_encoders = m.offload_text_encoders  # (no move: see estimate_run)
     return policy, source
 
 
 def _advice(phase: str, cfg) -> str:
+    off = (
+        ""
+        if cfg.model.offload_text_encoders
+        else "; model.offload_text_encoders=true frees the text encoders' weights"
+    )
     if phase == "update":
         gc = "" if cfg.model.gradient_checkpointing else " or model.gradient_checkpointing=true"
-        return f"the update's micro-batches hold the activations: lower grpo.train_batch_size{gc}"
+        return f"the update's micro-batches hold the activations: lower grpo.train_batch_size{gc}{off}"
     return (
         "the rollout holds the batch and its calls: lower sampling.max_rows_per_call or prompts_per_iteration"
+        + off
     )
 
 

@@ -19,6 +19,7 @@ from densegrpo_fast.config import TrainConfig, load_config
 from densegrpo_fast.memory import (
     LiveBytes,
     Stub,
+    _advice,
     estimate_run,
     fake_policy,
     measure_run,
@@ -88,10 +89,14 @@ def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype,
             _measure_and_estimate, sd3_dir, tmp_path, dtype, extra
         ).result(timeout=600)
     assert source == str(sd3_dir)
-    assert set(phases) == set(measured) == {"rollout + reward", "update"}
+    assert set(phases) == set(measured) == {"prompt encoding", "rollout + reward", "update"}
+    scale = measured["rollout + reward"] - weights
     for phase, real in measured.items():
-        # the live part (what grows with the batch) within 2 % of the real run's
-        assert phases[phase] - weights == pytest.approx(real - weights, rel=0.02), phase
+        # the live part (what grows with the batch) within 2 % of the real run's. The tiny model's prompt
+        # encoding holds ~0.2 MB, where a few kB the estimate misses in every phase alike (15 kB in the fp32
+        # case) are 8 %: that phase is held to 2 % of the rollout's live part (at full size it is ~10 GiB)
+        tol = 0.02 * (scale if phase == "prompt encoding" else real - weights)
+        assert abs((phases[phase] - weights) - (real - weights)) <= tol, (phase, phases[phase], real)
     assert calls["transformer"] > 0 and calls["vae.decoder"] > 0
 
 
@@ -129,8 +134,10 @@ def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (
         sum(weights.values()),
         sum(v for k, v in weights.items() if not k.startswith("reward.")),
     )
-    for phase, real in measured.items():  # the live parts, the reward's calls included
-        assert phases[phase] - every == pytest.approx(real - policy_weights, rel=0.02), phase
+    scale = measured["rollout + reward"] - policy_weights
+    for phase, real in measured.items():  # the live parts, the reward's calls included (tolerance: above)
+        tol = 0.02 * (scale if phase == "prompt encoding" else real - policy_weights)
+        assert abs((phases[phase] - every) - (real - policy_weights)) <= tol, (phase, phases[phase], real)
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
@@ -167,6 +174,43 @@ def test_a_stub_books_the_call_it_stands_for():
         assert all(p.grad is not None for p in net.parameters())  # fake gradients, so AdamW builds its state
     stub.restore()
     assert net.forward.__self__ is net
+
+
+def _estimate(checkpoint, tmp_path, extra):
+    """In a process of its own: the estimate of the tiny run with ``extra`` overrides."""
+    torch.set_num_threads(1)
+    cfg = _config(checkpoint, tmp_path, "fp32", extra)
+    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0])
+    return est.phases, est.weights, est.offloaded, est.table()
+
+
+def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    runs = {}
+    for offload in (False, True):  # a process each (see above)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs[offload] = pool.submit(
+                _estimate, sd3_dir, tmp_path / str(offload), (f"model.offload_text_encoders={offload}",)
+            ).result(timeout=600)
+    (kept, weights, none, _), (moved, _, offloaded, table) = runs[False], runs[True]
+    assert none == [] and offloaded == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    host = sum(weights[k] for k in offloaded)
+    # while encoding every weight is on the device either way; after it, the offloaded encoders are not
+    assert moved["prompt encoding"] == kept["prompt encoding"]
+    assert kept["rollout + reward"] - moved["rollout + reward"] == host
+    assert kept["update"] - moved["update"] == host
+    assert table.count("(host; on the device while encoding)") == 3
+
+
+def test_the_advice_names_the_knobs_left(sd3_dir, tmp_path):
+    on = _config(sd3_dir, tmp_path / "on", "fp32", ("model.offload_text_encoders=true",))
+    off = _config(sd3_dir, tmp_path / "off", "fp32")
+    assert "offload_text_encoders" in _advice("update", off) and "offload_text_encoders" in _advice(
+        "rollout", off
+    )
+    assert "offload_text_encoders" not in _advice("update", on) + _advice("rollout", on)
 
 
 def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):

@@ -127,14 +127,23 @@ def test_default_lora_targets_cover_both_block_kinds(policy):
 
 def test_loads_a_diffusers_directory_and_names_missing_parts(pipe, policy, tmp_path):
     pipe.save_pretrained(tmp_path / "flux")
-    loaded = load_policy("flux", str(tmp_path / "flux"), "cpu", dtype="fp32", **OPTS)
-    assert isinstance(loaded, FluxPolicy)
+    loaded = load_policy(
+        "flux", str(tmp_path / "flux"), "cpu", dtype="fp32", offload_text_encoders=True, **OPTS
+    )
+    assert isinstance(loaded, FluxPolicy) and loaded.offload_text_encoders
+    moves = []
+    for name in ("text_encoder", "text_encoder_2"):
+        module = loaded.pipe.components[name]
+        module.to = lambda device, _to=module.to, _name=name: (
+            moves.append((_name, str(device))) or _to(device)
+        )
     x = torch.randn(1, *policy.latent_shape)
     sigma = torch.tensor([0.6])
     torch.testing.assert_close(
         loaded.velocity(x, sigma, loaded.encode_prompts(PROMPTS[:1]), 3.5),
         policy.velocity(x, sigma, policy.encode_prompts(PROMPTS[:1]), 3.5),
     )
+    assert moves == [("text_encoder", "cpu"), ("text_encoder_2", "cpu")] * 2  # in for the encode, then out
     for f in (tmp_path / "flux" / "transformer").glob("*.safetensors"):
         f.unlink()
     with pytest.raises(ValueError, match=r"not a complete FluxPipeline checkpoint: missing transformer/"):

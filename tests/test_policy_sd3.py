@@ -115,10 +115,55 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance):
     assert ours.abs().max() > 0.1  # a real trajectory, not a collapsed one
 
 
+def _device_moves(policy, monkeypatch) -> list[tuple[str, str]]:
+    """Records (encoder, device) for each ``.to`` of the policy's text encoders."""
+    moves = []
+    for name, module in policy.pipe.components.items():
+        if name.startswith("text_encoder"):
+
+            def to(device, _module=module, _name=name, _to=module.to):
+                moves.append((_name, str(device)))
+                return _to(device)
+
+            monkeypatch.setattr(module, "to", to, raising=False)
+    return moves
+
+
+def test_offloaded_text_encoders_come_to_the_device_only_to_encode(pipe, policy, monkeypatch):
+    """On the CPU every device is the host: what is checked is when the encoders move, and that the
+    embeddings do not change."""
+    offloaded = SD3Policy(pipe, **OPTS)
+    moves = _device_moves(offloaded, monkeypatch)
+    offloaded.offload_text_encoders_(True)
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert moves == [(n, "cpu") for n in names]
+    moves.clear()
+    cond = offloaded.encode_prompts(PROMPTS)  # the negative too: one round trip for both
+    assert moves == [(n, "cpu") for n in names] * 2  # to policy.device (the CPU here), then back
+    moves.clear()
+    offloaded.encode_prompts(PROMPTS)
+    assert len(moves) == 6
+    moves.clear()
+    policy.encode_prompts(PROMPTS)
+    assert moves == []  # not offloaded: never moved
+    ref = policy.encode_prompts(PROMPTS)
+    for f in ("embeds", "pooled", "neg_embeds", "neg_pooled"):
+        torch.testing.assert_close(getattr(cond, f), getattr(ref, f), rtol=0, atol=0)
+    offloaded.offload_text_encoders_(False)
+
+
 def test_loads_a_diffusers_directory(sd3_dir, policy):
-    loaded = load_policy("sd3", str(sd3_dir), "cpu", dtype="fp32", gradient_checkpointing=True, **OPTS)
+    loaded = load_policy(
+        "sd3",
+        str(sd3_dir),
+        "cpu",
+        dtype="fp32",
+        gradient_checkpointing=True,
+        offload_text_encoders=True,
+        **OPTS,
+    )
     assert isinstance(loaded, SD3Policy) and loaded.latent_shape == policy.latent_shape
-    assert loaded.transformer.gradient_checkpointing
+    assert loaded.transformer.gradient_checkpointing and loaded.offload_text_encoders
     assert loaded.pipe.vae.dtype == torch.float32
     x = torch.randn(2, *policy.latent_shape)
     sigma = torch.tensor([0.8, 0.4])
@@ -291,6 +336,10 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
     "overrides,match",
     [
         (["model.dtype=bf16"], r"model.dtype \('bf16'\) applies to model.family sd3/flux only"),
+        (
+            ["model.offload_text_encoders=true"],
+            r"model.offload_text_encoders \(True\) applies to model.family sd3",
+        ),
         (["sampling.shift=null"], "the toy model has no scheduler of its own"),
         (
             ["model.family=sd3", "model.checkpoint=/no/such/dir"],
@@ -314,4 +363,5 @@ def test_model_section_accepts_repo_ids_and_passes_the_adapter_options():
     cfg = load_config(TrainConfig, None, ["model.family=sd3", "model.checkpoint=stabilityai/stable-diffusion-3.5-medium",
                                           "model.dtype=bf16", "sampling.shift=null"])  # fmt: skip
     assert cfg.model.adapter_options() == dict(dtype="bf16", resolution=512, max_sequence_length=None,
-                                               local_files_only=True, gradient_checkpointing=False)  # fmt: skip
+                                               local_files_only=True, gradient_checkpointing=False,
+                                               offload_text_encoders=False)  # fmt: skip

@@ -19,6 +19,7 @@ def load_policy(
     max_sequence_length: int | None = None,
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,
+    offload_text_encoders: bool = False,
 ) -> Policy:
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
@@ -42,5 +43,6 @@ def load_policy(
         )  # fmt: skip
         if gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
+        policy.offload_text_encoders_(offload_text_encoders)
         return policy
     raise ValueError(f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}")

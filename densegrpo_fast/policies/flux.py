@@ -73,7 +73,8 @@ class FluxPolicy(DiffusersPolicy):
         """``embeds`` [B, L, D] (T5) and ``pooled`` [B, P] (CLIP), one encoder row per distinct prompt;
         never negative embeds (guidance is an input of the distilled model, not a second batch), whatever
         ``with_negative`` says."""
-        return PromptEmbeds.deduplicated(self._encode, prompts)
+        with self.text_encoders_on_device():
+            return PromptEmbeds.deduplicated(self._encode, prompts)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0

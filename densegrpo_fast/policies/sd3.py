@@ -84,9 +84,10 @@ class SD3Policy(DiffusersPolicy):
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, 77 + L, D] and ``pooled`` [B, P] as the pipeline encodes them, one encoder row per
         distinct prompt; the negative is the empty prompt's, encoded once per policy and broadcast."""
-        if with_negative and self._negative is None:
-            self._negative = self._encode([""])
-        return PromptEmbeds.deduplicated(self._encode, prompts, self._negative if with_negative else None)
+        with self.text_encoders_on_device():
+            if with_negative and self._negative is None:
+                self._negative = self._encode([""])
+            return PromptEmbeds.deduplicated(self._encode, prompts, self._negative if with_negative else None)
 
     def forward_raw(
         self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
