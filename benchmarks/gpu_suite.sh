@@ -69,9 +69,9 @@ report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU
 # cores while the GPU runs (not in $OUT, which takes 8 files: the report compares it with the measured peaks).
 rm -f "$EST"/*
-nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/sd35m_pickscore.yaml --json \
+nice -n 10 timeout -k 3 "$(limit 400)" python -P -m densegrpo_fast memory --config configs/sd35m_pickscore.yaml --json \
   prompts.prompts_per_iteration=2 reward.name=redness 'reward.kwargs={}' > "$EST/estimate_sd3.json" 2> "$EST/estimate_sd3.log" &
-nice -n 10 timeout -k 3 "$(limit 400)" python -m densegrpo_fast memory --config configs/flux_pickscore.yaml --json \
+nice -n 10 timeout -k 3 "$(limit 400)" python -P -m densegrpo_fast memory --config configs/flux_pickscore.yaml --json \
   prompts.prompts_per_iteration=1 sampling.group_size=8 reward.name=redness 'reward.kwargs={}' \
   model.offload_text_encoders=true > "$EST/estimate_flux.json" 2> "$EST/estimate_flux.log" &
 # Real models: the JSON is rewritten after each mode, so a run stopped by its timeout keeps what it measured.

@@ -46,11 +46,16 @@ IMAGE_VERSIONS = {"transformers": "5.17.0", "huggingface-hub": "1.33.0", "tokeni
 IMAGE_EXTRAS = ["tensorboard", "matplotlib", "pytest", "pytest-benchmark", "numpy", "setuptools"]
 
 
+def _env(python: str) -> dict[str, str]:
+    """Marker values of the GPU machine: Linux x86_64 CPython ``python``."""
+    return {"python_version": python, "python_full_version": python + ".0", "platform_machine": "x86_64",
+            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}  # fmt: skip
+
+
 def closure(python: str, extra: list[str] = ()) -> dict[str, str]:
     """name -> installed version for ROOTS + ``extra`` and everything they require on ``python``."""
-    env = {"python_version": python, "python_full_version": python + ".0", "platform_machine": "x86_64",
-           "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}  # fmt: skip
+    env = _env(python)
     seen: dict[str, str] = {}
     todo = [*ROOTS, *extra]
     while todo:
@@ -76,7 +81,7 @@ def problems(python: str = "3.12", extra: list[str] = ()) -> list[str]:
     """Requirements of the carried packages that the GPU machine would not meet: those left to the image
     (IMAGE_HOLDS) whose version there (IMAGE_VERSIONS, where known) falls outside them. Empty when the set
     is whole; gpu_wheels.sh refuses to build otherwise."""
-    env = {"python_version": python, "platform_machine": "x86_64", "sys_platform": "linux", "extra": ""}
+    env = _env(python)
     carried = {n: v for n, v in closure(python, extra).items() if n not in IMAGE_HOLDS}
     out = []
     for name in carried:

@@ -15,7 +15,13 @@ def test_the_carried_set():
     released last; gpu_wheels.sh refuses to build when it does not, and CI does not fail on it.)"""
     pins = dict(p.split("==") for p in gw.pins("3.12"))
     assert {"diffusers", "transformers", "peft", "pydantic"} <= pins.keys()
-    assert not pins.keys() & (gw.NEVER | {"torch"})  # the machine's CUDA torch is never shadowed
+    assert not pins.keys() & gw.IMAGE_HOLDS  # the image's copies are used
+    for name, version in pins.items():  # each at this venv's version, with what it asks for that is not held
+        assert gw.md.version(name) == version
+        for r in map(gw.Requirement, gw.md.requires(name) or []):
+            dep = gw.canonicalize_name(r.name)
+            if r.marker is None or r.marker.evaluate(gw._env("3.12")):
+                assert dep in pins or dep in gw.IMAGE_HOLDS or dep in gw.NEVER, (name, str(r))
 
 
 def test_a_requirement_the_image_does_not_meet_is_named(monkeypatch):

@@ -28,7 +28,7 @@ import torch
 
 from densegrpo_fast import distributed
 from densegrpo_fast.distributed import Dist
-from densegrpo_fast.policies.base import Policy
+from densegrpo_fast.policies.base import Policy, text_encoders_on_device
 
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
@@ -117,7 +117,7 @@ def evaluate(
     desc = "evaluating" if not d.enabled else f"evaluating (rank 0 of {d.world})"
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo) // images_per_prompt, desc=desc, unit="prompt",
                disable=not (progress and d.main))  # fmt: skip
-    with scores_path.open("a") as f:
+    with scores_path.open("a") as f, text_encoders_on_device(policy):
         for s in range(0, len(todo), batch_size):
             items = todo[s : s + batch_size]
             texts = [prompts[i] for i, _ in items]

@@ -672,6 +672,11 @@ def _advice(phase: str, cfg) -> str:
         if cfg.model.offload_text_encoders
         else "; model.offload_text_encoders=true frees the text encoders' weights"
     )
+    if phase == "prompt encoding":
+        return (
+            "prompt encoding holds the text encoders and their activations for the iteration's distinct prompts: "
+            "lower prompts_per_iteration or model.max_sequence_length"
+        )
     if phase == "update":
         gc = "" if cfg.model.gradient_checkpointing else " or model.gradient_checkpointing=true"
         return f"the update's micro-batches hold the activations: lower grpo.train_batch_size{gc}{off}"

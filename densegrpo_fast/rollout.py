@@ -166,6 +166,8 @@ def _velocity(policy: Policy, x, sigma, cond: PromptEmbeds, guidance_scale: floa
     the latents).
     """
     total, B = x.shape[0], len(cond)
+    if total == B and (max_rows is None or total <= max_rows):  # the batch itself: nothing to index
+        return policy.velocity(x, sigma.expand(total), cond, guidance_scale)
     prompt_row = torch.arange(total, device=x.device) % B
     step = total if max_rows is None else max_rows
     parts = []

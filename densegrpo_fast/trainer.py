@@ -38,6 +38,7 @@ from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, save_image_grid
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
+from densegrpo_fast.policies.base import text_encoders_on_device
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import Rollout, completion_starts, sample
@@ -769,18 +770,19 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
     # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
     end = lo + math.ceil(len(prompts) / d.world) if run.sharded else hi
-    for s in range(lo, end, e.batch_size):
-        idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
-        chunk = [prompts[j] for j in idx]
-        noise = all_noise[idx].to(policy.device)
-        ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
-                    max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
-        real = max(0, min(len(idx), hi - s))
-        if real == 0:
-            continue
-        images = policy.decode(ro.latents[:real, -1])
-        for k, fn in fns.items():
-            scores[k].append(fn(images, chunk[:real]).float())
+    with text_encoders_on_device(policy):  # offloaded encoders: one round trip for the whole evaluation
+        for s in range(lo, end, e.batch_size):
+            idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
+            chunk = [prompts[j] for j in idx]
+            noise = all_noise[idx].to(policy.device)
+            ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
+                        max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
+            real = max(0, min(len(idx), hi - s))
+            if real == 0:
+                continue
+            images = policy.decode(ro.latents[:real, -1])
+            for k, fn in fns.items():
+                scores[k].append(fn(images, chunk[:real]).float())
     if not d.enabled:
         return {k: torch.cat(v).mean().item() for k, v in scores.items()}
     zero = torch.zeros((), dtype=torch.float64, device=policy.device)
@@ -914,6 +916,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         bar.set_postfix(post)
         if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
             distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
+        del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
         last = run.iteration == total or (budget is not None and run.wall_s >= budget)
         if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
             _evaluate(run, bar)

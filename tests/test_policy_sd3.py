@@ -152,6 +152,31 @@ def test_offloaded_text_encoders_come_to_the_device_only_to_encode(pipe, policy,
     offloaded.offload_text_encoders_(False)
 
 
+def test_the_encoders_move_once_in_and_always_back(pipe, monkeypatch):
+    """The context on a stand-in device (moves recorded, not made): nested uses move once, and an error
+    inside still sends the encoders back to the host."""
+    offloaded = SD3Policy(pipe, **OPTS)
+    offloaded.offload_text_encoders = True
+    monkeypatch.setattr(SD3Policy, "device", property(lambda self: torch.device("meta")))
+    moves = []
+    for name, module in pipe.components.items():
+        if name.startswith("text_encoder"):
+            monkeypatch.setattr(
+                module, "to", lambda device, _n=name: moves.append((_n, str(device))), raising=False
+            )
+    names = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    with offloaded.text_encoders_on_device():
+        with offloaded.text_encoders_on_device():
+            assert moves == [(n, "meta") for n in names]
+        assert len(moves) == 3  # the inner exit leaves them on the device
+    assert moves[3:] == [(n, "cpu") for n in names]
+    moves.clear()
+    with pytest.raises(RuntimeError, match="boom"), offloaded.text_encoders_on_device():
+        raise RuntimeError("boom")
+    assert moves == [(n, "meta") for n in names] + [(n, "cpu") for n in names]
+    assert offloaded._encoders_in == 0
+
+
 def test_loads_a_diffusers_directory(sd3_dir, policy):
     loaded = load_policy(
         "sd3",

@@ -40,9 +40,9 @@ def load_policy(
         policy = cls.load(
             checkpoint, device=device, dtype=dtype, resolution=resolution,
             max_sequence_length=max_sequence_length, local_files_only=local_files_only,
+            offload_text_encoders=offload_text_encoders,
         )  # fmt: skip
         if gradient_checkpointing:
             policy.transformer.enable_gradient_checkpointing()
-        policy.offload_text_encoders_(offload_text_encoders)
         return policy
     raise ValueError(f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}")

@@ -8,6 +8,7 @@ Conventions are those of ALGORITHM.md §1: ``x_sigma = (1 - sigma) * x0 + sigma 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -107,7 +108,10 @@ class PromptEmbeds:
 
     def index(self, idx: torch.Tensor | slice) -> PromptEmbeds:
         """Rows ``idx`` (a slice or a LongTensor of row indices), sharing this batch's tables (no copy)."""
-        return PromptEmbeds(**self.tables, rows=self._table_rows()[idx])
+        rows = self._table_rows()
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(rows.device)
+        return PromptEmbeds(**self.tables, rows=rows[idx])
 
     @staticmethod
     def cat(parts: list[PromptEmbeds]) -> PromptEmbeds:
@@ -158,6 +162,14 @@ class Policy(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1]."""
         ...
+
+
+def text_encoders_on_device(policy):
+    """``policy.text_encoders_on_device()`` where the adapter offloads its text encoders (sd3/flux with
+    ``model.offload_text_encoders``), else nothing: an evaluation holds it around its batches so that the
+    encoders come to the device once, not once per batch."""
+    hold = getattr(policy, "text_encoders_on_device", None)
+    return hold() if hold is not None else contextlib.nullcontext()
 
 
 def run_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -170,10 +170,12 @@ class DiffusersPolicy:
         max_sequence_length: int | None = None,
         local_files_only: bool = True,
         cache_dir: str | Path | None = None,
+        offload_text_encoders: bool = False,
     ):
         """Load a diffusers-format checkpoint of this family: a directory, or a repo id (default
         ``cls.default_repo``) from the Hugging Face cache; offline unless ``local_files_only`` is false.
-        Everything but the VAE (fp32) loads in ``dtype``; ``max_sequence_length=None`` takes the family's."""
+        Everything but the VAE (fp32) loads in ``dtype``; ``max_sequence_length=None`` takes the family's.
+        ``offload_text_encoders``: the text encoders stay in host memory (:meth:`offload_text_encoders_`)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
@@ -183,9 +185,16 @@ class DiffusersPolicy:
         )  # fmt: skip
         pipe = pipeline_cls.from_pretrained(
             root, dtype={"default": as_dtype(dtype), "vae": torch.float32}, local_files_only=True
-        ).to(device)
+        )
+        for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
+            if isinstance(module, torch.nn.Module) and not (
+                offload_text_encoders and name.startswith("text_encoder")
+            ):
+                module.to(device)
         length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
-        return cls(pipe, resolution=resolution, max_sequence_length=length)
+        policy = cls(pipe, resolution=resolution, max_sequence_length=length)
+        policy.offload_text_encoders = offload_text_encoders
+        return policy
 
     def scheduler_config(self, *unsupported: str, fix: str):
         """The checkpoint scheduler's config; a ValueError if it sets an option the engine's grid does not
@@ -219,19 +228,27 @@ class DiffusersPolicy:
         for m in self.text_encoders():
             m.to("cpu" if on else self.device)
 
+    _encoders_in = 0  # depth of text_encoders_on_device
+
     @contextlib.contextmanager
     def text_encoders_on_device(self):
-        """The text encoders on the policy's device for the duration (a no-op unless offloaded)."""
+        """The text encoders on the policy's device for the duration (a no-op unless offloaded). Nested
+        uses move them once: in at the outermost entry, back to the host at its exit (an error included).
+        An evaluation holds it around its batches, so that they do not each pay the round trip."""
         if not self.offload_text_encoders:
             yield
             return
+        self._encoders_in += 1
         try:
-            for m in self.text_encoders():
-                m.to(self.device)
+            if self._encoders_in == 1:
+                for m in self.text_encoders():
+                    m.to(self.device)
             yield
         finally:
-            for m in self.text_encoders():
-                m.to("cpu")
+            self._encoders_in -= 1
+            if self._encoders_in == 0:
+                for m in self.text_encoders():
+                    m.to("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
