@@ -8,7 +8,7 @@
 # 2. The package installs editable without dependencies; where that fails (no usable setuptools offline)
 #    a folder holding only a link to densegrpo_fast/ goes on PYTHONPATH, with kernels/ linked under the
 #    package name. Never the checkout itself: its kernels/ would shadow the PyPI `kernels` that
-#    transformers >= 5.25 imports.
+#    transformers >= 5.25 imports. That fallback sets the sourcing shell's EXIT trap (removing the link).
 # 3. Each needed package is imported for real, and the requirements of the carried ones are checked
 #    against what is importable, so a missing or too old dependency is named before any run starts.
 # Returns non-zero when the package or its kernels do not import; prints MISSING lines for the rest.
