@@ -410,6 +410,33 @@ class Estimate:
         return "\n".join(rows)
 
 
+@contextlib.contextmanager
+def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
+    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux) stands in a phase of its own,
+    "prompt encoding", with ``encoder_bytes`` (offloaded encoders' weights) on the device; its moves have
+    nothing to do here."""
+    if not hasattr(policy, "text_encoders_on_device"):
+        yield
+        return
+
+    @contextlib.contextmanager
+    def encoding():
+        before = tracker.phase
+        tracker.phase = "prompt encoding"
+        tracker.add(encoder_bytes)
+        try:
+            yield
+        finally:
+            tracker.add(-encoder_bytes)
+            tracker.phase = before
+
+    policy.text_encoders_on_device = encoding
+    try:
+        yield
+    finally:
+        del policy.text_encoders_on_device
+
+
 def _iterations(
     cfg,
     policy,
@@ -432,29 +459,7 @@ def _iterations(
     of offloaded text encoders, are on the device then and only then."""
     from densegrpo_fast import trainer
 
-    @contextlib.contextmanager
-    def encoding():  # stands in for policy.text_encoders_on_device, whose moves have nothing to do here
-        before = tracker.phase
-        tracker.phase = "prompt encoding"
-        tracker.add(encoder_bytes)
-        try:
-            yield
-        finally:
-            tracker.add(-encoder_bytes)
-            tracker.phase = before
-
-    encodes = hasattr(policy, "text_encoders_on_device")
-    if encodes:
-        policy.text_encoders_on_device = encoding
-    try:
-        return _run_iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, trainer)
-    finally:
-        if encodes:
-            del policy.text_encoders_on_device
-
-
-def _run_iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, trainer) -> dict[str, int]:
-    with tracker, host_reads_zero():
+    with _encoding_phase(policy, tracker, encoder_bytes), tracker, host_reads_zero():
         run = trainer.setup(cfg, progress=False, policy=policy)
         scorer = reward_fn or run.reward_fn
         gen = torch.Generator().manual_seed(seed)
@@ -544,8 +549,10 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     if add_adapter is not None:
         transformer.add_adapter = fake_adapter
     # offloaded text encoders: on the device only while the policy encodes (see _iterations)
+    from densegrpo_fast.policies.pretrained import is_text_encoder
+
     on_host = getattr(policy, "offload_text_encoders", False)
-    host = [k for k in parts if k.startswith("text_encoder")] if on_host else []
+    host = [k for k in parts if is_text_encoder(k)] if on_host else []
     host_bytes = sum(weights[k] for k in host)
     notes: list[str] = []
     try:

@@ -94,6 +94,11 @@ class PromptEmbeds:
         return self._read("pooled")
 
     @property
+    def has_negative(self) -> bool:
+        """Whether negative embeds are present (CFG), without reading them."""
+        return self.tables["neg_embeds"] is not None
+
+    @property
     def neg_embeds(self) -> torch.Tensor | None:
         return self._read("neg_embeds")
 
@@ -186,7 +191,7 @@ def cfg_velocity(
     ``v_neg + g * (v_pos - v_neg)``; a plain conditional call when ``g == 1`` or there are no negative
     embeds. ``sigma``: [B] or a scalar tensor."""
     sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-    if guidance_scale == 1.0 or cond.neg_embeds is None:
+    if guidance_scale == 1.0 or not cond.has_negative:
         return forward_raw(x, sigma, cond.embeds, cond.pooled)
     v = forward_raw(
         torch.cat([x, x]),

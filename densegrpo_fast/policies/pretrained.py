@@ -119,6 +119,11 @@ def resolve_pretrained(
     return root
 
 
+def is_text_encoder(component: str) -> bool:
+    """Whether a pipeline component (``pipe.components``' key) is a text encoder: text_encoder, _2, _3."""
+    return component.startswith("text_encoder")
+
+
 class DiffusersPolicy:
     """Base of the adapters built on a diffusers pipeline: the parts of the
     :class:`~densegrpo_fast.policies.base.Policy` contract that do not depend on the family.
@@ -187,9 +192,7 @@ class DiffusersPolicy:
             root, dtype={"default": as_dtype(dtype), "vae": torch.float32}, local_files_only=True
         )
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
-            if isinstance(module, torch.nn.Module) and not (
-                offload_text_encoders and name.startswith("text_encoder")
-            ):
+            if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 module.to(device)
         length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         policy = cls(pipe, resolution=resolution, max_sequence_length=length)
@@ -217,7 +220,7 @@ class DiffusersPolicy:
 
     def text_encoders(self) -> list[torch.nn.Module]:
         """The pipeline's text encoders (SD3: two CLIPs and T5; FLUX.1: CLIP and T5)."""
-        return [m for k, m in self.pipe.components.items() if k.startswith("text_encoder") and m is not None]
+        return [m for k, m in self.pipe.components.items() if is_text_encoder(k) and m is not None]
 
     def offload_text_encoders_(self, on: bool = True) -> None:
         """Keep the frozen text encoders in host memory (``on``) or on the policy's device. Offloaded, they
