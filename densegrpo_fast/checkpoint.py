@@ -30,8 +30,10 @@ def load_checkpoint(run_dir: Path) -> dict | None:
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (LoRA adapters, or everything in full fine-tuning)."""
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    """The parameters that train (LoRA adapters, or everything in full fine-tuning), not copied: ``torch.save``
+    copies each to the host as it writes it, so a copy here would only add a second transformer on the device
+    during a full fine-tuning's checkpoint."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
 
 
 def check_trainable_names(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -754,9 +754,16 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     training reward) and ``eval_<key>`` for each of ``eval.rewards``."""
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
+    # an extra metric that is the training reward (the recipes name it, for the eval command) is scored once,
+    # by the training reward's model: a second copy would cost its weights on the device and a second pass
+    same = {f"eval_{k}" for k, r in e.rewards.items() if r == cfg.reward}
     fns = {
         "eval_reward": run.reward_fn,
-        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()},
+        **{
+            f"eval_{k}": build_reward(r.name, **r.kwargs)
+            for k, r in e.rewards.items()
+            if f"eval_{k}" not in same
+        },
     }
     prompts = run.eval_prompts.heldout(e.num_prompts)
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
@@ -784,13 +791,15 @@ def heldout_rewards(run: Run) -> dict[str, float]:
             for k, fn in fns.items():
                 scores[k].append(fn(images, chunk[:real]).float())
     if not d.enabled:
-        return {k: torch.cat(v).mean().item() for k, v in scores.items()}
-    zero = torch.zeros((), dtype=torch.float64, device=policy.device)
-    sums = torch.stack(
-        [torch.cat(v).double().sum().to(policy.device) if v else zero for v in scores.values()]
-    )
-    sums = distributed.sum_(d, sums) / len(prompts)
-    return dict(zip(scores, sums.tolist(), strict=True))
+        means = {k: torch.cat(v).mean().item() for k, v in scores.items()}
+    else:
+        zero = torch.zeros((), dtype=torch.float64, device=policy.device)
+        sums = torch.stack(
+            [torch.cat(v).double().sum().to(policy.device) if v else zero for v in scores.values()]
+        )
+        means = dict(zip(scores, (distributed.sum_(d, sums) / len(prompts)).tolist(), strict=True))
+    keys = ["eval_reward", *(f"eval_{name}" for name in e.rewards)]
+    return {k: means["eval_reward" if k in same else k] for k in keys}
 
 
 def export_policy(run: Run, path: Path) -> Path | None:
@@ -940,10 +949,15 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
     save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
 
 
+def ema_heldout_rewards(run: Run) -> dict[str, float]:
+    """:func:`heldout_rewards` of the EMA weights (with LoRA merged for sampling): the run's evaluation."""
+    with ema_weights(run), lora_merged(run):
+        return heldout_rewards(run)
+
+
 def _evaluate(run: Run, bar) -> None:
     bar.set_description_str("evaluating")
-    with ema_weights(run), lora_merged(run):
-        scores = heldout_rewards(run)
+    scores = ema_heldout_rewards(run)
     record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), **scores}
     distributed.on_main(run.dist, functools.partial(run.log.write, record))
     bar.set_description_str(run.name)

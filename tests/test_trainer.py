@@ -86,6 +86,26 @@ def test_trainer_heldout_score_is_the_eval_command_score(tiny_checkpoint, tmp_pa
     assert ours["eval_reward"] == pytest.approx(theirs["partial"], abs=1e-6)
 
 
+def test_an_extra_metric_that_is_the_training_reward_is_scored_once(tiny_checkpoint, tmp_path, monkeypatch):
+    """The recipes name their training reward in eval.rewards too (the eval command scores only those): the
+    trainer's evaluation reuses the training reward's model for it instead of loading a second copy."""
+    import densegrpo_fast.trainer as trainer
+
+    extra = ["model.checkpoint=null", "reward.name=toy_geneval", "reward.kwargs={mode: partial}",
+             "eval.rewards={same: {name: toy_geneval, kwargs: {mode: partial}}, "
+             "strict: {name: toy_geneval, kwargs: {mode: strict}}}",
+             "eval.num_prompts=20", "eval.num_steps=4", "eval.batch_size=16"]  # fmt: skip
+    cfg = load_config(TrainConfig, CONFIG, tiny_overrides(tiny_checkpoint, tmp_path / "run", extra=extra))
+    run = trainer.setup(cfg, progress=False)
+    built = []
+    real = trainer.build_reward
+    monkeypatch.setattr(trainer, "build_reward", lambda name, **kw: built.append(kw) or real(name, **kw))
+    scores = trainer.heldout_rewards(run)
+    assert built == [{"mode": "strict"}]  # the training reward is not built again
+    assert list(scores) == ["eval_reward", "eval_same", "eval_strict"]
+    assert scores["eval_same"] == scores["eval_reward"] != scores["eval_strict"]
+
+
 def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2)
     run = setup(cfg, progress=False)
