@@ -201,6 +201,15 @@ class Probe:
         self.phases, self.counts = {}, {}
         self._start_allocated = torch.cuda.memory_allocated() if self.cuda else 0
 
+    def begin(self, phase: str) -> None:
+        """Begin ``phase`` with fresh peak-memory statistics, keeping the phases recorded so far (the time
+        since the last boundary is dropped)."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            self._start_allocated = torch.cuda.memory_allocated()
+        self.phase, self.t0 = phase, time.perf_counter()
+
     def mark(self, next_phase: str) -> None:
         """End the current phase (seconds after a sync, peak memory) and begin ``next_phase``."""
         self.sync()
@@ -250,7 +259,7 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
             "model.dtype=fp32", f"model.resolution={tiny_models.RESOLUTION}",
             f"model.max_sequence_length={tiny_models.MAX_T5_TOKENS}", "model.num_threads=1",
             "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
-            "sampling.max_rows_per_call=8", "grpo.train_batch_size=4",
+            "sampling.max_rows_per_call=8", "grpo.train_batch_size=4", "eval.num_steps=4", "eval.batch_size=4",
         ]  # fmt: skip
     for key, value in (
         ("prompts.prompts_per_iteration", args.prompts),
@@ -261,7 +270,10 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
     ):
         if value is not None:
             over.append(f"{key}={value}")
-    return load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides])
+    over += args.overrides
+    batch = load_config(TrainConfig, RECIPES[args.family], over).eval.batch_size
+    # one held-out batch (the evaluation measured after the last iteration), as the memory estimate takes it
+    return load_config(TrainConfig, RECIPES[args.family], [*over, f"eval.num_prompts={batch}"])
 
 
 def warm_up(run, probe: Probe) -> None:
@@ -278,9 +290,12 @@ def warm_up(run, probe: Probe) -> None:
     probe.sync()
 
 
-def measure_mode(run, probe: Probe, iterations: int) -> dict:
-    """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one."""
-    from densegrpo_fast.trainer import collect, update
+def measure_mode(run, probe: Probe, iterations: int, after: bool = False) -> dict:
+    """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one. With
+    ``after``, then the rest of a run as the trainer makes it at its end: ``evaluation`` (one held-out batch of
+    the eval section's sampler, EMA weights in, LoRA merged) and ``export`` (its files not written: the
+    device holds none of them)."""
+    from densegrpo_fast.trainer import collect, ema_heldout_rewards, export_policy, update
 
     cfg = run.cfg
     seconds = []
@@ -295,6 +310,20 @@ def measure_mode(run, probe: Probe, iterations: int) -> dict:
         seconds.append(time.perf_counter() - t0)
         reward_mean = R[:, -1].mean().item()
         del ro, cond, R
+    if after:
+        policy = run.policy
+        probe.begin("evaluation")
+        ema_heldout_rewards(run)
+        probe.mark("export")
+        methods = [m for m in ("save", "save_lora") if hasattr(policy, m)]
+        for m in methods:  # (instance attributes: the export's copy of the policy has them too)
+            setattr(policy, m, lambda *args, **kwargs: None)
+        try:
+            export_policy(run, run.dir / "policy_ema.safetensors")
+        finally:
+            for m in methods:
+                delattr(policy, m)
+        probe.mark("done")
     return {
         "mode": cfg.dense.mode,
         "seconds": seconds[-1],
@@ -306,12 +335,18 @@ def measure_mode(run, probe: Probe, iterations: int) -> dict:
     }
 
 
+AT_RECIPE_SIZE = ("evaluation", "export")  # one held-out batch of the eval section, the export: not per row
+
+
 def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | None) -> dict:
     """The recipe's batch from a smaller one: seconds x rows ratio; peak memory + the batch-proportional part
     (allocated memory above the loaded run's, at phase start or transformer-call start) x (ratio - 1)."""
     scale = recipe_rows / rows
     est = {"rows": recipe_rows, "scale": scale, "seconds": result["seconds"] * scale, "phases": {}}
     for name, ph in result["phases"].items():
+        if name in AT_RECIPE_SIZE:  # already at the recipe's size: copied
+            est["phases"][name] = {k: v for k, v in ph.items() if k in ("seconds", "peak_allocated_gib")}
+            continue
         e = {"seconds": ph["seconds"] * scale}
         if base_gib is not None and "peak_allocated_gib" in ph:
             held = max(ph["allocated_start_gib"], ph.get("max_allocated_at_call_gib", 0.0)) - base_gib
@@ -377,6 +412,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")
     ap.add_argument("--iterations", type=int, default=1, help="measured iterations per mode (last is kept)")
     ap.add_argument("--no-warmup", action="store_true", help="measure the first calls cold")
+    ap.add_argument(
+        "--no-evaluate-export", action="store_true",
+        help="skip the held-out batch and the export measured after the first mode's last iteration",
+    )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu (--tiny: cpu)")
     ap.add_argument("--out", default="runs/real_model_iteration", help="folder of the JSON (nothing else)")
@@ -434,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for mode in modes:
         try:
-            rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations)
+            after = mode == modes[0] and not args.no_evaluate_export
+            rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations, after)
         except Exception as e:  # CUDA out of memory above all: the next mode still runs
             traceback.print_exc()
             failed = True
@@ -498,8 +538,13 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     return run, probe
 
 
+def _iteration(rec: dict) -> list[dict]:
+    """The phases of the measured iteration (not the evaluation and export after it)."""
+    return [ph for name, ph in rec["phases"].items() if name not in AT_RECIPE_SIZE]
+
+
 def _total(rec: dict, key: str) -> float:
-    return sum(ph.get(key, 0) for ph in rec["phases"].values())
+    return sum(ph.get(key, 0) for ph in _iteration(rec))
 
 
 def ratios(dense: dict, sparse: dict) -> dict[str, float]:
@@ -513,7 +558,7 @@ def ratios(dense: dict, sparse: dict) -> dict[str, float]:
         dense["phases"]["rollout"]["transformer_rows"] / sparse["phases"]["rollout"]["transformer_rows"]
     )
     if "peak_allocated_gib" in dense["phases"]["rollout"]:
-        peak = lambda r: max(ph["peak_allocated_gib"] for ph in r["phases"].values())
+        peak = lambda r: max(ph["peak_allocated_gib"] for ph in _iteration(r))
         out["peak_allocated"] = peak(dense) / peak(sparse)
     return out
 
@@ -522,7 +567,9 @@ def summary_line(mode: str, rec: dict) -> str:
     if "error" in rec:
         return f"  {mode}: FAILED: {rec['error']}"
     parts = [f"  {mode}: {rec['seconds']:.2f} s"]
-    for name in ("encode", "rollout", "reward", "update"):
+    for name in ("encode", "rollout", "reward", "update", *AT_RECIPE_SIZE):
+        if name not in rec["phases"]:
+            continue
         ph = rec["phases"][name]
         mem = f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else ""
         parts.append(f"{name} {ph['seconds']:.2f} s{mem}")

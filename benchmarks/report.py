@@ -166,7 +166,7 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
             ph = r.get("modes", {}).get("dense", {}).get("phases", {})
             peaks = {
                 k: ph[k].get("peak_allocated_gib")
-                for k in ("encode", "rollout", "reward", "update")
+                for k in ("encode", "rollout", "reward", "update", "evaluation", "export")
                 if k in ph
             }
             if peaks:
@@ -193,6 +193,8 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
             "prompt encoding": real.get("encode"),
             "rollout + reward": max((real[k] for k in ("rollout", "reward") if real.get(k)), default=None),
             "update": real.get("update"),
+            "evaluation": real.get("evaluation"),  # one held-out batch, after the iteration
+            "export": real.get("export"),
         }
         for phase, value in est.items():
             m = pairs.get(phase)

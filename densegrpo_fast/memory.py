@@ -23,15 +23,18 @@ the data do not steer the code:
   the recipes). :class:`LiveBytes` follows each storage from allocation to release.
 
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
-phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update.
-Text encoders kept in host memory (``model.offload_text_encoders``) count during prompt encoding only. AdamW's
-state, created by the first optimizer step, is added where the first iteration did not have it yet, so the
-figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
+phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
+sample grid (16 samples decoded while the rollout is alive), evaluation (one held-out batch, as the run's
+last evaluation makes it: EMA weights swapped in, LoRA merged) and export (the EMA policy merged into a copy of
+the transformer); the files a run writes are made from host copies and are not written here. Text encoders
+kept in host memory (``model.offload_text_encoders``) count during prompt encoding and evaluation only.
+AdamW's state, created by the first optimizer step, is added where the first iteration did not have it yet,
+so the figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
 counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
-Not estimated: the end-of-run export (a copy of the transformer), held-out evaluation and sample grids,
-torchrun / FSDP jobs (the estimate is one process holding the whole batch), fp16's fp32 T5 layers
-(``_keep_in_fp32_modules``), and AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
+Not estimated: torchrun / FSDP jobs (the estimate is one process holding the whole batch), the models of
+``eval.rewards`` other than the training reward, fp16's fp32 T5 layers (``_keep_in_fp32_modules``), and
+AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
 
 What it cannot see: kernels that allocate differently on the GPU than on the CPU (attention is forced to the
 flash kernel, which keeps no S x S matrix on either; the fused Triton SDE kernels allocate less than the
@@ -63,6 +66,9 @@ def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+_SET_STORAGE = (torch.ops.aten.set_.source_Storage, torch.ops.aten.set_.source_Storage_storage_offset)
+
+
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created while this mode is active and still alive, and their peak.
 
@@ -83,7 +89,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.paused and not func._schema.is_mutable:  # in-place and out= ops allocate nothing
+        if not self.paused and func in _SET_STORAGE:
+            # a storage made by its constructor (no op: ``UntypedStorage.clone``, as a plain tensor's deepcopy
+            # makes it) is first seen here, put under a tensor; so is the storage it copies, which is either
+            # counted already or one of the storages that existed before (see :meth:`existing`)
+            self.track(args[0])
+        elif not self.paused and not func._schema.is_mutable:  # in-place and out= ops allocate nothing
             held = {
                 id(a.untyped_storage())
                 for a in tree_flatten((args, kwargs))[0]
@@ -95,6 +106,12 @@ class LiveBytes(TorchDispatchMode):
                 if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in held:
                     self.track(t)
         return out
+
+    def existing(self, tensors) -> None:
+        """Storages that exist before the count (the models' weights and buffers): never counted, not even
+        where an op puts one under a new tensor (``set_``, as a storage's copy does with its source)."""
+        for t in tensors:
+            self._seen.setdefault(t.untyped_storage(), 0)
 
     def track(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -399,7 +416,7 @@ class Estimate:
     def table(self, capacity: int | None = None) -> str:
         rows = [
             f"{'weights ' + k:<32}{v / GIB:>9.2f} GiB"
-            + ("  (host; on the device while encoding)" * (k in self.offloaded))
+            + ("  (host; on the device to encode and evaluate)" * (k in self.offloaded))
             for k, v in self.weights.items()
         ]
         rows.append(f"{'trained weights':<32}{self.trained / GIB:>9.2f} GiB")
@@ -412,22 +429,30 @@ class Estimate:
 
 @contextlib.contextmanager
 def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
-    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux) stands in a phase of its own,
-    "prompt encoding", with ``encoder_bytes`` (offloaded encoders' weights) on the device; its moves have
-    nothing to do here."""
+    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux) books ``encoder_bytes`` (offloaded
+    encoders' weights) on the device, once however deeply it is nested, as the policy moves them; its moves
+    have nothing to do here. Inside the rollout it is a phase of its own, "prompt encoding"; an evaluation,
+    which holds the encoders around all its batches, keeps its own phase."""
     if not hasattr(policy, "text_encoders_on_device"):
         yield
         return
+    depth = 0
 
     @contextlib.contextmanager
     def encoding():
+        nonlocal depth
         before = tracker.phase
-        tracker.phase = "prompt encoding"
-        tracker.add(encoder_bytes)
+        if before == "rollout + reward":
+            tracker.phase = "prompt encoding"
+        depth += 1
+        if depth == 1:
+            tracker.add(encoder_bytes)
         try:
             yield
         finally:
-            tracker.add(-encoder_bytes)
+            depth -= 1
+            if depth == 0:
+                tracker.add(-encoder_bytes)
             tracker.phase = before
 
     policy.text_encoders_on_device = encoding
@@ -435,6 +460,25 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
         yield
     finally:
         del policy.text_encoders_on_device
+
+
+@contextlib.contextmanager
+def _files_not_written(policy):
+    """The sample grid's PNG and the export's files are not written: a run makes them from host copies (no
+    device memory) and fake tensors have no values to write."""
+    from densegrpo_fast import trainer
+
+    grid = trainer.save_image_grid
+    trainer.save_image_grid = lambda *args, **kwargs: None
+    methods = [m for m in ("save", "save_lora") if hasattr(policy, m)]
+    for m in methods:  # instance attributes: the export's copy of the policy has them too
+        setattr(policy, m, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        trainer.save_image_grid = grid
+        for m in methods:
+            delattr(policy, m)
 
 
 def _iterations(
@@ -455,11 +499,21 @@ def _iterations(
     optimizer step, is added to the rollout and to the part of the update that ran before that step. A
     reward that fails on fake images is dropped, with a line in ``notes``.
 
+    Then the rest of a run, each a phase: the sample grid (``run.sample_grid_every`` > 0; in the last
+    iteration, while its rollout is alive), the held-out evaluation (as the run's last one) and the export.
+
     Prompt encoding (sd3/flux) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
-    of offloaded text encoders, are on the device then and only then."""
+    of offloaded text encoders, are on the device then, and through the evaluation, which holds them."""
     from densegrpo_fast import trainer
 
-    with _encoding_phase(policy, tracker, encoder_bytes), tracker, host_reads_zero():
+    models = [*policy_modules(policy).values(), *reward_modules(reward_fn).values()]
+    tracker.existing(t for m in models for t in (*m.parameters(), *m.buffers()))
+    with (
+        _encoding_phase(policy, tracker, encoder_bytes),
+        _files_not_written(policy),
+        tracker,
+        host_reads_zero(),
+    ):
         run = trainer.setup(cfg, progress=False, policy=policy)
         scorer = reward_fn or run.reward_fn
         gen = torch.Generator().manual_seed(seed)
@@ -481,21 +535,37 @@ def _iterations(
             if tracker.phase == "update":
                 tracker.phase = "update, stepped"
 
+        def phase(name: str) -> None:
+            tracker.phase = name
+            tracker.bump(0)
+
         run.reward_fn = reward
         hook = run.optimizer.register_step_pre_hook(stepping)
         for it in range(iterations):
             prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
             tracker.reset_peak()
-            tracker.phase = "rollout + reward"
+            phase("rollout + reward")
             ro, cond, R, _ = trainer.collect(run, prompts, it, overlap=False)
-            tracker.phase = "update"
-            tracker.bump(0)
+            phase("update")
             trainer.update(run, ro, cond, R, it)
+            if cfg.run.sample_grid_every and it == iterations - 1:  # decoded while the rollout is alive
+                phase("sample grid")
+                trainer._sample_grid(run, ro, prompts, R)
             tracker.phase = ""
             del ro, cond, R
         hook.remove()
-        state = storage_bytes(
-            [t for st in run.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        phase("evaluation")  # the last one: AdamW's state exists
+        trainer.ema_heldout_rewards(run)
+        phase("export")
+        trainer.export_policy(run, run.dir / "policy_ema.safetensors")
+        tracker.phase = ""
+        state = storage_bytes(  # (AdamW's step counts stay on the host unless it is fused or capturable)
+            [
+                t
+                for st in run.optimizer.state.values()
+                for k, t in st.items()
+                if torch.is_tensor(t) and k != "step"
+            ]
         )
     peaks = tracker.phase_peaks
     late = state if iterations == 1 else 0
@@ -504,6 +574,7 @@ def _iterations(
         **phases,
         "rollout + reward": peaks["rollout + reward"] + late,
         "update": max(peaks.get("update", 0) + late, peaks.get("update, stepped", 0)),
+        **{k: peaks[k] for k in ("sample grid", "evaluation", "export") if k in peaks},
     }
 
 
@@ -538,12 +609,16 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     transformer = policy.transformer
     add_adapter = transformer.add_adapter if hasattr(transformer, "add_adapter") else None
 
-    def fake_adapter(*args, **kwargs):  # LoRA injected as usual, then its (real) weights made fake
+    # LoRA injected as usual, then its (real) weights made fake and counted
+    def fake_adapter(*args, **kwargs):
         before = {id(p) for p in transformer.parameters()}
         out = add_adapter(*args, **kwargs)
         for m in transformer.modules():
             if any(id(p) not in before for p in m.parameters(recurse=False)):
                 make_fake(m, mode)
+        for p in transformer.parameters():  # (made by from_tensor, which the tracker does not see)
+            if id(p) not in before:
+                tracker.track(p)
         return out
 
     if add_adapter is not None:
@@ -684,6 +759,18 @@ def _advice(phase: str, cfg) -> str:
             "prompt encoding holds the text encoders and their activations for the iteration's distinct prompts: "
             "lower prompts_per_iteration or model.max_sequence_length"
         )
+    if phase == "evaluation":
+        return (
+            "the held-out evaluation samples eval.batch_size prompts at a time (with CFG, twice the rows), with "
+            "the EMA weights swapped in and LoRA merged, and the text encoders on the device throughout: lower "
+            "eval.batch_size"
+        )
+    if phase == "sample grid":
+        return "the sample grid decodes 16 samples while the rollout is alive: run.sample_grid_every=0 turns it off"
+    if phase == "export":
+        return "the export merges the EMA and LoRA into a copy of the transformer" + (
+            off or "; nothing else to lower there"
+        )
     if phase == "update":
         gc = "" if cfg.model.gradient_checkpointing else " or model.gradient_checkpointing=true"
         return f"the update's micro-batches hold the activations: lower grpo.train_batch_size{gc}{off}"
@@ -714,9 +801,16 @@ def run_memory(
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
-    n = 2 * cfg.prompts.prompts_per_iteration
+    n = max(2 * cfg.prompts.prompts_per_iteration, cfg.eval.batch_size)
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
+    others = [
+        k for k, r in cfg.eval.rewards.items() if r != cfg.reward and r.name not in ("remote", "geneval")
+    ]
+    if others:  # (one equal to the training reward is scored by its model: trainer.heldout_rewards)
+        notes.append(
+            f"eval.rewards {others}: their models, built for each held-out evaluation, are not counted"
+        )
     reward_fn = None
     if cfg.reward.name in ("remote", "geneval"):
         notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
@@ -732,7 +826,7 @@ def run_memory(
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "noise.kind=uniform", "model.device=cpu", "reward.name=redness", "reward.kwargs={}",
-        "eval.rewards={}",
+        "eval.rewards={}", f"eval.num_prompts={cfg.eval.batch_size}",  # one batch: the evaluation's peak
     ])  # fmt: skip
     if cfg.sampling.reward_waves > 1:
         notes.append(
@@ -755,10 +849,7 @@ def run_memory(
         shutil.rmtree(work, ignore_errors=True)
     say(f"  done in {time.perf_counter() - t0:.0f} s")
     notes += est.notes
-    notes.append(
-        "not estimated: the end-of-run export (a copy of the transformer with the EMA merged), held-out "
-        "evaluation and sample grids; FSDP / torchrun jobs (this is one process holding the whole batch)"
-    )
+    notes.append("not estimated: FSDP / torchrun jobs (this is one process holding the whole batch)")
     capacity = int(device_gib * GIB)
     if as_json:
         print(

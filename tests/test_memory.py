@@ -29,6 +29,8 @@ from densegrpo_fast.memory import (
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+PHASES = ("prompt encoding", "rollout + reward", "update", "sample grid", "evaluation", "export")
+
 
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
@@ -89,14 +91,9 @@ def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype,
             _measure_and_estimate, sd3_dir, tmp_path, dtype, extra
         ).result(timeout=600)
     assert source == str(sd3_dir)
-    assert set(phases) == set(measured) == {"prompt encoding", "rollout + reward", "update"}
-    for phase in ("rollout + reward", "update"):  # the live part (what grows with the batch) within 2 %
+    assert set(phases) == set(measured) == set(PHASES)
+    for phase in PHASES:  # the live part (what grows with the batch) within 2 %
         assert phases[phase] - weights == pytest.approx(measured[phase] - weights, rel=0.02), phase
-    # The tiny model's prompt encoding holds ~0.2 MB: there, the few kB the estimate misses in every phase
-    # alike (15 kB in the fp32 case) are 8 %. Its error is held to the rollout's error, within 2 % of itself.
-    err = {k: phases[k] - real for k, real in measured.items()}
-    enc = measured["prompt encoding"] - weights
-    assert abs(err["prompt encoding"] - err["rollout + reward"]) <= 0.02 * enc
     assert calls["transformer"] > 0 and calls["vae.decoder"] > 0
 
 
@@ -134,11 +131,9 @@ def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (
         sum(weights.values()),
         sum(v for k, v in weights.items() if not k.startswith("reward.")),
     )
-    for phase in ("rollout + reward", "update"):  # the live parts, the reward's calls included
+    assert set(phases) == set(measured) == set(PHASES)
+    for phase in PHASES:  # the live parts, the reward's calls (rollout, sample grid, evaluation) included
         assert phases[phase] - every == pytest.approx(measured[phase] - policy_weights, rel=0.02), phase
-    err = {k: (phases[k] - every) - (real - policy_weights) for k, real in measured.items()}
-    enc = measured["prompt encoding"] - policy_weights
-    assert abs(err["prompt encoding"] - err["rollout + reward"]) <= 0.02 * enc
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
@@ -202,7 +197,9 @@ def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
     assert moved["prompt encoding"] == kept["prompt encoding"]
     assert kept["rollout + reward"] - moved["rollout + reward"] == host
     assert kept["update"] - moved["update"] == host
-    assert table.count("(host; on the device while encoding)") == 3
+    assert kept["sample grid"] - moved["sample grid"] == kept["export"] - moved["export"] == host
+    assert moved["evaluation"] == kept["evaluation"]  # it holds the encoders on the device throughout
+    assert table.count("(host; on the device to encode and evaluate)") == 3
 
 
 def test_the_advice_names_the_knobs_left(sd3_dir, tmp_path):

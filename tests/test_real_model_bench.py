@@ -45,9 +45,18 @@ def test_tiny_iteration_through_the_trainer(family, tmp_path):
         assert m["ratio_dev_first"] <= 1e-5  # the update's first ratio is on-policy
         assert m["rows_trained"] > 0 and m["grad_norm"] > 0
         ph = rec["phases"]
-        assert set(ph) == {"encode", "rollout", "reward", "update"}
+        after = {"evaluation", "export"} if mode == "dense" else set()  # after the first mode's iteration
+        assert set(ph) == {"encode", "rollout", "reward", "update"} | after
         assert all(p["seconds"] > 0 for p in ph.values())
-        assert rec["seconds"] >= sum(p["seconds"] for p in ph.values()) * 0.99
+        assert rec["seconds"] >= sum(p["seconds"] for k, p in ph.items() if k not in after) * 0.99
+        if after:  # one held-out batch of eval.batch_size prompts, eval.num_steps ODE steps; the export calls nothing
+            assert ph["evaluation"]["velocity_rows"] == 4 * 4 and ph["evaluation"]["images_decoded"] == 4
+            assert ph["evaluation"]["transformer_rows"] == CFG_ROWS[family] * 4 * 4
+            assert "velocity_rows" not in ph["export"]
+            assert (
+                rec["estimate_at_recipe_batch"]["phases"]["evaluation"]["seconds"]
+                == ph["evaluation"]["seconds"]
+            )
         # the rollout's calls respect sampling.max_rows_per_call; completions ride them when dense
         latent_rows = B * T * (T + 1) // 2 if mode == "dense" else B * T
         assert ph["rollout"]["velocity_rows"] == latent_rows
