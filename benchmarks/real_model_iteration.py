@@ -201,15 +201,6 @@ class Probe:
         self.phases, self.counts = {}, {}
         self._start_allocated = torch.cuda.memory_allocated() if self.cuda else 0
 
-    def begin(self, phase: str) -> None:
-        """Begin ``phase`` with fresh peak-memory statistics, keeping the phases recorded so far (the time
-        since the last boundary is dropped)."""
-        self.sync()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            self._start_allocated = torch.cuda.memory_allocated()
-        self.phase, self.t0 = phase, time.perf_counter()
-
     def mark(self, next_phase: str) -> None:
         """End the current phase (seconds after a sync, peak memory) and begin ``next_phase``."""
         self.sync()
@@ -270,10 +261,13 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
     ):
         if value is not None:
             over.append(f"{key}={value}")
-    over += args.overrides
-    batch = load_config(TrainConfig, RECIPES[args.family], over).eval.batch_size
-    # one held-out batch (the evaluation measured after the last iteration), as the memory estimate takes it
-    return load_config(TrainConfig, RECIPES[args.family], [*over, f"eval.num_prompts={batch}"])
+    e = load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides]).eval
+    # one held-out batch (the evaluation measured at the end), as the memory estimate takes it; the user's own
+    # overrides still come last
+    batch = min(e.batch_size, e.num_prompts or e.batch_size)
+    return load_config(
+        TrainConfig, RECIPES[args.family], [*over, f"eval.num_prompts={batch}", *args.overrides]
+    )
 
 
 def warm_up(run, probe: Probe) -> None:
@@ -290,12 +284,9 @@ def warm_up(run, probe: Probe) -> None:
     probe.sync()
 
 
-def measure_mode(run, probe: Probe, iterations: int, after: bool = False) -> dict:
-    """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one. With
-    ``after``, then the rest of a run as the trainer makes it at its end: ``evaluation`` (one held-out batch of
-    the eval section's sampler, EMA weights in, LoRA merged) and ``export`` (its files not written: the
-    device holds none of them)."""
-    from densegrpo_fast.trainer import collect, ema_heldout_rewards, export_policy, update
+def measure_mode(run, probe: Probe, iterations: int) -> dict:
+    """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one."""
+    from densegrpo_fast.trainer import collect, update
 
     cfg = run.cfg
     seconds = []
@@ -310,20 +301,6 @@ def measure_mode(run, probe: Probe, iterations: int, after: bool = False) -> dic
         seconds.append(time.perf_counter() - t0)
         reward_mean = R[:, -1].mean().item()
         del ro, cond, R
-    if after:
-        policy = run.policy
-        probe.begin("evaluation")
-        ema_heldout_rewards(run)
-        probe.mark("export")
-        methods = [m for m in ("save", "save_lora") if hasattr(policy, m)]
-        for m in methods:  # (instance attributes: the export's copy of the policy has them too)
-            setattr(policy, m, lambda *args, **kwargs: None)
-        try:
-            export_policy(run, run.dir / "policy_ema.safetensors")
-        finally:
-            for m in methods:
-                delattr(policy, m)
-        probe.mark("done")
     return {
         "mode": cfg.dense.mode,
         "seconds": seconds[-1],
@@ -335,7 +312,26 @@ def measure_mode(run, probe: Probe, iterations: int, after: bool = False) -> dic
     }
 
 
-AT_RECIPE_SIZE = ("evaluation", "export")  # one held-out batch of the eval section, the export: not per row
+def measure_end(run, probe: Probe) -> dict:
+    """The rest of a run, as the trainer makes it at its end: ``evaluation`` (one held-out batch of the eval
+    section's sampler, EMA weights in, LoRA merged) and ``export`` (the EMA transformer copied to the host and
+    merged there; its files are not written: the device holds none of them)."""
+    from densegrpo_fast.trainer import ema_heldout_rewards, export_policy
+
+    policy = run.policy
+    probe.start("evaluation")
+    ema_heldout_rewards(run)
+    probe.mark("export")
+    methods = [m for m in ("save", "save_lora") if hasattr(policy, m)]
+    for m in methods:  # (instance attributes: the export's copy of the policy has them too)
+        setattr(policy, m, lambda *args, **kwargs: None)
+    try:
+        export_policy(run, run.dir / "policy_ema.safetensors")
+    finally:
+        for m in methods:
+            delattr(policy, m)
+    probe.mark("done")
+    return {"phases": dict(probe.phases)}
 
 
 def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | None) -> dict:
@@ -344,9 +340,6 @@ def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | Non
     scale = recipe_rows / rows
     est = {"rows": recipe_rows, "scale": scale, "seconds": result["seconds"] * scale, "phases": {}}
     for name, ph in result["phases"].items():
-        if name in AT_RECIPE_SIZE:  # already at the recipe's size: copied
-            est["phases"][name] = {k: v for k, v in ph.items() if k in ("seconds", "peak_allocated_gib")}
-            continue
         e = {"seconds": ph["seconds"] * scale}
         if base_gib is not None and "peak_allocated_gib" in ph:
             held = max(ph["allocated_start_gib"], ph.get("max_allocated_at_call_gib", 0.0)) - base_gib
@@ -414,7 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-warmup", action="store_true", help="measure the first calls cold")
     ap.add_argument(
         "--no-evaluate-export", action="store_true",
-        help="skip the held-out batch and the export measured after the first mode's last iteration",
+        help="skip the held-out batch and the export measured after the modes (their end of a run)",
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu (--tiny: cpu)")
@@ -473,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for mode in modes:
         try:
-            after = mode == modes[0] and not args.no_evaluate_export
-            rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations, after)
+            rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations)
         except Exception as e:  # CUDA out of memory above all: the next mode still runs
             traceback.print_exc()
             failed = True
@@ -492,13 +484,27 @@ def main(argv: list[str] | None = None) -> int:
         write_json(json_path, result)
         print(summary_line(mode, rec), flush=True)
 
+    end_failed = False
+    if not args.no_evaluate_export:  # its own record: a failure here (an OOM) leaves the modes' figures whole
+        try:
+            result["end_of_run"] = measure_end(dataclasses.replace(run, cfg=cfg), probe)
+        except Exception as e:
+            traceback.print_exc()
+            end_failed = True
+            result["end_of_run"] = {"error": f"{type(e).__name__} in phase {probe.phase!r}: {str(e)[:300]}",
+                                    "phases": dict(probe.phases)}  # fmt: skip
+        end = result["end_of_run"]
+        print("  end of run: " + (f"FAILED: {end['error']}" if "error" in end else ", ".join(
+            f"{k} {ph['seconds']:.2f} s" + (f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else "")
+            for k, ph in end["phases"].items())), flush=True)  # fmt: skip
+        write_json(json_path, result)
     if len(modes) == 2 and not failed:
         result["dense_over_sparse"] = ratios(*(result["modes"][m] for m in modes))
         print("dense / sparse: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["dense_over_sparse"].items()))
     write_json(json_path, result)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {json_path}")
-    return 1 if failed else 0
+    return 1 if failed or end_failed else 0
 
 
 def load(args, cfg: TrainConfig, device: torch.device, result: dict):
@@ -538,13 +544,8 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     return run, probe
 
 
-def _iteration(rec: dict) -> list[dict]:
-    """The phases of the measured iteration (not the evaluation and export after it)."""
-    return [ph for name, ph in rec["phases"].items() if name not in AT_RECIPE_SIZE]
-
-
 def _total(rec: dict, key: str) -> float:
-    return sum(ph.get(key, 0) for ph in _iteration(rec))
+    return sum(ph.get(key, 0) for ph in rec["phases"].values())
 
 
 def ratios(dense: dict, sparse: dict) -> dict[str, float]:
@@ -558,7 +559,7 @@ def ratios(dense: dict, sparse: dict) -> dict[str, float]:
         dense["phases"]["rollout"]["transformer_rows"] / sparse["phases"]["rollout"]["transformer_rows"]
     )
     if "peak_allocated_gib" in dense["phases"]["rollout"]:
-        peak = lambda r: max(ph["peak_allocated_gib"] for ph in _iteration(r))
+        peak = lambda r: max(ph["peak_allocated_gib"] for ph in r["phases"].values())
         out["peak_allocated"] = peak(dense) / peak(sparse)
     return out
 
@@ -567,9 +568,7 @@ def summary_line(mode: str, rec: dict) -> str:
     if "error" in rec:
         return f"  {mode}: FAILED: {rec['error']}"
     parts = [f"  {mode}: {rec['seconds']:.2f} s"]
-    for name in ("encode", "rollout", "reward", "update", *AT_RECIPE_SIZE):
-        if name not in rec["phases"]:
-            continue
+    for name in ("encode", "rollout", "reward", "update"):
         ph = rec["phases"][name]
         mem = f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else ""
         parts.append(f"{name} {ph['seconds']:.2f} s{mem}")

@@ -146,6 +146,21 @@ def iteration_section(paths: list[Path]) -> str:
                 f"{_gib(est.get('peak_allocated_gib'))} |"
             )
     for _, r in results:
+        end = r.get("end_of_run")
+        if end is None:
+            continue
+        if "error" in end:
+            errors.append(f"{r['family']} end of run: {end['error']}")
+            continue
+        line = ", ".join(
+            f"{k} {ph['seconds']:.1f} s"
+            + (f", peak {ph['peak_allocated_gib']:.2f} GiB" if "peak_allocated_gib" in ph else "")
+            for k, ph in end["phases"].items()
+        )
+        out.append(
+            f"\n{r['family']} end of run (one held-out batch of the eval section, then the export): {line}."
+        )
+    for _, r in results:
         if "dense_over_sparse" in r:
             ratio = ", ".join(f"{k} {v:.2f}x" for k, v in r["dense_over_sparse"].items())
             out.append(f"\n{r['family']} dense / sparse, same prompts and noise: {ratio}.")
@@ -163,7 +178,10 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
     for p in iterations:
         if p.exists():
             r = json.loads(p.read_text())
-            ph = r.get("modes", {}).get("dense", {}).get("phases", {})
+            ph = {
+                **r.get("modes", {}).get("dense", {}).get("phases", {}),
+                **r.get("end_of_run", {}).get("phases", {}),  # evaluation, export
+            }
             peaks = {
                 k: ph[k].get("peak_allocated_gib")
                 for k in ("encode", "rollout", "reward", "update", "evaluation", "export")
@@ -193,7 +211,7 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
             "prompt encoding": real.get("encode"),
             "rollout + reward": max((real[k] for k in ("rollout", "reward") if real.get(k)), default=None),
             "update": real.get("update"),
-            "evaluation": real.get("evaluation"),  # one held-out batch, after the iteration
+            "evaluation": real.get("evaluation"),  # one held-out batch, after the modes
             "export": real.get("export"),
         }
         for phase, value in est.items():

@@ -484,6 +484,11 @@ class TrainConfig(Section):
     def _cross_checks(self) -> TrainConfig:
         T = self.sampling.num_steps
         problems = []
+        if "reward" in self.eval.rewards:
+            problems.append(
+                "eval.rewards.reward: the key 'reward' is taken (the training reward is logged as eval_reward); "
+                "name the metric otherwise, e.g. eval.rewards.pickscore"
+            )
         n = self.noise
         if (n.window_start is None) != (n.window_size is None):
             problems.append(

@@ -25,8 +25,9 @@ the data do not steer the code:
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
 phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
 sample grid (16 samples decoded while the rollout is alive), evaluation (one held-out batch, as the run's
-last evaluation makes it: EMA weights swapped in, LoRA merged) and export (the EMA policy merged into a copy of
-the transformer); the files a run writes are made from host copies and are not written here. Text encoders
+last evaluation makes it: EMA weights swapped in, LoRA merged) and export (EMA weights swapped in while the
+transformer is copied to host memory, where LoRA is merged and the file written: not counted). The files a run
+writes are made from host copies and are not written here. Text encoders
 kept in host memory (``model.offload_text_encoders``) count during prompt encoding and evaluation only.
 AdamW's state, created by the first optimizer step, is added where the first iteration did not have it yet,
 so the figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
@@ -66,7 +67,20 @@ def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
-_SET_STORAGE = (torch.ops.aten.set_.source_Storage, torch.ops.aten.set_.source_Storage_storage_offset)
+_ACTIVE: list[LiveBytes] = []  # the trackers entered, innermost last
+
+
+def _counted_storage_clone(storage):
+    """``UntypedStorage.clone`` while a tracker is active: it makes its storage through the constructor, which
+    no op announces (a plain tensor's deepcopy copies its storage this way), so the trackers are told here."""
+    new = _STORAGE_CLONE(storage)
+    for tracker in _ACTIVE:
+        if not tracker.paused:
+            tracker.track_storage(new)
+    return new
+
+
+_STORAGE_CLONE = torch.UntypedStorage.clone
 
 
 class LiveBytes(TorchDispatchMode):
@@ -89,12 +103,7 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.paused and func in _SET_STORAGE:
-            # a storage made by its constructor (no op: ``UntypedStorage.clone``, as a plain tensor's deepcopy
-            # makes it) is first seen here, put under a tensor; so is the storage it copies, which is either
-            # counted already or one of the storages that existed before (see :meth:`existing`)
-            self.track(args[0])
-        elif not self.paused and not func._schema.is_mutable:  # in-place and out= ops allocate nothing
+        if not self.paused and not func._schema.is_mutable:  # in-place and out= ops allocate nothing
             held = {
                 id(a.untyped_storage())
                 for a in tree_flatten((args, kwargs))[0]
@@ -107,14 +116,22 @@ class LiveBytes(TorchDispatchMode):
                     self.track(t)
         return out
 
-    def existing(self, tensors) -> None:
-        """Storages that exist before the count (the models' weights and buffers): never counted, not even
-        where an op puts one under a new tensor (``set_``, as a storage's copy does with its source)."""
-        for t in tensors:
-            self._seen.setdefault(t.untyped_storage(), 0)
+    def __enter__(self):
+        if not _ACTIVE:
+            torch.UntypedStorage.clone = _counted_storage_clone
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        if not _ACTIVE:
+            del torch.UntypedStorage.clone  # (the inherited method again)
+        return super().__exit__(*exc)
 
     def track(self, t: torch.Tensor) -> None:
-        storage = t.untyped_storage()
+        self.track_storage(t.untyped_storage())
+
+    def track_storage(self, storage) -> None:
         if storage in self._seen:
             return
         n = storage.nbytes()
@@ -399,8 +416,8 @@ def _stub_targets(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Modul
 
 @dataclasses.dataclass
 class Estimate:
-    """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration (weights
-    included); ``weights``: every model's parameters and buffers; ``trained``: bytes of the trained
+    """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration and of the end of
+    the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``: bytes of the trained
     weights; ``peak``: the largest phase; ``offloaded``: the models kept in host memory, on the device
     only while they run (their weights count there and then)."""
 
@@ -463,22 +480,28 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
 
 
 @contextlib.contextmanager
-def _files_not_written(policy):
-    """The sample grid's PNG and the export's files are not written: a run makes them from host copies (no
-    device memory) and fake tensors have no values to write."""
+def _host_work(tracker: LiveBytes):
+    """What a run does in host memory is not counted, and its files are not written (fake tensors have no
+    values to write): the sample grid's PNG; the export's copy of the transformer, made on the host, and the
+    merge and save done there (``trainer.host_copy``, ``trainer._write_export``)."""
     from densegrpo_fast import trainer
 
-    grid = trainer.save_image_grid
+    saved = trainer.save_image_grid, trainer.host_copy, trainer._write_export
+
+    def host_copy(policy):
+        tracker.paused = True
+        try:
+            return saved[1](policy)
+        finally:
+            tracker.paused = False
+
     trainer.save_image_grid = lambda *args, **kwargs: None
-    methods = [m for m in ("save", "save_lora") if hasattr(policy, m)]
-    for m in methods:  # instance attributes: the export's copy of the policy has them too
-        setattr(policy, m, lambda *args, **kwargs: None)
+    trainer.host_copy = host_copy
+    trainer._write_export = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        trainer.save_image_grid = grid
-        for m in methods:
-            delattr(policy, m)
+        trainer.save_image_grid, trainer.host_copy, trainer._write_export = saved
 
 
 def _iterations(
@@ -506,11 +529,9 @@ def _iterations(
     of offloaded text encoders, are on the device then, and through the evaluation, which holds them."""
     from densegrpo_fast import trainer
 
-    models = [*policy_modules(policy).values(), *reward_modules(reward_fn).values()]
-    tracker.existing(t for m in models for t in (*m.parameters(), *m.buffers()))
     with (
         _encoding_phase(policy, tracker, encoder_bytes),
-        _files_not_written(policy),
+        _host_work(tracker),
         tracker,
         host_reads_zero(),
     ):
@@ -593,8 +614,9 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     """Estimate the device memory of training ``cfg`` with ``policy`` (built with fake weights; see the
     module docstring). ``cfg`` should name a throw-away ``run.output_dir`` and a prompt file;
     ``reward_fn`` stands in for the config's reward when given. Runs ``iterations`` trainer iterations
-    (collect + update) and reports the phases of the last (with one, AdamW's state is added where the
-    first iteration did not have it yet; see :func:`_iterations`)."""
+    (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
+    last iteration and of that end (with one iteration, AdamW's state is added where the first did not have it
+    yet; see :func:`_iterations`)."""
     mode = fake_mode_of(policy.transformer)
     parts = policy_modules(policy)
     scored = reward_modules(reward_fn) if reward_fn is not None else {}
@@ -768,8 +790,9 @@ def _advice(phase: str, cfg) -> str:
     if phase == "sample grid":
         return "the sample grid decodes 16 samples while the rollout is alive: run.sample_grid_every=0 turns it off"
     if phase == "export":
-        return "the export merges the EMA and LoRA into a copy of the transformer" + (
-            off or "; nothing else to lower there"
+        return (
+            "the export swaps the EMA weights in (a copy of the trained weights is kept meanwhile: in full "
+            "fine-tuning, of the whole transformer) while it copies the transformer to the host" + off
         )
     if phase == "update":
         gc = "" if cfg.model.gradient_checkpointing else " or model.gradient_checkpointing=true"
@@ -801,7 +824,10 @@ def run_memory(
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
-    n = max(2 * cfg.prompts.prompts_per_iteration, cfg.eval.batch_size)
+    batch = min(
+        cfg.eval.batch_size, cfg.eval.num_prompts or cfg.eval.batch_size
+    )  # the largest held-out batch
+    n = max(2 * cfg.prompts.prompts_per_iteration, batch)
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
     others = [
@@ -826,7 +852,7 @@ def run_memory(
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "noise.kind=uniform", "model.device=cpu", "reward.name=redness", "reward.kwargs={}",
-        "eval.rewards={}", f"eval.num_prompts={cfg.eval.batch_size}",  # one batch: the evaluation's peak
+        "eval.rewards={}", f"eval.num_prompts={batch}",  # one batch: the evaluation's peak
     ])  # fmt: skip
     if cfg.sampling.reward_waves > 1:
         notes.append(

@@ -825,7 +825,27 @@ def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path
         exported = copy.deepcopy(run.policy, {id(run.policy.transformer): shell})
     else:
         with ema_weights(run):
-            exported = copy.deepcopy(run.policy)
+            exported = host_copy(run.policy)
+    _write_export(run, exported, path)
+    return path
+
+
+def host_copy(policy):
+    """A copy of ``policy`` whose transformer is in host memory, where the save puts the weights anyway: merged
+    on the device, a second transformer (FLUX.1-dev: 22 GiB) would make the end of the run its memory peak.
+    The other models are shared (``DiffusersPolicy.__deepcopy__``)."""
+    transformer = policy.transformer
+    with torch.no_grad():  # (copy=True: on a CPU run too, the merge must not touch the trained weights)
+        memo = {
+            id(p): torch.nn.Parameter(p.to("cpu", copy=True), p.requires_grad)
+            for p in transformer.parameters()
+        }
+        memo.update({id(b): b.to("cpu", copy=True) for b in transformer.buffers()})
+    return copy.deepcopy(policy, memo)
+
+
+def _write_export(run: Run, exported, path: Path) -> None:
+    """The EMA adapters in diffusers' LoRA format (sd3 / flux), then the policy with LoRA merged."""
     if run.cfg.lora.enabled and hasattr(exported, "save_lora"):
         from peft.utils import get_peft_model_state_dict
 
@@ -835,7 +855,6 @@ def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path
         exported.transformer.fuse_lora()
         exported.transformer.unload_lora()
     exported.save(path, metadata={"source": "densegrpo-fast train", "iteration": run.iteration})
-    return path
 
 
 def checkpoint(run: Run) -> None:

@@ -150,6 +150,23 @@ def test_live_bytes_counts_storages_once_and_frees_them():
     assert t.peak == 8000
 
 
+def test_a_deep_copy_counts_each_new_storage_once():
+    """A parameter's deepcopy clones it (an op); a plain tensor's (a buffer) copies its storage through the
+    storage's constructor, which no op announces: both are counted, once, and the originals not at all."""
+    import copy
+
+    net = torch.nn.BatchNorm1d(1000)  # weight, bias: parameters; running mean and variance, a count: buffers
+    size = storage_bytes([*net.parameters(), *net.buffers()])
+    assert size == 4 * 4000 + 8
+    t = LiveBytes()
+    with t:
+        twin = copy.deepcopy(net)
+        assert t.live == size
+        del twin
+        assert t.live == 0
+    assert torch.UntypedStorage.clone is torch.storage._StorageBase.clone  # the hook is gone with the tracker
+
+
 def test_a_stub_books_the_call_it_stands_for():
     mode = new_fake_mode()
     with mode:

@@ -104,6 +104,38 @@ def test_an_extra_metric_that_is_the_training_reward_is_scored_once(tiny_checkpo
     assert built == [{"mode": "strict"}]  # the training reward is not built again
     assert list(scores) == ["eval_reward", "eval_same", "eval_strict"]
     assert scores["eval_same"] == scores["eval_reward"] != scores["eval_strict"]
+    with pytest.raises(ConfigError, match=r"eval.rewards.reward: the key 'reward' is taken"):  # eval_reward's
+        cfg_of(tiny_checkpoint, tmp_path / "bad", extra=["eval.rewards={reward: {name: redness}}"])
+
+
+def test_the_export_merges_the_ema_on_the_host_and_leaves_the_run_untouched(tiny_checkpoint, tmp_path):
+    """The export copies the transformer to host memory with the EMA swapped in and merges LoRA there: the file
+    is exactly the EMA adapters merged into the base, and the run's own weights and EMA are left as they were
+    (on a CPU run the copy must be a copy, or the merge would land in the trained weights)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from densegrpo_fast.trainer import ema_weights, export_policy
+
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run"), progress=False)
+    with torch.no_grad():  # an EMA apart from the trained adapters, and adapters apart from zero
+        for n, p in run.policy.transformer.named_parameters():
+            if p.requires_grad:
+                p.add_(0.01 * torch.randn_like(p))
+                run.ema[n] += 0.02 * torch.randn_like(run.ema[n])
+    live = {k: v.clone() for k, v in run.policy.state_dict().items()}
+    ema = {k: v.clone() for k, v in run.ema.items()}
+    with ema_weights(run):
+        expected = copy.deepcopy(run.policy)
+    expected.transformer.fuse_lora()
+    expected.transformer.unload_lora()
+    path = export_policy(run, tmp_path / "policy_ema.safetensors")
+    saved = load_file(path)
+    assert saved.keys() == expected.state_dict().keys()
+    assert all(torch.equal(saved[k], v.float()) for k, v in expected.state_dict().items())
+    assert all(torch.equal(live[k], v) for k, v in run.policy.state_dict().items())
+    assert all(torch.equal(ema[k], v) for k, v in run.ema.items())
 
 
 def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
