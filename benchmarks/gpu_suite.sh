@@ -38,6 +38,11 @@
 # train_batch_size: the transformer calls and the activation peaks are the recipe's) and the script
 # extrapolates seconds and the batch-proportional memory to 1152 rows, labelled as estimates. FLUX runs
 # G = 8: one group of 8 already fills its 48-row calls from step 5 on, at a sixth of a 48-row batch's time.
+# After the modes, each run measures the end of a training run in a record of its own: one held-out batch of
+# the recipe's eval section (SD3.5-M 16 prompts x 40 steps with CFG, ~1280 transformer rows: ~11 s; FLUX.1-dev
+# 8 x 28 = 224 rows: ~16 s) and the export (the transformer copied to the host and merged there: a few
+# seconds for SD3.5-M, ~10-20 s for FLUX's 22 GiB). FLUX is the tight one: if its 130 s run out there, the
+# modes' figures are already written and only the end of run is lost.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=wheels SITE=/tmp/site REQUIRE_CUDA=1 . benchmarks/gpu_env.sh || exit 1

@@ -92,8 +92,14 @@ def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype,
         ).result(timeout=600)
     assert source == str(sd3_dir)
     assert set(phases) == set(measured) == set(PHASES)
-    for phase in PHASES:  # the live part (what grows with the batch) within 2 %
-        assert phases[phase] - weights == pytest.approx(measured[phase] - weights, rel=0.02), phase
+    # The live part (what grows with the batch) agrees to the byte in these cases (torch 2.13, diffusers 0.42),
+    # but for gradient checkpointing's update, which the estimate puts 1.5 % high; 0.1 % leaves room for
+    # library changes and catches a missed tensor of the tiny model's size (its LoRA weights were 8 % of the
+    # prompt encoding's live bytes).
+    loose = {"update": 0.02} if "model.gradient_checkpointing=true" in extra else {}
+    for phase in PHASES:
+        live = measured[phase] - weights
+        assert phases[phase] - weights == pytest.approx(live, rel=loose.get(phase, 1e-3)), phase
     assert calls["transformer"] > 0 and calls["vae.decoder"] > 0
 
 
@@ -132,8 +138,8 @@ def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (
         sum(v for k, v in weights.items() if not k.startswith("reward.")),
     )
     assert set(phases) == set(measured) == set(PHASES)
-    for phase in PHASES:  # the live parts, the reward's calls (rollout, sample grid, evaluation) included
-        assert phases[phase] - every == pytest.approx(measured[phase] - policy_weights, rel=0.02), phase
+    for phase in PHASES:  # the live parts, the reward's calls included, within 0.1 % (as above)
+        assert phases[phase] - every == pytest.approx(measured[phase] - policy_weights, rel=1e-3), phase
 
 
 def test_live_bytes_counts_storages_once_and_frees_them():
