@@ -24,14 +24,13 @@ the data do not steer the code:
 
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
 phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
-sample grid (16 samples decoded while the rollout is alive), evaluation (one held-out batch, as the run's
-last evaluation makes it: EMA weights swapped in, LoRA merged) and export (EMA weights swapped in while the
-transformer is copied to host memory, where LoRA is merged and the file written: not counted). The files a run
-writes are made from host copies and are not written here. Text encoders
-kept in host memory (``model.offload_text_encoders``) count during prompt encoding and evaluation only.
-AdamW's state, created by the first optimizer step, is added where the first iteration did not have it yet,
-so the figures are those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated``
-counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
+then the end of a run: sample grid (16 samples decoded while the rollout is alive), evaluation (one held-out
+batch, as the run's last evaluation makes it: EMA weights swapped in, LoRA merged) and export (EMA weights
+swapped in while the transformer is copied to host memory, where LoRA is merged and the file written: host
+work, not counted; no file is written here). Text encoders kept in host memory
+(``model.offload_text_encoders``) count during prompt encoding and evaluation only. AdamW's state, created
+by the first optimizer step, is added where the first iteration did not have it yet, so the figures are
+those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated`` counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
 Not estimated: torchrun / FSDP jobs (the estimate is one process holding the whole batch), the models of
 ``eval.rewards`` other than the training reward, fp16's fp32 T5 layers (``_keep_in_fp32_modules``), and
@@ -417,9 +416,9 @@ def _stub_targets(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Modul
 @dataclasses.dataclass
 class Estimate:
     """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration and of the end of
-    the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``: bytes of the trained
-    weights; ``peak``: the largest phase; ``offloaded``: the models kept in host memory, on the device
-    only while they run (their weights count there and then)."""
+    the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``:
+    bytes of the trained weights; ``peak``: the largest phase; ``offloaded``: the models kept in host
+    memory, on the device only while they run (their weights count there and then)."""
 
     weights: dict[str, int]
     trained: int
