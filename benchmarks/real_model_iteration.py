@@ -261,10 +261,9 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
     ):
         if value is not None:
             over.append(f"{key}={value}")
-    e = load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides]).eval
+    batch = load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides]).eval.largest_batch
     # one held-out batch (the evaluation measured at the end), as the memory estimate takes it; the user's own
     # overrides still come last
-    batch = min(e.batch_size, e.num_prompts or e.batch_size)
     return load_config(
         TrainConfig, RECIPES[args.family], [*over, f"eval.num_prompts={batch}", *args.overrides]
     )

@@ -463,6 +463,11 @@ class EvalSection(Section):
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
     )
 
+    @property
+    def largest_batch(self) -> int:
+        """Prompts in the evaluation's largest sampler call: ``batch_size``, or ``num_prompts`` when fewer."""
+        return min(self.batch_size, self.num_prompts or self.batch_size)
+
 
 class TrainConfig(Section):
     """The whole of one training run. ``densegrpo-fast show-config --config X`` prints it resolved."""

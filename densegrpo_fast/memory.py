@@ -802,6 +802,9 @@ def _advice(phase: str, cfg) -> str:
     )
 
 
+SERVED = ("remote", "geneval")  # rewards scored by a server: nothing of them on this process's device
+
+
 def run_memory(
     config: str, overrides: list[str], *, device_gib: float = 80.0, as_json: bool = False
 ) -> Estimate:
@@ -823,21 +826,17 @@ def run_memory(
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
-    batch = min(
-        cfg.eval.batch_size, cfg.eval.num_prompts or cfg.eval.batch_size
-    )  # the largest held-out batch
+    batch = cfg.eval.largest_batch
     n = max(2 * cfg.prompts.prompts_per_iteration, batch)
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
-    others = [
-        k for k, r in cfg.eval.rewards.items() if r != cfg.reward and r.name not in ("remote", "geneval")
-    ]
+    others = [k for k, r in cfg.eval.rewards.items() if r != cfg.reward and r.name not in SERVED]
     if others:  # (one equal to the training reward is scored by its model: trainer.heldout_rewards)
         notes.append(
             f"eval.rewards {others}: their models, built for each held-out evaluation, are not counted"
         )
     reward_fn = None
-    if cfg.reward.name in ("remote", "geneval"):
+    if cfg.reward.name in SERVED:
         notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
     else:
         try:
