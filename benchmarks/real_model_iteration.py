@@ -261,7 +261,7 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
     ):
         if value is not None:
             over.append(f"{key}={value}")
-    batch = load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides]).eval.largest_batch
+    batch = load_config(TrainConfig, RECIPES[args.family], [*over, *args.overrides]).eval.largest_batch()
     # one held-out batch (the evaluation measured at the end), as the memory estimate takes it; the user's own
     # overrides still come last
     return load_config(

@@ -162,11 +162,20 @@ def _add_memory(sub) -> None:
     _add_overrides(p)
     p.add_argument("--device-gib", type=float, default=80.0, help="the GPU's memory to compare with (GiB)")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="per process of a torchrun job of N processes (its share of the rows; LoRA or replicated weights)",
+    )
 
     def handler(args):
         from densegrpo_fast.memory import run_memory
 
-        run_memory(args.config, args.overrides, device_gib=args.device_gib, as_json=args.json)
+        run_memory(
+            args.config, args.overrides, device_gib=args.device_gib, as_json=args.json, processes=args.nproc
+        )
 
     p.set_defaults(handler=handler)
 

@@ -463,10 +463,11 @@ class EvalSection(Section):
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
     )
 
-    @property
-    def largest_batch(self) -> int:
-        """Prompts in the evaluation's largest sampler call: ``batch_size``, or ``num_prompts`` when fewer."""
-        return min(self.batch_size, self.num_prompts or self.batch_size)
+    def largest_batch(self, processes: int = 1) -> int:
+        """Prompts in the evaluation's largest sampler call, in a job of ``processes`` (each samples its share
+        of the prompts): ``batch_size``, or the share when smaller."""
+        share = -(-self.num_prompts // processes) if self.num_prompts else self.batch_size
+        return min(self.batch_size, share)
 
 
 class TrainConfig(Section):

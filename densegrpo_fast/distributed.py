@@ -37,6 +37,8 @@ died on another node does not hang for long (in a healthy job no rank waits for 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -272,6 +274,77 @@ def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
             f"{what} differ between rank 0 and rank(s) {bad}: the processes no longer train the same model. "
             "Run every rank with the same config and package version; report it if they did"
         )
+
+
+class _Mirror:
+    """``torch.distributed`` as rank 0 of a job whose other ranks hold what rank 0 holds: what rank 0 would
+    receive, made from its own values, with the allocations of the real calls (none: they write into the
+    tensors given). See :func:`simulated_job`."""
+
+    ReduceOp = dist.ReduceOp
+
+    def __init__(self, world: int):
+        self.world = world
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_world_size(self, group=None) -> int:
+        return self.world
+
+    def get_rank(self, group=None) -> int:
+        return 0
+
+    def all_gather(self, parts, t, group=None, async_op=False):
+        for p in parts:
+            p.copy_(t)
+
+    def all_gather_object(self, every, obj, group=None):
+        every[:] = [copy.deepcopy(obj) for _ in every]
+
+    def all_reduce(self, t, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        if op == dist.ReduceOp.SUM:
+            t.mul_(self.world)
+        elif op not in (dist.ReduceOp.MAX, dist.ReduceOp.MIN):
+            raise NotImplementedError(f"simulated all_reduce with {op}")
+
+    def broadcast(self, t, src=0, group=None, async_op=False):
+        pass  # rank 0's values stay
+
+    def broadcast_object_list(self, objects, src=0, group=None, device=None):
+        pass
+
+    def barrier(self, group=None, async_op=False, device_ids=None):
+        pass
+
+    def destroy_process_group(self, group=None):
+        pass
+
+
+@contextlib.contextmanager
+def simulated_job(world: int):
+    """Within: this process is rank 0 of a ``world``-process torchrun job whose other ranks hold what rank 0
+    holds, and nothing is sent. The trainer takes its share of the rows and runs the job's code (its gathers,
+    sums and the rank-0 work), so rank 0's memory can be counted in one process (``densegrpo-fast memory
+    --nproc N``). This module's helpers answer through :class:`_Mirror`; FSDP2 runs on torch's fake process
+    group (``backend="fake"``: its collectives leave their outputs as they are), so a sharded transformer
+    holds and gathers its shards as in the job, with other values."""
+    global dist, world_size, from_env
+
+    if dist.is_initialized():
+        raise RuntimeError("simulated_job: this process is already in a process group (a torchrun job?)")
+    from torch.testing._internal.distributed.fake_pg import FakeStore  # (registers the "fake" backend)
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    saved = dist, world_size, from_env
+    dist = _Mirror(world)
+    world_size = lambda: world  # noqa: E731
+    from_env = lambda device: Dist(0, world, 0)  # noqa: E731
+    try:
+        yield Dist(0, world, 0)
+    finally:
+        dist, world_size, from_env = saved
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------- FSDP2

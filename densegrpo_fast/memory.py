@@ -32,8 +32,14 @@ work, not counted; no file is written here). Text encoders kept in host memory
 by the first optimizer step, is added where the first iteration did not have it yet, so the figures are
 those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated`` counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
-Not estimated: torchrun / FSDP jobs (the estimate is one process holding the whole batch), the models of
-``eval.rewards`` other than the training reward, fp16's fp32 T5 layers (``_keep_in_fp32_modules``), and
+A torchrun job (``--nproc N``) is estimated per process: the trainer runs as rank 0 of a simulated job
+(:func:`densegrpo_fast.distributed.simulated_job`) whose other ranks mirror it, so it rolls out, scores and
+trains its share of the rows through the job's own gathers and gradient sums, and evaluates its share of the
+held-out prompts. Full fine-tuning there shards the transformer and its KL reference with FSDP2 on torch's
+fake process group: each block is then profiled on its own (it is FSDP's unit), and FSDP's gathers, frees
+(in-place storage resizes, which :class:`LiveBytes` follows) and gradient reductions run around it as in the
+job; a sharded weight counts its local shard. Not estimated: the models of ``eval.rewards`` other than
+the training reward, fp16's fp32 T5 layers (``_keep_in_fp32_modules``), and
 AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
 
 What it cannot see: kernels that allocate differently on the GPU than on the CPU (attention is forced to the
@@ -66,6 +72,13 @@ def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def storage_of(t: torch.Tensor):
+    """The storage that holds ``t``'s bytes on this process: a DTensor's (a sharded weight's) is its local
+    shard's; its own wrapper reports the whole tensor's size and is not memory."""
+    local = getattr(t, "_local_tensor", None)
+    return (t if local is None else local).untyped_storage()
+
+
 _ACTIVE: list[LiveBytes] = []  # the trackers entered, innermost last
 
 
@@ -79,15 +92,27 @@ def _counted_storage_clone(storage):
     return new
 
 
+def _counted_storage_resize(storage, nbytes):
+    """``UntypedStorage.resize_`` while a tracker is active: FSDP2 frees a gathered weight by resizing its
+    storage to 0 and gathers it into the same storage again, which no op announces either."""
+    out = _STORAGE_RESIZE(storage, nbytes)
+    for tracker in _ACTIVE:
+        if not tracker.paused:
+            tracker.resized(storage)
+    return out
+
+
 _STORAGE_CLONE = torch.UntypedStorage.clone
+_STORAGE_RESIZE = torch.UntypedStorage.resize_
 
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages created while this mode is active and still alive, and their peak.
 
     Every op's output storage is counted once, from its creation to its release (a weak-reference
-    finaliser), as the CUDA caching allocator counts ``memory_allocated``; views and in-place ops add
-    nothing. ``paused`` stops the counting (a profiled call counts its own storages with another
+    finaliser), as the CUDA caching allocator counts ``memory_allocated``, at its current size (FSDP2 resizes
+    storages in place); views and in-place ops add nothing, and a DTensor counts its local shard. ``paused``
+    stops the counting (a profiled call counts its own storages with another
     instance). :meth:`bump` raises the peak by a transient that happens outside the counted storages.
     """
 
@@ -102,41 +127,54 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not self.paused and not func._schema.is_mutable:  # in-place and out= ops allocate nothing
-            held = {
-                id(a.untyped_storage())
-                for a in tree_flatten((args, kwargs))[0]
-                if isinstance(a, torch.Tensor)
-            }
-            for t in tree_flatten(out)[
-                0
-            ]:  # views and in-place results share an input's storage: no allocation
-                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in held:
+        # views, in-place and out= ops allocate nothing
+        if not self.paused and not func.is_view and not func._schema.is_mutable:
+            held = {id(storage_of(a)) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
+            for t in tree_flatten(out)[0]:  # results that share an input's storage allocate nothing
+                if isinstance(t, torch.Tensor) and id(storage_of(t)) not in held:
                     self.track(t)
         return out
 
     def __enter__(self):
         if not _ACTIVE:
             torch.UntypedStorage.clone = _counted_storage_clone
+            torch.UntypedStorage.resize_ = _counted_storage_resize
         _ACTIVE.append(self)
         return super().__enter__()
 
     def __exit__(self, *exc):
         _ACTIVE.remove(self)
         if not _ACTIVE:
-            del torch.UntypedStorage.clone  # (the inherited method again)
+            del torch.UntypedStorage.clone, torch.UntypedStorage.resize_  # (the inherited methods again)
         return super().__exit__(*exc)
 
     def track(self, t: torch.Tensor) -> None:
-        self.track_storage(t.untyped_storage())
+        self.track_storage(storage_of(t))
 
     def track_storage(self, storage) -> None:
         if storage in self._seen:
             return
-        n = storage.nbytes()
-        self._seen[storage] = n
-        self.add(n)
-        weakref.finalize(storage, self.add, -n).atexit = False  # (nothing to count at exit)
+        size = [storage.nbytes()]  # (its current size: FSDP2 resizes storages in place)
+        self._seen[storage] = size
+        self.add(size[0])
+        weakref.finalize(storage, lambda: self.add(-size[0])).atexit = False  # (nothing to count at exit)
+
+    def resized(self, storage) -> None:
+        """``storage`` was resized in place: a counted one counts its new size, another one (allocated before
+        this tracker) from now on."""
+        size = self._seen.get(storage)
+        if size is None:
+            self.track_storage(storage)
+        else:
+            self.add(storage.nbytes() - size[0])
+            size[0] = storage.nbytes()
+
+    def release(self, t: torch.Tensor) -> None:
+        """Count ``t``'s storage as freed now, before it is (a stand-in whose bytes are released early)."""
+        size = self._seen.get(storage_of(t))
+        if size is not None:
+            self.add(-size[0])
+            size[0] = 0
 
     def add(self, n: int) -> None:
         self.live += n
@@ -174,12 +212,18 @@ def _signature(args, kwargs) -> tuple:
 
 
 class _StubGrad(torch.autograd.Function):
-    """Puts a stubbed call's outputs on the autograd graph: the backward books the profiled backward
-    peak, releases the kept activations, and gives the trained weights their (fake) gradients."""
+    """Puts a stubbed call's outputs on the autograd graph, after its tensor ``inputs`` (those the graph keeps,
+    flagged in ``keep``, and those that need gradients, such as a transformer block's hidden states). ``kept``
+    stands for the activations the call keeps for its backward: an allocation of their size, saved for the
+    backward as they are (so that a gradient checkpoint around the call drops it, and its recomputation saves
+    it again). The backward books the profiled backward peak, releases them, and gives the trained weights
+    and the inputs that need them their (fake) gradients."""
 
     @staticmethod
-    def forward(ctx, anchor, stub, profile, inputs):
-        ctx.stub, ctx.profile, ctx.inputs = stub, profile, inputs  # the saved inputs live until the backward
+    def forward(ctx, anchor, stub, profile, kept, keep, *inputs):
+        ctx.stub, ctx.profile = stub, profile
+        ctx.save_for_backward(kept, *[x for x, k in zip(inputs, keep, strict=True) if k])
+        ctx.input_grads = [(x.shape, x.dtype, x.device) if x.requires_grad else None for x in inputs]
         return tuple(_empty(profile.out, stub.fake_mode))
 
     @staticmethod
@@ -189,9 +233,14 @@ class _StubGrad(torch.autograd.Function):
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         stub.tracker.bump(profile.backward_peak)
-        stub.tracker.add(-profile.kept)
-        ctx.inputs = None
-        return None, None, None, None
+        stub.tracker.release(
+            ctx.saved_tensors[0]
+        )  # the activations are freed before the inputs' gradients exist
+        with stub.fake_mode:
+            inputs = [
+                None if g is None else torch.zeros(g[0], dtype=g[1], device=g[2]) for g in ctx.input_grads
+            ]
+        return None, None, None, None, None, *inputs
 
 
 class Stub:
@@ -237,10 +286,15 @@ class Stub:
             self.profiles[key] = self._profile(args, kwargs)
         profile = self.profiles[key]
         self.tracker.bump(profile.forward_peak)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.module.parameters()):
-            self.tracker.add(profile.kept)
-            leaves = tree_flatten((args, kwargs))[0]
-            tensors = _StubGrad.apply(self._anchor, self, profile, [leaves[i] for i in profile.saved_inputs])
+        leaves = tree_flatten((args, kwargs))[0]
+        linked = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        if torch.is_grad_enabled() and (linked or any(p.requires_grad for p in self.module.parameters())):
+            with self.fake_mode:
+                kept = torch.empty(profile.kept, dtype=torch.uint8)
+            saved = [leaves[i] for i in profile.saved_inputs]
+            inputs = list({id(x): x for x in [*saved, *linked]}.values())
+            keep = tuple(any(x is y for y in saved) for x in inputs)
+            tensors = _StubGrad.apply(self._anchor, self, profile, kept, keep, *inputs)
         else:
             tensors = _empty(profile.out, self.fake_mode)
         it = iter(tensors)
@@ -253,8 +307,12 @@ class Stub:
         self.tracker.paused = True
         try:
             with mode:
-                fake_args, fake_kwargs = tree_map(
-                    lambda x: mode.from_tensor(x) if isinstance(x, torch.Tensor) and not _is_fake(x) else x,
+                fake_args, fake_kwargs = tree_map(  # (the profiled graph ends at the inputs: detached)
+                    lambda x: (
+                        (x if _is_fake(x) else mode.from_tensor(x)).detach().requires_grad_(x.requires_grad)
+                        if isinstance(x, torch.Tensor)
+                        else x
+                    ),
                     (args, kwargs),
                 )
                 trained = [p for p in self.module.parameters() if p.requires_grad] if grad else []
@@ -262,13 +320,11 @@ class Stub:
                 for p in trained:  # accumulate into existing gradients, as every micro-batch but the first
                     p.grad = torch.zeros_like(p)
                 leaves = tree_flatten((fake_args, fake_kwargs))[0]
-                where = {
-                    id(x.untyped_storage()): i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)
-                }
+                where = {id(storage_of(x)): i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
                 saved: set[int] = set()
 
                 def pack(t):  # which inputs the graph saves for the backward (it then holds them alive)
-                    i = where.get(id(t.untyped_storage()))
+                    i = where.get(id(storage_of(t)))
                     if i is not None:
                         saved.add(i)
                     return t
@@ -277,7 +333,7 @@ class Stub:
                 with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     out = self._forward(*fake_args, **fake_kwargs)
                 outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-                out_bytes = sum(o.untyped_storage().nbytes() for o in outs)
+                out_bytes = sum(storage_of(o).nbytes() for o in outs)
                 forward_peak, kept = counter.peak, max(counter.live - out_bytes, 0)
                 backward_peak = 0
                 grads_out = [o for o in outs if o.requires_grad]
@@ -308,7 +364,7 @@ def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages of ``tensors`` (tied or shared weights once)."""
     seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
     for t in tensors:
-        seen[t.untyped_storage()] = t.untyped_storage().nbytes()
+        seen[storage_of(t)] = storage_of(t).nbytes()
     return sum(seen.values())
 
 
@@ -403,11 +459,18 @@ def _reward_targets(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.M
     return out
 
 
-def _stub_targets(parts: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+def _stub_targets(parts: dict[str, torch.nn.Module], sharded: bool = False) -> dict[str, torch.nn.Module]:
+    """The modules whose calls are profiled. A transformer sharded with FSDP2 (``distributed.shard``) is
+    profiled block by block, its units: FSDP's gathers, frees and gradient reductions around each block then
+    run as in the job, only the block's own computation is profiled."""
     out = {}
     for name, module in parts.items():
         if name == "vae":  # decode() runs the decoder (and a post-quant conv, when there is one)
             out["vae.decoder"] = module.decoder
+        elif name == "transformer" and sharded:
+            for child_name, child in module.named_children():
+                if isinstance(child, torch.nn.ModuleList):
+                    out.update({f"transformer.{child_name}.{i}": block for i, block in enumerate(child)})
         else:
             out[name] = module
     return out
@@ -482,25 +545,38 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
 def _host_work(tracker: LiveBytes):
     """What a run does in host memory is not counted, and its files are not written (fake tensors have no
     values to write): the sample grid's PNG; the export's copy of the transformer, made on the host, and the
-    merge and save done there (``trainer.host_copy``, ``trainer._write_export``)."""
-    from densegrpo_fast import trainer
+    merge and save done there (``trainer.host_copy``, ``trainer._write_export``); a sharded run's whole
+    weights, gathered to the host one tensor at a time (the largest is booked as the device's transient), and
+    put together there (``distributed.full_model_state``, ``trainer._export``)."""
+    from densegrpo_fast import distributed, trainer
 
-    saved = trainer.save_image_grid, trainer.host_copy, trainer._write_export
+    saved = trainer.save_image_grid, trainer.host_copy, trainer._write_export, trainer._export
+    gather = distributed.full_model_state
 
-    def host_copy(policy):
+    def paused(fn, *args):
         tracker.paused = True
         try:
-            return saved[1](policy)
+            return fn(*args)
         finally:
             tracker.paused = False
 
+    def full_model_state(module):  # whole tensors gathered one at a time and moved to the host
+        tracker.bump(max((p.numel() * p.element_size() for p in module.parameters()), default=0))
+        return paused(gather, module)
+
+    def export(run, path, whole):  # a sharded run's export: the gathered weights are put together on the host
+        return paused(saved[3], run, path, whole) if whole is not None else saved[3](run, path, whole)
+
     trainer.save_image_grid = lambda *args, **kwargs: None
-    trainer.host_copy = host_copy
+    trainer.host_copy = lambda policy: paused(saved[1], policy)
     trainer._write_export = lambda *args, **kwargs: None
+    trainer._export = export
+    distributed.full_model_state = full_model_state
     try:
         yield
     finally:
-        trainer.save_image_grid, trainer.host_copy, trainer._write_export = saved
+        trainer.save_image_grid, trainer.host_copy, trainer._write_export, trainer._export = saved
+        distributed.full_model_state = gather
 
 
 def _iterations(
@@ -512,9 +588,11 @@ def _iterations(
     seed: int,
     notes: list[str] | None = None,
     encoder_bytes: int = 0,
+    resident=lambda: (),
 ) -> dict[str, int]:
     """``trainer.setup`` then ``iterations`` x (collect, update) under ``tracker``; the peak of each phase of
-    the last iteration (live bytes, the weights that existed before not included). The reward's values
+    the last iteration (live bytes: those of the tensors ``resident()`` on the device before, the weights,
+    included, counted until they are freed, as a sharded transformer's whole weights are). The reward's values
     are random (seeded), its calls are the real reward's (or ``reward_fn``'s).
 
     With one iteration, the phases are those of every later iteration: AdamW's state, created by the first
@@ -526,8 +604,10 @@ def _iterations(
 
     Prompt encoding (sd3/flux) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
     of offloaded text encoders, are on the device then, and through the evaluation, which holds them."""
-    from densegrpo_fast import trainer
+    from densegrpo_fast import distributed, trainer
 
+    for t in resident():  # (a generator: no reference kept, so weights replaced by shards are freed)
+        tracker.track(t)
     with (
         _encoding_phase(policy, tracker, encoder_bytes),
         _host_work(tracker),
@@ -565,14 +645,15 @@ def _iterations(
             prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
             tracker.reset_peak()
             phase("rollout + reward")
-            ro, cond, R, _ = trainer.collect(run, prompts, it, overlap=False)
+            ro, cond, R, _ = trainer.collect(run, prompts, it, overlap=False)  # this rank's rows
             phase("update")
-            trainer.update(run, ro, cond, R, it)
+            R_all = distributed.gather_rows(run.dist, R)  # as trainer.train: the whole batch's advantages
+            trainer.update(run, ro, cond, R, it, trainer._advantages(run, R_all))
             if cfg.run.sample_grid_every and it == iterations - 1:  # decoded while the rollout is alive
                 phase("sample grid")
-                trainer._sample_grid(run, ro, prompts, R)
+                trainer._sample_grid(run, ro, prompts, R_all)
             tracker.phase = ""
-            del ro, cond, R
+            del ro, cond, R, R_all
         hook.remove()
         phase("evaluation")  # the last one: AdamW's state exists
         trainer.ema_heldout_rewards(run)
@@ -602,11 +683,11 @@ def measure_run(cfg, policy, *, reward_fn=None, iterations: int = 2, seed: int =
     """What :func:`estimate_run` estimates, counted on a real run (real weights, every call executed): the
     phases' peaks, the policy's weights included (not ``reward_fn``'s). On the CPU this is how the estimate
     is checked (tests/test_memory.py)."""
-    weights = storage_bytes(
-        [t for m in policy_modules(policy).values() for t in (*m.parameters(), *m.buffers())]
-    )
-    phases = _iterations(cfg, policy, LiveBytes(), reward_fn, iterations, seed)
-    return {k: v + weights for k, v in phases.items()}
+
+    def weights():
+        return (t for m in policy_modules(policy).values() for t in (*m.parameters(), *m.buffers()))
+
+    return _iterations(cfg, policy, LiveBytes(), reward_fn, iterations, seed, resident=weights)
 
 
 def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int = 0) -> Estimate:
@@ -625,7 +706,10 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
         module.to = types.MethodType(lambda self, *args, **kwargs: self, module)  # (CLIP rewards move theirs)
     weights = {k: storage_bytes([*m.parameters(), *m.buffers()]) for k, m in {**parts, **scored}.items()}
     tracker = LiveBytes()
-    targets = {**_stub_targets(parts), **_reward_targets(scored)}
+    from densegrpo_fast import distributed, trainer
+
+    sharded = trainer._shards(cfg, distributed.from_env(cfg.model.device))  # (in a simulated job)
+    targets = {**_stub_targets(parts, sharded), **_reward_targets(scored)}
     stubs = [Stub(m, k, tracker, mode) for k, m in targets.items()]
     transformer = policy.transformer
     add_adapter = transformer.add_adapter if hasattr(transformer, "add_adapter") else None
@@ -651,16 +735,23 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     host = [k for k in parts if is_text_encoder(k)] if on_host else []
     host_bytes = sum(weights[k] for k in host)
     notes: list[str] = []
+
+    def resident():
+        return (
+            t
+            for k, m in {**parts, **scored}.items()
+            if k not in host
+            for t in (*m.parameters(), *m.buffers())
+        )
+
     try:
-        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes)
+        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident)
     finally:
         for s in stubs:
             s.restore()
         if add_adapter is not None:
             del transformer.add_adapter
-    base = sum(weights.values()) - host_bytes
     trained = storage_bytes([p for p in transformer.parameters() if p.requires_grad])
-    phases = {k: v + base for k, v in phases.items()}
     profiles = {
         s.name: [
             {"grad": key[2], "forward_peak": p.forward_peak, "kept": p.kept, "backward_peak": p.backward_peak}
@@ -722,6 +813,16 @@ def _check_family(cfg) -> None:
             f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy "
             "runs on the CPU in a few hundred MiB"
         )
+
+
+def _check_processes(cfg, processes: int) -> None:
+    """A torchrun job the trainer accepts: ``processes`` dividing the rows."""
+    from densegrpo_fast import trainer
+
+    if processes < 1:
+        raise ValueError(f"--nproc {processes}: a job has at least one process; give a count of 1 or more")
+    if processes > 1:
+        trainer._check_world(cfg, processes)
 
 
 def fake_policy(cfg, mode):
@@ -798,7 +899,7 @@ def _advice(phase: str, cfg) -> str:
         return f"the update's micro-batches hold the activations: lower grpo.train_batch_size{gc}{off}"
     return (
         "the rollout holds the batch and its calls: lower sampling.max_rows_per_call or prompts_per_iteration"
-        + off
+        " (under torchrun each process holds its share: --nproc N)" + off
     )
 
 
@@ -806,28 +907,39 @@ SERVED = ("remote", "geneval")  # rewards scored by a server: nothing of them on
 
 
 def run_memory(
-    config: str, overrides: list[str], *, device_gib: float = 80.0, as_json: bool = False
+    config: str,
+    overrides: list[str],
+    *,
+    device_gib: float = 80.0,
+    as_json: bool = False,
+    processes: int = 1,
 ) -> Estimate:
-    """``densegrpo-fast memory``: estimate, print the table and the verdict for a ``device_gib`` GPU."""
+    """``densegrpo-fast memory``: estimate, print the table and the verdict for a ``device_gib`` GPU. With
+    ``processes`` > 1, for each process of a torchrun job of that many, as rank 0 of a simulated job
+    (:func:`densegrpo_fast.distributed.simulated_job`); full fine-tuning shards the transformer with FSDP2
+    there, as the trainer does (``model.sharding``)."""
     import json
     import shutil
     import sys
     import tempfile
     import time
+    import warnings
     from pathlib import Path
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from densegrpo_fast import distributed
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.rewards import build_reward
 
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
+    _check_processes(cfg, processes)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
-    batch = cfg.eval.largest_batch
-    n = max(2 * cfg.prompts.prompts_per_iteration, batch)
+    batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
+    n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
     others = [k for k, r in cfg.eval.rewards.items() if r != cfg.reward and r.name not in SERVED]
@@ -850,7 +962,7 @@ def run_memory(
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "noise.kind=uniform", "model.device=cpu", "reward.name=redness", "reward.kwargs={}",
-        "eval.rewards={}", f"eval.num_prompts={batch}",  # one batch: the evaluation's peak
+        "eval.rewards={}", f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
     ])  # fmt: skip
     if cfg.sampling.reward_waves > 1:
         notes.append(
@@ -862,26 +974,44 @@ def run_memory(
     say(f"building {cfg.model.family} with fake weights ...")
     policy, source = fake_policy(cfg, mode)
     say(f"  from {source}")
-    say(
-        f"running one iteration at full size ({cfg.rows_per_iteration} trajectories, T={cfg.sampling.num_steps}"
-        f") with each model call profiled once per shape ..."
+    share = (
+        f"{cfg.rows_per_iteration // processes} of {cfg.rows_per_iteration} trajectories (rank 0 of {processes} "
+        "processes)"
+        if processes > 1
+        else f"{cfg.rows_per_iteration} trajectories"
     )
+    say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
+        "profiled once per shape ...")  # fmt: skip
+    job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
     try:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, warnings.catch_warnings():
+            # (FSDP2 asks a fake weight for its data pointer, which torch warns about: nothing is read)
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             est = estimate_run(cfg, policy, reward_fn=reward_fn)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"  done in {time.perf_counter() - t0:.0f} s")
     notes += est.notes
-    notes.append("not estimated: FSDP / torchrun jobs (this is one process holding the whole batch)")
+    if processes == 1:
+        notes.append(
+            "one process holding the whole batch; for a torchrun job, --nproc N gives each process's"
+        )
     capacity = int(device_gib * GIB)
     if as_json:
         print(
             json.dumps(
-                {**dataclasses.asdict(est), "source": source, "notes": notes, "device_bytes": capacity}
+                {
+                    **dataclasses.asdict(est),
+                    "source": source,
+                    "notes": notes,
+                    "device_bytes": capacity,
+                    "processes": processes,
+                }
             )
         )
         return est
+    if processes > 1:
+        print(f"each of {processes} processes (rank 0; the others hold as much):")
     print(est.table(capacity))
     worst = max(est.phases, key=est.phases.get)
     if est.peak > 0.9 * capacity:

@@ -1,8 +1,12 @@
 """Run by test_distributed.py under ``torchrun --nproc_per_node=2`` (gloo, CPU): with no argument, checks
 the collectives of densegrpo_fast.distributed and exits non-zero, with the failed assertion, if one is
-wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel into OUT."""
+wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel into OUT; with
+``memory CHECKPOINT OUT [OVERRIDES]`` (test_memory.py), counts rank 0's memory in two iterations of
+test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json."""
 
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,25 @@ if sys.argv[1:2] == ["eval"]:
     run(tiny_policy(), sys.argv[2], batch_size=2, dist=d)
     distributed.shutdown(d)
     print(f"rank {d.rank} sampled {len(sampled)} images")
+    sys.exit(0)
+if sys.argv[1:2] == ["memory"]:
+    from test_memory import _config
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from densegrpo_fast.memory import measure_run
+    from densegrpo_fast.policies import load_policy
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[3])
+    cfg = _config(
+        sys.argv[2], out / f"rank{d.rank}", "fp32", sys.argv[4:]
+    )  # (rank 0 alone writes its run dir)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # as test_memory counts
+        policy = load_policy("sd3", sys.argv[2], "cpu", **cfg.model.adapter_options())
+        measured = measure_run(cfg, policy)
+    if d.main:
+        (out / "rank0.json").write_text(json.dumps(measured))
+    distributed.shutdown(d)
     sys.exit(0)
 assert d.world == 2 and d.enabled and d.main == (d.rank == 0)
 r = d.rank

@@ -194,6 +194,31 @@ def test_reward_waves_of_a_rank_hold_whole_groups_when_it_has_enough():
     assert wave_bounds(48, 24, 4) == [0, 12, 24, 36, 48]
 
 
+def test_a_simulated_job_is_rank_0_with_every_other_rank_mirroring_it():
+    """``memory --nproc N`` runs the trainer as rank 0 of a job whose other ranks hold what rank 0 holds: the
+    helpers answer as such a job would, in one process, and everything is restored after."""
+    from densegrpo_fast import distributed
+
+    with distributed.simulated_job(3) as d:
+        assert d == Dist(0, 3, 0) and distributed.from_env("cpu") == d and distributed.world_size() == 3
+        t = torch.tensor([[1.0, 2.0]])
+        assert torch.equal(distributed.gather_rows(d, t), t.repeat(3, 1))
+        assert torch.equal(distributed.sum_(d, t), 3 * t) and torch.equal(t, torch.tensor([[1.0, 2.0]]))
+        assert distributed.max_(d, 0.5, "cpu") == 0.5 and distributed.broadcast(d, {"a": 1}) == {"a": 1}
+        assert distributed.mean_stats(d, {"loss": [1.0, 3.0]}) == {"loss": 2.0}
+        assert distributed.on_main(d, lambda: "rank 0's") == "rank 0's"
+        distributed.check_same(d, [0.5], "psi", "fix")
+        w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+        w[0].grad = torch.ones(2)
+        distributed.sum_grads(d, w)  # three equal gradients; one that no rank has stays None
+        assert torch.equal(w[0].grad, torch.full((2,), 3.0)) and w[1].grad is None
+        distributed.check_in_sync(d, w, "w")
+        distributed.barrier(d)
+        distributed.shutdown(d)
+    assert distributed.world_size() == 1 and distributed.from_env("cpu") == distributed.SINGLE
+    assert distributed.dist is torch.distributed
+
+
 def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
     """Algorithm 1 under torchrun: each rank rolls out half of a round's rows, the step rewards are
     gathered (the table counts every rank's trajectories), and every rank trains with the same psi."""

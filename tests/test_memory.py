@@ -103,6 +103,66 @@ def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype,
     assert calls["transformer"] > 0 and calls["vae.decoder"] > 0
 
 
+def _simulated_job(checkpoint, tmp_path, processes, extra=()):
+    """In a process of its own: rank 0 of a simulated torchrun job, counted for real, then estimated."""
+    from densegrpo_fast.distributed import simulated_job
+
+    with simulated_job(processes):
+        return _measure_and_estimate(checkpoint, tmp_path, "fp32", extra)
+
+
+@pytest.mark.parametrize(
+    "extra,loose",
+    [
+        ((), {}),  # LoRA: every process holds the whole model
+        # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16
+        (("lora.enabled=false", "model.dtype=bf16"), {}),
+        pytest.param(  # the estimate books a recomputed block's whole forward; torch stops a recomputation early
+            ("lora.enabled=false", "model.gradient_checkpointing=true"),
+            {"update": 0.06},
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["lora", "fsdp-bf16", "fsdp-checkpointing"],
+)
+def test_each_process_of_a_torchrun_job_is_estimated(sd3_dir, tmp_path, extra, loose):
+    """``memory --nproc 2``: a simulated job's rank 0 (its share of the rows, the job's gathers and sums, the
+    other rank mirroring it, FSDP2 on torch's fake process group) counts what rank 0 of a real two-process job
+    (gloo) counts, and the estimate of the simulated job agrees with that count as the single-process estimate
+    does with its own."""
+    import json
+    import multiprocessing
+    import os
+    import subprocess
+    import sys
+    from concurrent.futures import ProcessPoolExecutor
+    from pathlib import Path
+
+    worker = Path(__file__).parent / "distributed_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           "memory", str(sd3_dir), str(tmp_path / "job"), *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DENSEGRPO_DIST_TIMEOUT_MIN": "2"}
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        simulated = pool.submit(_simulated_job, sd3_dir, tmp_path / "simulated", 2, extra)
+        alone = pool.submit(_measure_and_estimate, sd3_dir, tmp_path / "alone", "fp32", extra)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        real = json.loads((tmp_path / "job" / "rank0.json").read_text())
+        measured, phases, weights, calls, _ = simulated.result(timeout=600)
+        single = alone.result(timeout=600)[0]
+    assert set(real) == set(measured) == set(phases) == set(PHASES)
+    for phase in PHASES:
+        live = real[phase] - weights
+        assert measured[phase] - weights == pytest.approx(live, rel=1e-3), phase
+        assert phases[phase] - weights == pytest.approx(live, rel=loose.get(phase, 1e-3)), phase
+    sharded = "lora.enabled=false" in extra
+    assert ("transformer" in calls) != sharded  # a sharded transformer is profiled block by block
+    assert sharded == any(k.startswith("transformer.transformer_blocks.") for k in calls)
+    # a process holds half the rows: its rollout holds less than one process with every row (the update's
+    # micro-batches are grpo.train_batch_size pairs in both)
+    assert real["rollout + reward"] - weights < 0.8 * (single["rollout + reward"] - weights)
+
+
 def _with_a_clip_reward(checkpoint, clip, tmp_path):
     """In a process of its own: a PickScore reward (tiny CLIP) counted for real, then estimated as the
     command does (the config's reward replaced by a stand-in, the real one's models made fake)."""
@@ -154,6 +214,42 @@ def test_live_bytes_counts_storages_once_and_frees_them():
         del a, v
         assert t.live == 4000  # a is freed with its last view
     assert t.peak == 8000
+
+
+def test_live_bytes_follow_a_sharded_module():
+    """FSDP2 (in a simulated two-process job): the whole weights leave when the shards replace them, a sharded
+    weight's copy is its shard, and a gathered block is freed (its storage resized to 0) after its call."""
+    from densegrpo_fast import distributed
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64, bias=False) for _ in range(3)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    net, block = Net(), 64 * 64 * 4
+    with distributed.simulated_job(2):
+        t = LiveBytes()
+        for p in net.parameters():  # on the device before
+            t.track(p)
+        del p
+        with t:
+            distributed.shard(net, torch.float32)
+            assert t.live == pytest.approx(3 * block / 2, abs=256)  # (FSDP's own few bytes)
+            shards = t.live
+            copies = [p.detach().clone() for p in net.parameters()]
+            assert t.live == shards + 3 * block / 2
+            del copies
+            x = torch.randn(8, 64)
+            t.reset_peak()
+            with torch.no_grad():
+                y = net(x)
+            assert t.live == shards + x.nbytes + y.nbytes  # every gathered block freed
+            assert t.peak >= shards + x.nbytes + block  # a block gathered at a time (at least)
 
 
 def test_a_deep_copy_counts_each_new_storage_once():
@@ -236,6 +332,7 @@ def test_the_advice_names_the_knobs_left(sd3_dir, tmp_path):
 
 def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     import json
+    import re
     import subprocess
     import sys
 
@@ -262,6 +359,17 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     assert out["source"] == str(sd3_dir) and out["peak"] == max(out["phases"].values()) > sum(
         out["weights"].values()
     )
+    shared = memory("--json", "--nproc", "2", "grpo.train_batch_size=2")  # each process rolls out 2 of 4 rows
+    assert shared.returncode == 0, shared.stderr[-2000:]
+    each = json.loads(shared.stdout)
+    assert each["processes"] == 2 and each["weights"] == out["weights"]
+    assert each["phases"]["rollout + reward"] < out["phases"]["rollout + reward"]
+    for bad, rule in [
+        (["--nproc", "3"], "4 rows per iteration cannot be split evenly over 3 processes"),
+        (["--nproc", "0"], "at least one process"),
+    ]:
+        refused = memory(*bad)
+        assert refused.returncode != 0 and re.search(rule, refused.stderr), (bad, refused.stderr[-800:])
 
 
 def test_the_toy_is_refused_with_the_reason():
