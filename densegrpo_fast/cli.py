@@ -167,7 +167,7 @@ def _add_memory(sub) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="per process of a torchrun job of N processes (its share of the rows; LoRA or replicated weights)",
+        help="per process of a torchrun job of N processes (its share of the rows; full fine-tuning FSDP2-sharded)",
     )
 
     def handler(args):

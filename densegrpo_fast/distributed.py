@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -322,13 +323,14 @@ class _Mirror:
 
 
 @contextlib.contextmanager
-def simulated_job(world: int):
+def simulated_job(world: int) -> Iterator[Dist]:
     """Within: this process is rank 0 of a ``world``-process torchrun job whose other ranks hold what rank 0
     holds, and nothing is sent. The trainer takes its share of the rows and runs the job's code (its gathers,
     sums and the rank-0 work), so rank 0's memory can be counted in one process (``densegrpo-fast memory
     --nproc N``). This module's helpers answer through :class:`_Mirror`; FSDP2 runs on torch's fake process
     group (``backend="fake"``: its collectives leave their outputs as they are), so a sharded transformer
-    holds and gathers its shards as in the job, with other values."""
+    holds and gathers its shards as in the job, with other values. (The swap reaches those who look the helpers
+    up on this module when they call, as the trainer does.)"""
     global dist, world_size, from_env
 
     if dist.is_initialized():

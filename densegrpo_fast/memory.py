@@ -72,7 +72,7 @@ def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
-def storage_of(t: torch.Tensor):
+def storage_of(t: torch.Tensor) -> torch.UntypedStorage:
     """The storage that holds ``t``'s bytes on this process: a DTensor's (a sharded weight's) is its local
     shard's; its own wrapper reports the whole tensor's size and is not memory."""
     local = getattr(t, "_local_tensor", None)
@@ -229,13 +229,12 @@ class _StubGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         stub, profile = ctx.stub, ctx.profile
+        kept = ctx.saved_tensors[0]  # (first: under a gradient checkpoint, this recomputes the forward)
+        stub.tracker.bump(profile.backward_peak)  # (the profile's backward made the gradients it lacked)
         for p in stub.module.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        stub.tracker.bump(profile.backward_peak)
-        stub.tracker.release(
-            ctx.saved_tensors[0]
-        )  # the activations are freed before the inputs' gradients exist
+        stub.tracker.release(kept)  # the activations are freed before the inputs' gradients exist
         with stub.fake_mode:
             inputs = [
                 None if g is None else torch.zeros(g[0], dtype=g[1], device=g[2]) for g in ctx.input_grads
@@ -270,6 +269,11 @@ class Stub:
         clone._lora = None
         return clone
 
+    def _accumulates(self) -> bool:
+        """Whether a backward would add to existing gradients (every micro-batch but the first; never for a
+        block of an FSDP2-sharded model, whose gathered gradients are reduced and dropped after each)."""
+        return torch.is_grad_enabled() and any(p.grad is not None for p in self.module.parameters())
+
     def _adapter_state(self) -> tuple:
         """Whether the module's LoRA adapters are on and merged: a call with them off (the KL reference)
         allocates less than one with them on (in bf16, each adapter casts its input to fp32)."""
@@ -281,7 +285,7 @@ class Stub:
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        key = (*_signature(args, kwargs), self._adapter_state())
+        key = (*_signature(args, kwargs), self._adapter_state(), self._accumulates())
         if key not in self.profiles:
             self.profiles[key] = self._profile(args, kwargs)
         profile = self.profiles[key]
@@ -317,8 +321,8 @@ class Stub:
                 )
                 trained = [p for p in self.module.parameters() if p.requires_grad] if grad else []
                 saved_grads = [p.grad for p in trained]
-                for p in trained:  # accumulate into existing gradients, as every micro-batch but the first
-                    p.grad = torch.zeros_like(p)
+                for p in trained:  # (a copy: the profile's backward adds to it, not to the run's gradient)
+                    p.grad = None if p.grad is None else torch.zeros_like(p)
                 leaves = tree_flatten((fake_args, fake_kwargs))[0]
                 where = {id(storage_of(x)): i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
                 saved: set[int] = set()
@@ -579,6 +583,11 @@ def _host_work(tracker: LiveBytes):
         distributed.full_model_state = gather
 
 
+def _track(tracker: LiveBytes, tensors) -> None:
+    for t in tensors:
+        tracker.track(t)
+
+
 def _iterations(
     cfg,
     policy,
@@ -606,8 +615,7 @@ def _iterations(
     of offloaded text encoders, are on the device then, and through the evaluation, which holds them."""
     from densegrpo_fast import distributed, trainer
 
-    for t in resident():  # (a generator: no reference kept, so weights replaced by shards are freed)
-        tracker.track(t)
+    _track(tracker, resident())  # (no reference kept: weights replaced by shards are freed)
     with (
         _encoding_phase(policy, tracker, encoder_bytes),
         _host_work(tracker),
@@ -822,7 +830,10 @@ def _check_processes(cfg, processes: int) -> None:
     if processes < 1:
         raise ValueError(f"--nproc {processes}: a job has at least one process; give a count of 1 or more")
     if processes > 1:
-        trainer._check_world(cfg, processes)
+        try:
+            trainer._check_world(cfg, processes)
+        except ValueError as e:
+            raise ValueError(f"--nproc {processes}: {e}") from None
 
 
 def fake_policy(cfg, mode):
@@ -982,6 +993,12 @@ def run_memory(
     )
     say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
         "profiled once per shape ...")  # fmt: skip
+    sharded = processes > 1 and not cfg.lora.enabled and cfg.model.sharding != "replicate"
+    sharded = sharded and distributed.fsdp_available()
+    if sharded:
+        say(
+            "  (FSDP2: every call of a transformer block runs its gathers and frees: tens of minutes at full size)"
+        )
     job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, warnings.catch_warnings():
@@ -992,9 +1009,14 @@ def run_memory(
         shutil.rmtree(work, ignore_errors=True)
     say(f"  done in {time.perf_counter() - t0:.0f} s")
     notes += est.notes
+    if sharded:
+        notes.append(
+            "the weights rows are the whole models'; this process holds its FSDP2 shards of the transformer and "
+            "its KL reference (the trained weights row: fp32), and the phases count those"
+        )
     if processes == 1:
         notes.append(
-            "one process holding the whole batch; for a torchrun job, --nproc N gives each process's"
+            "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"
         )
     capacity = int(device_gib * GIB)
     if as_json:

@@ -216,7 +216,11 @@ def test_a_simulated_job_is_rank_0_with_every_other_rank_mirroring_it():
         distributed.barrier(d)
         distributed.shutdown(d)
     assert distributed.world_size() == 1 and distributed.from_env("cpu") == distributed.SINGLE
-    assert distributed.dist is torch.distributed
+    assert distributed.dist is torch.distributed and not torch.distributed.is_initialized()
+    with pytest.raises(KeyError), distributed.simulated_job(2):  # an error inside restores everything too
+        raise KeyError("inside")
+    assert distributed.world_size() == 1 and distributed.dist is torch.distributed
+    assert not torch.distributed.is_initialized()
 
 
 def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
