@@ -997,7 +997,7 @@ def run_memory(
     sharded = sharded and distributed.fsdp_available()
     if sharded:
         say(
-            "  (FSDP2: every call of a transformer block runs its gathers and frees: tens of minutes at full size)"
+            "  (FSDP2: every call of a transformer block runs its gathers and frees: slow, over an hour at full size)"
         )
     job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
     try:
