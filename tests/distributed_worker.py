@@ -5,6 +5,7 @@ wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel
 test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -141,4 +142,7 @@ else:
 
 distributed.barrier(d)
 distributed.shutdown(d)
-print(f"rank {r}: ok")
+print(f"rank {r}: ok", flush=True)
+# Every check passed. Leave without the interpreter's teardown: in 2 of 16 runs (2026-12-04) a rank aborted
+# there, after "ok" ("terminate called without an active exception", SIGABRT: a thread torch leaves behind)
+os._exit(0)
