@@ -143,6 +143,6 @@ else:
 distributed.barrier(d)
 distributed.shutdown(d)
 print(f"rank {r}: ok", flush=True)
-# Every check passed. Leave without the interpreter's teardown: in 2 of 16 runs (2026-12-04) a rank aborted
+# Every check passed. Leave without the interpreter's teardown: in 2 of 17 runs (2026-12-04) a rank aborted
 # there, after "ok" ("terminate called without an active exception", SIGABRT: a thread torch leaves behind)
 os._exit(0)

@@ -310,8 +310,8 @@ def test_a_stub_counts_a_backward_as_the_call_does(checkpointed):
     """Two backward passes (the first makes the gradients, the second adds to them) of a call that feeds
     another, with or without a gradient checkpoint around it (which drops its activations after the forward
     and recomputes them for the backward): the stub leaves what the call leaves at every step, and peaks where
-    it does, but for up to three input-sized tensors more (the profile's input is a detached leaf whose
-    gradient it keeps; not chased: the safe side)."""
+    it does, but for up to three input-sized tensors more when its input needs a gradient (cause not chased:
+    the safe side)."""
     from torch.utils.checkpoint import checkpoint
 
     mode = new_fake_mode()
