@@ -939,7 +939,7 @@ def run_memory(
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from densegrpo_fast import distributed
+    from densegrpo_fast import distributed, trainer
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.rewards import build_reward
 
@@ -993,8 +993,7 @@ def run_memory(
     )
     say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
         "profiled once per shape ...")  # fmt: skip
-    sharded = processes > 1 and not cfg.lora.enabled and cfg.model.sharding != "replicate"
-    sharded = sharded and distributed.fsdp_available()
+    sharded = trainer._shards(cfg, distributed.Dist(0, processes))  # (the trainer's own rule)
     if sharded:
         say(
             "  (FSDP2: every call of a transformer block runs its gathers and frees: slow, over an hour at full size)"
