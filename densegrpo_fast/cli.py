@@ -244,15 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        from densegrpo_fast.distributed import world_size
+        from densegrpo_fast import distributed
 
-        world = world_size()
+        world = distributed.world_size()
         if world > 1 and args.command not in ("train", "eval", "calibrate"):
             raise ValueError(
                 f"`{args.command}` runs as one process, but this one was launched as one of {world} (WORLD_SIZE, "
                 "torchrun): only `train`, `eval` and `calibrate` run data-parallel; run it without torchrun"
             )
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        if world > 1:  # a torchrun process whose work is done: leave without the interpreter's teardown
+            distributed.leave(code)
+        return code
     except ValueError as e:  # a problem the user can fix (config, paths, values): say it, no traceback
         if os.environ.get("DENSEGRPO_TRACEBACK") == "1":
             raise

@@ -137,6 +137,28 @@ def test_each_process_takes_its_own_gpu(monkeypatch):
         Dist(0, 2, 0).device("cuda:0")
 
 
+def test_a_finished_process_leaves_with_its_output_and_exit_handlers():
+    """``distributed.leave``: what the process printed (unflushed, through a pipe), its exit handlers and its
+    exit code survive skipping the interpreter's teardown; the teardown's own work (``__del__`` of what is
+    still alive) does not run."""
+    script = (
+        "import atexit, sys\n"
+        "from densegrpo_fast import distributed\n"
+        "atexit.register(lambda: print('exit handler ran'))\n"
+        "class Torn:\n"
+        "    def __del__(self): print('teardown ran')\n"
+        "alive = Torn()\n"
+        "print('partial line', end='')\n"
+        "sys.stderr.write('to stderr')\n"
+        "distributed.leave(3)\n"
+        "print('after leave')\n"
+    )
+    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # (buffered, as a pipe is by default)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "partial lineexit handler ran\n" and done.stderr == "to stderr"
+
+
 def test_only_train_eval_and_calibrate_run_under_torchrun(monkeypatch, capsys):
     from densegrpo_fast.cli import main
 
