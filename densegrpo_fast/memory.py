@@ -21,6 +21,8 @@ the data do not steer the code:
   noise, the rollout's latent and log-prob buffers) are real CPU tensors, written only through their fake
   views: they cost virtual memory, and resident memory only where random numbers are drawn (about 5 GB for
   the recipes). :class:`LiveBytes` follows each storage from allocation to release.
+- **Repeats are skipped**: the update runs the first, second and last micro-batch of each optimizer step;
+  those between repeat the second (:func:`_repeats_skipped`).
 
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
 phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
@@ -38,9 +40,9 @@ trains its share of the rows through the job's own gathers and gradient sums, an
 held-out prompts. Full fine-tuning there shards the transformer and its KL reference with FSDP2 on torch's
 fake process group: each block is then profiled on its own (it is FSDP's unit), and FSDP's gathers, frees
 (in-place storage resizes, which :class:`LiveBytes` follows) and gradient reductions run around it as in the
-job; a sharded weight counts its local shard. Not estimated: the models of ``eval.rewards`` other than
-the training reward, fp16's fp32 T5 layers (``_keep_in_fp32_modules``), and
-AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
+job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. Not estimated: the
+models of ``eval.rewards`` other than the training reward, fp16's fp32 T5 layers
+(``_keep_in_fp32_modules``), and AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
 
 What it cannot see: kernels that allocate differently on the GPU than on the CPU (attention is forced to the
 flash kernel, which keeps no S x S matrix on either; the fused Triton SDE kernels allocate less than the
@@ -55,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import types
 import weakref
 
@@ -583,6 +586,63 @@ def _host_work(tracker: LiveBytes):
         distributed.full_model_state = gather
 
 
+#: The methods of FSDP2's parameter group that allocate: gathers, copy-outs, frees, gradient reductions.
+_FSDP_WORK = ("unshard", "wait_for_unshard", "reshard", "pre_forward", "post_forward", "pre_backward",
+              "post_backward", "finalize_backward")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _fsdp_on_fake(mode):
+    """Within: FSDP2's gathers and reductions allocate their buffers under ``mode``, fake as the shards they
+    gather. Its buffers come from ``torch.empty`` with no tensor argument, so outside a fake mode they are
+    real: a whole block's weights allocated, gathered and copied out at every block call of the estimate (about
+    an hour of CPU for SD3.5-M over 8 processes). Sizes, and so the counts, are the same either way."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    saved = {name: getattr(FSDPParamGroup, name) for name in _FSDP_WORK}
+
+    def on_fake(fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            with mode:
+                return fn(*args, **kwargs)
+
+        return call
+
+    for name, fn in saved.items():
+        setattr(FSDPParamGroup, name, on_fake(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(FSDPParamGroup, name, fn)
+
+
+@contextlib.contextmanager
+def _repeats_skipped():
+    """Within: the update runs three micro-batches of each optimizer step (and of the old log-probs'
+    recomputation): the first, which creates the gradients, the second, which adds to them, and the last,
+    which may hold fewer pairs. Those between repeat the second shape for shape and state for state (the
+    gradients exist, the graph of the one before is freed), so their peaks are its peak. A sharded process
+    pads to as many calls as the busiest process's, so that count is cut alike. The SD3.5-M recipe's update
+    makes ~160 micro-batches per process over 8 processes (~1300 in one); under FSDP each costs seconds of fake
+    FSDP work."""
+    from densegrpo_fast import trainer
+
+    batches, most = trainer._micro_batches, trainer._most_micro_batches
+
+    def micro_batches(rows, steps, size):
+        every = list(batches(rows, steps, size))
+        return every[:2] + every[2:][-1:]
+
+    trainer._micro_batches = micro_batches
+    trainer._most_micro_batches = lambda *args: min(most(*args), 3)
+    try:
+        yield
+    finally:
+        trainer._micro_batches, trainer._most_micro_batches = batches, most
+
+
 def _track(tracker: LiveBytes, tensors) -> None:
     for t in tensors:
         tracker.track(t)
@@ -753,7 +813,10 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
         )
 
     try:
-        phases = _iterations(cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident)
+        with _repeats_skipped(), _fsdp_on_fake(mode) if sharded else contextlib.nullcontext():
+            phases = _iterations(
+                cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident
+            )
     finally:
         for s in stubs:
             s.restore()
@@ -994,10 +1057,6 @@ def run_memory(
     say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
         "profiled once per shape ...")  # fmt: skip
     sharded = trainer._shards(cfg, distributed.Dist(0, processes))  # (the trainer's own rule)
-    if sharded:
-        say(
-            "  (FSDP2: every call of a transformer block runs its gathers and frees: slow, over an hour at full size)"
-        )
     job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, warnings.catch_warnings():

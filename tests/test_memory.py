@@ -10,6 +10,8 @@ its configs. Whether storages counted this way are what the CUDA allocator repor
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import tiny_models as tiny
 import torch
@@ -88,6 +90,7 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
     [
         ("fp32", ()),
         ("fp32", ("grpo.updates_per_iteration=2",)),  # AdamW's state exists from the second chunk on
+        ("fp32", ("grpo.train_batch_size=2",)),  # 12 micro-batches: the estimate runs 3, the real run all
         ("bf16", ()),
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),
@@ -128,8 +131,11 @@ def _simulated_job(checkpoint, tmp_path, processes, extra=()):
     "extra,loose",
     [
         ((), {}),  # LoRA: every process holds the whole model
-        # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16
-        pytest.param(("lora.enabled=false", "model.dtype=bf16"), {}, marks=needs_fsdp),
+        # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16; 6 micro-batches per
+        # process, of which the estimate runs 3
+        pytest.param(
+            ("lora.enabled=false", "model.dtype=bf16", "grpo.train_batch_size=2"), {}, marks=needs_fsdp
+        ),
         pytest.param(  # the estimate books a recomputed block's whole forward; torch stops a recomputation early
             ("lora.enabled=false", "model.gradient_checkpointing=true"),
             {"update": 0.03},
@@ -264,6 +270,50 @@ def test_live_bytes_follow_a_sharded_module():
                 y = net(x)
             assert t.live == shards + x.nbytes + y.nbytes  # every gathered block freed
             assert t.peak >= shards + x.nbytes + block  # a block gathered at a time (at least)
+
+
+def test_fsdp_gathers_fake_shards_into_fake_buffers():
+    """In the estimate (fake weights), FSDP2's gathers, copy-outs and gradient reductions allocate fake
+    buffers: no real storage is made for a block's weights (real ones cost the estimate an hour at full
+    size), and the bytes counted are those of the same module with real weights."""
+    from densegrpo_fast import distributed
+    from densegrpo_fast.memory import _fsdp_on_fake
+
+    class Devices(LiveBytes):
+        def __init__(self):
+            super().__init__()
+            self.devices = []
+
+        def track_storage(self, storage):
+            self.devices.append(storage.device.type)
+            super().track_storage(storage)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(3)])
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    def count(mode):
+        with mode or contextlib.nullcontext():
+            net = Net()
+        t = Devices()
+        with distributed.simulated_job(2), t, _fsdp_on_fake(mode) if mode else contextlib.nullcontext():
+            distributed.shard(net, torch.float32)
+            x = torch.randn(8, 64, requires_grad=True)  # (real in both: the estimate's inputs may be)
+            t.devices.clear()
+            t.reset_peak()
+            net(x).sum().backward()
+            return t.live, t.peak, t.devices
+
+    fake = count(new_fake_mode())
+    assert "cpu" not in fake[2] and len(fake[2]) > 20
+    real = count(None)
+    assert fake[:2] == real[:2] and "cpu" in real[2]
 
 
 def test_a_deep_copy_counts_each_new_storage_once():
