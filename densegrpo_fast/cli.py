@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command ``argv`` and returns its exit code; in a process launched by torchrun
+    (``WORLD_SIZE`` > 1) a command that succeeds does not return: the process leaves once it is done
+    (:func:`densegrpo_fast.distributed.leave`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -37,6 +37,7 @@ died on another node does not hang for long (in a healthy job no rank waits for 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import os
@@ -135,18 +136,18 @@ def shutdown(d: Dist) -> None:
 def leave(code: int) -> NoReturn:
     """Ends a process of a torchrun job whose work is done: exit handlers run and output is flushed while
     the interpreter is whole, then the process exits with ``code`` without the interpreter's teardown.
+    Python threads still running are not joined, and C-level stdio buffers are not flushed: the commands
+    write and close their files before they return.
 
     Why: gloo's worker threads outlive ``destroy_process_group`` whenever something outside Python still
     holds the group. FSDP2's device mesh does, and so does a collective run under a ``TorchDispatchMode``
     (the memory tracker); both measured by counting the threads named ``pt_gloo_runloop`` after
-    :func:`shutdown`. A worker thread that drops the last reference to a finished collective's tensors while
-    the interpreter is being torn down takes the GIL there and the process aborts (SIGABRT, "terminate
-    called without an active exception"), after its work is done, and torchrun reports the job failed. The
-    tests' two-process jobs ended so, at random, 3 times on loaded 2-core machines (2026-12)."""
-    import atexit
-
+    :func:`shutdown`. The tests' two-process jobs aborted after their work was done, at random, 3 times on
+    loaded 2-core machines (2026-12; SIGABRT, "terminate called without an active exception"), and torchrun
+    then reports the job failed. The likely mechanism (not traced): such a thread drops the last reference
+    to a finished collective's tensors during the teardown and takes the GIL there."""
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         with contextlib.suppress(Exception):
             stream.flush()
     os._exit(code)

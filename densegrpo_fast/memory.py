@@ -487,8 +487,10 @@ def _stub_targets(parts: dict[str, torch.nn.Module], sharded: bool = False) -> d
 class Estimate:
     """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration and of the end of
     the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``:
-    bytes of the trained weights; ``peak``: the largest phase; ``offloaded``: the models kept in host
-    memory, on the device only while they run (their weights count there and then)."""
+    bytes of the trained weights; ``peak``: the largest phase; ``calls``: the calls each stub stood in for
+    (the update's repeated micro-batches skipped: :func:`_repeats_skipped`); ``profiles``: each stub's
+    profiled signatures; ``offloaded``: the models kept in host memory, on the device only while they run
+    (their weights count there and then)."""
 
     weights: dict[str, int]
     trained: int
@@ -595,11 +597,12 @@ _FSDP_WORK = ("unshard", "wait_for_unshard", "reshard", "pre_forward", "post_for
 def _fsdp_on_fake(mode):
     """Within: FSDP2's gathers and reductions allocate their buffers under ``mode``, fake as the shards they
     gather. Its buffers come from ``torch.empty`` with no tensor argument, so outside a fake mode they are
-    real: a whole block's weights allocated, gathered and copied out at every block call of the estimate (about
-    an hour of CPU for SD3.5-M over 8 processes). Sizes, and so the counts, are the same either way."""
+    real: a whole block's weights allocated, gathered and copied out at every block call of the estimate
+    (over an hour of CPU for SD3.5-M over 8 processes). Sizes, and so the counts, are the same either way.
+    (A method a later torch renames is left as it is: slower, not wrong.)"""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    saved = {name: getattr(FSDPParamGroup, name) for name in _FSDP_WORK}
+    saved = {name: getattr(FSDPParamGroup, name) for name in _FSDP_WORK if hasattr(FSDPParamGroup, name)}
 
     def on_fake(fn):
         @functools.wraps(fn)
@@ -625,8 +628,8 @@ def _repeats_skipped():
     which may hold fewer pairs. Those between repeat the second shape for shape and state for state (the
     gradients exist, the graph of the one before is freed), so their peaks are its peak. A sharded process
     pads to as many calls as the busiest process's, so that count is cut alike. The SD3.5-M recipe's update
-    makes ~160 micro-batches per process over 8 processes (~1300 in one); under FSDP each costs seconds of fake
-    FSDP work."""
+    makes ~160 micro-batches per process over 8 processes (~1300 in one); under FSDP each costs seconds of
+    fake FSDP work. The stubs' call counts (:attr:`Estimate.calls`) are those of the calls made."""
     from densegrpo_fast import trainer
 
     batches, most = trainer._micro_batches, trainer._most_micro_batches
@@ -636,7 +639,7 @@ def _repeats_skipped():
         return every[:2] + every[2:][-1:]
 
     trainer._micro_batches = micro_batches
-    trainer._most_micro_batches = lambda *args: min(most(*args), 3)
+    trainer._most_micro_batches = lambda *args, **kwargs: min(most(*args, **kwargs), 3)
     try:
         yield
     finally:

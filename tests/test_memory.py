@@ -90,7 +90,10 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
     [
         ("fp32", ()),
         ("fp32", ("grpo.updates_per_iteration=2",)),  # AdamW's state exists from the second chunk on
-        ("fp32", ("grpo.train_batch_size=2",)),  # 12 micro-batches: the estimate runs 3, the real run all
+        # 9 pairs per optimizer step, 5 micro-batches of at most 2: the estimate runs 3 of each step's, in the
+        # update and in the old log-probs' recomputation (bf16 recomputes them for the chunks after the
+        # first); the real run makes them all
+        ("bf16", ("grpo.updates_per_iteration=2", "grpo.train_batch_size=2")),
         ("bf16", ()),
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),
@@ -131,8 +134,8 @@ def _simulated_job(checkpoint, tmp_path, processes, extra=()):
     "extra,loose",
     [
         ((), {}),  # LoRA: every process holds the whole model
-        # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16; 6 micro-batches per
-        # process, of which the estimate runs 3
+        # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16; up to 5
+        # micro-batches per process (9 pairs), of which the estimate runs 3
         pytest.param(
             ("lora.enabled=false", "model.dtype=bf16", "grpo.train_batch_size=2"), {}, marks=needs_fsdp
         ),
@@ -274,7 +277,7 @@ def test_live_bytes_follow_a_sharded_module():
 
 def test_fsdp_gathers_fake_shards_into_fake_buffers():
     """In the estimate (fake weights), FSDP2's gathers, copy-outs and gradient reductions allocate fake
-    buffers: no real storage is made for a block's weights (real ones cost the estimate an hour at full
+    buffers: no real storage is made for a block's weights (real ones cost the estimate over an hour at full
     size), and the bytes counted are those of the same module with real weights."""
     from densegrpo_fast import distributed
     from densegrpo_fast.memory import _fsdp_on_fake
