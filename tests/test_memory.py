@@ -238,23 +238,26 @@ def test_live_bytes_counts_storages_once_and_frees_them():
     assert t.peak == 8000
 
 
+class _Blocks(torch.nn.Module):
+    """Three 64 x 64 linear blocks in a ``ModuleList``: FSDP2 units as ``distributed.shard`` cuts them."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64, bias=False) for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 @needs_fsdp
 def test_live_bytes_follow_a_sharded_module():
     """FSDP2 (in a simulated two-process job): the whole weights leave when the shards replace them, a sharded
     weight's copy is its shard, and a gathered block is freed (its storage resized to 0) after its call."""
     from densegrpo_fast import distributed
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64, bias=False) for _ in range(3)])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
-
-    net, block = Net(), 64 * 64 * 4
+    net, block = _Blocks(), 64 * 64 * 4
     with distributed.simulated_job(2):
         t = LiveBytes()
         for p in net.parameters():  # on the device before
@@ -275,6 +278,7 @@ def test_live_bytes_follow_a_sharded_module():
             assert t.peak >= shards + x.nbytes + block  # a block gathered at a time (at least)
 
 
+@needs_fsdp
 def test_fsdp_gathers_fake_shards_into_fake_buffers():
     """In the estimate (fake weights), FSDP2's gathers, copy-outs and gradient reductions allocate fake
     buffers: no real storage is made for a block's weights (real ones cost the estimate over an hour at full
@@ -291,19 +295,9 @@ def test_fsdp_gathers_fake_shards_into_fake_buffers():
             self.devices.append(storage.device.type)
             super().track_storage(storage)
 
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.blocks = torch.nn.ModuleList([torch.nn.Linear(64, 64) for _ in range(3)])
-
-        def forward(self, x):
-            for block in self.blocks:
-                x = block(x)
-            return x
-
     def count(mode):
         with mode or contextlib.nullcontext():
-            net = Net()
+            net = _Blocks()
         t = Devices()
         with distributed.simulated_job(2), t, _fsdp_on_fake(mode) if mode else contextlib.nullcontext():
             distributed.shard(net, torch.float32)
