@@ -27,6 +27,7 @@ from densegrpo_fast.memory import (
     measure_run,
     new_fake_mode,
     storage_bytes,
+    storage_of,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -69,7 +70,7 @@ def _config(checkpoint, tmp_path, dtype: str, extra=()):
 
 
 def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
-    """In a process of its own: the run counted for real, then estimated (see the test)."""
+    """The run counted for real, then estimated (see the test; also run in a process of its own)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from densegrpo_fast.policies import load_policy
@@ -100,15 +101,9 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
     ],
 )
 def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype, extra):
-    # one process per case: two estimates in one pytest process have crashed at its final garbage
-    # collection (heap corruption, torch 2.13; not understood: see benchmarks/RESULTS.md, "Memory estimate")
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        measured, phases, weights, calls, source = pool.submit(
-            _measure_and_estimate, sd3_dir, tmp_path, dtype, extra
-        ).result(timeout=600)
+    # (all cases in the test process: several estimates in one process are safe since fake deep copies keep
+    # their mode; see test_a_deep_copy_of_fake_weights_stays_in_their_fake_mode)
+    measured, phases, weights, calls, source = _measure_and_estimate(sd3_dir, tmp_path, dtype, extra)
     assert source == str(sd3_dir)
     assert set(phases) == set(measured) == set(PHASES)
     # The live part (what grows with the batch) agrees to the byte in these cases (torch 2.13, diffusers 0.42),
@@ -186,12 +181,11 @@ def test_each_process_of_a_torchrun_job_is_estimated(sd3_dir, tmp_path, extra, l
 
 
 def _with_a_clip_reward(checkpoint, clip, tmp_path):
-    """In a process of its own: a PickScore reward (tiny CLIP) counted for real, then estimated as the
-    command does (the config's reward replaced by a stand-in, the real one's models made fake)."""
+    """A PickScore reward (tiny CLIP) counted for real, then estimated as the command does (the config's
+    reward replaced by a stand-in, the real one's models made fake)."""
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
 
-    torch.set_num_threads(1)
     real_cfg, fake_cfg = (
         _config(checkpoint, tmp_path / "real", "fp32"),
         _config(checkpoint, tmp_path / "fake", "fp32"),
@@ -207,13 +201,7 @@ def _with_a_clip_reward(checkpoint, clip, tmp_path):
 
 
 def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (the imported fixture)
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        measured, phases, weights, calls, notes = pool.submit(
-            _with_a_clip_reward, sd3_dir, clip_dir, tmp_path
-        ).result(timeout=600)
+    measured, phases, weights, calls, notes = _with_a_clip_reward(sd3_dir, clip_dir, tmp_path)
     assert not notes and calls["reward.clip.model.vision_model"] > 0 and weights["reward.clip.model"] > 0
     every, policy_weights = (
         sum(weights.values()),
@@ -330,6 +318,42 @@ def test_a_deep_copy_counts_each_new_storage_once():
     assert torch.UntypedStorage.clone is torch.storage._StorageBase.clone  # the hook is gone with the tracker
 
 
+def test_a_deep_copy_of_fake_weights_stays_in_their_fake_mode():
+    """Full fine-tuning's KL reference is a deepcopy of the transformer. Of fake weights, torch's own deepcopy
+    copies the fake mode with them (and the mode's storage weak references, later freed twice: heap
+    corruption); under the estimate the copies are counted clones in the same mode."""
+    import copy
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from densegrpo_fast.memory import fake_copies_keep_their_mode
+
+    mode = new_fake_mode()
+    with mode:
+        net = torch.nn.BatchNorm1d(1000)
+    net.weight.grad = torch.ones_like(net.weight)
+    t = LiveBytes()
+
+    def copied_weak_ref(self, protocol):
+        raise AssertionError("a StorageWeakRef was deep-copied: it would be freed twice")
+
+    StorageWeakRef.__reduce_ex__ = copied_weak_ref
+    try:
+        with t, fake_copies_keep_their_mode():
+            twin = copy.deepcopy(net)
+    finally:
+        del StorageWeakRef.__reduce_ex__
+    tensors = [*twin.parameters(), *twin.buffers()]
+    assert all(x.fake_mode is mode for x in tensors)
+    assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in twin.parameters())
+    assert twin.weight.grad is not None and twin.weight.grad.fake_mode is mode
+    # the weights, the buffers and the gradient, each a new storage, counted once
+    assert t.live == storage_bytes([*net.parameters(), *net.buffers()]) + 4 * 1000
+    originals = {id(storage_of(x)) for x in (*net.parameters(), *net.buffers())}
+    assert not originals & {id(storage_of(x)) for x in tensors}
+    assert "__deepcopy__" not in vars(type(net.weight))  # the patch is gone with the context
+
+
 def test_a_stub_books_the_call_it_stands_for():
     mode = new_fake_mode()
     with mode:
@@ -391,23 +415,17 @@ def test_a_stub_counts_a_backward_as_the_call_does(checkpointed):
 
 
 def _estimate(checkpoint, tmp_path, extra):
-    """In a process of its own: the estimate of the tiny run with ``extra`` overrides."""
-    torch.set_num_threads(1)
+    """The estimate of the tiny run with ``extra`` overrides."""
     cfg = _config(checkpoint, tmp_path, "fp32", extra)
     est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0])
     return est.phases, est.weights, est.offloaded, est.table()
 
 
 def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    runs = {}
-    for offload in (False, True):  # a process each (see above)
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs[offload] = pool.submit(
-                _estimate, sd3_dir, tmp_path / str(offload), (f"model.offload_text_encoders={offload}",)
-            ).result(timeout=600)
+    runs = {
+        offload: _estimate(sd3_dir, tmp_path / str(offload), (f"model.offload_text_encoders={offload}",))
+        for offload in (False, True)
+    }
     (kept, weights, none, _), (moved, _, offloaded, table) = runs[False], runs[True]
     assert none == [] and offloaded == ["text_encoder", "text_encoder_2", "text_encoder_3"]
     host = sum(weights[k] for k in offloaded)
@@ -463,6 +481,10 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     each = json.loads(shared.stdout)
     assert each["processes"] == 2 and each["weights"] == out["weights"]
     assert each["phases"]["rollout + reward"] < out["phases"]["rollout + reward"]
+    if _fsdp_available():  # the trainer's FSDP2 line goes to stderr: stdout is the JSON alone
+        sharded = memory("--json", "--nproc", "2", "grpo.train_batch_size=2", "lora.enabled=false")
+        assert sharded.returncode == 0, sharded.stderr[-2000:]
+        assert json.loads(sharded.stdout)["processes"] == 2 and "FSDP2" in sharded.stderr
     for bad, rule in [
         (["--nproc", "3"], "4 rows per iteration cannot be split evenly over 3 processes"),
         (["--nproc", "0"], "at least one process"),
