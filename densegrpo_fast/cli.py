@@ -169,13 +169,19 @@ def _add_memory(sub) -> None:
         metavar="N",
         help="per process of a torchrun job of N processes (its share of the rows; full fine-tuning FSDP2-sharded)",
     )
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also show what the peak holds, by where it was allocated (a model call, or the trainer's code line)",
+    )
 
     def handler(args):
         from densegrpo_fast.memory import run_memory
 
         run_memory(
-            args.config, args.overrides, device_gib=args.device_gib, as_json=args.json, processes=args.nproc
-        )
+            args.config, args.overrides, device_gib=args.device_gib, as_json=args.json, processes=args.nproc,
+            breakdown=args.breakdown,
+        )  # fmt: skip
 
     p.set_defaults(handler=handler)
 

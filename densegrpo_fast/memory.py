@@ -54,10 +54,15 @@ benchmarks/gpu_suite.sh compares it with ``torch.cuda.max_memory_allocated`` on 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
 import functools
+import linecache
+import os
+import re
+import sys
 import types
 import weakref
 
@@ -117,9 +122,13 @@ class LiveBytes(TorchDispatchMode):
     storages in place); views and in-place ops add nothing, and a DTensor counts its local shard. ``paused``
     stops the counting (a profiled call counts its own storages with another
     instance). :meth:`bump` raises the peak by a transient that happens outside the counted storages.
+
+    With ``origins``, each storage is booked to where it was allocated (:attr:`label` when set, else the
+    innermost code of this package that asked for it), and ``phase_origins`` holds, for each phase, the live
+    bytes by origin at its peak (the transient among them).
     """
 
-    def __init__(self):
+    def __init__(self, origins: bool = False):
         super().__init__()
         self.live = 0
         self.peak = 0
@@ -127,6 +136,10 @@ class LiveBytes(TorchDispatchMode):
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.phase = ""
         self.phase_peaks: dict[str, int] = {}
+        self.origins = origins
+        self.label: str | None = None
+        self._by_origin: collections.Counter = collections.Counter()
+        self.phase_origins: dict[str, dict[str, int]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -152,15 +165,32 @@ class LiveBytes(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def track(self, t: torch.Tensor) -> None:
-        self.track_storage(storage_of(t))
+        if t.device.type != "meta":  # (shapes only: no memory anywhere; a fake tensor has its fake device)
+            self.track_storage(storage_of(t))
 
     def track_storage(self, storage) -> None:
         if storage in self._seen:
             return
-        size = [storage.nbytes()]  # (its current size: FSDP2 resizes storages in place)
+        # its current size (FSDP2 resizes storages in place) and its origin
+        size = [storage.nbytes(), (self.label or _caller()) if self.origins else None]
         self._seen[storage] = size
-        self.add(size[0])
-        weakref.finalize(storage, lambda: self.add(-size[0])).atexit = False  # (nothing to count at exit)
+        self.book(size[0], size[1])
+        weakref.finalize(storage, lambda: self.book(-size[0], size[1])).atexit = False  # (none at exit)
+
+    def book(self, n: int, origin: str | None) -> None:
+        """``n`` bytes more are live (fewer if negative), allocated by ``origin``."""
+        if self.origins:
+            self._by_origin[origin] += n
+        self.add(n)
+
+    @contextlib.contextmanager
+    def labelled(self, origin: str):
+        """Within: what is allocated is booked to ``origin``."""
+        outer, self.label = self.label, origin
+        try:
+            yield
+        finally:
+            self.label = outer
 
     def resized(self, storage) -> None:
         """``storage`` was resized in place: a counted one counts its new size, another one (allocated before
@@ -169,30 +199,53 @@ class LiveBytes(TorchDispatchMode):
         if size is None:
             self.track_storage(storage)
         else:
-            self.add(storage.nbytes() - size[0])
+            self.book(storage.nbytes() - size[0], size[1])
             size[0] = storage.nbytes()
 
     def release(self, t: torch.Tensor) -> None:
         """Count ``t``'s storage as freed now, before it is (a stand-in whose bytes are released early)."""
         size = self._seen.get(storage_of(t))
         if size is not None:
-            self.add(-size[0])
+            self.book(-size[0], size[1])
             size[0] = 0
 
     def add(self, n: int) -> None:
         self.live += n
         self.bump(0)
 
-    def bump(self, transient: int) -> None:
-        """A moment at which ``transient`` bytes beyond the live storages are allocated."""
+    def bump(self, transient: int, origin: str = "transient") -> None:
+        """A moment at which ``transient`` bytes beyond the live storages are allocated (by ``origin``)."""
         now = self.live + transient
         self.peak = max(self.peak, now)
-        if self.phase:
-            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), now)
+        if self.phase and now > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = now
+            if self.origins:
+                at_peak = {k: v for k, v in self._by_origin.items() if v}
+                if transient:
+                    at_peak[f"{origin} (transient)"] = transient
+                self.phase_origins[self.phase] = at_peak
 
     def reset_peak(self) -> None:
         self.peak = self.live
         self.phase_peaks = {}
+        self.phase_origins = {}
+
+
+def _caller() -> str:
+    """Where an allocation was asked for: the innermost line of this package outside this module, quoted, and
+    the two innermost frames of that code (e.g. ``run.optimizer.step() (trainer.update:612 < cli.handler)``)."""
+    frame, names, line = sys._getframe(2), [], ""
+    while frame is not None and len(names) < 2:
+        path = frame.f_code.co_filename
+        if "densegrpo_fast" in path and not path.endswith("memory.py"):
+            if not names:
+                line = linecache.getline(path, frame.f_lineno).strip()
+                line = line if len(line) <= 60 else line[:57] + "..."
+            names.append(
+                f"{os.path.basename(path).removesuffix('.py')}.{frame.f_code.co_name}:{frame.f_lineno}"
+            )
+        frame = frame.f_back
+    return f"{line} ({' < '.join(names)})" if names else "elsewhere"
 
 
 @dataclasses.dataclass
@@ -233,12 +286,13 @@ class _StubGrad(torch.autograd.Function):
     def backward(ctx, *grads):
         stub, profile = ctx.stub, ctx.profile
         kept = ctx.saved_tensors[0]  # (first: under a gradient checkpoint, this recomputes the forward)
-        stub.tracker.bump(profile.backward_peak)  # (the profile's backward made the gradients it lacked)
-        for p in stub.module.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
+        stub.tracker.bump(profile.backward_peak, f"{stub.origin}: backward")  # (incl. gradients it lacked)
+        with stub.tracker.labelled(f"{stub.origin}: gradients"):
+            for p in stub.module.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.grad = torch.zeros_like(p)
         stub.tracker.release(kept)  # the activations are freed before the inputs' gradients exist
-        with stub.fake_mode:
+        with stub.fake_mode, stub.tracker.labelled(f"{stub.origin}: input gradients"):
             inputs = [
                 None if g is None else torch.zeros(g[0], dtype=g[1], device=g[2]) for g in ctx.input_grads
             ]
@@ -251,6 +305,7 @@ class Stub:
 
     def __init__(self, module: torch.nn.Module, name: str, tracker: LiveBytes, fake_mode):
         self.module, self.name, self.tracker, self.fake_mode = module, name, tracker, fake_mode
+        self.origin = re.sub(r"\.\d+$", ".*", name)  # (what its allocations are booked to: blocks together)
         self.profiles: dict[tuple, CallProfile] = {}
         self.calls = 0
         self._forward = module.forward
@@ -292,18 +347,20 @@ class Stub:
         if key not in self.profiles:
             self.profiles[key] = self._profile(args, kwargs)
         profile = self.profiles[key]
-        self.tracker.bump(profile.forward_peak)
+        self.tracker.bump(profile.forward_peak, f"{self.origin}: forward")
         leaves = tree_flatten((args, kwargs))[0]
         linked = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
         if torch.is_grad_enabled() and (linked or any(p.requires_grad for p in self.module.parameters())):
-            with self.fake_mode:
+            with self.fake_mode, self.tracker.labelled(f"{self.origin}: activations kept for the backward"):
                 kept = torch.empty(profile.kept, dtype=torch.uint8)
             saved = [leaves[i] for i in profile.saved_inputs]
             inputs = list({id(x): x for x in [*saved, *linked]}.values())
             keep = tuple(any(x is y for y in saved) for x in inputs)
-            tensors = _StubGrad.apply(self._anchor, self, profile, kept, keep, *inputs)
+            with self.tracker.labelled(f"{self.origin}: outputs"):
+                tensors = _StubGrad.apply(self._anchor, self, profile, kept, keep, *inputs)
         else:
-            tensors = _empty(profile.out, self.fake_mode)
+            with self.tracker.labelled(f"{self.origin}: outputs"):
+                tensors = _empty(profile.out, self.fake_mode)
         it = iter(tensors)
         return tree_map(lambda x: next(it) if isinstance(x, torch.Tensor) else x, profile.out)
 
@@ -521,7 +578,8 @@ class Estimate:
     bytes of the trained weights; ``peak``: the largest phase; ``calls``: the calls each stub stood in for
     (the update's repeated micro-batches skipped: :func:`_repeats_skipped`); ``profiles``: each stub's
     profiled signatures; ``offloaded``: the models kept in host memory, on the device only while they run
-    (their weights count there and then)."""
+    (their weights count there and then); ``origins`` (when asked for): each phase's peak by where its bytes
+    were allocated (a stub's call, or the code of this package that asked), summing to the phase's figure."""
 
     weights: dict[str, int]
     trained: int
@@ -531,6 +589,18 @@ class Estimate:
     profiles: dict[str, list[dict]]
     notes: list[str] = dataclasses.field(default_factory=list)
     offloaded: list[str] = dataclasses.field(default_factory=list)
+    origins: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def breakdown(self, phase: str | None = None, rows: int = 12) -> str:
+        """The largest parts of ``phase``'s peak (the peak phase's by default), by origin."""
+        phase = phase or max(self.phases, key=self.phases.get)
+        parts = sorted(self.origins.get(phase, {}).items(), key=lambda kv: -kv[1])
+        lines = [f"at the peak of {phase} ({self.phases[phase] / GIB:.2f} GiB), by origin:"]
+        lines += [f"{v / GIB:>9.2f} GiB  {k}" for k, v in parts[:rows]]
+        if len(parts) > rows:
+            rest = sum(v for _, v in parts[rows:])
+            lines.append(f"{rest / GIB:>9.2f} GiB  {len(parts) - rows} others")
+        return "\n".join(lines)
 
     def table(self, capacity: int | None = None) -> str:
         rows = [
@@ -565,13 +635,13 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
             tracker.phase = "prompt encoding"
         depth += 1
         if depth == 1:
-            tracker.add(encoder_bytes)
+            tracker.book(encoder_bytes, "offloaded text encoders' weights")
         try:
             yield
         finally:
             depth -= 1
             if depth == 0:
-                tracker.add(-encoder_bytes)
+                tracker.book(-encoder_bytes, "offloaded text encoders' weights")
             tracker.phase = before
 
     policy.text_encoders_on_device = encoding
@@ -581,16 +651,21 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
         del policy.text_encoders_on_device
 
 
+#: The trainer's functions that :func:`_host_work` replaces while an estimate runs.
+_HOST_WORK = ("save_image_grid", "host_copy", "_write_export", "_export", "_meta_copy")
+
+
 @contextlib.contextmanager
 def _host_work(tracker: LiveBytes):
     """What a run does in host memory is not counted, and its files are not written (fake tensors have no
     values to write): the sample grid's PNG; the export's copy of the transformer, made on the host, and the
     merge and save done there (``trainer.host_copy``, ``trainer._write_export``); a sharded run's whole
     weights, gathered to the host one tensor at a time (the largest is booked as the device's transient), and
-    put together there (``distributed.full_model_state``, ``trainer._export``)."""
+    put together there (``distributed.full_model_state``, ``trainer._export``), into the shell made at setup
+    (``trainer._meta_copy``: parameters on "meta", buffers on the host)."""
     from densegrpo_fast import distributed, trainer
 
-    saved = trainer.save_image_grid, trainer.host_copy, trainer._write_export, trainer._export
+    saved = {name: getattr(trainer, name) for name in _HOST_WORK}
     gather = distributed.full_model_state
 
     def paused(fn, *args):
@@ -605,17 +680,23 @@ def _host_work(tracker: LiveBytes):
         return paused(gather, module)
 
     def export(run, path, whole):  # a sharded run's export: the gathered weights are put together on the host
-        return paused(saved[3], run, path, whole) if whole is not None else saved[3](run, path, whole)
+        return (
+            paused(saved["_export"], run, path, whole)
+            if whole is not None
+            else saved["_export"](run, path, whole)
+        )
 
     trainer.save_image_grid = lambda *args, **kwargs: None
-    trainer.host_copy = lambda policy: paused(saved[1], policy)
+    trainer.host_copy = lambda policy: paused(saved["host_copy"], policy)
     trainer._write_export = lambda *args, **kwargs: None
     trainer._export = export
+    trainer._meta_copy = lambda module: paused(saved["_meta_copy"], module)
     distributed.full_model_state = full_model_state
     try:
         yield
     finally:
-        trainer.save_image_grid, trainer.host_copy, trainer._write_export, trainer._export = saved
+        for name, fn in saved.items():
+            setattr(trainer, name, fn)
         distributed.full_model_state = gather
 
 
@@ -677,9 +758,12 @@ def _repeats_skipped():
         trainer._micro_batches, trainer._most_micro_batches = batches, most
 
 
-def _track(tracker: LiveBytes, tensors) -> None:
-    for t in tensors:
-        tracker.track(t)
+def _track(tracker: LiveBytes, modules: dict[str, torch.nn.Module]) -> None:
+    """Count the weights of ``modules`` (by name) as live."""
+    for name, module in modules.items():
+        with tracker.labelled(f"weights: {name}"):
+            for t in (*module.parameters(), *module.buffers()):
+                tracker.track(t)
 
 
 def _iterations(
@@ -691,12 +775,13 @@ def _iterations(
     seed: int,
     notes: list[str] | None = None,
     encoder_bytes: int = 0,
-    resident=lambda: (),
-) -> dict[str, int]:
+    resident=dict,
+) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """``trainer.setup`` then ``iterations`` x (collect, update) under ``tracker``; the peak of each phase of
-    the last iteration (live bytes: those of the tensors ``resident()`` on the device before, the weights,
-    included, counted until they are freed, as a sharded transformer's whole weights are). The reward's values
-    are random (seeded), its calls are the real reward's (or ``reward_fn``'s).
+    the last iteration (live bytes: the weights of the models ``resident()`` names, on the device before,
+    included, counted until they are freed, as a sharded transformer's whole weights are), and each phase's
+    peak by origin (empty unless ``tracker`` records origins). The reward's values are random (seeded), its
+    calls are the real reward's (or ``reward_fn``'s).
 
     With one iteration, the phases are those of every later iteration: AdamW's state, created by the first
     optimizer step, is added to the rollout and to the part of the update that ran before that step. A
@@ -771,15 +856,19 @@ def _iterations(
                 if torch.is_tensor(t) and k != "step"
             ]
         )
-    peaks = tracker.phase_peaks
+    peaks, at = tracker.phase_peaks, tracker.phase_origins
     late = state if iterations == 1 else 0
+    adam = {"AdamW's state (from the first step on)": late} if late else {}
     phases = {"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {}
-    return {
-        **phases,
-        "rollout + reward": peaks["rollout + reward"] + late,
-        "update": max(peaks.get("update", 0) + late, peaks.get("update, stepped", 0)),
-        **{k: peaks[k] for k in ("sample grid", "evaluation", "export") if k in peaks},
-    }
+    phases["rollout + reward"] = peaks["rollout + reward"] + late
+    origins = {k: {**at.get(k, {}), **adam} for k in phases}
+    stepped = peaks.get("update, stepped", 0) > peaks.get("update", 0) + late
+    phases["update"] = peaks["update, stepped"] if stepped else peaks.get("update", 0) + late
+    origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
+    for k in ("sample grid", "evaluation", "export"):
+        if k in peaks:
+            phases[k], origins[k] = peaks[k], at.get(k, {})
+    return phases, origins
 
 
 def measure_run(cfg, policy, *, reward_fn=None, iterations: int = 2, seed: int = 0) -> dict[str, int]:
@@ -787,19 +876,21 @@ def measure_run(cfg, policy, *, reward_fn=None, iterations: int = 2, seed: int =
     phases' peaks, the policy's weights included (not ``reward_fn``'s). On the CPU this is how the estimate
     is checked (tests/test_memory.py)."""
 
-    def weights():
-        return (t for m in policy_modules(policy).values() for t in (*m.parameters(), *m.buffers()))
+    return _iterations(
+        cfg, policy, LiveBytes(), reward_fn, iterations, seed, resident=lambda: policy_modules(policy)
+    )[0]
 
-    return _iterations(cfg, policy, LiveBytes(), reward_fn, iterations, seed, resident=weights)
 
-
-def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int = 0) -> Estimate:
+def estimate_run(
+    cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int = 0, origins: bool = False
+) -> Estimate:
     """Estimate the device memory of training ``cfg`` with ``policy`` (built with fake weights; see the
     module docstring). ``cfg`` should name a throw-away ``run.output_dir`` and a prompt file;
     ``reward_fn`` stands in for the config's reward when given. Runs ``iterations`` trainer iterations
     (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
     last iteration and of that end (with one iteration, AdamW's state is added where the first did not have it
-    yet; see :func:`_iterations`)."""
+    yet; see :func:`_iterations`). With ``origins``, also each phase's peak by where its bytes were allocated
+    (``Estimate.origins``; slower)."""
     mode = fake_mode_of(policy.transformer)
     parts = policy_modules(policy)
     scored = reward_modules(reward_fn) if reward_fn is not None else {}
@@ -808,7 +899,7 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
         module.requires_grad_(False)
         module.to = types.MethodType(lambda self, *args, **kwargs: self, module)  # (CLIP rewards move theirs)
     weights = {k: storage_bytes([*m.parameters(), *m.buffers()]) for k, m in {**parts, **scored}.items()}
-    tracker = LiveBytes()
+    tracker = LiveBytes(origins)
     from densegrpo_fast import distributed, trainer
 
     sharded = trainer._shards(cfg, distributed.from_env(cfg.model.device))  # (in a simulated job)
@@ -824,9 +915,10 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
         for m in transformer.modules():
             if any(id(p) not in before for p in m.parameters(recurse=False)):
                 make_fake(m, mode)
-        for p in transformer.parameters():  # (made by from_tensor, which the tracker does not see)
-            if id(p) not in before:
-                tracker.track(p)
+        with tracker.labelled("LoRA adapters"):
+            for p in transformer.parameters():  # (made by from_tensor, which the tracker does not see)
+                if id(p) not in before:
+                    tracker.track(p)
         return out
 
     if add_adapter is not None:
@@ -840,16 +932,11 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     notes: list[str] = []
 
     def resident():
-        return (
-            t
-            for k, m in {**parts, **scored}.items()
-            if k not in host
-            for t in (*m.parameters(), *m.buffers())
-        )
+        return {k: m for k, m in {**parts, **scored}.items() if k not in host}
 
     try:
         with _repeats_skipped(), _fsdp_on_fake(mode) if sharded else contextlib.nullcontext():
-            phases = _iterations(
+            phases, at_peaks = _iterations(
                 cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident
             )
     finally:
@@ -867,7 +954,7 @@ def estimate_run(cfg, policy, *, reward_fn=None, iterations: int = 1, seed: int 
     }
     return Estimate(
         weights, trained, phases, max(phases.values()), {s.name: s.calls for s in stubs}, profiles,
-        offloaded=host,
+        offloaded=host, origins=at_peaks if origins else {},
     )  # fmt: skip
 
 
@@ -1022,11 +1109,12 @@ def run_memory(
     device_gib: float = 80.0,
     as_json: bool = False,
     processes: int = 1,
+    breakdown: bool = False,
 ) -> Estimate:
     """``densegrpo-fast memory``: estimate, print the table and the verdict for a ``device_gib`` GPU. With
     ``processes`` > 1, for each process of a torchrun job of that many, as rank 0 of a simulated job
     (:func:`densegrpo_fast.distributed.simulated_job`); full fine-tuning shards the transformer with FSDP2
-    there, as the trainer does (``model.sharding``)."""
+    there, as the trainer does (``model.sharding``). With ``breakdown``, what the peak holds by origin."""
     import json
     import shutil
     import sys
@@ -1099,7 +1187,7 @@ def run_memory(
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, quiet, warnings.catch_warnings():
             # (FSDP2 asks a fake weight for its data pointer, which torch warns about: nothing is read)
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-            est = estimate_run(cfg, policy, reward_fn=reward_fn)
+            est = estimate_run(cfg, policy, reward_fn=reward_fn, origins=breakdown)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"  done in {time.perf_counter() - t0:.0f} s")
@@ -1130,6 +1218,8 @@ def run_memory(
     if processes > 1:
         print(f"each of {processes} processes (rank 0; the others hold as much):")
     print(est.table(capacity))
+    if breakdown:
+        print(est.breakdown())
     worst = max(est.phases, key=est.phases.get)
     if est.peak > 0.9 * capacity:
         print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")

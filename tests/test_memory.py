@@ -318,6 +318,27 @@ def test_a_deep_copy_counts_each_new_storage_once():
     assert torch.UntypedStorage.clone is torch.storage._StorageBase.clone  # the hook is gone with the tracker
 
 
+def test_what_the_device_does_not_hold_is_not_counted():
+    """A "meta" tensor holds no memory, and the export's shell of a sharded transformer (made at setup:
+    parameters on "meta", buffers copied to the host) is host memory: neither is counted (they were 4.6 GiB
+    of SD3.5-M's sharded full fine-tuning)."""
+    from densegrpo_fast import trainer
+    from densegrpo_fast.memory import _host_work
+
+    net = torch.nn.BatchNorm1d(1000)  # parameters, and buffers the shell copies to the host
+    t = LiveBytes()
+    with t:
+        shapes = torch.empty(1000, device="meta")
+        assert t.live == 0
+        with _host_work(t):
+            shell = trainer._meta_copy(net)
+        assert t.live == 0 and shell.running_mean.device.type == "cpu" and shell.weight.is_meta
+        kept = torch.empty(1000)
+        assert t.live == 4000
+    assert trainer._meta_copy.__module__ == "densegrpo_fast.trainer"  # restored
+    del shapes, shell, kept
+
+
 def test_a_deep_copy_of_fake_weights_stays_in_their_fake_mode():
     """Full fine-tuning's KL reference is a deepcopy of the transformer. Of fake weights, torch's own deepcopy
     copies the fake mode with them (and the mode's storage weak references, later freed twice: heap
@@ -414,11 +435,34 @@ def test_a_stub_counts_a_backward_as_the_call_does(checkpointed):
         assert want <= peak <= want + 3 * 8 * 100 * 4
 
 
-def _estimate(checkpoint, tmp_path, extra):
+def _estimate(checkpoint, tmp_path, extra, origins=False):
     """The estimate of the tiny run with ``extra`` overrides."""
     cfg = _config(checkpoint, tmp_path, "fp32", extra)
-    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0])
-    return est.phases, est.weights, est.offloaded, est.table()
+    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], origins=origins)
+    return est.phases, est.weights, est.offloaded, est.table(), est
+
+
+def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path):
+    """``memory --breakdown``: each phase's peak by where its bytes were allocated, summing to the phase's
+    figure, which it does not change; the parts the update is known to hold are there."""
+    extra = ("model.offload_text_encoders=true",)
+    plain = _estimate(sd3_dir, tmp_path / "plain", extra)[0]
+    *_, est = _estimate(sd3_dir, tmp_path / "origins", extra, origins=True)
+    assert est.phases == plain and set(est.origins) == set(plain)
+    for phase, parts in est.origins.items():
+        assert sum(parts.values()) == est.phases[phase], phase
+        assert all(v > 0 for v in parts.values()), phase
+    update = est.origins["update"]
+    assert update["transformer: activations kept for the backward"] > 0
+    assert update["weights: transformer"] == est.weights["transformer"]
+    assert "weights: text_encoder" not in update  # (offloaded: on the host)
+    assert update["LoRA adapters"] == est.trained
+    assert "offloaded text encoders' weights" in est.origins["prompt encoding"]
+    assert "offloaded text encoders' weights" not in update
+    # the trainer's own allocations, by code line: the rollout's latents (all phases of the iteration)
+    assert any(k.startswith("latents = ") and "(rollout.sample:" in k for k in update)
+    table = est.breakdown("update")
+    assert table.startswith("at the peak of update") and "GiB  weights: transformer" in table
 
 
 def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
@@ -426,7 +470,7 @@ def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
         offload: _estimate(sd3_dir, tmp_path / str(offload), (f"model.offload_text_encoders={offload}",))
         for offload in (False, True)
     }
-    (kept, weights, none, _), (moved, _, offloaded, table) = runs[False], runs[True]
+    (kept, weights, none, *_), (moved, _, offloaded, table, _) = runs[False], runs[True]
     assert none == [] and offloaded == ["text_encoder", "text_encoder_2", "text_encoder_3"]
     host = sum(weights[k] for k in offloaded)
     # while encoding every weight is on the device either way; after it, the offloaded encoders are not
@@ -466,9 +510,10 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
         cmd = [sys.executable, "-m", "densegrpo_fast", "memory", "--config", str(config), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
-    tight = memory("--device-gib", "0.001")  # the tiny run needs a few MiB
+    tight = memory("--device-gib", "0.001", "--breakdown")  # the tiny run needs a few MiB
     assert tight.returncode == 0, tight.stderr[-2000:]
     assert "peak in update" in tight.stdout and "DOES NOT FIT" in tight.stdout
+    assert re.search(r"at the peak of .* by origin:\n +[0-9.]+ GiB  ", tight.stdout), tight.stdout
     assert "holds no model" in tight.stdout  # JPEG sizes: no device memory
     roomy = memory("--json", "grpo.train_batch_size=2")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
