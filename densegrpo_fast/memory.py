@@ -34,6 +34,9 @@ work, not counted; no file is written here). Text encoders kept in host memory
 by the first optimizer step, is added where the first iteration did not have it yet, so the figures are
 those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated`` counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
+``--breakdown`` books every counted storage to its origin (a model's weights; a profiled call's kept
+activations, outputs, gradients and transients; else the line of this package that allocated it) and shows
+what each phase's peak holds (:attr:`LiveBytes.origins`).
 A torchrun job (``--nproc N``) is estimated per process: the trainer runs as rank 0 of a simulated job
 (:func:`densegrpo_fast.distributed.simulated_job`) whose other ranks mirror it, so it rolls out, scores and
 trains its share of the rows through the job's own gathers and gradient sums, and evaluates its share of the
