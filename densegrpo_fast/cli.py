@@ -172,7 +172,7 @@ def _add_memory(sub) -> None:
     p.add_argument(
         "--breakdown",
         action="store_true",
-        help="also show what the peak holds, by where it was allocated (a model call, or the trainer's code line)",
+        help="also show what the peak holds, by origin (a model call, AdamW, or the engine's code line)",
     )
 
     def handler(args):

@@ -35,8 +35,8 @@ by the first optimizer step, is added where the first iteration did not have it 
 those of every later iteration. It is allocated memory as ``torch.cuda.max_memory_allocated`` counts it, less what the GPU's libraries allocate through the same allocator (cuBLAS workspaces); the CUDA
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
 ``--breakdown`` books every counted storage to its origin (a model's weights; a profiled call's kept
-activations, outputs, gradients and transients; else the line of this package that allocated it) and shows
-what each phase's peak holds (:attr:`LiveBytes.origins`).
+activations, outputs, gradients and transients; AdamW's state; else the line of this package that allocated
+it) and shows what the peak phase's peak holds (``--json``: every phase's, ``Estimate.origins``).
 A torchrun job (``--nproc N``) is estimated per process: the trainer runs as rank 0 of a simulated job
 (:func:`densegrpo_fast.distributed.simulated_job`) whose other ranks mirror it, so it rolls out, scores and
 trains its share of the rows through the job's own gathers and gradient sums, and evaluates its share of the
@@ -168,7 +168,8 @@ class LiveBytes(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def track(self, t: torch.Tensor) -> None:
-        if t.device.type != "meta":  # (shapes only: no memory anywhere; a fake tensor has its fake device)
+        # a meta tensor is shapes only, no memory anywhere (a fake tensor reports its fake device)
+        if t.device.type != "meta":
             self.track_storage(storage_of(t))
 
     def track_storage(self, storage) -> None:
@@ -234,13 +235,17 @@ class LiveBytes(TorchDispatchMode):
         self.phase_origins = {}
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
 def _caller() -> str:
-    """Where an allocation was asked for: the innermost line of this package outside this module, quoted, and
-    the two innermost frames of that code (e.g. ``run.optimizer.step() (trainer.update:612 < cli.handler)``)."""
+    """Where an allocation was asked for: the source line of the innermost frame of this package outside
+    this module, then that frame and the next one of the package, e.g.
+    ``latents = init_noise.new_empty(... (rollout.sample:109 < trainer.collect:456)``."""
     frame, names, line = sys._getframe(2), [], ""
     while frame is not None and len(names) < 2:
         path = frame.f_code.co_filename
-        if "densegrpo_fast" in path and not path.endswith("memory.py"):
+        if path.startswith(_PACKAGE) and path != __file__:
             if not names:
                 line = linecache.getline(path, frame.f_lineno).strip()
                 line = line if len(line) <= 60 else line[:57] + "..."
@@ -450,18 +455,21 @@ def host_reads_zero():
 
 def _deepcopy_fake(t: torch.Tensor, memo: dict) -> torch.Tensor:
     """``copy.deepcopy`` of a fake tensor: a clone in the same fake mode (a counted allocation, as a real
-    tensor's copy is), with the tensor's own attributes (``_is_param``) copied."""
+    tensor's copy is), with the tensor's own attributes (``_is_param``) and gradient copied. Each tensor is
+    cloned on its own: views of one storage become separate storages of their own sizes (the models' weights
+    and buffers are whole tensors)."""
     if id(t) in memo:
         return memo[id(t)]
     with torch.no_grad():
         out = t.clone()
     out.requires_grad_(t.requires_grad)
+    memo[id(t)] = out  # (before the attributes: one that refers back finds the copy)
+    memo.setdefault(id(t.fake_mode), t.fake_mode)  # (an attribute that holds the mode shares it)
     for key, value in vars(t).items():  # (the clone has the fake mode, device and memos of its own)
         if key not in vars(out):
             setattr(out, key, copy.deepcopy(value, memo))
     if t.grad is not None:
         out.grad = copy.deepcopy(t.grad, memo)
-    memo[id(t)] = out
     return out
 
 
@@ -475,11 +483,15 @@ def fake_copies_keep_their_mode():
     or at exit)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    before = FakeTensor.__dict__.get("__deepcopy__")
     FakeTensor.__deepcopy__ = _deepcopy_fake
     try:
         yield
     finally:
-        del FakeTensor.__deepcopy__
+        if before is None:
+            del FakeTensor.__deepcopy__
+        else:
+            FakeTensor.__deepcopy__ = before
 
 
 def new_fake_mode():
@@ -595,14 +607,20 @@ class Estimate:
     origins: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def breakdown(self, phase: str | None = None, rows: int = 12) -> str:
-        """The largest parts of ``phase``'s peak (the peak phase's by default), by origin."""
+        """The largest parts of ``phase``'s peak (the peak phase's by default), by origin, in GiB (MiB for a
+        phase under 1 GiB)."""
+        if not self.origins:
+            raise ValueError(
+                "this estimate has no origins: estimate_run(..., origins=True) (--breakdown) books them"
+            )
         phase = phase or max(self.phases, key=self.phases.get)
-        parts = sorted(self.origins.get(phase, {}).items(), key=lambda kv: -kv[1])
-        lines = [f"at the peak of {phase} ({self.phases[phase] / GIB:.2f} GiB), by origin:"]
-        lines += [f"{v / GIB:>9.2f} GiB  {k}" for k, v in parts[:rows]]
+        unit, size = ("GiB", GIB) if self.phases[phase] >= GIB else ("MiB", 2**20)
+        parts = sorted(self.origins[phase].items(), key=lambda kv: -kv[1])
+        lines = [f"at the peak of {phase} ({self.phases[phase] / size:.2f} {unit}), by origin:"]
+        lines += [f"{v / size:>9.2f} {unit}  {k}" for k, v in parts[:rows]]
         if len(parts) > rows:
             rest = sum(v for _, v in parts[rows:])
-            lines.append(f"{rest / GIB:>9.2f} GiB  {len(parts) - rows} others")
+            lines.append(f"{rest / size:>9.2f} {unit}  {len(parts) - rows} others")
         return "\n".join(lines)
 
     def table(self, capacity: int | None = None) -> str:
@@ -654,6 +672,9 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
         del policy.text_encoders_on_device
 
 
+#: The origin of what the optimizer's steps allocate (AdamW's state, from the first step on).
+_ADAM = "AdamW's state (made by the first optimizer step)"
+
 #: The trainer's functions that :func:`_host_work` replaces while an estimate runs.
 _HOST_WORK = ("save_image_grid", "host_copy", "_write_export", "_export", "_meta_copy")
 
@@ -679,7 +700,8 @@ def _host_work(tracker: LiveBytes):
             tracker.paused = False
 
     def full_model_state(module):  # whole tensors gathered one at a time and moved to the host
-        tracker.bump(max((p.numel() * p.element_size() for p in module.parameters()), default=0))
+        largest = max((p.numel() * p.element_size() for p in module.parameters()), default=0)
+        tracker.bump(largest, "a whole weight gathered on its way to the host")
         return paused(gather, module)
 
     def export(run, path, whole):  # a sharded run's export: the gathered weights are put together on the host
@@ -825,13 +847,20 @@ def _iterations(
         def stepping(*_):  # the first step allocates AdamW's state: it belongs to the stepped part
             if tracker.phase == "update":
                 tracker.phase = "update, stepped"
+            tracker.label = _ADAM
+
+        def done_stepping(*_):
+            tracker.label = None
 
         def phase(name: str) -> None:
             tracker.phase = name
             tracker.bump(0)
 
         run.reward_fn = reward
-        hook = run.optimizer.register_step_pre_hook(stepping)
+        hooks = [
+            run.optimizer.register_step_pre_hook(stepping),
+            run.optimizer.register_step_post_hook(done_stepping),
+        ]
         for it in range(iterations):
             prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, it)
             tracker.reset_peak()
@@ -845,7 +874,8 @@ def _iterations(
                 trainer._sample_grid(run, ro, prompts, R_all)
             tracker.phase = ""
             del ro, cond, R, R_all
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         phase("evaluation")  # the last one: AdamW's state exists
         trainer.ema_heldout_rewards(run)
         phase("export")
@@ -861,16 +891,19 @@ def _iterations(
         )
     peaks, at = tracker.phase_peaks, tracker.phase_origins
     late = state if iterations == 1 else 0
-    adam = {"AdamW's state (from the first step on)": late} if late else {}
+    adam = {_ADAM: late} if late and tracker.origins else {}
     phases = {"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {}
     phases["rollout + reward"] = peaks["rollout + reward"] + late
-    origins = {k: {**at.get(k, {}), **adam} for k in phases}
+    origins = {k: {**at.get(k, {}), **adam} for k in phases} if tracker.origins else {}
     stepped = peaks.get("update, stepped", 0) > peaks.get("update", 0) + late
     phases["update"] = peaks["update, stepped"] if stepped else peaks.get("update", 0) + late
-    origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
+    if tracker.origins:
+        origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
     for k in ("sample grid", "evaluation", "export"):
         if k in peaks:
-            phases[k], origins[k] = peaks[k], at.get(k, {})
+            phases[k] = peaks[k]
+            if tracker.origins:
+                origins[k] = at.get(k, {})
     return phases, origins
 
 
@@ -893,7 +926,7 @@ def estimate_run(
     (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
     last iteration and of that end (with one iteration, AdamW's state is added where the first did not have it
     yet; see :func:`_iterations`). With ``origins``, also each phase's peak by where its bytes were allocated
-    (``Estimate.origins``; slower)."""
+    (``Estimate.origins``)."""
     mode = fake_mode_of(policy.transformer)
     parts = policy_modules(policy)
     scored = reward_modules(reward_fn) if reward_fn is not None else {}
@@ -1120,7 +1153,6 @@ def run_memory(
     there, as the trainer does (``model.sharding``). With ``breakdown``, what the peak holds by origin."""
     import json
     import shutil
-    import sys
     import tempfile
     import time
     import warnings
@@ -1136,6 +1168,9 @@ def run_memory(
     _check_family(cfg)  # before the reward loads
     _check_processes(cfg, processes)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
+    # with --json, stdout holds the JSON alone: what the reward's, the models' and the trainer's code print
+    # (the FSDP2 line) goes to stderr
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
     batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
@@ -1152,7 +1187,8 @@ def run_memory(
         notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
     else:
         try:
-            reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+            with quiet:
+                reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
         except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
             notes.append(f"reward {cfg.reward.name!r} not counted: it does not load here ({type(e).__name__}: "
                          f"{str(e)[:160]})")  # fmt: skip
@@ -1172,7 +1208,8 @@ def run_memory(
     t0 = time.perf_counter()
     mode = new_fake_mode()
     say(f"building {cfg.model.family} with fake weights ...")
-    policy, source = fake_policy(cfg, mode)
+    with quiet:
+        policy, source = fake_policy(cfg, mode)
     say(f"  from {source}")
     share = (
         f"{cfg.rows_per_iteration // processes} of {cfg.rows_per_iteration} trajectories (rank 0 of {processes} "
@@ -1184,8 +1221,6 @@ def run_memory(
         "profiled once per shape ...")  # fmt: skip
     sharded = trainer._shards(cfg, distributed.Dist(0, processes))  # (the trainer's own rule)
     job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
-    # with --json, stdout holds the JSON alone: what the trainer prints (its FSDP2 line) goes to stderr
-    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, quiet, warnings.catch_warnings():
             # (FSDP2 asks a fake weight for its data pointer, which torch warns about: nothing is read)

@@ -22,6 +22,7 @@ from densegrpo_fast.memory import (
     LiveBytes,
     Stub,
     _advice,
+    _is_fake,
     estimate_run,
     fake_policy,
     measure_run,
@@ -318,17 +319,25 @@ def test_a_deep_copy_counts_each_new_storage_once():
     assert torch.UntypedStorage.clone is torch.storage._StorageBase.clone  # the hook is gone with the tracker
 
 
-def test_what_the_device_does_not_hold_is_not_counted():
+@pytest.mark.parametrize("fake", [False, True])
+def test_what_the_device_does_not_hold_is_not_counted(fake):
     """A "meta" tensor holds no memory, and the export's shell of a sharded transformer (made at setup:
     parameters on "meta", buffers copied to the host) is host memory: neither is counted (they were 4.6 GiB
-    of SD3.5-M's sharded full fine-tuning)."""
+    of SD3.5-M's sharded full fine-tuning). Real weights, or fake ones as the estimate has."""
     from densegrpo_fast import trainer
     from densegrpo_fast.memory import _host_work
 
-    net = torch.nn.BatchNorm1d(1000)  # parameters, and buffers the shell copies to the host
+    with new_fake_mode() if fake else contextlib.nullcontext():
+        net = torch.nn.BatchNorm1d(1000)  # parameters, and buffers the shell copies to the host
     t = LiveBytes()
     with t:
         shapes = torch.empty(1000, device="meta")
+        assert t.live == 0
+        bare = trainer._meta_copy(
+            net
+        )  # outside the estimate's host work, its buffers count (not its parameters)
+        assert _is_fake(bare.weight) == fake and bare.weight.is_meta and t.live == 8008
+        del bare
         assert t.live == 0
         with _host_work(t):
             shell = trainer._meta_copy(net)
@@ -351,8 +360,14 @@ def test_a_deep_copy_of_fake_weights_stays_in_their_fake_mode():
 
     mode = new_fake_mode()
     with mode:
-        net = torch.nn.BatchNorm1d(1000)
-    net.weight.grad = torch.ones_like(net.weight)
+        net = torch.nn.Sequential(
+            torch.nn.BatchNorm1d(1000),
+            torch.nn.Linear(1000, 10, bias=False),
+            torch.nn.Linear(1000, 10, bias=False),
+        )
+    net[2].weight = net[1].weight  # tied: one copy
+    net[0].weight.grad = torch.ones_like(net[0].weight)
+    net[0].running_mean.note = {"self": net[0].running_mean}  # an attribute that refers back: one copy
     t = LiveBytes()
 
     def copied_weak_ref(self, protocol):
@@ -367,12 +382,13 @@ def test_a_deep_copy_of_fake_weights_stays_in_their_fake_mode():
     tensors = [*twin.parameters(), *twin.buffers()]
     assert all(x.fake_mode is mode for x in tensors)
     assert all(isinstance(p, torch.nn.Parameter) and p.requires_grad for p in twin.parameters())
-    assert twin.weight.grad is not None and twin.weight.grad.fake_mode is mode
+    assert twin[0].weight.grad is not None and twin[0].weight.grad.fake_mode is mode
+    assert twin[2].weight is twin[1].weight and twin[0].running_mean.note["self"] is twin[0].running_mean
     # the weights, the buffers and the gradient, each a new storage, counted once
     assert t.live == storage_bytes([*net.parameters(), *net.buffers()]) + 4 * 1000
     originals = {id(storage_of(x)) for x in (*net.parameters(), *net.buffers())}
     assert not originals & {id(storage_of(x)) for x in tensors}
-    assert "__deepcopy__" not in vars(type(net.weight))  # the patch is gone with the context
+    assert "__deepcopy__" not in vars(type(net[0].weight))  # the patch is gone with the context
 
 
 def test_a_stub_books_the_call_it_stands_for():
@@ -442,10 +458,20 @@ def _estimate(checkpoint, tmp_path, extra, origins=False):
     return est.phases, est.weights, est.offloaded, est.table(), est
 
 
-def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("model.offload_text_encoders=true",),
+        # two optimizer steps: the update's peak may come after the first step, whose AdamW state is then
+        # counted where it was made (with one step, it is added to the unstepped part)
+        ("model.offload_text_encoders=true", "grpo.updates_per_iteration=2"),
+    ],
+)
+def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path, extra):
     """``memory --breakdown``: each phase's peak by where its bytes were allocated, summing to the phase's
     figure, which it does not change; the parts the update is known to hold are there."""
-    extra = ("model.offload_text_encoders=true",)
+    from densegrpo_fast.memory import _ADAM
+
     plain = _estimate(sd3_dir, tmp_path / "plain", extra)[0]
     *_, est = _estimate(sd3_dir, tmp_path / "origins", extra, origins=True)
     assert est.phases == plain and set(est.origins) == set(plain)
@@ -457,12 +483,14 @@ def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path):
     assert update["weights: transformer"] == est.weights["transformer"]
     assert "weights: text_encoder" not in update  # (offloaded: on the host)
     assert update["LoRA adapters"] == est.trained
+    assert update[_ADAM] >= 2 * est.trained  # its two moments (and the step's temporaries, when it runs)
     assert "offloaded text encoders' weights" in est.origins["prompt encoding"]
     assert "offloaded text encoders' weights" not in update
     # the trainer's own allocations, by code line: the rollout's latents (all phases of the iteration)
     assert any(k.startswith("latents = ") and "(rollout.sample:" in k for k in update)
     table = est.breakdown("update")
-    assert table.startswith("at the peak of update") and "GiB  weights: transformer" in table
+    assert table.startswith("at the peak of update") and "MiB), by origin:" in table  # (a tiny model)
+    assert f"{update['weights: transformer'] / 2**20:>9.2f} MiB  weights: transformer" in table
 
 
 def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
@@ -513,7 +541,7 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     tight = memory("--device-gib", "0.001", "--breakdown")  # the tiny run needs a few MiB
     assert tight.returncode == 0, tight.stderr[-2000:]
     assert "peak in update" in tight.stdout and "DOES NOT FIT" in tight.stdout
-    assert re.search(r"at the peak of .* by origin:\n +[0-9.]+ GiB  ", tight.stdout), tight.stdout
+    assert re.search(r"at the peak of .* MiB\), by origin:\n +[0-9.]+ MiB  ", tight.stdout), tight.stdout
     assert "holds no model" in tight.stdout  # JPEG sizes: no device memory
     roomy = memory("--json", "grpo.train_batch_size=2")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
