@@ -36,7 +36,7 @@ those of every later iteration. It is allocated memory as ``torch.cuda.max_memor
 context (~0.5 GiB) and the caching allocator's fragmentation come on top. Hence the verdict's 10 % headroom.
 ``--breakdown`` books every counted storage to its origin (a model's weights; a profiled call's kept
 activations, outputs, gradients and transients; AdamW's state; else the line of this package that allocated
-it) and shows what the peak phase's peak holds (``--json``: every phase's, ``Estimate.origins``).
+it) and shows what the peak phase holds at its peak (``--json``: every phase, ``Estimate.origins``).
 A torchrun job (``--nproc N``) is estimated per process: the trainer runs as rank 0 of a simulated job
 (:func:`densegrpo_fast.distributed.simulated_job`) whose other ranks mirror it, so it rolls out, scores and
 trains its share of the rows through the job's own gathers and gradient sums, and evaluates its share of the
