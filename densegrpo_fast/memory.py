@@ -891,20 +891,17 @@ def _iterations(
         )
     peaks, at = tracker.phase_peaks, tracker.phase_origins
     late = state if iterations == 1 else 0
-    adam = {_ADAM: late} if late and tracker.origins else {}
+    adam = {_ADAM: late} if late else {}
     phases = {"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {}
     phases["rollout + reward"] = peaks["rollout + reward"] + late
-    origins = {k: {**at.get(k, {}), **adam} for k in phases} if tracker.origins else {}
+    origins = {k: {**at.get(k, {}), **adam} for k in phases}
     stepped = peaks.get("update, stepped", 0) > peaks.get("update", 0) + late
     phases["update"] = peaks["update, stepped"] if stepped else peaks.get("update", 0) + late
-    if tracker.origins:
-        origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
+    origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
     for k in ("sample grid", "evaluation", "export"):
         if k in peaks:
-            phases[k] = peaks[k]
-            if tracker.origins:
-                origins[k] = at.get(k, {})
-    return phases, origins
+            phases[k], origins[k] = peaks[k], at.get(k, {})
+    return phases, origins if tracker.origins else {}
 
 
 def measure_run(cfg, policy, *, reward_fn=None, iterations: int = 2, seed: int = 0) -> dict[str, int]:
@@ -990,7 +987,7 @@ def estimate_run(
     }
     return Estimate(
         weights, trained, phases, max(phases.values()), {s.name: s.calls for s in stubs}, profiles,
-        offloaded=host, origins=at_peaks if origins else {},
+        offloaded=host, origins=at_peaks,
     )  # fmt: skip
 
 

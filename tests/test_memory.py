@@ -333,9 +333,8 @@ def test_what_the_device_does_not_hold_is_not_counted(fake):
     with t:
         shapes = torch.empty(1000, device="meta")
         assert t.live == 0
-        bare = trainer._meta_copy(
-            net
-        )  # outside the estimate's host work, its buffers count (not its parameters)
+        # outside the estimate's host work, its buffers count (not its parameters)
+        bare = trainer._meta_copy(net)
         assert _is_fake(bare.weight) == fake and bare.weight.is_meta and t.live == 8008
         del bare
         assert t.live == 0
@@ -454,8 +453,7 @@ def test_a_stub_counts_a_backward_as_the_call_does(checkpointed):
 def _estimate(checkpoint, tmp_path, extra, origins=False):
     """The estimate of the tiny run with ``extra`` overrides."""
     cfg = _config(checkpoint, tmp_path, "fp32", extra)
-    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], origins=origins)
-    return est.phases, est.weights, est.offloaded, est.table(), est
+    return estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], origins=origins)
 
 
 @pytest.mark.parametrize(
@@ -472,8 +470,8 @@ def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path, extra):
     figure, which it does not change; the parts the update is known to hold are there."""
     from densegrpo_fast.memory import _ADAM
 
-    plain = _estimate(sd3_dir, tmp_path / "plain", extra)[0]
-    *_, est = _estimate(sd3_dir, tmp_path / "origins", extra, origins=True)
+    plain = _estimate(sd3_dir, tmp_path / "plain", extra).phases
+    est = _estimate(sd3_dir, tmp_path / "origins", extra, origins=True)
     assert est.phases == plain and set(est.origins) == set(plain)
     for phase, parts in est.origins.items():
         assert sum(parts.values()) == est.phases[phase], phase
@@ -498,7 +496,8 @@ def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
         offload: _estimate(sd3_dir, tmp_path / str(offload), (f"model.offload_text_encoders={offload}",))
         for offload in (False, True)
     }
-    (kept, weights, none, *_), (moved, _, offloaded, table, _) = runs[False], runs[True]
+    kept, weights, none = runs[False].phases, runs[False].weights, runs[False].offloaded
+    moved, offloaded, table = runs[True].phases, runs[True].offloaded, runs[True].table()
     assert none == [] and offloaded == ["text_encoder", "text_encoder_2", "text_encoder_3"]
     host = sum(weights[k] for k in offloaded)
     # while encoding every weight is on the device either way; after it, the offloaded encoders are not
