@@ -470,7 +470,10 @@ def test_the_breakdown_sums_to_each_phase(sd3_dir, tmp_path, extra):
     figure, which it does not change; the parts the update is known to hold are there."""
     from densegrpo_fast.memory import _ADAM
 
-    plain = _estimate(sd3_dir, tmp_path / "plain", extra).phases
+    without = _estimate(sd3_dir, tmp_path / "plain", extra)
+    with pytest.raises(ValueError, match=r"no origins: estimate_run\(\.\.\., origins=True\) \(--breakdown\)"):
+        without.breakdown()
+    plain = without.phases
     est = _estimate(sd3_dir, tmp_path / "origins", extra, origins=True)
     assert est.phases == plain and set(est.origins) == set(plain)
     for phase, parts in est.origins.items():
