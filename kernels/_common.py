@@ -79,6 +79,13 @@ def check_values() -> bool:
     return os.environ.get("DENSEGRPO_CHECK_VALUES", "0") == "1"
 
 
+# Options of every launch. FMA contraction is off, so the compiled kernels round each product as written and
+# fuse only where a kernel says tl.fma, as Triton's interpreter (the CPU tests) and the references do; left
+# unset, Triton 3.9 warns on the first launch and 3.10 changes its default. Where the interpreter differs
+# from the GPU still: reduction order and the hardware's sqrt, division and log.
+LAUNCH = {"enable_fp_fusion": False}
+
+
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output buffer of the ops comes from here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)

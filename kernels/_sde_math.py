@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from ._common import tl, triton
+from ._common import LAUNCH, tl, triton
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -124,5 +124,5 @@ def row_sums(partial: torch.Tensor) -> torch.Tensor:
     """
     B, n_chunks = partial.shape
     out = torch.empty(B, dtype=torch.float32, device=partial.device)
-    _row_sum_kernel[(B,)](partial, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks))
+    _row_sum_kernel[(B,)](partial, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), **LAUNCH)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import FLOAT_DTYPES, backend_for, empty, tl, triton
+from ._common import FLOAT_DTYPES, LAUNCH, backend_for, empty, tl, triton
 
 # --------------------------------------------------------------------------------------------- kernel
 
@@ -76,7 +76,7 @@ def _group_advantages_triton(rewards, group_size, eps, clip, mask, global_std):
     _group_advantages_kernel[(N // group_size,)](
         rewards, mask if mask is not None else rewards, out, N, K, group_size, float(eps), float(clip),
         BLOCK_G=triton.next_power_of_2(group_size), BLOCK_K=triton.next_power_of_2(K),
-        HAS_MASK=mask is not None, GLOBAL_STD=global_std,
+        HAS_MASK=mask is not None, GLOBAL_STD=global_std, **LAUNCH,
     )  # fmt: skip
     return out
 

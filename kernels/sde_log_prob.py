@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _sde_math as sm
-from ._common import backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
+from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -81,7 +81,7 @@ def _forward_triton(sample, velocity, next_sample, sigma, sigma_next, std, ref_v
     sum_dv2 = empty((B, n_chunks), torch.float32, sample.device) if with_kl else sum_sq
     _sde_log_prob_fwd_kernel[(B, n_chunks)](
         sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
-        sum_sq, sum_dv2, N, n_chunks, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl,
+        sum_sq, sum_dv2, N, n_chunks, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
     )  # fmt: skip
     log_prob = sm.finish_log_prob(sm.row_sums(sum_sq), N, sigma, sigma_next, std)
     kl = sm.finish_kl(sm.row_sums(sum_dv2), N, sigma, sigma_next, std) if with_kl else None
@@ -107,7 +107,7 @@ def _backward_triton(grad_lp, grad_kl, sample, velocity, next_sample, sigma, sig
     grad = empty(velocity.shape, velocity.dtype, velocity.device)
     _sde_log_prob_bwd_kernel[(B, triton.cdiv(N, sm.BLOCK))](
         sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
-        coef_lp, coef_kl, grad, N, BLOCK=sm.BLOCK, WITH_KL=with_kl,
+        coef_lp, coef_kl, grad, N, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
     )  # fmt: skip
     return grad
 

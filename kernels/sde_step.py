@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _sde_math as sm
-from ._common import backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
+from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
 
 # ---------------------------------------------------------------------------------------------- kernel
 
@@ -55,7 +55,7 @@ def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode)
     sum_sq = empty((B, n_chunks), torch.float32, sample.device)
     _sde_step_kernel[(B, n_chunks)](
         sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks,
-        CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode,
+        CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, **LAUNCH,
     )  # fmt: skip
     log_prob = sm.finish_log_prob(sm.row_sums(sum_sq), N, sigma, sigma_next, std)
     return out, log_prob, (ode if write_ode else None)
