@@ -1,0 +1,114 @@
+"""The ops' Triton launches compiled for H100/H200 (sm_90) and A100 (sm_80) on the CPU, and their SASS read.
+
+The interpreted tests check the kernels' arithmetic; these check what only the compiled code shows: that
+every launch compiles, that no kernel spills, that the fp-fusion option reaches every launch, and that at
+the real latent shapes every latent element moves in a 128-bit access (the bandwidth-bound kernels'
+condition for nearing the copy bandwidth). benchmarks/compiled_kernels.py does the compiling; it runs in a
+subprocess because this process interprets the kernels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compiled_kernels.py"
+ARCHS = (90, 80)
+ALIGNED = ("[24, 16, 64, 64]", "[8, 4096, 64]")  # SD3.5-M at 512 px, FLUX.1 at 1024 px
+ODD = "[3, 3, 5, 7]"  # 105 elements a row: rows start unaligned, no 16-byte access can tile them
+
+# Per streaming kernel: (per-row scalars it reads, latent-sized tensors it reads, partial sums it writes,
+# latent-sized tensors it writes); the second of each pair applies with the flag (WRITE_ODE or WITH_KL).
+STREAMING = {
+    "_sde_step_kernel": ("WRITE_ODE", (3, 3), (3, 3), (1, 1), (1, 2)),  # sigma, sigma_next, std; x, v, noise
+    "_sde_log_prob_fwd_kernel": ("WITH_KL", (3, 3), (3, 4), (1, 2), (0, 0)),  # + v_ref; sum_sq (+ sum_dv2)
+    "_sde_log_prob_bwd_kernel": ("WITH_KL", (4, 5), (3, 4), (0, 0), (1, 1)),  # + coef_lp (+ coef_kl); grad
+}
+
+
+def _narrow(widths: dict) -> int:
+    return sum(n for bits, n in widths.items() if int(bits) < 128)
+
+
+@pytest.fixture(scope="module")
+def launches() -> list[dict]:
+    triton = pytest.importorskip("triton", reason="compiling the kernels needs triton")
+    try:
+        from triton import knobs
+
+        tool = knobs.nvidia.cuobjdump.path
+    except Exception as e:  # noqa: BLE001 - any failure to find the NVIDIA backend means: cannot run here
+        pytest.skip(f"triton {triton.__version__} has no NVIDIA backend tools here: {e}")
+    if not tool or not Path(tool).exists():
+        pytest.skip(f"triton {triton.__version__} ships no cuobjdump here")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, str(SCRIPT), "--json", "--arch", *map(str, ARCHS)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "TRITON_DEFAULT_FP_FUSION" not in done.stderr, "a launch left fp fusion to Triton's default"
+    return json.loads(done.stdout)
+
+
+def test_every_op_call_compiles_its_launches_for_each_target(launches):
+    by_case = defaultdict(list)
+    for r in launches:
+        by_case[r["arch"], r["case"]].append(r["kernel"])
+    for arch in ARCHS:
+        cases = {case: sorted(k) for (a, case), k in by_case.items() if a == arch}
+        assert len(cases) == 3 * 3 * 6 + 8, sorted(cases)  # 3 shapes x 3 dtypes x 6 calls; 8 advantage calls
+        for case, kernels in cases.items():
+            if case.startswith("sde_step"):
+                expected = ["_row_sum_kernel", "_sde_step_kernel"]
+            elif case.endswith("backward"):
+                expected = ["_sde_log_prob_bwd_kernel"]
+            elif case.startswith("sde_log_prob"):
+                sums = 2 if case.endswith(" kl") else 1  # log-prob (and KL) partials
+                expected = ["_row_sum_kernel"] * sums + ["_sde_log_prob_fwd_kernel"]
+            else:
+                expected = ["_group_advantages_kernel"]
+            assert kernels == expected, (arch, case)
+
+
+def test_no_launch_spills_and_every_launch_pins_fp_fusion_off(launches):
+    for r in launches:
+        assert (r["stack"], r["local"]) == (0, 0), r
+        assert r["fp_fusion"] is False, r  # kernels/_common.LAUNCH reaches every launch
+        # At the real shapes: at most 64 registers a thread, so 8 blocks of 128 threads (half the SM's
+        # warps) stay resident. (Unaligned rows unroll into scalar accesses and take more.)
+        if any(shape in r["case"] for shape in ALIGNED):
+            assert r["registers"] <= 64, r
+
+
+@pytest.mark.parametrize("shape", ALIGNED)
+def test_at_the_real_shapes_every_latent_element_moves_in_128_bit_accesses(launches, shape):
+    checked = 0
+    for r in launches:
+        if shape not in r["case"] or r["kernel"] not in STREAMING:
+            continue
+        flag, scalars, tensors, partials, outputs = STREAMING[r["kernel"]]
+        on = int(bool(r["constexprs"].get(flag)))
+        loads, stores = r["loads"], r["stores"]
+        # Every narrow access is one of the kernel's per-row scalars or per-chunk partial sums ...
+        assert _narrow(loads) == scalars[on], r
+        assert _narrow(stores) == partials[on], r
+        # ... and each latent-sized tensor is read (and written) in 128-bit accesses.
+        assert loads.get("128", 0) >= tensors[on], r
+        assert stores.get("128", 0) >= outputs[on], r
+        checked += 1
+    assert checked == len(ARCHS) * 3 * 6  # 3 dtypes x (2 steps, 2 forwards, 2 backwards)
+
+
+def test_the_width_check_sees_unaligned_rows(launches):
+    """The control: where rows cannot be tiled in 16 bytes, the same kernels fall back to narrow accesses."""
+    odd = [r for r in launches if ODD in r["case"] and r["kernel"] in STREAMING]
+    assert len(odd) == len(ARCHS) * 3 * 6
+    for r in odd:
+        assert "128" not in r["loads"] and "128" not in r["stores"], r
+        _, scalars, *_ = STREAMING[r["kernel"]]
+        assert _narrow(r["loads"]) > max(scalars), r
