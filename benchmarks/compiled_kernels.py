@@ -33,6 +33,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.utils._python_dispatch
 
 # The latent shapes of the benchmarks: SD3.5-M at 512 px (16 x 64 x 64), FLUX.1 at 1024 px (4096 packed
 # tokens x 64), and a row of 105 elements, which no 16-byte access can tile (rows start unaligned).
@@ -105,13 +106,35 @@ def _read_cubin(cubin: bytes, launch: Launch) -> None:
     launch.loads, launch.stores = _access_widths(sass.stdout, "LDG"), _access_widths(sass.stdout, "STG")
 
 
+@dataclass
+class Recording:
+    """What the op calls made inside :func:`compiling_for` launch. Set ``case`` before each call."""
+
+    case: str = ""
+    launches: list[Launch] = field(default_factory=list)
+    # per case, the torch ops the Triton path ran: on a GPU each is one more kernel launch (views and
+    # allocations, which launch nothing, are left out)
+    torch_ops: dict[str, list[str]] = field(default_factory=dict)
+
+
+class _TorchOps(torch.utils._python_dispatch.TorchDispatchMode):
+    _ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided")
+
+    def __init__(self, into: list[str]):
+        super().__init__()
+        self.into = into
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in self._ALLOCATIONS:
+            self.into.append(name)
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def compiling_for(arch: int):
-    """Within: every Triton launch of the ops compiles for ``sm_<arch>`` and is recorded, not run.
-
-    Yields ``(launches, label)``: the list the compiled launches are appended to, and a one-item list
-    whose item names the op call in progress (set it before each call).
-    """
+    """Within: every Triton launch of the ops compiles for ``sm_<arch>`` and is recorded, not run; the
+    torch ops of the ops' Triton paths are recorded too. Yields a :class:`Recording`."""
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
@@ -121,9 +144,7 @@ def compiling_for(arch: int):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels are interpreted, nothing compiles")
     target = GPUTarget("cuda", arch, 32)
-    launches: list[Launch] = []
-    label = [""]
-
+    rec = Recording()
     seen: dict = {}  # Triton's own cache key of a launch -> its compiled record
 
     def on_launch(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
@@ -137,19 +158,31 @@ def compiling_for(arch: int):
             launch = Launch("", fn.name, arch, flags, compile["num_warps"], compile["enable_fp_fusion"])
             _read_cubin(kernel.asm["cubin"], launch)
             seen[fn.jit_function, key] = launch
-        launches.append(dataclasses.replace(seen[fn.jit_function, key], case=label[0]))
+        rec.launches.append(dataclasses.replace(seen[fn.jit_function, key], case=rec.case))
         return True  # handled: Triton skips its own compile, and the launch
 
+    def recorded(path):  # a Triton path (the body of an op on CUDA tensors), its torch ops recorded
+        def run(*args):
+            with _TorchOps(rec.torch_ops.setdefault(rec.case, [])):
+                return path(*args)
+
+        return run
+
     ops = [importlib.import_module(f"densegrpo_fast.kernels.{m}") for m in _OPS]
+    paths = {(op, name): getattr(op, name) for op in ops for name in vars(op) if name.endswith("_triton")}
     saved = [op.backend_for for op in ops]
     previous_hook, previous_driver = knobs.runtime.jit_cache_hook, driver._active  # None where no GPU
     driver.set_active(_TargetDriver(target))
     knobs.runtime.jit_cache_hook = on_launch
     for op in ops:
         op.backend_for = lambda t: "triton"
+    for (op, name), path in paths.items():
+        setattr(op, name, recorded(path))
     try:
-        yield launches, label
+        yield rec
     finally:
+        for (op, name), path in paths.items():
+            setattr(op, name, path)
         for op, backend in zip(ops, saved, strict=True):
             op.backend_for = backend
         knobs.runtime.jit_cache_hook = previous_hook
@@ -172,40 +205,62 @@ def _rows(b: int):
     return sigma, torch.full((b,), 0.7), torch.full((b,), 0.5)
 
 
-def run_cases(arch: int, shapes=(SD35M, FLUX, ODD), dtypes=tuple(DTYPES)) -> list[Launch]:
+def run_cases(arch: int, shapes=(SD35M, FLUX, ODD), dtypes=tuple(DTYPES)) -> Recording:
     """Every op call the engine makes, at each shape and latent dtype, compiled for ``sm_<arch>``."""
     from densegrpo_fast.kernels import group_advantages, sde_log_prob, sde_step
 
-    with compiling_for(arch) as (launches, label):
+    with compiling_for(arch) as rec:
         for shape in shapes:
             for name in dtypes:
                 x = torch.zeros(shape, dtype=DTYPES[name])
                 sigma, sigma_next, std = _rows(shape[0])
                 for write_ode in (False, True):
-                    label[0] = f"sde_step {name} {list(shape)}" + (" write_ode" if write_ode else "")
+                    rec.case = f"sde_step {name} {list(shape)}" + (" write_ode" if write_ode else "")
                     sde_step(x, x, sigma, sigma_next, std, x, write_ode=write_ode)
                 for kl in (False, True):
-                    label[0] = f"sde_log_prob {name} {list(shape)}" + (" kl" if kl else "")
+                    rec.case = f"sde_log_prob {name} {list(shape)}" + (" kl" if kl else "")
                     v = x.clone().requires_grad_(True)
                     lp, k = sde_log_prob(x, v, x, sigma, sigma_next, std, ref_velocity=x if kl else None)
-                    label[0] += " backward"
+                    rec.case += " backward"
                     (lp.sum() + (k.sum() if kl else 0)).backward()
         # Advantages: the recipes' 48 prompts x 24 images, sparse (1 column) and dense (T = 10 steps).
         for k in (1, 10):
             rewards = torch.zeros(48 * 24, k)
             for mask in (None, torch.ones(48 * 24, dtype=torch.bool)):
                 for global_std in (False, True):
-                    label[0] = f"group_advantages [{48 * 24}, {k}] G=24"
-                    label[0] += (" mask" if mask is not None else "") + (" global_std" if global_std else "")
+                    rec.case = f"group_advantages [{48 * 24}, {k}] G=24"
+                    rec.case += (" mask" if mask is not None else "") + (" global_std" if global_std else "")
                     group_advantages(rewards, 24, mask=mask, global_std=global_std)
-    return launches
+    return rec
 
 
-def _table(launches: list[Launch]) -> str:
+def calls(rec: Recording, arch: int) -> list[dict]:
+    """Per op call: its Triton launches and the torch ops its Triton path ran (kernels on a GPU, each)."""
+    cases = dict.fromkeys(r.case for r in rec.launches)
+    return [
+        {
+            "arch": arch,
+            "case": case,
+            "triton_launches": sum(r.case == case for r in rec.launches),
+            "torch_ops": rec.torch_ops.get(case, []),
+        }
+        for case in cases
+    ]
+
+
+def _tables(launches: list[Launch], per_call: list[dict]) -> str:
     def widths(d):
         return " ".join(f"{n}x{w}" for w, n in sorted(d.items(), reverse=True)) or "-"
 
-    lines = [
+    lines = ["| arch | op call | Triton launches | torch ops (kernels on a GPU) |", "|---|---|---:|---|"]
+    for c in per_call:
+        ops = Counter(c["torch_ops"])
+        names = ", ".join(f"{n} {name}" for name, n in ops.most_common())
+        lines.append(
+            f"| sm_{c['arch']} | {c['case']} | {c['triton_launches']} | {len(c['torch_ops'])} {names} |"
+        )
+    lines += [
+        "",
         "| arch | op call | kernel | flags | warps | regs | spill (stack/local B) | smem B | loads (count x bits) | stores |",
         "|---|---|---|---|---:|---:|---|---:|---|---|",
     ]
@@ -221,11 +276,18 @@ def _table(launches: list[Launch]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="compute capabilities (90 = sm_90)")
-    parser.add_argument("--json", action="store_true", help="one JSON record per launch, on stdout")
+    parser.add_argument("--json", action="store_true", help='{"launches": [...], "calls": [...]} on stdout')
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    launches = [launch for arch in args.arch for launch in run_cases(arch)]
-    print(json.dumps([asdict(r) for r in launches]) if args.json else _table(launches))
+    launches, per_call = [], []
+    for arch in args.arch:
+        rec = run_cases(arch)
+        launches += rec.launches
+        per_call += calls(rec, arch)
+    if args.json:
+        print(json.dumps({"launches": [asdict(r) for r in launches], "calls": per_call}))
+    else:
+        print(_tables(launches, per_call))
     return 0
 
 

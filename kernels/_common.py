@@ -19,7 +19,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     class _Unavailable:
         """Stands in for triton so the kernel modules import; any launch says what to install."""
 
-        constexpr = object
+        @staticmethod
+        def constexpr(value=None):  # annotations and module constants of the kernels
+            return value
 
         def jit(self, fn=None, **_):
             return self if fn is None else self

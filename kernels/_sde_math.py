@@ -23,12 +23,13 @@ import math
 
 import torch
 
-from ._common import LAUNCH, tl, triton
+from ._common import LAUNCH, empty, tl, triton
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+_LOG_SQRT_2PI = tl.constexpr(LOG_SQRT_2PI)  # the same, for kernels (they read only constexpr globals)
 
 # Elements per program along a row, and per loop iteration inside it. A row of N elements is reduced as
-# ceil(N / CHUNK) partial sums (one per program) that `row_sums` adds in an order fixed by N: at the SD3.5-M shape
+# ceil(N / CHUNK) partial sums (one per program) that `finish_rows` adds in an order fixed by N: at the SD3.5-M shape
 # (N = 16*64*64 = 65536) that is 16 programs per row, so B = 24 already fills an H100's 132 SMs ~3 times.
 CHUNK = 4096
 BLOCK = 1024
@@ -109,20 +110,42 @@ def squared_deviation(next_sample, mean, mask):
 
 
 @triton.jit
-def _row_sum_kernel(partial_ptr, out_ptr, n_chunks, BLOCK_C: tl.constexpr):
+def _finish_kernel(
+    sum_sq_ptr, sum_dv2_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # per-chunk partials [B, n_chunks]; rows
+    log_prob_ptr, kl_ptr,  # outputs [B]
+    N, n_chunks,
+    BLOCK_C: tl.constexpr, WITH_KL: tl.constexpr,
+):  # fmt: skip
+    """Per row: the partials added in an order fixed by n_chunks alone, then :func:`finish_log_prob` (and
+    :func:`finish_kl`) in fp32. torch's own reduction may pick another order for another B on a GPU, which
+    would break the bit-exact agreement of a rollout batch and a training micro-batch; this cannot."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
-    vals = tl.load(partial_ptr + row * n_chunks + offs, mask=offs < n_chunks, other=0.0)
-    tl.store(out_ptr + row, tl.sum(vals, axis=0))
+    live = offs < n_chunks
+    sum_sq = tl.sum(tl.load(sum_sq_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
+    _, _, cv, ns = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    sd = tl.load(std_ptr + row)
+    sde = sd > 0.0
+    safe_ns = tl.where(sde, ns, 1.0)
+    lp = -(sum_sq / N) / (2.0 * safe_ns * safe_ns) - tl.log(safe_ns) - _LOG_SQRT_2PI
+    tl.store(log_prob_ptr + row, tl.where(sde, lp, 0.0))
+    if WITH_KL:
+        sum_dv2 = tl.sum(tl.load(sum_dv2_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
+        safe_std = tl.where(sde, sd, 1.0)
+        kl = (sum_dv2 / N) * (cv * cv) / (2.0 * safe_std * safe_std)
+        tl.store(kl_ptr + row, tl.where(sde, kl, 0.0))
 
 
-def row_sums(partial: torch.Tensor) -> torch.Tensor:
-    """Sum of each row of the per-chunk partials [B, n_chunks] -> [B], in an order fixed by n_chunks alone.
-
-    torch's own reduction may pick a different strategy for a different B on a GPU, which would break the
-    bit-exact agreement between a rollout batch and a training micro-batch; this launch cannot.
-    """
-    B, n_chunks = partial.shape
-    out = torch.empty(B, dtype=torch.float32, device=partial.device)
-    _row_sum_kernel[(B,)](partial, out, n_chunks, BLOCK_C=triton.next_power_of_2(n_chunks), **LAUNCH)
-    return out
+def finish_rows(sum_sq, sum_dv2, n: int, sigma, sigma_next, std):
+    """``(log_prob, kl)``, each float32 [B], from the per-chunk partials [B, n_chunks] of a row of ``n``
+    elements, in one launch; ``kl`` is None when ``sum_dv2`` is. On a GPU the log-prob of a step costs the
+    streaming kernel and this one, nothing more."""
+    B, n_chunks = sum_sq.shape
+    with_kl = sum_dv2 is not None
+    log_prob = empty((B,), torch.float32, sum_sq.device)
+    kl = empty((B,), torch.float32, sum_sq.device) if with_kl else log_prob
+    _finish_kernel[(B,)](
+        sum_sq, sum_dv2 if with_kl else sum_sq, sigma, sigma_next, std, log_prob, kl, n, n_chunks,
+        BLOCK_C=triton.next_power_of_2(n_chunks), WITH_KL=with_kl, **LAUNCH,
+    )  # fmt: skip
+    return log_prob, (kl if with_kl else None)

@@ -50,23 +50,30 @@ def _sde_log_prob_fwd_kernel(
 @triton.jit
 def _sde_log_prob_bwd_kernel(
     x_ptr, v_ptr, xn_ptr, vref_ptr, sigma_ptr, sigma_next_ptr, std_ptr,
-    coef_lp_ptr, coef_kl_ptr,  # per row: dlp * 2 cv / (2 ns^2 N) and dkl * 2 cv^2 / (2 std^2 N)
+    grad_lp_ptr, grad_kl_ptr,  # per row: dL/dlog_prob, dL/dkl
     grad_ptr, N,
     BLOCK: tl.constexpr, WITH_KL: tl.constexpr,
 ):  # fmt: skip
-    """``dv = coef_lp * (x' - mean) + coef_kl * (v - v_ref)``: element-wise, one tile per program."""
+    """``dv = coef_lp * (x' - mean) + coef_kl * (v - v_ref)``: element-wise, one tile per program; the
+    per-row factors as :func:`_backward_coefficients` computes them, here in every program."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = row * N
     dt, cx, cv, ns = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    sd = tl.load(std_ptr + row)
+    sde = sd > 0.0
+    safe_ns = tl.where(sde, ns, 1.0)
+    coef_lp = tl.where(sde, tl.load(grad_lp_ptr + row) * cv / (safe_ns * safe_ns * N), 0.0)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    grad = tl.load(coef_lp_ptr + row) * (xn - sm.step_mean(x, v, cx, cv))
+    grad = coef_lp * (xn - sm.step_mean(x, v, cx, cv))
     if WITH_KL:
+        safe_std = tl.where(sde, sd, 1.0)
+        coef_kl = tl.where(sde, tl.load(grad_kl_ptr + row) * cv * cv / (safe_std * safe_std * N), 0.0)
         vref = tl.load(vref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        grad += tl.load(coef_kl_ptr + row) * (v - vref)
+        grad += coef_kl * (v - vref)
     tl.store(grad_ptr + base + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -83,13 +90,12 @@ def _forward_triton(sample, velocity, next_sample, sigma, sigma_next, std, ref_v
         sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
         sum_sq, sum_dv2, N, n_chunks, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
     )  # fmt: skip
-    log_prob = sm.finish_log_prob(sm.row_sums(sum_sq), N, sigma, sigma_next, std)
-    kl = sm.finish_kl(sm.row_sums(sum_dv2), N, sigma, sigma_next, std) if with_kl else None
-    return log_prob, kl
+    return sm.finish_rows(sum_sq, sum_dv2 if with_kl else None, N, sigma, sigma_next, std)
 
 
 def _backward_coefficients(grad_lp, grad_kl, n, sigma, sigma_next, std):
-    """Per-row factors of the backward (see the kernel), 0 on ODE rows. Shape: [B] each."""
+    """Per-row factors of the reference backward, 0 on ODE rows (the kernel computes the same in each of
+    its programs). Shape: [B] each."""
     _, _, cv, ns = sm.row_coefficients(sigma, sigma_next, std)
     sde = std > 0
     safe_ns = torch.where(sde, ns, torch.ones_like(ns))
@@ -103,11 +109,10 @@ def _backward_coefficients(grad_lp, grad_kl, n, sigma, sigma_next, std):
 def _backward_triton(grad_lp, grad_kl, sample, velocity, next_sample, sigma, sigma_next, std, ref_velocity):
     B, N = sample.shape[0], sample[0].numel()
     with_kl = ref_velocity is not None
-    coef_lp, coef_kl = _backward_coefficients(grad_lp, grad_kl, N, sigma, sigma_next, std)
     grad = empty(velocity.shape, velocity.dtype, velocity.device)
     _sde_log_prob_bwd_kernel[(B, triton.cdiv(N, sm.BLOCK))](
         sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
-        coef_lp, coef_kl, grad, N, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
+        grad_lp, grad_kl, grad, N, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
     )  # fmt: skip
     return grad
 
@@ -187,7 +192,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_lp, grad_kl):
     sample, velocity, next_sample, sigma, sigma_next, std, ref_velocity = ctx.saved_tensors
     grad_lp = grad_lp.float() if grad_lp is not None else torch.zeros_like(sigma)
-    grad_kl = grad_kl.float() if (grad_kl is not None and grad_kl.numel()) else torch.zeros_like(sigma)
+    if ref_velocity is None:
+        grad_kl = grad_lp  # not read (no KL term): saves a launch
+    else:
+        grad_kl = grad_kl.float() if (grad_kl is not None and grad_kl.numel()) else torch.zeros_like(sigma)
     grad_v = _sde_log_prob_backward_op(
         grad_lp.contiguous(), grad_kl.contiguous(), sample, velocity, next_sample, sigma, sigma_next, std,
         ref_velocity,

@@ -57,7 +57,7 @@ def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode)
         sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks,
         CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, **LAUNCH,
     )  # fmt: skip
-    log_prob = sm.finish_log_prob(sm.row_sums(sum_sq), N, sigma, sigma_next, std)
+    log_prob, _ = sm.finish_rows(sum_sq, None, N, sigma, sigma_next, std)
     return out, log_prob, (ode if write_ode else None)
 
 

@@ -1,9 +1,10 @@
 """The ops' Triton launches compiled for H100/H200 (sm_90) and A100 (sm_80) on the CPU, and their SASS read.
 
 The interpreted tests check the kernels' arithmetic; these check what only the compiled code shows: that
-every launch compiles, that no kernel spills, that the fp-fusion option reaches every launch, and that at
-the real latent shapes every latent element moves in a 128-bit access (the bandwidth-bound kernels'
-condition for nearing the copy bandwidth). benchmarks/compiled_kernels.py does the compiling; it runs in a
+every launch compiles, that each op call is its Triton launches alone (no torch op between them), that no
+kernel spills, that the fp-fusion option reaches every launch, and that at the real latent shapes every
+latent element moves in a 128-bit access (the bandwidth-bound kernels' condition for nearing the copy
+bandwidth). benchmarks/compiled_kernels.py does the compiling; it runs in a
 subprocess because this process interprets the kernels.
 """
 
@@ -37,7 +38,7 @@ def _narrow(widths: dict) -> int:
 
 
 @pytest.fixture(scope="module")
-def launches() -> list[dict]:
+def compiled() -> dict:
     triton = pytest.importorskip("triton", reason="compiling the kernels needs triton")
     try:
         from triton import knobs
@@ -55,6 +56,11 @@ def launches() -> list[dict]:
     return json.loads(done.stdout)
 
 
+@pytest.fixture
+def launches(compiled) -> list[dict]:
+    return compiled["launches"]
+
+
 def test_every_op_call_compiles_its_launches_for_each_target(launches):
     by_case = defaultdict(list)
     for r in launches:
@@ -64,15 +70,27 @@ def test_every_op_call_compiles_its_launches_for_each_target(launches):
         assert len(cases) == 3 * 3 * 6 + 8, sorted(cases)  # 3 shapes x 3 dtypes x 6 calls; 8 advantage calls
         for case, kernels in cases.items():
             if case.startswith("sde_step"):
-                expected = ["_row_sum_kernel", "_sde_step_kernel"]
+                expected = ["_finish_kernel", "_sde_step_kernel"]
             elif case.endswith("backward"):
                 expected = ["_sde_log_prob_bwd_kernel"]
             elif case.startswith("sde_log_prob"):
-                sums = 2 if case.endswith(" kl") else 1  # log-prob (and KL) partials
-                expected = ["_row_sum_kernel"] * sums + ["_sde_log_prob_fwd_kernel"]
+                expected = ["_finish_kernel", "_sde_log_prob_fwd_kernel"]
             else:
                 expected = ["_group_advantages_kernel"]
             assert kernels == expected, (arch, case)
+
+
+def test_on_a_gpu_each_op_call_is_its_triton_launches_alone(compiled):
+    """No torch op runs in the Triton paths: on a GPU each would be one more kernel launch of a few
+    microseconds, where the whole step at SD3.5-M's B = 24 in bf16 moves 12.6 MB (~4 us at an H100's
+    3.35 TB/s). The per-row finish (log-prob, KL) and the backward's per-row factors are computed in the
+    kernels; before, the Triton paths ran 28 (step), 54 (forward with KL) and 32 (backward) torch ops."""
+    expected = {"sde_step": 2, "sde_log_prob": 2, "backward": 1, "group_advantages": 1}
+    assert len(compiled["calls"]) == len(ARCHS) * (3 * 3 * 6 + 8)
+    for call in compiled["calls"]:
+        assert call["torch_ops"] == [], call
+        kind = "backward" if call["case"].endswith("backward") else call["case"].split()[0]
+        assert call["triton_launches"] == expected[kind], call
 
 
 def test_no_launch_spills_and_every_launch_pins_fp_fusion_off(launches):
