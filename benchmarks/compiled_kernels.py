@@ -5,10 +5,11 @@ compile, nor how. Register use, spills to local memory, and whether the latent m
 (what a bandwidth-bound kernel needs to come near the copy bandwidth) only show in the compiled code.
 Triton compiles for any NVIDIA target without a GPU (its wheel carries LLVM, ptxas and cuobjdump), so
 this script calls the public ops on CPU tensors at the real shapes with a stand-in driver that names the
-target. Triton's ``jit_cache_hook`` catches each launch before it would run, the script compiles it with
-the launch's own specialisation (argument dtypes, 16-byte alignment, constexprs, options) and reads the
-cubin with cuobjdump. Nothing is launched: the outputs are never written, and the figures are static
-(no timing).
+target. Triton's ``jit_cache_hook`` catches each launch before it would run; the script compiles it with
+the launch's own specialisation (argument dtypes, 16-byte alignment, constexprs) and options (warps,
+stages, fp fusion; debug builds are not reproduced) and reads the cubin with cuobjdump. It also records
+the torch ops run inside each op's Triton path (on a GPU, one kernel launch each). Nothing is launched:
+the outputs are never written, and the figures are static (no timing).
 
     python benchmarks/compiled_kernels.py                  # sm_90 (H100, H200): a table
     python benchmarks/compiled_kernels.py --arch 80 100    # A100, B200
@@ -79,13 +80,13 @@ class _TargetDriver:
 
 _OPS = ("sde_step", "sde_log_prob", "group_advantages")  # the modules whose launchers are driven
 _SAME = ("CHUNK", "BLOCK")  # constexprs left out of the records: one value for every launch
-_WIDTH = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+_WIDTH = {"256": 256, "128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 
 def _access_widths(sass: str, op: str) -> dict[int, int]:
     """Count of ``op`` (LDG or STG) instructions by width in bits; a plain ``LDG.E`` moves 32 bits."""
     widths = Counter()
-    for match in re.finditer(rf"\b{op}((?:\.\w+)*)", sass):
+    for match in re.finditer(rf"\b{op}(?=[.\s])((?:\.\w+)*)", sass):  # not LDGSTS, LDGDEPBAR
         mods = match.group(1).split(".")[1:]
         widths[next((_WIDTH[m] for m in mods if m in _WIDTH), 32)] += 1
     return dict(sorted(widths.items()))

@@ -191,13 +191,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_lp, grad_kl):
     sample, velocity, next_sample, sigma, sigma_next, std, ref_velocity = ctx.saved_tensors
-    grad_lp = grad_lp.float() if grad_lp is not None else torch.zeros_like(sigma)
+    grad_lp = (grad_lp.float() if grad_lp is not None else torch.zeros_like(sigma)).contiguous()
     if ref_velocity is None:
         grad_kl = grad_lp  # not read (no KL term): saves a launch
     else:
         grad_kl = grad_kl.float() if (grad_kl is not None and grad_kl.numel()) else torch.zeros_like(sigma)
     grad_v = _sde_log_prob_backward_op(
-        grad_lp.contiguous(), grad_kl.contiguous(), sample, velocity, next_sample, sigma, sigma_next, std,
+        grad_lp, grad_kl.contiguous(), sample, velocity, next_sample, sigma, sigma_next, std,
         ref_velocity,
     )  # fmt: skip
     # Only the velocity is differentiable: the stored latents and the schedule are data, the reference

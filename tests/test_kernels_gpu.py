@@ -46,6 +46,8 @@ def test_compiled_sde_step_and_log_prob(dtype, shape):
     # on-policy exactness, compiled: the recomputation returns the rollout's log-prob bit for bit
     again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
     assert torch.equal(again, lp)
+    with_kl, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, ref_velocity=noise)
+    assert torch.equal(with_kl, lp)
     idx = torch.tensor([shape[0] - 1, 0], device="cuda")  # a training micro-batch of the rollout's rows
     part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
     assert torch.equal(part, lp[idx])

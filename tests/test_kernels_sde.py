@@ -33,7 +33,7 @@ def poisoned(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
-    for module in (step_module, lp_module):
+    for module in (step_module, lp_module, sm):  # sm: the per-row log-prob and KL of the Triton path
         monkeypatch.setattr(module, "empty", nan_empty)
 
 
@@ -130,6 +130,9 @@ def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
     out, log_prob, _ = sde_step(x, v, sigma, sigma_next, std, noise)
     again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
     assert torch.equal(again, log_prob)
+    # With a KL term (the loss of a beta > 0 run), the log-prob is the same floats.
+    with_kl, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, ref_velocity=noise)
+    assert torch.equal(with_kl, log_prob)
     # A micro-batch of the rollout's rows reproduces them too (tiling never depends on the batch size).
     idx = torch.tensor([shape[0] - 1, 0])
     part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
