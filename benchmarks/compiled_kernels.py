@@ -60,6 +60,9 @@ class Launch:
     shared: int = 0  # bytes per block, static
     loads: dict = field(default_factory=dict)  # global-load width in bits -> count of SASS instructions
     stores: dict = field(default_factory=dict)
+    approx_math: dict = field(
+        default_factory=dict
+    )  # approximate PTX instructions (div.full, sqrt.approx, ...)
 
 
 class _TargetDriver:
@@ -80,6 +83,8 @@ class _TargetDriver:
 
 _OPS = ("sde_step", "sde_log_prob", "group_advantages")  # the modules whose launchers are driven
 _SAME = ("CHUNK", "BLOCK")  # constexprs left out of the records: one value for every launch
+# PTX's approximate fp32 forms: what a plain "/" or tl.sqrt compiles to on NVIDIA (not IEEE-rounded)
+_APPROX = re.compile(r"\b((?:div|sqrt|rsqrt|rcp|lg2|ex2|sin|cos|tanh)\.(?:approx|full)(?:\.ftz)?\.f32)\b")
 _WIDTH = {"256": 256, "128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 
 
@@ -158,6 +163,7 @@ def compiling_for(arch: int):
             flags = {names[p[0]]: v for p, v in constants.items() if names[p[0]] not in _SAME}
             launch = Launch("", fn.name, arch, flags, compile["num_warps"], compile["enable_fp_fusion"])
             _read_cubin(kernel.asm["cubin"], launch)
+            launch.approx_math = dict(Counter(_APPROX.findall(kernel.asm["ptx"])))
             seen[fn.jit_function, key] = launch
         rec.launches.append(dataclasses.replace(seen[fn.jit_function, key], case=rec.case))
         return True  # handled: Triton skips its own compile, and the launch

@@ -86,14 +86,16 @@ def log_prob_reference_from_mean(next_sample, mean, sigma, sigma_next, std) -> t
 
 @triton.jit
 def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row):
-    """Per-row ``dt, cx, cv, ns`` in fp32 (the same expressions as :func:`row_coefficients`)."""
+    """Per-row ``dt, cx, cv, ns`` in fp32: the operations of :func:`row_coefficients` in its order, each
+    rounded as IEEE rounds it (``div_rn``, ``sqrt_rn``: a GPU's default fp32 division and square root are
+    approximate), so they are the floats torch computes in fp32."""
     s = tl.load(sigma_ptr + row)
     dt = tl.load(sigma_next_ptr + row) - s
     sd = tl.load(std_ptr + row)
     var = sd * sd
-    cx = 1.0 + var / (2.0 * s) * dt
-    cv = (1.0 + var * (1.0 - s) / (2.0 * s)) * dt
-    ns = sd * tl.sqrt(-dt)
+    cx = 1.0 + tl.div_rn(var, 2.0 * s) * dt
+    cv = (1.0 + tl.div_rn(var * (1.0 - s), 2.0 * s)) * dt
+    ns = sd * tl.sqrt_rn(-dt)
     return dt, cx, cv, ns
 
 
@@ -127,12 +129,13 @@ def _finish_kernel(
     sd = tl.load(std_ptr + row)
     sde = sd > 0.0
     safe_ns = tl.where(sde, ns, 1.0)
-    lp = -(sum_sq / N) / (2.0 * safe_ns * safe_ns) - tl.log(safe_ns) - _LOG_SQRT_2PI
+    n = N * 1.0  # fp32, as torch divides by a Python int
+    lp = -tl.div_rn(tl.div_rn(sum_sq, n), 2.0 * safe_ns * safe_ns) - tl.log(safe_ns) - _LOG_SQRT_2PI
     tl.store(log_prob_ptr + row, tl.where(sde, lp, 0.0))
     if WITH_KL:
         sum_dv2 = tl.sum(tl.load(sum_dv2_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
         safe_std = tl.where(sde, sd, 1.0)
-        kl = (sum_dv2 / N) * (cv * cv) / (2.0 * safe_std * safe_std)
+        kl = tl.div_rn(tl.div_rn(sum_dv2, n) * (cv * cv), 2.0 * safe_std * safe_std)
         tl.store(kl_ptr + row, tl.where(sde, kl, 0.0))
 
 

@@ -42,9 +42,11 @@ def _group_advantages_kernel(
         keep = tl.load(mask_ptr + rows, mask=rows < group * G + G, other=0) != 0
         live = live & keep[:, None]
     count = tl.sum(live.to(tl.float32), axis=0)  # [BLOCK_K] live rows per column
-    mean = tl.sum(tl.where(live, r, 0.0), axis=0) / tl.maximum(count, 1.0)
+    # Division and square root rounded as IEEE rounds them (div_rn, sqrt_rn), as torch does; a GPU's
+    # default fp32 ones are approximate.
+    mean = tl.div_rn(tl.sum(tl.where(live, r, 0.0), axis=0), tl.maximum(count, 1.0))
     dev = tl.where(live, r - mean[None, :], 0.0)
-    std = tl.sqrt(tl.sum(dev * dev, axis=0) / tl.maximum(count, 1.0))
+    std = tl.sqrt_rn(tl.div_rn(tl.sum(dev * dev, axis=0), tl.maximum(count, 1.0)))
     hi = tl.max(tl.where(live, r, -float("inf")), axis=0)
     lo = tl.min(tl.where(live, r, float("inf")), axis=0)
     spread = hi > lo  # a group whose rewards are all equal (or with < 2 live rows) gets advantage 0
@@ -57,14 +59,14 @@ def _group_advantages_kernel(
             x, m = _live_tile(r_ptr, mask_ptr, start, N, K, cols, BLOCK_G, HAS_MASK)
             g_sum += tl.sum(tl.where(m, x, 0.0), axis=0)
             g_cnt += tl.sum(m.to(tl.float32), axis=0)
-        g_mean = g_sum / tl.maximum(g_cnt, 1.0)
+        g_mean = tl.div_rn(g_sum, tl.maximum(g_cnt, 1.0))
         g_sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(0, N, BLOCK_G):
             x, m = _live_tile(r_ptr, mask_ptr, start, N, K, cols, BLOCK_G, HAS_MASK)
             d = tl.where(m, x - g_mean[None, :], 0.0)
             g_sq += tl.sum(d * d, axis=0)
-        std = tl.sqrt(g_sq / tl.maximum(g_cnt, 1.0))
-    adv = dev / (std[None, :] + eps)
+        std = tl.sqrt_rn(tl.div_rn(g_sq, tl.maximum(g_cnt, 1.0)))
+    adv = tl.div_rn(dev, std[None, :] + eps)
     adv = tl.minimum(tl.maximum(adv, -clip), clip)
     adv = tl.where(live & spread[None, :], adv, 0.0)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], adv, mask=in_tile)

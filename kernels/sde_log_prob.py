@@ -64,14 +64,14 @@ def _sde_log_prob_bwd_kernel(
     sd = tl.load(std_ptr + row)
     sde = sd > 0.0
     safe_ns = tl.where(sde, ns, 1.0)
-    coef_lp = tl.where(sde, tl.load(grad_lp_ptr + row) * cv / (safe_ns * safe_ns * N), 0.0)
+    coef_lp = tl.where(sde, tl.div_rn(tl.load(grad_lp_ptr + row) * cv, safe_ns * safe_ns * N), 0.0)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     grad = coef_lp * (xn - sm.step_mean(x, v, cx, cv))
     if WITH_KL:
         safe_std = tl.where(sde, sd, 1.0)
-        coef_kl = tl.where(sde, tl.load(grad_kl_ptr + row) * cv * cv / (safe_std * safe_std * N), 0.0)
+        coef_kl = tl.where(sde, tl.div_rn(tl.load(grad_kl_ptr + row) * cv * cv, safe_std * safe_std * N), 0.0)
         vref = tl.load(vref_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
         grad += coef_kl * (v - vref)
     tl.store(grad_ptr + base + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
