@@ -10,6 +10,7 @@ coefficient ``std_k = a_k * sqrt(sigma_k / (1 - sigma_k))`` (with Flow-GRPO's gu
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -129,8 +130,10 @@ class Schedule:
     def num_steps(self) -> int:
         return self.noise_level.shape[0]
 
-    @property
+    @functools.cached_property
     def std(self) -> torch.Tensor:
+        """Computed once per schedule: the guard is read on the host (a device sync where sigmas live on a
+        GPU), and the update asks for ``std`` in every micro-batch."""
         guard = float(self.sigmas[1]) if self.num_steps > 1 else 0.0
         return sde_std(self.sigmas[:-1], self.noise_level, sigma_guard=guard)
 

@@ -553,7 +553,9 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
     order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
     rows, steps = rows[order], steps[order]
-    stats: dict[str, list[float]] = {}
+    # Statistics stay on the device until the update ends, then come to the host in one read: an .item() per
+    # micro-batch would make the host wait for each backward before it queues the next forward.
+    stats: dict[str, list[torch.Tensor]] = {}
     first_ratio_dev = None
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
@@ -600,15 +602,15 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()
             if first_ratio_dev is None:
-                first_ratio_dev = s["ratio_dev_max"].item()
+                first_ratio_dev = s["ratio_dev_max"]
             for key, val in s.items():
-                stats.setdefault(key, []).append(val.item())
+                stats.setdefault(key, []).append(val)
         if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
             distributed.sum_grads(run.dist, run.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
         if distributed.is_sharded(grad_norm):
             grad_norm = grad_norm.full_tensor()
-        stats.setdefault("grad_norm", []).append(grad_norm.item())
+        stats.setdefault("grad_norm", []).append(grad_norm.detach())
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.opt_steps += 1
@@ -617,14 +619,24 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 for name, p in transformer.named_parameters():
                     if name in run.ema:
                         run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
-    out = distributed.mean_stats(run.dist, stats)  # over every rank's micro-batches
-    out["ratio_dev_first"] = first_ratio_dev
+    trained = run.trained.to(A_all.device)
+    nonzero = (A_all != 0).float().mul(trained).sum() / (A_all.shape[0] * trained.sum()).clamp_min(1)
+    host = _read_once({**stats, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
+    first, nonzero_frac = host.pop("_first")[0], host.pop("_nonzero")[0]
+    out = distributed.mean_stats(run.dist, host)  # over every rank's micro-batches
+    out["ratio_dev_first"] = first
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))
-    out["adv_nonzero_frac"] = (
-        (A_all[:, run.trained.to(A.device)] != 0).float().mean().item() if run.trained.any() else 0.0
-    )
+    out["adv_nonzero_frac"] = nonzero_frac if run.trained.any() else 0.0
     return out
+
+
+def _read_once(values: dict[str, list[torch.Tensor | None]]) -> dict[str, list[float | None]]:
+    """The scalar tensors of ``values`` as floats, copied to the host in one read (one device sync).
+    None stays None."""
+    scalars = [v.detach().float().reshape(()) for vals in values.values() for v in vals if v is not None]
+    flat = iter(torch.stack(scalars).cpu().tolist() if scalars else [])
+    return {key: [None if v is None else next(flat) for v in vals] for key, vals in values.items()}
 
 
 def _micro_batches(rows: torch.Tensor, steps: torch.Tensor, size: int):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from densegrpo_fast.calibration import calibration_step
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
@@ -136,6 +137,61 @@ def test_the_export_merges_the_ema_on_the_host_and_leaves_the_run_untouched(tiny
     assert all(torch.equal(saved[k], v.float()) for k, v in expected.state_dict().items())
     assert all(torch.equal(live[k], v) for k, v in run.policy.state_dict().items())
     assert all(torch.equal(ema[k], v) for k, v in run.ema.items())
+
+
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the reads of a tensor's values on the host (.item(), bool(), nonzero ...): on a GPU each one
+    waits for all queued work. Reads a GPU run does not make are left out: the kernels' argument checks
+    (CPU tensors only) and AdamW's step counter (a CPU tensor on a GPU too)."""
+
+    READS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "equal", "is_nonzero")
+    CPU_ONLY = (os.path.join("kernels", "_common.py"), os.path.join("torch", "optim"))
+
+    def __init__(self):
+        super().__init__()
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            import traceback
+
+            stack = traceback.extract_stack()[:-1]
+            if not any(part in f.filename for f in stack for part in self.CPU_ONLY):
+                at = next((f for f in reversed(stack) if "densegrpo_fast" in f.filename), stack[-1])
+                self.sites.append(f"{func.overloadpacket.__name__} at {Path(at.filename).name}:{at.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_update_reads_the_device_a_fixed_number_of_times(tiny_checkpoint, tmp_path):
+    """The statistics stay on the device until the update ends (one read), and the schedule's std is
+    computed once: an .item() per micro-batch would make the host wait for every backward."""
+    from densegrpo_fast.trainer import _advantages, collect, set_window, update
+
+    reads, calls = [], []
+
+    def counted(forward, tag):
+        def velocity(*args, **kwargs):
+            calls.append(tag)
+            return forward(*args, **kwargs)
+
+        return velocity
+
+    for tbs in (8, 2):
+        cfg = cfg_of(
+            tiny_checkpoint, tmp_path / f"tbs{tbs}", iterations=1, extra=[f"grpo.train_batch_size={tbs}"]
+        )
+        run = setup(cfg, progress=False)
+        set_window(run, 0)
+        ro, cond, R, _ = collect(run, run.prompts.sample(cfg.prompts.prompts_per_iteration, 0), 0)
+        A = _advantages(run, R)
+        run.policy.velocity = counted(run.policy.velocity, tbs)
+        with HostReads() as mode:
+            update(run, ro, cond, R, 0, A)
+        reads.append(mode.sites)
+    assert calls.count(2) >= 3 * calls.count(8) > 0  # a quarter of the micro-batch: several times the calls
+    # The plan (nonzero of the trained pairs) and whether any step is trained (a CPU tensor); the statistics
+    # come back in one device-to-host copy, which no mode sees on a CPU.
+    assert len(reads[0]) == len(reads[1]) <= 2, reads
 
 
 def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
