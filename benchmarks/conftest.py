@@ -67,6 +67,33 @@ def time_per_call(benchmark, fn, inner: int) -> float:
     return benchmark.stats.stats.mean / inner
 
 
+def graph_time_per_call(benchmark, fn, inner: int) -> float:
+    """``fn`` captured ``inner`` times in one CUDA graph, timed by replays; seconds per call.
+
+    A replay launches the captured kernels back to back with no Python in between, so this is the ops'
+    device time, the way a captured rollout step runs them; :func:`time_per_call` includes the host's
+    dispatch and launch overhead, which at the SD3.5-M batch sizes can exceed the kernels' own time.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # warm-up outside the capture: compiles the kernels, fills the allocator
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+
+    def body():
+        graph.replay()
+        sync()
+
+    body()
+    benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
+    return benchmark.stats.stats.mean / inner
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:
     """Device copy bandwidth in GB/s (read + write bytes of a large copy), measured in this run."""

@@ -63,7 +63,7 @@ def kernel_section(args) -> None:
         groups[(r["op"], r["shape"], r["dtype"])][r["impl"]] = r
     for (op, shape, dtype), impls in groups.items():
         peer = impls.get("flow-grpo")
-        for impl in ("triton", "reference", "flow-grpo"):
+        for impl in ("triton", "triton-graph", "reference", "reference-graph", "flow-grpo"):
             if impl not in impls:
                 continue
             r = impls[impl]

@@ -10,10 +10,11 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, time_per_call
+from conftest import DEVICE, graph_time_per_call, time_per_call
 from flow_grpo_eager import flow_grpo_advantages, flow_grpo_log_prob, flow_grpo_sde_step
 
 from densegrpo_fast.kernels import (
+    _sde_math,
     group_advantages,
     group_advantages_reference,
     sde_log_prob,
@@ -76,6 +77,38 @@ def test_sde_step(benchmark, record, force_backend, impl, shape_name, dtype):
     seconds = time_per_call(benchmark, fn, INNER)
     # reads x, v, eps; writes x' (all in dtype); the log-prob is B floats
     record("sde_step", impl, shape, dtype, seconds, 4 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_sde_step_graphed(benchmark, record, force_backend, impl, shape_name, dtype):
+    """The step as a captured rollout runs it: device time alone (Flow-GRPO's formulation reads sigma on
+    the host, so it cannot be captured)."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    force_backend(impl)
+    shape = SHAPES[shape_name]
+    x, v, eps = latents(shape, dtype, 3)
+    _, _, sigma, sigma_next, std = schedule(shape[0])
+    seconds = graph_time_per_call(benchmark, lambda: sde_step(x, v, sigma, sigma_next, std, eps), INNER)
+    record("sde_step", f"{impl}-graph", shape, dtype, seconds, 4 * x.numel() * x.element_size())
+
+
+@pytest.mark.parametrize("shape_name", ["sd35m-b24", "sd35m-b48"])
+@pytest.mark.parametrize("chunk", [1024, 2048, 8192])
+def test_sde_step_chunk_sweep(benchmark, record, force_backend, monkeypatch, chunk, shape_name):
+    """Elements per program (CHUNK, 4096 by default) at the SD3.5-M shapes, graphed, bf16: fewer per program
+    is more programs and more loads in flight, and more partial sums to add (an open question until a GPU
+    run; see benchmarks/RESULTS.md). Compare with test_sde_step_graphed's default rows of the same run."""
+    needs("triton")
+    force_backend("triton")
+    monkeypatch.setattr(_sde_math, "CHUNK", chunk)
+    shape = SHAPES[shape_name]
+    x, v, eps = latents(shape, torch.bfloat16, 3)
+    _, _, sigma, sigma_next, std = schedule(shape[0])
+    seconds = graph_time_per_call(benchmark, lambda: sde_step(x, v, sigma, sigma_next, std, eps), INNER)
+    record(f"sde_step chunk={chunk}", "triton-graph", shape, torch.bfloat16, seconds, 4 * x.numel() * 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
