@@ -139,6 +139,29 @@ def test_sde_log_prob_fwd_bwd(benchmark, record, force_backend, impl, shape_name
     record("sde_log_prob fwd+bwd", impl, shape, dtype, seconds, 7 * x.numel() * x.element_size())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_name", list(SHAPES))
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_sde_log_prob_fwd_bwd_graphed(benchmark, record, force_backend, impl, shape_name, dtype):
+    """Forward and backward as registered ops (what autograd calls), replayed from a CUDA graph: the
+    kernels' device time, without autograd's bookkeeping."""
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    force_backend(impl)
+    shape = SHAPES[shape_name]
+    x, v, xn = latents(shape, dtype, 3)
+    _, _, sigma, sigma_next, std = schedule(shape[0])
+    grad_lp = torch.ones(shape[0], device=DEVICE)
+    ops = torch.ops.densegrpo
+
+    def fn():
+        ops.sde_log_prob(x, v, xn, sigma, sigma_next, std, None)
+        ops.sde_log_prob_backward(grad_lp, grad_lp, x, v, xn, sigma, sigma_next, std, None)
+
+    seconds = graph_time_per_call(benchmark, fn, INNER)
+    record("sde_log_prob fwd+bwd", f"{impl}-graph", shape, dtype, seconds, 7 * x.numel() * x.element_size())
+
+
 @pytest.mark.parametrize("shape", [(48 * 24, 10), (48 * 24, 1)], ids=["dense-1152x10", "sparse-1152x1"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_group_advantages(benchmark, record, force_backend, impl, shape):
