@@ -54,35 +54,67 @@ def sync():
         torch.cuda.synchronize()
 
 
-def time_per_call(benchmark, fn, inner: int) -> float:
-    """Run ``fn`` under pytest-benchmark, ``inner`` calls per timed round; seconds per call."""
+# On a GPU each timed loop cycles through copies of its inputs totalling this much (> 4x the 50 MB L2 of an
+# H100 or H200), so that every call reads its inputs from memory, as the copy it is compared with does; one
+# set of SD3.5-M latents (12.6 MB in bf16) would otherwise stay in L2 from one call to the next.
+ROTATE_BYTES = 256 * 2**20 if DEVICE.type == "cuda" else 0
+
+
+def rotation(*tensors: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """``tensors`` and enough copies of them to total :data:`ROTATE_BYTES` (just ``[tensors]`` on a CPU).
+    A copy keeps ``requires_grad``."""
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    n = max(1, -(-ROTATE_BYTES // size))
+    copies = [
+        tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in tensors) for _ in range(n - 1)
+    ]
+    return [tensors, *copies]
+
+
+def _listed(fns) -> list:
+    return list(fns) if isinstance(fns, (list, tuple)) else [fns]
+
+
+def _cycle(fns: list, calls: int) -> list:
+    """``calls`` calls (at least one per callable) cycling through ``fns``."""
+    return [fns[i % len(fns)] for i in range(max(calls, len(fns)))]
+
+
+def time_per_call(benchmark, fns, inner: int) -> float:
+    """Run ``fns`` (one callable, or one per input set: cycled) under pytest-benchmark, at least ``inner``
+    calls per timed round; seconds per call."""
+    order = _cycle(_listed(fns), inner)
 
     def body():
-        for _ in range(inner):
+        for fn in order:
             fn()
         sync()
 
     body()  # warm-up (compiles Triton kernels)
     benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
-    return benchmark.stats.stats.mean / inner
+    return benchmark.stats.stats.mean / len(order)
 
 
-def graph_time_per_call(benchmark, fn, inner: int) -> float:
-    """``fn`` captured ``inner`` times in one CUDA graph, timed by replays; seconds per call.
+def graph_time_per_call(benchmark, fns, calls: int = 100) -> float:
+    """``fns`` (cycled as in :func:`time_per_call`) captured ``calls`` times in one CUDA graph, timed by
+    replays; seconds per call.
 
-    A replay launches the captured kernels back to back with no Python in between, so this is the ops'
-    device time, the way a captured rollout step runs them; :func:`time_per_call` includes the host's
-    dispatch and launch overhead, which at the SD3.5-M batch sizes can exceed the kernels' own time.
+    A replay launches the captured kernels back to back with no Python in between: this is the ops' device
+    time (plus one replay launch and synchronisation per round, spread over ``calls``), the way a captured
+    rollout step runs them. :func:`time_per_call` includes the host's dispatch and launch overhead, which
+    at the SD3.5-M batch sizes can exceed the kernels' own time.
     """
+    fns = _listed(fns)
+    order = _cycle(fns, calls)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):  # warm-up outside the capture: compiles the kernels, fills the allocator
+        for fn in fns:  # warm-up outside the capture: compiles the kernels
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(inner):
+        for fn in order:
             fn()
 
     def body():
@@ -91,7 +123,7 @@ def graph_time_per_call(benchmark, fn, inner: int) -> float:
 
     body()
     benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
-    return benchmark.stats.stats.mean / inner
+    return benchmark.stats.stats.mean / len(order)
 
 
 @pytest.fixture(scope="session")
@@ -167,10 +199,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section(f"densegrpo-fast kernels on {ROWS[0]['device']} (copy {ROWS[0]['copy_gb_per_s']} GB/s)")
-    tr.write_line(f"{'op':<22}{'impl':<12}{'shape':<18}{'dtype':<10}{'ms':>10}{'GB/s':>9}{'% copy':>8}")
+    tr.write_line(f"{'op':<22}{'impl':<16}{'shape':<18}{'dtype':<10}{'ms':>10}{'GB/s':>9}{'% copy':>8}")
     for r in ROWS:
         tr.write_line(
-            f"{r['op']:<22}{r['impl']:<12}{r['shape']:<18}{r['dtype']:<10}{r['mean_ms']:>10}"
+            f"{r['op']:<22}{r['impl']:<16}{r['shape']:<18}{r['dtype']:<10}{r['mean_ms']:>10}"
             f"{r['gb_per_s']:>9}{r['pct_of_copy']:>8}"
         )
     tr.write_line(f"rows appended to {CSV_PATH}")

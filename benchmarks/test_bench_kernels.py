@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, graph_time_per_call, time_per_call
+from conftest import DEVICE, graph_time_per_call, rotation, time_per_call
 from flow_grpo_eager import flow_grpo_advantages, flow_grpo_log_prob, flow_grpo_sde_step
 
 from densegrpo_fast.kernels import (
@@ -57,6 +57,38 @@ def latents(shape, dtype, n):
     return [torch.randn(shape, device=DEVICE, generator=g, dtype=torch.float32).to(dtype) for _ in range(n)]
 
 
+def graphed(fn):
+    """The parameters of a CUDA-graph row: each shape and dtype, Triton and the reference (Flow-GRPO's
+    formulation reads sigma on the host, so it cannot be captured)."""
+    fn = pytest.mark.parametrize("impl", ["triton", "reference"])(fn)
+    fn = pytest.mark.parametrize("shape_name", list(SHAPES))(fn)
+    return pytest.mark.parametrize("dtype", DTYPES, ids=str)(fn)
+
+
+def needs_graphs(force_backend, impl):
+    if DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    force_backend(impl)
+
+
+def step_calls(impl, shape, dtype):
+    """One ``sde_step`` call per input set of the rotation; and the bytes one call moves: it reads x, v, eps
+    and writes x' (all in dtype); the log-prob is B floats."""
+    sig, k, sigma, sigma_next, std = schedule(shape[0])
+    timesteps = sig[:-1] * 1000
+    t = timesteps[k]
+
+    def call(x, v, eps):
+        if impl == "flow-grpo":
+            return lambda: flow_grpo_sde_step(x, v, t, sig, timesteps, eps)
+        if impl == "reference":
+            return lambda: sde_step_reference(x, v, sigma, sigma_next, std, eps)
+        return lambda: sde_step(x, v, sigma, sigma_next, std, eps)
+
+    x, v, eps = latents(shape, dtype, 3)
+    return [call(*inputs) for inputs in rotation(x, v, eps)], 4 * x.numel() * x.element_size()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 @pytest.mark.parametrize("impl", IMPLS)
@@ -64,35 +96,17 @@ def test_sde_step(benchmark, record, force_backend, impl, shape_name, dtype):
     needs(impl)
     force_backend(impl)
     shape = SHAPES[shape_name]
-    x, v, eps = latents(shape, dtype, 3)
-    sig, k, sigma, sigma_next, std = schedule(shape[0])
-    if impl == "flow-grpo":
-        timesteps = sig[:-1] * 1000
-        t = timesteps[k]
-        fn = lambda: flow_grpo_sde_step(x, v, t, sig, timesteps, eps)
-    elif impl == "reference":
-        fn = lambda: sde_step_reference(x, v, sigma, sigma_next, std, eps)
-    else:
-        fn = lambda: sde_step(x, v, sigma, sigma_next, std, eps)
-    seconds = time_per_call(benchmark, fn, INNER)
-    # reads x, v, eps; writes x' (all in dtype); the log-prob is B floats
-    record("sde_step", impl, shape, dtype, seconds, 4 * x.numel() * x.element_size())
+    calls, nbytes = step_calls(impl, shape, dtype)
+    record("sde_step", impl, shape, dtype, time_per_call(benchmark, calls, INNER), nbytes)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@graphed
 def test_sde_step_graphed(benchmark, record, force_backend, impl, shape_name, dtype):
-    """The step as a captured rollout runs it: device time alone (Flow-GRPO's formulation reads sigma on
-    the host, so it cannot be captured)."""
-    if DEVICE.type != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
-    force_backend(impl)
+    """The step as a captured rollout runs it: the device time."""
+    needs_graphs(force_backend, impl)
     shape = SHAPES[shape_name]
-    x, v, eps = latents(shape, dtype, 3)
-    _, _, sigma, sigma_next, std = schedule(shape[0])
-    seconds = graph_time_per_call(benchmark, lambda: sde_step(x, v, sigma, sigma_next, std, eps), INNER)
-    record("sde_step", f"{impl}-graph", shape, dtype, seconds, 4 * x.numel() * x.element_size())
+    calls, nbytes = step_calls(impl, shape, dtype)
+    record("sde_step", f"{impl}-graph", shape, dtype, graph_time_per_call(benchmark, calls), nbytes)
 
 
 @pytest.mark.parametrize("shape_name", ["sd35m-b24", "sd35m-b48"])
@@ -105,10 +119,9 @@ def test_sde_step_chunk_sweep(benchmark, record, force_backend, monkeypatch, chu
     force_backend("triton")
     monkeypatch.setattr(_sde_math, "CHUNK", chunk)
     shape = SHAPES[shape_name]
-    x, v, eps = latents(shape, torch.bfloat16, 3)
-    _, _, sigma, sigma_next, std = schedule(shape[0])
-    seconds = graph_time_per_call(benchmark, lambda: sde_step(x, v, sigma, sigma_next, std, eps), INNER)
-    record(f"sde_step chunk={chunk}", "triton-graph", shape, torch.bfloat16, seconds, 4 * x.numel() * 2)
+    calls, nbytes = step_calls("triton", shape, torch.bfloat16)
+    seconds = graph_time_per_call(benchmark, calls)
+    record(f"sde_step chunk={chunk}", "triton-graph", shape, torch.bfloat16, seconds, nbytes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -119,46 +132,49 @@ def test_sde_log_prob_fwd_bwd(benchmark, record, force_backend, impl, shape_name
     force_backend(impl)
     shape = SHAPES[shape_name]
     x, v0, xn = latents(shape, dtype, 3)
-    v = v0.clone().requires_grad_(True)
     sig, k, sigma, sigma_next, std = schedule(shape[0])
-    if impl == "flow-grpo":
-        timesteps = sig[:-1] * 1000
-        t = timesteps[k]
-        loss = lambda: flow_grpo_log_prob(x, v, xn, t, sig, timesteps).sum()
-    elif impl == "reference":
-        loss = lambda: sde_log_prob_reference(x, v, xn, sigma, sigma_next, std)[0].sum()
-    else:
-        loss = lambda: sde_log_prob(x, v, xn, sigma, sigma_next, std)[0].sum()
+    timesteps = sig[:-1] * 1000
+    t = timesteps[k]
 
-    def fn():
-        v.grad = None
-        loss().backward()
+    def call(x, v, xn):
+        if impl == "flow-grpo":
+            loss = lambda: flow_grpo_log_prob(x, v, xn, t, sig, timesteps).sum()
+        elif impl == "reference":
+            loss = lambda: sde_log_prob_reference(x, v, xn, sigma, sigma_next, std)[0].sum()
+        else:
+            loss = lambda: sde_log_prob(x, v, xn, sigma, sigma_next, std)[0].sum()
 
-    seconds = time_per_call(benchmark, fn, INNER)
+        def fn():
+            v.grad = None
+            loss().backward()
+
+        return fn
+
+    calls = [call(*inputs) for inputs in rotation(x, v0.clone().requires_grad_(True), xn)]
+    seconds = time_per_call(benchmark, calls, INNER)
     # forward reads x, v, x'; backward reads x, v, x' and writes dL/dv
     record("sde_log_prob fwd+bwd", impl, shape, dtype, seconds, 7 * x.numel() * x.element_size())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@graphed
 def test_sde_log_prob_fwd_bwd_graphed(benchmark, record, force_backend, impl, shape_name, dtype):
     """Forward and backward as registered ops (what autograd calls), replayed from a CUDA graph: the
     kernels' device time, without autograd's bookkeeping."""
-    if DEVICE.type != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
-    force_backend(impl)
+    needs_graphs(force_backend, impl)
     shape = SHAPES[shape_name]
-    x, v, xn = latents(shape, dtype, 3)
     _, _, sigma, sigma_next, std = schedule(shape[0])
     grad_lp = torch.ones(shape[0], device=DEVICE)
     ops = torch.ops.densegrpo
 
-    def fn():
-        ops.sde_log_prob(x, v, xn, sigma, sigma_next, std, None)
-        ops.sde_log_prob_backward(grad_lp, grad_lp, x, v, xn, sigma, sigma_next, std, None)
+    def call(x, v, xn):
+        def fn():
+            ops.sde_log_prob(x, v, xn, sigma, sigma_next, std, None)
+            ops.sde_log_prob_backward(grad_lp, grad_lp, x, v, xn, sigma, sigma_next, std, None)
 
-    seconds = graph_time_per_call(benchmark, fn, INNER)
+        return fn
+
+    x, v, xn = latents(shape, dtype, 3)
+    seconds = graph_time_per_call(benchmark, [call(*inputs) for inputs in rotation(x, v, xn)])
     record("sde_log_prob fwd+bwd", f"{impl}-graph", shape, dtype, seconds, 7 * x.numel() * x.element_size())
 
 
@@ -167,7 +183,7 @@ def test_sde_log_prob_fwd_bwd_graphed(benchmark, record, force_backend, impl, sh
 def test_group_advantages(benchmark, record, force_backend, impl, shape):
     needs(impl)
     force_backend(impl)
-    r = torch.randn(shape, device=DEVICE)
+    r = torch.randn(shape, device=DEVICE)  # 46 KB: it stays in cache, as a training step's rewards do
     fns = {
         "flow-grpo": lambda: flow_grpo_advantages(r, 24),
         "reference": lambda: group_advantages_reference(r, 24),

@@ -442,19 +442,16 @@ def storage_bytes(tensors) -> int:
 
 @contextlib.contextmanager
 def host_reads_zero():
-    """``.item()`` and ``.tolist()`` of a fake tensor give zeros instead of raising: the trainer logs a few
-    values computed from the weights (the gradient norm), which fake weights do not have."""
+    """``.item()`` of a fake tensor gives 0.0 instead of raising: the trainer logs a few values computed from
+    the weights (the gradient norm), which fake weights do not have. (FakeTensor's own ``tolist`` reads its
+    elements with ``.item()``, so it gives zeros too.)"""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    def zeros(shape):
-        return [zeros(shape[1:]) for _ in range(shape[0])] if shape else 0.0
-
     FakeTensor.item = lambda self: 0.0
-    FakeTensor.tolist = lambda self: zeros(tuple(self.shape))
     try:
         yield
     finally:
-        del FakeTensor.item, FakeTensor.tolist
+        del FakeTensor.item
 
 
 def _deepcopy_fake(t: torch.Tensor, memo: dict) -> torch.Tensor:

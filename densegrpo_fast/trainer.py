@@ -634,8 +634,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
 def _read_once(values: dict[str, list[torch.Tensor | None]]) -> dict[str, list[float | None]]:
     """The scalar tensors of ``values`` as floats, copied to the host in one read (one device sync).
     None stays None."""
-    scalars = [v.detach().float().reshape(()) for vals in values.values() for v in vals if v is not None]
-    flat = iter(torch.stack(scalars).cpu().tolist() if scalars else [])
+    scalars = [v.detach().double().reshape(()) for vals in values.values() for v in vals if v is not None]
+    flat = iter(torch.stack([s.to(scalars[0].device) for s in scalars]).cpu().tolist() if scalars else [])
     return {key: [None if v is None else next(flat) for v in vals] for key, vals in values.items()}
 
 

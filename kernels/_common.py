@@ -83,8 +83,9 @@ def check_values() -> bool:
 
 # Options of every launch. FMA contraction is off, so the compiled kernels round each product as written and
 # fuse only where a kernel says tl.fma, as Triton's interpreter (the CPU tests) and the references do; left
-# unset, Triton 3.9 warns on the first launch and 3.10 changes its default. Where the interpreter differs
-# from the GPU still: reduction order and the hardware's sqrt, division and log.
+# unset, Triton 3.9 warns on the first launch and 3.10 changes its default. (Division and square root are
+# IEEE-rounded where the kernels use them: div_rn, sqrt_rn.) Where the interpreter still differs from the
+# GPU: reduction order, log, and its bf16 stores (rounded toward zero).
 LAUNCH = {"enable_fp_fusion": False}
 
 
