@@ -60,9 +60,8 @@ class Launch:
     shared: int = 0  # bytes per block, static
     loads: dict = field(default_factory=dict)  # global-load width in bits -> count of SASS instructions
     stores: dict = field(default_factory=dict)
-    approx_math: dict = field(
-        default_factory=dict
-    )  # approximate PTX instructions (div.full, sqrt.approx, ...)
+    # approximate PTX instructions (div.full, sqrt.approx, ...) -> count
+    approx_math: dict = field(default_factory=dict)
 
 
 class _TargetDriver:
@@ -97,12 +96,13 @@ def _access_widths(sass: str, op: str) -> dict[int, int]:
     return dict(sorted(widths.items()))
 
 
-def _read_cubin(cubin: bytes, launch: Launch) -> None:
+def _read_kernel(asm: dict, launch: Launch) -> None:
+    """Fill ``launch``'s figures from a compiled kernel's cubin (resource use, SASS) and PTX."""
     from triton import knobs
 
     cuobjdump = knobs.nvidia.cuobjdump.path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
+        f.write(asm["cubin"])
         f.flush()
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True)
         sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True)
@@ -110,6 +110,7 @@ def _read_cubin(cubin: bytes, launch: Launch) -> None:
     launch.registers, launch.stack = int(fields["REG"]), int(fields["STACK"])
     launch.local, launch.shared = int(fields["LOCAL"]), int(fields["SHARED"])
     launch.loads, launch.stores = _access_widths(sass.stdout, "LDG"), _access_widths(sass.stdout, "STG")
+    launch.approx_math = dict(Counter(_APPROX.findall(asm["ptx"])))
 
 
 @dataclass
@@ -154,18 +155,18 @@ def compiling_for(arch: int):
     seen: dict = {}  # Triton's own cache key of a launch -> its compiled record
 
     def on_launch(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
-        if (fn.jit_function, key) not in seen:
-            jit, constants = fn.jit_function, compile["constants"]
+        jit, ident = fn.jit_function, (fn.jit_function, key)
+        if ident not in seen:
+            constants = compile["constants"]
             src = ASTSource(jit, compile["signature"], constants, compile["configs"][0])
             options = {k: compile[k] for k in ("num_warps", "num_ctas", "num_stages", "enable_fp_fusion")}
             kernel = triton.compile(src, target=target, options=options)
             names = jit.arg_names  # constexprs are keyed by argument position
             flags = {names[p[0]]: v for p, v in constants.items() if names[p[0]] not in _SAME}
             launch = Launch("", fn.name, arch, flags, compile["num_warps"], compile["enable_fp_fusion"])
-            _read_cubin(kernel.asm["cubin"], launch)
-            launch.approx_math = dict(Counter(_APPROX.findall(kernel.asm["ptx"])))
-            seen[fn.jit_function, key] = launch
-        rec.launches.append(dataclasses.replace(seen[fn.jit_function, key], case=rec.case))
+            _read_kernel(kernel.asm, launch)
+            seen[ident] = launch
+        rec.launches.append(dataclasses.replace(seen[ident], case=rec.case))
         return True  # handled: Triton skips its own compile, and the launch
 
     def recorded(path):  # a Triton path (the body of an op on CUDA tensors), its torch ops recorded

@@ -543,7 +543,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     """
     cfg, d = run.cfg, run.dist
     A = _advantages(run, R) if A is None else A
-    keep = run.trained.to(A.device).expand_as(A)
+    trained = run.trained.to(A.device).expand_as(A)  # the whole batch's (row, step) cells of trained steps
+    keep = trained
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
     rows, steps = keep.nonzero(as_tuple=True)  # one host sync per iteration, to plan the update
@@ -619,15 +620,14 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 for name, p in transformer.named_parameters():
                     if name in run.ema:
                         run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
-    trained = run.trained.to(A_all.device)
-    nonzero = (A_all != 0).float().mul(trained).sum() / (A_all.shape[0] * trained.sum()).clamp_min(1)
+    nonzero = ((A_all != 0) & trained).sum() / trained.sum().clamp_min(1)  # 0 when no step is trained
     host = _read_once({**stats, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
     first, nonzero_frac = host.pop("_first")[0], host.pop("_nonzero")[0]
     out = distributed.mean_stats(run.dist, host)  # over every rank's micro-batches
     out["ratio_dev_first"] = first
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))
-    out["adv_nonzero_frac"] = nonzero_frac if run.trained.any() else 0.0
+    out["adv_nonzero_frac"] = nonzero_frac
     return out
 
 

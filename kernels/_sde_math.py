@@ -54,15 +54,6 @@ def finish_log_prob(sum_sq: torch.Tensor, n: int, sigma, sigma_next, std) -> tor
     return torch.where(sde, lp, torch.zeros_like(lp))
 
 
-def finish_kl(sum_dv2: torch.Tensor, n: int, sigma, sigma_next, std) -> torch.Tensor:
-    """Per-row KL from the sum over elements of ``(v - v_ref)^2``. Shape: [B] -> [B]."""
-    _, _, cv, _ = row_coefficients(sigma, sigma_next, std)
-    sde = std > 0
-    safe_std = torch.where(sde, std, torch.ones_like(std))
-    kl = (sum_dv2 / n) * (cv * cv) / (2.0 * safe_std * safe_std)
-    return torch.where(sde, kl, torch.zeros_like(kl))
-
-
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 inputs; fp64 when any input is fp64 (the tests' exact reference)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -88,7 +79,7 @@ def log_prob_reference_from_mean(next_sample, mean, sigma, sigma_next, std) -> t
 def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row):
     """Per-row ``dt, cx, cv, ns`` in fp32: the operations of :func:`row_coefficients` in its order, each
     rounded as IEEE rounds it (``div_rn``, ``sqrt_rn``: a GPU's default fp32 division and square root are
-    approximate), so they are the floats torch computes in fp32."""
+    approximate), so they are the floats torch computes in fp32; and the row's ``std`` itself."""
     s = tl.load(sigma_ptr + row)
     dt = tl.load(sigma_next_ptr + row) - s
     sd = tl.load(std_ptr + row)
@@ -96,7 +87,7 @@ def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row):
     cx = 1.0 + tl.div_rn(var, 2.0 * s) * dt
     cv = (1.0 + tl.div_rn(var * (1.0 - s), 2.0 * s)) * dt
     ns = sd * tl.sqrt_rn(-dt)
-    return dt, cx, cv, ns
+    return dt, cx, cv, ns, sd
 
 
 @triton.jit
@@ -119,14 +110,14 @@ def _finish_kernel(
     BLOCK_C: tl.constexpr, WITH_KL: tl.constexpr,
 ):  # fmt: skip
     """Per row: the partials added in an order fixed by n_chunks alone, then :func:`finish_log_prob` (and
-    :func:`finish_kl`) in fp32. torch's own reduction may pick another order for another B on a GPU, which
-    would break the bit-exact agreement of a rollout batch and a training micro-batch; this cannot."""
+    the KL of the module docstring) in fp32. torch's own reduction may pick another order for another B on
+    a GPU, which would break the bit-exact agreement of a rollout batch and a training micro-batch; this
+    cannot."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     live = offs < n_chunks
     sum_sq = tl.sum(tl.load(sum_sq_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
-    _, _, cv, ns = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
-    sd = tl.load(std_ptr + row)
+    _, _, cv, ns, sd = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     sde = sd > 0.0
     safe_ns = tl.where(sde, ns, 1.0)
     n = N * 1.0  # fp32, as torch divides by a Python int

@@ -28,7 +28,7 @@ def _sde_log_prob_fwd_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
-    dt, cx, cv, ns = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     base = row * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl = tl.zeros([BLOCK], dtype=tl.float32)
@@ -60,8 +60,7 @@ def _sde_log_prob_bwd_kernel(
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = row * N
-    dt, cx, cv, ns = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
-    sd = tl.load(std_ptr + row)
+    dt, cx, cv, ns, sd = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     sde = sd > 0.0
     safe_ns = tl.where(sde, ns, 1.0)
     coef_lp = tl.where(sde, tl.div_rn(tl.load(grad_lp_ptr + row) * cv, safe_ns * safe_ns * N), 0.0)

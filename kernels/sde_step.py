@@ -27,7 +27,7 @@ def _sde_step_kernel(
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
-    dt, cx, cv, ns = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     base = row * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK):
