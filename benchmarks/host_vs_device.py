@@ -1,0 +1,220 @@
+"""Would CUDA graphs speed up the rollout? Kernel launches, host reads and FLOPs of one transformer call.
+
+A CUDA graph removes the host's cost of launching a call's kernels, nothing else. That pays only where the
+host cannot keep ahead of the GPU: where a call's launches take longer on the host than its kernels take on
+the device, or where the host waits for the device inside the call (a read of a device value, which drains
+the queue). This script counts, on the CPU with fake tensors (shapes only, no arithmetic), what one velocity
+call of the engine's adapters makes at the real sizes: the torch ops that launch a kernel (views and
+allocations left out), the host reads among them, and the FLOPs (torch's FlopCounterMode: matmuls and
+attention). It also times the host side of the same calls on a tiny random model of the same architecture on
+this CPU, per op (the tiny model's kernels are microseconds, so its calls are nearly all host work).
+
+    python benchmarks/host_vs_device.py                        # SD3.5-M at 512 px, FLUX.1-dev at 512 px
+    python benchmarks/host_vs_device.py --tflops 400 --json
+
+The device time per row is the FLOPs at an assumed sustained rate (``--tflops``, bf16); the host time per
+call is the ops times this CPU's measured host cost per op. A GPU's own host is faster per op (but adds the
+driver's launch, a few microseconds), so both are estimates of the order; the crossover below which a call
+is host-bound is what the table is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils._python_dispatch
+from torch.utils.flop_counter import FlopCounterMode
+
+# aten ops that launch no kernel: allocations, and views torch does not flag as views
+_NO_KERNEL = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "lift_fresh",
+    "_unsafe_view",
+}
+_HOST_READS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
+
+
+class OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that launch a kernel (views and allocations launch none; ``prim`` ops such as
+    ``.device`` are metadata) and the host reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = 0
+        self.host_reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _HOST_READS:
+            self.host_reads.append(name)
+        elif func.namespace == "aten" and not func.is_view and name not in _NO_KERNEL:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _config(family: str, overrides: list[str]):
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    path = root / ("sd35m_pickscore.yaml" if family == "sd3" else "flux_pickscore.yaml")
+    return load_config(TrainConfig, path, ["reward.name=redness", "reward.kwargs={}", *overrides])
+
+
+def _cond(policy, rows: int, cfg_on: bool):
+    """Prompt embeds of ``rows`` rows at the real sequence length (one table row per row)."""
+    from densegrpo_fast.policies.base import PromptEmbeds
+
+    t = policy.transformer.config
+    sd3 = hasattr(t, "caption_projection_dim")
+    length = policy.max_sequence_length + (77 if sd3 else 0)  # SD3: CLIP's 77 tokens, then T5's; FLUX.1: T5's
+    dim, pooled = t.joint_attention_dim, t.pooled_projection_dim
+    embeds, pool = torch.zeros(rows, length, dim), torch.zeros(rows, pooled)
+    neg = (torch.zeros(1, length, dim), torch.zeros(1, pooled)) if cfg_on else (None, None)
+    return PromptEmbeds(embeds, pool, *neg)
+
+
+def count_call(policy, rows: int, guidance: float, mode) -> dict:
+    """One ``policy.velocity`` call of ``rows`` latent rows under no_grad (a rollout call), fake tensors."""
+    cfg_on = guidance != 1.0 and hasattr(policy.transformer.config, "caption_projection_dim")
+    with mode:
+        x = torch.zeros(rows, *policy.latent_shape)
+        sigma = torch.full((rows,), 0.7)
+        cond = _cond(policy, rows, cfg_on)
+    counter, flops = OpCount(), FlopCounterMode(display=False)
+    with torch.no_grad(), mode, flops, counter:
+        policy.velocity(x, sigma, cond, guidance)
+    return {"launches": counter.launches, "host_reads": counter.host_reads, "flops": flops.get_total_flops()}
+
+
+def fake_policy(family: str, lora: bool):
+    from densegrpo_fast import memory
+
+    cfg = _config(family, [] if lora else ["lora.enabled=false"])
+    mode = memory.new_fake_mode()
+    policy, _ = memory.fake_policy(cfg, mode)
+    if lora:
+        from peft import LoraConfig
+
+        transformer = policy.transformer  # adapters injected outside the fake mode, then made fake
+        before = {id(p) for p in transformer.parameters()}
+        config = LoraConfig(
+            r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
+        )
+        transformer.add_adapter(config)
+        for m in transformer.modules():
+            if any(id(p) not in before for p in m.parameters(recurse=False)):
+                memory.make_fake(m, mode, torch.float32)  # adapters train in fp32, as the trainer keeps them
+    return policy, cfg, mode
+
+
+def tiny_host_cost(family: str, lora: bool, repeats: int = 30) -> dict:
+    """Host microseconds per launching op on this CPU: a tiny random model of the same architecture (two
+    layers, widths of a few dozen) called eagerly, its wall time divided by its op count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import tiny_models
+
+    from densegrpo_fast.policies.flux import FluxPolicy
+    from densegrpo_fast.policies.sd3 import SD3Policy
+
+    opts = dict(resolution=tiny_models.RESOLUTION, max_sequence_length=tiny_models.MAX_T5_TOKENS)
+    if family == "sd3":
+        policy = SD3Policy(tiny_models.sd3_pipeline(), **opts)
+    else:
+        policy = FluxPolicy(tiny_models.flux_pipeline(), **opts)
+    if lora:
+        from peft import LoraConfig
+
+        from densegrpo_fast.config import LoRASection
+
+        targets = LoRASection().target_modules
+        policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    guidance = 4.5 if family == "sd3" else 3.5
+    cond = policy.encode_prompts(["a red circle"], with_negative=family == "sd3")
+    x, sigma = torch.zeros(1, *policy.latent_shape), torch.full((1,), 0.7)
+    counter = OpCount()
+    with torch.no_grad():
+        with counter:
+            policy.velocity(x, sigma, cond, guidance)
+        for _ in range(5):
+            policy.velocity(x, sigma, cond, guidance)
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                policy.velocity(x, sigma, cond, guidance)
+            best = min(best, (time.perf_counter() - t0) / repeats)
+    return {"launches": counter.launches, "call_ms": best * 1e3, "us_per_op": best * 1e6 / counter.launches}
+
+
+def measure(tflops: float) -> list[dict]:
+    torch.set_num_threads(1)
+    records = []
+    for family in ("sd3", "flux"):
+        for lora in (False, True):
+            policy, cfg, mode = fake_policy(family, lora)
+            guidance = cfg.sampling.guidance_scale
+            per_call = cfg.sampling.max_rows_per_call
+            # (FLUX.1's attention copies its output slices when a call has more than one row: count at 2)
+            two, three = count_call(policy, 2, guidance, mode), count_call(policy, 3, guidance, mode)
+            tiny = tiny_host_cost(family, lora)
+            flops_row = three["flops"] - two["flops"]
+            device_ms_row = flops_row / (tflops * 1e12) * 1e3
+            host_ms = three["launches"] * tiny["us_per_op"] / 1e3
+            records.append({
+                "model": f"{'SD3.5-M' if family == 'sd3' else 'FLUX.1-dev'} {cfg.model.resolution} px"
+                + (" CFG" if family == "sd3" else ""),
+                "lora": lora,
+                "launches_per_call": three["launches"],
+                "launches_per_call_2_rows": two["launches"],
+                "host_reads_per_call": len(three["host_reads"]),
+                "gflop_per_row": flops_row / 1e9,
+                "tiny_us_per_op": tiny["us_per_op"],
+                "tiny_launches": tiny["launches"],
+                "host_ms_per_call": host_ms,
+                "device_ms_per_row": device_ms_row,
+                "crossover_rows": host_ms / device_ms_row,
+                "recipe_rows_per_call": per_call,
+                "recipe_device_ms_per_call": device_ms_row * per_call,
+            })  # fmt: skip
+            del policy
+    return records
+
+
+def table(records: list[dict], tflops: float) -> str:
+    lines = [
+        f"| model | LoRA | kernel launches / call | host reads / call | GFLOP / row | host us / op (this CPU) "
+        f"| host ms / call | device ms / row at {tflops:g} TFLOP/s | host-bound below (rows) "
+        "| recipe rows / call: device ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['model']} | {'r32' if r['lora'] else '-'} | {r['launches_per_call']} | "
+            f"{r['host_reads_per_call']} | {r['gflop_per_row']:.0f} | {r['tiny_us_per_op']:.1f} | "
+            f"{r['host_ms_per_call']:.1f} | {r['device_ms_per_row']:.2f} | {r['crossover_rows']:.2f} | "
+            f"{r['recipe_rows_per_call']}: {r['recipe_device_ms_per_call']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOP/s")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    records = measure(args.tflops)
+    print(json.dumps(records, indent=1) if args.json else table(records, args.tflops))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

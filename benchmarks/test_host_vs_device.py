@@ -1,0 +1,45 @@
+"""The counts behind host_vs_device.py, on the full-size SD3.5-M and FLUX.1-dev built with fake tensors.
+
+What the table's reasoning rests on: a rollout's velocity call reads nothing from the device (fake tensors
+refuse any read of a value, so the call would raise), its kernel launches do not depend on the number of
+rows from two on (so a call's host time is fixed and its device time grows with the rows), and its FLOPs grow in
+proportion to the rows.
+"""
+
+from __future__ import annotations
+
+import host_vs_device as hvd
+import pytest
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_velocity_call_has_fixed_launches_no_host_read_and_flops_per_row(family):
+    pytest.importorskip("diffusers")
+    policy, cfg, mode = hvd.fake_policy(family, lora=False)
+    g = cfg.sampling.guidance_scale
+    # (from 2 rows on: FLUX.1's attention copies its output slices when a call has more than one row)
+    two, five = hvd.count_call(policy, 2, g, mode), hvd.count_call(policy, 5, g, mode)
+    assert two["host_reads"] == [] and five["host_reads"] == []
+    assert two["launches"] == five["launches"] > 1000  # full-size models: thousands of kernels a call
+    assert five["flops"] == pytest.approx(2.5 * two["flops"], rel=1e-3)
+    one = {"flops": two["flops"] / 2}
+    # SD3.5-M at 512 px with CFG: two transformer rows of 1024 image + 333 text tokens, ~2 x 2 TFLOP; FLUX.1-dev
+    # at 512 px: 1024 + 512 tokens through 12 B parameters, ~20 TFLOP.
+    expected = 4.2e12 if family == "sd3" else 19.9e12
+    assert one["flops"] == pytest.approx(expected, rel=0.05)
+
+
+def test_the_op_count_leaves_out_views_allocations_and_metadata():
+    import torch
+
+    counter = hvd.OpCount()
+    x = torch.ones(4, 4)
+    with counter:
+        y = torch.empty(4, 4)  # allocation: no kernel
+        z = x.view(16)  # a view: no kernel
+        _ = x.device, z.shape  # metadata
+        y.copy_(x)  # one kernel
+        w = (x + 1).sum()  # two kernels
+        w.item()  # a host read
+    assert counter.launches == 3
+    assert counter.host_reads == ["_local_scalar_dense"]
