@@ -12,8 +12,10 @@ this CPU, per op (the tiny model's kernels are microseconds, so its calls are ne
     python benchmarks/host_vs_device.py                        # SD3.5-M at 512 px, FLUX.1-dev at 512 px
     python benchmarks/host_vs_device.py --tflops 400 --json
 
-The device time per row is the FLOPs at an assumed sustained rate (``--tflops``, bf16); the host time per
-call is the ops times this CPU's measured host cost per op. A GPU's own host is faster per op (but adds the
+The device time per row is the FLOPs at an assumed sustained rate (``--tflops``, bf16) for the matmuls and
+attention, and, for every other kernel (element-wise, norms, casts, concatenations), the bytes it reads and
+writes at an assumed bandwidth (``--tbps``); the host time per call is the ops times this CPU's measured host
+cost per op. A GPU's own host is faster per op (but adds the
 driver's launch, a few microseconds), so both are estimates of the order; the crossover below which a call
 is host-bound is what the table is for.
 """
@@ -43,22 +45,41 @@ _NO_KERNEL = {
 _HOST_READS = {"_local_scalar_dense", "nonzero", "item", "equal", "is_nonzero"}
 
 
+# kernels whose time the FLOP count gives (compute-bound at these sizes); the others move memory
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product_flash_attention",
+            "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+            "_scaled_dot_product_cudnn_attention"}  # fmt: skip
+
+
+def _distinct_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's distinct elements (a broadcast dimension, stride 0, is read once)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride(), strict=True):
+        n *= size if stride else 1
+    return n * t.element_size()
+
+
 class OpCount(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten ops that launch a kernel (views and allocations launch none; ``prim`` ops such as
-    ``.device`` are metadata) and the host reads."""
+    ``.device`` are metadata), the host reads, and the bytes the non-matmul kernels read and write."""
 
     def __init__(self):
         super().__init__()
         self.launches = 0
         self.host_reads: list[str] = []
+        self.memory_bytes = 0  # inputs + outputs of every launching op but the matmuls and attention
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
         if name in _HOST_READS:
             self.host_reads.append(name)
         elif func.namespace == "aten" and not func.is_view and name not in _NO_KERNEL:
             self.launches += 1
-        return func(*args, **(kwargs or {}))
+            if name not in _MATMULS:
+                flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+                self.memory_bytes += sum(_distinct_bytes(t) for t in flat if isinstance(t, torch.Tensor))
+        return out
 
 
 def _config(family: str, overrides: list[str]):
@@ -82,6 +103,16 @@ def _cond(policy, rows: int, cfg_on: bool):
     return PromptEmbeds(embeds, pool, *neg)
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU's flash attention (torch counts the CUDA variants only): that of any SDPA."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_call(policy, rows: int, guidance: float, mode) -> dict:
     """One ``policy.velocity`` call of ``rows`` latent rows under no_grad (a rollout call), fake tensors."""
     cfg_on = guidance != 1.0 and hasattr(policy.transformer.config, "caption_projection_dim")
@@ -89,10 +120,15 @@ def count_call(policy, rows: int, guidance: float, mode) -> dict:
         x = torch.zeros(rows, *policy.latent_shape)
         sigma = torch.full((rows,), 0.7)
         cond = _cond(policy, rows, cfg_on)
-    counter, flops = OpCount(), FlopCounterMode(display=False)
+    counter, flops = OpCount(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with torch.no_grad(), mode, flops, counter:
         policy.velocity(x, sigma, cond, guidance)
-    return {"launches": counter.launches, "host_reads": counter.host_reads, "flops": flops.get_total_flops()}
+    return {
+        "launches": counter.launches,
+        "host_reads": counter.host_reads,
+        "flops": flops.get_total_flops(),
+        "memory_bytes": counter.memory_bytes,
+    }
 
 
 def fake_policy(family: str, lora: bool):
@@ -155,7 +191,7 @@ def tiny_host_cost(family: str, lora: bool, repeats: int = 30) -> dict:
     return {"launches": counter.launches, "call_ms": best * 1e3, "us_per_op": best * 1e6 / counter.launches}
 
 
-def measure(tflops: float) -> list[dict]:
+def measure(tflops: float, tbps: float) -> list[dict]:
     torch.set_num_threads(1)
     records = []
     for family in ("sd3", "flux"):
@@ -168,6 +204,7 @@ def measure(tflops: float) -> list[dict]:
             tiny = tiny_host_cost(family, lora)
             flops_row = three["flops"] - two["flops"]
             device_ms_row = flops_row / (tflops * 1e12) * 1e3
+            memory_ms_row = (three["memory_bytes"] - two["memory_bytes"]) / (tbps * 1e12) * 1e3
             host_ms = three["launches"] * tiny["us_per_op"] / 1e3
             records.append({
                 "model": f"{'SD3.5-M' if family == 'sd3' else 'FLUX.1-dev'} {cfg.model.resolution} px"
@@ -181,6 +218,8 @@ def measure(tflops: float) -> list[dict]:
                 "tiny_launches": tiny["launches"],
                 "host_ms_per_call": host_ms,
                 "device_ms_per_row": device_ms_row,
+                "memory_gb_per_row": (three["memory_bytes"] - two["memory_bytes"]) / 1e9,
+                "memory_ms_per_row": memory_ms_row,
                 "crossover_rows": host_ms / device_ms_row,
                 "recipe_rows_per_call": per_call,
                 "recipe_device_ms_per_call": device_ms_row * per_call,
@@ -189,19 +228,20 @@ def measure(tflops: float) -> list[dict]:
     return records
 
 
-def table(records: list[dict], tflops: float) -> str:
+def table(records: list[dict], tflops: float, tbps: float) -> str:
     lines = [
         f"| model | LoRA | kernel launches / call | host reads / call | GFLOP / row | host us / op (this CPU) "
-        f"| host ms / call | device ms / row at {tflops:g} TFLOP/s | host-bound below (rows) "
-        "| recipe rows / call: device ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| host ms / call | matmul + attention ms / row at {tflops:g} TFLOP/s | host-bound below (rows) "
+        f"| recipe rows / call: matmul + attention ms | other kernels' GB / row | their ms / row at {tbps:g} TB/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in records:
         lines.append(
             f"| {r['model']} | {'r32' if r['lora'] else '-'} | {r['launches_per_call']} | "
             f"{r['host_reads_per_call']} | {r['gflop_per_row']:.0f} | {r['tiny_us_per_op']:.1f} | "
             f"{r['host_ms_per_call']:.1f} | {r['device_ms_per_row']:.2f} | {r['crossover_rows']:.2f} | "
-            f"{r['recipe_rows_per_call']}: {r['recipe_device_ms_per_call']:.0f} |"
+            f"{r['recipe_rows_per_call']}: {r['recipe_device_ms_per_call']:.0f} | "
+            f"{r['memory_gb_per_row']:.2f} | {r['memory_ms_per_row']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -209,10 +249,13 @@ def table(records: list[dict], tflops: float) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tflops", type=float, default=400.0, help="assumed sustained bf16 TFLOP/s")
+    parser.add_argument(
+        "--tbps", type=float, default=3.0, help="assumed achieved memory bandwidth, TB/s (H100: 3.35 peak)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    records = measure(args.tflops)
-    print(json.dumps(records, indent=1) if args.json else table(records, args.tflops))
+    records = measure(args.tflops, args.tbps)
+    print(json.dumps(records, indent=1) if args.json else table(records, args.tflops, args.tbps))
     return 0
 
 
