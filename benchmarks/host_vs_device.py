@@ -1,23 +1,23 @@
-"""Would CUDA graphs speed up the rollout? Kernel launches, host reads and FLOPs of one transformer call.
+"""Would CUDA graphs speed up the rollout? Launches, host reads, FLOPs and bytes of one transformer call.
 
 A CUDA graph removes the host's cost of launching a call's kernels, nothing else. That pays only where the
 host cannot keep ahead of the GPU: where a call's launches take longer on the host than its kernels take on
 the device, or where the host waits for the device inside the call (a read of a device value, which drains
-the queue). This script counts, on the CPU with fake tensors (shapes only, no arithmetic), what one velocity
-call of the engine's adapters makes at the real sizes: the torch ops that launch a kernel (views and
-allocations left out), the host reads among them, and the FLOPs (torch's FlopCounterMode: matmuls and
-attention). It also times the host side of the same calls on a tiny random model of the same architecture on
-this CPU, per op (the tiny model's kernels are microseconds, so its calls are nearly all host work).
+the queue). This script counts, on the CPU with fake tensors (shapes only, no arithmetic), what one
+velocity call of the engine's adapters makes at the real sizes: the torch ops that launch a kernel (views
+and allocations left out), the host reads among them, the FLOPs of the matmuls and attention (torch's
+FlopCounterMode), and the bytes every other kernel reads and writes. It also times the host side of the
+same calls on a tiny random model of the same architecture on this CPU, per op (the tiny model's kernels
+take microseconds, so its calls are nearly all host work).
 
-    python benchmarks/host_vs_device.py                        # SD3.5-M at 512 px, FLUX.1-dev at 512 px
-    python benchmarks/host_vs_device.py --tflops 400 --json
+    python benchmarks/host_vs_device.py                  # SD3.5-M and FLUX.1-dev as their recipes run them
+    python benchmarks/host_vs_device.py --tflops 400 --tbps 3 --json
 
-The device time per row is the FLOPs at an assumed sustained rate (``--tflops``, bf16) for the matmuls and
-attention, and, for every other kernel (element-wise, norms, casts, concatenations), the bytes it reads and
-writes at an assumed bandwidth (``--tbps``); the host time per call is the ops times this CPU's measured host
-cost per op. A GPU's own host is faster per op (but adds the
-driver's launch, a few microseconds), so both are estimates of the order; the crossover below which a call
-is host-bound is what the table is for.
+The device time per row is assumed, not measured: the matmuls' and attention's FLOPs at ``--tflops``
+(bf16), every other kernel's bytes (element-wise, norms, casts, concatenations) at ``--tbps``. The host time
+per call is the launches times this CPU's host cost per op. A GPU machine's host is likely faster per op,
+but each launch adds the driver's few microseconds. Both sides are estimates of the order of magnitude:
+the table is for the crossover, the call size below which a call is host-bound.
 """
 
 from __future__ import annotations
