@@ -230,9 +230,10 @@ def measure(tflops: float, tbps: float) -> list[dict]:
 
 def table(records: list[dict], tflops: float, tbps: float) -> str:
     lines = [
-        f"| model | LoRA | kernel launches / call | host reads / call | GFLOP / row | host us / op (this CPU) "
+        "| model | LoRA | kernel launches / call | host reads / call | GFLOP / row | host us / op (this CPU) "
         f"| host ms / call | matmul + attention ms / row at {tflops:g} TFLOP/s | host-bound below (rows) "
-        f"| recipe rows / call: matmul + attention ms | other kernels' GB / row | their ms / row at {tbps:g} TB/s |",
+        "| recipe rows / call: matmul + attention ms | other kernels' GB / row "
+        f"| their ms / row at {tbps:g} TB/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in records:

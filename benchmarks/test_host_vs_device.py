@@ -1,9 +1,9 @@
 """The counts behind host_vs_device.py, on the full-size SD3.5-M and FLUX.1-dev built with fake tensors.
 
 What the table's reasoning rests on: a rollout's velocity call reads nothing from the device (fake tensors
-refuse any read of a value, so the call would raise), its kernel launches do not depend on the number of
-rows from two on (so a call's host time is fixed and its device time grows with the rows), and its FLOPs grow in
-proportion to the rows.
+refuse any read of a value, so the call would raise); its kernel launches do not depend on the number of
+rows from two on (so a call's host time is fixed and its device time grows with the rows); and its FLOPs
+and the other kernels' bytes grow in proportion to the rows.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ def test_a_velocity_call_has_fixed_launches_no_host_read_and_flops_per_row(famil
     # the other kernels' traffic grows with the rows too (the per-call part, the timestep embedding, is small)
     assert five["memory_bytes"] == pytest.approx(2.5 * two["memory_bytes"], rel=0.02)
     one = {"flops": two["flops"] / 2}
-    # SD3.5-M at 512 px with CFG: two transformer rows of 1024 image + 333 text tokens, ~2 x 2.4 TFLOP; FLUX.1-dev
-    # at 512 px: 1024 + 512 tokens through 12 B parameters, ~21 TFLOP (attention included: ~15 % and ~8 %)
+    # SD3.5-M at 512 px with CFG: two transformer rows of 1024 image + 333 text tokens, ~2 x 2.4 TFLOP;
+    # FLUX.1-dev at 512 px: 1024 + 512 tokens through 12 B parameters, ~21 TFLOP (attention: ~15 %, ~8 %)
     expected = 4.9e12 if family == "sd3" else 21.5e12
     assert one["flops"] == pytest.approx(expected, rel=0.05)
 
