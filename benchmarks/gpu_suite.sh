@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: the `gpu` tests (compiled Triton, CUDA graphs, inductor), the kernel
 # benchmarks, real DenseGRPO iterations of SD3.5-Medium and FLUX.1-dev at full size with random weights
-# (benchmarks/real_model_iteration.py: peak memory and seconds per phase), and a section of this run
-# appended to benchmarks/RESULTS.md with the card's name.
+# (benchmarks/real_model_iteration.py: peak memory and seconds per phase, the rollout's TFLOP/s), and a
+# section of this run appended to benchmarks/RESULTS.md with the card's name.
 #
 #   bash benchmarks/gpu_suite.sh            # on a machine with a CUDA GPU, from the repository root
 #

@@ -90,17 +90,22 @@ def _config(family: str, overrides: list[str]):
     return load_config(TrainConfig, path, ["reward.name=redness", "reward.kwargs={}", *overrides])
 
 
-def _cond(policy, rows: int, cfg_on: bool):
-    """Prompt embeds of ``rows`` rows at the real sequence length (one table row per row)."""
+def zero_cond(policy, rows: int, cfg_on: bool, device=None):
+    """Prompt embeds of ``rows`` rows at the adapter's real sequence length, zeros (one table row per row;
+    with ``cfg_on`` a negative row too), without running the text encoders."""
     from densegrpo_fast.policies.base import PromptEmbeds
 
     t = policy.transformer.config
     sd3 = hasattr(t, "caption_projection_dim")
-    length = policy.max_sequence_length + (77 if sd3 else 0)  # SD3: CLIP's 77 tokens, then T5's; FLUX.1: T5's
+    # SD3: CLIP's tokens (77; fewer in the tests' tiny pipelines), then T5's; FLUX.1: T5's alone
+    length = policy.max_sequence_length + (policy.pipe.tokenizer_max_length if sd3 else 0)
     dim, pooled = t.joint_attention_dim, t.pooled_projection_dim
-    embeds, pool = torch.zeros(rows, length, dim), torch.zeros(rows, pooled)
-    neg = (torch.zeros(1, length, dim), torch.zeros(1, pooled)) if cfg_on else (None, None)
-    return PromptEmbeds(embeds, pool, *neg)
+
+    def zeros(*shape):
+        return torch.zeros(*shape, device=device)
+
+    neg = (zeros(1, length, dim), zeros(1, pooled)) if cfg_on else (None, None)
+    return PromptEmbeds(zeros(rows, length, dim), zeros(rows, pooled), *neg)
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -110,7 +115,8 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
     return sdpa_flop_count(query, key, value)
 
 
-_CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+#: ``custom_mapping`` for FlopCounterMode that counts attention on the CPU too
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
 def count_call(policy, rows: int, guidance: float, mode) -> dict:
@@ -119,8 +125,8 @@ def count_call(policy, rows: int, guidance: float, mode) -> dict:
     with mode:
         x = torch.zeros(rows, *policy.latent_shape)
         sigma = torch.full((rows,), 0.7)
-        cond = _cond(policy, rows, cfg_on)
-    counter, flops = OpCount(), FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+        cond = zero_cond(policy, rows, cfg_on)
+    counter, flops = OpCount(), FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
     with torch.no_grad(), mode, flops, counter:
         policy.velocity(x, sigma, cond, guidance)
     return {

@@ -24,7 +24,9 @@ calibrated psi only changes the per-step std, not the cost).
 
 Measured per phase (encode, rollout with completions, decode + reward, update), after a device
 synchronisation at each boundary: seconds, peak allocated / reserved GPU memory, transformer calls and rows
-(CFG rows included), velocity calls and their largest batch, images decoded; and the trainer's metrics
+(CFG rows included), velocity calls and their largest batch, images decoded; the rollout's throughput in
+TFLOP/s (its transformer rows times the matmul and attention FLOPs of one, counted on one real call with
+torch's FlopCounterMode, over its seconds); and the trainer's metrics
 (``ratio_dev_first``: the first PPO ratio of the update, on-policy, 1 within 1e-5 in fp32, which the --tiny
 test asserts; in bf16 the rollout's and the update's calls have different batch sizes, so different GEMM
 kernels may round differently, and the full-size run reports the value rather than asserting it). With
@@ -66,6 +68,7 @@ from densegrpo_fast.config import TrainConfig, load_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the --tiny pipelines
+sys.path.insert(0, str(ROOT / "benchmarks"))  # host_vs_device: the FLOP count of a transformer row
 
 RECIPES = {"sd3": ROOT / "configs" / "sd35m_pickscore.yaml", "flux": ROOT / "configs" / "flux_pickscore.yaml"}
 GIB = 2**30
@@ -283,6 +286,28 @@ def warm_up(run, probe: Probe) -> None:
     probe.sync()
 
 
+def transformer_row_flops(policy) -> int:
+    """FLOPs of one transformer row as the rollout runs it (adapters on): the matmuls and attention of one
+    real call of one latent row without a CFG batch, counted by torch's FlopCounterMode. Zero embeddings of
+    the real sequence length stand in for the text encoders' output (no offloaded encoder is moved)."""
+    from host_vs_device import CPU_ATTENTION_FLOPS, zero_cond
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *policy.latent_shape, device=policy.device)
+    sigma = torch.full((1,), 0.5, device=policy.device)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    with torch.no_grad(), counter:
+        policy.velocity(x, sigma, zero_cond(policy, 1, cfg_on=False, device=policy.device), 1.0)
+    return counter.get_total_flops()
+
+
+def rollout_tflops(rec: dict, flops_per_row: int) -> float:
+    """The rollout's matmul and attention throughput: its transformer rows (CFG rows included) times the
+    FLOPs of one, over its seconds (which include the SDE steps and the completions' Euler steps)."""
+    ph = rec["phases"]["rollout"]
+    return ph["transformer_rows"] * flops_per_row / ph["seconds"] / 1e12
+
+
 def measure_mode(run, probe: Probe, iterations: int) -> dict:
     """``iterations`` trainer iterations (collect + update); the phases and metrics of the last one."""
     from densegrpo_fast.trainer import collect, update
@@ -477,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+        if "error" not in rec:
+            rec["rollout_tflop_per_s"] = rollout_tflops(rec, result["flops_per_transformer_row"])
         if "error" not in rec and cfg.rows_per_iteration != recipe_rows:
             rec["estimate_at_recipe_batch"] = extrapolate(rec, cfg.rows_per_iteration, recipe_rows, base)
         result["modes"][mode] = rec
@@ -536,6 +563,7 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
         warm_up(run, probe)
     probe.mark("idle")
     load_rec.update({k: probe.phases[k] for k in ("setup", "warmup")})
+    result["flops_per_transformer_row"] = transformer_row_flops(policy)
     if probe.cuda:
         load_rec["allocated_gib"] = torch.cuda.memory_allocated() / GIB
         load_rec["reserved_gib"] = torch.cuda.memory_reserved() / GIB
@@ -571,6 +599,8 @@ def summary_line(mode: str, rec: dict) -> str:
         ph = rec["phases"][name]
         mem = f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else ""
         parts.append(f"{name} {ph['seconds']:.2f} s{mem}")
+    if "rollout_tflop_per_s" in rec:
+        parts.append(f"rollout {rec['rollout_tflop_per_s']:.3g} TFLOP/s")
     m = rec["metrics"]
     parts.append(
         f"transformer rows {int(_total(rec, 'transformer_rows'))}, images {int(_total(rec, 'images_decoded'))}, "

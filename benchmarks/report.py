@@ -108,14 +108,19 @@ def iteration_section(paths: list[Path]) -> str:
         out.append(
             "Command: `python benchmarks/real_model_iteration.py` (see benchmarks/gpu_suite.sh for the arguments). "
             "Seconds after a device sync at each phase boundary; peak = `torch.cuda.max_memory_allocated` in the "
-            "phase; the last two columns are linear extrapolations to the recipe's 48 x 24 rows (estimates).\n"
+            "phase; rollout TFLOP/s = its transformer rows x the matmul and attention FLOPs of one row (counted on "
+            "one real call) / its seconds; the last two columns are linear extrapolations to the recipe's 48 x 24 "
+            "rows (estimates).\n"
         )
         out.append(
             "| model | mode | prompts x G | T | rows/call | train batch | loaded GiB | encode s | rollout s | "
             "reward s | update s | iteration s | peak GiB rollout / reward / update | transformer rows "
-            "(rollout + update) | images | ratio_dev_first | est. min @ recipe | est. peak GiB @ recipe |"
+            "(rollout + update) | rollout TFLOP/s | images | ratio_dev_first | est. min @ recipe | "
+            "est. peak GiB @ recipe |"
         )
-        out.append("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
+        out.append(
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|"
+        )
     for _, r in results:
         s = r["settings"]
         head = (
@@ -125,7 +130,7 @@ def iteration_section(paths: list[Path]) -> str:
         if "load_error" in r:
             errors.append(f"{r['family']}: failed while loading: {r['load_error']}")
         if not r["modes"]:
-            out.append(head.format(mode="—") + " no mode finished |" + " |" * 10)
+            out.append(head.format(mode="—") + " no mode finished |" + " |" * 11)
         for mode, m in r["modes"].items():
             ph = m.get("phases", {})
             sec = lambda k, ph=ph: f"{ph[k]['seconds']:.1f}" if k in ph else ""
@@ -134,6 +139,7 @@ def iteration_section(paths: list[Path]) -> str:
             )
             rows = f"{ph.get('rollout', {}).get('transformer_rows', '')} + {ph.get('update', {}).get('transformer_rows', '')}"
             est = m.get("estimate_at_recipe_batch", {})
+            tflops = f"{m['rollout_tflop_per_s']:.3g}" if "rollout_tflop_per_s" in m else ""
             if "error" in m:
                 errors.append(f"{r['family']} {mode}: {m['error']}")
                 total, ratio_dev, est_min = "FAILED", "", ""
@@ -144,7 +150,7 @@ def iteration_section(paths: list[Path]) -> str:
             out.append(
                 head.format(mode=mode)
                 + f" {sec('encode')} | {sec('rollout')} | {sec('reward')} | {sec('update')} | {total} | {peaks} | "
-                f"{rows} | {ph.get('reward', {}).get('images_decoded', '')} | {ratio_dev} | {est_min} | "
+                f"{rows} | {tflops} | {ph.get('reward', {}).get('images_decoded', '')} | {ratio_dev} | {est_min} | "
                 f"{_gib(est.get('peak_allocated_gib'))} |"
             )
     for _, r in results:

@@ -46,3 +46,23 @@ def test_the_op_count_leaves_out_views_allocations_and_metadata_and_the_bytes_ma
     assert counter.launches == 4
     assert counter.host_reads == ["_local_scalar_dense"]
     assert counter.memory_bytes == (64 + 64 + 64) + (64 + 64) + (64 + 4)
+
+
+def test_attention_on_the_cpu_is_counted_as_attention():
+    """torch's FLOP counter knows the CUDA attention kernels only; CPU_ATTENTION_FLOPS adds the CPU's: two
+    matmuls of 2 * Lq * Lk * d FLOPs per head."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, H, Lq, Lk, d = 2, 3, 5, 7, 8
+    q, k, v = torch.randn(B, H, Lq, d), torch.randn(B, H, Lk, d), torch.randn(B, H, Lk, d)
+    plain, counted = (
+        FlopCounterMode(display=False),
+        FlopCounterMode(display=False, custom_mapping=hvd.CPU_ATTENTION_FLOPS),
+    )
+    with plain:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    with counted:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert plain.get_total_flops() == 0
+    assert counted.get_total_flops() == 2 * (2 * B * H * Lq * Lk * d)

@@ -59,12 +59,17 @@ def test_tiny_iteration_through_the_trainer(family, tmp_path):
         assert ph["update"]["velocity_rows"] == 2 * m["rows_trained"]
         assert ph["update"]["max_velocity_rows"] <= s["train_batch_size"]
         assert rec["estimate_at_recipe_batch"]["rows"] == 48 * 24
+        tflops = (
+            ph["rollout"]["transformer_rows"] * res["flops_per_transformer_row"] / ph["rollout"]["seconds"]
+        )
+        assert rec["rollout_tflop_per_s"] == pytest.approx(tflops / 1e12)
     # then the end of a run: one held-out batch (eval.batch_size prompts, eval.num_steps ODE steps), the export
     end = res["end_of_run"]["phases"]
     assert set(end) == {"evaluation", "export"} and all(p["seconds"] > 0 for p in end.values())
     assert end["evaluation"]["velocity_rows"] == 4 * 4 and end["evaluation"]["images_decoded"] == 4
     assert end["evaluation"]["transformer_rows"] == CFG_ROWS[family] * 4 * 4
     assert "velocity_rows" not in end["export"]
+    assert res["flops_per_transformer_row"] > 0  # (the count itself: benchmarks/test_host_vs_device.py)
     ratio = res["dense_over_sparse"]
     assert ratio["images_decoded"] == T + 1
     assert ratio["rollout_transformer_rows"] == (T + 1) / 2
