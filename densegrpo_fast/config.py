@@ -186,6 +186,18 @@ class ModelSection(Section):
         "to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB of device memory freed for the "
         "rollout and update, for two host-device copies per iteration)",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block (regional compilation: one graph per block type and "
+        "variant, shared by its layers), fusing the norms, casts and element-wise kernels between the matmuls "
+        "(about a third of an SD3.5-M / FLUX.1 call's device time by the estimate in benchmarks/RESULTS.md; not "
+        "measured on a GPU yet); the first calls compile, and the update then recomputes the old log-probs "
+        "itself; the memory estimate counts the eager model",
+    )
+    compile_backend: str = Field(
+        "inductor",
+        description="torch.compile backend of model.compile (aot_eager: no code generated, for tests)",
+    )
     sharding: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
         description="under torchrun: fsdp shards the transformer (and the frozen KL reference) over the processes "
@@ -217,6 +229,15 @@ class ModelSection(Section):
     def problems(self) -> list[str]:
         """Cross-checks of this section (collected by :class:`TrainConfig` with the others)."""
         out = []
+        if self.compile:
+            from torch._dynamo import list_backends
+
+            known = list_backends(exclude_tags=())
+            if self.compile_backend not in known:
+                out.append(
+                    f"model.compile_backend={self.compile_backend!r} is not a torch.compile backend: choose one of "
+                    f"{', '.join(known)} (inductor generates fused kernels; aot_eager and eager check the wiring)"
+                )
         if self.family == "toy":
             if self.checkpoint is not None and not Path(self.checkpoint).exists():
                 out.append(

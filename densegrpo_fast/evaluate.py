@@ -28,7 +28,7 @@ import torch
 
 from densegrpo_fast import distributed
 from densegrpo_fast.distributed import Dist
-from densegrpo_fast.policies.base import Policy, text_encoders_on_device
+from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
@@ -254,6 +254,8 @@ def run_eval(
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
+    if m.compile:
+        compile_blocks(policy.transformer, m.compile_backend)
     out = Path(e.output_dir)
     summary = evaluate(
         policy, prompts, rewards, sampler_grid(e.num_steps, e.shift, policy), guidance_scale=e.guidance_scale,

@@ -1164,6 +1164,7 @@ def run_memory(
 
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
+    compiled = cfg.model.compile
     _check_processes(cfg, processes)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     # with --json, stdout holds the JSON alone: what the reward's, the models' and the trainer's code print
@@ -1197,7 +1198,10 @@ def run_memory(
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "noise.kind=uniform", "model.device=cpu", "reward.name=redness", "reward.kwargs={}",
         "eval.rewards={}", f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
+        "model.compile=false",  # fake tensors run eagerly
     ])  # fmt: skip
+    if compiled:
+        notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
     if cfg.sampling.reward_waves > 1:
         notes.append(
             f"sampling.reward_waves={cfg.sampling.reward_waves}: a wave is scored while the next rolls out, so "

@@ -38,7 +38,7 @@ from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, save_image_grid
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
-from densegrpo_fast.policies.base import text_encoders_on_device
+from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import Rollout, completion_starts, sample
@@ -186,6 +186,10 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             whole = sum(p.numel() * p.element_size() for p in params) / 2**20
             print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}; trained weights "
                   f"{mine:.1f} MiB of {whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
+    if cfg.model.compile:  # after the adapters and the sharding, which change the modules compiled
+        for module in (transformer, reference):
+            if module is not None:
+                compile_blocks(module, cfg.model.compile_backend)
     optimizer = torch.optim.AdamW(
         params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
     )
@@ -585,6 +589,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         cfg.model.autocast is not None
         or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
         or run.policy.dtype != torch.float32
+        or cfg.model.compile  # compiled blocks: other kernels than the rollout's at the update's batch sizes
     )
     old_lp = (
         _recompute_log_probs(run, ro, cond, chunks[1:], calls and calls[1:]) if recompute else ro.log_probs

@@ -177,6 +177,37 @@ def text_encoders_on_device(policy):
     return hold() if hold is not None else contextlib.nullcontext()
 
 
+#: Dynamo's cache entries per compiled code object. One block class serves every layer, in several variants
+#: (with and without gradients, adapters on and off, under autocast or not, a block type's layers that differ
+#: such as SD3.5's dual-attention layers); torch's default of 8 would send the later variants back to eager.
+RECOMPILE_LIMIT = 64
+
+
+def compile_blocks(transformer: torch.nn.Module, backend="inductor") -> int:
+    """``torch.compile`` each block of the transformer's block lists in place (regional compilation: every
+    ``nn.ModuleList`` child whose name ends in ``blocks``, as diffusers' SD3 and FLUX.1 transformers hold
+    them). Layers of one class share their compiled code, so compiling costs a few graphs whatever the
+    depth; the embedders and output layers stay eager. Call after adapters are injected and weights sharded;
+    compiling itself is lazy (at each block's first call). Returns the number of blocks."""
+    import torch._dynamo.config
+
+    blocks = [
+        block
+        for name, child in transformer.named_children()
+        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")
+        for block in child
+    ]
+    if not blocks:
+        raise ValueError(
+            f"model.compile: {type(transformer).__name__} has no block list (a ModuleList named *blocks) to "
+            "compile; set model.compile=false"
+        )
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
 def run_dtype(module: torch.nn.Module) -> torch.dtype:
     """The dtype ``module``'s calls run in: ``module.compute_dtype`` where its owner set one (weights kept
     at a higher precision than the calls, as data-parallel sharding keeps fp32 shards of a bf16 model), else

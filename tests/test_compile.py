@@ -1,0 +1,159 @@
+"""model.compile: the transformer's blocks under torch.compile (regional compilation).
+
+On the CPU the compiled graphs run through a backend that runs each captured graph as it is, as torch's
+``eager`` backend does (dynamo captures and guards each block as on a GPU, and the graph runs the same ops,
+so results must not change at all), or, in the slow
+tier, through inductor's generated C++; the gpu tier runs inductor's Triton kernels. What is checked: the
+blocks are the ones compiled, results are unchanged, the variants a run needs (gradients on and off,
+adapters on and off, batch sizes) stay within dynamo's cache (no silent fall back to eager), and a
+training run with it gives the metrics of one without it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import cfg_of, records, without_timing
+
+from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+from densegrpo_fast.policies.base import compile_blocks
+from densegrpo_fast.policies.toy import ToyPolicy
+from densegrpo_fast.trainer import train
+
+GRAPHS: list[torch.fx.GraphModule] = []
+
+
+def _counting(gm, example_inputs):
+    """A backend that records each graph dynamo captures and runs it as captured."""
+    GRAPHS.append(gm)
+    return gm.forward
+
+
+if "densegrpo_counting" not in torch._dynamo.list_backends(exclude_tags=()):
+    torch._dynamo.register_backend(name="densegrpo_counting")(_counting)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """No compiled code from earlier tests; a variant beyond dynamo's cache raises instead of running
+    eagerly unnoticed."""
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _velocities(policy, rows=(2, 3)):
+    out = []
+    for n in rows:
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, *policy.latent_shape, generator=g)
+        cond = policy.encode_prompts(["a red circle"] * n)
+        out.append(policy.velocity(x, torch.full((n,), 0.6), cond, 1.5))
+    return out
+
+
+def test_compiled_blocks_give_the_eager_velocities_in_a_few_graphs(tiny_checkpoint, fresh_dynamo):
+    policy = ToyPolicy.load(tiny_checkpoint)
+    from peft import LoraConfig
+
+    policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v"]))
+    with torch.no_grad():
+        eager = _velocities(policy)
+    n = compile_blocks(policy.transformer, "densegrpo_counting")
+    assert n == len(policy.transformer.transformer_blocks) == 2
+    with torch.no_grad():
+        compiled = _velocities(policy)  # two batch sizes
+        policy.transformer.disable_adapters()  # the KL reference's calls
+        _velocities(policy)
+        policy.transformer.enable_adapters()
+    _velocities(policy)[0].square().mean().backward()  # the update's calls: with gradients
+    captured = len(GRAPHS)
+    with torch.no_grad():  # every variant again, at other batch sizes: nothing new to compile
+        _velocities(policy, rows=(2, 3, 5))
+        policy.transformer.disable_adapters()
+        _velocities(policy, rows=(4,))
+        policy.transformer.enable_adapters()
+    _velocities(policy, rows=(5,))[0].square().mean().backward()
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)  # the captured graphs run the blocks' own ops
+    # a few variants of the block graph (8 on torch 2.13: the last layer's own, with and without gradients
+    # and adapters, then with dynamic batch sizes), not one per layer and call
+    assert 0 < captured <= 10, captured
+    assert len(GRAPHS) == captured
+
+
+def test_a_run_with_compiled_blocks_has_the_metrics_of_one_without(tiny_checkpoint, tmp_path, fresh_dynamo):
+    base = records(train(cfg_of(tiny_checkpoint, tmp_path / "eager", iterations=2), progress=False))
+    extra = ["model.compile=true", "model.compile_backend=densegrpo_counting"]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "compiled", iterations=2, extra=extra), progress=False)
+    assert GRAPHS, "the blocks were not compiled"
+    assert without_timing(records(run_dir)) == without_timing(base)
+
+
+@pytest.mark.parametrize("backend", ["densegrpo_counting", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_an_fp32_compiled_run_is_on_policy(tiny_checkpoint, tmp_path, fresh_dynamo, backend):
+    """In fp32 the update reuses the rollout's log-probs unless it recomputes them; with compiled blocks it
+    recomputes (inductor's kernels at the update's batch sizes need not round as the rollout's did)."""
+    extra = ["model.autocast=null", "lora.merge_for_sampling=false", "model.compile=true",
+             f"model.compile_backend={backend}"]  # fmt: skip
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    (r,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert r["ratio_dev_first"] == 0.0
+
+
+def test_a_copy_of_a_compiled_policy_runs_its_own_weights(tiny_checkpoint, fresh_dynamo):
+    """The export deep-copies the policy, compiled blocks and all: the copy's blocks must run the copy's
+    weights (their compiled wrappers are bound to a block; a copy that kept the original's would not)."""
+    from densegrpo_fast.trainer import host_copy
+
+    policy = ToyPolicy.load(tiny_checkpoint)
+    compile_blocks(policy.transformer, "densegrpo_counting")
+    with torch.no_grad():
+        before = _velocities(policy, rows=(2,))[0]
+        copied = host_copy(policy)
+        for p in copied.transformer.transformer_blocks.parameters():
+            p.zero_()
+        assert not torch.equal(_velocities(copied, rows=(2,))[0], before)
+        assert torch.equal(_velocities(policy, rows=(2,))[0], before)
+
+
+def test_an_unknown_backend_is_refused_before_any_model_work(tmp_path):
+    with pytest.raises(ConfigError, match="model.compile_backend='nope' is not a torch.compile backend"):
+        load_config(TrainConfig, None, ["model.compile=true", "model.compile_backend=nope"])
+
+
+def test_a_transformer_without_block_lists_is_refused():
+    with pytest.raises(ValueError, match="has no block list"):
+        compile_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.slow
+def test_inductor_on_the_cpu_gives_the_eager_velocities_closely(tiny_checkpoint, fresh_dynamo):
+    policy = ToyPolicy.load(tiny_checkpoint)
+    with torch.no_grad():
+        eager = _velocities(policy)
+        compile_blocks(policy.transformer, "inductor")
+        compiled = _velocities(policy)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)  # fused kernels round differently
+
+
+@pytest.mark.gpu
+def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint, tmp_path, fresh_dynamo):
+    """Triton kernels generated for the blocks: the first iteration's rollout rewards of an fp32 run match
+    the eager run's closely (fused kernels round differently), and the update is on-policy."""
+    extra = ["model.device=cuda", "model.autocast=null", "lora.merge_for_sampling=false"]
+    base = records(
+        train(cfg_of(tiny_checkpoint, tmp_path / "eager", iterations=1, extra=extra), progress=False)
+    )
+    extra += ["model.compile=true"]
+    comp = records(
+        train(cfg_of(tiny_checkpoint, tmp_path / "compiled", iterations=1, extra=extra), progress=False)
+    )
+    (b,) = [r for r in base if "reward_mean" in r]
+    (c,) = [r for r in comp if "reward_mean" in r]
+    assert c["ratio_dev_first"] == 0.0
+    assert c["reward_mean"] == pytest.approx(b["reward_mean"], rel=1e-4)
+    assert c["R_mean"] == pytest.approx(b["R_mean"], rel=1e-4)
