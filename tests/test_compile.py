@@ -159,12 +159,16 @@ def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint
     assert c["R_mean"] == pytest.approx(b["R_mean"], rel=1e-4)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
 @pytest.mark.parametrize("family", ["sd3.5", "flux"])
-def test_each_block_compiles_whole(family, fresh_dynamo):
+def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     """No graph break in a block (``fullgraph=True`` raises at the first): the fused code covers each block
-    from its first op to its last, with LoRA adapters and gradients. SD3.5-M's blocks at tiny widths (dual
-    attention, RMS-normed q and k, the last block's context_pre_only), FLUX.1's double- and single-stream
-    blocks."""
+    from its first op to its last, with LoRA adapters and gradients, and under gradient checkpointing (which
+    calls each block again in the backward). SD3.5-M's blocks at tiny widths (dual attention, RMS-normed q
+    and k, the last block's context_pre_only), FLUX.1's double- and single-stream blocks. The output and
+    the adapters' gradients are the uncompiled model's."""
+    import copy
+
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
     from peft import LoraConfig
 
@@ -187,11 +191,27 @@ def test_each_block_compiles_whole(family, fresh_dynamo):
             hidden_states=torch.randn(2, 64, 16), encoder_hidden_states=torch.randn(2, 10, 32),
             img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(10, 3), guidance=torch.full((2,), 3.5),
         )  # fmt: skip
-    t.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LoRASection().target_modules))
-    blocks = [b for name, child in t.named_children() if name.endswith("blocks") for b in child]
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
+    )
+    t.add_adapter(lora)
+    if checkpointing:
+        t.enable_gradient_checkpointing()
+    inputs.update(
+        timestep=torch.tensor([0.5, 0.3]), pooled_projections=torch.randn(2, t.config.pooled_projection_dim)
+    )
+
+    def output_and_grads(model):
+        out = model(**inputs, return_dict=False)[0]
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    compiled = copy.deepcopy(t)
+    blocks = [b for name, child in compiled.named_children() if name.endswith("blocks") for b in child]
     for block in blocks:
         block.compile(backend="densegrpo_counting", fullgraph=True)
-    pooled = torch.randn(2, t.config.pooled_projection_dim)
-    out = t(**inputs, timestep=torch.tensor([0.5, 0.3]), pooled_projections=pooled, return_dict=False)[0]
-    out.square().mean().backward()
+    out, grads = output_and_grads(compiled)
+    ref_out, ref_grads = output_and_grads(t)
     assert len(GRAPHS) >= 1
+    assert torch.equal(out, ref_out)
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
