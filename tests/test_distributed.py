@@ -381,6 +381,18 @@ def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path) -> dict:
     return step
 
 
+def test_a_sharded_run_with_compiled_blocks_trains_what_the_eager_one_trains(
+    sharded_run, tiny_checkpoint, tmp_path
+):
+    """model.compile after FSDP2's sharding: dynamo traces each block with the sharding's hooks around it.
+    Through the ``eager`` backend (the captured graphs run as captured) the run must be the eager run."""
+    compiled = tmp_path / "compiled"
+    extra = ["model.compile=true", "model.compile_backend=eager"]
+    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, compiled, extra)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert without_timing(records(compiled)) == without_timing(records(sharded_run))
+
+
 def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_checkpoint, tmp_path):
     import shutil
 
