@@ -141,6 +141,7 @@ def test_inductor_on_the_cpu_gives_the_eager_velocities_closely(tiny_checkpoint,
 
 
 @pytest.mark.gpu
+@pytest.mark.slow  # compiling takes a minute: not in gpu_suite.sh's test step, which keeps to the kernels' time
 def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint, tmp_path, fresh_dynamo):
     """Triton kernels generated for the blocks: the first iteration's rollout rewards of an fp32 run match
     the eager run's closely (fused kernels round differently), and the update is on-policy."""
