@@ -66,7 +66,8 @@ report() {
   if [ -n "${OUT:-}" ]; then cat benchmarks/RESULTS.md /tmp/gpu_section.md > "$OUT/RESULTS.md"; cp "$CSV" "$OUT"/ 2>/dev/null; fi
 }
 # -P: not the checkout first on sys.path, whose kernels/ would shadow the PyPI `kernels` transformers >= 5.25 imports
-timeout -k 3 "$(limit 140)" python -P -m pytest -q -m "gpu and not slow" --continue-on-collection-errors -p no:cacheprovider tests/ 2>&1 \
+timeout -k 3 "$(limit 140)" python -P -m pytest -q -m "gpu and not slow" --continue-on-collection-errors \
+  -p no:cacheprovider tests/ 2>&1 \
   | tee "$LOGS/gpu_tests.log" || status=1
 report
 timeout -k 3 "$(limit 120)" python -P -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \

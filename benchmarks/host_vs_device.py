@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.utils._python_dispatch
+import torch.utils._pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 # aten ops that launch no kernel: allocations, and views torch does not flag as views
@@ -161,7 +162,9 @@ def fake_policy(family: str, lora: bool):
 def tiny_host_cost(family: str, lora: bool, repeats: int = 30) -> dict:
     """Host microseconds per launching op on this CPU: a tiny random model of the same architecture (two
     layers, widths of a few dozen) called eagerly, its wall time divided by its op count."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    tests = str(Path(__file__).resolve().parents[1] / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     import tiny_models
 
     from densegrpo_fast.policies.flux import FluxPolicy
@@ -236,8 +239,8 @@ def measure(tflops: float, tbps: float) -> list[dict]:
 
 def table(records: list[dict], tflops: float, tbps: float) -> str:
     lines = [
-        "| model | LoRA | kernel launches / call | host reads / call | GFLOP / row | host us / op (this CPU) "
-        f"| host ms / call | matmul + attention ms / row at {tflops:g} TFLOP/s | host-bound below (rows) "
+        "| model | LoRA | kernel launches / call | host reads / call | GFLOP / latent row | host us / op (this CPU) "
+        f"| host ms / call | matmul + attention ms / row at {tflops:g} TFLOP/s | host-bound below (latent rows) "
         "| recipe rows / call: matmul + attention ms | other kernels' GB / row "
         f"| their ms / row at {tbps:g} TB/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",

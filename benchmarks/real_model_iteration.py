@@ -289,14 +289,19 @@ def warm_up(run, probe: Probe) -> None:
 def transformer_row_flops(policy) -> int:
     """FLOPs of one transformer row as the rollout runs it (adapters on): the matmuls and attention of one
     real call of one latent row without a CFG batch, counted by torch's FlopCounterMode. Zero embeddings of
-    the real sequence length stand in for the text encoders' output (no offloaded encoder is moved)."""
+    the real sequence length stand in for the text encoders' output (no offloaded encoder is moved).
+
+    Under ``force_eager``: a compiled block (``model.compile``) called under a dispatch mode would be marked
+    by dynamo to run eagerly for the rest of the process, and the run would measure eager code."""
     from host_vs_device import CPU_ATTENTION_FLOPS, zero_cond
     from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.zeros(1, *policy.latent_shape, device=policy.device)
     sigma = torch.full((1,), 0.5, device=policy.device)
     counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
-    with torch.no_grad(), counter:
+    stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    eager = stance("force_eager") if stance is not None else contextlib.nullcontext()
+    with torch.no_grad(), eager, counter:
         policy.velocity(x, sigma, zero_cond(policy, 1, cfg_on=False, device=policy.device), 1.0)
     return counter.get_total_flops()
 
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
-        if "error" not in rec:
+        if "error" not in rec and "flops_per_transformer_row" in result:
             rec["rollout_tflop_per_s"] = rollout_tflops(rec, result["flops_per_transformer_row"])
         if "error" not in rec and cfg.rows_per_iteration != recipe_rows:
             rec["estimate_at_recipe_batch"] = extrapolate(rec, cfg.rows_per_iteration, recipe_rows, base)
@@ -563,7 +568,11 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
         warm_up(run, probe)
     probe.mark("idle")
     load_rec.update({k: probe.phases[k] for k in ("setup", "warmup")})
-    result["flops_per_transformer_row"] = transformer_row_flops(policy)
+    try:  # (a figure of the report, not of the run: its failure is recorded, the run goes on)
+        result["flops_per_transformer_row"] = transformer_row_flops(policy)
+    except Exception as e:
+        traceback.print_exc()
+        result["flops_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     if probe.cuda:
         load_rec["allocated_gib"] = torch.cuda.memory_allocated() / GIB
         load_rec["reserved_gib"] = torch.cuda.memory_reserved() / GIB

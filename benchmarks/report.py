@@ -108,9 +108,9 @@ def iteration_section(paths: list[Path]) -> str:
         out.append(
             "Command: `python benchmarks/real_model_iteration.py` (see benchmarks/gpu_suite.sh for the arguments). "
             "Seconds after a device sync at each phase boundary; peak = `torch.cuda.max_memory_allocated` in the "
-            "phase; rollout TFLOP/s = its transformer rows x the matmul and attention FLOPs of one row (counted on "
-            "one real call) / its seconds; the last two columns are linear extrapolations to the recipe's 48 x 24 "
-            "rows (estimates).\n"
+            "phase; rollout TFLOP/s = its transformer rows x the matmul and attention FLOPs of one row "
+            "(counted on one real call) / its seconds; the last two columns are linear extrapolations to the "
+            "recipe's 48 x 24 rows (estimates).\n"
         )
         out.append(
             "| model | mode | prompts x G | T | rows/call | train batch | loaded GiB | encode s | rollout s | "
@@ -150,7 +150,8 @@ def iteration_section(paths: list[Path]) -> str:
             out.append(
                 head.format(mode=mode)
                 + f" {sec('encode')} | {sec('rollout')} | {sec('reward')} | {sec('update')} | {total} | {peaks} | "
-                f"{rows} | {tflops} | {ph.get('reward', {}).get('images_decoded', '')} | {ratio_dev} | {est_min} | "
+                f"{rows} | {tflops} | {ph.get('reward', {}).get('images_decoded', '')} | {ratio_dev} | "
+                f"{est_min} | "
                 f"{_gib(est.get('peak_allocated_gib'))} |"
             )
     for _, r in results:

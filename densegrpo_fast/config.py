@@ -188,15 +188,15 @@ class ModelSection(Section):
     )
     compile: bool = Field(
         False,
-        description="torch.compile each transformer block (regional compilation: one graph per block type and "
-        "variant, shared by its layers), fusing the norms, casts and element-wise kernels between the matmuls "
-        "(about a third of an SD3.5-M / FLUX.1 call's device time by the estimate in benchmarks/RESULTS.md; not "
-        "measured on a GPU yet); the first calls compile, and the update then recomputes the old log-probs "
-        "itself; the memory estimate counts the eager model",
+        description="torch.compile each transformer block (regional compilation: a few graphs per block "
+        "type, shared by its layers), fusing the norms, casts and element-wise kernels between the matmuls "
+        "(a third to nearly half of an SD3.5-M / FLUX.1 call's device time by the estimate in "
+        "benchmarks/RESULTS.md; not measured on a GPU yet); the first calls compile, and the update then "
+        "recomputes the old log-probs itself; the memory estimate counts the eager model",
     )
     compile_backend: str = Field(
         "inductor",
-        description="torch.compile backend of model.compile (aot_eager: no code generated, for tests)",
+        description="torch.compile backend of model.compile (eager, aot_eager: no code generated, for tests)",
     )
     sharding: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
@@ -235,8 +235,9 @@ class ModelSection(Section):
             known = list_backends(exclude_tags=())
             if self.compile_backend not in known:
                 out.append(
-                    f"model.compile_backend={self.compile_backend!r} is not a torch.compile backend: choose one of "
-                    f"{', '.join(known)} (inductor generates fused kernels; aot_eager and eager check the wiring)"
+                    f"model.compile_backend={self.compile_backend!r} is not a torch.compile backend: choose "
+                    f"one of {', '.join(known)} (inductor generates fused kernels; eager and aot_eager check "
+                    "the wiring)"
                 )
         if self.family == "toy":
             if self.checkpoint is not None and not Path(self.checkpoint).exists():

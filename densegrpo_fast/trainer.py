@@ -317,11 +317,13 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     saved = load_config(TrainConfig, saved_path).model_dump()
     now = cfg.model_dump()
     saved["run"]["iterations"] = now["run"]["iterations"]  # extending a run is what resuming is for
+    for key in ("compile", "compile_backend"):  # how the blocks run, not what the run computes
+        saved["model"][key] = now["model"][key]
     diffs = [k for k in now if now[k] != saved[k]]
     if diffs:
         raise ValueError(
             f"--resume with a config that differs from the run's own in section(s) {diffs}: resume with "
-            f"--config {saved_path} (only run.iterations / --max-iterations may change)"
+            f"--config {saved_path} (only run.iterations / --max-iterations and model.compile may change)"
         )
 
 

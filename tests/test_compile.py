@@ -2,11 +2,10 @@
 
 On the CPU the compiled graphs run through a backend that runs each captured graph as it is, as torch's
 ``eager`` backend does (dynamo captures and guards each block as on a GPU, and the graph runs the same ops,
-so results must not change at all), or, in the slow
-tier, through inductor's generated C++; the gpu tier runs inductor's Triton kernels. What is checked: the
-blocks are the ones compiled, results are unchanged, the variants a run needs (gradients on and off,
-adapters on and off, batch sizes) stay within dynamo's cache (no silent fall back to eager), and a
-training run with it gives the metrics of one without it.
+so results must not change at all), or, in the slow tier, through inductor's generated C++; the gpu tier
+runs inductor's Triton kernels. What is checked: every block call runs a compiled graph (none falls back to
+eager unnoticed), results are unchanged with adapters on and off and with gradients, the variants a run
+needs stay within dynamo's cache, and a training run with it gives the metrics of one without it.
 """
 
 from __future__ import annotations
@@ -21,12 +20,18 @@ from densegrpo_fast.policies.toy import ToyPolicy
 from densegrpo_fast.trainer import train
 
 GRAPHS: list[torch.fx.GraphModule] = []
+GRAPH_CALLS = [0]  # calls of the captured graphs: one per block call that ran compiled
 
 
 def _counting(gm, example_inputs):
-    """A backend that records each graph dynamo captures and runs it as captured."""
+    """A backend that records each graph dynamo captures and runs it as captured, counting its calls."""
     GRAPHS.append(gm)
-    return gm.forward
+
+    def run(*args):
+        GRAPH_CALLS[0] += 1
+        return gm.forward(*args)
+
+    return run
 
 
 if "densegrpo_counting" not in torch._dynamo.list_backends(exclude_tags=()):
@@ -39,9 +44,28 @@ def fresh_dynamo():
     eagerly unnoticed."""
     torch._dynamo.reset()
     GRAPHS.clear()
+    GRAPH_CALLS[0] = 0
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
         yield
     torch._dynamo.reset()
+
+
+def _transformer_calls(transformer) -> list[int]:
+    """A counter of the transformer's calls (each calls every block once)."""
+    calls = [0]
+    transformer.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _lora(transformer, targets=("attn.to_q", "attn.to_v")) -> None:
+    """Adapters that change the output: peft starts lora_B at zero (an adapter that does nothing)."""
+    from peft import LoraConfig
+
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
+    with torch.no_grad():
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(len(name)))
 
 
 def _velocities(policy, rows=(2, 3)):
@@ -56,39 +80,57 @@ def _velocities(policy, rows=(2, 3)):
 
 def test_compiled_blocks_give_the_eager_velocities_in_a_few_graphs(tiny_checkpoint, fresh_dynamo):
     policy = ToyPolicy.load(tiny_checkpoint)
-    from peft import LoraConfig
+    tr = policy.transformer
+    _lora(tr)
 
-    policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["attn.to_q", "attn.to_v"]))
-    with torch.no_grad():
-        eager = _velocities(policy)
-    n = compile_blocks(policy.transformer, "densegrpo_counting")
-    assert n == len(policy.transformer.transformer_blocks) == 2
-    with torch.no_grad():
-        compiled = _velocities(policy)  # two batch sizes
-        policy.transformer.disable_adapters()  # the KL reference's calls
-        _velocities(policy)
-        policy.transformer.enable_adapters()
-    _velocities(policy)[0].square().mean().backward()  # the update's calls: with gradients
+    def variants(rows):  # the calls of a run: rollout (adapters on), KL reference (off), update (gradients)
+        with torch.no_grad():
+            on = _velocities(policy, rows)
+            tr.disable_adapters()
+            off = _velocities(policy, rows)
+            tr.enable_adapters()
+        v = _velocities(policy, rows[:1])[0]
+        grads = torch.autograd.grad(v.square().mean(), [p for p in tr.parameters() if p.requires_grad])
+        return on, off, grads
+
+    eager = variants((2, 3))
+    n = compile_blocks(tr, "densegrpo_counting")
+    assert n == len(tr.transformer_blocks) == 2
+    calls = _transformer_calls(tr)
+    compiled = variants((2, 3))
     captured = len(GRAPHS)
-    with torch.no_grad():  # every variant again, at other batch sizes: nothing new to compile
-        _velocities(policy, rows=(2, 3, 5))
-        policy.transformer.disable_adapters()
-        _velocities(policy, rows=(4,))
-        policy.transformer.enable_adapters()
-    _velocities(policy, rows=(5,))[0].square().mean().backward()
-    for a, b in zip(eager, compiled, strict=True):
-        assert torch.equal(a, b)  # the captured graphs run the blocks' own ops
+    variants((5, 4))  # every variant again, at other batch sizes: nothing new to compile
+    assert len(GRAPHS) == captured
+    assert GRAPH_CALLS[0] == n * calls[0]  # every block call ran a compiled graph
+    assert not torch.equal(eager[0][0], eager[1][0])  # the adapters change the velocity ...
+    for a, b in zip(eager, compiled, strict=True):  # ... and the graphs run the blocks' own ops
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     # a few variants of the block graph (8 on torch 2.13: the last layer's own, with and without gradients
     # and adapters, then with dynamic batch sizes), not one per layer and call
     assert 0 < captured <= 10, captured
-    assert len(GRAPHS) == captured
 
 
-def test_a_run_with_compiled_blocks_has_the_metrics_of_one_without(tiny_checkpoint, tmp_path, fresh_dynamo):
+@pytest.fixture
+def counted_compile(monkeypatch):
+    """The trainer's compile_blocks, counting the compiled transformers' calls and blocks."""
+    import densegrpo_fast.trainer as trainer
+
+    seen = []
+
+    def compile_and_count(transformer, backend):
+        seen.append((compile_blocks(transformer, backend), _transformer_calls(transformer)))
+
+    monkeypatch.setattr(trainer, "compile_blocks", compile_and_count)
+    return lambda: sum(n * calls[0] for n, calls in seen)
+
+
+def test_a_run_with_compiled_blocks_has_the_metrics_of_one_without(
+    tiny_checkpoint, tmp_path, fresh_dynamo, counted_compile
+):
     base = records(train(cfg_of(tiny_checkpoint, tmp_path / "eager", iterations=2), progress=False))
     extra = ["model.compile=true", "model.compile_backend=densegrpo_counting"]
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "compiled", iterations=2, extra=extra), progress=False)
-    assert GRAPHS, "the blocks were not compiled"
+    assert GRAPH_CALLS[0] == counted_compile() > 0  # rollouts, update, evaluations: every block call compiled
     assert without_timing(records(run_dir)) == without_timing(base)
 
 
@@ -100,12 +142,14 @@ def test_an_fp32_compiled_run_is_on_policy(tiny_checkpoint, tmp_path, fresh_dyna
              f"model.compile_backend={backend}"]  # fmt: skip
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
     (r,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert "rollout_lp_dev" in r  # logged when the update recomputes the old log-probs
     assert r["ratio_dev_first"] == 0.0
 
 
 def test_a_copy_of_a_compiled_policy_runs_its_own_weights(tiny_checkpoint, fresh_dynamo):
-    """The export deep-copies the policy, compiled blocks and all: the copy's blocks must run the copy's
-    weights (their compiled wrappers are bound to a block; a copy that kept the original's would not)."""
+    """The export deep-copies the policy: the copy's blocks must run the copy's weights (torch's copy of a
+    module leaves its compiled wrapper behind, so the copy runs eagerly; one that kept the original's
+    wrapper would run the original's weights)."""
     from densegrpo_fast.trainer import host_copy
 
     policy = ToyPolicy.load(tiny_checkpoint)
@@ -141,7 +185,7 @@ def test_inductor_on_the_cpu_gives_the_eager_velocities_closely(tiny_checkpoint,
 
 
 @pytest.mark.gpu
-@pytest.mark.slow  # compiling takes a minute: not in gpu_suite.sh's test step, which keeps to the kernels' time
+@pytest.mark.slow  # compiling takes a minute: not in gpu_suite.sh's test step (the kernels' minute or two)
 def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint, tmp_path, fresh_dynamo):
     """Triton kernels generated for the blocks: the first iteration's rollout rewards of an fp32 run match
     the eager run's closely (fused kernels round differently), and the update is on-policy."""
@@ -171,15 +215,14 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     import copy
 
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-    from peft import LoraConfig
 
     from densegrpo_fast.config import LoRASection
 
     if family == "sd3.5":
         t = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
-            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
+            num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
+            pooled_projection_dim=64, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm",
         )  # fmt: skip
         inputs = dict(hidden_states=torch.randn(2, 4, 16, 16), encoder_hidden_states=torch.randn(2, 10, 64))
     else:
@@ -192,10 +235,7 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
             hidden_states=torch.randn(2, 64, 16), encoder_hidden_states=torch.randn(2, 10, 32),
             img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(10, 3), guidance=torch.full((2,), 3.5),
         )  # fmt: skip
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
-    )
-    t.add_adapter(lora)
+    _lora(t, LoRASection().target_modules)
     if checkpointing:
         t.enable_gradient_checkpointing()
     inputs.update(
@@ -213,6 +253,39 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
         block.compile(backend="densegrpo_counting", fullgraph=True)
     out, grads = output_and_grads(compiled)
     ref_out, ref_grads = output_and_grads(t)
-    assert len(GRAPHS) >= 1
+    # every block ran compiled, once forward (and once more, recomputed, under checkpointing)
+    assert GRAPH_CALLS[0] >= len(blocks)
     assert torch.equal(out, ref_out)
     assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+def test_counting_a_rows_flops_leaves_the_blocks_compiled(tiny_checkpoint, fresh_dynamo):
+    """real_model_iteration.py counts one row's FLOPs under FlopCounterMode after the trainer compiled the
+    blocks. A compiled frame run under a dispatch mode is marked by dynamo to run eagerly for good, so the
+    count runs under the ``force_eager`` stance; the calls after it must still run the compiled graphs."""
+    import tiny_models
+    from test_real_model_bench import _load_script
+
+    from densegrpo_fast.policies.sd3 import SD3Policy
+
+    bench = _load_script()
+    opts = dict(resolution=tiny_models.RESOLUTION, max_sequence_length=tiny_models.MAX_T5_TOKENS)
+    policy = SD3Policy(tiny_models.sd3_pipeline(), **opts)
+    n = compile_blocks(policy.transformer, "densegrpo_counting")
+    calls = _transformer_calls(policy.transformer)
+    with torch.no_grad():
+        _velocities(policy)  # 2 transformer calls (CFG in the batch)
+        assert bench.transformer_row_flops(policy) > 0  # 1
+        _velocities(policy)  # 2
+    assert calls[0] == 5
+    assert GRAPH_CALLS[0] == n * 4  # every call but the count's ran compiled
+
+
+def test_a_run_resumes_with_compiling_switched_on(tiny_checkpoint, tmp_path, fresh_dynamo):
+    """model.compile changes how the blocks run, not what the run computes: --resume accepts it."""
+    out = tmp_path / "run"
+    train(cfg_of(tiny_checkpoint, out, iterations=1), progress=False)
+    extra = ["model.compile=true", "model.compile_backend=densegrpo_counting"]
+    train(cfg_of(tiny_checkpoint, out, iterations=2, extra=extra), resume=True, progress=False)
+    assert [r["iteration"] for r in records(out) if "reward_mean" in r] == [1, 2]
+    assert GRAPH_CALLS[0] > 0

@@ -9,6 +9,7 @@ Conventions are those of ALGORITHM.md §1: ``x_sigma = (1 - sigma) * x0 + sigma 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -183,12 +184,17 @@ def text_encoders_on_device(policy):
 RECOMPILE_LIMIT = 64
 
 
-def compile_blocks(transformer: torch.nn.Module, backend="inductor") -> int:
+def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` each block of the transformer's block lists in place (regional compilation: every
     ``nn.ModuleList`` child whose name ends in ``blocks``, as diffusers' SD3 and FLUX.1 transformers hold
     them). Layers of one class share their compiled code, so compiling costs a few graphs whatever the
     depth; the embedders and output layers stay eager. Call after adapters are injected and weights sharded;
-    compiling itself is lazy (at each block's first call). Returns the number of blocks."""
+    compiling itself is lazy (at each block's first call). Raises dynamo's per-function cache limit for the
+    whole process (:data:`RECOMPILE_LIMIT`). Returns the number of blocks.
+
+    A compiled block called under a torch dispatch mode (FlopCounterMode, a fake-tensor mode) is marked by
+    dynamo to run eagerly from then on: count or trace such calls under
+    ``torch.compiler.set_stance("force_eager")``."""
     import torch._dynamo.config
 
     blocks = [
@@ -202,7 +208,9 @@ def compile_blocks(transformer: torch.nn.Module, backend="inductor") -> int:
             f"model.compile: {type(transformer).__name__} has no block list (a ModuleList named *blocks) to "
             "compile; set model.compile=false"
         )
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    config = torch._dynamo.config
+    name = "recompile_limit" if "recompile_limit" in config._config else "cache_size_limit"  # torch < 2.7
+    setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
