@@ -214,7 +214,7 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     the adapters' gradients are the uncompiled model's."""
     import copy
 
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import SD3Transformer2DModel
 
     from densegrpo_fast.config import LoRASection
 
@@ -226,11 +226,9 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
         )  # fmt: skip
         inputs = dict(hidden_states=torch.randn(2, 4, 16, 16), encoder_hidden_states=torch.randn(2, 10, 64))
     else:
-        t = FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
-            axes_dims_rope=(4, 4, 8),
-        )  # fmt: skip
+        import tiny_models
+
+        t = tiny_models.flux_pipeline().transformer
         inputs = dict(
             hidden_states=torch.randn(2, 64, 16), encoder_hidden_states=torch.randn(2, 10, 32),
             img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(10, 3), guidance=torch.full((2,), 3.5),
