@@ -296,6 +296,9 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     # nothing left to do: a second call only rereads the scores
     again = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
     assert again["scores"] == trained["scores"]
+    # with the blocks compiled (the eager backend runs the captured graphs as they are): the same scores
+    compiled = ["model.compile=true", "model.compile_backend=eager", f"eval.output_dir={tmp_path / 'ev_c'}"]
+    assert run_eval(None, [*ev, *compiled], checkpoint=export)["scores"] == trained["scores"]
     with pytest.raises(ValueError, match="another protocol"):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"])  # the base model into the export's dir
     flux_like = tmp_path / "other.safetensors"
