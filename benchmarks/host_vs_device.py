@@ -97,9 +97,8 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
     from densegrpo_fast.policies.base import PromptEmbeds
 
     t = policy.transformer.config
-    sd3 = hasattr(t, "caption_projection_dim")
     # SD3: CLIP's tokens (77; fewer in the tests' tiny pipelines), then T5's; FLUX.1: T5's alone
-    length = policy.max_sequence_length + (policy.pipe.tokenizer_max_length if sd3 else 0)
+    length = policy.max_sequence_length + (policy.pipe.tokenizer_max_length if _is_sd3(policy) else 0)
     dim, pooled = t.joint_attention_dim, t.pooled_projection_dim
 
     def zeros(*shape):
@@ -120,9 +119,13 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
 
 
+def _is_sd3(policy) -> bool:
+    return hasattr(policy.transformer.config, "caption_projection_dim")  # (FLUX.1's has none)
+
+
 def count_call(policy, rows: int, guidance: float, mode) -> dict:
     """One ``policy.velocity`` call of ``rows`` latent rows under no_grad (a rollout call), fake tensors."""
-    cfg_on = guidance != 1.0 and hasattr(policy.transformer.config, "caption_projection_dim")
+    cfg_on = guidance != 1.0 and _is_sd3(policy)
     with mode:
         x = torch.zeros(rows, *policy.latent_shape)
         sigma = torch.full((rows,), 0.7)
@@ -147,15 +150,13 @@ def fake_policy(family: str, lora: bool):
     if lora:
         from peft import LoraConfig
 
-        transformer = policy.transformer  # adapters injected outside the fake mode, then made fake
-        before = {id(p) for p in transformer.parameters()}
         config = LoraConfig(
             r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules
         )
-        transformer.add_adapter(config)
-        for m in transformer.modules():
-            if any(id(p) not in before for p in m.parameters(recurse=False)):
-                memory.make_fake(m, mode, torch.float32)  # adapters train in fp32, as the trainer keeps them
+        add = lambda: policy.transformer.add_adapter(config)  # noqa: E731
+        memory.add_fake_adapter(
+            policy.transformer, add, mode, torch.float32
+        )  # fp32, as the trainer keeps them
     return policy, cfg, mode
 
 

@@ -560,6 +560,20 @@ def make_fake(module: torch.nn.Module, mode, dtype: torch.dtype | None = None) -
                 m._buffers[key] = fake(b)
 
 
+def add_fake_adapter(
+    transformer: torch.nn.Module, add_adapter, mode, dtype: torch.dtype | None = None
+) -> set[int]:
+    """Run ``add_adapter()`` (peft's injection, which builds real weights: the fake mode's tensors refuse
+    the in-place moves it makes), then make the new weights fake, in ``dtype`` if given. Returns the ids of
+    the new parameters."""
+    before = {id(p) for p in transformer.parameters()}
+    add_adapter()
+    for m in transformer.modules():
+        if any(id(p) not in before for p in m.parameters(recurse=False)):
+            make_fake(m, mode, dtype)
+    return {id(p) for p in transformer.parameters()} - before
+
+
 def _reward_targets(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     """What to stub in a reward's models: their children (a CLIP model's towers and projections are called
     through ``get_image_features`` / ``get_text_features``, not ``forward``), or a childless model itself."""
@@ -944,16 +958,13 @@ def estimate_run(
 
     # LoRA injected as usual, then its (real) weights made fake and counted
     def fake_adapter(*args, **kwargs):
-        before = {id(p) for p in transformer.parameters()}
-        out = add_adapter(*args, **kwargs)
-        for m in transformer.modules():
-            if any(id(p) not in before for p in m.parameters(recurse=False)):
-                make_fake(m, mode)
+        out = []
+        new = add_fake_adapter(transformer, lambda: out.append(add_adapter(*args, **kwargs)), mode)
         with tracker.labelled("LoRA adapters"):
             for p in transformer.parameters():  # (made by from_tensor, which the tracker does not see)
-                if id(p) not in before:
+                if id(p) in new:
                     tracker.track(p)
-        return out
+        return out[0]
 
     if add_adapter is not None:
         transformer.add_adapter = fake_adapter
