@@ -29,7 +29,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:  # the run directory setup() writes
-        overrides = ["noise.kind=uniform", f"run.output_dir={tmp}"]
+        overrides = ["noise.kind=uniform", f"run.output_dir={tmp}", "run.wandb.enabled=false"]
         if args.checkpoint:
             overrides.append(f"model.checkpoint={args.checkpoint}")
         cfg = load_config(TrainConfig, args.config, overrides)

@@ -244,7 +244,7 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
         f"model.device={device}", f"prompts.dataset={prompts_file}", f"eval.dataset={prompts_file}",
         "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "noise.kind=uniform", "noise.level=0.7",
         f"dense.mode={mode}", f"run.output_dir={work / 'run'}",
-        "run.tensorboard=false", "run.deterministic=false", f"run.seed={args.seed}",
+        "run.tensorboard=false", "run.wandb.enabled=false", "run.deterministic=false", f"run.seed={args.seed}",
     ]  # fmt: skip
     if args.tiny:
         import tiny_models

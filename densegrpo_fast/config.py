@@ -8,6 +8,7 @@ raises one :class:`ConfigError` listing every problem with the nearest valid key
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from pathlib import Path
 from typing import Any, TypeVar
@@ -436,6 +437,22 @@ class EMASection(Section):
     every: int = Field(8, ge=1, description="optimizer steps between EMA updates")
 
 
+class WandbSection(Section):
+    enabled: bool = Field(
+        False,
+        description="also log metrics and sample grids to Weights & Biases (pip install 'densegrpo-fast[wandb]')",
+    )
+    project: str = Field("densegrpo-fast", description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user (null = your default entity)")
+    name: str | None = Field(None, description="W&B run name (null = the run directory's name)")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="offline: write the W&B run under the run directory's wandb/ and upload it later with "
+        "`wandb sync` (machines without network)",
+    )
+
+
 class RunSection(Section):
     iterations: int = Field(100, ge=1, description="training iterations (rollout + update)")
     seed: int = Field(0, description="seed of prompts, noise and initial weights")
@@ -449,6 +466,7 @@ class RunSection(Section):
         description="stop after this much training wall time (seconds), whatever run.iterations says",
     )
     tensorboard: bool = Field(True, description="write TensorBoard events beside metrics.jsonl")
+    wandb: WandbSection = Field(default_factory=WandbSection)
     deterministic: bool = Field(True, description="deterministic algorithms (CPU runs resume bit for bit)")
 
 
@@ -552,6 +570,11 @@ class TrainConfig(Section):
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         problems += self.model.problems()
+        if self.run.wandb.enabled and importlib.util.find_spec("wandb") is None:
+            problems.append(
+                "run.wandb.enabled=true needs the wandb package, which is not installed: pip install "
+                "'densegrpo-fast[wandb]', or set run.wandb.enabled=false"
+            )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "

@@ -1,20 +1,52 @@
-"""Run-directory outputs: metrics.jsonl, TensorBoard events, sample grids and the reward curve."""
+"""Run-directory outputs: metrics.jsonl, TensorBoard events, Weights & Biases, sample grids and the reward
+curve."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
+WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id of a run directory: a resumed run logs to the same W&B run
+
+
+def scalars(record: dict) -> Iterator[tuple[str, float]]:
+    """The plottable values of a metrics record (iteration aside): finite numbers, and lists of numbers (one
+    per step) as ``key/step{k}``."""
+    for key, value in record.items():
+        if key == "iteration":
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            yield key, value
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            for k, v in enumerate(value):
+                yield f"{key}/step{k}", v
+
 
 class MetricsLog:
-    """Appends one JSON object per iteration to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per iteration to metrics.jsonl and mirrors scalars to TensorBoard and, with
+    ``wandb`` (a :class:`densegrpo_fast.config.WandbSection` that is enabled), to Weights & Biases.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    metrics.jsonl is the record a resumed run continues: :meth:`truncate_after` drops what a killed run wrote
+    after its last checkpoint. A W&B run cannot drop points, so a resumed run logs those iterations again
+    into the same W&B run (its id is kept in ``wandb_id.txt``); the charts' x axis is ``iteration``.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        wandb: Any = None,
+        config: dict | None = None,
+        resume: bool = False,
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        self.wandb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -22,9 +54,11 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # pragma: no cover - tensorboard is a dependency
                 self.writer = None
+        if wandb is not None and wandb.enabled:
+            self.wandb = _start_wandb(run_dir, wandb, config, resume)
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint)."""
+        """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint); -1 drops all."""
         if not self.path.exists():
             return
         kept = [
@@ -35,15 +69,21 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        values = dict(scalars(record))
+        it = record["iteration"]
         if self.writer is not None:
-            it = record["iteration"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iteration" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, it)
-                elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-                    for k, v in enumerate(value):
-                        self.writer.add_scalar(f"{key}/step{k}", v, it)
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, it)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({"iteration": it, **values})
+
+    def image(self, key: str, path: Path, iteration: int) -> None:
+        """A PNG written to the run directory (a sample grid), also shown in W&B under ``key``."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"iteration": iteration, key: wandb.Image(str(path))})
 
     def read(self) -> list[dict]:
         if not self.path.exists():
@@ -53,6 +93,47 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
+    """The W&B run of ``run_dir``: a new one (its id written to ``wandb_id.txt``), or with ``resume`` the one
+    whose id the run directory holds. Files go to ``run_dir/wandb`` (an offline run's, for ``wandb sync``)."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError(
+            "run.wandb.enabled=true needs the wandb package: pip install 'densegrpo-fast[wandb]' (or set "
+            "run.wandb.enabled=false)"
+        ) from e
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: W&B names a new one
+    try:
+        run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.name or run_dir.resolve().name,
+            tags=list(settings.tags),
+            mode=settings.mode,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            allow_val_change=True,  # a resumed run may extend run.iterations
+            reinit="create_new",  # one W&B run per training run, also when a process trains several
+        )
+    except Exception as e:
+        raise RuntimeError(
+            f"run.wandb: wandb.init failed ({type(e).__name__}: {e}). Log in first (`wandb login`, or set "
+            "WANDB_API_KEY), or set run.wandb.mode=offline and upload later with `wandb sync "
+            f"{run_dir / 'wandb'}/offline-run-*`; or set run.wandb.enabled=false"
+        ) from e
+    id_file.write_text(run.id + "\n")
+    run.define_metric("iteration")
+    run.define_metric("*", step_metric="iteration")
+    return run
 
 
 class NullLog:
@@ -62,6 +143,9 @@ class NullLog:
         pass
 
     def write(self, record: dict) -> None:
+        pass
+
+    def image(self, key: str, path: Path, iteration: int) -> None:
         pass
 
     def read(self) -> list[dict]:

@@ -121,6 +121,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     torch.manual_seed(cfg.run.seed)
     distributed.barrier(dist)  # every rank has read the run directory before rank 0 writes to it
     distributed.on_main(dist, lambda: _start_run_dir(cfg, run_dir))
+    log = _open_log(cfg, run_dir, resume) if dist.main else NullLog()
 
     if policy is None:
         policy = load_policy(
@@ -198,7 +199,6 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         if cfg.ema.enabled
         else None
     )
-    log = MetricsLog(run_dir, cfg.run.tensorboard) if dist.main else NullLog()
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
@@ -275,6 +275,16 @@ def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     dump_config(cfg, run_dir / "config.yaml")
 
 
+def _open_log(cfg: TrainConfig, run_dir: Path, resume: bool) -> MetricsLog:
+    """Rank 0's metrics log (and its W&B run, opened before the model loads so a login problem shows at
+    once). A fresh run starts it empty: an earlier attempt in the directory that never checkpointed (the
+    directory is only refused when it holds a checkpoint) leaves entries a new run must not continue."""
+    log = MetricsLog(run_dir, cfg.run.tensorboard, cfg.run.wandb, cfg.model_dump(mode="json"), resume)
+    if not resume:
+        log.truncate_after(-1)
+    return log
+
+
 def _check_world(cfg: TrainConfig, world: int) -> None:
     """A torchrun job of ``world`` processes splits each iteration's rows evenly (and each rank's waves hold
     at least one row)."""
@@ -319,6 +329,7 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     saved["run"]["iterations"] = now["run"]["iterations"]  # extending a run is what resuming is for
     for key in ("compile", "compile_backend"):  # how the blocks run, not what the run computes
         saved["model"][key] = now["model"][key]
+    saved["run"]["wandb"] = now["run"]["wandb"]  # where the metrics are mirrored
     diffs = [k for k in now if now[k] != saved[k]]
     if diffs:
         raise ValueError(
@@ -984,7 +995,9 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
     images = run.policy.decode(ro.latents[:n, -1])
     rows = [p for p in prompts for _ in range(run.cfg.sampling.group_size)][:n]
     caps = [f"{p}\nR={r:.2f}" for p, r in zip(rows, R[:n, -1].tolist(), strict=True)]
-    save_image_grid(images, caps, run.dir / "samples" / f"iter_{run.iteration:05d}.png")
+    path = run.dir / "samples" / f"iter_{run.iteration:05d}.png"
+    save_image_grid(images, caps, path)
+    run.log.image("samples", path, run.iteration)
 
 
 def ema_heldout_rewards(run: Run) -> dict[str, float]:

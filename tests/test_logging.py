@@ -1,0 +1,143 @@
+"""The run's metrics outside metrics.jsonl: Weights & Biases (run.wandb), and a fresh run's log."""
+
+import importlib.machinery
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from test_trainer import cfg_of, records
+
+from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+from densegrpo_fast.logging import WANDB_ID_FILE, scalars
+from densegrpo_fast.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeWandb(types.ModuleType):
+    """Stands in for the wandb package: records what the trainer asks of it."""
+
+    def __init__(self):
+        super().__init__("wandb")
+        self.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # what the config's check finds
+        self.runs = []
+        self.ids = iter(f"id{k}" for k in range(100))
+
+    def init(self, **kwargs):
+        run = types.SimpleNamespace(kwargs=kwargs, logs=[], metrics=[], finished=False)
+        run.id = kwargs["id"] or next(self.ids)  # as wandb: a new id unless one is given
+        run.log = run.logs.append
+        run.define_metric = lambda name, **kw: run.metrics.append((name, kw))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+    class Image:
+        def __init__(self, path):
+            self.path = path
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return fake
+
+
+def test_scalars_flatten_per_step_lists_and_skip_what_cannot_be_plotted():
+    record = {"iteration": 3, "reward_mean": 0.5, "rows": 24, "dR_mean": [0.1, -0.2], "note": "x",
+              "ratio_dev_first": None, "bad": float("nan"), "empty": []}  # fmt: skip
+    assert dict(scalars(record)) == {
+        "reward_mean": 0.5,
+        "rows": 24,
+        "dR_mean/step0": 0.1,
+        "dR_mean/step1": -0.2,
+    }
+
+
+def test_wandb_gets_every_record_the_grids_and_a_resumed_run_keeps_its_id(
+    tiny_checkpoint, tmp_path, fake_wandb
+):
+    extra = [
+        "run.wandb.enabled=true",
+        "run.wandb.project=proj",
+        "run.wandb.tags=[toy]",
+        "run.sample_grid_every=2",
+    ]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), progress=False)
+    (first,) = fake_wandb.runs
+    kw = first.kwargs
+    assert kw["id"] is None and (run_dir / WANDB_ID_FILE).read_text().strip() == first.id == "id0"
+    assert (kw["project"], kw["name"], kw["tags"], kw["mode"]) == ("proj", "run", ["toy"], "online")
+    assert kw["dir"] == str(run_dir) and kw["resume"] == "allow" and kw["reinit"] == "create_new"
+    saved = load_config(TrainConfig, run_dir / "config.yaml")
+    assert kw["config"] == saved.model_dump(mode="json")
+    assert first.metrics == [("iteration", {}), ("*", {"step_metric": "iteration"})]
+    metrics = [entry for entry in first.logs if "samples" not in entry]
+    expected = [{"iteration": r["iteration"], **dict(scalars(r))} for r in records(run_dir)]
+    assert metrics == expected
+    assert any("dR_mean/step0" in m for m in metrics) and any("eval_reward" in m for m in metrics)
+    (grid,) = [entry for entry in first.logs if "samples" in entry]
+    assert grid["iteration"] == 2 and grid["samples"].path == str(run_dir / "samples" / "iter_00002.png")
+    assert first.finished
+
+    resumed = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=3, extra=extra)
+    train(resumed, resume=True, progress=False)
+    second = fake_wandb.runs[1]
+    assert second.kwargs["id"] == "id0" and second.kwargs["resume"] == "allow"  # the same W&B run, continued
+    assert [m["iteration"] for m in second.logs] == [3, 3]  # iteration 3, its evaluation
+    assert second.finished
+
+    # resuming may switch W&B off (and on: where the run dir has no id yet, the W&B run is a new one)
+    off = cfg_of(
+        tiny_checkpoint, tmp_path / "run", iterations=4, extra=[*extra[1:], "run.wandb.enabled=false"]
+    )
+    train(off, resume=True, progress=False)
+    assert len(fake_wandb.runs) == 2
+
+
+def test_a_fresh_run_gets_a_new_wandb_id_and_an_empty_log(tiny_checkpoint, tmp_path, fake_wandb):
+    """A first attempt killed before its first checkpoint leaves metrics (and a W&B id) behind; a new run in
+    that directory (no --resume: nothing to resume) starts both anew, evaluation at iteration 0 included."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stale = [
+        {"iteration": 0, "wall_s": 0.0, "eval_reward": 9.0},
+        {"iteration": 1, "wall_s": 1.0, "reward_mean": 9.0},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    (run_dir / WANDB_ID_FILE).write_text("stale\n")
+    train(cfg_of(tiny_checkpoint, run_dir, iterations=1, extra=["run.wandb.enabled=true"]), progress=False)
+    recs = records(run_dir)
+    assert [(r["iteration"], "eval_reward" in r) for r in recs] == [(0, True), (1, False), (1, True)]
+    assert all(r.get("eval_reward") != 9.0 and r.get("reward_mean") != 9.0 for r in recs)
+    assert fake_wandb.runs[0].kwargs["id"] is None and (run_dir / WANDB_ID_FILE).read_text() == "id0\n"
+
+
+def test_wandb_without_the_package_is_a_config_error(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+    )
+    with pytest.raises(
+        ConfigError, match=r"run.wandb.enabled=true needs the wandb package.*densegrpo-fast\[wandb\]"
+    ):
+        load_config(TrainConfig, ROOT / "configs" / "toy_geneval.yaml", ["run.wandb.enabled=true"])
+
+
+def test_an_offline_wandb_run_is_written_under_the_run_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    """The real package, offline: the W&B run's file holds the metrics, ready for `wandb sync`."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    extra = ["run.wandb.enabled=true", "run.wandb.mode=offline", "run.sample_grid_every=1"]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    run_id = (run_dir / WANDB_ID_FILE).read_text().strip()
+    (data,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    blob = data.read_bytes()
+    (step,) = [r for r in records(run_dir) if "reward_mean" in r]
+    for key in ("reward_mean", "eval_reward", "dR_mean/step0", "samples"):
+        assert key.encode() in blob, key
+    assert json.dumps(step["reward_mean"]).encode() in blob  # the value (history values are JSON)
