@@ -32,8 +32,9 @@ class MetricsLog:
     ``wandb`` (a :class:`densegrpo_fast.config.WandbSection` that is enabled), to Weights & Biases.
 
     metrics.jsonl is the record a resumed run continues: :meth:`truncate_after` drops what a killed run wrote
-    after its last checkpoint. A W&B run cannot drop points, so a resumed run logs those iterations again
-    into the same W&B run (its id is kept in ``wandb_id.txt``); the charts' x axis is ``iteration``.
+    after its last checkpoint, and TensorBoard hides it. A W&B run cannot drop points, so a resumed run logs
+    those iterations again into the same W&B run (its id is kept in ``wandb_id.txt``); the charts' x axis is
+    ``iteration``.
     """
 
     def __init__(
@@ -45,20 +46,17 @@ class MetricsLog:
         resume: bool = False,
     ):
         self.path = run_dir / "metrics.jsonl"
-        self.writer = None
+        self.tensorboard_dir = run_dir / "tensorboard" if tensorboard else None
+        self.writer = None  # opened at the first write, after truncate_after has said where the run goes on
+        self.purge_step: int | None = None
         self.wandb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:  # pragma: no cover - tensorboard is a dependency
-                self.writer = None
         if wandb is not None and wandb.enabled:
             self.wandb = _start_wandb(run_dir, wandb, config, resume)
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint); -1 drops all."""
+        """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint); -1 drops all.
+        TensorBoard hides them too (its ``purge_step``: events from step ``iteration + 1`` on, written before)."""
+        self.purge_step = iteration + 1
         if not self.path.exists():
             return
         kept = [
@@ -71,6 +69,10 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         values = dict(scalars(record))
         it = record["iteration"]
+        if self.writer is None and self.tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self.purge_step)
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, it)

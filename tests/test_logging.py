@@ -11,7 +11,7 @@ import pytest
 from test_trainer import cfg_of, records
 
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
-from densegrpo_fast.logging import WANDB_ID_FILE, scalars
+from densegrpo_fast.logging import WANDB_ID_FILE, MetricsLog, scalars
 from densegrpo_fast.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +141,31 @@ def test_an_offline_wandb_run_is_written_under_the_run_directory(tiny_checkpoint
     for key in ("reward_mean", "eval_reward", "dR_mean/step0", "samples"):
         assert key.encode() in blob, key
     assert json.dumps(step["reward_mean"]).encode() in blob  # the value (history values are JSON)
+
+
+def _tensorboard(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_hides_what_a_killed_run_wrote_after_its_checkpoint(tmp_path):
+    killed = MetricsLog(tmp_path)
+    killed.truncate_after(-1)
+    for it in (1, 2, 3, 4):
+        killed.write({"iteration": it, "reward_mean": float(it)})
+    killed.close()  # (killed, it would not have closed: the events are flushed at each write)
+    resumed = MetricsLog(tmp_path, resume=True)
+    resumed.truncate_after(2)  # the checkpoint was at iteration 2
+    for it in (3, 4, 5):
+        resumed.write({"iteration": it, "reward_mean": 10.0 * it})
+    resumed.close()
+    assert _tensorboard(tmp_path, "reward_mean") == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0), (5, 50.0)]
+    assert [r["reward_mean"] for r in resumed.read()] == [1.0, 2.0, 30.0, 40.0, 50.0]
+    fresh = MetricsLog(tmp_path)  # a new run in the directory: nothing earlier shows
+    fresh.truncate_after(-1)
+    fresh.write({"iteration": 1, "reward_mean": -1.0})
+    fresh.close()
+    assert _tensorboard(tmp_path, "reward_mean") == [(1, -1.0)]
