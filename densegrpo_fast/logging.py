@@ -209,3 +209,70 @@ def plot_reward_curve(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+STEP_PANELS = (  # (title, how one record's per-step lists give the panel's values, diverging around 0)
+    ("mean reward gain dR", lambda r: r["dR_mean"], True),
+    ("gains - losses (share of rows; calibration balances it)",
+     lambda r: [p - n for p, n in zip(r["dR_pos_frac"], r["dR_neg_frac"], strict=True)], True),
+    ("mean |dR| (how much the step decides)", lambda r: r["dR_abs_mean"], False),
+)  # fmt: skip
+
+
+def step_reward_grid(records: list[dict], max_columns: int = 30) -> tuple[list[tuple[int, int]], list]:
+    """The dense-reward records (those with per-step dR) binned into at most ``max_columns`` consecutive runs
+    of iterations, each averaged (a few prompts an iteration make one record noisy): the (first, last)
+    iteration of each bin, and per panel of :data:`STEP_PANELS` a [steps, bins] list of lists."""
+    recs = [r for r in records if r.get("dR_mean")]
+    if not recs:
+        return [], [[] for _ in STEP_PANELS]
+    size = math.ceil(len(recs) / max_columns)
+    bins = [recs[i : i + size] for i in range(0, len(recs), size)]
+    spans = [(b[0]["iteration"], b[-1]["iteration"]) for b in bins]
+    panels = []
+    for _, values, _ in STEP_PANELS:
+        cols = [[sum(vs) / len(vs) for vs in zip(*(values(r) for r in b), strict=True)] for b in bins]
+        panels.append([list(row) for row in zip(*cols, strict=True)])  # [steps, bins]
+    return spans, panels
+
+
+def plot_step_rewards(records: list[dict], path: Path) -> bool:
+    """Where along the trajectory the reward is decided, over training (dense modes): per denoising step and
+    iteration, the mean dR, the balance of gains and losses, and the mean |dR|. False (nothing written) for
+    a sparse run, whose records have no per-step rewards."""
+    spans, panels = step_reward_grid(records)
+    if not spans:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total = len(panels[0])
+    steps = 1 + max((k for k, row in enumerate(panels[-1]) if any(row)), default=0)
+    panels = [grid[:steps] for grid in panels]  # the steps after the last that ever moved R (ODE) left out
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5.2 * len(panels), max(3.0, 1.2 + 0.28 * steps)), squeeze=False
+    )
+    x_edges = [a - 0.5 for a, _ in spans] + [spans[-1][1] + 0.5]  # each bin spans its iterations
+    y_edges = [k - 0.5 for k in range(steps + 1)]
+    for ax, (title, _, diverging), grid in zip(axes[0], STEP_PANELS, panels, strict=True):
+        if diverging:
+            bound = max(1e-12, max(abs(v) for row in grid for v in row))
+            mesh = ax.pcolormesh(x_edges, y_edges, grid, cmap="RdBu", vmin=-bound, vmax=bound)
+        else:
+            mesh = ax.pcolormesh(x_edges, y_edges, grid, cmap="viridis", vmin=0)
+        fig.colorbar(mesh, ax=ax, fraction=0.046, pad=0.02)
+        ax.set_yticks(range(0, steps, max(1, steps // 10)))
+        ax.invert_yaxis()  # step 0 (pure noise) on top
+        ax.set(title=title, xlabel="iteration", ylabel="denoising step")
+        ax.title.set_fontsize(9)
+    size = spans[0][1] - spans[0][0] + 1
+    title = "dense rewards per step" + (f", means over {size} iterations" if size > 1 else "")
+    if steps < total:
+        title += f"; steps {steps}-{total - 1}: dR = 0 throughout (ODE steps), not shown"
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -35,7 +35,7 @@ from densegrpo_fast.checkpoint import (
 from densegrpo_fast.config import TrainConfig, dump_config
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.kernels import sde_log_prob
-from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, save_image_grid
+from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
@@ -924,7 +924,9 @@ def checkpoint(run: Run) -> None:
                 "world": run.dist.world,
             },
         )
-        plot_reward_curve(run.log.read(), run.dir / "reward_curve.png")
+        records = run.log.read()
+        plot_reward_curve(records, run.dir / "reward_curve.png")
+        plot_step_rewards(records, run.dir / "step_rewards.png")
 
     distributed.on_main(run.dist, write)
 

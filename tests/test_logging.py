@@ -8,10 +8,11 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from test_trainer import cfg_of, records
 
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
-from densegrpo_fast.logging import WANDB_ID_FILE, MetricsLog, scalars
+from densegrpo_fast.logging import WANDB_ID_FILE, MetricsLog, plot_step_rewards, scalars, step_reward_grid
 from densegrpo_fast.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +170,24 @@ def test_tensorboard_hides_what_a_killed_run_wrote_after_its_checkpoint(tmp_path
     fresh.write({"iteration": 1, "reward_mean": -1.0})
     fresh.close()
     assert _tensorboard(tmp_path, "reward_mean") == [(1, -1.0)]
+
+
+def _dense_record(it, dR, pos, neg):
+    return {"iteration": it, "dR_mean": dR, "dR_abs_mean": [abs(v) for v in dR], "dR_pos_frac": pos,
+            "dR_neg_frac": neg}  # fmt: skip
+
+
+def test_step_reward_grid_bins_iterations_and_keeps_steps_apart(tmp_path):
+    recs = [_dense_record(it, [0.1 * it, -0.2], [0.5, 0.0], [0.25, 1.0]) for it in (1, 2, 3, 4, 5)]
+    recs.insert(2, {"iteration": 2, "eval_reward": 0.3})  # an evaluation record: no per-step rewards
+    spans, (dR, balance, size) = step_reward_grid(recs, max_columns=2)
+    assert spans == [(1, 3), (4, 5)]  # ceil(5 / 2) = 3 iterations a column, the last one shorter
+    torch.testing.assert_close(
+        torch.tensor(dR), torch.tensor([[0.2, 0.45], [-0.2, -0.2]])
+    )  # [steps, columns]
+    torch.testing.assert_close(torch.tensor(balance), torch.tensor([[0.25, 0.25], [-1.0, -1.0]]))
+    torch.testing.assert_close(torch.tensor(size), torch.tensor([[0.2, 0.45], [0.2, 0.2]]))
+    assert plot_step_rewards(recs, tmp_path / "steps.png") and (tmp_path / "steps.png").stat().st_size > 0
+    sparse = [{"iteration": 1, "reward_mean": 0.5}, {"iteration": 1, "eval_reward": 0.4}]
+    assert step_reward_grid(sparse) == ([], [[], [], []])
+    assert not plot_step_rewards(sparse, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

@@ -60,6 +60,7 @@ def test_short_training_run_writes_everything_and_is_on_policy(tiny_checkpoint, 
         "config.yaml",
         "checkpoint.pt",
         "reward_curve.png",
+        "step_rewards.png",
         "policy_ema.safetensors",
         "samples/iter_00002.png",
     ):
