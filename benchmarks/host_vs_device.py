@@ -14,7 +14,9 @@ take microseconds, so its calls are nearly all host work).
     python benchmarks/host_vs_device.py --tflops 400 --tbps 3 --json
 
 The device time per row is assumed, not measured: the matmuls' and attention's FLOPs at ``--tflops``
-(bf16), every other kernel's bytes (element-wise, norms, casts, concatenations) at ``--tbps``. The host time
+(bf16), every other kernel's bytes (element-wise, norms, casts, concatenations) at ``--tbps``, and for the
+matmuls whose bytes take longer than their FLOPs at those rates (the LoRA adapters' rank-32 ones), the
+difference, at the recipe's call size (a roofline per matmul). The host time
 per call is the launches times this CPU's host cost per op. A GPU machine's host is likely faster per op,
 but each launch adds the driver's few microseconds. Both sides are estimates of the order of magnitude:
 the table is for the crossover, the call size below which a call is host-bound.
@@ -52,6 +54,15 @@ _MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_dot_product
             "_scaled_dot_product_cudnn_attention"}  # fmt: skip
 
 
+_GEMMS = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1}  # the position of the first factor among the args
+
+
+def _gemm_flops(name: str, args) -> int:
+    """2 m k n (times the batch for bmm / baddbmm): what FlopCounterMode counts for them."""
+    a, b = args[_GEMMS[name]], args[_GEMMS[name] + 1]
+    return 2 * a.numel() * b.shape[-1]
+
+
 def _distinct_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's distinct elements (a broadcast dimension, stride 0, is read once)."""
     n = 1
@@ -69,6 +80,7 @@ class OpCount(torch.utils._python_dispatch.TorchDispatchMode):
         self.launches = 0
         self.host_reads: list[str] = []
         self.memory_bytes = 0  # inputs + outputs of every launching op but the matmuls and attention
+        self.gemms: list[tuple[int, int]] = []  # (FLOPs, bytes in and out) of each matmul
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -77,9 +89,12 @@ class OpCount(torch.utils._python_dispatch.TorchDispatchMode):
             self.host_reads.append(name)
         elif func.namespace == "aten" and not func.is_view and name not in _NO_KERNEL:
             self.launches += 1
+            flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
+            moved = sum(_distinct_bytes(t) for t in flat if isinstance(t, torch.Tensor))
             if name not in _MATMULS:
-                flat = torch.utils._pytree.tree_leaves((args, kwargs, out))
-                self.memory_bytes += sum(_distinct_bytes(t) for t in flat if isinstance(t, torch.Tensor))
+                self.memory_bytes += moved
+            elif name in _GEMMS:
+                self.gemms.append((_gemm_flops(name, args), moved))
         return out
 
 
@@ -138,7 +153,24 @@ def count_call(policy, rows: int, guidance: float, mode) -> dict:
         "host_reads": counter.host_reads,
         "flops": flops.get_total_flops(),
         "memory_bytes": counter.memory_bytes,
+        "gemms": counter.gemms,
     }
+
+
+def gemm_excess_ms(two: list, three: list, rows: int, tflops: float, tbps: float) -> tuple[float, int]:
+    """What memory-bound matmuls add over their FLOP time in a call of ``rows`` latent rows, and how many
+    they are: each matmul runs at whichever bound is slower, its FLOPs at ``tflops`` or its bytes at
+    ``tbps`` (a roofline). Each matmul's FLOPs and bytes are affine in the rows, so the calls counted at 2
+    and 3 rows give them at ``rows``. The LoRA adapters' rank-32 matmuls, fp32, read and write whole
+    activations for few FLOPs; the transformer's own are compute-bound but for its per-call modulation
+    (adaLN) matmuls, whose weights outweigh their few rows."""
+    excess, bound = 0.0, 0
+    for (f2, b2), (f3, b3) in zip(two, three, strict=True):
+        f, b = f2 + (rows - 2) * (f3 - f2), b2 + (rows - 2) * (b3 - b2)
+        extra = b / (tbps * 1e12) - f / (tflops * 1e12)
+        if extra > 0:
+            excess, bound = excess + extra, bound + 1
+    return excess * 1e3, bound
 
 
 def fake_policy(family: str, lora: bool):
@@ -215,6 +247,7 @@ def measure(tflops: float, tbps: float) -> list[dict]:
             flops_row = three["flops"] - two["flops"]
             device_ms_row = flops_row / (tflops * 1e12) * 1e3
             memory_ms_row = (three["memory_bytes"] - two["memory_bytes"]) / (tbps * 1e12) * 1e3
+            excess_ms, bound = gemm_excess_ms(two["gemms"], three["gemms"], per_call, tflops, tbps)
             host_ms = three["launches"] * tiny["us_per_op"] / 1e3
             records.append({
                 "model": f"{'SD3.5-M' if family == 'sd3' else 'FLUX.1-dev'} {cfg.model.resolution} px"
@@ -230,6 +263,8 @@ def measure(tflops: float, tbps: float) -> list[dict]:
                 "device_ms_per_row": device_ms_row,
                 "memory_gb_per_row": (three["memory_bytes"] - two["memory_bytes"]) / 1e9,
                 "memory_ms_per_row": memory_ms_row,
+                "memory_bound_gemms_per_recipe_call": bound,
+                "memory_bound_gemm_ms_per_row": excess_ms / per_call,  # at the recipe's call size
                 "crossover_rows": host_ms / device_ms_row,
                 "recipe_rows_per_call": per_call,
                 "recipe_device_ms_per_call": device_ms_row * per_call,
@@ -243,8 +278,8 @@ def table(records: list[dict], tflops: float, tbps: float) -> str:
         "| model | LoRA | kernel launches / call | host reads / call | GFLOP / latent row | host us / op (this CPU) "
         f"| host ms / call | matmul + attention ms / row at {tflops:g} TFLOP/s | host-bound below (latent rows) "
         "| recipe rows / call: matmul + attention ms | other kernels' GB / row "
-        f"| their ms / row at {tbps:g} TB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        f"| their ms / row at {tbps:g} TB/s | memory-bound matmuls / recipe call: their extra ms / row |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     for r in records:
         lines.append(
@@ -252,7 +287,8 @@ def table(records: list[dict], tflops: float, tbps: float) -> str:
             f"{r['host_reads_per_call']} | {r['gflop_per_row']:.0f} | {r['tiny_us_per_op']:.1f} | "
             f"{r['host_ms_per_call']:.1f} | {r['device_ms_per_row']:.2f} | {r['crossover_rows']:.2f} | "
             f"{r['recipe_rows_per_call']}: {r['recipe_device_ms_per_call']:.0f} | "
-            f"{r['memory_gb_per_row']:.2f} | {r['memory_ms_per_row']:.2f} |"
+            f"{r['memory_gb_per_row']:.2f} | {r['memory_ms_per_row']:.2f} | "
+            f"{r['memory_bound_gemms_per_recipe_call']}: {r['memory_bound_gemm_ms_per_row']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -37,6 +37,7 @@ def test_a_velocity_call_has_fixed_launches_no_host_read_and_flops_per_row(famil
 def test_the_op_count_leaves_out_views_allocations_and_metadata_and_the_bytes_matmuls():
     counter = hvd.OpCount()
     x = torch.ones(4, 4)
+    bias, a, b = torch.zeros(3), torch.ones(2, 4), torch.ones(4, 3)
     with counter:
         y = torch.empty(4, 4)  # allocation: no kernel
         z = x.view(16)  # a view: no kernel
@@ -44,10 +45,28 @@ def test_the_op_count_leaves_out_views_allocations_and_metadata_and_the_bytes_ma
         y.copy_(x)  # one kernel; counted as in-place ops are: its arguments and its output (y again)
         w = (x + 1).sum()  # two kernels: 64 + 64, then 64 + 4
         w.item()  # a host read
-        torch.mm(x, x)  # a matmul: its time is its FLOPs, not its bytes
-    assert counter.launches == 4
+        torch.mm(x, x)  # a matmul: not among the other kernels' bytes; its FLOPs and bytes are kept apart
+        torch.addmm(bias, a, b)
+    assert counter.launches == 5
     assert counter.host_reads == ["_local_scalar_dense"]
     assert counter.memory_bytes == (64 + 64 + 64) + (64 + 64) + (64 + 4)
+    assert counter.gemms == [(2 * 4 * 4 * 4, 3 * 64), (2 * 2 * 4 * 3, 4 * (3 + 8 + 12 + 6))]
+
+
+def test_memory_bound_matmuls_add_their_byte_time_at_the_call_size():
+    """A roofline per matmul, with each matmul's FLOPs and bytes taken from calls of 2 and 3 rows."""
+    tflops, tbps = 400.0, 3.0
+    # a rank-32 adapter on 1000 tokens a row, fp32: 2 * 1000 * 1536 * 32 FLOPs, 4 * 1000 * (1536 + 32) bytes
+    f_row, b_row = 2 * 1000 * 1536 * 32, 4 * 1000 * (1536 + 32)
+    lora = [(2 * f_row, 2 * b_row), (3 * f_row, 3 * b_row)]
+    big = [(2 * 10**12, 10**9), (3 * 10**12, 10**9)]  # compute-bound: adds nothing
+    excess, bound = hvd.gemm_excess_ms([lora[0], big[0]], [lora[1], big[1]], 96, tflops, tbps)
+    per_row = (b_row / (tbps * 1e12) - f_row / (tflops * 1e12)) * 1e3
+    assert bound == 1 and excess == pytest.approx(96 * per_row, rel=1e-9)
+    # weights read once a call (here 300 MB) against FLOPs that grow with the rows: bound at few rows only
+    modulation = [(2 * 10**8, 3 * 10**8), (3 * 10**8, 3 * 10**8)]
+    assert hvd.gemm_excess_ms([modulation[0]], [modulation[1]], 2, tflops, tbps)[1] == 1
+    assert hvd.gemm_excess_ms([modulation[0]], [modulation[1]], 10**6, tflops, tbps) == (0.0, 0)
 
 
 def test_attention_on_the_cpu_is_counted_as_attention():
