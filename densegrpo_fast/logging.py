@@ -105,8 +105,8 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
     whose id the run directory holds. Files go to ``run_dir/wandb`` (an offline run's, for ``wandb sync``)."""
     try:
         import wandb
-    except ImportError as e:
-        raise ImportError(
+    except ImportError as e:  # (ValueError: the command line says it without a traceback)
+        raise ValueError(
             "run.wandb.enabled=true needs the wandb package: pip install 'densegrpo-fast[wandb]' (or set "
             "run.wandb.enabled=false)"
         ) from e
@@ -127,7 +127,7 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
             reinit="create_new",  # one W&B run per training run, also when a process trains several
         )
     except Exception as e:
-        raise RuntimeError(
+        raise ValueError(
             f"run.wandb: wandb.init failed ({type(e).__name__}: {e}). Log in first (`wandb login`, or set "
             "WANDB_API_KEY), or set run.wandb.mode=offline and upload later with `wandb sync "
             f"{run_dir / 'wandb'}/offline-run-*`; or set run.wandb.enabled=false"

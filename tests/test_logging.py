@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_trainer import cfg_of, records
 
+from densegrpo_fast import trainer
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
 from densegrpo_fast.logging import WANDB_ID_FILE, MetricsLog, plot_step_rewards, scalars, step_reward_grid
 from densegrpo_fast.trainer import train
@@ -191,3 +192,21 @@ def test_step_reward_grid_bins_iterations_and_keeps_steps_apart(tmp_path):
     sparse = [{"iteration": 1, "reward_mean": 0.5}, {"iteration": 1, "eval_reward": 0.4}]
     assert step_reward_grid(sparse) == ([], [[], [], []])
     assert not plot_step_rewards(sparse, tmp_path / "none.png") and not (tmp_path / "none.png").exists()
+
+
+def test_a_wandb_that_cannot_start_stops_the_run_before_any_model_work(
+    tiny_checkpoint, tmp_path, fake_wandb, monkeypatch
+):
+    def refuse(**kwargs):
+        raise RuntimeError("No API key configured")
+
+    fake_wandb.init = refuse
+    monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["run.wandb.enabled=true"])
+    with pytest.raises(
+        ValueError, match=r"wandb.init failed \(RuntimeError: No API key.*run.wandb.mode=offline"
+    ):
+        train(cfg, progress=False)
+    assert (
+        not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / WANDB_ID_FILE).exists()
+    )
