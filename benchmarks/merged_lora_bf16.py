@@ -12,7 +12,7 @@ every adapted layer has the given rho. One velocity call of one latent row, per 
 
 - exact: fp32 weights (the bf16 base upcast) and fp32 adapters, in fp32: the policy in exact arithmetic;
 - unmerged: the bf16 base with fp32 adapters, as the recipes roll out and as the update trains;
-- merged: ``bf16(w + delta)``, adapters off, as ``lora.merge_for_sampling`` samples;
+- merged: ``bf16(w + delta)``, adapters off: ``lora.merge_for_sampling``'s sampler (trainer.lora_merged);
 - base: the bf16 base alone.
 
 Reported against the adapters' exact effect ``e = v_exact - v_base_exact`` (both fp32): for each bf16
@@ -99,26 +99,17 @@ def bf16_base(model):
             b.data = buffers[n]
 
 
-@contextlib.contextmanager
 def merged(model):
-    """``model`` with every adapter folded into its base weight in the base's dtype and the adapters off,
-    as trainer.lora_merged samples; the base weights and the adapters back after."""
-    from peft.tuners.lora import LoraLayer
+    """``model`` with its adapters folded into its base weights in the base's dtype and the adapters off, by
+    the trainer's own ``lora_merged`` (what ``lora.merge_for_sampling`` samples with); all back after."""
+    from types import SimpleNamespace
 
-    saved = []
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLayer):
-                base = m.get_base_layer()
-                saved.append((base, base.weight.data))
-                base.weight.data = (base.weight.data + m.get_delta_weight("default")).to(base.weight.dtype)
-    model.disable_adapters()
-    try:
-        yield model
-    finally:
-        model.enable_adapters()
-        for base, w in saved:
-            base.weight.data = w
+    from densegrpo_fast.trainer import lora_merged
+
+    lora = SimpleNamespace(enabled=True, merge_for_sampling=True)
+    return lora_merged(
+        SimpleNamespace(cfg=SimpleNamespace(lora=lora), policy=SimpleNamespace(transformer=model))
+    )
 
 
 def inputs(model, text_tokens: int, resolution: int, seed: int = 2):

@@ -20,9 +20,11 @@ def _lora_layers(model):
 
 @pytest.fixture(scope="module")
 def tiny():
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, text_tokens = mlb.build(layers=1, width_heads=2, text_tokens=8)
-    return model, mlb.inputs(model, text_tokens, resolution=32)
+    yield model, mlb.inputs(model, text_tokens, resolution=32)
+    torch.set_num_threads(threads)
 
 
 def test_every_adapter_gets_the_asked_ratio_and_the_base_is_on_the_bf16_grid(tiny):

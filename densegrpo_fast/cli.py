@@ -128,7 +128,13 @@ def _add_validate(sub) -> None:
     _add_overrides(p)
 
     def handler(args):
+        import importlib.util
+
+        from densegrpo_fast.logging import WANDB_MISSING
+
         cfg = _train_config(args)
+        if cfg.run.wandb.enabled and importlib.util.find_spec("wandb") is None:
+            raise ValueError(WANDB_MISSING)
         print(
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )

@@ -8,7 +8,6 @@ raises one :class:`ConfigError` listing every problem with the nearest valid key
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any, TypeVar
@@ -570,11 +569,6 @@ class TrainConfig(Section):
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         problems += self.model.problems()
-        if self.run.wandb.enabled and importlib.util.find_spec("wandb") is None:
-            problems.append(
-                "run.wandb.enabled=true needs the wandb package, which is not installed: pip install "
-                "'densegrpo-fast[wandb]', or set run.wandb.enabled=false"
-            )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "

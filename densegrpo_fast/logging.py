@@ -12,6 +12,10 @@ from typing import Any
 import torch
 
 WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id of a run directory: a resumed run logs to the same W&B run
+WANDB_MISSING = (
+    "run.wandb.enabled=true needs the wandb package, which is not installed: pip install "
+    "'densegrpo-fast[wandb]', or set run.wandb.enabled=false"
+)  # (checked where W&B starts and by `validate`, not by every config load: eval and resume need no wandb)
 
 
 def scalars(record: dict) -> Iterator[tuple[str, float]]:
@@ -32,7 +36,7 @@ class MetricsLog:
     ``wandb`` (a :class:`densegrpo_fast.config.WandbSection` that is enabled), to Weights & Biases.
 
     metrics.jsonl is the record a resumed run continues: :meth:`truncate_after` drops what a killed run wrote
-    after its last checkpoint, and TensorBoard hides it. A W&B run cannot drop points, so a resumed run logs
+    after its last checkpoint, and TensorBoard is told to hide it. A W&B run cannot drop points, so a resumed run logs
     those iterations again into the same W&B run (its id is kept in ``wandb_id.txt``); the charts' x axis is
     ``iteration``.
     """
@@ -55,7 +59,8 @@ class MetricsLog:
 
     def truncate_after(self, iteration: int) -> None:
         """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint); -1 drops all.
-        TensorBoard hides them too (its ``purge_step``: events from step ``iteration + 1`` on, written before)."""
+        TensorBoard is told to hide them too (``purge_step``: the events written before, from step
+        ``iteration + 1`` on; honoured by its Python event loader, which tests/test_logging.py reads)."""
         self.purge_step = iteration + 1
         if not self.path.exists():
             return
@@ -92,11 +97,13 @@ class MetricsLog:
             return []
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Flush and close; ``failed``: the run stopped on an error (its W&B run is marked failed)."""
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
         if self.wandb is not None:
-            self.wandb.finish()
+            self.wandb.finish(exit_code=1 if failed else 0)
             self.wandb = None
 
 
@@ -106,10 +113,7 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
     try:
         import wandb
     except ImportError as e:  # (ValueError: the command line says it without a traceback)
-        raise ValueError(
-            "run.wandb.enabled=true needs the wandb package: pip install 'densegrpo-fast[wandb]' (or set "
-            "run.wandb.enabled=false)"
-        ) from e
+        raise ValueError(WANDB_MISSING) from e
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: W&B names a new one
     try:
@@ -153,7 +157,7 @@ class NullLog:
     def read(self) -> list[dict]:
         return []
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -250,7 +254,7 @@ def plot_step_rewards(records: list[dict], path: Path) -> bool:
 
     total = len(panels[0])
     steps = 1 + max((k for k, row in enumerate(panels[-1]) if any(row)), default=0)
-    panels = [grid[:steps] for grid in panels]  # the steps after the last that ever moved R (ODE) left out
+    panels = [grid[:steps] for grid in panels]  # the steps after the last that ever moved R left out
     fig, axes = plt.subplots(
         1, len(panels), figsize=(5.2 * len(panels), max(3.0, 1.2 + 0.28 * steps)), squeeze=False
     )
@@ -268,9 +272,9 @@ def plot_step_rewards(records: list[dict], path: Path) -> bool:
         ax.set(title=title, xlabel="iteration", ylabel="denoising step")
         ax.title.set_fontsize(9)
     size = spans[0][1] - spans[0][0] + 1
-    title = "dense rewards per step" + (f", means over {size} iterations" if size > 1 else "")
+    title = "dense rewards per step" + (f", means over up to {size} iterations" if size > 1 else "")
     if steps < total:
-        title += f"; steps {steps}-{total - 1}: dR = 0 throughout (ODE steps), not shown"
+        title += f"; steps {steps}-{total - 1}: dR = 0 throughout, not shown"
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

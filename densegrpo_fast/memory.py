@@ -1208,7 +1208,8 @@ def run_memory(
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
-        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
+        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}",
+        f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
         "model.compile=false",  # fake tensors run eagerly
     ])  # fmt: skip
     if compiled:

@@ -12,7 +12,7 @@ import torch
 from test_trainer import cfg_of, records
 
 from densegrpo_fast import trainer
-from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+from densegrpo_fast.config import TrainConfig, load_config
 from densegrpo_fast.logging import WANDB_ID_FILE, MetricsLog, plot_step_rewards, scalars, step_reward_grid
 from densegrpo_fast.trainer import train
 
@@ -29,11 +29,11 @@ class FakeWandb(types.ModuleType):
         self.ids = iter(f"id{k}" for k in range(100))
 
     def init(self, **kwargs):
-        run = types.SimpleNamespace(kwargs=kwargs, logs=[], metrics=[], finished=False)
+        run = types.SimpleNamespace(kwargs=kwargs, logs=[], metrics=[], exit_code=None)
         run.id = kwargs["id"] or next(self.ids)  # as wandb: a new id unless one is given
         run.log = run.logs.append
         run.define_metric = lambda name, **kw: run.metrics.append((name, kw))
-        run.finish = lambda: setattr(run, "finished", True)
+        run.finish = lambda exit_code=0: setattr(run, "exit_code", exit_code)
         self.runs.append(run)
         return run
 
@@ -84,14 +84,14 @@ def test_wandb_gets_every_record_the_grids_and_a_resumed_run_keeps_its_id(
     assert any("dR_mean/step0" in m for m in metrics) and any("eval_reward" in m for m in metrics)
     (grid,) = [entry for entry in first.logs if "samples" in entry]
     assert grid["iteration"] == 2 and grid["samples"].path == str(run_dir / "samples" / "iter_00002.png")
-    assert first.finished
+    assert first.exit_code == 0  # finished, not failed
 
     resumed = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=3, extra=extra)
     train(resumed, resume=True, progress=False)
     second = fake_wandb.runs[1]
     assert second.kwargs["id"] == "id0" and second.kwargs["resume"] == "allow"  # the same W&B run, continued
     assert [m["iteration"] for m in second.logs] == [3, 3]  # iteration 3, its evaluation
-    assert second.finished
+    assert second.exit_code == 0
 
     # resuming may switch W&B off (and on: where the run dir has no id yet, the W&B run is a new one)
     off = cfg_of(
@@ -119,15 +119,45 @@ def test_a_fresh_run_gets_a_new_wandb_id_and_an_empty_log(tiny_checkpoint, tmp_p
     assert fake_wandb.runs[0].kwargs["id"] is None and (run_dir / WANDB_ID_FILE).read_text() == "id0\n"
 
 
-def test_wandb_without_the_package_is_a_config_error(monkeypatch):
+def test_without_the_wandb_package_validate_and_train_say_so_and_a_resume_may_do_without(
+    tiny_checkpoint, tmp_path, fake_wandb, monkeypatch, capsys
+):
+    from densegrpo_fast import cli
+
+    extra = ["run.wandb.enabled=true"]
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)  # with W&B
+    monkeypatch.setitem(sys.modules, "wandb", None)  # now not installed: `import wandb` fails
     find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "wandb" else find_spec(n, *a))
+    assert cli.main(["validate", "--config", str(ROOT / "configs" / "toy_geneval.yaml"), *extra]) == 2
+    assert "run.wandb.enabled=true needs the wandb package" in capsys.readouterr().err
+    monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=r"needs the wandb package.*densegrpo-fast\[wandb\]"):
+        train(cfg_of(tiny_checkpoint, tmp_path / "other", iterations=1, extra=extra), progress=False)
+    monkeypatch.undo()  # (the package still missing, the model loads again)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    # the saved config asks for W&B, which this machine lacks: resuming without it is allowed
+    off = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["run.wandb.enabled=false"])
+    train(off, resume=True, progress=False)
+    assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2]
+
+
+def test_a_run_that_fails_marks_its_wandb_run_failed(tiny_checkpoint, tmp_path, fake_wandb, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("no such checkpoint")
+
+    monkeypatch.setattr(trainer, "load_policy", broken)  # setup fails after the log (and W&B) opened
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["run.wandb.enabled=true"])
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        train(cfg, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a)
+        trainer, "update", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
     )
-    with pytest.raises(
-        ConfigError, match=r"run.wandb.enabled=true needs the wandb package.*densegrpo-fast\[wandb\]"
-    ):
-        load_config(TrainConfig, ROOT / "configs" / "toy_geneval.yaml", ["run.wandb.enabled=true"])
+    with pytest.raises(RuntimeError, match="out of memory"):  # and the loop fails
+        train(cfg, progress=False)
+    assert [r.exit_code for r in fake_wandb.runs] == [1, 1]
 
 
 def test_an_offline_wandb_run_is_written_under_the_run_directory(tiny_checkpoint, tmp_path, monkeypatch):
