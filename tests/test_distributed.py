@@ -453,3 +453,25 @@ def test_the_padded_micro_batch_count_is_the_busiest_ranks():
     assert _most_micro_batches(rows, 12, 3, 3) == 2
     assert _most_micro_batches(rows, 12, 3, 4) == 1
     assert _most_micro_batches(rows[4:], 12, 3, 1) == 2
+
+
+def test_rank_0_alone_logs_to_wandb_and_its_failure_stops_every_rank(tiny_checkpoint, tmp_path):
+    pytest.importorskip("wandb")
+    # no W&B login whatever this machine's: no WANDB_* variables, a home (and ~/.netrc) of the test's own
+    env = {k: v for k, v in ENV.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "netrc"))
+    run = lambda out, extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *TRAIN,
+         *tiny_overrides(tiny_checkpoint, out, iterations=1, extra=[*EXTRA, *extra])],
+        env={**env, "WANDB_SILENT": "true"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    done = run(tmp_path / "offline", ["run.wandb.enabled=true", "run.wandb.mode=offline"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    (only,) = (tmp_path / "offline" / "wandb").glob("offline-run-*")  # one W&B run, rank 0's
+    run_id = (tmp_path / "offline" / "wandb_id.txt").read_text().strip()
+    assert only.name.endswith(run_id) and b"reward_mean" in (only / f"run-{run_id}.wandb").read_bytes()
+    # online without a login: rank 0's error reaches rank 1 through on_main, and both leave at once
+    failed = run(tmp_path / "online", ["run.wandb.enabled=true", f"run.wandb.project=p{os.getpid()}"])
+    assert failed.returncode != 0
+    assert failed.stderr.count("wandb.init failed") >= 2, failed.stderr[-3000:]  # said by both ranks
+    assert not (tmp_path / "online" / "metrics.jsonl").exists()
