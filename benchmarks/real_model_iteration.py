@@ -341,6 +341,25 @@ def measure_mode(run, probe: Probe, iterations: int) -> dict:
     }
 
 
+def measure_rollout(run, probe: Probe, merged: bool) -> dict:
+    """One rollout (``collect``: prompt encoding, the rollout, the reward) with the LoRA adapters merged for
+    sampling (``lora.merge_for_sampling``) or not; no update: the update is the same either way."""
+    from densegrpo_fast.trainer import collect
+
+    cfg = run.cfg.model_copy(deep=True)
+    cfg.lora.merge_for_sampling = merged
+    run = dataclasses.replace(run, cfg=cfg)
+    prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, 0)
+    probe.start("encode")
+    t0 = time.perf_counter()
+    ro, cond, R, _ = collect(run, prompts, 0)
+    probe.mark("done")
+    rec = {"merged": merged, "seconds": time.perf_counter() - t0, "phases": dict(probe.phases)}
+    rec["reward_mean"] = R[:, -1].mean().item()
+    del ro, cond, R
+    return rec
+
+
 def measure_end(run, probe: Probe) -> dict:
     """The rest of a run, as the trainer makes it at its end: ``evaluation`` (one held-out batch of the eval
     section's sampler, EMA weights in, LoRA merged) and ``export`` (the EMA transformer copied to the host and
@@ -432,6 +451,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-batch-size", type=int, help="grpo.train_batch_size (recipe: sd3 8, flux 4)")
     ap.add_argument("--dense-mode", choices=["dense", "sparse"], default="dense")
     ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")
+    ap.add_argument(
+        "--merged-rollout", action="store_true",
+        help="instead of the modes: one rollout with the LoRA adapters unmerged, then one merged for sampling",
+    )  # fmt: skip
     ap.add_argument("--iterations", type=int, default=1, help="measured iterations per mode (last is kept)")
     ap.add_argument("--no-warmup", action="store_true", help="measure the first calls cold")
     ap.add_argument(
@@ -493,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = result["load"].get("allocated_gib")
     failed = False
-    for mode in modes:
+    for mode in [] if args.merged_rollout else modes:
         try:
             rec = measure_mode(dataclasses.replace(run, cfg=cfgs[mode]), probe, args.iterations)
         except Exception as e:  # CUDA out of memory above all: the next mode still runs
@@ -515,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
         write_json(json_path, result)
         print(summary_line(mode, rec), flush=True)
 
+    if args.merged_rollout:
+        failed = measure_merged(run, probe, result, json_path) or failed
+
     end_failed = False
     if not args.no_evaluate_export:  # its own record: a failure here (an OOM) leaves the modes' figures whole
         try:
@@ -529,13 +555,44 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {ph['seconds']:.2f} s" + (f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else "")
             for k, ph in end["phases"].items())), flush=True)  # fmt: skip
         write_json(json_path, result)
-    if len(modes) == 2 and not failed:
+    if len(modes) == 2 and not failed and not args.merged_rollout:
         result["dense_over_sparse"] = ratios(*(result["modes"][m] for m in modes))
         print("dense / sparse: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["dense_over_sparse"].items()))
     write_json(json_path, result)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {json_path}")
     return 1 if failed or end_failed else 0
+
+
+def measure_merged(run, probe: Probe, result: dict, json_path: Path) -> bool:
+    """``--merged-rollout``: the rollout unmerged, then merged, in ``result["merged_rollout"]``, with their
+    ratio; True if one failed."""
+    recs, failed = {}, False
+    result["merged_rollout"] = recs
+    for merged in (False, True):
+        key = "merged" if merged else "unmerged"
+        try:
+            rec = measure_rollout(run, probe, merged)
+        except Exception as e:  # an OOM above all: recorded, so the report names it
+            traceback.print_exc()
+            failed = True
+            rec = {"error": f"{type(e).__name__} in phase {probe.phase!r}: {str(e)[:300]}"}
+        gc.collect()
+        if probe.cuda:
+            torch.cuda.empty_cache()
+        if "error" not in rec and "flops_per_transformer_row" in result:
+            rec["rollout_tflop_per_s"] = rollout_tflops(rec, result["flops_per_transformer_row"])
+        recs[key] = rec
+        write_json(json_path, result)
+        print(f"  rollout, LoRA {key}: " + (f"FAILED: {rec['error']}" if "error" in rec else
+              f"{rec['phases']['rollout']['seconds']:.2f} s"), flush=True)  # fmt: skip
+    if not failed:
+        recs["unmerged_over_merged"] = (
+            recs["unmerged"]["phases"]["rollout"]["seconds"] / recs["merged"]["phases"]["rollout"]["seconds"]
+        )
+        print(f"rollout unmerged / merged: {recs['unmerged_over_merged']:.2f}x", flush=True)
+    write_json(json_path, result)
+    return failed
 
 
 def load(args, cfg: TrainConfig, device: torch.device, result: dict):

@@ -129,7 +129,7 @@ def iteration_section(paths: list[Path]) -> str:
         )
         if "load_error" in r:
             errors.append(f"{r['family']}: failed while loading: {r['load_error']}")
-        if not r["modes"]:
+        if not r["modes"] and "merged_rollout" not in r:  # (--merged-rollout runs no mode: its own line)
             out.append(head.format(mode="—") + " no mode finished |" + " |" * 11)
         for mode, m in r["modes"].items():
             ph = m.get("phases", {})
@@ -168,6 +168,27 @@ def iteration_section(paths: list[Path]) -> str:
         )
         out.append(
             f"\n{r['family']} end of run (one held-out batch of the eval section, then the export): {line}."
+        )
+    for _, r in results:
+        merged = r.get("merged_rollout")
+        if merged is None:
+            continue
+        s = r["settings"]
+        parts = []
+        for key in ("unmerged", "merged"):
+            m = merged.get(key, {"error": "not reached"})
+            if "error" in m:
+                errors.append(f"{r['family']} rollout, LoRA {key}: {m['error']}")
+                continue
+            tflops = f", {m['rollout_tflop_per_s']:.3g} TFLOP/s" if "rollout_tflop_per_s" in m else ""
+            parts.append(f"{key} {m['phases']['rollout']['seconds']:.2f} s{tflops}")
+        ratio = f" ({merged['unmerged_over_merged']:.2f}x)" if "unmerged_over_merged" in merged else ""
+        out.append(
+            f"\n{r['family']} rollout with the LoRA adapters unmerged and merged for sampling "
+            f"(`lora.merge_for_sampling`), {s['prompts']} x {s['group_size']}, the same rows: "
+            + ", ".join(parts)
+            + ratio
+            + "."
         )
     for _, r in results:
         if "dense_over_sparse" in r:

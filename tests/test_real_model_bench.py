@@ -82,6 +82,49 @@ def _load_script():
     return module
 
 
+def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_not(tmp_path, monkeypatch):
+    """``--merged-rollout`` (for lora.merge_for_sampling's speed on a GPU), in process on the tiny SD3: two
+    rollouts of the same rows, the trainer's merge applied in the second only, and the report's line."""
+    import contextlib
+
+    from densegrpo_fast import trainer
+
+    merge_flags, lora_merged = [], trainer.lora_merged
+
+    @contextlib.contextmanager
+    def recording(run):
+        merge_flags.append(run.cfg.lora.merge_for_sampling)
+        with lora_merged(run):
+            yield
+
+    monkeypatch.setattr(trainer, "lora_merged", recording)
+    threads = torch.get_num_threads()
+    try:
+        code = _load_script().main(["--family", "sd3", "--tiny", "--merged-rollout", "--no-evaluate-export",
+                                    "--out", str(tmp_path)])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    assert merge_flags == [False, True]  # one sampling context per rollout: unmerged, then merged
+    res = json.loads((tmp_path / "real_sd3_tiny.json").read_text())
+    assert res["modes"] == {} and finite_numbers(res)
+    rec = res["merged_rollout"]
+    un, me = rec["unmerged"], rec["merged"]
+    assert (un["merged"], me["merged"]) == (False, True)
+    for r in (un, me):
+        assert set(r["phases"]) == {"encode", "rollout", "reward"}
+        assert r["phases"]["rollout"]["transformer_rows"] == 2 * 8 * 4 * 5 // 2  # CFG x B x T(T+1)/2
+    assert rec["unmerged_over_merged"] == pytest.approx(
+        un["phases"]["rollout"]["seconds"] / me["phases"]["rollout"]["seconds"]
+    )
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "report.py"), "--csv", str(tmp_path / "none.csv"),
+         "--iterations", str(tmp_path / "real_sd3_tiny.json")], capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert f"{rec['unmerged_over_merged']:.2f}x" in report.stdout and "no mode finished" not in report.stdout
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev has its
