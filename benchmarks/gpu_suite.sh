@@ -44,7 +44,7 @@
 # 8 x 28 = 224 rows: ~16 s) and the export (the transformer copied to the host and merged there: a few
 # seconds for SD3.5-M, ~10-20 s for FLUX's 22 GiB). FLUX is the tight one: if its 130 s run out there, the
 # modes' figures are already written and only the end of run is lost. Last, only if more than 100 s are left:
-# one SD3.5-M rollout with the LoRA adapters unmerged and one merged for sampling (~35 s to build, ~2 x 25 s).
+# SD3.5-M rollouts with the LoRA adapters unmerged, merged for sampling, unmerged (~35 s to build, ~3 x 25 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=wheels SITE=/tmp/site REQUIRE_CUDA=1 . benchmarks/gpu_env.sh || exit 1

@@ -453,7 +453,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")
     ap.add_argument(
         "--merged-rollout", action="store_true",
-        help="instead of the modes: one rollout with the LoRA adapters unmerged, then one merged for sampling",
+        help="instead of the modes: rollouts with the LoRA adapters unmerged, merged for sampling, unmerged",
     )  # fmt: skip
     ap.add_argument("--iterations", type=int, default=1, help="measured iterations per mode (last is kept)")
     ap.add_argument("--no-warmup", action="store_true", help="measure the first calls cold")
@@ -565,12 +565,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def measure_merged(run, probe: Probe, result: dict, json_path: Path) -> bool:
-    """``--merged-rollout``: the rollout unmerged, then merged, in ``result["merged_rollout"]``, with their
-    ratio; True if one failed."""
+    """``--merged-rollout``: the rollout unmerged, merged, then unmerged again, in ``result["merged_rollout"]``
+    (the first pays for whatever the warm-up left cold: the ratio is of the last two); True if one failed."""
     recs, failed = {}, False
     result["merged_rollout"] = recs
-    for merged in (False, True):
-        key = "merged" if merged else "unmerged"
+    for key, merged in (("unmerged_first", False), ("merged", True), ("unmerged", False)):
         try:
             rec = measure_rollout(run, probe, merged)
         except Exception as e:  # an OOM above all: recorded, so the report names it

@@ -175,7 +175,7 @@ def iteration_section(paths: list[Path]) -> str:
             continue
         s = r["settings"]
         parts = []
-        for key in ("unmerged", "merged"):
+        for key in ("unmerged", "merged"):  # (the ratio's pair; "unmerged_first" warmed up)
             m = merged.get(key, {"error": "not reached"})
             if "error" in m:
                 errors.append(f"{r['family']} rollout, LoRA {key}: {m['error']}")

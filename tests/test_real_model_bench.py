@@ -83,7 +83,7 @@ def _load_script():
 
 
 def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_not(tmp_path, monkeypatch):
-    """``--merged-rollout`` (for lora.merge_for_sampling's speed on a GPU), in process on the tiny SD3: two
+    """``--merged-rollout`` (for lora.merge_for_sampling's speed on a GPU), in process on the tiny SD3: three
     rollouts of the same rows, the trainer's merge applied in the second only, and the report's line."""
     import contextlib
 
@@ -105,13 +105,13 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
     finally:
         torch.set_num_threads(threads)
     assert code == 0
-    assert merge_flags == [False, True]  # one sampling context per rollout: unmerged, then merged
+    assert merge_flags == [False, True, False]  # one sampling context per rollout: unmerged, merged, unmerged
     res = json.loads((tmp_path / "real_sd3_tiny.json").read_text())
     assert res["modes"] == {} and finite_numbers(res)
     rec = res["merged_rollout"]
-    un, me = rec["unmerged"], rec["merged"]
-    assert (un["merged"], me["merged"]) == (False, True)
-    for r in (un, me):
+    first, un, me = rec["unmerged_first"], rec["unmerged"], rec["merged"]
+    assert (first["merged"], un["merged"], me["merged"]) == (False, False, True)
+    for r in (first, un, me):
         assert set(r["phases"]) == {"encode", "rollout", "reward"}
         assert r["phases"]["rollout"]["transformer_rows"] == 2 * 8 * 4 * 5 // 2  # CFG x B x T(T+1)/2
     assert rec["unmerged_over_merged"] == pytest.approx(
