@@ -560,18 +560,16 @@ def make_fake(module: torch.nn.Module, mode, dtype: torch.dtype | None = None) -
                 m._buffers[key] = fake(b)
 
 
-def add_fake_adapter(
-    transformer: torch.nn.Module, add_adapter, mode, dtype: torch.dtype | None = None
-) -> set[int]:
+def add_fake_adapter(transformer: torch.nn.Module, add_adapter, mode, dtype: torch.dtype | None = None):
     """Run ``add_adapter()`` (peft's injection, which builds real weights: the fake mode's tensors refuse
-    the in-place moves it makes), then make the new weights fake, in ``dtype`` if given. Returns the ids of
-    the new parameters."""
+    the in-place moves it makes), then make the new weights fake, in ``dtype`` if given. Returns what
+    ``add_adapter()`` returned and the ids of the new parameters."""
     before = {id(p) for p in transformer.parameters()}
-    add_adapter()
+    out = add_adapter()
     for m in transformer.modules():
         if any(id(p) not in before for p in m.parameters(recurse=False)):
             make_fake(m, mode, dtype)
-    return {id(p) for p in transformer.parameters()} - before
+    return out, {id(p) for p in transformer.parameters()} - before
 
 
 def _reward_targets(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -958,13 +956,12 @@ def estimate_run(
 
     # LoRA injected as usual, then its (real) weights made fake and counted
     def fake_adapter(*args, **kwargs):
-        out = []
-        new = add_fake_adapter(transformer, lambda: out.append(add_adapter(*args, **kwargs)), mode)
+        out, new = add_fake_adapter(transformer, lambda: add_adapter(*args, **kwargs), mode)
         with tracker.labelled("LoRA adapters"):
             for p in transformer.parameters():  # (made by from_tensor, which the tracker does not see)
                 if id(p) in new:
                     tracker.track(p)
-        return out[0]
+        return out
 
     if add_adapter is not None:
         transformer.add_adapter = fake_adapter

@@ -124,10 +124,17 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     opened = []  # rank 0's log: its W&B run (a login problem) fails here, before any model work, on every rank
     distributed.on_main(dist, lambda: opened.append(_open_log(cfg, run_dir, resume)))
     log = opened[0] if opened else NullLog()
-    try:
+    with _closed_on_failure(log):
         return _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prompts, dist, log)
+
+
+@contextlib.contextmanager
+def _closed_on_failure(log):
+    """Close ``log`` if the work inside fails (its W&B run marked failed, not left open), and re-raise."""
+    try:
+        yield
     except BaseException:
-        log.close(failed=True)  # (a W&B run marked failed, not left open)
+        log.close(failed=True)
         raise
 
 
@@ -947,66 +954,65 @@ def checkpoint(run: Run) -> None:
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run (or resume) training; returns the run directory."""
+    run = setup(cfg, resume=resume, progress=progress)
+    with _closed_on_failure(run.log):
+        _loop(run, progress)
+    run.log.close()
+    distributed.barrier(run.dist)
+    distributed.shutdown(run.dist)
+    return run.dir
+
+
+def _loop(run: Run, progress: bool) -> None:
+    """The iterations (rollout, update, log, grids, evaluations, checkpoints) and the export."""
     from tqdm import tqdm
 
-    run = setup(cfg, resume=resume, progress=progress)
-    try:
-        d = run.dist
-        total = cfg.run.iterations
-        bar = tqdm(total=total, initial=run.iteration, desc=run.name,
-                   disable=not (progress and d.main), dynamic_ncols=True)  # fmt: skip
-        if distributed.broadcast(d, run.iteration == 0 and not run.log.read()):  # rank 0 holds the log
+    cfg = run.cfg
+    d = run.dist
+    total = cfg.run.iterations
+    bar = tqdm(total=total, initial=run.iteration, desc=run.name,
+               disable=not (progress and d.main), dynamic_ncols=True)  # fmt: skip
+    if distributed.broadcast(d, run.iteration == 0 and not run.log.read()):  # rank 0 holds the log
+        _evaluate(run, bar)
+    budget = cfg.run.time_budget_s
+    while run.iteration < total and not (budget is not None and run.wall_s >= budget):
+        t0 = time.perf_counter()
+        it = run.iteration
+        n_prompts = cfg.prompts.prompts_per_iteration
+        prompts = (run.priority or run.prompts).sample(n_prompts, it)
+        set_window(run, it)
+        ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
+        t1 = time.perf_counter()
+        R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
+        A_all = _advantages(run, R_all)
+        up = update(run, ro, cond, R, it, A_all)
+        times["update_s"] = time.perf_counter() - t1
+        if run.priority is not None:
+            run.priority.observe(prompts, group_signal(run, A_all))
+        run.iteration += 1
+        run.wall_s += distributed.max_(d, time.perf_counter() - t0, R.device)  # the slowest rank's
+        R = R_all
+        stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
+        record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
+                  "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
+        if run.window_start is not None:
+            record["window_start"] = run.window_start
+        distributed.on_main(d, functools.partial(run.log.write, record))  # its error stops every rank
+        bar.update(1)
+        post = {"reward": f"{record['reward_mean']:.3f}", "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}"}
+        if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
+            post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
+        bar.set_postfix(post)
+        if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
+            distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
+        del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
+        last = run.iteration == total or (budget is not None and run.wall_s >= budget)
+        if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
             _evaluate(run, bar)
-        budget = cfg.run.time_budget_s
-        while run.iteration < total and not (budget is not None and run.wall_s >= budget):
-            t0 = time.perf_counter()
-            it = run.iteration
-            n_prompts = cfg.prompts.prompts_per_iteration
-            prompts = (run.priority or run.prompts).sample(n_prompts, it)
-            set_window(run, it)
-            ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
-            t1 = time.perf_counter()
-            R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
-            A_all = _advantages(run, R_all)
-            up = update(run, ro, cond, R, it, A_all)
-            times["update_s"] = time.perf_counter() - t1
-            if run.priority is not None:
-                run.priority.observe(prompts, group_signal(run, A_all))
-            run.iteration += 1
-            run.wall_s += distributed.max_(d, time.perf_counter() - t0, R.device)  # the slowest rank's
-            R = R_all
-            stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
-            record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
-                      "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
-            if run.window_start is not None:
-                record["window_start"] = run.window_start
-            distributed.on_main(d, functools.partial(run.log.write, record))  # its error stops every rank
-            bar.update(1)
-            post = {
-                "reward": f"{record['reward_mean']:.3f}",
-                "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}",
-            }
-            # (the bar's ETA counts toward run.iterations; the budget usually ends the run first)
-            if budget is not None:
-                post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
-            bar.set_postfix(post)
-            if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
-                distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
-            del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
-            last = run.iteration == total or (budget is not None and run.wall_s >= budget)
-            if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
-                _evaluate(run, bar)
-            if last or run.iteration % cfg.run.checkpoint_every == 0:
-                checkpoint(run)
-        bar.close()
-        export_policy(run, run.dir / "policy_ema.safetensors")
-    except BaseException:
-        run.log.close(failed=True)  # (a W&B run marked failed, not left open)
-        raise
-    run.log.close()
-    distributed.barrier(d)
-    distributed.shutdown(d)
-    return run.dir
+        if last or run.iteration % cfg.run.checkpoint_every == 0:
+            checkpoint(run)
+    bar.close()
+    export_policy(run, run.dir / "policy_ema.safetensors")
 
 
 def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
