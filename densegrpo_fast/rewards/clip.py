@@ -103,8 +103,9 @@ def _embedding(out) -> torch.Tensor:
 class ClipEncoder:
     """A CLIP model with on-device image preprocessing and a per-prompt text-embedding cache.
 
-    ``model``: folder (or cached hub id) of a transformers ``CLIPModel``; ``processor``: folder of its
-    processor (tokenizer + ``preprocessor_config.json``), default the model's. ``device``: where the model
+    ``model``: folder (or cached hub id) of a transformers ``CLIPModel``, or the model itself (built from
+    other weights, as HPS's are); ``processor``: folder of its processor (tokenizer +
+    ``preprocessor_config.json``), default the model's (required when ``model`` is a model). ``device``: where the model
     runs; ``None`` follows the images (the model moves on the first call). ``dtype``: float32, bfloat16 or
     float16 for the model's weights (preprocessing and similarities stay float32). ``max_batch``: images per
     forward pass.
@@ -112,7 +113,7 @@ class ClipEncoder:
 
     def __init__(
         self,
-        model: str,
+        model: str | torch.nn.Module,
         processor: str | None = None,
         *,
         device: str | None = None,
@@ -130,11 +131,16 @@ class ClipEncoder:
             raise ValueError(
                 f"reward.kwargs max_batch={max_batch} and text_cache_size={text_cache_size} must be >= 1"
             )
-        processor = processor or model
-        try:
-            self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
-        except OSError as e:
-            raise _missing("model", str(model), example, e) from None
+        if isinstance(model, torch.nn.Module):
+            if processor is None:
+                raise ValueError("ClipEncoder: a model given as a module needs its processor folder")
+            self.model = model
+        else:
+            processor = processor or model
+            try:
+                self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
+            except OSError as e:
+                raise _missing("model", str(model), example, e) from None
         try:
             ip = AutoImageProcessor.from_pretrained(str(processor), local_files_only=True)
             self.tokenizer = (
