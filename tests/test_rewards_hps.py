@@ -156,7 +156,8 @@ def _spec(reward):
 @pytest.mark.parametrize("layout", ["hps_fp16", "bare_ddp"])
 def test_hps_matches_open_clip_layout_forward(tmp_path, base_dir, open_clip_model, layout):
     """The converted model scores what the OpenCLIP-layout forward scores on the same weights: HPS's own
-    checkpoint layout (``{"state_dict": ...}`` in fp16) and a bare state dict saved from DDP (``module.``)."""
+    checkpoint layout (``{"state_dict": ...}`` in fp16) and a bare state dict saved from DDP (``module.``) in
+    torch's legacy file format (which cannot be memory-mapped)."""
     state = open_clip_model.state_dict()
     ref = open_clip_model
     if layout == "hps_fp16":
@@ -167,7 +168,7 @@ def test_hps_matches_open_clip_layout_forward(tmp_path, base_dir, open_clip_mode
     else:
         obj = {f"module.{k}": v for k, v in state.items()}
     path = tmp_path / FILES["v2.1"]
-    torch.save(obj, path)
+    torch.save(obj, path, _use_new_zipfile_serialization=layout == "hps_fp16")  # torch's legacy format too
     reward = build_reward("hps", checkpoint=str(tmp_path), base=str(base_dir), max_batch=3)  # a folder
     assert reward.checkpoint == path
     images = _images(len(PROMPTS), 48, 48)

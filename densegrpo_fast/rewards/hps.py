@@ -137,7 +137,12 @@ def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an OpenCLIP checkpoint file: a bare state dict or one under ``state_dict`` (HPS's),
     with DistributedDataParallel's ``module.`` prefix dropped; loaded weights-only (no code runs)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # mapped, not read: the fp16 ViT-H-14 is 2 GB, and the conversion to fp32 copies it anyway
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a file in torch's legacy (pre-1.6, not zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the weights-only unpickler refuses anything but tensors and plain containers
         raise ValueError(
             f"reward.kwargs.checkpoint={str(path)!r} does not load as a plain checkpoint of tensors "
