@@ -60,7 +60,9 @@ class MetricsLog:
     def truncate_after(self, iteration: int) -> None:
         """Drop entries beyond ``iteration`` (a killed run wrote some after its last checkpoint); -1 drops all.
         TensorBoard is told to hide them too (``purge_step``: the events written before, from step
-        ``iteration + 1`` on; honoured by its Python event loader, which tests/test_logging.py reads)."""
+        ``iteration + 1`` on). Both of TensorBoard's loaders honour it: the Rust data server (checked by hand,
+        benchmarks/RESULTS.md) and the Python one, which purges from a run's second restart marker on, so a
+        fresh run writes the first (-1 here: step 0)."""
         self.purge_step = iteration + 1
         if not self.path.exists():
             return
