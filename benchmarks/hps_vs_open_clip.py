@@ -6,7 +6,10 @@ a ``base`` folder like ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` without weights
 the architecture, a CLIP tokenizer made from OpenCLIP's own BPE vocabulary and merges, the image
 processor), and scores images with ``build_reward("hps", ...)``. The oracle is OpenCLIP's
 ``encode_image`` / ``encode_text`` (normalised) on the same preprocessed pixels and on OpenCLIP's own tokens
-(so the tokenizer is compared too). Prints the largest score difference and the load time.
+(so its text cleaning and tokenizer are compared too: curly quotes, an HTML entity, a ligature, a prompt past
+77 tokens), with images in HPS's own validation transform (transcribed here from its source: the longest
+side resized, zero padding; non-square images with a sharp band). Prints the largest score difference and the
+load time.
 
 Needs ``open_clip`` importable (``pip install open_clip_torch`` where a torchvision built for your torch is
 installed; OpenCLIP's model code does not use torchvision, only its transforms do). About 9 GB of host
@@ -29,9 +32,29 @@ import torch.nn.functional as F
 PROMPTS = [
     "a photo of an astronaut riding a horse on the moon",
     "A cat wearing a red hat, oil painting, highly detailed!",
-    'a neon sign that says "open 24 hours"',
+    "a neon sign that says \u201copen 24 hours\u201d",  # curly quotes (ftfy straightens them)
+    "rock &amp;amp; roll poster, the \ufb01nal show",  # an entity escaped twice, a ligature
+    "an extremely detailed matte painting of a vast ancient city " * 4,  # over 77 tokens: truncated
     "two dogs",
 ]
+
+
+def hps_transform(images: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """HPS's validation transform, image by image as torchvision runs it on a float tensor (ToTensor,
+    ResizeMaxSize: bicubic with antialias to round(side * size / longest), zero padding split pad // 2
+    first; MaskAwareNormalize with OpenAI's mean and std)."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    out = []
+    for img in images:
+        height, width = img.shape[1:]
+        scale = size / float(max(height, width))
+        new = tuple(round(dim * scale) for dim in (height, width))
+        img = F.interpolate(img[None], size=new, mode="bicubic", align_corners=False, antialias=True)[0]
+        pad_h, pad_w = size - new[0], size - new[1]
+        img = F.pad(img, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+        out.append((img - mean) / std)
+    return torch.stack(out)
 
 
 def base_folder(d: Path, open_clip, model) -> None:
@@ -68,13 +91,12 @@ def base_folder(d: Path, open_clip, model) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16", help="the checkpoint's dtype")
-    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--images", type=int, default=6)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     import open_clip
 
     from densegrpo_fast.rewards import build_reward
-    from densegrpo_fast.rewards.clip import clip_preprocess
+    from densegrpo_fast.rewards.hps import open_clip_clean
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-H-14", pretrained=None).eval()
@@ -96,18 +118,21 @@ def main() -> None:
         reward = build_reward("hps", checkpoint=str(tmp), base=str(tmp / "base"), max_batch=2)
         load_s = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
-    images = torch.rand(args.images, 3, 512, 512, generator=g)
+    images = torch.rand(args.images, 3, 512, 768, generator=g)  # not square: HPS pads to 224 x 224
     images = F.avg_pool2d(images, 9, 1, 4)  # smoother, more image-like
+    images[:, :, 200:260] = 1.0  # a sharp band: bicubic overshoot, which HPS does not clamp
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.images)]
     t0 = time.perf_counter()
     got = reward(images, prompts)
     score_s = time.perf_counter() - t0
     with torch.no_grad():
-        img = model.encode_image(clip_preprocess(images, reward.clip.spec), normalize=True)
+        img = model.encode_image(hps_transform(images), normalize=True)
         ids = open_clip.get_tokenizer("ViT-H-14")(prompts)
         txt = model.encode_text(ids, normalize=True)
     want = (img * txt).sum(-1)
-    ours = reward.clip.tokenizer(prompts)["input_ids"]  # BOS ... EOT; OpenCLIP then pads with zeros
+    ours = reward.clip.tokenizer([open_clip_clean(p) for p in prompts], truncation=True, max_length=77)[
+        "input_ids"
+    ]  # BOS ... EOT, as the reward tokenises; OpenCLIP then pads with zeros
     same_tokens = all(
         row == ids[i, : len(row)].tolist() and not ids[i, len(row) :].any() for i, row in enumerate(ours)
     )

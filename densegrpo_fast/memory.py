@@ -8,6 +8,9 @@ the data do not steer the code:
 
 - **Weights are fake**: every model is built from its config (the checkpoint's, or the built-in
   architecture of SD3.5-Medium / FLUX.1-dev when the checkpoint is not on disk). Their bytes are exact.
+  So are the CLIP rewards' (PickScore, HPS, CLIP score, aesthetic): their models come from their configs,
+  or from the built-in CLIP ViT-H/14 or ViT-L/14 of their default hub ids when those are not on disk
+  (:func:`densegrpo_fast.rewards.clip.architectures_only`); no reward weights are read.
 - **Each large module call is profiled once per input signature.** The transformer, the text encoders, the
   VAE's decoder and the reward's models are replaced by :class:`Stub`: its first call with a given signature
   (shapes, dtypes, gradients on or off, adapters on or off) runs the real ``forward`` on fake inputs while
@@ -1169,6 +1172,7 @@ def run_memory(
     from densegrpo_fast import distributed, trainer
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.clip import architectures_only
 
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
@@ -1190,12 +1194,16 @@ def run_memory(
             f"eval.rewards {others}: their models, built for each held-out evaluation, are not counted"
         )
     reward_fn = None
+    mode = new_fake_mode()
     if cfg.reward.name in SERVED:
         notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
     else:
-        try:
-            with quiet:
+        try:  # (CLIP rewards from their configs, fake weights; built-in architectures when not on disk)
+            with quiet, architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as stood_in:
                 reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+            if stood_in:
+                notes.append(f"reward {cfg.reward.name!r}: not on disk, counted with the built-in architecture "
+                             f"(and CLIP's tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
         except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
             notes.append(f"reward {cfg.reward.name!r} not counted: it does not load here ({type(e).__name__}: "
                          f"{str(e)[:160]})")  # fmt: skip
@@ -1217,7 +1225,6 @@ def run_memory(
             "the reward's transient adds to the rollout's; the phases are estimated one after the other"
         )
     t0 = time.perf_counter()
-    mode = new_fake_mode()
     say(f"building {cfg.model.family} with fake weights ...")
     with quiet:
         policy, source = fake_policy(cfg, mode)

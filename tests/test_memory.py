@@ -22,6 +22,7 @@ from densegrpo_fast.memory import (
     LiveBytes,
     Stub,
     _advice,
+    _fake_module,
     _is_fake,
     estimate_run,
     fake_policy,
@@ -181,11 +182,13 @@ def test_each_process_of_a_torchrun_job_is_estimated(sd3_dir, tmp_path, extra, l
         assert real["rollout + reward"] - weights < 0.8 * (single["rollout + reward"] - weights)
 
 
-def _with_a_clip_reward(checkpoint, clip, tmp_path):
+def _with_a_clip_reward(checkpoint, clip, tmp_path, from_config=False):
     """A PickScore reward (tiny CLIP) counted for real, then estimated as the command does (the config's
-    reward replaced by a stand-in, the real one's models made fake)."""
+    reward replaced by a stand-in, the real one's models made fake; with ``from_config``, built from its
+    config with fake weights as ``densegrpo-fast memory`` builds it, no weights read)."""
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.clip import architectures_only
 
     real_cfg, fake_cfg = (
         _config(checkpoint, tmp_path / "real", "fp32"),
@@ -196,13 +199,52 @@ def _with_a_clip_reward(checkpoint, clip, tmp_path):
     measured = measure_run(
         real_cfg, policy, reward_fn=pickscore()
     )  # (its weights loaded before: not counted)
-    policy, _ = fake_policy(fake_cfg, new_fake_mode())
-    est = estimate_run(fake_cfg, policy, reward_fn=pickscore())
+    mode = new_fake_mode()
+    policy, _ = fake_policy(fake_cfg, mode)
+    if from_config:
+        with architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as stood_in:
+            reward = pickscore()
+        assert stood_in == [] and all(_is_fake(p) for p in reward.clip.model.parameters())
+    else:
+        reward = pickscore()
+    est = estimate_run(fake_cfg, policy, reward_fn=reward)
     return measured, est.phases, est.weights, est.calls, est.notes
 
 
-def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path):  # noqa: F811  (the imported fixture)
-    measured, phases, weights, calls, notes = _with_a_clip_reward(sd3_dir, clip_dir, tmp_path)
+@pytest.mark.parametrize(
+    "name, kwargs, params, stood_in",
+    [  # parameter counts: OpenCLIP's ViT-H-14 (open_clip.create_model), OpenAI's CLIP ViT-L/14
+        ("pickscore", {"dtype": "bfloat16"}, 986_109_441, ["yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K (processor)"]),
+        ("hps", {"checkpoint": "/nowhere/hps.pt"}, 986_109_441, ["laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K (processor)"]),
+        ("clip_score", {}, 427_616_513, ["openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14 (processor)"]),
+        ("aesthetic", {"head": "/nowhere/head.pth"}, 427_616_513 + 927_969, ["openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14 (processor)", "/nowhere/head.pth (aesthetic head)"]),
+    ],
+)  # fmt: skip
+def test_clip_rewards_not_on_disk_are_built_as_their_architecture(
+    name, kwargs, params, stood_in, monkeypatch
+):
+    """The memory estimate counts a CLIP reward whose hub weights are not on disk with its built-in
+    architecture (fake weights, nothing read); outside that context the same build fails as before."""
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.clip import architectures_only
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mode = new_fake_mode()
+    with architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as used:
+        reward = build_reward(name, **kwargs)
+    assert used == stood_in
+    modules = [reward.clip.model] + ([reward.head] if name == "aesthetic" else [])
+    assert sum(p.numel() for m in modules for p in m.parameters()) == params
+    assert all(_is_fake(p) for m in modules for p in m.parameters())
+    dtype = torch.bfloat16 if kwargs.get("dtype") == "bfloat16" else torch.float32
+    assert {p.dtype for p in reward.clip.model.parameters()} == {dtype}
+    with pytest.raises(ValueError, match="hf download|no such file"):
+        build_reward(name, **kwargs)
+
+
+@pytest.mark.parametrize("from_config", [False, True], ids=["weights_made_fake", "from_config"])
+def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path, from_config):  # noqa: F811  (the imported fixture)
+    measured, phases, weights, calls, notes = _with_a_clip_reward(sd3_dir, clip_dir, tmp_path, from_config)
     assert not notes and calls["reward.clip.model.vision_model"] > 0 and weights["reward.clip.model"] > 0
     every, policy_weights = (
         sum(weights.values()),

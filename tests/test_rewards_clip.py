@@ -183,7 +183,7 @@ def test_missing_weights_name_the_path_and_the_fix(tmp_path, clip_dir):
         build_reward("pickscore", model=str(tmp_path / "nope"), processor=str(clip_dir))
     msg = str(e.value)
     assert f"reward.kwargs.model='{tmp_path / 'nope'}'" in msg and "local_files_only" in msg
-    assert "huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir DIR" in msg
+    assert "hf download yuvalkirstain/PickScore_v1 --local-dir DIR" in msg
     with pytest.raises(ValueError, match=r"reward.kwargs.processor='.*empty'"):
         (tmp_path / "empty").mkdir()
         build_reward("clip_score", model=str(clip_dir), processor=str(tmp_path / "empty"))

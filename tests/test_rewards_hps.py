@@ -17,12 +17,15 @@ import transformers
 from transformers import CLIPConfig, CLIPTokenizer
 
 from densegrpo_fast.rewards import build_reward, kwargs_problems
-from densegrpo_fast.rewards.clip import clip_preprocess
-from densegrpo_fast.rewards.hps import FILES, open_clip_to_transformers
+from densegrpo_fast.rewards.clip import VIT_H_14
+from densegrpo_fast.rewards.hps import FILES, check_architecture, hps_preprocess, open_clip_to_transformers
 
 PilClipProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 SIZE, PATCH, WIDTH, HEADS, LAYERS, EMBED, CONTEXT = 32, 8, 32, 4, 2, 16, 77
-PROMPTS = ["a red cat", "a blue dog on a car", "a red cat", "green"]
+LONG = "a very long prompt " * 6  # 114 characters: one token each in the tiny vocabulary, so truncated
+# an HTML entity escaped twice ("&#98;" is "b") and a ligature ("\ufb01" is "fi"): OpenCLIP's cleaning
+# (html.unescape twice, ftfy) turns them into letters, transformers' tokenizer alone would not
+PROMPTS = ["a red cat", "a &amp;#98;lue dog on a car", "a red cat", "green \ufb01sh", LONG]
 
 
 @pytest.fixture(scope="module")
@@ -132,10 +135,37 @@ class OpenClipLike(nn.Module):
 
 
 def _ids(base_dir, prompts):
-    """OpenCLIP's tokens: BOS, BPE, EOT, then zeros to the context length."""
+    """OpenCLIP's tokens: its cleaning (ftfy, HTML unescaped twice), BOS, BPE, EOT, cut to the context
+    length with EOT kept last, zeros after."""
+    import html
+
+    import ftfy
+
     tok = CLIPTokenizer.from_pretrained(str(base_dir))
-    rows = [tok(p)["input_ids"] for p in prompts]
+    rows = []
+    for p in prompts:
+        r = tok(html.unescape(html.unescape(ftfy.fix_text(p))).strip())["input_ids"]
+        rows.append(r if len(r) <= CONTEXT else r[: CONTEXT - 1] + r[-1:])
     return torch.tensor([r + [0] * (CONTEXT - len(r)) for r in rows])
+
+
+def hps_transform(images, size):
+    """HPS's validation transform (light_augmentation: ToTensor, ResizeMaxSize, MaskAwareNormalize), image by
+    image as torchvision runs it on a float tensor: resize to ``round(side * size / longest)`` (bicubic,
+    antialias), pad ``[left, top, right, bottom]`` with zeros, normalise with OpenAI's mean and std."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
+    out = []
+    for img in images:
+        height, width = img.shape[1:]
+        scale = size / float(max(height, width))
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = F.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False, antialias=True)[0]
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        left, top, right, bottom = pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2
+        img = F.pad(img, (left, right, top, bottom), value=0.0)
+        out.append((img - mean) / std)
+    return torch.stack(out)
 
 
 def _images(b, h, w, seed=0):
@@ -147,10 +177,6 @@ def _images(b, h, w, seed=0):
 def open_clip_model(base_dir):
     vocab = json.loads((base_dir / "vocab.json").read_text())
     return OpenClipLike(len(vocab)).eval()
-
-
-def _spec(reward):
-    return reward.clip.spec
 
 
 @pytest.mark.parametrize("layout", ["hps_fp16", "bare_ddp"])
@@ -171,10 +197,10 @@ def test_hps_matches_open_clip_layout_forward(tmp_path, base_dir, open_clip_mode
     torch.save(obj, path, _use_new_zipfile_serialization=layout == "hps_fp16")  # torch's legacy format too
     reward = build_reward("hps", checkpoint=str(tmp_path), base=str(base_dir), max_batch=3)  # a folder
     assert reward.checkpoint == path
-    images = _images(len(PROMPTS), 48, 48)
+    images = _images(len(PROMPTS), 40, 70)  # not square: resized to 18 x 32 (40 * 32 / 70 rounded), padded
     got = reward(images, PROMPTS)
     with torch.no_grad():
-        want = ref.score(clip_preprocess(images, _spec(reward)), _ids(base_dir, PROMPTS))
+        want = ref.score(hps_transform(images, SIZE), _ids(base_dir, PROMPTS))
     assert got.dtype == torch.float32 and got.shape == (len(PROMPTS),)
     assert want.abs().min() > 0.01 and want.std() > 0.05  # scores that tell rows apart
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
@@ -208,7 +234,7 @@ def test_hps_from_hub_cache_and_missing_files(tmp_path, base_dir, open_clip_mode
     with pytest.raises(ValueError, match=r"folder without HPS_v2\.1_compressed\.pt"):
         build_reward("hps", checkpoint=str(tmp_path / "hub"), base=str(base_dir))
     assert kwargs_problems("hps", {"version": "v3"}) == [
-        "reward.kwargs.version='v3' is not an HPS version: choose one of ['v2.1', 'v2']"
+        "reward.kwargs.version='v3' is not an HPS version: choose one of ['v2.1', 'v2.0', 'v2']"
     ]
     assert kwargs_problems("hps", {"version": "v2", "scale": 2.0}) == []
 
@@ -281,6 +307,49 @@ def test_hps_against_real_open_clip(base_dir, tmp_path):
     reward = build_reward("hps", checkpoint=str(path), base=str(base_dir))
     images = _images(len(PROMPTS), 40, 56, seed=3)
     with torch.no_grad():
-        img = model.encode_image(clip_preprocess(images, _spec(reward)), normalize=True)
+        img = model.encode_image(hps_transform(images, SIZE), normalize=True)
         txt = model.encode_text(_ids(base_dir, PROMPTS), normalize=True)
     torch.testing.assert_close(reward(images, PROMPTS), (img * txt).sum(-1), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("h, w", [(512, 512), (300, 517), (768, 512), (224, 224), (100, 60)])
+def test_hps_preprocess_is_hps_validation_transform(h, w):
+    """On the images' device, batched: HPS's transform (longest side to 224, floats, zero padding). The
+    smooth-plus-sharp images would differ by many 8-bit levels from CLIP's PIL-style preprocessing."""
+    g = torch.Generator().manual_seed(h + w)
+    images = F.avg_pool2d(torch.rand(3, 3, h, w, generator=g), 5, 1, 2)
+    images[:, :, h // 3 : h // 2] = 1.0  # a sharp bright band: bicubic overshoots past 1 and is not clamped
+    got = hps_preprocess(images)
+    assert got.shape == (3, 3, 224, 224) and got.dtype == torch.float32
+    torch.testing.assert_close(got, hps_transform(images, 224), atol=1e-6, rtol=0)
+    if h != w:  # the padding is black: 0 before normalising
+        black = (0 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
+            [0.26862954, 0.26130258, 0.27577711]
+        )
+        corner = got[0, :, 0, 0]
+        torch.testing.assert_close(corner, black)
+
+
+def test_the_base_must_be_vit_h_14_where_no_shape_tells(base_dir, tmp_path, monkeypatch, open_clip_model):
+    """Head counts, norms and activations change no weight shape: a ViT-H-14-wide config with other heads,
+    or any config with other norms or activations, is refused; HPS needs no image processor file; without
+    ftfy the reward says how to install it."""
+    from transformers import CLIPConfig
+
+    check_architecture(CLIPConfig(**VIT_H_14), "laion")  # the real one passes
+    heads = CLIPConfig(**{**VIT_H_14, "text_config": {**VIT_H_14["text_config"], "num_attention_heads": 8}})
+    with pytest.raises(ValueError, match=r"text_config.num_attention_heads=8 \(ViT-H-14: 16\)"):
+        check_architecture(heads, "other")
+    eps = CLIPConfig(**{**VIT_H_14, "vision_config": {**VIT_H_14["vision_config"], "layer_norm_eps": 1e-6}})
+    with pytest.raises(ValueError, match=r"vision_config.layer_norm_eps=1e-06 .*hf download laion"):
+        check_architecture(eps, "other")
+    no_image = tmp_path / "base"
+    no_image.mkdir()
+    for f in base_dir.iterdir():
+        if f.name != "preprocessor_config.json":
+            (no_image / f.name).write_bytes(f.read_bytes())
+    path = _save(tmp_path / "ok.pt", open_clip_model)
+    build_reward("hps", checkpoint=str(path), base=str(no_image))
+    monkeypatch.setitem(__import__("sys").modules, "ftfy", None)
+    with pytest.raises(ValueError, match=r"needs ftfy.*pip install 'densegrpo-fast\[hps\]'"):
+        build_reward("hps", checkpoint=str(path), base=str(base_dir))

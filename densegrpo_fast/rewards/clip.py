@@ -24,7 +24,10 @@ Weights (the real ones; pass their local folders, or the hub ids when they are i
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,90 @@ def clip_preprocess(images: torch.Tensor, spec: ClipImageSpec) -> torch.Tensor:
     return (x - mean) / std
 
 
+#: CLIP's own image settings (OpenAI's and OpenCLIP's ViT-L/14 and ViT-H/14 processors).
+CLIP_IMAGE = ClipImageSpec(
+    224, 224, 224, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+)
+
+_TEXT = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+#: OpenAI's CLIP ViT-L/14 (``openai/clip-vit-large-patch14``: 427.6 M parameters), a transformers config.
+VIT_L_14 = dict(
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     hidden_act="quick_gelu", **_TEXT),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="quick_gelu"),
+    projection_dim=768,
+)  # fmt: skip
+#: OpenCLIP's ViT-H/14 (986.1 M parameters): LAION's CLIP-H, PickScore's and HPS's architecture.
+VIT_H_14 = dict(
+    text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     hidden_act="gelu", **_TEXT),
+    vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                       image_size=224, patch_size=14, hidden_act="gelu"),
+    projection_dim=1024,
+)  # fmt: skip
+#: The hub ids the CLIP rewards name by default, and their architectures.
+BUILT_IN = {
+    "yuvalkirstain/PickScore_v1": VIT_H_14,
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": VIT_H_14,
+    "openai/clip-vit-large-patch14": VIT_L_14,
+}
+
+# (build, names stood in) while ``architectures_only`` is active
+_ARCHITECTURES_ONLY: ContextVar[tuple[Callable, list[str]] | None] = ContextVar(
+    "architectures_only", default=None
+)
+
+
+@contextlib.contextmanager
+def architectures_only(build: Callable[[Callable[[], torch.nn.Module], torch.dtype], torch.nn.Module]):
+    """Within: the CLIP rewards are built without reading any weights, for ``densegrpo-fast memory``.
+
+    - Each CLIP model comes from its config: the ``config.json`` of its folder or cached hub id, or, for a
+      hub id of :data:`BUILT_IN` not on disk, the built-in architecture.
+    - ``build(constructor, dtype)`` makes the model; the estimate gives it fake weights.
+    - The tokenizer and image settings are the processor folder's. For a built-in id not on disk they are a
+      stand-in tokenizer of CLIP's 77 tokens and CLIP's 224 px settings.
+    - HPS reads no checkpoint, and a missing aesthetic head is a fresh one.
+
+    Yields the list of what was stood in for (the hub ids and heads not on disk). A reward built this way
+    scores nothing meaningful."""
+    used: list[str] = []
+    token = _ARCHITECTURES_ONLY.set((build, used))
+    try:
+        yield used
+    finally:
+        _ARCHITECTURES_ONLY.reset(token)
+
+
+def building_architectures() -> bool:
+    """Whether :func:`architectures_only` is active."""
+    return _ARCHITECTURES_ONLY.get() is not None
+
+
+def clip_config(name: str, what: str, example: str):
+    """The transformers ``CLIPConfig`` of ``name`` (a folder or a cached hub id); within
+    :func:`architectures_only`, the built-in one of a default hub id that is not on disk."""
+    from transformers import CLIPConfig
+
+    try:
+        return CLIPConfig.from_pretrained(str(name), local_files_only=True)
+    except OSError as e:
+        active = _ARCHITECTURES_ONLY.get()
+        if active is None or str(name) not in BUILT_IN:
+            raise _missing(what, str(name), example, e) from None
+        active[1].append(str(name))
+        return CLIPConfig(**BUILT_IN[str(name)])
+
+
+def build_architecture(constructor: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    """``constructor()`` made by :func:`architectures_only`'s ``build``, in ``dtype``."""
+    active = _ARCHITECTURES_ONLY.get()
+    if active is None:
+        raise RuntimeError("build_architecture is only for use within architectures_only")
+    return active[0](constructor, dtype)
+
+
 def _field(obj, key: str):
     """``obj[key]`` for a transformers 4 size dict, ``obj.key`` for a transformers 5 SizeDict."""
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
@@ -90,8 +177,25 @@ def _field(obj, key: str):
 def _missing(what: str, path: str, example: str, error: Exception) -> ValueError:
     return ValueError(
         f"reward.kwargs.{what}={path!r}: no {what} found there, nor in the Hugging Face cache (rewards load "
-        f"offline, local_files_only). Fix: download it once, e.g. `huggingface-cli download {example} "
+        f"offline, local_files_only). Fix: download it once where there is network, e.g. `hf download {example} "
         f"--local-dir DIR`, and set reward.kwargs.{what}=DIR. ({type(error).__name__}: {error})"
+    )
+
+
+def _image_spec(ip, processor) -> ClipImageSpec:
+    """What :func:`clip_preprocess` needs from a transformers CLIP image processor."""
+    short = _field(ip.size, "shortest_edge")
+    if not short:
+        raise ValueError(
+            f"reward.kwargs.processor={processor!r}: its image size {ip.size} has no shortest_edge; CLIP "
+            "processors resize the shortest side (give the processor folder that came with the model)"
+        )
+    return ClipImageSpec(
+        int(short),
+        int(_field(ip.crop_size, "height")),
+        int(_field(ip.crop_size, "width")),
+        tuple(float(v) for v in ip.image_mean),
+        tuple(float(v) for v in ip.image_std),
     )
 
 
@@ -100,15 +204,43 @@ def _embedding(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+def load_processor(processor: str, *, text: bool, image: bool, example: str, what: str = "processor"):
+    """The tokenizer (``text``) and the image settings (``image``) of a CLIP processor folder or cached hub
+    id, each None when not asked for. Within :func:`architectures_only`, a default hub id that is not on disk
+    gets a stand-in tokenizer of CLIP's 77 tokens and CLIP's own image settings."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    try:
+        spec = None
+        if image:
+            spec = _image_spec(
+                AutoImageProcessor.from_pretrained(str(processor), local_files_only=True), processor
+            )
+        tokenizer = AutoTokenizer.from_pretrained(str(processor), local_files_only=True) if text else None
+    except OSError as e:
+        active = _ARCHITECTURES_ONLY.get()
+        if active is None or str(processor) not in BUILT_IN:
+            raise _missing(what, str(processor), example, e) from None
+        from densegrpo_fast.policies.architectures import clip_tokenizer
+
+        active[1].append(f"{processor} (processor)")
+        return (clip_tokenizer() if text else None), (CLIP_IMAGE if image else None)
+    return tokenizer, spec
+
+
 class ClipEncoder:
     """A CLIP model with on-device image preprocessing and a per-prompt text-embedding cache.
 
     ``model``: folder (or cached hub id) of a transformers ``CLIPModel``, or the model itself (built from
-    other weights, as HPS's are); ``processor``: folder of its processor (tokenizer +
-    ``preprocessor_config.json``), default the model's (required when ``model`` is a model). ``device``: where the model
-    runs; ``None`` follows the images (the model moves on the first call). ``dtype``: float32, bfloat16 or
-    float16 for the model's weights (preprocessing and similarities stay float32). ``max_batch``: images per
-    forward pass.
+    other weights, as HPS's are). ``processor``: folder of its processor (tokenizer +
+    ``preprocessor_config.json``), default the model's folder. ``device``: where the model runs; ``None``
+    follows the images (the model moves on the first call). ``dtype``: float32, bfloat16 or float16 for the
+    model's weights (preprocessing and similarities stay float32). ``max_batch``: images per forward pass.
+
+    A reward whose model was trained with other preprocessing (HPS) gives its own: ``tokenizer`` (loaded),
+    ``preprocess`` (images [B, 3, H, W] in [0, 1] -> normalised pixels; default :func:`clip_preprocess` with
+    the processor's settings) and ``clean`` (applied to each prompt before tokenising; the cache keeps the
+    prompt as given).
     """
 
     def __init__(
@@ -122,46 +254,45 @@ class ClipEncoder:
         text_cache_size: int = 4096,
         need_text: bool = True,
         example: str = "openai/clip-vit-large-patch14",
+        tokenizer=None,
+        preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        clean: Callable[[str], str] | None = None,
     ):
-        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+        from transformers import CLIPModel
 
         if dtype not in _DTYPES:
             raise ValueError(f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
         if max_batch < 1 or text_cache_size < 1:
             raise ValueError(
-                f"reward.kwargs max_batch={max_batch} and text_cache_size={text_cache_size} must be >= 1"
+                f"reward.kwargs max_batch={max_batch} and text_cache_size={text_cache_size} must be >= 1; "
+                "give positive counts"
             )
         if isinstance(model, torch.nn.Module):
-            if processor is None:
-                raise ValueError("ClipEncoder: a model given as a module needs its processor folder")
             self.model = model
+        elif building_architectures():  # (densegrpo-fast memory: no weights read)
+            config = clip_config(str(model), "model", example)
+            self.model = build_architecture(lambda: CLIPModel(config), _DTYPES[dtype])
         else:
-            processor = processor or model
             try:
                 self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
             except OSError as e:
                 raise _missing("model", str(model), example, e) from None
-        try:
-            ip = AutoImageProcessor.from_pretrained(str(processor), local_files_only=True)
-            self.tokenizer = (
-                AutoTokenizer.from_pretrained(str(processor), local_files_only=True) if need_text else None
+        text = need_text and tokenizer is None
+        self.tokenizer, self.spec = tokenizer, None
+        if text or preprocess is None:
+            processor = processor or (model if isinstance(model, str) else None)
+            if processor is None:
+                raise ValueError("ClipEncoder: a model given as a module needs a processor folder, or a "
+                                 "tokenizer and a preprocess function")  # fmt: skip
+            loaded, self.spec = load_processor(
+                processor, text=text, image=preprocess is None, example=example
             )
-        except OSError as e:
-            raise _missing("processor", str(processor), example, e) from None
-        short = _field(ip.size, "shortest_edge")
-        if not short:
-            raise ValueError(
-                f"reward.kwargs.processor={processor!r}: its image size {ip.size} has no shortest_edge; CLIP "
-                "processors resize the shortest side (give the processor folder that came with the model)"
-            )
-        self.spec = ClipImageSpec(
-            int(short),
-            int(_field(ip.crop_size, "height")),
-            int(_field(ip.crop_size, "width")),
-            tuple(float(v) for v in ip.image_mean),
-            tuple(float(v) for v in ip.image_std),
-        )
-        self.model.requires_grad_(False).eval().to(_DTYPES[dtype])
+            self.tokenizer = loaded if text else tokenizer
+        self.preprocess = preprocess or (lambda images: clip_preprocess(images, self.spec))
+        self.clean = clean
+        self.model.requires_grad_(False).eval()
+        if not building_architectures():  # (built in its dtype there; a fake model cannot be moved)
+            self.model.to(_DTYPES[dtype])
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(device) if device else None
         self._placed: torch.device | None = None
@@ -186,7 +317,7 @@ class ClipEncoder:
         dev = self.place(images)
         out = []
         for chunk in images.split(self.max_batch):
-            pixels = clip_preprocess(chunk.to(dev), self.spec).to(self.dtype)
+            pixels = self.preprocess(chunk.to(dev)).to(self.dtype)
             out.append(_embedding(self.model.get_image_features(pixel_values=pixels)).float())
         return F.normalize(torch.cat(out), dim=-1)
 
@@ -200,8 +331,9 @@ class ClipEncoder:
         self.cache_hits += len(prompts) - len(missing)  # rows served without encoding
         for i in range(0, len(missing), self.max_batch):
             batch = missing[i : i + self.max_batch]
+            texts = [self.clean(p) for p in batch] if self.clean else batch
             tokens = self.tokenizer(
-                batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+                texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             ).to(self.model.device)
             emb = _embedding(self.model.get_text_features(**tokens)).float()
             for p, e in zip(batch, F.normalize(emb, dim=-1), strict=True):
@@ -315,6 +447,14 @@ def load_aesthetic_head(path: str, in_features: int) -> torch.nn.Module:
     """The head's weights from a ``.safetensors`` file or a torch state dict (``torch.load`` with
     ``weights_only=True``: tensors only, no arbitrary objects unpickled)."""
     p = Path(path)
+    active = _ARCHITECTURES_ONLY.get()
+    if active is not None and not p.is_file():  # (densegrpo-fast memory: the head's shapes are enough)
+        active[1].append(f"{path} (aesthetic head)")
+        return (
+            build_architecture(lambda: _AestheticHead(in_features), torch.float32)
+            .requires_grad_(False)
+            .eval()
+        )
     if not p.is_file():
         raise ValueError(
             f"reward.kwargs.head={path!r}: no such file. Fix: give the LAION aesthetic head "

@@ -1,37 +1,56 @@
-"""HPS v2 / v2.1 (Human Preference Score; Wu et al., 2023), scored on tensors.
+"""HPS v2.1 / v2.0 (Human Preference Score; Wu et al., 2023), scored on tensors.
 
-HPS is OpenCLIP's ViT-H-14 fine-tuned on human preference pairs; the score of an image for a prompt is the
-cosine of their embeddings (HPS's own scorer: the dot product of the two L2-normalised embeddings, no logit
-scale), about 0.2-0.35 for current models. DanceGRPO and MixGRPO train and evaluate on HPS v2.1.
+HPS is OpenCLIP's ViT-H-14 fine-tuned on human preference pairs. The score of an image for a prompt is the
+cosine of their embeddings: HPS's own scorer takes the dot product of the two L2-normalised embeddings, with
+no logit scale. DanceGRPO and MixGRPO train and evaluate on HPS v2.1.
 
-Its checkpoints (``HPS_v2.1_compressed.pt``, ``HPS_v2_compressed.pt`` in the hub repo ``xswu/HPSv2``) are
-OpenCLIP state dicts. OpenCLIP itself needs torchvision, whose builds pin one torch each, so this module does
-not use it: :func:`open_clip_to_transformers` renames the weights to a transformers ``CLIPModel`` of the same
-architecture (the hub's ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` is that very conversion of OpenCLIP's
-ViT-H-14), whose config, tokenizer and image processor come from ``base``; only those small files of ``base``
-are read, not its weights. Images go through :class:`~densegrpo_fast.rewards.clip.ClipEncoder` (on-device
-resize of the shortest side to 224, bicubic, center crop, OpenAI's mean and std: HPS's validation transform,
-the same for square images; for other shapes the crop's offset may differ by a pixel from torchvision's,
-which rounds it). The checkpoint loads with ``torch.load(weights_only=True)``: tensors only, no code.
+- **Weights.** The checkpoints (``HPS_v2.1_compressed.pt``, ``HPS_v2_compressed.pt`` in the hub repo
+  ``xswu/HPSv2``) are OpenCLIP state dicts. OpenCLIP needs torchvision, whose builds pin one torch each, so
+  this module does not use it. :func:`open_clip_to_transformers` renames the weights to a transformers
+  ``CLIPModel`` of the same architecture; the hub's ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` is that very
+  conversion of OpenCLIP's ViT-H-14. Its config and tokenizer come from ``base``; the weights of ``base``
+  are not read. The checkpoint loads with ``torch.load(weights_only=True)``: tensors only, no code.
+- **Images: HPS's validation transform, not CLIP's.** HPS's scorer builds it with ``light_augmentation``:
+  the image as a float tensor, its longest side resized to 224 (bicubic, antialiased, on floats: no clamp,
+  no 8-bit rounding), zero-padded to 224 x 224 (the padding split as ``pad // 2`` before), then OpenAI's
+  mean and std. :func:`hps_preprocess` does the same on the images' device.
+- **Prompts: OpenCLIP's text cleaning.** Its tokenizer first runs ``ftfy.fix_text`` (curly quotes
+  straightened, broken encodings repaired) and ``html.unescape`` twice, which transformers' CLIP tokenizer
+  does not. :func:`open_clip_clean` does it before tokenising; it needs ``ftfy``
+  (``pip install 'densegrpo-fast[hps]'``).
 
-Checked (tests/test_rewards_hps.py): the converted model's scores equal those of an independent OpenCLIP-layout
-forward written in the test (fused ``in_proj`` attention, argmax pooling) on tiny random weights; and, in a
-scratch environment with the real ``open_clip`` 3.3.0 (torchvision stubbed: its model code does not use it),
-the real ViT-H-14's embeddings on random weights (benchmarks/RESULTS.md, "HPS v2.1").
+Checked (tests/test_rewards_hps.py): on tiny random weights, the reward equals an OpenCLIP-layout forward
+written in the test, fed by a transcription of HPS's transform and OpenCLIP's tokens. In a scratch
+environment with the real ``open_clip`` 3.3.0 (torchvision stubbed: its model code does not use it), it
+equals the real ViT-H-14 on random weights, its tokenizer included (benchmarks/RESULTS.md, "HPS v2.1").
 """
 
 from __future__ import annotations
 
+import functools
+import html
 import re
 from pathlib import Path
 
 import torch
 
 from densegrpo_fast.rewards import register
-from densegrpo_fast.rewards.clip import ClipEncoder, _missing
+from densegrpo_fast.rewards.clip import (
+    _DTYPES,
+    CLIP_IMAGE,
+    VIT_H_14,
+    ClipEncoder,
+    build_architecture,
+    building_architectures,
+    clip_config,
+    load_processor,
+)
 from densegrpo_fast.rewards.images import check_batch
 
-FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2": "HPS_v2_compressed.pt"}
+#: HPS's versions (its own names; "v2" for v2.0 too) and their files in the hub repo.
+FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt", "v2": "HPS_v2_compressed.pt"}
+SIZE = 224
+_BASE_EXAMPLE = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' '*.txt'"
 _HUB = "xswu/HPSv2"
 
 # OpenCLIP name -> transformers CLIPModel name, outside the residual blocks; "T" marks a projection matrix,
@@ -101,9 +120,63 @@ def open_clip_to_transformers(
     if unknown:
         raise ValueError(
             f"{where}: {len(unknown)} weights of an OpenCLIP architecture this conversion does not cover, e.g. "
-            f"{unknown[:5]}: only plain ViT CLIPs (ViT-B/L/H-14 with a projection matrix) convert"
+            f"{unknown[:5]}: only plain ViT CLIPs (ViT-B/L/H-14 with a projection matrix) convert. Fix: give "
+            f"an HPS v2 / v2.1 checkpoint ({FILES['v2.1']} from {_HUB})"
         )
     return out
+
+
+def hps_preprocess(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """HPS's validation transform on tensors, on the images' device: the longest side to ``size`` (the other
+    to ``round(side * size / longest)``), bicubic with antialias on the float images, zero padding to
+    ``size`` x ``size`` (``pad // 2`` on the left and top), then OpenAI's mean and std.
+
+    Shape: images [B, 3, H, W] float in [0, 1] -> [B, 3, size, size] float32."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images of shape {tuple(images.shape)}: a reward takes [B, 3, H, W] RGB in [0, 1]")
+    x = images.float()
+    h, w = x.shape[-2:]
+    scale = size / max(h, w)
+    if scale != 1.0:
+        new_h, new_w = round(h * scale), round(w * scale)
+        x = torch.nn.functional.interpolate(
+            x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
+        )
+        pad_h, pad_w = size - new_h, size - new_w
+        x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    mean = torch.tensor(CLIP_IMAGE.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def open_clip_clean(text: str) -> str:
+    """OpenCLIP's text cleaning before its tokenizer: ``ftfy.fix_text``, ``html.unescape`` twice, strip (the
+    whitespace and lowercasing that follow, transformers' CLIP tokenizer does as well)."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+def check_architecture(config, base: str) -> None:
+    """The ``base`` config's settings that no weight shape reveals: a wrong one would load the checkpoint and
+    score wrongly, so it is refused. Every config: exact GELU and LayerNorm eps 1e-5 (OpenCLIP's ViT-H-14;
+    OpenAI's CLIPs use quick GELU). One of ViT-H-14's widths (the real model): its head counts too."""
+    wrong = []
+    for tower in ("text", "vision"):
+        got, want = getattr(config, f"{tower}_config"), VIT_H_14[f"{tower}_config"]
+        expected = {"hidden_act": "gelu", "layer_norm_eps": 1e-5}
+        if got.hidden_size == want["hidden_size"]:
+            expected["num_attention_heads"] = want["num_attention_heads"]
+        wrong += [
+            f"{tower}_config.{key}={getattr(got, key, None)!r} (ViT-H-14: {value!r})"
+            for key, value in expected.items()
+            if getattr(got, key, None) != value
+        ]
+    if wrong:
+        raise ValueError(
+            f"reward.kwargs.base={base!r} is not OpenCLIP's ViT-H-14, HPS's architecture: {'; '.join(wrong)}. "
+            f"Fix: base=laion/CLIP-ViT-H-14-laion2B-s32B-b79K (`hf download {_BASE_EXAMPLE}`)"
+        )
 
 
 def resolve_checkpoint(checkpoint: str, version: str) -> Path:
@@ -143,28 +216,63 @@ def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(e):
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the weights-only unpickler refuses anything but tensors and plain containers
+    except Exception as e:  # a truncated file; or objects the weights-only unpickler refuses
         raise ValueError(
             f"reward.kwargs.checkpoint={str(path)!r} does not load as a plain checkpoint of tensors "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not loaded with full "
-            "unpickling, because that runs code"
+            f"unpickling, because that runs code. Fix: if the download was cut short, fetch it again (`hf "
+            f"download {_HUB} {FILES['v2.1']}`)"
         ) from None
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"reward.kwargs.checkpoint={str(path)!r} holds no state dict of tensors")
+        held = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(
+            f"reward.kwargs.checkpoint={str(path)!r} holds {held}, not a state dict of tensors (bare, or under "
+            f"'state_dict' as HPS saves it). Fix: give HPS's own file ({FILES['v2.1']} from {_HUB})"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load(path: Path, config, base: str) -> torch.nn.Module:
+    """The fp32 ``CLIPModel`` of ``config`` with the OpenCLIP checkpoint's weights, every one of them."""
+    from transformers import CLIPModel
+
+    where = f"reward.kwargs.checkpoint={str(path)!r}"
+    state = open_clip_to_transformers(load_open_clip_state(path), where=where)
+    misfit = f"{where} does not fit the architecture of reward.kwargs.base={base!r}"
+    fix = "Fix: give the base whose config matches the checkpoint (ViT-H-14 for HPS)"
+    import transformers
+    from packaging.version import Version
+
+    # fp32 whatever the file holds (HPS's is fp16); transformers named the keyword ``torch_dtype`` before 4.56
+    old = Version(transformers.__version__) < Version("4.56")
+    fp32 = {"torch_dtype" if old else "dtype": torch.float32}
+    try:
+        model, info = CLIPModel.from_pretrained(
+            None, config=config, state_dict=state, output_loading_info=True, **fp32
+        )
+    except RuntimeError as e:  # transformers refuses weights of another shape
+        raise ValueError(f"{misfit}: weights of another shape ({str(e).splitlines()[0]}). {fix}") from None
+    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
+    bad = missing + list(info["unexpected_keys"]) + [str(m) for m in info["mismatched_keys"]]
+    if bad:
+        raise ValueError(
+            f"{misfit}: {len(bad)} weights missing, unexpected or of another shape, e.g. {bad[:4]}. {fix}"
+        )
+    return model
 
 
 @register("hps")
 class HPS:
-    """HPS v2.1 (or v2): ``scale * cos(image_emb, text_emb)`` of the HPS-tuned OpenCLIP ViT-H-14.
+    """HPS v2.1 (or v2.0): ``scale * cos(image_emb, text_emb)`` of the HPS-tuned OpenCLIP ViT-H-14, with
+    HPS's image transform (:func:`hps_preprocess`) and OpenCLIP's text cleaning (:func:`open_clip_clean`).
 
     kwargs: ``checkpoint`` (the ``.pt`` file, a folder holding it, or the hub id ``xswu/HPSv2`` when it is
-    in the HF cache; default the latter), ``version`` (``v2.1``, the default, or ``v2``: which file of a
-    folder or hub repo), ``base`` (folder or cached hub id of the architecture's transformers config,
-    tokenizer and image processor; default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, which PickScore
-    uses as its processor too; its weights are not read), ``scale`` (default 1: HPS as papers report it),
-    and :class:`~densegrpo_fast.rewards.clip.ClipEncoder`'s ``device``, ``dtype``, ``max_batch``,
+    in the HF cache; default the latter), ``version`` (``v2.1``, the default, or ``v2.0``: which file of a
+    folder or hub repo), ``base`` (folder or cached hub id with the architecture's transformers config and
+    CLIP tokenizer; default ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``, whose ``*.json`` and ``*.txt`` files
+    are enough), ``scale`` (default 1: HPS as papers report it), and
+    :class:`~densegrpo_fast.rewards.clip.ClipEncoder`'s ``device``, ``dtype``, ``max_batch``,
     ``text_cache_size``.
     """
 
@@ -179,54 +287,50 @@ class HPS:
         max_batch: int = 64,
         text_cache_size: int = 4096,
     ):
-        problems = HPS.check(version=version)
+        problems = HPS.check(version=version, dtype=dtype)
         if problems:
             raise ValueError(problems[0])
-        from transformers import CLIPConfig, CLIPModel
+        try:
+            import ftfy  # noqa: F401  (OpenCLIP's text cleaning)
+        except ImportError:
+            raise ValueError(
+                "reward 'hps' needs ftfy, which cleans prompts as HPS's tokenizer did. Fix: pip install "
+                "'densegrpo-fast[hps]' (or pip install ftfy)"
+            ) from None
+        from transformers import CLIPModel
 
-        try:
-            config = CLIPConfig.from_pretrained(str(base), local_files_only=True)
-        except OSError as e:
-            raise _missing(
-                "base", str(base), "laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' '*.txt'", e
-            ) from None
-        acts = {config.text_config.hidden_act, config.vision_config.hidden_act}
-        if acts != {"gelu"}:
-            raise ValueError(
-                f"reward.kwargs.base={base!r} has activations {sorted(acts)}; HPS's ViT-H-14 uses exact GELU "
-                "(OpenAI's CLIPs use quick_gelu). Fix: base=laion/CLIP-ViT-H-14-laion2B-s32B-b79K (config files)"
-            )
-        path = resolve_checkpoint(str(checkpoint), version)
-        state = open_clip_to_transformers(
-            load_open_clip_state(path), where=f"reward.kwargs.checkpoint={str(path)!r}"
-        )
-        misfit = f"reward.kwargs.checkpoint={str(path)!r} does not fit the architecture of reward.kwargs.base={base!r}"
-        fix = "Fix: give the base whose config matches the checkpoint (ViT-H-14 for HPS)"
-        try:
-            model, info = CLIPModel.from_pretrained(
-                None, config=config, state_dict=state, output_loading_info=True, dtype=torch.float32
-            )
-        except RuntimeError as e:  # transformers refuses weights of another shape
-            raise ValueError(
-                f"{misfit}: weights of another shape ({str(e).splitlines()[0]}). {fix}"
-            ) from None
-        missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
-        bad = missing + list(info["unexpected_keys"]) + [str(m) for m in info["mismatched_keys"]]
-        if bad:
-            raise ValueError(
-                f"{misfit}: {len(bad)} weights missing, unexpected or of another shape, e.g. {bad[:4]}. {fix}"
-            )
+        # everything small first, so that a missing file is named before the 2 GB checkpoint loads
+        config = clip_config(str(base), "base", _BASE_EXAMPLE)
+        check_architecture(config, str(base))
+        tokenizer, _ = load_processor(str(base), text=True, image=False, example=_BASE_EXAMPLE, what="base")
+        if building_architectures():  # densegrpo-fast memory: the architecture, no checkpoint read
+            self.checkpoint = None
+            model = build_architecture(lambda: CLIPModel(config), _DTYPES[dtype])
+        else:
+            self.checkpoint = resolve_checkpoint(str(checkpoint), version)
+            model = _load(self.checkpoint, config, base)
         self.clip = ClipEncoder(
-            model, str(base), device=device, dtype=dtype, max_batch=max_batch, text_cache_size=text_cache_size
+            model,
+            device=device,
+            dtype=dtype,
+            max_batch=max_batch,
+            text_cache_size=text_cache_size,
+            tokenizer=tokenizer,
+            preprocess=functools.partial(hps_preprocess, size=int(config.vision_config.image_size)),
+            clean=open_clip_clean,
         )
         self.scale = float(scale)
-        self.checkpoint = path
 
     @staticmethod
-    def check(version: str = "v2.1", **_) -> list[str]:
-        if version in FILES:
-            return []
-        return [f"reward.kwargs.version={version!r} is not an HPS version: choose one of {list(FILES)}"]
+    def check(version: str = "v2.1", dtype: str = "float32", **_) -> list[str]:
+        problems = []
+        if version not in FILES:
+            problems.append(
+                f"reward.kwargs.version={version!r} is not an HPS version: choose one of {list(FILES)}"
+            )
+        if dtype not in _DTYPES:
+            problems.append(f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        return problems
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
