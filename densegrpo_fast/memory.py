@@ -46,9 +46,12 @@ trains its share of the rows through the job's own gathers and gradient sums, an
 held-out prompts. Full fine-tuning there shards the transformer and its KL reference with FSDP2 on torch's
 fake process group: each block is then profiled on its own (it is FSDP's unit), and FSDP's gathers, frees
 (in-place storage resizes, which :class:`LiveBytes` follows) and gradient reductions run around it as in the
-job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. Not estimated: the
-models of ``eval.rewards`` other than the training reward, fp16's fp32 T5 layers
-(``_keep_in_fp32_modules``), and AdamW's foreach temporaries on CUDA (the CPU takes its per-tensor path).
+job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. The CLIP rewards of
+``eval.rewards`` (other than the training reward, whose model scores for it) are built in the evaluation
+phase, as the trainer builds them for each held-out evaluation, and counted while they live. Not estimated:
+``eval.rewards`` of other kinds (served, on the host, or not loadable here: a note names them), fp16's fp32
+T5 layers (``_keep_in_fp32_modules``), and AdamW's foreach temporaries on CUDA (the CPU takes its
+per-tensor path).
 
 What it cannot see: kernels that allocate differently on the GPU than on the CPU (attention is forced to the
 flash kernel, which keeps no S x S matrix on either; the fused Triton SDE kernels allocate less than the
@@ -76,6 +79,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
+
+from densegrpo_fast.rewards.clip import architectures_only
 
 GIB = 2**30
 
@@ -817,6 +822,7 @@ def _iterations(
     notes: list[str] | None = None,
     encoder_bytes: int = 0,
     resident=dict,
+    eval_rewards=contextlib.nullcontext,
 ) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """``trainer.setup`` then ``iterations`` x (collect, update) under ``tracker``; the peak of each phase of
     the last iteration (live bytes: the weights of the models ``resident()`` names, on the device before,
@@ -832,7 +838,8 @@ def _iterations(
     iteration, while its rollout is alive), the held-out evaluation (as the run's last one) and the export.
 
     Prompt encoding (sd3/flux) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
-    of offloaded text encoders, are on the device then, and through the evaluation, which holds them."""
+    of offloaded text encoders, are on the device then, and through the evaluation, which holds them.
+    ``eval_rewards()`` is the context the evaluation builds ``cfg.eval.rewards`` in."""
     from densegrpo_fast import distributed, trainer
 
     _track(tracker, resident())  # (no reference kept: weights replaced by shards are freed)
@@ -893,7 +900,8 @@ def _iterations(
         for hook in hooks:
             hook.remove()
         phase("evaluation")  # the last one: AdamW's state exists
-        trainer.ema_heldout_rewards(run)
+        with eval_rewards():  # (the models of eval.rewards are built in here, for this evaluation)
+            trainer.ema_heldout_rewards(run)
         phase("export")
         trainer.export_policy(run, run.dir / "policy_ema.safetensors")
         tracker.phase = ""
@@ -935,7 +943,9 @@ def estimate_run(
 ) -> Estimate:
     """Estimate the device memory of training ``cfg`` with ``policy`` (built with fake weights; see the
     module docstring). ``cfg`` should name a throw-away ``run.output_dir`` and a prompt file;
-    ``reward_fn`` stands in for the config's reward when given. Runs ``iterations`` trainer iterations
+    ``reward_fn`` stands in for the config's reward when given; the CLIP rewards of ``cfg.eval.rewards`` are
+    built for the evaluation from their configs, with fake weights counted while they live (any other kind
+    fails to build: leave it out of ``cfg``). Runs ``iterations`` trainer iterations
     (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
     last iteration and of that end (with one iteration, AdamW's state is added where the first did not have it
     yet; see :func:`_iterations`). With ``origins``, also each phase's peak by where its bytes were allocated
@@ -946,7 +956,7 @@ def estimate_run(
     for module in scored.values():
         make_fake(module, mode)
         module.requires_grad_(False)
-        module.to = types.MethodType(lambda self, *args, **kwargs: self, module)  # (CLIP rewards move theirs)
+        unmovable(module)  # (CLIP rewards move theirs)
     weights = {k: storage_bytes([*m.parameters(), *m.buffers()]) for k, m in {**parts, **scored}.items()}
     tracker = LiveBytes(origins)
     from densegrpo_fast import distributed, trainer
@@ -982,8 +992,9 @@ def estimate_run(
     try:
         with _repeats_skipped(), _fsdp_on_fake(mode) if sharded else contextlib.nullcontext():
             phases, at_peaks = _iterations(
-                cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident
-            )
+                cfg, policy, tracker, reward_fn, iterations, seed, notes, host_bytes, resident,
+                eval_rewards=lambda: architectures_only(reward_builder(mode, tracker)),
+            )  # fmt: skip
     finally:
         for s in stubs:
             s.restore()
@@ -1019,6 +1030,32 @@ def _fake_module(ctor, dtype: torch.dtype, mode) -> torch.nn.Module:
         module = ctor()
     make_fake(module, mode, dtype)
     return module
+
+
+def unmovable(module: torch.nn.Module) -> None:
+    """``module.to(...)`` returns it as it is (fake weights cannot be moved). Through a weak reference: a
+    bound method in its own ``__dict__`` would make a cycle, and keep a model built for one evaluation
+    alive (and counted) until the garbage collector runs."""
+    ref = weakref.ref(module)
+    module.to = lambda *args, **kwargs: ref()
+
+
+def reward_builder(mode, tracker: LiveBytes | None = None):
+    """The ``build`` of :func:`densegrpo_fast.rewards.clip.architectures_only` for the estimate: a reward's
+    model with fake weights, which stays where it is (a CLIP reward moves its model to the images' device; a
+    fake model cannot be moved). With ``tracker``, its weights are counted from now until they are freed (an
+    evaluation reward, built for each held-out evaluation)."""
+
+    def build(constructor, dtype: torch.dtype) -> torch.nn.Module:
+        module = _fake_module(constructor, dtype, mode)
+        unmovable(module)
+        if tracker is not None:
+            with tracker.labelled("weights: eval.rewards"):
+                for t in [*module.parameters(), *module.buffers()]:
+                    tracker.track(t)
+        return module
+
+    return build
 
 
 def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
@@ -1172,7 +1209,6 @@ def run_memory(
     from densegrpo_fast import distributed, trainer
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.rewards import build_reward
-    from densegrpo_fast.rewards.clip import architectures_only
 
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
@@ -1188,32 +1224,41 @@ def run_memory(
     n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
     prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
     notes = []
-    others = [k for k, r in cfg.eval.rewards.items() if r != cfg.reward and r.name not in SERVED]
-    if others:  # (one equal to the training reward is scored by its model: trainer.heldout_rewards)
-        notes.append(
-            f"eval.rewards {others}: their models, built for each held-out evaluation, are not counted"
-        )
-    reward_fn = None
     mode = new_fake_mode()
-    if cfg.reward.name in SERVED:
-        notes.append(f"reward {cfg.reward.name!r} is scored by its server: nothing on this device")
-    else:
-        try:  # (CLIP rewards from their configs, fake weights; built-in architectures when not on disk)
-            with quiet, architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as stood_in:
-                reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
-            if stood_in:
-                notes.append(f"reward {cfg.reward.name!r}: not on disk, counted with the built-in architecture "
-                             f"(and CLIP's tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
+
+    def built(where: str, r):
+        """The reward ``r`` with its models' fake weights (CLIP rewards from their configs, or the built-in
+        architectures when not on disk), or None with a note when nothing of it is counted."""
+        if r.name in SERVED:
+            notes.append(f"{where} {r.name!r} is scored by its server: nothing on this device")
+            return None
+        try:
+            with quiet, architectures_only(reward_builder(mode)) as stood_in:
+                fn = build_reward(r.name, **r.kwargs)
         except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
-            notes.append(f"reward {cfg.reward.name!r} not counted: it does not load here ({type(e).__name__}: "
+            notes.append(f"{where} {r.name!r} not counted: it does not load here ({type(e).__name__}: "
                          f"{str(e)[:160]})")  # fmt: skip
-    if reward_fn is not None and not reward_modules(reward_fn):  # JPEG sizes and the like: nothing on the GPU
-        notes.append(f"reward {cfg.reward.name!r} holds no model on this process's device: not counted")
-        reward_fn = None
+            return None
+        if not reward_modules(fn):  # JPEG sizes and the like: nothing on the GPU
+            notes.append(f"{where} {r.name!r} holds no model on this process's device: not counted")
+            return None
+        if stood_in:
+            notes.append(f"{where} {r.name!r}: not on disk, counted with the built-in architecture (and CLIP's "
+                         f"tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
+        return fn
+
+    reward_fn = built("reward", cfg.reward)
+    # eval.rewards: those equal to the training reward are scored by its model (trainer.heldout_rewards); the
+    # others are built for each held-out evaluation, in it, and counted there when they build here
+    evaluated = {
+        k: {"name": r.name, "kwargs": r.kwargs}
+        for k, r in cfg.eval.rewards.items()
+        if r != cfg.reward and built(f"eval.rewards.{k}", r) is not None
+    }
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
-        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}",
+        "reward.name=redness", "reward.kwargs={}", f"eval.rewards={json.dumps(evaluated)}",
         f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
         "model.compile=false",  # fake tensors run eagerly
     ])  # fmt: skip

@@ -31,6 +31,7 @@ from densegrpo_fast.memory import (
     storage_bytes,
     storage_of,
 )
+from densegrpo_fast.rewards import build_reward
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -240,6 +241,34 @@ def test_clip_rewards_not_on_disk_are_built_as_their_architecture(
     assert {p.dtype for p in reward.clip.model.parameters()} == {dtype}
     with pytest.raises(ValueError, match="hf download|no such file"):
         build_reward(name, **kwargs)
+
+
+def test_an_evaluation_clip_reward_is_counted_in_the_evaluation(sd3_dir, clip_dir, tmp_path):  # noqa: F811
+    """A CLIP reward of eval.rewards (not the training reward) is built for each held-out evaluation: the
+    estimate builds it there from its config, so the evaluation phase holds its weights and its calls, as the
+    run with real weights does, and the phases after it do not. (The real run's count misses the weights
+    themselves: from_pretrained reads them from the file, outside the counted ops.)"""
+    from densegrpo_fast.policies import load_policy
+
+    pick = f"eval.rewards={{pick: {{name: pickscore, kwargs: {{model: {clip_dir}, processor: {clip_dir}}}}}}}"
+    real, fake, without = (
+        _config(sd3_dir, tmp_path / "real", "fp32", [pick]),
+        _config(sd3_dir, tmp_path / "fake", "fp32", [pick]),
+        _config(sd3_dir, tmp_path / "without", "fp32", ["eval.rewards={}"]),
+    )
+    policy = load_policy("sd3", str(sd3_dir), "cpu", **real.model.adapter_options())
+    measured = measure_run(real, policy)
+    est = estimate_run(fake, fake_policy(fake, new_fake_mode())[0])
+    base = estimate_run(without, fake_policy(without, new_fake_mode())[0])
+    weights = sum(est.weights.values())  # the policy's: the eval reward's are counted in its phase
+    clip = build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir)).clip.model
+    params = sum(p.numel() * p.element_size() for p in clip.parameters())
+    for phase in PHASES:  # the live parts within 0.1 %, as above
+        expected = measured[phase] - weights + (params if phase == "evaluation" else 0)
+        assert est.phases[phase] - weights == pytest.approx(expected, rel=1e-3), phase
+    assert est.phases["evaluation"] > base.phases["evaluation"] + params  # its weights, and its calls
+    for phase in ("update", "export"):  # built and freed within the evaluation
+        assert est.phases[phase] == base.phases[phase], phase
 
 
 @pytest.mark.parametrize("from_config", [False, True], ids=["weights_made_fake", "from_config"])

@@ -25,6 +25,8 @@ Weights (the real ones; pass their local folders, or the hub ids when they are i
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -175,6 +177,8 @@ def _field(obj, key: str):
 
 
 def _missing(what: str, path: str, example: str, error: Exception) -> ValueError:
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not Path(path).exists() and not example.startswith(path):
+        example = path  # a hub id: the fix is to download that one
     return ValueError(
         f"reward.kwargs.{what}={path!r}: no {what} found there, nor in the Hugging Face cache (rewards load "
         f"offline, local_files_only). Fix: download it once where there is network, e.g. `hf download {example} "
@@ -288,7 +292,7 @@ class ClipEncoder:
                 processor, text=text, image=preprocess is None, example=example
             )
             self.tokenizer = loaded if text else tokenizer
-        self.preprocess = preprocess or (lambda images: clip_preprocess(images, self.spec))
+        self.preprocess = preprocess or functools.partial(clip_preprocess, spec=self.spec)  # (no cycle)
         self.clean = clean
         self.model.requires_grad_(False).eval()
         if not building_architectures():  # (built in its dtype there; a fake model cannot be moved)
