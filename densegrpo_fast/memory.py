@@ -541,6 +541,8 @@ def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, tor
         name = f"{prefix}.{key}"
         if isinstance(value, torch.nn.Module):
             found[name] = value
+        elif isinstance(value, dict | list | tuple):  # (containers spend no depth: a weighted sum's parts)
+            found.update(reward_modules(value, name, depth))
         elif depth > 0 and not isinstance(value, torch.Tensor | type | str):
             found.update(reward_modules(value, name, depth - 1))
     return found
@@ -1184,6 +1186,68 @@ def _advice(phase: str, cfg) -> str:
 SERVED = ("remote", "geneval")  # rewards scored by a server: nothing of them on this process's device
 
 
+def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[str, dict]]:
+    """What the estimate counts of ``cfg``'s rewards, built inside
+    :func:`~densegrpo_fast.rewards.clip.architectures_only` (the CLIP rewards from their configs, fake
+    weights, nothing read), with a line in ``notes`` for each one not counted or stood in for:
+
+    - the training reward, or None when nothing of it is on the device (served, weight-free, or not loadable
+      here); :func:`estimate_run` makes any real weights of it fake and drops it if it fails on fake images;
+    - the ``eval.rewards`` to build in the evaluation phase (key -> ``{name, kwargs}``), as the trainer
+      builds them for each held-out evaluation: those other than the training reward (whose model scores
+      for it) whose models are all fake here and which score a fake image (the CLIP rewards, alone or in a
+      weighted sum of such)."""
+    from densegrpo_fast.rewards import build_reward
+
+    def built(where: str, r):
+        """``r`` built (None when nothing of it is on the device: with a note) and what was stood in for."""
+        if r.name in SERVED:
+            notes.append(f"{where} {r.name!r} is scored by its server: nothing on this device")
+            return None, []
+        try:
+            with architectures_only(reward_builder(mode)) as stood_in:
+                fn = build_reward(r.name, **r.kwargs)
+        except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
+            notes.append(f"{where} {r.name!r} not counted: it does not load here ({type(e).__name__}: "
+                         f"{str(e)[:300]})")  # fmt: skip
+            return None, []
+        if not reward_modules(fn):  # JPEG sizes and the like: nothing on the GPU
+            notes.append(f"{where} {r.name!r} holds no model on this process's device: not counted")
+            return None, []
+        return fn, stood_in
+
+    def counted(where: str, r, stood_in: list[str]) -> None:
+        if stood_in:
+            notes.append(f"{where} {r.name!r}: not on disk, counted with the built-in architecture (and CLIP's "
+                         f"tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
+
+    reward_fn, stood_in = built("reward", cfg.reward)
+    counted("reward", cfg.reward, stood_in)
+    evaluated = {}
+    for key, r in cfg.eval.rewards.items():
+        where = f"eval.rewards.{key}"
+        if r == cfg.reward:  # scored by the training reward's model (trainer.heldout_rewards)
+            continue
+        fn, stood_in = built(where, r)
+        if fn is None:
+            continue
+        tensors = [t for m in reward_modules(fn).values() for t in [*m.parameters(), *m.buffers()]]
+        if not all(
+            _is_fake(t) for t in tensors
+        ):  # a model with real weights (OCR): not built in the estimate
+            notes.append(f"{where} {r.name!r}: its models load real weights, not counted")
+            continue
+        try:
+            with mode:
+                fn(torch.rand(1, 3, 64, 64), ["a prompt"])
+        except Exception as e:  # e.g. a part that reads pixel values on the host (JPEG sizes in a sum)
+            notes.append(f"{where} {r.name!r} fails on fake images, not counted ({type(e).__name__}: {e})")
+            continue
+        counted(where, r, stood_in)
+        evaluated[key] = {"name": r.name, "kwargs": r.kwargs}
+    return reward_fn, evaluated
+
+
 def run_memory(
     config: str,
     overrides: list[str],
@@ -1204,11 +1268,11 @@ def run_memory(
     import warnings
     from pathlib import Path
 
+    import yaml
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from densegrpo_fast import distributed, trainer
     from densegrpo_fast.config import TrainConfig, load_config
-    from densegrpo_fast.rewards import build_reward
 
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
@@ -1226,39 +1290,13 @@ def run_memory(
     notes = []
     mode = new_fake_mode()
 
-    def built(where: str, r):
-        """The reward ``r`` with its models' fake weights (CLIP rewards from their configs, or the built-in
-        architectures when not on disk), or None with a note when nothing of it is counted."""
-        if r.name in SERVED:
-            notes.append(f"{where} {r.name!r} is scored by its server: nothing on this device")
-            return None
-        try:
-            with quiet, architectures_only(reward_builder(mode)) as stood_in:
-                fn = build_reward(r.name, **r.kwargs)
-        except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
-            notes.append(f"{where} {r.name!r} not counted: it does not load here ({type(e).__name__}: "
-                         f"{str(e)[:160]})")  # fmt: skip
-            return None
-        if not reward_modules(fn):  # JPEG sizes and the like: nothing on the GPU
-            notes.append(f"{where} {r.name!r} holds no model on this process's device: not counted")
-            return None
-        if stood_in:
-            notes.append(f"{where} {r.name!r}: not on disk, counted with the built-in architecture (and CLIP's "
-                         f"tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
-        return fn
-
-    reward_fn = built("reward", cfg.reward)
-    # eval.rewards: those equal to the training reward are scored by its model (trainer.heldout_rewards); the
-    # others are built for each held-out evaluation, in it, and counted there when they build here
-    evaluated = {
-        k: {"name": r.name, "kwargs": r.kwargs}
-        for k, r in cfg.eval.rewards.items()
-        if r != cfg.reward and built(f"eval.rewards.{k}", r) is not None
-    }
+    with quiet:
+        reward_fn, evaluated = counted_rewards(cfg, mode, notes)
     cfg = load_config(TrainConfig, config, [
         *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
         "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
-        "reward.name=redness", "reward.kwargs={}", f"eval.rewards={json.dumps(evaluated)}",
+        "reward.name=redness", "reward.kwargs={}",
+        "eval.rewards=" + yaml.safe_dump(evaluated, default_flow_style=True, width=1 << 30).strip(),
         f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
         "model.compile=false",  # fake tensors run eagerly
     ])  # fmt: skip

@@ -221,15 +221,18 @@ def _with_a_clip_reward(checkpoint, clip, tmp_path, from_config=False):
         ("aesthetic", {"head": "/nowhere/head.pth"}, 427_616_513 + 927_969, ["openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14 (processor)", "/nowhere/head.pth (aesthetic head)"]),
     ],
 )  # fmt: skip
-def test_clip_rewards_not_on_disk_are_built_as_their_architecture(
-    name, kwargs, params, stood_in, monkeypatch
-):
+def test_clip_rewards_not_on_disk_are_built_as_their_architecture(name, kwargs, params, stood_in):
     """The memory estimate counts a CLIP reward whose hub weights are not on disk with its built-in
     architecture (fake weights, nothing read); outside that context the same build fails as before."""
-    from densegrpo_fast.rewards import build_reward
+    import huggingface_hub
+
     from densegrpo_fast.rewards.clip import architectures_only
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = [
+        r for r in stood_in if "(" not in r and huggingface_hub.try_to_load_from_cache(r, "config.json")
+    ]
+    if cached:  # (a machine with these in its Hugging Face cache builds them from their configs instead)
+        pytest.skip(f"{cached} in this machine's Hugging Face cache")
     mode = new_fake_mode()
     with architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as used:
         reward = build_reward(name, **kwargs)
@@ -269,6 +272,40 @@ def test_an_evaluation_clip_reward_is_counted_in_the_evaluation(sd3_dir, clip_di
     assert est.phases["evaluation"] > base.phases["evaluation"] + params  # its weights, and its calls
     for phase in ("update", "export"):  # built and freed within the evaluation
         assert est.phases[phase] == base.phases[phase], phase
+
+
+def test_which_rewards_the_estimate_counts(clip_dir, tmp_path):  # noqa: F811
+    """The training reward is built with fake weights; of eval.rewards, the estimate builds in its evaluation
+    those with fake-weight models that score a fake image, other than the training reward itself: a CLIP
+    reward alone or in a weighted sum, not a served one, a weight-free one, or a sum with a host-side part.
+    The kept ones survive the trip through an override (YAML: 1e-05 stays a number)."""
+    import yaml
+
+    from densegrpo_fast.memory import counted_rewards
+
+    pick = {"name": "pickscore", "kwargs": {"model": str(clip_dir), "processor": str(clip_dir)}}
+    scaled = {"name": "pickscore", "kwargs": {**pick["kwargs"], "scale": 1e-05}}
+    jpeg = {"name": "jpeg_compressibility"}
+    rewards = {
+        "same": pick,
+        "scaled": scaled,
+        "sum": {"name": "multi", "kwargs": {"rewards": {"p": {**pick, "weight": 1.0}}}},
+        "with_jpeg": {"name": "multi", "kwargs": {"rewards": {"p": {**pick, "weight": 1.0}, "j": jpeg}}},
+        "jpeg": jpeg,
+        "served": {"name": "geneval", "kwargs": {"url": "http://127.0.0.1:9"}},
+    }
+    flow = lambda obj: yaml.safe_dump(obj, default_flow_style=True, width=1 << 30).strip()  # noqa: E731
+    cfg = _config(clip_dir, tmp_path, "fp32", [f"reward={flow(pick)}", f"eval.rewards={flow(rewards)}"])
+    notes = []
+    reward_fn, evaluated = counted_rewards(cfg, new_fake_mode(), notes)
+    assert all(_is_fake(p) for p in reward_fn.clip.model.parameters())
+    assert sorted(evaluated) == ["scaled", "sum"]
+    said = {n.split()[0].removeprefix("eval.rewards."): n for n in notes}
+    assert sorted(said) == ["jpeg", "served", "with_jpeg"]  # (and nothing of the training reward)
+    assert "fails on fake images" in said["with_jpeg"] and "holds no model" in said["jpeg"]
+    assert "server" in said["served"]
+    again = _config(clip_dir, tmp_path, "fp32", [f"eval.rewards={flow(evaluated)}"])
+    assert again.eval.rewards["scaled"].kwargs["scale"] == 1e-05
 
 
 @pytest.mark.parametrize("from_config", [False, True], ids=["weights_made_fake", "from_config"])

@@ -312,7 +312,7 @@ def test_hps_against_real_open_clip(base_dir, tmp_path):
     torch.testing.assert_close(reward(images, PROMPTS), (img * txt).sum(-1), atol=2e-6, rtol=0)
 
 
-@pytest.mark.parametrize("h, w", [(512, 512), (300, 517), (768, 512), (224, 224), (100, 60)])
+@pytest.mark.parametrize("h, w", [(512, 512), (300, 517), (768, 512), (224, 224), (100, 60), (224, 100)])
 def test_hps_preprocess_is_hps_validation_transform(h, w):
     """On the images' device, batched: HPS's transform (longest side to 224, floats, zero padding). The
     smooth-plus-sharp images would differ by many 8-bit levels from CLIP's PIL-style preprocessing."""
@@ -350,6 +350,13 @@ def test_the_base_must_be_vit_h_14_where_no_shape_tells(base_dir, tmp_path, monk
             (no_image / f.name).write_bytes(f.read_bytes())
     path = _save(tmp_path / "ok.pt", open_clip_model)
     build_reward("hps", checkpoint=str(path), base=str(no_image))
+    no_vocab = tmp_path / "no_vocab"  # transformers builds a near-empty tokenizer there: every prompt alike
+    no_vocab.mkdir()
+    for f in base_dir.iterdir():
+        if f.name not in ("vocab.json", "merges.txt", "tokenizer.json"):
+            (no_vocab / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ValueError, match=r"its tokenizer has \d+ tokens, the CLIP model's vocabulary 54"):
+        build_reward("hps", checkpoint=str(path), base=str(no_vocab))
     monkeypatch.setitem(__import__("sys").modules, "ftfy", None)
     with pytest.raises(ValueError, match=r"needs ftfy.*pip install 'densegrpo-fast\[hps\]'"):
         build_reward("hps", checkpoint=str(path), base=str(base_dir))

@@ -131,7 +131,7 @@ def architectures_only(build: Callable[[Callable[[], torch.nn.Module], torch.dty
     - ``build(constructor, dtype)`` makes the model; the estimate gives it fake weights.
     - The tokenizer and image settings are the processor folder's. For a built-in id not on disk they are a
       stand-in tokenizer of CLIP's 77 tokens and CLIP's 224 px settings.
-    - HPS reads no checkpoint, and a missing aesthetic head is a fresh one.
+    - HPS reads no checkpoint, and an aesthetic head is a fresh one (nothing is read).
 
     Yields the list of what was stood in for (the hub ids and heads not on disk). A reward built this way
     scores nothing meaningful."""
@@ -148,6 +148,16 @@ def building_architectures() -> bool:
     return _ARCHITECTURES_ONLY.get() is not None
 
 
+def _stand_in(name: str, label: str = "") -> bool:
+    """Within :func:`architectures_only`, for a default hub id (``label`` empty) or anything with a label:
+    note ``name`` as stood in for and return True; else False (the caller raises its error)."""
+    active = _ARCHITECTURES_ONLY.get()
+    if active is None or not (label or str(name) in BUILT_IN):
+        return False
+    active[1].append(f"{name} ({label})" if label else str(name))
+    return True
+
+
 def clip_config(name: str, what: str, example: str):
     """The transformers ``CLIPConfig`` of ``name`` (a folder or a cached hub id); within
     :func:`architectures_only`, the built-in one of a default hub id that is not on disk."""
@@ -156,10 +166,8 @@ def clip_config(name: str, what: str, example: str):
     try:
         return CLIPConfig.from_pretrained(str(name), local_files_only=True)
     except OSError as e:
-        active = _ARCHITECTURES_ONLY.get()
-        if active is None or str(name) not in BUILT_IN:
+        if not _stand_in(name):
             raise _missing(what, str(name), example, e) from None
-        active[1].append(str(name))
         return CLIPConfig(**BUILT_IN[str(name)])
 
 
@@ -176,9 +184,14 @@ def _field(obj, key: str):
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
+def _download(path: str, example: str) -> str:
+    """What to download: ``path`` itself when it is a hub id (not a local path), else the ``example``."""
+    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not Path(path).exists()
+    return path if hub_id and not example.startswith(path) else example
+
+
 def _missing(what: str, path: str, example: str, error: Exception) -> ValueError:
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not Path(path).exists() and not example.startswith(path):
-        example = path  # a hub id: the fix is to download that one
+    example = _download(path, example)
     return ValueError(
         f"reward.kwargs.{what}={path!r}: no {what} found there, nor in the Hugging Face cache (rewards load "
         f"offline, local_files_only). Fix: download it once where there is network, e.g. `hf download {example} "
@@ -222,14 +235,26 @@ def load_processor(processor: str, *, text: bool, image: bool, example: str, wha
             )
         tokenizer = AutoTokenizer.from_pretrained(str(processor), local_files_only=True) if text else None
     except OSError as e:
-        active = _ARCHITECTURES_ONLY.get()
-        if active is None or str(processor) not in BUILT_IN:
+        if not (str(processor) in BUILT_IN and _stand_in(processor, "processor")):
             raise _missing(what, str(processor), example, e) from None
         from densegrpo_fast.policies.architectures import clip_tokenizer
 
-        active[1].append(f"{processor} (processor)")
         return (clip_tokenizer() if text else None), (CLIP_IMAGE if image else None)
     return tokenizer, spec
+
+
+def check_tokenizer(tokenizer, vocab_size: int, what: str, processor: str, example: str) -> None:
+    """A CLIP tokenizer has exactly the model's vocabulary: transformers builds a near-empty one from a
+    folder without ``vocab.json`` / ``merges.txt`` (every prompt then gets the same tokens), and a larger one
+    would index past the embeddings."""
+    if len(tokenizer) != vocab_size:
+        raise ValueError(
+            f"reward.kwargs.{what}={processor!r}: its tokenizer has {len(tokenizer)} tokens, the CLIP model's "
+            f"vocabulary {vocab_size} (the folder lacks the tokenizer's files, or belongs to another model). "
+            f"Fix: `hf download {_download(processor, example)}` (vocab.json and merges.txt are needed), or give "
+            "the processor "
+            "folder that came with the model"
+        )
 
 
 class ClipEncoder:
@@ -292,6 +317,9 @@ class ClipEncoder:
                 processor, text=text, image=preprocess is None, example=example
             )
             self.tokenizer = loaded if text else tokenizer
+            if text and not building_architectures():
+                vocab = int(self.model.config.text_config.vocab_size)
+                check_tokenizer(self.tokenizer, vocab, "processor", str(processor), example)
         self.preprocess = preprocess or functools.partial(clip_preprocess, spec=self.spec)  # (no cycle)
         self.clean = clean
         self.model.requires_grad_(False).eval()
@@ -451,9 +479,9 @@ def load_aesthetic_head(path: str, in_features: int) -> torch.nn.Module:
     """The head's weights from a ``.safetensors`` file or a torch state dict (``torch.load`` with
     ``weights_only=True``: tensors only, no arbitrary objects unpickled)."""
     p = Path(path)
-    active = _ARCHITECTURES_ONLY.get()
-    if active is not None and not p.is_file():  # (densegrpo-fast memory: the head's shapes are enough)
-        active[1].append(f"{path} (aesthetic head)")
+    if building_architectures():  # (densegrpo-fast memory: the head's shapes are enough; nothing is read)
+        if not p.is_file():
+            _stand_in(path, "aesthetic head")
         return (
             build_architecture(lambda: _AestheticHead(in_features), torch.float32)
             .requires_grad_(False)

@@ -42,6 +42,7 @@ from densegrpo_fast.rewards.clip import (
     ClipEncoder,
     build_architecture,
     building_architectures,
+    check_tokenizer,
     clip_config,
     load_processor,
 )
@@ -131,19 +132,22 @@ def hps_preprocess(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     to ``round(side * size / longest)``), bicubic with antialias on the float images, zero padding to
     ``size`` x ``size`` (``pad // 2`` on the left and top), then OpenAI's mean and std.
 
+    One deviation: HPS's ``ResizeMaxSize`` neither resizes nor pads an image whose longest side is already
+    ``size``, so a non-square one reaches the model unpadded and is refused; here it is padded.
+
     Shape: images [B, 3, H, W] float in [0, 1] -> [B, 3, size, size] float32."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images of shape {tuple(images.shape)}: a reward takes [B, 3, H, W] RGB in [0, 1]")
     x = images.float()
     h, w = x.shape[-2:]
     scale = size / max(h, w)
-    if scale != 1.0:
-        new_h, new_w = round(h * scale), round(w * scale)
+    new_h, new_w = round(h * scale), round(w * scale)  # (HPS's arithmetic, to its rounding)
+    if (new_h, new_w) != (h, w):
         x = torch.nn.functional.interpolate(
             x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
         )
-        pad_h, pad_w = size - new_h, size - new_w
-        x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    pad_h, pad_w = size - new_h, size - new_w
+    x = torch.nn.functional.pad(x, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
     mean = torch.tensor(CLIP_IMAGE.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_IMAGE.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -290,13 +294,16 @@ class HPS:
         problems = HPS.check(version=version, dtype=dtype)
         if problems:
             raise ValueError(problems[0])
+        clean = open_clip_clean
         try:
             import ftfy  # noqa: F401  (OpenCLIP's text cleaning)
         except ImportError:
-            raise ValueError(
-                "reward 'hps' needs ftfy, which cleans prompts as HPS's tokenizer did. Fix: pip install "
-                "'densegrpo-fast[hps]' (or pip install ftfy)"
-            ) from None
+            if not building_architectures():  # (the memory estimate reads no prompt for its meaning)
+                raise ValueError(
+                    "reward 'hps' needs ftfy, which cleans prompts as HPS's tokenizer did. Fix: pip install "
+                    "'densegrpo-fast[hps]' (or pip install ftfy)"
+                ) from None
+            clean = str.strip
         from transformers import CLIPModel
 
         # everything small first, so that a missing file is named before the 2 GB checkpoint loads
@@ -307,6 +314,7 @@ class HPS:
             self.checkpoint = None
             model = build_architecture(lambda: CLIPModel(config), _DTYPES[dtype])
         else:
+            check_tokenizer(tokenizer, int(config.text_config.vocab_size), "base", str(base), _BASE_EXAMPLE)
             self.checkpoint = resolve_checkpoint(str(checkpoint), version)
             model = _load(self.checkpoint, config, base)
         self.clip = ClipEncoder(
@@ -317,7 +325,7 @@ class HPS:
             text_cache_size=text_cache_size,
             tokenizer=tokenizer,
             preprocess=functools.partial(hps_preprocess, size=int(config.vision_config.image_size)),
-            clean=open_clip_clean,
+            clean=clean,
         )
         self.scale = float(scale)
 
