@@ -1232,9 +1232,7 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
         if fn is None:
             continue
         tensors = [t for m in reward_modules(fn).values() for t in [*m.parameters(), *m.buffers()]]
-        if not all(
-            _is_fake(t) for t in tensors
-        ):  # a model with real weights (OCR): not built in the estimate
+        if not all(_is_fake(t) for t in tensors):  # real weights (OCR's): the estimate cannot rebuild them
             notes.append(f"{where} {r.name!r}: its models load real weights, not counted")
             continue
         try:

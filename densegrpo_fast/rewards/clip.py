@@ -251,9 +251,8 @@ def check_tokenizer(tokenizer, vocab_size: int, what: str, processor: str, examp
         raise ValueError(
             f"reward.kwargs.{what}={processor!r}: its tokenizer has {len(tokenizer)} tokens, the CLIP model's "
             f"vocabulary {vocab_size} (the folder lacks the tokenizer's files, or belongs to another model). "
-            f"Fix: `hf download {_download(processor, example)}` (vocab.json and merges.txt are needed), or give "
-            "the processor "
-            "folder that came with the model"
+            f"Fix: `hf download {_download(processor, example)}` (vocab.json and merges.txt are needed), or "
+            "give the processor folder that came with the model"
         )
 
 
