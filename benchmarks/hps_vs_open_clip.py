@@ -39,24 +39,6 @@ PROMPTS = [
 ]
 
 
-def hps_transform(images: torch.Tensor, size: int = 224) -> torch.Tensor:
-    """HPS's validation transform, image by image as torchvision runs it on a float tensor (ToTensor,
-    ResizeMaxSize: bicubic with antialias to round(side * size / longest), zero padding split pad // 2
-    first; MaskAwareNormalize with OpenAI's mean and std)."""
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    out = []
-    for img in images:
-        height, width = img.shape[1:]
-        scale = size / float(max(height, width))
-        new = tuple(round(dim * scale) for dim in (height, width))
-        img = F.interpolate(img[None], size=new, mode="bicubic", align_corners=False, antialias=True)[0]
-        pad_h, pad_w = size - new[0], size - new[1]
-        img = F.pad(img, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-        out.append((img - mean) / std)
-    return torch.stack(out)
-
-
 def base_folder(d: Path, open_clip, model) -> None:
     """transformers config + tokenizer + image processor of OpenCLIP's ViT-H-14, no weights."""
     import transformers
@@ -96,7 +78,7 @@ def main() -> None:
     import open_clip
 
     from densegrpo_fast.rewards import build_reward
-    from densegrpo_fast.rewards.hps import open_clip_clean
+    from densegrpo_fast.rewards.hps import hps_preprocess_reference, open_clip_clean
 
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-H-14", pretrained=None).eval()
@@ -126,7 +108,7 @@ def main() -> None:
     got = reward(images, prompts)
     score_s = time.perf_counter() - t0
     with torch.no_grad():
-        img = model.encode_image(hps_transform(images), normalize=True)
+        img = model.encode_image(hps_preprocess_reference(images), normalize=True)
         ids = open_clip.get_tokenizer("ViT-H-14")(prompts)
         txt = model.encode_text(ids, normalize=True)
     want = (img * txt).sum(-1)

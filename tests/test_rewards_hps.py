@@ -18,7 +18,13 @@ from transformers import CLIPConfig, CLIPTokenizer
 
 from densegrpo_fast.rewards import build_reward, kwargs_problems
 from densegrpo_fast.rewards.clip import VIT_H_14
-from densegrpo_fast.rewards.hps import FILES, check_architecture, hps_preprocess, open_clip_to_transformers
+from densegrpo_fast.rewards.hps import (
+    FILES,
+    check_architecture,
+    hps_preprocess,
+    hps_preprocess_reference,
+    open_clip_to_transformers,
+)
 
 PilClipProcessor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 SIZE, PATCH, WIDTH, HEADS, LAYERS, EMBED, CONTEXT = 32, 8, 32, 4, 2, 16, 77
@@ -149,25 +155,6 @@ def _ids(base_dir, prompts):
     return torch.tensor([r + [0] * (CONTEXT - len(r)) for r in rows])
 
 
-def hps_transform(images, size):
-    """HPS's validation transform (light_augmentation: ToTensor, ResizeMaxSize, MaskAwareNormalize), image by
-    image as torchvision runs it on a float tensor: resize to ``round(side * size / longest)`` (bicubic,
-    antialias), pad ``[left, top, right, bottom]`` with zeros, normalise with OpenAI's mean and std."""
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(3, 1, 1)
-    out = []
-    for img in images:
-        height, width = img.shape[1:]
-        scale = size / float(max(height, width))
-        new_size = tuple(round(dim * scale) for dim in (height, width))
-        img = F.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False, antialias=True)[0]
-        pad_h, pad_w = size - new_size[0], size - new_size[1]
-        left, top, right, bottom = pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2
-        img = F.pad(img, (left, right, top, bottom), value=0.0)
-        out.append((img - mean) / std)
-    return torch.stack(out)
-
-
 def _images(b, h, w, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, h, w, generator=g)
@@ -200,7 +187,7 @@ def test_hps_matches_open_clip_layout_forward(tmp_path, base_dir, open_clip_mode
     images = _images(len(PROMPTS), 40, 70)  # not square: resized to 18 x 32 (40 * 32 / 70 rounded), padded
     got = reward(images, PROMPTS)
     with torch.no_grad():
-        want = ref.score(hps_transform(images, SIZE), _ids(base_dir, PROMPTS))
+        want = ref.score(hps_preprocess_reference(images, SIZE), _ids(base_dir, PROMPTS))
     assert got.dtype == torch.float32 and got.shape == (len(PROMPTS),)
     assert want.abs().min() > 0.01 and want.std() > 0.05  # scores that tell rows apart
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
@@ -307,7 +294,7 @@ def test_hps_against_real_open_clip(base_dir, tmp_path):
     reward = build_reward("hps", checkpoint=str(path), base=str(base_dir))
     images = _images(len(PROMPTS), 40, 56, seed=3)
     with torch.no_grad():
-        img = model.encode_image(hps_transform(images, SIZE), normalize=True)
+        img = model.encode_image(hps_preprocess_reference(images, SIZE), normalize=True)
         txt = model.encode_text(_ids(base_dir, PROMPTS), normalize=True)
     torch.testing.assert_close(reward(images, PROMPTS), (img * txt).sum(-1), atol=2e-6, rtol=0)
 
@@ -321,7 +308,7 @@ def test_hps_preprocess_is_hps_validation_transform(h, w):
     images[:, :, h // 3 : h // 2] = 1.0  # a sharp bright band: bicubic overshoots past 1 and is not clamped
     got = hps_preprocess(images)
     assert got.shape == (3, 3, 224, 224) and got.dtype == torch.float32
-    torch.testing.assert_close(got, hps_transform(images, 224), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, hps_preprocess_reference(images, 224), atol=1e-6, rtol=0)
     if h != w:  # the padding is black: 0 before normalising
         black = (0 - torch.tensor([0.48145466, 0.4578275, 0.40821073])) / torch.tensor(
             [0.26862954, 0.26130258, 0.27577711]

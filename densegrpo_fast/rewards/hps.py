@@ -153,6 +153,29 @@ def hps_preprocess(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     return (x - mean) / std
 
 
+def hps_preprocess_reference(images: torch.Tensor, size: int = SIZE) -> torch.Tensor:
+    """:func:`hps_preprocess`'s spec: HPS's validation transform transcribed step by step, image by image, as
+    torchvision runs it on a float tensor (``ToTensor``; ``ResizeMaxSize``: ``scale = size / max(h, w)``,
+    bicubic with antialias to ``round(side * scale)``, padding ``[left, top, right, bottom]`` with zeros;
+    ``MaskAwareNormalize`` with OpenAI's mean and std). The tests and benchmarks/hps_vs_open_clip.py feed
+    it to the oracles."""
+    mean = torch.tensor(CLIP_IMAGE.mean).view(3, 1, 1)
+    std = torch.tensor(CLIP_IMAGE.std).view(3, 1, 1)
+    out = []
+    for img in images.float().cpu():
+        height, width = img.shape[1:]
+        scale = size / float(max(height, width))
+        new_size = tuple(round(dim * scale) for dim in (height, width))
+        img = torch.nn.functional.interpolate(
+            img[None], size=new_size, mode="bicubic", align_corners=False, antialias=True
+        )[0]
+        pad_h, pad_w = size - new_size[0], size - new_size[1]
+        left, top, right, bottom = pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2
+        img = torch.nn.functional.pad(img, (left, right, top, bottom), value=0.0)
+        out.append((img - mean) / std)
+    return torch.stack(out)
+
+
 def open_clip_clean(text: str) -> str:
     """OpenCLIP's text cleaning before its tokenizer: ``ftfy.fix_text``, ``html.unescape`` twice, strip (the
     whitespace and lowercasing that follow, transformers' CLIP tokenizer does as well)."""
