@@ -20,7 +20,8 @@ no logit scale. DanceGRPO and MixGRPO train and evaluate on HPS v2.1.
   (``pip install 'densegrpo-fast[hps]'``).
 
 Checked (tests/test_rewards_hps.py): on tiny random weights, the reward equals an OpenCLIP-layout forward
-written in the test, fed by a transcription of HPS's transform and OpenCLIP's tokens. In a scratch
+written in the test, fed by :func:`hps_preprocess_reference` (HPS's transform transcribed step by step)
+and OpenCLIP's tokens. In a scratch
 environment with the real ``open_clip`` 3.3.0 (torchvision stubbed: its model code does not use it), it
 equals the real ViT-H-14 on random weights, its tokenizer included (benchmarks/RESULTS.md, "HPS v2.1").
 """
