@@ -204,3 +204,14 @@ def test_bfloat16_weights_and_batch_chunks(clip_dir):
     torch.testing.assert_close(half, full, atol=0.05, rtol=0)  # bf16 weights: ~3 significant digits
     with pytest.raises(ValueError, match="5 images but 4 prompts"):
         ClipScore(model=str(clip_dir))(images, PROMPTS)
+
+
+def test_building_a_reward_draws_no_loading_bar(clip_dir, capfd):
+    """A reward model is built at every held-out evaluation: transformers' "Loading weights" bar would cut
+    into the training's progress bar. The bar's setting is restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()

@@ -184,6 +184,21 @@ def _field(obj, key: str):
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Within: transformers draws no "Loading weights" bar (a reward model is built at every held-out
+    evaluation, in the middle of the training's own progress bar)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def _download(path: str, example: str) -> str:
     """What to download: ``path`` itself when it is a hub id (not a local path), else the ``example``."""
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not Path(path).exists()
@@ -302,7 +317,8 @@ class ClipEncoder:
             self.model = build_architecture(lambda: CLIPModel(config), _DTYPES[dtype])
         else:
             try:
-                self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
+                with quiet_loading():
+                    self.model = CLIPModel.from_pretrained(str(model), local_files_only=True)
             except OSError as e:
                 raise _missing("model", str(model), example, e) from None
         text = need_text and tokenizer is None

@@ -46,6 +46,7 @@ from densegrpo_fast.rewards.clip import (
     check_tokenizer,
     clip_config,
     load_processor,
+    quiet_loading,
 )
 from densegrpo_fast.rewards.images import check_batch
 
@@ -276,9 +277,10 @@ def _load(path: Path, config, base: str) -> torch.nn.Module:
     old = Version(transformers.__version__) < Version("4.56")
     fp32 = {"torch_dtype" if old else "dtype": torch.float32}
     try:
-        model, info = CLIPModel.from_pretrained(
-            None, config=config, state_dict=state, output_loading_info=True, **fp32
-        )
+        with quiet_loading():
+            model, info = CLIPModel.from_pretrained(
+                None, config=config, state_dict=state, output_loading_info=True, **fp32
+            )
     except RuntimeError as e:  # transformers refuses weights of another shape
         raise ValueError(f"{misfit}: weights of another shape ({str(e).splitlines()[0]}). {fix}") from None
     missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
