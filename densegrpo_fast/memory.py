@@ -946,9 +946,9 @@ def estimate_run(
     """Estimate the device memory of training ``cfg`` with ``policy`` (built with fake weights; see the
     module docstring). ``cfg`` should name a throw-away ``run.output_dir`` and a prompt file;
     ``reward_fn`` stands in for the config's reward when given; the CLIP rewards of ``cfg.eval.rewards`` are
-    built for the evaluation from their configs, with fake weights counted while they live (any other kind
-    fails to build: leave it out of ``cfg``). Runs ``iterations`` trainer iterations
-    (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
+    built for the evaluation from their configs, with fake weights counted while they live (other kinds
+    are not built here: :func:`counted_rewards` picks which to leave in ``cfg``). Runs ``iterations``
+    trainer iterations (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
     last iteration and of that end (with one iteration, AdamW's state is added where the first did not have it
     yet; see :func:`_iterations`). With ``origins``, also each phase's peak by where its bytes were allocated
     (``Estimate.origins``)."""

@@ -148,14 +148,13 @@ def building_architectures() -> bool:
     return _ARCHITECTURES_ONLY.get() is not None
 
 
-def _stand_in(name: str, label: str = "") -> bool:
-    """Within :func:`architectures_only`, for a default hub id (``label`` empty) or anything with a label:
-    note ``name`` as stood in for and return True; else False (the caller raises its error)."""
+def _stand_in(what: str) -> bool:
+    """Within :func:`architectures_only`: note ``what`` as stood in for and return True; else False (the
+    caller raises its error)."""
     active = _ARCHITECTURES_ONLY.get()
-    if active is None or not (label or str(name) in BUILT_IN):
-        return False
-    active[1].append(f"{name} ({label})" if label else str(name))
-    return True
+    if active is not None:
+        active[1].append(what)
+    return active is not None
 
 
 def clip_config(name: str, what: str, example: str):
@@ -166,7 +165,7 @@ def clip_config(name: str, what: str, example: str):
     try:
         return CLIPConfig.from_pretrained(str(name), local_files_only=True)
     except OSError as e:
-        if not _stand_in(name):
+        if str(name) not in BUILT_IN or not _stand_in(str(name)):
             raise _missing(what, str(name), example, e) from None
         return CLIPConfig(**BUILT_IN[str(name)])
 
@@ -250,7 +249,7 @@ def load_processor(processor: str, *, text: bool, image: bool, example: str, wha
             )
         tokenizer = AutoTokenizer.from_pretrained(str(processor), local_files_only=True) if text else None
     except OSError as e:
-        if not (str(processor) in BUILT_IN and _stand_in(processor, "processor")):
+        if str(processor) not in BUILT_IN or not _stand_in(f"{processor} (processor)"):
             raise _missing(what, str(processor), example, e) from None
         from densegrpo_fast.policies.architectures import clip_tokenizer
 
@@ -496,7 +495,7 @@ def load_aesthetic_head(path: str, in_features: int) -> torch.nn.Module:
     p = Path(path)
     if building_architectures():  # (densegrpo-fast memory: the head's shapes are enough; nothing is read)
         if not p.is_file():
-            _stand_in(path, "aesthetic head")
+            _stand_in(f"{path} (aesthetic head)")
         return (
             build_architecture(lambda: _AestheticHead(in_features), torch.float32)
             .requires_grad_(False)
