@@ -8,9 +8,10 @@ the data do not steer the code:
 
 - **Weights are fake**: every model is built from its config (the checkpoint's, or the built-in
   architecture of SD3.5-Medium / FLUX.1-dev when the checkpoint is not on disk). Their bytes are exact.
-  So are the CLIP rewards' (PickScore, HPS, CLIP score, aesthetic): their models come from their configs,
-  or from the built-in CLIP ViT-H/14 or ViT-L/14 of their default hub ids when those are not on disk
-  (:func:`densegrpo_fast.rewards.clip.architectures_only`); no reward weights are read.
+  So are the model rewards' (PickScore, HPS, CLIP score, aesthetic, ImageReward): their models come from
+  their configs, or from the built-in architectures of their default hub ids when those are not on disk
+  (CLIP ViT-H/14, ViT-L/14, ImageReward's BLIP: :func:`densegrpo_fast.rewards.clip.architectures_only`);
+  no reward weights are read.
 - **Each large module call is profiled once per input signature.** The transformer, the text encoders, the
   VAE's decoder and the reward's models are replaced by :class:`Stub`: its first call with a given signature
   (shapes, dtypes, gradients on or off, adapters on or off) runs the real ``forward`` on fake inputs while
@@ -46,7 +47,7 @@ trains its share of the rows through the job's own gathers and gradient sums, an
 held-out prompts. Full fine-tuning there shards the transformer and its KL reference with FSDP2 on torch's
 fake process group: each block is then profiled on its own (it is FSDP's unit), and FSDP's gathers, frees
 (in-place storage resizes, which :class:`LiveBytes` follows) and gradient reductions run around it as in the
-job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. The CLIP rewards of
+job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. The model rewards of
 ``eval.rewards`` (other than the training reward, whose model scores for it) are built in the evaluation
 phase, as the trainer builds them for each held-out evaluation, and counted while they live. Not estimated:
 ``eval.rewards`` of other kinds (served, on the host, or not loadable here: a note names them), fp16's fp32
@@ -945,7 +946,7 @@ def estimate_run(
 ) -> Estimate:
     """Estimate the device memory of training ``cfg`` with ``policy`` (built with fake weights; see the
     module docstring). ``cfg`` should name a throw-away ``run.output_dir`` and a prompt file;
-    ``reward_fn`` stands in for the config's reward when given; the CLIP rewards of ``cfg.eval.rewards`` are
+    ``reward_fn`` stands in for the config's reward when given; the model rewards of ``cfg.eval.rewards`` are
     built for the evaluation from their configs, with fake weights counted while they live (other kinds
     are not built here: :func:`counted_rewards` picks which to leave in ``cfg``). Runs ``iterations``
     trainer iterations (collect + update) and the end of a run (sample grid, evaluation, export), and reports the phases of the
@@ -1188,14 +1189,14 @@ SERVED = ("remote", "geneval")  # rewards scored by a server: nothing of them on
 
 def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[str, dict]]:
     """What the estimate counts of ``cfg``'s rewards, built inside
-    :func:`~densegrpo_fast.rewards.clip.architectures_only` (the CLIP rewards from their configs, fake
+    :func:`~densegrpo_fast.rewards.clip.architectures_only` (the model rewards from their configs, fake
     weights, nothing read), with a line in ``notes`` for each one not counted or stood in for:
 
     - the training reward, or None when nothing of it is on the device (served, weight-free, or not loadable
       here); :func:`estimate_run` makes any real weights of it fake and drops it if it fails on fake images;
     - the ``eval.rewards`` to build in the evaluation phase (key -> ``{name, kwargs}``), as the trainer
       builds them for each held-out evaluation: those other than the training reward (whose model scores
-      for it) whose models are all fake here and which score a fake image (the CLIP rewards, alone or in a
+      for it) whose models are all fake here and which score a fake image (the model rewards, alone or in a
       weighted sum of such)."""
     from densegrpo_fast.rewards import build_reward
 
@@ -1218,8 +1219,8 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
 
     def counted(where: str, r, stood_in: list[str]) -> None:
         if stood_in:
-            notes.append(f"{where} {r.name!r}: not on disk, counted with the built-in architecture (and CLIP's "
-                         f"tokenizer length and image size): {', '.join(stood_in)}")  # fmt: skip
+            notes.append(f"{where} {r.name!r}: not on disk, counted with the built-in architecture (stand-in "
+                         f"tokenizer and image settings of the same sizes): {', '.join(stood_in)}")  # fmt: skip
 
     reward_fn, stood_in = built("reward", cfg.reward)
     counted("reward", cfg.reward, stood_in)

@@ -8,6 +8,8 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 
 - ``pickscore``, ``clip_score``, ``aesthetic``: :mod:`densegrpo_fast.rewards.clip`
 - ``hps`` (HPS v2.1 / v2, OpenCLIP weights converted to transformers): :mod:`densegrpo_fast.rewards.hps`
+- ``imagereward`` (ImageReward v1.0, BLIP weights converted to transformers):
+  :mod:`densegrpo_fast.rewards.imagereward`
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
@@ -113,4 +115,4 @@ def _redness() -> Reward:
 
 
 # The rewards of the modules listed in the docstring register themselves on import (light imports only).
-from densegrpo_fast.rewards import clip, hps, jpeg, multi, ocr, remote  # noqa: E402, F401
+from densegrpo_fast.rewards import clip, hps, imagereward, jpeg, multi, ocr, remote  # noqa: E402, F401

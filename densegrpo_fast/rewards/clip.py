@@ -53,7 +53,9 @@ class ClipImageSpec:
     std: tuple[float, float, float]
 
 
-def clip_preprocess(images: torch.Tensor, spec: ClipImageSpec) -> torch.Tensor:
+def clip_preprocess(
+    images: torch.Tensor, spec: ClipImageSpec, *, torchvision_crop: bool = False
+) -> torch.Tensor:
     """CLIP's image preprocessing on tensors, on the images' device.
 
     Same geometry and resampling as transformers' PIL ``CLIPImageProcessor``: the shortest side goes to
@@ -61,7 +63,14 @@ def clip_preprocess(images: torch.Tensor, spec: ClipImageSpec) -> torch.Tensor:
     antialias (PyTorch's antialiased bicubic uses PIL's kernel, a = -0.5), done as PIL does it: a
     horizontal pass, then a vertical one, each clamped to [0, 1] and rounded to 8 bits (PIL stores every
     pass as uint8; without the intermediate clamp, bicubic overshoot on sharp edges differs by up to 20/255);
-    center crop with the top-left corner at ``(size - crop) // 2``; then ``(x - mean) / std``.
+    center crop with the top-left corner at ``(size - crop) // 2`` (``torchvision_crop``: at
+    ``int(round((size - crop) / 2))``, as torchvision's ``CenterCrop`` places it: one pixel further when
+    ``size - crop`` is 3 modulo 4); then ``(x - mean) / std``.
+
+    One known difference: for some resizes that shrink the height more than the width (portrait images,
+    never square ones), Pillow 13 runs the vertical pass first; its rule is not reproduced here. There a
+    pixel near a sharp edge differs by up to 16 levels on noise images, 2 on smooth ones (measured on
+    90 x 40 -> 72 x 32); landscape and square images are as above.
 
     Shape: images [B, 3, H, W] float in [0, 1] -> [B, 3, crop_height, crop_width] float32.
     """
@@ -80,7 +89,10 @@ def clip_preprocess(images: torch.Tensor, spec: ClipImageSpec) -> torch.Tensor:
         if size != tuple(x.shape[-2:]):
             x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
             x = x.clamp(0.0, 1.0).mul(255).round().div(255)
-    top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
+    if torchvision_crop:
+        top, left = int(round((new_h - spec.crop_height) / 2)), int(round((new_w - spec.crop_width) / 2))
+    else:
+        top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
     x = x[..., top : top + spec.crop_height, left : left + spec.crop_width]
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
@@ -132,6 +144,8 @@ def architectures_only(build: Callable[[Callable[[], torch.nn.Module], torch.dty
     - The tokenizer and image settings are the processor folder's. For a built-in id not on disk they are a
       stand-in tokenizer of CLIP's 77 tokens and CLIP's 224 px settings.
     - HPS reads no checkpoint, and an aesthetic head is a fresh one (nothing is read).
+    - ImageReward builds the released BLIP architecture, reads no checkpoint, and stands in for BERT's
+      tokenizer when ``bert-base-uncased`` is not on disk (prompts are padded to 35 tokens either way).
 
     Yields the list of what was stood in for (the hub ids and heads not on disk). A reward built this way
     scores nothing meaningful."""

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards.checkpoints import from_state, load_tensors, resolve_file
 from densegrpo_fast.rewards.clip import (
     _DTYPES,
     CLIP_IMAGE,
@@ -46,7 +47,6 @@ from densegrpo_fast.rewards.clip import (
     check_tokenizer,
     clip_config,
     load_processor,
-    quiet_loading,
 )
 from densegrpo_fast.rewards.images import check_batch
 
@@ -211,55 +211,13 @@ def check_architecture(config, base: str) -> None:
 def resolve_checkpoint(checkpoint: str, version: str) -> Path:
     """The HPS checkpoint file: ``checkpoint`` itself, the version's file inside a folder, or that file in the
     Hugging Face cache when ``checkpoint`` is a hub id (offline: nothing is downloaded)."""
-    p = Path(checkpoint).expanduser()
-    if p.is_file():
-        return p
-    if p.is_dir():
-        if (p / FILES[version]).is_file():
-            return p / FILES[version]
-        raise ValueError(
-            f"reward.kwargs.checkpoint={checkpoint!r} is a folder without {FILES[version]} (HPS {version}). "
-            f"Fix: give the file itself, or a folder holding it (`hf download {_HUB} {FILES[version]} "
-            "--local-dir DIR`)"
-        )
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(checkpoint, FILES[version], local_files_only=True))
-    except Exception as e:  # not in the cache, or not a repo id at all
-        raise ValueError(
-            f"reward.kwargs.checkpoint={checkpoint!r}: no HPS {version} checkpoint there, nor {FILES[version]} "
-            f"of that hub repo in the Hugging Face cache (rewards load offline). Fix: `hf download {_HUB} "
-            f"{FILES[version]}` where there is network, or set reward.kwargs.checkpoint to the file "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
+    return resolve_file(checkpoint, FILES[version], _HUB, f"HPS {version} checkpoint")
 
 
 def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an OpenCLIP checkpoint file: a bare state dict or one under ``state_dict`` (HPS's),
     with DistributedDataParallel's ``module.`` prefix dropped; loaded weights-only (no code runs)."""
-    try:
-        try:  # mapped, not read: the fp16 ViT-H-14 is 2 GB, and the conversion to fp32 copies it anyway
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:  # a file in torch's legacy (pre-1.6, not zip) format cannot be mapped
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file; or objects the weights-only unpickler refuses
-        raise ValueError(
-            f"reward.kwargs.checkpoint={str(path)!r} does not load as a plain checkpoint of tensors "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); it is not loaded with full "
-            f"unpickling, because that runs code. Fix: if the download was cut short, fetch it again (`hf "
-            f"download {_HUB} {FILES['v2.1']}`)"
-        ) from None
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        held = sorted(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(
-            f"reward.kwargs.checkpoint={str(path)!r} holds {held}, not a state dict of tensors (bare, or under "
-            f"'state_dict' as HPS saves it). Fix: give HPS's own file ({FILES['v2.1']} from {_HUB})"
-        )
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return load_tensors(path, f"`hf download {_HUB} {FILES['v2.1']}`")
 
 
 def _load(path: Path, config, base: str) -> torch.nn.Module:
@@ -268,28 +226,13 @@ def _load(path: Path, config, base: str) -> torch.nn.Module:
 
     where = f"reward.kwargs.checkpoint={str(path)!r}"
     state = open_clip_to_transformers(load_open_clip_state(path), where=where)
-    misfit = f"{where} does not fit the architecture of reward.kwargs.base={base!r}"
-    fix = "Fix: give the base whose config matches the checkpoint (ViT-H-14 for HPS)"
-    import transformers
-    from packaging.version import Version
-
-    # fp32 whatever the file holds (HPS's is fp16); transformers named the keyword ``torch_dtype`` before 4.56
-    old = Version(transformers.__version__) < Version("4.56")
-    fp32 = {"torch_dtype" if old else "dtype": torch.float32}
-    try:
-        with quiet_loading():
-            model, info = CLIPModel.from_pretrained(
-                None, config=config, state_dict=state, output_loading_info=True, **fp32
-            )
-    except RuntimeError as e:  # transformers refuses weights of another shape
-        raise ValueError(f"{misfit}: weights of another shape ({str(e).splitlines()[0]}). {fix}") from None
-    missing = [k for k in info["missing_keys"] if not k.endswith("position_ids")]
-    bad = missing + list(info["unexpected_keys"]) + [str(m) for m in info["mismatched_keys"]]
-    if bad:
-        raise ValueError(
-            f"{misfit}: {len(bad)} weights missing, unexpected or of another shape, e.g. {bad[:4]}. {fix}"
-        )
-    return model
+    return from_state(
+        CLIPModel,
+        config,
+        state,
+        misfit=f"{where} does not fit the architecture of reward.kwargs.base={base!r}",
+        fix="Fix: give the base whose config matches the checkpoint (ViT-H-14 for HPS)",
+    )
 
 
 @register("hps")
