@@ -9,8 +9,8 @@ the data do not steer the code:
 - **Weights are fake**: every model is built from its config (the checkpoint's, or the built-in
   architecture of SD3.5-Medium / FLUX.1-dev when the checkpoint is not on disk). Their bytes are exact.
   So are the model rewards' (PickScore, HPS, CLIP score, aesthetic, ImageReward): their models come from
-  their configs, or from the built-in architectures of their default hub ids when those are not on disk
-  (CLIP ViT-H/14, ViT-L/14, ImageReward's BLIP: :func:`densegrpo_fast.rewards.clip.architectures_only`);
+  their configs, or from built-in architectures when those are not on disk (CLIP ViT-H/14 and ViT-L/14 of
+  the default hub ids, ImageReward's released BLIP: :func:`densegrpo_fast.rewards.clip.architectures_only`);
   no reward weights are read.
 - **Each large module call is profiled once per input signature.** The transformer, the text encoders, the
   VAE's decoder and the reward's models are replaced by :class:`Stub`: its first call with a given signature

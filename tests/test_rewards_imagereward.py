@@ -4,8 +4,9 @@ The oracle is a BLIP-layout model written here: the layouts and forwards of BLIP
 ViT: fused ``qkv``, pre-norm blocks, a final norm) and ``med.py`` (BERT without token types, post-norm,
 self-attention masked by ``(1 - mask) * -10000``, then cross-attention to the image tokens, then the
 feed-forward), ImageReward's MLP and standardisation, independent of the transformers code under test. Its
-images go through PIL and torchvision's geometry, its prompts through BERT's tokenizer with BLIP's tokens
-added as ``init_tokenizer`` adds them."""
+images go through PIL and a transcription of torchvision's ``Resize`` / ``CenterCrop`` arithmetic, its
+prompts through the pure-Python BERT tokenizer ImageReward used, with BLIP's tokens added as
+``init_tokenizer`` adds them."""
 
 import json
 import math
@@ -36,7 +37,7 @@ WORDS = ["red", "cat", "on", "blue", "dog", "the", "of", "photo", "green"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, *LETTERS, *("##" + c for c in LETTERS)]
 LONG = " ".join(["a red cat on the blue dog"] * 6)  # 42 words: truncated at 35 tokens
-PROMPTS = ["a red cat", "A Photo of the GREEN dog", "a red cat", "a café on the blue dog", LONG]
+PROMPTS = ["a red cat", "A Photo of the GREEN dog", "a red cat", "a café on\tthe blue dog!", LONG]
 MED = dict(MED_CONFIG, vocab_size=len(VOCAB) + 2, hidden_size=TWIDTH, intermediate_size=2 * TWIDTH,
            num_hidden_layers=TLAYERS, num_attention_heads=THEADS, max_position_embeddings=64)  # fmt: skip
 
@@ -176,8 +177,18 @@ def _oracle_pixels(images, size=SIZE):
     return torch.stack(out)
 
 
+def _python_bert_tokenizer(tok_dir):
+    """The pure-Python WordPiece tokenizer ImageReward used (transformers 5 renamed it; its ``BertTokenizer``
+    is the Rust one the reward uses, so comparing against that would compare it with itself)."""
+    try:
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+    except ImportError:  # transformers 4: BertTokenizer is the Python one
+        return BertTokenizer(vocab_file=str(tok_dir / "vocab.txt"))
+    return BertTokenizerLegacy(vocab_file=str(tok_dir / "vocab.txt"))
+
+
 def _oracle_tokens(tok_dir, prompts):
-    tok = BertTokenizer.from_pretrained(str(tok_dir))  # BLIP's init_tokenizer, on the slow tokenizer
+    tok = _python_bert_tokenizer(tok_dir)  # BLIP's init_tokenizer
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     t = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
@@ -284,7 +295,9 @@ def test_the_heads_come_from_med_config(tmp_path, tok_dir, oracle):
     torch.testing.assert_close(got, two_heads.score(pixels, ids, mask), atol=2e-5, rtol=0)
     assert (got - oracle.score(pixels, ids, mask)).abs().max() > 1e-3
     (d / CONFIG_FILE).unlink()
-    with pytest.raises(ValueError, match=r"the text encoder's vocabulary 30524"):  # the released config's
+    with pytest.raises(
+        ValueError, match=r"vocabulary \(from the released med_config.json's values.*is 30524"
+    ):
         build_reward("imagereward", checkpoint=str(d), tokenizer=str(tok_dir))
 
 
@@ -296,7 +309,9 @@ def test_conversion_names_what_it_does_not_know(oracle):
         parts["vision"]["encoder.layers.1.self_attn.projection.weight"]
         is state["blip.visual_encoder.blocks.1.attn.proj.weight"]
     )
-    assert not any("proj" in k for k in parts["text"])  # vision_proj / text_proj dropped
+    # every weight but BLIP's two projections (and nothing else) lands in one of the three parts
+    assert sum(map(len, parts.values())) == len(state) - 4
+    assert not any(k.startswith("blip.") for part in parts.values() for k in part)
     state["blip.visual_encoder.blocks.0.adapter_after_attn.fc.weight"] = torch.zeros(1)
     state["itm_head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"2 weights .*adapter_after_attn.*itm_head.*THUDM/ImageReward"):
@@ -336,7 +351,7 @@ def test_missing_files_and_bad_kwargs_name_the_fix(tmp_path, ckpt_dir, tok_dir):
     other.mkdir()
     (other / "vocab.txt").write_text("\n".join(VOCAB[:-3]) + "\n")
     BertTokenizer.from_pretrained(str(other)).save_pretrained(str(other))
-    with pytest.raises(ValueError, match=r"tokens with BLIP's two added ones, the text encoder's vocabulary"):
+    with pytest.raises(ValueError, match=r"has 65 tokens \(\[DEC\] and \[ENC\] included\), but .* is 68"):
         build_reward("imagereward", checkpoint=str(ckpt_dir), tokenizer=str(other))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / FILE).write_bytes(b"not a checkpoint")
@@ -348,19 +363,31 @@ def test_missing_files_and_bad_kwargs_name_the_fix(tmp_path, ckpt_dir, tok_dir):
     assert not kwargs_problems("imagereward", {"checkpoint": "x", "dtype": "bfloat16"})
 
 
-def test_the_memory_estimate_builds_the_released_architecture():
-    """Within architectures_only: BLIP ViT-L/16 + BERT-base with cross-attention + the MLP, fake weights,
-    nothing read; the parameter count derived here from the architecture's widths."""
-    import huggingface_hub
-
-    from densegrpo_fast.memory import _fake_module, _is_fake, new_fake_mode
+def _fake_reward(**kwargs):
+    from densegrpo_fast.memory import new_fake_mode, reward_builder
     from densegrpo_fast.rewards.clip import architectures_only
 
     mode = new_fake_mode()
-    with architectures_only(lambda ctor, dtype: _fake_module(ctor, dtype, mode)) as used:
-        reward = build_reward("imagereward", checkpoint="/nowhere/ImageReward.pt", dtype="bfloat16")
-    cached = huggingface_hub.try_to_load_from_cache("bert-base-uncased", "vocab.txt")
-    assert used == ([] if isinstance(cached, str) else ["bert-base-uncased (tokenizer)"])
+    with architectures_only(reward_builder(mode)) as used:  # (as the estimate builds rewards)
+        reward = build_reward("imagereward", **kwargs)
+    return reward, used, mode
+
+
+def test_the_memory_estimate_builds_the_released_architecture():
+    """Within architectures_only, with nothing on disk: BLIP ViT-L/16 + BERT-base with cross-attention + the
+    MLP, fake weights, the towers in the asked dtype and the head in float32 as for real; the parameter count
+    derived here from the architecture's widths; a fake image scores (the estimate needs that call)."""
+    from transformers import AutoTokenizer
+
+    from densegrpo_fast.memory import _is_fake
+
+    reward, used, mode = _fake_reward(checkpoint="/nowhere/ImageReward.pt", dtype="bfloat16")
+    try:  # (as the reward looks for it)
+        AutoTokenizer.from_pretrained("bert-base-uncased", local_files_only=True)
+        tokenizer = []
+    except OSError:
+        tokenizer = ["bert-base-uncased (tokenizer)"]
+    assert used == [*tokenizer, "/nowhere/ImageReward.pt (checkpoint)"]
     params = list(reward.model.parameters())
     assert all(_is_fake(p) for p in params)
 
@@ -375,4 +402,41 @@ def test_the_memory_estimate_builds_the_released_architecture():
     bert = (v + 512) * w + 2 * w + 12 * (attn + cross + linear(w, 3072) + linear(3072, w) + 2 * w)
     head = linear(w, 1024) + linear(1024, 128) + linear(128, 64) + linear(64, 16) + linear(16, 1)
     assert sum(p.numel() for p in params) == vit + bert + head
-    assert reward.model.vision.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in reward.model.vision.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in reward.model.text.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in reward.model.head.parameters()} == {torch.float32}
+    with mode:
+        out = reward(torch.rand(2, 3, 64, 64), ["a prompt", "another"])
+    assert out.shape == (2,) and out.dtype == torch.float32
+
+
+def test_the_memory_estimate_reads_a_checkpoint_s_architecture_not_its_weights(ckpt_dir, tok_dir):
+    """A checkpoint on disk gives the estimate its own architecture (med_config.json and the weights'
+    shapes, the file mapped, not read): the same parameters, by name and shape, as the real load."""
+    real = build_reward("imagereward", checkpoint=str(ckpt_dir), tokenizer=str(tok_dir))
+    fake, used, _ = _fake_reward(checkpoint=str(ckpt_dir), tokenizer=str(tok_dir))
+    assert used == []
+    shapes = {k: tuple(p.shape) for k, p in real.model.named_parameters()}
+    assert {k: tuple(p.shape) for k, p in fake.model.named_parameters()} == shapes
+    assert fake.model.text.config.num_attention_heads == THEADS
+
+
+def test_malformed_checkpoints_and_configs_are_refused(tmp_path, tok_dir, oracle):
+    state = dict(oracle.state_dict())
+    d = tmp_path / "ir"
+    d.mkdir()
+
+    def build(state, med):
+        torch.save(state, d / FILE)
+        (d / CONFIG_FILE).write_text(med if isinstance(med, str) else json.dumps(med))
+        return build_reward("imagereward", checkpoint=str(d), tokenizer=str(tok_dir))
+
+    pos = "blip.visual_encoder.pos_embed"
+    with pytest.raises(ValueError, match="not one of BLIP's ViTs"):
+        build({**state, pos: state[pos][:, :-1]}, MED)  # 16 positions: no class token plus a square grid
+    with pytest.raises(ValueError, match=r"does not read as JSON.*hf download THUDM/ImageReward med_config"):
+        build(state, "{not json")
+    with pytest.raises(ValueError, match="add_cross_attention is not true"):
+        build(state, dict(MED, add_cross_attention=False))
+    with pytest.raises(ValueError, match=r"holds \['weights'\], not a state dict of tensors"):
+        build({"weights": [1, 2]}, MED)

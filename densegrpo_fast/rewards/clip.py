@@ -144,8 +144,9 @@ def architectures_only(build: Callable[[Callable[[], torch.nn.Module], torch.dty
     - The tokenizer and image settings are the processor folder's. For a built-in id not on disk they are a
       stand-in tokenizer of CLIP's 77 tokens and CLIP's 224 px settings.
     - HPS reads no checkpoint, and an aesthetic head is a fresh one (nothing is read).
-    - ImageReward builds the released BLIP architecture, reads no checkpoint, and stands in for BERT's
-      tokenizer when ``bert-base-uncased`` is not on disk (prompts are padded to 35 tokens either way).
+    - ImageReward builds its checkpoint's architecture (``med_config.json`` and the weights' shapes, the file
+      mapped, not read), or the released one when the checkpoint is not on disk; BERT's tokenizer is stood
+      in for when ``bert-base-uncased`` is not on disk (prompts are padded to 35 tokens either way).
 
     Yields the list of what was stood in for (the hub ids and heads not on disk). A reward built this way
     scores nothing meaningful."""

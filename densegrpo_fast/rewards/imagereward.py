@@ -27,7 +27,7 @@ scores sit around 0 with unit spread over ImageReward's data. Flow-GRPO and MixG
 
 Checked (tests/test_rewards_imagereward.py): on tiny random weights, the reward equals a BLIP-layout
 forward written in the test (the layouts and forwards of BLIP's ``vit.py`` and ``med.py``), fed by PIL and
-torchvision's geometry.
+a transcription of torchvision's ``Resize`` and ``CenterCrop`` arithmetic.
 """
 
 from __future__ import annotations
@@ -243,15 +243,15 @@ def load_tokenizer(tokenizer: str):
     tokens. (The fast one: the same WordPiece tokens as the slow one ImageReward used.)"""
     from transformers import AutoTokenizer, BertTokenizerFast
 
-    vocab_only = (
-        Path(tokenizer, "vocab.txt").is_file() and not Path(tokenizer, "tokenizer_config.json").exists()
-    )
+    local = Path(tokenizer).expanduser()
+    name = str(local) if local.exists() else str(tokenizer)
+    vocab_only = (local / "vocab.txt").is_file() and not (local / "tokenizer_config.json").exists()
     try:  # (AutoTokenizer, because BertTokenizerFast builds an empty tokenizer where it finds no files)
         if vocab_only:  # (no config saying which tokenizer it is: AutoTokenizer cannot tell)
-            tok = BertTokenizerFast.from_pretrained(str(tokenizer))
+            tok = BertTokenizerFast.from_pretrained(name)
         else:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-    except OSError as e:
+            tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:  # (ValueError: a folder without a tokenizer's files)
         if str(tokenizer) != _TOKENIZER or not _stand_in(f"{tokenizer} (tokenizer)"):
             raise _missing("tokenizer", str(tokenizer), _TOKENIZER_EXAMPLE, e) from None
         tok = _stand_in_tokenizer()
@@ -316,6 +316,39 @@ def _load(path: Path, med: dict, med_from: str) -> ImageRewardModel:
     return ImageRewardModel(vision, text, _head(parts["head"], tcfg.hidden_size, where))
 
 
+def _architecture(checkpoint: str, dtype: torch.dtype) -> ImageRewardModel:
+    """Within :func:`~densegrpo_fast.rewards.clip.architectures_only`: the model with the checkpoint's
+    architecture and no weights read (its ``med_config.json`` and its weights' shapes, the file memory-mapped,
+    not read); the released architecture, noted as stood in for, when the checkpoint is not on disk. The
+    towers in ``dtype``, the head in float32, as loaded for real."""
+    from transformers import BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+    try:
+        path = resolve_file(checkpoint, FILE, _HUB, "ImageReward checkpoint")
+    except ValueError:
+        path = None
+        _stand_in(f"{checkpoint} (checkpoint)")
+    if path is None:
+        med, med_from, vision = dict(MED_CONFIG), "built in", dict(VIT_L_16)
+    else:
+        med, med_from = find_med_config(checkpoint, path)
+        parts = blip_to_transformers(load_tensors(path, f"`hf download {_HUB} {FILE}`"), str(path))
+        vision = vision_config_from_weights(parts["vision"], str(path))
+        del parts
+    vcfg = BlipVisionConfig(**vision)
+    tcfg = text_config(med, vcfg.hidden_size, med_from)
+
+    def towers() -> ImageRewardModel:
+        with _no_init():  # (BLIP's truncated-normal init reads values: fake tensors have none)
+            return ImageRewardModel(
+                BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False), torch.nn.Identity()
+            )
+
+    model = build_architecture(towers, dtype)
+    model.head = build_architecture(lambda: aesthetic_head(tcfg.hidden_size), torch.float32)
+    return model
+
+
 @register("imagereward")
 class ImageReward:
     """ImageReward v1.0: BLIP's text encoder cross-attending to the image, its ``[CLS]`` state through the
@@ -343,29 +376,20 @@ class ImageReward:
             raise ValueError(problems[0])
         # the tokenizer first, so that a missing one is named before the 1.8 GB checkpoint loads
         self.tokenizer = load_tokenizer(str(tokenizer))
-        if building_architectures():  # densegrpo-fast memory: the released architecture, no checkpoint read
-            from transformers import BlipTextModel, BlipVisionConfig, BlipVisionModel
-
+        if building_architectures():  # densegrpo-fast memory: no weights read
             self.checkpoint = None
-            vcfg = BlipVisionConfig(**VIT_L_16)
-            tcfg = text_config(MED_CONFIG, vcfg.hidden_size, "built in")
-
-            def construct() -> ImageRewardModel:
-                with _no_init():  # (BLIP's truncated-normal init reads values: fake tensors have none)
-                    vision, text = BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False)
-                return ImageRewardModel(vision, text, aesthetic_head(768))
-
-            self.model = build_architecture(construct, _DTYPES[dtype])
+            self.model = _architecture(str(checkpoint), _DTYPES[dtype])
         else:
             self.checkpoint = resolve_file(str(checkpoint), FILE, _HUB, "ImageReward checkpoint")
             med, med_from = find_med_config(str(checkpoint), self.checkpoint)
             vocab = int(med.get("vocab_size", MED_CONFIG["vocab_size"]))
             if len(self.tokenizer) != vocab:
                 raise ValueError(
-                    f"reward.kwargs.tokenizer={tokenizer!r}: {len(self.tokenizer)} tokens with BLIP's two "
-                    f"added ones, the text encoder's vocabulary {vocab} (the folder lacks vocab.txt, or holds "
-                    f"another tokenizer). Fix: `hf download {_TOKENIZER_EXAMPLE}`, or give BERT's uncased "
-                    "tokenizer folder"
+                    f"reward.kwargs.tokenizer={tokenizer!r} has {len(self.tokenizer)} tokens ([DEC] and [ENC] "
+                    f"included), but the text encoder's vocabulary (from {med_from}) is {vocab}: the folder "
+                    "lacks the tokenizer's files or holds another tokenizer, or the checkpoint's "
+                    f"{CONFIG_FILE} is not beside it. Fix: `hf download {_TOKENIZER_EXAMPLE}` (or give "
+                    f"BERT's uncased tokenizer folder), and keep {CONFIG_FILE} beside the checkpoint"
                 )
             with quiet_loading():
                 self.model = _load(self.checkpoint, med, med_from)
