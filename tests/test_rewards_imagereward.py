@@ -301,6 +301,21 @@ def test_the_heads_come_from_med_config(tmp_path, tok_dir, oracle):
         build_reward("imagereward", checkpoint=str(d), tokenizer=str(tok_dir))
 
 
+def test_settings_a_med_config_leaves_out_take_bert_s_defaults(tmp_path, tok_dir, oracle):
+    """As BLIP's ``BertConfig.from_json_file`` reads the file: GELU, eps 1e-12 and pad id 0 when absent."""
+    d = tmp_path / "ir"
+    d.mkdir()
+    torch.save(oracle.state_dict(), d / FILE)
+    med = {k: v for k, v in MED.items() if k not in ("hidden_act", "layer_norm_eps", "pad_token_id")}
+    (d / CONFIG_FILE).write_text(json.dumps(med))
+    reward = build_reward("imagereward", checkpoint=str(d), tokenizer=str(tok_dir))
+    assert (reward.model.text.config.hidden_act, reward.model.text.config.layer_norm_eps) == ("gelu", 1e-12)
+    ids, mask, _ = _oracle_tokens(tok_dir, PROMPTS)
+    pixels = _oracle_pixels(_images(len(PROMPTS), 40, 40, seed=8))
+    got = (reward.model(pixels, ids, mask) - MEAN) / STD
+    torch.testing.assert_close(got, oracle.score(pixels, ids, mask), atol=2e-5, rtol=0)
+
+
 def test_conversion_names_what_it_does_not_know(oracle):
     state = dict(oracle.state_dict())
     parts = blip_to_transformers(state)

@@ -15,7 +15,8 @@ scores sit around 0 with unit spread over ImageReward's data. Flow-GRPO and MixG
   contrastive projections in the file (``vision_proj``, ``text_proj``) do not take part in the score and
   are dropped. The file loads with ``torch.load(weights_only=True)``: tensors only, no code.
 - **Architecture.** The text encoder's comes from ``med_config.json`` (beside the checkpoint, or in the
-  hub cache next to it; the released one's values are built in when it is absent). The image tower's is
+  hub cache next to it; the released one's values are built in when it is absent), with transformers'
+  ``BertConfig`` defaults for what it leaves out, as BLIP reads it. The image tower's is
   read from the weights' shapes, with BLIP's fixed settings: 64-dimensional heads (ViT-B 12 x 64, ViT-L
   16 x 64), exact GELU, LayerNorm eps 1e-6.
 - **Images: ImageReward's transform.** Its ``_transform(224)``: the shortest side to 224 with PIL's
@@ -80,6 +81,13 @@ MED_CONFIG = dict(
     add_cross_attention=True,
 )  # fmt: skip
 
+#: transformers' ``BertConfig`` defaults of those settings: what BLIP's ``BertConfig.from_json_file`` gives a
+#: ``med_config.json`` that leaves one out.
+BERT_DEFAULTS = dict(
+    vocab_size=30522, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=512, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0,
+)  # fmt: skip
+
 # BLIP ViT name (after ``blip.visual_encoder.``) -> BlipVisionModel name, outside the blocks; inside block i
 # the suffixes below. Text-encoder names are the same on both sides (transformers ported med.py).
 _VISION_TOP = {
@@ -105,9 +113,9 @@ def blip_to_transformers(
     state: dict[str, torch.Tensor], where: str = "checkpoint"
 ) -> dict[str, dict[str, torch.Tensor]]:
     """ImageReward's state dict split and renamed: ``{"vision": BlipVisionModel's, "text": BlipTextModel's,
-    "head": the MLP's (``{0,2,4,6,7}.*``, names in
-    :func:`~densegrpo_fast.rewards.clip.aesthetic_head`)}``. Tensors are shared, not copied. BLIP's contrastive projections and the saved ``position_ids``
-    buffer are dropped.
+    "head": the MLP's}`` (the head's names are :func:`~densegrpo_fast.rewards.clip.aesthetic_head`'s,
+    ``{0,2,4,6,7}.*``). Tensors are shared, not copied. BLIP's contrastive projections and the saved
+    ``position_ids`` buffer are dropped.
 
     Raises ValueError naming the keys it does not know (another BLIP variant, another model), so nothing is
     silently left at random init."""
@@ -126,7 +134,7 @@ def blip_to_transformers(
             block = ".".join(parts[2:-1])
             if name in _VISION_TOP:
                 out["vision"][_VISION_TOP[name]] = value
-            elif parts[0] == "blocks" and parts[1].isdigit() and block in _VISION_BLOCK:
+            elif len(parts) > 3 and parts[0] == "blocks" and parts[1].isdigit() and block in _VISION_BLOCK:
                 out["vision"][f"encoder.layers.{parts[1]}.{_VISION_BLOCK[block]}.{parts[-1]}"] = value
             else:
                 unknown.append(key)
@@ -174,9 +182,6 @@ def text_config(med: dict, encoder_width: int, where: str):
         wrong.append("add_cross_attention is not true (ImageReward's text encoder cross-attends)")
     if med.get("position_embedding_type", "absolute") != "absolute":
         wrong.append(f"position_embedding_type={med['position_embedding_type']!r} (absolute only)")
-    missing = [k for k in MED_CONFIG if k not in med and k != "add_cross_attention"]
-    if missing:
-        wrong.append(f"no {missing}")
     if wrong:
         raise ValueError(
             f"{where}: {'; '.join(wrong)}. Fix: give ImageReward's own {CONFIG_FILE} (`hf download {_HUB} "
@@ -186,6 +191,7 @@ def text_config(med: dict, encoder_width: int, where: str):
             "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")  # fmt: skip
     # is_decoder builds the cross-attention layers; the score calls the encoder bidirectionally. Generation
     # token ids are not used here (and BLIP's defaults lie outside a small test vocabulary).
+    med = {**BERT_DEFAULTS, **med}  # (BLIP reads the file with BertConfig.from_json_file: its defaults)
     return BlipTextConfig(
         **{k: med[k] for k in keys}, encoder_hidden_size=encoder_width, is_decoder=True,
         bos_token_id=None, eos_token_id=None, sep_token_id=None,
@@ -382,7 +388,7 @@ class ImageReward:
         else:
             self.checkpoint = resolve_file(str(checkpoint), FILE, _HUB, "ImageReward checkpoint")
             med, med_from = find_med_config(str(checkpoint), self.checkpoint)
-            vocab = int(med.get("vocab_size", MED_CONFIG["vocab_size"]))
+            vocab = int(med.get("vocab_size", BERT_DEFAULTS["vocab_size"]))
             if len(self.tokenizer) != vocab:
                 raise ValueError(
                     f"reward.kwargs.tokenizer={tokenizer!r} has {len(self.tokenizer)} tokens ([DEC] and [ENC] "
