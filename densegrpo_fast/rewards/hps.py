@@ -217,7 +217,8 @@ def resolve_checkpoint(checkpoint: str, version: str) -> Path:
 def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an OpenCLIP checkpoint file: a bare state dict or one under ``state_dict`` (HPS's),
     with DistributedDataParallel's ``module.`` prefix dropped; loaded weights-only (no code runs)."""
-    return load_tensors(path, f"`hf download {_HUB} {FILES['v2.1']}`")
+    name = path.name if path.name in FILES.values() else FILES["v2.1"]  # (the version's own file)
+    return load_tensors(path, f"`hf download {_HUB} {name}`")
 
 
 def _load(path: Path, config, base: str) -> torch.nn.Module:
