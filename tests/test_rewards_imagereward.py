@@ -327,7 +327,9 @@ def test_conversion_names_what_it_does_not_know(oracle):
     # every weight but BLIP's two projections (and nothing else) lands in one of the three parts
     assert sum(map(len, parts.values())) == len(state) - 4
     assert not any(k.startswith("blip.") for part in parts.values() for k in part)
-    state["blip.visual_encoder.blocks.0.adapter_after_attn.fc.weight"] = torch.zeros(1)
+    state["blip.itm_head.weight"] = torch.zeros(1)  # a BLIP part outside the score: dropped
+    assert sum(map(len, blip_to_transformers(state).values())) == len(state) - 5
+    state["blip.visual_encoder.blocks.0.adapter_after_attn.fc.weight"] = torch.zeros(1)  # inside a tower
     state["itm_head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"2 weights .*adapter_after_attn.*itm_head.*THUDM/ImageReward"):
         blip_to_transformers(state)

@@ -12,8 +12,8 @@ scores sit around 0 with unit spread over ImageReward's data. Flow-GRPO and MixG
   ``mlp``. BLIP's code needs timm and fairscale, so this module does not use it:
   :func:`blip_to_transformers` renames the weights to transformers' ``BlipVisionModel`` and
   ``BlipTextModel``, ports of the same two networks (the text side keeps ``med.py``'s names). BLIP's
-  contrastive projections in the file (``vision_proj``, ``text_proj``) do not take part in the score and
-  are dropped. The file loads with ``torch.load(weights_only=True)``: tensors only, no code.
+  other parts in the file (its contrastive projections ``vision_proj`` and ``text_proj``) do not take part
+  in the score and are dropped, as ImageReward's non-strict load ignores them. The file loads with ``torch.load(weights_only=True)``: tensors only, no code.
 - **Architecture.** The text encoder's comes from ``med_config.json`` (beside the checkpoint, or in the
   hub cache next to it; the released one's values are built in when it is absent), with transformers'
   ``BertConfig`` defaults for what it leaves out, as BLIP reads it. The image tower's is
@@ -106,7 +106,7 @@ _VISION_BLOCK = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
-_UNUSED = ("blip.vision_proj.", "blip.text_proj.")  # BLIP's contrastive heads: not part of the score
+_TOWERS = ("blip.visual_encoder.", "blip.text_encoder.")  # BLIP's parts in the score; others are dropped
 
 
 def blip_to_transformers(
@@ -114,15 +114,15 @@ def blip_to_transformers(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """ImageReward's state dict split and renamed: ``{"vision": BlipVisionModel's, "text": BlipTextModel's,
     "head": the MLP's}`` (the head's names are :func:`~densegrpo_fast.rewards.clip.aesthetic_head`'s,
-    ``{0,2,4,6,7}.*``). Tensors are shared, not copied. BLIP's contrastive projections and the saved
-    ``position_ids`` buffer are dropped.
+    ``{0,2,4,6,7}.*``). Tensors are shared, not copied. BLIP's other parts (its contrastive projections:
+    none takes part in the score) and the saved ``position_ids`` buffer are dropped.
 
     Raises ValueError naming the keys it does not know (another BLIP variant, another model), so nothing is
     silently left at random init."""
     out: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "text": {}, "head": {}}
     unknown = []
     for key, value in state.items():
-        if key.startswith(_UNUSED) or key.endswith("position_ids"):
+        if (key.startswith("blip.") and not key.startswith(_TOWERS)) or key.endswith("position_ids"):
             continue
         if key.startswith("mlp.layers."):
             out["head"][key.removeprefix("mlp.layers.")] = value
