@@ -457,3 +457,37 @@ def test_malformed_checkpoints_and_configs_are_refused(tmp_path, tok_dir, oracle
         build(state, dict(MED, add_cross_attention=False))
     with pytest.raises(ValueError, match=r"holds \['weights'\], not a state dict of tensors"):
         build({"weights": [1, 2]}, MED)
+
+
+def test_one_densegrpo_iteration_of_the_tiny_sd3_on_imagereward(ckpt_dir, tok_dir, tmp_path):
+    """The reward in the trainer: dense rewards scored in two waves on the worker thread, the policy's
+    32 px images upscaled to the tower's size, a held-out evaluation scoring it under another key."""
+    import math
+
+    import tiny_models as tiny
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.trainer import train
+
+    sd3_dir = tmp_path / "sd3"
+    tiny.sd3_pipeline(seed=0).save_pretrained(sd3_dir)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nthe blue dog\na photo of the green dog\n")
+    ir = f"{{checkpoint: {ckpt_dir}, tokenizer: {tok_dir}}}"
+    overrides = [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}",
+        "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null",
+        "sampling.reward_waves=2", "noise.kind=uniform", "reward.name=imagereward", f"reward.kwargs={ir}",
+        "lora.rank=4", "grpo.train_batch_size=4", f"eval.dataset={prompts}", "eval.num_prompts=3",
+        "eval.num_steps=2", f"eval.rewards={{ir: {{name: imagereward, kwargs: {ir}}}}}", "run.iterations=1",
+        f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", "run.eval_every=1",
+    ]  # fmt: skip
+    run_dir = train(load_config(TrainConfig, None, overrides), progress=False)
+    recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in recs if "reward_mean" in r]
+    rewards = step["R_mean"] + step["dR_mean"]
+    assert all(math.isfinite(v) for v in rewards) and step["reward_std"] > 0, step
+    assert step["rows_trained"] > 0 and step["ratio_dev_first"] <= 1e-5
+    evals = [r for r in recs if any(k.startswith("eval_ir") for k in r)]
+    assert evals and all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith("eval_ir"))
