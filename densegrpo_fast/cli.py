@@ -126,6 +126,12 @@ SUBCOMMANDS.append(_add_calibrate)
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a training config (every problem at once) without running it")
     _add_overrides(p)
+    p.add_argument(
+        "--load-rewards",
+        action="store_true",
+        help="also build every reward of the config with its weights and score one image with each",
+    )
+    p.add_argument("--device", default="cpu", help="where --load-rewards scores (default cpu)")
 
     def handler(args):
         import importlib.util
@@ -138,6 +144,19 @@ def _add_validate(sub) -> None:
         print(
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )
+        if args.load_rewards:
+            from densegrpo_fast.rewards.preflight import check_rewards, image_size
+
+            checked = []
+            for c in check_rewards(cfg, args.device):  # (a line as each is done: a model takes a while)
+                print(c.line(image_size(cfg)), flush=True)
+                checked.append(c)
+            failed = [c for c in checked if c.error is not None]
+            if failed:
+                raise ValueError(
+                    f"{len(failed)} of {len(checked)} rewards did not load or score: "
+                    f"{', '.join(c.where for c in failed)} (messages above)"
+                )
 
     p.set_defaults(handler=handler)
 
