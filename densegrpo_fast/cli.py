@@ -164,6 +164,40 @@ def _add_validate(sub) -> None:
 SUBCOMMANDS.append(_add_validate)
 
 
+def _add_rewards(sub) -> None:
+    p = sub.add_parser("rewards", help="list the registered rewards: what each scores and its keywords")
+    p.add_argument("name", nargs="?", help="show only this reward")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+
+    def handler(args):
+        import json
+        import textwrap
+
+        from densegrpo_fast.rewards import available, describe, unknown_name
+
+        if args.name is not None and args.name not in available():
+            raise ValueError(unknown_name(args.name, "NAME"))
+        rows = [describe(n) for n in ([args.name] if args.name else available())]
+        if args.json:
+            print(json.dumps(rows, indent=2, default=repr))
+            return
+        for r in rows:
+            kw = [f"{k} (required)" for k in r["required"]] + [f"{k}={v!r}" for k, v in r["keywords"].items()]
+            kw = ", ".join(kw) or "(none)"
+            print(r["name"])
+            print(textwrap.fill(r["summary"], 108, initial_indent="  ", subsequent_indent="  "))
+            print(textwrap.fill(f"keywords: {kw}", 108, initial_indent="  ", subsequent_indent="    "))
+            print(f"  documented in: {r['module']}")
+        if not args.name:
+            print("\nuse one: reward.name=NAME 'reward.kwargs={...}' (or an eval.rewards entry); its keywords "
+                  "are explained in its module's docstring (python -m pydoc MODULE)")  # fmt: skip
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_rewards)
+
+
 def _add_show_config(sub) -> None:
     p = sub.add_parser("show-config", help="print the resolved training config (defaults filled in) as YAML")
     _add_overrides(p)

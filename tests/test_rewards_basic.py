@@ -197,3 +197,26 @@ def test_kwargs_problems_found_without_building():
         found[0].startswith("reward.kwargs.rewards.a.name='rednes'") and "did you mean 'redness'" in found[0]
     )
     assert found[1].startswith("reward.kwargs.rewards.b: reward.kwargs.mode='x'")
+
+
+def test_the_rewards_command_lists_every_reward_with_its_keywords(capsys):
+    import json
+
+    from densegrpo_fast.cli import main
+    from densegrpo_fast.rewards import available
+
+    assert main(["rewards"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [
+        ln for ln in lines if ln and not ln.startswith(" ") and not ln.startswith("use one")
+    ] == available()
+    assert main(["rewards", "aesthetic"]) == 0
+    out = capsys.readouterr().out
+    assert "keywords: head (required), model='openai/clip-vit-large-patch14'" in out
+    assert "documented in: densegrpo_fast.rewards.clip" in out
+    assert main(["rewards", "--json", "imagereward"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["required"] == [] and row["keywords"]["checkpoint"] == "THUDM/ImageReward"
+    assert ":func:" not in json.dumps(row) and "``" not in row["summary"]
+    assert main(["rewards", "hsp"]) == 2
+    assert "did you mean 'hps'" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from collections.abc import Callable
 from typing import Protocol
 
@@ -69,6 +70,28 @@ def kwargs_problems(name: str, kwargs: dict) -> list[str]:
         return [f"reward {name!r} does not take reward.kwargs={kwargs} ({e}); its keywords are {params}"]
     check = getattr(factory, "check", None)
     return list(check(**kwargs)) if check else []
+
+
+def describe(name: str) -> dict:
+    """What ``densegrpo-fast rewards`` shows of the registered reward ``name``: its summary (the docstring's
+    first paragraph, on one line, Sphinx roles dropped), its keywords with their defaults, the required ones
+    (no default) by name, and the module that documents it."""
+    factory = _REGISTRY[name]
+    doc = inspect.getdoc(factory) or ""
+    summary = " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
+    summary = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", summary)
+    params = [
+        p
+        for p in inspect.signature(factory).parameters.values()
+        if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
+    return {
+        "name": name,
+        "summary": summary,
+        "required": [p.name for p in params if p.default is inspect.Parameter.empty],
+        "keywords": {p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
+        "module": factory.__module__,
+    }
 
 
 def build_reward(name: str, **kwargs) -> Reward:

@@ -25,7 +25,9 @@ _SPEC_KEYS = {"name", "kwargs", "weight"}
 
 @register("multi")
 class WeightedSum:
-    """``rewards``: ``{key: {name, kwargs (optional), weight (optional, default 1)}}``."""
+    """A weighted sum of registered rewards, each part built as its own reward.
+
+    ``rewards``: ``{key: {name, kwargs (optional), weight (optional, default 1)}}``."""
 
     def __init__(self, rewards: dict):
         if not isinstance(rewards, dict) or not rewards:

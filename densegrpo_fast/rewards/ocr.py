@@ -149,7 +149,11 @@ def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
 
 @register("ocr")
 class OcrReward:
-    """OCR reward (see the module doc): ``recognizer``, ``recognizer_kwargs``, ``normalization``."""
+    """OCR: how well the image spells the text between the prompt's first pair of quotes, in [0, 1] (by
+    default Flow-GRPO's: 1 when the text is read, else 1 - its edit distance over its length; EasyOCR, the
+    ``[ocr]`` extra).
+
+    kwargs (see the module doc): ``recognizer``, ``recognizer_kwargs``, ``normalization``."""
 
     def __init__(
         self,
