@@ -329,6 +329,8 @@ def test_conversion_names_what_it_does_not_know(oracle):
     assert not any(k.startswith("blip.") for part in parts.values() for k in part)
     state["blip.itm_head.weight"] = torch.zeros(1)  # a BLIP part outside the score: dropped
     assert sum(map(len, blip_to_transformers(state).values())) == len(state) - 5
+    wrapped = {k.replace(".attn.", ".attn._checkpoint_wrapped_module."): v for k, v in state.items()}
+    assert blip_to_transformers(wrapped)["vision"].keys() == parts["vision"].keys()
     state["blip.visual_encoder.blocks.0.adapter_after_attn.fc.weight"] = torch.zeros(1)  # inside a tower
     state["itm_head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"2 weights .*adapter_after_attn.*itm_head.*THUDM/ImageReward"):

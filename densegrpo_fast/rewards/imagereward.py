@@ -115,13 +115,15 @@ def blip_to_transformers(
     """ImageReward's state dict split and renamed: ``{"vision": BlipVisionModel's, "text": BlipTextModel's,
     "head": the MLP's}`` (the head's names are :func:`~densegrpo_fast.rewards.clip.aesthetic_head`'s,
     ``{0,2,4,6,7}.*``). Tensors are shared, not copied. BLIP's other parts (its contrastive projections:
-    none takes part in the score) and the saved ``position_ids`` buffer are dropped.
+    none takes part in the score) and the saved ``position_ids`` buffer are dropped; the names that
+    torch's activation-checkpoint wrapper adds (``._checkpoint_wrapped_module``) are taken out.
 
     Raises ValueError naming the keys it does not know (another BLIP variant, another model), so nothing is
     silently left at random init."""
     out: dict[str, dict[str, torch.Tensor]] = {"vision": {}, "text": {}, "head": {}}
     unknown = []
     for key, value in state.items():
+        key = key.replace("._checkpoint_wrapped_module", "")  # (saved from activation-checkpointed blocks)
         if (key.startswith("blip.") and not key.startswith(_TOWERS)) or key.endswith("position_ids"):
             continue
         if key.startswith("mlp.layers."):
