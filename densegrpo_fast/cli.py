@@ -129,9 +129,11 @@ def _add_validate(sub) -> None:
     p.add_argument(
         "--load-rewards",
         action="store_true",
-        help="also build every reward of the config with its weights and score one image with each",
+        help="also build every reward of the config with its weights and score two images with each",
     )
-    p.add_argument("--device", default="cpu", help="where --load-rewards scores (default cpu)")
+    p.add_argument(
+        "--device", help="with --load-rewards: where to score (default: the config's model.device)"
+    )
 
     def handler(args):
         import importlib.util
@@ -141,24 +143,42 @@ def _add_validate(sub) -> None:
         cfg = _train_config(args)
         if cfg.run.wandb.enabled and importlib.util.find_spec("wandb") is None:
             raise ValueError(WANDB_MISSING)
+        if args.device is not None and not args.load_rewards:
+            raise ValueError(f"--device {args.device} applies to --load-rewards only: add --load-rewards")
         print(
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )
         if args.load_rewards:
             from densegrpo_fast.rewards.preflight import check_rewards, image_size
 
+            device = _device(args.device or cfg.model.device, "--device" if args.device else "model.device")
+
             checked = []
-            for c in check_rewards(cfg, args.device):  # (a line as each is done: a model takes a while)
+            for c in check_rewards(cfg, device, before=lambda where, name: print(f"checking {where} {name!r} ...",
+                                                                                 flush=True)):  # fmt: skip
                 print(c.line(image_size(cfg)), flush=True)
                 checked.append(c)
             failed = [c for c in checked if c.error is not None]
             if failed:
                 raise ValueError(
-                    f"{len(failed)} of {len(checked)} rewards did not load or score: "
+                    f"{len(failed)} of {len(checked)} reward checks failed: "
                     f"{', '.join(c.where for c in failed)} (messages above)"
                 )
 
     p.set_defaults(handler=handler)
+
+
+def _device(name: str, what: str):
+    """``name`` as a torch device this machine has; ValueError naming ``what`` otherwise."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"{what}={name!r} is not a torch device ({e}): e.g. cpu, cuda, cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{what}={name!r}, but this machine's torch sees no CUDA device: use --device cpu")
+    return device
 
 
 SUBCOMMANDS.append(_add_validate)
@@ -187,10 +207,10 @@ def _add_rewards(sub) -> None:
             print(r["name"])
             print(textwrap.fill(r["summary"], 108, initial_indent="  ", subsequent_indent="  "))
             print(textwrap.fill(f"keywords: {kw}", 108, initial_indent="  ", subsequent_indent="    "))
-            print(f"  documented in: {r['module']}")
+            print(f"  documented in: {r['qualname']}")
         if not args.name:
             print("\nuse one: reward.name=NAME 'reward.kwargs={...}' (or an eval.rewards entry); its keywords "
-                  "are explained in its module's docstring (python -m pydoc MODULE)")  # fmt: skip
+                  "are explained where it is documented (python -m pydoc THAT.NAME)")  # fmt: skip
 
     p.set_defaults(handler=handler)
 

@@ -603,3 +603,9 @@ class TrainConfig(Section):
     def rows_per_iteration(self) -> int:
         """B = prompts per iteration x group size."""
         return self.prompts.prompts_per_iteration * self.sampling.group_size
+
+    def eval_rewards_built(self) -> dict[str, RewardSection]:
+        """The ``eval.rewards`` entries that get a model of their own. One equal to the training reward (the
+        recipes name it, for the eval command) is scored by the training reward's model: a second copy would
+        cost its weights on the device and a second pass."""
+        return {k: r for k, r in self.eval.rewards.items() if r != self.reward}

@@ -1225,10 +1225,8 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
     reward_fn, stood_in = built("reward", cfg.reward)
     counted("reward", cfg.reward, stood_in)
     evaluated = {}
-    for key, r in cfg.eval.rewards.items():
+    for key, r in cfg.eval_rewards_built().items():  # (the others are scored by the training reward's model)
         where = f"eval.rewards.{key}"
-        if r == cfg.reward:  # scored by the training reward's model (trainer.heldout_rewards)
-            continue
         fn, stood_in = built(where, r)
         if fn is None:
             continue

@@ -802,16 +802,11 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     training reward) and ``eval_<key>`` for each of ``eval.rewards``."""
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
-    # an extra metric that is the training reward (the recipes name it, for the eval command) is scored once,
-    # by the training reward's model: a second copy would cost its weights on the device and a second pass
-    same = {f"eval_{k}" for k, r in e.rewards.items() if r == cfg.reward}
+    own = cfg.eval_rewards_built()  # (an entry equal to the training reward is scored by its model)
+    same = {f"eval_{k}" for k in e.rewards if k not in own}
     fns = {
         "eval_reward": run.reward_fn,
-        **{
-            f"eval_{k}": build_reward(r.name, **r.kwargs)
-            for k, r in e.rewards.items()
-            if f"eval_{k}" not in same
-        },
+        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
     }
     prompts = run.eval_prompts.heldout(e.num_prompts)
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)

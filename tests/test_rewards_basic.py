@@ -213,7 +213,7 @@ def test_the_rewards_command_lists_every_reward_with_its_keywords(capsys):
     assert main(["rewards", "aesthetic"]) == 0
     out = capsys.readouterr().out
     assert "keywords: head (required), model='openai/clip-vit-large-patch14'" in out
-    assert "documented in: densegrpo_fast.rewards.clip" in out
+    assert "documented in: densegrpo_fast.rewards.clip.Aesthetic" in out
     assert main(["rewards", "--json", "imagereward"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["required"] == [] and row["keywords"]["checkpoint"] == "THUDM/ImageReward"

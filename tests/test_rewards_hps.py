@@ -236,8 +236,14 @@ def test_hps_refuses_what_it_cannot_load_faithfully(tmp_path, base_dir, open_cli
     base of another width is refused; a base with OpenAI CLIP's quick GELU is refused."""
     code = tmp_path / "code.pt"
     torch.save({"state_dict": {"x": _Code()}}, code)
-    with pytest.raises(ValueError, match="not loaded with full unpickling"):
+    with pytest.raises(ValueError, match=r"not loaded with full unpickling.*HPS_v2\.1_compressed\.pt"):
         build_reward("hps", checkpoint=str(code), base=str(base_dir))
+    cut = tmp_path / "my_hps.pt"  # a download cut short, of version v2.0: the hint names v2.0's file
+    cut.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(
+        ValueError, match=r"fetch it again \(`hf download xswu/HPSv2 HPS_v2_compressed\.pt`\)"
+    ):
+        build_reward("hps", checkpoint=str(cut), version="v2.0", base=str(base_dir))
     pooled = _save(
         tmp_path / "attn_pool.pt", open_clip_model, **{"visual.attn_pool.query": torch.zeros(4, 8)}
     )

@@ -10,6 +10,7 @@ prompts through the pure-Python BERT tokenizer ImageReward used, with BLIP's tok
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -314,6 +315,10 @@ def test_settings_a_med_config_leaves_out_take_bert_s_defaults(tmp_path, tok_dir
     pixels = _oracle_pixels(_images(len(PROMPTS), 40, 40, seed=8))
     got = (reward.model(pixels, ids, mask) - MEAN) / STD
     torch.testing.assert_close(got, oracle.score(pixels, ids, mask), atol=2e-5, rtol=0)
+    # the vocabulary too: BERT's 30522, not the release's 30524, when the file leaves it out
+    (d / CONFIG_FILE).write_text(json.dumps({k: v for k, v in med.items() if k != "vocab_size"}))
+    with pytest.raises(ValueError, match=r"which leaves it out: BertConfig's default\) is 30522"):
+        build_reward("imagereward", checkpoint=str(d), tokenizer=str(tok_dir))
 
 
 def test_conversion_names_what_it_does_not_know(oracle):
@@ -329,8 +334,15 @@ def test_conversion_names_what_it_does_not_know(oracle):
     assert not any(k.startswith("blip.") for part in parts.values() for k in part)
     state["blip.itm_head.weight"] = torch.zeros(1)  # a BLIP part outside the score: dropped
     assert sum(map(len, blip_to_transformers(state).values())) == len(state) - 5
-    wrapped = {k.replace(".attn.", ".attn._checkpoint_wrapped_module."): v for k, v in state.items()}
-    assert blip_to_transformers(wrapped)["vision"].keys() == parts["vision"].keys()
+    # names saved from activation-checkpointed modules: a whole block, or a sub-module, of either tower
+    for pattern in (r"(blocks\.\d+)\.", r"(layer\.\d+)\.", r"(\.attn)\.", r"(\.attention)\."):
+        wrapped = {
+            re.sub(pattern, r"\1._checkpoint_wrapped_module.", k, count=1): v for k, v in state.items()
+        }
+        assert wrapped != state
+        assert {p: d.keys() for p, d in blip_to_transformers(wrapped).items()} == {
+            p: d.keys() for p, d in blip_to_transformers(state).items()
+        }
     state["blip.visual_encoder.blocks.0.adapter_after_attn.fc.weight"] = torch.zeros(1)  # inside a tower
     state["itm_head.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"2 weights .*adapter_after_attn.*itm_head.*THUDM/ImageReward"):

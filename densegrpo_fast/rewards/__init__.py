@@ -75,7 +75,7 @@ def kwargs_problems(name: str, kwargs: dict) -> list[str]:
 def describe(name: str) -> dict:
     """What ``densegrpo-fast rewards`` shows of the registered reward ``name``: its summary (the docstring's
     first paragraph, on one line, Sphinx roles dropped), its keywords with their defaults, the required ones
-    (no default) by name, and the module that documents it."""
+    (no default) by name, and the module and qualified name that document it."""
     factory = _REGISTRY[name]
     doc = inspect.getdoc(factory) or ""
     summary = " ".join(doc.split("\n\n")[0].split()).replace("``", "`")
@@ -91,6 +91,7 @@ def describe(name: str) -> dict:
         "required": [p.name for p in params if p.default is inspect.Parameter.empty],
         "keywords": {p.name: p.default for p in params if p.default is not inspect.Parameter.empty},
         "module": factory.__module__,
+        "qualname": f"{factory.__module__}.{factory.__qualname__}",
     }
 
 
@@ -98,15 +99,19 @@ def build_reward(name: str, **kwargs) -> Reward:
     """The reward registered as ``name``, built with ``kwargs``; unknown names get the nearest valid one."""
     if name not in _REGISTRY:
         raise ValueError(unknown_name(name))
+    factory = _REGISTRY[name]
     try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as e:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as e:  # (a TypeError from inside the factory is its own: it is not caught here)
         raise ValueError(f"reward {name!r} does not take reward.kwargs={kwargs}: {e}") from None
+    return factory(**kwargs)
 
 
 @register("toy_geneval")
 def _toy_geneval(mode: str = "partial") -> Reward:
-    """The toy world's GenEval-style detector: fraction of requirements met (partial) or 0/1 (strict)."""
+    """The toy world's GenEval-style detector, by ``mode``: the fraction of requirements met (``partial``),
+    0/1 for all met (``strict``), 0/1 for all met and nothing extra (``exact``), and two blends
+    (``count_exact``, ``partial_exact``; see :mod:`densegrpo_fast.toy.detector`)."""
     from densegrpo_fast.toy.detector import ToyGenEvalReward
 
     return ToyGenEvalReward(mode=mode)

@@ -214,19 +214,18 @@ def resolve_checkpoint(checkpoint: str, version: str) -> Path:
     return resolve_file(checkpoint, FILES[version], _HUB, f"HPS {version} checkpoint")
 
 
-def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
+def load_open_clip_state(path: Path, version: str = "v2.1") -> dict[str, torch.Tensor]:
     """The state dict of an OpenCLIP checkpoint file: a bare state dict or one under ``state_dict`` (HPS's),
     with DistributedDataParallel's ``module.`` prefix dropped; loaded weights-only (no code runs)."""
-    name = path.name if path.name in FILES.values() else FILES["v2.1"]  # (the version's own file)
-    return load_tensors(path, f"`hf download {_HUB} {name}`")
+    return load_tensors(path, f"`hf download {_HUB} {FILES[version]}`")  # (the version's own file)
 
 
-def _load(path: Path, config, base: str) -> torch.nn.Module:
+def _load(path: Path, config, base: str, version: str = "v2.1") -> torch.nn.Module:
     """The fp32 ``CLIPModel`` of ``config`` with the OpenCLIP checkpoint's weights, every one of them."""
     from transformers import CLIPModel
 
     where = f"reward.kwargs.checkpoint={str(path)!r}"
-    state = open_clip_to_transformers(load_open_clip_state(path), where=where)
+    state = open_clip_to_transformers(load_open_clip_state(path, version), where=where)
     return from_state(
         CLIPModel,
         config,
@@ -286,7 +285,7 @@ class HPS:
         else:
             check_tokenizer(tokenizer, int(config.text_config.vocab_size), "base", str(base), _BASE_EXAMPLE)
             self.checkpoint = resolve_checkpoint(str(checkpoint), version)
-            model = _load(self.checkpoint, config, base)
+            model = _load(self.checkpoint, config, base, version)
         self.clip = ClipEncoder(
             model,
             device=device,

@@ -391,6 +391,8 @@ class ImageReward:
             self.checkpoint = resolve_file(str(checkpoint), FILE, _HUB, "ImageReward checkpoint")
             med, med_from = find_med_config(str(checkpoint), self.checkpoint)
             vocab = int(med.get("vocab_size", BERT_DEFAULTS["vocab_size"]))
+            if "vocab_size" not in med:
+                med_from = f"{med_from}, which leaves it out: BertConfig's default"
             if len(self.tokenizer) != vocab:
                 raise ValueError(
                     f"reward.kwargs.tokenizer={tokenizer!r} has {len(self.tokenizer)} tokens ([DEC] and [ENC] "

@@ -50,11 +50,11 @@ def _jpeg_size_reward(sign: float, quality: int):
 
 @register("jpeg_compressibility")
 def jpeg_compressibility(quality: int = 95):
-    """``-`` JPEG size in kB at ``quality``: higher for images that compress well (flat, smooth)."""
+    """Minus the JPEG size in kB at ``quality``: higher for images that compress well (flat, smooth)."""
     return _jpeg_size_reward(-1.0, quality)
 
 
 @register("jpeg_incompressibility")
 def jpeg_incompressibility(quality: int = 95):
-    """``+`` JPEG size in kB at ``quality``: higher for detailed, high-frequency images."""
+    """The JPEG size in kB at ``quality``: higher for detailed, high-frequency images."""
     return _jpeg_size_reward(1.0, quality)
