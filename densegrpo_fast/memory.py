@@ -82,6 +82,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from densegrpo_fast.rewards.clip import architectures_only
+from densegrpo_fast.rewards.remote import SERVED  # (scored by a server: nothing of them on this device)
 
 GIB = 2**30
 
@@ -1182,9 +1183,6 @@ def _advice(phase: str, cfg) -> str:
         "the rollout holds the batch and its calls: lower sampling.max_rows_per_call or prompts_per_iteration"
         " (under torchrun each process holds its share: --nproc N)" + off
     )
-
-
-SERVED = ("remote", "geneval")  # rewards scored by a server: nothing of them on this process's device
 
 
 def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[str, dict]]:

@@ -189,13 +189,11 @@ def text_config(med: dict, encoder_width: int, where: str):
             f"{where}: {'; '.join(wrong)}. Fix: give ImageReward's own {CONFIG_FILE} (`hf download {_HUB} "
             f"{CONFIG_FILE}`), or remove the file to use the released one's values"
         )
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "layer_norm_eps", "hidden_act", "pad_token_id")  # fmt: skip
     # is_decoder builds the cross-attention layers; the score calls the encoder bidirectionally. Generation
     # token ids are not used here (and BLIP's defaults lie outside a small test vocabulary).
     med = {**BERT_DEFAULTS, **med}  # (BLIP reads the file with BertConfig.from_json_file: its defaults)
     return BlipTextConfig(
-        **{k: med[k] for k in keys}, encoder_hidden_size=encoder_width, is_decoder=True,
+        **{k: med[k] for k in BERT_DEFAULTS}, encoder_hidden_size=encoder_width, is_decoder=True,
         bos_token_id=None, eos_token_id=None, sep_token_id=None,
     )  # fmt: skip
 
@@ -309,13 +307,20 @@ def _head(state: dict[str, torch.Tensor], hidden: int, where: str) -> torch.nn.M
     return head
 
 
-def _load(path: Path, med: dict, med_from: str) -> ImageRewardModel:
-    from transformers import BlipTextModel, BlipVisionConfig, BlipVisionModel
+def _read(path: Path, med: dict, med_from: str, where: str):
+    """The checkpoint's converted weights (mapped, not read) and the two towers' configs."""
+    from transformers import BlipVisionConfig
 
-    where = f"reward.kwargs.checkpoint={str(path)!r}"
     parts = blip_to_transformers(load_tensors(path, f"`hf download {_HUB} {FILE}`"), where)
     vcfg = BlipVisionConfig(**vision_config_from_weights(parts["vision"], where))
-    tcfg = text_config(med, vcfg.hidden_size, med_from)
+    return parts, vcfg, text_config(med, vcfg.hidden_size, med_from)
+
+
+def _load(path: Path, med: dict, med_from: str) -> ImageRewardModel:
+    from transformers import BlipTextModel, BlipVisionModel
+
+    where = f"reward.kwargs.checkpoint={str(path)!r}"
+    parts, vcfg, tcfg = _read(path, med, med_from, where)
     fix = f"Fix: give ImageReward's own checkpoint ({FILE}) with its {CONFIG_FILE} beside it"
     vision = from_state(BlipVisionModel, vcfg, parts["vision"], f"{where}: the image tower", fix)
     text_misfit = f"{where}: the text encoder does not fit {med_from}"
@@ -337,14 +342,10 @@ def _architecture(checkpoint: str, dtype: torch.dtype) -> ImageRewardModel:
         path = None
         _stand_in(f"{checkpoint} (checkpoint)")
     if path is None:
-        med, med_from, vision = dict(MED_CONFIG), "built in", dict(VIT_L_16)
-    else:
-        med, med_from = find_med_config(checkpoint, path)
-        parts = blip_to_transformers(load_tensors(path, f"`hf download {_HUB} {FILE}`"), str(path))
-        vision = vision_config_from_weights(parts["vision"], str(path))
-        del parts
-    vcfg = BlipVisionConfig(**vision)
-    tcfg = text_config(med, vcfg.hidden_size, med_from)
+        vcfg = BlipVisionConfig(**VIT_L_16)
+        tcfg = text_config(MED_CONFIG, vcfg.hidden_size, "built in")
+    else:  # (the weights are mapped, not read, and dropped here)
+        _, vcfg, tcfg = _read(path, *find_med_config(checkpoint, path), str(path))
 
     def towers() -> ImageRewardModel:
         with _no_init():  # (BLIP's truncated-normal init reads values: fake tensors have none)
@@ -409,6 +410,7 @@ class ImageReward:
         self.dtype = _DTYPES[dtype]
         self.image_size = int(self.model.vision.config.image_size)
         self.device = torch.device(device) if device else None
+        self._placed: torch.device | None = None
         self.max_batch = int(max_batch)
         self.scale = float(scale)
 
@@ -432,7 +434,9 @@ class ImageReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         dev = self.device or images.device
-        self.model.to(dev)  # (a no-op once there)
+        if dev != self._placed:  # (moved once, not walked at every call: dense rewards call it often)
+            self.model.to(dev)
+            self._placed = dev
         out = []
         for start in range(0, len(prompts), self.max_batch):
             chunk = images[start : start + self.max_batch].to(dev)

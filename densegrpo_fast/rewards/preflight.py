@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import torch
 
 from densegrpo_fast.rewards import build_reward
+from densegrpo_fast.rewards.remote import SERVED
 
 #: The prompt when the run's prompt file cannot be read here (quoted text: the OCR reward needs one).
 STAND_IN = 'a shop sign that says "open"'
-SERVED = ("remote", "geneval")
 
 
 @dataclass
@@ -134,10 +134,7 @@ def check_rewards(cfg, device: str | torch.device = "cpu", before=None) -> Itera
             if torch.device(device).type == "cuda":
                 torch.cuda.empty_cache()
         yield checked
-    for key in cfg.eval.rewards:
-        if key not in cfg.eval_rewards_built():
-            yield Checked(
-                f"eval.rewards.{key}",
-                cfg.eval.rewards[key].name,
-                note="scored by the training reward's model",
-            )
+    built = cfg.eval_rewards_built()
+    for key, r in cfg.eval.rewards.items():
+        if key not in built:
+            yield Checked(f"eval.rewards.{key}", r.name, note="scored by the training reward's model")

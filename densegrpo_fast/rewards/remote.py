@@ -114,6 +114,9 @@ def _server_error_text(e: urllib.error.HTTPError) -> str:
         return e.reason or ""
 
 
+SERVED = ("remote", "geneval")  #: the rewards scored by a server: nothing of them on this process's device
+
+
 @register("remote")
 class RemoteReward:
     """Client of a reward server (see the module doc for the protocol and the server command).
