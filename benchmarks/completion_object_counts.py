@@ -60,7 +60,7 @@ def _count(run, n: int | None, batches: int):
         with torch.no_grad(), cfg.model.autocast_context():
             ro = sample(policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                         generator=gen, completion_steps=n)  # fmt: skip
-        latents = {f"lat[{k}]": ro.clean[:, k] for k in completion_starts(run.schedule)}
+        latents = {f"lat[{k}]": ro.clean[:, k] for k in completion_starts(run.schedule, n)}
         latents["final"] = ro.latents[:, -1]
         for name, lat in latents.items():
             images = policy.decode(lat)

@@ -39,19 +39,25 @@ def completion_path(start: int, num_steps: int, n: int | None) -> list[int]:
     return [start + math.ceil(i * remaining / n) for i in range(n + 1)]
 
 
-def completion_starts(schedule: Schedule) -> list[int]:
+def completion_starts(schedule: Schedule, completion_steps: int | None = None) -> list[int]:
     """Latents whose reward needs a completion of its own.
 
     With noise at every step, all of ``lat[0..T-1]``. With an SDE window ``[ws, we)`` (DenseGRPO-Fast)
-    only ``lat[ws..we-1]``: before the window every step is an ODE step on the same grid, so
-    ``R_k = R_ws`` for ``k < ws``; from ``we`` on the rollout itself is the ODE, so ``R_k = R_T``.
+    only ``lat[ws..we-1]`` for full completions (``completion_steps`` None): before the window every step
+    is an ODE step on the same grid, so ``R_k = R_ws`` for ``k < ws``; from ``we`` on the rollout itself is
+    the ODE, so ``R_k = R_T``. With ``n``-step completions that shortcut holds before the window but not
+    after it: ``ODE_n(lat[we])`` is not the rollout's own ending, so ``lat[we]`` gets a completion too and
+    the last window step's ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window
+    steps (unless ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents after ``we``
+    (untrained ODE steps) still share ``R_T``.
     """
     sde = schedule.sde_steps.tolist()
     if not any(sde):
         return []
     ws = sde.index(True)
     we = len(sde) - sde[::-1].index(True)
-    return list(range(ws, we))
+    end = we + 1 if completion_steps is not None and completion_steps < len(sde) - we else we
+    return list(range(ws, end))
 
 
 @dataclass
@@ -103,7 +109,7 @@ def sample(
     device = init_noise.device
     sigmas = schedule.sigmas.to(device)
     std = schedule.std.to(device)
-    starts = completion_starts(schedule) if dense else []
+    starts = completion_starts(schedule, completion_steps) if dense else []
     paths = {j: completion_path(j, T, completion_steps) for j in starts}
 
     latents = init_noise.new_empty((B, T + 1, *init_noise.shape[1:]), dtype=torch.float32)

@@ -539,7 +539,8 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         T = run.schedule.num_steps
         if ro.clean is not None:
             R = latent_rewards(
-                run.policy.decode, run.reward_fn, ro.clean, rows, completion_starts(run.schedule)
+                run.policy.decode, run.reward_fn, ro.clean, rows,
+                completion_starts(run.schedule, run.cfg.dense.completion_steps),
             )
         else:
             R = torch.zeros(len(rows), T + 1, device=ro.latents.device)

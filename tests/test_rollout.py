@@ -50,8 +50,11 @@ def test_in_flight_completions_equal_plain_completions(policy, cond, n, batching
         torch.testing.assert_close(ro.clean[:, k], ref, rtol=0, atol=1e-5)
 
 
-def test_noise_free_step_gives_zero_step_reward_exactly(policy, cond):
-    """An ODE step inside the rollout changes nothing the completion would not: dR = 0 bit for bit."""
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_noise_free_step_gives_zero_step_reward_exactly(policy, cond, backend, monkeypatch):
+    """An ODE step inside the rollout changes nothing the completion would not: dR = 0 bit for bit, on
+    either kernel backend (the kernel's ODE rows round as the completions' own Euler steps do)."""
+    monkeypatch.setenv("DENSEGRPO_KERNELS", backend)
     levels = [0.7, 0.0, 0.7, 0.0, 0.7, 0.7]
     ro = run(policy, cond, make_schedule(6, 3.0, levels))
     for k in (1, 3):
@@ -79,6 +82,25 @@ def test_sde_window_shares_rewards_outside_it(policy, cond):
     torch.testing.assert_close(
         reference_completion(policy, cond, ro.latents[:, 0], 0, sched, 2.0), ro.clean[:, 0], rtol=0, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_window_with_n_step_completions_scores_the_window_end_by_ODE_n(policy, cond, n):
+    """With n-step completions the rollout after the window is not ODE_n of lat[we]: the last window step's
+    dR must compare two n-step estimates, so lat[we] gets a completion of its own."""
+    sched = make_schedule(8, 3.0, 0.7, window_start=2, window_size=3)
+    assert completion_starts(sched, n) == [2, 3, 4, 5]
+    assert completion_starts(make_schedule(8, 3.0, 0.7, window_start=5, window_size=3), n) == [5, 6, 7]
+    # n >= T - we: ODE_n(lat[we]) is the rollout's own ending, no completion needed
+    ends_by_ode_n = make_schedule(8, 3.0, 0.7, window_start=4, window_size=4 - n)  # we = 8 - n
+    assert completion_starts(ends_by_ode_n, n) == list(range(4, 8 - n))
+    ro = run(policy, cond, sched, completion_steps=n)
+    for k in (2, 3, 4, 5):
+        ref = reference_completion(policy, cond, ro.latents[:, k], k, sched, 2.0, n)
+        torch.testing.assert_close(ro.clean[:, k], ref, rtol=0, atol=1e-5)
+    assert (ro.clean[:, 5] - ro.latents[:, 8]).abs().max() > 1e-2, "ODE_n(lat[5]) is not the final latent"
+    for k in (6, 7):
+        assert torch.equal(ro.clean[:, k], ro.latents[:, 8])
 
 
 def test_rollout_is_deterministic_and_log_probs_match_the_kernel(policy, cond):

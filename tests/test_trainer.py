@@ -256,6 +256,30 @@ def test_variants_run(tiny_checkpoint, tmp_path, extra):
         assert r["rows_trained"] == 8 * 2  # only the window's steps train
 
 
+def test_a_window_with_one_step_completions_scores_the_window_end(tiny_checkpoint, tmp_path, monkeypatch):
+    """n = 1 under a window [0, 2) of 4 steps: R_2 is the reward of ODE_1(lat[2]), not the final image's."""
+    from densegrpo_fast import trainer
+    from densegrpo_fast.dense import latent_rewards
+
+    seen = []
+
+    def spy(decode, reward_fn, clean, prompts, columns, **kw):
+        seen.append((clean.clone(), list(columns)))
+        return latent_rewards(decode, reward_fn, clean, prompts, columns, **kw)
+
+    monkeypatch.setattr(trainer, "latent_rewards", spy)
+    extra = ["noise.window_start=0", "noise.window_size=2", "dense.completion_steps=1"]
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    ro, _, R, _ = trainer.collect(run, run.prompts.sample(2, 0), 0)
+    ((clean, columns),) = seen
+    assert columns == [0, 1, 2]
+    assert not torch.equal(clean[:, 2], ro.latents[:, 4]) and torch.equal(clean[:, 3], ro.latents[:, 4])
+    rows = [p for p in run.prompts.sample(2, 0) for _ in range(4)]
+    with torch.no_grad():
+        for k, lat in ((2, clean[:, 2]), (4, ro.latents[:, 4])):
+            torch.testing.assert_close(R[:, k], run.reward_fn(run.policy.decode(lat), rows).float(), rtol=0, atol=0)
+
+
 def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
     """model.autocast reaches the rollout (its samples differ from fp32 ones), not the update (which
     recomputes the old log-probs: the first ratio is exactly 1, though the rollout's log-probs differ) and
