@@ -133,7 +133,9 @@ def calibrate(
                 completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
                 max_rows_per_call=cfg.sampling.max_rows_per_call,
             )  # fmt: skip
-        R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched, cfg.dense.completion_steps))
+        R = latent_rewards(
+            policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched, cfg.dense.completion_steps)
+        )
         dR = distributed.gather_rows(dist, step_rewards(R).to(device))  # every rank's rows
         psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active)
         trajectory.append(psi.tolist())

@@ -539,7 +539,10 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         T = run.schedule.num_steps
         if ro.clean is not None:
             R = latent_rewards(
-                run.policy.decode, run.reward_fn, ro.clean, rows,
+                run.policy.decode,
+                run.reward_fn,
+                ro.clean,
+                rows,
                 completion_starts(run.schedule, run.cfg.dense.completion_steps),
             )
         else:

@@ -277,7 +277,9 @@ def test_a_window_with_one_step_completions_scores_the_window_end(tiny_checkpoin
     rows = [p for p in run.prompts.sample(2, 0) for _ in range(4)]
     with torch.no_grad():
         for k, lat in ((2, clean[:, 2]), (4, ro.latents[:, 4])):
-            torch.testing.assert_close(R[:, k], run.reward_fn(run.policy.decode(lat), rows).float(), rtol=0, atol=0)
+            torch.testing.assert_close(
+                R[:, k], run.reward_fn(run.policy.decode(lat), rows).float(), rtol=0, atol=0
+            )
 
 
 def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
