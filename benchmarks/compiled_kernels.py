@@ -62,6 +62,9 @@ class Launch:
     stores: dict = field(default_factory=dict)
     # approximate PTX instructions (div.full, sqrt.approx, ...) -> count
     approx_math: dict = field(default_factory=dict)
+    # elements each thread adds before the first reduction's cross-thread tree (its operand's layout in
+    # the TTGIR, sizePerThread); 0 in kernels without a reduction. It fixes the order of the row's sum.
+    reduce_per_thread: int = 0
 
 
 class _TargetDriver:
@@ -111,6 +114,16 @@ def _read_kernel(asm: dict, launch: Launch) -> None:
     launch.local, launch.shared = int(fields["LOCAL"]), int(fields["SHARED"])
     launch.loads, launch.stores = _access_widths(sass.stdout, "LDG"), _access_widths(sass.stdout, "STG")
     launch.approx_math = dict(Counter(_APPROX.findall(asm["ptx"])))
+    launch.reduce_per_thread = _reduce_per_thread(asm["ttgir"])
+
+
+def _reduce_per_thread(ttgir: str) -> int:
+    """``sizePerThread`` of the layout of the tensor the kernel's first ``tt.reduce`` sums (0: none)."""
+    reduce = re.search(r"tt\.reduce.*?\}\)\s*:\s*\(tensor<[^,>]+,\s*(#\w+)>\)", ttgir, re.S)
+    if reduce is None:
+        return 0
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<\{sizePerThread = \[(\d+)", ttgir, re.M))
+    return int(layouts[reduce.group(1)])
 
 
 @dataclass
@@ -231,6 +244,16 @@ def run_cases(arch: int, shapes=(SD35M, FLUX, ODD), dtypes=tuple(DTYPES)) -> Rec
                     lp, k = sde_log_prob(x, v, x, sigma, sigma_next, std, ref_velocity=x if kl else None)
                     rec.case += " backward"
                     (lp.sum() + (k.sum() if kl else 0)).backward()
+        # Narrower noise or reference velocity than fp32 latents and velocity (a caller's choice the engine
+        # does not make): the step and the recomputation must still sum a row in one order.
+        x = torch.zeros(SD35M)
+        sigma, sigma_next, std = _rows(SD35M[0])
+        for name in ("bf16", "fp16"):
+            narrow = torch.zeros(SD35M, dtype=DTYPES[name])
+            rec.case = f"sde_step fp32 {list(SD35M)} noise {name}"
+            sde_step(x, x, sigma, sigma_next, std, narrow)
+            rec.case = f"sde_log_prob fp32 {list(SD35M)} kl v_ref {name}"
+            sde_log_prob(x, x, x, sigma, sigma_next, std, ref_velocity=narrow)
         # Advantages: the recipes' 48 prompts x 24 images, sparse (1 column) and dense (T = 10 steps).
         for k in (1, 10):
             rewards = torch.zeros(48 * 24, k)

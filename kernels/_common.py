@@ -81,8 +81,8 @@ def check_values() -> bool:
     return os.environ.get("DENSEGRPO_CHECK_VALUES", "0") == "1"
 
 
-# Options of every launch. FMA contraction is off, so the compiled kernels round each product as written and
-# fuse only where a kernel says tl.fma, as Triton's interpreter (the CPU tests) and the references do; left
+# Options of every launch. FMA contraction is off, so the compiled kernels round each product as written, as
+# Triton's interpreter (the CPU tests) and the torch references do (no kernel calls tl.fma); left
 # unset, Triton 3.9 warns on the first launch and 3.10 changes its default. (Division and square root are
 # IEEE-rounded where the kernels use them: div_rn, sqrt_rn.) Where the interpreter still differs from the
 # GPU: reduction order, log, and its bf16 stores (rounded toward zero).
@@ -92,6 +92,22 @@ LAUNCH = {"enable_fp_fusion": False}
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every output buffer of the ops comes from here (tests poison it with NaN)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def widened(
+    t: torch.Tensor, sample: torch.Tensor, velocity: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """``t`` in ``dtype`` if it is narrower than both ``sample`` and ``velocity``, else ``t`` itself.
+
+    A compiled streaming kernel gives each thread 16 bytes of its narrowest latent-sized load (4 fp32 or 8
+    bf16 elements), and the row's partial sum adds in that grouping. ``sde_step`` loads the noise and
+    ``sde_log_prob`` the stored next sample and the reference velocity; any of them narrower than the step's
+    ``x`` and ``v`` would give the two kernels different orders of summation, and the first PPO ratio would
+    miss 1 by rounding. Widening (bf16 or fp16 to fp32) is exact, so results do not change.
+    """
+    if t.element_size() < min(sample.element_size(), velocity.element_size()):
+        return t.to(dtype)
+    return t
 
 
 def check_latent(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:

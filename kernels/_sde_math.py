@@ -92,8 +92,10 @@ def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row):
 
 @triton.jit
 def step_mean(x, v, cx, cv):
-    """``x * cx + v * cv`` as one explicit FMA so no kernel contracts it differently."""
-    return tl.fma(v, cv, x * cx)
+    """``x * cx + v * cv``, each product rounded (launches never contract to FMA): the floats the torch
+    references compute, so an ODE row's ``x + v * dt`` here equals the rollout's own Euler steps of a
+    completion bit for bit (a noise-free step's dR is exactly 0 on every backend)."""
+    return x * cx + v * cv
 
 
 @triton.jit

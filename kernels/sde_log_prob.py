@@ -6,7 +6,10 @@ pass. Forward reads x, v, x' (and v_ref) once and writes a few floats per row; b
 and writes ``dL/dv`` once: 4 (5 with KL) passes in all, against ~20 for eager forward + autograd.
 
 The forward shares its tiling and arithmetic with ``sde_step`` (see ``_sde_math``), so on the rollout's own
-``(x, v, x')`` it returns the log-prob ``sde_step`` wrote bit for bit, on either backend.
+``(x, v, x')`` it returns the log-prob ``sde_step`` wrote bit for bit, on either backend, for any batch
+split on the Triton path (its order of summation depends on the row length alone). The reference's torch sum
+is batch-independent on a CPU; on a GPU torch may split a row's sum differently for another batch size, so
+``DENSEGRPO_KERNELS=reference`` on CUDA promises the agreement for equal batches only.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import _sde_math as sm
-from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
+from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton, widened
 
 # --------------------------------------------------------------------------------------------- kernels
 
@@ -238,12 +241,14 @@ def sde_log_prob(
     check_latent("next_sample", next_sample, like=sample)
     if ref_velocity is not None:
         check_latent("ref_velocity", ref_velocity, like=sample)
-        ref_velocity = ref_velocity.detach().contiguous()
+        # (widened where narrower: the summation order of sde_step, see widened)
+        ref_velocity = widened(ref_velocity.detach().contiguous(), sample, velocity, velocity.dtype)
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("std", std)):
         check_rows(name, t, like=sample)
     check_schedule(sigma, sigma_next, std)
     log_prob, kl = _sde_log_prob_op(
-        sample.detach().contiguous(), velocity.contiguous(), next_sample.detach().contiguous(),
+        sample.detach().contiguous(), velocity.contiguous(),
+        widened(next_sample.detach().contiguous(), sample, velocity, sample.dtype),
         sigma.contiguous(), sigma_next.contiguous(), std.contiguous(), ref_velocity,
     )  # fmt: skip
     if ref_velocity is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import _sde_math as sm
-from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton
+from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedule, empty, tl, triton, widened
 
 # ---------------------------------------------------------------------------------------------- kernel
 
@@ -39,10 +39,10 @@ def _sde_step_kernel(
         mean = sm.step_mean(x, v, cx, cv)
         # The log-prob is taken of the latent as stored (rounded to the output dtype), so that training's
         # recomputation from the stored latent reproduces it bit for bit.
-        x_next = tl.fma(ns, eps, mean).to(out_ptr.dtype.element_ty)
+        x_next = (mean + ns * eps).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + base + offs, x_next, mask=mask)
         if WRITE_ODE:
-            tl.store(ode_ptr + base + offs, tl.fma(v, dt, x).to(ode_ptr.dtype.element_ty), mask=mask)
+            tl.store(ode_ptr + base + offs, (x + v * dt).to(ode_ptr.dtype.element_ty), mask=mask)
         acc += sm.squared_deviation(x_next.to(tl.float32), mean, mask)
     tl.store(sum_sq_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0))
 
@@ -125,6 +125,7 @@ def sde_step(
         check_rows(name, t, like=sample)
     check_schedule(sigma, sigma_next, std)
     sample, velocity, noise = (t.detach().contiguous() for t in (sample, velocity, noise))
+    noise = widened(noise, sample, velocity, sample.dtype)  # the summation order sde_log_prob has
     out, log_prob, ode = _sde_step_op(
         sample, velocity, sigma.contiguous(), sigma_next.contiguous(), std.contiguous(), noise, write_ode
     )

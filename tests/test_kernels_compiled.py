@@ -24,6 +24,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compiled_kernels.
 ARCHS = (90, 80)
 ALIGNED = ("[24, 16, 64, 64]", "[8, 4096, 64]")  # SD3.5-M at 512 px, FLUX.1 at 1024 px
 ODD = "[3, 3, 5, 7]"  # 105 elements a row: rows start unaligned, no 16-byte access can tile them
+MIXED = 4  # at SD3.5-M's shape, fp32 latents: the step with bf16 / fp16 noise, the forward with such a v_ref
+CALLS = 3 * 3 * 6 + MIXED + 8  # 3 shapes x 3 dtypes x 6 calls, the mixed calls, 8 advantage calls
 
 # Per streaming kernel: (per-row scalars it reads, latent-sized tensors it reads, partial sums it writes,
 # latent-sized tensors it writes); the second of each pair applies with the flag (WRITE_ODE or WITH_KL).
@@ -70,7 +72,7 @@ def test_every_op_call_compiles_its_launches_for_each_target(launches):
         by_case[r["arch"], r["case"]].append(r["kernel"])
     for arch in ARCHS:
         cases = {case: sorted(k) for (a, case), k in by_case.items() if a == arch}
-        assert len(cases) == 3 * 3 * 6 + 8, sorted(cases)  # 3 shapes x 3 dtypes x 6 calls; 8 advantage calls
+        assert len(cases) == CALLS, sorted(cases)
         for case, kernels in cases.items():
             if case.startswith("sde_step"):
                 expected = ["_finish_kernel", "_sde_step_kernel"]
@@ -89,7 +91,7 @@ def test_on_a_gpu_each_op_call_is_its_triton_launches_alone(compiled):
     3.35 TB/s). The per-row finish (log-prob, KL) and the backward's per-row factors are computed in the
     kernels; before, the Triton paths ran 28 (step), 54 (forward with KL) and 32 (backward) torch ops."""
     expected = {"sde_step": 2, "sde_log_prob": 2, "backward": 1, "group_advantages": 1}
-    assert len(compiled["calls"]) == len(ARCHS) * (3 * 3 * 6 + 8)
+    assert len(compiled["calls"]) == len(ARCHS) * CALLS
     for call in compiled["calls"]:
         assert call["torch_ops"] == [], call
         kind = "backward" if call["case"].endswith("backward") else call["case"].split()[0]
@@ -124,7 +126,29 @@ def test_at_the_real_shapes_every_latent_element_moves_in_128_bit_accesses(launc
         assert loads.get("128", 0) >= tensors[on], r
         assert stores.get("128", 0) >= outputs[on], r
         checked += 1
-    assert checked == len(ARCHS) * 3 * 6  # 3 dtypes x (2 steps, 2 forwards, 2 backwards)
+    # 3 dtypes x (2 steps, 2 forwards, 2 backwards), and the mixed calls at SD3.5-M's shape
+    assert checked == len(ARCHS) * (3 * 6 + (MIXED if shape == ALIGNED[0] else 0))
+
+
+def test_the_step_and_its_recomputation_sum_a_row_in_one_order(launches):
+    """On-policy exactness on a GPU: ``sde_log_prob`` on the rollout's own (x, v, x') must return the
+    log-prob ``sde_step`` wrote bit for bit, so the two kernels' row sums must group their terms alike. Each
+    thread adds the 16 bytes of the kernel's narrowest load (4 fp32 or 8 bf16 elements) before the
+    cross-thread tree, so a narrower noise or v_ref than the latents would change the grouping of one of
+    them (the ops widen such inputs first). Per arch, shape and latent dtype: one grouping for the step, the
+    forward and the forward with KL."""
+    groups = defaultdict(set)
+    for r in launches:
+        if r["kernel"] in ("_sde_step_kernel", "_sde_log_prob_fwd_kernel"):
+            op, dtype, *rest = r["case"].split()
+            shape = " ".join(rest).split("]")[0] + "]"
+            groups[r["arch"], dtype, shape].add((r["reduce_per_thread"], r["case"]))
+    assert len(groups) == len(ARCHS) * 3 * 3
+    for key, seen in groups.items():
+        assert len({n for n, _ in seen}) == 1, (key, sorted(seen))
+        assert all(n >= 1 for n, _ in seen), (key, sorted(seen))
+    fp32 = {n for n, case in groups[90, "fp32", ALIGNED[0]]}
+    assert fp32 == {4}, fp32  # 16 bytes of fp32: the grouping the mixed calls must keep
 
 
 def test_the_width_check_sees_unaligned_rows(launches):
