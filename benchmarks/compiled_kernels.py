@@ -65,6 +65,9 @@ class Launch:
     # elements each thread adds before the first reduction's cross-thread tree (its operand's layout in
     # the TTGIR, sizePerThread); 0 in kernels without a reduction. It fixes the order of the row's sum.
     reduce_per_thread: int = 0
+    # fused multiply-adds in fp32 (PTX fma.rn.f32): none in the streaming kernels, whose element-wise math
+    # rounds each product as torch does (an ODE row's x + v * dt must equal the completions' own steps)
+    fp32_fma: int = 0
 
 
 class _TargetDriver:
@@ -115,6 +118,7 @@ def _read_kernel(asm: dict, launch: Launch) -> None:
     launch.loads, launch.stores = _access_widths(sass.stdout, "LDG"), _access_widths(sass.stdout, "STG")
     launch.approx_math = dict(Counter(_APPROX.findall(asm["ptx"])))
     launch.reduce_per_thread = _reduce_per_thread(asm["ttgir"])
+    launch.fp32_fma = len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f32\b", asm["ptx"]))
 
 
 def _reduce_per_thread(ttgir: str) -> int:

@@ -27,9 +27,10 @@ synchronisation at each boundary: seconds, peak allocated / reserved GPU memory,
 (CFG rows included), velocity calls and their largest batch, images decoded; the rollout's throughput in
 TFLOP/s (its transformer rows times the matmul and attention FLOPs of one, counted on one real call with
 torch's FlopCounterMode, over its seconds); and the trainer's metrics
-(``ratio_dev_first``: the first PPO ratio of the update, on-policy, 1 within 1e-5 in fp32, which the --tiny
-test asserts; in bf16 the rollout's and the update's calls have different batch sizes, so different GEMM
-kernels may round differently, and the full-size run reports the value rather than asserting it). With
+(the on-policy check: in fp32 ``ratio_dev_first``, the first PPO ratio of the update, 1 within 1e-5, which the
+--tiny test asserts; in bf16 the rollout's and the update's calls have different batch sizes, so different
+GEMM kernels may round differently, the update recomputes the old log-probs, and ``rollout_lp_dev`` says how
+far the rollout's are from them; the full-size run reports it rather than asserting it). With
 ``--compare-sparse`` the same prompts and noise also run sparse (Flow-GRPO: one decode per trajectory) and
 the dense / sparse cost ratios are reported. A run at fewer rows than the recipe (a 10-minute GPU call
 cannot hold the recipe's 1152 trajectories: 20-40 minutes on an H100 by the estimate in gpu_suite.sh)
@@ -657,6 +658,8 @@ def ratios(dense: dict, sparse: dict) -> dict[str, float]:
 
 
 def summary_line(mode: str, rec: dict) -> str:
+    import report
+
     if "error" in rec:
         return f"  {mode}: FAILED: {rec['error']}"
     parts = [f"  {mode}: {rec['seconds']:.2f} s"]
@@ -669,7 +672,7 @@ def summary_line(mode: str, rec: dict) -> str:
     m = rec["metrics"]
     parts.append(
         f"transformer rows {int(_total(rec, 'transformer_rows'))}, images {int(_total(rec, 'images_decoded'))}, "
-        f"ratio_dev_first {m['ratio_dev_first'] if m['ratio_dev_first'] is None else format(m['ratio_dev_first'], '.1e')}"
+        f"on-policy check {report.on_policy(m) or 'none (no row trained)'}"
     )
     if "estimate_at_recipe_batch" in rec:
         e = rec["estimate_at_recipe_batch"]

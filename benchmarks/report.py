@@ -91,6 +91,16 @@ def _gib(x) -> str:
     return "" if x is None else f"{x:.1f}"
 
 
+def on_policy(metrics: dict) -> str:
+    """The update's on-policy check: ``ratio_dev_first`` (must be 0) where it used the rollout's own log-probs,
+    else ``rollout_lp_dev`` (the rollout's log-probs against the update's recomputed ones; bf16 rounding
+    gives about 1e-4). Empty when no row was trained."""
+    dev, lp = metrics.get("ratio_dev_first"), metrics.get("rollout_lp_dev")
+    if dev is not None:
+        return f"ratio dev {dev:.1e}"
+    return "" if lp is None else f"lp dev {lp:.1e}"
+
+
 def iteration_section(paths: list[Path]) -> str:
     """Markdown: one row per (model, mode) of real_model_iteration.py, with the dense / sparse ratios and
     the extrapolation to the recipe's batch."""
@@ -115,7 +125,7 @@ def iteration_section(paths: list[Path]) -> str:
         out.append(
             "| model | mode | prompts x G | T | rows/call | train batch | loaded GiB | encode s | rollout s | "
             "reward s | update s | iteration s | peak GiB rollout / reward / update | transformer rows "
-            "(rollout + update) | rollout TFLOP/s | images | ratio_dev_first | est. min @ recipe | "
+            "(rollout + update) | rollout TFLOP/s | images | on-policy check | est. min @ recipe | "
             "est. peak GiB @ recipe |"
         )
         out.append(
@@ -144,8 +154,7 @@ def iteration_section(paths: list[Path]) -> str:
                 errors.append(f"{r['family']} {mode}: {m['error']}")
                 total, ratio_dev, est_min = "FAILED", "", ""
             else:
-                dev = m["metrics"].get("ratio_dev_first")  # None when no row was trained
-                total, ratio_dev = f"{m['seconds']:.1f}", "" if dev is None else f"{dev:.1e}"
+                total, ratio_dev = f"{m['seconds']:.1f}", on_policy(m["metrics"])
                 est_min = f"{est['seconds'] / 60:.1f}" if est else "(is the recipe)"
             out.append(
                 head.format(mode=mode)

@@ -34,6 +34,11 @@ def calibration_step(
     neg = (dR < 0).sum(0)
     balanced = (pos - neg).abs() < eps1
     new = torch.where(balanced, psi + eps2, psi - eps2).clamp(psi_min, psi_max)
+    # fp32 steps of eps2 drift (0.7 - 70 x 0.01 is 3.7e-7, not 0): a psi within half a step of a bound is
+    # the bound, so a step driven to psi_min = 0 is noise-free and not a step with a vanishing std whose
+    # log-prob is rounding noise
+    new = torch.where((new - psi_min).abs() < eps2 / 2, torch.full_like(new, psi_min), new)
+    new = torch.where((new - psi_max).abs() < eps2 / 2, torch.full_like(new, psi_max), new)
     return torch.where(active, new, psi)
 
 
@@ -44,9 +49,9 @@ def save_psi(path: Path, psi: torch.Tensor, trajectory: list[list[float]], meta:
     tmp.replace(path)
 
 
-def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int]]:
-    """The psi table at ``path`` and the steps its calibration covered (older tables, which do not record
-    them: the steps with noise)."""
+def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int], dict]:
+    """The psi table at ``path``, the steps its calibration covered (older tables, which do not record
+    them: the steps with noise), and the whole record (its settings)."""
     data = json.loads(Path(path).read_text())
     psi = torch.tensor(data["psi"], dtype=torch.float32)
     if psi.shape != (num_steps,):
@@ -55,7 +60,7 @@ def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int]]:
             "this grid (delete the file, or point noise.calibration.path elsewhere)"
         )
     covered = data.get("calibrated_steps", psi.nonzero().flatten().tolist())
-    return psi, [int(k) for k in covered]
+    return psi, [int(k) for k in covered], data
 
 
 def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) -> None:
@@ -146,6 +151,7 @@ def calibrate(
         "eps1": cal.eps1,
         "eps2": cal.eps2,
         "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
+        "completion_steps": cfg.dense.completion_steps,  # the dR estimator the balance was counted on
     }
     if dist.main:
         save_psi(out_path, psi, trajectory, meta)

@@ -580,11 +580,12 @@ class TrainConfig(Section):
                 "sampling.shift is null (the model's own grid), but the toy model has no scheduler of its own: "
                 "give a number (the toy config uses 1.0, SD3.5 3.0)"
             )
-        if shift is not None and self.model.family == "flux":
-            problems.append(
-                f"sampling.shift ({shift}) with model.family flux: FLUX.1 samples on a grid shifted by the "
-                "image's token count, not a fixed shift; set sampling.shift=null for FluxPipeline's own grid"
-            )
+        for where, value in (("sampling.shift", shift), ("eval.shift", self.eval.shift)):
+            if value is not None and self.model.family == "flux":
+                problems.append(
+                    f"{where} ({value}) with model.family flux: FLUX.1 samples on a grid shifted by the "
+                    f"image's token count, not a fixed shift; set {where}=null for FluxPipeline's own grid"
+                )
         from densegrpo_fast.rewards import available, kwargs_problems, unknown_name
 
         sections = {"reward": self.reward, **{f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()}}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ class MetricsLog:
         kept = [
             ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration
         ]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+        tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a kill here keeps the history
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

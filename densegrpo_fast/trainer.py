@@ -44,6 +44,17 @@ from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rollout import Rollout, completion_starts, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
 
+# Where the update recomputes the old log-probs (autocast or merged-adapter rollouts, bf16 / fp16 or compiled
+# transformers) the first ratio is 1 by construction, and the on-policy check is how far the rollout's own
+# log-probs are from the recomputed ones (``rollout_lp_dev``, the mean over the trained pairs). In the toy's
+# bf16 rollouts (benchmarks/toy_training's runs): 2.5e-5 to 2.3e-4 with a fixed window; with a random one, up
+# to 5.7e-4 for windows starting at step 5 or before and 4.5e-3 for those at 6 or 7, where the noise is small
+# and bf16's error in the velocity weighs 1/std^2 more. A rollout whose noise level is 10 % off the update's:
+# 1.3e-2 (tests/test_trainer.py; a mismatched std moves the mean log-prob to second order only). Above this
+# limit, 10x Flow-GRPO's clip range, the rollout's ratios under the update's policy sit outside the clip range
+# from the gap alone: the run says so once, as something to check.
+ROLLOUT_LP_DEV_LIMIT = 1e-3
+
 
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
     return (cfg.run.seed * 1_000_003 + iteration * 7919 + stream * 104_729) % (2**63)
@@ -394,7 +405,7 @@ def _schedule(
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size))
+    psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size, cfg.dense.completion_steps))
     if psi is None and saved_psi is not None:
         if dist.main:
             warnings.warn(
@@ -403,15 +414,33 @@ def _schedule(
         psi = saved_psi.float().cpu()
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
+    trained = cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else range(T - 1)
+    window = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window: any step
+    dead = [k for k in window if k in trained and psi[k] == 0]
+    if dead and dist.main:
+        warnings.warn(
+            f"calibrated psi is 0 at steps {dead} (psi {[round(p, 3) for p in psi.tolist()]}, from {path}): "
+            "those steps run without noise, as ODE steps, and train nothing. To keep them exploring, set "
+            "noise.calibration.psi_min above 0 (e.g. 0.05) and calibrate again (delete the table)",
+            stacklevel=2,
+        )
     return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
 
 
-def _read_psi(path: Path, n, T: int, ws, size) -> torch.Tensor | None:
+def _read_psi(path: Path, n, T: int, ws, size, completion_steps: int | None) -> torch.Tensor | None:
     """The psi table at ``path`` if there is one (None: calibrate), refused if it misses a step the window
-    needs."""
+    needs; a warning if it was calibrated with other completions (``dense.completion_steps``)."""
     if not path.exists():
         return None
-    psi, covered = load_psi(path, T)
+    psi, covered, record = load_psi(path, T)
+    then = record.get("completion_steps", completion_steps)  # (older tables do not record it)
+    if then != completion_steps:
+        warnings.warn(
+            f"psi table {path} was calibrated with dense.completion_steps={then}, this run uses "
+            f"{completion_steps}: the balance of gains and losses it tuned was counted on another dR estimator. "
+            "Delete the file (or point noise.calibration.path elsewhere) to calibrate for this one",
+            stacklevel=2,
+        )
     needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
     missing = [k for k in needed if k not in covered]
     if missing:
@@ -596,7 +625,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     # Statistics stay on the device until the update ends, then come to the host in one read: an .item() per
     # micro-batch would make the host wait for each backward before it queues the next forward.
     stats: dict[str, list[torch.Tensor]] = {}
-    first_ratio_dev = None
+    first_ratio_dev, stepped = None, False  # the first ratio is on-policy only before any optimizer step
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
@@ -639,10 +668,10 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
             loss, s = grpo_loss(lp, old, A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
-            if recompute:  # how far the autocast rollout's log-probs are from the update's
+            if recompute:  # the on-policy check here: how far the rollout's log-probs are from the update's
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()
-            if first_ratio_dev is None:
+            if not recompute and not stepped and first_ratio_dev is None:  # (recomputed: 1 by construction)
                 first_ratio_dev = s["ratio_dev_max"]
             for key, val in s.items():
                 stats.setdefault(key, []).append(val)
@@ -655,6 +684,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.opt_steps += 1
+        stepped = True
         if run.ema is not None and run.opt_steps % cfg.ema.every == 0:
             with torch.no_grad():
                 for name, p in transformer.named_parameters():
@@ -974,6 +1004,7 @@ def _loop(run: Run, progress: bool) -> None:
     if distributed.broadcast(d, run.iteration == 0 and not run.log.read()):  # rank 0 holds the log
         _evaluate(run, bar)
     budget = cfg.run.time_budget_s
+    warned_lp_dev = False
     while run.iteration < total and not (budget is not None and run.wall_s >= budget):
         t0 = time.perf_counter()
         it = run.iteration
@@ -998,7 +1029,24 @@ def _loop(run: Run, progress: bool) -> None:
             record["window_start"] = run.window_start
         distributed.on_main(d, functools.partial(run.log.write, record))  # its error stops every rank
         bar.update(1)
-        post = {"reward": f"{record['reward_mean']:.3f}", "ratio_dev": f"{up['ratio_dev_first'] or 0:.1e}"}
+        post = {"reward": f"{record['reward_mean']:.3f}"}
+        if up["ratio_dev_first"] is not None:
+            post["ratio_dev"] = f"{up['ratio_dev_first']:.1e}"
+        elif "rollout_lp_dev" in up:
+            post["lp_dev"] = f"{up['rollout_lp_dev']:.1e}"
+            if up["rollout_lp_dev"] > ROLLOUT_LP_DEV_LIMIT and d.main and not warned_lp_dev:
+                warned_lp_dev = True
+                warnings.warn(
+                    f"iteration {run.iteration}: the rollout's log-probs differ from the update's recomputed ones "
+                    f"by {up['rollout_lp_dev']:.2e} on average (rollout_lp_dev; limit {ROLLOUT_LP_DEV_LIMIT:g}, 10x "
+                    "the default clip range): the samples come from a policy measurably other than the one "
+                    "trained. bf16 rounding alone gives about 1e-4, more at late, low-noise steps; a larger gap "
+                    "can also mean that sampling and training disagree on the step (noise level, sigma grid, "
+                    "conditioning, weights). To tell them apart, run a few iterations with fp32 rollouts "
+                    "(model.autocast=null lora.merge_for_sampling=false, and model.dtype=fp32 model.compile=false "
+                    "for sd3 / flux), whose ratio_dev_first must be 0",
+                    stacklevel=2,
+                )
         if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
             post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
         bar.set_postfix(post)

@@ -250,3 +250,24 @@ def test_a_wandb_that_cannot_start_stops_the_run_before_any_model_work(
     assert (
         not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / WANDB_ID_FILE).exists()
     )
+
+
+def test_a_kill_while_resuming_keeps_the_metrics_history(tmp_path, monkeypatch):
+    """The kept entries replace metrics.jsonl whole: killed before the swap, the file is as it was."""
+    from densegrpo_fast import logging as metrics_logging
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for it in (1, 2, 3):
+        log.write({"iteration": it, "reward_mean": float(it)})
+    before = log.path.read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics_logging.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MetricsLog(tmp_path, resume=True, tensorboard=False).truncate_after(1)
+    assert log.path.read_text() == before
+    monkeypatch.undo()
+    MetricsLog(tmp_path, resume=True, tensorboard=False).truncate_after(1)
+    assert [r["iteration"] for r in log.read()] == [1]

@@ -7,6 +7,7 @@ import pytest
 import tiny_models as tiny
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from tolerances import assert_on_policy
 
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import Policy
@@ -168,7 +169,7 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
         f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
         "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "sampling.guidance_scale=3.5",
         "noise.kind=uniform", "reward.name=redness", "lora.rank=4", "grpo.train_batch_size=4", f"eval.dataset={prompts}",
-        "eval.num_prompts=6", "eval.num_steps=2", "eval.guidance_scale=3.5", "run.iterations=1",
+        "eval.num_prompts=6", "eval.num_steps=2", "eval.guidance_scale=3.5", "eval.shift=null", "run.iterations=1",
         f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
     ]  # fmt: skip
     probe = setup(
@@ -181,7 +182,8 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
     (step,) = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
     ]
-    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"]) and step["ratio_dev_first"] <= 1e-5
+    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    assert_on_policy(step, exact=False)
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
@@ -193,10 +195,42 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
 
     pipe.save_pretrained(tmp_path / "flux")
     model = ["model.family=flux", f"model.checkpoint={tmp_path / 'flux'}", f"model.resolution={tiny.RESOLUTION}",
-             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", "sampling.guidance_scale=3.5", "eval.guidance_scale=3.5"]  # fmt: skip
+             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", "sampling.guidance_scale=3.5", "eval.guidance_scale=3.5",
+             "eval.shift=null"]  # fmt: skip
     sharded_bf16_matches_one_process(model, tmp_path)
     run_dir = tmp_path / "run"
     base = pipe.transformer.state_dict()
     exported = load_file(run_dir / "policy_ema.safetensors")
     assert exported.keys() == base.keys() and all(t.dtype == torch.bfloat16 for t in exported.values())
     assert any(not torch.equal(exported[k], base[k].bfloat16()) for k in base), "the weights moved"
+
+
+def test_the_exported_lora_loads_into_flux_pipeline(tmp_path):
+    """``save_lora`` writes diffusers' format: ``FluxPipeline.load_lora_weights`` on a fresh base model gives
+    the adapted velocity (alpha / r folded into lora_B: FLUX's loader assumes alpha = r)."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from densegrpo_fast.config import LoRASection
+
+    policy = FluxPolicy(tiny.flux_pipeline(seed=0), **OPTS)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.3])
+    cond = policy.encode_prompts(["a red circle", "two blue squares"])
+    base = policy.velocity(x, sigma, cond, 3.5)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
+    )
+    policy.transformer.add_adapter(lora)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B starts at zero
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = policy.velocity(x, sigma, cond, 3.5)
+    policy.save_lora(tmp_path / "lora", get_peft_model_state_dict(policy.transformer), 8 / 4)
+    fresh = tiny.flux_pipeline(seed=0)
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = FluxPolicy(fresh, **OPTS).velocity(x, sigma, cond, 3.5)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter matters ...
+    torch.testing.assert_close(loaded, adapted, rtol=0, atol=1e-5)  # ... and comes back whole

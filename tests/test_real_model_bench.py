@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import assert_on_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
@@ -42,7 +43,7 @@ def test_tiny_iteration_through_the_trainer(family, tmp_path):
     for mode, rec in res["modes"].items():
         assert "error" not in rec, rec
         m = rec["metrics"]
-        assert m["ratio_dev_first"] <= 1e-5  # the update's first ratio is on-policy
+        assert_on_policy(m, exact=False)  # the update's first ratio is on-policy
         assert m["rows_trained"] > 0 and m["grad_norm"] > 0
         ph = rec["phases"]
         assert set(ph) == {"encode", "rollout", "reward", "update"}

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from tolerances import assert_on_policy
 from transformers import BertTokenizer
 
 from densegrpo_fast.rewards import build_reward, kwargs_problems
@@ -502,6 +503,7 @@ def test_one_densegrpo_iteration_of_the_tiny_sd3_on_imagereward(ckpt_dir, tok_di
     (step,) = [r for r in recs if "reward_mean" in r]
     rewards = step["R_mean"] + step["dR_mean"]
     assert all(math.isfinite(v) for v in rewards) and step["reward_std"] > 0, step
-    assert step["rows_trained"] > 0 and step["ratio_dev_first"] <= 1e-5
+    assert step["rows_trained"] > 0
+    assert_on_policy(step, exact=False)
     evals = [r for r in recs if any(k.startswith("eval_ir") for k in r)]
     assert evals and all(math.isfinite(v) for r in evals for k, v in r.items() if k.startswith("eval_ir"))

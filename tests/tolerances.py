@@ -44,3 +44,17 @@ def assert_close_by_rule(out, eager, ref64, dtype, what="", ulps=0):
     scale = max(1.0, ref64.abs().max().item())
     bound = 2 * err_eager + ATOL[dtype] * scale + ulps * ulp
     assert err <= bound, f"{what}: error {err:.3e} > bound {bound:.3e} (eager {err_eager:.3e}, {dtype})"
+
+
+def assert_on_policy(record: dict, exact: bool = True) -> None:
+    """The update's on-policy check in a metrics record. Where the update used the rollout's own log-probs,
+    its first ratio is 1: ``ratio_dev_first`` 0 (``exact``) or within 1e-5. Where it recomputed them
+    (bf16 / compiled / merged / autocast rollouts; ``ratio_dev_first`` None, as the ratio is 1 by
+    construction), the rollout's log-probs lie within the trainer's limit of the recomputed ones."""
+    from densegrpo_fast.trainer import ROLLOUT_LP_DEV_LIMIT
+
+    dev = record["ratio_dev_first"]
+    if dev is not None:
+        assert dev == 0.0 if exact else dev <= 1e-5, record
+    else:
+        assert record["rollout_lp_dev"] < ROLLOUT_LP_DEV_LIMIT, record

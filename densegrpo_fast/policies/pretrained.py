@@ -119,6 +119,24 @@ def resolve_pretrained(
     return root
 
 
+def _check_loaded_dtypes(pipe, want: torch.dtype) -> None:
+    """A ValueError if the transformer or the VAE did not load in the dtype asked for: a diffusers release
+    from before ``from_pretrained(dtype=...)`` (the keyword that replaced ``torch_dtype``) logs the keyword
+    as unused and loads everything in fp32, which would double the memory and the time without an error."""
+    import diffusers
+
+    got = {"transformer": pipe.transformer.dtype, "vae": pipe.vae.dtype}
+    expected = {"transformer": want, "vae": torch.float32}
+    wrong = {k: v for k, v in got.items() if v != expected[k]}
+    if wrong:
+        raise ValueError(
+            f"the pipeline loaded {', '.join(f'{k} in {v}' for k, v in wrong.items())} where "
+            f"{', '.join(f'{k} in {expected[k]}' for k in wrong)} was asked for: diffusers "
+            f"{diffusers.__version__} ignores from_pretrained's dtype keyword. Fix: upgrade diffusers "
+            "(pip install -U diffusers; keep your torch)"
+        )
+
+
 def is_text_encoder(component: str) -> bool:
     """Whether a pipeline component (``pipe.components``' key) is a text encoder: text_encoder, _2, _3."""
     return component.startswith("text_encoder")
@@ -188,9 +206,11 @@ class DiffusersPolicy:
             path_or_repo_id or cls.default_repo, pipeline_cls=pipeline_cls, components=cls.components,
             default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
         )  # fmt: skip
+        want = as_dtype(dtype)
         pipe = pipeline_cls.from_pretrained(
-            root, dtype={"default": as_dtype(dtype), "vae": torch.float32}, local_files_only=True
+            root, dtype={"default": want, "vae": torch.float32}, local_files_only=True
         )
+        _check_loaded_dtypes(pipe, want)
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 module.to(device)
