@@ -5,8 +5,10 @@
 Rolls out the toy model on training prompts (8 prompts x 8 samples per batch, the config's 10-step grid with
 uniform a = 0.7 on its SDE window, so no calibration runs), once with ``completion_steps=1`` and once with the
 remaining steps, and prints the mean number of detected objects and the exact reward of the completions of
-lat[0], lat[1], lat[2] and of the finished image. It explains why n = 1 teaches clutter (RESULTS.md): the
-one-step predictions show fewer shapes than the finished images.
+the latents each needs scored (lat[0..2], and lat[3] for n = 1: the window's end) and of the finished image.
+The one-step predictions show fewer shapes than the finished images. (The seventh session read this as why
+n = 1 taught clutter; that run's clutter came from a bug in scoring the window's last step, fixed in the
+twenty-first session: RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main() -> None:
 
 
 def _count(run, n: int | None, batches: int):
-    from densegrpo_fast.rollout import completion_starts, sample
+    from densegrpo_fast.rollout import sample
     from densegrpo_fast.toy.detector import detect
 
     cfg, policy = run.cfg, run.policy
@@ -60,7 +62,7 @@ def _count(run, n: int | None, batches: int):
         with torch.no_grad(), cfg.model.autocast_context():
             ro = sample(policy, cond, noise, run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                         generator=gen, completion_steps=n)  # fmt: skip
-        latents = {f"lat[{k}]": ro.clean[:, k] for k in completion_starts(run.schedule, n)}
+        latents = {f"lat[{k}]": ro.clean[:, k] for k in ro.completed}
         latents["final"] = ro.latents[:, -1]
         for name, lat in latents.items():
             images = policy.decode(lat)

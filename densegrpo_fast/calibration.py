@@ -16,7 +16,7 @@ import torch
 
 from densegrpo_fast import distributed
 from densegrpo_fast.dense import latent_rewards, step_rewards
-from densegrpo_fast.rollout import completion_starts, sample
+from densegrpo_fast.rollout import sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
 
@@ -37,8 +37,8 @@ def calibration_step(
     # fp32 steps of eps2 drift (0.7 - 70 x 0.01 is 3.7e-7, not 0): a psi within half a step of a bound is
     # the bound, so a step driven to psi_min = 0 is noise-free and not a step with a vanishing std whose
     # log-prob is rounding noise
-    new = torch.where((new - psi_min).abs() < eps2 / 2, torch.full_like(new, psi_min), new)
-    new = torch.where((new - psi_max).abs() < eps2 / 2, torch.full_like(new, psi_max), new)
+    for bound in (psi_min, psi_max):
+        new = torch.where((new - bound).abs() < eps2 / 2, torch.full_like(new, bound), new)
     return torch.where(active, new, psi)
 
 
@@ -138,9 +138,7 @@ def calibrate(
                 completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
                 max_rows_per_call=cfg.sampling.max_rows_per_call,
             )  # fmt: skip
-        R = latent_rewards(
-            policy.decode, reward_fn, ro.clean, prompts, completion_starts(sched, cfg.dense.completion_steps)
-        )
+        R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, ro.completed)
         dR = distributed.gather_rows(dist, step_rewards(R).to(device))  # every rank's rows
         psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active)
         trajectory.append(psi.tolist())

@@ -70,11 +70,14 @@ class Rollout:
         clean:     [B, T+1, *latent] float32 or None: the clean latent of each ``R_k`` (completions of
                    ``lat[k]`` for the starts that needed one, ``lat[T]`` last); rows of latents that share a
                    reward with another (outside an SDE window) are copies of it
+        completed: the ``k`` whose ``clean[:, k]`` is a completion of its own (:func:`completion_starts`): the
+                   columns to score, with ``T``
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     clean: torch.Tensor | None
+    completed: tuple[int, ...] = ()
 
 
 @torch.no_grad()
@@ -160,7 +163,7 @@ def sample(
         clean[:, T] = latents[:, T]
         for idx in range(T - 1, -1, -1):  # outside an SDE window a latent shares the next one's reward
             clean[:, idx] = finished[idx] if idx in finished else clean[:, idx + 1]
-    return Rollout(latents=latents, log_probs=log_probs, clean=clean)
+    return Rollout(latents=latents, log_probs=log_probs, clean=clean, completed=tuple(starts))
 
 
 def _velocity(policy: Policy, x, sigma, cond: PromptEmbeds, guidance_scale: float, max_rows: int | None):

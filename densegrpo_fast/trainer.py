@@ -41,7 +41,7 @@ from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
-from densegrpo_fast.rollout import Rollout, completion_starts, sample
+from densegrpo_fast.rollout import Rollout, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
 
 # Where the update recomputes the old log-probs (autocast or merged-adapter rollouts, bf16 / fp16 or compiled
@@ -54,6 +54,12 @@ from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, windo
 # limit, 10x Flow-GRPO's clip range, the rollout's ratios under the update's policy sit outside the clip range
 # from the gap alone: the run says so once, as something to check.
 ROLLOUT_LP_DEV_LIMIT = 1e-3
+
+
+def _trained_steps(cfg: TrainConfig) -> list[int]:
+    """``grpo.trained_steps``, or by default every step but the last (Flow-GRPO never trains it)."""
+    T = cfg.sampling.num_steps
+    return cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))
 
 
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
@@ -166,7 +172,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
-    trained_steps[cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))] = True
+    trained_steps[_trained_steps(cfg)] = True
 
     reference = None
     transformer = policy.transformer
@@ -414,9 +420,8 @@ def _schedule(
         psi = saved_psi.float().cpu()
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
-    trained = cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else range(T - 1)
     window = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window: any step
-    dead = [k for k in window if k in trained and psi[k] == 0]
+    dead = [k for k in window if k in _trained_steps(cfg) and psi[k] == 0]
     if dead and dist.main:
         warnings.warn(
             f"calibrated psi is 0 at steps {dead} (psi {[round(p, 3) for p in psi.tolist()]}, from {path}): "
@@ -567,13 +572,7 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
             stream.wait_event(ready)
         T = run.schedule.num_steps
         if ro.clean is not None:
-            R = latent_rewards(
-                run.policy.decode,
-                run.reward_fn,
-                ro.clean,
-                rows,
-                completion_starts(run.schedule, run.cfg.dense.completion_steps),
-            )
+            R = latent_rewards(run.policy.decode, run.reward_fn, ro.clean, rows, ro.completed)
         else:
             R = torch.zeros(len(rows), T + 1, device=ro.latents.device)
             R[:, T] = run.reward_fn(run.policy.decode(ro.latents[:, T]), rows).float()
@@ -1036,17 +1035,7 @@ def _loop(run: Run, progress: bool) -> None:
             post["lp_dev"] = f"{up['rollout_lp_dev']:.1e}"
             if up["rollout_lp_dev"] > ROLLOUT_LP_DEV_LIMIT and d.main and not warned_lp_dev:
                 warned_lp_dev = True
-                warnings.warn(
-                    f"iteration {run.iteration}: the rollout's log-probs differ from the update's recomputed ones "
-                    f"by {up['rollout_lp_dev']:.2e} on average (rollout_lp_dev; limit {ROLLOUT_LP_DEV_LIMIT:g}, 10x "
-                    "the default clip range): the samples come from a policy measurably other than the one "
-                    "trained. bf16 rounding alone gives about 1e-4, more at late, low-noise steps; a larger gap "
-                    "can also mean that sampling and training disagree on the step (noise level, sigma grid, "
-                    "conditioning, weights). To tell them apart, run a few iterations with fp32 rollouts "
-                    "(model.autocast=null lora.merge_for_sampling=false, and model.dtype=fp32 model.compile=false "
-                    "for sd3 / flux), whose ratio_dev_first must be 0",
-                    stacklevel=2,
-                )
+                _warn_off_policy(run.iteration, up["rollout_lp_dev"])
         if budget is not None:  # the bar's ETA counts toward run.iterations; the budget usually ends it first
             post["budget_left"] = f"{max(0.0, budget - run.wall_s) / 60:.1f}min"
         bar.set_postfix(post)
@@ -1078,6 +1067,19 @@ def ema_heldout_rewards(run: Run) -> dict[str, float]:
     """:func:`heldout_rewards` of the EMA weights (with LoRA merged for sampling): the run's evaluation."""
     with ema_weights(run), lora_merged(run):
         return heldout_rewards(run)
+
+
+def _warn_off_policy(iteration: int, lp_dev: float) -> None:
+    warnings.warn(
+        f"iteration {iteration}: the rollout's log-probs differ from the update's recomputed ones by "
+        f"{lp_dev:.2e} on average (rollout_lp_dev; limit {ROLLOUT_LP_DEV_LIMIT:g}, 10x the default clip range): "
+        "the samples come from a policy measurably other than the one trained. bf16 rounding alone gives about "
+        "1e-4, more at late, low-noise steps; a larger gap can also mean that sampling and training disagree on "
+        "the step (noise level, sigma grid, conditioning, weights). To tell them apart, run a few iterations "
+        "with fp32 rollouts (model.autocast=null lora.merge_for_sampling=false, and model.dtype=fp32 "
+        "model.compile=false for sd3 / flux), whose ratio_dev_first must be 0",
+        stacklevel=3,
+    )
 
 
 def _evaluate(run: Run, bar) -> None:
