@@ -8,7 +8,7 @@ cross-attention), and times scoring. The real weights are not needed; the scores
 
     python benchmarks/imagereward_full_size.py [--images 8] [--size 512] [--threads 2]
 
-Needs BERT's uncased tokenizer on disk (``hf download bert-base-uncased --include '*.json' '*.txt'``), or
+Needs BERT's uncased tokenizer on disk (``hf download bert-base-uncased --include '*.json' --include '*.txt'``), or
 writes a stand-in WordPiece vocabulary of the right length (30522 entries) when it is absent.
 """
 

@@ -1,5 +1,6 @@
 """Every shipped config validates and opens with its launch command and prerequisites."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,8 @@ import pytest
 from densegrpo_fast.config import TrainConfig, load_config
 from densegrpo_fast.toy.config import ToyPretrainConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def test_the_recipes_are_there():
@@ -49,3 +51,26 @@ def test_sd35m_recipes_follow_the_paper(stem, beta):
     assert (cfg.lora.rank, cfg.lora.alpha, cfg.optim.lr, cfg.grpo.beta) == (32, 64, 3e-4, beta)
     assert (cfg.eval.num_steps, cfg.eval.guidance_scale) == (40, 4.5)
     assert cfg.dense.mode == "dense" and cfg.noise.kind == "calibrated"
+
+
+def _as_one_line(text: str) -> str:
+    """Commands as a shell reads them: comment markers, line continuations and line breaks made spaces."""
+    text = " ".join(line.lstrip().removeprefix("#").strip() for line in text.splitlines())
+    return " ".join(text.replace(" \\ ", " ").split())
+
+
+def test_download_hints_give_each_pattern_its_own_include():
+    """``hf download REPO --include A B`` takes B for a file name and then ignores ``--include``: every hint in
+    the README, the recipes and the code names one pattern per flag, and the recipes' model hints are the
+    engine's own (the pipeline's folders only)."""
+    from densegrpo_fast.policies import flux, sd3
+    from densegrpo_fast.policies.pretrained import download_command
+
+    texts = {p: _as_one_line(p.read_text()) for p in [ROOT / "README.md", *CONFIGS]}
+    texts |= {p: p.read_text() for p in sorted((ROOT / "densegrpo_fast").rglob("*.py"))}
+    for path, text in texts.items():
+        bad = re.findall(r"--include\s+'[^']*'\s+'[^']*'", text)
+        assert not bad, f"{path.name}: {bad}"
+    assert download_command(sd3.DEFAULT_REPO, sd3.COMPONENTS) in texts[ROOT / "README.md"]
+    flux_recipe = texts[ROOT / "configs" / "flux_pickscore.yaml"]
+    assert download_command(flux.DEFAULT_REPO, flux.COMPONENTS) in flux_recipe

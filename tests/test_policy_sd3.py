@@ -4,6 +4,11 @@ iteration through the trainer."""
 
 import json
 import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -240,6 +245,40 @@ def test_missing_weights_are_named_with_the_fix(sd3_dir, tmp_path):
     msg = str(e.value)
     assert "missing text_encoder_3/<weights>.safetensors, tokenizer_3/" in msg
     assert "hf download stabilityai/stable-diffusion-3.5-medium" in msg and "model.checkpoint" in msg
+
+
+def test_the_download_hint_fetches_only_the_pipelines_folders(tmp_path):
+    """The hint's patterns, read as ``hf download`` reads them (one value per ``--include``, filtered by
+    huggingface_hub's own matcher), take the diffusers folders and leave the single-file checkpoints."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from densegrpo_fast.policies.pretrained import download_command
+    from densegrpo_fast.policies.sd3 import COMPONENTS, DEFAULT_REPO
+
+    with pytest.raises(ValueError) as e:
+        SD3Policy.load("someone/sd3-finetune", cache_dir=tmp_path / "empty_cache")
+    assert f"`{download_command('someone/sd3-finetune', COMPONENTS)}`" in str(e.value)  # the repo asked for
+    words = shlex.split(download_command(DEFAULT_REPO, COMPONENTS))
+    assert words[:3] == ["hf", "download", DEFAULT_REPO]
+    flags, patterns = words[3::2], words[4::2]
+    # no value the CLI would take for a file name:
+    assert set(flags) == {"--include"} and len(flags) == len(patterns)
+    repo_files = [
+        "model_index.json", "README.md", "sd3.5_medium.safetensors", "text_encoders/clip_g.safetensors",
+        "text_encoders/t5xxl_fp16.safetensors", "scheduler/scheduler_config.json", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors", "text_encoder_3/model-00001-of-00002.safetensors",
+        "tokenizer_3/spiece.model", "transformer/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    kept = set(filter_repo_objects(repo_files, allow_patterns=patterns))
+    assert kept == {f for f in repo_files if f == "model_index.json" or f.split("/")[0] in COMPONENTS}
+    hf = shutil.which("hf", path=str(Path(sys.executable).parent)) or shutil.which("hf")
+    if hf is None:
+        pytest.skip("no `hf` command beside this Python or on PATH")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([hf, *words[1:], "--dry-run"], capture_output=True, text=True, timeout=120, env=env)
+    said = run.stdout + run.stderr
+    assert run.returncode != 0 and "offline" in said.lower(), said  # parsed, and went for the hub
+    assert "Ignoring" not in said and "No such option" not in said, said  # with the patterns kept
 
 
 def test_resolution_must_fit_the_model(pipe):

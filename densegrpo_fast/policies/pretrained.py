@@ -67,6 +67,16 @@ def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
     return missing
 
 
+def download_command(repo: str, components) -> str:
+    """The ``hf download`` command that fetches only what a diffusers pipeline reads from ``repo``:
+    ``model_index.json`` and the components' folders. The SD3.5 and FLUX.1 repos also hold single-file
+    checkpoints of the same weights, which a whole-repo download would fetch too. One ``--include`` per
+    pattern: ``hf download`` reads a second value after one ``--include`` as a file name and then ignores
+    every ``--include``."""
+    patterns = ["model_index.json", *(f"{name}/*" for name in components)]
+    return f"hf download {repo} " + " ".join(f"--include '{p}'" for p in patterns)
+
+
 def resolve_pretrained(
     path_or_repo_id: str | Path,
     *,
@@ -85,8 +95,10 @@ def resolve_pretrained(
     from huggingface_hub import constants, snapshot_download
 
     name = str(path_or_repo_id)
+    repo = name if is_repo_id(name) else default_repo
     fix = (
-        f"where there is network, run `hf download {default_repo}` (or set model.local_files_only=false; "
+        f"where there is network, run `{download_command(repo, components)}` (or set "
+        "model.local_files_only=false, which also fetches only the pipeline's files; "
         "gated repos need their licence accepted on huggingface.co and `hf auth login` first), or set "
         "model.checkpoint to a local diffusers-format directory (model_index.json and one folder per "
         f"component: {', '.join(components)})"

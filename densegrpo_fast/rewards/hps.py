@@ -53,7 +53,7 @@ from densegrpo_fast.rewards.images import check_batch
 #: HPS's versions (its own names; "v2" for v2.0 too) and their files in the hub repo.
 FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt", "v2": "HPS_v2_compressed.pt"}
 SIZE = 224
-_BASE_EXAMPLE = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' '*.txt'"
+_BASE_EXAMPLE = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K --include '*.json' --include '*.txt'"
 _HUB = "xswu/HPSv2"
 
 # OpenCLIP name -> transformers CLIPModel name, outside the residual blocks; "T" marks a projection matrix,

@@ -60,7 +60,7 @@ FILE = "ImageReward.pt"
 CONFIG_FILE = "med_config.json"
 _HUB = "THUDM/ImageReward"
 _TOKENIZER = "bert-base-uncased"
-_TOKENIZER_EXAMPLE = "bert-base-uncased --include '*.json' '*.txt'"
+_TOKENIZER_EXAMPLE = "bert-base-uncased --include '*.json' --include '*.txt'"
 #: The released score's standardisation (ImageReward's ``self.mean``, ``self.std``).
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 #: ImageReward's scorer pads and truncates every prompt to this many tokens ([CLS] and [SEP] included).
