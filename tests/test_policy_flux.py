@@ -110,6 +110,48 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy):
     assert ours.abs().max() > 0.1
 
 
+def test_bf16_transformer_sees_the_pipelines_timesteps(pipe):
+    """In bf16 the transformer gets FluxPipeline's timestep values at every step of the grid (cast as the
+    pipeline casts ``1000 * sigma``, not as the transformer casts a sigma), and from the same first latents
+    returns the same velocity, bit for bit."""
+    import copy
+
+    from diffusers import FluxPipeline
+
+    bf16 = copy.copy(pipe)  # everything but the VAE in bf16, as the engine loads a checkpoint
+    for name in ("transformer", "text_encoder", "text_encoder_2"):
+        setattr(bf16, name, copy.deepcopy(getattr(pipe, name)).to(torch.bfloat16))
+    policy = FluxPolicy(bf16, **OPTS)
+    calls = []  # (the timestep the transformer computes with, its output)
+    hook = bf16.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(
+            (kwargs["timestep"].to(torch.bfloat16) * 1000, out[0])
+        ),
+        with_kwargs=True,
+    )
+    T, g = 4, 3.5
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    packed = FluxPipeline._pack_latents(noise, 2, *policy.latent_shape).to(torch.bfloat16)
+    try:
+        bf16(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, guidance_scale=g,
+             max_sequence_length=tiny.MAX_T5_TOKENS, output_type="latent", latents=packed)  # fmt: skip
+        theirs, calls[:] = list(calls), []
+        cond, grid = policy.encode_prompts(PROMPTS), policy.sigma_grid(T)
+        first = policy.velocity(noise, grid[0].expand(2), cond, g)
+        for k in range(1, T):
+            policy.velocity(noise, grid[k].expand(2), cond, g)
+    finally:
+        hook.remove()
+    ours_t, theirs_t = [t for t, _ in calls], [t for t, _ in theirs]
+    assert all(torch.equal(a, b) for a, b in zip(ours_t, theirs_t, strict=True)), (ours_t, theirs_t)
+    own_cast = [(grid[k].to(torch.bfloat16) * 1000).expand(2) for k in range(T)]  # what the old code passed
+    assert not all(map(torch.equal, own_cast, theirs_t)), "this grid does not tell the two roundings apart"
+    h, w = policy.latent_shape[1:]
+    f = policy.vae_scale_factor
+    unpacked = FluxPipeline._unpack_latents(theirs[0][1], h * f, w * f, f).float()
+    torch.testing.assert_close(first, unpacked, rtol=0, atol=0)
+
+
 def test_default_lora_targets_cover_both_block_kinds(policy):
     """The config's default targets (Flow-GRPO's SD3 attention projections) exist in FLUX.1 too: the
     double-stream blocks get all eight, the single-stream blocks their q/k/v."""

@@ -11,8 +11,11 @@ without a guidance embedding (FLUX.1-schnell) takes ``guidance_scale = 1`` only.
 The engine sees an unpacked latent [16, H/8, W/8], as for SD3: ``velocity`` packs it into FLUX's 2x2
 patch tokens [B, H/16 * W/16, 64], builds the rotary position ids (``img_ids`` from the patch grid,
 ``txt_ids`` zeros), and unpacks the transformer's output, all with the pipeline's own static helpers.
-The transformer takes ``timestep = sigma`` and multiplies by 1000 inside (FluxPipeline passes
-``t / 1000`` for the same reason), so it sees ``1000 * sigma`` like every other family.
+The transformer takes ``timestep = sigma`` and multiplies by 1000 inside, so it sees ``1000 * sigma``
+like every other family. The value is rounded as FluxPipeline rounds it, so that a trained adapter meets at
+inference the timesteps it was trained on: the pipeline casts ``t = 1000 * sigma`` to the transformer's
+dtype and passes ``t / 1000``. In bf16 the transformer's own cast of an fp32 sigma gives another value for
+about a quarter of all sigmas, by up to 4 timestep units above sigma = 0.5 (bf16 holds 512..1000 to 4 units).
 
 Prompts: CLIP's pooled vector ``pooled`` [B, 768] and T5's token embeddings ``embeds`` [B, L, 4096]
 (``L = max_sequence_length``, 512 for FLUX.1-dev), through the pipeline's ``encode_prompt``, once per
@@ -98,7 +101,7 @@ class FluxPolicy(DiffusersPolicy):
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype)
         out = self.transformer(
             hidden_states=packed,
-            timestep=sigma.float(),
+            timestep=(1000.0 * sigma.float()).to(self.dtype) / 1000,  # FluxPipeline's rounding
             guidance=guidance,
             pooled_projections=cond.pooled.to(self.dtype),
             encoder_hidden_states=embeds.to(self.dtype),
