@@ -1,7 +1,7 @@
 """The paper's ablations at toy size: DenseGRPO against Flow-GRPO and its own variants, same budget.
 
     python benchmarks/side_by_side.py --config configs/toy_geneval.yaml --seeds 0 1 --budget-s 300 \\
-        --parallel 2 --out benchmarks/side_by_side
+        --parallel 2 --out runs/side_by_side
 
 Variants (each overrides the config):
     densegrpo          dense rewards, n = remaining, calibrated psi (the default config)
@@ -51,7 +51,9 @@ def main() -> None:
         "--parallel", type=int, default=1, help="runs at once (each uses model.num_threads threads)"
     )
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    ap.add_argument("--out", default="benchmarks/side_by_side")
+    ap.add_argument(
+        "--out", default="runs/side_by_side", help="results folder; psi_seed*.json already there are reused"
+    )
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every variant")
     args = ap.parse_args()
     out = Path(args.out)
