@@ -65,9 +65,9 @@ def _train_config(args):
     from densegrpo_fast.config import TrainConfig, load_config
 
     overrides = list(args.overrides)
-    if getattr(args, "output_dir", None):
+    if getattr(args, "output_dir", None) is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
-    if getattr(args, "max_iterations", None):
+    if getattr(args, "max_iterations", None) is not None:
         overrides.append(f"run.iterations={args.max_iterations}")
     return load_config(TrainConfig, args.config, overrides)
 
@@ -104,7 +104,11 @@ def _add_calibrate(sub) -> None:
         "calibrate", help="reward-aware noise calibration (DenseGRPO Algorithm 1) before training"
     )
     _add_overrides(p)
-    p.add_argument("--output-dir", help="run directory (overrides run.output_dir); psi.json is written there")
+    p.add_argument(
+        "--output-dir",
+        help="run directory (overrides run.output_dir); psi.json is written there unless "
+        "noise.calibration.path is set",
+    )
 
     def handler(args):
         from densegrpo_fast.trainer import run_calibration
@@ -246,7 +250,8 @@ def _add_memory(sub) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="per process of a torchrun job of N processes (its share of the rows; full fine-tuning FSDP2-sharded)",
+        help="per process of a torchrun job of N processes (its share of the rows; full fine-tuning sharded "
+        "with FSDP2 as model.sharding decides, a whole copy per process under replicate)",
     )
     p.add_argument(
         "--breakdown",

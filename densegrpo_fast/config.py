@@ -478,7 +478,9 @@ class EvalSection(Section):
         ge=1,
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file",
     )
-    images_per_prompt: int = Field(1, ge=1, description="samples per prompt, each from its own noise")
+    images_per_prompt: int = Field(
+        1, ge=1, description="samples per prompt, each from its own noise (sd3/flux; the toy takes 1)"
+    )
     num_steps: int = Field(
         20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (papers: 40)"
     )
@@ -573,6 +575,11 @@ class TrainConfig(Section):
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
                 "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
+            )
+        if self.model.family == "toy" and self.eval.images_per_prompt != 1:
+            problems.append(
+                f"eval.images_per_prompt ({self.eval.images_per_prompt}): the toy evaluation draws one image per "
+                "prompt (its noise is fixed per prompt); set it to 1 and raise eval.num_prompts for more images"
             )
         shift = self.sampling.shift
         if shift is None and self.model.family == "toy":

@@ -692,6 +692,7 @@ def test_priority_sampling_table_is_checkpointed_and_resumed(tiny_checkpoint, tm
         ("eval.rewards.strict.kwargs.mode=stric", "eval.rewards.strict: reward.kwargs.mode='stric' is not"),
         ("reward.kwargs={mod: strict}", "does not take reward.kwargs=.*its keywords are \\['mode'\\]"),
         ("sampling.group_size=1", "sampling.group_size = 1: Input should be greater than or equal to 2"),
+        ("eval.images_per_prompt=4", "eval.images_per_prompt \\(4\\): the toy evaluation draws one image"),
     ],
 )
 def test_bad_configs_fail_before_any_model_work(override, match, tmp_path):
@@ -707,6 +708,13 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     )  # fmt: skip
     assert out.returncode == 2
     assert "reward.name='nope' is not a registered reward" in out.stderr and "Traceback" not in out.stderr
+    zero = subprocess.run(
+        [sys.executable, "-m", "densegrpo_fast", "train", "--config", str(CONFIG), "--max-iterations", "0",
+         "--output-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert zero.returncode == 2 and "run.iterations = 0" in zero.stderr  # not read as "not given"
+    assert not (tmp_path / "r").exists()
 
 
 def test_readme_main_job_runs_a_few_iterations_with_the_shipped_model(tmp_path):
