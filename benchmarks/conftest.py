@@ -152,7 +152,7 @@ def copy_bandwidth() -> float:
 def record(copy_bandwidth):
     def _record(op: str, impl: str, shape, dtype: torch.dtype, seconds: float, bytes_moved: int):
         gbps = bytes_moved / seconds / 1e9
-        ROWS.append(
+        _append(
             {
                 "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                 "git_sha": git_sha(),
@@ -183,15 +183,15 @@ def _triton_version() -> str:
         return "absent"
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not ROWS:
-        return
+def _append(row: dict) -> None:
+    """One row to the CSV at once, not at the session's end: a run stopped by a timeout keeps its rows."""
+    ROWS.append(row)
     new = not CSV_PATH.exists()
     with CSV_PATH.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
             w.writeheader()
-        w.writerows(ROWS)
+        w.writerow(row)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -17,7 +17,7 @@ unset TRITON_INTERPRET
 WHEELS=${WHEELS:-wheels}
 SITE=${SITE:-/tmp/site}
 # the lent machines document python3 (their venv's); `timeout` needs a real `python` binary on PATH
-command -v python >/dev/null || { mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH; }
+mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH  # python = the python3 with torch
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
     && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" || echo "installing $WHEELS/ failed"

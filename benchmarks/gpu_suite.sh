@@ -22,6 +22,11 @@
 #   bash benchmarks/gpu_wheels_check.sh     # optional, CPU: the same install over the image's old versions
 #   device tool: run(command="bash benchmarks/gpu_suite.sh", carry=["wheels"], timeout_s=600)
 #
+# There is one call's worth of device time (15 minutes a session, the machine's start included): before it,
+# check `ls wheels/*.whl | wc -l` (18) and `du -sh wheels` (about 28 MB); ask the tool's status, and if
+# budget_left_s is under about 840 s, run `SUITE_BUDGET_S=<budget_left_s - 240> bash benchmarks/gpu_suite.sh`
+# so that the deadline falls inside the call's cut limit; give the machine back right after.
+#
 # Time. One deadline, 585 s after the start (SUITE_BUDGET_S): each step has its own `timeout`, cut to what
 # is left before the deadline, and after each step the report so far lands in $OUT, so a call stopped at the
 # device tool's 600 s still returns what it measured. Estimated for an H100, not yet measured: gpu tests ~1-2 min,
@@ -48,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=wheels SITE=/tmp/site REQUIRE_CUDA=1 . benchmarks/gpu_env.sh || exit 1
-python -m pip install -q --no-deps pytest-benchmark 2>/dev/null || true
+python -m pip install -q --no-deps --no-index pytest-benchmark 2>/dev/null || true  # the image has it
 CSV=benchmarks/results.csv
 before=$( [ -f "$CSV" ] && wc -l < "$CSV" || echo 0 )
 LOGS=${OUT:-/tmp/gpu_suite}
@@ -60,21 +65,30 @@ status=0
 # One deadline for the whole call: each step gets its own limit, cut to what is left before the deadline,
 # and after each step the report so far (RESULTS.md with this run's section) and the CSV go to $OUT, so a
 # call stopped at the device tool's 600 s still returns what was measured.
+# limit CAP [RESERVE]: CAP seconds, or less, so that RESERVE seconds stay for the steps after it. The tests
+# and the kernel benchmarks leave 280 s (SD3.5-M at least 150, FLUX 130) and SD3.5-M leaves FLUX its 130, so a
+# slow early step cannot squeeze the real-model runs out. The pytest steps are stopped with SIGINT, so that
+# pytest still writes its summary (SIGKILL 10 s later, should the calling shell ignore SIGINT: Python then
+# ignores it too).
 END=${SUITE_BUDGET_S:-585}  # seconds since the script started (bash SECONDS)
-limit() { local rest=$((END - SECONDS - 8)); if (( rest < $1 )); then echo $(( rest > 5 ? rest : 5 )); else echo "$1"; fi; }
+limit() { local rest=$((END - SECONDS - 8 - ${2:-0})); if (( rest < $1 )); then echo $(( rest > 5 ? rest : 5 )); else echo "$1"; fi; }
 report() {
   python benchmarks/report.py --csv "$CSV" --skip "$before" --tests-log "$LOGS/gpu_tests.log" \
     --iterations "$LOGS/real_sd3.json" "$LOGS/real_flux.json" $(ls "$MERGED"/real_sd3.json 2>/dev/null) \
     --estimates "$EST/estimate_sd3.json" "$EST/estimate_flux.json" > /tmp/gpu_section.md 2>&1
   if [ -n "${OUT:-}" ]; then cat benchmarks/RESULTS.md /tmp/gpu_section.md > "$OUT/RESULTS.md"; cp "$CSV" "$OUT"/ 2>/dev/null; fi
 }
+# The card's state as the run starts (clocks, temperature, power), for the report.
+{ printf 'gpu-state: '; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+  --format=csv,noheader 2>&1 | head -n 1; } | tee "$LOGS/gpu_tests.log"
 # -P: not the checkout first on sys.path, whose kernels/ would shadow the PyPI `kernels` transformers >= 5.25 imports
-timeout -k 3 "$(limit 140)" python -P -m pytest -q -m "gpu and not slow" --continue-on-collection-errors \
+timeout -s INT -k 10 "$(limit 120 280)" python -P -m pytest -q -m "gpu and not slow" --continue-on-collection-errors \
   -p no:cacheprovider tests/ 2>&1 \
-  | tee "$LOGS/gpu_tests.log" || status=1
+  | tee -a "$LOGS/gpu_tests.log" || status=1
 report
-timeout -k 3 "$(limit 120)" python -P -m pytest -q benchmarks/ --benchmark-columns=mean,rounds -p no:cacheprovider 2>&1 \
-  | tee "$LOGS/gpu_bench.log" || status=1
+# Each kernel row reaches the CSV as it is measured (benchmarks/conftest.py), so a stopped step keeps its rows.
+timeout -s INT -k 10 "$(limit 110 280)" python -P -m pytest -q benchmarks/ --benchmark-columns=mean,rounds \
+  -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_bench.log" || status=1
 report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU
 # cores while the GPU runs (not in $OUT, which takes 8 files: the report compares it with the measured peaks).
@@ -87,7 +101,7 @@ nice -n 10 timeout -k 3 "$(limit 400)" python -P -m densegrpo_fast memory --conf
 # Real models: the JSON is rewritten after each mode, so a run stopped by its timeout keeps what it measured.
 # FLUX runs with its text encoders offloaded (model.offload_text_encoders): the encode phase then shows what
 # the host-device round trip of 9.1 GiB costs, and its peak what the estimate's prompt-encoding phase says.
-timeout -k 3 "$(limit 200)" python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse \
+timeout -k 3 "$(limit 200 130)" python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse \
   --out "$LOGS" 2>&1 | tee "$LOGS/real_sd3.log" || status=1
 report
 timeout -k 3 "$(limit 130)" python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 \
