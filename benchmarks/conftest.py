@@ -54,8 +54,8 @@ def sync():
         torch.cuda.synchronize()
 
 
-# On a GPU each timed loop cycles through copies of its inputs totalling this much (> 4x the 50 MB L2 of an
-# H100 or H200), so that every call reads its inputs from memory, as the copy it is compared with does; one
+# On a GPU each timed loop cycles through copies of its inputs totalling this much (> 4x the L2 of an H100,
+# 50 MB, or of an H200, 60 MB), so that every call reads its inputs from memory, as the copy it is compared with does; one
 # set of SD3.5-M latents (12.6 MB in bf16) would otherwise stay in L2 from one call to the next.
 ROTATE_BYTES = 256 * 2**20 if DEVICE.type == "cuda" else 0
 
