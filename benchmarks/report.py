@@ -79,12 +79,9 @@ def kernel_section(args) -> None:
 def tests_summary(args) -> None:
     """The gpu tests' pytest summary line, when their log is given."""
     if args.tests_log and Path(args.tests_log).exists():
-        summary = [
-            ln
-            for ln in Path(args.tests_log).read_text().splitlines()
-            if re.search(r"\d+ (passed|failed)", ln)
-        ]
-        state = [ln for ln in Path(args.tests_log).read_text().splitlines() if ln.startswith("gpu-state: ")]
+        lines = Path(args.tests_log).read_text().splitlines()
+        summary = [ln for ln in lines if re.search(r"\d+ (passed|failed)", ln)]
+        state = [ln for ln in lines if ln.startswith("gpu-state: ")]
         if state:  # name, SM clock, its max, memory clock, temperature, power as the run started
             print(f"GPU at the start (nvidia-smi): `{state[0].removeprefix('gpu-state: ')}`\n")
         print(f"GPU tests: `{summary[-1].strip('= ') if summary else 'no summary line'}`\n")

@@ -62,6 +62,11 @@ def _trained_steps(cfg: TrainConfig) -> list[int]:
     return cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))
 
 
+def _window_steps(T: int, ws: int | None, size: int | None) -> range:
+    """The steps a psi table must cover: the fixed window's, or every step (no window, or a moving one)."""
+    return range(T) if ws is None else range(ws, min(ws + size, T))
+
+
 def _seed(cfg: TrainConfig, iteration: int, stream: int) -> int:
     return (cfg.run.seed * 1_000_003 + iteration * 7919 + stream * 104_729) % (2**63)
 
@@ -420,8 +425,8 @@ def _schedule(
         psi = saved_psi.float().cpu()
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
-    window = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window: any step
-    dead = [k for k in window if k in _trained_steps(cfg) and psi[k] == 0]
+    trained = set(_trained_steps(cfg))
+    dead = [k for k in _window_steps(T, ws, size) if k in trained and psi[k] == 0]
     if dead and dist.main:
         warnings.warn(
             f"calibrated psi is 0 at steps {dead} (psi {[round(p, 3) for p in psi.tolist()]}, from {path}): "
@@ -446,8 +451,7 @@ def _read_psi(path: Path, n, T: int, ws, size, completion_steps: int | None) -> 
             "Delete the file (or point noise.calibration.path elsewhere) to calibrate for this one",
             stacklevel=2,
         )
-    needed = range(T) if ws is None else range(ws, min(ws + size, T))  # a moving window needs every step
-    missing = [k for k in needed if k not in covered]
+    missing = [k for k in _window_steps(T, ws, size) if k not in covered]
     if missing:
         raise ValueError(
             f"psi table {path} was calibrated for steps {covered} (psi {[round(p, 3) for p in psi.tolist()]}), "
