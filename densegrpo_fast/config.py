@@ -272,7 +272,8 @@ class ModelSection(Section):
 
 class PromptSection(Section):
     dataset: str = Field(
-        "toy:train", description="toy:train / toy:test, or a text file with one prompt per line"
+        "toy:train",
+        description="toy:train / toy:test, or a text file with one prompt per line (.jsonl: a prompt field per line)",
     )
     prompts_per_iteration: int = Field(
         8, ge=1, description="prompts sampled per iteration (each gets a group)"

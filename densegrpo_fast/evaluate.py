@@ -29,6 +29,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
+from densegrpo_fast.prompts import prompt_lines
 
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
@@ -59,9 +60,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
             f"eval.dataset={str(path)!r} is not a file: pass a text file with one prompt per line (the "
             "GenEval, OCR and PickScore prompt sets are not shipped; see the README)"
         )
-    lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
-    if p.suffix == ".jsonl":
-        lines = [json.loads(ln)["prompt"] for ln in lines]
+    lines = prompt_lines(p, "eval.dataset")
     if not lines:
         raise ValueError(f"eval.dataset={str(path)!r} holds no prompt: put one prompt per line")
     return lines[:limit] if limit else lines

@@ -8,11 +8,35 @@ draws exactly the prompts it would have drawn: the sampler position is the itera
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 STREAMS = {"train": 0, "calibration": 1, "eval": 2}
+
+
+def prompt_lines(path: Path, field: str) -> list[str]:
+    """The prompts of a file: its non-empty lines, or of a ``.jsonl`` file the ``prompt`` of each line's JSON
+    object (GenEval's metadata files are of this form). ``field`` names the setting in errors."""
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    if path.suffix != ".jsonl":
+        return [ln for ln in lines if ln]
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{field}={str(path)!r}, line {number}: not JSON ({e})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise ValueError(
+                f"{field}={str(path)!r}, line {number}: a .jsonl prompt file holds one JSON object per line "
+                f"with a non-empty 'prompt' string (as GenEval's metadata does); got {line[:80]!r}"
+            )
+        out.append(obj["prompt"].strip())
+    return out
 
 
 class PromptSource:
@@ -30,9 +54,9 @@ class PromptSource:
             if not path.is_file():
                 raise ValueError(
                     f"prompts.dataset={dataset!r} is neither toy:train / toy:test nor an existing file: pass a "
-                    "text file with one prompt per line"
+                    "text file with one prompt per line (or a .jsonl file of objects with a 'prompt')"
                 )
-            self._lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+            self._lines = prompt_lines(path, "prompts.dataset")
             if not self._lines:
                 raise ValueError(f"prompts.dataset={dataset!r} holds no prompt: put one prompt per line")
 

@@ -13,6 +13,8 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
+- ``geneval_detector`` (GenEval's detector, colours and rules, for a server in GenEval's environment):
+  :mod:`densegrpo_fast.rewards.geneval_detector`
 - ``remote``, ``geneval`` (reward server client): :mod:`densegrpo_fast.rewards.remote`; the server is
   :mod:`densegrpo_fast.rewards.server` (``densegrpo-fast serve-reward``)
 """
@@ -143,4 +145,4 @@ def _redness() -> Reward:
 
 
 # The rewards of the modules listed in the docstring register themselves on import (light imports only).
-from densegrpo_fast.rewards import clip, hps, imagereward, jpeg, multi, ocr, remote  # noqa: E402, F401
+from densegrpo_fast.rewards import clip, geneval_detector, hps, imagereward, jpeg, multi, ocr, remote  # noqa: E402, F401

@@ -4,17 +4,17 @@ Why a server: GenEval's detector (mmdet + mmcv) pins an old torch stack that can
 environment, so the reward runs in its own environment and the trainer sends it images. Any registry
 reward, or any user factory, can be served the same way (``densegrpo_fast.rewards.server``).
 
-GenEval, step by step. The GenEval scorer is the user's code: a factory ``make_reward(**kwargs)`` that
-returns ``reward(images [B, 3, H, W] float in [0, 1], prompts: list[str]) -> [B]``, wrapping GenEval's
-detector and its per-prompt checks; GenEval needs each prompt's metadata (tag, objects, counts, colours),
-which the factory looks up by prompt text in GenEval's ``evaluation_metadata.jsonl``::
+GenEval, step by step. The scorer is :mod:`densegrpo_fast.rewards.geneval_detector` (GenEval's detector,
+colour classifier and rules, with each prompt's metadata looked up in GenEval's ``.jsonl`` files; its
+docstring has the full command), or a user factory ``make_reward(**kwargs)`` returning ``reward(images [B,
+3, H, W] float in [0, 1], prompts: list[str]) -> [B]``::
 
-    # 1. in the GenEval environment (Python >= 3.10, torch, safetensors, GenEval and its detector), install
-    #    this package without its training dependencies; the server imports only torch and safetensors:
+    # 1. in the GenEval environment (Python >= 3.10, torch, safetensors, transformers, mmdetection), install
+    #    this package without its training dependencies:
     pip install --no-deps -e /path/to/densegrpo-fast
-    # 2. start the server there, hosting the factory (my_geneval.py on PYTHONPATH):
-    PYTHONPATH=/path/to/my/code densegrpo-fast serve-reward --reward my_geneval:make_reward \\
-        --kwargs '{"detector": "/w/mask2former", "metadata": "/w/evaluation_metadata.jsonl"}' --port 8085
+    # 2. start the server there (or --reward my_geneval:make_reward, with my_geneval.py on PYTHONPATH):
+    densegrpo-fast serve-reward --reward geneval_detector --kwargs '{"metadata": [...], "detector_config":
+        "...", "detector_checkpoint": "...", "class_names": ".../object_names.txt"}' --port 8085
     # 3. train against it with the alias (equivalently name: remote, kwargs: {url: ...}):
     densegrpo-fast train --config configs/X.yaml reward.name=geneval reward.kwargs='{url: "http://127.0.0.1:8085"}'
 
