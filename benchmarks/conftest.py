@@ -2,14 +2,18 @@
 
 Each benchmark reports its time through :func:`record`, which turns it into GB/s with the bytes-moved
 formula written beside the benchmark and into a percentage of the device copy bandwidth measured once in
-the same run. Rows are appended to benchmarks/results.csv and printed as a table at the end of the run.
+the same run. Times are the median of the timed rounds (one noisy round on a shared machine moves a mean,
+not a median), for the kernels and the copy alike; the mean is kept beside it in the CSV. Rows are appended to benchmarks/results.csv and printed as a table at the end of the run.
 """
 
 import csv
 import datetime
 import os
 import platform
+import statistics
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if "TRITON_INTERPRET" not in os.environ:
@@ -28,9 +32,22 @@ if DEVICE.type == "cpu":
     torch.set_num_threads(int(os.environ.get("DENSEGRPO_BENCH_THREADS", "1")))
 ROWS: list[dict] = []
 COLUMNS = [
-    "utc", "git_sha", "device", "threads", "torch", "triton", "op", "impl", "shape", "dtype",
-    "mean_ms", "gb_per_s", "pct_of_copy", "copy_gb_per_s",
-]  # fmt: skip
+    "utc",
+    "git_sha",
+    "device",
+    "threads",
+    "torch",
+    "triton",
+    "op",
+    "impl",
+    "shape",
+    "dtype",
+    "mean_ms",
+    "gb_per_s",
+    "pct_of_copy",
+    "copy_gb_per_s",
+    "median_ms",
+]  # fmt: skip  (median_ms came last, so that older CSVs only gain a column)
 
 
 def device_name() -> str:
@@ -80,7 +97,20 @@ def _cycle(fns: list, calls: int) -> list:
     return [fns[i % len(fns)] for i in range(max(calls, len(fns)))]
 
 
-def time_per_call(benchmark, fns, inner: int) -> float:
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call: the median and the mean over the timed rounds."""
+
+    median: float
+    mean: float
+
+
+def _per_call(benchmark, calls: int) -> Timing:
+    stats = benchmark.stats.stats
+    return Timing(stats.median / calls, stats.mean / calls)
+
+
+def time_per_call(benchmark, fns, inner: int) -> Timing:
     """Run ``fns`` (one callable, or one per input set: cycled) under pytest-benchmark, at least ``inner``
     calls per timed round; seconds per call."""
     order = _cycle(_listed(fns), inner)
@@ -92,10 +122,10 @@ def time_per_call(benchmark, fns, inner: int) -> float:
 
     body()  # warm-up (compiles Triton kernels)
     benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
-    return benchmark.stats.stats.mean / len(order)
+    return _per_call(benchmark, len(order))
 
 
-def graph_time_per_call(benchmark, fns, calls: int = 100) -> float:
+def graph_time_per_call(benchmark, fns, calls: int = 100) -> Timing:
     """``fns`` (cycled as in :func:`time_per_call`) captured ``calls`` times in one CUDA graph, timed by
     replays; seconds per call.
 
@@ -123,12 +153,13 @@ def graph_time_per_call(benchmark, fns, calls: int = 100) -> float:
 
     body()
     benchmark.pedantic(body, rounds=int(os.environ.get("DENSEGRPO_BENCH_ROUNDS", "5")), warmup_rounds=1)
-    return benchmark.stats.stats.mean / len(order)
+    return _per_call(benchmark, len(order))
 
 
 @pytest.fixture(scope="session")
 def copy_bandwidth() -> float:
-    """Device copy bandwidth in GB/s (read + write bytes of a large copy), measured in this run."""
+    """Device copy bandwidth in GB/s (read + write bytes of a large copy), measured in this run: the median
+    of 5 timed rounds, as the kernels' times are."""
     n = (256 if DEVICE.type == "cuda" else 32) * 2**20 // 4
     src = torch.randn(n, device=DEVICE)
     dst = torch.empty_like(src)
@@ -136,22 +167,20 @@ def copy_bandwidth() -> float:
     for _ in range(3):
         dst.copy_(src)
     sync()
-    import time
-
-    best = float("inf")
+    rounds = []
     for _ in range(5):
         t0 = time.perf_counter()
         for _ in range(inner):
             dst.copy_(src)
         sync()
-        best = min(best, (time.perf_counter() - t0) / inner)
-    return 2 * src.numel() * 4 / best / 1e9
+        rounds.append((time.perf_counter() - t0) / inner)
+    return 2 * src.numel() * 4 / statistics.median(rounds) / 1e9
 
 
 @pytest.fixture
 def record(copy_bandwidth):
-    def _record(op: str, impl: str, shape, dtype: torch.dtype, seconds: float, bytes_moved: int):
-        gbps = bytes_moved / seconds / 1e9
+    def _record(op: str, impl: str, shape, dtype: torch.dtype, timing: Timing, bytes_moved: int):
+        gbps = bytes_moved / timing.median / 1e9
         _append(
             {
                 "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -164,7 +193,8 @@ def record(copy_bandwidth):
                 "impl": impl,
                 "shape": "x".join(map(str, shape)),
                 "dtype": str(dtype).replace("torch.", ""),
-                "mean_ms": f"{seconds * 1e3:.4f}",
+                "mean_ms": f"{timing.mean * 1e3:.4f}",
+                "median_ms": f"{timing.median * 1e3:.4f}",
                 "gb_per_s": f"{gbps:.1f}",
                 "pct_of_copy": f"{100 * gbps / copy_bandwidth:.1f}",
                 "copy_gb_per_s": f"{copy_bandwidth:.1f}",
@@ -184,9 +214,21 @@ def _triton_version() -> str:
 
 
 def _append(row: dict) -> None:
-    """One row to the CSV at once, not at the session's end: a run stopped by a timeout keeps its rows."""
+    """One row to the CSV at once, not at the session's end: a run stopped by a timeout keeps its rows. A CSV
+    written before a column was added is rewritten once with the new header (its rows leave it empty)."""
     ROWS.append(row)
     new = not CSV_PATH.exists()
+    if not new:
+        with CSV_PATH.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old = reader.fieldnames or []
+            if old != COLUMNS:
+                rows = list(reader)
+        if old != COLUMNS:
+            with CSV_PATH.open("w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=COLUMNS)
+                w.writeheader()
+                w.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
     with CSV_PATH.open("a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:
@@ -199,10 +241,12 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section(f"densegrpo-fast kernels on {ROWS[0]['device']} (copy {ROWS[0]['copy_gb_per_s']} GB/s)")
-    tr.write_line(f"{'op':<22}{'impl':<16}{'shape':<18}{'dtype':<10}{'ms':>10}{'GB/s':>9}{'% copy':>8}")
+    tr.write_line(
+        f"{'op':<22}{'impl':<16}{'shape':<18}{'dtype':<10}{'median ms':>10}{'GB/s':>9}{'% copy':>8}"
+    )
     for r in ROWS:
         tr.write_line(
-            f"{r['op']:<22}{r['impl']:<16}{r['shape']:<18}{r['dtype']:<10}{r['mean_ms']:>10}"
+            f"{r['op']:<22}{r['impl']:<16}{r['shape']:<18}{r['dtype']:<10}{r['median_ms']:>10}"
             f"{r['gb_per_s']:>9}{r['pct_of_copy']:>8}"
         )
     tr.write_line(f"rows appended to {CSV_PATH}")

@@ -87,7 +87,7 @@ timeout -s INT -k 10 "$(limit 120 280)" python -P -m pytest -q -m "gpu and not s
   | tee -a "$LOGS/gpu_tests.log" || status=1
 report
 # Each kernel row reaches the CSV as it is measured (benchmarks/conftest.py), so a stopped step keeps its rows.
-timeout -s INT -k 10 "$(limit 110 280)" python -P -m pytest -q benchmarks/ --benchmark-columns=mean,rounds \
+timeout -s INT -k 10 "$(limit 110 280)" python -P -m pytest -q benchmarks/ --benchmark-columns=median,mean,rounds \
   -p no:cacheprovider 2>&1 | tee "$LOGS/gpu_bench.log" || status=1
 report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU

@@ -56,7 +56,7 @@ def kernel_section(args) -> None:
     )
     tests_summary(args)
     print(f"Copy bandwidth measured in the same run: {r0['copy_gb_per_s']} GB/s.\n")
-    print("| op | shape | dtype | impl | ms | GB/s | % of copy | speed-up vs flow-grpo eager |")
+    print("| op | shape | dtype | impl | ms (median) | GB/s | % of copy | speed-up vs flow-grpo eager |")
     print("|---|---|---|---|---:|---:|---:|---:|")
     groups = defaultdict(dict)
     for r in rows:
@@ -69,11 +69,16 @@ def kernel_section(args) -> None:
             r = impls[impl]
             # (not for graph rows: device time against the eager peer's host-bound time is no like for like)
             graph = impl.endswith("-graph")
-            speed = f"{float(peer['mean_ms']) / float(r['mean_ms']):.1f}x" if peer and not graph else ""
+            speed = f"{_ms(peer) / _ms(r):.1f}x" if peer and not graph else ""
             print(
-                f"| {op} | {shape} | {dtype} | {impl} | {float(r['mean_ms']):.4f} | {r['gb_per_s']} | {r['pct_of_copy']} | {speed} |"
+                f"| {op} | {shape} | {dtype} | {impl} | {_ms(r):.4f} | {r['gb_per_s']} | {r['pct_of_copy']} | {speed} |"
             )
     print()
+
+
+def _ms(row: dict) -> float:
+    """A row's time per call: the median of its rounds (rows written before the median was kept: the mean)."""
+    return float(row.get("median_ms") or row["mean_ms"])
 
 
 def tests_summary(args) -> None:

@@ -120,8 +120,8 @@ def test_sde_step_chunk_sweep(benchmark, record, force_backend, monkeypatch, chu
     monkeypatch.setattr(_sde_math, "CHUNK", chunk)
     shape = SHAPES[shape_name]
     calls, nbytes = step_calls("triton", shape, torch.bfloat16)
-    seconds = graph_time_per_call(benchmark, calls)
-    record(f"sde_step chunk={chunk}", "triton-graph", shape, torch.bfloat16, seconds, nbytes)
+    timing = graph_time_per_call(benchmark, calls)
+    record(f"sde_step chunk={chunk}", "triton-graph", shape, torch.bfloat16, timing, nbytes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -151,9 +151,9 @@ def test_sde_log_prob_fwd_bwd(benchmark, record, force_backend, impl, shape_name
         return fn
 
     calls = [call(*inputs) for inputs in rotation(x, v0.clone().requires_grad_(True), xn)]
-    seconds = time_per_call(benchmark, calls, INNER)
+    timing = time_per_call(benchmark, calls, INNER)
     # forward reads x, v, x'; backward reads x, v, x' and writes dL/dv
-    record("sde_log_prob fwd+bwd", impl, shape, dtype, seconds, 7 * x.numel() * x.element_size())
+    record("sde_log_prob fwd+bwd", impl, shape, dtype, timing, 7 * x.numel() * x.element_size())
 
 
 @graphed
@@ -174,8 +174,8 @@ def test_sde_log_prob_fwd_bwd_graphed(benchmark, record, force_backend, impl, sh
         return fn
 
     x, v, xn = latents(shape, dtype, 3)
-    seconds = graph_time_per_call(benchmark, [call(*inputs) for inputs in rotation(x, v, xn)])
-    record("sde_log_prob fwd+bwd", f"{impl}-graph", shape, dtype, seconds, 7 * x.numel() * x.element_size())
+    timing = graph_time_per_call(benchmark, [call(*inputs) for inputs in rotation(x, v, xn)])
+    record("sde_log_prob fwd+bwd", f"{impl}-graph", shape, dtype, timing, 7 * x.numel() * x.element_size())
 
 
 @pytest.mark.parametrize("shape", [(48 * 24, 10), (48 * 24, 1)], ids=["dense-1152x10", "sparse-1152x1"])
@@ -189,8 +189,8 @@ def test_group_advantages(benchmark, record, force_backend, impl, shape):
         "reference": lambda: group_advantages_reference(r, 24),
         "triton": lambda: group_advantages(r, 24),
     }
-    seconds = time_per_call(benchmark, fns[impl], INNER)
-    record("group_advantages", impl, shape, torch.float32, seconds, 2 * r.numel() * 4)
+    timing = time_per_call(benchmark, fns[impl], INNER)
+    record("group_advantages", impl, shape, torch.float32, timing, 2 * r.numel() * 4)
 
 
 @pytest.mark.skipif(os.environ.get("DENSEGRPO_BENCH_CHECK", "1") == "0", reason="disabled")
