@@ -92,6 +92,16 @@ def test_keep_thresholds_ranks_caps_and_suppresses():
     nms = keep({"dog": [det(0, 0, 9, 9, 0.9), det(5, 0, 14, 9, 0.8), det(50, 0, 59, 9, 0.7)]}, None,
                Settings(max_overlap=0.3))  # fmt: skip
     assert [d.score for d in nms["dog"]] == [0.9, 0.7]  # IoU 1/3 >= 0.3: the second is suppressed
+    capped = keep({"dog": [det(0, 0, 9, 9, 0.9), det(5, 0, 14, 9, 0.8), det(50, 0, 59, 9, 0.7)]}, None,
+                  Settings(max_objects=2, max_overlap=0.3))  # fmt: skip
+    assert [d.score for d in capped["dog"]] == [0.9]  # GenEval caps first, then suppresses
+
+
+def test_keep_orders_ties_last_first_and_compares_in_float32():
+    a, b, c = det(0, 0, 9, 9, 0.5), det(20, 0, 29, 9, 0.5), det(40, 0, 49, 9, 0.5)
+    assert keep({"dog": [a, b, c]}, None, Settings())["dog"] == [c, b, a]  # as GenEval's reversed argsort
+    at = det(0, 0, 9, 9, float(np.float32(0.3)))  # a float32 score equal to float32(0.3), above the float 0.3
+    assert at.score > 0.3 and keep({"dog": [at]}, None, Settings()) == {}  # GenEval: not above its threshold
 
 
 # --------------------------------------------------------------------------------------------------- rules
@@ -170,7 +180,9 @@ def test_position_is_checked_against_the_target_clause():
     v = judge(meta, {"dog": [dog_right]}, painted({}))  # no bench: the target clause failed
     assert (v.geneval, v.partial) == (False, pytest.approx(1 / 3)) and "did not hold" in v.reasons[-1]
     # two benches: GenEval's rule holds (the most confident bench is the target), the exact one does not
-    v = judge(meta, {"bench": [bench, det(0, 100, 20, 120, 0.5)], "dog": [dog_right]}, painted({}))
+    extra = det(100, 100, 120, 120, 0.5)  # the dog is left of this one: only the first bench is the target
+    assert "right of" not in relations(dog_right.box, extra.box)
+    v = judge(meta, {"bench": [bench, extra], "dog": [dog_right]}, painted({}))
     assert (v.geneval, v.exact, v.partial) == (True, False, pytest.approx((1 + 0 + 0) / 3))
     # the relation must hold against every object of the target clause
     meta2 = {
@@ -241,22 +253,30 @@ def test_parse_result_reads_mmdet_2_and_3():
     out3 = parse_result(types.SimpleNamespace(pred_instances=inst), names)
     assert sorted(out3) == ["car", "dog"] and out3["car"][0].score == pytest.approx(0.7)
     assert torch.equal(out3["dog"][0].mask, torch.from_numpy(mask))
-    with pytest.raises(ValueError, match="returned 3 classes"):
+    with pytest.raises(ValueError, match="returned 3 classes.*class_names"):
         parse_result(v2, names[:2])
+    assert [d.score for d in parse_result(v2, names, min_score=0.4)["dog"]] == [pytest.approx(0.9)]
+    assert sorted(parse_result(types.SimpleNamespace(pred_instances=inst), names, min_score=0.8)) == ["dog"]
+    with pytest.raises(ValueError, match="label 2 but 2 class names"):
+        parse_result(types.SimpleNamespace(pred_instances=inst), names[:2])
 
 
-class FakeDetector:
+class FakeDetector(torch.nn.Module):
     """What ``mmdet.apis.init_detector`` returns here: 3 classes; it finds one dog box per image, placed
     by where the image's blue channel (BGR channel 0 as mmdetection reads arrays) is brightest."""
 
     CLASSES = ("dog", "cat", "bench")
 
     def __init__(self):
-        self.seen = []
+        super().__init__()
+        self.backbone = torch.nn.Linear(2, 2)
+        self.decoder = torch.nn.ModuleDict({"self_attn": torch.nn.Linear(2, 2)})  # (a 3.x layer name)
+        self.seen, self.calls = [], 0
 
 
 def _fake_inference(model, imgs):
     model.seen.extend(imgs)
+    model.calls += 1
     out = []
     for img in imgs:
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
@@ -288,7 +308,7 @@ def geneval_files(tmp_path):
     meta = tmp_path / "metadata.jsonl"
     meta.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "mask2former.py").write_text("# config\n")
-    (tmp_path / "mask2former.pth").write_bytes(b"weights")
+    torch.save({"meta": {}, "state_dict": FakeDetector().state_dict()}, tmp_path / "mask2former.pth")
     return tmp_path
 
 
@@ -305,14 +325,36 @@ def test_reward_scores_through_mmdet_in_bgr(fake_mmdet, geneval_files, clip_dir)
     scores = reward(images, ["a photo of a dog", "a photo of a bench"])
     assert scores.tolist() == [1.0, 0.0] and scores.dtype == torch.float32
     model = reward.detect.model
+    assert model.calls == 1 and len(model.seen) == 2
     assert model.seen[0][5, 7, 0] == 255 and model.seen[0][5, 7, 2] == 0  # RGB -> BGR
     assert reward.detect.class_names == ["dog", "cat", "bench"]
     assert reward.last_verdicts[1].reasons == ["expected bench >= 1, found 0"]
     with pytest.raises(ValueError, match="is not in the GenEval metadata"):
         reward(images[:1], ["a photo of a horse"])
+    chunked = build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir, detector_batch=1))
+    assert chunked(images.repeat(3, 1, 1, 1), ["a photo of a dog", "a photo of a bench"] * 3).tolist() == [
+        1.0, 0.0, 1.0, 0.0, 1.0, 0.0,
+    ]  # fmt: skip
+    assert chunked.detect.model.calls == 6  # one image per call
+
+
+def test_a_checkpoint_of_the_other_mmdet_version_is_refused(fake_mmdet, geneval_files, clip_dir):  # noqa: F811
+    old = {k.replace("self_attn", "attentions.0"): v for k, v in FakeDetector().state_dict().items()}
+    torch.save({"state_dict": old}, geneval_files / "mask2former.pth")  # 2.x names for a 3.x model
+    with pytest.raises(
+        ValueError, match=r"lacks 2 of the parameters.*decoder.self_attn.weight.*v2.0 checkpoint"
+    ):
+        build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir))
+    assert build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir, check_weights=False))
+    torch.save(
+        {f"module.{k}": v for k, v in FakeDetector().state_dict().items()}, geneval_files / "mask2former.pth"
+    )
+    assert build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir))  # a bare, DDP-saved state
 
 
 def test_reward_errors_name_the_fix(fake_mmdet, geneval_files, clip_dir, monkeypatch):  # noqa: F811
+    with pytest.raises(ValueError, match="class_names=.* is not a file"):
+        build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir, class_names="/nope.txt"))
     (geneval_files / "names.txt").write_text("dog\ncat\n")
     with pytest.raises(ValueError, match="names 2 classes, the detector has 3"):
         build_reward(
@@ -333,6 +375,8 @@ def test_reward_errors_name_the_fix(fake_mmdet, geneval_files, clip_dir, monkeyp
         )
     assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "mode": "strict"})
     assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "threshold": 1.5})
+    assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "max_objects": 2.5})
+    assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "detector_batch": 0})
     assert not kwargs_problems("geneval_detector", _kwargs(geneval_files, clip_dir))
     monkeypatch.setitem(sys.modules, "mmdet", None)  # not installed
     monkeypatch.setitem(sys.modules, "mmdet.apis", None)
@@ -367,8 +411,15 @@ def test_object_crop_matches_pil_composite_and_crop():
     pil = Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy())
     grey = Image.new("RGB", pil.size, color="#999")
     ref = Image.composite(pil, grey, Image.fromarray(mask.numpy())).crop(d.box)
-    ref = torch.from_numpy(np.asarray(ref)).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float() / 255
     assert ours.shape == ref.shape and torch.equal((ours * 255).round(), (ref * 255).round())
+    for box in [(-3.0, -2.0, 10.0, 25.0), (25.2, 15.5, 34.0, 22.0)]:  # out of the image: PIL pads black
+        d = det(*box, mask=mask)
+        ref = Image.composite(pil, grey, Image.fromarray(mask.numpy())).crop(box)
+        ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
+        ours = object_crop(image, d)
+        assert ours.shape == ref.shape and torch.equal((ours * 255).round(), ref), box
+    assert object_crop(image, det(4.0, 4.0, 4.2, 4.0)).shape == (3, 1, 1)  # an empty box keeps a pixel
 
 
 def test_colour_classifier_is_zero_shot_clip(clip_dir):  # noqa: F811

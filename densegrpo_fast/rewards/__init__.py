@@ -13,7 +13,7 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
-- ``geneval_detector`` (GenEval's detector, colours and rules, for a server in GenEval's environment):
+- ``geneval_detector`` (GenEval's detector, colours and rules, for a server in an environment with mmdetection):
   :mod:`densegrpo_fast.rewards.geneval_detector`
 - ``remote``, ``geneval`` (reward server client): :mod:`densegrpo_fast.rewards.remote`; the server is
   :mod:`densegrpo_fast.rewards.server` (``densegrpo-fast serve-reward``)

@@ -10,16 +10,21 @@ its ``evaluation_metadata.jsonl`` (Flow-GRPO's training set has the same form)::
 ``c`` are detected (the counting prompts use it: "exactly 3" is "at least 3, not 4"). ``position: [rel, j]``
 places this clause's objects relative to clause ``j``'s.
 
-**The detector** is GenEval's Mask2Former (mmdetection), whose environment pins an old torch: this reward is
-meant for ``densegrpo-fast serve-reward`` in that environment, and the trainer reaches it with the
+**The detector** is GenEval's Mask2Former (mmdetection), which pins an old torch: this reward is meant for
+``densegrpo-fast serve-reward`` in an environment of its own, and the trainer reaches it with the
 ``geneval`` client (:mod:`densegrpo_fast.rewards.remote`). The images go to mmdetection as 8-bit BGR arrays,
-its convention for arrays (GenEval hands it PNG paths, which mmdetection reads as BGR). mmdetection 2.x
-results (per-class ``[n, 5]`` box arrays and masks) and 3.x results (``pred_instances``) are both read.
+its convention for arrays (GenEval hands it PNG paths, which mmdetection reads as BGR; Flow-GRPO's server
+hands it RGB arrays, so its detector sees red and blue swapped). mmdetection 2.x results (per-class ``[n,
+5]`` box arrays and masks) and 3.x results (``pred_instances``) are both read, in requests of at most
+``detector_batch`` images. Config and checkpoint must be of the same mmdetection major version: the layer
+names differ, mmdetection loads a mismatched checkpoint with a mere warning, and the detector then finds
+almost nothing, so the reward refuses to start when a parameter of the model is not in the checkpoint.
 
 **Kept detections**, per class: score above ``threshold`` (0.3; ``counting_threshold`` 0.9 for prompts
-tagged ``counting``), most confident first, at most ``max_objects`` (16), then greedy non-maximum
-suppression at IoU ``max_overlap`` (1.0: none, GenEval's default; boxes in GenEval's inclusive pixel
-convention).
+tagged ``counting``; compared in float32, as GenEval compares its float32 scores), most confident first
+(equal scores last-first, as GenEval's reversed argsort orders them), at most ``max_objects`` (16), then
+greedy non-maximum suppression at IoU ``max_overlap`` (1.0: none, GenEval's default; boxes in GenEval's
+inclusive pixel convention).
 
 **Colours** are CLIP zero-shot over GenEval's ten colours: each object is pasted by its mask onto grey
 ``#999``, cropped to its box, and compared with the mean of three prompt templates per colour (``a photo of
@@ -27,6 +32,9 @@ a {colour} {class}``, ``a photo of a {colour}-colored {class}``, ``a photo of a 
 uses OpenCLIP's ViT-L-14 with OpenAI's weights; these are the weights of transformers'
 ``openai/clip-vit-large-patch14``, which is what ``clip`` names by default, preprocessed on tensors as
 OpenCLIP's transform does (:func:`densegrpo_fast.rewards.clip.clip_preprocess` with torchvision's crop).
+The crop is PIL's: corners rounded to whole pixels, black outside the image; a box under one pixel wide
+keeps one pixel (GenEval's transform fails on an empty crop). GenEval runs CLIP under fp16 autocast, this
+reward in ``clip_dtype`` (float32 by default), so a colour call between two close colours may differ.
 
 **Position** of A relative to B: the offset of the box centres, each axis shrunk towards 0 by
 ``position_threshold`` (0.1) times the two boxes' summed extent on that axis; no relation when both shrunk
@@ -47,14 +55,20 @@ components vanish; otherwise, divided by the unshrunk offset's length, a compone
   gives a failed position both a 0 and a 1; here each clause has one term per requirement. ``exclude`` clauses
   do not enter (the count term covers them).
 
-Setup, in GenEval's environment (its detector needs mmdetection and mmcv; a Python >= 3.10 environment with
-mmdet 3.x and mmcv 2.x reads GenEval's checkpoint too), after ``pip install --no-deps -e
-/path/to/densegrpo-fast``::
+Setup: an environment with mmdetection and mmcv and Python >= 3.10 (GenEval's own ``environment.yml`` is
+Python 3.9, which this package does not run on; an environment like the one Flow-GRPO's reward server
+uses, Python 3.10 with mmdetection 2.x, is the kind meant; not tried here, where mmdetection does not
+install), then ``pip install --no-deps -e /path/to/densegrpo-fast`` (the server needs torch, safetensors,
+numpy and transformers). Config and checkpoint, one of two pairs: mmdetection 2.x's
+``configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py`` with the v2.0 checkpoint
+(``..._coco_20220504_001756-743b7d99.pth``), or 3.x's ``mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py``
+with the v3.0 one (``..._coco_20220504_001756-c9d0c4f2.pth``, which GenEval's ``download_models.sh``
+fetches)::
 
     densegrpo-fast serve-reward --reward geneval_detector --port 8085 --kwargs '{
         "metadata": ["/w/geneval/train_metadata.jsonl", "/w/geneval/evaluation_metadata.jsonl"],
-        "detector_config": "/w/mmdet/configs/mask2former/mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py",
-        "detector_checkpoint": "/w/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth",
+        "detector_config": "/w/mmdet/configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py",
+        "detector_checkpoint": "/w/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth",
         "class_names": "/w/geneval/evaluation/object_names.txt", "clip": "/w/clip-vit-large-patch14"}'
 
 ``class_names``: GenEval's ``object_names.txt`` (its names for the detector's 80 COCO classes, in order,
@@ -72,6 +86,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -101,7 +116,11 @@ class Settings:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 out.append(f"reward.kwargs.{name}={v} must lie in [0, 1] (GenEval: 0.3, 0.9, 1.0)")
-        if self.max_objects < 1:
+        if (
+            not isinstance(self.max_objects, int)
+            or isinstance(self.max_objects, bool)
+            or self.max_objects < 1
+        ):
             out.append(f"reward.kwargs.max_objects={self.max_objects} must be >= 1 (GenEval: 16)")
         if self.position_threshold < 0:
             out.append(
@@ -254,10 +273,11 @@ def keep(
     detections: dict[str, list[Detection]], tag: str | None, settings: Settings
 ) -> dict[str, list[Detection]]:
     """The detections GenEval counts, per class, most confident first (see the module doc)."""
-    cut = settings.counting_threshold if tag == "counting" else settings.threshold
+    cut = _f32(settings.counting_threshold if tag == "counting" else settings.threshold)
     out = {}
     for name, dets in detections.items():
-        ranked = sorted((d for d in dets if d.score > cut), key=lambda d: -d.score)[: settings.max_objects]
+        above = [(i, d) for i, d in enumerate(dets) if _f32(d.score) > cut]
+        ranked = [d for _, d in sorted(above, key=lambda t: (-t[1].score, -t[0]))][: settings.max_objects]
         kept: list[Detection] = []
         for d in ranked:
             if settings.max_overlap >= 1 or all(box_iou(d.box, k.box) < settings.max_overlap for k in kept):
@@ -265,6 +285,10 @@ def keep(
         if kept:
             out[name] = kept
     return out
+
+
+def _f32(x) -> float:
+    return float(np.float32(x))
 
 
 # -------------------------------------------------------------------------------------------------- rules
@@ -369,19 +393,25 @@ class ColourClassifier:
 
 
 def object_crop(image: torch.Tensor, det: Detection) -> torch.Tensor:
-    """The object on GenEval's grey (by its mask, when it has one), cropped to its box as PIL's ``crop``
-    places it (corners rounded to whole pixels), kept inside the image. [3, H, W] -> [3, h, w]."""
+    """The object on GenEval's grey (by its mask, when it has one), cropped to its box as PIL's ``crop`` does
+    (corners rounded to whole pixels, black outside the image), at least one pixel each way.
+    [3, H, W] -> [3, h, w]."""
     if det.mask is not None:
         if tuple(det.mask.shape) != tuple(image.shape[-2:]):
             raise ValueError(
-                f"a mask of shape {tuple(det.mask.shape)} for an image of {tuple(image.shape[-2:])}"
+                f"a detection mask of shape {tuple(det.mask.shape)} for an image of "
+                f"{tuple(image.shape[-2:])}: masks must have the image's size; keep the detector's test "
+                "pipeline as GenEval's config has it (mmdetection rescales the masks to the input image)"
             )
         image = torch.where(det.mask.to(image.device, torch.bool), image, torch.full_like(image, BACKGROUND))
     h, w = image.shape[-2:]
     x1, y1, x2, y2 = (round(float(v)) for v in det.box[:4])
-    x1, y1 = min(max(x1, 0), w - 1), min(max(y1, 0), h - 1)
-    x2, y2 = min(max(x2, x1 + 1), w), min(max(y2, y1 + 1), h)
-    return image[:, y1:y2, x1:x2]
+    x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)
+    out = image.new_zeros(image.shape[0], y2 - y1, x2 - x1)
+    top, left, bottom, right = max(y1, 0), max(x1, 0), min(y2, h), min(x2, w)
+    if bottom > top and right > left:
+        out[:, top - y1 : bottom - y1, left - x1 : right - x1] = image[:, top:bottom, left:right]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ detector
@@ -391,13 +421,23 @@ class MMDetDetector:
     """mmdetection's detector built from its config and checkpoint; called on images [B, 3, H, W] in [0, 1],
     it returns each image's detections by class name (all scores; :func:`keep` selects)."""
 
-    def __init__(self, config: str, checkpoint: str, device: str = "cuda", class_names: str | None = None):
+    def __init__(
+        self,
+        config: str,
+        checkpoint: str,
+        device: str = "cuda",
+        class_names: str | None = None,
+        *,
+        batch: int = 8,
+        min_score: float = 0.0,
+        check_weights: bool = True,
+    ):
         try:
             from mmdet.apis import inference_detector, init_detector
         except ImportError as e:
             raise ValueError(
                 f"the geneval_detector reward needs mmdetection and mmcv ({type(e).__name__}: {e}), "
-                "which pin an old torch: run it in GenEval's environment as a server (densegrpo-fast "
+                "which pin an old torch: run it as a server in an environment of its own (densegrpo-fast "
                 "serve-reward --reward geneval_detector ...) and train with reward.name=geneval (see "
                 "densegrpo_fast/rewards/geneval_detector.py)"
             ) from None
@@ -405,13 +445,20 @@ class MMDetDetector:
             if not Path(path).is_file():
                 raise ValueError(
                     f"reward.kwargs.{what}={path!r} is not a file: give GenEval's Mask2Former config (from "
-                    "mmdetection's configs/mask2former/) and its checkpoint (GenEval's "
-                    "evaluation/download_models.sh fetches it)"
+                    "mmdetection's configs/mask2former/) and the checkpoint of the same mmdetection version "
+                    "(the two pairs: densegrpo_fast/rewards/geneval_detector.py)"
                 )
         self.model = init_detector(str(config), str(checkpoint), device=device)
-        self._infer = inference_detector
+        if check_weights:
+            check_checkpoint(self.model, checkpoint, config)
+        self._infer, self.batch, self.min_score = inference_detector, batch, min_score
         own = _model_classes(self.model)
         if class_names is not None:
+            if not Path(class_names).is_file():
+                raise ValueError(
+                    f"reward.kwargs.class_names={class_names!r} is not a file: give GenEval's "
+                    "evaluation/object_names.txt (one class name per line, in the detector's order)"
+                )
             names = [ln.strip() for ln in Path(class_names).read_text().splitlines() if ln.strip()]
             if own is not None and len(names) != len(own):
                 raise ValueError(
@@ -427,9 +474,30 @@ class MMDetDetector:
             )
 
     def __call__(self, images: torch.Tensor) -> list[dict[str, list[Detection]]]:
-        bgr = to_uint8(images).permute(0, 2, 3, 1).flip(-1).contiguous().numpy()
-        results = self._infer(self.model, list(bgr))
-        return [parse_result(r, self.class_names) for r in results]
+        bgr = list(to_uint8(images).permute(0, 2, 3, 1).flip(-1).contiguous().numpy())
+        out = []
+        for i in range(0, len(bgr), self.batch):
+            results = self._infer(self.model, bgr[i : i + self.batch])
+            out += [parse_result(r, self.class_names, self.min_score) for r in results]
+        return out
+
+
+def check_checkpoint(model: torch.nn.Module, checkpoint: str, config: str) -> None:
+    """Refuse a checkpoint that leaves parameters of ``model`` unset: mmdetection loads it with a warning
+    only (a 2.x config with a 3.x checkpoint, or the reverse, detects almost nothing)."""
+    state = torch.load(str(checkpoint), map_location="cpu", weights_only=False)  # (as mmdetection loads it)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    names = {k.removeprefix("module.") for k in state}
+    missing = [n for n, _ in model.named_parameters() if n not in names]
+    if missing:
+        raise ValueError(
+            f"reward.kwargs.detector_checkpoint={str(checkpoint)!r} lacks {len(missing)} of the parameters "
+            f"of the model built from {str(config)!r} (e.g. {missing[:3]}): config and checkpoint are of "
+            "different mmdetection versions. Fix: the 2.x config mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py with "
+            "the v2.0 checkpoint (..._20220504_001756-743b7d99.pth), or the 3.x config "
+            "mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py with the v3.0 one "
+            "(..._20220504_001756-c9d0c4f2.pth)"
+        )
 
 
 def _model_classes(model) -> Sequence[str] | None:
@@ -439,17 +507,27 @@ def _model_classes(model) -> Sequence[str] | None:
     return getattr(model, "CLASSES", None)  # 2.x
 
 
-def parse_result(result, names: Sequence[str]) -> dict[str, list[Detection]]:
+def parse_result(result, names: Sequence[str], min_score: float = 0.0) -> dict[str, list[Detection]]:
     """One image's mmdetection result by class name: a 3.x ``DetDataSample`` (``pred_instances`` with
     ``bboxes``, ``scores``, ``labels``, optional ``masks``) or a 2.x result (per-class ``[n, 5]`` arrays of
-    x1, y1, x2, y2, score, optionally paired with per-class mask lists)."""
+    x1, y1, x2, y2, score, optionally paired with per-class mask lists). Detections scoring ``min_score`` or
+    less (in float32) are dropped before their masks are copied."""
     out: dict[str, list[Detection]] = {}
+    floor = _f32(min_score)
     inst = getattr(result, "pred_instances", None)
     if inst is not None:
         boxes, scores = torch.as_tensor(inst.bboxes).cpu(), torch.as_tensor(inst.scores).cpu()
         labels = torch.as_tensor(inst.labels).cpu()
         masks = getattr(inst, "masks", None)
+        if len(labels) and int(labels.max()) >= len(names):
+            raise ValueError(
+                f"the detector gave label {int(labels.max())} but {len(names)} class names are known: give "
+                "reward.kwargs.class_names for this detector's classes (GenEval's object_names.txt for its "
+                "COCO one)"
+            )
         for i in range(len(scores)):
+            if _f32(scores[i]) <= floor:
+                continue
             mask = None if masks is None else torch.as_tensor(masks[i]).bool().cpu()
             box = tuple(float(v) for v in boxes[i, :4])
             out.setdefault(names[int(labels[i])], []).append(Detection(box, float(scores[i]), mask))
@@ -458,9 +536,15 @@ def parse_result(result, names: Sequence[str]) -> dict[str, list[Detection]]:
         (result[0], result[1] if len(result) > 1 else None) if isinstance(result, tuple) else (result, None)
     )
     if len(boxes) != len(names):
-        raise ValueError(f"the detector returned {len(boxes)} classes, the class names are {len(names)}")
+        raise ValueError(
+            f"the detector returned {len(boxes)} classes, the class names are {len(names)}: give "
+            "reward.kwargs.class_names for this detector's classes (GenEval's object_names.txt for its "
+            "COCO one)"
+        )
     for c, arr in enumerate(boxes):
         for i in range(len(arr)):
+            if _f32(arr[i][4]) <= floor:
+                continue
             mask = None if masks is None else torch.as_tensor(masks[c][i]).bool()
             box = tuple(float(v) for v in arr[i][:4])
             out.setdefault(names[c], []).append(Detection(box, float(arr[i][4]), mask))
@@ -523,6 +607,8 @@ def geneval_detector(
     mode: str = "partial",
     device: str = "cuda",
     clip_dtype: str = "float32",
+    detector_batch: int = 8,
+    check_weights: bool = True,
     threshold: float = 0.3,
     counting_threshold: float = 0.9,
     max_objects: int = 16,
@@ -530,17 +616,20 @@ def geneval_detector(
     position_threshold: float = 0.1,
 ) -> GenEvalDetectorReward:
     """GenEval scored in this process by its Mask2Former detector and CLIP colours (needs mmdetection:
-    serve it from GenEval's environment, train with `geneval`); `mode` partial (training), geneval
+    serve it from an environment with mmdetection, train with `geneval`); `mode` partial (training), geneval
     (GenEval's 0/1 rule) or exact.
 
     Details, rules and the server command: :mod:`densegrpo_fast.rewards.geneval_detector`."""
     problems = _geneval_detector_check(mode, threshold, counting_threshold, max_objects, max_overlap,
-                                       position_threshold)  # fmt: skip
+                                       position_threshold, detector_batch)  # fmt: skip
     if problems:
         raise ValueError("; ".join(problems))
     settings = Settings(threshold, counting_threshold, max_objects, max_overlap, position_threshold)
     table = load_metadata(metadata)
-    detector = MMDetDetector(detector_config, detector_checkpoint, device, class_names)
+    detector = MMDetDetector(
+        detector_config, detector_checkpoint, device, class_names, batch=detector_batch,
+        min_score=min(threshold, counting_threshold), check_weights=check_weights,
+    )  # fmt: skip
     unknown = sorted(metadata_classes(table) - set(detector.class_names))
     if unknown:
         raise ValueError(
@@ -559,16 +648,17 @@ def _geneval_detector_check(
     max_objects: int = 16,
     max_overlap: float = 1.0,
     position_threshold: float = 0.1,
+    detector_batch: int = 8,
     **_: object,
 ) -> list[str]:
-    out = (
-        []
-        if mode in MODES
-        else [f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(MODES)}"]
-    )
-    return (
-        out + Settings(threshold, counting_threshold, max_objects, max_overlap, position_threshold).problems()
-    )
+    out = Settings(threshold, counting_threshold, max_objects, max_overlap, position_threshold).problems()
+    if mode not in MODES:
+        out.append(f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(MODES)}")
+    if not isinstance(detector_batch, int) or isinstance(detector_batch, bool) or detector_batch < 1:
+        out.append(
+            f"reward.kwargs.detector_batch={detector_batch!r} must be an integer >= 1 (images per call)"
+        )
+    return out
 
 
 geneval_detector.check = _geneval_detector_check

@@ -9,8 +9,8 @@ colour classifier and rules, with each prompt's metadata looked up in GenEval's 
 docstring has the full command), or a user factory ``make_reward(**kwargs)`` returning ``reward(images [B,
 3, H, W] float in [0, 1], prompts: list[str]) -> [B]``::
 
-    # 1. in the GenEval environment (Python >= 3.10, torch, safetensors, transformers, mmdetection), install
-    #    this package without its training dependencies:
+    # 1. in an environment with mmdetection (Python >= 3.10, torch, safetensors, numpy, transformers),
+    #    install this package without its training dependencies:
     pip install --no-deps -e /path/to/densegrpo-fast
     # 2. start the server there (or --reward my_geneval:make_reward, with my_geneval.py on PYTHONPATH):
     densegrpo-fast serve-reward --reward geneval_detector --kwargs '{"metadata": [...], "detector_config":
@@ -240,8 +240,8 @@ class RemoteReward:
 
 
 GENEVAL_HINT = (
-    "densegrpo-fast serve-reward --reward my_geneval:make_reward --kwargs '{...}' --port {port}, "
-    "in the GenEval environment"
+    "densegrpo-fast serve-reward --reward geneval_detector --kwargs '{...}' --port {port}, in an "
+    "environment with mmdetection (the kwargs: densegrpo_fast/rewards/geneval_detector.py)"
 )
 
 
@@ -264,7 +264,8 @@ def geneval(
     check: bool = True,
 ) -> RemoteReward:
     """GenEval through the reward server: ``remote`` with GenEval's default URL and start command in its
-    errors. The server is the user's GenEval factory, started in the GenEval environment (module doc)."""
+    errors. The server hosts ``geneval_detector`` (or a user factory) in an environment with mmdetection
+    (module doc)."""
     url = pick_url(url)
     port = urllib.parse.urlparse(str(url)).port or 8085
     hint = GENEVAL_HINT.replace("{port}", str(port))
