@@ -8,7 +8,10 @@ depend on the batch size, on the device's call order, or on whether the run was 
 Outputs in ``eval.output_dir``:
     scores.jsonl   one line per prompt: ``{"index", "prompt", "<reward>": [per-image scores]}``, appended
                    batch by batch; a killed evaluation resumes by skipping the indices already there
-    summary.json   the mean of each reward over all images, the protocol, the checkpoint, the count
+    summary.json   the mean of each reward over all images, the protocol, the checkpoint, the count; for a
+                   ``.jsonl`` prompt file with GenEval's ``tag`` per line, also each reward's mean per tag
+                   (``by_tag``) and the mean of those (``tag_mean``: GenEval's "Overall", an average over
+                   its six tasks, not over its 553 prompts)
     images/        ``{index:05d}_{j}.png`` when ``eval.save_images`` is on
 
 Under ``torchrun`` the prompts are shared out (prompt ``i`` to rank ``i % world``); each rank appends to
@@ -29,7 +32,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import prompt_lines
+from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
@@ -81,12 +84,16 @@ def evaluate(
     info: dict | None = None,
     progress: bool = True,
     dist: Dist = distributed.SINGLE,
+    tags: list[str | None] | None = None,
 ) -> dict:
     """Score ``prompts`` (``images_per_prompt`` ODE samples each) with every reward of ``rewards``.
 
     Resumes from the scores in ``output_dir``; returns (and writes) the summary. ``dist``: this process's
-    share of a torchrun job (every rank calls this with the same arguments).
+    share of a torchrun job (every rank calls this with the same arguments). ``tags``: one per prompt (e.g.
+    GenEval's tasks), for the summary's per-tag means.
     """
+    if tags is not None and len(tags) != len(prompts):
+        raise ValueError(f"{len(tags)} tags for {len(prompts)} prompts: give one tag per prompt (or None)")
     from tqdm.auto import tqdm
 
     d = dist
@@ -146,7 +153,7 @@ def evaluate(
                     f"{out} holds scores for {len(scored)} of {len(prompts)} prompts after every process "
                     "finished: eval.output_dir must be a directory every node of the job shares"
                 )
-        return _summary(out, scored, rewards, protocol, images_per_prompt, t0)
+        return _summary(out, scored, rewards, protocol, images_per_prompt, t0, tags)
 
     return distributed.on_main(d, finish)
 
@@ -188,8 +195,11 @@ def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
     return done
 
 
-def _summary(out: Path, done: dict, rewards: dict, protocol: dict, images_per_prompt: int, t0: float) -> dict:
-    """Each reward's mean over every scored image, with the protocol; written to ``summary.json``."""
+def _summary(
+    out: Path, done: dict, rewards: dict, protocol: dict, images_per_prompt: int, t0: float, tags=None
+) -> dict:
+    """Each reward's mean over every scored image, with the protocol; with ``tags`` (one per prompt), also
+    each reward's mean per tag and the mean of those; written to ``summary.json``."""
     summary = {
         "scores": {
             k: sum(sum(r[k]) for r in done.values()) / (len(done) * images_per_prompt) for k in rewards
@@ -197,6 +207,14 @@ def _summary(out: Path, done: dict, rewards: dict, protocol: dict, images_per_pr
         **{k: v for k, v in protocol.items() if k != "sigmas"},
         "wall_s_this_call": round(time.perf_counter() - t0, 3),
     }
+    if tags is not None:
+        groups: dict[str, list[dict]] = {}
+        for i in sorted(done):
+            groups.setdefault(str(tags[i]), []).append(done[i])
+        by_tag = {k: {t: sum(sum(r[k]) for r in rows) / (len(rows) * images_per_prompt)
+                      for t, rows in groups.items()} for k in rewards}  # fmt: skip
+        summary["by_tag"] = by_tag
+        summary["tag_mean"] = {k: sum(v.values()) / len(v) for k, v in by_tag.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -246,6 +264,8 @@ def run_eval(
             "eval.rewards={pickscore: {name: pickscore, kwargs: {model: /path/to/PickScore_v1}}}"
         )
     prompts = read_prompts(e.dataset, e.num_prompts)
+    tags = prompt_tags(Path(e.dataset))
+    tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
@@ -259,7 +279,7 @@ def run_eval(
     summary = evaluate(
         policy, prompts, rewards, sampler_grid(e.num_steps, e.shift, policy), guidance_scale=e.guidance_scale,
         images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
-        save_images=e.save_images, progress=progress, dist=d,
+        save_images=e.save_images, progress=progress, dist=d, tags=tags,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset},
     )  # fmt: skip
     if d.main:
@@ -272,6 +292,9 @@ def run_eval(
     else:
         for k, v in summary["scores"].items():
             print(f"{k:<20} {v:.4f}")
+        for k, per_tag in summary.get("by_tag", {}).items():
+            print(f"{k} by tag: " + ", ".join(f"{t} {v:.4f}" for t, v in per_tag.items()))
+            print(f"{k} mean over tags (GenEval's overall): {summary['tag_mean'][k]:.4f}")
         print(
             f"({summary['num_prompts']} prompts x {e.images_per_prompt}, {e.num_steps} Euler steps, CFG "
             f"{e.guidance_scale}, seed {e.seed})\nwrote {out}/scores.jsonl, summary.json"

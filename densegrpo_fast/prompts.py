@@ -39,6 +39,16 @@ def prompt_lines(path: Path, field: str) -> list[str]:
     return out
 
 
+def prompt_tags(path: Path) -> list[str | None] | None:
+    """The ``tag`` of each prompt of a ``.jsonl`` prompt file (GenEval's task: single_object, two_object,
+    counting, colors, position, color_attr), None where a line has none; None for other files or a file
+    without any tag. Aligned with :func:`prompt_lines`."""
+    if path.suffix != ".jsonl":
+        return None
+    tags = [json.loads(ln).get("tag") for ln in path.read_text().splitlines() if ln.strip()]
+    return tags if any(t is not None for t in tags) else None
+
+
 class PromptSource:
     def __init__(self, dataset: str, seed: int = 0):
         self.dataset = dataset

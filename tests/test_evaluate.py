@@ -86,3 +86,29 @@ def test_prompt_files(tmp_path):
     assert read_prompts(tmp_path / "p.jsonl") == ["a cat"]
     with pytest.raises(ValueError, match="not shipped"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_per_tag_means_average_over_tasks_as_geneval_does(policy, tmp_path):
+    tags = ["colors", "two_object", "colors", "position", "counting"]
+    s = run(policy, tmp_path / "t", tags=tags)
+    per_prompt = {r["index"]: sum(r["redness"]) / 2 for r in rows(tmp_path / "t")}
+    by_tag = {t: [per_prompt[i] for i in range(5) if tags[i] == t] for t in dict.fromkeys(tags)}
+    want = {t: sum(v) / len(v) for t, v in by_tag.items()}
+    assert s["by_tag"]["redness"] == pytest.approx(want)
+    assert s["tag_mean"]["redness"] == pytest.approx(sum(want.values()) / 4)  # over 4 tasks, not 5 prompts
+    assert s["tag_mean"]["redness"] != pytest.approx(s["scores"]["redness"])
+    assert json.loads((tmp_path / "t" / "summary.json").read_text())["by_tag"] == s["by_tag"]
+    assert "by_tag" not in run(policy, tmp_path / "u")
+    with pytest.raises(ValueError, match="4 tags for 5 prompts"):
+        run(policy, tmp_path / "v", tags=tags[:4])
+
+
+def test_prompt_tags_of_a_jsonl_file(tmp_path):
+    from densegrpo_fast.prompts import prompt_tags
+
+    (tmp_path / "m.jsonl").write_text('{"prompt": "a", "tag": "colors"}\n\n{"prompt": "b"}\n')
+    assert prompt_tags(tmp_path / "m.jsonl") == ["colors", None]
+    (tmp_path / "n.jsonl").write_text('{"prompt": "a"}\n')
+    assert prompt_tags(tmp_path / "n.jsonl") is None
+    (tmp_path / "p.txt").write_text("a\n")
+    assert prompt_tags(tmp_path / "p.txt") is None

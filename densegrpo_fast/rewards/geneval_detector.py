@@ -379,8 +379,8 @@ class ColourClassifier:
         """The colour of each detection of class ``cls`` in ``image`` ([3, H, W] in [0, 1])."""
         if not dets:
             return []
-        dev = self.encoder.place(image)
-        pixels = torch.cat([self.preprocess(object_crop(image, d)[None]) for d in dets]).to(dev)
+        image = image.to(self.encoder.place(image))  # crops and resizes on the model's device
+        pixels = torch.cat([self.preprocess(object_crop(image, d)[None]) for d in dets])
         enc = self.encoder
         from densegrpo_fast.rewards.clip import _embedding
 
