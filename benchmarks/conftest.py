@@ -224,6 +224,11 @@ def _append(row: dict) -> None:
             old = reader.fieldnames or []
             if old != COLUMNS:
                 rows = list(reader)
+        if old and old != COLUMNS[: len(old)]:
+            raise ValueError(
+                f"{CSV_PATH} has the columns {old}, which are not a start of this version's {COLUMNS}: write "
+                "to another file (DENSEGRPO_BENCH_CSV=...) rather than lose columns"
+            )
         if old != COLUMNS:
             with CSV_PATH.open("w", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=COLUMNS)

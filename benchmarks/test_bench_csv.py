@@ -3,9 +3,12 @@
 import csv
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import conftest
+import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 OLD = [c for c in conftest.COLUMNS if c != "median_ms"]
@@ -49,3 +52,43 @@ def test_the_report_times_rows_by_their_median(tmp_path):
                          text=True, check=True).stdout  # fmt: skip
     assert "| sde_step | 24x16x64x64 | bfloat16 | triton | 1.0000 | 1.0 | 2.0 | 3.0x |" in out
     assert "| sde_step | 24x16x64x64 | bfloat16 | flow-grpo | 3.0000 |" in out
+
+
+class FakeBenchmark:
+    """pytest-benchmark's fixture as the timing helpers use it: rounds whose median is not their mean."""
+
+    def __init__(self):
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(median=2.0, mean=3.0))
+
+    def pedantic(self, body, rounds, warmup_rounds):
+        body()
+
+
+def test_timings_are_per_call_and_the_record_uses_the_median(tmp_path, monkeypatch):
+    calls = []
+    t = conftest.time_per_call(FakeBenchmark(), [lambda: calls.append(1)] * 2, inner=4)
+    assert t == conftest.Timing(median=0.5, mean=0.75)  # 4 calls per round
+    monkeypatch.setattr(conftest, "CSV_PATH", tmp_path / "r.csv")
+    monkeypatch.setattr(conftest, "ROWS", [])
+    record = conftest.record.__wrapped__(100.0)  # copy bandwidth 100 GB/s
+    record("op", "triton", (2, 3), torch.float32, t, 10**9)  # 1 GB in 0.5 s
+    row = conftest.ROWS[0]
+    assert (row["gb_per_s"], row["pct_of_copy"], row["median_ms"], row["mean_ms"]) == (
+        "2.0",
+        "2.0",
+        "500.0000",
+        "750.0000",
+    )
+
+
+def test_a_csv_with_other_columns_is_not_rewritten(tmp_path, monkeypatch):
+    path = tmp_path / "results.csv"
+    path.write_text("utc,device,something_else\n1,2,3\n")
+    monkeypatch.setattr(conftest, "CSV_PATH", path)
+    monkeypatch.setattr(conftest, "ROWS", [])
+    with pytest.raises(ValueError, match="not a start of this version's"):
+        conftest._append(_row("triton", "1.2", "1.0"))
+    assert path.read_text() == "utc,device,something_else\n1,2,3\n"
+    path.write_text("")  # an empty file gets the header
+    conftest._append(_row("triton", "1.2", "1.0"))
+    assert path.read_text().splitlines()[0] == ",".join(conftest.COLUMNS)

@@ -288,7 +288,7 @@ def _json_object(text: str) -> dict:
 def _add_serve_reward(sub) -> None:
     p = sub.add_parser(
         "serve-reward",
-        help="host one reward over HTTP for the `remote` / `geneval` rewards (e.g. GenEval in its own env)",
+        help="host one reward over HTTP for the `remote` / `geneval` rewards (e.g. geneval_detector in an env with mmdetection)",
     )
     p.add_argument(
         "--reward",

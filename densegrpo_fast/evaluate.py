@@ -11,7 +11,8 @@ Outputs in ``eval.output_dir``:
     summary.json   the mean of each reward over all images, the protocol, the checkpoint, the count; for a
                    ``.jsonl`` prompt file with GenEval's ``tag`` per line, also each reward's mean per tag
                    (``by_tag``) and the mean of those (``tag_mean``: GenEval's "Overall", an average over
-                   its six tasks, not over its 553 prompts)
+                   its six tasks, not over its 553 prompts; prompts without a tag enter neither, and
+                   ``untagged_prompts`` counts them)
     images/        ``{index:05d}_{j}.png`` when ``eval.save_images`` is on
 
 Under ``torchrun`` the prompts are shared out (prompt ``i`` to rank ``i % world``); each rank appends to
@@ -60,12 +61,16 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ValueError(
-            f"eval.dataset={str(path)!r} is not a file: pass a text file with one prompt per line (the "
+            f"eval.dataset={str(path)!r} is not a file: pass a text file with one prompt per line, or a .jsonl "
+            "file with a 'prompt' per line (the "
             "GenEval, OCR and PickScore prompt sets are not shipped; see the README)"
         )
     lines = prompt_lines(p, "eval.dataset")
     if not lines:
-        raise ValueError(f"eval.dataset={str(path)!r} holds no prompt: put one prompt per line")
+        raise ValueError(
+            f"eval.dataset={str(path)!r} holds no prompt: put one prompt per line (a .jsonl file: one object "
+            "with a 'prompt' per line)"
+        )
     return lines[:limit] if limit else lines
 
 
@@ -107,6 +112,7 @@ def evaluate(
     if scores_path.exists() and not (text := scores_path.read_text()).endswith("\n") and text:
         scores_path.write_text(text[: text.rfind("\n") + 1])  # a line cut short by a kill: scored again
     done = _read_scores(out, rewards)
+    _check_same_prompts(out, done, prompts)
     distributed.barrier(d)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -207,16 +213,31 @@ def _summary(
         **{k: v for k, v in protocol.items() if k != "sigmas"},
         "wall_s_this_call": round(time.perf_counter() - t0, 3),
     }
-    if tags is not None:
+    if tags is not None:  # (prompts without a tag enter no task's mean; they are counted)
         groups: dict[str, list[dict]] = {}
         for i in sorted(done):
-            groups.setdefault(str(tags[i]), []).append(done[i])
+            if tags[i] is not None:
+                groups.setdefault(tags[i], []).append(done[i])
         by_tag = {k: {t: sum(sum(r[k]) for r in rows) / (len(rows) * images_per_prompt)
                       for t, rows in groups.items()} for k in rewards}  # fmt: skip
         summary["by_tag"] = by_tag
         summary["tag_mean"] = {k: sum(v.values()) / len(v) for k, v in by_tag.items()}
+        if untagged := sum(tags[i] is None for i in done):
+            summary["untagged_prompts"] = untagged
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_same_prompts(out: Path, done: dict, prompts: list[str]) -> None:
+    """Scores kept in ``out`` must be of the prompts now at their indices (a prompt file edited or reordered
+    at the same path would put them on other prompts, and under other tags)."""
+    for i in sorted(done):
+        if i >= len(prompts) or done[i]["prompt"] != prompts[i]:
+            now = repr(prompts[i]) if i < len(prompts) else "no prompt"
+            raise ValueError(
+                f"{out} holds scores of prompt {i} {done[i]['prompt']!r}, but the prompt file has {now} there: "
+                "it changed since; give eval.output_dir a new directory (or delete the old one) to evaluate afresh"
+            )
 
 
 def _check_same_protocol(path: Path, protocol: dict) -> None:
@@ -264,7 +285,7 @@ def run_eval(
             "eval.rewards={pickscore: {name: pickscore, kwargs: {model: /path/to/PickScore_v1}}}"
         )
     prompts = read_prompts(e.dataset, e.num_prompts)
-    tags = prompt_tags(Path(e.dataset))
+    tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
     torch.set_num_threads(cfg.model.num_threads)

@@ -16,12 +16,17 @@ import numpy as np
 STREAMS = {"train": 0, "calibration": 1, "eval": 2}
 
 
-def prompt_lines(path: Path, field: str) -> list[str]:
-    """The prompts of a file: its non-empty lines, or of a ``.jsonl`` file the ``prompt`` of each line's JSON
-    object (GenEval's metadata files are of this form). ``field`` names the setting in errors."""
+def _jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
+    """Each prompt of a file with its tag: the non-empty lines of a text file (no tags), or of a ``.jsonl``
+    file the ``prompt`` (stripped) and ``tag`` of each line's JSON object (GenEval's metadata files are of
+    this form: the tag is its task). ``field`` names the setting in errors."""
     lines = [ln.strip() for ln in path.read_text().splitlines()]
-    if path.suffix != ".jsonl":
-        return [ln for ln in lines if ln]
+    if not _jsonl(path):
+        return [(ln, None) for ln in lines if ln]
     out = []
     for number, line in enumerate(lines, 1):
         if not line:
@@ -35,17 +40,21 @@ def prompt_lines(path: Path, field: str) -> list[str]:
                 f"{field}={str(path)!r}, line {number}: a .jsonl prompt file holds one JSON object per line "
                 f"with a non-empty 'prompt' string (as GenEval's metadata does); got {line[:80]!r}"
             )
-        out.append(obj["prompt"].strip())
+        tag = obj.get("tag")
+        out.append((obj["prompt"].strip(), None if tag is None else str(tag)))
     return out
 
 
-def prompt_tags(path: Path) -> list[str | None] | None:
-    """The ``tag`` of each prompt of a ``.jsonl`` prompt file (GenEval's task: single_object, two_object,
-    counting, colors, position, color_attr), None where a line has none; None for other files or a file
+def prompt_lines(path: Path, field: str) -> list[str]:
+    """The prompts of a file (:func:`prompt_records` without the tags)."""
+    return [p for p, _ in prompt_records(path, field)]
+
+
+def prompt_tags(path: Path, field: str = "eval.dataset") -> list[str | None] | None:
+    """The tag of each prompt of a ``.jsonl`` prompt file (GenEval's task: single_object, two_object,
+    counting, colors, position, color_attr), None where a line has none; None for a text file or a file
     without any tag. Aligned with :func:`prompt_lines`."""
-    if path.suffix != ".jsonl":
-        return None
-    tags = [json.loads(ln).get("tag") for ln in path.read_text().splitlines() if ln.strip()]
+    tags = [t for _, t in prompt_records(path, field)]
     return tags if any(t is not None for t in tags) else None
 
 
@@ -68,7 +77,10 @@ class PromptSource:
                 )
             self._lines = prompt_lines(path, "prompts.dataset")
             if not self._lines:
-                raise ValueError(f"prompts.dataset={dataset!r} holds no prompt: put one prompt per line")
+                raise ValueError(
+                    f"prompts.dataset={dataset!r} holds no prompt: put one prompt per line (a .jsonl file: one "
+                    "object with a 'prompt' per line)"
+                )
 
     def pool(self) -> tuple[list[str], np.ndarray]:
         """Every prompt the source can draw, with the probability :meth:`sample` draws it by (toy splits: a

@@ -108,7 +108,32 @@ def test_prompt_tags_of_a_jsonl_file(tmp_path):
 
     (tmp_path / "m.jsonl").write_text('{"prompt": "a", "tag": "colors"}\n\n{"prompt": "b"}\n')
     assert prompt_tags(tmp_path / "m.jsonl") == ["colors", None]
+    (tmp_path / "M.JSONL").write_text('{"prompt": "a", "tag": "colors"}\n')
+    assert prompt_tags(tmp_path / "M.JSONL") == ["colors"] and read_prompts(tmp_path / "M.JSONL") == ["a"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n[1]\n')
+    with pytest.raises(ValueError, match="eval.dataset=.*line 2: a .jsonl prompt file holds one JSON object"):
+        prompt_tags(tmp_path / "bad.jsonl")
     (tmp_path / "n.jsonl").write_text('{"prompt": "a"}\n')
     assert prompt_tags(tmp_path / "n.jsonl") is None
     (tmp_path / "p.txt").write_text("a\n")
     assert prompt_tags(tmp_path / "p.txt") is None
+
+
+def test_tags_survive_a_resume_and_untagged_prompts_enter_no_task(policy, tmp_path):
+    tags = ["colors", None, "colors", "position", None]
+    first = run(policy, tmp_path / "t", tags=tags)
+    assert set(first["by_tag"]["redness"]) == {"colors", "position"} and first["untagged_prompts"] == 2
+    lines = (tmp_path / "t" / "scores.jsonl").read_text().splitlines()
+    (tmp_path / "t" / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if killed after 3 prompts
+    again = run(policy, tmp_path / "t", tags=tags)
+    assert again["by_tag"] == first["by_tag"] and again["tag_mean"] == first["tag_mean"]
+
+
+def test_a_changed_prompt_file_is_not_resumed_onto(policy, tmp_path):
+    run(policy, tmp_path / "t")
+    edited = [PROMPTS[1], PROMPTS[0], *PROMPTS[2:]]
+    with pytest.raises(
+        ValueError, match="holds scores of prompt 0 'a red circle', but the prompt file has 'two"
+    ):
+        evaluate(policy, edited, {"redness": build_reward("redness")}, sigma_grid(4, 1.0), guidance_scale=1.5,
+                 images_per_prompt=2, batch_size=3, seed=1, output_dir=tmp_path / "t", progress=False)  # fmt: skip

@@ -352,6 +352,15 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     # nothing left to do: a second call only rereads the scores
     again = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
     assert again["scores"] == trained["scores"]
+    # a GenEval-style .jsonl: the prompt fields, and each tag's mean in the summary (eval.num_prompts honoured)
+    tagged = tmp_path / "tagged.jsonl"
+    rows = [("a red circle", "colors"), ("two blue squares", "counting"), ("a green dog", "colors")]
+    tagged.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in rows))
+    out_t = [f"eval.dataset={tagged}", "eval.num_prompts=2", f"eval.output_dir={tmp_path / 'ev_t'}"]
+    by_tag = run_eval(None, [*ev, *out_t], checkpoint=export)["by_tag"]["red"]
+    first_two = [json.loads(ln)["red"] for ln in lines[:2]]  # the same prompts, indices and seeds
+    assert by_tag == pytest.approx({"colors": sum(first_two[0]) / len(first_two[0]),
+                                    "counting": sum(first_two[1]) / len(first_two[1])})  # fmt: skip
     # with the blocks compiled (the eager backend runs the captured graphs as they are): the same scores
     compiled = ["model.compile=true", "model.compile_backend=eager", f"eval.output_dir={tmp_path / 'ev_c'}"]
     assert run_eval(None, [*ev, *compiled], checkpoint=export)["scores"] == trained["scores"]

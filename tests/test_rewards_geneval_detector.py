@@ -302,7 +302,7 @@ def fake_mmdet(monkeypatch):
 def geneval_files(tmp_path):
     rows = [
         {"tag": "single_object", "prompt": "a photo of a dog", "include": [{"class": "dog", "count": 1}]},
-        {"tag": "single_object", "prompt": "a photo of a bench", "include": [{"class": "bench", "count": 1}]},
+        {"tag": "single_object", "prompt": "a photo of a bench ", "include": [{"class": "bench", "count": 1}]},
         {"tag": "colors", "prompt": "a photo of a red dog", "include": [{"class": "dog", "count": 1, "color": "red"}]},
     ]  # fmt: skip
     meta = tmp_path / "metadata.jsonl"
@@ -331,6 +331,7 @@ def test_reward_scores_through_mmdet_in_bgr(fake_mmdet, geneval_files, clip_dir)
     assert reward.last_verdicts[1].reasons == ["expected bench >= 1, found 0"]
     with pytest.raises(ValueError, match="is not in the GenEval metadata"):
         reward(images[:1], ["a photo of a horse"])
+    assert reward(images[:1], [" a photo of a dog "]).tolist() == [1.0]  # prompts are matched stripped
     chunked = build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir, detector_batch=1))
     assert chunked(images.repeat(3, 1, 1, 1), ["a photo of a dog", "a photo of a bench"] * 3).tolist() == [
         1.0, 0.0, 1.0, 0.0, 1.0, 0.0,
@@ -377,6 +378,7 @@ def test_reward_errors_name_the_fix(fake_mmdet, geneval_files, clip_dir, monkeyp
     assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "threshold": 1.5})
     assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "max_objects": 2.5})
     assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "detector_batch": 0})
+    assert kwargs_problems("geneval_detector", {**_kwargs(geneval_files, clip_dir), "threshold": "0.3"})
     assert not kwargs_problems("geneval_detector", _kwargs(geneval_files, clip_dir))
     monkeypatch.setitem(sys.modules, "mmdet", None)  # not installed
     monkeypatch.setitem(sys.modules, "mmdet.apis", None)

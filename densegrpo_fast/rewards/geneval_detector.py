@@ -22,7 +22,7 @@ almost nothing, so the reward refuses to start when a parameter of the model is 
 
 **Kept detections**, per class: score above ``threshold`` (0.3; ``counting_threshold`` 0.9 for prompts
 tagged ``counting``; compared in float32, as GenEval compares its float32 scores), most confident first
-(equal scores last-first, as GenEval's reversed argsort orders them), at most ``max_objects`` (16), then
+(equal scores last-first, as GenEval's reversed argsort orders the short lists it sorts), at most ``max_objects`` (16), then
 greedy non-maximum suppression at IoU ``max_overlap`` (1.0: none, GenEval's default; boxes in GenEval's
 inclusive pixel convention).
 
@@ -56,9 +56,9 @@ components vanish; otherwise, divided by the unshrunk offset's length, a compone
   do not enter (the count term covers them).
 
 Setup: an environment with mmdetection and mmcv and Python >= 3.10 (GenEval's own ``environment.yml`` is
-Python 3.9, which this package does not run on; an environment like the one Flow-GRPO's reward server
-uses, Python 3.10 with mmdetection 2.x, is the kind meant; not tried here, where mmdetection does not
-install), then ``pip install --no-deps -e /path/to/densegrpo-fast`` (the server needs torch, safetensors,
+Python 3.9, which this package does not run on; a setup other RL projects' GenEval servers use is
+Python 3.11, torch 2.1.2, mmcv 1.x built from source and mmdetection 2.x; not tried here, where
+mmdetection does not install), then ``pip install --no-deps -e /path/to/densegrpo-fast`` (the server needs torch, safetensors,
 numpy and transformers). Config and checkpoint, one of two pairs: mmdetection 2.x's
 ``configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py`` with the v2.0 checkpoint
 (``..._coco_20220504_001756-743b7d99.pth``), or 3.x's ``mask2former_swin-s-p4-w7-224_8xb2-lsj-50e_coco.py``
@@ -66,7 +66,7 @@ with the v3.0 one (``..._coco_20220504_001756-c9d0c4f2.pth``, which GenEval's ``
 fetches)::
 
     densegrpo-fast serve-reward --reward geneval_detector --port 8085 --kwargs '{
-        "metadata": ["/w/geneval/train_metadata.jsonl", "/w/geneval/evaluation_metadata.jsonl"],
+        "metadata": ["/w/flow_grpo/train_metadata.jsonl", "/w/geneval/evaluation_metadata.jsonl"],
         "detector_config": "/w/mmdet/configs/mask2former/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.py",
         "detector_checkpoint": "/w/mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco_20220504_001756-743b7d99.pth",
         "class_names": "/w/geneval/evaluation/object_names.txt", "clip": "/w/clip-vit-large-patch14"}'
@@ -112,9 +112,11 @@ class Settings:
 
     def problems(self) -> list[str]:
         out = []
-        for name in ("threshold", "counting_threshold", "max_overlap"):
+        for name in ("threshold", "counting_threshold", "max_overlap", "position_threshold"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                out.append(f"reward.kwargs.{name}={v!r} must be a number")
+            elif name != "position_threshold" and not 0.0 <= v <= 1.0:
                 out.append(f"reward.kwargs.{name}={v} must lie in [0, 1] (GenEval: 0.3, 0.9, 1.0)")
         if (
             not isinstance(self.max_objects, int)
@@ -122,7 +124,7 @@ class Settings:
             or self.max_objects < 1
         ):
             out.append(f"reward.kwargs.max_objects={self.max_objects} must be >= 1 (GenEval: 16)")
-        if self.position_threshold < 0:
+        if isinstance(self.position_threshold, (int, float)) and self.position_threshold < 0:
             out.append(
                 f"reward.kwargs.position_threshold={self.position_threshold} must be >= 0 (GenEval: 0.1)"
             )
@@ -211,7 +213,7 @@ def load_metadata(paths: str | Sequence[str]) -> dict[str, dict]:
                     f"{path}, line {i}: not JSON ({e}); the file must hold one object per line"
                 ) from None
             check_metadata(meta, f"{path}, line {i}")
-            old = table.setdefault(meta["prompt"], meta)
+            old = table.setdefault(meta["prompt"].strip(), meta)  # (the prompt files' prompts are stripped)
             if _rules(old) != _rules(meta):
                 raise ValueError(
                     f"{path}, line {i}: prompt {meta['prompt']!r} appears earlier with other requirements; "
@@ -580,16 +582,19 @@ class GenEvalDetectorReward:
         check_batch(images, prompts)
         metas = []
         for p in prompts:
-            if p not in self.metadata:
+            if p.strip() not in self.metadata:
                 raise ValueError(
                     f"prompt {p!r} is not in the GenEval metadata this reward was given: train on "
                     "prompts from those files (prompts.dataset may be the same .jsonl), or add its metadata "
                     "file"
                 )
-            metas.append(self.metadata[p])
+            metas.append(self.metadata[p.strip()])
         image = to_uint8(images).float() / 255  # the 8-bit image GenEval sees (a PNG)
+        detections = self.detect(images)
+        if len(detections) != len(metas):
+            raise RuntimeError(f"the detector answered {len(detections)} results for {len(metas)} images")
         verdicts = []
-        for i, (meta, dets) in enumerate(zip(metas, self.detect(images), strict=True)):
+        for i, (meta, dets) in enumerate(zip(metas, detections, strict=True)):
             objects = keep(dets, meta.get("tag"), self.settings)
             colours = functools.partial(self.colours, image[i])
             verdicts.append(judge(meta, objects, colours, self.settings.position_threshold))

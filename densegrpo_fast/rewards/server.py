@@ -2,7 +2,7 @@
 
 Protocol, commands and the GenEval set-up are in :mod:`densegrpo_fast.rewards.remote`. The reward is a
 registry name (``--reward pickscore``) or a user factory ``package.module:callable`` called with
-``--kwargs`` (so a GenEval scorer can be wrapped in the GenEval environment).
+``--kwargs`` (so a GenEval scorer can run where mmdetection is installed; ``geneval_detector`` is one).
 
 Built on the standard library's ``ThreadingHTTPServer``: requests are read and validated in their own
 threads (``/health`` answers while a batch scores), and one lock lets one batch score at a time, so the
