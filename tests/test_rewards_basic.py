@@ -3,7 +3,9 @@
 import io
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -220,3 +222,46 @@ def test_the_rewards_command_lists_every_reward_with_its_keywords(capsys):
     assert ":func:" not in json.dumps(row) and "``" not in row["summary"]
     assert main(["rewards", "hsp"]) == 2
     assert "did you mean 'hps'" in capsys.readouterr().err
+
+
+class FakePaddleOCR:
+    """``paddleocr.PaddleOCR`` 2.x as the recognizer uses it: answers per image from a preset list."""
+
+    answers: list = []
+    made: list = []
+
+    def __init__(self, **kwargs):
+        FakePaddleOCR.made.append(kwargs)
+        self.seen = []
+
+    def ocr(self, img, cls=True):
+        assert cls is False
+        self.seen.append(img)
+        return self.answers[len(self.seen) - 1]
+
+
+def test_paddleocr_recognizer_reads_as_flow_grpo(monkeypatch):
+    fake = types.ModuleType("paddleocr")
+    fake.PaddleOCR, fake.__version__ = FakePaddleOCR, "2.9.1"
+    monkeypatch.setitem(sys.modules, "paddleocr", fake)
+    FakePaddleOCR.made = []
+    box = [[0, 0]] * 4
+    page = [[box, ("Open 24", 0.9)], [box, ("junk", 0.0)], [box, (" hours", 0.5)]]
+    FakePaddleOCR.answers = [[page], [None]]  # per image: one page of lines; nothing read
+    reward = build_reward(
+        "ocr", recognizer="paddleocr", recognizer_kwargs={"gpu": False, "rec_model_dir": "/m/rec"}
+    )
+    assert FakePaddleOCR.made == [
+        {"use_angle_cls": False, "lang": "en", "show_log": False, "use_gpu": False, "rec_model_dir": "/m/rec"}
+    ]
+    images = _images(2)
+    assert reward(images, ['"Open 24 hours"', '"Open"']).tolist() == [1.0, 0.0]  # confidence 0 is dropped
+    seen = reward.recognizer.ocr.seen
+    assert seen[0].dtype == np.uint8 and seen[0].shape == (images.shape[2], images.shape[3], 3)
+    assert (seen[0] == (images[0] * 255).round().permute(1, 2, 0).numpy()).all()  # RGB, as Flow-GRPO passes
+    fake.__version__ = "3.0.0"
+    with pytest.raises(ValueError, match=r"PaddleOCR 3.0.0 is installed.*paddleocr==2.9.1"):
+        build_reward("ocr", recognizer="paddleocr")
+    monkeypatch.setitem(sys.modules, "paddleocr", None)
+    with pytest.raises(ValueError, match="paddlepaddle-gpu==2.6.2 paddleocr==2.9.1"):
+        build_reward("ocr", recognizer="paddleocr")

@@ -17,9 +17,10 @@ break between OCR lines counts as nothing). Then, with ``d`` the Levenshtein dis
 
 Both lie in [0, 1] by construction. The recognizer is pluggable: any object with ``read(images [B, 3, H, W]
 float in [0, 1]) -> list[str]`` (one string per image, its lines joined). ``recognizer: easyocr`` (default)
-builds :class:`EasyOcrRecognizer` (``pip install 'densegrpo-fast[ocr]'``); ``recognizer:
-"package.module:callable"`` calls a user factory with ``recognizer_kwargs``. Flow-GRPO uses PaddleOCR, so
-absolute OCR numbers from EasyOCR are not the paper's; wrap PaddleOCR in a factory to compare.
+builds :class:`EasyOcrRecognizer` (``pip install 'densegrpo-fast[ocr]'``); ``recognizer: paddleocr`` builds
+:class:`PaddleOcrRecognizer`, the recognizer behind Flow-GRPO's and the DenseGRPO paper's OCR numbers, set
+up as Flow-GRPO sets it up (absolute numbers from EasyOCR are not the paper's); ``recognizer:
+"package.module:callable"`` calls a user factory with ``recognizer_kwargs``.
 """
 
 from __future__ import annotations
@@ -130,6 +131,54 @@ class EasyOcrRecognizer:
         return texts
 
 
+class PaddleOcrRecognizer:
+    """PaddleOCR as Flow-GRPO runs it: English, no angle classifier, each image's recognised pieces with a
+    confidence above ``min_confidence`` (Flow-GRPO: 0) joined without separators, nothing read = "".
+
+    Install what Flow-GRPO pins, ``pip install paddlepaddle-gpu==2.6.2 paddleocr==2.9.1`` (``paddlepaddle``
+    on a machine without CUDA); not an extra of this package (Paddle's wheels are per CUDA version).
+    PaddleOCR 2.x fetches its detection and recognition models on first use; without network give their
+    folders in ``options`` (``det_model_dir``, ``rec_model_dir``), which go to ``PaddleOCR(...)`` as they
+    are. Images go to ``PaddleOCR.ocr`` as 8-bit RGB arrays, as Flow-GRPO hands them over; its answer per
+    image is ``[[box, (text, confidence)], ...]``, or ``None`` when nothing is read. PaddleOCR 3.x changed
+    the constructor's arguments and the answer: it is refused with the fix. ``gpu``: None = when CUDA is
+    available (``use_gpu``).
+    """
+
+    def __init__(self, lang: str = "en", gpu: bool | None = None, min_confidence: float = 0.0, **options):
+        try:
+            import paddleocr
+            from paddleocr import PaddleOCR
+        except ImportError as e:
+            raise ValueError(
+                f"reward 'ocr' with recognizer 'paddleocr' needs PaddleOCR ({type(e).__name__}: {e}): "
+                "pip install paddlepaddle-gpu==2.6.2 paddleocr==2.9.1 (Flow-GRPO's versions; paddlepaddle "
+                "without CUDA), or use recognizer 'easyocr'"
+            ) from None
+        version = str(getattr(paddleocr, "__version__", "2"))
+        if not version.startswith("2."):
+            raise ValueError(
+                f"PaddleOCR {version} is installed; the 'paddleocr' recognizer follows PaddleOCR 2.x, as "
+                "Flow-GRPO runs it: pip install paddleocr==2.9.1 (or give a recognizer factory for 3.x)"
+            )
+        kwargs = dict(use_angle_cls=False, lang=lang, show_log=False)
+        kwargs["use_gpu"] = torch.cuda.is_available() if gpu is None else gpu
+        kwargs.update(options)
+        self.ocr = PaddleOCR(**kwargs)
+        self.min_confidence = float(min_confidence)
+
+    def read(self, images: torch.Tensor) -> list[str]:
+        return [
+            self._text(self.ocr.ocr(arr, cls=False)) for arr in to_uint8(images).permute(0, 2, 3, 1).numpy()
+        ]
+
+    def _text(self, result) -> str:
+        page = result[0] if result else None  # one image in, one page out: [box, (text, confidence)] per line
+        if not page:
+            return ""
+        return "".join(text for _, (text, conf) in page if conf > self.min_confidence)
+
+
 def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
     if not isinstance(recognizer, str):
         if not callable(getattr(recognizer, "read", None)):
@@ -137,13 +186,15 @@ def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
         return recognizer
     if recognizer == "easyocr":
         return EasyOcrRecognizer(**recognizer_kwargs)
+    if recognizer == "paddleocr":
+        return PaddleOcrRecognizer(**recognizer_kwargs)
     if ":" in recognizer:
         from densegrpo_fast.rewards.server import load_object
 
         return _build_recognizer(load_object(recognizer)(**recognizer_kwargs), {})
     raise ValueError(
-        f"reward.kwargs.recognizer={recognizer!r}: use 'easyocr' or a factory 'package.module:callable' "
-        "returning an object with read(images) -> list[str]"
+        f"reward.kwargs.recognizer={recognizer!r}: use 'easyocr', 'paddleocr' or a factory "
+        "'package.module:callable' returning an object with read(images) -> list[str]"
     )
 
 
@@ -151,7 +202,7 @@ def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
 class OcrReward:
     """OCR: how well the image spells the text between the prompt's first pair of quotes, in [0, 1] (by
     default Flow-GRPO's: 1 when the text is read, else 1 - its edit distance over its length; EasyOCR, the
-    ``[ocr]`` extra).
+    ``[ocr]`` extra, or PaddleOCR, Flow-GRPO's recognizer).
 
     kwargs (see the module doc): ``recognizer``, ``recognizer_kwargs``, ``normalization``."""
 
