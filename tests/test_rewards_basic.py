@@ -259,6 +259,8 @@ def test_paddleocr_recognizer_reads_as_flow_grpo(monkeypatch):
     seen = reward.recognizer.ocr.seen
     assert seen[0].dtype == np.uint8 and seen[0].shape == (images.shape[2], images.shape[3], 3)
     assert (seen[0] == (images[0] * 255).round().permute(1, 2, 0).numpy()).all()  # RGB, as Flow-GRPO passes
+    del fake.__version__  # (no distribution metadata either: the version is unknown, and not refused)
+    assert build_reward("ocr", recognizer="paddleocr", recognizer_kwargs={"gpu": False})
     fake.__version__ = "3.0.0"
     with pytest.raises(ValueError, match=r"PaddleOCR 3.0.0 is installed.*paddleocr==2.9.1"):
         build_reward("ocr", recognizer="paddleocr")

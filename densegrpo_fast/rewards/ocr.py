@@ -155,8 +155,8 @@ class PaddleOcrRecognizer:
                 "pip install paddlepaddle-gpu==2.6.2 paddleocr==2.9.1 (Flow-GRPO's versions; paddlepaddle "
                 "without CUDA), or use recognizer 'easyocr'"
             ) from None
-        version = str(getattr(paddleocr, "__version__", "2"))
-        if not version.startswith("2."):
+        version = _installed_version("paddleocr") or str(getattr(paddleocr, "__version__", ""))
+        if version and not version.startswith("2."):
             raise ValueError(
                 f"PaddleOCR {version} is installed; the 'paddleocr' recognizer follows PaddleOCR 2.x, as "
                 "Flow-GRPO runs it: pip install paddleocr==2.9.1 (or give a recognizer factory for 3.x)"
@@ -177,6 +177,15 @@ class PaddleOcrRecognizer:
         if not page:
             return ""
         return "".join(text for _, (text, conf) in page if conf > self.min_confidence)
+
+
+def _installed_version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
 
 
 def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
