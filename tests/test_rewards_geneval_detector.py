@@ -459,3 +459,23 @@ def test_jsonl_prompt_files_read_the_prompt_field(tmp_path):
     f.write_text('{"prompt": "a dog"\n')
     with pytest.raises(ValueError, match="line 1: not JSON"):
         PromptSource(str(f))
+
+
+def test_a_batch_is_coloured_in_one_clip_pass(fake_mmdet, geneval_files, clip_dir, monkeypatch):  # noqa: F811
+    reward = build_reward("geneval_detector", **_kwargs(geneval_files, clip_dir, mode="geneval"))
+    clf = reward.colours
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    for i, (y, x) in enumerate([(5, 7), (9, 3), (12, 12)]):
+        images[i, 2, y, x] = 1.0  # each image's dog (the fake detector's box around its bluest pixel)
+    image8 = (images * 255).round() / 255
+    single = [clf(image8[i], "dog", reward.detect(images[i : i + 1])[0]["dog"]) for i in range(3)]
+    calls = []
+    forward = clf.encoder.model.get_image_features
+    monkeypatch.setattr(
+        clf.encoder.model, "get_image_features", lambda **kw: calls.append(1) or forward(**kw)
+    )
+    scores = reward(images, ["a photo of a red dog"] * 3)
+    assert len(calls) == 1  # three clauses' crops, one forward pass
+    assert scores.tolist() == [float(c == ["red"]) for c in single]
+    assert clf.many([]) == [] and clf.many([(image8[0], "dog", [])]) == [[]]

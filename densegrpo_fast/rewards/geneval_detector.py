@@ -376,22 +376,33 @@ class ColourClassifier:
             self._weights[cls] = F.normalize(emb.mean(1), dim=-1)
         return self._weights[cls]
 
-    @torch.no_grad()
     def __call__(self, image: torch.Tensor, cls: str, dets: list[Detection]) -> list[str]:
         """The colour of each detection of class ``cls`` in ``image`` ([3, H, W] in [0, 1])."""
-        if not dets:
-            return []
-        image = image.to(self.encoder.place(image))  # crops and resizes on the model's device
-        pixels = torch.cat([self.preprocess(object_crop(image, d)[None]) for d in dets])
-        enc = self.encoder
+        return self.many([(image, cls, dets)])[0]
+
+    @torch.no_grad()
+    def many(self, queries: list[tuple[torch.Tensor, str, list[Detection]]]) -> list[list[str]]:
+        """:meth:`__call__` for many (image, class, detections) at once: every crop of a request goes through
+        CLIP in batches of ``max_batch``, not one forward pass per clause."""
         from densegrpo_fast.rewards.clip import _embedding
 
+        crops, owners = [], []
+        for q, (image, _, dets) in enumerate(queries):
+            image = image.to(self.encoder.place(image))  # crops and resizes on the model's device
+            crops += [self.preprocess(object_crop(image, d)[None]) for d in dets]
+            owners += [q] * len(dets)
+        if not crops:
+            return [[] for _ in queries]
+        enc = self.encoder
         emb = torch.cat([
             _embedding(enc.model.get_image_features(pixel_values=p.to(enc.dtype))).float()
-            for p in pixels.split(enc.max_batch)
+            for p in torch.cat(crops).split(enc.max_batch)
         ])  # fmt: skip
-        logits = F.normalize(emb, dim=-1) @ self.weights(cls).T
-        return [COLORS[i] for i in logits.argmax(1).tolist()]
+        emb = F.normalize(emb, dim=-1)
+        out: list[list[str]] = [[] for _ in queries]
+        for row, q in enumerate(owners):
+            out[q].append(COLORS[int((emb[row] @ self.weights(queries[q][1]).T).argmax())])
+        return out
 
 
 def object_crop(image: torch.Tensor, det: Detection) -> torch.Tensor:
@@ -593,13 +604,31 @@ class GenEvalDetectorReward:
         detections = self.detect(images)
         if len(detections) != len(metas):
             raise RuntimeError(f"the detector answered {len(detections)} results for {len(metas)} images")
+        objects = [
+            keep(dets, meta.get("tag"), self.settings) for meta, dets in zip(metas, detections, strict=True)
+        ]
+        # Which objects get a colour depends on the counts alone (a coloured clause whose class has at least
+        # its count): all of the batch's are classified at once, and judge reads the answers.
+        queries = {
+            (i, c["class"], c["count"]): objs[c["class"]][: c["count"]]
+            for i, (meta, objs) in enumerate(zip(metas, objects, strict=True))
+            for c in meta["include"]
+            if "color" in c and len(objs.get(c["class"], [])) >= c["count"]
+        }
+        many = getattr(self.colours, "many", None)
+        asked = [(image[i], cls, dets) for (i, cls, _), dets in queries.items()]
+        answers = many(asked) if many else [self.colours(*q) for q in asked]
+        table = dict(zip(queries, answers, strict=True))
         verdicts = []
-        for i, (meta, dets) in enumerate(zip(metas, detections, strict=True)):
-            objects = keep(dets, meta.get("tag"), self.settings)
-            colours = functools.partial(self.colours, image[i])
-            verdicts.append(judge(meta, objects, colours, self.settings.position_threshold))
+        for i, (meta, objs) in enumerate(zip(metas, objects, strict=True)):
+            colours = functools.partial(_answer, table, i)
+            verdicts.append(judge(meta, objs, colours, self.settings.position_threshold))
         self.last_verdicts = verdicts
         return torch.tensor([v.score(self.mode) for v in verdicts], dtype=torch.float32, device=images.device)
+
+
+def _answer(table: dict, i: int, cls: str, dets: list[Detection]) -> list[str]:
+    return table[(i, cls, len(dets))]
 
 
 @register("geneval_detector")
