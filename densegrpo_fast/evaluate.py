@@ -218,10 +218,11 @@ def _summary(
         for i in sorted(done):
             if tags[i] is not None:
                 groups.setdefault(tags[i], []).append(done[i])
-        by_tag = {k: {t: sum(sum(r[k]) for r in rows) / (len(rows) * images_per_prompt)
-                      for t, rows in groups.items()} for k in rewards}  # fmt: skip
-        summary["by_tag"] = by_tag
-        summary["tag_mean"] = {k: sum(v.values()) / len(v) for k, v in by_tag.items()}
+        if groups:  # (none when eval.num_prompts keeps only untagged lines)
+            by_tag = {k: {t: sum(sum(r[k]) for r in rows) / (len(rows) * images_per_prompt)
+                          for t, rows in groups.items()} for k in rewards}  # fmt: skip
+            summary["by_tag"] = by_tag
+            summary["tag_mean"] = {k: sum(v.values()) / len(v) for k, v in by_tag.items()}
         if untagged := sum(tags[i] is None for i in done):
             summary["untagged_prompts"] = untagged
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

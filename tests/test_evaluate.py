@@ -127,6 +127,10 @@ def test_tags_survive_a_resume_and_untagged_prompts_enter_no_task(policy, tmp_pa
     (tmp_path / "t" / "scores.jsonl").write_text("\n".join(lines[:3]) + "\n")  # as if killed after 3 prompts
     again = run(policy, tmp_path / "t", tags=tags)
     assert again["by_tag"] == first["by_tag"] and again["tag_mean"] == first["tag_mean"]
+    only_untagged = run(
+        policy, tmp_path / "u", tags=[None] * 5
+    )  # e.g. the first lines of a partly tagged file
+    assert "by_tag" not in only_untagged and only_untagged["untagged_prompts"] == 5
 
 
 def test_a_changed_prompt_file_is_not_resumed_onto(policy, tmp_path):
