@@ -3,7 +3,8 @@
 Each benchmark reports its time through :func:`record`, which turns it into GB/s with the bytes-moved
 formula written beside the benchmark and into a percentage of the device copy bandwidth measured once in
 the same run. Times are the median of the timed rounds (one noisy round on a shared machine moves a mean,
-not a median), for the kernels and the copy alike; the mean is kept beside it in the CSV. Rows are appended to benchmarks/results.csv and printed as a table at the end of the run.
+not a median), for the kernels and the copy alike; the mean is kept beside it in the CSV. Rows are appended
+to benchmarks/results.csv and printed as a table at the end of the run.
 """
 
 import csv
@@ -31,23 +32,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
     torch.set_num_threads(int(os.environ.get("DENSEGRPO_BENCH_THREADS", "1")))
 ROWS: list[dict] = []
+# (median_ms came last, so that an older CSV only gains a column)
 COLUMNS = [
-    "utc",
-    "git_sha",
-    "device",
-    "threads",
-    "torch",
-    "triton",
-    "op",
-    "impl",
-    "shape",
-    "dtype",
-    "mean_ms",
-    "gb_per_s",
-    "pct_of_copy",
-    "copy_gb_per_s",
-    "median_ms",
-]  # fmt: skip  (median_ms came last, so that older CSVs only gain a column)
+    "utc", "git_sha", "device", "threads", "torch", "triton", "op", "impl", "shape", "dtype",
+    "mean_ms", "gb_per_s", "pct_of_copy", "copy_gb_per_s", "median_ms",
+]  # fmt: skip
 
 
 def device_name() -> str:
@@ -214,11 +203,22 @@ def _triton_version() -> str:
 
 
 def _append(row: dict) -> None:
-    """One row to the CSV at once, not at the session's end: a run stopped by a timeout keeps its rows. A CSV
-    written before a column was added is rewritten once with the new header (its rows leave it empty)."""
+    """One row to the CSV at once, not at the session's end: a run stopped by a timeout keeps its rows."""
+    if not ROWS:  # the session's first row: the header is checked (and migrated) once
+        _migrate_header()
     ROWS.append(row)
-    new = not CSV_PATH.exists()
-    if not new:
+    new = not CSV_PATH.exists() or CSV_PATH.stat().st_size == 0
+    with CSV_PATH.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _migrate_header() -> None:
+    """An existing CSV written before a column was added gets the new header (its rows leave it empty); one
+    with columns this version does not know is refused, so that nothing is lost."""
+    if CSV_PATH.exists():
         with CSV_PATH.open(newline="") as f:
             reader = csv.DictReader(f)
             old = reader.fieldnames or []
@@ -234,11 +234,6 @@ def _append(row: dict) -> None:
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 w.writeheader()
                 w.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
-    with CSV_PATH.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -398,10 +398,11 @@ class ColourClassifier:
             _embedding(enc.model.get_image_features(pixel_values=p.to(enc.dtype))).float()
             for p in torch.cat(crops).split(enc.max_batch)
         ])  # fmt: skip
-        emb = F.normalize(emb, dim=-1)
+        weights = torch.stack([self.weights(queries[q][1]) for q in owners])  # [crops, colours, D]
+        best = torch.einsum("nd,ncd->nc", F.normalize(emb, dim=-1), weights).argmax(1).tolist()  # one read
         out: list[list[str]] = [[] for _ in queries]
-        for row, q in enumerate(owners):
-            out[q].append(COLORS[int((emb[row] @ self.weights(queries[q][1]).T).argmax())])
+        for q, i in zip(owners, best, strict=True):
+            out[q].append(COLORS[i])
         return out
 
 
