@@ -4,8 +4,8 @@ Flow-GRPO (and DanceGRPO, MixGRPO, ... after it) computes the SDE step on the sc
 sample it looks up the index of its timestep in the schedule on the host (a Python loop with a
 ``nonzero().item()`` per sample), gathers sigma and the next sigma, then runs about ten element-wise
 passes in fp32. Its group advantages go through NumPy with one Python iteration per prompt. These
-functions reproduce that *formulation* (the math of ALGORITHM.md §2-3 with the same data movement and
-host syncs); they are the "peer" rows of the benchmark tables, not part of the package.
+functions reproduce that *formulation* (the math of densegrpo_fast/ALGORITHM.md §2-3 with the same data
+movement and host syncs); they are the "peer" rows of the benchmark tables, not part of the package.
 """
 
 from __future__ import annotations

@@ -30,8 +30,7 @@ def calibration_step(
     active: torch.Tensor,
 ) -> torch.Tensor:
     """One round of Algorithm 1. Shapes: psi [T], dR [N, T], active bool [T] -> psi [T]."""
-    pos = (dR > 0).sum(0)
-    neg = (dR < 0).sum(0)
+    pos, neg = balance_counts(dR)
     balanced = (pos - neg).abs() < eps1
     new = torch.where(balanced, psi + eps2, psi - eps2).clamp(psi_min, psi_max)
     # fp32 steps of eps2 drift (0.7 - 70 x 0.01 is 3.7e-7, not 0): a psi within half a step of a bound is
@@ -40,6 +39,11 @@ def calibration_step(
     for bound in (psi_min, psi_max):
         new = torch.where((new - bound).abs() < eps2 / 2, torch.full_like(new, bound), new)
     return torch.where(active, new, psi)
+
+
+def balance_counts(dR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gains and losses per step: ``#(dR_k > 0)`` and ``#(dR_k < 0)``, int64 [T] each (``dR`` [N, T])."""
+    return (dR > 0).sum(0), (dR < 0).sum(0)
 
 
 def save_psi(path: Path, psi: torch.Tensor, trajectory: list[list[float]], meta: dict) -> None:
@@ -64,13 +68,15 @@ def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int], dict]
 
 
 def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) -> None:
+    """psi per step over the rounds, the calibrated psi against the initial one, and the SDE coefficient
+    ``std_k`` (the absolute noise scale) each gives."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     traj = torch.tensor(trajectory)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for k in range(traj.shape[1]):
         axes[0].plot(traj[:, k], label=f"k={k}")
     axes[0].set(xlabel="calibration round", ylabel="psi_k", title="psi per step during calibration")
@@ -80,6 +86,10 @@ def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) ->
     axes[1].plot(range(len(s)), traj[0], "--", label="initial (uniform)")
     axes[1].set(xlabel="step k", ylabel="psi", title="calibrated noise level")
     axes[1].legend(fontsize=7)
+    axes[2].plot(range(len(s)), Schedule(sigmas, traj[-1]).std, "o-", label="calibrated")
+    axes[2].plot(range(len(s)), Schedule(sigmas, traj[0]).std, "--", label="initial (uniform)")
+    axes[2].set(xlabel="step k", ylabel="std_k = psi_k sqrt(s/(1-s))", title="SDE coefficient")
+    axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -118,6 +128,7 @@ def calibrate(
     psi = base.noise_level.clone()
     active = base.sde_steps
     trajectory = [psi.tolist()]
+    gains, losses = [], []  # per round and step: the counts each round's move of psi was decided on
     device = policy.device
     bar = tqdm(range(cal.iterations), desc="calibrating psi", disable=not progress, dynamic_ncols=True)
     for it in bar:
@@ -140,6 +151,9 @@ def calibrate(
             )  # fmt: skip
         R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, ro.completed)
         dR = distributed.gather_rows(dist, step_rewards(R).to(device))  # every rank's rows
+        pos, neg = balance_counts(dR.cpu())
+        gains.append(pos.tolist())
+        losses.append(neg.tolist())
         psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active)
         trajectory.append(psi.tolist())
         bar.set_postfix(psi=" ".join(f"{p:.2f}" for p in psi.tolist()))
@@ -150,6 +164,12 @@ def calibrate(
         "eps2": cal.eps2,
         "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
         "completion_steps": cfg.dense.completion_steps,  # the dR estimator the balance was counted on
+        "sigmas": base.sigmas.tolist(),
+        # the absolute noise scale per step, calibrated and initial (0 outside a fixed window)
+        "std": Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi))).std.tolist(),
+        "std_initial": base.std.tolist(),
+        "gains": gains,  # [round][step]: #(dR_k > 0) over the round's rows
+        "losses": losses,  # [round][step]: #(dR_k < 0)
     }
     if dist.main:
         save_psi(out_path, psi, trajectory, meta)

@@ -1,4 +1,4 @@
-"""SDE rollout with log-probs, carrying the dense-reward ODE completions in flight (DESIGN.md).
+"""SDE rollout with log-probs, carrying the dense-reward ODE completions in flight (ALGORITHM.md §4).
 
 The completion of ``lat[j]`` runs on the rollout's own sigma grid: its first Euler step reuses the
 velocity the rollout computed at ``lat[j]`` (the ``write_ode`` output of the fused ``sde_step``), after

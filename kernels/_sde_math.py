@@ -1,4 +1,5 @@
-"""Math shared by ``sde_step`` and ``sde_log_prob`` (ALGORITHM.md §2), once for Triton and once for torch.
+"""Math shared by ``sde_step`` and ``sde_log_prob`` (densegrpo_fast/ALGORITHM.md §2), once for Triton and
+once for torch.
 
 The rollout writes a log-prob with ``sde_step`` and training recomputes it with ``sde_log_prob``; the PPO
 ratio of the first update is 1 only if both compute the same floats in the same order. So both kernels call

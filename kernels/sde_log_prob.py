@@ -1,8 +1,8 @@
 """``sde_log_prob``: training-time log-prob of a stored SDE step, differentiable in the velocity.
 
 Training recomputes ``log p(x' | x, v_theta)`` for the stored ``(x, x')`` of the rollout with the current
-policy's velocity (ALGORITHM.md §2), and optionally the KL to the reference policy's velocity in the same
-pass. Forward reads x, v, x' (and v_ref) once and writes a few floats per row; backward reads them again
+policy's velocity (densegrpo_fast/ALGORITHM.md §2), and optionally the KL to the reference policy's
+velocity in the same pass. Forward reads x, v, x' (and v_ref) once and writes a few floats per row; backward reads them again
 and writes ``dL/dv`` once: 4 (5 with KL) passes in all, against ~20 for eager forward + autograd.
 
 The forward shares its tiling and arithmetic with ``sde_step`` (see ``_sde_math``), so on the rollout's own
@@ -230,7 +230,7 @@ def sde_log_prob(
         sigma, sigma_next, std: per-row float32 [B], as for :func:`sde_step`.
         ref_velocity: the reference policy's velocity (no gradient); given, the KL is returned too.
         kl_exact: return the exact Gaussian KL ``(mean - mean_ref)^2 / (2 std^2 (-dt))`` instead of
-            Flow-GRPO's default ``(mean - mean_ref)^2 / (2 std^2)`` (ALGORITHM.md §2).
+            Flow-GRPO's default ``(mean - mean_ref)^2 / (2 std^2)`` (densegrpo_fast/ALGORITHM.md §2).
 
     Returns:
         ``(log_prob, kl)``, float32 [B] each (kl None without ``ref_velocity``); both 0 on rows with

@@ -1,4 +1,4 @@
-"""``sde_step``: one Flow-GRPO SDE step with its log-probability, fused (ALGORITHM.md §2).
+"""``sde_step``: one Flow-GRPO SDE step with its log-probability, fused (densegrpo_fast/ALGORITHM.md §2).
 
 Eager PyTorch (Flow-GRPO's formulation) makes about ten element-wise passes over the latent per step and
 looks up each sample's sigma on the host. This kernel reads ``x``, ``v`` and the noise once, writes the
@@ -160,7 +160,7 @@ def sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_od
 
 
 def sde_std(sigma: torch.Tensor, noise_level: torch.Tensor | float, sigma_guard: float) -> torch.Tensor:
-    """The SDE coefficient ``std = a * sqrt(s / (1 - s))`` of ALGORITHM.md §2.
+    """The SDE coefficient ``std = a * sqrt(s / (1 - s))`` of densegrpo_fast/ALGORITHM.md §2.
 
     At ``s == 1`` (the first step of the grid) ``1 - s`` is replaced by ``1 - sigma_guard``, where
     ``sigma_guard`` is the grid's ``sigma[1]`` (Flow-GRPO's guard). ``noise_level`` is ``a`` (a float) or the

@@ -1,4 +1,5 @@
-"""group_advantages on both backends against a float64 reference (ALGORITHM.md §3-4, DenseGRPO Eq. 10)."""
+"""group_advantages on both backends against a float64 reference (densegrpo_fast/ALGORITHM.md §3-4,
+DenseGRPO Eq. 10)."""
 
 import importlib
 

@@ -1,4 +1,5 @@
-"""sde_step and sde_log_prob on both backends against a float64 reference (ALGORITHM.md §2)."""
+"""sde_step and sde_log_prob on both backends against a float64 reference (densegrpo_fast/ALGORITHM.md
+§2)."""
 
 import importlib
 import math

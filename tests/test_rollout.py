@@ -1,4 +1,4 @@
-"""The in-flight completion engine against plain per-latent completions (ALGORITHM.md §4, DESIGN.md)."""
+"""The in-flight completion engine against plain per-latent completions (densegrpo_fast/ALGORITHM.md §4)."""
 
 import numpy as np
 import pytest

@@ -16,6 +16,7 @@ from tolerances import assert_on_policy
 from densegrpo_fast.calibration import calibration_step
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
 from densegrpo_fast.policies.toy import ToyPolicy
+from densegrpo_fast.schedule import Schedule, make_schedule
 from densegrpo_fast.trainer import setup, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -501,6 +502,24 @@ def test_calibrated_noise_is_calibrated_once_and_saved(tiny_checkpoint, tmp_path
     assert (run_dir / "psi.png").exists()
     for a, b in zip(psi["trajectory"][:-1], psi["trajectory"][1:], strict=True):
         assert all(abs(abs(x - y) - 0.01) < 1e-6 or y in (0.0, 1.5) for x, y in zip(a, b, strict=True))
+    # each round's counts are those its move was decided on: up where |gains - losses| < eps1, down elsewhere
+    rows = 1 * cfg.sampling.group_size
+    assert len(psi["gains"]) == len(psi["losses"]) == 3
+    for a, b, pos, neg in zip(
+        psi["trajectory"][:-1], psi["trajectory"][1:], psi["gains"], psi["losses"], strict=True
+    ):
+        for x, y, p, n in zip(a, b, pos, neg, strict=True):
+            assert 0 <= p + n <= rows
+            if 0.0 < y < 1.5:
+                assert (y > x) == (abs(p - n) < 2)
+    # the absolute noise scale per step, for the calibrated and the initial psi
+    sigmas = torch.tensor(psi["sigmas"])
+    want = Schedule(sigmas, torch.tensor(psi["psi"])).std
+    torch.testing.assert_close(torch.tensor(psi["std"]), want, rtol=0, atol=0)
+    n = cfg.noise  # (the toy config's window: steps 0-2 of 4)
+    initial = make_schedule(4, None, n.level, n.window_start, n.window_size, sigmas=sigmas)
+    assert psi["std_initial"] == initial.std.tolist()
+    assert psi["std_initial"][3] == 0 < min(psi["std_initial"][:3])
 
 
 def test_a_resumed_run_whose_psi_table_is_gone_keeps_its_psi(tiny_checkpoint, tmp_path, monkeypatch):
