@@ -94,15 +94,134 @@ def _slow(images, prompts):
     return torch.zeros(len(prompts))
 
 
-def test_a_slow_reward_times_out_with_retries():
-    with serving(_slow) as server:
-        client = build_reward("remote", url=server.url, timeout_s=0.3, retries=1, backoff_s=0.01)
+def test_a_slow_reward_times_out_once_not_retried():
+    """A /score whose answer does not come in time is not sent again: the server has it, and each retry would
+    queue another copy of the batch behind it (a 1.5 s reward with 3 retries was scored 4 times)."""
+    calls = []
+
+    def slow(images, prompts):
+        calls.append(len(prompts))
+        return _slow(images, prompts)
+
+    with serving(slow) as server:
+        client = build_reward("remote", url=server.url, timeout_s=0.3, retries=3, backoff_s=0.01)
         t0 = time.perf_counter()
         with pytest.raises(RemoteRewardError) as e:
             client(_images(2), ["a", "b"])
-        assert time.perf_counter() - t0 < 1.4  # two 0.3 s attempts, not the reward's 1.5 s
+        assert time.perf_counter() - t0 < 1.0  # one 0.3 s attempt, not the reward's 1.5 s
         msg = str(e.value)
-        assert "after 2 attempt(s)" in msg and "timed out after 0.3 s" in msg and "timeout_s" in msg
+        assert "did not answer within reward.kwargs.timeout_s=0.3 s" in msg and "not retried" in msg
+    assert calls == [2]  # (stop() waited for the batch in flight)
+
+
+def test_a_batch_whose_client_hung_up_while_it_waited_is_not_scored():
+    calls = []
+    with serving(lambda images, prompts: calls.append(1) or torch.zeros(len(prompts))) as server:
+        client = build_reward("remote", url=server.url, timeout_s=0.3, retries=0)
+        with server._lock:  # another batch is scoring
+            with pytest.raises(RemoteRewardError, match="did not answer within"):
+                client(_images(2), ["a", "b"])
+            time.sleep(0.1)  # (the client's close reaches the server)
+        assert client(_images(1), ["c"]).tolist() == [0.0]  # the server goes on serving
+    assert calls == [1]  # the abandoned batch was dropped when its turn came, the next one scored
+
+
+def test_a_body_that_trickles_in_gets_408_and_an_oversize_claim_413():
+    with serving(build_reward("redness"), body_deadline_s=0.5, max_request_bytes=1000) as server:
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n")
+            t0 = time.perf_counter()
+            answer = b""
+            while b"408" not in answer and time.perf_counter() - t0 < 3:
+                sock.sendall(b"x")  # a byte every 0.1 s: each read succeeds, the whole body never comes
+                time.sleep(0.1)
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    answer += sock.recv(4096)
+                sock.setblocking(True)
+        assert answer.startswith(b"HTTP/1.0 408") and b"longer than 0.5 s" in answer
+        assert time.perf_counter() - t0 < 1.5
+        # a client claiming 10^15 bytes: at most the limit is drained, then 413 and the connection closes
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000000000000000\r\n\r\n" + b"x" * 1000)
+            answer = sock.makefile("rb").read()  # read to the end: the server closes
+        assert answer.startswith(b"HTTP/1.0 413")
+
+
+def test_a_port_in_use_is_a_clear_error():
+    with serving(build_reward("redness")) as server:
+        port = server.server_address[1]
+        with pytest.raises(ValueError, match=rf"cannot serve at 127.0.0.1:{port} .*choose another --port"):
+            RewardServer(build_reward("redness"), port=port)
+
+
+def test_backoff_doubles_is_capped_and_jittered():
+    import random
+
+    rng = random.Random(0)
+    waits = [[remote.backoff(1.0, a, rng) for _ in range(200)] for a in (1, 2, 3, 10)]
+    for wait, base in zip(waits, (1.0, 2.0, 4.0, remote.MAX_BACKOFF_S), strict=True):
+        assert base <= min(wait) and max(wait) < 1.5 * base and max(wait) - min(wait) > 0.4 * base
+
+
+@contextlib.contextmanager
+def _fake_server(answers):
+    """An HTTP server answering each request with the next (status, body bytes) of ``answers``."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            if self.command == "POST":
+                self.rfile.read(int(self.headers["Content-Length"]))
+            status, body = answers.pop(0)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize(
+    "health, score, reason",
+    [
+        (b"[1, 2]", None, "expected a JSON object"),
+        (b'{"status": "ok"}', b"\xff\xfe not utf-8", "not JSON"),
+        (b'{"status": "ok"}', b"<html>proxy error</html>", "not JSON"),
+        (b'{"status": "ok"}', b'{"scores": [null, "x"]}', "one number per image"),
+        (b'{"status": "ok"}', b'{"scores": [true, 1.0]}', "one number per image"),
+        (b'{"status": "ok"}', b'{"scores": [1.0]}', "one number per image"),
+    ],
+)
+def test_answers_that_are_not_the_protocol_are_clear_errors(health, score, reason):
+    answers = [(200, health)] + ([(200, score)] if score is not None else [])
+    with _fake_server(answers) as url, pytest.raises(RemoteRewardError, match=reason):
+        build_reward("remote", url=url, **FAST)(_images(2), ["a", "b"])
+
+
+def test_health_gives_up_quickly_on_a_server_that_never_answers(monkeypatch):
+    monkeypatch.setattr(remote, "HEALTH_TIMEOUT_S", 0.2)
+    with socket.socket() as listener:  # connections are accepted by the kernel, never answered
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match=r"after 2 attempt\(s\) \(last: timed out after 0.2 s\)"):
+            build_reward("remote", url=url, timeout_s=3, retries=1, backoff_s=0.01)
+        assert time.perf_counter() - t0 < 2  # not 2 x 3 s
 
 
 def test_malformed_requests_get_400_and_the_client_says_why(monkeypatch):
@@ -168,7 +287,7 @@ def test_a_pickled_body_is_rejected_not_unpickled(tmp_path):
     assert not marker.exists()
 
 
-def test_reward_errors_4xx_are_final_5xx_are_retried():
+def test_reward_errors_4xx_are_final_5xx_are_retried_unless_the_server_says_not():
     def refuses(images, prompts):
         raise ValueError("prompt 'x' has no quotes")
 
@@ -188,10 +307,14 @@ def test_reward_errors_4xx_are_final_5xx_are_retried():
         client = build_reward("remote", url=server.url, **FAST)
         assert client(_images(2), ["a", "b"]).tolist() == [7.0, 7.0]  # 500, then success
 
-    with serving(lambda images, prompts: torch.zeros(len(prompts) + 1)) as server:
-        client = build_reward("remote", url=server.url, **FAST)
-        with pytest.raises(RemoteRewardError, match=r"last: 500: .*returned shape \(3,\) for 2 images"):
+    calls = []  # a reward that breaks its contract fails the same way every time: not retried
+    with serving(lambda images, prompts: calls.append(1) or torch.zeros(len(prompts) + 1)) as server:
+        client = build_reward("remote", url=server.url, retries=3, backoff_s=5)  # a retry would take 5 s
+        with pytest.raises(
+            RemoteRewardError, match=r"\(500: .*returned shape \(3,\) for 2 images\); not retried"
+        ):
             client(_images(2), ["a", "b"])
+    assert calls == [1]
 
 
 def test_server_down_is_a_clear_error_after_retries():

@@ -26,15 +26,19 @@ Protocol (version 1). ``POST /score`` with a safetensors body: one tensor ``imag
 (8-bit pixels: 4x smaller than float32 and what any image reward sees in a PNG anyway), and the safetensors
 metadata ``{"protocol": "1", "prompts": "<JSON list of B strings>"}``. The answer is JSON ``{"scores": [B
 floats]}``; errors are JSON ``{"error": message}`` with 400 (malformed request), 404, 411, 413 (over the
-server's ``--max-request-mb``), 422 (the reward rejected the input, e.g. a ValueError), 500 (the reward
-failed). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1, "max_request_bytes":
+server's ``--max-request-mb``), 408 (the body arrived too slowly), 422 (the reward rejected the input, e.g.
+a ValueError), 500 (the reward failed; with ``"retry": false`` when the same request would fail again, e.g.
+the reward returned the wrong shape). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1, "max_request_bytes":
 N}``. Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
 payload would give anyone who can reach the port a shell on the GPU machine; safetensors and JSON are
 parsed as data only.
 
-Client behaviour: ``timeout_s`` per HTTP request; on connection errors, timeouts and 5xx it retries
-``retries`` times with exponential backoff (``backoff_s``, 2x, 4x, ...); 4xx answers are not retried (the
-same request would fail again). Requests carry at most ``max_batch`` images and are split further to stay
+Client behaviour: ``timeout_s`` per HTTP request (``/health``: at most 10 s, since it answers while a batch
+scores); on connection errors and 5xx it retries ``retries`` times with exponential backoff (``backoff_s``,
+2x, 4x, ..., each wait capped at 30 s and lengthened by up to half at random, so that processes sharing a
+server do not retry in step); 4xx answers and ``"retry": false`` are not retried (the same request would fail
+again), nor is a ``/score`` that timed out waiting for its answer: the server has the batch and a retry
+would queue behind it (the server drops a batch whose client has hung up before its turn came). Requests carry at most ``max_batch`` images and are split further to stay
 under the server's size limit (read from ``/health``). Scores come back bit-exact (float32 via JSON).
 Environment proxy settings (``http_proxy``) are ignored: the server is reached directly.
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import random
 import time
 import urllib.error
 import urllib.parse
@@ -55,6 +60,8 @@ from densegrpo_fast.rewards import register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 
 PROTOCOL = 1
+HEALTH_TIMEOUT_S = 10.0  #: at most this long for GET /health (answered while a batch scores)
+MAX_BACKOFF_S = 30.0  #: the longest wait between two attempts, before the jitter
 
 
 class ProtocolError(ValueError):
@@ -107,11 +114,24 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
     return images, prompts
 
 
-def _server_error_text(e: urllib.error.HTTPError) -> str:
+def _server_error(e: urllib.error.HTTPError) -> tuple[str, bool]:
+    """The error's message and whether a retry may help (``"retry": false`` in the body says it cannot)."""
     try:
-        return json.loads(e.read())["error"]
+        answer = json.loads(e.read())
+        return str(answer["error"]), answer.get("retry", True) is not False
     except Exception:  # not our server, or no JSON body: the status line is all there is
-        return e.reason or ""
+        return e.reason or "", True
+
+
+def backoff(first_s: float, attempt: int, rng: random.Random | None = None) -> float:
+    """The wait before attempt ``attempt`` (1 = the first retry): ``first_s`` doubling per attempt, capped at
+    :data:`MAX_BACKOFF_S`, then lengthened by a random 0-50 %."""
+    base = min(first_s * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return base * (1.0 + 0.5 * (rng or random).random())
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 SERVED = ("remote", "geneval")  #: the rewards scored by a server: nothing of them on this process's device
@@ -123,8 +143,9 @@ class RemoteReward:
 
     kwargs: ``url`` (e.g. ``http://127.0.0.1:8085``; or a list, of which process ``LOCAL_RANK`` of a
     torchrun job takes entry ``LOCAL_RANK % len``: one server per GPU of a node, since a server scores one
-    request at a time), ``timeout_s`` per request, ``retries`` after the first attempt, ``backoff_s`` (first
-    wait; doubles), ``max_batch`` images per request, ``check``: ask
+    request at a time), ``timeout_s`` per request (a ``/score`` past it is not retried: the server has the
+    batch), ``retries`` after the first attempt, ``backoff_s`` (first wait; doubles, at most 30 s, plus up to
+    half at random), ``max_batch`` images per request, ``check``: ask
     ``/health`` when built, so a server that is down fails before the policy loads. ``start_hint``: the
     command the error messages suggest.
     """
@@ -185,8 +206,8 @@ class RemoteReward:
             h = len(prompts) // 2  # split until each request fits
             return self._score(pixels[:h], prompts[:h]) + self._score(pixels[h:], prompts[h:])
         out = self._request("/score", body)
-        scores = out.get("scores") if isinstance(out, dict) else None
-        if not (isinstance(scores, list) and len(scores) == len(prompts)):
+        scores = out.get("scores")
+        if not (isinstance(scores, list) and len(scores) == len(prompts) and all(map(_is_number, scores))):
             raise RemoteRewardError(
                 f"reward server at {self.url} answered {str(out)[:200]!r} to {len(prompts)} images: "
                 'expected {"scores": [one number per image]}'
@@ -194,21 +215,30 @@ class RemoteReward:
         return scores
 
     def _request(self, path: str, body: bytes | None = None) -> dict:
-        """GET (no body) or POST ``path``; the JSON answer. Retries transport failures and 5xx with backoff."""
+        """GET (no body) or POST ``path``; the JSON object answered. Retries transport failures and 5xx with
+        backoff; not a POST that timed out waiting for its answer (the server has it: a retry would queue
+        behind it)."""
         url = self.url + path
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
+        timeout = self.timeout_s if body is not None else min(self.timeout_s, HEALTH_TIMEOUT_S)
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                time.sleep(backoff(self.backoff_s, attempt))
             request = urllib.request.Request(
                 url, data=body, headers=headers, method="GET" if body is None else "POST"
             )
             try:
-                with self._opener.open(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                with self._opener.open(request, timeout=timeout) as response:
+                    out = json.loads(response.read())
+                if not isinstance(out, dict):
+                    raise RemoteRewardError(
+                        f"reward server at {url} answered {str(out)[:200]!r}: expected a JSON object; is a "
+                        "densegrpo-fast reward server listening there?"
+                    )
+                return out
             except urllib.error.HTTPError as e:  # the server answered with an error status
-                message = _server_error_text(e)
+                message, retry = _server_error(e)
                 if e.code == 413:
                     raise RemoteRewardError(
                         f"reward server at {url} refused a {len(body or b'')}-byte request as too large "
@@ -219,18 +249,31 @@ class RemoteReward:
                     raise RemoteRewardError(
                         f"reward server at {url} refused the request ({e.code}: {message})"
                     ) from None
+                if not retry:
+                    raise RemoteRewardError(
+                        f"reward server at {url} failed ({e.code}: {message}); not retried: the same request "
+                        "would fail again (fix the reward, see the server's log)"
+                    ) from None
                 last = f"{e.code}: {message}"
-            except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
+            except TimeoutError:  # (raised bare once connected: the answer did not come in time)
+                if body is not None:
+                    raise RemoteRewardError(
+                        f"reward server at {url} did not answer within reward.kwargs.timeout_s={self.timeout_s:g} s "
+                        "(the request was sent: the server may still be scoring it, so it is not retried, "
+                        "which would queue behind it): raise reward.kwargs.timeout_s, or lower "
+                        "reward.kwargs.max_batch"
+                    ) from None
+                last = f"timed out after {timeout:g} s"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
-                timed_out = isinstance(e, TimeoutError) or isinstance(reason, TimeoutError)
-                last = (
-                    f"timed out after {self.timeout_s:g} s"
-                    if timed_out
-                    else f"{type(reason).__name__}: {reason}"
-                )
-            except json.JSONDecodeError as e:
+                timed_out = isinstance(reason, TimeoutError)
+                last = f"timed out after {timeout:g} s" if timed_out else f"{type(reason).__name__}: {reason}"
+            except ValueError as e:  # not JSON, or not UTF-8 (json's errors are ValueErrors)
+                if isinstance(e, RemoteRewardError):
+                    raise
                 raise RemoteRewardError(
-                    f"reward server at {url} answered something that is not JSON ({e})"
+                    f"reward server at {url} answered something that is not JSON ({e}); is a densegrpo-fast "
+                    "reward server listening there?"
                 ) from None
         raise RemoteRewardError(
             f"reward server at {url} did not answer after {self.retries + 1} attempt(s) (last: {last}). "

@@ -7,17 +7,26 @@ registry name (``--reward pickscore``) or a user factory ``package.module:callab
 Built on the standard library's ``ThreadingHTTPServer``: requests are read and validated in their own
 threads (``/health`` answers while a batch scores), and one lock lets one batch score at a time, so the
 reward's model never runs two batches at once. Requests larger than ``max_request_bytes`` get 413 before
-their body is read into memory (it is drained in 1 MiB pieces so the client still receives the answer).
+their body is read into memory (up to the limit of it is drained in 1 MiB pieces so the client still receives
+the answer; then the connection closes). A body must arrive within ``body_deadline_s``, or the request gets
+408: a client that trickles bytes cannot hold a thread. A request whose client has hung up (its timeout ran
+out) while the request waited for the reward is dropped unscored: an abandoned batch does not hold up the
+ones behind it. While a request waits its turn it holds its 8-bit images only (B x 3 x H x W bytes); the float copy
+the reward reads is made in its turn.
 No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors
 and JSON only, never unpickled (see the protocol's docstring for why).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
+import select
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -58,9 +67,18 @@ def load_reward(reward: str, kwargs: dict | None = None) -> Reward:
     return build_reward(reward, **kwargs)
 
 
+class RewardContractError(RuntimeError):
+    """The reward broke its contract (e.g. returned the wrong shape): answered 500 with ``retry: false``, since
+    the same request would fail the same way."""
+
+
+class ClientGone(Exception):
+    """The client hung up before its request's turn came: nobody is waiting for the scores."""
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
-    timeout = 120  # seconds a client may take to send its request: a stalled one cannot hold a thread
+    timeout = 120  # seconds a read may wait for the client (the whole body has RewardServer.body_deadline_s)
 
     def do_GET(self) -> None:
         if self.path != "/health":
@@ -87,7 +105,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": f"Content-Length {length} is negative"})
         limit = self.server.max_request_bytes
         if length > limit:
-            self._drain(length)
+            self._drain(min(length, limit))  # past that, the connection closes (a huge claimed length)
+            self.close_connection = True
             return self._reply(
                 413,
                 {
@@ -95,28 +114,74 @@ class _Handler(BaseHTTPRequestHandler):
                     "(--max-request-mb): send fewer images per request or raise the limit"
                 },
             )
-        body = self.rfile.read(length)
-        if len(body) != length:
-            return self._reply(400, {"error": f"body ended after {len(body)} of {length} bytes"})
+        body = self._read_body(length)
+        if body is None:
+            return
         try:
             images, prompts = decode_request(body)
         except ProtocolError as e:
             return self._reply(400, {"error": str(e)})
+        del body  # (a waiting request holds its uint8 images only)
         try:
-            scores = self.server.score(images, prompts)
+            scores = self.server.score(images, prompts, gone=self._client_gone)
+        except ClientGone:
+            logger.warning(
+                "%s hung up before its %d images were scored (its timeout ran out while it waited): dropped",
+                self.address_string(),
+                len(prompts),
+            )
+            self.close_connection = True
+            return
         except ValueError as e:  # the reward refused this input (e.g. an OCR prompt without quotes)
             return self._reply(422, {"error": f"the reward refused the request: {e}"})
+        except RewardContractError as e:
+            logger.error("reward %s: %s", self.server.name, e)
+            return self._reply(500, {"error": f"the reward failed: {e}", "retry": False})
         except Exception as e:  # the reward failed: the client may retry
             logger.exception("reward %s failed", self.server.name)
             return self._reply(500, {"error": f"the reward failed: {type(e).__name__}: {e}"})
         self._reply(200, {"scores": scores})
 
+    def _read_body(self, length: int) -> bytes | None:
+        """The body, read as it arrives (``read1``: one receive at a time, so the deadline is checked between
+        any two), or None after answering 400 (it ended short) or 408 (past the deadline)."""
+        deadline = time.monotonic() + self.server.body_deadline_s
+        parts, got = [], 0
+        while got < length:
+            if time.monotonic() > deadline:
+                self.close_connection = True
+                self._reply(
+                    408,
+                    {
+                        "error": f"the body took longer than {self.server.body_deadline_s:g} s to arrive "
+                        f"({got} of {length} bytes)"
+                    },
+                )
+                return None
+            chunk = self.rfile.read1(min(length - got, _MIB))
+            if not chunk:
+                self._reply(400, {"error": f"body ended after {got} of {length} bytes"})
+                return None
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
     def _drain(self, length: int) -> None:
-        while length > 0:
-            chunk = self.rfile.read(min(length, _MIB))
+        deadline = time.monotonic() + self.server.body_deadline_s
+        while length > 0 and time.monotonic() < deadline:
+            chunk = self.rfile.read1(min(length, _MIB))
             if not chunk:
                 break
             length -= len(chunk)
+
+    def _client_gone(self) -> bool:
+        """Whether the client has closed its end: it sends nothing after its body (HTTP/1.0), so a readable
+        socket with nothing to read has been closed."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # reset by the peer, or already closed
+            return True
 
     def _reply(self, code: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
@@ -145,11 +210,21 @@ class RewardServer(ThreadingHTTPServer):
         host: str = "127.0.0.1",
         port: int = 0,
         max_request_bytes: int = 512 * _MIB,
+        body_deadline_s: float = 600.0,
     ):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={max_request_bytes} must be positive")
-        super().__init__((host, port), _Handler)
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as e:
+            fix = (
+                "another process listens there: choose another --port, or stop that process"
+                if e.errno == errno.EADDRINUSE
+                else "check --host (an address of this machine, e.g. 127.0.0.1 or 0.0.0.0) and --port"
+            )
+            raise ValueError(f"cannot serve at {host}:{port} ({e.strerror or e}): {fix}") from None
         self.reward, self.name, self.max_request_bytes = reward, name, int(max_request_bytes)
+        self.body_deadline_s = float(body_deadline_s)
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -158,14 +233,17 @@ class RewardServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
-        """Scores of uint8 [B, 3, H, W] images as floats, one batch at a time."""
-        x = images.float().div_(255)  # the inverse of the client's round(255 * x)
+    def score(self, images: torch.Tensor, prompts: list[str], gone=None) -> list[float]:
+        """Scores of uint8 [B, 3, H, W] images as floats, one batch at a time. ``gone``: called when the
+        batch's turn comes; True (its client has hung up) raises :class:`ClientGone` instead of scoring."""
         with self._lock, torch.no_grad():
+            if gone is not None and gone():
+                raise ClientGone
+            x = images.float().div_(255)  # the inverse of the client's round(255 * x)
             out = self.reward(x, prompts)
         out = torch.as_tensor(out)
         if out.shape != (len(prompts),):
-            raise RuntimeError(
+            raise RewardContractError(
                 f"reward {self.name} returned shape {tuple(out.shape)} for {len(prompts)} images"
             )
         return out.detach().float().cpu().tolist()
