@@ -13,11 +13,15 @@ CHECKPOINT = "checkpoint.pt"
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
     """Write ``state`` to run_dir/checkpoint.pt atomically (a kill mid-write leaves the previous one)."""
     path = run_dir / CHECKPOINT
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_suffix(f".pt.{os.getpid()}.tmp")  # (two jobs on one directory never share a tmp file)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. a full disk: no checkpoint-sized leftover
+        raise
     return path
 
 
@@ -26,7 +30,14 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     if not path.exists():
         return None
     # mmap: the ranks of a node that all resume read one page cache, not one copy each of the optimizer state
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {e}): it is damaged (it is only ever replaced whole, "
+            "so something outside the run changed it). Resume from a copy of it, or move it away to train the "
+            "run directory's config again from the start"
+        ) from None
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ its implementation lazily (so ``--help`` stays fast and needs no heavy imports).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -66,7 +67,9 @@ def _train_config(args):
 
     overrides = list(args.overrides)
     if getattr(args, "output_dir", None) is not None:
-        overrides.append(f"run.output_dir={args.output_dir}")
+        overrides.append(
+            f"run.output_dir={json.dumps(args.output_dir)}"
+        )  # quoted: '#', 'yes', '2024' stay text
     if getattr(args, "max_iterations", None) is not None:
         overrides.append(f"run.iterations={args.max_iterations}")
     return load_config(TrainConfig, args.config, overrides)
@@ -152,6 +155,13 @@ def _add_validate(sub) -> None:
         print(
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )
+        from densegrpo_fast.prompts import PromptSource
+
+        for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
+            try:
+                PromptSource(dataset, 0, field)
+            except (ValueError, OSError) as e:  # (the prompt sets may live only where training runs)
+                print(f"note: not readable on this machine, and `train` needs it: {e}")
         if args.load_rewards:
             from densegrpo_fast.rewards.preflight import check_rewards, image_size
 

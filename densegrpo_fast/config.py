@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,6 +76,44 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
     return f"{key} = {err.get('input')!r}: {err['msg']}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while reading a mapping", node.start_mark, f"key {key!r} appears twice", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _yaml(text: str, where: str):
+    """``text`` parsed as YAML (keys unique), or a ConfigError naming ``where`` and the parser's reason."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        problem = getattr(e, "problem", None)
+        reason = (
+            f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+            if problem and mark is not None
+            else " ".join(str(e).split())
+        )
+        raise ConfigError([f"{where} is not valid YAML: {reason}"]) from None
+
+
 class _Whole(dict):
     """A mapping given whole on the command line (``reward.kwargs={}``): it replaces, never merges."""
 
@@ -90,10 +129,21 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = tree
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node[leaf] = _Whole(value) if isinstance(value, dict) else value
+            if not isinstance(node, dict):
+                problems.append(
+                    f"override {item!r}: {'.'.join(parents[: depth + 1])} was set to {node!r} by an earlier "
+                    "override, which has no keys: drop one of the two"
+                )
+                break
+        else:
+            try:
+                value = _yaml(raw, f"override {item!r}: the value") if raw.strip() else None
+            except ConfigError as e:
+                problems += e.problems
+                continue
+            node[leaf] = _Whole(value) if isinstance(value, dict) else value
     if problems:
         raise ConfigError(problems, "command-line overrides")
     return tree
@@ -118,7 +168,7 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
             raise ConfigError(
                 [f"config file {str(path)!r} does not exist: pass an existing YAML (see configs/)"]
             )
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(data).__name__}"])
     data = _merge(data, parse_overrides(overrides or []))
@@ -129,8 +179,12 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
 
 
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
-    """Write the resolved config (every default filled in) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    """Write the resolved config (every default filled in) as YAML, whole or not at all (a resumed run reads
+    it back)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)
 
 
 # ============================================================================ the training config tree
@@ -228,7 +282,13 @@ class ModelSection(Section):
 
     def problems(self) -> list[str]:
         """Cross-checks of this section (collected by :class:`TrainConfig` with the others)."""
+        import torch
+
         out = []
+        try:
+            torch.device(self.device)
+        except RuntimeError as e:
+            out.append(f"model.device={self.device!r} is not a torch device ({e}): e.g. cpu, cuda, cuda:1")
         if self.compile:
             from torch._dynamo import list_backends
 
@@ -455,7 +515,7 @@ class WandbSection(Section):
 
 class RunSection(Section):
     iterations: int = Field(100, ge=1, description="training iterations (rollout + update)")
-    seed: int = Field(0, description="seed of prompts, noise and initial weights")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of prompts, noise and initial weights")
     output_dir: str = Field("runs/train", description="run directory (checkpoints, logs, plots)")
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
     sample_grid_every: int = Field(10, ge=0, description="iterations between sample-grid PNGs (0 = never)")
@@ -493,7 +553,13 @@ class EvalSection(Section):
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3/flux)",
     )
-    seed: int = Field(0, description="seed of prompt order and initial noise")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**23 - 1,
+        description="seed of prompt order and initial noise (< 2^23: it is the high bits "
+        "of each image's noise seed)",
+    )
     batch_size: int = Field(128, ge=1, description="images per sampler call")
     output_dir: str = Field(
         "runs/toy_eval",
@@ -506,10 +572,39 @@ class EvalSection(Section):
     )
 
     def largest_batch(self, processes: int = 1) -> int:
-        """Prompts in the evaluation's largest sampler call, in a job of ``processes`` (each samples its share
-        of the prompts): ``batch_size``, or the share when smaller."""
-        share = -(-self.num_prompts // processes) if self.num_prompts else self.batch_size
+        """Images in the evaluation's largest sampler call, in a job of ``processes`` (each samples its share
+        of the prompts' images): ``batch_size``, or the share when smaller."""
+        rows = self.num_prompts * self.images_per_prompt if self.num_prompts else None
+        share = -(-rows // processes) if rows else self.batch_size
         return min(self.batch_size, share)
+
+
+def model_eval_problems(
+    model: ModelSection, ev: EvalSection, sampling: SamplingSection | None = None
+) -> list[str]:
+    """Cross-checks of the model and eval sections, and of the training grid (``sampling``) when there is
+    one: what both ``train`` and ``eval`` refuse."""
+    out = []
+    if model.family == "toy" and ev.images_per_prompt != 1:
+        out.append(
+            f"eval.images_per_prompt ({ev.images_per_prompt}): the toy evaluation draws one image per "
+            "prompt (its noise is fixed per prompt); set it to 1 and raise eval.num_prompts for more images"
+        )
+    shifts = [("eval.shift", ev.shift)]
+    if sampling is not None:
+        shifts.insert(0, ("sampling.shift", sampling.shift))
+    for where, value in shifts:
+        if value is None and model.family == "toy":
+            out.append(
+                f"{where} is null (the model's own grid), but the toy model has no scheduler of its own: "
+                "give a number (the toy config uses 1.0, SD3.5 3.0)"
+            )
+        if value is not None and model.family == "flux":
+            out.append(
+                f"{where} ({value}) with model.family flux: FLUX.1 samples on a grid shifted by the "
+                f"image's token count, not a fixed shift; set {where}=null for FluxPipeline's own grid"
+            )
+    return out
 
 
 class TrainConfig(Section):
@@ -553,10 +648,21 @@ class TrainConfig(Section):
                 f"noise.window_move={n.window_move} needs a window: give noise.window_start and noise.window_size "
                 "(or window_move=fixed)"
             )
-        for k in self.grpo.trained_steps or []:
+        steps = self.grpo.trained_steps
+        for k in steps or []:
             if not 0 <= k < T:
                 problems.append(
                     f"grpo.trained_steps contains {k}: steps run from 0 to sampling.num_steps - 1 = {T - 1}"
+                )
+        if steps is not None and not steps:
+            problems.append("grpo.trained_steps is empty: the run would train nothing; list steps, or null")
+        elif steps and n.window_move == "fixed" and n.window_start is not None and n.window_size is not None:
+            window = range(n.window_start, n.window_start + n.window_size)
+            if not any(k in window for k in steps):
+                problems.append(
+                    f"grpo.trained_steps {steps} has no step of the SDE window {list(window)} (noise.window_start, "
+                    "noise.window_size): steps outside it have no noise and are never trained, so the run would "
+                    "train nothing; list window steps, or null for every window step but the grid's last"
                 )
         groups = self.prompts.prompts_per_iteration
         if self.sampling.reward_waves > groups:
@@ -577,23 +683,7 @@ class TrainConfig(Section):
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
                 "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
             )
-        if self.model.family == "toy" and self.eval.images_per_prompt != 1:
-            problems.append(
-                f"eval.images_per_prompt ({self.eval.images_per_prompt}): the toy evaluation draws one image per "
-                "prompt (its noise is fixed per prompt); set it to 1 and raise eval.num_prompts for more images"
-            )
-        shift = self.sampling.shift
-        if shift is None and self.model.family == "toy":
-            problems.append(
-                "sampling.shift is null (the model's own grid), but the toy model has no scheduler of its own: "
-                "give a number (the toy config uses 1.0, SD3.5 3.0)"
-            )
-        for where, value in (("sampling.shift", shift), ("eval.shift", self.eval.shift)):
-            if value is not None and self.model.family == "flux":
-                problems.append(
-                    f"{where} ({value}) with model.family flux: FLUX.1 samples on a grid shifted by the "
-                    f"image's token count, not a fixed shift; set {where}=null for FluxPipeline's own grid"
-                )
+        problems += model_eval_problems(self.model, self.eval, self.sampling)
         from densegrpo_fast.rewards import available, kwargs_problems, unknown_name
 
         sections = {"reward": self.reward, **{f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()}}

@@ -291,6 +291,7 @@ def run_eval(
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
+    distributed.check_device(m.device)
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:

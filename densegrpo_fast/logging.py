@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,9 +68,7 @@ class MetricsLog:
         self.purge_step = iteration + 1
         if not self.path.exists():
             return
-        kept = [
-            ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= iteration
-        ]
+        kept = [json.dumps(r) for r in self.read() if r["iteration"] <= iteration]
         tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a kill here keeps the history
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, self.path)
@@ -98,9 +97,28 @@ class MetricsLog:
             self.wandb.log({"iteration": iteration, key: wandb.Image(str(path))})
 
     def read(self) -> list[dict]:
+        """The records of metrics.jsonl. A last line cut short (the process was killed, or the disk filled, in
+        the middle of a write) is left out with a warning; any other line that is not JSON is an error."""
         if not self.path.exists():
             return []
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln]
+        lines = self.path.read_text().splitlines()
+        out = []
+        for n, ln in enumerate(lines, 1):
+            if not ln:
+                continue
+            try:
+                out.append(json.loads(ln))
+            except ValueError as e:
+                if n == len(lines):
+                    warnings.warn(
+                        f"{self.path}: its last line was cut short in a write; left out", stacklevel=2
+                    )
+                    break
+                raise ValueError(
+                    f"{self.path} line {n} is not JSON ({e}): the file was changed outside the run; mend or "
+                    "delete that line"
+                ) from None
+        return out
 
     def close(self, failed: bool = False) -> None:
         """Flush and close; ``failed``: the run stopped on an error (its W&B run is marked failed)."""

@@ -24,7 +24,9 @@ def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
     """Each prompt of a file with its tag: the non-empty lines of a text file (no tags), or of a ``.jsonl``
     file the ``prompt`` (stripped) and ``tag`` of each line's JSON object (GenEval's metadata files are of
     this form: the tag is its task). ``field`` names the setting in errors."""
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [
+        ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
+    ]  # (-sig: a BOM is dropped)
     if not _jsonl(path):
         return [(ln, None) for ln in lines if ln]
     out = []
@@ -59,7 +61,9 @@ def prompt_tags(path: Path, field: str = "eval.dataset") -> list[str | None] | N
 
 
 class PromptSource:
-    def __init__(self, dataset: str, seed: int = 0):
+    """``dataset`` (``field`` names its setting in errors) drawn per iteration, or listed for evaluation."""
+
+    def __init__(self, dataset: str, seed: int = 0, field: str = "prompts.dataset"):
         self.dataset = dataset
         self.seed = seed
         self._lines: list[str] | None = None
@@ -67,18 +71,18 @@ class PromptSource:
         if dataset.startswith("toy:"):
             split = dataset.split(":", 1)[1]
             if split not in ("train", "test"):
-                raise ValueError(f"prompts.dataset={dataset!r}: the toy splits are toy:train and toy:test")
+                raise ValueError(f"{field}={dataset!r}: the toy splits are toy:train and toy:test")
         else:
             path = Path(dataset)
             if not path.is_file():
                 raise ValueError(
-                    f"prompts.dataset={dataset!r} is neither toy:train / toy:test nor an existing file: pass a "
+                    f"{field}={dataset!r} is neither toy:train / toy:test nor an existing file: pass a "
                     "text file with one prompt per line (or a .jsonl file of objects with a 'prompt')"
                 )
-            self._lines = prompt_lines(path, "prompts.dataset")
+            self._lines = prompt_lines(path, field)
             if not self._lines:
                 raise ValueError(
-                    f"prompts.dataset={dataset!r} holds no prompt: put one prompt per line (a .jsonl file: one "
+                    f"{field}={dataset!r} holds no prompt: put one prompt per line (a .jsonl file: one "
                     "object with a 'prompt' per line)"
                 )
 

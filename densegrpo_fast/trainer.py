@@ -34,6 +34,7 @@ from densegrpo_fast.checkpoint import (
 )
 from densegrpo_fast.config import TrainConfig, dump_config
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
+from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
 from densegrpo_fast.loss import grpo_loss
@@ -129,9 +130,16 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         )
     if resume and (run_dir / "config.yaml").exists():
         _check_same_run(cfg, run_dir / "config.yaml")
+    elif resume:
+        warnings.warn(
+            f"--resume: {run_dir.resolve()} holds no run (no config.yaml, no checkpoint.pt): a new run starts "
+            "there. If you meant to continue a run, stop and give its directory (--output-dir)",
+            stacklevel=2,
+        )
+    distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
-    eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed)
+    eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed, "eval.dataset")
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
@@ -251,6 +259,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             check_trainable_names(transformer, state["trainable"])
             distributed.load_full_state(transformer, optimizer, state["trainable"], state["optimizer"])
         else:
+            _warn_if_narrowed(transformer, state["trainable"], dist)
             load_trainable_state(transformer, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
         if ema is not None and state.get("ema") is not None:
@@ -278,6 +287,27 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         )
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _warn_if_narrowed(
+    module: torch.nn.Module, saved: dict[str, torch.Tensor], dist: distributed.Dist
+) -> None:
+    """A sharded run keeps fp32 weights; resumed unsharded (one process, or replicated) in a bf16 / fp16 model,
+    its weights, EMA and Adam's moments are rounded to the model's dtype."""
+    params = dict(module.named_parameters())
+    pairs = {
+        (t.dtype, params[n].dtype)
+        for n, t in saved.items()
+        if n in params and t.dtype.itemsize > params[n].dtype.itemsize
+    }
+    if pairs and dist.main:
+        (wide, narrow), *_ = sorted(pairs, key=str)
+        warnings.warn(
+            f"the checkpoint holds trained weights in {wide} but this run's are {narrow} (a sharded run's fp32 "
+            "weights resumed without sharding): the weights, their EMA and Adam's moments are rounded to "
+            f"{narrow}. To keep them, resume with the processes and model.sharding=fsdp the run had",
+            stacklevel=3,
+        )
 
 
 def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
@@ -361,20 +391,42 @@ def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
         )
 
 
+#: What a resumed run may change: how long it runs, how it logs and checkpoints, where its directory is, how
+#: its blocks and threads run; not what an iteration computes.
+RESUMABLE_CHANGES = (
+    "run.iterations", "run.time_budget_s", "run.output_dir", "run.checkpoint_every", "run.sample_grid_every",
+    "run.eval_every", "run.tensorboard", "run.wandb", "model.compile", "model.compile_backend",
+    "model.num_threads",
+)  # fmt: skip
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name not in RESUMABLE_CHANGES and name != "eval.rewards":
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     from densegrpo_fast.config import load_config
 
-    saved = load_config(TrainConfig, saved_path).model_dump()
-    now = cfg.model_dump()
-    saved["run"]["iterations"] = now["run"]["iterations"]  # extending a run is what resuming is for
-    for key in ("compile", "compile_backend"):  # how the blocks run, not what the run computes
-        saved["model"][key] = now["model"][key]
-    saved["run"]["wandb"] = now["run"]["wandb"]  # where the metrics are mirrored
-    diffs = [k for k in now if now[k] != saved[k]]
+    saved = _flat(load_config(TrainConfig, saved_path).model_dump(mode="json"))
+    now = _flat(cfg.model_dump(mode="json"))
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+    ]
     if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ValueError(
-            f"--resume with a config that differs from the run's own in section(s) {diffs}: resume with "
-            f"--config {saved_path} (only run.iterations / --max-iterations and model.compile may change)"
+            f"--resume with a config that differs from the run's own ({saved_path}) in what an iteration "
+            f"computes: {shown}. Resume with --config {saved_path} (it may change only "
+            f"{', '.join(RESUMABLE_CHANGES)})"
         )
 
 
@@ -383,6 +435,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     training; returns psi and the path of the table (``noise.calibration.path`` or the run directory's
     psi.json), written with its plot. Under torchrun every process calibrates on its share of the rows."""
     torch.set_num_threads(cfg.model.num_threads)
+    distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     m = cfg.model
@@ -406,9 +459,10 @@ def _schedule(
 ) -> Schedule:
     """The noise of every step the run may use: the fixed window's, or every step's for a moving window.
 
-    Calibrated noise comes from the psi table when it exists (rank 0 reads it and sends it to the others),
-    else from the checkpoint of a resumed run (``saved_psi``: what it trained with), else from Algorithm 1,
-    run by every rank of a torchrun job on its share of the rows."""
+    Calibrated noise comes from the checkpoint of a resumed run (``saved_psi``: what it trained with; a
+    warning when the psi table is gone or now holds another psi), else from the psi table when it exists
+    (rank 0 reads it and sends it to the others), else from Algorithm 1, run by every rank of a torchrun job
+    on its share of the rows."""
     n = cfg.noise
     T = cfg.sampling.num_steps
     grid = sampler_grid(T, cfg.sampling.shift, policy)
@@ -417,12 +471,17 @@ def _schedule(
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
     psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size, cfg.dense.completion_steps))
-    if psi is None and saved_psi is not None:
-        if dist.main:
+    if saved_psi is not None:  # a resumed run goes on with the psi it trained with
+        saved_psi = saved_psi.float().cpu()
+        used = window_mask(T, ws, size)  # (the checkpoint holds 0 outside a fixed window, a table may not)
+        if dist.main and (psi is None or not torch.equal(psi[used], saved_psi[used])):
+            now = "is gone" if psi is None else f"holds psi {[round(p, 3) for p in psi.tolist()]}"
             warnings.warn(
-                f"psi table {path} is gone: resuming with the psi the checkpoint holds", stacklevel=2
+                f"psi table {path} {now}: resuming with the psi the run trained with, from its checkpoint "
+                f"({[round(p, 3) for p in saved_psi.tolist()]})",
+                stacklevel=2,
             )
-        psi = saved_psi.float().cpu()
+        psi = saved_psi
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
     trained = set(_trained_steps(cfg))
@@ -845,13 +904,19 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         "eval_reward": run.reward_fn,
         **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
     }
-    prompts = run.eval_prompts.heldout(e.num_prompts)
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
-    # Drawn on the CPU in one go, as the eval command does: prompt i gets the same noise whatever the device
-    # and batch size, so this matches `densegrpo-fast eval` on the exported EMA policy.
-    all_noise = torch.randn(
-        len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed)
-    )
+    # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the
+    # device nor the batch size and this matches `densegrpo-fast eval` on the exported EMA policy.
+    if cfg.model.family == "toy":  # (densegrpo_fast.toy.evaluate: one stream, one image per prompt)
+        prompts = run.eval_prompts.heldout(e.num_prompts)
+        all_noise = torch.randn(
+            len(prompts), *policy.latent_shape, generator=torch.Generator().manual_seed(e.seed)
+        )
+    else:  # (densegrpo_fast.evaluate: the file's first num_prompts, images_per_prompt each, noise per image)
+        lines = run.eval_prompts.heldout(None)
+        pairs = [(i, j) for i in range(len(lines[: e.num_prompts])) for j in range(e.images_per_prompt)]
+        prompts = [lines[i] for i, _ in pairs]
+        all_noise = torch.stack([noise_for(policy, e.seed, i, j) for i, j in pairs])
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
     d = run.dist
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's

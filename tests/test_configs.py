@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from densegrpo_fast.config import TrainConfig, load_config
-from densegrpo_fast.toy.config import ToyPretrainConfig
+from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+from densegrpo_fast.toy.config import ToyEvalConfig, ToyPretrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -74,3 +74,102 @@ def test_download_hints_give_each_pattern_its_own_include():
     assert download_command(sd3.DEFAULT_REPO, sd3.COMPONENTS) in texts[ROOT / "README.md"]
     flux_recipe = texts[ROOT / "configs" / "flux_pickscore.yaml"]
     assert download_command(flux.DEFAULT_REPO, flux.COMPONENTS) in flux_recipe
+
+
+TOY = ROOT / "configs" / "toy_geneval.yaml"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampling=3", "sampling.num_steps=4"], "sampling was set to 3 by an earlier override"),
+        (
+            ["sampling.num_steps=[1"],
+            r"override 'sampling.num_steps=\[1': the value is not valid YAML: expected",
+        ),
+        (["model.device=gpu"], "model.device='gpu' is not a torch device"),
+        (["run.seed=-1"], r"run.seed = -1: Input should be greater than or equal to 0"),
+        (["eval.seed=8388608"], r"eval.seed = 8388608: Input should be less than or equal to 8388607"),
+        (
+            ["grpo.trained_steps=[5, 6]"],
+            r"grpo.trained_steps \[5, 6\] has no step of the SDE window \[0, 1, 2\]",
+        ),
+        (["grpo.trained_steps=[]"], "grpo.trained_steps is empty"),
+        (["eval.shift=null"], "eval.shift is null .*the toy model has no scheduler"),
+    ],
+)
+def test_bad_training_configs_are_named_not_tracebacks(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TrainConfig, TOY, overrides)
+
+
+def test_config_files_refuse_yaml_errors_and_keys_given_twice(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("sampling:\n  num_steps: 4\nrun:\n  seed: 1\nsampling:\n  group_size: 4\n")
+    with pytest.raises(
+        ConfigError, match=r"twice.yaml is not valid YAML: key 'sampling' appears twice \(line 5"
+    ):
+        load_config(TrainConfig, twice)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("sampling:\n  num_steps: [4\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML: .*\(line \d+, column \d+\)"):
+        load_config(TrainConfig, broken)
+    nested = tmp_path / "nested.yaml"  # the same key in two different mappings is fine
+    nested.write_text("sampling:\n  num_steps: 4\neval:\n  num_steps: 4\n")
+    assert load_config(TrainConfig, nested).eval.num_steps == 4
+
+
+def test_the_eval_command_refuses_unknown_sections_and_what_train_refuses():
+    with pytest.raises(ConfigError, match="evl: unknown section; did you mean 'eval'"):
+        load_config(ToyEvalConfig, TOY, ["evl.num_steps=40"])
+    with pytest.raises(ConfigError, match="eval.images_per_prompt"):
+        load_config(ToyEvalConfig, TOY, ["eval.images_per_prompt=4"])
+    flux = ROOT / "configs" / "flux_pickscore.yaml"
+    with pytest.raises(ConfigError, match=r"eval.shift \(3.0\) with model.family flux"):
+        load_config(ToyEvalConfig, flux, ["eval.shift=3.0"])
+    load_config(ToyEvalConfig, TOY)  # a training config's other sections are fine
+
+
+def test_output_dir_on_the_command_line_is_taken_as_written(tmp_path):
+    from densegrpo_fast.cli import _train_config, build_parser
+
+    for name in ("exp #2", "2024", "yes", "~"):
+        args = build_parser().parse_args(
+            ["train", "--config", str(TOY), "--output-dir", str(tmp_path / name)]
+        )
+        assert _train_config(args).run.output_dir == str(tmp_path / name)
+
+
+def test_prompt_files_name_their_setting_and_drop_a_bom(tmp_path):
+    from densegrpo_fast.prompts import PromptSource
+
+    with pytest.raises(ValueError, match=r"eval.dataset='/missing.txt' is neither"):
+        PromptSource("/missing.txt", 0, "eval.dataset")
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffa cat\na dog\n".encode())
+    assert PromptSource(str(bom)).heldout(None) == ["a cat", "a dog"]
+
+
+def test_a_device_this_machine_lacks_is_named_before_any_model_work(tmp_path):
+    import torch
+
+    from densegrpo_fast.distributed import check_device
+
+    check_device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"model.device='cuda', but this torch .* sees no CUDA device"):
+            check_device("cuda")
+
+
+def test_validate_notes_prompt_files_it_cannot_read(capsys):
+    from densegrpo_fast.cli import main
+
+    assert main(["validate", "--config", str(ROOT / "configs" / "sd35m_pickscore.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "valid (1152 rows per iteration" in out
+    assert (
+        "note: not readable on this machine, and `train` needs it: prompts.dataset='data/pickscore/train.txt'"
+        in out
+    )
+    assert main(["validate", "--config", str(TOY)]) == 0
+    assert "note:" not in capsys.readouterr().out

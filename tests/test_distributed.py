@@ -438,9 +438,9 @@ def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_check
 
 
 def test_a_sharded_iteration_that_trains_nothing_evaluates_and_exports(tiny_checkpoint, tmp_path):
-    # the last step only: with noise at every step, its next sigma is 0, and no pair trains
-    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "run", ["run.iterations=1",
-                                                                                 "grpo.trained_steps=[3]"])])  # fmt: skip
+    # the random tiny model never passes the strict detector: every group's advantages are 0, no pair trains
+    strict = ["run.iterations=1", "reward.name=toy_geneval", "reward.kwargs={mode: strict}"]
+    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "run", strict)])
     assert done.returncode == 0, done.stderr[-3000:]
     (step,) = [r for r in records(tmp_path / "run") if "reward_mean" in r]
     assert step["rows_trained"] == 0 and (tmp_path / "run" / "policy_ema.safetensors").exists()

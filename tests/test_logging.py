@@ -271,3 +271,17 @@ def test_a_kill_while_resuming_keeps_the_metrics_history(tmp_path, monkeypatch):
     monkeypatch.undo()
     MetricsLog(tmp_path, resume=True, tensorboard=False).truncate_after(1)
     assert [r["iteration"] for r in log.read()] == [1]
+
+
+def test_a_last_line_cut_short_is_left_out_and_any_other_bad_line_named(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=False)
+    for it in range(3):
+        log.write({"iteration": it, "loss": 0.5 * it})
+    whole = log.path.read_text()
+    log.path.write_text(whole + '{"iteration": 3, "lo')  # killed, or a full disk, in the middle of a write
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        log.truncate_after(1)  # as a resumed run does
+    assert [r["iteration"] for r in log.read()] == [0, 1]
+    log.path.write_text(whole.replace('"iteration": 1', '"iteration": 1,,'))
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON .*mend or delete that line"):
+        log.read()

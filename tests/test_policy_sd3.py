@@ -374,6 +374,32 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], checkpoint=str(flux_like))
 
 
+def test_the_trainers_heldout_score_is_the_eval_commands(sd3_dir, tmp_path):
+    """The held-out evaluation during training uses the eval command's protocol: the file's first
+    eval.num_prompts prompts (not cycled past its end), eval.images_per_prompt each, noise per (prompt, image)."""
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.trainer import heldout_rewards, setup
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green dog\n")
+    model = ["model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"]  # fmt: skip
+    ev = [f"eval.dataset={prompts}", "eval.num_prompts=5", "eval.images_per_prompt=2", "eval.num_steps=2",
+          "eval.shift=null", "eval.guidance_scale=4.5", "eval.batch_size=4", "eval.seed=3"]  # fmt: skip
+    train_cfg = [*model, *ev, f"prompts.dataset={prompts}", "sampling.group_size=2", "noise.kind=uniform",
+                 "reward.name=redness", "lora.rank=4", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false"]  # fmt: skip
+    run = setup(load_config(TrainConfig, None, train_cfg), progress=False)  # (LoRA B is 0: the base model)
+    ours = heldout_rewards(run)["eval_reward"]
+    theirs = run_eval(
+        None, [*model, *ev, "eval.rewards={red: {name: redness}}", f"eval.output_dir={tmp_path / 'ev'}"]
+    )
+    assert theirs["num_prompts"] == 3 and theirs["images_per_prompt"] == 2
+    assert ours == pytest.approx(theirs["scores"]["red"], rel=1e-6)
+    one = run_eval(None, [*model, *ev, "eval.images_per_prompt=1", "eval.rewards={red: {name: redness}}",
+                          f"eval.output_dir={tmp_path / 'ev1'}"])  # fmt: skip
+    assert one["scores"]["red"] != pytest.approx(ours, rel=1e-3)  # (the second images count)
+
+
 def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     """The recipes' set-up: the transformer in bf16, its LoRA adapters (and so Adam's moments and the EMA)
     in fp32, and old log-probs recomputed at the update's own batch sizes, so the first ratio is exactly 1."""

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -534,11 +535,20 @@ def test_a_resumed_run_whose_psi_table_is_gone_keeps_its_psi(tiny_checkpoint, tm
         raise AssertionError("a resumed run must not calibrate again")
 
     monkeypatch.setattr(trainer, "calibrate", no_calibration)
-    with pytest.warns(UserWarning, match="psi table .* is gone: resuming with the psi the checkpoint holds"):
+    with pytest.warns(UserWarning, match="psi table .* is gone: resuming with the psi the run trained with"):
         run = setup(
             cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
         )
     assert torch.equal(run.base_schedule.noise_level.cpu(), saved) and saved.abs().sum() > 0
+    # a table calibrated again in between (the calibrate command, a shared path) does not change the run's noise
+    (run_dir / "psi.json").write_text(json.dumps({"psi": [1.2, 1.1, 1.0, 0.0], "trajectory": []}))
+    with pytest.warns(
+        UserWarning, match=r"psi table .* holds psi \[1.2, 1.1, 1.0, 0.0\]: resuming with the psi"
+    ):
+        run = setup(
+            cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
+        )
+    assert torch.equal(run.base_schedule.noise_level.cpu(), saved)
 
 
 def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, tmp_path):
@@ -633,14 +643,29 @@ def test_psi_tables_that_leave_a_step_without_noise_or_came_from_other_completio
         setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=extra), progress=False)
 
 
-def test_existing_run_needs_resume(tiny_checkpoint, tmp_path):
+def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1)
     train(cfg, progress=False)
     with pytest.raises(ValueError, match="already holds a run.*--resume"):
         train(cfg, progress=False)
-    other = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["grpo.beta=0.5"])
-    with pytest.raises(ValueError, match=r"differs from the run's own in section\(s\) \['grpo'\]"):
+    other = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["grpo.beta=0.5", "optim.lr=0.001"])
+    with pytest.raises(
+        ValueError,
+        match=r"in what an iteration computes: grpo.beta: 0.04 -> 0.5; optim.lr: 0.0003 -> 0.001\. Resume",
+    ):
         train(other, resume=True, progress=False)
+    # what only says how long and where the run goes may change: its directory by another path, a time budget
+    # (a run stopped by its budget is extended), checkpoints, logs, threads
+    monkeypatch.chdir(tmp_path)
+    moved = Path("run")  # (the run was started with an absolute path)
+    extended = ["run.time_budget_s=600", "run.checkpoint_every=5", "run.eval_every=1", "model.num_threads=2"]
+    train(cfg_of(tiny_checkpoint, moved, iterations=2, extra=extended), resume=True, progress=False)
+    assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2]
+
+
+def test_resume_of_a_directory_without_a_run_says_so(tiny_checkpoint, tmp_path):
+    with pytest.warns(UserWarning, match=r"--resume: .*nowhere holds no run .*a new run starts there"):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "nowhere", iterations=1), resume=True, progress=False)
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoint, tmp_path):
@@ -763,3 +788,35 @@ def test_calibrate_command_writes_the_psi_table(tiny_checkpoint, tmp_path, capsy
     table = json.loads((tmp_path / "run" / "psi.json").read_text())
     assert len(table["psi"]) == 4 and (tmp_path / "run" / "psi.png").exists()
     assert "psi = [" in capsys.readouterr().out
+
+
+def test_a_damaged_checkpoint_is_named_and_a_failed_write_leaves_no_tmp_file(tmp_path, monkeypatch):
+    from densegrpo_fast import checkpoint
+
+    checkpoint.save_checkpoint(tmp_path, {"iteration": 3})
+    assert checkpoint.load_checkpoint(tmp_path)["iteration"] == 3
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 cut")
+    with pytest.raises(ValueError, match=r"checkpoint.pt cannot be read .*damaged"):
+        checkpoint.load_checkpoint(tmp_path)
+
+    def full_disk(state, path):
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_checkpoint(tmp_path, {"iteration": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_fp32_weights_resumed_into_a_bf16_model_warn():
+    from densegrpo_fast.distributed import SINGLE
+    from densegrpo_fast.trainer import _warn_if_narrowed
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    saved = {n: p.detach().float() for n, p in model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"in torch.float32 but this run's are torch.bfloat16 .*rounded"):
+        _warn_if_narrowed(model, saved, SINGLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_narrowed(model.float(), saved, SINGLE)  # the same dtype: nothing to say

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
-from pydantic import ConfigDict, Field
+import difflib
 
-from densegrpo_fast.config import EvalSection, ModelSection, Section
+from pydantic import ConfigDict, Field, model_validator
+
+from densegrpo_fast.config import CrossCheckError, EvalSection, ModelSection, Section, model_eval_problems
 
 
 class ToyArchSection(Section):
@@ -67,3 +69,29 @@ class ToyEvalConfig(Section):
 
     model: ModelSection = Field(default_factory=ModelSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_sections(cls, data):
+        """A top-level key that is no section of a training config is a typo (``evl:``), not another
+        command's section."""
+        from densegrpo_fast.config import TrainConfig
+
+        if isinstance(data, dict):
+            known = list(TrainConfig.model_fields)
+            problems = []
+            for key in data:
+                if key not in known:
+                    near = difflib.get_close_matches(str(key), known, n=1)
+                    hint = f"did you mean '{near[0]}'?" if near else f"valid sections: {', '.join(known)}"
+                    problems.append(f"{key}: unknown section; {hint}")
+            if problems:
+                raise CrossCheckError(problems)
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ToyEvalConfig:
+        problems = self.model.problems() + model_eval_problems(self.model, self.eval)
+        if problems:
+            raise CrossCheckError(problems)
+        return self

@@ -58,7 +58,7 @@ def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
             f"eval.dataset={dataset!r} is neither toy:test / toy:train nor an existing file: pass a text file of "
             "toy-world prompts, one per line"
         )
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
     return [parse_prompt(lines[i % len(lines)]) for i in range(len(lines) if n is None else n)]
@@ -178,6 +178,9 @@ def run_eval(config: str, overrides: list[str], checkpoint: str | None = None, a
 
     cfg = load_config(ToyEvalConfig, config, overrides)
     torch.set_num_threads(cfg.model.num_threads)
+    from densegrpo_fast.distributed import check_device
+
+    check_device(cfg.model.device)
     ckpt = checkpoint if checkpoint is not None else cfg.model.checkpoint
     policy = ToyPolicy.load(ckpt, cfg.model.device)
     out_dir = Path(cfg.eval.output_dir)
