@@ -86,9 +86,17 @@ def _add_train(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def handler(args):
+        import warnings
+
+        from densegrpo_fast.config import ignored_line, override_keys
         from densegrpo_fast.trainer import train
 
-        run_dir = train(_train_config(args), resume=args.resume, progress=not args.no_progress)
+        cfg = _train_config(args)
+        given = override_keys(args.overrides)
+        for keys, why in cfg.ignored_settings():
+            if ours := [k for k in keys if k in given]:
+                warnings.warn(ignored_line(ours, why), stacklevel=1)
+        run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
         from densegrpo_fast.distributed import speaks
 
         if speaks():
@@ -155,8 +163,11 @@ def _add_validate(sub) -> None:
         print(
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )
+        from densegrpo_fast.config import ignored_line
         from densegrpo_fast.prompts import PromptSource
 
+        for keys, why in cfg.ignored_settings():
+            print(f"note: {ignored_line(keys, why)}")
         for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
             try:
                 PromptSource(dataset, 0, field)

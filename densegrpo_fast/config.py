@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,14 +44,36 @@ class ConfigError(ValueError):
         )
 
 
+def ignored_line(keys: list[str], why: str) -> str:
+    """One line of :meth:`TrainConfig.ignored_settings`."""
+    return f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'} ignored: {why}"
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys a command line's ``key=value`` overrides set (a mapping value: its keys too)."""
+
+    def walk(tree: dict, prefix: str):
+        for k, v in tree.items():
+            yield prefix + k
+            if isinstance(v, dict):
+                yield from walk(v, prefix + k + ".")
+
+    return set(walk(parse_overrides(overrides), ""))
+
+
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names of the (sub)model that owns ``loc``'s last element."""
     cls: Any = model
-    for part in loc[:-1]:
+    parts = iter(loc[:-1])
+    for part in parts:
         field = getattr(cls, "model_fields", {}).get(part)
         if field is None:
             return []
         cls = field.annotation
+        if typing.get_origin(cls) is dict:  # (e.g. eval.rewards: the next part is an entry's name)
+            cls = typing.get_args(cls)[1]
+            if next(parts, None) is None:
+                return []
     return list(getattr(cls, "model_fields", {}))
 
 
@@ -702,6 +725,28 @@ class TrainConfig(Section):
     def rows_per_iteration(self) -> int:
         """B = prompts per iteration x group size."""
         return self.prompts.prompts_per_iteration * self.sampling.group_size
+
+    def ignored_settings(self) -> list[tuple[list[str], str]]:
+        """Settings the config gives (in its file or overrides) that this run does not use: (dotted keys, why)
+        per section. ``validate`` notes them all; ``train`` warns of those given on the command line (a file's
+        LoRA settings are no mistake when the command line turns LoRA off)."""
+        n = self.noise
+        unused = [  # (section's dotted name, section, its fields, whether they are unused, why)
+            ("lora", self.lora, ("rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
+             "lora.enabled=false trains the full model"),
+            ("dense", self.dense, ("completion_steps", "completion_batching"), self.dense.mode == "sparse",
+             "dense.mode=sparse scores the final image only, with no completions"),
+            ("noise.calibration", n.calibration, type(n.calibration).model_fields, n.kind == "uniform",
+             "noise.kind=uniform does not calibrate"),
+            ("noise", n, ("window_every",), n.window_move == "fixed", "noise.window_move=fixed never moves"),
+            ("ema", self.ema, ("decay", "every"), not self.ema.enabled, "ema.enabled=false keeps no EMA"),
+        ]  # fmt: skip
+        out = []
+        for name, section, fields, off, why in unused:
+            keys = [f"{name}.{f}" for f in fields if f in section.model_fields_set]
+            if off and keys:
+                out.append((keys, why))
+        return out
 
     def eval_rewards_built(self) -> dict[str, RewardSection]:
         """The ``eval.rewards`` entries that get a model of their own. One equal to the training reward (the

@@ -96,6 +96,7 @@ TOY = ROOT / "configs" / "toy_geneval.yaml"
         ),
         (["grpo.trained_steps=[]"], "grpo.trained_steps is empty"),
         (["eval.shift=null"], "eval.shift is null .*the toy model has no scheduler"),
+        (["eval.rewards.strict.nam=toy_geneval"], "did you mean 'eval.rewards.strict.name'"),
     ],
 )
 def test_bad_training_configs_are_named_not_tracebacks(overrides, message):
@@ -173,3 +174,48 @@ def test_validate_notes_prompt_files_it_cannot_read(capsys):
     )
     assert main(["validate", "--config", str(TOY)]) == 0
     assert "note:" not in capsys.readouterr().out
+
+
+def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_command_line(tmp_path, capsys):
+    from densegrpo_fast.cli import main
+    from densegrpo_fast.config import ignored_line, override_keys
+
+    over = ["lora.enabled=false", "dense.mode=sparse", "dense.completion_steps=2", "noise.window_every=3"]
+    cfg = load_config(TrainConfig, TOY, over)
+    lines = [ignored_line(k, w) for k, w in cfg.ignored_settings()]
+    assert lines == [
+        "lora.rank, lora.alpha, lora.target_modules, lora.merge_for_sampling are ignored: lora.enabled=false "
+        "trains the full model",  # (the file's own LoRA settings)
+        "dense.completion_steps is ignored: dense.mode=sparse scores the final image only, with no completions",
+        "noise.window_every is ignored: noise.window_move=fixed never moves",
+    ]
+    assert load_config(TrainConfig, TOY).ignored_settings() == []
+    assert override_keys(["lora={enabled: false, rank: 8}", "a.b=1"]) == {
+        "lora",
+        "lora.enabled",
+        "lora.rank",
+        "a",
+        "a.b",
+    }
+    assert main(["validate", "--config", str(TOY), *over]) == 0
+    assert "note: dense.completion_steps is ignored" in capsys.readouterr().out
+    # train warns of the command line's own (not of the file's LoRA settings), then trains (here: refused later)
+    with pytest.warns(UserWarning) as seen:
+        code = main(
+            [
+                "train",
+                "--config",
+                str(TOY),
+                "--output-dir",
+                str(tmp_path / "run"),
+                *over,
+                "prompts.dataset=/none.txt",
+            ]
+        )
+    assert code == 2 and "prompts.dataset='/none.txt'" in capsys.readouterr().err
+    said = [str(w.message) for w in seen]
+    assert (
+        "dense.completion_steps is ignored: dense.mode=sparse scores the final image only, with no completions"
+        in said
+    )
+    assert not any("lora.rank" in m for m in said)
