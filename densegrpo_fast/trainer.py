@@ -428,6 +428,14 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
             f"computes: {shown}. Resume with --config {saved_path} (it may change only "
             f"{', '.join(RESUMABLE_CHANGES)})"
         )
+    before, after = saved["run.iterations"], now["run.iterations"]
+    if before != after and now["optim.schedule"] != "constant":
+        warnings.warn(
+            f"run.iterations {before} -> {after} with optim.schedule={now['optim.schedule']}: the learning-rate "
+            f"decay now ends at iteration {after}, so from here on the learning rate follows the stretched "
+            "schedule (it steps up where the run is extended)",
+            stacklevel=3,
+        )
 
 
 def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tensor, Path]:

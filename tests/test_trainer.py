@@ -659,7 +659,10 @@ def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     moved = Path("run")  # (the run was started with an absolute path)
     extended = ["run.time_budget_s=600", "run.checkpoint_every=5", "run.eval_every=1", "model.num_threads=2"]
-    train(cfg_of(tiny_checkpoint, moved, iterations=2, extra=extended), resume=True, progress=False)
+    with pytest.warns(
+        UserWarning, match=r"run.iterations 1 -> 2 with optim.schedule=cosine: .*decay now ends at"
+    ):
+        train(cfg_of(tiny_checkpoint, moved, iterations=2, extra=extended), resume=True, progress=False)
     assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2]
 
 
