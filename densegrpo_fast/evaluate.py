@@ -242,10 +242,11 @@ def _check_same_prompts(out: Path, done: dict, prompts: list[str]) -> None:
 
 
 def _check_same_protocol(path: Path, protocol: dict) -> None:
-    """Resuming is only sound under the same protocol: compare with the one saved by the first call."""
+    """Resuming is only sound under the same protocol: compare with the one saved by the first call (an
+    entry an older version did not save is not compared)."""
     if path.exists():
         saved = json.loads(path.read_text())
-        diff = {k: (saved.get(k), v) for k, v in protocol.items() if saved.get(k) != v}
+        diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and saved[k] != v}
         if diff:
             raise ValueError(
                 f"{path.parent} holds an evaluation made under another protocol ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
@@ -303,7 +304,9 @@ def run_eval(
         policy, prompts, rewards, sampler_grid(e.num_steps, e.shift, policy), guidance_scale=e.guidance_scale,
         images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
         save_images=e.save_images, progress=progress, dist=d, tags=tags,
-        info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset},
+        info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
+              "resolution": m.resolution, "dtype": m.dtype, "max_sequence_length": m.max_sequence_length,
+              "rewards": {k: r.model_dump(mode="json") for k, r in e.rewards.items()}},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")

@@ -366,6 +366,11 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     assert run_eval(None, [*ev, *compiled], checkpoint=export)["scores"] == trained["scores"]
     with pytest.raises(ValueError, match="another protocol"):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"])  # the base model into the export's dir
+    # scores of another dtype, or of a reward with other settings, are not mixed into the same summary
+    for change, said in [("model.dtype=bf16", "dtype: 'fp32' -> 'bf16'"),
+                         ("eval.rewards={red: {name: redness, kwargs: {}}, blue: {name: redness}}", "rewards: ")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"another protocol .*{said}"):
+            run_eval(None, [*ev, change, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
     flux_like = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
