@@ -25,6 +25,7 @@ import json
 import logging
 import select
 import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -249,7 +250,9 @@ class RewardServer(ThreadingHTTPServer):
         return out.detach().float().cpu().tolist()
 
     def handle_error(self, request, client_address) -> None:
-        # e.g. a client that timed out and closed its end before the answer
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # one line, no traceback
+            logger.warning("%s hung up before its answer was sent (its timeout ran out?)", client_address[0])
+            return
         logger.warning("request from %s failed", client_address, exc_info=True)
 
     def start(self) -> RewardServer:
