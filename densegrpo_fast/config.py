@@ -546,7 +546,8 @@ class RunSection(Section):
     time_budget_s: float | None = Field(
         None,
         gt=0,
-        description="stop after this much training wall time (seconds), whatever run.iterations says",
+        description="start no iteration after this much training wall time (seconds: the iterations' own, "
+        "not the evaluations, checkpoints and export), whatever run.iterations says",
     )
     tensorboard: bool = Field(True, description="write TensorBoard events beside metrics.jsonl")
     wandb: WandbSection = Field(default_factory=WandbSection)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -248,19 +249,31 @@ def broadcast(d: Dist, obj):
     return box[0]
 
 
-def mean_stats(d: Dist, stats: dict[str, list[float]]) -> dict[str, float]:
-    """Each key's mean over the values every rank holds (a rank may hold none, or not every key)."""
-    if not d.enabled:
-        return {key: sum(vals) / len(vals) for key, vals in stats.items()}
-    every: list[dict[str, list[float]]] = [{} for _ in range(d.world)]
-    dist.all_gather_object(every, {key: [sum(vals), len(vals)] for key, vals in stats.items()})
+def mean_stats(
+    d: Dist, stats: dict[str, list[float]], weights: list[float] | None = None, maxima: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Each key's mean over the values every rank holds (a rank may hold none, or not every key), each value
+    weighted by ``weights`` (aligned with every key's list: e.g. the pairs of each micro-batch, so that the
+    result is the mean over pairs) when given; the largest value for the keys in ``maxima``."""
+
+    def local(key: str, vals: list[float]) -> list[float]:
+        if key in maxima:
+            return [max(vals), 1.0]
+        w = weights if weights is not None else [1.0] * len(vals)
+        return [sum(v * x for v, x in zip(vals, w, strict=True)), float(sum(w))]
+
+    every: list[dict[str, list[float]]] = [{key: local(key, vals) for key, vals in stats.items() if vals}]
+    if d.enabled:
+        mine = every[0]
+        every = [{} for _ in range(d.world)]
+        dist.all_gather_object(every, mine)
     total: dict[str, list[float]] = {}
     for part in every:
         for key, (s, n) in part.items():
-            acc = total.setdefault(key, [0.0, 0])
-            acc[0] += s
+            acc = total.setdefault(key, [-math.inf, 0.0] if key in maxima else [0.0, 0.0])
+            acc[0] = max(acc[0], s) if key in maxima else acc[0] + s
             acc[1] += n
-    return {key: s / n for key, (s, n) in total.items()}
+    return {key: s if key in maxima else s / n for key, (s, n) in total.items()}
 
 
 def broadcast_params(d: Dist, params: list[torch.nn.Parameter]) -> None:

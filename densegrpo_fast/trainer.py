@@ -98,6 +98,7 @@ class Run:
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
+    eval_fns: dict | None = None  # eval.rewards' own models, built at the first evaluation
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -599,6 +600,8 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
                     completion_batching=cfg.dense.completion_batching, max_rows_per_call=cfg.sampling.max_rows_per_call,
                 )  # fmt: skip
             rollouts.append(ro)
+            if device.type == "cuda" and w == len(waves) - 1:  # the rollout's own stream, not the reward's
+                torch.cuda.current_stream(device).synchronize()
             t1 = time.perf_counter()  # the last wave's: rollout_s ends here
             if pool is None:  # in line: the rollout waits for its reward
                 results.append(_score_wave(run, ro, rows[rs], None, busy))
@@ -607,6 +610,9 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
             if ready is not None:
                 ready.record()
             results.append(pool.submit(_score_wave, run, ro, rows[rs], ready, busy))
+            for r in results:  # a wave that failed to score stops the rollout now, not after the last wave
+                if r.done() and r.exception() is not None:
+                    raise r.exception()
         parts = [r.result() if isinstance(r, Future) else r for r in results]
         if pool is not None and device.type == "cuda":  # made on side streams, read on this one from now on
             for r in parts:
@@ -614,7 +620,7 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
         R = torch.cat(parts).to(device)  # (a plugin reward may answer on the CPU)
     finally:
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=True)  # (on an error: waves not yet scoring are dropped)
     times = {"rollout_s": t1 - t0, "reward_s": time.perf_counter() - t1}
     if W > 1:
         times["reward_busy_s"] = sum(busy)
@@ -694,7 +700,9 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     rows, steps = rows[order], steps[order]
     # Statistics stay on the device until the update ends, then come to the host in one read: an .item() per
     # micro-batch would make the host wait for each backward before it queues the next forward.
-    stats: dict[str, list[torch.Tensor]] = {}
+    stats: dict[str, list[torch.Tensor]] = {}  # per micro-batch: means over its pairs
+    sizes: list[int] = []  # pairs per micro-batch: the weights of those means
+    grad_norms: list[torch.Tensor] = []  # per optimizer step
     first_ratio_dev, stepped = None, False  # the first ratio is on-policy only before any optimizer step
     transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
@@ -745,12 +753,13 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                 first_ratio_dev = s["ratio_dev_max"]
             for key, val in s.items():
                 stats.setdefault(key, []).append(val)
+            sizes.append(i.numel())
         if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
             distributed.sum_grads(run.dist, run.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
         if distributed.is_sharded(grad_norm):
             grad_norm = grad_norm.full_tensor()
-        stats.setdefault("grad_norm", []).append(grad_norm.detach())
+        grad_norms.append(grad_norm.detach())
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.opt_steps += 1
@@ -761,12 +770,14 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
                     if name in run.ema:
                         run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
     nonzero = ((A_all != 0) & trained).sum() / trained.sum().clamp_min(1)  # 0 when no step is trained
-    host = _read_once({**stats, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
-    first, nonzero_frac = host.pop("_first")[0], host.pop("_nonzero")[0]
-    out = distributed.mean_stats(run.dist, host)  # over every rank's micro-batches
+    host = _read_once({**stats, "grad_norm": grad_norms, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
+    first, nonzero_frac, norms = host.pop("_first")[0], host.pop("_nonzero")[0], host.pop("grad_norm")
+    # over every rank's pairs (the loss the update optimised); ratio_dev_max: the largest of any pair
+    out = distributed.mean_stats(run.dist, host, weights=sizes, maxima=("ratio_dev_max",))
+    out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
     out["ratio_dev_first"] = first
     out["lr"] = lr
-    out["rows_trained"] = int(sum(counts))
+    out["rows_trained"] = int(sum(counts))  # (row, step) pairs
     out["adv_nonzero_frac"] = nonzero_frac
     return out
 
@@ -908,10 +919,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     e = cfg.eval
     own = cfg.eval_rewards_built()  # (an entry equal to the training reward is scored by its model)
     same = {f"eval_{k}" for k in e.rewards if k not in own}
-    fns = {
-        "eval_reward": run.reward_fn,
-        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
-    }
+    if run.eval_fns is None:  # built once per run, not at every evaluation
+        run.eval_fns = {f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()}
+    fns = {"eval_reward": run.reward_fn, **run.eval_fns}
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the
     # device nor the batch size and this matches `densegrpo-fast eval` on the exported EMA policy.
@@ -935,8 +945,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
             idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
             chunk = [prompts[j] for j in idx]
             noise = all_noise[idx].to(policy.device)
+            # (an ODE: its SDE noise is multiplied by 0, drawn from a generator of its own, not the global one)
             ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
-                        max_rows_per_call=cfg.sampling.max_rows_per_call)  # fmt: skip
+                        max_rows_per_call=cfg.sampling.max_rows_per_call, generator=torch.Generator(policy.device))  # fmt: skip
             real = max(0, min(len(idx), hi - s))
             if real == 0:
                 continue
@@ -1077,9 +1088,9 @@ def _loop(run: Run, progress: bool) -> None:
     total = cfg.run.iterations
     bar = tqdm(total=total, initial=run.iteration, desc=run.name,
                disable=not (progress and d.main), dynamic_ncols=True)  # fmt: skip
-    if distributed.broadcast(d, run.iteration == 0 and not run.log.read()):  # rank 0 holds the log
-        _evaluate(run, bar)
     budget = cfg.run.time_budget_s
+    if distributed.broadcast(d, _evaluation_missing(run)):  # rank 0 holds the log
+        _evaluate(run, bar)
     warned_lp_dev = False
     while run.iteration < total and not (budget is not None and run.wall_s >= budget):
         t0 = time.perf_counter()
@@ -1120,12 +1131,28 @@ def _loop(run: Run, progress: bool) -> None:
             distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
         del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
         last = run.iteration == total or (budget is not None and run.wall_s >= budget)
+        if last or run.iteration % cfg.run.checkpoint_every == 0:  # first: a failed evaluation loses nothing
+            checkpoint(run)
         if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
             _evaluate(run, bar)
-        if last or run.iteration % cfg.run.checkpoint_every == 0:
-            checkpoint(run)
     bar.close()
     export_policy(run, run.dir / "policy_ema.safetensors")
+
+
+def _evaluation_missing(run: Run) -> bool:
+    """Whether the run's evaluation at its current iteration is due but not in the log: the start of a
+    fresh run, or a run killed between a checkpoint and the evaluation after it (the checkpoint comes first)."""
+    cfg, it = run.cfg, run.iteration
+    records = run.log.read()
+    if it == 0:
+        return not records
+    budget = cfg.run.time_budget_s
+    due = (
+        it == cfg.run.iterations
+        or (budget is not None and run.wall_s >= budget)
+        or (cfg.run.eval_every and it % cfg.run.eval_every == 0)
+    )
+    return bool(due) and not any(r["iteration"] == it and "eval_reward" in r for r in records)
 
 
 def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:

@@ -74,6 +74,11 @@ assert distributed.max_(d, 0.5 + r, "cpu") == 1.5
 assert distributed.broadcast(d, {"from": r}) == {"from": 0}
 stats = {"loss": [1.0, 3.0], "kl": [2.0]} if r == 0 else {"loss": [5.0]}
 assert distributed.mean_stats(d, stats) == {"loss": 3.0, "kl": 2.0}
+# weighted by each micro-batch's pairs (rank 0: 1 and 3 pairs, rank 1: 2), and a maximum over every rank
+weights = [1.0, 3.0] if r == 0 else [2.0]
+stats = {"loss": [1.0, 3.0], "dev": [0.5, 0.25]} if r == 0 else {"loss": [5.0], "dev": [0.75]}
+got = distributed.mean_stats(d, stats, weights=weights, maxima=("dev",))
+assert got == {"loss": (1 * 1 + 3 * 3 + 5 * 2) / 6, "dev": 0.75}, got
 
 # rank 0's one-off work: its result, or its error, on every rank
 assert distributed.on_main(d, lambda: {"psi": r}) == {"psi": 0}

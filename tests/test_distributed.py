@@ -233,6 +233,7 @@ def test_a_simulated_job_is_rank_0_with_every_other_rank_mirroring_it():
         assert torch.equal(distributed.sum_(d, t), 3 * t) and torch.equal(t, torch.tensor([[1.0, 2.0]]))
         assert distributed.max_(d, 0.5, "cpu") == 0.5 and distributed.broadcast(d, {"a": 1}) == {"a": 1}
         assert distributed.mean_stats(d, {"loss": [1.0, 3.0]}) == {"loss": 2.0}
+        assert distributed.mean_stats(d, {"loss": [1.0, 3.0]}, weights=[1, 3]) == {"loss": 2.5}
         assert distributed.on_main(d, lambda: "rank 0's") == "rank 0's"
         distributed.check_same(d, [0.5], "psi", "fix")
         w = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]

@@ -823,3 +823,56 @@ def test_fp32_weights_resumed_into_a_bf16_model_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_if_narrowed(model.float(), saved, SINGLE)  # the same dtype: nothing to say
+
+
+def test_a_wave_that_fails_to_score_stops_the_rollout_early(tiny_checkpoint, tmp_path, monkeypatch):
+    from densegrpo_fast import trainer
+
+    cfg = cfg_of(
+        tiny_checkpoint,
+        tmp_path / "run",
+        extra=["prompts.prompts_per_iteration=4", "sampling.reward_waves=4"],
+    )
+    run = setup(cfg, progress=False)
+    waves, real_sample = [], trainer.sample
+
+    def counted(*args, **kwargs):
+        waves.append(1)
+        time.sleep(0.2)  # (a wave's rollout outlasts the failing reward's start)
+        return real_sample(*args, **kwargs)
+
+    def fails(images, prompts):
+        raise RuntimeError("the reward's GPU fell over")
+
+    monkeypatch.setattr(trainer, "sample", counted)
+    run.reward_fn = fails
+    with pytest.raises(RuntimeError, match="fell over"):
+        trainer.collect(run, run.prompts.sample(4, 0), 0)
+    assert len(waves) < 4  # before: every wave rolled out (and the queued ones scored) before the error
+
+
+def test_the_checkpoint_comes_before_the_evaluation_and_a_lost_evaluation_is_made_on_resume(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from densegrpo_fast import trainer
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["run.eval_every=1"])
+    real = trainer.ema_heldout_rewards
+    calls = []
+
+    def fails_at_the_end(run):
+        calls.append(run.iteration)
+        if run.iteration == 2:
+            raise RuntimeError("the reward server went down")
+        return real(run)
+
+    monkeypatch.setattr(trainer, "ema_heldout_rewards", fails_at_the_end)
+    with pytest.raises(RuntimeError, match="went down"):
+        train(cfg, progress=False)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    monkeypatch.setattr(trainer, "ema_heldout_rewards", real)
+    rng = torch.get_rng_state()
+    train(cfg, resume=True, progress=False)  # nothing left to train: the evaluation, then the export
+    evals = [r["iteration"] for r in records(tmp_path / "run") if "eval_reward" in r]
+    assert evals == [0, 1, 2] and (tmp_path / "run" / "policy_ema.safetensors").exists()
+    assert torch.equal(torch.get_rng_state(), rng)  # (the evaluation draws no global random numbers)
