@@ -167,12 +167,12 @@ def _add_validate(sub) -> None:
         from densegrpo_fast.prompts import PromptSource
 
         for keys, why in cfg.ignored_settings():
-            print(f"note: {ignored_line(keys, why)}")
+            print(f"note: {ignored_line(keys, why)}", file=sys.stderr)
         for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
             try:
                 PromptSource(dataset, 0, field)
             except (ValueError, OSError) as e:  # (the prompt sets may live only where training runs)
-                print(f"note: not readable on this machine, and `train` needs it: {e}")
+                print(f"note: not readable on this machine, and `train` needs it: {e}", file=sys.stderr)
         if args.load_rewards:
             from densegrpo_fast.rewards.preflight import check_rewards, image_size
 

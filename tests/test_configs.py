@@ -166,14 +166,14 @@ def test_validate_notes_prompt_files_it_cannot_read(capsys):
     from densegrpo_fast.cli import main
 
     assert main(["validate", "--config", str(ROOT / "configs" / "sd35m_pickscore.yaml")]) == 0
-    out = capsys.readouterr().out
-    assert "valid (1152 rows per iteration" in out
+    said = capsys.readouterr()
+    assert "valid (1152 rows per iteration" in said.out
     assert (
         "note: not readable on this machine, and `train` needs it: prompts.dataset='data/pickscore/train.txt'"
-        in out
+        in said.err  # (notes go to stderr: stdout stays the report scripts read)
     )
     assert main(["validate", "--config", str(TOY)]) == 0
-    assert "note:" not in capsys.readouterr().out
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_command_line(tmp_path, capsys):
@@ -198,7 +198,7 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
         "a.b",
     }
     assert main(["validate", "--config", str(TOY), *over]) == 0
-    assert "note: dense.completion_steps is ignored" in capsys.readouterr().out
+    assert "note: dense.completion_steps is ignored" in capsys.readouterr().err
     # train warns of the command line's own (not of the file's LoRA settings), then trains (here: refused later)
     with pytest.warns(UserWarning) as seen:
         code = main(

@@ -62,11 +62,14 @@ def test_jpeg_sizes_are_pil_sizes_in_kb():
 # --- OCR ----------------------------------------------------------------------------------------------
 
 
-def test_quoted_text_takes_the_first_pair_of_straight_or_curly_quotes():
+def test_quoted_text_takes_the_first_straight_pair_else_the_first_typographic_one():
     assert quoted_text('A sign that says "Open 24 hours" in neon') == "Open 24 hours"
     assert quoted_text('a "first" and a "second"') == "first"
     assert quoted_text("a poster reading “Hello World”, blue") == "Hello World"
     assert quoted_text('mixed “quotes" here') == "quotes"
+    assert quoted_text('A “vintage” poster saying "SALE"') == "SALE"  # Flow-GRPO's split('"')[1]
+    assert quoted_text("ein Schild „Hallo Welt“") == "Hallo Welt"
+    assert quoted_text("une affiche «Bonjour»") == "Bonjour"
     for bad in ["no quotes at all", 'one " only', 'empty "  " quotes']:
         with pytest.raises(ValueError, match="has no text between double quotes") as e:
             quoted_text(bad)
@@ -172,9 +175,10 @@ def test_multi_is_the_weighted_sum_of_its_components():
         ({}, "must be a non-empty mapping"),
         ({"a": {"kwargs": {}}}, r"rewards.a=.* must be a mapping with 'name'"),
         ({"a": {"name": "redness", "wieght": 1}}, r"unknown keys: \['wieght'\]"),
-        ({"a": {"name": "redness", "weight": "high"}}, r"rewards.a.weight='high' must be a number"),
+        ({"a": {"name": "redness", "weight": "high"}}, r"rewards.a.weight='high' must be a finite number"),
         ({"a": {"name": "rednes"}}, "did you mean 'redness'"),
         ({"a": {"name": "redness", "kwargs": [1]}}, r"rewards.a.kwargs=\[1\] must be a mapping"),
+        ({"a": {"name": "redness", "weight": float("nan")}}, r"rewards.a.weight=nan must be a finite number"),
     ],
 )
 def test_multi_config_errors(rewards, match):
@@ -267,3 +271,63 @@ def test_paddleocr_recognizer_reads_as_flow_grpo(monkeypatch):
     monkeypatch.setitem(sys.modules, "paddleocr", None)
     with pytest.raises(ValueError, match="paddlepaddle-gpu==2.6.2 paddleocr==2.9.1"):
         build_reward("ocr", recognizer="paddleocr")
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, said",
+    [
+        ("jpeg_compressibility", {"quality": True}, "quality=True must be an integer in"),
+        ("jpeg_incompressibility", {"quality": 500}, "quality=500 must be an integer in"),
+        ("pickscore", {"max_batch": 2.5}, "max_batch=2.5 must be a whole number >= 1"),
+        ("clip_score", {"dtype": "half"}, "dtype='half' is not one of"),
+        ("aesthetic", {"head": "/h.pth", "max_batch": 0}, "max_batch=0 must be a whole number >= 1"),
+        ("ocr", {"normalization": "bogus"}, "normalization='bogus' is not one of"),
+        ("ocr", {"recognizer": "tesseract"}, "recognizer='tesseract': use 'easyocr', 'paddleocr'"),
+        (
+            "multi",
+            {"rewards": {"a": {"name": "redness", "weight": float("inf")}}},
+            "weight=inf must be a finite",
+        ),
+    ],
+)
+def test_validate_finds_bad_reward_settings_without_building(name, kwargs, said):
+    from densegrpo_fast.rewards import kwargs_problems
+
+    (problem,) = kwargs_problems(name, kwargs)
+    assert said in problem
+
+
+class FakeReader:
+    """``easyocr.Reader`` as far as the recognizer touches it: its networks wrapped in DataParallel."""
+
+    made: list = []
+
+    def __init__(self, languages, gpu, **kwargs):
+        FakeReader.made.append((languages, gpu))
+        self.detector, self.recognizer = self._wrapped(), self._wrapped()
+
+    @staticmethod
+    def _wrapped() -> torch.nn.DataParallel:  # (built by hand: DataParallel's own set-up wants GPUs)
+        dp = torch.nn.DataParallel.__new__(torch.nn.DataParallel)
+        torch.nn.Module.__init__(dp)
+        dp.module = torch.nn.Linear(1, 1)
+        return dp
+
+
+def test_easyocr_reads_on_this_processs_device_without_data_parallel(monkeypatch):
+    fake = types.ModuleType("easyocr")
+    fake.Reader = FakeReader
+    monkeypatch.setitem(sys.modules, "easyocr", fake)
+    FakeReader.made = []
+    from densegrpo_fast.rewards.ocr import EasyOcrRecognizer
+
+    reader = EasyOcrRecognizer(languages="en").reader
+    assert FakeReader.made[-1][0] == ["en"]  # one code given as a string, not its letters
+    assert not isinstance(reader.detector, torch.nn.DataParallel)
+    assert not isinstance(reader.recognizer, torch.nn.DataParallel)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # (rank 3 of a node)
+    EasyOcrRecognizer()
+    assert FakeReader.made[-1][1] == "cuda:3"
+    EasyOcrRecognizer(gpu=False)
+    assert FakeReader.made[-1][1] is False

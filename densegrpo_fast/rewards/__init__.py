@@ -49,6 +49,16 @@ def register(name: str):
     return deco
 
 
+def count_problems(**counts) -> list[str]:
+    """``reward.kwargs`` values that must be whole numbers >= 1 (``max_batch: 2.5``, ``true`` or ``0`` are
+    not), each named with the rule."""
+    return [
+        f"reward.kwargs.{name}={value!r} must be a whole number >= 1"
+        for name, value in counts.items()
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+
+
 def available() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards import count_problems, register
 from densegrpo_fast.rewards.images import check_batch
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -285,6 +285,13 @@ def check_tokenizer(tokenizer, vocab_size: int, what: str, processor: str, examp
         )
 
 
+def _encoder_problems(dtype="float32", max_batch=64, text_cache_size=4096, **_) -> list[str]:
+    """What is wrong with the kwargs every CLIP reward passes to :class:`ClipEncoder` (the rewards' ``check``:
+    ``validate`` finds it without loading weights)."""
+    out = [] if dtype in _DTYPES else [f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}"]
+    return out + count_problems(max_batch=max_batch, text_cache_size=text_cache_size)
+
+
 class ClipEncoder:
     """A CLIP model with on-device image preprocessing and a per-prompt text-embedding cache.
 
@@ -317,13 +324,9 @@ class ClipEncoder:
     ):
         from transformers import CLIPModel
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
-        if max_batch < 1 or text_cache_size < 1:
-            raise ValueError(
-                f"reward.kwargs max_batch={max_batch} and text_cache_size={text_cache_size} must be >= 1; "
-                "give positive counts"
-            )
+        problems = _encoder_problems(dtype=dtype, max_batch=max_batch, text_cache_size=text_cache_size)
+        if problems:
+            raise ValueError("; ".join(problems))
         if isinstance(model, torch.nn.Module):
             self.model = model
         elif building_architectures():  # (densegrpo-fast memory: no weights read)
@@ -352,7 +355,12 @@ class ClipEncoder:
         self.preprocess = preprocess or functools.partial(clip_preprocess, spec=self.spec)  # (no cycle)
         self.clean = clean
         self.model.requires_grad_(False).eval()
+        #: the model's logit scale exp'd in float32, read before any cast: in bfloat16 PickScore's ln 100 rounds
+        #: to 4.594, and every score would come out 1.1 % low (None when building with fake weights)
+        self.logit_scale: torch.Tensor | None = None
         if not building_architectures():  # (built in its dtype there; a fake model cannot be moved)
+            if isinstance(getattr(self.model, "logit_scale", None), torch.Tensor):
+                self.logit_scale = self.model.logit_scale.detach().float().exp().cpu()
             self.model.to(_DTYPES[dtype])
         self.dtype = _DTYPES[dtype]
         self.device = torch.device(device) if device else None
@@ -423,6 +431,8 @@ class PickScore:
     ``max_batch``, ``text_cache_size``.
     """
 
+    check = staticmethod(_encoder_problems)  # (validate: the encoder's kwargs, without weights)
+
     def __init__(
         self,
         model: str = "yuvalkirstain/PickScore_v1",
@@ -447,8 +457,10 @@ class PickScore:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         cos = (self.clip.image_embeds(images) * self.clip.text_embeds(prompts)).sum(-1)  # [B]
-        logit_scale = self.clip.model.logit_scale.detach().float().exp()
-        return (self.scale * logit_scale * cos).to(images.device)
+        logit_scale = self.clip.logit_scale
+        if logit_scale is None:  # (fake weights: the memory estimate)
+            logit_scale = self.clip.model.logit_scale.detach().float().exp()
+        return (self.scale * logit_scale.to(cos.device) * cos.float()).to(images.device)
 
 
 @register("clip_score")
@@ -460,6 +472,8 @@ class ClipScore:
     negative cosines still rank). kwargs: ``model``, ``processor`` (default: the model's folder), ``scale``,
     and :class:`ClipEncoder`'s ``device``, ``dtype``, ``max_batch``, ``text_cache_size``.
     """
+
+    check = staticmethod(_encoder_problems)  # (validate: the encoder's kwargs, without weights)
 
     def __init__(
         self,
@@ -559,6 +573,8 @@ class Aesthetic:
     ``openai/clip-vit-large-patch14``), ``processor`` (default: the model's), and :class:`ClipEncoder`'s
     ``device``, ``dtype``, ``max_batch``. The head runs in float32.
     """
+
+    check = staticmethod(_encoder_problems)  # (validate: the encoder's kwargs, without weights)
 
     def __init__(
         self,

@@ -29,8 +29,17 @@ def jpeg_kb(images: torch.Tensor, quality: int = 95) -> torch.Tensor:
     return torch.tensor(sizes, dtype=torch.float32)
 
 
+def _quality_problems(quality: int = 95) -> list[str]:
+    """(The rewards' ``check``: ``validate`` names a bad quality.)"""
+    try:
+        _check_quality(quality)
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
 def _check_quality(quality: int) -> int:
-    if not (isinstance(quality, int) and 1 <= quality <= 100):
+    if isinstance(quality, bool) or not (isinstance(quality, int) and 1 <= quality <= 100):
         raise ValueError(
             f"reward.kwargs.quality={quality!r} must be an integer in [1, 100] (PIL's JPEG quality scale): "
             "use 95 as DDPO does"
@@ -58,3 +67,7 @@ def jpeg_compressibility(quality: int = 95):
 def jpeg_incompressibility(quality: int = 95):
     """The JPEG size in kB at ``quality``: higher for detailed, high-frequency images."""
     return _jpeg_size_reward(1.0, quality)
+
+
+jpeg_compressibility.check = _quality_problems
+jpeg_incompressibility.check = _quality_problems

@@ -16,11 +16,19 @@ each reward (GRPO then normalises the sum per group, not each term).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from densegrpo_fast.rewards import Reward, available, build_reward, kwargs_problems, register, unknown_name
 
 _SPEC_KEYS = {"name", "kwargs", "weight"}
+
+
+def _weight_problem(where: str, weight) -> str | None:
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        return f"{where}.weight={weight!r} must be a finite number"
+    return None
 
 
 @register("multi")
@@ -44,8 +52,8 @@ class WeightedSum:
                     f"(unknown keys: {sorted(set(spec) - _SPEC_KEYS) if isinstance(spec, dict) else '-'})"
                 )
             weight = spec.get("weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise ValueError(f"{where}.weight={weight!r} must be a number")
+            if problem := _weight_problem(where, weight):
+                raise ValueError(problem)
             kwargs = spec.get("kwargs") or {}
             if not isinstance(kwargs, dict):
                 raise ValueError(f"{where}.kwargs={kwargs!r} must be a mapping of keyword arguments")
@@ -59,6 +67,8 @@ class WeightedSum:
         for key, spec in rewards.items() if isinstance(rewards, dict) else ():
             if not isinstance(spec, dict) or not isinstance(spec.get("kwargs") or {}, dict):
                 continue
+            if problem := _weight_problem(f"reward.kwargs.rewards.{key}", spec.get("weight", 1.0)):
+                problems.append(problem)
             name = spec.get("name")
             if name not in available():
                 problems.append(unknown_name(name, f"reward.kwargs.rewards.{key}.name"))

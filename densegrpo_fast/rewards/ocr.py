@@ -1,7 +1,9 @@
 """OCR reward: how well the image spells the text quoted in its prompt.
 
-The target is the text between the first pair of double quotes in the prompt, straight (``"``) or curly
-(``“ ”``): ``'A sign that says "Open 24 hours"'`` -> ``Open 24 hours``. A prompt without a quoted text, or
+The target is the text between the first pair of straight double quotes in the prompt, as Flow-GRPO takes
+it: ``'A sign that says "Open 24 hours"'`` -> ``Open 24 hours``; a prompt without straight quotes gives the
+text between its first pair of typographic ones (``“ ”``, German ``„ “``, French ``« »``). A prompt without
+a quoted text, or
 with only whitespace between the quotes, is an error (ValueError naming the prompt), not a silent 0: an
 OCR prompt set without quotes is a data problem to fix, not a reward to learn from.
 
@@ -33,7 +35,8 @@ import torch
 from densegrpo_fast.rewards import register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 
-_QUOTED = re.compile(r'["“”]([^"“”]*)["“”]')
+_STRAIGHT = re.compile(r'"([^"]*)"')
+_TYPOGRAPHIC = re.compile(r'[“„«]([^“”„«»"]*)[”“»"]')  # (closed by a straight one too: mixed typing)
 NORMALIZATIONS = ("flow_grpo", "max_len")
 
 
@@ -42,8 +45,9 @@ class Recognizer(Protocol):
 
 
 def quoted_text(prompt: str) -> str:
-    """The text between the first pair of straight or curly double quotes of ``prompt``."""
-    m = _QUOTED.search(prompt)
+    """The text between the first pair of straight double quotes of ``prompt`` (Flow-GRPO's target), else of
+    typographic ones."""
+    m = _STRAIGHT.search(prompt) or _TYPOGRAPHIC.search(prompt)
     if m is None or not normalize_text(m.group(1)):
         raise ValueError(
             f"OCR prompt {prompt!r} has no text between double quotes: the OCR reward scores the image "
@@ -85,7 +89,11 @@ def ocr_score(target: str, recognized: str, normalization: str = "flow_grpo") ->
 class EasyOcrRecognizer:
     """EasyOCR (``pip install 'densegrpo-fast[ocr]'``), offline by default.
 
-    ``languages``: EasyOCR language codes; ``gpu``: None = when CUDA is available; ``model_dir``: where the
+    ``languages``: EasyOCR language codes (a list; one code as a string is taken as one); ``gpu``: None =
+    when CUDA is available, on the current CUDA device (a torchrun process's own), or a device such as
+    ``"cuda:1"``. EasyOCR wraps its networks in ``DataParallel`` over every visible GPU, which fails on any
+    device but cuda:0 (EasyOCR issues #295, #1456); they are unwrapped here, so each process reads on its
+    own GPU. ``model_dir``: where the
     detector and recognizer weights are (EasyOCR's default ``~/.EasyOCR/model``); ``download``: let EasyOCR
     fetch missing weights (off: no network unless asked); ``min_confidence``: recognised pieces at or below
     it are dropped (Flow-GRPO keeps confidence > 0).
@@ -106,7 +114,10 @@ class EasyOcrRecognizer:
                 "reward 'ocr' with recognizer 'easyocr' needs EasyOCR, which is not installed: "
                 "pip install 'densegrpo-fast[ocr]' (or give reward.kwargs.recognizer='package.module:factory')"
             ) from None
-        gpu = torch.cuda.is_available() if gpu is None else gpu
+        if isinstance(languages, str):
+            languages = [languages]  # (not its letters)
+        if gpu is None or gpu is True:
+            gpu = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else False
         try:
             self.reader = easyocr.Reader(
                 list(languages),
@@ -121,6 +132,10 @@ class EasyOcrRecognizer:
                 "set reward.kwargs.recognizer_kwargs.download=true once (it fetches to model_dir or "
                 "~/.EasyOCR/model), or copy the weights there"
             ) from None
+        for name in ("detector", "recognizer"):  # one GPU, this process's: not DataParallel over all of them
+            net = getattr(self.reader, name, None)
+            if isinstance(net, torch.nn.DataParallel):
+                setattr(self.reader, name, net.module)
         self.min_confidence = float(min_confidence)
 
     def read(self, images: torch.Tensor) -> list[str]:
@@ -163,6 +178,8 @@ class PaddleOcrRecognizer:
             )
         kwargs = dict(use_angle_cls=False, lang=lang, show_log=False)
         kwargs["use_gpu"] = torch.cuda.is_available() if gpu is None else gpu
+        if kwargs["use_gpu"] and torch.cuda.is_available():
+            kwargs["gpu_id"] = torch.cuda.current_device()  # a torchrun process's own GPU, not every one's 0
         kwargs.update(options)
         self.ocr = PaddleOCR(**kwargs)
         self.min_confidence = float(min_confidence)
@@ -207,6 +224,21 @@ def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
     )
 
 
+def _ocr_problems(recognizer="easyocr", recognizer_kwargs=None, normalization="flow_grpo") -> list[str]:
+    """(The reward's ``check``: what ``validate`` finds without building a recognizer.)"""
+    out = []
+    if normalization not in NORMALIZATIONS:
+        out.append(f"reward.kwargs.normalization={normalization!r} is not one of {NORMALIZATIONS}")
+    if recognizer_kwargs is not None and not isinstance(recognizer_kwargs, dict):
+        out.append(f"reward.kwargs.recognizer_kwargs={recognizer_kwargs!r} must be a mapping of keywords")
+    if isinstance(recognizer, str) and recognizer not in ("easyocr", "paddleocr") and ":" not in recognizer:
+        out.append(
+            f"reward.kwargs.recognizer={recognizer!r}: use 'easyocr', 'paddleocr' or a factory "
+            "'package.module:callable'"
+        )
+    return out
+
+
 @register("ocr")
 class OcrReward:
     """OCR: how well the image spells the text between the prompt's first pair of quotes, in [0, 1] (by
@@ -214,6 +246,8 @@ class OcrReward:
     ``[ocr]`` extra, or PaddleOCR, Flow-GRPO's recognizer).
 
     kwargs (see the module doc): ``recognizer``, ``recognizer_kwargs``, ``normalization``."""
+
+    check = staticmethod(_ocr_problems)
 
     def __init__(
         self,
