@@ -141,6 +141,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed, "eval.dataset")
+    _check_prompts(reward_fn, cfg.reward.name, {"prompts.dataset": prompts, "eval.dataset": eval_prompts})
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
@@ -288,6 +289,21 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         )
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _check_prompts(reward_fn, name: str, sources: dict[str, PromptSource]) -> None:
+    """A ValueError naming the prompts the training reward cannot score (a reward with ``check_prompts``,
+    e.g. OCR's quoted text), found before any model work rather than when a bad prompt is first drawn."""
+    check = getattr(reward_fn, "check_prompts", None)
+    if check is None:
+        return
+    for where, source in sources.items():
+        texts = list(dict.fromkeys(source.pool()[0]))
+        if bad := check(texts):
+            raise ValueError(
+                f"{where}={source.dataset!r}: reward {name!r} cannot score {len(bad)} of its {len(texts)} prompts, "
+                f"e.g. {bad[:3]}: mend or drop those lines"
+            )
 
 
 def _warn_if_narrowed(

@@ -876,3 +876,29 @@ def test_the_checkpoint_comes_before_the_evaluation_and_a_lost_evaluation_is_mad
     evals = [r["iteration"] for r in records(tmp_path / "run") if "eval_reward" in r]
     assert evals == [0, 1, 2] and (tmp_path / "run" / "policy_ema.safetensors").exists()
     assert torch.equal(torch.get_rng_state(), rng)  # (the evaluation draws no global random numbers)
+
+
+def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
+    from densegrpo_fast.prompts import PromptSource
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.trainer import _check_prompts
+
+    class Reads:
+        def read(self, images):
+            return ["open"] * len(images)
+
+    ocr = build_reward("ocr", recognizer=Reads())
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text('a sign saying "open"\na "closed" sign\n')
+    bad.write_text('a sign saying "open"\na sign with no quotes\n')
+    _check_prompts(ocr, "ocr", {"prompts.dataset": PromptSource(str(good))})
+    with pytest.raises(
+        ValueError,
+        match=r"eval.dataset=.*bad.txt.*cannot score 1 of its 2 prompts, e.g. \['a sign with no quotes'\]",
+    ):
+        _check_prompts(
+            ocr, "ocr", {"prompts.dataset": PromptSource(str(good)), "eval.dataset": PromptSource(str(bad))}
+        )
+    _check_prompts(
+        build_reward("redness"), "redness", {"x": PromptSource(str(bad))}
+    )  # (no check: nothing to say)

@@ -260,6 +260,18 @@ class OcrReward:
         self.normalization = normalization
         self.recognizer = _build_recognizer(recognizer, dict(recognizer_kwargs or {}))
 
+    @staticmethod
+    def check_prompts(prompts: list[str]) -> list[str]:
+        """The prompts this reward cannot score (no quoted text): the trainer asks before training, so a bad
+        line of the prompt file stops the run at its start, not hours in when it is first drawn."""
+        bad = []
+        for p in prompts:
+            try:
+                quoted_text(p)
+            except ValueError:
+                bad.append(p)
+        return bad
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         targets = [quoted_text(p) for p in prompts]  # fail on a bad prompt before running OCR
