@@ -98,7 +98,6 @@ class Run:
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
-    eval_fns: dict | None = None  # eval.rewards' own models, built at the first evaluation
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -935,9 +934,12 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     e = cfg.eval
     own = cfg.eval_rewards_built()  # (an entry equal to the training reward is scored by its model)
     same = {f"eval_{k}" for k in e.rewards if k not in own}
-    if run.eval_fns is None:  # built once per run, not at every evaluation
-        run.eval_fns = {f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()}
-    fns = {"eval_reward": run.reward_fn, **run.eval_fns}
+    # built for each evaluation and freed after it: kept, their weights would sit on the device through every
+    # rollout and update (the memory estimate counts them in the evaluation phase only)
+    fns = {
+        "eval_reward": run.reward_fn,
+        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
+    }
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the
     # device nor the batch size and this matches `densegrpo-fast eval` on the exported EMA policy.
