@@ -78,7 +78,7 @@ def check_values() -> bool:
     run on CPU tensors always (except under ``torch.compile``) and on CUDA tensors only with
     ``DENSEGRPO_CHECK_VALUES=1`` (the schedule that builds sigma and std validates them once, when built).
     """
-    return os.environ.get("DENSEGRPO_CHECK_VALUES", "0") == "1"
+    return os.environ.get("DENSEGRPO_CHECK_VALUES", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 # Options of every launch. FMA contraction is off, so the compiled kernels round each product as written, as
@@ -117,8 +117,11 @@ def check_latent(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -
         raise ValueError(
             f"{name} has dtype {t.dtype}: it must be float32, bfloat16 or float16; cast it with .float()"
         )
-    if t.dim() < 1 or t.shape[0] == 0 or t.numel() == 0:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}: it must be [B, ...] with B >= 1 and elements")
+    if t.dim() < 2 or t.shape[0] == 0 or t.numel() == 0:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)}: it must be [B, ...] with B >= 1 rows of at least one element "
+            "(a batch of scalars is [B, 1])"
+        )
     if like is not None:
         if t.shape != like.shape:
             raise ValueError(
@@ -140,7 +143,8 @@ def check_rows(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         )
     if t.dim() != 1 or t.shape[0] != like.shape[0]:
         raise ValueError(
-            f"{name} has shape {tuple(t.shape)}: it must be [B] = [{like.shape[0]}], one value per row of sample"
+            f"{name} has shape {tuple(t.shape)}: it must be [B] = [{like.shape[0]}], one value per row of sample "
+            f"(one value for every row: {name}.expand({like.shape[0]}), or torch.full(({like.shape[0]},), value))"
         )
     if t.dtype != torch.float32:
         raise ValueError(f"{name} has dtype {t.dtype}: schedule values must be float32; pass {name}.float()")

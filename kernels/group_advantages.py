@@ -8,6 +8,8 @@ this in NumPy with a Python loop over prompts and a host round trip; here each p
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ._common import FLOAT_DTYPES, LAUNCH, backend_for, empty, tl, triton
@@ -142,7 +144,13 @@ def group_advantages(
             f"rewards has shape {tuple(rewards.shape)}: it must be [N, K] (or [N]) with N, K >= 1"
         )
     N = r2.shape[0]
-    if not isinstance(group_size, int) or group_size < 1 or N % group_size:
+    try:  # (an int, numpy or 0-d tensor integer; not a bool, which would make every group one row)
+        group_size = operator.index(group_size) if not isinstance(group_size, bool) else group_size
+    except TypeError:
+        raise ValueError(
+            f"group_size ({group_size!r}) must be an integer, got {type(group_size).__name__}"
+        ) from None
+    if isinstance(group_size, bool) or group_size < 1 or N % group_size:
         raise ValueError(
             f"group_size ({group_size}) must be a positive integer dividing the number of rows ({N}): "
             "groups must stay whole for per-group advantages"
@@ -157,8 +165,11 @@ def group_advantages(
             raise ValueError(
                 f"mask is on {mask.device} but rewards on {rewards.device}: move both to one device"
             )
-        mask = mask.to(torch.int8).contiguous()
-    out = _group_advantages_op(r2.contiguous(), group_size, float(eps), float(clip), mask, bool(global_std))
+        mask = (mask != 0).to(torch.int8).contiguous()  # (as the reference reads it: 0.5 and 256 are live)
+    # (not differentiable: rewards from a model run with gradients are data here)
+    out = _group_advantages_op(
+        r2.detach().contiguous(), group_size, float(eps), float(clip), mask, bool(global_std)
+    )
     return out.squeeze(1) if squeeze else out
 
 

@@ -239,6 +239,18 @@ def sde_log_prob(
     check_latent("sample", sample)
     check_latent("velocity", velocity, like=sample)
     check_latent("next_sample", next_sample, like=sample)
+    if kl_exact and ref_velocity is None:
+        raise ValueError(
+            "kl_exact=True needs ref_velocity: the KL is taken to the reference policy's velocity"
+        )
+    # rollout data made under torch.inference_mode cannot be saved for backward (a traced graph has none)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        sample, next_sample, sigma, sigma_next, std = (
+            t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+            for t in (sample, next_sample, sigma, sigma_next, std)
+        )
+        if ref_velocity is not None and ref_velocity.is_inference():
+            ref_velocity = ref_velocity.clone()
     if ref_velocity is not None:
         check_latent("ref_velocity", ref_velocity, like=sample)
         # (widened where narrower: the summation order of sde_step, see widened)

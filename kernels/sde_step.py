@@ -125,10 +125,9 @@ def sde_step(
         check_rows(name, t, like=sample)
     check_schedule(sigma, sigma_next, std)
     sample, velocity, noise = (t.detach().contiguous() for t in (sample, velocity, noise))
+    sigma, sigma_next, std = (t.detach().contiguous() for t in (sigma, sigma_next, std))
     noise = widened(noise, sample, velocity, sample.dtype)  # the summation order sde_log_prob has
-    out, log_prob, ode = _sde_step_op(
-        sample, velocity, sigma.contiguous(), sigma_next.contiguous(), std.contiguous(), noise, write_ode
-    )
+    out, log_prob, ode = _sde_step_op(sample, velocity, sigma, sigma_next, std, noise, write_ode)
     return out, log_prob, (ode if write_ode else None)
 
 
@@ -169,6 +168,16 @@ def sde_std(sigma: torch.Tensor, noise_level: torch.Tensor | float, sigma_guard:
     if not 0.0 <= sigma_guard < 1.0:
         raise ValueError(
             f"sigma_guard ({sigma_guard}) must lie in [0, 1): pass the grid's second value sigma[1]"
+        )
+    if torch.compiler.is_compiling():  # (values are data in a traced graph; a CUDA tensor is not read back)
+        negative = False
+    elif isinstance(noise_level, torch.Tensor):
+        negative = not noise_level.is_cuda and bool((noise_level < 0).any())
+    else:
+        negative = noise_level < 0
+    if negative:
+        raise ValueError(
+            f"noise_level ({noise_level}) must be >= 0: it scales the SDE noise (Flow-GRPO: 0.7)"
         )
     one_minus = 1.0 - torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_guard), sigma)
     return noise_level * torch.sqrt(sigma / one_minus)

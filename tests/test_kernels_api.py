@@ -32,6 +32,8 @@ BAD_STEP = [
     ("sigma", lambda a: torch.tensor([1.5, 0.9, 0.5]), r"sigma must lie in \(0, 1\]"),
     ("noise", lambda a: torch.randn(3, 4, 5, 5, device="meta"), "noise is on meta but sample is on cpu"),
     ("sample", lambda a: torch.zeros(0, 4), "B >= 1"),
+    ("sample", lambda a: torch.zeros(3), r"a batch of scalars is \[B, 1\]"),
+    ("sigma", lambda a: torch.tensor(0.5), r"torch.full\(\(3,\), value\)"),
 ]
 
 
@@ -52,6 +54,36 @@ def test_sde_log_prob_bad_input():
             a["sample"], a["velocity"], a["sample"], a["sigma"], a["sigma_next"], a["std"],
             ref_velocity=a["velocity"].to(torch.int8),
         )  # fmt: skip
+
+
+def test_what_an_external_trainer_may_hand_in():
+    """Rollout data made under torch.inference_mode, schedule values and rewards that carry gradients, a
+    numpy group size: accepted, and gradients reach the velocity only."""
+    import numpy as np
+
+    a = step_args()
+    with torch.inference_mode():
+        x_next, lp_roll, _ = sde_step(**a)
+        stored, v_ref = x_next.clone(), a["velocity"] + 0.1
+    v = a["velocity"].clone().requires_grad_()
+    lp, kl = sde_log_prob(a["sample"], v, stored, a["sigma"], a["sigma_next"], a["std"], ref_velocity=v_ref)
+    (lp.sum() + kl.sum()).backward()
+    assert torch.equal(lp.detach(), lp_roll) and v.grad is not None and torch.isfinite(v.grad).all()
+    level = torch.tensor(0.7, requires_grad=True)  # (a learned noise level, say)
+    std = sde_std(a["sigma"], level, sigma_guard=0.9)
+    out, lp2, _ = sde_step(**dict(a, std=std))
+    assert not out.requires_grad and not lp2.requires_grad  # the rollout is data, not a graph
+    r = torch.randn(4, 2, requires_grad=True)
+    adv = group_advantages(r, np.int64(2))
+    assert not adv.requires_grad and torch.equal(adv, group_advantages(r.detach(), 2))
+    half = group_advantages(r.detach(), 2, mask=torch.tensor([1.0, 0.5, 256.0, 0.0]))
+    torch.testing.assert_close(half[:2], group_advantages(r.detach()[:2], 2))  # 0.5 and 256 are live rows
+    with pytest.raises(ValueError, match=r"group_size \(True\) must be"):
+        group_advantages(r, True)
+    with pytest.raises(ValueError, match="kl_exact=True needs ref_velocity"):
+        sde_log_prob(a["sample"], v, stored, a["sigma"], a["sigma_next"], a["std"], kl_exact=True)
+    with pytest.raises(ValueError, match=r"noise_level \(-0.1\) must be >= 0"):
+        sde_std(a["sigma"], -0.1, sigma_guard=0.9)
 
 
 def test_non_contiguous_inputs_are_accepted():
