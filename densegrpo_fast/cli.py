@@ -49,11 +49,18 @@ def _add_eval(sub) -> None:
         help="trained weights: a run's policy_ema.safetensors (toy: any toy checkpoint)",
     )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (sd3/flux)")
 
     def handler(args):
         from densegrpo_fast.evaluate import run_eval
 
-        run_eval(args.config, args.overrides, checkpoint=args.checkpoint, as_json=args.json)
+        run_eval(
+            args.config,
+            args.overrides,
+            checkpoint=args.checkpoint,
+            as_json=args.json,
+            progress=not args.no_progress,
+        )
 
     p.set_defaults(handler=handler)
 

@@ -564,7 +564,10 @@ class EvalSection(Section):
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file",
     )
     images_per_prompt: int = Field(
-        1, ge=1, description="samples per prompt, each from its own noise (sd3/flux; the toy takes 1)"
+        1,
+        ge=1,
+        le=256,  # (the image number is the low 8 bits of its noise seed: image 256 would repeat image 0's)
+        description="samples per prompt, each from its own noise (sd3/flux; the toy takes 1)",
     )
     num_steps: int = Field(
         20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (papers: 40)"

@@ -35,6 +35,9 @@ from densegrpo_fast.distributed import Dist
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
+#: GenEval's six task tags (its metadata's "tag"): its overall score is the mean over these
+GENEVAL_TASKS = frozenset({"single_object", "two_object", "counting", "colors", "position", "color_attr"})
+
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
     """The initial latent of image ``image`` of prompt ``index`` [*latent_shape], drawn on the CPU."""
@@ -116,8 +119,10 @@ def evaluate(
     distributed.barrier(d)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
-        if not (out / "protocol.json").exists():
-            (out / "protocol.json").write_text(json.dumps(protocol, indent=2))
+        if not (out / "protocol.json").exists():  # whole or not at all: a resume reads it back
+            tmp = out / "protocol.json.tmp"
+            tmp.write_text(json.dumps(protocol, indent=2))
+            tmp.replace(out / "protocol.json")
         if save_images:
             (out / "images").mkdir(exist_ok=True)
     distributed.barrier(d)
@@ -153,12 +158,13 @@ def evaluate(
     def finish() -> dict:  # rank 0; an error here reaches every rank
         scored = done
         if d.enabled or any(out.glob("scores.rank*.jsonl")):  # a job's own files, or a killed job's
-            scored = _merge(out, rewards)
-            if len(scored) != len(prompts):
+            scored = _read_scores(out, rewards)
+            if len(scored) != len(prompts):  # (checked before the rank files are merged away)
                 raise ValueError(
                     f"{out} holds scores for {len(scored)} of {len(prompts)} prompts after every process "
                     "finished: eval.output_dir must be a directory every node of the job shares"
                 )
+            scored = _merge(out, rewards)
         return _summary(out, scored, rewards, protocol, images_per_prompt, t0, tags)
 
     return distributed.on_main(d, finish)
@@ -241,12 +247,68 @@ def _check_same_prompts(out: Path, done: dict, prompts: list[str]) -> None:
             )
 
 
+#: Reward settings that say how a reward is reached or batched, not what it scores: a resumed evaluation may
+#: change them (a GenEval server restarted on another port, another batch size).
+NOT_SCORING = frozenset(
+    {
+        "url",
+        "timeout_s",
+        "retries",
+        "backoff_s",
+        "check",
+        "max_batch",
+        "device",
+        "text_cache_size",
+        "detector_batch",
+    }
+)
+_PATHS = ("model", "checkpoint", "dataset")  # compared resolved: runs/x and /abs/runs/x are one file
+
+
+def _resolved(value):
+    return (
+        str(Path(value).expanduser().resolve())
+        if isinstance(value, str) and Path(value).expanduser().exists()
+        else value
+    )
+
+
+def scoring_settings(rewards: dict) -> dict:
+    """``eval.rewards`` as the protocol records it: names and the kwargs that change scores."""
+    return {
+        k: {
+            "name": r["name"],
+            "kwargs": {a: v for a, v in (r.get("kwargs") or {}).items() if a not in NOT_SCORING},
+        }
+        for k, r in rewards.items()
+    }
+
+
+def checkpoint_identity(path: str | None) -> dict | None:
+    """What tells one exported policy from another at the same path: the iteration its export records
+    (``densegrpo-fast train`` rewrites ``policy_ema.safetensors`` when a run goes on) and its size."""
+    if path is None or not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return {"iteration": meta.get("iteration"), "bytes": Path(path).stat().st_size}
+
+
 def _check_same_protocol(path: Path, protocol: dict) -> None:
     """Resuming is only sound under the same protocol: compare with the one saved by the first call (an
-    entry an older version did not save is not compared)."""
+    entry an older version did not save is not compared; paths are compared resolved)."""
     if path.exists():
-        saved = json.loads(path.read_text())
-        diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and saved[k] != v}
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError as e:
+            raise ValueError(
+                f"{path} is not JSON ({e}): it was cut short when first written; delete it (the scores beside it "
+                "are then resumed under this call's protocol) or give eval.output_dir a new directory"
+            ) from None
+        same = lambda k, a, b: _resolved(a) == _resolved(b) if k in _PATHS else a == b  # noqa: E731
+        diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and not same(k, saved[k], v)}
         if diff:
             raise ValueError(
                 f"{path.parent} holds an evaluation made under another protocol ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}): "
@@ -306,7 +368,8 @@ def run_eval(
         save_images=e.save_images, progress=progress, dist=d, tags=tags,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
               "resolution": m.resolution, "dtype": m.dtype, "max_sequence_length": m.max_sequence_length,
-              "rewards": {k: r.model_dump(mode="json") for k, r in e.rewards.items()}},
+              "checkpoint_identity": checkpoint_identity(checkpoint),
+              "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")
@@ -320,7 +383,12 @@ def run_eval(
             print(f"{k:<20} {v:.4f}")
         for k, per_tag in summary.get("by_tag", {}).items():
             print(f"{k} by tag: " + ", ".join(f"{t} {v:.4f}" for t, v in per_tag.items()))
-            print(f"{k} mean over tags (GenEval's overall): {summary['tag_mean'][k]:.4f}")
+            present = set(per_tag)
+            if present <= GENEVAL_TASKS and present != GENEVAL_TASKS:  # (e.g. eval.num_prompts cut the file)
+                what = f"over {len(present)} of GenEval's {len(GENEVAL_TASKS)} tasks: not its overall"
+            else:
+                what = "GenEval's overall" if present == GENEVAL_TASKS else "over the tags present"
+            print(f"{k} mean over tags ({what}): {summary['tag_mean'][k]:.4f}")
         print(
             f"({summary['num_prompts']} prompts x {e.images_per_prompt}, {e.num_steps} Euler steps, CFG "
             f"{e.guidance_scale}, seed {e.seed})\nwrote {out}/scores.jsonl, summary.json"

@@ -141,3 +141,31 @@ def test_a_changed_prompt_file_is_not_resumed_onto(policy, tmp_path):
     ):
         evaluate(policy, edited, {"redness": build_reward("redness")}, sigma_grid(4, 1.0), guidance_scale=1.5,
                  images_per_prompt=2, batch_size=3, seed=1, output_dir=tmp_path / "t", progress=False)  # fmt: skip
+
+
+def test_the_protocol_check_compares_what_changes_scores(policy, tmp_path, monkeypatch):
+    from densegrpo_fast.evaluate import scoring_settings
+
+    rewards = {"geneval": {"name": "geneval", "kwargs": {"url": "http://127.0.0.1:8085", "mode": "geneval"}}}
+    moved = {"geneval": {"name": "geneval", "kwargs": {"url": "http://10.0.0.2:9000", "mode": "geneval"}}}
+    assert scoring_settings(rewards) == scoring_settings(moved)  # another port: the same scores
+    strict = {"geneval": {"name": "geneval", "kwargs": {"url": "http://127.0.0.1:8085", "mode": "exact"}}}
+    assert scoring_settings(rewards) != scoring_settings(strict)
+    # a dataset named relative or absolute is one file
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    monkeypatch.chdir(tmp_path)
+    run(policy, tmp_path / "ev", info={"dataset": "p.txt"})
+    run(policy, tmp_path / "ev", info={"dataset": str(tmp_path / "p.txt")})
+    with pytest.raises(ValueError, match="another protocol"):
+        run(policy, tmp_path / "ev", info={"dataset": str(tmp_path / "other.txt")})
+    # a protocol.json cut short when first written is named, with the fix
+    (tmp_path / "ev" / "protocol.json").write_text('{"num_prompts": 5, "ima')
+    with pytest.raises(ValueError, match=r"protocol.json is not JSON .*delete it"):
+        run(policy, tmp_path / "ev")
+
+
+def test_more_than_256_images_per_prompt_are_refused():
+    from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match="eval.images_per_prompt = 257"):
+        load_config(TrainConfig, None, ["eval.images_per_prompt=257"])

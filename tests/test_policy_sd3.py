@@ -288,7 +288,7 @@ def test_resolution_must_fit_the_model(pipe):
         SD3Policy(pipe, resolution=128)
 
 
-def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
+def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path, capsys):
     from densegrpo_fast.trainer import train
 
     prompts = tmp_path / "prompts.txt"
@@ -357,7 +357,9 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
     rows = [("a red circle", "colors"), ("two blue squares", "counting"), ("a green dog", "colors")]
     tagged.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n" for p, t in rows))
     out_t = [f"eval.dataset={tagged}", "eval.num_prompts=2", f"eval.output_dir={tmp_path / 'ev_t'}"]
+    capsys.readouterr()
     by_tag = run_eval(None, [*ev, *out_t], checkpoint=export)["by_tag"]["red"]
+    assert "red mean over tags (over 2 of GenEval's 6 tasks: not its overall)" in capsys.readouterr().out
     first_two = [json.loads(ln)["red"] for ln in lines[:2]]  # the same prompts, indices and seeds
     assert by_tag == pytest.approx({"colors": sum(first_two[0]) / len(first_two[0]),
                                     "counting": sum(first_two[1]) / len(first_two[1])})  # fmt: skip
@@ -371,6 +373,19 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path):
                          ("eval.rewards={red: {name: redness, kwargs: {}}, blue: {name: redness}}", "rewards: ")]:  # fmt: skip
         with pytest.raises(ValueError, match=f"another protocol .*{said}"):
             run_eval(None, [*ev, change, f"eval.output_dir={tmp_path / 'ev'}"], checkpoint=export)
+    # a policy exported again at the same path (a run that went on) is not resumed onto the old one's scores
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    again_path = tmp_path / "again" / "policy_ema.safetensors"
+    again_path.parent.mkdir()
+    shutil.copy(export, again_path)
+    first = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_again'}"], checkpoint=str(again_path))
+    save_file(load_file(str(again_path)), str(again_path), metadata={"family": "sd3", "iteration": "7"})
+    with pytest.raises(ValueError, match=r"another protocol \(checkpoint_identity: "):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_again'}"], checkpoint=str(again_path))
+    assert first["num_prompts"] == 3
     flux_like = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 

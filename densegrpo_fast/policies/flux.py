@@ -92,8 +92,9 @@ class FluxPolicy(DiffusersPolicy):
             guidance = torch.full((B,), guidance_scale, device=x.device, dtype=torch.float32)
         elif guidance_scale != 1.0:
             raise ValueError(
-                f"sampling.guidance_scale ({guidance_scale}): this FLUX checkpoint has no guidance embedding "
-                "(e.g. FLUX.1-schnell) and takes no guidance: set it to 1"
+                f"guidance scale {guidance_scale} (sampling.guidance_scale, or eval.guidance_scale when "
+                "evaluating): this FLUX checkpoint has no guidance embedding (e.g. FLUX.1-schnell) and takes "
+                "no guidance: set it to 1"
             )
         packed = FluxPipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, x.device, self.dtype)
