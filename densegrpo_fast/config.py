@@ -689,7 +689,7 @@ class TrainConfig(Section):
                 problems.append(
                     f"grpo.trained_steps {steps} has no step of the SDE window {list(window)} (noise.window_start, "
                     "noise.window_size): steps outside it have no noise and are never trained, so the run would "
-                    "train nothing; list window steps, or null for every window step but the grid's last"
+                    "train nothing; list steps of the window"
                 )
         groups = self.prompts.prompts_per_iteration
         if self.sampling.reward_waves > groups:
@@ -738,8 +738,9 @@ class TrainConfig(Section):
         unused = [  # (section's dotted name, section, its fields, whether they are unused, why)
             ("lora", self.lora, ("rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
              "lora.enabled=false trains the full model"),
-            ("dense", self.dense, ("completion_steps", "completion_batching"), self.dense.mode == "sparse",
-             "dense.mode=sparse scores the final image only, with no completions"),
+            ("dense", self.dense, ("completion_steps", "completion_batching"),
+             self.dense.mode == "sparse" and n.kind == "uniform",
+             "dense.mode=sparse with uniform noise scores the final image only, with no completions"),
             ("noise.calibration", n.calibration, type(n.calibration).model_fields, n.kind == "uniform",
              "noise.kind=uniform does not calibrate"),
             ("noise", n, ("window_every",), n.window_move == "fixed", "noise.window_move=fixed never moves"),

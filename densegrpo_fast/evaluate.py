@@ -348,13 +348,13 @@ def run_eval(
             "eval.rewards is empty: name at least one reward to score the samples with, e.g. "
             "eval.rewards={pickscore: {name: pickscore, kwargs: {model: /path/to/PickScore_v1}}}"
         )
+    distributed.check_device(cfg.model.device)  # (before the rewards load their weights)
     prompts = read_prompts(e.dataset, e.num_prompts)
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
-    distributed.check_device(m.device)
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:

@@ -1292,7 +1292,8 @@ def run_memory(
         "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
         "reward.name=redness", "reward.kwargs={}",
         "eval.rewards=" + yaml.safe_dump(evaluated, default_flow_style=True, width=1 << 30).strip(),
-        f"eval.num_prompts={batch * processes}",  # one batch each: the evaluation's peak
+        # one batch of `batch` images each: the evaluation's peak
+        f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
         "model.compile=false",  # fake tensors run eagerly
     ])  # fmt: skip
     if compiled:

@@ -130,10 +130,13 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         )
     if resume and (run_dir / "config.yaml").exists():
         _check_same_run(cfg, run_dir / "config.yaml")
-    elif resume:
+    elif resume and distributed.speaks():
         warnings.warn(
             f"--resume: {run_dir.resolve()} holds no run (no config.yaml, no checkpoint.pt): a new run starts "
-            "there. If you meant to continue a run, stop and give its directory (--output-dir)",
+            "there. If you meant to continue a run, stop and give its directory (--output-dir)"
+            if not ckpt_path.exists()
+            else f"--resume: {run_dir.resolve()} has a checkpoint but no config.yaml: the run goes on without "
+            "the check that this config is its own",
             stacklevel=2,
         )
     distributed.check_device(cfg.model.device)
@@ -440,12 +443,12 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ValueError(
-            f"--resume with a config that differs from the run's own ({saved_path}) in what an iteration "
-            f"computes: {shown}. Resume with --config {saved_path} (it may change only "
+            f"--resume with a config that differs from the run's own ({saved_path}): {shown}. Resume with "
+            f"--config {saved_path} (it may change only "
             f"{', '.join(RESUMABLE_CHANGES)})"
         )
     before, after = saved["run.iterations"], now["run.iterations"]
-    if before != after and now["optim.schedule"] != "constant":
+    if before != after and now["optim.schedule"] != "constant" and distributed.speaks():
         warnings.warn(
             f"run.iterations {before} -> {after} with optim.schedule={now['optim.schedule']}: the learning-rate "
             f"decay now ends at iteration {after}, so from here on the learning rate follows the stretched "
@@ -494,12 +497,18 @@ def _schedule(
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    psi = distributed.on_main(dist, lambda: _read_psi(path, n, T, ws, size, cfg.dense.completion_steps))
+    read = lambda: _read_psi(path, n, T, ws, size, cfg.dense.completion_steps)  # noqa: E731
+    if saved_psi is not None:  # the table only to compare: one this run cannot use is "another psi"
+        read = functools.partial(_readable_or_none, read)
+    psi = distributed.on_main(dist, read)
     if saved_psi is not None:  # a resumed run goes on with the psi it trained with
         saved_psi = saved_psi.float().cpu()
         used = window_mask(T, ws, size)  # (the checkpoint holds 0 outside a fixed window, a table may not)
         if dist.main and (psi is None or not torch.equal(psi[used], saved_psi[used])):
-            now = "is gone" if psi is None else f"holds psi {[round(p, 3) for p in psi.tolist()]}"
+            if psi is not None:
+                now = f"holds psi {[round(p, 3) for p in psi.tolist()]}"
+            else:
+                now = "is gone" if not path.exists() else "now holds a table for another grid or window"
             warnings.warn(
                 f"psi table {path} {now}: resuming with the psi the run trained with, from its checkpoint "
                 f"({[round(p, 3) for p in saved_psi.tolist()]})",
@@ -518,6 +527,16 @@ def _schedule(
             stacklevel=2,
         )
     return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
+
+
+def _readable_or_none(read):
+    """``read()``, or None (with no warning of its own) when the table cannot serve this run."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return read()
+    except (ValueError, OSError, KeyError):
+        return None
 
 
 def _read_psi(path: Path, n, T: int, ws, size, completion_steps: int | None) -> torch.Tensor | None:

@@ -180,15 +180,21 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
     from densegrpo_fast.cli import main
     from densegrpo_fast.config import ignored_line, override_keys
 
-    over = ["lora.enabled=false", "dense.mode=sparse", "dense.completion_steps=2", "noise.window_every=3"]
+    over = ["lora.enabled=false", "dense.mode=sparse", "dense.completion_steps=2", "noise.window_every=3",
+            "noise.kind=uniform"]  # fmt: skip
     cfg = load_config(TrainConfig, TOY, over)
     lines = [ignored_line(k, w) for k, w in cfg.ignored_settings()]
     assert lines == [
         "lora.rank, lora.alpha, lora.target_modules, lora.merge_for_sampling are ignored: lora.enabled=false "
         "trains the full model",  # (the file's own LoRA settings)
-        "dense.completion_steps is ignored: dense.mode=sparse scores the final image only, with no completions",
+        "dense.completion_steps is ignored: dense.mode=sparse with uniform noise scores the final image only, "
+        "with no completions",
+        "noise.calibration.iterations is ignored: noise.kind=uniform does not calibrate",  # (the file's)
         "noise.window_every is ignored: noise.window_move=fixed never moves",
     ]
+    # calibrated noise samples with completions, sparse or not: then they are used
+    calibrated = load_config(TrainConfig, TOY, ["dense.mode=sparse", "dense.completion_steps=2"])
+    assert calibrated.ignored_settings() == []
     assert load_config(TrainConfig, TOY).ignored_settings() == []
     assert override_keys(["lora={enabled: false, rank: 8}", "a.b=1"]) == {
         "lora",
@@ -214,8 +220,7 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
         )
     assert code == 2 and "prompts.dataset='/none.txt'" in capsys.readouterr().err
     said = [str(w.message) for w in seen]
-    assert (
-        "dense.completion_steps is ignored: dense.mode=sparse scores the final image only, with no completions"
-        in said
+    assert any(
+        m.startswith("dense.completion_steps is ignored: dense.mode=sparse with uniform noise") for m in said
     )
     assert not any("lora.rank" in m for m in said)

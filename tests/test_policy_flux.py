@@ -65,7 +65,8 @@ def test_schnell_like_checkpoints_take_no_guidance():
     cond = p.encode_prompts(PROMPTS[:1])
     assert p.velocity(x, torch.tensor([0.5]), cond).shape == x.shape
     with pytest.raises(
-        ValueError, match=r"sampling.guidance_scale \(3.5\).*no guidance embedding.*set it to 1"
+        ValueError,
+        match=r"guidance scale 3.5 \(sampling.guidance_scale, or eval.guidance_scale.*no guidance embedding.*set it to 1",
     ):
         p.velocity(x, torch.tensor([0.5]), cond, guidance_scale=3.5)
 

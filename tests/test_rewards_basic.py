@@ -326,8 +326,14 @@ def test_easyocr_reads_on_this_processs_device_without_data_parallel(monkeypatch
     assert not isinstance(reader.detector, torch.nn.DataParallel)
     assert not isinstance(reader.recognizer, torch.nn.DataParallel)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # (rank 3 of a node)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # (rewards are built before set_device)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # rank 3 of a node
     EasyOcrRecognizer()
     assert FakeReader.made[-1][1] == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # one process: the current device
+    EasyOcrRecognizer()
+    assert FakeReader.made[-1][1] == "cuda:1"
     EasyOcrRecognizer(gpu=False)
     assert FakeReader.made[-1][1] is False

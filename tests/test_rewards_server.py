@@ -148,6 +148,16 @@ def test_a_body_that_trickles_in_gets_408_and_an_oversize_claim_413():
         assert answer.startswith(b"HTTP/1.0 413")
 
 
+def test_a_client_that_does_not_know_the_limit_still_reads_the_413():
+    """A client with check=false (no limit known) sends a body over the limit: it reads the 413, not a
+    transport failure it would retry. (Loopback's buffers also let it read the answer when the server closes
+    after draining less; over a network the full drain up to 4x the limit is what keeps the answer readable.)"""
+    with serving(build_reward("redness"), max_request_bytes=1 << 20) as server:
+        client = build_reward("remote", url=server.url, check=False, retries=0)
+        with pytest.raises(RemoteRewardError, match=r"refused a \d+-byte request as too large \(413"):
+            client(_images(2, 800, 800), ["a", "b"])  # (3.8 MB)
+
+
 def test_a_port_in_use_is_a_clear_error():
     with serving(build_reward("redness")) as server:
         port = server.server_address[1]

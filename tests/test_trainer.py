@@ -549,6 +549,16 @@ def test_a_resumed_run_whose_psi_table_is_gone_keeps_its_psi(tiny_checkpoint, tm
             cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
         )
     assert torch.equal(run.base_schedule.noise_level.cpu(), saved)
+    # a table made for another window (a shared path calibrated again) cannot even be read for this run
+    other = {"psi": [0, 0, 1.0, 1.0], "trajectory": [], "calibrated_steps": [2, 3]}
+    (run_dir / "psi.json").write_text(json.dumps(other))
+    with pytest.warns(
+        UserWarning, match="now holds a table for another grid or window: resuming with the psi"
+    ):
+        run = setup(
+            cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
+        )
+    assert torch.equal(run.base_schedule.noise_level.cpu(), saved)
 
 
 def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, tmp_path):
@@ -651,7 +661,7 @@ def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
     other = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=["grpo.beta=0.5", "optim.lr=0.001"])
     with pytest.raises(
         ValueError,
-        match=r"in what an iteration computes: grpo.beta: 0.04 -> 0.5; optim.lr: 0.0003 -> 0.001\. Resume",
+        match=r"config.yaml\): grpo.beta: 0.04 -> 0.5; optim.lr: 0.0003 -> 0.001\. Resume",
     ):
         train(other, resume=True, progress=False)
     # what only says how long and where the run goes may change: its directory by another path, a time budget
@@ -669,6 +679,13 @@ def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
 def test_resume_of_a_directory_without_a_run_says_so(tiny_checkpoint, tmp_path):
     with pytest.warns(UserWarning, match=r"--resume: .*nowhere holds no run .*a new run starts there"):
         setup(cfg_of(tiny_checkpoint, tmp_path / "nowhere", iterations=1), resume=True, progress=False)
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1), progress=False)
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.warns(
+        UserWarning, match="has a checkpoint but no config.yaml: the run goes on without the check"
+    ):
+        run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2), resume=True, progress=False)
+    assert run.iteration == 1
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_checkpoint, tmp_path):

@@ -19,3 +19,14 @@ def check_batch(images: torch.Tensor, prompts: list[str]) -> None:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] float in [0, 1] -> the same shape as uint8 on the CPU: ``round(255 * clamp(x, 0, 1))``."""
     return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def process_cuda_index() -> int:
+    """This process's GPU: a torchrun process's own (``LOCAL_RANK``, modulo the visible GPUs, as the trainer
+    places it; rewards are built before the trainer sets the current device), else the current device."""
+    import os
+
+    n = torch.cuda.device_count()
+    if "LOCAL_RANK" in os.environ and n:
+        return int(os.environ["LOCAL_RANK"]) % n
+    return torch.cuda.current_device()

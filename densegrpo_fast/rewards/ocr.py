@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from densegrpo_fast.rewards import register
-from densegrpo_fast.rewards.images import check_batch, to_uint8
+from densegrpo_fast.rewards.images import check_batch, process_cuda_index, to_uint8
 
 _STRAIGHT = re.compile(r'"([^"]*)"')
 _TYPOGRAPHIC = re.compile(r'[“„«]([^“”„«»"]*)[”“»"]')  # (closed by a straight one too: mixed typing)
@@ -117,7 +117,7 @@ class EasyOcrRecognizer:
         if isinstance(languages, str):
             languages = [languages]  # (not its letters)
         if gpu is None or gpu is True:
-            gpu = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else False
+            gpu = f"cuda:{process_cuda_index()}" if torch.cuda.is_available() else False
         try:
             self.reader = easyocr.Reader(
                 list(languages),
@@ -179,7 +179,7 @@ class PaddleOcrRecognizer:
         kwargs = dict(use_angle_cls=False, lang=lang, show_log=False)
         kwargs["use_gpu"] = torch.cuda.is_available() if gpu is None else gpu
         if kwargs["use_gpu"] and torch.cuda.is_available():
-            kwargs["gpu_id"] = torch.cuda.current_device()  # a torchrun process's own GPU, not every one's 0
+            kwargs["gpu_id"] = process_cuda_index()  # a torchrun process's own GPU, not every one's 0
         kwargs.update(options)
         self.ocr = PaddleOCR(**kwargs)
         self.min_confidence = float(min_confidence)

@@ -7,8 +7,8 @@ registry name (``--reward pickscore``) or a user factory ``package.module:callab
 Built on the standard library's ``ThreadingHTTPServer``: requests are read and validated in their own
 threads (``/health`` answers while a batch scores), and one lock lets one batch score at a time, so the
 reward's model never runs two batches at once. Requests larger than ``max_request_bytes`` get 413 before
-their body is read into memory (up to the limit of it is drained in 1 MiB pieces so the client still receives
-the answer; then the connection closes). A body must arrive within ``body_deadline_s``, or the request gets
+their body is read into memory (it is drained in 1 MiB pieces so that the client still receives the answer;
+a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must arrive within ``body_deadline_s``, or the request gets
 408: a client that trickles bytes cannot hold a thread. A request whose client has hung up (its timeout ran
 out) while the request waited for the reward is dropped unscored: an abandoned batch does not hold up the
 ones behind it. While a request waits its turn it holds its 8-bit images only (B x 3 x H x W bytes); the float copy
@@ -106,7 +106,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": f"Content-Length {length} is negative"})
         limit = self.server.max_request_bytes
         if length > limit:
-            self._drain(min(length, limit))  # past that, the connection closes (a huge claimed length)
+            # drained so that a client still sending reads the 413 (not a reset it would retry); a claim past 4x
+            # the limit only up to the limit, then the connection closes
+            self._drain(length if length <= 4 * limit else limit)
             self.close_connection = True
             return self._reply(
                 413,
@@ -179,8 +181,11 @@ class _Handler(BaseHTTPRequestHandler):
         """Whether the client has closed its end: it sends nothing after its body (HTTP/1.0), so a readable
         socket with nothing to read has been closed."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            poller = select.poll()  # (not select.select: it cannot watch a descriptor above 1023)
+            poller.register(self.connection, select.POLLIN)
+            if not poller.poll(0):
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):  # reset by the peer, or already closed
             return True
 
