@@ -281,6 +281,26 @@ def test_the_download_hint_fetches_only_the_pipelines_folders(tmp_path):
     assert "Ignoring" not in said and "No such option" not in said, said  # with the patterns kept
 
 
+def test_weights_of_another_shape_or_format_are_named(policy, tmp_path):
+    from safetensors.torch import save_file
+
+    state = {k: v.clone() for k, v in policy.transformer.state_dict().items()}
+    before = {k: v.clone() for k, v in state.items()}
+    state["pos_embed.pos_embed"] = torch.zeros(1, 4, 32)  # (another architecture's)
+    wrong = tmp_path / "larger.safetensors"
+    save_file(state, str(wrong), metadata={"family": "sd3"})
+    with pytest.raises(
+        ValueError, match=r"1 weights of another shape \(e.g. pos_embed.pos_embed: \(1, 4, 32\) in"
+    ):
+        policy.load_weights(wrong)
+    after = policy.transformer.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # refused before anything was copied
+    pickle = tmp_path / "checkpoint.pt"
+    torch.save({"trainable": {}}, pickle)
+    with pytest.raises(ValueError, match=r"is not a safetensors file .*policy_ema.safetensors"):
+        policy.load_weights(pickle)
+
+
 def test_resolution_must_fit_the_model(pipe):
     with pytest.raises(ValueError, match=r"model.resolution \(34\) must be a multiple of 4"):
         SD3Policy(pipe, resolution=34)
@@ -509,3 +529,13 @@ def test_model_section_accepts_repo_ids_and_passes_the_adapter_options():
     assert cfg.model.adapter_options() == dict(dtype="bf16", resolution=512, max_sequence_length=None,
                                                local_files_only=True, gradient_checkpointing=False,
                                                offload_text_encoders=False)  # fmt: skip
+
+
+def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
+    import diffusers.utils.deprecation_utils as deprecation
+
+    from densegrpo_fast.policies.pretrained import _dtype_keyword
+
+    assert _dtype_keyword() == ("dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype")
+    monkeypatch.delattr(deprecation, "_resolve_dtype", raising=False)  # a diffusers from before the rename
+    assert _dtype_keyword() == "torch_dtype"

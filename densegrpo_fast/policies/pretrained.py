@@ -37,6 +37,16 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _dtype_keyword() -> str:
+    """diffusers' name for ``from_pretrained``'s dtype: ``dtype`` since it deprecated ``torch_dtype`` (2026,
+    huggingface/diffusers#14205), ``torch_dtype`` before (the loaded dtypes are checked after either)."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (the deprecation's helper)
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def is_repo_id(name: str) -> bool:
     """``owner/name`` with no path that exists locally: a Hugging Face repo id."""
     return bool(_REPO_ID.match(name)) and not Path(name).exists()
@@ -220,7 +230,7 @@ class DiffusersPolicy:
         )  # fmt: skip
         want = as_dtype(dtype)
         pipe = pipeline_cls.from_pretrained(
-            root, dtype={"default": want, "vae": torch.float32}, local_files_only=True
+            root, **{_dtype_keyword(): {"default": want, "vae": torch.float32}}, local_files_only=True
         )
         _check_loaded_dtypes(pipe, want)
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
@@ -338,14 +348,34 @@ class DiffusersPolicy:
             raise ValueError(
                 f"--checkpoint {str(path)!r} does not exist: give the policy_ema.safetensors of a training run"
             )
-        with safe_open(str(path), "pt") as f:
-            family = (f.metadata() or {}).get("family")
+        try:
+            with safe_open(str(path), "pt") as f:
+                family = (f.metadata() or {}).get("family")
+        except Exception as e:  # (e.g. a run's checkpoint.pt, a torch pickle)
+            raise ValueError(
+                f"--checkpoint {str(path)!r} is not a safetensors file ({type(e).__name__}: {e}): give the "
+                "policy_ema.safetensors of a training run (its lora_ema/ folder is for diffusers' "
+                "load_lora_weights, its checkpoint.pt for --resume)"
+            ) from None
         if family != self.family:
             raise ValueError(
                 f"{str(path)!r} holds weights of model.family {family!r}, not {self.family!r}: evaluate it with "
                 "the config of the run that wrote it"
             )
-        state = load_file(str(path), device=str(self.device))
+        state = load_file(str(path))  # on the host: on the device it would hold the transformer twice
+        own = self.transformer.state_dict()
+        wrong = [
+            (k, tuple(t.shape), tuple(own[k].shape))
+            for k, t in state.items()
+            if k in own and t.shape != own[k].shape
+        ]
+        if wrong:
+            k, theirs, ours = wrong[0]
+            raise ValueError(
+                f"{str(path)!r} does not fit this transformer: {len(wrong)} weights of another shape (e.g. {k}: "
+                f"{theirs} in the file, {ours} here): it was written for another checkpoint; use the "
+                "model.checkpoint of the run that wrote it"
+            )
         missing, unexpected = self.transformer.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
