@@ -12,7 +12,9 @@ Variants (each overrides the config):
 Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
 evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
 the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
-remaining, before the clock starts). Writes table.md, results.json and score_vs_time.png under --out.
+remaining, before the clock starts; a table is reused only by a call with the same config and overrides).
+Writes table.md, results.json and score_vs_time.png under --out. A run that fails is left out of the means
+(the table says which), and the script then exits 1.
 """
 
 from __future__ import annotations
@@ -61,13 +63,22 @@ def main() -> None:
     base = [sys.executable, "-m", "densegrpo_fast"]
 
     # one psi table per seed, made before any clock starts
+    made_with = {"config": args.config, "overrides": args.overrides}
+
     def calibrate(seed: int) -> Path:
         psi = out / f"psi_seed{seed}.json"
+        record = psi.with_suffix(".args.json")  # what the table was calibrated for
+        if psi.exists() and record.exists() and json.loads(record.read_text()) != made_with:
+            raise SystemExit(
+                f"{psi} was calibrated for {record.read_text().strip()}, not for this call's config and "
+                f"overrides {made_with}: give a fresh --out (or delete the folder's psi tables)"
+            )
         if not psi.exists():
             code = run(base + ["calibrate", "--config", args.config, f"run.seed={seed}", f"noise.calibration.path={psi}",
                                *args.overrides], out / f"calibrate_seed{seed}.log")  # fmt: skip
             if code:
                 raise SystemExit(f"calibration for seed {seed} failed: see {out}/calibrate_seed{seed}.log")
+            record.write_text(json.dumps(made_with))
         return psi
 
     with ThreadPoolExecutor(args.parallel) as pool:
@@ -92,7 +103,7 @@ def main() -> None:
             print(f"{name} seed {seed} failed (exit {code}): see {run_dir.with_suffix('.log')}")
 
     results = {}
-    for name, seed, run_dir, _ in jobs:
+    for (name, seed, run_dir, _), code in zip(jobs, codes, strict=True):
         recs = (
             [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
             if (run_dir / "metrics.jsonl").exists()
@@ -100,12 +111,14 @@ def main() -> None:
         )
         evals = [r for r in recs if "eval_reward" in r]
         steps = [r for r in recs if "reward_mean" in r]
-        results.setdefault(name, []).append({"seed": seed, "evals": evals, "iterations": len(steps),
+        results.setdefault(name, []).append({"seed": seed, "exit": code, "evals": evals, "iterations": len(steps),
                                              "s_per_iteration": (steps[-1]["wall_s"] / len(steps)) if steps else None})  # fmt: skip
     (out / "results.json").write_text(json.dumps({"budget_s": args.budget_s, "config": args.config,
                                                   "overrides": args.overrides, "results": results}, indent=1))  # fmt: skip
     write_table(results, args, out)
-    plot(results, out)
+    plot({name: [r for r in runs if not r.get("exit")] for name, runs in results.items()}, out)
+    if any(code for code in codes):
+        raise SystemExit(1)
 
 
 def _mean(xs):
@@ -114,6 +127,11 @@ def _mean(xs):
 
 
 def write_table(results: dict, args, out: Path) -> None:
+    """The table of the runs that finished (a failed run's last evaluation is not its end), with the seeds
+    each row averages and the runs left out."""
+    failed = [f"{name} seed {r['seed']} (exit {r['exit']})" for name, runs in results.items() for r in runs
+              if r.get("exit")]  # fmt: skip
+    results = {name: [r for r in runs if not r.get("exit")] for name, runs in results.items()}
     keys = sorted(
         {k for runs in results.values() for r in runs for e in r["evals"] for k in e if k.startswith("eval_")}
     )
@@ -121,10 +139,10 @@ def write_table(results: dict, args, out: Path) -> None:
         f"Held-out scores (EMA weights, ODE sampler of the config's eval section) before and after "
         f"{args.budget_s:.0f} s of training; mean over seeds {args.seeds}.",
         "",
-        "| variant | iterations | s / iteration | "
+        "| variant | seeds | iterations | s / iteration | "
         + " | ".join(f"{k[5:]} start → end (Δ)" for k in keys)
         + " |",
-        "|---|---:|---:|" + "---:|" * len(keys),
+        "|---|---|---:|---:|" + "---:|" * len(keys),
     ]
     for name, runs in results.items():
         cells = []
@@ -134,7 +152,10 @@ def write_table(results: dict, args, out: Path) -> None:
             cells.append(f"{start:.3f} → {end:.3f} ({end - start:+.3f})")
         its = _mean([r["iterations"] for r in runs])
         spi = _mean([r["s_per_iteration"] for r in runs])
-        lines.append(f"| {name} | {its:.0f} | {spi:.1f} | " + " | ".join(cells) + " |")
+        seeds = " ".join(str(r["seed"]) for r in runs) or "none"
+        lines.append(f"| {name} | {seeds} | {its:.0f} | {spi:.1f} | " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"Left out, failed: {', '.join(failed)} (see their .log files)."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1014,7 +1014,7 @@ def estimate_run(
     }
     return Estimate(
         weights, trained, phases, max(phases.values()), {s.name: s.calls for s in stubs}, profiles,
-        offloaded=host, origins=at_peaks,
+        notes=notes, offloaded=host, origins=at_peaks,
     )  # fmt: skip
 
 
@@ -1272,95 +1272,110 @@ def run_memory(
     cfg = load_config(TrainConfig, config, overrides)
     _check_family(cfg)  # before the reward loads
     compiled = cfg.model.compile
+    calibrated = cfg.noise.kind == "calibrated"
+    calibration_rows = (
+        cfg.noise.calibration.prompts or cfg.prompts.prompts_per_iteration
+    ) * cfg.sampling.group_size
     _check_processes(cfg, processes)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if as_json else print
     # with --json, stdout holds the JSON alone: what the reward's, the models' and the trainer's code print
     # (the FSDP2 line) goes to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
-    prompts = work / "prompts.txt"  # what the prompts say does not matter: the encoders pad to their length
-    batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
-    n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
-    prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
-    notes = []
-    mode = new_fake_mode()
+    try:  # (the folder goes whatever stops the estimate: an error, Ctrl-C during the build)
+        prompts = (
+            work / "prompts.txt"
+        )  # what the prompts say does not matter: the encoders pad to their length
+        batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
+        n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
+        prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
+        notes = []
+        mode = new_fake_mode()
 
-    with quiet:
-        reward_fn, evaluated = counted_rewards(cfg, mode, notes)
-    cfg = load_config(TrainConfig, config, [
-        *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}", f"run.output_dir={work / 'run'}",
-        "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
-        "reward.name=redness", "reward.kwargs={}",
-        "eval.rewards=" + yaml.safe_dump(evaluated, default_flow_style=True, width=1 << 30).strip(),
-        # one batch of `batch` images each: the evaluation's peak
-        f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
-        "model.compile=false",  # fake tensors run eagerly
-    ])  # fmt: skip
-    if compiled:
-        notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
-    if cfg.sampling.reward_waves > 1:
-        notes.append(
-            f"sampling.reward_waves={cfg.sampling.reward_waves}: a wave is scored while the next rolls out, so "
-            "the reward's transient adds to the rollout's; the phases are estimated one after the other"
+        with quiet:
+            reward_fn, evaluated = counted_rewards(cfg, mode, notes)
+        cfg = load_config(TrainConfig, config, [
+            *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}",
+            f"run.output_dir={work / 'run'}",
+            "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
+            "reward.name=redness", "reward.kwargs={}",
+            "eval.rewards=" + yaml.safe_dump(evaluated, default_flow_style=True, width=1 << 30).strip(),
+            # one batch of `batch` images each: the evaluation's peak
+            f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
+            "model.compile=false",  # fake tensors run eagerly
+        ])  # fmt: skip
+        if compiled:
+            notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
+        if calibrated and calibration_rows > cfg.rows_per_iteration:
+            notes.append(
+                f"noise.kind=calibrated: the calibration before training rolls out {calibration_rows} "
+                "trajectories at once (noise.calibration.prompts x group size), more than an iteration's "
+                f"{cfg.rows_per_iteration}; not estimated: its rollout needs more than the rollout phase "
+                "shows"
+            )
+        if cfg.sampling.reward_waves > 1:
+            notes.append(
+                f"sampling.reward_waves={cfg.sampling.reward_waves}: a wave is scored while the next rolls "
+                "out, so the reward's transient adds to the rollout's; the phases are estimated one after "
+                "the other"
+            )
+        t0 = time.perf_counter()
+        say(f"building {cfg.model.family} with fake weights ...")
+        with quiet:
+            policy, source = fake_policy(cfg, mode)
+        say(f"  from {source}")
+        share = (
+            f"{cfg.rows_per_iteration // processes} of {cfg.rows_per_iteration} trajectories (rank 0 of "
+            f"{processes} processes)"
+            if processes > 1
+            else f"{cfg.rows_per_iteration} trajectories"
         )
-    t0 = time.perf_counter()
-    say(f"building {cfg.model.family} with fake weights ...")
-    with quiet:
-        policy, source = fake_policy(cfg, mode)
-    say(f"  from {source}")
-    share = (
-        f"{cfg.rows_per_iteration // processes} of {cfg.rows_per_iteration} trajectories (rank 0 of {processes} "
-        "processes)"
-        if processes > 1
-        else f"{cfg.rows_per_iteration} trajectories"
-    )
-    say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
-        "profiled once per shape ...")  # fmt: skip
-    sharded = trainer._shards(cfg, distributed.Dist(0, processes))  # (the trainer's own rule)
-    job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
-    try:
+        say(f"running one iteration at full size ({share}, T={cfg.sampling.num_steps}) with each model call "
+            "profiled once per shape ...")  # fmt: skip
+        sharded = trainer._shards(cfg, distributed.Dist(0, processes))  # (the trainer's own rule)
+        job = distributed.simulated_job(processes) if processes > 1 else contextlib.nullcontext()
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION), job, quiet, warnings.catch_warnings():
             # (FSDP2 asks a fake weight for its data pointer, which torch warns about: nothing is read)
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             est = estimate_run(cfg, policy, reward_fn=reward_fn, origins=breakdown)
+        say(f"  done in {time.perf_counter() - t0:.0f} s")
+        notes += est.notes
+        if sharded:
+            notes.append(
+                "the weights rows are the whole models'; this process holds its FSDP2 shards of the "
+                "transformer and its KL reference (the trained weights row: fp32), and the phases count those"
+            )
+        if processes == 1:
+            notes.append(
+                "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"
+            )
+        capacity = int(device_gib * GIB)
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        **dataclasses.asdict(est),
+                        "source": source,
+                        "notes": notes,
+                        "device_bytes": capacity,
+                        "processes": processes,
+                    }
+                )
+            )
+            return est
+        if processes > 1:
+            print(f"each of {processes} processes (rank 0; the others hold as much):")
+        print(est.table(capacity))
+        if breakdown:
+            print(est.breakdown())
+        worst = max(est.phases, key=est.phases.get)
+        if est.peak > 0.9 * capacity:
+            print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
+        else:
+            print(f"fits, with {(capacity - est.peak) / GIB:.1f} GiB to spare (allocated; keep ~10 % for the "
+                  "CUDA context and fragmentation)")  # fmt: skip
+        for note in notes:
+            print(f"note: {note}")
+        return est
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    say(f"  done in {time.perf_counter() - t0:.0f} s")
-    notes += est.notes
-    if sharded:
-        notes.append(
-            "the weights rows are the whole models'; this process holds its FSDP2 shards of the transformer and "
-            "its KL reference (the trained weights row: fp32), and the phases count those"
-        )
-    if processes == 1:
-        notes.append(
-            "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"
-        )
-    capacity = int(device_gib * GIB)
-    if as_json:
-        print(
-            json.dumps(
-                {
-                    **dataclasses.asdict(est),
-                    "source": source,
-                    "notes": notes,
-                    "device_bytes": capacity,
-                    "processes": processes,
-                }
-            )
-        )
-        return est
-    if processes > 1:
-        print(f"each of {processes} processes (rank 0; the others hold as much):")
-    print(est.table(capacity))
-    if breakdown:
-        print(est.breakdown())
-    worst = max(est.phases, key=est.phases.get)
-    if est.peak > 0.9 * capacity:
-        print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
-    else:
-        print(f"fits, with {(capacity - est.peak) / GIB:.1f} GiB to spare (allocated; keep ~10 % for the CUDA "
-              "context and fragmentation)")  # fmt: skip
-    for note in notes:
-        print(f"note: {note}")
-    return est

@@ -683,3 +683,28 @@ def test_the_toy_is_refused_with_the_reason():
 
     with pytest.raises(ValueError, match="model.family='toy'.*GPU models"):
         run_memory(str(Path(__file__).parents[1] / "configs" / "toy_geneval.yaml"), [])
+
+
+def test_a_reward_that_fails_on_fake_images_is_noted_not_dropped(sd3_dir, tmp_path):
+    """Its weights are in the table, its calls are not: the estimate says so instead of a silent verdict."""
+
+    def reads_pixels(images, prompts):
+        return torch.tensor([float(images[0, 0, 0, 0])] * len(prompts))  # a host read: fails on fake tensors
+
+    cfg = _config(sd3_dir, tmp_path, "fp32")
+    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], reward_fn=reads_pixels)
+    assert any(n.startswith("the reward failed on fake images and is not counted") for n in est.notes)
+
+
+def test_the_memory_command_leaves_no_work_folder_when_it_fails(sd3_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    from densegrpo_fast import memory
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(memory, "fake_policy", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{family: sd3, checkpoint: {sd3_dir}, resolution: {tiny.RESOLUTION}}}\n")
+    with pytest.raises(KeyboardInterrupt):
+        memory.run_memory(str(config), [f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"])
+    assert not list(tmp_path.glob("densegrpo_memory_*"))

@@ -30,3 +30,34 @@ def test_side_by_side_smoke(tmp_path):
     assert "| densegrpo |" in table and "| flow-grpo |" in table and "nan" not in table
     assert (tmp_path / "sbs" / "score_vs_time.png").exists()
     assert (tmp_path / "sbs" / "psi_seed0.json").exists()
+    # the folder's psi table is not reused by a call with other settings
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "side_by_side.py"), "--seeds", "0", "--budget-s", "0.5",
+         "--variants", "densegrpo", "--out", str(tmp_path / "sbs"), *overrides, "noise.level=0.5"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert (
+        again.returncode != 0
+        and "was calibrated for" in again.stderr
+        and "give a fresh --out" in again.stderr
+    )
+
+
+def test_a_failed_run_is_left_out_of_the_table_and_named(tmp_path):
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location("side_by_side", ROOT / "benchmarks" / "side_by_side.py")
+    sbs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sbs)
+    ev = lambda r: {"iteration": 0, "wall_s": 0.0, "eval_reward": r}  # noqa: E731
+    results = {"densegrpo": [
+        {"seed": 0, "exit": 0, "evals": [ev(0.4), ev(0.6)], "iterations": 10, "s_per_iteration": 2.0},
+        {"seed": 1, "exit": 1, "evals": [ev(0.4), ev(0.1)], "iterations": 2, "s_per_iteration": 2.0},
+    ]}  # fmt: skip
+    sbs.write_table(results, types.SimpleNamespace(budget_s=60.0, seeds=[0, 1]), tmp_path)
+    table = (tmp_path / "table.md").read_text()
+    assert (
+        "| densegrpo | 0 | 10 | 2.0 | 0.400 → 0.600 (+0.200) |" in table
+    )  # seed 1's cut-short run not in it
+    assert "Left out, failed: densegrpo seed 1 (exit 1)" in table
