@@ -1283,9 +1283,8 @@ def run_memory(
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     try:  # (the folder goes whatever stops the estimate: an error, Ctrl-C during the build)
-        prompts = (
-            work / "prompts.txt"
-        )  # what the prompts say does not matter: the encoders pad to their length
+        # what the prompts say does not matter: the encoders pad to their length
+        prompts = work / "prompts.txt"
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
         prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
