@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast import distributed
+from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.dense import latent_rewards, step_rewards
 from densegrpo_fast.rollout import sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
@@ -48,9 +49,7 @@ def balance_counts(dR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def save_psi(path: Path, psi: torch.Tensor, trajectory: list[list[float]], meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"psi": psi.tolist(), "trajectory": trajectory, **meta}, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"psi": psi.tolist(), "trajectory": trajectory, **meta}, indent=1))
 
 
 def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int], dict]:

@@ -10,6 +10,15 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a tmp file beside it, then a rename): the run
+    directory's records a resume reads back (config, psi table, metrics, evaluation files)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(run_dir: Path, state: dict) -> Path:
     """Write ``state`` to run_dir/checkpoint.pt atomically (a kill mid-write leaves the previous one)."""
     path = run_dir / CHECKPOINT

@@ -96,18 +96,15 @@ def _add_train(sub) -> None:
         import warnings
 
         from densegrpo_fast.config import ignored_line, override_keys
+        from densegrpo_fast.distributed import speaks
         from densegrpo_fast.trainer import train
 
         cfg = _train_config(args)
-        from densegrpo_fast.distributed import speaks
-
         given = override_keys(args.overrides)
         for keys, why in cfg.ignored_settings() if speaks() else ():
             if ours := [k for k in keys if k in given]:
                 warnings.warn(ignored_line(ours, why), stacklevel=1)
         run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
-        from densegrpo_fast.distributed import speaks
-
         if speaks():
             print(
                 f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -204,10 +203,9 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write the resolved config (every default filled in) as YAML, whole or not at all (a resumed run reads
     it back)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    os.replace(tmp, path)
+    from densegrpo_fast.checkpoint import write_text_atomic
+
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 # ============================================================================ the training config tree

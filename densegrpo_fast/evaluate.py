@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast import distributed
+from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
@@ -120,9 +121,7 @@ def evaluate(
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         if not (out / "protocol.json").exists():  # whole or not at all: a resume reads it back
-            tmp = out / "protocol.json.tmp"
-            tmp.write_text(json.dumps(protocol, indent=2))
-            tmp.replace(out / "protocol.json")
+            write_text_atomic(out / "protocol.json", json.dumps(protocol, indent=2))
         if save_images:
             (out / "images").mkdir(exist_ok=True)
     distributed.barrier(d)
@@ -173,9 +172,7 @@ def evaluate(
 def _merge(out: Path, rewards: dict) -> dict[int, dict]:
     """Every score file of ``out`` into ``scores.jsonl``, sorted by index, and the rank files removed."""
     done = _read_scores(out, rewards)
-    tmp = out / "scores.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
-    tmp.replace(out / "scores.jsonl")
+    write_text_atomic(out / "scores.jsonl", "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
     for p in out.glob("scores.rank*.jsonl"):
         p.unlink()
     return done

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from densegrpo_fast.checkpoint import write_text_atomic
 
 WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id of a run directory: a resumed run logs to the same W&B run
 WANDB_MISSING = (
@@ -69,9 +70,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [json.dumps(r) for r in self.read() if r["iteration"] <= iteration]
-        tmp = self.path.with_suffix(".jsonl.tmp")  # replaced whole: a kill here keeps the history
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))  # (a kill here keeps the history)
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:

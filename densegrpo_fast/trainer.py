@@ -1129,7 +1129,7 @@ def _loop(run: Run, progress: bool) -> None:
     if distributed.broadcast(d, _evaluation_missing(run)):  # rank 0 holds the log
         _evaluate(run, bar)
     warned_lp_dev = False
-    while run.iteration < total and not (budget is not None and run.wall_s >= budget):
+    while not _finished(run):
         t0 = time.perf_counter()
         it = run.iteration
         n_prompts = cfg.prompts.prompts_per_iteration
@@ -1167,29 +1167,35 @@ def _loop(run: Run, progress: bool) -> None:
         if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
             distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
         del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
-        last = run.iteration == total or (budget is not None and run.wall_s >= budget)
-        if last or run.iteration % cfg.run.checkpoint_every == 0:  # first: a failed evaluation loses nothing
-            checkpoint(run)
-        if last or (cfg.run.eval_every and run.iteration % cfg.run.eval_every == 0):
+        if _finished(run) or run.iteration % cfg.run.checkpoint_every == 0:  # first: an evaluation that fails
+            checkpoint(run)  # loses nothing
+        if _evaluation_due(run):
             _evaluate(run, bar)
     bar.close()
     export_policy(run, run.dir / "policy_ema.safetensors")
 
 
+def _finished(run: Run) -> bool:
+    """Whether the run has done run.iterations, or used up run.time_budget_s."""
+    budget = run.cfg.run.time_budget_s
+    return run.iteration >= run.cfg.run.iterations or (budget is not None and run.wall_s >= budget)
+
+
+def _evaluation_due(run: Run) -> bool:
+    """Whether an evaluation follows the current iteration: the last one, and every run.eval_every."""
+    every = run.cfg.run.eval_every
+    return _finished(run) or bool(every and run.iteration % every == 0)
+
+
 def _evaluation_missing(run: Run) -> bool:
     """Whether the run's evaluation at its current iteration is due but not in the log: the start of a
     fresh run, or a run killed between a checkpoint and the evaluation after it (the checkpoint comes first)."""
-    cfg, it = run.cfg, run.iteration
     records = run.log.read()
-    if it == 0:
+    if run.iteration == 0:
         return not records
-    budget = cfg.run.time_budget_s
-    due = (
-        it == cfg.run.iterations
-        or (budget is not None and run.wall_s >= budget)
-        or (cfg.run.eval_every and it % cfg.run.eval_every == 0)
+    return _evaluation_due(run) and not any(
+        r["iteration"] == run.iteration and "eval_reward" in r for r in records
     )
-    return bool(due) and not any(r["iteration"] == it and "eval_reward" in r for r in records)
 
 
 def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:

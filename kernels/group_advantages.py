@@ -145,16 +145,15 @@ def group_advantages(
         )
     N = r2.shape[0]
     try:  # (an int, numpy or 0-d tensor integer; not a bool, which would make every group one row)
-        group_size = operator.index(group_size) if not isinstance(group_size, bool) else group_size
+        size = None if isinstance(group_size, bool) else operator.index(group_size)
     except TypeError:
-        raise ValueError(
-            f"group_size ({group_size!r}) must be an integer, got {type(group_size).__name__}"
-        ) from None
-    if isinstance(group_size, bool) or group_size < 1 or N % group_size:
+        size = None
+    if size is None or size < 1 or N % size:
         raise ValueError(
             f"group_size ({group_size}) must be a positive integer dividing the number of rows ({N}): "
             "groups must stay whole for per-group advantages"
         )
+    group_size = size
     if not eps >= 0 or not clip > 0:
         raise ValueError(f"eps ({eps}) must be >= 0 and clip ({clip}) > 0: Flow-GRPO uses eps=1e-4, clip=5")
     if mask is not None:

@@ -254,7 +254,7 @@ def test_a_wandb_that_cannot_start_stops_the_run_before_any_model_work(
 
 def test_a_kill_while_resuming_keeps_the_metrics_history(tmp_path, monkeypatch):
     """The kept entries replace metrics.jsonl whole: killed before the swap, the file is as it was."""
-    from densegrpo_fast import logging as metrics_logging
+    import os
 
     log = MetricsLog(tmp_path, tensorboard=False)
     for it in (1, 2, 3):
@@ -264,7 +264,7 @@ def test_a_kill_while_resuming_keeps_the_metrics_history(tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(metrics_logging.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)  # (the swap: densegrpo_fast.checkpoint.write_text_atomic)
     with pytest.raises(KeyboardInterrupt):
         MetricsLog(tmp_path, resume=True, tensorboard=False).truncate_after(1)
     assert log.path.read_text() == before

@@ -205,15 +205,17 @@ def _installed_version(dist: str) -> str | None:
         return None
 
 
+#: The recognizers named in ``reward.kwargs.recognizer`` (else a factory ``package.module:callable``).
+RECOGNIZERS = {"easyocr": EasyOcrRecognizer, "paddleocr": PaddleOcrRecognizer}
+
+
 def _build_recognizer(recognizer, recognizer_kwargs: dict) -> Recognizer:
     if not isinstance(recognizer, str):
         if not callable(getattr(recognizer, "read", None)):
             raise ValueError(f"recognizer {recognizer!r} has no read(images) -> list[str] method")
         return recognizer
-    if recognizer == "easyocr":
-        return EasyOcrRecognizer(**recognizer_kwargs)
-    if recognizer == "paddleocr":
-        return PaddleOcrRecognizer(**recognizer_kwargs)
+    if recognizer in RECOGNIZERS:
+        return RECOGNIZERS[recognizer](**recognizer_kwargs)
     if ":" in recognizer:
         from densegrpo_fast.rewards.server import load_object
 
@@ -231,7 +233,7 @@ def _ocr_problems(recognizer="easyocr", recognizer_kwargs=None, normalization="f
         out.append(f"reward.kwargs.normalization={normalization!r} is not one of {NORMALIZATIONS}")
     if recognizer_kwargs is not None and not isinstance(recognizer_kwargs, dict):
         out.append(f"reward.kwargs.recognizer_kwargs={recognizer_kwargs!r} must be a mapping of keywords")
-    if isinstance(recognizer, str) and recognizer not in ("easyocr", "paddleocr") and ":" not in recognizer:
+    if isinstance(recognizer, str) and recognizer not in RECOGNIZERS and ":" not in recognizer:
         out.append(
             f"reward.kwargs.recognizer={recognizer!r}: use 'easyocr', 'paddleocr' or a factory "
             "'package.module:callable'"

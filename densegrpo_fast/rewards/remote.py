@@ -231,12 +231,6 @@ class RemoteReward:
             try:
                 with self._opener.open(request, timeout=timeout) as response:
                     out = json.loads(response.read())
-                if not isinstance(out, dict):
-                    raise RemoteRewardError(
-                        f"reward server at {url} answered {str(out)[:200]!r}: expected a JSON object; is a "
-                        "densegrpo-fast reward server listening there?"
-                    )
-                return out
             except urllib.error.HTTPError as e:  # the server answered with an error status
                 message, retry = _server_error(e)
                 if e.code == 413:
@@ -269,12 +263,17 @@ class RemoteReward:
                 timed_out = isinstance(reason, TimeoutError)
                 last = f"timed out after {timeout:g} s" if timed_out else f"{type(reason).__name__}: {reason}"
             except ValueError as e:  # not JSON, or not UTF-8 (json's errors are ValueErrors)
-                if isinstance(e, RemoteRewardError):
-                    raise
                 raise RemoteRewardError(
                     f"reward server at {url} answered something that is not JSON ({e}); is a densegrpo-fast "
                     "reward server listening there?"
                 ) from None
+            else:
+                if not isinstance(out, dict):
+                    raise RemoteRewardError(
+                        f"reward server at {url} answered {str(out)[:200]!r}: expected a JSON object; is a "
+                        "densegrpo-fast reward server listening there?"
+                    )
+                return out
         raise RemoteRewardError(
             f"reward server at {url} did not answer after {self.retries + 1} attempt(s) (last: {last}). "
             f"Is it running? Start it with: {self.start_hint} (see densegrpo_fast/rewards/remote.py); "
