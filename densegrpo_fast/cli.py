@@ -330,11 +330,18 @@ def _add_serve_reward(sub) -> None:
     p.add_argument(
         "--max-request-mb", type=float, default=512.0, help="larger requests get 413 (default 512 MiB)"
     )
+    p.add_argument(
+        "--max-waiting-mb",
+        type=float,
+        default=None,
+        help="request bodies held at once, waiting or scoring; past it a request waits before its body is "
+        "read (default 4x --max-request-mb)",
+    )
 
     def handler(args):
         from densegrpo_fast.rewards.server import serve
 
-        serve(args.reward, args.kwargs, args.host, args.port, args.max_request_mb)
+        serve(args.reward, args.kwargs, args.host, args.port, args.max_request_mb, args.max_waiting_mb)
 
     p.set_defaults(handler=handler)
 

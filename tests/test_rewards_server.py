@@ -9,6 +9,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -156,6 +157,48 @@ def test_a_client_that_does_not_know_the_limit_still_reads_the_413():
         client = build_reward("remote", url=server.url, check=False, retries=0)
         with pytest.raises(RemoteRewardError, match=r"refused a \d+-byte request as too large \(413"):
             client(_images(2, 800, 800), ["a", "b"])  # (3.8 MB)
+
+
+@pytest.mark.parametrize("room_for", [1, 2])
+def test_bodies_past_the_waiting_cap_wait_unread(room_for, caplog):
+    """With room for one body, a second request waits unread while the first scores, and one whose client
+    hangs up while it waits is dropped; with room for two, the second is read while the first scores."""
+    started, go, calls = threading.Event(), threading.Event(), []
+
+    def reward(images, prompts):
+        calls.append(len(prompts))
+        started.set()
+        go.wait(5)
+        return torch.zeros(len(prompts))
+
+    body = encode_request((_images(2) * 255).round().to(torch.uint8), ["a", "b"])
+    answers = []
+    kw = {"max_request_bytes": len(body), "max_waiting_bytes": room_for * len(body)}
+    with serving(reward, **kw) as server:
+        first = threading.Thread(target=lambda: answers.append(_post(server.url, body)))
+        first.start()
+        assert started.wait(5)
+        second = threading.Thread(target=lambda: answers.append(_post(server.url, body)))
+        second.start()
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:  # hangs up while waiting
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            time.sleep(0.5)
+            assert server._waiting_bytes == room_for * len(body)
+        time.sleep(0.5)  # (the waiting request sees the hang-up)
+        go.set()
+        first.join(5), second.join(5)
+    assert [status for status, _ in answers] == [200, 200]
+    if room_for == 1:
+        assert calls == [2, 2]  # the third was dropped unscored
+        assert "hung up while its request waited to be read" in caplog.text
+    assert server._waiting_bytes == 0
+
+
+def test_a_waiting_cap_below_the_request_limit_is_refused():
+    with pytest.raises(
+        ValueError, match=r"max_waiting_bytes=10 is below max_request_bytes=100: .*give at least"
+    ):
+        RewardServer(build_reward("redness"), max_request_bytes=100, max_waiting_bytes=10)
 
 
 def test_a_port_in_use_is_a_clear_error():

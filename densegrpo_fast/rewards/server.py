@@ -8,11 +8,14 @@ Built on the standard library's ``ThreadingHTTPServer``: requests are read and v
 threads (``/health`` answers while a batch scores), and one lock lets one batch score at a time, so the
 reward's model never runs two batches at once. Requests larger than ``max_request_bytes`` get 413 before
 their body is read into memory (it is drained in 1 MiB pieces so that the client still receives the answer;
-a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must arrive within ``body_deadline_s``, or the request gets
-408: a client that trickles bytes cannot hold a thread. A request whose client has hung up (its timeout ran
-out) while the request waited for the reward is dropped unscored: an abandoned batch does not hold up the
-ones behind it. While a request waits its turn it holds its 8-bit images only (B x 3 x H x W bytes); the float copy
-the reward reads is made in its turn.
+a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must
+arrive within ``body_deadline_s``, or the request gets 408: a client that trickles bytes cannot hold a
+thread. A request whose client has hung up (its timeout ran out) while the request waited for the reward is
+dropped unscored: an abandoned batch does not hold up the ones behind it. While a request waits its turn it
+holds its 8-bit images only (B x 3 x H x W bytes); the float copy the reward reads is made in its turn. The
+bodies held at once are capped by ``max_waiting_bytes`` (default 4x the request limit): a request past the cap
+waits before its body is read, and its client's send waits with it, so many ranks cannot fill the host's
+memory with queued batches.
 No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors
 and JSON only, never unpickled (see the protocol's docstring for why).
 """
@@ -117,6 +120,16 @@ class _Handler(BaseHTTPRequestHandler):
                     "(--max-request-mb): send fewer images per request or raise the limit"
                 },
             )
+        if not self.server.reserve(length, gone=self._client_gone):
+            logger.warning("%s hung up while its request waited to be read: dropped", self.address_string())
+            self.close_connection = True
+            return
+        try:
+            self._score(length)
+        finally:
+            self.server.release(length)
+
+    def _score(self, length: int) -> None:
         body = self._read_body(length)
         if body is None:
             return
@@ -217,9 +230,16 @@ class RewardServer(ThreadingHTTPServer):
         port: int = 0,
         max_request_bytes: int = 512 * _MIB,
         body_deadline_s: float = 600.0,
+        max_waiting_bytes: int | None = None,
     ):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={max_request_bytes} must be positive")
+        max_waiting_bytes = 4 * max_request_bytes if max_waiting_bytes is None else int(max_waiting_bytes)
+        if max_waiting_bytes < max_request_bytes:
+            raise ValueError(
+                f"max_waiting_bytes={max_waiting_bytes} is below max_request_bytes={max_request_bytes}: a "
+                "request at the limit could never be read; give at least the request limit (--max-waiting-mb)"
+            )
         try:
             super().__init__((host, port), _Handler)
         except OSError as e:
@@ -231,6 +251,8 @@ class RewardServer(ThreadingHTTPServer):
             raise ValueError(f"cannot serve at {host}:{port} ({e.strerror or e}): {fix}") from None
         self.reward, self.name, self.max_request_bytes = reward, name, int(max_request_bytes)
         self.body_deadline_s = float(body_deadline_s)
+        self.max_waiting_bytes, self._waiting_bytes = max_waiting_bytes, 0
+        self._room = threading.Condition()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -238,6 +260,22 @@ class RewardServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def reserve(self, nbytes: int, gone=None, poll_s: float = 0.2) -> bool:
+        """Wait until ``nbytes`` more fit under ``max_waiting_bytes``, and count them held (:meth:`release`
+        gives them back). False, holding nothing, if ``gone()`` says the client hung up while it waited."""
+        with self._room:
+            while self._waiting_bytes + nbytes > self.max_waiting_bytes:
+                self._room.wait(poll_s)
+                if gone is not None and gone():
+                    return False
+            self._waiting_bytes += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._room:
+            self._waiting_bytes -= nbytes
+            self._room.notify_all()
 
     def score(self, images: torch.Tensor, prompts: list[str], gone=None) -> list[float]:
         """Scores of uint8 [B, 3, H, W] images as floats, one batch at a time. ``gone``: called when the
@@ -275,13 +313,34 @@ class RewardServer(ThreadingHTTPServer):
             self._thread.join()
 
 
-def serve(reward: str, kwargs: dict, host: str, port: int, max_request_mb: float) -> None:
+def serve(
+    reward: str,
+    kwargs: dict,
+    host: str,
+    port: int,
+    max_request_mb: float,
+    max_waiting_mb: float | None = None,
+) -> None:
     """Build the reward and serve it until interrupted (the ``serve-reward`` command)."""
     if max_request_mb <= 0:
         raise ValueError(f"--max-request-mb={max_request_mb} must be positive")
+    if max_waiting_mb is None:
+        max_waiting_mb = 4 * max_request_mb
+    if max_waiting_mb < max_request_mb:
+        raise ValueError(
+            f"--max-waiting-mb={max_waiting_mb} is below --max-request-mb={max_request_mb}: a request at the "
+            "limit could never be read; give at least --max-request-mb"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     fn = load_reward(reward, kwargs)
-    server = RewardServer(fn, name=reward, host=host, port=port, max_request_bytes=int(max_request_mb * _MIB))
+    server = RewardServer(
+        fn,
+        name=reward,
+        host=host,
+        port=port,
+        max_request_bytes=int(max_request_mb * _MIB),
+        max_waiting_bytes=int(max_waiting_mb * _MIB),
+    )
     if host not in ("127.0.0.1", "localhost"):
         logger.warning("serving on %s: the reward server has no authentication; use a trusted network", host)
     print(
