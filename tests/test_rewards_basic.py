@@ -305,6 +305,17 @@ class FakeReader:
     def __init__(self, languages, gpu, **kwargs):
         FakeReader.made.append((languages, gpu))
         self.detector, self.recognizer = self._wrapped(), self._wrapped()
+        self.seen = []
+
+    def detect(self, img, reformat=True):
+        assert not reformat
+        self.seen.append(("detect", img.copy()))
+        return [[[0, 4, 0, 2]]], [[]]  # one image: one horizontal box, no free ones
+
+    def recognize(self, img_cv_grey, horizontal_list, free_list, detail=1, reformat=True):
+        assert not reformat and horizontal_list == [[0, 4, 0, 2]] and free_list == [] and detail == 1
+        self.seen.append(("recognize", img_cv_grey.copy()))
+        return [([[0, 0]] * 4, "ab", 0.9), ([[0, 0]] * 4, "c", 0.0)]  # (confidence 0: dropped)
 
     @staticmethod
     def _wrapped() -> torch.nn.DataParallel:  # (built by hand: DataParallel's own set-up wants GPUs)
@@ -337,3 +348,22 @@ def test_easyocr_reads_on_this_processs_device_without_data_parallel(monkeypatch
     assert FakeReader.made[-1][1] == "cuda:1"
     EasyOcrRecognizer(gpu=False)
     assert FakeReader.made[-1][1] is False
+
+
+def test_easyocr_detects_on_rgb_and_recognizes_on_opencvs_grey(monkeypatch):
+    """As EasyOCR reads an image file: its detector gets RGB, its recognizer the ITU-R 601 grey copy
+    (readtext on an array would take it as BGR: pure red would be 29, not 76)."""
+    fake = types.ModuleType("easyocr")
+    fake.Reader = FakeReader
+    monkeypatch.setitem(sys.modules, "easyocr", fake)
+    from densegrpo_fast.rewards.ocr import EasyOcrRecognizer
+
+    recognizer = EasyOcrRecognizer(gpu=False)
+    image = torch.zeros(1, 3, 2, 4)
+    image[0, 0, :, 0] = image[0, 1, :, 1] = image[0, 2, :, 2] = 1.0  # red, green, blue columns
+    image[0, 1, :, 3], image[0, 2, :, 3] = 100 / 255, 200 / 255  # (14- or 16-bit weights give 82)
+    assert recognizer.read(image) == ["ab"]
+    (_, rgb), (_, grey) = recognizer.reader.seen
+    assert rgb.shape == (2, 4, 3)
+    assert rgb[0].tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 100, 200]]
+    assert grey.dtype == np.uint8 and grey.tolist() == [[76, 150, 29, 81]] * 2  # (OpenCV 4.10's values)

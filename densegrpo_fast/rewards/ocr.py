@@ -97,6 +97,11 @@ class EasyOcrRecognizer:
     detector and recognizer weights are (EasyOCR's default ``~/.EasyOCR/model``); ``download``: let EasyOCR
     fetch missing weights (off: no network unless asked); ``min_confidence``: recognised pieces at or below
     it are dropped (Flow-GRPO keeps confidence > 0).
+
+    Each image is read as ``Reader.readtext`` reads an image file, with its defaults: the detector sees the
+    RGB image, the recognizer its grey copy (:func:`grey`). ``readtext`` itself cannot be given an array: it
+    takes a 3-channel array as BGR for the grey copy, which swaps red's and blue's weights (pure red text
+    becomes 29 grey, not 76).
     """
 
     def __init__(
@@ -141,9 +146,21 @@ class EasyOcrRecognizer:
     def read(self, images: torch.Tensor) -> list[str]:
         texts = []
         for arr in to_uint8(images).permute(0, 2, 3, 1).numpy():  # [B, H, W, 3] uint8
-            pieces = self.reader.readtext(arr, detail=1)
+            horizontal, free = self.reader.detect(arr, reformat=False)  # (one image: lists of one)
+            pieces = self.reader.recognize(grey(arr), horizontal[0], free[0], detail=1, reformat=False)
             texts.append("".join(text for _, text, conf in pieces if conf > self.min_confidence))
         return texts
+
+
+def grey(rgb):
+    """The grey copy of an 8-bit RGB array [..., 3] as OpenCV makes it (``cv2.COLOR_RGB2GRAY``, which EasyOCR
+    reads an image file with): ITU-R 601 weights in 15-bit fixed point, rounded half up. Equal to OpenCV
+    4.10's and 5.1's on 10^6 random pixels; 14- or 16-bit weights, or rounding in floats, differ on 0.1-0.3 %
+    of them."""
+    import numpy as np
+
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    return ((r * 9798 + g * 19235 + b * 3735 + (1 << 14)) >> 15).astype(np.uint8)
 
 
 class PaddleOcrRecognizer:
