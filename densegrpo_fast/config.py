@@ -559,7 +559,8 @@ class EvalSection(Section):
     num_prompts: int | None = Field(
         256,
         ge=1,
-        description="held-out prompts (toy: balanced over categories); null = every prompt of the file",
+        description="held-out prompts (toy: balanced over categories); null = every prompt of the file "
+        "(sd3/flux: null)",
     )
     images_per_prompt: int = Field(
         1,
@@ -568,15 +569,16 @@ class EvalSection(Section):
         description="samples per prompt, each from its own noise (sd3/flux; the toy takes 1)",
     )
     num_steps: int = Field(
-        20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (papers: 40)"
+        20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28)"
     )
     guidance_scale: float = Field(
-        1.5, ge=1.0, description="CFG scale of the evaluation sampler (papers: 4.5)"
+        1.5, ge=1.0, description="CFG scale of the evaluation sampler (sd3: 4.5, flux: 3.5)"
     )
     shift: float | None = Field(
         1.0,
         gt=0,
-        description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3/flux)",
+        description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
+        "flux: null)",
     )
     seed: int = Field(
         0,
@@ -585,10 +587,11 @@ class EvalSection(Section):
         description="seed of prompt order and initial noise (< 2^23: it is the high bits "
         "of each image's noise seed)",
     )
-    batch_size: int = Field(128, ge=1, description="images per sampler call")
+    batch_size: int = Field(128, ge=1, description="images per sampler call (sd3: 16, flux: 8)")
     output_dir: str = Field(
         "runs/toy_eval",
-        description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go",
+        description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
+        "(sd3: runs/sd3_eval, flux: runs/flux_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(False, description="sd3/flux eval command: also write every sample as a PNG")
@@ -602,6 +605,34 @@ class EvalSection(Section):
         rows = self.num_prompts * self.images_per_prompt if self.num_prompts else None
         share = -(-rows // processes) if rows else self.batch_size
         return min(self.batch_size, share)
+
+
+# Where a config leaves them out, the samplers' settings follow model.family. EvalSection's field defaults are
+# the toy's: a model without its evaluation section is evaluated as the papers and the pipelines sample it
+# (SD3.5: 40 steps, CFG 4.5, shift 3.0; FLUX.1-dev: 28 steps, guidance 3.5, its own grid). SamplingSection's
+# are SD3.5's: FLUX.1 rolls out with its own grid and guidance 3.5.
+EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
+    "toy": {},
+    "sd3": {"num_steps": 40, "guidance_scale": 4.5, "shift": 3.0, "batch_size": 16, "num_prompts": None,
+            "output_dir": "runs/sd3_eval"},
+    "flux": {"num_steps": 28, "guidance_scale": 3.5, "shift": None, "batch_size": 8, "num_prompts": None,
+             "output_dir": "runs/flux_eval"},
+}  # fmt: skip
+SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
+    "toy": {},
+    "sd3": {},
+    "flux": {"shift": None, "guidance_scale": 3.5},
+}
+
+
+def fill_family_defaults(model: ModelSection, **sections: Section) -> None:
+    """Give the settings of ``eval`` / ``sampling`` that the config left out their value for
+    ``model.family``."""
+    tables = {"eval": EVAL_FAMILY_DEFAULTS, "sampling": SAMPLING_FAMILY_DEFAULTS}
+    for name, section in sections.items():
+        for key, value in tables[name][model.family].items():
+            if key not in section.model_fields_set:
+                setattr(section, key, value)
 
 
 def model_eval_problems(
@@ -650,6 +681,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
+        fill_family_defaults(self.model, eval=self.eval, sampling=self.sampling)
         T = self.sampling.num_steps
         problems = []
         if "reward" in self.eval.rewards:

@@ -131,6 +131,32 @@ def test_the_eval_command_refuses_unknown_sections_and_what_train_refuses():
     load_config(ToyEvalConfig, TOY)  # a training config's other sections are fine
 
 
+@pytest.mark.parametrize("command", [TrainConfig, ToyEvalConfig])
+def test_samplers_left_out_follow_the_model_family(command, tmp_path):
+    """A config without its eval section samples SD3.5 / FLUX.1 as their papers and pipelines do, not with
+    the toy's 20 steps at CFG 1.5 and shift 1.0; what a config gives is kept."""
+    sampler = ("num_steps", "guidance_scale", "shift", "batch_size", "num_prompts", "output_dir")
+    for family, want in [
+        ("toy", (20, 1.5, 1.0, 128, 256, "runs/toy_eval")),
+        ("sd3", (40, 4.5, 3.0, 16, None, "runs/sd3_eval")),
+        ("flux", (28, 3.5, None, 8, None, "runs/flux_eval")),
+    ]:
+        cfg = load_config(command, None, [f"model.family={family}"])
+        assert tuple(getattr(cfg.eval, k) for k in sampler) == want, family
+    if command is TrainConfig:
+        toy, flux = (load_config(command, None, [f"model.family={f}"]).sampling for f in ("toy", "flux"))
+        assert (toy.shift, toy.guidance_scale, flux.shift, flux.guidance_scale) == (3.0, 4.5, None, 3.5)
+    given = tmp_path / "given.yaml"
+    given.write_text("model: {family: sd3}\neval: {num_steps: 7, shift: null}\n")
+    cfg = load_config(command, given, ["eval.guidance_scale=2.0"])
+    assert (cfg.eval.num_steps, cfg.eval.shift, cfg.eval.guidance_scale, cfg.eval.batch_size) == (
+        7,
+        None,
+        2.0,
+        16,
+    )
+
+
 def test_output_dir_on_the_command_line_is_taken_as_written(tmp_path):
     from densegrpo_fast.cli import _train_config, build_parser
 

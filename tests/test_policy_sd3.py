@@ -509,9 +509,12 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
             ["model.family=sd3", "model.resolution=500"],
             r"model.resolution \(500\) must be a multiple of 16.*496",
         ),
-        (["model.family=flux"], r"sampling.shift \(3.0\) with model.family flux.*sampling.shift=null"),
         (
-            ["model.family=flux", "sampling.shift=null"],
+            ["model.family=flux", "sampling.shift=3.0"],
+            r"sampling.shift \(3.0\) with model.family flux.*sampling.shift=null",
+        ),
+        (
+            ["model.family=flux", "eval.shift=1.0"],
             r"eval.shift \(1.0\) with model.family flux.*eval.shift=null",
         ),
     ],

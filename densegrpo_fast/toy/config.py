@@ -11,7 +11,14 @@ import difflib
 
 from pydantic import ConfigDict, Field, model_validator
 
-from densegrpo_fast.config import CrossCheckError, EvalSection, ModelSection, Section, model_eval_problems
+from densegrpo_fast.config import (
+    CrossCheckError,
+    EvalSection,
+    ModelSection,
+    Section,
+    fill_family_defaults,
+    model_eval_problems,
+)
 
 
 class ToyArchSection(Section):
@@ -91,6 +98,7 @@ class ToyEvalConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ToyEvalConfig:
+        fill_family_defaults(self.model, eval=self.eval)
         problems = self.model.problems() + model_eval_problems(self.model, self.eval)
         if problems:
             raise CrossCheckError(problems)
