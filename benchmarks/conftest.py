@@ -46,6 +46,10 @@ def device_name() -> str:
 
 
 def git_sha() -> str:
+    """The checkout's commit; $GIT_SHA first (the device machines get the tree without .git: gpu_suite.sh's
+    header gives the command that passes it)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True

@@ -16,8 +16,14 @@ export HF_HUB_OFFLINE=1 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE
 unset TRITON_INTERPRET
 WHEELS=${WHEELS:-wheels}
 SITE=${SITE:-/tmp/site}
-# the lent machines document python3 (their venv's); `timeout` needs a real `python` binary on PATH
-mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python && export PATH=/tmp/pybin:$PATH  # python = the python3 with torch
+# the lent machines document python3 (their venv's); `timeout` needs a `python` program on PATH. A wrapper
+# script, not a link: python started through a link outside its venv's bin/ finds no pyvenv.cfg and runs as
+# the base interpreter, without the venv's torch. (rm first: `>` onto a link would write through it.)
+PY3=$(command -v python3)
+mkdir -p /tmp/pybin && rm -f /tmp/pybin/python && printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY3" > /tmp/pybin/python \
+  && chmod +x /tmp/pybin/python && export PATH=/tmp/pybin:$PATH  # python = the python3 with torch
+prefix() { "$1" -c 'import sys; print(sys.prefix)'; }
+[ "$(prefix python)" = "$(prefix "$PY3")" ] || { echo "python on PATH is not $PY3's environment"; return 1; }
 if compgen -G "$WHEELS/*.whl" >/dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
     && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" || echo "installing $WHEELS/ failed"
@@ -25,7 +31,7 @@ fi
 if [ "${REQUIRE_CUDA:-1}" = 1 ]; then
   python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(), torch.__version__)" || return 1
 fi
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
+python -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
 if ! python -P -c "import densegrpo_fast.kernels" 2>/dev/null; then
   ln -sfn ../kernels densegrpo_fast/kernels && trap 'rm -f densegrpo_fast/kernels' EXIT
   mkdir -p /tmp/dgf_path && ln -sfn "$PWD/densegrpo_fast" /tmp/dgf_path/densegrpo_fast

@@ -385,13 +385,18 @@ def measure_end(run, probe: Probe) -> dict:
 
 def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | None) -> dict:
     """The recipe's batch from a smaller one: seconds x rows ratio; peak memory + the batch-proportional part
-    (allocated memory above the loaded run's, at phase start or transformer-call start) x (ratio - 1)."""
+    (allocated memory above the loaded run's) x (ratio - 1). That part is what the phase holds at its start,
+    or, for the phases before the update, at a transformer call's start (the rollout's trajectory grows
+    call by call). Not the update's calls: they also hold the adapters' gradients, AdamW's state and the
+    policy forward's activations under the KL reference's call, all of fixed size (``train_batch_size``), which
+    23x (SD3.5-M) or 143x (FLUX.1) would turn into hundreds of GiB."""
     scale = recipe_rows / rows
     est = {"rows": recipe_rows, "scale": scale, "seconds": result["seconds"] * scale, "phases": {}}
     for name, ph in result["phases"].items():
         e = {"seconds": ph["seconds"] * scale}
         if base_gib is not None and "peak_allocated_gib" in ph:
-            held = max(ph["allocated_start_gib"], ph.get("max_allocated_at_call_gib", 0.0)) - base_gib
+            at_call = ph.get("max_allocated_at_call_gib", 0.0) if name != "update" else 0.0
+            held = max(ph["allocated_start_gib"], at_call) - base_gib
             e["peak_allocated_gib"] = ph["peak_allocated_gib"] + max(held, 0.0) * (scale - 1)
         est["phases"][name] = e
     peaks = [e["peak_allocated_gib"] for e in est["phases"].values() if "peak_allocated_gib" in e]
@@ -401,9 +406,15 @@ def extrapolate(result: dict, rows: int, recipe_rows: int, base_gib: float | Non
 
 
 def git_sha() -> str:
+    """The checkout's commit; $GIT_SHA first (the device machines get the tree without .git: gpu_suite.sh's
+    header gives the command that passes it)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
-        r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() or "unknown"
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
 
@@ -539,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         write_json(json_path, result)
         print(summary_line(mode, rec), flush=True)
 
+    if len(modes) == 2 and not failed:  # written before the end of run, which a timeout may cut
+        result["dense_over_sparse"] = ratios(*(result["modes"][m] for m in modes))
+        print("dense / sparse: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["dense_over_sparse"].items()))
+        write_json(json_path, result)
     if args.merged_rollout:
         failed = measure_merged(run, probe, result, json_path) or failed
 
@@ -556,9 +571,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{k} {ph['seconds']:.2f} s" + (f", peak {ph['peak_allocated_gib']:.1f} GiB" if "peak_allocated_gib" in ph else "")
             for k, ph in end["phases"].items())), flush=True)  # fmt: skip
         write_json(json_path, result)
-    if len(modes) == 2 and not failed and not args.merged_rollout:
-        result["dense_over_sparse"] = ratios(*(result["modes"][m] for m in modes))
-        print("dense / sparse: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["dense_over_sparse"].items()))
     write_json(json_path, result)
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {json_path}")

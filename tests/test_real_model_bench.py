@@ -138,3 +138,17 @@ def test_full_size_configs_have_the_published_sizes(family):
     for name, known in bench.KNOWN_PARAMS[family].items():
         assert counts[name] == pytest.approx(known, rel=0.01), name
     assert parts["vae"].dtype == torch.float32 and parts["transformer"].dtype == torch.bfloat16
+
+
+def test_the_recipe_extrapolation_scales_the_trajectory_not_the_updates_fixed_state():
+    """The update's calls hold gradients, AdamW's state and a micro-batch's activations (fixed sizes): only
+    what the update holds at its start (the rollout's data) grows with the batch; the rollout's trajectory
+    grows call by call, so its calls' starts count."""
+    bench = _load_script()
+    phase = {"seconds": 1.0, "peak_allocated_gib": 20.0, "allocated_start_gib": 11.0,
+             "max_allocated_at_call_gib": 15.0}  # fmt: skip
+    est = bench.extrapolate({"seconds": 2.0, "phases": {"rollout": phase, "update": phase}}, 8, 80, 10.0)
+    assert est["scale"] == 10 and est["seconds"] == 20.0
+    assert est["phases"]["rollout"]["peak_allocated_gib"] == 20.0 + 5.0 * 9  # (15 - 10) per batch
+    assert est["phases"]["update"]["peak_allocated_gib"] == 20.0 + 1.0 * 9  # (11 - 10) per batch
+    assert est["peak_allocated_gib"] == 65.0
