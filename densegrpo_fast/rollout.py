@@ -45,11 +45,12 @@ def completion_starts(schedule: Schedule, completion_steps: int | None = None) -
     With noise at every step, all of ``lat[0..T-1]``. With an SDE window ``[ws, we)`` (DenseGRPO-Fast)
     only ``lat[ws..we-1]`` for full completions (``completion_steps`` None): before the window every step
     is an ODE step on the same grid, so ``R_k = R_ws`` for ``k < ws``; from ``we`` on the rollout itself is
-    the ODE, so ``R_k = R_T``. With ``n``-step completions that shortcut holds before the window but not
-    after it: ``ODE_n(lat[we])`` is not the rollout's own ending, so ``lat[we]`` gets a completion too and
-    the last window step's ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window
-    steps (unless ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents after ``we``
-    (untrained ODE steps) still share ``R_T``.
+    the ODE, so ``R_k = R_T``. With ``n``-step completions neither holds: ``ODE_n(lat[we])`` is not the
+    rollout's own ending, so ``lat[we]`` gets a completion too and the last window step's
+    ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window steps (unless
+    ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents before ``ws`` and after ``we``
+    (untrained ODE steps) still share ``R_ws`` and ``R_T``: a choice, not ``ODE_n`` of each, which only
+    their logged ``dR`` (0) depends on.
     """
     sde = schedule.sde_steps.tolist()
     if not any(sde):
