@@ -735,6 +735,12 @@ class TrainConfig(Section):
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         problems += self.model.problems()
+        if self.model.dtype == "fp16":
+            problems.append(
+                "model.dtype=fp16 trains without loss scaling: the update's gradients (about 1e-9 to 1e-7 per "
+                "latent element at 512 px) fall below fp16's range and vanish, so the run would train almost "
+                "nothing; use model.dtype=bf16 (the same memory, fp32's range). The eval command takes fp16"
+            )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,6 +76,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the checkpoint that follows it (which is fsynced)
         values = dict(scalars(record))
         it = record["iteration"]
         if self.writer is None and self.tensorboard_dir is not None:

@@ -806,6 +806,13 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     nonzero = ((A_all != 0) & trained).sum() / trained.sum().clamp_min(1)  # 0 when no step is trained
     host = _read_once({**stats, "grad_norm": grad_norms, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
     first, nonzero_frac, norms = host.pop("_first")[0], host.pop("_nonzero")[0], host.pop("grad_norm")
+    if not all(math.isfinite(g) for g in norms):  # (the same on every rank: the norm of the summed gradient)
+        raise NonFiniteError(
+            f"iteration {iteration + 1}: the gradient norm was {norms} (a NaN or inf in the loss: an "
+            "overflowing ratio, or a non-finite velocity); the weights and EMA this update wrote are not "
+            f"checkpointed, and the last checkpoint in {run.dir} is intact. Lower optim.lr, or check that "
+            "model.dtype and model.autocast suit the model, then train again with --resume"
+        )
     # over every rank's pairs (the loss the update optimised); ratio_dev_max: the largest of any pair
     out = distributed.mean_stats(run.dist, host, weights=sizes, maxima=("ratio_dev_max",))
     out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
@@ -814,6 +821,25 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     out["rows_trained"] = int(sum(counts))  # (row, step) pairs
     out["adv_nonzero_frac"] = nonzero_frac
     return out
+
+
+class NonFiniteError(ValueError):
+    """A reward or a gradient came out NaN or infinite: the run stops before the weights it would write."""
+
+
+def check_finite_rewards(run: Run, R: torch.Tensor) -> None:
+    """Stop the run when the reward gave NaN or inf: its advantages would be NaN, and so would every weight
+    after the update. (One host read, where the update's plan reads the device anyway.)"""
+    bad = ~torch.isfinite(R)
+    if bad.any():
+        rows, cols = bad.nonzero(as_tuple=True)
+        raise NonFiniteError(
+            f"iteration {run.iteration + 1}: reward {run.cfg.reward.name!r} gave {rows.numel()} non-finite "
+            f"score(s) among {R.numel()} (first: row {rows[0].item()}, latent {cols[0].item()}, "
+            f"{R[rows[0], cols[0]].item()}); training on them would write NaN into the weights. The run stops "
+            f"before this iteration's update: its last checkpoint in {run.dir} is intact. Fix the reward, then "
+            "train again with --resume"
+        )
 
 
 def _read_once(values: dict[str, list[torch.Tensor | None]]) -> dict[str, list[float | None]]:
@@ -1138,6 +1164,7 @@ def _loop(run: Run, progress: bool) -> None:
         ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
         t1 = time.perf_counter()
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
+        check_finite_rewards(run, R_all)
         A_all = _advantages(run, R_all)
         up = update(run, ro, cond, R, it, A_all)
         times["update_s"] = time.perf_counter() - t1

@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from densegrpo_fast.config import ConfigError, TrainConfig, load_config
 from densegrpo_fast.toy.config import ToyEvalConfig, ToyPretrainConfig
@@ -250,3 +251,13 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
         m.startswith("dense.completion_steps is ignored: dense.mode=sparse with uniform noise") for m in said
     )
     assert not any("lora.rank" in m for m in said)
+
+
+def test_fp16_training_is_refused_fp16_evaluation_is_not():
+    """Without loss scaling the update's gradients underflow in fp16 (about 1e-9 per latent element)."""
+    with pytest.raises(
+        ConfigError, match="model.dtype=fp16 trains without loss scaling.*use model.dtype=bf16"
+    ):
+        load_config(TrainConfig, None, ["model.family=sd3", "model.dtype=fp16"])
+    assert load_config(ToyEvalConfig, None, ["model.family=sd3", "model.dtype=fp16"]).model.dtype == "fp16"
+    assert torch.tensor(1e-8, dtype=torch.float16).item() == 0.0  # (what the message is about)

@@ -64,6 +64,32 @@ def test_save_load_round_trip(tiny, tmp_path):
         ToyPolicy.load(tmp_path / "missing.safetensors")
 
 
+def test_damaged_or_foreign_checkpoints_are_named_with_the_fix(tiny, tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    good = tmp_path / "m.safetensors"
+    tiny.save(good)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(good)), str(bare))
+    wider = tmp_path / "wider.safetensors"  # the metadata of another architecture than the weights
+    save_file(load_file(str(good)), str(wider), metadata={"arch": json.dumps({**vars(TINY), "head_dim": 16})})
+    for path, why in [
+        (cut, "SafetensorError"),
+        (bare, "ValueError: no 'arch' metadata"),
+        (wider, "RuntimeError: Error"),
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"{path.name} is not a readable toy checkpoint \({why}.*pretrain-toy"
+        ):
+            ToyPolicy.load(path)
+    with pytest.raises(ValueError, match="is a directory"):
+        ToyPolicy.load(tmp_path)
+
+
 def test_shipped_checkpoint_loads_and_generates():
     assert DEFAULT_CHECKPOINT.is_file(), "the pretrained toy checkpoint must ship inside the package"
     assert DEFAULT_CHECKPOINT.stat().st_size <= 15 * 2**20

@@ -919,3 +919,52 @@ def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path)
     _check_prompts(
         build_reward("redness"), "redness", {"x": PromptSource(str(bad))}
     )  # (no check: nothing to say)
+
+
+@pytest.mark.parametrize("where", ["reward", "loss"])
+def test_a_nan_stops_the_run_before_its_checkpoint(where, tiny_checkpoint, tmp_path, monkeypatch):
+    """A NaN reward (before the update) or a NaN loss (its gradient norm) stops the run with a clear error;
+    the checkpoint of the iteration before stays as it was, its weights finite, and a resume goes on."""
+    from densegrpo_fast import trainer
+
+    calls = []
+    if where == "reward":
+        real = trainer.latent_rewards
+
+        def patched(*args, **kwargs):
+            R = real(*args, **kwargs)
+            calls.append(1)
+            return (
+                torch.where(torch.arange(R.numel()).view_as(R) == 5, float("nan"), R)
+                if len(calls) == 2
+                else R
+            )
+
+        monkeypatch.setattr(trainer, "latent_rewards", patched)
+        match = r"iteration 2: reward 'redness' gave 1 non-finite score\(s\) among .*last checkpoint in .* is intact"
+    else:
+        real, real_update = trainer.grpo_loss, trainer.update
+
+        def update(run, ro, cond, R, it, A=None):
+            calls.append(it)
+            return real_update(run, ro, cond, R, it, A)
+
+        def patched(*args, **kwargs):
+            loss, s = real(*args, **kwargs)
+            return (loss * float("nan") if calls[-1] == 1 else loss), s  # the second iteration's
+
+        monkeypatch.setattr(trainer, "update", update)
+        monkeypatch.setattr(trainer, "grpo_loss", patched)
+        match = r"iteration 2: the gradient norm was \[.*nan.*\].*last checkpoint in .* is intact"
+    cfg = cfg_of(
+        tiny_checkpoint, tmp_path / "run", extra=["grpo.train_batch_size=64", "grpo.updates_per_iteration=1"]
+    )
+    with pytest.raises(trainer.NonFiniteError, match=match):
+        train(cfg, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["iteration"] == 1
+    assert all(torch.isfinite(t).all() for t in [*state["trainable"].values(), *state["ema"].values()])
+    assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1]
+    monkeypatch.setattr(trainer, "latent_rewards" if where == "reward" else "grpo_loss", real)
+    train(cfg, resume=True, progress=False)
+    assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]

@@ -177,22 +177,27 @@ class ToyPolicy(nn.Module):
         from safetensors.torch import load_file
 
         path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+        fix = (
+            "reinstall the package (the shipped checkpoint is missing or damaged) or pass a checkpoint path"
+            if path == DEFAULT_CHECKPOINT
+            else "pass a .safetensors file written by `densegrpo-fast pretrain-toy` or a toy training run "
+            "(policy_ema.safetensors), or leave model.checkpoint null for the shipped one"
+        )
         if not path.is_file():
-            fix = (
-                "reinstall the package (the shipped checkpoint is missing) or pass a checkpoint path"
-                if path == DEFAULT_CHECKPOINT
-                else "pass an existing .safetensors file written by `densegrpo-fast pretrain-toy`, "
-                "or leave model.checkpoint null for the shipped one"
-            )
-            raise ValueError(f"toy checkpoint {str(path)!r} does not exist: {fix}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if "arch" not in meta:
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ValueError(f"toy checkpoint {str(path)!r} {what}: {fix}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if "arch" not in meta:
+                raise ValueError("no 'arch' metadata")
+            arch_d = json.loads(meta["arch"])
+            arch_d["vocab"] = tuple(arch_d["vocab"])
+            policy = cls(ToyArch(**arch_d))
+            policy.load_state_dict(load_file(str(path)))
+        except Exception as e:  # a cut file, another format, weights of another architecture
+            msg = str(e)[:300]
             raise ValueError(
-                f"{path}: not a toy checkpoint (no 'arch' metadata); write it with ToyPolicy.save"
-            )
-        arch_d = json.loads(meta["arch"])
-        arch_d["vocab"] = tuple(arch_d["vocab"])
-        policy = cls(ToyArch(**arch_d))
-        policy.load_state_dict(load_file(str(path)))
+                f"{path} is not a readable toy checkpoint ({type(e).__name__}: {msg}): {fix}"
+            ) from None
         return policy.to(device).eval().requires_grad_(False)
