@@ -196,7 +196,7 @@ class ToyPolicy(nn.Module):
             policy = cls(ToyArch(**arch_d))
             policy.load_state_dict(load_file(str(path)))
         except Exception as e:  # a cut file, another format, weights of another architecture
-            msg = str(e)[:300]
+            msg = " ".join(str(e).split())[:300]  # (one line: a state dict error lists every key)
             raise ValueError(
                 f"{path} is not a readable toy checkpoint ({type(e).__name__}: {msg}): {fix}"
             ) from None
