@@ -109,20 +109,20 @@ def speaks() -> bool:
     return world_size() == 1 or os.environ.get("RANK") == "0"
 
 
-def check_device(device: str) -> None:
-    """A ValueError unless this machine has ``device`` (``model.device``), before any model work."""
+def check_device(device: str, key: str = "model.device") -> None:
+    """A ValueError unless this machine has ``device`` (the setting ``key``), before any model work."""
     d = torch.device(device)
     if d.type != "cuda":
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ValueError(
-            f"model.device={device!r}, but this torch ({torch.__version__}) sees no CUDA device: set "
-            "model.device=cpu, or run on a machine with a GPU (and a CUDA build of torch)"
+            f"{key}={device!r}, but this torch ({torch.__version__}) sees no CUDA device: set "
+            f"{key}=cpu, or run on a machine with a GPU (and a CUDA build of torch)"
         )
     if d.index is not None and d.index >= count:
         raise ValueError(
-            f"model.device={device!r}, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}): "
+            f"{key}={device!r}, but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}): "
             "choose one of them"
         )
 

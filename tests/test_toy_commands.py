@@ -55,7 +55,45 @@ def test_resumed_pretraining_equals_uninterrupted(tmp_path, monkeypatch):
     other_seed = _pretrain(tmp_path / "c", ["train.seed=1"])
     assert any(not torch.equal(straight[k], other_seed[k]) for k in straight)
     lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] == 6
+    assert [json.loads(ln)["step"] for ln in lines] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]  # (step 4 was logged before the kill)
+
+
+def test_a_kill_between_the_export_and_the_state_leaves_no_stale_export(tmp_path, monkeypatch):
+    """The last step's export comes before its state.pt: a kill between them resumes from the step-3 state
+    and exports again, instead of returning an export of an earlier step beside a finished state."""
+    from safetensors import safe_open
+
+    straight = _pretrain(tmp_path / "a")
+    real = pt._save_atomic
+
+    def killed_at_the_end(obj, path):
+        if obj["step"] == 6:
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(pt, "_save_atomic", killed_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain(tmp_path / "b")
+    monkeypatch.setattr(pt, "_save_atomic", real)
+    resumed = _pretrain(tmp_path / "b")
+    with safe_open(str(tmp_path / "b" / "ema.safetensors"), framework="pt") as f:
+        assert f.metadata()["step"] == "6"
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_a_resume_that_would_compute_other_steps_is_refused_key_by_key(tmp_path):
+    _pretrain(tmp_path / "a", ["train.steps=3"])
+    with pytest.raises(ValueError, match=r"train.batch_size was 4, now 8; train.seed was 0, now 7\. Resume"):
+        _pretrain(tmp_path / "a", ["train.seed=7", "train.batch_size=8"])
+    with pytest.warns(UserWarning, match="train.steps changes from 3 to 6 on resume"):
+        _pretrain(tmp_path / "a", ["train.eval_every=0", "train.checkpoint_every=2"])
 
 
 def test_resume_with_another_arch_is_an_error(tmp_path):
@@ -105,7 +143,7 @@ def test_eval_command_json_has_every_category(tmp_path, capsys):
 def test_user_errors_name_value_rule_and_fix(tmp_path, capsys):
     missing = str(tmp_path / "nope.safetensors")
     assert cli.main(["eval", "--config", "configs/toy_geneval.yaml", "--checkpoint", missing]) == 2
-    assert f"{missing!r} does not exist: pass an existing .safetensors" in capsys.readouterr().err
+    assert f"{missing!r} does not exist: pass a .safetensors file written by" in capsys.readouterr().err
     with pytest.raises(ConfigError) as e:
         load_config(ToyEvalConfig, "configs/toy_geneval.yaml", ["eval.num_steps=0", "eval.cfg_scale=2"])
     msg = str(e.value)
@@ -120,3 +158,12 @@ def test_user_errors_name_value_rule_and_fix(tmp_path, capsys):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_pretraining_on_a_missing_device_or_a_negative_seed_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"train.device='cuda', but this torch .* set train.device=cpu"):
+        _pretrain(tmp_path / "gpu", ["train.device=cuda"])
+    assert not (tmp_path / "gpu").exists()
+    with pytest.raises(ConfigError, match="train.seed"):
+        _pretrain(tmp_path / "neg", ["train.seed=-1"])

@@ -42,7 +42,9 @@ class PretrainSection(Section):
     prompt_dropout: float = Field(0.1, ge=0, le=1, description="probability a prompt is replaced by '' (CFG)")
     logit_normal_mean: float = Field(0.0, description="training sigma ~ sigmoid(N(mean, std)) (SD3)")
     logit_normal_std: float = Field(1.0, gt=0, description="see logit_normal_mean")
-    seed: int = Field(0, description="seed of initial weights and of every step's data and noise")
+    seed: int = Field(
+        0, ge=0, le=2**31 - 1, description="seed of initial weights and of every step's data and noise"
+    )
     init_checkpoint: str | None = Field(
         None,
         description="toy checkpoint (.safetensors) whose weights start the run (continued pretraining; its "

@@ -87,9 +87,65 @@ def _ema_policy(policy: ToyPolicy, ema: dict[str, torch.Tensor]) -> ToyPolicy:
     return out.eval().requires_grad_(False)
 
 
+# train settings a resumed pretraining may change: how long, where and how it runs, and its evaluations (a
+# longer train.steps stretches the cosine schedule: warned); every other one changes what a step computes
+RESUMABLE = {
+    "steps",
+    "output_dir",
+    "checkpoint_every",
+    "eval_every",
+    "eval_prompts",
+    "device",
+    "num_threads",
+    "init_checkpoint",
+}  # (init_checkpoint: a resumed run starts from its own weights)
+
+
+def _check_same_training(saved: dict | None, t, state_path: Path) -> None:
+    """Refuse a resume whose train settings would compute other steps than the run's (key by key)."""
+    if saved is None:  # (a state.pt from before the settings were kept)
+        return
+    now = t.model_dump()
+    changed = [k for k in now if k not in RESUMABLE and k in saved and saved[k] != now[k]]
+    if changed:
+        raise ValueError(
+            f"{state_path} was trained with other settings: "
+            + "; ".join(f"train.{k} was {saved[k]!r}, now {now[k]!r}" for k in changed)
+            + ". Resume with the run's settings, or give a new train.output_dir to start afresh"
+        )
+    if saved.get("steps") != now["steps"]:
+        import warnings
+
+        warnings.warn(
+            f"train.steps changes from {saved.get('steps')} to {now['steps']} on resume: the cosine learning-rate "
+            "schedule is stretched to the new length, so the rate jumps at the resume",
+            stacklevel=3,
+        )
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the records of steps up to ``step``: a killed run logged steps after its last state.pt, which the
+    resumed run logs again (a cut last line goes too)."""
+    if not path.is_file():
+        return
+    from densegrpo_fast.checkpoint import write_text_atomic
+
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut by the kill: the last one
+    write_text_atomic(path, "".join(kept))
+
+
 def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
     """Train (or resume) and return the path of the exported EMA checkpoint ``output_dir/ema.safetensors``."""
     t = cfg.train
+    from densegrpo_fast.distributed import check_device
+
+    check_device(t.device, "train.device")  # (before the run directory is made)
     torch.set_num_threads(t.num_threads)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,13 +167,16 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
                 f"{state_path} was trained with arch {st['arch']}, the config asks for {cfg.arch.model_dump()}: "
                 f"use the same arch to resume, or a new train.output_dir to start afresh"
             )
+        _check_same_training(st.get("train"), t, state_path)
         policy.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         ema = st["ema"]
         step, wall = st["step"], st["wall_s"]
+        _truncate_log(out / "log.jsonl", step)
     dump_config(cfg, out / "config.yaml")
 
-    def save_state() -> None:
+    def save_state() -> None:  # the export first: a kill between the two leaves state.pt behind, never ahead
+        _ema_policy(policy, ema).save(out / "ema.safetensors", {"step": step, "seed": t.seed})
         _save_atomic(
             {
                 "model": policy.state_dict(),
@@ -126,10 +185,10 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
                 "step": step,
                 "wall_s": wall,
                 "arch": cfg.arch.model_dump(),
+                "train": t.model_dump(),
             },
             state_path,
         )
-        _ema_policy(policy, ema).save(out / "ema.safetensors", {"step": step, "seed": t.seed})
 
     log = (out / "log.jsonl").open("a")
     bar = tqdm(total=t.steps, initial=step, desc="pretrain-toy", disable=not progress, dynamic_ncols=True)
