@@ -221,3 +221,12 @@ def test_reward_callable_modes_and_shape_errors():
         ToyGenEvalReward()(img, texts[:1])
     with pytest.raises(ValueError, match="mode"):
         ToyGenEvalReward("fuzzy")
+
+
+def test_eval_prompts_from_a_jsonl_file_read_as_trainings_evaluation_reads_them(tmp_path):
+    from densegrpo_fast.toy.evaluate import heldout_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a red circle", "tag": "colors"}\n{"prompt": "Two Squares"}\n')
+    got = heldout_prompts(str(path), 3, seed=0)
+    assert [p.category for p in got] == ["colors", "counting", "colors"]

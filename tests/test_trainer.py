@@ -919,6 +919,14 @@ def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path)
     _check_prompts(
         build_reward("redness"), "redness", {"x": PromptSource(str(bad))}
     )  # (no check: nothing to say)
+    toy = tmp_path / "toy.txt"  # capitals read as the toy model's tokenizer reads them; a relation left of a
+    toy.write_text("A Red Circle\ntwo squares\na red circle left of a square\n")  # colour-less shape does not
+    with pytest.raises(
+        ValueError, match=r"cannot score 1 of its 3 prompts, e.g. \['a red circle left of a square'\]"
+    ):
+        _check_prompts(
+            build_reward("toy_geneval"), "toy_geneval", {"prompts.dataset": PromptSource(str(toy))}
+        )
 
 
 @pytest.mark.parametrize("where", ["reward", "loss"])

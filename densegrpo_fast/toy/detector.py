@@ -323,6 +323,18 @@ class ToyGenEvalReward:
         self.mode = mode
         self.settings = settings or DetectorSettings()
 
+    @staticmethod
+    def check_prompts(prompts: list[str]) -> list[str]:
+        """The prompts that are no toy-world prompt (the trainer asks before training: a bad line of a prompt
+        file stops the run at its start, not when it is first drawn)."""
+        bad = []
+        for p in prompts:
+            try:
+                parse_prompt(p)
+            except ValueError:
+                bad.append(p)
+        return bad
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return score(images, prompts, self.settings)[self.mode]

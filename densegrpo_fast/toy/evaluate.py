@@ -46,8 +46,9 @@ _REPORTED = ("strict", "exact", "partial", "extra")
 
 
 def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
-    """``n`` prompts of ``dataset``: ``toy:test`` / ``toy:train`` (balanced over categories), or a text file
-    of toy-world prompts (one per line, cycled to ``n``); ``n = None``: as many as the split or file has."""
+    """``n`` prompts of ``dataset``: ``toy:test`` / ``toy:train`` (balanced over categories), or a file of
+    toy-world prompts (one per line, or a ``.jsonl`` of prompt fields; cycled to ``n``); ``n = None``: as many
+    as the split or file has."""
     if dataset in ("toy:test", "toy:train"):
         split = dataset.split(":")[1]
         n = sum(map(len, prompt_split()[split].values())) if n is None else n
@@ -58,7 +59,9 @@ def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
             f"eval.dataset={dataset!r} is neither toy:test / toy:train nor an existing file: pass a text file of "
             "toy-world prompts, one per line"
         )
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    from densegrpo_fast.prompts import prompt_lines
+
+    lines = prompt_lines(path, "eval.dataset")  # (a .jsonl's prompt fields, as training's evaluation reads it)
     if not lines:
         raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
     return [parse_prompt(lines[i % len(lines)]) for i in range(len(lines) if n is None else n)]

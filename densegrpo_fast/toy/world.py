@@ -166,7 +166,7 @@ def parse_prompt(text: str) -> ToyPrompt:
 
     Raises ValueError naming the text and the grammar when the text is not a toy-world prompt.
     """
-    words = text.strip().split()
+    words = text.strip().lower().split()  # (as the toy model's tokenizer reads it)
     num_by_word = {w: n for n, w in NUMBERS.items()}
     shape_by_plural = {p: s for s, p in PLURALS.items()}
 
