@@ -57,7 +57,8 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def check_trainable_names(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """A ValueError unless every tensor of a checkpoint's ``state`` names a parameter of ``module``."""
+    """A ValueError unless the tensors of a checkpoint's ``state`` are the trained parameters of ``module``:
+    none the model lacks, and none of its trained ones left out (it would resume at its initial value)."""
     params = dict(module.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
@@ -65,6 +66,23 @@ def check_trainable_names(module: torch.nn.Module, state: dict[str, torch.Tensor
             f"checkpoint holds {len(missing)} parameters this model lacks (e.g. {missing[0]!r}): was it written "
             "with another model or LoRA config? Resume with the run's own config.yaml"
         )
+    absent = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if absent:
+        raise ValueError(
+            f"checkpoint lacks {len(absent)} of this model's trained parameters (e.g. {absent[0]!r}): was it "
+            "written with another LoRA config, or another version of diffusers / peft that names them otherwise? "
+            "Resume with the run's own config.yaml and the versions that wrote it"
+        )
+
+
+def own_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give ``optimizer`` copies of the host tensors it loaded from a checkpoint: read with ``mmap``, they are
+    pages of the file (AdamW keeps its ``step`` tensors, and on a CPU its moments, as loaded), which would keep
+    the replaced checkpoint's whole file mapped, and its disk space taken, until the process ends."""
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                st[key] = value.clone()
 
 
 def load_trainable_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:

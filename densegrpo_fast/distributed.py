@@ -89,10 +89,19 @@ class Dist:
 
 
 def _gpu_index(local_rank: int) -> int:
-    """The GPU of local rank ``local_rank``: the rank itself, modulo the visible GPUs (a scheduler that shows
-    each process one GPU through CUDA_VISIBLE_DEVICES leaves only cuda:0)."""
+    """The GPU of local rank ``local_rank``: the rank itself, or cuda:0 where a scheduler shows each process one
+    GPU through CUDA_VISIBLE_DEVICES. More processes than visible GPUs would put two on one GPU (NCCL refuses
+    it, or the GPU runs out of memory): an error."""
     n = torch.cuda.device_count()
-    return local_rank % n if n else local_rank
+    if n == 1 or not n:
+        return 0 if n else local_rank
+    if local_rank >= n:
+        raise ValueError(
+            f"LOCAL_RANK={local_rank}, but this process sees {n} GPUs (cuda:0 to cuda:{n - 1}): launch at most "
+            f"{n} processes per node (torchrun --nproc-per-node), or show each process its own GPU with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    return local_rank
 
 
 #: A single process (the default wherever a ``Dist`` is optional).

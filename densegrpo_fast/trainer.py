@@ -29,6 +29,7 @@ from densegrpo_fast.checkpoint import (
     check_trainable_names,
     load_checkpoint,
     load_trainable_state,
+    own_optimizer_state,
     save_checkpoint,
     trainable_state,
 )
@@ -183,7 +184,13 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             **cfg.model.adapter_options(),
         )
     state = load_checkpoint(run_dir) if resume else None
-    saved_psi = state.get("psi") if state is not None else None
+    if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
+        fix = (
+            "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
+        )
+        position = None if state is None else (state["iteration"], state["opt_steps"])
+        distributed.check_same(dist, position, "the resumed (iteration, optimizer step)", fix)
+    saved_psi = state.get("psi").clone() if state is not None and state.get("psi") is not None else None
     base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist, saved_psi)
     fix = "the ranks built their noise schedules apart, which they must not: please report it"
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
@@ -266,6 +273,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             _warn_if_narrowed(transformer, state["trainable"], dist)
             load_trainable_state(transformer, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
+        own_optimizer_state(optimizer)
         if ema is not None and state.get("ema") is not None:
             for name, t in state["ema"].items():
                 ema[name].copy_(distributed.shard_like(t, ema[name]) if sharded else t)  # onto their device
@@ -283,12 +291,6 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     elif resume:
         log.truncate_after(0)
     if resume:
-        fix = (
-            "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
-        )
-        distributed.check_same(
-            dist, (run.iteration, run.opt_steps), "the resumed (iteration, optimizer step)", fix
-        )
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
 
@@ -361,6 +363,8 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in run_dir.glob("checkpoint.pt.*.tmp"):  # a write killed mid-way (SIGKILL: no cleanup ran)
+        leftover.unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
 
 
@@ -816,7 +820,11 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     # over every rank's pairs (the loss the update optimised); ratio_dev_max: the largest of any pair
     out = distributed.mean_stats(run.dist, host, weights=sizes, maxima=("ratio_dev_max",))
     out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
-    out["ratio_dev_first"] = first
+    # the first ratio of any rank that trained a pair before the first optimizer step (a rank may have none)
+    firsts = {"ratio_dev_first": [] if first is None else [first]}
+    out["ratio_dev_first"] = distributed.mean_stats(run.dist, firsts, maxima=("ratio_dev_first",)).get(
+        "ratio_dev_first"
+    )
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))  # (row, step) pairs
     out["adv_nonzero_frac"] = nonzero_frac

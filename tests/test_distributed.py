@@ -129,6 +129,12 @@ def test_each_process_takes_its_own_gpu(monkeypatch):
     assert Dist(1, 4, 1).device("cuda") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler showing each process one GPU
     assert Dist(3, 4, 3).device("cuda") == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # 4 processes on 2 GPUs: two per GPU
+    assert Dist(1, 4, 1).device("cuda") == "cuda:1"
+    with pytest.raises(
+        ValueError, match=r"LOCAL_RANK=3, but this process sees 2 GPUs .* at most 2 processes"
+    ):
+        Dist(3, 4, 3).device("cuda")
     monkeypatch.undo()
     assert Dist(1, 4, 1).device("cpu") == "cpu"
     assert Dist().device("cuda:3") == "cuda:3"

@@ -829,6 +829,22 @@ def test_a_damaged_checkpoint_is_named_and_a_failed_write_leaves_no_tmp_file(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
+def test_a_checkpoint_must_hold_every_trained_parameter_and_a_killed_writes_tmp_goes(tmp_path):
+    from densegrpo_fast import checkpoint
+    from densegrpo_fast.trainer import _start_run_dir
+
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    checkpoint.check_trainable_names(model, {"weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match=r"lacks 1 of this model's trained parameters \(e.g. 'weight'\)"):
+        checkpoint.check_trainable_names(model, {})
+    with pytest.raises(ValueError, match=r"holds 1 parameters this model lacks \(e.g. 'other'\)"):
+        checkpoint.check_trainable_names(model, {"weight": torch.zeros(2, 2), "other": torch.zeros(1)})
+    (tmp_path / "checkpoint.pt.1234.tmp").write_bytes(b"half of a checkpoint a SIGKILL cut")
+    _start_run_dir(load_config(TrainConfig, CONFIG, []), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 def test_fp32_weights_resumed_into_a_bf16_model_warn():
     from densegrpo_fast.distributed import SINGLE
     from densegrpo_fast.trainer import _warn_if_narrowed
@@ -976,3 +992,18 @@ def test_a_nan_stops_the_run_before_its_checkpoint(where, tiny_checkpoint, tmp_p
     monkeypatch.setattr(trainer, "latent_rewards" if where == "reward" else "grpo_loss", real)
     train(cfg, resume=True, progress=False)
     assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_a_resumed_run_keeps_no_page_of_its_checkpoint_file_mapped(tiny_checkpoint, tmp_path):
+    """The checkpoint is read with mmap; AdamW keeps loaded host tensors as they are (its step counts, on a
+    CPU its moments), which kept the file mapped, and the disk space of every replaced checkpoint taken."""
+    import gc
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1)
+    train(cfg, progress=False)
+    run = setup(cfg, resume=True, progress=False)
+    gc.collect()
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "run" / "checkpoint.pt") not in maps
+    assert run.optimizer.state  # (the state was loaded: there was something to keep mapped)

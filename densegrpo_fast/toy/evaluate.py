@@ -61,7 +61,8 @@ def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
         )
     from densegrpo_fast.prompts import prompt_lines
 
-    lines = prompt_lines(path, "eval.dataset")  # (a .jsonl's prompt fields, as training's evaluation reads it)
+    # (a .jsonl's prompt fields, as training's evaluation reads them)
+    lines = prompt_lines(path, "eval.dataset")
     if not lines:
         raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
     return [parse_prompt(lines[i % len(lines)]) for i in range(len(lines) if n is None else n)]
