@@ -261,3 +261,10 @@ def test_fp16_training_is_refused_fp16_evaluation_is_not():
         load_config(TrainConfig, None, ["model.family=sd3", "model.dtype=fp16"])
     assert load_config(ToyEvalConfig, None, ["model.family=sd3", "model.dtype=fp16"]).model.dtype == "fp16"
     assert torch.tensor(1e-8, dtype=torch.float16).item() == 0.0  # (what the message is about)
+
+
+def test_a_window_on_the_untrained_last_step_alone_is_refused():
+    with pytest.raises(ConfigError, match=r"the window holds the grid's last step only.*train nothing"):
+        load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1"])
+    load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1", "grpo.trained_steps=[9]"])
+    load_config(TrainConfig, TOY, ["noise.window_start=8", "noise.window_size=2"])

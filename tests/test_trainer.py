@@ -630,6 +630,25 @@ def test_calibration_step_follows_algorithm_1():
     assert down.item() == 0.0 and up.item() == 1.5
 
 
+def test_calibration_notes_a_balance_test_that_chance_alone_fails():
+    """Symmetric continuous dR over the SD3.5 recipes' 1152 rows: |#gains - #losses| < 2 in about 2 % of the
+    rounds, so psi only falls (a note says so); the toy's 0/1 rewards at 32 rows (many dR = 0) meet it often."""
+    from densegrpo_fast.calibration import balance_counts, balance_note
+
+    def counts(dR_rounds):
+        pairs = [balance_counts(dR) for dR in dR_rounds]
+        return [p.tolist() for p, _ in pairs], [n.tolist() for _, n in pairs]
+
+    g = torch.Generator().manual_seed(0)
+    wide = counts([torch.randn(1152, 3, generator=g) for _ in range(20)])
+    note = balance_note(*wide, eps1=2, steps=[0, 1, 2], rows=1152)
+    assert note is not None and "sqrt(1152) = 34" in note and "noise.calibration.eps1" in note
+    toy = counts([torch.randint(-1, 2, (32, 3), generator=g).float() * (torch.rand(32, 3, generator=g) < 0.2)
+                  for _ in range(20)])  # fmt: skip
+    assert balance_note(*toy, eps1=2, steps=[0, 1, 2], rows=32) is None
+    assert balance_note(*wide, eps1=80, steps=[0, 1, 2], rows=1152) is None  # (eps1 at the chance scale)
+
+
 def test_psi_tables_that_leave_a_step_without_noise_or_came_from_other_completions_warn(
     tiny_checkpoint, tmp_path
 ):
