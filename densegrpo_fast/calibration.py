@@ -191,12 +191,14 @@ def calibrate(
     note = balance_note(gains, losses, cal.eps1, meta["calibrated_steps"], dR.shape[0])
     if note is not None:
         meta["note"] = note
-    if dist.main:
+
+    def write() -> None:  # rank 0 alone; its error (a full disk) reaches every rank, which waits for it
         save_psi(out_path, psi, trajectory, meta)
         plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)
         if note is not None:
             import warnings
 
-            warnings.warn(note, stacklevel=2)
-    distributed.barrier(dist)  # the table is written before any rank goes on
+            warnings.warn(note, stacklevel=4)
+
+    distributed.on_main(dist, write)  # the table is written before any rank goes on
     return psi

@@ -142,6 +142,11 @@ def from_env(device: str) -> Dist:
     world = world_size()
     if world == 1:
         return SINGLE
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"WORLD_SIZE={world} but RANK is not set: launch with torchrun (it sets both), or unset WORLD_SIZE "
+            "to run one process"
+        )
     d = Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         cuda = torch.device(device).type == "cuda"
@@ -151,7 +156,9 @@ def from_env(device: str) -> Dist:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=minutes))
     if dist.get_world_size() != world or dist.get_rank() != d.rank:
         raise RuntimeError(
-            f"process group ({dist.get_rank()}/{dist.get_world_size()}) is not the environment's"
+            f"a process group (rank {dist.get_rank()} of {dist.get_world_size()}) was set up before densegrpo_fast "
+            f"with another rank or size than the environment's (RANK={d.rank}, WORLD_SIZE={world}): let "
+            "densegrpo_fast set it up, or give the environment the group's rank and size"
         )
     return d
 
@@ -192,7 +199,7 @@ def on_main(d: Dist, fn):
         try:
             result = fn()
             box = [(True, result)]
-        except Exception as e:
+        except BaseException as e:  # (a KeyboardInterrupt or SystemExit too: the others must not wait it out)
             box = [(False, (type(e).__name__, str(e)))]
             dist.broadcast_object_list(box, src=0)
             raise

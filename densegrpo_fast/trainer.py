@@ -1144,8 +1144,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     run = setup(cfg, resume=resume, progress=progress)
     with _closed_on_failure(run.log):
         _loop(run, progress)
-    run.log.close()
-    distributed.barrier(run.dist)
+    distributed.on_main(run.dist, run.log.close)  # (W&B's finish: its error reaches every rank)
     distributed.shutdown(run.dist)
     return run.dir
 

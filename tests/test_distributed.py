@@ -125,6 +125,15 @@ def test_rows_that_do_not_split_over_the_processes_are_refused(tiny_checkpoint, 
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+def test_a_world_size_without_a_rank_is_a_clear_error(monkeypatch):
+    from densegrpo_fast import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
+        distributed.from_env("cpu")
+
+
 def test_each_process_takes_its_own_gpu(monkeypatch):
     assert Dist(1, 4, 1).device("cuda") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler showing each process one GPU
