@@ -69,7 +69,7 @@ status=0
 # and after each step the report so far (gpu_section.md) and the CSV go to $OUT, so a
 # call stopped at the device tool's 600 s still returns what was measured.
 # limit CAP [RESERVE]: CAP seconds, or less, so that RESERVE seconds stay for the steps after it. The kernel
-# benchmarks come first and keep their 110 s under any budget above ~130 s; the tests leave 280 s (SD3.5-M at
+# benchmarks come first and keep their 110 s under any budget above ~130 s (plus gpu_env.sh's set-up time); the tests leave 280 s (SD3.5-M at
 # least 150, FLUX 130) and SD3.5-M leaves FLUX its 130, so a slow test step cannot squeeze the real-model
 # runs out. The pytest steps are stopped with SIGINT, so that
 # pytest still writes its summary (SIGKILL 10 s later, should the calling shell ignore SIGINT: Python then
@@ -80,9 +80,10 @@ export GIT_SHA=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unkno
 report() {
   python benchmarks/report.py --csv "$CSV" --skip "$before" --tests-log "$LOGS/gpu_tests.log" \
     --iterations "$LOGS/real_sd3.json" "$LOGS/real_flux.json" $(ls "$MERGED"/real_sd3.json 2>/dev/null) \
-    --estimates "$EST/estimate_sd3.json" "$EST/estimate_flux.json" > /tmp/gpu_section.md 2> /tmp/gpu_report.err \
-    || { echo "report.py failed:"; tail -n 5 /tmp/gpu_report.err; }
-  if [ -n "${OUT:-}" ]; then cp /tmp/gpu_section.md "$OUT/gpu_section.md"; cp "$CSV" "$OUT"/ 2>/dev/null; fi
+    --estimates "$EST/estimate_sd3.json" "$EST/estimate_flux.json" > /tmp/gpu_section.new 2> /tmp/gpu_report.err \
+    && mv /tmp/gpu_section.new /tmp/gpu_section.md \
+    || { echo "report.py failed (the last good section is kept):"; tail -n 5 /tmp/gpu_report.err; }
+  if [ -n "${OUT:-}" ]; then cp /tmp/gpu_section.md "$OUT/gpu_section.md" 2>/dev/null; cp "$CSV" "$OUT"/ 2>/dev/null; fi
 }
 # The card's state as the run starts (clocks, temperature, power), for the report.
 { printf 'gpu-state: '; nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \

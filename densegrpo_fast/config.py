@@ -627,12 +627,15 @@ SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
 
 def fill_family_defaults(model: ModelSection, **sections: Section) -> None:
     """Give the settings of ``eval`` / ``sampling`` that the config left out their value for
-    ``model.family``."""
+    ``model.family``. They stay "not set" (out of ``model_fields_set``), so a config validated again with
+    another family is filled again for it."""
     tables = {"eval": EVAL_FAMILY_DEFAULTS, "sampling": SAMPLING_FAMILY_DEFAULTS}
     for name, section in sections.items():
-        for key, value in tables[name][model.family].items():
+        table = tables[name]
+        for key in sorted(set().union(*table.values())):  # (a family without the key: the field's default)
             if key not in section.model_fields_set:
-                setattr(section, key, value)
+                setattr(section, key, table[model.family].get(key, type(section).model_fields[key].default))
+                section.model_fields_set.discard(key)  # (assignment marks it set)
 
 
 def model_eval_problems(

@@ -93,8 +93,16 @@ def _gpu_index(local_rank: int) -> int:
     GPU through CUDA_VISIBLE_DEVICES. More processes than visible GPUs would put two on one GPU (NCCL refuses
     it, or the GPU runs out of memory): an error."""
     n = torch.cuda.device_count()
-    if n == 1 or not n:
-        return 0 if n else local_rank
+    if not n:
+        return local_rank
+    if n == 1:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if local_world > 1 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            raise ValueError(
+                f"this node runs {local_world} processes (LOCAL_WORLD_SIZE) but has one GPU: they would share it "
+                "(NCCL refuses that); launch one process per GPU (torchrun --nproc-per-node 1)"
+            )
+        return 0  # (one GPU shown to each process, through CUDA_VISIBLE_DEVICES)
     if local_rank >= n:
         raise ValueError(
             f"LOCAL_RANK={local_rank}, but this process sees {n} GPUs (cuda:0 to cuda:{n - 1}): launch at most "
@@ -120,7 +128,10 @@ def speaks() -> bool:
 
 def check_device(device: str, key: str = "model.device") -> None:
     """A ValueError unless this machine has ``device`` (the setting ``key``), before any model work."""
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:  # e.g. "gpu"
+        raise ValueError(f"{key}={device!r} is not a torch device ({e}): use cpu, cuda or cuda:N") from None
     if d.type != "cuda":
         return
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -364,8 +365,22 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     for leftover in run_dir.glob("checkpoint.pt.*.tmp"):  # a write killed mid-way (SIGKILL: no cleanup ran)
-        leftover.unlink(missing_ok=True)
+        if not _process_alive(leftover.name.split(".")[2]):  # (not another live job's write in progress)
+            leftover.unlink(missing_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (a checkpoint tmp file's writer) runs on this machine."""
+    try:
+        os.kill(int(pid), 0)
+    except ValueError:  # (not a pid: not a tmp file of ours)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _open_log(cfg: TrainConfig, run_dir: Path, resume: bool) -> MetricsLog:

@@ -147,6 +147,12 @@ def test_samplers_left_out_follow_the_model_family(command, tmp_path):
     if command is TrainConfig:
         toy, flux = (load_config(command, None, [f"model.family={f}"]).sampling for f in ("toy", "flux"))
         assert (toy.shift, toy.guidance_scale, flux.shift, flux.guidance_scale) == (3.0, 4.5, None, 3.5)
+    if command is TrainConfig:  # filled values stay "not set": validated again with another family, refilled
+        cfg = load_config(command, None, ["model.family=sd3"])
+        cfg.model = {"family": "flux"}
+        assert (cfg.eval.num_steps, cfg.eval.shift, cfg.sampling.shift) == (28, None, None)
+        cfg.model = {"family": "toy"}
+        assert (cfg.eval.num_steps, cfg.eval.shift, cfg.sampling.guidance_scale) == (20, 1.0, 4.5)
     given = tmp_path / "given.yaml"
     given.write_text("model: {family: sd3}\neval: {num_steps: 7, shift: null}\n")
     cfg = load_config(command, given, ["eval.guidance_scale=2.0"])

@@ -128,6 +128,11 @@ def test_rows_that_do_not_split_over_the_processes_are_refused(tiny_checkpoint, 
 def test_a_world_size_without_a_rank_is_a_clear_error(monkeypatch):
     from densegrpo_fast import distributed
 
+    with pytest.raises(
+        ValueError, match=r"train.device='gpu' is not a torch device .*use cpu, cuda or cuda:N"
+    ):
+        distributed.check_device("gpu", "train.device")
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(ValueError, match="WORLD_SIZE=2 but RANK is not set: launch with torchrun"):
@@ -138,6 +143,12 @@ def test_each_process_takes_its_own_gpu(monkeypatch):
     assert Dist(1, 4, 1).device("cuda") == "cuda:1"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # a scheduler showing each process one GPU
     assert Dist(3, 4, 3).device("cuda") == "cuda:0"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on a node with one GPU
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(ValueError, match=r"runs 2 processes \(LOCAL_WORLD_SIZE\) but has one GPU"):
+        Dist(1, 2, 1).device("cuda")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # each shown its own
+    assert Dist(1, 2, 1).device("cuda") == "cuda:0"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # 4 processes on 2 GPUs: two per GPU
     assert Dist(1, 4, 1).device("cuda") == "cuda:1"
     with pytest.raises(

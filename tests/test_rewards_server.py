@@ -171,7 +171,8 @@ def test_bodies_past_the_waiting_cap_wait_unread(room_for, caplog):
         go.wait(5)
         return torch.zeros(len(prompts))
 
-    body = encode_request((_images(2) * 255).round().to(torch.uint8), ["a", "b"])
+    body = encode_request((_images(2, 80, 80) * 255).round().to(torch.uint8), ["a", "b"])  # (38 kB: past the
+    # handler's 8 kB read buffer, so unread bytes wait in the socket while a request waits for room)
     answers = []
     kw = {"max_request_bytes": len(body), "max_waiting_bytes": room_for * len(body)}
     with serving(reward, **kw) as server:

@@ -65,18 +65,24 @@ def test_resumed_pretraining_equals_uninterrupted(tmp_path, monkeypatch):
     ]  # (step 4 was logged before the kill)
 
 
-def test_a_kill_between_the_export_and_the_state_leaves_no_stale_export(tmp_path, monkeypatch):
-    """The last step's export comes before its state.pt: a kill between them resumes from the step-3 state
-    and exports again, instead of returning an export of an earlier step beside a finished state."""
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_at_the_last_save_leaves_no_stale_export(when, tmp_path, monkeypatch):
+    """The last step's export comes before its state.pt. Killed before the state is written, the resume
+    starts from the step-3 state and exports again; killed after it, both are the last step's. (Written the
+    other way round, a kill after the state left the step-3 export beside a finished state, and the next call
+    returned it.)"""
     from safetensors import safe_open
 
     straight = _pretrain(tmp_path / "a")
     real = pt._save_atomic
 
     def killed_at_the_end(obj, path):
+        if when == "after":
+            real(obj, path)
         if obj["step"] == 6:
             raise KeyboardInterrupt
-        real(obj, path)
+        if when == "before":
+            real(obj, path)
 
     monkeypatch.setattr(pt, "_save_atomic", killed_at_the_end)
     with pytest.raises(KeyboardInterrupt):
@@ -167,3 +173,21 @@ def test_pretraining_on_a_missing_device_or_a_negative_seed_is_refused_before_an
     assert not (tmp_path / "gpu").exists()
     with pytest.raises(ConfigError, match="train.seed"):
         _pretrain(tmp_path / "neg", ["train.seed=-1"])
+
+
+def test_a_run_killed_before_its_first_state_logs_each_step_once(tmp_path, monkeypatch):
+    real = pt.make_batch
+
+    def crash_at_2(step, t):
+        if step == 2:
+            raise KeyboardInterrupt  # before the step-3 checkpoint: no state.pt yet
+        return real(step, t)
+
+    monkeypatch.setattr(pt, "make_batch", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        _pretrain(tmp_path / "a")
+    assert not (tmp_path / "a" / "state.pt").exists()
+    monkeypatch.setattr(pt, "make_batch", real)
+    _pretrain(tmp_path / "a")
+    lines = (tmp_path / "a" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["step"] for ln in lines] == [1, 2, 3, 4, 5, 6]

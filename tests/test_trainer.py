@@ -859,9 +859,11 @@ def test_a_checkpoint_must_hold_every_trained_parameter_and_a_killed_writes_tmp_
         checkpoint.check_trainable_names(model, {})
     with pytest.raises(ValueError, match=r"holds 1 parameters this model lacks \(e.g. 'other'\)"):
         checkpoint.check_trainable_names(model, {"weight": torch.zeros(2, 2), "other": torch.zeros(1)})
-    (tmp_path / "checkpoint.pt.1234.tmp").write_bytes(b"half of a checkpoint a SIGKILL cut")
+    (tmp_path / "checkpoint.pt.4194399.tmp").write_bytes(b"half of a checkpoint a SIGKILL cut")  # (> pid_max)
+    live = tmp_path / f"checkpoint.pt.{os.getpid()}.tmp"  # a live job's write in progress
+    live.write_bytes(b"being written")
     _start_run_dir(load_config(TrainConfig, CONFIG, []), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.yaml"]
 
 
 def test_fp32_weights_resumed_into_a_bf16_model_warn():

@@ -153,10 +153,10 @@ class EasyOcrRecognizer:
 
 
 def grey(rgb):
-    """The grey copy of an 8-bit RGB array [..., 3] as OpenCV makes it (``cv2.COLOR_RGB2GRAY``, which EasyOCR
-    reads an image file with): ITU-R 601 weights in 15-bit fixed point, rounded half up. Equal to OpenCV
-    4.10's and 5.1's on 10^6 random pixels; 14- or 16-bit weights, or rounding in floats, differ on 0.1-0.3 %
-    of them."""
+    """The grey copy of an 8-bit RGB array [..., 3] as OpenCV makes it (``cv2.COLOR_RGB2GRAY``; EasyOCR reads
+    an image file's grey copy with ``cv2.imread(..., IMREAD_GRAYSCALE)``, the same ITU-R 601 weights): 15-bit
+    fixed point, rounded half up. Equal to OpenCV 4.10's and 5.1's ``cvtColor`` on 10^6 random pixels; 14- or
+    16-bit weights, or rounding in floats, differ on 0.1-0.3 % of them."""
     import numpy as np
 
     r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))

@@ -172,7 +172,7 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
         opt.load_state_dict(st["optimizer"])
         ema = st["ema"]
         step, wall = st["step"], st["wall_s"]
-        _truncate_log(out / "log.jsonl", step)
+    _truncate_log(out / "log.jsonl", step)  # (0 without a state: a run killed before its first one)
     dump_config(cfg, out / "config.yaml")
 
     def save_state() -> None:  # the export first: a kill between the two leaves state.pt behind, never ahead
