@@ -238,6 +238,9 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere (full: one file)
     shell = None
     if sharded:
+        # (the list would keep every whole parameter, upcast to fp32 as its unit is sharded, alive until the
+        # last unit is done: the whole model in fp32 beside its shards, 44 GiB for FLUX.1)
+        del params
         shell = _meta_copy(transformer) if dist.main else None
         distributed.shard(transformer, compute_dtype)
         params = [p for p in transformer.parameters() if p.requires_grad]  # their shards

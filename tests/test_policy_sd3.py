@@ -470,6 +470,37 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
+def test_sharding_keeps_no_whole_parameter_alive(sd3_dir, tmp_path, monkeypatch):
+    """Each unit's whole parameters are upcast to fp32 and replaced by shards; nothing of the set-up may keep
+    the old ones (a list of them did: the whole model in fp32 beside its shards until set-up ended)."""
+    import gc
+    import weakref
+
+    from densegrpo_fast import distributed
+    from densegrpo_fast.trainer import setup
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    cfg = load_config(TrainConfig, None, [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", "grpo.beta=0",
+        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    ])  # fmt: skip
+    real, alive = distributed.shard, []
+
+    def shard(module, compute_dtype=None):
+        refs = [weakref.ref(p) for p in module.parameters()]
+        real(module, compute_dtype)
+        gc.collect()
+        alive.extend(r() for r in refs if r() is not None and not distributed.is_sharded(r()))
+
+    monkeypatch.setattr(distributed, "shard", shard)
+    with distributed.simulated_job(2):
+        run = setup(cfg, progress=False)
+    assert run.sharded and alive == []
+
+
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
     """FSDP2 on diffusers' SD3 transformer: fp32 shards (weights, AdamW, EMA), calls in bf16 (mixed
     precision), the first ratio exactly 1, and one process's checkpoint and bf16 export at the end."""

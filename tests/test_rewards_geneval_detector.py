@@ -204,6 +204,8 @@ def test_position_is_checked_against_the_target_clause():
         ({"prompt": "p", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["near", 0]}]},
          "relation in"),
         ({"include": [{"class": "dog", "count": 1}]}, "'prompt' string"),
+        ({"prompt": "p", "include": [{"class": "dog", "count": 1}]}, "'tag' must be one of GenEval's tasks"),
+        ({"prompt": "p", "tag": "Counting", "include": [{"class": "dog", "count": 1}]}, "picks the score threshold"),
     ],
 )  # fmt: skip
 def test_bad_metadata_is_refused_with_the_rule(meta, rule):

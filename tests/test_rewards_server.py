@@ -435,6 +435,32 @@ def test_serve_reward_command(tmp_path):
     assert bad.returncode == 2 and "is not JSON" in bad.stderr
 
 
+def test_the_geneval_client_checks_what_the_server_scores():
+    """A geneval client pointed at another reward's server, or at the GenEval server of the other mode, is
+    refused before any training (the server's /health names its reward and mode)."""
+
+    class Geneval:
+        mode = "partial"
+
+        def __call__(self, images, prompts):
+            return torch.zeros(len(prompts))
+
+    wrong = pytest.raises(ValueError, match=r"hosts 'redness', not geneval_detector: is reward.kwargs.url")
+    with serving(build_reward("redness"), name="redness") as other, wrong:
+        build_reward("geneval", url=other.url, **FAST)
+    with serving(Geneval(), name="geneval_detector") as server:
+        assert (
+            server
+            and build_reward("geneval", url=server.url, mode="partial", **FAST).health()["mode"] == "partial"
+        )
+        with pytest.raises(
+            ValueError, match=r"scores in mode 'partial', but reward.kwargs.mode asks for 'geneval'"
+        ):
+            build_reward("geneval", url=server.url, mode="geneval", **FAST)
+    with serving(Geneval(), name="mypkg.scorer:build") as server:  # a user factory: not refused by name
+        build_reward("geneval", url=server.url, **FAST)
+
+
 def test_each_process_of_a_node_takes_its_own_server(monkeypatch):
     """``url`` as a list: process LOCAL_RANK of a torchrun job talks to entry LOCAL_RANK % len (one server
     per GPU, since a server scores one request at a time); a plain URL serves every process."""
@@ -443,7 +469,7 @@ def test_each_process_of_a_node_takes_its_own_server(monkeypatch):
         for local_rank, want in [("0", first.url), ("1", second.url), ("2", first.url)]:
             monkeypatch.setenv("LOCAL_RANK", local_rank)
             assert build_reward("remote", url=urls).url == want
-            assert build_reward("geneval", url=urls).url == want
+            assert build_reward("geneval", url=urls, check=False).url == want
         assert build_reward("remote", url=first.url).url == first.url
     with pytest.raises(ValueError, match=r"url=\[\] names no server"):
         build_reward("remote", url=[])

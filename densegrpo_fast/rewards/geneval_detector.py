@@ -22,7 +22,8 @@ almost nothing, so the reward refuses to start when a parameter of the model is 
 
 **Kept detections**, per class: score above ``threshold`` (0.3; ``counting_threshold`` 0.9 for prompts
 tagged ``counting``; compared in float32, as GenEval compares its float32 scores), most confident first
-(equal scores last-first, as GenEval's reversed argsort orders the short lists it sorts), at most ``max_objects`` (16), then
+(equal scores last-first, as GenEval's reversed argsort orders the short lists it sorts under the numpy it
+pins, 1.23; numpy >= 1.25 may order ties otherwise), at most ``max_objects`` (16), then
 greedy non-maximum suppression at IoU ``max_overlap`` (1.0: none, GenEval's default; boxes in GenEval's
 inclusive pixel convention).
 
@@ -156,6 +157,9 @@ class Verdict:
 # ----------------------------------------------------------------------------------------------- metadata
 
 
+TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")  # GenEval's six tasks
+
+
 def check_metadata(meta: object, where: str) -> dict:
     """``meta`` if it is GenEval metadata (see the module doc), else a ValueError naming ``where``."""
 
@@ -189,6 +193,10 @@ def check_metadata(meta: object, where: str) -> dict:
                         f"include[{j}].position must be [relation in {list(RELATIONS)}, index of an "
                         "earlier clause]"
                     )
+    if meta.get("tag") not in TAGS:
+        raise bad(
+            f"'tag' must be one of GenEval's tasks {list(TAGS)} (it picks the score threshold: counting's)"
+        )
     return meta
 
 
@@ -196,14 +204,14 @@ def load_metadata(paths: str | Sequence[str]) -> dict[str, dict]:
     """Metadata by prompt, from one or more JSON-lines files. A prompt given twice must have the same
     metadata in both places."""
     table: dict[str, dict] = {}
-    for path in [paths] if isinstance(paths, str) else list(paths):
+    for path in [paths] if isinstance(paths, (str, Path)) else list(paths):
         p = Path(path)
         if not p.is_file():
             raise ValueError(
                 f"reward.kwargs.metadata: {str(path)!r} is not a file; give GenEval's "
                 "evaluation_metadata.jsonl (or Flow-GRPO's train_metadata.jsonl): one JSON object per line"
             )
-        for i, line in enumerate(p.read_text().splitlines(), 1):
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -366,15 +374,14 @@ class ColourClassifier:
 
         self.encoder = ClipEncoder(clip, processor, device=device, dtype=dtype, max_batch=max_batch)
         self.preprocess = functools.partial(clip_preprocess, spec=self.encoder.spec, torchvision_crop=True)
-        self._weights: dict[str, torch.Tensor] = {}
 
     def weights(self, cls: str) -> torch.Tensor:
-        """[len(COLORS), D]: each colour's templates' normalised text embeddings, averaged, normalised."""
-        if cls not in self._weights:
-            texts = [t.format(c=c, cls=cls) for c in COLORS for t in TEMPLATES]
-            emb = self.encoder.text_embeds(texts).view(len(COLORS), len(TEMPLATES), -1)
-            self._weights[cls] = F.normalize(emb.mean(1), dim=-1)
-        return self._weights[cls]
+        """[len(COLORS), D]: each colour's templates' normalised text embeddings, averaged, normalised. (The
+        encoder keeps each template's embedding, on its current device: no cache of its own here, which a
+        move of the encoder would leave on the old device.)"""
+        texts = [t.format(c=c, cls=cls) for c in COLORS for t in TEMPLATES]
+        emb = self.encoder.text_embeds(texts).view(len(COLORS), len(TEMPLATES), -1)
+        return F.normalize(emb.mean(1), dim=-1)
 
     def __call__(self, image: torch.Tensor, cls: str, dets: list[Detection]) -> list[str]:
         """The colour of each detection of class ``cls`` in ``image`` ([3, H, W] in [0, 1])."""
@@ -473,7 +480,9 @@ class MMDetDetector:
                     f"reward.kwargs.class_names={class_names!r} is not a file: give GenEval's "
                     "evaluation/object_names.txt (one class name per line, in the detector's order)"
                 )
-            names = [ln.strip() for ln in Path(class_names).read_text().splitlines() if ln.strip()]
+            names = [
+                ln.strip() for ln in Path(class_names).read_text(encoding="utf-8").splitlines() if ln.strip()
+            ]
             if own is not None and len(names) != len(own):
                 raise ValueError(
                     f"reward.kwargs.class_names={class_names!r} names {len(names)} classes, the detector has "

@@ -304,11 +304,29 @@ def geneval(
     backoff_s: float = 1.0,
     max_batch: int = 64,
     check: bool = True,
+    mode: str | None = None,
 ) -> RemoteReward:
     """GenEval through the reward server: ``remote`` with GenEval's default URL and start command in its
     errors. The server hosts ``geneval_detector`` (or a user factory) in an environment with mmdetection
-    (module doc)."""
+    (module doc). With ``check``, the server must host ``geneval_detector`` or a user factory (not another
+    registry reward at a mistyped port), and, when ``mode`` is given, score in that mode (``partial`` for
+    training, ``geneval`` for GenEval's 0/1 rule): two servers swapped are found before any training."""
     url = pick_url(url)
     port = urllib.parse.urlparse(str(url)).port or 8085
     hint = GENEVAL_HINT.replace("{port}", str(port))
-    return RemoteReward(url, timeout_s, retries, backoff_s, max_batch, check, start_hint=hint)
+    client = RemoteReward(url, timeout_s, retries, backoff_s, max_batch, check, start_hint=hint)
+    if check:
+        health = client.health()
+        name, served = str(health.get("reward")), health.get("mode")
+        if name != "geneval_detector" and ":" not in name:
+            raise ValueError(
+                f"reward server at {client.url} hosts {name!r}, not geneval_detector: is reward.kwargs.url the "
+                f"GenEval server's? Start one with: {hint}"
+            )
+        if mode is not None and served != mode:
+            raise ValueError(
+                f"reward server at {client.url} scores in mode {served!r}, but reward.kwargs.mode asks for "
+                f'{mode!r}: point reward.kwargs.url at the server started with "mode": "{mode}" (training '
+                "uses partial, GenEval's tables geneval)"
+            )
+    return client

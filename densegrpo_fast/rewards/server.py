@@ -88,15 +88,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/health":
             return self._reply(404, {"error": f"no {self.path}: use GET /health or POST /score"})
         s = self.server
-        self._reply(
-            200,
-            {
-                "status": "ok",
-                "reward": s.name,
-                "protocol": PROTOCOL,
-                "max_request_bytes": s.max_request_bytes,
-            },
-        )
+        answer = {
+            "status": "ok",
+            "reward": s.name,
+            "protocol": PROTOCOL,
+            "max_request_bytes": s.max_request_bytes,
+        }
+        mode = getattr(s.reward, "mode", None)
+        if isinstance(mode, str):  # (geneval_detector's partial / geneval / ...: a client can check it)
+            answer["mode"] = mode
+        self._reply(200, answer)
 
     def do_POST(self) -> None:
         if self.path != "/score":
