@@ -70,10 +70,12 @@ def test_zero_spread_group_gets_exactly_zero(backend):
 
 
 def test_clip(backend):
-    r = torch.zeros(30, 2)
+    r = torch.zeros(60, 2)
     r[0] = 1.0  # one outlier among 30: z = sqrt(29) > 5
+    r[30, 1] = -1.0  # and one below, in the second group's second column: z = -sqrt(29)
     out = group_advantages(r, 30, clip=5.0)
-    assert out[0, 0].item() == 5.0
+    assert out[0, 0].item() == 5.0 and out[30, 1].item() == -5.0
+    assert out[30, 0].item() == 0.0 and 0 < out[31, 1].item() < 1  # (no spread: 0; the others unclipped)
     ref = group_advantages_reference(r.double(), 30, clip=5.0)
     torch.testing.assert_close(out, ref.float(), rtol=1e-6, atol=1e-6)
 
