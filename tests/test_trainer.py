@@ -1028,3 +1028,67 @@ def test_a_resumed_run_keeps_no_page_of_its_checkpoint_file_mapped(tiny_checkpoi
     maps = Path("/proc/self/maps").read_text()
     assert str(tmp_path / "run" / "checkpoint.pt") not in maps
     assert run.optimizer.state  # (the state was loaded: there was something to keep mapped)
+
+
+@pytest.mark.parametrize(
+    "mode, extra",
+    [
+        ("dense", []),
+        ("sparse", []),
+        ("dense_baseline", []),
+        ("dense", ["dense.global_std=true", "dense.adv_clip=1.0"]),
+    ],
+    ids=["dense", "sparse", "dense_baseline", "global-std-clip1"],
+)
+def test_the_first_step_applies_the_policy_gradient_of_the_rollouts_advantages(
+    mode, extra, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """What the first optimizer step applies, computed here independently: at ratio 1 (no clip binds) and
+    beta 0, the gradient of -mean over the kept (row, step) pairs of A[i, k] log p(lat[i, k+1] | lat[i, k]),
+    with A the config's advantages of the rollout's rewards and the log-probs from the reference op in one
+    call per step (the update runs micro-batches of 5, of unequal weight). Then the EMA's closed form. A
+    flipped sign, advantages of the wrong step, a dropped micro-batch weight, or an inverted EMA decay
+    fail it; the tests before only saw that the weights moved."""
+    from densegrpo_fast.dense import advantages
+    from densegrpo_fast.kernels import sde_log_prob_reference
+    from densegrpo_fast.trainer import collect, update
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=[
+        f"dense.mode={mode}", "grpo.beta=0", "grpo.updates_per_iteration=1", "grpo.train_batch_size=5",
+        "model.autocast=null", "lora.merge_for_sampling=false", "optim.grad_clip=1e9", "ema.decay=0.75",
+        "ema.every=1", *extra,
+    ])  # fmt: skip
+    run = setup(cfg, progress=False)
+    ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+    d, G, sched = cfg.dense, cfg.sampling.group_size, run.schedule
+    A = advantages(R, G, mode, run.trained, global_std=d.global_std, eps=d.adv_eps, clip=d.adv_clip)
+    keep = run.trained[None, :] & (A != 0)
+    assert keep.sum() > 5  # (several micro-batches)
+    params = {n: p for n, p in run.policy.transformer.named_parameters() if p.requires_grad}
+    before = {n: p.detach().clone() for n, p in params.items()}
+    B = A.shape[0]
+    loss = 0.0
+    for k in range(A.shape[1]):
+        if keep[:, k].any():
+            x, sigma = ro.latents[:, k], sched.sigmas[k].expand(B)
+            v = run.policy.velocity(x, sigma, cond, cfg.sampling.guidance_scale)
+            lp, _ = sde_log_prob_reference(
+                x, v, ro.latents[:, k + 1], sigma, sched.sigmas[k + 1].expand(B), sched.std[k].expand(B)
+            )
+            loss = loss - (A[:, k] * keep[:, k] * lp).sum() / keep.sum()
+    want = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    got = {}
+    real_step = run.optimizer.step
+
+    def step(*args, **kwargs):
+        got.update({n: p.grad.detach().clone() for n, p in params.items()})
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(run.optimizer, "step", step)
+    update(run, ro, cond, R, 0)
+    g_want = torch.cat([want[n].flatten() for n in params])
+    g_got = torch.cat([got[n].flatten() for n in params])
+    assert g_want.norm() > 0
+    assert (g_got - g_want).norm() <= 1e-4 * g_want.norm(), ((g_got - g_want).norm(), g_want.norm())
+    for n, p in params.items():  # ema (started at the weights) <- lerp(ema, weights, 1 - decay)
+        assert torch.equal(run.ema[n], before[n].lerp(p.detach(), 0.25)), n
