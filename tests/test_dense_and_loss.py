@@ -55,14 +55,17 @@ def test_untrained_steps_get_zero_and_equal_gains_get_zero():
 
 
 def test_unknown_mode():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dense-ish"):
         advantages(latent_rewards(), 4, "dense-ish")
 
 
 def test_stats():
-    R = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.5]])
+    R = torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.5]])  # dR: [1, 0] and [-1, 0.5]
     s = step_reward_stats(R)
     assert s["dR_pos_frac"] == [0.5, 0.5] and s["dR_neg_frac"] == [0.5, 0.0]
+    assert s["dR_mean"] == [0.0, 0.25] and s["dR_abs_mean"] == [1.0, 0.25]
+    assert s["R_mean"] == [0.5, 0.5, 0.75]
+    assert s["R_std"] == pytest.approx([2**-0.5, 2**-0.5, 0.5**1.5])  # (unbiased, over the 2 rows)
 
 
 def test_grpo_loss_clipping_and_gradient():

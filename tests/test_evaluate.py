@@ -46,6 +46,25 @@ def test_scores_do_not_depend_on_batch_size(policy, tmp_path):
     assert a["num_prompts"] == 5 and a["images_per_prompt"] == 2
 
 
+def test_each_score_is_its_images_reward_and_the_summary_their_mean(policy, tmp_path):
+    """The protocol, image by image: image j of prompt i starts from the noise seeded (seed << 40) + (i << 8)
+    + j, runs the Euler ODE of the grid with CFG, and is scored; the summary is the mean over every image
+    (the tests above compare runs with each other, which share any bug of this)."""
+    out = run(policy, tmp_path / "a")
+    every = [s for r in rows(tmp_path / "a") for s in r["redness"]]
+    assert len(every) == 10 and out["scores"]["redness"] == pytest.approx(sum(every) / 10, rel=1e-6)
+    g = torch.Generator().manual_seed((1 << 40) + (3 << 8) + 1)  # seed 1, prompt 3, image 1
+    x = torch.randn(1, *policy.latent_shape, generator=g)
+    sig = sigma_grid(4, 1.0)
+    cond = policy.encode_prompts([PROMPTS[3]], with_negative=True)
+    with torch.no_grad():
+        for k in range(len(sig) - 1):
+            x = x + policy.velocity(x, sig[k].expand(1), cond, 1.5) * (sig[k + 1] - sig[k])
+        want = build_reward("redness")(policy.decode(x), [PROMPTS[3]]).item()
+    (row,) = [r for r in rows(tmp_path / "a") if r["index"] == 3]
+    assert row["redness"][1] == pytest.approx(want, abs=1e-6) and row["redness"][0] != pytest.approx(want)
+
+
 def test_killed_evaluation_resumes_to_the_same_scores(policy, tmp_path):
     full = run(policy, tmp_path / "full")
     out = tmp_path / "cut"

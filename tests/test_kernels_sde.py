@@ -127,6 +127,31 @@ def test_log_prob_is_the_gaussian_density():
     torch.testing.assert_close(lp, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_kl_is_flow_grpos_and_kl_exact_the_gaussian_kl(backend):
+    """Independent check of the KL (the float64 comparisons above run the reference against itself on the
+    reference path): Flow-GRPO's mean over elements of (mean - mean_ref)^2 / (2 std^2), and with
+    ``kl_exact`` torch.distributions' KL between the two step Gaussians (std sqrt(-dt) each)."""
+    x, v, noise, sigma, sigma_next, std = make_step((3, 4, 8, 8), torch.float32, first_row_sigma_one=False)
+    v_ref = v + 0.05 * torch.randn(v.shape, generator=torch.Generator().manual_seed(5))
+    xn = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    _, kl = sde_log_prob(x, v, xn, sigma, sigma_next, std, ref_velocity=v_ref)
+    _, kl_exact = sde_log_prob(x, v, xn, sigma, sigma_next, std, ref_velocity=v_ref, kl_exact=True)
+    x, v, v_ref, sigma, sigma_next, std = f64(x, v, v_ref, sigma, sigma_next, std)
+    s, dt, sd = sigma.view(-1, 1, 1, 1), (sigma_next - sigma).view(-1, 1, 1, 1), std.view(-1, 1, 1, 1)
+
+    def mean(vel):
+        return x * (1 + sd**2 / (2 * s) * dt) + vel * (1 + sd**2 * (1 - s) / (2 * s)) * dt
+
+    flow_grpo = ((mean(v) - mean(v_ref)) ** 2).mean((1, 2, 3)) / (2 * std**2)
+    ns = sd * torch.sqrt(-dt)
+    gauss = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mean(v), ns), torch.distributions.Normal(mean(v_ref), ns)
+    ).mean((1, 2, 3))
+    assert flow_grpo.min() > 0
+    torch.testing.assert_close(kl.double(), flow_grpo, rtol=1e-4, atol=0)
+    torch.testing.assert_close(kl_exact.double(), gauss, rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 16, 64, 64), (37, 3, 5, 7)])
 def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
@@ -154,7 +179,7 @@ def test_sde_log_prob_and_kl_match_float64(backend, poisoned, shape, dtype):
     ref_lp, ref_kl = sde_log_prob_reference(*f64(x, v, xn, sigma, sigma_next, std, v_ref))
     eager_lp, eager_kl = sde_log_prob_reference(x, v, xn, sigma, sigma_next, std, v_ref)
     assert_close_by_rule(lp, eager_lp, ref_lp, torch.float32, "log_prob")
-    # KL is a small difference of nearly equal means: judge it relative to its size as well
+    # KL is a small difference of nearly equal means: the rule's ATOL term is relative to its size
     assert_close_by_rule(kl, eager_kl, ref_kl, torch.float32, "kl")
     assert kl[1].item() == 0.0 and lp[1].item() == 0.0
     _, kl_exact = sde_log_prob(x, v, xn, sigma, sigma_next, std, ref_velocity=v_ref, kl_exact=True)

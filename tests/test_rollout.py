@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
 from densegrpo_fast.rollout import completion_path, completion_starts, reference_completion, sample
 from densegrpo_fast.schedule import make_schedule
@@ -108,6 +109,14 @@ def test_rollout_is_deterministic_and_log_probs_match_the_kernel(policy, cond):
     a, b = run(policy, cond, sched, seed=3), run(policy, cond, sched, seed=3)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
     assert (a.log_probs != 0).all()
+    for k in range(4):  # each step's log-prob is the kernel's on the stored latents, with its velocity
+        x, sigma = a.latents[:, k], sched.sigmas[k].expand(6)
+        with torch.no_grad():
+            v = policy.velocity(x, sigma, cond, 2.0)
+        lp, _ = sde_log_prob(
+            x, v, a.latents[:, k + 1], sigma, sched.sigmas[k + 1].expand(6), sched.std[k].expand(6)
+        )
+        torch.testing.assert_close(a.log_probs[:, k], lp, rtol=0, atol=1e-5)
     sparse = run(policy, cond, sched, seed=3, dense=False)
     assert sparse.clean is None
     # completions must not perturb the main rows beyond fp32 rounding
