@@ -270,7 +270,13 @@ def _add_memory(sub) -> None:
         help="estimate a training config's peak GPU memory on the CPU (fake weights, the trainer's own code)",
     )
     _add_overrides(p)
-    p.add_argument("--device-gib", type=float, default=80.0, help="the GPU's memory to compare with (GiB)")
+    p.add_argument(
+        "--device-gib",
+        type=_positive_float,
+        default=80.0,
+        help='the GPU\'s memory to compare with, in GiB as torch reports it (an "80 GB" card has a little '
+        "less than 80)",
+    )
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     p.add_argument(
         "--nproc",
@@ -309,6 +315,16 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e}); e.g. '{{\"quality\": 95}}'") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object of keyword arguments")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return value
 
 

@@ -854,7 +854,11 @@ def _iterations(
         host_reads_zero(),
         fake_copies_keep_their_mode(),
     ):
+        tracker.phase = "setup"  # (LoRA or the KL reference, FSDP2's sharding, the optimizer, the EMA)
+        tracker.bump(0)
         run = trainer.setup(cfg, progress=False, policy=policy)
+        tracker.phase = ""
+        setup_peak, setup_at = tracker.phase_peaks.get("setup", 0), tracker.phase_origins.get("setup", {})
         scorer = reward_fn or run.reward_fn
         gen = torch.Generator().manual_seed(seed)
 
@@ -920,9 +924,11 @@ def _iterations(
     peaks, at = tracker.phase_peaks, tracker.phase_origins
     late = state if iterations == 1 else 0
     adam = {_ADAM: late} if late else {}
-    phases = {"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {}
+    phases = {"setup": setup_peak}
+    phases.update({"prompt encoding": peaks["prompt encoding"] + late} if "prompt encoding" in peaks else {})
     phases["rollout + reward"] = peaks["rollout + reward"] + late
-    origins = {k: {**at.get(k, {}), **adam} for k in phases}
+    origins = {k: {**at.get(k, {}), **adam} for k in phases if k != "setup"}
+    origins["setup"] = setup_at
     stepped = peaks.get("update, stepped", 0) > peaks.get("update", 0) + late
     phases["update"] = peaks["update, stepped"] if stepped else peaks.get("update", 0) + late
     origins["update"] = at.get("update, stepped", {}) if stepped else {**at.get("update", {}), **adam}
@@ -1344,6 +1350,13 @@ def run_memory(
                 "the weights rows are the whole models'; this process holds its FSDP2 shards of the "
                 "transformer and its KL reference (the trained weights row: fp32), and the phases count those"
             )
+            trained = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
+            notes.append(
+                f"host memory, not counted above: each checkpoint gathers the whole fp32 weights, AdamW's two "
+                f"moments and the EMA on rank 0's host, about {16 * trained / GIB:.0f} GiB "
+                f"({trained / 1e9:.2f} B trained parameters x 16 bytes), and the export {4 * trained / GIB:.0f} "
+                "GiB more"
+            )
         if processes == 1:
             notes.append(
                 "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"
@@ -1371,8 +1384,9 @@ def run_memory(
         if est.peak > 0.9 * capacity:
             print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
         else:
-            print(f"fits, with {(capacity - est.peak) / GIB:.1f} GiB to spare (allocated; keep ~10 % for the "
-                  "CUDA context and fragmentation)")  # fmt: skip
+            caveat = " (not counting what the notes below name)" if notes else ""
+            print(f"fits{caveat}: the peak allocation is {(0.9 * capacity - est.peak) / GIB:.1f} GiB under 90 % of "
+                  f"{capacity / GIB:.1f} GiB, the rest kept for the CUDA context, NCCL and fragmentation")  # fmt: skip
         for note in notes:
             print(f"note: {note}")
         return est

@@ -35,7 +35,7 @@ from densegrpo_fast.rewards import build_reward
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-PHASES = ("prompt encoding", "rollout + reward", "update", "sample grid", "evaluation", "export")
+PHASES = ("setup", "prompt encoding", "rollout + reward", "update", "sample grid", "evaluation", "export")
 needs_gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="torch.distributed with gloo is not available in this torch build",
@@ -667,10 +667,20 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     if _fsdp_available():  # the trainer's FSDP2 line goes to stderr: stdout is the JSON alone
         sharded = memory("--json", "--nproc", "2", "grpo.train_batch_size=2", "lora.enabled=false")
         assert sharded.returncode == 0, sharded.stderr[-2000:]
-        assert json.loads(sharded.stdout)["processes"] == 2 and "FSDP2" in sharded.stderr
+        sharded_out = json.loads(sharded.stdout)
+        assert sharded_out["processes"] == 2 and "FSDP2" in sharded.stderr
+        assert any(
+            n.startswith("host memory, not counted above: each checkpoint") for n in sharded_out["notes"]
+        )
+    fits = memory(
+        "grpo.train_batch_size=2"
+    )  # 80 GiB: the verdict says how far under 90 % and that notes follow
+    assert re.search(r"fits \(not counting what the notes below name\): the peak allocation is [0-9.]+ GiB "
+                     r"under 90 % of 80.0 GiB", fits.stdout), fits.stdout[-1500:]  # fmt: skip
     for bad, rule in [
         (["--nproc", "3"], "4 rows per iteration cannot be split evenly over 3 processes"),
         (["--nproc", "0"], "at least one process"),
+        (["--device-gib", "0"], "'0' must be positive"),
     ]:
         refused = memory(*bad)
         assert refused.returncode != 0 and re.search(rule, refused.stderr), (bad, refused.stderr[-800:])
