@@ -62,7 +62,7 @@ before=$( [ -f "$CSV" ] && wc -l < "$CSV" || echo 0 )
 LOGS=${OUT:-/tmp/gpu_suite}
 EST=/tmp/gpu_suite_estimates  # the CPU memory estimates (below)
 MERGED=/tmp/gpu_suite_merged  # the last, optional step's JSON (not in $OUT: its 8 files are taken)
-rm -rf "$MERGED"
+rm -rf "$MERGED" /tmp/gpu_section.md /tmp/gpu_section.new  # (a warm machine keeps /tmp: no earlier call's section)
 mkdir -p "$LOGS" "$EST"
 status=0
 # One deadline for the whole call: each step gets its own limit, cut to what is left before the deadline,

@@ -226,9 +226,11 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
                 **r.get("modes", {}).get("dense", {}).get("phases", {}),
                 **r.get("end_of_run", {}).get("phases", {}),  # evaluation, export
             }
+            if isinstance(r.get("load", {}).get("setup"), dict):  # the trainer's set-up, after the build
+                ph["setup"] = r["load"]["setup"]
             peaks = {
                 k: ph[k].get("peak_allocated_gib")
-                for k in ("encode", "rollout", "reward", "update", "evaluation", "export")
+                for k in ("setup", "encode", "rollout", "reward", "update", "evaluation", "export")
                 if k in ph
             }
             if peaks:
@@ -252,6 +254,7 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
             continue
         real = measured.get(family, {})
         pairs = {
+            "setup": real.get("setup"),
             "prompt encoding": real.get("encode"),
             "rollout + reward": max((real[k] for k in ("rollout", "reward") if real.get(k)), default=None),
             "update": real.get("update"),

@@ -29,7 +29,9 @@ the data do not steer the code:
   those between repeat the second (:func:`_repeats_skipped`).
 
 The estimate is the peak, per phase, of (weights + live storages + the current call's transient). The
-phases: prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
+phases: setup (the trainer's set-up of a fresh run: LoRA adapters or the KL reference's copy, FSDP2's
+sharding, the optimizer, the EMA; a resumed run also loads AdamW's state there, which is not estimated),
+prompt encoding (the text encoders' calls, at the start of each rollout), rollout + reward, update,
 then the end of a run: sample grid (16 samples decoded while the rollout is alive), evaluation (one held-out
 batch, as the run's last evaluation makes it: EMA weights swapped in, LoRA merged) and export (EMA weights
 swapped in while the transformer is copied to host memory, where LoRA is merged and the file written: host
@@ -613,8 +615,8 @@ def _stub_targets(parts: dict[str, torch.nn.Module], sharded: bool = False) -> d
 
 @dataclasses.dataclass
 class Estimate:
-    """The estimate, in bytes. ``phases``: the peak of each phase of the measured iteration and of the end of
-    the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``:
+    """The estimate, in bytes. ``phases``: the peak of each phase, the set-up, the measured iteration and the
+    end of the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``:
     bytes of the trained weights; ``peak``: the largest phase; ``calls``: the calls each stub stood in for
     (the update's repeated micro-batches skipped: :func:`_repeats_skipped`); ``profiles``: each stub's
     profiled signatures; ``offloaded``: the models kept in host memory, on the device only while they run
@@ -1164,6 +1166,12 @@ def _advice(phase: str, cfg) -> str:
         if cfg.model.offload_text_encoders
         else "; model.offload_text_encoders=true frees the text encoders' weights"
     )
+    if phase == "setup":
+        return (
+            "set-up holds the whole transformer in model.dtype, and in full fine-tuning with grpo.beta > 0 its "
+            "KL reference too, before FSDP2 shards them (and, resumed, AdamW's state as it is loaded): train "
+            "LoRA adapters, or set grpo.beta=0 (no reference)" + off
+        )
     if phase == "prompt encoding":
         return (
             "prompt encoding holds the text encoders and their activations for the iteration's distinct prompts: "
@@ -1354,8 +1362,8 @@ def run_memory(
             notes.append(
                 f"host memory, not counted above: each checkpoint gathers the whole fp32 weights, AdamW's two "
                 f"moments and the EMA on rank 0's host, about {16 * trained / GIB:.0f} GiB "
-                f"({trained / 1e9:.2f} B trained parameters x 16 bytes), and the export {4 * trained / GIB:.0f} "
-                "GiB more"
+                f"({trained / 1e9:.2f} B trained parameters x 16 bytes); the export at the end gathers "
+                f"{4 * trained / GIB:.0f} GiB"
             )
         if processes == 1:
             notes.append(
@@ -1384,7 +1392,9 @@ def run_memory(
         if est.peak > 0.9 * capacity:
             print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
         else:
-            caveat = " (not counting what the notes below name)" if notes else ""
+            informative = ("one process holding the whole batch", "the weights rows are the whole models'")
+            caveats = [n for n in notes if not n.startswith(informative)]
+            caveat = " (not counting what the notes below name)" if caveats else ""
             print(f"fits{caveat}: the peak allocation is {(0.9 * capacity - est.peak) / GIB:.1f} GiB under 90 % of "
                   f"{capacity / GIB:.1f} GiB, the rest kept for the CUDA context, NCCL and fragmentation")  # fmt: skip
         for note in notes:

@@ -374,8 +374,11 @@ def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _process_alive(pid: str) -> bool:
-    """Whether process ``pid`` (a checkpoint tmp file's writer) runs on this machine."""
+    """Whether process ``pid`` (a checkpoint tmp file's writer) runs on this machine. (A writer killed whose
+    pid another process has taken since, after a container restart, keeps its file: rare, and safe.)"""
     try:
+        if int(pid) == os.getpid():  # this process has written nothing yet: a leftover of an earlier one
+            return False
         os.kill(int(pid), 0)
     except ValueError:  # (not a pid: not a tmp file of ours)
         return True

@@ -192,7 +192,8 @@ def test_sde_log_prob_and_kl_match_float64(backend, poisoned, shape, dtype):
 def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl, dtype, shape):
     x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(2,))
     xn = (x.float() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))).to(dtype)
-    v_ref = (v.float() + 0.05 * torch.randn(shape)).to(dtype) if with_kl else None
+    v_ref = (v.float() + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(7))).to(dtype)
+    v_ref = v_ref if with_kl else None
     g = torch.Generator().manual_seed(4)
     w_lp, w_kl = torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g)
 
@@ -213,7 +214,8 @@ def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl,
     # the spec's own precision, rounded to the gradient's dtype as the kernel's is (its error then holds that
     # final rounding: a bf16 gradient of 3e-5 carries ~1e-7 of it, beyond fp32's 1e-11)
     eager = autograd_grad(v.float(), lambda t: t.float()).to(dtype)
-    assert_close_by_rule(v_kernel.grad.float(), eager, ref, dtype, "dL/dv")
+    slack = interpreter_store_slack(backend, dtype)  # (interpreted bf16 stores round toward zero)
+    assert_close_by_rule(v_kernel.grad.float(), eager, ref, dtype, "dL/dv", ulps=slack)
     assert torch.equal(v_kernel.grad[2], torch.zeros_like(v_kernel.grad[2]))  # ODE row: no gradient
 
 

@@ -459,6 +459,19 @@ def test_the_geneval_client_checks_what_the_server_scores():
             build_reward("geneval", url=server.url, mode="geneval", **FAST)
     with serving(Geneval(), name="mypkg.scorer:build") as server:  # a user factory: not refused by name
         build_reward("geneval", url=server.url, **FAST)
+    unchecked = pytest.warns(
+        UserWarning, match=r"does not report its mode .*kwargs.mode='partial' is not checked"
+    )
+    older = serving(lambda images, prompts: torch.zeros(len(prompts)), name="geneval_detector")
+    with older as server, unchecked:  # (a server of an older version: no mode in its /health)
+        build_reward("geneval", url=server.url, mode="partial", **FAST)
+    from densegrpo_fast.rewards import kwargs_problems
+    from densegrpo_fast.rewards.geneval_detector import MODES
+
+    assert kwargs_problems("geneval", {"mode": "strict"}) == [
+        f"reward.kwargs.mode='strict' is not a geneval_detector mode: choose one of {list(MODES)}, or null"
+    ]
+    assert all(kwargs_problems("geneval", {"mode": m}) == [] for m in (*MODES, None))
 
 
 def test_each_process_of_a_node_takes_its_own_server(monkeypatch):

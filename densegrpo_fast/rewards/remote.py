@@ -28,8 +28,8 @@ metadata ``{"protocol": "1", "prompts": "<JSON list of B strings>"}``. The answe
 floats]}``; errors are JSON ``{"error": message}`` with 400 (malformed request), 404, 411, 413 (over the
 server's ``--max-request-mb``), 408 (the body arrived too slowly), 422 (the reward rejected the input, e.g.
 a ValueError), 500 (the reward failed; with ``"retry": false`` when the same request would fail again, e.g.
-the reward returned the wrong shape). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1, "max_request_bytes":
-N}``. Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
+the reward returned the wrong shape). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1,
+"max_request_bytes": N}``, with ``"mode": M`` when the reward has a ``mode`` (``geneval_detector``). Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
 payload would give anyone who can reach the port a shell on the GPU machine; safetensors and JSON are
 parsed as data only.
 
@@ -53,6 +53,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 
 import torch
 
@@ -179,8 +180,10 @@ class RemoteReward:
         # no proxies: a cluster's http_proxy would otherwise carry even loopback requests to the proxy
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self.max_request_bytes: int | None = None
+        self.health_answer: dict | None = None  # (``check``: the server's /health, as it answered at start)
         if check:
-            self.max_request_bytes = self.health().get("max_request_bytes")
+            self.health_answer = self.health()
+            self.max_request_bytes = self.health_answer.get("max_request_bytes")
 
     def health(self) -> dict:
         """The server's ``GET /health`` answer (with the client's retries)."""
@@ -296,6 +299,15 @@ def pick_url(url: str | list[str]) -> str:
     return url[int(os.environ.get("LOCAL_RANK", "0")) % len(url)]
 
 
+def _geneval_check(mode: str | None = None, **_: object) -> list[str]:
+    modes = ("partial", "geneval", "exact")  # (geneval_detector.MODES, without importing it here)
+    if mode is None or mode in modes:
+        return []
+    return [
+        f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(modes)}, or null"
+    ]
+
+
 @register("geneval")
 def geneval(
     url: str | list[str] = "http://127.0.0.1:8085",
@@ -316,17 +328,26 @@ def geneval(
     hint = GENEVAL_HINT.replace("{port}", str(port))
     client = RemoteReward(url, timeout_s, retries, backoff_s, max_batch, check, start_hint=hint)
     if check:
-        health = client.health()
+        health = client.health_answer or {}
         name, served = str(health.get("reward")), health.get("mode")
         if name != "geneval_detector" and ":" not in name:
             raise ValueError(
                 f"reward server at {client.url} hosts {name!r}, not geneval_detector: is reward.kwargs.url the "
                 f"GenEval server's? Start one with: {hint}"
             )
-        if mode is not None and served != mode:
+        if mode is not None and served is None:
+            warnings.warn(
+                f"reward server at {client.url} does not report its mode (started by an older densegrpo-fast, or "
+                f"a factory whose reward has no .mode): reward.kwargs.mode={mode!r} is not checked",
+                stacklevel=2,
+            )
+        elif mode is not None and served != mode:
             raise ValueError(
                 f"reward server at {client.url} scores in mode {served!r}, but reward.kwargs.mode asks for "
                 f'{mode!r}: point reward.kwargs.url at the server started with "mode": "{mode}" (training '
                 "uses partial, GenEval's tables geneval)"
             )
     return client
+
+
+geneval.check = _geneval_check
