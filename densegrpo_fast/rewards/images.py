@@ -30,3 +30,15 @@ def process_cuda_index() -> int:
     if "LOCAL_RANK" in os.environ and n:
         return int(os.environ["LOCAL_RANK"]) % n
     return torch.cuda.current_device()
+
+
+def refused(prompts: list[str], parse) -> list[str]:
+    """The prompts ``parse`` raises ValueError on: a reward's ``check_prompts``, which the trainer asks before
+    training, so that a bad line of a prompt file stops the run at its start, not when it is first drawn."""
+    bad = []
+    for p in prompts:
+        try:
+            parse(p)
+        except ValueError:
+            bad.append(p)
+    return bad

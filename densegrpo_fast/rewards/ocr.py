@@ -33,7 +33,7 @@ from typing import Protocol
 import torch
 
 from densegrpo_fast.rewards import register
-from densegrpo_fast.rewards.images import check_batch, process_cuda_index, to_uint8
+from densegrpo_fast.rewards.images import check_batch, process_cuda_index, refused, to_uint8
 
 _STRAIGHT = re.compile(r'"([^"]*)"')
 _TYPOGRAPHIC = re.compile(r'[“„«]([^“”„«»"]*)[”“»"]')  # (closed by a straight one too: mixed typing)
@@ -281,15 +281,8 @@ class OcrReward:
 
     @staticmethod
     def check_prompts(prompts: list[str]) -> list[str]:
-        """The prompts this reward cannot score (no quoted text): the trainer asks before training, so a bad
-        line of the prompt file stops the run at its start, not hours in when it is first drawn."""
-        bad = []
-        for p in prompts:
-            try:
-                quoted_text(p)
-            except ValueError:
-                bad.append(p)
-        return bad
+        """The prompts this reward cannot score (no quoted text; see :func:`images.refused`)."""
+        return refused(prompts, quoted_text)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)

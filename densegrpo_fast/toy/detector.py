@@ -325,15 +325,10 @@ class ToyGenEvalReward:
 
     @staticmethod
     def check_prompts(prompts: list[str]) -> list[str]:
-        """The prompts that are no toy-world prompt (the trainer asks before training: a bad line of a prompt
-        file stops the run at its start, not when it is first drawn)."""
-        bad = []
-        for p in prompts:
-            try:
-                parse_prompt(p)
-            except ValueError:
-                bad.append(p)
-        return bad
+        """The prompts that are no toy-world prompt (see :func:`densegrpo_fast.rewards.images.refused`)."""
+        from densegrpo_fast.rewards.images import refused
+
+        return refused(prompts, parse_prompt)
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
