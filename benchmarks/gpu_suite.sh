@@ -69,11 +69,10 @@ status=0
 # and after each step the report so far (gpu_section.md) and the CSV go to $OUT, so a
 # call stopped at the device tool's 600 s still returns what was measured.
 # limit CAP [RESERVE]: CAP seconds, or less, so that RESERVE seconds stay for the steps after it. The kernel
-# benchmarks come first and keep their 110 s under any budget above ~130 s (plus gpu_env.sh's set-up time); the tests leave 280 s (SD3.5-M at
-# least 150, FLUX 130) and SD3.5-M leaves FLUX its 130, so a slow test step cannot squeeze the real-model
-# runs out. The pytest steps are stopped with SIGINT, so that
-# pytest still writes its summary (SIGKILL 10 s later, should the calling shell ignore SIGINT: Python then
-# ignores it too).
+# benchmarks come first and keep their 110 s under any budget above ~130 s (plus gpu_env.sh's set-up time);
+# the tests leave 280 s (SD3.5-M at least 150, FLUX 130) and SD3.5-M leaves FLUX its 130, so a slow test step
+# cannot squeeze the real-model runs out. The pytest steps are stopped with SIGINT, so that pytest still
+# writes its summary (SIGKILL 10 s later, should the calling shell ignore SIGINT: Python then ignores it too).
 END=${SUITE_BUDGET_S:-585}  # seconds since the script started (bash SECONDS)
 limit() { local rest=$((END - SECONDS - 8 - ${2:-0})); if (( rest < $1 )); then echo $(( rest > 5 ? rest : 5 )); else echo "$1"; fi; }
 export GIT_SHA=${GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}

@@ -711,9 +711,9 @@ class TrainConfig(Section):
         steps = self.grpo.trained_steps
         if steps is None and n.window_move == "fixed" and n.window_start == T - 1:
             problems.append(
-                f"noise.window_start={n.window_start}, noise.window_size={n.window_size}: the window holds the grid's "
-                f"last step only, which grpo.trained_steps null (steps 0 to {T - 2}) never trains, so the run would "
-                "train nothing; start the window earlier, or list grpo.trained_steps"
+                f"noise.window_start={n.window_start}, noise.window_size={n.window_size}: the window holds the "
+                f"grid's last step only, which grpo.trained_steps null (steps 0 to {T - 2}) never trains, so the "
+                "run would train nothing; start the window earlier, or list grpo.trained_steps"
             )
         for k in steps or []:
             if not 0 <= k < T:
