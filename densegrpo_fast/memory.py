@@ -1353,11 +1353,13 @@ def run_memory(
             est = estimate_run(cfg, policy, reward_fn=reward_fn, origins=breakdown)
         say(f"  done in {time.perf_counter() - t0:.0f} s")
         notes += est.notes
+        informative = []  # notes that explain the table, not something it leaves out
         if sharded:
-            notes.append(
+            informative.append(
                 "the weights rows are the whole models'; this process holds its FSDP2 shards of the "
                 "transformer and its KL reference (the trained weights row: fp32), and the phases count those"
             )
+            notes.append(informative[-1])
             trained = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
             notes.append(
                 f"host memory, not counted above: each checkpoint gathers the whole fp32 weights, AdamW's two "
@@ -1366,9 +1368,10 @@ def run_memory(
                 f"{4 * trained / GIB:.0f} GiB"
             )
         if processes == 1:
-            notes.append(
+            informative.append(
                 "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"
             )
+            notes.append(informative[-1])
         capacity = int(device_gib * GIB)
         if as_json:
             print(
@@ -1392,9 +1395,7 @@ def run_memory(
         if est.peak > 0.9 * capacity:
             print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
         else:
-            informative = ("one process holding the whole batch", "the weights rows are the whole models'")
-            caveats = [n for n in notes if not n.startswith(informative)]
-            caveat = " (not counting what the notes below name)" if caveats else ""
+            caveat = " (not counting what the notes below name)" if len(notes) > len(informative) else ""
             print(f"fits{caveat}: the peak allocation is {(0.9 * capacity - est.peak) / GIB:.1f} GiB under 90 % of "
                   f"{capacity / GIB:.1f} GiB, the rest kept for the CUDA context, NCCL and fragmentation")  # fmt: skip
         for note in notes:

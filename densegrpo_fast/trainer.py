@@ -191,7 +191,9 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         )
         position = None if state is None else (state["iteration"], state["opt_steps"])
         distributed.check_same(dist, position, "the resumed (iteration, optimizer step)", fix)
-    saved_psi = state.get("psi").clone() if state is not None and state.get("psi") is not None else None
+    saved_psi = state.get("psi") if state is not None else None
+    if saved_psi is not None:
+        saved_psi = saved_psi.clone()  # (not a page of the mmapped file)
     base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist, saved_psi)
     fix = "the ranks built their noise schedules apart, which they must not: please report it"
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
@@ -840,12 +842,11 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         )
     # over every rank's pairs (the loss the update optimised); ratio_dev_max: the largest of any pair
     out = distributed.mean_stats(run.dist, host, weights=sizes, maxima=("ratio_dev_max",))
-    out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
-    # the first ratio of any rank that trained a pair before the first optimizer step (a rank may have none)
-    firsts = {"ratio_dev_first": [] if first is None else [first]}
-    out["ratio_dev_first"] = distributed.mean_stats(run.dist, firsts, maxima=("ratio_dev_first",)).get(
-        "ratio_dev_first"
-    )
+    # ratio_dev_first: the first ratio of any rank that trained a pair before the first optimizer step (a rank
+    # may have none); in the grad norm's gather
+    late = {"grad_norm": norms, "ratio_dev_first": [] if first is None else [first]}
+    out.update(distributed.mean_stats(run.dist, late, maxima=("ratio_dev_first",)))
+    out.setdefault("ratio_dev_first", None)
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))  # (row, step) pairs
     out["adv_nonzero_frac"] = nonzero_frac

@@ -300,11 +300,12 @@ def pick_url(url: str | list[str]) -> str:
 
 
 def _geneval_check(mode: str | None = None, **_: object) -> list[str]:
-    modes = ("partial", "geneval", "exact")  # (geneval_detector.MODES, without importing it here)
-    if mode is None or mode in modes:
+    from densegrpo_fast.rewards.geneval_detector import MODES  # (light: the registry imports it anyway)
+
+    if mode is None or mode in MODES:
         return []
     return [
-        f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(modes)}, or null"
+        f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(MODES)}, or null"
     ]
 
 
