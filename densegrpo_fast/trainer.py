@@ -223,9 +223,10 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
                 p.data = p.data.float()
     else:
         if cfg.grpo.beta > 0:
-            reference = copy.deepcopy(transformer).requires_grad_(False)
-            if sharded:  # now: one whole copy of the model in memory again before the trained one is sharded
-                distributed.shard(reference)
+            if sharded:  # block by block: never a second whole copy beside the transformer
+                reference = distributed.sharded_frozen_copy(transformer)
+            else:
+                reference = copy.deepcopy(transformer).requires_grad_(False)
         transformer.requires_grad_(True)
         if not sharded and compute_dtype != torch.float32 and dist.main:
             warnings.warn(

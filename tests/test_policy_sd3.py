@@ -501,6 +501,56 @@ def test_sharding_keeps_no_whole_parameter_alive(sd3_dir, tmp_path, monkeypatch)
     assert run.sharded and alive == []
 
 
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
+def test_the_sharded_kl_reference_is_built_one_block_at_a_time(sd3_dir, tmp_path, monkeypatch):
+    """Beside the loaded models, the set-up of sharded full fine-tuning with a KL reference never holds more
+    whole (unsharded) weights than the reference's root and one of its blocks: a deep copy of the whole
+    transformer, sharded afterwards, held a second whole model (24 GB for FLUX.1 in bf16)."""
+    import gc
+
+    from densegrpo_fast import distributed
+    from densegrpo_fast.trainer import setup
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    cfg = load_config(TrainConfig, None, [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", "grpo.beta=0.04",
+        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    ])  # fmt: skip
+
+    def whole_weights() -> int:  # every live unsharded parameter's elements (meta ones hold no memory)
+        gc.collect()
+        found = [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Parameter)]
+        return sum(p.numel() for p in found if not distributed.is_sharded(p) and p.device.type != "meta")
+
+    fresh = dict(SD3Policy.load(sd3_dir, dtype="bf16", **OPTS).transformer.named_parameters())
+    policy = SD3Policy.load(sd3_dir, dtype="bf16", **OPTS)
+    loaded = whole_weights()
+    model = policy.transformer
+    blocks = [b for c in model.children() if isinstance(c, torch.nn.ModuleList) for b in c]
+    block_numel = [sum(p.numel() for p in b.parameters()) for b in blocks]
+    root = sum(p.numel() for p in model.parameters()) - sum(block_numel)
+    assert len(blocks) >= 2 and root < sum(block_numel)  # (so a whole copy exceeds the allowance below)
+    real, extra = distributed._shard_unit, []
+
+    def unit(m, compute_dtype):
+        extra.append(whole_weights() - loaded)
+        real(m, compute_dtype)
+
+    monkeypatch.setattr(distributed, "_shard_unit", unit)
+    with distributed.simulated_job(2):
+        run = setup(cfg, progress=False, policy=policy)
+        assert run.sharded and run.reference is not None and extra
+        assert max(extra) <= root + max(block_numel), (max(extra), root, block_numel)
+        reference = dict(run.reference.named_parameters())  # rank 0's shards of the loaded model
+        assert reference.keys() == fresh.keys() and not any(p.requires_grad for p in reference.values())
+        assert all(p.dtype == torch.bfloat16 and distributed.is_sharded(p) for p in reference.values())
+        for n, p in reference.items():
+            assert torch.equal(p.to_local(), distributed.shard_like(fresh[n].detach(), p).to_local()), n
+
+
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
     """FSDP2 on diffusers' SD3 transformer: fp32 shards (weights, AdamW, EMA), calls in bf16 (mixed
     precision), the first ratio exactly 1, and one process's checkpoint and bf16 export at the end."""
