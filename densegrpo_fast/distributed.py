@@ -340,22 +340,27 @@ def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 <
             bucket, size = ([p], p.grad.nbytes) if p is not None else ([], 0)
 
 
-def check_in_sync(d: Dist, params: list[torch.Tensor], what: str) -> None:
-    """Raise on every rank if the ranks' ``params`` differ (a float64 checksum per tensor, compared; sharded
-    tensors differ by design and are left out)."""
+def check_in_sync(d: Dist, params: list[torch.Tensor], what: str, fix: str | None = None) -> None:
+    """Raise on every rank if the ranks' ``params`` differ (two float64 checksums per tensor, its sum and its
+    sum of magnitudes, compared; sharded tensors differ by design and are left out). ``fix``: what the
+    user should do (by default: report it, as the ranks were given the same weights)."""
     params = [p for p in params if not is_sharded(p)]
     if not d.enabled or not params:
         return
-    sums = torch.stack(
-        [p.detach().double().sum() for p in params] + [p.detach().double().abs().sum() for p in params]
-    )
-    every = gather_rows(d, sums[None])
-    bad = (every != every[0]).any(1).nonzero().flatten().tolist()
-    if bad:
-        raise RuntimeError(
-            f"{what} differ between rank 0 and rank(s) {bad}: the processes no longer train the same model. "
-            "Run every rank with the same config and package version; report it if they did"
+    with torch.no_grad():
+        params = [p if p.is_floating_point() else p.double() for p in params]  # (integer buffers: positions)
+        sums = torch.stack(
+            [p.sum(dtype=torch.float64) for p in params]
+            + [torch.linalg.vector_norm(p, 1, dtype=torch.float64) for p in params]
         )
+    every = gather_rows(d, sums[None]).tolist()
+    bad = [rank for rank, row in enumerate(every) if row != every[0]]
+    if bad:
+        fix = fix or (
+            "the processes no longer train the same model. Run every rank with the same config and package "
+            "version; report it if they did"
+        )
+        raise RuntimeError(f"{what} differ between rank 0 and rank(s) {bad}: {fix}")
 
 
 class _Mirror:

@@ -184,6 +184,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
+    fix = (
+        "every process must load the same model: give model.checkpoint the same files on every node (a hub "
+        "cache of another revision, or a checkpoint still being copied, differs)"
+    )
+    distributed.check_in_sync(dist, _base_weights(policy), "the loaded models' weights", fix)
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
@@ -357,6 +362,18 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
             stacklevel=3,
         )
     return False
+
+
+def _base_weights(policy) -> list[torch.Tensor]:
+    """The parameters and buffers of every model of ``policy`` (transformer, text encoders, VAE), each once."""
+    modules = [m for m in [policy, *vars(policy).values()] if isinstance(m, torch.nn.Module)]
+    pipe = getattr(policy, "pipe", None)
+    if pipe is not None:
+        modules += [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    seen = {}
+    for m in modules:
+        seen.update({id(t): t for t in [*m.parameters(), *m.buffers()]})
+    return list(seen.values())
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -2,7 +2,8 @@
 the collectives of densegrpo_fast.distributed and exits non-zero, with the failed assertion, if one is
 wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel into OUT; with
 ``memory CHECKPOINT OUT [OVERRIDES]`` (test_memory.py), counts rank 0's memory in two iterations of
-test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json."""
+test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json; with ``setup CHECKPOINT
+OUT``, checks that a rank whose loaded weights differ stops the set-up of every rank."""
 
 import json
 import sys
@@ -26,6 +27,23 @@ if sys.argv[1:2] == ["eval"]:
     run(tiny_policy(), sys.argv[2], batch_size=2, dist=d)
     distributed.shutdown(d)
     print(f"rank {d.rank} sampled {len(sampled)} images")
+    distributed.leave(0)
+if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other weights stops every rank
+    from test_trainer import cfg_of
+
+    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.trainer import setup
+
+    policy = load_policy("toy", sys.argv[2], "cpu")
+    if d.rank == 1:
+        with torch.no_grad():
+            policy.text_encoder.pos[0, 0] += 1e-3  # (a frozen model: the text encoder's, not the transformer)
+    with pytest.raises(
+        RuntimeError, match=r"the loaded models' weights differ between rank 0 and rank\(s\) \[1\]"
+    ):
+        setup(cfg_of(sys.argv[2], sys.argv[3], iterations=1), progress=False, policy=policy)
+    distributed.shutdown(d)
+    print(f"rank {d.rank}: refused", flush=True)
     distributed.leave(0)
 if sys.argv[1:2] == ["memory"]:
     from test_memory import _config

@@ -63,6 +63,14 @@ def test_the_collectives_under_torchrun():
     assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout  # the two may share a line
 
 
+def test_a_rank_that_loaded_other_weights_stops_every_rank(tiny_checkpoint, tmp_path):
+    done = torchrun(
+        [str(ROOT / "tests" / "distributed_worker.py"), "setup", str(tiny_checkpoint), str(tmp_path)]
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0: refused" in done.stdout and "rank 1: refused" in done.stdout
+
+
 def test_two_processes_train_what_one_process_with_two_waves_trains(
     two_process_run, tiny_checkpoint, tmp_path
 ):

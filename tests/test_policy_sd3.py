@@ -623,3 +623,13 @@ def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
     assert _dtype_keyword() == ("dtype" if hasattr(deprecation, "_resolve_dtype") else "torch_dtype")
     monkeypatch.delattr(deprecation, "_resolve_dtype", raising=False)  # a diffusers from before the rename
     assert _dtype_keyword() == "torch_dtype"
+
+
+def test_every_model_of_the_pipeline_is_in_the_loaded_weights_the_ranks_compare(sd3_dir):
+    from densegrpo_fast.trainer import _base_weights
+
+    policy = SD3Policy.load(sd3_dir, **OPTS)
+    got = {id(t) for t in _base_weights(policy)}
+    names = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert all(id(p) in got for n in names for p in getattr(policy.pipe, n).parameters())
+    assert len(got) == len(_base_weights(policy))  # each once
