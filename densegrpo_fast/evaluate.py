@@ -33,6 +33,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.distributed import Dist
+from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
@@ -182,25 +183,13 @@ def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
     """The prompts already scored in ``out``: ``scores.jsonl`` and the rank files of a data-parallel job."""
     done = {}
     for path in [out / "scores.jsonl", *sorted(out.glob("scores.rank*.jsonl"))]:
-        if not path.exists():
-            continue
-        lines = path.read_text().splitlines()
-        for n, ln in enumerate(lines):
-            if ln.strip():
-                try:
-                    row = json.loads(ln)
-                except json.JSONDecodeError:
-                    if n == len(lines) - 1:  # a write cut short by a kill: that prompt is scored again
-                        continue
-                    raise ValueError(
-                        f"{path}, line {n + 1}, is not JSON: delete that line to resume"
-                    ) from None
-                if missing := [k for k in rewards if k not in row]:
-                    raise ValueError(
-                        f"{path} holds no scores for {missing}: it was written with other rewards; "
-                        "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
-                    )
-                done[row["index"]] = row
+        for row in read_jsonl(path):  # (a last line cut short by a kill: that prompt is scored again)
+            if missing := [k for k in rewards if k not in row]:
+                raise ValueError(
+                    f"{path} holds no scores for {missing}: it was written with other rewards; "
+                    "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
+                )
+            done[row["index"]] = row
     return done
 
 

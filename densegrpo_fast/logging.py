@@ -99,28 +99,8 @@ class MetricsLog:
             self.wandb.log({"iteration": iteration, key: wandb.Image(str(path))})
 
     def read(self) -> list[dict]:
-        """The records of metrics.jsonl. A last line cut short (the process was killed, or the disk filled, in
-        the middle of a write) is left out with a warning; any other line that is not JSON is an error."""
-        if not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines()
-        out = []
-        for n, ln in enumerate(lines, 1):
-            if not ln:
-                continue
-            try:
-                out.append(json.loads(ln))
-            except ValueError as e:
-                if n == len(lines):
-                    warnings.warn(
-                        f"{self.path}: its last line was cut short in a write; left out", stacklevel=2
-                    )
-                    break
-                raise ValueError(
-                    f"{self.path} line {n} is not JSON ({e}): the file was changed outside the run; mend or "
-                    "delete that line"
-                ) from None
-        return out
+        """The records of metrics.jsonl (:func:`read_jsonl`)."""
+        return read_jsonl(self.path)
 
     def close(self, failed: bool = False) -> None:
         """Flush and close; ``failed``: the run stopped on an error (its W&B run is marked failed)."""
@@ -165,6 +145,33 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
     run.define_metric("iteration")
     run.define_metric("*", step_metric="iteration")
     return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file the engine appends to (metrics, evaluation scores, the pretraining
+    log); none if it does not exist. A last line cut short (the process was killed, or the disk filled, in
+    the middle of a write) is left out with a warning; any other line that is not a JSON object is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for n, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            record = json.loads(ln)
+            if not isinstance(record, dict):
+                raise ValueError(f"a {type(record).__name__}, not an object")
+        except ValueError as e:
+            if n == len(lines):
+                warnings.warn(f"{path}: its last line was cut short in a write; left out", stacklevel=2)
+                break
+            raise ValueError(
+                f"{path}, line {n}, is not a JSON object ({e}): the file was changed outside the run; mend or "
+                "delete that line"
+            ) from None
+        out.append(record)
+    return out
 
 
 class NullLog:

@@ -87,7 +87,7 @@ def test_a_score_line_cut_short_by_a_kill_is_scored_again(policy, tmp_path):
     assert [r["index"] for r in rows(out)] == list(range(len(PROMPTS)))
     assert resumed["scores"]["redness"] == pytest.approx(full["scores"]["redness"], abs=1e-6)
     (out / "scores.jsonl").write_text(lines[0] + "\n{oops\n" + lines[2] + "\n")  # damage elsewhere: say where
-    with pytest.raises(ValueError, match=r"scores.jsonl, line 2, is not JSON: delete that line"):
+    with pytest.raises(ValueError, match=r"scores.jsonl, line 2, is not a JSON object .*delete that line"):
         run(policy, out)
 
 

@@ -283,5 +283,10 @@ def test_a_last_line_cut_short_is_left_out_and_any_other_bad_line_named(tmp_path
         log.truncate_after(1)  # as a resumed run does
     assert [r["iteration"] for r in log.read()] == [0, 1]
     log.path.write_text(whole.replace('"iteration": 1', '"iteration": 1,,'))
-    with pytest.raises(ValueError, match=r"metrics.jsonl line 2 is not JSON .*mend or delete that line"):
+    with pytest.raises(
+        ValueError, match=r"metrics.jsonl, line 2, is not a JSON object .*mend or delete that line"
+    ):
+        log.read()
+    log.path.write_text(whole.replace('{"iteration": 1, "loss": 0.5}', "[1, 0.5]"))  # JSON, not a record
+    with pytest.raises(ValueError, match=r"line 2, is not a JSON object \(a list, not an object\)"):
         log.read()

@@ -126,18 +126,12 @@ def _check_same_training(saved: dict | None, t, state_path: Path) -> None:
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the records of steps up to ``step``: a killed run logged steps after its last state.pt, which the
     resumed run logs again (a cut last line goes too)."""
-    if not path.is_file():
-        return
     from densegrpo_fast.checkpoint import write_text_atomic
+    from densegrpo_fast.logging import read_jsonl
 
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            break  # a line cut by the kill: the last one
-    write_text_atomic(path, "".join(kept))
+    if path.is_file():
+        kept = [json.dumps(r) + "\n" for r in read_jsonl(path) if r["step"] <= step]
+        write_text_atomic(path, "".join(kept))
 
 
 def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
