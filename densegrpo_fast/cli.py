@@ -180,9 +180,14 @@ def _add_validate(sub) -> None:
             except (ValueError, OSError) as e:  # (the prompt sets may live only where training runs)
                 print(f"note: not readable on this machine, and `train` needs it: {e}", file=sys.stderr)
         if args.load_rewards:
+            import torch
+
+            from densegrpo_fast.distributed import check_device
             from densegrpo_fast.rewards.preflight import check_rewards, image_size
 
-            device = _device(args.device or cfg.model.device, "--device" if args.device else "model.device")
+            device = args.device or cfg.model.device
+            check_device(device, "--device" if args.device else "model.device")
+            device = torch.device(device)
 
             checked = []
             for c in check_rewards(cfg, device, before=lambda where, name: print(f"checking {where} {name!r} ...",
@@ -197,19 +202,6 @@ def _add_validate(sub) -> None:
                 )
 
     p.set_defaults(handler=handler)
-
-
-def _device(name: str, what: str):
-    """``name`` as a torch device this machine has; ValueError naming ``what`` otherwise."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"{what}={name!r} is not a torch device ({e}): e.g. cpu, cuda, cuda:1") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{what}={name!r}, but this machine's torch sees no CUDA device: use --device cpu")
-    return device
 
 
 SUBCOMMANDS.append(_add_validate)

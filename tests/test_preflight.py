@@ -128,7 +128,8 @@ def test_the_device_is_checked(capsys):
     assert "--device='gpu' is not a torch device" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["validate", "--config", RECIPE, "--load-rewards"]) == 2  # the recipe's model.device
-        assert "model.device='cuda', but this machine's torch sees no CUDA device" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "model.device='cuda', but this torch" in err and "sees no CUDA device" in err
     assert main(["validate", "--config", RECIPE, "--device", "cpu"]) == 2
     assert "applies to --load-rewards only" in capsys.readouterr().err
 
