@@ -417,6 +417,8 @@ def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path) -> dict:
     exact = ["reward_mean", "reward_std", "R_mean", "R_std", "dR_mean", "rows_trained"]
     assert {k: step[k] for k in exact} == {k: ref[k] for k in exact}
     assert math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
+    # the same gradient: the one process's norm is of bf16 gradients (0.4 % apart; measured 0.05-0.16 %)
+    assert step["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-2)
     assert step["ratio_dev_first"] is None  # bf16 calls: the update recomputed the old log-probs ...
     assert_on_policy(step)  # ... and the rollout's lie within the trainer's limit of them
     return step
