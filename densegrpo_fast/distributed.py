@@ -40,6 +40,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import hashlib
 import math
 import os
 import sys
@@ -341,27 +342,45 @@ def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 <
             bucket, size = ([p], p.grad.nbytes) if p is not None else ([], 0)
 
 
-def check_in_sync(d: Dist, params: list[torch.Tensor], what: str, fix: str | None = None) -> None:
-    """Raise on every rank if the ranks' ``params`` differ (two float64 checksums per tensor, its sum and its
-    sum of magnitudes, compared; sharded tensors differ by design and are left out). ``fix``: what the
-    user should do (by default: report it, as the ranks were given the same weights)."""
-    params = [p for p in params if not is_sharded(p)]
-    if not d.enabled or not params:
+def check_in_sync(d: Dist, tensors: list[torch.Tensor], what: str, fix: str | None = None) -> None:
+    """Raise on every rank if the ranks' ``tensors`` differ (exact checksums of their bits, compared as one
+    digest per rank, so ranks holding different numbers of tensors are told apart too; sharded tensors differ
+    by design and are left out). ``fix``: what the user should do (by default: report it, as the ranks were
+    given the same weights)."""
+    if not d.enabled:
         return
     with torch.no_grad():
-        params = [p if p.is_floating_point() else p.double() for p in params]  # (integer buffers: positions)
-        sums = torch.stack(
-            [p.sum(dtype=torch.float64) for p in params]
-            + [torch.linalg.vector_norm(p, 1, dtype=torch.float64) for p in params]
-        )
-    every = gather_rows(d, sums[None]).tolist()
-    bad = [rank for rank, row in enumerate(every) if row != every[0]]
+        sums = [_checksum(t).cpu() for t in tensors if not is_sharded(t)]
+    digest = hashlib.sha256(repr(torch.stack(sums).tolist() if sums else []).encode()).hexdigest()
+    every = [None] * d.world
+    dist.all_gather_object(every, digest)
+    bad = [rank for rank, v in enumerate(every) if v != every[0]]
     if bad:
         fix = fix or (
             "the processes no longer train the same model. Run every rank with the same config and package "
             "version; report it if they did"
         )
         raise RuntimeError(f"{what} differ between rank 0 and rank(s) {bad}: {fix}")
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(t: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+    """Two int64 checksums of ``t``'s elements as bit patterns, their sum and their sum weighted by position
+    (so a permutation shows), modulo 2**64: exact, so independent of the order of the additions (float sums
+    are not, from one GPU model to another), and a NaN compares like any other value. Summed ``chunk``
+    elements at a time, so the int64 temporaries are at most 128 MiB each (T5's embedding: 132 M elements)."""
+    flat = t.detach().reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view(_BITS[flat.element_size()])
+    total = torch.zeros(2, dtype=torch.int64, device=t.device)
+    for start in range(0, flat.numel(), chunk):
+        wide = flat[start : start + chunk].to(torch.int64)
+        at = torch.arange(start + 1, start + 1 + wide.numel(), dtype=torch.int64, device=t.device)
+        total[0] += wide.sum()
+        total[1] += (wide * at).sum()
+    return total
 
 
 class _Mirror:
@@ -499,6 +518,8 @@ def sharded_frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
             one = copy.deepcopy(block).requires_grad_(False)
             _shard_unit(one, None)
             mine[i] = one
+    if any(id(m) in shared for m in frozen.modules()):  # (a block reachable otherwise than by its list)
+        raise RuntimeError("the KL reference still shares a block with the trained model: please report it")
     frozen.requires_grad_(False)
     _shard_root(frozen, None)
     return frozen

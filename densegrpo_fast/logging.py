@@ -160,16 +160,17 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(ln)
-            if not isinstance(record, dict):
-                raise ValueError(f"a {type(record).__name__}, not an object")
         except ValueError as e:
             if n == len(lines):
                 warnings.warn(f"{path}: its last line was cut short in a write; left out", stacklevel=2)
                 break
+            record = e
+        if not isinstance(record, dict):
+            why = record if isinstance(record, ValueError) else f"a {type(record).__name__}, not an object"
             raise ValueError(
-                f"{path}, line {n}, is not a JSON object ({e}): the file was changed outside the run; mend or "
+                f"{path}, line {n}, is not a JSON object ({why}): the file was changed outside the run; mend or "
                 "delete that line"
-            ) from None
+            )
         out.append(record)
     return out
 

@@ -124,6 +124,12 @@ if r == 1:
     w[0].data[2] += 1e-6
 with pytest.raises(RuntimeError, match=r"w differ between rank 0 and rank\(s\) \[1\]"):
     distributed.check_in_sync(d, w, "w")
+with pytest.raises(RuntimeError, match=r"v differ between rank 0 and rank\(s\) \[1\]: fix it"):
+    distributed.check_in_sync(d, [torch.ones(3)] * (2 if r == 1 else 1), "v", "fix it")  # one tensor more
+distributed.check_in_sync(d, [torch.tensor([float("nan"), 1.0], dtype=torch.bfloat16)], "nan")  # NaN is NaN
+distributed.check_in_sync(d, [torch.arange(4), torch.tensor([True, False])], "integers")
+with pytest.raises(RuntimeError, match=r"b differ"):
+    distributed.check_in_sync(d, [torch.tensor([1.0, 2.0]) if r == 0 else torch.tensor([2.0, 1.0])], "b")
 
 
 # FSDP2: the whole state in one process's layout, and back into the shards; an optimizer that has not

@@ -632,4 +632,5 @@ def test_every_model_of_the_pipeline_is_in_the_loaded_weights_the_ranks_compare(
     got = {id(t) for t in _base_weights(policy)}
     names = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
     assert all(id(p) in got for n in names for p in getattr(policy.pipe, n).parameters())
-    assert len(got) == len(_base_weights(policy))  # each once
+    buffers = [b for n in names for b in getattr(policy.pipe, n).buffers()]
+    assert buffers and all(id(b) in got for b in buffers)  # (position ids, among others)
