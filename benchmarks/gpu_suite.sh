@@ -94,7 +94,8 @@ timeout -s INT -k 10 "$(limit 110 20)" python -P -m pytest -q benchmarks/test_be
 report
 # the files that hold `gpu` tests (collecting every module would spend the step's time importing)
 timeout -s INT -k 10 "$(limit 120 280)" python -P -m pytest -q -m "gpu and not slow" --continue-on-collection-errors \
-  -p no:cacheprovider tests/test_kernels_gpu.py tests/test_compile.py tests/test_trainer.py 2>&1 \
+  -p no:cacheprovider tests/test_kernels_gpu.py tests/test_compile.py tests/test_trainer.py \
+  tests/test_distributed.py 2>&1 \
   | tee -a "$LOGS/gpu_tests.log" || status=1
 report
 # The CPU memory estimate of the two real-model runs below, with their settings, on this machine's idle CPU

@@ -342,15 +342,19 @@ def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 <
             bucket, size = ([p], p.grad.nbytes) if p is not None else ([], 0)
 
 
-def check_in_sync(d: Dist, tensors: list[torch.Tensor], what: str, fix: str | None = None) -> None:
+def check_in_sync(
+    d: Dist, tensors: list[torch.Tensor], what: str, fix: str | None = None, device=None
+) -> None:
     """Raise on every rank if the ranks' ``tensors`` differ (exact checksums of their bits, compared as one
     digest per rank, so ranks holding different numbers of tensors are told apart too; sharded tensors differ
     by design and are left out). ``fix``: what the user should do (by default: report it, as the ranks were
-    given the same weights)."""
+    given the same weights). ``device``: where the checksums are computed (each tensor's own by default);
+    host tensors go there a chunk at a time (a GPU sums an offloaded T5 in a second, one CPU thread in a
+    minute)."""
     if not d.enabled:
         return
     with torch.no_grad():
-        sums = [_checksum(t).cpu() for t in tensors if not is_sharded(t)]
+        sums = [_checksum(t, device).cpu() for t in tensors if not is_sharded(t)]
     digest = hashlib.sha256(repr(torch.stack(sums).tolist() if sums else []).encode()).hexdigest()
     every = [None] * d.world
     dist.all_gather_object(every, digest)
@@ -366,18 +370,20 @@ def check_in_sync(d: Dist, tensors: list[torch.Tensor], what: str, fix: str | No
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _checksum(t: torch.Tensor, chunk: int = 1 << 24) -> torch.Tensor:
+def _checksum(t: torch.Tensor, device=None, chunk: int = 1 << 24) -> torch.Tensor:
     """Two int64 checksums of ``t``'s elements as bit patterns, their sum and their sum weighted by position
     (so a permutation shows), modulo 2**64: exact, so independent of the order of the additions (float sums
     are not, from one GPU model to another), and a NaN compares like any other value. Summed ``chunk``
-    elements at a time, so the int64 temporaries are at most 128 MiB each (T5's embedding: 132 M elements)."""
+    elements at a time on ``device`` (``t``'s own by default), so the int64 temporaries are at most 128 MiB
+    each (T5's embedding: 132 M elements)."""
     flat = t.detach().reshape(-1)
     if flat.is_floating_point():
         flat = flat.view(_BITS[flat.element_size()])
-    total = torch.zeros(2, dtype=torch.int64, device=t.device)
+    device = t.device if device is None else torch.device(device)
+    total = torch.zeros(2, dtype=torch.int64, device=device)
     for start in range(0, flat.numel(), chunk):
-        wide = flat[start : start + chunk].to(torch.int64)
-        at = torch.arange(start + 1, start + 1 + wide.numel(), dtype=torch.int64, device=t.device)
+        wide = flat[start : start + chunk].to(device).to(torch.int64)  # (moved in its own width)
+        at = torch.arange(start + 1, start + 1 + wide.numel(), dtype=torch.int64, device=device)
         total[0] += wide.sum()
         total[1] += (wide * at).sum()
     return total

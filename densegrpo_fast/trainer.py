@@ -188,7 +188,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         "every process must load the same model: give model.checkpoint the same files on every node (a hub "
         "cache of another revision, or a checkpoint still being copied, differs)"
     )
-    distributed.check_in_sync(dist, _base_weights(policy), "the loaded models' weights", fix)
+    distributed.check_in_sync(dist, _base_weights(policy), "the loaded models' weights", fix, policy.device)
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (

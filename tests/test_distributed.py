@@ -63,6 +63,31 @@ def test_the_collectives_under_torchrun():
     assert "rank 0: ok" in done.stdout and "rank 1: ok" in done.stdout  # the two may share a line
 
 
+def test_the_weight_checksum_is_exact_and_sees_one_bit_and_a_permutation():
+    from densegrpo_fast.distributed import _checksum
+
+    t = torch.randn(1001, dtype=torch.bfloat16)
+    whole = _checksum(t)
+    assert torch.equal(_checksum(t, chunk=7), whole) and torch.equal(_checksum(t, "cpu", chunk=1000), whole)
+    flipped = t.view(torch.int16).clone()
+    flipped[500] ^= 1  # the lowest bit of one element
+    assert not torch.equal(_checksum(flipped.view(torch.bfloat16)), whole)
+    assert not torch.equal(_checksum(t.flip(0)), whole)
+    assert torch.equal(_checksum(t.double()), _checksum(t.double().clone()))  # (8-byte floats: int64 bits)
+
+
+@pytest.mark.gpu
+def test_the_weight_checksum_is_the_same_on_the_gpu():
+    """Ranks sum on their own devices, offloaded weights chunk by chunk on the GPU: the sums must be exact."""
+    from densegrpo_fast.distributed import _checksum
+
+    for dtype in (torch.bfloat16, torch.float32, torch.int64):
+        t = (torch.randn(3_000_001) * 100).to(dtype)
+        want = _checksum(t)
+        assert torch.equal(_checksum(t, "cuda", chunk=1 << 20).cpu(), want), dtype
+        assert torch.equal(_checksum(t.cuda()).cpu(), want), dtype
+
+
 def test_a_rank_that_loaded_other_weights_stops_every_rank(tiny_checkpoint, tmp_path):
     done = torchrun(
         [str(ROOT / "tests" / "distributed_worker.py"), "setup", str(tiny_checkpoint), str(tmp_path)]

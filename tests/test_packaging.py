@@ -88,3 +88,12 @@ def test_repo_root_kernels_folder_is_inert_as_top_level_kernels():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.Size([2])" in out.stdout
+
+
+def test_the_gpu_suite_runs_every_file_that_holds_gpu_tests():
+    """gpu_suite.sh names the test files to collect (collecting all would spend its minutes importing): a
+    `gpu` test in a file it does not name would never run on the lent GPU."""
+    suite = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    marked = re.compile(r"^(@pytest\.mark\.gpu\b|pytestmark = .*\bpytest\.mark\.gpu\b)", re.M)
+    holders = [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if marked.search(p.read_text())]
+    assert holders and [n for n in holders if f"tests/{n}" not in suite] == []
