@@ -150,7 +150,8 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file the engine appends to (metrics, evaluation scores, the pretraining
     log); none if it does not exist. A last line cut short (the process was killed, or the disk filled, in
-    the middle of a write) is left out with a warning; any other line that is not a JSON object is an error."""
+    the middle of a write) is left out with a warning; any other line that is not a JSON object is an
+    error."""
     if not path.exists():
         return []
     lines = path.read_text().splitlines()
@@ -168,8 +169,8 @@ def read_jsonl(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             why = record if isinstance(record, ValueError) else f"a {type(record).__name__}, not an object"
             raise ValueError(
-                f"{path}, line {n}, is not a JSON object ({why}): the file was changed outside the run; mend or "
-                "delete that line"
+                f"{path}, line {n}, is not a JSON object ({why}): the file was changed outside the run; "
+                "mend or delete that line"
             )
         out.append(record)
     return out

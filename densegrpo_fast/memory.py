@@ -1168,10 +1168,10 @@ def _advice(phase: str, cfg) -> str:
     )
     if phase == "setup":
         return (
-            "set-up holds the whole transformer in model.dtype until FSDP2 shards it, and in full fine-tuning "
-            "with grpo.beta > 0 its KL reference (whole in one process, shards and one whole block at a time "
-            "under FSDP2), and, resumed, AdamW's state as it is loaded: train LoRA adapters, or set grpo.beta=0 "
-            "(no reference)" + off
+            "set-up holds the whole transformer in model.dtype until FSDP2 shards it, and in full "
+            "fine-tuning with grpo.beta > 0 its KL reference (whole in one process, shards and one whole "
+            "block at a time under FSDP2), and, resumed, AdamW's state as it is loaded: train LoRA "
+            "adapters, or set grpo.beta=0 (no reference)" + off
         )
     if phase == "prompt encoding":
         return (

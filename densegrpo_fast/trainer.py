@@ -365,7 +365,8 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
 
 
 def _base_weights(policy) -> list[torch.Tensor]:
-    """The parameters and buffers of every model of ``policy`` (transformer, text encoders, VAE), each once."""
+    """The parameters and buffers of every model of ``policy`` (transformer, text encoders, VAE), each
+    once."""
     modules = [m for m in [policy, *vars(policy).values()] if isinstance(m, torch.nn.Module)]
     pipe = getattr(policy, "pipe", None)
     if pipe is not None:
