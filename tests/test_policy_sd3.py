@@ -469,6 +469,18 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     assert_on_policy(step)  # ... and the rollout's lie within the trainer's limit of them
 
 
+def _full_fine_tuning(sd3_dir, tmp_path, beta: float) -> TrainConfig:
+    """Full fine-tuning of the tiny SD3 in bf16 (sharded in a simulated job), KL weight ``beta``."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    return load_config(TrainConfig, None, [
+        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", f"grpo.beta={beta}",
+        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    ])  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
 def test_sharding_keeps_no_whole_parameter_alive(sd3_dir, tmp_path, monkeypatch):
     """Each unit's whole parameters are upcast to fp32 and replaced by shards; nothing of the set-up may keep
@@ -479,14 +491,7 @@ def test_sharding_keeps_no_whole_parameter_alive(sd3_dir, tmp_path, monkeypatch)
     from densegrpo_fast import distributed
     from densegrpo_fast.trainer import setup
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\ntwo blue squares\n")
-    cfg = load_config(TrainConfig, None, [
-        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
-        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
-        "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", "grpo.beta=0",
-        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
-    ])  # fmt: skip
+    cfg = _full_fine_tuning(sd3_dir, tmp_path, beta=0)
     real, alive = distributed.shard, []
 
     def shard(module, compute_dtype=None):
@@ -511,14 +516,7 @@ def test_the_sharded_kl_reference_is_built_one_block_at_a_time(sd3_dir, tmp_path
     from densegrpo_fast import distributed
     from densegrpo_fast.trainer import setup
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\ntwo blue squares\n")
-    cfg = load_config(TrainConfig, None, [
-        "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
-        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
-        "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", "grpo.beta=0.04",
-        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
-    ])  # fmt: skip
+    cfg = _full_fine_tuning(sd3_dir, tmp_path, beta=0.04)
 
     def whole_weights() -> int:  # every live unsharded parameter's elements (meta ones hold no memory)
         gc.collect()
