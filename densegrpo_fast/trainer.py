@@ -188,7 +188,12 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         "every process must load the same model: give model.checkpoint the same files on every node (a hub "
         "cache of another revision, or a checkpoint still being copied, differs)"
     )
-    distributed.check_in_sync(dist, _base_weights(policy), "the loaded models' weights", fix, policy.device)
+    distributed.check_in_sync(dist, weights_of(policy), "the loaded models' weights", fix, policy.device)
+    fix = (
+        "every process must load the same reward models: give reward.kwargs the same files on every node (a "
+        "hub cache of another revision, or weights still being copied, differ)"
+    )
+    distributed.check_in_sync(dist, weights_of(reward_fn), "the reward models' weights", fix, policy.device)
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
@@ -364,17 +369,31 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
     return False
 
 
-def _base_weights(policy) -> list[torch.Tensor]:
-    """The parameters and buffers of every model of ``policy`` (transformer, text encoders, VAE), each
-    once."""
-    modules = [m for m in [policy, *vars(policy).values()] if isinstance(m, torch.nn.Module)]
-    pipe = getattr(policy, "pipe", None)
-    if pipe is not None:
-        modules += [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    seen = {}
-    for m in modules:
-        seen.update({id(t): t for t in [*m.parameters(), *m.buffers()]})
-    return list(seen.values())
+def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:
+    """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` through its attributes,
+    lists, tuples and dicts, ``depth`` levels deep, each once: a policy's models (transformer, text encoders,
+    VAE: its own, or its pipeline's), a reward's (PickScore's CLIP, each part of a weighted sum)."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(o, left: int) -> None:
+        if isinstance(o, torch.nn.Module):
+            found.update({id(t): t for t in [*o.parameters(), *o.buffers()]})
+            return
+        if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, torch.Tensor, type)):
+            return
+        seen.add(id(o))
+        if isinstance(o, dict):
+            children = list(o.values())
+        elif isinstance(o, (list, tuple)):
+            children = list(o)
+        else:
+            children = list(getattr(o, "__dict__", {}).values())
+        for child in children:
+            walk(child, left - 1)
+
+    walk(obj, depth)
+    return list(found.values())
 
 
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:

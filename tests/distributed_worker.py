@@ -32,9 +32,24 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
     from test_trainer import cfg_of
 
     from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.rewards import register
     from densegrpo_fast.trainer import setup
 
+    class Ranked:  # a reward whose model's weights depend on the rank that built it
+        def __init__(self):
+            self.head = torch.nn.Linear(3, 1)
+            torch.nn.init.constant_(self.head.weight, 1.0 + d.rank)
+
+        def __call__(self, images, prompts):
+            return self.head(images.mean((2, 3))).squeeze(1)
+
+    register("_ranked")(Ranked)
+    cfg = cfg_of(sys.argv[2], sys.argv[3], iterations=1, extra=["reward.name=_ranked"])
     policy = load_policy("toy", sys.argv[2], "cpu")
+    with pytest.raises(
+        RuntimeError, match=r"the reward models' weights differ between rank 0 and rank\(s\) \[1\]"
+    ):
+        setup(cfg, progress=False, policy=policy)
     if d.rank == 1:
         with torch.no_grad():
             policy.text_encoder.pos[0, 0] += 1e-3  # (a frozen model: the text encoder's, not the transformer)

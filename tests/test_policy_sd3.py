@@ -624,10 +624,10 @@ def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
 
 
 def test_every_model_of_the_pipeline_is_in_the_loaded_weights_the_ranks_compare(sd3_dir):
-    from densegrpo_fast.trainer import _base_weights
+    from densegrpo_fast.trainer import weights_of
 
     policy = SD3Policy.load(sd3_dir, **OPTS)
-    got = {id(t) for t in _base_weights(policy)}
+    got = {id(t) for t in weights_of(policy)}
     names = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
     assert all(id(p) in got for n in names for p in getattr(policy.pipe, n).parameters())
     buffers = [b for n in names for b in getattr(policy.pipe, n).buffers()]

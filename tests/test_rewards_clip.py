@@ -229,3 +229,16 @@ def test_building_a_reward_draws_no_loading_bar(clip_dir, capfd):
     build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir))
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()
+
+
+def test_the_weights_the_ranks_compare_include_each_reward_model(clip_dir):
+    """trainer.weights_of finds a reward's models through its attributes, in a weighted sum's parts too."""
+    from densegrpo_fast.trainer import weights_of
+
+    pick = build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir))
+    want = {id(t) for t in [*pick.clip.model.parameters(), *pick.clip.model.buffers()]}
+    assert want and {id(t) for t in weights_of(pick)} == want
+    spec = {"name": "pickscore", "kwargs": {"model": str(clip_dir), "processor": str(clip_dir)}}
+    both = build_reward("multi", rewards={"a": spec, "b": {**spec, "weight": 0.5}})
+    assert len(weights_of(both)) == 2 * len(want)  # (two models built, each counted once)
+    assert weights_of(build_reward("jpeg_compressibility")) == []
