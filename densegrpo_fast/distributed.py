@@ -228,13 +228,18 @@ def check_same(d: Dist, value, what: str, fix: str) -> None:
     """Raise on every rank unless every rank's ``value`` (picklable, small) equals rank 0's."""
     if not d.enabled:
         return
-    every = [None] * d.world
-    dist.all_gather_object(every, value)
-    bad = [r for r, v in enumerate(every) if v != every[0]]
+    every, bad = _unlike_rank_0(d, value)
     if bad:
         raise RuntimeError(
             f"{what} differs between rank 0 ({every[0]}) and rank(s) {bad} ({[every[r] for r in bad]}): {fix}"
         )
+
+
+def _unlike_rank_0(d: Dist, value) -> tuple[list, list[int]]:
+    """Every rank's ``value`` (picklable, small), and the ranks whose value is not rank 0's."""
+    every = [None] * d.world
+    dist.all_gather_object(every, value)
+    return every, [r for r, v in enumerate(every) if v != every[0]]
 
 
 def barrier(d: Dist) -> None:
@@ -356,9 +361,7 @@ def check_in_sync(
     with torch.no_grad():
         sums = [_checksum(t, device).cpu() for t in tensors if not is_sharded(t)]
     digest = hashlib.sha256(repr(torch.stack(sums).tolist() if sums else []).encode()).hexdigest()
-    every = [None] * d.world
-    dist.all_gather_object(every, digest)
-    bad = [rank for rank, v in enumerate(every) if v != every[0]]
+    _, bad = _unlike_rank_0(d, digest)
     if bad:
         fix = fix or (
             "the processes no longer train the same model. Run every rank with the same config and package "

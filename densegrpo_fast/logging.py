@@ -161,13 +161,13 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
         try:
             record = json.loads(ln)
+            why = None if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
         except ValueError as e:
             if n == len(lines):
                 warnings.warn(f"{path}: its last line was cut short in a write; left out", stacklevel=2)
                 break
-            record = e
-        if not isinstance(record, dict):
-            why = record if isinstance(record, ValueError) else f"a {type(record).__name__}, not an object"
+            why = e
+        if why is not None:
             raise ValueError(
                 f"{path}, line {n}, is not a JSON object ({why}): the file was changed outside the run; "
                 "mend or delete that line"

@@ -184,16 +184,14 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
-    fix = (
-        "every process must load the same model: give model.checkpoint the same files on every node (a hub "
-        "cache of another revision, or a checkpoint still being copied, differs)"
-    )
-    distributed.check_in_sync(dist, weights_of(policy), "the loaded models' weights", fix, policy.device)
-    fix = (
-        "every process must load the same reward models: give reward.kwargs the same files on every node (a "
-        "hub cache of another revision, or weights still being copied, differ)"
-    )
-    distributed.check_in_sync(dist, weights_of(reward_fn), "the reward models' weights", fix, policy.device)
+    if dist.enabled:  # every process loaded its models itself: from the same files?
+        for obj, what, where in ((policy, "the loaded models'", "model.checkpoint"),
+                                 (reward_fn, "the reward models'", "reward.kwargs")):  # fmt: skip
+            fix = (
+                f"every process must load the same weights: give {where} the same files on every node (a hub "
+                "cache of another revision, or weights still being copied, differ)"
+            )
+            distributed.check_in_sync(dist, weights_of(obj), f"{what} weights", fix, policy.device)
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
