@@ -1051,6 +1051,12 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         "eval_reward": run.reward_fn,
         **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
     }
+    d = run.dist
+    for k in own if d.enabled else ():  # each rank built these from its own files: the same weights?
+        fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on every node"
+        distributed.check_in_sync(
+            d, weights_of(fns[f"eval_{k}"]), f"eval.rewards.{k}'s weights", fix, policy.device
+        )
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the
     # device nor the batch size and this matches `densegrpo-fast eval` on the exported EMA policy.
@@ -1065,7 +1071,6 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         prompts = [lines[i] for i, _ in pairs]
         all_noise = torch.stack([noise_for(policy, e.seed, i, j) for i, j in pairs])
     scores: dict[str, list[torch.Tensor]] = {k: [] for k in fns}
-    d = run.dist
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
     # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
     end = lo + math.ceil(len(prompts) / d.world) if run.sharded else hi

@@ -3,7 +3,8 @@ the collectives of densegrpo_fast.distributed and exits non-zero, with the faile
 wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel into OUT; with
 ``memory CHECKPOINT OUT [OVERRIDES]`` (test_memory.py), counts rank 0's memory in two iterations of
 test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json; with ``setup CHECKPOINT
-OUT``, checks that a rank whose loaded weights differ stops the set-up of every rank."""
+OUT``, checks that a rank whose loaded weights differ stops the set-up (or, for an eval.rewards entry, the
+evaluation) of every rank."""
 
 import json
 import sys
@@ -33,7 +34,7 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
 
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import register
-    from densegrpo_fast.trainer import setup
+    from densegrpo_fast.trainer import heldout_rewards, setup
 
     class Ranked:  # a reward whose model's weights depend on the rank that built it
         def __init__(self):
@@ -50,6 +51,18 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
         RuntimeError, match=r"the reward models' weights differ between rank 0 and rank\(s\) \[1\]"
     ):
         setup(cfg, progress=False, policy=policy)
+    # the evaluation's own rewards, built at each evaluation, are compared there
+    ranked = ["eval.rewards={ranked: {name: _ranked}}", "eval.num_prompts=2", "eval.num_steps=2"]
+    run = setup(
+        cfg_of(sys.argv[2], Path(sys.argv[3]) / "eval", iterations=1, extra=ranked),
+        progress=False,
+        policy=policy,
+    )
+    with pytest.raises(
+        RuntimeError, match=r"eval.rewards.ranked's weights differ between rank 0 and rank\(s\) \[1\]"
+    ):
+        heldout_rewards(run)
+    run.log.close()
     if d.rank == 1:
         with torch.no_grad():
             policy.text_encoder.pos[0, 0] += 1e-3  # (a frozen model: the text encoder's, not the transformer)
