@@ -48,6 +48,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import NoReturn
 
 import torch
@@ -225,14 +226,57 @@ def on_main(d: Dist, fn):
 
 
 def check_same(d: Dist, value, what: str, fix: str) -> None:
-    """Raise on every rank unless every rank's ``value`` (picklable, small) equals rank 0's."""
+    """Raise on every rank unless every rank's ``value`` (picklable, small) equals rank 0's. A dict is
+    shown by the keys that differ (up to eight, of the first rank that differs)."""
     if not d.enabled:
         return
     every, bad = _unlike_rank_0(d, value)
-    if bad:
-        raise RuntimeError(
-            f"{what} differs between rank 0 ({every[0]}) and rank(s) {bad} ({[every[r] for r in bad]}): {fix}"
+    if not bad:
+        return
+    if isinstance(value, dict):
+        r = bad[0]
+        keys = [k for k in sorted({*every[0], *every[r]}) if every[0].get(k) != every[r].get(k)]
+        shown = "; ".join(
+            f"{k}: {every[0].get(k)!r} on rank 0, {every[r].get(k)!r} on rank {r}" for k in keys[:8]
         )
+        more = f"; and {len(keys) - 8} more" if len(keys) > 8 else ""
+        raise RuntimeError(f"{what} differs between rank 0 and rank(s) {bad} ({shown}{more}): {fix}")
+    raise RuntimeError(
+        f"{what} differs between rank 0 ({every[0]}) and rank(s) {bad} ({[every[r] for r in bad]}): {fix}"
+    )
+
+
+def check_same_config(d: Dist, cfg, files: tuple[str, ...] = ()) -> None:
+    """Raise on every rank unless every rank was given rank 0's config (each setting, paths included), runs
+    the same densegrpo-fast and torch versions, and finds the same bytes in the files that the settings
+    ``files`` name (prompt datasets; ``toy:`` splits are generated, not read). A node launched with another
+    config file or override, or holding another copy of a dataset, would otherwise train apart from the
+    others, or wait in a collective the others never reach."""
+    if not d.enabled:
+        return
+    import densegrpo_fast
+
+    mine = {"densegrpo_fast version": densegrpo_fast.__version__, "torch version": torch.__version__}
+    mine |= _flat(cfg.model_dump(mode="json"))
+    for key in files:
+        path = Path(mine[key])
+        if path.is_file():
+            mine[f"{key} (the file's sha256)"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    fix = (
+        "launch every process with the same config file, overrides and package versions, and give every node "
+        "the same files at the same paths (a node that keeps them elsewhere can link them there)"
+    )
+    check_same(d, mine, "the config", fix)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _unlike_rank_0(d: Dist, value) -> tuple[list, list[int]]:
@@ -368,6 +412,33 @@ def check_in_sync(
             "version; report it if they did"
         )
         raise RuntimeError(f"{what} differ between rank 0 and rank(s) {bad}: {fix}")
+
+
+def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:
+    """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` through its attributes,
+    lists, tuples and dicts, ``depth`` levels deep, each once: a policy's models (transformer, text encoders,
+    VAE: its own, or its pipeline's), a reward's (PickScore's CLIP, each part of a weighted sum)."""
+    found: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(o, left: int) -> None:
+        if isinstance(o, torch.nn.Module):
+            found.update({id(t): t for t in [*o.parameters(), *o.buffers()]})
+            return
+        if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, torch.Tensor, type)):
+            return
+        seen.add(id(o))
+        if isinstance(o, dict):
+            children = list(o.values())
+        elif isinstance(o, (list, tuple)):
+            children = list(o)
+        else:
+            children = list(getattr(o, "__dict__", {}).values())
+        for child in children:
+            walk(child, left - 1)
+
+    walk(obj, depth)
+    return list(found.values())
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -342,9 +342,14 @@ def run_eval(
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
+    distributed.check_same_config(d, cfg, ("eval.dataset",))
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
+    for obj, what, where in ((policy, "the loaded models'", "model.checkpoint and --checkpoint"),
+                             (rewards, "eval.rewards' models'", "eval.rewards' kwargs")):  # fmt: skip
+        fix = f"every process must load the same weights: give {where} the same files on every node"
+        distributed.check_in_sync(d, distributed.weights_of(obj), f"{what} weights", fix, policy.device)
     if m.compile:
         compile_blocks(policy.transformer, m.compile_backend)
     out = Path(e.output_dir)

@@ -149,6 +149,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
+    distributed.check_same_config(dist, cfg, ("prompts.dataset", "eval.dataset"))
 
     torch.set_num_threads(cfg.model.num_threads)
     _warn_if_autocast_is_emulated(cfg)
@@ -191,7 +192,9 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
                 f"every process must load the same weights: give {where} the same files on every node (a hub "
                 "cache of another revision, or weights still being copied, differ)"
             )
-            distributed.check_in_sync(dist, weights_of(obj), f"{what} weights", fix, policy.device)
+            distributed.check_in_sync(
+                dist, distributed.weights_of(obj), f"{what} weights", fix, policy.device
+            )
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
@@ -367,33 +370,6 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
     return False
 
 
-def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:
-    """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` through its attributes,
-    lists, tuples and dicts, ``depth`` levels deep, each once: a policy's models (transformer, text encoders,
-    VAE: its own, or its pipeline's), a reward's (PickScore's CLIP, each part of a weighted sum)."""
-    found: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
-
-    def walk(o, left: int) -> None:
-        if isinstance(o, torch.nn.Module):
-            found.update({id(t): t for t in [*o.parameters(), *o.buffers()]})
-            return
-        if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, torch.Tensor, type)):
-            return
-        seen.add(id(o))
-        if isinstance(o, dict):
-            children = list(o.values())
-        elif isinstance(o, (list, tuple)):
-            children = list(o)
-        else:
-            children = list(getattr(o, "__dict__", {}).values())
-        for child in children:
-            walk(child, left - 1)
-
-    walk(obj, depth)
-    return list(found.values())
-
-
 def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``module`` whose parameters are on the "meta" device (no memory) and whose buffers are
     copied to the CPU: the unsharded shape a sharded run's whole weights are loaded into for export."""
@@ -530,6 +506,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     m = cfg.model
     d = distributed.from_env(m.device)
+    distributed.check_same_config(d, cfg, ("prompts.dataset",))
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
     psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
@@ -1055,7 +1032,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     for k in own if d.enabled else ():  # each rank built these from its own files: the same weights?
         fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on every node"
         distributed.check_in_sync(
-            d, weights_of(fns[f"eval_{k}"]), f"eval.rewards.{k}'s weights", fix, policy.device
+            d, distributed.weights_of(fns[f"eval_{k}"]), f"eval.rewards.{k}'s weights", fix, policy.device
         )
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the

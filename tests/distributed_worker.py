@@ -4,9 +4,11 @@ wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel
 ``memory CHECKPOINT OUT [OVERRIDES]`` (test_memory.py), counts rank 0's memory in two iterations of
 test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json; with ``setup CHECKPOINT
 OUT``, checks that a rank whose loaded weights differ stops the set-up (or, for an eval.rewards entry, the
-evaluation) of every rank."""
+evaluation) of every rank; with ``evalcmd SD3_DIR OUT``, checks that the eval command refuses a rank with
+another config or other weights."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,8 +47,24 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
             return self.head(images.mean((2, 3))).squeeze(1)
 
     register("_ranked")(Ranked)
-    cfg = cfg_of(sys.argv[2], sys.argv[3], iterations=1, extra=["reward.name=_ranked"])
     policy = load_policy("toy", sys.argv[2], "cpu")
+    # another setting on one rank, or another file at the same (relative) path, stops the set-up at once
+    lr = cfg_of(sys.argv[2], sys.argv[3], iterations=1, extra=[f"optim.lr={1e-4 * (1 + d.rank)}"])
+    with pytest.raises(RuntimeError, match=r"the config differs between rank 0 and rank\(s\) \[1\] \(optim.lr: "
+                       r"0.0001 on rank 0, 0.0002 on rank 1\): launch every process with the same config"):  # fmt: skip
+        setup(lr, progress=False, policy=policy)
+    own = Path(sys.argv[3]) / f"rank{d.rank}"
+    own.mkdir()
+    (own / "prompts.txt").write_text(f"a prompt of rank {d.rank}\n")
+    os.chdir(own)
+    file = cfg_of(
+        sys.argv[2], Path(sys.argv[3]) / "file", iterations=1, extra=["prompts.dataset=prompts.txt"]
+    )
+    with pytest.raises(
+        RuntimeError, match=r"\(prompts.dataset \(the file's sha256\): '[0-9a-f]{64}' on rank 0, "
+    ):
+        setup(file, progress=False, policy=policy)
+    cfg = cfg_of(sys.argv[2], sys.argv[3], iterations=1, extra=["reward.name=_ranked"])
     with pytest.raises(
         RuntimeError, match=r"the reward models' weights differ between rank 0 and rank\(s\) \[1\]"
     ):
@@ -73,6 +91,38 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
     distributed.shutdown(d)
     print(f"rank {d.rank}: refused", flush=True)
     distributed.leave(0)
+if sys.argv[1:2] == ["evalcmd"]:  # evalcmd SD3_DIR OUT: the eval command refuses ranks set up unlike rank 0
+    import tiny_models as tiny
+
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.policies.sd3 import SD3Policy
+
+    torch.set_num_threads(1)
+    sd3, out = sys.argv[2], Path(sys.argv[3])
+    ev = ["model.family=sd3", f"model.checkpoint={sd3}", f"model.resolution={tiny.RESOLUTION}", "model.num_threads=1",
+          f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"eval.dataset={out / 'prompts.txt'}", "eval.num_steps=2",
+          "eval.num_prompts=null", "eval.shift=null", "eval.rewards={red: {name: redness}}",
+          f"eval.output_dir={out / 'ev'}"]  # fmt: skip
+    with pytest.raises(
+        RuntimeError, match=r"the config differs between rank 0 and rank\(s\) \[1\] \(eval.seed: 0 "
+    ):
+        run_eval(None, [*ev, f"eval.seed={d.rank}"], progress=False)
+    checkpoint = None
+    if d.rank == 1:  # the same config with another --checkpoint: the base transformer with one weight moved
+        moved = SD3Policy.load(sd3, resolution=tiny.RESOLUTION)
+        with torch.no_grad():
+            next(moved.transformer.parameters()).view(-1)[0] += 1e-3
+        checkpoint = str(out / "moved.safetensors")
+        moved.save(checkpoint)
+    with pytest.raises(
+        RuntimeError,
+        match=r"the loaded models' weights differ between rank 0 and rank\(s\) \[1\]: every process",
+    ):
+        run_eval(None, ev, checkpoint=checkpoint, progress=False)
+    assert not (out / "ev" / "scores.jsonl").exists()
+    distributed.shutdown(d)
+    print(f"rank {d.rank}: refused", flush=True)
+    distributed.leave(0)
 if sys.argv[1:2] == ["memory"]:
     from test_memory import _config
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -82,9 +132,10 @@ if sys.argv[1:2] == ["memory"]:
 
     torch.set_num_threads(1)
     out = Path(sys.argv[3])
-    cfg = _config(
-        sys.argv[2], out / f"rank{d.rank}", "fp32", sys.argv[4:]
-    )  # (rank 0 alone writes its run dir)
+    # every rank is given the same config (set-up compares them); rank 0 writes its prompt file first
+    cfg = _config(sys.argv[2], out / "run", "fp32", sys.argv[4:]) if d.main else None
+    distributed.barrier(d)
+    cfg = cfg or _config(sys.argv[2], out / "run", "fp32", sys.argv[4:])
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # as test_memory counts
         policy = load_policy("sd3", sys.argv[2], "cpu", **cfg.model.adapter_options())
         measured = measure_run(cfg, policy)

@@ -96,6 +96,18 @@ def test_a_rank_that_loaded_other_weights_stops_every_rank(tiny_checkpoint, tmp_
     assert "rank 0: refused" in done.stdout and "rank 1: refused" in done.stdout
 
 
+def test_the_eval_command_refuses_a_rank_with_another_config_or_other_weights(tmp_path):
+    import tiny_models as tiny
+
+    tiny.sd3_pipeline(seed=0).save_pretrained(tmp_path / "sd3")
+    (tmp_path / "prompts.txt").write_text("a red circle\na green dog\n")
+    done = torchrun(
+        [str(ROOT / "tests" / "distributed_worker.py"), "evalcmd", str(tmp_path / "sd3"), str(tmp_path)]
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0: refused" in done.stdout and "rank 1: refused" in done.stdout
+
+
 def test_two_processes_train_what_one_process_with_two_waves_trains(
     two_process_run, tiny_checkpoint, tmp_path
 ):

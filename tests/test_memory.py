@@ -61,7 +61,10 @@ def sd3_dir(tmp_path_factory):
 def _config(checkpoint, tmp_path, dtype: str, extra=()):
     tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\ntwo blue squares\na green dog\na cat\n")
+    if (
+        not prompts.exists()
+    ):  # (the ranks of a torchrun job share it: rank 0 writes it before the others read)
+        prompts.write_text("a red circle\ntwo blue squares\na green dog\na cat\n")
     return load_config(TrainConfig, None, [
         "model.family=sd3", f"model.checkpoint={checkpoint}", f"model.resolution={tiny.RESOLUTION}",
         f"model.dtype={dtype}", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}",

@@ -624,7 +624,7 @@ def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):
 
 
 def test_every_model_of_the_pipeline_is_in_the_loaded_weights_the_ranks_compare(sd3_dir):
-    from densegrpo_fast.trainer import weights_of
+    from densegrpo_fast.distributed import weights_of
 
     policy = SD3Policy.load(sd3_dir, **OPTS)
     got = {id(t) for t in weights_of(policy)}

@@ -232,8 +232,8 @@ def test_building_a_reward_draws_no_loading_bar(clip_dir, capfd):
 
 
 def test_the_weights_the_ranks_compare_include_each_reward_model(clip_dir):
-    """trainer.weights_of finds a reward's models through its attributes, in a weighted sum's parts too."""
-    from densegrpo_fast.trainer import weights_of
+    """distributed.weights_of finds a reward's models through its attributes, in a weighted sum's parts too."""
+    from densegrpo_fast.distributed import weights_of
 
     pick = build_reward("pickscore", model=str(clip_dir), processor=str(clip_dir))
     want = {id(t) for t in [*pick.clip.model.parameters(), *pick.clip.model.buffers()]}
