@@ -42,23 +42,29 @@ def completion_path(start: int, num_steps: int, n: int | None) -> list[int]:
 def completion_starts(schedule: Schedule, completion_steps: int | None = None) -> list[int]:
     """Latents whose reward needs a completion of its own.
 
-    With noise at every step, all of ``lat[0..T-1]``. With an SDE window ``[ws, we)`` (DenseGRPO-Fast)
-    only ``lat[ws..we-1]`` for full completions (``completion_steps`` None): before the window every step
-    is an ODE step on the same grid, so ``R_k = R_ws`` for ``k < ws``; from ``we`` on the rollout itself is
-    the ODE, so ``R_k = R_T``. With ``n``-step completions neither holds: ``ODE_n(lat[we])`` is not the
-    rollout's own ending, so ``lat[we]`` gets a completion too and the last window step's
-    ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window steps (unless
-    ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents before ``ws`` and after ``we``
-    (untrained ODE steps) still share ``R_ws`` and ``R_T``: a choice, not ``ODE_n`` of each, which only
-    their logged ``dR`` (0) depends on.
+    Full completions (``completion_steps`` None): ``lat[k]`` for each step ``k`` with noise. A step without
+    noise is the first Euler step of ``lat[k]``'s completion on the same grid, so ``R_k = R_{k+1}`` by
+    definition and ``dR_k = 0`` exactly (ALGORITHM.md §6): before an SDE window ``R_k = R_ws``, from its
+    end ``we`` on the rollout itself is the ODE (``R_k = R_T``), and inside it a step calibrated to psi = 0
+    shares the next latent's reward. (Completed anyway, it would differ in the last bits whenever
+    ``max_rows_per_call`` splits its rows otherwise than the next latent's, and count as a gain or a loss.)
+
+    ``n``-step completions: every ``lat[ws..we-1]``, since ``ODE_n(lat[k])`` and ``ODE_n(lat[k+1])`` end
+    at different grid points; and ``lat[we]`` too, as ``ODE_n(lat[we])`` is not the rollout's own ending:
+    the last window step's ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window
+    steps (unless ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents before ``ws``
+    and after ``we`` (untrained ODE steps) still share ``R_ws`` and ``R_T``: a choice, not ``ODE_n`` of each,
+    which only their logged ``dR`` (0) depends on. The logged ``dR`` of step ``we`` is then not 0: it
+    compares ``R_T`` with ``ODE_n(lat[we])``'s reward.
     """
     sde = schedule.sde_steps.tolist()
     if not any(sde):
         return []
     ws = sde.index(True)
     we = len(sde) - sde[::-1].index(True)
-    end = we + 1 if completion_steps is not None and completion_steps < len(sde) - we else we
-    return list(range(ws, end))
+    if completion_steps is None or completion_steps >= len(sde):
+        return [k for k in range(ws, we) if sde[k]]
+    return list(range(ws, we + 1 if completion_steps < len(sde) - we else we))
 
 
 @dataclass
