@@ -537,7 +537,7 @@ def _schedule(
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    read = lambda: _read_psi(path, n, T, ws, size, cfg.dense.completion_steps)  # noqa: E731
+    read = lambda: _read_psi(path, n, grid, ws, size, cfg.dense.completion_steps)  # noqa: E731
     if saved_psi is not None:  # the table only to compare: one this run cannot use is "another psi"
         read = functools.partial(_readable_or_none, read)
     psi = distributed.on_main(dist, read)
@@ -579,12 +579,24 @@ def _readable_or_none(read):
         return None
 
 
-def _read_psi(path: Path, n, T: int, ws, size, completion_steps: int | None) -> torch.Tensor | None:
-    """The psi table at ``path`` if there is one (None: calibrate), refused if it misses a step the window
-    needs; a warning if it was calibrated with other completions (``dense.completion_steps``)."""
+def _read_psi(
+    path: Path, n, grid: torch.Tensor, ws, size, completion_steps: int | None
+) -> torch.Tensor | None:
+    """The psi table at ``path`` if there is one (None: calibrate), refused if it was calibrated on another
+    sigma grid or misses a step the window needs; a warning if it was calibrated with other completions
+    (``dense.completion_steps``)."""
     if not path.exists():
         return None
+    T = len(grid) - 1
     psi, covered, record = load_psi(path, T)
+    then = record.get("sigmas")  # (older tables do not record it)
+    if then is not None and not torch.allclose(torch.tensor(then), grid.cpu().float(), rtol=0, atol=1e-5):
+        raise ValueError(
+            f"psi table {path} was calibrated on the sigma grid {[round(s, 4) for s in then]}, but this run "
+            f"samples on {[round(s, 4) for s in grid.tolist()]} (sampling.shift, or the model's own shift): psi "
+            "balances each step's gains and losses on its own grid. Delete the file (or point "
+            "noise.calibration.path elsewhere) to calibrate for this grid"
+        )
     then = record.get("completion_steps", completion_steps)  # (older tables do not record it)
     if then != completion_steps:
         warnings.warn(

@@ -574,6 +574,12 @@ def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, t
     moved = [*cal, "noise.window_start=2", "noise.window_size=2", f"noise.calibration.path={table}"]
     with pytest.raises(ValueError, match=r"calibrated for steps \[0, 1\].*needs steps \[2, 3\]"):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run3", extra=moved), progress=False)
+    # ... and so would another sigma grid: psi balanced its steps' gains and losses on its own
+    regrid = [*shared, "sampling.shift=3.0"]
+    with pytest.raises(
+        ValueError, match=r"calibrated on the sigma grid \[1.0, .*but this run samples on \[1.0, 0.8577"
+    ):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run5", extra=regrid), progress=False)
     # an older table without the record is judged by the steps it gives noise
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"psi": [0.7, 0.7, 0.0, 0.0], "trajectory": []}))
