@@ -360,6 +360,13 @@ def test_reward_errors_4xx_are_final_5xx_are_retried_unless_the_server_says_not(
     with serving(flaky) as server:
         client = build_reward("remote", url=server.url, **FAST)
         assert client(_images(2), ["a", "b"]).tolist() == [7.0, 7.0]  # 500, then success
+        failures[:] = [RuntimeError("CUDA out of memory")] * 2  # 500 on every attempt: the server runs
+        with pytest.raises(RemoteRewardError) as e:
+            client(_images(2), ["a", "b"])
+        assert "failed on each of 2 attempt(s) (last: 500: " in str(e.value) and "Is it running" not in str(
+            e.value
+        )
+        assert "CUDA out of memory" in str(e.value) and "see the server's log" in str(e.value)
 
     calls = []  # a reward that breaks its contract fails the same way every time: not retried
     with serving(lambda images, prompts: calls.append(1) or torch.zeros(len(prompts) + 1)) as server:
@@ -369,6 +376,16 @@ def test_reward_errors_4xx_are_final_5xx_are_retried_unless_the_server_says_not(
         ):
             client(_images(2), ["a", "b"])
     assert calls == [1]
+
+
+def test_a_server_never_started_stops_at_once():
+    import threading
+
+    server = RewardServer(lambda images, prompts: torch.zeros(len(prompts)), port=0)
+    stopping = threading.Thread(target=server.stop, daemon=True)  # (it used to wait forever)
+    stopping.start()
+    stopping.join(timeout=5)
+    assert not stopping.is_alive()
 
 
 def test_server_down_is_a_clear_error_after_retries():

@@ -228,6 +228,7 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(backoff(self.backoff_s, attempt))
+            answered = False  # (True: this attempt got an error status from a server that runs)
             request = urllib.request.Request(
                 url, data=body, headers=headers, method="GET" if body is None else "POST"
             )
@@ -251,7 +252,7 @@ class RemoteReward:
                         f"reward server at {url} failed ({e.code}: {message}); not retried: the same request "
                         "would fail again (fix the reward, see the server's log)"
                     ) from None
-                last = f"{e.code}: {message}"
+                last, answered = f"{e.code}: {message}", True
             except TimeoutError:  # (raised bare once connected: the answer did not come in time)
                 if body is not None:
                     raise RemoteRewardError(
@@ -277,6 +278,11 @@ class RemoteReward:
                         "densegrpo-fast reward server listening there?"
                     )
                 return out
+        if answered:
+            raise RemoteRewardError(
+                f"reward server at {url} failed on each of {self.retries + 1} attempt(s) (last: {last}): the "
+                "server runs, its reward fails; see the server's log for the cause"
+            )
         raise RemoteRewardError(
             f"reward server at {url} did not answer after {self.retries + 1} attempt(s) (last: {last}). "
             f"Is it running? Start it with: {self.start_hint} (see densegrpo_fast/rewards/remote.py); "

@@ -10,7 +10,8 @@ reward's model never runs two batches at once. Requests larger than ``max_reques
 their body is read into memory (it is drained in 1 MiB pieces so that the client still receives the answer;
 a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must
 arrive within ``body_deadline_s``, or the request gets 408: a client that trickles bytes cannot hold a
-thread. A request whose client has hung up (its timeout ran out) while the request waited for the reward is
+thread (the deadline is checked between reads; a client that stops sending altogether is dropped without an
+answer when one read has waited the handler's 120 s socket timeout, and its client retries). A request whose client has hung up (its timeout ran out) while the request waited for the reward is
 dropped unscored: an abandoned batch does not hold up the ones behind it. While a request waits its turn it
 holds its 8-bit images only (B x 3 x H x W bytes); the float copy the reward reads is made in its turn. The
 bodies held at once are capped by ``max_waiting_bytes`` (default 4x the request limit): a request past the cap
@@ -315,10 +316,12 @@ class RewardServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
-        self.shutdown()
-        self.server_close()
-        if self._thread is not None:
+        if (
+            self._thread is not None
+        ):  # (shutdown() waits for serve_forever: it would wait forever if none ran)
+            self.shutdown()
             self._thread.join()
+        self.server_close()
 
 
 def serve(
