@@ -415,15 +415,26 @@ def check_in_sync(
 
 
 def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:
-    """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` through its attributes,
-    lists, tuples and dicts, ``depth`` levels deep, each once: a policy's models (transformer, text encoders,
-    VAE: its own, or its pipeline's), a reward's (PickScore's CLIP, each part of a weighted sum)."""
-    found: dict[int, torch.Tensor] = {}
+    """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` (:func:`reachable`),
+    each once: a policy's models (transformer, text encoders, VAE: its own, or its pipeline's), a reward's
+    (PickScore's CLIP, each part of a weighted sum)."""
+    found = {
+        id(t): t for m in reachable(obj, torch.nn.Module, depth) for t in [*m.parameters(), *m.buffers()]
+    }
+    return list(found.values())
+
+
+def reachable(obj, kind: type, depth: int = 6) -> list:
+    """The instances of ``kind`` reachable from ``obj`` through attributes, lists, tuples and dicts,
+    ``depth`` levels deep, each once, in the order met (the walk goes into neither them nor torch modules)."""
+    found: dict[int, object] = {}
     seen: set[int] = set()
 
     def walk(o, left: int) -> None:
+        if isinstance(o, kind):
+            found.setdefault(id(o), o)
+            return
         if isinstance(o, torch.nn.Module):
-            found.update({id(t): t for t in [*o.parameters(), *o.buffers()]})
             return
         if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, torch.Tensor, type)):
             return

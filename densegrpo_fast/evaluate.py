@@ -106,11 +106,16 @@ def evaluate(
         raise ValueError(f"{len(tags)} tags for {len(prompts)} prompts: give one tag per prompt (or None)")
     from tqdm.auto import tqdm
 
+    from densegrpo_fast.rewards.remote import check_same_servers
+
     d = dist
     out = Path(output_dir)
     protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
                 "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
+    served = check_same_servers(d, rewards)  # (every rank's servers host the same rewards?)
+    if served:  # what a served reward scores: its url, which may change on a resume, does not say
+        protocol["served"] = served
     # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
     _check_same_protocol(out / "protocol.json", protocol)
     scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's

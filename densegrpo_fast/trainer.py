@@ -44,6 +44,7 @@ from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
+from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
 
@@ -195,6 +196,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             distributed.check_in_sync(
                 dist, distributed.weights_of(obj), f"{what} weights", fix, policy.device
             )
+        check_same_servers(dist, {"reward": reward_fn})
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
@@ -507,6 +509,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     m = cfg.model
     d = distributed.from_env(m.device)
     distributed.check_same_config(d, cfg, ("prompts.dataset",))
+    check_same_servers(d, {"reward": reward_fn})
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
     psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
@@ -1041,6 +1044,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
         **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
     }
     d = run.dist
+    check_same_servers(d, {k: fns[f"eval_{k}"] for k in own})
     for k in own if d.enabled else ():  # each rank built these from its own files: the same weights?
         fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on every node"
         distributed.check_in_sync(

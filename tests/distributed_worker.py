@@ -195,6 +195,20 @@ with pytest.raises(
 ):
     distributed.check_same(d, 3 + r, "the position", "fix it")
 
+# what the reward servers host: each rank reaches its own server (a url list), started with another reward
+from densegrpo_fast.rewards import build_reward  # noqa: E402
+from densegrpo_fast.rewards.remote import check_same_servers  # noqa: E402
+from densegrpo_fast.rewards.server import RewardServer  # noqa: E402
+
+server = RewardServer(build_reward("redness"), name="redness").start()
+assert check_same_servers(d, {"r": build_reward("remote", url=server.url)}) == {"r": [{"reward": "redness"}]}
+server.stop()
+server = RewardServer(build_reward("redness"), name=["redness", "jpeg_compressibility"][r]).start()
+with pytest.raises(RuntimeError, match=r"what the reward servers host \(their GET /health\) differs between rank 0 and "
+                   r"rank\(s\) \[1\] \(r: \[\{'reward': 'redness'\}\] on rank 0, \[\{'reward': 'jpeg"):  # fmt: skip
+    check_same_servers(d, {"r": build_reward("remote", url=server.url)})
+server.stop()
+
 # parameters broadcast from rank 0 are in sync; a rank that drifts makes every rank raise
 w = [torch.nn.Parameter(torch.randn(5) + r)]
 distributed.broadcast_params(d, w)

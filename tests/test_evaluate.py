@@ -188,3 +188,43 @@ def test_more_than_256_images_per_prompt_are_refused():
 
     with pytest.raises(ConfigError, match="eval.images_per_prompt = 257"):
         load_config(TrainConfig, None, ["eval.images_per_prompt=257"])
+
+
+def test_a_resume_against_a_server_hosting_another_reward_is_refused(policy, tmp_path):
+    """The url of a served reward may change on a resume (a restarted server), but not what it scores:
+    the protocol records what each server said it hosts."""
+    from densegrpo_fast.rewards.server import RewardServer
+
+    servers = [
+        RewardServer(build_reward(n), name=n).start() for n in ("redness", "redness", "jpeg_compressibility")
+    ]
+    try:
+        served = [{"remote": build_reward("remote", url=s.url)} for s in servers]
+        sums = {
+            "sum": build_reward(
+                "multi", rewards={"jpeg": {"name": "remote", "kwargs": {"url": servers[2].url}}}
+            )
+        }
+        args = dict(
+            guidance_scale=1.5, images_per_prompt=1, batch_size=5, output_dir=tmp_path, progress=False
+        )
+        first = evaluate(policy, PROMPTS[:2], served[0], sigma_grid(2, 1.0), **args)
+        protocol = json.loads((tmp_path / "protocol.json").read_text())
+        assert protocol["served"] == {"remote": [{"reward": "redness"}]}
+        again = evaluate(policy, PROMPTS[:2], served[1], sigma_grid(2, 1.0), **args)  # moved: resumed
+        assert again["scores"] == first["scores"] and again["wall_s_this_call"] == 0.0
+        with pytest.raises(ValueError, match=r"another protocol \(served: \{'remote': \[\{'reward': 'redness'\}\]\} -> "
+                           r"\{'remote': \[\{'reward': 'jpeg_compressibility'\}\]\}\)"):  # fmt: skip
+            evaluate(policy, PROMPTS[:2], served[2], sigma_grid(2, 1.0), **args)
+        unchecked = {"remote": build_reward("remote", url=servers[2].url, check=False)}  # (it did not ask)
+        assert (
+            evaluate(policy, PROMPTS[:2], unchecked, sigma_grid(2, 1.0), **args)["scores"] == first["scores"]
+        )
+    finally:
+        for s in servers:
+            s.stop()
+    from densegrpo_fast.rewards.remote import served_by
+
+    assert served_by({**sums, "local": build_reward("redness")}) == {
+        "sum": [{"reward": "jpeg_compressibility"}]
+    }

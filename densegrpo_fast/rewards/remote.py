@@ -189,6 +189,14 @@ class RemoteReward:
         """The server's ``GET /health`` answer (with the client's retries)."""
         return self._request("/health")
 
+    @property
+    def served(self) -> dict | None:
+        """What the server said it hosts when this client was built: its ``reward``, and ``mode`` if it has
+        one (None without ``check``)."""
+        if self.health_answer is None:
+            return None
+        return {k: self.health_answer[k] for k in ("reward", "mode") if k in self.health_answer}
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         pixels = to_uint8(images)  # [B, 3, H, W] uint8
@@ -288,6 +296,32 @@ class RemoteReward:
             f"Is it running? Start it with: {self.start_hint} (see densegrpo_fast/rewards/remote.py); "
             "a slow reward needs a larger reward.kwargs.timeout_s"
         )
+
+
+def served_by(rewards: dict) -> dict[str, list]:
+    """For each reward of ``rewards`` (name -> reward) scored by servers, what they host
+    (:attr:`RemoteReward.served` of each client it holds: a sum of rewards may hold several; clients built
+    without ``check`` did not ask and are left out)."""
+    from densegrpo_fast.distributed import reachable
+
+    found = {
+        k: [c.served for c in reachable(r, RemoteReward) if c.served is not None] for k, r in rewards.items()
+    }
+    return {k: v for k, v in found.items() if v}
+
+
+def check_same_servers(d, rewards: dict) -> dict[str, list]:
+    """:func:`served_by`, compared across the ranks of ``d`` (each may reach its own entry of a ``url``
+    list): every rank raises if one reaches a server that hosts another reward or mode. Returns it."""
+    from densegrpo_fast.distributed import check_same
+
+    served = served_by(rewards)
+    fix = (
+        "every process must score with the same reward: point each entry of the url list at a server started "
+        "with the same --reward and --kwargs"
+    )
+    check_same(d, served, "what the reward servers host (their GET /health)", fix)
+    return served
 
 
 GENEVAL_HINT = (
