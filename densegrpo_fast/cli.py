@@ -87,7 +87,9 @@ def _add_train(sub) -> None:
     _add_overrides(p)
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
     p.add_argument(
-        "--max-iterations", type=int, help="train up to this many iterations (overrides run.iterations)"
+        "--max-iterations",
+        type=_positive_int,
+        help="sets run.iterations (the run's length: a decaying learning rate ends its schedule there)",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in the output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -310,6 +312,26 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port: ports run from 0 to 65535")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -334,7 +356,7 @@ def _add_serve_reward(sub) -> None:
         "--kwargs", type=_json_object, default={}, help="the reward's keyword arguments as a JSON object"
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it trusted)")
-    p.add_argument("--port", type=int, required=True, help="port to listen on")
+    p.add_argument("--port", type=_port, required=True, help="port to listen on (0: any free port)")
     p.add_argument(
         "--max-request-mb", type=float, default=512.0, help="larger requests get 413 (default 512 MiB)"
     )

@@ -95,7 +95,8 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
             else f"valid keys: {', '.join(valid)}"
         )
         return f"{key}: unknown key; {hint}"
-    return f"{key} = {err.get('input')!r}: {err['msg']}"
+    msg = err["msg"].removeprefix("Value error, ")  # (a validator's own message says the rule and the fix)
+    return f"{key} = {err.get('input')!r}: {msg}"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -160,6 +161,16 @@ def parse_overrides(overrides: list[str]) -> dict:
                 )
                 break
         else:
+            if raw.strip() in (
+                "None",
+                "none",
+                "NONE",
+            ):  # (YAML reads it as the text 'None', a valid path or name)
+                problems.append(
+                    f"override {item!r}: YAML reads {raw.strip()} as the text {raw.strip()!r}; write "
+                    f"{key.strip()}=null for no value (or quote it, {key.strip()}='\"{raw.strip()}\"', for the text)"
+                )
+                continue
             try:
                 value = _yaml(raw, f"override {item!r}: the value") if raw.strip() else None
             except ConfigError as e:
@@ -214,7 +225,7 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 
 from typing import ClassVar, Literal  # noqa: E402
 
-from pydantic import Field, model_validator  # noqa: E402
+from pydantic import Field, field_validator, model_validator  # noqa: E402
 
 
 class ModelSection(Section):
@@ -351,7 +362,15 @@ class ModelSection(Section):
         return out
 
 
+def _toy_split(value: str) -> str:
+    """A dataset's ``toy:`` split must be one the toy world has (files are checked where they are read)."""
+    if value.startswith("toy:") and value not in ("toy:train", "toy:test"):
+        raise ValueError("the toy splits are toy:train and toy:test (or give a prompt file)")
+    return value
+
+
 class PromptSection(Section):
+    _split = field_validator("dataset")(_toy_split)
     dataset: str = Field(
         "toy:train",
         description="toy:train / toy:test, or a text file with one prompt per line (.jsonl: a prompt field per line)",
@@ -553,6 +572,7 @@ class RunSection(Section):
 
 
 class EvalSection(Section):
+    _split = field_validator("dataset")(_toy_split)
     dataset: str = Field(
         "toy:test", description="held-out prompts: toy:test, or a text file (one prompt per line) / .jsonl"
     )

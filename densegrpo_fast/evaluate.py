@@ -328,6 +328,11 @@ def run_eval(
     from densegrpo_fast.toy.config import ToyEvalConfig
 
     cfg = load_config(ToyEvalConfig, config, overrides)
+    if checkpoint is not None and not Path(checkpoint).is_file():  # (before any model or reward loads)
+        raise ValueError(
+            f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
+            "leave --checkpoint out to evaluate the base model)"
+        )
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.evaluate import run_eval as toy_eval
 

@@ -98,6 +98,18 @@ TOY = ROOT / "configs" / "toy_geneval.yaml"
         (["grpo.trained_steps=[]"], "grpo.trained_steps is empty"),
         (["eval.shift=null"], "eval.shift is null .*the toy model has no scheduler"),
         (["eval.rewards.strict.nam=toy_geneval"], "did you mean 'eval.rewards.strict.name'"),
+        (
+            ["noise.calibration.path=None"],
+            "YAML reads None as the text 'None'; write noise.calibration.path=null",
+        ),
+        (
+            ["prompts.dataset=toy:val"],
+            r"prompts.dataset = 'toy:val': the toy splits are toy:train and toy:test",
+        ),
+        (
+            ["reward.name=geneval", "reward.kwargs={url: 8085}"],
+            r"reward.kwargs.url=8085: 8085 is not an http\(s\) URL",
+        ),
     ],
 )
 def test_bad_training_configs_are_named_not_tracebacks(overrides, message):
@@ -274,3 +286,21 @@ def test_a_window_on_the_untrained_last_step_alone_is_refused():
         load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1"])
     load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1", "grpo.trained_steps=[9]"])
     load_config(TrainConfig, TOY, ["noise.window_start=8", "noise.window_size=2"])
+
+
+def test_the_command_line_refuses_a_port_or_an_iteration_count_out_of_range(capsys):
+    from densegrpo_fast.cli import main
+
+    for argv, message in [
+        (
+            ["serve-reward", "--reward", "redness", "--port", "99999"],
+            "'99999' is not a port: ports run from 0",
+        ),
+        (
+            ["train", "--config", str(TOY), "--max-iterations", "0"],
+            "--max-iterations: '0' must be at least 1",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as e:  # (argparse's usage error, before any reward or model is built)
+            main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -228,3 +228,17 @@ def test_a_resume_against_a_server_hosting_another_reward_is_refused(policy, tmp
     assert served_by({**sums, "local": build_reward("redness")}) == {
         "sum": [{"reward": "jpeg_compressibility"}]
     }
+
+
+def test_a_missing_checkpoint_is_named_before_anything_loads(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from densegrpo_fast import evaluate as ev
+    from densegrpo_fast.evaluate import run_eval
+
+    monkeypatch.setattr(
+        ev.distributed, "check_device", lambda *a: pytest.fail("got past the checkpoint check")
+    )
+    flux = Path(__file__).parents[1] / "configs" / "flux_pickscore.yaml"
+    with pytest.raises(ValueError, match=r"--checkpoint '.*policy_ema.safetnsors' does not exist"):
+        run_eval(str(flux), [], checkpoint=str(tmp_path / "policy_ema.safetnsors"))

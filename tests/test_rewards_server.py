@@ -405,7 +405,7 @@ def test_server_down_is_a_clear_error_after_retries():
         match=r"--reward geneval_detector --kwargs .* --port \d+, in an environment with mmdetection",
     ):
         build_reward("geneval", url=url, retries=0)
-    with pytest.raises(ValueError, match="must be an http"):
+    with pytest.raises(ValueError, match=r"is not an http\(s\) URL"):
         build_reward("remote", url="127.0.0.1:8085")
 
 

@@ -162,11 +162,7 @@ class RemoteReward:
         start_hint: str | None = None,
     ):
         url = pick_url(url)
-        parsed = urllib.parse.urlparse(str(url))
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(
-                f"reward.kwargs.url={url!r} must be an http(s) URL such as http://127.0.0.1:8085"
-            )
+        parsed = urllib.parse.urlparse(url)
         if not timeout_s > 0 or retries < 0 or backoff_s < 0 or max_batch < 1:
             raise ValueError(
                 f"reward.kwargs timeout_s={timeout_s} (> 0), retries={retries} (>= 0), backoff_s={backoff_s} "
@@ -332,21 +328,37 @@ GENEVAL_HINT = (
 
 def pick_url(url: str | list[str]) -> str:
     """``url`` itself, or this process's entry of a list (``LOCAL_RANK`` modulo its length)."""
+    if problems := url_problems(url):
+        raise ValueError(problems[0])
     if isinstance(url, str):
         return url
-    if not url:
-        raise ValueError("reward.kwargs.url=[] names no server: give one URL, or one per GPU of a node")
     return url[int(os.environ.get("LOCAL_RANK", "0")) % len(url)]
 
 
-def _geneval_check(mode: str | None = None, **_: object) -> list[str]:
+def url_problems(url: object = "http://127.0.0.1:8085", **_: object) -> list[str]:
+    """What is wrong with ``reward.kwargs.url``: an http(s) URL, or a non-empty list of them."""
+    urls = url if isinstance(url, list) else [url]
+    if not urls:
+        return ["reward.kwargs.url=[] names no server: give one URL, or one per GPU of a node"]
+    bad = [u for u in urls if not isinstance(u, str) or urllib.parse.urlparse(u).scheme not in ("http", "https")
+           or not urllib.parse.urlparse(u).netloc]  # fmt: skip
+    if bad:
+        return [
+            f"reward.kwargs.url={url!r}: {bad[0]!r} is not an http(s) URL; give one such as "
+            '"http://127.0.0.1:8085" (quoted), or a list of them, one per GPU of a node'
+        ]
+    return []
+
+
+def _geneval_check(mode: str | None = None, url: object = "http://127.0.0.1:8085", **_: object) -> list[str]:
     from densegrpo_fast.rewards.geneval_detector import MODES  # (light: the registry imports it anyway)
 
-    if mode is None or mode in MODES:
-        return []
-    return [
-        f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(MODES)}, or null"
-    ]
+    problems = url_problems(url)
+    if mode is not None and mode not in MODES:
+        problems.append(
+            f"reward.kwargs.mode={mode!r} is not a geneval_detector mode: choose one of {list(MODES)}, or null"
+        )
+    return problems
 
 
 @register("geneval")
@@ -392,3 +404,4 @@ def geneval(
 
 
 geneval.check = _geneval_check
+RemoteReward.check = staticmethod(url_problems)  # (read by the config's checks: no server is asked)
