@@ -87,6 +87,8 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
+        from densegrpo_fast.toy.config import ToyPretrainConfig
+
         valid = _valid_keys(model, loc)
         near = difflib.get_close_matches(loc[-1], valid, n=1)
         hint = (
@@ -94,7 +96,11 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
             if near
             else f"valid keys: {', '.join(valid)}"
         )
+        if len(loc) == 1 and model is not ToyPretrainConfig and loc[0] in ("arch", "train"):
+            hint = f"'{loc[0]}' is a section of the toy pretraining's config: run it with `densegrpo-fast pretrain-toy`"
         return f"{key}: unknown key; {hint}"
+    if err["type"] == "missing" and loc[-1].isdigit():  # (a tuple given too few items: name the tuple)
+        return f"{'.'.join(loc[:-1])} = {err.get('input')!r}: too few values (the one at index {loc[-1]} is missing)"
     msg = err["msg"].removeprefix("Value error, ")  # (a validator's own message says the rule and the fix)
     return f"{key} = {err.get('input')!r}: {msg}"
 
@@ -658,6 +664,22 @@ def fill_family_defaults(model: ModelSection, **sections: Section) -> None:
                 section.model_fields_set.discard(key)  # (assignment marks it set)
 
 
+def reward_problems(sections: dict[str, RewardSection]) -> list[str]:
+    """Unknown reward names and bad keywords of the reward ``sections`` (dotted name -> section), found
+    without building any reward."""
+    from densegrpo_fast.rewards import available, kwargs_problems, unknown_name
+
+    problems = []
+    for where, r in sections.items():
+        if r.name not in available():
+            problems.append(unknown_name(r.name, f"{where}.name"))
+        else:  # the rewards' own messages name reward.kwargs: say which section they are about
+            problems += [
+                p if where == "reward" else f"{where}: {p}" for p in kwargs_problems(r.name, r.kwargs)
+            ]
+    return problems
+
+
 def model_eval_problems(
     model: ModelSection, ev: EvalSection, sampling: SamplingSection | None = None
 ) -> list[str]:
@@ -776,16 +798,8 @@ class TrainConfig(Section):
                 "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
             )
         problems += model_eval_problems(self.model, self.eval, self.sampling)
-        from densegrpo_fast.rewards import available, kwargs_problems, unknown_name
-
         sections = {"reward": self.reward, **{f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()}}
-        for where, r in sections.items():
-            if r.name not in available():
-                problems.append(unknown_name(r.name, f"{where}.name"))
-            else:  # the rewards' own messages name reward.kwargs: say which section they are about
-                problems += [
-                    p if where == "reward" else f"{where}: {p}" for p in kwargs_problems(r.name, r.kwargs)
-                ]
+        problems += reward_problems(sections)
         if problems:
             raise CrossCheckError(problems)
         return self

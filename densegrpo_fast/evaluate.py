@@ -328,11 +328,6 @@ def run_eval(
     from densegrpo_fast.toy.config import ToyEvalConfig
 
     cfg = load_config(ToyEvalConfig, config, overrides)
-    if checkpoint is not None and not Path(checkpoint).is_file():  # (before any model or reward loads)
-        raise ValueError(
-            f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
-            "leave --checkpoint out to evaluate the base model)"
-        )
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.evaluate import run_eval as toy_eval
 
@@ -342,6 +337,11 @@ def run_eval(
             )
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval
+    if checkpoint is not None and not Path(checkpoint).is_file():  # (before any model or reward loads)
+        raise ValueError(
+            f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
+            "leave --checkpoint out to evaluate the base model)"
+        )
     if not e.rewards:
         raise ValueError(
             "eval.rewards is empty: name at least one reward to score the samples with, e.g. "

@@ -98,6 +98,7 @@ TOY = ROOT / "configs" / "toy_geneval.yaml"
         (["grpo.trained_steps=[]"], "grpo.trained_steps is empty"),
         (["eval.shift=null"], "eval.shift is null .*the toy model has no scheduler"),
         (["eval.rewards.strict.nam=toy_geneval"], "did you mean 'eval.rewards.strict.name'"),
+        (["optim.betas=[0.9]"], r"optim.betas = \[0.9\]: too few values \(the one at index 1 is missing\)"),
         (
             ["noise.calibration.path=None"],
             "YAML reads None as the text 'None'; write noise.calibration.path=null",
@@ -142,6 +143,21 @@ def test_the_eval_command_refuses_unknown_sections_and_what_train_refuses():
     with pytest.raises(ConfigError, match=r"eval.shift \(3.0\) with model.family flux"):
         load_config(ToyEvalConfig, flux, ["eval.shift=3.0"])
     load_config(ToyEvalConfig, TOY)  # a training config's other sections are fine
+    with pytest.raises(ConfigError, match=r"eval.rewards.x.name='nope' is not a registered reward"):
+        load_config(ToyEvalConfig, TOY, ["eval.rewards={x: {name: nope}}"])
+
+
+def test_the_pretraining_config_refuses_what_its_quick_evaluations_would_and_is_named_elsewhere():
+    from densegrpo_fast.toy.config import ToyPretrainConfig
+
+    pretrain = ROOT / "configs" / "toy_pretrain.yaml"
+    with pytest.raises(ConfigError) as e:  # (each would fail at the first quick evaluation, hours in)
+        load_config(ToyPretrainConfig, pretrain, ["eval.shift=null", "eval.rewards={x: {name: nope}}"])
+    assert "eval.shift is null" in str(e.value) and "eval.rewards.x.name='nope'" in str(e.value)
+    with pytest.raises(
+        ConfigError, match=r"arch: unknown key; 'arch' is a section of the toy pretraining's config"
+    ):
+        load_config(TrainConfig, pretrain)
 
 
 @pytest.mark.parametrize("command", [TrainConfig, ToyEvalConfig])

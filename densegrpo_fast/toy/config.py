@@ -18,6 +18,7 @@ from densegrpo_fast.config import (
     Section,
     fill_family_defaults,
     model_eval_problems,
+    reward_problems,
 )
 
 
@@ -63,8 +64,18 @@ class ToyPretrainConfig(Section):
     train: PretrainSection = Field(default_factory=PretrainSection)
     eval: EvalSection = Field(
         default_factory=lambda: EvalSection(grid_size=0),
-        description="sampler of the quick held-out evals during pretraining (train.eval_every)",
+        description="sampler (and rewards) of the quick held-out evals during pretraining (train.eval_every); "
+        "train.eval_prompts sets their prompt count, and they write no grid and no output_dir",
     )
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ToyPretrainConfig:
+        """What the quick evaluations would otherwise refuse only when the first one runs (hours in)."""
+        problems = model_eval_problems(ModelSection(family="toy"), self.eval)
+        problems += reward_problems({f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()})
+        if problems:
+            raise CrossCheckError(problems)
+        return self
 
 
 class ToyEvalConfig(Section):
@@ -102,6 +113,7 @@ class ToyEvalConfig(Section):
     def _cross_checks(self) -> ToyEvalConfig:
         fill_family_defaults(self.model, eval=self.eval)
         problems = self.model.problems() + model_eval_problems(self.model, self.eval)
+        problems += reward_problems({f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()})
         if problems:
             raise CrossCheckError(problems)
         return self
