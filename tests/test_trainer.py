@@ -802,7 +802,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
          "--output-dir", str(tmp_path / "r")],
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    assert zero.returncode == 2 and "run.iterations = 0" in zero.stderr  # not read as "not given"
+    assert zero.returncode == 2 and "--max-iterations: '0' must be at least 1" in zero.stderr
     assert not (tmp_path / "r").exists()
 
 
