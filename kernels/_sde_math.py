@@ -49,7 +49,7 @@ def row_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.T
 def finish_log_prob(sum_sq: torch.Tensor, n: int, sigma, sigma_next, std) -> torch.Tensor:
     """Per-row log-prob from the sum over elements of ``(x' - mean)^2``. Shape: sum_sq [B] -> [B]."""
     _, _, _, ns = row_coefficients(sigma, sigma_next, std)
-    sde = std > 0
+    sde = std != 0  # (a negative std, refused by the checks, would give NaN here, not a silent 0)
     safe_ns = torch.where(sde, ns, torch.ones_like(ns))
     lp = -(sum_sq / n) / (2.0 * safe_ns * safe_ns) - torch.log(safe_ns) - LOG_SQRT_2PI
     return torch.where(sde, lp, torch.zeros_like(lp))
@@ -67,9 +67,21 @@ def mean_reference(x, v, sigma, sigma_next, std):
     return x * cx.view(shape) + v * cv.view(shape)
 
 
+def row_sums(t: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of ``t`` [B, ...] -> [B], a row of more than ``CHUNK`` elements summed in ``CHUNK``-long
+    tiles (zero-padded), then the tiles' sums: an order fixed by the row length. torch's own CPU sum splits
+    a lone row of 32768 elements or more across threads but sums each row of a batch in one piece, so a
+    training micro-batch of one row would miss the rollout's log-prob by an ulp."""
+    flat = t.flatten(1)
+    if flat.shape[1] <= CHUNK:  # (one tile: summed in one piece, alone or in a batch)
+        return flat.sum(1)
+    flat = torch.nn.functional.pad(flat, (0, -flat.shape[1] % CHUNK))
+    return flat.view(flat.shape[0], -1, CHUNK).sum(2).sum(1)
+
+
 def log_prob_reference_from_mean(next_sample, mean, sigma, sigma_next, std) -> torch.Tensor:
     """Shared by both references: the log-prob of ``next_sample`` given the step mean. Shape: [B]."""
-    sum_sq = (next_sample - mean).square().flatten(1).sum(1)
+    sum_sq = row_sums((next_sample - mean).square())
     return finish_log_prob(sum_sq, next_sample[0].numel(), sigma, sigma_next, std)
 
 
@@ -121,7 +133,7 @@ def _finish_kernel(
     live = offs < n_chunks
     sum_sq = tl.sum(tl.load(sum_sq_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
     _, _, cv, ns, sd = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
-    sde = sd > 0.0
+    sde = sd != 0.0
     safe_ns = tl.where(sde, ns, 1.0)
     n = N * 1.0  # fp32, as torch divides by a Python int
     lp = -tl.div_rn(tl.div_rn(sum_sq, n), 2.0 * safe_ns * safe_ns) - tl.log(safe_ns) - _LOG_SQRT_2PI

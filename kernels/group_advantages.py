@@ -188,14 +188,17 @@ def group_advantages_reference(rewards, group_size, eps=1e-4, clip=5.0, mask=Non
         if mask is None
         else (mask != 0).view(-1, group_size, 1).expand_as(r)
     )
+    r = torch.where(live, r, torch.zeros_like(r))  # (a masked row's NaN or inf must not reach the sums)
     w = live.to(cd)
     count = w.sum(1, keepdim=True).clamp_min(1)
-    mean = (r * w).sum(1, keepdim=True) / count
-    dev = (r - mean) * w
+    mean = r.sum(1, keepdim=True) / count
+    dev = torch.where(live, r - mean, torch.zeros_like(r))
     if global_std:
         g_count = w.sum((0, 1), keepdim=True).clamp_min(1)
-        g_mean = (r * w).sum((0, 1), keepdim=True) / g_count
-        std = (((r - g_mean) * w).square().sum((0, 1), keepdim=True) / g_count).sqrt()
+        g_mean = r.sum((0, 1), keepdim=True) / g_count
+        std = (
+            torch.where(live, r - g_mean, torch.zeros_like(r)).square().sum((0, 1), keepdim=True) / g_count
+        ).sqrt()
     else:
         std = (dev.square().sum(1, keepdim=True) / count).sqrt()
     hi = torch.where(live, r, -torch.inf).amax(1, keepdim=True)

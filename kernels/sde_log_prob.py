@@ -7,9 +7,10 @@ and writes ``dL/dv`` once: 4 (5 with KL) passes in all, against ~20 for eager fo
 
 The forward shares its tiling and arithmetic with ``sde_step`` (see ``_sde_math``), so on the rollout's own
 ``(x, v, x')`` it returns the log-prob ``sde_step`` wrote bit for bit, on either backend, for any batch
-split on the Triton path (its order of summation depends on the row length alone). The reference's torch sum
-is batch-independent on a CPU; on a GPU torch may split a row's sum differently for another batch size, so
-``DENSEGRPO_KERNELS=reference`` on CUDA promises the agreement for equal batches only.
+split on the Triton path (its order of summation depends on the row length alone). The reference sums a
+row in the same tiles (``_sde_math.row_sums``), which makes it batch-independent on a CPU; on a GPU torch
+may still split a tile's sum differently for another batch size, so ``DENSEGRPO_KERNELS=reference`` on CUDA
+promises the agreement for equal batches only.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _sde_log_prob_bwd_kernel(
     mask = offs < N
     base = row * N
     dt, cx, cv, ns, sd = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
-    sde = sd > 0.0
+    sde = sd != 0.0
     safe_ns = tl.where(sde, ns, 1.0)
     coef_lp = tl.where(sde, tl.div_rn(tl.load(grad_lp_ptr + row) * cv, safe_ns * safe_ns * N), 0.0)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -99,7 +100,7 @@ def _backward_coefficients(grad_lp, grad_kl, n, sigma, sigma_next, std):
     """Per-row factors of the reference backward, 0 on ODE rows (the kernel computes the same in each of
     its programs). Shape: [B] each."""
     _, _, cv, ns = sm.row_coefficients(sigma, sigma_next, std)
-    sde = std > 0
+    sde = std != 0
     safe_ns = torch.where(sde, ns, torch.ones_like(ns))
     safe_std = torch.where(sde, std, torch.ones_like(std))
     zero = torch.zeros_like(cv)
@@ -243,6 +244,8 @@ def sde_log_prob(
         raise ValueError(
             "kl_exact=True needs ref_velocity: the KL is taken to the reference policy's velocity"
         )
+    if ref_velocity is not None:
+        check_latent("ref_velocity", ref_velocity, like=sample)
     # rollout data made under torch.inference_mode cannot be saved for backward (a traced graph has none)
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         sample, next_sample, sigma, sigma_next, std = (
@@ -251,9 +254,7 @@ def sde_log_prob(
         )
         if ref_velocity is not None and ref_velocity.is_inference():
             ref_velocity = ref_velocity.clone()
-    if ref_velocity is not None:
-        check_latent("ref_velocity", ref_velocity, like=sample)
-        # (widened where narrower: the summation order of sde_step, see widened)
+    if ref_velocity is not None:  # (widened where narrower: the summation order of sde_step, see widened)
         ref_velocity = widened(ref_velocity.detach().contiguous(), sample, velocity, velocity.dtype)
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("std", std)):
         check_rows(name, t, like=sample)
@@ -286,7 +287,7 @@ def sde_log_prob_reference(sample, velocity, next_sample, sigma, sigma_next, std
     if ref_velocity is None:
         return log_prob, None
     mean_ref = sm.mean_reference(x, ref_velocity.to(cd), sigma, sigma_next, std)
-    sde = std > 0
+    sde = std != 0
     safe_std = torch.where(sde, std, torch.ones_like(std))
     kl = (mean - mean_ref).square().flatten(1).mean(1) / (2.0 * safe_std * safe_std)
     return log_prob, torch.where(sde, kl, torch.zeros_like(kl))

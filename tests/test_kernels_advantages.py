@@ -86,7 +86,8 @@ def test_mask_excludes_rows(backend, global_std):
     mask = torch.ones(24, dtype=torch.bool)
     mask[[1, 7, 8, 20]] = False
     r_poison = r.clone()
-    r_poison[~mask] = 1e6  # masked rows must not leak into any statistic
+    r_poison[[1, 7]] = 1e6  # masked rows must not leak into any statistic: a large value, inf or NaN
+    r_poison[8], r_poison[20, 1] = torch.inf, torch.nan
     out = group_advantages(r_poison, 6, mask=mask, global_std=global_std)
     assert torch.equal(out[~mask], torch.zeros(4, 3))
     ref = group_advantages_reference(r.double(), 6, mask=mask, global_std=global_std)

@@ -54,6 +54,23 @@ def test_sde_log_prob_bad_input():
             a["sample"], a["velocity"], a["sample"], a["sigma"], a["sigma_next"], a["std"],
             ref_velocity=a["velocity"].to(torch.int8),
         )  # fmt: skip
+    with pytest.raises(ValueError, match="ref_velocity must be a torch.Tensor, got float"):
+        sde_log_prob(
+            a["sample"], a["velocity"], a["sample"], a["sigma"], a["sigma_next"], a["std"], ref_velocity=1.0
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_negative_std_past_the_checks_gives_nan_not_a_silent_zero(backend, monkeypatch):
+    """On CUDA the value checks are off by default (a host read): a negative std that reaches the op must
+    show as NaN, not be taken for an ODE row with log-prob 0 (its step got noise all the same)."""
+    monkeypatch.setenv("DENSEGRPO_KERNELS", backend)
+    a = step_args()
+    std = a["std"].clone()
+    std[0] = -0.5
+    args = (a["sample"], a["velocity"], a["sample"], a["sigma"], a["sigma_next"])
+    log_prob, _ = torch.ops.densegrpo.sde_log_prob(*args, std, None)  # (the op itself: no checks)
+    assert log_prob[0].isnan() and log_prob[1:].isfinite().all()
 
 
 def test_what_an_external_trainer_may_hand_in():

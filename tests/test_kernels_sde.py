@@ -169,6 +169,24 @@ def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
     assert torch.equal(torch.exp(again - log_prob), torch.ones_like(log_prob))
 
 
+@pytest.mark.parametrize("shape", [(4, 16, 128, 128), (4, 4096, 64)])  # SD3.5-M at 1024 px, FLUX at 1024
+def test_a_micro_batch_of_one_row_reproduces_the_rollout_on_several_threads(monkeypatch, shape):
+    """torch's CPU sum of a lone row of 32768 elements or more is split across threads, a batch's rows are
+    not: the reference sums a row in the kernels' tiles, so one row alone gets the rollout's floats."""
+    monkeypatch.setenv("DENSEGRPO_KERNELS", "reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x, v, noise, sigma, sigma_next, std = make_step(shape, torch.float32)
+        out, log_prob, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+        for r in range(shape[0]):
+            one, _ = sde_log_prob(x[r : r + 1], v[r : r + 1], out[r : r + 1], sigma[r : r + 1],
+                                  sigma_next[r : r + 1], std[r : r + 1])  # fmt: skip
+            assert torch.equal(one, log_prob[r : r + 1]), r
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("shape", [(3, 16, 64, 64), (37, 3, 5, 7), (4, 1, 33)])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sde_log_prob_and_kl_match_float64(backend, poisoned, shape, dtype):
