@@ -10,28 +10,33 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a tmp file beside it, then a rename): the run
-    directory's records a resume reads back (config, psi table, metrics, evaluation files)."""
+def write_atomic(path: Path, write) -> Path:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a tmp file beside it (named by this process,
+    so two jobs writing one path never share it), whose data is synced to the disk before the rename (a
+    crash of the host, not only of the process, leaves the old file or the new one, never an empty one). A
+    failed write (a full disk) leaves no tmp file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run_dir: Path, state: dict) -> Path:
-    """Write ``state`` to run_dir/checkpoint.pt atomically (a kill mid-write leaves the previous one)."""
-    path = run_dir / CHECKPOINT
-    tmp = path.with_suffix(f".pt.{os.getpid()}.tmp")  # (two jobs on one directory never share a tmp file)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: no checkpoint-sized leftover
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_atomic` of ``text``: the run directory's records a resume reads back (config, psi table,
+    metrics, evaluation files)."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_checkpoint(run_dir: Path, state: dict) -> Path:
+    """Write ``state`` to run_dir/checkpoint.pt atomically (a kill mid-write leaves the previous one)."""
+    return write_atomic(run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path) -> dict | None:

@@ -141,7 +141,7 @@ def _start_wandb(run_dir: Path, settings, config: dict | None, resume: bool):
             "WANDB_API_KEY), or set run.wandb.mode=offline and upload later with `wandb sync "
             f"{run_dir / 'wandb'}/offline-run-*`; or set run.wandb.enabled=false"
         ) from e
-    id_file.write_text(run.id + "\n")
+    write_text_atomic(id_file, run.id + "\n")
     run.define_metric("iteration")
     run.define_metric("*", step_metric="iteration")
     return run

@@ -247,6 +247,24 @@ def test_missing_weights_are_named_with_the_fix(sd3_dir, tmp_path):
     assert "hf download stabilityai/stable-diffusion-3.5-medium" in msg and "model.checkpoint" in msg
 
 
+def test_the_shards_checked_are_the_variant_free_indexs(tmp_path):
+    """from_pretrained (no variant) loads the shards of x.safetensors.index.json, not of an fp16 variant's
+    index, which sorts before it by name."""
+    import json
+
+    from densegrpo_fast.policies.pretrained import missing_parts
+
+    (tmp_path / "model_index.json").write_text("{}")
+    folder = tmp_path / "transformer"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for index, shard in [("diffusion_pytorch_model.fp16", "half-1.safetensors"),
+                         ("diffusion_pytorch_model", "full-1.safetensors")]:  # fmt: skip
+        (folder / f"{index}.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    (folder / "half-1.safetensors").write_bytes(b"")
+    assert missing_parts(tmp_path, {"transformer": "model"}) == ["transformer/full-1.safetensors"]
+
+
 def test_the_download_hint_fetches_only_the_pipelines_folders(tmp_path):
     """The hint's patterns, read as ``hf download`` reads them (one value per ``--include``, filtered by
     huggingface_hub's own matcher), take the diffusers folders and leave the single-file checkpoints."""

@@ -678,6 +678,25 @@ def test_psi_tables_that_leave_a_step_without_noise_or_came_from_other_completio
         setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=extra), progress=False)
 
 
+def test_an_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    from densegrpo_fast.checkpoint import write_atomic, write_text_atomic
+
+    path = tmp_path / "psi.json"
+    write_text_atomic(path, "old")
+
+    def full_disk(tmp):
+        tmp.write_text("half of the n")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomic(path, full_disk)
+    assert path.read_text() == "old" and sorted(tmp_path.iterdir()) == [path]  # (and no tmp file)
+    other = tmp_path / "psi.json.1.tmp"  # another job's write of the same path, in progress: untouched
+    other.write_text("another job's")
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and other.read_text() == "another job's"
+
+
 def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1)
     train(cfg, progress=False)

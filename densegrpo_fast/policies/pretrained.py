@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from densegrpo_fast.checkpoint import write_atomic
 from densegrpo_fast.policies.base import run_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -68,7 +69,8 @@ def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
             missing.append(f"{name}/{config}")
         if kind != "model":
             continue
-        indexes = sorted(folder.glob("*.index.json"))
+        # the variant-free index first (an x.fp16.safetensors.index.json names shards from_pretrained skips)
+        indexes = sorted(folder.glob("*.index.json"), key=lambda p: (p.name.count("."), p.name))
         if indexes:
             shards = sorted(set(json.loads(indexes[0].read_text())["weight_map"].values()))
             missing += [f"{name}/{s}" for s in shards if not (folder / s).is_file()]
@@ -317,9 +319,7 @@ class DiffusersPolicy:
         meta = {"family": self.family, "config": self.transformer.to_json_string(),
                 **{k: str(v) for k, v in (metadata or {}).items()}}  # fmt: skip
         state = {k: v.detach().contiguous().cpu() for k, v in self.transformer.state_dict().items()}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     def save_lora(self, directory: str | Path, state: dict[str, torch.Tensor], scale: float) -> Path:
         """Write LoRA weights ``state`` (peft names, as ``get_peft_model_state_dict`` gives them) in

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from densegrpo_fast.checkpoint import write_atomic
 from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity, run_dtype
 from densegrpo_fast.toy import world
 
@@ -166,9 +167,7 @@ class ToyPolicy(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"arch": json.dumps(asdict(self.arch)), **{k: str(v) for k, v in (metadata or {}).items()}}
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        save_file(state, str(tmp), metadata=meta)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: torch.device | str = "cpu") -> ToyPolicy:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from densegrpo_fast.checkpoint import write_atomic
 from densegrpo_fast.config import dump_config, load_config
 from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
 from densegrpo_fast.toy.config import PretrainSection, ToyPretrainConfig
@@ -76,9 +76,7 @@ def _init_weights(path: str, arch: ToyArch) -> dict[str, torch.Tensor]:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _ema_policy(policy: ToyPolicy, ema: dict[str, torch.Tensor]) -> ToyPolicy:
