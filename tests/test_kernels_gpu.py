@@ -5,7 +5,7 @@ Run by benchmarks/gpu_suite.sh on a GPU machine; the CPU tier covers the same ma
 
 import pytest
 import torch
-from test_kernels_sde import eager_step_same_dtype, make_step
+from test_kernels_sde import MIXED, eager_step_same_dtype, make_step
 from tolerances import assert_close_by_rule
 
 from densegrpo_fast.kernels import (
@@ -49,6 +49,22 @@ def test_compiled_sde_step_and_log_prob(dtype, shape):
     with_kl, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, ref_velocity=noise)
     assert torch.equal(with_kl, lp)
     idx = torch.tensor([shape[0] - 1, 0], device="cuda")  # a training micro-batch of the rollout's rows
+    part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
+    assert torch.equal(part, lp[idx])
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t).removeprefix("torch.") for t in d))
+def test_compiled_on_policy_exactness_with_mixed_dtypes(dtypes):
+    """Compiled kernels group a row's partial sums by their narrowest latent load (``_common.widened``): with
+    mixed dtypes sde_step and sde_log_prob must still add in one order."""
+    x_dt, v_dt, noise_dt, ref_dt = dtypes
+    x, v, noise, sigma, sigma_next, std = cuda(*make_step((24, 16, 64, 64), torch.float32, ode_rows=(1,)))
+    x, v, noise = x.to(x_dt), v.to(v_dt), noise.to(noise_dt)
+    out, lp, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+    again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
+    with_kl, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, ref_velocity=(0.9 * v.float()).to(ref_dt))
+    assert torch.equal(again, lp) and torch.equal(with_kl, lp)
+    idx = torch.tensor([23, 0], device="cuda")
     part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
     assert torch.equal(part, lp[idx])
 

@@ -169,6 +169,31 @@ def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
     assert torch.equal(torch.exp(again - log_prob), torch.ones_like(log_prob))
 
 
+# (sample, velocity, noise, ref_velocity) dtypes a trainer may hand in: fp32 latents with a bf16 model's
+# velocity, bf16 latents with an fp32 velocity, noise or a reference velocity narrower than both
+MIXED = [
+    (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32),
+    (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.bfloat16, torch.float16, torch.float16),
+]
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: "-".join(str(t).removeprefix("torch.") for t in d))
+def test_on_policy_exactness_with_mixed_dtypes(backend, dtypes):
+    x_dt, v_dt, noise_dt, ref_dt = dtypes
+    x, v, noise, sigma, sigma_next, std = make_step((5, 3, 17, 9), torch.float32, ode_rows=(1,))
+    x, v, noise = x.to(x_dt), v.to(v_dt), noise.to(noise_dt)
+    out, log_prob, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+    assert out.dtype == x_dt
+    again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std)
+    with_kl, kl = sde_log_prob(x, v, out, sigma, sigma_next, std, ref_velocity=(0.9 * v.float()).to(ref_dt))
+    assert torch.equal(again, log_prob) and torch.equal(with_kl, log_prob) and kl[2:].gt(0).all()
+    idx = torch.tensor([4, 0])
+    part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
+    assert torch.equal(part, log_prob[idx])
+
+
 @pytest.mark.parametrize("shape", [(4, 16, 128, 128), (4, 4096, 64)])  # SD3.5-M at 1024 px, FLUX at 1024
 def test_a_micro_batch_of_one_row_reproduces_the_rollout_on_several_threads(monkeypatch, shape):
     """torch's CPU sum of a lone row of 32768 elements or more is split across threads, a batch's rows are
