@@ -367,11 +367,18 @@ def _add_serve_reward(sub) -> None:
         help="request bodies held at once, waiting or scoring; past it a request waits before its body is "
         "read (default 4x --max-request-mb)",
     )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="where the images are scored, e.g. cuda:1 (default: the GPU when there is one, else the CPU); a "
+        "model reward without a device keyword of its own follows them",
+    )
 
     def handler(args):
         from densegrpo_fast.rewards.server import serve
 
-        serve(args.reward, args.kwargs, args.host, args.port, args.max_request_mb, args.max_waiting_mb)
+        serve(args.reward, args.kwargs, args.host, args.port, args.max_request_mb, args.max_waiting_mb,
+              args.device)  # fmt: skip
 
     p.set_defaults(handler=handler)
 

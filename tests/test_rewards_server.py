@@ -378,6 +378,20 @@ def test_reward_errors_4xx_are_final_5xx_are_retried_unless_the_server_says_not(
     assert calls == [1]
 
 
+def test_the_server_scores_on_its_device_and_refuses_one_this_machine_lacks():
+    from densegrpo_fast.rewards.server import serve
+
+    seen = []
+    with serving(
+        lambda images, prompts: seen.append(images.device) or torch.zeros(len(prompts)), device="cpu"
+    ) as s:
+        build_reward("remote", url=s.url)(_images(2), ["a", "b"])
+    assert seen == [torch.device("cpu")]
+    if not torch.cuda.is_available():  # (checked before the reward is built)
+        with pytest.raises(ValueError, match=r"--device='cuda', but this torch .* sees no CUDA device"):
+            serve("redness", {}, "127.0.0.1", 0, 1.0, device="cuda")
+
+
 def test_a_server_never_started_stops_at_once():
     import threading
 
@@ -447,7 +461,8 @@ def test_serve_reward_command(tmp_path):
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
-    assert f"serving reward 'jpeg_incompressibility' at http://127.0.0.1:{port}" in out
+    where = "cuda" if torch.cuda.is_available() else "cpu"  # (the default: the GPU when there is one)
+    assert f"serving reward 'jpeg_incompressibility' on {where} at http://127.0.0.1:{port}" in out
     bad = subprocess.run([*cmd, "--kwargs", "{quality: 50}", "--port", "1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "is not JSON" in bad.stderr
 

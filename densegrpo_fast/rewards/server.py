@@ -240,6 +240,7 @@ class RewardServer(ThreadingHTTPServer):
         max_request_bytes: int = 512 * _MIB,
         body_deadline_s: float = 600.0,
         max_waiting_bytes: int | None = None,
+        device: str = "cpu",
     ):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={max_request_bytes} must be positive")
@@ -259,6 +260,7 @@ class RewardServer(ThreadingHTTPServer):
             )
             raise ValueError(f"cannot serve at {host}:{port} ({e.strerror or e}): {fix}") from None
         self.reward, self.name, self.max_request_bytes = reward, name, int(max_request_bytes)
+        self.device = torch.device(device)  # where the images go: a model reward follows them there
         self.body_deadline_s = float(body_deadline_s)
         self.max_waiting_bytes, self._waiting_bytes = max_waiting_bytes, 0
         self._room = threading.Condition()
@@ -292,7 +294,7 @@ class RewardServer(ThreadingHTTPServer):
         with self._lock, torch.no_grad():
             if gone is not None and gone():
                 raise ClientGone
-            x = images.float().div_(255)  # the inverse of the client's round(255 * x)
+            x = images.to(self.device).float().div_(255)  # the inverse of the client's round(255 * x)
             out = self.reward(x, prompts)
         out = torch.as_tensor(out)
         if out.shape != (len(prompts),):
@@ -331,8 +333,15 @@ def serve(
     port: int,
     max_request_mb: float,
     max_waiting_mb: float | None = None,
+    device: str | None = None,
 ) -> None:
-    """Build the reward and serve it until interrupted (the ``serve-reward`` command)."""
+    """Build the reward and serve it until interrupted (the ``serve-reward`` command). ``device``: where the
+    images are scored (None: the GPU when there is one); a model reward without its own ``device`` keyword
+    follows the images there."""
+    from densegrpo_fast.distributed import check_device
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, "--device")
     if max_request_mb <= 0:
         raise ValueError(f"--max-request-mb={max_request_mb} must be positive")
     if max_waiting_mb is None:
@@ -351,11 +360,12 @@ def serve(
         port=port,
         max_request_bytes=int(max_request_mb * _MIB),
         max_waiting_bytes=int(max_waiting_mb * _MIB),
+        device=device,
     )
     if host not in ("127.0.0.1", "localhost"):
         logger.warning("serving on %s: the reward server has no authentication; use a trusted network", host)
     print(
-        f"serving reward {reward!r} at {server.url} (POST /score, GET /health); Ctrl-C stops once the requests "
+        f"serving reward {reward!r} on {device} at {server.url} (POST /score, GET /health); Ctrl-C stops once the requests "
         "in flight are answered",
         flush=True,
     )
