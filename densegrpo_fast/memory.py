@@ -184,6 +184,10 @@ class LiveBytes(TorchDispatchMode):
         if t.device.type != "meta":
             self.track_storage(storage_of(t))
 
+    def counted(self, storage) -> int:
+        """The bytes this counter booked for ``storage`` (0 if it was not allocated under it)."""
+        return self._seen[storage][0] if storage in self._seen else 0
+
     def track_storage(self, storage) -> None:
         if storage in self._seen:
             return
@@ -287,6 +291,13 @@ def _signature(args, kwargs) -> tuple:
     return (str(spec), tuple(key), torch.is_grad_enabled())
 
 
+def _autocast_state() -> tuple:
+    """Whether autocast is on, and to what dtype, per device type: the rollout's calls run under
+    ``model.autocast``, the KL reference's and the evaluation's (of the same shapes) do not, and allocate and
+    return other dtypes."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cuda", "cpu"))
+
+
 class _StubGrad(torch.autograd.Function):
     """Puts a stubbed call's outputs on the autograd graph, after its tensor ``inputs`` (those the graph keeps,
     flagged in ``keep``, and those that need gradients, such as a transformer block's hidden states). ``kept``
@@ -363,7 +374,7 @@ class Stub:
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        key = (*_signature(args, kwargs), self._adapter_state(), self._accumulates())
+        key = (*_signature(args, kwargs), self._adapter_state(), self._accumulates(), _autocast_state())
         if key not in self.profiles:
             self.profiles[key] = self._profile(args, kwargs)
         profile = self.profiles[key]
@@ -417,7 +428,11 @@ class Stub:
                 with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                     out = self._forward(*fake_args, **fake_kwargs)
                 outs = [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
-                out_bytes = sum(storage_of(o).nbytes() for o in outs)
+                # each output storage once (FLUX's single blocks return two views of one tensor), and only
+                # what the call allocated (an output may view an input)
+                out_bytes = sum(
+                    counter.counted(st) for st in {id(st): st for st in map(storage_of, outs)}.values()
+                )
                 forward_peak, kept = counter.peak, max(counter.live - out_bytes, 0)
                 backward_peak = 0
                 grads_out = [o for o in outs if o.requires_grad]
@@ -873,7 +888,8 @@ def _iterations(
                     scorer = None
                     if notes is not None:
                         notes.append(
-                            f"the reward failed on fake images and is not counted ({type(e).__name__}: {e})"
+                            f"the reward's calls failed on fake images and are not counted, its weights are "
+                            f"({type(e).__name__}: {e})"
                         )
             return torch.rand(images.shape[0], generator=gen)
 
@@ -1356,16 +1372,19 @@ def run_memory(
         notes += est.notes
         informative = []  # notes that explain the table, not something it leaves out
         if sharded:
+            kl = " and its KL reference" if cfg.grpo.beta > 0 else ""
             informative.append(
-                "the weights rows are the whole models'; this process holds its FSDP2 shards of the "
-                "transformer and its KL reference (the trained weights row: fp32), and the phases count those"
+                f"the weights rows are the whole models' but for the trained weights row, this process's fp32 "
+                f"shard; this process holds its FSDP2 shards of the transformer{kl}, and the phases count those"
             )
             notes.append(informative[-1])
             trained = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
+            per = 16 if cfg.ema.enabled else 12  # (fp32 weights, AdamW's two moments, the EMA)
+            ema = " and the EMA" if cfg.ema.enabled else ""
             notes.append(
                 f"host memory, not counted above: each checkpoint gathers the whole fp32 weights, AdamW's two "
-                f"moments and the EMA on rank 0's host, about {16 * trained / GIB:.0f} GiB "
-                f"({trained / 1e9:.2f} B trained parameters x 16 bytes); the export at the end gathers "
+                f"moments{ema} on rank 0's host, about {per * trained / GIB:.0f} GiB "
+                f"({trained / 1e9:.2f} B trained parameters x {per} bytes); the export at the end gathers "
                 f"{4 * trained / GIB:.0f} GiB"
             )
         if processes == 1:

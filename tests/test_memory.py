@@ -561,6 +561,54 @@ def test_a_stub_counts_a_backward_as_the_call_does(checkpointed):
         assert want <= peak <= want + 3 * 8 * 100 * 4
 
 
+class _Halves(torch.nn.Module):
+    """Returns two views of one new tensor, as FLUX's single transformer blocks do."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(100, 200)
+
+    def forward(self, x):
+        g = torch.nn.functional.gelu(self.lin(x))  # (GELU keeps its input for the backward)
+        return g[:, :100], g[:, 100:]
+
+
+def test_a_stub_counts_outputs_that_share_one_storage_once():
+    mode = new_fake_mode()
+
+    def live_after_forward(stubbed: bool) -> int:
+        torch.manual_seed(0)
+        with mode:
+            net, x = _Halves(), torch.randn(8, 100)
+        t = LiveBytes()
+        stub = Stub(net, "net", t, mode) if stubbed else None
+        with t:
+            outs = net(x)
+            live = t.live
+        del outs
+        if stub is not None:
+            stub.restore()
+        return live
+
+    assert live_after_forward(stubbed=True) == live_after_forward(stubbed=False) == 2 * 8 * 200 * 4
+
+
+def test_a_stub_profiles_a_call_under_autocast_apart_from_one_without():
+    """The rollout's calls run under model.autocast, the KL reference's and the evaluation's do not: a call of
+    the same shapes must not take the other's profile (its dtypes and its bytes)."""
+    mode = new_fake_mode()
+    with mode:
+        net, x = torch.nn.Linear(100, 100), torch.randn(8, 100)
+    t = LiveBytes()
+    stub = Stub(net, "net", t, mode)
+    with t, torch.no_grad():
+        with torch.autocast("cpu", torch.bfloat16):
+            low = net(x)
+        full = net(x)
+    stub.restore()
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32 and len(stub.profiles) == 2
+
+
 def _estimate(checkpoint, tmp_path, extra, origins=False):
     """The estimate of the tiny run with ``extra`` overrides."""
     cfg = _config(checkpoint, tmp_path, "fp32", extra)
@@ -706,7 +754,10 @@ def test_a_reward_that_fails_on_fake_images_is_noted_not_dropped(sd3_dir, tmp_pa
 
     cfg = _config(sd3_dir, tmp_path, "fp32")
     est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], reward_fn=reads_pixels)
-    assert any(n.startswith("the reward failed on fake images and is not counted") for n in est.notes)
+    assert any(
+        n.startswith("the reward's calls failed on fake images and are not counted, its weights are")
+        for n in est.notes
+    )
 
 
 def test_the_memory_command_leaves_no_work_folder_when_it_fails(sd3_dir, tmp_path, monkeypatch):
