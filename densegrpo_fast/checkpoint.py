@@ -28,6 +28,30 @@ def write_atomic(path: Path, write) -> Path:
     return path
 
 
+def remove_stale_tmp(folder: Path) -> None:
+    """Remove the tmp files of :func:`write_atomic` in ``folder`` whose writer no longer runs (a write cut by
+    a SIGKILL: a checkpoint, an export, several GB each); another live job's write in progress stays."""
+    for leftover in Path(folder).glob("*.*.tmp"):
+        if not _process_alive(leftover.name.rsplit(".", 2)[1]):
+            leftover.unlink(missing_ok=True)
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (a tmp file's writer) runs on this machine. (A writer killed whose pid another
+    process has taken since, after a container restart, keeps its file: rare, and safe.)"""
+    try:
+        if int(pid) == os.getpid():  # this process has written nothing yet: a leftover of an earlier one
+            return False
+        os.kill(int(pid), 0)
+    except ValueError:  # (not a pid: not a tmp file of ours)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """:func:`write_atomic` of ``text``: the run directory's records a resume reads back (config, psi table,
     metrics, evaluation files)."""

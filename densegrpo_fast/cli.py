@@ -370,8 +370,8 @@ def _add_serve_reward(sub) -> None:
     p.add_argument(
         "--device",
         default=None,
-        help="where the images are scored, e.g. cuda:1 (default: the GPU when there is one, else the CPU); a "
-        "model reward without a device keyword of its own follows them",
+        help="where the images are scored, e.g. cuda:1 (default: the GPU when there is one and the reward "
+        "holds a torch model, else the CPU); a model reward without a device keyword of its own follows them",
     )
 
     def handler(args):

@@ -248,25 +248,49 @@ def check_same(d: Dist, value, what: str, fix: str) -> None:
 
 def check_same_config(d: Dist, cfg, files: tuple[str, ...] = ()) -> None:
     """Raise on every rank unless every rank was given rank 0's config (each setting, paths included), runs
-    the same densegrpo-fast and torch versions, and finds the same bytes in the files that the settings
-    ``files`` name (prompt datasets; ``toy:`` splits are generated, not read). A node launched with another
-    config file or override, or holding another copy of a dataset, would otherwise train apart from the
-    others, or wait in a collective the others never reach."""
+    the same densegrpo-fast (version and sources) and torch version, and finds the same bytes in the files
+    that the settings ``files`` name (prompt datasets; ``toy:`` splits are generated, not read). A node
+    launched with another config file or override, or another checkout, or holding another copy of a dataset,
+    would otherwise train apart from the others, or wait in a collective the others never reach."""
     if not d.enabled:
         return
     import densegrpo_fast
 
-    mine = {"densegrpo_fast version": densegrpo_fast.__version__, "torch version": torch.__version__}
+    mine = {"densegrpo_fast version": densegrpo_fast.__version__, "torch version": torch.__version__,
+            "densegrpo_fast sources (sha256)": _source_digest()}  # fmt: skip
     mine |= _flat(cfg.model_dump(mode="json"))
     for key in files:
         path = Path(mine[key])
         if path.is_file():
-            mine[f"{key} (the file's sha256)"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            mine[f"{key} (the file's sha256)"] = _file_digest(path)
     fix = (
         "launch every process with the same config file, overrides and package versions, and give every node "
         "the same files at the same paths (a node that keeps them elsewhere can link them there)"
     )
     check_same(d, mine, "the config", fix)
+
+
+def _source_digest() -> str:
+    """sha256 of this package's Python sources, the kernels' included: two checkouts of different commits
+    differ, whatever ``__version__`` says."""
+    import densegrpo_fast
+    import densegrpo_fast.kernels
+
+    h = hashlib.sha256()
+    for module in (densegrpo_fast, densegrpo_fast.kernels):
+        root = Path(module.__file__).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{module.__name__}/{f.relative_to(root).as_posix()}\n".encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

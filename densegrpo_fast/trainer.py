@@ -15,7 +15,6 @@ import contextlib
 import copy
 import functools
 import math
-import os
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ from densegrpo_fast.checkpoint import (
     load_checkpoint,
     load_trainable_state,
     own_optimizer_state,
+    remove_stale_tmp,
     save_checkpoint,
     trainable_state,
 )
@@ -383,26 +383,8 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in run_dir.glob("checkpoint.pt.*.tmp"):  # a write killed mid-way (SIGKILL: no cleanup ran)
-        if not _process_alive(leftover.name.split(".")[2]):  # (not another live job's write in progress)
-            leftover.unlink(missing_ok=True)
+    remove_stale_tmp(run_dir)  # (a checkpoint or an export that a SIGKILL cut: no cleanup ran)
     dump_config(cfg, run_dir / "config.yaml")
-
-
-def _process_alive(pid: str) -> bool:
-    """Whether process ``pid`` (a checkpoint tmp file's writer) runs on this machine. (A writer killed whose
-    pid another process has taken since, after a container restart, keeps its file: rare, and safe.)"""
-    try:
-        if int(pid) == os.getpid():  # this process has written nothing yet: a leftover of an earlier one
-            return False
-        os.kill(int(pid), 0)
-    except ValueError:  # (not a pid: not a tmp file of ours)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 def _open_log(cfg: TrainConfig, run_dir: Path, resume: bool) -> MetricsLog:

@@ -53,6 +53,12 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
     with pytest.raises(RuntimeError, match=r"the config differs between rank 0 and rank\(s\) \[1\] \(optim.lr: "
                        r"0.0001 on rank 0, 0.0002 on rank 1\): launch every process with the same config"):  # fmt: skip
         setup(lr, progress=False, policy=policy)
+    real = distributed._source_digest  # another checkout on one node
+    distributed._source_digest = lambda: real() if d.rank == 0 else "another checkout"
+    with pytest.raises(RuntimeError, match=r"\(densegrpo_fast sources \(sha256\): '[0-9a-f]{64}' on rank 0, "
+                       r"'another checkout' on rank 1\)"):  # fmt: skip
+        setup(cfg_of(sys.argv[2], sys.argv[3], iterations=1), progress=False, policy=policy)
+    distributed._source_digest = real
     own = Path(sys.argv[3]) / f"rank{d.rank}"
     own.mkdir()
     (own / "prompts.txt").write_text(f"a prompt of rank {d.rank}\n")

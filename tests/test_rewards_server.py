@@ -266,6 +266,17 @@ def test_answers_that_are_not_the_protocol_are_clear_errors(health, score, reaso
         build_reward("remote", url=url, **FAST)(_images(2), ["a", "b"])
 
 
+def test_a_proxys_502_for_a_server_that_is_down_asks_whether_it_runs():
+    answers = [
+        (200, b'{"status": "ok"}'),
+        (502, b"<html>bad gateway</html>"),
+        (502, b"<html>bad gateway</html>"),
+    ]
+    with _fake_server(answers) as url, pytest.raises(RemoteRewardError) as e:
+        build_reward("remote", url=url, **FAST)(_images(2), ["a", "b"])
+    assert "did not answer after 2 attempt(s) (last: 502: Bad Gateway). Is it running?" in str(e.value)
+
+
 def test_health_gives_up_quickly_on_a_server_that_never_answers(monkeypatch):
     monkeypatch.setattr(remote, "HEALTH_TIMEOUT_S", 0.2)
     with socket.socket() as listener:  # connections are accepted by the kernel, never answered
@@ -363,9 +374,9 @@ def test_reward_errors_4xx_are_final_5xx_are_retried_unless_the_server_says_not(
         failures[:] = [RuntimeError("CUDA out of memory")] * 2  # 500 on every attempt: the server runs
         with pytest.raises(RemoteRewardError) as e:
             client(_images(2), ["a", "b"])
-        assert "failed on each of 2 attempt(s) (last: 500: " in str(e.value) and "Is it running" not in str(
+        assert "failed after 2 attempt(s) (the last answered 500: " in str(
             e.value
-        )
+        ) and "Is it running" not in str(e.value)
         assert "CUDA out of memory" in str(e.value) and "see the server's log" in str(e.value)
 
     calls = []  # a reward that breaks its contract fails the same way every time: not retried

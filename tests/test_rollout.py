@@ -53,9 +53,9 @@ def test_in_flight_completions_equal_plain_completions(policy, cond, n, batching
 
 @pytest.mark.parametrize("backend,max_rows", [("reference", None), ("triton", None), ("reference", 7)])
 def test_noise_free_step_gives_zero_step_reward_exactly(policy, cond, backend, max_rows, monkeypatch):
-    """An ODE step inside the rollout changes nothing the completion would not: dR = 0 bit for bit, on
-    either kernel backend and however the calls split the rows (7 rows a call: lat[1]'s completion and
-    lat[2] would get their velocities in calls of other sizes, 1e-7 apart). No completion starts there."""
+    """An ODE step inside the rollout changes nothing the completion would not: no completion starts there
+    (7 rows a call would give lat[1]'s completion and lat[2] their velocities in calls of other sizes, 1e-7
+    apart), so it shares the next latent's clean latent and dR = 0 bit for bit, on either kernel backend."""
     monkeypatch.setenv("DENSEGRPO_KERNELS", backend)
     levels = [0.7, 0.0, 0.7, 0.0, 0.7, 0.7]
     ro = run(policy, cond, make_schedule(6, 3.0, levels), max_rows_per_call=max_rows)

@@ -885,11 +885,13 @@ def test_a_checkpoint_must_hold_every_trained_parameter_and_a_killed_writes_tmp_
     with pytest.raises(ValueError, match=r"holds 1 parameters this model lacks \(e.g. 'other'\)"):
         checkpoint.check_trainable_names(model, {"weight": torch.zeros(2, 2), "other": torch.zeros(1)})
     (tmp_path / "checkpoint.pt.4194399.tmp").write_bytes(b"half of a checkpoint a SIGKILL cut")  # (> pid_max)
+    (tmp_path / "policy_ema.safetensors.4194399.tmp").write_bytes(b"half an export")
     live = tmp_path / f"checkpoint.pt.{os.getppid()}.tmp"  # a live process's write in progress
     (tmp_path / f"checkpoint.pt.{os.getpid()}.tmp").write_bytes(b"this process has written nothing yet")
     live.write_bytes(b"being written")
+    (tmp_path / "notes.v2.tmp").write_text("not a tmp file of ours")
     _start_run_dir(load_config(TrainConfig, CONFIG, []), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.yaml", "notes.v2.tmp"]
 
 
 def test_fp32_weights_resumed_into_a_bf16_model_warn():

@@ -115,13 +115,14 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
     return images, prompts
 
 
-def _server_error(e: urllib.error.HTTPError) -> tuple[str, bool]:
-    """The error's message and whether a retry may help (``"retry": false`` in the body says it cannot)."""
+def _server_error(e: urllib.error.HTTPError) -> tuple[str, bool, bool]:
+    """The error's message, whether a retry may help (``"retry": false`` in the body says it cannot), and
+    whether a reward server wrote it (a JSON ``error``: not, e.g., a proxy's 502 for a server that is down)."""
     try:
         answer = json.loads(e.read())
-        return str(answer["error"]), answer.get("retry", True) is not False
+        return str(answer["error"]), answer.get("retry", True) is not False, True
     except Exception:  # not our server, or no JSON body: the status line is all there is
-        return e.reason or "", True
+        return e.reason or "", True, False
 
 
 def backoff(first_s: float, attempt: int, rng: random.Random | None = None) -> float:
@@ -232,7 +233,7 @@ class RemoteReward:
         for attempt in range(self.retries + 1):
             if attempt:
                 time.sleep(backoff(self.backoff_s, attempt))
-            answered = False  # (True: this attempt got an error status from a server that runs)
+            answered = False  # (True: this attempt got an error from the reward server itself, which runs)
             request = urllib.request.Request(
                 url, data=body, headers=headers, method="GET" if body is None else "POST"
             )
@@ -240,7 +241,7 @@ class RemoteReward:
                 with self._opener.open(request, timeout=timeout) as response:
                     out = json.loads(response.read())
             except urllib.error.HTTPError as e:  # the server answered with an error status
-                message, retry = _server_error(e)
+                message, retry, ours = _server_error(e)
                 if e.code == 413:
                     raise RemoteRewardError(
                         f"reward server at {url} refused a {len(body or b'')}-byte request as too large "
@@ -256,7 +257,7 @@ class RemoteReward:
                         f"reward server at {url} failed ({e.code}: {message}); not retried: the same request "
                         "would fail again (fix the reward, see the server's log)"
                     ) from None
-                last, answered = f"{e.code}: {message}", True
+                last, answered = f"{e.code}: {message}", ours
             except TimeoutError:  # (raised bare once connected: the answer did not come in time)
                 if body is not None:
                     raise RemoteRewardError(
@@ -284,8 +285,8 @@ class RemoteReward:
                 return out
         if answered:
             raise RemoteRewardError(
-                f"reward server at {url} failed on each of {self.retries + 1} attempt(s) (last: {last}): the "
-                "server runs, its reward fails; see the server's log for the cause"
+                f"reward server at {url} failed after {self.retries + 1} attempt(s) (the last answered {last}): "
+                "the server runs, its reward fails; see the server's log for the cause"
             )
         raise RemoteRewardError(
             f"reward server at {url} did not answer after {self.retries + 1} attempt(s) (last: {last}). "

@@ -336,12 +336,12 @@ def serve(
     device: str | None = None,
 ) -> None:
     """Build the reward and serve it until interrupted (the ``serve-reward`` command). ``device``: where the
-    images are scored (None: the GPU when there is one); a model reward without its own ``device`` keyword
-    follows the images there."""
-    from densegrpo_fast.distributed import check_device
+    images are scored (None: the GPU when there is one and the reward holds a torch model, else the CPU); a
+    model reward without its own ``device`` keyword follows the images there."""
+    from densegrpo_fast.distributed import check_device, weights_of
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device, "--device")
+    if device is not None:
+        check_device(device, "--device")  # (before the reward loads its weights)
     if max_request_mb <= 0:
         raise ValueError(f"--max-request-mb={max_request_mb} must be positive")
     if max_waiting_mb is None:
@@ -353,6 +353,8 @@ def serve(
         )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     fn = load_reward(reward, kwargs)
+    if device is None:  # (a reward without a model, JPEG sizes or OCR's own, stays off the GPU)
+        device = "cuda" if torch.cuda.is_available() and weights_of(fn) else "cpu"
     server = RewardServer(
         fn,
         name=reward,

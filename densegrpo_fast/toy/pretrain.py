@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from densegrpo_fast.checkpoint import write_atomic
+from densegrpo_fast.checkpoint import remove_stale_tmp, write_atomic
 from densegrpo_fast.config import dump_config, load_config
 from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
 from densegrpo_fast.toy.config import PretrainSection, ToyPretrainConfig
@@ -141,6 +141,7 @@ def pretrain(cfg: ToyPretrainConfig, progress: bool = True) -> Path:
     torch.set_num_threads(t.num_threads)
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out)
     state_path = out / "state.pt"
     arch = arch_from_config(cfg)
 
