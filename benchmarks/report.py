@@ -233,8 +233,9 @@ def estimate_section(estimates: list[Path], iterations: list[Path]) -> str:
                 for k in ("setup", "encode", "rollout", "reward", "update", "evaluation", "export")
                 if k in ph
             }
-            if peaks:
-                measured[r["family"]] = peaks
+            # (the optional merged-rollout run's file holds its set-up alone: it must not stand for the family)
+            if peaks and "merged_rollout" not in r:
+                measured.setdefault(r["family"], peaks)
     out = [
         "\n### Memory estimate on the CPU against the measured peak\n",
         "`densegrpo-fast memory --json` with the run's settings (fake weights, the trainer's own code, on this "

@@ -92,3 +92,23 @@ def test_a_csv_with_other_columns_is_not_rewritten(tmp_path, monkeypatch):
     path.write_text("")  # an empty file gets the header
     conftest._append(_row("triton", "1.2", "1.0"))
     assert path.read_text().splitlines()[0] == ",".join(conftest.COLUMNS)
+
+
+def test_the_memory_table_keeps_the_measured_run_beside_the_merged_rollout_run(tmp_path):
+    """gpu_suite.sh hands report.py the optional merged-rollout run's JSON after the SD3.5-M run's: it holds
+    a set-up alone and must not replace the run's phases."""
+    import json
+
+    import report
+
+    run = {"family": "sd3", "load": {"setup": {"peak_allocated_gib": 20.0}},
+           "modes": {"dense": {"phases": {"rollout": {"peak_allocated_gib": 40.0}}}},
+           "end_of_run": {"phases": {"export": {"peak_allocated_gib": 18.0}}}}  # fmt: skip
+    merged = {"family": "sd3", "load": {"setup": {"peak_allocated_gib": 21.0}}, "merged_rollout": [{}]}
+    estimate = {"phases": {k: 2**30 for k in ("setup", "rollout + reward", "export")}}  # (bytes)
+    paths = []
+    for name, obj in [("real_sd3.json", run), ("merged.json", merged), ("estimate_sd3.json", estimate)]:
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(obj))
+    table = report.estimate_section([paths[2]], paths[:2])
+    assert "40.0" in table and "18.0" in table and "20.0" in table and "21.0" not in table
