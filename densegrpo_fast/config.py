@@ -97,10 +97,11 @@ def _format_error(model: type[BaseModel], err: dict) -> str:
             else f"valid keys: {', '.join(valid)}"
         )
         if len(loc) == 1 and model is not ToyPretrainConfig and loc[0] in ("arch", "train"):
-            hint = f"'{loc[0]}' is a section of the toy pretraining's config: run it with `densegrpo-fast pretrain-toy`"
+            hint = f"'{loc[0]}' is a section of the toy pretraining's config: run that with `pretrain-toy`"
         return f"{key}: unknown key; {hint}"
     if err["type"] == "missing" and loc[-1].isdigit():  # (a tuple given too few items: name the tuple)
-        return f"{'.'.join(loc[:-1])} = {err.get('input')!r}: too few values (the one at index {loc[-1]} is missing)"
+        where = ".".join(loc[:-1])
+        return f"{where} = {err.get('input')!r}: too few values (the one at index {loc[-1]} is missing)"
     msg = err["msg"].removeprefix("Value error, ")  # (a validator's own message says the rule and the fix)
     return f"{key} = {err.get('input')!r}: {msg}"
 
@@ -167,14 +168,11 @@ def parse_overrides(overrides: list[str]) -> dict:
                 )
                 break
         else:
-            if raw.strip() in (
-                "None",
-                "none",
-                "NONE",
-            ):  # (YAML reads it as the text 'None', a valid path or name)
+            if raw.strip() in ("None", "none", "NONE"):  # (YAML: the text 'None', a valid path or name)
+                k, v = key.strip(), raw.strip()
                 problems.append(
-                    f"override {item!r}: YAML reads {raw.strip()} as the text {raw.strip()!r}; write "
-                    f"{key.strip()}=null for no value (or quote it, {key.strip()}='\"{raw.strip()}\"', for the text)"
+                    f"override {item!r}: YAML reads {v} as the text {v!r}; write {k}=null for no value (or "
+                    f"quote it, {k}='\"{v}\"', for the text)"
                 )
                 continue
             try:

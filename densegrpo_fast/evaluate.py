@@ -120,9 +120,8 @@ def evaluate(
     _check_same_protocol(out / "protocol.json", protocol)
     scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's
     if scores_path.exists() and not (text := scores_path.read_text()).endswith("\n") and text:
-        write_text_atomic(
-            scores_path, text[: text.rfind("\n") + 1]
-        )  # a line cut short by a kill: scored again
+        # a line cut short by a kill: scored again
+        write_text_atomic(scores_path, text[: text.rfind("\n") + 1])
     distributed.barrier(d)  # (every rank reads every rank's file: after each has cut its own)
     done = _read_scores(out, rewards)
     _check_same_prompts(out, done, prompts)

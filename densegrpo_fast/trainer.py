@@ -1028,7 +1028,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     d = run.dist
     check_same_servers(d, {k: fns[f"eval_{k}"] for k in own})
     for k in own if d.enabled else ():  # each rank built these from its own files: the same weights?
-        fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on every node"
+        fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on each node"
         distributed.check_in_sync(
             d, distributed.weights_of(fns[f"eval_{k}"]), f"eval.rewards.{k}'s weights", fix, policy.device
         )

@@ -20,7 +20,8 @@ docstring has the full command), or a user factory ``make_reward(**kwargs)`` ret
 
 Any registry reward is served by name the same way, e.g. ``densegrpo-fast serve-reward --reward pickscore
 --kwargs '{"model": "/w/PickScore_v1", "processor": "/w/CLIP-H"}' --port 8087 --device cuda:1`` (to score on
-another GPU or machine; ``--device`` defaults to the machine's GPU), and used with ``reward: {name: remote, kwargs: {url: "http://127.0.0.1:8087"}}``.
+another GPU or machine; ``--device`` defaults to the GPU for a reward with a torch model), and used with
+``reward: {name: remote, kwargs: {url: "http://127.0.0.1:8087"}}``.
 
 Protocol (version 1). ``POST /score`` with a safetensors body: one tensor ``images`` uint8 [B, 3, H, W]
 (8-bit pixels: 4x smaller than float32 and what any image reward sees in a PNG anyway), and the safetensors

@@ -9,14 +9,14 @@ threads (``/health`` answers while a batch scores), and one lock lets one batch 
 reward's model never runs two batches at once. Requests larger than ``max_request_bytes`` get 413 before
 their body is read into memory (it is drained in 1 MiB pieces so that the client still receives the answer;
 a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must
-arrive within ``body_deadline_s``, or the request gets 408: a client that trickles bytes cannot hold a
-thread (the deadline is checked between reads; a client that stops sending altogether is dropped without an
-answer when one read has waited the handler's 120 s socket timeout, and its client retries). A request whose client has hung up (its timeout ran out) while the request waited for the reward is
-dropped unscored: an abandoned batch does not hold up the ones behind it. While a request waits its turn it
-holds its 8-bit images only (B x 3 x H x W bytes); the float copy the reward reads is made in its turn. The
-bodies held at once are capped by ``max_waiting_bytes`` (default 4x the request limit): a request past the cap
-waits before its body is read, and its client's send waits with it, so many ranks cannot fill the host's
-memory with queued batches.
+arrive within ``body_deadline_s``, or the request gets 408: a client that trickles bytes cannot hold a thread
+(the deadline is checked between reads; a client that stops sending altogether is dropped without an answer
+when one read has waited the handler's 120 s socket timeout, and its client retries). A request whose client
+has hung up (its timeout ran out) while the request waited for the reward is dropped unscored: an abandoned
+batch does not hold up the ones behind it. While a request waits its turn it holds its 8-bit images only (B x
+3 x H x W bytes); the float copy the reward reads is made in its turn. The bodies held at once are capped by
+``max_waiting_bytes`` (default 4x the request limit): a request past the cap waits before its body is read,
+and its client's send waits with it, so many ranks cannot fill the host's memory with queued batches.
 No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors
 and JSON only, never unpickled (see the protocol's docstring for why).
 """
@@ -318,9 +318,8 @@ class RewardServer(ThreadingHTTPServer):
         return self
 
     def stop(self) -> None:
-        if (
-            self._thread is not None
-        ):  # (shutdown() waits for serve_forever: it would wait forever if none ran)
+        # (shutdown() waits for serve_forever to end: it would wait forever for one that never ran)
+        if self._thread is not None:
             self.shutdown()
             self._thread.join()
         self.server_close()
@@ -367,8 +366,8 @@ def serve(
     if host not in ("127.0.0.1", "localhost"):
         logger.warning("serving on %s: the reward server has no authentication; use a trusted network", host)
     print(
-        f"serving reward {reward!r} on {device} at {server.url} (POST /score, GET /health); Ctrl-C stops once the requests "
-        "in flight are answered",
+        f"serving reward {reward!r} on {device} at {server.url} (POST /score, GET /health); Ctrl-C stops once "
+        "the requests in flight are answered",
         flush=True,
     )
     try:
