@@ -148,6 +148,19 @@ class _Whole(dict):
     """A mapping given whole on the command line (``reward.kwargs={}``): it replaces, never merges."""
 
 
+def flat(tree: dict, whole=frozenset(), prefix: str = "") -> dict:
+    """A nested dict (a config's ``model_dump``) as ``{"a.b.c": value}``; the dicts named in ``whole`` (and
+    empty ones) stay values."""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and name not in whole:
+            out.update(flat(value, whole, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["a.b=1", "c=[1, 2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
     tree: dict = {}

@@ -255,10 +255,11 @@ def check_same_config(d: Dist, cfg, files: tuple[str, ...] = ()) -> None:
     if not d.enabled:
         return
     import densegrpo_fast
+    from densegrpo_fast.config import flat
 
     mine = {"densegrpo_fast version": densegrpo_fast.__version__, "torch version": torch.__version__,
             "densegrpo_fast sources (sha256)": _source_digest()}  # fmt: skip
-    mine |= _flat(cfg.model_dump(mode="json"))
+    mine |= flat(cfg.model_dump(mode="json"))
     for key in files:
         path = Path(mine[key])
         if path.is_file():
@@ -291,16 +292,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _unlike_rank_0(d: Dist, value) -> tuple[list, list[int]]:
@@ -436,6 +427,18 @@ def check_in_sync(
             "version; report it if they did"
         )
         raise RuntimeError(f"{what} differ between rank 0 and rank(s) {bad}: {fix}")
+
+
+def check_loaded(d: Dist, obj, what: str, where: str, device=None) -> None:
+    """:func:`check_in_sync` of the weights of every torch model in ``obj`` (:func:`weights_of`), which each
+    rank loaded itself from the files that the settings ``where`` name; ``what`` names them in the error."""
+    if not d.enabled:
+        return
+    fix = (
+        f"every process must load the same weights: give {where} the same files on every node (a hub cache of "
+        "another revision, or weights still being copied, differ)"
+    )
+    check_in_sync(d, weights_of(obj), f"{what} weights", fix, device)
 
 
 def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:

@@ -358,10 +358,10 @@ def run_eval(
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
-    for obj, what, where in ((policy, "the loaded models'", "model.checkpoint and --checkpoint"),
-                             (rewards, "eval.rewards' models'", "eval.rewards' kwargs")):  # fmt: skip
-        fix = f"every process must load the same weights: give {where} the same files on every node"
-        distributed.check_in_sync(d, distributed.weights_of(obj), f"{what} weights", fix, policy.device)
+    distributed.check_loaded(
+        d, policy, "the loaded models'", "model.checkpoint and --checkpoint", policy.device
+    )
+    distributed.check_loaded(d, rewards, "eval.rewards' models'", "eval.rewards' kwargs", policy.device)
     if m.compile:
         compile_blocks(policy.transformer, m.compile_backend)
     out = Path(e.output_dir)

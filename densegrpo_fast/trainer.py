@@ -34,7 +34,7 @@ from densegrpo_fast.checkpoint import (
     save_checkpoint,
     trainable_state,
 )
-from densegrpo_fast.config import TrainConfig, dump_config
+from densegrpo_fast.config import TrainConfig, dump_config, flat
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
@@ -186,17 +186,10 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
-    if dist.enabled:  # every process loaded its models itself: from the same files?
-        for obj, what, where in ((policy, "the loaded models'", "model.checkpoint"),
-                                 (reward_fn, "the reward models'", "reward.kwargs")):  # fmt: skip
-            fix = (
-                f"every process must load the same weights: give {where} the same files on every node (a hub "
-                "cache of another revision, or weights still being copied, differ)"
-            )
-            distributed.check_in_sync(
-                dist, distributed.weights_of(obj), f"{what} weights", fix, policy.device
-            )
-        check_same_servers(dist, {"reward": reward_fn})
+    # every process loaded its models itself: from the same files?
+    distributed.check_loaded(dist, policy, "the loaded models'", "model.checkpoint", policy.device)
+    distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", policy.device)
+    check_same_servers(dist, {"reward": reward_fn})
     state = load_checkpoint(run_dir) if resume else None
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
@@ -442,22 +435,12 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and name not in RESUMABLE_CHANGES and name != "eval.rewards":
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     from densegrpo_fast.config import load_config
 
-    saved = _flat(load_config(TrainConfig, saved_path).model_dump(mode="json"))
-    now = _flat(cfg.model_dump(mode="json"))
+    whole = {*RESUMABLE_CHANGES, "eval.rewards"}  # (compared as wholes)
+    saved = flat(load_config(TrainConfig, saved_path).model_dump(mode="json"), whole)
+    now = flat(cfg.model_dump(mode="json"), whole)
     diffs = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
@@ -1027,10 +1010,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     }
     d = run.dist
     check_same_servers(d, {k: fns[f"eval_{k}"] for k in own})
-    for k in own if d.enabled else ():  # each rank built these from its own files: the same weights?
-        fix = f"every process must load the same weights: give eval.rewards.{k}.kwargs the same files on each node"
-        distributed.check_in_sync(
-            d, distributed.weights_of(fns[f"eval_{k}"]), f"eval.rewards.{k}'s weights", fix, policy.device
+    for k in own:  # each rank built these from its own files: the same weights?
+        distributed.check_loaded(
+            d, fns[f"eval_{k}"], f"eval.rewards.{k}'s", f"eval.rewards.{k}.kwargs", policy.device
         )
     sched = Schedule(sampler_grid(e.num_steps, e.shift, policy), torch.zeros(e.num_steps)).to(policy.device)
     # The eval command's prompts and noise, drawn on the CPU, so that a row's noise depends on neither the
