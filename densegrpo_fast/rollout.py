@@ -52,7 +52,8 @@ def completion_starts(schedule: Schedule, completion_steps: int | None = None) -
     ``n``-step completions: every ``lat[ws..we-1]``, since ``ODE_n(lat[k])`` and ``ODE_n(lat[k+1])`` end
     at different grid points; and ``lat[we]`` too, as ``ODE_n(lat[we])`` is not the rollout's own ending:
     the last window step's ``dR = R_we - R_{we-1}`` compares two n-step estimates, like the other window
-    steps (unless ``n >= T - we``: then ``ODE_n(lat[we])`` is the rollout's ending). Latents before ``ws``
+    steps. Except where ``n >= T - k`` and step ``k`` has no noise: ``ODE_n(lat[k])`` is then the full
+    completion, which is ``lat[k+1]``'s (for ``k = we``, the rollout's own ending). Latents before ``ws``
     and after ``we`` (untrained ODE steps) still share ``R_ws`` and ``R_T``: a choice, not ``ODE_n`` of each,
     which only their logged ``dR`` (0) depends on. The logged ``dR`` of step ``we`` is then not 0: it
     compares ``R_T`` with ``ODE_n(lat[we])``'s reward.
@@ -60,11 +61,11 @@ def completion_starts(schedule: Schedule, completion_steps: int | None = None) -
     sde = schedule.sde_steps.tolist()
     if not any(sde):
         return []
+    T = len(sde)
     ws = sde.index(True)
-    we = len(sde) - sde[::-1].index(True)
-    if completion_steps is None or completion_steps >= len(sde):
-        return [k for k in range(ws, we) if sde[k]]
-    return list(range(ws, we + 1 if completion_steps < len(sde) - we else we))
+    we = T - sde[::-1].index(True)
+    n = T if completion_steps is None else completion_steps
+    return [k for k in range(ws, min(we + 1, T)) if sde[k] or n < T - k]
 
 
 @dataclass

@@ -97,6 +97,16 @@ def test_window_with_n_step_completions_scores_the_window_end_by_ODE_n(policy, c
     # n >= T - we: ODE_n(lat[we]) is the rollout's own ending, no completion needed
     ends_by_ode_n = make_schedule(8, 3.0, 0.7, window_start=4, window_size=4 - n)  # we = 8 - n
     assert completion_starts(ends_by_ode_n, n) == list(range(4, 8 - n))
+    # a noise-free window step whose n steps reach the end: its ODE_n is the full completion, lat[k+1]'s
+    levels = [0.0, 0.7, 0.7, 0.0, 0.7, 0.0, 0.7, 0.0]
+    assert completion_starts(make_schedule(8, 3.0, levels), 2) == [1, 2, 3, 4, 5, 6]
+    assert completion_starts(make_schedule(8, 3.0, levels), 4) == [1, 2, 3, 4, 6]
+    assert completion_starts(make_schedule(8, 3.0, levels), 5) == [1, 2, 4, 6]
+    assert completion_starts(make_schedule(8, 3.0, levels), None) == [1, 2, 4, 6]
+    mixed = run(policy, cond, make_schedule(8, 3.0, levels), completion_steps=4)
+    assert torch.equal(mixed.clean[:, 5], mixed.clean[:, 6]), "ODE_4(lat[5]) is lat[6]'s full completion"
+    ref = reference_completion(policy, cond, mixed.latents[:, 5], 5, make_schedule(8, 3.0, levels), 2.0, 4)
+    torch.testing.assert_close(mixed.clean[:, 5], ref, rtol=0, atol=1e-5)
     ro = run(policy, cond, sched, completion_steps=n)
     for k in (2, 3, 4, 5):
         ref = reference_completion(policy, cond, ro.latents[:, k], k, sched, 2.0, n)
