@@ -476,6 +476,8 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     distributed.check_same_config(d, cfg, ("prompts.dataset",))
     check_same_servers(d, {"reward": reward_fn})
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
+    distributed.check_loaded(d, policy, "the loaded models'", "model.checkpoint", policy.device)
+    distributed.check_loaded(d, reward_fn, "the reward models'", "reward.kwargs", policy.device)
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
     psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
     distributed.shutdown(d)

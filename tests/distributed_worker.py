@@ -4,7 +4,7 @@ wrong; with ``eval OUT``, evaluates test_evaluate.py's tiny policy data-parallel
 ``memory CHECKPOINT OUT [OVERRIDES]`` (test_memory.py), counts rank 0's memory in two iterations of
 test_memory's tiny SD3 run (``memory.measure_run``) and writes it to OUT/rank0.json; with ``setup CHECKPOINT
 OUT``, checks that a rank whose loaded weights differ stops the set-up (or, for an eval.rewards entry, the
-evaluation) of every rank; with ``evalcmd SD3_DIR OUT``, checks that the eval command refuses a rank with
+evaluation; or the calibrate command) of every rank; with ``evalcmd SD3_DIR OUT``, checks that the eval command refuses a rank with
 another config or other weights."""
 
 import json
@@ -36,7 +36,7 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
 
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import register
-    from densegrpo_fast.trainer import heldout_rewards, setup
+    from densegrpo_fast.trainer import heldout_rewards, run_calibration, setup
 
     class Ranked:  # a reward whose model's weights depend on the rank that built it
         def __init__(self):
@@ -75,6 +75,11 @@ if sys.argv[1:2] == ["setup"]:  # setup CHECKPOINT OUT: a rank that loaded other
         RuntimeError, match=r"the reward models' weights differ between rank 0 and rank\(s\) \[1\]"
     ):
         setup(cfg, progress=False, policy=policy)
+    with pytest.raises(  # the calibrate command loads its own models and compares them too
+        RuntimeError, match=r"the reward models' weights differ between rank 0 and rank\(s\) \[1\]"
+    ):
+        run_calibration(cfg, progress=False)
+    assert not (Path(cfg.run.output_dir) / "psi.json").exists()
     # the evaluation's own rewards, built at each evaluation, are compared there
     ranked = ["eval.rewards={ranked: {name: _ranked}}", "eval.num_prompts=2", "eval.num_steps=2"]
     run = setup(
