@@ -34,6 +34,28 @@ _LOG_SQRT_2PI = tl.constexpr(LOG_SQRT_2PI)  # the same, for kernels (they read o
 # (N = 16*64*64 = 65536) that is 16 programs per row, so B = 24 already fills an H100's 132 SMs ~3 times.
 CHUNK = 4096
 BLOCK = 1024
+# CUDA launches at most 65535 programs along a grid's second axis, where the kernels put a row's chunks
+# (the backward, its tiles of BLOCK): a longer row takes several launches, each from its first chunk. The
+# partial sums stay one per chunk, so the order of summation is unchanged. `finish_rows` adds a row's
+# partials in one tile, which Triton caps at 2**20 elements: a row may have up to 2**20 chunks.
+MAX_GRID_Y = 65535
+MAX_CHUNKS = 2**20
+
+
+def row_chunks(n: int) -> int:
+    """The number of CHUNK-element partial sums of a row of ``n`` elements, checked against MAX_CHUNKS."""
+    n_chunks = triton.cdiv(n, CHUNK)
+    if n_chunks > MAX_CHUNKS:
+        raise ValueError(
+            f"a latent row of {n} elements exceeds the Triton kernels' limit of {MAX_CHUNKS * CHUNK} elements "
+            "per row: set DENSEGRPO_KERNELS=reference for such rows"
+        )
+    return n_chunks
+
+
+def chunk_launches(n: int) -> list[tuple[int, int]]:
+    """``(first, count)`` of each launch over ``n`` programs along a row: one launch unless n > MAX_GRID_Y."""
+    return [(first, min(MAX_GRID_Y, n - first)) for first in range(0, n, MAX_GRID_Y)]
 
 
 def row_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor):

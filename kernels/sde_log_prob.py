@@ -27,11 +27,11 @@ from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedu
 def _sde_log_prob_fwd_kernel(
     x_ptr, v_ptr, xn_ptr, vref_ptr, sigma_ptr, sigma_next_ptr, std_ptr,
     sum_sq_ptr, sum_dv2_ptr,  # per-chunk sums of (x' - mean)^2 and of (v - v_ref)^2
-    N, n_chunks,
+    N, n_chunks, first_chunk,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, WITH_KL: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    chunk = first_chunk + tl.program_id(1).to(tl.int64)
     dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     base = row * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -55,13 +55,13 @@ def _sde_log_prob_fwd_kernel(
 def _sde_log_prob_bwd_kernel(
     x_ptr, v_ptr, xn_ptr, vref_ptr, sigma_ptr, sigma_next_ptr, std_ptr,
     grad_lp_ptr, grad_kl_ptr,  # per row: dL/dlog_prob, dL/dkl
-    grad_ptr, N,
+    grad_ptr, N, first_tile,
     BLOCK: tl.constexpr, WITH_KL: tl.constexpr,
 ):  # fmt: skip
     """``dv = coef_lp * (x' - mean) + coef_kl * (v - v_ref)``: element-wise, one tile per program; the
     per-row factors as :func:`_backward_coefficients` computes them, here in every program."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = (first_tile + tl.program_id(1).to(tl.int64)) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     base = row * N
     dt, cx, cv, ns, sd = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
@@ -85,14 +85,15 @@ def _sde_log_prob_bwd_kernel(
 
 def _forward_triton(sample, velocity, next_sample, sigma, sigma_next, std, ref_velocity):
     B, N = sample.shape[0], sample[0].numel()
-    n_chunks = triton.cdiv(N, sm.CHUNK)
+    n_chunks = sm.row_chunks(N)
     with_kl = ref_velocity is not None
     sum_sq = empty((B, n_chunks), torch.float32, sample.device)
     sum_dv2 = empty((B, n_chunks), torch.float32, sample.device) if with_kl else sum_sq
-    _sde_log_prob_fwd_kernel[(B, n_chunks)](
-        sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
-        sum_sq, sum_dv2, N, n_chunks, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
-    )  # fmt: skip
+    for first, grid in sm.chunk_launches(n_chunks):
+        _sde_log_prob_fwd_kernel[(B, grid)](
+            sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
+            sum_sq, sum_dv2, N, n_chunks, first, CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
+        )  # fmt: skip
     return sm.finish_rows(sum_sq, sum_dv2 if with_kl else None, N, sigma, sigma_next, std)
 
 
@@ -113,10 +114,11 @@ def _backward_triton(grad_lp, grad_kl, sample, velocity, next_sample, sigma, sig
     B, N = sample.shape[0], sample[0].numel()
     with_kl = ref_velocity is not None
     grad = empty(velocity.shape, velocity.dtype, velocity.device)
-    _sde_log_prob_bwd_kernel[(B, triton.cdiv(N, sm.BLOCK))](
-        sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
-        grad_lp, grad_kl, grad, N, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
-    )  # fmt: skip
+    for first, grid in sm.chunk_launches(triton.cdiv(N, sm.BLOCK)):
+        _sde_log_prob_bwd_kernel[(B, grid)](
+            sample, velocity, next_sample, ref_velocity if with_kl else velocity, sigma, sigma_next, std,
+            grad_lp, grad_kl, grad, N, first, BLOCK=sm.BLOCK, WITH_KL=with_kl, **LAUNCH,
+        )  # fmt: skip
     return grad
 
 

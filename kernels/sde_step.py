@@ -22,11 +22,11 @@ from ._common import LAUNCH, backend_for, check_latent, check_rows, check_schedu
 def _sde_step_kernel(
     x_ptr, v_ptr, noise_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # inputs
     out_ptr, ode_ptr, sum_sq_ptr,  # outputs: next latent, ODE next latent, per-chunk sums of (x'-mean)^2
-    N, n_chunks,
+    N, n_chunks, first_chunk,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, WRITE_ODE: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    chunk = first_chunk + tl.program_id(1).to(tl.int64)
     dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     base = row * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -49,14 +49,15 @@ def _sde_step_kernel(
 
 def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode):
     B, N = sample.shape[0], sample[0].numel()
-    n_chunks = triton.cdiv(N, sm.CHUNK)
+    n_chunks = sm.row_chunks(N)
     out = empty(sample.shape, sample.dtype, sample.device)
     ode = empty(sample.shape, sample.dtype, sample.device) if write_ode else out
     sum_sq = empty((B, n_chunks), torch.float32, sample.device)
-    _sde_step_kernel[(B, n_chunks)](
-        sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks,
-        CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, **LAUNCH,
-    )  # fmt: skip
+    for first, grid in sm.chunk_launches(n_chunks):
+        _sde_step_kernel[(B, grid)](
+            sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks, first,
+            CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, **LAUNCH,
+        )  # fmt: skip
     log_prob, _ = sm.finish_rows(sum_sq, None, N, sigma, sigma_next, std)
     return out, log_prob, (ode if write_ode else None)
 

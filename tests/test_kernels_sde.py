@@ -288,3 +288,37 @@ def test_triton_and_reference_agree_closely(monkeypatch):
 def test_tiling_constants_do_not_depend_on_batch():
     # guard the promise that makes micro-batched recomputation exact
     assert sm.CHUNK % sm.BLOCK == 0
+
+
+def test_a_row_of_more_chunks_than_a_grid_axis_holds_takes_several_launches(monkeypatch, poisoned):
+    """CUDA caps a grid's second axis at 65535 programs (a row of 268 M elements in the forward, 67 M in the
+    backward): longer rows launch again from the next chunk, with the same partial sums. A cap of 3 stands
+    in for it here: every launch writes its share, and the results are the one-launch results bit for bit."""
+    monkeypatch.setenv("DENSEGRPO_KERNELS", "triton")
+    x, v, noise, sigma, sigma_next, std = make_step((2, 5, 41, 101), torch.bfloat16, ode_rows=(1,))
+    vref = (v.float() + 0.01).to(v.dtype)
+    launches = []
+
+    def run():
+        out, lp, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True)
+        vv = v.clone().requires_grad_()
+        lp2, kl = sde_log_prob(x, vv, out, sigma, sigma_next, std, ref_velocity=vref)
+        (lp2 * torch.tensor([1.0, -2.0]) + 3 * kl).sum().backward()
+        return out, lp, ode, lp2, kl, vv.grad
+
+    one = run()
+    n = x[0].numel()  # 20705 elements: 6 chunks, 21 tiles of the backward
+    assert sm.chunk_launches(sm.row_chunks(n)) == [(0, 6)]
+    chunk_launches = sm.chunk_launches
+    monkeypatch.setattr(sm, "MAX_GRID_Y", 3)
+    monkeypatch.setattr(sm, "chunk_launches", lambda k: launches.append(k) or chunk_launches(k))
+    assert chunk_launches(21) == [(0, 3), (3, 3), (6, 3), (9, 3), (12, 3), (15, 3), (18, 3)]
+    several = run()
+    assert launches == [6, 6, 21], "the step, the forward and the backward each launched in parts"
+    for a, b in zip(one, several, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(one[1], one[3]), "on-policy: the ratio is still 1"
+    monkeypatch.setattr(sm, "MAX_CHUNKS", 5)
+    with pytest.raises(ValueError, match=r"a latent row of 20705 elements exceeds .* limit of 20480 elements "
+                       r"per row: set DENSEGRPO_KERNELS=reference"):  # fmt: skip
+        sde_step(x, v, sigma, sigma_next, std, noise)
