@@ -575,6 +575,16 @@ class RunSection(Section):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of prompts, noise and initial weights")
     output_dir: str = Field("runs/train", description="run directory (checkpoints, logs, plots)")
     checkpoint_every: int = Field(10, ge=1, description="iterations between checkpoints")
+    export_every: int = Field(
+        0,
+        ge=0,
+        description="iterations between kept exports of the EMA policy, each in exports/iter_NNNNN/ (what the "
+        "final export writes: policy_ema.safetensors for eval --checkpoint, and lora_ema/ with LoRA), to go "
+        "back to an earlier policy; 0 = the final export only",
+    )
+    keep_exports: int | None = Field(
+        None, ge=1, description="kept exports left on disk: the latest this many (null = every one)"
+    )
     sample_grid_every: int = Field(10, ge=0, description="iterations between sample-grid PNGs (0 = never)")
     eval_every: int = Field(0, ge=0, description="iterations between held-out evals (0 = only at the end)")
     time_budget_s: float | None = Field(

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import math
+import shutil
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -430,8 +431,8 @@ def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
 #: its blocks and threads run; not what an iteration computes.
 RESUMABLE_CHANGES = (
     "run.iterations", "run.time_budget_s", "run.output_dir", "run.checkpoint_every", "run.sample_grid_every",
-    "run.eval_every", "run.tensorboard", "run.wandb", "model.compile", "model.compile_backend",
-    "model.num_threads",
+    "run.eval_every", "run.export_every", "run.keep_exports", "run.tensorboard", "run.wandb", "model.compile",
+    "model.compile_backend", "model.num_threads",
 )  # fmt: skip
 
 
@@ -1181,7 +1182,9 @@ def _loop(run: Run, progress: bool) -> None:
     bar = tqdm(total=total, initial=run.iteration, desc=run.name,
                disable=not (progress and d.main), dynamic_ncols=True)  # fmt: skip
     budget = cfg.run.time_budget_s
-    if distributed.broadcast(d, _evaluation_missing(run)):  # rank 0 holds the log
+    if distributed.broadcast(d, _export_missing(run)):  # (rank 0 holds the run directory and the log)
+        export_kept(run)
+    if distributed.broadcast(d, _evaluation_missing(run)):
         _evaluate(run, bar)
     warned_lp_dev = False
     while not _finished(run):
@@ -1223,8 +1226,10 @@ def _loop(run: Run, progress: bool) -> None:
         if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
             distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
         del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
-        if _finished(run) or run.iteration % cfg.run.checkpoint_every == 0:  # first: an evaluation that fails
-            checkpoint(run)  # loses nothing
+        if _finished(run) or run.iteration % cfg.run.checkpoint_every == 0:  # first: an export or evaluation
+            checkpoint(run)  # that fails loses nothing
+        if _export_due(run):
+            export_kept(run)
         if _evaluation_due(run):
             _evaluate(run, bar)
     bar.close()
@@ -1241,6 +1246,38 @@ def _evaluation_due(run: Run) -> bool:
     """Whether an evaluation follows the current iteration: the last one, and every run.eval_every."""
     every = run.cfg.run.eval_every
     return _finished(run) or bool(every and run.iteration % every == 0)
+
+
+def _export_due(run: Run) -> bool:
+    """Whether a kept export follows the current iteration (every run.export_every)."""
+    every = run.cfg.run.export_every
+    return bool(every and run.iteration and run.iteration % every == 0)
+
+
+def kept_export_dir(run_dir: Path, iteration: int) -> Path:
+    return Path(run_dir) / "exports" / f"iter_{iteration:05d}"
+
+
+def _export_missing(run: Run) -> bool:
+    """Whether the kept export of the current iteration is due but absent: a run killed after a checkpoint,
+    before the export that follows it (written last, ``policy_ema.safetensors`` marks a whole export)."""
+    policy = kept_export_dir(run.dir, run.iteration) / "policy_ema.safetensors"
+    return _export_due(run) and hasattr(run.policy, "save") and not policy.exists()
+
+
+def export_kept(run: Run) -> None:
+    """The export of :func:`export_policy` into ``exports/iter_NNNNN/``, then (rank 0) the oldest kept
+    exports beyond run.keep_exports removed."""
+    export_policy(run, kept_export_dir(run.dir, run.iteration) / "policy_ema.safetensors")
+    keep = run.cfg.run.keep_exports
+    if keep is not None:
+        distributed.on_main(run.dist, functools.partial(_prune_exports, run.dir, keep))
+
+
+def _prune_exports(run_dir: Path, keep: int) -> None:
+    kept = sorted(p for p in (Path(run_dir) / "exports").glob("iter_*") if p.name[5:].isdigit())
+    for old in kept[: max(0, len(kept) - keep)]:
+        shutil.rmtree(old)
 
 
 def _evaluation_missing(run: Run) -> bool:

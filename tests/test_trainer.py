@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -958,6 +959,35 @@ def test_the_checkpoint_comes_before_the_evaluation_and_a_lost_evaluation_is_mad
     evals = [r["iteration"] for r in records(tmp_path / "run") if "eval_reward" in r]
     assert evals == [0, 1, 2] and (tmp_path / "run" / "policy_ema.safetensors").exists()
     assert torch.equal(torch.get_rng_state(), rng)  # (the evaluation draws no global random numbers)
+
+
+def test_kept_exports_every_n_iterations_the_latest_kept_and_a_lost_one_made_on_resume(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from densegrpo_fast import trainer
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=3,
+                 extra=["run.export_every=1", "run.keep_exports=2"])  # fmt: skip
+    train(cfg, progress=False)
+    exports = tmp_path / "run" / "exports"
+    assert sorted(p.name for p in exports.iterdir()) == ["iter_00002", "iter_00003"], "the latest two"
+    final = load_file(tmp_path / "run" / "policy_ema.safetensors")
+    kept = {i: load_file(exports / f"iter_{i:05d}" / "policy_ema.safetensors") for i in (2, 3)}
+    assert final.keys() == kept[3].keys() and all(torch.equal(final[k], kept[3][k]) for k in final)
+    assert any(not torch.equal(final[k], kept[2][k]) for k in final), "iteration 2's EMA is another policy"
+    with safe_open(exports / "iter_00002" / "policy_ema.safetensors", "pt") as f:
+        assert f.metadata()["iteration"] == "2"
+
+    # killed after iteration 3's checkpoint, before its export: the resume writes it before anything else
+    shutil.rmtree(exports / "iter_00003")
+    monkeypatch.setattr(trainer, "ema_heldout_rewards", lambda run: pytest.fail("evaluation already logged"))
+    train(cfg, resume=True, progress=False)
+    again = load_file(exports / "iter_00003" / "policy_ema.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
+    assert sorted(p.name for p in exports.iterdir()) == ["iter_00002", "iter_00003"]
 
 
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
