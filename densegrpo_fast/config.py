@@ -480,6 +480,12 @@ class DenseSection(Section):
 
 class GRPOSection(Section):
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
+    clip_range_high: float | None = Field(
+        None,
+        gt=0,
+        description="upper clip epsilon: the ratio is clipped to [1 - clip_range, 1 + clip_range_high] (DAPO's "
+        "clip-higher; Flow-GRPO's clip_range_gt); null = clip_range",
+    )
     beta: float = Field(0.04, ge=0, description="KL weight (0 = no reference forward)")
     kl_exact: bool = Field(
         False, description="exact Gaussian KL instead of Flow-GRPO's form (ALGORITHM.md §2)"

@@ -802,7 +802,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         for i, k in batches:
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
-            loss, s = grpo_loss(lp, old, A[i, k], cfg.grpo.clip_range, kl, cfg.grpo.beta)
+            g = cfg.grpo
+            loss, s = grpo_loss(lp, old, A[i, k], g.clip_range, kl, g.beta, g.clip_range_high)
             if recompute:  # the on-policy check here: how far the rollout's log-probs are from the update's
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()

@@ -82,6 +82,23 @@ def test_grpo_loss_clipping_and_gradient():
     assert stats["clip_frac"].item() == 0.5
 
 
+def test_grpo_loss_clips_higher_above_than_below():
+    """clip_range_high widens the upper bound only: a ratio of 1 + 5e-4 with A > 0 keeps its gradient under
+    [1 - 1e-4, 1 + 1e-3] and loses it under the symmetric 1e-4; below, 1 - 5e-4 with A < 0 is clipped by both."""
+    old = torch.zeros(3)
+    lp = torch.log(torch.tensor([1 + 5e-4, 1 - 5e-4, 1 + 2e-3])).requires_grad_()
+    A = torch.tensor([1.0, -1.0, 1.0])
+    loss, stats = grpo_loss(lp, old, A, 1e-4, clip_range_high=1e-3)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([-(1 + 5e-4) / 3, 0.0, 0.0]))
+    assert stats["clip_frac"].item() == pytest.approx(2 / 3)  # rows 1 and 2 lie outside the bounds
+    lp.grad = None
+    symmetric, stats = grpo_loss(lp, old, A, 1e-4)
+    symmetric.backward()
+    assert torch.equal(lp.grad, torch.zeros(3)) and stats["clip_frac"].item() == 1.0
+    assert torch.equal(grpo_loss(lp, old, A, 1e-4, clip_range_high=1e-4)[0], symmetric)
+
+
 def test_grpo_loss_on_policy_value_and_kl():
     lp = torch.randn(6)
     A = torch.randn(6)
