@@ -544,6 +544,12 @@ class LoRASection(Section):
         "(one matmul per layer instead of three); the update then recomputes the old log-probs itself, as it "
         "does under model.autocast anyway (toy: 1.2-1.8x faster rollouts)",
     )
+    init: str | None = Field(
+        None,
+        description="sd3/flux: start the adapters from this LoRA instead of zero: a run's lora_ema/ folder, a "
+        "diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published LoRAs); "
+        "its rank must be lora.rank; the KL reference stays the base model",
+    )
     rank: int = Field(32, ge=1, description="LoRA r")
     alpha: float = Field(64, gt=0, description="LoRA alpha")
     target_modules: list[str] = Field(
@@ -819,6 +825,17 @@ class TrainConfig(Section):
                 "latent element at 512 px) fall below fp16's range and vanish, so the run would train almost "
                 "nothing; use model.dtype=bf16 (the same memory, fp32's range). The eval command takes fp16"
             )
+        if self.lora.enabled and self.lora.init is not None:
+            if self.model.family == "toy":
+                problems.append(
+                    "lora.init starts sd3 / flux adapters: the toy model trains its adapters from zero; set "
+                    "lora.init=null"
+                )
+            elif not Path(self.lora.init).exists():
+                problems.append(
+                    f"lora.init={self.lora.init!r} does not exist: give a run's lora_ema/ folder, a diffusers "
+                    "LoRA or a peft adapter folder"
+                )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
@@ -842,7 +859,7 @@ class TrainConfig(Section):
         LoRA settings are no mistake when the command line turns LoRA off)."""
         n = self.noise
         unused = [  # (section's dotted name, section, its fields, whether they are unused, why)
-            ("lora", self.lora, ("rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
+            ("lora", self.lora, ("init", "rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
              "lora.enabled=false trains the full model"),
             ("dense", self.dense, ("completion_steps", "completion_batching"),
              self.dense.mode == "sparse" and n.kind == "uniform",

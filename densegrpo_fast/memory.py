@@ -1333,6 +1333,7 @@ def run_memory(
             # one batch of `batch` images each: the evaluation's peak
             f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
             "model.compile=false",  # fake tensors run eagerly
+            "lora.init=null",  # a warm start's adapters have the run's shapes: its file is not read
         ])  # fmt: skip
         if compiled:
             notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")

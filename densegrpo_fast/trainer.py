@@ -223,6 +223,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
                 init_lora_weights="gaussian",
             )
         )
+        if cfg.lora.init is not None and state is None:  # (a resumed run's adapters come from its checkpoint;
+            # before the fp32 cast below, which casts the weights the warm start leaves trainable)
+            from densegrpo_fast.lora_init import start_adapters_from
+
+            start_adapters_from(policy, cfg.lora.init)
         # adapters train in fp32 over a bf16 / fp16 base (as diffusers' cast_training_params does): in bf16 an
         # lr-3e-4 step of a weight of size 0.1 is below one ulp, and Adam's moments and the EMA would round too
         for p in transformer.parameters():
@@ -428,11 +433,12 @@ def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
 
 
 #: What a resumed run may change: how long it runs, how it logs and checkpoints, where its directory is, how
-#: its blocks and threads run; not what an iteration computes.
+#: its blocks and threads run; not what an iteration computes. (lora.init: the checkpoint's adapters replace
+#: the start, so the file may move or go.)
 RESUMABLE_CHANGES = (
     "run.iterations", "run.time_budget_s", "run.output_dir", "run.checkpoint_every", "run.sample_grid_every",
     "run.eval_every", "run.export_every", "run.keep_exports", "run.tensorboard", "run.wandb", "model.compile",
-    "model.compile_backend", "model.num_threads",
+    "model.compile_backend", "model.num_threads", "lora.init",
 )  # fmt: skip
 
 

@@ -277,3 +277,16 @@ def test_the_exported_lora_loads_into_flux_pipeline(tmp_path):
     loaded = FluxPolicy(fresh, **OPTS).velocity(x, sigma, cond, 3.5)
     assert (adapted - base).abs().max() > 1e-2  # the adapter matters ...
     torch.testing.assert_close(loaded, adapted, rtol=0, atol=1e-5)  # ... and comes back whole
+    # lora.init: a run's own adapter (alpha 2, another scale) started from the file gives the same velocity
+    from densegrpo_fast.lora_init import start_adapters_from
+
+    started = FluxPolicy(tiny.flux_pipeline(seed=0), **OPTS)
+    started.transformer.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=2, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
+        )
+    )
+    assert start_adapters_from(started, tmp_path / "lora") == len(
+        [n for n in get_peft_model_state_dict(policy.transformer) if "lora_A" in n]
+    )
+    torch.testing.assert_close(started.velocity(x, sigma, cond, 3.5), adapted, rtol=0, atol=1e-5)

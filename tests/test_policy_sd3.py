@@ -16,7 +16,7 @@ import tiny_models as tiny
 import torch
 from tolerances import assert_on_policy
 
-from densegrpo_fast.config import TrainConfig, load_config
+from densegrpo_fast.config import ConfigError, TrainConfig, load_config
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 from densegrpo_fast.policies.sd3 import SD3Policy
@@ -485,6 +485,84 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     assert math.isfinite(step["grad_norm"]) and step["grad_norm"] > 0
     assert step["ratio_dev_first"] is None  # the update recomputed the old log-probs ...
     assert_on_policy(step)  # ... and the rollout's lie within the trainer's limit of them
+
+
+def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
+    """A LoRA of rank 4, alpha 2 (scale 0.5), written as a run's lora_ema/ (diffusers' format, the scale folded
+    into lora_B) and by peft's PeftModel.save_pretrained (Flow-GRPO's format), starts a run whose adapters
+    have alpha 8 (scale 2): the run's first velocities are the LoRA's, and only its own adapter trains."""
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from densegrpo_fast.lora_init import WARM
+    from densegrpo_fast.trainer import _reference_velocity, setup
+
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
+    donor = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS)
+    torch.manual_seed(0)
+    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=targets))
+    with torch.no_grad():
+        for n, p in donor.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    x, sigma = torch.randn(2, *donor.latent_shape), torch.tensor([0.7, 0.3])
+    cond = donor.encode_prompts(["a red circle", "a green dog"])
+    want = donor.velocity(x, sigma, cond, 4.5)
+    state = get_peft_model_state_dict(donor.transformer)
+    donor.save_lora(tmp_path / "lora_ema", state, 2 / 4)
+    wrapped = get_peft_model(SD3Policy.load(sd3_dir, dtype="fp32", **OPTS).transformer,
+                             LoraConfig(r=4, lora_alpha=2, target_modules=targets))  # fmt: skip
+    set_peft_model_state_dict(wrapped, {f"base_model.model.{k}": v for k, v in state.items()})
+    wrapped.save_pretrained(tmp_path / "peft")
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    base = ["model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+            f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "sampling.group_size=2",
+            "noise.kind=uniform", "reward.name=redness", "lora.rank=4", "lora.alpha=8", f"lora.target_modules={targets}",
+            "run.tensorboard=false"]  # fmt: skip
+
+    def started(init, *extra, out="run"):
+        cfg = [*base, f"lora.init={init}", f"run.output_dir={tmp_path / out / Path(init).name}", *extra]
+        return setup(load_config(TrainConfig, None, cfg), progress=False)
+
+    zero = setup(
+        load_config(TrainConfig, None, [*base, f"run.output_dir={tmp_path / 'zero'}"]), progress=False
+    )
+    v_zero = zero.policy.velocity(x, sigma, cond, 4.5)
+    assert (want - v_zero).abs().max() > 1e-2, "the LoRA changes the velocity"
+    for init in (
+        tmp_path / "lora_ema",
+        tmp_path / "lora_ema" / "pytorch_lora_weights.safetensors",
+        tmp_path / "peft",
+    ):
+        run = started(init)
+        torch.testing.assert_close(run.policy.velocity(x, sigma, cond, 4.5), want, rtol=1e-5, atol=1e-5)
+        trained = [n for n, p in run.policy.transformer.named_parameters() if p.requires_grad]
+        assert trained == [n for n, p in zero.policy.transformer.named_parameters() if p.requires_grad]
+        assert (
+            all(".default." in n for n in trained)
+            and run.params
+            and all(p.dtype == torch.float32 for p in run.params)
+        )
+        assert not any(WARM in n for n, _ in run.policy.transformer.named_parameters()), (
+            "the loader's adapter is gone"
+        )
+        g = run.cfg.sampling.guidance_scale  # the KL reference is still the base model
+        v_base = zero.policy.velocity(x, sigma, cond, g)
+        torch.testing.assert_close(_reference_velocity(run, x, sigma, cond), v_base, rtol=0, atol=1e-6)
+
+    with pytest.raises(
+        ValueError, match=r"has rank 4 \(at .*\), this run's adapters rank 8: set lora.rank=4"
+    ):
+        started(tmp_path / "peft", "lora.rank=8", out="rank8")
+    with pytest.raises(ValueError, match=r"adapts 2 layers that lora.target_modules leaves out \(e.g. "):
+        started(tmp_path / "peft", "lora.target_modules=[attn.to_q, attn.to_k, attn.to_v]", out="fewer")
+    with pytest.raises(ConfigError, match=r"lora.init=.*nowhere' does not exist"):
+        load_config(TrainConfig, None, [*base, f"lora.init={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match=r"lora.init starts sd3 / flux adapters"):
+        load_config(TrainConfig, None, ["lora.init=" + str(tmp_path / "peft")])
 
 
 def _full_fine_tuning(sd3_dir, tmp_path, beta: float) -> TrainConfig:

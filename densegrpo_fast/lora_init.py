@@ -1,0 +1,124 @@
+"""Start a run's LoRA adapters from a LoRA on disk (``lora.init``): a warm start from an earlier run's
+``lora_ema/``, a LoRA trained elsewhere in diffusers' format, or a peft adapter folder (``adapter_config.json``
+and ``adapter_model.safetensors``, as Flow-GRPO publishes its LoRAs).
+
+The file is read by the libraries that own its format (diffusers' ``load_lora_weights``, peft's
+``LoraConfig`` and ``set_peft_model_state_dict``) into a second adapter, whose weights are then copied into
+the run's own adapter (the one ``lora.rank``, ``lora.alpha`` and ``lora.target_modules`` made), ``lora_B``
+rescaled so that each layer adds what the file's adapter adds: ``B_run * A * alpha_run / r_run`` equals
+``B_file * A * scale_file``. The run then trains its own adapter at its own scale, and the KL reference
+stays the base model (adapters disabled), as in Flow-GRPO's ``lora_path``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+WARM = "densegrpo_lora_init"  # the second adapter's name, gone once its weights are copied
+_ADAPTER = "default"  # the run's adapter (peft's default name, which the trainer's add_adapter gives it)
+_FIX = (
+    "give a run's lora_ema/ folder, a diffusers LoRA (a .safetensors file or its folder), or a peft adapter "
+    "folder (adapter_config.json and adapter_model.safetensors)"
+)
+
+
+def start_adapters_from(policy, path: str | Path) -> int:
+    """Set the run's adapter (``"default"``, just added, still at its initial weights) of ``policy.transformer``
+    to the LoRA at ``path``; returns the number of layers set. A ValueError names what does not fit: another
+    rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
+    path = Path(path)
+    transformer = policy.transformer
+    if not path.exists():
+        raise ValueError(f"lora.init={str(path)!r} does not exist: {_FIX}")
+    with warnings.catch_warnings():  # (peft warns of a second adapter beside the run's: that is the point)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if path.is_dir() and (path / "adapter_config.json").is_file():
+            _load_peft_folder(transformer, path)
+        else:
+            _load_diffusers_lora(policy, path)
+    layers, outside = 0, []
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if not isinstance(lora_a, torch.nn.ModuleDict) or WARM not in lora_a:
+                continue
+            if getattr(module, "use_dora", {}).get(WARM, False):
+                raise ValueError(
+                    f"lora.init={str(path)!r} is a DoRA adapter ({name}): only plain LoRA starts a run"
+                )
+            if _ADAPTER not in lora_a:
+                outside.append(name)
+                continue
+            theirs, ours = lora_a[WARM].weight, lora_a[_ADAPTER].weight
+            if theirs.shape != ours.shape:
+                raise ValueError(
+                    f"lora.init={str(path)!r} has rank {theirs.shape[0]} (at {name}), this run's adapters rank "
+                    f"{ours.shape[0]}: set lora.rank={theirs.shape[0]} to start from it"
+                )
+            ours.copy_(theirs)
+            scale = module.scaling[WARM] / module.scaling[_ADAPTER]
+            module.lora_B[_ADAPTER].weight.copy_(module.lora_B[WARM].weight.float() * scale)
+            layers += 1
+    if outside:
+        raise ValueError(
+            f"lora.init={str(path)!r} adapts {len(outside)} layers that lora.target_modules leaves out (e.g. "
+            f"{outside[0]}): add their names to lora.target_modules, or the run would start without them"
+        )
+    if layers == 0:
+        raise ValueError(
+            f"lora.init={str(path)!r} adapts no layer of this transformer: {_FIX} for this model"
+        )
+    transformer.set_adapter(_ADAPTER)  # (peft marks the active adapter's weights, and only them, trainable)
+    transformer.delete_adapters(WARM)
+    return layers
+
+
+def _load_peft_folder(transformer, path: Path) -> None:
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(
+            f"lora.init={str(path)!r} holds no adapter_model.safetensors (a pickled adapter_model.bin is not "
+            "loaded: unpickling runs code): save the adapter with safe_serialization=True"
+        )
+    config = LoraConfig.from_pretrained(str(path))
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
+    transformer.add_adapter(config, adapter_name=WARM)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=WARM)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise ValueError(
+            f"lora.init={str(path)!r}: {len(unexpected)} of its weights fit no layer of this transformer (e.g. "
+            f"{unexpected[0]}): it was trained for another model"
+        )
+
+
+def _load_diffusers_lora(policy, path: Path) -> None:
+    from safetensors import safe_open
+
+    pipe = getattr(policy, "pipe", None)
+    if pipe is None:
+        raise ValueError(
+            f"lora.init={str(path)!r}: a diffusers-format LoRA loads through an sd3 / flux pipeline; for this "
+            "model give a peft adapter folder"
+        )
+    folder, weight_name = (
+        (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
+    )
+    file = folder / weight_name
+    if not file.is_file() or file.suffix != ".safetensors":
+        raise ValueError(f"lora.init={str(path)!r} holds no {weight_name}: {_FIX}")
+    with safe_open(str(file), "pt") as f:
+        encoders = [k for k in f.keys() if k.startswith(("text_encoder", "lora_te"))]  # noqa: SIM118
+    if encoders:
+        raise ValueError(
+            f"lora.init={str(path)!r} also adapts the text encoders ({len(encoders)} weights, e.g. {encoders[0]}), "
+            "which this trainer keeps frozen: give a LoRA of the transformer alone"
+        )
+    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM)
