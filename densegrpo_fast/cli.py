@@ -48,6 +48,12 @@ def _add_eval(sub) -> None:
         default=None,
         help="trained weights: a run's policy_ema.safetensors (toy: any toy checkpoint)",
     )
+    p.add_argument(
+        "--lora",
+        default=None,
+        help="sd3/flux: a LoRA merged into the model (or --checkpoint) before sampling: a run's lora_ema/, a "
+        "diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA)",
+    )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (sd3/flux)")
 
@@ -58,6 +64,7 @@ def _add_eval(sub) -> None:
             args.config,
             args.overrides,
             checkpoint=args.checkpoint,
+            lora=args.lora,
             as_json=args.json,
             progress=not args.no_progress,
         )

@@ -34,6 +34,7 @@ from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
+from densegrpo_fast.lora_init import lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
@@ -255,7 +256,7 @@ NOT_SCORING = frozenset(
         "detector_batch",
     }
 )
-_PATHS = ("model", "checkpoint", "dataset")  # compared resolved: runs/x and /abs/runs/x are one file
+_PATHS = ("model", "checkpoint", "lora", "dataset")  # compared resolved: runs/x and /abs/runs/x are one file
 
 
 def _resolved(value):
@@ -315,11 +316,12 @@ def run_eval(
     checkpoint: str | None = None,
     as_json: bool = False,
     progress: bool = True,
+    lora: str | None = None,
 ) -> dict:
     """The ``eval`` command. Toy models get the toy world's per-category report
     (:func:`densegrpo_fast.toy.evaluate.run_eval`); sd3/flux models are sampled by the eval section's ODE
-    (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model) and scored by each of
-    ``eval.rewards``, resumably, into ``eval.output_dir``."""
+    (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model; ``--lora``: a LoRA merged into
+    it) and scored by each of ``eval.rewards``, resumably, into ``eval.output_dir``."""
     from densegrpo_fast.config import dump_config, load_config
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
@@ -334,12 +336,21 @@ def run_eval(
             raise ValueError(
                 "the toy's eval report runs as one process (it takes seconds to minutes): run it without torchrun"
             )
+        if lora is not None:
+            raise ValueError(
+                "--lora merges a LoRA into an sd3 / flux model: the toy's eval takes --checkpoint only"
+            )
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval
     if checkpoint is not None and not Path(checkpoint).is_file():  # (before any model or reward loads)
         raise ValueError(
             f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
             "leave --checkpoint out to evaluate the base model)"
+        )
+    if lora is not None and not Path(lora).exists():
+        raise ValueError(
+            f"--lora {lora!r} does not exist: give a run's lora_ema/ folder, a diffusers LoRA or a peft adapter "
+            "folder"
         )
     if not e.rewards:
         raise ValueError(
@@ -358,8 +369,10 @@ def run_eval(
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
+    if lora is not None:
+        merge_lora(policy, lora)
     distributed.check_loaded(
-        d, policy, "the loaded models'", "model.checkpoint and --checkpoint", policy.device
+        d, policy, "the loaded models'", "model.checkpoint, --checkpoint and --lora", policy.device
     )
     distributed.check_loaded(d, rewards, "eval.rewards' models'", "eval.rewards' kwargs", policy.device)
     if m.compile:
@@ -371,7 +384,8 @@ def run_eval(
         save_images=e.save_images, progress=progress, dist=d, tags=tags,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
               "resolution": m.resolution, "dtype": m.dtype, "max_sequence_length": m.max_sequence_length,
-              "checkpoint_identity": checkpoint_identity(checkpoint),
+              "checkpoint_identity": checkpoint_identity(checkpoint), "lora": lora,
+              "lora_identity": lora_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip
     if d.main:

@@ -12,6 +12,7 @@ stays the base model (adapters disabled), as in Flow-GRPO's ``lora_path``.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from pathlib import Path
 
@@ -30,32 +31,26 @@ def start_adapters_from(policy, path: str | Path) -> int:
     to the LoRA at ``path``; returns the number of layers set. A ValueError names what does not fit: another
     rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
     path = Path(path)
+    name = f"lora.init={str(path)!r}"
     transformer = policy.transformer
     if not path.exists():
-        raise ValueError(f"lora.init={str(path)!r} does not exist: {_FIX}")
-    with warnings.catch_warnings():  # (peft warns of a second adapter beside the run's: that is the point)
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        if path.is_dir() and (path / "adapter_config.json").is_file():
-            _load_peft_folder(transformer, path)
-        else:
-            _load_diffusers_lora(policy, path)
+        raise ValueError(f"{name} does not exist: {_FIX}")
+    _load(policy, path, name)
     layers, outside = 0, []
     with torch.no_grad():
-        for name, module in transformer.named_modules():
+        for layer, module in transformer.named_modules():
             lora_a = getattr(module, "lora_A", None)
             if not isinstance(lora_a, torch.nn.ModuleDict) or WARM not in lora_a:
                 continue
             if getattr(module, "use_dora", {}).get(WARM, False):
-                raise ValueError(
-                    f"lora.init={str(path)!r} is a DoRA adapter ({name}): only plain LoRA starts a run"
-                )
+                raise ValueError(f"{name} is a DoRA adapter ({layer}): only plain LoRA starts a run")
             if _ADAPTER not in lora_a:
-                outside.append(name)
+                outside.append(layer)
                 continue
             theirs, ours = lora_a[WARM].weight, lora_a[_ADAPTER].weight
             if theirs.shape != ours.shape:
                 raise ValueError(
-                    f"lora.init={str(path)!r} has rank {theirs.shape[0]} (at {name}), this run's adapters rank "
+                    f"{name} has rank {theirs.shape[0]} (at {layer}), this run's adapters rank "
                     f"{ours.shape[0]}: set lora.rank={theirs.shape[0]} to start from it"
                 )
             ours.copy_(theirs)
@@ -64,19 +59,69 @@ def start_adapters_from(policy, path: str | Path) -> int:
             layers += 1
     if outside:
         raise ValueError(
-            f"lora.init={str(path)!r} adapts {len(outside)} layers that lora.target_modules leaves out (e.g. "
+            f"{name} adapts {len(outside)} layers that lora.target_modules leaves out (e.g. "
             f"{outside[0]}): add their names to lora.target_modules, or the run would start without them"
         )
     if layers == 0:
-        raise ValueError(
-            f"lora.init={str(path)!r} adapts no layer of this transformer: {_FIX} for this model"
-        )
+        raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
     transformer.set_adapter(_ADAPTER)  # (peft marks the active adapter's weights, and only them, trainable)
     transformer.delete_adapters(WARM)
     return layers
 
 
-def _load_peft_folder(transformer, path: Path) -> None:
+def merge_lora(policy, path: str | Path) -> int:
+    """Fold the LoRA at ``path`` (the formats :func:`start_adapters_from` reads, at the file's own rank and
+    scale) into ``policy.transformer``'s weights and drop the adapter: what ``eval --lora`` scores, e.g. a
+    published Flow-GRPO LoRA on its base model. Returns the number of layers merged."""
+    path = Path(path)
+    name = f"--lora {str(path)!r}"
+    if not path.exists():
+        raise ValueError(f"{name} does not exist: {_FIX}")
+    transformer = policy.transformer
+    _load(policy, path, name)
+    layers = sum(
+        1
+        for m in transformer.modules()
+        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and WARM in m.lora_A
+    )
+    if layers == 0:
+        raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
+    transformer.fuse_lora(adapter_names=[WARM])
+    transformer.unload_lora()
+    return layers
+
+
+def lora_identity(path: str | Path | None) -> dict | None:
+    """What tells one LoRA from another at the same path (an evaluation resumes only onto its own): the
+    sha256 of its weights file."""
+    if path is None:
+        return None
+    path = Path(path)
+    file = _weights_file(path)
+    return {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+
+
+def _load(policy, path: Path, name: str) -> None:
+    """The LoRA at ``path`` as the adapter WARM of ``policy.transformer``, by the library of its format."""
+    with warnings.catch_warnings():  # (peft warns of a second adapter beside a run's: that is the point)
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if _is_peft_folder(path):
+            _load_peft_folder(policy.transformer, path, name)
+        else:
+            _load_diffusers_lora(policy, path, name)
+
+
+def _is_peft_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file()
+
+
+def _weights_file(path: Path) -> Path:
+    if _is_peft_folder(path):
+        return path / "adapter_model.safetensors"
+    return path if path.is_file() else path / "pytorch_lora_weights.safetensors"
+
+
+def _load_peft_folder(transformer, path: Path, name: str) -> None:
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -84,7 +129,7 @@ def _load_peft_folder(transformer, path: Path) -> None:
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise ValueError(
-            f"lora.init={str(path)!r} holds no adapter_model.safetensors (a pickled adapter_model.bin is not "
+            f"{name} holds no adapter_model.safetensors (a pickled adapter_model.bin is not "
             "loaded: unpickling runs code): save the adapter with safe_serialization=True"
         )
     config = LoraConfig.from_pretrained(str(path))
@@ -94,18 +139,18 @@ def _load_peft_folder(transformer, path: Path) -> None:
     unexpected = [k for k in result.unexpected_keys if "lora_" in k]
     if unexpected:
         raise ValueError(
-            f"lora.init={str(path)!r}: {len(unexpected)} of its weights fit no layer of this transformer (e.g. "
+            f"{name}: {len(unexpected)} of its weights fit no layer of this transformer (e.g. "
             f"{unexpected[0]}): it was trained for another model"
         )
 
 
-def _load_diffusers_lora(policy, path: Path) -> None:
+def _load_diffusers_lora(policy, path: Path, name: str) -> None:
     from safetensors import safe_open
 
     pipe = getattr(policy, "pipe", None)
     if pipe is None:
         raise ValueError(
-            f"lora.init={str(path)!r}: a diffusers-format LoRA loads through an sd3 / flux pipeline; for this "
+            f"{name}: a diffusers-format LoRA loads through an sd3 / flux pipeline; for this "
             "model give a peft adapter folder"
         )
     folder, weight_name = (
@@ -113,12 +158,12 @@ def _load_diffusers_lora(policy, path: Path) -> None:
     )
     file = folder / weight_name
     if not file.is_file() or file.suffix != ".safetensors":
-        raise ValueError(f"lora.init={str(path)!r} holds no {weight_name}: {_FIX}")
+        raise ValueError(f"{name} holds no {weight_name}: {_FIX}")
     with safe_open(str(file), "pt") as f:
         encoders = [k for k in f.keys() if k.startswith(("text_encoder", "lora_te"))]  # noqa: SIM118
     if encoders:
         raise ValueError(
-            f"lora.init={str(path)!r} also adapts the text encoders ({len(encoders)} weights, e.g. {encoders[0]}), "
+            f"{name} also adapts the text encoders ({len(encoders)} weights, e.g. {encoders[0]}), "
             "which this trainer keeps frozen: give a LoRA of the transformer alone"
         )
     pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM)

@@ -493,8 +493,10 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
     have alpha 8 (scale 2): the run's first velocities are the LoRA's, and only its own adapter trains."""
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
 
-    from densegrpo_fast.lora_init import WARM
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.lora_init import WARM, merge_lora
     from densegrpo_fast.trainer import _reference_velocity, setup
 
     targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
@@ -552,6 +554,28 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
         g = run.cfg.sampling.guidance_scale  # the KL reference is still the base model
         v_base = zero.policy.velocity(x, sigma, cond, g)
         torch.testing.assert_close(_reference_velocity(run, x, sigma, cond), v_base, rtol=0, atol=1e-6)
+
+    # eval --lora: the LoRA folded into the base model at its own scale, the adapter gone
+    layers = len([k for k in state if "lora_A" in k])
+    for lora in (tmp_path / "lora_ema", tmp_path / "peft"):
+        merged = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS)
+        assert merge_lora(merged, lora) == layers
+        torch.testing.assert_close(merged.velocity(x, sigma, cond, 4.5), want, rtol=1e-5, atol=1e-5)
+        assert not any("lora" in n for n, _ in merged.transformer.named_parameters())
+    ev = [*base[:4], f"eval.dataset={prompts}", "eval.num_prompts=null", "eval.num_steps=2", "eval.shift=null",
+          "eval.guidance_scale=4.5", "eval.batch_size=2", "eval.rewards={red: {name: redness}}"]  # fmt: skip
+    peft_dir = str(tmp_path / "peft")
+    scored = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
+    plain = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_base'}"], progress=False)
+    assert scored["scores"]["red"] != plain["scores"]["red"]
+    weights = (
+        tmp_path / "peft" / "adapter_model.safetensors"
+    )  # another LoRA at the same path: not resumed onto
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))
+    with pytest.raises(ValueError, match=r"another protocol \(lora_identity: "):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
+    with pytest.raises(ValueError, match=r"--lora '.*nowhere' does not exist"):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], lora=str(tmp_path / "nowhere"))
 
     with pytest.raises(
         ValueError, match=r"has rank 4 \(at .*\), this run's adapters rank 8: set lora.rank=4"
