@@ -825,17 +825,11 @@ class TrainConfig(Section):
                 "latent element at 512 px) fall below fp16's range and vanish, so the run would train almost "
                 "nothing; use model.dtype=bf16 (the same memory, fp32's range). The eval command takes fp16"
             )
-        if self.lora.enabled and self.lora.init is not None:
-            if self.model.family == "toy":
-                problems.append(
-                    "lora.init starts sd3 / flux adapters: the toy model trains its adapters from zero; set "
-                    "lora.init=null"
-                )
-            elif not Path(self.lora.init).exists():
-                problems.append(
-                    f"lora.init={self.lora.init!r} does not exist: give a run's lora_ema/ folder, a diffusers "
-                    "LoRA or a peft adapter folder"
-                )
+        if self.lora.enabled and self.lora.init is not None and self.model.family == "toy":
+            problems.append(  # (whether the file exists is train's question: a resumed run need not read it)
+                "lora.init starts sd3 / flux adapters: the toy model trains its adapters from zero; set "
+                "lora.init=null"
+            )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
@@ -868,6 +862,8 @@ class TrainConfig(Section):
              "noise.kind=uniform does not calibrate"),
             ("noise", n, ("window_every",), n.window_move == "fixed", "noise.window_move=fixed never moves"),
             ("ema", self.ema, ("decay", "every"), not self.ema.enabled, "ema.enabled=false keeps no EMA"),
+            ("run", self.run, ("keep_exports",), self.run.export_every == 0,
+             "run.export_every=0 keeps no export but the final one"),
         ]  # fmt: skip
         out = []
         for name, section, fields, off, why in unused:

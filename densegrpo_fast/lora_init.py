@@ -123,7 +123,6 @@ def _weights_file(path: Path) -> Path:
 
 def _load_peft_folder(transformer, path: Path, name: str) -> None:
     from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     weights = path / "adapter_model.safetensors"
@@ -133,18 +132,25 @@ def _load_peft_folder(transformer, path: Path, name: str) -> None:
             "loaded: unpickling runs code): save the adapter with safe_serialization=True"
         )
     config = LoraConfig.from_pretrained(str(path))
+    if config.init_lora_weights not in (True, False, "gaussian"):  # (PiSSA & co. change the base weights)
+        raise ValueError(
+            f"{name} was made with init_lora_weights={config.init_lora_weights!r}, which changes the base "
+            "model's weights too: convert it to a plain LoRA first (peft's save_pretrained with "
+            "path_initial_model_for_weight_conversion)"
+        )
+    if getattr(config, "lora_bias", False) or config.modules_to_save:
+        raise ValueError(
+            f"{name} also trains biases or whole modules (lora_bias / modules_to_save): only the "
+            "lora_A / lora_B pairs of a plain LoRA are read"
+        )
+    config.init_lora_weights = True  # (the file's weights replace the initial ones)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(str(weights)).items()}
     transformer.add_adapter(config, adapter_name=WARM)
-    result = set_peft_model_state_dict(transformer, state, adapter_name=WARM)
-    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
-    if unexpected:
-        raise ValueError(
-            f"{name}: {len(unexpected)} of its weights fit no layer of this transformer (e.g. "
-            f"{unexpected[0]}): it was trained for another model"
-        )
+    _fill_exactly(transformer, state, name)
 
 
 def _load_diffusers_lora(policy, path: Path, name: str) -> None:
+    from diffusers.utils import logging as diffusers_logging
     from safetensors import safe_open
 
     pipe = getattr(policy, "pipe", None)
@@ -166,4 +172,37 @@ def _load_diffusers_lora(policy, path: Path, name: str) -> None:
             f"{name} also adapts the text encoders ({len(encoders)} weights, e.g. {encoders[0]}), "
             "which this trainer keeps frozen: give a LoRA of the transformer alone"
         )
-    pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # (it notes, per text encoder, that the file has no LoRA for it)
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM)
+        # diffusers made the adapter (its ranks and scales) in the model's dtype: the weights again, exactly,
+        # from the same conversion of the file's format
+        state = type(pipe).lora_state_dict(str(folder), weight_name=weight_name)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    state = state[0] if isinstance(state, tuple) else state
+    prefix = "transformer."
+    _fill_exactly(
+        policy.transformer, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, name
+    )
+
+
+def _fill_exactly(transformer, state: dict[str, torch.Tensor], name: str) -> None:
+    """The adapter WARM's weights in fp32 (peft made them in the model's dtype, bf16 in the recipes), then
+    ``state`` (peft names without the adapter's) loaded into them as the file stores them; a ValueError when
+    the file and the adapter do not match weight for weight."""
+    from peft.utils import set_peft_model_state_dict
+
+    for n, p in transformer.named_parameters():
+        if f".{WARM}." in n:
+            p.data = p.data.float()
+    result = set_peft_model_state_dict(transformer, state, adapter_name=WARM)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if f".{WARM}." in k]
+    if unexpected or missing:
+        k = (unexpected or missing)[0]
+        raise ValueError(
+            f"{name} does not fit this transformer's layers ({len(unexpected)} of its weights fit no layer, "
+            f"{len(missing)} adapted layers get no weight; e.g. {k}): it was trained for another model"
+        )

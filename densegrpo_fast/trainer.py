@@ -143,6 +143,12 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             "the check that this config is its own",
             stacklevel=2,
         )
+    init = cfg.lora.init if cfg.lora.enabled else None
+    if init is not None and not Path(init).exists() and not (resume and ckpt_path.exists()):
+        raise ValueError(  # (a resumed run's adapters come from its checkpoint: its file may be gone)
+            f"lora.init={init!r} does not exist: give a run's lora_ema/ folder, a diffusers LoRA or a peft "
+            "adapter folder"
+        )
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
@@ -201,6 +207,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     saved_psi = state.get("psi") if state is not None else None
     if saved_psi is not None:
         saved_psi = saved_psi.clone()  # (not a page of the mmapped file)
+    init = cfg.lora.init if state is None else None  # (a resumed run's adapters come from its checkpoint)
+    warm = cfg.lora.enabled and init is not None
+    # a warm start calibrates psi on the policy it trains from (ALGORITHM.md §5): its adapters come first
+    if warm:
+        _add_adapters(cfg, policy, init)
     base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist, saved_psi)
     fix = "the ranks built their noise schedules apart, which they must not: please report it"
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
@@ -212,28 +223,9 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     transformer = policy.transformer
     compute_dtype = policy.dtype  # (a sharded run's weights train in fp32, its calls stay in this)
     sharded = _shards(cfg, dist)
-    if cfg.lora.enabled:
-        from peft import LoraConfig
-
-        transformer.add_adapter(
-            LoraConfig(
-                r=cfg.lora.rank,
-                lora_alpha=cfg.lora.alpha,
-                target_modules=cfg.lora.target_modules,
-                init_lora_weights="gaussian",
-            )
-        )
-        if cfg.lora.init is not None and state is None:  # (a resumed run's adapters come from its checkpoint;
-            # before the fp32 cast below, which casts the weights the warm start leaves trainable)
-            from densegrpo_fast.lora_init import start_adapters_from
-
-            start_adapters_from(policy, cfg.lora.init)
-        # adapters train in fp32 over a bf16 / fp16 base (as diffusers' cast_training_params does): in bf16 an
-        # lr-3e-4 step of a weight of size 0.1 is below one ulp, and Adam's moments and the EMA would round too
-        for p in transformer.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-    else:
+    if cfg.lora.enabled and not warm:
+        _add_adapters(cfg, policy, None)
+    elif not cfg.lora.enabled:
         if cfg.grpo.beta > 0:
             if sharded:  # block by block: never a second whole copy beside the transformer
                 reference = distributed.sharded_frozen_copy(transformer)
@@ -307,11 +299,38 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         if run.priority is not None:
             run.priority.load_state_dict(state["prompt_priority"])
         log.truncate_after(run.iteration)
+        distributed.on_main(dist, functools.partial(_drop_exports_after, run_dir, run.iteration))
     elif resume:
         log.truncate_after(0)
+        distributed.on_main(dist, functools.partial(_drop_exports_after, run_dir, 0))
     if resume:
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _add_adapters(cfg: TrainConfig, policy, init: str | None) -> None:
+    """The run's LoRA adapters on the transformer, in fp32, set to the LoRA at ``init`` when given."""
+    from peft import LoraConfig
+
+    transformer = policy.transformer
+    transformer.add_adapter(
+        LoraConfig(
+            r=cfg.lora.rank,
+            lora_alpha=cfg.lora.alpha,
+            target_modules=cfg.lora.target_modules,
+            init_lora_weights="gaussian",
+        )
+    )
+    # adapters train in fp32 over a bf16 / fp16 base (as diffusers' cast_training_params does): in bf16 an
+    # lr-3e-4 step of a weight of size 0.1 is below one ulp, and Adam's moments and the EMA would round too
+    # (and a warm start's weights would round on the way in)
+    for p in transformer.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if init is not None:
+        from densegrpo_fast.lora_init import start_adapters_from
+
+        start_adapters_from(policy, init)
 
 
 def _check_prompts(reward_fn, name: str, sources: dict[str, PromptSource]) -> None:
@@ -1281,10 +1300,24 @@ def export_kept(run: Run) -> None:
         distributed.on_main(run.dist, functools.partial(_prune_exports, run.dir, keep))
 
 
+def _kept_exports(run_dir: Path) -> list[tuple[int, Path]]:
+    """The kept exports' (iteration, folder), oldest first."""
+    found = [(p.name[5:], p) for p in (Path(run_dir) / "exports").glob("iter_*")]
+    return sorted((int(i), p) for i, p in found if i.isdigit())
+
+
 def _prune_exports(run_dir: Path, keep: int) -> None:
-    kept = sorted(p for p in (Path(run_dir) / "exports").glob("iter_*") if p.name[5:].isdigit())
-    for old in kept[: max(0, len(kept) - keep)]:
+    kept = _kept_exports(run_dir)
+    for _, old in kept[: max(0, len(kept) - keep)]:
         shutil.rmtree(old)
+
+
+def _drop_exports_after(run_dir: Path, iteration: int) -> None:
+    """A resumed run's: the kept exports of iterations after its checkpoint, which it trains again (as the log
+    drops their records)."""
+    for i, folder in _kept_exports(run_dir):
+        if i > iteration:
+            shutil.rmtree(folder)
 
 
 def _evaluation_missing(run: Run) -> bool:

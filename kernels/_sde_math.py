@@ -37,20 +37,10 @@ BLOCK = 1024
 # CUDA launches at most 65535 programs along a grid's second axis, where the kernels put a row's chunks
 # (the backward, its tiles of BLOCK): a longer row takes several launches, each from its first chunk. The
 # partial sums stay one per chunk, so the order of summation is unchanged. `finish_rows` adds a row's
-# partials in one tile, which Triton caps at 2**20 elements: a row may have up to 2**20 chunks.
+# partials in one tile of up to FINISH_BLOCK (rows of up to 16 M elements); a longer row's in several
+# tiles, one after the other.
 MAX_GRID_Y = 65535
-MAX_CHUNKS = 2**20
-
-
-def row_chunks(n: int) -> int:
-    """The number of CHUNK-element partial sums of a row of ``n`` elements, checked against MAX_CHUNKS."""
-    n_chunks = triton.cdiv(n, CHUNK)
-    if n_chunks > MAX_CHUNKS:
-        raise ValueError(
-            f"a latent row of {n} elements exceeds the Triton kernels' limit of {MAX_CHUNKS * CHUNK} elements "
-            "per row: set DENSEGRPO_KERNELS=reference for such rows"
-        )
-    return n_chunks
+FINISH_BLOCK = 4096
 
 
 def chunk_launches(n: int) -> list[tuple[int, int]]:
@@ -140,20 +130,29 @@ def squared_deviation(next_sample, mean, mask):
 
 
 @triton.jit
+def _row_total(ptr, row, n_chunks, BLOCK_C: tl.constexpr, TILES: tl.constexpr):
+    """A row's partials summed: one tile, or TILES of them added in order."""
+    offs = tl.arange(0, BLOCK_C)
+    total = tl.sum(tl.load(ptr + row * n_chunks + offs, mask=offs < n_chunks, other=0.0), axis=0)
+    for t in range(1, TILES):
+        more = t * BLOCK_C + offs
+        total += tl.sum(tl.load(ptr + row * n_chunks + more, mask=more < n_chunks, other=0.0), axis=0)
+    return total
+
+
+@triton.jit
 def _finish_kernel(
     sum_sq_ptr, sum_dv2_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # per-chunk partials [B, n_chunks]; rows
     log_prob_ptr, kl_ptr,  # outputs [B]
     N, n_chunks,
-    BLOCK_C: tl.constexpr, WITH_KL: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILES: tl.constexpr, WITH_KL: tl.constexpr,
 ):  # fmt: skip
     """Per row: the partials added in an order fixed by n_chunks alone, then :func:`finish_log_prob` (and
     the KL of the module docstring) in fp32. torch's own reduction may pick another order for another B on
     a GPU, which would break the bit-exact agreement of a rollout batch and a training micro-batch; this
     cannot."""
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_C)
-    live = offs < n_chunks
-    sum_sq = tl.sum(tl.load(sum_sq_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
+    sum_sq = _row_total(sum_sq_ptr, row, n_chunks, BLOCK_C, TILES)
     _, _, cv, ns, sd = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
     sde = sd != 0.0
     safe_ns = tl.where(sde, ns, 1.0)
@@ -161,7 +160,7 @@ def _finish_kernel(
     lp = -tl.div_rn(tl.div_rn(sum_sq, n), 2.0 * safe_ns * safe_ns) - tl.log(safe_ns) - _LOG_SQRT_2PI
     tl.store(log_prob_ptr + row, tl.where(sde, lp, 0.0))
     if WITH_KL:
-        sum_dv2 = tl.sum(tl.load(sum_dv2_ptr + row * n_chunks + offs, mask=live, other=0.0), axis=0)
+        sum_dv2 = _row_total(sum_dv2_ptr, row, n_chunks, BLOCK_C, TILES)
         safe_std = tl.where(sde, sd, 1.0)
         kl = tl.div_rn(tl.div_rn(sum_dv2, n) * (cv * cv), 2.0 * safe_std * safe_std)
         tl.store(kl_ptr + row, tl.where(sde, kl, 0.0))
@@ -172,11 +171,12 @@ def finish_rows(sum_sq, sum_dv2, n: int, sigma, sigma_next, std):
     elements, in one launch; ``kl`` is None when ``sum_dv2`` is. On a GPU the log-prob of a step costs the
     streaming kernel and this one, nothing more."""
     B, n_chunks = sum_sq.shape
+    block = min(triton.next_power_of_2(n_chunks), FINISH_BLOCK)
     with_kl = sum_dv2 is not None
     log_prob = empty((B,), torch.float32, sum_sq.device)
     kl = empty((B,), torch.float32, sum_sq.device) if with_kl else log_prob
     _finish_kernel[(B,)](
         sum_sq, sum_dv2 if with_kl else sum_sq, sigma, sigma_next, std, log_prob, kl, n, n_chunks,
-        BLOCK_C=triton.next_power_of_2(n_chunks), WITH_KL=with_kl, **LAUNCH,
+        BLOCK_C=block, TILES=triton.cdiv(n_chunks, block), WITH_KL=with_kl, **LAUNCH,
     )  # fmt: skip
     return log_prob, (kl if with_kl else None)

@@ -85,7 +85,7 @@ def _sde_log_prob_bwd_kernel(
 
 def _forward_triton(sample, velocity, next_sample, sigma, sigma_next, std, ref_velocity):
     B, N = sample.shape[0], sample[0].numel()
-    n_chunks = sm.row_chunks(N)
+    n_chunks = triton.cdiv(N, sm.CHUNK)
     with_kl = ref_velocity is not None
     sum_sq = empty((B, n_chunks), torch.float32, sample.device)
     sum_dv2 = empty((B, n_chunks), torch.float32, sample.device) if with_kl else sum_sq

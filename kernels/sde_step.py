@@ -49,7 +49,7 @@ def _sde_step_kernel(
 
 def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode):
     B, N = sample.shape[0], sample[0].numel()
-    n_chunks = sm.row_chunks(N)
+    n_chunks = triton.cdiv(N, sm.CHUNK)
     out = empty(sample.shape, sample.dtype, sample.device)
     ode = empty(sample.shape, sample.dtype, sample.device) if write_ode else out
     sum_sq = empty((B, n_chunks), torch.float32, sample.device)

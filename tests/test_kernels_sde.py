@@ -292,8 +292,10 @@ def test_tiling_constants_do_not_depend_on_batch():
 
 def test_a_row_of_more_chunks_than_a_grid_axis_holds_takes_several_launches(monkeypatch, poisoned):
     """CUDA caps a grid's second axis at 65535 programs (a row of 268 M elements in the forward, 67 M in the
-    backward): longer rows launch again from the next chunk, with the same partial sums. A cap of 3 stands
-    in for it here: every launch writes its share, and the results are the one-launch results bit for bit."""
+    backward): longer rows launch again from the next chunk, with the same partial sums; and past
+    FINISH_BLOCK partials (16 M elements) the finish adds them tile by tile. Caps of 3 programs and 2
+    partials stand in for them here: every launch writes its share, the latents and gradients are the
+    one-launch ones bit for bit, and the step's log-prob is still the recomputation's bit for bit."""
     monkeypatch.setenv("DENSEGRPO_KERNELS", "triton")
     x, v, noise, sigma, sigma_next, std = make_step((2, 5, 41, 101), torch.bfloat16, ode_rows=(1,))
     vref = (v.float() + 0.01).to(v.dtype)
@@ -307,8 +309,7 @@ def test_a_row_of_more_chunks_than_a_grid_axis_holds_takes_several_launches(monk
         return out, lp, ode, lp2, kl, vv.grad
 
     one = run()
-    n = x[0].numel()  # 20705 elements: 6 chunks, 21 tiles of the backward
-    assert sm.chunk_launches(sm.row_chunks(n)) == [(0, 6)]
+    assert sm.chunk_launches(6) == [(0, 6)]  # 20705 elements a row: 6 chunks, 21 tiles of the backward
     chunk_launches = sm.chunk_launches
     monkeypatch.setattr(sm, "MAX_GRID_Y", 3)
     monkeypatch.setattr(sm, "chunk_launches", lambda k: launches.append(k) or chunk_launches(k))
@@ -317,8 +318,10 @@ def test_a_row_of_more_chunks_than_a_grid_axis_holds_takes_several_launches(monk
     assert launches == [6, 6, 21], "the step, the forward and the backward each launched in parts"
     for a, b in zip(one, several, strict=True):
         assert torch.equal(a, b)
-    assert torch.equal(one[1], one[3]), "on-policy: the ratio is still 1"
-    monkeypatch.setattr(sm, "MAX_CHUNKS", 5)
-    with pytest.raises(ValueError, match=r"a latent row of 20705 elements exceeds .* limit of 20480 elements "
-                       r"per row: set DENSEGRPO_KERNELS=reference"):  # fmt: skip
-        sde_step(x, v, sigma, sigma_next, std, noise)
+    monkeypatch.setattr(sm, "FINISH_BLOCK", 2)  # 6 partials in 3 tiles: another order of addition
+    tiled = run()
+    for k in (0, 2, 5):  # the latents and the gradient (whose factors take no sum) are the same
+        assert torch.equal(tiled[k], one[k])
+    assert torch.equal(tiled[1], tiled[3]), "on-policy: the ratio is still 1"
+    for k in (1, 3, 4):
+        torch.testing.assert_close(tiled[k], one[k], rtol=1e-6, atol=0)

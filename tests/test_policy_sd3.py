@@ -497,7 +497,7 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
 
     from densegrpo_fast.evaluate import run_eval
     from densegrpo_fast.lora_init import WARM, merge_lora
-    from densegrpo_fast.trainer import _reference_velocity, setup
+    from densegrpo_fast.trainer import _reference_velocity, setup, train
 
     targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"]
     donor = SD3Policy.load(sd3_dir, dtype="fp32", **OPTS)
@@ -555,6 +555,25 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
         v_base = zero.policy.velocity(x, sigma, cond, g)
         torch.testing.assert_close(_reference_velocity(run, x, sigma, cond), v_base, rtol=0, atol=1e-6)
 
+    # over a bf16 transformer the run's fp32 adapters hold the file's weights exactly (alpha 8 / r 4 over the
+    # file's 0.5, or the 1 of lora_ema, whose B holds the 0.5: B x 1/4 either way, exact in binary)
+    for init in (tmp_path / "lora_ema", tmp_path / "peft"):
+        own = dict(started(init, "model.dtype=bf16", out="bf16").policy.transformer.named_parameters())
+        for key, t in state.items():
+            mine = own[key.replace(".weight", ".default.weight")]
+            assert mine.dtype == torch.float32
+            assert torch.equal(mine, t if "lora_A" in key else t * 0.25), (init.name, key)
+    # a resumed run takes its adapters from its checkpoint: the file may be gone
+    moved = tmp_path / "moved_lora"
+    shutil.copytree(tmp_path / "lora_ema", moved)
+    one = [*base, f"lora.init={moved}", f"run.output_dir={tmp_path / 'resumed'}", "run.iterations=1",
+           "eval.num_prompts=2", "eval.num_steps=2", f"eval.dataset={prompts}", "run.sample_grid_every=0"]  # fmt: skip
+    train(load_config(TrainConfig, None, one), progress=False)
+    shutil.rmtree(moved)
+    train(load_config(TrainConfig, None, [*one, "run.iterations=2"]), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"lora.init=.*moved_lora' does not exist"):  # a fresh run needs it
+        setup(load_config(TrainConfig, None, [*one, f"run.output_dir={tmp_path / 'fresh'}"]), progress=False)
+
     # eval --lora: the LoRA folded into the base model at its own scale, the adapter gone
     layers = len([k for k in state if "lora_A" in k])
     for lora in (tmp_path / "lora_ema", tmp_path / "peft"):
@@ -568,9 +587,8 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
     scored = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
     plain = run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_base'}"], progress=False)
     assert scored["scores"]["red"] != plain["scores"]["red"]
-    weights = (
-        tmp_path / "peft" / "adapter_model.safetensors"
-    )  # another LoRA at the same path: not resumed onto
+    # another LoRA at the same path: not resumed onto
+    weights = tmp_path / "peft" / "adapter_model.safetensors"
     save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))
     with pytest.raises(ValueError, match=r"another protocol \(lora_identity: "):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
@@ -583,8 +601,22 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
         started(tmp_path / "peft", "lora.rank=8", out="rank8")
     with pytest.raises(ValueError, match=r"adapts 2 layers that lora.target_modules leaves out \(e.g. "):
         started(tmp_path / "peft", "lora.target_modules=[attn.to_q, attn.to_k, attn.to_v]", out="fewer")
-    with pytest.raises(ConfigError, match=r"lora.init=.*nowhere' does not exist"):
-        load_config(TrainConfig, None, [*base, f"lora.init={tmp_path / 'nowhere'}"])
+    # a peft folder is read as a plain LoRA or refused: PiSSA & co. (which move the base weights), biases,
+    # and files that leave adapted layers without weights
+    for change, said in [({"init_lora_weights": "pissa"}, "init_lora_weights='pissa', which changes the base"),
+                         ({"lora_bias": True}, "also trains biases or whole modules")]:  # fmt: skip
+        odd = tmp_path / f"odd_{next(iter(change))}"
+        shutil.copytree(tmp_path / "peft", odd)
+        config = json.loads((odd / "adapter_config.json").read_text())
+        (odd / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(ValueError, match=said):
+            started(odd, out=odd.name)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "peft", cut)
+    kept = dict(list(load_file(cut / "adapter_model.safetensors").items())[1:])
+    save_file(kept, str(cut / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"0 of its weights fit no layer, 1 adapted layers get no weight"):
+        started(cut, out="cut")
     with pytest.raises(ConfigError, match=r"lora.init starts sd3 / flux adapters"):
         load_config(TrainConfig, None, ["lora.init=" + str(tmp_path / "peft")])
 

@@ -981,13 +981,20 @@ def test_kept_exports_every_n_iterations_the_latest_kept_and_a_lost_one_made_on_
     with safe_open(exports / "iter_00002" / "policy_ema.safetensors", "pt") as f:
         assert f.metadata()["iteration"] == "2"
 
-    # killed after iteration 3's checkpoint, before its export: the resume writes it before anything else
+    # killed after iteration 3's checkpoint, before its export: the resume writes it before anything else;
+    # exports of later iterations (a run that went on past its last checkpoint) are dropped, as its log lines
     shutil.rmtree(exports / "iter_00003")
+    for later in ("iter_00004", "iter_100000"):
+        (exports / later).mkdir()
     monkeypatch.setattr(trainer, "ema_heldout_rewards", lambda run: pytest.fail("evaluation already logged"))
     train(cfg, resume=True, progress=False)
     again = load_file(exports / "iter_00003" / "policy_ema.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
     assert sorted(p.name for p in exports.iterdir()) == ["iter_00002", "iter_00003"]
+    for name in ("iter_99999", "iter_100000", "iter_x"):  # the oldest by number, not by name
+        (exports / name).mkdir()
+    trainer._prune_exports(tmp_path / "run", 2)
+    assert sorted(p.name for p in exports.iterdir()) == ["iter_100000", "iter_99999", "iter_x"]
 
 
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
