@@ -474,6 +474,13 @@ class DenseSection(Section):
         "fused", description="completion rows in the main rows' call, or in a call of their own"
     )
     global_std: bool = Field(False, description="normalise by the batch std per step instead of the group's")
+    multi_reward: Literal["sum", "per_reward"] = Field(
+        "sum",
+        description="reward.name=multi: sum = the advantages of the weighted sum (GRPO normalises the sum); "
+        "per_reward = each component's advantages normalised on their own, then summed with the weights "
+        "(MixGRPO's advantage aggregation: no component's scale drowns the others; psi is still calibrated on "
+        "the sum)",
+    )
     adv_eps: float = Field(1e-4, ge=0, description="added to the std in the normalisation")
     adv_clip: float = Field(5.0, gt=0, description="advantages clipped to [-adv_clip, adv_clip]")
 
@@ -824,6 +831,11 @@ class TrainConfig(Section):
                 "model.dtype=fp16 trains without loss scaling: the update's gradients (about 1e-9 to 1e-7 per "
                 "latent element at 512 px) fall below fp16's range and vanish, so the run would train almost "
                 "nothing; use model.dtype=bf16 (the same memory, fp32's range). The eval command takes fp16"
+            )
+        if self.dense.multi_reward == "per_reward" and self.reward.name != "multi":
+            problems.append(
+                f"dense.multi_reward=per_reward normalises the components of a multi reward, and reward.name is "
+                f"{self.reward.name!r}: set reward.name=multi with its components, or dense.multi_reward=sum"
             )
         if self.lora.enabled and self.lora.init is not None and self.model.family == "toy":
             problems.append(  # (whether the file exists is train's question: a resumed run need not read it)

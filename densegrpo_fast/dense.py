@@ -62,6 +62,28 @@ def advantages(
     return adv.contiguous()
 
 
+def advantages_of_parts(
+    parts: torch.Tensor,
+    weights: list[float],
+    group_size: int,
+    mode: AdvantageMode | str = AdvantageMode.dense,
+    trained: torch.Tensor | None = None,
+    *,
+    global_std: bool = False,
+    eps: float = 1e-4,
+    clip: float = 5.0,
+) -> torch.Tensor:
+    """:func:`advantages` of each reward component on its own, summed with ``weights``, then clipped again
+    (``dense.multi_reward=per_reward``, MixGRPO's advantage aggregation): a component's scale no longer
+    decides its share. Shape: parts [N, T+1, C] -> A float32 [N, T]."""
+    total = None
+    for c, w in enumerate(weights):
+        adv = advantages(parts[..., c].contiguous(), group_size, mode, trained, global_std=global_std, eps=eps,
+                         clip=clip)  # fmt: skip
+        total = w * adv if total is None else total + w * adv
+    return total.clamp(-clip, clip).contiguous()
+
+
 def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
     """Per-step summaries for the logs: reward mean/std, mean dR and |dR|, and the share of gains and losses."""
     dR = step_rewards(latent_rewards.float())
@@ -79,7 +101,8 @@ def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
 def latent_rewards(
     decode, reward_fn, clean: torch.Tensor, prompts: list[str], columns: list[int], chunk: int = 256
 ) -> torch.Tensor:
-    """Score the clean latents of a rollout: ``R`` float32 [B, T+1].
+    """Score the clean latents of a rollout: ``R`` float32 [B, T+1] (or [B, T+1, C] for a ``reward_fn``
+    that scores C components, e.g. ``WeightedSum.stack``).
 
     ``clean`` is [B, T+1, *latent]; only ``columns`` (the latents that had a completion of their own, and
     T) are decoded and scored, the others copy the reward of the next latent as the rollout copied it.
@@ -93,8 +116,9 @@ def latent_rewards(
             reward_fn(decode(flat[i : i + chunk]), flat_prompts[i : i + chunk]).float()
             for i in range(0, len(flat), chunk)
         ]
-    ).view(B, len(cols))
-    R = torch.empty(B, T1, device=scores.device)
+    )
+    scores = scores.view(B, len(cols), *scores.shape[1:])
+    R = torch.empty(B, T1, *scores.shape[2:], device=scores.device)
     j = len(cols) - 1
     for idx in range(T1 - 1, -1, -1):
         if idx in cols:  # otherwise keep the smallest scored column above idx

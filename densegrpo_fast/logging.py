@@ -23,8 +23,8 @@ WANDB_MISSING = (
 
 
 def scalars(record: dict) -> Iterator[tuple[str, float]]:
-    """The plottable values of a metrics record (iteration aside): finite numbers, and lists of numbers (one
-    per step) as ``key/step{k}``."""
+    """The plottable values of a metrics record (iteration aside): finite numbers, lists of numbers (one per
+    step) as ``key/step{k}``, and mappings of numbers (one per reward component) as ``key/{name}``."""
     for key, value in record.items():
         if key == "iteration":
             continue
@@ -33,6 +33,10 @@ def scalars(record: dict) -> Iterator[tuple[str, float]]:
         elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
             for k, v in enumerate(value):
                 yield f"{key}/step{k}", v
+        elif isinstance(value, dict):
+            for name, v in value.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    yield f"{key}/{name}", v
 
 
 class MetricsLog:

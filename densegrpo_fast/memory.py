@@ -1328,7 +1328,7 @@ def run_memory(
             *overrides, f"prompts.dataset={prompts}", f"eval.dataset={prompts}",
             f"run.output_dir={work / 'run'}",
             "run.tensorboard=false", "run.wandb.enabled=false", "noise.kind=uniform", "model.device=cpu",
-            "reward.name=redness", "reward.kwargs={}",
+            "reward.name=redness", "reward.kwargs={}", "dense.multi_reward=sum",
             "eval.rewards=" + yaml.safe_dump(evaluated, default_flow_style=True, width=1 << 30).strip(),
             # one batch of `batch` images each: the evaluation's peak
             f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",

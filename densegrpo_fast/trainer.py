@@ -36,7 +36,7 @@ from densegrpo_fast.checkpoint import (
     trainable_state,
 )
 from densegrpo_fast.config import TrainConfig, dump_config, flat
-from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
+from densegrpo_fast.dense import advantages, advantages_of_parts, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
@@ -730,11 +730,13 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         if stream is not None:
             stream.wait_event(ready)
         T = run.schedule.num_steps
+        score = _reward_scorer(run)
         if ro.clean is not None:
-            R = latent_rewards(run.policy.decode, run.reward_fn, ro.clean, rows, ro.completed)
+            R = latent_rewards(run.policy.decode, score, ro.clean, rows, ro.completed)
         else:
-            R = torch.zeros(len(rows), T + 1, device=ro.latents.device)
-            R[:, T] = run.reward_fn(run.policy.decode(ro.latents[:, T]), rows).float()
+            final = score(run.policy.decode(ro.latents[:, T]), rows).float()
+            R = torch.zeros(len(rows), T + 1, *final.shape[1:], device=ro.latents.device)
+            R[:, T] = final
         R = R.to(ro.latents.device)  # (a plugin reward may answer on the CPU; record_stream needs CUDA)
     if stream is not None:
         stream.synchronize()
@@ -742,9 +744,19 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
     return R
 
 
+def _reward_scorer(run: Run):
+    """What scores a wave's images: the reward, or (``dense.multi_reward=per_reward``) its components side by
+    side, [b] or [b, C]."""
+    return run.reward_fn.stack if run.cfg.dense.multi_reward == "per_reward" else run.reward_fn
+
+
 def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
-    """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps)."""
+    """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps), or of its
+    components' [B, T + 1, C] (``dense.multi_reward=per_reward``)."""
     d = run.cfg.dense
+    if R.dim() == 3:
+        return advantages_of_parts(R, run.reward_fn.weights, run.cfg.sampling.group_size, d.mode, run.trained,
+                                   global_std=d.global_std, eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
     return advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
                       eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
 
@@ -884,11 +896,13 @@ def check_finite_rewards(run: Run, R: torch.Tensor) -> None:
     after the update. (One host read, where the update's plan reads the device anyway.)"""
     bad = ~torch.isfinite(R)
     if bad.any():
-        rows, cols = bad.nonzero(as_tuple=True)
+        where = bad.nonzero()  # (row, latent) or, per-reward, (row, latent, component)
+        first = tuple(where[0].tolist())
         raise NonFiniteError(
-            f"iteration {run.iteration + 1}: reward {run.cfg.reward.name!r} gave {rows.numel()} non-finite "
-            f"score(s) among {R.numel()} (first: row {rows[0].item()}, latent {cols[0].item()}, "
-            f"{R[rows[0], cols[0]].item()}); training on them would write NaN into the weights. The run stops "
+            f"iteration {run.iteration + 1}: reward {run.cfg.reward.name!r} gave {len(where)} non-finite "
+            f"score(s) among {R.numel()} (first: row {first[0]}, latent {first[1]}"
+            f"{f', component {first[2]}' if len(first) > 2 else ''}, {R[first].item()}); training on them would "
+            "write NaN into the weights. The run stops "
             f"before this iteration's update: its last checkpoint in {run.dir} is intact. Fix the reward, then "
             "train again with --resume"
         )
@@ -1230,10 +1244,15 @@ def _loop(run: Run, progress: bool) -> None:
             run.priority.observe(prompts, group_signal(run, A_all))
         run.iteration += 1
         run.wall_s += distributed.max_(d, time.perf_counter() - t0, R.device)  # the slowest rank's
-        R = R_all
+        R, parts = R_all, None
+        if R.dim() == 3:  # per-reward advantages: the components' rewards, and their weighted sum
+            parts, R = R, run.reward_fn.combine(R)
         stats = step_reward_stats(R) if cfg.dense.mode != "sparse" else {}
         record = {"iteration": run.iteration, "wall_s": round(run.wall_s, 3), "reward_mean": R[:, -1].mean().item(),
                   "reward_std": R[:, -1].std().item(), **up, **stats, **{k: round(v, 4) for k, v in times.items()}}  # fmt: skip
+        if parts is not None:
+            means = parts[:, -1].mean(0).tolist()
+            record["reward_parts_mean"] = dict(zip(run.reward_fn.parts, means, strict=True))
         if run.window_start is not None:
             record["window_start"] = run.window_start
         distributed.on_main(d, functools.partial(run.log.write, record))  # its error stops every rank
@@ -1251,7 +1270,7 @@ def _loop(run: Run, progress: bool) -> None:
         bar.set_postfix(post)
         if cfg.run.sample_grid_every and run.iteration % cfg.run.sample_grid_every == 0:
             distributed.on_main(d, functools.partial(_sample_grid, run, ro, prompts, R))
-        del ro, cond, R, R_all, A_all  # not held through the evaluation and the next rollout
+        del ro, cond, R, R_all, A_all, parts  # not held through the evaluation and the next rollout
         if _finished(run) or run.iteration % cfg.run.checkpoint_every == 0:  # first: an export or evaluation
             checkpoint(run)  # that fails loses nothing
         if _export_due(run):

@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from densegrpo_fast.dense import advantages, step_reward_stats, step_rewards
+from densegrpo_fast.dense import (
+    advantages,
+    advantages_of_parts,
+    step_reward_stats,
+    step_rewards,
+)
+from densegrpo_fast.dense import (
+    latent_rewards as score_latents,
+)
 from densegrpo_fast.kernels import group_advantages_reference
 from densegrpo_fast.loss import grpo_loss
 
@@ -52,6 +60,41 @@ def test_untrained_steps_get_zero_and_equal_gains_get_zero():
     A = advantages(R, 4, "dense", trained)
     assert torch.equal(A[:, 4], torch.zeros(12)) and torch.equal(A[:, 2], torch.zeros(12))
     assert (A[:, 0] != 0).all()
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_per_reward_advantages_normalise_each_component_then_weigh_them(mode):
+    """Each component's advantages on their own, weighted and summed, clipped: a component measured a
+    thousand times larger (and shifted) weighs what it weighed; in the plain sum it drowns the other."""
+    small, big = latent_rewards(seed=1), latent_rewards(seed=2)
+    parts = torch.stack([small, big], dim=-1)  # [12, 6, 2]
+    trained = torch.tensor([True, True, False, True, True])
+    A = advantages_of_parts(parts, [1.0, 0.5], 4, mode, trained, clip=1.5)
+    want = advantages(small, 4, mode, trained, clip=1.5) + 0.5 * advantages(big, 4, mode, trained, clip=1.5)
+    torch.testing.assert_close(A, want.clamp(-1.5, 1.5), rtol=0, atol=0)
+    assert (A.abs() == 1.5).any(), "the sum is clipped again"
+    assert torch.equal(A[:, 2], torch.zeros(12))
+    rescaled = torch.stack([small, 1000 * big + 7], dim=-1)  # (eps ~ 0: the std's epsilon does not count)
+    tiny = advantages_of_parts(parts, [1.0, 0.5], 4, mode, trained, eps=1e-9, clip=1.5)
+    again = advantages_of_parts(rescaled, [1.0, 0.5], 4, mode, trained, eps=1e-9, clip=1.5)
+    torch.testing.assert_close(again, tiny, rtol=0, atol=1e-4)
+    plain = advantages(small + 0.5 * (1000 * big + 7), 4, mode, trained, eps=1e-9, clip=1.5)
+    torch.testing.assert_close(
+        plain, advantages(big, 4, mode, trained, eps=1e-9, clip=1.5), rtol=0, atol=0.02
+    )
+    assert (plain - tiny).abs().max() > 0.1, "in the plain sum the large component decides alone"
+
+
+def test_latent_rewards_of_components_keep_them_apart():
+    """A scorer of C components gives R [B, T+1, C], each latent's columns copied as the plain one's."""
+    clean = torch.randn(2, 4, 3, 2, 2)  # [B, T+1, *latent]
+    decode = lambda x: x  # noqa: E731
+    one = lambda images, prompts: images.mean((1, 2, 3))  # noqa: E731
+    two = lambda images, prompts: torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3))], -1)  # noqa: E731
+    R1 = score_latents(decode, one, clean, ["a", "b"], [0, 2])
+    R2 = score_latents(decode, two, clean, ["a", "b"], [0, 2])
+    assert R2.shape == (2, 4, 2) and torch.equal(R2[..., 0], R1)
+    assert torch.equal(R2[:, 1], R2[:, 2]) and torch.equal(R2[:, 2, 1], clean[:, 2].std((1, 2, 3)))
 
 
 def test_unknown_mode():

@@ -51,12 +51,15 @@ def fake_wandb(monkeypatch):
 
 def test_scalars_flatten_per_step_lists_and_skip_what_cannot_be_plotted():
     record = {"iteration": 3, "reward_mean": 0.5, "rows": 24, "dR_mean": [0.1, -0.2], "note": "x",
-              "ratio_dev_first": None, "bad": float("nan"), "empty": []}  # fmt: skip
+              "ratio_dev_first": None, "bad": float("nan"), "empty": [],
+              "reward_parts_mean": {"pick": 21.5, "ocr": float("nan"), "jpeg": -3.0}}  # fmt: skip
     assert dict(scalars(record)) == {
         "reward_mean": 0.5,
         "rows": 24,
         "dR_mean/step0": 0.1,
         "dR_mean/step1": -0.2,
+        "reward_parts_mean/pick": 21.5,
+        "reward_parts_mean/jpeg": -3.0,
     }
 
 

@@ -997,6 +997,29 @@ def test_kept_exports_every_n_iterations_the_latest_kept_and_a_lost_one_made_on_
     assert sorted(p.name for p in exports.iterdir()) == ["iter_100000", "iter_99999", "iter_x"]
 
 
+def test_per_reward_advantages_train_on_each_components_own_gains(tiny_checkpoint, tmp_path, monkeypatch):
+    from densegrpo_fast import trainer
+
+    parts = (
+        "reward.kwargs={rewards: {red: {name: redness}, small: {name: jpeg_compressibility, weight: 0.001}}}"
+    )
+    extra = ["reward.name=multi", parts, "dense.multi_reward=per_reward"]
+    seen, real = [], trainer._advantages
+    monkeypatch.setattr(trainer, "_advantages", lambda run, R: seen.append(R) or real(run, R))
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    (R,) = seen
+    assert R.shape == (8, 5, 2), "each component's latent rewards"
+    (rec,) = [r for r in records(tmp_path / "run") if "reward_mean" in r]
+    means = rec["reward_parts_mean"]
+    assert means.keys() == {"red", "small"}
+    assert rec["reward_mean"] == pytest.approx(means["red"] + 0.001 * means["small"], rel=1e-5)
+    assert_on_policy(rec)
+    with pytest.raises(
+        ConfigError, match=r"dense.multi_reward=per_reward normalises the components of a multi"
+    ):
+        cfg_of(tiny_checkpoint, tmp_path / "no", extra=["dense.multi_reward=per_reward"])
+
+
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
     from densegrpo_fast.prompts import PromptSource
     from densegrpo_fast.rewards import build_reward

@@ -11,7 +11,10 @@ Config form::
 
 The score is ``sum_k weight_k * reward_k`` in the order given. Components are **not** normalised: raw
 PickScore is ~22 while a JPEG size is tens of kB and a CLIP cosine ~0.3, so choose weights on the scale of
-each reward (GRPO then normalises the sum per group, not each term).
+each reward (GRPO then normalises the sum per group, not each term). Training with
+``dense.multi_reward: per_reward`` instead normalises each component's step rewards per group and step
+and sums the advantages with these weights (MixGRPO's advantage aggregation): the weights are then
+relative importances, whatever each reward's scale.
 """
 
 from __future__ import annotations
@@ -83,9 +86,24 @@ class WeightedSum:
         """Each component's unweighted score. Shape: {key: [B] float32} on the images' device."""
         return {k: fn(images, prompts).float().to(images.device) for k, (fn, _) in self.parts.items()}
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    @property
+    def weights(self) -> list[float]:
+        """The components' weights, in their order."""
+        return [w for _, w in self.parts.values()]
+
+    def stack(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Each component's unweighted score, side by side (``dense.multi_reward=per_reward`` trains on
+        them). Shape: [B, components] float32."""
+        return torch.stack(list(self.components(images, prompts).values()), dim=-1)
+
+    def combine(self, parts: torch.Tensor) -> torch.Tensor:
+        """The weighted sum of scores laid out as :meth:`stack` gives them (any leading shape): the reward,
+        added in the components' order as ``__call__`` adds them."""
         total = None
-        for key, score in self.components(images, prompts).items():
-            term = self.parts[key][1] * score
+        for i, w in enumerate(self.weights):
+            term = w * parts[..., i]
             total = term if total is None else total + term
         return total
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.combine(self.stack(images, prompts))
