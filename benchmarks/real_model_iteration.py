@@ -329,7 +329,9 @@ def measure_mode(run, probe: Probe, iterations: int) -> dict:
         metrics = update(run, ro, cond, R, it)
         probe.mark("done")
         seconds.append(time.perf_counter() - t0)
-        reward_mean = R[:, -1].mean().item()
+        reward_mean = (
+            (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1].mean().item()
+        )  # (per_reward: parts)
         del ro, cond, R
     return {
         "mode": cfg.dense.mode,
@@ -356,7 +358,7 @@ def measure_rollout(run, probe: Probe, merged: bool) -> dict:
     ro, cond, R, _ = collect(run, prompts, 0)
     probe.mark("done")
     rec = {"merged": merged, "seconds": time.perf_counter() - t0, "phases": dict(probe.phases)}
-    rec["reward_mean"] = R[:, -1].mean().item()
+    rec["reward_mean"] = (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1].mean().item()
     del ro, cond, R
     return rec
 

@@ -478,8 +478,9 @@ class DenseSection(Section):
         "sum",
         description="reward.name=multi: sum = the advantages of the weighted sum (GRPO normalises the sum); "
         "per_reward = each component's advantages normalised on their own, then summed with the weights "
-        "(MixGRPO's advantage aggregation: no component's scale drowns the others; psi is still calibrated on "
-        "the sum)",
+        "(MixGRPO's advantage aggregation: no component's scale drowns the others, though dense.adv_eps is "
+        "added to each one's std, so a part whose step rewards spread by less than ~1e-3 weighs less; psi is "
+        "still calibrated on the sum)",
     )
     adv_eps: float = Field(1e-4, ge=0, description="added to the std in the normalisation")
     adv_clip: float = Field(5.0, gt=0, description="advantages clipped to [-adv_clip, adv_clip]")

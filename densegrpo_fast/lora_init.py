@@ -132,8 +132,9 @@ def _load_peft_folder(transformer, path: Path, name: str) -> None:
             "loaded: unpickling runs code): save the adapter with safe_serialization=True"
         )
     config = LoraConfig.from_pretrained(str(path))
-    if config.init_lora_weights not in (True, False, "gaussian"):  # (PiSSA & co. change the base weights)
-        raise ValueError(
+    init = config.init_lora_weights
+    if isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "corda", "loftq")):
+        raise ValueError(  # (these initialisations move the base weights too)
             f"{name} was made with init_lora_weights={config.init_lora_weights!r}, which changes the base "
             "model's weights too: convert it to a plain LoRA first (peft's save_pretrained with "
             "path_initial_model_for_weight_conversion)"
@@ -182,10 +183,14 @@ def _load_diffusers_lora(policy, path: Path, name: str) -> None:
     finally:
         diffusers_logging.set_verbosity(verbosity)
     state = state[0] if isinstance(state, tuple) else state
-    prefix = "transformer."
-    _fill_exactly(
-        policy.transformer, {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, name
-    )
+    if WARM not in getattr(policy.transformer, "peft_config", {}):  # (diffusers loaded nothing into it)
+        raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
+    state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
+    if "lora_A" not in next(iter(state)):  # other LoRA namings, renamed as diffusers renames them
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state = convert_unet_state_dict_to_peft(state)
+    _fill_exactly(policy.transformer, state, name)
 
 
 def _fill_exactly(transformer, state: dict[str, torch.Tensor], name: str) -> None:

@@ -490,9 +490,10 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
 
 
 def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tensor, Path]:
-    """The ``calibrate`` command: Algorithm 1 with the config's policy, reward and prompts, before any
-    training; returns psi and the path of the table (``noise.calibration.path`` or the run directory's
-    psi.json), written with its plot. Under torchrun every process calibrates on its share of the rows."""
+    """The ``calibrate`` command: Algorithm 1 with the config's policy (with ``lora.init``'s adapters, as a
+    warm-started run trains from them), reward and prompts, before any training; returns psi and the path
+    of the table (``noise.calibration.path`` or the run directory's psi.json), written with its plot. Under
+    torchrun every process calibrates on its share of the rows."""
     torch.set_num_threads(cfg.model.num_threads)
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
@@ -501,9 +502,14 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     d = distributed.from_env(m.device)
     distributed.check_same_config(d, cfg, ("prompts.dataset",))
     check_same_servers(d, {"reward": reward_fn})
+    init = cfg.lora.init if cfg.lora.enabled else None
+    if init is not None and not Path(init).exists():
+        raise ValueError(f"lora.init={init!r} does not exist: give the LoRA the runs will start from")
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     distributed.check_loaded(d, policy, "the loaded models'", "model.checkpoint", policy.device)
     distributed.check_loaded(d, reward_fn, "the reward models'", "reward.kwargs", policy.device)
+    if init is not None:  # the policy the runs train from, as train calibrates a warm start
+        _add_adapters(cfg, policy, init)
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
     psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
     distributed.shutdown(d)

@@ -13,6 +13,7 @@ from densegrpo_fast.kernels import (
     group_advantages_reference,
     sde_log_prob,
     sde_log_prob_reference,
+    sde_std,
     sde_step,
     sde_step_reference,
 )
@@ -88,6 +89,32 @@ def test_compiled_backward_with_kl(dtype):
 
     eager = grad_of(lambda t: t.float()).to(dtype)  # (rounded as the kernel's gradient is: its final cast)
     assert_close_by_rule(vv.grad.float(), eager, grad_of(lambda t: t.double()), dtype, "dL/dv")
+
+
+@pytest.mark.parametrize("n", [65535 * 1024 + 3000, 65535 * 4096 + 5000], ids=["bwd-parts", "all-parts"])
+def test_compiled_rows_past_the_grid_axis_limit(n):
+    """One row longer than CUDA's 65535 programs on a grid's second axis allow in one launch: the backward's
+    tiles past 67 M elements (first case), the step's and the forward's chunks past 268 M (second), launched
+    in parts; and, in both, the finish's partials past 4096 (16 M elements) added in tiles. Against the
+    reference path on the same GPU; fp32 rows of 0.27 / 1.07 GB."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, v, noise = (torch.randn(1, n, device="cuda", generator=g) for _ in range(3))
+    sigma, sigma_next = torch.tensor([0.7], device="cuda"), torch.tensor([0.6], device="cuda")
+    std = sde_std(sigma, 0.7, sigma_guard=0.95)
+    out, lp, _ = sde_step(x, v, sigma, sigma_next, std, noise)
+    ref_out, ref_lp, _ = sde_step_reference(x, v, sigma, sigma_next, std, noise)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lp, ref_lp, rtol=1e-5, atol=0)
+    del ref_out
+    vv = v.clone().requires_grad_(True)
+    again, _ = sde_log_prob(x, vv, out, sigma, sigma_next, std)
+    assert torch.equal(again, lp), "on-policy: the ratio is 1"
+    (grad,) = torch.autograd.grad(3.0 * again.sum(), vv)
+    ref_v = v.clone().requires_grad_(True)
+    ref_again, _ = sde_log_prob_reference(x, ref_v, out, sigma, sigma_next, std)
+    (ref_grad,) = torch.autograd.grad(3.0 * ref_again.sum(), ref_v)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-12)
+    assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("global_std", [False, True])

@@ -325,3 +325,21 @@ def test_a_row_of_more_chunks_than_a_grid_axis_holds_takes_several_launches(monk
     assert torch.equal(tiled[1], tiled[3]), "on-policy: the ratio is still 1"
     for k in (1, 3, 4):
         torch.testing.assert_close(tiled[k], one[k], rtol=1e-6, atol=0)
+
+
+def test_the_finish_adds_every_tile_of_partials_and_masks_the_last(monkeypatch):
+    """Past FINISH_BLOCK partials a row's are added tile by tile; a cap of 4 stands in for 4096: 6 partials
+    make a full tile and a half one, whose masked lanes must not read the next row's."""
+    monkeypatch.setenv("DENSEGRPO_KERNELS", "triton")
+    monkeypatch.setattr(sm, "FINISH_BLOCK", 4)
+    g = torch.Generator().manual_seed(0)
+    sum_sq = torch.rand(3, 6, generator=g) * torch.tensor([[1.0], [100.0], [10_000.0]])
+    sigma = torch.tensor([0.9, 0.6, 0.3])
+    sigma_next, std = sigma - 0.1, sde_std(sigma, 0.7, sigma_guard=0.95)
+    lp, kl = sm.finish_rows(sum_sq, 2 * sum_sq, 1000, sigma, sigma_next, std)
+    want = sm.finish_log_prob(sum_sq.double().sum(1), 1000, sigma.double(), sigma_next.double(), std.double())
+    torch.testing.assert_close(lp.double(), want, rtol=1e-6, atol=0)
+    first_tile_only = sm.finish_log_prob(sum_sq[:, :4].double().sum(1), 1000, sigma.double(), sigma_next.double(),
+                                         std.double())  # fmt: skip
+    assert ((lp.double() - first_tile_only).abs() > 1e-3).all(), "the second tile counts"
+    assert kl is not None and (kl > 0).all()

@@ -487,7 +487,7 @@ def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     assert_on_policy(step)  # ... and the rollout's lie within the trainer's limit of them
 
 
-def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
+def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, monkeypatch):
     """A LoRA of rank 4, alpha 2 (scale 0.5), written as a run's lora_ema/ (diffusers' format, the scale folded
     into lora_B) and by peft's PeftModel.save_pretrained (Flow-GRPO's format), starts a run whose adapters
     have alpha 8 (scale 2): the run's first velocities are the LoRA's, and only its own adapter trains."""
@@ -617,6 +617,28 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path):
     save_file(kept, str(cut / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"0 of its weights fit no layer, 1 adapted layers get no weight"):
         started(cut, out="cut")
+    # a diffusers file with nothing for the transformer: named, for the run and for eval --lora
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save_file({"unet.down.lora_A.weight": torch.zeros(4, 8), "unet.down.lora_B.weight": torch.zeros(8, 4)},
+              str(elsewhere / "pytorch_lora_weights.safetensors"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"lora.init='.*elsewhere' adapts no layer of this transformer"):
+        started(elsewhere, out="elsewhere")
+    with pytest.raises(ValueError, match=r"--lora '.*elsewhere' adapts no layer of this transformer"):
+        merge_lora(SD3Policy.load(sd3_dir, dtype="fp32", **OPTS), elsewhere)
+    # the calibrate command calibrates the warm-started policy, as train does
+    from densegrpo_fast import trainer
+
+    calibrated = []
+
+    def calibrate(policy, *args, **kwargs):
+        calibrated.append(policy.velocity(x, sigma, cond, 4.5))
+        return torch.zeros(3)
+
+    monkeypatch.setattr(trainer, "calibrate", calibrate)
+    trainer.run_calibration(load_config(TrainConfig, None, [*base, f"lora.init={tmp_path / 'lora_ema'}",
+                                                            f"run.output_dir={tmp_path / 'cal'}"]), progress=False)  # fmt: skip
+    torch.testing.assert_close(calibrated[0], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ConfigError, match=r"lora.init starts sd3 / flux adapters"):
         load_config(TrainConfig, None, ["lora.init=" + str(tmp_path / "peft")])
 

@@ -14,7 +14,8 @@ PickScore is ~22 while a JPEG size is tens of kB and a CLIP cosine ~0.3, so choo
 each reward (GRPO then normalises the sum per group, not each term). Training with
 ``dense.multi_reward: per_reward`` instead normalises each component's step rewards per group and step
 and sums the advantages with these weights (MixGRPO's advantage aggregation): the weights are then
-relative importances, whatever each reward's scale.
+relative importances, whatever each reward's scale (but for ``dense.adv_eps``, added to each component's
+std, which shrinks a component whose step rewards spread by less than ~1e-3).
 """
 
 from __future__ import annotations
