@@ -15,6 +15,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import shutil
 import time
 import warnings
@@ -34,6 +35,7 @@ from densegrpo_fast.checkpoint import (
     remove_stale_tmp,
     save_checkpoint,
     trainable_state,
+    write_atomic,
 )
 from densegrpo_fast.config import TrainConfig, dump_config, flat
 from densegrpo_fast.dense import advantages, advantages_of_parts, latent_rewards, step_reward_stats
@@ -1284,7 +1286,31 @@ def _loop(run: Run, progress: bool) -> None:
         if _evaluation_due(run):
             _evaluate(run, bar)
     bar.close()
-    export_policy(run, run.dir / "policy_ema.safetensors")
+    _final_export(run)
+
+
+def _final_export(run: Run) -> None:
+    """The run's export, ``policy_ema.safetensors`` (and ``lora_ema/``) in its directory; when the last
+    iteration's kept export holds the same EMA weights already, its files instead: the policy hard-linked
+    (written atomically, neither file is ever rewritten in place) and the adapters copied."""
+    kept = kept_export_dir(run.dir, run.iteration)
+    if distributed.broadcast(run.dist, _export_due(run) and (kept / "policy_ema.safetensors").exists()):
+        distributed.on_main(run.dist, functools.partial(_reuse_export, kept, run.dir))
+    else:
+        export_policy(run, run.dir / "policy_ema.safetensors")
+
+
+def _reuse_export(kept: Path, run_dir: Path) -> None:
+    def link(src: Path, tmp: Path) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:  # (a file system without hard links)
+            shutil.copyfile(src, tmp)
+
+    if (kept / "lora_ema").is_dir():
+        shutil.rmtree(run_dir / "lora_ema", ignore_errors=True)
+        shutil.copytree(kept / "lora_ema", run_dir / "lora_ema")
+    write_atomic(run_dir / "policy_ema.safetensors", functools.partial(link, kept / "policy_ema.safetensors"))
 
 
 def _finished(run: Run) -> bool:

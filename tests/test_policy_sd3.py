@@ -337,10 +337,16 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path, capsys):
         "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "noise.kind=uniform", "reward.name=redness",
         "lora.rank=4", "grpo.train_batch_size=4", "grpo.beta=0.04", f"eval.dataset={prompts}", "eval.num_prompts=6",
         "eval.num_steps=2", "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
-        "run.sample_grid_every=1", "ema.every=1",
+        "run.sample_grid_every=1", "ema.every=1", "run.export_every=1",
     ]  # fmt: skip
     cfg = load_config(TrainConfig, None, overrides)
     run_dir = train(cfg, progress=False)
+    # the final export reuses iteration 1's kept one: the policy linked, the adapters copied
+    kept = run_dir / "exports" / "iter_00001"
+    assert sorted(p.name for p in (kept / "lora_ema").iterdir()) == ["pytorch_lora_weights.safetensors"]
+    assert (run_dir / "lora_ema" / "pytorch_lora_weights.safetensors").read_bytes() == (
+        kept / "lora_ema" / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in recs if "reward_mean" in r]
     numbers = [v for k, v in step.items() if isinstance(v, float)] + step["dR_mean"] + step["R_mean"]

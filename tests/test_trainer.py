@@ -980,6 +980,10 @@ def test_kept_exports_every_n_iterations_the_latest_kept_and_a_lost_one_made_on_
     assert any(not torch.equal(final[k], kept[2][k]) for k in final), "iteration 2's EMA is another policy"
     with safe_open(exports / "iter_00002" / "policy_ema.safetensors", "pt") as f:
         assert f.metadata()["iteration"] == "2"
+    final_file = (
+        tmp_path / "run" / "policy_ema.safetensors"
+    )  # the last kept export, linked: not written twice
+    assert final_file.stat().st_ino == (exports / "iter_00003" / "policy_ema.safetensors").stat().st_ino
 
     # killed after iteration 3's checkpoint, before its export: the resume writes it before anything else;
     # exports of later iterations (a run that went on past its last checkpoint) are dropped, as its log lines
