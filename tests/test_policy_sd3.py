@@ -121,6 +121,37 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance):
     assert ours.abs().max() > 0.1  # a real trajectory, not a collapsed one
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [{"qk_norm": "rms_norm"}, {"qk_norm": "rms_norm", "dual_attention_layers": (0,)}],
+    ids=["sd35-large", "sd35-medium"],
+)
+def test_the_sd35_layouts_sample_as_their_pipeline_and_take_the_adapters(layout):
+    """SD3.5-Large's transformer (RMS-normed q/k) and SD3.5-Medium's (also a second attention in its first
+    blocks) under model.family=sd3: the engine's ODE is the pipeline's, and LoRA on lora.target_modules
+    adapts each block's joint attention (Flow-GRPO's targets; the dual blocks' attn2 is left as Flow-GRPO
+    leaves it)."""
+    from peft import LoraConfig
+
+    from densegrpo_fast.config import LoRASection
+
+    pipe = tiny.sd3_pipeline(seed=1, **layout)
+    policy = SD3Policy(pipe, **OPTS)
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    theirs = pipe(prompt=PROMPTS, height=32, width=32, num_inference_steps=3, guidance_scale=4.5,
+                  max_sequence_length=tiny.MAX_T5_TOKENS, latents=noise.clone(), output_type="latent").images  # fmt: skip
+    ro = sample(policy, policy.encode_prompts(PROMPTS), noise, Schedule(policy.sigma_grid(3), torch.zeros(3)),
+                guidance_scale=4.5, dense=False)  # fmt: skip
+    assert (ro.latents[:, 3] - theirs).abs().max() <= 1e-5
+    policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=LoRASection().target_modules))
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in policy.transformer.named_parameters() if ".lora_A." in n}
+    blocks = len(policy.transformer.transformer_blocks)
+    assert len([n for n in adapted if n.endswith("attn.to_q")]) == blocks
+    assert not any(".attn2." in n for n in adapted)
+    dual = any(".attn2" in n for n, _ in policy.transformer.named_modules())
+    assert dual == ("dual_attention_layers" in layout)
+
+
 def _device_moves(policy, monkeypatch) -> list[tuple[str, str]]:
     """Records (encoder, device) for each ``.to`` of the policy's text encoders."""
     moves = []

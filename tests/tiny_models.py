@@ -58,8 +58,10 @@ def vae():
     )  # fmt: skip
 
 
-def sd3_pipeline(seed: int = 0):
-    """``StableDiffusion3Pipeline`` with tiny random components, fp32, on the CPU."""
+def sd3_pipeline(seed: int = 0, **transformer_kwargs):
+    """``StableDiffusion3Pipeline`` with tiny random components, fp32, on the CPU: SD3-Medium's transformer
+    layout by default; ``qk_norm="rms_norm"`` is SD3.5-Large's, and with ``dual_attention_layers`` too
+    SD3.5-Medium's."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
@@ -67,7 +69,7 @@ def sd3_pipeline(seed: int = 0):
     transformer = SD3Transformer2DModel(
         sample_size=RESOLUTION // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
-        pooled_projection_dim=64, pos_embed_max_size=16,
+        pooled_projection_dim=64, pos_embed_max_size=16, **transformer_kwargs,
     )  # fmt: skip
     return StableDiffusion3Pipeline(
         transformer=transformer,
