@@ -501,6 +501,13 @@ class GRPOSection(Section):
     trained_steps: list[int] | None = Field(
         None, description="steps to train; null = every SDE step but the last of the grid"
     )
+    step_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="each sample trains a random ceil(fraction x trained steps) of its trained steps, drawn anew "
+        "every iteration (DanceGRPO's timestep_fraction: a cheaper update); 1 = every trained step",
+    )
     train_batch_size: int = Field(16, ge=1, description="(sample, step) rows per backward pass")
     updates_per_iteration: int = Field(
         1, ge=1, description="optimizer steps per rollout (split over the rows)"

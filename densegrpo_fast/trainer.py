@@ -769,6 +769,19 @@ def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
                       eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
 
 
+def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) -> torch.Tensor:
+    """``grpo.step_fraction``: for each of ``rows`` samples, ``ceil(fraction x n)`` of the ``n`` trained steps
+    (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank).
+    Shape: bool [rows, T] on the CPU."""
+    steps = trained.cpu().nonzero()[:, 0]
+    take = math.ceil(fraction * len(steps))
+    gen = torch.Generator().manual_seed(seed)
+    chosen = steps[torch.rand(rows, len(steps), generator=gen).argsort(1)[:, :take]]
+    mask = torch.zeros(rows, trained.numel(), dtype=torch.bool)
+    mask[torch.arange(rows)[:, None], chosen] = True
+    return mask
+
+
 def group_signal(run: Run, A: torch.Tensor) -> list[float]:
     """Per group, the fraction of its trained (row, step) advantages ``A`` [B, T] that are non-zero: what
     priority sampling scales a prompt's chance by."""
@@ -791,6 +804,10 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     A = _advantages(run, R) if A is None else A
     trained = run.trained.to(A.device).expand_as(A)  # the whole batch's (row, step) cells of trained steps
     keep = trained
+    if cfg.grpo.step_fraction < 1:
+        keep = keep & step_sample(
+            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
+        ).to(A.device)
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
     rows, steps = keep.nonzero(as_tuple=True)  # one host sync per iteration, to plan the update

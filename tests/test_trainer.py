@@ -1024,6 +1024,24 @@ def test_per_reward_advantages_train_on_each_components_own_gains(tiny_checkpoin
         cfg_of(tiny_checkpoint, tmp_path / "no", extra=["dense.multi_reward=per_reward"])
 
 
+def test_step_fraction_trains_a_random_share_of_each_samples_steps(tiny_checkpoint, tmp_path):
+    from densegrpo_fast.trainer import step_sample
+
+    trained = torch.tensor([False, True, True, True, False, True])
+    mask = step_sample(trained, 50, 0.5, seed=7)
+    assert (mask.sum(1) == 2).all() and not mask[:, ~trained].any()  # ceil(0.5 x 4) of the trained four
+    assert torch.equal(mask, step_sample(trained, 50, 0.5, seed=7)), "every rank draws the same"
+    assert len({tuple(r) for r in mask.tolist()}) > 3 and not torch.equal(
+        mask, step_sample(trained, 50, 0.5, 8)
+    )
+    assert step_sample(trained, 3, 1.0, seed=7)[:, trained].all()
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["grpo.step_fraction=0.5"]),
+                    progress=False)  # fmt: skip
+    (rec,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert rec["rows_trained"] == 8 * 2, "ceil(0.5 x 3 trained steps) per sample"
+    assert_on_policy(rec)
+
+
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
     from densegrpo_fast.prompts import PromptSource
     from densegrpo_fast.rewards import build_reward
