@@ -40,11 +40,22 @@ def advantages(
     global_std: bool = False,
     eps: float = 1e-4,
     clip: float = 5.0,
+    weights: list[float] | None = None,
 ) -> torch.Tensor:
     """Per-(sample, step) advantages. Shape: R [N, T+1] -> A float32 [N, T].
 
-    ``trained`` (bool [T]) marks the steps that get an advantage; the others get 0.
+    ``trained`` (bool [T]) marks the steps that get an advantage; the others get 0. R [N, T+1, C] holds the
+    C components of a multi reward (``dense.multi_reward=per_reward``, MixGRPO's advantage aggregation):
+    each component's advantages on their own, summed with ``weights`` and clipped again, so a component's
+    scale no longer decides its share.
     """
+    if latent_rewards.dim() == 3:
+        total = None
+        for c, w in enumerate(weights):
+            adv = advantages(latent_rewards[..., c].contiguous(), group_size, mode, trained,
+                             global_std=global_std, eps=eps, clip=clip)  # fmt: skip
+            total = w * adv if total is None else total + w * adv
+        return total.clamp(-clip, clip).contiguous()
     mode = AdvantageMode(mode)
     N, T1 = latent_rewards.shape
     T = T1 - 1
@@ -60,28 +71,6 @@ def advantages(
     if trained is not None:
         adv = adv * trained.to(adv.device, adv.dtype)
     return adv.contiguous()
-
-
-def advantages_of_parts(
-    parts: torch.Tensor,
-    weights: list[float],
-    group_size: int,
-    mode: AdvantageMode | str = AdvantageMode.dense,
-    trained: torch.Tensor | None = None,
-    *,
-    global_std: bool = False,
-    eps: float = 1e-4,
-    clip: float = 5.0,
-) -> torch.Tensor:
-    """:func:`advantages` of each reward component on its own, summed with ``weights``, then clipped again
-    (``dense.multi_reward=per_reward``, MixGRPO's advantage aggregation): a component's scale no longer
-    decides its share. Shape: parts [N, T+1, C] -> A float32 [N, T]."""
-    total = None
-    for c, w in enumerate(weights):
-        adv = advantages(parts[..., c].contiguous(), group_size, mode, trained, global_std=global_std, eps=eps,
-                         clip=clip)  # fmt: skip
-        total = w * adv if total is None else total + w * adv
-    return total.clamp(-clip, clip).contiguous()
 
 
 def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:

@@ -38,7 +38,7 @@ from densegrpo_fast.checkpoint import (
     write_atomic,
 )
 from densegrpo_fast.config import TrainConfig, dump_config, flat
-from densegrpo_fast.dense import advantages, advantages_of_parts, latent_rewards, step_reward_stats
+from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
@@ -762,11 +762,9 @@ def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
     """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps), or of its
     components' [B, T + 1, C] (``dense.multi_reward=per_reward``)."""
     d = run.cfg.dense
-    if R.dim() == 3:
-        return advantages_of_parts(R, run.reward_fn.weights, run.cfg.sampling.group_size, d.mode, run.trained,
-                                   global_std=d.global_std, eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
+    weights = run.reward_fn.weights if R.dim() == 3 else None
     return advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
-                      eps=d.adv_eps, clip=d.adv_clip)  # fmt: skip
+                      eps=d.adv_eps, clip=d.adv_clip, weights=weights)  # fmt: skip
 
 
 def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) -> torch.Tensor:

@@ -3,7 +3,6 @@ import torch
 
 from densegrpo_fast.dense import (
     advantages,
-    advantages_of_parts,
     step_reward_stats,
     step_rewards,
 )
@@ -69,14 +68,14 @@ def test_per_reward_advantages_normalise_each_component_then_weigh_them(mode):
     small, big = latent_rewards(seed=1), latent_rewards(seed=2)
     parts = torch.stack([small, big], dim=-1)  # [12, 6, 2]
     trained = torch.tensor([True, True, False, True, True])
-    A = advantages_of_parts(parts, [1.0, 0.5], 4, mode, trained, clip=1.5)
+    A = advantages(parts, 4, mode, trained, weights=[1.0, 0.5], clip=1.5)
     want = advantages(small, 4, mode, trained, clip=1.5) + 0.5 * advantages(big, 4, mode, trained, clip=1.5)
     torch.testing.assert_close(A, want.clamp(-1.5, 1.5), rtol=0, atol=0)
     assert (A.abs() == 1.5).any(), "the sum is clipped again"
     assert torch.equal(A[:, 2], torch.zeros(12))
     rescaled = torch.stack([small, 1000 * big + 7], dim=-1)  # (eps ~ 0: the std's epsilon does not count)
-    tiny = advantages_of_parts(parts, [1.0, 0.5], 4, mode, trained, eps=1e-9, clip=1.5)
-    again = advantages_of_parts(rescaled, [1.0, 0.5], 4, mode, trained, eps=1e-9, clip=1.5)
+    tiny = advantages(parts, 4, mode, trained, weights=[1.0, 0.5], eps=1e-9, clip=1.5)
+    again = advantages(rescaled, 4, mode, trained, weights=[1.0, 0.5], eps=1e-9, clip=1.5)
     torch.testing.assert_close(again, tiny, rtol=0, atol=1e-4)
     plain = advantages(small + 0.5 * (1000 * big + 7), 4, mode, trained, eps=1e-9, clip=1.5)
     torch.testing.assert_close(
