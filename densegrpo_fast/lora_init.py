@@ -98,7 +98,11 @@ def lora_identity(path: str | Path | None) -> dict | None:
         return None
     path = Path(path)
     file = _weights_file(path)
-    return {"file": file.name, "sha256": hashlib.sha256(file.read_bytes()).hexdigest()}
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"file": file.name, "sha256": digest.hexdigest()}
 
 
 def _load(policy, path: Path, name: str) -> None:

@@ -826,7 +826,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     counts = [c.numel() for c, _ in chunks]  # the whole batch's pairs per optimizer step
     A_all = A
-    tbs = cfg.grpo.train_batch_size
+    grpo = cfg.grpo
+    tbs = grpo.train_batch_size
     # sharded: every rank makes as many calls per optimizer step as the rank with the most micro-batches
     calls = [_most_micro_batches(r, A.shape[0], d.world, tbs) for r, _ in chunks] if run.sharded else None
     if d.enabled:  # this rank's pairs, renumbered from its first row
@@ -862,8 +863,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         for i, k in batches:
             lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
-            g = cfg.grpo
-            loss, s = grpo_loss(lp, old, A[i, k], g.clip_range, kl, g.beta, g.clip_range_high)
+            loss, s = grpo_loss(lp, old, A[i, k], grpo.clip_range, kl, grpo.beta, grpo.clip_range_high)
             if recompute:  # the on-policy check here: how far the rollout's log-probs are from the update's
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()
