@@ -506,7 +506,8 @@ class GRPOSection(Section):
         gt=0,
         le=1,
         description="each sample trains a random ceil(fraction x trained steps) of its trained steps, drawn anew "
-        "every iteration (DanceGRPO's timestep_fraction: a cheaper update); 1 = every trained step",
+        "every iteration, before filter_zero_advantage drops pairs (like DanceGRPO's timestep_fraction, which "
+        "takes int(fraction x every step): a cheaper update); 1 = every trained step",
     )
     train_batch_size: int = Field(16, ge=1, description="(sample, step) rows per backward pass")
     updates_per_iteration: int = Field(

@@ -772,7 +772,7 @@ def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) ->
     (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank).
     Shape: bool [rows, T] on the CPU."""
     steps = trained.cpu().nonzero()[:, 0]
-    take = math.ceil(fraction * len(steps))
+    take = math.ceil(fraction * len(steps) - 1e-9)  # (0.14 x 50 is 7.000000000000001 in floats)
     gen = torch.Generator().manual_seed(seed)
     chosen = steps[torch.rand(rows, len(steps), generator=gen).argsort(1)[:, :take]]
     mask = torch.zeros(rows, trained.numel(), dtype=torch.bool)
@@ -1307,7 +1307,8 @@ def _loop(run: Run, progress: bool) -> None:
 def _final_export(run: Run) -> None:
     """The run's export, ``policy_ema.safetensors`` (and ``lora_ema/``) in its directory; when the last
     iteration's kept export holds the same EMA weights already, its files instead: the policy hard-linked
-    (written atomically, neither file is ever rewritten in place) and the adapters copied."""
+    where the file system allows, else copied (written atomically: neither file is ever rewritten in place),
+    and the adapters copied."""
     kept = kept_export_dir(run.dir, run.iteration)
     if distributed.broadcast(run.dist, _export_due(run) and (kept / "policy_ema.safetensors").exists()):
         distributed.on_main(run.dist, functools.partial(_reuse_export, kept, run.dir))
@@ -1316,6 +1317,10 @@ def _final_export(run: Run) -> None:
 
 
 def _reuse_export(kept: Path, run_dir: Path) -> None:
+    policy = run_dir / "policy_ema.safetensors"
+    if policy.exists() and os.path.samefile(policy, kept / "policy_ema.safetensors"):
+        return  # (a resumed finished run: linked already; a rename onto the same file would keep the tmp)
+
     def link(src: Path, tmp: Path) -> None:
         try:
             os.link(src, tmp)
@@ -1325,7 +1330,7 @@ def _reuse_export(kept: Path, run_dir: Path) -> None:
     if (kept / "lora_ema").is_dir():
         shutil.rmtree(run_dir / "lora_ema", ignore_errors=True)
         shutil.copytree(kept / "lora_ema", run_dir / "lora_ema")
-    write_atomic(run_dir / "policy_ema.safetensors", functools.partial(link, kept / "policy_ema.safetensors"))
+    write_atomic(policy, functools.partial(link, kept / "policy_ema.safetensors"))
 
 
 def _finished(run: Run) -> bool:

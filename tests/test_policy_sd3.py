@@ -378,6 +378,9 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path, capsys):
     assert (run_dir / "lora_ema" / "pytorch_lora_weights.safetensors").read_bytes() == (
         kept / "lora_ema" / "pytorch_lora_weights.safetensors"
     ).read_bytes()
+    assert (run_dir / "policy_ema.safetensors").stat().st_ino == (
+        kept / "policy_ema.safetensors"
+    ).stat().st_ino
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in recs if "reward_mean" in r]
     numbers = [v for k, v in step.items() if isinstance(v, float)] + step["dR_mean"] + step["R_mean"]

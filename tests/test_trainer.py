@@ -987,6 +987,10 @@ def test_kept_exports_every_n_iterations_the_latest_kept_and_a_lost_one_made_on_
 
     # killed after iteration 3's checkpoint, before its export: the resume writes it before anything else;
     # exports of later iterations (a run that went on past its last checkpoint) are dropped, as its log lines
+    train(
+        cfg, resume=True, progress=False
+    )  # a finished run resumed: the final export linked once, no tmp left
+    assert sorted(p.name for p in (tmp_path / "run").glob("policy_ema*")) == ["policy_ema.safetensors"]
     shutil.rmtree(exports / "iter_00003")
     for later in ("iter_00004", "iter_100000"):
         (exports / later).mkdir()
@@ -1035,6 +1039,7 @@ def test_step_fraction_trains_a_random_share_of_each_samples_steps(tiny_checkpoi
         mask, step_sample(trained, 50, 0.5, 8)
     )
     assert step_sample(trained, 3, 1.0, seed=7)[:, trained].all()
+    assert (step_sample(torch.ones(50, dtype=torch.bool), 4, 0.14, seed=7).sum(1) == 7).all(), "not 8"
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["grpo.step_fraction=0.5"]),
                     progress=False)  # fmt: skip
     (rec,) = [r for r in records(run_dir) if "reward_mean" in r]
