@@ -50,11 +50,11 @@ def advantages(
     scale no longer decides its share.
     """
     if latent_rewards.dim() == 3:
-        total = None
-        for c, w in enumerate(weights):
-            adv = advantages(latent_rewards[..., c].contiguous(), group_size, mode, trained,
-                             global_std=global_std, eps=eps, clip=clip)  # fmt: skip
-            total = w * adv if total is None else total + w * adv
+        total = sum(
+            w * advantages(latent_rewards[..., c].contiguous(), group_size, mode, trained, global_std=global_std,
+                           eps=eps, clip=clip)
+            for c, w in enumerate(weights)
+        )  # fmt: skip
         return total.clamp(-clip, clip).contiguous()
     mode = AdvantageMode(mode)
     N, T1 = latent_rewards.shape

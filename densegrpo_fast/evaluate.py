@@ -34,7 +34,7 @@ from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
-from densegrpo_fast.lora_init import lora_identity, merge_lora
+from densegrpo_fast.lora_init import check_exists, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
@@ -347,11 +347,8 @@ def run_eval(
             f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
             "leave --checkpoint out to evaluate the base model)"
         )
-    if lora is not None and not Path(lora).exists():
-        raise ValueError(
-            f"--lora {lora!r} does not exist: give a run's lora_ema/ folder, a diffusers LoRA or a peft adapter "
-            "folder"
-        )
+    if lora is not None:
+        check_exists(lora, "--lora")
     if not e.rewards:
         raise ValueError(
             "eval.rewards is empty: name at least one reward to score the samples with, e.g. "

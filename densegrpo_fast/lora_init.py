@@ -26,15 +26,24 @@ _FIX = (
 )
 
 
+def check_exists(path: str | Path, option: str) -> None:
+    """A ValueError, before any model loads, when the LoRA that ``option`` (``lora.init``, ``--lora``) names
+    is not there."""
+    if not Path(path).exists():
+        raise ValueError(f"{_named(option, path)} does not exist: {_FIX}")
+
+
+def _named(option: str, path: str | Path) -> str:
+    return f"{option}={str(path)!r}" if option == "lora.init" else f"{option} {str(path)!r}"
+
+
 def start_adapters_from(policy, path: str | Path) -> int:
     """Set the run's adapter (``"default"``, just added, still at its initial weights) of ``policy.transformer``
     to the LoRA at ``path``; returns the number of layers set. A ValueError names what does not fit: another
     rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
-    path = Path(path)
-    name = f"lora.init={str(path)!r}"
+    check_exists(path, "lora.init")
+    path, name = Path(path), _named("lora.init", path)
     transformer = policy.transformer
-    if not path.exists():
-        raise ValueError(f"{name} does not exist: {_FIX}")
     _load(policy, path, name)
     layers, outside = 0, []
     with torch.no_grad():
@@ -73,10 +82,8 @@ def merge_lora(policy, path: str | Path) -> int:
     """Fold the LoRA at ``path`` (the formats :func:`start_adapters_from` reads, at the file's own rank and
     scale) into ``policy.transformer``'s weights and drop the adapter: what ``eval --lora`` scores, e.g. a
     published Flow-GRPO LoRA on its base model. Returns the number of layers merged."""
-    path = Path(path)
-    name = f"--lora {str(path)!r}"
-    if not path.exists():
-        raise ValueError(f"{name} does not exist: {_FIX}")
+    check_exists(path, "--lora")
+    path, name = Path(path), _named("--lora", path)
     transformer = policy.transformer
     _load(policy, path, name)
     layers = sum(

@@ -42,6 +42,7 @@ from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
+from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
@@ -145,12 +146,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             "the check that this config is its own",
             stacklevel=2,
         )
-    init = cfg.lora.init if cfg.lora.enabled else None
-    if init is not None and not Path(init).exists() and not (resume and ckpt_path.exists()):
-        raise ValueError(  # (a resumed run's adapters come from its checkpoint: its file may be gone)
-            f"lora.init={init!r} does not exist: give a run's lora_ema/ folder, a diffusers LoRA or a peft "
-            "adapter folder"
-        )
+    if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
+        check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
@@ -330,8 +327,6 @@ def _add_adapters(cfg: TrainConfig, policy, init: str | None) -> None:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if init is not None:
-        from densegrpo_fast.lora_init import start_adapters_from
-
         start_adapters_from(policy, init)
 
 
@@ -505,8 +500,8 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     distributed.check_same_config(d, cfg, ("prompts.dataset",))
     check_same_servers(d, {"reward": reward_fn})
     init = cfg.lora.init if cfg.lora.enabled else None
-    if init is not None and not Path(init).exists():
-        raise ValueError(f"lora.init={init!r} does not exist: give the LoRA the runs will start from")
+    if init is not None:
+        check_exists(init, "lora.init")
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     distributed.check_loaded(d, policy, "the loaded models'", "model.checkpoint", policy.device)
     distributed.check_loaded(d, reward_fn, "the reward models'", "reward.kwargs", policy.device)
