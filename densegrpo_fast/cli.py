@@ -40,7 +40,8 @@ SUBCOMMANDS.append(_add_pretrain_toy)
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="held-out scores: the toy's GenEval-style report, or eval.rewards on a prompt file (sd3/flux)",
+        help="held-out scores: the toy's GenEval-style report, or eval.rewards on a prompt file "
+        "(sd3/flux/qwen_image)",
     )
     _add_overrides(p)
     p.add_argument(
@@ -51,11 +52,11 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--lora",
         default=None,
-        help="sd3/flux: a LoRA merged into the model (or --checkpoint) before sampling: a run's lora_ema/, a "
-        "diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA)",
+        help="sd3/flux/qwen_image: a LoRA merged into the model (or --checkpoint) before sampling: a run's "
+        "lora_ema/, a diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA)",
     )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (sd3/flux)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (sd3/flux/qwen_image)")
 
     def handler(args):
         from densegrpo_fast.evaluate import run_eval

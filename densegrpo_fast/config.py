@@ -246,14 +246,16 @@ from pydantic import Field, field_validator, model_validator  # noqa: E402
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd3", "flux"] = Field(
-        "toy", description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1)"
+    family: Literal["toy", "sd3", "flux", "qwen_image"] = Field(
+        "toy",
+        description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), qwen_image "
+        "(Qwen-Image)",
     )
     checkpoint: str | None = Field(
         None,
-        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux: a diffusers-format "
-        "directory or a Hugging Face repo id, null = stabilityai/stable-diffusion-3.5-medium / "
-        "black-forest-labs/FLUX.1-dev",
+        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image: a "
+        "diffusers-format directory or a Hugging Face repo id, null = "
+        "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
@@ -261,8 +263,8 @@ class ModelSection(Section):
     )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32",
-        description="sd3/flux: dtype of the transformer and text encoders (bf16 on GPUs); the VAE and the "
-        "SDE math stay fp32",
+        description="sd3/flux/qwen_image: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
+        "and the SDE math stay fp32",
     )
     autocast: Literal["bf16", "fp16"] | None = Field(
         None,
@@ -271,23 +273,31 @@ class ModelSection(Section):
         "itself; weights, SDE math and evaluation are untouched (toy on a CPU with avx512_bf16: bf16 makes "
         "the rollout 1.7x faster)",
     )
-    resolution: int = Field(512, ge=16, description="sd3/flux: image side in pixels, a multiple of 16")
+    resolution: int = Field(
+        512, ge=16, description="sd3/flux/qwen_image: image side in pixels, a multiple of 16"
+    )
     max_sequence_length: int | None = Field(
-        None, ge=1, le=512, description="sd3/flux: T5 tokens per prompt; null = SD3's 256, FLUX.1's 512"
+        None,
+        ge=1,
+        le=1024,
+        description="sd3/flux/qwen_image: text tokens per prompt (T5's for SD3 and FLUX.1, at most 512; "
+        "Qwen2.5-VL's for Qwen-Image, at most 1024); null = SD3's 256, FLUX.1's 512, Qwen-Image's 512",
     )
     local_files_only: bool = Field(
         True,
-        description="sd3/flux: load from the directory or the Hugging Face cache only (false = download "
-        "what is missing)",
+        description="sd3/flux/qwen_image: load from the directory or the Hugging Face cache only (false = "
+        "download what is missing)",
     )
     gradient_checkpointing: bool = Field(
-        False, description="sd3/flux: recompute transformer activations in backward (less memory, slower)"
+        False,
+        description="sd3/flux/qwen_image: recompute transformer activations in backward (less memory, "
+        "slower)",
     )
     offload_text_encoders: bool = Field(
         False,
-        description="sd3/flux: keep the frozen text encoders in host memory and move them to the device only "
-        "to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB of device memory freed for the "
-        "rollout and update, for two host-device copies per iteration)",
+        description="sd3/flux/qwen_image: keep the frozen text encoders in host memory and move them to the "
+        "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
+        "15.4 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
     compile: bool = Field(
         False,
@@ -358,8 +368,8 @@ class ModelSection(Section):
                 value = getattr(self, name)
                 if name in self.model_fields_set and value != type(self).model_fields[name].default:
                     out.append(
-                        f"model.{name} ({value!r}) applies to model.family sd3/flux only: the toy model runs "
-                        "fp32 at 32 px from its own checkpoint; remove it"
+                        f"model.{name} ({value!r}) applies to model.family sd3/flux/qwen_image only: the toy "
+                        "model runs fp32 at 32 px from its own checkpoint; remove it"
                     )
             return out
         from densegrpo_fast.policies.pretrained import is_repo_id
@@ -370,6 +380,11 @@ class ModelSection(Section):
                 f"model.checkpoint={c!r} is neither an existing directory nor a Hugging Face repo id "
                 f"(owner/name): model.family {self.family} loads a diffusers-format directory (model_index.json "
                 "and one folder per component), or a repo from the Hugging Face cache"
+            )
+        if self.family in ("sd3", "flux") and (self.max_sequence_length or 0) > 512:
+            out.append(
+                f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: T5 "
+                "takes at most 512 tokens; set it to 512 or less (null: the family's default)"
             )
         if self.resolution % 16:
             out.append(
@@ -410,11 +425,14 @@ class SamplingSection(Section):
     shift: float | None = Field(
         3.0,
         gt=0,
-        description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid (sd3/flux; "
-        "FLUX.1: shifted by resolution, as FluxPipeline)",
+        description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid "
+        "(sd3/flux/qwen_image; FLUX.1 and Qwen-Image: shifted by resolution, as their pipelines)",
     )
     guidance_scale: float = Field(
-        4.5, ge=1.0, description="CFG scale in sampling and training (FLUX.1-dev: its guidance input, 3.5)"
+        4.5,
+        ge=1.0,
+        description="CFG scale in sampling and training (FLUX.1-dev: its guidance input, 3.5; Qwen-Image: "
+        "its true CFG scale, 4.0)",
     )
     group_size: int = Field(8, ge=2, description="G, samples per prompt, each from its own noise")
     max_rows_per_call: int | None = Field(None, ge=1, description="cap on rows per transformer call (memory)")
@@ -562,9 +580,9 @@ class LoRASection(Section):
     )
     init: str | None = Field(
         None,
-        description="sd3/flux: start the adapters from this LoRA instead of zero: a run's lora_ema/ folder, a "
-        "diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published LoRAs); "
-        "its rank must be lora.rank; the KL reference stays the base model",
+        description="sd3/flux/qwen_image: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
+        "folder, a diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published "
+        "LoRAs); its rank must be lora.rank; the KL reference stays the base model",
     )
     rank: int = Field(32, ge=1, description="LoRA r")
     alpha: float = Field(64, gt=0, description="LoRA alpha")
@@ -572,7 +590,8 @@ class LoRASection(Section):
         default_factory=lambda: ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
         description="module-name suffixes that get adapters (Flow-GRPO's SD3 attention projections; in FLUX.1 the same "
-        "names cover the double-stream blocks and the single-stream blocks' q/k/v)",
+        "names cover the double-stream blocks and the single-stream blocks' q/k/v, in Qwen-Image every block's "
+        "attention, to which Flow-GRPO's Qwen-Image recipe adds the MLPs: configs/qwen_image_pickscore.yaml)",
     )  # fmt: skip
 
 
@@ -635,13 +654,13 @@ class EvalSection(Section):
         256,
         ge=1,
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file "
-        "(sd3/flux: null)",
+        "(sd3/flux/qwen_image: null)",
     )
     images_per_prompt: int = Field(
         1,
         ge=1,
         le=256,  # (the image number is the low 8 bits of its noise seed: image 256 would repeat image 0's)
-        description="samples per prompt, each from its own noise (sd3/flux; the toy takes 1)",
+        description="samples per prompt, each from its own noise (sd3/flux/qwen_image; the toy takes 1)",
     )
     num_steps: int = Field(
         20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28)"
@@ -669,7 +688,9 @@ class EvalSection(Section):
         "(sd3: runs/sd3_eval, flux: runs/flux_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
-    save_images: bool = Field(False, description="sd3/flux eval command: also write every sample as a PNG")
+    save_images: bool = Field(
+        False, description="sd3/flux/qwen_image eval command: also write every sample as a PNG"
+    )
     rewards: dict[str, RewardSection] = Field(
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
     )
@@ -684,19 +705,23 @@ class EvalSection(Section):
 
 # Where a config leaves them out, the samplers' settings follow model.family. EvalSection's field defaults are
 # the toy's: a model without its evaluation section is evaluated as the papers and the pipelines sample it
-# (SD3.5: 40 steps, CFG 4.5, shift 3.0; FLUX.1-dev: 28 steps, guidance 3.5, its own grid). SamplingSection's
-# are SD3.5's: FLUX.1 rolls out with its own grid and guidance 3.5.
+# (SD3.5: 40 steps, CFG 4.5, shift 3.0; FLUX.1-dev: 28 steps, guidance 3.5, its own grid; Qwen-Image: its
+# model card's 50 steps, true CFG 4.0, its own grid). SamplingSection's are SD3.5's: FLUX.1 rolls out with its
+# own grid and guidance 3.5, Qwen-Image with its own grid and CFG 4.0.
 EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
     "sd3": {"num_steps": 40, "guidance_scale": 4.5, "shift": 3.0, "batch_size": 16, "num_prompts": None,
             "output_dir": "runs/sd3_eval"},
     "flux": {"num_steps": 28, "guidance_scale": 3.5, "shift": None, "batch_size": 8, "num_prompts": None,
              "output_dir": "runs/flux_eval"},
+    "qwen_image": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8,
+                   "num_prompts": None, "output_dir": "runs/qwen_image_eval"},
 }  # fmt: skip
 SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
     "sd3": {},
     "flux": {"shift": None, "guidance_scale": 3.5},
+    "qwen_image": {"shift": None, "guidance_scale": 4.0},
 }
 
 
@@ -749,10 +774,14 @@ def model_eval_problems(
                 f"{where} is null (the model's own grid), but the toy model has no scheduler of its own: "
                 "give a number (the toy config uses 1.0, SD3.5 3.0)"
             )
-        if value is not None and model.family == "flux":
+        if value is not None and model.family in ("flux", "qwen_image"):
+            name, pipeline = {
+                "flux": ("FLUX.1", "FluxPipeline"),
+                "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
+            }[model.family]
             out.append(
-                f"{where} ({value}) with model.family flux: FLUX.1 samples on a grid shifted by the "
-                f"image's token count, not a fixed shift; set {where}=null for FluxPipeline's own grid"
+                f"{where} ({value}) with model.family {model.family}: {name} samples on a grid shifted by "
+                f"the image's token count, not a fixed shift; set {where}=null for {pipeline}'s own grid"
             )
     return out
 

@@ -319,7 +319,7 @@ def run_eval(
     lora: str | None = None,
 ) -> dict:
     """The ``eval`` command. Toy models get the toy world's per-category report
-    (:func:`densegrpo_fast.toy.evaluate.run_eval`); sd3/flux models are sampled by the eval section's ODE
+    (:func:`densegrpo_fast.toy.evaluate.run_eval`); sd3/flux/qwen_image models are sampled by the eval section's ODE
     (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model; ``--lora``: a LoRA merged into
     it) and scored by each of ``eval.rewards``, resumably, into ``eval.output_dir``."""
     from densegrpo_fast.config import dump_config, load_config

@@ -611,14 +611,21 @@ def _reward_targets(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.M
     return out
 
 
-def _stub_targets(parts: dict[str, torch.nn.Module], sharded: bool = False) -> dict[str, torch.nn.Module]:
+def _stub_targets(
+    parts: dict[str, torch.nn.Module], sharded: bool = False, encoder_call: str | None = None
+) -> dict[str, torch.nn.Module]:
     """The modules whose calls are profiled. A transformer sharded with FSDP2 (``distributed.shard``) is
     profiled block by block, its units: FSDP's gathers, frees and gradient reductions around each block then
-    run as in the job, only the block's own computation is profiled."""
+    run as in the job, only the block's own computation is profiled. ``encoder_call``: the submodule of the
+    text encoder that the adapter calls (Qwen-Image's ``text_encoder_call``), profiled instead of it."""
+    from densegrpo_fast.policies.pretrained import is_text_encoder
+
     out = {}
     for name, module in parts.items():
         if name == "vae":  # decode() runs the decoder (and a post-quant conv, when there is one)
             out["vae.decoder"] = module.decoder
+        elif encoder_call is not None and is_text_encoder(name):
+            out[f"{name}.{encoder_call}"] = getattr(module, encoder_call)
         elif name == "transformer" and sharded:
             for child_name, child in module.named_children():
                 if isinstance(child, torch.nn.ModuleList):
@@ -681,7 +688,7 @@ class Estimate:
 
 @contextlib.contextmanager
 def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
-    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux) books ``encoder_bytes`` (offloaded
+    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux/qwen_image) books ``encoder_bytes`` (offloaded
     encoders' weights) on the device, once however deeply it is nested, as the policy moves them; its moves
     have nothing to do here. Inside the rollout it is a phase of its own, "prompt encoding"; an evaluation,
     which holds the encoders around all its batches, keeps its own phase."""
@@ -858,7 +865,7 @@ def _iterations(
     Then the rest of a run, each a phase: the sample grid (``run.sample_grid_every`` > 0; in the last
     iteration, while its rollout is alive), the held-out evaluation (as the run's last one) and the export.
 
-    Prompt encoding (sd3/flux) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
+    Prompt encoding (sd3/flux/qwen_image) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
     of offloaded text encoders, are on the device then, and through the evaluation, which holds them.
     ``eval_rewards()`` is the context the evaluation builds ``cfg.eval.rewards`` in."""
     from densegrpo_fast import distributed, trainer
@@ -990,7 +997,8 @@ def estimate_run(
     from densegrpo_fast import distributed, trainer
 
     sharded = trainer._shards(cfg, distributed.from_env(cfg.model.device))  # (in a simulated job)
-    targets = {**_stub_targets(parts, sharded), **_reward_targets(scored)}
+    encoder_call = getattr(policy, "text_encoder_call", None)
+    targets = {**_stub_targets(parts, sharded, encoder_call), **_reward_targets(scored)}
     stubs = [Stub(m, k, tracker, mode) for k, m in targets.items()]
     transformer = policy.transformer
     add_adapter = transformer.add_adapter if hasattr(transformer, "add_adapter") else None
@@ -1111,10 +1119,12 @@ def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
 
 
 def _check_family(cfg) -> None:
-    if cfg.model.family not in ("sd3", "flux"):
+    from densegrpo_fast.policies import PRETRAINED
+
+    if cfg.model.family not in PRETRAINED:
         raise ValueError(
-            f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models (sd3, flux); the toy "
-            "runs on the CPU in a few hundred MiB"
+            f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models "
+            f"({', '.join(PRETRAINED)}); the toy runs on the CPU in a few hundred MiB"
         )
 
 
@@ -1132,20 +1142,18 @@ def _check_processes(cfg, processes: int) -> None:
 
 
 def fake_policy(cfg, mode):
-    """The ``cfg.model`` policy (sd3 or flux) with fake weights: the models are built from the checkpoint's
-    configs when it is on disk (a directory, or in the Hugging Face cache), from the built-in full-size
-    architectures when it is the family's default repo and not on disk. Tokenizers and scheduler are
-    the checkpoint's, or stand-ins with the real sequence lengths."""
-    from densegrpo_fast.policies import architectures
+    """The ``cfg.model`` policy (a pretrained family) with fake weights: the models are built from the
+    checkpoint's configs when it is on disk (a directory, or in the Hugging Face cache), from the built-in
+    full-size architectures when it is the family's default repo and not on disk. Tokenizers and scheduler
+    are the checkpoint's, or stand-ins with the real sequence lengths."""
+    import diffusers
+
+    from densegrpo_fast.policies import adapter_class, architectures
     from densegrpo_fast.policies.pretrained import as_dtype, resolve_pretrained
 
     m = cfg.model
     _check_family(cfg)
-    if m.family == "sd3":
-        from densegrpo_fast.policies.sd3 import SD3Policy as Adapter
-    else:
-        from densegrpo_fast.policies.flux import FluxPolicy as Adapter
-    import diffusers
+    Adapter = adapter_class(m.family)
 
     pipeline_cls = getattr(diffusers, Adapter.pipeline_name)
     checkpoint = m.checkpoint or Adapter.default_repo
@@ -1314,11 +1322,18 @@ def run_memory(
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     try:  # (the folder goes whatever stops the estimate: an error, Ctrl-C during the build)
-        # what the prompts say does not matter: the encoders pad to their length
+        # what the prompts say does not matter where the encoders pad to their length (SD3, FLUX.1); where
+        # they pad to the batch's longest prompt (Qwen-Image), each prompt reaches model.max_sequence_length
+        # (the most memory): Qwen's tokenizer, like the byte-level stand-in, makes a token of each digit
+        from densegrpo_fast.policies import adapter_class
+
+        Adapter = adapter_class(cfg.model.family)
+        length = cfg.model.max_sequence_length or Adapter.default_max_sequence_length
+        tail = "" if Adapter.pads_prompts else " " + "1" * length
         prompts = work / "prompts.txt"
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
-        prompts.write_text("".join(f"a photo of thing number {i}\n" for i in range(n)))
+        prompts.write_text("".join(f"a photo of thing number {i}{tail}\n" for i in range(n)))
         notes = []
         mode = new_fake_mode()
 

@@ -51,19 +51,27 @@ def resolution_mu(
     return base_shift + slope * (image_seq_len - base_seq_len)
 
 
-def flux_sigma_grid(num_steps: int, mu: float) -> torch.Tensor:
-    """FLUX.1's flow-match Euler grid, float32 [T+1] (equal to FluxPipeline's scheduler sigmas).
+def flux_sigma_grid(num_steps: int, mu: float, shift_terminal: float | None = None) -> torch.Tensor:
+    """FLUX.1's flow-match Euler grid, float32 [T+1] (equal to FluxPipeline's scheduler sigmas), also
+    Qwen-Image's (with its ``shift_terminal``).
 
     ``s = linspace(1, 1/T, T)``, then the exponential time shift
     ``sigma = e^mu / (e^mu + 1/s - 1)`` (which is :func:`sigma_grid`'s shift formula with
     ``shift = e^mu``), then a final 0. Unlike SD3's grid, ``s`` ends at ``1/T`` (SD3's ends at the shifted
     ``1 / num_train_timesteps``), so every point but the first differs. ``mu`` from :func:`resolution_mu`.
+    ``shift_terminal`` (Qwen-Image's scheduler: 0.02) stretches ``1 - sigma`` so that the last sigma before
+    the final 0 is ``shift_terminal``, as diffusers' scheduler does; the first stays 1.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps ({num_steps}) must be >= 1: the sampler needs at least one step")
+    if shift_terminal is not None and not 0 < shift_terminal < 1:
+        raise ValueError(f"shift_terminal ({shift_terminal}) must lie in (0, 1): the last sigma before 0")
     shift = math.exp(mu)
     s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
     sigma = shift * s / (1 + (shift - 1) * s)
+    if shift_terminal is not None and num_steps > 1:
+        # (one step: 1 - sigma[-1] = 0, which diffusers' stretch divides by; its grid is [1, 0] here too)
+        sigma = 1 - (1 - sigma) * (1 - shift_terminal) / (1 - sigma[-1])
     return torch.cat([sigma, torch.zeros(1, dtype=torch.float64)]).float()
 
 

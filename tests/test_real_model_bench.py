@@ -126,10 +126,11 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
     assert f"{rec['unmerged_over_merged']:.2f}x" in report.stdout and "no mode finished" not in report.stdout
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image"])
 def test_full_size_configs_have_the_published_sizes(family):
-    """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev has its
-    checkpoint's parameter count, so the GPU run measures the real shapes."""
+    """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /
+    Qwen-Image has its checkpoint's parameter count, so the GPU run and the memory estimate measure the real
+    shapes."""
     bench = _load_script()
     parts = bench.full_size_components(family, torch.device("meta"), torch.bfloat16)
     assert torch.get_default_dtype() == torch.float32  # the build restores it

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD3 and FLUX.1 pipelines, built offline from configs (no downloads).
+"""Tiny random-weight SD3, FLUX.1 and Qwen-Image pipelines, built offline from configs (no downloads).
 
 Same architectures and pipelines as the real models, with every width cut to a few dozen channels, one
 or two layers, and tokenizers whose vocabulary is single characters (any lowercase prompt tokenizes).
@@ -8,6 +8,7 @@ A 32 px image is a 4-channel 16 x 16 latent (VAE factor 2).
 from __future__ import annotations
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from densegrpo_fast.policies import architectures
 
@@ -62,7 +63,7 @@ def sd3_pipeline(seed: int = 0, **transformer_kwargs):
     """``StableDiffusion3Pipeline`` with tiny random components, fp32, on the CPU: SD3-Medium's transformer
     layout by default; ``qk_norm="rms_norm"`` is SD3.5-Large's, and with ``dual_attention_layers`` too
     SD3.5-Medium's."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -86,7 +87,7 @@ def sd3_pipeline(seed: int = 0, **transformer_kwargs):
 
 def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     """``FluxPipeline`` with tiny random components (FLUX.1-dev's scheduler config), fp32, on the CPU."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
@@ -107,4 +108,40 @@ def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         text_encoder_2=t5_encoder(d_model=32),
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
+    )
+
+
+def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
+    """``QwenImagePipeline`` with tiny random components (Qwen-Image's scheduler config, a two-layer
+    Qwen2.5-VL, a video VAE of factor 2), fp32, on the CPU. The tokenizer is byte-level (one token per
+    byte): the chat template's system part is longer than the pipeline's 34 dropped tokens, so a slice of
+    it stays in front of each prompt's tokens, which changes nothing the engine relies on."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen_tokenizer()
+    n = len(tokenizer)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=n, max_position_embeddings=4096, rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
+        vocab_size=n, vision_start_token_id=n, image_token_id=n + 1, video_token_id=n + 2,
+    ))  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
+    )  # fmt: skip
+    transformer = QwenImageTransformer2DModel(**{
+        **dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
+        **transformer_kwargs,
+    })  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(**architectures.QWEN_IMAGE_SCHEDULER)
+    return QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )

@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 
-__all__ = ["FAMILIES", "Policy", "PromptEmbeds", "load_policy"]
+__all__ = ["FAMILIES", "PRETRAINED", "Policy", "PromptEmbeds", "adapter_class", "load_policy"]
 
-FAMILIES = ("toy", "sd3", "flux")
+#: The pretrained families: the module and class of each adapter (a diffusers pipeline's components).
+PRETRAINED = {
+    "sd3": ("densegrpo_fast.policies.sd3", "SD3Policy"),
+    "flux": ("densegrpo_fast.policies.flux", "FluxPolicy"),
+    "qwen_image": ("densegrpo_fast.policies.qwen_image", "QwenImagePolicy"),
+}
+FAMILIES = ("toy", *PRETRAINED)
+
+
+def adapter_class(family: str):
+    """The adapter class of a pretrained ``family`` (imported on first use: diffusers is heavy)."""
+    import importlib
+
+    if family not in PRETRAINED:
+        raise ValueError(
+            f"model.family={family!r} has no pretrained adapter: the pretrained families are {list(PRETRAINED)}"
+        )
+    module, name = PRETRAINED[family]
+    return getattr(importlib.import_module(module), name)
 
 
 def load_policy(
@@ -23,26 +41,24 @@ def load_policy(
 ) -> Policy:
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
-    The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to sd3/flux;
-    the toy model loads fp32 from its own file and ignores them (``model.autocast``, which the trainer
-    applies, serves every family). ``max_sequence_length=None`` takes the family's default (SD3: 256 T5
-    tokens, FLUX.1: 512).
+    The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to the
+    pretrained families (sd3, flux, qwen_image); the toy model loads fp32 from its own file and ignores
+    them (``model.autocast``, which the trainer applies, serves every family). ``max_sequence_length=None``
+    takes the family's default (SD3: 256 T5 tokens, FLUX.1: 512, Qwen-Image: 512 text tokens).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy
 
         return ToyPolicy.load(checkpoint, device=device)
-    if family in ("sd3", "flux"):
-        if family == "sd3":
-            from densegrpo_fast.policies.sd3 import SD3Policy as cls
-        else:
-            from densegrpo_fast.policies.flux import FluxPolicy as cls
-        policy = cls.load(
-            checkpoint, device=device, dtype=dtype, resolution=resolution,
-            max_sequence_length=max_sequence_length, local_files_only=local_files_only,
-            offload_text_encoders=offload_text_encoders,
-        )  # fmt: skip
-        if gradient_checkpointing:
-            policy.transformer.enable_gradient_checkpointing()
-        return policy
-    raise ValueError(f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}")
+    if family not in PRETRAINED:
+        raise ValueError(
+            f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}"
+        )
+    policy = adapter_class(family).load(
+        checkpoint, device=device, dtype=dtype, resolution=resolution,
+        max_sequence_length=max_sequence_length, local_files_only=local_files_only,
+        offload_text_encoders=offload_text_encoders,
+    )  # fmt: skip
+    if gradient_checkpointing:
+        policy.transformer.enable_gradient_checkpointing()
+    return policy

@@ -1,9 +1,10 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
-The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium
-and FLUX.1-dev from these configs when the checkpoint is not on disk (fake or random weights, the real
-shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
-lowercase prompt, one token per character, padded to the model's length.
+The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
+FLUX.1-dev and Qwen-Image from these configs when the checkpoint is not on disk (fake or random weights, the
+real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
+lowercase prompt, one token per character, padded to the model's length (Qwen-Image's tokenizer pads to
+the batch's longest prompt instead: one token per byte).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import string
 # position sizes, i.e. everything that sets memory and time; SD3.5-M's dual-attention layers 0..12 and RMS
 # qk-norm; the VAEs' scaling / shift factors (1.5305 / 0.0609 SD3, 0.3611 / 0.1159 FLUX) and the schedulers.
 # LESS SURE, and irrelevant to cost: activation names and norm epsilons of the CLIP encoders, T5's relative
-# attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's).
+# attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's). Qwen-Image's
+# scheduler values are those other trainers hard-code for it (ostris/ai-toolkit, SimpleTuner), not read from the
+# official file; its transformer and VAE are diffusers' class defaults; Qwen2.5-VL's rope and vision-window
+# settings are as recalled.
 
 #: SD3.5-Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
 SD35M_TRANSFORMER = dict(
@@ -53,6 +57,35 @@ _VAE_COMMON = dict(
 )  # fmt: skip
 SD3_VAE = dict(scaling_factor=1.5305, shift_factor=0.0609, **_VAE_COMMON)
 FLUX_VAE = dict(scaling_factor=0.3611, shift_factor=0.1159, **_VAE_COMMON)
+#: Qwen-Image's MMDiT (Qwen/Qwen-Image, transformer/config.json): QwenImageTransformer2DModel's defaults,
+#: 60 layers of 24 heads x 128 over Qwen2.5-VL's 3584-wide hidden states.
+QWEN_IMAGE_TRANSFORMER = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+#: Qwen2.5-VL-7B-Instruct (Qwen-Image's text_encoder, a whole Qwen2_5_VLForConditionalGeneration: the vision
+#: tower and the LM head load with it, though prompts use neither).
+QWEN25_VL_7B = dict(
+    text_config=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=False,
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, out_hidden_size=3584, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+        in_chans=3,
+    ),
+    vocab_size=152064, tie_word_embeddings=False,
+)  # fmt: skip
+#: Qwen-Image's VAE (a video VAE of Wan 2.1's layout; AutoencoderKLQwenImage's defaults).
+QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True])  # fmt: skip
+QWEN_IMAGE_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_image_seq_len=256,
+    max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential",
+)  # fmt: skip
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
@@ -66,8 +99,11 @@ KNOWN_PARAMS = {
     "sd3": {"transformer": 2243, "text_encoder": 123.7, "text_encoder_2": 694.7, "text_encoder_3": 4762,
             "vae": 83.8},
     "flux": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
+    # Qwen-Image: its model card's "20B"; Qwen2.5-VL-7B-Instruct's 8.29 B (its model card); the VAE's
+    # 127 M is Wan 2.1's VAE (0.25 GB in 16 bits, 0.51 GB in fp32)
+    "qwen_image": {"transformer": 20430, "text_encoder": 8292, "vae": 126.9},
 }  # fmt: skip
-DEFAULT_SEQ = {"sd3": 256, "flux": 512}
+DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512}
 
 
 CHARS = string.ascii_lowercase + string.digits
@@ -93,10 +129,24 @@ def t5_tokenizer():
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
+def qwen_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte) and Qwen's chat tokens, padding to
+    the batch's longest prompt as Qwen2.5's does."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
 def stand_in_tokenizers(family: str) -> dict:
-    """The pipeline's tokenizers for ``family`` ("sd3" | "flux"), as stand-ins (see the module docstring)."""
+    """The pipeline's tokenizers for ``family``, as stand-ins (see the module docstring)."""
     if family == "sd3":
         return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "tokenizer_3": t5_tokenizer()}
+    if family == "qwen_image":
+        return {"tokenizer": qwen_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
 
 
@@ -112,6 +162,15 @@ def full_size_models(family: str) -> dict:
         T5EncoderModel,
     )
 
+    if family == "qwen_image":
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        return {
+            "transformer": lambda: QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER),
+            "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
+            "vae": lambda: AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
+        }
     t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
     if family == "sd3":
         return {
@@ -133,4 +192,5 @@ def scheduler(family: str):
     """The checkpoint's flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(**(SD3_SCHEDULER if family == "sd3" else FLUX_SCHEDULER))
+    configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER}
+    return FlowMatchEulerDiscreteScheduler(**configs[family])

@@ -25,8 +25,6 @@ FluxPipeline's: shifted by the image's token count (:func:`densegrpo_fast.schedu
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
@@ -116,19 +114,5 @@ class FluxPolicy(DiffusersPolicy):
     def sigma_grid(self, num_steps: int) -> torch.Tensor:
         """FluxPipeline's grid for this resolution, float32 [T+1]: with the scheduler's dynamic shifting
         (FLUX.1-dev) ``mu`` follows the image's token count; without it (FLUX.1-schnell) the static shift."""
-        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
-
         fix = "use FLUX.1-dev's or FLUX.1-schnell's scheduler config (scheduler/scheduler_config.json)"
-        cfg = self.scheduler_config(fix=fix)
-        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != "exponential":
-            raise ValueError(
-                f"the checkpoint's scheduler uses time_shift_type={cfg.get('time_shift_type')!r}; the engine's "
-                f"FLUX grid is FLUX.1's exponential shift: {fix}"
-            )
-        if not cfg.get("use_dynamic_shifting"):
-            return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)))
-        mu = resolution_mu(
-            self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
-        )  # fmt: skip
-        return flux_sigma_grid(num_steps, mu)
+        return self.shifted_grid(num_steps, self.image_seq_len, fix=fix)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import re
 from pathlib import Path
 
@@ -25,8 +26,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _WEIGHTS = ("*.safetensors", "*.bin")
 #: Scheduler options that reshape the sigma grid in ways the engine's grids do not reproduce.
-_GRID_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                 "invert_sigmas", "use_flow_sigmas")  # fmt: skip
+#: (``shift_terminal`` is reproduced by the FLUX.1 / Qwen-Image grid, :meth:`DiffusersPolicy.shifted_grid`.)
+_GRID_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
+                 "use_flow_sigmas")  # fmt: skip
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -183,7 +185,7 @@ class DiffusersPolicy:
         self.transformer = pipe.transformer
         self.resolution = resolution
         self.max_sequence_length = max_sequence_length
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = pipe.vae_scale_factor  # (the pipeline's: 8 for the released VAEs)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
@@ -205,6 +207,8 @@ class DiffusersPolicy:
     components: dict[str, str] = {}
     default_repo = ""
     default_max_sequence_length = 256
+    #: Whether the tokenizers pad every prompt to the model's length (SD3, FLUX.1), not to the batch's longest.
+    pads_prompts = True
 
     @classmethod
     def load(
@@ -254,6 +258,28 @@ class DiffusersPolicy:
                 f"reproduce: {fix}"
             )
         return cfg
+
+    def shifted_grid(self, num_steps: int, image_seq_len: int, *, fix: str) -> torch.Tensor:
+        """The grid of a scheduler shifted by the image's token count (FLUX.1, Qwen-Image), float32 [T+1]:
+        with dynamic shifting ``mu`` follows ``image_seq_len`` between the config's base and max; without
+        it, the static shift. The config's ``shift_terminal`` stretches the grid's end as the pipeline's.
+        ``fix``: what to do about a scheduler whose grid the engine does not reproduce."""
+        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
+
+        cfg = self.scheduler_config(fix=fix)
+        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(
+                f"the checkpoint's scheduler uses time_shift_type={cfg.get('time_shift_type')!r}; the engine's "
+                f"{self.family} grid is the exponential shift: {fix}"
+            )
+        terminal = cfg.get("shift_terminal") or None
+        if not cfg.get("use_dynamic_shifting"):
+            return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)), terminal)
+        mu = resolution_mu(
+            image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+        )  # fmt: skip
+        return flux_sigma_grid(num_steps, mu, terminal)
 
     @property
     def device(self) -> torch.device:

@@ -112,6 +112,6 @@ class SD3Policy(DiffusersPolicy):
         from densegrpo_fast.schedule import sigma_grid
 
         cfg = self.scheduler_config(
-            "use_dynamic_shifting", fix="give sampling.shift a number (SD3.5 uses 3.0)"
+            "use_dynamic_shifting", "shift_terminal", fix="give sampling.shift a number (SD3.5 uses 3.0)"
         )
         return sigma_grid(num_steps, cfg.get("shift", 1.0), cfg.get("num_train_timesteps", 1000))

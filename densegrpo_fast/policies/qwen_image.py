@@ -1,0 +1,185 @@
+"""The Qwen-Image policy: diffusers' ``QwenImagePipeline`` components behind
+:class:`densegrpo_fast.policies.base.Policy`.
+
+Qwen-Image is a 20B MMDiT whose one text encoder is the Qwen2.5-VL-7B language model. Where it differs from
+SD3 and FLUX.1, the adapter does what ``QwenImagePipeline`` does:
+
+- **Prompts.** Each prompt goes into the pipeline's chat template. ``encode_prompt`` takes the last hidden
+  state of the prompt's tokens after the template's system part, at most ``max_sequence_length`` of them
+  (the pipeline's default, 512). The result is ``embeds`` [B, L, 3584], padded to the batch's longest
+  prompt, and a token mask [B, L]. The text encoder has no pooled output, so a
+  :class:`~densegrpo_fast.policies.base.PromptEmbeds` holds the token mask in its ``pooled`` field
+  (``neg_pooled``: the negative prompt's).
+- **CFG** is the pipeline's "true CFG": a negative prompt (``" "``, the one Qwen-Image's model card
+  recommends, also used by Flow-GRPO's rollouts) and ``v = v_neg + g (v_pos - v_neg)``, rescaled per token
+  to the conditional prediction's norm (``v * |v_pos| / |v|`` over the 64 channels of each packed 2x2
+  patch). ``g`` is the pipeline's ``true_cfg_scale`` (``sampling.guidance_scale``; 4.0 in the model card).
+  The engine runs the negative and positive rows in one transformer call. The negative prompt is encoded
+  with the batch's prompts, so both come padded to one length, and the transformer's attention mask drops
+  the padding, so each row gets what it gets alone. The combination runs in fp32.
+- **Latents.** The engine sees an unpacked latent [16, H/8, W/8], as for FLUX.1. ``velocity`` packs it
+  into 2x2 patch tokens [B, H/16 * W/16, 64] and unpacks the output. The VAE is a video VAE: ``decode``
+  adds a frame axis, undoes the per-channel ``latents_mean`` / ``latents_std`` normalisation, and takes the
+  one frame.
+- **Timesteps.** The transformer gets ``timestep = sigma``, rounded as the pipeline rounds ``1000 * sigma``
+  in the model's dtype (as for FLUX.1, see :mod:`densegrpo_fast.policies.flux`).
+- **Sampling grid** (:meth:`QwenImagePolicy.sigma_grid`, used when ``sampling.shift`` is null): the
+  pipeline's, shifted by the image's token count (``max_shift`` 0.9 at 8192 tokens in Qwen-Image's
+  scheduler), with its ``shift_terminal`` (0.02: the last sigma before 0).
+
+With zero noise and the same initial latents the engine's sampler reproduces ``QwenImagePipeline``
+(tests/test_policy_qwen_image.py). Guidance-distilled checkpoints (``guidance_embeds``) and the edit
+models' conditioning images are not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.pretrained import DiffusersPolicy
+
+DEFAULT_REPO = "Qwen/Qwen-Image"
+COMPONENTS = {
+    "transformer": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
+    "scheduler": "scheduler",
+}  # fmt: skip
+#: The pipeline's limit on ``max_sequence_length`` (its tokenizer's budget after the template).
+MAX_SEQUENCE_LENGTH = 1024
+
+
+class QwenImagePolicy(DiffusersPolicy):
+    """Qwen-Image behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
+
+    Shape: latents and velocities [B, C, H/f, W/f] float32, unpacked (C = the transformer's
+    ``in_channels / 4``, f = the VAE's factor: (16, 64, 64) at 512 px); images [B, 3, H, W] in [0, 1].
+
+    Args:
+        pipe: a ``QwenImagePipeline`` holding the components (on the device, in their dtypes).
+        resolution: image side in pixels (square images).
+        max_sequence_length: text tokens per prompt at most (the pipeline's default: 512; at most 1024).
+    """
+
+    family = "qwen_image"
+    pipeline_name = "QwenImagePipeline"
+    components = COMPONENTS
+    default_repo = DEFAULT_REPO
+    default_max_sequence_length = 512
+    pads_prompts = False  # (to the batch's longest prompt)
+    #: The text encoder's part that encoding calls: Qwen2_5_VLForConditionalGeneration's model, without its LM
+    #: head (logits over 152k tokens for each prompt token: 49 prompts of 570 tokens would take 16 GiB in bf16).
+    text_encoder_call = "model"
+    #: The negative prompt of true CFG (Qwen-Image's model card: a single space).
+    negative_prompt = " "
+
+    def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
+        super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
+        if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
+            raise ValueError(
+                f"model.max_sequence_length ({max_sequence_length}): QwenImagePipeline takes 1 to "
+                f"{MAX_SEQUENCE_LENGTH} text tokens; null takes its default, 512"
+            )
+        config = self.transformer.config
+        if config.guidance_embeds or config.zero_cond_t:
+            raise ValueError(
+                "this QwenImageTransformer2DModel is guidance-distilled (guidance_embeds) or an edit model's "
+                "(zero_cond_t): model.family qwen_image samples Qwen-Image's text-to-image checkpoints "
+                "(e.g. Qwen/Qwen-Image) with true CFG"
+            )
+        side = self.check_resolution(
+            2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x Qwen-Image's 2x2 latent patches"
+        )
+        self.latent_shape = (config.in_channels // 4, side, side)
+        self.image_seq_len = (side // 2) ** 2
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``QwenImagePipeline.encode_prompt``'s embeds and token mask (padded, never None), equal to the
+        pipeline's to the bit (tests/test_policy_qwen_image.py). The pipeline finds each prompt's tokens with
+        a boolean index of the device's mask and ``.tolist()`` of its lengths (a host sync per encode); here
+        the tokenizer's mask, still on the host, gives each row's span, so that the same slices are taken
+        without a sync, and under the memory estimate's fake tensors, which have no values to index by. The
+        text encoder runs without its LM head (:attr:`text_encoder_call`)."""
+        pipe = self.pipe
+        drop = pipe.prompt_template_encode_start_idx
+        tokens = pipe.tokenizer(
+            [pipe.prompt_template_encode.format(p) for p in prompts],
+            max_length=pipe.tokenizer_max_length + drop, padding=True, truncation=True, return_tensors="pt",
+        )  # fmt: skip
+        encoder = pipe.text_encoder
+        # the pipeline's hidden_states[-1] is the language model's normed last state: asked for directly, it
+        # costs neither the other layers' kept states nor the LM head's logits for every token
+        hidden = getattr(encoder, self.text_encoder_call)(
+            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+        ).last_hidden_state
+        spans = []  # each row's tokens after the template's system part, at most max_sequence_length
+        for row in tokens.attention_mask.bool():
+            where = row.nonzero().flatten()
+            first, last = int(where[0]) + drop, int(where[-1]) + 1
+            spans.append((first, min(last, first + self.max_sequence_length)))
+        L = max(last - first for first, last in spans)
+        embeds = hidden.new_zeros(len(prompts), L, hidden.shape[-1])
+        mask = torch.zeros(len(prompts), L, dtype=torch.long)
+        for b, (first, last) in enumerate(spans):
+            embeds[b, : last - first] = hidden[b, first:last]
+            mask[b, : last - first] = 1
+        return embeds.to(encoder.dtype), mask.to(self.device)
+
+    def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
+        """``embeds`` [B, L, D] and the token mask [B, L] (in the ``pooled`` field), one encoder row per
+        distinct prompt; with ``with_negative`` the negative prompt's, encoded in the same batch so that
+        it comes padded to the same L."""
+        extra = [self.negative_prompt] if with_negative else []
+        with self.text_encoders_on_device():
+            embeds, mask = self._encode([*dict.fromkeys(prompts), *extra])
+        if not with_negative:
+            return PromptEmbeds.deduplicated(lambda _: (embeds, mask), prompts)
+        negative = (embeds[-1:], mask[-1:])
+        return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], mask[:-1]), prompts, negative)
+
+    def velocity(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Velocity [B, *latent_shape] float32; true CFG with the norm rescale when ``guidance_scale > 1``
+        and negative embeds are present, in one transformer call of 2B rows."""
+        from diffusers import QwenImagePipeline
+
+        B, C, H, W = x.shape
+        sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
+        packed = QwenImagePipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
+        embeds, mask = cond.embeds, cond.pooled  # (the pooled field holds the token mask)
+        cfg = guidance_scale != 1.0 and cond.has_negative
+        if cfg:
+            packed, sigma = torch.cat([packed, packed]), torch.cat([sigma, sigma])
+            embeds, mask = torch.cat([cond.neg_embeds, embeds]), torch.cat([cond.neg_pooled, mask])
+        out = self.transformer(
+            hidden_states=packed,
+            timestep=(1000.0 * sigma.float()).to(self.dtype) / 1000,  # the pipeline's rounding
+            encoder_hidden_states=embeds.to(self.dtype),
+            encoder_hidden_states_mask=mask,
+            img_shapes=[[(1, H // 2, W // 2)]] * packed.shape[0],
+            return_dict=False,
+        )[0].float()
+        if cfg:
+            neg, pos = out.chunk(2)
+            out = neg + guidance_scale * (pos - neg)
+            out = out * (pos.norm(dim=-1, keepdim=True) / out.norm(dim=-1, keepdim=True))
+        f = self.vae_scale_factor
+        return QwenImagePipeline._unpack_latents(out, H * f, W * f, f)[:, :, 0]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, *latent_shape] -> images [B, 3, H, W] float32 in [0, 1], as the pipeline decodes:
+        the VAE's per-channel normalisation undone, one frame."""
+        vae = self.pipe.vae
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+        z = (latents.float()[:, :, None] * std + mean).to(vae.dtype)
+        images = vae.decode(z, return_dict=False)[0][:, :, 0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def sigma_grid(self, num_steps: int) -> torch.Tensor:
+        """QwenImagePipeline's grid for this resolution, float32 [T+1] (see the module docstring)."""
+        fix = "use Qwen-Image's scheduler config (scheduler/scheduler_config.json)"
+        return self.shifted_grid(num_steps, self.image_seq_len, fix=fix)

@@ -1,0 +1,337 @@
+"""Qwen-Image policy on tiny random components: the contract (true CFG with its norm rescale in one batched
+call, a token mask beside the embeds, unpacked latents, the video VAE's normalisation), QwenImagePipeline's
+grid with its terminal stretch, the pipeline reproduced by the engine's sampler, and the trainer, the LoRA
+export and the memory estimate on it."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_models as tiny
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+from tolerances import assert_on_policy
+
+from densegrpo_fast.policies import load_policy
+from densegrpo_fast.policies.base import Policy
+from densegrpo_fast.policies.qwen_image import QwenImagePolicy
+from densegrpo_fast.rollout import sample
+from densegrpo_fast.schedule import Schedule, flux_sigma_grid, resolution_mu
+
+PROMPTS = ["a red circle", "two blue squares beside a tall green tree"]
+#: Below the ~170 tokens the tiny byte-level tokenizer gives a prompt, so that truncation is exercised.
+MAX_TOKENS = 160
+OPTS = dict(resolution=tiny.RESOLUTION, max_sequence_length=MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny.qwen_image_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(pipe):
+    return QwenImagePolicy(pipe, **OPTS)
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(pipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_qwen_image")
+    pipe.save_pretrained(root)
+    return root
+
+
+def test_implements_the_policy_contract(policy, pipe):
+    assert isinstance(policy, Policy)
+    # the engine sees the unpacked latent: 16 packed channels / (2 x 2) = 4, 32 px / VAE factor 2 = 16
+    assert policy.latent_shape == (4, 16, 16) and policy.dtype == torch.float32
+    for m in (pipe.vae, pipe.text_encoder, policy.transformer):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+    cond = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    assert cond.embeds.shape == (3, MAX_TOKENS, 16) and cond.pooled.shape == (3, MAX_TOKENS)
+    assert cond.has_negative and cond.neg_embeds.shape == cond.embeds.shape  # " ", padded to the same length
+    assert torch.equal(cond.embeds[0], cond.embeds[2])
+    assert cond.neg_pooled[0].sum() < cond.pooled[0].sum()  # the negative prompt has fewer tokens
+    images = policy.decode(torch.randn(2, *policy.latent_shape))
+    assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+    with pytest.raises(ValueError, match=r"max_sequence_length \(2000\): QwenImagePipeline takes 1 to 1024"):
+        QwenImagePolicy(pipe, resolution=32, max_sequence_length=2000)
+    with pytest.raises(ValueError, match=r"guidance-distilled.*or an edit model's"):
+        QwenImagePolicy(tiny.qwen_image_pipeline(seed=0, zero_cond_t=True), **OPTS)
+
+
+@pytest.mark.parametrize("max_tokens", [MAX_TOKENS, 1024])
+def test_the_prompt_embeds_are_the_pipelines_to_the_bit(pipe, max_tokens):
+    """The adapter's encode (spans from the host's token mask, no boolean index of device tensors) gives
+    ``QwenImagePipeline.encode_prompt``'s embeds and mask, truncated or not, for prompts of other lengths."""
+    policy = QwenImagePolicy(pipe, resolution=tiny.RESOLUTION, max_sequence_length=max_tokens)
+    prompts = [*PROMPTS, " "]
+    theirs, their_mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=max_tokens)
+    ours, mask = policy._encode(prompts)
+    assert torch.equal(ours, theirs) and torch.equal(mask, their_mask)
+    assert mask.sum(1).tolist()[:2] == [min(max_tokens, n) for n in mask.sum(1).tolist()[:2]]
+
+
+def test_true_cfg_is_one_batched_call_rescaled_to_the_conditional_norm(policy):
+    x = torch.randn(2, *policy.latent_shape)
+    sigma = torch.tensor([0.9, 0.3])
+    cond = policy.encode_prompts(PROMPTS)
+    rows = []
+    hook = policy.transformer.register_forward_hook(lambda m, a, kw, out: rows.append(kw["hidden_states"].shape[0]),
+                                                    with_kwargs=True)  # fmt: skip
+    v = policy.velocity(x, sigma, cond, guidance_scale=4.0)
+    v_pos = policy.velocity(x, sigma, cond, guidance_scale=1.0)
+    v_neg = policy.velocity(x, sigma, policy.encode_prompts([" ", " "], with_negative=False))
+    hook.remove()
+    assert rows == [4, 2, 2] and v.dtype == torch.float32 and v.shape == x.shape
+
+    def tokens(u):  # [B, C, H, W] -> the packed 2x2 patch tokens [B, N, 4C], where the norm is taken
+        return QwenImagePipeline._pack_latents(u, 2, *policy.latent_shape)
+
+    combined = tokens(v_neg + 4.0 * (v_pos - v_neg))
+    want = combined * tokens(v_pos).norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(tokens(v), want, rtol=0, atol=2e-5)
+    torch.testing.assert_close(tokens(v).norm(dim=-1), tokens(v_pos).norm(dim=-1))
+    # each row gets what it gets alone: its own prompt, encoded alone (another padding), in a call of one row
+    alone = policy.velocity(x[1:], sigma[1:], policy.encode_prompts(PROMPTS[1:]), guidance_scale=4.0)
+    torch.testing.assert_close(alone, v[1:], rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("T,seq_len", [(2, 64), (4, 64), (10, 1024), (50, 6000), (20, 10000)])
+def test_the_grid_is_the_schedulers_with_its_terminal_stretch(T, seq_len):
+    from densegrpo_fast.policies.architectures import QWEN_IMAGE_SCHEDULER as cfg
+
+    mu = resolution_mu(seq_len, 256, 8192, 0.5, 0.9)
+    sched = FlowMatchEulerDiscreteScheduler(**cfg)
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / T, T), mu=mu)
+    ours = flux_sigma_grid(T, mu, shift_terminal=0.02)
+    assert ours[0] == 1 and ours[-1] == 0 and math.isclose(ours[-2], 0.02, rel_tol=1e-6)
+    torch.testing.assert_close(ours, sched.sigmas, rtol=0, atol=3e-7)
+    assert not torch.allclose(ours, flux_sigma_grid(T, mu))  # the stretch moves every point but the first
+    with pytest.raises(ValueError, match=r"shift_terminal \(1.0\) must lie in \(0, 1\)"):
+        flux_sigma_grid(T, mu, shift_terminal=1.0)
+
+
+def test_schedulers_whose_grid_is_not_reproduced_are_refused(pipe):
+    import copy
+
+    karras = copy.copy(pipe)
+    karras.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, use_karras_sigmas=True
+    )
+    with pytest.raises(ValueError, match=r"sets \['use_karras_sigmas'\].*Qwen-Image's scheduler config"):
+        QwenImagePolicy(karras, **OPTS).sigma_grid(10)
+    # SD3's grid has no terminal stretch: a checkpoint whose scheduler asks for one is refused there
+    sd3 = tiny.sd3_pipeline(seed=0)
+    sd3.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.02)
+    from densegrpo_fast.policies.sd3 import SD3Policy
+
+    with pytest.raises(ValueError, match=r"sets \['shift_terminal'\]"):
+        SD3Policy(sd3, resolution=tiny.RESOLUTION, max_sequence_length=tiny.MAX_T5_TOKENS).sigma_grid(10)
+
+
+@pytest.mark.parametrize("g", [4.0, 1.0])
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, g):
+    """Zero noise, the same initial latents: the engine's sampler is QwenImagePipeline to 1e-5, with true CFG
+    (negative prompt " ") and without (no negative prompt)."""
+    T = 4
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    packed = QwenImagePipeline._pack_latents(noise, 2, *policy.latent_shape)
+    call = dict(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, true_cfg_scale=g,
+                max_sequence_length=MAX_TOKENS, negative_prompt=" " if g > 1 else None)  # fmt: skip
+    theirs = pipe(**call, latents=packed.clone(), output_type="latent").images
+    theirs = QwenImagePipeline._unpack_latents(theirs, 32, 32, policy.vae_scale_factor)[:, :, 0]
+    theirs_img = pipe(**call, latents=packed.clone(), output_type="pt").images
+
+    grid = policy.sigma_grid(T)
+    torch.testing.assert_close(grid, pipe.scheduler.sigmas, rtol=0, atol=3e-7)
+    cond = policy.encode_prompts(PROMPTS, with_negative=g > 1)
+    ro = sample(policy, cond, noise, Schedule(grid, torch.zeros(T)), guidance_scale=g, dense=False)
+    ours = ro.latents[:, T]
+    diff = (ours - theirs).abs().max().item()
+    diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
+    print(f"Qwen-Image g={g}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    assert diff <= 1e-5 and diff_img <= 1e-5
+    assert ours.abs().max() > 0.1
+
+
+def test_default_lora_targets_cover_every_blocks_attention(policy):
+    """The config's default targets are all eight attention projections of every block; the recipe's
+    (Flow-GRPO's Qwen-Image targets) add both streams' MLPs, and every name there exists."""
+    import copy
+
+    import yaml
+    from peft import LoraConfig
+
+    from densegrpo_fast.config import LoRASection
+
+    def adapted(targets):
+        t = copy.deepcopy(policy).transformer
+        t.add_adapter(LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        return {n.rsplit(".lora_A", 1)[0] for n, _ in t.named_parameters() if ".lora_A." in n}
+
+    names = adapted(LoRASection().target_modules)
+    attention = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert names == {f"transformer_blocks.{i}.attn.{p}" for i in range(2) for p in attention}
+    recipe = yaml.safe_load(
+        (Path(__file__).parents[1] / "configs" / "qwen_image_pickscore.yaml").read_text()
+    )["lora"]
+    names = adapted(recipe["target_modules"])
+    for target in recipe["target_modules"]:
+        assert {f"transformer_blocks.{i}.{target}" for i in range(2)} <= names, target
+
+
+def test_loads_a_diffusers_directory_and_names_missing_parts(qwen_dir, policy, tmp_path):
+    import shutil
+
+    loaded = load_policy("qwen_image", str(qwen_dir), "cpu", dtype="fp32", offload_text_encoders=True, **OPTS)
+    assert isinstance(loaded, QwenImagePolicy) and loaded.offload_text_encoders
+    x = torch.randn(1, *policy.latent_shape)
+    sigma = torch.tensor([0.6])
+    torch.testing.assert_close(
+        loaded.velocity(x, sigma, loaded.encode_prompts(PROMPTS[:1]), 4.0),
+        policy.velocity(x, sigma, policy.encode_prompts(PROMPTS[:1]), 4.0),
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen_dir, broken)
+    shutil.rmtree(broken / "text_encoder")
+    with pytest.raises(
+        ValueError, match=r"not a complete QwenImagePipeline checkpoint: missing text_encoder/"
+    ):
+        QwenImagePolicy.load(broken)
+    with pytest.raises(ValueError, match=r"not in the Hugging Face cache.*hf download Qwen/Qwen-Image"):
+        QwenImagePolicy.load(None, cache_dir=tmp_path / "empty_cache")
+
+
+def _overrides(qwen_dir, tmp_path, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green dog\na cat\n")
+    return [
+        "model.family=qwen_image", f"model.checkpoint={qwen_dir}", f"model.resolution={tiny.RESOLUTION}",
+        f"model.max_sequence_length={MAX_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+        "sampling.num_steps=3", "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.rank=4",
+        "grpo.train_batch_size=4", f"eval.dataset={prompts}", "eval.num_prompts=2", "eval.num_steps=2",
+        "run.iterations=1", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", *extra,
+    ]  # fmt: skip
+
+
+def test_one_iteration_through_the_trainer_on_its_own_grid_with_true_cfg(qwen_dir, tmp_path):
+    import json
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.trainer import setup, train
+
+    overrides = _overrides(qwen_dir, tmp_path)
+    cfg = load_config(TrainConfig, None, overrides)
+    # the family's defaults: its own grid (no fixed shift) and CFG 4.0, in training and evaluation
+    assert (
+        cfg.sampling.shift is None and cfg.sampling.guidance_scale == 4.0 and cfg.eval.guidance_scale == 4.0
+    )
+    probe = setup(
+        load_config(TrainConfig, None, [*overrides, f"run.output_dir={tmp_path / 'probe'}"]), progress=False
+    )
+    torch.testing.assert_close(
+        probe.schedule.sigmas, flux_sigma_grid(3, resolution_mu(64, 256, 8192, 0.5, 0.9), 0.02)
+    )
+    run_dir = train(cfg, progress=False)
+    (step,) = [
+        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
+    ]
+    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    assert_on_policy(step, exact=False)
+    assert (run_dir / "lora_ema").is_dir()
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (
+            ["sampling.shift=3.0"],
+            r"sampling.shift \(3.0\) with model.family qwen_image: Qwen-Image samples on a grid",
+        ),
+        (
+            ["model.family=sd3", "model.max_sequence_length=1024"],
+            r"max_sequence_length \(1024\).*T5 takes at most",
+        ),
+    ],
+)
+def test_config_cross_checks(overrides, match):
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    with pytest.raises(ValueError, match=match):
+        load_config(
+            TrainConfig, None, ["model.family=qwen_image", "model.checkpoint=Qwen/Qwen-Image", *overrides]
+        )
+    # Qwen-Image's encoder takes up to 1024 tokens
+    load_config(TrainConfig, None, ["model.family=qwen_image", "model.max_sequence_length=1024"])
+
+
+def test_the_exported_lora_loads_into_qwen_image_pipeline(tmp_path):
+    """``save_lora`` writes diffusers' format: ``QwenImagePipeline.load_lora_weights`` on a fresh base model
+    gives the adapted velocity; ``lora.init`` starts a run's adapters from it."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from densegrpo_fast.config import LoRASection
+    from densegrpo_fast.lora_init import start_adapters_from
+
+    policy = QwenImagePolicy(tiny.qwen_image_pipeline(seed=0), **OPTS)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.3])
+    cond = policy.encode_prompts(PROMPTS)
+    base = policy.velocity(x, sigma, cond, 4.0)
+    targets = LoRASection().target_modules
+    policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B starts at zero
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = policy.velocity(x, sigma, cond, 4.0)
+    policy.save_lora(tmp_path / "lora", get_peft_model_state_dict(policy.transformer), 8 / 4)
+    fresh = tiny.qwen_image_pipeline(seed=0)
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = QwenImagePolicy(fresh, **OPTS).velocity(x, sigma, cond, 4.0)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter matters ...
+    torch.testing.assert_close(loaded, adapted, rtol=0, atol=1e-5)  # ... and comes back whole
+    started = QwenImagePolicy(tiny.qwen_image_pipeline(seed=0), **OPTS)
+    started.transformer.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=targets))
+    assert start_adapters_from(started, tmp_path / "lora") > 0
+    torch.testing.assert_close(started.velocity(x, sigma, cond, 4.0), adapted, rtol=0, atol=1e-5)
+
+
+def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(qwen_dir, tmp_path):
+    """The estimate's fake tensors go through Qwen2.5-VL, the adapter's encode and the masked attention, and
+    land on the run counted for real. Not to the byte as for SD3 (tests/test_memory.py): the transformer's
+    rotary tables, cached on first use (the tiny model's: 0.26 MB; Qwen-Image's: 4 MiB of tens of GiB), and
+    the tokenizer's host tensors are counted differently, so each phase's live bytes must agree to within
+    those tables' bytes."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.memory import estimate_run, fake_policy, measure_run, new_fake_mode
+
+    torch.set_num_threads(1)
+
+    def config(name):
+        extra = ("sampling.group_size=3", "grpo.train_batch_size=6", "grpo.beta=0.04", "run.iterations=2",
+                 f"run.output_dir={tmp_path / name / 'run'}")  # fmt: skip
+        (tmp_path / name).mkdir()
+        return load_config(TrainConfig, None, _overrides(qwen_dir, tmp_path / name, *extra))
+
+    real, fake = config("real"), config("fake")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # as the estimate runs
+        policy = load_policy("qwen_image", str(qwen_dir), "cpu", **real.model.adapter_options())
+        rope = policy.transformer.pos_embed
+        slack = 2 * (rope.pos_freqs.nbytes + rope.neg_freqs.nbytes)
+        measured = measure_run(real, policy)
+        policy, source = fake_policy(fake, new_fake_mode())
+        est = estimate_run(fake, policy)
+    assert source == str(qwen_dir)
+    weights = sum(est.weights.values())
+    for phase, bytes_ in measured.items():
+        live = bytes_ - weights
+        assert abs(est.phases[phase] - bytes_) <= slack, (phase, est.phases[phase] - weights, live)
+    assert measured["rollout + reward"] - weights > 10 * slack  # (the slack is small beside what is counted)
+    assert est.calls["transformer"] > 0 and est.calls["text_encoder.model"] > 0
