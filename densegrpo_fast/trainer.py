@@ -652,7 +652,8 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     In a torchrun job each rank takes its slice of the rows (``run.dist.rows``) and returns that slice's
     rollout and rewards; wave ``w`` of rank ``r`` draws its SDE noise from the stream of wave ``r * W + w``.
     When each rank holds whole groups and W divides their number, the waves are those of one process with
-    ``reward_waves = world * W``, which then samples exactly what the job does.
+    ``reward_waves = world * W``, which then samples exactly what the job does (for Qwen-Image, up to float
+    rounding: each rank pads its prompts to its own longest).
     """
     cfg, policy, d = run.cfg, run.policy, run.dist
     G = cfg.sampling.group_size
@@ -1120,7 +1121,8 @@ def heldout_rewards(run: Run) -> dict[str, float]:
 
 def export_policy(run: Run, path: Path) -> Path | None:
     """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation; with LoRA on
-    an sd3 / flux model, also the EMA adapters alone in diffusers' LoRA format, in ``lora_ema/`` beside it
+    a pretrained model (sd3, flux, qwen_image), also the EMA adapters alone in diffusers' LoRA format, in
+    ``lora_ema/`` beside it
     (``StableDiffusion3Pipeline.load_lora_weights``). Every rank calls; rank 0 writes (its error stops every
     rank); a sharded run's whole weights are gathered first, in the model's dtype."""
     if not hasattr(run.policy, "save"):
@@ -1161,7 +1163,7 @@ def host_copy(policy):
 
 
 def _write_export(run: Run, exported, path: Path) -> None:
-    """The EMA adapters in diffusers' LoRA format (sd3 / flux), then the policy with LoRA merged."""
+    """The EMA adapters in diffusers' LoRA format (pretrained models), then the policy with LoRA merged."""
     if run.cfg.lora.enabled and hasattr(exported, "save_lora"):
         from peft.utils import get_peft_model_state_dict
 

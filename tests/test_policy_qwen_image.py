@@ -57,20 +57,65 @@ def test_implements_the_policy_contract(policy, pipe):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     with pytest.raises(ValueError, match=r"max_sequence_length \(2000\): QwenImagePipeline takes 1 to 1024"):
         QwenImagePolicy(pipe, resolution=32, max_sequence_length=2000)
-    with pytest.raises(ValueError, match=r"guidance-distilled.*or an edit model's"):
+    with pytest.raises(ValueError, match=r"sets \['zero_cond_t'\]: a guidance-distilled or an edit model's"):
         QwenImagePolicy(tiny.qwen_image_pipeline(seed=0, zero_cond_t=True), **OPTS)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("max_tokens", [MAX_TOKENS, 1024])
-def test_the_prompt_embeds_are_the_pipelines_to_the_bit(pipe, max_tokens):
-    """The adapter's encode (spans from the host's token mask, no boolean index of device tensors) gives
-    ``QwenImagePipeline.encode_prompt``'s embeds and mask, truncated or not, for prompts of other lengths."""
+def test_the_prompt_embeds_are_the_pipelines(pipe, max_tokens, side):
+    """The adapter's encode (spans from the host's token mask, no boolean index of device tensors; the
+    tokenizer stopping at the tokens kept) gives ``QwenImagePipeline.encode_prompt``'s embeds and mask: to the
+    bit where no prompt is cut, within rounding where one is (a shorter batch), whichever side pads."""
+    import copy
+
+    pipe = copy.copy(pipe)
+    pipe.tokenizer = copy.deepcopy(pipe.tokenizer)
+    pipe.tokenizer.padding_side = side
     policy = QwenImagePolicy(pipe, resolution=tiny.RESOLUTION, max_sequence_length=max_tokens)
     prompts = [*PROMPTS, " "]
     theirs, their_mask = pipe.encode_prompt(prompts, device="cpu", max_sequence_length=max_tokens)
     ours, mask = policy._encode(prompts)
-    assert torch.equal(ours, theirs) and torch.equal(mask, their_mask)
-    assert mask.sum(1).tolist()[:2] == [min(max_tokens, n) for n in mask.sum(1).tolist()[:2]]
+    assert torch.equal(mask, their_mask) and ours.shape == theirs.shape
+    whole = (
+        QwenImagePolicy(pipe, resolution=tiny.RESOLUTION, max_sequence_length=1024)._encode(prompts)[1].sum(1)
+    )
+    if max_tokens == 1024:
+        assert torch.equal(ours, theirs)
+    else:
+        assert (whole > max_tokens).any() and (whole <= max_tokens).any()  # one prompt cut, one not
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert mask.sum(1).tolist() == whole.clamp(max=max_tokens).tolist()
+
+
+def test_libraries_without_the_text_mask_or_the_language_model_are_refused(pipe, monkeypatch):
+    import copy
+
+    def old_rope(video_fhw, txt_seq_lens, device):  # (the signature before the mask)
+        raise AssertionError("not called")
+
+    old = copy.copy(pipe)
+    old.transformer = copy.deepcopy(pipe.transformer)
+    old.transformer.pos_embed.forward = old_rope
+    with pytest.raises(
+        ValueError, match=r"needs a diffusers whose QwenImageTransformer2DModel masks.*pip install -U"
+    ):
+        QwenImagePolicy(old, **OPTS)
+    old = copy.copy(pipe)
+    old.text_encoder = copy.deepcopy(pipe.text_encoder)
+    old.text_encoder.model = old.text_encoder.model.language_model  # (transformers < 4.52's layout)
+    with pytest.raises(ValueError, match=r"needs transformers >= 4.52"):
+        QwenImagePolicy(old, **OPTS)
+
+
+def test_batches_encoded_apart_concatenate_only_at_one_length(policy):
+    from densegrpo_fast.policies.base import PromptEmbeds
+
+    short, long_ = policy.encode_prompts(PROMPTS[:1]), policy.encode_prompts(PROMPTS[1:])
+    with pytest.raises(ValueError, match=r"rows of other shapes.*encode the prompts together"):
+        PromptEmbeds.cat([short, long_])
+    both = PromptEmbeds.cat([short, policy.encode_prompts(PROMPTS[:1])])
+    assert both.embeds.shape[0] == 2 and torch.equal(both.pooled[0], both.pooled[1])
 
 
 def test_true_cfg_is_one_batched_call_rescaled_to_the_conditional_norm(policy):
@@ -154,6 +199,44 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, g):
     print(f"Qwen-Image g={g}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
     assert diff <= 1e-5 and diff_img <= 1e-5
     assert ours.abs().max() > 0.1
+
+
+def test_bf16_transformer_sees_the_pipelines_timesteps(pipe):
+    """In bf16 the transformer gets QwenImagePipeline's timestep values at every step of the grid (``1000 *
+    sigma`` cast to the model's dtype, then / 1000), and from the same first latents returns the same velocity,
+    bit for bit (without CFG: the pipeline runs its two CFG halves as two calls, the engine as one)."""
+    import copy
+
+    bf16 = copy.copy(pipe)  # everything but the VAE in bf16, as the engine loads a checkpoint
+    for name in ("transformer", "text_encoder"):
+        setattr(bf16, name, copy.deepcopy(getattr(pipe, name)).to(torch.bfloat16))
+    policy = QwenImagePolicy(bf16, **OPTS)
+    calls = []  # (the timestep the transformer computes with, its output)
+    hook = bf16.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(
+            (kwargs["timestep"].to(torch.bfloat16) * 1000, out[0])
+        ),
+        with_kwargs=True,
+    )
+    T = 8
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    packed = QwenImagePipeline._pack_latents(noise, 2, *policy.latent_shape).to(torch.bfloat16)
+    try:
+        bf16(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, true_cfg_scale=1.0,
+             max_sequence_length=MAX_TOKENS, output_type="latent", latents=packed)  # fmt: skip
+        theirs, calls[:] = list(calls), []
+        cond, grid = policy.encode_prompts(PROMPTS, with_negative=False), policy.sigma_grid(T)
+        first = policy.velocity(noise, grid[0].expand(2), cond)
+        for k in range(1, T):
+            policy.velocity(noise, grid[k].expand(2), cond)
+    finally:
+        hook.remove()
+    ours_t, theirs_t = [t for t, _ in calls], [t for t, _ in theirs]
+    assert all(torch.equal(a, b) for a, b in zip(ours_t, theirs_t, strict=True)), (ours_t, theirs_t)
+    own_cast = [(grid[k].to(torch.bfloat16) * 1000).expand(2) for k in range(T)]  # the transformer's own cast
+    assert not all(map(torch.equal, own_cast, theirs_t)), "this grid does not tell the two roundings apart"
+    unpacked = QwenImagePipeline._unpack_latents(theirs[0][1], 32, 32, policy.vae_scale_factor)[:, :, 0]
+    torch.testing.assert_close(first, unpacked.float(), rtol=0, atol=0)
 
 
 def test_default_lora_targets_cover_every_blocks_attention(policy):

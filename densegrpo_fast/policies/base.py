@@ -20,7 +20,7 @@ class PromptEmbeds:
 
     What a policy reads (per row):
         embeds:   [B, L, D]  token embeddings (SD3: joint CLIP/T5 sequence)
-        pooled:   [B, P]     pooled text vector
+        pooled:   [B, P]     pooled text vector (Qwen-Image, whose encoder has none: the token mask [B, L])
         neg_embeds / neg_pooled: the same for the negative (empty) prompt, or None when CFG is off.
 
     What it holds: a table per field and a row index. The B rows of a batch repeat few prompts (a group of
@@ -126,6 +126,15 @@ class PromptEmbeds:
         first = parts[0]
         if all(p.tables[f] is first.tables[f] for p in parts for f in PromptEmbeds.FIELDS):
             return PromptEmbeds(**first.tables, rows=torch.cat([p._table_rows() for p in parts]))
+        shapes = {
+            (f, p.tables[f].shape[1:]) for p in parts for f in PromptEmbeds.FIELDS if p.tables[f] is not None
+        }
+        if len(shapes) != len({f for f, _ in shapes}):
+            raise ValueError(
+                f"PromptEmbeds.cat of batches encoded apart with rows of other shapes ({sorted(shapes)}): a "
+                "model whose prompts are padded to the batch's longest (Qwen-Image) gives each encode its own "
+                "length; encode the prompts together"
+            )
         gathered = {
             f: None if first.tables[f] is None else torch.cat([p._read(f) for p in parts])
             for f in PromptEmbeds.FIELDS

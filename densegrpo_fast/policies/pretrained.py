@@ -1,4 +1,5 @@
-"""What the pretrained-model adapters (sd3, flux) share: finding weights, and :class:`DiffusersPolicy`.
+"""What the pretrained-model adapters (sd3, flux, qwen_image) share: finding weights, and
+:class:`DiffusersPolicy`.
 
 Weights are a diffusers-format directory, or a repo in the user's Hugging Face cache. Offline by default:
 nothing is downloaded unless the caller asks (``local_files_only=False``). Before any weights load,

@@ -80,31 +80,64 @@ class QwenImagePolicy(DiffusersPolicy):
                 f"{MAX_SEQUENCE_LENGTH} text tokens; null takes its default, 512"
             )
         config = self.transformer.config
-        if config.guidance_embeds or config.zero_cond_t:
+        unsupported = [k for k in ("guidance_embeds", "zero_cond_t") if config.get(k)]
+        if unsupported:
             raise ValueError(
-                "this QwenImageTransformer2DModel is guidance-distilled (guidance_embeds) or an edit model's "
-                "(zero_cond_t): model.family qwen_image samples Qwen-Image's text-to-image checkpoints "
+                f"this QwenImageTransformer2DModel sets {unsupported}: a guidance-distilled or an edit "
+                "model's checkpoint; model.family qwen_image samples Qwen-Image's text-to-image checkpoints "
                 "(e.g. Qwen/Qwen-Image) with true CFG"
             )
+        self._check_libraries()
         side = self.check_resolution(
             2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x Qwen-Image's 2x2 latent patches"
         )
         self.latent_shape = (config.in_channels // 4, side, side)
         self.image_seq_len = (side // 2) ** 2
 
+    def _check_libraries(self) -> None:
+        """A ValueError, with the fix, for a diffusers whose Qwen-Image transformer does not mask the text's
+        padding itself (it then takes ``txt_seq_lens``; the batched CFG call relies on the mask) or a
+        transformers whose Qwen2.5-VL ``model`` is the text decoder alone (before 4.52: the outer model then
+        computes the rotary positions, which :meth:`_encode` skips)."""
+        import inspect
+
+        import diffusers
+        import transformers
+
+        if "max_txt_seq_len" not in inspect.signature(self.transformer.pos_embed.forward).parameters:
+            raise ValueError(
+                f"model.family qwen_image needs a diffusers whose QwenImageTransformer2DModel masks the "
+                f"text's padding itself (encoder_hidden_states_mask, no txt_seq_lens); diffusers "
+                f"{diffusers.__version__} does not: pip install -U diffusers (keep your torch)"
+            )
+        body = getattr(self.pipe.text_encoder, self.text_encoder_call, None)
+        if body is None or not hasattr(body, "language_model"):
+            raise ValueError(
+                f"model.family qwen_image needs transformers >= 4.52 (Qwen2.5-VL's model holding its "
+                f"language model); transformers {transformers.__version__} has another layout: pip install -U "
+                "'transformers>=4.52' (keep your torch)"
+            )
+
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``QwenImagePipeline.encode_prompt``'s embeds and token mask (padded, never None), equal to the
-        pipeline's to the bit (tests/test_policy_qwen_image.py). The pipeline finds each prompt's tokens with
-        a boolean index of the device's mask and ``.tolist()`` of its lengths (a host sync per encode); here
-        the tokenizer's mask, still on the host, gives each row's span, so that the same slices are taken
-        without a sync, and under the memory estimate's fake tensors, which have no values to index by. The
-        text encoder runs without its LM head (:attr:`text_encoder_call`)."""
+        """``QwenImagePipeline.encode_prompt``'s embeds and token mask (padded, never None): equal to the
+        pipeline's to the bit where no prompt is cut, within float rounding where one is
+        (tests/test_policy_qwen_image.py). Where they differ:
+
+        - The pipeline finds each prompt's tokens with a boolean index of the device's mask and
+          ``.tolist()`` of their lengths (a host sync per encode). Here the tokenizer's mask, still on the
+          host, gives each row's span: the same slices, without a sync, and under the memory estimate's fake
+          tensors, which have no values to index by.
+        - The pipeline encodes up to its tokenizer's budget (1024 tokens after the template's system part)
+          and then keeps ``max_sequence_length`` of them; here the tokenizer stops at what is kept. The
+          encoder is causal, so the kept tokens' states are the same, up to the rounding of a shorter batch.
+        - The text encoder runs without its LM head (:attr:`text_encoder_call`)."""
         pipe = self.pipe
         drop = pipe.prompt_template_encode_start_idx
         tokens = pipe.tokenizer(
             [pipe.prompt_template_encode.format(p) for p in prompts],
-            max_length=pipe.tokenizer_max_length + drop, padding=True, truncation=True, return_tensors="pt",
+            max_length=min(pipe.tokenizer_max_length, self.max_sequence_length) + drop, padding=True,
+            truncation=True, return_tensors="pt",
         )  # fmt: skip
         encoder = pipe.text_encoder
         # the pipeline's hidden_states[-1] is the language model's normed last state: asked for directly, it
