@@ -663,16 +663,19 @@ class EvalSection(Section):
         description="samples per prompt, each from its own noise (sd3/flux/qwen_image; the toy takes 1)",
     )
     num_steps: int = Field(
-        20, ge=1, le=1000, description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28)"
+        20,
+        ge=1,
+        le=1000,
+        description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28, qwen_image: 50)",
     )
     guidance_scale: float = Field(
-        1.5, ge=1.0, description="CFG scale of the evaluation sampler (sd3: 4.5, flux: 3.5)"
+        1.5, ge=1.0, description="CFG scale of the evaluation sampler (sd3: 4.5, flux: 3.5, qwen_image: 4.0)"
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux: null)",
+        "flux and qwen_image: null)",
     )
     seed: int = Field(
         0,
@@ -681,11 +684,19 @@ class EvalSection(Section):
         description="seed of prompt order and initial noise (< 2^23: it is the high bits "
         "of each image's noise seed)",
     )
-    batch_size: int = Field(128, ge=1, description="images per sampler call (sd3: 16, flux: 8)")
+    resolution: int | None = Field(
+        None,
+        ge=16,
+        description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, a multiple of 16; null "
+        "= model.resolution (e.g. train at 512 and evaluate at the model's native 1024)",
+    )
+    batch_size: int = Field(
+        128, ge=1, description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8)"
+    )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
-        "(sd3: runs/sd3_eval, flux: runs/flux_eval)",
+        "(sd3: runs/sd3_eval, flux: runs/flux_eval, qwen_image: runs/qwen_image_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
@@ -764,6 +775,13 @@ def model_eval_problems(
         out.append(
             f"eval.images_per_prompt ({ev.images_per_prompt}): the toy evaluation draws one image per "
             "prompt (its noise is fixed per prompt); set it to 1 and raise eval.num_prompts for more images"
+        )
+    if ev.resolution is not None and model.family == "toy":
+        out.append(f"eval.resolution ({ev.resolution}): the toy model samples 32 px images only; remove it")
+    elif ev.resolution is not None and ev.resolution % 16:
+        out.append(
+            f"eval.resolution ({ev.resolution}) must be a multiple of 16 (the VAE's factor 8 x the "
+            f"transformer's 2x2 patches): choose e.g. {max(16, round(ev.resolution / 16) * 16)}"
         )
     shifts = [("eval.shift", ev.shift)]
     if sampling is not None:

@@ -368,6 +368,8 @@ def run_eval(
         policy.load_weights(checkpoint)
     if lora is not None:
         merge_lora(policy, lora)
+    if e.resolution is not None:
+        policy = policy.at_resolution(e.resolution)
     distributed.check_loaded(
         d, policy, "the loaded models'", "model.checkpoint, --checkpoint and --lora", policy.device
     )
@@ -380,7 +382,7 @@ def run_eval(
         images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
         save_images=e.save_images, progress=progress, dist=d, tags=tags,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
-              "resolution": m.resolution, "dtype": m.dtype, "max_sequence_length": m.max_sequence_length,
+              "resolution": e.resolution or m.resolution, "dtype": m.dtype, "max_sequence_length": m.max_sequence_length,
               "checkpoint_identity": checkpoint_identity(checkpoint), "lora": lora,
               "lora_identity": lora_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},

@@ -1062,6 +1062,8 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     training reward) and ``eval_<key>`` for each of ``eval.rewards``."""
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
+    if e.resolution is not None:  # (shares the transformer: the EMA weights and merged adapters with it)
+        policy = policy.at_resolution(e.resolution)
     own = cfg.eval_rewards_built()  # (an entry equal to the training reward is scored by its model)
     same = {f"eval_{k}" for k in e.rewards if k not in own}
     # built for each evaluation and freed after it: kept, their weights would sit on the device through every

@@ -158,6 +158,17 @@ def test_the_grid_is_the_schedulers_with_its_terminal_stretch(T, seq_len):
         flux_sigma_grid(T, mu, shift_terminal=1.0)
 
 
+def test_the_grid_follows_the_evaluations_resolution(policy):
+    """At eval.resolution the image has another token count, and the pipeline's grid follows it."""
+    wide = policy.at_resolution(64)
+    assert wide.latent_shape == (4, 32, 32) and wide.image_seq_len == 256 and policy.image_seq_len == 64
+    mu = resolution_mu(256, 256, 8192, 0.5, 0.9)
+    torch.testing.assert_close(wide.sigma_grid(10), flux_sigma_grid(10, mu, 0.02))
+    assert not torch.allclose(wide.sigma_grid(10), policy.sigma_grid(10))
+    with pytest.raises(ValueError, match=r"eval.resolution \(42\) must be a multiple of 4"):
+        policy.at_resolution(42)  # (the tiny VAE's factor 2 x 2x2 patches)
+
+
 def test_schedulers_whose_grid_is_not_reproduced_are_refused(pipe):
     import copy
 

@@ -498,6 +498,44 @@ def test_the_trainers_heldout_score_is_the_eval_commands(sd3_dir, tmp_path):
     assert one["scores"]["red"] != pytest.approx(ours, rel=1e-3)  # (the second images count)
 
 
+def test_the_evaluation_samples_at_eval_resolution(sd3_dir, policy, tmp_path):
+    """``eval.resolution``: the eval command and the trainer's held-out evaluation sample images of that side,
+    with the same scores, through a policy that shares the transformer; the protocol records the side; a side
+    the model cannot sample is refused, naming eval.resolution."""
+    from PIL import Image
+
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.trainer import heldout_rewards, setup
+
+    wide = policy.at_resolution(48)
+    assert wide.latent_shape == (4, 24, 24) and wide.transformer is policy.transformer
+    assert policy.latent_shape == (4, 16, 16) and policy.at_resolution(tiny.RESOLUTION) is policy
+    with pytest.raises(ValueError, match=r"eval.resolution \(80\) is beyond this transformer's position"):
+        policy.at_resolution(80)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    model = ["model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"]  # fmt: skip
+    ev = [f"eval.dataset={prompts}", "eval.num_steps=2", "eval.batch_size=4", "eval.resolution=48"]
+    out = tmp_path / "ev"
+    theirs = run_eval(None, [*model, *ev, "eval.rewards={red: {name: redness}}", "eval.save_images=true",
+                             f"eval.output_dir={out}"])  # fmt: skip
+    sizes = {Image.open(f).size for f in out.rglob("*.png")}
+    assert sizes == {(48, 48)}
+    assert (out / "summary.json").read_text().count('"resolution": 48') == 1
+    train_cfg = [*model, *ev, f"prompts.dataset={prompts}", "sampling.group_size=2", "noise.kind=uniform",
+                 "reward.name=redness", "lora.rank=4", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false"]  # fmt: skip
+    run = setup(load_config(TrainConfig, None, train_cfg), progress=False)
+    assert heldout_rewards(run)["eval_reward"] == pytest.approx(theirs["scores"]["red"], rel=1e-6)
+    at_32 = run_eval(None, [*model, *ev, "eval.resolution=null", "eval.rewards={red: {name: redness}}",
+                            f"eval.output_dir={tmp_path / 'ev32'}"])  # fmt: skip
+    assert at_32["scores"]["red"] != pytest.approx(theirs["scores"]["red"], rel=1e-3)
+    with pytest.raises(ValueError, match=r"eval.resolution \(40\) must be a multiple of 16"):
+        load_config(TrainConfig, None, [*train_cfg, "eval.resolution=40"])
+    with pytest.raises(ValueError, match=r"eval.resolution \(64\): the toy model samples 32 px images only"):
+        load_config(TrainConfig, None, ["eval.resolution=64"])
+
+
 def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):
     """The recipes' set-up: the transformer in bf16, its LoRA adapters (and so Adam's moments and the EMA)
     in fp32, and old log-probs recomputed at the update's own batch sizes, so the first ratio is exactly 1."""

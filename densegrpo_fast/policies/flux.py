@@ -57,6 +57,9 @@ class FluxPolicy(DiffusersPolicy):
 
     def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
+        self.set_resolution()
+
+    def set_resolution(self) -> None:
         side = self.check_resolution(
             2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x FLUX's 2x2 latent patches"
         )

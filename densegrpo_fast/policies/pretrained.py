@@ -197,10 +197,31 @@ class DiffusersPolicy:
         """The latent side for ``self.resolution``; a ValueError unless it is a multiple of ``multiple``."""
         if self.resolution % multiple:
             raise ValueError(
-                f"model.resolution ({self.resolution}) must be a multiple of {multiple} ({why}): choose e.g. "
-                f"{max(multiple, round(self.resolution / multiple) * multiple)}"
+                f"{self.resolution_setting} ({self.resolution}) must be a multiple of {multiple} ({why}): "
+                f"choose e.g. {max(multiple, round(self.resolution / multiple) * multiple)}"
             )
         return self.resolution // self.vae_scale_factor
+
+    #: The setting that gave ``resolution``, for errors: ``model.resolution``, or ``eval.resolution`` for the
+    #: policy of :meth:`at_resolution`.
+    resolution_setting = "model.resolution"
+
+    def set_resolution(self) -> None:
+        """Set ``latent_shape`` (and what else depends on it) for ``self.resolution``, or raise a ValueError
+        naming :attr:`resolution_setting` where the model cannot sample it. Each family implements it."""
+        raise NotImplementedError
+
+    def at_resolution(self, resolution: int, setting: str = "eval.resolution"):
+        """This policy sampling images of side ``resolution`` (the held-out evaluation's, ``eval.resolution``):
+        a shallow copy that shares every model, weights, adapters and the EMA swap with this one, with its
+        own latent shape (and, for FLUX.1 and Qwen-Image, its own grid). This policy when the side is the
+        same."""
+        if resolution == self.resolution:
+            return self
+        other = copy.copy(self)
+        other.resolution, other.resolution_setting = resolution, setting
+        other.set_resolution()
+        return other
 
     #: Set by each family: the diffusers pipeline class name, the components it needs (see
     #: :func:`missing_parts`), the default repo id and the default T5 length.

@@ -88,10 +88,13 @@ class QwenImagePolicy(DiffusersPolicy):
                 "(e.g. Qwen/Qwen-Image) with true CFG"
             )
         self._check_libraries()
+        self.set_resolution()
+
+    def set_resolution(self) -> None:
         side = self.check_resolution(
             2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x Qwen-Image's 2x2 latent patches"
         )
-        self.latent_shape = (config.in_channels // 4, side, side)
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
         self.image_seq_len = (side // 2) ** 2
 
     def _check_libraries(self) -> None:

@@ -60,6 +60,10 @@ class SD3Policy(DiffusersPolicy):
 
     def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 256):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
+        self.set_resolution()
+        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def set_resolution(self) -> None:
         cfg = self.transformer.config
         side = self.check_resolution(
             self.vae_scale_factor * cfg.patch_size,
@@ -67,11 +71,11 @@ class SD3Policy(DiffusersPolicy):
         )
         if side > cfg.pos_embed_max_size * cfg.patch_size:
             raise ValueError(
-                f"model.resolution ({resolution}) is beyond this transformer's position embeddings (at most "
-                f"{cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor} px): choose a smaller one"
+                f"{self.resolution_setting} ({self.resolution}) is beyond this transformer's position "
+                f"embeddings (at most {cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor} px): "
+                "choose a smaller one"
             )
         self.latent_shape = (cfg.in_channels, side, side)
-        self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
