@@ -112,15 +112,21 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
     from densegrpo_fast.policies.base import PromptEmbeds
 
     t = policy.transformer.config
-    # SD3: CLIP's tokens (77; fewer in the tests' tiny pipelines), then T5's; FLUX.1: T5's alone
+    # SD3: CLIP's tokens (77; fewer in the tests' tiny pipelines), then T5's; FLUX.1: T5's alone; Qwen-Image:
+    # its prompts at max_sequence_length (padded to the longest, not to a fixed length)
     length = policy.max_sequence_length + (policy.pipe.tokenizer_max_length if _is_sd3(policy) else 0)
-    dim, pooled = t.joint_attention_dim, t.pooled_projection_dim
+    dim = t.joint_attention_dim
 
     def zeros(*shape):
         return torch.zeros(*shape, device=device)
 
-    neg = (zeros(1, length, dim), zeros(1, pooled)) if cfg_on else (None, None)
-    return PromptEmbeds(zeros(rows, length, dim), zeros(rows, pooled), *neg)
+    def second(n):  # the pooled vector, or Qwen-Image's token mask (every token kept)
+        if getattr(policy, "pads_prompts", True):
+            return zeros(n, t.pooled_projection_dim)
+        return torch.ones(n, length, dtype=torch.long, device=device)
+
+    neg = (zeros(1, length, dim), second(1)) if cfg_on else (None, None)
+    return PromptEmbeds(zeros(rows, length, dim), second(rows), *neg)
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

@@ -71,7 +71,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the --tiny pipelines
 sys.path.insert(0, str(ROOT / "benchmarks"))  # host_vs_device: the FLOP count of a transformer row
 
-RECIPES = {"sd3": ROOT / "configs" / "sd35m_pickscore.yaml", "flux": ROOT / "configs" / "flux_pickscore.yaml"}
+RECIPES = {
+    "sd3": ROOT / "configs" / "sd35m_pickscore.yaml",
+    "flux": ROOT / "configs" / "flux_pickscore.yaml",
+    "qwen_image": ROOT / "configs" / "qwen_image_pickscore.yaml",
+}
 GIB = 2**30
 
 from densegrpo_fast.policies import architectures  # noqa: E402  (the full-size configs)
@@ -106,16 +110,19 @@ def full_size_components(family: str, device: torch.device, dtype: torch.dtype) 
 
 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
-    """``StableDiffusion3Pipeline`` / ``FluxPipeline`` with random components: tiny (tests/tiny_models.py,
-    fp32 on the CPU) or full size on ``device``, with the stand-in tokenizers."""
+    """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``QwenImagePipeline``) with
+    random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on ``device``, with the
+    stand-in tokenizers."""
+    import diffusers
     import tiny_models
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    from densegrpo_fast.policies import adapter_class
 
     if tiny:
-        return tiny_models.sd3_pipeline(seed) if family == "sd3" else tiny_models.flux_pipeline(seed)
+        return getattr(tiny_models, f"{family}_pipeline")(seed)
     torch.manual_seed(seed)
     parts = full_size_components(family, device, dtype)
-    pipeline = StableDiffusion3Pipeline if family == "sd3" else FluxPipeline
+    pipeline = getattr(diffusers, adapter_class(family).pipeline_name)
     return pipeline(
         scheduler=architectures.scheduler(family), **architectures.stand_in_tokenizers(family), **parts
     )
@@ -453,7 +460,7 @@ def run_meta(family: str) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", choices=["sd3", "flux"], required=True)
+    ap.add_argument("--family", choices=list(RECIPES), required=True)
     ap.add_argument("--tiny", action="store_true", help="tiny random components on the CPU (CI smoke run)")
     ap.add_argument("--meta", action="store_true", help="only build the full-size configs on 'meta', count")
     ap.add_argument("--prompts", type=int, help="prompts per iteration (recipe: 48)")
@@ -616,11 +623,10 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     from densegrpo_fast.trainer import setup
 
     t0 = time.perf_counter()
+    from densegrpo_fast.policies import adapter_class
+
     pipe = build_pipeline(args.family, args.tiny, device, as_dtype(cfg.model.dtype), args.seed)
-    if args.family == "sd3":
-        from densegrpo_fast.policies.sd3 import SD3Policy as Adapter
-    else:
-        from densegrpo_fast.policies.flux import FluxPolicy as Adapter
+    Adapter = adapter_class(args.family)
     seq = cfg.model.max_sequence_length or DEFAULT_SEQ[args.family]
     policy = Adapter(pipe, resolution=cfg.model.resolution, max_sequence_length=seq)
     if cfg.model.gradient_checkpointing:  # as load_policy does

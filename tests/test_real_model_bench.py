@@ -15,7 +15,9 @@ from tolerances import assert_on_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
-CFG_ROWS = {"sd3": 2, "flux": 1}  # transformer rows per latent row: SD3 batches CFG, FLUX.1-dev has none
+#: transformer rows per latent row: SD3 and Qwen-Image batch CFG, FLUX.1-dev has none
+CFG_ROWS = {"sd3": 2, "flux": 1, "qwen_image": 2}
+RECIPE_ROWS = {"sd3": 48 * 24, "flux": 48 * 24, "qwen_image": 48 * 16}  # prompts x group size
 
 
 def finite_numbers(tree) -> bool:
@@ -26,7 +28,7 @@ def finite_numbers(tree) -> bool:
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image"])
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--family", family, "--tiny", "--compare-sparse", "--out", str(tmp_path)],
@@ -59,7 +61,7 @@ def test_tiny_iteration_through_the_trainer(family, tmp_path):
         # batches of grpo.train_batch_size
         assert ph["update"]["velocity_rows"] == 2 * m["rows_trained"]
         assert ph["update"]["max_velocity_rows"] <= s["train_batch_size"]
-        assert rec["estimate_at_recipe_batch"]["rows"] == 48 * 24
+        assert rec["estimate_at_recipe_batch"]["rows"] == RECIPE_ROWS[family]
         tflops = (
             ph["rollout"]["transformer_rows"] * res["flops_per_transformer_row"] / ph["rollout"]["seconds"]
         )
