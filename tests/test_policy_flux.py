@@ -249,44 +249,5 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
 
 
 def test_the_exported_lora_loads_into_flux_pipeline(tmp_path):
-    """``save_lora`` writes diffusers' format: ``FluxPipeline.load_lora_weights`` on a fresh base model gives
-    the adapted velocity (alpha / r folded into lora_B: FLUX's loader assumes alpha = r)."""
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    from densegrpo_fast.config import LoRASection
-
-    policy = FluxPolicy(tiny.flux_pipeline(seed=0), **OPTS)
-    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
-    sigma = torch.tensor([0.7, 0.3])
-    cond = policy.encode_prompts(["a red circle", "two blue squares"])
-    base = policy.velocity(x, sigma, cond, 3.5)
-    lora = LoraConfig(
-        r=4, lora_alpha=8, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
-    )
-    policy.transformer.add_adapter(lora)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a trained adapter: B starts at zero
-        for name, p in policy.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    adapted = policy.velocity(x, sigma, cond, 3.5)
-    policy.save_lora(tmp_path / "lora", get_peft_model_state_dict(policy.transformer), 8 / 4)
-    fresh = tiny.flux_pipeline(seed=0)
-    fresh.load_lora_weights(tmp_path / "lora")
-    loaded = FluxPolicy(fresh, **OPTS).velocity(x, sigma, cond, 3.5)
-    assert (adapted - base).abs().max() > 1e-2  # the adapter matters ...
-    torch.testing.assert_close(loaded, adapted, rtol=0, atol=1e-5)  # ... and comes back whole
-    # lora.init: a run's own adapter (alpha 2, another scale) started from the file gives the same velocity
-    from densegrpo_fast.lora_init import start_adapters_from
-
-    started = FluxPolicy(tiny.flux_pipeline(seed=0), **OPTS)
-    started.transformer.add_adapter(
-        LoraConfig(
-            r=4, lora_alpha=2, target_modules=LoRASection().target_modules, init_lora_weights="gaussian"
-        )
-    )
-    assert start_adapters_from(started, tmp_path / "lora") == len(
-        [n for n in get_peft_model_state_dict(policy.transformer) if "lora_A" in n]
-    )
-    torch.testing.assert_close(started.velocity(x, sigma, cond, 3.5), adapted, rtol=0, atol=1e-5)
+    """``FluxPipeline.load_lora_weights`` takes the exported LoRA whole, and ``lora.init`` starts from it."""
+    tiny.exported_lora_round_trip(tiny.flux_pipeline, FluxPolicy, OPTS, PROMPTS, 3.5, tmp_path)

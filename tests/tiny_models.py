@@ -145,3 +145,45 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
+
+
+def exported_lora_round_trip(make_pipe, Adapter, opts: dict, prompts: list[str], guidance: float, tmp_path):
+    """``save_lora`` writes diffusers' format: ``<Pipeline>.load_lora_weights`` on a fresh base model
+    (``make_pipe()``) gives the adapted velocity (alpha / r folded into lora_B: the loaders assume
+    alpha = r), and ``lora.init`` starts a run's own adapter (alpha 2, another scale) from the file with the
+    same velocity. ``Adapter(pipe, **opts)`` is the family's policy."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from densegrpo_fast.config import LoRASection
+    from densegrpo_fast.lora_init import start_adapters_from
+
+    targets = LoRASection().target_modules
+    policy = Adapter(make_pipe(), **opts)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.7, 0.3])
+    cond = policy.encode_prompts(prompts)
+    base = policy.velocity(x, sigma, cond, guidance)
+    policy.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian")
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained adapter: B starts at zero
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = policy.velocity(x, sigma, cond, guidance)
+    policy.save_lora(tmp_path / "lora", get_peft_model_state_dict(policy.transformer), 8 / 4)
+    fresh = make_pipe()
+    fresh.load_lora_weights(tmp_path / "lora")
+    loaded = Adapter(fresh, **opts).velocity(x, sigma, cond, guidance)
+    assert (adapted - base).abs().max() > 1e-2  # the adapter matters ...
+    torch.testing.assert_close(loaded, adapted, rtol=0, atol=1e-5)  # ... and comes back whole
+    started = Adapter(make_pipe(), **opts)
+    started.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=2, target_modules=targets, init_lora_weights="gaussian")
+    )
+    assert start_adapters_from(started, tmp_path / "lora") == len(
+        [n for n in get_peft_model_state_dict(policy.transformer) if "lora_A" in n]
+    )
+    torch.testing.assert_close(started.velocity(x, sigma, cond, guidance), adapted, rtol=0, atol=1e-5)
