@@ -193,7 +193,7 @@ def _add_validate(sub) -> None:
             import torch
 
             from densegrpo_fast.distributed import check_device
-            from densegrpo_fast.rewards.preflight import check_rewards, image_size
+            from densegrpo_fast.rewards.preflight import check_rewards
 
             device = args.device or cfg.model.device
             check_device(device, "--device" if args.device else "model.device")
@@ -202,7 +202,7 @@ def _add_validate(sub) -> None:
             checked = []
             for c in check_rewards(cfg, device, before=lambda where, name: print(f"checking {where} {name!r} ...",
                                                                                  flush=True)):  # fmt: skip
-                print(c.line(image_size(cfg)), flush=True)
+                print(c.line(), flush=True)
                 checked.append(c)
             failed = [c for c in checked if c.error is not None]
             if failed:

@@ -688,7 +688,9 @@ class EvalSection(Section):
         None,
         ge=16,
         description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, a multiple of 16; null "
-        "= model.resolution (e.g. train at 512 and evaluate at the model's native 1024)",
+        "= model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
+        "the held-out evaluations during training at another side run eagerly (the compiled blocks keep the "
+        "training size's graphs)",
     )
     batch_size: int = Field(
         128, ge=1, description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8)"

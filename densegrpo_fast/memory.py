@@ -1204,9 +1204,10 @@ def _advice(phase: str, cfg) -> str:
         )
     if phase == "evaluation":
         return (
-            "the held-out evaluation samples eval.batch_size prompts at a time (with CFG, twice the rows), with "
-            "the EMA weights swapped in and LoRA merged, and the text encoders on the device throughout: lower "
-            "eval.batch_size"
+            "the held-out evaluation samples eval.batch_size prompts at a time (with CFG, twice the rows; at most "
+            "sampling.max_rows_per_call per transformer call), at eval.resolution where it is set, with the EMA "
+            "weights swapped in and LoRA merged, and the text encoders on the device throughout: lower "
+            "eval.batch_size or sampling.max_rows_per_call, or evaluate at a smaller eval.resolution"
         )
     if phase == "sample grid":
         return "the sample grid decodes 16 samples while the rollout is alive: run.sample_grid_every=0 turns it off"

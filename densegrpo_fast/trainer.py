@@ -1062,8 +1062,13 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     training reward) and ``eval_<key>`` for each of ``eval.rewards``."""
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
-    if e.resolution is not None:  # (shares the transformer: the EMA weights and merged adapters with it)
+    stance = contextlib.nullcontext()
+    if e.resolution not in (None, cfg.model.resolution):  # (shares the transformer: EMA, merged adapters)
         policy = policy.at_resolution(e.resolution)
+        if cfg.model.compile and hasattr(torch.compiler, "set_stance"):  # (torch >= 2.6)
+            # compiled blocks that met a second image size would recompile with its sequence length
+            # dynamic, and training would then run that shape-generic graph too: this evaluation runs eager
+            stance = torch.compiler.set_stance("force_eager")
     own = cfg.eval_rewards_built()  # (an entry equal to the training reward is scored by its model)
     same = {f"eval_{k}" for k in e.rewards if k not in own}
     # built for each evaluation and freed after it: kept, their weights would sit on the device through every
@@ -1095,7 +1100,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
     # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
     end = lo + math.ceil(len(prompts) / d.world) if run.sharded else hi
-    with text_encoders_on_device(policy):  # offloaded encoders: one round trip for the whole evaluation
+    with stance, text_encoders_on_device(policy):  # offloaded encoders: one round trip for the evaluation
         for s in range(lo, end, e.batch_size):
             idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
             chunk = [prompts[j] for j in idx]

@@ -288,3 +288,32 @@ def test_a_run_resumes_with_compiling_switched_on(tiny_checkpoint, tmp_path, fre
     train(cfg_of(tiny_checkpoint, out, iterations=2, extra=extra), resume=True, progress=False)
     assert [r["iteration"] for r in records(out) if "reward_mean" in r] == [1, 2]
     assert GRAPH_CALLS[0] > 0
+
+
+@pytest.mark.skipif(
+    not hasattr(torch.compiler, "set_stance"), reason="torch.compiler.set_stance: torch >= 2.6"
+)
+def test_an_evaluation_at_another_resolution_leaves_the_compiled_blocks_alone(fresh_dynamo, tmp_path):
+    """eval.resolution with model.compile: the held-out evaluation at the other image size runs eagerly, so
+    dynamo never meets a second sequence length (it would recompile the blocks shape-generic, and training
+    would run those graphs too); the rollout at the training size then compiles as without an evaluation."""
+    import tiny_models as tiny
+
+    from densegrpo_fast.trainer import collect, heldout_rewards, setup
+
+    tiny.sd3_pipeline(seed=0).save_pretrained(tmp_path / "sd3")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    cfg = load_config(TrainConfig, None, [
+        "model.family=sd3", f"model.checkpoint={tmp_path / 'sd3'}", f"model.resolution={tiny.RESOLUTION}",
+        f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", "model.compile=true",
+        "model.compile_backend=densegrpo_counting", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=1",
+        "sampling.num_steps=2", "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness",
+        "lora.rank=4", f"eval.dataset={prompts}", "eval.num_steps=2", "eval.resolution=48",
+        f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+    ])  # fmt: skip
+    run = setup(cfg, progress=False)
+    heldout_rewards(run)
+    assert GRAPHS == [] and GRAPH_CALLS[0] == 0  # the off-size evaluation: eager
+    collect(run, run.prompts.sample(1, 0), 0)
+    assert GRAPH_CALLS[0] > 0  # (the rollout at the training size: compiled)

@@ -62,6 +62,18 @@ def test_every_failure_is_reported_with_its_fix_and_the_command_fails(tmp_path, 
     assert "2 of 3 reward checks failed: eval.rewards.pick, eval.rewards.srv" in err
 
 
+def test_the_held_out_rewards_score_images_of_eval_resolution(capsys):
+    """The training reward sees model.resolution's images, the held-out ones eval.resolution's."""
+    code = main(["validate", "--config", RECIPE, "--load-rewards", *CPU, "reward.name=redness",
+                 "reward.kwargs={}", "model.resolution=64", "eval.resolution=96",
+                 "eval.rewards={jpeg: {name: jpeg_compressibility}}"])  # fmt: skip
+    lines, _ = _lines(capsys)
+    assert code == 0
+    (red,) = [ln for ln in lines if ln.startswith("reward 'redness'")]
+    (jpeg,) = [ln for ln in lines if ln.startswith("eval.rewards.jpeg 'jpeg_compressibility'")]
+    assert "two 64 px images" in red and "two 96 px images" in jpeg
+
+
 def test_each_server_of_a_list_is_checked(capsys):
     urls = "['http://127.0.0.1:9', 'http://127.0.0.1:11']"
     code = main(["validate", "--config", RECIPE, "--load-rewards", *CPU, "reward.name=remote",

@@ -41,8 +41,9 @@ class Checked:
     scores: list[float] | None = None
     error: str | None = None
     note: str | None = None  # how it was checked, when not with the run's own prompts, or why not at all
+    size: int = 0  # the side of the images it scored (the held-out rewards': eval.resolution's)
 
-    def line(self, size: int) -> str:
+    def line(self) -> str:
         head = f"{self.where} {self.name!r}"
         if self.error is not None:
             return f"{head}: FAILED: {self.error}"
@@ -51,7 +52,7 @@ class Checked:
         scores = ", ".join(f"{v:.4g}" for v in self.scores)
         note = f" ({self.note})" if self.note else ""
         return (
-            f"{head}: built in {self.load_s:.1f} s; two {size} px images scored in {self.score_s:.2f} s: "
+            f"{head}: built in {self.load_s:.1f} s; two {self.size} px images scored in {self.score_s:.2f} s: "
             f"{scores}{note}"
         )
 
@@ -63,13 +64,14 @@ def probe_images(size: int, n: int = 2) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
 
 
-def image_size(cfg) -> int:
-    """The side of the images the run's rewards see: the toy world's, or ``model.resolution``."""
+def image_size(cfg, heldout: bool = False) -> int:
+    """The side of the images the run's rewards see: the toy world's, or ``model.resolution`` (the held-out
+    evaluation's rewards: ``eval.resolution`` when it is set)."""
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.world import IMAGE_SIZE
 
         return IMAGE_SIZE
-    return int(cfg.model.resolution)
+    return int((heldout and cfg.eval.resolution) or cfg.model.resolution)
 
 
 def run_prompts(dataset: str, seed: int, heldout: bool, n: int = 2) -> tuple[list[str], str | None]:
@@ -103,13 +105,14 @@ def check_rewards(cfg, device: str | torch.device = "cpu", before=None) -> Itera
     recorded in it, not raised); ``before(where, name)`` is called before each build (a model takes a
     while to load, a server up to its timeout to answer). Entries of ``eval.rewards`` equal to the training
     reward are reported as scored by its model."""
-    images = probe_images(image_size(cfg)).to(device)
     for where, r, heldout in _entries(cfg):
         if before is not None:
             before(where, r.name)
         dataset, seed = (cfg.eval.dataset, cfg.eval.seed) if heldout else (cfg.prompts.dataset, cfg.run.seed)
         prompts, note = run_prompts(dataset, seed, heldout)
-        checked, fn = Checked(where, r.name, note=note), None
+        size = image_size(cfg, heldout)
+        images = probe_images(size).to(device)
+        checked, fn = Checked(where, r.name, note=note, size=size), None
         t0 = time.perf_counter()
         try:
             fn = build_reward(r.name, **r.kwargs)
