@@ -688,8 +688,8 @@ class Estimate:
 
 @contextlib.contextmanager
 def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
-    """For the duration, ``policy.text_encoders_on_device`` (sd3/flux/qwen_image) books ``encoder_bytes`` (offloaded
-    encoders' weights) on the device, once however deeply it is nested, as the policy moves them; its moves
+    """For the duration, ``policy.text_encoders_on_device`` (the pretrained families) books ``encoder_bytes``
+    (offloaded encoders' weights) on the device, once however deeply it is nested, as the policy moves them; its moves
     have nothing to do here. Inside the rollout it is a phase of its own, "prompt encoding"; an evaluation,
     which holds the encoders around all its batches, keeps its own phase."""
     if not hasattr(policy, "text_encoders_on_device"):
@@ -865,8 +865,8 @@ def _iterations(
     Then the rest of a run, each a phase: the sample grid (``run.sample_grid_every`` > 0; in the last
     iteration, while its rollout is alive), the held-out evaluation (as the run's last one) and the export.
 
-    Prompt encoding (sd3/flux/qwen_image) is a phase of its own, inside the rollout's: ``encoder_bytes``, the weights
-    of offloaded text encoders, are on the device then, and through the evaluation, which holds them.
+    Prompt encoding (the pretrained families) is a phase of its own, inside the rollout's: ``encoder_bytes``,
+    the weights of offloaded text encoders, are on the device then, and through the evaluation, which holds them.
     ``eval_rewards()`` is the context the evaluation builds ``cfg.eval.rewards`` in."""
     from densegrpo_fast import distributed, trainer
 
