@@ -539,6 +539,13 @@ class GRPOSection(Section):
 
 
 class OptimSection(Section):
+    name: Literal["adamw", "adamw8bit"] = Field(
+        "adamw",
+        description="adamw: torch's AdamW (moments in the weights' dtype); adamw8bit: bitsandbytes' AdamW8bit "
+        "(the [bnb] extra), its moments in 8 bits by blocks of 256 (2 bytes a weight, where AdamW takes 8 for "
+        "fp32 weights and 4 for bf16 ones; tensors under 4096 weights keep fp32 moments), as Flow-GRPO's "
+        "use_8bit_adam: for full fine-tuning in one process or replicated (not with FSDP2's sharded weights)",
+    )
     lr: float = Field(3e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
@@ -897,13 +904,19 @@ class TrainConfig(Section):
             )
         if self.lora.enabled and self.lora.init is not None and self.model.family == "toy":
             problems.append(  # (whether the file exists is train's question: a resumed run need not read it)
-                "lora.init starts sd3 / flux adapters: the toy model trains its adapters from zero; set "
+                "lora.init starts the pretrained families' adapters: the toy model trains its adapters from "
+                "zero; set "
                 "lora.init=null"
             )
         if self.model.sharding == "fsdp" and self.lora.enabled:
             problems.append(
                 "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
                 "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
+            )
+        if self.model.sharding == "fsdp" and self.optim.name == "adamw8bit":
+            problems.append(
+                "optim.name=adamw8bit with model.sharding=fsdp: bitsandbytes' optimizer does not take FSDP2's "
+                "sharded weights; use optim.name=adamw (its state is sharded too), or model.sharding=replicate"
             )
         problems += model_eval_problems(self.model, self.eval, self.sampling)
         sections = {"reward": self.reward, **{f"eval.rewards.{k}": r for k, r in self.eval.rewards.items()}}

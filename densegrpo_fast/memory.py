@@ -1118,6 +1118,17 @@ def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
     return models, others
 
 
+def eight_bit_adam_bytes(params, min_8bit_size: int = 4096, blocksize: int = 256) -> int:
+    """Bytes of bitsandbytes' ``AdamW8bit`` state for ``params`` (its defaults): a tensor of at least
+    ``min_8bit_size`` weights keeps its two moments in 8 bits with an fp32 scale per block of ``blocksize``;
+    a smaller one keeps fp32 moments. (Its two 256-value code books, shared by every tensor, are left out.)"""
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 2 * n + 8 * -(-n // blocksize) if n >= min_8bit_size else 8 * n
+    return total
+
+
 def _check_family(cfg) -> None:
     from densegrpo_fast.policies import PRETRAINED
 
@@ -1337,6 +1348,8 @@ def run_memory(
         prompts.write_text("".join(f"a photo of thing number {i}{tail}\n" for i in range(n)))
         notes = []
         mode = new_fake_mode()
+        eight_bit = cfg.optim.name == "adamw8bit"  # (estimated as torch's AdamW, then noted: see below)
+        trainer.check_optimizer(cfg, trainer._shards(cfg, distributed.Dist(0, processes)))
 
         with quiet:
             reward_fn, evaluated = counted_rewards(cfg, mode, notes)
@@ -1350,6 +1363,7 @@ def run_memory(
             f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
             "model.compile=false",  # fake tensors run eagerly
             "lora.init=null",  # a warm start's adapters have the run's shapes: its file is not read
+            "optim.name=adamw",  # (bitsandbytes' optimizer does not step fake tensors)
         ])  # fmt: skip
         if compiled:
             notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
@@ -1403,6 +1417,19 @@ def run_memory(
                 f"moments{ema} on rank 0's host, about {per * trained / GIB:.0f} GiB "
                 f"({trained / 1e9:.2f} B trained parameters x {per} bytes); the export at the end gathers "
                 f"{4 * trained / GIB:.0f} GiB"
+            )
+        if eight_bit:
+            trained = [p for p in policy.transformer.parameters() if p.requires_grad]
+            # (torch's AdamW keeps its moments in the weights' dtype; bitsandbytes' in 8 bits or fp32)
+            full, eight = (
+                2 * sum(p.numel() * p.element_size() for p in trained),
+                eight_bit_adam_bytes(trained),
+            )
+            unit, size = ("GiB", GIB) if full >= GIB else ("MiB", 2**20)
+            notes.append(
+                f"optim.name=adamw8bit: counted with torch's AdamW, whose moments take {full / size:.2f} {unit}; "
+                f"bitsandbytes' 8-bit moments take {eight / size:.2f} {unit}, so each phase from the first "
+                f"optimizer step on holds {(full - eight) / size:.2f} {unit} less than shown"
             )
         if processes == 1:
             informative.append(

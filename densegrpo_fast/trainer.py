@@ -260,9 +260,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         for module in (transformer, reference):
             if module is not None:
                 compile_blocks(module, cfg.model.compile_backend)
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
-    )
+    optimizer = make_optimizer(cfg, params, sharded)
     ema = (
         {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
         if cfg.ema.enabled
@@ -613,6 +611,38 @@ def _read_psi(
             "nothing. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this window"
         )
     return psi
+
+
+def check_optimizer(cfg, sharded: bool = False) -> None:
+    """A ValueError, with the fix, where ``optim.name`` cannot run: bitsandbytes' 8-bit AdamW over FSDP2's
+    sharded weights (its kernels do not take them), or without bitsandbytes installed."""
+    if cfg.optim.name != "adamw8bit":
+        return
+    if sharded:
+        raise ValueError(
+            "optim.name=adamw8bit with the transformer sharded by FSDP2 (full fine-tuning under torchrun): "
+            "bitsandbytes' optimizer does not take sharded weights; use optim.name=adamw (its state is sharded "
+            "too), or model.sharding=replicate"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            f"optim.name=adamw8bit needs bitsandbytes ({e}): pip install 'densegrpo-fast[bnb]' (keeps your "
+            "torch), or use optim.name=adamw"
+        ) from None
+
+
+def make_optimizer(cfg, params: list[torch.Tensor], sharded: bool = False) -> torch.optim.Optimizer:
+    """``optim.name``'s optimizer over ``params``: torch's AdamW, or bitsandbytes' 8-bit AdamW
+    (:func:`check_optimizer` says where it cannot run)."""
+    o = cfg.optim
+    check_optimizer(cfg, sharded)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    import bitsandbytes
+
+    return bitsandbytes.optim.AdamW8bit(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
 
 
 def set_window(run: Run, iteration: int) -> None:

@@ -773,3 +773,44 @@ def test_the_memory_command_leaves_no_work_folder_when_it_fails(sd3_dir, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         memory.run_memory(str(config), [f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"])
     assert not list(tmp_path.glob("densegrpo_memory_*"))
+
+
+def test_the_8bit_adamw_state_is_counted_as_bitsandbytes_allocates_it():
+    """``eight_bit_adam_bytes`` against bitsandbytes' own state after a step: 8-bit moments and a scale per
+    256 weights for tensors of 4096 weights or more (one not a whole number of blocks), fp32 moments under."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from densegrpo_fast.memory import eight_bit_adam_bytes
+
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in [(4096,), (100, 50), (10, 10), (300, 20), (4095,)]]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    allocated = sum(
+        t.nbytes for st in opt.state.values() for k, t in st.items() if torch.is_tensor(t) and "qmap" not in k
+    )
+    assert eight_bit_adam_bytes(params) == allocated
+    assert {st["state1"].dtype for st in opt.state.values()} == {torch.uint8, torch.float32}
+
+
+def test_an_8bit_adamw_run_is_estimated_with_its_state_noted(sd3_dir, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    from densegrpo_fast.memory import run_memory
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"model: {{family: sd3, checkpoint: {sd3_dir}, resolution: {tiny.RESOLUTION}, dtype: fp32, "
+        f"max_sequence_length: {tiny.MAX_T5_TOKENS}}}\n"
+        "prompts: {dataset: /nonexistent/prompts.txt, prompts_per_iteration: 2}\n"
+        "sampling: {num_steps: 3, group_size: 2, shift: null}\n"
+        "reward: {name: jpeg_compressibility}\nlora: {enabled: false}\ngrpo: {train_batch_size: 4}\n"
+        "optim: {name: adamw8bit}\n"
+    )
+    import re
+
+    run_memory(str(config), [])
+    (note,) = [n for n in capsys.readouterr().out.splitlines() if "optim.name=adamw8bit: counted with" in n]
+    full, eight = (float(x) for x in re.findall(r"take ([0-9.]+) MiB", note))  # (the tiny model's)
+    assert 0 < eight < full
+    with pytest.raises(ValueError, match=r"adamw8bit with the transformer sharded by FSDP2"):
+        run_memory(str(config), [], processes=2)

@@ -717,7 +717,7 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, mo
     trainer.run_calibration(load_config(TrainConfig, None, [*base, f"lora.init={tmp_path / 'lora_ema'}",
                                                             f"run.output_dir={tmp_path / 'cal'}"]), progress=False)  # fmt: skip
     torch.testing.assert_close(calibrated[0], want, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ConfigError, match=r"lora.init starts sd3 / flux adapters"):
+    with pytest.raises(ConfigError, match=r"lora.init starts the pretrained families. adapters"):
         load_config(TrainConfig, None, ["lora.init=" + str(tmp_path / "peft")])
 
 

@@ -1207,3 +1207,44 @@ def test_the_first_step_applies_the_policy_gradient_of_the_rollouts_advantages(
     assert (g_got - g_want).norm() <= 1e-4 * g_want.norm(), ((g_got - g_want).norm(), g_want.norm())
     for n, p in params.items():  # ema (started at the weights) <- lerp(ema, weights, 1 - decay)
         assert torch.equal(run.ema[n], before[n].lerp(p.detach(), 0.25)), n
+
+
+def test_8bit_adamw_trains_and_resumes_as_an_uninterrupted_run(tiny_checkpoint, tmp_path):
+    """optim.name=adamw8bit (bitsandbytes): the larger weights' moments are 8-bit blocks, the small ones'
+    fp32; a run stopped after its first iteration and resumed has the uninterrupted run's records and
+    weights, bit for bit (the 8-bit state goes through the checkpoint whole)."""
+    pytest.importorskip("bitsandbytes")
+    # (a constant learning rate: the first part's schedule would otherwise end at its own last iteration)
+    extra = ["optim.name=adamw8bit", "lora.enabled=false", "grpo.beta=0", "optim.schedule=constant"]
+    whole = train(cfg_of(tiny_checkpoint, tmp_path / "whole", iterations=2, extra=extra), progress=False)
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "whole", iterations=2, extra=extra), resume=True)
+    kinds = {st["state1"].dtype for st in run.optimizer.state.values()}
+    assert kinds == {torch.uint8, torch.float32}, kinds  # 8-bit blocks, and fp32 under 4096 weights
+    assert type(run.optimizer).__name__ == "AdamW8bit"
+    train(cfg_of(tiny_checkpoint, tmp_path / "part", iterations=1, extra=extra), progress=False)
+    part = train(
+        cfg_of(tiny_checkpoint, tmp_path / "part", iterations=2, extra=extra), resume=True, progress=False
+    )
+    steps = [[r for r in without_timing(records(d)) if "reward_mean" in r] for d in (part, whole)]
+    assert len(steps[0]) == 2 and steps[0] == steps[1]
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=False)["trainable"] for d in (part, whole))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_8bit_adamw_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path, monkeypatch):
+    import sys
+
+    from densegrpo_fast.trainer import make_optimizer
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=["optim.name=adamw8bit"])
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    with pytest.raises(
+        ValueError, match=r"adamw8bit with the transformer sharded by FSDP2.*optim.name=adamw"
+    ):
+        make_optimizer(cfg, params, sharded=True)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (not installed)
+    with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install 'densegrpo-fast\[bnb\]'"):
+        make_optimizer(cfg, params)
+    with pytest.raises(ConfigError, match=r"adamw8bit with model.sharding=fsdp"):
+        cfg_of(tiny_checkpoint, tmp_path / "run", extra=["optim.name=adamw8bit", "model.sharding=fsdp",
+                                                          "lora.enabled=false"])  # fmt: skip
