@@ -388,7 +388,8 @@ SUBCOMMANDS.append(_add_serve_reward)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densegrpo-fast",
-        description="DenseGRPO for flow-matching text-to-image models (SD3.5, FLUX, and an embedded toy).",
+        description="DenseGRPO for flow-matching text-to-image models (SD3.5, FLUX, Qwen-Image, and an embedded "
+        "toy).",
     )
     parser.add_argument("--version", action="version", version=f"densegrpo-fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

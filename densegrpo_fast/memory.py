@@ -1118,6 +1118,19 @@ def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
     return models, others
 
 
+def _with_optimizer_state(est: Estimate, counted: int, instead: int) -> Estimate:
+    """``est`` with ``instead`` bytes of optimizer state where AdamW's ``counted`` bytes were counted: in every
+    phase but the set-up (each holds the state, from the first optimizer step on, as every later iteration
+    does), and in the phases' breakdown by origin."""
+    delta = counted - instead
+    phases = {k: v if k == "setup" else v - delta for k, v in est.phases.items()}
+    origins = {
+        k: {**o, _ADAM: o[_ADAM] - delta} if _ADAM in o and k != "setup" else o
+        for k, o in est.origins.items()
+    }
+    return dataclasses.replace(est, phases=phases, peak=max(phases.values()), origins=origins)
+
+
 def eight_bit_adam_bytes(params, min_8bit_size: int = 4096, blocksize: int = 256) -> int:
     """Bytes of bitsandbytes' ``AdamW8bit`` state for ``params`` (its defaults): a tensor of at least
     ``min_8bit_size`` weights keeps its two moments in 8 bits with an fp32 scale per block of ``blocksize``;
@@ -1425,12 +1438,14 @@ def run_memory(
                 2 * sum(p.numel() * p.element_size() for p in trained),
                 eight_bit_adam_bytes(trained),
             )
+            est = _with_optimizer_state(est, full, eight)
             unit, size = ("GiB", GIB) if full >= GIB else ("MiB", 2**20)
-            notes.append(
-                f"optim.name=adamw8bit: counted with torch's AdamW, whose moments take {full / size:.2f} {unit}; "
-                f"bitsandbytes' 8-bit moments take {eight / size:.2f} {unit}, so each phase from the first "
-                f"optimizer step on holds {(full - eight) / size:.2f} {unit} less than shown"
+            informative.append(
+                f"optim.name=adamw8bit: the phases count bitsandbytes' 8-bit moments ({eight / size:.2f} {unit}) "
+                f"in place of torch AdamW's ({full / size:.2f} {unit}), which the estimate ran (bitsandbytes' "
+                "optimizer does not run on fake tensors)"
             )
+            notes.append(informative[-1])
         if processes == 1:
             informative.append(
                 "one process holding the whole batch; for a torchrun job, --nproc N gives each process's peak"

@@ -157,6 +157,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
     distributed.check_same_config(dist, cfg, ("prompts.dataset", "eval.dataset"))
+    with warnings.catch_warnings():  # (_build says it, once)
+        warnings.simplefilter("ignore")
+        check_optimizer(cfg, _shards(cfg, dist))  # before any model work
 
     torch.set_num_threads(cfg.model.num_threads)
     _warn_if_autocast_is_emulated(cfg)
@@ -232,11 +235,16 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
                 reference = copy.deepcopy(transformer).requires_grad_(False)
         transformer.requires_grad_(True)
         if not sharded and compute_dtype != torch.float32 and dist.main:
+            fix = (
+                "train LoRA adapters, which are fp32, or load the model in fp32 (model.dtype=fp32)"
+                if cfg.optim.name == "adamw8bit"  # (which FSDP2's sharded weights do not take)
+                else "under torchrun, model.sharding=fsdp keeps fp32 weights (or train LoRA adapters, which are "
+                "fp32)"
+            )
             warnings.warn(
                 f"full fine-tuning of a {compute_dtype} transformer in one copy per process trains the "
-                f"{compute_dtype} weights themselves: lr-sized steps below one ulp round away, and AdamW's moments "
-                "and the EMA round too; under torchrun, model.sharding=fsdp keeps fp32 weights (or train LoRA "
-                "adapters, which are fp32)",
+                f"{compute_dtype} weights themselves: lr-sized steps below one ulp round away, and the "
+                f"optimizer's moments and the EMA round too; {fix}",
                 stacklevel=2,
             )
     params = [p for p in transformer.parameters() if p.requires_grad]

@@ -1245,6 +1245,9 @@ def test_8bit_adamw_is_refused_where_it_cannot_run(tiny_checkpoint, tmp_path, mo
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # (not installed)
     with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install 'densegrpo-fast\[bnb\]'"):
         make_optimizer(cfg, params)
+    with pytest.raises(ValueError, match=r"needs bitsandbytes"):  # the run's set-up: before any model work
+        setup(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match=r"adamw8bit with model.sharding=fsdp"):
         cfg_of(tiny_checkpoint, tmp_path / "run", extra=["optim.name=adamw8bit", "model.sharding=fsdp",
                                                           "lora.enabled=false"])  # fmt: skip
