@@ -1,9 +1,12 @@
-"""Memory and time of real DenseGRPO iterations on SD3.5-Medium or FLUX.1-dev, at full size with random weights.
+"""Memory and time of real DenseGRPO iterations on SD3.5-Medium, FLUX.1-dev or Qwen-Image, at full size with
+random weights.
 
     python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse --out /tmp/bench
     python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 --out /tmp/bench
     python benchmarks/real_model_iteration.py --family sd3 --tiny --out /tmp/bench    # CPU, seconds (CI)
     python benchmarks/real_model_iteration.py --family flux --meta                    # parameter counts only
+    python benchmarks/real_model_iteration.py --family qwen_image --prompts 1 --group-size 8 --out /tmp/bench \
+        model.offload_text_encoders=true            # Qwen-Image: 38 GiB of bf16 transformer (not in gpu_suite.sh)
 
 Weights do not change memory or time, so the pipeline's components are built from the configs below, with
 random weights, directly on the device in their run dtype (bf16; the VAE fp32 as the adapters load it): no
@@ -12,11 +15,12 @@ or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the offline single-
 (densegrpo_fast/policies/architectures.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 /
 512 for FLUX), so every tensor has its real shape.
 
-They go into the real adapters (``SD3Policy`` / ``FluxPolicy``), and the iteration is the trainer's own:
+They go into the real adapters (``SD3Policy`` / ``FluxPolicy`` / ``QwenImagePolicy``), and the iteration is the trainer's own:
 ``trainer.setup`` (LoRA, AdamW, EMA; the policy injected), ``trainer.collect`` (prompt encoding, the SDE
 rollout with its in-flight completions, decoding and reward) and ``trainer.update`` (recomputed log-probs,
 clipped loss + KL against the LoRA-disabled reference, gradient accumulation, optimizer steps), with the
-recipe's settings from configs/sd35m_pickscore.yaml or configs/flux_pickscore.yaml. Overridable: prompts
+recipe's settings from configs/sd35m_pickscore.yaml, configs/flux_pickscore.yaml or
+configs/qwen_image_pickscore.yaml. Overridable: prompts
 per iteration, G, T, ``sampling.max_rows_per_call``, ``grpo.train_batch_size`` and any ``key=value``. Two
 settings always differ from the recipe: the reward is the registry's ``redness`` (on the device, nearly
 free: the engine is measured, not PickScore) and the noise is uniform a = 0.7 (no calibration run; a
@@ -464,12 +468,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny random components on the CPU (CI smoke run)")
     ap.add_argument("--meta", action="store_true", help="only build the full-size configs on 'meta', count")
     ap.add_argument("--prompts", type=int, help="prompts per iteration (recipe: 48)")
-    ap.add_argument("--group-size", type=int, help="G (recipe: 24)")
+    ap.add_argument("--group-size", type=int, help="G (recipe: sd3 and flux 24, qwen_image 16)")
     ap.add_argument("--steps", type=int, help="T (recipe: 10)")
     ap.add_argument(
-        "--max-rows-per-call", type=int, help="sampling.max_rows_per_call (recipe: sd3 96, flux 48)"
+        "--max-rows-per-call",
+        type=int,
+        help="sampling.max_rows_per_call (recipe: sd3 96, flux 48, qwen_image 32)",
     )
-    ap.add_argument("--train-batch-size", type=int, help="grpo.train_batch_size (recipe: sd3 8, flux 4)")
+    ap.add_argument(
+        "--train-batch-size", type=int, help="grpo.train_batch_size (recipe: sd3 8, flux 4, qwen_image 4)"
+    )
     ap.add_argument("--dense-mode", choices=["dense", "sparse"], default="dense")
     ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")
     ap.add_argument(

@@ -877,7 +877,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
     # them itself: the first chunk's in its own forward, the later chunks' here, before any optimizer step.
-    # The same holds for a bf16 / fp16 transformer (sd3 / flux): the rollout's calls and the update's micro-
+    # The same holds for a bf16 / fp16 transformer (pretrained models): the rollout's calls and the update's micro-
     # batches have other batch sizes, hence other kernels and other roundings.
     recompute = (
         cfg.model.autocast is not None
@@ -1470,7 +1470,7 @@ def _warn_off_policy(iteration: int, lp_dev: float) -> None:
         "1e-4, more at late, low-noise steps; a larger gap can also mean that sampling and training disagree on "
         "the step (noise level, sigma grid, conditioning, weights). To tell them apart, run a few iterations "
         "with fp32 rollouts (model.autocast=null lora.merge_for_sampling=false, and model.dtype=fp32 "
-        "model.compile=false for sd3 / flux), whose ratio_dev_first must be 0",
+        "model.compile=false for the pretrained families), whose ratio_dev_first must be 0",
         stacklevel=3,
     )
 

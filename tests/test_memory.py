@@ -775,6 +775,7 @@ def test_the_memory_command_leaves_no_work_folder_when_it_fails(sd3_dir, tmp_pat
     assert not list(tmp_path.glob("densegrpo_memory_*"))
 
 
+@pytest.mark.bnb
 def test_the_8bit_adamw_state_is_counted_as_bitsandbytes_allocates_it():
     """``eight_bit_adam_bytes`` against bitsandbytes' own state after a step: 8-bit moments and a scale per
     256 weights for tensors of 4096 weights or more (one not a whole number of blocks), fp32 moments under,
@@ -799,6 +800,7 @@ def test_the_8bit_adamw_state_is_counted_as_bitsandbytes_allocates_it():
         assert {st["state1"].dtype for st in opt.state.values()} == {torch.uint8, torch.float32}
 
 
+@pytest.mark.bnb
 def test_an_8bit_adamw_run_is_estimated_with_its_state(sd3_dir, tmp_path, capsys):
     """Every phase but the set-up holds bitsandbytes' state where torch AdamW's was counted: the phases of the
     same run with torch's AdamW less the difference, to the byte; refused where the trainer refuses it."""

@@ -1209,6 +1209,7 @@ def test_the_first_step_applies_the_policy_gradient_of_the_rollouts_advantages(
         assert torch.equal(run.ema[n], before[n].lerp(p.detach(), 0.25)), n
 
 
+@pytest.mark.bnb
 def test_8bit_adamw_trains_and_resumes_as_an_uninterrupted_run(tiny_checkpoint, tmp_path):
     """optim.name=adamw8bit (bitsandbytes): the larger weights' moments are 8-bit blocks, the small ones'
     fp32; a run stopped after its first iteration and resumed has the uninterrupted run's records and

@@ -67,7 +67,7 @@ class QwenImagePolicy(DiffusersPolicy):
     default_max_sequence_length = 512
     pads_prompts = False  # (to the batch's longest prompt)
     #: The text encoder's part that encoding calls: Qwen2_5_VLForConditionalGeneration's model, without its LM
-    #: head (logits over 152k tokens for each prompt token: 49 prompts of 570 tokens would take 16 GiB in bf16).
+    #: head (logits over 152k tokens for each prompt token: 49 prompts of 570 tokens take 7.9 GiB in bf16).
     text_encoder_call = "model"
     #: The negative prompt of true CFG (Qwen-Image's model card: a single space).
     negative_prompt = " "
