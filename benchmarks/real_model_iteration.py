@@ -6,7 +6,7 @@ random weights.
     python benchmarks/real_model_iteration.py --family sd3 --tiny --out /tmp/bench    # CPU, seconds (CI)
     python benchmarks/real_model_iteration.py --family flux --meta                    # parameter counts only
     python benchmarks/real_model_iteration.py --family qwen_image --prompts 1 --group-size 8 --out /tmp/bench \
-        model.offload_text_encoders=true            # Qwen-Image: 38 GiB of bf16 transformer (not in gpu_suite.sh)
+        model.offload_text_encoders=true      # Qwen-Image, a 38 GiB bf16 transformer (not in gpu_suite.sh)
 
 Weights do not change memory or time, so the pipeline's components are built from the configs below, with
 random weights, directly on the device in their run dtype (bf16; the VAE fp32 as the adapters load it): no
@@ -15,7 +15,8 @@ or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the offline single-
 (densegrpo_fast/policies/architectures.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 /
 512 for FLUX), so every tensor has its real shape.
 
-They go into the real adapters (``SD3Policy`` / ``FluxPolicy`` / ``QwenImagePolicy``), and the iteration is the trainer's own:
+They go into the real adapters (``SD3Policy`` / ``FluxPolicy`` / ``QwenImagePolicy``), and the iteration is
+the trainer's own:
 ``trainer.setup`` (LoRA, AdamW, EMA; the policy injected), ``trainer.collect`` (prompt encoding, the SDE
 rollout with its in-flight completions, decoding and reward) and ``trainer.update`` (recomputed log-probs,
 clipped loss + KL against the LoRA-disabled reference, gradient accumulation, optimizer steps), with the

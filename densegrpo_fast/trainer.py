@@ -877,8 +877,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
     # them itself: the first chunk's in its own forward, the later chunks' here, before any optimizer step.
-    # The same holds for a bf16 / fp16 transformer (pretrained models): the rollout's calls and the update's micro-
-    # batches have other batch sizes, hence other kernels and other roundings.
+    # The same holds for a bf16 / fp16 transformer (pretrained models): the rollout's calls and the update's
+    # micro-batches have other batch sizes, hence other kernels and other roundings.
     recompute = (
         cfg.model.autocast is not None
         or (cfg.lora.enabled and cfg.lora.merge_for_sampling)

@@ -181,8 +181,8 @@ class Policy(Protocol):
 
 def text_encoders_on_device(policy):
     """``policy.text_encoders_on_device()`` where the adapter offloads its text encoders (the pretrained
-    families with ``model.offload_text_encoders``), else nothing: an evaluation holds it around its batches so that the
-    encoders come to the device once, not once per batch."""
+    families with ``model.offload_text_encoders``), else nothing: an evaluation holds it around its batches
+    so that the encoders come to the device once, not once per batch."""
     hold = getattr(policy, "text_encoders_on_device", None)
     return hold() if hold is not None else contextlib.nullcontext()
 
