@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
-from densegrpo_fast.policies.pretrained import DiffusersPolicy
+from densegrpo_fast.policies.pretrained import PackedLatentPolicy
 
 DEFAULT_REPO = "black-forest-labs/FLUX.1-dev"
 COMPONENTS = {
@@ -37,7 +37,7 @@ COMPONENTS = {
 }  # fmt: skip
 
 
-class FluxPolicy(DiffusersPolicy):
+class FluxPolicy(PackedLatentPolicy):
     """FLUX.1 behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
 
     Shape: latents and velocities [B, C, H/f, W/f] float32, unpacked (C = the transformer's
@@ -54,17 +54,12 @@ class FluxPolicy(DiffusersPolicy):
     components = COMPONENTS
     default_repo = DEFAULT_REPO
     default_max_sequence_length = 512
+    model_name = "FLUX.1"
+    scheduler_fix = "use FLUX.1-dev's or FLUX.1-schnell's scheduler config (scheduler/scheduler_config.json)"
 
     def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
         self.set_resolution()
-
-    def set_resolution(self) -> None:
-        side = self.check_resolution(
-            2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x FLUX's 2x2 latent patches"
-        )
-        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
-        self.image_seq_len = (side // 2) ** 2
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +108,3 @@ class FluxPolicy(DiffusersPolicy):
         )[0]
         f = self.vae_scale_factor
         return FluxPipeline._unpack_latents(out, H * f, W * f, f).float()
-
-    def sigma_grid(self, num_steps: int) -> torch.Tensor:
-        """FluxPipeline's grid for this resolution, float32 [T+1]: with the scheduler's dynamic shifting
-        (FLUX.1-dev) ``mu`` follows the image's token count; without it (FLUX.1-schnell) the static shift."""
-        fix = "use FLUX.1-dev's or FLUX.1-schnell's scheduler config (scheduler/scheduler_config.json)"
-        return self.shifted_grid(num_steps, self.image_seq_len, fix=fix)

@@ -27,7 +27,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _WEIGHTS = ("*.safetensors", "*.bin")
 #: Scheduler options that reshape the sigma grid in ways the engine's grids do not reproduce.
-#: (``shift_terminal`` is reproduced by the FLUX.1 / Qwen-Image grid, :meth:`DiffusersPolicy.shifted_grid`.)
+#: (``shift_terminal`` is reproduced by FLUX.1's and Qwen-Image's :meth:`PackedLatentPolicy.sigma_grid`.)
 _GRID_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas",
                  "use_flow_sigmas")  # fmt: skip
 
@@ -281,28 +281,6 @@ class DiffusersPolicy:
             )
         return cfg
 
-    def shifted_grid(self, num_steps: int, image_seq_len: int, *, fix: str) -> torch.Tensor:
-        """The grid of a scheduler shifted by the image's token count (FLUX.1, Qwen-Image), float32 [T+1]:
-        with dynamic shifting ``mu`` follows ``image_seq_len`` between the config's base and max; without
-        it, the static shift. The config's ``shift_terminal`` stretches the grid's end as the pipeline's.
-        ``fix``: what to do about a scheduler whose grid the engine does not reproduce."""
-        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
-
-        cfg = self.scheduler_config(fix=fix)
-        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != "exponential":
-            raise ValueError(
-                f"the checkpoint's scheduler uses time_shift_type={cfg.get('time_shift_type')!r}; the engine's "
-                f"{self.family} grid is the exponential shift: {fix}"
-            )
-        terminal = cfg.get("shift_terminal") or None
-        if not cfg.get("use_dynamic_shifting"):
-            return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)), terminal)
-        mu = resolution_mu(
-            image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
-        )  # fmt: skip
-        return flux_sigma_grid(num_steps, mu, terminal)
-
     @property
     def device(self) -> torch.device:
         return next(self.transformer.parameters()).device
@@ -438,3 +416,45 @@ class DiffusersPolicy:
         clone = copy.copy(self)
         clone.transformer = copy.deepcopy(self.transformer, memo)
         return clone
+
+
+class PackedLatentPolicy(DiffusersPolicy):
+    """Base of the families whose transformer takes the latent as 2x2 patches packed into tokens and whose
+    scheduler shifts its grid by the image's token count (FLUX.1, Qwen-Image). The engine sees the unpacked
+    latent [C, H/f, W/f] (C = the transformer's ``in_channels / 4``); each family packs it in ``velocity``."""
+
+    #: The model's name in messages, and what to do about a scheduler whose grid the engine does not
+    #: reproduce.
+    model_name = ""
+    scheduler_fix = ""
+
+    def set_resolution(self) -> None:
+        side = self.check_resolution(
+            2 * self.vae_scale_factor,
+            f"VAE factor {self.vae_scale_factor} x {self.model_name}'s 2x2 latent patches",
+        )
+        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
+        self.image_seq_len = (side // 2) ** 2
+
+    def sigma_grid(self, num_steps: int) -> torch.Tensor:
+        """The pipeline's grid for this resolution, float32 [T+1]: with the scheduler's dynamic shifting
+        ``mu`` follows the image's token count between the config's base and max (FLUX.1-dev, Qwen-Image);
+        without it, the static shift (FLUX.1-schnell). The config's ``shift_terminal`` (Qwen-Image's 0.02)
+        stretches the grid's end as the pipeline's scheduler does."""
+        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
+
+        fix = self.scheduler_fix
+        cfg = self.scheduler_config(fix=fix)
+        if cfg.get("use_dynamic_shifting") and cfg.get("time_shift_type", "exponential") != "exponential":
+            raise ValueError(
+                f"the checkpoint's scheduler uses time_shift_type={cfg.get('time_shift_type')!r}; the engine's "
+                f"{self.family} grid is the exponential shift: {fix}"
+            )
+        terminal = cfg.get("shift_terminal") or None
+        if not cfg.get("use_dynamic_shifting"):
+            return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)), terminal)
+        mu = resolution_mu(
+            self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
+        )  # fmt: skip
+        return flux_sigma_grid(num_steps, mu, terminal)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
-from densegrpo_fast.policies.pretrained import DiffusersPolicy
+from densegrpo_fast.policies.pretrained import PackedLatentPolicy
 
 DEFAULT_REPO = "Qwen/Qwen-Image"
 COMPONENTS = {
@@ -48,7 +48,7 @@ COMPONENTS = {
 MAX_SEQUENCE_LENGTH = 1024
 
 
-class QwenImagePolicy(DiffusersPolicy):
+class QwenImagePolicy(PackedLatentPolicy):
     """Qwen-Image behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
 
     Shape: latents and velocities [B, C, H/f, W/f] float32, unpacked (C = the transformer's
@@ -65,6 +65,8 @@ class QwenImagePolicy(DiffusersPolicy):
     components = COMPONENTS
     default_repo = DEFAULT_REPO
     default_max_sequence_length = 512
+    model_name = "Qwen-Image"
+    scheduler_fix = "use Qwen-Image's scheduler config (scheduler/scheduler_config.json)"
     pads_prompts = False  # (to the batch's longest prompt)
     #: The text encoder's part that encoding calls: Qwen2_5_VLForConditionalGeneration's model, without its LM
     #: head (logits over 152k tokens for each prompt token: 49 prompts of 570 tokens take 7.9 GiB in bf16).
@@ -89,13 +91,6 @@ class QwenImagePolicy(DiffusersPolicy):
             )
         self._check_libraries()
         self.set_resolution()
-
-    def set_resolution(self) -> None:
-        side = self.check_resolution(
-            2 * self.vae_scale_factor, f"VAE factor {self.vae_scale_factor} x Qwen-Image's 2x2 latent patches"
-        )
-        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
-        self.image_seq_len = (side // 2) ** 2
 
     def _check_libraries(self) -> None:
         """A ValueError, with the fix, for a diffusers whose Qwen-Image transformer does not mask the text's
@@ -214,8 +209,3 @@ class QwenImagePolicy(DiffusersPolicy):
         z = (latents.float()[:, :, None] * std + mean).to(vae.dtype)
         images = vae.decode(z, return_dict=False)[0][:, :, 0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
-
-    def sigma_grid(self, num_steps: int) -> torch.Tensor:
-        """QwenImagePipeline's grid for this resolution, float32 [T+1] (see the module docstring)."""
-        fix = "use Qwen-Image's scheduler config (scheduler/scheduler_config.json)"
-        return self.shifted_grid(num_steps, self.image_seq_len, fix=fix)
