@@ -17,7 +17,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.dense import latent_rewards, step_rewards
-from densegrpo_fast.rollout import sample
+from densegrpo_fast.rollout import initial_noise, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
 
@@ -153,7 +153,8 @@ def calibrate(
         prompts = [p for p in prompt_source.sample(n_prompts, it, stream="calibration") for _ in range(G)]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * it + 1)
         mine = dist.rows(len(prompts))  # every row in one process
-        noise = torch.randn(len(prompts), *policy.latent_shape, generator=gen, device=device)[mine]
+        noise = initial_noise(len(prompts), G, policy.latent_shape, shared=cfg.sampling.share_initial_noise,
+                              generator=gen, device=device)[mine]  # fmt: skip
         prompts = prompts[mine]
         if dist.enabled:
             gen = torch.Generator(device=device).manual_seed(
@@ -181,6 +182,9 @@ def calibrate(
         "eps2": cal.eps2,
         "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
         "completion_steps": cfg.dense.completion_steps,  # the dR estimator the balance was counted on
+        # (not checked by a later run: a shared initial noise leaves each trajectory's law, so the expected
+        # counts, as they are; it only correlates a group's rows)
+        "share_initial_noise": cfg.sampling.share_initial_noise,
         "sigmas": base.sigmas.tolist(),
         # the absolute noise scale per step, calibrated and initial (0 outside a fixed window)
         "std": Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi))).std.tolist(),

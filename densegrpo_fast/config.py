@@ -434,7 +434,13 @@ class SamplingSection(Section):
         description="CFG scale in sampling and training (FLUX.1-dev: its guidance input, 3.5; Qwen-Image: "
         "its true CFG scale, 4.0)",
     )
-    group_size: int = Field(8, ge=2, description="G, samples per prompt, each from its own noise")
+    group_size: int = Field(8, ge=2, description="G, samples per prompt")
+    share_initial_noise: bool = Field(
+        False,
+        description="false = each sample of a group from its own initial noise (ALGORITHM.md); true = one "
+        "initial noise per group, so only the SDE noise tells its samples apart (DanceGRPO's same-noise "
+        "option, Flow-GRPO's same_latent)",
+    )
     max_rows_per_call: int | None = Field(None, ge=1, description="cap on rows per transformer call (memory)")
     reward_waves: int = Field(
         1,

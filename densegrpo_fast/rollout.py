@@ -68,6 +68,29 @@ def completion_starts(schedule: Schedule, completion_steps: int | None = None) -
     return [k for k in range(ws, min(we + 1, T)) if sde[k] or n < T - k]
 
 
+def initial_noise(
+    rows: int,
+    group_size: int,
+    latent_shape: tuple[int, ...],
+    *,
+    shared: bool,
+    generator: torch.Generator,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """``lat[0]`` of ``rows`` rows in groups of ``group_size`` contiguous rows, float32 [rows, *latent]: a
+    draw per row, or with ``shared`` one draw per group repeated over its rows (``sampling.
+    share_initial_noise``). Either way drawn from ``generator`` in row order, before any SDE noise."""
+    if not shared:
+        return torch.randn(rows, *latent_shape, generator=generator, device=device)
+    if rows % group_size:
+        raise ValueError(
+            f"shared initial noise needs whole groups: {rows} rows is not a multiple of the group size "
+            f"{group_size}; pass the rows of whole groups"
+        )
+    per_group = torch.randn(rows // group_size, *latent_shape, generator=generator, device=device)
+    return per_group.repeat_interleave(group_size, dim=0)
+
+
 @dataclass
 class Rollout:
     """What a rollout produced, and what training needs from it.

@@ -49,7 +49,7 @@ from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
-from densegrpo_fast.rollout import Rollout, sample
+from densegrpo_fast.rollout import Rollout, initial_noise, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
 
 # Where the update recomputes the old log-probs (autocast or merged-adapter rollouts, bf16 / fp16 or compiled
@@ -700,7 +700,8 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
     gen = torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 1))
     t0 = time.perf_counter()
     mine = d.rows(len(rows))  # every row in a single process
-    noise = torch.randn(len(rows), *policy.latent_shape, generator=gen, device=device)[mine]
+    noise = initial_noise(len(rows), G, policy.latent_shape, shared=cfg.sampling.share_initial_noise,
+                          generator=gen, device=device)[mine]  # fmt: skip
     rows = rows[mine]
     cond = policy.encode_prompts(rows)
     W = cfg.sampling.reward_waves

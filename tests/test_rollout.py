@@ -6,7 +6,13 @@ import torch
 
 from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.policies.toy import ToyArch, ToyPolicy
-from densegrpo_fast.rollout import completion_path, completion_starts, reference_completion, sample
+from densegrpo_fast.rollout import (
+    completion_path,
+    completion_starts,
+    initial_noise,
+    reference_completion,
+    sample,
+)
 from densegrpo_fast.schedule import make_schedule
 from densegrpo_fast.toy import world
 
@@ -162,3 +168,20 @@ def test_max_rows_per_call_caps_every_call_and_changes_nothing_else(policy, cond
     assert max(sizes) == 4 and sum(sizes) == 6 * (1 + 2 + 3 + 4)
     for name in ("latents", "log_probs", "clean"):
         torch.testing.assert_close(getattr(capped, name), getattr(whole, name), rtol=0, atol=1e-5)
+
+
+def test_initial_noise_is_one_draw_per_row_or_one_per_group():
+    shape = (4, 3, 3)
+    own = initial_noise(6, 2, shape, shared=False, generator=torch.Generator().manual_seed(5), device="cpu")
+    assert torch.equal(own, torch.randn(6, *shape, generator=torch.Generator().manual_seed(5)))
+    g = torch.Generator().manual_seed(5)
+    shared = initial_noise(6, 2, shape, shared=True, generator=g, device="cpu")
+    draws = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(shared, draws.repeat_interleave(2, 0))  # rows 2i, 2i+1: group i's draw
+    assert not torch.equal(shared[0], shared[2])
+    # the stream goes on after the groups' draws, not after one per row
+    after = torch.Generator().manual_seed(5)
+    torch.randn(3, *shape, generator=after)
+    assert torch.equal(torch.randn(2, generator=g), torch.randn(2, generator=after))
+    with pytest.raises(ValueError, match="not a multiple of the group size 4"):
+        initial_noise(6, 4, shape, shared=True, generator=g, device="cpu")

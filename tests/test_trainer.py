@@ -286,6 +286,29 @@ def test_a_window_with_one_step_completions_scores_the_window_end(tiny_checkpoin
             )
 
 
+def test_shared_initial_noise_gives_a_group_one_start_and_parts_its_rows_at_the_first_sde_step(
+    tiny_checkpoint, tmp_path
+):
+    """sampling.share_initial_noise under a window from step 1: lat[0] and lat[1] (after the ODE step 0) are
+    one latent per group; the SDE step 1 parts the rows; groups start from different draws."""
+    from densegrpo_fast import trainer
+
+    extra = ["sampling.share_initial_noise=true", "noise.window_start=1", "noise.window_size=2"]
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    ro, _, R, _ = trainer.collect(run, run.prompts.sample(2, 0), 0)
+    lat = ro.latents.view(2, 4, *ro.latents.shape[1:])  # [group, row, step, ...]
+    for k in (0, 1):
+        assert torch.equal(lat[:, :, k], lat[:, :1, k].expand_as(lat[:, :, k])), k
+    assert not torch.equal(lat[0, 0, 0], lat[1, 0, 0])
+    assert not torch.equal(lat[:, 0, 2], lat[:, 1, 2])
+    torch.testing.assert_close(R[:, 0].view(2, 4), R[::4, 0, None].expand(2, 4), rtol=0, atol=1e-6)
+    assert (R[:, 2].view(2, 4).std(1) > 1e-4).all()  # the rewards part with the latents
+    # the same configuration without the option: every row its own start
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "own", extra=extra[1:]), progress=False)
+    ro, _, _, _ = trainer.collect(run, run.prompts.sample(2, 0), 0)
+    assert not torch.equal(ro.latents[0, 0], ro.latents[1, 0])
+
+
 def test_autocast_samples_rollouts_only(tiny_checkpoint, tmp_path):
     """model.autocast reaches the rollout (its samples differ from fp32 ones), not the update (which
     recomputes the old log-probs: the first ratio is exactly 1, though the rollout's log-probs differ) and
