@@ -240,9 +240,61 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 # Every section of `densegrpo-fast train`. Defaults follow ALGORITHM.md (Flow-GRPO's recipe, DenseGRPO's
 # dense reward and calibration); derived values are properties, never stored twice.
 
-from typing import ClassVar, Literal  # noqa: E402
+from typing import Annotated, ClassVar, Literal  # noqa: E402
 
 from pydantic import Field, field_validator, model_validator  # noqa: E402
+
+#: One side of an image in pixels.
+Side = Annotated[int, Field(ge=16)]
+
+#: An image size setting (``model.resolution``, ``eval.resolution``): one side in pixels (square images) or
+#: [height, width].
+Resolution = int | tuple[int, int]
+
+
+def image_hw(resolution: Resolution) -> tuple[int, int]:
+    """(height, width) in pixels of a resolution setting."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    height, width = resolution
+    return int(height), int(width)
+
+
+def shown_resolution(resolution: Resolution) -> str:
+    """A resolution setting as a config writes it (``512``, ``[768, 1344]``): for error messages."""
+    return str(resolution) if isinstance(resolution, int) else str(list(image_hw(resolution)))
+
+
+def _resolution_shape(value: Any) -> Any:
+    """A resolution is a number or a pair: anything else is refused in one message, before the union's
+    per-member errors."""
+    if isinstance(value, (list, tuple)) and len(value) != 2:
+        raise ValueError(
+            f"{list(value)} has {len(value)} number{'s' * (len(value) != 1)}: give one side in pixels (512, square images) or "
+            "[height, width] ([768, 1344])"
+        )
+    return value
+
+
+def resolution_record(resolution: Resolution) -> int | list[int]:
+    """A resolution setting as records (JSON) hold it: the side when square, else [height, width]; one value
+    per size, so that a resumed evaluation compares equal sizes equal."""
+    height, width = image_hw(resolution)
+    return height if height == width else [height, width]
+
+
+def resolution_problem(setting: str, resolution: Resolution, multiple: int, why: str) -> str | None:
+    """The error naming ``setting`` when a side of ``resolution`` is not a multiple of ``multiple`` (``why``
+    says whose factors those are), with the nearest size that is; None when every side is."""
+    hw = image_hw(resolution)
+    if not any(side % multiple for side in hw):
+        return None
+    near = [max(multiple, round(side / multiple) * multiple) for side in hw]
+    return (
+        f"{setting} ({shown_resolution(resolution)}) must be a multiple of {multiple}"
+        f"{'' if isinstance(resolution, int) else ' on each side'} ({why}): choose e.g. "
+        f"{near[0] if isinstance(resolution, int) else near}"
+    )
 
 
 class ModelSection(Section):
@@ -273,8 +325,11 @@ class ModelSection(Section):
         "itself; weights, SDE math and evaluation are untouched (toy on a CPU with avx512_bf16: bf16 makes "
         "the rollout 1.7x faster)",
     )
-    resolution: int = Field(
-        512, ge=16, description="sd3/flux/qwen_image: image side in pixels, a multiple of 16"
+    _resolution = field_validator("resolution", mode="before")(_resolution_shape)
+    resolution: Side | tuple[Side, Side] = Field(
+        512,
+        description="sd3/flux/qwen_image: image side in pixels (square images), or [height, width]; "
+        "multiples of 16",
     )
     max_sequence_length: int | None = Field(
         None,
@@ -386,12 +441,10 @@ class ModelSection(Section):
                 f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: T5 "
                 "takes at most 512 tokens; set it to 512 or less (null: the family's default)"
             )
-        if self.resolution % 16:
-            out.append(
-                f"model.resolution ({self.resolution}) must be a multiple of 16 (the VAE's factor 8 x the "
-                f"transformer's 2x2 patches): choose e.g. {max(16, round(self.resolution / 16) * 16)}"
-            )
-        return out
+        bad = resolution_problem(
+            "model.resolution", self.resolution, 16, "the VAE's factor 8 x the transformer's 2x2 patches"
+        )
+        return out if bad is None else [*out, bad]
 
 
 def _toy_split(value: str) -> str:
@@ -697,11 +750,11 @@ class EvalSection(Section):
         description="seed of prompt order and initial noise (< 2^23: it is the high bits "
         "of each image's noise seed)",
     )
-    resolution: int | None = Field(
+    _resolution = field_validator("resolution", mode="before")(_resolution_shape)
+    resolution: Side | tuple[Side, Side] | None = Field(
         None,
-        ge=16,
-        description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, a multiple of 16; null "
-        "= model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
+        description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, or [height, width]; "
+        "multiples of 16; null = model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
         "the held-out evaluations during training at another side run eagerly (the compiled blocks keep the "
         "training size's graphs)",
     )
@@ -792,12 +845,15 @@ def model_eval_problems(
             "prompt (its noise is fixed per prompt); set it to 1 and raise eval.num_prompts for more images"
         )
     if ev.resolution is not None and model.family == "toy":
-        out.append(f"eval.resolution ({ev.resolution}): the toy model samples 32 px images only; remove it")
-    elif ev.resolution is not None and ev.resolution % 16:
         out.append(
-            f"eval.resolution ({ev.resolution}) must be a multiple of 16 (the VAE's factor 8 x the "
-            f"transformer's 2x2 patches): choose e.g. {max(16, round(ev.resolution / 16) * 16)}"
+            f"eval.resolution ({shown_resolution(ev.resolution)}): the toy model samples 32 px images only; "
+            "remove it"
         )
+    elif ev.resolution is not None:
+        bad = resolution_problem(
+            "eval.resolution", ev.resolution, 16, "the VAE's factor 8 x the transformer's 2x2 patches"
+        )
+        out += [] if bad is None else [bad]
     shifts = [("eval.shift", ev.shift)]
     if sampling is not None:
         shifts.insert(0, ("sampling.shift", sampling.shift))

@@ -323,7 +323,7 @@ def run_eval(
     section's ODE (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model; ``--lora``: a
     LoRA merged into it; at ``eval.resolution`` where it is set) and scored by each of ``eval.rewards``,
     resumably, into ``eval.output_dir``."""
-    from densegrpo_fast.config import dump_config, load_config
+    from densegrpo_fast.config import dump_config, load_config, resolution_record
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
     from densegrpo_fast.schedule import sampler_grid
@@ -384,7 +384,7 @@ def run_eval(
         images_per_prompt=e.images_per_prompt, batch_size=e.batch_size, seed=e.seed, output_dir=out,
         save_images=e.save_images, progress=progress, dist=d, tags=tags,
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
-              "resolution": e.resolution or m.resolution, "dtype": m.dtype,
+              "resolution": resolution_record(e.resolution or m.resolution), "dtype": m.dtype,
               "max_sequence_length": m.max_sequence_length,
               "checkpoint_identity": checkpoint_identity(checkpoint), "lora": lora,
               "lora_identity": lora_identity(lora),

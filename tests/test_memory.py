@@ -104,6 +104,7 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
         ("bf16", ()),
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),
+        ("fp32", ("model.resolution=[48, 32]",)),  # portrait images
     ],
 )
 def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype, extra):

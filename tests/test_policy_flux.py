@@ -85,17 +85,21 @@ def test_flux_grid_equals_the_scheduler(T, seq_len):
     assert math.isclose(resolution_mu(256), 0.5) and math.isclose(resolution_mu(4096), 1.15)
 
 
-def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy):
-    """Zero noise, the same initial latents: the engine's sampler is FluxPipeline to 1e-5."""
+@pytest.mark.parametrize("hw", [(32, 32), (32, 48)])
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, hw):
+    """Zero noise, the same initial latents: the engine's sampler is FluxPipeline to 1e-5, square and
+    landscape ([height, width] = [32, 48]: the packed tokens' positions and the grid's token count)."""
     from diffusers import FluxPipeline
 
     T, g = 4, 3.5
+    policy = policy.at_resolution(hw, "model.resolution")
+    assert policy.image_seq_len == hw[0] * hw[1] // 16  # (the tiny VAE's factor 2, then 2x2 patches)
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
     packed = FluxPipeline._pack_latents(noise, 2, *policy.latent_shape)
-    call = dict(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, guidance_scale=g,
+    call = dict(prompt=PROMPTS, height=hw[0], width=hw[1], num_inference_steps=T, guidance_scale=g,
                 max_sequence_length=tiny.MAX_T5_TOKENS)  # fmt: skip
     theirs = FluxPipeline._unpack_latents(
-        pipe(**call, latents=packed.clone(), output_type="latent").images, 32, 32, policy.vae_scale_factor
+        pipe(**call, latents=packed.clone(), output_type="latent").images, *hw, policy.vae_scale_factor
     )
     theirs_img = pipe(**call, latents=packed.clone(), output_type="pt").images
 
@@ -106,7 +110,7 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy):
     ours = ro.latents[:, T]
     diff = (ours - theirs).abs().max().item()
     diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
-    print(f"FLUX g={g}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    print(f"FLUX g={g} {hw}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
     assert diff <= 1e-5 and diff_img <= 1e-5
     assert ours.abs().max() > 0.1
 

@@ -187,17 +187,19 @@ def test_schedulers_whose_grid_is_not_reproduced_are_refused(pipe):
         SD3Policy(sd3, resolution=tiny.RESOLUTION, max_sequence_length=tiny.MAX_T5_TOKENS).sigma_grid(10)
 
 
-@pytest.mark.parametrize("g", [4.0, 1.0])
-def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, g):
+@pytest.mark.parametrize("g, hw", [(4.0, (32, 32)), (1.0, (32, 32)), (4.0, (48, 32))])
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, g, hw):
     """Zero noise, the same initial latents: the engine's sampler is QwenImagePipeline to 1e-5, with true CFG
-    (negative prompt " ") and without (no negative prompt)."""
+    (negative prompt " ") and without (no negative prompt), square and portrait ([height, width] = [48, 32]:
+    the transformer's image shapes and the grid's token count)."""
     T = 4
+    policy = policy.at_resolution(hw, "model.resolution")
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
     packed = QwenImagePipeline._pack_latents(noise, 2, *policy.latent_shape)
-    call = dict(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, true_cfg_scale=g,
+    call = dict(prompt=PROMPTS, height=hw[0], width=hw[1], num_inference_steps=T, true_cfg_scale=g,
                 max_sequence_length=MAX_TOKENS, negative_prompt=" " if g > 1 else None)  # fmt: skip
     theirs = pipe(**call, latents=packed.clone(), output_type="latent").images
-    theirs = QwenImagePipeline._unpack_latents(theirs, 32, 32, policy.vae_scale_factor)[:, :, 0]
+    theirs = QwenImagePipeline._unpack_latents(theirs, *hw, policy.vae_scale_factor)[:, :, 0]
     theirs_img = pipe(**call, latents=packed.clone(), output_type="pt").images
 
     grid = policy.sigma_grid(T)
@@ -207,7 +209,7 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, g):
     ours = ro.latents[:, T]
     diff = (ours - theirs).abs().max().item()
     diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
-    print(f"Qwen-Image g={g}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    print(f"Qwen-Image g={g} {hw}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
     assert diff <= 1e-5 and diff_img <= 1e-5
     assert ours.abs().max() > 0.1
 

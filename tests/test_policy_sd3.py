@@ -98,12 +98,15 @@ def test_bf16_transformer_returns_an_fp32_velocity(pipe, policy):
     assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.5])
-def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance):
-    """Zero noise, the same initial latents: the engine's sampler is StableDiffusion3Pipeline to 1e-5."""
+@pytest.mark.parametrize("guidance, hw", [(1.0, (32, 32)), (4.5, (32, 32)), (4.5, (48, 32))])
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance, hw):
+    """Zero noise, the same initial latents: the engine's sampler is StableDiffusion3Pipeline to 1e-5, square
+    and portrait ([height, width] = [48, 32])."""
     T = 4
+    policy = policy.at_resolution(hw, "model.resolution")
+    assert policy.latent_shape == (4, hw[0] // 2, hw[1] // 2)  # (the tiny VAE's factor 2)
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
-    call = dict(prompt=PROMPTS, height=32, width=32, num_inference_steps=T, guidance_scale=guidance,
+    call = dict(prompt=PROMPTS, height=hw[0], width=hw[1], num_inference_steps=T, guidance_scale=guidance,
                 max_sequence_length=tiny.MAX_T5_TOKENS)  # fmt: skip
     theirs = pipe(**call, latents=noise.clone(), output_type="latent").images
     theirs_img = pipe(**call, latents=noise.clone(), output_type="pt").images
@@ -116,7 +119,7 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance):
     ours = ro.latents[:, T]
     diff = (ours - theirs).abs().max().item()
     diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
-    print(f"SD3 g={guidance}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    print(f"SD3 g={guidance} {hw}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
     assert diff <= 1e-5 and diff_img <= 1e-5
     assert ours.abs().max() > 0.1  # a real trajectory, not a collapsed one
 
@@ -534,6 +537,44 @@ def test_the_evaluation_samples_at_eval_resolution(sd3_dir, policy, tmp_path):
         load_config(TrainConfig, None, [*train_cfg, "eval.resolution=40"])
     with pytest.raises(ValueError, match=r"eval.resolution \(64\): the toy model samples 32 px images only"):
         load_config(TrainConfig, None, ["eval.resolution=64"])
+
+
+def test_non_square_images_train_and_evaluate(sd3_dir, policy, tmp_path):
+    """``model.resolution: [height, width]``: an iteration trains on portrait images ([48, 32]) on policy and
+    draws them in its sample grid; the eval command samples landscape ones (eval.resolution [32, 48]: PNGs 48
+    wide, 32 high), records the size as [height, width] and resumes under it; sizes the model cannot sample
+    are refused per side."""
+    from PIL import Image
+
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.trainer import train
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\n")
+    model = ["model.family=sd3", f"model.checkpoint={sd3_dir}", "model.resolution=[48, 32]",
+             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"]  # fmt: skip
+    ev = [f"eval.dataset={prompts}", "eval.num_steps=2", "eval.batch_size=4", "eval.rewards={}"]
+    train_cfg = [*model, *ev, f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
+                 "sampling.group_size=2", "sampling.num_steps=3", "noise.kind=uniform", "reward.name=redness",
+                 "lora.rank=4", "run.iterations=1", "run.sample_grid_every=1", "run.tensorboard=false",
+                 f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    run_dir = train(load_config(TrainConfig, None, train_cfg), progress=False)
+    (rec,) = [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if "reward_mean" in ln
+    ]
+    assert_on_policy(rec)
+    assert list(run_dir.glob("samples/*.png"))
+    out = tmp_path / "ev"
+    landscape = [*model, *ev, "eval.resolution=[32, 48]", "eval.rewards={red: {name: redness}}",
+                 "eval.save_images=true", f"eval.output_dir={out}"]  # fmt: skip
+    first = run_eval(None, landscape)
+    assert {Image.open(f).size for f in out.rglob("*.png")} == {(48, 32)}  # (PIL: width, height)
+    assert json.loads((out / "protocol.json").read_text())["resolution"] == [32, 48]
+    assert run_eval(None, landscape)["scores"] == first["scores"]  # resumed: the protocol compares equal
+    with pytest.raises(ConfigError, match=r"resolution \(\[48, 40\]\) must be a multiple of 16 on each side"):
+        load_config(TrainConfig, None, [*train_cfg, "model.resolution=[48, 40]"])
+    with pytest.raises(ValueError, match=r"resolution \(\[32, 80\]\) is beyond .*at most 64 px a side"):
+        policy.at_resolution((32, 80), "model.resolution")
 
 
 def test_lora_trains_in_fp32_over_a_bf16_transformer(sd3_dir, tmp_path):

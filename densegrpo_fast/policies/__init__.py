@@ -33,7 +33,7 @@ def load_policy(
     device: str,
     *,
     dtype: str = "fp32",
-    resolution: int = 512,
+    resolution: int | tuple[int, int] = 512,
     max_sequence_length: int | None = None,
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,

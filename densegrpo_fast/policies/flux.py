@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from densegrpo_fast.config import Resolution
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.pretrained import PackedLatentPolicy
 
@@ -45,7 +46,7 @@ class FluxPolicy(PackedLatentPolicy):
 
     Args:
         pipe: a ``FluxPipeline`` holding the components (on the device, in their dtypes).
-        resolution: image side in pixels (square images).
+        resolution: image side in pixels (square images), or (height, width).
         max_sequence_length: T5 tokens per prompt (FLUX.1-dev: 512).
     """
 
@@ -57,7 +58,7 @@ class FluxPolicy(PackedLatentPolicy):
     model_name = "FLUX.1"
     scheduler_fix = "use FLUX.1-dev's or FLUX.1-schnell's scheduler config (scheduler/scheduler_config.json)"
 
-    def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
+    def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
         self.set_resolution()
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast.checkpoint import write_atomic
+from densegrpo_fast.config import Resolution, image_hw, resolution_problem
 from densegrpo_fast.policies.base import run_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -181,10 +182,10 @@ class DiffusersPolicy:
 
     family = ""
 
-    def __init__(self, pipe, *, resolution: int, max_sequence_length: int):
+    def __init__(self, pipe, *, resolution: Resolution, max_sequence_length: int):
         self.pipe = pipe
         self.transformer = pipe.transformer
-        self.resolution = resolution
+        self.resolution = resolution  # as the setting gave it (errors quote it); image_hw() reads it
         self.max_sequence_length = max_sequence_length
         self.vae_scale_factor = pipe.vae_scale_factor  # (the pipeline's: 8 for the released VAEs)
         for module in pipe.components.values():
@@ -193,14 +194,13 @@ class DiffusersPolicy:
         pipe.vae.enable_slicing()
         pipe.set_progress_bar_config(disable=True)
 
-    def check_resolution(self, multiple: int, why: str) -> int:
-        """The latent side for ``self.resolution``; a ValueError unless it is a multiple of ``multiple``."""
-        if self.resolution % multiple:
-            raise ValueError(
-                f"{self.resolution_setting} ({self.resolution}) must be a multiple of {multiple} ({why}): "
-                f"choose e.g. {max(multiple, round(self.resolution / multiple) * multiple)}"
-            )
-        return self.resolution // self.vae_scale_factor
+    def check_resolution(self, multiple: int, why: str) -> tuple[int, int]:
+        """The latent (height, width) for ``self.resolution``; a ValueError unless each side of the image is a
+        multiple of ``multiple``."""
+        bad = resolution_problem(self.resolution_setting, self.resolution, multiple, why)
+        if bad is not None:
+            raise ValueError(bad)
+        return tuple(side // self.vae_scale_factor for side in image_hw(self.resolution))
 
     #: The setting that gave ``resolution``, for errors: ``model.resolution``, or ``eval.resolution`` for the
     #: policy of :meth:`at_resolution`.
@@ -211,12 +211,12 @@ class DiffusersPolicy:
         naming :attr:`resolution_setting` where the model cannot sample it. Each family implements it."""
         raise NotImplementedError
 
-    def at_resolution(self, resolution: int, setting: str = "eval.resolution"):
-        """This policy sampling images of side ``resolution`` (the held-out evaluation's, ``eval.resolution``):
+    def at_resolution(self, resolution: Resolution, setting: str = "eval.resolution"):
+        """This policy sampling images of size ``resolution`` (the held-out evaluation's, ``eval.resolution``):
         a shallow copy that shares every model, weights, adapters and the EMA swap with this one, with its
-        own latent shape (and, for FLUX.1 and Qwen-Image, its own grid). This policy when the side is the
+        own latent shape (and, for FLUX.1 and Qwen-Image, its own grid). This policy when the size is the
         same."""
-        if resolution == self.resolution:
+        if image_hw(resolution) == image_hw(self.resolution):
             return self
         other = copy.copy(self)
         other.resolution, other.resolution_setting = resolution, setting
@@ -239,7 +239,7 @@ class DiffusersPolicy:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str = torch.bfloat16,
-        resolution: int = 512,
+        resolution: Resolution = 512,
         max_sequence_length: int | None = None,
         local_files_only: bool = True,
         cache_dir: str | Path | None = None,
@@ -429,12 +429,12 @@ class PackedLatentPolicy(DiffusersPolicy):
     scheduler_fix = ""
 
     def set_resolution(self) -> None:
-        side = self.check_resolution(
+        height, width = self.check_resolution(
             2 * self.vae_scale_factor,
             f"VAE factor {self.vae_scale_factor} x {self.model_name}'s 2x2 latent patches",
         )
-        self.latent_shape = (self.transformer.config.in_channels // 4, side, side)
-        self.image_seq_len = (side // 2) ** 2
+        self.latent_shape = (self.transformer.config.in_channels // 4, height, width)
+        self.image_seq_len = (height // 2) * (width // 2)
 
     def sigma_grid(self, num_steps: int) -> torch.Tensor:
         """The pipeline's grid for this resolution, float32 [T+1]: with the scheduler's dynamic shifting

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from densegrpo_fast.config import Resolution
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.pretrained import PackedLatentPolicy
 
@@ -56,7 +57,7 @@ class QwenImagePolicy(PackedLatentPolicy):
 
     Args:
         pipe: a ``QwenImagePipeline`` holding the components (on the device, in their dtypes).
-        resolution: image side in pixels (square images).
+        resolution: image side in pixels (square images), or (height, width).
         max_sequence_length: text tokens per prompt at most (the pipeline's default: 512; at most 1024).
     """
 
@@ -74,7 +75,7 @@ class QwenImagePolicy(PackedLatentPolicy):
     #: The negative prompt of true CFG (Qwen-Image's model card: a single space).
     negative_prompt = " "
 
-    def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 512):
+    def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
         if not 1 <= max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from densegrpo_fast.config import Resolution, shown_resolution
 from densegrpo_fast.policies.base import PromptEmbeds, cfg_velocity
 from densegrpo_fast.policies.pretrained import DiffusersPolicy
 
@@ -48,7 +49,7 @@ class SD3Policy(DiffusersPolicy):
 
     Args:
         pipe: a ``StableDiffusion3Pipeline`` holding the components (on the device, in their dtypes).
-        resolution: image side in pixels (square images).
+        resolution: image side in pixels (square images), or (height, width).
         max_sequence_length: T5 tokens per prompt (the pipeline's default is 256).
     """
 
@@ -58,24 +59,24 @@ class SD3Policy(DiffusersPolicy):
     default_repo = DEFAULT_REPO
     default_max_sequence_length = 256
 
-    def __init__(self, pipe, *, resolution: int = 512, max_sequence_length: int = 256):
+    def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 256):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
         self.set_resolution()
         self._negative: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def set_resolution(self) -> None:
         cfg = self.transformer.config
-        side = self.check_resolution(
+        height, width = self.check_resolution(
             self.vae_scale_factor * cfg.patch_size,
             f"VAE factor {self.vae_scale_factor} x patch {cfg.patch_size}: whole patches",
         )
-        if side > cfg.pos_embed_max_size * cfg.patch_size:
+        if max(height, width) > cfg.pos_embed_max_size * cfg.patch_size:
             raise ValueError(
-                f"{self.resolution_setting} ({self.resolution}) is beyond this transformer's position "
-                f"embeddings (at most {cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor} px): "
-                "choose a smaller one"
+                f"{self.resolution_setting} ({shown_resolution(self.resolution)}) is beyond this transformer's "
+                f"position embeddings (at most {cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor}"
+                " px a side): choose a smaller one"
             )
-        self.latent_shape = (cfg.in_channels, side, side)
+        self.latent_shape = (cfg.in_channels, height, width)
 
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from densegrpo_fast.config import image_hw
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import SERVED
 
@@ -41,7 +42,7 @@ class Checked:
     scores: list[float] | None = None
     error: str | None = None
     note: str | None = None  # how it was checked, when not with the run's own prompts, or why not at all
-    size: int = 0  # the side of the images it scored (the held-out rewards': eval.resolution's)
+    size: tuple[int, int] = (0, 0)  # (height, width) of the images it scored (held-out: eval.resolution's)
 
     def line(self) -> str:
         head = f"{self.where} {self.name!r}"
@@ -52,26 +53,31 @@ class Checked:
         scores = ", ".join(f"{v:.4g}" for v in self.scores)
         note = f" ({self.note})" if self.note else ""
         return (
-            f"{head}: built in {self.load_s:.1f} s; two {self.size} px images scored in {self.score_s:.2f} s: "
+            f"{head}: built in {self.load_s:.1f} s; two {_shown_size(self.size)} px images scored in {self.score_s:.2f} s: "
             f"{scores}{note}"
         )
 
 
-def probe_images(size: int, n: int = 2) -> torch.Tensor:
-    """``n`` smooth colour fields [n, 3, size, size] in [0, 1], the same every call: image-like inputs."""
+def _shown_size(size: tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def probe_images(size: int | tuple[int, int], n: int = 2) -> torch.Tensor:
+    """``n`` smooth colour fields [n, 3, H, W] in [0, 1] of ``size`` (a side, or (H, W)), the same every
+    call: image-like inputs."""
     g = torch.Generator().manual_seed(0)
     coarse = torch.rand(n, 3, 4, 4, generator=g)
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    return torch.nn.functional.interpolate(coarse, size=image_hw(size), mode="bilinear", align_corners=False)
 
 
-def image_size(cfg, heldout: bool = False) -> int:
-    """The side of the images the run's rewards see: the toy world's, or ``model.resolution`` (the held-out
-    evaluation's rewards: ``eval.resolution`` when it is set)."""
+def image_size(cfg, heldout: bool = False) -> tuple[int, int]:
+    """(height, width) of the images the run's rewards see: the toy world's, or ``model.resolution``'s (the
+    held-out evaluation's rewards: ``eval.resolution``'s when it is set)."""
     if cfg.model.family == "toy":
         from densegrpo_fast.toy.world import IMAGE_SIZE
 
-        return IMAGE_SIZE
-    return int((heldout and cfg.eval.resolution) or cfg.model.resolution)
+        return IMAGE_SIZE, IMAGE_SIZE
+    return image_hw((heldout and cfg.eval.resolution) or cfg.model.resolution)
 
 
 def run_prompts(dataset: str, seed: int, heldout: bool, n: int = 2) -> tuple[list[str], str | None]:
