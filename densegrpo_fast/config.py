@@ -352,7 +352,7 @@ class ModelSection(Section):
         False,
         description="sd3/flux/qwen_image: keep the frozen text encoders in host memory and move them to the "
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
-        "15.4 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
+        "13.2 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
     compile: bool = Field(
         False,

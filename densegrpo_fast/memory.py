@@ -77,6 +77,7 @@ import re
 import sys
 import types
 import weakref
+from collections.abc import Set
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -546,6 +547,18 @@ def policy_modules(policy) -> dict[str, torch.nn.Module]:
     return {k: v for k, v in policy.pipe.components.items() if isinstance(v, torch.nn.Module)}
 
 
+def host_only(policy) -> set[int]:
+    """Ids of the weights that ``policy`` keeps in host memory whatever the settings: those of its
+    ``unused_modules`` (Qwen-Image's vision tower and LM head), never counted on the device."""
+    unused = policy.unused_modules(policy.pipe) if hasattr(policy, "unused_modules") else {}
+    return {id(t) for m in unused.values() for t in (*m.parameters(), *m.buffers())}
+
+
+def device_weights(module: torch.nn.Module, skip: set[int]) -> list[torch.Tensor]:
+    """The parameters and buffers of ``module`` but those in ``skip`` (by id)."""
+    return [t for t in (*module.parameters(), *module.buffers()) if id(t) not in skip]
+
+
 def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, torch.nn.Module]:
     """The models a reward holds (its attributes, their attributes, lists of them: a CLIP, an MLP head, the
     parts of a weighted sum), by dotted name."""
@@ -832,11 +845,11 @@ def _repeats_skipped():
         trainer._micro_batches, trainer._most_micro_batches = batches, most
 
 
-def _track(tracker: LiveBytes, modules: dict[str, torch.nn.Module]) -> None:
-    """Count the weights of ``modules`` (by name) as live."""
+def _track(tracker: LiveBytes, modules: dict[str, torch.nn.Module], skip: Set[int] = frozenset()) -> None:
+    """Count the weights of ``modules`` (by name) as live, but those in ``skip`` (by id)."""
     for name, module in modules.items():
         with tracker.labelled(f"weights: {name}"):
-            for t in (*module.parameters(), *module.buffers()):
+            for t in device_weights(module, skip):
                 tracker.track(t)
 
 
@@ -870,7 +883,8 @@ def _iterations(
     ``eval_rewards()`` is the context the evaluation builds ``cfg.eval.rewards`` in."""
     from densegrpo_fast import distributed, trainer
 
-    _track(tracker, resident())  # (no reference kept: weights replaced by shards are freed)
+    # (no reference kept: weights replaced by shards are freed)
+    _track(tracker, resident(), host_only(policy))
     with (
         _encoding_phase(policy, tracker, encoder_bytes),
         _host_work(tracker),
@@ -992,7 +1006,8 @@ def estimate_run(
         make_fake(module, mode)
         module.requires_grad_(False)
         unmovable(module)  # (CLIP rewards move theirs)
-    weights = {k: storage_bytes([*m.parameters(), *m.buffers()]) for k, m in {**parts, **scored}.items()}
+    skip = host_only(policy)
+    weights = {k: storage_bytes(device_weights(m, skip)) for k, m in {**parts, **scored}.items()}
     tracker = LiveBytes(origins)
     from densegrpo_fast import distributed, trainer
 

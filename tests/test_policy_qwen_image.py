@@ -363,6 +363,35 @@ def test_config_cross_checks(overrides, match):
     load_config(TrainConfig, None, ["model.family=qwen_image", "model.max_sequence_length=1024"])
 
 
+def test_the_vision_tower_and_lm_head_stay_on_the_host(qwen_dir, policy):
+    """Qwen2.5-VL's vision tower and LM head, which a text prompt's encoding never calls, are neither loaded
+    onto the device nor moved there with an offloaded text encoder ("meta" stands for the device here: what
+    goes there loses its values); encoding gives the same embeds without them; a head tied to the input
+    embedding moves with the language model."""
+    on = lambda m: {p.device.type for p in m.parameters()}  # noqa: E731
+    for offload in (False, True):
+        loaded = QwenImagePolicy.load(
+            qwen_dir, device="meta", dtype="fp32", offload_text_encoders=offload, **OPTS
+        )
+        encoder = loaded.pipe.text_encoder
+        if offload:
+            assert on(encoder) == {"cpu"}
+            loaded._move_text_encoders(loaded.device)  # (as text_encoders_on_device does)
+        assert on(encoder.model.language_model) == on(loaded.transformer) == on(loaded.pipe.vae) == {"meta"}
+        assert on(encoder.model.visual) == on(encoder.lm_head) == {"cpu"}
+    pipe = tiny.qwen_image_pipeline(seed=0)  # (the fixture's weights)
+    unused = QwenImagePolicy.unused_modules(pipe)
+    assert set(unused) == {"text_encoder.model.visual", "text_encoder.lm_head"}
+    for m in unused.values():
+        m.to("meta")
+    embeds, mask = QwenImagePolicy(pipe, **OPTS)._encode(PROMPTS)
+    theirs = policy._encode(PROMPTS)
+    assert torch.equal(embeds, theirs[0]) and torch.equal(mask, theirs[1])
+    tied = tiny.qwen_image_pipeline(seed=0)
+    tied.text_encoder.lm_head.weight = tied.text_encoder.model.language_model.embed_tokens.weight
+    assert set(QwenImagePolicy.unused_modules(tied)) == {"text_encoder.model.visual"}
+
+
 def test_the_exported_lora_loads_into_qwen_image_pipeline(tmp_path):
     """``QwenImagePipeline.load_lora_weights`` takes the exported LoRA whole (true CFG on), and ``lora.init``
     starts from it."""
@@ -403,6 +432,9 @@ def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(qwen_dir, 
         assert abs(est.phases[phase] - bytes_) <= slack, (phase, est.phases[phase] - weights, live)
     assert measured["rollout + reward"] - weights > 10 * slack  # (the slack is small beside what is counted)
     assert est.calls["transformer"] > 0 and est.calls["text_encoder.model"] > 0
+    # the text encoder's weights on the device: the language model's alone (no vision tower, no LM head)
+    lm = policy.pipe.text_encoder.model.language_model
+    assert est.weights["text_encoder"] == sum(t.nbytes for t in (*lm.parameters(), *lm.buffers())) > 0
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")

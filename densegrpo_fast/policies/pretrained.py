@@ -170,6 +170,18 @@ def is_text_encoder(component: str) -> bool:
     return component.startswith("text_encoder")
 
 
+def move_except(module: torch.nn.Module, device, stay: set[int]) -> None:
+    """``module.to(device)``, except the submodules whose ``id`` is in ``stay``, which keep their place."""
+    if id(module) in stay:
+        return
+    if not any(id(m) in stay for m in module.modules()):
+        module.to(device)
+        return
+    module._apply(lambda t: t.to(device), recurse=False)  # (its own parameters and buffers, if any)
+    for child in module.children():
+        move_except(child, device, stay)
+
+
 class DiffusersPolicy:
     """Base of the adapters built on a diffusers pipeline: the parts of the
     :class:`~densegrpo_fast.policies.base.Policy` contract that do not depend on the family.
@@ -261,9 +273,10 @@ class DiffusersPolicy:
             root, **{_dtype_keyword(): {"default": want, "vae": torch.float32}}, local_files_only=True
         )
         _check_loaded_dtypes(pipe, want)
+        stay = {id(m) for m in cls.unused_modules(pipe).values()}  # (never needed on the device)
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
-                module.to(device)
+                move_except(module, device, stay)
         length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         policy = cls(pipe, resolution=resolution, max_sequence_length=length)
         policy.offload_text_encoders = offload_text_encoders
@@ -289,8 +302,20 @@ class DiffusersPolicy:
     offload_text_encoders = False
 
     def text_encoders(self) -> list[torch.nn.Module]:
-        """The pipeline's text encoders (SD3: two CLIPs and T5; FLUX.1: CLIP and T5)."""
+        """The pipeline's text encoders (SD3: two CLIPs and T5; FLUX.1: CLIP and T5; Qwen-Image: Qwen2.5-VL)."""
         return [m for k, m in self.pipe.components.items() if is_text_encoder(k) and m is not None]
+
+    @staticmethod
+    def unused_modules(pipe) -> dict[str, torch.nn.Module]:
+        """Parts of the pipeline's models that the adapter never calls, by dotted name: they stay in host
+        memory, neither loaded onto the device nor moved with an offloaded text encoder, and the memory
+        estimate does not count them. None in SD3 and FLUX.1."""
+        return {}
+
+    def _move_text_encoders(self, device) -> None:
+        stay = {id(m) for m in self.unused_modules(self.pipe).values()}
+        for m in self.text_encoders():
+            move_except(m, device, stay)
 
     def offload_text_encoders_(self, on: bool = True) -> None:
         """Keep the frozen text encoders in host memory (``on``) or on the policy's device. Offloaded, they
@@ -298,8 +323,7 @@ class DiffusersPolicy:
         once per iteration in training, for 10.4 GiB (SD3.5) or 9.1 GiB (FLUX.1) of bf16 weights that the
         rollout and the update then have for themselves."""
         self.offload_text_encoders = on
-        for m in self.text_encoders():
-            m.to("cpu" if on else self.device)
+        self._move_text_encoders("cpu" if on else self.device)
 
     _encoders_in = 0  # depth of text_encoders_on_device
 
@@ -314,14 +338,12 @@ class DiffusersPolicy:
         self._encoders_in += 1
         try:
             if self._encoders_in == 1:
-                for m in self.text_encoders():
-                    m.to(self.device)
+                self._move_text_encoders(self.device)
             yield
         finally:
             self._encoders_in -= 1
             if self._encoders_in == 0:
-                for m in self.text_encoders():
-                    m.to("cpu")
+                self._move_text_encoders("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
