@@ -240,6 +240,8 @@ def tiny_host_cost(family: str, lora: bool, repeats: int = 30) -> dict:
 
 
 def measure(tflops: float, tbps: float) -> list[dict]:
+    from densegrpo_fast.config import shown_resolution
+
     torch.set_num_threads(1)
     records = []
     for family in ("sd3", "flux"):
@@ -256,8 +258,8 @@ def measure(tflops: float, tbps: float) -> list[dict]:
             excess_ms, bound = gemm_excess_ms(two["gemms"], three["gemms"], per_call, tflops, tbps)
             host_ms = three["launches"] * tiny["us_per_op"] / 1e3
             records.append({
-                "model": f"{'SD3.5-M' if family == 'sd3' else 'FLUX.1-dev'} {cfg.model.resolution} px"
-                + (" CFG" if family == "sd3" else ""),
+                "model": f"{'SD3.5-M' if family == 'sd3' else 'FLUX.1-dev'} "
+                f"{shown_resolution(cfg.model.resolution)} px" + (" CFG" if family == "sd3" else ""),
                 "lora": lora,
                 "launches_per_call": three["launches"],
                 "launches_per_call_2_rows": two["launches"],

@@ -70,7 +70,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from densegrpo_fast.config import TrainConfig, load_config  # noqa: E402
+from densegrpo_fast.config import TrainConfig, load_config, resolution_record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the --tiny pipelines
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompts": cfg.prompts.prompts_per_iteration, "group_size": cfg.sampling.group_size,
             "rows": cfg.rows_per_iteration, "steps": cfg.sampling.num_steps,
             "max_rows_per_call": cfg.sampling.max_rows_per_call, "train_batch_size": cfg.grpo.train_batch_size,
-            "updates_per_iteration": cfg.grpo.updates_per_iteration, "resolution": cfg.model.resolution,
+            "updates_per_iteration": cfg.grpo.updates_per_iteration, "resolution": resolution_record(cfg.model.resolution),
             "dtype": cfg.model.dtype, "guidance_scale": cfg.sampling.guidance_scale, "beta": cfg.grpo.beta,
             "lora_rank": cfg.lora.rank, "gradient_checkpointing": cfg.model.gradient_checkpointing,
             "offload_text_encoders": cfg.model.offload_text_encoders,

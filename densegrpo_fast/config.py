@@ -265,15 +265,29 @@ def shown_resolution(resolution: Resolution) -> str:
     return str(resolution) if isinstance(resolution, int) else str(list(image_hw(resolution)))
 
 
+def _required_resolution(value: Any) -> Any:
+    """``model.resolution``: as :func:`_resolution_shape`, and not null."""
+    if value is None:
+        raise ValueError("null is not an image size: give one side in pixels (512) or [height, width]")
+    return _resolution_shape(value)
+
+
 def _resolution_shape(value: Any) -> Any:
-    """A resolution is a number or a pair: anything else is refused in one message, before the union's
-    per-member errors."""
-    if isinstance(value, (list, tuple)) and len(value) != 2:
+    """A resolution is one side or a pair [height, width], each a whole number of pixels >= 16: anything
+    else is refused in one message, not one per member of the field's union; a square pair is its side, so
+    that ``512`` and ``[512, 512]`` are one setting (a resume and the ranks of a job compare them equal)."""
+    if value is None:
+        return value  # (eval.resolution: "as model.resolution"; model.resolution: _required_resolution)
+    pair = isinstance(value, list | tuple)
+    sides = list(value) if pair else [value]
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in sides)
+    if len(sides) != (2 if pair else 1) or not whole or min(sides) < 16:
+        shown = sides if pair else repr(value)
         raise ValueError(
-            f"{list(value)} has {len(value)} number{'s' * (len(value) != 1)}: give one side in pixels (512, square images) or "
-            "[height, width] ([768, 1344])"
+            f"{shown} is not an image size: give one side in pixels (512: square images) or [height, width] "
+            "([768, 1344]), whole numbers of at least 16"
         )
-    return value
+    return sides[0] if not pair or sides[0] == sides[1] else tuple(sides)
 
 
 def resolution_record(resolution: Resolution) -> int | list[int]:
@@ -325,7 +339,7 @@ class ModelSection(Section):
         "itself; weights, SDE math and evaluation are untouched (toy on a CPU with avx512_bf16: bf16 makes "
         "the rollout 1.7x faster)",
     )
-    _resolution = field_validator("resolution", mode="before")(_resolution_shape)
+    _resolution = field_validator("resolution", mode="before")(_required_resolution)
     resolution: Side | tuple[Side, Side] = Field(
         512,
         description="sd3/flux/qwen_image: image side in pixels (square images), or [height, width]; "
@@ -422,8 +436,9 @@ class ModelSection(Section):
             for name in self.PRETRAINED_ONLY:
                 value = getattr(self, name)
                 if name in self.model_fields_set and value != type(self).model_fields[name].default:
+                    shown = shown_resolution(value) if name == "resolution" else repr(value)
                     out.append(
-                        f"model.{name} ({value!r}) applies to model.family sd3/flux/qwen_image only: the toy "
+                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image only: the toy "
                         "model runs fp32 at 32 px from its own checkpoint; remove it"
                     )
             return out

@@ -651,7 +651,8 @@ def _stub_targets(
 @dataclasses.dataclass
 class Estimate:
     """The estimate, in bytes. ``phases``: the peak of each phase, the set-up, the measured iteration and the
-    end of the run after it (weights included); ``weights``: every model's parameters and buffers; ``trained``:
+    end of the run after it (weights included); ``weights``: every model's parameters and buffers on the device
+    (not those the policy keeps on the host whatever the settings: :func:`host_only`); ``trained``:
     bytes of the trained weights; ``peak``: the largest phase; ``calls``: the calls each stub stood in for
     (the update's repeated micro-batches skipped: :func:`_repeats_skipped`); ``profiles``: each stub's
     profiled signatures; ``offloaded``: the models kept in host memory, on the device only while they run

@@ -118,6 +118,23 @@ def test_bad_training_configs_are_named_not_tracebacks(overrides, message):
         load_config(TrainConfig, TOY, overrides)
 
 
+@pytest.mark.parametrize("value", ["8", "[48, 32, 16]", "[48]", "48x32", "true", "512.0", "[48, 8]", "null"])
+def test_an_image_size_that_is_not_one_is_refused_in_one_line(value):
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, None, ["model.family=sd3", f"model.resolution={value}"])
+    assert "1 problem(s)" in str(e.value) and "is not an image size: give one side in pixels" in str(e.value)
+
+
+def test_a_square_pair_is_its_side():
+    """``[512, 512]`` and ``512`` are one setting: a resume and a torchrun job's ranks compare the dumped
+    configs, which then agree."""
+    cfg = load_config(
+        TrainConfig, None, ["model.family=sd3", "model.resolution=[512, 512]", "eval.resolution=[64, 48]"]
+    )
+    assert (cfg.model.resolution, cfg.eval.resolution) == (512, (64, 48))
+    assert load_config(TrainConfig, None, ["model.resolution=[512, 512]"]).model.resolution == 512  # (toy)
+
+
 def test_config_files_refuse_yaml_errors_and_keys_given_twice(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("sampling:\n  num_steps: 4\nrun:\n  seed: 1\nsampling:\n  group_size: 4\n")

@@ -392,6 +392,25 @@ def test_the_vision_tower_and_lm_head_stay_on_the_host(qwen_dir, policy):
     assert set(QwenImagePolicy.unused_modules(tied)) == {"text_encoder.model.visual"}
 
 
+def test_move_except_sends_the_modules_that_stay_to_the_host():
+    """Where a pipeline was built on the device (benchmarks/real_model_iteration.py), the modules that stay
+    are sent to the host, not left where they are; the others go to the device."""
+    from densegrpo_fast.policies.pretrained import move_except
+
+    moves = []
+
+    class Spy(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append((self, str(args[0])))
+            return super().to(*args, **kwargs)
+
+    kept, moved = Spy(2, 2), Spy(2, 2)
+    root = torch.nn.Sequential(torch.nn.Sequential(kept, torch.nn.Linear(2, 2)), moved)
+    move_except(root, "meta", {id(kept)})
+    assert moves == [(kept, "cpu"), (moved, "meta")]
+    assert root[0][1].weight.is_meta and moved.weight.is_meta and not kept.weight.is_meta
+
+
 def test_the_exported_lora_loads_into_qwen_image_pipeline(tmp_path):
     """``QwenImagePipeline.load_lora_weights`` takes the exported LoRA whole (true CFG on), and ``lora.init``
     starts from it."""

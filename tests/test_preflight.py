@@ -63,15 +63,16 @@ def test_every_failure_is_reported_with_its_fix_and_the_command_fails(tmp_path, 
 
 
 def test_the_held_out_rewards_score_images_of_eval_resolution(capsys):
-    """The training reward sees model.resolution's images, the held-out ones eval.resolution's."""
+    """The training reward sees model.resolution's images, the held-out ones eval.resolution's (non-square:
+    the height first, as the setting gives it)."""
     code = main(["validate", "--config", RECIPE, "--load-rewards", *CPU, "reward.name=redness",
-                 "reward.kwargs={}", "model.resolution=64", "eval.resolution=96",
+                 "reward.kwargs={}", "model.resolution=64", "eval.resolution=[96, 48]",
                  "eval.rewards={jpeg: {name: jpeg_compressibility}}"])  # fmt: skip
     lines, _ = _lines(capsys)
     assert code == 0
     (red,) = [ln for ln in lines if ln.startswith("reward 'redness'")]
     (jpeg,) = [ln for ln in lines if ln.startswith("eval.rewards.jpeg 'jpeg_compressibility'")]
-    assert "two 64 px images" in red and "two 96 px images" in jpeg
+    assert "two 64 px images" in red and "two images 96 px high and 48 px wide" in jpeg
 
 
 def test_each_server_of_a_list_is_checked(capsys):
@@ -146,9 +147,10 @@ def test_the_device_is_checked(capsys):
     assert "applies to --load-rewards only" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("size", [16, 100])
+@pytest.mark.parametrize("size", [16, 100, (48, 32)])
 def test_the_probe_images_are_smooth_images_in_range(size):
     img = probe_images(size)
-    assert img.shape == (2, 3, size, size) and img.min() >= 0 and img.max() <= 1
+    h, w = (size, size) if isinstance(size, int) else size
+    assert img.shape == (2, 3, h, w) and img.min() >= 0 and img.max() <= 1
     assert (img[..., 1:, :] - img[..., :-1, :]).abs().max() < 0.5  # smooth, not noise
     assert torch.equal(img, probe_images(size)) and not torch.equal(img[0], img[1])

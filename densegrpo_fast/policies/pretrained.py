@@ -171,8 +171,10 @@ def is_text_encoder(component: str) -> bool:
 
 
 def move_except(module: torch.nn.Module, device, stay: set[int]) -> None:
-    """``module.to(device)``, except the submodules whose ``id`` is in ``stay``, which keep their place."""
+    """``module.to(device)``, except the submodules whose ``id`` is in ``stay``, which go to host memory
+    (where they are already, as a pipeline loaded by :meth:`DiffusersPolicy.load` has them)."""
     if id(module) in stay:
+        module.to("cpu")
         return
     if not any(id(m) in stay for m in module.modules()):
         module.to(device)
@@ -308,8 +310,10 @@ class DiffusersPolicy:
     @staticmethod
     def unused_modules(pipe) -> dict[str, torch.nn.Module]:
         """Parts of the pipeline's models that the adapter never calls, by dotted name: they stay in host
-        memory, neither loaded onto the device nor moved with an offloaded text encoder, and the memory
-        estimate does not count them. None in SD3 and FLUX.1."""
+        memory, neither loaded onto the device nor moved with an offloaded text encoder (a pipeline built on
+        the device sends them to the host at ``offload_text_encoders_``), and the memory estimate does not
+        count them. The pipeline itself then no longer runs whole on the device (``pipe(...)``); the
+        adapter never calls it. None in SD3 and FLUX.1."""
         return {}
 
     def _move_text_encoders(self, device) -> None:

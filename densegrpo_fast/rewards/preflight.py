@@ -53,13 +53,15 @@ class Checked:
         scores = ", ".join(f"{v:.4g}" for v in self.scores)
         note = f" ({self.note})" if self.note else ""
         return (
-            f"{head}: built in {self.load_s:.1f} s; two {_shown_size(self.size)} px images scored in {self.score_s:.2f} s: "
+            f"{head}: built in {self.load_s:.1f} s; {_two_images(self.size)} scored in {self.score_s:.2f} s: "
             f"{scores}{note}"
         )
 
 
-def _shown_size(size: tuple[int, int]) -> str:
-    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+def _two_images(size: tuple[int, int]) -> str:
+    """``two 512 px images``, or ``two images 48 px high and 32 px wide`` (48x32 would be ambiguous)."""
+    h, w = size
+    return f"two {h} px images" if h == w else f"two images {h} px high and {w} px wide"
 
 
 def probe_images(size: int | tuple[int, int], n: int = 2) -> torch.Tensor:
