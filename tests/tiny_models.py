@@ -147,6 +147,41 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
     )
 
 
+def qwen_vl_checkpoint(root, seed: int = 0):
+    """A tiny random Qwen2.5-VL checkpoint in ``root`` (model, tokenizer, image processor), as
+    ``hf download Qwen/Qwen2.5-VL-7B-Instruct`` lays one out: two text layers, one vision block, 14 px
+    patches merged 2 x 2, images resized to at most 64 x 64 px; the byte-level tokenizer with Qwen's chat and
+    vision tokens. Returns ``root``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
+                                       "<|vision_end|>", "<|video_pad|>"]}
+    )  # fmt: skip
+    n = len(tokenizer)
+    start, image, video = tokenizer.convert_tokens_to_ids(
+        ["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]
+    )
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, vocab_size=n, max_position_embeddings=4096, rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[0]),
+        vocab_size=n, vision_start_token_id=start, image_token_id=image, video_token_id=video,
+    ))  # fmt: skip
+    model.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64).save_pretrained(root)
+    return root
+
+
 def exported_lora_round_trip(make_pipe, Adapter, opts: dict, prompts: list[str], guidance: float, tmp_path):
     """``save_lora`` writes diffusers' format: ``<Pipeline>.load_lora_weights`` on a fresh base model
     (``make_pipe()``) gives the adapted velocity (alpha / r folded into lora_B: the loaders assume

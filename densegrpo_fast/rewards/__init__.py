@@ -12,6 +12,7 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
   :mod:`densegrpo_fast.rewards.imagereward`
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
+- ``vqascore`` (VQAScore with a Qwen2.5-VL model): :mod:`densegrpo_fast.rewards.vqascore`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
 - ``geneval_detector`` (GenEval's detector, colours and rules, for a server in an environment with mmdetection):
   :mod:`densegrpo_fast.rewards.geneval_detector`
@@ -155,4 +156,14 @@ def _redness() -> Reward:
 
 
 # The rewards of the modules listed in the docstring register themselves on import (light imports only).
-from densegrpo_fast.rewards import clip, geneval_detector, hps, imagereward, jpeg, multi, ocr, remote  # noqa: E402, F401
+from densegrpo_fast.rewards import (  # noqa: E402, F401
+    clip,
+    geneval_detector,
+    hps,
+    imagereward,
+    jpeg,
+    multi,
+    ocr,
+    remote,
+    vqascore,
+)

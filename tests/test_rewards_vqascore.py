@@ -1,0 +1,95 @@
+"""The VQAScore reward (densegrpo_fast/rewards/vqascore.py) on a tiny random Qwen2.5-VL checkpoint."""
+
+import pytest
+import tiny_models as tiny
+import torch
+
+from densegrpo_fast.rewards import build_reward, kwargs_problems
+from densegrpo_fast.rewards.images import to_uint8
+from densegrpo_fast.rewards.vqascore import QUESTION, chat_prompt
+
+PROMPTS = ["a cat", "two red dogs on a green sofa", 'a photo of the word "hello"', "x"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny.qwen_vl_checkpoint(tmp_path_factory.mktemp("tiny_qwen_vl"))
+
+
+@pytest.fixture(scope="module")
+def reward(checkpoint):
+    r = build_reward("vqascore", model=str(checkpoint), dtype="float32", max_batch=3)
+    r.model.lm_head.weight.data.mul_(40)  # peaked logits: a wrong position or pad moves the score visibly
+    return r
+
+
+def reference(r, image: torch.Tensor, prompt: str) -> float:
+    """log P(answer | image, question) for one image alone (no padding), from the full logits: VQAScore's
+    definition, written out."""
+    pixels = r.image_processor(
+        images=[to_uint8(image[None])[0].permute(1, 2, 0).numpy()], return_tensors="pt"
+    )
+    n = int(pixels["image_grid_thw"][0].prod()) // 4
+    ids = r.tokenizer(chat_prompt(QUESTION.format(prompt=prompt), n)).input_ids + r.answer_ids
+    with torch.no_grad():
+        logits = r.model(
+            input_ids=torch.tensor([ids]), pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+        ).logits[0].double()  # fmt: skip
+    A, L = len(r.answer_ids), len(ids)
+    log_p = logits[L - A - 1 : L - 1].log_softmax(-1)
+    return float(sum(log_p[i, t] for i, t in enumerate(r.answer_ids)))
+
+
+def test_the_score_is_the_teacher_forced_probability_of_yes(reward):
+    """Batched (chunks of 3, prompts of different lengths padded on the left, non-square images) = each
+    image scored alone; the tiny tokenizer spells "Yes" in 3 tokens, so the answer's tokens are
+    teacher-forced and their probabilities multiplied."""
+    assert len(reward.answer_ids) == 3
+    images = torch.rand(4, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    scores = reward(images, PROMPTS)
+    assert scores.shape == (4,) and scores.dtype == torch.float32
+    assert ((scores >= 0) & (scores <= 1)).all()
+    ours = scores.double().log()
+    theirs = torch.tensor([reference(reward, im, p) for im, p in zip(images, PROMPTS, strict=True)]).double()
+    print(f"log scores {ours.tolist()}, alone {theirs.tolist()}")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert theirs.max() - theirs.min() > 0.05  # (the rows differ by far more than the tolerance)
+    # the prompt and the image both matter
+    assert reward(images[:1], ["a dog"])[0] != scores[0]
+    assert reward(images[1:2], PROMPTS[:1])[0] != scores[0]
+
+
+def test_bad_kwargs_are_named_and_missing_weights_say_what_to_download(checkpoint, tmp_path):
+    assert kwargs_problems("vqascore", {"question": "Is it a cat?"})[0].startswith(
+        "reward.kwargs.question='Is it a cat?' must contain {prompt}"
+    )
+    assert "format field other than {prompt}" in kwargs_problems("vqascore", {"question": "{prompt} {x}"})[0]
+    assert kwargs_problems("vqascore", {"dtype": "fp8", "max_batch": 0, "answer": " "}) == [
+        "reward.kwargs.dtype='fp8' is not one of ['bfloat16', 'float16', 'float32']",
+        "reward.kwargs.answer=' ' must be the non-empty answer scored (VQAScore's: 'Yes')",
+        "reward.kwargs.max_batch=0 must be a whole number >= 1",
+    ]
+    assert kwargs_problems("vqascore", {"model": "/x", "min_pixels": 3136}) == []
+    with pytest.raises(
+        ValueError, match=r"reward.kwargs.model='.*nothing': no model found there.*hf download"
+    ):
+        build_reward("vqascore", model=str(tmp_path / "nothing"))
+    from densegrpo_fast.policies.architectures import qwen_tokenizer
+
+    plain = tmp_path / "plain_tokenizer"
+    qwen_tokenizer().save_pretrained(plain)
+    (plain / "preprocessor_config.json").write_text((checkpoint / "preprocessor_config.json").read_text())
+    with pytest.raises(ValueError, match=r"its tokenizer lacks Qwen2.5-VL's tokens \['<\|vision_start\|>'"):
+        build_reward("vqascore", model=str(checkpoint), processor=str(plain), dtype="float32")
+
+
+def test_the_memory_estimate_notes_it_is_not_counted():
+    from densegrpo_fast.memory import new_fake_mode, reward_builder
+    from densegrpo_fast.rewards.clip import architectures_only
+
+    with (
+        pytest.raises(ValueError, match="prepared on the host"),
+        architectures_only(reward_builder(new_fake_mode())),
+    ):
+        build_reward("vqascore")
