@@ -31,10 +31,13 @@ def reference(r, image: torch.Tensor, prompt: str) -> float:
     )
     n = int(pixels["image_grid_thw"][0].prod()) // 4
     ids = r.tokenizer(chat_prompt(QUESTION.format(prompt=prompt), n)).input_ids + r.answer_ids
+    typed = {}
+    if r.typed:  # (transformers 5: the image tokens' 3-D positions need them)
+        typed["mm_token_type_ids"] = (torch.tensor([ids]) == r.image_token).int()
     with torch.no_grad():
         logits = r.model(
             input_ids=torch.tensor([ids]), pixel_values=pixels["pixel_values"],
-            image_grid_thw=pixels["image_grid_thw"],
+            image_grid_thw=pixels["image_grid_thw"], **typed,
         ).logits[0].double()  # fmt: skip
     A, L = len(r.answer_ids), len(ids)
     log_p = logits[L - A - 1 : L - 1].log_softmax(-1)
@@ -58,6 +61,39 @@ def test_the_score_is_the_teacher_forced_probability_of_yes(reward):
     # the prompt and the image both matter
     assert reward(images[:1], ["a dog"])[0] != scores[0]
     assert reward(images[1:2], PROMPTS[:1])[0] != scores[0]
+
+
+def test_the_image_tokens_get_their_3d_positions(reward, monkeypatch):
+    """Qwen2.5-VL's rotary positions of the image tokens (rows and columns of its patch grid) are computed for
+    every row: a batched-versus-alone comparison cannot see them missing (a whole row shifted by the same
+    offset scores the same), so the call is watched."""
+    body = reward.model.model
+    calls = []
+
+    def watched(*args, **kwargs):
+        out = type(body).get_rope_index(body, *args, **kwargs)
+        calls.append((kwargs.get("image_grid_thw", args[1] if len(args) > 1 else None), out[0]))
+        return out
+
+    monkeypatch.setattr(body, "get_rope_index", watched)
+    reward(torch.rand(2, 3, 48, 40), PROMPTS[:2])
+    ((grid, positions),) = calls
+    assert grid is not None and positions.shape[0] == 3  # (temporal, height, width)
+    assert not torch.equal(positions[1], positions[2])  # the image's rows and columns differ
+
+
+def test_the_answers_log_probability_is_the_log_softmax_chunk_by_chunk(monkeypatch):
+    from densegrpo_fast.rewards import vqascore
+
+    monkeypatch.setattr(vqascore, "VOCAB_CHUNK", 100)  # 263 rows: 3 chunks, the last short
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 263).to(torch.bfloat16)
+    hidden = torch.randn(2, 3, 16, generator=g).to(torch.bfloat16) * 8
+    answer = torch.tensor([5, 200, 262])
+    ours = vqascore.answer_log_probs(hidden, head, answer)
+    full = (hidden.double() @ head.weight.double().T + head.bias.double()).log_softmax(-1)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), full[:, range(3), answer], rtol=0, atol=1e-5)
 
 
 def test_bad_kwargs_are_named_and_missing_weights_say_what_to_download(checkpoint, tmp_path):

@@ -15,9 +15,14 @@ How it scores, per image (``VQAScore.__call__``):
   prompt): ``<|im_start|>system ... <|im_start|>user <|vision_start|><|image_pad|> x N <|vision_end|>
   QUESTION<|im_end|> <|im_start|>assistant``, N = the image's patches / 4 (2 x 2 merged).
 - The answer's tokens follow, teacher-forced; the score is the product of their probabilities (the
-  softmax over the whole vocabulary, in float32), as VQAScore defines it. Qwen's tokenizer makes "Yes" one
-  token. Prompts are padded on the left, so that every row's answer sits at the end and the model returns
-  the logits of those positions only (``logits_to_keep``).
+  softmax over the whole vocabulary), as VQAScore defines it. Qwen's tokenizer makes "Yes" one token.
+  Prompts are padded on the left, so that every row's answer sits at the end; the language model returns
+  its last states, and the LM head runs on the answer's positions alone, in float32 (a chunk of the
+  vocabulary at a time): bfloat16 logits of 20 to 30 would be rounded in steps of 0.125, a jitter of about
+  10 % in the score, where dense rewards need its small differences.
+- The image tokens get Qwen2.5-VL's 3-D rotary positions (transformers 5 computes them only when told
+  which tokens are the image's: ``mm_token_type_ids``, which its processor returns and which is passed
+  here).
 
 The model runs in ``dtype`` (default bfloat16) on ``device`` (default: the images' device). The memory
 estimate (``densegrpo-fast memory``) does not count it: its images are prepared on the host, which fake
@@ -26,6 +31,8 @@ tensors cannot do; it says so in a note. Weights load offline from a folder or t
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -39,11 +46,15 @@ SYSTEM = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
 EXAMPLE = "Qwen/Qwen2.5-VL-7B-Instruct"
 #: The chat and vision tokens the prompt is written with (Qwen2.5-VL's tokenizer has them all).
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>")
+#: Vocabulary rows per float32 matmul of the LM head (Qwen2.5-VL-7B: 152 k rows of 3584; 235 MB a chunk).
+VOCAB_CHUNK = 16384
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def chat_prompt(question: str, image_tokens: int) -> str:
-    """Qwen2.5-VL's chat format for one image and one question, up to the assistant's answer."""
+    """Qwen2.5-VL's chat format for one image and one question, up to the assistant's answer: what its chat
+    template gives for a user turn of an image then the question, with the default system prompt and the
+    generation prompt (transformers' Qwen2.5-VL documentation shows the same string)."""
     return (
         f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>"
         f"{'<|image_pad|>' * image_tokens}<|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n"
@@ -107,16 +118,17 @@ class VQAScore:
                 "its images are prepared on the host, which the estimate's fake tensors cannot do"
             )
         import transformers
+        from packaging.version import Version
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        cls = getattr(transformers, "Qwen2_5_VLForConditionalGeneration", None)
-        if cls is None:
+        if Version(transformers.__version__) < Version(
+            "4.52"
+        ):  # (Qwen2.5-VL's model with its language model)
             raise ValueError(
-                f"reward vqascore needs transformers >= 4.52 (Qwen2.5-VL); transformers "
+                f"reward vqascore needs transformers >= 4.52 (Qwen2.5-VL's current layout); transformers "
                 f"{transformers.__version__} is installed: pip install -U 'transformers>=4.52' (keep your torch)"
             )
-        from packaging.version import Version
-
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
         old = Version(transformers.__version__) < Version("4.56")  # (named torch_dtype before)
         try:
             with quiet_loading():
@@ -125,6 +137,11 @@ class VQAScore:
                 )
         except OSError as e:
             raise _missing("model", str(model), EXAMPLE, e) from None
+        if self.model.config.model_type != "qwen2_5_vl":
+            raise ValueError(
+                f"reward.kwargs.model={str(model)!r} is a {self.model.config.model_type!r} checkpoint: vqascore "
+                f"scores with Qwen2.5-VL (e.g. `hf download {EXAMPLE}`)"
+            )
         source = str(processor or model)
         sizes = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
         try:
@@ -143,6 +160,10 @@ class VQAScore:
                 f"the folder of a Qwen2.5-VL checkpoint (e.g. `hf download {EXAMPLE}`)"
             )
         self.merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        self.image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        body = self.model.model
+        #: transformers 5 computes the image tokens' 3-D positions only when told which they are
+        self.typed = "mm_token_type_ids" in inspect.signature(body.forward).parameters
         self.question, self.max_batch = question, max_batch
         self.answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
         self.model.requires_grad_(False).eval()
@@ -162,12 +183,16 @@ class VQAScore:
         ]
         tokens = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
         forced = torch.tensor(self.answer_ids[:-1], dtype=torch.long).expand(len(texts), -1)
-        return {
-            "input_ids": torch.cat([tokens.input_ids, forced], 1).to(device),
+        ids = torch.cat([tokens.input_ids, forced], 1)
+        out = {
+            "input_ids": ids.to(device),
             "attention_mask": torch.cat([tokens.attention_mask, torch.ones_like(forced)], 1).to(device),
             "pixel_values": pixels["pixel_values"].to(device, self.model.dtype),
             "image_grid_thw": grid.to(device),
         }
+        if self.typed:  # text 0, image 1 (as the processor's create_mm_token_type_ids)
+            out["mm_token_type_ids"] = (ids == self.image_token).int().to(device)
+        return out
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -180,7 +205,21 @@ class VQAScore:
         out = []
         for s in range(0, len(prompts), self.max_batch):
             chunk = self._inputs(images[s : s + self.max_batch], prompts[s : s + self.max_batch], device)
-            logits = self.model(**chunk, logits_to_keep=len(self.answer_ids)).logits.float()  # [b, A, V]
-            log_p = logits.log_softmax(-1).gather(-1, answer.expand(logits.shape[0], -1)[..., None])
-            out.append(log_p.squeeze(-1).sum(1).exp())
+            hidden = self.model.model(**chunk, use_cache=False).last_hidden_state[:, -len(self.answer_ids) :]
+            out.append(answer_log_probs(hidden, self.model.lm_head, answer).sum(1).exp())
         return torch.cat(out).to(images.device)
+
+
+def answer_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, answer: torch.Tensor) -> torch.Tensor:
+    """``log softmax(head(hidden))[..., answer]`` in float32, the head's weights cast a chunk of
+    :data:`VOCAB_CHUNK` rows at a time (never the whole head). Shapes: hidden [b, A, D], answer [A] -> [b, A]."""
+    h = hidden.float()
+    weight, bias = head.weight, head.bias
+    norm = None  # log-sum-exp of the logits over the vocabulary, chunk by chunk
+    for start in range(0, weight.shape[0], VOCAB_CHUNK):
+        rows = slice(start, start + VOCAB_CHUNK)
+        logits = h @ weight[rows].float().T + (0 if bias is None else bias[rows].float())
+        part = logits.logsumexp(-1)
+        norm = part if norm is None else torch.logaddexp(norm, part)
+    picked = (h * weight[answer].float()).sum(-1) + (0 if bias is None else bias[answer].float())
+    return picked - norm
