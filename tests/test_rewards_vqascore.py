@@ -120,12 +120,17 @@ def test_bad_kwargs_are_named_and_missing_weights_say_what_to_download(checkpoin
         build_reward("vqascore", model=str(checkpoint), processor=str(plain), dtype="float32")
 
 
-def test_the_memory_estimate_notes_it_is_not_counted():
+def test_the_memory_estimate_notes_it_is_not_counted_with_the_size_to_add(checkpoint):
     from densegrpo_fast.memory import new_fake_mode, reward_builder
     from densegrpo_fast.rewards.clip import architectures_only
 
-    with (
-        pytest.raises(ValueError, match="prepared on the host"),
-        architectures_only(reward_builder(new_fake_mode())),
-    ):
+    mode = new_fake_mode()
+    # the default (Qwen2.5-VL-7B, not on disk here): the built-in architecture's size
+    default = r"prepared on the host.* 8,292,166,656 parameters take 15.4 GiB in bfloat16"
+    with pytest.raises(ValueError, match=default), architectures_only(reward_builder(mode)):
         build_reward("vqascore")
+    tiny_model = build_reward("vqascore", model=str(checkpoint), dtype="float32").model
+    n = sum(t.numel() for t in tiny_model.parameters())
+    on_disk = rf"model's {n:,} parameters take 0.0 GiB in float32"
+    with pytest.raises(ValueError, match=on_disk), architectures_only(reward_builder(mode)):
+        build_reward("vqascore", model=str(checkpoint), dtype="float32")

@@ -26,7 +26,8 @@ How it scores, per image (``VQAScore.__call__``):
 
 The model runs in ``dtype`` (default bfloat16) on ``device`` (default: the images' device). The memory
 estimate (``densegrpo-fast memory``) does not count it: its images are prepared on the host, which fake
-tensors cannot do; it says so in a note. Weights load offline from a folder or the Hugging Face cache
+tensors cannot do; its note says so, with the weights' size to add (Qwen2.5-VL-7B: 8.29 B parameters,
+15.4 GiB in bfloat16). Weights load offline from a folder or the Hugging Face cache
 (``hf download Qwen/Qwen2.5-VL-7B-Instruct``).
 """
 
@@ -115,7 +116,8 @@ class VQAScore:
             raise ValueError("; ".join(problems))
         if building_architectures():  # (densegrpo-fast memory: see the module docstring)
             raise ValueError(
-                "its images are prepared on the host, which the estimate's fake tensors cannot do"
+                f"its images are prepared on the host, which fake tensors cannot do; {_size(model, dtype)} to "
+                "add to the peak"
             )
         import transformers
         from packaging.version import Version
@@ -208,6 +210,26 @@ class VQAScore:
             hidden = self.model.model(**chunk, use_cache=False).last_hidden_state[:, -len(self.answer_ids) :]
             out.append(answer_log_probs(hidden, self.model.lm_head, answer).sum(1).exp())
         return torch.cat(out).to(images.device)
+
+
+def _size(model: str, dtype: str) -> str:
+    """What the weights of ``model`` (its config on disk; Qwen2.5-VL-7B's built-in one for the default id
+    not on disk) take in ``dtype``, built on the meta device (nothing allocated): for the memory estimate's
+    note."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from densegrpo_fast.policies.architectures import QWEN25_VL_7B
+
+    try:
+        config = Qwen2_5_VLConfig.from_pretrained(str(model), local_files_only=True)
+    except OSError:
+        if str(model) != EXAMPLE:
+            return "its model is not on disk, so its size is unknown here"
+        config = Qwen2_5_VLConfig(**QWEN25_VL_7B)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
+    size = torch.tensor([], dtype=_DTYPES[dtype]).element_size()
+    return f"its model's {n:,} parameters take {n * size / 2**30:.1f} GiB in {dtype}"
 
 
 def answer_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, answer: torch.Tensor) -> torch.Tensor:
