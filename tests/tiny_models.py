@@ -111,27 +111,37 @@ def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     )
 
 
-def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
-    """``QwenImagePipeline`` with tiny random components (Qwen-Image's scheduler config, a two-layer
-    Qwen2.5-VL, a video VAE of factor 2), fp32, on the CPU. The tokenizer is byte-level (one token per
-    byte): the chat template's system part is longer than the pipeline's 34 dropped tokens, so a slice of
-    it stays in front of each prompt's tokens, which changes nothing the engine relies on."""
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+def tiny_qwen25_vl(tokenizer, vision_ids: tuple[int, int, int], **vision):
+    """A two-layer Qwen2.5-VL (16 wide, one vision block: ``vision`` adds to its config) for ``tokenizer``;
+    ``vision_ids``: the vision-start, image and video token ids."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    tokenizer = architectures.qwen_tokenizer()
     n = len(tokenizer)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+    start, image, video = vision_ids
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
         text_config=dict(
             hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=2, vocab_size=n, max_position_embeddings=4096, rope_theta=1000000.0,
             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16),
-        vocab_size=n, vision_start_token_id=n, image_token_id=n + 1, video_token_id=n + 2,
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                           **vision),
+        vocab_size=n, vision_start_token_id=start, image_token_id=image, video_token_id=video,
     ))  # fmt: skip
+
+
+def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
+    """``QwenImagePipeline`` with tiny random components (Qwen-Image's scheduler config, a two-layer
+    Qwen2.5-VL, a video VAE of factor 2), fp32, on the CPU. The tokenizer is byte-level (one token per
+    byte): the chat template's system part is longer than the pipeline's 34 dropped tokens, so a slice of
+    it stays in front of each prompt's tokens, which changes nothing the engine relies on."""
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen_tokenizer()
+    n = len(tokenizer)
+    text_encoder = tiny_qwen25_vl(tokenizer, (n, n + 1, n + 2))  # (it never sees an image)
     vae = AutoencoderKLQwenImage(
         base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
@@ -152,7 +162,7 @@ def qwen_vl_checkpoint(root, seed: int = 0):
     ``hf download Qwen/Qwen2.5-VL-7B-Instruct`` lays one out: two text layers, one vision block, 14 px
     patches merged 2 x 2, images resized to at most 64 x 64 px; the byte-level tokenizer with Qwen's chat and
     vision tokens. Returns ``root``."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+    from transformers import Qwen2VLImageProcessor
 
     torch.manual_seed(seed)
     tokenizer = architectures.qwen_tokenizer()
@@ -160,22 +170,9 @@ def qwen_vl_checkpoint(root, seed: int = 0):
         {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
                                        "<|vision_end|>", "<|video_pad|>"]}
     )  # fmt: skip
-    n = len(tokenizer)
-    start, image, video = tokenizer.convert_tokens_to_ids(
-        ["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"]
-    )
-    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-        text_config=dict(
-            hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, vocab_size=n, max_position_embeddings=4096, rope_theta=1000000.0,
-            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[0]),
-        vocab_size=n, vision_start_token_id=start, image_token_id=image, video_token_id=video,
-    ))  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
+    model = tiny_qwen25_vl(tokenizer, ids, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=56, fullatt_block_indexes=[0])  # fmt: skip
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64).save_pretrained(root)
