@@ -1293,6 +1293,8 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
         if not reward_modules(fn):  # JPEG sizes and the like: nothing on the GPU
             notes.append(f"{where} {r.name!r} holds no model on this process's device: not counted")
             return None, []
+        if getattr(fn, "estimate_note", None):  # what the reward says of its own estimate (VQAScore's)
+            notes.append(f"{where} {r.name!r}: {fn.estimate_note}")
         return fn, stood_in
 
     def counted(where: str, r, stood_in: list[str]) -> None:

@@ -325,6 +325,33 @@ def test_a_clip_reward_is_counted(sd3_dir, clip_dir, tmp_path, from_config):  # 
         assert phases[phase] - every == pytest.approx(measured[phase] - policy_weights, rel=1e-3), phase
 
 
+def test_a_vqascore_reward_adds_its_weights_to_every_phase(sd3_dir, tmp_path):
+    """VQAScore's model (a tiny Qwen2.5-VL on disk) built from its config with fake weights, as the command
+    builds it: every phase holds its weights on top of the same run with a weight-free reward (its
+    activations are not counted, and a note says so)."""
+    import yaml
+
+    from densegrpo_fast.memory import counted_rewards, storage_bytes
+
+    vl = tiny.qwen_vl_checkpoint(tmp_path / "qwen_vl")
+    reward = {"name": "vqascore", "kwargs": {"model": str(vl), "dtype": "float32"}}
+    flow = yaml.safe_dump(reward, default_flow_style=True, width=1 << 30).strip()
+    cfg = _config(sd3_dir, tmp_path / "vqa", "fp32", [f"reward={flow}"])
+    mode, notes = new_fake_mode(), []
+    reward_fn, _ = counted_rewards(cfg, mode, notes)
+    assert notes == ["reward 'vqascore': " + reward_fn.estimate_note]
+    policy, _ = fake_policy(cfg, mode)
+    with_vqa = estimate_run(cfg, policy, reward_fn=reward_fn)
+    plain_cfg = _config(sd3_dir, tmp_path / "plain", "fp32")  # (redness: no weights)
+    policy, _ = fake_policy(plain_cfg, new_fake_mode())
+    plain = estimate_run(plain_cfg, policy)
+    real = build_reward(reward["name"], **reward["kwargs"]).model
+    bytes_ = storage_bytes([*real.parameters(), *real.buffers()])
+    assert with_vqa.weights["reward.model"] == bytes_ > 0
+    for phase in PHASES:
+        assert with_vqa.phases[phase] - plain.phases[phase] == pytest.approx(bytes_, abs=4096), phase
+
+
 def test_live_bytes_counts_storages_once_and_frees_them():
     t = LiveBytes()
     with t:

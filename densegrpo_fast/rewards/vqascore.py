@@ -25,9 +25,10 @@ How it scores, per image (``VQAScore.__call__``):
   here).
 
 The model runs in ``dtype`` (default bfloat16) on ``device`` (default: the images' device). The memory
-estimate (``densegrpo-fast memory``) does not count it: its images are prepared on the host, which fake
-tensors cannot do; its note says so, with the weights' size to add (Qwen2.5-VL-7B: 8.29 B parameters,
-15.4 GiB in bfloat16). Weights load offline from a folder or the Hugging Face cache
+estimate (``densegrpo-fast memory``) counts its weights (built from the checkpoint's config, or Qwen2.5-VL-7B's
+built-in one when the default is not on disk: 8.29 B parameters, 15.4 GiB in bfloat16), not its activations:
+its images are prepared on the host, which fake tensors cannot do, so it scores nothing there (a note says
+so). Weights load offline from a folder or the Hugging Face cache
 (``hf download Qwen/Qwen2.5-VL-7B-Instruct``).
 """
 
@@ -38,7 +39,13 @@ import inspect
 import torch
 
 from densegrpo_fast.rewards import count_problems, register
-from densegrpo_fast.rewards.clip import _missing, building_architectures, quiet_loading
+from densegrpo_fast.rewards.clip import (
+    _missing,
+    _stand_in,
+    build_architecture,
+    building_architectures,
+    quiet_loading,
+)
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 
 QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
@@ -114,18 +121,22 @@ class VQAScore:
         problems = _problems(question=question, answer=answer, dtype=dtype, max_batch=max_batch)
         if problems:
             raise ValueError("; ".join(problems))
-        if building_architectures():  # (densegrpo-fast memory: see the module docstring)
-            raise ValueError(
-                f"its images are prepared on the host, which fake tensors cannot do; {_size(model, dtype)} to "
-                "add to the peak"
+        self.device = torch.device(device) if device else None
+        self._placed: torch.device | None = None
+        self.estimating = building_architectures()  # (densegrpo-fast memory: see the module docstring)
+        if self.estimating:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            config = _config(str(model))
+            self.model = build_architecture(
+                lambda: Qwen2_5_VLForConditionalGeneration(config), _DTYPES[dtype]
             )
+            return
         import transformers
         from packaging.version import Version
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        if Version(transformers.__version__) < Version(
-            "4.52"
-        ):  # (Qwen2.5-VL's model with its language model)
+        if Version(transformers.__version__) < Version("4.52"):  # (Qwen2.5-VL's model holding its LM)
             raise ValueError(
                 f"reward vqascore needs transformers >= 4.52 (Qwen2.5-VL's current layout); transformers "
                 f"{transformers.__version__} is installed: pip install -U 'transformers>=4.52' (keep your torch)"
@@ -169,8 +180,6 @@ class VQAScore:
         self.question, self.max_batch = question, max_batch
         self.answer_ids = self.tokenizer(answer, add_special_tokens=False).input_ids
         self.model.requires_grad_(False).eval()
-        self.device = torch.device(device) if device else None
-        self._placed: torch.device | None = None
 
     def _inputs(self, images: torch.Tensor, prompts: list[str], device: torch.device) -> dict:
         """The model's inputs for one chunk: pixels and grid from the image processor, the chat prompts with
@@ -196,9 +205,17 @@ class VQAScore:
             out["mm_token_type_ids"] = (ids == self.image_token).int().to(device)
         return out
 
+    #: What the memory estimate says of it (see the module docstring).
+    estimate_note = (
+        "its weights are counted, not its activations (a forward of max_batch images without gradients): its "
+        "images are prepared on the host, which fake tensors cannot do"
+    )
+
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
+        if self.estimating:  # (fake weights: nothing to score with)
+            return images.new_zeros(len(prompts), dtype=torch.float32)
         device = self.device or images.device
         if device != self._placed:
             self.model.to(device)
@@ -212,24 +229,19 @@ class VQAScore:
         return torch.cat(out).to(images.device)
 
 
-def _size(model: str, dtype: str) -> str:
-    """What the weights of ``model`` (its config on disk; Qwen2.5-VL-7B's built-in one for the default id
-    not on disk) take in ``dtype``, built on the meta device (nothing allocated): for the memory estimate's
-    note."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+def _config(model: str):
+    """The ``Qwen2_5_VLConfig`` of ``model`` (a folder or a cached hub id), or Qwen2.5-VL-7B's built-in one for
+    the default id when it is not on disk (noted as stood in for): the memory estimate's architecture."""
+    from transformers import Qwen2_5_VLConfig
 
     from densegrpo_fast.policies.architectures import QWEN25_VL_7B
 
     try:
-        config = Qwen2_5_VLConfig.from_pretrained(str(model), local_files_only=True)
-    except OSError:
-        if str(model) != EXAMPLE:
-            return "its model is not on disk, so its size is unknown here"
-        config = Qwen2_5_VLConfig(**QWEN25_VL_7B)
-    with torch.device("meta"):
-        n = sum(p.numel() for p in Qwen2_5_VLForConditionalGeneration(config).parameters())
-    size = torch.tensor([], dtype=_DTYPES[dtype]).element_size()
-    return f"its model's {n:,} parameters take {n * size / 2**30:.1f} GiB in {dtype}"
+        return Qwen2_5_VLConfig.from_pretrained(model, local_files_only=True)
+    except OSError as e:
+        if model != EXAMPLE or not _stand_in(model):
+            raise _missing("model", model, EXAMPLE, e) from None
+        return Qwen2_5_VLConfig(**QWEN25_VL_7B)
 
 
 def answer_log_probs(hidden: torch.Tensor, head: torch.nn.Linear, answer: torch.Tensor) -> torch.Tensor:
