@@ -240,12 +240,9 @@ def dump_config(cfg: BaseModel, path: str | Path) -> None:
 # Every section of `densegrpo-fast train`. Defaults follow ALGORITHM.md (Flow-GRPO's recipe, DenseGRPO's
 # dense reward and calibration); derived values are properties, never stored twice.
 
-from typing import Annotated, ClassVar, Literal  # noqa: E402
+from typing import ClassVar, Literal  # noqa: E402
 
 from pydantic import Field, field_validator, model_validator  # noqa: E402
-
-#: One side of an image in pixels.
-Side = Annotated[int, Field(ge=16)]
 
 #: An image size setting (``model.resolution``, ``eval.resolution``): one side in pixels (square images) or
 #: [height, width].
@@ -273,7 +270,8 @@ def _required_resolution(value: Any) -> Any:
 
 
 def _resolution_shape(value: Any) -> Any:
-    """A resolution is one side or a pair [height, width], each a whole number of pixels >= 16: anything
+    """A resolution is one side or a pair [height, width], each a whole number of pixels >= 16 (checked
+    here, for the field's type and bounds): anything
     else is refused in one message, not one per member of the field's union; a square pair is its side, so
     that ``512`` and ``[512, 512]`` are one setting (a resume and the ranks of a job compare them equal)."""
     if value is None:
@@ -340,7 +338,7 @@ class ModelSection(Section):
         "the rollout 1.7x faster)",
     )
     _resolution = field_validator("resolution", mode="before")(_required_resolution)
-    resolution: Side | tuple[Side, Side] = Field(
+    resolution: int | tuple[int, int] = Field(
         512,
         description="sd3/flux/qwen_image: image side in pixels (square images), or [height, width]; "
         "multiples of 16",
@@ -766,7 +764,7 @@ class EvalSection(Section):
         "of each image's noise seed)",
     )
     _resolution = field_validator("resolution", mode="before")(_resolution_shape)
-    resolution: Side | tuple[Side, Side] | None = Field(
+    resolution: int | tuple[int, int] | None = Field(
         None,
         description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, or [height, width]; "
         "multiples of 16; null = model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "

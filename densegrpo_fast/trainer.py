@@ -37,7 +37,7 @@ from densegrpo_fast.checkpoint import (
     trainable_state,
     write_atomic,
 )
-from densegrpo_fast.config import TrainConfig, dump_config, flat, image_hw
+from densegrpo_fast.config import TrainConfig, dump_config, flat
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
@@ -1102,10 +1102,11 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     cfg, policy = run.cfg, run.policy
     e = cfg.eval
     stance = contextlib.nullcontext()
-    off_size = e.resolution is not None and image_hw(e.resolution) != image_hw(cfg.model.resolution)
-    if off_size:  # (the copy shares the transformer: EMA, merged adapters)
+    if e.resolution is not None:  # (a copy sharing the transformer, EMA, merged adapters; or the policy)
         policy = policy.at_resolution(e.resolution)
-        if cfg.model.compile and hasattr(torch.compiler, "set_stance"):  # (torch >= 2.6)
+        if (
+            policy is not run.policy and cfg.model.compile and hasattr(torch.compiler, "set_stance")
+        ):  # (>= 2.6)
             # compiled blocks that met a second image size would recompile with its sequence length
             # dynamic, and training would then run that shape-generic graph too: this evaluation runs eager
             stance = torch.compiler.set_stance("force_eager")
