@@ -248,6 +248,17 @@ def run_cases(arch: int, shapes=(SD35M, FLUX, ODD), dtypes=tuple(DTYPES)) -> Rec
                     lp, k = sde_log_prob(x, v, x, sigma, sigma_next, std, ref_velocity=x if kl else None)
                     rec.case += " backward"
                     (lp.sum() + (k.sum() if kl else 0)).backward()
+        # CPS (the coefficients-preserving step): its own compiled branch of every kernel, at SD3.5-M's shape
+        for name in dtypes:
+            x = torch.zeros(SD35M, dtype=DTYPES[name])
+            sigma, sigma_next, std = _rows(SD35M[0])  # (std 0.5 <= sigma_next 0.7: a valid CPS noise std)
+            rec.case = f"sde_step {name} {list(SD35M)} cps write_ode"
+            sde_step(x, x, sigma, sigma_next, std, x, write_ode=True, cps=True)
+            rec.case = f"sde_log_prob {name} {list(SD35M)} cps kl"
+            v = x.clone().requires_grad_(True)
+            lp, k = sde_log_prob(x, v, x, sigma, sigma_next, std, ref_velocity=x, cps=True)
+            rec.case += " backward"
+            (lp.sum() + k.sum()).backward()
         # Narrower noise or reference velocity than fp32 latents and velocity (a caller's choice the engine
         # does not make): the step and the recomputation must still sum a row in one order.
         x = torch.zeros(SD35M)

@@ -15,9 +15,10 @@ if __name__ != "densegrpo_fast.kernels":
 else:
     from .group_advantages import group_advantages, group_advantages_reference
     from .sde_log_prob import sde_log_prob, sde_log_prob_reference
-    from .sde_step import sde_std, sde_step, sde_step_reference
+    from .sde_step import cps_std, sde_std, sde_step, sde_step_reference
 
     __all__ = [
+        "cps_std",
         "group_advantages",
         "group_advantages_reference",
         "sde_log_prob",

@@ -154,7 +154,9 @@ def check_rows(name: str, t: torch.Tensor, like: torch.Tensor) -> None:
         )
 
 
-def check_schedule(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor) -> None:
+def check_schedule(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor, cps: bool = False
+) -> None:
     """Value rules of one SDE step (host read: see :func:`check_values`)."""
     if torch.compiler.is_compiling() or (sigma.is_cuda and not check_values()):
         return  # values are data: a traced graph cannot branch on them
@@ -169,5 +171,11 @@ def check_schedule(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Ten
         )
     if not bool(((std >= 0) & torch.isfinite(std)).all()):
         raise ValueError(
-            f"std must be finite and >= 0 (0 marks an ODE row), got {std.tolist()}; build it with sde_std()"
+            f"std must be finite and >= 0 (0 marks an ODE row), got {std.tolist()}; build it with "
+            f"{'cps_std' if cps else 'sde_std'}()"
+        )
+    if cps and not bool((std <= sigma_next).all()):
+        raise ValueError(
+            f"under cps, std is the step's noise std and must satisfy std <= sigma_next (the next latent's whole "
+            f"noise), got std={std.tolist()} sigma_next={sigma_next.tolist()}; build it with cps_std(sigma_next, eta)"
         )

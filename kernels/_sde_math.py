@@ -16,6 +16,16 @@ Per row, with ``s = sigma``, ``dt = sigma_next - sigma < 0``::
 
 Rows with ``std == 0`` are ODE rows: ``cx = 1``, ``cv = dt`` and ``x' = x + v * dt`` exactly, and their
 log-prob and KL are defined as 0 (the Gaussian is degenerate there; such rows must never reach a loss).
+
+With ``cps`` (coefficients-preserving sampling, Wang & Yu 2025; ALGORITHM.md §2), ``std`` is the step's noise
+std itself, ``0 <= std <= sigma_next``, and the mean keeps the flow's coefficients: with
+``x0 = x - s v``, ``x1 = x + (1 - s) v`` and ``r = sqrt(sigma_next^2 - std^2)``::
+
+    mean = (1 - sigma_next) x0 + r x1:   cx = (1 - sigma_next) + r,   cv = r (1 - s) - s (1 - sigma_next)
+    ns   = std,   so the kl above is the exact Gaussian KL (Flow-GRPO's CPS takes that one)
+
+An ODE row (``std == 0``) takes the Euler coefficients above, not the CPS ones (equal in exact arithmetic,
+not in fp32), so it matches a completion's Euler steps bit for bit under either sampler.
 """
 
 from __future__ import annotations
@@ -48,9 +58,16 @@ def chunk_launches(n: int) -> list[tuple[int, int]]:
     return [(first, min(MAX_GRID_Y, n - first)) for first in range(0, n, MAX_GRID_Y)]
 
 
-def row_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor):
-    """Per-row ``(dt, cx, cv, ns)`` of the SDE step, in the dtype of ``sigma``. Shape: each [B]."""
+def row_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.Tensor, cps: bool = False):
+    """Per-row ``(dt, cx, cv, ns)`` of the SDE step (``cps``: of the CPS step), in the dtype of ``sigma``.
+    Shape: each [B]."""
     dt = sigma_next - sigma
+    if cps:
+        ode = std == 0
+        root = torch.sqrt(sigma_next * sigma_next - std * std)
+        cx = torch.where(ode, torch.ones_like(dt), (1.0 - sigma_next) + root)
+        cv = torch.where(ode, dt, root * (1.0 - sigma) - sigma * (1.0 - sigma_next))
+        return dt, cx, cv, std
     var = std * std
     cx = 1.0 + var / (2.0 * sigma) * dt
     cv = (1.0 + var * (1.0 - sigma) / (2.0 * sigma)) * dt
@@ -58,9 +75,9 @@ def row_coefficients(sigma: torch.Tensor, sigma_next: torch.Tensor, std: torch.T
     return dt, cx, cv, ns
 
 
-def finish_log_prob(sum_sq: torch.Tensor, n: int, sigma, sigma_next, std) -> torch.Tensor:
+def finish_log_prob(sum_sq: torch.Tensor, n: int, sigma, sigma_next, std, cps: bool = False) -> torch.Tensor:
     """Per-row log-prob from the sum over elements of ``(x' - mean)^2``. Shape: sum_sq [B] -> [B]."""
-    _, _, _, ns = row_coefficients(sigma, sigma_next, std)
+    _, _, _, ns = row_coefficients(sigma, sigma_next, std, cps)
     sde = std != 0  # (a negative std, refused by the checks, would give NaN here, not a silent 0)
     safe_ns = torch.where(sde, ns, torch.ones_like(ns))
     lp = -(sum_sq / n) / (2.0 * safe_ns * safe_ns) - torch.log(safe_ns) - LOG_SQRT_2PI
@@ -72,9 +89,9 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def mean_reference(x, v, sigma, sigma_next, std):
+def mean_reference(x, v, sigma, sigma_next, std, cps: bool = False):
     """``mean = x * cx + v * cv`` with per-row coefficients broadcast over the latent dims."""
-    _, cx, cv, _ = row_coefficients(sigma, sigma_next, std)
+    _, cx, cv, _ = row_coefficients(sigma, sigma_next, std, cps)
     shape = (-1,) + (1,) * (x.dim() - 1)
     return x * cx.view(shape) + v * cv.view(shape)
 
@@ -91,27 +108,37 @@ def row_sums(t: torch.Tensor) -> torch.Tensor:
     return flat.view(flat.shape[0], -1, CHUNK).sum(2).sum(1)
 
 
-def log_prob_reference_from_mean(next_sample, mean, sigma, sigma_next, std) -> torch.Tensor:
+def log_prob_reference_from_mean(
+    next_sample, mean, sigma, sigma_next, std, cps: bool = False
+) -> torch.Tensor:
     """Shared by both references: the log-prob of ``next_sample`` given the step mean. Shape: [B]."""
     sum_sq = row_sums((next_sample - mean).square())
-    return finish_log_prob(sum_sq, next_sample[0].numel(), sigma, sigma_next, std)
+    return finish_log_prob(sum_sq, next_sample[0].numel(), sigma, sigma_next, std, cps)
 
 
 # ------------------------------------------------------------------------------------------------ Triton
 
 
 @triton.jit
-def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row):
+def load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row, CPS: tl.constexpr):
     """Per-row ``dt, cx, cv, ns`` in fp32: the operations of :func:`row_coefficients` in its order, each
     rounded as IEEE rounds it (``div_rn``, ``sqrt_rn``: a GPU's default fp32 division and square root are
     approximate), so they are the floats torch computes in fp32; and the row's ``std`` itself."""
     s = tl.load(sigma_ptr + row)
-    dt = tl.load(sigma_next_ptr + row) - s
+    sn = tl.load(sigma_next_ptr + row)
+    dt = sn - s
     sd = tl.load(std_ptr + row)
-    var = sd * sd
-    cx = 1.0 + tl.div_rn(var, 2.0 * s) * dt
-    cv = (1.0 + tl.div_rn(var * (1.0 - s), 2.0 * s)) * dt
-    ns = sd * tl.sqrt_rn(-dt)
+    if CPS:
+        ode = sd == 0.0
+        root = tl.sqrt_rn(sn * sn - sd * sd)
+        cx = tl.where(ode, 1.0, (1.0 - sn) + root)
+        cv = tl.where(ode, dt, root * (1.0 - s) - s * (1.0 - sn))
+        ns = sd
+    else:
+        var = sd * sd
+        cx = 1.0 + tl.div_rn(var, 2.0 * s) * dt
+        cv = (1.0 + tl.div_rn(var * (1.0 - s), 2.0 * s)) * dt
+        ns = sd * tl.sqrt_rn(-dt)
     return dt, cx, cv, ns, sd
 
 
@@ -145,7 +172,7 @@ def _finish_kernel(
     sum_sq_ptr, sum_dv2_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # per-chunk partials [B, n_chunks]; rows
     log_prob_ptr, kl_ptr,  # outputs [B]
     N, n_chunks,
-    BLOCK_C: tl.constexpr, TILES: tl.constexpr, WITH_KL: tl.constexpr,
+    BLOCK_C: tl.constexpr, TILES: tl.constexpr, WITH_KL: tl.constexpr, CPS: tl.constexpr,
 ):  # fmt: skip
     """Per row: the partials added in an order fixed by n_chunks alone, then :func:`finish_log_prob` (and
     the KL of the module docstring) in fp32. torch's own reduction may pick another order for another B on
@@ -153,7 +180,7 @@ def _finish_kernel(
     cannot."""
     row = tl.program_id(0).to(tl.int64)
     sum_sq = _row_total(sum_sq_ptr, row, n_chunks, BLOCK_C, TILES)
-    _, _, cv, ns, sd = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    _, _, cv, ns, sd = load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row, CPS)
     sde = sd != 0.0
     safe_ns = tl.where(sde, ns, 1.0)
     n = N * 1.0  # fp32, as torch divides by a Python int
@@ -166,7 +193,7 @@ def _finish_kernel(
         tl.store(kl_ptr + row, tl.where(sde, kl, 0.0))
 
 
-def finish_rows(sum_sq, sum_dv2, n: int, sigma, sigma_next, std):
+def finish_rows(sum_sq, sum_dv2, n: int, sigma, sigma_next, std, cps: bool = False):
     """``(log_prob, kl)``, each float32 [B], from the per-chunk partials [B, n_chunks] of a row of ``n``
     elements, in one launch; ``kl`` is None when ``sum_dv2`` is. On a GPU the log-prob of a step costs the
     streaming kernel and this one, nothing more."""
@@ -177,6 +204,6 @@ def finish_rows(sum_sq, sum_dv2, n: int, sigma, sigma_next, std):
     kl = empty((B,), torch.float32, sum_sq.device) if with_kl else log_prob
     _finish_kernel[(B,)](
         sum_sq, sum_dv2 if with_kl else sum_sq, sigma, sigma_next, std, log_prob, kl, n, n_chunks,
-        BLOCK_C=block, TILES=triton.cdiv(n_chunks, block), WITH_KL=with_kl, **LAUNCH,
+        BLOCK_C=block, TILES=triton.cdiv(n_chunks, block), WITH_KL=with_kl, CPS=cps, **LAUNCH,
     )  # fmt: skip
     return log_prob, (kl if with_kl else None)

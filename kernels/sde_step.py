@@ -10,6 +10,8 @@ graph and traced by ``torch.compile``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _sde_math as sm
@@ -23,11 +25,11 @@ def _sde_step_kernel(
     x_ptr, v_ptr, noise_ptr, sigma_ptr, sigma_next_ptr, std_ptr,  # inputs
     out_ptr, ode_ptr, sum_sq_ptr,  # outputs: next latent, ODE next latent, per-chunk sums of (x'-mean)^2
     N, n_chunks, first_chunk,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, WRITE_ODE: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, WRITE_ODE: tl.constexpr, CPS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     chunk = first_chunk + tl.program_id(1).to(tl.int64)
-    dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row)
+    dt, cx, cv, ns, _ = sm.load_row_coefficients(sigma_ptr, sigma_next_ptr, std_ptr, row, CPS)
     base = row * N
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, CHUNK, BLOCK):
@@ -47,7 +49,7 @@ def _sde_step_kernel(
     tl.store(sum_sq_ptr + row * n_chunks + chunk, tl.sum(acc, axis=0))
 
 
-def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode):
+def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode, cps):
     B, N = sample.shape[0], sample[0].numel()
     n_chunks = triton.cdiv(N, sm.CHUNK)
     out = empty(sample.shape, sample.dtype, sample.device)
@@ -56,9 +58,9 @@ def _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode)
     for first, grid in sm.chunk_launches(n_chunks):
         _sde_step_kernel[(B, grid)](
             sample, velocity, noise, sigma, sigma_next, std, out, ode, sum_sq, N, n_chunks, first,
-            CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, **LAUNCH,
+            CHUNK=sm.CHUNK, BLOCK=sm.BLOCK, WRITE_ODE=write_ode, CPS=cps, **LAUNCH,
         )  # fmt: skip
-    log_prob, _ = sm.finish_rows(sum_sq, None, N, sigma, sigma_next, std)
+    log_prob, _ = sm.finish_rows(sum_sq, None, N, sigma, sigma_next, std, cps)
     return out, log_prob, (ode if write_ode else None)
 
 
@@ -74,17 +76,19 @@ def _sde_step_op(
     std: torch.Tensor,
     noise: torch.Tensor,
     write_ode: bool,
+    cps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (sample, velocity, sigma, sigma_next, std, noise, write_ode, cps)
     if backend_for(sample) == "triton":
-        out, log_prob, ode = _sde_step_triton(sample, velocity, sigma, sigma_next, std, noise, write_ode)
+        out, log_prob, ode = _sde_step_triton(*args)
     else:
-        out, log_prob, ode = sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_ode)
+        out, log_prob, ode = sde_step_reference(*args)
     # custom ops return tensors only: an absent ODE output travels as an empty tensor
     return out, log_prob, (ode if ode is not None else sample.new_empty(0))
 
 
 @_sde_step_op.register_fake
-def _(sample, velocity, sigma, sigma_next, std, noise, write_ode):
+def _(sample, velocity, sigma, sigma_next, std, noise, write_ode, cps=False):
     ode = torch.empty_like(sample) if write_ode else sample.new_empty(0)
     return torch.empty_like(sample), sample.new_empty(sample.shape[0], dtype=torch.float32), ode
 
@@ -98,6 +102,7 @@ def sde_step(
     noise: torch.Tensor,
     *,
     write_ode: bool = False,
+    cps: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One SDE step per row, with the log-probability of the step taken.
 
@@ -110,6 +115,9 @@ def sde_step(
         noise: ``eps ~ N(0, I)``, same shape as sample, any float dtype.
         write_ode: also return ``x + v * dt`` for every row (the first Euler step of a completion that
             reuses this velocity).
+        cps: take the coefficients-preserving step instead (Wang & Yu 2025): ``std`` is then the noise std
+            itself, ``0 <= std <= sigma_next`` (see :func:`cps_std`), and the mean
+            ``(1 - sigma_next) x0 + sqrt(sigma_next^2 - std^2) x1`` with ``x0 = x - s v``, ``x1 = x + (1 - s) v``.
 
     Returns:
         ``(next_sample, log_prob, ode_next)``: next_sample in sample's dtype; log_prob float32 [B] (the
@@ -124,18 +132,20 @@ def sde_step(
     check_latent("noise", noise, like=sample)
     for name, t in (("sigma", sigma), ("sigma_next", sigma_next), ("std", std)):
         check_rows(name, t, like=sample)
-    check_schedule(sigma, sigma_next, std)
+    check_schedule(sigma, sigma_next, std, cps)
     sample, velocity, noise = (t.detach().contiguous() for t in (sample, velocity, noise))
     sigma, sigma_next, std = (t.detach().contiguous() for t in (sigma, sigma_next, std))
     noise = widened(noise, sample, velocity, sample.dtype)  # the summation order sde_log_prob has
-    out, log_prob, ode = _sde_step_op(sample, velocity, sigma, sigma_next, std, noise, write_ode)
+    out, log_prob, ode = _sde_step_op(sample, velocity, sigma, sigma_next, std, noise, write_ode, cps)
     return out, log_prob, (ode if write_ode else None)
 
 
 # --------------------------------------------------------------------------------------- reference
 
 
-def sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_ode: bool = False):
+def sde_step_reference(
+    sample, velocity, sigma, sigma_next, std, noise, write_ode: bool = False, cps: bool = False
+):
     """The spec of :func:`sde_step` in plain PyTorch (its CPU path and benchmark baseline).
 
     With ``s = sigma``, ``dt = sigma_next - s`` (negative), per row::
@@ -145,16 +155,19 @@ def sde_step_reference(sample, velocity, sigma, sigma_next, std, noise, write_od
         log_prob = mean_i[ -(x'_i - mean_i)^2 / (2 std^2 (-dt)) ] - log(std sqrt(-dt)) - log(sqrt(2 pi))
         ode_next = x + v * dt
 
+    With ``cps``: ``mean = (1 - sigma_next) (x - s v) + sqrt(sigma_next^2 - std^2) (x + (1 - s) v)`` and
+    ``x' = mean + std * eps`` (the log-prob likewise with ``std`` in place of ``std sqrt(-dt)``).
+
     ``log_prob`` is 0 on rows with ``std == 0``. Computed in fp32 (fp64 when an input is fp64).
     """
     cd = sm.compute_dtype(sample, velocity, sigma)
     x, v, eps = sample.to(cd), velocity.to(cd), noise.to(cd)
     sigma, sigma_next, std = sigma.to(cd), sigma_next.to(cd), std.to(cd)
-    dt, _, _, ns = sm.row_coefficients(sigma, sigma_next, std)
+    dt, _, _, ns = sm.row_coefficients(sigma, sigma_next, std, cps)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    mean = sm.mean_reference(x, v, sigma, sigma_next, std)
+    mean = sm.mean_reference(x, v, sigma, sigma_next, std, cps)
     out = (mean + ns.view(shape) * eps).to(sample.dtype)
-    log_prob = sm.log_prob_reference_from_mean(out.to(cd), mean, sigma, sigma_next, std)
+    log_prob = sm.log_prob_reference_from_mean(out.to(cd), mean, sigma, sigma_next, std, cps)
     ode = (x + v * dt.view(shape)).to(sample.dtype) if write_ode else None
     return out, log_prob, ode
 
@@ -182,3 +195,24 @@ def sde_std(sigma: torch.Tensor, noise_level: torch.Tensor | float, sigma_guard:
         )
     one_minus = 1.0 - torch.where(sigma >= 1.0, torch.full_like(sigma, sigma_guard), sigma)
     return noise_level * torch.sqrt(sigma / one_minus)
+
+
+def cps_std(sigma_next: torch.Tensor, noise_level: torch.Tensor | float) -> torch.Tensor:
+    """The noise std of a coefficients-preserving step (Wang & Yu 2025), ``sigma_next * sin(eta pi / 2)``,
+    the ``std`` that :func:`sde_step` takes with ``cps=True``. ``noise_level`` is ``eta`` in [0, 1] (a float,
+    or per-row values broadcastable to ``sigma_next``): 0 is the ODE step, 1 replaces all of the next latent's
+    noise with fresh noise. The last step of a grid (``sigma_next == 0``) has no noise under any ``eta``.
+    """
+    if torch.compiler.is_compiling():
+        bad = False
+    elif isinstance(noise_level, torch.Tensor):
+        bad = not noise_level.is_cuda and bool(((noise_level < 0) | (noise_level > 1)).any())
+    else:
+        bad = not 0.0 <= noise_level <= 1.0
+    if bad:
+        raise ValueError(
+            f"noise_level ({noise_level}) must lie in [0, 1] under CPS: it is eta, the share of the next "
+            "latent's noise drawn afresh as sin(eta pi / 2); use a value of at most 1"
+        )
+    eta = torch.as_tensor(noise_level, dtype=sigma_next.dtype, device=sigma_next.device)
+    return sigma_next * torch.sin(eta * (math.pi / 2))

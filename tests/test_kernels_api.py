@@ -147,6 +147,23 @@ def test_opcheck():
         torch.ops.densegrpo.sde_log_prob.default,
         (a["sample"], v, a["noise"], a["sigma"], a["sigma_next"], a["std"], a["velocity"] + 0.1),
     )
+    torch.library.opcheck(  # and the CPS step (std 0.05 <= sigma_next)
+        torch.ops.densegrpo.sde_step.default,
+        (
+            a["sample"],
+            a["velocity"],
+            a["sigma"],
+            a["sigma_next"],
+            a["std"] * 0 + 0.05,
+            a["noise"],
+            True,
+            True,
+        ),
+    )
+    torch.library.opcheck(
+        torch.ops.densegrpo.sde_log_prob.default,
+        (a["sample"], v, a["noise"], a["sigma"], a["sigma_next"], a["std"] * 0 + 0.05, a["velocity"], True),
+    )
     torch.library.opcheck(
         torch.ops.densegrpo.group_advantages.default, (torch.randn(8, 3), 4, 1e-4, 5.0, None, False)
     )

@@ -25,7 +25,10 @@ ARCHS = (90, 80)
 ALIGNED = ("[24, 16, 64, 64]", "[8, 4096, 64]")  # SD3.5-M at 512 px, FLUX.1 at 1024 px
 ODD = "[3, 3, 5, 7]"  # 105 elements a row: rows start unaligned, no 16-byte access can tile them
 MIXED = 4  # at SD3.5-M's shape, fp32 latents: the step with bf16 / fp16 noise, the forward with such a v_ref
-CALLS = 3 * 3 * 6 + MIXED + 8  # 3 shapes x 3 dtypes x 6 calls, the mixed calls, 8 advantage calls
+CPS = 3 * 3  # at SD3.5-M's shape, 3 dtypes: the CPS step (write_ode), its forward with KL and backward
+CALLS = (
+    3 * 3 * 6 + MIXED + CPS + 8
+)  # 3 shapes x 3 dtypes x 6 calls, the mixed and CPS calls, 8 advantage calls
 
 # Per streaming kernel: (per-row scalars it reads, latent-sized tensors it reads, partial sums it writes,
 # latent-sized tensors it writes); the second of each pair applies with the flag (WRITE_ODE or WITH_KL).
@@ -130,8 +133,8 @@ def test_at_the_real_shapes_every_latent_element_moves_in_128_bit_accesses(launc
         assert loads.get("128", 0) >= tensors[on], r
         assert stores.get("128", 0) >= outputs[on], r
         checked += 1
-    # 3 dtypes x (2 steps, 2 forwards, 2 backwards), and the mixed calls at SD3.5-M's shape
-    assert checked == len(ARCHS) * (3 * 6 + (MIXED if shape == ALIGNED[0] else 0))
+    # 3 dtypes x (2 steps, 2 forwards, 2 backwards), and the mixed and CPS calls at SD3.5-M's shape
+    assert checked == len(ARCHS) * (3 * 6 + (MIXED + CPS if shape == ALIGNED[0] else 0))
 
 
 def test_the_step_and_its_recomputation_sum_a_row_in_one_order(launches):

@@ -5,6 +5,7 @@ Run by benchmarks/gpu_suite.sh on a GPU machine; the CPU tier covers the same ma
 
 import pytest
 import torch
+from test_kernels_cps import eager_cps_same_dtype, make_cps_step
 from test_kernels_sde import MIXED, eager_step_same_dtype, make_step
 from tolerances import assert_close_by_rule
 
@@ -68,6 +69,36 @@ def test_compiled_on_policy_exactness_with_mixed_dtypes(dtypes):
     idx = torch.tensor([23, 0], device="cuda")
     part, _ = sde_log_prob(x[idx], v[idx], out[idx], sigma[idx], sigma_next[idx], std[idx])
     assert torch.equal(part, lp[idx])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_cps_step_log_prob_and_gradient(dtype):
+    """The CPS branch compiled: the step against float64 by the rule, the Euler step on ODE rows and at the
+    grid's end, the ratio 1 bit for bit, and the gradient with KL against autograd."""
+    shape = (24, 16, 64, 64)
+    x, v, noise, sigma, sigma_next, std = cuda(*make_cps_step(shape, dtype, ode_rows=(1,)))
+    out, lp, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True, cps=True)
+    d = [t.double() for t in (x, v, sigma, sigma_next, std, noise)]
+    ref_out, _, _ = sde_step_reference(*d, write_ode=True, cps=True)
+    eager_out = eager_cps_same_dtype(x, v, noise, sigma, sigma_next, std)
+    assert_close_by_rule(out, eager_out, ref_out, dtype, "next_sample")
+    assert torch.equal(out[1], ode[1]) and torch.equal(out[-1], ode[-1]) and lp[1] == 0 and lp[-1] == 0
+    again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, cps=True)
+    assert torch.equal(again, lp)
+    v_ref = (v.float() + 0.05 * torch.randn_like(v, dtype=torch.float32)).to(dtype)
+    vv = v.clone().requires_grad_(True)
+    lp2, kl = sde_log_prob(x, vv, out, sigma, sigma_next, std, ref_velocity=v_ref, cps=True)
+    assert torch.equal(lp2, lp)
+    (lp2.sum() + 0.5 * kl.sum()).backward()
+
+    def grad_of(cast):
+        vel = cast(v).detach().requires_grad_(True)
+        args = [cast(t) for t in (x, vel, out, sigma, sigma_next, std, v_ref)]
+        lp_r, kl_r = sde_log_prob_reference(*args, cps=True)
+        return torch.autograd.grad(lp_r.sum() + 0.5 * kl_r.sum(), vel)[0]
+
+    eager = grad_of(lambda t: t.float()).to(dtype)
+    assert_close_by_rule(vv.grad.float(), eager, grad_of(lambda t: t.double()), dtype, "dL/dv")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
