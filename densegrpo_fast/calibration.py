@@ -4,7 +4,8 @@ Before training, with the pretrained policy: sample N trajectories with the curr
 ``psi``, compute every step reward ``dR_k``, and for each step move ``psi_k`` up by ``eps2`` when gains and
 losses are balanced (``|#(dR_k > 0) - #(dR_k < 0)| < eps1``) and down by ``eps2`` otherwise; K rounds.
 ``dR_k == 0`` counts on neither side. psi is a multiplier of ``sqrt(s / (1 - s))`` (the same scale as
-Flow-GRPO's ``a``), clamped to ``[psi_min, psi_max]``; steps outside an SDE window stay at 0.
+Flow-GRPO's ``a``), clamped to ``[psi_min, psi_max]``; steps outside an SDE window stay at 0. Under CPS
+(``noise.sde=cps``) psi is eta, the noise std ``sigma_{k+1} sin(psi_k pi / 2)``, and at most 1.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def load_psi(path: Path, num_steps: int) -> tuple[torch.Tensor, list[int], dict]
     return psi, [int(k) for k in covered], data
 
 
-def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) -> None:
+def plot_psi(path: Path, trajectory: list[list[float]], schedule: Schedule) -> None:
     """psi per step over the rounds, the calibrated psi against the initial one, and the SDE coefficient
-    ``std_k`` (the absolute noise scale) each gives."""
+    ``std_k`` (the absolute noise scale; under CPS the noise std) each gives on ``schedule``'s grid."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,14 +99,17 @@ def plot_psi(path: Path, trajectory: list[list[float]], sigmas: torch.Tensor) ->
         axes[0].plot(traj[:, k], label=f"k={k}")
     axes[0].set(xlabel="calibration round", ylabel="psi_k", title="psi per step during calibration")
     axes[0].legend(fontsize=6, ncol=2)
-    s = sigmas[:-1]
+    s = schedule.sigmas[:-1]
     axes[1].plot(range(len(s)), traj[-1], "o-", label="psi_k (calibrated)")
     axes[1].plot(range(len(s)), traj[0], "--", label="initial (uniform)")
     axes[1].set(xlabel="step k", ylabel="psi", title="calibrated noise level")
     axes[1].legend(fontsize=7)
-    axes[2].plot(range(len(s)), Schedule(sigmas, traj[-1]).std, "o-", label="calibrated")
-    axes[2].plot(range(len(s)), Schedule(sigmas, traj[0]).std, "--", label="initial (uniform)")
-    axes[2].set(xlabel="step k", ylabel="std_k = psi_k sqrt(s/(1-s))", title="SDE coefficient")
+    axes[2].plot(range(len(s)), schedule.with_noise(traj[-1]).std, "o-", label="calibrated")
+    axes[2].plot(range(len(s)), schedule.with_noise(traj[0]).std, "--", label="initial (uniform)")
+    if schedule.cps:
+        axes[2].set(xlabel="step k", ylabel="std_k = s' sin(psi_k pi / 2)", title="CPS noise std")
+    else:
+        axes[2].set(xlabel="step k", ylabel="std_k = psi_k sqrt(s/(1-s))", title="SDE coefficient")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -140,8 +144,15 @@ def calibrate(
     n = cfg.noise
     ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)  # moving: all
     base = make_schedule(
-        T, cfg.sampling.shift, n.level, ws, size, sigmas=sampler_grid(T, cfg.sampling.shift, policy)
+        T,
+        cfg.sampling.shift,
+        n.level,
+        ws,
+        size,
+        sigmas=sampler_grid(T, cfg.sampling.shift, policy),
+        sde=n.sde,
     )
+    psi_max = min(cal.psi_max, 1.0) if base.cps else cal.psi_max  # (eta: sin(eta pi / 2) peaks at 1)
     psi = base.noise_level.clone()
     active = base.sde_steps
     trajectory = [psi.tolist()]
@@ -149,7 +160,7 @@ def calibrate(
     device = policy.device
     bar = tqdm(range(cal.iterations), desc="calibrating psi", disable=not progress, dynamic_ncols=True)
     for it in bar:
-        sched = Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi)))
+        sched = base.with_noise(torch.where(active, psi, torch.zeros_like(psi)))
         prompts = [p for p in prompt_source.sample(n_prompts, it, stream="calibration") for _ in range(G)]
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed * 1_000_003 + 7919 * it + 1)
         mine = dist.rows(len(prompts))  # every row in one process
@@ -172,7 +183,7 @@ def calibrate(
         pos, neg = balance_counts(dR.cpu())
         gains.append(pos.tolist())
         losses.append(neg.tolist())
-        psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, cal.psi_max, active)
+        psi = calibration_step(psi, dR.cpu(), cal.eps1, cal.eps2, cal.psi_min, psi_max, active)
         trajectory.append(psi.tolist())
         bar.set_postfix(psi=" ".join(f"{p:.2f}" for p in psi.tolist()))
     meta = {
@@ -186,8 +197,9 @@ def calibrate(
         # counts, as they are; it only correlates a group's rows)
         "share_initial_noise": cfg.sampling.share_initial_noise,
         "sigmas": base.sigmas.tolist(),
+        "sde": n.sde,  # psi is a multiple of sqrt(s / (1 - s)) for flow_grpo, eta for cps: a run checks it
         # the absolute noise scale per step, calibrated and initial (0 outside a fixed window)
-        "std": Schedule(base.sigmas, torch.where(active, psi, torch.zeros_like(psi))).std.tolist(),
+        "std": base.with_noise(torch.where(active, psi, torch.zeros_like(psi))).std.tolist(),
         "std_initial": base.std.tolist(),
         "gains": gains,  # [round][step]: #(dR_k > 0) over the round's rows
         "losses": losses,  # [round][step]: #(dR_k < 0)
@@ -198,7 +210,7 @@ def calibrate(
 
     def write() -> None:  # rank 0 alone; its error (a full disk) reaches every rank, which waits for it
         save_psi(out_path, psi, trajectory, meta)
-        plot_psi(out_path.with_suffix(".png"), trajectory, base.sigmas)
+        plot_psi(out_path.with_suffix(".png"), trajectory, base)
         if note is not None:
             import warnings
 

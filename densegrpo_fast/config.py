@@ -522,7 +522,9 @@ class CalibrationSection(Section):
     eps1: float = Field(2.0, ge=0, description="balance threshold on |#(dR>0) - #(dR<0)|")
     eps2: float = Field(0.01, gt=0, description="psi step per round")
     psi_min: float = Field(0.0, ge=0, description="lower bound of psi")
-    psi_max: float = Field(1.5, gt=0, description="upper bound of psi")
+    psi_max: float = Field(
+        1.5, gt=0, description="upper bound of psi (under noise.sde=cps psi is eta, and 1 bounds it too)"
+    )
     path: str | None = Field(
         None, description="psi table (JSON) to use or write; null = <output_dir>/psi.json"
     )
@@ -532,7 +534,16 @@ class NoiseSection(Section):
     kind: Literal["uniform", "calibrated"] = Field(
         "calibrated", description="uniform a at every step, or DenseGRPO's calibrated per-step psi"
     )
-    level: float = Field(0.7, ge=0, description="a (uniform), and the initial psi of calibration")
+    sde: Literal["flow_grpo", "cps"] = Field(
+        "flow_grpo",
+        description="the SDE step: flow_grpo (ALGORITHM.md §2, std = a sqrt(s / (1 - s))), or cps, "
+        "coefficients-preserving sampling (Wang & Yu 2025; Flow-GRPO's sde_type: cps): the noise std is "
+        "sigma_next sin(eta pi / 2) with the level as eta in [0, 1], and each latent keeps the flow's "
+        "(1 - sigma) x0 + sigma eps form, so the exploration adds no excess noise; the grid's last step has none",
+    )
+    level: float = Field(
+        0.7, ge=0, description="a (uniform), and the initial psi of calibration; eta under cps"
+    )
     window_start: int | None = Field(
         None, ge=0, description="first SDE step (DenseGRPO-Fast); null = no window"
     )
@@ -965,6 +976,21 @@ class TrainConfig(Section):
             )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
+        if self.noise.sde == "cps" and steps and T - 1 in steps:
+            problems.append(
+                f"grpo.trained_steps contains the grid's last step {T - 1}, which has no noise under noise.sde=cps "
+                "(its noise std is sigma_next = 0 times eta's share), so it would train nothing; leave it out"
+            )
+        if self.noise.sde == "cps":
+            for key, value in (
+                ("level", self.noise.level),
+                ("calibration.psi_min", self.noise.calibration.psi_min),
+            ):
+                if value > 1:
+                    problems.append(
+                        f"noise.{key} ({value}) must be <= 1 with noise.sde=cps: it is eta, the share of fresh "
+                        "noise sin(eta pi / 2), which peaks at 1; use a value in [0, 1] (0.7 is a common start)"
+                    )
         problems += self.model.problems()
         if self.model.dtype == "fp16":
             problems.append(

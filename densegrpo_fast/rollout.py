@@ -171,8 +171,9 @@ def sample(
         first_is_next = starts_here and paths[k][1] == k + 1
         noise = torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32)
         x_next, lp, ode = sde_step(
-            x, v_main, sig_k, sigmas[k + 1].expand(B), std[k].expand(B), noise, write_ode=first_is_next
-        )
+            x, v_main, sig_k, sigmas[k + 1].expand(B), std[k].expand(B), noise, write_ode=first_is_next,
+            cps=schedule.cps,
+        )  # fmt: skip
         latents[:, k + 1] = x_next
         log_probs[:, k] = lp
 

@@ -4,7 +4,8 @@ Conventions: step ``k = 0..T-1`` takes ``lat[k]`` at ``sigma[k]`` to ``lat[k+1]`
 ``sigma[0] = 1 > ... > sigma[T] = 0``; the transformer receives ``timestep = 1000 * sigma``.
 
 A :class:`Schedule` is the grid plus the per-step noise level ``a_k`` (the paper's psi) and the SDE
-coefficient ``std_k = a_k * sqrt(sigma_k / (1 - sigma_k))`` (with Flow-GRPO's guard at ``sigma = 1``).
+coefficient ``std_k = a_k * sqrt(sigma_k / (1 - sigma_k))`` (with Flow-GRPO's guard at ``sigma = 1``), or
+under CPS (``sde="cps"``) the noise std ``sigma_{k+1} sin(a_k pi / 2)`` with ``a_k`` as eta.
 ``a_k = 0`` makes step k an ODE step: outside an SDE window (DenseGRPO-Fast, §6) every step is one.
 """
 
@@ -17,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from densegrpo_fast.kernels import sde_std
+from densegrpo_fast.kernels import cps_std, sde_std
+
+SDES = ("flow_grpo", "cps")  # the SDE steps a schedule may take (config noise.sde)
 
 
 def sigma_grid(num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -112,12 +115,15 @@ class Schedule:
 
     Shape:
         sigmas:      [T+1] float32, 1 -> 0
-        noise_level: [T]   float32, a_k (0 on ODE steps)
-        std:         [T]   float32, the SDE coefficient of each step (0 on ODE steps)
+        noise_level: [T]   float32, a_k (0 on ODE steps); eta in [0, 1] under CPS
+        std:         [T]   float32, the kernels' ``std`` of each step (0 on ODE steps): the SDE coefficient,
+                           or under CPS the noise std
+    ``sde``: ``"flow_grpo"`` (ALGORITHM.md §2) or ``"cps"`` (coefficients-preserving sampling).
     """
 
     sigmas: torch.Tensor
     noise_level: torch.Tensor
+    sde: str = "flow_grpo"
 
     def __post_init__(self):
         T = self.num_steps
@@ -133,25 +139,44 @@ class Schedule:
             raise ValueError(f"sigmas must fall strictly from 1 to 0, got {self.sigmas.tolist()}")
         if not bool(((self.noise_level >= 0) & torch.isfinite(self.noise_level)).all()):
             raise ValueError(f"noise levels must be finite and >= 0, got {self.noise_level.tolist()}")
+        if self.sde not in SDES:
+            raise ValueError(f"sde {self.sde!r} is not one of {', '.join(SDES)}")
+        if self.cps and not bool((self.noise_level <= 1).all()):
+            raise ValueError(
+                f"noise levels must be <= 1 under CPS (eta: the share of fresh noise is sin(eta pi / 2)), got "
+                f"{self.noise_level.tolist()}"
+            )
 
     @property
     def num_steps(self) -> int:
         return self.noise_level.shape[0]
 
+    @property
+    def cps(self) -> bool:
+        return self.sde == "cps"
+
     @functools.cached_property
     def std(self) -> torch.Tensor:
         """Computed once per schedule: the guard is read on the host (a device sync where sigmas live on a
         GPU), and the update asks for ``std`` in every micro-batch."""
+        if self.cps:
+            return cps_std(self.sigmas[1:], self.noise_level)
         guard = float(self.sigmas[1]) if self.num_steps > 1 else 0.0
         return sde_std(self.sigmas[:-1], self.noise_level, sigma_guard=guard)
 
     @property
     def sde_steps(self) -> torch.Tensor:
-        """bool [T]: steps with noise (the only ones with a log-prob)."""
-        return self.noise_level > 0
+        """bool [T]: steps with noise (the only ones with a log-prob). Under CPS the grid's last step has
+        none at any eta (its noise std is ``sigma[T] = 0`` times eta's share)."""
+        noisy = self.noise_level > 0
+        return noisy & (self.sigmas[1:] > 0) if self.cps else noisy
+
+    def with_noise(self, noise_level: torch.Tensor) -> Schedule:
+        """The same grid and SDE with other per-step levels."""
+        return Schedule(self.sigmas, noise_level, self.sde)
 
     def to(self, device) -> Schedule:
-        return Schedule(self.sigmas.to(device), self.noise_level.to(device))
+        return Schedule(self.sigmas.to(device), self.noise_level.to(device), self.sde)
 
 
 def sampler_grid(num_steps: int, shift: float | None, policy=None) -> torch.Tensor:
@@ -177,10 +202,11 @@ def make_schedule(
     window_size: int | None = None,
     *,
     sigmas: torch.Tensor | None = None,
+    sde: str = "flow_grpo",
 ) -> Schedule:
     """A schedule with uniform ``a`` (a float) or per-step ``a_k`` (a list/tensor of length T), zeroed
     outside the SDE window when one is given. The grid is ``sigmas`` [T+1] when given (e.g. from
-    :func:`sampler_grid`), else ``sigma_grid(num_steps, shift)``."""
+    :func:`sampler_grid`), else ``sigma_grid(num_steps, shift)``; ``sde`` the step (see :class:`Schedule`)."""
     a = torch.as_tensor(noise_level, dtype=torch.float32)
     if a.dim() == 0:
         a = a.expand(num_steps).clone()
@@ -190,4 +216,4 @@ def make_schedule(
             "(uniform) or one per step (a calibrated table made for this num_steps)"
         )
     a = torch.where(window_mask(num_steps, window_start, window_size), a, torch.zeros_like(a))
-    return Schedule(sigma_grid(num_steps, shift) if sigmas is None else sigmas.float(), a)
+    return Schedule(sigma_grid(num_steps, shift) if sigmas is None else sigmas.float(), a, sde)

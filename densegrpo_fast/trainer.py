@@ -540,7 +540,7 @@ def _schedule(
     grid = sampler_grid(T, cfg.sampling.shift, policy)
     ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)
     if n.kind == "uniform":
-        return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid)
+        return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid, sde=n.sde)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
     read = lambda: _read_psi(path, n, grid, ws, size, cfg.dense.completion_steps)  # noqa: E731
     if saved_psi is not None:  # the table only to compare: one this run cannot use is "another psi"
@@ -571,7 +571,7 @@ def _schedule(
             "noise.calibration.psi_min above 0 (e.g. 0.05) and calibrate again (delete the table)",
             stacklevel=2,
         )
-    return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid)
+    return make_schedule(T, cfg.sampling.shift, psi, ws, size, sigmas=grid, sde=n.sde)
 
 
 def _readable_or_none(read):
@@ -601,6 +601,13 @@ def _read_psi(
             f"samples on {[round(s, 4) for s in grid.tolist()]} (sampling.shift, or the model's own shift): psi "
             "balances each step's gains and losses on its own grid. Delete the file (or point "
             "noise.calibration.path elsewhere) to calibrate for this grid"
+        )
+    then = record.get("sde", "flow_grpo")  # (older tables do not record it: they were all flow_grpo's)
+    if then != n.sde:
+        raise ValueError(
+            f"psi table {path} was calibrated for noise.sde={then}, this run samples with noise.sde={n.sde}: psi "
+            "is a multiple of sqrt(s / (1 - s)) for flow_grpo and eta for cps, so the table means other noise "
+            "here. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this SDE"
         )
     then = record.get("completion_steps", completion_steps)  # (older tables do not record it)
     if then != completion_steps:
@@ -665,9 +672,7 @@ def set_window(run: Run, iteration: int) -> None:
         start = window_start_at(n.window_move, n.window_start, n.window_size, T, iteration,
                                 every=n.window_every, seed=run.cfg.run.seed)  # fmt: skip
         mask = window_mask(T, start, n.window_size).to(base.noise_level.device)
-        schedule = Schedule(
-            base.sigmas, torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level))
-        )
+        schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
     run.window_start = start
     run.trained = run.trained_steps & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
@@ -1012,7 +1017,7 @@ def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl
     v = run.policy.velocity(x, sigma, ci, cfg.sampling.guidance_scale)
     v_ref = _reference_velocity(run, x, sigma, ci) if with_kl else None
     return sde_log_prob(x, v, ro.latents[i, k + 1], sigma, sched.sigmas[k + 1], sched.std[k], ref_velocity=v_ref,
-                        kl_exact=cfg.grpo.kl_exact)  # fmt: skip
+                        kl_exact=cfg.grpo.kl_exact, cps=sched.cps)  # fmt: skip
 
 
 @torch.no_grad()

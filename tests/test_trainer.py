@@ -612,6 +612,62 @@ def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, t
         setup(cfg_of(tiny_checkpoint, tmp_path / "run4", extra=wider), progress=False)
 
 
+def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
+    """noise.sde=cps over every step: the rollout takes the CPS step (the grid's last step is the Euler step,
+    log-prob 0, and the steps before it are CPS's own), the update recomputes those log-probs (the first ratio
+    is 1: the flag reaches both), calibration moves eta and leaves the last step out, and a table calibrated
+    for flow_grpo is refused."""
+    from densegrpo_fast import trainer
+    from densegrpo_fast.kernels import cps_std, sde_step
+
+    cal = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1",
+           "noise.window_start=null", "noise.window_size=null", "lora.merge_for_sampling=false",
+           "model.autocast=null"]  # fmt: skip
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=[*cal, "noise.sde=cps"])
+    run = setup(cfg, progress=False)
+    table = json.loads((tmp_path / "run" / "psi.json").read_text())
+    assert table["sde"] == "cps" and table["calibrated_steps"] == [0, 1, 2]
+    assert table["psi"][3] == pytest.approx(0.7, abs=1e-7)  # (the level, never moved)
+    for a, b in zip(table["trajectory"][:-1], table["trajectory"][1:], strict=True):  # eta moves by eps2
+        assert [abs(y - x) for x, y in zip(a, b, strict=True)] == pytest.approx([0.01] * 3 + [0], abs=1e-6)
+    sched = run.schedule
+    assert sched.cps and sched.sde_steps.tolist() == [True, True, True, False]
+    torch.testing.assert_close(sched.std, cps_std(sched.sigmas[1:], sched.noise_level), rtol=0, atol=0)
+    ro, cond, R, _ = trainer.collect(run, run.prompts.sample(2, 0), 0)
+    assert (ro.log_probs[:, :3] != 0).all() and (ro.log_probs[:, 3] == 0).all()
+    # step 1 again from its stored latent and the same noise: the CPS step, not Flow-GRPO's
+    B = ro.latents.shape[0]
+    x = ro.latents[:, 1]
+    with torch.no_grad():
+        v = run.policy.velocity(x, sched.sigmas[1], cond, cfg.sampling.guidance_scale)
+    rows = lambda t: t.expand(B)  # noqa: E731
+    args = (x, v, rows(sched.sigmas[1]), rows(sched.sigmas[2]), rows(sched.std[1]))
+    eps = (ro.latents[:, 2] - sde_step(*args, torch.zeros_like(x), cps=True)[0]) / sched.std[1]
+    cps_next, _, _ = sde_step(*args, eps, cps=True)
+    torch.testing.assert_close(cps_next, ro.latents[:, 2], rtol=0, atol=1e-6)
+    record = trainer.update(run, ro, cond, R, 0)
+    assert_on_policy(record)
+    # the same table read by a flow_grpo run means other noise: refused
+    path = tmp_path / "run" / "psi.json"
+    other = [*cal, f"noise.calibration.path={path}"]
+    with pytest.raises(
+        ValueError, match="calibrated for noise.sde=cps, this run samples with noise.sde=flow_grpo"
+    ):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=other), progress=False)
+
+
+def test_cps_config_rules(tiny_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match=r"noise.level \(1.2\) must be <= 1 with noise.sde=cps"):
+        cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "noise.level=1.2"])
+    with pytest.raises(ConfigError, match=r"grpo.trained_steps contains the grid's last step 3"):
+        cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "grpo.trained_steps=[2,3]"])
+    cfg_of(
+        tiny_checkpoint,
+        tmp_path,
+        extra=["noise.sde=flow_grpo", "noise.level=1.2", "grpo.trained_steps=[2,3]"],
+    )
+
+
 def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_checkpoint, tmp_path):
     extra = ["noise.kind=calibrated", "noise.calibration.iterations=2", "noise.calibration.prompts=1",
              "noise.window_start=0", "noise.window_size=2", "noise.window_move=sliding", "grpo.trained_steps=[0,1,2,3]"]  # fmt: skip
