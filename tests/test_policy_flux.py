@@ -202,7 +202,10 @@ def test_loads_a_diffusers_directory_and_names_missing_parts(pipe, policy, tmp_p
         FluxPolicy.load(None, cache_dir=tmp_path / "empty_cache")
 
 
-def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
+@pytest.mark.parametrize("hw, tokens", [(None, 64), ((48, 32), 96)], ids=["square", "portrait"])
+def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path, hw, tokens):
+    """One iteration on FluxPipeline's grid, whose shift follows the image's token count: square and portrait
+    ([height, width] = [48, 32]: 96 packed tokens, not 64)."""
     import json
 
     from densegrpo_fast.config import TrainConfig, load_config
@@ -218,12 +221,13 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path):
         "noise.kind=uniform", "reward.name=redness", "lora.rank=4", "grpo.train_batch_size=4", f"eval.dataset={prompts}",
         "eval.num_prompts=6", "eval.num_steps=2", "eval.guidance_scale=3.5", "eval.shift=null", "run.iterations=1",
         f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+        *([f"model.resolution=[{hw[0]}, {hw[1]}]"] if hw else []),
     ]  # fmt: skip
     probe = setup(
         load_config(TrainConfig, None, [*overrides, f"run.output_dir={tmp_path / 'probe'}"]), progress=False
     )
     torch.testing.assert_close(
-        probe.schedule.sigmas, flux_sigma_grid(3, resolution_mu(64))
+        probe.schedule.sigmas, flux_sigma_grid(3, resolution_mu(tokens))
     )  # FluxPipeline's grid
     run_dir = train(load_config(TrainConfig, None, overrides), progress=False)
     (step,) = [

@@ -312,13 +312,15 @@ def _overrides(qwen_dir, tmp_path, *extra):
     ]  # fmt: skip
 
 
-def test_one_iteration_through_the_trainer_on_its_own_grid_with_true_cfg(qwen_dir, tmp_path):
+@pytest.mark.parametrize("hw, tokens", [(None, 64), ((48, 32), 96)], ids=["square", "portrait"])
+def test_one_iteration_through_the_trainer_on_its_own_grid_with_true_cfg(qwen_dir, tmp_path, hw, tokens):
+    """Square and portrait ([48, 32]: its grid shifted for 96 tokens, not 64)."""
     import json
 
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.trainer import setup, train
 
-    overrides = _overrides(qwen_dir, tmp_path)
+    overrides = _overrides(qwen_dir, tmp_path, *([f"model.resolution=[{hw[0]}, {hw[1]}]"] if hw else []))
     cfg = load_config(TrainConfig, None, overrides)
     # the family's defaults: its own grid (no fixed shift) and CFG 4.0, in training and evaluation
     assert (
@@ -328,7 +330,7 @@ def test_one_iteration_through_the_trainer_on_its_own_grid_with_true_cfg(qwen_di
         load_config(TrainConfig, None, [*overrides, f"run.output_dir={tmp_path / 'probe'}"]), progress=False
     )
     torch.testing.assert_close(
-        probe.schedule.sigmas, flux_sigma_grid(3, resolution_mu(64, 256, 8192, 0.5, 0.9), 0.02)
+        probe.schedule.sigmas, flux_sigma_grid(3, resolution_mu(tokens, 256, 8192, 0.5, 0.9), 0.02)
     )
     run_dir = train(cfg, progress=False)
     (step,) = [
