@@ -257,7 +257,17 @@ def test_a_group_split_over_two_processes_trains(tiny_checkpoint, tmp_path):
         assert 0 < r["rows_trained"] <= 12 and r["rows_trained"] == round(12 * r["adv_nonzero_frac"])
         # rank 0's first micro-batch before any optimizer step (None: its rows had no pair in the first)
         assert r["ratio_dev_first"] in (0.0, None), r
+        assert r["R_std"][0] > 1e-3  # four initial noises: four completions of lat[0]
     assert any(r["ratio_dev_first"] == 0.0 for r in steps)
+    # sampling.share_initial_noise: the group's one initial noise reaches both ranks' rows (it is drawn for
+    # every row before a rank takes its slice), so lat[0]'s reward is one value; the SDE step 0 parts them
+    shared = [*extra, "sampling.share_initial_noise=true"]
+    done = torchrun(
+        [*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "shared", iterations=1, extra=shared)]
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (r,) = [r for r in records(tmp_path / "shared") if "reward_mean" in r]
+    assert r["R_std"][0] < 1e-6 < 1e-3 < r["R_std"][1], r["R_std"]
 
 
 def test_two_processes_evaluate_what_one_process_evaluates(tmp_path):
