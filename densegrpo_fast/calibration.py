@@ -5,7 +5,8 @@ Before training, with the pretrained policy: sample N trajectories with the curr
 losses are balanced (``|#(dR_k > 0) - #(dR_k < 0)| < eps1``) and down by ``eps2`` otherwise; K rounds.
 ``dR_k == 0`` counts on neither side. psi is a multiplier of ``sqrt(s / (1 - s))`` (the same scale as
 Flow-GRPO's ``a``), clamped to ``[psi_min, psi_max]``; steps outside an SDE window stay at 0. Under CPS
-(``noise.sde=cps``) psi is eta, the noise std ``sigma_{k+1} sin(psi_k pi / 2)``, and at most 1.
+(``noise.sde=cps``) psi is eta, the noise std ``sigma_{k+1} sin(psi_k pi / 2)``, and at most 1; the grid's
+last step, noise-free at any eta, is not calibrated and keeps ``noise.level`` in the table.
 """
 
 from __future__ import annotations

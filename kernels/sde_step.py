@@ -215,4 +215,5 @@ def cps_std(sigma_next: torch.Tensor, noise_level: torch.Tensor | float) -> torc
             "latent's noise drawn afresh as sin(eta pi / 2); use a value of at most 1"
         )
     eta = torch.as_tensor(noise_level, dtype=sigma_next.dtype, device=sigma_next.device)
-    return sigma_next * torch.sin(eta * (math.pi / 2))
+    # (capped at sigma_next: a sine rounded above 1 would make the step's sqrt(sigma_next^2 - std^2) NaN)
+    return torch.minimum(sigma_next * torch.sin(eta * (math.pi / 2)), sigma_next)

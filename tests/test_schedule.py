@@ -69,3 +69,18 @@ def test_schedule_rejects_bad_grid():
     with pytest.raises(ValueError, match="fall strictly"):
         Schedule(torch.tensor([1.0, 0.5, 0.6, 0.0]), torch.zeros(3))
     assert window_mask(4, None, None).all()
+
+
+def test_a_cps_schedule_keeps_its_sde_through_copies_and_its_last_step_has_no_noise():
+    from densegrpo_fast.kernels import cps_std
+
+    sched = make_schedule(4, 3.0, 0.7, sde="cps")
+    for copy in (sched.to("cpu"), sched.with_noise(torch.full((4,), 0.5))):
+        assert copy.cps and copy.sde == "cps"
+    torch.testing.assert_close(sched.std, cps_std(sched.sigmas[1:], 0.7), rtol=0, atol=0)
+    assert sched.std[3] == 0 and sched.sde_steps.tolist() == [True, True, True, False]
+    assert make_schedule(4, 3.0, 0.7).sde_steps.tolist() == [True] * 4  # Flow-GRPO's last step is noisy
+    with pytest.raises(ValueError, match=r"must be <= 1 under CPS"):
+        make_schedule(4, 3.0, 1.2, sde="cps")
+    with pytest.raises(ValueError, match=r"sde 'ddim' is not one of flow_grpo, cps"):
+        make_schedule(4, 3.0, 0.7, sde="ddim")

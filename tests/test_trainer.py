@@ -577,7 +577,7 @@ def test_a_resumed_run_whose_psi_table_is_gone_keeps_its_psi(tiny_checkpoint, tm
     other = {"psi": [0, 0, 1.0, 1.0], "trajectory": [], "calibrated_steps": [2, 3]}
     (run_dir / "psi.json").write_text(json.dumps(other))
     with pytest.warns(
-        UserWarning, match="now holds a table for another grid or window: resuming with the psi"
+        UserWarning, match="now holds a table for another grid, window or SDE: resuming with the psi"
     ):
         run = setup(
             cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2, extra=extra), resume=True, progress=False
@@ -635,20 +635,32 @@ def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
     torch.testing.assert_close(sched.std, cps_std(sched.sigmas[1:], sched.noise_level), rtol=0, atol=0)
     ro, cond, R, _ = trainer.collect(run, run.prompts.sample(2, 0), 0)
     assert (ro.log_probs[:, :3] != 0).all() and (ro.log_probs[:, 3] == 0).all()
-    # step 1 again from its stored latent and the same noise: the CPS step, not Flow-GRPO's
+    # step 1's noise, read back from the stored latents through CPS's mean and std, is unit Gaussian noise
+    # (through Flow-GRPO's step with these values it would be ~0.3 of it, about a shifted mean)
     B = ro.latents.shape[0]
     x = ro.latents[:, 1]
     with torch.no_grad():
         v = run.policy.velocity(x, sched.sigmas[1], cond, cfg.sampling.guidance_scale)
-    rows = lambda t: t.expand(B)  # noqa: E731
-    args = (x, v, rows(sched.sigmas[1]), rows(sched.sigmas[2]), rows(sched.std[1]))
-    eps = (ro.latents[:, 2] - sde_step(*args, torch.zeros_like(x), cps=True)[0]) / sched.std[1]
-    cps_next, _, _ = sde_step(*args, eps, cps=True)
-    torch.testing.assert_close(cps_next, ro.latents[:, 2], rtol=0, atol=1e-6)
+    rows = lambda t: t.expand(B).contiguous()  # noqa: E731
+    mean, _, _ = sde_step(x, v, rows(sched.sigmas[1]), rows(sched.sigmas[2]), rows(sched.std[1]),
+                          torch.zeros_like(x), cps=True)  # fmt: skip
+    eps = (ro.latents[:, 2] - mean) / sched.std[1]
+    assert abs(eps.mean().item()) < 0.1 and abs(eps.std().item() - 1) < 0.1, (
+        eps.mean(),
+        eps.std(),
+        eps.numel(),
+    )
     record = trainer.update(run, ro, cond, R, 0)
     assert_on_policy(record)
-    # the same table read by a flow_grpo run means other noise: refused
+    # the table's noise scale is CPS's, sigma_next sin(eta pi / 2)
+    want = cps_std(torch.tensor(table["sigmas"][1:]), torch.tensor(table["psi"]))
+    torch.testing.assert_close(torch.tensor(table["std"]), want, rtol=0, atol=0)
+    # a later CPS run reads the table (its last step was never calibrated, and need not be) ...
     path = tmp_path / "run" / "psi.json"
+    shared = [*cal, "noise.sde=cps", f"noise.calibration.path={path}"]
+    again = setup(cfg_of(tiny_checkpoint, tmp_path / "run3", extra=shared), progress=False)
+    assert torch.equal(again.base_schedule.noise_level.cpu(), torch.tensor(table["psi"]))
+    # ... and a flow_grpo run refuses it: there it would mean other noise
     other = [*cal, f"noise.calibration.path={path}"]
     with pytest.raises(
         ValueError, match="calibrated for noise.sde=cps, this run samples with noise.sde=flow_grpo"
@@ -656,9 +668,26 @@ def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=other), progress=False)
 
 
+def test_cps_calibration_bounds_eta_by_1(tiny_checkpoint, tmp_path, monkeypatch):
+    """Balanced every round (stubbed counts), psi rises by eps2 and stops at 1 under CPS, whatever psi_max."""
+    from densegrpo_fast import calibration
+
+    monkeypatch.setattr(calibration, "balance_counts", lambda dR: (torch.zeros(dR.shape[1]),) * 2)
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=1",
+             "noise.sde=cps", "noise.level=0.98", "noise.calibration.psi_max=1.5"]  # fmt: skip
+    setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    table = json.loads((tmp_path / "run" / "psi.json").read_text())
+    got = [p for row in table["trajectory"] for p in row[:3]]
+    assert got == pytest.approx([0.98] * 3 + [0.99] * 3 + [1.0] * 6, abs=1e-6)
+
+
 def test_cps_config_rules(tiny_checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"noise.level \(1.2\) must be <= 1 with noise.sde=cps"):
         cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "noise.level=1.2"])
+    with pytest.raises(
+        ConfigError, match=r"noise.calibration.psi_min \(1.1\) must be <= 1 with noise.sde=cps"
+    ):
+        cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "noise.calibration.psi_min=1.1"])
     with pytest.raises(ConfigError, match=r"grpo.trained_steps contains the grid's last step 3"):
         cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "grpo.trained_steps=[2,3]"])
     cfg_of(
