@@ -6,7 +6,14 @@ import math
 
 import pytest
 import torch
-from test_kernels_sde import BACKENDS, DTYPES, f64, poisoned  # noqa: F401 - poisoned: a fixture
+from test_kernels_sde import (  # noqa: F401 - poisoned: a fixture
+    BACKENDS,
+    DTYPES,
+    f64,
+    gradient_against_autograd,
+    make_step,
+    poisoned,
+)
 from tolerances import assert_close_by_rule, interpreter_store_slack, max_err
 
 from densegrpo_fast.kernels import cps_std, sde_log_prob, sde_log_prob_reference, sde_step, sde_step_reference
@@ -21,23 +28,8 @@ def backend(request, monkeypatch):
 
 
 def make_cps_step(shape, dtype, seed=0, ode_rows=(), eta=0.7):
-    """Random latents and a per-row schedule (row 0 at sigma = 1), the CPS noise std of ``eta``; ODE rows
-    with std = 0, and the last row, where there are 3 or more, at the grid's end (sigma_next = 0)."""
-    g = torch.Generator().manual_seed(seed)
-    B = shape[0]
-    x = torch.randn(shape, generator=g).to(dtype)
-    v = torch.randn(shape, generator=g).to(dtype)
-    noise = torch.randn(shape, generator=g).to(dtype)
-    sigma = torch.rand(B, generator=g) * 0.85 + 0.1
-    sigma[0] = 1.0
-    sigma_next = sigma * (0.6 + 0.35 * torch.rand(B, generator=g))
-    if B >= 3:
-        sigma_next[-1] = 0.0
-    std = cps_std(sigma_next, eta)
-    for r in ode_rows:
-        if r < B:
-            std[r] = 0.0
-    return x, v, noise, sigma, sigma_next, std
+    """:func:`make_step` with CPS's noise std of ``eta`` (the last row of 3 or more at the grid's end)."""
+    return make_step(shape, dtype, seed=seed, ode_rows=ode_rows, cps_eta=eta)
 
 
 def paper_mean(x, v, sigma, sigma_next, std):
@@ -166,30 +158,10 @@ def test_log_prob_and_kl_match_float64_and_the_kl_is_the_exact_one(backend, pois
 @pytest.mark.parametrize("with_kl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl, dtype):  # noqa: F811
-    shape = (5, 3, 7, 5)
-    x, v, noise, sigma, sigma_next, std = make_cps_step(shape, dtype, ode_rows=(2,))
-    xn = (x.float() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))).to(dtype)
-    v_ref = (v.float() + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(7))).to(dtype)
-    v_ref = v_ref if with_kl else None
-    g = torch.Generator().manual_seed(4)
-    w_lp, w_kl = torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g)
-    v_kernel = v.clone().requires_grad_(True)
-    lp, kl = sde_log_prob(x, v_kernel, xn, sigma, sigma_next, std, ref_velocity=v_ref, cps=True)
-    ((lp * w_lp).sum() + ((kl * w_kl).sum() if with_kl else 0)).backward()
-
-    def autograd_grad(vel, cast):
-        vel = vel.detach().requires_grad_(True)
-        args = [cast(t) for t in (x, vel, xn, sigma, sigma_next, std)] + [cast(v_ref) if with_kl else None]
-        lp_r, kl_r = sde_log_prob_reference(*args, cps=True)
-        total = (lp_r * cast(w_lp)).sum() + ((kl_r * cast(w_kl)).sum() if with_kl else 0)
-        return torch.autograd.grad(total, vel)[0]
-
-    ref = autograd_grad(v.double(), lambda t: t.double())
-    eager = autograd_grad(v.float(), lambda t: t.float()).to(dtype)
-    slack = interpreter_store_slack(backend, dtype)
-    assert_close_by_rule(v_kernel.grad.float(), eager, ref, dtype, "dL/dv", ulps=slack)
-    assert torch.equal(v_kernel.grad[2], torch.zeros_like(v_kernel.grad[2]))  # ODE row
-    assert torch.equal(v_kernel.grad[4], torch.zeros_like(v_kernel.grad[4]))  # the grid's last step
+    step = make_cps_step((5, 3, 7, 5), dtype, ode_rows=(2,))
+    grad = gradient_against_autograd(backend, step, with_kl, cps=True)
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))  # ODE row
+    assert torch.equal(grad[4], torch.zeros_like(grad[4]))  # the grid's last step
 
 
 def test_triton_and_reference_compute_the_same_latents(monkeypatch):

@@ -9,7 +9,14 @@ import torch
 from tolerances import ATOL, assert_close_by_rule, interpreter_store_slack, max_err
 
 from densegrpo_fast.kernels import _sde_math as sm
-from densegrpo_fast.kernels import sde_log_prob, sde_log_prob_reference, sde_std, sde_step, sde_step_reference
+from densegrpo_fast.kernels import (
+    cps_std,
+    sde_log_prob,
+    sde_log_prob_reference,
+    sde_std,
+    sde_step,
+    sde_step_reference,
+)
 
 # the package re-exports functions under the modules' names, so fetch the modules themselves
 step_module = importlib.import_module("densegrpo_fast.kernels.sde_step")
@@ -38,8 +45,10 @@ def poisoned(monkeypatch):
         monkeypatch.setattr(module, "empty", nan_empty)
 
 
-def make_step(shape, dtype, seed=0, ode_rows=(), first_row_sigma_one=True):
-    """Random latents and a per-row schedule: row 0 at sigma = 1 (the guard), ODE rows with std = 0."""
+def make_step(shape, dtype, seed=0, ode_rows=(), first_row_sigma_one=True, cps_eta=None):
+    """Random latents and a per-row schedule: row 0 at sigma = 1 (the guard), ODE rows with std = 0. With
+    ``cps_eta``, CPS's noise std of that eta, and the last row, where there are 3 or more, at the grid's end
+    (sigma_next = 0)."""
     g = torch.Generator().manual_seed(seed)
     B = shape[0]
     x = torch.randn(shape, generator=g).to(dtype)
@@ -49,7 +58,12 @@ def make_step(shape, dtype, seed=0, ode_rows=(), first_row_sigma_one=True):
     if first_row_sigma_one:
         sigma[0] = 1.0
     sigma_next = sigma * (0.6 + 0.35 * torch.rand(B, generator=g))
-    std = sde_std(sigma, 0.7, sigma_guard=0.95)
+    if cps_eta is None:
+        std = sde_std(sigma, 0.7, sigma_guard=0.95)
+    else:
+        if B >= 3:
+            sigma_next[-1] = 0.0
+        std = cps_std(sigma_next, cps_eta)
     for r in ode_rows:
         if r < B:
             std[r] = 0.0
@@ -233,7 +247,15 @@ def test_sde_log_prob_and_kl_match_float64(backend, poisoned, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 16, 64, 64), (5, 3, 7, 5)])
 def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl, dtype, shape):
-    x, v, noise, sigma, sigma_next, std = make_step(shape, dtype, ode_rows=(2,))
+    grad = gradient_against_autograd(backend, make_step(shape, dtype, ode_rows=(2,)), with_kl)
+    assert torch.equal(grad[2], torch.zeros_like(grad[2]))  # ODE row: no gradient
+
+
+def gradient_against_autograd(backend, step, with_kl: bool, cps: bool = False) -> torch.Tensor:
+    """The fused backward's dL/dv of a weighted sum of log-probs (and KLs) against autograd through the
+    reference, by the tolerance rule; returns the fused gradient."""
+    x, v, noise, sigma, sigma_next, std = step
+    shape, dtype = x.shape, x.dtype
     xn = (x.float() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3))).to(dtype)
     v_ref = (v.float() + 0.05 * torch.randn(shape, generator=torch.Generator().manual_seed(7))).to(dtype)
     v_ref = v_ref if with_kl else None
@@ -241,14 +263,14 @@ def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl,
     w_lp, w_kl = torch.randn(shape[0], generator=g), torch.randn(shape[0], generator=g)
 
     v_kernel = v.clone().requires_grad_(True)
-    lp, kl = sde_log_prob(x, v_kernel, xn, sigma, sigma_next, std, ref_velocity=v_ref)
+    lp, kl = sde_log_prob(x, v_kernel, xn, sigma, sigma_next, std, ref_velocity=v_ref, cps=cps)
     ((lp * w_lp).sum() + ((kl * w_kl).sum() if with_kl else 0)).backward()
     assert v_kernel.grad.dtype == dtype
 
     def autograd_grad(vel, cast):
         vel = vel.detach().requires_grad_(True)
         args = [cast(t) for t in (x, vel, xn, sigma, sigma_next, std)] + [cast(v_ref) if with_kl else None]
-        lp_r, kl_r = sde_log_prob_reference(*args)
+        lp_r, kl_r = sde_log_prob_reference(*args, cps=cps)
         total = (lp_r * cast(w_lp)).sum() + ((kl_r * cast(w_kl)).sum() if with_kl else 0)
         (grad,) = torch.autograd.grad(total, vel)
         return grad
@@ -259,7 +281,7 @@ def test_gradient_matches_autograd_through_reference(backend, poisoned, with_kl,
     eager = autograd_grad(v.float(), lambda t: t.float()).to(dtype)
     slack = interpreter_store_slack(backend, dtype)  # (interpreted bf16 stores round toward zero)
     assert_close_by_rule(v_kernel.grad.float(), eager, ref, dtype, "dL/dv", ulps=slack)
-    assert torch.equal(v_kernel.grad[2], torch.zeros_like(v_kernel.grad[2]))  # ODE row: no gradient
+    return v_kernel.grad
 
 
 def test_gradient_flows_only_into_velocity():
