@@ -15,6 +15,7 @@ from flow_grpo_eager import flow_grpo_advantages, flow_grpo_log_prob, flow_grpo_
 
 from densegrpo_fast.kernels import (
     _sde_math,
+    cps_std,
     group_advantages,
     group_advantages_reference,
     sde_log_prob,
@@ -71,10 +72,12 @@ def needs_graphs(force_backend, impl):
     force_backend(impl)
 
 
-def step_calls(impl, shape, dtype):
+def step_calls(impl, shape, dtype, cps=False):
     """One ``sde_step`` call per input set of the rotation; and the bytes one call moves: it reads x, v, eps
-    and writes x' (all in dtype); the log-prob is B floats."""
+    and writes x' (all in dtype); the log-prob is B floats. ``cps``: the coefficients-preserving step."""
     sig, k, sigma, sigma_next, std = schedule(shape[0])
+    if cps:
+        std = cps_std(sigma_next, 0.7)
     timesteps = sig[:-1] * 1000
     t = timesteps[k]
 
@@ -83,7 +86,7 @@ def step_calls(impl, shape, dtype):
             return lambda: flow_grpo_sde_step(x, v, t, sig, timesteps, eps)
         if impl == "reference":
             return lambda: sde_step_reference(x, v, sigma, sigma_next, std, eps)
-        return lambda: sde_step(x, v, sigma, sigma_next, std, eps)
+        return lambda: sde_step(x, v, sigma, sigma_next, std, eps, cps=cps)
 
     x, v, eps = latents(shape, dtype, 3)
     return [call(*inputs) for inputs in rotation(x, v, eps)], 4 * x.numel() * x.element_size()
@@ -107,6 +110,19 @@ def test_sde_step_graphed(benchmark, record, force_backend, impl, shape_name, dt
     shape = SHAPES[shape_name]
     calls, nbytes = step_calls(impl, shape, dtype)
     record("sde_step", f"{impl}-graph", shape, dtype, graph_time_per_call(benchmark, calls), nbytes)
+
+
+@pytest.mark.parametrize("shape_name", ["sd35m-b24", "sd35m-b48"])
+def test_sde_step_cps_graphed(benchmark, record, force_backend, shape_name):
+    """The CPS step (its own compiled branch: a square root per row more), graphed, bf16: against
+    test_sde_step_graphed's Flow-GRPO rows of the same run it should move the same bytes in the same time."""
+    needs("triton")
+    needs_graphs(force_backend, "triton")
+    shape = SHAPES[shape_name]
+    calls, nbytes = step_calls("triton", shape, torch.bfloat16, cps=True)
+    record(
+        "sde_step cps", "triton-graph", shape, torch.bfloat16, graph_time_per_call(benchmark, calls), nbytes
+    )
 
 
 @pytest.mark.parametrize("shape_name", ["sd35m-b24", "sd35m-b48"])
