@@ -617,8 +617,13 @@ def _read_psi(
             "Delete the file (or point noise.calibration.path elsewhere) to calibrate for this one",
             stacklevel=2,
         )
-    # (under CPS the grid's last step has no noise at any eta: calibration leaves it out, and so may a table)
-    noisy = [k for k in _window_steps(T, ws, size) if not (n.sde == "cps" and k == T - 1)]
+    # the window's steps that have noise at all (as calibration counts them: under CPS not the grid's last)
+    noisy = (
+        make_schedule(T, None, 1.0, ws, size, sigmas=grid.cpu(), sde=n.sde)
+        .sde_steps.nonzero()
+        .flatten()
+        .tolist()
+    )
     missing = [k for k in noisy if k not in covered]
     if missing:
         raise ValueError(

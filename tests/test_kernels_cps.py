@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from test_kernels_sde import (  # noqa: F401 - poisoned: a fixture
+from test_kernels_sde import (  # noqa: F401 - backend, poisoned: fixtures
     BACKENDS,
     DTYPES,
+    backend,
     f64,
     gradient_against_autograd,
     make_step,
@@ -19,12 +20,6 @@ from tolerances import assert_close_by_rule, interpreter_store_slack, max_err
 from densegrpo_fast.kernels import cps_std, sde_log_prob, sde_log_prob_reference, sde_step, sde_step_reference
 
 SHAPES = [(3, 16, 64, 64), (1, 16, 64, 64), (37, 3, 5, 7), (3, 1024, 64), (4, 1, 33)]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    monkeypatch.setenv("DENSEGRPO_KERNELS", request.param)
-    return request.param
 
 
 def make_cps_step(shape, dtype, seed=0, ode_rows=(), eta=0.7):
@@ -102,7 +97,7 @@ def test_the_next_latent_keeps_the_flows_coefficients(eta):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_ode_rows_are_plain_euler_with_zero_log_prob(backend, dtype):
+def test_ode_rows_are_plain_euler_with_zero_log_prob(backend, dtype):  # noqa: F811
     x, v, noise, sigma, sigma_next, std = make_cps_step((37, 4, 9, 9), dtype, ode_rows=range(36))
     assert std[36] == 0  # (the grid's last step: no noise under CPS)
     out, log_prob, ode = sde_step(x, v, sigma, sigma_next, std, noise, write_ode=True, cps=True)
@@ -116,7 +111,7 @@ def test_ode_rows_are_plain_euler_with_zero_log_prob(backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 16, 64, 64), (37, 3, 5, 7)])
-def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):
+def test_on_policy_ratio_is_one_bit_for_bit(backend, dtype, shape):  # noqa: F811
     x, v, noise, sigma, sigma_next, std = make_cps_step(shape, dtype, ode_rows=(1,))
     out, log_prob, _ = sde_step(x, v, sigma, sigma_next, std, noise, cps=True)
     again, _ = sde_log_prob(x, v, out, sigma, sigma_next, std, cps=True)
