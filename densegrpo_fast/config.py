@@ -599,6 +599,21 @@ class GRPOSection(Section):
     kl_exact: bool = Field(
         False, description="exact Gaussian KL instead of Flow-GRPO's form (ALGORITHM.md §2)"
     )
+    ratio_norm: bool = Field(
+        False,
+        description="GRPO-Guard's RatioNorm (arXiv 2510.22319): each pair's log-ratio becomes "
+        "step_std * (log_prob - old_log_prob + kl_old), where step_std is its step's noise std and kl_old the "
+        "exact KL from the old step's Gaussian to the current one, so the log-ratio's mean over the noise is 0 at "
+        "every step instead of below 0; the clip range then bounds this scaled ratio (one tuned without it does "
+        "not carry over); the update recomputes the old log-probs and keeps their velocities (one fp32 latent "
+        "per pair of its later optimizer steps) (ALGORITHM.md §3)",
+    )
+    step_weight: Literal["none", "inverse_dt"] = Field(
+        "none",
+        description="each pair's policy term times a weight of its step: inverse_dt = 1 / |dt| (GRPO-Guard's "
+        "gradient reweighting as verl-omni writes it; with ratio_norm the two are the paper's method, and "
+        "Flow-Factory's grpo-guard is ratio_norm alone); the KL term is not weighted",
+    )
     trained_steps: list[int] | None = Field(
         None, description="steps to train; null = every SDE step but the last of the grid"
     )

@@ -164,6 +164,14 @@ class Schedule:
         guard = float(self.sigmas[1]) if self.num_steps > 1 else 0.0
         return sde_std(self.sigmas[:-1], self.noise_level, sigma_guard=guard)
 
+    @functools.cached_property
+    def step_std(self) -> torch.Tensor:
+        """[T] float32: the std of each step's Gaussian (0 on ODE steps): ``std * sqrt(-dt)``, or under CPS
+        ``std`` itself. GRPO-Guard's RatioNorm scales a step's log-ratio by it."""
+        if self.cps:
+            return self.std
+        return self.std * (self.sigmas[:-1] - self.sigmas[1:]).sqrt()
+
     @property
     def sde_steps(self) -> torch.Tensor:
         """bool [T]: steps with noise (the only ones with a log-prob). Under CPS the grid's last step has

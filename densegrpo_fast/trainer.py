@@ -897,20 +897,34 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         or (cfg.lora.enabled and cfg.lora.merge_for_sampling)
         or run.policy.dtype != torch.float32
         or cfg.model.compile  # compiled blocks: other kernels than the rollout's at the update's batch sizes
+        or grpo.ratio_norm  # RatioNorm's bias needs the old velocities, which the recompute keeps
     )
-    old_lp = (
-        _recompute_log_probs(run, ro, cond, chunks[1:], calls and calls[1:]) if recompute else ro.log_probs
+    old_lp, old_v = (
+        _recompute_log_probs(run, ro, cond, chunks[1:], calls and calls[1:], grpo.ratio_norm)
+        if recompute
+        else (ro.log_probs, None)
     )
+    sched = run.schedule
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         n = counts[c]
         if n == 0:  # no pair in this step (on any rank)
             continue
         batches = list(_micro_batches(chunk_rows, chunk_steps, tbs))
         _idle_calls(run, ro, cond, calls[c] - len(batches) if calls else 0, backward=True)
+        at = 0  # the micro-batch's first pair in its chunk
         for i, k in batches:
-            lp, kl = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
+            lp, kl, v = _step_log_prob(run, ro, cond, i, k, with_kl=cfg.grpo.beta > 0)
             old = lp.detach() if recompute and c == 0 else old_lp[i, k]  # chunk 0: no optimizer step yet
-            loss, s = grpo_loss(lp, old, A[i, k], grpo.clip_range, kl, grpo.beta, grpo.clip_range_high)
+            guard = {}
+            if grpo.ratio_norm:  # (chunk 0: the old velocity is v itself, so the bias and its gradient are 0)
+                bias = None if c == 0 else _ratio_bias(run, ro, i, k, v, old_v[c - 1][at : at + i.numel()])
+                guard = {"ratio_scale": sched.step_std[k], "ratio_bias": bias}
+            at += i.numel()
+            if grpo.step_weight == "inverse_dt":
+                guard["weight"] = 1.0 / (sched.sigmas[k] - sched.sigmas[k + 1])
+            loss, s = grpo_loss(
+                lp, old, A[i, k], grpo.clip_range, kl, grpo.beta, grpo.clip_range_high, **guard
+            )
             if recompute:  # the on-policy check here: how far the rollout's log-probs are from the update's
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
             (loss * (i.numel() / n)).backward()
@@ -919,6 +933,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
             for key, val in s.items():
                 stats.setdefault(key, []).append(val)
             sizes.append(i.numel())
+        if old_v is not None and c > 0:
+            old_v[c - 1] = None  # (its chunk's pairs are trained)
         if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
             distributed.sum_grads(run.dist, run.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
@@ -1009,7 +1025,7 @@ def _idle_calls(run: Run, ro, cond, count: int, backward: bool) -> None:
     i = torch.zeros_like(k)
     for _ in range(count):
         if backward:
-            lp, _ = _step_log_prob(run, ro, cond, i, k, with_kl=run.cfg.grpo.beta > 0)
+            lp, _, _ = _step_log_prob(run, ro, cond, i, k, with_kl=run.cfg.grpo.beta > 0)
             (lp.sum() * 0.0).backward()
         else:
             with torch.no_grad():
@@ -1017,28 +1033,51 @@ def _idle_calls(run: Run, ro, cond, count: int, backward: bool) -> None:
 
 
 def _step_log_prob(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, with_kl: bool):
-    """Log-prob of the stored steps ``lat[i, k] -> lat[i, k+1]`` under the current policy, and the KL to the
-    reference policy when ``with_kl`` (else None)."""
+    """Log-prob of the stored steps ``lat[i, k] -> lat[i, k+1]`` under the current policy, the KL to the
+    reference policy when ``with_kl`` (else None), and the velocity they came from."""
     cfg, sched = run.cfg, run.schedule
     x, ci, sigma = ro.latents[i, k], cond.index(i), sched.sigmas[k]
     v = run.policy.velocity(x, sigma, ci, cfg.sampling.guidance_scale)
     v_ref = _reference_velocity(run, x, sigma, ci) if with_kl else None
-    return sde_log_prob(x, v, ro.latents[i, k + 1], sigma, sched.sigmas[k + 1], sched.std[k], ref_velocity=v_ref,
-                        kl_exact=cfg.grpo.kl_exact, cps=sched.cps)  # fmt: skip
+    lp, kl = sde_log_prob(x, v, ro.latents[i, k + 1], sigma, sched.sigmas[k + 1], sched.std[k], ref_velocity=v_ref,
+                          kl_exact=cfg.grpo.kl_exact and with_kl, cps=sched.cps)  # fmt: skip
+    return lp, kl, v
+
+
+def _ratio_bias(run: Run, ro, i: torch.Tensor, k: torch.Tensor, v: torch.Tensor, old_v: torch.Tensor):
+    """GRPO-Guard's RatioNorm bias of the pairs ``(i, k)``: the exact KL from the old step's Gaussian (the
+    velocity ``old_v``) to the current one (``v``), by how much the log-ratio's mean falls below 0
+    (ALGORITHM.md §3). A second pass of the kernel, for its KL alone."""
+    sched = run.schedule
+    return sde_log_prob(ro.latents[i, k], v, ro.latents[i, k + 1], sched.sigmas[k], sched.sigmas[k + 1],
+                        sched.std[k], ref_velocity=old_v, kl_exact=True, cps=sched.cps)[1]  # fmt: skip
 
 
 @torch.no_grad()
-def _recompute_log_probs(run: Run, ro, cond, chunks, calls: list[int] | None = None) -> torch.Tensor:
+def _recompute_log_probs(
+    run: Run, ro, cond, chunks, calls: list[int] | None = None, keep_velocities: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
     """``ro.log_probs`` with the (row, step) entries of ``chunks`` recomputed by the current policy at the
     update's own precision, in the update's micro-batches (sharded: ``calls`` per chunk, padded with idle
-    ones)."""
+    ones); with ``keep_velocities``, also each chunk's velocities, [its pairs, *latent] in the order of its
+    micro-batches (else None). One buffer per chunk, made whole at its first micro-batch: the memory
+    estimate, which runs three micro-batches of a chunk, counts all of it."""
     out = ro.log_probs.clone()
+    kept: list[torch.Tensor | None] = []
     for c, (chunk_rows, chunk_steps) in enumerate(chunks):
         batches = list(_micro_batches(chunk_rows, chunk_steps, run.cfg.grpo.train_batch_size))
         _idle_calls(run, ro, cond, calls[c] - len(batches) if calls else 0, backward=False)
+        kept.append(None)
+        at = 0
         for i, k in batches:
-            out[i, k] = _step_log_prob(run, ro, cond, i, k, with_kl=False)[0]
-    return out
+            lp, _, v = _step_log_prob(run, ro, cond, i, k, with_kl=False)
+            out[i, k] = lp
+            if keep_velocities:
+                if kept[-1] is None:
+                    kept[-1] = v.new_empty((chunk_rows.numel(), *v.shape[1:]))
+                kept[-1][at : at + i.numel()] = v
+            at += i.numel()
+    return out, kept if keep_velocities else None
 
 
 def _reference_velocity(run: Run, x, sigma, cond):

@@ -148,3 +148,65 @@ def test_grpo_loss_on_policy_value_and_kl():
     loss, stats = grpo_loss(lp, lp.clone(), A, 1e-4, kl=kl, beta=0.04)
     torch.testing.assert_close(loss, -A.mean() + 0.04 * kl.mean())
     assert stats["ratio_dev_max"].item() == 0.0
+
+
+def test_grpo_loss_ratio_norm_shifts_then_scales_and_weights_the_policy_term():
+    """RatioNorm: ratio = exp(scale * (lp - old + bias)); the weight multiplies each row's policy term, not
+    the KL term. Value and gradient against the formula written out."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(5, generator=g)
+    lp = (old + 1e-3 * torch.randn(5, generator=g)).requires_grad_()
+    A, bias = torch.randn(5, generator=g), 1e-3 * torch.rand(5, generator=g)
+    scale, weight, kl = 0.1 + torch.rand(5, generator=g), 1 + torch.rand(5, generator=g), torch.rand(5)
+    loss, stats = grpo_loss(
+        lp, old, A, 10.0, kl=kl, beta=0.5, ratio_scale=scale, ratio_bias=bias, weight=weight
+    )
+    ratio = torch.exp(scale * (lp - old + bias))  # (a clip range of 10 binds nowhere)
+    want = (-A * ratio * weight).mean() + 0.5 * kl.mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+    (grad,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(grad, -A * ratio * scale * weight / 5, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["log_ratio_mean"], (scale * (lp - old + bias)).mean().detach())
+    with pytest.raises(ValueError, match="ratio_bias needs ratio_scale"):
+        grpo_loss(lp, old, A, 1e-4, ratio_bias=bias)
+
+
+@pytest.mark.parametrize("cps", [False, True], ids=["flow_grpo", "cps"])
+def test_ratio_norm_bias_is_the_mean_shift_of_the_log_ratio(cps):
+    """GRPO-Guard's premise and its fix, on the kernels' own step: with x' drawn from the old policy's step
+    and a current velocity off the old one, the log-ratio lp_new - lp_old has mean -b over the noise (b the
+    exact KL from the old step's Gaussian to the new one, as the trainer takes it from sde_log_prob), so the
+    ratio sits below 1; step_std * (log-ratio + b) is mean_i[(x' - mean_old)_i (mean_new - mean_old)_i] /
+    step_std (float64, from the reference step's means), whose mean is 0. A bias missing the KL's |dt|
+    (Flow-GRPO's KL form), or a scale that is not the step's noise std, fails the closed form."""
+    from densegrpo_fast.kernels import sde_log_prob, sde_step, sde_step_reference
+    from densegrpo_fast.schedule import make_schedule
+
+    sched = make_schedule(10, 3.0, 0.7, sde="cps" if cps else "flow_grpo")
+    B, k = 4096, 3
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    v_old = torch.randn(x.shape, generator=g)
+    v_new = v_old + torch.randn(x.shape, generator=g)  # (far off: a shift well above the sampling error)
+    rows = lambda t: t.expand(B).contiguous()  # noqa: E731
+    s, sn, std = rows(sched.sigmas[k]), rows(sched.sigmas[k + 1]), rows(sched.std[k])
+    xn, lp_old, _ = sde_step(x, v_old, s, sn, std, torch.randn(x.shape, generator=g), cps=cps)
+    lp_new, b = sde_log_prob(x, v_new, xn, s, sn, std, ref_velocity=v_old, kl_exact=True, cps=cps)
+    plain = lp_new - lp_old
+    S = sched.step_std[k]
+    normed = S * (plain + b)
+
+    def mean_of(v):  # float64, the reference step without noise
+        d = lambda t: t.double()  # noqa: E731
+        return sde_step_reference(d(x), d(v), d(s), d(sn), d(std), torch.zeros_like(d(x)), cps=cps)[0]
+
+    mean_old, mean_new, S64 = mean_of(v_old), mean_of(v_new), S.double()
+    closed = ((xn.double() - mean_old) * (mean_new - mean_old)).flatten(1).mean(1) / S64
+    torch.testing.assert_close(normed.double(), closed, rtol=1e-4, atol=2e-7)
+    want_b = (mean_new - mean_old).square().flatten(1).mean(1) / (2 * S64 * S64)
+    torch.testing.assert_close(b.double(), want_b, rtol=1e-5, atol=0)
+    # over the noise: the plain log-ratio's mean is -b (left-shifted), the normalised one's 0
+    se = plain.std() / B**0.5
+    assert b.mean() > 20 * se  # (the shift is far above the sampling error here)
+    assert abs(plain.mean() + b.mean()) < 4 * se, (plain.mean(), b.mean(), se)
+    assert abs(normed.mean()) < 4 * normed.std() / B**0.5

@@ -530,6 +530,24 @@ def test_a_sharded_iteration_that_trains_nothing_evaluates_and_exports(tiny_chec
     assert step["rows_trained"] == 0 and (tmp_path / "run" / "policy_ema.safetensors").exists()
 
 
+def test_ratio_norm_over_two_sharded_processes_trains_what_one_process_trains(tiny_checkpoint, tmp_path):
+    """grpo.ratio_norm under FSDP2: each rank keeps the old velocities of its own pairs of the second optimizer
+    step, in the micro-batches of its first pass, while the rank with fewer pads both passes with idle
+    calls; the summed gradients of both optimizer steps are one process's."""
+    extra = ["grpo.ratio_norm=true", "grpo.step_weight=inverse_dt", "run.iterations=1"]
+    done = torchrun([*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "run", extra)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = python(
+        [*TRAIN, *full_overrides(tiny_checkpoint, tmp_path / "one", [*extra, "sampling.reward_waves=2"])]
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    (a,), (b,) = ([r for r in records(tmp_path / d) if "reward_mean" in r] for d in ("run", "one"))
+    exact = ["reward_mean", "R_mean", "dR_mean", "rows_trained"]
+    assert {k: a[k] for k in exact} == {k: b[k] for k in exact}
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert a["log_ratio_mean"] == pytest.approx(b["log_ratio_mean"], rel=1e-3, abs=1e-9)
+
+
 def test_fsdp_with_lora_is_refused(tiny_checkpoint, tmp_path):
     from test_trainer import cfg_of
 

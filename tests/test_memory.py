@@ -101,6 +101,9 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
         # update and in the old log-probs' recomputation (bf16 recomputes them for the chunks after the
         # first); the real run makes them all
         ("bf16", ("grpo.updates_per_iteration=2", "grpo.train_batch_size=2")),
+        # RatioNorm keeps the second chunk's old velocities, all of them, though the estimate runs 3 of its 5
+        # micro-batches
+        ("fp32", ("grpo.updates_per_iteration=2", "grpo.train_batch_size=2", "grpo.ratio_norm=true")),
         ("bf16", ()),
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),

@@ -249,8 +249,19 @@ def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
         ["lora.enabled=false", "grpo.beta=0.04"],
         ["model.autocast=null"],
         ["sampling.reward_waves=2", "dense.mode=sparse"],
+        [
+            "grpo.kl_exact=true"
+        ],  # (the old log-probs' recomputation takes no KL: it once asked for the exact one)
     ],
-    ids=["sparse", "dense_baseline-n1", "window-separate", "full-finetune", "fp32", "reward-waves-sparse"],
+    ids=[
+        "sparse",
+        "dense_baseline-n1",
+        "window-separate",
+        "full-finetune",
+        "fp32",
+        "reward-waves-sparse",
+        "kl-exact",
+    ],  # fmt: skip
 )
 def test_variants_run(tiny_checkpoint, tmp_path, extra):
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
@@ -610,6 +621,88 @@ def test_a_psi_table_calibrated_for_another_window_is_refused(tiny_checkpoint, t
     wider = [*cal, "noise.window_start=1", "noise.window_size=2", f"noise.calibration.path={old}"]
     with pytest.raises(ValueError, match=r"needs steps \[2\]"):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run4", extra=wider), progress=False)
+
+
+@pytest.mark.parametrize(
+    "sde, kl",
+    [("flow_grpo", []), ("cps", []), ("flow_grpo", ["grpo.beta=0.5", "grpo.kl_exact=true"])],
+    ids=["flow_grpo", "cps", "flow_grpo-exact-kl"],
+)
+def test_ratio_norm_steps_with_grpo_guards_gradient(sde, kl, tiny_checkpoint, tmp_path, monkeypatch):
+    """grpo.ratio_norm with step_weight=inverse_dt, computed here independently for each of three optimizer
+    steps: the gradient of -mean over the step's pairs of A w exp(mean_i[(x' - mean_old)_i (mean_new -
+    mean_old)_i] / S) (RatioNorm's log-ratio in closed form: mean_old from the weights before the update,
+    mean_new from those of the step, S the pair's noise std, w = 1 / |dt|; float64 from the reference step's
+    means), plus beta times the exact KL to the base model's step. A bias left out, a scale or weight of
+    the wrong step, in the first optimizer step or a later one, or old velocities of the wrong chunk or
+    taken after the first step fail it."""
+    from densegrpo_fast.dense import advantages
+    from densegrpo_fast.kernels import sde_step_reference
+    from densegrpo_fast.trainer import _seed, collect, update
+
+    cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=[
+        "grpo.ratio_norm=true", "grpo.step_weight=inverse_dt", f"noise.sde={sde}", "grpo.beta=0",
+        "grpo.clip_range=10", "grpo.train_batch_size=3", "grpo.updates_per_iteration=3", "optim.grad_clip=1e9",
+        "optim.lr=0.01", "model.autocast=null", "lora.merge_for_sampling=false", *kl,
+    ])  # fmt: skip
+    run = setup(cfg, progress=False)
+    ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+    d, sched = cfg.dense, run.schedule
+    A = advantages(R, cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std, eps=d.adv_eps,
+                   clip=d.adv_clip)  # fmt: skip
+    rows, steps = (run.trained[None, :] & (A != 0)).nonzero(as_tuple=True)  # the update's plan, written out
+    order = torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(_seed(cfg, 0, 2)))
+    chunks = list(zip(rows[order].tensor_split(3), steps[order].tensor_split(3), strict=True))
+    assert min(i.numel() for i, _ in chunks) > 3  # (several micro-batches in each optimizer step)
+    params = {n: p for n, p in run.policy.transformer.named_parameters() if p.requires_grad}
+    weights, grads = (
+        [{n: p.detach().clone() for n, p in params.items()}],
+        [],
+    )  # before each step; its gradient
+    real_step = run.optimizer.step
+
+    def step(*args, **kwargs):
+        grads.append({n: p.grad.detach().clone() for n, p in params.items()})
+        out = real_step(*args, **kwargs)
+        weights.append({n: p.detach().clone() for n, p in params.items()})
+        return out
+
+    monkeypatch.setattr(run.optimizer, "step", step)
+    update(run, ro, cond, R, 0)
+    assert len(grads) == 3
+
+    def velocity(w, i, k):  # of the pairs (i, k) under the trained weights w
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(w[n])
+        return run.policy.velocity(
+            ro.latents[i, k], sched.sigmas[k], cond.index(i), cfg.sampling.guidance_scale
+        )
+
+    def mean_of(v, i, k):  # float64, the reference step without noise
+        x, s, sn, std = (
+            t.double() for t in (ro.latents[i, k], sched.sigmas[k], sched.sigmas[k + 1], sched.std[k])
+        )
+        return sde_step_reference(x, v.double(), s, sn, std, torch.zeros_like(x), cps=sched.cps)[0]
+
+    for c, (i, k) in enumerate(chunks):
+        with torch.no_grad():
+            mean_old = mean_of(velocity(weights[0], i, k), i, k)
+            run.policy.transformer.disable_adapters()
+            mean_ref = mean_of(velocity(weights[c], i, k), i, k)
+            run.policy.transformer.enable_adapters()
+        mean_new = mean_of(velocity(weights[c], i, k), i, k)
+        xn, sigma, sigma_next = ro.latents[i, k + 1], sched.sigmas[k], sched.sigmas[k + 1]
+        S = sched.step_std[k].double()
+        log_ratio = ((xn.double() - mean_old) * (mean_new - mean_old)).flatten(1).mean(1) / S
+        w = 1.0 / (sigma - sigma_next).double()
+        loss = -(A[i, k].double() * w * torch.exp(log_ratio)).mean()
+        loss = loss + cfg.grpo.beta * ((mean_new - mean_ref).square().flatten(1).mean(1) / (2 * S * S)).mean()
+        want = torch.autograd.grad(loss, list(params.values()))
+        g_want = torch.cat([g.flatten() for g in want]).float()
+        g_got = torch.cat([grads[c][n].flatten() for n in params])
+        assert g_want.norm() > 0
+        assert (g_got - g_want).norm() <= 1e-4 * g_want.norm(), (c, (g_got - g_want).norm(), g_want.norm())
 
 
 def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
