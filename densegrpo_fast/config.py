@@ -615,7 +615,10 @@ class GRPOSection(Section):
         "Flow-Factory's grpo-guard is ratio_norm alone); the KL term is not weighted",
     )
     trained_steps: list[int] | None = Field(
-        None, description="steps to train; null = every SDE step but the last of the grid"
+        None,
+        description="steps to train; null = every step with noise but the last one: 0 to T - 2 (Flow-GRPO's), or 0 "
+        "to T - 3 under noise.sde=cps, where the last step has no noise and the one before it about 1e-3 on SD3's "
+        "grid",
     )
     step_fraction: float = Field(
         1.0,
@@ -930,6 +933,16 @@ class TrainConfig(Section):
     run: RunSection = Field(default_factory=RunSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
+    def trained_steps(self) -> list[int]:
+        """``grpo.trained_steps``, or by default every step with noise but the last one (ALGORITHM.md §3):
+        Flow-GRPO never trains the grid's last step, whose noise is the smallest; under CPS the last step has
+        none, and the one before it the smallest (``sigma[T-1] sin(eta pi / 2)``: about 1e-3 on SD3's grid,
+        where a log-ratio's swing grows as 1 / std)."""
+        if self.grpo.trained_steps is not None:
+            return self.grpo.trained_steps
+        T = self.sampling.num_steps
+        return list(range(max(0, T - 2) if self.noise.sde == "cps" else T - 1))
+
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
         fill_family_defaults(self.model, eval=self.eval, sampling=self.sampling)
@@ -957,11 +970,17 @@ class TrainConfig(Section):
                 "(or window_move=fixed)"
             )
         steps = self.grpo.trained_steps
-        if steps is None and n.window_move == "fixed" and n.window_start == T - 1:
+        default = self.trained_steps()
+        if (
+            steps is None
+            and n.window_move == "fixed"
+            and n.window_start is not None
+            and n.window_start >= len(default)
+        ):
             problems.append(
-                f"noise.window_start={n.window_start}, noise.window_size={n.window_size}: the window holds the "
-                f"grid's last step only, which grpo.trained_steps null (steps 0 to {T - 2}) never trains, so the "
-                "run would train nothing; start the window earlier, or list grpo.trained_steps"
+                f"noise.window_start={n.window_start}, noise.window_size={n.window_size}: the window holds only "
+                f"steps that grpo.trained_steps null (steps 0 to {len(default) - 1}{' under noise.sde=cps' if n.sde == 'cps' else ''}) "
+                "never trains, so the run would train nothing; start the window earlier, or list grpo.trained_steps"
             )
         for k in steps or []:
             if not 0 <= k < T:

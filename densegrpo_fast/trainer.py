@@ -64,12 +64,6 @@ from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, windo
 ROLLOUT_LP_DEV_LIMIT = 1e-3
 
 
-def _trained_steps(cfg: TrainConfig) -> list[int]:
-    """``grpo.trained_steps``, or by default every step but the last (Flow-GRPO never trains it)."""
-    T = cfg.sampling.num_steps
-    return cfg.grpo.trained_steps if cfg.grpo.trained_steps is not None else list(range(T - 1))
-
-
 def _window_steps(T: int, ws: int | None, size: int | None) -> range:
     """The steps a psi table must cover: the fixed window's, or every step (no window, or a moving one)."""
     return range(T) if ws is None else range(ws, min(ws + size, T))
@@ -219,7 +213,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
-    trained_steps[_trained_steps(cfg)] = True
+    trained_steps[cfg.trained_steps()] = True
 
     reference = None
     transformer = policy.transformer
@@ -562,7 +556,7 @@ def _schedule(
         psi = saved_psi
     if psi is None:
         psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and dist.main, dist=dist)
-    trained = set(_trained_steps(cfg))
+    trained = set(cfg.trained_steps())
     dead = [k for k in _window_steps(T, ws, size) if k in trained and psi[k] == 0]
     if dead and dist.main:
         warnings.warn(

@@ -315,7 +315,9 @@ def test_fp16_training_is_refused_fp16_evaluation_is_not():
 
 
 def test_a_window_on_the_untrained_last_step_alone_is_refused():
-    with pytest.raises(ConfigError, match=r"the window holds the grid's last step only.*train nothing"):
+    with pytest.raises(
+        ConfigError, match=r"the window holds only steps that grpo.trained_steps null.*train nothing"
+    ):
         load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1"])
     load_config(TrainConfig, TOY, ["noise.window_start=9", "noise.window_size=1", "grpo.trained_steps=[9]"])
     load_config(TrainConfig, TOY, ["noise.window_start=8", "noise.window_size=2"])

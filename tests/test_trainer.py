@@ -708,8 +708,9 @@ def test_ratio_norm_steps_with_grpo_guards_gradient(sde, kl, tiny_checkpoint, tm
 def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
     """noise.sde=cps over every step: the rollout takes the CPS step (the grid's last step is the Euler step,
     log-prob 0, and the steps before it are CPS's own), the update recomputes those log-probs (the first ratio
-    is 1: the flag reaches both), calibration moves eta and leaves the last step out, a later CPS run reads
-    the table and a flow_grpo run refuses it."""
+    is 1: the flag reaches both), the steps before the last two train (step T - 2's noise is near 0),
+    calibration moves eta and leaves the last step out, a later CPS run reads the table and a flow_grpo run
+    refuses it."""
     from densegrpo_fast import trainer
     from densegrpo_fast.kernels import cps_std, sde_step
 
@@ -740,8 +741,12 @@ def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
     eps = (ro.latents[:, 2] - mean) / sched.std[1]
     m, sd = eps.mean().item(), eps.std().item()
     assert abs(m) < 0.1 and abs(sd - 1) < 0.1, (m, sd)
+    assert run.trained.tolist() == [True, True, False, False]  # (step 2's noise is sigma[3] sin(eta pi / 2))
     record = trainer.update(run, ro, cond, R, 0)
     assert_on_policy(record)
+    # one optimizer step later the ratios stay near 1 (3.6e-4; with step 2 trained, 0.73: its log-ratio swings
+    # as 1 / std)
+    assert record["ratio_dev_max"] < 1e-2
     # the table's noise scale is CPS's, sigma_next sin(eta pi / 2)
     want = cps_std(torch.tensor(table["sigmas"][1:]), torch.tensor(table["psi"]))
     torch.testing.assert_close(torch.tensor(table["std"]), want, rtol=0, atol=0)
@@ -784,6 +789,21 @@ def test_cps_config_rules(tiny_checkpoint, tmp_path):
         tiny_checkpoint,
         tmp_path,
         extra=["noise.sde=flow_grpo", "noise.level=1.2", "grpo.trained_steps=[2,3]"],
+    )
+    # by default CPS trains every step with noise but the last one, as Flow-GRPO: steps 0 to T - 3
+    assert cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps"]).trained_steps() == [0, 1]
+    assert cfg_of(tiny_checkpoint, tmp_path).trained_steps() == [0, 1, 2]
+    assert cfg_of(
+        tiny_checkpoint, tmp_path, extra=["noise.sde=cps", "grpo.trained_steps=[2]"]
+    ).trained_steps() == [2]
+    for sde, start in (("cps", 2), ("flow_grpo", 3)):
+        with pytest.raises(ConfigError, match=r"the window holds only steps that grpo.trained_steps null"):
+            cfg_of(tiny_checkpoint, tmp_path, extra=[f"noise.sde={sde}", f"noise.window_start={start}",
+                                                    f"noise.window_size={4 - start}"])  # fmt: skip
+    cfg_of(
+        tiny_checkpoint,
+        tmp_path,
+        extra=["noise.sde=flow_grpo", "noise.window_start=2", "noise.window_size=2"],
     )
 
 
