@@ -403,7 +403,13 @@ def main(argv: list[str] | None = None) -> int:
     (``WORLD_SIZE`` > 1) a command that succeeds does not return: the process leaves once it is done
     (:func:`densegrpo_fast.distributed.leave`)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # overrides given on both sides of an option (`--config C a=1 --output-dir D b=2`): argparse takes the
+    # first run of them as the positional list and leaves the later ones over
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command is None:
         parser.print_help()
         return 0

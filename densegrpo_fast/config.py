@@ -1008,6 +1008,12 @@ class TrainConfig(Section):
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
                 f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"
             )
+        if n.level == 0:
+            problems.append(
+                "noise.level is 0: every step would then be an ODE step (no noise, so no log-prob), and calibration "
+                "moves only the steps that start with noise, so the run would train nothing; give a level above 0 "
+                "(Flow-GRPO's 0.7)"
+            )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
         if self.noise.sde == "cps" and steps and T - 1 in steps:

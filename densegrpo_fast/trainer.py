@@ -455,6 +455,9 @@ RESUMABLE_CHANGES = (
     "run.iterations", "run.time_budget_s", "run.output_dir", "run.checkpoint_every", "run.sample_grid_every",
     "run.eval_every", "run.export_every", "run.keep_exports", "run.tensorboard", "run.wandb", "model.compile",
     "model.compile_backend", "model.num_threads", "lora.init",
+    # how many rows a call takes: the memory's knobs, for a run that ran out of it; like model.compile, they
+    # change only the rounding of what an iteration computes
+    "sampling.max_rows_per_call", "grpo.train_batch_size", "eval.batch_size",
 )  # fmt: skip
 
 
@@ -971,13 +974,23 @@ class NonFiniteError(ValueError):
     """A reward or a gradient came out NaN or infinite: the run stops before the weights it would write."""
 
 
-def check_finite_rewards(run: Run, R: torch.Tensor) -> None:
+def check_finite_rewards(run: Run, R: torch.Tensor, latents: torch.Tensor | None = None) -> None:
     """Stop the run when the reward gave NaN or inf: its advantages would be NaN, and so would every weight
-    after the update. (One host read, where the update's plan reads the device anyway.)"""
+    after the update. (One host read, where the update's plan reads the device anyway.) ``latents``: the
+    rollout's (this rank's rows); when they are not finite themselves, the policy is to blame, not the
+    reward."""
     bad = ~torch.isfinite(R)
     if bad.any():
         where = bad.nonzero()  # (row, latent) or, per-reward, (row, latent, component)
         first = tuple(where[0].tolist())
+        if latents is not None and not bool(torch.isfinite(latents).all()):
+            raise NonFiniteError(
+                f"iteration {run.iteration + 1}: the rollout's latents are not finite ({len(where)} of "
+                f"{R.numel()} rewards with them): the weights the last update wrote make the transformer "
+                f"overflow. The last checkpoint in {run.dir} holds those weights, so --resume would stop here "
+                "again: train again from an earlier start (a new output dir, or lora.init from a kept export) "
+                "with a lower optim.lr, and look at grad_norm in metrics.jsonl, which grows before this"
+            )
         raise NonFiniteError(
             f"iteration {run.iteration + 1}: reward {run.cfg.reward.name!r} gave {len(where)} non-finite "
             f"score(s) among {R.numel()} (first: row {first[0]}, latent {first[1]}"
@@ -1349,7 +1362,7 @@ def _loop(run: Run, progress: bool) -> None:
         ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
         t1 = time.perf_counter()
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
-        check_finite_rewards(run, R_all)
+        check_finite_rewards(run, R_all, ro.latents)
         A_all = _advantages(run, R_all)
         up = update(run, ro, cond, R, it, A_all)
         times["update_s"] = time.perf_counter() - t1
@@ -1518,7 +1531,8 @@ def _warn_off_policy(iteration: int, lp_dev: float) -> None:
         "1e-4, more at late, low-noise steps; a larger gap can also mean that sampling and training disagree on "
         "the step (noise level, sigma grid, conditioning, weights). To tell them apart, run a few iterations "
         "with fp32 rollouts (model.autocast=null lora.merge_for_sampling=false, and model.dtype=fp32 "
-        "model.compile=false for the pretrained families), whose ratio_dev_first must be 0",
+        "model.compile=false for the pretrained families), whose ratio_dev_first is 0 (about 1e-7 has been "
+        "seen with other rollout call sizes)",
         stacklevel=3,
     )
 

@@ -928,10 +928,11 @@ def test_existing_run_needs_resume(tiny_checkpoint, tmp_path, monkeypatch):
     ):
         train(other, resume=True, progress=False)
     # what only says how long and where the run goes may change: its directory by another path, a time budget
-    # (a run stopped by its budget is extended), checkpoints, logs, threads
+    # (a run stopped by its budget is extended), checkpoints, logs, threads; and the rows per call
     monkeypatch.chdir(tmp_path)
     moved = Path("run")  # (the run was started with an absolute path)
-    extended = ["run.time_budget_s=600", "run.checkpoint_every=5", "run.eval_every=1", "model.num_threads=2"]
+    extended = ["run.time_budget_s=600", "run.checkpoint_every=5", "run.eval_every=1", "model.num_threads=2",
+                "sampling.max_rows_per_call=5", "grpo.train_batch_size=3", "eval.batch_size=5"]  # fmt: skip
     with pytest.warns(
         UserWarning, match=r"run.iterations 1 -> 2 with optim.schedule=cosine: .*decay now ends at"
     ):
@@ -1346,6 +1347,29 @@ def test_a_nan_stops_the_run_before_its_checkpoint(where, tiny_checkpoint, tmp_p
     monkeypatch.setattr(trainer, "latent_rewards" if where == "reward" else "grpo_loss", real)
     train(cfg, resume=True, progress=False)
     assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]
+
+
+def test_weights_that_overflow_the_rollout_are_named_not_the_reward(tiny_checkpoint, tmp_path, monkeypatch):
+    """Finite but huge weights from an update make the next rollout's latents NaN, and so its rewards: the
+    error names the weights (which the checkpoint holds, so a resume would stop again), not the reward."""
+    from densegrpo_fast import trainer
+
+    real_update = trainer.update
+
+    def update(run, *args, **kwargs):
+        out = real_update(run, *args, **kwargs)
+        with torch.no_grad():
+            for p in run.policy.transformer.parameters():
+                if p.requires_grad:
+                    p.fill_(1e30)
+        return out
+
+    monkeypatch.setattr(trainer, "update", update)
+    with pytest.raises(
+        trainer.NonFiniteError,
+        match=r"iteration 2: the rollout's latents are not finite .*--resume would stop here again",
+    ):
+        train(cfg_of(tiny_checkpoint, tmp_path / "run"), progress=False)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
