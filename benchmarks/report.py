@@ -97,7 +97,7 @@ def _gib(x) -> str:
 
 
 def on_policy(metrics: dict) -> str:
-    """The update's on-policy check: ``ratio_dev_first`` (must be 0) where it used the rollout's own log-probs,
+    """The update's on-policy check: ``ratio_dev_first`` (0) where it used the rollout's own log-probs,
     else ``rollout_lp_dev`` (the rollout's log-probs against the update's recomputed ones; bf16 rounding
     gives about 1e-4). Empty when no row was trained."""
     dev, lp = metrics.get("ratio_dev_first"), metrics.get("rollout_lp_dev")

@@ -398,18 +398,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but ``key=value`` overrides may stand on both sides of an option
+    (`--config C a=1 --output-dir D b=2`): argparse takes the first run of them as the positional list and
+    leaves the later ones over, which join it in order (a later value of a key wins)."""
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command ``argv`` and returns its exit code; in a process launched by torchrun
     (``WORLD_SIZE`` > 1) a command that succeeds does not return: the process leaves once it is done
     (:func:`densegrpo_fast.distributed.leave`)."""
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    # overrides given on both sides of an option (`--config C a=1 --output-dir D b=2`): argparse takes the
-    # first run of them as the positional list and leaves the later ones over
-    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
-        args.overrides = [*args.overrides, *rest]
-    elif rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 0

@@ -617,8 +617,8 @@ class GRPOSection(Section):
     trained_steps: list[int] | None = Field(
         None,
         description="steps to train; null = every step with noise but the last one: 0 to T - 2 (Flow-GRPO's), or 0 "
-        "to T - 3 under noise.sde=cps, where the last step has no noise and the one before it about 1e-3 on SD3's "
-        "grid",
+        "to T - 3 under noise.sde=cps, where the last step has no noise and the one before it the least "
+        "(ALGORITHM.md §2)",
     )
     step_fraction: float = Field(
         1.0,
@@ -936,8 +936,7 @@ class TrainConfig(Section):
     def trained_steps(self) -> list[int]:
         """``grpo.trained_steps``, or by default every step with noise but the last one (ALGORITHM.md §3):
         Flow-GRPO never trains the grid's last step, whose noise is the smallest; under CPS the last step has
-        none, and the one before it the smallest (``sigma[T-1] sin(eta pi / 2)``: about 1e-3 on SD3's grid,
-        where a log-ratio's swing grows as 1 / std)."""
+        none, and the one before it the smallest (``sigma[T-1] sin(eta pi / 2)``: 8e-3 on SD3.5's grid)."""
         if self.grpo.trained_steps is not None:
             return self.grpo.trained_steps
         T = self.sampling.num_steps
@@ -971,7 +970,13 @@ class TrainConfig(Section):
             )
         steps = self.grpo.trained_steps
         default = self.trained_steps()
-        if (
+        if steps is None and not default:
+            problems.append(
+                f"sampling.num_steps={T}{' under noise.sde=cps' if n.sde == 'cps' else ''} leaves no step that "
+                "grpo.trained_steps null trains (every step with noise but the last one), so the run would train "
+                "nothing; take more steps, or list grpo.trained_steps"
+            )
+        elif (
             steps is None
             and n.window_move == "fixed"
             and n.window_start is not None
@@ -1010,9 +1015,10 @@ class TrainConfig(Section):
             )
         if n.level == 0:
             problems.append(
-                "noise.level is 0: every step would then be an ODE step (no noise, so no log-prob), and calibration "
-                "moves only the steps that start with noise, so the run would train nothing; give a level above 0 "
-                "(Flow-GRPO's 0.7)"
+                "noise.level is 0: uniform noise would be none (every step an ODE step, with no log-prob to "
+                "train), and calibration starts psi at the level and moves only the steps that start with noise; "
+                "give a level above 0 (Flow-GRPO's 0.7; where a calibrated psi table is read, the level is not "
+                "used, so any value above 0 serves)"
             )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")

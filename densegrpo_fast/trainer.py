@@ -974,23 +974,32 @@ class NonFiniteError(ValueError):
     """A reward or a gradient came out NaN or infinite: the run stops before the weights it would write."""
 
 
-def check_finite_rewards(run: Run, R: torch.Tensor, latents: torch.Tensor | None = None) -> None:
+def check_finite_rewards(run: Run, R: torch.Tensor, ro=None) -> None:
     """Stop the run when the reward gave NaN or inf: its advantages would be NaN, and so would every weight
-    after the update. (One host read, where the update's plan reads the device anyway.) ``latents``: the
-    rollout's (this rank's rows); when they are not finite themselves, the policy is to blame, not the
-    reward."""
+    after the update. (One host read, where the update's plan reads the device anyway.) ``ro``: this rank's
+    rollout; when its latents or completions are not finite, the policy is to blame, not the reward, and the
+    run stops even if the reward turned them into finite scores (an image cast to uint8 is black). Every
+    rank learns of any rank's (one collective), so all of them stop with the same message."""
     bad = ~torch.isfinite(R)
-    if bad.any():
+    sampled = [] if ro is None else [t for t in (ro.latents, ro.clean) if t is not None]
+    reward_bad, *overflow = torch.stack([bad.any(), *(~torch.isfinite(t).all() for t in sampled)]).tolist()
+    if distributed.max_(run.dist, float(any(overflow)), R.device) > 0:
+        start = (
+            "the weights of the updates so far make the transformer overflow; the last checkpoint in "
+            f"{run.dir} leads back here, so --resume would stop again: start a new run with a lower optim.lr "
+            "(lora.init can start one from an earlier export's LoRA), and look at grad_norm in metrics.jsonl, "
+            "which grows before this"
+            if run.opt_steps > 0
+            else "the starting weights make the transformer overflow before any update: check model.checkpoint "
+            "(and lora.init), and model.dtype (fp16 overflows where bf16 does not)"
+        )
+        raise NonFiniteError(
+            f"iteration {run.iteration + 1}: the rollout's latents are not finite (the rewards: "
+            f"{int(bad.sum())} of {R.numel()} non-finite): {start}"
+        )
+    if reward_bad:
         where = bad.nonzero()  # (row, latent) or, per-reward, (row, latent, component)
         first = tuple(where[0].tolist())
-        if latents is not None and not bool(torch.isfinite(latents).all()):
-            raise NonFiniteError(
-                f"iteration {run.iteration + 1}: the rollout's latents are not finite ({len(where)} of "
-                f"{R.numel()} rewards with them): the weights the last update wrote make the transformer "
-                f"overflow. The last checkpoint in {run.dir} holds those weights, so --resume would stop here "
-                "again: train again from an earlier start (a new output dir, or lora.init from a kept export) "
-                "with a lower optim.lr, and look at grad_norm in metrics.jsonl, which grows before this"
-            )
         raise NonFiniteError(
             f"iteration {run.iteration + 1}: reward {run.cfg.reward.name!r} gave {len(where)} non-finite "
             f"score(s) among {R.numel()} (first: row {first[0]}, latent {first[1]}"
@@ -1362,7 +1371,7 @@ def _loop(run: Run, progress: bool) -> None:
         ro, cond, R, times = collect(run, prompts, it)  # this rank's rows
         t1 = time.perf_counter()
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
-        check_finite_rewards(run, R_all, ro.latents)
+        check_finite_rewards(run, R_all, ro)
         A_all = _advantages(run, R_all)
         up = update(run, ro, cond, R, it, A_all)
         times["update_s"] = time.perf_counter() - t1

@@ -325,23 +325,30 @@ def test_a_window_on_the_untrained_last_step_alone_is_refused():
 
 def test_a_noise_level_of_0_is_refused():
     for kind in ("uniform", "calibrated"):
-        with pytest.raises(ConfigError, match=r"noise.level is 0: .*the run would train nothing"):
+        with pytest.raises(ConfigError, match=r"noise.level is 0: uniform noise would be none.*give a level above 0"):
             load_config(TrainConfig, TOY, [f"noise.kind={kind}", "noise.level=0"])
     load_config(TrainConfig, TOY, ["noise.level=0.05"])
 
 
 def test_overrides_on_both_sides_of_an_option_all_count(capsys):
-    """`--config C a=1 --opt X b=2`: argparse alone leaves `b=2` over as an unrecognized argument."""
+    """`--config C a=1 --output-dir D --no-progress b=2 a=3`: argparse alone leaves `b=2 a=3` over as
+    unrecognized arguments; they join the overrides in order (the later value of a key wins)."""
     import yaml
 
-    from densegrpo_fast.cli import main
+    from densegrpo_fast.cli import build_parser, main, parse_args
 
+    argv = ["train", "--config", str(TOY), "run.iterations=7", "--output-dir", "D", "--no-progress",
+            "run.seed=3", "run.iterations=9"]  # fmt: skip
+    args = parse_args(build_parser(), argv)
+    assert args.overrides == ["run.iterations=7", "run.seed=3", "run.iterations=9"]
+    assert (args.output_dir, args.no_progress) == ("D", True)
     main(["show-config", "--config", str(TOY), "run.iterations=7", "--config", str(TOY), "run.seed=3"])
     shown = yaml.safe_load(capsys.readouterr().out)
     assert (shown["run"]["iterations"], shown["run"]["seed"]) == (7, 3)
-    with pytest.raises(SystemExit) as e:  # anything else left over is still refused
-        main(["show-config", "--config", str(TOY), "run.iterations=7", "--no-such-flag"])
-    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    for extra in ("--no-such-flag", "stray"):  # anything else left over is still refused
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--config", str(TOY), "run.iterations=7", "--no-progress", extra])
+        assert e.value.code == 2 and f"unrecognized arguments: {extra}" in capsys.readouterr().err
 
 
 def test_the_command_line_refuses_a_port_or_an_iteration_count_out_of_range(capsys):

@@ -805,6 +805,10 @@ def test_cps_config_rules(tiny_checkpoint, tmp_path):
         tmp_path,
         extra=["noise.sde=flow_grpo", "noise.window_start=2", "noise.window_size=2"],
     )
+    two = ["sampling.num_steps=2", "noise.window_start=null", "noise.window_size=null"]
+    with pytest.raises(ConfigError, match=r"sampling.num_steps=2 under noise.sde=cps leaves no step"):
+        cfg_of(tiny_checkpoint, tmp_path, extra=["noise.sde=cps", *two])
+    assert cfg_of(tiny_checkpoint, tmp_path, extra=two).trained_steps() == [0]
 
 
 def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_checkpoint, tmp_path):
@@ -1349,27 +1353,49 @@ def test_a_nan_stops_the_run_before_its_checkpoint(where, tiny_checkpoint, tmp_p
     assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]
 
 
-def test_weights_that_overflow_the_rollout_are_named_not_the_reward(tiny_checkpoint, tmp_path, monkeypatch):
-    """Finite but huge weights from an update make the next rollout's latents NaN, and so its rewards: the
-    error names the weights (which the checkpoint holds, so a resume would stop again), not the reward."""
+@pytest.mark.parametrize(
+    "when, reward",
+    [("update", "redness"), ("update", "jpeg_compressibility"), ("start", "redness")],
+    ids=["after-an-update", "after-an-update-uint8-reward", "from-the-start"],
+)
+def test_weights_that_overflow_the_rollout_are_named_not_the_reward(
+    when, reward, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """Finite but huge weights make the rollout's latents NaN: the error names the weights, not the reward,
+    also where the reward turns the NaN images into finite scores (JPEG casts them to uint8: black images,
+    every advantage 0, a run that would train nothing on). After an update, a resume would stop again; from
+    the start, the starting weights are named."""
     from densegrpo_fast import trainer
 
-    real_update = trainer.update
-
-    def update(run, *args, **kwargs):
-        out = real_update(run, *args, **kwargs)
+    def overflow(run):
         with torch.no_grad():
             for p in run.policy.transformer.parameters():
                 if p.requires_grad:
                     p.fill_(1e30)
-        return out
 
-    monkeypatch.setattr(trainer, "update", update)
-    with pytest.raises(
-        trainer.NonFiniteError,
-        match=r"iteration 2: the rollout's latents are not finite .*--resume would stop here again",
-    ):
-        train(cfg_of(tiny_checkpoint, tmp_path / "run"), progress=False)
+    if when == "update":
+        real_update = trainer.update
+
+        def update(run, *args, **kwargs):
+            out = real_update(run, *args, **kwargs)
+            overflow(run)
+            return out
+
+        monkeypatch.setattr(trainer, "update", update)
+        match = r"iteration 2: the rollout's latents are not finite .*--resume would stop again"
+    else:
+        real_window = trainer.set_window
+
+        def set_window(run, iteration):
+            overflow(run)
+            return real_window(run, iteration)
+
+        monkeypatch.setattr(trainer, "set_window", set_window)
+        match = (
+            r"iteration 1: the rollout's latents are not finite .*the starting weights make the transformer"
+        )
+    with pytest.raises(trainer.NonFiniteError, match=match):
+        train(cfg_of(tiny_checkpoint, tmp_path / "run", extra=[f"reward.name={reward}"]), progress=False)
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
