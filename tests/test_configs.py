@@ -325,7 +325,9 @@ def test_a_window_on_the_untrained_last_step_alone_is_refused():
 
 def test_a_noise_level_of_0_is_refused():
     for kind in ("uniform", "calibrated"):
-        with pytest.raises(ConfigError, match=r"noise.level is 0: uniform noise would be none.*give a level above 0"):
+        with pytest.raises(
+            ConfigError, match=r"noise.level is 0: uniform noise would be none.*give a level above 0"
+        ):
             load_config(TrainConfig, TOY, [f"noise.kind={kind}", "noise.level=0"])
     load_config(TrainConfig, TOY, ["noise.level=0.05"])
 
