@@ -552,7 +552,9 @@ class NoiseSection(Section):
         "fixed",
         description="fixed: the window stays at window_start; sliding (MixGRPO): it starts at window_start and "
         "moves one step later every window_every iterations, back to step 0 after the last fit; random: a "
-        "start drawn per iteration from 0..num_steps - window_size. A moving window is calibrated over every step",
+        "start drawn per iteration from 0..num_steps - window_size. A moving window skips the starts where it "
+        "would hold no trained step (grpo.trained_steps; by default the grid's last step is not trained) and is "
+        "calibrated over every step",
     )
     window_every: int = Field(1, ge=1, description="iterations per one-step move of a sliding window")
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
@@ -704,7 +706,11 @@ class LoRASection(Section):
 
 
 class EMASection(Section):
-    enabled: bool = Field(True, description="keep an EMA of the trained weights for evaluation")
+    enabled: bool = Field(
+        True,
+        description="keep an EMA of the trained weights for evaluation (false: the exports, still named "
+        "policy_ema.safetensors and lora_ema/, hold the trained weights themselves)",
+    )
     decay: float = Field(0.9, ge=0, lt=1, description="EMA decay")
     every: int = Field(8, ge=1, description="optimizer steps between EMA updates")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,19 +94,39 @@ def window_mask(num_steps: int, start: int | None, size: int | None) -> torch.Te
     return mask
 
 
+def window_starts(num_steps: int, size: int, trained: Sequence[bool]) -> list[int]:
+    """The starts a moving window takes: those of the ``num_steps - size + 1`` that put at least one trained
+    step (``trained[k]``, grpo.trained_steps) in the window; a window of untrained steps would train nothing
+    for a whole rollout's cost (size 1 on the grid's last step, which is not trained by default)."""
+    return [p for p in range(num_steps - size + 1) if any(trained[p : p + size])]
+
+
 def window_start_at(
-    move: str, start: int, size: int, num_steps: int, iteration: int, *, every: int = 1, seed: int = 0
+    move: str,
+    start: int,
+    size: int,
+    num_steps: int,
+    iteration: int,
+    *,
+    every: int = 1,
+    seed: int = 0,
+    starts: Sequence[int] | None = None,
 ) -> int:
-    """The first SDE step of iteration ``iteration``'s window: ``start`` (fixed); ``start`` moved one step
-    later every ``every`` iterations and wrapped over the ``num_steps - size + 1`` positions (sliding, MixGRPO);
-    or drawn uniformly from them, a function of (seed, iteration) alone so a resumed run draws the same (random)."""
-    positions = num_steps - size + 1
+    """The first SDE step of iteration ``iteration``'s window: ``start`` (fixed); moved one start later
+    every ``every`` iterations from ``start`` (from the first start at or after it), wrapping over ``starts``
+    (sliding, MixGRPO); or drawn uniformly from ``starts``, a function of (seed, iteration) alone so a resumed
+    run draws the same (random). ``starts`` (default: all ``num_steps - size + 1``) is :func:`window_starts`'s
+    list in the trainer."""
     if move == "fixed":
         return start
+    starts = list(range(num_steps - size + 1)) if starts is None else list(starts)
+    if not starts:
+        raise ValueError(f"a moving window of size {size} over {num_steps} steps has no start to take")
     if move == "sliding":
-        return (start + iteration // every) % positions
+        first = next((j for j, p in enumerate(starts) if p >= start), 0)
+        return starts[(first + iteration // every) % len(starts)]
     if move == "random":
-        return random.Random(seed * 1_000_003 + iteration).randrange(positions)
+        return starts[random.Random(seed * 1_000_003 + iteration).randrange(len(starts))]
     raise ValueError(f"window move {move!r} is not one of fixed, sliding, random")
 
 

@@ -50,7 +50,14 @@ from densegrpo_fast.prompts import PromptPriority, PromptSource
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
-from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid, window_mask, window_start_at
+from densegrpo_fast.schedule import (
+    Schedule,
+    make_schedule,
+    sampler_grid,
+    window_mask,
+    window_start_at,
+    window_starts,
+)
 
 # Where the update recomputes the old log-probs (autocast or merged-adapter rollouts, bf16 / fp16 or compiled
 # transformers) the first ratio is 1 by construction, and the on-policy check is how far the rollout's own
@@ -273,6 +280,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
               shell=shell)  # fmt: skip
     set_window(run, 0)
+    _note_skipped_starts(run)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     if state is not None:
@@ -674,12 +682,34 @@ def set_window(run: Run, iteration: int) -> None:
     else:
         T = base.num_steps
         start = window_start_at(n.window_move, n.window_start, n.window_size, T, iteration,
-                                every=n.window_every, seed=run.cfg.run.seed)  # fmt: skip
+                                every=n.window_every, seed=run.cfg.run.seed, starts=_moving_starts(run))  # fmt: skip
         mask = window_mask(T, start, n.window_size).to(base.noise_level.device)
         schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
     run.window_start = start
     run.trained = run.trained_steps & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
+
+
+def _note_skipped_starts(run: Run) -> None:
+    """Says which starts a moving window skips (:func:`_moving_starts`), once, at the start of a run."""
+    n = run.cfg.noise
+    if n.window_move == "fixed" or not run.dist.main:
+        return
+    starts = _moving_starts(run)
+    skipped = sorted(set(range(run.base_schedule.num_steps - n.window_size + 1)) - set(starts or range(0)))
+    if starts and skipped:
+        print(f"noise.window_move={n.window_move}: the window skips the starts {skipped}, whose steps are not "
+              f"trained (grpo.trained_steps {run.cfg.trained_steps()}) or have no noise, so it takes the starts "
+              f"{starts}", flush=True)  # fmt: skip
+
+
+def _moving_starts(run: Run) -> list[int] | None:
+    """The starts a moving window takes: those whose window holds a step that is trained and has noise (a
+    calibrated psi may be 0); None (every start) when no step is both, a run that trains nothing anyway
+    (warned of by the calibration)."""
+    base = run.base_schedule
+    live = (run.trained_steps & base.sde_steps.cpu()).tolist()
+    return window_starts(base.num_steps, run.cfg.noise.window_size, live) or None
 
 
 # --------------------------------------------------------------------------------------------- one iteration

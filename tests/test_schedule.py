@@ -2,7 +2,14 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from densegrpo_fast.schedule import Schedule, make_schedule, sigma_grid, window_mask, window_start_at
+from densegrpo_fast.schedule import (
+    Schedule,
+    make_schedule,
+    sigma_grid,
+    window_mask,
+    window_start_at,
+    window_starts,
+)
 
 
 @pytest.mark.parametrize("T,shift", [(10, 3.0), (40, 3.0), (1, 3.0), (7, 1.0), (28, 1.5)])
@@ -44,6 +51,21 @@ def test_moving_window_starts():
     assert draws != [window_start_at("random", 0, 3, 10, i, seed=6) for i in range(400)]
     with pytest.raises(ValueError, match="not one of"):
         window_start_at("jumping", 0, 3, 10, 0)
+    # restricted to the starts whose window holds a trained step: by default every step but the last is
+    # trained, under CPS every step but the last two
+    trained, cps = [True] * 9 + [False], [True] * 8 + [False] * 2
+    assert window_starts(10, 1, trained) == list(range(9))
+    assert window_starts(10, 2, trained) == list(range(9))  # [8, 9] trains 8: every start of size 2
+    assert window_starts(10, 2, cps) == list(range(8))
+    assert window_starts(10, 2, [False] * 10) == []
+    starts = window_starts(10, 1, cps)
+    assert [window_start_at("sliding", 6, 1, 10, i, starts=starts) for i in range(4)] == [6, 7, 0, 1]
+    # a start that is not a window's own goes on from the next that is
+    assert [window_start_at("sliding", 5, 1, 10, i, starts=[1, 3, 7]) for i in range(3)] == [7, 1, 3]
+    drawn = {window_start_at("random", 0, 1, 10, i, seed=5, starts=starts) for i in range(400)}
+    assert drawn == set(starts)
+    with pytest.raises(ValueError, match="has no start"):
+        window_start_at("sliding", 0, 2, 10, 0, starts=[])
 
 
 @pytest.mark.parametrize(

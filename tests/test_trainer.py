@@ -839,6 +839,18 @@ def test_moving_window_calibrates_every_step_and_moves_each_iteration(tiny_check
         )
 
 
+def test_moving_window_skips_starts_that_train_nothing(tiny_checkpoint, tmp_path, capsys):
+    """Size 1 over 4 steps: the grid's last step is not trained by default, so the window never starts
+    there (it would roll out and train nothing) and says so once."""
+    extra = ["noise.window_start=1", "noise.window_size=1", "noise.window_move=sliding"]
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=4, extra=extra), progress=False)
+    steps = [r for r in records(run_dir) if "reward_mean" in r]
+    assert [r["window_start"] for r in steps] == [1, 2, 0, 1]
+    assert all(r["rows_trained"] == 8 for r in steps)
+    out = capsys.readouterr().out
+    assert out.count("the window skips the starts [3]") == 1 and "takes the starts [0, 1, 2]" in out
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(
