@@ -363,8 +363,8 @@ def _add_serve_reward(sub) -> None:
         "--max-waiting-mb",
         type=float,
         default=None,
-        help="request bodies held at once, waiting or scoring; past it a request waits before its body is "
-        "read (default 4x --max-request-mb)",
+        help="request bodies held at once, waiting or scoring (a body counts twice until it is decoded); past "
+        "it a request waits before its body is read (default 4x --max-request-mb)",
     )
     p.add_argument(
         "--device",

@@ -116,7 +116,10 @@ def evaluate(
                 "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
     served = check_same_servers(d, rewards)  # (every rank's servers host the same rewards?)
     if served:  # what a served reward scores: its url, which may change on a resume, does not say
-        protocol["served"] = served
+        protocol["served"] = {k: [{a: b for a, b in s.items() if a != "kwargs_digest"} for s in v]
+                              for k, v in served.items()}  # fmt: skip
+        # the digests of the servers' --kwargs apart: an evaluation begun by a version without them resumes
+        protocol["served_kwargs"] = {k: [s.get("kwargs_digest") for s in v] for k, v in served.items()}
     # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
     _check_same_protocol(out / "protocol.json", protocol)
     scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's

@@ -106,6 +106,7 @@ class Run:
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
+    served: dict | None = None  # what the reward servers host (their /health); a resume compares
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -199,8 +200,10 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     # every process loaded its models itself: from the same files?
     distributed.check_loaded(dist, policy, "the loaded models'", "model.checkpoint", policy.device)
     distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", policy.device)
-    check_same_servers(dist, {"reward": reward_fn})
+    served = check_same_servers(dist, {"reward": reward_fn})
     state = load_checkpoint(run_dir) if resume else None
+    if state is not None and dist.main:
+        _warn_if_servers_changed(state.get("served"), served)
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
             "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
@@ -278,7 +281,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
-              shell=shell)  # fmt: skip
+              shell=shell, served=served)  # fmt: skip
     set_window(run, 0)
     _note_skipped_starts(run)
     if cfg.prompts.sampling == "priority":
@@ -469,6 +472,13 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
+def _resumable(key: str) -> bool:
+    """Whether a resume may change the flattened config key ``key``: one of RESUMABLE_CHANGES, or the url of a
+    served reward (``reward.kwargs.url``, a sum's ``reward.kwargs.rewards.NAME.kwargs.url``): a server may
+    restart elsewhere, and what it hosts is compared instead (its /health against the checkpoint's record)."""
+    return key in RESUMABLE_CHANGES or (key.startswith("reward.kwargs.") and key.endswith(".url"))
+
+
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     from densegrpo_fast.config import load_config
 
@@ -478,14 +488,14 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     diffs = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
-        if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k)
+        if not _resumable(k) and saved.get(k) != now.get(k)
     ]
     if diffs:
         shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
         raise ValueError(
             f"--resume with a config that differs from the run's own ({saved_path}): {shown}. Resume with "
             f"--config {saved_path} (it may change only "
-            f"{', '.join(RESUMABLE_CHANGES)})"
+            f"{', '.join(RESUMABLE_CHANGES)}, and a served reward's url)"
         )
     before, after = saved["run.iterations"], now["run.iterations"]
     if before != after and now["optim.schedule"] != "constant" and distributed.speaks():
@@ -688,6 +698,20 @@ def set_window(run: Run, iteration: int) -> None:
     run.schedule = schedule
     run.window_start = start
     run.trained = run.trained_steps & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
+
+
+def _warn_if_servers_changed(saved: dict | None, served: dict) -> None:
+    """A resumed run whose reward servers now host another reward, mode or ``--kwargs`` than at its last
+    checkpoint (by their ``/health``; a checkpoint of an older version holds none): a warning, since a server
+    may move on purpose, but its scores may no longer mean what the run trained on."""
+    if saved is not None and saved != served:
+        warnings.warn(
+            f"the reward servers host {served or 'nothing'} now, and {saved} when the run wrote its checkpoint "
+            "(by their GET /health; kwargs_digest is a digest of their --kwargs): the resumed run's rewards "
+            "may not mean what it trained on; point reward.kwargs.url at servers started as before (or start "
+            "a new run)",
+            stacklevel=3,
+        )
 
 
 def _note_skipped_starts(run: Run) -> None:
@@ -1355,6 +1379,7 @@ def checkpoint(run: Run) -> None:
                 "psi": run.base_schedule.noise_level.cpu(),
                 "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
                 "world": run.dist.world,
+                "served": run.served,
             },
         )
         records = run.log.read()

@@ -209,14 +209,24 @@ with pytest.raises(
 # what the reward servers host: each rank reaches its own server (a url list), started with another reward
 from densegrpo_fast.rewards import build_reward  # noqa: E402
 from densegrpo_fast.rewards.remote import check_same_servers  # noqa: E402
-from densegrpo_fast.rewards.server import RewardServer  # noqa: E402
+from densegrpo_fast.rewards.server import RewardServer, kwargs_digest  # noqa: E402
 
 server = RewardServer(build_reward("redness"), name="redness").start()
-assert check_same_servers(d, {"r": build_reward("remote", url=server.url)}) == {"r": [{"reward": "redness"}]}
+assert check_same_servers(d, {"r": build_reward("remote", url=server.url)}) == {
+    "r": [{"reward": "redness", "kwargs_digest": kwargs_digest(None)}]
+}
 server.stop()
 server = RewardServer(build_reward("redness"), name=["redness", "jpeg_compressibility"][r]).start()
 with pytest.raises(RuntimeError, match=r"what the reward servers host \(their GET /health\) differs between rank 0 and "
-                   r"rank\(s\) \[1\] \(r: \[\{'reward': 'redness'\}\] on rank 0, \[\{'reward': 'jpeg"):  # fmt: skip
+                   r"rank\(s\) \[1\] \(r: \[\{'reward': 'redness', 'kwargs_digest': '[0-9a-f]{16}'\}\] on rank 0, "
+                   r"\[\{'reward': 'jpeg"):  # fmt: skip
+    check_same_servers(d, {"r": build_reward("remote", url=server.url)})
+server.stop()
+# the same reward with other --kwargs (a sum's weights of opposite signs) is told apart by its digest
+server = RewardServer(build_reward("redness"), name="multi", kwargs={"weight": [1.0, -1.0][r]}).start()
+with pytest.raises(
+    RuntimeError, match=r"what the reward servers host .* differs between rank 0 and rank\(s\) \[1\]"
+):
     check_same_servers(d, {"r": build_reward("remote", url=server.url)})
 server.stop()
 

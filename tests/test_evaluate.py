@@ -192,12 +192,13 @@ def test_more_than_256_images_per_prompt_are_refused():
 
 def test_a_resume_against_a_server_hosting_another_reward_is_refused(policy, tmp_path):
     """The url of a served reward may change on a resume (a restarted server), but not what it scores:
-    the protocol records what each server said it hosts."""
-    from densegrpo_fast.rewards.server import RewardServer
+    the protocol records what each server said it hosts, and a digest of its --kwargs."""
+    from densegrpo_fast.rewards.server import RewardServer, kwargs_digest
 
     servers = [
         RewardServer(build_reward(n), name=n).start() for n in ("redness", "redness", "jpeg_compressibility")
     ]
+    servers.append(RewardServer(build_reward("redness"), name="redness", kwargs={"other": 1}).start())
     try:
         served = [{"remote": build_reward("remote", url=s.url)} for s in servers]
         sums = {
@@ -211,11 +212,24 @@ def test_a_resume_against_a_server_hosting_another_reward_is_refused(policy, tmp
         first = evaluate(policy, PROMPTS[:2], served[0], sigma_grid(2, 1.0), **args)
         protocol = json.loads((tmp_path / "protocol.json").read_text())
         assert protocol["served"] == {"remote": [{"reward": "redness"}]}
+        assert protocol["served_kwargs"] == {"remote": [kwargs_digest(None)]}
         again = evaluate(policy, PROMPTS[:2], served[1], sigma_grid(2, 1.0), **args)  # moved: resumed
         assert again["scores"] == first["scores"] and again["wall_s_this_call"] == 0.0
         with pytest.raises(ValueError, match=r"another protocol \(served: \{'remote': \[\{'reward': 'redness'\}\]\} -> "
                            r"\{'remote': \[\{'reward': 'jpeg_compressibility'\}\]\}\)"):  # fmt: skip
             evaluate(policy, PROMPTS[:2], served[2], sigma_grid(2, 1.0), **args)
+        with pytest.raises(
+            ValueError, match=r"another protocol \(served_kwargs: \{'remote': \['[0-9a-f]{16}'\]\}"
+        ):
+            evaluate(policy, PROMPTS[:2], {"remote": build_reward("remote", url=servers[3].url)}, sigma_grid(2, 1.0),
+                     **args)  # fmt: skip
+        # an evaluation begun by a version whose protocol has no digests resumes
+        old = json.loads((tmp_path / "protocol.json").read_text())
+        del old["served_kwargs"]
+        (tmp_path / "protocol.json").write_text(json.dumps(old))
+        assert (
+            evaluate(policy, PROMPTS[:2], served[1], sigma_grid(2, 1.0), **args)["scores"] == first["scores"]
+        )
         unchecked = {"remote": build_reward("remote", url=servers[2].url, check=False)}  # (it did not ask)
         assert (
             evaluate(policy, PROMPTS[:2], unchecked, sigma_grid(2, 1.0), **args)["scores"] == first["scores"]
@@ -226,7 +240,7 @@ def test_a_resume_against_a_server_hosting_another_reward_is_refused(policy, tmp
     from densegrpo_fast.rewards.remote import served_by
 
     assert served_by({**sums, "local": build_reward("redness")}) == {
-        "sum": [{"reward": "jpeg_compressibility"}]
+        "sum": [{"reward": "jpeg_compressibility", "kwargs_digest": kwargs_digest(None)}]
     }
 
 

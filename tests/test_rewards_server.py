@@ -20,9 +20,10 @@ from safetensors.torch import save
 
 from densegrpo_fast.rewards import build_reward, remote
 from densegrpo_fast.rewards.remote import RemoteRewardError, encode_request
-from densegrpo_fast.rewards.server import RewardServer, load_reward
+from densegrpo_fast.rewards.server import RewardServer, kwargs_digest, load_reward
 
 FAST = {"timeout_s": 5.0, "retries": 1, "backoff_s": 0.01}
+HEALTH = b'{"status": "ok", "reward": "r", "protocol": 1, "max_request_bytes": 1000000}'
 
 
 @contextlib.contextmanager
@@ -67,7 +68,8 @@ def test_round_trip_equals_the_local_reward_exactly(name, monkeypatch):
     with serving(local, name=name) as server:
         client = build_reward("remote", url=server.url, max_batch=3, **FAST)  # 3 requests: 3 + 3 + 1
         assert client.health() == {
-            "status": "ok", "reward": name, "protocol": 1, "max_request_bytes": 512 << 20
+            "status": "ok", "reward": name, "protocol": 1, "max_request_bytes": 512 << 20,
+            "kwargs_digest": kwargs_digest(None),
         }  # fmt: skip
         assert torch.equal(client(images, prompts), local(images, prompts))
 
@@ -173,8 +175,8 @@ def test_bodies_past_the_waiting_cap_wait_unread(room_for, caplog):
 
     body = encode_request((_images(2, 80, 80) * 255).round().to(torch.uint8), ["a", "b"])  # (38 kB: past the
     # handler's 8 kB read buffer, so unread bytes wait in the socket while a request waits for room)
-    answers = []
-    kw = {"max_request_bytes": len(body), "max_waiting_bytes": room_for * len(body)}
+    answers = []  # (a body counts twice until it is decoded, then once: room for n is n + 1 bodies)
+    kw = {"max_request_bytes": len(body), "max_waiting_bytes": (room_for + 1) * len(body)}
     with serving(reward, **kw) as server:
         first = threading.Thread(target=lambda: answers.append(_post(server.url, body)))
         first.start()
@@ -253,11 +255,11 @@ def _fake_server(answers):
     "health, score, reason",
     [
         (b"[1, 2]", None, "expected a JSON object"),
-        (b'{"status": "ok"}', b"\xff\xfe not utf-8", "not JSON"),
-        (b'{"status": "ok"}', b"<html>proxy error</html>", "not JSON"),
-        (b'{"status": "ok"}', b'{"scores": [null, "x"]}', "one number per image"),
-        (b'{"status": "ok"}', b'{"scores": [true, 1.0]}', "one number per image"),
-        (b'{"status": "ok"}', b'{"scores": [1.0]}', "one number per image"),
+        (HEALTH, b"\xff\xfe not utf-8", "not JSON"),
+        (HEALTH, b"<html>proxy error</html>", "not JSON"),
+        (HEALTH, b'{"scores": [null, "x"]}', "one number per image"),
+        (HEALTH, b'{"scores": [true, 1.0]}', "one number per image"),
+        (HEALTH, b'{"scores": [1.0]}', "one number per image"),
     ],
 )
 def test_answers_that_are_not_the_protocol_are_clear_errors(health, score, reason):
@@ -268,7 +270,7 @@ def test_answers_that_are_not_the_protocol_are_clear_errors(health, score, reaso
 
 def test_a_proxys_502_for_a_server_that_is_down_asks_whether_it_runs():
     answers = [
-        (200, b'{"status": "ok"}'),
+        (200, HEALTH),
         (502, b"<html>bad gateway</html>"),
         (502, b"<html>bad gateway</html>"),
     ]
@@ -529,3 +531,195 @@ def test_each_process_of_a_node_takes_its_own_server(monkeypatch):
         assert build_reward("remote", url=first.url).url == first.url
     with pytest.raises(ValueError, match=r"url=\[\] names no server"):
         build_reward("remote", url=[])
+
+
+def _trickle(address, length, stop):
+    """A client that declares ``length`` bytes and sends one every 0.05 s until ``stop`` is set."""
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % length)
+        with contextlib.suppress(OSError):
+            while not stop.wait(0.05):
+                sock.sendall(b"x")
+
+
+@pytest.mark.parametrize("silent", [False, True])
+def test_a_trickling_or_silent_body_is_dropped_soon_and_frees_the_cap(silent):
+    """A client that declares a body as large as the whole waiting cap and then trickles it (or sends nothing)
+    holds the cap for about body_stall_s, not for the whole body deadline: the honest request behind it is
+    scored within seconds."""
+    kw = {"max_request_bytes": 100_000, "max_waiting_bytes": 200_000, "body_stall_s": 0.5}
+    with serving(build_reward("redness"), **kw) as server:
+        stop = threading.Event()
+        if silent:
+            sock = socket.create_connection(server.server_address[:2], timeout=5)
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 100000\r\n\r\n")
+        else:
+            thread = threading.Thread(target=_trickle, args=(server.server_address[:2], 100_000, stop))
+            thread.start()
+        time.sleep(0.2)
+        assert server._waiting_bytes == 200_000  # (the declared body, counted twice until decoded)
+        t0 = time.perf_counter()
+        scores = build_reward("remote", url=server.url, timeout_s=10.0, retries=0)(_images(2), ["a", "b"])
+        assert scores.shape == (2,) and time.perf_counter() - t0 < 3.0  # (600 s before: the body deadline)
+        stop.set()
+        if silent:
+            sock.close()
+        else:
+            thread.join(5)
+
+
+def test_a_body_counts_twice_until_decoded_then_once():
+    started, go = threading.Event(), threading.Event()
+
+    def reward(images, prompts):
+        started.set()
+        go.wait(5)
+        return torch.zeros(len(prompts))
+
+    body = encode_request((_images(2, 80, 80) * 255).round().to(torch.uint8), ["a", "b"])
+    with serving(reward, max_request_bytes=len(body), max_waiting_bytes=3 * len(body)) as server:
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(_post(server.url, body)))
+        first.start()
+        assert started.wait(5)
+        assert server._waiting_bytes == len(body)  # decoded, scoring: its images only
+        with socket.create_connection(server.server_address[:2], timeout=5) as sock:  # half a body sent
+            sock.sendall(b"POST /score HTTP/1.0\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:100])
+            time.sleep(0.3)
+            assert server._waiting_bytes == 3 * len(body)
+        go.set()
+        first.join(5)
+        time.sleep(0.3)
+    assert [status for status, _ in answers] == [200] and server._waiting_bytes == 0
+
+
+def test_a_burst_of_connections_is_queued_not_refused():
+    """Connections made while the server is busy wait in the kernel's queue (socketserver's default of 5
+    would leave the rest unanswered until their connect times out), and each is answered once it serves."""
+    server = RewardServer(build_reward("redness"), port=0)
+    socks = []
+    try:
+        for _ in range(40):
+            socks.append(socket.create_connection(server.server_address[:2], timeout=0.5))
+        server.start()
+        for sock in socks:
+            sock.settimeout(5)
+            sock.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+        assert all(sock.makefile("rb").read().startswith(b"HTTP/1.0 200") for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+        server.stop()
+
+
+def test_stop_closes_idle_connections_at_once():
+    """A connection that has sent half a request line (or half a body) does not hold up the stop: the old
+    server waited for the handler's 120 s read timeout."""
+    server = RewardServer(build_reward("redness"), port=0).start()
+    idle = socket.create_connection(server.server_address[:2], timeout=5)
+    idle.sendall(b"GET /hea")
+    half = socket.create_connection(server.server_address[:2], timeout=5)
+    half.sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\nxx")
+    time.sleep(0.2)
+    t0 = time.perf_counter()
+    server.stop()
+    assert time.perf_counter() - t0 < 3.0
+    idle.close(), half.close()
+
+
+def test_health_reports_a_digest_of_the_kwargs():
+    """Two servers of one reward with other settings (here a sum's weights of opposite signs) answer other
+    digests, so the ranks of a job and a resumed evaluation tell them apart; key order does not matter."""
+    from densegrpo_fast.rewards.server import kwargs_digest
+
+    plus = {"rewards": {"red": {"name": "redness", "weight": 1.0}}, "other": 1}
+    minus = {"rewards": {"red": {"name": "redness", "weight": -1.0}}, "other": 1}
+    assert kwargs_digest(plus) == kwargs_digest(dict(reversed(list(plus.items()))))
+    assert kwargs_digest(plus) != kwargs_digest(minus) and kwargs_digest(None) == kwargs_digest({})
+    served = []
+    for kwargs in (plus, minus):
+        reward = build_reward("multi", rewards=kwargs["rewards"])
+        with serving(reward, name="multi", kwargs=kwargs) as server:
+            served.append(build_reward("remote", url=server.url).served)
+    assert served[0] == {"reward": "multi", "kwargs_digest": kwargs_digest(plus)}
+    assert served[1]["reward"] == "multi" and served[0] != served[1]
+
+
+@pytest.mark.parametrize(
+    "health, score, reason",
+    [
+        (b"{}", None, "not a densegrpo-fast reward server's answer"),
+        (
+            b'{"status": "ok", "reward": "r", "protocol": 2}',
+            None,
+            "speaks protocol 2, this client protocol 1",
+        ),
+        (
+            b'{"status": "ok", "reward": "r", "protocol": 1, "max_request_bytes": "big"}',
+            None,
+            "not a positive",
+        ),
+        (HEALTH, b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (HEALTH, b'{"scores": [1e999999999, 1.0]}', None),  # (inf: a number, named later by the trainer)
+        (HEALTH, b'{"scores": [1' + b"0" * 400 + b", 1.0]}", "one number per image"),
+    ],
+)
+def test_health_and_answers_past_python_limits_are_clear_errors(health, score, reason):
+    answers = [(200, health)] + ([(200, score)] if score is not None else [])
+    with _fake_server(answers) as url:
+        if reason is None:
+            assert build_reward("remote", url=url, **FAST)(_images(2), ["a", "b"]).isinf()[0]
+            return
+        with pytest.raises(RemoteRewardError, match=reason):
+            build_reward("remote", url=url, **FAST)(_images(2), ["a", "b"])
+
+
+def test_an_answer_that_drips_in_times_out_as_a_whole():
+    """Each byte of the answer comes within the read timeout, the whole does not: timeout_s bounds it."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(HEALTH, 0)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._send(b'{"scores": [1.0, 2.0]}' + b" " * 100, 0.1)
+
+        def _send(self, body, pause):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for i in range(len(body)):
+                with contextlib.suppress(OSError):
+                    self.wfile.write(body[i : i + 1])
+                    self.wfile.flush()
+                time.sleep(pause)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = build_reward("remote", url=f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=1.0)
+        t0 = time.perf_counter()
+        with pytest.raises(RemoteRewardError, match="did not answer within reward.kwargs.timeout_s=1 s"):
+            client(_images(2), ["a", "b"])
+        assert time.perf_counter() - t0 < 3.0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_hostile_prompts_metadata_gets_a_400():
+    from safetensors.torch import save as save_tensors
+
+    images = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    deep = save_tensors(
+        {"images": images}, metadata={"protocol": "1", "prompts": "[" * 100_000 + "]" * 100_000}
+    )
+    with serving(build_reward("redness")) as server:
+        status, answer = _post(server.url, deep)
+    assert status == 400 and "prompts missing or not JSON" in answer["error"]

@@ -851,6 +851,42 @@ def test_moving_window_skips_starts_that_train_nothing(tiny_checkpoint, tmp_path
     assert out.count("the window skips the starts [3]") == 1 and "takes the starts [0, 1, 2]" in out
 
 
+def test_a_resume_against_servers_hosting_other_kwargs_warns(tiny_checkpoint, tmp_path):
+    """A resume may take a served reward at another url (a restarted server); the checkpoint records what the
+    servers host (their /health, with a digest of their --kwargs), so a resume against a server started with
+    other --kwargs warns, and one against a server started as before does not."""
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.server import RewardServer
+
+    servers = [
+        RewardServer(build_reward("redness"), name="redness", kwargs=kw).start() for kw in ({}, {}, {"x": 1})
+    ]
+    try:
+        extra = lambda url: [
+            "reward.name=remote",
+            f"reward.kwargs={{url: '{url}'}}",
+            "optim.schedule=constant",
+        ]  # noqa: E731
+        cfg = lambda url, n: cfg_of(tiny_checkpoint, tmp_path / "run", iterations=n, extra=extra(url))  # noqa: E731
+        train(cfg(servers[0].url, 1), progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            train(cfg(servers[1].url, 2), resume=True, progress=False)  # (the same reward at another url)
+        with pytest.warns(
+            UserWarning, match=r"the reward servers host .*'kwargs_digest'.* may not mean what it"
+        ):
+            train(cfg(servers[2].url, 3), resume=True, progress=False)
+        assert [r["iteration"] for r in records(tmp_path / "run") if "reward_mean" in r] == [1, 2, 3]
+    finally:
+        for s in servers:
+            s.stop()
+    with pytest.raises(ValueError, match=r"it may change only .*, and a served reward's url"):
+        train(
+            cfg_of(tiny_checkpoint, tmp_path / "run", iterations=4, extra=["sampling.group_size=2"]),
+            resume=True,
+        )
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(

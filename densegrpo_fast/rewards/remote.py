@@ -30,12 +30,14 @@ floats]}``; errors are JSON ``{"error": message}`` with 400 (malformed request),
 server's ``--max-request-mb``), 408 (the body arrived too slowly), 422 (the reward rejected the input, e.g.
 a ValueError), 500 (the reward failed; with ``"retry": false`` when the same request would fail again, e.g.
 the reward returned the wrong shape). ``GET /health`` answers ``{"status": "ok", "reward": NAME, "protocol": 1,
-"max_request_bytes": N}``, with ``"mode": M`` when the reward has a ``mode`` (``geneval_detector``). Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
+"max_request_bytes": N, "kwargs_digest": D}`` (``D``: a digest of the server's ``--kwargs``), with ``"mode": M``
+when the reward has a ``mode`` (``geneval_detector``). Never pickle: unpickling a request executes whatever code the sender put in it, so one pickled
 payload would give anyone who can reach the port a shell on the GPU machine; safetensors and JSON are
 parsed as data only.
 
-Client behaviour: ``timeout_s`` per HTTP request (``/health``: at most 10 s, since it answers while a batch
-scores); on connection errors and 5xx it retries ``retries`` times with exponential backoff (``backoff_s``,
+Client behaviour: ``timeout_s`` per HTTP request, for each wait on the server and for reading its whole
+answer (``/health``: at most 10 s, since it answers while a batch scores); a ``/health`` that is not a
+protocol-1 reward server's is refused; on connection errors and 5xx it retries ``retries`` times with exponential backoff (``backoff_s``,
 2x, 4x, ..., each wait capped at 30 s and lengthened by up to half at random, so that processes sharing a
 server do not retry in step); 4xx answers and ``"retry": false`` are not retried (the same request would fail
 again), nor is a ``/score`` that timed out waiting for its answer: the server has the batch and a retry
@@ -107,7 +109,7 @@ def decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
         raise ProtocolError(f"protocol {metadata.get('protocol')!r}: this server speaks protocol {PROTOCOL}")
     try:
         prompts = json.loads(metadata["prompts"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
         raise ProtocolError(f"metadata prompts missing or not JSON ({e}); {rule}") from None
     if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
         raise ProtocolError(f"metadata prompts must be a JSON list of strings; {rule}")
@@ -134,7 +136,37 @@ def backoff(first_s: float, attempt: int, rng: random.Random | None = None) -> f
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A JSON number a float32 holds (NaN and inf included: the trainer names a reward that gave them), not a
+    bool nor an integer past float's range."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, float) or abs(v) < 2**1023
+
+
+def _read_within(response, deadline: float) -> bytes:
+    """The whole answer of ``response``, or TimeoutError once ``deadline`` (monotonic) passes: a server that
+    drips its answer byte by byte passes every single read's timeout."""
+    parts = []
+    while chunk := response.read1(1 << 16):
+        parts.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError
+    return b"".join(parts)
+
+
+def health_problem(answer: dict) -> str | None:
+    """What makes a ``/health`` answer not a protocol-1 reward server's (None: it is one)."""
+    limit = answer.get("max_request_bytes")
+    if answer.get("status") != "ok" or not isinstance(answer.get("reward"), str):
+        return f'expected {{"status": "ok", "reward": NAME, ...}}, got {str(answer)[:200]!r}'
+    if answer.get("protocol") != PROTOCOL:
+        return (
+            f"it speaks protocol {answer.get('protocol')!r}, this client protocol {PROTOCOL}: install the same "
+            "densegrpo-fast version on both sides"
+        )
+    if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
+        return f"its max_request_bytes is {limit!r}, not a positive integer"
+    return None
 
 
 SERVED = ("remote", "geneval")  #: the rewards scored by a server: nothing of them on this process's device
@@ -184,16 +216,24 @@ class RemoteReward:
             self.max_request_bytes = self.health_answer.get("max_request_bytes")
 
     def health(self) -> dict:
-        """The server's ``GET /health`` answer (with the client's retries)."""
-        return self._request("/health")
+        """The server's ``GET /health`` answer (with the client's retries), checked to be a protocol-1 reward
+        server's."""
+        answer = self._request("/health")
+        if problem := health_problem(answer):
+            raise RemoteRewardError(
+                f"{self.url}/health is not a densegrpo-fast reward server's answer: {problem}. Is reward.kwargs.url "
+                f"a reward server? Start one with: {self.start_hint}"
+            )
+        return answer
 
     @property
     def served(self) -> dict | None:
-        """What the server said it hosts when this client was built: its ``reward``, and ``mode`` if it has
-        one (None without ``check``)."""
+        """What the server said it hosts when this client was built: its ``reward``, ``mode`` if it has one,
+        and the digest of its ``--kwargs`` (None without ``check``)."""
         if self.health_answer is None:
             return None
-        return {k: self.health_answer[k] for k in ("reward", "mode") if k in self.health_answer}
+        keys = ("reward", "mode", "kwargs_digest")
+        return {k: self.health_answer[k] for k in keys if k in self.health_answer}
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
@@ -230,6 +270,11 @@ class RemoteReward:
         url = self.url + path
         headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
         timeout = self.timeout_s if body is not None else min(self.timeout_s, HEALTH_TIMEOUT_S)
+        slow = (  # (a /score past its time is not retried: the server may still be scoring it)
+            f"reward server at {url} did not answer within reward.kwargs.timeout_s={self.timeout_s:g} s (the "
+            "request was sent: the server may still be scoring it, so it is not retried, which would queue "
+            "behind it): raise reward.kwargs.timeout_s, or lower reward.kwargs.max_batch"
+        )
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -239,8 +284,9 @@ class RemoteReward:
                 url, data=body, headers=headers, method="GET" if body is None else "POST"
             )
             try:
+                deadline = time.monotonic() + timeout
                 with self._opener.open(request, timeout=timeout) as response:
-                    out = json.loads(response.read())
+                    out = json.loads(_read_within(response, deadline))
             except urllib.error.HTTPError as e:  # the server answered with an error status
                 message, retry, ours = _server_error(e)
                 if e.code == 413:
@@ -261,18 +307,13 @@ class RemoteReward:
                 last, answered = f"{e.code}: {message}", ours
             except TimeoutError:  # (raised bare once connected: the answer did not come in time)
                 if body is not None:
-                    raise RemoteRewardError(
-                        f"reward server at {url} did not answer within reward.kwargs.timeout_s={self.timeout_s:g} s "
-                        "(the request was sent: the server may still be scoring it, so it is not retried, "
-                        "which would queue behind it): raise reward.kwargs.timeout_s, or lower "
-                        "reward.kwargs.max_batch"
-                    ) from None
+                    raise RemoteRewardError(slow) from None
                 last = f"timed out after {timeout:g} s"
             except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 timed_out = isinstance(reason, TimeoutError)
                 last = f"timed out after {timeout:g} s" if timed_out else f"{type(reason).__name__}: {reason}"
-            except ValueError as e:  # not JSON, or not UTF-8 (json's errors are ValueErrors)
+            except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's limit
                 raise RemoteRewardError(
                     f"reward server at {url} answered something that is not JSON ({e}); is a densegrpo-fast "
                     "reward server listening there?"
@@ -316,7 +357,7 @@ def check_same_servers(d, rewards: dict) -> dict[str, list]:
     served = served_by(rewards)
     fix = (
         "every process must score with the same reward: point each entry of the url list at a server started "
-        "with the same --reward and --kwargs"
+        "with the same --reward and --kwargs (kwargs_digest differs where only the --kwargs do)"
     )
     check_same(d, served, "what the reward servers host (their GET /health)", fix)
     return served

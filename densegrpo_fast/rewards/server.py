@@ -9,21 +9,34 @@ threads (``/health`` answers while a batch scores), and one lock lets one batch 
 reward's model never runs two batches at once. Requests larger than ``max_request_bytes`` get 413 before
 their body is read into memory (it is drained in 1 MiB pieces so that the client still receives the answer;
 a claimed length past 4x the limit is drained only up to the limit, then the connection closes). A body must
-arrive within ``body_deadline_s``, or the request gets 408: a client that trickles bytes cannot hold a thread
-(the deadline is checked between reads; a client that stops sending altogether is dropped without an answer
-when one read has waited the handler's 120 s socket timeout, and its client retries). A request whose client
-has hung up (its timeout ran out) while the request waited for the reward is dropped unscored: an abandoned
-batch does not hold up the ones behind it. While a request waits its turn it holds its 8-bit images only (B x
-3 x H x W bytes); the float copy the reward reads is made in its turn. The bodies held at once are capped by
-``max_waiting_bytes`` (default 4x the request limit): a request past the cap waits before its body is read,
-and its client's send waits with it, so many ranks cannot fill the host's memory with queued batches.
-No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors
-and JSON only, never unpickled (see the protocol's docstring for why).
+keep arriving, or the request gets 408 and its connection closes: no read may wait more than ``body_stall_s``
+(30 s) for the next bytes, and past the first ``body_stall_s`` the body must have come at ``min_body_rate``
+(1 MiB/s) on average, within ``body_deadline_s`` (600 s) in all. So a client that declares a large body and
+trickles it holds its share of the memory cap below for about ``body_stall_s``, not for minutes. A request
+whose client has hung up (its timeout ran out) while the request waited for the reward is dropped unscored:
+an abandoned batch does not hold up the ones behind it. A client must keep its sending side open until the
+answer comes (HTTP/1.0 as urllib, requests and curl speak it): one that half-closes after its body (``nc -N``,
+``socat``) cannot be told from one that hung up, and is dropped the same way.
+
+Memory. The bodies held at once are capped by ``max_waiting_bytes`` (default 4x the request limit): a request
+past the cap waits before its body is read, and its client's send waits with it, so many ranks cannot fill
+the host's memory with queued batches. Reading and decoding a body holds it twice for a moment (the bytes and
+the decoded images), so a request counts twice its length against the cap until it is decoded, then once:
+while it waits its turn it holds its 8-bit images only (B x 3 x H x W bytes). The batch being scored adds its
+float copy (4x its images), made in its turn, and the reward's own memory.
+
+No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors and
+JSON only, never unpickled (see the protocol's docstring for why). ``/health`` reports a digest of the
+``--kwargs`` with the reward's name, so clients can tell two servers of one reward with other settings apart.
+Ctrl-C (or :meth:`RewardServer.stop`) closes the connections that have not sent a whole request and waits for
+those being scored or waiting their turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import importlib
 import json
 import logging
@@ -81,9 +94,27 @@ class ClientGone(Exception):
     """The client hung up before its request's turn came: nobody is waiting for the scores."""
 
 
+def kwargs_digest(kwargs: dict | None) -> str:
+    """A short digest of a reward's keyword arguments (JSON with sorted keys), for ``/health``: two servers
+    of one reward with other settings (weights, a sum's weights, GenEval's metadata) answer other digests."""
+    text = json.dumps(kwargs or {}, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
-    timeout = 120  # seconds a read may wait for the client (the whole body has RewardServer.body_deadline_s)
+    timeout = 120  # seconds a read may wait for the client's request line and headers (a body: body_stall_s)
+    in_flight = False  # True once the whole request is read: Ctrl-C waits for it, not for an idle client
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.track(self, True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.track(self, False)
 
     def do_GET(self) -> None:
         if self.path != "/health":
@@ -94,6 +125,7 @@ class _Handler(BaseHTTPRequestHandler):
             "reward": s.name,
             "protocol": PROTOCOL,
             "max_request_bytes": s.max_request_bytes,
+            "kwargs_digest": s.kwargs_digest,
         }
         mode = getattr(s.reward, "mode", None)
         if isinstance(mode, str):  # (geneval_detector's partial / geneval / ...: a client can check it)
@@ -122,14 +154,16 @@ class _Handler(BaseHTTPRequestHandler):
                     "(--max-request-mb): send fewer images per request or raise the limit"
                 },
             )
-        if not self.server.reserve(length, gone=self._client_gone):
+        # counted twice until decoded (the body and its images, a moment), then once (the images)
+        self._held = min(2 * length, self.server.max_waiting_bytes)
+        if not self.server.reserve(self._held, gone=self._client_gone):
             logger.warning("%s hung up while its request waited to be read: dropped", self.address_string())
             self.close_connection = True
             return
         try:
             self._score(length)
         finally:
-            self.server.release(length)
+            self.server.release(self._held)
 
     def _score(self, length: int) -> None:
         body = self._read_body(length)
@@ -140,11 +174,14 @@ class _Handler(BaseHTTPRequestHandler):
         except ProtocolError as e:
             return self._reply(400, {"error": str(e)})
         del body  # (a waiting request holds its uint8 images only)
+        self.server.release(self._held - length)
+        self._held, self.in_flight = length, True
         try:
             scores = self.server.score(images, prompts, gone=self._client_gone)
         except ClientGone:
             logger.warning(
-                "%s hung up before its %d images were scored (its timeout ran out while it waited): dropped",
+                "%s hung up (or half-closed its end) before its %d images were scored (its timeout ran out while "
+                "it waited?): dropped",
                 self.address_string(),
                 len(prompts),
             )
@@ -161,36 +198,60 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, {"scores": scores})
 
     def _read_body(self, length: int) -> bytes | None:
-        """The body, read as it arrives (``read1``: one receive at a time, so the deadline is checked between
-        any two), or None after answering 400 (it ended short) or 408 (past the deadline)."""
-        deadline = time.monotonic() + self.server.body_deadline_s
-        parts, got = [], 0
-        while got < length:
-            if time.monotonic() > deadline:
-                self.close_connection = True
-                self._reply(
-                    408,
-                    {
-                        "error": f"the body took longer than {self.server.body_deadline_s:g} s to arrive "
-                        f"({got} of {length} bytes)"
-                    },
-                )
-                return None
-            chunk = self.rfile.read1(min(length - got, _MIB))
-            if not chunk:
-                self._reply(400, {"error": f"body ended after {got} of {length} bytes"})
-                return None
-            parts.append(chunk)
-            got += len(chunk)
+        """The body, read as it arrives (``read1``: one receive at a time, so the pace is checked between any
+        two), or None after answering 400 (it ended short) or 408 (too slow: :meth:`_too_slow`)."""
+        start, parts, got = time.monotonic(), [], 0
+        self.connection.settimeout(self.server.body_stall_s)
+        try:
+            while got < length:
+                if slow := self._too_slow(start, got, length):
+                    return self._reply_slow(slow)
+                try:
+                    chunk = self.rfile.read1(min(length - got, _MIB))
+                except TimeoutError:
+                    return self._reply_slow(
+                        f"no byte came for {self.server.body_stall_s:g} s ({got} of {length} bytes had come)"
+                    )
+                if not chunk:
+                    self._reply(400, {"error": f"body ended after {got} of {length} bytes"})
+                    return None
+                parts.append(chunk)
+                got += len(chunk)
+        finally:
+            self.connection.settimeout(self.timeout)
         return b"".join(parts)
 
+    def _too_slow(self, start: float, got: int, length: int) -> str | None:
+        """Why a body that began ``start`` and has ``got`` bytes comes too slowly (None: it is on pace)."""
+        s = self.server
+        elapsed = time.monotonic() - start
+        if elapsed > s.body_deadline_s:
+            return f"the body took longer than {s.body_deadline_s:g} s to arrive ({got} of {length} bytes)"
+        if elapsed > s.body_stall_s and got < s.min_body_rate * (elapsed - s.body_stall_s):
+            return (
+                f"the body came at {got / elapsed / _MIB:.3g} MiB/s ({got} of {length} bytes in {elapsed:.0f} s), "
+                f"below the server's {s.min_body_rate / _MIB:g} MiB/s"
+            )
+        return None
+
+    def _reply_slow(self, why: str) -> None:
+        self.close_connection = True
+        with contextlib.suppress(OSError):  # (a client that stalls may not read its answer either)
+            self._reply(408, {"error": why})
+
     def _drain(self, length: int) -> None:
-        deadline = time.monotonic() + self.server.body_deadline_s
-        while length > 0 and time.monotonic() < deadline:
-            chunk = self.rfile.read1(min(length, _MIB))
-            if not chunk:
-                break
-            length -= len(chunk)
+        start, got = time.monotonic(), 0
+        self.connection.settimeout(self.server.body_stall_s)
+        try:
+            while got < length and not self._too_slow(start, got, length):
+                chunk = self.rfile.read1(min(length - got, _MIB))
+                if not chunk:
+                    break
+                got += len(chunk)
+        except TimeoutError:
+            pass
+        finally:
+            self.connection.settimeout(self.timeout)
 
     def _client_gone(self) -> bool:
         """Whether the client has closed its end: it sends nothing after its body (HTTP/1.0), so a readable
@@ -229,6 +290,7 @@ class RewardServer(ThreadingHTTPServer):
     # server_close() (in stop()) waits for the requests in flight: a request thread left scoring while the
     # interpreter exits can abort the process inside torch ("terminate called without an active exception")
     daemon_threads = False
+    request_queue_size = 128  # connections the kernel queues before accept (socketserver's 5 reset bursts)
 
     def __init__(
         self,
@@ -239,8 +301,11 @@ class RewardServer(ThreadingHTTPServer):
         port: int = 0,
         max_request_bytes: int = 512 * _MIB,
         body_deadline_s: float = 600.0,
+        body_stall_s: float = 30.0,
+        min_body_rate: float = float(_MIB),
         max_waiting_bytes: int | None = None,
         device: str = "cpu",
+        kwargs: dict | None = None,
     ):
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes={max_request_bytes} must be positive")
@@ -261,7 +326,10 @@ class RewardServer(ThreadingHTTPServer):
             raise ValueError(f"cannot serve at {host}:{port} ({e.strerror or e}): {fix}") from None
         self.reward, self.name, self.max_request_bytes = reward, name, int(max_request_bytes)
         self.device = torch.device(device)  # where the images go: a model reward follows them there
-        self.body_deadline_s = float(body_deadline_s)
+        self.body_deadline_s, self.body_stall_s = float(body_deadline_s), float(body_stall_s)
+        self.min_body_rate = float(min_body_rate)
+        self.kwargs_digest = kwargs_digest(kwargs)
+        self._handlers: set[_Handler] = set()  # the open connections' handlers (close_idle)
         self.max_waiting_bytes, self._waiting_bytes = max_waiting_bytes, 0
         self._room = threading.Condition()
         self._lock = threading.Lock()
@@ -271,6 +339,19 @@ class RewardServer(ThreadingHTTPServer):
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
+
+    def track(self, handler: _Handler, open_: bool) -> None:
+        with self._room:
+            (self._handlers.add if open_ else self._handlers.discard)(handler)
+
+    def close_idle(self) -> None:
+        """Close the connections that have not sent a whole request (idle, or a body still coming): their
+        threads end at once, and :meth:`server_close` waits only for the requests being scored or waiting."""
+        with self._room:
+            idle = [h for h in self._handlers if not h.in_flight]
+        for h in idle:
+            with contextlib.suppress(OSError):  # (already closed)
+                h.connection.shutdown(socket.SHUT_RDWR)
 
     def reserve(self, nbytes: int, gone=None, poll_s: float = 0.2) -> bool:
         """Wait until ``nbytes`` more fit under ``max_waiting_bytes``, and count them held (:meth:`release`
@@ -322,6 +403,7 @@ class RewardServer(ThreadingHTTPServer):
         if self._thread is not None:
             self.shutdown()
             self._thread.join()
+        self.close_idle()
         self.server_close()
 
 
@@ -362,6 +444,7 @@ def serve(
         max_request_bytes=int(max_request_mb * _MIB),
         max_waiting_bytes=int(max_waiting_mb * _MIB),
         device=device,
+        kwargs=kwargs,
     )
     if host not in ("127.0.0.1", "localhost"):
         logger.warning("serving on %s: the reward server has no authentication; use a trusted network", host)
@@ -375,4 +458,5 @@ def serve(
     except KeyboardInterrupt:
         pass
     finally:
+        server.close_idle()
         server.server_close()
