@@ -148,6 +148,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             "the check that this config is its own",
             stacklevel=2,
         )
+    if resume and ckpt_path.exists():
+        _check_iterations_left(cfg, run_dir)
     if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
         check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
@@ -470,6 +472,19 @@ RESUMABLE_CHANGES = (
     # change only the rounding of what an iteration computes
     "sampling.max_rows_per_call", "grpo.train_batch_size", "eval.batch_size",
 )  # fmt: skip
+
+
+def _check_iterations_left(cfg: TrainConfig, run_dir: Path) -> None:
+    """A resume whose run.iterations (``--max-iterations``) is below the iteration the run has reached is
+    refused before the run directory is touched (it would train nothing and rewrite config.yaml); one equal
+    to it exports and evaluates the finished run again."""
+    done = load_checkpoint(run_dir)["iteration"]
+    if cfg.run.iterations < done:
+        raise ValueError(
+            f"--resume: the run in {run_dir} has trained {done} iterations, more than run.iterations="
+            f"{cfg.run.iterations} (--max-iterations): there is nothing left to train; give at least {done + 1} "
+            "to go on"
+        )
 
 
 def _resumable(key: str) -> bool:

@@ -887,6 +887,16 @@ def test_a_resume_against_servers_hosting_other_kwargs_warns(tiny_checkpoint, tm
         )
 
 
+def test_a_resume_below_the_reached_iteration_is_refused_untouched(tiny_checkpoint, tmp_path):
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2), progress=False)
+    saved = (run_dir / "config.yaml").read_text()
+    with pytest.raises(
+        ValueError, match=r"has trained 2 iterations, more than run.iterations=1 .*give at least 3"
+    ):
+        train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1), resume=True, progress=False)
+    assert (run_dir / "config.yaml").read_text() == saved  # (not rewritten with run.iterations 1)
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(
