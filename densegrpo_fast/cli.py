@@ -189,6 +189,11 @@ def _add_validate(sub) -> None:
                 PromptSource(dataset, 0, field)
             except (ValueError, OSError) as e:  # (the prompt sets may live only where training runs)
                 print(f"note: not readable on this machine, and `train` needs it: {e}", file=sys.stderr)
+        from densegrpo_fast.policies import checkpoint_problem
+
+        m = cfg.model
+        if problem := checkpoint_problem(m.family, m.checkpoint, local_files_only=m.local_files_only):
+            print(f"note: not on this machine, and `train` needs it: {problem}", file=sys.stderr)
         if args.load_rewards:
             import torch
 
@@ -269,7 +274,8 @@ SUBCOMMANDS.append(_add_show_config)
 def _add_memory(sub) -> None:
     p = sub.add_parser(
         "memory",
-        help="estimate a training config's peak GPU memory on the CPU (fake weights, the trainer's own code)",
+        help="estimate a training config's peak GPU memory on the CPU (fake weights, the trainer's own code); "
+        "exits 1 when it does not fit --device-gib with 10 %% headroom",
     )
     _add_overrides(p)
     p.add_argument(
@@ -295,12 +301,13 @@ def _add_memory(sub) -> None:
     )
 
     def handler(args):
-        from densegrpo_fast.memory import run_memory
+        from densegrpo_fast.memory import fits, run_memory
 
-        run_memory(
+        est = run_memory(
             args.config, args.overrides, device_gib=args.device_gib, as_json=args.json, processes=args.nproc,
             breakdown=args.breakdown,
         )  # fmt: skip
+        return 0 if fits(est, args.device_gib) else 1  # (a script's verdict; errors exit 2)
 
     p.set_defaults(handler=handler)
 

@@ -215,13 +215,18 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: list[
         path = Path(path)
         source = str(path)
         if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
             raise ConfigError(
-                [f"config file {str(path)!r} does not exist: pass an existing YAML (see configs/)"]
+                [f"config file {str(path)!r} {what}: pass an existing YAML file (see configs/)"]
             )
         data = _yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError([f"{path}: top level must be a mapping of sections, got {type(data).__name__}"])
     data = _merge(data, parse_overrides(overrides or []))
+    if overrides:
+        source = (
+            f"{source} with its command-line overrides" if path is not None else "the command-line overrides"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -1325,6 +1325,11 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
     return reward_fn, evaluated
 
 
+def fits(est: Estimate, device_gib: float) -> bool:
+    """Whether the estimate's peak fits a ``device_gib`` GPU with 10 % headroom (module doc)."""
+    return est.peak <= 0.9 * int(device_gib * GIB)
+
+
 def run_memory(
     config: str,
     overrides: list[str],
@@ -1470,6 +1475,8 @@ def run_memory(
             )
             notes.append(informative[-1])
         capacity = int(device_gib * GIB)
+        worst = max(est.phases, key=est.phases.get)
+        ok = fits(est, device_gib)
         if as_json:
             print(
                 json.dumps(
@@ -1479,6 +1486,8 @@ def run_memory(
                         "notes": notes,
                         "device_bytes": capacity,
                         "processes": processes,
+                        "fits": ok,  # (with the 10 % headroom)
+                        "advice": None if ok else _advice(worst, cfg),
                     }
                 )
             )
@@ -1488,8 +1497,7 @@ def run_memory(
         print(est.table(capacity))
         if breakdown:
             print(est.breakdown())
-        worst = max(est.phases, key=est.phases.get)
-        if est.peak > 0.9 * capacity:
+        if not ok:
             print(f"DOES NOT FIT with 10 % headroom: {_advice(worst, cfg)}")
         else:
             caveat = " (not counting what the notes below name)" if len(notes) > len(informative) else ""

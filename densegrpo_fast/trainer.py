@@ -137,6 +137,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             f"run.output_dir={str(run_dir)!r} already holds a run (checkpoint.pt): pass --resume to continue it, "
             "or choose another --output-dir"
         )
+    if resume and ckpt_path.exists():  # (before the config's check, whose warnings would not matter)
+        _check_iterations_left(cfg, run_dir)
     if resume and (run_dir / "config.yaml").exists():
         _check_same_run(cfg, run_dir / "config.yaml")
     elif resume and distributed.speaks():
@@ -148,8 +150,6 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             "the check that this config is its own",
             stacklevel=2,
         )
-    if resume and ckpt_path.exists():
-        _check_iterations_left(cfg, run_dir)
     if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
         check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
@@ -215,6 +215,8 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     saved_psi = state.get("psi") if state is not None else None
     if saved_psi is not None:
         saved_psi = saved_psi.clone()  # (not a page of the mmapped file)
+    if cfg.lora.enabled:  # before the calibration: a mistyped name would cost it
+        _check_lora_targets(cfg, policy.transformer)
     init = cfg.lora.init if state is None else None  # (a resumed run's adapters come from its checkpoint)
     warm = cfg.lora.enabled and init is not None
     # a warm start calibrates psi on the policy it trains from (ALGORITHM.md §5): its adapters come first
@@ -318,6 +320,28 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     if resume:
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _check_lora_targets(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
+    """The ``lora.target_modules`` that match no module of the transformer (peft's rule for a list: the whole
+    name, or its end after a dot), found before any model work rather than after the psi calibration: none
+    matching is a ValueError (peft's own refusal, earlier); some is a warning, since peft leaves them out and
+    one list may serve models whose blocks differ (a toy's last block has no ``ff_context``)."""
+    names = [n for n, _ in transformer.named_modules()]
+    targets = cfg.lora.target_modules
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return
+    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    suffixes = sorted({n.split(".", 2)[-1] if n.count(".") >= 2 else n for n in linear})
+    what = (
+        f"lora.target_modules {missing} match no module of the {cfg.model.family} transformer (a target is a "
+        f"module name or its end after a dot; its linear layers end in, e.g., {suffixes[:12]})"
+    )
+    if len(missing) == len(targets):
+        raise ValueError(f"{what}: no adapter would train; fix the names")
+    if distributed.speaks():
+        warnings.warn(f"{what}: they get no adapter; check their spelling", stacklevel=3)
 
 
 def _add_adapters(cfg: TrainConfig, policy, init: str | None) -> None:

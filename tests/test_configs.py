@@ -240,11 +240,18 @@ def test_a_device_this_machine_lacks_is_named_before_any_model_work(tmp_path):
             check_device("cuda")
 
 
-def test_validate_notes_prompt_files_it_cannot_read(capsys):
+def test_validate_notes_prompt_files_and_weights_it_cannot_read(capsys, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     from densegrpo_fast.cli import main
 
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # (an empty cache)
     assert main(["validate", "--config", str(ROOT / "configs" / "sd35m_pickscore.yaml")]) == 0
     said = capsys.readouterr()
+    assert (
+        "note: not on this machine, and `train` needs it: model.checkpoint='stabilityai/stable-diffusion-3.5-"
+        "medium' is not in the Hugging Face cache" in said.err
+    )
     assert "valid (1152 rows per iteration" in said.out
     assert (
         "note: not readable on this machine, and `train` needs it: prompts.dataset='data/pickscore/train.txt'"
@@ -369,3 +376,14 @@ def test_the_command_line_refuses_a_port_or_an_iteration_count_out_of_range(caps
         with pytest.raises(SystemExit) as e:  # (argparse's usage error, before any reward or model is built)
             main(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_errors_name_where_the_value_came_from(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"1 problem\(s\) in .*toy_geneval.yaml with its command-line overrides"
+    ):
+        load_config(TrainConfig, TOY, ["sampling.group_size=-4"])
+    with pytest.raises(
+        ConfigError, match=rf"config file '{tmp_path}' is a directory: pass an existing YAML file"
+    ):
+        load_config(TrainConfig, tmp_path)

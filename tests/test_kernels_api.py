@@ -191,3 +191,12 @@ def test_torch_compile_fullgraph_traces_the_ops():
     loss.backward()
     torch.testing.assert_close(loss, eager)
     torch.testing.assert_close(comp_v.grad, eager_v.grad)
+
+
+def test_the_readme_snippet_runs_as_written():
+    """README's "Use the kernels in your trainer" block, run whole: it must stay self-contained."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    start = text.index("```python\n", text.index("## Use the kernels in your trainer")) + len("```python\n")
+    exec(compile(text[start : text.index("```", start)], "README.md", "exec"), {})

@@ -731,7 +731,7 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     tight = memory("--device-gib", "0.001", "--breakdown")  # the tiny run needs a few MiB
-    assert tight.returncode == 0, tight.stderr[-2000:]
+    assert tight.returncode == 1, tight.stderr[-2000:]  # (the verdict, for scripts)
     assert "peak in update" in tight.stdout and "DOES NOT FIT" in tight.stdout
     assert re.search(r"at the peak of .* MiB\), by origin:\n +[0-9.]+ MiB  ", tight.stdout), tight.stdout
     assert "holds no model" in tight.stdout  # JPEG sizes: no device memory
@@ -739,6 +739,13 @@ def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     roomy = memory("--json", "grpo.train_batch_size=2", f"lora.init={tmp_path}")
     assert roomy.returncode == 0, roomy.stderr[-2000:]
     out = json.loads(roomy.stdout)
+    assert out["fits"] is True and out["advice"] is None
+    tight_json = memory("--json", "--device-gib", "0.001", "grpo.train_batch_size=2")
+    verdict = json.loads(tight_json.stdout)
+    assert tight_json.returncode == 1 and verdict["fits"] is False
+    assert (
+        isinstance(verdict["advice"], str) and len(verdict["advice"]) > 40
+    )  # (what to lower, as the table's)
     assert out["source"] == str(sd3_dir) and out["peak"] == max(out["phases"].values()) > sum(
         out["weights"].values()
     )

@@ -452,6 +452,13 @@ def test_serves_a_user_factory_by_module_path(tmp_path, monkeypatch):
         load_reward("no_such_module:make")
     with pytest.raises(ValueError, match="has no 'missing'"):
         load_reward("my_scorer:missing")
+    # a registry reward's errors name the flags the values came from
+    with pytest.raises(
+        ValueError, match=r"--reward 'rednes' is not a registered reward: did you mean 'redness'"
+    ):
+        load_reward("rednes")
+    with pytest.raises(ValueError, match=r"reward 'redness' does not take --kwargs \{'x': 1\}"):
+        load_reward("redness", {"x": 1})
 
 
 def test_serve_reward_command(tmp_path):

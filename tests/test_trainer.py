@@ -897,6 +897,24 @@ def test_a_resume_below_the_reached_iteration_is_refused_untouched(tiny_checkpoi
     assert (run_dir / "config.yaml").read_text() == saved  # (not rewritten with run.iterations 1)
 
 
+def test_a_mistyped_lora_target_is_named_before_the_calibration(tiny_checkpoint, tmp_path):
+    """None of the targets matching is refused before the calibration (peft refused it after); one of several
+    missing is a warning (peft leaves it out: one list serves models whose blocks differ)."""
+    extra = ["lora.target_modules=[attn.to_qq, attn.to_kk]", "noise.kind=calibrated"]
+    with pytest.raises(
+        ValueError,
+        match=r"lora.target_modules \['attn.to_qq', 'attn.to_kk'\] match no module of the toy .*attn.to_q.*no adapter would train",
+    ):
+        setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    assert not (tmp_path / "run" / "psi.json").exists()
+    extra = ["lora.target_modules=[attn.to_q, attn.to_qq]"]
+    with pytest.warns(
+        UserWarning, match=r"\['attn.to_qq'\] match no module .*they get no adapter; check their spelling"
+    ):
+        run = setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=extra), progress=False)
+    assert any("lora" in n for n, p in run.policy.transformer.named_parameters() if p.requires_grad)
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(

@@ -27,6 +27,27 @@ def adapter_class(family: str):
     return getattr(importlib.import_module(module), name)
 
 
+def checkpoint_problem(family: str, checkpoint: str | None, *, local_files_only: bool = True) -> str | None:
+    """Why :func:`load_policy` would not find a pretrained family's weights on this machine (None: it would,
+    or the family is the toy's, or it may download them), without loading any: the directory, or the Hugging
+    Face cache's entry, and the pipeline's folders in it."""
+    if family not in PRETRAINED or not local_files_only:
+        return None
+    import diffusers
+
+    from densegrpo_fast.policies.pretrained import resolve_pretrained
+
+    cls = adapter_class(family)
+    try:
+        resolve_pretrained(
+            checkpoint or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
+            components=cls.components, default_repo=cls.default_repo, local_files_only=True,
+        )  # fmt: skip
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def load_policy(
     family: str,
     checkpoint: str | None,

@@ -82,7 +82,12 @@ def load_reward(reward: str, kwargs: dict | None = None) -> Reward:
         if not callable(factory):
             raise ValueError(f"--reward {reward!r} is not callable: give a factory (**kwargs) -> reward")
         return factory(**kwargs)
-    return build_reward(reward, **kwargs)
+    try:
+        return build_reward(reward, **kwargs)
+    except ValueError as e:  # (worded for the config: here the values came from the flags)
+        raise ValueError(
+            str(e).replace("reward.name=", "--reward ").replace("reward.kwargs=", "--kwargs ")
+        ) from None
 
 
 class RewardContractError(RuntimeError):
