@@ -116,9 +116,9 @@ def _add_train(sub) -> None:
                 warnings.warn(ignored_line(ours, why), stacklevel=1)
         run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
         if speaks():
-            print(
-                f"run directory: {run_dir} (metrics.jsonl, reward_curve.png, samples/, policy_ema.safetensors)"
-            )
+            names = ("metrics.jsonl", "reward_curve.png", "samples", "policy_ema.safetensors")
+            held = [n + ("/" if (run_dir / n).is_dir() else "") for n in names if (run_dir / n).exists()]
+            print(f"run directory: {run_dir} ({', '.join(held)})")
 
     p.set_defaults(handler=handler)
 
@@ -140,13 +140,19 @@ def _add_calibrate(sub) -> None:
     def handler(args):
         from densegrpo_fast.trainer import run_calibration
 
-        psi, path = run_calibration(_train_config(args))
+        cfg = _train_config(args)
+        psi, path = run_calibration(cfg)
         from densegrpo_fast.distributed import speaks
 
         if speaks():
             print(
                 f"psi = {[round(v, 3) for v in psi.tolist()]}\nwritten to {path} and {path.with_suffix('.png')}"
             )
+            if cfg.noise.kind != "calibrated":
+                print(
+                    f"note: noise.kind={cfg.noise.kind}: a run reads this table only with noise.kind=calibrated",
+                    file=sys.stderr,
+                )
 
     p.set_defaults(handler=handler)
 

@@ -1134,7 +1134,9 @@ def test_readme_main_job_runs_a_few_iterations_with_the_shipped_model(tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "held-out reward" in out.stdout and "run directory" in out.stdout
+    assert "held-out reward" in out.stdout
+    # what the run directory holds (two iterations: no sample grid yet, it comes every 10)
+    assert "(metrics.jsonl, reward_curve.png, policy_ema.safetensors)" in out.stdout
     recs = records(tmp_path / "run")
     steps = [r for r in recs if "reward_mean" in r]
     assert len(steps) == 2 and all(
@@ -1151,7 +1153,14 @@ def test_calibrate_command_writes_the_psi_table(tiny_checkpoint, tmp_path, capsy
     assert main(["calibrate", "--config", str(CONFIG), *args]) == 0
     table = json.loads((tmp_path / "run" / "psi.json").read_text())
     assert len(table["psi"]) == 4 and (tmp_path / "run" / "psi.png").exists()
-    assert "psi = [" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "psi = [" in said.out and "note:" not in said.err
+    uniform = tiny_overrides(tiny_checkpoint, tmp_path / "u", extra=["noise.calibration.iterations=1"])
+    assert main(["calibrate", "--config", str(CONFIG), *uniform]) == 0
+    assert (
+        "note: noise.kind=uniform: a run reads this table only with noise.kind=calibrated"
+        in capsys.readouterr().err
+    )
 
 
 def test_a_damaged_checkpoint_is_named_and_a_failed_write_leaves_no_tmp_file(tmp_path, monkeypatch):

@@ -180,7 +180,7 @@ class ToyPolicy(nn.Module):
             "reinstall the package (the shipped checkpoint is missing or damaged) or pass a checkpoint path"
             if path == DEFAULT_CHECKPOINT
             else "pass a .safetensors file written by `densegrpo-fast pretrain-toy` or a toy training run "
-            "(policy_ema.safetensors), or leave model.checkpoint null for the shipped one"
+            "(policy_ema.safetensors), or none (model.checkpoint null, no --checkpoint) for the shipped one"
         )
         if not path.is_file():
             what = "is a directory" if path.is_dir() else "does not exist"
