@@ -514,7 +514,8 @@ def _check_iterations_left(cfg: TrainConfig, run_dir: Path) -> None:
 def _resumable(key: str) -> bool:
     """Whether a resume may change the flattened config key ``key``: one of RESUMABLE_CHANGES, or the url of a
     served reward (``reward.kwargs.url``, a sum's ``reward.kwargs.rewards.NAME.kwargs.url``): a server may
-    restart elsewhere, and what it hosts is compared instead (its /health against the checkpoint's record)."""
+    restart elsewhere, and what it hosts is compared instead (its /health against the checkpoint's record,
+    where the client asked, ``check`` true as by default, and the checkpoint has one)."""
     return key in RESUMABLE_CHANGES or (key.startswith("reward.kwargs.") and key.endswith(".url"))
 
 

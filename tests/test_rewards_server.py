@@ -642,6 +642,12 @@ def test_health_reports_a_digest_of_the_kwargs():
     plus = {"rewards": {"red": {"name": "redness", "weight": 1.0}}, "other": 1}
     minus = {"rewards": {"red": {"name": "redness", "weight": -1.0}}, "other": 1}
     assert kwargs_digest(plus) == kwargs_digest(dict(reversed(list(plus.items()))))
+    # where a reward runs and how it batches is not what it scores: one server per GPU shares a digest
+    per_gpu = [{"metadata": "m.jsonl", "device": f"cuda:{i}", "batch_size": 8 * i} for i in (0, 1)]
+    assert kwargs_digest(per_gpu[0]) == kwargs_digest(per_gpu[1]) == kwargs_digest({"metadata": "m.jsonl"})
+    assert kwargs_digest({"rewards": {"a": {"kwargs": {"gpu": True}}}}) == kwargs_digest(
+        {"rewards": {"a": {"kwargs": {}}}}
+    )
     assert kwargs_digest(plus) != kwargs_digest(minus) and kwargs_digest(None) == kwargs_digest({})
     served = []
     for kwargs in (plus, minus):
@@ -730,3 +736,48 @@ def test_hostile_prompts_metadata_gets_a_400():
     with serving(build_reward("redness")) as server:
         status, answer = _post(server.url, deep)
     assert status == 400 and "prompts missing or not JSON" in answer["error"]
+
+
+def test_timeout_s_bounds_each_wait_not_the_upload_and_the_scoring_together():
+    """A slow link (the body takes about 1 s to upload) and a reward that takes 0.5 s: each wait is under
+    timeout_s = 1.2 s, their sum is not, and the answer is read."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(b'{"status": "ok", "reward": "r", "protocol": 1, "max_request_bytes": 100000000}')
+
+        def do_POST(self):
+            n, got, t0 = int(self.headers["Content-Length"]), 0, time.monotonic()
+            while got < n:  # at 12 MB/s
+                got += len(self.rfile.read1(min(n - got, 1 << 18)))
+                time.sleep(max(0.0, got / 12e6 - (time.monotonic() - t0)))
+            time.sleep(0.5)
+            self._send(b'{"scores": [0.0, 0.0, 0.0, 0.0]}')
+
+        def _send(self, body):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def server_bind(self):  # (a small receive buffer: the client's send waits for the server's reads)
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            super().server_bind()
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        client = build_reward("remote", url=f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=1.2)
+        t0 = time.perf_counter()
+        assert client(torch.rand(4, 3, 1024, 1024), ["p"] * 4).tolist() == [0.0] * 4  # (12.6 MB)
+        assert time.perf_counter() - t0 > 1.2  # (the sum of the waits was past timeout_s)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

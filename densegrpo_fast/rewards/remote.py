@@ -35,8 +35,9 @@ when the reward has a ``mode`` (``geneval_detector``). Never pickle: unpickling 
 payload would give anyone who can reach the port a shell on the GPU machine; safetensors and JSON are
 parsed as data only.
 
-Client behaviour: ``timeout_s`` per HTTP request, for each wait on the server and for reading its whole
-answer (``/health``: at most 10 s, since it answers while a batch scores); a ``/health`` that is not a
+Client behaviour: ``timeout_s`` per HTTP request, for each wait on the server (sending, and the answer's
+first bytes) and for reading the whole answer once it begins (``/health``: at most 10 s, since it answers
+while a batch scores); a ``/health`` that is not a
 protocol-1 reward server's is refused; on connection errors and 5xx it retries ``retries`` times with exponential backoff (``backoff_s``,
 2x, 4x, ..., each wait capped at 30 s and lengthened by up to half at random, so that processes sharing a
 server do not retry in step); 4xx answers and ``"retry": false`` are not retried (the same request would fail
@@ -143,15 +144,18 @@ def _is_number(v) -> bool:
     return isinstance(v, float) or abs(v) < 2**1023
 
 
-def _read_within(response, deadline: float) -> bytes:
-    """The whole answer of ``response``, or TimeoutError once ``deadline`` (monotonic) passes: a server that
-    drips its answer byte by byte passes every single read's timeout."""
-    parts = []
-    while chunk := response.read1(1 << 16):
-        parts.append(chunk)
-        if time.monotonic() > deadline:
+def _read_within(response, timeout: float) -> bytes:
+    """The whole answer of ``response``, whose headers have come, or TimeoutError when more of it is still to
+    come ``timeout`` seconds on: a server that drips its answer byte by byte passes every single read's
+    timeout. (Sending the request and waiting for the answer are bounded apart, each read by ``timeout``.)"""
+    deadline, parts = time.monotonic() + timeout, []
+    while True:
+        if response.length != 0 and time.monotonic() > deadline:  # (length 0: all of it is here)
             raise TimeoutError
-    return b"".join(parts)
+        chunk = response.read1(1 << 16)
+        if not chunk:
+            return b"".join(parts)
+        parts.append(chunk)
 
 
 def health_problem(answer: dict) -> str | None:
@@ -284,9 +288,8 @@ class RemoteReward:
                 url, data=body, headers=headers, method="GET" if body is None else "POST"
             )
             try:
-                deadline = time.monotonic() + timeout
                 with self._opener.open(request, timeout=timeout) as response:
-                    out = json.loads(_read_within(response, deadline))
+                    out = json.loads(_read_within(response, timeout))
             except urllib.error.HTTPError as e:  # the server answered with an error status
                 message, retry, ours = _server_error(e)
                 if e.code == 413:
@@ -357,7 +360,8 @@ def check_same_servers(d, rewards: dict) -> dict[str, list]:
     served = served_by(rewards)
     fix = (
         "every process must score with the same reward: point each entry of the url list at a server started "
-        "with the same --reward and --kwargs (kwargs_digest differs where only the --kwargs do)"
+        "with the same --reward and --kwargs (kwargs_digest differs where only the --kwargs do; their device, "
+        "gpu and batch-size keys are left out of it, so one server per GPU may differ there)"
     )
     check_same(d, served, "what the reward servers host (their GET /health)", fix)
     return served

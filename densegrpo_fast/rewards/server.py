@@ -28,8 +28,8 @@ float copy (4x its images), made in its turn, and the reward's own memory.
 No authentication: bind to 127.0.0.1 (the default) or a trusted network. Bodies are parsed as safetensors and
 JSON only, never unpickled (see the protocol's docstring for why). ``/health`` reports a digest of the
 ``--kwargs`` with the reward's name, so clients can tell two servers of one reward with other settings apart.
-Ctrl-C (or :meth:`RewardServer.stop`) closes the connections that have not sent a whole request and waits for
-those being scored or waiting their turn.
+Ctrl-C (or :meth:`RewardServer.stop`) closes the connections whose request has not been read whole (their
+clients retry or fail) and waits for the requests read, being scored or waiting their turn to score.
 """
 
 from __future__ import annotations
@@ -99,10 +99,24 @@ class ClientGone(Exception):
     """The client hung up before its request's turn came: nobody is waiting for the scores."""
 
 
+#: Keyword arguments that place a reward or size its batches, not what it scores: left out of the digest, so
+#: one server per GPU of a node (``"device": "cuda:N"``) answers the digest of its peers.
+PLACEMENT_KEYS = frozenset({"device", "gpu", "batch_size", "max_batch"})
+
+
+def _scored_part(value):
+    if isinstance(value, dict):
+        return {k: _scored_part(v) for k, v in value.items() if k not in PLACEMENT_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_scored_part(v) for v in value]
+    return value
+
+
 def kwargs_digest(kwargs: dict | None) -> str:
-    """A short digest of a reward's keyword arguments (JSON with sorted keys), for ``/health``: two servers
-    of one reward with other settings (weights, a sum's weights, GenEval's metadata) answer other digests."""
-    text = json.dumps(kwargs or {}, sort_keys=True, separators=(",", ":"), default=str)
+    """A short digest of a reward's keyword arguments (JSON with sorted keys, at any depth without the
+    :data:`PLACEMENT_KEYS`), for ``/health``: two servers of one reward with other settings (weights, a sum's
+    weights, GenEval's metadata) answer other digests; a path written otherwise counts as another setting."""
+    text = json.dumps(_scored_part(kwargs or {}), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -180,7 +194,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(400, {"error": str(e)})
         del body  # (a waiting request holds its uint8 images only)
         self.server.release(self._held - length)
-        self._held, self.in_flight = length, True
+        with self.server._room:  # (close_idle reads it under the lock)
+            self._held, self.in_flight = length, True
         try:
             scores = self.server.score(images, prompts, gone=self._client_gone)
         except ClientGone:
@@ -350,8 +365,9 @@ class RewardServer(ThreadingHTTPServer):
             (self._handlers.add if open_ else self._handlers.discard)(handler)
 
     def close_idle(self) -> None:
-        """Close the connections that have not sent a whole request (idle, or a body still coming): their
-        threads end at once, and :meth:`server_close` waits only for the requests being scored or waiting."""
+        """Close the connections whose request has not been read whole (idle, a body still coming, or one
+        waiting for room under the cap, unread): their threads end at once, and :meth:`server_close` waits
+        only for the requests read and decoded, being scored or waiting for their turn to score."""
         with self._room:
             idle = [h for h in self._handlers if not h.in_flight]
         for h in idle:
