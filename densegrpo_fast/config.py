@@ -800,8 +800,8 @@ class EvalSection(Section):
         0,
         ge=0,
         le=2**23 - 1,
-        description="seed of prompt order and initial noise (< 2^23: it is the high bits "
-        "of each image's noise seed)",
+        description="seed of prompt order and initial noise (< 2^23; mixed with the prompt's index and the "
+        "image's into each image's noise seed)",
     )
     _resolution = field_validator("resolution", mode="before")(_resolution_shape)
     resolution: int | tuple[int, int] | None = Field(

@@ -43,8 +43,10 @@ GENEVAL_TASKS = frozenset({"single_object", "two_object", "counting", "colors", 
 
 
 def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor:
-    """The initial latent of image ``image`` of prompt ``index`` [*latent_shape], drawn on the CPU."""
-    g = torch.Generator().manual_seed((seed << 40) + (index << 8) + image)
+    """The initial latent of image ``image`` of prompt ``index`` [*latent_shape], drawn on the CPU. A CPU
+    generator keeps only its seed's low 32 bits, so ``seed`` is mixed into them (times an odd constant: every
+    seed draws apart); seed 0 draws what it always has."""
+    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + (index << 8) + image) % 2**64)
     return torch.randn(*policy.latent_shape, generator=g)
 
 

@@ -46,14 +46,25 @@ def test_scores_do_not_depend_on_batch_size(policy, tmp_path):
     assert a["num_prompts"] == 5 and a["images_per_prompt"] == 2
 
 
+def test_each_seed_draws_its_own_noise_and_seed_0_what_it_always_has(policy):
+    """A CPU generator keeps its seed's low 32 bits: with the seed shifted past them (as before), every
+    eval.seed drew seed 0's noise."""
+    from densegrpo_fast.evaluate import noise_for
+
+    draws = [noise_for(policy, s, 3, 1) for s in (0, 1, 5, 2**23 - 1)]  # (eval.seed: up to 2**23 - 1)
+    assert all(not torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1 :])
+    g = torch.Generator().manual_seed((3 << 8) + 1)  # seed 0's noise of old, which recorded figures used
+    assert torch.equal(draws[0], torch.randn(*policy.latent_shape, generator=g))
+
+
 def test_each_score_is_its_images_reward_and_the_summary_their_mean(policy, tmp_path):
-    """The protocol, image by image: image j of prompt i starts from the noise seeded (seed << 40) + (i << 8)
-    + j, runs the Euler ODE of the grid with CFG, and is scored; the summary is the mean over every image
-    (the tests above compare runs with each other, which share any bug of this)."""
+    """The protocol, image by image: image j of prompt i starts from the noise seeded seed * 0x9E3779B1 +
+    (i << 8) + j (mod 2^64), runs the Euler ODE of the grid with CFG, and is scored; the summary is the mean
+    over every image (the tests above compare runs with each other, which share any bug of this)."""
     out = run(policy, tmp_path / "a")
     every = [s for r in rows(tmp_path / "a") for s in r["redness"]]
     assert len(every) == 10 and out["scores"]["redness"] == pytest.approx(sum(every) / 10, rel=1e-6)
-    g = torch.Generator().manual_seed((1 << 40) + (3 << 8) + 1)  # seed 1, prompt 3, image 1
+    g = torch.Generator().manual_seed(0x9E3779B1 + (3 << 8) + 1)  # seed 1, prompt 3, image 1
     x = torch.randn(1, *policy.latent_shape, generator=g)
     sig = sigma_grid(4, 1.0)
     cond = policy.encode_prompts([PROMPTS[3]], with_negative=True)
