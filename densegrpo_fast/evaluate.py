@@ -23,6 +23,7 @@ single process, and a killed job resumes with any number of processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
-from densegrpo_fast.lora_init import check_exists, lora_identity, merge_lora
+from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
 
@@ -115,7 +116,9 @@ def evaluate(
     out = Path(output_dir)
     protocol = {"num_prompts": len(prompts), "images_per_prompt": images_per_prompt,
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
-                "guidance_scale": guidance_scale, "seed": seed, **(info or {})}  # fmt: skip
+                "guidance_scale": guidance_scale, "seed": seed,
+                # paths as absolute ones: a resume from another working directory finds the same files
+                **{k: _resolved(v) if k in _PATHS else v for k, v in (info or {}).items()}}  # fmt: skip
     served = check_same_servers(d, rewards)  # (every rank's servers host the same rewards?)
     if served:  # what a served reward scores: its url, which may change on a resume, does not say
         protocol["served"] = {k: [{a: b for a, b in s.items() if a != "kwargs_digest"} for s in v]
@@ -295,6 +298,20 @@ def checkpoint_identity(path: str | None) -> dict | None:
     return {"iteration": meta.get("iteration"), "bytes": Path(path).stat().st_size}
 
 
+def checkpoint_sample(path: str | None) -> str | None:
+    """A sha256 of three 1 MiB pieces of ``path`` (its start, middle and end): two exports of other weights
+    at the same path and of the same size (a run retrained into the same directory) tell apart, without
+    reading a 22 GiB FLUX.1 export whole."""
+    if path is None or not Path(path).is_file():
+        return None
+    size, piece, digest = Path(path).stat().st_size, 1 << 20, hashlib.sha256()
+    with open(path, "rb") as f:
+        for at in sorted({0, max(0, size // 2 - piece // 2), max(0, size - piece)}):
+            f.seek(at)
+            digest.update(f.read(piece))
+    return digest.hexdigest()
+
+
 def _check_same_protocol(path: Path, protocol: dict) -> None:
     """Resuming is only sound under the same protocol: compare with the one saved by the first call (an
     entry an older version did not save is not compared; paths are compared resolved)."""
@@ -391,8 +408,9 @@ def run_eval(
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
               "resolution": resolution_record(e.resolution or m.resolution), "dtype": m.dtype,
               "max_sequence_length": m.max_sequence_length,
-              "checkpoint_identity": checkpoint_identity(checkpoint), "lora": lora,
-              "lora_identity": lora_identity(lora),
+              "checkpoint_identity": checkpoint_identity(checkpoint), "checkpoint_sample": checkpoint_sample(checkpoint),
+              "lora": lora,
+              "lora_identity": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip
     if d.main:

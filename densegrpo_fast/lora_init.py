@@ -112,6 +112,14 @@ def lora_identity(path: str | Path | None) -> dict | None:
     return {"file": file.name, "sha256": digest.hexdigest()}
 
 
+def lora_config_identity(path: str | Path | None) -> str | None:
+    """The sha256 of a peft folder's ``adapter_config.json`` (its alpha sets the LoRA's scale), beside
+    :func:`lora_identity`; None for a LoRA without one."""
+    if path is None or not _is_peft_folder(Path(path)):
+        return None
+    return hashlib.sha256((Path(path) / "adapter_config.json").read_bytes()).hexdigest()
+
+
 def _load(policy, path: Path, name: str) -> None:
     """The LoRA at ``path`` as the adapter WARM of ``policy.transformer``, by the library of its format."""
     with warnings.catch_warnings():  # (peft warns of a second adapter beside a run's: that is the point)

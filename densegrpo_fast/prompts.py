@@ -24,9 +24,9 @@ def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
     """Each prompt of a file with its tag: the non-empty lines of a text file (no tags), or of a ``.jsonl``
     file the ``prompt`` (stripped) and ``tag`` of each line's JSON object (GenEval's metadata files are of
     this form: the tag is its task). ``field`` names the setting in errors."""
-    lines = [
-        ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
-    ]  # (-sig: a BOM is dropped)
+    # lines end at "\n" only (str.splitlines also splits at form feeds, U+0085 and U+2028, which a prompt
+    # or a JSON string may hold); -sig: a BOM is dropped
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").split("\n")]
     if not _jsonl(path):
         return [(ln, None) for ln in lines if ln]
     out = []

@@ -466,6 +466,27 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path, capsys):
     save_file(load_file(str(again_path)), str(again_path), metadata={"family": "sd3", "iteration": "7"})
     with pytest.raises(ValueError, match=r"another protocol \(checkpoint_identity: "):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_again'}"], checkpoint=str(again_path))
+    # other weights of the same size and iteration at the same path (a run retrained into its directory):
+    # told apart by a sample of the file's bytes
+    run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_same'}"], checkpoint=str(again_path))
+    save_file({k: v * 2 for k, v in load_file(str(again_path)).items()}, str(again_path),
+              metadata={"family": "sd3", "iteration": "7"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"another protocol \(checkpoint_sample: "):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_same'}"], checkpoint=str(again_path))
+    # the protocol holds absolute paths: the same files named from another working directory resume
+    import os
+
+    here, cwd_dir = os.getcwd(), f"eval.output_dir={tmp_path / 'ev_cwd'}"
+    try:
+        os.chdir(tmp_path)
+        first = run_eval(None, [*ev, cwd_dir], checkpoint="again/policy_ema.safetensors")
+        os.chdir(again_path.parent)
+        assert (
+            run_eval(None, [*ev, cwd_dir], checkpoint="policy_ema.safetensors")["scores"] == first["scores"]
+        )
+    finally:
+        os.chdir(here)
+    assert json.loads((tmp_path / "ev_cwd" / "protocol.json").read_text())["checkpoint"] == str(again_path)
     assert first["num_prompts"] == 3
     flux_like = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
@@ -711,6 +732,12 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, mo
     save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))
     with pytest.raises(ValueError, match=r"another protocol \(lora_identity: "):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
+    # a peft folder's adapter_config.json (its alpha sets the scale) is part of what is resumed onto
+    run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_cfg'}"], lora=peft_dir, progress=False)
+    config = tmp_path / "peft" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 16}))
+    with pytest.raises(ValueError, match=r"another protocol \(lora_config: "):
+        run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_cfg'}"], lora=peft_dir, progress=False)
     with pytest.raises(ValueError, match=r"--lora '.*nowhere' does not exist"):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], lora=str(tmp_path / "nowhere"))
 

@@ -54,3 +54,24 @@ def test_priority_sampling_follows_the_groups_signal(tmp_path):
     assert [other.sample(4, i) for i in range(5)] == [pri.sample(4, i) for i in range(5)]
     with pytest.raises(ValueError, match="11 prompts, the dataset 'toy:train' 127"):
         PromptPriority(PromptSource("toy:train"), 0.1).load_state_dict(pri.state_dict())
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    """A form feed, U+0085 or U+2028 inside a prompt (or a .jsonl string) does not split it, as
+    str.splitlines would; Windows line ends are stripped."""
+    import json
+
+    from densegrpo_fast.prompts import prompt_records
+
+    text = tmp_path / "p.txt"
+    text.write_text("line\x0csplit\r\nend\x85nel\n\nlast\u2028one", encoding="utf-8")
+    assert [p for p, _ in prompt_records(text, "eval.dataset")] == [
+        "line\x0csplit",
+        "end\x85nel",
+        "last\u2028one",
+    ]
+    rows = tmp_path / "p.jsonl"
+    rows.write_text(
+        json.dumps({"prompt": "a\u2028b", "tag": "colors"}, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    assert prompt_records(rows, "eval.dataset") == [("a\u2028b", "colors")]
