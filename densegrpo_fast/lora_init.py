@@ -124,10 +124,19 @@ def _load(policy, path: Path, name: str) -> None:
     """The LoRA at ``path`` as the adapter WARM of ``policy.transformer``, by the library of its format."""
     with warnings.catch_warnings():  # (peft warns of a second adapter beside a run's: that is the point)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        if _is_peft_folder(path):
-            _load_peft_folder(policy.transformer, path, name)
-        else:
-            _load_diffusers_lora(policy, path, name)
+        try:
+            if _is_peft_folder(path):
+                _load_peft_folder(policy.transformer, path, name)
+            else:
+                _load_diffusers_lora(policy, path, name)
+        except RuntimeError as e:  # torch's load_state_dict: the layers' names match, their shapes do not
+            if "size mismatch" not in str(e):
+                raise
+            first = next(ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln)
+            raise ValueError(
+                f"{name} does not fit this transformer's layers ({first}): it was trained for another model "
+                "(another family, or another size of this one)"
+            ) from None
 
 
 def _is_peft_folder(path: Path) -> bool:

@@ -721,6 +721,20 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, mo
         assert merge_lora(merged, lora) == layers
         torch.testing.assert_close(merged.velocity(x, sigma, cond, 4.5), want, rtol=1e-5, atol=1e-5)
         assert not any("lora" in n for n, _ in merged.transformer.named_parameters())
+    # the same layer names with other shapes (an adapter of another size of the model): a clear refusal
+    wide = tmp_path / "peft_wide"
+    shutil.copytree(tmp_path / "peft", wide)
+    tensors = load_file(wide / "adapter_model.safetensors")
+    k = next(n for n in tensors if "lora_A" in n)
+    save_file(
+        {**tensors, k: torch.zeros(tensors[k].shape[0], tensors[k].shape[1] + 8)},
+        str(wide / "adapter_model.safetensors"),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"peft_wide.* does not fit this transformer's layers \(size mismatch for .*another size",
+    ):
+        merge_lora(SD3Policy.load(sd3_dir, dtype="fp32", **OPTS), wide)
     ev = [*base[:4], f"eval.dataset={prompts}", "eval.num_prompts=null", "eval.num_steps=2", "eval.shift=null",
           "eval.guidance_scale=4.5", "eval.batch_size=2", "eval.rewards={red: {name: redness}}"]  # fmt: skip
     peft_dir = str(tmp_path / "peft")
