@@ -52,6 +52,50 @@ def _process_alive(pid: str) -> bool:
     return True
 
 
+_LOCKS: dict[str, object] = {}  # the directories this process holds: their lock files, open
+
+
+def lock_dir(directory: Path, what: str) -> None:
+    """Hold ``directory``'s lock (an exclusive ``flock`` of its ``.lock`` file) until :func:`unlock_dir`, or
+    raise a ValueError naming the process that holds it: two jobs writing one run or evaluation directory
+    interleave their files (duplicate score lines, checkpoints of two runs). The kernel drops the lock when
+    its holder ends, however it ends. A second call of one process for one directory holds it already. Where
+    ``fcntl`` is missing (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    directory = Path(directory)
+    key = str(directory.resolve())
+    if key in _LOCKS:
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open for the process's life)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise ValueError(
+            f"{directory} is in use by another {what} (process {holder}, which holds {directory / '.lock'}): "
+            "wait for it to end or stop it (a torchrun job killed by its launcher alone may leave its "
+            "workers running), or give another directory"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS[key] = f
+
+
+def unlock_dir(directory: Path) -> None:
+    """Let go of ``directory``'s lock (:func:`lock_dir`), if this process holds it."""
+    f = _LOCKS.pop(str(Path(directory).resolve()), None)
+    if f is not None:
+        f.close()  # (closing the file drops its flock)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """:func:`write_atomic` of ``text``: the run directory's records a resume reads back (config, psi table,
     metrics, evaluation files)."""

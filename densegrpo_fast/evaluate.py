@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast import distributed
-from densegrpo_fast.checkpoint import write_text_atomic
+from densegrpo_fast.checkpoint import lock_dir, unlock_dir, write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
@@ -127,6 +127,7 @@ def evaluate(
         protocol["served_kwargs"] = {k: [s.get("kwargs_digest") for s in v] for k, v in served.items()}
     # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
     _check_same_protocol(out / "protocol.json", protocol)
+    distributed.on_main(d, lambda: lock_dir(out, "evaluation"))  # (until the summary is written)
     scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's
     if scores_path.exists() and not (text := scores_path.read_text()).endswith("\n") and text:
         # a line cut short by a kill: scored again
@@ -181,7 +182,9 @@ def evaluate(
                     "finished: eval.output_dir must be a directory every node of the job shares"
                 )
             scored = _merge(out, rewards)
-        return _summary(out, scored, rewards, protocol, images_per_prompt, t0, tags)
+        summary = _summary(out, scored, rewards, protocol, images_per_prompt, t0, tags)
+        unlock_dir(out)
+        return summary
 
     return distributed.on_main(d, finish)
 

@@ -31,10 +31,12 @@ from densegrpo_fast.checkpoint import (
     check_trainable_names,
     load_checkpoint,
     load_trainable_state,
+    lock_dir,
     own_optimizer_state,
     remove_stale_tmp,
     save_checkpoint,
     trainable_state,
+    unlock_dir,
     write_atomic,
 )
 from densegrpo_fast.config import TrainConfig, dump_config, flat
@@ -435,6 +437,7 @@ def _meta_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 def _start_run_dir(cfg: TrainConfig, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_dir(run_dir, "training run")  # (until train() ends)
     remove_stale_tmp(run_dir)  # (a checkpoint or an export that a SIGKILL cut: no cleanup ran)
     dump_config(cfg, run_dir / "config.yaml")
 
@@ -1438,6 +1441,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     with _closed_on_failure(run.log):
         _loop(run, progress)
     distributed.on_main(run.dist, run.log.close)  # (W&B's finish: its error reaches every rank)
+    distributed.on_main(run.dist, lambda: unlock_dir(run.dir))
     distributed.shutdown(run.dist)
     return run.dir
 

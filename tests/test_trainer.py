@@ -915,6 +915,36 @@ def test_a_mistyped_lora_target_is_named_before_the_calibration(tiny_checkpoint,
     assert any("lora" in n for n, p in run.policy.transformer.named_parameters() if p.requires_grad)
 
 
+def test_a_run_or_evaluation_directory_in_use_by_another_process_is_refused(tiny_checkpoint, tmp_path):
+    """Two jobs writing one directory interleave their files: the second is refused while the first holds
+    the directory's lock, and goes on once that process ends (the kernel drops the lock, however it ends)."""
+    from densegrpo_fast.evaluate import evaluate
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.schedule import sigma_grid
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from densegrpo_fast.checkpoint import "
+         "lock_dir; [lock_dir(Path(d), 'job') for d in sys.argv[1:]]; print('held', flush=True); time.sleep(60)",
+         str(tmp_path / "run"), str(tmp_path / "ev")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            ValueError, match=rf"run is in use by another training run \(process {holder.pid}"
+        ):
+            train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1), progress=False)
+        policy = ToyPolicy.load(tiny_checkpoint)
+        with pytest.raises(ValueError, match=r"ev is in use by another evaluation"):
+            evaluate(policy, ["a red circle"], {"r": build_reward("redness")}, sigma_grid(2, 1.0), guidance_scale=1.0,
+                     output_dir=tmp_path / "ev", progress=False)  # fmt: skip
+    finally:
+        holder.kill()
+        holder.wait()
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1), progress=False)
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2), resume=True, progress=False)  # (let go)
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(
@@ -1200,7 +1230,7 @@ def test_a_checkpoint_must_hold_every_trained_parameter_and_a_killed_writes_tmp_
     live.write_bytes(b"being written")
     (tmp_path / "notes.v2.tmp").write_text("not a tmp file of ours")
     _start_run_dir(load_config(TrainConfig, CONFIG, []), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "config.yaml", "notes.v2.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", live.name, "config.yaml", "notes.v2.tmp"]
 
 
 def test_fp32_weights_resumed_into_a_bf16_model_warn():
