@@ -1512,7 +1512,26 @@ def _loop(run: Run, progress: bool) -> None:
         if _evaluation_due(run):
             _evaluate(run, bar)
     bar.close()
+    if d.main:
+        _say_how_it_ended(run)
     _final_export(run)
+
+
+def _say_how_it_ended(run: Run) -> None:
+    """A line when run.time_budget_s ended the run before run.iterations (the bar's budget_left is gone
+    with the bar, and ``--no-progress`` shows none), and a warning when the EMA never updated: its exports
+    then hold the starting weights."""
+    cfg = run.cfg
+    if run.iteration < cfg.run.iterations:
+        print(f"stopped by run.time_budget_s={cfg.run.time_budget_s:g}: {run.iteration} of {cfg.run.iterations} "
+              f"iterations in {run.wall_s / 60:.1f} min of training", flush=True)  # fmt: skip
+    if cfg.ema.enabled and run.opt_steps < cfg.ema.every:
+        warnings.warn(
+            f"the EMA never updated: it updates every ema.every={cfg.ema.every} optimizer steps, and the run "
+            f"made {run.opt_steps}, so its exports (policy_ema.safetensors) hold the starting weights; lower "
+            "ema.every, or train longer",
+            stacklevel=3,
+        )
 
 
 def _final_export(run: Run) -> None:

@@ -945,6 +945,17 @@ def test_a_run_or_evaluation_directory_in_use_by_another_process_is_refused(tiny
     train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2), resume=True, progress=False)  # (let go)
 
 
+def test_a_run_ended_by_its_time_budget_says_so_and_an_ema_never_updated_warns(
+    tiny_checkpoint, tmp_path, capsys
+):
+    extra = ["run.time_budget_s=0.001", "ema.every=100"]  # (the first iteration uses up the budget)
+    with pytest.warns(
+        UserWarning, match=r"the EMA never updated: .*ema.every=100 optimizer steps, and the run made 2"
+    ):
+        train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=5, extra=extra), progress=False)
+    assert "stopped by run.time_budget_s=0.001: 1 of 5 iterations in" in capsys.readouterr().out
+
+
 def test_calibration_step_follows_algorithm_1():
     psi = torch.tensor([0.7, 0.7, 0.7, 0.0])
     dR = torch.tensor(
