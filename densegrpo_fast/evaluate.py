@@ -326,6 +326,12 @@ def _check_same_protocol(path: Path, protocol: dict) -> None:
                 f"{path} is not JSON ({e}): it was cut short when first written; delete it (the scores beside it "
                 "are then resumed under this call's protocol) or give eval.output_dir a new directory"
             ) from None
+        if not isinstance(saved, dict):  # (written by hand: a protocol.json of ours is always an object)
+            raise ValueError(
+                f"{path} holds {type(saved).__name__} {str(saved)[:80]!r}, not the JSON object an evaluation "
+                "writes: delete it (the scores beside it are then resumed under this call's protocol) or give "
+                "eval.output_dir a new directory"
+            )
         same = lambda k, a, b: _resolved(a) == _resolved(b) if k in _PATHS else a == b  # noqa: E731
         diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and not same(k, saved[k], v)}
         if diff:
@@ -370,8 +376,9 @@ def run_eval(
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval
     if checkpoint is not None and not Path(checkpoint).is_file():  # (before any model or reward loads)
+        what = "is a directory" if Path(checkpoint).is_dir() else "does not exist"
         raise ValueError(
-            f"--checkpoint {checkpoint!r} does not exist: give the policy_ema.safetensors of a training run (or "
+            f"--checkpoint {checkpoint!r} {what}: give the policy_ema.safetensors of a training run (or "
             "leave --checkpoint out to evaluate the base model)"
         )
     if lora is not None:

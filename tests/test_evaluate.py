@@ -192,6 +192,12 @@ def test_the_protocol_check_compares_what_changes_scores(policy, tmp_path, monke
     (tmp_path / "ev" / "protocol.json").write_text('{"num_prompts": 5, "ima')
     with pytest.raises(ValueError, match=r"protocol.json is not JSON .*delete it"):
         run(policy, tmp_path / "ev")
+    for other in ("null", '"seed"', "[]"):  # JSON, but not a protocol: none of it turns the checks off
+        (tmp_path / "ev" / "protocol.json").write_text(other)
+        with pytest.raises(
+            ValueError, match=r"protocol.json holds \w+ .*not the JSON object an evaluation writes"
+        ):
+            run(policy, tmp_path / "ev")
 
 
 def test_more_than_256_images_per_prompt_are_refused():
@@ -267,3 +273,7 @@ def test_a_missing_checkpoint_is_named_before_anything_loads(tmp_path, monkeypat
     flux = Path(__file__).parents[1] / "configs" / "flux_pickscore.yaml"
     with pytest.raises(ValueError, match=r"--checkpoint '.*policy_ema.safetnsors' does not exist"):
         run_eval(str(flux), [], checkpoint=str(tmp_path / "policy_ema.safetnsors"))
+    with pytest.raises(
+        ValueError, match=r"--checkpoint '.*' is a directory: give the policy_ema.safetensors"
+    ):
+        run_eval(str(flux), [], checkpoint=str(tmp_path))
