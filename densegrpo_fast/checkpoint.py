@@ -70,7 +70,7 @@ def lock_dir(directory: Path, what: str) -> None:
     if key in _LOCKS:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open for the process's life)
+    f = open(directory / ".lock", "a+")  # noqa: SIM115 (held open until unlock_dir, or the process ends)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
