@@ -105,6 +105,7 @@ class Run:
     base_schedule: Schedule | None = None  # every step's noise; a moving window takes its steps from it
     trained_steps: torch.Tensor | None = None  # bool [T], grpo.trained_steps before the window applies
     window_start: int | None = None  # this iteration's, for a moving window
+    starts: list[int] | None = None  # the starts a moving window takes (_moving_starts; None: every one)
     dist: distributed.Dist = distributed.SINGLE  # this process's share of a torchrun job
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
@@ -288,8 +289,10 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
               shell=shell, served=served)  # fmt: skip
+    if cfg.noise.window_move != "fixed":  # (the base schedule is fixed for the run: its starts too)
+        run.starts = _moving_starts(run)
+        _note_skipped_starts(run)
     set_window(run, 0)
-    _note_skipped_starts(run)
     if cfg.prompts.sampling == "priority":
         run.priority = PromptPriority(prompts, cfg.prompts.priority_floor)
     if state is not None:
@@ -735,7 +738,7 @@ def set_window(run: Run, iteration: int) -> None:
     else:
         T = base.num_steps
         start = window_start_at(n.window_move, n.window_start, n.window_size, T, iteration,
-                                every=n.window_every, seed=run.cfg.run.seed, starts=_moving_starts(run))  # fmt: skip
+                                every=n.window_every, seed=run.cfg.run.seed, starts=run.starts)  # fmt: skip
         mask = window_mask(T, start, n.window_size).to(base.noise_level.device)
         schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
@@ -758,13 +761,12 @@ def _warn_if_servers_changed(saved: dict | None, served: dict) -> None:
 
 
 def _note_skipped_starts(run: Run) -> None:
-    """Says which starts a moving window skips (:func:`_moving_starts`), once, at the start of a run."""
-    n = run.cfg.noise
-    if n.window_move == "fixed" or not run.dist.main:
+    """Says which starts a moving window skips (``run.starts``), once, at the start of a run."""
+    n, starts = run.cfg.noise, run.starts
+    if starts is None or not run.dist.main:
         return
-    starts = _moving_starts(run)
-    skipped = sorted(set(range(run.base_schedule.num_steps - n.window_size + 1)) - set(starts or range(0)))
-    if starts and skipped:
+    skipped = [p for p in range(run.base_schedule.num_steps - n.window_size + 1) if p not in starts]
+    if skipped:
         print(f"noise.window_move={n.window_move}: the window skips the starts {skipped}, whose steps are not "
               f"trained (grpo.trained_steps {run.cfg.trained_steps()}) or have no noise, so it takes the starts "
               f"{starts}", flush=True)  # fmt: skip
@@ -773,7 +775,7 @@ def _note_skipped_starts(run: Run) -> None:
 def _moving_starts(run: Run) -> list[int] | None:
     """The starts a moving window takes: those whose window holds a step that is trained and has noise (a
     calibrated psi may be 0); None (every start) when no step is both, a run that trains nothing anyway
-    (warned of by the calibration)."""
+    (warned of by the calibration). Computed once per run (``run.starts``): one read of the device."""
     base = run.base_schedule
     live = (run.trained_steps & base.sde_steps.cpu()).tolist()
     return window_starts(base.num_steps, run.cfg.noise.window_size, live) or None
