@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,6 +128,7 @@ def evaluate(
         # the digests of the servers' --kwargs apart: an evaluation begun by a version without them resumes
         protocol["served_kwargs"] = {k: [s.get("kwargs_digest") for s in v] for k, v in served.items()}
     # every rank checks what is there before rank 0 writes anything, so a refusal stops them all alike
+    _check_output_dir(out)
     _check_same_protocol(out / "protocol.json", protocol)
     distributed.on_main(d, lambda: lock_dir(out, "evaluation"))  # (until the summary is written)
     scores_path = out / ("scores.jsonl" if not d.enabled else f"scores.rank{d.rank}.jsonl")  # this rank's
@@ -133,7 +136,7 @@ def evaluate(
         # a line cut short by a kill: scored again
         write_text_atomic(scores_path, text[: text.rfind("\n") + 1])
     distributed.barrier(d)  # (every rank reads every rank's file: after each has cut its own)
-    done = _read_scores(out, rewards)
+    done = _read_scores(out, rewards, images_per_prompt)
     _check_same_prompts(out, done, prompts)
     distributed.barrier(d)
     if d.main:
@@ -175,31 +178,45 @@ def evaluate(
     def finish() -> dict:  # rank 0; an error here reaches every rank
         scored = done
         if d.enabled or any(out.glob("scores.rank*.jsonl")):  # a job's own files, or a killed job's
-            scored = _read_scores(out, rewards)
+            scored = _read_scores(out, rewards, images_per_prompt)
             if len(scored) != len(prompts):  # (checked before the rank files are merged away)
                 raise ValueError(
                     f"{out} holds scores for {len(scored)} of {len(prompts)} prompts after every process "
                     "finished: eval.output_dir must be a directory every node of the job shares"
                 )
-            scored = _merge(out, rewards)
-        summary = _summary(out, scored, rewards, protocol, images_per_prompt, t0, tags)
+            scored = _merge(out, rewards, images_per_prompt)
+        summary = _summary(out, scored, rewards, protocol, t0, tags)
         unlock_dir(out)
         return summary
 
     return distributed.on_main(d, finish)
 
 
-def _merge(out: Path, rewards: dict) -> dict[int, dict]:
+def _merge(out: Path, rewards: dict, images_per_prompt: int) -> dict[int, dict]:
     """Every score file of ``out`` into ``scores.jsonl``, sorted by index, and the rank files removed."""
-    done = _read_scores(out, rewards)
+    done = _read_scores(out, rewards, images_per_prompt)
     write_text_atomic(out / "scores.jsonl", "".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
     for p in out.glob("scores.rank*.jsonl"):
         p.unlink()
     return done
 
 
-def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
-    """The prompts already scored in ``out``: ``scores.jsonl`` and the rank files of a data-parallel job."""
+def _check_output_dir(out: Path) -> None:
+    """``eval.output_dir`` must be a directory (or not exist yet) and its score files files."""
+    fix = "give eval.output_dir a new directory"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"eval.output_dir {str(out)!r} is a file, not a directory: {fix}")
+    for p in [out / "scores.jsonl", *sorted(out.glob("scores.rank*.jsonl"))]:
+        if p.exists() and not p.is_file():
+            raise ValueError(
+                f"{p} is not a file but an evaluation writes its scores there: move it away or {fix}"
+            )
+
+
+def _read_scores(out: Path, rewards: dict, images_per_prompt: int) -> dict[int, dict]:
+    """The prompts already scored in ``out``: ``scores.jsonl`` and the rank files of a data-parallel job.
+    A line must be one this evaluation could have written: an ``index``, a ``prompt`` and, for each reward,
+    ``images_per_prompt`` numbers."""
     done = {}
     for path in [out / "scores.jsonl", *sorted(out.glob("scores.rank*.jsonl"))]:
         for row in read_jsonl(path):  # (a last line cut short by a kill: that prompt is scored again)
@@ -208,35 +225,73 @@ def _read_scores(out: Path, rewards: dict) -> dict[int, dict]:
                     f"{path} holds no scores for {missing}: it was written with other rewards; "
                     "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
                 )
-            done[row["index"]] = row
+            index, scores = row.get("index"), [row[k] for k in rewards]
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+            if not (
+                isinstance(index, int)
+                and not isinstance(index, bool)
+                and index >= 0
+                and isinstance(row.get("prompt"), str)
+                and all(
+                    isinstance(v, list) and len(v) == images_per_prompt and all(map(number, v))
+                    for v in scores
+                )
+            ):
+                raise ValueError(
+                    f"{path} holds a line that is not a prompt's scores ({json.dumps(row)[:120]}): a line is "
+                    f'{{"index": i >= 0, "prompt": "...", "<reward>": [{images_per_prompt} numbers]}} for each of '
+                    f"{list(rewards)}; the file was changed outside the evaluation: mend or delete that line (its "
+                    "prompt is then scored again)"
+                )
+            done[index] = row
     return done
 
 
-def _summary(
-    out: Path, done: dict, rewards: dict, protocol: dict, images_per_prompt: int, t0: float, tags=None
-) -> dict:
+def _summary(out: Path, done: dict, rewards: dict, protocol: dict, t0: float, tags=None) -> dict:
     """Each reward's mean over every scored image, with the protocol; with ``tags`` (one per prompt), also
-    each reward's mean per tag and the mean of those; written to ``summary.json``."""
+    each reward's mean per tag and the mean of those; written to ``summary.json``. A score that is not finite
+    (a reward that failed on an image) enters no mean: ``nonfinite_scores`` counts them per reward, with a
+    warning naming the first prompts (a mean of none is null)."""
+
+    def mean(rows: list[dict], k: str) -> float | None:
+        finite = [v for r in rows for v in r[k] if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else None
+
+    rows = [done[i] for i in sorted(done)]
     summary = {
-        "scores": {
-            k: sum(sum(r[k]) for r in done.values()) / (len(done) * images_per_prompt) for k in rewards
-        },
+        "scores": {k: mean(rows, k) for k in rewards},
         **{k: v for k, v in protocol.items() if k != "sigmas"},
         "wall_s_this_call": round(time.perf_counter() - t0, 3),
     }
+    bad = {k: [r["index"] for r in rows if not all(map(math.isfinite, r[k]))] for k in rewards}
+    if any(bad.values()):
+        summary["nonfinite_scores"] = {
+            k: sum(not math.isfinite(v) for r in rows for v in r[k]) for k in rewards if bad[k]
+        }
+        warnings.warn(
+            "some scores are not finite and enter no mean ("
+            + "; ".join(
+                f"{k}: {summary['nonfinite_scores'][k]}, prompts {v[:5]}{' ...' if len(v) > 5 else ''}"
+                for k, v in bad.items()
+                if v
+            )
+            + f"; {out / 'scores.jsonl'} keeps them): the reward failed on those images",
+            stacklevel=2,
+        )
     if tags is not None:  # (prompts without a tag enter no task's mean; they are counted)
         groups: dict[str, list[dict]] = {}
-        for i in sorted(done):
-            if tags[i] is not None:
-                groups.setdefault(tags[i], []).append(done[i])
+        for r in rows:
+            if tags[r["index"]] is not None:
+                groups.setdefault(tags[r["index"]], []).append(r)
         if groups:  # (none when eval.num_prompts keeps only untagged lines)
-            by_tag = {k: {t: sum(sum(r[k]) for r in rows) / (len(rows) * images_per_prompt)
-                          for t, rows in groups.items()} for k in rewards}  # fmt: skip
+            by_tag = {k: {t: mean(g, k) for t, g in groups.items()} for k in rewards}
             summary["by_tag"] = by_tag
-            summary["tag_mean"] = {k: sum(v.values()) / len(v) for k, v in by_tag.items()}
+            summary["tag_mean"] = {
+                k: None if None in v.values() else sum(v.values()) / len(v) for k, v in by_tag.items()
+            }
         if untagged := sum(tags[i] is None for i in done):
             summary["untagged_prompts"] = untagged
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -431,16 +486,17 @@ def run_eval(
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
+        show = lambda v: "none finite" if v is None else f"{v:.4f}"  # noqa: E731
         for k, v in summary["scores"].items():
-            print(f"{k:<20} {v:.4f}")
+            print(f"{k:<20} {show(v)}")
         for k, per_tag in summary.get("by_tag", {}).items():
-            print(f"{k} by tag: " + ", ".join(f"{t} {v:.4f}" for t, v in per_tag.items()))
+            print(f"{k} by tag: " + ", ".join(f"{t} {show(v)}" for t, v in per_tag.items()))
             present = set(per_tag)
             if present <= GENEVAL_TASKS and present != GENEVAL_TASKS:  # (e.g. eval.num_prompts cut the file)
                 what = f"over {len(present)} of GenEval's {len(GENEVAL_TASKS)} tasks: not its overall"
             else:
                 what = "GenEval's overall" if present == GENEVAL_TASKS else "over the tags present"
-            print(f"{k} mean over tags ({what}): {summary['tag_mean'][k]:.4f}")
+            print(f"{k} mean over tags ({what}): {show(summary['tag_mean'][k])}")
         print(
             f"({summary['num_prompts']} prompts x {e.images_per_prompt}, {e.num_steps} Euler steps, CFG "
             f"{e.guidance_scale}, seed {e.seed})\nwrote {out}/scores.jsonl, summary.json"

@@ -102,6 +102,75 @@ def test_a_score_line_cut_short_by_a_kill_is_scored_again(policy, tmp_path):
         run(policy, out)
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"prompt": "a red circle", "redness": [0.1, 0.2]}',  # no index
+        '{"index": -1, "prompt": "a red circle", "redness": [0.1, 0.2]}',
+        '{"index": 0.0, "prompt": "a red circle", "redness": [0.1, 0.2]}',
+        '{"index": true, "prompt": "a red circle", "redness": [0.1, 0.2]}',
+        '{"index": 0, "redness": [0.1, 0.2]}',  # no prompt
+        '{"index": 0, "prompt": "a red circle", "redness": [0.1]}',  # one image of two
+        '{"index": 0, "prompt": "a red circle", "redness": 0.1}',
+        '{"index": 0, "prompt": "a red circle", "redness": [0.1, "0.2"]}',
+    ],
+)
+def test_a_hand_damaged_score_line_is_named_with_the_rule(policy, tmp_path, line):
+    out = tmp_path / "e"
+    run(policy, out)
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    (out / "scores.jsonl").write_text("\n".join([line, *lines[1:]]) + "\n")
+    with pytest.raises(ValueError, match=r"scores.jsonl holds a line that is not a prompt's scores .*2 numbers.*"
+                                         r"mend or delete that line"):  # fmt: skip
+        run(policy, out)
+    (out / "scores.jsonl").write_text("\n".join(lines[1:]) + "\n")  # deleted: that prompt is scored again
+    assert [r["index"] for r in rows(out)] == list(range(1, len(PROMPTS)))
+    run(policy, out)
+    assert sorted(r["index"] for r in rows(out)) == list(range(len(PROMPTS)))
+
+
+def test_an_output_dir_or_scores_file_of_the_wrong_kind_is_named(policy, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="eval.output_dir .*file' is a file, not a directory"):
+        run(policy, tmp_path / "file")
+    (tmp_path / "e" / "scores.jsonl").mkdir(parents=True)
+    with pytest.raises(ValueError, match="scores.jsonl is not a file .*move it away"):
+        run(policy, tmp_path / "e")
+
+
+def test_scores_that_are_not_finite_enter_no_mean_and_are_counted(policy, tmp_path):
+    """A reward that fails on some images (NaN) leaves the mean of the others, counted and warned about;
+    a reward with no finite score has no mean (null), and the per-tag means follow."""
+
+    def flaky(images, prompts):
+        r = build_reward("redness")(images, prompts)
+        return torch.where(torch.tensor(["two" in p for p in prompts]), torch.nan, r)
+
+    rewards = {
+        "redness": build_reward("redness"),
+        "flaky": flaky,
+        "dead": lambda i, p: torch.full((len(p),), torch.inf),
+    }
+    args = dict(guidance_scale=1.5, images_per_prompt=2, batch_size=3, seed=1, progress=False)
+    tags = ["a", "b", "a", "b", "a"]
+    with pytest.warns(
+        UserWarning, match=r"not finite .*flaky: 2, prompts \[1\]; dead: 10, prompts \[0, 1, 2, 3, 4\]"
+    ):
+        out = evaluate(
+            policy, PROMPTS, rewards, sigma_grid(4, 1.0), output_dir=tmp_path / "e", tags=tags, **args
+        )
+    every = {r["index"]: r for r in rows(tmp_path / "e")}
+    good = [s for i, r in every.items() if i != 1 for s in r["redness"]]
+    assert out["scores"]["flaky"] == pytest.approx(sum(good) / 8, rel=1e-6)
+    assert out["scores"]["dead"] is None and out["nonfinite_scores"] == {"flaky": 2, "dead": 10}
+    b = [s for i in (3,) for s in every[i]["redness"]]
+    assert out["by_tag"]["flaky"]["b"] == pytest.approx(sum(b) / 2, rel=1e-6)
+    assert out["tag_mean"]["dead"] is None and out["tag_mean"]["redness"] is not None
+    text = (tmp_path / "e" / "summary.json").read_text()
+    saved = json.loads(text, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))  # strict JSON
+    assert saved["scores"]["dead"] is None
+
+
 def test_resuming_with_other_rewards_is_an_error(policy, tmp_path):
     run(policy, tmp_path / "e")
     with pytest.raises(ValueError, match="new directory"):
