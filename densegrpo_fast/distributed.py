@@ -441,6 +441,16 @@ def check_loaded(d: Dist, obj, what: str, where: str, device=None) -> None:
     check_in_sync(d, weights_of(obj), f"{what} weights", fix, device)
 
 
+def weights_digest(obj, device=None) -> str:
+    """A sha256 of the exact checksums (:func:`_checksum`) of every weight reachable from ``obj``
+    (:func:`weights_of`), sorted: two loads of the same files agree on any device and in any order the
+    modules are met in, and one changed weight changes it. What a resume compares with what its run began
+    from (a model directory replaced at the same path, a hub cache moved to another revision)."""
+    with torch.no_grad():
+        sums = sorted(tuple(_checksum(t, device).tolist()) for t in weights_of(obj) if not is_sharded(t))
+    return hashlib.sha256(repr(sums).encode()).hexdigest()
+
+
 def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:
     """The parameters and buffers of every ``torch.nn.Module`` reachable from ``obj`` (:func:`reachable`),
     each once: a policy's models (transformer, text encoders, VAE: its own, or its pipeline's), a reward's

@@ -455,6 +455,9 @@ def run_eval(
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
+    # the weights evaluated, told apart exactly: taken before a LoRA merges (its float arithmetic may round
+    # otherwise on another device; --lora is told apart by its files)
+    weights = distributed.weights_digest(policy, policy.device)
     if lora is not None:
         merge_lora(policy, lora)
     if e.resolution is not None:
@@ -474,7 +477,7 @@ def run_eval(
               "resolution": resolution_record(e.resolution or m.resolution), "dtype": m.dtype,
               "max_sequence_length": m.max_sequence_length,
               "checkpoint_identity": checkpoint_identity(checkpoint), "checkpoint_sample": checkpoint_sample(checkpoint),
-              "lora": lora,
+              "weights": weights, "lora": lora,
               "lora_identity": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip

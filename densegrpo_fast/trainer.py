@@ -110,6 +110,7 @@ class Run:
     sharded: bool = False  # the transformer (and reference) sharded over the ranks with FSDP2
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
     served: dict | None = None  # what the reward servers host (their /health); a resume compares
+    base_weights: str | None = None  # distributed.weights_digest of the loaded model; a resume compares
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -206,9 +207,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     distributed.check_loaded(dist, policy, "the loaded models'", "model.checkpoint", policy.device)
     distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", policy.device)
     served = check_same_servers(dist, {"reward": reward_fn})
+    base_weights = distributed.weights_digest(policy, policy.device)  # (before any adapter or checkpoint)
     state = load_checkpoint(run_dir) if resume else None
     if state is not None and dist.main:
         _warn_if_servers_changed(state.get("served"), served)
+        _warn_if_base_changed(cfg, state.get("base_weights"), base_weights)
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
             "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
@@ -288,7 +291,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
-              shell=shell, served=served)  # fmt: skip
+              shell=shell, served=served, base_weights=base_weights)  # fmt: skip
     if cfg.noise.window_move != "fixed":  # (the base schedule is fixed for the run: its starts too)
         run.starts = _moving_starts(run)
         _note_skipped_starts(run)
@@ -756,6 +759,20 @@ def _warn_if_servers_changed(saved: dict | None, served: dict) -> None:
             "(by their GET /health; kwargs_digest is a digest of their --kwargs): the resumed run's rewards "
             "may not mean what it trained on; point reward.kwargs.url at servers started as before (or start "
             "a new run)",
+            stacklevel=3,
+        )
+
+
+def _warn_if_base_changed(cfg: TrainConfig, saved: str | None, now: str) -> None:
+    """A resumed run whose model, loaded from the same ``model.checkpoint``, holds other weights than when the
+    run began (the directory replaced, a hub cache moved to another revision; a checkpoint of an older version
+    holds no digest): a warning, since its adapters or weights go on from a model they were not trained on."""
+    if saved is not None and saved != now:
+        warnings.warn(
+            f"the model loaded from model.checkpoint={cfg.model.checkpoint!r} holds other weights than when the "
+            f"run wrote its checkpoint (digest {now[:12]}, then {saved[:12]}): the resumed run trains on from "
+            "another base model; restore the files the run began with (for a hub name: the same revision in the "
+            "hub cache), or start a new run on this one",
             stacklevel=3,
         )
 
@@ -1425,6 +1442,7 @@ def checkpoint(run: Run) -> None:
                 "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
                 "world": run.dist.world,
                 "served": run.served,
+                "base_weights": run.base_weights,
             },
         )
         records = run.log.read()

@@ -76,6 +76,22 @@ def test_the_weight_checksum_is_exact_and_sees_one_bit_and_a_permutation():
     assert torch.equal(_checksum(t.double()), _checksum(t.double().clone()))  # (8-byte floats: int64 bits)
 
 
+def test_the_weights_digest_sees_one_bit_and_not_the_order_of_the_modules():
+    """What a resume compares with what its run began from: two loads of the same weights agree, whatever
+    order the modules are met in; one bit of one weight differs."""
+    from densegrpo_fast.distributed import weights_digest
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(5, 3), torch.nn.LayerNorm(7)
+    want = weights_digest({"a": a, "b": b})
+    assert weights_digest([b, a]) == want and weights_digest({"x": [a], "y": (b,)}) == want
+    assert weights_digest(a) != want
+    with torch.no_grad():
+        bits = a.weight.view(torch.int32)
+        bits[1, 2] ^= 1
+    assert weights_digest({"a": a, "b": b}) != want
+
+
 @pytest.mark.gpu
 def test_the_weight_checksum_is_the_same_on_the_gpu():
     """Ranks sum on their own devices, offloaded weights chunk by chunk on the GPU: the sums must be exact."""

@@ -494,6 +494,17 @@ def test_one_densegrpo_iteration_through_the_trainer(sd3_dir, tmp_path, capsys):
     save_file({"x": torch.zeros(1)}, str(flux_like), metadata={"family": "flux"})
     with pytest.raises(ValueError, match="model.family 'flux', not 'sd3'"):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev2'}"], checkpoint=str(flux_like))
+    # the base model's directory replaced at the same path: its weights are told apart (a digest of the loaded
+    # weights), so the new model's scores are not mixed with the old one's
+    copy = tmp_path / "base_copy"
+    shutil.copytree(sd3_dir, copy)
+    ev_copy = [*ev, f"model.checkpoint={copy}", f"eval.output_dir={tmp_path / 'ev_copy'}"]
+    assert run_eval(None, ev_copy)["scores"] == base["scores"]
+    (weights_file,) = (copy / "transformer").glob("*.safetensors")
+    w = load_file(str(weights_file))
+    save_file({k: v * 1.01 if k == sorted(w)[0] else v for k, v in w.items()}, str(weights_file))
+    with pytest.raises(ValueError, match=r"another protocol \(weights: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"):
+        run_eval(None, ev_copy)
 
 
 def test_the_trainers_heldout_score_is_the_eval_commands(sd3_dir, tmp_path):

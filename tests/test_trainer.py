@@ -887,6 +887,37 @@ def test_a_resume_against_servers_hosting_other_kwargs_warns(tiny_checkpoint, tm
         )
 
 
+def test_a_resume_whose_base_model_file_holds_other_weights_warns(tiny_checkpoint, tmp_path):
+    """The checkpoint records a digest of the model as loaded (before any adapter): the same file resumes
+    silently, one rewritten at the same path with other weights (a replaced directory, another hub revision)
+    warns."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "base.safetensors"
+    shutil.copy(tiny_checkpoint, base)
+    cfg = lambda n: cfg_of(base, tmp_path / "run", iterations=n, extra=["optim.schedule=constant"])  # noqa: E731
+    train(cfg(1), progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(cfg(2), resume=True, progress=False)
+    weights = load_file(str(base))
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1e-3  # one tensor, slightly
+    save_file(weights, str(base), metadata=safe_metadata(tiny_checkpoint))
+    with pytest.warns(UserWarning, match=r"model.checkpoint=.*base.safetensors' holds other weights than when the "
+                                         r"run wrote its checkpoint .*restore the files"):  # fmt: skip
+        train(cfg(3), resume=True, progress=False)
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def test_a_resume_below_the_reached_iteration_is_refused_untouched(tiny_checkpoint, tmp_path):
     run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=2), progress=False)
     saved = (run_dir / "config.yaml").read_text()
