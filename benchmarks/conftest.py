@@ -11,6 +11,7 @@ import csv
 import datetime
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -26,6 +27,10 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# benchmarks/gpu_suite.sh stops pytest with SIGINT (`timeout -s INT`) so that it still prints its summary; a
+# shell without job control starts its background commands with SIGINT ignored, which Python keeps: take it back
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 HERE = Path(__file__).resolve().parent
 CSV_PATH = Path(os.environ.get("DENSEGRPO_BENCH_CSV", HERE / "results.csv"))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,7 @@
 # transformers >= 5.25 refuses to import beside a hub < 2.4 (and needs the PyPI package `kernels`): carrying
 # transformers alone would fail at import there, so the closure, not a hand list, decides.
 #
-# Size: the device tool carries at most 64 MiB with the tree (about 29 MB): the whole closure is 47 MB, the
+# Size: the device tool carries at most 64 MiB with the tree (about 35 MB): the whole closure is 47 MB, the
 # carried set 28 MB (18 wheels, 2026-12-03). Check a new set on the CPU first: benchmarks/gpu_wheels_check.sh installs it the
 # way gpu_suite.sh does over a venv with the image's older versions and runs the model tests.
 #
@@ -35,3 +35,9 @@ rm -rf "$DEST" && mkdir -p "$DEST"
 got=$(ls "$DEST"/*.whl | wc -l)
 (( got == ${#pins[@]} )) || { echo "expected ${#pins[@]} wheels in $DEST, got $got" >&2; exit 1; }
 echo "$got wheels, $(du -sh "$DEST" | cut -f1) in $DEST"
+# The device tool carries the working tree and wheels/ together, 64 MiB at most: check the sum now, not there.
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+wheels=$(du -sb "$DEST" | cut -f1)
+total=$(( (tree + wheels) / 1048576 ))
+echo "the tree ($(( tree / 1048576 )) MiB) and $DEST ($(( wheels / 1048576 )) MiB) make ${total} MiB of the device tool's 64"
+(( total < 64 )) || { echo "over the device tool's 64 MiB: remove large untracked or committed files first" >&2; exit 1; }

@@ -85,7 +85,9 @@ def tests_summary(args) -> None:
     """The gpu tests' pytest summary line, when their log is given."""
     if args.tests_log and Path(args.tests_log).exists():
         lines = Path(args.tests_log).read_text().splitlines()
-        summary = [ln for ln in lines if re.search(r"\d+ (passed|failed)", ln)]
+        summary = [
+            ln for ln in lines if re.search(r"\d+ (passed|failed)", ln) or ln.startswith("gpu tests skipped")
+        ]
         state = [ln for ln in lines if ln.startswith("gpu-state: ")]
         if state:  # name, SM clock, its max, memory clock, temperature, power as the run started
             print(f"GPU at the start (nvidia-smi): `{state[0].removeprefix('gpu-state: ')}`\n")

@@ -1,6 +1,7 @@
 """Test-tier setup. The first lines choose Triton's mode before anything imports triton."""
 
 import os
+import signal
 
 # Triton's interpreter must be chosen before triton is first imported (diffusers, transformers, peft and
 # torch.compile all import it). On a CPU machine the Triton kernels run interpreted on CPU tensors; on a
@@ -14,6 +15,10 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# benchmarks/gpu_suite.sh stops pytest with SIGINT (`timeout -s INT`) so that it still prints its summary; a
+# shell without job control starts its background commands with SIGINT ignored, which Python keeps: take it back
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 torch.set_num_threads(1)  # tiny tensors and 2 shared cores: one thread per process is fastest here
 
 
