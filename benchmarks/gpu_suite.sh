@@ -21,6 +21,9 @@
 #                                           #    and their dependency closure: 28 MB, with the 35 MB tree
 #                                           #    under the tool's 64 MiB carry; the script checks the sum)
 #   bash benchmarks/gpu_wheels_check.sh     # optional, CPU: the same install over the image's old versions
+#                                           #    (with this venv's torch 2.13: the image's torch 2.11 and
+#                                           #    Triton 3.6 are not rehearsed here; a review compiled every
+#                                           #    kernel with Triton 3.6 for sm_90 without a GPU, 2026-12-06)
 #   device tool: run(command="GIT_SHA=<git rev-parse --short HEAD here> bash benchmarks/gpu_suite.sh",
 #                    carry=["wheels"], timeout_s=600)     # (the machine gets the tree without .git)
 #
