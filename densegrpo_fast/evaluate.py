@@ -23,7 +23,6 @@ single process, and a killed job resumes with any number of processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -356,20 +355,6 @@ def checkpoint_identity(path: str | None) -> dict | None:
     return {"iteration": meta.get("iteration"), "bytes": Path(path).stat().st_size}
 
 
-def checkpoint_sample(path: str | None) -> str | None:
-    """A sha256 of three 1 MiB pieces of ``path`` (its start, middle and end): two exports of other weights
-    at the same path and of the same size (a run retrained into the same directory) tell apart, without
-    reading a 22 GiB FLUX.1 export whole."""
-    if path is None or not Path(path).is_file():
-        return None
-    size, piece, digest = Path(path).stat().st_size, 1 << 20, hashlib.sha256()
-    with open(path, "rb") as f:
-        for at in sorted({0, max(0, size // 2 - piece // 2), max(0, size - piece)}):
-            f.seek(at)
-            digest.update(f.read(piece))
-    return digest.hexdigest()
-
-
 def _check_same_protocol(path: Path, protocol: dict) -> None:
     """Resuming is only sound under the same protocol: compare with the one saved by the first call (an
     entry an older version did not save is not compared; paths are compared resolved)."""
@@ -455,8 +440,11 @@ def run_eval(
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     if checkpoint is not None:
         policy.load_weights(checkpoint)
-    # the weights evaluated, told apart exactly: taken before a LoRA merges (its float arithmetic may round
-    # otherwise on another device; --lora is told apart by its files)
+    # the weights evaluated, told apart exactly: an export retrained at the same path with the same size and
+    # iteration, a base model replaced. Not a hash of the files: safetensors writes its metadata in another
+    # order each time, so two exports of the same weights differ in their bytes (an older version's protocol
+    # held such a hash, checkpoint_sample, which is no longer compared). Taken before a LoRA merges (its float
+    # arithmetic may round otherwise on another device; --lora is told apart by its files).
     weights = distributed.weights_digest(policy, policy.device)
     if lora is not None:
         merge_lora(policy, lora)
@@ -476,7 +464,7 @@ def run_eval(
         info={"family": m.family, "model": m.checkpoint, "checkpoint": checkpoint, "dataset": e.dataset,
               "resolution": resolution_record(e.resolution or m.resolution), "dtype": m.dtype,
               "max_sequence_length": m.max_sequence_length,
-              "checkpoint_identity": checkpoint_identity(checkpoint), "checkpoint_sample": checkpoint_sample(checkpoint),
+              "checkpoint_identity": checkpoint_identity(checkpoint),
               "weights": weights, "lora": lora,
               "lora_identity": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
