@@ -466,7 +466,7 @@ def run_eval(
               "max_sequence_length": m.max_sequence_length,
               "checkpoint_identity": checkpoint_identity(checkpoint),
               "weights": weights, "lora": lora,
-              "lora_identity": lora_identity(lora), "lora_config": lora_config_identity(lora),
+              "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip
     if d.main:

@@ -13,6 +13,7 @@ stays the base model (adapters disabled), as in Flow-GRPO's ``lora_path``.
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -99,14 +100,19 @@ def merge_lora(policy, path: str | Path) -> int:
 
 
 def lora_identity(path: str | Path | None) -> dict | None:
-    """What tells one LoRA from another at the same path (an evaluation resumes only onto its own): the
-    sha256 of its weights file."""
+    """What tells one LoRA from another at the same path (an evaluation resumes only onto its own): a sha256
+    of its weights file's content. Of a ``.safetensors`` file, its header is hashed with its keys sorted:
+    safetensors writes its metadata in another order each time, so the same adapters saved twice (a finished
+    run resumed exports its ``lora_ema`` again) differ in their bytes, not in their content."""
     if path is None:
         return None
-    path = Path(path)
-    file = _weights_file(path)
+    file = _weights_file(Path(path))
     digest = hashlib.sha256()
     with open(file, "rb") as f:
+        if file.suffix == ".safetensors":
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+            digest.update(json.dumps(header, sort_keys=True).encode())
         for block in iter(lambda: f.read(1 << 24), b""):
             digest.update(block)
     return {"file": file.name, "sha256": digest.hexdigest()}

@@ -769,8 +769,23 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, mo
     # another LoRA at the same path: not resumed onto
     weights = tmp_path / "peft" / "adapter_model.safetensors"
     save_file({k: v * 2 for k, v in load_file(weights).items()}, str(weights))
-    with pytest.raises(ValueError, match=r"another protocol \(lora_identity: "):
+    with pytest.raises(ValueError, match=r"another protocol \(lora_weights: "):
         run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev'}"], lora=peft_dir, progress=False)
+    # the same adapters written again with their metadata in another order (safetensors' writer does that
+    # from one call to the next): the same LoRA, resumed onto
+    from densegrpo_fast.lora_init import lora_identity
+
+    shutil.copytree(tmp_path / "lora_ema", tmp_path / "lora_copy")
+    ema_file = tmp_path / "lora_copy" / "pytorch_lora_weights.safetensors"
+    before, raw = lora_identity(ema_file.parent), ema_file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(dict(reversed(header.items())), separators=(",", ":")).encode()
+    ema_file.write_bytes(raw[:8] + text.ljust(n) + raw[8 + n :])
+    assert ema_file.read_bytes() != raw and lora_identity(ema_file.parent) == before
+    tensors = load_file(ema_file)
+    save_file({k: v + (k == sorted(tensors)[0]) for k, v in tensors.items()}, str(ema_file))
+    assert lora_identity(ema_file.parent) != before
     # a peft folder's adapter_config.json (its alpha sets the scale) is part of what is resumed onto
     run_eval(None, [*ev, f"eval.output_dir={tmp_path / 'ev_cfg'}"], lora=peft_dir, progress=False)
     config = tmp_path / "peft" / "adapter_config.json"
