@@ -13,6 +13,8 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
 - ``vqascore`` (VQAScore with a Qwen2.5-VL model): :mod:`densegrpo_fast.rewards.vqascore`
+- ``vlm_judge`` (a vision-language model behind an OpenAI-compatible server: vLLM, SGLang, an API):
+  :mod:`densegrpo_fast.rewards.vlm_judge`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
 - ``geneval_detector`` (GenEval's detector, colours and rules, for a server in an environment with mmdetection):
   :mod:`densegrpo_fast.rewards.geneval_detector`
@@ -165,5 +167,6 @@ from densegrpo_fast.rewards import (  # noqa: E402, F401
     multi,
     ocr,
     remote,
+    vlm_judge,
     vqascore,
 )

@@ -173,7 +173,8 @@ def health_problem(answer: dict) -> str | None:
     return None
 
 
-SERVED = ("remote", "geneval")  #: the rewards scored by a server: nothing of them on this process's device
+#: the rewards scored by a server: nothing of them on this process's device
+SERVED = ("remote", "geneval", "vlm_judge")
 
 
 @register("remote")

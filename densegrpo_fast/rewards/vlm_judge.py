@@ -1,0 +1,348 @@
+"""A vision-language model as the judge, behind an OpenAI-compatible chat-completions server: ``vlm_judge``.
+
+Any server that speaks OpenAI's ``/v1/chat/completions`` with images (vLLM's ``vllm serve``, SGLang, a hosted
+API) hosts the judge: UnifiedReward, a Qwen2.5/3-VL, or any model the server holds, in its own environment
+and on its own GPUs. Each image goes out as a PNG data URL beside the text of ``template``, with the image's
+prompt put in place of ``{prompt}``; requests run ``concurrency`` at a time, and the server batches them.
+
+Two ways to read a score from the answer (``mode``):
+
+- ``score``: the model writes its verdict, and the last match of ``score_pattern`` in the answer (one regex
+  group, a number) is the score, mapped from ``score_range`` ``[lo, hi]`` to [0, 1] when that is given. The
+  default template asks for "Final Score: X" on 1 to 5.
+- ``yes_prob``: a yes/no question; the score is P(yes) / (P(yes) + P(no)) from the first answer token's
+  ``top_logprobs`` (VQAScore's reading, and the smooth one: the probability moves with the image where a
+  written score moves in steps). The server must return logprobs (vLLM does; some hosted APIs do not).
+
+An answer with no score in it (the pattern not found, no yes or no among the top tokens) is an error naming
+the answer and the fix, unless ``unparsed_score`` gives a value to use instead, which is then counted in a
+warning. With ``temperature`` 0 (the default) the judge is as deterministic as the server makes it.
+
+Example: serve Qwen2.5-VL-7B with vLLM and train against it::
+
+    vllm serve Qwen/Qwen2.5-VL-7B-Instruct --port 8000 --max-model-len 8192   # in its own environment
+    densegrpo-fast train --config configs/X.yaml reward.name=vlm_judge \\
+        reward.kwargs='{url: "http://127.0.0.1:8000/v1", model: Qwen/Qwen2.5-VL-7B-Instruct, mode: yes_prob}'
+
+An API key, where the server wants one, is read from the environment variable ``api_key_env`` names (never
+from the config, which the run directory keeps). Errors, retries and backoff follow the ``remote`` reward's:
+connection errors, timeouts, 429 and 5xx answers are retried ``retries`` times with exponential backoff;
+other 4xx answers are not (the same request would be refused again).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards.images import check_batch, to_uint8
+from densegrpo_fast.rewards.remote import backoff, pick_url, url_problems
+
+#: Written for this project. The score mode's: a verdict that ends with a number on 1 to 5.
+SCORE_TEMPLATE = (
+    'An image was generated from the caption "{prompt}". Judge how faithfully the image shows everything the '
+    "caption asks for (objects, counts, colours, positions, text) and how good it looks. Explain briefly, then "
+    "end with a line of the form 'Final Score: X', where X is a number from 1 (poor) to 5 (excellent)."
+)
+#: The yes_prob mode's: a question whose first answer token is yes or no.
+YES_TEMPLATE = 'Does this image show "{prompt}"? Answer with Yes or No.'
+SCORE_PATTERN = r"Final Score:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
+MODES = ("score", "yes_prob")
+TOP_LOGPROBS = 20
+VLLM_HINT = "vllm serve MODEL --port 8000 (then reward.kwargs.url: http://HOST:8000/v1)"
+
+
+class JudgeError(ValueError):
+    """The judge could not score: its server down or refusing, or an answer with no score in it. A
+    ValueError, the project's kind for problems the user fixes: the command line prints it without a
+    traceback."""
+
+
+def _problems(
+    url: object = None,
+    model: object = None,
+    mode: object = "score",
+    template: object = None,
+    score_pattern: object = SCORE_PATTERN,
+    score_range: object = None,
+    max_tokens: object = None,
+    temperature: object = 0.0,
+    concurrency: object = 16,
+    timeout_s: object = 120.0,
+    retries: object = 3,
+    backoff_s: object = 1.0,
+    api_key_env: object = None,
+    unparsed_score: object = None,
+    check: object = True,
+) -> list[str]:
+    """What is wrong with ``reward.kwargs`` of ``vlm_judge``, each with its rule; no server is asked."""
+    out = url_problems(url) if url is not None else ["reward.kwargs.url is required: the server's /v1 URL"]
+    num = lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    if not isinstance(model, str) or not model:
+        out.append(
+            f"reward.kwargs.model={model!r}: give the model name the server serves (its GET /v1/models)"
+        )
+    if mode not in MODES:
+        out.append(f"reward.kwargs.mode={mode!r} must be one of {list(MODES)}")
+    if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
+        out.append(f"reward.kwargs.template={str(template)[:60]!r} must be a string holding {{prompt}}")
+    try:
+        groups = re.compile(score_pattern).groups if isinstance(score_pattern, str) else -1
+    except re.error as e:
+        groups = f"not a regex ({e})"
+    if groups != 1:
+        out.append(
+            f"reward.kwargs.score_pattern={score_pattern!r}: {groups} groups; it needs one, the number"
+        )
+    if score_range is not None and not (
+        isinstance(score_range, list | tuple) and len(score_range) == 2 and all(map(num, score_range))
+        and score_range[0] < score_range[1]
+    ):  # fmt: skip
+        out.append(f"reward.kwargs.score_range={score_range!r} must be [lo, hi] with lo < hi (or null: raw)")
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        out.append(f"reward.kwargs.max_tokens={max_tokens!r} must be a whole number >= 1 (or null)")
+    for name, v, low in [
+        ("temperature", temperature, 0),
+        ("timeout_s", timeout_s, 1e-9),
+        ("backoff_s", backoff_s, 0),
+    ]:
+        if not num(v) or v < low:
+            out.append(f"reward.kwargs.{name}={v!r} must be a number >= {low:g}")
+    for name, v, low in [("concurrency", concurrency, 1), ("retries", retries, 0)]:
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            out.append(f"reward.kwargs.{name}={v!r} must be a whole number >= {low}")
+    if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env):
+        out.append(
+            f"reward.kwargs.api_key_env={api_key_env!r}: the name of an environment variable (or null)"
+        )
+    if unparsed_score is not None and not num(unparsed_score):
+        out.append(
+            f"reward.kwargs.unparsed_score={unparsed_score!r} must be a finite number (or null: an error)"
+        )
+    if not isinstance(check, bool):
+        out.append(f"reward.kwargs.check={check!r} must be true or false")
+    return out
+
+
+@register("vlm_judge")
+class VLMJudge:
+    """A vision-language model behind an OpenAI-compatible server (vLLM, SGLang, an API) scores each image
+    with its prompt (see the module doc).
+
+    kwargs: ``url`` (the server's ``/v1`` base, e.g. ``http://127.0.0.1:8000/v1``; or a list, one per GPU of a
+    node, of which process ``LOCAL_RANK`` takes entry ``LOCAL_RANK % len``), ``model`` (as the server names
+    it), ``mode`` (``score`` or ``yes_prob``), ``template`` (with ``{prompt}``; the mode's own by default),
+    ``score_pattern``, ``score_range`` (``[lo, hi]`` to map to [0, 1]; null: the raw number), ``max_tokens``
+    (default 512 for ``score``, 1 for ``yes_prob``), ``temperature``, ``concurrency`` (requests in flight),
+    ``timeout_s`` per request, ``retries``, ``backoff_s``, ``api_key_env`` (the environment variable holding
+    an API key), ``unparsed_score`` (the score of an answer without one; null: an error), ``check`` (ask the
+    server's ``/models`` when built, so a server that is down or does not serve ``model`` fails before the
+    policy loads).
+    """
+
+    def __init__(
+        self,
+        url: str | list[str],
+        model: str,
+        mode: str = "score",
+        template: str | None = None,
+        score_pattern: str = SCORE_PATTERN,
+        score_range: list[float] | None = None,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        concurrency: int = 16,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        api_key_env: str | None = None,
+        unparsed_score: float | None = None,
+        check: bool = True,
+    ):
+        if problems := _problems(url, model, mode, template, score_pattern, score_range, max_tokens, temperature,
+                                 concurrency, timeout_s, retries, backoff_s, api_key_env, unparsed_score, check):  # fmt: skip
+            raise ValueError("; ".join(problems))
+        self.url = pick_url(url).rstrip("/")
+        host = urllib.parse.urlparse(self.url).hostname or ""
+        # a server on this machine is reached directly (a cluster's http_proxy would carry even loopback
+        # requests to the proxy); another one through the environment's proxy settings, as any client
+        self._opener = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            if host == "localhost" or host.startswith("127.") or host == "::1"
+            else urllib.request.build_opener()
+        )
+        self.model, self.mode = model, mode
+        self.template = template or (SCORE_TEMPLATE if mode == "score" else YES_TEMPLATE)
+        self.pattern = re.compile(score_pattern)
+        self.score_range = tuple(map(float, score_range)) if score_range is not None else None
+        self.max_tokens = max_tokens or (512 if mode == "score" else 1)
+        self.temperature, self.concurrency = float(temperature), int(concurrency)
+        self.timeout_s, self.retries, self.backoff_s = float(timeout_s), int(retries), float(backoff_s)
+        self.unparsed_score = unparsed_score
+        self.headers = {"Content-Type": "application/json"}
+        if api_key_env is not None:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise ValueError(
+                    f"reward.kwargs.api_key_env={api_key_env!r} names an environment variable that is not set: "
+                    f"export {api_key_env}=<the server's key> (the key stays out of the config, which the run "
+                    "directory keeps), or set api_key_env to null for a server without one"
+                )
+            self.headers["Authorization"] = f"Bearer {key}"
+        self.served_models: list[str] | None = None
+        if check:
+            self.served_models = self._models()
+            if model not in self.served_models:
+                raise JudgeError(
+                    f"the server at {self.url} serves {self.served_models}, not reward.kwargs.model={model!r}: "
+                    "give one of those names (or start the server with this model)"
+                )
+
+    def _models(self) -> list[str]:
+        answer = self._request("/models", None)
+        data = answer.get("data") if isinstance(answer, dict) else None
+        if not isinstance(data, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
+        ):
+            raise JudgeError(
+                f"{self.url}/models answered {str(answer)[:200]!r}, not an OpenAI-compatible list of models: is "
+                f"reward.kwargs.url the server's /v1 base? Start one with: {VLLM_HINT}"
+            )
+        return [m["id"] for m in data]
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        check_batch(images, prompts)
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts)))) as pool:
+            answers = list(pool.map(self._judge, pixels, prompts))
+        scores, unparsed = [], []
+        for i, (score, why) in enumerate(answers):
+            if score is None:
+                if self.unparsed_score is None:
+                    raise JudgeError(
+                        f"the judge's answer to prompt {prompts[i]!r} holds no score ({why}): adjust "
+                        "reward.kwargs.template / score_pattern (or raise max_tokens where the answer was cut), "
+                        "or set reward.kwargs.unparsed_score to score such answers"
+                    )
+                score = float(self.unparsed_score)
+                unparsed.append(i)
+            scores.append(score)
+        if unparsed:
+            warnings.warn(
+                f"{len(unparsed)} of {len(prompts)} judge answers held no score and were scored "
+                f"reward.kwargs.unparsed_score={self.unparsed_score:g} (the first: {answers[unparsed[0]][1]})",
+                stacklevel=2,
+            )
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
+
+    def _judge(self, pixels, prompt: str) -> tuple[float | None, str]:
+        """One image's request and its score, or (None, why there is none)."""
+        from PIL import Image
+
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        image_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_url}},
+                {"type": "text", "text": self.template.replace("{prompt}", prompt)},
+            ]}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }  # fmt: skip
+        if self.mode == "yes_prob":
+            body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        answer = self._request("/chat/completions", json.dumps(body).encode())
+        try:
+            choice = answer["choices"][0]
+            return self._read_yes(choice) if self.mode == "yes_prob" else self._read_score(choice)
+        except (KeyError, IndexError, TypeError):
+            raise JudgeError(
+                f"{self.url}/chat/completions answered {str(answer)[:300]!r}: not an OpenAI-compatible chat "
+                "completion (choices[0].message / logprobs)"
+            ) from None
+
+    def _read_score(self, choice: dict) -> tuple[float | None, str]:
+        text = choice["message"]["content"] or ""
+        found = self.pattern.findall(text)
+        if not found:
+            cut = " (cut at max_tokens)" if choice.get("finish_reason") == "length" else ""
+            return None, f"no match of {self.pattern.pattern!r} in {text[-200:]!r}{cut}"
+        try:
+            value = float(found[-1])
+        except ValueError:
+            return None, f"{found[-1]!r} matched {self.pattern.pattern!r} but is not a number"
+        if self.score_range is not None:
+            lo, hi = self.score_range
+            value = (value - lo) / (hi - lo)
+        return value, ""
+
+    def _read_yes(self, choice: dict) -> tuple[float | None, str]:
+        logprobs = choice.get("logprobs")
+        if not logprobs or not logprobs.get("content"):
+            raise JudgeError(
+                f"the server at {self.url} returned no logprobs: mode yes_prob needs them (vLLM returns them; "
+                "some hosted APIs do not): use mode score there"
+            )
+        top = logprobs["content"][0]["top_logprobs"]
+        p = {"yes": 0.0, "no": 0.0}
+        for t in top:
+            word = t["token"].strip().lower()
+            if word in p:
+                p[word] += math.exp(t["logprob"])
+        if p["yes"] + p["no"] == 0:
+            return (
+                None,
+                f"neither yes nor no among the first token's top {len(top)}: {[t['token'] for t in top][:8]}",
+            )
+        return p["yes"] / (p["yes"] + p["no"]), ""
+
+    def _request(self, path: str, body: bytes | None) -> dict:
+        """GET (no body) or POST ``path`` under the server's base URL; the JSON answered. Retries connection
+        errors, timeouts, 429 and 5xx with backoff."""
+        url = self.url + path
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(backoff(self.backoff_s, attempt))
+            request = urllib.request.Request(
+                url, data=body, headers=self.headers, method="POST" if body else "GET"
+            )
+            try:
+                with self._opener.open(request, timeout=self.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                message = e.read()[:300].decode(errors="replace")
+                if e.code != 429 and e.code < 500:
+                    raise JudgeError(
+                        f"the server at {url} refused the request ({e.code}: {message})"
+                    ) from None
+                last = f"{e.code}: {message}"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"{type(reason).__name__}: {reason}"
+            except ValueError as e:
+                raise JudgeError(f"the server at {url} answered something that is not JSON ({e})") from None
+        raise JudgeError(
+            f"no answer from the judge's server at {url} after {self.retries + 1} attempt(s) (last: {last}). Is it "
+            f"running? Start one with: {VLLM_HINT}; a slow judge needs a larger reward.kwargs.timeout_s"
+        )
+
+
+VLMJudge.check = staticmethod(_problems)  # (read by the config's checks: no server is asked)

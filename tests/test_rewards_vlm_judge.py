@@ -1,0 +1,253 @@
+"""The ``vlm_judge`` reward (densegrpo_fast/rewards/vlm_judge.py) against a stand-in OpenAI-compatible server
+on loopback, which reads each PNG it is sent: the scores prove the image and the prompt made the trip."""
+
+import base64
+import collections
+import io
+import json
+import math
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from densegrpo_fast.rewards import build_reward, kwargs_problems
+from densegrpo_fast.rewards.vlm_judge import JudgeError
+
+
+class Judge:
+    """A stand-in server: ``/v1/models`` lists ``models``; ``/v1/chat/completions`` answers from the image's
+    mean red (r in [0, 1]): "Final Score: {1 + 4 r}" in score mode, P(yes) = r spread over " Yes" and "yes"
+    in logprob mode. ``fail``: statuses to answer first, one per request; ``reply``: a fixed answer text."""
+
+    def __init__(self, models=("judge-7b",), fail=(), reply=None, logprobs=True):
+        self.models, self.fail, self.reply, self.logprobs = list(models), list(fail), reply, logprobs
+        self.delay_s = 0.0  # per completion: requests in flight together overlap
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def answer(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path != "/v1/models":
+                    return self.answer(404, {"error": "not found"})
+                self.answer(
+                    200, {"object": "list", "data": [{"id": m, "object": "model"} for m in judge.models]}
+                )
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with judge.lock:
+                    judge.requests.append(body)
+                    judge.headers.append(dict(self.headers))
+                    code = judge.fail.pop(0) if judge.fail else 200
+                    judge.in_flight += 1
+                    judge.most_in_flight = max(judge.most_in_flight, judge.in_flight)
+                try:
+                    time.sleep(judge.delay_s)
+                    if code != 200:
+                        return self.answer(code, {"error": {"message": f"status {code}"}})
+                    self.answer(200, judge.complete(body))
+                finally:
+                    with judge.lock:
+                        judge.in_flight -= 1
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def complete(self, body: dict) -> dict:
+        from PIL import Image
+
+        image, text = body["messages"][0]["content"]
+        png = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/png;base64,"))
+        import numpy as np
+
+        red = float(
+            np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)[..., 0].mean() / 255
+        )
+        if body.get("logprobs"):
+            if not self.logprobs:
+                return {"choices": [{"message": {"content": "Yes"}, "logprobs": None}]}
+            half = math.log(red / 2) if red > 0 else -1e9
+            top = [{"token": " Yes", "logprob": half}, {"token": "yes", "logprob": half},
+                   {"token": "No", "logprob": math.log(1 - red) if red < 1 else -1e9}, {"token": "Maybe", "logprob": -1}]  # fmt: skip
+            return {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": " Yes",
+                    "logprob": half, "top_logprobs": top}]}}]}  # fmt: skip
+        content = (
+            self.reply
+            if self.reply is not None
+            else f"The caption is {text!r}. Final Score: {1 + 4 * red:.6f}"
+        )
+        return {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}]}
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def judge():
+    j = Judge()
+    yield j
+    j.stop()
+
+
+def images(n=5):
+    """Images of distinct, known mean red (a uint8 level per image, so the PNG holds it exactly)."""
+    x = torch.rand(n, 3, 8, 12, generator=torch.Generator().manual_seed(0))
+    return (x * 255).round() / 255
+
+
+def red(x):
+    return (x[:, 0] * 255).round().double().mean((1, 2)) / 255
+
+
+def test_score_mode_reads_the_verdict_of_each_image_in_order(judge):
+    x = images()
+    prompts = [f"prompt {i} with {{braces}}" for i in range(5)]
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", concurrency=3)
+    judge.delay_s = 0.2
+    got = fn(x, prompts)
+    judge.delay_s = 0.0
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    torch.testing.assert_close(got.double(), 1 + 4 * red(x), rtol=0, atol=1e-6)
+    texts = sorted(r["messages"][0]["content"][1]["text"] for r in judge.requests)
+    assert all(f'caption "prompt {i} with {{braces}}"' in t for i, t in enumerate(texts))
+    assert {r["model"] for r in judge.requests} == {"judge-7b"} and judge.requests[0]["temperature"] == 0
+    assert judge.requests[0]["max_tokens"] == 512 and 1 < judge.most_in_flight <= 3
+    ranged = build_reward("vlm_judge", url=judge.url, model="judge-7b", score_range=[1, 5])(x, prompts)
+    torch.testing.assert_close(ranged.double(), red(x), rtol=0, atol=1e-6)
+
+
+def test_yes_prob_mode_sums_the_spellings_of_yes_and_no(judge):
+    x = images()
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", mode="yes_prob")
+    got = fn(x, ["a cat"] * 5)
+    torch.testing.assert_close(got.double(), red(x), rtol=0, atol=1e-6)  # (r/2 + r/2) / (r + 1 - r)
+    body = judge.requests[0]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["messages"][0]["content"][1]["text"] == 'Does this image show "a cat"? Answer with Yes or No.'
+    judge.logprobs = False
+    with pytest.raises(JudgeError, match="returned no logprobs: mode yes_prob needs them"):
+        fn(x[:1], ["a cat"])
+
+
+def test_an_answer_without_a_score_is_named_or_scored_as_told(judge):
+    judge.reply = "A lovely picture, I would say four."
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b")
+    with pytest.raises(
+        JudgeError, match=r"answer to prompt 'a cat' holds no score \(no match of .*four.*score_pattern"
+    ):
+        fn(images(1), ["a cat"])
+    lenient = build_reward("vlm_judge", url=judge.url, model="judge-7b", unparsed_score=0.0)
+    with pytest.warns(
+        UserWarning, match=r"2 of 2 judge answers held no score and were scored .*unparsed_score=0"
+    ):
+        assert lenient(images(2), ["a", "b"]).tolist() == [0.0, 0.0]
+    judge.reply = "**Final Score:** 3.5"  # (markdown bold, as chat models write it)
+    assert fn(images(1), ["a"]).tolist() == [3.5]
+    custom = build_reward("vlm_judge", url=judge.url, model="judge-7b", score_pattern=r"(\d+)/10")
+    judge.reply = "I give it 7/10, then 8/10 on reflection."
+    assert custom(images(1), ["a"]).tolist() == [8.0]  # the last match
+
+
+def test_the_server_is_checked_when_built():
+    j = Judge(models=["other-model", "third"])
+    try:
+        with pytest.raises(
+            JudgeError, match=r"serves \['other-model', 'third'\], not reward.kwargs.model='judge-7b'"
+        ):
+            build_reward("vlm_judge", url=j.url, model="judge-7b")
+        build_reward("vlm_judge", url=j.url, model="judge-7b", check=False)  # (not asked)
+    finally:
+        j.stop()
+    with pytest.raises(
+        JudgeError, match=r"no answer from the judge's server at .*/models after 2 attempt.*vllm serve"
+    ):
+        build_reward("vlm_judge", url=j.url, model="judge-7b", retries=1, backoff_s=0.0)
+
+
+def test_rate_limits_and_server_errors_are_retried_and_refusals_are_not(judge):
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", backoff_s=0.0, concurrency=1)
+    judge.fail = [429, 503]
+    x = images(1)
+    torch.testing.assert_close(fn(x, ["a"]).double(), 1 + 4 * red(x), rtol=0, atol=1e-6)
+    assert len(judge.requests) == 3
+    judge.fail = [400]
+    with pytest.raises(JudgeError, match=r"refused the request \(400: .*status 400"):
+        fn(x, ["a"])
+    assert len(judge.requests) == 4
+    judge.fail = [500] * 4
+    with pytest.raises(JudgeError, match="after 4 attempt"):
+        fn(x, ["a"])
+
+
+def test_the_api_key_comes_from_the_environment(judge, monkeypatch):
+    with pytest.raises(
+        ValueError, match="api_key_env='JUDGE_KEY' names an environment variable that is not set"
+    ):
+        build_reward("vlm_judge", url=judge.url, model="judge-7b", api_key_env="JUDGE_KEY")
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    build_reward("vlm_judge", url=judge.url, model="judge-7b", api_key_env="JUDGE_KEY")(images(1), ["a"])
+    assert judge.headers[-1]["Authorization"] == "Bearer sk-test"
+
+
+@pytest.mark.parametrize(
+    "kwargs, said",
+    [
+        ({"url": "127.0.0.1:8000", "model": "m"}, "not an http"),
+        ({"url": "http://h/v1", "model": ""}, "reward.kwargs.model=''"),
+        ({"url": "http://h/v1", "model": "m", "mode": "rank"}, "mode='rank' must be one of"),
+        ({"url": "http://h/v1", "model": "m", "template": "Rate it."}, "must be a string holding {prompt}"),
+        ({"url": "http://h/v1", "model": "m", "score_pattern": r"\d+"}, "0 groups; it needs one"),
+        ({"url": "http://h/v1", "model": "m", "score_pattern": "("}, "not a regex"),
+        ({"url": "http://h/v1", "model": "m", "score_range": [5, 1]}, "score_range=[5, 1] must be"),
+        ({"url": "http://h/v1", "model": "m", "concurrency": 0}, "concurrency=0 must be a whole number >= 1"),
+        ({"url": "http://h/v1", "model": "m", "timeout_s": 0}, "timeout_s=0 must be a number"),
+        ({"url": "http://h/v1", "model": "m", "unparsed_score": float("nan")}, "unparsed_score=nan"),
+    ],
+)
+def test_bad_kwargs_are_named_before_any_server_is_asked(kwargs, said):
+    problems = kwargs_problems("vlm_judge", kwargs)
+    assert any(said in p for p in problems), problems
+    with pytest.raises(ValueError, match=re.escape(said)):
+        build_reward("vlm_judge", **kwargs)
+    assert kwargs_problems("vlm_judge", {"url": "http://h/v1", "model": "m"}) == []
+
+
+def test_a_toy_run_trains_on_the_judge(judge, tiny_checkpoint, tmp_path):
+    """One dense iteration of the toy with the judge as its reward: each latent a dense reward needs is
+    completed and scored through the server, and the step rewards are the judge's probabilities."""
+    from test_trainer import cfg_of, records
+
+    from densegrpo_fast.trainer import train
+
+    kwargs = f"reward.kwargs={{url: '{judge.url}', model: judge-7b, mode: yes_prob, concurrency: 4}}"
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["reward.name=vlm_judge", kwargs,
+                                                                                   "run.eval_every=0"]), progress=False)  # fmt: skip
+    (step,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert len(step["R_mean"]) == 5 and all(0 <= v <= 1 for v in step["R_mean"])
+    counts = sorted(
+        collections.Counter(r["messages"][0]["content"][1]["text"] for r in judge.requests).values()
+    )
+    # the toy config's SDE window of 3 of T = 4 steps: the completions of lat[0..2] and the final image of each
+    # of the 4 samples of the 2 training prompts (4 x 4 each); then the 12 held-out prompts, one image each in
+    # the run's two evaluations (before training and at its end)
+    assert counts == [2] * 12 + [16, 16], counts
