@@ -176,7 +176,7 @@ def calibrate(
         with cfg.model.autocast_context():  # the numerics training will sample with
             ro = sample(
                 policy, cond, noise, sched.to(device), guidance_scale=cfg.sampling.guidance_scale, generator=gen,
-                completion_steps=cfg.dense.completion_steps, completion_batching=cfg.dense.completion_batching,
+                completion_steps=None, completion_batching=cfg.dense.completion_batching,  # (n: ALGORITHM.md §5)
                 max_rows_per_call=cfg.sampling.max_rows_per_call,
             )  # fmt: skip
         R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, ro.completed)
@@ -193,7 +193,9 @@ def calibrate(
         "eps1": cal.eps1,
         "eps2": cal.eps2,
         "calibrated_steps": active.nonzero().flatten().tolist(),  # what a later run checks its window against
-        "completion_steps": cfg.dense.completion_steps,  # the dR estimator the balance was counted on
+        # the dR estimator the balance was counted on: always the exact one (n = remaining steps), so that a
+        # step without noise has dR = 0; tables of older versions may record the run's n
+        "completion_steps": None,
         # (not checked by a later run: a shared initial noise leaves each trajectory's law, so the expected
         # counts, as they are; it only correlates a group's rows)
         "share_initial_noise": cfg.sampling.share_initial_noise,

@@ -1096,8 +1096,10 @@ class TrainConfig(Section):
         unused = [  # (section's dotted name, section, its fields, whether they are unused, why)
             ("lora", self.lora, ("init", "rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
              "lora.enabled=false trains the full model"),
-            ("dense", self.dense, ("completion_steps", "completion_batching"),
-             self.dense.mode == "sparse" and n.kind == "uniform",
+            ("dense", self.dense, ("completion_steps",), self.dense.mode == "sparse",
+             "dense.mode=sparse scores the final image only (psi's calibration completes each latent over all "
+             "its remaining steps, whatever n)"),
+            ("dense", self.dense, ("completion_batching",), self.dense.mode == "sparse" and n.kind == "uniform",
              "dense.mode=sparse with uniform noise scores the final image only, with no completions"),
             ("noise.calibration", n.calibration, type(n.calibration).model_fields, n.kind == "uniform",
              "noise.kind=uniform does not calibrate"),

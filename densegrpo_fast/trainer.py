@@ -606,7 +606,7 @@ def _schedule(
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid, sde=n.sde)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    read = lambda: _read_psi(path, n, grid, ws, size, cfg.dense.completion_steps)  # noqa: E731
+    read = lambda: _read_psi(path, n, grid, ws, size)  # noqa: E731
     if saved_psi is not None:  # the table only to compare: one this run cannot use is "another psi"
         read = functools.partial(_readable_or_none, read)
     psi = distributed.on_main(dist, read)
@@ -648,12 +648,10 @@ def _readable_or_none(read):
         return None
 
 
-def _read_psi(
-    path: Path, n, grid: torch.Tensor, ws, size, completion_steps: int | None
-) -> torch.Tensor | None:
+def _read_psi(path: Path, n, grid: torch.Tensor, ws, size) -> torch.Tensor | None:
     """The psi table at ``path`` if there is one (None: calibrate), refused if it was calibrated on another
-    sigma grid or misses a step the window needs; a warning if it was calibrated with other completions
-    (``dense.completion_steps``)."""
+    sigma grid or misses a step the window needs; a warning if an older version calibrated it on n-step
+    completions (``dense.completion_steps``), which this one no longer does (ALGORITHM.md §5)."""
     if not path.exists():
         return None
     T = len(grid) - 1
@@ -673,12 +671,13 @@ def _read_psi(
             "is a multiple of sqrt(s / (1 - s)) for flow_grpo and eta for cps, so the table means other noise "
             "here. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this SDE"
         )
-    then = record.get("completion_steps", completion_steps)  # (older tables do not record it)
-    if then != completion_steps:
+    then = record.get("completion_steps")  # (older tables do not record it; those were all n = remaining)
+    if then is not None:
         warnings.warn(
-            f"psi table {path} was calibrated with dense.completion_steps={then}, this run uses "
-            f"{completion_steps}: the balance of gains and losses it tuned was counted on another dR estimator. "
-            "Delete the file (or point noise.calibration.path elsewhere) to calibrate for this one",
+            f"psi table {path} was calibrated with dense.completion_steps={then} by an older version: the "
+            "balance of gains and losses it tuned was counted on n-step completions, whose bias moves psi even "
+            "where a step has no noise; calibration now completes every latent to the end whatever n. Delete "
+            "the file (or point noise.calibration.path elsewhere) to calibrate again",
             stacklevel=2,
         )
     # the window's steps that have noise at all (as calibration counts them: under CPS not the grid's last)

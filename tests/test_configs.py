@@ -272,14 +272,15 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
     assert lines == [
         "lora.rank, lora.alpha, lora.target_modules, lora.merge_for_sampling are ignored: lora.enabled=false "
         "trains the full model",  # (the file's own LoRA settings)
-        "dense.completion_steps is ignored: dense.mode=sparse with uniform noise scores the final image only, "
-        "with no completions",
+        "dense.completion_steps is ignored: dense.mode=sparse scores the final image only (psi's calibration "
+        "completes each latent over all its remaining steps, whatever n)",
         "noise.calibration.iterations is ignored: noise.kind=uniform does not calibrate",  # (the file's)
         "noise.window_every is ignored: noise.window_move=fixed never moves",
     ]
-    # calibrated noise samples with completions, sparse or not: then they are used
-    calibrated = load_config(TrainConfig, TOY, ["dense.mode=sparse", "dense.completion_steps=2"])
-    assert calibrated.ignored_settings() == []
+    # calibrated noise samples with completions, sparse or not: then their batching is used, but never their n
+    # (calibration completes every latent to the end)
+    calibrated = load_config(TrainConfig, TOY, ["dense.mode=sparse", "dense.completion_batching=separate"])
+    assert [keys for keys, _ in calibrated.ignored_settings()] == [["dense.completion_steps"]]  # (the file's)
     assert load_config(TrainConfig, TOY).ignored_settings() == []
     assert override_keys(["lora={enabled: false, rank: 8}", "a.b=1"]) == {
         "lora",
@@ -306,7 +307,8 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
     assert code == 2 and "prompts.dataset='/none.txt'" in capsys.readouterr().err
     said = [str(w.message) for w in seen]
     assert any(
-        m.startswith("dense.completion_steps is ignored: dense.mode=sparse with uniform noise") for m in said
+        m.startswith("dense.completion_steps is ignored: dense.mode=sparse scores the final image only")
+        for m in said
     )
     assert not any("lora.rank" in m for m in said)
 

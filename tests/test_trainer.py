@@ -763,6 +763,26 @@ def test_cps_trains_on_policy_and_calibrates_eta(tiny_checkpoint, tmp_path):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=other), progress=False)
 
 
+def test_calibration_counts_on_exact_completions_whatever_n_the_run_trains_with(tiny_checkpoint, tmp_path):
+    """An n-step dR drifts one way even on a step without noise, which Algorithm 1 would read as imbalance
+    (ALGORITHM.md §5): psi is calibrated on n = remaining steps for every dense.completion_steps."""
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=2"]
+    tables = []
+    for n in ("null", "1", "2"):
+        setup(
+            cfg_of(tiny_checkpoint, tmp_path / n, extra=[*extra, f"dense.completion_steps={n}"]),
+            progress=False,
+        )
+        tables.append(json.loads((tmp_path / n / "psi.json").read_text()))
+    for t in tables:
+        assert t["completion_steps"] is None
+        assert (t["gains"], t["losses"], t["trajectory"]) == (
+            tables[0]["gains"],
+            tables[0]["losses"],
+            tables[0]["trajectory"],
+        )
+
+
 def test_cps_calibration_bounds_eta_by_1(tiny_checkpoint, tmp_path, monkeypatch):
     """Balanced every round (stubbed counts), psi rises by eps2 and stops at 1 under CPS, whatever psi_max."""
     from densegrpo_fast import calibration
@@ -1045,7 +1065,7 @@ def test_psi_tables_that_leave_a_step_without_noise_or_came_from_other_completio
     other.write_text(json.dumps({"psi": [0.7, 0.6, 0.6, 0.0], "trajectory": [], "calibrated_steps": [0, 1, 2],
                                  "completion_steps": 1}))  # fmt: skip
     extra[-1] = f"noise.calibration.path={other}"
-    with pytest.warns(UserWarning, match=r"calibrated with dense.completion_steps=1, this run uses None"):
+    with pytest.warns(UserWarning, match=r"calibrated with dense.completion_steps=1 by an older version"):
         setup(cfg_of(tiny_checkpoint, tmp_path / "run2", extra=extra), progress=False)
 
 
