@@ -117,6 +117,25 @@ def plot_psi(path: Path, trajectory: list[list[float]], schedule: Schedule) -> N
     plt.close(fig)
 
 
+def calibrated_for(cfg) -> dict:
+    """What Algorithm 1 balanced the gains and losses of, beyond the grid, SDE and steps a run checks: the
+    policy it sampled (model, warm start), its guidance and the reward (without the settings that say only
+    how a reward is reached or batched). Paths resolved, so that two spellings of one file agree."""
+    from densegrpo_fast.evaluate import NOT_SCORING, _resolved
+
+    r = cfg.reward.model_dump(mode="json")
+    return {
+        "family": cfg.model.family,
+        "model": _resolved(cfg.model.checkpoint),
+        "lora_init": _resolved(cfg.lora.init) if cfg.lora.enabled else None,
+        "guidance_scale": cfg.sampling.guidance_scale,
+        "reward": {
+            "name": r["name"],
+            "kwargs": {k: v for k, v in r["kwargs"].items() if k not in NOT_SCORING},
+        },
+    }
+
+
 def calibrate(
     policy,
     reward_fn,
@@ -201,6 +220,7 @@ def calibrate(
         "share_initial_noise": cfg.sampling.share_initial_noise,
         "sigmas": base.sigmas.tolist(),
         "sde": n.sde,  # psi is a multiple of sqrt(s / (1 - s)) for flow_grpo, eta for cps: a run checks it
+        "calibrated_for": calibrated_for(cfg),  # a run that reads the table warns where its own differ
         # the absolute noise scale per step, calibrated and initial (0 outside a fixed window)
         "std": base.with_noise(torch.where(active, psi, torch.zeros_like(psi))).std.tolist(),
         "std_initial": base.std.tolist(),

@@ -606,7 +606,7 @@ def _schedule(
     if n.kind == "uniform":
         return make_schedule(T, cfg.sampling.shift, n.level, ws, size, sigmas=grid, sde=n.sde)
     path = Path(n.calibration.path) if n.calibration.path else run_dir / "psi.json"
-    read = lambda: _read_psi(path, n, grid, ws, size)  # noqa: E731
+    read = lambda: _read_psi(path, n, grid, ws, size, cfg)  # noqa: E731
     if saved_psi is not None:  # the table only to compare: one this run cannot use is "another psi"
         read = functools.partial(_readable_or_none, read)
     psi = distributed.on_main(dist, read)
@@ -648,10 +648,14 @@ def _readable_or_none(read):
         return None
 
 
-def _read_psi(path: Path, n, grid: torch.Tensor, ws, size) -> torch.Tensor | None:
+def _read_psi(path: Path, n, grid: torch.Tensor, ws, size, cfg: TrainConfig) -> torch.Tensor | None:
     """The psi table at ``path`` if there is one (None: calibrate), refused if it was calibrated on another
-    sigma grid or misses a step the window needs; a warning if an older version calibrated it on n-step
-    completions (``dense.completion_steps``), which this one no longer does (ALGORITHM.md §5)."""
+    sigma grid or misses a step the window needs; a warning if it was calibrated for another model, warm
+    start, guidance or reward (a table shared through ``noise.calibration.path``, or one a crashed run left),
+    or if an older version calibrated it on n-step completions (``dense.completion_steps``), which this one no
+    longer does (ALGORITHM.md §5)."""
+    from densegrpo_fast.calibration import calibrated_for
+
     if not path.exists():
         return None
     T = len(grid) - 1
@@ -670,6 +674,15 @@ def _read_psi(path: Path, n, grid: torch.Tensor, ws, size) -> torch.Tensor | Non
             f"psi table {path} was calibrated for noise.sde={then}, this run samples with noise.sde={n.sde}: psi "
             "is a multiple of sqrt(s / (1 - s)) for flow_grpo and eta for cps, so the table means other noise "
             "here. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this SDE"
+        )
+    then, now = record.get("calibrated_for"), calibrated_for(cfg)  # (older tables do not record it)
+    if then is not None and then != now:
+        diff = "; ".join(f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v)
+        warnings.warn(
+            f"psi table {path} was calibrated for another run ({diff}): Algorithm 1 balances the gains and losses "
+            "of its own policy and reward, so this psi may not balance this run's. Delete the file (or point "
+            "noise.calibration.path elsewhere) to calibrate for this run, or keep it if the difference is meant",
+            stacklevel=2,
         )
     then = record.get("completion_steps")  # (older tables do not record it; those were all n = remaining)
     if then is not None:

@@ -783,6 +783,22 @@ def test_calibration_counts_on_exact_completions_whatever_n_the_run_trains_with(
         )
 
 
+def test_a_psi_table_calibrated_for_another_policy_or_reward_warns(tiny_checkpoint, tmp_path):
+    """A shared table (noise.calibration.path) records what it balanced: the same run reads it silently, one
+    with other guidance or another reward is told so."""
+    table = tmp_path / "psi.json"
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=2", f"noise.calibration.path={table}"]
+    setup(cfg_of(tiny_checkpoint, tmp_path / "a", extra=extra), progress=False)
+    assert json.loads(table.read_text())["calibrated_for"]["reward"] == {"name": "redness", "kwargs": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        setup(cfg_of(tiny_checkpoint, tmp_path / "b", extra=extra), progress=False)
+    other = [*extra, "sampling.guidance_scale=2.0", "reward.name=toy_geneval", "reward.kwargs={mode: strict}"]
+    with pytest.warns(UserWarning, match=r"calibrated for another run \(guidance_scale: 1.5 -> 2.0; reward: "
+                                         r"\{'name': 'redness', 'kwargs': \{\}\} -> \{'name': 'toy_geneval'"):  # fmt: skip
+        setup(cfg_of(tiny_checkpoint, tmp_path / "c", extra=other), progress=False)
+
+
 def test_cps_calibration_bounds_eta_by_1(tiny_checkpoint, tmp_path, monkeypatch):
     """Balanced every round (stubbed counts), psi rises by eps2 and stops at 1 under CPS, whatever psi_max."""
     from densegrpo_fast import calibration
