@@ -718,6 +718,12 @@ class EMASection(Section):
     )
     decay: float = Field(0.9, ge=0, lt=1, description="EMA decay")
     every: int = Field(8, ge=1, description="optimizer steps between EMA updates")
+    warmup: bool = Field(
+        False,
+        description="Flow-GRPO's decay warm-up: the update after optimizer step s decays by min(decay, s / (s + "
+        "9)), so early exports follow the trained weights (without it, a 0.97 EMA updated every 4 steps still "
+        "holds 74 % of the starting weights after 40 optimizer steps)",
+    )
 
 
 class WandbSection(Section):

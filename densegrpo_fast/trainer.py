@@ -1071,10 +1071,13 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
         run.opt_steps += 1
         stepped = True
         if run.ema is not None and run.opt_steps % cfg.ema.every == 0:
+            decay = cfg.ema.decay
+            if cfg.ema.warmup:  # Flow-GRPO's (1 + s) / (10 + s) with s = opt_steps - 1, its 0-based step
+                decay = min(decay, run.opt_steps / (run.opt_steps + 9))
             with torch.no_grad():
                 for name, p in transformer.named_parameters():
                     if name in run.ema:
-                        run.ema[name].lerp_(p.detach(), 1.0 - cfg.ema.decay)
+                        run.ema[name].lerp_(p.detach(), 1.0 - decay)
     nonzero = ((A_all != 0) & trained).sum() / trained.sum().clamp_min(1)  # 0 when no step is trained
     host = _read_once({**stats, "grad_norm": grad_norms, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
     first, nonzero_frac, norms = host.pop("_first")[0], host.pop("_nonzero")[0], host.pop("grad_norm")

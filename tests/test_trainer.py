@@ -240,6 +240,31 @@ def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
     assert not torch.equal(run.ema[n], before[n]) and not torch.equal(run.ema[n], after[n].detach())
 
 
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_decays_as_configured_and_warms_up_as_flow_grpo(tiny_checkpoint, tmp_path, warmup):
+    """One optimizer step, then an EMA update: decay 0.5 without the warm-up; min(0.5, 1 / 10) with it
+    (Flow-GRPO's (1 + s) / (10 + s) at its step s = 0). A LoRA's B starts at 0, so its EMA is (1 - decay) B."""
+    extra = [
+        "ema.decay=0.5",
+        "ema.every=1",
+        "grpo.updates_per_iteration=1",
+        f"ema.warmup={str(warmup).lower()}",
+    ]
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=extra), progress=False)
+    from densegrpo_fast.trainer import collect, update
+
+    ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+    update(run, ro, cond, R, 0)
+    assert run.opt_steps == 1
+    weights = dict(run.policy.transformer.named_parameters())
+    b = [n for n in run.ema if "lora_B" in n]
+    assert b and any(weights[n].abs().sum() > 0 for n in b)
+    for n in b:
+        torch.testing.assert_close(
+            run.ema[n], (0.9 if warmup else 0.5) * weights[n].detach(), rtol=1e-6, atol=0
+        )
+
+
 @pytest.mark.parametrize(
     "extra",
     [
