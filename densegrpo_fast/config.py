@@ -639,6 +639,13 @@ class GRPOSection(Section):
     updates_per_iteration: int = Field(
         1, ge=1, description="optimizer steps per rollout (split over the rows)"
     )
+    best_of: int | None = Field(
+        None,
+        ge=2,
+        description="train only the best_of / 2 samples of each group with the highest final reward and the best_of "
+        "/ 2 with the lowest (DanceGRPO's best-of-n: a cheaper update on the clearest signal); the advantages are "
+        "the whole group's, the others' set to 0; null = every sample",
+    )
     filter_zero_advantage: bool = Field(
         True,
         description="skip (sample, step) rows whose advantage is 0, their KL term with them (the loss averages "
@@ -1019,6 +1026,17 @@ class TrainConfig(Section):
                     "noise.window_size): steps outside it have no noise and are never trained, so the run would "
                     "train nothing; list steps of the window"
                 )
+        k, G = self.grpo.best_of, self.sampling.group_size
+        if k is not None and (k % 2 or k >= G):
+            problems.append(
+                f"grpo.best_of ({k}) must be even and below sampling.group_size ({G}): it trains the best "
+                "best_of / 2 and the worst best_of / 2 samples of each group (null trains them all)"
+            )
+        if k is not None and not self.grpo.filter_zero_advantage:
+            problems.append(
+                "grpo.best_of needs grpo.filter_zero_advantage=true: the samples it leaves out get advantage 0 and "
+                "are skipped as such (without the filter they would still train their KL term)"
+            )
         groups = self.prompts.prompts_per_iteration
         if self.sampling.reward_waves > groups:
             problems.append(

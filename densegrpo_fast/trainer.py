@@ -935,8 +935,22 @@ def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
     components' [B, T + 1, C] (``dense.multi_reward=per_reward``)."""
     d = run.cfg.dense
     weights = run.reward_fn.weights if R.dim() == 3 else None
-    return advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
-                      eps=d.adv_eps, clip=d.adv_clip, weights=weights)  # fmt: skip
+    A = advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
+                   eps=d.adv_eps, clip=d.adv_clip, weights=weights)  # fmt: skip
+    if run.cfg.grpo.best_of is not None:  # the others' advantages 0: filter_zero_advantage skips them
+        final = (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1]
+        A = A * best_of_rows(final, run.cfg.sampling.group_size, run.cfg.grpo.best_of)[:, None]
+    return A
+
+
+def best_of_rows(final: torch.Tensor, G: int, k: int) -> torch.Tensor:
+    """``grpo.best_of``: bool [B], per group of ``G`` contiguous rows the ``k // 2`` with the highest ``final``
+    reward and the ``k // 2`` with the lowest (ties: the earlier rows first), on ``final``'s device."""
+    order = final.view(-1, G).argsort(dim=1, stable=True)
+    picked = torch.cat([order[:, : k // 2], order[:, G - k // 2 :]], dim=1)
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=final.device)
+    mask.scatter_(1, picked, True)
+    return mask.view(-1)
 
 
 def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) -> torch.Tensor:

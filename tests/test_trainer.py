@@ -240,6 +240,37 @@ def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
     assert not torch.equal(run.ema[n], before[n]) and not torch.equal(run.ema[n], after[n].detach())
 
 
+def test_best_of_trains_the_best_and_worst_samples_of_each_group(tiny_checkpoint, tmp_path):
+    """grpo.best_of=2 of G = 4: per group the sample with the highest and the one with the lowest final reward
+    keep their advantages (the whole group's), the other two get 0 and are not trained."""
+    from densegrpo_fast.trainer import _advantages, best_of_rows, collect, update
+
+    final = torch.tensor([0.5, 0.1, 0.9, 0.3, 2.0, 2.0, 1.0, 3.0])
+    assert best_of_rows(final, 4, 2).tolist() == [False, True, True, False, False, False, True, True]
+    assert best_of_rows(torch.ones(4), 4, 2).tolist() == [True, False, False, True]  # (ties: in row order)
+    every = setup(cfg_of(tiny_checkpoint, tmp_path / "all"), progress=False)
+    run = setup(cfg_of(tiny_checkpoint, tmp_path / "run", extra=["grpo.best_of=2"]), progress=False)
+    ro, cond, R, _ = collect(run, run.prompts.sample(2, 0), 0)
+    A, A_every = _advantages(run, R), _advantages(every, R)
+    picked = best_of_rows(R[:, -1], 4, 2)
+    assert torch.equal(A[picked], A_every[picked]) and (A[~picked] == 0).all() and (A[picked] != 0).any()
+    out = update(run, ro, cond, R, 0, A)
+    assert out["rows_trained"] == int((A != 0).sum()) <= 2 * 2 * 3  # (2 groups x 2 samples x 3 trained steps)
+
+
+def test_best_of_is_checked_against_the_group(tiny_checkpoint, tmp_path):
+    for extra, said in [
+        (["grpo.best_of=3"], r"grpo.best_of \(3\) must be even and below sampling.group_size \(4\)"),
+        (["grpo.best_of=4"], r"grpo.best_of \(4\) must be even and below"),
+        (
+            ["grpo.best_of=2", "grpo.filter_zero_advantage=false"],
+            "grpo.best_of needs grpo.filter_zero_advantage",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            cfg_of(tiny_checkpoint, tmp_path, extra=extra)
+
+
 @pytest.mark.parametrize("warmup", [False, True])
 def test_the_ema_decays_as_configured_and_warms_up_as_flow_grpo(tiny_checkpoint, tmp_path, warmup):
     """One optimizer step, then an EMA update: decay 0.5 without the warm-up; min(0.5, 1 / 10) with it
