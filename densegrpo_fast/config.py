@@ -603,6 +603,13 @@ class GRPOSection(Section):
         "clip-higher; Flow-GRPO's clip_range_gt); null = clip_range",
     )
     beta: float = Field(0.04, ge=0, description="KL weight (0 = no reference forward)")
+    kl_target: float | None = Field(
+        None,
+        gt=0,
+        description="adapt the KL weight to hold the iterations' mean KL near this (PPO's adaptive coefficient: "
+        "x2 after an iteration whose KL is above 1.5 x target, /2 after one below target / 1.5), starting "
+        "from grpo.beta and kept within [beta / 100, beta x 100]; logged as beta; null = grpo.beta throughout",
+    )
     kl_exact: bool = Field(
         False, description="exact Gaussian KL instead of Flow-GRPO's form (ALGORITHM.md §2)"
     )
@@ -1026,6 +1033,11 @@ class TrainConfig(Section):
                     "noise.window_size): steps outside it have no noise and are never trained, so the run would "
                     "train nothing; list steps of the window"
                 )
+        if self.grpo.kl_target is not None and self.grpo.beta == 0:
+            problems.append(
+                "grpo.kl_target adapts the KL weight from grpo.beta, which is 0 (no KL term, no reference): give "
+                "grpo.beta > 0 as the starting weight (e.g. 0.04), or leave kl_target null"
+            )
         k, G = self.grpo.best_of, self.sampling.group_size
         if k is not None and (k % 2 or k >= G):
             problems.append(

@@ -111,6 +111,7 @@ class Run:
     shell: torch.nn.Module | None = None  # sharded: the unsharded transformer on "meta" (export)
     served: dict | None = None  # what the reward servers host (their /health); a resume compares
     base_weights: str | None = None  # distributed.weights_digest of the loaded model; a resume compares
+    beta: float = 0.0  # the KL weight: grpo.beta, or where grpo.kl_target adapts it, its current value
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -292,6 +293,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
               shell=shell, served=served, base_weights=base_weights)  # fmt: skip
+    run.beta = cfg.grpo.beta
     if cfg.noise.window_move != "fixed":  # (the base schedule is fixed for the run: its starts too)
         run.starts = _moving_starts(run)
         _note_skipped_starts(run)
@@ -311,6 +313,8 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             for name, t in state["ema"].items():
                 ema[name].copy_(distributed.shard_like(t, ema[name]) if sharded else t)  # onto their device
         run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
+        if cfg.grpo.kl_target is not None:  # (a checkpoint of a run without kl_target: from grpo.beta)
+            run.beta = state.get("beta") or cfg.grpo.beta
         if state.get("world", 1) != dist.world and dist.main:
             warnings.warn(
                 f"resuming with {dist.world} process(es) a run checkpointed with {state.get('world', 1)}: it "
@@ -953,6 +957,19 @@ def best_of_rows(final: torch.Tensor, G: int, k: int) -> torch.Tensor:
     return mask.view(-1)
 
 
+def adapt_beta(beta: float, kl: float | None, target: float, start: float) -> float:
+    """``grpo.kl_target``: the next iteration's KL weight after one whose mean KL was ``kl`` (PPO's adaptive
+    coefficient, Schulman et al. 2017: doubled above 1.5 x target, halved below target / 1.5), kept within
+    [start / 100, start x 100]; unchanged when no pair trained (``kl`` None)."""
+    if kl is None:
+        return beta
+    if kl > 1.5 * target:
+        beta *= 2
+    elif kl < target / 1.5:
+        beta /= 2
+    return min(max(beta, start / 100), start * 100)
+
+
 def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) -> torch.Tensor:
     """``grpo.step_fraction``: for each of ``rows`` samples, ``ceil(fraction x n)`` of the ``n`` trained steps
     (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank).
@@ -1062,7 +1079,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
             if grpo.step_weight == "inverse_dt":
                 guard["weight"] = 1.0 / (sched.sigmas[k] - sched.sigmas[k + 1])
             loss, s = grpo_loss(
-                lp, old, A[i, k], grpo.clip_range, kl, grpo.beta, grpo.clip_range_high, **guard
+                lp, old, A[i, k], grpo.clip_range, kl, run.beta, grpo.clip_range_high, **guard
             )
             if recompute:  # the on-policy check here: how far the rollout's log-probs are from the update's
                 s["rollout_lp_dev"] = (old - ro.log_probs[i, k]).abs().mean()
@@ -1472,6 +1489,7 @@ def checkpoint(run: Run) -> None:
                 "world": run.dist.world,
                 "served": run.served,
                 "base_weights": run.base_weights,
+                "beta": run.beta,
             },
         )
         records = run.log.read()
@@ -1522,6 +1540,9 @@ def _loop(run: Run, progress: bool) -> None:
         check_finite_rewards(run, R_all, ro)
         A_all = _advantages(run, R_all)
         up = update(run, ro, cond, R, it, A_all)
+        if cfg.grpo.kl_target is not None:  # the weight this iteration trained with, then the next one's
+            up["beta"] = run.beta
+            run.beta = adapt_beta(run.beta, up.get("kl"), cfg.grpo.kl_target, cfg.grpo.beta)
         times["update_s"] = time.perf_counter() - t1
         if run.priority is not None:
             run.priority.observe(prompts, group_signal(run, A_all))

@@ -240,6 +240,37 @@ def test_weights_move_and_ema_follows(tiny_checkpoint, tmp_path):
     assert not torch.equal(run.ema[n], before[n]) and not torch.equal(run.ema[n], after[n].detach())
 
 
+def test_kl_target_adapts_the_kl_weight_each_iteration_and_resumes_it(tiny_checkpoint, tmp_path, monkeypatch):
+    """PPO's adaptive coefficient: a target far below the KL doubles the weight after every iteration (the
+    record holds the weight the iteration trained with) and a resume goes on from the checkpoint's; a target
+    far above it halves the weight."""
+    from densegrpo_fast.trainer import adapt_beta
+
+    assert adapt_beta(0.04, 1.0, 0.5, 0.04) == 0.08 and adapt_beta(0.04, 0.1, 0.5, 0.04) == 0.02
+    assert adapt_beta(0.04, 0.5, 0.5, 0.04) == 0.04 and adapt_beta(0.04, None, 0.5, 0.04) == 0.04
+    assert adapt_beta(3.9, 1.0, 0.5, 0.04) == 4.0 and adapt_beta(4e-4, 0.0, 0.5, 0.04) == 4e-4  # (the bounds)
+    cfg = lambda n, target: cfg_of(tiny_checkpoint, tmp_path / "run", iterations=n,  # noqa: E731
+                                   extra=["grpo.beta=0.04", f"grpo.kl_target={target}"])  # fmt: skip
+    train(cfg(2, 1e-12), progress=False)
+    train(cfg(3, 1e-12), resume=True, progress=False)
+    steps = [r for r in records(tmp_path / "run") if "reward_mean" in r]
+    assert all(r["kl"] > 1.5e-12 for r in steps)
+    assert [r["beta"] for r in steps] == pytest.approx([0.04, 0.08, 0.16])
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["beta"] == pytest.approx(0.32)
+    low = cfg_of(
+        tiny_checkpoint, tmp_path / "low", iterations=2, extra=["grpo.beta=0.04", "grpo.kl_target=1e3"]
+    )
+    from densegrpo_fast import trainer
+
+    used, loss = [], trainer.grpo_loss
+    monkeypatch.setattr(trainer, "grpo_loss", lambda *a, **k: used.append(a[5]) or loss(*a, **k))
+    train(low, progress=False)
+    assert [r["beta"] for r in records(tmp_path / "low") if "reward_mean" in r] == pytest.approx([0.04, 0.02])
+    assert sorted(set(used)) == pytest.approx([0.02, 0.04])  # (the loss's weight: the adapted one)
+    with pytest.raises(ConfigError, match=r"grpo.kl_target adapts the KL weight from grpo.beta, which is 0"):
+        cfg_of(tiny_checkpoint, tmp_path, extra=["grpo.beta=0", "grpo.kl_target=0.01"])
+
+
 def test_best_of_trains_the_best_and_worst_samples_of_each_group(tiny_checkpoint, tmp_path):
     """grpo.best_of=2 of G = 4: per group the sample with the highest and the one with the lowest final reward
     keep their advantages (the whole group's), the other two get 0 and are not trained."""
