@@ -119,20 +119,25 @@ def plot_psi(path: Path, trajectory: list[list[float]], schedule: Schedule) -> N
 
 def calibrated_for(cfg) -> dict:
     """What Algorithm 1 balanced the gains and losses of, beyond the grid, SDE and steps a run checks: the
-    policy it sampled (model, warm start), its guidance and the reward (without the settings that say only
-    how a reward is reached or batched). Paths resolved, so that two spellings of one file agree."""
-    from densegrpo_fast.evaluate import NOT_SCORING, _resolved
+    policy it sampled (model, its dtype and resolution, warm start), its guidance and the reward (without the
+    settings that say only how a reward is reached or batched, at any depth). Paths resolved, so that two
+    spellings of one file agree."""
+    from densegrpo_fast.config import resolution_record
+    from densegrpo_fast.evaluate import NOT_SCORING, resolved_path
 
-    r = cfg.reward.model_dump(mode="json")
+    def scoring(kwargs):  # (a weighted sum's parts hold kwargs of their own: a served part's url among them)
+        if isinstance(kwargs, dict):
+            return {k: scoring(v) for k, v in kwargs.items() if k not in NOT_SCORING}
+        return [scoring(v) for v in kwargs] if isinstance(kwargs, list) else kwargs
+
     return {
         "family": cfg.model.family,
-        "model": _resolved(cfg.model.checkpoint),
-        "lora_init": _resolved(cfg.lora.init) if cfg.lora.enabled else None,
+        "model": resolved_path(cfg.model.checkpoint),
+        "dtype": cfg.model.dtype,
+        "resolution": resolution_record(cfg.model.resolution),
+        "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
         "guidance_scale": cfg.sampling.guidance_scale,
-        "reward": {
-            "name": r["name"],
-            "kwargs": {k: v for k, v in r["kwargs"].items() if k not in NOT_SCORING},
-        },
+        "reward": {"name": cfg.reward.name, "kwargs": scoring(cfg.reward.model_dump(mode="json")["kwargs"])},
     }
 
 

@@ -39,6 +39,7 @@ from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompts import prompt_lines, prompt_tags
+from densegrpo_fast.rewards.remote import _is_number
 
 #: GenEval's six task tags (its metadata's "tag"): its overall score is the mean over these
 GENEVAL_TASKS = frozenset({"single_object", "two_object", "counting", "colors", "position", "color_attr"})
@@ -119,7 +120,7 @@ def evaluate(
                 "num_steps": len(sigmas) - 1, "sigmas": [round(v, 6) for v in sigmas.tolist()],
                 "guidance_scale": guidance_scale, "seed": seed,
                 # paths as absolute ones: a resume from another working directory finds the same files
-                **{k: _resolved(v) if k in _PATHS else v for k, v in (info or {}).items()}}  # fmt: skip
+                **{k: resolved_path(v) if k in _PATHS else v for k, v in (info or {}).items()}}  # fmt: skip
     served = check_same_servers(d, rewards)  # (every rank's servers host the same rewards?)
     if served:  # what a served reward scores: its url, which may change on a resume, does not say
         protocol["served"] = {k: [{a: b for a, b in s.items() if a != "kwargs_digest"} for s in v]
@@ -225,14 +226,13 @@ def _read_scores(out: Path, rewards: dict, images_per_prompt: int) -> dict[int, 
                     "give eval.output_dir a new directory (or delete the file) to evaluate afresh"
                 )
             index, scores = row.get("index"), [row[k] for k in rewards]
-            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
             if not (
                 isinstance(index, int)
                 and not isinstance(index, bool)
                 and index >= 0
                 and isinstance(row.get("prompt"), str)
                 and all(
-                    isinstance(v, list) and len(v) == images_per_prompt and all(map(number, v))
+                    isinstance(v, list) and len(v) == images_per_prompt and all(map(_is_number, v))
                     for v in scores
                 )
             ):
@@ -319,12 +319,14 @@ NOT_SCORING = frozenset(
         "device",
         "text_cache_size",
         "detector_batch",
+        "concurrency",
+        "api_key_env",
     }
 )
 _PATHS = ("model", "checkpoint", "lora", "dataset")  # compared resolved: runs/x and /abs/runs/x are one file
 
 
-def _resolved(value):
+def resolved_path(value):
     return (
         str(Path(value).expanduser().resolve())
         if isinstance(value, str) and Path(value).expanduser().exists()
@@ -372,7 +374,7 @@ def _check_same_protocol(path: Path, protocol: dict) -> None:
                 "writes: delete it (the scores beside it are then resumed under this call's protocol) or give "
                 "eval.output_dir a new directory"
             )
-        same = lambda k, a, b: _resolved(a) == _resolved(b) if k in _PATHS else a == b  # noqa: E731
+        same = lambda k, a, b: resolved_path(a) == resolved_path(b) if k in _PATHS else a == b  # noqa: E731
         diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and not same(k, saved[k], v)}
         if diff:
             raise ValueError(

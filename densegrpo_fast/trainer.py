@@ -525,11 +525,17 @@ def _check_iterations_left(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _resumable(key: str) -> bool:
-    """Whether a resume may change the flattened config key ``key``: one of RESUMABLE_CHANGES, or the url of a
-    served reward (``reward.kwargs.url``, a sum's ``reward.kwargs.rewards.NAME.kwargs.url``): a server may
-    restart elsewhere, and what it hosts is compared instead (its /health against the checkpoint's record,
-    where the client asked, ``check`` true as by default, and the checkpoint has one)."""
-    return key in RESUMABLE_CHANGES or (key.startswith("reward.kwargs.") and key.endswith(".url"))
+    """Whether a resume may change the flattened config key ``key``: one of RESUMABLE_CHANGES, or a reward
+    setting that says how it is reached or batched, not what it scores (``evaluate.NOT_SCORING``: the url of
+    a served reward, ``reward.kwargs.url`` or a sum's ``reward.kwargs.rewards.NAME.kwargs.url``, its timeouts
+    and batch sizes, a judge's concurrency): a server may restart elsewhere, and what it hosts is compared
+    instead (its /health against the checkpoint's record, where the client asked, ``check`` true as by
+    default, and the checkpoint has one)."""
+    from densegrpo_fast.evaluate import NOT_SCORING
+
+    return key in RESUMABLE_CHANGES or (
+        key.startswith("reward.kwargs.") and key.rsplit(".", 1)[-1] in NOT_SCORING
+    )
 
 
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
@@ -548,7 +554,7 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
         raise ValueError(
             f"--resume with a config that differs from the run's own ({saved_path}): {shown}. Resume with "
             f"--config {saved_path} (it may change only "
-            f"{', '.join(RESUMABLE_CHANGES)}, and a served reward's url)"
+            f"{', '.join(RESUMABLE_CHANGES)}, and a reward's url, timeouts, batch sizes and concurrency)"
         )
     before, after = saved["run.iterations"], now["run.iterations"]
     if before != after and now["optim.schedule"] != "constant" and distributed.speaks():
@@ -949,7 +955,8 @@ def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
 
 def best_of_rows(final: torch.Tensor, G: int, k: int) -> torch.Tensor:
     """``grpo.best_of``: bool [B], per group of ``G`` contiguous rows the ``k // 2`` with the highest ``final``
-    reward and the ``k // 2`` with the lowest (ties: the earlier rows first), on ``final``'s device."""
+    reward and the ``k // 2`` with the lowest (ties in row order: the lowest are the earliest of them, the
+    highest the latest), on ``final``'s device."""
     order = final.view(-1, G).argsort(dim=1, stable=True)
     picked = torch.cat([order[:, : k // 2], order[:, G - k // 2 :]], dim=1)
     mask = torch.zeros(order.shape, dtype=torch.bool, device=final.device)

@@ -113,6 +113,9 @@ def test_a_score_line_cut_short_by_a_kill_is_scored_again(policy, tmp_path):
         '{"index": 0, "prompt": "a red circle", "redness": [0.1]}',  # one image of two
         '{"index": 0, "prompt": "a red circle", "redness": 0.1}',
         '{"index": 0, "prompt": "a red circle", "redness": [0.1, "0.2"]}',
+        '{"index": 0, "prompt": "a red circle", "redness": [0.1, 1'
+        + "0" * 400
+        + "]}",  # (past float's range)
     ],
 )
 def test_a_hand_damaged_score_line_is_named_with_the_rule(policy, tmp_path, line):
@@ -127,6 +130,19 @@ def test_a_hand_damaged_score_line_is_named_with_the_rule(policy, tmp_path, line
     assert [r["index"] for r in rows(out)] == list(range(1, len(PROMPTS)))
     run(policy, out)
     assert sorted(r["index"] for r in rows(out)) == list(range(len(PROMPTS)))
+
+
+def test_an_evaluation_begun_by_an_older_version_resumes(policy, tmp_path):
+    """Entries an older protocol held and this one no longer does (checkpoint_sample, a hash of an export's
+    bytes; lora_identity, now lora_weights) are not compared."""
+    out = tmp_path / "e"
+    full = run(policy, out)
+    saved = json.loads((out / "protocol.json").read_text())
+    old = {**saved, "checkpoint_sample": "0" * 64, "lora_identity": {"file": "x", "sha256": "1" * 64}}
+    (out / "protocol.json").write_text(json.dumps(old))
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    (out / "scores.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    assert run(policy, out)["scores"]["redness"] == pytest.approx(full["scores"]["redness"], abs=1e-6)
 
 
 def test_an_output_dir_or_scores_file_of_the_wrong_kind_is_named(policy, tmp_path):

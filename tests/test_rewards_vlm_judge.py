@@ -26,6 +26,8 @@ class Judge:
     def __init__(self, models=("judge-7b",), fail=(), reply=None, logprobs=True):
         self.models, self.fail, self.reply, self.logprobs = list(models), list(fail), reply, logprobs
         self.delay_s = 0.0  # per completion: requests in flight together overlap
+        self.raw = None  # an answer to send as it is, in place of a completion
+        self.redirect_to = ""  # where a 30x in ``fail`` points
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.in_flight = self.most_in_flight = 0
@@ -59,14 +61,16 @@ class Judge:
                     code = judge.fail.pop(0) if judge.fail else 200
                     judge.in_flight += 1
                     judge.most_in_flight = max(judge.most_in_flight, judge.in_flight)
-                try:
-                    time.sleep(judge.delay_s)
-                    if code != 200:
-                        return self.answer(code, {"error": {"message": f"status {code}"}})
-                    self.answer(200, judge.complete(body))
-                finally:
-                    with judge.lock:
-                        judge.in_flight -= 1
+                time.sleep(judge.delay_s)
+                out = judge.complete(body) if code == 200 else {"error": {"message": f"status {code}"}}
+                with judge.lock:  # (before the answer goes: its client may send the next request at once)
+                    judge.in_flight -= 1
+                if code in (301, 302, 307):
+                    self.send_response(code)
+                    self.send_header("Location", judge.redirect_to)
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                self.answer(code, out)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
@@ -74,6 +78,9 @@ class Judge:
 
     def complete(self, body: dict) -> dict:
         from PIL import Image
+
+        if self.raw is not None:
+            return self.raw
 
         image, text = body["messages"][0]["content"]
         png = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/png;base64,"))
@@ -166,6 +173,81 @@ def test_an_answer_without_a_score_is_named_or_scored_as_told(judge):
     custom = build_reward("vlm_judge", url=judge.url, model="judge-7b", score_pattern=r"(\d+)/10")
     judge.reply = "I give it 7/10, then 8/10 on reflection."
     assert custom(images(1), ["a"]).tolist() == [8.0]  # the last match
+
+
+@pytest.mark.parametrize(
+    "raw, said",
+    [
+        ({"choices": []}, "not an OpenAI-compatible chat completion"),
+        ({"choices": [{"message": {"content": ["a", "list"]}}]}, "not an OpenAI-compatible chat completion"),
+        ({"choices": [{"message": {"content": "Final Score: " + "9" * 400}}]}, "is not a finite number"),
+        (
+            {
+                "choices": [
+                    {"logprobs": {"content": [{"top_logprobs": [{"token": "Yes", "logprob": "NaN"}]}]}}
+                ]
+            },
+            "logprob nan, not a log-probability",
+        ),
+        (
+            {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": 7, "logprob": -1}]}]}}]},
+            "not an OpenAI-compatible chat completion",
+        ),
+        (
+            {"choices": [{"logprobs": {"content": [{"top_logprobs": [{"token": "Yes", "logprob": 2.0}]}]}}]},
+            "logprob 2.0, not a log-probability",
+        ),
+        ({"pad": "x" * (9 << 20)}, "an answer of more than 8388608 bytes"),
+    ],
+)
+def test_an_answer_of_the_wrong_shape_is_refused_with_what_came(judge, raw, said):
+    judge.raw = raw
+    mode = "yes_prob" if "logprobs" in json.dumps(raw)[:300] else "score"
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", mode=mode, retries=0)
+    with pytest.raises(JudgeError, match=re.escape(said)):
+        fn(images(1), ["a"])
+
+
+def test_a_redirect_is_refused_and_the_key_goes_nowhere_else(judge, monkeypatch):
+    """urllib would follow a redirect with every header, the API key's among them: it is refused instead."""
+    elsewhere = Judge()
+    try:
+        monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+        fn = build_reward(
+            "vlm_judge", url=judge.url, model="judge-7b", api_key_env="JUDGE_KEY", backoff_s=0.0
+        )
+        judge.fail, judge.redirect_to = [302], elsewhere.url + "/chat/completions"
+        with pytest.raises(
+            JudgeError, match=r"redirects \(302\) to '.*/v1/chat/completions', which is not followed"
+        ):
+            fn(images(1), ["a"])
+        assert elsewhere.requests == [] and len(judge.requests) == 1
+    finally:
+        elsewhere.stop()
+    with pytest.warns(UserWarning, match="is plain http to another machine: the API key from JUDGE_KEY"):
+        build_reward(
+            "vlm_judge", url="http://10.9.8.7:8000/v1", model="m", api_key_env="JUDGE_KEY", check=False
+        )
+
+
+def test_scores_outside_the_range_are_clamped_and_counted(judge):
+    judge.reply = "Final Score: 7"
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", score_range=[1, 5])
+    with pytest.warns(
+        UserWarning, match=r"2 of 2 judge scores fell outside reward.kwargs.score_range=\[1.0, 5.0\]"
+    ):
+        assert fn(images(2), ["a", "b"]).tolist() == [1.0, 1.0]
+
+
+def test_a_completion_past_its_timeout_is_not_resent(judge):
+    """The server may still be generating it: a resent request would queue behind it."""
+    fn = build_reward("vlm_judge", url=judge.url, model="judge-7b", timeout_s=0.3, retries=3, backoff_s=0.0)
+    judge.delay_s = 1.0
+    with pytest.raises(
+        JudgeError, match=r"did not answer within reward.kwargs.timeout_s=0.3 s \(the request is not resent"
+    ):
+        fn(images(1), ["a"])
+    assert len(judge.requests) == 1
 
 
 def test_the_server_is_checked_when_built():

@@ -881,6 +881,13 @@ def test_a_psi_table_calibrated_for_another_policy_or_reward_warns(tiny_checkpoi
         warnings.simplefilter("error", UserWarning)
         setup(cfg_of(tiny_checkpoint, tmp_path / "b", extra=extra), progress=False)
     other = [*extra, "sampling.guidance_scale=2.0", "reward.name=toy_geneval", "reward.kwargs={mode: strict}"]
+    from densegrpo_fast.calibration import calibrated_for
+
+    served = ["reward.name=remote", "reward.kwargs={url: 'http://127.0.0.1:1', timeout_s: 5, check: false}"]
+    assert calibrated_for(cfg_of(tiny_checkpoint, tmp_path, extra=served))["reward"] == {
+        "name": "remote",
+        "kwargs": {},
+    }
     with pytest.warns(UserWarning, match=r"calibrated for another run \(guidance_scale: 1.5 -> 2.0; reward: "
                                          r"\{'name': 'redness', 'kwargs': \{\}\} -> \{'name': 'toy_geneval'"):  # fmt: skip
         setup(cfg_of(tiny_checkpoint, tmp_path / "c", extra=other), progress=False)
@@ -1003,7 +1010,9 @@ def test_a_resume_against_servers_hosting_other_kwargs_warns(tiny_checkpoint, tm
     finally:
         for s in servers:
             s.stop()
-    with pytest.raises(ValueError, match=r"it may change only .*, and a served reward's url"):
+    with pytest.raises(
+        ValueError, match=r"it may change only .*, and a reward's url, timeouts, batch sizes and concurrency"
+    ):
         train(
             cfg_of(tiny_checkpoint, tmp_path / "run", iterations=4, extra=["sampling.group_size=2"]),
             resume=True,

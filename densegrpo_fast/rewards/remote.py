@@ -144,17 +144,21 @@ def _is_number(v) -> bool:
     return isinstance(v, float) or abs(v) < 2**1023
 
 
-def _read_within(response, timeout: float) -> bytes:
+def _read_within(response, timeout: float, limit: int | None = None) -> bytes:
     """The whole answer of ``response``, whose headers have come, or TimeoutError when more of it is still to
     come ``timeout`` seconds on: a server that drips its answer byte by byte passes every single read's
-    timeout. (Sending the request and waiting for the answer are bounded apart, each read by ``timeout``.)"""
-    deadline, parts = time.monotonic() + timeout, []
+    timeout. (Sending the request and waiting for the answer are bounded apart, each read by ``timeout``.)
+    ``limit``: at most this many bytes, or a ValueError saying so."""
+    deadline, parts, size = time.monotonic() + timeout, [], 0
     while True:
         if response.length != 0 and time.monotonic() > deadline:  # (length 0: all of it is here)
             raise TimeoutError
         chunk = response.read1(1 << 16)
         if not chunk:
             return b"".join(parts)
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise ValueError(f"an answer of more than {limit} bytes")
         parts.append(chunk)
 
 

@@ -25,9 +25,15 @@ Example: serve Qwen2.5-VL-7B with vLLM and train against it::
         reward.kwargs='{url: "http://127.0.0.1:8000/v1", model: Qwen/Qwen2.5-VL-7B-Instruct, mode: yes_prob}'
 
 An API key, where the server wants one, is read from the environment variable ``api_key_env`` names (never
-from the config, which the run directory keeps). Errors, retries and backoff follow the ``remote`` reward's:
-connection errors, timeouts, 429 and 5xx answers are retried ``retries`` times with exponential backoff;
-other 4xx answers are not (the same request would be refused again).
+from the config, which the run directory keeps), and is sent to ``url``'s host only: a redirect is refused,
+not followed (urllib would carry the key to wherever it points), and a key sent over plain http to another
+machine is warned about. A server on this machine is reached directly; another one through the environment's
+proxy settings (``http_proxy``, ``no_proxy``), as any HTTP client reaches it. Connection errors, 429 (a rate
+limit) and 5xx answers are retried ``retries`` times with exponential backoff (``backoff_s``, doubling, at
+most 30 s, plus up to half at random); other 4xx answers are not (the same request would be refused again),
+nor is a request whose answer did not come within ``timeout_s`` (the server may still be generating it: a
+resent request would queue behind it). An answer must come whole within ``timeout_s`` once it begins, and
+hold at most 8 MiB; its fields are checked (a finite score, log-probabilities <= 0).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import torch
 
 from densegrpo_fast.rewards import register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
-from densegrpo_fast.rewards.remote import backoff, pick_url, url_problems
+from densegrpo_fast.rewards.remote import _read_within, backoff, pick_url, url_problems
 
 #: Written for this project. The score mode's: a verdict that ends with a number on 1 to 5.
 SCORE_TEMPLATE = (
@@ -63,6 +69,7 @@ YES_TEMPLATE = 'Does this image show "{prompt}"? Answer with Yes or No.'
 SCORE_PATTERN = r"Final Score:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
 MODES = ("score", "yes_prob")
 TOP_LOGPROBS = 20
+MAX_ANSWER_BYTES = 8 << 20  #: a judge's answer is text and at most 20 logprobs a token: far below this
 VLLM_HINT = "vllm serve MODEL --port 8000 (then reward.kwargs.url: http://HOST:8000/v1)"
 
 
@@ -100,14 +107,17 @@ def _problems(
         out.append(f"reward.kwargs.mode={mode!r} must be one of {list(MODES)}")
     if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
         out.append(f"reward.kwargs.template={str(template)[:60]!r} must be a string holding {{prompt}}")
-    try:
-        groups = re.compile(score_pattern).groups if isinstance(score_pattern, str) else -1
-    except re.error as e:
-        groups = f"not a regex ({e})"
-    if groups != 1:
-        out.append(
-            f"reward.kwargs.score_pattern={score_pattern!r}: {groups} groups; it needs one, the number"
-        )
+    if not isinstance(score_pattern, str):
+        out.append(f"reward.kwargs.score_pattern={score_pattern!r} must be a string (a regex with one group)")
+    else:
+        try:
+            groups = re.compile(score_pattern).groups
+        except re.error as e:
+            groups = f"not a regex ({e})"
+        if groups != 1:
+            out.append(
+                f"reward.kwargs.score_pattern={score_pattern!r}: {groups} groups; it needs one, the number"
+            )
     if score_range is not None and not (
         isinstance(score_range, list | tuple) and len(score_range) == 2 and all(map(num, score_range))
         and score_range[0] < score_range[1]
@@ -178,14 +188,13 @@ class VLMJudge:
                                  concurrency, timeout_s, retries, backoff_s, api_key_env, unparsed_score, check):  # fmt: skip
             raise ValueError("; ".join(problems))
         self.url = pick_url(url).rstrip("/")
-        host = urllib.parse.urlparse(self.url).hostname or ""
+        parsed = urllib.parse.urlparse(self.url)
+        local = (parsed.hostname or "") in ("localhost", "::1") or (parsed.hostname or "").startswith("127.")
         # a server on this machine is reached directly (a cluster's http_proxy would carry even loopback
-        # requests to the proxy); another one through the environment's proxy settings, as any client
-        self._opener = (
-            urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            if host == "localhost" or host.startswith("127.") or host == "::1"
-            else urllib.request.build_opener()
-        )
+        # requests to the proxy); another one through the environment's proxy settings, as any client. No
+        # redirect is followed: urllib would send the request's headers, the API key among them, along.
+        handlers = [_NoRedirect()] + ([urllib.request.ProxyHandler({})] if local else [])
+        self._opener = urllib.request.build_opener(*handlers)
         self.model, self.mode = model, mode
         self.template = template or (SCORE_TEMPLATE if mode == "score" else YES_TEMPLATE)
         self.pattern = re.compile(score_pattern)
@@ -204,6 +213,12 @@ class VLMJudge:
                     "directory keeps), or set api_key_env to null for a server without one"
                 )
             self.headers["Authorization"] = f"Bearer {key}"
+            if parsed.scheme == "http" and not local:
+                warnings.warn(
+                    f"reward.kwargs.url {self.url!r} is plain http to another machine: the API key from "
+                    f"{api_key_env} crosses the network unencrypted; use https where the server offers it",
+                    stacklevel=2,
+                )
         self.served_models: list[str] | None = None
         if check:
             self.served_models = self._models()
@@ -228,9 +243,12 @@ class VLMJudge:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_batch(images, prompts)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts)))) as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts))))
+        try:
             answers = list(pool.map(self._judge, pixels, prompts))
-        scores, unparsed = [], []
+        finally:  # (on an error, the requests not yet sent are not sent)
+            pool.shutdown(cancel_futures=True)
+        scores, unparsed, clamped = [], [], 0
         for i, (score, why) in enumerate(answers):
             if score is None:
                 if self.unparsed_score is None:
@@ -241,7 +259,15 @@ class VLMJudge:
                     )
                 score = float(self.unparsed_score)
                 unparsed.append(i)
+            elif self.score_range is not None and not 0 <= score <= 1:  # (a judge that left the scale)
+                score, clamped = min(max(score, 0.0), 1.0), clamped + 1
             scores.append(score)
+        if clamped:
+            warnings.warn(
+                f"{clamped} of {len(prompts)} judge scores fell outside reward.kwargs.score_range="
+                f"{list(self.score_range)} and were clamped to it: check that the template states the scale",
+                stacklevel=2,
+            )
         if unparsed:
             warnings.warn(
                 f"{len(unparsed)} of {len(prompts)} judge answers held no score and were scored "
@@ -272,7 +298,15 @@ class VLMJudge:
         try:
             choice = answer["choices"][0]
             return self._read_yes(choice) if self.mode == "yes_prob" else self._read_score(choice)
-        except (KeyError, IndexError, TypeError):
+        except JudgeError:
+            raise
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            AttributeError,
+            ValueError,
+        ):  # (fields missing or of other types)
             raise JudgeError(
                 f"{self.url}/chat/completions answered {str(answer)[:300]!r}: not an OpenAI-compatible chat "
                 "completion (choices[0].message / logprobs)"
@@ -280,6 +314,8 @@ class VLMJudge:
 
     def _read_score(self, choice: dict) -> tuple[float | None, str]:
         text = choice["message"]["content"] or ""
+        if not isinstance(text, str):
+            raise TypeError("content is not text")
         found = self.pattern.findall(text)
         if not found:
             cut = " (cut at max_tokens)" if choice.get("finish_reason") == "length" else ""
@@ -288,6 +324,8 @@ class VLMJudge:
             value = float(found[-1])
         except ValueError:
             return None, f"{found[-1]!r} matched {self.pattern.pattern!r} but is not a number"
+        if not math.isfinite(value):
+            return None, f"{found[-1][:40]!r} is not a finite number"
         if self.score_range is not None:
             lo, hi = self.score_range
             value = (value - lo) / (hi - lo)
@@ -303,9 +341,11 @@ class VLMJudge:
         top = logprobs["content"][0]["top_logprobs"]
         p = {"yes": 0.0, "no": 0.0}
         for t in top:
-            word = t["token"].strip().lower()
+            word, logprob = t["token"].strip().lower(), float(t["logprob"])
+            if math.isnan(logprob) or logprob > 0:
+                return None, f"the token {t['token']!r} has logprob {logprob}, not a log-probability"
             if word in p:
-                p[word] += math.exp(t["logprob"])
+                p[word] += math.exp(logprob)
         if p["yes"] + p["no"] == 0:
             return (
                 None,
@@ -314,8 +354,8 @@ class VLMJudge:
         return p["yes"] / (p["yes"] + p["no"]), ""
 
     def _request(self, path: str, body: bytes | None) -> dict:
-        """GET (no body) or POST ``path`` under the server's base URL; the JSON answered. Retries connection
-        errors, timeouts, 429 and 5xx with backoff."""
+        """GET (no body) or POST ``path`` under the server's base URL; the JSON object answered. Retries
+        connection errors, 429 and 5xx with backoff; not a POST whose answer did not come in time."""
         url = self.url + path
         last = ""
         for attempt in range(self.retries + 1):
@@ -326,23 +366,54 @@ class VLMJudge:
             )
             try:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
-                    return json.loads(response.read())
+                    out = json.loads(_read_within(response, self.timeout_s, MAX_ANSWER_BYTES))
             except urllib.error.HTTPError as e:
-                message = e.read()[:300].decode(errors="replace")
+                message = e.read(300).decode(errors="replace")
+                if 300 <= e.code < 400:
+                    raise JudgeError(
+                        f"the server at {url} redirects ({e.code}) to {e.headers.get('Location')!r}, which is not "
+                        "followed (it would carry the API key along): give that URL as reward.kwargs.url"
+                    ) from None
                 if e.code != 429 and e.code < 500:
                     raise JudgeError(
                         f"the server at {url} refused the request ({e.code}: {message})"
                     ) from None
                 last = f"{e.code}: {message}"
-            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as e:
+            except TimeoutError:  # (raised bare once connected: the answer did not come in time)
+                if body is not None:
+                    raise JudgeError(
+                        f"the judge at {url} did not answer within reward.kwargs.timeout_s={self.timeout_s:g} s (the "
+                        "request is not resent: the server may still be generating it): raise timeout_s, or lower "
+                        "reward.kwargs.concurrency or max_tokens"
+                    ) from None
+                last = f"timed out after {self.timeout_s:g} s"
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
                 reason = getattr(e, "reason", e)
                 last = f"{type(reason).__name__}: {reason}"
-            except ValueError as e:
-                raise JudgeError(f"the server at {url} answered something that is not JSON ({e})") from None
+            except (
+                ValueError,
+                RecursionError,
+            ) as e:  # not JSON, past the size limit, or nested past Python's
+                raise JudgeError(
+                    f"the server at {url} answered something that is not a chat answer ({e})"
+                ) from None
+            else:
+                if not isinstance(out, dict):
+                    raise JudgeError(
+                        f"the server at {url} answered {str(out)[:200]!r}: expected a JSON object"
+                    )
+                return out
         raise JudgeError(
             f"no answer from the judge's server at {url} after {self.retries + 1} attempt(s) (last: {last}). Is it "
             f"running? Start one with: {VLLM_HINT}; a slow judge needs a larger reward.kwargs.timeout_s"
         )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the HTTP error it is, not followed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 VLMJudge.check = staticmethod(_problems)  # (read by the config's checks: no server is asked)
