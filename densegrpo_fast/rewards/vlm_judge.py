@@ -281,7 +281,7 @@ class VLMJudge:
         from PIL import Image
 
         png = io.BytesIO()
-        Image.fromarray(pixels).save(png, format="PNG")
+        Image.fromarray(pixels).save(png, format="PNG", compress_level=1)  # (4x faster than 6, 40 % larger)
         image_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
         body = {
             "model": self.model,
