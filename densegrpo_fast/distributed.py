@@ -417,9 +417,17 @@ def check_in_sync(
     minute)."""
     if not d.enabled:
         return
+    _check_sums(d, _sums(tensors, device), what, fix)
+
+
+def _sums(tensors: list[torch.Tensor], device=None) -> list[tuple[int, int]]:
+    """:func:`_checksum` of each tensor of ``tensors`` not sharded, in their order."""
     with torch.no_grad():
-        sums = [_checksum(t, device).cpu() for t in tensors if not is_sharded(t)]
-    digest = hashlib.sha256(repr(torch.stack(sums).tolist() if sums else []).encode()).hexdigest()
+        return [tuple(_checksum(t, device).tolist()) for t in tensors if not is_sharded(t)]
+
+
+def _check_sums(d: Dist, sums: list[tuple[int, int]], what: str, fix: str | None) -> None:
+    digest = hashlib.sha256(repr([list(s) for s in sums]).encode()).hexdigest()
     _, bad = _unlike_rank_0(d, digest)
     if bad:
         fix = fix or (
@@ -429,26 +437,31 @@ def check_in_sync(
         raise RuntimeError(f"{what} differ between rank 0 and rank(s) {bad}: {fix}")
 
 
+def _loaded_fix(where: str) -> str:
+    return (
+        f"every process must load the same weights: give {where} the same files on every node (a hub cache of "
+        "another revision, or weights still being copied, differ)"
+    )
+
+
 def check_loaded(d: Dist, obj, what: str, where: str, device=None) -> None:
     """:func:`check_in_sync` of the weights of every torch model in ``obj`` (:func:`weights_of`), which each
     rank loaded itself from the files that the settings ``where`` name; ``what`` names them in the error."""
     if not d.enabled:
         return
-    fix = (
-        f"every process must load the same weights: give {where} the same files on every node (a hub cache of "
-        "another revision, or weights still being copied, differ)"
-    )
-    check_in_sync(d, weights_of(obj), f"{what} weights", fix, device)
+    check_in_sync(d, weights_of(obj), f"{what} weights", _loaded_fix(where), device)
 
 
-def weights_digest(obj, device=None) -> str:
+def weights_digest(obj, device=None, d: Dist | None = None, what: str = "", where: str = "") -> str:
     """A sha256 of the exact checksums (:func:`_checksum`) of every weight reachable from ``obj``
     (:func:`weights_of`), sorted: two loads of the same files agree on any device and in any order the
     modules are met in, and one changed weight changes it. What a resume compares with what its run began
-    from (a model directory replaced at the same path, a hub cache moved to another revision)."""
-    with torch.no_grad():
-        sums = sorted(tuple(_checksum(t, device).tolist()) for t in weights_of(obj) if not is_sharded(t))
-    return hashlib.sha256(repr(sums).encode()).hexdigest()
+    from (a model directory replaced at the same path, a hub cache moved to another revision). With ``d`` (a
+    torchrun job), also :func:`check_loaded`'s comparison across the ranks, from the same checksums."""
+    sums = _sums(weights_of(obj), device)
+    if d is not None and d.enabled:
+        _check_sums(d, sums, f"{what} weights", _loaded_fix(where))
+    return hashlib.sha256(repr(sorted(sums)).encode()).hexdigest()
 
 
 def weights_of(obj, depth: int = 6) -> list[torch.Tensor]:

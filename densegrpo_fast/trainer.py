@@ -205,10 +205,12 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             **cfg.model.adapter_options(),
         )
     # every process loaded its models itself: from the same files?
-    distributed.check_loaded(dist, policy, "the loaded models'", "model.checkpoint", policy.device)
+    # (before any adapter or checkpoint: what a resume compares; and across the ranks, from the same sums)
+    base_weights = distributed.weights_digest(
+        policy, policy.device, dist, "the loaded models'", "model.checkpoint"
+    )
     distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", policy.device)
     served = check_same_servers(dist, {"reward": reward_fn})
-    base_weights = distributed.weights_digest(policy, policy.device)  # (before any adapter or checkpoint)
     state = load_checkpoint(run_dir) if resume else None
     if state is not None and dist.main:
         _warn_if_servers_changed(state.get("served"), served)
