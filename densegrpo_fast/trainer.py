@@ -942,14 +942,15 @@ def _reward_scorer(run: Run):
     return run.reward_fn.stack if run.cfg.dense.multi_reward == "per_reward" else run.reward_fn
 
 
-def _advantages(run: Run, R: torch.Tensor) -> torch.Tensor:
+def _advantages(run: Run, R: torch.Tensor, best_of: bool = True) -> torch.Tensor:
     """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps), or of its
-    components' [B, T + 1, C] (``dense.multi_reward=per_reward``)."""
+    components' [B, T + 1, C] (``dense.multi_reward=per_reward``); with ``grpo.best_of`` (and ``best_of``),
+    those of the samples it leaves out set to 0, which filter_zero_advantage skips."""
     d = run.cfg.dense
     weights = run.reward_fn.weights if R.dim() == 3 else None
     A = advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
                    eps=d.adv_eps, clip=d.adv_clip, weights=weights)  # fmt: skip
-    if run.cfg.grpo.best_of is not None:  # the others' advantages 0: filter_zero_advantage skips them
+    if best_of and run.cfg.grpo.best_of is not None:
         final = (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1]
         A = A * best_of_rows(final, run.cfg.sampling.group_size, run.cfg.grpo.best_of)[:, None]
     return A
@@ -1554,7 +1555,9 @@ def _loop(run: Run, progress: bool) -> None:
             run.beta = adapt_beta(run.beta, up.get("kl"), cfg.grpo.kl_target, cfg.grpo.beta)
         times["update_s"] = time.perf_counter() - t1
         if run.priority is not None:
-            run.priority.observe(prompts, group_signal(run, A_all))
+            # (each group's signal over all its samples, not the best_of it trains)
+            signal = A_all if cfg.grpo.best_of is None else _advantages(run, R_all, best_of=False)
+            run.priority.observe(prompts, group_signal(run, signal))
         run.iteration += 1
         run.wall_s += distributed.max_(d, time.perf_counter() - t0, R.device)  # the slowest rank's
         R, parts = R_all, None

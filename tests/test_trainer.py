@@ -289,6 +289,19 @@ def test_best_of_trains_the_best_and_worst_samples_of_each_group(tiny_checkpoint
     assert out["rows_trained"] == int((A != 0).sum()) <= 2 * 2 * 3  # (2 groups x 2 samples x 3 trained steps)
 
 
+def test_priority_sampling_sees_every_sample_under_best_of(tiny_checkpoint, tmp_path, monkeypatch):
+    """A prompt's priority follows the signal of its whole group, not of the best_of samples it trains."""
+    from densegrpo_fast import trainer
+
+    seen, signal = [], trainer.group_signal
+    monkeypatch.setattr(trainer, "group_signal", lambda run, A: seen.append(A.clone()) or signal(run, A))
+    extra = ["grpo.best_of=2", "prompts.sampling=priority"]
+    train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    (A,) = seen
+    rows = (A != 0).any(1).view(-1, 4).sum(1)  # per group: the samples with a signal
+    assert rows.max() > 2, rows  # (best_of=2 alone would leave 2 at most)
+
+
 def test_best_of_is_checked_against_the_group(tiny_checkpoint, tmp_path):
     for extra, said in [
         (["grpo.best_of=3"], r"grpo.best_of \(3\) must be even and below sampling.group_size \(4\)"),
