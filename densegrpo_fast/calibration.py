@@ -123,12 +123,7 @@ def calibrated_for(cfg) -> dict:
     settings that say only how a reward is reached or batched, at any depth). Paths resolved, so that two
     spellings of one file agree."""
     from densegrpo_fast.config import resolution_record
-    from densegrpo_fast.evaluate import NOT_SCORING, resolved_path
-
-    def scoring(kwargs):  # (a weighted sum's parts hold kwargs of their own: a served part's url among them)
-        if isinstance(kwargs, dict):
-            return {k: scoring(v) for k, v in kwargs.items() if k not in NOT_SCORING}
-        return [scoring(v) for v in kwargs] if isinstance(kwargs, list) else kwargs
+    from densegrpo_fast.evaluate import resolved_path, scoring_kwargs
 
     return {
         "family": cfg.model.family,
@@ -137,7 +132,10 @@ def calibrated_for(cfg) -> dict:
         "resolution": resolution_record(cfg.model.resolution),
         "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
         "guidance_scale": cfg.sampling.guidance_scale,
-        "reward": {"name": cfg.reward.name, "kwargs": scoring(cfg.reward.model_dump(mode="json")["kwargs"])},
+        "reward": {
+            "name": cfg.reward.name,
+            "kwargs": scoring_kwargs(cfg.reward.model_dump(mode="json")["kwargs"]),
+        },
     }
 
 

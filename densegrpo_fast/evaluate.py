@@ -337,12 +337,16 @@ def resolved_path(value):
 def scoring_settings(rewards: dict) -> dict:
     """``eval.rewards`` as the protocol records it: names and the kwargs that change scores."""
     return {
-        k: {
-            "name": r["name"],
-            "kwargs": {a: v for a, v in (r.get("kwargs") or {}).items() if a not in NOT_SCORING},
-        }
-        for k, r in rewards.items()
+        k: {"name": r["name"], "kwargs": scoring_kwargs(r.get("kwargs") or {})} for k, r in rewards.items()
     }
+
+
+def scoring_kwargs(kwargs):
+    """A reward's ``kwargs`` without the settings of :data:`NOT_SCORING`, at any depth (a weighted sum's parts
+    hold kwargs of their own: a served part's url among them)."""
+    if isinstance(kwargs, dict):
+        return {k: scoring_kwargs(v) for k, v in kwargs.items() if k not in NOT_SCORING}
+    return [scoring_kwargs(v) for v in kwargs] if isinstance(kwargs, list) else kwargs
 
 
 def checkpoint_identity(path: str | None) -> dict | None:

@@ -542,10 +542,16 @@ def _resumable(key: str) -> bool:
 
 def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
     from densegrpo_fast.config import load_config
+    from densegrpo_fast.evaluate import scoring_settings
+
+    def dumped(c: TrainConfig) -> dict:  # (eval.rewards compared by what they score: a url may move)
+        d = c.model_dump(mode="json")
+        d["eval"]["rewards"] = scoring_settings(d["eval"]["rewards"])
+        return d
 
     whole = {*RESUMABLE_CHANGES, "eval.rewards"}  # (compared as wholes)
-    saved = flat(load_config(TrainConfig, saved_path).model_dump(mode="json"), whole)
-    now = flat(cfg.model_dump(mode="json"), whole)
+    saved = flat(dumped(load_config(TrainConfig, saved_path)), whole)
+    now = flat(dumped(cfg), whole)
     diffs = [
         f"{k}: {saved.get(k)!r} -> {now.get(k)!r}"
         for k in sorted(set(saved) | set(now))
@@ -687,9 +693,11 @@ def _read_psi(path: Path, n, grid: torch.Tensor, ws, size, cfg: TrainConfig) -> 
             "is a multiple of sqrt(s / (1 - s)) for flow_grpo and eta for cps, so the table means other noise "
             "here. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this SDE"
         )
-    then, now = record.get("calibrated_for"), calibrated_for(cfg)  # (older tables do not record it)
-    if then is not None and then != now:
-        diff = "; ".join(f"{k}: {then.get(k)!r} -> {v!r}" for k, v in now.items() if then.get(k) != v)
+    # (older tables do not record it, or not every entry: only those recorded are compared)
+    then, now = record.get("calibrated_for"), calibrated_for(cfg)
+    if then is not None and (
+        diff := "; ".join(f"{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v)
+    ):
         warnings.warn(
             f"psi table {path} was calibrated for another run ({diff}): Algorithm 1 balances the gains and losses "
             "of its own policy and reward, so this psi may not balance this run's. Delete the file (or point "

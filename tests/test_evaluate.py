@@ -132,6 +132,15 @@ def test_a_hand_damaged_score_line_is_named_with_the_rule(policy, tmp_path, line
     assert sorted(r["index"] for r in rows(out)) == list(range(len(PROMPTS)))
 
 
+def test_the_protocol_leaves_out_how_a_reward_is_reached_at_any_depth():
+    from densegrpo_fast.evaluate import scoring_settings
+
+    multi = {"name": "multi", "kwargs": {"rewards": {"far": {"name": "remote", "kwargs": {"url": "http://x:1",
+             "timeout_s": 5}}, "near": {"name": "pickscore", "kwargs": {"model": "/w/ps", "max_batch": 8}}}}}  # fmt: skip
+    assert scoring_settings({"m": multi}) == {"m": {"name": "multi", "kwargs": {"rewards": {
+        "far": {"name": "remote", "kwargs": {}}, "near": {"name": "pickscore", "kwargs": {"model": "/w/ps"}}}}}}  # fmt: skip
+
+
 def test_an_evaluation_begun_by_an_older_version_resumes(policy, tmp_path):
     """Entries an older protocol held and this one no longer does (checkpoint_sample, a hash of an export's
     bytes; lora_identity, now lora_weights) are not compared."""

@@ -282,6 +282,10 @@ def test_rate_limits_and_server_errors_are_retried_and_refusals_are_not(judge):
 
 
 def test_the_api_key_comes_from_the_environment(judge, monkeypatch):
+    monkeypatch.setenv("JUDGE_KEY", "sk-tést")
+    with pytest.raises(ValueError, match="JUDGE_KEY holds characters other than ASCII"):
+        build_reward("vlm_judge", url=judge.url, model="judge-7b", api_key_env="JUDGE_KEY")
+    monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(
         ValueError, match="api_key_env='JUDGE_KEY' names an environment variable that is not set"
     ):

@@ -893,6 +893,11 @@ def test_a_psi_table_calibrated_for_another_policy_or_reward_warns(tiny_checkpoi
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         setup(cfg_of(tiny_checkpoint, tmp_path / "b", extra=extra), progress=False)
+        record = json.loads(table.read_text())  # an earlier version's record, without dtype and resolution:
+        for key in ("dtype", "resolution"):  # only what it holds is compared
+            del record["calibrated_for"][key]
+        table.write_text(json.dumps(record))
+        setup(cfg_of(tiny_checkpoint, tmp_path / "b2", extra=extra), progress=False)
     other = [*extra, "sampling.guidance_scale=2.0", "reward.name=toy_geneval", "reward.kwargs={mode: strict}"]
     from densegrpo_fast.calibration import calibrated_for
 
@@ -1061,6 +1066,24 @@ def safe_metadata(path):
 
     with safe_open(str(path), "pt") as f:
         return f.metadata()
+
+
+def test_a_resume_may_move_an_eval_reward_but_not_change_what_it_scores(tiny_checkpoint, tmp_path):
+    from densegrpo_fast.config import dump_config
+    from densegrpo_fast.trainer import _check_same_run
+
+    judge = (
+        "eval.rewards={j: {name: vlm_judge, kwargs: {url: '%s', model: m, concurrency: %d, check: false}}}"
+    )
+    dump_config(
+        cfg_of(tiny_checkpoint, tmp_path, extra=[judge % ("http://a:1/v1", 4)]), tmp_path / "config.yaml"
+    )
+    _check_same_run(
+        cfg_of(tiny_checkpoint, tmp_path, extra=[judge % ("http://b:2/v1", 16)]), tmp_path / "config.yaml"
+    )
+    other = judge.replace("model: m", "model: other") % ("http://a:1/v1", 4)
+    with pytest.raises(ValueError, match=r"eval.rewards: .*'model': 'm'.* -> .*'model': 'other'"):
+        _check_same_run(cfg_of(tiny_checkpoint, tmp_path, extra=[other]), tmp_path / "config.yaml")
 
 
 def test_a_resume_below_the_reached_iteration_is_refused_untouched(tiny_checkpoint, tmp_path):

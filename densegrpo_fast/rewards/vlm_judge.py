@@ -212,6 +212,11 @@ class VLMJudge:
                     f"export {api_key_env}=<the server's key> (the key stays out of the config, which the run "
                     "directory keeps), or set api_key_env to null for a server without one"
                 )
+            if not key.isascii():
+                raise ValueError(
+                    f"the API key in {api_key_env} holds characters other than ASCII, which an HTTP header cannot "
+                    "carry: check the variable's value"
+                )
             self.headers["Authorization"] = f"Bearer {key}"
             if parsed.scheme == "http" and not local:
                 warnings.warn(
@@ -368,7 +373,10 @@ class VLMJudge:
                 with self._opener.open(request, timeout=self.timeout_s) as response:
                     out = json.loads(_read_within(response, self.timeout_s, MAX_ANSWER_BYTES))
             except urllib.error.HTTPError as e:
-                message = e.read(300).decode(errors="replace")
+                try:
+                    message = e.read(300).decode(errors="replace")
+                except (OSError, ValueError, http.client.HTTPException):  # (the error's body broke off)
+                    message = ""
                 if 300 <= e.code < 400:
                     raise JudgeError(
                         f"the server at {url} redirects ({e.code}) to {e.headers.get('Location')!r}, which is not "
