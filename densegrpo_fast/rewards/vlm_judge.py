@@ -305,13 +305,7 @@ class VLMJudge:
             return self._read_yes(choice) if self.mode == "yes_prob" else self._read_score(choice)
         except JudgeError:
             raise
-        except (
-            KeyError,
-            IndexError,
-            TypeError,
-            AttributeError,
-            ValueError,
-        ):  # (fields missing or of other types)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError):  # (fields missing, or mistyped)
             raise JudgeError(
                 f"{self.url}/chat/completions answered {str(answer)[:300]!r}: not an OpenAI-compatible chat "
                 "completion (choices[0].message / logprobs)"
