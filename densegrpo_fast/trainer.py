@@ -294,8 +294,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
-              shell=shell, served=served, base_weights=base_weights)  # fmt: skip
-    run.beta = cfg.grpo.beta
+              shell=shell, served=served, base_weights=base_weights, beta=cfg.grpo.beta)  # fmt: skip
     if cfg.noise.window_move != "fixed":  # (the base schedule is fixed for the run: its starts too)
         run.starts = _moving_starts(run)
         _note_skipped_starts(run)
@@ -952,16 +951,21 @@ def _reward_scorer(run: Run):
 
 def _advantages(run: Run, R: torch.Tensor, best_of: bool = True) -> torch.Tensor:
     """[B, T] advantages of the rollout's rewards ``R`` [B, T + 1] (zero on untrained steps), or of its
-    components' [B, T + 1, C] (``dense.multi_reward=per_reward``); with ``grpo.best_of`` (and ``best_of``),
-    those of the samples it leaves out set to 0, which filter_zero_advantage skips."""
+    components' [B, T + 1, C] (``dense.multi_reward=per_reward``); with ``best_of``, :func:`_keep_best_of`'s."""
     d = run.cfg.dense
     weights = run.reward_fn.weights if R.dim() == 3 else None
     A = advantages(R, run.cfg.sampling.group_size, d.mode, run.trained, global_std=d.global_std,
                    eps=d.adv_eps, clip=d.adv_clip, weights=weights)  # fmt: skip
-    if best_of and run.cfg.grpo.best_of is not None:
-        final = (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1]
-        A = A * best_of_rows(final, run.cfg.sampling.group_size, run.cfg.grpo.best_of)[:, None]
-    return A
+    return _keep_best_of(run, A, R) if best_of else A
+
+
+def _keep_best_of(run: Run, A: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """``A`` with, under ``grpo.best_of``, the advantages of the samples it leaves out set to 0, which
+    filter_zero_advantage skips (``A`` itself without it)."""
+    if run.cfg.grpo.best_of is None:
+        return A
+    final = (run.reward_fn.combine(R) if R.dim() == 3 else R)[:, -1]
+    return A * best_of_rows(final, run.cfg.sampling.group_size, run.cfg.grpo.best_of)[:, None]
 
 
 def best_of_rows(final: torch.Tensor, G: int, k: int) -> torch.Tensor:

@@ -54,7 +54,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from densegrpo_fast.rewards import register
+from densegrpo_fast.rewards import count_problems, register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 from densegrpo_fast.rewards.remote import _read_within, backoff, pick_url, url_problems
 
@@ -123,10 +123,8 @@ def _problems(
         and score_range[0] < score_range[1]
     ):  # fmt: skip
         out.append(f"reward.kwargs.score_range={score_range!r} must be [lo, hi] with lo < hi (or null: raw)")
-    if max_tokens is not None and (
-        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
-    ):
-        out.append(f"reward.kwargs.max_tokens={max_tokens!r} must be a whole number >= 1 (or null)")
+    if max_tokens is not None:
+        out += [f"{p} (or null)" for p in count_problems(max_tokens=max_tokens)]
     for name, v, low in [
         ("temperature", temperature, 0),
         ("timeout_s", timeout_s, 1e-9),
@@ -134,9 +132,9 @@ def _problems(
     ]:
         if not num(v) or v < low:
             out.append(f"reward.kwargs.{name}={v!r} must be a number >= {low:g}")
-    for name, v, low in [("concurrency", concurrency, 1), ("retries", retries, 0)]:
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            out.append(f"reward.kwargs.{name}={v!r} must be a whole number >= {low}")
+    out += count_problems(concurrency=concurrency)
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        out.append(f"reward.kwargs.retries={retries!r} must be a whole number >= 0")
     if api_key_env is not None and (not isinstance(api_key_env, str) or not api_key_env):
         out.append(
             f"reward.kwargs.api_key_env={api_key_env!r}: the name of an environment variable (or null)"
