@@ -7,6 +7,7 @@ raises one :class:`ConfigError` listing every problem with the nearest valid key
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import typing
@@ -315,16 +316,17 @@ def resolution_problem(setting: str, resolution: Resolution, multiple: int, why:
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd3", "flux", "qwen_image"] = Field(
+    family: Literal["toy", "sd3", "flux", "qwen_image", "z_image"] = Field(
         "toy",
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), qwen_image "
-        "(Qwen-Image)",
+        "(Qwen-Image), z_image (Z-Image, Z-Image-Turbo)",
     )
     checkpoint: str | None = Field(
         None,
-        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image: a "
+        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image/z_image: a "
         "diffusers-format directory or a Hugging Face repo id, null = "
-        "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image",
+        "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image / "
+        "Tongyi-MAI/Z-Image",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
@@ -332,7 +334,7 @@ class ModelSection(Section):
     )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32",
-        description="sd3/flux/qwen_image: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
+        description="sd3/flux/qwen_image/z_image: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
         "and the SDE math stay fp32",
     )
     autocast: Literal["bf16", "fp16"] | None = Field(
@@ -345,31 +347,32 @@ class ModelSection(Section):
     _resolution = field_validator("resolution", mode="before")(_required_resolution)
     resolution: int | tuple[int, int] = Field(
         512,
-        description="sd3/flux/qwen_image: image side in pixels (square images), or [height, width]; "
+        description="sd3/flux/qwen_image/z_image: image side in pixels (square images), or [height, width]; "
         "multiples of 16",
     )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="sd3/flux/qwen_image: text tokens per prompt (T5's for SD3 and FLUX.1, at most 512; "
-        "Qwen2.5-VL's for Qwen-Image, at most 1024); null = SD3's 256, FLUX.1's 512, Qwen-Image's 512",
+        description="sd3/flux/qwen_image/z_image: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
+        "512; Qwen2.5-VL's for Qwen-Image, at most 1024; Qwen3's for Z-Image, chat template included, at most "
+        "992); null = SD3's 256, FLUX.1's 512, Qwen-Image's and Z-Image's 512",
     )
     local_files_only: bool = Field(
         True,
-        description="sd3/flux/qwen_image: load from the directory or the Hugging Face cache only (false = "
+        description="sd3/flux/qwen_image/z_image: load from the directory or the Hugging Face cache only (false = "
         "download what is missing)",
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="sd3/flux/qwen_image: recompute transformer activations in backward (less memory, "
+        description="sd3/flux/qwen_image/z_image: recompute transformer activations in backward (less memory, "
         "slower)",
     )
     offload_text_encoders: bool = Field(
         False,
-        description="sd3/flux/qwen_image: keep the frozen text encoders in host memory and move them to the "
+        description="sd3/flux/qwen_image/z_image: keep the frozen text encoders in host memory and move them to the "
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
-        "13.2 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
+        "13.2 GiB, Z-Image: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
     compile: bool = Field(
         False,
@@ -441,7 +444,7 @@ class ModelSection(Section):
                 if name in self.model_fields_set and value != type(self).model_fields[name].default:
                     shown = shown_resolution(value) if name == "resolution" else repr(value)
                     out.append(
-                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image only: the toy "
+                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image/z_image only: the toy "
                         "model runs fp32 at 32 px from its own checkpoint; remove it"
                     )
             return out
@@ -458,6 +461,12 @@ class ModelSection(Section):
             out.append(
                 f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: T5 "
                 "takes at most 512 tokens; set it to 512 or less (null: the family's default)"
+            )
+        if self.family == "z_image" and (self.max_sequence_length or 0) > 992:
+            out.append(
+                f"model.max_sequence_length ({self.max_sequence_length}) with model.family z_image: Z-Image's "
+                "transformer places at most 992 caption tokens (its first rope axis has 1024 positions); set it "
+                "to 992 or less (null: the pipeline's 512)"
             )
         bad = resolution_problem(
             "model.resolution", self.resolution, 16, "the VAE's factor 8 x the transformer's 2x2 patches"
@@ -497,13 +506,14 @@ class SamplingSection(Section):
         3.0,
         gt=0,
         description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid "
-        "(sd3/flux/qwen_image; FLUX.1 and Qwen-Image: shifted by resolution, as their pipelines)",
+        "(sd3/flux/qwen_image/z_image; FLUX.1 and Qwen-Image: shifted by resolution, as their pipelines)",
     )
     guidance_scale: float = Field(
         4.5,
         ge=1.0,
-        description="CFG scale in sampling and training (FLUX.1-dev: its guidance input, 3.5; Qwen-Image: "
-        "its true CFG scale, 4.0)",
+        description="CFG scale g of v_neg + g (v_pos - v_neg) in sampling and training, 1 = no CFG (FLUX.1-dev: "
+        "its guidance input, 3.5; Qwen-Image: its true CFG scale, 4.0; Z-Image: 1 + ZImagePipeline's "
+        "guidance_scale, 5.0 for its 4, and 1.0 for Z-Image-Turbo's 0)",
     )
     group_size: int = Field(8, ge=2, description="G, samples per prompt")
     share_initial_noise: bool = Field(
@@ -709,7 +719,7 @@ class LoRASection(Section):
     )
     init: str | None = Field(
         None,
-        description="sd3/flux/qwen_image: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
+        description="sd3/flux/qwen_image/z_image: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
         "folder, a diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published "
         "LoRAs); its rank must be lora.rank; the KL reference stays the base model",
     )
@@ -720,7 +730,8 @@ class LoRASection(Section):
                                  "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
         description="module-name suffixes that get adapters (Flow-GRPO's SD3 attention projections; in FLUX.1 the same "
         "names cover the double-stream blocks and the single-stream blocks' q/k/v, in Qwen-Image every block's "
-        "attention, to which Flow-GRPO's Qwen-Image recipe adds the MLPs: configs/qwen_image_pickscore.yaml)",
+        "attention, to which Flow-GRPO's Qwen-Image recipe adds the MLPs: configs/qwen_image_pickscore.yaml; "
+        "model.family z_image defaults to Z-Image's attention.to_q/to_k/to_v/to_out.0)",
     )  # fmt: skip
 
 
@@ -793,28 +804,32 @@ class EvalSection(Section):
         256,
         ge=1,
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file "
-        "(sd3/flux/qwen_image: null)",
+        "(sd3/flux/qwen_image/z_image: null)",
     )
     images_per_prompt: int = Field(
         1,
         ge=1,
         le=256,  # (the image number is the low 8 bits of its noise seed: image 256 would repeat image 0's)
-        description="samples per prompt, each from its own noise (sd3/flux/qwen_image; the toy takes 1)",
+        description="samples per prompt, each from its own noise (sd3/flux/qwen_image/z_image; the toy takes 1)",
     )
     num_steps: int = Field(
         20,
         ge=1,
         le=1000,
-        description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28, qwen_image: 50)",
+        description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28, qwen_image: 50, z_image: "
+        "50)",
     )
     guidance_scale: float = Field(
-        1.5, ge=1.0, description="CFG scale of the evaluation sampler (sd3: 4.5, flux: 3.5, qwen_image: 4.0)"
+        1.5,
+        ge=1.0,
+        description="CFG scale of the evaluation sampler, as sampling.guidance_scale (sd3: 4.5, flux: 3.5, "
+        "qwen_image: 4.0, z_image: 5.0)",
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux and qwen_image: null)",
+        "flux, qwen_image and z_image: null)",
     )
     seed: int = Field(
         0,
@@ -826,22 +841,23 @@ class EvalSection(Section):
     _resolution = field_validator("resolution", mode="before")(_resolution_shape)
     resolution: int | tuple[int, int] | None = Field(
         None,
-        description="sd3/flux/qwen_image: image side of the evaluation sampler in pixels, or [height, width]; "
+        description="sd3/flux/qwen_image/z_image: image side of the evaluation sampler in pixels, or [height, width]; "
         "multiples of 16; null = model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
         "the held-out evaluations during training at another side run eagerly (the compiled blocks keep the "
         "training size's graphs)",
     )
     batch_size: int = Field(
-        128, ge=1, description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8)"
+        128, ge=1, description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8, z_image: 8)"
     )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
-        "(sd3: runs/sd3_eval, flux: runs/flux_eval, qwen_image: runs/qwen_image_eval)",
+        "(sd3: runs/sd3_eval, flux: runs/flux_eval, qwen_image: runs/qwen_image_eval, z_image: "
+        "runs/z_image_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
-        False, description="sd3/flux/qwen_image eval command: also write every sample as a PNG"
+        False, description="sd3/flux/qwen_image/z_image eval command: also write every sample as a PNG"
     )
     rewards: dict[str, RewardSection] = Field(
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
@@ -858,8 +874,10 @@ class EvalSection(Section):
 # Where a config leaves them out, the samplers' settings follow model.family. EvalSection's field defaults are
 # the toy's: a model without its evaluation section is evaluated as the papers and the pipelines sample it
 # (SD3.5: 40 steps, CFG 4.5, shift 3.0; FLUX.1-dev: 28 steps, guidance 3.5, its own grid; Qwen-Image: its
-# model card's 50 steps, true CFG 4.0, its own grid). SamplingSection's are SD3.5's: FLUX.1 rolls out with its
-# own grid and guidance 3.5, Qwen-Image with its own grid and CFG 4.0.
+# model card's 50 steps, true CFG 4.0, its own grid; Z-Image: its model card's 50 steps and CFG 4, the engine's
+# 5.0, its own grid). SamplingSection's are SD3.5's: FLUX.1 rolls out with its own grid and guidance 3.5,
+# Qwen-Image with its own grid and CFG 4.0, Z-Image with its own grid and CFG 5.0. LoRA targets Z-Image's
+# attention projections, whose names differ from the MMDiTs'.
 EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
     "sd3": {"num_steps": 40, "guidance_scale": 4.5, "shift": 3.0, "batch_size": 16, "num_prompts": None,
@@ -868,25 +886,39 @@ EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
              "output_dir": "runs/flux_eval"},
     "qwen_image": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8,
                    "num_prompts": None, "output_dir": "runs/qwen_image_eval"},
+    "z_image": {"num_steps": 50, "guidance_scale": 5.0, "shift": None, "batch_size": 8, "num_prompts": None,
+                "output_dir": "runs/z_image_eval"},
 }  # fmt: skip
 SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
     "sd3": {},
     "flux": {"shift": None, "guidance_scale": 3.5},
     "qwen_image": {"shift": None, "guidance_scale": 4.0},
+    "z_image": {"shift": None, "guidance_scale": 5.0},
 }
+#: Z-Image's attention projections (every block's, the refiners' included): Flow-GRPO's SD3 choice of
+#: attention only, in Z-Image's names.
+Z_IMAGE_LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
+LORA_FAMILY_DEFAULTS: dict[str, dict] = {
+    "toy": {}, "sd3": {}, "flux": {}, "qwen_image": {}, "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
+}  # fmt: skip
 
 
 def fill_family_defaults(model: ModelSection, **sections: Section) -> None:
     """Give the settings of ``eval`` / ``sampling`` that the config left out their value for
     ``model.family``. They stay "not set" (out of ``model_fields_set``), so a config validated again with
     another family is filled again for it."""
-    tables = {"eval": EVAL_FAMILY_DEFAULTS, "sampling": SAMPLING_FAMILY_DEFAULTS}
+    tables = {
+        "eval": EVAL_FAMILY_DEFAULTS,
+        "sampling": SAMPLING_FAMILY_DEFAULTS,
+        "lora": LORA_FAMILY_DEFAULTS,
+    }
     for name, section in sections.items():
         table = tables[name]
         for key in sorted(set().union(*table.values())):  # (a family without the key: the field's default)
             if key not in section.model_fields_set:
-                setattr(section, key, table[model.family].get(key, type(section).model_fields[key].default))
+                default = type(section).model_fields[key].get_default(call_default_factory=True)
+                setattr(section, key, copy.deepcopy(table[model.family].get(key, default)))
                 section.model_fields_set.discard(key)  # (assignment marks it set)
 
 
@@ -936,14 +968,21 @@ def model_eval_problems(
                 f"{where} is null (the model's own grid), but the toy model has no scheduler of its own: "
                 "give a number (the toy config uses 1.0, SD3.5 3.0)"
             )
-        if value is not None and model.family in ("flux", "qwen_image"):
+        if value is not None and model.family in ("flux", "qwen_image", "z_image"):
             name, pipeline = {
                 "flux": ("FLUX.1", "FluxPipeline"),
                 "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
+                "z_image": ("Z-Image", "ZImagePipeline"),
             }[model.family]
+            grid = (
+                "its pipeline's grid (linspace(1, 1/T, T) shifted as its scheduler says, not SD3's grid with "
+                "a fixed shift)"
+                if model.family == "z_image"
+                else "a grid shifted by the image's token count, not a fixed shift"
+            )
             out.append(
-                f"{where} ({value}) with model.family {model.family}: {name} samples on a grid shifted by "
-                f"the image's token count, not a fixed shift; set {where}=null for {pipeline}'s own grid"
+                f"{where} ({value}) with model.family {model.family}: {name} samples on {grid}; set "
+                f"{where}=null for {pipeline}'s own grid"
             )
     return out
 
@@ -975,7 +1014,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> TrainConfig:
-        fill_family_defaults(self.model, eval=self.eval, sampling=self.sampling)
+        fill_family_defaults(self.model, eval=self.eval, sampling=self.sampling, lora=self.lora)
         T = self.sampling.num_steps
         problems = []
         if "reward" in self.eval.rewards:

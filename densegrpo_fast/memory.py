@@ -1371,7 +1371,7 @@ def run_memory(
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     try:  # (the folder goes whatever stops the estimate: an error, Ctrl-C during the build)
         # what the prompts say does not matter where the encoders pad to their length (SD3, FLUX.1); where
-        # they pad to the batch's longest prompt (Qwen-Image), each prompt reaches model.max_sequence_length
+        # they pad to the batch's longest prompt (Qwen-Image, Z-Image), each prompt reaches model.max_sequence_length
         # (the most memory): Qwen's tokenizer, like the byte-level stand-in, makes a token of each digit
         from densegrpo_fast.policies import adapter_class
 

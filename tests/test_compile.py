@@ -206,20 +206,32 @@ def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
-@pytest.mark.parametrize("family", ["sd3.5", "flux"])
+@pytest.mark.parametrize("family", ["sd3.5", "flux", "z_image"])
 def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     """No graph break in a block (``fullgraph=True`` raises at the first): the fused code covers each block
     from its first op to its last, with LoRA adapters and gradients, and under gradient checkpointing (which
     calls each block again in the backward). SD3.5-M's blocks at tiny widths (dual attention, RMS-normed q
-    and k, the last block's context_pre_only), FLUX.1's double- and single-stream blocks. The output and
+    and k, the last block's context_pre_only), FLUX.1's double- and single-stream blocks, Z-Image's refiners
+    and single-stream layers (captions of two lengths: the sequence is padded and masked). The output and
     the adapters' gradients are the uncompiled model's."""
     import copy
 
     from diffusers import SD3Transformer2DModel
 
-    from densegrpo_fast.config import LoRASection
+    from densegrpo_fast.config import Z_IMAGE_LORA_TARGETS, LoRASection
 
-    if family == "sd3.5":
+    targets = LoRASection().target_modules
+    if family == "z_image":
+        import tiny_models
+
+        t = tiny_models.z_image_pipeline().transformer
+        targets = Z_IMAGE_LORA_TARGETS
+        captions = [torch.randn(40, 16), torch.randn(19, 16)]
+        call = (list(torch.randn(2, 4, 1, 16, 16).unbind(0)), torch.tensor([0.5, 0.3]), captions)
+
+        def forward(model):
+            return torch.stack(model(*call, return_dict=False)[0])
+    elif family == "sd3.5":
         t = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
             num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32,
@@ -234,20 +246,25 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
             hidden_states=torch.randn(2, 64, 16), encoder_hidden_states=torch.randn(2, 10, 32),
             img_ids=torch.zeros(64, 3), txt_ids=torch.zeros(10, 3), guidance=torch.full((2,), 3.5),
         )  # fmt: skip
-    _lora(t, LoRASection().target_modules)
+    _lora(t, targets)
     if checkpointing:
         t.enable_gradient_checkpointing()
-    inputs.update(
-        timestep=torch.tensor([0.5, 0.3]), pooled_projections=torch.randn(2, t.config.pooled_projection_dim)
-    )
+    if family != "z_image":
+        inputs.update(
+            timestep=torch.tensor([0.5, 0.3]),
+            pooled_projections=torch.randn(2, t.config.pooled_projection_dim),
+        )
+
+        def forward(model):
+            return model(**inputs, return_dict=False)[0]
 
     def output_and_grads(model):
-        out = model(**inputs, return_dict=False)[0]
+        out = forward(model)
         out.square().mean().backward()
         return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
     compiled = copy.deepcopy(t)
-    blocks = [b for name, child in compiled.named_children() if name.endswith("blocks") for b in child]
+    blocks = [b for child in compiled.children() if isinstance(child, torch.nn.ModuleList) for b in child]
     for block in blocks:
         block.compile(backend="densegrpo_counting", fullgraph=True)
     out, grads = output_and_grads(compiled)

@@ -948,7 +948,10 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["model.dtype=bf16"], r"model.dtype \('bf16'\) applies to model.family sd3/flux/qwen_image only"),
+        (
+            ["model.dtype=bf16"],
+            r"model.dtype \('bf16'\) applies to model.family sd3/flux/qwen_image/z_image only",
+        ),
         (
             ["model.offload_text_encoders=true"],
             r"model.offload_text_encoders \(True\) applies to model.family sd3",

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD3, FLUX.1 and Qwen-Image pipelines, built offline from configs (no downloads).
+"""Tiny random-weight SD3, FLUX.1, Qwen-Image and Z-Image pipelines, built offline from configs (no downloads).
 
 Same architectures and pipelines as the real models, with every width cut to a few dozen channels, one
 or two layers, and tokenizers whose vocabulary is single characters (any lowercase prompt tokenizes).
@@ -157,6 +157,36 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
     )
 
 
+def z_image_pipeline(seed: int = 0, **scheduler_kwargs):
+    """``ZImagePipeline`` with tiny random components (Z-Image-Turbo's scheduler config unless
+    ``scheduler_kwargs`` replace it, a two-layer Qwen3, FLUX.1's VAE layout of factor 2), fp32, on the CPU.
+    The tokenizer is byte-level (one token per byte) with a Qwen3-like chat template."""
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen3_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+    ))  # fmt: skip
+    transformer = ZImageTransformer2DModel(
+        in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+        axes_dims=[8, 4, 4], axes_lens=[512, 64, 64],
+    )  # fmt: skip
+    # (its pad tokens start at zero: random ones, so that a caption padded wrongly shows)
+    for pad in (transformer.x_pad_token, transformer.cap_pad_token):
+        torch.nn.init.normal_(pad)
+    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_kwargs or architectures.Z_IMAGE_SCHEDULER))
+    return ZImagePipeline(
+        scheduler=scheduler,
+        vae=vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
 def qwen_vl_checkpoint(root, seed: int = 0):
     """A tiny random Qwen2.5-VL checkpoint in ``root`` (model, tokenizer, image processor), as
     ``hf download Qwen/Qwen2.5-VL-7B-Instruct`` lays one out: two text layers, one vision block, 14 px
@@ -179,18 +209,21 @@ def qwen_vl_checkpoint(root, seed: int = 0):
     return root
 
 
-def exported_lora_round_trip(make_pipe, Adapter, opts: dict, prompts: list[str], guidance: float, tmp_path):
+def exported_lora_round_trip(
+    make_pipe, Adapter, opts: dict, prompts: list[str], guidance: float, tmp_path, targets=None
+):
     """``save_lora`` writes diffusers' format: ``<Pipeline>.load_lora_weights`` on a fresh base model
     (``make_pipe()``) gives the adapted velocity (alpha / r folded into lora_B: the loaders assume
     alpha = r), and ``lora.init`` starts a run's own adapter (alpha 2, another scale) from the file with the
-    same velocity. ``Adapter(pipe, **opts)`` is the family's policy."""
+    same velocity. ``Adapter(pipe, **opts)`` is the family's policy; ``targets``: the LoRA's target modules
+    (default: the config's)."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
     from densegrpo_fast.config import LoRASection
     from densegrpo_fast.lora_init import start_adapters_from
 
-    targets = LoRASection().target_modules
+    targets = targets or LoRASection().target_modules
     policy = Adapter(make_pipe(), **opts)
     x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
     sigma = torch.tensor([0.7, 0.3])

@@ -1,10 +1,10 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
 The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
-FLUX.1-dev and Qwen-Image from these configs when the checkpoint is not on disk (fake or random weights, the
+FLUX.1-dev, Qwen-Image and Z-Image from these configs when the checkpoint is not on disk (fake or random weights, the
 real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
-lowercase prompt, one token per character, padded to the model's length (Qwen-Image's tokenizer pads to
-the batch's longest prompt instead: one token per byte).
+lowercase prompt, one token per character, padded to the model's length (Qwen-Image's and Z-Image's
+tokenizers pad to the batch's longest prompt instead: one token per byte).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import string
 # attention buckets / max distance, the CLIP token ids (ours are the offline tokenizer's). Qwen-Image's
 # scheduler values are those other trainers hard-code for it (ostris/ai-toolkit, SimpleTuner), not read from the
 # official file; its transformer and VAE are diffusers' class defaults; Qwen2.5-VL's rope and vision-window
-# settings are as recalled.
+# settings are as recalled. Z-Image's transformer is ZImageTransformer2DModel's defaults (diffusers' defaults are
+# Z-Image-Turbo's config); Qwen3-4B's config and Z-Image-Turbo's scheduler (a static shift of 3) are as
+# recalled.
 
 #: SD3.5-Medium's MMDiT-X (stabilityai/stable-diffusion-3.5-medium, transformer/config.json).
 SD35M_TRANSFORMER = dict(
@@ -86,6 +88,21 @@ QWEN_IMAGE_SCHEDULER = dict(
     num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_image_seq_len=256,
     max_image_seq_len=8192, base_shift=0.5, max_shift=0.9, shift_terminal=0.02, time_shift_type="exponential",
 )  # fmt: skip
+#: Z-Image's single-stream DiT (Tongyi-MAI/Z-Image-Turbo, transformer/config.json; ZImageTransformer2DModel's
+#: defaults): 30 layers (and 2 + 2 refiner layers) of 30 heads x 128 over Qwen3-4B's 2560-wide states.
+Z_IMAGE_TRANSFORMER = dict(
+    all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30, n_refiner_layers=2,
+    n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560, rope_theta=256.0,
+    t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1024, 512, 512],
+)  # fmt: skip
+#: Qwen3-4B (Z-Image's text_encoder, a Qwen3Model: no LM head; its input embedding is the tied one).
+QWEN3_4B = dict(
+    hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+    head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)  # fmt: skip
+#: Z-Image-Turbo's scheduler: a static shift of 3 on the pipeline's linspace(1, 1/T, T).
+Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
 FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
@@ -102,8 +119,11 @@ KNOWN_PARAMS = {
     # Qwen-Image: its model card's "20B"; Qwen2.5-VL-7B-Instruct's 8.29 B (its model card); the VAE's
     # 127 M is Wan 2.1's VAE (0.25 GB in 16 bits, 0.51 GB in fp32)
     "qwen_image": {"transformer": 20430, "text_encoder": 8292, "vae": 126.9},
+    # Z-Image: the "6B" of its model card, 6.15 B as its bf16 transformer's 12.3 GB; Qwen3-4B's 4.02 B (its
+    # model card, embeddings included, the 151936 x 2560 of them counted once); FLUX.1's VAE
+    "z_image": {"transformer": 6155, "text_encoder": 4022, "vae": 83.8},
 }  # fmt: skip
-DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512}
+DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512, "z_image": 512}
 
 
 CHARS = string.ascii_lowercase + string.digits
@@ -141,12 +161,32 @@ def qwen_tokenizer():
     return tokenizer
 
 
+#: A chat template that renders one user message as Qwen3's does with ``enable_thinking=True`` (the stand-in
+#: tokenizers' and the tests'; the checkpoint's tokenizer brings Qwen3's own).
+QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def qwen3_tokenizer():
+    """:func:`qwen_tokenizer` with Qwen3's chat template (Z-Image's tokenizer), padding with Qwen3's pad token."""
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
+
+
 def stand_in_tokenizers(family: str) -> dict:
     """The pipeline's tokenizers for ``family``, as stand-ins (see the module docstring)."""
     if family == "sd3":
         return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "tokenizer_3": t5_tokenizer()}
     if family == "qwen_image":
         return {"tokenizer": qwen_tokenizer()}
+    if family == "z_image":
+        return {"tokenizer": qwen3_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
 
 
@@ -171,6 +211,15 @@ def full_size_models(family: str) -> dict:
             "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
             "vae": lambda: AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
         }
+    if family == "z_image":
+        from diffusers import ZImageTransformer2DModel
+        from transformers import Qwen3Config, Qwen3Model
+
+        return {
+            "transformer": lambda: ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER),
+            "text_encoder": lambda: Qwen3Model(Qwen3Config(**QWEN3_4B)),
+            "vae": lambda: AutoencoderKL(**FLUX_VAE),
+        }
     t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
     if family == "sd3":
         return {
@@ -192,5 +241,6 @@ def scheduler(family: str):
     """The checkpoint's flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER}
+    configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER,
+               "z_image": Z_IMAGE_SCHEDULER}  # fmt: skip
     return FlowMatchEulerDiscreteScheduler(**configs[family])

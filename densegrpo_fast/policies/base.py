@@ -195,8 +195,10 @@ RECOMPILE_LIMIT = 64
 
 def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` each block of the transformer's block lists in place (regional compilation: every
-    ``nn.ModuleList`` child whose name ends in ``blocks``, as diffusers' SD3 and FLUX.1 transformers hold
-    them). Layers of one class share their compiled code, so compiling costs a few graphs whatever the
+    ``nn.ModuleList`` child, as diffusers' transformers hold their blocks: ``transformer_blocks`` and
+    ``single_transformer_blocks`` in SD3, FLUX.1 and Qwen-Image; ``layers``, ``noise_refiner`` and
+    ``context_refiner`` in Z-Image, whose calls' sequence lengths follow their captions, so that its blocks
+    recompile once for shapes that vary). Layers of one class share their compiled code, so compiling costs a few graphs whatever the
     depth; the embedders and output layers stay eager. Call after adapters are injected and weights sharded;
     compiling itself is lazy (at each block's first call). Raises dynamo's per-function cache limit for the
     whole process (:data:`RECOMPILE_LIMIT`). Returns the number of blocks.
@@ -207,14 +209,11 @@ def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "indu
     import torch._dynamo.config
 
     blocks = [
-        block
-        for name, child in transformer.named_children()
-        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks")
-        for block in child
+        block for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for block in child
     ]
     if not blocks:
         raise ValueError(
-            f"model.compile: {type(transformer).__name__} has no block list (a ModuleList named *blocks) to "
+            f"model.compile: {type(transformer).__name__} has no block list (a ModuleList of blocks) to "
             "compile; set model.compile=false"
         )
     config = torch._dynamo.config

@@ -1,4 +1,4 @@
-"""What the pretrained-model adapters (sd3, flux, qwen_image) share: finding weights, and
+"""What the pretrained-model adapters (sd3, flux, qwen_image, z_image) share: finding weights, and
 :class:`DiffusersPolicy`.
 
 Weights are a diffusers-format directory, or a repo in the user's Hugging Face cache. Offline by default:
@@ -446,8 +446,10 @@ class DiffusersPolicy:
 
 class PackedLatentPolicy(DiffusersPolicy):
     """Base of the families whose transformer takes the latent as 2x2 patches packed into tokens and whose
-    scheduler shifts its grid by the image's token count (FLUX.1, Qwen-Image). The engine sees the unpacked
-    latent [C, H/f, W/f] (C = the transformer's ``in_channels / 4``); each family packs it in ``velocity``."""
+    scheduler shifts its grid by the image's token count (FLUX.1, Qwen-Image), or statically (FLUX.1-schnell,
+    Z-Image-Turbo), on the pipelines' ``linspace(1, 1/T, T)``. The engine sees the unpacked latent
+    [C, H/f, W/f] (C = the transformer's ``in_channels / 4``); each family packs it in ``velocity``. Z-Image's
+    transformer cuts its own patches: its adapter keeps the grid and sets the latent shape itself."""
 
     #: The model's name in messages, and what to do about a scheduler whose grid the engine does not
     #: reproduce.
