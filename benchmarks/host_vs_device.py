@@ -121,8 +121,8 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
         return torch.zeros(*shape, device=device)
 
     def second(n):  # the pooled vector, or Qwen-Image's and Z-Image's token mask (every token kept)
-        if getattr(policy, "pads_prompts", True):
-            return zeros(n, t.pooled_projection_dim)
+        if getattr(policy, "pads_prompts", True):  # (FLUX.2 [klein]: no pooled vector, a placeholder column)
+            return zeros(n, t.get("pooled_projection_dim") or 1)
         return torch.ones(n, length, dtype=torch.long, device=device)
 
     neg = (zeros(1, length, dim), second(1)) if cfg_on else (None, None)

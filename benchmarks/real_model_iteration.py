@@ -1,5 +1,5 @@
-"""Memory and time of real DenseGRPO iterations on SD3.5-Medium, FLUX.1-dev, Qwen-Image or Z-Image, at full size with
-random weights.
+"""Memory and time of real DenseGRPO iterations on SD3.5-Medium, FLUX.1-dev, Qwen-Image, Z-Image or FLUX.2 [klein]
+4B, at full size with random weights.
 
     python benchmarks/real_model_iteration.py --family sd3 --prompts 2 --compare-sparse --out /tmp/bench
     python benchmarks/real_model_iteration.py --family flux --prompts 1 --group-size 8 --out /tmp/bench
@@ -15,14 +15,15 @@ or ~17B (FLUX.1-dev + T5-XXL) parameters. The tokenizers are the offline single-
 (densegrpo_fast/policies/architectures.py) padding to the real sequence lengths (CLIP 77, T5 256 for SD3 /
 512 for FLUX), so every tensor has its real shape.
 
-They go into the real adapters (``SD3Policy`` / ``FluxPolicy`` / ``QwenImagePolicy`` / ``ZImagePolicy``), and the
-iteration is
+They go into the real adapters (``SD3Policy`` / ``FluxPolicy`` / ``QwenImagePolicy`` / ``ZImagePolicy`` /
+``Flux2KleinPolicy``), and the iteration is
 the trainer's own:
 ``trainer.setup`` (LoRA, AdamW, EMA; the policy injected), ``trainer.collect`` (prompt encoding, the SDE
 rollout with its in-flight completions, decoding and reward) and ``trainer.update`` (recomputed log-probs,
 clipped loss + KL against the LoRA-disabled reference, gradient accumulation, optimizer steps), with the
 recipe's settings from configs/sd35m_pickscore.yaml, configs/flux_pickscore.yaml,
-configs/qwen_image_pickscore.yaml or configs/z_image_pickscore.yaml. Overridable: prompts
+configs/qwen_image_pickscore.yaml, configs/z_image_pickscore.yaml or configs/flux2_klein_pickscore.yaml.
+Overridable: prompts
 per iteration, G, T, ``sampling.max_rows_per_call``, ``grpo.train_batch_size`` and any ``key=value``. Two
 settings always differ from the recipe: the reward is the registry's ``redness`` (on the device, nearly
 free: the engine is measured, not PickScore) and the noise is uniform a = 0.7 (no calibration run; a
@@ -82,6 +83,7 @@ RECIPES = {
     "flux": ROOT / "configs" / "flux_pickscore.yaml",
     "qwen_image": ROOT / "configs" / "qwen_image_pickscore.yaml",
     "z_image": ROOT / "configs" / "z_image_pickscore.yaml",
+    "flux2_klein": ROOT / "configs" / "flux2_klein_pickscore.yaml",
 }
 GIB = 2**30
 
@@ -118,7 +120,7 @@ def full_size_components(family: str, device: torch.device, dtype: torch.dtype) 
 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
     """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``QwenImagePipeline``,
-    ``ZImagePipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
+    ``ZImagePipeline``, ``Flux2KleinPipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
     ``device``, with the stand-in tokenizers."""
     import diffusers
     import tiny_models
@@ -471,17 +473,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny random components on the CPU (CI smoke run)")
     ap.add_argument("--meta", action="store_true", help="only build the full-size configs on 'meta', count")
     ap.add_argument("--prompts", type=int, help="prompts per iteration (recipe: 48)")
-    ap.add_argument("--group-size", type=int, help="G (recipe: sd3, flux and z_image 24, qwen_image 16)")
+    ap.add_argument(
+        "--group-size", type=int, help="G (recipe: sd3, flux, z_image and flux2_klein 24, qwen_image 16)"
+    )
     ap.add_argument("--steps", type=int, help="T (recipe: 10)")
     ap.add_argument(
         "--max-rows-per-call",
         type=int,
-        help="sampling.max_rows_per_call (recipe: sd3 96, flux 48, qwen_image 32, z_image 48)",
+        help="sampling.max_rows_per_call (recipe: sd3 96, flux 48, qwen_image 32, z_image 48, flux2_klein 24)",
     )
     ap.add_argument(
         "--train-batch-size",
         type=int,
-        help="grpo.train_batch_size (recipe: sd3 8, flux 4, qwen_image 4, z_image 8)",
+        help="grpo.train_batch_size (recipe: sd3 8, flux 4, qwen_image 4, z_image 8, flux2_klein 8)",
     )
     ap.add_argument("--dense-mode", choices=["dense", "sparse"], default="dense")
     ap.add_argument("--compare-sparse", action="store_true", help="also run sparse, same prompts and noise")

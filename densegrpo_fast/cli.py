@@ -41,7 +41,7 @@ def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="held-out scores: the toy's GenEval-style report, or eval.rewards on a prompt file "
-        "(sd3/flux/qwen_image/z_image)",
+        "(the pretrained families)",
     )
     _add_overrides(p)
     p.add_argument(
@@ -52,11 +52,11 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--lora",
         default=None,
-        help="sd3/flux/qwen_image/z_image: a LoRA merged into the model (or --checkpoint) before sampling: a run's "
+        help="pretrained families: a LoRA merged into the model (or --checkpoint) before sampling: a run's "
         "lora_ema/, a diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA)",
     )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (sd3/flux/qwen_image/z_image)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (pretrained families)")
 
     def handler(args):
         from densegrpo_fast.evaluate import run_eval
@@ -401,7 +401,7 @@ SUBCOMMANDS.append(_add_serve_reward)
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="densegrpo-fast",
-        description="DenseGRPO for flow-matching text-to-image models (SD3.5, FLUX, Qwen-Image, Z-Image, and an embedded "
+        description="DenseGRPO for flow-matching text-to-image models (SD3.5, FLUX.1, FLUX.2 [klein], Qwen-Image, Z-Image, and an embedded "
         "toy).",
     )
     parser.add_argument("--version", action="version", version=f"densegrpo-fast {__version__}")

@@ -316,17 +316,18 @@ def resolution_problem(setting: str, resolution: Resolution, multiple: int, why:
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd3", "flux", "qwen_image", "z_image"] = Field(
+    family: Literal["toy", "sd3", "flux", "qwen_image", "z_image", "flux2_klein"] = Field(
         "toy",
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), qwen_image "
-        "(Qwen-Image), z_image (Z-Image, Z-Image-Turbo)",
+        "(Qwen-Image), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, base or "
+        "distilled)",
     )
     checkpoint: str | None = Field(
         None,
-        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image/z_image: a "
+        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image/z_image/flux2_klein: a "
         "diffusers-format directory or a Hugging Face repo id, null = "
         "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image / "
-        "Tongyi-MAI/Z-Image",
+        "Tongyi-MAI/Z-Image / black-forest-labs/FLUX.2-klein-base-4B",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
@@ -334,7 +335,7 @@ class ModelSection(Section):
     )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32",
-        description="sd3/flux/qwen_image/z_image: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
         "and the SDE math stay fp32",
     )
     autocast: Literal["bf16", "fp16"] | None = Field(
@@ -347,30 +348,31 @@ class ModelSection(Section):
     _resolution = field_validator("resolution", mode="before")(_required_resolution)
     resolution: int | tuple[int, int] = Field(
         512,
-        description="sd3/flux/qwen_image/z_image: image side in pixels (square images), or [height, width]; "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: image side in pixels (square images), or [height, width]; "
         "multiples of 16",
     )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="sd3/flux/qwen_image/z_image: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
         "512; Qwen2.5-VL's for Qwen-Image, at most 1024; Qwen3's for Z-Image, chat template included, at most "
-        "992); null = SD3's 256, FLUX.1's 512, Qwen-Image's and Z-Image's 512",
+        "992; Qwen3's for FLUX.2 [klein], chat template included, every prompt padded to it); null = SD3's "
+        "256, FLUX.1's 512, Qwen-Image's, Z-Image's and FLUX.2 [klein]'s 512",
     )
     local_files_only: bool = Field(
         True,
-        description="sd3/flux/qwen_image/z_image: load from the directory or the Hugging Face cache only (false = "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: load from the directory or the Hugging Face cache only (false = "
         "download what is missing)",
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="sd3/flux/qwen_image/z_image: recompute transformer activations in backward (less memory, "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: recompute transformer activations in backward (less memory, "
         "slower)",
     )
     offload_text_encoders: bool = Field(
         False,
-        description="sd3/flux/qwen_image/z_image: keep the frozen text encoders in host memory and move them to the "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: keep the frozen text encoders in host memory and move them to the "
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
         "13.2 GiB, Z-Image: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
@@ -444,7 +446,7 @@ class ModelSection(Section):
                 if name in self.model_fields_set and value != type(self).model_fields[name].default:
                     shown = shown_resolution(value) if name == "resolution" else repr(value)
                     out.append(
-                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image/z_image only: the toy "
+                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image/z_image/flux2_klein only: the toy "
                         "model runs fp32 at 32 px from its own checkpoint; remove it"
                     )
             return out
@@ -506,14 +508,15 @@ class SamplingSection(Section):
         3.0,
         gt=0,
         description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid "
-        "(sd3/flux/qwen_image/z_image; FLUX.1 and Qwen-Image: shifted by resolution, as their pipelines)",
+        "(sd3/flux/qwen_image/z_image/flux2_klein; FLUX.1, Qwen-Image and FLUX.2 [klein]: shifted by resolution, as their pipelines)",
     )
     guidance_scale: float = Field(
         4.5,
         ge=1.0,
         description="CFG scale g of v_neg + g (v_pos - v_neg) in sampling and training, 1 = no CFG (FLUX.1-dev: "
         "its guidance input, 3.5; Qwen-Image: its true CFG scale, 4.0; Z-Image: 1 + ZImagePipeline's "
-        "guidance_scale, 5.0 for its 4, and 1.0 for Z-Image-Turbo's 0)",
+        "guidance_scale, 5.0 for its 4, and 1.0 for Z-Image-Turbo's 0; FLUX.2 [klein]: its CFG scale, 4.0 "
+        "for the base models, 1.0 for the distilled ones)",
     )
     group_size: int = Field(8, ge=2, description="G, samples per prompt")
     share_initial_noise: bool = Field(
@@ -719,7 +722,7 @@ class LoRASection(Section):
     )
     init: str | None = Field(
         None,
-        description="sd3/flux/qwen_image/z_image: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
         "folder, a diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published "
         "LoRAs); its rank must be lora.rank; the KL reference stays the base model",
     )
@@ -731,7 +734,8 @@ class LoRASection(Section):
         description="module-name suffixes that get adapters (Flow-GRPO's SD3 attention projections; in FLUX.1 the same "
         "names cover the double-stream blocks and the single-stream blocks' q/k/v, in Qwen-Image every block's "
         "attention, to which Flow-GRPO's Qwen-Image recipe adds the MLPs: configs/qwen_image_pickscore.yaml; "
-        "model.family z_image defaults to Z-Image's attention.to_q/to_k/to_v/to_out.0)",
+        "model.family z_image defaults to Z-Image's attention.to_q/to_k/to_v/to_out.0, flux2_klein adds its "
+        "single-stream blocks' attn.to_qkv_mlp_proj)",
     )  # fmt: skip
 
 
@@ -804,32 +808,32 @@ class EvalSection(Section):
         256,
         ge=1,
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file "
-        "(sd3/flux/qwen_image/z_image: null)",
+        "(sd3/flux/qwen_image/z_image/flux2_klein: null)",
     )
     images_per_prompt: int = Field(
         1,
         ge=1,
         le=256,  # (the image number is the low 8 bits of its noise seed: image 256 would repeat image 0's)
-        description="samples per prompt, each from its own noise (sd3/flux/qwen_image/z_image; the toy takes 1)",
+        description="samples per prompt, each from its own noise (sd3/flux/qwen_image/z_image/flux2_klein; the toy takes 1)",
     )
     num_steps: int = Field(
         20,
         ge=1,
         le=1000,
         description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28, qwen_image: 50, z_image: "
-        "50)",
+        "50, flux2_klein: 50)",
     )
     guidance_scale: float = Field(
         1.5,
         ge=1.0,
         description="CFG scale of the evaluation sampler, as sampling.guidance_scale (sd3: 4.5, flux: 3.5, "
-        "qwen_image: 4.0, z_image: 5.0)",
+        "qwen_image: 4.0, z_image: 5.0, flux2_klein: 4.0)",
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux, qwen_image and z_image: null)",
+        "flux, qwen_image, z_image and flux2_klein: null)",
     )
     seed: int = Field(
         0,
@@ -841,23 +845,26 @@ class EvalSection(Section):
     _resolution = field_validator("resolution", mode="before")(_resolution_shape)
     resolution: int | tuple[int, int] | None = Field(
         None,
-        description="sd3/flux/qwen_image/z_image: image side of the evaluation sampler in pixels, or [height, width]; "
+        description="sd3/flux/qwen_image/z_image/flux2_klein: image side of the evaluation sampler in pixels, or [height, width]; "
         "multiples of 16; null = model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
         "the held-out evaluations during training at another side run eagerly (the compiled blocks keep the "
         "training size's graphs)",
     )
     batch_size: int = Field(
-        128, ge=1, description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8, z_image: 8)"
+        128,
+        ge=1,
+        description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8, z_image: 8, flux2_klein: 8)",
     )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
         "(sd3: runs/sd3_eval, flux: runs/flux_eval, qwen_image: runs/qwen_image_eval, z_image: "
-        "runs/z_image_eval)",
+        "runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
-        False, description="sd3/flux/qwen_image/z_image eval command: also write every sample as a PNG"
+        False,
+        description="sd3/flux/qwen_image/z_image/flux2_klein eval command: also write every sample as a PNG",
     )
     rewards: dict[str, RewardSection] = Field(
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"
@@ -888,6 +895,8 @@ EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
                    "num_prompts": None, "output_dir": "runs/qwen_image_eval"},
     "z_image": {"num_steps": 50, "guidance_scale": 5.0, "shift": None, "batch_size": 8, "num_prompts": None,
                 "output_dir": "runs/z_image_eval"},
+    "flux2_klein": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8, "num_prompts": None,
+                    "output_dir": "runs/flux2_klein_eval"},
 }  # fmt: skip
 SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
@@ -895,12 +904,28 @@ SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "flux": {"shift": None, "guidance_scale": 3.5},
     "qwen_image": {"shift": None, "guidance_scale": 4.0},
     "z_image": {"shift": None, "guidance_scale": 5.0},
+    "flux2_klein": {"shift": None, "guidance_scale": 4.0},
 }
 #: Z-Image's attention projections (every block's, the refiners' included): Flow-GRPO's SD3 choice of
 #: attention only, in Z-Image's names.
 Z_IMAGE_LORA_TARGETS = ["attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0"]
+#: FLUX.2 [klein]'s: the double-stream blocks' eight attention projections (the SD3 names) and the single-stream
+#: blocks' fused q/k/v and MLP input projection (their output projection, ``attn.to_out``, shares its name with the
+#: double-stream blocks' ModuleList, which peft cannot adapt).
+FLUX2_KLEIN_LORA_TARGETS = [
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_qkv_mlp_proj",
+]
 LORA_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {}, "sd3": {}, "flux": {}, "qwen_image": {}, "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
+    "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
 }  # fmt: skip
 
 
@@ -968,11 +993,12 @@ def model_eval_problems(
                 f"{where} is null (the model's own grid), but the toy model has no scheduler of its own: "
                 "give a number (the toy config uses 1.0, SD3.5 3.0)"
             )
-        if value is not None and model.family in ("flux", "qwen_image", "z_image"):
+        if value is not None and model.family in ("flux", "qwen_image", "z_image", "flux2_klein"):
             name, pipeline = {
                 "flux": ("FLUX.1", "FluxPipeline"),
                 "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
                 "z_image": ("Z-Image", "ZImagePipeline"),
+                "flux2_klein": ("FLUX.2 [klein]", "Flux2KleinPipeline"),
             }[model.family]
             grid = (
                 "its pipeline's grid (linspace(1, 1/T, T) shifted as its scheduler says, not SD3's grid with "

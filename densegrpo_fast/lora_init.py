@@ -191,7 +191,7 @@ def _load_diffusers_lora(policy, path: Path, name: str) -> None:
     pipe = getattr(policy, "pipe", None)
     if pipe is None:
         raise ValueError(
-            f"{name}: a diffusers-format LoRA loads through an sd3 / flux / qwen_image / z_image pipeline; for this "
+            f"{name}: a diffusers-format LoRA loads through a pretrained family's pipeline; for this "
             "model give a peft adapter folder"
         )
     folder, weight_name = (

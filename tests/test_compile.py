@@ -206,19 +206,20 @@ def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
-@pytest.mark.parametrize("family", ["sd3.5", "flux", "z_image"])
+@pytest.mark.parametrize("family", ["sd3.5", "flux", "z_image", "flux2_klein"])
 def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     """No graph break in a block (``fullgraph=True`` raises at the first): the fused code covers each block
     from its first op to its last, with LoRA adapters and gradients, and under gradient checkpointing (which
     calls each block again in the backward). SD3.5-M's blocks at tiny widths (dual attention, RMS-normed q
     and k, the last block's context_pre_only), FLUX.1's double- and single-stream blocks, Z-Image's refiners
-    and single-stream layers (captions of two lengths: the sequence is padded and masked). The output and
-    the adapters' gradients are the uncompiled model's."""
+    and single-stream layers (captions of two lengths: the sequence is padded and masked), FLUX.2 [klein]'s
+    blocks (the single-stream blocks' fused projection adapted). The output and the adapters' gradients are
+    the uncompiled model's."""
     import copy
 
     from diffusers import SD3Transformer2DModel
 
-    from densegrpo_fast.config import Z_IMAGE_LORA_TARGETS, LoRASection
+    from densegrpo_fast.config import FLUX2_KLEIN_LORA_TARGETS, Z_IMAGE_LORA_TARGETS, LoRASection
 
     targets = LoRASection().target_modules
     if family == "z_image":
@@ -231,6 +232,21 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
 
         def forward(model):
             return torch.stack(model(*call, return_dict=False)[0])
+    elif family == "flux2_klein":
+        import tiny_models
+        from diffusers import Flux2KleinPipeline
+
+        t = tiny_models.flux2_klein_pipeline().transformer
+        targets = FLUX2_KLEIN_LORA_TARGETS
+        latents, text = torch.randn(2, 16, 8, 8), torch.randn(2, 10, 48)
+        klein = dict(
+            hidden_states=Flux2KleinPipeline._pack_latents(latents), encoder_hidden_states=text,
+            img_ids=Flux2KleinPipeline._prepare_latent_ids(latents), txt_ids=Flux2KleinPipeline._prepare_text_ids(text),
+            timestep=torch.tensor([0.5, 0.3]), guidance=None,
+        )  # fmt: skip
+
+        def forward(model):
+            return model(**klein, return_dict=False)[0]
     elif family == "sd3.5":
         t = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
@@ -249,7 +265,7 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     _lora(t, targets)
     if checkpointing:
         t.enable_gradient_checkpointing()
-    if family != "z_image":
+    if family not in ("z_image", "flux2_klein"):
         inputs.update(
             timestep=torch.tensor([0.5, 0.3]),
             pooled_projections=torch.randn(2, t.config.pooled_projection_dim),

@@ -950,7 +950,7 @@ def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
     [
         (
             ["model.dtype=bf16"],
-            r"model.dtype \('bf16'\) applies to model.family sd3/flux/qwen_image/z_image only",
+            r"model.dtype \('bf16'\) applies to model.family sd3/flux/qwen_image/z_image/flux2_klein only",
         ),
         (
             ["model.offload_text_encoders=true"],

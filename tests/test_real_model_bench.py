@@ -15,14 +15,16 @@ from tolerances import assert_on_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
-#: transformer rows per latent row: SD3, Qwen-Image and Z-Image batch CFG, FLUX.1-dev has none
-CFG_ROWS = {"sd3": 2, "flux": 1, "qwen_image": 2, "z_image": 2}
+#: transformer rows per latent row: SD3, Qwen-Image, Z-Image and FLUX.2 [klein] batch CFG, FLUX.1-dev has none
+CFG_ROWS = {"sd3": 2, "flux": 1, "qwen_image": 2, "z_image": 2, "flux2_klein": 2}
+#: prompts x group size
 RECIPE_ROWS = {
     "sd3": 48 * 24,
     "flux": 48 * 24,
     "qwen_image": 48 * 16,
     "z_image": 48 * 24,
-}  # prompts x group size
+    "flux2_klein": 48 * 24,
+}
 
 
 def finite_numbers(tree) -> bool:
@@ -33,7 +35,7 @@ def finite_numbers(tree) -> bool:
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein"])
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--family", family, "--tiny", "--compare-sparse", "--out", str(tmp_path)],
@@ -133,10 +135,10 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
     assert f"{rec['unmerged_over_merged']:.2f}x" in report.stdout and "no mode finished" not in report.stdout
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein"])
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /
-    Qwen-Image / Z-Image has its checkpoint's parameter count, so the GPU run and the memory estimate measure the real
+    Qwen-Image / Z-Image / FLUX.2 [klein] 4B has its checkpoint's parameter count, so the GPU run and the memory estimate measure the real
     shapes."""
     bench = _load_script()
     parts = bench.full_size_components(family, torch.device("meta"), torch.bfloat16)

@@ -1,4 +1,5 @@
-"""Tiny random-weight SD3, FLUX.1, Qwen-Image and Z-Image pipelines, built offline from configs (no downloads).
+"""Tiny random-weight SD3, FLUX.1, FLUX.2 [klein], Qwen-Image and Z-Image pipelines, built offline from
+configs (no downloads).
 
 Same architectures and pipelines as the real models, with every width cut to a few dozen channels, one
 or two layers, and tokenizers whose vocabulary is single characters (any lowercase prompt tokenizes).
@@ -185,6 +186,41 @@ def z_image_pipeline(seed: int = 0, **scheduler_kwargs):
         tokenizer=tokenizer,
         transformer=transformer,
     )
+
+
+def flux2_klein_pipeline(seed: int = 0, distilled: bool = False):
+    """``Flux2KleinPipeline`` with tiny random components (a 28-layer Qwen3 causal LM 16 wide, since the
+    pipeline reads its hidden states after layers 9, 18 and 27, with tied embeddings; a one-double-block,
+    one-single-block transformer; FLUX.2's VAE layout of factor 2 with 4 latent channels, so 16 patchified
+    ones, and batch-norm statistics away from 0 and 1), fp32, on the CPU. ``distilled``: the pipeline's
+    ``is_distilled`` (no CFG)."""
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen3_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        hidden_size=16, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    ))  # fmt: skip
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=48, timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=False,
+    )  # fmt: skip
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=RESOLUTION,
+    )  # fmt: skip
+    vae.bn.running_mean.copy_(torch.randn(16) * 0.3)
+    vae.bn.running_var.copy_(torch.rand(16) + 0.5)
+    scheduler = FlowMatchEulerDiscreteScheduler(**architectures.FLUX2_KLEIN_SCHEDULER)
+    return Flux2KleinPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+        is_distilled=distilled,
+    )  # fmt: skip
 
 
 def qwen_vl_checkpoint(root, seed: int = 0):

@@ -12,6 +12,7 @@ PRETRAINED = {
     "flux": ("densegrpo_fast.policies.flux", "FluxPolicy"),
     "qwen_image": ("densegrpo_fast.policies.qwen_image", "QwenImagePolicy"),
     "z_image": ("densegrpo_fast.policies.z_image", "ZImagePolicy"),
+    "flux2_klein": ("densegrpo_fast.policies.flux2_klein", "Flux2KleinPolicy"),
 }
 FAMILIES = ("toy", *PRETRAINED)
 
@@ -64,9 +65,9 @@ def load_policy(
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
     The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to the
-    pretrained families (sd3, flux, qwen_image, z_image); the toy model loads fp32 from its own file and ignores
+    pretrained families (sd3, flux, qwen_image, z_image, flux2_klein); the toy model loads fp32 from its own file and ignores
     them (``model.autocast``, which the trainer applies, serves every family). ``max_sequence_length=None``
-    takes the family's default (SD3: 256 T5 tokens, FLUX.1: 512, Qwen-Image and Z-Image: 512 text tokens).
+    takes the family's default (SD3: 256 T5 tokens, FLUX.1: 512, Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy

@@ -1,7 +1,7 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
 The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
-FLUX.1-dev, Qwen-Image and Z-Image from these configs when the checkpoint is not on disk (fake or random weights, the
+FLUX.1-dev, Qwen-Image, Z-Image and FLUX.2 [klein] 4B from these configs when the checkpoint is not on disk (fake or random weights, the
 real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
 lowercase prompt, one token per character, padded to the model's length (Qwen-Image's and Z-Image's
 tokenizers pad to the batch's longest prompt instead: one token per byte).
@@ -101,6 +101,19 @@ QWEN3_4B = dict(
     head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )  # fmt: skip
+#: FLUX.2 [klein] 4B's transformer (black-forest-labs/FLUX.2-klein-4B and -base-4B, transformer/config.json, as
+#: other projects hard-code it): 5 double-stream and 20 single-stream blocks of 24 heads x 128 over three of
+#: Qwen3-4B's 2560-wide hidden states (7680), 128 input channels (FLUX.2's VAE's 32, in 2x2 patches).
+FLUX2_KLEIN_4B_TRANSFORMER = dict(
+    patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256, mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6, guidance_embeds=False,
+)  # fmt: skip
+#: FLUX.2's VAE (AutoencoderKLFlux2's defaults): 32 latent channels, batch-norm statistics over 2x2 patches.
+FLUX2_VAE = dict(latent_channels=32, block_out_channels=(128, 256, 512, 512), patch_size=(2, 2))
+#: FLUX.2 [klein]'s scheduler as recalled (dynamic shifting; the pipeline passes its own empirical mu).
+FLUX2_KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                             time_shift_type="exponential")  # fmt: skip
 #: Z-Image-Turbo's scheduler: a static shift of 3 on the pipeline's linspace(1, 1/T, T).
 Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
@@ -122,8 +135,11 @@ KNOWN_PARAMS = {
     # Z-Image: the "6B" of its model card, 6.15 B as its bf16 transformer's 12.3 GB; Qwen3-4B's 4.02 B (its
     # model card, embeddings included, the 151936 x 2560 of them counted once); FLUX.1's VAE
     "z_image": {"transformer": 6155, "text_encoder": 4022, "vae": 83.8},
+    # FLUX.2 [klein] 4B: the "4B" of its name, 3.88 B counted from the config above (no independent figure was at
+    # hand, so this entry checks only the name's rounding); Qwen3-4B as Z-Image's; FLUX.2's VAE, counted likewise
+    "flux2_klein": {"transformer": 3876, "text_encoder": 4022, "vae": 84.0},
 }  # fmt: skip
-DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512, "z_image": 512}
+DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512, "z_image": 512, "flux2_klein": 512}
 
 
 CHARS = string.ascii_lowercase + string.digits
@@ -185,7 +201,7 @@ def stand_in_tokenizers(family: str) -> dict:
         return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "tokenizer_3": t5_tokenizer()}
     if family == "qwen_image":
         return {"tokenizer": qwen_tokenizer()}
-    if family == "z_image":
+    if family in ("z_image", "flux2_klein"):
         return {"tokenizer": qwen3_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
 
@@ -220,6 +236,15 @@ def full_size_models(family: str) -> dict:
             "text_encoder": lambda: Qwen3Model(Qwen3Config(**QWEN3_4B)),
             "vae": lambda: AutoencoderKL(**FLUX_VAE),
         }
+    if family == "flux2_klein":
+        from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return {
+            "transformer": lambda: Flux2Transformer2DModel(**FLUX2_KLEIN_4B_TRANSFORMER),
+            "text_encoder": lambda: Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B)),
+            "vae": lambda: AutoencoderKLFlux2(**FLUX2_VAE),
+        }
     t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
     if family == "sd3":
         return {
@@ -242,5 +267,5 @@ def scheduler(family: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER,
-               "z_image": Z_IMAGE_SCHEDULER}  # fmt: skip
+               "z_image": Z_IMAGE_SCHEDULER, "flux2_klein": FLUX2_KLEIN_SCHEDULER}  # fmt: skip
     return FlowMatchEulerDiscreteScheduler(**configs[family])

@@ -1,4 +1,4 @@
-"""What the pretrained-model adapters (sd3, flux, qwen_image, z_image) share: finding weights, and
+"""What the pretrained-model adapters (sd3, flux, qwen_image, z_image, flux2_klein) share: finding weights, and
 :class:`DiffusersPolicy`.
 
 Weights are a diffusers-format directory, or a repo in the user's Hugging Face cache. Offline by default:
@@ -469,7 +469,7 @@ class PackedLatentPolicy(DiffusersPolicy):
         ``mu`` follows the image's token count between the config's base and max (FLUX.1-dev, Qwen-Image);
         without it, the static shift (FLUX.1-schnell). The config's ``shift_terminal`` (Qwen-Image's 0.02)
         stretches the grid's end as the pipeline's scheduler does."""
-        from densegrpo_fast.schedule import flux_sigma_grid, resolution_mu
+        from densegrpo_fast.schedule import flux_sigma_grid
 
         fix = self.scheduler_fix
         cfg = self.scheduler_config(fix=fix)
@@ -481,8 +481,14 @@ class PackedLatentPolicy(DiffusersPolicy):
         terminal = cfg.get("shift_terminal") or None
         if not cfg.get("use_dynamic_shifting"):
             return flux_sigma_grid(num_steps, math.log(cfg.get("shift", 1.0)), terminal)
-        mu = resolution_mu(
+        return flux_sigma_grid(num_steps, self.dynamic_mu(cfg, num_steps), terminal)
+
+    def dynamic_mu(self, cfg, num_steps: int) -> float:
+        """The time shift's ``mu`` of a scheduler with dynamic shifting, as the pipeline computes it: by the
+        image's token count between the config's base and max (FLUX.1, Qwen-Image)."""
+        from densegrpo_fast.schedule import resolution_mu
+
+        return resolution_mu(
             self.image_seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
             cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15),
         )  # fmt: skip
-        return flux_sigma_grid(num_steps, mu, terminal)
