@@ -374,7 +374,7 @@ class ModelSection(Section):
         False,
         description="sd3/flux/qwen_image/z_image/flux2_klein: keep the frozen text encoders in host memory and move them to the "
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
-        "13.2 GiB, Z-Image: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
+        "13.2 GiB, Z-Image and FLUX.2 [klein] 4B: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
     compile: bool = Field(
         False,
@@ -1004,7 +1004,8 @@ def model_eval_problems(
                 "its pipeline's grid (linspace(1, 1/T, T) shifted as its scheduler says, not SD3's grid with "
                 "a fixed shift)"
                 if model.family == "z_image"
-                else "a grid shifted by the image's token count, not a fixed shift"
+                else "a grid shifted by the image's token count (and FLUX.2 [klein]'s by the step count), not a "
+                "fixed shift"
             )
             out.append(
                 f"{where} ({value}) with model.family {model.family}: {name} samples on {grid}; set "

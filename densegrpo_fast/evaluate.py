@@ -444,6 +444,9 @@ def run_eval(
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
     distributed.check_same_config(d, cfg, ("eval.dataset",))
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
+    problem = getattr(policy, "guidance_problem", lambda *_: None)(e.guidance_scale, "eval.guidance_scale")
+    if problem is not None:
+        raise ValueError(problem)
     if checkpoint is not None:
         policy.load_weights(checkpoint)
     # the weights evaluated, told apart exactly: an export retrained at the same path with the same size and

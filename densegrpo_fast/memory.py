@@ -1112,7 +1112,8 @@ def reward_builder(mode, tracker: LiveBytes | None = None):
 
 def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
     """From a diffusers-format directory: constructors of its models built from their configs (no weights
-    read), and its tokenizers and scheduler, loaded."""
+    read), and its tokenizers and scheduler, loaded, with the pipeline's own settings (FLUX.2 [klein]'s
+    ``is_distilled``), as ``from_pretrained`` passes them."""
     import json
 
     import diffusers
@@ -1131,6 +1132,10 @@ def _local_constructors(root, components: dict[str, str]) -> tuple[dict, dict]:
         else:
             config = transformers.AutoConfig.from_pretrained(folder)
             models[name] = lambda cls=cls, config=config: cls(config)
+    others |= {  # (a setting, not a component: a component's entry is [library, class])
+        k: v for k, v in index.items()
+        if not k.startswith("_") and k not in components and not (isinstance(v, list) and len(v) == 2)
+    }  # fmt: skip
     return models, others
 
 

@@ -204,6 +204,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             dist.device(cfg.model.device),
             **cfg.model.adapter_options(),
         )
+    for setting, scale in (("sampling.guidance_scale", cfg.sampling.guidance_scale),
+                           ("eval.guidance_scale", cfg.eval.guidance_scale)):  # fmt: skip
+        problem = getattr(policy, "guidance_problem", lambda *_: None)(scale, setting)
+        if problem is not None:
+            raise ValueError(problem)
     # every process loaded its models itself: from the same files?
     # (before any adapter or checkpoint: what a resume compares; and across the ranks, from the same sums)
     base_weights = distributed.weights_digest(

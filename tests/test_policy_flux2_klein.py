@@ -97,16 +97,65 @@ def test_cfg_is_one_batched_call(policy):
     torch.testing.assert_close(alone, v[1:], rtol=0, atol=2e-5)
 
 
-def test_a_distilled_checkpoint_takes_no_guidance():
-    distilled = Flux2KleinPolicy(tiny.flux2_klein_pipeline(seed=0, distilled=True), **OPTS)
+def test_a_distilled_checkpoint_takes_no_guidance(tmp_path):
+    """A step-distilled checkpoint (``is_distilled`` in its model_index.json) encodes no negative prompt, and a
+    guidance scale other than 1 is refused by the adapter and, as soon as it is loaded, by the trainer; the
+    memory estimate builds it distilled too."""
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.memory import fake_policy, new_fake_mode
+    from densegrpo_fast.trainer import setup
+
+    pipe = tiny.flux2_klein_pipeline(seed=0, distilled=True)
+    distilled = Flux2KleinPolicy(pipe, **OPTS)
     cond = distilled.encode_prompts(PROMPTS)
     assert not cond.has_negative  # (no negative prompt encoded)
     x, sigma = torch.randn(2, *distilled.latent_shape), torch.tensor([0.9, 0.3])
     assert distilled.velocity(x, sigma, cond).shape == x.shape
-    with pytest.raises(
-        ValueError, match=r"guidance scale 4.0 .*step-distilled \(is_distilled\).*set it to 1"
-    ):
+    with pytest.raises(ValueError, match=r"guidance scale \(4.0\).*step-distilled \(is_distilled\)"):
         distilled.velocity(x, sigma, cond, 4.0)
+    root = tmp_path / "distilled"
+    pipe.save_pretrained(root)
+    overrides = _overrides(root, tmp_path)
+    cfg = load_config(TrainConfig, None, overrides)
+    assert fake_policy(cfg, new_fake_mode())[0].distilled
+    with pytest.raises(ValueError, match=r"^sampling.guidance_scale \(4.0\): .*step-distilled"):
+        setup(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"^eval.guidance_scale \(4.0\): .*step-distilled"):
+        setup(load_config(TrainConfig, None, [*overrides, "sampling.guidance_scale=1"]), progress=False)
+
+
+def test_bf16_transformer_sees_the_pipelines_timesteps(pipe):
+    """In bf16 the transformer gets Flux2KleinPipeline's timestep values at every step of a 50-step grid (the
+    pipeline casts ``1000 sigma`` to the latents' dtype, then divides), not a plain cast of sigma, and from the
+    same first latents returns the same velocity, bit for bit."""
+    import copy
+
+    bf16 = copy.copy(pipe)  # everything but the VAE in bf16, as the engine loads a checkpoint
+    for name in ("transformer", "text_encoder"):
+        setattr(bf16, name, copy.deepcopy(getattr(pipe, name)).to(torch.bfloat16))
+    policy = Flux2KleinPolicy(bf16, **OPTS)
+    calls = []  # (the timestep, the output)
+    hook = bf16.transformer.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((kwargs["timestep"], out[0])), with_kwargs=True
+    )
+    T = 50
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    try:
+        bf16(prompt=list(PROMPTS), height=32, width=32, num_inference_steps=T, guidance_scale=1.0,
+             max_sequence_length=MAX_TOKENS, output_type="latent", latents=noise.to(torch.bfloat16))  # fmt: skip
+        theirs, calls[:] = list(calls), []
+        cond, grid = policy.encode_prompts(PROMPTS, with_negative=False), policy.sigma_grid(T)
+        first = policy.velocity(noise, grid[0].expand(2), cond)
+        for k in range(1, T):
+            policy.velocity(noise, grid[k].expand(2), cond)
+    finally:
+        hook.remove()
+    ours_t, theirs_t = [t for t, _ in calls], [t for t, _ in theirs]
+    assert len(ours_t) == T and all(map(torch.equal, ours_t, theirs_t)), (ours_t, theirs_t)
+    plain = [grid[k].to(torch.bfloat16).expand(2) for k in range(T)]
+    assert not all(map(torch.equal, plain, theirs_t)), "this grid does not tell the two roundings apart"
+    theirs_v = theirs[0][1].float().permute(0, 2, 1).reshape(2, *policy.latent_shape)
+    torch.testing.assert_close(first, theirs_v, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import string
 
 # Every value below is the published diffusers / transformers config of the checkpoint's component, as far as
 # the author knows it. SURE (and checked by --meta against the published parameter counts in KNOWN_PARAMS,
-# which tests/test_real_model_bench.py asserts): all widths, depths, head counts, channel lists, vocabulary and
+# which tests/test_real_model_bench.py asserts; FLUX.2 [klein]'s counts are the configs' own, so only its
+# name's "4B" checks them): all widths, depths, head counts, channel lists, vocabulary and
 # position sizes, i.e. everything that sets memory and time; SD3.5-M's dual-attention layers 0..12 and RMS
 # qk-norm; the VAEs' scaling / shift factors (1.5305 / 0.0609 SD3, 0.3611 / 0.1159 FLUX) and the schedulers.
 # LESS SURE, and irrelevant to cost: activation names and norm epsilons of the CLIP encoders, T5's relative

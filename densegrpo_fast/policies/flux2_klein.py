@@ -148,6 +148,15 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         negative = (embeds[-1:], pooled[-1:])
         return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], pooled[:-1]), prompts, negative)
 
+    def guidance_problem(self, scale: float, setting: str) -> str | None:
+        if not self.distilled or scale == 1.0:
+            return None
+        return (
+            f"{setting} ({scale}): this FLUX.2 [klein] checkpoint is step-distilled (is_distilled) and takes no "
+            "guidance: set sampling.guidance_scale=1 and eval.guidance_scale=1 (the family's default, 4.0, is "
+            "the base models')"
+        )
+
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
@@ -155,12 +164,9 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         ``g != 1`` and negative embeds are present, in one transformer call of 2B rows."""
         from diffusers import Flux2KleinPipeline
 
-        if self.distilled and guidance_scale != 1.0:
-            raise ValueError(
-                f"guidance scale {guidance_scale} (sampling.guidance_scale, or eval.guidance_scale when "
-                "evaluating): this FLUX.2 [klein] checkpoint is step-distilled (is_distilled) and takes no "
-                "guidance: set it to 1"
-            )
+        problem = self.guidance_problem(guidance_scale, "guidance scale")
+        if problem is not None:
+            raise ValueError(problem)
         B, C, H, W = x.shape
         sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
         packed = Flux2KleinPipeline._pack_latents(x.to(self.dtype))  # [B, H * W, C]

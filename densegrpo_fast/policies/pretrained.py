@@ -225,11 +225,17 @@ class DiffusersPolicy:
         naming :attr:`resolution_setting` where the model cannot sample it. Each family implements it."""
         raise NotImplementedError
 
+    def guidance_problem(self, scale: float, setting: str) -> str | None:
+        """Why this checkpoint cannot sample with CFG scale ``scale`` (the config's ``setting``), or None. The
+        trainer and the eval command ask as soon as the policy is loaded, before any sampling; ``velocity``
+        refuses the same."""
+        return None
+
     def at_resolution(self, resolution: Resolution, setting: str = "eval.resolution"):
         """This policy sampling images of size ``resolution`` (the held-out evaluation's, ``eval.resolution``):
         a shallow copy that shares every model, weights, adapters and the EMA swap with this one, with its
-        own latent shape (and, for FLUX.1 and Qwen-Image, its own grid). This policy when the size is the
-        same."""
+        own latent shape (and, for the families whose grid follows the token count, its own grid). This
+        policy when the size is the same."""
         if image_hw(resolution) == image_hw(self.resolution):
             return self
         other = copy.copy(self)
