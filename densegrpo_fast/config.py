@@ -324,7 +324,7 @@ class ModelSection(Section):
     )
     checkpoint: str | None = Field(
         None,
-        description="weights; toy: a .safetensors file, null = the shipped one; sd3/flux/qwen_image/z_image/flux2_klein: a "
+        description="weights; toy: a .safetensors file, null = the shipped one; pretrained families: a "
         "diffusers-format directory or a Hugging Face repo id, null = "
         "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image / "
         "Tongyi-MAI/Z-Image / black-forest-labs/FLUX.2-klein-base-4B",
@@ -335,7 +335,7 @@ class ModelSection(Section):
     )
     dtype: Literal["bf16", "fp16", "fp32"] = Field(
         "fp32",
-        description="sd3/flux/qwen_image/z_image/flux2_klein: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
+        description="pretrained families: dtype of the transformer and text encoders (bf16 on GPUs); the VAE "
         "and the SDE math stay fp32",
     )
     autocast: Literal["bf16", "fp16"] | None = Field(
@@ -348,31 +348,31 @@ class ModelSection(Section):
     _resolution = field_validator("resolution", mode="before")(_required_resolution)
     resolution: int | tuple[int, int] = Field(
         512,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: image side in pixels (square images), or [height, width]; "
+        description="pretrained families: image side in pixels (square images), or [height, width]; "
         "multiples of 16",
     )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
         le=1024,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
+        description="pretrained families: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
         "512; Qwen2.5-VL's for Qwen-Image, at most 1024; Qwen3's for Z-Image, chat template included, at most "
         "992; Qwen3's for FLUX.2 [klein], chat template included, every prompt padded to it); null = SD3's "
         "256, FLUX.1's 512, Qwen-Image's, Z-Image's and FLUX.2 [klein]'s 512",
     )
     local_files_only: bool = Field(
         True,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: load from the directory or the Hugging Face cache only (false = "
+        description="pretrained families: load from the directory or the Hugging Face cache only (false = "
         "download what is missing)",
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: recompute transformer activations in backward (less memory, "
+        description="pretrained families: recompute transformer activations in backward (less memory, "
         "slower)",
     )
     offload_text_encoders: bool = Field(
         False,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: keep the frozen text encoders in host memory and move them to the "
+        description="pretrained families: keep the frozen text encoders in host memory and move them to the "
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
         "13.2 GiB, Z-Image and FLUX.2 [klein] 4B: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
@@ -446,7 +446,7 @@ class ModelSection(Section):
                 if name in self.model_fields_set and value != type(self).model_fields[name].default:
                     shown = shown_resolution(value) if name == "resolution" else repr(value)
                     out.append(
-                        f"model.{name} ({shown}) applies to model.family sd3/flux/qwen_image/z_image/flux2_klein only: the toy "
+                        f"model.{name} ({shown}) applies to the pretrained families only (not the toy): the toy "
                         "model runs fp32 at 32 px from its own checkpoint; remove it"
                     )
             return out
@@ -508,7 +508,7 @@ class SamplingSection(Section):
         3.0,
         gt=0,
         description="sigma-grid shift (SD3.5: 3.0); null = the checkpoint scheduler's own grid "
-        "(sd3/flux/qwen_image/z_image/flux2_klein; FLUX.1, Qwen-Image and FLUX.2 [klein]: shifted by resolution, as their pipelines)",
+        "(pretrained families; FLUX.1, Qwen-Image and FLUX.2 [klein]: shifted by resolution, as their pipelines)",
     )
     guidance_scale: float = Field(
         4.5,
@@ -722,7 +722,7 @@ class LoRASection(Section):
     )
     init: str | None = Field(
         None,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
+        description="pretrained families: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
         "folder, a diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published "
         "LoRAs); its rank must be lora.rank; the KL reference stays the base model",
     )
@@ -808,13 +808,13 @@ class EvalSection(Section):
         256,
         ge=1,
         description="held-out prompts (toy: balanced over categories); null = every prompt of the file "
-        "(sd3/flux/qwen_image/z_image/flux2_klein: null)",
+        "(pretrained families: null)",
     )
     images_per_prompt: int = Field(
         1,
         ge=1,
         le=256,  # (the image number is the low 8 bits of its noise seed: image 256 would repeat image 0's)
-        description="samples per prompt, each from its own noise (sd3/flux/qwen_image/z_image/flux2_klein; the toy takes 1)",
+        description="samples per prompt, each from its own noise (pretrained families; the toy takes 1)",
     )
     num_steps: int = Field(
         20,
@@ -845,7 +845,7 @@ class EvalSection(Section):
     _resolution = field_validator("resolution", mode="before")(_resolution_shape)
     resolution: int | tuple[int, int] | None = Field(
         None,
-        description="sd3/flux/qwen_image/z_image/flux2_klein: image side of the evaluation sampler in pixels, or [height, width]; "
+        description="pretrained families: image side of the evaluation sampler in pixels, or [height, width]; "
         "multiples of 16; null = model.resolution (e.g. train at 512 and evaluate at the model's native 1024); with model.compile, "
         "the held-out evaluations during training at another side run eagerly (the compiled blocks keep the "
         "training size's graphs)",
@@ -864,7 +864,7 @@ class EvalSection(Section):
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
         False,
-        description="sd3/flux/qwen_image/z_image/flux2_klein eval command: also write every sample as a PNG",
+        description="pretrained families' eval command: also write every sample as a PNG",
     )
     rewards: dict[str, RewardSection] = Field(
         default_factory=dict, description="extra held-out metrics, logged as eval_<key> beside eval_reward"

@@ -416,8 +416,7 @@ def run_eval(
             )
         if lora is not None:
             raise ValueError(
-                "--lora merges a LoRA into a pretrained model (sd3, flux, qwen_image, z_image, flux2_klein): the toy's eval takes "
-                "--checkpoint only"
+                "--lora merges a LoRA into a pretrained family's model: the toy's eval takes --checkpoint only"
             )
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval

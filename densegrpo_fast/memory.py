@@ -1375,9 +1375,10 @@ def run_memory(
     quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     work = Path(tempfile.mkdtemp(prefix="densegrpo_memory_"))
     try:  # (the folder goes whatever stops the estimate: an error, Ctrl-C during the build)
-        # what the prompts say does not matter where the encoders pad to their length (SD3, FLUX.1); where
-        # they pad to the batch's longest prompt (Qwen-Image, Z-Image), each prompt reaches model.max_sequence_length
-        # (the most memory): Qwen's tokenizer, like the byte-level stand-in, makes a token of each digit
+        # what the prompts say does not matter where the encoders pad to their length (SD3, FLUX.1, FLUX.2
+        # [klein]); where they pad to the batch's longest prompt (Qwen-Image, Z-Image), each prompt reaches
+        # model.max_sequence_length (the most memory): Qwen's tokenizer, like the byte-level stand-in, makes a
+        # token of each digit
         from densegrpo_fast.policies import adapter_class
 
         Adapter = adapter_class(cfg.model.family)

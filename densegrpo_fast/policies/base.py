@@ -196,10 +196,10 @@ RECOMPILE_LIMIT = 64
 def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` each block of the transformer's block lists in place (regional compilation: every
     ``nn.ModuleList`` child, as diffusers' transformers hold their blocks: ``transformer_blocks`` and
-    ``single_transformer_blocks`` in SD3, FLUX.1 and Qwen-Image; ``layers``, ``noise_refiner`` and
+    ``single_transformer_blocks`` in SD3, FLUX.1, FLUX.2 and Qwen-Image; ``layers``, ``noise_refiner`` and
     ``context_refiner`` in Z-Image, whose calls' sequence lengths follow their captions, so that its blocks
-    recompile once for shapes that vary). Layers of one class share their compiled code, so compiling costs a few graphs whatever the
-    depth; the embedders and output layers stay eager. Call after adapters are injected and weights sharded;
+    recompile once for shapes that vary). Layers of one class share their compiled code, so compiling costs
+    a few graphs whatever the depth; the embedders and output layers stay eager. Call after adapters are injected and weights sharded;
     compiling itself is lazy (at each block's first call). Raises dynamo's per-function cache limit for the
     whole process (:data:`RECOMPILE_LIMIT`). Returns the number of blocks.
 

@@ -140,13 +140,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, 3 D], one encoder row per distinct prompt; with ``with_negative`` (and an
         undistilled checkpoint) the empty negative prompt's, encoded in the same call."""
-        extra = [self.negative_prompt] if with_negative and not self.distilled else []
-        with self.text_encoders_on_device():
-            embeds, pooled = self._encode([*dict.fromkeys(prompts), *extra])
-        if not extra:
-            return PromptEmbeds.deduplicated(lambda _: (embeds, pooled), prompts)
-        negative = (embeds[-1:], pooled[-1:])
-        return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], pooled[:-1]), prompts, negative)
+        return self._encode_with_negative(prompts, with_negative and not self.distilled)
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         if not self.distilled or scale == 1.0:

@@ -21,7 +21,7 @@ import torch
 
 from densegrpo_fast.checkpoint import write_atomic
 from densegrpo_fast.config import Resolution, image_hw, resolution_problem
-from densegrpo_fast.policies.base import run_dtype
+from densegrpo_fast.policies.base import PromptEmbeds, run_dtype
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -224,6 +224,22 @@ class DiffusersPolicy:
         """Set ``latent_shape`` (and what else depends on it) for ``self.resolution``, or raise a ValueError
         naming :attr:`resolution_setting` where the model cannot sample it. Each family implements it."""
         raise NotImplementedError
+
+    #: The negative prompt of CFG, for the families whose ``encode_prompts`` is :meth:`_encode_with_negative`.
+    negative_prompt = ""
+
+    def _encode_with_negative(self, prompts: list[str], with_negative: bool) -> PromptEmbeds:
+        """``self._encode(texts) -> (embeds, second field)`` run once, on the distinct prompts and, with
+        ``with_negative``, :attr:`negative_prompt` after them: in the same batch, so that a family whose
+        tokenizer pads to the batch's longest prompt (Qwen-Image, Z-Image) gets the negative at the same
+        length. One table row per distinct prompt."""
+        extra = [self.negative_prompt] if with_negative else []
+        with self.text_encoders_on_device():
+            embeds, second = self._encode([*dict.fromkeys(prompts), *extra])
+        if not with_negative:
+            return PromptEmbeds.deduplicated(lambda _: (embeds, second), prompts)
+        negative = (embeds[-1:], second[-1:])
+        return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], second[:-1]), prompts, negative)
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         """Why this checkpoint cannot sample with CFG scale ``scale`` (the config's ``setting``), or None. The

@@ -178,13 +178,7 @@ class QwenImagePolicy(PackedLatentPolicy):
         """``embeds`` [B, L, D] and the token mask [B, L] (in the ``pooled`` field), one encoder row per
         distinct prompt; with ``with_negative`` the negative prompt's, encoded in the same batch so that
         it comes padded to the same L."""
-        extra = [self.negative_prompt] if with_negative else []
-        with self.text_encoders_on_device():
-            embeds, mask = self._encode([*dict.fromkeys(prompts), *extra])
-        if not with_negative:
-            return PromptEmbeds.deduplicated(lambda _: (embeds, mask), prompts)
-        negative = (embeds[-1:], mask[-1:])
-        return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], mask[:-1]), prompts, negative)
+        return self._encode_with_negative(prompts, with_negative)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
