@@ -34,7 +34,7 @@ import torch
 
 from densegrpo_fast.config import Resolution
 from densegrpo_fast.policies.base import PromptEmbeds
-from densegrpo_fast.policies.pretrained import PackedLatentPolicy
+from densegrpo_fast.policies.pretrained import PackedLatentPolicy, chat_prompts
 
 DEFAULT_REPO = "black-forest-labs/FLUX.2-klein-base-4B"
 COMPONENTS = {
@@ -65,8 +65,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
     default_max_sequence_length = 512
     model_name = "FLUX.2 [klein]"
     scheduler_fix = "use FLUX.2 [klein]'s scheduler config (scheduler/scheduler_config.json)"
-    #: The negative prompt of CFG (the pipeline's: the empty prompt).
-    negative_prompt = ""
+    # (the negative prompt of CFG: the pipeline's, the empty prompt, DiffusersPolicy.negative_prompt)
 
     def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
@@ -118,13 +117,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         hidden states after layers 9, 18 and 27 side by side per token; here from the decoder alone
         (:attr:`text_encoder_call`), not the whole causal LM."""
         pipe = self.pipe
-        texts = [
-            pipe.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                enable_thinking=False,
-            )
-            for p in prompts
-        ]  # fmt: skip
+        texts = chat_prompts(pipe.tokenizer, prompts, enable_thinking=False)
         tokens = pipe.tokenizer(
             texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
             return_tensors="pt",

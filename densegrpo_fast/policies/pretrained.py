@@ -165,6 +165,18 @@ def _check_loaded_dtypes(pipe, want: torch.dtype) -> None:
         )
 
 
+def chat_prompts(tokenizer, prompts: list[str], *, enable_thinking: bool) -> list[str]:
+    """Each prompt as one user message in the tokenizer's chat template, with the generation prompt, as
+    ``ZImagePipeline`` (``enable_thinking=True``) and ``Flux2KleinPipeline`` (False) render them for Qwen3."""
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=enable_thinking,
+        )
+        for p in prompts
+    ]  # fmt: skip
+
+
 def is_text_encoder(component: str) -> bool:
     """Whether a pipeline component (``pipe.components``' key) is a text encoder: text_encoder, _2, _3."""
     return component.startswith("text_encoder")

@@ -39,7 +39,7 @@ import torch
 
 from densegrpo_fast.config import Resolution
 from densegrpo_fast.policies.base import PromptEmbeds
-from densegrpo_fast.policies.pretrained import PackedLatentPolicy
+from densegrpo_fast.policies.pretrained import PackedLatentPolicy, chat_prompts
 
 DEFAULT_REPO = "Tongyi-MAI/Z-Image"
 COMPONENTS = {
@@ -48,12 +48,6 @@ COMPONENTS = {
 }  # fmt: skip
 #: The transformer pads each caption to a multiple of this many tokens (diffusers' ``SEQ_MULTI_OF``).
 CAPTION_MULTIPLE = 32
-
-
-def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 class ZImagePolicy(PackedLatentPolicy):
@@ -77,8 +71,7 @@ class ZImagePolicy(PackedLatentPolicy):
     model_name = "Z-Image"
     scheduler_fix = "use Z-Image's scheduler config (scheduler/scheduler_config.json)"
     pads_prompts = False  # (to the batch's longest prompt)
-    #: The negative prompt of CFG (the pipeline's default: the empty prompt).
-    negative_prompt = ""
+    # (the negative prompt of CFG: the pipeline's default, the empty prompt, DiffusersPolicy.negative_prompt)
 
     def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
@@ -117,13 +110,7 @@ class ZImagePolicy(PackedLatentPolicy):
         the host: no boolean index of device tensors (a host sync), and it runs under the memory estimate's
         fake tensors."""
         pipe = self.pipe
-        texts = [
-            pipe.tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
-                enable_thinking=True,
-            )
-            for p in prompts
-        ]  # fmt: skip
+        texts = chat_prompts(pipe.tokenizer, prompts, enable_thinking=True)
         tokens = pipe.tokenizer(
             texts, padding=True, max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
         )
@@ -151,7 +138,9 @@ class ZImagePolicy(PackedLatentPolicy):
     def _token_counts(mask: torch.Tensor) -> list[int]:
         """Each row's caption tokens (one device-to-host copy). Under the memory estimate's fake tensors,
         which hold no values, every row counts at the batch's length, its upper bound."""
-        if _is_fake(mask):
+        from torch._subclasses.fake_tensor import is_fake
+
+        if is_fake(mask):
             return [mask.shape[1]] * mask.shape[0]
         return mask.sum(1).tolist()
 
