@@ -313,6 +313,7 @@ def test_counting_a_rows_flops_leaves_the_blocks_compiled(tiny_checkpoint, fresh
     assert GRAPH_CALLS[0] == n * 4  # every call but the count's ran compiled
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_a_run_resumes_with_compiling_switched_on(tiny_checkpoint, tmp_path, fresh_dynamo):
     """model.compile changes how the blocks run, not what the run computes: --resume accepts it."""
     out = tmp_path / "run"

@@ -487,6 +487,7 @@ def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path) -> dict:
     return step
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_a_sharded_run_with_compiled_blocks_trains_what_the_eager_one_trains(
     sharded_run, tiny_checkpoint, tmp_path
 ):
@@ -499,6 +500,7 @@ def test_a_sharded_run_with_compiled_blocks_trains_what_the_eager_one_trains(
     assert without_timing(records(compiled)) == without_timing(records(sharded_run))
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_a_sharded_run_resumes_with_two_processes_or_one(sharded_run, tiny_checkpoint, tmp_path):
     import shutil
 
@@ -546,6 +548,7 @@ def test_a_sharded_iteration_that_trains_nothing_evaluates_and_exports(tiny_chec
     assert step["rows_trained"] == 0 and (tmp_path / "run" / "policy_ema.safetensors").exists()
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_ratio_norm_over_two_sharded_processes_trains_what_one_process_trains(tiny_checkpoint, tmp_path):
     """grpo.ratio_norm under FSDP2: each rank keeps the old velocities of its own pairs of the second optimizer
     step, in the micro-batches of its first pass, while the rank with fewer pads both passes with idle
@@ -580,6 +583,7 @@ def test_the_padded_micro_batch_count_is_the_busiest_ranks():
     assert _most_micro_batches(rows[4:], 12, 3, 1) == 2
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_rank_0_alone_logs_to_wandb_and_its_failure_stops_every_rank(tiny_checkpoint, tmp_path):
     pytest.importorskip("wandb")
     # no W&B login whatever this machine's: no WANDB_* variables, a home (and ~/.netrc) of the test's own

@@ -142,7 +142,9 @@ def _simulated_job(checkpoint, tmp_path, processes, extra=()):
         # full fine-tuning: FSDP2 shards, with fp32 master weights and the calls in bf16; up to 5
         # micro-batches per process (9 pairs), of which the estimate runs 3
         pytest.param(
-            ("lora.enabled=false", "model.dtype=bf16", "grpo.train_batch_size=2"), {}, marks=needs_fsdp
+            ("lora.enabled=false", "model.dtype=bf16", "grpo.train_batch_size=2"),
+            {},
+            marks=[needs_fsdp, pytest.mark.slow],
         ),
         pytest.param(  # the estimate books a recomputed block's whole forward; torch stops a recomputation early
             ("lora.enabled=false", "model.gradient_checkpointing=true"),
@@ -711,6 +713,7 @@ def test_the_advice_names_the_knobs_left(sd3_dir, tmp_path):
     assert "offload_text_encoders" not in _advice("update", on) + _advice("rollout", on)
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_the_command_prints_the_phases_and_the_verdict(sd3_dir, tmp_path):
     import json
     import re

@@ -237,6 +237,7 @@ def test_one_iteration_through_the_trainer_on_fluxs_own_grid(pipe, tmp_path, hw,
     assert_on_policy(step, exact=False)
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(pipe, tmp_path):
     """FSDP2 on FLUX.1's transformer (double- and single-stream blocks, each a unit): bf16 calls over fp32

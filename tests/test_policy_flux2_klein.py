@@ -325,6 +325,7 @@ def test_the_exported_lora_loads_into_flux2_klein_pipeline(tmp_path):
     )
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(klein_dir, tmp_path):
     """The estimate's fake tensors go through Qwen3's decoder (its LM head never called), the adapter's encode
     and the transformer, and land on the run counted for real (prompts are padded to one length): to the byte,

@@ -419,6 +419,7 @@ def test_the_exported_lora_loads_into_qwen_image_pipeline(tmp_path):
     tiny.exported_lora_round_trip(tiny.qwen_image_pipeline, QwenImagePolicy, OPTS, PROMPTS, 4.0, tmp_path)
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(qwen_dir, tmp_path):
     """The estimate's fake tensors go through Qwen2.5-VL, the adapter's encode and the masked attention, and
     land on the run counted for real. Not to the byte as for SD3 (tests/test_memory.py): the transformer's
@@ -458,6 +459,7 @@ def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(qwen_dir, 
     assert est.weights["text_encoder"] == sum(t.nbytes for t in (*lm.parameters(), *lm.buffers())) > 0
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
 def test_two_processes_train_what_one_process_trains(qwen_dir, tmp_path):
     """Under torchrun each rank encodes its own prompts, padded to its own longest, where one process sampling

@@ -272,6 +272,7 @@ def test_the_exported_lora_loads_into_z_image_pipeline(tmp_path):
     )
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(z_dir, tmp_path):
     """The estimate's fake tensors go through Qwen3, the adapter's encode (each caption counted at the batch's
     length: fake tensors hold no token counts) and the transformer's lists, and land on the run counted for
