@@ -316,18 +316,20 @@ def resolution_problem(setting: str, resolution: Resolution, multiple: int, why:
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd3", "flux", "qwen_image", "z_image", "flux2_klein"] = Field(
+    family: Literal["toy", "sd3", "flux", "flux_kontext", "qwen_image", "z_image", "flux2_klein"] = Field(
         "toy",
-        description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), qwen_image "
-        "(Qwen-Image), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, base or "
-        "distilled)",
+        description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), flux_kontext "
+        "(FLUX.1 Kontext: edits the source image of each prompt, from a .jsonl prompt file with an 'image' per "
+        "line), qwen_image (Qwen-Image), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
+        "base or distilled)",
     )
     checkpoint: str | None = Field(
         None,
         description="weights; toy: a .safetensors file, null = the shipped one; pretrained families: a "
         "diffusers-format directory or a Hugging Face repo id, null = "
-        "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / Qwen/Qwen-Image / "
-        "Tongyi-MAI/Z-Image / black-forest-labs/FLUX.2-klein-base-4B",
+        "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / "
+        "black-forest-labs/FLUX.1-Kontext-dev / Qwen/Qwen-Image / Tongyi-MAI/Z-Image / "
+        "black-forest-labs/FLUX.2-klein-base-4B",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
@@ -459,7 +461,7 @@ class ModelSection(Section):
                 f"(owner/name): model.family {self.family} loads a diffusers-format directory (model_index.json "
                 "and one folder per component), or a repo from the Hugging Face cache"
             )
-        if self.family in ("sd3", "flux") and (self.max_sequence_length or 0) > 512:
+        if self.family in ("sd3", "flux", "flux_kontext") and (self.max_sequence_length or 0) > 512:
             out.append(
                 f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: T5 "
                 "takes at most 512 tokens; set it to 512 or less (null: the family's default)"
@@ -820,20 +822,20 @@ class EvalSection(Section):
         20,
         ge=1,
         le=1000,
-        description="Euler ODE steps of the evaluation sampler (sd3: 40, flux: 28, qwen_image: 50, z_image: "
-        "50, flux2_klein: 50)",
+        description="Euler ODE steps of the evaluation sampler (sd3: 40, flux and flux_kontext: 28, qwen_image: "
+        "50, z_image: 50, flux2_klein: 50)",
     )
     guidance_scale: float = Field(
         1.5,
         ge=1.0,
         description="CFG scale of the evaluation sampler, as sampling.guidance_scale (sd3: 4.5, flux: 3.5, "
-        "qwen_image: 4.0, z_image: 5.0, flux2_klein: 4.0)",
+        "flux_kontext: 2.5, qwen_image: 4.0, z_image: 5.0, flux2_klein: 4.0)",
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux, qwen_image, z_image and flux2_klein: null)",
+        "flux, flux_kontext, qwen_image, z_image and flux2_klein: null)",
     )
     seed: int = Field(
         0,
@@ -853,13 +855,14 @@ class EvalSection(Section):
     batch_size: int = Field(
         128,
         ge=1,
-        description="images per sampler call (sd3: 16, flux: 8, qwen_image: 8, z_image: 8, flux2_klein: 8)",
+        description="images per sampler call (sd3: 16, flux, flux_kontext, qwen_image, z_image and "
+        "flux2_klein: 8)",
     )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
-        "(sd3: runs/sd3_eval, flux: runs/flux_eval, qwen_image: runs/qwen_image_eval, z_image: "
-        "runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
+        "(sd3: runs/sd3_eval, flux: runs/flux_eval, flux_kontext: runs/flux_kontext_eval, qwen_image: "
+        "runs/qwen_image_eval, z_image: runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
@@ -882,7 +885,8 @@ class EvalSection(Section):
 # the toy's: a model without its evaluation section is evaluated as the papers and the pipelines sample it
 # (SD3.5: 40 steps, CFG 4.5, shift 3.0; FLUX.1-dev: 28 steps, guidance 3.5, its own grid; Qwen-Image: its
 # model card's 50 steps, true CFG 4.0, its own grid; Z-Image: its model card's 50 steps and CFG 4, the engine's
-# 5.0, its own grid). SamplingSection's are SD3.5's: FLUX.1 rolls out with its own grid and guidance 3.5,
+# 5.0, its own grid; FLUX.1 Kontext: FluxKontextPipeline's 28 steps, its documented example's guidance 2.5).
+# SamplingSection's are SD3.5's: FLUX.1 rolls out with its own grid and guidance 3.5 (Kontext 2.5),
 # Qwen-Image with its own grid and CFG 4.0, Z-Image with its own grid and CFG 5.0. LoRA targets Z-Image's
 # attention projections, whose names differ from the MMDiTs'.
 EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
@@ -891,6 +895,8 @@ EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
             "output_dir": "runs/sd3_eval"},
     "flux": {"num_steps": 28, "guidance_scale": 3.5, "shift": None, "batch_size": 8, "num_prompts": None,
              "output_dir": "runs/flux_eval"},
+    "flux_kontext": {"num_steps": 28, "guidance_scale": 2.5, "shift": None, "batch_size": 8,
+                     "num_prompts": None, "output_dir": "runs/flux_kontext_eval"},
     "qwen_image": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8,
                    "num_prompts": None, "output_dir": "runs/qwen_image_eval"},
     "z_image": {"num_steps": 50, "guidance_scale": 5.0, "shift": None, "batch_size": 8, "num_prompts": None,
@@ -902,6 +908,7 @@ SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
     "sd3": {},
     "flux": {"shift": None, "guidance_scale": 3.5},
+    "flux_kontext": {"shift": None, "guidance_scale": 2.5},
     "qwen_image": {"shift": None, "guidance_scale": 4.0},
     "z_image": {"shift": None, "guidance_scale": 5.0},
     "flux2_klein": {"shift": None, "guidance_scale": 4.0},
@@ -924,8 +931,8 @@ FLUX2_KLEIN_LORA_TARGETS = [
     "attn.to_qkv_mlp_proj",
 ]
 LORA_FAMILY_DEFAULTS: dict[str, dict] = {
-    "toy": {}, "sd3": {}, "flux": {}, "qwen_image": {}, "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
-    "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
+    "toy": {}, "sd3": {}, "flux": {}, "flux_kontext": {}, "qwen_image": {},
+    "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS}, "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
 }  # fmt: skip
 
 
@@ -993,9 +1000,16 @@ def model_eval_problems(
                 f"{where} is null (the model's own grid), but the toy model has no scheduler of its own: "
                 "give a number (the toy config uses 1.0, SD3.5 3.0)"
             )
-        if value is not None and model.family in ("flux", "qwen_image", "z_image", "flux2_klein"):
+        if value is not None and model.family in (
+            "flux",
+            "flux_kontext",
+            "qwen_image",
+            "z_image",
+            "flux2_klein",
+        ):
             name, pipeline = {
                 "flux": ("FLUX.1", "FluxPipeline"),
+                "flux_kontext": ("FLUX.1 Kontext", "FluxKontextPipeline"),
                 "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
                 "z_image": ("Z-Image", "ZImagePipeline"),
                 "flux2_klein": ("FLUX.2 [klein]", "Flux2KleinPipeline"),

@@ -38,7 +38,7 @@ from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import prompt_lines, prompt_tags
+from densegrpo_fast.prompts import EditPrompt, edit_mismatch, prompt_key, prompt_lines, prompt_tags
 from densegrpo_fast.rewards.remote import _is_number
 
 #: GenEval's six task tags (its metadata's "tag"): its overall score is the mean over these
@@ -168,7 +168,8 @@ def evaluate(
                 if save_images:
                     _save_png(images[n], out / "images" / f"{i:05d}_{j}.png")
                 if j == images_per_prompt - 1:  # the prompt is complete: write it (the resume unit)
-                    done[i] = {"index": i, "prompt": prompts[i], **pending.pop(i)}
+                    image = {"image": prompts[i].image} if isinstance(prompts[i], EditPrompt) else {}
+                    done[i] = {"index": i, "prompt": prompts[i], **image, **pending.pop(i)}
                     f.write(json.dumps(done[i]) + "\n")
                     f.flush()
                     bar.update(1)
@@ -294,14 +295,20 @@ def _summary(out: Path, done: dict, rewards: dict, protocol: dict, t0: float, ta
     return summary
 
 
+def _shown(key: tuple[str, str | None]) -> str:
+    """A prompt's text, and its source image where it has one, for messages."""
+    return repr(key[0]) + ("" if key[1] is None else f" (image {key[1]!r})")
+
+
 def _check_same_prompts(out: Path, done: dict, prompts: list[str]) -> None:
     """Scores kept in ``out`` must be of the prompts now at their indices (a prompt file edited or reordered
     at the same path would put them on other prompts, and under other tags)."""
     for i in sorted(done):
-        if i >= len(prompts) or done[i]["prompt"] != prompts[i]:
-            now = repr(prompts[i]) if i < len(prompts) else "no prompt"
+        kept = (done[i]["prompt"], done[i].get("image"))
+        if i >= len(prompts) or kept != prompt_key(prompts[i]):
+            now = _shown(prompt_key(prompts[i])) if i < len(prompts) else "no prompt"
             raise ValueError(
-                f"{out} holds scores of prompt {i} {done[i]['prompt']!r}, but the prompt file has {now} there: "
+                f"{out} holds scores of prompt {i} {_shown(kept)}, but the prompt file has {now} there: "
                 "it changed since; give eval.output_dir a new directory (or delete the old one) to evaluate afresh"
             )
 
@@ -435,6 +442,8 @@ def run_eval(
         )
     distributed.check_device(cfg.model.device)  # (before the rewards load their weights)
     prompts = read_prompts(e.dataset, e.num_prompts)
+    if bad := edit_mismatch(cfg.model.family, isinstance(prompts[0], EditPrompt), "eval.dataset", e.dataset):
+        raise ValueError(bad)
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}

@@ -1384,10 +1384,20 @@ def run_memory(
         Adapter = adapter_class(cfg.model.family)
         length = cfg.model.max_sequence_length or Adapter.default_max_sequence_length
         tail = "" if Adapter.pads_prompts else " " + "1" * length
-        prompts = work / "prompts.txt"
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
-        prompts.write_text("".join(f"a photo of thing number {i}{tail}\n" for i in range(n)))
+        texts = [f"a photo of thing number {i}{tail}" for i in range(n)]
+        if Adapter.edits:  # an editing model's prompts: one source image each (read, resized, encoded)
+            from PIL import Image
+
+            Image.new("RGB", (64, 64), (128, 96, 64)).save(work / "source.png")
+            prompts = work / "prompts.jsonl"
+            prompts.write_text(
+                "".join(json.dumps({"prompt": t, "image": "source.png"}) + "\n" for t in texts)
+            )
+        else:
+            prompts = work / "prompts.txt"
+            prompts.write_text("".join(t + "\n" for t in texts))
         notes = []
         mode = new_fake_mode()
         eight_bit = cfg.optim.name == "adamw8bit"  # (estimated as torch's AdamW, then noted: see below)

@@ -4,6 +4,10 @@ Iteration ``i`` of stream ``s`` draws from ``numpy.random.default_rng([seed, s, 
 draws exactly the prompts it would have drawn: the sampler position is the iteration number (with
 :class:`PromptPriority`, the iteration number and the priority table saved in the checkpoint).
 :meth:`PromptSource.heldout` is the fixed evaluation list instead (the same prompts every call).
+
+Editing models (FLUX.1 Kontext) take an instruction and a source image: a ``.jsonl`` prompt file whose lines
+carry an ``image`` path gives :class:`EditPrompt` s, which are the instruction as a ``str`` (what the text
+encoders, the rewards and the logs read) carrying the image's path.
 """
 
 from __future__ import annotations
@@ -16,6 +20,62 @@ import numpy as np
 STREAMS = {"train": 0, "calibration": 1, "eval": 2}
 
 
+class EditPrompt(str):
+    """An editing instruction with its source image: the instruction as a ``str``, the image's path in
+    ``image``.
+
+    It compares and hashes as its text, so a reward or a table that reads prompts as text works unchanged.
+    Where the image matters as well (the editing policy's encoding, prompt priority, an evaluation's resume)
+    the code keys prompts by :func:`prompt_key`. A str method (``strip``, slicing) returns a plain str,
+    without the image."""
+
+    def __new__(cls, text: str, image: str):
+        obj = super().__new__(cls, text)
+        obj.image = image
+        return obj
+
+    def __repr__(self) -> str:
+        return f"EditPrompt({str(self)!r}, image={self.image!r})"
+
+    def __reduce__(self):  # (str's own would rebuild it from the text alone)
+        return EditPrompt, (str(self), self.image)
+
+
+def prompt_key(prompt: str) -> tuple[str, str | None]:
+    """What identifies a prompt: its text and, for an :class:`EditPrompt`, its source image."""
+    return str(prompt), getattr(prompt, "image", None)
+
+
+def source_image_problem(prompt: str, model: str) -> str | None:
+    """Why an editing model (``model`` names it) cannot take ``prompt``: it has no source image."""
+    if isinstance(prompt, EditPrompt):
+        return None
+    return (
+        f"{model} edits a source image, and the prompt {str(prompt)[:80]!r} has none: give a .jsonl prompt file "
+        'whose lines carry one, {"prompt": "make the sky pink", "image": "sources/0001.png"} (a path '
+        "relative to the file, or absolute)"
+    )
+
+
+def edit_mismatch(family: str, edits: bool, field: str, dataset: str) -> str | None:
+    """Why the prompts of the config's ``field`` (``dataset``), which are edits (``edits``) or not, do not
+    suit ``model.family=family``; None where they do."""
+    from densegrpo_fast.policies import EDITING
+
+    if family in EDITING and not edits:
+        return (
+            f"model.family={family} edits source images, and {field}={dataset!r} gives prompts without them: "
+            "give a .jsonl prompt file whose lines carry an 'image' path beside the 'prompt' (the instruction)"
+        )
+    if edits and family not in EDITING:
+        return (
+            f"{field}={dataset!r} gives source images ('image' on its lines), which model.family={family} "
+            f"cannot use (it generates from text alone): use model.family {' or '.join(EDITING)}, or a prompt "
+            "file without images"
+        )
+    return None
+
+
 def _jsonl(path: Path) -> bool:
     return path.suffix.lower() == ".jsonl"
 
@@ -23,7 +83,8 @@ def _jsonl(path: Path) -> bool:
 def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
     """Each prompt of a file with its tag: the non-empty lines of a text file (no tags), or of a ``.jsonl``
     file the ``prompt`` (stripped) and ``tag`` of each line's JSON object (GenEval's metadata files are of
-    this form: the tag is its task). ``field`` names the setting in errors."""
+    this form: the tag is its task). A line with an ``image`` (a path relative to the file, or absolute)
+    gives an :class:`EditPrompt`. ``field`` names the setting in errors."""
     # lines end at "\n" only (str.splitlines also splits at form feeds, U+0085 and U+2028, which a prompt
     # or a JSON string may hold); -sig: a BOM is dropped
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").split("\n")]
@@ -43,7 +104,29 @@ def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
                 f"with a non-empty 'prompt' string (as GenEval's metadata does); got {line[:80]!r}"
             )
         tag = obj.get("tag")
-        out.append((obj["prompt"].strip(), None if tag is None else str(tag)))
+        prompt = obj["prompt"].strip()
+        if "image" in obj:
+            image = obj["image"]
+            if not isinstance(image, str) or not image.strip():
+                raise ValueError(
+                    f"{field}={str(path)!r}, line {number}: 'image' must be a non-empty path string (the source "
+                    f"image, relative to the file or absolute), got {image!r}"
+                )
+            source = path.parent / image.strip()
+            if not source.is_file():
+                raise ValueError(
+                    f"{field}={str(path)!r}, line {number}: the image {str(source)!r} is not a file: paths are "
+                    "relative to the prompt file's folder (or absolute); mend the path or drop the line"
+                )
+            prompt = EditPrompt(prompt, str(source))
+        out.append((prompt, None if tag is None else str(tag)))
+    has = [isinstance(p, EditPrompt) for p, _ in out]
+    if any(has) and not all(has):
+        a, b = has.index(False), has.index(True)
+        raise ValueError(
+            f"{field}={str(path)!r}: prompt {a + 1} has no 'image' and prompt {b + 1} has one: a prompt file "
+            "holds edits (each with its source image) or text prompts, not both"
+        )
     return out
 
 
@@ -85,6 +168,8 @@ class PromptSource:
                     f"{field}={dataset!r} holds no prompt: put one prompt per line (a .jsonl file: one "
                     "object with a 'prompt' per line)"
                 )
+        #: Whether the prompts are edits (:class:`EditPrompt`, each with its source image).
+        self.edits = self._lines is not None and isinstance(self._lines[0], EditPrompt)
 
     def pool(self) -> tuple[list[str], np.ndarray]:
         """Every prompt the source can draw, with the probability :meth:`sample` draws it by (toy splits: a
@@ -146,9 +231,9 @@ class PromptPriority:
     def __init__(self, source: PromptSource, floor: float, decay: float = 0.5):
         self.source = source
         texts, _ = source.pool()
-        self.index: dict[str, list[int]] = {}
+        self.index: dict[tuple[str, str | None], list[int]] = {}
         for i, t in enumerate(texts):  # a file may repeat a line: each copy is an entry of the pool
-            self.index.setdefault(t, []).append(i)
+            self.index.setdefault(prompt_key(t), []).append(i)
         self.signal = np.ones(len(texts))
         self.floor = floor
         self.decay = decay
@@ -159,7 +244,7 @@ class PromptPriority:
     def observe(self, prompts: list[str], signal: list[float]) -> None:
         """Record each group's non-zero-advantage fraction, in [0, 1]."""
         for text, s in zip(prompts, signal, strict=True):
-            i = self.index[text]
+            i = self.index[prompt_key(text)]
             self.signal[i] = self.decay * self.signal[i] + (1 - self.decay) * s
 
     def state_dict(self) -> dict:

@@ -48,7 +48,7 @@ from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import PromptPriority, PromptSource
+from densegrpo_fast.prompts import PromptPriority, PromptSource, edit_mismatch
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
@@ -161,6 +161,9 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed, "eval.dataset")
+    for field, source in (("prompts.dataset", prompts), ("eval.dataset", eval_prompts)):
+        if bad := edit_mismatch(cfg.model.family, source.edits, field, source.dataset):
+            raise ValueError(bad)
     _check_prompts(reward_fn, cfg.reward.name, {"prompts.dataset": prompts, "eval.dataset": eval_prompts})
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
@@ -587,6 +590,8 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
+    if bad := edit_mismatch(cfg.model.family, prompts.edits, "prompts.dataset", prompts.dataset):
+        raise ValueError(bad)
     m = cfg.model
     d = distributed.from_env(m.device)
     distributed.check_same_config(d, cfg, ("prompts.dataset",))

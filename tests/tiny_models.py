@@ -1,5 +1,5 @@
-"""Tiny random-weight SD3, FLUX.1, FLUX.2 [klein], Qwen-Image and Z-Image pipelines, built offline from
-configs (no downloads).
+"""Tiny random-weight SD3, FLUX.1 (and Kontext), FLUX.2 [klein], Qwen-Image and Z-Image pipelines, built
+offline from configs (no downloads).
 
 Same architectures and pipelines as the real models, with every width cut to a few dozen channels, one
 or two layers, and tokenizers whose vocabulary is single characters (any lowercase prompt tokenizes).
@@ -110,6 +110,14 @@ def flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
         tokenizer_2=t5_tokenizer(),
         transformer=transformer,
     )
+
+
+def flux_kontext_pipeline(seed: int = 0):
+    """``FluxKontextPipeline`` over :func:`flux_pipeline`'s tiny components (FLUX.1 Kontext is FLUX.1-dev's
+    architecture)."""
+    from diffusers import FluxKontextPipeline
+
+    return FluxKontextPipeline(**flux_pipeline(seed).components)
 
 
 def tiny_qwen25_vl(tokenizer, vision_ids: tuple[int, int, int], **vision):

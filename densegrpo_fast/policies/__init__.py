@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 
-__all__ = ["FAMILIES", "PRETRAINED", "Policy", "PromptEmbeds", "adapter_class", "load_policy"]
+__all__ = ["EDITING", "FAMILIES", "PRETRAINED", "Policy", "PromptEmbeds", "adapter_class", "load_policy"]
 
 #: The pretrained families: the module and class of each adapter (a diffusers pipeline's components).
 PRETRAINED = {
     "sd3": ("densegrpo_fast.policies.sd3", "SD3Policy"),
     "flux": ("densegrpo_fast.policies.flux", "FluxPolicy"),
+    "flux_kontext": ("densegrpo_fast.policies.flux_kontext", "FluxKontextPolicy"),
     "qwen_image": ("densegrpo_fast.policies.qwen_image", "QwenImagePolicy"),
     "z_image": ("densegrpo_fast.policies.z_image", "ZImagePolicy"),
     "flux2_klein": ("densegrpo_fast.policies.flux2_klein", "Flux2KleinPolicy"),
 }
 FAMILIES = ("toy", *PRETRAINED)
+#: The families that edit a source image per prompt (their prompts are :class:`~densegrpo_fast.prompts.EditPrompt`
+#: s, from a ``.jsonl`` prompt file with an ``image`` per line); the others generate from text alone.
+EDITING = ("flux_kontext",)
 
 
 def adapter_class(family: str):
@@ -65,9 +69,9 @@ def load_policy(
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
     The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to the
-    pretrained families (sd3, flux, qwen_image, z_image, flux2_klein); the toy model loads fp32 from its own file and ignores
+    pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32 from its own file and ignores
     them (``model.autocast``, which the trainer applies, serves every family). ``max_sequence_length=None``
-    takes the family's default (SD3: 256 T5 tokens, FLUX.1: 512, Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
+    takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512, Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy

@@ -130,6 +130,8 @@ KNOWN_PARAMS = {
     "sd3": {"transformer": 2243, "text_encoder": 123.7, "text_encoder_2": 694.7, "text_encoder_3": 4762,
             "vae": 83.8},
     "flux": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
+    # FLUX.1 Kontext [dev]: FLUX.1-dev's architecture and encoders (the "12B" of its model card)
+    "flux_kontext": {"transformer": 11901, "text_encoder": 123.1, "text_encoder_2": 4762, "vae": 83.8},
     # Qwen-Image: its model card's "20B"; Qwen2.5-VL-7B-Instruct's 8.29 B (its model card); the VAE's
     # 127 M is Wan 2.1's VAE (0.25 GB in 16 bits, 0.51 GB in fp32)
     "qwen_image": {"transformer": 20430, "text_encoder": 8292, "vae": 126.9},
@@ -140,7 +142,14 @@ KNOWN_PARAMS = {
     # hand, so this entry checks only the name's rounding); Qwen3-4B as Z-Image's; FLUX.2's VAE, counted likewise
     "flux2_klein": {"transformer": 3876, "text_encoder": 4022, "vae": 84.0},
 }  # fmt: skip
-DEFAULT_SEQ = {"sd3": 256, "flux": 512, "qwen_image": 512, "z_image": 512, "flux2_klein": 512}
+DEFAULT_SEQ = {
+    "sd3": 256,
+    "flux": 512,
+    "flux_kontext": 512,
+    "qwen_image": 512,
+    "z_image": 512,
+    "flux2_klein": 512,
+}
 
 
 CHARS = string.ascii_lowercase + string.digits
@@ -267,6 +276,7 @@ def scheduler(family: str):
     """The checkpoint's flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER,
+    configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "flux_kontext": FLUX_SCHEDULER,
+               "qwen_image": QWEN_IMAGE_SCHEDULER,
                "z_image": Z_IMAGE_SCHEDULER, "flux2_klein": FLUX2_KLEIN_SCHEDULER}  # fmt: skip
     return FlowMatchEulerDiscreteScheduler(**configs[family])

@@ -22,6 +22,7 @@ class PromptEmbeds:
         embeds:   [B, L, D]  token embeddings (SD3: joint CLIP/T5 sequence)
         pooled:   [B, P]     pooled text vector (Qwen-Image, whose encoder has none: the token mask [B, L])
         neg_embeds / neg_pooled: the same for the negative (empty) prompt, or None when CFG is off.
+        reference: [B, N, D'] the source image's tokens of an editing model (FLUX.1 Kontext), else None.
 
     What it holds: a table per field and a row index. The B rows of a batch repeat few prompts (a group of
     G rows shares one, and the in-flight completions stack the batch n times), so the table keeps one row
@@ -32,7 +33,7 @@ class PromptEmbeds:
     prompt's negative) is read as a broadcast view of its row, and costs nothing.
     """
 
-    FIELDS = ("embeds", "pooled", "neg_embeds", "neg_pooled")
+    FIELDS = ("embeds", "pooled", "neg_embeds", "neg_pooled", "reference")
 
     def __init__(
         self,
@@ -41,6 +42,7 @@ class PromptEmbeds:
         neg_embeds: torch.Tensor | None = None,
         neg_pooled: torch.Tensor | None = None,
         *,
+        reference: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
     ):
         U = embeds.shape[0]
@@ -50,6 +52,10 @@ class PromptEmbeds:
             )
         if (neg_embeds is None) != (neg_pooled is None):
             raise ValueError("neg_embeds and neg_pooled: give both (CFG) or neither")
+        if reference is not None and reference.shape[0] != U:
+            raise ValueError(
+                f"reference has {reference.shape[0]} rows and embeds {U}: give one reference row per embeds row"
+            )
         for name, t in (("neg_embeds", neg_embeds), ("neg_pooled", neg_pooled)):
             if t is not None and t.shape[0] not in (1, U):
                 raise ValueError(
@@ -59,21 +65,29 @@ class PromptEmbeds:
             raise ValueError(
                 f"rows must be a 1-d LongTensor of table rows, got {rows.dtype} of shape {tuple(rows.shape)}"
             )
-        self.tables = dict(zip(self.FIELDS, (embeds, pooled, neg_embeds, neg_pooled), strict=True))
+        self.tables = dict(zip(self.FIELDS, (embeds, pooled, neg_embeds, neg_pooled, reference), strict=True))
         self.rows = rows
 
     @classmethod
-    def deduplicated(cls, encode, prompts: list[str], negative=None) -> PromptEmbeds:
-        """``encode(distinct_prompts) -> (embeds, pooled)`` run once per distinct prompt, in first-seen order;
-        the B rows of ``prompts`` index the result (a group of G copies costs one encoder row and one table
-        row). ``negative``: ``(embeds, pooled)`` of the negative prompt, one row each, or None."""
-        unique = list(dict.fromkeys(prompts))
-        embeds, pooled = encode(unique)
+    def deduplicated(cls, encode, prompts: list[str], negative=None, key=None) -> PromptEmbeds:
+        """``encode(distinct_prompts) -> (embeds, pooled)`` (or ``(embeds, pooled, reference)``) run once per
+        distinct prompt, in first-seen order; the B rows of ``prompts`` index the result (a group of G copies
+        costs one encoder row and one table row). ``negative``: ``(embeds, pooled)`` of the negative prompt,
+        one row each, or None. ``key``: what makes prompts distinct (default: the prompt itself; an editing
+        model's is :func:`~densegrpo_fast.prompts.prompt_key`, the text and the source image)."""
+        key = key or (lambda p: p)
+        firsts = {}
+        for p in prompts:
+            firsts.setdefault(key(p), p)
+        unique = list(firsts.values())
+        embeds, pooled, *reference = encode(unique)
         rows = None
         if len(unique) != len(prompts):
-            pos = {p: i for i, p in enumerate(unique)}
-            rows = torch.tensor([pos[p] for p in prompts], device=embeds.device)
-        return cls(embeds, pooled, *(negative or (None, None)), rows=rows)
+            pos = {k: i for i, k in enumerate(firsts)}
+            rows = torch.tensor([pos[key(p)] for p in prompts], device=embeds.device)
+        return cls(
+            embeds, pooled, *(negative or (None, None)), reference=next(iter(reference), None), rows=rows
+        )
 
     def __len__(self) -> int:
         return self.tables["embeds"].shape[0] if self.rows is None else self.rows.shape[0]
@@ -106,6 +120,10 @@ class PromptEmbeds:
     @property
     def neg_pooled(self) -> torch.Tensor | None:
         return self._read("neg_pooled")
+
+    @property
+    def reference(self) -> torch.Tensor | None:
+        return self._read("reference")
 
     def _table_rows(self) -> torch.Tensor:
         if self.rows is not None:

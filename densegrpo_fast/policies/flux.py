@@ -95,10 +95,11 @@ class FluxPolicy(PackedLatentPolicy):
             )
         packed = FluxPipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
         img_ids = FluxPipeline._prepare_latent_image_ids(B, H // 2, W // 2, x.device, self.dtype)
+        hidden, img_ids = self._image_tokens(packed, img_ids, cond)
         embeds = cond.embeds  # gathered once: [B, L, D]
         txt_ids = torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype)
         out = self.transformer(
-            hidden_states=packed,
+            hidden_states=hidden,
             timestep=(1000.0 * sigma.float()).to(self.dtype) / 1000,  # FluxPipeline's rounding
             guidance=guidance,
             pooled_projections=cond.pooled.to(self.dtype),
@@ -106,6 +107,11 @@ class FluxPolicy(PackedLatentPolicy):
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
-        )[0]
+        )[0][:, : packed.shape[1]]  # (an editing model's source tokens follow the sampled ones: dropped)
         f = self.vae_scale_factor
         return FluxPipeline._unpack_latents(out, H * f, W * f, f).float()
+
+    def _image_tokens(self, packed: torch.Tensor, img_ids: torch.Tensor, cond: PromptEmbeds):
+        """The transformer's image tokens and their rotary ids: the sampled latent's (FLUX.1), to which an
+        editing model (:class:`~densegrpo_fast.policies.flux_kontext.FluxKontextPolicy`) adds its source's."""
+        return packed, img_ids

@@ -207,6 +207,8 @@ class DiffusersPolicy:
     """
 
     family = ""
+    #: Whether the family edits a source image per prompt (:data:`densegrpo_fast.policies.EDITING`).
+    edits = False
 
     def __init__(self, pipe, *, resolution: Resolution, max_sequence_length: int):
         self.pipe = pipe

@@ -1,0 +1,99 @@
+"""The FLUX.1 Kontext policy: instruction-based image editing, diffusers' ``FluxKontextPipeline`` components
+behind :class:`densegrpo_fast.policies.base.Policy`.
+
+Kontext is FLUX.1-dev's architecture trained to edit: the source image's VAE latent, packed into 2x2 patch
+tokens as the sampled latent is, goes into the transformer after the sampled tokens, with rotary ids whose
+first axis is 1 (the sampled tokens' is 0); the transformer's output for the source tokens is dropped. The
+guidance is an input (guidance-distilled, no CFG batch), as FLUX.1-dev's; everything else is
+:class:`~densegrpo_fast.policies.flux.FluxPolicy`'s: the text encoders, the unpacked latent the engine sees,
+the grid shifted by the *sampled* image's token count, the timestep rounding.
+
+Each prompt is an :class:`~densegrpo_fast.prompts.EditPrompt`: the instruction and its source image, from a
+``.jsonl`` prompt file whose lines carry an ``image`` path. ``encode_prompts`` encodes each distinct
+(instruction, image) once: the image is read, resized to cover the policy's resolution and centre-cropped
+(diffusers' ``resize_mode="crop"``; an image already at that size is untouched), encoded to the VAE's mode
+(the pipeline's ``sample_mode="argmax"``) and packed into the embeds' ``reference`` table. So the source
+comes in at the output's size, as the pipeline takes it with ``_auto_resize=False`` and an image of the
+output's size; the pipeline's default instead resizes the source to the ~1 MP Kontext resolution nearest its
+aspect, which at 512 px output would be four times the tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.flux import COMPONENTS, FluxPolicy
+from densegrpo_fast.prompts import source_image_problem
+
+
+class FluxKontextPolicy(FluxPolicy):
+    """FLUX.1 Kontext behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
+
+    Shape: as :class:`~densegrpo_fast.policies.flux.FluxPolicy`; ``encode_prompts`` takes
+    :class:`~densegrpo_fast.prompts.EditPrompt` s and adds the packed source latents [B, N, 4C] (N = the
+    sampled image's token count) as the embeds' ``reference``.
+    """
+
+    family = "flux_kontext"
+    pipeline_name = "FluxKontextPipeline"
+    components = COMPONENTS
+    default_repo = "black-forest-labs/FLUX.1-Kontext-dev"
+    model_name = "FLUX.1 Kontext"
+    scheduler_fix = "use FLUX.1 Kontext's scheduler config (scheduler/scheduler_config.json)"
+    edits = True
+
+    def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
+        """``embeds`` and ``pooled`` as FLUX.1's, and ``reference``, the packed source latent of each
+        prompt's image: one table row per distinct (instruction, image)."""
+        for p in prompts:
+            if (bad := source_image_problem(p, self.model_name)) is not None:
+                raise ValueError(bad)
+
+        def encode(unique):
+            embeds, pooled = self._encode(list(dict.fromkeys(map(str, unique))))
+            texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, unique)))}
+            rows = torch.tensor([texts[str(p)] for p in unique], device=embeds.device)
+            return embeds[rows], pooled[rows], self._encode_references([p.image for p in unique])
+
+        with self.text_encoders_on_device():
+            return PromptEmbeds.deduplicated(encode, prompts, key=lambda p: (str(p), p.image))
+
+    @torch.no_grad()
+    def _encode_references(self, paths: list[str]) -> torch.Tensor:
+        """The source images at ``paths``, each read once, as packed VAE latents [U, N, 4C] in the
+        transformer's dtype."""
+        from diffusers import FluxPipeline
+        from PIL import Image
+
+        height, width = (side * self.vae_scale_factor for side in self.latent_shape[1:])
+        files = list(dict.fromkeys(paths))
+        images = []
+        for path in files:
+            with Image.open(path) as img:
+                images.append(self.pipe.image_processor.preprocess(img.convert("RGB"), height, width,
+                                                                   resize_mode="crop"))  # fmt: skip
+        vae = self.pipe.vae
+        pixels = torch.cat(images).to(self.device, vae.dtype)
+        latents = (
+            vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor
+        ) * vae.config.scaling_factor
+        packed = FluxPipeline._pack_latents(latents, len(files), *latents.shape[1:])
+        index = {f: i for i, f in enumerate(files)}
+        return packed[torch.tensor([index[p] for p in paths], device=packed.device)].to(self.dtype)
+
+    def _image_tokens(self, packed: torch.Tensor, img_ids: torch.Tensor, cond: PromptEmbeds):
+        from diffusers import FluxPipeline
+
+        B = packed.shape[0]
+        ref_ids = FluxPipeline._prepare_latent_image_ids(
+            B, self.latent_shape[1] // 2, self.latent_shape[2] // 2, packed.device, self.dtype
+        )
+        ref_ids[..., 0] = 1  # the pipeline's mark of the source image's tokens
+        reference = cond.reference
+        if reference is None:
+            raise ValueError(
+                f"{self.model_name} samples from a source image, and these prompt embeds hold none: encode "
+                "EditPrompts with this policy's encode_prompts"
+            )
+        return torch.cat([packed, reference.to(self.dtype)], 1), torch.cat([img_ids, ref_ids])
