@@ -82,7 +82,7 @@ class Judge:
         if self.raw is not None:
             return self.raw
 
-        image, text = body["messages"][0]["content"]
+        *_, image, text = body["messages"][0]["content"]  # (an edit's source image comes before it)
         png = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/png;base64,"))
         import numpy as np
 
@@ -141,6 +141,31 @@ def test_score_mode_reads_the_verdict_of_each_image_in_order(judge):
     assert judge.requests[0]["max_tokens"] == 512 and 1 < judge.most_in_flight <= 3
     ranged = build_reward("vlm_judge", url=judge.url, model="judge-7b", score_range=[1, 5])(x, prompts)
     torch.testing.assert_close(ranged.double(), red(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["score", "yes_prob"])
+def test_an_edit_sends_its_source_image_first_with_the_edit_template(judge, tmp_path, mode):
+    """An EditPrompt's request holds the source image (the file's pixels) before the edited one, and the
+    mode's edit template with the instruction; the score is the edited image's."""
+    import numpy as np
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt
+
+    source = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    Image.fromarray(source).save(tmp_path / "source.png")
+    x = images(2)
+    prompts = [EditPrompt("make the sky pink", str(tmp_path / "source.png")), "a plain caption"]
+    got = build_reward("vlm_judge", url=judge.url, model="judge-7b", mode=mode, score_range=[1, 5])(
+        x, prompts
+    )
+    torch.testing.assert_close(got.double(), red(x), rtol=0, atol=1e-6)
+    edit, plain = sorted(judge.requests, key=lambda r: len(r["messages"][0]["content"]), reverse=True)
+    (src, edited, text), (_, plain_text) = edit["messages"][0]["content"], plain["messages"][0]["content"]
+    sent = base64.b64decode(src["image_url"]["url"].removeprefix("data:image/png;base64,"))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), source)
+    assert edited["type"] == "image_url" and text["text"].startswith("The first image is a source image")
+    assert 'instruction "make the sky pink"' in text["text"] and "a plain caption" in plain_text["text"]
 
 
 def test_yes_prob_mode_sums_the_spellings_of_yes_and_no(judge):

@@ -14,6 +14,12 @@ Two ways to read a score from the answer (``mode``):
   ``top_logprobs`` (VQAScore's reading, and the smooth one: the probability moves with the image where a
   written score moves in steps). The server must return logprobs (vLLM does; some hosted APIs do not).
 
+Editing (an :class:`~densegrpo_fast.prompts.EditPrompt`, FLUX.1 Kontext's prompts): the source image goes
+first, the edited one second, and the text is ``edit_template`` (the mode's own by default) with the
+instruction in place of ``{prompt}``: the judge sees what was asked of which image, as the editing judges
+(EditScore, UnifiedReward's editing mode, a GPT-4o rubric) are asked. The source is sent as its file holds
+it (read once per file, as PNG).
+
 An answer with no score in it (the pattern not found, no yes or no among the top tokens) is an error naming
 the answer and the fix, unless ``unparsed_score`` gives a value to use instead, which is then counted in a
 warning. With ``temperature`` 0 (the default) the judge is as deterministic as the server makes it.
@@ -39,6 +45,7 @@ hold at most 8 MiB; its fields are checked (a finite score, log-probabilities <=
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import json
@@ -54,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from densegrpo_fast.prompts import EditPrompt
 from densegrpo_fast.rewards import count_problems, register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 from densegrpo_fast.rewards.remote import _read_within, backoff, pick_url, url_problems
@@ -66,11 +74,38 @@ SCORE_TEMPLATE = (
 )
 #: The yes_prob mode's: a question whose first answer token is yes or no.
 YES_TEMPLATE = 'Does this image show "{prompt}"? Answer with Yes or No.'
+#: Written for this project. An edit's, in each mode: the source image first, then the edited one.
+EDIT_SCORE_TEMPLATE = (
+    'The first image is a source image; the second is the result of editing it by the instruction "{prompt}". '
+    "Judge how well the second image carries out the instruction, how well it keeps what the instruction does "
+    "not ask to change, and how good it looks. Explain briefly, then end with a line of the form "
+    "'Final Score: X', where X is a number from 1 (poor) to 5 (excellent)."
+)
+EDIT_YES_TEMPLATE = (
+    'The first image is a source image and the second an edit of it by the instruction "{prompt}". Does the '
+    "second image carry out the instruction and keep the rest of the source unchanged? Answer with Yes or No."
+)
 SCORE_PATTERN = r"Final Score:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
 MODES = ("score", "yes_prob")
 TOP_LOGPROBS = 20
 MAX_ANSWER_BYTES = 8 << 20  #: a judge's answer is text and at most 20 logprobs a token: far below this
 VLLM_HINT = "vllm serve MODEL --port 8000 (then reward.kwargs.url: http://HOST:8000/v1)"
+
+
+def _png_url(image) -> str:
+    """A PIL image as a PNG data URL."""
+    png = io.BytesIO()
+    image.save(png, format="PNG", compress_level=1)  # (4x faster than 6, 40 % larger)
+    return "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+
+
+@functools.lru_cache(maxsize=256)  # (an iteration's dense completions send each source (T+1) x G times)
+def _source_url(path: str) -> str:
+    """An edit's source image, as its file holds it, as a PNG data URL."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return _png_url(img.convert("RGB"))
 
 
 class JudgeError(ValueError):
@@ -84,6 +119,7 @@ def _problems(
     model: object = None,
     mode: object = "score",
     template: object = None,
+    edit_template: object = None,
     score_pattern: object = SCORE_PATTERN,
     score_range: object = None,
     max_tokens: object = None,
@@ -105,8 +141,9 @@ def _problems(
         )
     if mode not in MODES:
         out.append(f"reward.kwargs.mode={mode!r} must be one of {list(MODES)}")
-    if template is not None and (not isinstance(template, str) or "{prompt}" not in template):
-        out.append(f"reward.kwargs.template={str(template)[:60]!r} must be a string holding {{prompt}}")
+    for name, t in (("template", template), ("edit_template", edit_template)):
+        if t is not None and (not isinstance(t, str) or "{prompt}" not in t):
+            out.append(f"reward.kwargs.{name}={str(t)[:60]!r} must be a string holding {{prompt}}")
     if not isinstance(score_pattern, str):
         out.append(f"reward.kwargs.score_pattern={score_pattern!r} must be a string (a regex with one group)")
     else:
@@ -156,6 +193,7 @@ class VLMJudge:
     kwargs: ``url`` (the server's ``/v1`` base, e.g. ``http://127.0.0.1:8000/v1``; or a list, one per GPU of a
     node, of which process ``LOCAL_RANK`` takes entry ``LOCAL_RANK % len``), ``model`` (as the server names
     it), ``mode`` (``score`` or ``yes_prob``), ``template`` (with ``{prompt}``; the mode's own by default),
+    ``edit_template`` (the same for an edit, whose source image goes before the edited one),
     ``score_pattern``, ``score_range`` (``[lo, hi]`` to map to [0, 1]; null: the raw number), ``max_tokens``
     (default 512 for ``score``, 1 for ``yes_prob``), ``temperature``, ``concurrency`` (requests in flight),
     ``timeout_s`` per request, ``retries``, ``backoff_s``, ``api_key_env`` (the environment variable holding
@@ -170,6 +208,7 @@ class VLMJudge:
         model: str,
         mode: str = "score",
         template: str | None = None,
+        edit_template: str | None = None,
         score_pattern: str = SCORE_PATTERN,
         score_range: list[float] | None = None,
         max_tokens: int | None = None,
@@ -182,7 +221,7 @@ class VLMJudge:
         unparsed_score: float | None = None,
         check: bool = True,
     ):
-        if problems := _problems(url, model, mode, template, score_pattern, score_range, max_tokens, temperature,
+        if problems := _problems(url, model, mode, template, edit_template, score_pattern, score_range, max_tokens, temperature,
                                  concurrency, timeout_s, retries, backoff_s, api_key_env, unparsed_score, check):  # fmt: skip
             raise ValueError("; ".join(problems))
         self.url = pick_url(url).rstrip("/")
@@ -195,6 +234,7 @@ class VLMJudge:
         self._opener = urllib.request.build_opener(*handlers)
         self.model, self.mode = model, mode
         self.template = template or (SCORE_TEMPLATE if mode == "score" else YES_TEMPLATE)
+        self.edit_template = edit_template or (EDIT_SCORE_TEMPLATE if mode == "score" else EDIT_YES_TEMPLATE)
         self.pattern = re.compile(score_pattern)
         self.score_range = tuple(map(float, score_range)) if score_range is not None else None
         self.max_tokens = max_tokens or (512 if mode == "score" else 1)
@@ -283,14 +323,16 @@ class VLMJudge:
         """One image's request and its score, or (None, why there is none)."""
         from PIL import Image
 
-        png = io.BytesIO()
-        Image.fromarray(pixels).save(png, format="PNG", compress_level=1)  # (4x faster than 6, 40 % larger)
-        image_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+        images = [_png_url(Image.fromarray(pixels))]
+        template = self.template
+        if isinstance(prompt, EditPrompt):  # the source first, then the edit
+            images.insert(0, _source_url(prompt.image))
+            template = self.edit_template
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_url}},
-                {"type": "text", "text": self.template.replace("{prompt}", prompt)},
+                *({"type": "image_url", "image_url": {"url": url}} for url in images),
+                {"type": "text", "text": template.replace("{prompt}", prompt)},
             ]}],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
