@@ -126,7 +126,11 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
         return torch.ones(n, length, dtype=torch.long, device=device)
 
     neg = (zeros(1, length, dim), second(1)) if cfg_on else (None, None)
-    return PromptEmbeds(zeros(rows, length, dim), second(rows), *neg)
+    reference = None
+    if getattr(policy, "edits", False):  # an editing model's source tokens: as many as the sampled image's
+        _, h, w = policy.latent_shape
+        reference = zeros(rows, (h // 2) * (w // 2), t.in_channels)
+    return PromptEmbeds(zeros(rows, length, dim), second(rows), *neg, reference=reference)
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

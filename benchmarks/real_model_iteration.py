@@ -81,6 +81,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # host_vs_device: the FLOP count o
 RECIPES = {
     "sd3": ROOT / "configs" / "sd35m_pickscore.yaml",
     "flux": ROOT / "configs" / "flux_pickscore.yaml",
+    "flux_kontext": ROOT / "configs" / "flux_kontext_vlm_judge.yaml",
     "qwen_image": ROOT / "configs" / "qwen_image_pickscore.yaml",
     "z_image": ROOT / "configs" / "z_image_pickscore.yaml",
     "flux2_klein": ROOT / "configs" / "flux2_klein_pickscore.yaml",
@@ -119,7 +120,7 @@ def full_size_components(family: str, device: torch.device, dtype: torch.dtype) 
 
 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
-    """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``QwenImagePipeline``,
+    """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``FluxKontextPipeline``, ``QwenImagePipeline``,
     ``ZImagePipeline``, ``Flux2KleinPipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
     ``device``, with the stand-in tokenizers."""
     import diffusers
@@ -246,17 +247,40 @@ COLOURS = ("red", "green", "blue", "yellow")
 THINGS = ("cat", "dog", "car", "house", "tree", "bird", "boat", "cup", "clock", "horse", "chair", "apple")
 
 
-def write_prompts(path: Path) -> Path:
+def write_prompts(path: Path, edits: bool = False) -> Path:
     """48 short lowercase prompts that the offline tokenizers take whole, the tiny CLIP's 16 tokens too (the
-    length does not matter: the encoders pad every prompt to their full sequence)."""
+    length does not matter: the encoders pad every prompt to their full sequence). ``edits``: as edit records
+    (``path`` a .jsonl file), each with a source image of its own (random pixels; each is resized to the
+    sampled size, so its own size does not matter)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
     lines = [f"{c} {t}" for t in THINGS for c in COLOURS]
     path.parent.mkdir(parents=True, exist_ok=True)
+    if edits:
+        rng = np.random.default_rng(0)
+        for i in range(len(lines)):
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+                path.parent / f"source{i}.png"
+            )
+        lines = [
+            json.dumps({"prompt": f"make it {t}", "image": f"source{i}.png"}) for i, t in enumerate(lines)
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+def prompts_path(family: str, work: Path) -> Path:
+    """Where the run's prompts are: a text file, or edit records for an editing family."""
+    from densegrpo_fast.policies import EDITING
+
+    return work / ("prompts.jsonl" if family in EDITING else "prompts.txt")
+
+
 def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig:
-    prompts_file = work / "prompts.txt"
+    prompts_file = prompts_path(args.family, work)
     over = [
         f"model.device={device}", f"prompts.dataset={prompts_file}", f"eval.dataset={prompts_file}",
         "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "noise.kind=uniform", "noise.level=0.7",
@@ -270,6 +294,7 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
             "model.dtype=fp32", f"model.resolution={tiny_models.RESOLUTION}",
             f"model.max_sequence_length={tiny_models.MAX_T5_TOKENS}", "model.num_threads=1",
             "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
+            "sampling.reward_waves=1",  # (the Kontext recipe's 4 waves need 4 prompts)
             "sampling.max_rows_per_call=8", "grpo.train_batch_size=4", "eval.num_steps=4", "eval.batch_size=4",
         ]  # fmt: skip
     for key, value in (
@@ -518,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     json_path = Path(args.out) / f"real_{args.family}{args.tag}.json"
     work = Path(tempfile.mkdtemp(prefix=f"real_{args.family}_"))  # run dir and prompts: not in --out
-    write_prompts(work / "prompts.txt")
+    write_prompts(prompts_path(args.family, work), edits=prompts_path(args.family, work).suffix == ".jsonl")
     modes = [args.dense_mode] + (["sparse"] if args.compare_sparse and args.dense_mode != "sparse" else [])
     cfgs = {m: config_for(args, m, work, device) for m in modes}  # config errors before model work
     cfg = cfgs[modes[0]]

@@ -186,15 +186,18 @@ def _add_validate(sub) -> None:
             f"{args.config}: valid ({cfg.rows_per_iteration} rows per iteration, {cfg.sampling.num_steps} steps)"
         )
         from densegrpo_fast.config import ignored_line
-        from densegrpo_fast.prompts import PromptSource
+        from densegrpo_fast.prompts import PromptSource, edit_mismatch
 
         for keys, why in cfg.ignored_settings():
             print(f"note: {ignored_line(keys, why)}", file=sys.stderr)
         for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
             try:
-                PromptSource(dataset, 0, field)
+                source = PromptSource(dataset, 0, field)
             except (ValueError, OSError) as e:  # (the prompt sets may live only where training runs)
                 print(f"note: not readable on this machine, and `train` needs it: {e}", file=sys.stderr)
+                continue
+            if bad := edit_mismatch(cfg.model.family, source.edits, field, dataset):
+                raise ValueError(bad)
         from densegrpo_fast.policies import checkpoint_problem
 
         m = cfg.model

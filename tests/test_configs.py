@@ -64,7 +64,8 @@ def test_download_hints_give_each_pattern_its_own_include():
     """``hf download REPO --include A B`` takes B for a file name and then ignores ``--include``: every hint in
     the README, the recipes and the code names one pattern per flag, and the recipes' model hints are the
     engine's own (the pipeline's folders only)."""
-    from densegrpo_fast.policies import flux, flux2_klein, sd3, z_image
+    from densegrpo_fast.policies import flux, flux2_klein, flux_kontext, sd3, z_image
+    from densegrpo_fast.policies.flux_kontext import FluxKontextPolicy
     from densegrpo_fast.policies.pretrained import download_command
 
     texts = {p: _as_one_line(p.read_text()) for p in [ROOT / "README.md", *CONFIGS]}
@@ -75,6 +76,8 @@ def test_download_hints_give_each_pattern_its_own_include():
     assert download_command(sd3.DEFAULT_REPO, sd3.COMPONENTS) in texts[ROOT / "README.md"]
     flux_recipe = texts[ROOT / "configs" / "flux_pickscore.yaml"]
     assert download_command(flux.DEFAULT_REPO, flux.COMPONENTS) in flux_recipe
+    kontext_recipe = texts[ROOT / "configs" / "flux_kontext_vlm_judge.yaml"]
+    assert download_command(FluxKontextPolicy.default_repo, flux_kontext.COMPONENTS) in kontext_recipe
     z_recipe = texts[ROOT / "configs" / "z_image_pickscore.yaml"]
     assert download_command(z_image.DEFAULT_REPO, z_image.COMPONENTS) in z_recipe
     klein_recipe = texts[ROOT / "configs" / "flux2_klein_pickscore.yaml"]

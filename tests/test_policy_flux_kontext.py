@@ -4,6 +4,7 @@ resumed evaluation on edit records; the families that cannot edit refuse them.""
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,7 +133,10 @@ def test_one_table_row_per_instruction_and_image(policy, sources, monkeypatch):
     )
 
 
-def test_prompts_without_a_source_image_are_refused(policy):
+def test_prompts_without_a_source_image_or_with_an_unreadable_one_are_refused(policy, tmp_path):
+    (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n")
+    with pytest.raises(ValueError, match=r"the source image .*cut.png.* cannot be read"):
+        policy.encode_prompts([EditPrompt("make it red", str(tmp_path / "cut.png"))])
     with pytest.raises(
         ValueError,
         match=r'FLUX.1 Kontext edits a source image, and the prompt .make it red. has none.*"image"',
@@ -232,7 +236,7 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
 
 
 def test_families_that_do_not_edit_refuse_edit_records_and_kontext_refuses_plain_prompts(
-    pipe, sources, tmp_path
+    pipe, sources, tmp_path, capsys
 ):
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.trainer import setup
@@ -244,6 +248,11 @@ def test_families_that_do_not_edit_refuse_edit_records_and_kontext_refuses_plain
     toy = [f"prompts.dataset={edit_file}", f"run.output_dir={tmp_path / 'toy'}", "run.tensorboard=false"]
     with pytest.raises(ValueError, match=r"prompts.dataset=.*edits.jsonl.* source images.*model.family=toy"):
         setup(load_config(TrainConfig, None, toy), progress=False)
+    from densegrpo_fast.cli import main
+
+    toy_config = str(Path(__file__).resolve().parents[1] / "configs" / "toy_geneval.yaml")
+    assert main(["validate", "--config", toy_config, f"eval.dataset={edit_file}"]) == 2
+    assert "gives source images ('image' on its lines), which model.family=toy" in capsys.readouterr().err
     pipe.save_pretrained(tmp_path / "kontext")
     kontext = _overrides(tmp_path, tmp_path / "kontext", plain)
     with pytest.raises(ValueError, match=r"model.family=flux_kontext edits source images.*prompts.dataset"):

@@ -24,7 +24,7 @@ import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.flux import COMPONENTS, FluxPolicy
-from densegrpo_fast.prompts import source_image_problem
+from densegrpo_fast.prompts import prompt_key, source_image_problem
 
 
 class FluxKontextPolicy(FluxPolicy):
@@ -50,14 +50,14 @@ class FluxKontextPolicy(FluxPolicy):
             if (bad := source_image_problem(p, self.model_name)) is not None:
                 raise ValueError(bad)
 
-        def encode(unique):
-            embeds, pooled = self._encode(list(dict.fromkeys(map(str, unique))))
+        def encode(unique):  # (each text once through the encoders, each file once through the VAE)
             texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, unique)))}
+            embeds, pooled = self._encode(list(texts))
             rows = torch.tensor([texts[str(p)] for p in unique], device=embeds.device)
             return embeds[rows], pooled[rows], self._encode_references([p.image for p in unique])
 
         with self.text_encoders_on_device():
-            return PromptEmbeds.deduplicated(encode, prompts, key=lambda p: (str(p), p.image))
+            return PromptEmbeds.deduplicated(encode, prompts, key=prompt_key)
 
     @torch.no_grad()
     def _encode_references(self, paths: list[str]) -> torch.Tensor:
@@ -70,9 +70,15 @@ class FluxKontextPolicy(FluxPolicy):
         files = list(dict.fromkeys(paths))
         images = []
         for path in files:
-            with Image.open(path) as img:
-                images.append(self.pipe.image_processor.preprocess(img.convert("RGB"), height, width,
-                                                                   resize_mode="crop"))  # fmt: skip
+            try:
+                with Image.open(path) as img:
+                    rgb = img.convert("RGB")
+            except OSError as e:  # (a file that is not an image, or one cut short)
+                raise ValueError(
+                    f"the source image {path!r} cannot be read ({e}): give an image file (PNG, JPEG, WebP, ...) "
+                    "or drop its line from the prompt file"
+                ) from None
+            images.append(self.pipe.image_processor.preprocess(rgb, height, width, resize_mode="crop"))
         vae = self.pipe.vae
         pixels = torch.cat(images).to(self.device, vae.dtype)
         latents = (
