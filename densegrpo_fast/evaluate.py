@@ -38,7 +38,14 @@ from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import EditPrompt, edit_mismatch, prompt_key, prompt_lines, prompt_tags
+from densegrpo_fast.prompts import (
+    EditPrompt,
+    edit_mismatch,
+    prompt_key,
+    prompt_lines,
+    prompt_tags,
+    source_blind,
+)
 from densegrpo_fast.rewards.remote import _is_number
 
 #: GenEval's six task tags (its metadata's "tag"): its overall score is the mean over these
@@ -447,6 +454,8 @@ def run_eval(
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
+    if blind := source_blind(cfg.model.family, rewards):
+        warnings.warn(blind, stacklevel=2)
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process

@@ -76,6 +76,7 @@ import os
 import re
 import sys
 import types
+import warnings
 import weakref
 from collections.abc import Set
 
@@ -895,7 +896,9 @@ def _iterations(
     ):
         tracker.phase = "setup"  # (LoRA or the KL reference, FSDP2's sharding, the optimizer, the EMA)
         tracker.bump(0)
-        run = trainer.setup(cfg, progress=False, policy=policy)
+        with warnings.catch_warnings():  # (the estimate's stand-in reward is not the run's: no word on it)
+            warnings.filterwarnings("ignore", message=r".* edits source images, and the rewards")
+            run = trainer.setup(cfg, progress=False, policy=policy)
         tracker.phase = ""
         setup_peak, setup_at = tracker.phase_peaks.get("setup", 0), tracker.phase_origins.get("setup", {})
         scorer = reward_fn or run.reward_fn
@@ -1352,7 +1355,6 @@ def run_memory(
     import shutil
     import tempfile
     import time
-    import warnings
     from pathlib import Path
 
     import yaml
@@ -1387,14 +1389,14 @@ def run_memory(
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
         texts = [f"a photo of thing number {i}{tail}" for i in range(n)]
-        if Adapter.edits:  # an editing model's prompts: one source image each (read, resized, encoded)
+        if Adapter.edits:  # an editing model's prompts: a source image each (read, resized, encoded together)
             from PIL import Image
 
-            Image.new("RGB", (64, 64), (128, 96, 64)).save(work / "source.png")
+            for i in range(n):
+                Image.new("RGB", (64, 64), (i % 256, 96, 64)).save(work / f"source{i}.png")
             prompts = work / "prompts.jsonl"
-            prompts.write_text(
-                "".join(json.dumps({"prompt": t, "image": "source.png"}) + "\n" for t in texts)
-            )
+            records = [json.dumps({"prompt": t, "image": f"source{i}.png"}) for i, t in enumerate(texts)]
+            prompts.write_text("".join(r + "\n" for r in records))
         else:
             prompts = work / "prompts.txt"
             prompts.write_text("".join(t + "\n" for t in texts))

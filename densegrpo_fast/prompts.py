@@ -57,6 +57,41 @@ def source_image_problem(prompt: str, model: str) -> str | None:
     )
 
 
+def load_source(path: str, height: int, width: int):
+    """An edit's source image as the editing policy takes it, a PIL image: its EXIF orientation applied (as
+    diffusers' ``load_image``), in RGB, resized to cover ``height`` x ``width`` (Lanczos) and centre-cropped
+    to it (diffusers' ``resize_mode="crop"``; an image of that size is untouched). A ValueError names a file
+    that is not a readable image."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except (OSError, Image.DecompressionBombError) as e:  # (not an image, cut short, or far too large)
+        raise ValueError(
+            f"the source image {path!r} cannot be read ({e}): give an image file (PNG, JPEG, WebP, ...) or drop "
+            "its line from the prompt file"
+        ) from None
+    return VaeImageProcessor().resize(rgb, height, width, resize_mode="crop")
+
+
+def source_blind(family: str, rewards: dict) -> str | None:
+    """A warning for the rewards of ``rewards`` (name -> reward) that cannot see an edit's source image, where
+    ``model.family=family`` edits; None where it does not, or where every reward sees the sources (a reward
+    that does says so with a true ``sees_sources`` attribute)."""
+    from densegrpo_fast.policies import EDITING
+
+    blind = [name for name, reward in rewards.items() if not getattr(reward, "sees_sources", False)]
+    if family not in EDITING or not blind:
+        return None
+    return (
+        f"model.family={family} edits source images, and the rewards {blind} do not see them: each scores the "
+        "edited image against the instruction as if the instruction were a caption; vlm_judge shows its judge "
+        "the source (README, FLUX.1 Kontext)"
+    )
+
+
 def edit_mismatch(family: str, edits: bool, field: str, dataset: str) -> str | None:
     """Why the prompts of the config's ``field`` (``dataset``), which are edits (``edits``) or not, do not
     suit ``model.family=family``; None where they do."""
@@ -90,7 +125,7 @@ def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").split("\n")]
     if not _jsonl(path):
         return [(ln, None) for ln in lines if ln]
-    out = []
+    out, numbers = [], []
     for number, line in enumerate(lines, 1):
         if not line:
             continue
@@ -118,14 +153,17 @@ def prompt_records(path: Path, field: str) -> list[tuple[str, str | None]]:
                     f"{field}={str(path)!r}, line {number}: the image {str(source)!r} is not a file: paths are "
                     "relative to the prompt file's folder (or absolute); mend the path or drop the line"
                 )
-            prompt = EditPrompt(prompt, str(source))
+            # (resolved: a run or an evaluation resumed from another working directory, or given the file
+            # by another spelling, keys its prompts the same)
+            prompt = EditPrompt(prompt, str(source.resolve()))
         out.append((prompt, None if tag is None else str(tag)))
+        numbers.append(number)
     has = [isinstance(p, EditPrompt) for p, _ in out]
     if any(has) and not all(has):
-        a, b = has.index(False), has.index(True)
+        a, b = numbers[has.index(False)], numbers[has.index(True)]
         raise ValueError(
-            f"{field}={str(path)!r}: prompt {a + 1} has no 'image' and prompt {b + 1} has one: a prompt file "
-            "holds edits (each with its source image) or text prompts, not both"
+            f"{field}={str(path)!r}: line {a} has no 'image' and line {b} has one: a prompt file holds edits "
+            "(each with its source image) or text prompts, not both"
         )
     return out
 

@@ -48,7 +48,7 @@ from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import PromptPriority, PromptSource, edit_mismatch
+from densegrpo_fast.prompts import PromptPriority, PromptSource, edit_mismatch, source_blind
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
@@ -165,6 +165,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         if bad := edit_mismatch(cfg.model.family, source.edits, field, source.dataset):
             raise ValueError(bad)
     _check_prompts(reward_fn, cfg.reward.name, {"prompts.dataset": prompts, "eval.dataset": eval_prompts})
+    if blind := source_blind(cfg.model.family, {cfg.reward.name: reward_fn}):
+        warnings.warn(blind, stacklevel=2)
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)

@@ -133,6 +133,24 @@ def test_one_table_row_per_instruction_and_image(policy, sources, monkeypatch):
     )
 
 
+def test_a_source_is_read_upright_by_its_exif_orientation(tmp_path):
+    """A photo whose EXIF orientation says "rotate" is taken as its viewer shows it (as diffusers' load_image
+    reads it), not as its pixels are stored."""
+    from PIL import ImageOps
+
+    from densegrpo_fast.prompts import load_source
+
+    stored = Image.fromarray(np.random.default_rng(1).integers(0, 256, (8, 16, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # (rotate 90 degrees clockwise to view)
+    stored.save(tmp_path / "photo.png", exif=exif)
+    upright = load_source(str(tmp_path / "photo.png"), 16, 8)
+    assert upright.size == (8, 16)
+    with Image.open(tmp_path / "photo.png") as img:
+        assert np.array_equal(np.asarray(upright), np.asarray(ImageOps.exif_transpose(img).convert("RGB")))
+    assert not np.array_equal(np.asarray(upright), np.asarray(stored.transpose(Image.TRANSPOSE)))
+
+
 def test_prompts_without_a_source_image_or_with_an_unreadable_one_are_refused(policy, tmp_path):
     (tmp_path / "cut.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(ValueError, match=r"the source image .*cut.png.* cannot be read"):
@@ -170,7 +188,7 @@ def test_an_edit_prompt_file(tmp_path, sources):
         with pytest.raises(ValueError, match=said):
             prompt_records(path, "prompts.dataset")
     path.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"prompt": "a cat"}) + "\n")
-    with pytest.raises(ValueError, match=r"prompt 2 has no .image. and prompt 1 has one"):
+    with pytest.raises(ValueError, match=r"line 2 has no .image. and line 1 has one"):
         PromptSource(str(path))
 
 
@@ -196,7 +214,7 @@ def _overrides(tmp_path, ckpt, dataset):
     ]  # fmt: skip
 
 
-def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, sources, tmp_path):
+def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, sources, tmp_path, monkeypatch):
     """One DenseGRPO iteration on edit records (the guidance 2.5 of the family's defaults); the eval command's
     scores name each prompt's image, and a resume onto a file whose image changed at an index is refused."""
     import math
@@ -215,7 +233,8 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = load_config(TrainConfig, None, _overrides(tmp_path, tmp_path / "kontext", dataset))
     assert cfg.sampling.guidance_scale == 2.5 and cfg.sampling.shift is None and cfg.eval.num_prompts == 2
-    run_dir = train(cfg, progress=False)
+    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see them"):
+        run_dir = train(cfg, progress=False)
     (step,) = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
     ]
@@ -226,9 +245,17 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
     args = ["model.family=flux_kontext", f"model.checkpoint={tmp_path / 'kontext'}",
             f"model.resolution={tiny.RESOLUTION}", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}",
             f"eval.dataset={dataset}", "eval.num_steps=2", f"eval.output_dir={out}", "eval.rewards={redness: {name: redness}}"]  # fmt: skip
-    run_eval(None, args, progress=False)
+    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see them"):
+        first = run_eval(None, args, progress=False)
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["image"]) for r in scored] == [(r["prompt"], r["image"]) for r in records]
+    # resumed with the file named from another working directory: no transformer call, the same scores
+    calls = []
+    velocity = FluxKontextPolicy.velocity
+    monkeypatch.setattr(FluxKontextPolicy, "velocity", lambda *a, **k: calls.append(1) or velocity(*a, **k))
+    monkeypatch.chdir(tmp_path)
+    again = run_eval(None, [*args[:4], "eval.dataset=edits.jsonl", *args[5:]], progress=False)
+    assert again["scores"] == first["scores"] and calls == []
     records[1]["image"] = str(sources / "s0.png")
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(ValueError, match=r"holds scores of prompt 1 .*s1.png.*s0.png"):

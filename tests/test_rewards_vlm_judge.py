@@ -145,27 +145,41 @@ def test_score_mode_reads_the_verdict_of_each_image_in_order(judge):
 
 @pytest.mark.parametrize("mode", ["score", "yes_prob"])
 def test_an_edit_sends_its_source_image_first_with_the_edit_template(judge, tmp_path, mode):
-    """An EditPrompt's request holds the source image (the file's pixels) before the edited one, and the
-    mode's edit template with the instruction; the score is the edited image's."""
+    """An EditPrompt's request holds the source image before the edited one, as the policy took it at the
+    edited image's size (16 x 10 resized to cover 8 x 12, Lanczos, and centre-cropped), and the mode's edit
+    template (or ``edit_template``) with the instruction; a plain prompt keeps ``template``. The score is the
+    edited image's."""
     import numpy as np
     from PIL import Image
 
     from densegrpo_fast.prompts import EditPrompt
 
-    source = np.random.default_rng(0).integers(0, 256, (6, 10, 3), dtype=np.uint8)
-    Image.fromarray(source).save(tmp_path / "source.png")
-    x = images(2)
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 10, 3), dtype=np.uint8))
+    source.save(tmp_path / "source.png")
+    cover = np.asarray(source.resize((12, 19), Image.LANCZOS).crop((0, 5, 12, 13)))
+    x = images(2)  # 8 x 12
     prompts = [EditPrompt("make the sky pink", str(tmp_path / "source.png")), "a plain caption"]
-    got = build_reward("vlm_judge", url=judge.url, model="judge-7b", mode=mode, score_range=[1, 5])(
-        x, prompts
-    )
-    torch.testing.assert_close(got.double(), red(x), rtol=0, atol=1e-6)
-    edit, plain = sorted(judge.requests, key=lambda r: len(r["messages"][0]["content"]), reverse=True)
-    (src, edited, text), (_, plain_text) = edit["messages"][0]["content"], plain["messages"][0]["content"]
-    sent = base64.b64decode(src["image_url"]["url"].removeprefix("data:image/png;base64,"))
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), source)
-    assert edited["type"] == "image_url" and text["text"].startswith("The first image is a source image")
-    assert 'instruction "make the sky pink"' in text["text"] and "a plain caption" in plain_text["text"]
+    for kwargs in ({}, {"edit_template": "Edited per {prompt}?", "template": "Shows {prompt}?"}):
+        judge.requests.clear()
+        fn = build_reward(
+            "vlm_judge", url=judge.url, model="judge-7b", mode=mode, score_range=[1, 5], **kwargs
+        )
+        torch.testing.assert_close(fn(x, prompts).double(), red(x), rtol=0, atol=1e-6)
+        edit, plain = sorted(judge.requests, key=lambda r: len(r["messages"][0]["content"]), reverse=True)
+        (src, edited, text), (_, plain_text) = edit["messages"][0]["content"], plain["messages"][0]["content"]
+        sent = base64.b64decode(src["image_url"]["url"].removeprefix("data:image/png;base64,"))
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(sent)).convert("RGB")), cover)
+        assert edited["type"] == "image_url"
+        if kwargs:
+            assert (text["text"], plain_text["text"]) == (
+                "Edited per make the sky pink?",
+                "Shows a plain caption?",
+            )
+        else:
+            assert text["text"].startswith("The first image is a source image")
+            assert (
+                'instruction "make the sky pink"' in text["text"] and "a plain caption" in plain_text["text"]
+            )
 
 
 def test_yes_prob_mode_sums_the_spellings_of_yes_and_no(judge):

@@ -10,12 +10,15 @@ the grid shifted by the *sampled* image's token count, the timestep rounding.
 
 Each prompt is an :class:`~densegrpo_fast.prompts.EditPrompt`: the instruction and its source image, from a
 ``.jsonl`` prompt file whose lines carry an ``image`` path. ``encode_prompts`` encodes each distinct
-(instruction, image) once: the image is read, resized to cover the policy's resolution and centre-cropped
-(diffusers' ``resize_mode="crop"``; an image already at that size is untouched), encoded to the VAE's mode
-(the pipeline's ``sample_mode="argmax"``) and packed into the embeds' ``reference`` table. So the source
-comes in at the output's size, as the pipeline takes it with ``_auto_resize=False`` and an image of the
-output's size; the pipeline's default instead resizes the source to the ~1 MP Kontext resolution nearest its
-aspect, which at 512 px output would be four times the tokens.
+(instruction, image) once: the image is read (:func:`~densegrpo_fast.prompts.load_source`: its EXIF
+orientation applied, resized to cover the policy's resolution and centre-cropped; an image already at that
+size is untouched), encoded to the VAE's mode (the pipeline's ``sample_mode="argmax"``) and packed into the
+embeds' ``reference`` table. So the source comes in at the output's size, as the pipeline takes it with
+``_auto_resize=False`` and an image of the output's size; the pipeline's default instead resizes the source to
+the ~1 MP Kontext resolution nearest its aspect, which at 512 px output would be four times the tokens. The
+VAE encodes in its own fp32 (the adapters load it so), where the pipeline in bf16 encodes the source in bf16:
+the source latents then differ by bf16 rounding (one bf16 unit, 0.018, measured by a review), the engine's
+being the more exact.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.flux import COMPONENTS, FluxPolicy
-from densegrpo_fast.prompts import prompt_key, source_image_problem
+from densegrpo_fast.prompts import load_source, prompt_key, source_image_problem
 
 
 class FluxKontextPolicy(FluxPolicy):
@@ -64,21 +67,12 @@ class FluxKontextPolicy(FluxPolicy):
         """The source images at ``paths``, each read once, as packed VAE latents [U, N, 4C] in the
         transformer's dtype."""
         from diffusers import FluxPipeline
-        from PIL import Image
 
         height, width = (side * self.vae_scale_factor for side in self.latent_shape[1:])
         files = list(dict.fromkeys(paths))
-        images = []
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    rgb = img.convert("RGB")
-            except OSError as e:  # (a file that is not an image, or one cut short)
-                raise ValueError(
-                    f"the source image {path!r} cannot be read ({e}): give an image file (PNG, JPEG, WebP, ...) "
-                    "or drop its line from the prompt file"
-                ) from None
-            images.append(self.pipe.image_processor.preprocess(rgb, height, width, resize_mode="crop"))
+        images = [
+            self.pipe.image_processor.preprocess(load_source(f, height, width), height, width) for f in files
+        ]
         vae = self.pipe.vae
         pixels = torch.cat(images).to(self.device, vae.dtype)
         latents = (
@@ -97,9 +91,11 @@ class FluxKontextPolicy(FluxPolicy):
         )
         ref_ids[..., 0] = 1  # the pipeline's mark of the source image's tokens
         reference = cond.reference
-        if reference is None:
+        if reference is None or reference.shape[1] != packed.shape[1]:
+            held = "none" if reference is None else f"{reference.shape[1]} source tokens"
             raise ValueError(
-                f"{self.model_name} samples from a source image, and these prompt embeds hold none: encode "
-                "EditPrompts with this policy's encode_prompts"
+                f"{self.model_name} samples {packed.shape[1]} tokens from a source image of as many, and these "
+                f"prompt embeds hold {held}: encode the EditPrompts with the encode_prompts of the policy that "
+                "samples them (at its resolution)"
             )
         return torch.cat([packed, reference.to(self.dtype)], 1), torch.cat([img_ids, ref_ids])

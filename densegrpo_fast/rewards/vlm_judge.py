@@ -17,8 +17,9 @@ Two ways to read a score from the answer (``mode``):
 Editing (an :class:`~densegrpo_fast.prompts.EditPrompt`, FLUX.1 Kontext's prompts): the source image goes
 first, the edited one second, and the text is ``edit_template`` (the mode's own by default) with the
 instruction in place of ``{prompt}``: the judge sees what was asked of which image, as the editing judges
-(EditScore, UnifiedReward's editing mode, a GPT-4o rubric) are asked. The source is sent as its file holds
-it (read once per file, as PNG).
+(EditScore, UnifiedReward's editing mode, a GPT-4o rubric) are asked. The source is sent as the policy took
+it, at the edited image's size (cropped to its aspect; a few recent sources are kept encoded), so the judge
+compares like with like and a large photo does not fill the judge's context.
 
 An answer with no score in it (the pattern not found, no yes or no among the top tokens) is an error naming
 the answer and the fix, unless ``unparsed_score`` gives a value to use instead, which is then counted in a
@@ -61,7 +62,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from densegrpo_fast.prompts import EditPrompt
+from densegrpo_fast.prompts import EditPrompt, load_source
 from densegrpo_fast.rewards import count_problems, register
 from densegrpo_fast.rewards.images import check_batch, to_uint8
 from densegrpo_fast.rewards.remote import _read_within, backoff, pick_url, url_problems
@@ -100,12 +101,10 @@ def _png_url(image) -> str:
 
 
 @functools.lru_cache(maxsize=256)  # (an iteration's dense completions send each source (T+1) x G times)
-def _source_url(path: str) -> str:
-    """An edit's source image, as its file holds it, as a PNG data URL."""
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return _png_url(img.convert("RGB"))
+def _source_url(path: str, height: int, width: int) -> str:
+    """An edit's source image as the editing policy took it at the edit's size (cropped to its aspect, at its
+    pixel count: :func:`~densegrpo_fast.prompts.load_source`), as a PNG data URL."""
+    return _png_url(load_source(path, height, width))
 
 
 class JudgeError(ValueError):
@@ -201,6 +200,9 @@ class VLMJudge:
     server's ``/models`` when built, so a server that is down or does not serve ``model`` fails before the
     policy loads).
     """
+
+    #: It shows the judge an edit's source image (:func:`densegrpo_fast.prompts.source_blind`).
+    sees_sources = True
 
     def __init__(
         self,
@@ -326,7 +328,7 @@ class VLMJudge:
         images = [_png_url(Image.fromarray(pixels))]
         template = self.template
         if isinstance(prompt, EditPrompt):  # the source first, then the edit
-            images.insert(0, _source_url(prompt.image))
+            images.insert(0, _source_url(prompt.image, *pixels.shape[:2]))
             template = self.edit_template
         body = {
             "model": self.model,
