@@ -127,7 +127,9 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
 
     neg = (zeros(1, length, dim), second(1)) if cfg_on else (None, None)
     reference = None
-    if getattr(policy, "edits", False):  # an editing model's source tokens: as many as the sampled image's
+    if (
+        getattr(policy, "edits", None) == "required"
+    ):  # an editing model's source tokens: as the sampled image's
         _, h, w = policy.latent_shape
         reference = zeros(rows, (h // 2) * (w // 2), t.in_channels)
     return PromptEmbeds(zeros(rows, length, dim), second(rows), *neg, reference=reference)

@@ -321,7 +321,7 @@ class ModelSection(Section):
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), flux_kontext "
         "(FLUX.1 Kontext: edits the source image of each prompt, from a .jsonl prompt file with an 'image' per "
         "line), qwen_image (Qwen-Image), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
-        "base or distilled)",
+        "base or distilled; it edits too, given such a prompt file)",
     )
     checkpoint: str | None = Field(
         None,

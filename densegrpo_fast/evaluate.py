@@ -454,7 +454,7 @@ def run_eval(
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
-    if blind := source_blind(cfg.model.family, rewards):
+    if blind := source_blind(isinstance(prompts[0], EditPrompt), rewards):
         warnings.warn(blind, stacklevel=2)
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model

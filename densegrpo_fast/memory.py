@@ -897,7 +897,9 @@ def _iterations(
         tracker.phase = "setup"  # (LoRA or the KL reference, FSDP2's sharding, the optimizer, the EMA)
         tracker.bump(0)
         with warnings.catch_warnings():  # (the estimate's stand-in reward is not the run's: no word on it)
-            warnings.filterwarnings("ignore", message=r".* edits source images, and the rewards")
+            warnings.filterwarnings(
+                "ignore", message=r"the prompts are edits of source images, and the rewards"
+            )
             run = trainer.setup(cfg, progress=False, policy=policy)
         tracker.phase = ""
         setup_peak, setup_at = tracker.phase_peaks.get("setup", 0), tracker.phase_origins.get("setup", {})
@@ -1382,6 +1384,7 @@ def run_memory(
         # model.max_sequence_length (the most memory): Qwen's tokenizer, like the byte-level stand-in, makes a
         # token of each digit
         from densegrpo_fast.policies import adapter_class
+        from densegrpo_fast.prompts import PromptSource
 
         Adapter = adapter_class(cfg.model.family)
         length = cfg.model.max_sequence_length or Adapter.default_max_sequence_length
@@ -1389,7 +1392,13 @@ def run_memory(
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
         texts = [f"a photo of thing number {i}{tail}" for i in range(n)]
-        if Adapter.edits:  # an editing model's prompts: a source image each (read, resized, encoded together)
+        edits = Adapter.edits == "required"
+        if (
+            Adapter.edits == "optional"
+        ):  # (FLUX.2 [klein]: edits where the run's prompt file, read here, holds them)
+            with contextlib.suppress(ValueError, OSError):
+                edits = PromptSource(cfg.prompts.dataset, 0).edits
+        if edits:  # an editing model's prompts: a source image each (read, resized, encoded together)
             from PIL import Image
 
             for i in range(n):

@@ -76,19 +76,17 @@ def load_source(path: str, height: int, width: int):
     return VaeImageProcessor().resize(rgb, height, width, resize_mode="crop")
 
 
-def source_blind(family: str, rewards: dict) -> str | None:
+def source_blind(edits: bool, rewards: dict) -> str | None:
     """A warning for the rewards of ``rewards`` (name -> reward) that cannot see an edit's source image, where
-    ``model.family=family`` edits; None where it does not, or where every reward sees the sources (a reward
-    that does says so with a true ``sees_sources`` attribute)."""
-    from densegrpo_fast.policies import EDITING
-
+    the prompts are ``edits``; None where they are not, or where every reward sees the sources (a reward that
+    does says so with a true ``sees_sources`` attribute)."""
     blind = [name for name, reward in rewards.items() if not getattr(reward, "sees_sources", False)]
-    if family not in EDITING or not blind:
+    if not edits or not blind:
         return None
     return (
-        f"model.family={family} edits source images, and the rewards {blind} do not see them: each scores the "
-        "edited image against the instruction as if the instruction were a caption; vlm_judge shows its judge "
-        "the source (README, FLUX.1 Kontext)"
+        f"the prompts are edits of source images, and the rewards {blind} do not see the sources: each scores "
+        "the edited image against the instruction as if the instruction were a caption; vlm_judge shows its "
+        "judge the source (README, FLUX.1 Kontext)"
     )
 
 
@@ -97,7 +95,7 @@ def edit_mismatch(family: str, edits: bool, field: str, dataset: str) -> str | N
     suit ``model.family=family``; None where they do."""
     from densegrpo_fast.policies import EDITING
 
-    if family in EDITING and not edits:
+    if EDITING.get(family) == "required" and not edits:
         return (
             f"model.family={family} edits source images, and {field}={dataset!r} gives prompts without them: "
             "give a .jsonl prompt file whose lines carry an 'image' path beside the 'prompt' (the instruction)"

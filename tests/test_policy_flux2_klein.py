@@ -356,3 +356,79 @@ def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(klein_dir,
         assert 0 <= bytes_ - est.phases[phase] <= (12 if phase == "prompt encoding" else 0), phase
     assert measured["rollout + reward"] - weights > 1_000_000
     assert est.calls["transformer"] > 0 and est.calls["text_encoder.model"] > 0
+
+
+def _sources(folder, n=3, side=32):
+    """Random-pixel PNGs s0.png, s1.png, ... of ``side`` px in ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"s{i}.png")
+    return [folder / f"s{i}.png" for i in range(n)]
+
+
+@pytest.mark.parametrize("g", [1.0, 4.0])
+def test_an_edit_reproduces_the_pipeline_with_its_reference_image(pipe, policy, g, tmp_path):
+    """Edit prompts: each source goes in as the pipeline's one reference image (given at the output's size,
+    64 px: the pipeline refuses smaller references), with CFG (whose negative rows hold it too) and without:
+    Flux2KleinPipeline to 1e-5, one prompt per call. Other sources move the result."""
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt
+
+    T = 4
+    policy = policy.at_resolution(64, "model.resolution")
+    files = _sources(tmp_path, side=64)
+    prompts = [EditPrompt(t, str(f)) for t, f in zip(PROMPTS, files, strict=False)]
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    theirs, theirs_img = [], []
+    for i, p in enumerate(
+        prompts
+    ):  # (one call per prompt: the pipeline's images are one prompt's references)
+        with Image.open(p.image) as img:
+            image = img.convert("RGB")
+        call = dict(prompt=str(p), image=image, height=64, width=64, num_inference_steps=T, guidance_scale=g,
+                    max_sequence_length=MAX_TOKENS)  # fmt: skip
+        theirs.append(pipe(**call, latents=noise[i : i + 1].clone(), output_type="latent").images)
+        theirs_img.append(pipe(**call, latents=noise[i : i + 1].clone(), output_type="pt").images)
+    theirs, theirs_img = torch.cat(theirs), torch.cat(theirs_img)
+    sched = Schedule(policy.sigma_grid(T), torch.zeros(T))
+    cond = policy.encode_prompts(prompts, with_negative=g > 1)
+    assert cond.reference.shape == (2, 256, 16) and cond.has_negative == (g > 1)
+    ro = sample(policy, cond, noise, sched, guidance_scale=g, dense=False)
+    ours = _latents_as_the_pipeline_returns_them(pipe, ro.latents[:, T])
+    diff = (ours - theirs).abs().max().item()
+    diff_img = (policy.decode(ro.latents[:, T]) - theirs_img).abs().max().item()
+    print(f"FLUX.2 [klein] edit g={g}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    assert diff <= 1e-5 and diff_img <= 1e-5
+    other = [EditPrompt(str(p), str(files[2])) for p in prompts]
+    moved = sample(policy, policy.encode_prompts(other, with_negative=g > 1), noise, sched, guidance_scale=g,
+                   dense=False).latents[:, T]  # fmt: skip
+    assert (moved - ro.latents[:, T]).abs().max() > 1e-4  # (1.6e-3 measured: 100 x the tolerance above)
+
+
+def test_one_iteration_on_edit_records(klein_dir, tmp_path):
+    """FLUX.2 [klein] trains on edit records as well as on text prompts (its prompt file decides)."""
+    import json
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.trainer import train
+
+    files = _sources(tmp_path)
+    edits = tmp_path / "edits.jsonl"
+    lines = [
+        {"prompt": "make it red", "image": files[0].name},
+        {"prompt": "add a cat", "image": files[1].name},
+    ]
+    edits.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cfg = load_config(TrainConfig, None, _overrides(klein_dir, tmp_path, f"prompts.dataset={edits}",
+                                                    f"eval.dataset={edits}"))  # fmt: skip
+    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see the sources"):
+        run_dir = train(cfg, progress=False)
+    (step,) = [
+        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
+    ]
+    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    assert_on_policy(step, exact=False)

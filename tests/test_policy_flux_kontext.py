@@ -49,7 +49,7 @@ def edits(folder, files, texts=PROMPTS):
 
 
 def test_implements_the_policy_contract(policy, sources):
-    assert isinstance(policy, Policy) and policy.edits
+    assert isinstance(policy, Policy) and policy.edits == "required"
     cond = policy.encode_prompts(edits(sources, ["s0.png", "s1.png"]))
     assert (
         cond.reference.shape == (2, 64, 16) and not cond.has_negative
@@ -131,6 +131,12 @@ def test_one_table_row_per_instruction_and_image(policy, sources, monkeypatch):
     torch.testing.assert_close(
         policy.encode_prompts(edits(sources, ["s3.png"], PROMPTS[:1])).reference, cropped
     )
+
+
+def test_each_adapter_says_whether_it_edits_as_the_registry_does():
+    from densegrpo_fast.policies import EDITING, PRETRAINED, adapter_class
+
+    assert {f: adapter_class(f).edits for f in PRETRAINED} == {f: EDITING.get(f) for f in PRETRAINED}
 
 
 def test_a_source_is_read_upright_by_its_exif_orientation(tmp_path):
@@ -233,7 +239,7 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
     cfg = load_config(TrainConfig, None, _overrides(tmp_path, tmp_path / "kontext", dataset))
     assert cfg.sampling.guidance_scale == 2.5 and cfg.sampling.shift is None and cfg.eval.num_prompts == 2
-    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see them"):
+    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see the sources"):
         run_dir = train(cfg, progress=False)
     (step,) = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
@@ -245,7 +251,7 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
     args = ["model.family=flux_kontext", f"model.checkpoint={tmp_path / 'kontext'}",
             f"model.resolution={tiny.RESOLUTION}", f"model.max_sequence_length={tiny.MAX_T5_TOKENS}",
             f"eval.dataset={dataset}", "eval.num_steps=2", f"eval.output_dir={out}", "eval.rewards={redness: {name: redness}}"]  # fmt: skip
-    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see them"):
+    with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see the sources"):
         first = run_eval(None, args, progress=False)
     scored = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["image"]) for r in scored] == [(r["prompt"], r["image"]) for r in records]

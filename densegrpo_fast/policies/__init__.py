@@ -17,8 +17,10 @@ PRETRAINED = {
 }
 FAMILIES = ("toy", *PRETRAINED)
 #: The families that edit a source image per prompt (their prompts are :class:`~densegrpo_fast.prompts.EditPrompt`
-#: s, from a ``.jsonl`` prompt file with an ``image`` per line); the others generate from text alone.
-EDITING = ("flux_kontext",)
+#: s, from a ``.jsonl`` prompt file with an ``image`` per line): "required" where every prompt is an edit (FLUX.1
+#: Kontext), "optional" where the prompt file decides (FLUX.2 [klein]: text prompts, or edits whose source goes in
+#: as the reference image). The others generate from text alone. Each adapter's ``edits`` says the same.
+EDITING = {"flux_kontext": "required", "flux2_klein": "optional"}
 
 
 def adapter_class(family: str):

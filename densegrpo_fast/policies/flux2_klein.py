@@ -24,17 +24,27 @@ step-distilled (sampled without). Where it differs from the other families, the 
   ``linspace(1, 1/T, T)`` under the exponential time shift with FLUX.2's empirical ``mu``
   (:meth:`Flux2KleinPolicy.dynamic_mu`), which depends on the image's token count and on T.
 
-With zero noise and the same initial latents the engine's sampler reproduces ``Flux2KleinPipeline``
-(tests/test_policy_flux2_klein.py). Reference images (the pipeline's ``image`` argument) are not supported.
+- **Editing** (prompts that are :class:`~densegrpo_fast.prompts.EditPrompt` s, from a ``.jsonl`` prompt file with
+  an ``image`` per line): each prompt's source goes in as the pipeline's one reference image: read as
+  :func:`~densegrpo_fast.prompts.load_source` reads it (upright, covering the output's size, centre-cropped),
+  VAE-encoded to its mode, patchified and batch-normalised as the sampled latent is, packed into tokens after the
+  sampled ones at positions ``(10, h, w, 0)``; the transformer's output for them is dropped, and the CFG rows
+  hold them too. The pipeline takes the reference at its own size (at most 1 MP); the engine at the output's,
+  as a pipeline call given a source of the output's size.
+
+With zero noise and the same initial latents (and source images) the engine's sampler reproduces
+``Flux2KleinPipeline`` (tests/test_policy_flux2_klein.py). Several reference images per prompt are not
+supported.
 """
 
 from __future__ import annotations
 
 import torch
 
-from densegrpo_fast.config import Resolution
+from densegrpo_fast.config import Resolution, image_hw
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.pretrained import PackedLatentPolicy, chat_prompts
+from densegrpo_fast.prompts import EditPrompt, load_source
 
 DEFAULT_REPO = "black-forest-labs/FLUX.2-klein-base-4B"
 COMPONENTS = {
@@ -65,6 +75,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
     default_max_sequence_length = 512
     model_name = "FLUX.2 [klein]"
     scheduler_fix = "use FLUX.2 [klein]'s scheduler config (scheduler/scheduler_config.json)"
+    edits = "optional"
     # (the negative prompt of CFG: the pipeline's, the empty prompt, DiffusersPolicy.negative_prompt)
 
     def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
@@ -132,8 +143,30 @@ class Flux2KleinPolicy(PackedLatentPolicy):
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, 3 D], one encoder row per distinct prompt; with ``with_negative`` (and an
-        undistilled checkpoint) the empty negative prompt's, encoded in the same call."""
-        return self._encode_with_negative(prompts, with_negative and not self.distilled)
+        undistilled checkpoint) the empty negative prompt's, encoded in the same call. Edits (every prompt an
+        :class:`~densegrpo_fast.prompts.EditPrompt`) add their sources' tokens as ``reference``."""
+        with_negative = with_negative and not self.distilled
+        if any(isinstance(p, EditPrompt) for p in prompts):
+            return self._encode_edits(prompts, with_negative)
+        return self._encode_with_negative(prompts, with_negative)
+
+    @torch.no_grad()
+    def _encode_references(self, paths: list[str]) -> torch.Tensor:
+        """The source images at ``paths``, each read once, as the pipeline's reference tokens [U, N, C] (its
+        ``prepare_image_latents`` of one image) in the transformer's dtype."""
+        from diffusers import Flux2KleinPipeline
+
+        height, width = image_hw(self.resolution)
+        files = list(dict.fromkeys(paths))
+        pipe = self.pipe
+        tokens = []
+        for path in files:  # (the pipeline's own encoding: the VAE's mode, patchified, batch-normalised)
+            image = pipe.image_processor.preprocess(load_source(path, height, width), height, width)
+            latent = pipe._encode_vae_image(image.to(self.device, pipe.vae.dtype), generator=None)
+            tokens.append(Flux2KleinPipeline._pack_latents(latent))
+        packed = torch.cat(tokens)
+        index = {f: i for i, f in enumerate(files)}
+        return packed[torch.tensor([index[p] for p in paths], device=packed.device)].to(self.dtype)
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         if not self.distilled or scale == 1.0:
@@ -157,6 +190,19 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         B, C, H, W = x.shape
         sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
         packed = Flux2KleinPipeline._pack_latents(x.to(self.dtype))  # [B, H * W, C]
+        tokens = packed.shape[1]
+        img_ids = Flux2KleinPipeline._prepare_latent_ids(x[:1]).to(x.device)
+        reference = cond.reference
+        if reference is not None:  # an edit's source, after the sampled tokens, at time position 10
+            if reference.shape[1] != tokens:
+                raise ValueError(
+                    f"{self.model_name} samples {tokens} tokens beside a source image of as many, and these prompt "
+                    f"embeds hold {reference.shape[1]} source tokens: encode the EditPrompts with the "
+                    "encode_prompts of the policy that samples them (at its resolution)"
+                )
+            packed = torch.cat([packed, reference.to(self.dtype)], 1)
+            ref_ids = Flux2KleinPipeline._prepare_image_ids([x[:1]]).to(x.device)
+            img_ids = torch.cat([img_ids, ref_ids], 1)
         embeds = cond.embeds
         cfg = guidance_scale != 1.0 and cond.has_negative
         if cfg:
@@ -166,7 +212,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
                 torch.cat([cond.neg_embeds, embeds]),
             )
         rows = packed.shape[0]
-        img_ids = Flux2KleinPipeline._prepare_latent_ids(x[:1]).to(x.device).expand(rows, -1, -1)
+        img_ids = img_ids.expand(rows, -1, -1)
         txt_ids = Flux2KleinPipeline._prepare_text_ids(embeds[:1]).to(x.device).expand(rows, -1, -1)
         out = self.transformer(
             hidden_states=packed,
@@ -176,7 +222,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
             txt_ids=txt_ids,
             img_ids=img_ids,
             return_dict=False,
-        )[0].float()
+        )[0][:, :tokens].float()
         if cfg:
             neg, pos = out.chunk(2)
             out = neg + guidance_scale * (pos - neg)

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from densegrpo_fast.config import image_hw
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.flux import COMPONENTS, FluxPolicy
-from densegrpo_fast.prompts import load_source, prompt_key, source_image_problem
+from densegrpo_fast.prompts import load_source
 
 
 class FluxKontextPolicy(FluxPolicy):
@@ -44,23 +45,12 @@ class FluxKontextPolicy(FluxPolicy):
     default_repo = "black-forest-labs/FLUX.1-Kontext-dev"
     model_name = "FLUX.1 Kontext"
     scheduler_fix = "use FLUX.1 Kontext's scheduler config (scheduler/scheduler_config.json)"
-    edits = True
+    edits = "required"
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` and ``pooled`` as FLUX.1's, and ``reference``, the packed source latent of each
-        prompt's image: one table row per distinct (instruction, image)."""
-        for p in prompts:
-            if (bad := source_image_problem(p, self.model_name)) is not None:
-                raise ValueError(bad)
-
-        def encode(unique):  # (each text once through the encoders, each file once through the VAE)
-            texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, unique)))}
-            embeds, pooled = self._encode(list(texts))
-            rows = torch.tensor([texts[str(p)] for p in unique], device=embeds.device)
-            return embeds[rows], pooled[rows], self._encode_references([p.image for p in unique])
-
-        with self.text_encoders_on_device():
-            return PromptEmbeds.deduplicated(encode, prompts, key=prompt_key)
+        prompt's image: one table row per distinct (instruction, image); never negative embeds."""
+        return self._encode_edits(prompts, with_negative=False)
 
     @torch.no_grad()
     def _encode_references(self, paths: list[str]) -> torch.Tensor:
@@ -68,7 +58,7 @@ class FluxKontextPolicy(FluxPolicy):
         transformer's dtype."""
         from diffusers import FluxPipeline
 
-        height, width = (side * self.vae_scale_factor for side in self.latent_shape[1:])
+        height, width = image_hw(self.resolution)
         files = list(dict.fromkeys(paths))
         images = [
             self.pipe.image_processor.preprocess(load_source(f, height, width), height, width) for f in files

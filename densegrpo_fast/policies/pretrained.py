@@ -207,8 +207,9 @@ class DiffusersPolicy:
     """
 
     family = ""
-    #: Whether the family edits a source image per prompt (:data:`densegrpo_fast.policies.EDITING`).
-    edits = False
+    #: Whether the family edits a source image per prompt: None, "required" or "optional"
+    #: (:data:`densegrpo_fast.policies.EDITING`).
+    edits: str | None = None
 
     def __init__(self, pipe, *, resolution: Resolution, max_sequence_length: int):
         self.pipe = pipe
@@ -254,6 +255,31 @@ class DiffusersPolicy:
             return PromptEmbeds.deduplicated(lambda _: (embeds, second), prompts)
         negative = (embeds[-1:], second[-1:])
         return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], second[:-1]), prompts, negative)
+
+    def _encode_edits(self, prompts: list[str], with_negative: bool) -> PromptEmbeds:
+        """:meth:`_encode_with_negative` for :class:`~densegrpo_fast.prompts.EditPrompt` s: each text once through
+        the text encoders, each source file once through :meth:`_encode_references` (the family's), one table row
+        per distinct (instruction, image), the source's tokens in the ``reference`` table."""
+        from densegrpo_fast.prompts import prompt_key, source_image_problem
+
+        for p in prompts:
+            if (bad := source_image_problem(p, self.model_name)) is not None:
+                raise ValueError(bad)
+        texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, prompts)))}
+        extra = [self.negative_prompt] if with_negative else []
+        with self.text_encoders_on_device():
+            embeds, second = self._encode([*texts, *extra])
+        negative = (embeds[-1:], second[-1:]) if with_negative else None
+
+        def encode(unique):
+            rows = torch.tensor([texts[str(p)] for p in unique], device=embeds.device)
+            return embeds[rows], second[rows], self._encode_references([p.image for p in unique])
+
+        return PromptEmbeds.deduplicated(encode, prompts, negative, key=prompt_key)
+
+    def _encode_references(self, paths: list[str]) -> torch.Tensor:
+        """The editing families': the source images at ``paths`` as the transformer's tokens [U, N, D]."""
+        raise NotImplementedError(f"{self.model_name} takes no source image")
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         """Why this checkpoint cannot sample with CFG scale ``scale`` (the config's ``setting``), or None. The
