@@ -954,6 +954,10 @@ def fill_family_defaults(model: ModelSection, **sections: Section) -> None:
                 section.model_fields_set.discard(key)  # (assignment marks it set)
 
 
+#: The fields of an evaluation's ``scores.jsonl`` lines beside the rewards' scores (an edit's ``image``).
+SCORE_LINE_FIELDS = ("index", "prompt", "image")
+
+
 def reward_problems(sections: dict[str, RewardSection]) -> list[str]:
     """Unknown reward names and bad keywords of the reward ``sections`` (dotted name -> section), found
     without building any reward."""
@@ -961,6 +965,13 @@ def reward_problems(sections: dict[str, RewardSection]) -> list[str]:
 
     problems = []
     for where, r in sections.items():
+        key = where.removeprefix("eval.rewards.")
+        if key != where and key in SCORE_LINE_FIELDS:
+            problems.append(
+                f"{where}: the key {key!r} names a field of the evaluation's scores.jsonl lines "
+                f"({', '.join(SCORE_LINE_FIELDS)}), which a reward's scores would overwrite: give the reward "
+                "another key, e.g. its name"
+            )
         if r.name not in available():
             problems.append(unknown_name(r.name, f"{where}.name"))
         else:  # the rewards' own messages name reward.kwargs: say which section they are about

@@ -133,6 +133,13 @@ def test_one_table_row_per_instruction_and_image(policy, sources, monkeypatch):
     )
 
 
+def test_a_held_out_reward_may_not_take_a_field_name_of_the_scores_lines():
+    from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"eval.rewards.image: the key 'image' names a field"):
+        load_config(TrainConfig, None, ["eval.rewards={image: {name: redness}}"])
+
+
 def test_each_adapter_says_whether_it_edits_as_the_registry_does():
     from densegrpo_fast.policies import EDITING, PRETRAINED, adapter_class
 
@@ -285,6 +292,8 @@ def test_families_that_do_not_edit_refuse_edit_records_and_kontext_refuses_plain
 
     toy_config = str(Path(__file__).resolve().parents[1] / "configs" / "toy_geneval.yaml")
     assert main(["validate", "--config", toy_config, f"eval.dataset={edit_file}"]) == 2
+    assert "gives source images ('image' on its lines), which model.family=toy" in capsys.readouterr().err
+    assert main(["eval", "--config", toy_config, f"eval.dataset={edit_file}"]) == 2  # (the toy's own report)
     assert "gives source images ('image' on its lines), which model.family=toy" in capsys.readouterr().err
     pipe.save_pretrained(tmp_path / "kontext")
     kontext = _overrides(tmp_path, tmp_path / "kontext", plain)

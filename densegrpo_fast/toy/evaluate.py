@@ -59,12 +59,14 @@ def heldout_prompts(dataset: str, n: int | None, seed: int) -> list[ToyPrompt]:
             f"eval.dataset={dataset!r} is neither toy:test / toy:train nor an existing file: pass a text file of "
             "toy-world prompts, one per line"
         )
-    from densegrpo_fast.prompts import prompt_lines
+    from densegrpo_fast.prompts import EditPrompt, edit_mismatch, prompt_lines
 
     # (a .jsonl's prompt fields, as training's evaluation reads them)
     lines = prompt_lines(path, "eval.dataset")
     if not lines:
         raise ValueError(f"eval.dataset={dataset!r} holds no prompt: put one toy-world prompt per line")
+    if bad := edit_mismatch("toy", isinstance(lines[0], EditPrompt), "eval.dataset", dataset):
+        raise ValueError(bad)
     return [parse_prompt(lines[i % len(lines)]) for i in range(len(lines) if n is None else n)]
 
 
