@@ -276,7 +276,7 @@ def prompts_path(family: str, work: Path) -> Path:
     """Where the run's prompts are: a text file, or edit records for an editing family."""
     from densegrpo_fast.policies import EDITING
 
-    return work / ("prompts.jsonl" if family in EDITING else "prompts.txt")
+    return work / ("prompts.jsonl" if EDITING.get(family) == "required" else "prompts.txt")
 
 
 def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig:

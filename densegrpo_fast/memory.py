@@ -1392,12 +1392,19 @@ def run_memory(
         batch = cfg.eval.largest_batch(processes)  # the largest of a process's held-out batches
         n = max(2 * cfg.prompts.prompts_per_iteration, batch * processes)
         texts = [f"a photo of thing number {i}{tail}" for i in range(n)]
-        edits = Adapter.edits == "required"
-        if (
-            Adapter.edits == "optional"
-        ):  # (FLUX.2 [klein]: edits where the run's prompt file, read here, holds them)
-            with contextlib.suppress(ValueError, OSError):
-                edits = PromptSource(cfg.prompts.dataset, 0).edits
+        edits, notes = Adapter.edits == "required", []
+        if Adapter.edits == "optional":  # (FLUX.2 [klein]: edits where the run's prompt files hold them)
+            for field, dataset in (
+                ("prompts.dataset", cfg.prompts.dataset),
+                ("eval.dataset", cfg.eval.dataset),
+            ):
+                try:
+                    edits = edits or PromptSource(dataset, 0, field).edits
+                except (ValueError, OSError):
+                    notes.append(
+                        f"{field}={dataset!r} is not readable here: estimated as text prompts; edit records "
+                        "need more (each call holds the source's tokens as well): estimate where the file is"
+                    )
         if edits:  # an editing model's prompts: a source image each (read, resized, encoded together)
             from PIL import Image
 
@@ -1409,7 +1416,6 @@ def run_memory(
         else:
             prompts = work / "prompts.txt"
             prompts.write_text("".join(t + "\n" for t in texts))
-        notes = []
         mode = new_fake_mode()
         eight_bit = cfg.optim.name == "adamw8bit"  # (estimated as torch's AdamW, then noted: see below)
         trainer.check_optimizer(cfg, trainer._shards(cfg, distributed.Dist(0, processes)))

@@ -165,7 +165,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         if bad := edit_mismatch(cfg.model.family, source.edits, field, source.dataset):
             raise ValueError(bad)
     _check_prompts(reward_fn, cfg.reward.name, {"prompts.dataset": prompts, "eval.dataset": eval_prompts})
-    if blind := source_blind(prompts.edits, {cfg.reward.name: reward_fn}):
+    if blind := source_blind(prompts.edits or eval_prompts.edits, {cfg.reward.name: reward_fn}):
         warnings.warn(blind, stacklevel=2)
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())

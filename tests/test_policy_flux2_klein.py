@@ -409,7 +409,7 @@ def test_an_edit_reproduces_the_pipeline_with_its_reference_image(pipe, policy, 
     assert (moved - ro.latents[:, T]).abs().max() > 1e-4  # (1.6e-3 measured: 100 x the tolerance above)
 
 
-def test_one_iteration_on_edit_records(klein_dir, tmp_path):
+def test_one_iteration_on_edit_records(klein_dir, tmp_path, monkeypatch):
     """FLUX.2 [klein] trains on edit records as well as on text prompts (its prompt file decides)."""
     import json
 
@@ -425,10 +425,48 @@ def test_one_iteration_on_edit_records(klein_dir, tmp_path):
     edits.write_text("".join(json.dumps(line) + "\n" for line in lines))
     cfg = load_config(TrainConfig, None, _overrides(klein_dir, tmp_path, f"prompts.dataset={edits}",
                                                     f"eval.dataset={edits}"))  # fmt: skip
+    read = []
+    encode = Flux2KleinPolicy._encode_references
+    monkeypatch.setattr(
+        Flux2KleinPolicy, "_encode_references", lambda self, paths: read.extend(paths) or encode(self, paths)
+    )
     with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see the sources"):
         run_dir = train(cfg, progress=False)
+    assert {str(f.resolve()) for f in files[:2]} == set(read)  # (the sources reached the transformer's input)
     (step,) = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
     ]
     assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
     assert_on_policy(step, exact=False)
+
+
+def test_the_memory_estimate_of_an_editing_run_counts_the_reference_tokens(klein_dir, tmp_path, capsys):
+    """``memory`` estimates a FLUX.2 [klein] run with the records its config's prompt files hold: edits (each
+    call's sequence holds the source's tokens as well) need more in the rollout than text prompts; a prompt file
+    it cannot read is estimated as text prompts, and noted."""
+    import json
+
+    from densegrpo_fast.memory import run_memory
+
+    files = _sources(tmp_path)
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text("".join(json.dumps({"prompt": "make it red", "image": f.name}) + "\n" for f in files))
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("a red circle\n")
+    config = tmp_path / "klein.yaml"
+    config.write_text(
+        f"model: {{family: flux2_klein, checkpoint: {klein_dir}, resolution: {tiny.RESOLUTION}, "
+        f"max_sequence_length: {MAX_TOKENS}}}\n"
+        "prompts: {prompts_per_iteration: 2}\nsampling: {num_steps: 2, group_size: 2, guidance_scale: 1.0}\n"
+        "reward: {name: redness}\nlora: {rank: 4}\ngrpo: {train_batch_size: 4}\n"
+    )
+    text = run_memory(str(config), [f"prompts.dataset={plain}"], as_json=True)
+    edit = run_memory(str(config), [f"prompts.dataset={edits}"], as_json=True)
+    assert edit.phases["rollout + reward"] > text.phases["rollout + reward"]
+    assert edit.weights == text.weights
+    capsys.readouterr()
+    unread = run_memory(str(config), ["prompts.dataset=/nonexistent/edits.jsonl", f"eval.dataset={plain}"],
+                        as_json=True)  # fmt: skip
+    assert unread.phases == text.phases
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("prompts.dataset='/nonexistent/edits.jsonl' is not readable here") for n in notes)

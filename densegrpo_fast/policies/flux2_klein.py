@@ -29,8 +29,9 @@ step-distilled (sampled without). Where it differs from the other families, the 
   :func:`~densegrpo_fast.prompts.load_source` reads it (upright, covering the output's size, centre-cropped),
   VAE-encoded to its mode, patchified and batch-normalised as the sampled latent is, packed into tokens after the
   sampled ones at positions ``(10, h, w, 0)``; the transformer's output for them is dropped, and the CFG rows
-  hold them too. The pipeline takes the reference at its own size (at most 1 MP); the engine at the output's,
-  as a pipeline call given a source of the output's size.
+  hold them too. The pipeline takes the reference at its own size; the engine at the output's, as a pipeline
+  call given a source of the output's size, up to 1 MP. Above 1 MP the two part: the pipeline shrinks a
+  reference to 1 MP, the engine keeps it at the output's size (more tokens, the whole resolution).
 
 With zero noise and the same initial latents (and source images) the engine's sampler reproduces
 ``Flux2KleinPipeline`` (tests/test_policy_flux2_klein.py). Several reference images per prompt are not

@@ -260,11 +260,16 @@ class DiffusersPolicy:
         """:meth:`_encode_with_negative` for :class:`~densegrpo_fast.prompts.EditPrompt` s: each text once through
         the text encoders, each source file once through :meth:`_encode_references` (the family's), one table row
         per distinct (instruction, image), the source's tokens in the ``reference`` table."""
-        from densegrpo_fast.prompts import prompt_key, source_image_problem
+        from densegrpo_fast.prompts import EditPrompt, prompt_key, source_image_problem
 
-        for p in prompts:
-            if (bad := source_image_problem(p, self.model_name)) is not None:
-                raise ValueError(bad)
+        plain = [p for p in prompts if not isinstance(p, EditPrompt)]
+        if plain and self.edits == "required":
+            raise ValueError(source_image_problem(plain[0], self.model_name))
+        if plain:
+            raise ValueError(
+                f"{self.model_name} encodes edits or text prompts, and this batch holds both (the prompt "
+                f"{str(plain[0])[:80]!r} has no source image): encode each kind apart, as a prompt file holds one"
+            )
         texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, prompts)))}
         extra = [self.negative_prompt] if with_negative else []
         with self.text_encoders_on_device():
