@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from densegrpo_fast import distributed
@@ -48,7 +49,15 @@ from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompts import PromptPriority, PromptSource, edit_mismatch, source_blind
+from densegrpo_fast.prompts import (
+    EditPrompt,
+    PromptPriority,
+    PromptSource,
+    edit_mismatch,
+    load_source,
+    prompt_key,
+    source_blind,
+)
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
@@ -1740,11 +1749,21 @@ def _evaluation_missing(run: Run) -> bool:
 
 def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
     """Rank 0's first rows (the batch's first: the rows a single process would show, as far as it has them)
-    with their rewards, as a PNG in ``samples/``."""
+    with their rewards, as a PNG in ``samples/``; an edit run shows each group's source before its edits."""
     n = min(16, ro.latents.shape[0])
     images = run.policy.decode(ro.latents[:n, -1])
     rows = [p for p in prompts for _ in range(run.cfg.sampling.group_size)][:n]
     caps = [f"{p}\nR={r:.2f}" for p, r in zip(rows, R[:n, -1].tolist(), strict=True)]
+    if isinstance(rows[0], EditPrompt):
+        shown, captions = [], []
+        for i, (p, image, cap) in enumerate(zip(rows, images, caps, strict=True)):
+            if i == 0 or prompt_key(rows[i - 1]) != prompt_key(p):  # (the first row of a group)
+                source = np.asarray(load_source(p.image, *images.shape[-2:]), dtype=np.float32) / 255
+                shown.append(torch.from_numpy(source).permute(2, 0, 1).to(images.device))
+                captions.append(f"source of\n{p}")
+            shown.append(image)
+            captions.append(cap)
+        images, caps = torch.stack(shown), captions
     path = run.dir / "samples" / f"iter_{run.iteration:05d}.png"
     save_image_grid(images, caps, path)
     run.log.image("samples", path, run.iteration)

@@ -234,6 +234,7 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
 
     from tolerances import assert_on_policy
 
+    from densegrpo_fast import trainer
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.evaluate import run_eval
     from densegrpo_fast.trainer import train
@@ -244,10 +245,21 @@ def test_one_iteration_through_the_trainer_and_a_resumed_evaluation(pipe, source
         {"prompt": t, "image": str(sources / f)} for t, f in zip(PROMPTS, ("s0.png", "s1.png"), strict=True)
     ]
     dataset.write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = load_config(TrainConfig, None, _overrides(tmp_path, tmp_path / "kontext", dataset))
+    cfg = load_config(
+        TrainConfig, None, [*_overrides(tmp_path, tmp_path / "kontext", dataset), "run.sample_grid_every=1"]
+    )
     assert cfg.sampling.guidance_scale == 2.5 and cfg.sampling.shift is None and cfg.eval.num_prompts == 2
+    grids = []
+    monkeypatch.setattr(trainer, "save_image_grid", lambda images, caps, path: grids.append((images, caps)))
     with pytest.warns(UserWarning, match=r"the rewards \['redness'\] do not see the sources"):
         run_dir = train(cfg, progress=False)
+    # the sample grid: each group's source (as the policy took it) before its two edits
+    images, caps = grids[0]  # (iteration 1's first two prompts, two rows each)
+    assert len(caps) == 6 and [c.split("\n")[0] for c in caps[::3]] == ["source of", "source of"]
+    first = str(caps[0].split("\n")[1])
+    with Image.open(records[PROMPTS.index(first)]["image"]) as img:
+        source = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(images[0], source)
     (step,) = [
         r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in r
     ]
