@@ -120,7 +120,8 @@ def full_size_components(family: str, device: torch.device, dtype: torch.dtype) 
 
 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
-    """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``FluxKontextPipeline``, ``QwenImagePipeline``,
+    """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``FluxKontextPipeline``,
+    ``QwenImagePipeline``,
     ``ZImagePipeline``, ``Flux2KleinPipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
     ``device``, with the stand-in tokenizers."""
     import diffusers

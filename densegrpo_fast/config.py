@@ -932,7 +932,8 @@ FLUX2_KLEIN_LORA_TARGETS = [
 ]
 LORA_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {}, "sd3": {}, "flux": {}, "flux_kontext": {}, "qwen_image": {},
-    "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS}, "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
+    "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
+    "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
 }  # fmt: skip
 
 

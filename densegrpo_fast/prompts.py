@@ -5,9 +5,9 @@ draws exactly the prompts it would have drawn: the sampler position is the itera
 :class:`PromptPriority`, the iteration number and the priority table saved in the checkpoint).
 :meth:`PromptSource.heldout` is the fixed evaluation list instead (the same prompts every call).
 
-Editing models (FLUX.1 Kontext) take an instruction and a source image: a ``.jsonl`` prompt file whose lines
-carry an ``image`` path gives :class:`EditPrompt` s, which are the instruction as a ``str`` (what the text
-encoders, the rewards and the logs read) carrying the image's path.
+Editing models (FLUX.1 Kontext, FLUX.2 [klein]) take an instruction and a source image: a ``.jsonl`` prompt
+file whose lines carry an ``image`` path gives :class:`EditPrompt` s, which are the instruction as a ``str``
+(what the text encoders, the rewards and the logs read) carrying the image's path.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ PRETRAINED = {
     "flux2_klein": ("densegrpo_fast.policies.flux2_klein", "Flux2KleinPolicy"),
 }
 FAMILIES = ("toy", *PRETRAINED)
-#: The families that edit a source image per prompt (their prompts are :class:`~densegrpo_fast.prompts.EditPrompt`
-#: s, from a ``.jsonl`` prompt file with an ``image`` per line): "required" where every prompt is an edit (FLUX.1
-#: Kontext), "optional" where the prompt file decides (FLUX.2 [klein]: text prompts, or edits whose source goes in
-#: as the reference image). The others generate from text alone. Each adapter's ``edits`` says the same.
+#: The families that edit a source image per prompt (their prompts are
+#: :class:`~densegrpo_fast.prompts.EditPrompt` s, from a ``.jsonl`` prompt file with an ``image`` per line):
+#: "required" where every prompt is an edit (FLUX.1 Kontext), "optional" where the prompt file decides
+#: (FLUX.2 [klein]: text prompts, or edits whose source goes in as the reference image). The others generate
+#: from text alone. Each adapter's ``edits`` says the same.
 EDITING = {"flux_kontext": "required", "flux2_klein": "optional"}
 
 
@@ -71,9 +72,10 @@ def load_policy(
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
     The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to the
-    pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32 from its own file and ignores
-    them (``model.autocast``, which the trainer applies, serves every family). ``max_sequence_length=None``
-    takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512, Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
+    pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32
+    from its own file and ignores them (``model.autocast``, which the trainer applies, serves every family).
+    ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
+    Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy

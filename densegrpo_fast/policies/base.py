@@ -22,7 +22,7 @@ class PromptEmbeds:
         embeds:   [B, L, D]  token embeddings (SD3: joint CLIP/T5 sequence)
         pooled:   [B, P]     pooled text vector (Qwen-Image, whose encoder has none: the token mask [B, L])
         neg_embeds / neg_pooled: the same for the negative (empty) prompt, or None when CFG is off.
-        reference: [B, N, D'] the source image's tokens of an editing model (FLUX.1 Kontext), else None.
+        reference: [B, N, D'] an edit's source image as tokens (FLUX.1 Kontext, FLUX.2 [klein]), else None.
 
     What it holds: a table per field and a row index. The B rows of a batch repeat few prompts (a group of
     G rows shares one, and the in-flight completions stack the batch n times), so the table keeps one row

@@ -257,9 +257,9 @@ class DiffusersPolicy:
         return PromptEmbeds.deduplicated(lambda _: (embeds[:-1], second[:-1]), prompts, negative)
 
     def _encode_edits(self, prompts: list[str], with_negative: bool) -> PromptEmbeds:
-        """:meth:`_encode_with_negative` for :class:`~densegrpo_fast.prompts.EditPrompt` s: each text once through
-        the text encoders, each source file once through :meth:`_encode_references` (the family's), one table row
-        per distinct (instruction, image), the source's tokens in the ``reference`` table."""
+        """:meth:`_encode_with_negative` for :class:`~densegrpo_fast.prompts.EditPrompt` s: each text once
+        through the text encoders, each source file once through the family's :meth:`_encode_references`, one
+        table row per distinct (instruction, image), the source's tokens in the ``reference`` table."""
         from densegrpo_fast.prompts import EditPrompt, prompt_key, source_image_problem
 
         plain = [p for p in prompts if not isinstance(p, EditPrompt)]
