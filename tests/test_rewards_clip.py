@@ -242,3 +242,36 @@ def test_the_weights_the_ranks_compare_include_each_reward_model(clip_dir):
     both = build_reward("multi", rewards={"a": spec, "b": {**spec, "weight": 0.5}})
     assert len(weights_of(both)) == 2 * len(want)  # (two models built, each counted once)
     assert weights_of(build_reward("jpeg_compressibility")) == []
+
+
+def test_source_similarity_compares_each_edit_with_its_source(clip_dir, tmp_path):
+    """``source_similarity``: the CLIP cosine of each image and its prompt's source, taken at the image's size;
+    an edit equal to its source scores ``scale``; each source is embedded once; plain prompts are refused; a
+    ``multi`` sees the sources only where all its parts do."""
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt, source_blind
+
+    x = _images(3, SIZE, SIZE)
+    for i in range(2):
+        Image.fromarray((x[i].permute(1, 2, 0) * 255).round().byte().numpy()).save(tmp_path / f"s{i}.png")
+    fn = build_reward("source_similarity", model=str(clip_dir), scale=100)
+    prompts = [EditPrompt("keep it", str(tmp_path / f"s{i}.png")) for i in (0, 1, 0)]
+    embedded = []
+    image_embeds = fn.clip.image_embeds
+    fn.clip.image_embeds = lambda images: embedded.append(len(images)) or image_embeds(images)
+    got = fn(x, prompts)
+    assert embedded == [2, 3]  # the two sources once, then the three images
+    torch.testing.assert_close(got[:2], torch.full((2,), 100.0), rtol=0, atol=1e-3)
+    torch.testing.assert_close(got[2:], 100 * (image_embeds(x[2:]) * image_embeds(x[:1])).sum(-1))
+    assert got[2] < 99
+    assert fn(x, prompts).tolist() == got.tolist() and embedded[2:] == [3]  # (the sources from the cache)
+    with pytest.raises(ValueError, match=r"the prompt 'a plain caption' has none"):
+        fn(x[:1], ["a plain caption"])
+    assert fn.check_prompts(["a plain caption", prompts[0]]) == ["a plain caption"]
+    parts = {"kept": {"name": "source_similarity", "kwargs": {"model": str(clip_dir)}}}
+    assert source_blind(True, {"multi": build_reward("multi", rewards=parts)}) is None
+    parts["looks"] = {"name": "clip_score", "kwargs": {"model": str(clip_dir)}}
+    assert "['multi'] do not see the sources" in source_blind(
+        True, {"multi": build_reward("multi", rewards=parts)}
+    )

@@ -6,7 +6,8 @@ Register a factory with :func:`register`; :func:`build_reward` makes one from a 
 Rewards with weights or servers live in their own modules, imported at the end of this one so that they
 register; their heavy imports (transformers, PIL, easyocr) happen when a reward is built, not here:
 
-- ``pickscore``, ``clip_score``, ``aesthetic``: :mod:`densegrpo_fast.rewards.clip`
+- ``pickscore``, ``clip_score``, ``aesthetic``, ``source_similarity`` (editing: CLIP similarity of an edit
+  to its source): :mod:`densegrpo_fast.rewards.clip`
 - ``hps`` (HPS v2.1 / v2, OpenCLIP weights converted to transformers): :mod:`densegrpo_fast.rewards.hps`
 - ``imagereward`` (ImageReward v1.0, BLIP weights converted to transformers):
   :mod:`densegrpo_fast.rewards.imagereward`

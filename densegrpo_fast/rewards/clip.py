@@ -497,6 +497,78 @@ class ClipScore:
         return (self.scale * cos).to(images.device)
 
 
+@register("source_similarity")
+class SourceSimilarity:
+    """How much of an edit's source image the edit keeps: ``scale * cos(CLIP(edit), CLIP(source))``, the
+    "CLIP-I" of the editing literature. The prompts must be edits (:class:`~densegrpo_fast.prompts.EditPrompt`);
+    the source is taken as the editing policy took it, at the edit's size
+    (:func:`~densegrpo_fast.prompts.load_source`). Alone it rewards changing nothing: weigh it beside a reward
+    of the instruction (``multi``: a ``vlm_judge`` and this).
+
+    kwargs: ``model`` (default ``openai/clip-vit-large-patch14``), ``processor`` (default: the model's),
+    ``scale``, and :class:`ClipEncoder`'s ``device``, ``dtype``, ``max_batch``; ``source_cache_size`` source
+    embeddings are kept (each source is embedded once, not once per dense step).
+    """
+
+    check = staticmethod(_encoder_problems)  # (validate: the encoder's kwargs, without weights)
+    #: It compares each image with its source (densegrpo_fast.prompts.source_blind).
+    sees_sources = True
+
+    def __init__(
+        self,
+        model: str = "openai/clip-vit-large-patch14",
+        processor: str | None = None,
+        scale: float = 1.0,
+        device: str | None = None,
+        dtype: str = "float32",
+        max_batch: int = 64,
+        source_cache_size: int = 4096,
+    ):
+        self.clip = ClipEncoder(
+            model, processor, device=device, dtype=dtype, max_batch=max_batch, need_text=False
+        )
+        self.scale = float(scale)
+        self._sources: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self._cache_size = int(source_cache_size)
+
+    @staticmethod
+    def check_prompts(prompts: list[str]) -> list[str]:
+        """The prompts this reward cannot score: those without a source image."""
+        from densegrpo_fast.prompts import EditPrompt
+
+        return [p for p in prompts if not isinstance(p, EditPrompt)]
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        import numpy as np
+
+        from densegrpo_fast.prompts import load_source
+
+        check_batch(images, prompts)
+        if bad := self.check_prompts(prompts):
+            raise ValueError(
+                f"reward source_similarity compares each image with its prompt's source image, and the prompt "
+                f"{str(bad[0])[:80]!r} has none: train or evaluate on edit records (a .jsonl prompt file with an "
+                "'image' per line)"
+            )
+        height, width = images.shape[-2:]
+        keys = [(p.image, height, width) for p in prompts]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._sources))
+        if missing:
+            pixels = [np.asarray(load_source(*k), dtype=np.float32) / 255 for k in missing]
+            batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(images.device)
+            for k, e in zip(missing, self.clip.image_embeds(batch), strict=True):
+                self._sources[k] = e
+        sources = []
+        for k in keys:
+            self._sources.move_to_end(k)
+            sources.append(self._sources[k])
+        while len(self._sources) > self._cache_size:
+            self._sources.popitem(last=False)
+        cos = (self.clip.image_embeds(images) * torch.stack(sources).to(images.device)).sum(-1)
+        return (self.scale * cos).to(images.device)
+
+
 def aesthetic_head(in_features: int = 768) -> torch.nn.Module:
     """The LAION improved-aesthetic-predictor MLP: in -> 1024 -> 128 -> 64 -> 16 -> 1, no activations, dropout
     0.2 / 0.2 / 0.1 after the first three layers (inactive in eval). Parameter names ``layers.{0,2,4,6,7}``

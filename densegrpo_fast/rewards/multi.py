@@ -62,6 +62,8 @@ class WeightedSum:
             if not isinstance(kwargs, dict):
                 raise ValueError(f"{where}.kwargs={kwargs!r} must be a mapping of keyword arguments")
             self.parts[key] = (build_reward(spec["name"], **kwargs), float(weight))
+        #: Whether every component sees an edit's source image (densegrpo_fast.prompts.source_blind).
+        self.sees_sources = all(getattr(fn, "sees_sources", False) for fn, _ in self.parts.values())
 
     @staticmethod
     def check(rewards: dict) -> list[str]:
