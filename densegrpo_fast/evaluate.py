@@ -449,12 +449,13 @@ def run_eval(
         )
     distributed.check_device(cfg.model.device)  # (before the rewards load their weights)
     prompts = read_prompts(e.dataset, e.num_prompts)
-    if bad := edit_mismatch(cfg.model.family, isinstance(prompts[0], EditPrompt), "eval.dataset", e.dataset):
+    edits = isinstance(prompts[0], EditPrompt)  # (a file holds edits or text prompts: prompt_records)
+    if bad := edit_mismatch(cfg.model.family, edits, "eval.dataset", e.dataset):
         raise ValueError(bad)
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
-    if blind := source_blind(isinstance(prompts[0], EditPrompt), rewards):
+    if blind := source_blind(edits, rewards):
         warnings.warn(blind, stacklevel=2)
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model

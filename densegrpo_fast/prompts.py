@@ -76,6 +76,14 @@ def load_source(path: str, height: int, width: int):
     return VaeImageProcessor().resize(rgb, height, width, resize_mode="crop")
 
 
+def source_pixels(path: str, height: int, width: int):
+    """:func:`load_source` as a tensor: [3, height, width] float32 in [0, 1], on the CPU."""
+    import torch
+
+    pixels = np.asarray(load_source(path, height, width), dtype=np.float32) / 255
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
 def source_blind(edits: bool, rewards: dict) -> str | None:
     """A warning for the rewards of ``rewards`` (name -> reward) that cannot see an edit's source image, where
     the prompts are ``edits``; None where they are not, or where every reward sees the sources (a reward that

@@ -23,7 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from densegrpo_fast import distributed
@@ -54,9 +53,9 @@ from densegrpo_fast.prompts import (
     PromptPriority,
     PromptSource,
     edit_mismatch,
-    load_source,
     prompt_key,
     source_blind,
+    source_pixels,
 )
 from densegrpo_fast.rewards import build_reward
 from densegrpo_fast.rewards.remote import check_same_servers
@@ -1758,8 +1757,7 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
         shown, captions = [], []
         for i, (p, image, cap) in enumerate(zip(rows, images, caps, strict=True)):
             if i == 0 or prompt_key(rows[i - 1]) != prompt_key(p):  # (the first row of a group)
-                source = np.asarray(load_source(p.image, *images.shape[-2:]), dtype=np.float32) / 255
-                shown.append(torch.from_numpy(source).permute(2, 0, 1).to(images.device))
+                shown.append(source_pixels(p.image, *images.shape[-2:]).to(images.device))
                 captions.append(f"source of\n{p}")
             shown.append(image)
             captions.append(cap)

@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import torch
 
-from densegrpo_fast.config import Resolution, image_hw
+from densegrpo_fast.config import Resolution
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.pretrained import PackedLatentPolicy, chat_prompts
-from densegrpo_fast.prompts import EditPrompt, load_source
+from densegrpo_fast.prompts import EditPrompt
 
 DEFAULT_REPO = "black-forest-labs/FLUX.2-klein-base-4B"
 COMPONENTS = {
@@ -151,23 +151,12 @@ class Flux2KleinPolicy(PackedLatentPolicy):
             return self._encode_edits(prompts, with_negative)
         return self._encode_with_negative(prompts, with_negative)
 
-    @torch.no_grad()
-    def _encode_references(self, paths: list[str]) -> torch.Tensor:
-        """The source images at ``paths``, each read once, as the pipeline's reference tokens [U, N, C] (its
-        ``prepare_image_latents`` of one image) in the transformer's dtype."""
+    def _source_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own encoding of a reference (its ``prepare_image_latents`` of one image): the VAE's
+        mode, patchified, batch-normalised, packed."""
         from diffusers import Flux2KleinPipeline
 
-        height, width = image_hw(self.resolution)
-        files = list(dict.fromkeys(paths))
-        pipe = self.pipe
-        tokens = []
-        for path in files:  # (the pipeline's own encoding: the VAE's mode, patchified, batch-normalised)
-            image = pipe.image_processor.preprocess(load_source(path, height, width), height, width)
-            latent = pipe._encode_vae_image(image.to(self.device, pipe.vae.dtype), generator=None)
-            tokens.append(Flux2KleinPipeline._pack_latents(latent))
-        packed = torch.cat(tokens)
-        index = {f: i for i, f in enumerate(files)}
-        return packed[torch.tensor([index[p] for p in paths], device=packed.device)].to(self.dtype)
+        return Flux2KleinPipeline._pack_latents(self.pipe._encode_vae_image(image, generator=None))
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         if not self.distilled or scale == 1.0:
@@ -193,14 +182,8 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         packed = Flux2KleinPipeline._pack_latents(x.to(self.dtype))  # [B, H * W, C]
         tokens = packed.shape[1]
         img_ids = Flux2KleinPipeline._prepare_latent_ids(x[:1]).to(x.device)
-        reference = cond.reference
+        reference = self._checked_reference(cond, tokens)
         if reference is not None:  # an edit's source, after the sampled tokens, at time position 10
-            if reference.shape[1] != tokens:
-                raise ValueError(
-                    f"{self.model_name} samples {tokens} tokens beside a source image of as many, and these prompt "
-                    f"embeds hold {reference.shape[1]} source tokens: encode the EditPrompts with the "
-                    "encode_prompts of the policy that samples them (at its resolution)"
-                )
             packed = torch.cat([packed, reference.to(self.dtype)], 1)
             ref_ids = Flux2KleinPipeline._prepare_image_ids([x[:1]]).to(x.device)
             img_ids = torch.cat([img_ids, ref_ids], 1)

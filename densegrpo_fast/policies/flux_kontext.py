@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from densegrpo_fast.config import image_hw
 from densegrpo_fast.policies.base import PromptEmbeds
 from densegrpo_fast.policies.flux import COMPONENTS, FluxPolicy
-from densegrpo_fast.prompts import load_source
 
 
 class FluxKontextPolicy(FluxPolicy):
@@ -52,40 +50,20 @@ class FluxKontextPolicy(FluxPolicy):
         prompt's image: one table row per distinct (instruction, image); never negative embeds."""
         return self._encode_edits(prompts, with_negative=False)
 
-    @torch.no_grad()
-    def _encode_references(self, paths: list[str]) -> torch.Tensor:
-        """The source images at ``paths``, each read once, as packed VAE latents [U, N, 4C] in the
-        transformer's dtype."""
+    def _source_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own encoding (the VAE's mode, shifted and scaled), packed as the sampled latent."""
         from diffusers import FluxPipeline
 
-        height, width = image_hw(self.resolution)
-        files = list(dict.fromkeys(paths))
-        images = [
-            self.pipe.image_processor.preprocess(load_source(f, height, width), height, width) for f in files
-        ]
-        vae = self.pipe.vae
-        pixels = torch.cat(images).to(self.device, vae.dtype)
-        latents = (
-            vae.encode(pixels).latent_dist.mode() - vae.config.shift_factor
-        ) * vae.config.scaling_factor
-        packed = FluxPipeline._pack_latents(latents, len(files), *latents.shape[1:])
-        index = {f: i for i, f in enumerate(files)}
-        return packed[torch.tensor([index[p] for p in paths], device=packed.device)].to(self.dtype)
+        latent = self.pipe._encode_vae_image(image, generator=None)
+        return FluxPipeline._pack_latents(latent, 1, *latent.shape[1:])
 
     def _image_tokens(self, packed: torch.Tensor, img_ids: torch.Tensor, cond: PromptEmbeds):
-        from diffusers import FluxPipeline
-
-        B = packed.shape[0]
-        ref_ids = FluxPipeline._prepare_latent_image_ids(
-            B, self.latent_shape[1] // 2, self.latent_shape[2] // 2, packed.device, self.dtype
-        )
-        ref_ids[..., 0] = 1  # the pipeline's mark of the source image's tokens
-        reference = cond.reference
-        if reference is None or reference.shape[1] != packed.shape[1]:
-            held = "none" if reference is None else f"{reference.shape[1]} source tokens"
+        reference = self._checked_reference(cond, packed.shape[1])
+        if reference is None:
             raise ValueError(
-                f"{self.model_name} samples {packed.shape[1]} tokens from a source image of as many, and these "
-                f"prompt embeds hold {held}: encode the EditPrompts with the encode_prompts of the policy that "
-                "samples them (at its resolution)"
+                f"{self.model_name} samples from a source image, and these prompt embeds hold none: encode the "
+                "EditPrompts with this policy's encode_prompts"
             )
+        ref_ids = img_ids.clone()  # (the source is at the sampled image's size: its grid, ...)
+        ref_ids[..., 0] = 1  # (... marked as the pipeline marks the source image's tokens)
         return torch.cat([packed, reference.to(self.dtype)], 1), torch.cat([img_ids, ref_ids])

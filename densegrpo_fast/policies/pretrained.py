@@ -282,9 +282,39 @@ class DiffusersPolicy:
 
         return PromptEmbeds.deduplicated(encode, prompts, negative, key=prompt_key)
 
+    @torch.no_grad()
     def _encode_references(self, paths: list[str]) -> torch.Tensor:
-        """The editing families': the source images at ``paths`` as the transformer's tokens [U, N, D]."""
+        """The source images at ``paths`` as the transformer's tokens [U, N, D] in its dtype: each file read
+        once (:func:`~densegrpo_fast.prompts.load_source`, at this policy's image size), preprocessed as the
+        pipelines preprocess an image, and encoded by the family's :meth:`_source_tokens`."""
+        from densegrpo_fast.prompts import load_source
+
+        height, width = image_hw(self.resolution)
+        files = list(dict.fromkeys(paths))
+        tokens = []
+        for path in files:
+            image = self.pipe.image_processor.preprocess(load_source(path, height, width), height, width)
+            tokens.append(self._source_tokens(image.to(self.device, self.pipe.vae.dtype)))
+        packed = torch.cat(tokens)
+        index = {f: i for i, f in enumerate(files)}
+        return packed[torch.tensor([index[p] for p in paths], device=packed.device)].to(self.dtype)
+
+    def _source_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The editing families': one preprocessed source image [1, 3, H, W] as the transformer's tokens
+        [1, N, D], as the family's pipeline encodes it."""
         raise NotImplementedError(f"{self.model_name} takes no source image")
+
+    def _checked_reference(self, cond: PromptEmbeds, tokens: int) -> torch.Tensor | None:
+        """``cond.reference`` (None for text prompts), or a ValueError where it does not hold ``tokens`` source
+        tokens, as many as the sampled image's."""
+        reference = cond.reference
+        if reference is not None and reference.shape[1] != tokens:
+            raise ValueError(
+                f"{self.model_name} samples {tokens} tokens beside a source image of as many, and these prompt "
+                f"embeds hold {reference.shape[1]} source tokens: encode the EditPrompts with the encode_prompts "
+                "of the policy that samples them (at its resolution)"
+            )
+        return reference
 
     def guidance_problem(self, scale: float, setting: str) -> str | None:
         """Why this checkpoint cannot sample with CFG scale ``scale`` (the config's ``setting``), or None. The

@@ -540,9 +540,7 @@ class SourceSimilarity:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        import numpy as np
-
-        from densegrpo_fast.prompts import load_source
+        from densegrpo_fast.prompts import source_pixels
 
         check_batch(images, prompts)
         if bad := self.check_prompts(prompts):
@@ -555,8 +553,7 @@ class SourceSimilarity:
         keys = [(p.image, height, width) for p in prompts]
         missing = list(dict.fromkeys(k for k in keys if k not in self._sources))
         if missing:
-            pixels = [np.asarray(load_source(*k), dtype=np.float32) / 255 for k in missing]
-            batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).to(images.device)
+            batch = torch.stack([source_pixels(*k) for k in missing]).to(images.device)
             for k, e in zip(missing, self.clip.image_embeds(batch), strict=True):
                 self._sources[k] = e
         sources = []
