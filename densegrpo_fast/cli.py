@@ -160,6 +160,32 @@ def _add_calibrate(sub) -> None:
 SUBCOMMANDS.append(_add_calibrate)
 
 
+def _add_encode_prompts(sub) -> None:
+    p = sub.add_parser(
+        "encode-prompts",
+        help="encode the config's prompt files once into model.prompt_cache (train, calibrate and eval then "
+        "load no text encoder); resumable",
+    )
+    _add_overrides(p)
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=16, help="prompts per text-encoder call (default 16)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def handler(args):
+        from densegrpo_fast.config import TrainConfig, load_config
+        from densegrpo_fast.prompt_cache import encode_config
+
+        cfg = load_config(TrainConfig, args.config, list(args.overrides))
+        cache, new = encode_config(cfg, batch_size=args.batch_size, progress=not args.no_progress)
+        print(f"{new} prompt(s) encoded, {len(cache)} in the prompt cache {cache.root}")
+
+    p.set_defaults(handler=handler)
+
+
+SUBCOMMANDS.append(_add_encode_prompts)
+
+
 def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check a training config (every problem at once) without running it")
     _add_overrides(p)
@@ -190,6 +216,7 @@ def _add_validate(sub) -> None:
 
         for keys, why in cfg.ignored_settings():
             print(f"note: {ignored_line(keys, why)}", file=sys.stderr)
+        readable = {}
         for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
             try:
                 source = PromptSource(dataset, 0, field)
@@ -198,6 +225,12 @@ def _add_validate(sub) -> None:
                 continue
             if bad := edit_mismatch(cfg.model.family, source.edits, field, dataset):
                 raise ValueError(bad)
+            readable[field] = source.pool()[0]
+        if cfg.model.prompt_cache is not None:
+            from densegrpo_fast.prompt_cache import coverage_problem
+
+            if problem := coverage_problem(cfg.model.prompt_cache, readable):
+                print(f"note: `train` needs it: {problem}", file=sys.stderr)
         from densegrpo_fast.policies import checkpoint_problem
 
         m = cfg.model

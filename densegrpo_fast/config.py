@@ -378,6 +378,13 @@ class ModelSection(Section):
         "device only to encode each iteration's prompts (SD3.5: 10.4 GiB, FLUX.1: 9.1 GiB, Qwen-Image: "
         "13.2 GiB, Z-Image and FLUX.2 [klein] 4B: 7.5 GiB of device memory freed for the rollout and update, for two host-device copies per iteration)",
     )
+    prompt_cache: str | None = Field(
+        None,
+        description="pretrained families: a directory of the prompts' text-encoder outputs, written by "
+        "`densegrpo-fast encode-prompts --config <this config>` for prompts.dataset and eval.dataset; the text "
+        "encoders are then not loaded (neither device nor host memory holds them) and no iteration encodes. "
+        "Refused where it was written by other text encoders or settings, or lacks a prompt",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block (regional compilation: a few graphs per block "
@@ -400,7 +407,7 @@ class ModelSection(Section):
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
         "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing",
-        "offload_text_encoders",
+        "offload_text_encoders", "prompt_cache",
     )  # fmt: skip
 
     def autocast_context(self):

@@ -452,6 +452,11 @@ def run_eval(
     edits = isinstance(prompts[0], EditPrompt)  # (a file holds edits or text prompts: prompt_records)
     if bad := edit_mismatch(cfg.model.family, edits, "eval.dataset", e.dataset):
         raise ValueError(bad)
+    if cfg.model.prompt_cache is not None:
+        from densegrpo_fast.prompt_cache import coverage_problem
+
+        if bad := coverage_problem(cfg.model.prompt_cache, {"eval.dataset": prompts}):
+            raise ValueError(bad)
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}

@@ -1230,15 +1230,17 @@ def fake_policy(cfg, mode):
     policy = Adapter(pipe, resolution=m.resolution, max_sequence_length=length)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
-    policy.offload_text_encoders = m.offload_text_encoders  # (no move: see estimate_run)
+    # (no move: see estimate_run). A prompt cache's run loads no text encoder: counted as offloaded ones
+    policy.offload_text_encoders = m.offload_text_encoders or m.prompt_cache is not None
     return policy, source
 
 
 def _advice(phase: str, cfg) -> str:
     off = (
         ""
-        if cfg.model.offload_text_encoders
-        else "; model.offload_text_encoders=true frees the text encoders' weights"
+        if cfg.model.offload_text_encoders or cfg.model.prompt_cache is not None
+        else "; model.offload_text_encoders=true (or a prompt cache, model.prompt_cache) frees the text encoders' "
+        "weights"
     )
     if phase == "setup":
         return (
@@ -1436,6 +1438,11 @@ def run_memory(
         ])  # fmt: skip
         if compiled:
             notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
+        if cfg.model.prompt_cache is not None:
+            notes.append(
+                "model.prompt_cache: the run loads no text encoder; prompt encoding and the evaluation count them "
+                "as offloaded ones (model.offload_text_encoders), an upper bound of those two phases"
+            )
         if calibrated and calibration_rows > cfg.rows_per_iteration:
             notes.append(
                 f"noise.kind=calibrated: the calibration before training rolls out {calibration_rows} "

@@ -987,7 +987,7 @@ def test_model_section_accepts_repo_ids_and_passes_the_adapter_options():
                                           "model.dtype=bf16", "sampling.shift=null"])  # fmt: skip
     assert cfg.model.adapter_options() == dict(dtype="bf16", resolution=512, max_sequence_length=None,
                                                local_files_only=True, gradient_checkpointing=False,
-                                               offload_text_encoders=False)  # fmt: skip
+                                               offload_text_encoders=False, prompt_cache=None)  # fmt: skip
 
 
 def test_the_dtype_keyword_follows_the_installed_diffusers(monkeypatch):

@@ -68,6 +68,7 @@ def load_policy(
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,
     offload_text_encoders: bool = False,
+    prompt_cache: str | None = None,
 ) -> Policy:
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
@@ -88,7 +89,7 @@ def load_policy(
     policy = adapter_class(family).load(
         checkpoint, device=device, dtype=dtype, resolution=resolution,
         max_sequence_length=max_sequence_length, local_files_only=local_files_only,
-        offload_text_encoders=offload_text_encoders,
+        offload_text_encoders=offload_text_encoders, prompt_cache=prompt_cache,
     )  # fmt: skip
     if gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()

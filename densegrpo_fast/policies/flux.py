@@ -74,7 +74,7 @@ class FluxPolicy(PackedLatentPolicy):
         never negative embeds (guidance is an input of the distilled model, not a second batch), whatever
         ``with_negative`` says."""
         with self.text_encoders_on_device():
-            return PromptEmbeds.deduplicated(self._encode, prompts)
+            return PromptEmbeds.deduplicated(self._text, prompts)
 
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0

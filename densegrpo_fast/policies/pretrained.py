@@ -243,14 +243,26 @@ class DiffusersPolicy:
     #: The negative prompt of CFG, for the families whose ``encode_prompts`` is :meth:`_encode_with_negative`.
     negative_prompt = ""
 
+    #: The :class:`~densegrpo_fast.prompt_cache.PromptCache` that :meth:`_text` reads (``model.prompt_cache``;
+    #: the text encoders are then not loaded), or None.
+    prompt_cache = None
+
+    def _text(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's ``self._encode(texts) -> (embeds, second field)``: read from :attr:`prompt_cache`
+        where one is attached (a ValueError naming a prompt it lacks), else run by the text encoders, on the
+        device for the call."""
+        if self.prompt_cache is not None:
+            return self.prompt_cache.get(list(texts), self.device)
+        with self.text_encoders_on_device():
+            return self._encode(texts)
+
     def _encode_with_negative(self, prompts: list[str], with_negative: bool) -> PromptEmbeds:
         """``self._encode(texts) -> (embeds, second field)`` run once, on the distinct prompts and, with
         ``with_negative``, :attr:`negative_prompt` after them: in the same batch, so that a family whose
         tokenizer pads to the batch's longest prompt (Qwen-Image, Z-Image) gets the negative at the same
         length. One table row per distinct prompt."""
         extra = [self.negative_prompt] if with_negative else []
-        with self.text_encoders_on_device():
-            embeds, second = self._encode([*dict.fromkeys(prompts), *extra])
+        embeds, second = self._text([*dict.fromkeys(prompts), *extra])
         if not with_negative:
             return PromptEmbeds.deduplicated(lambda _: (embeds, second), prompts)
         negative = (embeds[-1:], second[-1:])
@@ -272,8 +284,7 @@ class DiffusersPolicy:
             )
         texts = {t: i for i, t in enumerate(dict.fromkeys(map(str, prompts)))}
         extra = [self.negative_prompt] if with_negative else []
-        with self.text_encoders_on_device():
-            embeds, second = self._encode([*texts, *extra])
+        embeds, second = self._text([*texts, *extra])
         negative = (embeds[-1:], second[-1:]) if with_negative else None
 
         def encode(unique):
@@ -355,11 +366,15 @@ class DiffusersPolicy:
         local_files_only: bool = True,
         cache_dir: str | Path | None = None,
         offload_text_encoders: bool = False,
+        prompt_cache: str | Path | None = None,
     ):
         """Load a diffusers-format checkpoint of this family: a directory, or a repo id (default
         ``cls.default_repo``) from the Hugging Face cache; offline unless ``local_files_only`` is false.
         Everything but the VAE (fp32) loads in ``dtype``; ``max_sequence_length=None`` takes the family's.
-        ``offload_text_encoders``: the text encoders stay in host memory (:meth:`offload_text_encoders_`)."""
+        ``offload_text_encoders``: the text encoders stay in host memory (:meth:`offload_text_encoders_`).
+        ``prompt_cache``: a directory written by ``densegrpo-fast encode-prompts`` for this checkpoint and these
+        settings (a ValueError otherwise, before anything loads); the text encoders and tokenizers are then not
+        loaded, and every prompt encoded must be in it (:mod:`densegrpo_fast.prompt_cache`)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
@@ -368,18 +383,39 @@ class DiffusersPolicy:
             default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
         )  # fmt: skip
         want = as_dtype(dtype)
+        length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
+        cache, skipped = None, {}
+        if prompt_cache is not None:
+            from densegrpo_fast.prompt_cache import PromptCache, identity
+
+            ident = identity(cls, root, dtype=want, max_sequence_length=length)
+            cache = PromptCache(prompt_cache, ident, padded=not cls.pads_prompts)
+            skipped = {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
         pipe = pipeline_cls.from_pretrained(
-            root, **{_dtype_keyword(): {"default": want, "vae": torch.float32}}, local_files_only=True
+            root,
+            **{_dtype_keyword(): {"default": want, "vae": torch.float32}},
+            local_files_only=True,
+            **skipped,
         )
         _check_loaded_dtypes(pipe, want)
         stay = {id(m) for m in cls.unused_modules(pipe).values()}  # (never needed on the device)
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 move_except(module, device, stay)
-        length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         policy = cls(pipe, resolution=resolution, max_sequence_length=length)
         policy.offload_text_encoders = offload_text_encoders
+        policy.prompt_cache, policy.root = cache, root
         return policy
+
+    #: The checkpoint directory :meth:`load` read (None for a pipeline built in memory).
+    root: Path | None = None
+
+    def prompt_cache_identity(self) -> dict:
+        """What a prompt cache written by this policy's text encoders is known by
+        (:func:`~densegrpo_fast.prompt_cache.identity`)."""
+        from densegrpo_fast.prompt_cache import identity
+
+        return identity(type(self), self.root, dtype=self.dtype, max_sequence_length=self.max_sequence_length)
 
     def scheduler_config(self, *unsupported: str, fix: str):
         """The checkpoint scheduler's config; a ValueError if it sets an option the engine's grid does not

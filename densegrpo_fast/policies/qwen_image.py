@@ -126,6 +126,8 @@ class QwenImagePolicy(PackedLatentPolicy):
                 f"text's padding itself (encoder_hidden_states_mask, no txt_seq_lens); diffusers "
                 f"{diffusers.__version__} does not: pip install -U diffusers (keep your torch)"
             )
+        if self.pipe.text_encoder is None:  # (loaded with a prompt cache: nothing is encoded)
+            return
         body = getattr(self.pipe.text_encoder, self.text_encoder_call, None)
         if body is None or not hasattr(body, "language_model"):
             raise ValueError(

@@ -91,8 +91,8 @@ class SD3Policy(DiffusersPolicy):
         distinct prompt; the negative is the empty prompt's, encoded once per policy and broadcast."""
         with self.text_encoders_on_device():
             if with_negative and self._negative is None:
-                self._negative = self._encode([""])
-            return PromptEmbeds.deduplicated(self._encode, prompts, self._negative if with_negative else None)
+                self._negative = self._text([""])
+            return PromptEmbeds.deduplicated(self._text, prompts, self._negative if with_negative else None)
 
     def forward_raw(
         self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor

@@ -1,0 +1,308 @@
+"""A directory of text-encoder outputs, written once by ``densegrpo-fast encode-prompts`` and read by every
+iteration of ``train``, ``calibrate`` and ``eval`` (``model.prompt_cache``), which then load no text encoder.
+
+The frozen text encoders are 4 to 9 B parameters (SD3.5's two CLIPs and T5-XXL: 10.4 GiB in bf16, FLUX.1's
+9.1 GiB, Qwen-Image's Qwen2.5-VL 13.2 GiB) that encode the same few thousand prompts again at every
+iteration. With a cache they are never loaded: neither the device nor the host holds them, and an
+iteration's prompt encoding is a read of a few megabytes per prompt.
+
+Layout of the directory:
+
+- ``index.json``: the format, the identity of what wrote it (:func:`identity`: the family, the text
+  encoders' and tokenizers' files, the settings that change an encoding), and one entry per prompt: the
+  sha256 of its text -> the shard holding it.
+- ``shard_00000.safetensors``, ...: per prompt ``<key>.embeds`` [L, D] and ``<key>.second`` (the family's
+  second field: SD3's and FLUX.1's pooled vector [P], Qwen-Image's and Z-Image's token mask [L], FLUX.2
+  [klein]'s placeholder [1]). The families whose tokenizer pads to the batch's longest prompt (Qwen-Image,
+  Z-Image) keep each prompt's own tokens only, and :meth:`PromptCache.get` pads them again to the longest
+  of the batch asked for, with zeros and a zero mask, as their encoders' batches are padded.
+
+A shard is written whole, then the index (atomically, :func:`~densegrpo_fast.checkpoint.write_text_atomic`):
+a killed ``encode-prompts`` loses at most the shard it was writing, and its rerun encodes only what the index
+does not hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+INDEX = "index.json"
+
+
+def prompt_hash(text: str) -> str:
+    """The key of a prompt: the sha256 of its text (an edit's instruction: its source image is not text
+    encoding's business)."""
+    return hashlib.sha256(str(text).encode()).hexdigest()
+
+
+def _file_fingerprint(path: Path) -> str:
+    """What tells a file's content apart without reading gigabytes: a hub cache's blob name (the sha256 of
+    its content, or git's hash) where the file links into one, else the sha256 of its size and bytes (whole
+    up to 4 MiB: configs, tokenizers, chat templates; the first and last MiB of a larger one: weights, whose
+    safetensors header and last tensor differ from one checkpoint to another)."""
+    real = Path(os.path.realpath(path))
+    if real.parent.name == "blobs":
+        return f"blob:{real.name}"
+    size = real.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(real, "rb") as f:
+        if size <= 4 << 20:
+            h.update(f.read())
+        else:
+            h.update(f.read(1 << 20))
+            f.seek(size - (1 << 20))
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def encoder_files(root: Path | None) -> dict[str, str]:
+    """``{relative path: fingerprint}`` of the text encoders' and tokenizers' files of a diffusers-format
+    checkpoint directory (``text_encoder*/``, ``tokenizer*/``); empty for None (a model built in memory)."""
+    if root is None:
+        return {}
+    root = Path(root)
+    out = {}
+    for folder in sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(("text_encoder", "tokenizer"))
+    ):
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                out[f.relative_to(root).as_posix()] = _file_fingerprint(f)
+    return out
+
+
+def identity(policy_cls, root: Path | None, *, dtype: str, max_sequence_length: int) -> dict:
+    """What must match between the cache's writer and its reader: the family (its encoding code), the text
+    encoders' and tokenizers' files, the dtype they ran in, the text length, and the negative prompt the
+    family's CFG encodes."""
+    return {
+        "family": policy_cls.family,
+        "dtype": str(dtype),
+        "max_sequence_length": int(max_sequence_length),
+        "negative_prompt": policy_cls.negative_prompt,
+        "files": encoder_files(root),
+    }
+
+
+def _differences(want: dict, have: dict) -> list[str]:
+    out = []
+    for k in sorted(set(want) | set(have)):
+        if k == "files":
+            a, b = want.get(k, {}), have.get(k, {})
+            changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+            if changed:
+                out.append(f"the text encoders' files ({len(changed)} differ, e.g. {changed[0]})")
+        elif want.get(k) != have.get(k):
+            out.append(f"{k} ({have.get(k)!r} in the cache, {want.get(k)!r} here)")
+    return out
+
+
+def _read_index(root: Path) -> dict | None:
+    """The index of the cache directory ``root``, or None where there is none; a ValueError for a file that
+    is not one this version reads."""
+    index = Path(root) / INDEX
+    if not index.exists():
+        return None
+    try:
+        saved = json.loads(index.read_text())
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"format {saved.get('format')!r}, this version reads {FORMAT}")
+        return {"entries": dict(saved["entries"]), "identity": dict(saved["identity"])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{index} is not a prompt cache this version reads ({e}): write a new one with "
+            "`densegrpo-fast encode-prompts` into an empty directory"
+        ) from None
+
+
+def _no_cache(root) -> str:
+    return (
+        f"model.prompt_cache={str(root)!r} holds no prompt cache ({Path(root) / INDEX} is missing): write it with "
+        "`densegrpo-fast encode-prompts --config <this config>` (it encodes the config's prompt files with the "
+        "model's text encoders), or set model.prompt_cache=null"
+    )
+
+
+def _uncovered(root, entries: dict, texts, field: str) -> str | None:
+    gone = [t for t in dict.fromkeys(map(str, texts)) if prompt_hash(t) not in entries]
+    if not gone:
+        return None
+    return (
+        f"{len(gone)} prompt(s) of {field} are not in the prompt cache {root} (model.prompt_cache), e.g. "
+        f"{gone[0][:80]!r}: with a cache the text encoders are not loaded. Fix: run `densegrpo-fast encode-prompts "
+        "--config <this config>` again (it encodes only what the cache lacks)"
+    )
+
+
+def coverage_problem(root, sources: dict[str, list[str]]) -> str | None:
+    """Why the cache directory ``root`` cannot serve the prompts of each setting (``{field: prompts}``), or
+    None: asked before any model loads, from the index alone."""
+    saved = _read_index(Path(root))
+    if saved is None:
+        return _no_cache(root)
+    for field, texts in sources.items():
+        if bad := _uncovered(root, saved["entries"], texts, field):
+            return bad
+    return None
+
+
+class PromptCache:
+    """The cache directory ``root`` for one model's text encoding (``ident``: :func:`identity`). Opening an
+    existing one whose identity differs is a ValueError naming what differs; ``create`` makes a new one."""
+
+    def __init__(self, root: str | Path, ident: dict, *, padded: bool, create: bool = False):
+        self.root = Path(root)
+        self.padded = padded  # whether rows keep their own tokens only and get padded per batch (mask second)
+        saved = _read_index(self.root)
+        if saved is None:
+            if not create:
+                raise ValueError(_no_cache(root))
+            self.entries: dict[str, str] = {}
+            self.ident = ident
+            return
+        self.entries, have = saved["entries"], saved["identity"]
+        if diff := _differences(ident, have):
+            raise ValueError(
+                f"the prompt cache {self.root} was encoded by other text encoders or settings: "
+                f"{'; '.join(diff)}. Its embeddings would condition the model on another encoding. Fix: "
+                "encode into a new directory (model.prompt_cache=<new dir>, then `densegrpo-fast encode-prompts`), "
+                "or give the settings it was written with"
+            )
+        self.ident = have
+
+    def missing(self, texts) -> list[str]:
+        """The distinct texts of ``texts`` the cache does not hold, in first-seen order."""
+        return [t for t in dict.fromkeys(map(str, texts)) if prompt_hash(t) not in self.entries]
+
+    def uncovered(self, texts, field: str) -> str | None:
+        """Why ``texts`` (the prompts of the setting ``field``) cannot be read from this cache, or None."""
+        return _uncovered(self.root, self.entries, texts, field)
+
+    def get(self, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeds [U, L, D], second [U, ...])`` of ``texts`` (each must be held), on ``device``: as the
+        family's ``_encode(texts)`` returns them."""
+        from safetensors import safe_open
+
+        keys = [prompt_hash(t) for t in texts]
+        if gone := [t for t, k in zip(texts, keys, strict=True) if k not in self.entries]:
+            raise ValueError(self.uncovered(gone, "this batch"))
+        rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        by_shard: dict[str, list[str]] = {}
+        for k in dict.fromkeys(keys):
+            by_shard.setdefault(self.entries[k], []).append(k)
+        for shard, ks in by_shard.items():
+            with safe_open(str(self.root / shard), framework="pt", device="cpu") as f:
+                for k in ks:
+                    rows[k] = (f.get_tensor(f"{k}.embeds"), f.get_tensor(f"{k}.second"))
+        embeds = [rows[k][0] for k in keys]
+        second = [rows[k][1] for k in keys]
+        if self.padded:
+            L = max(e.shape[0] for e in embeds)
+            embeds = [torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[0])) for e in embeds]
+            second = [torch.nn.functional.pad(s, (0, L - s.shape[0])) for s in second]
+        return torch.stack(embeds).to(device), torch.stack(second).to(device)
+
+    def add(self, texts: list[str], embeds: torch.Tensor, second: torch.Tensor) -> None:
+        """Write the encodings of ``texts`` (one row each, as the family's ``_encode`` returned them) as one new
+        shard, then the index that names it."""
+        from safetensors.torch import save_file
+
+        from densegrpo_fast.checkpoint import write_text_atomic
+
+        tensors = {}
+        for b, text in enumerate(texts):
+            e, s = embeds[b].detach().cpu(), second[b].detach().cpu()
+            if self.padded:
+                n = int(s.sum())
+                e, s = e[:n], s[:n]
+            key = prompt_hash(text)
+            tensors[f"{key}.embeds"], tensors[f"{key}.second"] = e.contiguous(), s.contiguous()
+        shard = f"shard_{len(set(self.entries.values())):05d}.safetensors"
+        self.root.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(self.root / shard))
+        for text in texts:
+            self.entries[prompt_hash(text)] = shard
+        index = {"format": FORMAT, "identity": self.ident, "entries": self.entries}
+        write_text_atomic(self.root / INDEX, json.dumps(index))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def encode_config(
+    cfg, *, batch_size: int = 16, shard_prompts: int = 256, progress: bool = True
+) -> tuple[PromptCache, int]:
+    """The ``encode-prompts`` command: every distinct prompt of ``prompts.dataset`` and ``eval.dataset``, and
+    the family's negative prompt, encoded by the config's model (``batch_size`` prompts per encoder call)
+    into ``model.prompt_cache``, ``shard_prompts`` per shard; what the cache holds already is skipped.
+    Returns the cache and the number of prompts encoded."""
+    from tqdm import tqdm
+
+    from densegrpo_fast import distributed
+    from densegrpo_fast.checkpoint import lock_dir, unlock_dir
+    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.prompts import PromptSource
+
+    m = cfg.model
+    if m.family == "toy":
+        raise ValueError(
+            "model.family=toy: the toy's prompt embedding is a part of its model and costs nothing; the prompt "
+            "cache serves the pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein)"
+        )
+    if m.prompt_cache is None:
+        raise ValueError(
+            "model.prompt_cache is not set: give the directory to write, e.g. "
+            "`densegrpo-fast encode-prompts --config <config> model.prompt_cache=cache/<model>`, and the same "
+            "setting to train, calibrate and eval"
+        )
+    texts: list[str] = []
+    for field, dataset, seed in (("prompts.dataset", cfg.prompts.dataset, cfg.run.seed),
+                                 ("eval.dataset", cfg.eval.dataset, cfg.eval.seed)):  # fmt: skip
+        texts += map(str, PromptSource(dataset, seed, field).pool()[0])
+    root = Path(m.prompt_cache)
+    lock_dir(root, "encode-prompts job")
+    try:
+        distributed.check_device(m.device)
+        policy = load_policy(
+            m.family, m.checkpoint, m.device, **{**m.adapter_options(), "prompt_cache": None}
+        )
+        cache = PromptCache(root, policy.prompt_cache_identity(), padded=not policy.pads_prompts, create=True)
+        todo = cache.missing([*texts, policy.negative_prompt])
+        bar = tqdm(
+            total=len(todo), desc="encoding prompts", unit="prompt", disable=not progress, dynamic_ncols=True
+        )
+        with policy.text_encoders_on_device(), torch.no_grad():
+            for start in range(0, len(todo), shard_prompts):
+                shard = todo[start : start + shard_prompts]
+                parts = []
+                for b in range(0, len(shard), batch_size):
+                    parts.append(policy._encode(shard[b : b + batch_size]))
+                    bar.update(len(shard[b : b + batch_size]))
+                cache.add(shard, *_joined(parts, cache.padded))
+        bar.close()
+    finally:
+        unlock_dir(root)
+    return cache, len(todo)
+
+
+def _joined(
+    parts: list[tuple[torch.Tensor, torch.Tensor]], padded: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(embeds, second)`` of several encoder calls as one batch (padded families: each padded to the
+    longest, as :meth:`PromptCache.add` trims every row to its own tokens again)."""
+    if padded:
+        L = max(e.shape[1] for e, _ in parts)
+        parts = [
+            (
+                torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])),
+                torch.nn.functional.pad(s, (0, L - s.shape[1])),
+            )
+            for e, s in parts
+        ]
+    return torch.cat([e for e, _ in parts]), torch.cat([s for _, s in parts])
