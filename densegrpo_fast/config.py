@@ -316,11 +316,13 @@ def resolution_problem(setting: str, resolution: Resolution, multiple: int, why:
 
 
 class ModelSection(Section):
-    family: Literal["toy", "sd3", "flux", "flux_kontext", "qwen_image", "z_image", "flux2_klein"] = Field(
+    family: Literal[
+        "toy", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"
+    ] = Field(
         "toy",
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), flux_kontext "
         "(FLUX.1 Kontext: edits the source image of each prompt, from a .jsonl prompt file with an 'image' per "
-        "line), qwen_image (Qwen-Image), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
+        "line), qwen_image (Qwen-Image), qwen_image_edit (Qwen-Image-Edit-2509 / -2511: edits, as flux_kontext), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
         "base or distilled; it edits too, given such a prompt file)",
     )
     checkpoint: str | None = Field(
@@ -328,7 +330,7 @@ class ModelSection(Section):
         description="weights; toy: a .safetensors file, null = the shipped one; pretrained families: a "
         "diffusers-format directory or a Hugging Face repo id, null = "
         "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / "
-        "black-forest-labs/FLUX.1-Kontext-dev / Qwen/Qwen-Image / Tongyi-MAI/Z-Image / "
+        "black-forest-labs/FLUX.1-Kontext-dev / Qwen/Qwen-Image / Qwen/Qwen-Image-Edit-2511 / Tongyi-MAI/Z-Image / "
         "black-forest-labs/FLUX.2-klein-base-4B",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
@@ -830,19 +832,19 @@ class EvalSection(Section):
         ge=1,
         le=1000,
         description="Euler ODE steps of the evaluation sampler (sd3: 40, flux and flux_kontext: 28, qwen_image: "
-        "50, z_image: 50, flux2_klein: 50)",
+        "50, qwen_image_edit: 40, z_image: 50, flux2_klein: 50)",
     )
     guidance_scale: float = Field(
         1.5,
         ge=1.0,
         description="CFG scale of the evaluation sampler, as sampling.guidance_scale (sd3: 4.5, flux: 3.5, "
-        "flux_kontext: 2.5, qwen_image: 4.0, z_image: 5.0, flux2_klein: 4.0)",
+        "flux_kontext: 2.5, qwen_image and qwen_image_edit: 4.0, z_image: 5.0, flux2_klein: 4.0)",
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux, flux_kontext, qwen_image, z_image and flux2_klein: null)",
+        "flux, flux_kontext, qwen_image, qwen_image_edit, z_image and flux2_klein: null)",
     )
     seed: int = Field(
         0,
@@ -862,14 +864,14 @@ class EvalSection(Section):
     batch_size: int = Field(
         128,
         ge=1,
-        description="images per sampler call (sd3: 16, flux, flux_kontext, qwen_image, z_image and "
+        description="images per sampler call (sd3: 16, flux, flux_kontext, qwen_image, qwen_image_edit, z_image and "
         "flux2_klein: 8)",
     )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
         "(sd3: runs/sd3_eval, flux: runs/flux_eval, flux_kontext: runs/flux_kontext_eval, qwen_image: "
-        "runs/qwen_image_eval, z_image: runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
+        "runs/qwen_image_eval, qwen_image_edit: runs/qwen_image_edit_eval, z_image: runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
@@ -906,6 +908,8 @@ EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
                      "num_prompts": None, "output_dir": "runs/flux_kontext_eval"},
     "qwen_image": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8,
                    "num_prompts": None, "output_dir": "runs/qwen_image_eval"},
+    "qwen_image_edit": {"num_steps": 40, "guidance_scale": 4.0, "shift": None, "batch_size": 8,
+                        "num_prompts": None, "output_dir": "runs/qwen_image_edit_eval"},
     "z_image": {"num_steps": 50, "guidance_scale": 5.0, "shift": None, "batch_size": 8, "num_prompts": None,
                 "output_dir": "runs/z_image_eval"},
     "flux2_klein": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8, "num_prompts": None,
@@ -917,6 +921,7 @@ SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "flux": {"shift": None, "guidance_scale": 3.5},
     "flux_kontext": {"shift": None, "guidance_scale": 2.5},
     "qwen_image": {"shift": None, "guidance_scale": 4.0},
+    "qwen_image_edit": {"shift": None, "guidance_scale": 4.0},
     "z_image": {"shift": None, "guidance_scale": 5.0},
     "flux2_klein": {"shift": None, "guidance_scale": 4.0},
 }
@@ -938,7 +943,7 @@ FLUX2_KLEIN_LORA_TARGETS = [
     "attn.to_qkv_mlp_proj",
 ]
 LORA_FAMILY_DEFAULTS: dict[str, dict] = {
-    "toy": {}, "sd3": {}, "flux": {}, "flux_kontext": {}, "qwen_image": {},
+    "toy": {}, "sd3": {}, "flux": {}, "flux_kontext": {}, "qwen_image": {}, "qwen_image_edit": {},
     "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
     "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
 }  # fmt: skip
@@ -1023,6 +1028,7 @@ def model_eval_problems(
             "flux",
             "flux_kontext",
             "qwen_image",
+            "qwen_image_edit",
             "z_image",
             "flux2_klein",
         ):
@@ -1030,6 +1036,7 @@ def model_eval_problems(
                 "flux": ("FLUX.1", "FluxPipeline"),
                 "flux_kontext": ("FLUX.1 Kontext", "FluxKontextPipeline"),
                 "qwen_image": ("Qwen-Image", "QwenImagePipeline"),
+                "qwen_image_edit": ("Qwen-Image-Edit", "QwenImageEditPlusPipeline"),
                 "z_image": ("Z-Image", "ZImagePipeline"),
                 "flux2_klein": ("FLUX.2 [klein]", "Flux2KleinPipeline"),
             }[model.family]

@@ -166,6 +166,57 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
     )
 
 
+def qwen_image_edit_pipeline(seed: int = 0, **transformer_kwargs):
+    """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511) with tiny random components: Qwen-Image's
+    (:func:`qwen_image_pipeline`) with a Qwen2.5-VL that sees images (one vision block, 14 px patches merged
+    2 x 2) and its processor (images resized to 28 x 28 to 64 x 64 px)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
+                                       "<|vision_end|>", "<|video_pad|>"]}
+    )  # fmt: skip
+    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
+    text_encoder = tiny_qwen25_vl(tokenizer, ids, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                  window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+
+    class Processor(Qwen2_5_VLProcessor):  # (transformers 5 wants a video processor, which needs torchvision)
+        def check_argument_for_proper_class(self, name, arg):
+            return None if name == "video_processor" else super().check_argument_for_proper_class(name, arg)
+
+        def save_pretrained(self, directory, **kwargs):  # (its image processor and tokenizer, as released)
+            self.image_processor.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+
+    # model_index.json names the processor as a released checkpoint does
+    Processor.__name__, Processor.__module__ = "Qwen2_5_VLProcessor", Qwen2_5_VLProcessor.__module__
+
+    processor = Processor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64), tokenizer=tokenizer
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
+    )  # fmt: skip
+    transformer = QwenImageTransformer2DModel(**{
+        **dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+               num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
+        **transformer_kwargs,
+    })  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(**architectures.QWEN_IMAGE_SCHEDULER)
+    return QwenImageEditPlusPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        processor=processor,
+        transformer=transformer,
+    )
+
+
 def z_image_pipeline(seed: int = 0, **scheduler_kwargs):
     """``ZImagePipeline`` with tiny random components (Z-Image-Turbo's scheduler config unless
     ``scheduler_kwargs`` replace it, a two-layer Qwen3, FLUX.1's VAE layout of factor 2), fp32, on the CPU.

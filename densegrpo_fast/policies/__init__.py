@@ -12,6 +12,7 @@ PRETRAINED = {
     "flux": ("densegrpo_fast.policies.flux", "FluxPolicy"),
     "flux_kontext": ("densegrpo_fast.policies.flux_kontext", "FluxKontextPolicy"),
     "qwen_image": ("densegrpo_fast.policies.qwen_image", "QwenImagePolicy"),
+    "qwen_image_edit": ("densegrpo_fast.policies.qwen_image_edit", "QwenImageEditPolicy"),
     "z_image": ("densegrpo_fast.policies.z_image", "ZImagePolicy"),
     "flux2_klein": ("densegrpo_fast.policies.flux2_klein", "Flux2KleinPolicy"),
 }
@@ -21,7 +22,7 @@ FAMILIES = ("toy", *PRETRAINED)
 #: "required" where every prompt is an edit (FLUX.1 Kontext), "optional" where the prompt file decides
 #: (FLUX.2 [klein]: text prompts, or edits whose source goes in as the reference image). The others generate
 #: from text alone. Each adapter's ``edits`` says the same.
-EDITING = {"flux_kontext": "required", "flux2_klein": "optional"}
+EDITING = {"flux_kontext": "required", "qwen_image_edit": "required", "flux2_klein": "optional"}
 
 
 def adapter_class(family: str):

@@ -68,7 +68,7 @@ def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
             missing.append(f"{name}/")
             continue
         config = {"model": "config.json", "tokenizer": "tokenizer_config.json",
-                  "scheduler": "scheduler_config.json"}[kind]  # fmt: skip
+                  "scheduler": "scheduler_config.json", "processor": "preprocessor_config.json"}[kind]  # fmt: skip
         if not (folder / config).is_file():
             missing.append(f"{name}/{config}")
         if kind != "model":
@@ -210,6 +210,11 @@ class DiffusersPolicy:
     #: Whether the family edits a source image per prompt: None, "required" or "optional"
     #: (:data:`densegrpo_fast.policies.EDITING`).
     edits: str | None = None
+    #: Whether the text encoder reads an edit's source image too (Qwen-Image-Edit), so that the encoding of a
+    #: prompt is not its text's alone: no prompt cache serves it.
+    text_reads_sources = False
+    #: Pipeline components :meth:`load` does not load (set to None), e.g. a processor the adapter replaces.
+    skip_components: tuple[str, ...] = ()
 
     def __init__(self, pipe, *, resolution: Resolution, max_sequence_length: int):
         self.pipe = pipe
@@ -384,13 +389,19 @@ class DiffusersPolicy:
         )  # fmt: skip
         want = as_dtype(dtype)
         length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
-        cache, skipped = None, {}
+        cache, skipped = None, {k: None for k in cls.skip_components}
+        if prompt_cache is not None and cls.text_reads_sources:
+            raise ValueError(
+                f"model.prompt_cache={str(prompt_cache)!r}: {cls.model_name}'s text encoder reads each edit's "
+                "source image, so a prompt's encoding is not its text's alone and a prompt cache (keyed by text) "
+                "cannot hold it: set model.prompt_cache=null"
+            )
         if prompt_cache is not None:
             from densegrpo_fast.prompt_cache import PromptCache, identity
 
             ident = identity(cls, root, dtype=want, max_sequence_length=length)
             cache = PromptCache(prompt_cache, ident, padded=not cls.pads_prompts)
-            skipped = {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
+            skipped |= {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
         pipe = pipeline_cls.from_pretrained(
             root,
             **{_dtype_keyword(): {"default": want, "vae": torch.float32}},

@@ -74,6 +74,13 @@ class QwenImagePolicy(PackedLatentPolicy):
     text_encoder_call = "model"
     #: The negative prompt of true CFG (Qwen-Image's model card: a single space).
     negative_prompt = " "
+    #: Transformer options the family does not sample with, and why.
+    refused_options = ("guidance_embeds", "zero_cond_t")
+    refused_why = (
+        "a guidance-distilled or an edit model's checkpoint; model.family qwen_image samples Qwen-Image's "
+        "text-to-image checkpoints (e.g. Qwen/Qwen-Image) with true CFG (Qwen-Image-Edit-2509 and -2511: "
+        "model.family qwen_image_edit)"
+    )
 
     def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
@@ -83,13 +90,9 @@ class QwenImagePolicy(PackedLatentPolicy):
                 f"{MAX_SEQUENCE_LENGTH} text tokens; null takes its default, 512"
             )
         config = self.transformer.config
-        unsupported = [k for k in ("guidance_embeds", "zero_cond_t") if config.get(k)]
+        unsupported = [k for k in self.refused_options if config.get(k)]
         if unsupported:
-            raise ValueError(
-                f"this QwenImageTransformer2DModel sets {unsupported}: a guidance-distilled or an edit "
-                "model's checkpoint; model.family qwen_image samples Qwen-Image's text-to-image checkpoints "
-                "(e.g. Qwen/Qwen-Image) with true CFG"
-            )
+            raise ValueError(f"this QwenImageTransformer2DModel sets {unsupported}: {self.refused_why}")
         self._check_libraries()
         self.set_resolution()
 
@@ -193,6 +196,10 @@ class QwenImagePolicy(PackedLatentPolicy):
         sigma = sigma.expand(B) if sigma.ndim == 0 else sigma
         packed = QwenImagePipeline._pack_latents(x.to(self.dtype), B, C, H, W)  # [B, H/2 * W/2, 4C]
         embeds, mask = cond.embeds, cond.pooled  # (the pooled field holds the token mask)
+        tokens, shapes = packed.shape[1], [(1, H // 2, W // 2)]
+        reference = self._checked_reference(cond, tokens)  # an edit's source (Qwen-Image-Edit), after
+        if reference is not None:
+            packed, shapes = torch.cat([packed, reference.to(self.dtype)], dim=1), shapes * 2
         cfg = guidance_scale != 1.0 and cond.has_negative
         if cfg:
             packed, sigma = torch.cat([packed, packed]), torch.cat([sigma, sigma])
@@ -202,9 +209,9 @@ class QwenImagePolicy(PackedLatentPolicy):
             timestep=(1000.0 * sigma.float()).to(self.dtype) / 1000,  # the pipeline's rounding
             encoder_hidden_states=embeds.to(self.dtype),
             encoder_hidden_states_mask=mask,
-            img_shapes=[[(1, H // 2, W // 2)]] * packed.shape[0],
+            img_shapes=[shapes] * packed.shape[0],
             return_dict=False,
-        )[0].float()
+        )[0][:, :tokens].float()
         if cfg:
             neg, pos = out.chunk(2)
             out = neg + guidance_scale * (pos - neg)

@@ -1,0 +1,190 @@
+"""The Qwen-Image-Edit policy: instruction-based image editing with Qwen-Image-Edit-2509 and -2511, diffusers'
+``QwenImageEditPlusPipeline`` components behind :class:`densegrpo_fast.policies.base.Policy`.
+
+Qwen-Image-Edit is Qwen-Image's 20B MMDiT trained to edit. Where it differs from
+:class:`~densegrpo_fast.policies.qwen_image.QwenImagePolicy`, the adapter does what the pipeline does for one
+source image:
+
+- **The text encoder sees the source.** The instruction goes into the pipeline's chat template after
+  ``"Picture 1: "`` and the image's vision tokens; Qwen2.5-VL encodes it with its vision tower on the source
+  resized to about 384 x 384 px (the pipeline's ``CONDITION_IMAGE_SIZE``, the source's aspect kept, sides
+  multiples of 32). The embeds are the last hidden states after the template's first 64 tokens, every one of
+  them: the pipeline cuts nothing, so ``model.max_sequence_length`` does not apply. The negative prompt
+  (``" "``) is encoded with the same image, so each row has its own negative embeds.
+- **The source's latent goes into the transformer** after the sampled tokens, as a second image of
+  ``img_shapes`` (its rotary positions follow from that); its output is dropped. The latent is the VAE's
+  mode, normalised by the VAE's ``latents_mean`` / ``latents_std`` and packed as the sampled one. The
+  negative rows of true CFG take it too. Qwen-Image-Edit-2511's transformer (``zero_cond_t``) gives the
+  source tokens timestep 0 itself, from ``img_shapes``.
+- **The source comes in at the output's size**, as for FLUX.1 Kontext
+  (:mod:`densegrpo_fast.policies.flux_kontext`): resized to cover ``model.resolution`` and centre-cropped. The
+  pipeline resizes it to about 1 MP instead (``VAE_IMAGE_SIZE``), four times the tokens at 512 px output.
+
+Everything else is Qwen-Image's: true CFG with the norm rescale, the unpacked latent the engine sees, the
+grid shifted by the sampled image's token count, the timestep rounding, the video VAE's decode. Each prompt is
+an :class:`~densegrpo_fast.prompts.EditPrompt`; each distinct (instruction, image) is encoded once. The text
+encoding reads the source, so a prompt cache (``model.prompt_cache``, keyed by text) does not serve it. The
+first Qwen-Image-Edit (``QwenImageEditPipeline``, another template, the source at the VAE's size for the
+text encoder too) is not supported.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from densegrpo_fast.config import image_hw
+from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.qwen_image import QwenImagePolicy
+
+COMPONENTS = {
+    "transformer": "model", "vae": "model", "text_encoder": "model", "tokenizer": "tokenizer",
+    "processor": "processor", "scheduler": "scheduler",
+}  # fmt: skip
+#: The pipeline's area of the text encoder's view of the source (``CONDITION_IMAGE_SIZE``).
+CONDITION_AREA = 384 * 384
+#: The template's part before each instruction, per source image (one here).
+PICTURE = "Picture {}: <|vision_start|><|image_pad|><|vision_end|>"
+
+
+def condition_size(width: int, height: int, area: int = CONDITION_AREA) -> tuple[int, int]:
+    """The pipeline's ``calculate_dimensions``: (width, height) of about ``area`` pixels at the aspect
+    ``width / height``, each side rounded to a multiple of 32."""
+    ratio = width / height
+    w = math.sqrt(area * ratio)
+    return round(w / 32) * 32, round(w / ratio / 32) * 32
+
+
+class QwenImageEditPolicy(QwenImagePolicy):
+    """Qwen-Image-Edit-2509 / -2511 behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
+
+    Shape: as :class:`~densegrpo_fast.policies.qwen_image.QwenImagePolicy`; ``encode_prompts`` takes
+    :class:`~densegrpo_fast.prompts.EditPrompt` s and adds the packed source latents [B, N, 4C] (N = the
+    sampled image's token count) as the embeds' ``reference``.
+    """
+
+    family = "qwen_image_edit"
+    pipeline_name = "QwenImageEditPlusPipeline"
+    components = COMPONENTS
+    default_repo = "Qwen/Qwen-Image-Edit-2511"
+    model_name = "Qwen-Image-Edit"
+    scheduler_fix = "use Qwen-Image-Edit's scheduler config (scheduler/scheduler_config.json)"
+    edits = "required"
+    text_reads_sources = True
+    refused_options = ("guidance_embeds",)
+    #: The pipeline's ``Qwen2VLProcessor`` is not loaded: in transformers 5 it requires torchvision (for its
+    #: video processor), and the adapter needs only its image processor and the tokenizer (:attr:`vl_images`).
+    skip_components = ("processor",)
+
+    def __init__(self, pipe, **kwargs):
+        super().__init__(pipe, **kwargs)
+        #: Qwen2.5-VL's image processor (the pipeline processor's, or the checkpoint's ``processor/`` folder's).
+        self.vl_images = getattr(pipe.processor, "image_processor", None)
+
+    @classmethod
+    def load(cls, path_or_repo_id=None, **kwargs):
+        """:meth:`DiffusersPolicy.load`, with the image processor read from the checkpoint's ``processor/``."""
+        from transformers import AutoImageProcessor
+
+        policy = super().load(path_or_repo_id, **kwargs)
+        policy.vl_images = AutoImageProcessor.from_pretrained(
+            policy.root / "processor", local_files_only=True
+        )
+        return policy
+
+    refused_why = (
+        "a guidance-distilled checkpoint; model.family qwen_image_edit samples Qwen-Image-Edit-2509 and -2511 "
+        "with true CFG"
+    )
+
+    def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
+        """``embeds`` [B, L, D] and the token mask [B, L] (``pooled``) of each (instruction, source image), the
+        negative prompt's with the same image (``neg_embeds`` / ``neg_pooled``, one row per table row), and
+        the packed source latents (``reference``); one table row per distinct (instruction, image)."""
+        from densegrpo_fast.prompts import EditPrompt, prompt_key, source_image_problem
+
+        plain = [p for p in prompts if not isinstance(p, EditPrompt)]
+        if plain:
+            raise ValueError(source_image_problem(plain[0], self.model_name))
+        firsts = {}  # (the table's rows: first-seen order, as PromptEmbeds.deduplicated keeps them)
+        for p in prompts:
+            firsts.setdefault(prompt_key(p), p)
+        unique = list(firsts.values())
+        images = [p.image for p in unique]
+        extra = [self.negative_prompt] * len(unique) if with_negative else []
+        with self.text_encoders_on_device():
+            embeds, mask = self._encode_with_images([*map(str, unique), *extra], images * (1 + with_negative))
+        U = len(unique)
+        negative = (embeds[U:], mask[U:]) if with_negative else None
+        reference = self._encode_references(images)
+        return PromptEmbeds.deduplicated(
+            lambda _: (embeds[:U], mask[:U], reference), prompts, negative, key=prompt_key
+        )
+
+    def _encode_with_images(self, texts: list[str], paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pipeline's ``encode_prompt`` of each text with the source image at the path beside it: the
+        embeds [U, L, D] padded to the longest row, and the token mask [U, L]. Each image file is read once."""
+        pipe, image_pad = self.pipe, "<|image_pad|>"
+        height, width = image_hw(self.resolution)
+        files = list(dict.fromkeys(paths))
+        pixels = self.vl_images(
+            images=[self._condition_image(p, height, width) for p in files], return_tensors="pt"
+        )
+        per_file = dict(zip(files, pixels["pixel_values"].split(
+            [int(g.prod()) for g in pixels["image_grid_thw"]]), strict=True))  # fmt: skip
+        grid = dict(zip(files, pixels["image_grid_thw"], strict=True))
+        merge = int(getattr(self.vl_images, "merge_size", 2)) ** 2
+        template, drop = pipe.prompt_template_encode, pipe.prompt_template_encode_start_idx
+        texts = [  # (as Qwen2VLProcessor expands each image's pad token to the image's merged patches)
+            template.format(PICTURE.format(1) + t).replace(
+                image_pad, image_pad * (int(grid[p].prod()) // merge)
+            )
+            for t, p in zip(texts, paths, strict=True)
+        ]
+        tokens = pipe.tokenizer(texts, padding=True, return_tensors="pt")
+        encoder = pipe.text_encoder
+        inputs = dict(
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            pixel_values=torch.cat([per_file[p] for p in paths]).to(self.device, encoder.dtype),
+            image_grid_thw=torch.stack([grid[p] for p in paths]).to(self.device),
+        )
+        body = getattr(encoder, self.text_encoder_call)
+        if "mm_token_type_ids" in inspect.signature(body.forward).parameters:
+            # transformers 5 gives the image tokens Qwen2.5-VL's 3-D rotary positions only when told which
+            # they are (transformers 4 found them by their id)
+            image_id = pipe.tokenizer.convert_tokens_to_ids(image_pad)
+            inputs["mm_token_type_ids"] = (tokens.input_ids == image_id).int().to(self.device)
+        hidden = body(**inputs).last_hidden_state
+        spans = []  # each row's tokens after the template's first part (the host's mask: no sync)
+        for row in tokens.attention_mask.bool():
+            where = row.nonzero().flatten()
+            spans.append((int(where[0]) + drop, int(where[-1]) + 1))
+        L = max(last - first for first, last in spans)
+        embeds = hidden.new_zeros(len(texts), L, hidden.shape[-1])
+        mask = torch.zeros(len(texts), L, dtype=torch.long)
+        for b, (first, last) in enumerate(spans):
+            embeds[b, : last - first] = hidden[b, first:last]
+            mask[b, : last - first] = 1
+        return embeds.to(encoder.dtype), mask.to(self.device)
+
+    def _condition_image(self, path: str, height: int, width: int):
+        """The text encoder's view of a source (a PIL image): the source at the output's size
+        (:func:`~densegrpo_fast.prompts.load_source`) resized as the pipeline resizes its condition image."""
+        from densegrpo_fast.prompts import load_source
+
+        w, h = condition_size(width, height)
+        return self.pipe.image_processor.resize(load_source(path, height, width), h, w)
+
+    def _source_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """The pipeline's own encoding (the VAE's mode, normalised), packed as the sampled latent."""
+        latent = self.pipe._encode_vae_image(image[:, :, None], generator=None)  # [1, C, 1, h, w]
+        return self.pipe._pack_latents(latent, 1, latent.shape[1], *latent.shape[3:])
+
+    @staticmethod
+    def unused_modules(pipe) -> dict[str, torch.nn.Module]:
+        """Qwen2.5-VL's LM head, where it is not the input embedding: an edit's encoding calls the vision
+        tower (Qwen-Image's text prompts never do)."""
+        return {k: m for k, m in QwenImagePolicy.unused_modules(pipe).items() if not k.endswith(".visual")}
