@@ -226,10 +226,14 @@ def _add_validate(sub) -> None:
             if bad := edit_mismatch(cfg.model.family, source.edits, field, dataset):
                 raise ValueError(bad)
             readable[field] = source.pool()[0]
-        if cfg.model.prompt_cache is not None:
+        if cfg.model.prompt_cache is not None:  # (its identity is checked when the model loads)
             from densegrpo_fast.prompt_cache import coverage_problem
 
-            if problem := coverage_problem(cfg.model.prompt_cache, readable):
+            try:
+                problem = coverage_problem(cfg.model.prompt_cache, readable)
+            except ValueError as e:  # (an index.json this version does not read)
+                problem = str(e)
+            if problem:
                 print(f"note: `train` needs it: {problem}", file=sys.stderr)
         from densegrpo_fast.policies import checkpoint_problem
 

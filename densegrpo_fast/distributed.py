@@ -261,7 +261,11 @@ def check_same_config(d: Dist, cfg, files: tuple[str, ...] = ()) -> None:
             "densegrpo_fast sources (sha256)": _source_digest()}  # fmt: skip
     mine |= flat(cfg.model_dump(mode="json"))
     for key in files:
+        if mine[key] is None:
+            continue
         path = Path(mine[key])
+        if path.is_dir() and (path / "index.json").is_file():  # (a prompt cache: its index names every shard)
+            path = path / "index.json"
         if path.is_file():
             mine[f"{key} (the file's sha256)"] = _file_digest(path)
     fix = (

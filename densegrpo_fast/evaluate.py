@@ -38,6 +38,7 @@ from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
+from densegrpo_fast.prompt_cache import text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
     edit_mismatch,
@@ -465,7 +466,7 @@ def run_eval(
     torch.set_num_threads(cfg.model.num_threads)
     m = cfg.model
     d = distributed.from_env(m.device)  # under torchrun: one share of the prompts per process
-    distributed.check_same_config(d, cfg, ("eval.dataset",))
+    distributed.check_same_config(d, cfg, ("eval.dataset", "model.prompt_cache"))
     policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
     problem = getattr(policy, "guidance_problem", lambda *_: None)(e.guidance_scale, "eval.guidance_scale")
     if problem is not None:
@@ -497,7 +498,7 @@ def run_eval(
               "resolution": resolution_record(e.resolution or m.resolution), "dtype": m.dtype,
               "max_sequence_length": m.max_sequence_length,
               "checkpoint_identity": checkpoint_identity(checkpoint),
-              "weights": weights, "lora": lora,
+              "weights": weights, "text_encoding": text_encoding(cfg), "lora": lora,
               "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
     )  # fmt: skip

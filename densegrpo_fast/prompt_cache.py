@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -35,59 +36,81 @@ FORMAT = 1
 INDEX = "index.json"
 
 
+def text_encoding(cfg) -> str:
+    """Where a run's prompt embeddings come from: its text encoders, or ``model.prompt_cache`` (which loads
+    none: the digest of the loaded models, which a resume compares, then leaves them out)."""
+    return "text encoders" if cfg.model.prompt_cache is None else "prompt cache"
+
+
 def prompt_hash(text: str) -> str:
     """The key of a prompt: the sha256 of its text (an edit's instruction: its source image is not text
     encoding's business)."""
     return hashlib.sha256(str(text).encode()).hexdigest()
 
 
-def _file_fingerprint(path: Path) -> str:
-    """What tells a file's content apart without reading gigabytes: a hub cache's blob name (the sha256 of
-    its content, or git's hash) where the file links into one, else the sha256 of its size and bytes (whole
-    up to 4 MiB: configs, tokenizers, chat templates; the first and last MiB of a larger one: weights, whose
-    safetensors header and last tensor differ from one checkpoint to another)."""
+#: Bumped whenever an adapter's text encoding (``_encode``) changes what it returns: caches of another
+#: version are refused.
+ENCODING_VERSION = 1
+
+
+def _content_sha256(path: Path, known: dict | None = None) -> tuple[str, list]:
+    """The sha256 of a file's content and ``[size, mtime_ns, sha256]`` to remember it by. A file that links
+    into a hub cache's blob named by a sha256 (a Git LFS file) has it as its name; a file whose size and
+    modification time ``known`` holds is not read again (``known[...][2]``); any other is read whole."""
     real = Path(os.path.realpath(path))
-    if real.parent.name == "blobs":
-        return f"blob:{real.name}"
-    size = real.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    stat = real.stat()
+    if real.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", real.name):
+        return real.name, [stat.st_size, stat.st_mtime_ns, real.name]
+    if known is not None and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return known[2], list(known)
+    h = hashlib.sha256()
     with open(real, "rb") as f:
-        if size <= 4 << 20:
-            h.update(f.read())
-        else:
-            h.update(f.read(1 << 20))
-            f.seek(size - (1 << 20))
-            h.update(f.read())
-    return h.hexdigest()
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest(), [stat.st_size, stat.st_mtime_ns, h.hexdigest()]
 
 
-def encoder_files(root: Path | None) -> dict[str, str]:
-    """``{relative path: fingerprint}`` of the text encoders' and tokenizers' files of a diffusers-format
-    checkpoint directory (``text_encoder*/``, ``tokenizer*/``); empty for None (a model built in memory)."""
+def encoder_files(root: Path | None, known: dict | None = None) -> tuple[dict[str, str], dict[str, list]]:
+    """``{relative path: sha256 of the content}`` of the text encoders' and tokenizers' files of a
+    diffusers-format checkpoint directory (``text_encoder*/``, ``tokenizer*/``; empty for None, a model built
+    in memory), the same for a hub snapshot and a copy of it; and each file's ``[size, mtime_ns, sha256]``,
+    which a later call given them as ``known`` trusts instead of reading the file again."""
     if root is None:
-        return {}
+        return {}, {}
     root = Path(root)
-    out = {}
+    files, stats = {}, {}
     for folder in sorted(
         p for p in root.iterdir() if p.is_dir() and p.name.startswith(("text_encoder", "tokenizer"))
     ):
         for f in sorted(folder.rglob("*")):
             if f.is_file():
-                out[f.relative_to(root).as_posix()] = _file_fingerprint(f)
-    return out
+                rel = f.relative_to(root).as_posix()
+                files[rel], stats[rel] = _content_sha256(f, (known or {}).get(rel))
+    return files, stats
 
 
-def identity(policy_cls, root: Path | None, *, dtype: str, max_sequence_length: int) -> dict:
-    """What must match between the cache's writer and its reader: the family (its encoding code), the text
-    encoders' and tokenizers' files, the dtype they ran in, the text length, and the negative prompt the
-    family's CFG encodes."""
-    return {
+def identity(
+    policy_cls, root: Path | None, *, dtype: str, max_sequence_length: int, known: dict | None = None
+) -> tuple[dict, dict]:
+    """What must match between the cache's writer and its reader: the family and its encoding code's version,
+    the diffusers and transformers versions, the text encoders' and tokenizers' files (by content), the dtype
+    they ran in, the text length, and the negative prompt the family's CFG encodes; and the files' stats
+    (:func:`encoder_files`)."""
+    import diffusers
+    import transformers
+
+    files, stats = encoder_files(root, known)
+    ident = {
         "family": policy_cls.family,
+        "encoding": f"{policy_cls.__name__} {ENCODING_VERSION}",
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
         "dtype": str(dtype),
         "max_sequence_length": int(max_sequence_length),
         "negative_prompt": policy_cls.negative_prompt,
-        "files": encoder_files(root),
+        "files": files,
     }
+    return ident, stats
 
 
 def _differences(want: dict, have: dict) -> list[str]:
@@ -113,7 +136,8 @@ def _read_index(root: Path) -> dict | None:
         saved = json.loads(index.read_text())
         if saved.get("format") != FORMAT:
             raise ValueError(f"format {saved.get('format')!r}, this version reads {FORMAT}")
-        return {"entries": dict(saved["entries"]), "identity": dict(saved["identity"])}
+        return {"entries": dict(saved["entries"]), "identity": dict(saved["identity"]),
+                "stats": dict(saved.get("stats", {}))}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(
             f"{index} is not a prompt cache this version reads ({e}): write a new one with "
@@ -156,9 +180,12 @@ class PromptCache:
     """The cache directory ``root`` for one model's text encoding (``ident``: :func:`identity`). Opening an
     existing one whose identity differs is a ValueError naming what differs; ``create`` makes a new one."""
 
-    def __init__(self, root: str | Path, ident: dict, *, padded: bool, create: bool = False):
+    def __init__(
+        self, root: str | Path, ident: dict, *, padded: bool, create: bool = False, stats: dict | None = None
+    ):
         self.root = Path(root)
         self.padded = padded  # whether rows keep their own tokens only and get padded per batch (mask second)
+        self.stats = stats or {}  # (the writer's files' [size, mtime_ns, sha256], for identity's next reader)
         saved = _read_index(self.root)
         if saved is None:
             if not create:
@@ -167,6 +194,7 @@ class PromptCache:
             self.ident = ident
             return
         self.entries, have = saved["entries"], saved["identity"]
+        self.stats = self.stats or saved["stats"]
         if diff := _differences(ident, have):
             raise ValueError(
                 f"the prompt cache {self.root} was encoded by other text encoders or settings: "
@@ -213,7 +241,7 @@ class PromptCache:
         shard, then the index that names it."""
         from safetensors.torch import save_file
 
-        from densegrpo_fast.checkpoint import write_text_atomic
+        from densegrpo_fast.checkpoint import write_atomic, write_text_atomic
 
         tensors = {}
         for b, text in enumerate(texts):
@@ -223,12 +251,17 @@ class PromptCache:
                 e, s = e[:n], s[:n]
             key = prompt_hash(text)
             tensors[f"{key}.embeds"], tensors[f"{key}.second"] = e.contiguous(), s.contiguous()
-        shard = f"shard_{len(set(self.entries.values())):05d}.safetensors"
+        # a new name: past every shard the index names or the directory holds (one of a killed job included)
+        taken = {*self.entries.values(), *(p.name for p in self.root.glob("shard_*.safetensors"))}
+        numbers = [int(m.group(1)) for n in taken if (m := re.fullmatch(r"shard_(\d+)\.safetensors", n))]
+        shard = f"shard_{max(numbers, default=-1) + 1:05d}.safetensors"
         self.root.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(self.root / shard))
+        write_atomic(
+            self.root / shard, lambda tmp: save_file(tensors, str(tmp))
+        )  # (on the disk before the index)
         for text in texts:
             self.entries[prompt_hash(text)] = shard
-        index = {"format": FORMAT, "identity": self.ident, "entries": self.entries}
+        index = {"format": FORMAT, "identity": self.ident, "stats": self.stats, "entries": self.entries}
         write_text_atomic(self.root / INDEX, json.dumps(index))
 
     def __len__(self) -> int:
@@ -272,7 +305,9 @@ def encode_config(
         policy = load_policy(
             m.family, m.checkpoint, m.device, **{**m.adapter_options(), "prompt_cache": None}
         )
-        cache = PromptCache(root, policy.prompt_cache_identity(), padded=not policy.pads_prompts, create=True)
+        saved = _read_index(root)
+        ident, stats = policy.prompt_cache_identity(known=saved["stats"] if saved else None)
+        cache = PromptCache(root, ident, padded=not policy.pads_prompts, create=True, stats=stats)
         todo = cache.missing([*texts, policy.negative_prompt])
         bar = tqdm(
             total=len(todo), desc="encoding prompts", unit="prompt", disable=not progress, dynamic_ncols=True

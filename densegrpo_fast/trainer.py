@@ -48,6 +48,7 @@ from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
+from densegrpo_fast.prompt_cache import text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
     PromptPriority,
@@ -180,7 +181,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     if distributed.world_size() > 1:
         _check_world(cfg, distributed.world_size())
     dist = distributed.from_env(cfg.model.device)
-    distributed.check_same_config(dist, cfg, ("prompts.dataset", "eval.dataset"))
+    distributed.check_same_config(dist, cfg, ("prompts.dataset", "eval.dataset", "model.prompt_cache"))
     with warnings.catch_warnings():  # (_build says it, once)
         warnings.simplefilter("ignore")
         check_optimizer(cfg, _shards(cfg, dist))  # before any model work
@@ -234,7 +235,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     state = load_checkpoint(run_dir) if resume else None
     if state is not None and dist.main:
         _warn_if_servers_changed(state.get("served"), served)
-        _warn_if_base_changed(cfg, state.get("base_weights"), base_weights)
+        _warn_if_base_changed(cfg, state.get("base_weights"), base_weights, state.get("text_encoding"))
     if resume:  # before any collective that depends on it (a rank that saw no checkpoint would calibrate)
         fix = (
             "every rank must read the same run directory: put run.output_dir on a file system all nodes share"
@@ -539,6 +540,8 @@ RESUMABLE_CHANGES = (
     # how many rows a call takes: the memory's knobs, for a run that ran out of it; like model.compile, they
     # change only the rounding of what an iteration computes
     "sampling.max_rows_per_call", "grpo.train_batch_size", "eval.batch_size",
+    # where the prompt embeddings come from (the encoders, or their outputs cached: the same to rounding)
+    "model.prompt_cache", "model.offload_text_encoders",
 )  # fmt: skip
 
 
@@ -617,7 +620,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     _check_cached(cfg, {"prompts.dataset": prompts.pool()[0]})
     m = cfg.model
     d = distributed.from_env(m.device)
-    distributed.check_same_config(d, cfg, ("prompts.dataset",))
+    distributed.check_same_config(d, cfg, ("prompts.dataset", "model.prompt_cache"))
     check_same_servers(d, {"reward": reward_fn})
     init = cfg.lora.init if cfg.lora.enabled else None
     if init is not None:
@@ -827,10 +830,22 @@ def _warn_if_servers_changed(saved: dict | None, served: dict) -> None:
         )
 
 
-def _warn_if_base_changed(cfg: TrainConfig, saved: str | None, now: str) -> None:
+def _warn_if_base_changed(
+    cfg: TrainConfig, saved: str | None, now: str, saved_encoding: str | None = None
+) -> None:
     """A resumed run whose model, loaded from the same ``model.checkpoint``, holds other weights than when the
     run began (the directory replaced, a hub cache moved to another revision; a checkpoint of an older version
-    holds no digest): a warning, since its adapters or weights go on from a model they were not trained on."""
+    holds no digest): a warning, since its adapters or weights go on from a model they were not trained on. A
+    run resumed with or without a prompt cache where it began otherwise cannot be compared: another warning."""
+    if saved_encoding is not None and saved_encoding != text_encoding(cfg):
+        warnings.warn(
+            f"the run began with its prompt embeddings from its {saved_encoding} and resumes with them from its "
+            f"{text_encoding(cfg)} (model.prompt_cache): the digest of the loaded models covers the text "
+            "encoders only where they are loaded, so the base model cannot be compared with the one the run "
+            "began from; resume with the setting it began with for that check",
+            stacklevel=3,
+        )
+        return
     if saved is not None and saved != now:
         warnings.warn(
             f"the model loaded from model.checkpoint={cfg.model.checkpoint!r} holds other weights than when the "
@@ -1544,6 +1559,7 @@ def checkpoint(run: Run) -> None:
                 "world": run.dist.world,
                 "served": run.served,
                 "base_weights": run.base_weights,
+                "text_encoding": text_encoding(run.cfg),
                 "beta": run.beta,
             },
         )

@@ -14,7 +14,7 @@ from PIL import Image
 from densegrpo_fast.cli import main
 from densegrpo_fast.config import TrainConfig, load_config
 from densegrpo_fast.policies import adapter_class
-from densegrpo_fast.prompt_cache import INDEX, PromptCache, encode_config
+from densegrpo_fast.prompt_cache import INDEX, PromptCache, encode_config, prompt_hash
 from densegrpo_fast.prompts import EditPrompt
 
 OPTS = dict(resolution=tiny.RESOLUTION, max_sequence_length=tiny.MAX_T5_TOKENS)
@@ -43,7 +43,8 @@ def checkpoints(tmp_path_factory):
 
 def _write_cache(policy, root, texts):
     """``texts`` encoded by ``policy``'s text encoders into a new cache at ``root``, in two shards."""
-    cache = PromptCache(root, policy.prompt_cache_identity(), padded=not policy.pads_prompts, create=True)
+    ident, stats = policy.prompt_cache_identity()
+    cache = PromptCache(root, ident, padded=not policy.pads_prompts, create=True, stats=stats)
     half = len(texts) // 2
     for part in (texts[:half], texts[half:]):
         cache.add(part, *policy._encode(part))
@@ -158,6 +159,83 @@ def test_training_on_a_cache_never_encodes(checkpoints, tmp_path, monkeypatch):
     run_dir = train(cfg, progress=False)
     recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_mean" in r for r in recs) and any(k.startswith("eval") for r in recs for k in r)
+    # resumed without the cache: its base model cannot be compared with the one the run began from (the
+    # digest then covers the text encoders), which is said, rather than "another base model"
+    monkeypatch.undo()
+    longer = _config(checkpoints("sd3"), tmp_path, "model.prompt_cache=null", "run.iterations=2")
+    with pytest.warns(UserWarning, match=r"began with its prompt embeddings from its prompt cache and resumes "
+                                         r"with them from its text encoders") as caught:  # fmt: skip
+        train(longer, resume=True, progress=False)
+    assert not [w for w in caught if "another base model" in str(w.message)]
+
+
+def test_a_padded_familys_cache_written_one_prompt_per_call(checkpoints, tmp_path):
+    """Qwen-Image: ``encode-prompts`` one prompt per encoder call (each row its own length, joined, trimmed,
+    padded again per batch) and its negative prompt, " ", give what the encoders give in one batch."""
+    cls = adapter_class("qwen_image")
+    cfg = _config(
+        checkpoints("qwen_image"), tmp_path, "model.family=qwen_image", "model.max_sequence_length=256"
+    )
+    cache, new = encode_config(cfg, batch_size=1, shard_prompts=2, progress=False)
+    assert new == 4 and cache.missing([" "]) == []  # three prompts and Qwen-Image's negative
+    opts = {**OPTS, "max_sequence_length": 256}
+    direct = cls.load(checkpoints("qwen_image"), dtype="fp32", **opts)
+    cached = cls.load(checkpoints("qwen_image"), dtype="fp32", prompt_cache=cache.root, **opts)
+    batch = ["two blue squares", "a red circle", "a green dog"]
+    want, got = direct.encode_prompts(batch), cached.encode_prompts(batch)
+    assert len(set(want.pooled.sum(1).tolist())) > 1  # (unlike lengths)
+    for field in want.FIELDS[:4]:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-6)
+
+
+def test_the_files_are_known_by_their_content(tmp_path):
+    """A hub snapshot (files linked to blobs named by their sha256) and a copy of it have one identity; a
+    weight file changed in its middle, far from its header and its ends, another."""
+    import hashlib
+    import os
+
+    from densegrpo_fast.prompt_cache import encoder_files
+
+    rng = np.random.default_rng(0)
+    weights = rng.integers(0, 256, 9 << 20, dtype=np.uint8).tobytes()  # 9 MiB
+    config = b'{"d_model": 16}'
+    snapshot, blobs, plain = (
+        tmp_path / "hub" / "snapshots" / "abc",
+        tmp_path / "hub" / "blobs",
+        tmp_path / "plain",
+    )
+    for root in (snapshot, plain):
+        (root / "text_encoder").mkdir(parents=True)
+    blobs.mkdir()
+    for name, data in (("model.safetensors", weights), ("config.json", config)):
+        blob = blobs / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        os.symlink(blob, snapshot / "text_encoder" / name)
+        (plain / "text_encoder" / name).write_bytes(data)
+    hub, stats = encoder_files(snapshot)
+    copy, _ = encoder_files(plain)
+    assert hub == copy and stats["text_encoder/model.safetensors"][2] == hub["text_encoder/model.safetensors"]
+    changed = bytearray(weights)
+    changed[len(weights) // 2] ^= 1
+    (plain / "text_encoder" / "model.safetensors").write_bytes(bytes(changed))
+    assert encoder_files(plain)[0]["text_encoder/model.safetensors"] != hub["text_encoder/model.safetensors"]
+    # a file of the size and modification time recorded is not read again
+    _, seen = encoder_files(plain)
+    known = {k: [*v[:2], "recorded"] for k, v in seen.items()}
+    assert encoder_files(plain, known)[0]["text_encoder/model.safetensors"] == "recorded"
+
+
+def test_a_new_shard_never_takes_the_name_of_one_in_use(tmp_path):
+    cache = PromptCache(tmp_path / "cache", {"family": "x"}, padded=False, create=True)
+    row = lambda v: (torch.full((1, 2, 3), float(v)), torch.full((1, 4), float(v)))  # noqa: E731
+    cache.add(["a"], *row(1))
+    cache.add(["b"], *row(2))
+    cache.add(["a"], *row(3))  # (a re-added prompt: shard 0 now holds no live entry)
+    (tmp_path / "cache" / "shard_00003.safetensors").write_bytes(b"left by a killed job")
+    cache.add(["c"], *row(4))
+    embeds, _ = cache.get(["a", "b", "c"], "cpu")
+    assert embeds[:, 0, 0].tolist() == [3.0, 2.0, 4.0]
+    assert cache.entries[prompt_hash("c")] == "shard_00004.safetensors"
 
 
 def test_a_cache_that_does_not_fit_its_run_is_refused_before_the_model_loads(

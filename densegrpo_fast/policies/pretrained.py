@@ -397,9 +397,13 @@ class DiffusersPolicy:
                 "cannot hold it: set model.prompt_cache=null"
             )
         if prompt_cache is not None:
-            from densegrpo_fast.prompt_cache import PromptCache, identity
+            from densegrpo_fast.prompt_cache import PromptCache, _read_index, identity
 
-            ident = identity(cls, root, dtype=want, max_sequence_length=length)
+            saved = _read_index(
+                Path(prompt_cache)
+            )  # (the writer's file stats: files it read are not read again)
+            known = saved["stats"] if saved else None
+            ident, _ = identity(cls, root, dtype=want, max_sequence_length=length, known=known)
             cache = PromptCache(prompt_cache, ident, padded=not cls.pads_prompts)
             skipped |= {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
         pipe = pipeline_cls.from_pretrained(
@@ -421,12 +425,14 @@ class DiffusersPolicy:
     #: The checkpoint directory :meth:`load` read (None for a pipeline built in memory).
     root: Path | None = None
 
-    def prompt_cache_identity(self) -> dict:
-        """What a prompt cache written by this policy's text encoders is known by
+    def prompt_cache_identity(self, known: dict | None = None) -> tuple[dict, dict]:
+        """What a prompt cache written by this policy's text encoders is known by, and its files' stats
         (:func:`~densegrpo_fast.prompt_cache.identity`)."""
         from densegrpo_fast.prompt_cache import identity
 
-        return identity(type(self), self.root, dtype=self.dtype, max_sequence_length=self.max_sequence_length)
+        return identity(
+            type(self), self.root, dtype=self.dtype, max_sequence_length=self.max_sequence_length, known=known
+        )
 
     def scheduler_config(self, *unsupported: str, fix: str):
         """The checkpoint scheduler's config; a ValueError if it sets an option the engine's grid does not
