@@ -83,6 +83,7 @@ RECIPES = {
     "flux": ROOT / "configs" / "flux_pickscore.yaml",
     "flux_kontext": ROOT / "configs" / "flux_kontext_vlm_judge.yaml",
     "qwen_image": ROOT / "configs" / "qwen_image_pickscore.yaml",
+    "qwen_image_edit": ROOT / "configs" / "qwen_image_edit_vlm_judge.yaml",
     "z_image": ROOT / "configs" / "z_image_pickscore.yaml",
     "flux2_klein": ROOT / "configs" / "flux2_klein_pickscore.yaml",
 }
@@ -672,6 +673,8 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     Adapter = adapter_class(args.family)
     seq = cfg.model.max_sequence_length or DEFAULT_SEQ[args.family]
     policy = Adapter(pipe, resolution=cfg.model.resolution, max_sequence_length=seq)
+    if getattr(policy, "vl_images", ...) is None:  # (Qwen-Image-Edit at full size: the stand-in's processor)
+        policy.vl_images = architectures.stand_in_image_processor()
     if cfg.model.gradient_checkpointing:  # as load_policy does
         policy.transformer.enable_gradient_checkpointing()
     policy.offload_text_encoders_(cfg.model.offload_text_encoders)

@@ -82,6 +82,11 @@ def test_download_hints_give_each_pattern_its_own_include():
     assert download_command(z_image.DEFAULT_REPO, z_image.COMPONENTS) in z_recipe
     klein_recipe = texts[ROOT / "configs" / "flux2_klein_pickscore.yaml"]
     assert download_command(flux2_klein.DEFAULT_REPO, flux2_klein.COMPONENTS) in klein_recipe
+    from densegrpo_fast.policies import qwen_image_edit
+    from densegrpo_fast.policies.qwen_image_edit import QwenImageEditPolicy
+
+    edit_recipe = texts[ROOT / "configs" / "qwen_image_edit_vlm_judge.yaml"]
+    assert download_command(QwenImageEditPolicy.default_repo, qwen_image_edit.COMPONENTS) in edit_recipe
 
 
 TOY = ROOT / "configs" / "toy_geneval.yaml"

@@ -228,3 +228,14 @@ def test_one_densegrpo_iteration_on_edits(edit_dir, sources, tmp_path):
     assert (
         all(math.isfinite(v) for v in step["dR_mean"]) and step["rows_trained"] > 0 and step["grad_norm"] > 0
     )
+
+
+def test_the_memory_estimate_says_it_does_not_cover_the_family(edit_dir, tmp_path):
+    from densegrpo_fast.memory import run_memory
+
+    config_file = tmp_path / "edit.yaml"
+    config_file.write_text(f"model: {{family: qwen_image_edit, checkpoint: {edit_dir}, resolution: 32}}\n")
+    with pytest.raises(
+        ValueError, match=r"does not cover Qwen-Image-Edit yet: its text encoder's vision tower"
+    ):
+        run_memory(str(config_file), [])

@@ -16,13 +16,22 @@ from tolerances import assert_on_policy
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
 #: transformer rows per latent row: SD3, Qwen-Image, Z-Image and FLUX.2 [klein] batch CFG, FLUX.1-dev has none
-CFG_ROWS = {"sd3": 2, "flux": 1, "flux_kontext": 1, "qwen_image": 2, "z_image": 2, "flux2_klein": 2}
+CFG_ROWS = {
+    "sd3": 2,
+    "flux": 1,
+    "flux_kontext": 1,
+    "qwen_image": 2,
+    "qwen_image_edit": 2,
+    "z_image": 2,
+    "flux2_klein": 2,
+}
 #: prompts x group size
 RECIPE_ROWS = {
     "sd3": 48 * 24,
     "flux": 48 * 24,
     "flux_kontext": 48 * 24,
     "qwen_image": 48 * 16,
+    "qwen_image_edit": 48 * 16,
     "z_image": 48 * 24,
     "flux2_klein": 48 * 24,
 }
@@ -36,7 +45,9 @@ def finite_numbers(tree) -> bool:
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux_kontext", "qwen_image", "z_image", "flux2_klein"])
+@pytest.mark.parametrize(
+    "family", ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"]
+)
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--family", family, "--tiny", "--compare-sparse", "--out", str(tmp_path)],
@@ -136,7 +147,9 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
     assert f"{rec['unmerged_over_merged']:.2f}x" in report.stdout and "no mode finished" not in report.stdout
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "flux_kontext", "qwen_image", "z_image", "flux2_klein"])
+@pytest.mark.parametrize(
+    "family", ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"]
+)
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /
     Qwen-Image / Z-Image has its checkpoint's parameter count (FLUX.2 [klein] 4B's entry was counted from

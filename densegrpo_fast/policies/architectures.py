@@ -135,6 +135,8 @@ KNOWN_PARAMS = {
     # Qwen-Image: its model card's "20B"; Qwen2.5-VL-7B-Instruct's 8.29 B (its model card); the VAE's
     # 127 M is Wan 2.1's VAE (0.25 GB in 16 bits, 0.51 GB in fp32)
     "qwen_image": {"transformer": 20430, "text_encoder": 8292, "vae": 126.9},
+    # Qwen-Image-Edit-2511: Qwen-Image's transformer, encoder and VAE (its model card builds on Qwen-Image)
+    "qwen_image_edit": {"transformer": 20430, "text_encoder": 8292, "vae": 126.9},
     # Z-Image: the "6B" of its model card, 6.15 B as its bf16 transformer's 12.3 GB; Qwen3-4B's 4.02 B (its
     # model card, embeddings included, the 151936 x 2560 of them counted once); FLUX.1's VAE
     "z_image": {"transformer": 6155, "text_encoder": 4022, "vae": 83.8},
@@ -147,6 +149,7 @@ DEFAULT_SEQ = {
     "flux": 512,
     "flux_kontext": 512,
     "qwen_image": 512,
+    "qwen_image_edit": 512,
     "z_image": 512,
     "flux2_klein": 512,
 }
@@ -205,15 +208,39 @@ def qwen3_tokenizer():
     return tokenizer
 
 
+#: Qwen2.5-VL's vision tokens, in the order :func:`qwen_vl_tokenizer` adds them.
+VISION_TOKENS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+
+
+def qwen_vl_tokenizer():
+    """:func:`qwen_tokenizer` with Qwen2.5-VL's vision tokens (Qwen-Image-Edit's text encoder sees images)."""
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *VISION_TOKENS]}
+    )
+    return tokenizer
+
+
 def stand_in_tokenizers(family: str) -> dict:
-    """The pipeline's tokenizers for ``family``, as stand-ins (see the module docstring)."""
+    """The pipeline's tokenizers for ``family``, as stand-ins (see the module docstring); Qwen-Image-Edit's
+    processor is not loaded (the adapter reads its image processor: :func:`stand_in_image_processor`)."""
     if family == "sd3":
         return {"tokenizer": clip_tokenizer(), "tokenizer_2": clip_tokenizer(), "tokenizer_3": t5_tokenizer()}
     if family == "qwen_image":
         return {"tokenizer": qwen_tokenizer()}
+    if family == "qwen_image_edit":
+        return {"tokenizer": qwen_vl_tokenizer(), "processor": None}
     if family in ("z_image", "flux2_klein"):
         return {"tokenizer": qwen3_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
+
+
+def stand_in_image_processor():
+    """Qwen2.5-VL's image processor with its defaults (14 px patches merged 2 x 2, 56 x 56 to 1280 x 28 x 28
+    pixels), as Qwen-Image-Edit's checkpoint brings it."""
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor()
 
 
 def full_size_models(family: str) -> dict:
@@ -235,6 +262,20 @@ def full_size_models(family: str) -> dict:
         return {
             "transformer": lambda: QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER),
             "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
+            "vae": lambda: AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
+        }
+    if family == "qwen_image_edit":  # (2511: the source's tokens at timestep 0, zero_cond_t)
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        tokenizer = qwen_vl_tokenizer()  # (the stand-in's ids for the vision tokens)
+        start, image, _, video = tokenizer.convert_tokens_to_ids(list(VISION_TOKENS))
+        ids = dict(vision_start_token_id=start, image_token_id=image, video_token_id=video)
+        return {
+            "transformer": lambda: QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER, zero_cond_t=True),
+            "text_encoder": lambda: Qwen2_5_VLForConditionalGeneration(
+                Qwen2_5_VLConfig(**QWEN25_VL_7B, **ids)
+            ),
             "vae": lambda: AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
         }
     if family == "z_image":
@@ -277,6 +318,6 @@ def scheduler(family: str):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "flux_kontext": FLUX_SCHEDULER,
-               "qwen_image": QWEN_IMAGE_SCHEDULER,
+               "qwen_image": QWEN_IMAGE_SCHEDULER, "qwen_image_edit": QWEN_IMAGE_SCHEDULER,
                "z_image": Z_IMAGE_SCHEDULER, "flux2_klein": FLUX2_KLEIN_SCHEDULER}  # fmt: skip
     return FlowMatchEulerDiscreteScheduler(**configs[family])

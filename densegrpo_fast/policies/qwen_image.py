@@ -28,8 +28,9 @@ SD3 and FLUX.1, the adapter does what ``QwenImagePipeline`` does:
   scheduler), with its ``shift_terminal`` (0.02: the last sigma before 0).
 
 With zero noise and the same initial latents the engine's sampler reproduces ``QwenImagePipeline``
-(tests/test_policy_qwen_image.py). Guidance-distilled checkpoints (``guidance_embeds``) and the edit
-models' conditioning images are not supported.
+(tests/test_policy_qwen_image.py). Guidance-distilled checkpoints (``guidance_embeds``) are not supported;
+Qwen-Image-Edit's are another family (:mod:`densegrpo_fast.policies.qwen_image_edit`), whose source tokens
+this class's ``velocity`` takes as the embeds' ``reference``.
 """
 
 from __future__ import annotations
