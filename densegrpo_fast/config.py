@@ -446,6 +446,14 @@ class ModelSection(Section):
                     f"one of {', '.join(known)} (inductor generates fused kernels; eager and aot_eager check "
                     "the wiring)"
                 )
+        from densegrpo_fast.policies import TEXT_READS_SOURCES
+
+        if self.prompt_cache is not None and self.family in TEXT_READS_SOURCES:
+            out.append(
+                f"model.prompt_cache={self.prompt_cache!r} with model.family {self.family}: its text encoder "
+                "reads each edit's source image, so a prompt's encoding is not its text's alone and a prompt "
+                "cache (keyed by text) cannot hold it: set model.prompt_cache=null"
+            )
         if self.family == "toy":
             if self.checkpoint is not None and not Path(self.checkpoint).exists():
                 out.append(

@@ -1178,17 +1178,18 @@ def _check_family(cfg) -> None:
             f"model.family={cfg.model.family!r}: the memory estimate is for the GPU models "
             f"({', '.join(PRETRAINED)}); the toy runs on the CPU in a few hundred MiB"
         )
-    if cfg.model.family in NOT_ESTIMATED:
-        raise ValueError(f"model.family={cfg.model.family!r}: {NOT_ESTIMATED[cfg.model.family]}")
 
 
-#: The pretrained families the estimate cannot run, and why.
-NOT_ESTIMATED = {
-    "qwen_image_edit": "the memory estimate does not cover Qwen-Image-Edit yet: its text encoder's vision tower "
-    "sizes its work from each source's patch grid, values that the estimate's fake tensors do not hold (the "
-    "grid goes to the device with the pixels). Measure on the GPU instead: `python benchmarks/"
-    "real_model_iteration.py --family qwen_image_edit` reports the peak of one iteration"
-}
+def _vl_call_sized(policy, body, inputs: dict) -> torch.Tensor:
+    """Qwen-Image-Edit's text encoder call as the estimate runs it (``_vl_call``): the language model on the
+    token embeddings of the whole prompt, the source's image tokens included (their count is a static shape),
+    at text positions. The vision tower sizes its work from the values of the patch grid, which fake tensors
+    do not hold: its weights are counted, its activations (the source's patches through its blocks, within
+    the encode) are not."""
+    embeds = body.get_input_embeddings()(inputs["input_ids"])
+    return body.language_model(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"]
+    ).last_hidden_state
 
 
 def _check_processes(cfg, processes: int) -> None:
@@ -1243,6 +1244,8 @@ def fake_policy(cfg, mode):
     pipe = pipeline_cls(**parts, **others)
     length = m.max_sequence_length or Adapter.default_max_sequence_length
     policy = Adapter(pipe, resolution=m.resolution, max_sequence_length=length)
+    if Adapter.text_reads_sources:  # (Qwen-Image-Edit: the text encoder's vision tower, see _vl_call_sized)
+        policy._vl_call = types.MethodType(_vl_call_sized, policy)
     if "processor" in Adapter.components:  # (Qwen-Image-Edit reads the processor's image processor)
         from transformers import AutoImageProcessor
 
@@ -1461,6 +1464,11 @@ def run_memory(
         ])  # fmt: skip
         if compiled:
             notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
+        if adapter_class(cfg.model.family).text_reads_sources:
+            notes.append(
+                "the text encoder's vision tower: its weights are counted, not its activations while it encodes "
+                "the sources (prompt encoding and the evaluation read a little low)"
+            )
         if cfg.model.prompt_cache is not None:
             notes.append(
                 "model.prompt_cache: the run loads no text encoder; prompt encoding and the evaluation count them "

@@ -288,6 +288,13 @@ def encode_config(
             "model.family=toy: the toy's prompt embedding is a part of its model and costs nothing; the prompt "
             "cache serves the pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein)"
         )
+    from densegrpo_fast.policies import TEXT_READS_SOURCES
+
+    if m.family in TEXT_READS_SOURCES:
+        raise ValueError(
+            f"model.family={m.family}: its text encoder reads each edit's source image, so a prompt's encoding "
+            "is not its text's alone and a prompt cache (keyed by text) cannot hold it"
+        )
     if m.prompt_cache is None:
         raise ValueError(
             "model.prompt_cache is not set: give the directory to write, e.g. "

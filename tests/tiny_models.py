@@ -169,7 +169,8 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
 def qwen_image_edit_pipeline(seed: int = 0, **transformer_kwargs):
     """``QwenImageEditPlusPipeline`` (Qwen-Image-Edit-2509 / -2511) with tiny random components: Qwen-Image's
     (:func:`qwen_image_pipeline`) with a Qwen2.5-VL that sees images (one vision block, 14 px patches merged
-    2 x 2) and its processor (images resized to 28 x 28 to 64 x 64 px)."""
+    2 x 2) and its processor (images resized to 28 x 28 to 400 x 400 px: the pipeline's ~384 x 384 view of a
+    source keeps its size, 196 image tokens)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
 
@@ -195,7 +196,7 @@ def qwen_image_edit_pipeline(seed: int = 0, **transformer_kwargs):
     Processor.__name__, Processor.__module__ = "Qwen2_5_VLProcessor", Qwen2_5_VLProcessor.__module__
 
     processor = Processor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64), tokenizer=tokenizer
+        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=400 * 400), tokenizer=tokenizer
     )
     vae = AutoencoderKLQwenImage(
         base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 
-__all__ = ["EDITING", "FAMILIES", "PRETRAINED", "Policy", "PromptEmbeds", "adapter_class", "load_policy"]
+__all__ = [
+    "EDITING", "FAMILIES", "PRETRAINED", "TEXT_READS_SOURCES", "Policy", "PromptEmbeds", "adapter_class",
+    "load_policy",
+]  # fmt: skip
 
 #: The pretrained families: the module and class of each adapter (a diffusers pipeline's components).
 PRETRAINED = {
@@ -23,6 +26,9 @@ FAMILIES = ("toy", *PRETRAINED)
 #: (FLUX.2 [klein]: text prompts, or edits whose source goes in as the reference image). The others generate
 #: from text alone. Each adapter's ``edits`` says the same.
 EDITING = {"flux_kontext": "required", "qwen_image_edit": "required", "flux2_klein": "optional"}
+#: The families whose text encoder reads each edit's source image too (Qwen-Image-Edit): a prompt's encoding is
+#: not its text's alone, so no prompt cache serves them. Each adapter's ``text_reads_sources`` says the same.
+TEXT_READS_SOURCES = ("qwen_image_edit",)
 
 
 def adapter_class(family: str):

@@ -69,7 +69,7 @@ def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
             continue
         config = {"model": "config.json", "tokenizer": "tokenizer_config.json",
                   "scheduler": "scheduler_config.json", "processor": "preprocessor_config.json"}[kind]  # fmt: skip
-        if not (folder / config).is_file():
+        if not (folder / config).is_file() and not (kind == "processor" and _nested_image_processor(folder)):
             missing.append(f"{name}/{config}")
         if kind != "model":
             continue
@@ -81,6 +81,15 @@ def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
         elif not any(any(folder.glob(p)) for p in _WEIGHTS):
             missing.append(f"{name}/<weights>.safetensors")
     return missing
+
+
+def _nested_image_processor(folder: Path) -> bool:
+    """Whether a processor folder keeps its image processor's settings in ``processor_config.json`` (as
+    transformers 5 saves a processor) rather than in ``preprocessor_config.json``."""
+    try:
+        return "image_processor" in json.loads((folder / "processor_config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def download_command(repo: str, components) -> str:

@@ -126,7 +126,7 @@ class QwenImagePolicy(PackedLatentPolicy):
 
         if "max_txt_seq_len" not in inspect.signature(self.transformer.pos_embed.forward).parameters:
             raise ValueError(
-                f"model.family qwen_image needs a diffusers whose QwenImageTransformer2DModel masks the "
+                f"model.family {self.family} needs a diffusers whose QwenImageTransformer2DModel masks the "
                 f"text's padding itself (encoder_hidden_states_mask, no txt_seq_lens); diffusers "
                 f"{diffusers.__version__} does not: pip install -U diffusers (keep your torch)"
             )
@@ -135,7 +135,7 @@ class QwenImagePolicy(PackedLatentPolicy):
         body = getattr(self.pipe.text_encoder, self.text_encoder_call, None)
         if body is None or not hasattr(body, "language_model"):
             raise ValueError(
-                f"model.family qwen_image needs transformers >= 4.52 (Qwen2.5-VL's model holding its "
+                f"model.family {self.family} needs transformers >= 4.52 (Qwen2.5-VL's model holding its "
                 f"language model); transformers {transformers.__version__} has another layout: pip install -U "
                 "'transformers>=4.52' (keep your torch)"
             )
@@ -165,7 +165,9 @@ class QwenImagePolicy(PackedLatentPolicy):
         # the pipeline's hidden_states[-1] is the language model's normed last state: asked for directly, it
         # costs neither the other layers' kept states nor the LM head's logits for every token
         hidden = getattr(encoder, self.text_encoder_call)(
-            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device)
+            input_ids=tokens.input_ids.to(self.device),
+            attention_mask=tokens.attention_mask.to(self.device),
+            use_cache=False,  # (no key-value cache: 57 KB per token of Qwen2.5-VL-7B, kept for nothing)
         ).last_hidden_state
         spans = []  # each row's tokens after the template's system part, at most max_sequence_length
         for row in tokens.attention_mask.bool():

@@ -86,9 +86,26 @@ class QwenImageEditPolicy(QwenImagePolicy):
     @classmethod
     def load(cls, path_or_repo_id=None, **kwargs):
         """:meth:`DiffusersPolicy.load`, with the image processor read from the checkpoint's ``processor/``."""
+        import json
+
+        import diffusers
         from transformers import AutoImageProcessor
 
-        policy = super().load(path_or_repo_id, **kwargs)
+        from densegrpo_fast.policies.pretrained import resolve_pretrained
+
+        root = resolve_pretrained(
+            path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
+            components=cls.components, default_repo=cls.default_repo,
+            local_files_only=kwargs.get("local_files_only", True), cache_dir=kwargs.get("cache_dir"),
+        )  # fmt: skip
+        named = json.loads((root / "model_index.json").read_text()).get("_class_name")
+        if named != cls.pipeline_name:
+            raise ValueError(
+                f"{root} is a {named} checkpoint; model.family qwen_image_edit samples {cls.pipeline_name}'s "
+                "(Qwen-Image-Edit-2509, -2511), whose template and view of the source differ from the first "
+                "Qwen-Image-Edit's (QwenImageEditPipeline, not supported): give a 2509 or 2511 checkpoint"
+            )
+        policy = super().load(root, **kwargs)
         policy.vl_images = AutoImageProcessor.from_pretrained(
             policy.root / "processor", local_files_only=True
         )
@@ -113,11 +130,17 @@ class QwenImageEditPolicy(QwenImagePolicy):
             firsts.setdefault(prompt_key(p), p)
         unique = list(firsts.values())
         images = [p.image for p in unique]
-        extra = [self.negative_prompt] * len(unique) if with_negative else []
+        files = list(dict.fromkeys(images))  # (the negative prompt once per image, whatever the instruction)
+        extra = [self.negative_prompt] * len(files) if with_negative else []
         with self.text_encoders_on_device():
-            embeds, mask = self._encode_with_images([*map(str, unique), *extra], images * (1 + with_negative))
+            embeds, mask = self._encode_with_images(
+                [*map(str, unique), *extra], [*images, *(files if with_negative else [])]
+            )
         U = len(unique)
-        negative = (embeds[U:], mask[U:]) if with_negative else None
+        negative = None
+        if with_negative:
+            at = torch.tensor([U + files.index(f) for f in images], device=embeds.device)
+            negative = (embeds[at], mask[at])
         reference = self._encode_references(images)
         return PromptEmbeds.deduplicated(
             lambda _: (embeds[:U], mask[:U], reference), prompts, negative, key=prompt_key
@@ -152,12 +175,12 @@ class QwenImageEditPolicy(QwenImagePolicy):
             image_grid_thw=torch.stack([grid[p] for p in paths]).to(self.device),
         )
         body = getattr(encoder, self.text_encoder_call)
-        if "mm_token_type_ids" in inspect.signature(body.forward).parameters:
+        if "mm_token_type_ids" in inspect.signature(type(body).forward).parameters:
             # transformers 5 gives the image tokens Qwen2.5-VL's 3-D rotary positions only when told which
             # they are (transformers 4 found them by their id)
             image_id = pipe.tokenizer.convert_tokens_to_ids(image_pad)
             inputs["mm_token_type_ids"] = (tokens.input_ids == image_id).int().to(self.device)
-        hidden = body(**inputs).last_hidden_state
+        hidden = self._vl_call(body, inputs)
         spans = []  # each row's tokens after the template's first part (the host's mask: no sync)
         for row in tokens.attention_mask.bool():
             where = row.nonzero().flatten()
@@ -169,6 +192,11 @@ class QwenImageEditPolicy(QwenImagePolicy):
             embeds[b, : last - first] = hidden[b, first:last]
             mask[b, : last - first] = 1
         return embeds.to(encoder.dtype), mask.to(self.device)
+
+    def _vl_call(self, body, inputs: dict) -> torch.Tensor:
+        """Qwen2.5-VL's last hidden states [U, L, D] for ``inputs``. (The memory estimate replaces it: its fake
+        tensors cannot run the vision tower, which reads the values of the patch grid.)"""
+        return body(**inputs, use_cache=False).last_hidden_state
 
     def _condition_image(self, path: str, height: int, width: int):
         """The text encoder's view of a source (a PIL image): the source at the output's size
