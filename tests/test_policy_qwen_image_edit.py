@@ -341,3 +341,18 @@ def test_the_first_qwen_image_edit_is_refused_and_a_processor_saved_by_transform
     assert missing_parts(nested, COMPONENTS) == ["processor/preprocessor_config.json"]
     (nested / "processor" / "processor_config.json").write_text(json.dumps({"image_processor": settings}))
     assert missing_parts(nested, COMPONENTS) == []
+
+
+def test_the_text_encoder_takes_a_few_rows_at_a_time_to_the_same_result(policy, sources):
+    """``encode_rows`` rows per text-encoder call, each call padded to its own longest: the embeds of one call
+    of all the rows (the mask hides the padding; float rounding of another batch)."""
+    import copy
+
+    prompts = edits(sources, ["s0.png", "s1.png", "s3.png", "s0.png"], ["make it red", "add a blue square",
+                                                                          "make it red", "a much longer instruction"])  # fmt: skip
+    whole = policy.encode_prompts(prompts)
+    few = copy.copy(policy)
+    few.encode_rows = 2
+    parts = few.encode_prompts(prompts)
+    for field in ("embeds", "pooled", "neg_embeds", "neg_pooled", "reference"):
+        torch.testing.assert_close(getattr(parts, field), getattr(whole, field), rtol=1e-5, atol=1e-5)

@@ -140,17 +140,20 @@ def tiny_qwen25_vl(tokenizer, vision_ids: tuple[int, int, int], **vision):
     ))  # fmt: skip
 
 
-def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
-    """``QwenImagePipeline`` with tiny random components (Qwen-Image's scheduler config, a two-layer
-    Qwen2.5-VL, a video VAE of factor 2), fp32, on the CPU. The tokenizer is byte-level (one token per
-    byte): the chat template's system part is longer than the pipeline's 34 dropped tokens, so a slice of
-    it stays in front of each prompt's tokens, which changes nothing the engine relies on."""
-    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+def seeing_qwen25_vl():
+    """The byte-level tokenizer with Qwen's chat and vision tokens, and :func:`tiny_qwen25_vl` for it with
+    a vision tower: one block, 14 px patches merged 2 x 2, windows of 56 px."""
+    tokenizer = architectures.qwen_vl_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
+    model = tiny_qwen25_vl(tokenizer, ids, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+    return tokenizer, model
 
-    torch.manual_seed(seed)
-    tokenizer = architectures.qwen_tokenizer()
-    n = len(tokenizer)
-    text_encoder = tiny_qwen25_vl(tokenizer, (n, n + 1, n + 2))  # (it never sees an image)
+
+def _qwen_image_parts(**transformer_kwargs):
+    """Qwen-Image's tiny video VAE (factor 2) and transformer, and its scheduler (Qwen-Image-Edit's too)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
     vae = AutoencoderKLQwenImage(
         base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
         latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
@@ -160,7 +163,21 @@ def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
                num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
         **transformer_kwargs,
     })  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(**architectures.QWEN_IMAGE_SCHEDULER)
+    return vae, transformer, FlowMatchEulerDiscreteScheduler(**architectures.QWEN_IMAGE_SCHEDULER)
+
+
+def qwen_image_pipeline(seed: int = 0, **transformer_kwargs):
+    """``QwenImagePipeline`` with tiny random components (Qwen-Image's scheduler config, a two-layer
+    Qwen2.5-VL, a video VAE of factor 2), fp32, on the CPU. The tokenizer is byte-level (one token per
+    byte): the chat template's system part is longer than the pipeline's 34 dropped tokens, so a slice of
+    it stays in front of each prompt's tokens, which changes nothing the engine relies on."""
+    from diffusers import QwenImagePipeline
+
+    torch.manual_seed(seed)
+    tokenizer = architectures.qwen_tokenizer()
+    n = len(tokenizer)
+    text_encoder = tiny_qwen25_vl(tokenizer, (n, n + 1, n + 2))  # (it never sees an image)
+    vae, transformer, scheduler = _qwen_image_parts(**transformer_kwargs)
     return QwenImagePipeline(
         scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer
     )
@@ -171,18 +188,11 @@ def qwen_image_edit_pipeline(seed: int = 0, **transformer_kwargs):
     (:func:`qwen_image_pipeline`) with a Qwen2.5-VL that sees images (one vision block, 14 px patches merged
     2 x 2) and its processor (images resized to 28 x 28 to 400 x 400 px: the pipeline's ~384 x 384 view of a
     source keeps its size, 196 image tokens)."""
-    from diffusers import AutoencoderKLQwenImage, QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+    from diffusers import QwenImageEditPlusPipeline
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor
 
     torch.manual_seed(seed)
-    tokenizer = architectures.qwen_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
-                                       "<|vision_end|>", "<|video_pad|>"]}
-    )  # fmt: skip
-    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
-    text_encoder = tiny_qwen25_vl(tokenizer, ids, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                                  window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+    tokenizer, text_encoder = seeing_qwen25_vl()
 
     class Processor(Qwen2_5_VLProcessor):  # (transformers 5 wants a video processor, which needs torchvision)
         def check_argument_for_proper_class(self, name, arg):
@@ -198,16 +208,7 @@ def qwen_image_edit_pipeline(seed: int = 0, **transformer_kwargs):
     processor = Processor(
         image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=400 * 400), tokenizer=tokenizer
     )
-    vae = AutoencoderKLQwenImage(
-        base_dim=4, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
-        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
-    )  # fmt: skip
-    transformer = QwenImageTransformer2DModel(**{
-        **dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
-               num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4)),
-        **transformer_kwargs,
-    })  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(**architectures.QWEN_IMAGE_SCHEDULER)
+    vae, transformer, scheduler = _qwen_image_parts(**transformer_kwargs)
     return QwenImageEditPlusPipeline(
         scheduler=scheduler,
         vae=vae,
@@ -291,14 +292,7 @@ def qwen_vl_checkpoint(root, seed: int = 0):
     from transformers import Qwen2VLImageProcessor
 
     torch.manual_seed(seed)
-    tokenizer = architectures.qwen_tokenizer()
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>",
-                                       "<|vision_end|>", "<|video_pad|>"]}
-    )  # fmt: skip
-    ids = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|image_pad|>", "<|video_pad|>"])
-    model = tiny_qwen25_vl(tokenizer, ids, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=56, fullatt_block_indexes=[0])  # fmt: skip
+    tokenizer, model = seeing_qwen25_vl()
     model.save_pretrained(root)
     tokenizer.save_pretrained(root)
     Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=64 * 64).save_pretrained(root)

@@ -50,6 +50,27 @@ COMPONENTS = {
 MAX_SEQUENCE_LENGTH = 1024
 
 
+def kept_tokens(
+    hidden: torch.Tensor, attention_mask: torch.Tensor, drop: int, limit: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's hidden states after the template's first ``drop`` tokens (at most ``limit``), padded with
+    zeros to the longest row: embeds [B, L, D] and their mask [B, L] (host, long). The rows' spans come from the
+    tokenizer's ``attention_mask``, still on the host: no boolean index of device tensors (a host sync), and it
+    runs under the memory estimate's fake tensors."""
+    spans = []
+    for row in attention_mask.bool():
+        where = row.nonzero().flatten()
+        first, last = int(where[0]) + drop, int(where[-1]) + 1
+        spans.append((first, last if limit is None else min(last, first + limit)))
+    L = max(last - first for first, last in spans)
+    embeds = hidden.new_zeros(len(spans), L, hidden.shape[-1])
+    mask = torch.zeros(len(spans), L, dtype=torch.long)
+    for b, (first, last) in enumerate(spans):
+        embeds[b, : last - first] = hidden[b, first:last]
+        mask[b, : last - first] = 1
+    return embeds, mask
+
+
 class QwenImagePolicy(PackedLatentPolicy):
     """Qwen-Image behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
 
@@ -169,17 +190,7 @@ class QwenImagePolicy(PackedLatentPolicy):
             attention_mask=tokens.attention_mask.to(self.device),
             use_cache=False,  # (no key-value cache: 57 KB per token of Qwen2.5-VL-7B, kept for nothing)
         ).last_hidden_state
-        spans = []  # each row's tokens after the template's system part, at most max_sequence_length
-        for row in tokens.attention_mask.bool():
-            where = row.nonzero().flatten()
-            first, last = int(where[0]) + drop, int(where[-1]) + 1
-            spans.append((first, min(last, first + self.max_sequence_length)))
-        L = max(last - first for first, last in spans)
-        embeds = hidden.new_zeros(len(prompts), L, hidden.shape[-1])
-        mask = torch.zeros(len(prompts), L, dtype=torch.long)
-        for b, (first, last) in enumerate(spans):
-            embeds[b, : last - first] = hidden[b, first:last]
-            mask[b, : last - first] = 1
+        embeds, mask = kept_tokens(hidden, tokens.attention_mask, drop, self.max_sequence_length)
         return embeds.to(encoder.dtype), mask.to(self.device)
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
