@@ -37,15 +37,11 @@ def policy(pipe):
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     """A folder of random-pixel PNGs, :data:`SIZES`."""
-    folder = tmp_path_factory.mktemp("sources")
-    rng = np.random.default_rng(0)
-    for name, (h, w) in SIZES.items():
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
-    return folder
+    return tiny.random_images(tmp_path_factory.mktemp("sources"), SIZES)
 
 
 def edits(folder, files, texts=PROMPTS):
-    return [EditPrompt(t, str(folder / f)) for t, f in zip(texts, files, strict=True)]
+    return tiny.edit_prompts(folder, files, texts)
 
 
 def test_implements_the_policy_contract(policy, sources):

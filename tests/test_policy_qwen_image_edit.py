@@ -6,7 +6,6 @@ encoded once; a directory loads; one DenseGRPO iteration through the trainer on 
 import json
 import math
 
-import numpy as np
 import pytest
 import tiny_models as tiny
 import torch
@@ -36,15 +35,12 @@ def policy(pipe):
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("sources")
-    rng = np.random.default_rng(0)
-    for name, (h, w) in SIZES.items():
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
-    return folder
+    """A folder of random-pixel PNGs, :data:`SIZES`."""
+    return tiny.random_images(tmp_path_factory.mktemp("sources"), SIZES)
 
 
 def edits(folder, files, texts=PROMPTS):
-    return [EditPrompt(t, str(folder / f)) for t, f in zip(texts, files, strict=True)]
+    return tiny.edit_prompts(folder, files, texts)
 
 
 def test_implements_the_policy_contract(policy, sources):

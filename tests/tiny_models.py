@@ -342,3 +342,22 @@ def exported_lora_round_trip(
         [n for n in get_peft_model_state_dict(policy.transformer) if "lora_A" in n]
     )
     torch.testing.assert_close(started.velocity(x, sigma, cond, guidance), adapted, rtol=0, atol=1e-5)
+
+
+def random_images(folder, sizes: dict[str, tuple[int, int]], seed: int = 0):
+    """Random-pixel PNGs in ``folder``, ``{name: (height, width)}`` (an editing model's source images).
+    Returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def edit_prompts(folder, files, texts):
+    """An :class:`~densegrpo_fast.prompts.EditPrompt` per (instruction, file of ``folder``)."""
+    from densegrpo_fast.prompts import EditPrompt
+
+    return [EditPrompt(t, str(folder / f)) for t, f in zip(texts, files, strict=True)]
