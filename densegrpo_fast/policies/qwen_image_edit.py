@@ -147,8 +147,8 @@ class QwenImageEditPolicy(QwenImagePolicy):
         )
 
     #: Rows per text-encoder call. An iteration's distinct (instruction, image) and a negative per image are
-    #: each a few hundred tokens with the source's; the recipe's 96 at once took 26 GiB of activations in
-    #: Qwen2.5-VL-7B (the memory estimate), 16 at a time a sixth of that.
+    #: each a few hundred tokens with the source's: the recipe's 96 rows at once put the estimate's prompt
+    #: encoding at 79.1 GiB, 16 at a time at 63.0 GiB (benchmarks/RESULTS.md).
     encode_rows = 16
 
     def _encode_with_images(self, texts: list[str], paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
