@@ -1187,8 +1187,9 @@ def _vl_call_sized(policy, body, inputs: dict) -> torch.Tensor:
     do not hold: its weights are counted, its activations (the source's patches through its blocks, within
     the encode) are not."""
     embeds = body.get_input_embeddings()(inputs["input_ids"])
-    return body.language_model(
-        inputs_embeds=embeds, attention_mask=inputs["attention_mask"]
+    lm = body.language_model  # (no key-value cache, as the policy's call)
+    return lm(
+        inputs_embeds=embeds, attention_mask=inputs["attention_mask"], use_cache=False
     ).last_hidden_state
 
 

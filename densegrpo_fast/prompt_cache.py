@@ -8,18 +8,19 @@ iteration's prompt encoding is a read of a few megabytes per prompt.
 
 Layout of the directory:
 
-- ``index.json``: the format, the identity of what wrote it (:func:`identity`: the family, the text
-  encoders' and tokenizers' files, the settings that change an encoding), and one entry per prompt: the
-  sha256 of its text -> the shard holding it.
+- ``index.json``: the format, the identity of what wrote it (:func:`identity`: the family and its encoding
+  code's version, the libraries' versions, the text encoders' and tokenizers' files by content, the settings
+  that change an encoding), the files' stats, and one entry per prompt: the sha256 of its text -> the shard
+  holding it.
 - ``shard_00000.safetensors``, ...: per prompt ``<key>.embeds`` [L, D] and ``<key>.second`` (the family's
   second field: SD3's and FLUX.1's pooled vector [P], Qwen-Image's and Z-Image's token mask [L], FLUX.2
   [klein]'s placeholder [1]). The families whose tokenizer pads to the batch's longest prompt (Qwen-Image,
   Z-Image) keep each prompt's own tokens only, and :meth:`PromptCache.get` pads them again to the longest
   of the batch asked for, with zeros and a zero mask, as their encoders' batches are padded.
 
-A shard is written whole, then the index (atomically, :func:`~densegrpo_fast.checkpoint.write_text_atomic`):
-a killed ``encode-prompts`` loses at most the shard it was writing, and its rerun encodes only what the index
-does not hold.
+Each shard, then the index that names it, is written atomically (:func:`~densegrpo_fast.checkpoint.write_atomic`:
+on the disk before its rename): a killed ``encode-prompts``, or a crashed host, loses at most the shard being
+written, and a rerun encodes only what the index does not hold.
 """
 
 from __future__ import annotations

@@ -74,6 +74,10 @@ class QwenImageEditPolicy(QwenImagePolicy):
     edits = "required"
     text_reads_sources = True
     refused_options = ("guidance_embeds",)
+    refused_why = (
+        "a guidance-distilled checkpoint; model.family qwen_image_edit samples Qwen-Image-Edit-2509 and -2511 "
+        "with true CFG"
+    )
     #: The pipeline's ``Qwen2VLProcessor`` is not loaded: in transformers 5 it requires torchvision (for its
     #: video processor), and the adapter needs only its image processor and the tokenizer (:attr:`vl_images`).
     skip_components = ("processor",)
@@ -111,11 +115,6 @@ class QwenImageEditPolicy(QwenImagePolicy):
         )
         return policy
 
-    refused_why = (
-        "a guidance-distilled checkpoint; model.family qwen_image_edit samples Qwen-Image-Edit-2509 and -2511 "
-        "with true CFG"
-    )
-
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] and the token mask [B, L] (``pooled``) of each (instruction, source image), the
         negative prompt's with the same image (``neg_embeds`` / ``neg_pooled``, one row per table row), and
@@ -148,7 +147,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
 
     #: Rows per text-encoder call. An iteration's distinct (instruction, image) and a negative per image are
     #: each a few hundred tokens with the source's: the recipe's 96 rows at once put the estimate's prompt
-    #: encoding at 79.1 GiB, 16 at a time at 63.0 GiB (benchmarks/RESULTS.md).
+    #: encoding at 79.1 GiB, 16 at a time at 62.0 GiB (benchmarks/RESULTS.md).
     encode_rows = 16
 
     def _encode_with_images(self, texts: list[str], paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,9 +197,8 @@ class QwenImageEditPolicy(QwenImagePolicy):
             image_id = pipe.tokenizer.convert_tokens_to_ids(image_pad)
             inputs["mm_token_type_ids"] = (tokens.input_ids == image_id).int().to(self.device)
         hidden = self._vl_call(body, inputs)
-        embeds, mask = kept_tokens(
-            hidden, tokens.attention_mask, drop
-        )  # (every token: the pipeline cuts none)
+        # every token after the template's first part: the pipeline cuts none
+        embeds, mask = kept_tokens(hidden, tokens.attention_mask, drop)
         return embeds.to(encoder.dtype), mask.to(self.device)
 
     def _vl_call(self, body, inputs: dict) -> torch.Tensor:
