@@ -299,3 +299,20 @@ def test_the_toy_takes_no_prompt_cache(tmp_path):
         encode_config(cfg, progress=False)
     with pytest.raises(ValueError, match=r"model.prompt_cache is not set: give the directory to write"):
         encode_config(load_config(TrainConfig, None, ["model.family=sd3"]), progress=False)
+
+
+def test_validate_notes_a_missing_or_unreadable_cache_and_a_missing_prompt(checkpoints, tmp_path, capsys):
+    cfg = _config(checkpoints("sd3"), tmp_path)
+    (tmp_path / "config.yaml").write_text("model:\n  family: sd3\n")
+    args = ["validate", "--config", str(tmp_path / "config.yaml"), *_overrides(cfg)]
+    assert main(args) == 0
+    assert "note: `train` needs it: model.prompt_cache=" in capsys.readouterr().err  # (none written yet)
+    encode_config(cfg, progress=False)
+    assert main(args) == 0
+    assert "prompt cache" not in capsys.readouterr().err
+    (tmp_path / "heldout.txt").write_text("a green dog\na purple cow\n")
+    assert main(args) == 0
+    assert "1 prompt(s) of eval.dataset are not in the prompt cache" in capsys.readouterr().err
+    (tmp_path / "cache" / INDEX).write_text("[]")
+    assert main(args) == 0
+    assert "is not a prompt cache this version reads" in capsys.readouterr().err
