@@ -38,7 +38,7 @@ from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompt_cache import text_encoding
+from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
     edit_mismatch,
@@ -453,11 +453,7 @@ def run_eval(
     edits = isinstance(prompts[0], EditPrompt)  # (a file holds edits or text prompts: prompt_records)
     if bad := edit_mismatch(cfg.model.family, edits, "eval.dataset", e.dataset):
         raise ValueError(bad)
-    if cfg.model.prompt_cache is not None:
-        from densegrpo_fast.prompt_cache import coverage_problem
-
-        if bad := coverage_problem(cfg.model.prompt_cache, {"eval.dataset": prompts}):
-            raise ValueError(bad)
+    check_covered(cfg, {"eval.dataset": prompts})
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
     rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}

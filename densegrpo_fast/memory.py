@@ -1222,7 +1222,6 @@ def fake_policy(cfg, mode):
 
     pipeline_cls = getattr(diffusers, Adapter.pipeline_name)
     checkpoint = m.checkpoint or Adapter.default_repo
-    root = None  # (the checkpoint's directory, where it is on disk)
     try:
         root = resolve_pretrained(
             checkpoint, pipeline_cls=pipeline_cls, components=Adapter.components,
@@ -1233,7 +1232,7 @@ def fake_policy(cfg, mode):
     except ValueError:
         if checkpoint != Adapter.default_repo:
             raise
-        root = None
+        root = None  # (not on disk)
         models = architectures.full_size_models(m.family)
         others = {
             "scheduler": architectures.scheduler(m.family),
@@ -1248,12 +1247,8 @@ def fake_policy(cfg, mode):
     if Adapter.text_reads_sources:  # (Qwen-Image-Edit: the text encoder's vision tower, see _vl_call_sized)
         policy._vl_call = types.MethodType(_vl_call_sized, policy)
     if "processor" in Adapter.components:  # (Qwen-Image-Edit reads the processor's image processor)
-        from transformers import AutoImageProcessor
-
         policy.vl_images = (
-            architectures.stand_in_image_processor()
-            if root is None
-            else AutoImageProcessor.from_pretrained(root / "processor", local_files_only=True)
+            architectures.stand_in_image_processor() if root is None else Adapter.image_processor(root)
         )
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
@@ -1465,7 +1460,7 @@ def run_memory(
         ])  # fmt: skip
         if compiled:
             notes.append("model.compile: the blocks are counted as they run eagerly (not measured compiled)")
-        if adapter_class(cfg.model.family).text_reads_sources:
+        if Adapter.text_reads_sources:
             notes.append(
                 "the text encoder's vision tower: its weights are counted, not its activations while it encodes "
                 "the sources (prompt encoding and the evaluation read a little low)"

@@ -165,6 +165,13 @@ def _uncovered(root, entries: dict, texts, field: str) -> str | None:
     )
 
 
+def check_covered(cfg, sources: dict[str, list[str]]) -> None:
+    """With ``model.prompt_cache``, a ValueError (before any model loads) where the cache is missing or lacks
+    a prompt of a setting (``{field: prompts}``): the text encoders are not loaded to encode it."""
+    if cfg.model.prompt_cache is not None and (bad := coverage_problem(cfg.model.prompt_cache, sources)):
+        raise ValueError(bad)
+
+
 def coverage_problem(root, sources: dict[str, list[str]]) -> str | None:
     """Why the cache directory ``root`` cannot serve the prompts of each setting (``{field: prompts}``), or
     None: asked before any model loads, from the index alone."""
@@ -339,13 +346,8 @@ def _joined(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(embeds, second)`` of several encoder calls as one batch (padded families: each padded to the
     longest, as :meth:`PromptCache.add` trims every row to its own tokens again)."""
+    from densegrpo_fast.policies.base import join_padded
+
     if padded:
-        L = max(e.shape[1] for e, _ in parts)
-        parts = [
-            (
-                torch.nn.functional.pad(e, (0, 0, 0, L - e.shape[1])),
-                torch.nn.functional.pad(s, (0, L - s.shape[1])),
-            )
-            for e, s in parts
-        ]
+        return join_padded(parts)
     return torch.cat([e for e, _ in parts]), torch.cat([s for _, s in parts])

@@ -48,7 +48,7 @@ from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
-from densegrpo_fast.prompt_cache import text_encoding
+from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
     PromptPriority,
@@ -175,7 +175,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             raise ValueError(bad)
     _check_prompts(reward_fn, cfg.reward.name, {"prompts.dataset": prompts, "eval.dataset": eval_prompts})
     if policy is None:  # (one given, e.g. the memory estimate's fake one, brings its own conditioning)
-        _check_cached(cfg, {"prompts.dataset": prompts.pool()[0], "eval.dataset": eval_prompts.pool()[0]})
+        check_covered(cfg, {"prompts.dataset": prompts.pool()[0], "eval.dataset": eval_prompts.pool()[0]})
     if blind := source_blind(prompts.edits or eval_prompts.edits, {cfg.reward.name: reward_fn}):
         warnings.warn(blind, stacklevel=2)
     if distributed.world_size() > 1:
@@ -401,16 +401,6 @@ def _add_adapters(cfg: TrainConfig, policy, init: str | None) -> None:
         start_adapters_from(policy, init)
 
 
-def _check_cached(cfg, sources: dict[str, list[str]]) -> None:
-    """With ``model.prompt_cache``, a ValueError (before any model loads) where the cache is missing or lacks
-    a prompt of a setting (``{field: prompts}``): the text encoders are not loaded to encode it."""
-    if cfg.model.prompt_cache is not None:
-        from densegrpo_fast.prompt_cache import coverage_problem
-
-        if bad := coverage_problem(cfg.model.prompt_cache, sources):
-            raise ValueError(bad)
-
-
 def _check_prompts(reward_fn, name: str, sources: dict[str, PromptSource]) -> None:
     """A ValueError naming the prompts the training reward cannot score (a reward with ``check_prompts``,
     e.g. OCR's quoted text), found before any model work rather than when a bad prompt is first drawn."""
@@ -617,7 +607,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     if bad := edit_mismatch(cfg.model.family, prompts.edits, "prompts.dataset", prompts.dataset):
         raise ValueError(bad)
-    _check_cached(cfg, {"prompts.dataset": prompts.pool()[0]})
+    check_covered(cfg, {"prompts.dataset": prompts.pool()[0]})
     m = cfg.model
     d = distributed.from_env(m.device)
     distributed.check_same_config(d, cfg, ("prompts.dataset", "model.prompt_cache"))

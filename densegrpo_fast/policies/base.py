@@ -15,6 +15,17 @@ from typing import Protocol, runtime_checkable
 import torch
 
 
+def join_padded(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several encoder calls' ``(embeds [B_i, L_i, D], mask [B_i, L_i])``, each padded to its own longest
+    prompt, as one batch padded with zeros to the longest of all (Qwen-Image's and Z-Image's encodings)."""
+    L = max(e.shape[1] for e, _ in parts)
+    pad = torch.nn.functional.pad
+    return (
+        torch.cat([pad(e, (0, 0, 0, L - e.shape[1])) for e, _ in parts]),
+        torch.cat([pad(m, (0, L - m.shape[1])) for _, m in parts]),
+    )
+
+
 class PromptEmbeds:
     """Conditioning for a batch of B rows, already on the policy's device.
 
@@ -76,18 +87,25 @@ class PromptEmbeds:
         one row each, or None. ``key``: what makes prompts distinct (default: the prompt itself; an editing
         model's is :func:`~densegrpo_fast.prompts.prompt_key`, the text and the source image)."""
         key = key or (lambda p: p)
-        firsts = {}
-        for p in prompts:
-            firsts.setdefault(key(p), p)
-        unique = list(firsts.values())
+        unique = cls.distinct(prompts, key)
         embeds, pooled, *reference = encode(unique)
         rows = None
         if len(unique) != len(prompts):
-            pos = {k: i for i, k in enumerate(firsts)}
+            pos = {key(u): i for i, u in enumerate(unique)}
             rows = torch.tensor([pos[key(p)] for p in prompts], device=embeds.device)
         return cls(
             embeds, pooled, *(negative or (None, None)), reference=next(iter(reference), None), rows=rows
         )
+
+    @staticmethod
+    def distinct(prompts: list[str], key=None) -> list[str]:
+        """The distinct prompts (by ``key``, default the prompt itself), first-seen first: the table's rows of
+        :meth:`deduplicated`."""
+        key = key or (lambda p: p)
+        firsts = {}
+        for p in prompts:
+            firsts.setdefault(key(p), p)
+        return list(firsts.values())
 
     def __len__(self) -> int:
         return self.tables["embeds"].shape[0] if self.rows is None else self.rows.shape[0]

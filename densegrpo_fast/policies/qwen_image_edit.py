@@ -36,7 +36,7 @@ import math
 import torch
 
 from densegrpo_fast.config import image_hw
-from densegrpo_fast.policies.base import PromptEmbeds
+from densegrpo_fast.policies.base import PromptEmbeds, join_padded
 from densegrpo_fast.policies.qwen_image import QwenImagePolicy, kept_tokens
 
 COMPONENTS = {
@@ -93,7 +93,6 @@ class QwenImageEditPolicy(QwenImagePolicy):
         import json
 
         import diffusers
-        from transformers import AutoImageProcessor
 
         from densegrpo_fast.policies.pretrained import resolve_pretrained
 
@@ -110,10 +109,15 @@ class QwenImageEditPolicy(QwenImagePolicy):
                 "Qwen-Image-Edit's (QwenImageEditPipeline, not supported): give a 2509 or 2511 checkpoint"
             )
         policy = super().load(root, **kwargs)
-        policy.vl_images = AutoImageProcessor.from_pretrained(
-            policy.root / "processor", local_files_only=True
-        )
+        policy.vl_images = cls.image_processor(root)
         return policy
+
+    @staticmethod
+    def image_processor(root):
+        """Qwen2.5-VL's image processor of the checkpoint directory ``root`` (its ``processor/`` folder)."""
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(root / "processor", local_files_only=True)
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] and the token mask [B, L] (``pooled``) of each (instruction, source image), the
@@ -124,10 +128,7 @@ class QwenImageEditPolicy(QwenImagePolicy):
         plain = [p for p in prompts if not isinstance(p, EditPrompt)]
         if plain:
             raise ValueError(source_image_problem(plain[0], self.model_name))
-        firsts = {}  # (the table's rows: first-seen order, as PromptEmbeds.deduplicated keeps them)
-        for p in prompts:
-            firsts.setdefault(prompt_key(p), p)
-        unique = list(firsts.values())
+        unique = PromptEmbeds.distinct(prompts, prompt_key)  # (the table's rows, as deduplicated keeps them)
         images = [p.image for p in unique]
         files = list(dict.fromkeys(images))  # (the negative prompt once per image, whatever the instruction)
         extra = [self.negative_prompt] * len(files) if with_negative else []
@@ -155,12 +156,8 @@ class QwenImageEditPolicy(QwenImagePolicy):
         embeds [U, L, D] padded to the longest row, and the token mask [U, L]; :attr:`encode_rows` rows per
         call of the text encoder, each padded to its own longest (the mask hides the padding)."""
         n = self.encode_rows
-        parts = [self._encode_rows(texts[i : i + n], paths[i : i + n]) for i in range(0, len(texts), n)]
-        L = max(e.shape[1] for e, _ in parts)
-        pad = torch.nn.functional.pad
-        return (
-            torch.cat([pad(e, (0, 0, 0, L - e.shape[1])) for e, _ in parts]),
-            torch.cat([pad(m, (0, L - m.shape[1])) for _, m in parts]),
+        return join_padded(
+            [self._encode_rows(texts[i : i + n], paths[i : i + n]) for i in range(0, len(texts), n)]
         )
 
     def _encode_rows(self, texts: list[str], paths: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
