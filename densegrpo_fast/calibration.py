@@ -19,6 +19,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.dense import latent_rewards, step_rewards
+from densegrpo_fast.rewards.pairwise import is_pairwise
 from densegrpo_fast.rollout import initial_noise, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
@@ -164,6 +165,12 @@ def calibrate(
             f"cannot be split evenly over {dist.world} processes: choose noise.calibration.prompts so that "
             f"it times the group size is a multiple of {dist.world}"
         )
+    if n_prompts % dist.world and is_pairwise(reward_fn):
+        raise ValueError(
+            f"noise.calibration.prompts={n_prompts} groups cannot be split evenly over {dist.world} processes, "
+            f"and reward {cfg.reward.name!r} compares the images of a group, which a process must hold whole: "
+            f"choose noise.calibration.prompts as a multiple of {dist.world}"
+        )
     n = cfg.noise
     ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)  # moving: all
     base = make_schedule(
@@ -201,7 +208,7 @@ def calibrate(
                 completion_steps=None, completion_batching=cfg.dense.completion_batching,  # (n: ALGORITHM.md §5)
                 max_rows_per_call=cfg.sampling.max_rows_per_call,
             )  # fmt: skip
-        R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, ro.completed)
+        R = latent_rewards(policy.decode, reward_fn, ro.clean, prompts, ro.completed, group_size=G)
         dR = distributed.gather_rows(dist, step_rewards(R).to(device))  # every rank's rows
         pos, neg = balance_counts(dR.cpu())
         gains.append(pos.tolist())

@@ -18,6 +18,7 @@ from enum import Enum
 import torch
 
 from densegrpo_fast.kernels import group_advantages
+from densegrpo_fast.rewards.pairwise import is_pairwise, score
 
 
 class AdvantageMode(str, Enum):
@@ -88,25 +89,46 @@ def step_reward_stats(latent_rewards: torch.Tensor) -> dict[str, list[float]]:
 
 @torch.no_grad()
 def latent_rewards(
-    decode, reward_fn, clean: torch.Tensor, prompts: list[str], columns: list[int], chunk: int = 256
+    decode,
+    reward_fn,
+    clean: torch.Tensor,
+    prompts: list[str],
+    columns: list[int],
+    chunk: int = 256,
+    group_size: int | None = None,
 ) -> torch.Tensor:
     """Score the clean latents of a rollout: ``R`` float32 [B, T+1] (or [B, T+1, C] for a ``reward_fn``
     that scores C components, e.g. ``WeightedSum.stack``).
 
     ``clean`` is [B, T+1, *latent]; only ``columns`` (the latents that had a completion of their own, and
-    T) are decoded and scored, the others copy the reward of the next latent as the rollout copied it.
+    T) are decoded and scored, the others copy the reward of the next latent as the rollout copied it. A
+    pairwise reward (:mod:`densegrpo_fast.rewards.pairwise`) compares the completions of each group (contiguous
+    rows of ``group_size``) at the same latent: it is called a column at a time, on whole groups.
     """
     B, T1 = clean.shape[:2]
     cols = sorted(set(columns) | {T1 - 1})
-    flat = clean[:, cols].flatten(0, 1)  # [B * len(cols), *latent], row-major: sample, then column
-    flat_prompts = [p for p in prompts for _ in cols]
-    scores = torch.cat(
-        [
-            reward_fn(decode(flat[i : i + chunk]), flat_prompts[i : i + chunk]).float()
-            for i in range(0, len(flat), chunk)
-        ]
-    )
-    scores = scores.view(B, len(cols), *scores.shape[1:])
+    if is_pairwise(reward_fn):
+        step = max(1, chunk // group_size) * group_size  # whole groups per call
+        scores = torch.stack(
+            [
+                torch.cat([
+                    score(reward_fn, decode(clean[i : i + step, c]), prompts[i : i + step], group_size).float()
+                    for i in range(0, B, step)
+                ])
+                for c in cols
+            ],
+            dim=1,
+        )  # fmt: skip
+    else:
+        flat = clean[:, cols].flatten(0, 1)  # [B * len(cols), *latent], row-major: sample, then column
+        flat_prompts = [p for p in prompts for _ in cols]
+        scores = torch.cat(
+            [
+                reward_fn(decode(flat[i : i + chunk]), flat_prompts[i : i + chunk]).float()
+                for i in range(0, len(flat), chunk)
+            ]
+        )
+        scores = scores.view(B, len(cols), *scores.shape[1:])
     R = torch.empty(B, T1, *scores.shape[2:], device=scores.device)
     j = len(cols) - 1
     for idx in range(T1 - 1, -1, -1):

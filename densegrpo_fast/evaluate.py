@@ -418,6 +418,7 @@ def run_eval(
     from densegrpo_fast.config import dump_config, load_config, resolution_record
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.pairwise import pointwise_view
     from densegrpo_fast.schedule import sampler_grid
     from densegrpo_fast.toy.config import ToyEvalConfig
 
@@ -456,7 +457,10 @@ def run_eval(
     check_covered(cfg, {"eval.dataset": prompts})
     tags = prompt_tags(Path(e.dataset), "eval.dataset")
     tags = tags[: len(prompts)] if tags is not None else None
-    rewards = {k: build_reward(r.name, **r.kwargs) for k, r in e.rewards.items()}
+    # (a pairwise reward scores an image alone through its pointwise view)
+    rewards = {
+        k: pointwise_view(build_reward(r.name, **r.kwargs), f"eval.rewards.{k}") for k, r in e.rewards.items()
+    }
     if blind := source_blind(edits, rewards):
         warnings.warn(blind, stacklevel=2)
     torch.set_num_threads(cfg.model.num_threads)

@@ -86,6 +86,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from densegrpo_fast.rewards.clip import architectures_only
+from densegrpo_fast.rewards.pairwise import is_pairwise, pointwise_view, score
 from densegrpo_fast.rewards.remote import SERVED  # (scored by a server: nothing of them on this device)
 
 GIB = 2**30
@@ -906,11 +907,11 @@ def _iterations(
         scorer = reward_fn or run.reward_fn
         gen = torch.Generator().manual_seed(seed)
 
-        def reward(images, prompts):
+        def reward(images, prompts, group_size=None):
             nonlocal scorer
             if scorer is not None:
                 try:
-                    scorer(images, prompts)
+                    score(scorer, images, prompts, group_size)
                 except Exception as e:  # e.g. a reward that reads pixel values on the host (OCR)
                     scorer = None
                     if notes is not None:
@@ -919,6 +920,16 @@ def _iterations(
                             f"({type(e).__name__}: {e})"
                         )
             return torch.rand(images.shape[0], generator=gen)
+
+        if scorer is not None and is_pairwise(scorer):  # called with the group size; evaluated by its view
+            view = pointwise_view(scorer)
+
+            def alone(images, prompts):
+                with contextlib.suppress(Exception):  # (a failure is noted by the rollout's calls)
+                    view(images, prompts)
+                return torch.rand(images.shape[0], generator=gen)
+
+            reward.pairwise, reward.pointwise = True, alone
 
         def stepping(*_):  # the first step allocates AdamW's state: it belongs to the stepped part
             if tracker.phase == "update":

@@ -58,7 +58,8 @@ from densegrpo_fast.prompts import (
     source_blind,
     source_pixels,
 )
-from densegrpo_fast.rewards import build_reward
+from densegrpo_fast.rewards import build_reward, spec_is_pairwise
+from densegrpo_fast.rewards.pairwise import pointwise_view, score
 from densegrpo_fast.rewards.remote import check_same_servers
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
 from densegrpo_fast.schedule import (
@@ -168,6 +169,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
+    pointwise_view(reward_fn, f"reward {cfg.reward.name!r}")  # (for the evaluation: refused now)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed, "eval.dataset")
     for field, source in (("prompts.dataset", prompts), ("eval.dataset", eval_prompts)):
@@ -498,6 +500,16 @@ def _check_world(cfg: TrainConfig, world: int) -> None:
         raise ValueError(
             f"sampling.reward_waves ({cfg.sampling.reward_waves}) exceeds the {rows // world} rows each of the "
             f"{world} processes rolls out: lower the waves"
+        )
+    groups = cfg.prompts.prompts_per_iteration
+    if spec_is_pairwise(cfg.reward.name, cfg.reward.kwargs) and (
+        groups % world or groups // world < cfg.sampling.reward_waves
+    ):
+        raise ValueError(
+            f"reward {cfg.reward.name!r} compares the images of a group, so each of the {world} processes (and each "
+            f"of its sampling.reward_waves={cfg.sampling.reward_waves} waves) must hold whole groups, but "
+            f"prompts.prompts_per_iteration={groups} groups do not split so: choose a process count that divides "
+            f"{groups} and waves <= {groups} / processes"
         )
 
 
@@ -967,11 +979,12 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         if stream is not None:
             stream.wait_event(ready)
         T = run.schedule.num_steps
-        score = _reward_scorer(run)
+        scorer = _reward_scorer(run)
+        G = run.cfg.sampling.group_size
         if ro.clean is not None:
-            R = latent_rewards(run.policy.decode, score, ro.clean, rows, ro.completed)
+            R = latent_rewards(run.policy.decode, scorer, ro.clean, rows, ro.completed, group_size=G)
         else:
-            final = score(run.policy.decode(ro.latents[:, T]), rows).float()
+            final = score(scorer, run.policy.decode(ro.latents[:, T]), rows, G).float()
             R = torch.zeros(len(rows), T + 1, *final.shape[1:], device=ro.latents.device)
             R[:, T] = final
         R = R.to(ro.latents.device)  # (a plugin reward may answer on the CPU; record_stream needs CUDA)
@@ -1403,9 +1416,13 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     same = {f"eval_{k}" for k in e.rewards if k not in own}
     # built for each evaluation and freed after it: kept, their weights would sit on the device through every
     # rollout and update (the memory estimate counts them in the evaluation phase only)
+    # (a pairwise reward scores a held-out image alone through its pointwise view: win rates average 1/2)
     fns = {
-        "eval_reward": run.reward_fn,
-        **{f"eval_{k}": build_reward(r.name, **r.kwargs) for k, r in own.items()},
+        "eval_reward": pointwise_view(run.reward_fn),
+        **{
+            f"eval_{k}": pointwise_view(build_reward(r.name, **r.kwargs), f"eval.rewards.{k}")
+            for k, r in own.items()
+        },
     }
     d = run.dist
     check_same_servers(d, {k: fns[f"eval_{k}"] for k in own})

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densegrpo_fast.cli import main
-from densegrpo_fast.rewards import _REGISTRY, register
+from densegrpo_fast.rewards import _REGISTRY, build_reward, register
 from densegrpo_fast.rewards.preflight import STAND_IN, probe_images
 
 RECIPE = "configs/sd35m_pickscore.yaml"
@@ -154,3 +154,19 @@ def test_the_probe_images_are_smooth_images_in_range(size):
     assert img.shape == (2, 3, h, w) and img.min() >= 0 and img.max() <= 1
     assert (img[..., 1:, :] - img[..., :-1, :]).abs().max() < 0.5  # smooth, not noise
     assert torch.equal(img, probe_images(size)) and not torch.equal(img[0], img[1])
+
+
+def test_a_pairwise_reward_is_checked_on_a_group_and_held_out_by_its_view(capsys):
+    """win_rate of redness as the training reward: its two images scored as one group (win rates 1 and 0 for
+    two distinct images); as an eval.rewards entry, by its pointwise view (redness itself)."""
+    spec = "{reward: {name: redness}}"
+    args = ["validate", "--config", "configs/toy_geneval.yaml", "--load-rewards", "reward.name=win_rate",
+            f"reward.kwargs={spec}", "eval.rewards={wins: {name: win_rate, kwargs: {reward: {name: redness}, temperature: 1}}}"]  # fmt: skip
+    assert main(args) == 0
+    out, _ = _lines(capsys)
+    (train,) = [ln for ln in out if ln.startswith("reward 'win_rate'")]
+    (held,) = [ln for ln in out if ln.startswith("eval.rewards.wins 'win_rate'")]
+    red = build_reward("redness")(probe_images((32, 32)), ["p", "p"]).tolist()
+    assert train.endswith(f"{float(red[0] > red[1]):.4g}, {float(red[1] > red[0]):.4g} (win rates of the two as one "
+                          "group)"), train  # fmt: skip
+    assert held.endswith(f"{red[0]:.4g}, {red[1]:.4g}"), (held, red)

@@ -28,6 +28,7 @@ class Judge:
         self.delay_s = 0.0  # per completion: requests in flight together overlap
         self.raw = None  # an answer to send as it is, in place of a completion
         self.redirect_to = ""  # where a 30x in ``fail`` points
+        self.bias = 0.0  # vlm_pairwise: the judge's leaning to the first image, in logits
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.in_flight = self.most_in_flight = 0
@@ -82,13 +83,30 @@ class Judge:
         if self.raw is not None:
             return self.raw
 
-        *_, image, text = body["messages"][0]["content"]  # (an edit's source image comes before it)
-        png = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/png;base64,"))
         import numpy as np
 
-        red = float(
-            np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)[..., 0].mean() / 255
-        )
+        def mean_red(image: dict) -> float:
+            png = base64.b64decode(image["image_url"]["url"].removeprefix("data:image/png;base64,"))
+            return float(
+                np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float64)[..., 0].mean() / 255
+            )
+
+        *_, image, text = body["messages"][0]["content"]  # (an edit's source image comes before it)
+        if (
+            "Image 1" in text["text"]
+        ):  # vlm_pairwise: the last two images are the pair, P(first) from their reds
+            first, second = map(mean_red, body["messages"][0]["content"][-3:-1])
+            p = 1 / (1 + math.exp(-(8 * (first - second) + self.bias)))
+            if body.get("logprobs"):
+                top = [{"token": "1", "logprob": math.log(p)}, {"token": " 2", "logprob": math.log(1 - p)},
+                       {"token": "Image", "logprob": -6.0}]  # fmt: skip
+                return {"choices": [{"message": {"content": "1"}, "logprobs": {"content": [{"token": "1",
+                        "logprob": top[0]["logprob"], "top_logprobs": top}]}}]}  # fmt: skip
+            verdict = self.reply if self.reply is not None else f"Image {1 if p >= 0.5 else 2} is better"
+            return {
+                "choices": [{"message": {"content": f"Both show it. {verdict}."}, "finish_reason": "stop"}]
+            }
+        red = mean_red(image)
         if body.get("logprobs"):
             if not self.logprobs:
                 return {"choices": [{"message": {"content": "Yes"}, "logprobs": None}]}
@@ -376,3 +394,136 @@ def test_a_toy_run_trains_on_the_judge(judge, tiny_checkpoint, tmp_path):
     # of the 4 samples of the 2 training prompts (4 x 4 each); then the 12 held-out prompts, one image each in
     # the run's two evaluations (before training and at its end)
     assert counts == [2] * 12 + [16, 16], counts
+
+
+def pair_rates(r, G, p):
+    """Each row's mean of ``p(r_i, r_j)`` over the other rows of its group: a win rate by brute force."""
+    return [sum(p(r[i], r[j]) for j in range(g, g + G) if j != i) / (G - 1) for g in range(0, len(r), G)
+            for i in range(g, g + G)]  # fmt: skip
+
+
+def test_the_pairwise_judge_gives_win_rates_from_its_comparisons(judge):
+    """prob mode: P("1") / (P("1") + P("2")) of each pair, asked in both orders; verdict mode: wins counted from
+    "Image k is better". Each image is sent once per request it is in, the prompt of its group with it."""
+    x = images(6)
+    r = red(x).tolist()
+    fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", concurrency=4)
+    out = fn(x, ["a cat"] * 3 + ["a dog"] * 3, group_size=3)
+    sigmoid = lambda d: 1 / (1 + math.exp(-8 * d))  # noqa: E731
+    assert out.tolist() == pytest.approx(pair_rates(r, 3, lambda a, b: sigmoid(a - b)), abs=1e-5)
+    assert len(judge.requests) == 2 * 2 * 3  # 2 groups x 3 pairs x both orders
+    texts = collections.Counter(q["messages"][0]["content"][-1]["text"] for q in judge.requests)
+    assert sorted(texts.values()) == [6, 6] and all("a cat" in t or "a dog" in t for t in texts)
+    assert all(q["max_tokens"] == 1 and q["logprobs"] for q in judge.requests)
+    verdict = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", both_orders=False)
+    out = verdict(x, ["a cat"] * 3 + ["a dog"] * 3, group_size=3)
+    assert out.tolist() == pytest.approx(pair_rates(r, 3, lambda a, b: float(a > b)))
+    assert fn.pointwise is not None and fn.pointwise.mode == "score"  # (the evaluation asks the same server)
+    judge.requests.clear()  # ("Final Score: 1 + 4 r" mapped from [1, 5] to [0, 1]: the image's red)
+    torch.testing.assert_close(fn.pointwise(x[:2], ["a cat"] * 2), red(x[:2]).float(), atol=1e-5, rtol=0)
+    assert (
+        len(judge.requests) == 2 and "Final Score" in judge.requests[0]["messages"][0]["content"][-1]["text"]
+    )
+
+
+def test_asking_both_orders_cancels_a_judge_that_prefers_the_first_image(judge):
+    judge.reply = "Image 1 is better"  # whatever it is shown
+    x = images(4)
+    one_way = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", both_orders=False)
+    assert one_way(x, ["p"] * 4, group_size=4).tolist() == pytest.approx(
+        [1, 2 / 3, 1 / 3, 0]
+    )  # (row order decides)
+    both = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict")
+    assert both(x, ["p"] * 4, group_size=4).tolist() == [0.5] * 4
+
+
+def test_opponents_limit_the_requests(judge):
+    x = torch.cat([images(8)] * 2)
+    fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", opponents=2, both_orders=False)
+    out = fn(x, ["p"] * 8 + ["q"] * 8, group_size=8)
+    assert len(judge.requests) == 2 * 8  # G m / 2 pairs a group, not 28
+    r = red(x).tolist()
+    sigmoid = lambda d: 1 / (1 + math.exp(-8 * d))  # noqa: E731
+    want = [(sigmoid(r[i] - r[8 * (i // 8) + (i + 1) % 8]) + sigmoid(r[i] - r[8 * (i // 8) + (i - 1) % 8])) / 2
+            for i in range(16)]  # fmt: skip
+    assert out.tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_a_verdict_without_a_winner_is_named_or_scored_as_told(judge):
+    judge.reply = "They are equally good"
+    x = images(3)
+    fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict")
+    with pytest.raises(JudgeError, match="names no winner .*set reward.kwargs.unparsed_score"):
+        fn(x, ["p"] * 3, group_size=3)
+    tie = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", unparsed_score=0.5)
+    with pytest.warns(UserWarning, match="6 of the judge's comparisons named no winner"):
+        assert tie(x, ["p"] * 3, group_size=3).tolist() == [0.5] * 3
+    judge.reply = "Image 3 is better"  # (read by a pattern that takes any number)
+    wide = build_reward(
+        "vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", verdict_pattern=r"Image (\d+) is"
+    )
+    with pytest.raises(JudgeError, match="names image 3, neither 1 nor 2"):
+        wide(x, ["p"] * 3, group_size=3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,said",
+    [
+        ({"mode": "score"}, "reward.kwargs.mode='score' must be one of ['prob', 'verdict']"),
+        ({"eval_mode": "verdict"}, "reward.kwargs.eval_mode='verdict' must be one of ['score', 'yes_prob']"),
+        ({"verdict_pattern": "Image (1|2) (is)"}, "2 groups; it needs one, the winner"),
+        ({"opponents": 5}, "opponents=5 must be an even whole number"),
+        ({"unparsed_score": 2}, "unparsed_score=2 must be a probability in [0, 1]"),
+        ({"both_orders": "yes"}, "both_orders='yes' must be true or false"),
+    ],
+)
+def test_bad_pairwise_kwargs_are_named_before_any_server_is_asked(kwargs, said):
+    full = {"url": "http://127.0.0.1:9/v1", "model": "m", **kwargs}
+    assert any(said in p for p in kwargs_problems("vlm_pairwise", full)), kwargs_problems(
+        "vlm_pairwise", full
+    )
+    with pytest.raises(ValueError, match=re.escape(said)):
+        build_reward("vlm_pairwise", **full)
+    assert kwargs_problems("vlm_pairwise", {"url": "http://h/v1", "model": "m"}) == []
+
+
+def test_an_edit_pair_sends_the_source_first(judge, tmp_path):
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt
+
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(tmp_path / "src.png")
+    edit = EditPrompt("make it red", str(tmp_path / "src.png"))
+    x = images(2)
+    fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", both_orders=False)
+    out = fn(x, [edit, edit], group_size=2)
+    (q,) = judge.requests
+    content = q["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["image_url"] * 3 + ["text"]
+    assert (
+        content[-1]["text"].startswith("The first image is a source image")
+        and "make it red" in content[-1]["text"]
+    )
+    r = red(x).tolist()
+    assert out.tolist() == pytest.approx(
+        pair_rates(r, 2, lambda a, b: 1 / (1 + math.exp(-8 * (a - b)))), abs=1e-5
+    )
+
+
+def test_a_toy_run_trains_on_the_pairwise_judge(judge, tiny_checkpoint, tmp_path):
+    """One dense iteration of the toy with the pairwise judge: every latent's completions are compared within
+    their group, and the held-out evaluation asks the same server of one image at a time."""
+    from test_trainer import cfg_of, records
+
+    from densegrpo_fast.trainer import train
+
+    kwargs = f"reward.kwargs={{url: '{judge.url}', model: judge-7b, both_orders: false, concurrency: 4}}"
+    run_dir = train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=["reward.name=vlm_pairwise", kwargs,
+                                                                                   "run.eval_every=0"]), progress=False)  # fmt: skip
+    (step,) = [r for r in records(run_dir) if "reward_mean" in r]
+    assert step["R_mean"] == pytest.approx([0.5] * 5, abs=1e-6)
+    pairs = [q for q in judge.requests if "Image 1" in q["messages"][0]["content"][-1]["text"]]
+    alone = [q for q in judge.requests if "Image 1" not in q["messages"][0]["content"][-1]["text"]]
+    # 2 prompts x 6 pairs of 4 images, at each of the 4 latents scored (lat[0..2]'s completions and the final)
+    assert len(pairs) == 2 * 6 * 4
+    assert len(alone) == 2 * 12  # the 12 held-out prompts, one image each, in the run's two evaluations

@@ -17,6 +17,8 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 - ``vlm_judge`` (a vision-language model behind an OpenAI-compatible server: vLLM, SGLang, an API):
   :mod:`densegrpo_fast.rewards.vlm_judge`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
+- ``win_rate`` (pairwise: each image's win rate in its group under a pointwise reward) and ``vlm_pairwise`` (a
+  judge shown two images): :mod:`densegrpo_fast.rewards.pairwise`, :mod:`densegrpo_fast.rewards.vlm_judge`
 - ``geneval_detector`` (GenEval's detector, colours and rules, for a server in an environment with mmdetection):
   :mod:`densegrpo_fast.rewards.geneval_detector`
 - ``remote``, ``geneval`` (reward server client): :mod:`densegrpo_fast.rewards.remote`; the server is
@@ -111,6 +113,21 @@ def describe(name: str) -> dict:
     }
 
 
+def spec_is_pairwise(name: str, kwargs: dict) -> bool:
+    """Whether the reward ``name`` built with ``kwargs`` compares the images of a group
+    (:mod:`densegrpo_fast.rewards.pairwise`), found without building it: its factory's ``pairwise``, or, for a
+    weighted sum, any of its components'."""
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        return False
+    if getattr(factory, "pairwise", False):
+        return True
+    parts = kwargs.get("rewards") if name == "multi" and isinstance(kwargs, dict) else None
+    return isinstance(parts, dict) and any(
+        isinstance(p, dict) and spec_is_pairwise(p.get("name"), p.get("kwargs") or {}) for p in parts.values()
+    )
+
+
 def build_reward(name: str, **kwargs) -> Reward:
     """The reward registered as ``name``, built with ``kwargs``; unknown names get the nearest valid one."""
     if name not in _REGISTRY:
@@ -167,6 +184,7 @@ from densegrpo_fast.rewards import (  # noqa: E402, F401
     jpeg,
     multi,
     ocr,
+    pairwise,
     remote,
     vlm_judge,
     vqascore,

@@ -25,6 +25,7 @@ import math
 import torch
 
 from densegrpo_fast.rewards import Reward, available, build_reward, kwargs_problems, register, unknown_name
+from densegrpo_fast.rewards.pairwise import is_pairwise, score
 
 _SPEC_KEYS = {"name", "kwargs", "weight"}
 
@@ -64,6 +65,23 @@ class WeightedSum:
             self.parts[key] = (build_reward(spec["name"], **kwargs), float(weight))
         #: Whether every component sees an edit's source image (densegrpo_fast.prompts.source_blind).
         self.sees_sources = all(getattr(fn, "sees_sources", False) for fn, _ in self.parts.values())
+        #: Whether a component compares the images of a group (:mod:`densegrpo_fast.rewards.pairwise`): the
+        #: sum is then called with the group size, which the pairwise components get.
+        self.pairwise = any(is_pairwise(fn) for fn, _ in self.parts.values())
+
+    @property
+    def pointwise(self) -> WeightedSum | None:
+        """The sum with each pairwise component replaced by its pointwise view (what scores a held-out image
+        alone), or None where one has none. (A property: stored, it would name the components' models twice.)"""
+        views = {
+            k: (getattr(fn, "pointwise", None) if is_pairwise(fn) else fn, w)
+            for k, (fn, w) in self.parts.items()
+        }
+        if not self.pairwise or any(fn is None for fn, _ in views.values()):
+            return None
+        view = object.__new__(WeightedSum)
+        view.parts, view.sees_sources, view.pairwise = views, self.sees_sources, False
+        return view
 
     @staticmethod
     def check(rewards: dict) -> list[str]:
@@ -85,19 +103,25 @@ class WeightedSum:
                 ]
         return problems
 
-    def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Each component's unweighted score. Shape: {key: [B] float32} on the images' device."""
-        return {k: fn(images, prompts).float().to(images.device) for k, (fn, _) in self.parts.items()}
+    def components(
+        self, images: torch.Tensor, prompts: list[str], group_size: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each component's unweighted score (a pairwise one's with ``group_size``). Shape: {key: [B] float32} on
+        the images' device."""
+        return {
+            k: score(fn, images, prompts, group_size).float().to(images.device)
+            for k, (fn, _) in self.parts.items()
+        }
 
     @property
     def weights(self) -> list[float]:
         """The components' weights, in their order."""
         return [w for _, w in self.parts.values()]
 
-    def stack(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    def stack(self, images: torch.Tensor, prompts: list[str], group_size: int | None = None) -> torch.Tensor:
         """Each component's unweighted score, side by side (``dense.multi_reward=per_reward`` trains on
         them). Shape: [B, components] float32."""
-        return torch.stack(list(self.components(images, prompts).values()), dim=-1)
+        return torch.stack(list(self.components(images, prompts, group_size).values()), dim=-1)
 
     def combine(self, parts: torch.Tensor) -> torch.Tensor:
         """The weighted sum of scores laid out as :meth:`stack` gives them (any leading shape): the reward,
@@ -108,5 +132,7 @@ class WeightedSum:
             total = term if total is None else total + term
         return total
 
-    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.combine(self.stack(images, prompts))
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], group_size: int | None = None
+    ) -> torch.Tensor:
+        return self.combine(self.stack(images, prompts, group_size))

@@ -25,6 +25,7 @@ import torch
 
 from densegrpo_fast.config import image_hw
 from densegrpo_fast.rewards import build_reward
+from densegrpo_fast.rewards.pairwise import is_pairwise, pointwise_view
 from densegrpo_fast.rewards.remote import SERVED
 
 #: The prompt when the run's prompt file cannot be read here (quoted text: the OCR reward needs one).
@@ -126,7 +127,11 @@ def check_rewards(cfg, device: str | torch.device = "cpu", before=None) -> Itera
             fn = build_reward(r.name, **r.kwargs)
             checked.load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = fn(images, prompts)
+            if is_pairwise(fn) and not heldout:  # the two images as one group of the first prompt
+                out = fn(images, prompts[:1] * 2, group_size=2)
+                checked.note = "; ".join(filter(None, [checked.note, "win rates of the two as one group"]))
+            else:
+                out = pointwise_view(fn, where)(images, prompts)
             checked.score_s = time.perf_counter() - t0
             out = torch.as_tensor(out)
             if tuple(out.shape) != (2,):

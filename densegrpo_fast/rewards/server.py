@@ -76,18 +76,28 @@ def load_object(spec: str):
 
 def load_reward(reward: str, kwargs: dict | None = None) -> Reward:
     """A registry reward by name, or the reward a user factory ``package.module:callable`` returns."""
+    from densegrpo_fast.rewards.pairwise import is_pairwise
+
     kwargs = dict(kwargs or {})
     if ":" in reward:
         factory = load_object(reward)
         if not callable(factory):
             raise ValueError(f"--reward {reward!r} is not callable: give a factory (**kwargs) -> reward")
-        return factory(**kwargs)
-    try:
-        return build_reward(reward, **kwargs)
-    except ValueError as e:  # (worded for the config: here the values came from the flags)
+        fn = factory(**kwargs)
+    else:
+        try:
+            fn = build_reward(reward, **kwargs)
+        except ValueError as e:  # (worded for the config: here the values came from the flags)
+            raise ValueError(
+                str(e).replace("reward.name=", "--reward ").replace("reward.kwargs=", "--kwargs ")
+            ) from None
+    if is_pairwise(fn):
         raise ValueError(
-            str(e).replace("reward.name=", "--reward ").replace("reward.kwargs=", "--kwargs ")
-        ) from None
+            f"--reward {reward!r} compares the images of a group, which the server's requests (a batch of images "
+            "with their prompts) do not carry: serve its pointwise reward, or let the trainer build the pairwise "
+            "reward around a remote one (e.g. win_rate with reward: {name: remote, kwargs: {...}})"
+        )
+    return fn
 
 
 class RewardContractError(RuntimeError):

@@ -203,6 +203,9 @@ class VLMJudge:
 
     #: It shows the judge an edit's source image (:func:`densegrpo_fast.prompts.source_blind`).
     sees_sources = True
+    #: The two first tokens the logprob mode weighs (lower case, stripped), and the modes' names in messages.
+    answers = ("yes", "no")
+    mode_name, text_mode_name = "yes_prob", "score"
 
     def __init__(
         self,
@@ -325,10 +328,14 @@ class VLMJudge:
         """One image's request and its score, or (None, why there is none)."""
         from PIL import Image
 
-        images = [_png_url(Image.fromarray(pixels))]
+        return self._ask([_png_url(Image.fromarray(pixels))], prompt, pixels.shape[:2])
+
+    def _ask(self, images: list[str], prompt: str, size: tuple[int, int]) -> tuple[float | None, str]:
+        """The request for ``images`` (PNG data URLs, of ``size`` (H, W)) with ``prompt`` in the template (an edit:
+        its source image first, and the edit template), and the score read from its answer."""
         template = self.template
         if isinstance(prompt, EditPrompt):  # the source first, then the edit
-            images.insert(0, _source_url(prompt.image, *pixels.shape[:2]))
+            images = [_source_url(prompt.image, *size), *images]
             template = self.edit_template
         body = {
             "model": self.model,
@@ -373,26 +380,28 @@ class VLMJudge:
         return value, ""
 
     def _read_yes(self, choice: dict) -> tuple[float | None, str]:
+        """P(first answer) / (P(first) + P(second)) of ``self.answers`` from the first token's top logprobs."""
         logprobs = choice.get("logprobs")
         if not logprobs or not logprobs.get("content"):
             raise JudgeError(
-                f"the server at {self.url} returned no logprobs: mode yes_prob needs them (vLLM returns them; "
-                "some hosted APIs do not): use mode score there"
+                f"the server at {self.url} returned no logprobs: mode {self.mode_name} needs them (vLLM returns "
+                f"them; some hosted APIs do not): use mode {self.text_mode_name} there"
             )
         top = logprobs["content"][0]["top_logprobs"]
-        p = {"yes": 0.0, "no": 0.0}
+        yes, no = self.answers
+        p = {yes: 0.0, no: 0.0}
         for t in top:
             word, logprob = t["token"].strip().lower(), float(t["logprob"])
             if math.isnan(logprob) or logprob > 0:
                 return None, f"the token {t['token']!r} has logprob {logprob}, not a log-probability"
             if word in p:
                 p[word] += math.exp(logprob)
-        if p["yes"] + p["no"] == 0:
+        if p[yes] + p[no] == 0:
             return (
                 None,
-                f"neither yes nor no among the first token's top {len(top)}: {[t['token'] for t in top][:8]}",
+                f"neither {yes} nor {no} among the first token's top {len(top)}: {[t['token'] for t in top][:8]}",
             )
-        return p["yes"] / (p["yes"] + p["no"]), ""
+        return p[yes] / (p[yes] + p[no]), ""
 
     def _request(self, path: str, body: bytes | None) -> dict:
         """GET (no body) or POST ``path`` under the server's base URL; the JSON object answered. Retries
@@ -461,3 +470,216 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 VLMJudge.check = staticmethod(_problems)  # (read by the config's checks: no server is asked)
+
+
+#: Written for this project. The pairwise judge's templates: two images of one caption (an edit: its source first).
+PAIR_VERDICT_TEMPLATE = (
+    'Image 1 and Image 2 were both generated from the caption "{prompt}". Compare them: which shows everything '
+    "the caption asks for (objects, counts, colours, positions, text) more faithfully, and looks better? Explain "
+    "briefly, then end with a line that reads either 'Image 1 is better' or 'Image 2 is better'."
+)
+PAIR_PROB_TEMPLATE = (
+    'Image 1 and Image 2 were both generated from the caption "{prompt}". Which one shows the caption more '
+    "faithfully and looks better? Answer with 1 or 2 only."
+)
+EDIT_PAIR_VERDICT_TEMPLATE = (
+    "The first image is a source image; Image 1 and Image 2, the second and third, are two edits of it by the "
+    'instruction "{prompt}". Which edit carries out the instruction better while keeping what it does not ask to '
+    "change, and looks better? Explain briefly, then end with a line that reads either 'Image 1 is better' or "
+    "'Image 2 is better'."
+)
+EDIT_PAIR_PROB_TEMPLATE = (
+    "The first image is a source image; Image 1 and Image 2, the second and third, are two edits of it by the "
+    'instruction "{prompt}". Which edit carries out the instruction better and keeps the rest of the source? '
+    "Answer with 1 or 2 only."
+)
+VERDICT_PATTERN = r"Image\s*([12])\s+is\s+(?:the\s+)?better"
+PAIR_MODES = ("prob", "verdict")
+EVAL_MODES = ("score", "yes_prob")
+
+
+def _pair_problems(
+    url: object = None,
+    model: object = None,
+    mode: object = "prob",
+    template: object = None,
+    edit_template: object = None,
+    verdict_pattern: object = VERDICT_PATTERN,
+    both_orders: object = True,
+    opponents: object = None,
+    eval_mode: object = "score",
+    max_tokens: object = None,
+    temperature: object = 0.0,
+    concurrency: object = 16,
+    timeout_s: object = 120.0,
+    retries: object = 3,
+    backoff_s: object = 1.0,
+    api_key_env: object = None,
+    unparsed_score: object = None,
+    check: object = True,
+) -> list[str]:
+    """What is wrong with ``reward.kwargs`` of ``vlm_pairwise``, each with its rule; no server is asked."""
+    from densegrpo_fast.rewards.pairwise import opponents_problems
+
+    out = [
+        p for p in _problems(url, model, "score", template, edit_template, verdict_pattern, None, max_tokens,
+                             temperature, concurrency, timeout_s, retries, backoff_s, api_key_env, None, check)
+        if not p.startswith("reward.kwargs.score_pattern")
+    ]  # fmt: skip
+    if isinstance(verdict_pattern, str):  # (the pattern's own rule, under its own name)
+        try:
+            groups = re.compile(verdict_pattern).groups
+        except re.error as e:
+            groups = f"not a regex ({e})"
+        if groups != 1:
+            out.append(
+                f"reward.kwargs.verdict_pattern={verdict_pattern!r}: {groups} groups; it needs one, the winner (1 "
+                "or 2)"
+            )
+    else:
+        out.append(
+            f"reward.kwargs.verdict_pattern={verdict_pattern!r} must be a string (a regex with one group)"
+        )
+    if mode not in PAIR_MODES:
+        out.append(f"reward.kwargs.mode={mode!r} must be one of {list(PAIR_MODES)}")
+    if eval_mode is not None and eval_mode not in EVAL_MODES:
+        out.append(
+            f"reward.kwargs.eval_mode={eval_mode!r} must be one of {list(EVAL_MODES)} (how the held-out "
+            "evaluation asks the same judge of one image), or null: no pointwise view"
+        )
+    if not isinstance(both_orders, bool):
+        out.append(f"reward.kwargs.both_orders={both_orders!r} must be true or false")
+    if unparsed_score is not None and (
+        isinstance(unparsed_score, bool) or not isinstance(unparsed_score, int | float)
+        or not 0 <= unparsed_score <= 1
+    ):  # fmt: skip
+        out.append(
+            f"reward.kwargs.unparsed_score={unparsed_score!r} must be a probability in [0, 1] (0.5: a tie), or "
+            "null: an error"
+        )
+    return out + opponents_problems(opponents)
+
+
+@register("vlm_pairwise")
+class VLMPairwise(VLMJudge):
+    """A vision-language judge behind an OpenAI-compatible server compares two images of a group at a time;
+    each image's reward is its win rate in its group (Pref-GRPO's reward; see
+    :mod:`densegrpo_fast.rewards.pairwise`).
+
+    kwargs, beside ``vlm_judge``'s transport ones (``url``, ``model``, ``max_tokens``, ``temperature``,
+    ``concurrency``, ``timeout_s``, ``retries``, ``backoff_s``, ``api_key_env``, ``check``): ``mode`` (``prob``:
+    P("1") / (P("1") + P("2")) from the first answer token's logprobs, the server must return them; ``verdict``:
+    the last match of ``verdict_pattern`` in a written answer, "Image 1 is better" by default, as
+    UnifiedReward-Think writes it, a win or a loss), ``template`` / ``edit_template`` (with ``{prompt}``),
+    ``both_orders`` (ask each pair in both orders and average, which cancels a judge's leaning to the first or
+    the second image, at twice the requests), ``opponents`` (null: every pair of a group; an even m: m per
+    image), ``eval_mode`` (how the held-out evaluation asks the same server of one image: ``score``, a 1 to 5
+    verdict mapped to [0, 1], or ``yes_prob``; null: none, then score it with ``eval.rewards``),
+    ``unparsed_score`` (the probability of an answer naming no winner, e.g. 0.5; null: an error).
+    """
+
+    pairwise = True
+    answers = ("1", "2")
+    mode_name, text_mode_name = "prob", "verdict"
+
+    def __init__(
+        self,
+        url: str | list[str],
+        model: str,
+        mode: str = "prob",
+        template: str | None = None,
+        edit_template: str | None = None,
+        verdict_pattern: str = VERDICT_PATTERN,
+        both_orders: bool = True,
+        opponents: int | None = None,
+        eval_mode: str | None = "score",
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        concurrency: int = 16,
+        timeout_s: float = 120.0,
+        retries: int = 3,
+        backoff_s: float = 1.0,
+        api_key_env: str | None = None,
+        unparsed_score: float | None = None,
+        check: bool = True,
+    ):
+        if problems := _pair_problems(url, model, mode, template, edit_template, verdict_pattern, both_orders, opponents,
+                                      eval_mode, max_tokens, temperature, concurrency, timeout_s, retries, backoff_s,
+                                      api_key_env, unparsed_score, check):  # fmt: skip
+            raise ValueError("; ".join(problems))
+        prob = mode == "prob"
+        super().__init__(
+            url, model, mode="yes_prob" if prob else "score",
+            template=template or (PAIR_PROB_TEMPLATE if prob else PAIR_VERDICT_TEMPLATE),
+            edit_template=edit_template or (EDIT_PAIR_PROB_TEMPLATE if prob else EDIT_PAIR_VERDICT_TEMPLATE),
+            score_pattern=verdict_pattern, max_tokens=max_tokens, temperature=temperature, concurrency=concurrency,
+            timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=check,
+        )  # fmt: skip
+        self.pair_mode, self.both_orders, self.opponents = mode, both_orders, opponents
+        self.pair_unparsed = unparsed_score
+        #: The held-out evaluation's judge: the same server asked of one image (None: no pointwise view).
+        self.pointwise = None
+        if eval_mode is not None:
+            self.pointwise = VLMJudge(
+                self.url, model, mode=eval_mode, score_range=[1, 5] if eval_mode == "score" else None,
+                max_tokens=None, temperature=temperature, concurrency=concurrency, timeout_s=timeout_s,
+                retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=False,
+            )  # fmt: skip
+
+    def _read_score(self, choice: dict) -> tuple[float | None, str]:
+        """The verdict: 1.0 where image 1 wins, 0.0 where image 2 does."""
+        value, why = super()._read_score(choice)
+        if value is None or value in (1.0, 2.0):
+            return (None if value is None else 2.0 - value), why
+        return None, f"the verdict names image {value:g}, neither 1 nor 2"
+
+    def __call__(
+        self, images: torch.Tensor, prompts: list[str], group_size: int | None = None
+    ) -> torch.Tensor:
+        from PIL import Image
+
+        from densegrpo_fast.rewards.pairwise import check_groups, win_rates
+
+        check_groups(images, prompts, group_size)
+        pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
+        size = pixels.shape[1:3]
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts))))
+        unparsed: list[str] = []
+        try:
+            urls = list(pool.map(lambda x: _png_url(Image.fromarray(x)), pixels))  # each image encoded once
+
+            def ask(pair: tuple[int, int]) -> float:
+                i, j = pair
+                p, why = self._ask([urls[i], urls[j]], prompts[i], size)
+                if p is None:
+                    if self.pair_unparsed is None:
+                        raise JudgeError(
+                            f"the judge's answer comparing two images of prompt {prompts[i]!r} names no winner "
+                            f"({why}): adjust reward.kwargs.template / verdict_pattern (or raise max_tokens where "
+                            "the answer was cut), or set reward.kwargs.unparsed_score (0.5: a tie)"
+                        )
+                    unparsed.append(why)
+                    p = float(self.pair_unparsed)
+                return p
+
+            def prefer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                pairs = list(zip(a.tolist(), b.tolist(), strict=True))
+                first = torch.tensor(list(pool.map(ask, pairs)))
+                if not self.both_orders:
+                    return first
+                second = torch.tensor(list(pool.map(ask, [(j, i) for i, j in pairs])))
+                return (first + 1 - second) / 2
+
+            out = win_rates(prefer, len(prompts), group_size, self.opponents)
+        finally:  # (on an error, the requests not yet sent are not sent)
+            pool.shutdown(cancel_futures=True)
+        if unparsed:
+            warnings.warn(
+                f"{len(unparsed)} of the judge's comparisons named no winner and were scored "
+                f"reward.kwargs.unparsed_score={self.pair_unparsed:g} (the first: {unparsed[0]})",
+                stacklevel=2,
+            )
+        return out.to(images.device)
+
+
+VLMPairwise.check = staticmethod(_pair_problems)
