@@ -9,6 +9,9 @@ Variants (each overrides the config):
     densegrpo-uniform  dense rewards with uniform a = 0.7 (no calibration)
     densegrpo-n1       dense rewards from one-step completions (x0 = x - sigma * v)
     densegrpo-n2       dense rewards from two-step completions
+    densegrpo-winrate  dense rewards as win rates in each group under the config's reward (``win_rate``, counted
+                       wins: Pref-GRPO's pairwise reward); evaluated by the config's reward itself. Run only
+                       when named in --variants
 Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
 evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
 the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
@@ -33,7 +36,21 @@ VARIANTS = {
     "densegrpo-uniform": ["noise.kind=uniform"],
     "densegrpo-n1": ["dense.completion_steps=1"],
     "densegrpo-n2": ["dense.completion_steps=2"],
+    "densegrpo-winrate": lambda cfg: [
+        "reward.name=win_rate",
+        "reward.kwargs=" + json.dumps({"reward": {"name": cfg.reward.name, "kwargs": cfg.reward.kwargs}}),
+    ],
 }
+
+
+def variant_overrides(name: str, config: str, overrides: list[str]) -> list[str]:
+    """The overrides of variant ``name``; one built from the config (with the call's overrides) gets it."""
+    spec = VARIANTS[name]
+    if not callable(spec):
+        return spec
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    return spec(load_config(TrainConfig, config, overrides))
 
 
 def run(cmd: list[str], log: Path) -> int:
@@ -52,7 +69,12 @@ def main() -> None:
     ap.add_argument(
         "--parallel", type=int, default=1, help="runs at once (each uses model.num_threads threads)"
     )
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[v for v in VARIANTS if v != "densegrpo-winrate"],
+        choices=list(VARIANTS),
+    )
     ap.add_argument(
         "--out", default="runs/side_by_side", help="results folder; psi_seed*.json already there are reused"
     )
@@ -92,7 +114,7 @@ def main() -> None:
                           f"run.seed={seed}", f"run.time_budget_s={args.budget_s}", "run.iterations=100000",
                           "optim.schedule=constant",  # the budget ends these runs: no lr schedule to finish
                           f"run.eval_every={args.eval_every}", f"noise.calibration.path={psi_paths[seed]}",
-                          *args.overrides, *VARIANTS[name]]  # fmt: skip
+                          *args.overrides, *variant_overrides(name, args.config, args.overrides)]  # fmt: skip
             if (run_dir / "checkpoint.pt").exists():
                 cmd.append("--resume")
             jobs.append((name, seed, run_dir, cmd))

@@ -61,3 +61,22 @@ def test_a_failed_run_is_left_out_of_the_table_and_named(tmp_path):
         "| densegrpo | 0 | 10 | 2.0 | 0.400 → 0.600 (+0.200) |" in table
     )  # seed 1's cut-short run not in it
     assert "Left out, failed: densegrpo seed 1 (exit 1)" in table
+
+
+def test_the_win_rate_variant_wraps_the_config_s_own_reward():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from side_by_side import variant_overrides
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    config = str(ROOT / "configs" / "toy_geneval.yaml")
+    got = variant_overrides("densegrpo-winrate", config, ["reward.kwargs={mode: partial}"])
+    assert got == [
+        "reward.name=win_rate",
+        'reward.kwargs={"reward": {"name": "toy_geneval", "kwargs": {"mode": "partial"}}}',
+    ]
+    assert variant_overrides("flow-grpo", config, []) == ["dense.mode=sparse", "noise.kind=uniform"]
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, config, got)  # (the overrides parse as the command line takes them)
+    assert cfg.reward.name == "win_rate" and cfg.reward.kwargs["reward"]["kwargs"] == {"mode": "partial"}

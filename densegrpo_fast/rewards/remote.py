@@ -178,7 +178,7 @@ def health_problem(answer: dict) -> str | None:
 
 
 #: the rewards scored by a server: nothing of them on this process's device
-SERVED = ("remote", "geneval", "vlm_judge")
+SERVED = ("remote", "geneval", "vlm_judge", "vlm_pairwise")
 
 
 @register("remote")
