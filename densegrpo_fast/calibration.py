@@ -19,7 +19,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.dense import latent_rewards, step_rewards
-from densegrpo_fast.rewards.pairwise import is_pairwise
+from densegrpo_fast.rewards.pairwise import pointwise_view
 from densegrpo_fast.rollout import initial_noise, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
@@ -165,12 +165,10 @@ def calibrate(
             f"cannot be split evenly over {dist.world} processes: choose noise.calibration.prompts so that "
             f"it times the group size is a multiple of {dist.world}"
         )
-    if n_prompts % dist.world and is_pairwise(reward_fn):
-        raise ValueError(
-            f"noise.calibration.prompts={n_prompts} groups cannot be split evenly over {dist.world} processes, "
-            f"and reward {cfg.reward.name!r} compares the images of a group, which a process must hold whole: "
-            f"choose noise.calibration.prompts as a multiple of {dist.world}"
-        )
+    # A pairwise reward's win rates average 1/2 in every group, so its step rewards sum to 0 over a group
+    # whatever the noise does, and gains would always about balance losses: psi is calibrated on its pointwise
+    # view (the reward win_rate compares; the same judge asked of one image), whose gains do tell.
+    reward_fn = pointwise_view(reward_fn, f"reward {cfg.reward.name!r}")
     n = cfg.noise
     ws, size = (n.window_start, n.window_size) if n.window_move == "fixed" else (None, None)  # moving: all
     base = make_schedule(

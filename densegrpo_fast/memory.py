@@ -1361,7 +1361,7 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
             continue
         try:
             with mode:
-                fn(torch.rand(1, 3, 64, 64), ["a prompt"])
+                pointwise_view(fn, where)(torch.rand(1, 3, 64, 64), ["a prompt"])
         except Exception as e:  # e.g. a part that reads pixel values on the host (JPEG sizes in a sum)
             notes.append(f"{where} {r.name!r} fails on fake images, not counted ({type(e).__name__}: {e})")
             continue

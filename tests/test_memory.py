@@ -302,19 +302,38 @@ def test_which_rewards_the_estimate_counts(clip_dir, tmp_path):  # noqa: F811
         "with_jpeg": {"name": "multi", "kwargs": {"rewards": {"p": {**pick, "weight": 1.0}, "j": jpeg}}},
         "jpeg": jpeg,
         "served": {"name": "geneval", "kwargs": {"url": "http://127.0.0.1:9"}},
+        "wins": {
+            "name": "win_rate",
+            "kwargs": {"reward": scaled},
+        },  # (scored by its view: the scaled PickScore)
     }
     flow = lambda obj: yaml.safe_dump(obj, default_flow_style=True, width=1 << 30).strip()  # noqa: E731
     cfg = _config(clip_dir, tmp_path, "fp32", [f"reward={flow(pick)}", f"eval.rewards={flow(rewards)}"])
     notes = []
     reward_fn, evaluated = counted_rewards(cfg, new_fake_mode(), notes)
     assert all(_is_fake(p) for p in reward_fn.clip.model.parameters())
-    assert sorted(evaluated) == ["scaled", "sum"]
+    assert sorted(evaluated) == ["scaled", "sum", "wins"]
     said = {n.split()[0].removeprefix("eval.rewards."): n for n in notes}
     assert sorted(said) == ["jpeg", "served", "with_jpeg"]  # (and nothing of the training reward)
     assert "fails on fake images" in said["with_jpeg"] and "holds no model" in said["jpeg"]
     assert "server" in said["served"]
     again = _config(clip_dir, tmp_path, "fp32", [f"eval.rewards={flow(evaluated)}"])
     assert again.eval.rewards["scaled"].kwargs["scale"] == 1e-05
+
+
+def test_a_pairwise_training_reward_is_counted_through_its_view(sd3_dir, clip_dir, tmp_path):  # noqa: F811
+    """win_rate of PickScore as the training reward: the rollout's groups are scored (called with the group size,
+    nothing noted as failing), and the evaluation by its view; its CLIP's weights are counted as PickScore's."""
+    kwargs = {"model": str(clip_dir), "processor": str(clip_dir)}
+    cfg = _config(sd3_dir, tmp_path, "fp32")
+    wins = build_reward("win_rate", reward={"name": "pickscore", "kwargs": kwargs})
+    est = estimate_run(cfg, fake_policy(cfg, new_fake_mode())[0], reward_fn=wins)
+    base = estimate_run(
+        cfg, fake_policy(cfg, new_fake_mode())[0], reward_fn=build_reward("pickscore", **kwargs)
+    )
+    assert not est.notes or not any("failed" in n for n in est.notes), est.notes
+    assert est.calls["reward.pointwise.clip.model.vision_model"] > 0
+    assert est.weights["reward.pointwise.clip.model"] == base.weights["reward.clip.model"] > 0
 
 
 @pytest.mark.parametrize("from_config", [False, True], ids=["weights_made_fake", "from_config"])

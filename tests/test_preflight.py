@@ -158,7 +158,8 @@ def test_the_probe_images_are_smooth_images_in_range(size):
 
 def test_a_pairwise_reward_is_checked_on_a_group_and_held_out_by_its_view(capsys):
     """win_rate of redness as the training reward: its two images scored as one group (win rates 1 and 0 for
-    two distinct images); as an eval.rewards entry, by its pointwise view (redness itself)."""
+    two distinct images), and alone by its pointwise view, as the evaluation scores them; as an eval.rewards
+    entry, by that view (redness itself)."""
     spec = "{reward: {name: redness}}"
     args = ["validate", "--config", "configs/toy_geneval.yaml", "--load-rewards", "reward.name=win_rate",
             f"reward.kwargs={spec}", "eval.rewards={wins: {name: win_rate, kwargs: {reward: {name: redness}, temperature: 1}}}"]  # fmt: skip
@@ -167,6 +168,7 @@ def test_a_pairwise_reward_is_checked_on_a_group_and_held_out_by_its_view(capsys
     (train,) = [ln for ln in out if ln.startswith("reward 'win_rate'")]
     (held,) = [ln for ln in out if ln.startswith("eval.rewards.wins 'win_rate'")]
     red = build_reward("redness")(probe_images((32, 32)), ["p", "p"]).tolist()
-    assert train.endswith(f"{float(red[0] > red[1]):.4g}, {float(red[1] > red[0]):.4g} (win rates of the two as one "
-                          "group)"), train  # fmt: skip
+    wins = f"{float(red[0] > red[1]):.4g}, {float(red[1] > red[0]):.4g}"
+    alone = f"{red[0]:.4g}, {red[1]:.4g}"
+    assert train.endswith(f"{wins} (win rates of the two as one group; alone, as evaluated: {alone})"), train
     assert held.endswith(f"{red[0]:.4g}, {red[1]:.4g}"), (held, red)

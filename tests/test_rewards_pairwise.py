@@ -94,14 +94,21 @@ def test_a_binary_reward_trains_as_its_win_rates_do():
 
 def test_bad_groups_and_scores_are_named():
     fn = win_rate_of(torch.arange(4.0))
-    with pytest.raises(ValueError, match="group_size=None must be a whole number >= 2"):
+    with pytest.raises(
+        ValueError, match="called without group_size: score images alone through its pointwise"
+    ):
         fn(blank(4), ["a"] * 4)
+    with pytest.raises(ValueError, match="group_size=1 must be a whole number >= 2"):
+        fn(blank(4), ["a"] * 4, 1)
     with pytest.raises(ValueError, match="not whole groups of 3"):
         fn(blank(4), ["a"] * 4, 3)
     with pytest.raises(ValueError, match=r"rows 2..3 should be one group of one prompt"):
         fn(blank(4), ["a", "a", "b", "c"], 2)
-    out = win_rate_of(torch.tensor([1.0, math.nan, 0.0, 2.0]))(blank(4), ["a"] * 4, 4)
-    assert math.isnan(out[1]) and torch.isfinite(out[[0, 2, 3]]).all()  # (a NaN score is not hidden)
+    out = win_rate_of(torch.tensor([1.0, math.nan, 0.0, 2.0]))(blank(4), ["a", "a", "b", "b"], 2)
+    assert out[:2].isnan().all() and out[2:].tolist() == [
+        0,
+        1,
+    ]  # (a NaN score is not hidden: its group is NaN)
 
 
 def test_kwargs_are_checked_without_building():
@@ -169,7 +176,7 @@ def test_a_sum_passes_the_group_size_to_its_pairwise_parts_and_evaluates_their_v
     order = red.argsort().argsort().float() / 3  # (distinct scores: the rank over the 3 others)
     torch.testing.assert_close(parts, torch.stack([order, red], 1))
     torch.testing.assert_close(pointwise_view(fn)(x, ["a"] * 4), 1.5 * red)
-    with pytest.raises(ValueError, match="group_size=None"):
+    with pytest.raises(ValueError, match="called without group_size"):
         fn(x, ["a"] * 4)
 
 
@@ -192,6 +199,10 @@ def test_a_torchrun_job_must_hold_whole_groups_per_process(tiny_checkpoint, tmp_
     _check_world(cfg, 2)
     with pytest.raises(ValueError, match="each of the 4 processes .* must hold whole groups"):
         _check_world(cfg, 4)  # (8 rows split over 4 processes: half a group each)
+    waves = cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"reward_waves": 2})})
+    _check_world(waves, 1)
+    with pytest.raises(ValueError, match="and each of its sampling.reward_waves=2 waves"):
+        _check_world(waves, 2)  # (one group per process cannot make two waves of whole groups)
     _check_world(
         cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"name": "redness", "kwargs": {}})}), 4
     )
@@ -253,3 +264,42 @@ def test_every_pair_is_asked_once_per_column_group():
     assert win_rates(prefer, 12, 4).tolist() == [0.5] * 12
     assert calls == [3 * 6]  # 3 groups x 6 pairs, in one call
     assert len(list(itertools.combinations(range(4), 2))) == 6
+
+
+def test_psi_is_calibrated_on_the_pointwise_view(tiny_checkpoint, tmp_path):
+    """A group's win rates sum to G/2 at every latent, so gains and losses would about balance whatever the
+    noise did: win_rate of redness calibrates exactly as redness does."""
+    import json
+
+    from test_trainer import cfg_of
+
+    from densegrpo_fast.trainer import setup
+
+    extra = ["noise.kind=calibrated", "noise.calibration.iterations=3", "noise.calibration.prompts=2"]
+    tables = []
+    for name, reward in [("wins", ["reward.name=win_rate", "reward.kwargs={reward: {name: redness}}"]),
+                         ("plain", ["reward.name=redness"])]:  # fmt: skip
+        setup(cfg_of(tiny_checkpoint, tmp_path / name, extra=[*extra, *reward]), progress=False)
+        tables.append(json.loads((tmp_path / name / "psi.json").read_text()))
+    wins, plain = tables
+    assert (wins["gains"], wins["losses"], wins["trajectory"]) == (
+        plain["gains"],
+        plain["losses"],
+        plain["trajectory"],
+    )
+    assert any(abs(p - n) >= 2 for p, n in zip(wins["gains"][0], wins["losses"][0], strict=True))
+
+
+def test_the_toy_eval_command_scores_a_pairwise_entry_by_its_view(tiny_checkpoint, tmp_path):
+    from densegrpo_fast.config import EvalSection
+    from densegrpo_fast.policies.toy import ToyPolicy
+    from densegrpo_fast.toy.evaluate import evaluate
+
+    policy = ToyPolicy.load(tiny_checkpoint)
+    rewards = {
+        "red": {"name": "redness"},
+        "wins": {"name": "win_rate", "kwargs": {"reward": {"name": "redness"}}},
+    }
+    cfg = EvalSection(num_prompts=4, num_steps=2, batch_size=4, shift=1.0, rewards=rewards)
+    out = evaluate(policy, cfg)
+    assert out["rewards"]["wins"] == out["rewards"]["red"]

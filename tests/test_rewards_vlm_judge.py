@@ -97,6 +97,8 @@ class Judge:
         ):  # vlm_pairwise: the last two images are the pair, P(first) from their reds
             first, second = map(mean_red, body["messages"][0]["content"][-3:-1])
             p = 1 / (1 + math.exp(-(8 * (first - second) + self.bias)))
+            if body.get("logprobs") and not self.logprobs:
+                return {"choices": [{"message": {"content": "1"}, "logprobs": None}]}
             if body.get("logprobs"):
                 top = [{"token": "1", "logprob": math.log(p)}, {"token": " 2", "logprob": math.log(1 - p)},
                        {"token": "Image", "logprob": -6.0}]  # fmt: skip
@@ -453,10 +455,10 @@ def test_a_verdict_without_a_winner_is_named_or_scored_as_told(judge):
     judge.reply = "They are equally good"
     x = images(3)
     fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict")
-    with pytest.raises(JudgeError, match="names no winner .*set reward.kwargs.unparsed_score"):
+    with pytest.raises(JudgeError, match="names no winner .*set reward.kwargs.unparsed_tie: true"):
         fn(x, ["p"] * 3, group_size=3)
-    tie = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", unparsed_score=0.5)
-    with pytest.warns(UserWarning, match="6 of the judge's comparisons named no winner"):
+    tie = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", mode="verdict", unparsed_tie=True)
+    with pytest.warns(UserWarning, match="6 of the judge's comparisons named no winner and count as ties"):
         assert tie(x, ["p"] * 3, group_size=3).tolist() == [0.5] * 3
     judge.reply = "Image 3 is better"  # (read by a pattern that takes any number)
     wide = build_reward(
@@ -473,7 +475,10 @@ def test_a_verdict_without_a_winner_is_named_or_scored_as_told(judge):
         ({"eval_mode": "verdict"}, "reward.kwargs.eval_mode='verdict' must be one of ['score', 'yes_prob']"),
         ({"verdict_pattern": "Image (1|2) (is)"}, "2 groups; it needs one, the winner"),
         ({"opponents": 5}, "opponents=5 must be an even whole number"),
-        ({"unparsed_score": 2}, "unparsed_score=2 must be a probability in [0, 1]"),
+        ({"unparsed_tie": 0.5}, "unparsed_tie=0.5 must be true or false"),
+        ({"eval_mode": None}, "eval_mode=None must be one of ['score', 'yes_prob']: how the held-out"),
+        ({"eval_template": "Rate it"}, "eval_template='Rate it' must be a string holding {prompt}"),
+        ({"eval_max_tokens": 0}, "eval_max_tokens=0 must be a whole number >= 1 (or null)"),
         ({"both_orders": "yes"}, "both_orders='yes' must be true or false"),
     ],
 )
@@ -527,3 +532,41 @@ def test_a_toy_run_trains_on_the_pairwise_judge(judge, tiny_checkpoint, tmp_path
     # 2 prompts x 6 pairs of 4 images, at each of the 4 latents scored (lat[0..2]'s completions and the final)
     assert len(pairs) == 2 * 6 * 4
     assert len(alone) == 2 * 12  # the 12 held-out prompts, one image each, in the run's two evaluations
+
+
+def test_both_orders_average_out_a_leaning_to_the_first_image(judge):
+    """A judge whose P("1") carries a bias b in logits: one order gives row order a say; both orders give each
+    pair (sigmoid(8 d + b) + sigmoid(8 d - b)) / 2, the same for every order of the rows."""
+    judge.bias, judge.delay_s = 1.5, 0.05
+    x = images(4)
+    r = red(x).tolist()
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    both = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", concurrency=16)
+    out = both(x, ["p"] * 4, group_size=4)
+    want = pair_rates(r, 4, lambda a, b: (sig(8 * (a - b) + 1.5) + sig(8 * (a - b) - 1.5)) / 2)
+    assert out.tolist() == pytest.approx(want, abs=1e-5)
+    flipped = both(x.flip(0), ["p"] * 4, group_size=4)
+    assert flipped.flip(0).tolist() == pytest.approx(out.tolist(), abs=1e-6)
+    assert judge.most_in_flight > 4  # (a group's 12 requests go out together, not a row's worth at a time)
+    one_way = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", both_orders=False)
+    assert one_way(x, ["p"] * 4, group_size=4).tolist() != pytest.approx(out.tolist(), abs=1e-2)
+
+
+def test_the_held_out_view_takes_its_own_settings_and_names_them_in_its_errors(judge):
+    template = 'Rate "{prompt}". Final Score: ?'
+    fn = build_reward(
+        "vlm_pairwise", url=judge.url, model="judge-7b", eval_template=template, eval_max_tokens=64
+    )
+    fn.pointwise(images(1), ["a fox"])
+    (q,) = judge.requests
+    assert q["max_tokens"] == 64 and q["messages"][0]["content"][-1]["text"] == 'Rate "a fox". Final Score: ?'
+    judge.reply = "no number here"
+    with pytest.raises(JudgeError, match=r"held-out evaluation asks vlm_pairwise's judge of one image \(reward.kwargs"
+                                         r".eval_mode='score'; eval_template and eval_max_tokens"):  # fmt: skip
+        fn.pointwise(images(1), ["a fox"])
+    yes = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", eval_mode="yes_prob")
+    judge.logprobs = False
+    with pytest.raises(JudgeError, match="eval_mode yes_prob needs them .* use eval_mode score there"):
+        yes.pointwise(images(1), ["a fox"])
+    with pytest.raises(JudgeError, match="mode prob needs them .* use mode verdict there"):
+        yes(images(2), ["a fox"] * 2, group_size=2)

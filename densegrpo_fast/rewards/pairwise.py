@@ -72,8 +72,7 @@ def pointwise_view(reward_fn, where: str = "reward"):
     if view is None:
         raise ValueError(
             f"{where} compares images in pairs and has no pointwise view to score a held-out image alone, as the "
-            "evaluation does: give it one (vlm_pairwise: its eval_mode, score or yes_prob), or use a pointwise reward "
-            "there"
+            "evaluation does: give it a `pointwise` attribute (a reward of one image), or use a pointwise reward there"
         )
     return view
 
@@ -115,6 +114,11 @@ def win_rates(
 def group_problems(images: torch.Tensor, prompts: list[str], group_size: object) -> list[str]:
     """What is wrong with a pairwise reward's call: the groups must be whole, of at least two rows, and share
     their prompt."""
+    if group_size is None:
+        return [
+            "a pairwise reward compares the images of a group and was called without group_size: score images "
+            "alone through its pointwise view (densegrpo_fast.rewards.pairwise.pointwise_view)"
+        ]
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
         return [
             f"a pairwise reward compares the images of a group: group_size={group_size!r} must be a whole "
@@ -219,7 +223,8 @@ class WinRate:
             return (r[a] > r[b]).float() + 0.5 * (r[a] == r[b]).float()
 
         out = win_rates(prefer, len(prompts), group_size, self.opponents)
-        out[~torch.isfinite(r)] = math.nan  # (a comparison would hide it: the trainer names such scores)
+        bad = (~torch.isfinite(r)).view(-1, group_size).any(1)  # (comparisons would hide a NaN score, and
+        out.view(-1, group_size)[bad] = math.nan  # skew its group: the trainer names such scores)
         return out.to(images.device)
 
 

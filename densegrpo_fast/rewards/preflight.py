@@ -130,6 +130,12 @@ def check_rewards(cfg, device: str | torch.device = "cpu", before=None) -> Itera
             if is_pairwise(fn) and not heldout:  # the two images as one group of the first prompt
                 out = fn(images, prompts[:1] * 2, group_size=2)
                 checked.note = "; ".join(filter(None, [checked.note, "win rates of the two as one group"]))
+                alone = torch.as_tensor(pointwise_view(fn, where)(images, prompts)).float()
+                if tuple(alone.shape) != (2,) or not torch.isfinite(alone).all():  # (the evaluation's view)
+                    raise ValueError(
+                        f"its pointwise view, which the held-out evaluation scores, returned {alone}"
+                    )
+                checked.note += f"; alone, as evaluated: {', '.join(f'{v:.4g}' for v in alone.tolist())}"
             else:
                 out = pointwise_view(fn, where)(images, prompts)
             checked.score_s = time.perf_counter() - t0

@@ -205,7 +205,7 @@ class VLMJudge:
     sees_sources = True
     #: The two first tokens the logprob mode weighs (lower case, stripped), and the modes' names in messages.
     answers = ("yes", "no")
-    mode_name, text_mode_name = "yes_prob", "score"
+    mode_name, text_mode_name = "mode yes_prob", "mode score"
 
     def __init__(
         self,
@@ -384,8 +384,8 @@ class VLMJudge:
         logprobs = choice.get("logprobs")
         if not logprobs or not logprobs.get("content"):
             raise JudgeError(
-                f"the server at {self.url} returned no logprobs: mode {self.mode_name} needs them (vLLM returns "
-                f"them; some hosted APIs do not): use mode {self.text_mode_name} there"
+                f"the server at {self.url} returned no logprobs: {self.mode_name} needs them (vLLM returns them; "
+                f"some hosted APIs do not): use {self.text_mode_name} there"
             )
         top = logprobs["content"][0]["top_logprobs"]
         yes, no = self.answers
@@ -507,7 +507,10 @@ def _pair_problems(
     verdict_pattern: object = VERDICT_PATTERN,
     both_orders: object = True,
     opponents: object = None,
+    unparsed_tie: object = False,
     eval_mode: object = "score",
+    eval_template: object = None,
+    eval_max_tokens: object = None,
     max_tokens: object = None,
     temperature: object = 0.0,
     concurrency: object = 16,
@@ -515,7 +518,6 @@ def _pair_problems(
     retries: object = 3,
     backoff_s: object = 1.0,
     api_key_env: object = None,
-    unparsed_score: object = None,
     check: object = True,
 ) -> list[str]:
     """What is wrong with ``reward.kwargs`` of ``vlm_pairwise``, each with its rule; no server is asked."""
@@ -542,21 +544,20 @@ def _pair_problems(
         )
     if mode not in PAIR_MODES:
         out.append(f"reward.kwargs.mode={mode!r} must be one of {list(PAIR_MODES)}")
-    if eval_mode is not None and eval_mode not in EVAL_MODES:
+    if eval_mode not in EVAL_MODES:
         out.append(
-            f"reward.kwargs.eval_mode={eval_mode!r} must be one of {list(EVAL_MODES)} (how the held-out "
-            "evaluation asks the same judge of one image), or null: no pointwise view"
+            f"reward.kwargs.eval_mode={eval_mode!r} must be one of {list(EVAL_MODES)}: how the held-out "
+            "evaluation asks the same judge of one image (win rates average 1/2, so it scores images alone)"
         )
-    if not isinstance(both_orders, bool):
-        out.append(f"reward.kwargs.both_orders={both_orders!r} must be true or false")
-    if unparsed_score is not None and (
-        isinstance(unparsed_score, bool) or not isinstance(unparsed_score, int | float)
-        or not 0 <= unparsed_score <= 1
-    ):  # fmt: skip
+    if eval_template is not None and (not isinstance(eval_template, str) or "{prompt}" not in eval_template):
         out.append(
-            f"reward.kwargs.unparsed_score={unparsed_score!r} must be a probability in [0, 1] (0.5: a tie), or "
-            "null: an error"
+            f"reward.kwargs.eval_template={str(eval_template)[:60]!r} must be a string holding {{prompt}}"
         )
+    if eval_max_tokens is not None:
+        out += [f"{p} (or null)" for p in count_problems(eval_max_tokens=eval_max_tokens)]
+    for name, v in (("both_orders", both_orders), ("unparsed_tie", unparsed_tie)):
+        if not isinstance(v, bool):
+            out.append(f"reward.kwargs.{name}={v!r} must be true or false")
     return out + opponents_problems(opponents)
 
 
@@ -573,14 +574,15 @@ class VLMPairwise(VLMJudge):
     UnifiedReward-Think writes it, a win or a loss), ``template`` / ``edit_template`` (with ``{prompt}``),
     ``both_orders`` (ask each pair in both orders and average, which cancels a judge's leaning to the first or
     the second image, at twice the requests), ``opponents`` (null: every pair of a group; an even m: m per
-    image), ``eval_mode`` (how the held-out evaluation asks the same server of one image: ``score``, a 1 to 5
-    verdict mapped to [0, 1], or ``yes_prob``; null: none, then score it with ``eval.rewards``),
-    ``unparsed_score`` (the probability of an answer naming no winner, e.g. 0.5; null: an error).
+    image), ``unparsed_tie`` (an answer naming no winner counts as a tie, with a warning; false: an error).
+    The held-out evaluation asks the same server of one image, as ``vlm_judge`` with ``eval_mode`` (``score``, a
+    1 to 5 verdict mapped to [0, 1], or ``yes_prob``), ``eval_template`` (null: the mode's own) and
+    ``eval_max_tokens`` (null: 512 for ``score``, 1 for ``yes_prob``).
     """
 
     pairwise = True
     answers = ("1", "2")
-    mode_name, text_mode_name = "prob", "verdict"
+    mode_name, text_mode_name = "mode prob", "mode verdict"
 
     def __init__(
         self,
@@ -592,7 +594,10 @@ class VLMPairwise(VLMJudge):
         verdict_pattern: str = VERDICT_PATTERN,
         both_orders: bool = True,
         opponents: int | None = None,
-        eval_mode: str | None = "score",
+        unparsed_tie: bool = False,
+        eval_mode: str = "score",
+        eval_template: str | None = None,
+        eval_max_tokens: int | None = None,
         max_tokens: int | None = None,
         temperature: float = 0.0,
         concurrency: int = 16,
@@ -600,12 +605,11 @@ class VLMPairwise(VLMJudge):
         retries: int = 3,
         backoff_s: float = 1.0,
         api_key_env: str | None = None,
-        unparsed_score: float | None = None,
         check: bool = True,
     ):
         if problems := _pair_problems(url, model, mode, template, edit_template, verdict_pattern, both_orders, opponents,
-                                      eval_mode, max_tokens, temperature, concurrency, timeout_s, retries, backoff_s,
-                                      api_key_env, unparsed_score, check):  # fmt: skip
+                                      unparsed_tie, eval_mode, eval_template, eval_max_tokens, max_tokens, temperature,
+                                      concurrency, timeout_s, retries, backoff_s, api_key_env, check):  # fmt: skip
             raise ValueError("; ".join(problems))
         prob = mode == "prob"
         super().__init__(
@@ -615,16 +619,18 @@ class VLMPairwise(VLMJudge):
             score_pattern=verdict_pattern, max_tokens=max_tokens, temperature=temperature, concurrency=concurrency,
             timeout_s=timeout_s, retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=check,
         )  # fmt: skip
-        self.pair_mode, self.both_orders, self.opponents = mode, both_orders, opponents
-        self.pair_unparsed = unparsed_score
-        #: The held-out evaluation's judge: the same server asked of one image (None: no pointwise view).
-        self.pointwise = None
-        if eval_mode is not None:
-            self.pointwise = VLMJudge(
-                self.url, model, mode=eval_mode, score_range=[1, 5] if eval_mode == "score" else None,
-                max_tokens=None, temperature=temperature, concurrency=concurrency, timeout_s=timeout_s,
-                retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=False,
-            )  # fmt: skip
+        self.pair_mode, self.both_orders, self.opponents, self.unparsed_tie = (
+            mode,
+            both_orders,
+            opponents,
+            unparsed_tie,
+        )
+        #: The held-out evaluation's judge: the same server asked of one image.
+        self.pointwise = _HeldOutJudge(
+            self.url, model, mode=eval_mode, template=eval_template, score_range=[1, 5] if eval_mode == "score" else None,
+            max_tokens=eval_max_tokens, temperature=temperature, concurrency=concurrency, timeout_s=timeout_s,
+            retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=False,
+        )  # fmt: skip
 
     def _read_score(self, choice: dict) -> tuple[float | None, str]:
         """The verdict: 1.0 where image 1 wins, 0.0 where image 2 does."""
@@ -643,7 +649,7 @@ class VLMPairwise(VLMJudge):
         check_groups(images, prompts, group_size)
         pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()  # [B, H, W, 3]
         size = pixels.shape[1:3]
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, max(1, len(prompts))))
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)  # (a group's pairs outnumber its rows)
         unparsed: list[str] = []
         try:
             urls = list(pool.map(lambda x: _png_url(Image.fromarray(x)), pixels))  # each image encoded once
@@ -652,34 +658,47 @@ class VLMPairwise(VLMJudge):
                 i, j = pair
                 p, why = self._ask([urls[i], urls[j]], prompts[i], size)
                 if p is None:
-                    if self.pair_unparsed is None:
+                    if not self.unparsed_tie:
                         raise JudgeError(
                             f"the judge's answer comparing two images of prompt {prompts[i]!r} names no winner "
                             f"({why}): adjust reward.kwargs.template / verdict_pattern (or raise max_tokens where "
-                            "the answer was cut), or set reward.kwargs.unparsed_score (0.5: a tie)"
+                            "the answer was cut), or set reward.kwargs.unparsed_tie: true to count it a tie"
                         )
                     unparsed.append(why)
-                    p = float(self.pair_unparsed)
+                    p = 0.5
                 return p
 
             def prefer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                 pairs = list(zip(a.tolist(), b.tolist(), strict=True))
-                first = torch.tensor(list(pool.map(ask, pairs)))
-                if not self.both_orders:
-                    return first
-                second = torch.tensor(list(pool.map(ask, [(j, i) for i, j in pairs])))
-                return (first + 1 - second) / 2
+                asked = pairs + ([(j, i) for i, j in pairs] if self.both_orders else [])  # in flight together
+                p = torch.tensor(list(pool.map(ask, asked)))
+                return (p[: len(pairs)] + 1 - p[len(pairs) :]) / 2 if self.both_orders else p
 
             out = win_rates(prefer, len(prompts), group_size, self.opponents)
         finally:  # (on an error, the requests not yet sent are not sent)
             pool.shutdown(cancel_futures=True)
         if unparsed:
             warnings.warn(
-                f"{len(unparsed)} of the judge's comparisons named no winner and were scored "
-                f"reward.kwargs.unparsed_score={self.pair_unparsed:g} (the first: {unparsed[0]})",
+                f"{len(unparsed)} of the judge's comparisons named no winner and count as ties "
+                f"(reward.kwargs.unparsed_tie; the first: {unparsed[0]})",
                 stacklevel=2,
             )
         return out.to(images.device)
+
+
+class _HeldOutJudge(VLMJudge):
+    """``vlm_pairwise``'s held-out view: ``vlm_judge`` on the same server, whose errors name the keys that set it."""
+
+    mode_name, text_mode_name = "eval_mode yes_prob", "eval_mode score"
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        try:
+            return super().__call__(images, prompts)
+        except JudgeError as e:
+            raise JudgeError(
+                f"the held-out evaluation asks vlm_pairwise's judge of one image (reward.kwargs.eval_mode="
+                f"{self.mode!r}; eval_template and eval_max_tokens set its template and answer length): {e}"
+            ) from None
 
 
 VLMPairwise.check = staticmethod(_pair_problems)

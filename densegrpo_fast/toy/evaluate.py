@@ -75,6 +75,7 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
     :func:`~densegrpo_fast.toy.detector.score`), overall and per category, on ``cfg.num_prompts`` prompts of
     ``cfg.dataset``, plus the mean of each of ``cfg.rewards`` (registry rewards) under ``"rewards"``."""
     from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.pairwise import pointwise_view
 
     if cfg.shift is None:
         raise ValueError(
@@ -82,7 +83,10 @@ def evaluate(policy: Policy, cfg: EvalSection, grid_path: str | Path | None = No
             "number (configs/toy_geneval.yaml uses 1.0)"
         )
     t0 = time.perf_counter()
-    reward_fns = {k: build_reward(r.name, **r.kwargs) for k, r in cfg.rewards.items()}
+    reward_fns = {  # (a pairwise reward scores an image alone through its pointwise view)
+        k: pointwise_view(build_reward(r.name, **r.kwargs), f"eval.rewards.{k}")
+        for k, r in cfg.rewards.items()
+    }
     prompts = heldout_prompts(cfg.dataset, cfg.num_prompts, cfg.seed)
     texts = [p.text for p in prompts]
     g = torch.Generator().manual_seed(cfg.seed)
