@@ -46,7 +46,7 @@ def main() -> None:
 
 
 def _count(run, n: int | None, batches: int):
-    from densegrpo_fast.rewards.pairwise import score
+    from densegrpo_fast.rewards.pairwise import pointwise_view
     from densegrpo_fast.rollout import sample
     from densegrpo_fast.toy.detector import detect
 
@@ -68,7 +68,9 @@ def _count(run, n: int | None, batches: int):
         for name, lat in latents.items():
             images = policy.decode(lat)
             objects.setdefault(name, []).append(detect(images).valid.sum(1).float())
-            reward.setdefault(name, []).append(score(run.reward_fn, images, rows, G))
+            reward.setdefault(name, []).append(
+                pointwise_view(run.reward_fn)(images, rows)
+            )  # (a win rate: 1/2)
     return objects, reward
 
 

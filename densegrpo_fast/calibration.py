@@ -19,7 +19,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import write_text_atomic
 from densegrpo_fast.dense import latent_rewards, step_rewards
-from densegrpo_fast.rewards.pairwise import pointwise_view
+from densegrpo_fast.rewards.pairwise import pointwise_spec, pointwise_view
 from densegrpo_fast.rollout import initial_noise, sample
 from densegrpo_fast.schedule import Schedule, make_schedule, sampler_grid
 
@@ -126,6 +126,10 @@ def calibrated_for(cfg) -> dict:
     from densegrpo_fast.config import resolution_record
     from densegrpo_fast.evaluate import resolved_path, scoring_kwargs
 
+    reward = cfg.reward.model_dump(
+        mode="json"
+    )  # (a pairwise reward is calibrated on its pointwise view: as that)
+    reward = pointwise_spec(reward["name"], reward["kwargs"]) or reward
     return {
         "family": cfg.model.family,
         "model": resolved_path(cfg.model.checkpoint),
@@ -133,10 +137,7 @@ def calibrated_for(cfg) -> dict:
         "resolution": resolution_record(cfg.model.resolution),
         "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
         "guidance_scale": cfg.sampling.guidance_scale,
-        "reward": {
-            "name": cfg.reward.name,
-            "kwargs": scoring_kwargs(cfg.reward.model_dump(mode="json")["kwargs"]),
-        },
+        "reward": {"name": reward["name"], "kwargs": scoring_kwargs(reward["kwargs"])},
     }
 
 

@@ -1268,5 +1268,13 @@ class TrainConfig(Section):
     def eval_rewards_built(self) -> dict[str, RewardSection]:
         """The ``eval.rewards`` entries that get a model of their own. One equal to the training reward (the
         recipes name it, for the eval command) is scored by the training reward's model: a second copy would
-        cost its weights on the device and a second pass."""
-        return {k: r for k, r in self.eval.rewards.items() if r != self.reward}
+        cost its weights on the device and a second pass. So is one that scores as a pairwise training reward's
+        pointwise view does, which is what the evaluation scores it by."""
+        from densegrpo_fast.rewards.pairwise import pointwise_spec, same_scoring
+
+        view = pointwise_spec(self.reward.name, self.reward.kwargs)
+        return {
+            k: r
+            for k, r in self.eval.rewards.items()
+            if r != self.reward and not (view and same_scoring(r.name, r.kwargs, view))
+        }

@@ -925,8 +925,17 @@ def _iterations(
             view = pointwise_view(scorer)
 
             def alone(images, prompts):
-                with contextlib.suppress(Exception):  # (a failure is noted by the rollout's calls)
-                    view(images, prompts)
+                nonlocal view
+                if view is not None:
+                    try:
+                        view(images, prompts)
+                    except Exception as e:  # (as the rollout's calls above)
+                        view = None
+                        if notes is not None:
+                            notes.append(
+                                f"the reward's pointwise view failed on fake images in the evaluation and is not "
+                                f"counted there ({type(e).__name__}: {e})"
+                            )
                 return torch.rand(images.shape[0], generator=gen)
 
             reward.pairwise, reward.pointwise = True, alone

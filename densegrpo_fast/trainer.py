@@ -616,6 +616,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     torch.set_num_threads(cfg.model.num_threads)
     distributed.check_device(cfg.model.device)
     reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    pointwise_view(reward_fn, f"reward {cfg.reward.name!r}")  # (what psi is calibrated on: refused now)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     if bad := edit_mismatch(cfg.model.family, prompts.edits, "prompts.dataset", prompts.dataset):
         raise ValueError(bad)

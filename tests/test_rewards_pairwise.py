@@ -288,6 +288,9 @@ def test_psi_is_calibrated_on_the_pointwise_view(tiny_checkpoint, tmp_path):
         plain["trajectory"],
     )
     assert any(abs(p - n) >= 2 for p, n in zip(wins["gains"][0], wins["losses"][0], strict=True))
+    assert (
+        wins["calibrated_for"] == plain["calibrated_for"]
+    )  # (so either run reads the other's table silently)
 
 
 def test_the_toy_eval_command_scores_a_pairwise_entry_by_its_view(tiny_checkpoint, tmp_path):

@@ -561,12 +561,74 @@ def test_the_held_out_view_takes_its_own_settings_and_names_them_in_its_errors(j
     (q,) = judge.requests
     assert q["max_tokens"] == 64 and q["messages"][0]["content"][-1]["text"] == 'Rate "a fox". Final Score: ?'
     judge.reply = "no number here"
-    with pytest.raises(JudgeError, match=r"held-out evaluation asks vlm_pairwise's judge of one image \(reward.kwargs"
-                                         r".eval_mode='score'; eval_template and eval_max_tokens"):  # fmt: skip
+    with pytest.raises(JudgeError, match=r"vlm_pairwise's judge, asked of one image \(reward.kwargs.eval_mode='score'\)"
+                                         r".*holds no score .*: adjust reward.kwargs.eval_template / eval_edit_template "
+                                         r"\(or raise eval_max_tokens .*\), or set reward.kwargs.eval_unparsed_score"):  # fmt: skip
         fn.pointwise(images(1), ["a fox"])
+    lenient = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", eval_unparsed_score=0.25)
+    with pytest.warns(UserWarning, match="scored reward.kwargs.eval_unparsed_score=0.25"):
+        assert lenient.pointwise(images(2), ["a fox"] * 2).tolist() == [0.25, 0.25]
     yes = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", eval_mode="yes_prob")
     judge.logprobs = False
     with pytest.raises(JudgeError, match="eval_mode yes_prob needs them .* use eval_mode score there"):
         yes.pointwise(images(1), ["a fox"])
     with pytest.raises(JudgeError, match="mode prob needs them .* use mode verdict there"):
         yes(images(2), ["a fox"] * 2, group_size=2)
+
+
+def test_an_unreadable_pair_answer_names_what_to_adjust_for_its_mode(judge, tmp_path):
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt
+
+    judge.logprobs = True
+    x = images(2)
+    judge.raw = {"choices": [{"message": {"content": "x"}, "logprobs": {"content": [{"token": "The", "logprob": -0.1,
+                 "top_logprobs": [{"token": "The", "logprob": -0.1}]}]}}]}  # fmt: skip
+    prob = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", both_orders=False)
+    with pytest.raises(
+        JudgeError, match="adjust reward.kwargs.template so that the answer starts with 1 or 2"
+    ):
+        prob(x, ["p"] * 2, group_size=2)
+    Image.new("RGB", (8, 8)).save(tmp_path / "s.png")
+    edit = EditPrompt("make it red", str(tmp_path / "s.png"))
+    with pytest.raises(JudgeError, match="adjust reward.kwargs.edit_template so that"):
+        prob(x, [edit] * 2, group_size=2)
+
+
+def test_the_held_out_view_of_an_edit_takes_eval_edit_template(judge, tmp_path):
+    from PIL import Image
+
+    from densegrpo_fast.prompts import EditPrompt
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "s.png")
+    edit = EditPrompt("make it red", str(tmp_path / "s.png"))
+    template = 'Edited by "{prompt}". Final Score: ?'
+    fn = build_reward("vlm_pairwise", url=judge.url, model="judge-7b", eval_edit_template=template)
+    fn.pointwise(images(1), [edit])
+    (q,) = judge.requests
+    content = q["messages"][0]["content"]
+    assert len(content) == 3 and content[-1]["text"] == 'Edited by "make it red". Final Score: ?'
+
+
+def test_an_evaluation_entry_that_scores_as_the_pairwise_view_is_not_built_twice():
+    """eval.rewards entries equal to a pairwise training reward's pointwise view are scored by it; psi's record
+    is the view's, so settings of the comparisons alone (opponents, both orders) do not count as another reward."""
+    from densegrpo_fast.calibration import calibrated_for
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    judge = "{url: 'http://127.0.0.1:9/v1', model: m, mode: score, score_range: [1, 5], concurrency: 64}"
+    pair = "{url: 'http://127.0.0.1:9/v1', model: m, opponents: 4, check: false}"
+    cfg = load_config(TrainConfig, None, [
+        "reward.name=vlm_pairwise", f"reward.kwargs={pair}",
+        f"eval.rewards={{judge: {{name: vlm_judge, kwargs: {judge}}}, asked: {{name: vlm_judge, kwargs: {{url: 'http://h/v1', model: m, mode: yes_prob}}}}}}",
+    ])  # fmt: skip
+    assert sorted(cfg.eval_rewards_built()) == ["asked"]
+    other = load_config(TrainConfig, None, ["reward.name=vlm_pairwise",
+                                            "reward.kwargs={url: 'http://127.0.0.1:9/v1', model: m, both_orders: false}"])  # fmt: skip
+    assert calibrated_for(cfg)["reward"] == calibrated_for(other)["reward"]
+    assert calibrated_for(cfg)["reward"]["name"] == "vlm_judge"
+    wins = load_config(TrainConfig, None, [
+        "reward.name=win_rate", "reward.kwargs={reward: {name: redness}}", "eval.rewards={red: {name: redness}}",
+    ])  # fmt: skip
+    assert wins.eval_rewards_built() == {}

@@ -77,6 +77,48 @@ def pointwise_view(reward_fn, where: str = "reward"):
     return view
 
 
+def pointwise_spec(name: str, kwargs: dict) -> dict | None:
+    """The ``{name, kwargs}`` of the reward that scores images alone for the pairwise reward ``name`` built with
+    ``kwargs`` (its ``pointwise`` view), or None for a pointwise reward: ``win_rate``'s own reward,
+    ``vlm_pairwise``'s ``vlm_judge`` on its server, a weighted sum's parts each mapped. What the noise is calibrated
+    on, and what an ``eval.rewards`` entry equal to it is scored by."""
+    kwargs = kwargs or {}
+    if name == "win_rate":
+        inner = kwargs.get("reward") or {}
+        return {"name": inner.get("name"), "kwargs": inner.get("kwargs") or {}}
+    if name == "vlm_pairwise":
+        from densegrpo_fast.rewards.vlm_judge import view_kwargs
+
+        return {"name": "vlm_judge", "kwargs": view_kwargs(kwargs)}
+    if name == "multi" and spec_is_pairwise(name, kwargs):
+        parts = {
+            k: {**p, **(pointwise_spec(p.get("name"), p.get("kwargs") or {}) or {})}
+            for k, p in kwargs["rewards"].items()
+        }
+        return {"name": "multi", "kwargs": {**kwargs, "rewards": parts}}
+    return None
+
+
+def same_scoring(name: str, kwargs: dict, other: dict) -> bool:
+    """Whether the reward ``name`` with ``kwargs`` scores as ``other`` (``{name, kwargs}``) does: the same name, and
+    the same kwargs once the factory's defaults fill what either leaves out and the settings that only say how a
+    reward is reached are dropped (:func:`densegrpo_fast.evaluate.scoring_kwargs`)."""
+    import inspect
+
+    from densegrpo_fast.evaluate import scoring_kwargs
+    from densegrpo_fast.rewards import _REGISTRY
+
+    if name != other.get("name") or name not in _REGISTRY:
+        return False
+    defaults = {
+        p.name: p.default
+        for p in inspect.signature(_REGISTRY[name]).parameters.values()
+        if p.default is not inspect.Parameter.empty
+    }
+    full = lambda kw: scoring_kwargs({**defaults, **(kw or {})})  # noqa: E731
+    return full(kwargs) == full(other.get("kwargs"))
+
+
 def schedule(group_size: int, opponents: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The pairs ``(a, b)`` of one group's rows that are compared, as two index tensors of equal length: every
     pair once (``opponents`` None, or >= group_size - 1), or each row with the ``opponents`` (even) rows around it

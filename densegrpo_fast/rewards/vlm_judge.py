@@ -206,6 +206,12 @@ class VLMJudge:
     #: The two first tokens the logprob mode weighs (lower case, stripped), and the modes' names in messages.
     answers = ("yes", "no")
     mode_name, text_mode_name = "mode yes_prob", "mode score"
+    #: The settings an unreadable answer's error and the scale's warning name (a subclass's own keys).
+    unparsed_fix = (
+        "adjust reward.kwargs.template / score_pattern (or raise max_tokens where the answer was cut), or set "
+        "reward.kwargs.unparsed_score to score such answers"
+    )
+    unparsed_key, range_key = "reward.kwargs.unparsed_score", "reward.kwargs.score_range"
 
     def __init__(
         self,
@@ -301,9 +307,7 @@ class VLMJudge:
             if score is None:
                 if self.unparsed_score is None:
                     raise JudgeError(
-                        f"the judge's answer to prompt {prompts[i]!r} holds no score ({why}): adjust "
-                        "reward.kwargs.template / score_pattern (or raise max_tokens where the answer was cut), "
-                        "or set reward.kwargs.unparsed_score to score such answers"
+                        f"the judge's answer to prompt {prompts[i]!r} holds no score ({why}): {self.unparsed_fix}"
                     )
                 score = float(self.unparsed_score)
                 unparsed.append(i)
@@ -312,14 +316,14 @@ class VLMJudge:
             scores.append(score)
         if clamped:
             warnings.warn(
-                f"{clamped} of {len(prompts)} judge scores fell outside reward.kwargs.score_range="
+                f"{clamped} of {len(prompts)} judge scores fell outside {self.range_key}="
                 f"{list(self.score_range)} and were clamped to it: check that the template states the scale",
                 stacklevel=2,
             )
         if unparsed:
             warnings.warn(
                 f"{len(unparsed)} of {len(prompts)} judge answers held no score and were scored "
-                f"reward.kwargs.unparsed_score={self.unparsed_score:g} (the first: {answers[unparsed[0]][1]})",
+                f"{self.unparsed_key}={self.unparsed_score:g} (the first: {answers[unparsed[0]][1]})",
                 stacklevel=2,
             )
         return torch.tensor(scores, dtype=torch.float32, device=images.device)
@@ -510,7 +514,9 @@ def _pair_problems(
     unparsed_tie: object = False,
     eval_mode: object = "score",
     eval_template: object = None,
+    eval_edit_template: object = None,
     eval_max_tokens: object = None,
+    eval_unparsed_score: object = None,
     max_tokens: object = None,
     temperature: object = 0.0,
     concurrency: object = 16,
@@ -549,9 +555,15 @@ def _pair_problems(
             f"reward.kwargs.eval_mode={eval_mode!r} must be one of {list(EVAL_MODES)}: how the held-out "
             "evaluation asks the same judge of one image (win rates average 1/2, so it scores images alone)"
         )
-    if eval_template is not None and (not isinstance(eval_template, str) or "{prompt}" not in eval_template):
+    for name, t in (("eval_template", eval_template), ("eval_edit_template", eval_edit_template)):
+        if t is not None and (not isinstance(t, str) or "{prompt}" not in t):
+            out.append(f"reward.kwargs.{name}={str(t)[:60]!r} must be a string holding {{prompt}}")
+    if eval_unparsed_score is not None and (
+        isinstance(eval_unparsed_score, bool) or not isinstance(eval_unparsed_score, int | float)
+        or not math.isfinite(eval_unparsed_score)
+    ):  # fmt: skip
         out.append(
-            f"reward.kwargs.eval_template={str(eval_template)[:60]!r} must be a string holding {{prompt}}"
+            f"reward.kwargs.eval_unparsed_score={eval_unparsed_score!r} must be a finite number (or null: an error)"
         )
     if eval_max_tokens is not None:
         out += [f"{p} (or null)" for p in count_problems(eval_max_tokens=eval_max_tokens)]
@@ -575,9 +587,10 @@ class VLMPairwise(VLMJudge):
     ``both_orders`` (ask each pair in both orders and average, which cancels a judge's leaning to the first or
     the second image, at twice the requests), ``opponents`` (null: every pair of a group; an even m: m per
     image), ``unparsed_tie`` (an answer naming no winner counts as a tie, with a warning; false: an error).
-    The held-out evaluation asks the same server of one image, as ``vlm_judge`` with ``eval_mode`` (``score``, a
-    1 to 5 verdict mapped to [0, 1], or ``yes_prob``), ``eval_template`` (null: the mode's own) and
-    ``eval_max_tokens`` (null: 512 for ``score``, 1 for ``yes_prob``).
+    The held-out evaluation (and the noise's calibration) asks the same server of one image, as ``vlm_judge``
+    with ``eval_mode`` (``score``, a 1 to 5 verdict mapped to [0, 1], or ``yes_prob``), ``eval_template`` and
+    ``eval_edit_template`` (null: the mode's own), ``eval_max_tokens`` (null: 512 for ``score``, 1 for
+    ``yes_prob``) and ``eval_unparsed_score`` (the score of an answer without one; null: an error).
     """
 
     pairwise = True
@@ -597,7 +610,9 @@ class VLMPairwise(VLMJudge):
         unparsed_tie: bool = False,
         eval_mode: str = "score",
         eval_template: str | None = None,
+        eval_edit_template: str | None = None,
         eval_max_tokens: int | None = None,
+        eval_unparsed_score: float | None = None,
         max_tokens: int | None = None,
         temperature: float = 0.0,
         concurrency: int = 16,
@@ -607,9 +622,8 @@ class VLMPairwise(VLMJudge):
         api_key_env: str | None = None,
         check: bool = True,
     ):
-        if problems := _pair_problems(url, model, mode, template, edit_template, verdict_pattern, both_orders, opponents,
-                                      unparsed_tie, eval_mode, eval_template, eval_max_tokens, max_tokens, temperature,
-                                      concurrency, timeout_s, retries, backoff_s, api_key_env, check):  # fmt: skip
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if problems := _pair_problems(**given):
             raise ValueError("; ".join(problems))
         prob = mode == "prob"
         super().__init__(
@@ -626,11 +640,9 @@ class VLMPairwise(VLMJudge):
             unparsed_tie,
         )
         #: The held-out evaluation's judge: the same server asked of one image.
-        self.pointwise = _HeldOutJudge(
-            self.url, model, mode=eval_mode, template=eval_template, score_range=[1, 5] if eval_mode == "score" else None,
-            max_tokens=eval_max_tokens, temperature=temperature, concurrency=concurrency, timeout_s=timeout_s,
-            retries=retries, backoff_s=backoff_s, api_key_env=api_key_env, check=False,
-        )  # fmt: skip
+        with warnings.catch_warnings():  # (the API key's plain-http warning was given above)
+            warnings.simplefilter("ignore", UserWarning)
+            self.pointwise = _HeldOutJudge(**{**view_kwargs(given), "url": self.url, "check": False})
 
     def _read_score(self, choice: dict) -> tuple[float | None, str]:
         """The verdict: 1.0 where image 1 wins, 0.0 where image 2 does."""
@@ -659,10 +671,16 @@ class VLMPairwise(VLMJudge):
                 p, why = self._ask([urls[i], urls[j]], prompts[i], size)
                 if p is None:
                     if not self.unparsed_tie:
+                        template = "edit_template" if isinstance(prompts[i], EditPrompt) else "template"
+                        fix = (
+                            f"adjust reward.kwargs.{template} so that the answer starts with 1 or 2"
+                            if self.pair_mode == "prob"
+                            else f"adjust reward.kwargs.{template} / verdict_pattern (or raise max_tokens where the "
+                            "answer was cut)"
+                        )
                         raise JudgeError(
                             f"the judge's answer comparing two images of prompt {prompts[i]!r} names no winner "
-                            f"({why}): adjust reward.kwargs.template / verdict_pattern (or raise max_tokens where "
-                            "the answer was cut), or set reward.kwargs.unparsed_tie: true to count it a tie"
+                            f"({why}): {fix}, or set reward.kwargs.unparsed_tie: true to count it a tie"
                         )
                     unparsed.append(why)
                     p = 0.5
@@ -686,18 +704,39 @@ class VLMPairwise(VLMJudge):
         return out.to(images.device)
 
 
+def view_kwargs(kwargs: dict) -> dict:
+    """The ``vlm_judge`` kwargs of ``vlm_pairwise``'s pointwise view, from its own ``kwargs``: the same server and
+    model asked of one image, with its ``eval_*`` settings (the defaults left out, as a config would leave them)."""
+    mode = kwargs.get("eval_mode", "score")
+    out = {"url": kwargs.get("url"), "model": kwargs.get("model"), "mode": mode}
+    if mode == "score":
+        out["score_range"] = [1, 5]
+    for own, key in [("eval_template", "template"), ("eval_edit_template", "edit_template"),
+                     ("eval_max_tokens", "max_tokens"), ("eval_unparsed_score", "unparsed_score")]:  # fmt: skip
+        if kwargs.get(own) is not None:
+            out[key] = kwargs[own]
+    for key in ("temperature", "concurrency", "timeout_s", "retries", "backoff_s", "api_key_env", "check"):
+        if key in kwargs:
+            out[key] = kwargs[key]
+    return out
+
+
 class _HeldOutJudge(VLMJudge):
     """``vlm_pairwise``'s held-out view: ``vlm_judge`` on the same server, whose errors name the keys that set it."""
 
     mode_name, text_mode_name = "eval_mode yes_prob", "eval_mode score"
+    unparsed_fix = (
+        "adjust reward.kwargs.eval_template / eval_edit_template (or raise eval_max_tokens where the answer was "
+        "cut), or set reward.kwargs.eval_unparsed_score to score such answers"
+    )
+    unparsed_key, range_key = "reward.kwargs.eval_unparsed_score", "eval_mode score's scale"
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         try:
             return super().__call__(images, prompts)
         except JudgeError as e:
             raise JudgeError(
-                f"the held-out evaluation asks vlm_pairwise's judge of one image (reward.kwargs.eval_mode="
-                f"{self.mode!r}; eval_template and eval_max_tokens set its template and answer length): {e}"
+                f"vlm_pairwise's judge, asked of one image (reward.kwargs.eval_mode={self.mode!r}): {e}"
             ) from None
 
 
