@@ -57,8 +57,13 @@ def test_implements_the_policy_contract(policy, pipe):
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     with pytest.raises(ValueError, match=r"max_sequence_length \(2000\): QwenImagePipeline takes 1 to 1024"):
         QwenImagePolicy(pipe, resolution=32, max_sequence_length=2000)
-    with pytest.raises(ValueError, match=r"sets \['zero_cond_t'\]: a guidance-distilled or an edit model's"):
+    with pytest.raises(
+        ValueError, match=r"sets \['zero_cond_t'\]: a guidance-distilled, an edit or a layered"
+    ):
         QwenImagePolicy(tiny.qwen_image_pipeline(seed=0, zero_cond_t=True), **OPTS)
+    for layered in ("use_additional_t_cond", "use_layer3d_rope"):  # (Qwen-Image-Layered's transformer)
+        with pytest.raises(ValueError, match=rf"sets \['{layered}'\]: .*Qwen-Image-Layered"):
+            QwenImagePolicy(tiny.qwen_image_pipeline(seed=0, **{layered: True}), **OPTS)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -352,3 +352,9 @@ def test_the_text_encoder_takes_a_few_rows_at_a_time_to_the_same_result(policy, 
     parts = few.encode_prompts(prompts)
     for field in ("embeds", "pooled", "neg_embeds", "neg_pooled", "reference"):
         torch.testing.assert_close(getattr(parts, field), getattr(whole, field), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("option", ["guidance_embeds", "use_additional_t_cond", "use_layer3d_rope"])
+def test_a_guidance_distilled_or_layered_transformer_is_refused(option):
+    with pytest.raises(ValueError, match=rf"sets \['{option}'\]: a guidance-distilled or a layered model's"):
+        QwenImageEditPolicy(tiny.qwen_image_edit_pipeline(seed=0, **{option: True}), **OPTS)

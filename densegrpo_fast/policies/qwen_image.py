@@ -97,11 +97,11 @@ class QwenImagePolicy(PackedLatentPolicy):
     #: The negative prompt of true CFG (Qwen-Image's model card: a single space).
     negative_prompt = " "
     #: Transformer options the family does not sample with, and why.
-    refused_options = ("guidance_embeds", "zero_cond_t")
+    refused_options = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
     refused_why = (
-        "a guidance-distilled or an edit model's checkpoint; model.family qwen_image samples Qwen-Image's "
-        "text-to-image checkpoints (e.g. Qwen/Qwen-Image) with true CFG (Qwen-Image-Edit-2509 and -2511: "
-        "model.family qwen_image_edit)"
+        "a guidance-distilled, an edit or a layered model's checkpoint (Qwen-Image-Layered's extra timestep "
+        "input and 3-D rotary positions); model.family qwen_image samples Qwen-Image's text-to-image checkpoints "
+        "(e.g. Qwen/Qwen-Image) with true CFG (Qwen-Image-Edit-2509 and -2511: model.family qwen_image_edit)"
     )
 
     def __init__(self, pipe, *, resolution: Resolution = 512, max_sequence_length: int = 512):

@@ -73,10 +73,10 @@ class QwenImageEditPolicy(QwenImagePolicy):
     scheduler_fix = "use Qwen-Image-Edit's scheduler config (scheduler/scheduler_config.json)"
     edits = "required"
     text_reads_sources = True
-    refused_options = ("guidance_embeds",)
+    refused_options = ("guidance_embeds", "use_additional_t_cond", "use_layer3d_rope")
     refused_why = (
-        "a guidance-distilled checkpoint; model.family qwen_image_edit samples Qwen-Image-Edit-2509 and -2511 "
-        "with true CFG"
+        "a guidance-distilled or a layered model's checkpoint (Qwen-Image-Layered's extra timestep input and 3-D "
+        "rotary positions); model.family qwen_image_edit samples Qwen-Image-Edit-2509 and -2511 with true CFG"
     )
     #: The pipeline's ``Qwen2VLProcessor`` is not loaded: in transformers 5 it requires torchvision (for its
     #: video processor), and the adapter needs only its image processor and the tokenizer (:attr:`vl_images`).
