@@ -1257,6 +1257,9 @@ class TrainConfig(Section):
             ("ema", self.ema, ("decay", "every"), not self.ema.enabled, "ema.enabled=false keeps no EMA"),
             ("run", self.run, ("keep_exports",), self.run.export_every == 0,
              "run.export_every=0 keeps no export but the final one"),
+            ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
+             "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
+             "cuts nothing"),
         ]  # fmt: skip
         out = []
         for name, section, fields, off, why in unused:

@@ -294,6 +294,10 @@ def test_settings_a_run_does_not_use_are_noted_and_warned_when_given_on_the_comm
     calibrated = load_config(TrainConfig, TOY, ["dense.mode=sparse", "dense.completion_batching=separate"])
     assert [keys for keys, _ in calibrated.ignored_settings()] == [["dense.completion_steps"]]  # (the file's)
     assert load_config(TrainConfig, TOY).ignored_settings() == []
+    edit = load_config(
+        TrainConfig, ROOT / "configs" / "qwen_image_edit_vlm_judge.yaml", ["model.max_sequence_length=300"]
+    )
+    assert [keys for keys, _ in edit.ignored_settings()] == [["model.max_sequence_length"]]
     assert override_keys(["lora={enabled: false, rank: 8}", "a.b=1"]) == {
         "lora",
         "lora.enabled",
