@@ -306,3 +306,21 @@ def test_the_toy_eval_command_scores_a_pairwise_entry_by_its_view(tiny_checkpoin
     cfg = EvalSection(num_prompts=4, num_steps=2, batch_size=4, shift=1.0, rewards=rewards)
     out = evaluate(policy, cfg)
     assert out["rewards"]["wins"] == out["rewards"]["red"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["dense.mode=sparse"], ["sampling.reward_waves=2"], ["dense.mode=sparse", "sampling.reward_waves=2"]],
+    ids=["sparse", "waves", "sparse-waves"],
+)
+def test_win_rates_train_through_the_sparse_and_the_waved_paths(tiny_checkpoint, tmp_path, extra):
+    """The final-only scoring of sparse mode and the reward waves (each wave whole groups, scored while the next
+    rolls out) hand the reward whole groups too: the final latent's win rates average 1/2 and the run trains."""
+    from test_trainer import cfg_of, records
+
+    from densegrpo_fast.trainer import train
+
+    over = ["reward.name=win_rate", "reward.kwargs={reward: {name: redness}}", "run.eval_every=0", *extra]
+    (step,) = [r for r in records(train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=over),
+                                        progress=False)) if "reward_mean" in r]  # fmt: skip
+    assert step["reward_mean"] == pytest.approx(0.5, abs=1e-6) and step["rows_trained"] > 0
