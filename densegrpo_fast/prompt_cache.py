@@ -287,7 +287,7 @@ def encode_config(
 
     from densegrpo_fast import distributed
     from densegrpo_fast.checkpoint import lock_dir, unlock_dir
-    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.policies import adapter_class
     from densegrpo_fast.prompts import PromptSource
 
     m = cfg.model
@@ -317,9 +317,10 @@ def encode_config(
     lock_dir(root, "encode-prompts job")
     try:
         distributed.check_device(m.device)
-        policy = load_policy(
-            m.family, m.checkpoint, m.device, **{**m.adapter_options(), "prompt_cache": None}
-        )
+        # text encoders alone: the transformer and the VAE are built on the meta device, no weights read
+        options = {**m.adapter_options(), "prompt_cache": None, "offload_text_encoders": False}
+        options.pop("gradient_checkpointing", None)
+        policy = adapter_class(m.family).load(m.checkpoint, device=m.device, text_only=True, **options)
         saved = _read_index(root)
         ident, stats = policy.prompt_cache_identity(known=saved["stats"] if saved else None)
         cache = PromptCache(root, ident, padded=not policy.pads_prompts, create=True, stats=stats)

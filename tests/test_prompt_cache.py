@@ -51,6 +51,25 @@ def _write_cache(policy, root, texts):
     return cache
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein", "flux_kontext"])
+def test_a_text_only_policy_reads_no_transformer_or_vae_and_encodes_as_the_whole_one(family, checkpoints):
+    """What ``encode-prompts`` loads: the transformer and the VAE built on the meta device from their configs
+    (no weights read), the text encoders alone on the device, and the same encodings, bit for bit."""
+    cls = adapter_class(family)
+    opts = OPTS if cls.pads_prompts else {**OPTS, "max_sequence_length": 256}
+    whole = cls.load(checkpoints(family), dtype="fp32", **opts)
+    text = cls.load(checkpoints(family), dtype="fp32", text_only=True, **opts)
+    for name in ("transformer", "vae"):
+        tensors = [*getattr(text.pipe, name).parameters(), *getattr(text.pipe, name).buffers()]
+        assert tensors and all(t.is_meta for t in tensors), name
+    assert text.text_device == torch.device("cpu") and all(
+        not p.is_meta for m in text.text_encoders() for p in m.parameters()
+    )
+    assert text.prompt_cache_identity() == whole.prompt_cache_identity()
+    for a, b in zip(whole._encode(TEXTS), text._encode(TEXTS), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein"])
 def test_a_cached_policy_loads_no_text_encoder_and_conditions_as_the_encoders_do(
     family, checkpoints, tmp_path

@@ -65,7 +65,10 @@ class FluxPolicy(PackedLatentPolicy):
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, max_sequence_length=self.max_sequence_length
+            prompt=prompts,
+            prompt_2=None,
+            device=self.text_device,
+            max_sequence_length=self.max_sequence_length,
         )
         return embeds, pooled
 

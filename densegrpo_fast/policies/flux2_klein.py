@@ -136,7 +136,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
         )  # fmt: skip
         encoder = pipe.text_encoder
         states = getattr(encoder, self.text_encoder_call)(
-            input_ids=tokens.input_ids.to(self.device), attention_mask=tokens.attention_mask.to(self.device),
+            input_ids=tokens.input_ids.to(self.text_device), attention_mask=tokens.attention_mask.to(self.text_device),
             output_hidden_states=True, use_cache=False,
         ).hidden_states  # fmt: skip
         embeds = torch.cat([states[k] for k in TEXT_LAYERS], dim=-1).to(encoder.dtype)

@@ -191,6 +191,20 @@ def is_text_encoder(component: str) -> bool:
     return component.startswith("text_encoder")
 
 
+def _meta_model(root: Path, component: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The pipeline's ``component`` (transformer, vae) built from its config on the meta device: its structure
+    and config, no weights read or allocated."""
+    import json
+
+    import diffusers
+
+    library, name = json.loads((Path(root) / "model_index.json").read_text())[component]
+    model_cls = getattr(diffusers, name)
+    with torch.device("meta"):
+        model = model_cls.from_config(model_cls.load_config(Path(root) / component))
+    return model.to(dtype).eval().requires_grad_(False)
+
+
 def move_except(module: torch.nn.Module, device, stay: set[int]) -> None:
     """``module.to(device)``, except the submodules whose ``id`` is in ``stay``, which go to host memory
     (where they are already, as a pipeline loaded by :meth:`DiffusersPolicy.load` has them)."""
@@ -381,6 +395,7 @@ class DiffusersPolicy:
         cache_dir: str | Path | None = None,
         offload_text_encoders: bool = False,
         prompt_cache: str | Path | None = None,
+        text_only: bool = False,
     ):
         """Load a diffusers-format checkpoint of this family: a directory, or a repo id (default
         ``cls.default_repo``) from the Hugging Face cache; offline unless ``local_files_only`` is false.
@@ -388,7 +403,10 @@ class DiffusersPolicy:
         ``offload_text_encoders``: the text encoders stay in host memory (:meth:`offload_text_encoders_`).
         ``prompt_cache``: a directory written by ``densegrpo-fast encode-prompts`` for this checkpoint and these
         settings (a ValueError otherwise, before anything loads); the text encoders and tokenizers are then not
-        loaded, and every prompt encoded must be in it (:mod:`densegrpo_fast.prompt_cache`)."""
+        loaded, and every prompt encoded must be in it (:mod:`densegrpo_fast.prompt_cache`). ``text_only``: the
+        transformer and the VAE are built from their configs on the meta device, with no weights read, and only
+        the text encoders come to ``device``: a policy that encodes prompts (:attr:`text_device`) and does
+        nothing else (``densegrpo-fast encode-prompts``)."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
@@ -415,6 +433,9 @@ class DiffusersPolicy:
             ident, _ = identity(cls, root, dtype=want, max_sequence_length=length, known=known)
             cache = PromptCache(prompt_cache, ident, padded=not cls.pads_prompts)
             skipped |= {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
+        if text_only:  # (their configs only: the policy's constructor reads them)
+            skipped |= {k: _meta_model(root, k, want if k == "transformer" else torch.float32)
+                        for k in ("transformer", "vae")}  # fmt: skip
         pipe = pipeline_cls.from_pretrained(
             root,
             **{_dtype_keyword(): {"default": want, "vae": torch.float32}},
@@ -424,15 +445,26 @@ class DiffusersPolicy:
         _check_loaded_dtypes(pipe, want)
         stay = {id(m) for m in cls.unused_modules(pipe).values()}  # (never needed on the device)
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
+            if text_only and not is_text_encoder(name):
+                continue
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 move_except(module, device, stay)
         policy = cls(pipe, resolution=resolution, max_sequence_length=length)
+        if text_only:
+            policy._text_device = torch.device(device)
         policy.offload_text_encoders = offload_text_encoders
         policy.prompt_cache, policy.root = cache, root
         return policy
 
     #: The checkpoint directory :meth:`load` read (None for a pipeline built in memory).
     root: Path | None = None
+    _text_device: torch.device | None = None
+
+    @property
+    def text_device(self) -> torch.device:
+        """Where the text encoders' inputs go: the policy's device, or a text-only policy's (``load(text_only=
+        True)``, whose transformer is on the meta device)."""
+        return self._text_device if self._text_device is not None else self.device
 
     def prompt_cache_identity(self, known: dict | None = None) -> tuple[dict, dict]:
         """What a prompt cache written by this policy's text encoders is known by, and its files' stats

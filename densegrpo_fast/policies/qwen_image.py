@@ -186,12 +186,12 @@ class QwenImagePolicy(PackedLatentPolicy):
         # the pipeline's hidden_states[-1] is the language model's normed last state: asked for directly, it
         # costs neither the other layers' kept states nor the LM head's logits for every token
         hidden = getattr(encoder, self.text_encoder_call)(
-            input_ids=tokens.input_ids.to(self.device),
-            attention_mask=tokens.attention_mask.to(self.device),
+            input_ids=tokens.input_ids.to(self.text_device),
+            attention_mask=tokens.attention_mask.to(self.text_device),
             use_cache=False,  # (no key-value cache: 57 KB per token of Qwen2.5-VL-7B, kept for nothing)
         ).last_hidden_state
         embeds, mask = kept_tokens(hidden, tokens.attention_mask, drop, self.max_sequence_length)
-        return embeds.to(encoder.dtype), mask.to(self.device)
+        return embeds.to(encoder.dtype), mask.to(self.text_device)
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] and the token mask [B, L] (in the ``pooled`` field), one encoder row per

@@ -81,7 +81,7 @@ class SD3Policy(DiffusersPolicy):
     @torch.no_grad()
     def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, _, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+            prompt=prompts, prompt_2=None, prompt_3=None, device=self.text_device,
             do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
         )  # fmt: skip
         return embeds, pooled

@@ -115,8 +115,8 @@ class ZImagePolicy(PackedLatentPolicy):
             texts, padding=True, max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
         )
         hidden = pipe.text_encoder(
-            input_ids=tokens.input_ids.to(self.device),
-            attention_mask=tokens.attention_mask.to(self.device).bool(),
+            input_ids=tokens.input_ids.to(self.text_device),
+            attention_mask=tokens.attention_mask.to(self.text_device).bool(),
             output_hidden_states=True,
         ).hidden_states[-2]
         keep = [row.nonzero().flatten() for row in tokens.attention_mask.bool()]
@@ -126,7 +126,7 @@ class ZImagePolicy(PackedLatentPolicy):
         for b, k in enumerate(keep):
             embeds[b, : len(k)] = hidden[b, k.to(hidden.device)]
             mask[b, : len(k)] = 1
-        return embeds, mask.to(self.device)
+        return embeds, mask.to(self.text_device)
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] and the token mask [B, L] (in the ``pooled`` field), one encoder row per
