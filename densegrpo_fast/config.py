@@ -1259,7 +1259,7 @@ class TrainConfig(Section):
              "run.export_every=0 keeps no export but the final one"),
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
-             "cuts nothing"),
+             "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),
         ]  # fmt: skip
         out = []
         for name, section, fields, off, why in unused:

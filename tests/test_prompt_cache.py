@@ -66,6 +66,8 @@ def test_a_text_only_policy_reads_no_transformer_or_vae_and_encodes_as_the_whole
         not p.is_meta for m in text.text_encoders() for p in m.parameters()
     )
     assert text.prompt_cache_identity() == whole.prompt_cache_identity()
+    with pytest.raises(ValueError, match="offload_text_encoders and prompt_cache do not combine with it"):
+        cls.load(checkpoints(family), dtype="fp32", text_only=True, offload_text_encoders=True, **opts)
     for a, b in zip(whole._encode(TEXTS), text._encode(TEXTS), strict=True):
         assert torch.equal(a, b)
 
@@ -155,6 +157,26 @@ def test_encode_prompts_writes_the_configs_prompts_then_only_what_is_new(checkpo
     assert "1 prompt(s) encoded, 5 in the prompt cache" in capsys.readouterr().out
     assert main(args) == 0
     assert "0 prompt(s) encoded, 5 in the prompt cache" in capsys.readouterr().out
+
+
+def test_encode_prompts_reads_no_transformer_or_vae_weight(checkpoints, tmp_path):
+    """The command's policy is text-only: a checkpoint whose transformer and VAE weight files are garbage encodes
+    the same cache as the intact one (a whole load would fail on them)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints("sd3"), broken)
+    for part in ("transformer", "vae"):
+        for f in (broken / part).glob("*.safetensors"):
+            f.write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):  # noqa: B017  (whatever the loader raises on a garbage file)
+        adapter_class("sd3").load(broken, dtype="fp32", **OPTS)
+    (tmp_path / "b").mkdir(), (tmp_path / "w").mkdir()
+    got, _ = encode_config(_config(broken, tmp_path / "b"), progress=False)
+    want, _ = encode_config(_config(checkpoints("sd3"), tmp_path / "w"), progress=False)
+    texts = ["a red circle", "two blue squares", "a green dog", ""]
+    for a, b in zip(want.get(texts, "cpu"), got.get(texts, "cpu"), strict=True):
+        assert torch.equal(a, b)
 
 
 def _overrides(cfg) -> list[str]:

@@ -202,7 +202,9 @@ def _meta_model(root: Path, component: str, dtype: torch.dtype) -> torch.nn.Modu
     model_cls = getattr(diffusers, name)
     with torch.device("meta"):
         model = model_cls.from_config(model_cls.load_config(Path(root) / component))
-    return model.to(dtype).eval().requires_grad_(False)
+    if dtype != torch.float32:  # (``_apply``: ModelMixin.to would log about fp32-kept modules it has none of)
+        model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    return model.eval().requires_grad_(False)
 
 
 def move_except(module: torch.nn.Module, device, stay: set[int]) -> None:
@@ -433,6 +435,11 @@ class DiffusersPolicy:
             ident, _ = identity(cls, root, dtype=want, max_sequence_length=length, known=known)
             cache = PromptCache(prompt_cache, ident, padded=not cls.pads_prompts)
             skipped |= {k: None for k in cls.components if is_text_encoder(k) or k.startswith("tokenizer")}
+        if text_only and (offload_text_encoders or prompt_cache is not None):
+            raise ValueError(
+                "text_only loads the text encoders alone, to encode prompts: offload_text_encoders and prompt_cache "
+                "do not combine with it"
+            )
         if text_only:  # (their configs only: the policy's constructor reads them)
             skipped |= {k: _meta_model(root, k, want if k == "transformer" else torch.float32)
                         for k in ("transformer", "vae")}  # fmt: skip
@@ -450,8 +457,8 @@ class DiffusersPolicy:
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 move_except(module, device, stay)
         policy = cls(pipe, resolution=resolution, max_sequence_length=length)
-        if text_only:
-            policy._text_device = torch.device(device)
+        if text_only:  # (where the encoders are: "cuda" is the current device's index)
+            policy._text_device = next(p for m in policy.text_encoders() for p in m.parameters()).device
         policy.offload_text_encoders = offload_text_encoders
         policy.prompt_cache, policy.root = cache, root
         return policy
