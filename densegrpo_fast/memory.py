@@ -907,18 +907,24 @@ def _iterations(
         scorer = reward_fn or run.reward_fn
         gen = torch.Generator().manual_seed(seed)
 
+        def counted(call, failed: str) -> bool:
+            """Whether ``call()`` ran on the fake images; a note of ``failed`` where it did not (e.g. a reward
+            that reads pixel values on the host, OCR)."""
+            try:
+                call()
+                return True
+            except Exception as e:
+                if notes is not None:
+                    notes.append(f"{failed} ({type(e).__name__}: {e})")
+                return False
+
         def reward(images, prompts, group_size=None):
             nonlocal scorer
-            if scorer is not None:
-                try:
-                    score(scorer, images, prompts, group_size)
-                except Exception as e:  # e.g. a reward that reads pixel values on the host (OCR)
-                    scorer = None
-                    if notes is not None:
-                        notes.append(
-                            f"the reward's calls failed on fake images and are not counted, its weights are "
-                            f"({type(e).__name__}: {e})"
-                        )
+            if scorer is not None and not counted(
+                lambda: score(scorer, images, prompts, group_size),
+                "the reward's calls failed on fake images and are not counted, its weights are",
+            ):
+                scorer = None
             return torch.rand(images.shape[0], generator=gen)
 
         if scorer is not None and is_pairwise(scorer):  # called with the group size; evaluated by its view
@@ -926,16 +932,11 @@ def _iterations(
 
             def alone(images, prompts):
                 nonlocal view
-                if view is not None:
-                    try:
-                        view(images, prompts)
-                    except Exception as e:  # (as the rollout's calls above)
-                        view = None
-                        if notes is not None:
-                            notes.append(
-                                f"the reward's pointwise view failed on fake images in the evaluation and is not "
-                                f"counted there ({type(e).__name__}: {e})"
-                            )
+                if view is not None and not counted(
+                    lambda: view(images, prompts),
+                    "the reward's pointwise view failed on fake images in the evaluation and is not counted there",
+                ):
+                    view = None
                 return torch.rand(images.shape[0], generator=gen)
 
             reward.pairwise, reward.pointwise = True, alone

@@ -107,6 +107,19 @@ def _source_url(path: str, height: int, width: int) -> str:
     return _png_url(load_source(path, height, width))
 
 
+def _pattern_problems(key: str, pattern: object, group: str) -> list[str]:
+    """``reward.kwargs.<key>``: a regex string with exactly one group (what it captures: ``group``)."""
+    if not isinstance(pattern, str):
+        return [f"reward.kwargs.{key}={pattern!r} must be a string (a regex with one group)"]
+    try:
+        groups = re.compile(pattern).groups
+    except re.error as e:
+        groups = f"not a regex ({e})"
+    if groups != 1:
+        return [f"reward.kwargs.{key}={pattern!r}: {groups} groups; it needs one, {group}"]
+    return []
+
+
 class JudgeError(ValueError):
     """The judge could not score: its server down or refusing, or an answer with no score in it. A
     ValueError, the project's kind for problems the user fixes: the command line prints it without a
@@ -143,17 +156,7 @@ def _problems(
     for name, t in (("template", template), ("edit_template", edit_template)):
         if t is not None and (not isinstance(t, str) or "{prompt}" not in t):
             out.append(f"reward.kwargs.{name}={str(t)[:60]!r} must be a string holding {{prompt}}")
-    if not isinstance(score_pattern, str):
-        out.append(f"reward.kwargs.score_pattern={score_pattern!r} must be a string (a regex with one group)")
-    else:
-        try:
-            groups = re.compile(score_pattern).groups
-        except re.error as e:
-            groups = f"not a regex ({e})"
-        if groups != 1:
-            out.append(
-                f"reward.kwargs.score_pattern={score_pattern!r}: {groups} groups; it needs one, the number"
-            )
+    out += _pattern_problems("score_pattern", score_pattern, "the number")
     if score_range is not None and not (
         isinstance(score_range, list | tuple) and len(score_range) == 2 and all(map(num, score_range))
         and score_range[0] < score_range[1]
@@ -529,25 +532,9 @@ def _pair_problems(
     """What is wrong with ``reward.kwargs`` of ``vlm_pairwise``, each with its rule; no server is asked."""
     from densegrpo_fast.rewards.pairwise import opponents_problems
 
-    out = [
-        p for p in _problems(url, model, "score", template, edit_template, verdict_pattern, None, max_tokens,
-                             temperature, concurrency, timeout_s, retries, backoff_s, api_key_env, None, check)
-        if not p.startswith("reward.kwargs.score_pattern")
-    ]  # fmt: skip
-    if isinstance(verdict_pattern, str):  # (the pattern's own rule, under its own name)
-        try:
-            groups = re.compile(verdict_pattern).groups
-        except re.error as e:
-            groups = f"not a regex ({e})"
-        if groups != 1:
-            out.append(
-                f"reward.kwargs.verdict_pattern={verdict_pattern!r}: {groups} groups; it needs one, the winner (1 "
-                "or 2)"
-            )
-    else:
-        out.append(
-            f"reward.kwargs.verdict_pattern={verdict_pattern!r} must be a string (a regex with one group)"
-        )
+    out = _problems(url, model, "score", template, edit_template, SCORE_PATTERN, None, max_tokens, temperature,
+                    concurrency, timeout_s, retries, backoff_s, api_key_env, None, check)  # fmt: skip
+    out += _pattern_problems("verdict_pattern", verdict_pattern, "the winner (1 or 2)")
     if mode not in PAIR_MODES:
         out.append(f"reward.kwargs.mode={mode!r} must be one of {list(PAIR_MODES)}")
     if eval_mode not in EVAL_MODES:
