@@ -160,17 +160,26 @@ def test_encode_prompts_writes_the_configs_prompts_then_only_what_is_new(checkpo
 
 
 def test_encode_prompts_reads_no_transformer_or_vae_weight(checkpoints, tmp_path):
-    """The command's policy is text-only: a checkpoint whose transformer and VAE weight files are garbage encodes
-    the same cache as the intact one (a whole load would fail on them)."""
+    """The command's policy is text-only: a checkpoint without the transformer's and the VAE's weight files (their
+    configs only, as `hf download` of the text encoders, tokenizers and those configs leaves it) encodes the same
+    cache as the whole one; a whole load refuses it, naming the files."""
     import shutil
+
+    from densegrpo_fast.policies.pretrained import download_command
 
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints("sd3"), broken)
     for part in ("transformer", "vae"):
         for f in (broken / part).glob("*.safetensors"):
-            f.write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):  # noqa: B017  (whatever the loader raises on a garbage file)
+            f.unlink()
+    with pytest.raises(
+        ValueError, match=r"missing transformer/<weights>.safetensors, vae/<weights>.safetensors"
+    ):
         adapter_class("sd3").load(broken, dtype="fp32", **OPTS)
+    assert download_command("r/m", {"transformer": "config", "vae": "config", "text_encoder": "model"}) == (
+        "hf download r/m --include 'model_index.json' --include 'transformer/config.json' --include "
+        "'vae/config.json' --include 'text_encoder/*'"
+    )
     (tmp_path / "b").mkdir(), (tmp_path / "w").mkdir()
     got, _ = encode_config(_config(broken, tmp_path / "b"), progress=False)
     want, _ = encode_config(_config(checkpoints("sd3"), tmp_path / "w"), progress=False)

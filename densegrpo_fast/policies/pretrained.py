@@ -60,14 +60,15 @@ def is_repo_id(name: str) -> bool:
 def missing_parts(root: Path, components: dict[str, str]) -> list[str]:
     """What ``root`` lacks of a diffusers-format checkpoint: ``model_index.json`` and, for each component
     (``{"transformer": "model", "tokenizer": "tokenizer", "scheduler": "scheduler"}``), its folder with a
-    config and, for models, weight files (every shard an index names)."""
+    config and, for models, weight files (every shard an index names). A ``"config"`` component is a model of
+    which only the config is read (a text-only load's transformer and VAE)."""
     missing = [] if (root / "model_index.json").is_file() else ["model_index.json"]
     for name, kind in components.items():
         folder = root / name
         if not folder.is_dir():
             missing.append(f"{name}/")
             continue
-        config = {"model": "config.json", "tokenizer": "tokenizer_config.json",
+        config = {"model": "config.json", "config": "config.json", "tokenizer": "tokenizer_config.json",
                   "scheduler": "scheduler_config.json", "processor": "preprocessor_config.json"}[kind]  # fmt: skip
         if not (folder / config).is_file() and not (kind == "processor" and _nested_image_processor(folder)):
             missing.append(f"{name}/{config}")
@@ -98,8 +99,15 @@ def download_command(repo: str, components) -> str:
     checkpoints of the same weights, which a whole-repo download would fetch too. One ``--include`` per
     pattern: ``hf download`` reads a second value after one ``--include`` as a file name and then ignores
     every ``--include``."""
-    patterns = ["model_index.json", *(f"{name}/*" for name in components)]
-    return f"hf download {repo} " + " ".join(f"--include '{p}'" for p in patterns)
+    return f"hf download {repo} " + " ".join(f"--include '{p}'" for p in download_patterns(components))
+
+
+def download_patterns(components: dict[str, str]) -> list[str]:
+    """The files of ``components`` a load reads: each folder whole, a ``"config"`` component's config alone."""
+    return [
+        "model_index.json",
+        *(f"{n}/config.json" if k == "config" else f"{n}/*" for n, k in components.items()),
+    ]
 
 
 def resolve_pretrained(
@@ -133,6 +141,10 @@ def resolve_pretrained(
         try:
             if local_files_only:
                 root = Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
+            elif "config" in components.values():  # (a text-only load: no transformer or VAE weights)
+                root = Path(
+                    snapshot_download(name, cache_dir=cache_dir, allow_patterns=download_patterns(components))
+                )
             else:
                 root = Path(pipeline_cls.download(name, cache_dir=cache_dir))
         except Exception as e:  # LocalEntryNotFoundError, gated/auth/network errors: all end the same way
@@ -412,8 +424,12 @@ class DiffusersPolicy:
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
+        # (text-only: of the transformer and the VAE, only their configs are read, and needed)
+        components = {
+            k: "config" if text_only and k in ("transformer", "vae") else v for k, v in cls.components.items()
+        }
         root = resolve_pretrained(
-            path_or_repo_id or cls.default_repo, pipeline_cls=pipeline_cls, components=cls.components,
+            path_or_repo_id or cls.default_repo, pipeline_cls=pipeline_cls, components=components,
             default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
         )  # fmt: skip
         want = as_dtype(dtype)
