@@ -61,6 +61,18 @@ def test_counted_wins_and_ties():
     assert out.tolist() == pytest.approx([1, 0, 0.5, 0.5, 1 / 3, 1 / 3, 1 / 3, 1])
 
 
+def test_a_margin_makes_close_scores_a_tie():
+    r = torch.tensor([1.0, 1.04, 0.5, 1.2])
+    out = win_rate_of(r, margin=0.05)(blank(4), ["p"] * 4, 4)
+    # 1.0 and 1.04 tie (within 0.05), both beat 0.5 and lose to 1.2; 0.5 loses all; 1.2 wins all
+    assert out.tolist() == pytest.approx([1.5 / 3, 1.5 / 3, 0, 1])
+    assert win_rate_of(r)(blank(4), ["p"] * 4, 4).tolist() == pytest.approx([1 / 3, 2 / 3, 0, 1])
+    assert any("margin=0.1 counts wins (temperature 0)" in p
+               for p in kwargs_problems("win_rate", {"reward": {"name": "redness"}, "margin": 0.1, "temperature": 1}))  # fmt: skip
+    assert any("margin=-1 must be a finite number >= 0" in p
+               for p in kwargs_problems("win_rate", {"reward": {"name": "redness"}, "margin": -1}))  # fmt: skip
+
+
 def test_temperature_gives_bradley_terry_probabilities():
     r = torch.tensor([0.3, -0.2, 1.1])
     out = win_rate_of(r, temperature=0.5)(blank(3), ["p"] * 3, 3)

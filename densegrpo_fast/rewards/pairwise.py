@@ -215,15 +215,19 @@ def _spec_problems(spec: object, where: str) -> list[str]:
 
 
 def _win_rate_problems(
-    reward: object = None, temperature: object = 0.0, opponents: object = None
+    reward: object = None, temperature: object = 0.0, opponents: object = None, margin: object = 0.0
 ) -> list[str]:
     out = _spec_problems(reward, "reward.kwargs.reward")
-    if (
-        isinstance(temperature, bool) or not isinstance(temperature, int | float)
-        or not math.isfinite(temperature) or temperature < 0
-    ):  # fmt: skip
+    for name, value, rule in [("temperature", temperature, "0: count wins, a tie half"),
+                              ("margin", margin, "scores closer than it are a tie")]:  # fmt: skip
+        if (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0
+        ):  # fmt: skip
+            out.append(f"reward.kwargs.{name}={value!r} must be a finite number >= 0 ({rule})")
+    if isinstance(margin, int | float) and not isinstance(margin, bool) and margin > 0 and temperature != 0:
         out.append(
-            f"reward.kwargs.temperature={temperature!r} must be a finite number >= 0 (0: count wins, a tie half)"
+            f"reward.kwargs.margin={margin!r} counts wins (temperature 0): with temperature={temperature!r} the "
+            "Bradley-Terry probability already gives close scores about half a win; set one of the two"
         )
     return out + opponents_problems(opponents)
 
@@ -234,19 +238,22 @@ class WinRate:
     sigmoid((r_a - r_b) / temperature)``, or with ``temperature`` 0 the share of the group it outscores (a tie
     half a win).
 
-    kwargs: ``reward`` (the pointwise reward, ``{name, kwargs}``), ``temperature`` (0: count wins), ``opponents``
-    (null: every pair; an even m: each image against m others of its group). The held-out evaluation scores
-    ``reward`` itself.
+    kwargs: ``reward`` (the pointwise reward, ``{name, kwargs}``), ``temperature`` (0: count wins), ``margin``
+    (counted wins: scores that differ by no more than it are a tie, e.g. a reward's noise level, so that a
+    difference the reward cannot tell apart does not make a whole win), ``opponents`` (null: every pair; an
+    even m: each image against m others of its group). The held-out evaluation scores ``reward`` itself.
     """
 
     pairwise = True
 
-    def __init__(self, reward: dict, temperature: float = 0.0, opponents: int | None = None):
-        if problems := _win_rate_problems(reward, temperature, opponents):
+    def __init__(
+        self, reward: dict, temperature: float = 0.0, opponents: int | None = None, margin: float = 0.0
+    ):
+        if problems := _win_rate_problems(reward, temperature, opponents, margin):
             raise ValueError("; ".join(problems))
         #: The reward whose scores are compared; it scores held-out images alone.
         self.pointwise: Reward = build_reward(reward["name"], **(reward.get("kwargs") or {}))
-        self.temperature, self.opponents = float(temperature), opponents
+        self.temperature, self.opponents, self.margin = float(temperature), opponents, float(margin)
         #: An edit's source reaches the comparison as it reaches the pointwise reward.
         self.sees_sources = getattr(self.pointwise, "sees_sources", False)
         if hasattr(self.pointwise, "check_prompts"):
@@ -257,12 +264,13 @@ class WinRate:
     ) -> torch.Tensor:
         check_groups(images, prompts, group_size)
         r = self.pointwise(images, prompts).float().cpu()
-        t = self.temperature
+        t, m = self.temperature, self.margin
 
         def prefer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
             if t > 0:
                 return torch.sigmoid((r[a] - r[b]) / t)
-            return (r[a] > r[b]).float() + 0.5 * (r[a] == r[b]).float()
+            d = r[a] - r[b]
+            return (d > m).float() + 0.5 * (d.abs() <= m).float()
 
         out = win_rates(prefer, len(prompts), group_size, self.opponents)
         bad = (~torch.isfinite(r)).view(-1, group_size).any(1)  # (comparisons would hide a NaN score, and
