@@ -506,11 +506,7 @@ EVAL_MODES = ("score", "yes_prob")
 
 
 def _pair_problems(
-    url: object = None,
-    model: object = None,
     mode: object = "prob",
-    template: object = None,
-    edit_template: object = None,
     verdict_pattern: object = VERDICT_PATTERN,
     both_orders: object = True,
     opponents: object = None,
@@ -520,20 +516,13 @@ def _pair_problems(
     eval_edit_template: object = None,
     eval_max_tokens: object = None,
     eval_unparsed_score: object = None,
-    max_tokens: object = None,
-    temperature: object = 0.0,
-    concurrency: object = 16,
-    timeout_s: object = 120.0,
-    retries: object = 3,
-    backoff_s: object = 1.0,
-    api_key_env: object = None,
-    check: object = True,
+    **judge: object,
 ) -> list[str]:
-    """What is wrong with ``reward.kwargs`` of ``vlm_pairwise``, each with its rule; no server is asked."""
+    """What is wrong with ``reward.kwargs`` of ``vlm_pairwise``, each with its rule; no server is asked. The keys it
+    shares with ``vlm_judge`` (``judge``: the server, the templates, the transport) are checked as ``vlm_judge``'s."""
     from densegrpo_fast.rewards.pairwise import opponents_problems
 
-    out = _problems(url, model, "score", template, edit_template, SCORE_PATTERN, None, max_tokens, temperature,
-                    concurrency, timeout_s, retries, backoff_s, api_key_env, None, check)  # fmt: skip
+    out = _problems(**judge)
     out += _pattern_problems("verdict_pattern", verdict_pattern, "the winner (1 or 2)")
     if mode not in PAIR_MODES:
         out.append(f"reward.kwargs.mode={mode!r} must be one of {list(PAIR_MODES)}")
