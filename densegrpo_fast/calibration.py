@@ -126,9 +126,8 @@ def calibrated_for(cfg) -> dict:
     from densegrpo_fast.config import resolution_record
     from densegrpo_fast.evaluate import resolved_path, scoring_kwargs
 
-    reward = cfg.reward.model_dump(
-        mode="json"
-    )  # (a pairwise reward is calibrated on its pointwise view: as that)
+    # (a pairwise reward is calibrated on its pointwise view: it records that one)
+    reward = cfg.reward.model_dump(mode="json")
     reward = pointwise_spec(reward["name"], reward["kwargs"]) or reward
     return {
         "family": cfg.model.family,
