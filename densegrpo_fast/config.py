@@ -401,9 +401,11 @@ class ModelSection(Section):
     )
     sharding: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
-        description="under torchrun: fsdp shards the transformer (and the frozen KL reference) over the processes "
-        "with FSDP2, its weights trained as fp32 shards and run in model.dtype; replicate keeps a whole copy in "
-        "each process; auto = fsdp for full fine-tuning, replicate for LoRA (which fsdp does not support)",
+        description="under torchrun: fsdp shards the transformer over the processes with FSDP2, so that no "
+        "process holds it whole (it loads into host memory and goes to the device a block at a time): full "
+        "fine-tuning trains fp32 shards run in model.dtype, beside a sharded frozen KL reference; LoRA keeps the "
+        "frozen base's shards in model.dtype and the adapters' in fp32. replicate keeps a whole copy in each "
+        "process; auto = fsdp for full fine-tuning, replicate for LoRA (each call then gathers nothing)",
     )
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
@@ -1216,10 +1218,10 @@ class TrainConfig(Section):
                 "zero; set "
                 "lora.init=null"
             )
-        if self.model.sharding == "fsdp" and self.lora.enabled:
+        if self.model.sharding == "fsdp" and self.lora.enabled and self.lora.merge_for_sampling:
             problems.append(
-                "model.sharding=fsdp shards full fine-tuning only: a LoRA run keeps a whole copy of the model in "
-                "each process and sums the adapters' gradients; set lora.enabled=false, or model.sharding=auto"
+                "lora.merge_for_sampling with model.sharding=fsdp: the merge writes each base weight whole, and "
+                "FSDP2 holds it in shards; set lora.merge_for_sampling=false, or model.sharding=replicate"
             )
         if self.model.sharding == "fsdp" and self.optim.name == "adamw8bit":
             problems.append(

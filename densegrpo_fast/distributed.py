@@ -14,9 +14,10 @@ processes is small:
 * a few scalars (the iteration's wall time, held-out score sums), and what rank 0 read or did alone (the
   psi table, the run directory's set-up), or its error (:func:`on_main`).
 
-That is the replicated path (LoRA always, full fine-tuning with ``model.sharding=replicate``): every rank
-holds a whole copy of the model. Full fine-tuning otherwise shards the transformer with FSDP2 (the end of
-this module), which reduces the gradients itself in each backward pass.
+That is the replicated path (LoRA by default, full fine-tuning with ``model.sharding=replicate``): every
+rank holds a whole copy of the model. Full fine-tuning otherwise, and LoRA with ``model.sharding=fsdp``,
+shards the transformer with FSDP2 (the end of this module), which reduces the gradients itself in each
+backward pass.
 
 Why not wrap the transformer in ``DistributedDataParallel``: DDP needs every rank to run the same number of
 synchronised backward passes, and here a rank's micro-batch count depends on its rows
@@ -605,7 +606,9 @@ def simulated_job(world: int) -> Iterator[Dist]:
 # Full fine-tuning under torchrun shards the transformer (and its frozen KL reference) with FSDP2
 # (``model.sharding``): each process holds 1/N of every parameter, gradient and AdamW moment, and the layers
 # are gathered for each call. The weights train as fp32 shards (the master weights) while the calls run in the
-# model's dtype, and the gradients are summed in fp32. Every call of a sharded module is a collective, so every
+# model's dtype, and the gradients are summed in fp32. LoRA with ``model.sharding=fsdp`` shards the frozen base
+# in its dtype and the fp32 adapters, each gathered as it is. The transformer comes from host memory, a unit at
+# a time, so no device holds it whole. Every call of a sharded module is a collective, so every
 # rank makes the same calls: the rollout does by construction (equal rows), the update pads a rank's shorter list
 # of micro-batches with calls whose loss is multiplied by zero, the held-out eval a rank's shorter share of the
 # prompts with samples it does not score. Checkpoints hold the whole tensors in the single-process layout, so a
@@ -628,7 +631,9 @@ def fsdp_available() -> bool:
     return hasattr(FSDPModule, "set_force_sum_reduction_for_comms")
 
 
-def shard(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+def shard(
+    module: torch.nn.Module, compute_dtype: torch.dtype | None = None, *, keep_dtypes: bool = False
+) -> None:
     """FSDP2 over every process, in place: each block of ``module``'s top-level ``ModuleList``s (the
     transformer blocks) is one unit, the rest is the root's.
 
@@ -639,11 +644,18 @@ def shard(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> 
     None keeps the parameters as they are (the frozen reference). Gradients are summed over the ranks, not
     averaged: each rank's loss is already scaled by the whole batch's counts. Every unit, the root too, frees
     its gathered weights after each call, so weights written into the shards (the EMA swap) are what the
-    next call gathers."""
+    next call gathers.
+
+    ``keep_dtypes``: every parameter is kept and gathered in its own dtype, so the calls are the unsharded
+    model's bit for bit: a LoRA run's transformer (its frozen base in ``compute_dtype``, its adapters in fp32,
+    as unsharded; only they have gradients, summed in fp32), or a frozen one (the ``calibrate`` command's)."""
+    kept = None if keep_dtypes else compute_dtype
     for blocks in _block_lists(module).values():
         for block in blocks:
-            _shard_unit(block, compute_dtype)
-    _shard_root(module, compute_dtype)
+            _shard_unit(block, kept)
+    _shard_root(module, kept)
+    if keep_dtypes:
+        module.compute_dtype = compute_dtype
     # FLUX's transformer returns a view; FSDP warns that an in-place op on it would skip the gradients'
     # gathering hook. The engine never changes a model's output in place (the sharded tests compare the
     # trained weights with one process's), so the warning would only alarm.
@@ -718,20 +730,23 @@ def full_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every rank calls: the whole tensors of sharded ``tensors``, on the CPU, gathered one at a time (rank 0's
     answer; the others get an empty dict)."""
     out = {}
-    for name, t in tensors.items():
-        whole = t.full_tensor() if is_sharded(t) else t.detach()
-        if dist.get_rank() == 0:
-            out[name] = whole.cpu()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            whole = t.full_tensor() if is_sharded(t) else t.detach()
+            if dist.get_rank() == 0:
+                out[name] = whole.cpu()
     return out
 
 
-def full_model_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every rank calls: the whole trainable parameters of sharded ``module`` on the CPU (rank 0's answer)."""
+def full_model_state(module: torch.nn.Module, *, frozen: bool = False) -> dict[str, torch.Tensor]:
+    """Every rank calls: the whole trainable parameters of sharded ``module`` on the CPU, gathered one at a
+    time (rank 0's answer). ``frozen``: its whole state, the frozen parameters and the buffers too (a LoRA run's
+    export, whose base weights the merge needs); a checkpoint gathers only what trains."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    trained = {n for n, p in module.named_parameters() if p.requires_grad}
-    state = get_model_state_dict(module, options=_full_options())
-    return {n: t for n, t in state.items() if n in trained}
+    if frozen:
+        return get_model_state_dict(module, options=_full_options())
+    return full_tensors({n: p for n, p in module.named_parameters() if p.requires_grad})
 
 
 def full_optimizer_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

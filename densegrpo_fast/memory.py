@@ -46,10 +46,12 @@ it) and shows what the peak phase holds at its peak (``--json``: every phase, ``
 A torchrun job (``--nproc N``) is estimated per process: the trainer runs as rank 0 of a simulated job
 (:func:`densegrpo_fast.distributed.simulated_job`) whose other ranks mirror it, so it rolls out, scores and
 trains its share of the rows through the job's own gathers and gradient sums, and evaluates its share of the
-held-out prompts. Full fine-tuning there shards the transformer and its KL reference with FSDP2 on torch's
-fake process group: each block is then profiled on its own (it is FSDP's unit), and FSDP's gathers, frees
-(in-place storage resizes, which :class:`LiveBytes` follows) and gradient reductions run around it as in the
-job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight counts its local shard. The model rewards of
+held-out prompts. Full fine-tuning there (and LoRA with ``model.sharding=fsdp``) shards the transformer and
+its KL reference with FSDP2 on torch's fake process group: each block is then profiled on its own (it is
+FSDP's unit), and FSDP's gathers, frees (in-place storage resizes, which :class:`LiveBytes` follows) and
+gradient reductions run around it as in the job, on fake buffers (:func:`_fsdp_on_fake`); a sharded weight
+counts its local shard. The transformer of a sharded run loads into host memory: its shards count from when
+FSDP2 cuts them, and the largest block's whole bytes as the set-up's transient (the unit on its way). The model rewards of
 ``eval.rewards`` (other than the training reward, whose model scores for it) are built in the evaluation
 phase, as the trainer builds them for each held-out evaluation, and counted while they live. Not estimated:
 ``eval.rewards`` of other kinds (served, on the host, or not loadable here: a note names them), fp16's fp32
@@ -757,17 +759,17 @@ def _host_work(tracker: LiveBytes):
     saved = {name: getattr(trainer, name) for name in _HOST_WORK}
     gather = distributed.full_model_state
 
-    def paused(fn, *args):
+    def paused(fn, *args, **kwargs):
         tracker.paused = True
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         finally:
             tracker.paused = False
 
-    def full_model_state(module):  # whole tensors gathered one at a time and moved to the host
+    def full_model_state(module, **kwargs):  # whole tensors gathered one at a time and moved to the host
         largest = max((p.numel() * p.element_size() for p in module.parameters()), default=0)
         tracker.bump(largest, "a whole weight gathered on its way to the host")
-        return paused(gather, module)
+        return paused(gather, module, **kwargs)
 
     def export(run, path, whole):  # a sharded run's export: the gathered weights are put together on the host
         return (
@@ -848,6 +850,15 @@ def _repeats_skipped():
         trainer._micro_batches, trainer._most_micro_batches = batches, most
 
 
+def _largest_unit(module: torch.nn.Module) -> int:
+    """The bytes of ``module``'s largest block (FSDP2's unit: :func:`densegrpo_fast.distributed.shard`), whole,
+    as FSDP2 moves it to the device before cutting its shards."""
+    from densegrpo_fast.distributed import _block_lists
+
+    blocks = [b for blocks in _block_lists(module).values() for b in blocks]
+    return max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+
+
 def _track(tracker: LiveBytes, modules: dict[str, torch.nn.Module], skip: Set[int] = frozenset()) -> None:
     """Count the weights of ``modules`` (by name) as live, but those in ``skip`` (by id)."""
     for name, module in modules.items():
@@ -886,8 +897,14 @@ def _iterations(
     ``eval_rewards()`` is the context the evaluation builds ``cfg.eval.rewards`` in."""
     from densegrpo_fast import distributed, trainer
 
-    # (no reference kept: weights replaced by shards are freed)
-    _track(tracker, resident(), host_only(policy))
+    # (no reference kept: weights replaced by shards are freed). A sharded run loads its transformer into host
+    # memory, and FSDP2 moves it to the device a unit at a time as it shards it: its shards are counted as they
+    # are made, and the unit on its way as the setup's transient
+    on_device = resident()
+    sharded = trainer._shards(cfg, distributed.from_env(cfg.model.device))
+    if sharded:
+        on_device.pop("transformer", None)
+    _track(tracker, on_device, host_only(policy))
     with (
         _encoding_phase(policy, tracker, encoder_bytes),
         _host_work(tracker),
@@ -902,6 +919,8 @@ def _iterations(
                 "ignore", message=r"the prompts are edits of source images, and the rewards"
             )
             run = trainer.setup(cfg, progress=False, policy=policy)
+            if sharded and cfg.lora.enabled:  # (full fine-tuning's is its fp32 upcast, counted as it is made)
+                tracker.bump(_largest_unit(run.policy.transformer), "a block moved whole to be sharded")
         tracker.phase = ""
         setup_peak, setup_at = tracker.phase_peaks.get("setup", 0), tracker.phase_origins.get("setup", {})
         scorer = reward_fn or run.reward_fn
@@ -1527,20 +1546,30 @@ def run_memory(
         notes += est.notes
         informative = []  # notes that explain the table, not something it leaves out
         if sharded:
-            kl = " and its KL reference" if cfg.grpo.beta > 0 else ""
+            kl = " and its KL reference" if cfg.grpo.beta > 0 and not cfg.lora.enabled else ""
             informative.append(
                 f"the weights rows are the whole models' but for the trained weights row, this process's fp32 "
                 f"shard; this process holds its FSDP2 shards of the transformer{kl}, and the phases count those"
             )
             notes.append(informative[-1])
-            trained = sum(p.numel() for p in policy.transformer.parameters() if p.requires_grad)
+            params = list(policy.transformer.parameters())
+            trained = sum(p.numel() for p in params if p.requires_grad)
+            whole = sum(p.numel() * p.element_size() for p in params if not p.requires_grad)
             per = 16 if cfg.ema.enabled else 12  # (fp32 weights, AdamW's two moments, the EMA)
             ema = " and the EMA" if cfg.ema.enabled else ""
+            exported = (  # (LoRA: the frozen base in its dtype, for the merge, and the fp32 adapters)
+                whole + 4 * trained if cfg.lora.enabled else 4 * trained
+            )
+            from densegrpo_fast.policies.pretrained import as_dtype
+
+            base = [p for p in params if not (cfg.lora.enabled and p.requires_grad)]  # (in model.dtype)
+            loaded = sum(p.numel() for p in base) * as_dtype(cfg.model.dtype).itemsize
             notes.append(
-                f"host memory, not counted above: each checkpoint gathers the whole fp32 weights, AdamW's two "
-                f"moments{ema} on rank 0's host, about {per * trained / GIB:.0f} GiB "
-                f"({trained / 1e9:.2f} B trained parameters x {per} bytes); the export at the end gathers "
-                f"{4 * trained / GIB:.0f} GiB"
+                f"host memory, not counted above: each process loads the whole transformer into host memory "
+                f"({loaded / GIB:.1f} GiB) before FSDP2 moves its shards to the device; each checkpoint gathers "
+                f"the whole trained fp32 weights, AdamW's two moments{ema} on rank 0's host, about "
+                f"{per * trained / GIB:.1f} GiB ({trained / 1e9:.3f} B trained parameters x {per} bytes); the "
+                f"export at the end gathers {exported / GIB:.1f} GiB there"
             )
         if eight_bit:
             trained = [p for p in policy.transformer.parameters() if p.requires_grad]

@@ -215,12 +215,15 @@ def _closed_on_failure(log):
 def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prompts, dist, log) -> Run:
     """The model, the noise schedule, LoRA or the reference, the optimizer and EMA, and a resumed run's state:
     the part of :func:`setup` after the run directory and its log are open."""
-    if policy is None:
+    sharded = _shards(cfg, dist)
+    device = dist.device(cfg.model.device)
+    if policy is None:  # (sharded: FSDP2 moves the transformer to the device as it shards it, below)
         policy = load_policy(
             cfg.model.family,
             cfg.model.checkpoint,
-            dist.device(cfg.model.device),
+            device,
             **cfg.model.adapter_options(),
+            transformer_on_host=sharded,
         )
     for setting, scale in (("sampling.guidance_scale", cfg.sampling.guidance_scale),
                            ("eval.guidance_scale", cfg.eval.guidance_scale)):  # fmt: skip
@@ -229,10 +232,8 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             raise ValueError(problem)
     # every process loaded its models itself: from the same files?
     # (before any adapter or checkpoint: what a resume compares; and across the ranks, from the same sums)
-    base_weights = distributed.weights_digest(
-        policy, policy.device, dist, "the loaded models'", "model.checkpoint"
-    )
-    distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", policy.device)
+    base_weights = distributed.weights_digest(policy, device, dist, "the loaded models'", "model.checkpoint")
+    distributed.check_loaded(dist, reward_fn, "the reward models'", "reward.kwargs", device)
     served = check_same_servers(dist, {"reward": reward_fn})
     state = load_checkpoint(run_dir) if resume else None
     if state is not None and dist.main:
@@ -251,59 +252,21 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         _check_lora_targets(cfg, policy.transformer)
     init = cfg.lora.init if state is None else None  # (a resumed run's adapters come from its checkpoint)
     warm = cfg.lora.enabled and init is not None
+    compute_dtype = policy.dtype  # (sharded full fine-tuning trains fp32 weights, its calls stay in this)
     # a warm start calibrates psi on the policy it trains from (ALGORITHM.md §5): its adapters come first
     if warm:
         _add_adapters(cfg, policy, init)
+    if sharded:  # the calibration's calls too go through the shards: the whole transformer is on no device
+        reference, params, shell = _trained(cfg, policy, dist, warm, sharded, compute_dtype)
     base = _schedule(cfg, policy, reward_fn, prompts, run_dir, progress, dist, saved_psi)
     fix = "the ranks built their noise schedules apart, which they must not: please report it"
     distributed.check_same(dist, base.noise_level.tolist(), "psi", fix)  # a consistency check
     T = cfg.sampling.num_steps
     trained_steps = torch.zeros(T, dtype=torch.bool)
     trained_steps[cfg.trained_steps()] = True
-
-    reference = None
+    if not sharded:  # (a warm start's adapters came before the calibration, the others come after it)
+        reference, params, shell = _trained(cfg, policy, dist, warm, sharded, compute_dtype)
     transformer = policy.transformer
-    compute_dtype = policy.dtype  # (a sharded run's weights train in fp32, its calls stay in this)
-    sharded = _shards(cfg, dist)
-    if cfg.lora.enabled and not warm:
-        _add_adapters(cfg, policy, None)
-    elif not cfg.lora.enabled:
-        if cfg.grpo.beta > 0:
-            if sharded:  # block by block: never a second whole copy beside the transformer
-                reference = distributed.sharded_frozen_copy(transformer)
-            else:
-                reference = copy.deepcopy(transformer).requires_grad_(False)
-        transformer.requires_grad_(True)
-        if not sharded and compute_dtype != torch.float32 and dist.main:
-            fix = (
-                "train LoRA adapters, which are fp32, or load the model in fp32 (model.dtype=fp32)"
-                if cfg.optim.name == "adamw8bit"  # (which FSDP2's sharded weights do not take)
-                else "under torchrun, model.sharding=fsdp keeps fp32 weights (or train LoRA adapters, which are "
-                "fp32)"
-            )
-            warnings.warn(
-                f"full fine-tuning of a {compute_dtype} transformer in one copy per process trains the "
-                f"{compute_dtype} weights themselves: lr-sized steps below one ulp round away, and the "
-                f"optimizer's moments and the EMA round too; {fix}",
-                stacklevel=2,
-            )
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    if cfg.lora.enabled:
-        distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere (full: one file)
-    shell = None
-    if sharded:
-        # (the list would keep every whole parameter, upcast to fp32 as its unit is sharded, alive until the
-        # last unit is done: the whole model in fp32 beside its shards, 44 GiB for FLUX.1)
-        del params
-        shell = _meta_copy(transformer) if dist.main else None
-        distributed.shard(transformer, compute_dtype)
-        params = [p for p in transformer.parameters() if p.requires_grad]  # their shards
-        if dist.main:
-            what = "the transformer and its KL reference" if reference is not None else "the transformer"
-            mine = sum(p.to_local().nbytes for p in params) / 2**20
-            whole = sum(p.numel() * p.element_size() for p in params) / 2**20
-            print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}; trained weights "
-                  f"{mine:.1f} MiB of {whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
     if cfg.model.compile:  # after the adapters and the sharding, which change the modules compiled
         for module in (transformer, reference):
             if module is not None:
@@ -356,6 +319,61 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
     if resume:
         distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
     return run
+
+
+def _trained(cfg: TrainConfig, policy, dist: distributed.Dist, warm: bool, sharded: bool, compute_dtype):
+    """What trains, set up on ``policy.transformer``: the LoRA adapters (a warm start's are there already),
+    or every weight with a frozen copy as the KL reference; then, in a sharded run, FSDP2's shards of both.
+    Returns (the reference or None, the trained parameters, the meta shell a sharded run exports through)."""
+    reference = None
+    transformer = policy.transformer
+    if cfg.lora.enabled and not warm:
+        _add_adapters(cfg, policy, None)
+    elif not cfg.lora.enabled:
+        if cfg.grpo.beta > 0:
+            if sharded:  # block by block: never a second whole copy beside the transformer
+                reference = distributed.sharded_frozen_copy(transformer)
+            else:
+                reference = copy.deepcopy(transformer).requires_grad_(False)
+        transformer.requires_grad_(True)
+        if not sharded and compute_dtype != torch.float32 and dist.main:
+            fix = (
+                "train LoRA adapters, which are fp32, or load the model in fp32 (model.dtype=fp32)"
+                if cfg.optim.name == "adamw8bit"  # (which FSDP2's sharded weights do not take)
+                else "under torchrun, model.sharding=fsdp keeps fp32 weights (or train LoRA adapters, which are "
+                "fp32)"
+            )
+            warnings.warn(
+                f"full fine-tuning of a {compute_dtype} transformer in one copy per process trains the "
+                f"{compute_dtype} weights themselves: lr-sized steps below one ulp round away, and the "
+                f"optimizer's moments and the EMA round too; {fix}",
+                stacklevel=3,
+            )
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if cfg.lora.enabled:
+        distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere (full: one file)
+    if not sharded:
+        return reference, params, None
+    # (the list would keep every whole parameter, upcast to fp32 as its unit is sharded, alive until the last
+    # unit is done: the whole model in fp32 beside its shards, 44 GiB for FLUX.1)
+    del params
+    shell = _meta_copy(transformer) if dist.main else None
+    distributed.shard(transformer, compute_dtype, keep_dtypes=cfg.lora.enabled)
+    params = [p for p in transformer.parameters() if p.requires_grad]  # their shards
+    if dist.main:
+        mine = sum(p.to_local().nbytes for p in params) / 2**20
+        whole = sum(p.numel() * p.element_size() for p in params) / 2**20
+        if cfg.lora.enabled:
+            base = [p for p in transformer.parameters() if not p.requires_grad]
+            held = sum(p.to_local().nbytes for p in base) / 2**20
+            print(f"FSDP2: the transformer's base and its LoRA adapters sharded over {dist.world} processes, calls "
+                  f"in {compute_dtype}; frozen base {held:.1f} MiB ({compute_dtype}) and adapters {mine:.1f} MiB of "
+                  f"{whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
+        else:
+            what = "the transformer and its KL reference" if reference is not None else "the transformer"
+            print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}; trained weights "
+                  f"{mine:.1f} MiB of {whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
+    return reference, params, shell
 
 
 def _check_lora_targets(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
@@ -440,9 +458,11 @@ def _warn_if_narrowed(
 
 
 def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
-    """Whether this job shards the transformer with FSDP2 (``model.sharding``): full fine-tuning under
-    torchrun, unless told to replicate or this torch lacks FSDP2 with summed gradients."""
-    if not (dist.enabled and not cfg.lora.enabled and cfg.model.sharding != "replicate"):
+    """Whether this job shards the transformer with FSDP2 (``model.sharding``): under torchrun, full
+    fine-tuning unless told to replicate, LoRA when told to shard; not where this torch lacks FSDP2 with summed
+    gradients."""
+    wanted = cfg.model.sharding == "fsdp" or (cfg.model.sharding == "auto" and not cfg.lora.enabled)
+    if not (dist.enabled and wanted):
         return False
     if distributed.fsdp_available():
         return True
@@ -628,11 +648,20 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     init = cfg.lora.init if cfg.lora.enabled else None
     if init is not None:
         check_exists(init, "lora.init")
-    policy = load_policy(m.family, m.checkpoint, d.device(m.device), **m.adapter_options())
-    distributed.check_loaded(d, policy, "the loaded models'", "model.checkpoint", policy.device)
-    distributed.check_loaded(d, reward_fn, "the reward models'", "reward.kwargs", policy.device)
+    sharded = _shards(cfg, d)  # (as train shards it: no process holds the whole transformer)
+    device = d.device(m.device)
+    policy = load_policy(m.family, m.checkpoint, device, **m.adapter_options(), transformer_on_host=sharded)
+    distributed.check_loaded(d, policy, "the loaded models'", "model.checkpoint", device)
+    distributed.check_loaded(d, reward_fn, "the reward models'", "reward.kwargs", device)
     if init is not None:  # the policy the runs train from, as train calibrates a warm start
         _add_adapters(cfg, policy, init)
+    if sharded:  # (nothing trains: every weight keeps its dtype)
+        distributed.shard(policy.transformer, policy.dtype, keep_dtypes=True)
+        if d.main:
+            print(
+                f"FSDP2: the transformer sharded over {d.world} processes, calls in {policy.dtype}",
+                flush=True,
+            )
     path = Path(cfg.noise.calibration.path or Path(cfg.run.output_dir) / "psi.json")
     psi = calibrate(policy, reward_fn, prompts, cfg, path, progress and d.main, dist=d)
     distributed.shutdown(d)
@@ -1483,17 +1512,18 @@ def export_policy(run: Run, path: Path) -> Path | None:
     if not hasattr(run.policy, "save"):
         return None
     whole = None
-    if run.sharded:
+    if run.sharded:  # (LoRA: the frozen base too, which the merge needs)
         with ema_weights(run):
-            whole = distributed.full_model_state(run.policy.transformer)
+            whole = distributed.full_model_state(run.policy.transformer, frozen=run.cfg.lora.enabled)
     return distributed.on_main(run.dist, lambda: _export(run, path, whole))
 
 
 def _export(run: Run, path: Path, whole: dict[str, torch.Tensor] | None) -> Path:
     if whole is not None:  # a sharded run: its whole weights in the unsharded shape, as the base model ran
         shell = copy.deepcopy(run.shell)
-        for n, t in whole.items():  # in place: each fp32 tensor is freed as its cast is made
-            whole[n] = t.to(run.policy.dtype) if t.is_floating_point() else t
+        if not run.cfg.lora.enabled:  # (LoRA's are in their own dtypes already: the base's, fp32 adapters)
+            for n, t in whole.items():  # in place: each fp32 tensor is freed as its cast is made
+                whole[n] = t.to(run.policy.dtype) if t.is_floating_point() else t
         shell.load_state_dict(whole, strict=False, assign=True)
         exported = copy.deepcopy(run.policy, {id(run.policy.transformer): shell})
     else:

@@ -366,6 +366,34 @@ def test_two_processes_calibrate_psi_together(tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "cal" / "psi.json").read_text())["trajectory"] == table["trajectory"]
 
 
+def test_a_sharded_run_calibrates_psi_through_its_shards(tiny_checkpoint, tmp_path):
+    """Sharded (LoRA over an FSDP2 base), psi is calibrated after the sharding, by train and by the calibrate
+    command alike: the calls are the replicated model's, so the steps of psi are the replicated job's."""
+    extra = [
+        *EXTRA,
+        *LORA,
+        "noise.kind=calibrated",
+        "noise.calibration.iterations=3",
+        "noise.calibration.prompts=1",
+    ]
+    cal = ["-m", "densegrpo_fast", "calibrate", "--config", str(CONFIG)]
+    tables = {}
+    for name, args, sharding in [
+        ("train", TRAIN, "fsdp"),
+        ("calibrate", cal, "fsdp"),
+        ("replicated", cal, "replicate"),
+    ]:
+        over = tiny_overrides(
+            tiny_checkpoint, tmp_path / name, iterations=1, extra=[*extra, f"model.sharding={sharding}"]
+        )
+        done = torchrun([*args, *over])
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("FSDP2: the transformer" in done.stdout) == (sharding == "fsdp")
+        tables[name] = json.loads((tmp_path / name / "psi.json").read_text())["trajectory"]
+    assert tables["train"] == tables["calibrate"] == tables["replicated"]
+    assert len(tables["train"]) == 4
+
+
 def test_calibration_rows_that_do_not_split_are_refused(tiny_checkpoint, tmp_path):
     from test_trainer import cfg_of
 
@@ -456,18 +484,20 @@ def test_full_fine_tuning_over_two_processes_trains_what_one_process_trains(
         torch.testing.assert_close(pa[n], t, rtol=0, atol=1e-5)
 
 
-def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path) -> dict:
+def sharded_bf16_matches_one_process(model: list[str], tmp_path: Path, lora: bool = False) -> dict:
     """For the SD3 / FLUX tests: one iteration of bf16 full fine-tuning of the tiny ``model`` (its
     ``model.*`` / ``sampling.*`` overrides) on two prompts, output in tmp_path/run, sharded over two processes
     and in one process sampling the ranks' rows as two waves. The sharded calls are the whole bf16 model's,
     so the rollouts and rewards agree bit for bit (FSDP casting the inputs itself would round them
-    otherwise). Returns the sharded run's iteration record."""
+    otherwise). ``lora``: fp32 LoRA adapters over the sharded bf16 base instead (gathered in fp32: in bf16 the
+    rollouts would differ). Returns the sharded run's iteration record."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
     args = [
         *TRAIN, *model, "model.dtype=bf16", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
         "sampling.num_steps=3", "sampling.group_size=2", "sampling.shift=null", "noise.kind=uniform",
-        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "lora.enabled=false", "grpo.beta=0.04",
+        "reward.name=redness", "reward.kwargs={}", "eval.rewards={}", "grpo.beta=0.04",
+        *(["lora.rank=4", "lora.merge_for_sampling=false", "model.sharding=fsdp"] if lora else ["lora.enabled=false"]),
         "grpo.train_batch_size=3", f"eval.dataset={prompts}", "eval.num_prompts=3", "eval.num_steps=2",
         "run.iterations=1", "run.tensorboard=false", "run.sample_grid_every=0", "ema.every=1", "model.num_threads=1",
     ]  # fmt: skip
@@ -567,11 +597,99 @@ def test_ratio_norm_over_two_sharded_processes_trains_what_one_process_trains(ti
     assert a["log_ratio_mean"] == pytest.approx(b["log_ratio_mean"], rel=1e-3, abs=1e-9)
 
 
-def test_fsdp_with_lora_is_refused(tiny_checkpoint, tmp_path):
+# LoRA over a sharded base (model.sharding=fsdp): the frozen base's shards in the model's dtype and the
+# adapters' in fp32, each gathered in its own dtype, so every call is the replicated LoRA model's bit for bit.
+LORA = ["lora.merge_for_sampling=false"]
+
+
+def lora_overrides(ckpt, out, sharding="fsdp", extra=()):
+    return tiny_overrides(
+        ckpt, out, iterations=2, extra=[*EXTRA, *LORA, f"model.sharding={sharding}", *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def sharded_lora_run(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_lora") / "run"
+    done = torchrun([*TRAIN, *lora_overrides(tiny_checkpoint, out)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2: the transformer's base and its LoRA adapters sharded over 2 processes" in done.stdout
+    return out
+
+
+def _without_grad_norm(recs: list[dict]) -> tuple[list[dict], list[float | None]]:
+    recs = without_timing(recs)
+    return [{k: v for k, v in r.items() if k != "grad_norm"} for r in recs], [
+        r.get("grad_norm") for r in recs
+    ]
+
+
+def test_lora_over_a_sharded_base_trains_what_replicated_lora_trains(
+    sharded_lora_run, tiny_checkpoint, tmp_path
+):
+    replicated = tmp_path / "replicated"
+    done = torchrun([*TRAIN, *lora_overrides(tiny_checkpoint, replicated, "replicate")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP2" not in done.stdout
+    (a, na), (b, nb) = (_without_grad_norm(records(d)) for d in (sharded_lora_run, replicated))
+    assert a == b  # every rollout, reward, statistic and held-out score
+    # (the norm of sharded gradients sums its squares in another order; no clip bit, so the steps are equal)
+    assert [n is None for n in na] == [n is None for n in nb]
+    assert [n for n in na if n is not None] == pytest.approx([n for n in nb if n is not None], rel=1e-6)
+    sa, sb = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (sharded_lora_run, replicated))
+    for key in ("trainable", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        assert all(torch.equal(t, sb[key][n]) for n, t in sa[key].items()), key
+    assert all("lora_" in n for n in sa["trainable"])  # the adapters alone: no base weight gathered
+    assert all(t.dtype == torch.float32 and not t.requires_grad for t in sa["trainable"].values())
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    for i, s in sb["optimizer"]["state"].items():
+        assert torch.equal(sa["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
+    from safetensors.torch import load_file
+
+    # the export merges the EMA adapters into the whole base, gathered for it
+    pa, pb = (load_file(d / "policy_ema.safetensors") for d in (sharded_lora_run, replicated))
+    assert pa.keys() == pb.keys() and all(torch.equal(t, pb[n]) for n, t in pa.items())
+
+
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
+def test_lora_over_a_sharded_base_resumes_with_two_processes_or_one(
+    sharded_lora_run, tiny_checkpoint, tmp_path
+):
+    import shutil
+
+    overrides = lora_overrides(tiny_checkpoint, tmp_path / "run")
+    first = torchrun([*TRAIN, *overrides, "--max-iterations", "1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.copytree(tmp_path / "run", tmp_path / "stopped")
+    resumed = torchrun([*TRAIN, *overrides, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the same iterations (the stopped run also evaluated when it stopped, at iteration 1)
+    steps = [r for r in without_timing(records(tmp_path / "run")) if "reward_mean" in r]
+    assert steps == [r for r in without_timing(records(sharded_lora_run)) if "reward_mean" in r]
+    assert without_timing(records(tmp_path / "run"))[-1] == without_timing(records(sharded_lora_run))[-1]
+    saved, want = (
+        torch.load(d / "checkpoint.pt", weights_only=False) for d in (tmp_path / "run", sharded_lora_run)
+    )
+    for key in ("trainable", "ema"):
+        assert all(torch.equal(t, want[key][n]) for n, t in saved[key].items()), key
+    # the checkpoint is one process's: a single process resumes it
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(tmp_path / "stopped", tmp_path / "run")
+    single = python([*TRAIN, *overrides, "--resume"])
+    assert single.returncode == 0, single.stderr[-3000:]
+    last = [r for r in records(tmp_path / "run") if "reward_mean" in r][-1]
+    assert last["iteration"] == 2
+    assert_on_policy(last)
+
+
+def test_lora_merged_for_sampling_over_a_sharded_base_is_refused(tiny_checkpoint, tmp_path):
     from test_trainer import cfg_of
 
-    with pytest.raises(ValueError, match=r"model.sharding=fsdp shards full fine-tuning only"):
-        cfg_of(tiny_checkpoint, tmp_path / "run", extra=["model.sharding=fsdp"])
+    with pytest.raises(ValueError, match=r"lora.merge_for_sampling with model.sharding=fsdp"):
+        cfg_of(
+            tiny_checkpoint, tmp_path / "run", extra=["model.sharding=fsdp", "lora.merge_for_sampling=true"]
+        )
 
 
 def test_the_padded_micro_batch_count_is_the_busiest_ranks():

@@ -241,6 +241,17 @@ def test_loads_a_diffusers_directory(sd3_dir, policy):
     assert low.pipe.vae.dtype == torch.float32
 
 
+def test_a_sharded_run_loads_the_transformer_into_host_memory(sd3_dir):
+    """``transformer_on_host`` (a sharded run's load, for FSDP2 to move it a block at a time): the transformer
+    stays in host memory and everything else goes to the device ("meta" stands in for one here)."""
+    loaded = load_policy("sd3", str(sd3_dir), "meta", dtype="fp32", transformer_on_host=True, **OPTS)
+    assert {p.device.type for p in loaded.transformer.parameters()} == {"cpu"}
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        assert {p.device.type for p in getattr(loaded.pipe, name).parameters()} == {"meta"}, name
+    whole = load_policy("sd3", str(sd3_dir), "meta", dtype="fp32", **OPTS)
+    assert {p.device.type for p in whole.transformer.parameters()} == {"meta"}
+
+
 def test_a_diffusers_that_ignores_the_dtype_keyword_is_refused(sd3_dir, monkeypatch):
     """Releases before ``from_pretrained(dtype=...)`` log the keyword as unused and load fp32."""
     from diffusers import StableDiffusion3Pipeline
@@ -868,9 +879,9 @@ def test_sharding_keeps_no_whole_parameter_alive(sd3_dir, tmp_path, monkeypatch)
     cfg = _full_fine_tuning(sd3_dir, tmp_path, beta=0)
     real, alive = distributed.shard, []
 
-    def shard(module, compute_dtype=None):
+    def shard(module, compute_dtype=None, **kwargs):
         refs = [weakref.ref(p) for p in module.parameters()]
-        real(module, compute_dtype)
+        real(module, compute_dtype, **kwargs)
         gc.collect()
         alive.extend(r() for r in refs if r() is not None and not distributed.is_sharded(r()))
 
@@ -921,6 +932,30 @@ def test_the_sharded_kl_reference_is_built_one_block_at_a_time(sd3_dir, tmp_path
         assert all(p.dtype == torch.bfloat16 and distributed.is_sharded(p) for p in reference.values())
         for n, p in reference.items():
             assert torch.equal(p.to_local(), distributed.shard_like(fresh[n].detach(), p).to_local()), n
+
+
+def test_lora_over_a_bf16_base_shards_over_two_processes(sd3_dir, tmp_path):
+    """LoRA over an FSDP2-sharded bf16 base (model.sharding=fsdp): the rollouts are the unsharded model's bit for
+    bit, the checkpoint holds the fp32 adapters alone, and the export merges them into the whole bf16 base."""
+    from safetensors.torch import load_file
+    from test_distributed import sharded_bf16_matches_one_process
+
+    model = ["model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}",
+             f"model.max_sequence_length={tiny.MAX_T5_TOKENS}"]  # fmt: skip
+    sharded_bf16_matches_one_process(model, tmp_path, lora=True)
+    sa, sb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("run", "one"))
+    assert sa["trainable"].keys() == sb["trainable"].keys() and all("lora_" in n for n in sa["trainable"])
+    assert all(t.dtype == torch.float32 for t in [*sa["trainable"].values(), *sa["ema"].values()])
+    for n, t in sb["trainable"].items():  # (the one process summed its rows' gradients in another order)
+        torch.testing.assert_close(sa["trainable"][n], t, rtol=1e-3, atol=1e-6)
+    exported, one = (load_file(tmp_path / d / "policy_ema.safetensors") for d in ("run", "one"))
+    assert exported.keys() == one.keys() and all(t.dtype == one[n].dtype for n, t in exported.items())
+    ours, theirs = (
+        load_file(next((tmp_path / d / "lora_ema").glob("*.safetensors"))) for d in ("run", "one")
+    )  # the EMA adapters in diffusers' LoRA format
+    assert ours.keys() == theirs.keys()
+    for n, t in theirs.items():
+        torch.testing.assert_close(ours[n], t, rtol=1e-3, atol=1e-6)
 
 
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):

@@ -76,6 +76,7 @@ def load_policy(
     gradient_checkpointing: bool = False,
     offload_text_encoders: bool = False,
     prompt_cache: str | None = None,
+    transformer_on_host: bool = False,
 ) -> Policy:
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
@@ -83,12 +84,17 @@ def load_policy(
     pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32
     from its own file and ignores them (``model.autocast``, which the trainer applies, serves every family).
     ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
-    Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens).
+    Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens). ``transformer_on_host`` (every family): the
+    transformer stays in host memory, the rest goes to ``device`` (a sharded run's FSDP2 moves the transformer
+    there a block at a time).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy
 
-        return ToyPolicy.load(checkpoint, device=device)
+        policy = ToyPolicy.load(checkpoint, device=device)
+        if transformer_on_host:  # (tiny: loaded on the device and moved back)
+            policy.transformer.to("cpu")
+        return policy
     if family not in PRETRAINED:
         raise ValueError(
             f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}"
@@ -97,6 +103,7 @@ def load_policy(
         checkpoint, device=device, dtype=dtype, resolution=resolution,
         max_sequence_length=max_sequence_length, local_files_only=local_files_only,
         offload_text_encoders=offload_text_encoders, prompt_cache=prompt_cache,
+        transformer_on_host=transformer_on_host,
     )  # fmt: skip
     if gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()

@@ -410,6 +410,7 @@ class DiffusersPolicy:
         offload_text_encoders: bool = False,
         prompt_cache: str | Path | None = None,
         text_only: bool = False,
+        transformer_on_host: bool = False,
     ):
         """Load a diffusers-format checkpoint of this family: a directory, or a repo id (default
         ``cls.default_repo``) from the Hugging Face cache; offline unless ``local_files_only`` is false.
@@ -420,7 +421,9 @@ class DiffusersPolicy:
         loaded, and every prompt encoded must be in it (:mod:`densegrpo_fast.prompt_cache`). ``text_only``: the
         transformer and the VAE are built from their configs on the meta device, with no weights read, and only
         the text encoders come to ``device``: a policy that encodes prompts (:attr:`text_device`) and does
-        nothing else (``densegrpo-fast encode-prompts``)."""
+        nothing else (``densegrpo-fast encode-prompts``). ``transformer_on_host``: the transformer stays in host
+        memory, for a sharded run's FSDP2 to move to ``device`` a block at a time as it shards it (so that no
+        device ever holds it whole); :attr:`device` is then the host's until it does."""
         import diffusers
 
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
@@ -467,6 +470,8 @@ class DiffusersPolicy:
         )
         _check_loaded_dtypes(pipe, want)
         stay = {id(m) for m in cls.unused_modules(pipe).values()}  # (never needed on the device)
+        if transformer_on_host:
+            stay.add(id(pipe.transformer))
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
             if text_only and not is_text_encoder(name):
                 continue
