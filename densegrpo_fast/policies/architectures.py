@@ -82,6 +82,21 @@ QWEN25_VL_7B = dict(
     ),
     vocab_size=152064, tie_word_embeddings=False,
 )  # fmt: skip
+#: Qwen2-VL-7B-Instruct (HPSv3's base): Qwen2.5-VL-7B's language model, and Qwen2-VL's vision tower (32 blocks
+#: of 1280, MLP ratio 4, merged into 3584-wide tokens), Qwen2VLVisionConfig's defaults.
+QWEN2_VL_7B = dict(
+    text_config=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768, rope_theta=1000000.0,
+        rms_norm_eps=1e-6, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        tie_word_embeddings=False,
+    ),
+    vision_config=dict(
+        depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, in_channels=3,
+    ),
+    vocab_size=152064, tie_word_embeddings=False,
+)  # fmt: skip
 #: Qwen-Image's VAE (a video VAE of Wan 2.1's layout; AutoencoderKLQwenImage's defaults).
 QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                       temperal_downsample=[False, True, True])  # fmt: skip

@@ -14,6 +14,7 @@ register; their heavy imports (transformers, PIL, easyocr) happen when a reward 
 - ``jpeg_compressibility``, ``jpeg_incompressibility``: :mod:`densegrpo_fast.rewards.jpeg`
 - ``ocr``: :mod:`densegrpo_fast.rewards.ocr`
 - ``vqascore`` (VQAScore with a Qwen2.5-VL model): :mod:`densegrpo_fast.rewards.vqascore`
+- ``hpsv3`` (HPSv3, a Qwen2-VL-7B preference model): :mod:`densegrpo_fast.rewards.hpsv3`
 - ``vlm_judge`` (a vision-language model behind an OpenAI-compatible server: vLLM, SGLang, an API):
   :mod:`densegrpo_fast.rewards.vlm_judge`
 - ``multi`` (weighted sum): :mod:`densegrpo_fast.rewards.multi`
@@ -180,6 +181,7 @@ from densegrpo_fast.rewards import (  # noqa: E402, F401
     clip,
     geneval_detector,
     hps,
+    hpsv3,
     imagereward,
     jpeg,
     multi,
