@@ -136,7 +136,11 @@ def test_every_image_is_resized_to_the_pixels_it_was_trained_at(released):
     checkpoint's image processor says (the tiny one's maximum is 64 x 64)."""
     base, ckpt, _, _ = released
     r = build_reward("hpsv3", checkpoint=str(ckpt), instruction=INSTRUCTION, model=str(base), dtype="float32")
-    for (h, w), (rows, cols) in [((1024, 1024), (448, 448)), ((1080, 1920), (336, 588)), ((48, 40), (504, 420))]:
+    for (h, w), (rows, cols) in [
+        ((1024, 1024), (448, 448)),
+        ((1080, 1920), (336, 588)),
+        ((48, 40), (504, 420)),
+    ]:
         grid = r._inputs(torch.rand(1, 3, h, w), ["a"], torch.device("cpu"))["image_grid_thw"][0]
         assert grid.tolist() == [1, rows // 14, cols // 14], (h, w)
 
