@@ -337,8 +337,9 @@ def _add_memory(sub) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="per process of a torchrun job of N processes (its share of the rows; full fine-tuning sharded "
-        "with FSDP2 as model.sharding decides, a whole copy per process under replicate)",
+        help="per process of a torchrun job of N processes (its share of the rows; the transformer sharded "
+        "with FSDP2 as model.sharding decides: full fine-tuning by default, LoRA with fsdp; a whole copy per "
+        "process under replicate)",
     )
     p.add_argument(
         "--breakdown",

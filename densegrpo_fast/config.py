@@ -402,7 +402,7 @@ class ModelSection(Section):
     sharding: Literal["auto", "fsdp", "replicate"] = Field(
         "auto",
         description="under torchrun: fsdp shards the transformer over the processes with FSDP2, so that no "
-        "process holds it whole (it loads into host memory and goes to the device a block at a time): full "
+        "GPU holds it whole (each process loads it into host memory, and it goes to the GPU a block at a time): full "
         "fine-tuning trains fp32 shards run in model.dtype, beside a sharded frozen KL reference; LoRA keeps the "
         "frozen base's shards in model.dtype and the adapters' in fp32. replicate keeps a whole copy in each "
         "process; auto = fsdp for full fine-tuning, replicate for LoRA (each call then gathers nothing)",

@@ -374,12 +374,20 @@ def mean_stats(
     return {key: s if key in maxima else s / n for key, (s, n) in total.items()}
 
 
-def broadcast_params(d: Dist, params: list[torch.nn.Parameter]) -> None:
-    """Copy rank 0's values of ``params`` to every rank (freshly initialised adapters)."""
-    if d.enabled:
-        with torch.no_grad():
-            for p in params:
+def broadcast_params(d: Dist, params: list[torch.nn.Parameter], device=None) -> None:
+    """Copy rank 0's values of ``params`` to every rank (freshly initialised adapters). ``device``: where the
+    collective runs, for parameters elsewhere (a sharded run's adapters are made in host memory, where NCCL
+    does not reach): each goes there and back; None: where each one is."""
+    if not d.enabled:
+        return
+    with torch.no_grad():
+        for p in params:
+            if device is None or p.device == torch.device(device):
                 dist.broadcast(p.data, src=0)
+                continue
+            staged = p.data.to(device, copy=True)
+            dist.broadcast(staged, src=0)
+            p.data.copy_(staged)
 
 
 def sum_grads(d: Dist, params: list[torch.nn.Parameter], bucket_bytes: int = 1 << 27) -> None:

@@ -851,12 +851,14 @@ def _repeats_skipped():
 
 
 def _largest_unit(module: torch.nn.Module) -> int:
-    """The bytes of ``module``'s largest block (FSDP2's unit: :func:`densegrpo_fast.distributed.shard`), whole,
-    as FSDP2 moves it to the device before cutting its shards."""
+    """The bytes of ``module``'s largest FSDP2 unit (:func:`densegrpo_fast.distributed.shard`: each block, and
+    the root's own parameters), whole, as FSDP2 moves it to the device before cutting its shards."""
     from densegrpo_fast.distributed import _block_lists
 
     blocks = [b for blocks in _block_lists(module).values() for b in blocks]
-    return max((sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks), default=0)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    root = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in in_blocks)
+    return max([root, *(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)])
 
 
 def _track(tracker: LiveBytes, modules: dict[str, torch.nn.Module], skip: Set[int] = frozenset()) -> None:
@@ -1415,8 +1417,8 @@ def run_memory(
 ) -> Estimate:
     """``densegrpo-fast memory``: estimate, print the table and the verdict for a ``device_gib`` GPU. With
     ``processes`` > 1, for each process of a torchrun job of that many, as rank 0 of a simulated job
-    (:func:`densegrpo_fast.distributed.simulated_job`); full fine-tuning shards the transformer with FSDP2
-    there, as the trainer does (``model.sharding``). With ``breakdown``, what the peak holds by origin."""
+    (:func:`densegrpo_fast.distributed.simulated_job`); the transformer is sharded with FSDP2 there as the
+    trainer shards it (``model.sharding``: full fine-tuning by default, LoRA with fsdp). With ``breakdown``, what the peak holds by origin."""
     import json
     import shutil
     import tempfile

@@ -351,7 +351,9 @@ def _trained(cfg: TrainConfig, policy, dist: distributed.Dist, warm: bool, shard
             )
     params = [p for p in transformer.parameters() if p.requires_grad]
     if cfg.lora.enabled:
-        distributed.broadcast_params(dist, params)  # rank 0's initial adapters everywhere (full: one file)
+        # rank 0's initial adapters everywhere (full: one file), through the device (sharded: they are in host
+        # memory, beside the base FSDP2 has not moved yet)
+        distributed.broadcast_params(dist, params, dist.device(cfg.model.device))
     if not sharded:
         return reference, params, None
     # (the list would keep every whole parameter, upcast to fp32 as its unit is sharded, alive until the last

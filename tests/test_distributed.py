@@ -643,8 +643,10 @@ def test_lora_over_a_sharded_base_trains_what_replicated_lora_trains(
     assert all("lora_" in n for n in sa["trainable"])  # the adapters alone: no base weight gathered
     assert all(t.dtype == torch.float32 and not t.requires_grad for t in sa["trainable"].values())
     assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    assert sa["optimizer"]["state"].keys() == sb["optimizer"]["state"].keys() and sb["optimizer"]["state"]
     for i, s in sb["optimizer"]["state"].items():
-        assert torch.equal(sa["optimizer"]["state"][i]["exp_avg_sq"], s["exp_avg_sq"])
+        for moment in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa["optimizer"]["state"][i][moment], s[moment]), (i, moment)
     from safetensors.torch import load_file
 
     # the export merges the EMA adapters into the whole base, gathered for it
@@ -672,6 +674,7 @@ def test_lora_over_a_sharded_base_resumes_with_two_processes_or_one(
         torch.load(d / "checkpoint.pt", weights_only=False) for d in (tmp_path / "run", sharded_lora_run)
     )
     for key in ("trainable", "ema"):
+        assert saved[key].keys() == want[key].keys() and saved[key], key
         assert all(torch.equal(t, want[key][n]) for n, t in saved[key].items()), key
     # the checkpoint is one process's: a single process resumes it
     shutil.rmtree(tmp_path / "run")
@@ -681,6 +684,26 @@ def test_lora_over_a_sharded_base_resumes_with_two_processes_or_one(
     last = [r for r in records(tmp_path / "run") if "reward_mean" in r][-1]
     assert last["iteration"] == 2
     assert_on_policy(last)
+
+
+def test_adapters_in_host_memory_are_broadcast_through_the_device(monkeypatch):
+    """A sharded LoRA run makes its adapters in host memory (the base is there until FSDP2 moves it), and NCCL
+    broadcasts device tensors only: each goes through the given device and back ("cpu:0" stands in for one)."""
+    from densegrpo_fast import distributed
+
+    seen = []
+
+    def broadcast(t, src):  # (rank 0's values arrive)
+        seen.append((t.device, t.data_ptr()))
+        t.fill_(7.0)
+
+    monkeypatch.setattr(distributed.dist, "broadcast", broadcast)
+    p = torch.nn.Parameter(torch.zeros(3))
+    distributed.broadcast_params(Dist(1, 2, 1), [p], "cpu:0")
+    assert len(seen) == 1 and seen[0][1] != p.data_ptr()  # a staged copy ...
+    assert p.tolist() == [7.0, 7.0, 7.0]  # ... copied back
+    distributed.broadcast_params(Dist(1, 2, 1), [p])  # no device: in place
+    assert seen[1] == (torch.device("cpu"), p.data_ptr())
 
 
 def test_lora_merged_for_sampling_over_a_sharded_base_is_refused(tiny_checkpoint, tmp_path):

@@ -854,16 +854,50 @@ def test_lora_init_starts_the_adapters_from_a_lora_on_disk(sd3_dir, tmp_path, mo
         load_config(TrainConfig, None, ["lora.init=" + str(tmp_path / "peft")])
 
 
-def _full_fine_tuning(sd3_dir, tmp_path, beta: float) -> TrainConfig:
-    """Full fine-tuning of the tiny SD3 in bf16 (sharded in a simulated job), KL weight ``beta``."""
+def _full_fine_tuning(sd3_dir, tmp_path, beta: float, extra=()) -> TrainConfig:
+    """Full fine-tuning of the tiny SD3 in bf16 (sharded in a simulated job), KL weight ``beta``; ``extra``
+    overrides."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\n")
     return load_config(TrainConfig, None, [
         "model.family=sd3", f"model.checkpoint={sd3_dir}", f"model.resolution={tiny.RESOLUTION}", "model.dtype=bf16",
         f"model.max_sequence_length={tiny.MAX_T5_TOKENS}", f"prompts.dataset={prompts}", "prompts.prompts_per_iteration=2",
         "sampling.group_size=2", "noise.kind=uniform", "reward.name=redness", "lora.enabled=false", f"grpo.beta={beta}",
-        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false",
+        f"eval.dataset={prompts}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", *extra,
     ])  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_sharded_run_loads_into_host_memory_and_calibrates_through_its_shards(
+    sd3_dir, tmp_path, monkeypatch, lora
+):
+    """Sharded (full fine-tuning, or LoRA with model.sharding=fsdp): the transformer is loaded into host memory,
+    and psi's calibration runs with the transformer already sharded (on a GPU, nothing whole on the device)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from densegrpo_fast import distributed, trainer
+
+    extra = ["lora.enabled=true", "lora.rank=4", "model.sharding=fsdp"] if lora else []
+    cfg = _full_fine_tuning(
+        sd3_dir, tmp_path, 0, ["noise.kind=calibrated", "noise.calibration.iterations=1", *extra]
+    )
+    loads, calibrated = [], []
+    real_load, real_calibrate = trainer.load_policy, trainer.calibrate
+
+    def load_policy(*args, **kwargs):
+        loads.append(kwargs.get("transformer_on_host"))
+        return real_load(*args, **kwargs)
+
+    def calibrate(policy, *args, **kwargs):
+        calibrated.append(isinstance(policy.transformer, FSDPModule))
+        return real_calibrate(policy, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "load_policy", load_policy)
+    monkeypatch.setattr(trainer, "calibrate", calibrate)
+    with distributed.simulated_job(2):
+        run = trainer.setup(cfg, progress=False)
+    assert run.sharded and loads == [True] and calibrated == [True]
 
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is needed")
