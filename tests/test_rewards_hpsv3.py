@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from densegrpo_fast.rewards import build_reward, kwargs_problems
-from densegrpo_fast.rewards.hpsv3 import ASK, REWARD_TOKEN, SYSTEM, reward_head
+from densegrpo_fast.rewards.hpsv3 import REWARD_TOKEN, reward_head
 from densegrpo_fast.rewards.images import to_uint8
 
 PROMPTS = ["a cat", "two red dogs on a green sofa", 'a photo of the word "hello"', "x"]
@@ -81,32 +81,40 @@ def reward(released, tmp_path_factory):
 
 
 def reference(released, r, image: torch.Tensor, prompt: str, positions: str = "1d") -> float:
-    """One image alone, its whole chat as the chat template writes it (the turn closed after the reward token,
-    the assistant's turn opened), through transformers' own Qwen2-VL with the checkpoint's weights (bf16, as
-    saved); the head's mean at the reward token. ``positions``: "1d" (every token its index, as the released
-    model ran) or "3d" (Qwen2-VL's own image positions, which it never had)."""
+    """One 48 x 40 image alone, resized as HPSv3 resizes it (PIL bicubic on uint8, to 140 x 112: about
+    PIXELS in multiples of 28 px), its whole chat as the chat template writes it (the turn closed after the
+    reward token, the assistant's turn opened), through transformers' own Qwen2-VL with the checkpoint's
+    weights (bf16, as saved), as the released model ran it: the input embeddings made by hand, the image's
+    features put at its tokens, the language model called with no positions (1-D: every token its index).
+    ``positions="3d"``: the whole model called with Qwen2-VL's own image positions, which it never had."""
+    from PIL import Image
+
     _, _, model, head = released
-    pixels = r.image_processor(
-        images=[to_uint8(image[None])[0].permute(1, 2, 0).numpy()], return_tensors="pt"
-    )
+    pil = Image.fromarray(to_uint8(image[None])[0].permute(1, 2, 0).numpy()).resize((112, 140), Image.BICUBIC)
+    pixels = r.image_processor(images=[pil], do_resize=False, return_tensors="pt")
+    assert pixels["image_grid_thw"][0].tolist() == [1, 10, 8]
     n = int(pixels["image_grid_thw"][0].prod()) // 4
     text = (
-        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n<|vision_start|>{'<|image_pad|>' * n}"
-        f"<|vision_end|>{INSTRUCTION.format(text_prompt=prompt)}{ASK}{REWARD_TOKEN}\n\nEND\n<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+        f"{'<|image_pad|>' * n}<|vision_end|>{INSTRUCTION.format(text_prompt=prompt)}"
+        "\nPlease provide the overall ratings of this image: <|Reward|>\n\nEND\n<|im_end|>\n<|im_start|>assistant\n"
     )
     ids = torch.tensor([r.tokenizer(text).input_ids])
     (at,) = (ids[0] == r.reward_id).nonzero()[0]
-    extra = (
-        {"position_ids": torch.arange(ids.shape[1]).expand(3, 1, -1)}
-        if positions == "1d"
-        else {"mm_token_type_ids": (ids == r.image_token).int()}  # (transformers 5 computes them from these)
-    )
     bf16 = model.to(torch.bfloat16).float()  # (the weights as the file holds them)
     with torch.no_grad():
-        out = bf16(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
-                   output_hidden_states=True, **extra)  # fmt: skip
-        return float(head(out.hidden_states[-1][0, at])[0])
+        if positions == "3d":
+            out = bf16(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                       mm_token_type_ids=(ids == r.image_token).int(), output_hidden_states=True)  # fmt: skip
+            hidden = out.hidden_states[-1]
+        else:
+            body = bf16.model
+            embeds = body.get_input_embeddings()(ids)
+            feats = body.get_image_features(pixels["pixel_values"], pixels["image_grid_thw"]).pooler_output
+            mask = (ids == r.image_token)[..., None].expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, torch.cat(feats).to(embeds.dtype))
+            hidden = body.language_model(inputs_embeds=embeds, position_ids=None).last_hidden_state
+        return float(head(hidden[0, at])[0])
 
 
 def test_the_score_is_the_heads_mean_at_the_reward_token(released, reward):
@@ -145,9 +153,43 @@ def test_every_image_is_resized_to_the_pixels_it_was_trained_at(released):
         assert grid.tolist() == [1, rows // 14, cols // 14], (h, w)
 
 
-def test_a_prompt_holding_the_reward_token_is_refused(reward):
-    with pytest.raises(ValueError, match=r"holds the reward token <\|Reward\|> itself"):
+def test_special_tokens_in_a_prompt_or_the_instruction_are_refused(reward):
+    with pytest.raises(
+        ValueError, match=r"prompt 'a <\|Reward\|> dog' holds the special tokens \['<\|Reward\|>'\]"
+    ):
         reward(torch.rand(2, 3, 32, 32), ["a cat", f"a {REWARD_TOKEN} dog"])
+    with pytest.raises(ValueError, match=r"holds the special tokens \['<\|image_pad\|>'\]"):
+        reward(torch.rand(1, 3, 32, 32), ["a <|image_pad|>"])
+    (problem,) = kwargs_problems("hpsv3", {"checkpoint": "c", "instruction": "{text_prompt} <|Reward|>"})
+    assert "holds the special tokens ['<|Reward|>']" in problem
+
+
+def test_hpsv3s_own_module_is_read_for_its_instruction_byte_for_byte(released, reward, tmp_path):
+    """``instruction_file`` = HPSv3's data_collator_qwen.py: its INSTRUCTION assignment, parsed (not run: the
+    module's imports are not available), its leading newline and trailing spaces kept; a text file is read
+    whole; a module without the assignment is refused."""
+    from densegrpo_fast.rewards.hpsv3 import read_instruction
+
+    text = "\nFirst line, then two spaces:  \nPrompt - {text_prompt}\n\n\n"
+    module = tmp_path / "data_collator_qwen.py"
+    module.write_text(
+        "import not_installed_here\n"
+        f"# INSTRUCTION = {'a commented-out one {text_prompt}'!r}\n"
+        f"INSTRUCTION = (\n    {text[:20]!r}\n    {text[20:]!r}\n)\n"
+        "def prompt_with_special_token(p):\n    return p\n"
+    )
+    assert read_instruction(module) == text
+    (tmp_path / "plain.txt").write_text(text)
+    assert read_instruction(tmp_path / "plain.txt") == text
+    (tmp_path / "other.py").write_text("X = 1\n")
+    with pytest.raises(ValueError, match=r"assigns no INSTRUCTION string at its top level"):
+        read_instruction(tmp_path / "other.py")
+    base, ckpt, _, _ = released
+    module.write_text(f"INSTRUCTION = {INSTRUCTION!r}\n")
+    from_module = build_reward("hpsv3", checkpoint=str(ckpt), instruction_file=str(module), model=str(base),
+                               dtype="float32", pixels=PIXELS)  # fmt: skip
+    images = torch.rand(2, 3, 40, 40)
+    assert torch.equal(from_module(images, PROMPTS[:2]), reward(images, PROMPTS[:2]))
 
 
 def test_bad_kwargs_and_missing_files_are_named(released, tmp_path):
@@ -169,6 +211,13 @@ def test_bad_kwargs_and_missing_files_are_named(released, tmp_path):
     assert kwargs_problems("hpsv3", {"checkpoint": "c", "instruction": "a", "instruction_file": "b"}) == [
         "reward.kwargs.instruction and reward.kwargs.instruction_file both given: keep one"
     ]
+    assert kwargs_problems("hpsv3", {"checkpoint": "c", "instruction": "{prompt}", "pixels": 0}) == [
+        "reward.kwargs.pixels=0 must be a whole number >= 1"
+    ]
+    assert (
+        "cannot be read"
+        in kwargs_problems("hpsv3", {"checkpoint": "c", "instruction_file": "/no/file.txt"})[0]
+    )
     ok = {"checkpoint": str(ckpt), "instruction": INSTRUCTION, "model": str(base), "dtype": "float32"}
     with pytest.raises(
         ValueError, match=r"reward.kwargs.checkpoint='.*nowhere.safetensors' does not exist.*hf download"
@@ -236,3 +285,6 @@ def test_the_memory_estimate_builds_its_architecture_with_fake_weights(released)
     assert all(_is_fake(p) and p.dtype == torch.bfloat16 for p in params)
     assert all(_is_fake(p) and p.dtype == torch.float32 for p in default.head.parameters())
     assert default.model.language_model.embed_tokens.weight.shape == (151658, 3584)
+    assert (
+        sum(p.numel() for p in default.head.parameters()) == 3584 * 1024 + 1024 + 1024 * 16 + 16 + 16 * 2 + 2
+    )

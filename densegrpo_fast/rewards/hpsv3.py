@@ -7,30 +7,36 @@ How the released model (``MizzenAI/HPSv3``, one ``HPSv3.safetensors`` of the who
 
 - The language model reads a chat: the default system turn, then a user turn of the image and the
   instruction with the prompt, ending in a new special token ``<|Reward|>`` (added to Qwen2-VL's tokenizer
-  at the end of its vocabulary, so the embedding has one row more: 151658 rows).
+  at the end of its vocabulary: the embedding has a row per token of the tokenizer, 151658, where the base
+  model's has 152064).
 - A head on the final (normed) hidden state at that token, ``Linear(3584, 1024) - ReLU - Linear(1024, 16) -
   ReLU - Linear(16, 2)`` in float32, gives a mean and a log standard deviation (the model was trained with
   an uncertainty-aware ranking loss); the score is the mean.
 - Every token gets the plain 1-D rotary position of its index (three equal M-RoPE axes): the released model
   computed its input embeddings itself and called the decoder with no image grid, so its image tokens never
   had Qwen2-VL's 2-D positions. This module passes those positions explicitly.
-- Each image is resized to 256 x 28 x 28 = 200704 pixels (multiples of 28 px, aspect ratio kept: 448 x 448
-  for a square) by the checkpoint's Qwen2-VL image processor (``min_pixels = max_pixels``), i.e. 256 image
-  tokens.
+- Each image is resized, as uint8 with PIL's bicubic filter as HPSv3's own code does, to about 256 x 28 x 28 =
+  200704 pixels in multiples of 28 px, aspect ratio kept (Qwen2-VL's ``smart_resize``: 448 x 448 for a
+  square, 588 x 336 for 1920 x 1080), about 256 image tokens; the checkpoint's Qwen2-VL image processor then
+  only normalises it and cuts its patches (whatever backend it has: torchvision's resize would round
+  otherwise).
 
-What this package does not ship: the instruction text HPSv3 was trained with. It is the ``INSTRUCTION``
-string of HPSv3's ``hpsv3/dataset/data_collator_qwen.py`` (it contains ``{text_prompt}``); save it to a file
-and give ``instruction_file`` (or the string as ``instruction``). Another instruction scores, but not as the
-model was trained. Tokens after ``<|Reward|>`` cannot change the score (the model is causal), so the prompt
-stops there; rows are padded on the right, as the released model scored them.
+What this package does not ship: the instruction text HPSv3 was trained with, the ``INSTRUCTION`` string of
+HPSv3's ``hpsv3/dataset/data_collator_qwen.py`` (it contains ``{text_prompt}``). Give that file itself as
+``instruction_file``: its ``INSTRUCTION`` assignment is read with Python's parser, byte for byte (leading
+newline, trailing spaces), nothing imported. A text file is read as the instruction, and ``instruction`` takes
+the string. Another text scores, but not as the model was trained. Tokens after ``<|Reward|>`` cannot change
+the score (the model is causal), so the prompt stops there; rows are padded on the right, as the released
+model scored them.
 
 The backbone runs in ``dtype`` (bfloat16), the head in float32. Weights load offline: the base model's
 folder or cached hub id (``hf download Qwen/Qwen2-VL-7B-Instruct``: its config, tokenizer and image
 processor; its weights are not read) and the checkpoint file (``hf download MizzenAI/HPSv3
 HPSv3.safetensors``). The LM head is not needed and not loaded. Key layouts of transformers 4.45 (``model.``,
 ``visual.``, as released) and of later versions (``model.language_model.``, ``model.visual.``) both load.
-The memory estimate counts its weights (8.3 B parameters, 15.4 GiB in bfloat16), not its activations, as for
-``vqascore``.
+The memory estimate counts its weights (7.74 B parameters without the LM head: 14.4 GiB in bfloat16, and the
+float32 head's 14 MB), not its activations, as for ``vqascore``. transformers >= 4.52 (Qwen2-VL's current
+layout).
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ PIXELS = 256 * 28 * 28
 #: Rows of the released embedding: Qwen2-VL's 151657 tokens and ``<|Reward|>``.
 VOCAB = 151658
 SYSTEM = "You are a helpful assistant."  # Qwen2-VL's default system prompt
+#: The chat and vision tokens the prompt is written with: neither an instruction nor a prompt may hold one.
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>",
+           REWARD_TOKEN)  # fmt: skip
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _FIELDS = ("{text_prompt}", "{prompt}")
 
@@ -84,6 +93,38 @@ def reward_head(width: int) -> torch.nn.Sequential:
     )
 
 
+def read_instruction(path: str | Path) -> str:
+    """The instruction in ``path``: the ``INSTRUCTION`` string assigned in a Python file (HPSv3's
+    ``data_collator_qwen.py``; parsed, not run, the last top-level assignment as Python would leave it), or a
+    text file's whole content. A ValueError naming the file otherwise."""
+    import ast
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(
+            f"reward.kwargs.instruction_file={str(path)!r} cannot be read ({e}): give HPSv3's "
+            "hpsv3/dataset/data_collator_qwen.py, or a file holding its instruction"
+        ) from None
+    if path.suffix != ".py":
+        return text
+    found = [
+        node.value.value
+        for node in ast.parse(text).body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "INSTRUCTION" for t in node.targets)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    if not found:
+        raise ValueError(
+            f"reward.kwargs.instruction_file={str(path)!r} assigns no INSTRUCTION string at its top level: give "
+            "HPSv3's hpsv3/dataset/data_collator_qwen.py, or a text file holding the instruction"
+        )
+    return found[-1]
+
+
 def _instruction_problems(instruction, instruction_file) -> list[str]:
     where = (
         "HPSv3's instruction is the INSTRUCTION string of its hpsv3/dataset/data_collator_qwen.py, which this "
@@ -100,11 +141,18 @@ def _instruction_problems(instruction, instruction_file) -> list[str]:
         return [f"reward.kwargs.instruction={instruction!r} must be a string ({where})"]
     if instruction is not None:
         return _text_problems(instruction, "reward.kwargs.instruction")
-    return []
+    try:
+        text = read_instruction(instruction_file)
+    except ValueError as e:
+        return [str(e)]
+    return _text_problems(text, f"reward.kwargs.instruction_file={str(instruction_file)!r}")
 
 
 def _text_problems(text: str, what: str) -> list[str]:
-    """An instruction must hold one of {text_prompt} / {prompt}, where each image's prompt goes."""
+    """An instruction must hold one of {text_prompt} / {prompt}, where each image's prompt goes, and none of
+    the chat's special tokens."""
+    if tokens := [t for t in SPECIAL if t in text]:
+        return [f"{what} holds the special tokens {tokens}, which the chat places itself: remove them"]
     held = [f for f in _FIELDS if f in text]
     if len(held) != 1:
         return [
@@ -125,7 +173,13 @@ def _fill(text: str, prompt: str) -> str:
 
 
 def _problems(
-    checkpoint=None, instruction=None, instruction_file=None, dtype="bfloat16", max_batch=8, **_
+    checkpoint=None,
+    instruction=None,
+    instruction_file=None,
+    dtype="bfloat16",
+    max_batch=8,
+    pixels=PIXELS,
+    **_,
 ) -> list[str]:
     """What is wrong with the kwargs, found without loading weights (``validate``)."""
     out = [] if dtype in _DTYPES else [f"reward.kwargs.dtype={dtype!r} is not one of {sorted(_DTYPES)}"]
@@ -134,7 +188,11 @@ def _problems(
             f"reward hpsv3 needs reward.kwargs.checkpoint: the released HPSv3.safetensors (`hf download "
             f"{CHECKPOINT_EXAMPLE}`)"
         )
-    return out + _instruction_problems(instruction, instruction_file) + count_problems(max_batch=max_batch)
+    return (
+        out
+        + _instruction_problems(instruction, instruction_file)
+        + count_problems(max_batch=max_batch, pixels=pixels)
+    )
 
 
 @register("hpsv3")
@@ -165,24 +223,12 @@ class HPSv3:
         max_batch: int = 8,
         pixels: int = PIXELS,
     ):
-        problems = _problems(checkpoint, instruction, instruction_file, dtype, max_batch) + count_problems(
-            pixels=pixels
-        )
+        problems = _problems(checkpoint, instruction, instruction_file, dtype, max_batch, pixels)
         if problems:
             raise ValueError("; ".join(problems))
         if instruction_file is not None:
-            try:
-                instruction = Path(instruction_file).read_text()
-            except OSError as e:
-                raise ValueError(
-                    f"reward.kwargs.instruction_file={str(instruction_file)!r} cannot be read ({e}): give the file "
-                    "holding HPSv3's instruction"
-                ) from None
-            if bad := _text_problems(
-                instruction, f"reward.kwargs.instruction_file={str(instruction_file)!r}"
-            ):
-                raise ValueError(bad[0])
-        self.instruction, self.max_batch = instruction, max_batch
+            instruction = read_instruction(instruction_file)
+        self.instruction, self.max_batch, self.pixels = instruction, max_batch, pixels
         self.device = torch.device(device) if device else None
         self._placed: torch.device | None = None
         self.estimating = building_architectures()  # (densegrpo-fast memory: see the module docstring)
@@ -195,14 +241,19 @@ class HPSv3:
             self.model = build_architecture(lambda: Qwen2VLModel(config), _DTYPES[dtype])
             self.head = build_architecture(lambda: reward_head(width), torch.float32)
             return
+        import transformers
+        from packaging.version import Version
         from transformers import AutoImageProcessor, AutoTokenizer
 
+        if Version(transformers.__version__) < Version("4.52"):  # (Qwen2-VL's model holding its LM)
+            raise ValueError(
+                f"reward hpsv3 needs transformers >= 4.52 (Qwen2-VL's current layout); transformers "
+                f"{transformers.__version__} is installed: pip install -U 'transformers>=4.52' (keep your torch)"
+            )
         source = str(processor or model)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-            self.image_processor = AutoImageProcessor.from_pretrained(
-                source, local_files_only=True, min_pixels=pixels, max_pixels=pixels
-            )
+            self.image_processor = AutoImageProcessor.from_pretrained(source, local_files_only=True)
         except OSError as e:
             raise _missing("processor", source, EXAMPLE, e) from None
         self.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
@@ -214,6 +265,9 @@ class HPSv3:
                 f"of Qwen2-VL-7B-Instruct (`hf download {EXAMPLE}`)"
             )
         self.merge = int(getattr(self.image_processor, "merge_size", 2)) ** 2
+        self.factor = int(getattr(self.image_processor, "patch_size", 14)) * int(
+            getattr(self.image_processor, "merge_size", 2)
+        )
         config.text_config.vocab_size = len(self.tokenizer)
         self.model, self.head = _load(config, Path(checkpoint), _DTYPES[dtype], source)
 
@@ -224,11 +278,16 @@ class HPSv3:
     )
 
     def _inputs(self, images: torch.Tensor, prompts: list[str], device: torch.device) -> dict:
-        """One chunk's inputs: pixels and grid from the image processor, the chat prompts with each image's
-        tokens, padded on the right, and every token's 1-D position on the three rotary axes."""
-        pixels = self.image_processor(
-            images=list(to_uint8(images).permute(0, 2, 3, 1).numpy()), return_tensors="pt"
-        )
+        """One chunk's inputs: the images resized as HPSv3 resizes them, their pixels and grid from the image
+        processor, the chat prompts with each image's tokens, padded on the right, and every token's 1-D
+        position on the three rotary axes."""
+        for p in prompts:
+            if tokens := [t for t in SPECIAL if t in p]:
+                raise ValueError(
+                    f"prompt {p!r} holds the special tokens {tokens}, which HPSv3's chat places itself (its score "
+                    f"is read at the only {REWARD_TOKEN}, after the only image): remove them from the prompt"
+                )
+        pixels = self.image_processor(images=self._resized(images), do_resize=False, return_tensors="pt")
         grid = pixels["image_grid_thw"]
         texts = [
             chat_prompt(_fill(self.instruction, p), int(g.prod()) // self.merge)
@@ -236,13 +295,6 @@ class HPSv3:
         ]
         tokens = self.tokenizer(texts, padding=True, padding_side="right", return_tensors="pt")
         ids, mask = tokens.input_ids, tokens.attention_mask
-        counts = (ids == self.reward_id).sum(1)
-        if (counts != 1).any():
-            bad = prompts[int((counts != 1).nonzero()[0])]
-            raise ValueError(
-                f"prompt {bad!r} holds the reward token {REWARD_TOKEN} itself: HPSv3 reads its score at the only "
-                "one, which ends the instruction; remove it from the prompt"
-            )
         position = torch.arange(ids.shape[1]).expand(3, len(texts), -1)
         return {
             "input_ids": ids.to(device),
@@ -251,6 +303,18 @@ class HPSv3:
             "pixel_values": pixels["pixel_values"].to(device, self.model.dtype),
             "image_grid_thw": grid.to(device),
         }
+
+    def _resized(self, images: torch.Tensor) -> list:
+        """Each image as uint8, resized with PIL's bicubic filter to Qwen2-VL's ``smart_resize`` of its size
+        with ``pixels`` as both bounds (HPSv3's own resize)."""
+        from PIL import Image
+
+        out = []
+        for image in to_uint8(images).permute(0, 2, 3, 1).numpy():
+            h, w = image.shape[:2]
+            rh, rw = _smart_resize(h, w, self.factor, self.pixels)
+            out.append(Image.fromarray(image).resize((rw, rh), Image.BICUBIC))
+        return out
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -269,6 +333,15 @@ class HPSv3:
             last = chunk["attention_mask"].sum(1) - 1  # (right-padded: each row's reward token)
             out.append(self.head(hidden[torch.arange(len(last), device=device), last].float())[:, 0])
         return torch.cat(out).to(images.device)
+
+
+def _smart_resize(h: int, w: int, factor: int, pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's ``smart_resize`` (transformers' own) with ``pixels`` as its minimum and maximum."""
+    try:  # (transformers 5: the PIL processor's module imports without torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    return smart_resize(h, w, factor=factor, min_pixels=pixels, max_pixels=pixels)
 
 
 def _config(model: str):
@@ -325,28 +398,30 @@ def _load(config, checkpoint: Path, dtype: torch.dtype, source: str):
         parts = torch.nn.ModuleDict(
             {"model": Qwen2VLModel(config), "head": reward_head(config.text_config.hidden_size)}
         )
+    want = {n: tuple(p.shape) for n, p in parts.named_parameters()}
     state = {}
     try:
         with safe_open(str(checkpoint), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
-                name = _renamed(key)
-                if name is not None:
+            names = {_renamed(key): key for key in f.keys()}  # noqa: SIM118 (a safe_open handle is no dict)
+            names.pop(None, None)
+            # (the names and shapes before any tensor is read: a wrong 16 GB file is refused at once)
+            missing, unexpected = sorted(want.keys() - names.keys()), sorted(names.keys() - want.keys())
+            if missing or unexpected:
+                raise ValueError(
+                    f"reward.kwargs.checkpoint={str(checkpoint)!r} is not an HPSv3 checkpoint of the Qwen2-VL at "
+                    f"reward.kwargs.model: {len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} "
+                    f"unexpected (e.g. {unexpected[:3]}); give the released HPSv3.safetensors"
+                )
+            shapes = [(n, tuple(f.get_slice(k).get_shape()), want[n]) for n, k in names.items()
+                      if tuple(f.get_slice(k).get_shape()) != want[n]]  # fmt: skip
+            if not shapes:
+                for name, key in names.items():
                     state[name] = f.get_tensor(key).to(torch.float32 if name.startswith("head.") else dtype)
     except (SafetensorError, OSError) as e:
         raise ValueError(
             f"reward.kwargs.checkpoint={str(checkpoint)!r} is not a readable safetensors file ({e}): give the "
             "released HPSv3.safetensors"
         ) from None
-    want = {n for n, _ in parts.named_parameters()}
-    missing, unexpected = sorted(want - state.keys()), sorted(state.keys() - want)
-    if missing or unexpected:
-        raise ValueError(
-            f"reward.kwargs.checkpoint={str(checkpoint)!r} is not an HPSv3 checkpoint of the Qwen2-VL at "
-            f"reward.kwargs.model: {len(missing)} weights missing (e.g. {missing[:3]}), {len(unexpected)} "
-            f"unexpected (e.g. {unexpected[:3]}); give the released HPSv3.safetensors"
-        )
-    shapes = [(n, tuple(state[n].shape), tuple(p.shape)) for n, p in parts.named_parameters()
-              if tuple(state[n].shape) != tuple(p.shape)]  # fmt: skip
     if shapes:
         name, got, wanted = shapes[0]
         rows = " (the embedding: its tokenizer, with <|Reward|> added, has another vocabulary size)"
