@@ -12,6 +12,9 @@ Variants (each overrides the config):
     densegrpo-winrate  dense rewards as win rates in each group under the config's reward (``win_rate``, counted
                        wins: Pref-GRPO's pairwise reward); evaluated by the config's reward itself. Run only
                        when named in --variants
+    diffusionnft       DiffusionNFT's forward-process objective (grpo.objective=nft): ODE rollouts of the old
+                       policy, the final reward's advantages with the batch's std, every step's time trained.
+                       Run only when named in --variants
 Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
 evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
 the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
@@ -40,7 +43,17 @@ VARIANTS = {
         "reward.name=win_rate",
         "reward.kwargs=" + json.dumps({"reward": {"name": cfg.reward.name, "kwargs": cfg.reward.kwargs}}),
     ],
+    "diffusionnft": [
+        "grpo.objective=nft",
+        "dense.mode=sparse",
+        "noise.kind=uniform",
+        "noise.level=0",
+        "grpo.filter_zero_advantage=false",
+        "dense.global_std=true",
+    ],  # fmt: skip
 }
+#: The variants run only when named in --variants.
+NAMED_ONLY = ("densegrpo-winrate", "diffusionnft")
 
 
 def variant_overrides(name: str, config: str, overrides: list[str]) -> list[str]:
@@ -72,7 +85,7 @@ def main() -> None:
     ap.add_argument(
         "--variants",
         nargs="+",
-        default=[v for v in VARIANTS if v != "densegrpo-winrate"],
+        default=[v for v in VARIANTS if v not in NAMED_ONLY],
         choices=list(VARIANTS),
     )
     ap.add_argument(

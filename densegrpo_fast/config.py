@@ -629,6 +629,14 @@ class DenseSection(Section):
 
 
 class GRPOSection(Section):
+    objective: Literal["grpo", "nft"] = Field(
+        "grpo",
+        description="grpo: the clipped policy-gradient loss on the SDE steps' log-probs (DenseGRPO, Flow-GRPO); "
+        "nft: DiffusionNFT's forward-process loss (the nft section): the old policy samples, each clean "
+        "sample is noised afresh at the trained steps' times, and the trained velocity learns from the group-"
+        "normalised final reward, with no log-prob (needs dense.mode=sparse, noise.kind=uniform, "
+        "grpo.filter_zero_advantage=false; the clip, ratio and beta settings do not apply)",
+    )
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
     clip_range_high: float | None = Field(
         None,
@@ -692,6 +700,33 @@ class GRPOSection(Section):
         description="skip (sample, step) rows whose advantage is 0, their KL term with them (the loss averages "
         "over the rows kept)",
     )
+
+
+class NFTSection(Section):
+    """DiffusionNFT's settings (``grpo.objective=nft``; :mod:`densegrpo_fast.nft`), the released ones by default."""
+
+    beta: float = Field(
+        1.0, gt=0, description="how far the implicit policies lie from the old one: v+- = v_old +- beta (v - v_old) "
+        "(released: 1.0 for GenEval and PickScore, 0.1 for OCR and several rewards)",
+    )  # fmt: skip
+    adv_scale: float = Field(
+        5.0,
+        gt=0,
+        description="s of r = clip(1/2 + A / (2 s), 0, 1), A the sparse advantage (clip it with dense.adv_clip = s, "
+        "normalise with dense.global_std as released); the loss is multiplied by s as in the released code",
+    )
+    kl: float = Field(
+        1e-4, ge=0, description="weight of the mean squared velocity difference to the reference policy (0: no "
+        "reference forward)",
+    )  # fmt: skip
+    old_decay_rate: float = Field(
+        1e-3, ge=0, description="the old policy keeps d = min(rate x max(0, step - delay), max) of itself at each "
+        "iteration's end, step the optimizer steps so far (0: the old policy is the trained one: on-policy)",
+    )  # fmt: skip
+    old_decay_max: float = Field(
+        0.5, ge=0, lt=1, description="the most d reaches (released: 0.5; OCR: 0.999)"
+    )
+    old_decay_delay: int = Field(0, ge=0, description="optimizer steps before d grows (released: 0; OCR: 75)")
 
 
 class OptimSection(Section):
@@ -1074,11 +1109,32 @@ class TrainConfig(Section):
     reward: RewardSection = Field(default_factory=RewardSection)
     dense: DenseSection = Field(default_factory=DenseSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    nft: NFTSection = Field(default_factory=NFTSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     lora: LoRASection = Field(default_factory=LoRASection)
     ema: EMASection = Field(default_factory=EMASection)
     run: RunSection = Field(default_factory=RunSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    def _nft_problems(self) -> list[str]:
+        """What grpo.objective=nft does not combine with: it trains on the final reward's advantages, with no
+        log-prob."""
+        rules = [
+            (self.dense.mode != "sparse", f"dense.mode={self.dense.mode!r}: nft trains on the final reward's "
+             "advantages (the step rewards of dense modes would score completions nothing uses)", "dense.mode=sparse"),
+            (self.noise.kind == "calibrated", "noise.kind=calibrated balances dense rewards' gains for GRPO's "
+             "SDE steps; nft samples with any fixed noise", "noise.kind=uniform (noise.level=0: the ODE sampler "
+             "DiffusionNFT uses)"),
+            (self.grpo.filter_zero_advantage, "grpo.filter_zero_advantage: a sample of advantage 0 has r = 1/2, "
+             "and its nft loss is not 0", "grpo.filter_zero_advantage=false"),
+            (self.grpo.ratio_norm, "grpo.ratio_norm normalises the SDE log-ratio nft has none of", "grpo.ratio_norm=false"),
+            (self.grpo.kl_target is not None, "grpo.kl_target adapts GRPO's KL weight; nft's is nft.kl",
+             "grpo.kl_target=null"),
+            (self.grpo.step_weight != "none", "grpo.step_weight weights GRPO's policy term", "grpo.step_weight=none"),
+            (self.grpo.best_of is not None, "grpo.best_of keeps the extremes of each group; nft trains every sample "
+             "toward or away from its r", "grpo.best_of=null"),
+        ]  # fmt: skip
+        return [f"grpo.objective=nft with {what}: set {fix}" for bad, what, fix in rules if bad]
 
     def trained_steps(self) -> list[int]:
         """``grpo.trained_steps``, or by default every step with noise but the last one (ALGORITHM.md §3):
@@ -1087,6 +1143,8 @@ class TrainConfig(Section):
         if self.grpo.trained_steps is not None:
             return self.grpo.trained_steps
         T = self.sampling.num_steps
+        if self.grpo.objective == "nft":  # (every time of the sampler's grid, t = 1 included, as released)
+            return list(range(T))
         return list(range(max(0, T - 2) if self.noise.sde == "cps" else T - 1))
 
     @model_validator(mode="after")
@@ -1116,6 +1174,7 @@ class TrainConfig(Section):
                 "(or window_move=fixed)"
             )
         steps = self.grpo.trained_steps
+        grpo_like = self.grpo.objective == "grpo"  # (nft trains any step's time, noise or none)
         default = self.trained_steps()
         if steps is None and not default:
             problems.append(
@@ -1141,7 +1200,13 @@ class TrainConfig(Section):
                 )
         if steps is not None and not steps:
             problems.append("grpo.trained_steps is empty: the run would train nothing; list steps, or null")
-        elif steps and n.window_move == "fixed" and n.window_start is not None and n.window_size is not None:
+        elif (
+            steps
+            and grpo_like
+            and n.window_move == "fixed"
+            and n.window_start is not None
+            and n.window_size is not None
+        ):
             window = range(n.window_start, n.window_start + n.window_size)
             if not any(k in window for k in steps):
                 problems.append(
@@ -1176,7 +1241,7 @@ class TrainConfig(Section):
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
                 f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"
             )
-        if n.level == 0:
+        if n.level == 0 and self.grpo.objective != "nft":  # (nft trains no log-prob: ODE rollouts serve it)
             problems.append(
                 "noise.level is 0: uniform noise would be none (every step an ODE step, with no log-prob to "
                 "train), and calibration starts psi at the level and moves only the steps that start with noise; "
@@ -1185,7 +1250,7 @@ class TrainConfig(Section):
             )
         if self.noise.calibration.psi_min > self.noise.calibration.psi_max:
             problems.append("noise.calibration.psi_min must be <= psi_max")
-        if self.noise.sde == "cps" and steps and T - 1 in steps:
+        if self.noise.sde == "cps" and steps and T - 1 in steps and grpo_like:
             problems.append(
                 f"grpo.trained_steps contains the grid's last step {T - 1}, which has no noise under noise.sde=cps "
                 "(its noise std is sigma_next = 0 times eta's share), so it would train nothing; leave it out"
@@ -1223,6 +1288,8 @@ class TrainConfig(Section):
                 "lora.merge_for_sampling with model.sharding=fsdp: the merge writes each base weight whole, and "
                 "FSDP2 holds it in shards; set lora.merge_for_sampling=false, or model.sharding=replicate"
             )
+        if self.grpo.objective == "nft":
+            problems += self._nft_problems()
         if self.model.sharding == "fsdp" and self.optim.name == "adamw8bit":
             problems.append(
                 "optim.name=adamw8bit with model.sharding=fsdp: bitsandbytes' optimizer does not take FSDP2's "
@@ -1259,6 +1326,10 @@ class TrainConfig(Section):
             ("ema", self.ema, ("decay", "every"), not self.ema.enabled, "ema.enabled=false keeps no EMA"),
             ("run", self.run, ("keep_exports",), self.run.export_every == 0,
              "run.export_every=0 keeps no export but the final one"),
+            ("grpo", self.grpo, ("clip_range", "clip_range_high", "beta", "kl_exact"), self.grpo.objective == "nft",
+             "grpo.objective=nft has no ratio to clip, and its KL weight is nft.kl"),
+            ("nft", self.nft, type(self.nft).model_fields, self.grpo.objective != "nft",
+             "the nft section serves grpo.objective=nft"),
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
              "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),

@@ -986,7 +986,8 @@ def _iterations(
             ro, cond, R, _ = trainer.collect(run, prompts, it, overlap=False)  # this rank's rows
             phase("update")
             R_all = distributed.gather_rows(run.dist, R)  # as trainer.train: the whole batch's advantages
-            trainer.update(run, ro, cond, R, it, trainer._advantages(run, R_all))
+            update = trainer.update_nft if cfg.grpo.objective == "nft" else trainer.update
+            update(run, ro, cond, R, it, trainer._advantages(run, R_all))
             if cfg.run.sample_grid_every and it == iterations - 1:  # decoded while the rollout is alive
                 phase("sample grid")
                 trainer._sample_grid(run, ro, prompts, R_all)
@@ -1308,10 +1309,11 @@ def _advice(phase: str, cfg) -> str:
     )
     if phase == "setup":
         return (
-            "set-up holds the whole transformer in model.dtype until FSDP2 shards it, and in full "
-            "fine-tuning with grpo.beta > 0 its KL reference (whole in one process, shards and one whole "
-            "block at a time under FSDP2), and, resumed, AdamW's state as it is loaded: train LoRA "
-            "adapters, or set grpo.beta=0 (no reference)" + off
+            "set-up holds the whole transformer in model.dtype (under FSDP2 its shards and one whole block at a "
+            "time, from host memory), and in full fine-tuning with a KL weight (grpo.beta, or nft.kl) its KL "
+            "reference (whole in one process, shards and one whole block at a time under FSDP2), and, resumed, "
+            "AdamW's state as it is loaded: train LoRA adapters, or set the KL weight to 0 (no reference)"
+            + off
         )
     if phase == "prompt encoding":
         return (
@@ -1548,7 +1550,7 @@ def run_memory(
         notes += est.notes
         informative = []  # notes that explain the table, not something it leaves out
         if sharded:
-            kl = " and its KL reference" if cfg.grpo.beta > 0 and not cfg.lora.enabled else ""
+            kl = " and its KL reference" if trainer._kl_weight(cfg) > 0 and not cfg.lora.enabled else ""
             informative.append(
                 f"the weights rows are the whole models' but for the trained weights row, this process's fp32 "
                 f"shard; this process holds its FSDP2 shards of the transformer{kl}, and the phases count those"

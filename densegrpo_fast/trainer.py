@@ -46,6 +46,7 @@ from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
 from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
+from densegrpo_fast.nft import nft_loss, noised, old_decay, optimality
 from densegrpo_fast.policies import load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
@@ -122,6 +123,7 @@ class Run:
     served: dict | None = None  # what the reward servers host (their /health); a resume compares
     base_weights: str | None = None  # distributed.weights_digest of the loaded model; a resume compares
     beta: float = 0.0  # the KL weight: grpo.beta, or where grpo.kl_target adapts it, its current value
+    old: dict[str, torch.Tensor] | None = None  # grpo.objective=nft: the old policy's trained weights
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -130,6 +132,8 @@ class Run:
 
     @property
     def name(self) -> str:
+        if self.cfg.grpo.objective == "nft":
+            return "DiffusionNFT"
         return "DenseGRPO" if self.cfg.dense.mode != "sparse" else "Flow-GRPO"
 
 
@@ -277,10 +281,15 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         if cfg.ema.enabled
         else None
     )
+    old = (  # (nft: the old policy starts as the trained one)
+        {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
+        if cfg.grpo.objective == "nft"
+        else None
+    )
     base = base.to(policy.device)
     run = Run(cfg, run_dir, policy, reward_fn, prompts, eval_prompts, base, trained_steps, optimizer, ema, reference,
               log, base_schedule=base, trained_steps=trained_steps, dist=dist, sharded=sharded,
-              shell=shell, served=served, base_weights=base_weights, beta=cfg.grpo.beta)  # fmt: skip
+              shell=shell, served=served, base_weights=base_weights, beta=cfg.grpo.beta, old=old)  # fmt: skip
     if cfg.noise.window_move != "fixed":  # (the base schedule is fixed for the run: its starts too)
         run.starts = _moving_starts(run)
         _note_skipped_starts(run)
@@ -296,9 +305,17 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             load_trainable_state(transformer, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
         own_optimizer_state(optimizer)
-        if ema is not None and state.get("ema") is not None:
-            for name, t in state["ema"].items():
-                ema[name].copy_(distributed.shard_like(t, ema[name]) if sharded else t)  # onto their device
+        if old is not None and state.get("nft_old") is None:  # (train refuses a change of objective)
+            raise ValueError(
+                f"{run_dir / 'checkpoint.pt'} holds no old policy (nft_old), which grpo.objective=nft resumes from: "
+                "was it written by a GRPO run or an older version? Resume with the run's own config.yaml"
+            )
+        for kept, key in ((ema, "ema"), (old, "nft_old")):
+            if kept is not None and state.get(key) is not None:
+                for name, t in state[key].items():
+                    kept[name].copy_(
+                        distributed.shard_like(t, kept[name]) if sharded else t
+                    )  # onto their device
         run.iteration, run.opt_steps, run.wall_s = state["iteration"], state["opt_steps"], state["wall_s"]
         if cfg.grpo.kl_target is not None:  # (a checkpoint of a run without kl_target: from grpo.beta)
             run.beta = state.get("beta") or cfg.grpo.beta
@@ -317,7 +334,8 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         log.truncate_after(0)
         distributed.on_main(dist, functools.partial(_drop_exports_after, run_dir, 0))
     if resume:
-        distributed.check_in_sync(dist, run.params + list((ema or {}).values()), "the resumed weights or EMA")
+        kept = [*(ema or {}).values(), *(old or {}).values()]
+        distributed.check_in_sync(dist, run.params + kept, "the resumed weights, EMA or old policy")
     return run
 
 
@@ -330,7 +348,7 @@ def _trained(cfg: TrainConfig, policy, dist: distributed.Dist, warm: bool, shard
     if cfg.lora.enabled and not warm:
         _add_adapters(cfg, policy, None)
     elif not cfg.lora.enabled:
-        if cfg.grpo.beta > 0:
+        if _kl_weight(cfg) > 0:
             if sharded:  # block by block: never a second whole copy beside the transformer
                 reference = distributed.sharded_frozen_copy(transformer)
             else:
@@ -376,6 +394,11 @@ def _trained(cfg: TrainConfig, policy, dist: distributed.Dist, warm: bool, shard
             print(f"FSDP2: {what} sharded over {dist.world} processes, calls in {compute_dtype}; trained weights "
                   f"{mine:.1f} MiB of {whole:.1f} MiB (fp32) in this process", flush=True)  # fmt: skip
     return reference, params, shell
+
+
+def _kl_weight(cfg: TrainConfig) -> float:
+    """The weight of the KL term to the reference policy (0: no reference forward): grpo.beta, or nft.kl."""
+    return cfg.nft.kl if cfg.grpo.objective == "nft" else cfg.grpo.beta
 
 
 def _check_lora_targets(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
@@ -847,7 +870,9 @@ def set_window(run: Run, iteration: int) -> None:
         schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
     run.window_start = start
-    run.trained = run.trained_steps & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
+    run.trained = run.trained_steps  # (nft: a step's time is trained on, whatever noise its rollout drew)
+    if run.cfg.grpo.objective == "grpo":
+        run.trained = run.trained & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
 
 
 def _warn_if_servers_changed(saved: dict | None, served: dict) -> None:
@@ -956,7 +981,8 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
                 if W * d.world == 1
                 else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + d.rank * W + w))
             )
-            with cfg.model.autocast_context(), lora_merged(run):
+            # (nft: the old policy samples; the trained weights are back after each wave)
+            with swapped(run, run.old), cfg.model.autocast_context(), lora_merged(run):
                 ro = sample(
                     policy, cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                     generator=wave_gen, completion_steps=cfg.dense.completion_steps, dense=cfg.dense.mode != "sparse",
@@ -1129,7 +1155,6 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     sizes: list[int] = []  # pairs per micro-batch: the weights of those means
     grad_norms: list[torch.Tensor] = []  # per optimizer step
     first_ratio_dev, stepped = None, False  # the first ratio is on-policy only before any optimizer step
-    transformer = run.policy.transformer
     u = cfg.grpo.updates_per_iteration
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     counts = [c.numel() for c, _ in chunks]  # the whole batch's pairs per optimizer step
@@ -1196,24 +1221,8 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
             sizes.append(i.numel())
         if old_v is not None and c > 0:
             old_v[c - 1] = None  # (its chunk's pairs are trained)
-        if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
-            distributed.sum_grads(run.dist, run.params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
-        if distributed.is_sharded(grad_norm):
-            grad_norm = grad_norm.full_tensor()
-        grad_norms.append(grad_norm.detach())
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-        run.opt_steps += 1
+        grad_norms.append(_step_and_clip(run))
         stepped = True
-        if run.ema is not None and run.opt_steps % cfg.ema.every == 0:
-            decay = cfg.ema.decay
-            if cfg.ema.warmup:  # Flow-GRPO's (1 + s) / (10 + s) with s = opt_steps - 1, its 0-based step
-                decay = min(decay, run.opt_steps / (run.opt_steps + 9))
-            with torch.no_grad():
-                for name, p in transformer.named_parameters():
-                    if name in run.ema:
-                        run.ema[name].lerp_(p.detach(), 1.0 - decay)
     nonzero = ((A_all != 0) & trained).sum() / trained.sum().clamp_min(1)  # 0 when no step is trained
     host = _read_once({**stats, "grad_norm": grad_norms, "_first": [first_ratio_dev], "_nonzero": [nonzero]})
     first, nonzero_frac, norms = host.pop("_first")[0], host.pop("_nonzero")[0], host.pop("grad_norm")
@@ -1235,6 +1244,147 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     out["rows_trained"] = int(sum(counts))  # (row, step) pairs
     out["adv_nonzero_frac"] = nonzero_frac
     return out
+
+
+def _ema_step(run: Run) -> None:
+    """The EMA's step after an optimizer step (every ema.every of them)."""
+    cfg = run.cfg
+    if run.ema is None or run.opt_steps % cfg.ema.every != 0:
+        return
+    decay = cfg.ema.decay
+    if cfg.ema.warmup:  # Flow-GRPO's (1 + s) / (10 + s) with s = opt_steps - 1, its 0-based step
+        decay = min(decay, run.opt_steps / (run.opt_steps + 9))
+    with torch.no_grad():
+        for name, p in run.policy.transformer.named_parameters():
+            if name in run.ema:
+                run.ema[name].lerp_(p.detach(), 1.0 - decay)
+
+
+def _step_and_clip(run: Run) -> torch.Tensor:
+    """The gradients summed over the ranks (FSDP has summed them), clipped; the optimizer's step and the EMA's.
+    Returns the gradient norm before the clip."""
+    cfg = run.cfg
+    if not run.sharded:  # (FSDP sums the shards' gradients in each backward)
+        distributed.sum_grads(run.dist, run.params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.optim.grad_clip)
+    if distributed.is_sharded(grad_norm):
+        grad_norm = grad_norm.full_tensor()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.opt_steps += 1
+    _ema_step(run)
+    return grad_norm.detach()
+
+
+def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor | None = None) -> dict:
+    """DiffusionNFT's update on one rollout (``grpo.objective=nft``, :mod:`densegrpo_fast.nft`): each (sample,
+    step) pair noises the sample's clean latent afresh at its step's time; the trained velocity and the old
+    policy's (its weights swapped in, no gradient) make the two implicit policies, whose denoising errors
+    the sample's optimality probability mixes; AdamW, the EMA, then the old policy's step toward the trained
+    one. The pairs, their micro-batches and, in a torchrun job, the ranks' shares are planned as the GRPO
+    update plans them (:func:`update`); each pair's noise is drawn from its own seed (the iteration, its row
+    in the whole batch and its step), so a job draws what one process draws."""
+    cfg, d, nft = run.cfg, run.dist, run.cfg.nft
+    A = _advantages(run, R) if A is None else A
+    trained = run.trained.to(A.device).expand_as(A)
+    keep = trained
+    if cfg.grpo.step_fraction < 1:
+        keep = keep & step_sample(
+            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
+        ).to(A.device)
+    rows, steps = keep.nonzero(as_tuple=True)
+    lr = cfg.optim.lr_at(iteration, cfg.run.iterations)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
+    order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
+    # (planned on the host: each pair's noise seed needs its row and step there, with no read per micro-batch)
+    rows, steps = rows[order].cpu(), steps[order].cpu()
+    u, tbs = cfg.grpo.updates_per_iteration, cfg.grpo.train_batch_size
+    chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
+    counts = [c.numel() for c, _ in chunks]
+    calls = [_most_micro_batches(r, A.shape[0], d.world, tbs) for r, _ in chunks] if run.sharded else None
+    r_all = optimality(A, nft.adv_scale)
+    first = 0
+    if d.enabled:
+        mine = d.rows(A.shape[0])
+        first, r_all = mine.start, r_all[mine]
+        chunks = [
+            (r[(r >= mine.start) & (r < mine.stop)] - mine.start, k[(r >= mine.start) & (r < mine.stop)])
+            for r, k in chunks
+        ]
+    stats: dict[str, list[torch.Tensor]] = {}
+    sizes: list[int] = []
+    grad_norms: list[torch.Tensor] = []
+    for c, (chunk_rows, chunk_steps) in enumerate(chunks):
+        n = counts[c]
+        if n == 0:
+            continue
+        batches = list(_micro_batches(chunk_rows, chunk_steps, tbs))
+        idle = calls[c] - len(batches) if calls else 0
+        k = run.trained.nonzero()[:1].flatten()
+        for _ in range(idle):  # (a rank with fewer micro-batches: the same calls, times zero)
+            loss, _ = _nft_micro_batch(run, ro, cond, torch.zeros_like(k), k, r_all, iteration, first)
+            (loss * 0.0).backward()
+        for i, k in batches:
+            loss, s = _nft_micro_batch(run, ro, cond, i, k, r_all, iteration, first)
+            (loss * (i.numel() / n)).backward()
+            for key, val in s.items():
+                stats.setdefault(key, []).append(val)
+            sizes.append(i.numel())
+        grad_norms.append(_step_and_clip(run))
+    host = _read_once({**stats, "grad_norm": grad_norms})
+    norms = host.pop("grad_norm")
+    if not all(math.isfinite(g) for g in norms):  # (before the old policy takes any of these weights)
+        raise NonFiniteError(
+            f"iteration {iteration + 1}: the gradient norm was {norms} (a NaN or inf in the nft loss: a non-finite "
+            f"velocity); the weights and EMA this update wrote are not checkpointed, and the last checkpoint in "
+            f"{run.dir} is intact. Lower optim.lr, or check that model.dtype and model.autocast suit the model, "
+            "then train again with --resume"
+        )
+    decay = old_decay(run.opt_steps, nft.old_decay_rate, nft.old_decay_max, nft.old_decay_delay)
+    with torch.no_grad():  # the old policy's step toward the trained one
+        for name, p in run.policy.transformer.named_parameters():
+            if name in run.old:
+                run.old[name].lerp_(p.detach(), 1.0 - decay)
+    out = distributed.mean_stats(run.dist, host, weights=sizes)
+    out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
+    out["ratio_dev_first"] = None  # (no ratio: nothing samples log-probs)
+    out["lr"] = lr
+    out["rows_trained"] = int(sum(counts))
+    out["old_decay"] = decay
+    return out
+
+
+def _nft_micro_batch(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, r: torch.Tensor, iteration: int,
+                     first: int):  # fmt: skip
+    """One micro-batch of :func:`update_nft`: pairs (row ``i`` of this rank, step ``k``; on the host); ``first``:
+    this rank's first row in the whole batch (its pairs' noise seeds)."""
+    cfg, sched, policy = run.cfg, run.schedule, run.policy
+    device = ro.latents.device
+    seeds = [_pair_seed(cfg, iteration, first + a, b) for a, b in zip(i.tolist(), k.tolist(), strict=True)]
+    i, k = i.to(device), k.to(device)
+    x0 = ro.latents[i, -1]
+    t = sched.sigmas[k]
+    eps = torch.stack([  # (each pair's own stream, drawn where the latents are: no host round trip)
+        torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s), device=device) for s in seeds
+    ]).to(x0.dtype)  # fmt: skip
+    x_t = noised(x0, t, eps)
+    ci, scale = cond.index(i), cfg.sampling.guidance_scale
+    with torch.no_grad(), swapped(run, run.old):
+        v_old = policy.velocity(x_t, t, ci, scale)
+    v = policy.velocity(x_t, t, ci, scale)  # (as GRPO's update, outside model.autocast)
+    v_ref = _reference_velocity(run, x_t, t, ci) if cfg.nft.kl > 0 else None
+    return nft_loss(x0, x_t, t, v, v_old, r[i, k], cfg.nft.beta, cfg.nft.adv_scale, v_ref, cfg.nft.kl)
+
+
+def _pair_seed(cfg: TrainConfig, iteration: int, row: int, step: int) -> int:
+    """The noise seed of nft's pair (``row`` of the whole batch, ``step``) at ``iteration``: a hash of the four,
+    so no two pairs of any iterations share a stream, nor meet :func:`_seed`'s."""
+    import hashlib
+
+    key = f"nft:{cfg.run.seed}:{iteration}:{row}:{step}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
 class NonFiniteError(ValueError):
@@ -1413,13 +1563,21 @@ def lora_merged(run: Run):
 @contextlib.contextmanager
 def ema_weights(run: Run):
     """Swap the EMA weights in (for evaluation and export), and the trained ones back after."""
-    if run.ema is None:
+    with swapped(run, run.ema):
+        yield
+
+
+@contextlib.contextmanager
+def swapped(run: Run, weights: dict[str, torch.Tensor] | None):
+    """Swap ``weights`` (the EMA, nft's old policy; by name) into the trained parameters, and the trained ones
+    back after (nothing when None)."""
+    if weights is None:
         yield
         return
     params = dict(run.policy.transformer.named_parameters())
-    saved = {n: params[n].detach().clone() for n in run.ema}
+    saved = {n: params[n].detach().clone() for n in weights}
     with torch.no_grad():
-        for n, t in run.ema.items():
+        for n, t in weights.items():
             params[n].copy_(t)
     try:
         yield
@@ -1572,17 +1730,18 @@ def checkpoint(run: Run) -> None:
             distributed.full_model_state(transformer),
             distributed.full_optimizer_state(transformer, run.optimizer),
             distributed.full_tensors(run.ema) if run.ema is not None else None,
+            distributed.full_tensors(run.old) if run.old is not None else None,
         )
     else:
-        distributed.check_in_sync(
-            run.dist, run.params + list((run.ema or {}).values()), "the trained weights or EMA"
-        )
+        kept = [*(run.ema or {}).values(), *(run.old or {}).values()]
+        distributed.check_in_sync(run.dist, run.params + kept, "the trained weights, EMA or old policy")
 
     def write() -> None:  # rank 0 alone
-        trainable, optimizer, ema = gathered or (
+        trainable, optimizer, ema, old = gathered or (
             trainable_state(transformer),
             run.optimizer.state_dict(),
             run.ema,
+            run.old,
         )
         save_checkpoint(
             run.dir,
@@ -1593,6 +1752,7 @@ def checkpoint(run: Run) -> None:
                 "trainable": trainable,
                 "optimizer": optimizer,
                 "ema": ema,
+                "nft_old": old,
                 "torch_rng": torch.get_rng_state(),
                 "psi": run.base_schedule.noise_level.cpu(),
                 "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
@@ -1650,7 +1810,7 @@ def _loop(run: Run, progress: bool) -> None:
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
         check_finite_rewards(run, R_all, ro)
         A_all = _advantages(run, R_all)
-        up = update(run, ro, cond, R, it, A_all)
+        up = (update_nft if cfg.grpo.objective == "nft" else update)(run, ro, cond, R, it, A_all)
         if cfg.grpo.kl_target is not None:  # the weight this iteration trained with, then the next one's
             up["beta"] = run.beta
             run.beta = adapt_beta(run.beta, up.get("kl"), cfg.grpo.kl_target, cfg.grpo.beta)

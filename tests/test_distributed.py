@@ -686,6 +686,34 @@ def test_lora_over_a_sharded_base_resumes_with_two_processes_or_one(
     assert_on_policy(last)
 
 
+NFT = ["grpo.objective=nft", "dense.mode=sparse", "noise.level=0", "grpo.filter_zero_advantage=false",
+       "dense.global_std=true", "lora.merge_for_sampling=false", "nft.kl=0.01", "grpo.train_batch_size=7"]  # fmt: skip
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_two_processes_train_nft_as_one_process_with_two_waves(sharding, tiny_checkpoint, tmp_path):
+    """grpo.objective=nft over two processes (LoRA replicated, or over a sharded base): each pair's noise comes
+    from its row in the whole batch, so the job's first update sees one process's pairs; 7-pair micro-batches
+    leave the ranks different micro-batch counts (the shorter one pads with idle calls under FSDP2)."""
+    extra = [*EXTRA, *NFT]
+    done = torchrun([*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "job", iterations=2,
+                                             extra=[*extra, f"model.sharding={sharding}"])])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = python([*TRAIN, *tiny_overrides(tiny_checkpoint, tmp_path / "one", iterations=2,
+                                          extra=[*extra, "sampling.reward_waves=2"])])  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = ([r for r in records(tmp_path / d) if "reward_mean" in r] for d in ("job", "one"))
+    exact = ["reward_mean", "reward_std", "rows_trained", "old_decay", "lr"]
+    assert {k: a[0][k] for k in exact} == {k: b[0][k] for k in exact}
+    for key in ("policy_loss", "r_mean", "kl", "grad_norm"):
+        assert a[0][key] == pytest.approx(b[0][key], rel=1e-5), key
+    assert a[1]["reward_mean"] == pytest.approx(b[1]["reward_mean"], rel=1e-3)
+    sa, sb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("job", "one"))
+    assert sa["nft_old"].keys() == sb["nft_old"].keys() and sa["nft_old"]
+    for n, t in sb["nft_old"].items():
+        torch.testing.assert_close(sa["nft_old"][n], t, rtol=1e-3, atol=1e-6)
+
+
 def test_adapters_in_host_memory_are_broadcast_through_the_device(monkeypatch):
     """A sharded LoRA run makes its adapters in host memory (the base is there until FSDP2 moves it), and NCCL
     broadcasts device tensors only: each goes through the given device and back ("cpu:0" stands in for one)."""

@@ -108,6 +108,19 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
         ("fp32", ("lora.enabled=false",)),  # full fine-tuning: the KL reference's copy, AdamW on every weight
         ("fp32", ("model.gradient_checkpointing=true", "dense.mode=sparse")),
         ("fp32", ("model.resolution=[48, 32]",)),  # portrait images
+        # DiffusionNFT: ODE rollouts of the old policy, each pair's old, trained and reference velocities
+        (
+            "fp32",
+            (
+                "grpo.objective=nft",
+                "dense.mode=sparse",
+                "noise.level=0",
+                "grpo.filter_zero_advantage=false",
+                "grpo.updates_per_iteration=2",
+                "grpo.train_batch_size=2",
+                "nft.kl=0.01",
+            ),
+        ),
     ],
 )
 def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype, extra):
