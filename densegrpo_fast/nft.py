@@ -21,9 +21,9 @@ absolute error (no gradient), and the two are mixed by ``r``:
     w+- = max(mean |x0+- - x0|, 1e-5)
 
 (means over each sample's elements), plus ``nft.kl`` times the mean squared velocity difference to the
-reference policy. At ``v = v_old`` the gradient is ``(2 r - 1)`` times that of the weighted flow-matching
+reference policy. At ``v = v_old`` the gradient is ``(2 r - 1) s`` times that of the weighted flow-matching
 loss, whatever beta is. The old policy follows the trained one once per iteration, ``old <- d old + (1 - d)
-theta``, with ``d = min(rate * max(0, s - delay), max)`` at optimizer step ``s`` (released: rate 1e-3, no
+theta``, with ``d = min(rate * max(0, n - delay), max)`` after ``n`` optimizer steps (released: rate 1e-3, no
 delay, at most 0.5; for OCR 7.5e-3 after 75 steps, at most 0.999).
 """
 
