@@ -1135,20 +1135,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     cfg, d = run.cfg, run.dist
     A = _advantages(run, R) if A is None else A
     trained = run.trained.to(A.device).expand_as(A)  # the whole batch's (row, step) cells of trained steps
-    keep = trained
-    if cfg.grpo.step_fraction < 1:
-        keep = keep & step_sample(
-            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
-        ).to(A.device)
-    if cfg.grpo.filter_zero_advantage:
-        keep = keep & (A != 0)
-    rows, steps = keep.nonzero(as_tuple=True)  # one host sync per iteration, to plan the update
-    lr = cfg.optim.lr_at(iteration, cfg.run.iterations)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
-    order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
-    rows, steps = rows[order], steps[order]
+    rows, steps, lr = _planned_pairs(run, A, iteration)
     # Statistics stay on the device until the update ends, then come to the host in one read: an .item() per
     # micro-batch would make the host wait for each backward before it queues the next forward.
     stats: dict[str, list[torch.Tensor]] = {}  # per micro-batch: means over its pairs
@@ -1166,12 +1153,7 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     if d.enabled:  # this rank's pairs, renumbered from its first row
         mine = d.rows(A.shape[0])
         A = A[mine]
-
-        def own(r: torch.Tensor, k: torch.Tensor):
-            sel = (r >= mine.start) & (r < mine.stop)
-            return r[sel] - mine.start, k[sel]
-
-        chunks = [own(r, k) for r, k in chunks]
+        chunks = [_own_pairs(mine, r, k) for r, k in chunks]
     # Old log-probs. Rollout and update share their numerics (fp32, adapters unmerged): the rollout's own, exact
     # (ratio 1 at the first update). A rollout under model.autocast, or with merged adapters, sampled with
     # velocities rounded otherwise (bf16 moves log-probs by about the clip range); the update then recomputes
@@ -1246,6 +1228,33 @@ def update(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor 
     return out
 
 
+def _planned_pairs(run: Run, A: torch.Tensor, iteration: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The whole batch's (row, step) pairs an update trains, in its shuffled order (the trained steps, their
+    ``grpo.step_fraction`` sample, without the zero advantages under ``grpo.filter_zero_advantage``), and the
+    iteration's learning rate, set on the optimizer. One host sync per iteration, to plan the update."""
+    cfg = run.cfg
+    keep = run.trained.to(A.device).expand_as(A)
+    if cfg.grpo.step_fraction < 1:
+        keep = keep & step_sample(
+            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
+        ).to(A.device)
+    if cfg.grpo.filter_zero_advantage:
+        keep = keep & (A != 0)
+    rows, steps = keep.nonzero(as_tuple=True)
+    lr = cfg.optim.lr_at(iteration, cfg.run.iterations)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
+    order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
+    return rows[order], steps[order], lr
+
+
+def _own_pairs(mine: slice, rows: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of the whole batch's pairs, this rank's (its rows ``mine``), renumbered from its first row."""
+    sel = (rows >= mine.start) & (rows < mine.stop)
+    return rows[sel] - mine.start, steps[sel]
+
+
 def _ema_step(run: Run) -> None:
     """The EMA's step after an optimizer step (every ema.every of them)."""
     cfg = run.cfg
@@ -1286,20 +1295,9 @@ def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Ten
     in the whole batch and its step), so a job draws what one process draws."""
     cfg, d, nft = run.cfg, run.dist, run.cfg.nft
     A = _advantages(run, R) if A is None else A
-    trained = run.trained.to(A.device).expand_as(A)
-    keep = trained
-    if cfg.grpo.step_fraction < 1:
-        keep = keep & step_sample(
-            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
-        ).to(A.device)
-    rows, steps = keep.nonzero(as_tuple=True)
-    lr = cfg.optim.lr_at(iteration, cfg.run.iterations)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
-    gen = torch.Generator().manual_seed(_seed(cfg, iteration, 2))
-    order = torch.randperm(rows.numel(), generator=gen).to(rows.device)
-    # (planned on the host: each pair's noise seed needs its row and step there, with no read per micro-batch)
-    rows, steps = rows[order].cpu(), steps[order].cpu()
+    rows, steps, lr = _planned_pairs(run, A, iteration)
+    # (on the host: each pair's noise seed needs its row and step there, with no read per micro-batch)
+    rows, steps = rows.cpu(), steps.cpu()
     u, tbs = cfg.grpo.updates_per_iteration, cfg.grpo.train_batch_size
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     counts = [c.numel() for c, _ in chunks]
@@ -1309,10 +1307,7 @@ def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Ten
     if d.enabled:
         mine = d.rows(A.shape[0])
         first, r_all = mine.start, r_all[mine]
-        chunks = [
-            (r[(r >= mine.start) & (r < mine.stop)] - mine.start, k[(r >= mine.start) & (r < mine.stop)])
-            for r, k in chunks
-        ]
+        chunks = [_own_pairs(mine, r, k) for r, k in chunks]
     stats: dict[str, list[torch.Tensor]] = {}
     sizes: list[int] = []
     grad_norms: list[torch.Tensor] = []

@@ -53,7 +53,7 @@ from densegrpo_fast.rewards.clip import (
     building_architectures,
     quiet_loading,
 )
-from densegrpo_fast.rewards.images import check_batch, to_uint8
+from densegrpo_fast.rewards.images import check_batch, place, to_uint8
 
 EXAMPLE = "Qwen/Qwen2-VL-7B-Instruct"
 CHECKPOINT_EXAMPLE = "MizzenAI/HPSv3 HPSv3.safetensors"
@@ -321,11 +321,7 @@ class HPSv3:
         check_batch(images, prompts)
         if self.estimating:  # (fake weights: nothing to score with)
             return images.new_zeros(len(prompts), dtype=torch.float32)
-        device = self.device or images.device
-        if device != self._placed:
-            self.model.to(device)
-            self.head.to(device)
-            self._placed = device
+        device = place(self, images, self.model, self.head)
         out = []
         for s in range(0, len(prompts), self.max_batch):
             chunk = self._inputs(images[s : s + self.max_batch], prompts[s : s + self.max_batch], device)

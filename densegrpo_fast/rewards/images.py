@@ -42,3 +42,14 @@ def refused(prompts: list[str], parse) -> list[str]:
         except ValueError:
             bad.append(p)
     return bad
+
+
+def place(reward, images: torch.Tensor, *modules: torch.nn.Module) -> torch.device:
+    """Where an in-process model reward scores ``images``: its ``device``, else the images'. Its ``modules``
+    move there on the first call and whenever that changes (``reward._placed`` records where they are)."""
+    device = reward.device or images.device
+    if device != reward._placed:
+        for module in modules:
+            module.to(device)
+        reward._placed = device
+    return device

@@ -46,7 +46,7 @@ from densegrpo_fast.rewards.clip import (
     building_architectures,
     quiet_loading,
 )
-from densegrpo_fast.rewards.images import check_batch, to_uint8
+from densegrpo_fast.rewards.images import check_batch, place, to_uint8
 
 QUESTION = 'Does this figure show "{prompt}"? Please answer yes or no.'
 ANSWER = "Yes"
@@ -216,10 +216,7 @@ class VQAScore:
         check_batch(images, prompts)
         if self.estimating:  # (fake weights: nothing to score with)
             return images.new_zeros(len(prompts), dtype=torch.float32)
-        device = self.device or images.device
-        if device != self._placed:
-            self.model.to(device)
-            self._placed = device
+        device = place(self, images, self.model)
         answer = torch.tensor(self.answer_ids, device=device)
         out = []
         for s in range(0, len(prompts), self.max_batch):
