@@ -15,6 +15,9 @@ Variants (each overrides the config):
     diffusionnft       DiffusionNFT's forward-process objective (grpo.objective=nft): ODE rollouts of the old
                        policy, the final reward's advantages with the batch's std, every step's time trained.
                        Run only when named in --variants
+    awm                Advantage Weighted Matching (grpo.objective=awm): ODE rollouts of the trained policy, the
+                       final reward's advantages with the batch's std weighting each pair's flow-matching loss.
+                       Run only when named in --variants
 Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
 evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
 the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
@@ -51,9 +54,17 @@ VARIANTS = {
         "grpo.filter_zero_advantage=false",
         "dense.global_std=true",
     ],  # fmt: skip
+    "awm": [
+        "grpo.objective=awm",
+        "dense.mode=sparse",
+        "noise.kind=uniform",
+        "noise.level=0",
+        "grpo.filter_zero_advantage=false",
+        "dense.global_std=true",
+    ],  # fmt: skip
 }
 #: The variants run only when named in --variants.
-NAMED_ONLY = ("densegrpo-winrate", "diffusionnft")
+NAMED_ONLY = ("densegrpo-winrate", "diffusionnft", "awm")
 
 
 def variant_overrides(name: str, config: str, overrides: list[str]) -> list[str]:

@@ -629,13 +629,15 @@ class DenseSection(Section):
 
 
 class GRPOSection(Section):
-    objective: Literal["grpo", "nft"] = Field(
+    objective: Literal["grpo", "nft", "awm"] = Field(
         "grpo",
         description="grpo: the clipped policy-gradient loss on the SDE steps' log-probs (DenseGRPO, Flow-GRPO); "
         "nft: DiffusionNFT's forward-process loss (the nft section): the old policy samples, each clean "
         "sample is noised afresh at the trained steps' times, and the trained velocity learns from the group-"
-        "normalised final reward, with no log-prob (needs dense.mode=sparse, noise.kind=uniform, "
-        "grpo.filter_zero_advantage=false; the clip, ratio and beta settings do not apply)",
+        "normalised final reward, with no log-prob; awm: Advantage Weighted Matching (the awm section): the "
+        "current policy samples, and each sample's flow-matching loss at fresh noise is weighted by its "
+        "advantage (both need dense.mode=sparse, noise.kind=uniform, grpo.filter_zero_advantage=false; the "
+        "clip, ratio and beta settings do not apply)",
     )
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
     clip_range_high: float | None = Field(
@@ -674,7 +676,7 @@ class GRPOSection(Section):
         None,
         description="steps to train; null = every step with noise but the last one: 0 to T - 2 (Flow-GRPO's), or 0 "
         "to T - 3 under noise.sde=cps, where the last step has no noise and the one before it the least "
-        "(ALGORITHM.md §2)",
+        "(ALGORITHM.md §2); grpo.objective=nft: every step; awm: 1 to int(0.9 T) - 1 (AWM's GenEval release)",
     )
     step_fraction: float = Field(
         1.0,
@@ -727,6 +729,38 @@ class NFTSection(Section):
         0.5, ge=0, lt=1, description="the most d reaches (released: 0.5; OCR: 0.999)"
     )
     old_decay_delay: int = Field(0, ge=0, description="optimizer steps before d grows (released: 0; OCR: 75)")
+
+
+class AWMSection(Section):
+    """Advantage Weighted Matching's settings (``grpo.objective=awm``; :mod:`densegrpo_fast.awm`), the released
+    ones by default (SD3.5-M on GenEval and OCR)."""
+
+    adv_scale: float = Field(
+        5.0,
+        gt=0,
+        description="s of a = clip(A, -s, s) / s, A the sparse advantage (normalise with dense.global_std as "
+        "released): each sample's weight in [-1, 1]",
+    )
+    weighting: Literal["ghuber", "uniform", "t"] = Field(
+        "ghuber",
+        description="how a pair's flow-matching error e enters the loss: ghuber = t ((e + 1e-10)^p - 1e-10^p) / p "
+        "(p = awm.power; the release's), uniform = e, t = t e",
+    )
+    power: float = Field(0.25, gt=0, le=1, description="p of the ghuber weighting (released: 0.25)")
+    kl: float = Field(
+        3e-3, ge=0, description="weight of the mean squared velocity difference to the reference policy (0: no "
+        "reference forward; released: 3e-3 for GenEval and OCR, 1e-4 for PickScore)",
+    )  # fmt: skip
+    anchor_kl: float = Field(
+        1.0, ge=0, description="weight of the mean squared velocity difference to the anchor, a lagged copy of the "
+        "trained weights (the release's KL-EMA; 0: no anchor kept and no anchor forward)",
+    )  # fmt: skip
+    anchor_decay_rate: float = Field(
+        1e-3, ge=0, description="the anchor keeps d = min(rate x max(0, step - delay), max) of itself at each "
+        "iteration's end, step the optimizer steps so far (0: the anchor becomes the trained weights)",
+    )  # fmt: skip
+    anchor_decay_max: float = Field(0.3, ge=0, lt=1, description="the most d reaches (released: 0.3)")
+    anchor_decay_delay: int = Field(0, ge=0, description="optimizer steps before d grows (released: 0)")
 
 
 class OptimSection(Section):
@@ -1110,41 +1144,50 @@ class TrainConfig(Section):
     dense: DenseSection = Field(default_factory=DenseSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
     nft: NFTSection = Field(default_factory=NFTSection)
+    awm: AWMSection = Field(default_factory=AWMSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     lora: LoRASection = Field(default_factory=LoRASection)
     ema: EMASection = Field(default_factory=EMASection)
     run: RunSection = Field(default_factory=RunSection)
     eval: EvalSection = Field(default_factory=EvalSection)
 
-    def _nft_problems(self) -> list[str]:
-        """What grpo.objective=nft does not combine with: it trains on the final reward's advantages, with no
-        log-prob."""
+    def _forward_problems(self) -> list[str]:
+        """What the forward-process objectives (grpo.objective=nft or awm) do not combine with: they train on the
+        final reward's advantages, with no log-prob."""
+        o = self.grpo.objective
         rules = [
-            (self.dense.mode != "sparse", f"dense.mode={self.dense.mode!r}: nft trains on the final reward's "
+            (self.dense.mode != "sparse", f"dense.mode={self.dense.mode!r}: {o} trains on the final reward's "
              "advantages (the step rewards of dense modes would score completions nothing uses)", "dense.mode=sparse"),
-            (self.noise.kind == "calibrated", "noise.kind=calibrated balances dense rewards' gains for GRPO's "
-             "SDE steps; nft samples with any fixed noise", "noise.kind=uniform (noise.level=0: the ODE sampler "
-             "DiffusionNFT uses)"),
-            (self.grpo.filter_zero_advantage, "grpo.filter_zero_advantage: a sample of advantage 0 has r = 1/2, "
-             "and its nft loss is not 0", "grpo.filter_zero_advantage=false"),
-            (self.grpo.ratio_norm, "grpo.ratio_norm normalises the SDE log-ratio nft has none of", "grpo.ratio_norm=false"),
-            (self.grpo.kl_target is not None, "grpo.kl_target adapts GRPO's KL weight; nft's is nft.kl",
+            (self.noise.kind == "calibrated", f"noise.kind=calibrated balances dense rewards' gains for GRPO's "
+             f"SDE steps; {o} samples with any fixed noise", "noise.kind=uniform (noise.level=0: the ODE sampler "
+             f"{'DiffusionNFT' if o == 'nft' else 'AWM on PickScore'} uses)"),
+            (self.grpo.filter_zero_advantage, "grpo.filter_zero_advantage: a sample of advantage 0 "
+             + ("has r = 1/2, and its nft loss is not 0" if o == "nft" else "still has its awm KL terms"),
+             "grpo.filter_zero_advantage=false"),
+            (self.grpo.ratio_norm, f"grpo.ratio_norm normalises the SDE log-ratio {o} has none of", "grpo.ratio_norm=false"),
+            (self.grpo.kl_target is not None, f"grpo.kl_target adapts GRPO's KL weight; {o}'s is {o}.kl",
              "grpo.kl_target=null"),
             (self.grpo.step_weight != "none", "grpo.step_weight weights GRPO's policy term", "grpo.step_weight=none"),
-            (self.grpo.best_of is not None, "grpo.best_of keeps the extremes of each group; nft trains every sample "
-             "toward or away from its r", "grpo.best_of=null"),
+            (self.grpo.best_of is not None, f"grpo.best_of keeps the extremes of each group; {o} trains every sample "
+             "by its advantage", "grpo.best_of=null"),
         ]  # fmt: skip
-        return [f"grpo.objective=nft with {what}: set {fix}" for bad, what, fix in rules if bad]
+        return [f"grpo.objective={o} with {what}: set {fix}" for bad, what, fix in rules if bad]
 
     def trained_steps(self) -> list[int]:
         """``grpo.trained_steps``, or by default every step with noise but the last one (ALGORITHM.md §3):
         Flow-GRPO never trains the grid's last step, whose noise is the smallest; under CPS the last step has
-        none, and the one before it the smallest (``sigma[T-1] sin(eta pi / 2)``: 8e-3 on SD3.5's grid)."""
+        none, and the one before it the smallest (``sigma[T-1] sin(eta pi / 2)``: 8e-3 on SD3.5's grid). The
+        forward-process objectives train times, not SDE steps: nft every time of the grid, awm those AWM's
+        GenEval release draws from."""
         if self.grpo.trained_steps is not None:
             return self.grpo.trained_steps
         T = self.sampling.num_steps
         if self.grpo.objective == "nft":  # (every time of the sampler's grid, t = 1 included, as released)
             return list(range(T))
+        if (
+            self.grpo.objective == "awm"
+        ):  # (the release's GenEval and OCR times: neither t = 1 nor the last tenth)
+            return list(range(1, int(0.9 * T))) or list(range(T))
         return list(range(max(0, T - 2) if self.noise.sde == "cps" else T - 1))
 
     @model_validator(mode="after")
@@ -1174,7 +1217,7 @@ class TrainConfig(Section):
                 "(or window_move=fixed)"
             )
         steps = self.grpo.trained_steps
-        grpo_like = self.grpo.objective == "grpo"  # (nft trains any step's time, noise or none)
+        grpo_like = self.grpo.objective == "grpo"  # (nft and awm train any step's time, noise or none)
         default = self.trained_steps()
         if steps is None and not default:
             problems.append(
@@ -1241,7 +1284,9 @@ class TrainConfig(Section):
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
                 f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"
             )
-        if n.level == 0 and self.grpo.objective != "nft":  # (nft trains no log-prob: ODE rollouts serve it)
+        if (
+            n.level == 0 and self.grpo.objective == "grpo"
+        ):  # (nft and awm train no log-prob: ODE rollouts serve)
             problems.append(
                 "noise.level is 0: uniform noise would be none (every step an ODE step, with no log-prob to "
                 "train), and calibration starts psi at the level and moves only the steps that start with noise; "
@@ -1288,8 +1333,8 @@ class TrainConfig(Section):
                 "lora.merge_for_sampling with model.sharding=fsdp: the merge writes each base weight whole, and "
                 "FSDP2 holds it in shards; set lora.merge_for_sampling=false, or model.sharding=replicate"
             )
-        if self.grpo.objective == "nft":
-            problems += self._nft_problems()
+        if self.grpo.objective != "grpo":
+            problems += self._forward_problems()
         if self.model.sharding == "fsdp" and self.optim.name == "adamw8bit":
             problems.append(
                 "optim.name=adamw8bit with model.sharding=fsdp: bitsandbytes' optimizer does not take FSDP2's "
@@ -1326,10 +1371,15 @@ class TrainConfig(Section):
             ("ema", self.ema, ("decay", "every"), not self.ema.enabled, "ema.enabled=false keeps no EMA"),
             ("run", self.run, ("keep_exports",), self.run.export_every == 0,
              "run.export_every=0 keeps no export but the final one"),
-            ("grpo", self.grpo, ("clip_range", "clip_range_high", "beta", "kl_exact"), self.grpo.objective == "nft",
-             "grpo.objective=nft has no ratio to clip, and its KL weight is nft.kl"),
+            ("grpo", self.grpo, ("clip_range", "clip_range_high", "beta", "kl_exact"), self.grpo.objective != "grpo",
+             f"grpo.objective={self.grpo.objective} has no ratio to clip, and its KL weight is "
+             f"{self.grpo.objective}.kl"),
             ("nft", self.nft, type(self.nft).model_fields, self.grpo.objective != "nft",
              "the nft section serves grpo.objective=nft"),
+            ("awm", self.awm, type(self.awm).model_fields, self.grpo.objective != "awm",
+             "the awm section serves grpo.objective=awm"),
+            ("awm", self.awm, ("anchor_decay_rate", "anchor_decay_max", "anchor_decay_delay"),
+             self.grpo.objective == "awm" and self.awm.anchor_kl == 0, "awm.anchor_kl=0 keeps no anchor"),
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
              "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),

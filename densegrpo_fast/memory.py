@@ -986,8 +986,7 @@ def _iterations(
             ro, cond, R, _ = trainer.collect(run, prompts, it, overlap=False)  # this rank's rows
             phase("update")
             R_all = distributed.gather_rows(run.dist, R)  # as trainer.train: the whole batch's advantages
-            update = trainer.update_nft if cfg.grpo.objective == "nft" else trainer.update
-            update(run, ro, cond, R, it, trainer._advantages(run, R_all))
+            trainer.updater(cfg)(run, ro, cond, R, it, trainer._advantages(run, R_all))
             if cfg.run.sample_grid_every and it == iterations - 1:  # decoded while the rollout is alive
                 phase("sample grid")
                 trainer._sample_grid(run, ro, prompts, R_all)
@@ -1310,7 +1309,7 @@ def _advice(phase: str, cfg) -> str:
     if phase == "setup":
         return (
             "set-up holds the whole transformer in model.dtype (under FSDP2 its shards and one whole block at a "
-            "time, from host memory), and in full fine-tuning with a KL weight (grpo.beta, or nft.kl) its KL "
+            "time, from host memory), and in full fine-tuning with a KL weight (grpo.beta, nft.kl or awm.kl) its KL "
             "reference (whole in one process, shards and one whole block at a time under FSDP2), and, resumed, "
             "AdamW's state as it is loaded: train LoRA adapters, or set the KL weight to 0 (no reference)"
             + off

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from densegrpo_fast import distributed
+from densegrpo_fast.awm import awm_loss, scaled_advantage
 from densegrpo_fast.calibration import calibrate, load_psi
 from densegrpo_fast.checkpoint import (
     check_trainable_names,
@@ -123,7 +124,7 @@ class Run:
     served: dict | None = None  # what the reward servers host (their /health); a resume compares
     base_weights: str | None = None  # distributed.weights_digest of the loaded model; a resume compares
     beta: float = 0.0  # the KL weight: grpo.beta, or where grpo.kl_target adapts it, its current value
-    old: dict[str, torch.Tensor] | None = None  # grpo.objective=nft: the old policy's trained weights
+    old: dict[str, torch.Tensor] | None = None  # the lagged trained weights: nft's old policy, awm's anchor
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -132,8 +133,8 @@ class Run:
 
     @property
     def name(self) -> str:
-        if self.cfg.grpo.objective == "nft":
-            return "DiffusionNFT"
+        if self.cfg.grpo.objective != "grpo":
+            return {"nft": "DiffusionNFT", "awm": "AWM"}[self.cfg.grpo.objective]
         return "DenseGRPO" if self.cfg.dense.mode != "sparse" else "Flow-GRPO"
 
 
@@ -281,9 +282,9 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         if cfg.ema.enabled
         else None
     )
-    old = (  # (nft: the old policy starts as the trained one)
+    old = (  # (nft's old policy and awm's anchor start as the trained weights)
         {n: p.detach().clone() for n, p in transformer.named_parameters() if p.requires_grad}
-        if cfg.grpo.objective == "nft"
+        if lagged_key(cfg) is not None
         else None
     )
     base = base.to(policy.device)
@@ -305,12 +306,14 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             load_trainable_state(transformer, state["trainable"])
             optimizer.load_state_dict(state["optimizer"])
         own_optimizer_state(optimizer)
-        if old is not None and state.get("nft_old") is None:  # (train refuses a change of objective)
+        lagged = lagged_key(cfg)
+        if old is not None and state.get(lagged) is None:  # (train refuses a change of objective)
             raise ValueError(
-                f"{run_dir / 'checkpoint.pt'} holds no old policy (nft_old), which grpo.objective=nft resumes from: "
-                "was it written by a GRPO run or an older version? Resume with the run's own config.yaml"
+                f"{run_dir / 'checkpoint.pt'} holds no {lagged}, which grpo.objective={cfg.grpo.objective} resumes "
+                f"from: was it written by another objective, with awm.anchor_kl=0, or by an older version? Resume "
+                "with the run's own config.yaml"
             )
-        for kept, key in ((ema, "ema"), (old, "nft_old")):
+        for kept, key in ((ema, "ema"), (old, lagged)):
             if kept is not None and state.get(key) is not None:
                 for name, t in state[key].items():
                     kept[name].copy_(
@@ -397,8 +400,19 @@ def _trained(cfg: TrainConfig, policy, dist: distributed.Dist, warm: bool, shard
 
 
 def _kl_weight(cfg: TrainConfig) -> float:
-    """The weight of the KL term to the reference policy (0: no reference forward): grpo.beta, or nft.kl."""
-    return cfg.nft.kl if cfg.grpo.objective == "nft" else cfg.grpo.beta
+    """The weight of the KL term to the reference policy (0: no reference forward): grpo.beta, nft.kl or
+    awm.kl."""
+    return {"nft": cfg.nft.kl, "awm": cfg.awm.kl}.get(cfg.grpo.objective, cfg.grpo.beta)
+
+
+def lagged_key(cfg: TrainConfig) -> str | None:
+    """The checkpoint's key of the lagged trained weights the objective keeps (``Run.old``): nft's old
+    policy, awm's anchor (when its KL weight is above 0); None: none kept."""
+    if cfg.grpo.objective == "nft":
+        return "nft_old"
+    if cfg.grpo.objective == "awm" and cfg.awm.anchor_kl > 0:
+        return "awm_anchor"
+    return None
 
 
 def _check_lora_targets(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
@@ -870,7 +884,9 @@ def set_window(run: Run, iteration: int) -> None:
         schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
     run.window_start = start
-    run.trained = run.trained_steps  # (nft: a step's time is trained on, whatever noise its rollout drew)
+    run.trained = (
+        run.trained_steps
+    )  # (nft, awm: a step's time is trained on, whatever noise its rollout drew)
     if run.cfg.grpo.objective == "grpo":
         run.trained = run.trained & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
 
@@ -982,7 +998,8 @@ def collect(run: Run, prompts: list[str], iteration: int, overlap: bool = True):
                 else torch.Generator(device=device).manual_seed(_seed(cfg, iteration, 10 + d.rank * W + w))
             )
             # (nft: the old policy samples; the trained weights are back after each wave)
-            with swapped(run, run.old), cfg.model.autocast_context(), lora_merged(run):
+            rolled = run.old if cfg.grpo.objective == "nft" else None
+            with swapped(run, rolled), cfg.model.autocast_context(), lora_merged(run):
                 ro = sample(
                     policy, cond.index(rs), noise[rs], run.schedule, guidance_scale=cfg.sampling.guidance_scale,
                     generator=wave_gen, completion_steps=cfg.dense.completion_steps, dense=cfg.dense.mode != "sparse",
@@ -1285,15 +1302,24 @@ def _step_and_clip(run: Run) -> torch.Tensor:
     return grad_norm.detach()
 
 
-def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor | None = None) -> dict:
-    """DiffusionNFT's update on one rollout (``grpo.objective=nft``, :mod:`densegrpo_fast.nft`): each (sample,
-    step) pair noises the sample's clean latent afresh at its step's time; the trained velocity and the old
-    policy's (its weights swapped in, no gradient) make the two implicit policies, whose denoising errors
-    the sample's optimality probability mixes; AdamW, the EMA, then the old policy's step toward the trained
-    one. The pairs, their micro-batches and, in a torchrun job, the ranks' shares are planned as the GRPO
-    update plans them (:func:`update`); each pair's noise is drawn from its own seed (the iteration, its row
-    in the whole batch and its step), so a job draws what one process draws."""
-    cfg, d, nft = run.cfg, run.dist, run.cfg.nft
+def updater(cfg: TrainConfig):
+    """The update of the config's objective: :func:`update` (GRPO), or :func:`update_forward` (nft, awm)."""
+    return update if cfg.grpo.objective == "grpo" else update_forward
+
+
+def update_forward(
+    run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Tensor | None = None
+) -> dict:
+    """The update of a forward-process objective on one rollout: DiffusionNFT's (``grpo.objective=nft``,
+    :mod:`densegrpo_fast.nft`) or AWM's (``awm``, :mod:`densegrpo_fast.awm`). Each (sample, step) pair noises
+    the sample's clean latent afresh at its step's time, and the trained velocity learns from the sample's
+    final-reward advantage (nft: with the old policy's velocity, its weights swapped in, no gradient; awm: with
+    the anchor's in its KL term); AdamW, the EMA, then the lagged weights' step toward the trained ones (nft's
+    old policy, awm's anchor). The pairs, their micro-batches and, in a torchrun job, the ranks' shares are
+    planned as the GRPO update plans them (:func:`update`); each pair's noise is drawn from its own seed (the
+    iteration, its row in the whole batch and its step), so a job draws what one process draws."""
+    cfg, d, objective = run.cfg, run.dist, run.cfg.grpo.objective
+    nft = objective == "nft"
     A = _advantages(run, R) if A is None else A
     rows, steps, lr = _planned_pairs(run, A, iteration)
     # (on the host: each pair's noise seed needs its row and step there, with no read per micro-batch)
@@ -1302,11 +1328,13 @@ def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Ten
     chunks = list(zip(rows.tensor_split(u), steps.tensor_split(u), strict=True))
     counts = [c.numel() for c, _ in chunks]
     calls = [_most_micro_batches(r, A.shape[0], d.world, tbs) for r, _ in chunks] if run.sharded else None
-    r_all = optimality(A, nft.adv_scale)
+    # each pair's signal: nft's optimality probability, awm's advantage scaled into [-1, 1]
+    signal = optimality(A, cfg.nft.adv_scale) if nft else scaled_advantage(A, cfg.awm.adv_scale)
+    micro_batch = _nft_micro_batch if nft else _awm_micro_batch
     first = 0
     if d.enabled:
         mine = d.rows(A.shape[0])
-        first, r_all = mine.start, r_all[mine]
+        first, signal = mine.start, signal[mine]
         chunks = [_own_pairs(mine, r, k) for r, k in chunks]
     stats: dict[str, list[torch.Tensor]] = {}
     sizes: list[int] = []
@@ -1319,10 +1347,10 @@ def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Ten
         idle = calls[c] - len(batches) if calls else 0
         k = run.trained.nonzero()[:1].flatten()
         for _ in range(idle):  # (a rank with fewer micro-batches: the same calls, times zero)
-            loss, _ = _nft_micro_batch(run, ro, cond, torch.zeros_like(k), k, r_all, iteration, first)
+            loss, _ = micro_batch(run, ro, cond, torch.zeros_like(k), k, signal, iteration, first)
             (loss * 0.0).backward()
         for i, k in batches:
-            loss, s = _nft_micro_batch(run, ro, cond, i, k, r_all, iteration, first)
+            loss, s = micro_batch(run, ro, cond, i, k, signal, iteration, first)
             (loss * (i.numel() / n)).backward()
             for key, val in s.items():
                 stats.setdefault(key, []).append(val)
@@ -1330,42 +1358,60 @@ def update_nft(run: Run, ro, cond, R: torch.Tensor, iteration: int, A: torch.Ten
         grad_norms.append(_step_and_clip(run))
     host = _read_once({**stats, "grad_norm": grad_norms})
     norms = host.pop("grad_norm")
-    if not all(math.isfinite(g) for g in norms):  # (before the old policy takes any of these weights)
+    if not all(math.isfinite(g) for g in norms):  # (before the lagged weights take any of these)
         raise NonFiniteError(
-            f"iteration {iteration + 1}: the gradient norm was {norms} (a NaN or inf in the nft loss: a non-finite "
-            f"velocity); the weights and EMA this update wrote are not checkpointed, and the last checkpoint in "
-            f"{run.dir} is intact. Lower optim.lr, or check that model.dtype and model.autocast suit the model, "
-            "then train again with --resume"
+            f"iteration {iteration + 1}: the gradient norm was {norms} (a NaN or inf in the {objective} loss: a "
+            f"non-finite velocity); the weights and EMA this update wrote are not checkpointed, and the last "
+            f"checkpoint in {run.dir} is intact. Lower optim.lr, or check that model.dtype and model.autocast suit "
+            "the model, then train again with --resume"
         )
-    decay = old_decay(run.opt_steps, nft.old_decay_rate, nft.old_decay_max, nft.old_decay_delay)
-    with torch.no_grad():  # the old policy's step toward the trained one
-        for name, p in run.policy.transformer.named_parameters():
-            if name in run.old:
-                run.old[name].lerp_(p.detach(), 1.0 - decay)
     out = distributed.mean_stats(run.dist, host, weights=sizes)
+    if run.old is not None:  # the lagged weights' step toward the trained ones
+        if nft:
+            rate, most, delay = cfg.nft.old_decay_rate, cfg.nft.old_decay_max, cfg.nft.old_decay_delay
+        else:
+            rate, most, delay = (
+                cfg.awm.anchor_decay_rate,
+                cfg.awm.anchor_decay_max,
+                cfg.awm.anchor_decay_delay,
+            )
+        decay = old_decay(run.opt_steps, rate, most, delay)
+        with torch.no_grad():
+            for name, p in run.policy.transformer.named_parameters():
+                if name in run.old:
+                    run.old[name].lerp_(p.detach(), 1.0 - decay)
+        out["old_decay" if nft else "anchor_decay"] = decay
     out.update(distributed.mean_stats(run.dist, {"grad_norm": norms}))
     out["ratio_dev_first"] = None  # (no ratio: nothing samples log-probs)
     out["lr"] = lr
     out["rows_trained"] = int(sum(counts))
-    out["old_decay"] = decay
     return out
+
+
+def _noised_pairs(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, iteration: int, first: int):
+    """The inputs of a forward-process micro-batch: pairs (row ``i`` of this rank, step ``k``; on the host)
+    give the clean latents ``x0``, their steps' times ``t``, the noise ``eps`` (each pair's own seed;
+    ``first``: this rank's first row in the whole batch), ``x_t`` and the rows' conditioning; ``i`` and ``k``
+    on the device."""
+    device = ro.latents.device
+    seeds = [
+        _pair_seed(run.cfg, iteration, first + a, b) for a, b in zip(i.tolist(), k.tolist(), strict=True)
+    ]
+    i, k = i.to(device), k.to(device)
+    x0 = ro.latents[i, -1]
+    t = run.schedule.sigmas[k]
+    eps = torch.stack([  # (each pair's own stream, drawn where the latents are: no host round trip)
+        torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s), device=device) for s in seeds
+    ]).to(x0.dtype)  # fmt: skip
+    return i, k, x0, t, eps, noised(x0, t, eps), cond.index(i)
 
 
 def _nft_micro_batch(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, r: torch.Tensor, iteration: int,
                      first: int):  # fmt: skip
-    """One micro-batch of :func:`update_nft`: pairs (row ``i`` of this rank, step ``k``; on the host); ``first``:
-    this rank's first row in the whole batch (its pairs' noise seeds)."""
-    cfg, sched, policy = run.cfg, run.schedule, run.policy
-    device = ro.latents.device
-    seeds = [_pair_seed(cfg, iteration, first + a, b) for a, b in zip(i.tolist(), k.tolist(), strict=True)]
-    i, k = i.to(device), k.to(device)
-    x0 = ro.latents[i, -1]
-    t = sched.sigmas[k]
-    eps = torch.stack([  # (each pair's own stream, drawn where the latents are: no host round trip)
-        torch.randn(x0.shape[1:], generator=torch.Generator(device).manual_seed(s), device=device) for s in seeds
-    ]).to(x0.dtype)  # fmt: skip
-    x_t = noised(x0, t, eps)
-    ci, scale = cond.index(i), cfg.sampling.guidance_scale
+    """One micro-batch of :func:`update_forward` under nft: ``r`` the optimality probabilities of this rank's
+    pairs' rows (:func:`_noised_pairs` for the rest)."""
+    cfg, policy, scale = run.cfg, run.policy, run.cfg.sampling.guidance_scale
+    i, k, x0, t, _, x_t, ci = _noised_pairs(run, ro, cond, i, k, iteration, first)
     with torch.no_grad(), swapped(run, run.old):
         v_old = policy.velocity(x_t, t, ci, scale)
     v = policy.velocity(x_t, t, ci, scale)  # (as GRPO's update, outside model.autocast)
@@ -1373,12 +1419,29 @@ def _nft_micro_batch(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, r: to
     return nft_loss(x0, x_t, t, v, v_old, r[i, k], cfg.nft.beta, cfg.nft.adv_scale, v_ref, cfg.nft.kl)
 
 
+def _awm_micro_batch(run: Run, ro, cond, i: torch.Tensor, k: torch.Tensor, a: torch.Tensor, iteration: int,
+                     first: int):  # fmt: skip
+    """One micro-batch of :func:`update_forward` under awm: ``a`` the scaled advantages of this rank's pairs'
+    rows (:func:`_noised_pairs` for the rest). The anchor's velocity comes first: swapping its weights in
+    after the trained velocity would change the parameters its backward reads."""
+    w, policy, scale = run.cfg.awm, run.policy, run.cfg.sampling.guidance_scale
+    i, k, x0, t, eps, x_t, ci = _noised_pairs(run, ro, cond, i, k, iteration, first)
+    v_anchor = None
+    if run.old is not None:
+        with torch.no_grad(), swapped(run, run.old):
+            v_anchor = policy.velocity(x_t, t, ci, scale)
+    v = policy.velocity(x_t, t, ci, scale)  # (as GRPO's update, outside model.autocast)
+    v_ref = _reference_velocity(run, x_t, t, ci) if w.kl > 0 else None
+    return awm_loss(x0, eps, t, v, a[i, k], w.weighting, w.power, v_ref, w.kl, v_anchor, w.anchor_kl)
+
+
 def _pair_seed(cfg: TrainConfig, iteration: int, row: int, step: int) -> int:
-    """The noise seed of nft's pair (``row`` of the whole batch, ``step``) at ``iteration``: a hash of the four,
-    so no two pairs of any iterations share a stream, nor meet :func:`_seed`'s."""
+    """The noise seed of a forward-process pair (``row`` of the whole batch, ``step``) at ``iteration``: a hash
+    of the four and the objective, so no two pairs of any iterations share a stream, nor meet
+    :func:`_seed`'s."""
     import hashlib
 
-    key = f"nft:{cfg.run.seed}:{iteration}:{row}:{step}".encode()
+    key = f"{cfg.grpo.objective}:{cfg.run.seed}:{iteration}:{row}:{step}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
@@ -1747,7 +1810,7 @@ def checkpoint(run: Run) -> None:
                 "trainable": trainable,
                 "optimizer": optimizer,
                 "ema": ema,
-                "nft_old": old,
+                **({lagged_key(run.cfg): old} if old is not None else {}),
                 "torch_rng": torch.get_rng_state(),
                 "psi": run.base_schedule.noise_level.cpu(),
                 "prompt_priority": run.priority.state_dict() if run.priority is not None else None,
@@ -1805,7 +1868,7 @@ def _loop(run: Run, progress: bool) -> None:
         R_all = distributed.gather_rows(d, R)  # the whole batch's: advantages see every group whole
         check_finite_rewards(run, R_all, ro)
         A_all = _advantages(run, R_all)
-        up = (update_nft if cfg.grpo.objective == "nft" else update)(run, ro, cond, R, it, A_all)
+        up = updater(cfg)(run, ro, cond, R, it, A_all)
         if cfg.grpo.kl_target is not None:  # the weight this iteration trained with, then the next one's
             up["beta"] = run.beta
             run.beta = adapt_beta(run.beta, up.get("kl"), cfg.grpo.kl_target, cfg.grpo.beta)

@@ -121,6 +121,19 @@ def _measure_and_estimate(checkpoint, tmp_path, dtype, extra):
                 "nft.kl=0.01",
             ),
         ),
+        # AWM: ODE rollouts of the trained policy, each pair's anchor, trained and reference velocities
+        (
+            "fp32",
+            (
+                "grpo.objective=awm",
+                "dense.mode=sparse",
+                "noise.level=0",
+                "grpo.filter_zero_advantage=false",
+                "grpo.updates_per_iteration=2",
+                "grpo.train_batch_size=2",
+                "awm.kl=0.01",
+            ),
+        ),
     ],
 )
 def test_the_estimate_matches_the_run_counted_for_real(sd3_dir, tmp_path, dtype, extra):

@@ -122,7 +122,7 @@ def test_a_run_samples_with_the_old_policy_and_trains_it_toward_the_new_one(
     for it in range(2):
         velocities.clear()
         ro, cond, R, _ = trainer.collect(run, prompts, it)
-        out = trainer.update_nft(run, ro, cond, R, it)
+        out = trainer.update_forward(run, ro, cond, R, it)
         trained = dict(run.policy.transformer.named_parameters())
         assert out["old_decay"] == pytest.approx(min(0.2 * run.opt_steps, 0.5))  # (2 optimizer steps each)
         if it == 0:  # (the old policy began as the trained one: the weights the first rollout sampled with)
@@ -181,7 +181,7 @@ def test_each_pair_is_the_clean_latent_noised_at_its_steps_time_with_its_own_see
 
     monkeypatch.setattr(trainer, "_nft_micro_batch", micro_batch)
     monkeypatch.setattr(trainer, "nft_loss", nft_loss)
-    trainer.update_nft(run, ro, cond, R, 0, A)
+    trainer.update_forward(run, ro, cond, R, 0, A)
     assert sum(len(b["i"]) for b in seen) == R.shape[0] * cfg.sampling.num_steps
     policy = run.policy
     for n, b in enumerate(seen):

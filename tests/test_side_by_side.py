@@ -80,3 +80,23 @@ def test_the_win_rate_variant_wraps_the_config_s_own_reward():
 
     cfg = load_config(TrainConfig, config, got)  # (the overrides parse as the command line takes them)
     assert cfg.reward.name == "win_rate" and cfg.reward.kwargs["reward"]["kwargs"] == {"mode": "partial"}
+
+
+def test_every_variant_makes_a_config_the_checks_take():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from side_by_side import VARIANTS, variant_overrides
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    config = str(ROOT / "configs" / "toy_geneval.yaml")
+    objectives = {}
+    for name in VARIANTS:
+        cfg = load_config(TrainConfig, config, variant_overrides(name, config, []))
+        objectives[name] = cfg.grpo.objective
+    assert (
+        objectives["diffusionnft"] == "nft"
+        and objectives["awm"] == "awm"
+        and objectives["densegrpo"] == "grpo"
+    )
