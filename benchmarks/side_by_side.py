@@ -16,8 +16,9 @@ Variants (each overrides the config):
                        policy, the final reward's advantages with the batch's std, every step's time trained.
                        Run only when named in --variants
     awm                Advantage Weighted Matching (grpo.objective=awm): ODE rollouts of the trained policy, the
-                       final reward's advantages with the batch's std weighting each pair's flow-matching loss.
-                       Run only when named in --variants
+                       final reward's advantages with the batch's std weighting each pair's flow-matching loss,
+                       one optimizer step per iteration (on-policy, as released). Run only when named in
+                       --variants
 Each variant trains for the same wall-time budget (``run.time_budget_s``) with each seed; every run
 evaluates its EMA weights on the held-out prompts at the start, every ``--eval-every`` iterations and at
 the end. The calibrated variants of one seed share that seed's psi table (calibrated once, with n =
@@ -56,6 +57,7 @@ VARIANTS = {
     ],  # fmt: skip
     "awm": [
         "grpo.objective=awm",
+        "grpo.updates_per_iteration=1",
         "dense.mode=sparse",
         "noise.kind=uniform",
         "noise.level=0",

@@ -91,7 +91,9 @@ def _train_config(args):
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="DenseGRPO (or Flow-GRPO) training; resumable with --resume")
+    p = sub.add_parser(
+        "train", help="DenseGRPO (or Flow-GRPO, DiffusionNFT, AWM: grpo.objective) training; resumable with --resume"
+    )
     _add_overrides(p)
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
     p.add_argument(

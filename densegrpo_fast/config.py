@@ -636,8 +636,10 @@ class GRPOSection(Section):
         "sample is noised afresh at the trained steps' times, and the trained velocity learns from the group-"
         "normalised final reward, with no log-prob; awm: Advantage Weighted Matching (the awm section): the "
         "current policy samples, and each sample's flow-matching loss at fresh noise is weighted by its "
-        "advantage (both need dense.mode=sparse, noise.kind=uniform, grpo.filter_zero_advantage=false; the "
-        "clip, ratio and beta settings do not apply)",
+        "advantage, on-policy for the first of grpo.updates_per_iteration (the release's one; later ones train "
+        "on older weights' rollouts with no ratio) (both need dense.mode=sparse, noise.kind=uniform, "
+        "grpo.filter_zero_advantage=false, and normalise as released with dense.global_std=true; the clip, "
+        "ratio and beta settings do not apply)",
     )
     clip_range: float = Field(1e-4, gt=0, description="PPO ratio clip epsilon")
     clip_range_high: float | None = Field(
@@ -738,7 +740,7 @@ class AWMSection(Section):
     adv_scale: float = Field(
         5.0,
         gt=0,
-        description="s of a = clip(A, -s, s) / s, A the sparse advantage (normalise with dense.global_std as "
+        description="s of a = clip(A, -s, s) / s, A the sparse advantage (normalise with dense.global_std=true as "
         "released): each sample's weight in [-1, 1]",
     )
     weighting: Literal["ghuber", "uniform", "t"] = Field(
@@ -753,7 +755,8 @@ class AWMSection(Section):
     )  # fmt: skip
     anchor_kl: float = Field(
         1.0, ge=0, description="weight of the mean squared velocity difference to the anchor, a lagged copy of the "
-        "trained weights (the release's KL-EMA; 0: no anchor kept and no anchor forward)",
+        "trained weights (the release's KL-EMA, which it applies only with a KL to the reference; here it "
+        "applies whatever awm.kl is; 0: no anchor kept and no anchor forward)",
     )  # fmt: skip
     anchor_decay_rate: float = Field(
         1e-3, ge=0, description="the anchor keeps d = min(rate x max(0, step - delay), max) of itself at each "
@@ -1227,6 +1230,7 @@ class TrainConfig(Section):
             )
         elif (
             steps is None
+            and grpo_like  # (nft and awm train their default steps whatever noise the rollout drew)
             and n.window_move == "fixed"
             and n.window_start is not None
             and n.window_start >= len(default)
@@ -1380,6 +1384,8 @@ class TrainConfig(Section):
              "the awm section serves grpo.objective=awm"),
             ("awm", self.awm, ("anchor_decay_rate", "anchor_decay_max", "anchor_decay_delay"),
              self.grpo.objective == "awm" and self.awm.anchor_kl == 0, "awm.anchor_kl=0 keeps no anchor"),
+            ("awm", self.awm, ("power",), self.grpo.objective == "awm" and self.awm.weighting != "ghuber",
+             f"awm.weighting={self.awm.weighting} has no power (the ghuber weighting's)"),
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
              "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),

@@ -1310,7 +1310,8 @@ def _advice(phase: str, cfg) -> str:
         return (
             "set-up holds the whole transformer in model.dtype (under FSDP2 its shards and one whole block at a "
             "time, from host memory), and in full fine-tuning with a KL weight (grpo.beta, nft.kl or awm.kl) its KL "
-            "reference (whole in one process, shards and one whole block at a time under FSDP2), and, resumed, "
+            "reference (whole in one process, shards and one whole block at a time under FSDP2) and under "
+            "grpo.objective=nft or awm a lagged copy of the trained weights, and, resumed, "
             "AdamW's state as it is loaded: train LoRA adapters, or set the KL weight to 0 (no reference)"
             + off
         )

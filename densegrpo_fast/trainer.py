@@ -338,7 +338,7 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
         distributed.on_main(dist, functools.partial(_drop_exports_after, run_dir, 0))
     if resume:
         kept = [*(ema or {}).values(), *(old or {}).values()]
-        distributed.check_in_sync(dist, run.params + kept, "the resumed weights, EMA or old policy")
+        distributed.check_in_sync(dist, run.params + kept, "the resumed weights, EMA or lagged weights")
     return run
 
 
@@ -1627,8 +1627,9 @@ def ema_weights(run: Run):
 
 @contextlib.contextmanager
 def swapped(run: Run, weights: dict[str, torch.Tensor] | None):
-    """Swap ``weights`` (the EMA, nft's old policy; by name) into the trained parameters, and the trained ones
-    back after (nothing when None)."""
+    """Swap ``weights`` (the EMA, nft's old policy, awm's anchor; by name) into the trained parameters, and the
+    trained ones back after (nothing when None). Under FSDP2 the copies write the shards: each call gathers
+    them anew (the root too: distributed.shard reshards it after each forward)."""
     if weights is None:
         yield
         return
@@ -1792,7 +1793,7 @@ def checkpoint(run: Run) -> None:
         )
     else:
         kept = [*(run.ema or {}).values(), *(run.old or {}).values()]
-        distributed.check_in_sync(run.dist, run.params + kept, "the trained weights, EMA or old policy")
+        distributed.check_in_sync(run.dist, run.params + kept, "the trained weights, EMA or lagged weights")
 
     def write() -> None:  # rank 0 alone
         trainable, optimizer, ema, old = gathered or (
