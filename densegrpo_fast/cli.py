@@ -92,7 +92,8 @@ def _train_config(args):
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="DenseGRPO (or Flow-GRPO, DiffusionNFT, AWM: grpo.objective) training; resumable with --resume"
+        "train",
+        help="DenseGRPO (or Flow-GRPO, DiffusionNFT, AWM: grpo.objective) training; resumable with --resume",
     )
     _add_overrides(p)
     p.add_argument("--output-dir", help="run directory (overrides run.output_dir)")
