@@ -688,6 +688,12 @@ class GRPOSection(Section):
         "every iteration, before filter_zero_advantage drops pairs (like DanceGRPO's timestep_fraction, which "
         "takes int(fraction x every step): a cheaper update); 1 = every trained step",
     )
+    step_draw: Literal["random", "stratified"] = Field(
+        "random",
+        description="how grpo.step_fraction draws a sample's steps: random = any ceil(fraction x n) of its n "
+        "trained steps; stratified = one from each of ceil(fraction x n) runs of consecutive trained steps of "
+        "near-equal length (AWM's release: every part of the grid is trained in each sample)",
+    )
     train_batch_size: int = Field(16, ge=1, description="(sample, step) rows per backward pass")
     updates_per_iteration: int = Field(
         1, ge=1, description="optimizer steps per rollout (split over the rows)"
@@ -1384,6 +1390,8 @@ class TrainConfig(Section):
              "the awm section serves grpo.objective=awm"),
             ("awm", self.awm, ("anchor_decay_rate", "anchor_decay_max", "anchor_decay_delay"),
              self.grpo.objective == "awm" and self.awm.anchor_kl == 0, "awm.anchor_kl=0 keeps no anchor"),
+            ("grpo", self.grpo, ("step_draw",), self.grpo.step_fraction == 1,
+             "grpo.step_fraction=1 trains every trained step: nothing is drawn"),
             ("awm", self.awm, ("power",), self.grpo.objective == "awm" and self.awm.weighting != "ghuber",
              f"awm.weighting={self.awm.weighting} has no power (the ghuber weighting's)"),
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",

@@ -1118,14 +1118,22 @@ def adapt_beta(beta: float, kl: float | None, target: float, start: float) -> fl
     return min(max(beta, start / 100), start * 100)
 
 
-def step_sample(trained: torch.Tensor, rows: int, fraction: float, seed: int) -> torch.Tensor:
+def step_sample(
+    trained: torch.Tensor, rows: int, fraction: float, seed: int, stratified: bool = False
+) -> torch.Tensor:
     """``grpo.step_fraction``: for each of ``rows`` samples, ``ceil(fraction x n)`` of the ``n`` trained steps
-    (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank).
-    Shape: bool [rows, T] on the CPU."""
+    (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank);
+    ``stratified`` (``grpo.step_draw``): one from each of as many runs of consecutive trained steps, of
+    near-equal length (``tensor_split``'s). Shape: bool [rows, T] on the CPU."""
     steps = trained.cpu().nonzero()[:, 0]
     take = math.ceil(fraction * len(steps) - 1e-9)  # (0.14 x 50 is 7.000000000000001 in floats)
     gen = torch.Generator().manual_seed(seed)
-    chosen = steps[torch.rand(rows, len(steps), generator=gen).argsort(1)[:, :take]]
+    if stratified:
+        chosen = torch.stack([
+            run[torch.randint(len(run), (rows,), generator=gen)] for run in steps.tensor_split(take)
+        ], 1)  # fmt: skip
+    else:
+        chosen = steps[torch.rand(rows, len(steps), generator=gen).argsort(1)[:, :take]]
     mask = torch.zeros(rows, trained.numel(), dtype=torch.bool)
     mask[torch.arange(rows)[:, None], chosen] = True
     return mask
@@ -1253,8 +1261,9 @@ def _planned_pairs(run: Run, A: torch.Tensor, iteration: int) -> tuple[torch.Ten
     keep = run.trained.to(A.device).expand_as(A)
     if cfg.grpo.step_fraction < 1:
         keep = keep & step_sample(
-            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3)
-        ).to(A.device)
+            run.trained, A.shape[0], cfg.grpo.step_fraction, _seed(cfg, iteration, 3),
+            stratified=cfg.grpo.step_draw == "stratified",
+        ).to(A.device)  # fmt: skip
     if cfg.grpo.filter_zero_advantage:
         keep = keep & (A != 0)
     rows, steps = keep.nonzero(as_tuple=True)

@@ -103,6 +103,14 @@ def test_awm_refuses_what_it_does_not_combine_with_and_trains_the_releases_times
     assert notes["awm.anchor_decay_max"] == "awm.anchor_kl=0 keeps no anchor"
     assert notes["nft.beta"] == "the nft section serves grpo.objective=nft"
     assert "awm.anchor_kl" not in notes
+    cfg = cfg_of(
+        tiny_checkpoint,
+        tmp_path,
+        extra=[*AWM, "grpo.step_draw=stratified", "awm.weighting=t", "awm.power=0.5"],
+    )
+    notes = {key: why for keys, why in cfg.ignored_settings() for key in keys}
+    assert notes["grpo.step_draw"] == "grpo.step_fraction=1 trains every trained step: nothing is drawn"
+    assert notes["awm.power"] == "awm.weighting=t has no power (the ghuber weighting's)"
 
 
 def test_a_run_samples_with_the_trained_weights_and_moves_the_anchor_toward_them(

@@ -1595,6 +1595,23 @@ def test_step_fraction_trains_a_random_share_of_each_samples_steps(tiny_checkpoi
     assert_on_policy(rec)
 
 
+def test_a_stratified_draw_takes_one_step_of_each_run_of_consecutive_trained_steps():
+    from densegrpo_fast.trainer import step_sample
+
+    trained = torch.zeros(14, dtype=torch.bool)
+    trained[1:12] = True  # steps 1-11: runs [1, 2] [3, 4] [5, 6] [7, 8] [9, 10] [11] for 6 draws
+    mask = step_sample(trained, 400, 0.5, seed=7, stratified=True)
+    assert (mask.sum(1) == 6).all() and not mask[:, ~trained].any()
+    for run in ([1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11]):
+        assert (mask[:, run].sum(1) == 1).all(), run  # one per run, every sample
+        assert all(mask[:, k].float().mean() > 0.4 for k in run), run  # each of a run's steps drawn
+    assert torch.equal(mask, step_sample(trained, 400, 0.5, seed=7, stratified=True)), (
+        "every rank draws the same"
+    )
+    rand = step_sample(trained, 400, 0.5, seed=7)
+    assert (rand.sum(1) == 6).all() and (rand[:, [1, 2]].sum(1) != 1).any()  # (random: not one per run)
+
+
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
     from densegrpo_fast.prompts import PromptSource
     from densegrpo_fast.rewards import build_reward
