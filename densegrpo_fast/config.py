@@ -1193,9 +1193,8 @@ class TrainConfig(Section):
         T = self.sampling.num_steps
         if self.grpo.objective == "nft":  # (every time of the sampler's grid, t = 1 included, as released)
             return list(range(T))
-        if (
-            self.grpo.objective == "awm"
-        ):  # (the release's GenEval and OCR times: neither t = 1 nor the last tenth)
+        if self.grpo.objective == "awm":
+            # (the times of the release's GenEval and OCR runs: neither t = 1 nor the grid's last tenth)
             return list(range(1, int(0.9 * T))) or list(range(T))
         return list(range(max(0, T - 2) if self.noise.sde == "cps" else T - 1))
 
@@ -1294,9 +1293,8 @@ class TrainConfig(Section):
                 f"optim.warmup_iterations ({self.optim.warmup_iterations}) must be < run.iterations "
                 f"({self.run.iterations}): the warm-up would never reach optim.lr; shorten the warm-up"
             )
-        if (
-            n.level == 0 and self.grpo.objective == "grpo"
-        ):  # (nft and awm train no log-prob: ODE rollouts serve)
+        # (nft and awm train no log-prob: ODE rollouts serve them)
+        if n.level == 0 and self.grpo.objective == "grpo":
             problems.append(
                 "noise.level is 0: uniform noise would be none (every step an ODE step, with no log-prob to "
                 "train), and calibration starts psi at the level and moves only the steps that start with noise; "

@@ -884,9 +884,8 @@ def set_window(run: Run, iteration: int) -> None:
         schedule = base.with_noise(torch.where(mask, base.noise_level, torch.zeros_like(base.noise_level)))
     run.schedule = schedule
     run.window_start = start
-    run.trained = (
-        run.trained_steps
-    )  # (nft, awm: a step's time is trained on, whatever noise its rollout drew)
+    # (nft, awm: a step's time is trained on, whatever noise its rollout drew)
+    run.trained = run.trained_steps
     if run.cfg.grpo.objective == "grpo":
         run.trained = run.trained & schedule.sde_steps.cpu()  # an ODE step has no log-prob to train
 
@@ -1130,7 +1129,7 @@ def step_sample(
     gen = torch.Generator().manual_seed(seed)
     if stratified:
         chosen = torch.stack([
-            run[torch.randint(len(run), (rows,), generator=gen)] for run in steps.tensor_split(take)
+            span[torch.randint(len(span), (rows,), generator=gen)] for span in steps.tensor_split(take)
         ], 1)  # fmt: skip
     else:
         chosen = steps[torch.rand(rows, len(steps), generator=gen).argsort(1)[:, :take]]
@@ -1377,14 +1376,10 @@ def update_forward(
     out = distributed.mean_stats(run.dist, host, weights=sizes)
     if run.old is not None:  # the lagged weights' step toward the trained ones
         if nft:
-            rate, most, delay = cfg.nft.old_decay_rate, cfg.nft.old_decay_max, cfg.nft.old_decay_delay
+            schedule = (cfg.nft.old_decay_rate, cfg.nft.old_decay_max, cfg.nft.old_decay_delay)
         else:
-            rate, most, delay = (
-                cfg.awm.anchor_decay_rate,
-                cfg.awm.anchor_decay_max,
-                cfg.awm.anchor_decay_delay,
-            )
-        decay = old_decay(run.opt_steps, rate, most, delay)
+            schedule = (cfg.awm.anchor_decay_rate, cfg.awm.anchor_decay_max, cfg.awm.anchor_decay_delay)
+        decay = old_decay(run.opt_steps, *schedule)
         with torch.no_grad():
             for name, p in run.policy.transformer.named_parameters():
                 if name in run.old:
