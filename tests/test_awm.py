@@ -311,3 +311,28 @@ def test_gradient_checkpointing_recomputes_with_the_trained_weights(lora, tmp_pa
     plain, checkpointed = runs
     assert without_timing(plain) == without_timing(checkpointed)
     assert plain[1]["anchor_kl"] > 0 and plain[1]["anchor_decay"] > 0
+
+
+@pytest.mark.parametrize("objective", ["nft", "awm"])
+def test_the_forward_objectives_train_on_win_rates(objective, tiny_checkpoint, tmp_path):
+    """A pairwise reward (win rates of redness in each group) feeds nft and awm as any reward does: the
+    samples' rewards average 1/2, the update trains every pair, and the held-out score is redness itself."""
+    from densegrpo_fast.trainer import train
+
+    extra = [
+        *AWM,
+        f"grpo.objective={objective}",
+        "reward.name=win_rate",
+        "reward.kwargs={reward: {name: redness}}",
+    ]
+    recs = records(
+        train(cfg_of(tiny_checkpoint, tmp_path / "run", iterations=1, extra=extra), progress=False)
+    )
+    (step,) = [r for r in recs if "reward_mean" in r]
+    assert step["reward_mean"] == pytest.approx(0.5, abs=1e-6) and step["reward_std"] > 0.1
+    assert step["rows_trained"] == 8 * (4 if objective == "nft" else 2) and step["grad_norm"] > 0
+    plain = cfg_of(
+        tiny_checkpoint, tmp_path / "plain", iterations=1, extra=[*extra[:-2], "reward.name=redness"]
+    )
+    evals = [r["eval_reward"] for r in records(train(plain, progress=False)) if "eval_reward" in r]
+    assert [r["eval_reward"] for r in recs if "eval_reward" in r][0] == evals[0]
