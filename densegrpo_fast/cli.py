@@ -117,6 +117,8 @@ def _add_train(sub) -> None:
         for keys, why in cfg.ignored_settings() if speaks() else ():
             if ours := [k for k in keys if k in given]:
                 warnings.warn(ignored_line(ours, why), stacklevel=1)
+        for caveat in cfg.caveats() if speaks() else ():
+            warnings.warn(caveat, stacklevel=1)
         run_dir = train(cfg, resume=args.resume, progress=not args.no_progress)
         if speaks():
             names = ("metrics.jsonl", "reward_curve.png", "samples", "policy_ema.safetensors")
@@ -219,6 +221,8 @@ def _add_validate(sub) -> None:
 
         for keys, why in cfg.ignored_settings():
             print(f"note: {ignored_line(keys, why)}", file=sys.stderr)
+        for caveat in cfg.caveats():
+            print(f"note: {caveat}", file=sys.stderr)
         readable = {}
         for field, dataset in (("prompts.dataset", cfg.prompts.dataset), ("eval.dataset", cfg.eval.dataset)):
             try:

@@ -1360,6 +1360,35 @@ class TrainConfig(Section):
         """B = prompts per iteration x group size."""
         return self.prompts.prompts_per_iteration * self.sampling.group_size
 
+    def caveats(self) -> list[str]:
+        """Settings that run, but not as the chosen objective's release runs: ``validate`` notes them and
+        ``train`` warns of them (a line each: the setting, what it does, the release's setting)."""
+        o, out = self.grpo.objective, []
+        if o == "grpo":
+            return out
+        name = {"nft": "DiffusionNFT", "awm": "AWM"}[o]
+        u = self.grpo.updates_per_iteration
+        if o == "awm" and u > 1:
+            out.append(
+                f"grpo.objective=awm with grpo.updates_per_iteration={u}: the optimizer steps after the first "
+                "train on the rollouts of older weights, with no ratio to correct for them (AWM's release takes "
+                "one step per iteration, on-policy); set grpo.updates_per_iteration=1 for it"
+            )
+        if not self.dense.global_std:
+            out.append(
+                f"grpo.objective={o} with dense.global_std=false: each group's own std normalises its advantages "
+                f"({name}'s release divides by the whole batch's); set dense.global_std=true for it"
+            )
+        scale = self.nft.adv_scale if o == "nft" else self.awm.adv_scale
+        if self.dense.adv_clip < scale:
+            reach = "r within [1/2 - c/(2s), 1/2 + c/(2s)]" if o == "nft" else "a within [-c/s, c/s]"
+            out.append(
+                f"dense.adv_clip={self.dense.adv_clip} below {o}.adv_scale={scale}: the advantages are clipped to "
+                f"+-{self.dense.adv_clip} first, which keeps {reach} (c the clip, s the scale); {name}'s release "
+                f"clips at its scale: set dense.adv_clip={scale}"
+            )
+        return out
+
     def ignored_settings(self) -> list[tuple[list[str], str]]:
         """Settings the config gives (in its file or overrides) that this run does not use: (dotted keys, why)
         per section. ``validate`` notes them all; ``train`` warns of those given on the command line (a file's

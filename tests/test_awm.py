@@ -336,3 +336,31 @@ def test_the_forward_objectives_train_on_win_rates(objective, tiny_checkpoint, t
     )
     evals = [r["eval_reward"] for r in records(train(plain, progress=False)) if "eval_reward" in r]
     assert [r["eval_reward"] for r in recs if "eval_reward" in r][0] == evals[0]
+
+
+def test_settings_unlike_the_releases_are_noted_by_validate_and_warned_by_train(tmp_path, capsys):
+    from pathlib import Path
+
+    from densegrpo_fast.cli import main
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    toy = root / "configs" / "toy_geneval.yaml"
+    over = [*AWM, "noise.kind=uniform", "dense.global_std=false", "dense.adv_clip=2.5"]  # (the toy file: 2 updates per iteration)
+    caveats = load_config(TrainConfig, toy, over).caveats()
+    assert [c.split(":")[0] for c in caveats] == [
+        "grpo.objective=awm with grpo.updates_per_iteration=2",
+        "grpo.objective=awm with dense.global_std=false",
+        "dense.adv_clip=2.5 below awm.adv_scale=5.0",
+    ]
+    assert "keeps a within [-c/s, c/s]" in caveats[2] and caveats[2].endswith("set dense.adv_clip=5.0")
+    nft = load_config(TrainConfig, toy, [*over, "grpo.objective=nft"]).caveats()
+    assert len(nft) == 2 and "r within [1/2 - c/(2s), 1/2 + c/(2s)]" in nft[1]  # (nft is off-policy anyway)
+    for recipe in ("sd35m_awm_pickscore", "sd35m_nft_pickscore", "toy_geneval"):
+        assert load_config(TrainConfig, root / "configs" / f"{recipe}.yaml").caveats() == [], recipe
+    assert main(["validate", "--config", str(toy), *over]) == 0
+    assert f"note: {caveats[0]}" in capsys.readouterr().err
+    with pytest.warns(UserWarning) as seen:  # (then refused later: no such prompt file)
+        code = main(["train", "--config", str(toy), "--output-dir", str(tmp_path / "run"), *over,
+                     "prompts.dataset=/none.txt"])  # fmt: skip
+    assert code == 2 and set(caveats) <= {str(w.message) for w in seen}
