@@ -346,7 +346,12 @@ def test_settings_unlike_the_releases_are_noted_by_validate_and_warned_by_train(
 
     root = Path(__file__).resolve().parents[1]
     toy = root / "configs" / "toy_geneval.yaml"
-    over = [*AWM, "noise.kind=uniform", "dense.global_std=false", "dense.adv_clip=2.5"]  # (the toy file: 2 updates per iteration)
+    over = [
+        *AWM,
+        "noise.kind=uniform",
+        "dense.global_std=false",
+        "dense.adv_clip=2.5",
+    ]  # (the toy file: 2 updates per iteration)
     caveats = load_config(TrainConfig, toy, over).caveats()
     assert [c.split(":")[0] for c in caveats] == [
         "grpo.objective=awm with grpo.updates_per_iteration=2",

@@ -686,6 +686,19 @@ def test_lora_over_a_sharded_base_resumes_with_two_processes_or_one(
     assert_on_policy(last)
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
+def test_lora_over_a_sharded_base_with_compiled_blocks_trains_what_the_eager_one_trains(
+    sharded_lora_run, tiny_checkpoint, tmp_path
+):
+    """model.compile over the sharded base: dynamo traces each block with the sharding's hooks around it, and
+    through the ``eager`` backend (the captured graphs run as captured) the run is the eager sharded run."""
+    compiled = tmp_path / "compiled"
+    extra = ["model.compile=true", "model.compile_backend=eager"]
+    done = torchrun([*TRAIN, *lora_overrides(tiny_checkpoint, compiled, extra=extra)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert without_timing(records(compiled)) == without_timing(records(sharded_lora_run))
+
+
 FORWARD = ["dense.mode=sparse", "noise.level=0", "grpo.filter_zero_advantage=false", "dense.global_std=true",
            "lora.merge_for_sampling=false", "grpo.train_batch_size=7"]  # fmt: skip
 OBJECTIVES = {
