@@ -282,6 +282,7 @@ def test_an_sde_window_on_steps_awm_does_not_train_by_default_is_taken(tiny_chec
     assert cfg_of(tiny_checkpoint, tmp_path / "w", extra=[*AWM, *window]).trained_steps() == [1, 2]
 
 
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
 @pytest.mark.parametrize("lora", [True, False])
 def test_gradient_checkpointing_recomputes_with_the_trained_weights(lora, tmp_path_factory, tmp_path):
     """The anchor's weights are swapped in and out before the trained forward, so the checkpointed blocks'

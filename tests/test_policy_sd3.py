@@ -990,6 +990,15 @@ def test_lora_over_a_bf16_base_shards_over_two_processes(sd3_dir, tmp_path):
     assert ours.keys() == theirs.keys()
     for n, t in theirs.items():
         torch.testing.assert_close(ours[n], t, rtol=1e-3, atol=1e-6)
+    # the same job started from those adapters (lora.init) with gradient checkpointing: the sharded rollouts still
+    # the unsharded model's bit for bit, the checkpointed blocks recomputed through the shards in the backward
+    from test_distributed import records
+
+    init = [*model, "model.gradient_checkpointing=true", f"lora.init={tmp_path / 'run' / 'lora_ema'}"]
+    (tmp_path / "again").mkdir()
+    step = sharded_bf16_matches_one_process(init, tmp_path / "again", lora=True)
+    first = [r for r in records(tmp_path / "run") if "reward_mean" in r][0]
+    assert step["reward_mean"] != first["reward_mean"] or step["R_mean"] != first["R_mean"]  # (not from zero)
 
 
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):
