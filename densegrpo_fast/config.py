@@ -691,8 +691,9 @@ class GRPOSection(Section):
     step_draw: Literal["random", "stratified"] = Field(
         "random",
         description="how grpo.step_fraction draws a sample's steps: random = any ceil(fraction x n) of its n "
-        "trained steps; stratified = one from each of ceil(fraction x n) runs of consecutive trained steps of "
-        "near-equal length (AWM's release: every part of the grid is trained in each sample)",
+        "trained steps; stratified = one from each of ceil(fraction x n) runs of the sorted trained steps, of "
+        "near-equal count, the first ones one longer (AWM's release: every part of the grid is trained in "
+        "each sample)",
     )
     train_batch_size: int = Field(16, ge=1, description="(sample, step) rows per backward pass")
     updates_per_iteration: int = Field(

@@ -1122,11 +1122,15 @@ def step_sample(
 ) -> torch.Tensor:
     """``grpo.step_fraction``: for each of ``rows`` samples, ``ceil(fraction x n)`` of the ``n`` trained steps
     (``trained``, bool [T]) drawn at random, without replacement, from ``seed`` (the same on every rank);
-    ``stratified`` (``grpo.step_draw``): one from each of as many runs of consecutive trained steps, of
-    near-equal length (``tensor_split``'s). Shape: bool [rows, T] on the CPU."""
+    ``stratified`` (``grpo.step_draw``): one from each of as many runs of the sorted trained steps, of
+    near-equal count (``tensor_split``'s: the first ones one longer). At least one step while any is trained.
+    Shape: bool [rows, T] on the CPU."""
     steps = trained.cpu().nonzero()[:, 0]
     take = math.ceil(fraction * len(steps) - 1e-9)  # (0.14 x 50 is 7.000000000000001 in floats)
+    take = max(1, take) if len(steps) else 0
     gen = torch.Generator().manual_seed(seed)
+    if take == 0:  # (nothing trained: a calibrated psi of 0 on every trained step)
+        return torch.zeros(rows, trained.numel(), dtype=torch.bool)
     if stratified:
         chosen = torch.stack([
             span[torch.randint(len(span), (rows,), generator=gen)] for span in steps.tensor_split(take)

@@ -999,6 +999,11 @@ def test_lora_over_a_bf16_base_shards_over_two_processes(sd3_dir, tmp_path):
     step = sharded_bf16_matches_one_process(init, tmp_path / "again", lora=True)
     first = [r for r in records(tmp_path / "run") if "reward_mean" in r][0]
     assert step["reward_mean"] != first["reward_mean"] or step["R_mean"] != first["R_mean"]  # (not from zero)
+    sa, sb = (
+        torch.load(tmp_path / "again" / d / "checkpoint.pt", weights_only=False) for d in ("run", "one")
+    )
+    for n, t in sb["trainable"].items():  # (the backward through the recomputed, sharded blocks)
+        torch.testing.assert_close(sa["trainable"][n], t, rtol=1e-3, atol=1e-6)
 
 
 def test_full_fine_tuning_in_bf16_shards_over_two_processes(sd3_dir, tmp_path):

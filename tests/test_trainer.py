@@ -1610,6 +1610,28 @@ def test_a_stratified_draw_takes_one_step_of_each_run_of_consecutive_trained_ste
     )
     rand = step_sample(trained, 400, 0.5, seed=7)
     assert (rand.sum(1) == 6).all() and (rand[:, [1, 2]].sum(1) != 1).any()  # (random: not one per run)
+    sparse = torch.zeros(10, dtype=torch.bool)
+    sparse[[0, 3, 5, 9]] = True  # (runs of the sorted trained steps: [0, 3] and [5, 9])
+    mask = step_sample(sparse, 200, 0.5, seed=1, stratified=True)
+    assert (mask[:, [0, 3]].sum(1) == 1).all() and (mask[:, [5, 9]].sum(1) == 1).all() and mask[:, 3].any()
+    none = torch.zeros(10, dtype=torch.bool)  # (nothing trained: an empty draw, either way)
+    for stratified in (False, True):
+        assert not step_sample(none, 5, 0.5, seed=1, stratified=stratified).any()
+
+
+def test_the_update_plans_the_stratified_draw(tiny_checkpoint, tmp_path):
+    from densegrpo_fast import trainer
+
+    extra = ["grpo.objective=awm", "dense.mode=sparse", "noise.kind=uniform", "noise.level=0",
+             "grpo.filter_zero_advantage=false", "grpo.trained_steps=[0, 1, 2, 3]", "grpo.step_fraction=0.5"]  # fmt: skip
+    for draw, want in (("stratified", True), ("random", False)):
+        run = trainer.setup(cfg_of(tiny_checkpoint, tmp_path / draw, extra=[*extra, f"grpo.step_draw={draw}"]),
+                            progress=False)  # fmt: skip
+        A = torch.ones(64, 4)
+        rows, steps, _ = trainer._planned_pairs(run, A, 0)
+        early = torch.zeros(64, dtype=torch.long).index_add_(0, rows, (steps < 2).long())
+        assert rows.numel() == 64 * 2
+        assert bool((early == 1).all()) == want, draw  # (stratified: one of steps 0-1 and one of 2-3 each)
 
 
 def test_prompts_the_reward_cannot_score_stop_the_run_before_it_starts(tmp_path):
