@@ -37,6 +37,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+#: What the forward-process objectives (nft, awm) need of the DenseGRPO config: the final reward, ODE rollouts,
+#: every sample trained, the batch's std.
+FORWARD = ["dense.mode=sparse", "noise.kind=uniform", "noise.level=0", "grpo.filter_zero_advantage=false",
+           "dense.global_std=true"]  # fmt: skip
 VARIANTS = {
     "densegrpo": [],
     "flow-grpo": ["dense.mode=sparse", "noise.kind=uniform"],
@@ -47,23 +51,8 @@ VARIANTS = {
         "reward.name=win_rate",
         "reward.kwargs=" + json.dumps({"reward": {"name": cfg.reward.name, "kwargs": cfg.reward.kwargs}}),
     ],
-    "diffusionnft": [
-        "grpo.objective=nft",
-        "dense.mode=sparse",
-        "noise.kind=uniform",
-        "noise.level=0",
-        "grpo.filter_zero_advantage=false",
-        "dense.global_std=true",
-    ],  # fmt: skip
-    "awm": [
-        "grpo.objective=awm",
-        "grpo.updates_per_iteration=1",
-        "dense.mode=sparse",
-        "noise.kind=uniform",
-        "noise.level=0",
-        "grpo.filter_zero_advantage=false",
-        "dense.global_std=true",
-    ],  # fmt: skip
+    "diffusionnft": ["grpo.objective=nft", *FORWARD],
+    "awm": ["grpo.objective=awm", "grpo.updates_per_iteration=1", *FORWARD],
 }
 #: The variants run only when named in --variants.
 NAMED_ONLY = ("densegrpo-winrate", "diffusionnft", "awm")
