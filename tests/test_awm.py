@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_nft import batch
+from test_nft import batch, capture_micro_batches, first_rollout, pair_noise
 from test_trainer import cfg_of, records, without_timing
 
 from densegrpo_fast.awm import GHUBER_OFFSET, awm_loss, scaled_advantage, weighted_error
@@ -219,21 +219,14 @@ def test_each_pair_is_the_clean_latent_noised_at_its_steps_time_with_its_own_see
     from densegrpo_fast import trainer
 
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=[*AWM, "grpo.train_batch_size=5"])
-    run = trainer.setup(cfg, progress=False)
-    prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, 0)
-    ro, cond, R, _ = trainer.collect(run, prompts, 0)
-    A = trainer._advantages(run, R)
-    seen, micro, loss = [], trainer._awm_micro_batch, trainer.awm_loss
-
-    def micro_batch(run_, ro_, cond_, i, k, *args):
-        seen.append({"i": i.clone(), "k": k.clone()})
-        return micro(run_, ro_, cond_, i, k, *args)
+    run, ro, cond, R, A = first_rollout(cfg)
+    seen, loss = [], trainer.awm_loss
+    capture_micro_batches(monkeypatch, "_awm_micro_batch", seen)
 
     def awm_loss(x0, eps, t, v, a, weighting, power, v_ref, kl, v_anchor, anchor_kl):
         seen[-1].update(x0=x0, eps=eps, t=t, v=v.detach().clone(), a=a, v_ref=v_ref)
         return loss(x0, eps, t, v, a, weighting, power, v_ref, kl, v_anchor, anchor_kl)
 
-    monkeypatch.setattr(trainer, "_awm_micro_batch", micro_batch)
     monkeypatch.setattr(trainer, "awm_loss", awm_loss)
     trained = {n: p.detach().clone() for n, p in run.policy.transformer.named_parameters()}
     trainer.update_forward(run, ro, cond, R, 0, A)
@@ -243,10 +236,7 @@ def test_each_pair_is_the_clean_latent_noised_at_its_steps_time_with_its_own_see
     for n, b in enumerate(seen):
         i, k = b["i"], b["k"]
         assert torch.equal(b["x0"], ro.latents[i, -1]) and torch.equal(b["t"], run.schedule.sigmas[k])
-        eps = torch.stack([
-            torch.randn(ro.latents.shape[2:], generator=torch.Generator().manual_seed(trainer._pair_seed(cfg, 0, a, c)))
-            for a, c in zip(i.tolist(), k.tolist(), strict=True)
-        ])  # fmt: skip
+        eps = pair_noise(cfg, ro.latents.shape[2:], i, k)
         assert torch.equal(b["eps"], eps)
         assert torch.equal(b["a"], scaled_advantage(A, cfg.awm.adv_scale)[i, k])
         x_t = noised(b["x0"], b["t"], eps)

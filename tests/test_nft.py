@@ -38,6 +38,39 @@ def batch(seed=0, b=5):
     return x0, x_t, t, v, v_old, r
 
 
+def first_rollout(cfg):
+    """A run set up from ``cfg`` and its first iteration's rollout: (run, ro, cond, R, A)."""
+    from densegrpo_fast import trainer
+
+    run = trainer.setup(cfg, progress=False)
+    prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, 0)
+    ro, cond, R, _ = trainer.collect(run, prompts, 0)
+    return run, ro, cond, R, trainer._advantages(run, R)
+
+
+def capture_micro_batches(monkeypatch, name: str, seen: list[dict]) -> None:
+    """Record each micro-batch's pairs (rows ``i``, steps ``k``) of ``trainer.<name>`` in ``seen``."""
+    from densegrpo_fast import trainer
+
+    micro = getattr(trainer, name)
+
+    def micro_batch(run_, ro_, cond_, i, k, *args):
+        seen.append({"i": i.clone(), "k": k.clone()})
+        return micro(run_, ro_, cond_, i, k, *args)
+
+    monkeypatch.setattr(trainer, name, micro_batch)
+
+
+def pair_noise(cfg, shape, i, k, iteration=0):
+    """The noise of pairs (rows ``i``, steps ``k``) drawn from their own seeds, as the update draws it."""
+    from densegrpo_fast.trainer import _pair_seed
+
+    return torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(_pair_seed(cfg, iteration, a, c)))
+        for a, c in zip(i.tolist(), k.tolist(), strict=True)
+    ])  # fmt: skip
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.1])
 def test_the_loss_is_the_mix_of_the_two_implicit_policies_errors(beta):
     x0, x_t, t, v, v_old, r = batch()
@@ -165,21 +198,14 @@ def test_each_pair_is_the_clean_latent_noised_at_its_steps_time_with_its_own_see
     from densegrpo_fast import trainer
 
     cfg = cfg_of(tiny_checkpoint, tmp_path / "run", extra=[*NFT, "nft.kl=0.01", "grpo.train_batch_size=5"])
-    run = trainer.setup(cfg, progress=False)
-    prompts = run.prompts.sample(cfg.prompts.prompts_per_iteration, 0)
-    ro, cond, R, _ = trainer.collect(run, prompts, 0)
-    A = trainer._advantages(run, R)
-    seen, micro, loss = [], trainer._nft_micro_batch, trainer.nft_loss
-
-    def micro_batch(run_, ro_, cond_, i, k, *args):
-        seen.append({"i": i.clone(), "k": k.clone()})
-        return micro(run_, ro_, cond_, i, k, *args)
+    run, ro, cond, R, A = first_rollout(cfg)
+    seen, loss = [], trainer.nft_loss
+    capture_micro_batches(monkeypatch, "_nft_micro_batch", seen)
 
     def nft_loss(x0, x_t, t, v, v_old, r, beta, scale, v_ref, kl):
         seen[-1].update(x0=x0, x_t=x_t, t=t, v=v.detach().clone(), v_old=v_old, r=r, v_ref=v_ref)
         return loss(x0, x_t, t, v, v_old, r, beta, scale, v_ref, kl)
 
-    monkeypatch.setattr(trainer, "_nft_micro_batch", micro_batch)
     monkeypatch.setattr(trainer, "nft_loss", nft_loss)
     trainer.update_forward(run, ro, cond, R, 0, A)
     assert sum(len(b["i"]) for b in seen) == R.shape[0] * cfg.sampling.num_steps
@@ -187,10 +213,7 @@ def test_each_pair_is_the_clean_latent_noised_at_its_steps_time_with_its_own_see
     for n, b in enumerate(seen):
         i, k = b["i"], b["k"]
         assert torch.equal(b["x0"], ro.latents[i, -1]) and torch.equal(b["t"], run.schedule.sigmas[k])
-        eps = torch.stack([
-            torch.randn(ro.latents.shape[2:], generator=torch.Generator().manual_seed(trainer._pair_seed(cfg, 0, a, c)))
-            for a, c in zip(i.tolist(), k.tolist(), strict=True)
-        ])  # fmt: skip
+        eps = pair_noise(cfg, ro.latents.shape[2:], i, k)
         assert torch.equal(b["x_t"], noised(b["x0"], b["t"], eps))
         assert torch.equal(b["r"], optimality(A, cfg.nft.adv_scale)[i, k])
         if n == 0:  # (no optimizer step yet: the old policy is the trained one)
