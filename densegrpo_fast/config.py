@@ -317,13 +317,14 @@ def resolution_problem(setting: str, resolution: Resolution, multiple: int, why:
 
 class ModelSection(Section):
     family: Literal[
-        "toy", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"
+        "toy", "sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein", "wan"
     ] = Field(
         "toy",
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), flux_kontext "
         "(FLUX.1 Kontext: edits the source image of each prompt, from a .jsonl prompt file with an 'image' per "
         "line), qwen_image (Qwen-Image), qwen_image_edit (Qwen-Image-Edit-2509 / -2511: edits, as flux_kontext), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
-        "base or distilled; it edits too, given such a prompt file)",
+        "base or distilled; it edits too, given such a prompt file), wan (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 TI2V-5B: "
+        "text to video; image rewards score the video's frames, reward.frames)",
     )
     checkpoint: str | None = Field(
         None,
@@ -331,7 +332,7 @@ class ModelSection(Section):
         "diffusers-format directory or a Hugging Face repo id, null = "
         "stabilityai/stable-diffusion-3.5-medium / black-forest-labs/FLUX.1-dev / "
         "black-forest-labs/FLUX.1-Kontext-dev / Qwen/Qwen-Image / Qwen/Qwen-Image-Edit-2511 / Tongyi-MAI/Z-Image / "
-        "black-forest-labs/FLUX.2-klein-base-4B",
+        "black-forest-labs/FLUX.2-klein-base-4B / Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     )
     device: str = Field("cpu", description="torch device (cpu, cuda, cuda:1, ...)")
     num_threads: int = Field(
@@ -355,14 +356,21 @@ class ModelSection(Section):
         description="pretrained families: image side in pixels (square images), or [height, width]; "
         "multiples of 16",
     )
+    frames: int | None = Field(
+        None,
+        ge=1,
+        description="video families (wan): frames per video, 4k + 1 (the VAE's temporal factor 4); null = the "
+        "pipeline's 81. Each video's latent has (frames - 1) / 4 + 1 frames",
+    )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
         le=1024,
         description="pretrained families: text tokens per prompt (T5's for SD3 and FLUX.1, at most "
         "512; Qwen2.5-VL's for Qwen-Image, at most 1024; Qwen3's for Z-Image, chat template included, at most "
-        "992; Qwen3's for FLUX.2 [klein], chat template included, every prompt padded to it); null = SD3's "
-        "256, FLUX.1's 512, Qwen-Image's, Z-Image's and FLUX.2 [klein]'s 512",
+        "992; Qwen3's for FLUX.2 [klein], chat template included, every prompt padded to it; UMT5's for Wan, at "
+        "most 512, every prompt padded to it); null = SD3's 256, FLUX.1's 512, Qwen-Image's, Z-Image's, FLUX.2 "
+        "[klein]'s and Wan's 512",
     )
     local_files_only: bool = Field(
         True,
@@ -410,7 +418,7 @@ class ModelSection(Section):
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
-        "dtype", "resolution", "max_sequence_length", "local_files_only", "gradient_checkpointing",
+        "dtype", "resolution", "frames", "max_sequence_length", "local_files_only", "gradient_checkpointing",
         "offload_text_encoders", "prompt_cache",
     )  # fmt: skip
 
@@ -424,6 +432,13 @@ class ModelSection(Section):
             return contextlib.nullcontext()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
         return torch.autocast(torch.device(self.device).type, dtype=dtype)
+
+    @property
+    def video(self) -> bool:
+        """Whether the family makes videos (:data:`densegrpo_fast.policies.VIDEO`)."""
+        from densegrpo_fast.policies import VIDEO
+
+        return self.family in VIDEO
 
     def adapter_options(self) -> dict:
         """Keyword arguments of :func:`densegrpo_fast.policies.load_policy` beyond family/checkpoint/device."""
@@ -480,10 +495,23 @@ class ModelSection(Section):
                 f"(owner/name): model.family {self.family} loads a diffusers-format directory (model_index.json "
                 "and one folder per component), or a repo from the Hugging Face cache"
             )
-        if self.family in ("sd3", "flux", "flux_kontext") and (self.max_sequence_length or 0) > 512:
+        from densegrpo_fast.policies import VIDEO
+
+        if self.frames is not None and self.family not in VIDEO:
             out.append(
-                f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: T5 "
-                "takes at most 512 tokens; set it to 512 or less (null: the family's default)"
+                f"model.frames ({self.frames}) applies to the video families ({', '.join(VIDEO)}) only: "
+                f"model.family {self.family} makes images; remove it"
+            )
+        if self.family in VIDEO and self.frames is not None and (self.frames - 1) % 4:
+            near = max(1, round((self.frames - 1) / 4)) * 4 + 1
+            out.append(
+                f"model.frames ({self.frames}): Wan's VAE encodes 4k + 1 frames (its temporal factor 4); give e.g. "
+                f"{near}"
+            )
+        if self.family in ("sd3", "flux", "flux_kontext", "wan") and (self.max_sequence_length or 0) > 512:
+            out.append(
+                f"model.max_sequence_length ({self.max_sequence_length}) with model.family {self.family}: "
+                f"{'UMT5' if self.family == 'wan' else 'T5'} takes at most 512 tokens; set it to 512 or less (null: the family's default)"
             )
         if self.family == "z_image" and (self.max_sequence_length or 0) > 992:
             out.append(
@@ -602,6 +630,20 @@ class NoiseSection(Section):
 class RewardSection(Section):
     name: str = Field("toy_geneval", description="reward in the registry (densegrpo_fast.rewards)")
     kwargs: dict = Field(default_factory=dict, description="keyword arguments of the reward's constructor")
+    frames: int | None = Field(
+        4,
+        ge=1,
+        description="video families (wan): the frames of each video an image reward scores, evenly spaced from "
+        "the first to the last (1: the middle one), their scores averaged; null = every frame. A reward that "
+        "takes videos whole (its `video` attribute) gets them as they are",
+    )
+
+    def for_policy(self, reward, video: bool):
+        """``reward`` (built from this section) made to score the policy's samples: videos frame by frame
+        (:func:`densegrpo_fast.rewards.video.frame_mean`) where ``video``, else itself."""
+        from densegrpo_fast.rewards.video import frame_mean
+
+        return frame_mean(reward, self.frames, video)
 
 
 class DenseSection(Section):
@@ -1003,6 +1045,8 @@ EVAL_FAMILY_DEFAULTS: dict[str, dict] = {
                 "output_dir": "runs/z_image_eval"},
     "flux2_klein": {"num_steps": 50, "guidance_scale": 4.0, "shift": None, "batch_size": 8, "num_prompts": None,
                     "output_dir": "runs/flux2_klein_eval"},
+    "wan": {"num_steps": 50, "guidance_scale": 5.0, "shift": None, "batch_size": 4, "num_prompts": None,
+            "output_dir": "runs/wan_eval"},
 }  # fmt: skip
 SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {},
@@ -1013,6 +1057,7 @@ SAMPLING_FAMILY_DEFAULTS: dict[str, dict] = {
     "qwen_image_edit": {"shift": None, "guidance_scale": 4.0},
     "z_image": {"shift": None, "guidance_scale": 5.0},
     "flux2_klein": {"shift": None, "guidance_scale": 4.0},
+    "wan": {"shift": None, "guidance_scale": 5.0},
 }
 #: Z-Image's attention projections (every block's, the refiners' included): Flow-GRPO's SD3 choice of
 #: attention only, in Z-Image's names.
@@ -1031,10 +1076,14 @@ FLUX2_KLEIN_LORA_TARGETS = [
     "attn.to_add_out",
     "attn.to_qkv_mlp_proj",
 ]
+#: Wan's attention projections: each block's self-attention (``attn1``) and cross-attention to the prompt
+#: (``attn2``), Flow-GRPO's SD3 choice of attention only, in Wan's names.
+WAN_LORA_TARGETS = [f"attn{i}.{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
 LORA_FAMILY_DEFAULTS: dict[str, dict] = {
     "toy": {}, "sd3": {}, "flux": {}, "flux_kontext": {}, "qwen_image": {}, "qwen_image_edit": {},
     "z_image": {"target_modules": Z_IMAGE_LORA_TARGETS},
     "flux2_klein": {"target_modules": FLUX2_KLEIN_LORA_TARGETS},
+    "wan": {"target_modules": WAN_LORA_TARGETS},
 }  # fmt: skip
 
 
@@ -1444,5 +1493,6 @@ class TrainConfig(Section):
         return {
             k: r
             for k, r in self.eval.rewards.items()
-            if r != self.reward and not (view and same_scoring(r.name, r.kwargs, view))
+            if r != self.reward
+            and not (view and r.frames == self.reward.frames and same_scoring(r.name, r.kwargs, view))
         }

@@ -105,6 +105,9 @@ def latent_rewards(
     pairwise reward (:mod:`densegrpo_fast.rewards.pairwise`) compares the completions of each group (contiguous
     rows of ``group_size``) at the same latent: it is called a column at a time, on whole groups.
     """
+    from densegrpo_fast.rewards.video import scoring_decode
+
+    decode, chunk = scoring_decode(decode, reward_fn, chunk)  # (videos: only the frames scored are kept)
     B, T1 = clean.shape[:2]
     cols = sorted(set(columns) | {T1 - 1})
     if is_pairwise(reward_fn):

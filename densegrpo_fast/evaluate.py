@@ -13,7 +13,7 @@ Outputs in ``eval.output_dir``:
                    (``by_tag``) and the mean of those (``tag_mean``: GenEval's "Overall", an average over
                    its six tasks, not over its 553 prompts; prompts without a tag enter neither, and
                    ``untagged_prompts`` counts them)
-    images/        ``{index:05d}_{j}.png`` when ``eval.save_images`` is on
+    images/        ``{index:05d}_{j}.png`` when ``eval.save_images`` is on (a video family's: ``.gif``)
 
 Under ``torchrun`` the prompts are shared out (prompt ``i`` to rank ``i % world``); each rank appends to
 ``scores.rank<r>.jsonl``, and at the end rank 0 merges every file into ``scores.jsonl`` (sorted by index)
@@ -35,7 +35,7 @@ import torch
 from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import lock_dir, unlock_dir, write_text_atomic
 from densegrpo_fast.distributed import Dist
-from densegrpo_fast.logging import read_jsonl
+from densegrpo_fast.logging import read_jsonl, save_gif
 from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
@@ -174,7 +174,10 @@ def evaluate(
                 for k in rewards:
                     row[k].append(batch_scores[k][n])
                 if save_images:
-                    _save_png(images[n], out / "images" / f"{i:05d}_{j}.png")
+                    if images.ndim == 5:  # (a video: an animated GIF)
+                        save_gif(images[n : n + 1], out / "images" / f"{i:05d}_{j}.gif")
+                    else:
+                        _save_png(images[n], out / "images" / f"{i:05d}_{j}.png")
                 if j == images_per_prompt - 1:  # the prompt is complete: write it (the resume unit)
                     image = {"image": prompts[i].image} if isinstance(prompts[i], EditPrompt) else {}
                     done[i] = {"index": i, "prompt": prompts[i], **image, **pending.pop(i)}
@@ -349,11 +352,14 @@ def resolved_path(value):
     )
 
 
-def scoring_settings(rewards: dict) -> dict:
-    """``eval.rewards`` as the protocol records it: names and the kwargs that change scores."""
+def scoring_settings(rewards: dict, video: bool = False) -> dict:
+    """``eval.rewards`` as the protocol records it: names and the kwargs that change scores; for a video
+    family, also the frames each scores."""
     return {
-        k: {"name": r["name"], "kwargs": scoring_kwargs(r.get("kwargs") or {})} for k, r in rewards.items()
-    }
+        k: {"name": r["name"], "kwargs": scoring_kwargs(r.get("kwargs") or {}),
+            **({"frames": r.get("frames")} if video else {})}
+        for k, r in rewards.items()
+    }  # fmt: skip
 
 
 def scoring_kwargs(kwargs):
@@ -459,7 +465,10 @@ def run_eval(
     tags = tags[: len(prompts)] if tags is not None else None
     # (a pairwise reward scores an image alone through its pointwise view)
     rewards = {
-        k: pointwise_view(build_reward(r.name, **r.kwargs), f"eval.rewards.{k}") for k, r in e.rewards.items()
+        k: pointwise_view(
+            r.for_policy(build_reward(r.name, **r.kwargs), cfg.model.video), f"eval.rewards.{k}"
+        )
+        for k, r in e.rewards.items()
     }
     if blind := source_blind(edits, rewards):
         warnings.warn(blind, stacklevel=2)
@@ -500,7 +509,8 @@ def run_eval(
               "checkpoint_identity": checkpoint_identity(checkpoint),
               "weights": weights, "text_encoding": text_encoding(cfg), "lora": lora,
               "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
-              "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()})},
+              "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()}, m.video),
+              **({"frames": policy.frames} if m.video else {})},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")

@@ -199,13 +199,42 @@ class NullLog:
         pass
 
 
+def video_strips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """Videos [N, 3, F, H, W] as images [N, 3, H, k W]: ``frames`` frames of each (k of them, evenly spaced from
+    the first to the last, as the rewards score them), side by side."""
+    from densegrpo_fast.rewards.video import frame_indices
+
+    idx = frame_indices(videos.shape[2], frames)
+    return torch.cat([videos[:, :, f] for f in idx], dim=-1)
+
+
+def save_gif(videos: torch.Tensor, path: Path, ncols: int = 4, fps: float = 8.0) -> None:
+    """Videos [N, 3, F, H, W] in [0, 1] as one animated GIF, tiled ``ncols`` to a row (a single video: itself)."""
+    from PIL import Image
+
+    n, _, F, H, W = videos.shape
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    tiles = videos.new_zeros(nrows * ncols, 3, F, H, W)
+    tiles[:n] = videos.clamp(0, 1)
+    # [rows, cols, 3, F, H, W] -> [F, rows H, cols W, 3]
+    grid = tiles.view(nrows, ncols, 3, F, H, W).permute(3, 0, 4, 1, 5, 2).reshape(F, nrows * H, ncols * W, 3)
+    arr = (grid * 255).round().to(torch.uint8).cpu().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    first, *rest = (Image.fromarray(a) for a in arr)
+    first.save(path, save_all=True, append_images=rest, duration=round(1000 / fps), loop=0)
+
+
 def save_image_grid(images: torch.Tensor, captions: list[str], path: Path, ncols: int = 8) -> None:
-    """Images [N, 3, H, W] in [0, 1] with a caption each, as one PNG."""
+    """Images [N, 3, H, W] in [0, 1] with a caption each, as one PNG; videos [N, 3, F, H, W] as strips of four
+    frames (:func:`video_strips`), two to a row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if images.ndim == 5:
+        images, ncols = video_strips(images), 2
     n = images.shape[0]
     nrows = max(1, math.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(1.7 * ncols, 1.9 * nrows), squeeze=False)

@@ -743,13 +743,13 @@ def _encoding_phase(policy, tracker: LiveBytes, encoder_bytes: int):
 _ADAM = "AdamW's state (made by the first optimizer step)"
 
 #: The trainer's functions that :func:`_host_work` replaces while an estimate runs.
-_HOST_WORK = ("save_image_grid", "host_copy", "_write_export", "_export", "_meta_copy")
+_HOST_WORK = ("save_image_grid", "save_gif", "host_copy", "_write_export", "_export", "_meta_copy")
 
 
 @contextlib.contextmanager
 def _host_work(tracker: LiveBytes):
     """What a run does in host memory is not counted, and its files are not written (fake tensors have no
-    values to write): the sample grid's PNG; the export's copy of the transformer, made on the host, and the
+    values to write): the sample grid's PNG (and a video family's GIF); the export's copy of the transformer, made on the host, and the
     merge and save done there (``trainer.host_copy``, ``trainer._write_export``); a sharded run's whole
     weights, gathered to the host one tensor at a time (the largest is booked as the device's transient), and
     put together there (``distributed.full_model_state``, ``trainer._export``), into the shell made at setup
@@ -779,6 +779,7 @@ def _host_work(tracker: LiveBytes):
         )
 
     trainer.save_image_grid = lambda *args, **kwargs: None
+    trainer.save_gif = lambda *args, **kwargs: None
     trainer.host_copy = lambda policy: paused(saved["host_copy"], policy)
     trainer._write_export = lambda *args, **kwargs: None
     trainer._export = export
@@ -1285,7 +1286,9 @@ def fake_policy(cfg, mode):
     parts = {k: _fake_module(c, torch.float32 if k == "vae" else dtype, mode) for k, c in models.items()}
     pipe = pipeline_cls(**parts, **others)
     length = m.max_sequence_length or Adapter.default_max_sequence_length
-    policy = Adapter(pipe, resolution=m.resolution, max_sequence_length=length)
+    policy = Adapter(
+        pipe, resolution=m.resolution, max_sequence_length=length, **Adapter.shape_options(m.frames)
+    )
     if Adapter.text_reads_sources:  # (Qwen-Image-Edit: the text encoder's vision tower, see _vl_call_sized)
         policy._vl_call = types.MethodType(_vl_call_sized, policy)
     if "processor" in Adapter.components:  # (Qwen-Image-Edit reads the processor's image processor)
@@ -1363,7 +1366,7 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
             return None, []
         try:
             with architectures_only(reward_builder(mode)) as stood_in:
-                fn = build_reward(r.name, **r.kwargs)
+                fn = r.for_policy(build_reward(r.name, **r.kwargs), cfg.model.video)
         except Exception as e:  # weights or an extra not on this machine: the reward's model is not counted
             notes.append(f"{where} {r.name!r} not counted: it does not load here ({type(e).__name__}: "
                          f"{str(e)[:300]})")  # fmt: skip

@@ -44,7 +44,14 @@ from densegrpo_fast.config import TrainConfig, dump_config, flat
 from densegrpo_fast.dense import advantages, latent_rewards, step_reward_stats
 from densegrpo_fast.evaluate import noise_for
 from densegrpo_fast.kernels import sde_log_prob
-from densegrpo_fast.logging import MetricsLog, NullLog, plot_reward_curve, plot_step_rewards, save_image_grid
+from densegrpo_fast.logging import (
+    MetricsLog,
+    NullLog,
+    plot_reward_curve,
+    plot_step_rewards,
+    save_gif,
+    save_image_grid,
+)
 from densegrpo_fast.lora_init import check_exists, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.nft import nft_loss, noised, old_decay, optimality
@@ -63,6 +70,7 @@ from densegrpo_fast.prompts import (
 from densegrpo_fast.rewards import build_reward, spec_is_pairwise
 from densegrpo_fast.rewards.pairwise import pointwise_view, score
 from densegrpo_fast.rewards.remote import check_same_servers
+from densegrpo_fast.rewards.video import scoring_decode
 from densegrpo_fast.rollout import Rollout, initial_noise, sample
 from densegrpo_fast.schedule import (
     Schedule,
@@ -173,7 +181,8 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
     if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
         check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
-    reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)  # name errors before the model loads
+    # (name errors before the model loads; a video family's reward scores the videos' frames)
+    reward_fn = cfg.reward.for_policy(build_reward(cfg.reward.name, **cfg.reward.kwargs), cfg.model.video)
     pointwise_view(reward_fn, f"reward {cfg.reward.name!r}")  # (for the evaluation: refused now)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     eval_prompts = PromptSource(cfg.eval.dataset, cfg.eval.seed, "eval.dataset")
@@ -674,7 +683,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     torchrun every process calibrates on its share of the rows."""
     torch.set_num_threads(cfg.model.num_threads)
     distributed.check_device(cfg.model.device)
-    reward_fn = build_reward(cfg.reward.name, **cfg.reward.kwargs)
+    reward_fn = cfg.reward.for_policy(build_reward(cfg.reward.name, **cfg.reward.kwargs), cfg.model.video)
     pointwise_view(reward_fn, f"reward {cfg.reward.name!r}")  # (what psi is calibrated on: refused now)
     prompts = PromptSource(cfg.prompts.dataset, cfg.run.seed)
     if bad := edit_mismatch(cfg.model.family, prompts.edits, "prompts.dataset", prompts.dataset):
@@ -1058,7 +1067,8 @@ def _score_wave(run: Run, ro: Rollout, rows: list[str], ready, busy: list[float]
         if ro.clean is not None:
             R = latent_rewards(run.policy.decode, scorer, ro.clean, rows, ro.completed, group_size=G)
         else:
-            final = score(scorer, run.policy.decode(ro.latents[:, T]), rows, G).float()
+            decode, _ = scoring_decode(run.policy.decode, scorer, 0)  # (videos: only the frames scored)
+            final = score(scorer, decode(ro.latents[:, T]), rows, G).float()
             R = torch.zeros(len(rows), T + 1, *final.shape[1:], device=ro.latents.device)
             R[:, T] = final
         R = R.to(ro.latents.device)  # (a plugin reward may answer on the CPU; record_stream needs CUDA)
@@ -1677,7 +1687,9 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     fns = {
         "eval_reward": pointwise_view(run.reward_fn),
         **{
-            f"eval_{k}": pointwise_view(build_reward(r.name, **r.kwargs), f"eval.rewards.{k}")
+            f"eval_{k}": pointwise_view(
+                r.for_policy(build_reward(r.name, **r.kwargs), cfg.model.video), f"eval.rewards.{k}"
+            )
             for k, r in own.items()
         },
     }
@@ -2060,6 +2072,8 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
         images, caps = torch.stack(shown), captions
     path = run.dir / "samples" / f"iter_{run.iteration:05d}.png"
     save_image_grid(images, caps, path)
+    if images.ndim == 5:  # (videos: the grid shows strips of frames, the GIF the videos playing)
+        save_gif(images, path.with_suffix(".gif"))
     run.log.image("samples", path, run.iteration)
 
 

@@ -87,6 +87,10 @@ def test_download_hints_give_each_pattern_its_own_include():
 
     edit_recipe = texts[ROOT / "configs" / "qwen_image_edit_vlm_judge.yaml"]
     assert download_command(QwenImageEditPolicy.default_repo, qwen_image_edit.COMPONENTS) in edit_recipe
+    from densegrpo_fast.policies import wan
+
+    wan_recipe = texts[ROOT / "configs" / "wan21_pickscore.yaml"]
+    assert download_command(wan.DEFAULT_REPO, wan.COMPONENTS) in wan_recipe
 
 
 TOY = ROOT / "configs" / "toy_geneval.yaml"

@@ -361,3 +361,33 @@ def edit_prompts(folder, files, texts):
     from densegrpo_fast.prompts import EditPrompt
 
     return [EditPrompt(t, str(folder / f)) for t, f in zip(texts, files, strict=True)]
+
+
+def wan_pipeline(seed: int = 0, expand_timesteps: bool = False, **scheduler_kwargs):
+    """``WanPipeline`` with tiny random components: a two-layer WanTransformer3DModel, a one-layer UMT5, a Wan
+    VAE of base width 3 (spatial factor 8, temporal factor 4), FlowMatchEulerDiscreteScheduler at shift 3
+    unless ``scheduler_kwargs`` replace it; fp32 on the CPU. ``expand_timesteps``: Wan 2.2 TI2V-5B's
+    per-token timesteps."""
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        dropout_rate=0.0,
+    ))  # fmt: skip
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_kwargs or {"shift": 3.0}))
+    return WanPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
+        expand_timesteps=expand_timesteps,
+    )  # fmt: skip

@@ -5,8 +5,8 @@ from __future__ import annotations
 from densegrpo_fast.policies.base import Policy, PromptEmbeds
 
 __all__ = [
-    "EDITING", "FAMILIES", "PRETRAINED", "TEXT_READS_SOURCES", "Policy", "PromptEmbeds", "adapter_class",
-    "load_policy",
+    "EDITING", "FAMILIES", "PRETRAINED", "TEXT_READS_SOURCES", "VIDEO", "Policy", "PromptEmbeds",
+    "adapter_class", "load_policy",
 ]  # fmt: skip
 
 #: The pretrained families: the module and class of each adapter (a diffusers pipeline's components).
@@ -18,6 +18,7 @@ PRETRAINED = {
     "qwen_image_edit": ("densegrpo_fast.policies.qwen_image_edit", "QwenImageEditPolicy"),
     "z_image": ("densegrpo_fast.policies.z_image", "ZImagePolicy"),
     "flux2_klein": ("densegrpo_fast.policies.flux2_klein", "Flux2KleinPolicy"),
+    "wan": ("densegrpo_fast.policies.wan", "WanPolicy"),
 }
 FAMILIES = ("toy", *PRETRAINED)
 #: The families that edit a source image per prompt (their prompts are
@@ -29,6 +30,9 @@ EDITING = {"flux_kontext": "required", "qwen_image_edit": "required", "flux2_kle
 #: The families whose text encoder reads each edit's source image too (Qwen-Image-Edit): a prompt's encoding is
 #: not its text's alone, so no prompt cache serves them. Each adapter's ``text_reads_sources`` says the same.
 TEXT_READS_SOURCES = ("qwen_image_edit",)
+#: The families that make videos: their ``decode`` gives [B, 3, F, H, W], which the image rewards score frame
+#: by frame (:mod:`densegrpo_fast.rewards.video`). Each adapter's ``video`` says the same.
+VIDEO = ("wan",)
 
 
 def adapter_class(family: str):
@@ -71,6 +75,7 @@ def load_policy(
     *,
     dtype: str = "fp32",
     resolution: int | tuple[int, int] = 512,
+    frames: int | None = None,
     max_sequence_length: int | None = None,
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,
@@ -84,7 +89,8 @@ def load_policy(
     pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32
     from its own file and ignores them (``model.autocast``, which the trainer applies, serves every family).
     ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
-    Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens). ``transformer_on_host`` (every family): the
+    Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens, Wan: 512). ``frames``: a video family's
+    frames per video (None: its default), refused by the image families. ``transformer_on_host`` (every family): the
     transformer stays in host memory, the rest goes to ``device`` (a sharded run's FSDP2 moves the transformer
     there a block at a time).
     """
@@ -100,7 +106,7 @@ def load_policy(
             f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}"
         )
     policy = adapter_class(family).load(
-        checkpoint, device=device, dtype=dtype, resolution=resolution,
+        checkpoint, device=device, dtype=dtype, resolution=resolution, frames=frames,
         max_sequence_length=max_sequence_length, local_files_only=local_files_only,
         offload_text_encoders=offload_text_encoders, prompt_cache=prompt_cache,
         transformer_on_host=transformer_on_host,

@@ -1,7 +1,7 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
 The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
-FLUX.1-dev, Qwen-Image, Z-Image and FLUX.2 [klein] 4B from these configs when the checkpoint is not on disk (fake or random weights, the
+FLUX.1-dev, Qwen-Image, Z-Image, FLUX.2 [klein] 4B and Wan 2.1 T2V 1.3B from these configs when the checkpoint is not on disk (fake or random weights, the
 real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
 lowercase prompt, one token per character, padded to the model's length (Qwen-Image's and Z-Image's
 tokenizers pad to the batch's longest prompt instead: one token per byte).
@@ -137,6 +137,27 @@ FLUX_SCHEDULER = dict(
     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
     max_image_seq_len=4096, base_shift=0.5, max_shift=1.15,
 )  # fmt: skip
+#: Wan 2.1 T2V 1.3B's transformer (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json, as recalled): 30
+#: blocks of 12 heads x 128 (1536 wide), cross-attention to UMT5-XXL's 4096-wide states, 1x2x2 patches.
+WAN21_1_3B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+#: UMT5-XXL's encoder (Wan's text_encoder, a UMT5EncoderModel): 24 layers of 64 heads x 64 over 4096, gated GELU.
+UMT5_XXL = dict(
+    vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+    relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+    dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+)  # fmt: skip
+#: Wan 2.1's video VAE (AutoencoderKLWan's defaults): 16 channels, 8x spatial and 4x temporal factors.
+WAN21_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True])  # fmt: skip
+#: Wan 2.1's released scheduler: UniPC with flow sigmas at flow_shift 3 (480p; 5 for 720p).
+WAN_SCHEDULER = dict(
+    num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+    solver_order=2, solver_type="bh2", final_sigmas_type="zero", lower_order_final=True,
+)  # fmt: skip
 #: Parameter counts (millions) of the released checkpoints, from their sizes on disk as the author recalls them
 #: (16-bit files: SD3.5-M transformer 4.94 GB = 2243 M parameters + the 226 M-value position table, the "2.5B";
 #: T5-XXL encoder 9.52 GB; CLIP-G 1.39 GB; CLIP-L 0.25 GB; FLUX.1-dev 23.8 GB, the "12B"; VAEs 0.17 GB), not
@@ -158,6 +179,9 @@ KNOWN_PARAMS = {
     # FLUX.2 [klein] 4B: the "4B" of its name, 3.88 B counted from the config above (no independent figure was at
     # hand, so this entry checks only the name's rounding); Qwen3-4B as Z-Image's; FLUX.2's VAE, counted likewise
     "flux2_klein": {"transformer": 3876, "text_encoder": 4022, "vae": 84.0},
+    # Wan 2.1 T2V 1.3B: the "1.3B" of its name, counted from the config above (only the name's rounding checks
+    # it); UMT5-XXL's encoder, 5.68 B (11.4 GB in bf16); Wan 2.1's VAE as Qwen-Image's
+    "wan": {"transformer": 1419, "text_encoder": 5680, "vae": 126.9},
 }  # fmt: skip
 DEFAULT_SEQ = {
     "sd3": 256,
@@ -167,6 +191,7 @@ DEFAULT_SEQ = {
     "qwen_image_edit": 512,
     "z_image": 512,
     "flux2_klein": 512,
+    "wan": 512,
 }
 
 
@@ -247,6 +272,8 @@ def stand_in_tokenizers(family: str) -> dict:
         return {"tokenizer": qwen_vl_tokenizer(), "processor": None}
     if family in ("z_image", "flux2_klein"):
         return {"tokenizer": qwen3_tokenizer()}
+    if family == "wan":
+        return {"tokenizer": t5_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
 
 
@@ -311,6 +338,15 @@ def full_size_models(family: str) -> dict:
             "text_encoder": lambda: Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B)),
             "vae": lambda: AutoencoderKLFlux2(**FLUX2_VAE),
         }
+    if family == "wan":
+        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        return {
+            "transformer": lambda: WanTransformer3DModel(**WAN21_1_3B_TRANSFORMER),
+            "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL)),
+            "vae": lambda: AutoencoderKLWan(**WAN21_VAE),
+        }
     t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
     if family == "sd3":
         return {
@@ -330,7 +366,10 @@ def full_size_models(family: str) -> dict:
 
 def scheduler(family: str):
     """The checkpoint's flow-matching scheduler."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    if family == "wan":
+        return UniPCMultistepScheduler(**WAN_SCHEDULER)
 
     configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "flux_kontext": FLUX_SCHEDULER,
                "qwen_image": QWEN_IMAGE_SCHEDULER, "qwen_image_edit": QWEN_IMAGE_SCHEDULER,

@@ -258,7 +258,8 @@ class DiffusersPolicy:
         self.transformer = pipe.transformer
         self.resolution = resolution  # as the setting gave it (errors quote it); image_hw() reads it
         self.max_sequence_length = max_sequence_length
-        self.vae_scale_factor = pipe.vae_scale_factor  # (the pipeline's: 8 for the released VAEs)
+        # (the pipeline's: 8 for the released VAEs; a video pipeline's spatial factor)
+        self.vae_scale_factor = getattr(pipe, "vae_scale_factor", None) or pipe.vae_scale_factor_spatial
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
@@ -404,6 +405,7 @@ class DiffusersPolicy:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str = torch.bfloat16,
         resolution: Resolution = 512,
+        frames: int | None = None,
         max_sequence_length: int | None = None,
         local_files_only: bool = True,
         cache_dir: str | Path | None = None,
@@ -426,6 +428,7 @@ class DiffusersPolicy:
         device ever holds it whole); :attr:`device` is then the host's until it does."""
         import diffusers
 
+        extra = cls.shape_options(frames)
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
         # (text-only: of the transformer and the VAE, only their configs are read, and needed)
         components = {
@@ -477,12 +480,28 @@ class DiffusersPolicy:
                 continue
             if isinstance(module, torch.nn.Module) and not (offload_text_encoders and is_text_encoder(name)):
                 move_except(module, device, stay)
-        policy = cls(pipe, resolution=resolution, max_sequence_length=length)
+        policy = cls(pipe, resolution=resolution, max_sequence_length=length, **extra)
         if text_only:  # (where the encoders are: "cuda" is the current device's index)
             policy._text_device = next(p for m in policy.text_encoders() for p in m.parameters()).device
         policy.offload_text_encoders = offload_text_encoders
         policy.prompt_cache, policy.root = cache, root
         return policy
+
+    #: Whether the family makes videos (:data:`densegrpo_fast.policies.VIDEO`): ``decode`` then gives
+    #: [B, 3, F, H, W].
+    video = False
+
+    @classmethod
+    def shape_options(cls, frames: int | None) -> dict:
+        """The constructor's keywords beyond the resolution: a video family's ``frames``; a ValueError where an
+        image family is given frames."""
+        if not cls.video:
+            if frames is not None:
+                raise ValueError(
+                    f"model.frames ({frames}): model.family {cls.family} makes images; remove it"
+                )
+            return {}
+        return {"frames": frames}
 
     #: The checkpoint directory :meth:`load` read (None for a pipeline built in memory).
     root: Path | None = None

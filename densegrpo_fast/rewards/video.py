@@ -1,0 +1,97 @@
+"""Image rewards on videos.
+
+A video family's ``decode`` (:data:`densegrpo_fast.policies.VIDEO`: Wan) gives videos [B, 3, F, H, W] where the
+image families give images [B, 3, H, W]. :func:`frame_mean` lets every reward of the registry score them: it
+scores ``frames`` frames of each video, evenly spaced from the first to the last, and averages the scores,
+as video RL work scores with image reward models (PickScore, HPS, CLIP score) when no video reward model is
+at hand. Each frame's batch keeps the rows' order, so a pairwise reward still compares the images of a group
+(frame by frame) and a weighted sum's components (``stack``) are averaged each on their own.
+
+A reward that scores a video whole says so with a true ``video`` attribute and gets the 5-d tensor as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def frame_indices(total: int, frames: int | None) -> list[int]:
+    """The frames of a ``total``-frame video that are scored: ``frames`` of them, evenly spaced from the first to
+    the last (one: the middle one), each once; every frame for None or ``frames >= total``."""
+    if frames is None or frames >= total:
+        return list(range(total))
+    if frames == 1:
+        return [total // 2]
+    return sorted({round(i * (total - 1) / (frames - 1)) for i in range(frames)})
+
+
+class FrameMean:
+    """``reward`` on videos: the mean of its scores of :func:`frame_indices`' frames, [B] (or [B, C] for a weighted
+    sum's ``stack``). Images [B, 3, H, W] go to ``reward`` unchanged. Everything else (``pairwise``, ``weights``,
+    ``combine``, ``check_prompts``, ...) is the reward's own."""
+
+    video = True
+
+    def __init__(self, reward, frames: int | None):
+        self.image_reward = reward
+        self.frames = frames
+
+    def _per_frame(self, fn, images: torch.Tensor, prompts: list, **kwargs) -> torch.Tensor:
+        if images.ndim != 5:
+            return fn(images, prompts, **kwargs)
+        scores = [
+            fn(images[:, :, f].contiguous(), prompts, **kwargs).float()
+            for f in frame_indices(images.shape[2], self.frames)
+        ]
+        return torch.stack(scores).mean(0)
+
+    def __call__(self, images: torch.Tensor, prompts: list, **kwargs) -> torch.Tensor:
+        return self._per_frame(self.image_reward, images, prompts, **kwargs)
+
+    def stack(self, images: torch.Tensor, prompts: list, **kwargs) -> torch.Tensor:
+        return self._per_frame(self.image_reward.stack, images, prompts, **kwargs)
+
+    @property
+    def pointwise(self):
+        """A pairwise reward's pointwise view, on videos too (None where the reward has none)."""
+        view = getattr(self.image_reward, "pointwise", None)
+        return None if view is None else frame_mean(view, self.frames)
+
+    def __getattr__(self, name: str):
+        if name in ("image_reward", "frames"):  # (not set yet: a copy or unpickling in progress)
+            raise AttributeError(name)
+        return getattr(self.image_reward, name)
+
+    def __repr__(self) -> str:
+        return f"FrameMean({self.image_reward!r}, frames={self.frames})"
+
+
+def frame_mean(reward, frames: int | None, video: bool = True):
+    """``reward`` made to score videos (:class:`FrameMean`), where ``video`` (the policy makes videos) and the
+    reward does not take videos whole already; else ``reward`` itself."""
+    if not video or getattr(reward, "video", False):
+        return reward
+    return FrameMean(reward, frames)
+
+
+def scoring_decode(decode, reward_fn, chunk: int):
+    """``(decode, chunk)`` for scoring rows with ``reward_fn`` (or a bound method of it, ``WeightedSum.stack``'s):
+    the decode and the rows per reward call of :func:`~densegrpo_fast.dense.latent_rewards`. For a
+    :class:`FrameMean` (a video policy's reward) the decode keeps only the frames it scores, one video at a time
+    (the VAE decodes one at a time anyway), so that a dense reward's batch of videos never sits decoded whole:
+    [n, 3, k, H, W] for k frames scored, and ``chunk`` shrinks k-fold (the reward's calls see as many images as
+    before). ``decode``, ``chunk`` themselves otherwise."""
+    wrapped = getattr(reward_fn, "__self__", reward_fn)
+    if not isinstance(wrapped, FrameMean):
+        return decode, chunk
+    total = getattr(getattr(decode, "__self__", None), "frames", None)  # (a video policy's frame count)
+    kept = len(frame_indices(total, wrapped.frames)) if total else (wrapped.frames or 1)
+
+    def decode_scored(latents: torch.Tensor) -> torch.Tensor:
+        out = []
+        for row in latents.split(1):
+            video = decode(row)
+            out.append(video[:, :, frame_indices(video.shape[2], wrapped.frames)])
+        return torch.cat(out)
+
+    return decode_scored, max(1, chunk // kept)

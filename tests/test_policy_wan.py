@@ -1,0 +1,346 @@
+"""Wan (text to video) on tiny random components: the contract (video latents, UMT5 prompts padded with zeros
+to the full length, CFG in one batched call, videos out), the scheduler's grid, the pipeline reproduced by the
+engine's sampler, image rewards on videos, and the trainer, the evaluation and the LoRA export on it."""
+
+import json
+import math
+
+import pytest
+import tiny_models as tiny
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from tolerances import assert_on_policy
+
+from densegrpo_fast.policies import load_policy
+from densegrpo_fast.policies.base import Policy
+from densegrpo_fast.policies.wan import WanPolicy
+from densegrpo_fast.rewards.video import FrameMean, frame_indices, frame_mean
+from densegrpo_fast.rollout import sample
+from densegrpo_fast.schedule import Schedule
+
+PROMPTS = ["a red circle", "two blue squares beside a tall green tree"]
+MAX_TOKENS = 24  # (the second prompt's 41 characters are cut to 24 tokens)
+FRAMES = 5
+OPTS = dict(resolution=tiny.RESOLUTION, max_sequence_length=MAX_TOKENS, frames=FRAMES)
+#: Wan 2.1's released scheduler (scheduler/scheduler_config.json of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
+WAN_UNIPC = dict(
+    num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+    solver_order=2, solver_type="bh2", final_sigmas_type="zero", lower_order_final=True,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny.wan_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(pipe):
+    return WanPolicy(pipe, **OPTS)
+
+
+@pytest.fixture(scope="module")
+def wan_dir(pipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_wan")
+    pipe.save_pretrained(root)
+    return root
+
+
+def test_implements_the_policy_contract(policy, pipe):
+    assert isinstance(policy, Policy) and policy.video
+    # 5 frames -> 2 latent frames (temporal factor 4), 32 px / spatial factor 8 = 4
+    assert policy.latent_shape == (16, 2, 4, 4) and policy.dtype == torch.float32
+    for m in (pipe.vae, pipe.text_encoder, policy.transformer):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+    cond = policy.encode_prompts([PROMPTS[0], PROMPTS[1], PROMPTS[0]])
+    # every prompt padded to the full length, with zeros after its tokens (</s> included)
+    n = len(pipe.tokenizer(PROMPTS[0]).input_ids)
+    assert cond.embeds.shape == (3, MAX_TOKENS, 32) and cond.pooled.shape == (3, 0) and 5 < n < MAX_TOKENS
+    assert cond.embeds[0, :n].abs().sum(1).gt(0).all() and not cond.embeds[0, n:].any()
+    assert cond.embeds[1].abs().sum(1).gt(0).all()  # (cut: no zeros)
+    assert torch.equal(cond.embeds[0], cond.embeds[2])
+    assert cond.has_negative and cond.neg_embeds.shape == cond.embeds.shape
+    assert cond.neg_embeds[0, :1].any() and not cond.neg_embeds[0, 1:].any()  # "": </s> alone
+    videos = policy.decode(torch.randn(2, *policy.latent_shape))
+    assert videos.shape == (2, 3, FRAMES, 32, 32) and videos.min() >= 0 and videos.max() <= 1
+
+
+def test_bad_frames_resolutions_and_checkpoints_are_refused(pipe):
+    import copy
+
+    with pytest.raises(
+        ValueError, match=r"model.frames \(6\): Wan's VAE encodes 1 \+ 4 k frames.*give e.g. 5"
+    ):
+        WanPolicy(pipe, **{**OPTS, "frames": 6})
+    with pytest.raises(ValueError, match=r"model.resolution \(40\).*multiple of 16"):
+        WanPolicy(pipe, **{**OPTS, "resolution": 40})
+    two = copy.copy(pipe)
+    two.register_to_config(boundary_ratio=0.875)
+    with pytest.raises(ValueError, match=r"two experts.*Wan 2.2 A14B"):
+        WanPolicy(two, **OPTS)
+    with pytest.raises(ValueError, match=r"model.frames \(5\): model.family sd3 makes images"):
+        load_policy("sd3", None, "cpu", frames=5)
+
+
+def test_the_prompt_embeds_are_the_pipelines(pipe, policy):
+    theirs, neg = pipe.encode_prompt(
+        list(PROMPTS), negative_prompt=None, device="cpu", max_sequence_length=MAX_TOKENS
+    )
+    cond = policy.encode_prompts(PROMPTS)
+    assert torch.equal(cond.embeds, theirs) and torch.equal(cond.neg_embeds, neg)
+
+
+def test_cfg_is_one_batched_call(policy):
+    x = torch.randn(2, *policy.latent_shape)
+    sigma = torch.tensor([0.9, 0.3])
+    cond = policy.encode_prompts(PROMPTS)
+    calls = []
+    hook = policy.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["timestep"].clone()), with_kwargs=True
+    )
+    v = policy.velocity(x, sigma, cond, guidance_scale=5.0)
+    v_pos = policy.velocity(x, sigma, cond, guidance_scale=1.0)
+    v_neg = policy.velocity(x, sigma, policy.encode_prompts(["", ""], with_negative=False))
+    hook.remove()
+    assert [len(c) for c in calls] == [4, 2, 2]  # CFG: one call of 2B rows
+    torch.testing.assert_close(calls[0], torch.tensor([900.0, 300.0, 900.0, 300.0]), rtol=0, atol=0)
+    assert v.dtype == torch.float32 and v.shape == x.shape
+    torch.testing.assert_close(v, v_neg + 5.0 * (v_pos - v_neg), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("T", [2, 10, 50])
+def test_the_grid_is_the_schedulers(pipe, T):
+    """Wan's released UniPC (flow sigmas at flow_shift 3) and FlowMatchEuler give the pipeline's sigmas; a
+    scheduler of another kind, or UniPC without flow sigmas, is refused."""
+    import copy
+
+    for scheduler in (UniPCMultistepScheduler(**WAN_UNIPC), FlowMatchEulerDiscreteScheduler(shift=5.0)):
+        other = copy.copy(pipe)
+        other.scheduler = scheduler
+        ours = WanPolicy(other, **OPTS).sigma_grid(T)
+        scheduler.set_timesteps(T)
+        theirs = scheduler.sigmas.float()
+        assert ours[0] == 1 and theirs[0] in (1, 1 - 1e-6)  # (UniPC's 1 - 1e-6 starts at 1 here)
+        assert torch.equal(ours[1:], theirs[1:]) and ours[-1] == 0 and len(ours) == T + 1
+        assert (ours.diff() < 0).all()
+    bad = copy.copy(pipe)
+    bad.scheduler = UniPCMultistepScheduler()
+    with pytest.raises(ValueError, match=r"UniPCMultistepScheduler\) does not sample a flow-matching grid"):
+        WanPolicy(bad, **OPTS).sigma_grid(T)
+
+
+@pytest.mark.parametrize(
+    "g, hw, frames, expand", [(5.0, (32, 32), FRAMES, False), (1.0, (32, 32), 9, False),
+                              (5.0, (48, 32), 1, False), (5.0, (32, 32), FRAMES, True)],
+)  # fmt: skip
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, g, hw, frames, expand):
+    """Zero noise, the same initial latents, FlowMatchEulerDiscreteScheduler in the pipeline (an Euler sampler,
+    as the engine's): the engine's sampler is WanPipeline to 1e-5 in the latents and the decoded videos, with
+    CFG (two calls there, one here) and without, square and portrait, 1, 5 and 9 frames, and with Wan 2.2
+    TI2V-5B's per-token timesteps; the transformer sees the pipeline's times bit for bit."""
+    T = 4
+    pipe = tiny.wan_pipeline(seed=0, expand_timesteps=True) if expand else pipe
+    policy = WanPolicy(pipe, resolution=hw, max_sequence_length=MAX_TOKENS, frames=frames)
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    call = dict(prompt=list(PROMPTS), height=hw[0], width=hw[1], num_frames=frames, num_inference_steps=T,
+                guidance_scale=g, max_sequence_length=MAX_TOKENS)  # fmt: skip
+    times = []
+    hook = policy.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: times.append(kwargs["timestep"][:1].clone()), with_kwargs=True
+    )
+    try:
+        theirs = pipe(**call, latents=noise.clone(), output_type="latent").frames
+        theirs_times = [t for t in times[:: 2 if g > 1 else 1]]  # (the pipeline: cond, then uncond)
+        times.clear()
+        theirs_video = pipe(**call, latents=noise.clone(), output_type="pt").frames  # [B, F, 3, H, W]
+        times.clear()
+        grid = policy.sigma_grid(T)
+        torch.testing.assert_close(grid, pipe.scheduler.sigmas, rtol=0, atol=0)
+        cond = policy.encode_prompts(PROMPTS, with_negative=g > 1)
+        ro = sample(policy, cond, noise, Schedule(grid, torch.zeros(T)), guidance_scale=g, dense=False)
+    finally:
+        hook.remove()
+    assert len(times) == T and all(map(torch.equal, times, theirs_times))
+    if expand:  # (one time per token: frames x (H/16) x (W/16) of them)
+        assert pipe.config.expand_timesteps
+    ours = ro.latents[:, T]
+    diff = (ours - theirs).abs().max().item()
+    video = policy.decode(ours)
+    diff_video = (video - theirs_video.permute(0, 2, 1, 3, 4)).abs().max().item()
+    print(
+        f"Wan g={g} {hw} {frames} frames expand={expand}: max |latent diff| {diff:.2e}, video {diff_video:.2e}"
+    )
+    assert diff <= 1e-5 and diff_video <= 1e-5
+    assert ours.abs().max() > 0.1 and video.shape == (2, 3, frames, *hw)
+
+
+def test_expanded_timesteps_reach_every_token(pipe):
+    """Wan 2.2 TI2V-5B's transformer takes a time per token: the adapter gives each of a row's tokens its row's."""
+    expand = WanPolicy(tiny.wan_pipeline(seed=0, expand_timesteps=True), **OPTS)
+    seen = []
+    hook = expand.transformer.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(kwargs["timestep"]), with_kwargs=True
+    )
+    expand.velocity(
+        torch.randn(2, *expand.latent_shape), torch.tensor([0.8, 0.2]), expand.encode_prompts(PROMPTS)
+    )
+    hook.remove()
+    tokens = 2 * (4 // 2) * (4 // 2)  # latent frames x (4 / 2) x (4 / 2)
+    assert seen[0].shape == (2, tokens) and expand.tokens == tokens
+    assert torch.equal(seen[0], torch.tensor([800.0, 200.0])[:, None].expand(2, tokens))
+
+
+def test_frame_indices():
+    assert frame_indices(9, 4) == [0, 3, 5, 8]
+    assert frame_indices(81, 4) == [0, 27, 53, 80]
+    assert frame_indices(9, 1) == [4] and frame_indices(9, None) == list(range(9))
+    assert frame_indices(3, 4) == [0, 1, 2] and frame_indices(1, 4) == [0]
+
+
+def test_image_rewards_score_videos_frame_by_frame(policy):
+    """An image reward on videos is the mean of its scores of the chosen frames; images pass through, a
+    pairwise reward keeps its groups (each frame's batch in row order), and a reward that takes videos whole
+    is left alone."""
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.pairwise import pointwise_view, score
+
+    videos = torch.rand(4, 3, 9, 8, 8)
+    red = build_reward("redness")
+    wrapped = frame_mean(red, 4)
+    want = torch.stack([red(videos[:, :, f], PROMPTS * 2) for f in (0, 3, 5, 8)]).mean(0)
+    assert torch.equal(wrapped(videos, PROMPTS * 2), want)
+    assert torch.equal(wrapped(videos[:, :, 0], PROMPTS * 2), red(videos[:, :, 0], PROMPTS * 2))
+    assert isinstance(frame_mean(red, None), FrameMean) and frame_mean(red, 4, video=False) is red
+    assert frame_mean(wrapped, 2) is wrapped  # (takes videos already)
+    groups = [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    win = frame_mean(build_reward("win_rate", reward={"name": "redness"}, temperature=0.0), 4)
+    rates = score(win, videos, groups, group_size=2)
+    per_frame = [score(win.image_reward, videos[:, :, f], groups, 2) for f in (0, 3, 5, 8)]
+    assert torch.equal(rates, torch.stack(per_frame).mean(0)) and not torch.equal(rates, per_frame[0])
+    assert torch.equal(pointwise_view(win)(videos, groups), want)
+
+
+def test_dense_rewards_decode_only_the_frames_scored(policy):
+    """Scoring decodes one video at a time and keeps the frames the reward scores, so a dense reward's batch of
+    videos never sits decoded whole; the scores are those of the whole videos, and the reward calls see as many
+    images as before (the chunk of rows shrinks by the frames kept)."""
+    from densegrpo_fast.dense import latent_rewards
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.video import scoring_decode
+
+    red = build_reward("redness")
+    wrapped = frame_mean(red, 2)
+    decode, chunk = scoring_decode(policy.decode, wrapped, 256)
+    latents = torch.randn(3, *policy.latent_shape)
+    full = policy.decode(latents)
+    kept = decode(latents)
+    assert chunk == 128 and kept.shape == (3, 3, 2, 32, 32)
+    torch.testing.assert_close(kept, full[:, :, [0, FRAMES - 1]], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        wrapped(kept, PROMPTS[:1] * 3), wrapped(full, PROMPTS[:1] * 3), rtol=0, atol=1e-6
+    )
+    assert scoring_decode(policy.decode, red, 256) == (policy.decode, 256)  # (an image reward: as it was)
+    assert scoring_decode(policy.decode, frame_mean(red, None), 256)[1] == 256 // FRAMES
+    clean = torch.randn(2, 3, *policy.latent_shape)  # [B, T+1, *latent]
+    R = latent_rewards(policy.decode, wrapped, clean, PROMPTS, [0, 1])
+    want = torch.stack([wrapped(policy.decode(clean[:, k]), PROMPTS) for k in range(3)], 1)
+    torch.testing.assert_close(R, want, rtol=0, atol=1e-6)
+
+
+def _overrides(wan_dir, tmp_path, *extra):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green dog\na cat\n")
+    return [
+        "model.family=wan", f"model.checkpoint={wan_dir}", f"model.resolution={tiny.RESOLUTION}",
+        f"model.max_sequence_length={MAX_TOKENS}", f"model.frames={FRAMES}", f"prompts.dataset={prompts}",
+        "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "noise.kind=uniform",
+        "reward.name=redness", "reward.frames=2", "lora.rank=4", "grpo.train_batch_size=4",
+        f"eval.dataset={prompts}", "eval.num_prompts=2", "eval.num_steps=2", "run.iterations=1",
+        f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", *extra,
+    ]  # fmt: skip
+
+
+def test_one_dense_iteration_through_the_trainer(wan_dir, tmp_path):
+    """DenseGRPO on videos: every step's completion decoded to a video and scored on two frames; a sample grid of
+    frame strips and a GIF of the videos."""
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.trainer import train
+
+    cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, "run.sample_grid_every=1"))
+    assert cfg.lora.target_modules[0] == "attn1.to_q" and cfg.sampling.guidance_scale == 5.0
+    run_dir = train(cfg, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in records if "reward_mean" in r]
+    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    assert_on_policy(step, exact=False)
+    assert any("eval_reward" in r for r in records)
+    assert {p.name for p in (run_dir / "samples").iterdir()} == {"iter_00001.png", "iter_00001.gif"}
+    assert (run_dir / "lora_ema").is_dir()
+
+
+def test_the_eval_command_scores_and_saves_videos(wan_dir, tmp_path):
+    from PIL import Image
+
+    from densegrpo_fast.evaluate import run_eval
+
+    out = tmp_path / "eval"
+    overrides = [o for o in _overrides(wan_dir, tmp_path) if not o.startswith(("run.", "reward."))]
+    summary = run_eval(
+        None,
+        [*overrides, "eval.rewards={red: {name: redness, frames: 1}}", f"eval.output_dir={out}",
+         "eval.save_images=true"],
+        progress=False,
+    )  # fmt: skip
+    assert summary["num_prompts"] == 2 and 0 < summary["scores"]["red"] < 1
+    assert summary["frames"] == FRAMES and summary["rewards"]["red"]["frames"] == 1
+    gif = Image.open(out / "images" / "00000_0.gif")
+    assert gif.n_frames == FRAMES and gif.size == (32, 32)
+
+
+def test_frames_and_family_defaults_in_the_config():
+    from densegrpo_fast.config import WAN_LORA_TARGETS, TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, None, ["model.family=wan"])
+    assert cfg.model.video and cfg.sampling.shift is None and cfg.eval.num_steps == 50
+    assert cfg.lora.target_modules == WAN_LORA_TARGETS and cfg.reward.frames == 4
+    with pytest.raises(
+        ValueError, match=r"model.frames \(8\): Wan's VAE encodes 4k \+ 1 frames.*give e.g. 9"
+    ):
+        load_config(TrainConfig, None, ["model.family=wan", "model.frames=8"])
+    with pytest.raises(ValueError, match=r"model.frames \(5\) applies to the video families \(wan\) only"):
+        load_config(TrainConfig, None, ["model.family=sd3", "model.frames=5"])
+    with pytest.raises(
+        ValueError, match=r"max_sequence_length \(513\) with model.family wan: UMT5 takes at most"
+    ):
+        load_config(TrainConfig, None, ["model.family=wan", "model.max_sequence_length=513"])
+
+
+def test_loads_a_diffusers_directory_and_names_missing_parts(wan_dir, policy, tmp_path):
+    import shutil
+
+    loaded = load_policy("wan", str(wan_dir), "cpu", dtype="fp32", **OPTS)
+    assert isinstance(loaded, WanPolicy) and loaded.latent_shape == policy.latent_shape
+    x = torch.randn(1, *policy.latent_shape)
+    sigma = torch.tensor([0.6])
+    torch.testing.assert_close(
+        loaded.velocity(x, sigma, loaded.encode_prompts(PROMPTS[:1]), 5.0),
+        policy.velocity(x, sigma, policy.encode_prompts(PROMPTS[:1]), 5.0),
+    )
+    broken = tmp_path / "broken"
+    shutil.copytree(wan_dir, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match=r"not a complete WanPipeline checkpoint: missing vae/"):
+        WanPolicy.load(broken)
+    with pytest.raises(
+        ValueError, match=r"not in the Hugging Face cache.*hf download Wan-AI/Wan2.1-T2V-1.3B-Diff"
+    ):
+        WanPolicy.load(None, cache_dir=tmp_path / "empty_cache")
+
+
+def test_the_exported_lora_loads_into_wan_pipeline(tmp_path):
+    """``WanPipeline.load_lora_weights`` takes the exported LoRA whole (CFG on), and ``lora.init`` starts from it."""
+    from densegrpo_fast.config import WAN_LORA_TARGETS
+
+    tiny.exported_lora_round_trip(
+        tiny.wan_pipeline, WanPolicy, OPTS, PROMPTS, 5.0, tmp_path, targets=WAN_LORA_TARGETS
+    )
