@@ -137,6 +137,8 @@ def calibrated_for(cfg) -> dict:
         "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
         "guidance_scale": cfg.sampling.guidance_scale,
         "reward": {"name": reward["name"], "kwargs": scoring_kwargs(reward["kwargs"])},
+        # (a video family's psi also follows the videos' frames, and the frames its reward scores)
+        **({"frames": cfg.model.frames, "reward_frames": cfg.reward.frames} if cfg.model.video else {}),
     }
 
 

@@ -497,6 +497,9 @@ def reachable(obj, kind: type, depth: int = 6) -> list:
         if isinstance(o, kind):
             found.setdefault(id(o), o)
             return
+        if getattr(type(o), "transparent", False):  # (a wrapper such as FrameMean: no level spent)
+            walk(o.wrapped, left)
+            return
         if isinstance(o, torch.nn.Module):
             return
         if left == 0 or id(o) in seen or isinstance(o, (str, bytes, int, float, torch.Tensor, type)):

@@ -175,7 +175,8 @@ def evaluate(
                     row[k].append(batch_scores[k][n])
                 if save_images:
                     if images.ndim == 5:  # (a video: an animated GIF)
-                        save_gif(images[n : n + 1], out / "images" / f"{i:05d}_{j}.gif")
+                        fps = getattr(policy, "fps", 16.0)
+                        save_gif(images[n : n + 1], out / "images" / f"{i:05d}_{j}.gif", fps=fps)
                     else:
                         _save_png(images[n], out / "images" / f"{i:05d}_{j}.png")
                 if j == images_per_prompt - 1:  # the prompt is complete: write it (the resume unit)

@@ -208,7 +208,21 @@ def video_strips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
     return torch.cat([videos[:, :, f] for f in idx], dim=-1)
 
 
-def save_gif(videos: torch.Tensor, path: Path, ncols: int = 4, fps: float = 8.0) -> None:
+def gif_preview(videos: torch.Tensor, count: int = 4, side: int = 256) -> torch.Tensor:
+    """The first ``count`` videos [N, 3, F, H, W], scaled down (area averaging) so that no side exceeds ``side``
+    pixels: a sample grid's GIF of 16 videos at 480 x 832 would take minutes to write and ~100 MB."""
+    videos = videos[:count]
+    n, c, F, H, W = videos.shape
+    scale = min(1.0, side / max(H, W))
+    if scale == 1.0:
+        return videos
+    size = (max(1, round(H * scale)), max(1, round(W * scale)))
+    frames = videos.transpose(1, 2).reshape(n * F, c, H, W).float()
+    small = torch.nn.functional.interpolate(frames, size=size, mode="area")
+    return small.view(n, F, c, *size).transpose(1, 2)
+
+
+def save_gif(videos: torch.Tensor, path: Path, ncols: int = 4, fps: float = 16.0) -> None:
     """Videos [N, 3, F, H, W] in [0, 1] as one animated GIF, tiled ``ncols`` to a row (a single video: itself)."""
     from PIL import Image
 

@@ -90,6 +90,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from densegrpo_fast.rewards.clip import architectures_only
 from densegrpo_fast.rewards.pairwise import is_pairwise, pointwise_view, score
 from densegrpo_fast.rewards.remote import SERVED  # (scored by a server: nothing of them on this device)
+from densegrpo_fast.rewards.video import FrameMean
 
 GIB = 2**30
 
@@ -567,6 +568,8 @@ def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, tor
     """The models a reward holds (its attributes, their attributes, lists of them: a CLIP, an MLP head, the
     parts of a weighted sum), by dotted name."""
     found: dict[str, torch.nn.Module] = {}
+    if getattr(type(obj), "transparent", False):  # (a wrapper such as FrameMean: its reward's, by its name)
+        return reward_modules(obj.wrapped, prefix, depth)
     if isinstance(obj, dict):
         items = obj.items()
     elif isinstance(obj, list | tuple):
@@ -575,6 +578,10 @@ def reward_modules(obj, prefix: str = "reward", depth: int = 3) -> dict[str, tor
         items = vars(obj).items() if hasattr(obj, "__dict__") else []
     for key, value in items:
         name = f"{prefix}.{key}"
+        while getattr(
+            type(value), "transparent", False
+        ):  # (a wrapper such as FrameMean: its reward in its place)
+            value = value.wrapped
         if isinstance(value, torch.nn.Module):
             found[name] = value
         elif isinstance(value, dict | list | tuple):  # (containers spend no depth: a weighted sum's parts)
@@ -629,17 +636,24 @@ def _reward_targets(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.M
 
 
 def _stub_targets(
-    parts: dict[str, torch.nn.Module], sharded: bool = False, encoder_call: str | None = None
+    parts: dict[str, torch.nn.Module],
+    sharded: bool = False,
+    encoder_call: str | None = None,
+    decode_call: torch.nn.Module | None = None,
 ) -> dict[str, torch.nn.Module]:
     """The modules whose calls are profiled. A transformer sharded with FSDP2 (``distributed.shard``) is
     profiled block by block, its units: FSDP's gathers, frees and gradient reductions around each block then
     run as in the job, only the block's own computation is profiled. ``encoder_call``: the submodule of the
-    text encoder that the adapter calls (Qwen-Image's ``text_encoder_call``), profiled instead of it."""
+    text encoder that the adapter calls (Qwen-Image's ``text_encoder_call``), profiled instead of it.
+    ``decode_call``: a module that runs the VAE's whole decode (Wan's ``decode_call``: its decoder's calls
+    share a cache), profiled instead of the decoder."""
     from densegrpo_fast.policies.pretrained import is_text_encoder
 
     out = {}
     for name, module in parts.items():
-        if name == "vae":  # decode() runs the decoder (and a post-quant conv, when there is one)
+        if name == "vae" and decode_call is not None:
+            out["vae.decode"] = decode_call
+        elif name == "vae":  # decode() runs the decoder (and a post-quant conv, when there is one)
             out["vae.decoder"] = module.decoder
         elif encoder_call is not None and is_text_encoder(name):
             out[f"{name}.{encoder_call}"] = getattr(module, encoder_call)
@@ -975,6 +989,10 @@ def _iterations(
             tracker.phase = name
             tracker.bump(0)
 
+        if isinstance(
+            run.reward_fn, FrameMean
+        ):  # a video family's: as the trainer scores, frame by frame, one
+            reward = FrameMean(reward, run.reward_fn.frames)  # video decoded at a time (scoring_decode)
         run.reward_fn = reward
         hooks = [
             run.optimizer.register_step_pre_hook(stepping),
@@ -1062,7 +1080,8 @@ def estimate_run(
 
     sharded = trainer._shards(cfg, distributed.from_env(cfg.model.device))  # (in a simulated job)
     encoder_call = getattr(policy, "text_encoder_call", None)
-    targets = {**_stub_targets(parts, sharded, encoder_call), **_reward_targets(scored)}
+    decode_call = getattr(policy, "decode_call", None)
+    targets = {**_stub_targets(parts, sharded, encoder_call, decode_call), **_reward_targets(scored)}
     stubs = [Stub(m, k, tracker, mode) for k, m in targets.items()]
     transformer = policy.transformer
     add_adapter = transformer.add_adapter if hasattr(transformer, "add_adapter") else None

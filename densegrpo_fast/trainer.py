@@ -47,6 +47,7 @@ from densegrpo_fast.kernels import sde_log_prob
 from densegrpo_fast.logging import (
     MetricsLog,
     NullLog,
+    gif_preview,
     plot_reward_curve,
     plot_step_rewards,
     save_gif,
@@ -648,7 +649,7 @@ def _check_same_run(cfg: TrainConfig, saved_path: Path) -> None:
 
     def dumped(c: TrainConfig) -> dict:  # (eval.rewards compared by what they score: a url may move)
         d = c.model_dump(mode="json")
-        d["eval"]["rewards"] = scoring_settings(d["eval"]["rewards"])
+        d["eval"]["rewards"] = scoring_settings(d["eval"]["rewards"], c.model.video)
         return d
 
     whole = {*RESUMABLE_CHANGES, "eval.rewards"}  # (compared as wholes)
@@ -2072,8 +2073,8 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
         images, caps = torch.stack(shown), captions
     path = run.dir / "samples" / f"iter_{run.iteration:05d}.png"
     save_image_grid(images, caps, path)
-    if images.ndim == 5:  # (videos: the grid shows strips of frames, the GIF the videos playing)
-        save_gif(images, path.with_suffix(".gif"))
+    if images.ndim == 5:  # (videos: the grid shows strips of frames, the GIF the first four playing, small)
+        save_gif(gif_preview(images), path.with_suffix(".gif"), fps=getattr(run.policy, "fps", 16.0))
     run.log.image("samples", path, run.iteration)
 
 

@@ -39,6 +39,27 @@ def policy(pipe):
     return WanPolicy(pipe, **OPTS)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def image_only_redness():
+    """``redness`` that refuses anything but images [B, 3, H, W] (``redness`` itself would average a video's
+    pixels), registered for this module's tests: a path that hands a reward videos unwrapped fails."""
+    from densegrpo_fast.rewards import _REGISTRY, build_reward, register
+
+    red = build_reward("redness")
+
+    @register("image_only_redness")
+    def factory():
+        def reward(images, prompts):
+            if images.ndim != 4:
+                raise ValueError(f"image_only_redness takes images [B, 3, H, W], got {tuple(images.shape)}")
+            return red(images, prompts)
+
+        return reward
+
+    yield
+    _REGISTRY.pop("image_only_redness")
+
+
 @pytest.fixture(scope="module")
 def wan_dir(pipe, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_wan")
@@ -254,26 +275,34 @@ def _overrides(wan_dir, tmp_path, *extra):
         "model.family=wan", f"model.checkpoint={wan_dir}", f"model.resolution={tiny.RESOLUTION}",
         f"model.max_sequence_length={MAX_TOKENS}", f"model.frames={FRAMES}", f"prompts.dataset={prompts}",
         "prompts.prompts_per_iteration=2", "sampling.num_steps=3", "sampling.group_size=2", "noise.kind=uniform",
-        "reward.name=redness", "reward.frames=2", "lora.rank=4", "grpo.train_batch_size=4",
+        "reward.name=image_only_redness", "reward.frames=2", "lora.rank=4", "grpo.train_batch_size=4",
         f"eval.dataset={prompts}", "eval.num_prompts=2", "eval.num_steps=2", "run.iterations=1",
         f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false", *extra,
     ]  # fmt: skip
 
 
-def test_one_dense_iteration_through_the_trainer(wan_dir, tmp_path):
-    """DenseGRPO on videos: every step's completion decoded to a video and scored on two frames; a sample grid of
-    frame strips and a GIF of the videos."""
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode):
+    """DenseGRPO (every step's completion decoded to a video and scored on two frames) and Flow-GRPO (the final
+    videos) on videos, with a held-out reward of its own frames; a sample grid of frame strips and a GIF of the
+    videos. The reward refuses videos: every path must hand it frames."""
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.trainer import train
 
-    cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, "run.sample_grid_every=1"))
+    extra = (
+        "run.sample_grid_every=1",
+        f"dense.mode={mode}",
+        "eval.rewards={mid: {name: image_only_redness, frames: 1}}",
+    )
+    cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *extra))
     assert cfg.lora.target_modules[0] == "attn1.to_q" and cfg.sampling.guidance_scale == 5.0
     run_dir = train(cfg, progress=False)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in records if "reward_mean" in r]
     assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
     assert_on_policy(step, exact=False)
-    assert any("eval_reward" in r for r in records)
+    held_out = [r for r in records if "eval_reward" in r][-1]
+    assert held_out["eval_mid"] != held_out["eval_reward"]  # (one frame, the middle one; two frames)
     assert {p.name for p in (run_dir / "samples").iterdir()} == {"iter_00001.png", "iter_00001.gif"}
     assert (run_dir / "lora_ema").is_dir()
 
@@ -287,7 +316,7 @@ def test_the_eval_command_scores_and_saves_videos(wan_dir, tmp_path):
     overrides = [o for o in _overrides(wan_dir, tmp_path) if not o.startswith(("run.", "reward."))]
     summary = run_eval(
         None,
-        [*overrides, "eval.rewards={red: {name: redness, frames: 1}}", f"eval.output_dir={out}",
+        [*overrides, "eval.rewards={red: {name: image_only_redness, frames: 1}}", f"eval.output_dir={out}",
          "eval.save_images=true"],
         progress=False,
     )  # fmt: skip
@@ -344,3 +373,79 @@ def test_the_exported_lora_loads_into_wan_pipeline(tmp_path):
     tiny.exported_lora_round_trip(
         tiny.wan_pipeline, WanPolicy, OPTS, PROMPTS, 5.0, tmp_path, targets=WAN_LORA_TARGETS
     )
+
+
+@pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
+def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(wan_dir, tmp_path):
+    """The estimate's fake tensors go through UMT5, the adapter, the video VAE (its whole decode profiled as one
+    call: its decoder's calls share a cache) and the frame-by-frame reward, and land on the run counted for
+    real, to the byte."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.memory import estimate_run, fake_policy, measure_run, new_fake_mode
+
+    torch.set_num_threads(1)
+
+    def config(name):
+        extra = ("sampling.group_size=3", "grpo.train_batch_size=6", "grpo.beta=0.04", "run.iterations=2",
+                 f"run.output_dir={tmp_path / name / 'run'}")  # fmt: skip
+        (tmp_path / name).mkdir()
+        return load_config(TrainConfig, None, _overrides(wan_dir, tmp_path / name, *extra))
+
+    real, fake = config("real"), config("fake")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # as the estimate runs
+        policy = load_policy("wan", str(wan_dir), "cpu", **real.model.adapter_options())
+        measured = measure_run(real, policy)
+        policy, source = fake_policy(fake, new_fake_mode())
+        est = estimate_run(fake, policy)
+    assert source == str(wan_dir)
+    weights = sum(est.weights.values())
+    for (
+        phase,
+        bytes_,
+    ) in measured.items():  # (12 bytes: as FLUX.2 [klein]'s, schedule.std of the 2nd iteration)
+        assert 0 <= bytes_ - est.phases[phase] <= (12 if phase == "prompt encoding" else 0), phase
+    assert measured["rollout + reward"] - weights > 1_000_000
+    assert est.calls["transformer"] > 0 and est.calls["text_encoder"] > 0 and est.calls["vae.decode"] > 0
+
+
+def test_the_walkers_see_through_frame_mean():
+    """The searches for a reward's models (the memory estimate's ``reward_modules``; ``weights_of``, which the
+    cross-rank checks and resumes compare) find as much through a FrameMean, alone or in a dict, as without it,
+    at every depth."""
+    from densegrpo_fast.distributed import weights_of
+    from densegrpo_fast.memory import reward_modules
+
+    class Level:
+        def __init__(self, below):
+            self.below = below
+
+    for depth in range(1, 8):
+        reward = torch.nn.Linear(2, 2)
+        for _ in range(depth):
+            reward = Level(reward)
+        wrapped = frame_mean(reward, 4)
+        assert reward_modules(wrapped) == reward_modules(reward)
+        assert reward_modules({"a": wrapped}) == reward_modules({"a": reward})
+        assert len(weights_of(wrapped)) == len(weights_of(reward))
+        assert len(weights_of({"a": wrapped})) == len(weights_of({"a": reward}))
+        if depth == 2:  # (within both searches' reach)
+            assert reward_modules(wrapped) and len(weights_of({"a": wrapped})) == 2
+
+
+def test_a_resume_and_a_psi_table_follow_the_frames(wan_dir, tmp_path):
+    """A resumed run refuses other frames (the videos', the training reward's, a held-out reward's), and a
+    calibration records both frame counts."""
+    from densegrpo_fast.calibration import calibrated_for
+    from densegrpo_fast.config import TrainConfig, dump_config, load_config
+    from densegrpo_fast.trainer import _check_same_run
+
+    base = [*_overrides(wan_dir, tmp_path), "eval.rewards={mid: {name: image_only_redness, frames: 1}}"]
+    dump_config(load_config(TrainConfig, None, base), tmp_path / "config.yaml")
+    _check_same_run(load_config(TrainConfig, None, base), tmp_path / "config.yaml")
+    for change in ("model.frames=9", "reward.frames=3", "eval.rewards.mid.frames=2"):
+        with pytest.raises(ValueError, match=r"frames"):
+            _check_same_run(load_config(TrainConfig, None, [*base, change]), tmp_path / "config.yaml")
+    record = calibrated_for(load_config(TrainConfig, None, base))
+    assert record["frames"] == FRAMES and record["reward_frames"] == 2

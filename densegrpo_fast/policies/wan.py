@@ -49,6 +49,20 @@ DEFAULT_FRAMES = 81
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
 
 
+class VideoDecode(torch.nn.Module):
+    """The VAE's whole decode of latents [B, C, F', h, w] to videos [B, 3, F, H, W] in [-1, 1], as one module call
+    (the VAE itself is held, not registered: its weights stay the pipeline's). Wan's VAE decodes a latent frame at
+    a time through a causal cache that each call of its decoder fills; the memory estimate profiles this call
+    whole (``decode_call``), where profiling the decoder's calls one at a time would lose the cache."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self._vae = [vae]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self._vae[0].decode(z, return_dict=False)[0]
+
+
 class WanPolicy(DiffusersPolicy):
     """Wan (text to video) behind the :class:`~densegrpo_fast.policies.base.Policy` interface.
 
@@ -69,6 +83,7 @@ class WanPolicy(DiffusersPolicy):
     default_max_sequence_length = 512
     model_name = "Wan"
     video = True
+    fps = 16.0  # (Wan's videos play at 16 frames a second: the GIFs of samples)
     skip_components = ("transformer_2",)  # (Wan 2.2 A14B's second expert: refused below, so not loaded)
 
     def __init__(
@@ -92,6 +107,7 @@ class WanPolicy(DiffusersPolicy):
                 "conditioning the engine does not feed; model.family wan samples text-to-video checkpoints"
             )
         self.temporal_factor = pipe.vae_scale_factor_temporal
+        self.decode_call = VideoDecode(pipe.vae)
         self.frames = DEFAULT_FRAMES if frames is None else frames
         if self.frames < 1 or (self.frames - 1) % self.temporal_factor:
             r = self.temporal_factor
@@ -197,5 +213,5 @@ class WanPolicy(DiffusersPolicy):
         view = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(view).to(latents.device, vae.dtype)
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(view).to(latents.device, vae.dtype)
-        video = vae.decode(latents.to(vae.dtype) / inverse_std + mean, return_dict=False)[0]
+        video = self.decode_call(latents.to(vae.dtype) / inverse_std + mean)
         return (video.float() / 2 + 0.5).clamp(0, 1)

@@ -31,6 +31,9 @@ class FrameMean:
     ``combine``, ``check_prompts``, ...) is the reward's own."""
 
     video = True
+    #: The walkers that look for a reward's models and servers (:func:`densegrpo_fast.distributed.reachable`,
+    #: :func:`densegrpo_fast.memory.reward_modules`) go through it without spending a level of their depth.
+    transparent = True
 
     def __init__(self, reward, frames: int | None):
         self.image_reward = reward
@@ -50,6 +53,11 @@ class FrameMean:
 
     def stack(self, images: torch.Tensor, prompts: list, **kwargs) -> torch.Tensor:
         return self._per_frame(self.image_reward.stack, images, prompts, **kwargs)
+
+    @property
+    def wrapped(self):
+        """The image reward (what the walkers go on to)."""
+        return self.image_reward
 
     @property
     def pointwise(self):
