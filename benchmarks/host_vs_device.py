@@ -115,14 +115,15 @@ def zero_cond(policy, rows: int, cfg_on: bool, device=None):
     # SD3: CLIP's tokens (77; fewer in the tests' tiny pipelines), then T5's; FLUX.1: T5's alone; Qwen-Image and
     # Z-Image: their prompts at max_sequence_length (padded to the longest, not to a fixed length)
     length = policy.max_sequence_length + (policy.pipe.tokenizer_max_length if _is_sd3(policy) else 0)
-    dim = t.get("joint_attention_dim") or t.cap_feat_dim  # (Z-Image's text width: cap_feat_dim)
+    # (Z-Image's text width: cap_feat_dim; Wan's: text_dim)
+    dim = t.get("joint_attention_dim") or t.get("cap_feat_dim") or t.text_dim
 
     def zeros(*shape):
         return torch.zeros(*shape, device=device)
 
     def second(n):  # the pooled vector, or Qwen-Image's and Z-Image's token mask (every token kept)
         if getattr(policy, "pads_prompts", True):  # (FLUX.2 [klein]: no pooled vector, a placeholder column)
-            return zeros(n, t.get("pooled_projection_dim") or 1)
+            return zeros(n, t.get("pooled_projection_dim") or (0 if getattr(policy, "video", False) else 1))
         return torch.ones(n, length, dtype=torch.long, device=device)
 
     neg = (zeros(1, length, dim), second(1)) if cfg_on else (None, None)

@@ -22,7 +22,8 @@ the trainer's own:
 rollout with its in-flight completions, decoding and reward) and ``trainer.update`` (recomputed log-probs,
 clipped loss + KL against the LoRA-disabled reference, gradient accumulation, optimizer steps), with the
 recipe's settings from configs/sd35m_pickscore.yaml, configs/flux_pickscore.yaml,
-configs/qwen_image_pickscore.yaml, configs/z_image_pickscore.yaml or configs/flux2_klein_pickscore.yaml.
+configs/qwen_image_pickscore.yaml, configs/z_image_pickscore.yaml, configs/flux2_klein_pickscore.yaml or
+configs/wan21_pickscore.yaml.
 Overridable: prompts
 per iteration, G, T, ``sampling.max_rows_per_call``, ``grpo.train_batch_size`` and any ``key=value``. Two
 settings always differ from the recipe: the reward is the registry's ``redness`` (on the device, nearly
@@ -86,10 +87,11 @@ RECIPES = {
     "qwen_image_edit": ROOT / "configs" / "qwen_image_edit_vlm_judge.yaml",
     "z_image": ROOT / "configs" / "z_image_pickscore.yaml",
     "flux2_klein": ROOT / "configs" / "flux2_klein_pickscore.yaml",
+    "wan": ROOT / "configs" / "wan21_pickscore.yaml",
 }
 GIB = 2**30
 
-from densegrpo_fast.policies import architectures  # noqa: E402  (the full-size configs)
+from densegrpo_fast.policies import VIDEO, architectures  # noqa: E402  (architectures: the full-size configs)
 from densegrpo_fast.policies.architectures import DEFAULT_SEQ, KNOWN_PARAMS  # noqa: E402
 
 
@@ -123,7 +125,7 @@ def full_size_components(family: str, device: torch.device, dtype: torch.dtype) 
 def build_pipeline(family: str, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int):
     """The family's pipeline (``StableDiffusion3Pipeline``, ``FluxPipeline``, ``FluxKontextPipeline``,
     ``QwenImagePipeline``,
-    ``ZImagePipeline``, ``Flux2KleinPipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
+    ``ZImagePipeline``, ``Flux2KleinPipeline``, ``WanPipeline``) with random components: tiny (tests/tiny_models.py, fp32 on the CPU) or full size on
     ``device``, with the stand-in tokenizers."""
     import diffusers
     import tiny_models
@@ -298,6 +300,7 @@ def config_for(args, mode: str, work: Path, device: torch.device) -> TrainConfig
             "prompts.prompts_per_iteration=2", "sampling.group_size=4", "sampling.num_steps=4",
             "sampling.reward_waves=1",  # (the Kontext recipe's 4 waves need 4 prompts)
             "sampling.max_rows_per_call=8", "grpo.train_batch_size=4", "eval.num_steps=4", "eval.batch_size=4",
+            *(["model.frames=5"] if args.family in VIDEO else []),  # (Wan: 2 latent frames)
         ]  # fmt: skip
     for key, value in (
         ("prompts.prompts_per_iteration", args.prompts),
@@ -672,7 +675,12 @@ def load(args, cfg: TrainConfig, device: torch.device, result: dict):
     pipe = build_pipeline(args.family, args.tiny, device, as_dtype(cfg.model.dtype), args.seed)
     Adapter = adapter_class(args.family)
     seq = cfg.model.max_sequence_length or DEFAULT_SEQ[args.family]
-    policy = Adapter(pipe, resolution=cfg.model.resolution, max_sequence_length=seq)
+    policy = Adapter(
+        pipe,
+        resolution=cfg.model.resolution,
+        max_sequence_length=seq,
+        **Adapter.shape_options(cfg.model.frames),
+    )
     if getattr(policy, "vl_images", ...) is None:  # (Qwen-Image-Edit at full size: the stand-in's processor)
         policy.vl_images = architectures.stand_in_image_processor()
     if cfg.model.gradient_checkpointing:  # as load_policy does

@@ -877,7 +877,7 @@ class LoRASection(Section):
         "names cover the double-stream blocks and the single-stream blocks' q/k/v, in Qwen-Image every block's "
         "attention, to which Flow-GRPO's Qwen-Image recipe adds the MLPs: configs/qwen_image_pickscore.yaml; "
         "model.family z_image defaults to Z-Image's attention.to_q/to_k/to_v/to_out.0, flux2_klein adds its "
-        "single-stream blocks' attn.to_qkv_mlp_proj)",
+        "single-stream blocks' attn.to_qkv_mlp_proj, wan to Wan's attn1 and attn2 to_q/to_k/to_v/to_out.0)",
     )  # fmt: skip
 
 
@@ -963,19 +963,19 @@ class EvalSection(Section):
         ge=1,
         le=1000,
         description="Euler ODE steps of the evaluation sampler (sd3: 40, flux and flux_kontext: 28, qwen_image: "
-        "50, qwen_image_edit: 40, z_image: 50, flux2_klein: 50)",
+        "50, qwen_image_edit: 40, z_image: 50, flux2_klein: 50, wan: 50)",
     )
     guidance_scale: float = Field(
         1.5,
         ge=1.0,
         description="CFG scale of the evaluation sampler, as sampling.guidance_scale (sd3: 4.5, flux: 3.5, "
-        "flux_kontext: 2.5, qwen_image and qwen_image_edit: 4.0, z_image: 5.0, flux2_klein: 4.0)",
+        "flux_kontext: 2.5, qwen_image and qwen_image_edit: 4.0, z_image: 5.0, flux2_klein: 4.0, wan: 5.0)",
     )
     shift: float | None = Field(
         1.0,
         gt=0,
         description="sigma-grid shift of the evaluation sampler; null = the model's own grid (sd3: 3.0, "
-        "flux, flux_kontext, qwen_image, qwen_image_edit, z_image and flux2_klein: null)",
+        "flux, flux_kontext, qwen_image, qwen_image_edit, z_image, flux2_klein and wan: null)",
     )
     seed: int = Field(
         0,
@@ -995,14 +995,14 @@ class EvalSection(Section):
     batch_size: int = Field(
         128,
         ge=1,
-        description="images per sampler call (sd3: 16, flux, flux_kontext, qwen_image, qwen_image_edit, z_image and "
-        "flux2_klein: 8)",
+        description="images (videos) per sampler call (sd3: 16, flux, flux_kontext, qwen_image, qwen_image_edit, "
+        "z_image and flux2_klein: 8, wan: 4)",
     )
     output_dir: str = Field(
         "runs/toy_eval",
         description="where the scores (toy: scores.json, samples.png; else scores.jsonl, summary.json) go "
         "(sd3: runs/sd3_eval, flux: runs/flux_eval, flux_kontext: runs/flux_kontext_eval, qwen_image: "
-        "runs/qwen_image_eval, qwen_image_edit: runs/qwen_image_edit_eval, z_image: runs/z_image_eval, flux2_klein: runs/flux2_klein_eval)",
+        "runs/qwen_image_eval, qwen_image_edit: runs/qwen_image_edit_eval, z_image: runs/z_image_eval, flux2_klein: runs/flux2_klein_eval, wan: runs/wan_eval)",
     )
     grid_size: int = Field(48, ge=0, description="toy: samples drawn in samples.png (0 = no grid)")
     save_images: bool = Field(
@@ -1474,6 +1474,11 @@ class TrainConfig(Section):
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
              "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),
+            ("reward", self.reward, ("frames",), not self.model.video,
+             f"model.family={self.model.family} makes images: reward.frames serves the video families"),
+            *((f"eval.rewards.{k}", r, ("frames",), not self.model.video,
+               f"model.family={self.model.family} makes images: the frames serve the video families")
+              for k, r in self.eval.rewards.items()),
         ]  # fmt: skip
         out = []
         for name, section, fields, off, why in unused:

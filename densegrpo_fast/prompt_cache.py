@@ -294,7 +294,7 @@ def encode_config(
     if m.family == "toy":
         raise ValueError(
             "model.family=toy: the toy's prompt embedding is a part of its model and costs nothing; the prompt "
-            "cache serves the pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein)"
+            "cache serves the pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein, wan)"
         )
     from densegrpo_fast.policies import TEXT_READS_SOURCES
 

@@ -1745,7 +1745,7 @@ def heldout_rewards(run: Run) -> dict[str, float]:
 
 def export_policy(run: Run, path: Path) -> Path | None:
     """The EMA policy with LoRA merged, saved by the adapter (``policy.save``) for evaluation; with LoRA on
-    a pretrained model (sd3, flux, qwen_image, z_image, flux2_klein), also the EMA adapters alone in diffusers' LoRA format, in
+    a pretrained model (sd3, flux, qwen_image, z_image, flux2_klein, wan), also the EMA adapters alone in diffusers' LoRA format, in
     ``lora_ema/`` beside it
     (``StableDiffusion3Pipeline.load_lora_weights``). Every rank calls; rank 0 writes (its error stops every
     rank); a sharded run's whole weights are gathered first, in the model's dtype."""

@@ -206,7 +206,7 @@ def test_inductor_on_a_gpu_trains_with_the_eager_metrics_closely(tiny_checkpoint
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "checkpointing"])
-@pytest.mark.parametrize("family", ["sd3.5", "flux", "z_image", "flux2_klein"])
+@pytest.mark.parametrize("family", ["sd3.5", "flux", "z_image", "flux2_klein", "wan"])
 def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     """No graph break in a block (``fullgraph=True`` raises at the first): the fused code covers each block
     from its first op to its last, with LoRA adapters and gradients, and under gradient checkpointing (which
@@ -247,6 +247,18 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
 
         def forward(model):
             return model(**klein, return_dict=False)[0]
+    elif family == "wan":
+        import tiny_models
+
+        from densegrpo_fast.config import WAN_LORA_TARGETS
+
+        t = tiny_models.wan_pipeline().transformer
+        targets = WAN_LORA_TARGETS
+        wan = dict(hidden_states=torch.randn(2, 16, 2, 4, 4), timestep=torch.tensor([500.0, 300.0]),
+                   encoder_hidden_states=torch.randn(2, 24, 32))  # fmt: skip
+
+        def forward(model):
+            return model(**wan, return_dict=False)[0]
     elif family == "sd3.5":
         t = SD3Transformer2DModel(
             sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
@@ -265,7 +277,7 @@ def test_each_block_compiles_whole(family, checkpointing, fresh_dynamo):
     _lora(t, targets)
     if checkpointing:
         t.enable_gradient_checkpointing()
-    if family not in ("z_image", "flux2_klein"):
+    if family not in ("z_image", "flux2_klein", "wan"):
         inputs.update(
             timestep=torch.tensor([0.5, 0.3]),
             pooled_projections=torch.randn(2, t.config.pooled_projection_dim),

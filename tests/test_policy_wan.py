@@ -338,6 +338,10 @@ def test_frames_and_family_defaults_in_the_config():
         load_config(TrainConfig, None, ["model.family=wan", "model.frames=8"])
     with pytest.raises(ValueError, match=r"model.frames \(5\) applies to the video families \(wan\) only"):
         load_config(TrainConfig, None, ["model.family=sd3", "model.frames=5"])
+    image = load_config(TrainConfig, None, ["model.family=sd3", "reward.frames=2"])
+    why = "model.family=sd3 makes images: reward.frames serves the video families"
+    assert image.ignored_settings() == [(["reward.frames"], why)]
+    assert load_config(TrainConfig, None, ["model.family=wan", "reward.frames=2"]).ignored_settings() == []
     with pytest.raises(
         ValueError, match=r"max_sequence_length \(513\) with model.family wan: UMT5 takes at most"
     ):

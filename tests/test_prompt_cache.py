@@ -23,7 +23,7 @@ TEXTS = ["a red circle", "two blue squares beside a green triangle under a yello
 PIPELINES = {
     "sd3": tiny.sd3_pipeline, "flux": tiny.flux_pipeline, "qwen_image": tiny.qwen_image_pipeline,
     "z_image": tiny.z_image_pipeline, "flux2_klein": tiny.flux2_klein_pipeline,
-    "flux_kontext": tiny.flux_kontext_pipeline,
+    "flux_kontext": tiny.flux_kontext_pipeline, "wan": tiny.wan_pipeline,
 }  # fmt: skip
 
 
@@ -51,7 +51,9 @@ def _write_cache(policy, root, texts):
     return cache
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein", "flux_kontext"])
+@pytest.mark.parametrize(
+    "family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein", "flux_kontext", "wan"]
+)
 def test_a_text_only_policy_reads_no_transformer_or_vae_and_encodes_as_the_whole_one(family, checkpoints):
     """What ``encode-prompts`` loads: the transformer and the VAE built on the meta device from their configs
     (no weights read), the text encoders alone on the device, and the same encodings, bit for bit."""
@@ -72,7 +74,7 @@ def test_a_text_only_policy_reads_no_transformer_or_vae_and_encodes_as_the_whole
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen_image", "z_image", "flux2_klein", "wan"])
 def test_a_cached_policy_loads_no_text_encoder_and_conditions_as_the_encoders_do(
     family, checkpoints, tmp_path
 ):

@@ -24,6 +24,7 @@ CFG_ROWS = {
     "qwen_image_edit": 2,
     "z_image": 2,
     "flux2_klein": 2,
+    "wan": 2,
 }
 #: prompts x group size
 RECIPE_ROWS = {
@@ -34,6 +35,7 @@ RECIPE_ROWS = {
     "qwen_image_edit": 48 * 16,
     "z_image": 48 * 24,
     "flux2_klein": 48 * 24,
+    "wan": 16 * 8,
 }
 
 
@@ -46,7 +48,8 @@ def finite_numbers(tree) -> bool:
 
 
 @pytest.mark.parametrize(
-    "family", ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"]
+    "family",
+    ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein", "wan"],
 )
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
@@ -148,12 +151,13 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
 
 
 @pytest.mark.parametrize(
-    "family", ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein"]
+    "family",
+    ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein", "wan"],
 )
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /
-    Qwen-Image / Z-Image has its checkpoint's parameter count (FLUX.2 [klein] 4B's entry was counted from
-    its built-in config, so that the other fields stay checked; no independent count was at hand), so the GPU run and the memory estimate measure the real
+    Qwen-Image / Z-Image / Wan 2.1 has its checkpoint's parameter count (FLUX.2 [klein] 4B's and Wan 2.1 1.3B's
+    transformer entries were counted from their built-in configs, so that the other fields stay checked; no independent count was at hand), so the GPU run and the memory estimate measure the real
     shapes."""
     bench = _load_script()
     parts = bench.full_size_components(family, torch.device("meta"), torch.bfloat16)

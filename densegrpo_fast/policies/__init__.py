@@ -86,7 +86,7 @@ def load_policy(
     """The frozen base policy of ``family`` from ``checkpoint`` on ``device``.
 
     The keyword options are the model section's (``cfg.model.adapter_options()``) and apply to the
-    pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein); the toy model loads fp32
+    pretrained families (sd3, flux, flux_kontext, qwen_image, z_image, flux2_klein, wan); the toy model loads fp32
     from its own file and ignores them (``model.autocast``, which the trainer applies, serves every family).
     ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
     Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens, Wan: 512). ``frames``: a video family's

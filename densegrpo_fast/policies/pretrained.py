@@ -1,4 +1,4 @@
-"""What the pretrained-model adapters (sd3, flux, qwen_image, z_image, flux2_klein) share: finding weights, and
+"""What the pretrained-model adapters (sd3, flux, qwen_image, z_image, flux2_klein, wan) share: finding weights, and
 :class:`DiffusersPolicy`.
 
 Weights are a diffusers-format directory, or a repo in the user's Hugging Face cache. Offline by default:
