@@ -364,6 +364,14 @@ def test_loads_a_diffusers_directory_and_names_missing_parts(wan_dir, policy, tm
     shutil.rmtree(broken / "vae")
     with pytest.raises(ValueError, match=r"not a complete WanPipeline checkpoint: missing vae/"):
         WanPolicy.load(broken)
+    a14b = tmp_path / "a14b"  # (Wan 2.2 A14B's two experts: refused before any weights load)
+    shutil.copytree(wan_dir, a14b)
+    index = json.loads((a14b / "model_index.json").read_text())
+    (a14b / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
+    for weights in (a14b / "transformer").glob("*.safetensors"):  # (nothing reads them)
+        weights.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"a14b has two experts.*Wan 2.2 A14B"):
+        WanPolicy.load(a14b)
     with pytest.raises(
         ValueError, match=r"not in the Hugging Face cache.*hf download Wan-AI/Wan2.1-T2V-1.3B-Diff"
     ):

@@ -31,6 +31,7 @@ sampler reproduces ``WanPipeline`` (tests/test_policy_wan.py). Not supported: Wa
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 
@@ -45,6 +46,12 @@ COMPONENTS = {
 }  # fmt: skip
 #: The pipeline's default frame count (``WanPipeline(num_frames=81)``).
 DEFAULT_FRAMES = 81
+#: The refusal of Wan 2.2 A14B's two experts.
+TWO_EXPERTS = (
+    "{root} has two experts (transformer_2, boundary_ratio: Wan 2.2 A14B), which model.family wan does not sample: "
+    "use a one-transformer checkpoint (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers, "
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
+)
 #: The schedulers whose sigmas the engine can sample on (flow-matching ones).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
 
@@ -96,11 +103,7 @@ class WanPolicy(DiffusersPolicy):
     ):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
         if pipe.config.get("boundary_ratio") is not None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError(
-                "this WanPipeline has two experts (transformer_2, boundary_ratio: Wan 2.2 A14B), which model.family "
-                "wan does not sample: use a one-transformer checkpoint (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, "
-                "Wan-AI/Wan2.1-T2V-14B-Diffusers, Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
-            )
+            raise ValueError(TWO_EXPERTS.format(root="this WanPipeline"))
         if self.transformer.config.get("image_dim") is not None:
             raise ValueError(
                 "this WanTransformer3DModel sets image_dim: an image-to-video checkpoint, whose image "
@@ -117,6 +120,26 @@ class WanPolicy(DiffusersPolicy):
                 f"give e.g. {near}"
             )
         self.set_resolution()
+
+    @classmethod
+    def load(cls, path_or_repo_id=None, **kwargs):
+        """:meth:`DiffusersPolicy.load`, after refusing a two-expert checkpoint (Wan 2.2 A14B) from its
+        ``model_index.json``, before any weights load."""
+        import diffusers
+
+        from densegrpo_fast.policies.pretrained import resolve_pretrained
+
+        root = resolve_pretrained(
+            path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
+            components={k: "config" if kwargs.get("text_only") and k in ("transformer", "vae") else v
+                        for k, v in cls.components.items()},
+            default_repo=cls.default_repo, local_files_only=kwargs.get("local_files_only", True),
+            cache_dir=kwargs.get("cache_dir"),
+        )  # fmt: skip
+        index = json.loads((root / "model_index.json").read_text())
+        if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None:
+            raise ValueError(TWO_EXPERTS.format(root=root))
+        return super().load(root, **kwargs)
 
     def set_resolution(self) -> None:
         _, ph, pw = self.transformer.config.patch_size

@@ -4,8 +4,11 @@ A video family's ``decode`` (:data:`densegrpo_fast.policies.VIDEO`: Wan) gives v
 image families give images [B, 3, H, W]. :func:`frame_mean` lets every reward of the registry score them: it
 scores ``frames`` frames of each video, evenly spaced from the first to the last, and averages the scores,
 as video RL work scores with image reward models (PickScore, HPS, CLIP score) when no video reward model is
-at hand. Each frame's batch keeps the rows' order, so a pairwise reward still compares the images of a group
-(frame by frame) and a weighted sum's components (``stack``) are averaged each on their own.
+at hand. Each frame's batch keeps the rows' order, so a weighted sum's components (``stack``) are averaged each
+on their own, and a pairwise reward still compares the videos of a group, frame by frame: a video's win rate is
+the mean of its win rates at each frame scored. That can rank two videos otherwise than their mean scores do (a
+video a little better at three frames of four beats one much better at the fourth), and the held-out evaluation
+scores a pairwise reward's pointwise view, which is the mean score.
 
 A reward that scores a video whole says so with a true ``video`` attribute and gets the 5-d tensor as it is.
 """
@@ -87,8 +90,9 @@ def scoring_decode(decode, reward_fn, chunk: int):
     the decode and the rows per reward call of :func:`~densegrpo_fast.dense.latent_rewards`. For a
     :class:`FrameMean` (a video policy's reward) the decode keeps only the frames it scores, one video at a time
     (the VAE decodes one at a time anyway), so that a dense reward's batch of videos never sits decoded whole:
-    [n, 3, k, H, W] for k frames scored, and ``chunk`` shrinks k-fold (the reward's calls see as many images as
-    before). ``decode``, ``chunk`` themselves otherwise."""
+    [n, 3, k, H, W] for k frames scored, and ``chunk`` shrinks k-fold, so that a chunk holds as many frames as
+    it held images (the reward is then called once per frame, on ``chunk / k`` images). ``decode``, ``chunk``
+    themselves otherwise."""
     wrapped = getattr(reward_fn, "__self__", reward_fn)
     if not isinstance(wrapped, FrameMean):
         return decode, chunk
