@@ -1421,7 +1421,7 @@ def counted_rewards(cfg, mode, notes: list[str]) -> tuple[object | None, dict[st
             notes.append(f"{where} {r.name!r} fails on fake images, not counted ({type(e).__name__}: {e})")
             continue
         counted(where, r, stood_in)
-        evaluated[key] = {"name": r.name, "kwargs": r.kwargs}
+        evaluated[key] = {"name": r.name, "kwargs": r.kwargs, "frames": r.frames}
     return reward_fn, evaluated
 
 

@@ -14,8 +14,8 @@ patches, conditioned on UMT5-XXL by cross-attention. Where it differs from the i
   the ``pooled`` field holds a [B, 0] tensor.
 - **Velocity.** The transformer predicts ``eps - x0`` at timestep ``1000 sigma``, the engine's convention.
   CFG is ``v_neg + g (v_pos - v_neg)`` with the empty negative prompt (the pipeline's default; Wan's model
-  card suggests a long negative prompt, which ``negative_prompt`` can hold), in one call of 2B rows where the
-  pipeline makes two. Wan 2.2 TI2V-5B's per-token timesteps (``expand_timesteps``) are the same time for every
+  card suggests a long negative prompt, which no setting gives yet), in one call of 2B rows where the pipeline
+  makes two. Wan 2.2 TI2V-5B's per-token timesteps (``expand_timesteps``) are the same time for every
   token of a text-to-video sample, and are passed so.
 - **Sampling grid** (:meth:`WanPolicy.sigma_grid`, used when ``sampling.shift`` is null): the checkpoint's
   scheduler's own sigmas. Wan's released scheduler is UniPC with flow sigmas (``flow_shift`` 3 for 480p, 5
