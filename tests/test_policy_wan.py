@@ -282,7 +282,7 @@ def _overrides(wan_dir, tmp_path, *extra):
 
 
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
-def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode):
+def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode, monkeypatch):
     """DenseGRPO (every step's completion decoded to a video and scored on two frames) and Flow-GRPO (the final
     videos) on videos, with a held-out reward of its own frames; a sample grid of frame strips and a GIF of the
     videos. The reward refuses videos: every path must hand it frames."""
@@ -296,7 +296,15 @@ def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode):
     )
     cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *extra))
     assert cfg.lora.target_modules[0] == "attn1.to_q" and cfg.sampling.guidance_scale == 5.0
+    from densegrpo_fast.policies.wan import VideoDecode
+
+    decoded, forward = [], VideoDecode.forward
+    monkeypatch.setattr(VideoDecode, "forward", lambda self, z: decoded.append(len(z)) or forward(self, z))
     run_dir = train(cfg, progress=False)
+    # scoring decodes one video at a time: 4 rows x (T + 1 = 4 latents, dense; the final one, sparse); the
+    # sample grid decodes its 4 rows together, each held-out evaluation its 2 prompts
+    scored = 4 * (4 if mode == "dense" else 1)
+    assert decoded.count(1) == scored and sorted(set(decoded)) == [1, 2, 4]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in records if "reward_mean" in r]
     assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
@@ -461,3 +469,97 @@ def test_a_resume_and_a_psi_table_follow_the_frames(wan_dir, tmp_path):
             _check_same_run(load_config(TrainConfig, None, [*base, change]), tmp_path / "config.yaml")
     record = calibrated_for(load_config(TrainConfig, None, base))
     assert record["frames"] == FRAMES and record["reward_frames"] == 2
+
+
+def test_gif_preview_save_gif_and_video_strips(tmp_path):
+    """The sample GIF's preview keeps four videos scaled to 256 px; the GIF tiles them row by row, plays the
+    frames in order at the policy's rate; the grid's strips put each video's chosen frames side by side."""
+    import numpy as np
+    from PIL import Image
+
+    from densegrpo_fast.logging import gif_preview, save_gif, video_strips
+
+    assert gif_preview(torch.rand(6, 3, 2, 480, 832)).shape == (4, 3, 2, 148, 256)
+    small = torch.rand(2, 3, 2, 16, 24)
+    assert torch.equal(gif_preview(small), small)  # (already small: as it is)
+    # five videos of one colour each, two frames (the second darker): tiled 4 to a row, the fifth below
+    colours = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.float32)
+    videos = colours[:, :, None, None, None].expand(5, 3, 2, 8, 10).clone()
+    videos[:, :, 1] *= 0.5
+    save_gif(videos, tmp_path / "v.gif", fps=16.0)
+    gif = Image.open(tmp_path / "v.gif")
+    assert gif.n_frames == 2 and gif.size == (40, 16) and gif.info["duration"] in (60, 62, 63)
+    for frame, scale in ((0, 1.0), (1, 0.5)):
+        gif.seek(frame)
+        pixels = np.asarray(gif.convert("RGB"), dtype=np.float32) / 255
+        for i, colour in enumerate(colours.tolist()):
+            r, c = divmod(i, 4)
+            np.testing.assert_allclose(pixels[r * 8 + 4, c * 10 + 5], np.array(colour) * scale, atol=0.02)
+        np.testing.assert_allclose(pixels[12, 15], 0, atol=0.02)  # (the empty tile beside the fifth)
+    source = torch.rand(2, 3, 9, 4, 6)
+    strips = video_strips(source)
+    assert strips.shape == (2, 3, 4, 24)
+    for k, f in enumerate((0, 3, 5, 8)):  # (frame_indices(9, 4), left to right)
+        assert torch.equal(strips[..., 6 * k : 6 * (k + 1)], source[:, :, f])
+
+
+def test_refusals_of_schedulers_and_checkpoints(pipe, wan_dir, tmp_path):
+    """Grids the engine does not reproduce, image-to-video transformers, other Wan pipelines and Wan 2.2 A14B
+    (either of its index's marks) are refused; the checkpoint ones before any weights load (every weight file
+    here is garbage)."""
+    import copy
+    import shutil
+
+    for kwargs in (dict(use_dynamic_shifting=True), dict(use_karras_sigmas=True),
+                   dict(final_sigmas_type="sigma_min")):  # fmt: skip
+        other = copy.copy(pipe)
+        other.scheduler = UniPCMultistepScheduler(**{**WAN_UNIPC, **kwargs})
+        with pytest.raises(ValueError, match=r"the checkpoint's scheduler sets .*does not reproduce"):
+            WanPolicy(other, **OPTS).sigma_grid(4)
+    i2v = tiny.wan_pipeline(seed=0)
+    i2v.transformer.register_to_config(image_dim=8)
+    with pytest.raises(ValueError, match=r"sets image_dim: an image-to-video checkpoint"):
+        WanPolicy(i2v, **OPTS)
+    for name, change in (("a14b", {"boundary_ratio": 0.875}), ("two", {"transformer_2": ["diffusers", "WanTransformer3DModel"]}),
+                         ("i2v", {"_class_name": "WanImageToVideoPipeline"})):  # fmt: skip
+        root = tmp_path / name
+        shutil.copytree(wan_dir, root)
+        index = json.loads((root / "model_index.json").read_text())
+        (root / "model_index.json").write_text(json.dumps({**index, **change}))
+        for weights in root.glob("*/*.safetensors"):  # (nothing may read them)
+            weights.write_bytes(b"not weights")
+        match = (
+            r"WanImageToVideoPipeline checkpoint"
+            if name == "i2v"
+            else rf"{name} has two experts.*Wan 2.2 A14B"
+        )
+        with pytest.raises(ValueError, match=match):
+            WanPolicy.load(root)
+
+
+def test_a_weighted_sums_parts_and_a_bound_method_reward_on_videos(policy):
+    """``stack`` (dense.multi_reward=per_reward) averages each part over the frames; a reward that is a bound
+    method still goes through the one-video-at-a-time decode."""
+    from densegrpo_fast.rewards import build_reward
+    from densegrpo_fast.rewards.video import scoring_decode
+
+    videos = torch.rand(2, 3, 9, 8, 8)
+    parts = {"a": {"name": "redness"}, "b": {"name": "redness", "weight": 2.0}}
+    total = build_reward("multi", rewards=parts)
+    wrapped = frame_mean(total, 4)
+    stacked = wrapped.stack(videos, PROMPTS)
+    want = torch.stack([total.stack(videos[:, :, f], PROMPTS) for f in (0, 3, 5, 8)]).mean(0)
+    assert stacked.shape == (2, 2) and torch.equal(stacked, want)
+    assert torch.equal(
+        wrapped(videos, PROMPTS), torch.stack([total(videos[:, :, f], PROMPTS) for f in (0, 3, 5, 8)]).mean(0)
+    )
+
+    class Scorer:
+        def score(self, images, prompts):
+            return images.mean((1, 2, 3))
+
+    bound = frame_mean(Scorer().score, 2)
+    decode, chunk = scoring_decode(policy.decode, bound, 256)
+    assert decode is not policy.decode and chunk == 128
+    decode, chunk = scoring_decode(policy.decode, wrapped.stack, 256)  # (a bound method of the wrapper)
+    assert decode is not policy.decode and chunk == 64

@@ -18,8 +18,8 @@ patches, conditioned on UMT5-XXL by cross-attention. Where it differs from the i
   makes two. Wan 2.2 TI2V-5B's per-token timesteps (``expand_timesteps``) are the same time for every
   token of a text-to-video sample, and are passed so.
 - **Sampling grid** (:meth:`WanPolicy.sigma_grid`, used when ``sampling.shift`` is null): the checkpoint's
-  scheduler's own sigmas. Wan's released scheduler is UniPC with flow sigmas (``flow_shift`` 3 for 480p, 5
-  for 720p): the engine samples its grid with the Euler (ODE) or SDE step, not UniPC's second-order update,
+  scheduler's own sigmas, whatever the resolution. Wan's released scheduler is UniPC with flow sigmas
+  (``flow_shift`` 3; Wan suggests 5 for 720p, which the engine does not pick): the engine samples its grid with the Euler (ODE) or SDE step, not UniPC's second-order update,
   and feeds the transformer ``1000 sigma`` where UniPC feeds it truncated to an integer. A scheduler of
   FlowMatchEulerDiscreteScheduler gives its own grid and is what the pipeline equality test swaps in.
 
@@ -90,7 +90,12 @@ class WanPolicy(DiffusersPolicy):
     default_max_sequence_length = 512
     model_name = "Wan"
     video = True
-    fps = 16.0  # (Wan's videos play at 16 frames a second: the GIFs of samples)
+
+    @property
+    def fps(self) -> float:
+        """Frames a second the videos play at (the sample GIFs): Wan 2.2 TI2V-5B's 24, Wan 2.1's 16."""
+        return 24.0 if self.pipe.config.get("expand_timesteps") else 16.0
+
     skip_components = ("transformer_2",)  # (Wan 2.2 A14B's second expert: refused below, so not loaded)
 
     def __init__(
@@ -123,23 +128,31 @@ class WanPolicy(DiffusersPolicy):
 
     @classmethod
     def load(cls, path_or_repo_id=None, **kwargs):
-        """:meth:`DiffusersPolicy.load`, after refusing a two-expert checkpoint (Wan 2.2 A14B) from its
-        ``model_index.json``, before any weights load."""
+        """:meth:`DiffusersPolicy.load`, after refusing, from the checkpoint's ``model_index.json`` and before any
+        weights load or download, a pipeline other than ``WanPipeline`` (image to video) and two experts (Wan 2.2
+        A14B). A download first fetches ``model_index.json`` and the transformer's config alone."""
         import diffusers
 
         from densegrpo_fast.policies.pretrained import resolve_pretrained
 
+        local = kwargs.get("local_files_only", True)
+        text_only = kwargs.get("text_only")
         root = resolve_pretrained(
             path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
-            components={k: "config" if kwargs.get("text_only") and k in ("transformer", "vae") else v
-                        for k, v in cls.components.items()},
-            default_repo=cls.default_repo, local_files_only=kwargs.get("local_files_only", True),
-            cache_dir=kwargs.get("cache_dir"),
+            components={k: "config" if text_only and k in ("transformer", "vae") else v
+                        for k, v in cls.components.items()} if local else {"transformer": "config"},
+            default_repo=cls.default_repo, local_files_only=local, cache_dir=kwargs.get("cache_dir"),
         )  # fmt: skip
         index = json.loads((root / "model_index.json").read_text())
+        named = index.get("_class_name")
+        if named != cls.pipeline_name:
+            raise ValueError(
+                f"{root} is a {named} checkpoint; model.family wan samples WanPipeline's (text to video: Wan 2.1 "
+                "T2V, Wan 2.2 TI2V-5B), not image-to-video or other Wan pipelines"
+            )
         if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None:
             raise ValueError(TWO_EXPERTS.format(root=root))
-        return super().load(root, **kwargs)
+        return super().load(root if local else path_or_repo_id, **kwargs)
 
     def set_resolution(self) -> None:
         _, ph, pw = self.transformer.config.patch_size
@@ -191,8 +204,9 @@ class WanPolicy(DiffusersPolicy):
     def sigma_grid(self, num_steps: int) -> torch.Tensor:
         """The checkpoint scheduler's sigmas for ``num_steps`` steps, float32 [T+1], ending at 0: Wan's UniPC
         with flow sigmas (``flow_shift``) or a FlowMatchEulerDiscreteScheduler, each set as the pipeline sets
-        it (``set_timesteps(T)``, on a copy; UniPC's first sigma, ``1 - 1e-6``, is 1 here). A ValueError for a scheduler of another kind, or one whose
-        shift follows the resolution (``use_dynamic_shifting``, which the pipeline does not feed)."""
+        it (``set_timesteps(T)``, on a copy; UniPC's first sigma, ``1 - 1e-6``, is 1 here). A ValueError for a
+        scheduler of another kind, or one whose shift follows the resolution (``use_dynamic_shifting``, which the
+        pipeline does not feed), or whose grid the engine does not reproduce."""
         scheduler = self.pipe.scheduler
         name, cfg = type(scheduler).__name__, scheduler.config
         fix = (

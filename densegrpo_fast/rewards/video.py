@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import torch
 
+#: The frame count :func:`scoring_decode` sizes its chunks by when the decode does not say (WanPipeline's default).
+UNKNOWN_FRAMES = 81
+
 
 def frame_indices(total: int, frames: int | None) -> list[int]:
     """The frames of a ``total``-frame video that are scored: ``frames`` of them, evenly spaced from the first to
@@ -69,7 +72,9 @@ class FrameMean:
         return None if view is None else frame_mean(view, self.frames)
 
     def __getattr__(self, name: str):
-        if name in ("image_reward", "frames"):  # (not set yet: a copy or unpickling in progress)
+        # (image_reward, frames: not set yet, a copy or unpickling in progress; dunders, e.g. a bound method's
+        # __self__, are the wrapper's own, not the reward's)
+        if name in ("image_reward", "frames") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.image_reward, name)
 
@@ -91,13 +96,14 @@ def scoring_decode(decode, reward_fn, chunk: int):
     :class:`FrameMean` (a video policy's reward) the decode keeps only the frames it scores, one video at a time
     (the VAE decodes one at a time anyway), so that a dense reward's batch of videos never sits decoded whole:
     [n, 3, k, H, W] for k frames scored, and ``chunk`` shrinks k-fold, so that a chunk holds as many frames as
-    it held images (the reward is then called once per frame, on ``chunk / k`` images). ``decode``, ``chunk``
-    themselves otherwise."""
-    wrapped = getattr(reward_fn, "__self__", reward_fn)
+    it held images (the reward is then called once per frame, on ``chunk / k`` images; a pairwise reward's
+    calls take whole groups, which may hold more). ``decode``, ``chunk`` themselves otherwise."""
+    wrapped = reward_fn if isinstance(reward_fn, FrameMean) else getattr(reward_fn, "__self__", None)
     if not isinstance(wrapped, FrameMean):
         return decode, chunk
-    total = getattr(getattr(decode, "__self__", None), "frames", None)  # (a video policy's frame count)
-    kept = len(frame_indices(total, wrapped.frames)) if total else (wrapped.frames or 1)
+    # (the frames of the video policy whose decode this is; unknown, e.g. a wrapped decode: the pipeline's 81)
+    total = getattr(getattr(decode, "__self__", None), "frames", None) or UNKNOWN_FRAMES
+    kept = len(frame_indices(total, wrapped.frames))
 
     def decode_scored(latents: torch.Tensor) -> torch.Tensor:
         out = []
