@@ -90,13 +90,12 @@ class WanPolicy(DiffusersPolicy):
     default_max_sequence_length = 512
     model_name = "Wan"
     video = True
+    skip_components = ("transformer_2",)  # (Wan 2.2 A14B's second expert: refused below, so not loaded)
 
     @property
     def fps(self) -> float:
         """Frames a second the videos play at (the sample GIFs): Wan 2.2 TI2V-5B's 24, Wan 2.1's 16."""
         return 24.0 if self.pipe.config.get("expand_timesteps") else 16.0
-
-    skip_components = ("transformer_2",)  # (Wan 2.2 A14B's second expert: refused below, so not loaded)
 
     def __init__(
         self,
