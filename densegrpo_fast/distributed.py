@@ -660,6 +660,12 @@ def shard(
     ``keep_dtypes``: every parameter is kept and gathered in its own dtype, so the calls are the unsharded
     model's bit for bit: a LoRA run's transformer (its frozen base in ``compute_dtype``, its adapters in fp32,
     as unsharded; only they have gradients, summed in fp32), or a frozen one (the ``calibrate`` command's)."""
+    if getattr(module, "expert_names", ()):
+        raise ValueError(
+            "model.sharding: this checkpoint has two experts (Wan 2.2 A14B), which FSDP2 does not shard here: a "
+            "call runs one expert's blocks for some rows and the other's for the rest, and each process must "
+            "gather the same units at once; set model.sharding=replicate (each process holds both experts)"
+        )
     kept = None if keep_dtypes else compute_dtype
     for blocks in _block_lists(module).values():
         for block in blocks:
@@ -694,7 +700,9 @@ def sharded_frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
-    return {n: c for n, c in module.named_children() if isinstance(c, torch.nn.ModuleList)}
+    from densegrpo_fast.policies.base import block_lists
+
+    return block_lists(module)
 
 
 def _mixed_precision(compute_dtype: torch.dtype | None):

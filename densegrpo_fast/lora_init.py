@@ -38,12 +38,22 @@ def _named(option: str, path: str | Path) -> str:
     return f"{option}={str(path)!r}" if option == "lora.init" else f"{option} {str(path)!r}"
 
 
+def _one_transformer(policy, name: str) -> None:
+    """A ValueError where ``policy`` has two experts (Wan 2.2 A14B): a LoRA file adapts one transformer."""
+    if getattr(policy.transformer, "expert_names", ()):
+        raise ValueError(
+            f"{name}: this checkpoint has two experts (Wan 2.2 A14B), and a LoRA file adapts one transformer, "
+            "which the engine does not pair with an expert: start from the base model (remove it)"
+        )
+
+
 def start_adapters_from(policy, path: str | Path) -> int:
     """Set the run's adapter (``"default"``, just added, still at its initial weights) of ``policy.transformer``
     to the LoRA at ``path``; returns the number of layers set. A ValueError names what does not fit: another
     rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
     check_exists(path, "lora.init")
     path, name = Path(path), _named("lora.init", path)
+    _one_transformer(policy, name)
     transformer = policy.transformer
     _load(policy, path, name)
     layers, outside = 0, []
@@ -85,6 +95,7 @@ def merge_lora(policy, path: str | Path) -> int:
     published Flow-GRPO LoRA on its base model. Returns the number of layers merged."""
     check_exists(path, "--lora")
     path, name = Path(path), _named("--lora", path)
+    _one_transformer(policy, name)
     transformer = policy.transformer
     _load(policy, path, name)
     layers = sum(

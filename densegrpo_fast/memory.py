@@ -1276,7 +1276,7 @@ def fake_policy(cfg, mode):
     import diffusers
 
     from densegrpo_fast.policies import adapter_class, architectures
-    from densegrpo_fast.policies.pretrained import as_dtype, resolve_pretrained
+    from densegrpo_fast.policies.pretrained import as_dtype
 
     m = cfg.model
     _check_family(cfg)
@@ -1285,11 +1285,8 @@ def fake_policy(cfg, mode):
     pipeline_cls = getattr(diffusers, Adapter.pipeline_name)
     checkpoint = m.checkpoint or Adapter.default_repo
     try:
-        root = resolve_pretrained(
-            checkpoint, pipeline_cls=pipeline_cls, components=Adapter.components,
-            default_repo=Adapter.default_repo,
-        )  # fmt: skip
-        models, others = _local_constructors(root, Adapter.components)
+        root, components = Adapter.resolve(checkpoint)
+        models, others = _local_constructors(root, components)
         source = str(root)
     except ValueError:
         if checkpoint != Adapter.default_repo:

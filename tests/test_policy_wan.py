@@ -97,7 +97,7 @@ def test_bad_frames_resolutions_and_checkpoints_are_refused(pipe):
         WanPolicy(pipe, **{**OPTS, "resolution": 40})
     two = copy.copy(pipe)
     two.register_to_config(boundary_ratio=0.875)
-    with pytest.raises(ValueError, match=r"two experts.*Wan 2.2 A14B"):
+    with pytest.raises(ValueError, match=r"this WanPipeline sets boundary_ratio but not transformer_2"):
         WanPolicy(two, **OPTS)
     with pytest.raises(ValueError, match=r"model.frames \(5\): model.family sd3 makes images"):
         load_policy("sd3", None, "cpu", frames=5)
@@ -378,7 +378,9 @@ def test_loads_a_diffusers_directory_and_names_missing_parts(wan_dir, policy, tm
     (a14b / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": 0.875}))
     for weights in (a14b / "transformer").glob("*.safetensors"):  # (nothing reads them)
         weights.write_bytes(b"not weights")
-    with pytest.raises(ValueError, match=r"a14b has two experts.*Wan 2.2 A14B"):
+    with pytest.raises(
+        ValueError, match=r"a14b sets boundary_ratio but not transformer_2: Wan 2.2 A14B's two"
+    ):
         WanPolicy.load(a14b)
     with pytest.raises(
         ValueError, match=r"not in the Hugging Face cache.*hf download Wan-AI/Wan2.1-T2V-1.3B-Diff"
@@ -396,10 +398,12 @@ def test_the_exported_lora_loads_into_wan_pipeline(tmp_path):
 
 
 @pytest.mark.slow  # (the slow tier: .ci/run runs it after the default one)
-def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(wan_dir, tmp_path):
-    """The estimate's fake tensors go through UMT5, the adapter, the video VAE (its whole decode profiled as one
-    call: its decoder's calls share a cache) and the frame-by-frame reward, and land on the run counted for
-    real, to the byte."""
+@pytest.mark.parametrize("experts", [1, 2])
+def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(request, tmp_path, experts):
+    """The estimate's fake tensors go through UMT5, the adapter (with Wan 2.2 A14B's two experts too), the video
+    VAE (its whole decode profiled as one call: its decoder's calls share a cache) and the frame-by-frame
+    reward, and land on the run counted for real, to the byte."""
+    wan_dir = request.getfixturevalue("wan_dir" if experts == 1 else "pair_dir")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from densegrpo_fast.config import TrainConfig, load_config
@@ -428,6 +432,7 @@ def test_the_memory_estimate_runs_on_fake_weights_and_matches_the_run(wan_dir, t
         assert 0 <= bytes_ - est.phases[phase] <= (12 if phase == "prompt encoding" else 0), phase
     assert measured["rollout + reward"] - weights > 1_000_000
     assert est.calls["transformer"] > 0 and est.calls["text_encoder"] > 0 and est.calls["vae.decode"] > 0
+    assert est.calls.get("transformer_2", 0) > 0 if experts == 2 else "transformer_2" not in est.weights
 
 
 def test_the_walkers_see_through_frame_mean():
@@ -504,9 +509,9 @@ def test_gif_preview_save_gif_and_video_strips(tmp_path):
 
 
 def test_refusals_of_schedulers_and_checkpoints(pipe, wan_dir, tmp_path):
-    """Grids the engine does not reproduce, image-to-video transformers, other Wan pipelines and Wan 2.2 A14B
-    (either of its index's marks) are refused; the checkpoint ones before any weights load (every weight file
-    here is garbage)."""
+    """Grids the engine does not reproduce, image-to-video transformers, other Wan pipelines and an index with
+    one of Wan 2.2 A14B's two marks alone are refused; the checkpoint ones before any weights load (every
+    weight file here is garbage)."""
     import copy
     import shutil
 
@@ -528,11 +533,11 @@ def test_refusals_of_schedulers_and_checkpoints(pipe, wan_dir, tmp_path):
         (root / "model_index.json").write_text(json.dumps({**index, **change}))
         for weights in root.glob("*/*.safetensors"):  # (nothing may read them)
             weights.write_bytes(b"not weights")
-        match = (
-            r"WanImageToVideoPipeline checkpoint"
-            if name == "i2v"
-            else rf"{name} has two experts.*Wan 2.2 A14B"
-        )
+        match = {
+            "i2v": r"WanImageToVideoPipeline checkpoint",
+            "a14b": r"a14b sets boundary_ratio but not transformer_2",
+            "two": r"two sets transformer_2 but not boundary_ratio",
+        }[name]
         with pytest.raises(ValueError, match=match):
             WanPolicy.load(root)
 
@@ -563,3 +568,171 @@ def test_a_weighted_sums_parts_and_a_bound_method_reward_on_videos(policy):
     assert decode is not policy.decode and chunk == 128
     decode, chunk = scoring_decode(policy.decode, wrapped.stack, 256)  # (a bound method of the wrapper)
     assert decode is not policy.decode and chunk == 64
+
+
+# --- Wan 2.2 A14B's two experts -------------------------------------------------------------------------------
+
+#: The two experts' boundary_ratio: at T = 4 and shift 3, timesteps 1000 and 858 go to the high-noise expert, 602
+#: and 9 to the low-noise one.
+RATIO = 0.7
+
+
+@pytest.fixture(scope="module")
+def pair_pipe():
+    return tiny.wan_pipeline(seed=0, boundary_ratio=RATIO)
+
+
+@pytest.fixture(scope="module")
+def pair_dir(pair_pipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_wan_a14b")
+    pair_pipe.save_pretrained(root)
+    return root
+
+
+def _expert_times(pipe):
+    """Forward hooks on both experts recording (expert, timestep rows) per call; returns (log, handles)."""
+    log, handles = [], []
+    for name in ("transformer", "transformer_2"):
+        handles.append(getattr(pipe, name).register_forward_hook(
+            lambda m, args, kwargs, out, name=name: log.append((name, kwargs["timestep"].clone())), with_kwargs=True
+        ))  # fmt: skip
+    return log, handles
+
+
+@pytest.mark.parametrize("g", [5.0, 1.0])
+def test_two_experts_reproduce_the_diffusers_pipeline(pair_pipe, g):
+    """Wan 2.2 A14B's experts: the engine's sampler is WanPipeline (FlowMatchEuler swapped in) to 1e-5 in the
+    latents and the videos, each step through the expert the pipeline picks (two steps each here)."""
+    from densegrpo_fast.policies.wan import ExpertPair
+
+    T = 4
+    policy = WanPolicy(pair_pipe, **OPTS)
+    assert isinstance(policy.transformer, ExpertPair) and policy.transformer.boundary == RATIO * 1000
+    noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
+    call = dict(prompt=list(PROMPTS), height=32, width=32, num_frames=FRAMES, num_inference_steps=T, guidance_scale=g,
+                max_sequence_length=MAX_TOKENS)  # fmt: skip
+    log, handles = _expert_times(pair_pipe)
+    try:
+        theirs = pair_pipe(**call, latents=noise.clone(), output_type="latent").frames
+        theirs_log = [(n, t[:1]) for n, t in log[:: 2 if g > 1 else 1]]  # (the pipeline: cond, then uncond)
+        theirs_video = pair_pipe(**call, latents=noise.clone(), output_type="pt").frames
+        log.clear()
+        grid = policy.sigma_grid(T)
+        cond = policy.encode_prompts(PROMPTS, with_negative=g > 1)
+        ro = sample(policy, cond, noise, Schedule(grid, torch.zeros(T)), guidance_scale=g, dense=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [n for n, _ in theirs_log] == ["transformer"] * 2 + ["transformer_2"] * 2
+    assert [n for n, _ in log] == [n for n, _ in theirs_log]
+    assert all(torch.equal(t[:1], u) for (_, t), (_, u) in zip(log, theirs_log, strict=True))
+    ours = ro.latents[:, T]
+    video = policy.decode(ours)
+    diff = (ours - theirs).abs().max().item()
+    diff_video = (video - theirs_video.permute(0, 2, 1, 3, 4)).abs().max().item()
+    print(f"Wan two experts g={g}: max |latent diff| {diff:.2e}, video {diff_video:.2e}")
+    assert diff <= 1e-5 and diff_video <= 1e-5 and ours.abs().max() > 0.1
+
+
+def test_a_call_spanning_the_boundary_sends_each_row_to_its_expert(pair_pipe):
+    """Rows on both sides of the boundary in one call (a dense reward's completions beside the rollout's rows):
+    each row's velocity and gradient are those of its expert's call on it alone; a call on one side makes one
+    expert call."""
+    policy = WanPolicy(pair_pipe, **OPTS)
+    x = torch.randn(4, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.3, 0.7, 0.69])  # (0.7: 1000 sigma = 700 is the high-noise expert's)
+    cond = policy.encode_prompts(PROMPTS * 2)
+    log, handles = _expert_times(pair_pipe)
+    try:
+        whole = policy.velocity(x, sigma, cond, 5.0)
+        # (CFG: 2B rows, each expert two rows of each half)
+        assert sorted((n, len(t)) for n, t in log) == [("transformer", 4), ("transformer_2", 4)]
+        for i in range(4):
+            log.clear()
+            one = policy.velocity(x[i : i + 1], sigma[i : i + 1], cond.index(slice(i, i + 1)), 5.0)
+            assert [n for n, _ in log] == ["transformer" if i in (0, 2) else "transformer_2"]
+            torch.testing.assert_close(whole[i : i + 1], one, rtol=1e-5, atol=1e-6)
+    finally:
+        for h in handles:
+            h.remove()
+    v = x.clone().requires_grad_(True)
+    policy.forward_raw(v, sigma, cond.embeds, cond.pooled).square().sum().backward()
+    for i in range(4):
+        u, row = x[i : i + 1].clone().requires_grad_(True), slice(i, i + 1)
+        policy.forward_raw(u, sigma[row], cond.embeds[row], cond.pooled[row]).square().sum().backward()
+        torch.testing.assert_close(v.grad[i : i + 1], u.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("lora", [True, False])
+def test_two_experts_train_and_export(pair_dir, tmp_path, lora):
+    """One DenseGRPO iteration on two experts: both train (LoRA: an adapter each; full fine-tuning with the KL
+    to a frozen copy of both); the export's two LoRA files (the low-noise expert's in ``transformer_2/``) load
+    into WanPipeline's two experts and give the velocity of the exported policy, whose saved weights load back."""
+    from diffusers import WanPipeline
+    from safetensors.torch import load_file
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.trainer import setup, train
+
+    extra = ("sampling.num_steps=4", "run.eval_every=0", f"lora.enabled={str(lora).lower()}", "grpo.beta=0.04",
+             "optim.lr=1e-3", "ema.enabled=false")  # fmt: skip
+    cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, *extra))
+    before = {
+        e: load_file(next((pair_dir / e).glob("*.safetensors"))) for e in ("transformer", "transformer_2")
+    }
+    run_dir = train(cfg, progress=False)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (step,) = [r for r in records if "reward_mean" in r]
+    assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    exported = load_policy("wan", str(pair_dir), "cpu", dtype="fp32", **OPTS)
+    exported.load_weights(run_dir / "policy_ema.safetensors")
+    for name, base in before.items():  # both experts moved
+        trained = getattr(exported.transformer, name).state_dict()
+        assert any((trained[k] - base[k]).abs().max() > 0 for k in base), name
+    x = torch.randn(2, *exported.latent_shape, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.9, 0.3])  # (one row per expert)
+    cond = exported.encode_prompts(PROMPTS)
+    ours = exported.velocity(x, sigma, cond, 5.0)
+    if lora:
+        assert {p.relative_to(run_dir / "lora_ema").as_posix() for p in (run_dir / "lora_ema").rglob("*.safetensors")} == {
+            "pytorch_lora_weights.safetensors", "transformer_2/pytorch_lora_weights.safetensors"}  # fmt: skip
+        pipe = WanPipeline.from_pretrained(pair_dir)
+        pipe.load_lora_weights(run_dir / "lora_ema")
+        pipe.load_lora_weights(run_dir / "lora_ema" / "transformer_2", load_into_transformer_2=True)
+        theirs = WanPolicy(pipe, **OPTS).velocity(x, sigma, cond, 5.0)
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    else:
+        assert not (run_dir / "lora_ema").exists()
+    resumed = setup(cfg, resume=True, progress=False)  # (the checkpoint holds both experts' weights)
+    assert resumed.iteration == 1
+
+
+def test_two_experts_compile_and_refuse_what_they_do_not_support(pair_pipe, tmp_path):
+    """Both experts' blocks compile (regional compilation: each expert's block list) and give the eager
+    velocities; FSDP2 sharding, ``lora.init`` and ``eval --lora`` (a LoRA file adapts one transformer) are
+    refused with two experts."""
+    import copy
+
+    from densegrpo_fast import distributed
+    from densegrpo_fast.lora_init import merge_lora, start_adapters_from
+    from densegrpo_fast.policies.base import block_lists, compile_blocks
+
+    policy = WanPolicy(copy.deepcopy(pair_pipe), **OPTS)
+    assert list(block_lists(policy.transformer)) == ["transformer.blocks", "transformer_2.blocks"]
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma, cond = torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        eager = policy.velocity(x, sigma, cond, 5.0)
+        assert compile_blocks(policy.transformer, "eager") == 4
+        torch.testing.assert_close(policy.velocity(x, sigma, cond, 5.0), eager, rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"model.sharding: this checkpoint has two experts.*model.sharding=replicate"
+    ):
+        distributed.shard(policy.transformer, torch.float32)
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    for call, option in ((start_adapters_from, "lora.init"), (merge_lora, "--lora")):
+        with pytest.raises(
+            ValueError, match=rf"{option}.*has two experts \(Wan 2.2 A14B\), and a LoRA file adapts one"
+        ):
+            call(policy, lora)

@@ -363,11 +363,14 @@ def edit_prompts(folder, files, texts):
     return [EditPrompt(t, str(folder / f)) for t, f in zip(texts, files, strict=True)]
 
 
-def wan_pipeline(seed: int = 0, expand_timesteps: bool = False, **scheduler_kwargs):
+def wan_pipeline(
+    seed: int = 0, expand_timesteps: bool = False, boundary_ratio: float | None = None, **scheduler_kwargs
+):
     """``WanPipeline`` with tiny random components: a two-layer WanTransformer3DModel, a one-layer UMT5, a Wan
     VAE of base width 3 (spatial factor 8, temporal factor 4), FlowMatchEulerDiscreteScheduler at shift 3
     unless ``scheduler_kwargs`` replace it; fp32 on the CPU. ``expand_timesteps``: Wan 2.2 TI2V-5B's
-    per-token timesteps."""
+    per-token timesteps. ``boundary_ratio``: Wan 2.2 A14B's two experts, a second random transformer
+    (``transformer_2``, the low-noise expert) taking over below ``boundary_ratio x 1000``."""
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -378,16 +381,18 @@ def wan_pipeline(seed: int = 0, expand_timesteps: bool = False, **scheduler_kwar
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
         dropout_rate=0.0,
     ))  # fmt: skip
-    transformer = WanTransformer3DModel(
+    shape = dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
     )  # fmt: skip
+    transformer = WanTransformer3DModel(**shape)
     vae = AutoencoderKLWan(
         base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
     )
     scheduler = FlowMatchEulerDiscreteScheduler(**(scheduler_kwargs or {"shift": 3.0}))
+    second = None if boundary_ratio is None else WanTransformer3DModel(**shape)
     return WanPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler,
-        expand_timesteps=expand_timesteps,
+        expand_timesteps=expand_timesteps, transformer_2=second, boundary_ratio=boundary_ratio,
     )  # fmt: skip

@@ -53,16 +53,8 @@ def checkpoint_problem(family: str, checkpoint: str | None, *, local_files_only:
     Face cache's entry, and the pipeline's folders in it."""
     if family not in PRETRAINED or not local_files_only:
         return None
-    import diffusers
-
-    from densegrpo_fast.policies.pretrained import resolve_pretrained
-
-    cls = adapter_class(family)
     try:
-        resolve_pretrained(
-            checkpoint or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
-            components=cls.components, default_repo=cls.default_repo, local_files_only=True,
-        )  # fmt: skip
+        adapter_class(family).resolve(checkpoint, local_files_only=True)
     except ValueError as e:
         return str(e)
     return None

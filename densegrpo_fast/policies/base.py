@@ -229,6 +229,17 @@ def text_encoders_on_device(policy):
 RECOMPILE_LIMIT = 64
 
 
+def block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
+    """The block lists of a transformer, by dotted name: its top-level ``nn.ModuleList`` children, as
+    diffusers' transformers hold their blocks. A module of several experts (Wan 2.2 A14B's
+    :class:`~densegrpo_fast.policies.wan.ExpertPair`, whose ``expert_names`` names them) gives each expert's.
+    Regional compilation (:func:`compile_blocks`) and FSDP2's units (``distributed.shard``) are these blocks."""
+    experts = getattr(module, "expert_names", ())
+    if experts:
+        return {f"{e}.{n}": blocks for e in experts for n, blocks in block_lists(getattr(module, e)).items()}
+    return {n: c for n, c in module.named_children() if isinstance(c, torch.nn.ModuleList)}
+
+
 def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "inductor") -> int:
     """``torch.compile`` each block of the transformer's block lists in place (regional compilation: every
     ``nn.ModuleList`` child, as diffusers' transformers hold their blocks: ``transformer_blocks`` and
@@ -244,9 +255,7 @@ def compile_blocks(transformer: torch.nn.Module, backend: str | Callable = "indu
     ``torch.compiler.set_stance("force_eager")``."""
     import torch._dynamo.config
 
-    blocks = [
-        block for child in transformer.children() if isinstance(child, torch.nn.ModuleList) for block in child
-    ]
+    blocks = [block for child in block_lists(transformer).values() for block in child]
     if not blocks:
         raise ValueError(
             f"model.compile: {type(transformer).__name__} has no block list (a ModuleList of blocks) to "

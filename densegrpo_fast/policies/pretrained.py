@@ -118,12 +118,14 @@ def resolve_pretrained(
     default_repo: str,
     local_files_only: bool = True,
     cache_dir: str | Path | None = None,
+    only: dict[str, str] | None = None,
 ) -> Path:
     """The local directory of a complete diffusers-format checkpoint.
 
     ``path_or_repo_id`` is a directory, or a repo id looked up in the Hugging Face cache (downloaded with
     ``pipeline_cls.download``, only the files the pipeline needs, when ``local_files_only`` is false).
-    Raises a ``ValueError`` naming what is missing and how to get it.
+    Raises a ``ValueError`` naming what is missing and how to get it. ``only``: fetch and check these
+    components alone (a first look at ``model_index.json`` and a config), the message still naming all.
     """
     from huggingface_hub import constants, snapshot_download
 
@@ -141,9 +143,11 @@ def resolve_pretrained(
         try:
             if local_files_only:
                 root = Path(snapshot_download(name, local_files_only=True, cache_dir=cache_dir))
-            elif "config" in components.values():  # (a text-only load: no transformer or VAE weights)
+            elif only is not None or "config" in components.values():  # (no transformer or VAE weights)
                 root = Path(
-                    snapshot_download(name, cache_dir=cache_dir, allow_patterns=download_patterns(components))
+                    snapshot_download(
+                        name, cache_dir=cache_dir, allow_patterns=download_patterns(only or components)
+                    )
                 )
             else:
                 root = Path(pipeline_cls.download(name, cache_dir=cache_dir))
@@ -159,7 +163,7 @@ def resolve_pretrained(
                 f"model.checkpoint={name!r} is neither an existing directory nor a Hugging Face repo id "
                 f"(owner/name): {fix}"
             )
-    missing = missing_parts(root, components)
+    missing = missing_parts(root, only or components)
     if missing:
         raise ValueError(
             f"model.checkpoint={name!r} ({root}) is not a complete {pipeline_cls.__name__} checkpoint: "
@@ -398,6 +402,50 @@ class DiffusersPolicy:
     pads_prompts = True
 
     @classmethod
+    def check_index(cls, index: dict, root: Path) -> None:
+        """Refuse, from the checkpoint's ``model_index.json`` (``index``, in the directory ``root``) and before any
+        weights load or download, a checkpoint this family does not sample, with a ValueError. None here; Wan
+        and Qwen-Image-Edit refuse other pipelines of their names."""
+
+    @classmethod
+    def checkpoint_components(cls, index: dict) -> dict[str, str]:
+        """The components a load reads from the checkpoint whose ``model_index.json`` is ``index`` (see
+        :func:`missing_parts`): the family's, and Wan 2.2 A14B's second expert where the index names one."""
+        return cls.components
+
+    @classmethod
+    def resolve(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        *,
+        text_only: bool = False,
+        local_files_only: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> tuple[Path, dict[str, str]]:
+        """The local directory of the checkpoint (:func:`resolve_pretrained`; default ``cls.default_repo``),
+        complete for a load, and the components it reads. Its ``model_index.json`` comes first, alone (a
+        download fetches it and the transformer's config): :meth:`check_index` refuses a checkpoint before any
+        weights are read or downloaded, and :meth:`checkpoint_components` names the folders the load needs.
+        ``text_only``: the transformers' and the VAE's configs only."""
+        import diffusers
+
+        common = dict(
+            pipeline_cls=getattr(diffusers, cls.pipeline_name), default_repo=cls.default_repo,
+            local_files_only=local_files_only, cache_dir=cache_dir,
+        )  # fmt: skip
+        name = path_or_repo_id or cls.default_repo
+        first = resolve_pretrained(name, components=cls.components, only={"transformer": "config"}, **common)
+        index = json.loads((first / "model_index.json").read_text())
+        cls.check_index(index, first)
+        components = {  # (text-only: of the transformers and the VAE, only their configs are read, and needed)
+            k: "config" if text_only and (k.startswith("transformer") or k == "vae") else v
+            for k, v in cls.checkpoint_components(index).items()
+        }
+        return resolve_pretrained(
+            first if local_files_only else name, components=components, **common
+        ), components
+
+    @classmethod
     def load(
         cls,
         path_or_repo_id: str | Path | None = None,
@@ -430,14 +478,9 @@ class DiffusersPolicy:
 
         extra = cls.shape_options(frames)
         pipeline_cls = getattr(diffusers, cls.pipeline_name)
-        # (text-only: of the transformer and the VAE, only their configs are read, and needed)
-        components = {
-            k: "config" if text_only and k in ("transformer", "vae") else v for k, v in cls.components.items()
-        }
-        root = resolve_pretrained(
-            path_or_repo_id or cls.default_repo, pipeline_cls=pipeline_cls, components=components,
-            default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
-        )  # fmt: skip
+        root, components = cls.resolve(
+            path_or_repo_id, text_only=text_only, local_files_only=local_files_only, cache_dir=cache_dir
+        )
         want = as_dtype(dtype)
         length = cls.default_max_sequence_length if max_sequence_length is None else max_sequence_length
         cache, skipped = None, {k: None for k in cls.skip_components}
@@ -463,8 +506,8 @@ class DiffusersPolicy:
                 "do not combine with it"
             )
         if text_only:  # (their configs only: the policy's constructor reads them)
-            skipped |= {k: _meta_model(root, k, want if k == "transformer" else torch.float32)
-                        for k in ("transformer", "vae")}  # fmt: skip
+            skipped |= {k: _meta_model(root, k, torch.float32 if k == "vae" else want)
+                        for k, kind in components.items() if kind == "config"}  # fmt: skip
         pipe = pipeline_cls.from_pretrained(
             root,
             **{_dtype_keyword(): {"default": want, "vae": torch.float32}},

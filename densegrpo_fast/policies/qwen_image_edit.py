@@ -90,27 +90,20 @@ class QwenImageEditPolicy(QwenImagePolicy):
     @classmethod
     def load(cls, path_or_repo_id=None, **kwargs):
         """:meth:`DiffusersPolicy.load`, with the image processor read from the checkpoint's ``processor/``."""
-        import json
+        policy = super().load(path_or_repo_id, **kwargs)
+        policy.vl_images = cls.image_processor(policy.root)
+        return policy
 
-        import diffusers
-
-        from densegrpo_fast.policies.pretrained import resolve_pretrained
-
-        root = resolve_pretrained(
-            path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
-            components=cls.components, default_repo=cls.default_repo,
-            local_files_only=kwargs.get("local_files_only", True), cache_dir=kwargs.get("cache_dir"),
-        )  # fmt: skip
-        named = json.loads((root / "model_index.json").read_text()).get("_class_name")
+    @classmethod
+    def check_index(cls, index: dict, root) -> None:
+        """Refuse the first Qwen-Image-Edit's pipeline (and any other), from ``model_index.json``."""
+        named = index.get("_class_name")
         if named != cls.pipeline_name:
             raise ValueError(
                 f"{root} is a {named} checkpoint; model.family qwen_image_edit samples {cls.pipeline_name}'s "
                 "(Qwen-Image-Edit-2509, -2511), whose template and view of the source differ from the first "
                 "Qwen-Image-Edit's (QwenImageEditPipeline, not supported): give a 2509 or 2511 checkpoint"
             )
-        policy = super().load(root, **kwargs)
-        policy.vl_images = cls.image_processor(root)
-        return policy
 
     @staticmethod
     def image_processor(root):

@@ -24,14 +24,25 @@ patches, conditioned on UMT5-XXL by cross-attention. Where it differs from the i
   FlowMatchEulerDiscreteScheduler gives its own grid and is what the pipeline equality test swaps in.
 
 With zero noise, the same initial latents and FlowMatchEulerDiscreteScheduler in the pipeline, the engine's
-sampler reproduces ``WanPipeline`` (tests/test_policy_wan.py). Not supported: Wan 2.2 A14B's two experts
-(``transformer_2`` and ``boundary_ratio``), and image-to-video conditioning.
+sampler reproduces ``WanPipeline`` (tests/test_policy_wan.py).
+
+- **Two experts** (Wan 2.2 T2V-A14B: ``transformer_2`` and ``boundary_ratio`` in ``model_index.json``): the
+  policy's ``transformer`` is an :class:`ExpertPair`, whose call sends each row to the high-noise expert
+  (``transformer``) at timesteps ``1000 sigma >= boundary_ratio x 1000`` and to the low-noise one
+  (``transformer_2``) below, as the pipeline switches per step. One call may hold rows of both (a dense
+  reward's completions beside the rollout's rows): each expert gets its rows. LoRA trains both (the same
+  targets, an adapter each), full fine-tuning trains both, and the export writes one LoRA per expert. One
+  guidance scale serves both experts (the pipeline's ``guidance_scale_2`` defaults to it; a second one is not
+  offered). Not supported with two experts: ``model.sharding: fsdp`` and ``lora.init`` / ``eval --lora``.
+
+Not supported: image-to-video conditioning.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import torch
 
@@ -46,11 +57,10 @@ COMPONENTS = {
 }  # fmt: skip
 #: The pipeline's default frame count (``WanPipeline(num_frames=81)``).
 DEFAULT_FRAMES = 81
-#: The refusal of Wan 2.2 A14B's two experts.
-TWO_EXPERTS = (
-    "{root} has two experts (transformer_2, boundary_ratio: Wan 2.2 A14B), which model.family wan does not sample: "
-    "use a one-transformer checkpoint (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, Wan-AI/Wan2.1-T2V-14B-Diffusers, "
-    "Wan-AI/Wan2.2-TI2V-5B-Diffusers)"
+#: A checkpoint whose ``model_index.json`` names one of the two experts' marks without the other.
+HALF_EXPERTS = (
+    "{root} sets {has} but not {lacks}: Wan 2.2 A14B's two experts need both (transformer_2, the low-noise expert, "
+    "and boundary_ratio, where it takes over), a one-transformer checkpoint neither; fix its model_index.json (the pipeline's config)"
 )
 #: The schedulers whose sigmas the engine can sample on (flow-matching ones).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
@@ -68,6 +78,104 @@ class VideoDecode(torch.nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self._vae[0].decode(z, return_dict=False)[0]
+
+
+class ExpertPair(torch.nn.Module):
+    """Wan 2.2 A14B's two experts as one transformer: a call sends each row to ``transformer`` (the high-noise
+    expert) where its timestep is at or above ``boundary`` (``boundary_ratio x num_train_timesteps``: 875), to
+    ``transformer_2`` below, as ``WanPipeline`` picks its model per step. A call whose rows span the boundary
+    makes one call of each expert on its rows, and gives the rows back in their order. The adapter methods the
+    engine calls (``add_adapter``, ``disable_adapters``, ``fuse_lora``, ...) apply to both experts; the block
+    lists are the experts' (:func:`~densegrpo_fast.policies.base.block_lists`).
+
+    Args:
+        transformer: the high-noise expert (a ``WanTransformer3DModel``).
+        transformer_2: the low-noise expert, of the same architecture.
+        boundary: the timestep where the low-noise expert takes over.
+    """
+
+    expert_names = ("transformer", "transformer_2")
+
+    def __init__(self, transformer, transformer_2, boundary: float):
+        super().__init__()
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary = float(boundary)
+
+    @property
+    def config(self):
+        """The high-noise expert's config (the two share their shapes)."""
+        return self.transformer.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False):
+        """``(out,)``: each row through its expert; ``timestep`` [B] (or [B, tokens], every token's the same)."""
+        t = timestep if timestep.ndim == 1 else timestep[:, 0]
+        high = t >= self.boundary
+        n = int(high.sum())  # (a host sync: each call is a whole transformer's)
+        if n in (0, len(t)):
+            expert = self.transformer if n else self.transformer_2
+            return expert(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          return_dict=False)  # fmt: skip
+        rows = [high.nonzero().squeeze(1), (~high).nonzero().squeeze(1)]
+        outs = [
+            expert(hidden_states=hidden_states[i], timestep=timestep[i], encoder_hidden_states=encoder_hidden_states[i],
+                   return_dict=False)[0]
+            for expert, i in zip((self.transformer, self.transformer_2), rows, strict=True)
+        ]  # fmt: skip
+        order = torch.argsort(torch.cat(rows))
+        return (torch.cat(outs)[order],)
+
+    def _each(self, method: str, *args) -> None:
+        for name in self.expert_names:
+            getattr(getattr(self, name), method)(*args)
+
+    def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+        """The same LoRA config on each expert, an adapter of its own each."""
+        for name in self.expert_names:
+            getattr(self, name).add_adapter(copy.deepcopy(adapter_config), adapter_name)
+
+    @property
+    def peft_config(self) -> dict:
+        """The experts' adapter configs (the same on both), as peft reads a model's."""
+        return self.transformer.peft_config
+
+    def disable_adapters(self) -> None:
+        self._each("disable_adapters")
+
+    def enable_adapters(self) -> None:
+        self._each("enable_adapters")
+
+    def enable_gradient_checkpointing(self) -> None:
+        self._each("enable_gradient_checkpointing")
+
+    def fuse_lora(self) -> None:
+        self._each("fuse_lora")
+
+    def unload_lora(self) -> None:
+        self._each("unload_lora")
+
+    def to_json_string(self) -> str:
+        """Both experts' configs and the boundary, as JSON (a saved policy's metadata)."""
+        return json.dumps({
+            **{name: json.loads(getattr(self, name).to_json_string()) for name in self.expert_names},
+            "boundary": self.boundary,
+        })  # fmt: skip
+
+
+def two_experts(index: dict, root) -> bool:
+    """Whether a WanPipeline ``model_index.json`` (``index``) names two experts (Wan 2.2 A14B); a ValueError
+    where it names one of the two marks alone."""
+    marks = {
+        "boundary_ratio": index.get("boundary_ratio") is not None,
+        "transformer_2": (index.get("transformer_2") or [None])[0] is not None,
+    }
+    if len(set(marks.values())) == 2:
+        has, lacks = sorted(marks, key=lambda k: not marks[k])
+        raise ValueError(HALF_EXPERTS.format(root=root, has=has, lacks=lacks))
+    return all(marks.values())
 
 
 class WanPolicy(DiffusersPolicy):
@@ -90,7 +198,6 @@ class WanPolicy(DiffusersPolicy):
     default_max_sequence_length = 512
     model_name = "Wan"
     video = True
-    skip_components = ("transformer_2",)  # (Wan 2.2 A14B's second expert: refused below, so not loaded)
 
     @property
     def fps(self) -> float:
@@ -106,13 +213,17 @@ class WanPolicy(DiffusersPolicy):
         frames: int | None = None,
     ):
         super().__init__(pipe, resolution=resolution, max_sequence_length=max_sequence_length)
-        if pipe.config.get("boundary_ratio") is not None or getattr(pipe, "transformer_2", None) is not None:
-            raise ValueError(TWO_EXPERTS.format(root="this WanPipeline"))
-        if self.transformer.config.get("image_dim") is not None:
-            raise ValueError(
-                "this WanTransformer3DModel sets image_dim: an image-to-video checkpoint, whose image "
-                "conditioning the engine does not feed; model.family wan samples text-to-video checkpoints"
-            )
+        second = getattr(pipe, "transformer_2", None)
+        ratio = pipe.config.get("boundary_ratio")
+        if two_experts({"boundary_ratio": ratio, "transformer_2": [second]}, "this WanPipeline"):
+            boundary = ratio * pipe.scheduler.config.num_train_timesteps
+            self.transformer = ExpertPair(pipe.transformer, second, boundary)
+        for expert in (pipe.transformer, second):
+            if expert is not None and expert.config.get("image_dim") is not None:
+                raise ValueError(
+                    "this WanTransformer3DModel sets image_dim: an image-to-video checkpoint, whose image "
+                    "conditioning the engine does not feed; model.family wan samples text-to-video checkpoints"
+                )
         self.temporal_factor = pipe.vae_scale_factor_temporal
         self.decode_call = VideoDecode(pipe.vae)
         self.frames = DEFAULT_FRAMES if frames is None else frames
@@ -126,32 +237,21 @@ class WanPolicy(DiffusersPolicy):
         self.set_resolution()
 
     @classmethod
-    def load(cls, path_or_repo_id=None, **kwargs):
-        """:meth:`DiffusersPolicy.load`, after refusing, from the checkpoint's ``model_index.json`` and before any
-        weights load or download, a pipeline other than ``WanPipeline`` (image to video) and two experts (Wan 2.2
-        A14B). A download first fetches ``model_index.json`` and the transformer's config alone."""
-        import diffusers
-
-        from densegrpo_fast.policies.pretrained import resolve_pretrained
-
-        local = kwargs.get("local_files_only", True)
-        text_only = kwargs.get("text_only")
-        root = resolve_pretrained(
-            path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
-            components={k: "config" if text_only and k in ("transformer", "vae") else v
-                        for k, v in cls.components.items()} if local else {"transformer": "config"},
-            default_repo=cls.default_repo, local_files_only=local, cache_dir=kwargs.get("cache_dir"),
-        )  # fmt: skip
-        index = json.loads((root / "model_index.json").read_text())
+    def check_index(cls, index: dict, root) -> None:
+        """Refuse a pipeline other than ``WanPipeline`` (image to video), and an index that names one of the two
+        experts' marks alone."""
         named = index.get("_class_name")
         if named != cls.pipeline_name:
             raise ValueError(
                 f"{root} is a {named} checkpoint; model.family wan samples WanPipeline's (text to video: Wan 2.1 "
-                "T2V, Wan 2.2 TI2V-5B), not image-to-video or other Wan pipelines"
+                "T2V, Wan 2.2 TI2V-5B and T2V-A14B), not image-to-video or other Wan pipelines"
             )
-        if index.get("boundary_ratio") is not None or (index.get("transformer_2") or [None])[0] is not None:
-            raise ValueError(TWO_EXPERTS.format(root=root))
-        return super().load(root if local else path_or_repo_id, **kwargs)
+        two_experts(index, root)
+
+    @classmethod
+    def checkpoint_components(cls, index: dict) -> dict[str, str]:
+        """Wan's components, and the low-noise expert ``transformer_2`` of a checkpoint with two (Wan 2.2 A14B)."""
+        return {**cls.components, "transformer_2": "model"} if two_experts(index, "") else cls.components
 
     def set_resolution(self) -> None:
         _, ph, pw = self.transformer.config.patch_size
@@ -240,6 +340,19 @@ class WanPolicy(DiffusersPolicy):
                 f"the checkpoint's scheduler gave {len(sigmas)} sigmas ending at {sigmas[-1]}: {fix}"
             )
         return sigmas
+
+    def save_lora(self, directory, state: dict[str, torch.Tensor], scale: float) -> Path:
+        """:meth:`DiffusersPolicy.save_lora`; with two experts, the high-noise expert's LoRA in ``directory``
+        and the low-noise one's in ``directory/transformer_2``, which ``WanPipeline`` loads with
+        ``load_lora_weights(directory)`` and ``load_lora_weights(directory / "transformer_2",
+        load_into_transformer_2=True)``."""
+        if not isinstance(self.transformer, ExpertPair):
+            return super().save_lora(directory, state, scale)
+        directory = Path(directory)
+        for name, where in (("transformer", directory), ("transformer_2", directory / "transformer_2")):
+            mine = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+            super().save_lora(where, mine, scale)
+        return directory
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
