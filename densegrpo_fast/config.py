@@ -323,8 +323,8 @@ class ModelSection(Section):
         description="policy adapter: toy (the embedded model), sd3 (SD3 / SD3.5), flux (FLUX.1), flux_kontext "
         "(FLUX.1 Kontext: edits the source image of each prompt, from a .jsonl prompt file with an 'image' per "
         "line), qwen_image (Qwen-Image), qwen_image_edit (Qwen-Image-Edit-2509 / -2511: edits, as flux_kontext), z_image (Z-Image, Z-Image-Turbo), flux2_klein (FLUX.2 [klein] 4B / 9B, "
-        "base or distilled; it edits too, given such a prompt file), wan (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 TI2V-5B: "
-        "text to video; image rewards score the video's frames, reward.frames)",
+        "base or distilled; it edits too, given such a prompt file), wan (Wan 2.1 T2V 1.3B / 14B, Wan 2.2 TI2V-5B, "
+        "Wan 2.2 T2V-A14B's two experts: text to video; image rewards score the video's frames, reward.frames)",
     )
     checkpoint: str | None = Field(
         None,

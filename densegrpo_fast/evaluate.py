@@ -36,7 +36,13 @@ from densegrpo_fast import distributed
 from densegrpo_fast.checkpoint import lock_dir, unlock_dir, write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl, save_gif
-from densegrpo_fast.lora_init import check_exists, lora_config_identity, lora_identity, merge_lora
+from densegrpo_fast.lora_init import (
+    check_exists,
+    check_one_transformer,
+    lora_config_identity,
+    lora_identity,
+    merge_lora,
+)
 from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
@@ -451,6 +457,7 @@ def run_eval(
         )
     if lora is not None:
         check_exists(lora, "--lora")
+        check_one_transformer(cfg.model, "--lora", lora)
     if not e.rewards:
         raise ValueError(
             "eval.rewards is empty: name at least one reward to score the samples with, e.g. "

@@ -38,13 +38,26 @@ def _named(option: str, path: str | Path) -> str:
     return f"{option}={str(path)!r}" if option == "lora.init" else f"{option} {str(path)!r}"
 
 
+#: A LoRA file given for a checkpoint with two experts.
+TWO_EXPERTS = (
+    "{name}: this checkpoint has two experts (Wan 2.2 A14B), and a LoRA file adapts one transformer, which the "
+    "engine does not pair with an expert: start from the base model (remove it)"
+)
+
+
+def check_one_transformer(model, option: str, path: str | Path) -> None:
+    """Refuse, from the checkpoint's ``model_index.json`` and before any model loads, a LoRA file (``option``:
+    ``lora.init``, ``--lora``) for a checkpoint with two experts. ``model``: the config's model section."""
+    from densegrpo_fast.policies import has_two_experts
+
+    if has_two_experts(model.family, model.checkpoint, local_files_only=model.local_files_only):
+        raise ValueError(TWO_EXPERTS.format(name=_named(option, path)))
+
+
 def _one_transformer(policy, name: str) -> None:
     """A ValueError where ``policy`` has two experts (Wan 2.2 A14B): a LoRA file adapts one transformer."""
     if getattr(policy.transformer, "expert_names", ()):
-        raise ValueError(
-            f"{name}: this checkpoint has two experts (Wan 2.2 A14B), and a LoRA file adapts one transformer, "
-            "which the engine does not pair with an expert: start from the base model (remove it)"
-        )
+        raise ValueError(TWO_EXPERTS.format(name=name))
 
 
 def start_adapters_from(policy, path: str | Path) -> int:

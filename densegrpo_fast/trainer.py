@@ -53,10 +53,10 @@ from densegrpo_fast.logging import (
     save_gif,
     save_image_grid,
 )
-from densegrpo_fast.lora_init import check_exists, start_adapters_from
+from densegrpo_fast.lora_init import check_exists, check_one_transformer, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.nft import nft_loss, noised, old_decay, optimality
-from densegrpo_fast.policies import load_policy
+from densegrpo_fast.policies import has_two_experts, load_policy
 from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
@@ -181,6 +181,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
         )
     if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
         check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
+        check_one_transformer(cfg.model, "lora.init", cfg.lora.init)
     distributed.check_device(cfg.model.device)
     # (name errors before the model loads; a video family's reward scores the videos' frames)
     reward_fn = cfg.reward.for_policy(build_reward(cfg.reward.name, **cfg.reward.kwargs), cfg.model.video)
@@ -435,7 +436,9 @@ def _check_lora_targets(cfg: TrainConfig, transformer: torch.nn.Module) -> None:
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if not missing:
         return
-    linear = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    first = getattr(transformer, "expert_names", ())  # (two experts: the first's names, without its prefix)
+    inner = getattr(transformer, first[0]) if first else transformer
+    linear = [n for n, m in inner.named_modules() if isinstance(m, torch.nn.Linear)]
     suffixes = sorted({n.split(".", 2)[-1] if n.count(".") >= 2 else n for n in linear})
     what = (
         f"lora.target_modules {missing} match no module of the {cfg.model.family} transformer (a target is a "
@@ -513,6 +516,14 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
     wanted = cfg.model.sharding == "fsdp" or (cfg.model.sharding == "auto" and not cfg.lora.enabled)
     if not (dist.enabled and wanted):
         return False
+    m = cfg.model
+    if has_two_experts(m.family, m.checkpoint, local_files_only=m.local_files_only):  # (before any model loads)
+        raise ValueError(
+            f"model.sharding={m.sharding}: this checkpoint has two experts (Wan 2.2 A14B), which FSDP2 does not "
+            "shard here (a call runs one expert's blocks for some rows and the other's for the rest, and every "
+            "process must gather the same units at once): set model.sharding=replicate, each process holding both "
+            "experts (with LoRA, lora.enabled=true, auto replicates too)"
+        )
     if distributed.fsdp_available():
         return True
     if cfg.model.sharding == "fsdp":
@@ -697,6 +708,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     init = cfg.lora.init if cfg.lora.enabled else None
     if init is not None:
         check_exists(init, "lora.init")
+        check_one_transformer(m, "lora.init", init)
     sharded = _shards(cfg, d)  # (as train shards it: no process holds the whole transformer)
     device = d.device(m.device)
     policy = load_policy(m.family, m.checkpoint, device, **m.adapter_options(), transformer_on_host=sharded)

@@ -310,6 +310,37 @@ def test_the_shards_checked_are_the_variant_free_indexs(tmp_path):
     assert missing_parts(tmp_path, {"transformer": "model"}) == ["transformer/full-1.safetensors"]
 
 
+def test_the_first_look_at_a_checkpoint_keeps_the_full_message(tmp_path):
+    """A checkpoint half there (a Hugging Face cache entry with only the index and the transformer's config, as
+    an interrupted download leaves it; a directory with only its index) is named as given, with every folder it
+    lacks and the whole download command."""
+    from densegrpo_fast.policies import adapter_class
+
+    sd3 = adapter_class("sd3")
+    snapshot = tmp_path / "cache" / "models--me--mysd3" / "snapshots" / "abc123"
+    (snapshot / "transformer").mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("abc123")
+    (snapshot / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    (snapshot / "transformer" / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as e:
+        sd3.resolve("me/mysd3", cache_dir=tmp_path / "cache")
+    assert "model.checkpoint='me/mysd3'" in str(e.value) and "hf download me/mysd3 " in str(e.value)
+    assert "missing transformer/<weights>.safetensors, vae/, text_encoder/" in str(e.value)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "model_index.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"missing transformer/, vae/, text_encoder/, text_encoder_2/, text_encoder_3/"
+    ):
+        sd3.resolve(str(bare))
+    (bare / "transformer").mkdir()
+    (bare / "transformer" / "config.json").write_text("{}")
+    (bare / "model_index.json").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(ValueError, match=r"model_index.json is not JSON .*fetch the checkpoint again"):
+        sd3.resolve(str(bare))
+
+
 def test_the_download_hint_fetches_only_the_pipelines_folders(tmp_path):
     """The hint's patterns, read as ``hf download`` reads them (one value per ``--include``, filtered by
     huggingface_hub's own matcher), take the diffusers folders and leave the single-file checkpoints."""

@@ -736,3 +736,75 @@ def test_two_experts_compile_and_refuse_what_they_do_not_support(pair_pipe, tmp_
             ValueError, match=rf"{option}.*has two experts \(Wan 2.2 A14B\), and a LoRA file adapts one"
         ):
             call(policy, lora)
+
+
+def test_both_experts_take_adapters_checkpointing_and_a_text_only_load(pair_pipe, pair_dir, tmp_path):
+    """Adapters on the pair act on both experts: disabled, each row gets the base model's velocity again;
+    gradient checkpointing reaches both; a text-only load (encode-prompts) reads neither expert's weights; a
+    checkpoint without the second expert's weights is named for it."""
+    import copy
+    import shutil
+
+    from peft import LoraConfig
+
+    from densegrpo_fast.config import WAN_LORA_TARGETS
+
+    policy = WanPolicy(copy.deepcopy(pair_pipe), **OPTS)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma, cond = torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS)  # (one row per expert)
+    base = policy.velocity(x, sigma, cond, 5.0)
+    policy.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=WAN_LORA_TARGETS))
+    with torch.no_grad():
+        for name, p in policy.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    adapted = policy.velocity(x, sigma, cond, 5.0)
+    assert ((adapted - base).flatten(1).abs().amax(1) > 1e-2).all()  # (each row: its expert's adapter)
+    policy.transformer.disable_adapters()
+    torch.testing.assert_close(policy.velocity(x, sigma, cond, 5.0), base, rtol=0, atol=0)
+    policy.transformer.enable_adapters()
+    torch.testing.assert_close(policy.velocity(x, sigma, cond, 5.0), adapted, rtol=0, atol=0)
+    policy.transformer.enable_gradient_checkpointing()
+    assert all(
+        e.gradient_checkpointing for e in (policy.transformer.transformer, policy.transformer.transformer_2)
+    )
+    garbage = tmp_path / "garbage"
+    shutil.copytree(pair_dir, garbage)
+    for weights in [*garbage.glob("transformer*/*.safetensors"), *garbage.glob("vae/*.safetensors")]:
+        weights.write_bytes(b"not weights")
+    text = WanPolicy.load(garbage, dtype="fp32", text_only=True, **OPTS)
+    assert text.transformer.transformer_2.device.type == "meta"
+    torch.testing.assert_close(text.encode_prompts(PROMPTS).embeds, cond.embeds)
+    for weights in garbage.glob("transformer_2/*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ValueError, match=r"not a complete WanPipeline checkpoint: missing transformer_2/"):
+        WanPolicy.load(garbage)
+
+
+def test_two_experts_are_refused_early_where_unsupported(pair_dir, wan_dir, tmp_path, monkeypatch):
+    """FSDP2 sharding (asked for, or auto's for full fine-tuning under torchrun) and a LoRA file (lora.init,
+    eval --lora) are refused from the checkpoint's index, before any model loads; a one-expert checkpoint is
+    not."""
+    from densegrpo_fast import distributed, trainer
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.evaluate import run_eval
+    from densegrpo_fast.policies import has_two_experts
+
+    assert has_two_experts("wan", str(pair_dir)) and not has_two_experts("wan", str(wan_dir))
+    assert not has_two_experts("wan", str(tmp_path / "nowhere")) and not has_two_experts("toy", None)
+    monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("a model loaded"))
+    job = distributed.Dist(rank=0, world=2)
+    for extra in (["model.sharding=fsdp"], ["lora.enabled=false"]):
+        cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, *extra))
+        with pytest.raises(ValueError, match=r"model.sharding=(fsdp|auto): this checkpoint has two experts"):
+            trainer._shards(cfg, job)
+        one = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *extra))
+        assert trainer._shards(one, job) == distributed.fsdp_available()
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"")
+    cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, f"lora.init={lora}"))
+    with pytest.raises(ValueError, match=r"lora.init=.*has two experts \(Wan 2.2 A14B\), and a LoRA file"):
+        trainer.setup(cfg, progress=False)
+    overrides = [o for o in _overrides(pair_dir, tmp_path) if not o.startswith(("run.", "reward."))]
+    with pytest.raises(ValueError, match=r"--lora .*has two experts \(Wan 2.2 A14B\), and a LoRA file"):
+        run_eval(None, [*overrides, "eval.rewards={red: {name: redness}}"], lora=str(lora), progress=False)

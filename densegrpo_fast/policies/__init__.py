@@ -60,6 +60,20 @@ def checkpoint_problem(family: str, checkpoint: str | None, *, local_files_only:
     return None
 
 
+def has_two_experts(family: str, checkpoint: str | None, *, local_files_only: bool = True) -> bool:
+    """Whether a checkpoint of ``family`` has two experts (Wan 2.2 A14B: ``transformer_2``), from its
+    ``model_index.json`` alone (no weights read or downloaded); False where that index is not found (the load
+    then names what is missing)."""
+    if family not in PRETRAINED:
+        return False
+    cls = adapter_class(family)
+    try:
+        index = cls.read_index(checkpoint, local_files_only=local_files_only)
+    except ValueError:
+        return False
+    return "transformer_2" in cls.checkpoint_components(index)
+
+
 def load_policy(
     family: str,
     checkpoint: str | None,

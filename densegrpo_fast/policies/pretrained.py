@@ -164,6 +164,8 @@ def resolve_pretrained(
                 f"(owner/name): {fix}"
             )
     missing = missing_parts(root, only or components)
+    if missing and only is not None:  # (name every part missing, not just the first look's)
+        missing = missing_parts(root, components)
     if missing:
         raise ValueError(
             f"model.checkpoint={name!r} ({root}) is not a complete {pipeline_cls.__name__} checkpoint: "
@@ -179,7 +181,9 @@ def _check_loaded_dtypes(pipe, want: torch.dtype) -> None:
     import diffusers
 
     got = {"transformer": pipe.transformer.dtype, "vae": pipe.vae.dtype}
-    expected = {"transformer": want, "vae": torch.float32}
+    if getattr(pipe, "transformer_2", None) is not None:  # (Wan 2.2 A14B's second expert)
+        got["transformer_2"] = pipe.transformer_2.dtype
+    expected = {"transformer": want, "transformer_2": want, "vae": torch.float32}
     wrong = {k: v for k, v in got.items() if v != expected[k]}
     if wrong:
         raise ValueError(
@@ -414,6 +418,36 @@ class DiffusersPolicy:
         return cls.components
 
     @classmethod
+    def read_index(
+        cls,
+        path_or_repo_id: str | Path | None = None,
+        *,
+        local_files_only: bool = True,
+        cache_dir: str | Path | None = None,
+    ) -> dict:
+        """The checkpoint's ``model_index.json`` (default ``cls.default_repo``), read first and alone: a download
+        fetches it and the transformer's config, no weights. A ValueError where the checkpoint is not found (as
+        :func:`resolve_pretrained` words it), where the file is not JSON, or where :meth:`check_index` refuses
+        it."""
+        import diffusers
+
+        name = path_or_repo_id or cls.default_repo
+        root = resolve_pretrained(
+            name, pipeline_cls=getattr(diffusers, cls.pipeline_name), components=cls.components,
+            default_repo=cls.default_repo, local_files_only=local_files_only, cache_dir=cache_dir,
+            only={"transformer": "config"},
+        )  # fmt: skip
+        try:
+            index = json.loads((root / "model_index.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:  # (e.g. a Git LFS pointer)
+            raise ValueError(
+                f"{root / 'model_index.json'} is not JSON ({type(e).__name__}: {e}): the checkpoint's index is "
+                "damaged or a placeholder; fetch the checkpoint again"
+            ) from None
+        cls.check_index(index, root)
+        return index
+
+    @classmethod
     def resolve(
         cls,
         path_or_repo_id: str | Path | None = None,
@@ -423,27 +457,23 @@ class DiffusersPolicy:
         cache_dir: str | Path | None = None,
     ) -> tuple[Path, dict[str, str]]:
         """The local directory of the checkpoint (:func:`resolve_pretrained`; default ``cls.default_repo``),
-        complete for a load, and the components it reads. Its ``model_index.json`` comes first, alone (a
-        download fetches it and the transformer's config): :meth:`check_index` refuses a checkpoint before any
-        weights are read or downloaded, and :meth:`checkpoint_components` names the folders the load needs.
-        ``text_only``: the transformers' and the VAE's configs only."""
+        complete for a load, and the components it reads. Its ``model_index.json`` comes first
+        (:meth:`read_index`): a checkpoint :meth:`check_index` refuses is refused before any weights are read
+        or downloaded, and :meth:`checkpoint_components` names the folders the load needs. ``text_only``: the
+        transformers' and the VAE's configs only."""
         import diffusers
 
-        common = dict(
-            pipeline_cls=getattr(diffusers, cls.pipeline_name), default_repo=cls.default_repo,
-            local_files_only=local_files_only, cache_dir=cache_dir,
-        )  # fmt: skip
-        name = path_or_repo_id or cls.default_repo
-        first = resolve_pretrained(name, components=cls.components, only={"transformer": "config"}, **common)
-        index = json.loads((first / "model_index.json").read_text())
-        cls.check_index(index, first)
+        where = dict(local_files_only=local_files_only, cache_dir=cache_dir)
+        index = cls.read_index(path_or_repo_id, **where)
         components = {  # (text-only: of the transformers and the VAE, only their configs are read, and needed)
             k: "config" if text_only and (k.startswith("transformer") or k == "vae") else v
             for k, v in cls.checkpoint_components(index).items()
         }
-        return resolve_pretrained(
-            first if local_files_only else name, components=components, **common
-        ), components
+        root = resolve_pretrained(
+            path_or_repo_id or cls.default_repo, pipeline_cls=getattr(diffusers, cls.pipeline_name),
+            components=components, default_repo=cls.default_repo, **where,
+        )  # fmt: skip
+        return root, components
 
     @classmethod
     def load(
@@ -517,7 +547,7 @@ class DiffusersPolicy:
         _check_loaded_dtypes(pipe, want)
         stay = {id(m) for m in cls.unused_modules(pipe).values()}  # (never needed on the device)
         if transformer_on_host:
-            stay.add(id(pipe.transformer))
+            stay |= {id(pipe.transformer), id(getattr(pipe, "transformer_2", None))}
         for name, module in pipe.components.items():  # offloaded text encoders stay in host memory
             if text_only and not is_text_encoder(name):
                 continue
@@ -644,7 +674,8 @@ class DiffusersPolicy:
 
     def save(self, path: str | Path, metadata: dict | None = None) -> None:
         """Write the transformer's weights (diffusers names, its dtype) to one safetensors file, its config
-        as JSON in the metadata; they load back with ``transformer.load_state_dict``."""
+        as JSON in the metadata; they load back with ``transformer.load_state_dict`` (:meth:`load_weights`).
+        Two experts (Wan 2.2 A14B) write both, their names prefixed ``transformer.`` and ``transformer_2.``."""
         from safetensors.torch import save_file
 
         path = Path(path)
