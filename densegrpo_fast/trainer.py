@@ -517,7 +517,8 @@ def _shards(cfg: TrainConfig, dist: distributed.Dist) -> bool:
     if not (dist.enabled and wanted):
         return False
     m = cfg.model
-    if has_two_experts(m.family, m.checkpoint, local_files_only=m.local_files_only):  # (before any model loads)
+    # (before any model loads)
+    if has_two_experts(m.family, m.checkpoint, local_files_only=m.local_files_only):
         raise ValueError(
             f"model.sharding={m.sharding}: this checkpoint has two experts (Wan 2.2 A14B), which FSDP2 does not "
             "shard here (a call runs one expert's blocks for some rows and the other's for the rest, and every "
