@@ -362,6 +362,14 @@ class ModelSection(Section):
         description="video families (wan): frames per video, 4k + 1 (the VAE's temporal factor 4); null = the "
         "pipeline's 81. Each video's latent has (frames - 1) / 4 + 1 frames",
     )
+    guidance_scale_2: float | None = Field(
+        None,
+        ge=1.0,
+        description="wan with two experts (Wan 2.2 T2V-A14B): the low-noise expert's CFG scale, in sampling, "
+        "training and evaluation alike (WanPipeline's guidance_scale_2; Wan 2.2's examples sample with 4.0 and 3.0 "
+        "below the boundary); null: each call's own, sampling.guidance_scale or eval.guidance_scale. As in the "
+        "pipeline, a guidance_scale of 1 turns CFG off for both experts",
+    )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
@@ -418,8 +426,8 @@ class ModelSection(Section):
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
-        "dtype", "resolution", "frames", "max_sequence_length", "local_files_only", "gradient_checkpointing",
-        "offload_text_encoders", "prompt_cache",
+        "dtype", "resolution", "frames", "guidance_scale_2", "max_sequence_length", "local_files_only",
+        "gradient_checkpointing", "offload_text_encoders", "prompt_cache",
     )  # fmt: skip
 
     def autocast_context(self):
@@ -501,6 +509,12 @@ class ModelSection(Section):
             out.append(
                 f"model.frames ({self.frames}) applies to the video families ({', '.join(VIDEO)}) only: "
                 f"model.family {self.family} makes images; remove it"
+            )
+        if self.guidance_scale_2 is not None and self.family != "wan":
+            out.append(
+                f"model.guidance_scale_2 ({self.guidance_scale_2}) is the low-noise expert's CFG scale of Wan 2.2 "
+                f"T2V-A14B (model.family wan with two experts): model.family {self.family} has one transformer; "
+                "remove it"
             )
         if self.family in VIDEO and self.frames is not None and (self.frames - 1) % 4:
             near = max(1, round((self.frames - 1) / 4)) * 4 + 1

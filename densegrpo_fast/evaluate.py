@@ -518,7 +518,8 @@ def run_eval(
               "weights": weights, "text_encoding": text_encoding(cfg), "lora": lora,
               "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()}, m.video),
-              **({"frames": policy.frames} if m.video else {})},
+              **({"frames": policy.frames} if m.video else {}),
+              **({"guidance_scale_2": m.guidance_scale_2} if m.guidance_scale_2 is not None else {})},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")

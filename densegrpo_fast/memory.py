@@ -1271,7 +1271,7 @@ def _check_processes(cfg, processes: int) -> None:
 def fake_policy(cfg, mode):
     """The ``cfg.model`` policy (a pretrained family) with fake weights: the models are built from the
     checkpoint's configs when it is on disk (a directory, or in the Hugging Face cache), from the built-in
-    full-size architectures when it is the family's default repo and not on disk. Tokenizers and scheduler
+    full-size architectures when it is the family's default repo, or another built in (``architectures.BUILT_IN_REPOS``), and not on disk. Tokenizers and scheduler
     are the checkpoint's, or stand-ins with the real sequence lengths."""
     import diffusers
 
@@ -1289,13 +1289,15 @@ def fake_policy(cfg, mode):
         models, others = _local_constructors(root, components)
         source = str(root)
     except ValueError:
-        if checkpoint != Adapter.default_repo:
+        family, key = architectures.BUILT_IN_REPOS.get(checkpoint, (None, m.family))
+        if checkpoint != Adapter.default_repo and family != m.family:  # (no architecture built in)
             raise
         root = None  # (not on disk)
-        models = architectures.full_size_models(m.family)
+        models = architectures.full_size_models(key)
         others = {
-            "scheduler": architectures.scheduler(m.family),
-            **architectures.stand_in_tokenizers(m.family),
+            "scheduler": architectures.scheduler(key),
+            **architectures.stand_in_tokenizers(key),
+            **architectures.PIPELINE_SETTINGS.get(key, {}),
         }
         source = f"the built-in architecture of {checkpoint} (not on disk)"
     dtype = as_dtype(m.dtype)
@@ -1311,6 +1313,8 @@ def fake_policy(cfg, mode):
         policy.vl_images = (
             architectures.stand_in_image_processor() if root is None else Adapter.image_processor(root)
         )
+    if m.guidance_scale_2 is not None:  # (Wan 2.2 A14B: its low-noise expert's rows may call for CFG alone)
+        policy.set_guidance_scale_2(m.guidance_scale_2)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     # (no move: see estimate_run). A prompt cache's run loads no text encoder: counted as offloaded ones

@@ -599,18 +599,21 @@ def _expert_times(pipe):
     return log, handles
 
 
-@pytest.mark.parametrize("g", [5.0, 1.0])
-def test_two_experts_reproduce_the_diffusers_pipeline(pair_pipe, g):
+@pytest.mark.parametrize("g, g2", [(5.0, None), (1.0, None), (5.0, 2.0), (1.0, 3.0)])
+def test_two_experts_reproduce_the_diffusers_pipeline(pair_pipe, g, g2):
     """Wan 2.2 A14B's experts: the engine's sampler is WanPipeline (FlowMatchEuler swapped in) to 1e-5 in the
-    latents and the videos, each step through the expert the pipeline picks (two steps each here)."""
+    latents and the videos, each step through the expert the pipeline picks (two steps each here), with the
+    low-noise expert's own CFG scale (``guidance_scale_2``) or without."""
     from densegrpo_fast.policies.wan import ExpertPair
 
     T = 4
     policy = WanPolicy(pair_pipe, **OPTS)
+    if g2 is not None:
+        policy.set_guidance_scale_2(g2)
     assert isinstance(policy.transformer, ExpertPair) and policy.transformer.boundary == RATIO * 1000
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
     call = dict(prompt=list(PROMPTS), height=32, width=32, num_frames=FRAMES, num_inference_steps=T, guidance_scale=g,
-                max_sequence_length=MAX_TOKENS)  # fmt: skip
+                guidance_scale_2=g2, max_sequence_length=MAX_TOKENS)  # fmt: skip
     log, handles = _expert_times(pair_pipe)
     try:
         theirs = pair_pipe(**call, latents=noise.clone(), output_type="latent").frames
@@ -630,7 +633,7 @@ def test_two_experts_reproduce_the_diffusers_pipeline(pair_pipe, g):
     video = policy.decode(ours)
     diff = (ours - theirs).abs().max().item()
     diff_video = (video - theirs_video.permute(0, 2, 1, 3, 4)).abs().max().item()
-    print(f"Wan two experts g={g}: max |latent diff| {diff:.2e}, video {diff_video:.2e}")
+    print(f"Wan two experts g={g} g2={g2}: max |latent diff| {diff:.2e}, video {diff_video:.2e}")
     assert diff <= 1e-5 and diff_video <= 1e-5 and ours.abs().max() > 0.1
 
 
@@ -808,3 +811,55 @@ def test_two_experts_are_refused_early_where_unsupported(pair_dir, wan_dir, tmp_
     overrides = [o for o in _overrides(pair_dir, tmp_path) if not o.startswith(("run.", "reward."))]
     with pytest.raises(ValueError, match=r"--lora .*has two experts \(Wan 2.2 A14B\), and a LoRA file"):
         run_eval(None, [*overrides, "eval.rewards={red: {name: redness}}"], lora=str(lora), progress=False)
+
+
+def test_the_low_noise_experts_own_guidance_scale(pair_pipe, pair_dir, wan_dir, tmp_path):
+    """``model.guidance_scale_2``: each row of a call takes its expert's scale; the setting reaches the policy
+    through the config, is refused for a one-transformer checkpoint and an image family, and is recorded with the
+    psi table's calibration (where set)."""
+    from densegrpo_fast.calibration import calibrated_for
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    policy, plain = WanPolicy(pair_pipe, **OPTS), WanPolicy(pair_pipe, **OPTS)
+    policy.set_guidance_scale_2(2.0)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma, cond = torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS)  # (one row per expert)
+    both = policy.velocity(x, sigma, cond, 5.0)
+    for i, g in ((0, 5.0), (1, 2.0)):
+        row = slice(i, i + 1)
+        torch.testing.assert_close(
+            both[row], plain.velocity(x[row], sigma[row], cond.index(row), g), rtol=1e-5, atol=1e-6
+        )
+    torch.testing.assert_close(policy.velocity(x, sigma, cond, 1.0), plain.velocity(x, sigma, cond, 1.0))
+    cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, "model.guidance_scale_2=3.0"))
+    loaded = load_policy("wan", str(pair_dir), "cpu", **cfg.model.adapter_options())
+    assert loaded.guidance_scale_2 == 3.0 and calibrated_for(cfg)["guidance_scale_2"] == 3.0
+    assert "guidance_scale_2" not in calibrated_for(
+        load_config(TrainConfig, None, _overrides(pair_dir, tmp_path))
+    )
+    with pytest.raises(
+        ValueError, match=r"model.guidance_scale_2 \(3.0\) is the low-noise expert's.*this one has one"
+    ):
+        load_policy("wan", str(wan_dir), "cpu", **{**cfg.model.adapter_options(), "guidance_scale_2": 3.0})
+    with pytest.raises(
+        ValueError, match=r"model.guidance_scale_2 \(3.0\) is the low-noise expert's CFG scale of Wan"
+    ):
+        load_config(TrainConfig, None, ["model.family=sd3", "model.guidance_scale_2=3.0"])
+
+
+def test_the_eval_command_on_two_experts_records_the_second_scale(pair_dir, tmp_path):
+    """The eval command samples the two experts with ``model.guidance_scale_2``, records it in its protocol, and
+    refuses to resume its scores under another."""
+    from densegrpo_fast.evaluate import run_eval
+
+    out = tmp_path / "eval"
+    overrides = [o for o in _overrides(pair_dir, tmp_path) if not o.startswith(("run.", "reward."))]
+    overrides += ["eval.rewards={red: {name: image_only_redness, frames: 1}}", f"eval.output_dir={out}"]
+    summary = run_eval(None, [*overrides, "model.guidance_scale_2=2.0"], progress=False)
+    assert (
+        summary["guidance_scale_2"] == 2.0
+        and summary["num_prompts"] == 2
+        and 0 < summary["scores"]["red"] < 1
+    )
+    with pytest.raises(ValueError, match=r"guidance_scale_2"):
+        run_eval(None, [*overrides, "model.guidance_scale_2=3.0"], progress=False)

@@ -49,7 +49,17 @@ def finite_numbers(tree) -> bool:
 
 @pytest.mark.parametrize(
     "family",
-    ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein", "wan"],
+    [
+        "sd3",
+        "flux",
+        "flux_kontext",
+        "qwen_image",
+        "qwen_image_edit",
+        "z_image",
+        "flux2_klein",
+        "wan",
+        "wan_a14b",
+    ],
 )
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
@@ -152,7 +162,17 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
 
 @pytest.mark.parametrize(
     "family",
-    ["sd3", "flux", "flux_kontext", "qwen_image", "qwen_image_edit", "z_image", "flux2_klein", "wan"],
+    [
+        "sd3",
+        "flux",
+        "flux_kontext",
+        "qwen_image",
+        "qwen_image_edit",
+        "z_image",
+        "flux2_klein",
+        "wan",
+        "wan_a14b",
+    ],
 )
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /

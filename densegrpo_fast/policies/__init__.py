@@ -82,6 +82,7 @@ def load_policy(
     dtype: str = "fp32",
     resolution: int | tuple[int, int] = 512,
     frames: int | None = None,
+    guidance_scale_2: float | None = None,
     max_sequence_length: int | None = None,
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,
@@ -96,7 +97,8 @@ def load_policy(
     from its own file and ignores them (``model.autocast``, which the trainer applies, serves every family).
     ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
     Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens, Wan: 512). ``frames``: a video family's
-    frames per video (None: its default), refused by the image families. ``transformer_on_host`` (every family): the
+    frames per video (None: its default), refused by the image families. ``guidance_scale_2``: the low-noise
+    expert's CFG scale of a checkpoint with two experts (Wan 2.2 T2V-A14B), refused by others. ``transformer_on_host`` (every family): the
     transformer stays in host memory, the rest goes to ``device`` (a sharded run's FSDP2 moves the transformer
     there a block at a time).
     """
@@ -117,6 +119,13 @@ def load_policy(
         offload_text_encoders=offload_text_encoders, prompt_cache=prompt_cache,
         transformer_on_host=transformer_on_host,
     )  # fmt: skip
+    if guidance_scale_2 is not None:
+        set_second = getattr(policy, "set_guidance_scale_2", None)
+        if set_second is None:
+            raise ValueError(
+                f"model.guidance_scale_2 ({guidance_scale_2}): model.family {family} has one transformer; remove it"
+            )
+        set_second(guidance_scale_2)
     if gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     return policy

@@ -1,7 +1,7 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
 The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
-FLUX.1-dev, Qwen-Image, Z-Image, FLUX.2 [klein] 4B and Wan 2.1 T2V 1.3B from these configs when the checkpoint is not on disk (fake or random weights, the
+FLUX.1-dev, Qwen-Image, Z-Image, FLUX.2 [klein] 4B, Wan 2.1 T2V 1.3B and Wan 2.2 T2V-A14B from these configs when the checkpoint is not on disk (fake or random weights, the
 real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
 lowercase prompt, one token per character, padded to the model's length (Qwen-Image's and Z-Image's
 tokenizers pad to the batch's longest prompt instead: one token per byte).
@@ -144,6 +144,19 @@ WAN21_1_3B_TRANSFORMER = dict(
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6, rope_max_seq_len=1024,
 )  # fmt: skip
+#: Wan's 14B transformer: each of Wan 2.2 T2V-A14B's two experts (Wan-AI/Wan2.2-T2V-A14B-Diffusers,
+#: transformer/ and transformer_2/config.json), and Wan 2.1 T2V 14B's: 40 blocks of 40 heads x 128 (5120 wide).
+WAN_14B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6, rope_max_seq_len=1024,
+)  # fmt: skip
+#: Checkpoints built in beside each family's default repo, by repo id: (family, architecture key). The key
+#: selects :func:`full_size_models`, :func:`scheduler`, :data:`KNOWN_PARAMS` and :data:`PIPELINE_SETTINGS`.
+BUILT_IN_REPOS = {"Wan-AI/Wan2.2-T2V-A14B-Diffusers": ("wan", "wan_a14b")}
+#: The pipelines' settings of a built-in architecture (``model_index.json``'s, beside its components): Wan 2.2
+#: T2V-A14B's low-noise expert takes over below timestep 875.
+PIPELINE_SETTINGS = {"wan_a14b": {"boundary_ratio": 0.875}}
 #: UMT5-XXL's encoder (Wan's text_encoder, a UMT5EncoderModel): 24 layers of 64 heads x 64 over 4096, gated GELU.
 UMT5_XXL = dict(
     vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
@@ -182,6 +195,9 @@ KNOWN_PARAMS = {
     # Wan 2.1 T2V 1.3B: the "1.3B" of its name, counted from the config above (only the name's rounding checks
     # it); UMT5-XXL's encoder, 5.68 B (11.4 GB in bf16); Wan 2.1's VAE as Qwen-Image's
     "wan": {"transformer": 1419, "text_encoder": 5680, "vae": 126.9},
+    # Wan 2.2 T2V-A14B: two experts of 14.29 B each, counted from the config above, which is the published one
+    # (the "A14B" of its name: 14 B active per step); UMT5-XXL and Wan 2.1's VAE as above
+    "wan_a14b": {"transformer": 14289, "transformer_2": 14289, "text_encoder": 5680, "vae": 126.9},
 }  # fmt: skip
 DEFAULT_SEQ = {
     "sd3": 256,
@@ -192,6 +208,7 @@ DEFAULT_SEQ = {
     "z_image": 512,
     "flux2_klein": 512,
     "wan": 512,
+    "wan_a14b": 512,
 }
 
 
@@ -272,7 +289,7 @@ def stand_in_tokenizers(family: str) -> dict:
         return {"tokenizer": qwen_vl_tokenizer(), "processor": None}
     if family in ("z_image", "flux2_klein"):
         return {"tokenizer": qwen3_tokenizer()}
-    if family == "wan":
+    if family in ("wan", "wan_a14b"):
         return {"tokenizer": t5_tokenizer()}
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer()}
 
@@ -287,7 +304,8 @@ def stand_in_image_processor():
 
 def full_size_models(family: str) -> dict:
     """Constructors of the pipeline's models at full size, by component name (call them under the device,
-    dtype or fake mode wanted); the VAE's entry is ``"vae"``."""
+    dtype or fake mode wanted); the VAE's entry is ``"vae"``. ``family``: a family (its default checkpoint's
+    architecture), or another built-in checkpoint's key (:data:`BUILT_IN_REPOS`: ``wan_a14b``)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
     from transformers import (
         CLIPTextConfig,
@@ -338,12 +356,20 @@ def full_size_models(family: str) -> dict:
             "text_encoder": lambda: Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B)),
             "vae": lambda: AutoencoderKLFlux2(**FLUX2_VAE),
         }
-    if family == "wan":
+    if family in ("wan", "wan_a14b"):
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
         from transformers import UMT5Config, UMT5EncoderModel
 
+        experts = (
+            {"transformer": lambda: WanTransformer3DModel(**WAN21_1_3B_TRANSFORMER)}
+            if family == "wan"
+            else {
+                name: lambda: WanTransformer3DModel(**WAN_14B_TRANSFORMER)
+                for name in ("transformer", "transformer_2")
+            }
+        )
         return {
-            "transformer": lambda: WanTransformer3DModel(**WAN21_1_3B_TRANSFORMER),
+            **experts,
             "text_encoder": lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL)),
             "vae": lambda: AutoencoderKLWan(**WAN21_VAE),
         }
@@ -368,7 +394,7 @@ def scheduler(family: str):
     """The checkpoint's flow-matching scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
-    if family == "wan":
+    if family in ("wan", "wan_a14b"):  # (A14B's taken to be Wan 2.1's: a grid, no memory or time)
         return UniPCMultistepScheduler(**WAN_SCHEDULER)
 
     configs = {"sd3": SD3_SCHEDULER, "flux": FLUX_SCHEDULER, "flux_kontext": FLUX_SCHEDULER,

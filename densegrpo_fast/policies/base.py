@@ -277,13 +277,21 @@ def run_dtype(module: torch.nn.Module) -> torch.dtype:
 
 
 def cfg_velocity(
-    forward_raw, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float
+    forward_raw,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: PromptEmbeds,
+    guidance_scale: float | torch.Tensor,
 ):
     """Classifier-free guidance in one batched call of ``forward_raw(x, sigma, embeds, pooled)``:
     ``v_neg + g * (v_pos - v_neg)``; a plain conditional call when ``g == 1`` or there are no negative
-    embeds. ``sigma``: [B] or a scalar tensor."""
+    embeds. ``sigma``: [B] or a scalar tensor. ``guidance_scale``: one scale, or one per row [B] (Wan 2.2
+    A14B's low-noise expert's rows at a scale of their own)."""
     sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-    if guidance_scale == 1.0 or not cond.has_negative:
+    per_row = torch.is_tensor(guidance_scale)
+    if per_row:
+        guidance_scale = guidance_scale.view(-1, *(1,) * (x.ndim - 1))
+    if (not per_row and guidance_scale == 1.0) or not cond.has_negative:
         return forward_raw(x, sigma, cond.embeds, cond.pooled)
     v = forward_raw(
         torch.cat([x, x]),

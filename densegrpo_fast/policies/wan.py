@@ -31,9 +31,10 @@ sampler reproduces ``WanPipeline`` (tests/test_policy_wan.py).
   (``transformer``) at timesteps ``1000 sigma >= boundary_ratio x 1000`` and to the low-noise one
   (``transformer_2``) below, as the pipeline switches per step. One call may hold rows of both (a dense
   reward's completions beside the rollout's rows): each expert gets its rows. LoRA trains both (the same
-  targets, an adapter each), full fine-tuning trains both, and the export writes one LoRA per expert. One
-  guidance scale serves both experts (the pipeline's ``guidance_scale_2`` defaults to it; a second one is not
-  offered). Not supported with two experts: ``model.sharding: fsdp`` and ``lora.init`` / ``eval --lora``.
+  targets, an adapter each), full fine-tuning trains both, and the export writes one LoRA per expert.
+  ``model.guidance_scale_2`` (:meth:`WanPolicy.set_guidance_scale_2`) gives the low-noise expert's rows a CFG
+  scale of their own, as the pipeline's ``guidance_scale_2``. Not supported with two experts: FSDP2 sharding,
+  and ``lora.init`` / ``eval --lora``.
 
 Not supported: image-to-video conditioning.
 """
@@ -293,11 +294,33 @@ class WanPolicy(DiffusersPolicy):
         )[0]
         return out.float()
 
+    #: The low-noise expert's CFG scale (``model.guidance_scale_2``; two experts only), or None: the call's own.
+    guidance_scale_2: float | None = None
+
+    def set_guidance_scale_2(self, scale: float) -> None:
+        """Sample the low-noise expert's rows with CFG ``scale`` whatever the call's (WanPipeline's
+        ``guidance_scale_2``); a ValueError for a checkpoint with one transformer, as the pipeline refuses it."""
+        if not isinstance(self.transformer, ExpertPair):
+            raise ValueError(
+                f"model.guidance_scale_2 ({scale}) is the low-noise expert's CFG scale of a checkpoint with two "
+                "experts (Wan 2.2 T2V-A14B), and this one has one transformer: remove it"
+            )
+        self.guidance_scale_2 = float(scale)
+
     def velocity(
         self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds, guidance_scale: float = 1.0
     ) -> torch.Tensor:
         """Velocity [B, *latent_shape] float32; CFG ``v_neg + g (v_pos - v_neg)`` when ``guidance_scale``
-        ``g != 1`` and negative embeds are present, in one transformer call of 2B rows."""
+        ``g != 1`` and negative embeds are present, in one transformer call of 2B rows. With
+        :attr:`guidance_scale_2`, the low-noise expert's rows take that scale instead, as the pipeline's steps
+        below the boundary do; as in the pipeline, a ``guidance_scale`` of 1 turns CFG off for every row."""
+        second = self.guidance_scale_2
+        if second is not None and second != guidance_scale and guidance_scale != 1.0:  # (a scale per row)
+            sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
+            high = (
+                1000.0 * sigma.float() >= self.transformer.boundary
+            )  # (forward_raw's times, as ExpertPair splits)
+            guidance_scale = torch.where(high, guidance_scale, second)
         return cfg_velocity(self.forward_raw, x, sigma, cond, guidance_scale)
 
     def sigma_grid(self, num_steps: int) -> torch.Tensor:
