@@ -863,3 +863,29 @@ def test_the_eval_command_on_two_experts_records_the_second_scale(pair_dir, tmp_
     )
     with pytest.raises(ValueError, match=r"guidance_scale_2"):
         run_eval(None, [*overrides, "model.guidance_scale_2=3.0"], progress=False)
+
+
+def test_the_memory_estimate_builds_wan22_a14b_when_it_is_not_on_disk(tmp_path, monkeypatch):
+    """``Wan-AI/Wan2.2-T2V-A14B-Diffusers``, not on disk, is built from the built-in architecture with fake weights
+    (two experts of 14.29 B, the boundary at 875); another repo not on disk is still refused."""
+    from huggingface_hub import constants
+
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.memory import fake_policy, new_fake_mode
+    from densegrpo_fast.policies.wan import ExpertPair
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    cfg = load_config(
+        TrainConfig,
+        None,
+        ["model.family=wan", "model.checkpoint=Wan-AI/Wan2.2-T2V-A14B-Diffusers", "model.frames=5"],
+    )
+    policy, source = fake_policy(cfg, new_fake_mode())
+    assert source == "the built-in architecture of Wan-AI/Wan2.2-T2V-A14B-Diffusers (not on disk)"
+    assert isinstance(policy.transformer, ExpertPair) and policy.transformer.boundary == 875.0
+    for name in ("transformer", "transformer_2"):
+        expert = getattr(policy.transformer, name)
+        assert sum(p.numel() for p in expert.parameters()) == pytest.approx(14.288e9, rel=1e-3)
+    other = load_config(TrainConfig, None, ["model.family=wan", "model.checkpoint=me/not-a-wan-repo"])
+    with pytest.raises(ValueError, match=r"not in the Hugging Face cache"):
+        fake_policy(other, new_fake_mode())
