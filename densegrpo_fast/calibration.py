@@ -136,8 +136,12 @@ def calibrated_for(cfg) -> dict:
         "resolution": resolution_record(cfg.model.resolution),
         "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
         "guidance_scale": cfg.sampling.guidance_scale,
-        # (Wan 2.2 A14B's low-noise expert's, where set: older tables, without it, stay valid)
-        **({"guidance_scale_2": cfg.model.guidance_scale_2} if cfg.model.guidance_scale_2 is not None else {}),
+        # (Wan 2.2 A14B's low-noise expert's, where it takes effect: older tables, without it, stay valid)
+        **(
+            {"guidance_scale_2": second}
+            if (second := cfg.model.guidance_scale_2) is not None and cfg.sampling.guidance_scale != 1
+            else {}
+        ),
         "reward": {"name": reward["name"], "kwargs": scoring_kwargs(reward["kwargs"])},
         # (a video family's psi also follows the videos' frames, and the frames its reward scores)
         **({"frames": cfg.model.frames, "reward_frames": cfg.reward.frames} if cfg.model.video else {}),

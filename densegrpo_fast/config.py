@@ -1488,6 +1488,9 @@ class TrainConfig(Section):
             ("model", self.model, ("max_sequence_length",), self.model.family == "qwen_image_edit",
              "model.family=qwen_image_edit encodes every token of the instruction with its image's: the pipeline "
              "cuts nothing (only densegrpo-fast memory reads it, as the length of its stand-in prompts)"),
+            ("model", self.model, ("guidance_scale_2",),
+             self.sampling.guidance_scale == 1 and self.eval.guidance_scale == 1,
+             "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off for both experts (as in WanPipeline)"),
             ("reward", self.reward, ("frames",), not self.model.video,
              f"model.family={self.model.family} makes images: reward.frames serves the video families"),
             *((f"eval.rewards.{k}", r, ("frames",), not self.model.video,

@@ -43,7 +43,7 @@ from densegrpo_fast.lora_init import (
     lora_identity,
     merge_lora,
 )
-from densegrpo_fast.policies.base import Policy, compile_blocks, text_encoders_on_device
+from densegrpo_fast.policies.base import Policy, PromptEmbeds, compile_blocks, encoded_batches
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
@@ -69,10 +69,17 @@ def noise_for(policy: Policy, seed: int, index: int, image: int) -> torch.Tensor
 
 @torch.no_grad()
 def ode_sample(
-    policy: Policy, prompts: list[str], noise: torch.Tensor, sigmas: torch.Tensor, guidance_scale: float
+    policy: Policy,
+    prompts: list[str],
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    guidance_scale: float,
+    cond: PromptEmbeds | None = None,
 ) -> torch.Tensor:
-    """Images [B, 3, H, W] in [0, 1]: the Euler ODE ``x <- x + v * (sigma[k+1] - sigma[k])`` from ``noise``."""
-    cond = policy.encode_prompts(prompts, with_negative=guidance_scale > 1.0)
+    """Images [B, 3, H, W] in [0, 1]: the Euler ODE ``x <- x + v * (sigma[k+1] - sigma[k])`` from ``noise``;
+    ``cond``: the prompts' embeddings, encoded already (None: encoded here)."""
+    if cond is None:
+        cond = policy.encode_prompts(prompts, with_negative=guidance_scale > 1.0)
     sig = sigmas.to(policy.device, torch.float32)
     x = noise.to(policy.device, torch.float32)
     for k in range(len(sig) - 1):
@@ -168,12 +175,15 @@ def evaluate(
     desc = "evaluating" if not d.enabled else f"evaluating (rank 0 of {d.world})"
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo) // images_per_prompt, desc=desc, unit="prompt",
                disable=not (progress and d.main))  # fmt: skip
-    with scores_path.open("a") as f, text_encoders_on_device(policy):
-        for s in range(0, len(todo), batch_size):
-            items = todo[s : s + batch_size]
+    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    # (offloaded encoders: on the device for a group of batches' prompts, off it while those are sampled)
+    conds = encoded_batches(policy, [[prompts[i] for i, _ in items] for items in batches],
+                            with_negative=guidance_scale > 1.0)  # fmt: skip
+    with scores_path.open("a") as f:
+        for items, cond in zip(batches, conds, strict=True):
             texts = [prompts[i] for i, _ in items]
             noise = torch.stack([noise_for(policy, seed, i, j) for i, j in items])
-            images = ode_sample(policy, texts, noise, sigmas, guidance_scale)
+            images = ode_sample(policy, texts, noise, sigmas, guidance_scale, cond)
             batch_scores = {k: fn(images, texts).float().cpu().tolist() for k, fn in rewards.items()}
             for n, (i, j) in enumerate(items):
                 row = pending.setdefault(i, {k: [] for k in rewards})
@@ -519,7 +529,8 @@ def run_eval(
               "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()}, m.video),
               **({"frames": policy.frames} if m.video else {}),
-              **({"guidance_scale_2": m.guidance_scale_2} if m.guidance_scale_2 is not None else {})},
+              **({"guidance_scale_2": m.guidance_scale_2}
+                 if m.guidance_scale_2 is not None and e.guidance_scale != 1 else {})},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")

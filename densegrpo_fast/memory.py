@@ -707,7 +707,7 @@ class Estimate:
     def table(self, capacity: int | None = None) -> str:
         rows = [
             f"{'weights ' + k:<32}{v / GIB:>9.2f} GiB"
-            + ("  (host; on the device to encode and evaluate)" * (k in self.offloaded))
+            + ("  (host; on the device to encode)" * (k in self.offloaded))
             for k, v in self.weights.items()
         ]
         rows.append(f"{'trained weights':<32}{self.trained / GIB:>9.2f} GiB")
@@ -1313,7 +1313,7 @@ def fake_policy(cfg, mode):
         policy.vl_images = (
             architectures.stand_in_image_processor() if root is None else Adapter.image_processor(root)
         )
-    if m.guidance_scale_2 is not None:  # (Wan 2.2 A14B: its low-noise expert's rows may call for CFG alone)
+    if m.guidance_scale_2 is not None:  # (Wan 2.2 A14B's low-noise expert's scale, as load_policy sets it)
         policy.set_guidance_scale_2(m.guidance_scale_2)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
@@ -1347,7 +1347,8 @@ def _advice(phase: str, cfg) -> str:
         return (
             "the held-out evaluation samples eval.batch_size prompts at a time (with CFG, twice the rows; at most "
             "sampling.max_rows_per_call per transformer call), at eval.resolution where it is set, with the EMA "
-            "weights swapped in and LoRA merged, and the text encoders on the device throughout: lower "
+            "weights swapped in and LoRA merged, and the text encoders on the device while they encode (a group "
+            "of batches' prompts at a time): lower "
             "eval.batch_size or sampling.max_rows_per_call, or evaluate at a smaller eval.resolution"
         )
     if phase == "sample grid":

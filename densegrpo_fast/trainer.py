@@ -57,7 +57,7 @@ from densegrpo_fast.lora_init import check_exists, check_one_transformer, start_
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.nft import nft_loss, noised, old_decay, optimality
 from densegrpo_fast.policies import has_two_experts, load_policy
-from densegrpo_fast.policies.base import compile_blocks, text_encoders_on_device
+from densegrpo_fast.policies.base import compile_blocks, encoded_batches
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
     EditPrompt,
@@ -241,6 +241,8 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             **cfg.model.adapter_options(),
             transformer_on_host=sharded,
         )
+    elif cfg.model.guidance_scale_2 is not None:  # (a policy handed in: the setting applies to it too)
+        policy.set_guidance_scale_2(cfg.model.guidance_scale_2)
     for setting, scale in (("sampling.guidance_scale", cfg.sampling.guidance_scale),
                            ("eval.guidance_scale", cfg.eval.guidance_scale)):  # fmt: skip
         problem = getattr(policy, "guidance_problem", lambda *_: None)(scale, setting)
@@ -1730,13 +1732,16 @@ def heldout_rewards(run: Run) -> dict[str, float]:
     lo, hi = (len(prompts) * d.rank) // d.world, (len(prompts) * (d.rank + 1)) // d.world  # this rank's
     # sharded: every rank samples batches of the same sizes (its last prompt repeated, and not scored)
     end = lo + math.ceil(len(prompts) / d.world) if run.sharded else hi
-    with stance, text_encoders_on_device(policy):  # offloaded encoders: one round trip for the evaluation
-        for s in range(lo, end, e.batch_size):
-            idx = [min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))]
+    starts = range(lo, end, e.batch_size)
+    indices = [[min(j, max(hi - 1, 0)) for j in range(s, min(s + e.batch_size, end))] for s in starts]
+    # (offloaded encoders: on the device for a group of batches' prompts, off it while those are sampled)
+    conds = encoded_batches(policy, [[prompts[j] for j in idx] for idx in indices])
+    with stance:
+        for s, idx, cond in zip(starts, indices, conds, strict=True):
             chunk = [prompts[j] for j in idx]
             noise = all_noise[idx].to(policy.device)
             # (an ODE: its SDE noise is multiplied by 0, drawn from a generator of its own, not the global one)
-            ro = sample(policy, policy.encode_prompts(chunk), noise, sched, guidance_scale=e.guidance_scale, dense=False,
+            ro = sample(policy, cond, noise, sched, guidance_scale=e.guidance_scale, dense=False,
                         max_rows_per_call=cfg.sampling.max_rows_per_call, generator=torch.Generator(policy.device))  # fmt: skip
             real = max(0, min(len(idx), hi - s))
             if real == 0:

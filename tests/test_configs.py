@@ -91,6 +91,9 @@ def test_download_hints_give_each_pattern_its_own_include():
 
     wan_recipe = texts[ROOT / "configs" / "wan21_pickscore.yaml"]
     assert download_command(wan.DEFAULT_REPO, wan.COMPONENTS) in wan_recipe
+    two = wan.WanPolicy.checkpoint_components({"boundary_ratio": 0.875, "transformer_2": ["diffusers", "x"]})
+    a14b_recipe = texts[ROOT / "configs" / "wan22_a14b_pickscore.yaml"]
+    assert download_command("Wan-AI/Wan2.2-T2V-A14B-Diffusers", two) in a14b_recipe
 
 
 TOY = ROOT / "configs" / "toy_geneval.yaml"

@@ -752,8 +752,9 @@ def test_offloaded_text_encoders_count_only_while_encoding(sd3_dir, tmp_path):
     assert kept["rollout + reward"] - moved["rollout + reward"] == host
     assert kept["update"] - moved["update"] == host
     assert kept["sample grid"] - moved["sample grid"] == kept["export"] - moved["export"] == host
-    assert moved["evaluation"] == kept["evaluation"]  # it holds the encoders on the device throughout
-    assert table.count("(host; on the device to encode and evaluate)") == 3
+    # it holds them on the device while it encodes a group of batches' prompts, not while it samples them
+    assert kept["evaluation"] - host <= moved["evaluation"] < kept["evaluation"]
+    assert table.count("(host; on the device to encode)") == 3
     # a prompt cache's run loads no text encoder: counted as an offloaded one, whose phases bound it
     cached = _estimate(sd3_dir, tmp_path / "cached", (f"model.prompt_cache={tmp_path / 'cache'}",))
     assert cached.phases == moved and cached.offloaded == offloaded

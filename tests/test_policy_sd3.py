@@ -192,6 +192,51 @@ def test_offloaded_text_encoders_come_to_the_device_only_to_encode(pipe, policy,
     offloaded.offload_text_encoders_(False)
 
 
+def test_an_evaluation_encodes_in_groups_with_the_encoders_off_the_device_while_it_samples():
+    """``encoded_batches``: offloaded encoders come to the device once per ENCODE_GROUP batches and leave before
+    those batches are sampled; encoders that stay are not moved, and each batch is encoded as it comes."""
+    import contextlib
+
+    from densegrpo_fast.policies.base import ENCODE_GROUP, encoded_batches
+
+    class Recorder:
+        def __init__(self, offload):
+            self.offload_text_encoders, self.events = offload, []
+
+        @contextlib.contextmanager
+        def text_encoders_on_device(self):
+            self.events.append("in")
+            yield
+            self.events.append("out")
+
+        def encode_prompts(self, prompts, with_negative=True):
+            self.events.append(("encode", tuple(prompts), with_negative))
+            return prompts
+
+    n = ENCODE_GROUP + 4
+    batches = [[f"p{i}"] for i in range(n)]
+    for offload in (True, False):
+        policy = Recorder(offload)
+        for batch, cond in zip(batches, encoded_batches(policy, batches, with_negative=False), strict=True):
+            assert cond == batch
+            policy.events.append("sample")
+        encodes = [("encode", tuple(b), False) for b in batches]
+        if offload:  # (the encoders are out of the device whenever a batch samples)
+            group, rest = ENCODE_GROUP, n - ENCODE_GROUP
+            assert policy.events == [
+                "in",
+                *encodes[:group],
+                "out",
+                *["sample"] * group,
+                "in",
+                *encodes[group:],
+                "out",
+                *["sample"] * rest,
+            ]
+        else:
+            assert policy.events == [e for i in range(n) for e in ("in", encodes[i], "out", "sample")]
+
+
 def test_the_encoders_move_once_in_and_always_back(pipe, monkeypatch):
     """The context on a stand-in device (moves recorded, not made): nested uses move once, and an error
     inside still sends the encoders back to the host."""

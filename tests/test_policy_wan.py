@@ -678,7 +678,7 @@ def test_two_experts_train_and_export(pair_dir, tmp_path, lora):
     from densegrpo_fast.trainer import setup, train
 
     extra = ("sampling.num_steps=4", "run.eval_every=0", f"lora.enabled={str(lora).lower()}", "grpo.beta=0.04",
-             "optim.lr=1e-3", "ema.enabled=false")  # fmt: skip
+             "optim.lr=1e-3", "ema.enabled=false", *(["model.guidance_scale_2=2.0"] if lora else []))  # fmt: skip
     cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, *extra))
     before = {
         e: load_file(next((pair_dir / e).glob("*.safetensors"))) for e in ("transformer", "transformer_2")
@@ -687,6 +687,9 @@ def test_two_experts_train_and_export(pair_dir, tmp_path, lora):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (step,) = [r for r in records if "reward_mean" in r]
     assert step["rows_trained"] > 0 and math.isfinite(step["grad_norm"])
+    assert_on_policy(
+        step, exact=False
+    )  # (the update's calls, rows of both experts, give the rollout's log-probs)
     exported = load_policy("wan", str(pair_dir), "cpu", dtype="fp32", **OPTS)
     exported.load_weights(run_dir / "policy_ema.safetensors")
     for name, base in before.items():  # both experts moved
@@ -822,10 +825,11 @@ def test_the_low_noise_experts_own_guidance_scale(pair_pipe, pair_dir, wan_dir, 
 
     policy, plain = WanPolicy(pair_pipe, **OPTS), WanPolicy(pair_pipe, **OPTS)
     policy.set_guidance_scale_2(2.0)
-    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
-    sigma, cond = torch.tensor([0.9, 0.3]), policy.encode_prompts(PROMPTS)  # (one row per expert)
+    x = torch.randn(3, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    # (a row per expert, and one at the boundary: 1000 x 0.7 in float32 is 700.00003, the high-noise expert's)
+    sigma, cond = torch.tensor([0.9, 0.3, 0.7]), policy.encode_prompts([*PROMPTS, PROMPTS[0]])
     both = policy.velocity(x, sigma, cond, 5.0)
-    for i, g in ((0, 5.0), (1, 2.0)):
+    for i, g in ((0, 5.0), (1, 2.0), (2, 5.0)):
         row = slice(i, i + 1)
         torch.testing.assert_close(
             both[row], plain.velocity(x[row], sigma[row], cond.index(row), g), rtol=1e-5, atol=1e-6
@@ -837,8 +841,14 @@ def test_the_low_noise_experts_own_guidance_scale(pair_pipe, pair_dir, wan_dir, 
     assert "guidance_scale_2" not in calibrated_for(
         load_config(TrainConfig, None, _overrides(pair_dir, tmp_path))
     )
+    off = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, "model.guidance_scale_2=3.0",
+                                                    "sampling.guidance_scale=1.0", "eval.guidance_scale=1.0"))  # fmt: skip
+    assert "guidance_scale_2" not in calibrated_for(off)  # (CFG off: it changes nothing, and is noted so)
+    why = "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off for both experts (as in WanPipeline)"
+    assert off.ignored_settings() == [(["model.guidance_scale_2"], why)]
     with pytest.raises(
-        ValueError, match=r"model.guidance_scale_2 \(3.0\) is the low-noise expert's.*this one has one"
+        ValueError,
+        match=r"model.guidance_scale_2 \(3.0\) is the low-noise expert's CFG scale.*has one transformer",
     ):
         load_policy("wan", str(wan_dir), "cpu", **{**cfg.model.adapter_options(), "guidance_scale_2": 3.0})
     with pytest.raises(

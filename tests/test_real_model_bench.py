@@ -58,7 +58,6 @@ def finite_numbers(tree) -> bool:
         "z_image",
         "flux2_klein",
         "wan",
-        "wan_a14b",
     ],
 )
 def test_tiny_iteration_through_the_trainer(family, tmp_path):

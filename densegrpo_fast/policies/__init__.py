@@ -113,6 +113,22 @@ def load_policy(
         raise ValueError(
             f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}"
         )
+    if (
+        guidance_scale_2 is not None
+    ):  # (refused before any weights load, where the index says one transformer)
+        cls = adapter_class(family)
+        try:
+            components = cls.checkpoint_components(
+                cls.read_index(checkpoint, local_files_only=local_files_only)
+            )
+        except ValueError:
+            components = {"transformer_2": None}  # (not found: the load names what is missing)
+        if "transformer_2" not in components:
+            raise ValueError(
+                f"model.guidance_scale_2 ({guidance_scale_2}) is the low-noise expert's CFG scale of a checkpoint "
+                f"with two experts (Wan 2.2 T2V-A14B), and model.checkpoint={checkpoint!r} (model.family {family}) "
+                "has one transformer: remove it"
+            )
     policy = adapter_class(family).load(
         checkpoint, device=device, dtype=dtype, resolution=resolution, frames=frames,
         max_sequence_length=max_sequence_length, local_files_only=local_files_only,
@@ -120,12 +136,7 @@ def load_policy(
         transformer_on_host=transformer_on_host,
     )  # fmt: skip
     if guidance_scale_2 is not None:
-        set_second = getattr(policy, "set_guidance_scale_2", None)
-        if set_second is None:
-            raise ValueError(
-                f"model.guidance_scale_2 ({guidance_scale_2}): model.family {family} has one transformer; remove it"
-            )
-        set_second(guidance_scale_2)
+        policy.set_guidance_scale_2(guidance_scale_2)
     if gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     return policy

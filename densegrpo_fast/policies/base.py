@@ -9,7 +9,7 @@ Conventions are those of ALGORITHM.md §1: ``x_sigma = (1 - sigma) * x0 + sigma 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -217,10 +217,28 @@ class Policy(Protocol):
 
 def text_encoders_on_device(policy):
     """``policy.text_encoders_on_device()`` where the adapter offloads its text encoders (the pretrained
-    families with ``model.offload_text_encoders``), else nothing: an evaluation holds it around its batches
-    so that the encoders come to the device once, not once per batch."""
+    families with ``model.offload_text_encoders``), else nothing: held around several encodes, the encoders
+    come to the device once for them all (:func:`encoded_batches`)."""
     hold = getattr(policy, "text_encoders_on_device", None)
     return hold() if hold is not None else contextlib.nullcontext()
+
+
+#: Batches whose prompts an evaluation encodes in one visit of offloaded text encoders (:func:`encoded_batches`).
+ENCODE_GROUP = 16
+
+
+def encoded_batches(policy, batches: list[list], **encode_kwargs) -> Iterator[PromptEmbeds]:
+    """``policy.encode_prompts(batch, **encode_kwargs)`` of each of ``batches``, in order, as an evaluation
+    samples them. Where the adapter offloads its text encoders, they come to the device once per
+    :data:`ENCODE_GROUP` batches, encode those batches' prompts together, and leave before the batches are
+    sampled and decoded: the evaluation's sampling never shares the device with them (10.6 GiB of UMT5-XXL, 9.5
+    of T5-XXL), for one round trip per group. Otherwise each batch is encoded as it comes."""
+    group = ENCODE_GROUP if getattr(policy, "offload_text_encoders", False) else 1
+    for g in range(0, len(batches), group):
+        with text_encoders_on_device(policy):
+            encoded = [policy.encode_prompts(batch, **encode_kwargs) for batch in batches[g : g + group]]
+        yield from encoded
+        del encoded
 
 
 #: Dynamo's cache entries per compiled code object. One block class serves every layer, in several variants

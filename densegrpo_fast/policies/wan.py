@@ -111,12 +111,17 @@ class ExpertPair(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
 
+    def high_noise(self, timestep: torch.Tensor) -> torch.Tensor:
+        """Which rows of ``timestep`` [B] the high-noise expert takes: at or above the boundary, as the pipeline's
+        ``t >= boundary_timestep`` (its UniPC timesteps are ``1000 sigma`` truncated to integers, and the
+        boundary, 875, is one: the same rows)."""
+        return timestep >= self.boundary
+
     def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict: bool = False):
         """``(out,)``: each row through its expert; ``timestep`` [B] (or [B, tokens], every token's the same)."""
-        t = timestep if timestep.ndim == 1 else timestep[:, 0]
-        high = t >= self.boundary
+        high = self.high_noise(timestep if timestep.ndim == 1 else timestep[:, 0])
         n = int(high.sum())  # (a host sync: each call is a whole transformer's)
-        if n in (0, len(t)):
+        if n in (0, len(high)):
             expert = self.transformer if n else self.transformer_2
             return expert(hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
                           return_dict=False)  # fmt: skip
@@ -317,9 +322,9 @@ class WanPolicy(DiffusersPolicy):
         second = self.guidance_scale_2
         if second is not None and second != guidance_scale and guidance_scale != 1.0:  # (a scale per row)
             sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
-            high = (
-                1000.0 * sigma.float() >= self.transformer.boundary
-            )  # (forward_raw's times, as ExpertPair splits)
+            high = self.transformer.high_noise(
+                1000.0 * sigma.float()
+            )  # (forward_raw's times, as the pair splits)
             guidance_scale = torch.where(high, guidance_scale, second)
         return cfg_velocity(self.forward_raw, x, sigma, cond, guidance_scale)
 
