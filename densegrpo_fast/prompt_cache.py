@@ -320,6 +320,7 @@ def encode_config(
         # text encoders alone: the transformer and the VAE are built on the meta device, no weights read
         options = {**m.adapter_options(), "prompt_cache": None, "offload_text_encoders": False}
         options.pop("gradient_checkpointing", None)
+        options.pop("guidance_scale_2", None)  # (a sampling setting: no encoder reads it)
         policy = adapter_class(m.family).load(m.checkpoint, device=m.device, text_only=True, **options)
         saved = _read_index(root)
         ident, stats = policy.prompt_cache_identity(known=saved["stats"] if saved else None)

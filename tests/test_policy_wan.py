@@ -896,6 +896,25 @@ def test_the_memory_estimate_builds_wan22_a14b_when_it_is_not_on_disk(tmp_path, 
     for name in ("transformer", "transformer_2"):
         expert = getattr(policy.transformer, name)
         assert sum(p.numel() for p in expert.parameters()) == pytest.approx(14.288e9, rel=1e-3)
-    other = load_config(TrainConfig, None, ["model.family=wan", "model.checkpoint=me/not-a-wan-repo"])
-    with pytest.raises(ValueError, match=r"not in the Hugging Face cache"):
-        fake_policy(other, new_fake_mode())
+    for family, repo in (("wan", "me/not-a-wan-repo"), ("sd3", "Wan-AI/Wan2.2-T2V-A14B-Diffusers")):
+        other = load_config(TrainConfig, None, [f"model.family={family}", f"model.checkpoint={repo}"])
+        with pytest.raises(ValueError, match=r"not in the Hugging Face cache"):
+            fake_policy(other, new_fake_mode())  # (no architecture built in for it)
+
+
+def test_encode_prompts_serves_two_experts_with_a_second_scale(pair_dir, tmp_path):
+    """``encode-prompts`` on an A14B config with ``model.guidance_scale_2`` (a sampling setting no encoder reads)
+    writes the cache, and the two experts' policy loads from it without its text encoder."""
+    from densegrpo_fast.config import TrainConfig, load_config
+    from densegrpo_fast.prompt_cache import encode_config
+
+    extra = ("model.guidance_scale_2=3.0", f"model.prompt_cache={tmp_path / 'cache'}")
+    cfg = load_config(TrainConfig, None, _overrides(pair_dir, tmp_path, *extra))
+    _, encoded = encode_config(cfg, progress=False)
+    assert encoded == 5  # (the file's four prompts and the empty negative one)
+    cached = load_policy("wan", str(pair_dir), "cpu", **cfg.model.adapter_options())
+    assert cached.text_encoders() == [] and cached.guidance_scale_2 == 3.0
+    direct = WanPolicy.load(pair_dir, dtype="fp32", **OPTS)
+    torch.testing.assert_close(
+        cached.encode_prompts(PROMPTS[:1]).embeds, direct.encode_prompts(PROMPTS[:1]).embeds
+    )
