@@ -1271,8 +1271,9 @@ def _check_processes(cfg, processes: int) -> None:
 def fake_policy(cfg, mode):
     """The ``cfg.model`` policy (a pretrained family) with fake weights: the models are built from the
     checkpoint's configs when it is on disk (a directory, or in the Hugging Face cache), from the built-in
-    full-size architectures when it is the family's default repo, or another built in (``architectures.BUILT_IN_REPOS``), and not on disk. Tokenizers and scheduler
-    are the checkpoint's, or stand-ins with the real sequence lengths."""
+    full-size architectures when it is the family's default repo or another built in
+    (``architectures.BUILT_IN_REPOS``) and not on disk. Tokenizers and scheduler are the checkpoint's, or
+    stand-ins with the real sequence lengths."""
     import diffusers
 
     from densegrpo_fast.policies import adapter_class, architectures

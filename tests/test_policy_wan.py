@@ -796,8 +796,8 @@ def test_two_experts_are_refused_early_where_unsupported(pair_dir, wan_dir, tmp_
     from densegrpo_fast.evaluate import run_eval
     from densegrpo_fast.policies import has_two_experts
 
-    assert has_two_experts("wan", str(pair_dir)) and not has_two_experts("wan", str(wan_dir))
-    assert not has_two_experts("wan", str(tmp_path / "nowhere")) and not has_two_experts("toy", None)
+    assert has_two_experts("wan", str(pair_dir)) is True and has_two_experts("wan", str(wan_dir)) is False
+    assert has_two_experts("wan", str(tmp_path / "nowhere")) is None and has_two_experts("toy", None) is False
     monkeypatch.setattr(trainer, "load_policy", lambda *a, **k: pytest.fail("a model loaded"))
     job = distributed.Dist(rank=0, world=2)
     for extra in (["model.sharding=fsdp"], ["lora.enabled=false"]):

@@ -60,17 +60,17 @@ def checkpoint_problem(family: str, checkpoint: str | None, *, local_files_only:
     return None
 
 
-def has_two_experts(family: str, checkpoint: str | None, *, local_files_only: bool = True) -> bool:
+def has_two_experts(family: str, checkpoint: str | None, *, local_files_only: bool = True) -> bool | None:
     """Whether a checkpoint of ``family`` has two experts (Wan 2.2 A14B: ``transformer_2``), from its
-    ``model_index.json`` alone (no weights read or downloaded); False where that index is not found (the load
-    then names what is missing)."""
+    ``model_index.json`` alone (no weights read or downloaded); None where that index is not found or is refused
+    (the load then says why), False for the toy."""
     if family not in PRETRAINED:
         return False
     cls = adapter_class(family)
     try:
         index = cls.read_index(checkpoint, local_files_only=local_files_only)
     except ValueError:
-        return False
+        return None
     return "transformer_2" in cls.checkpoint_components(index)
 
 
@@ -98,9 +98,9 @@ def load_policy(
     ``max_sequence_length=None`` takes the family's default (SD3: 256 T5 tokens, FLUX.1 and Kontext: 512,
     Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens, Wan: 512). ``frames``: a video family's
     frames per video (None: its default), refused by the image families. ``guidance_scale_2``: the low-noise
-    expert's CFG scale of a checkpoint with two experts (Wan 2.2 T2V-A14B), refused by others. ``transformer_on_host`` (every family): the
-    transformer stays in host memory, the rest goes to ``device`` (a sharded run's FSDP2 moves the transformer
-    there a block at a time).
+    expert's CFG scale of a checkpoint with two experts (Wan 2.2 T2V-A14B), refused by others.
+    ``transformer_on_host`` (every family): the transformer stays in host memory, the rest goes to ``device`` (a
+    sharded run's FSDP2 moves the transformer there a block at a time).
     """
     if family == "toy":
         from densegrpo_fast.policies.toy import ToyPolicy
@@ -113,22 +113,14 @@ def load_policy(
         raise ValueError(
             f"model.family={family!r} has no adapter: the families available are {list(FAMILIES)}"
         )
-    if (
-        guidance_scale_2 is not None
-    ):  # (refused before any weights load, where the index says one transformer)
-        cls = adapter_class(family)
-        try:
-            components = cls.checkpoint_components(
-                cls.read_index(checkpoint, local_files_only=local_files_only)
-            )
-        except ValueError:
-            components = {"transformer_2": None}  # (not found: the load names what is missing)
-        if "transformer_2" not in components:
-            raise ValueError(
-                f"model.guidance_scale_2 ({guidance_scale_2}) is the low-noise expert's CFG scale of a checkpoint "
-                f"with two experts (Wan 2.2 T2V-A14B), and model.checkpoint={checkpoint!r} (model.family {family}) "
-                "has one transformer: remove it"
-            )
+    # (refused before any weights load, where the index says one transformer)
+    two = guidance_scale_2 is None or has_two_experts(family, checkpoint, local_files_only=local_files_only)
+    if two is False:
+        raise ValueError(
+            f"model.guidance_scale_2 ({guidance_scale_2}) is the low-noise expert's CFG scale of a checkpoint with "
+            f"two experts (Wan 2.2 T2V-A14B), and model.checkpoint={checkpoint!r} (model.family {family}) has one "
+            "transformer: remove it"
+        )
     policy = adapter_class(family).load(
         checkpoint, device=device, dtype=dtype, resolution=resolution, frames=frames,
         max_sequence_length=max_sequence_length, local_files_only=local_files_only,

@@ -61,7 +61,8 @@ DEFAULT_FRAMES = 81
 #: A checkpoint whose ``model_index.json`` names one of the two experts' marks without the other.
 HALF_EXPERTS = (
     "{root} sets {has} but not {lacks}: Wan 2.2 A14B's two experts need both (transformer_2, the low-noise expert, "
-    "and boundary_ratio, where it takes over), a one-transformer checkpoint neither; fix its model_index.json (the pipeline's config)"
+    "and boundary_ratio, where it takes over), a one-transformer checkpoint neither; fix its model_index.json "
+    "(the pipeline's config)"
 )
 #: The schedulers whose sigmas the engine can sample on (flow-matching ones).
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")
