@@ -13,6 +13,8 @@ import pytest
 import torch
 from tolerances import assert_on_policy
 
+from densegrpo_fast.policies import PRETRAINED
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "real_model_iteration.py"
 #: transformer rows per latent row: SD3, Qwen-Image, Z-Image and FLUX.2 [klein] batch CFG, FLUX.1-dev has none
@@ -49,16 +51,7 @@ def finite_numbers(tree) -> bool:
 
 @pytest.mark.parametrize(
     "family",
-    [
-        "sd3",
-        "flux",
-        "flux_kontext",
-        "qwen_image",
-        "qwen_image_edit",
-        "z_image",
-        "flux2_klein",
-        "wan",
-    ],
+    list(PRETRAINED),
 )
 def test_tiny_iteration_through_the_trainer(family, tmp_path):
     out = subprocess.run(
@@ -161,17 +154,7 @@ def test_merged_rollout_measures_the_same_rollout_with_the_adapters_merged_then_
 
 @pytest.mark.parametrize(
     "family",
-    [
-        "sd3",
-        "flux",
-        "flux_kontext",
-        "qwen_image",
-        "qwen_image_edit",
-        "z_image",
-        "flux2_klein",
-        "wan",
-        "wan_a14b",
-    ],
+    [*PRETRAINED, "wan_a14b"],  # (and the other checkpoints built in: architectures.BUILT_IN_REPOS)
 )
 def test_full_size_configs_have_the_published_sizes(family):
     """Built on the meta device (no memory, no time): every component of SD3.5-Medium / FLUX.1-dev /
