@@ -102,6 +102,13 @@ class MetricsLog:
 
             self.wandb.log({"iteration": iteration, key: wandb.Image(str(path))})
 
+    def video(self, key: str, path: Path, iteration: int) -> None:
+        """A GIF written to the run directory (a video family's samples), also shown in W&B under ``key``."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"iteration": iteration, key: wandb.Video(str(path))})
+
     def read(self) -> list[dict]:
         """The records of metrics.jsonl (:func:`read_jsonl`)."""
         return read_jsonl(self.path)
@@ -190,6 +197,9 @@ class NullLog:
         pass
 
     def image(self, key: str, path: Path, iteration: int) -> None:
+        pass
+
+    def video(self, key: str, path: Path, iteration: int) -> None:
         pass
 
     def read(self) -> list[dict]:

@@ -2091,9 +2091,10 @@ def _sample_grid(run: Run, ro, prompts: list[str], R: torch.Tensor) -> None:
         images, caps = torch.stack(shown), captions
     path = run.dir / "samples" / f"iter_{run.iteration:05d}.png"
     save_image_grid(images, caps, path)
+    run.log.image("samples", path, run.iteration)
     if images.ndim == 5:  # (videos: the grid shows strips of frames, the GIF the first four playing, small)
         save_gif(gif_preview(images), path.with_suffix(".gif"), fps=getattr(run.policy, "fps", 16.0))
-    run.log.image("samples", path, run.iteration)
+        run.log.video("samples_video", path.with_suffix(".gif"), run.iteration)
 
 
 def ema_heldout_rewards(run: Run) -> dict[str, float]:

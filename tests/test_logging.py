@@ -41,6 +41,9 @@ class FakeWandb(types.ModuleType):
         def __init__(self, path):
             self.path = path
 
+    class Video(Image):
+        pass
+
 
 @pytest.fixture
 def fake_wandb(monkeypatch):

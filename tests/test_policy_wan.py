@@ -285,14 +285,21 @@ def _overrides(wan_dir, tmp_path, *extra):
 def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode, monkeypatch):
     """DenseGRPO (every step's completion decoded to a video and scored on two frames) and Flow-GRPO (the final
     videos) on videos, with a held-out reward of its own frames; a sample grid of frame strips and a GIF of the
-    videos. The reward refuses videos: every path must hand it frames."""
+    videos, both shown in W&B (a stand-in). The reward refuses videos: every path must hand it frames."""
+    import sys
+
+    from test_logging import FakeWandb
+
     from densegrpo_fast.config import TrainConfig, load_config
     from densegrpo_fast.trainer import train
 
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
     extra = (
         "run.sample_grid_every=1",
         f"dense.mode={mode}",
         "eval.rewards={mid: {name: image_only_redness, frames: 1}}",
+        "run.wandb.enabled=true",
     )
     cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *extra))
     assert cfg.lora.target_modules[0] == "attn1.to_q" and cfg.sampling.guidance_scale == 5.0
@@ -312,6 +319,11 @@ def test_one_iteration_through_the_trainer(wan_dir, tmp_path, mode, monkeypatch)
     held_out = [r for r in records if "eval_reward" in r][-1]
     assert held_out["eval_mid"] != held_out["eval_reward"]  # (one frame, the middle one; two frames)
     assert {p.name for p in (run_dir / "samples").iterdir()} == {"iter_00001.png", "iter_00001.gif"}
+    shown = {k: v.path for entry in fake.runs[0].logs for k, v in entry.items() if k.startswith("samples")}
+    assert shown == {k: str(run_dir / "samples" / f) for k, f in (("samples", "iter_00001.png"),
+                                                                   ("samples_video", "iter_00001.gif"))}  # fmt: skip
+    (video,) = [entry["samples_video"] for entry in fake.runs[0].logs if "samples_video" in entry]
+    assert isinstance(video, FakeWandb.Video)  # (a playing GIF, not a still image)
     assert (run_dir / "lora_ema").is_dir()
 
 
@@ -918,3 +930,15 @@ def test_encode_prompts_serves_two_experts_with_a_second_scale(pair_dir, tmp_pat
     torch.testing.assert_close(
         cached.encode_prompts(PROMPTS[:1]).embeds, direct.encode_prompts(PROMPTS[:1]).embeds
     )
+
+
+def test_a_held_out_entry_equal_to_a_pairwise_rewards_view_shares_its_model_only_at_its_frames():
+    """An ``eval.rewards`` entry that scores as a pairwise training reward's pointwise view is scored by that
+    reward's model only where it scores the same frames; at other frames it gets a model of its own."""
+    from densegrpo_fast.config import TrainConfig, load_config
+
+    wins = "reward={name: win_rate, kwargs: {reward: {name: redness}}, frames: 2}"
+    for frames, built in ((2, []), (1, ["red"]), (None, ["red"])):
+        entry = f"eval.rewards={{red: {{name: redness, frames: {'null' if frames is None else frames}}}}}"
+        cfg = load_config(TrainConfig, None, ["model.family=wan", wins, entry])
+        assert sorted(cfg.eval_rewards_built()) == built, frames
