@@ -55,6 +55,8 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from densegrpo_fast.policies.base import block_lists
+
 #: Minutes a rank waits at a collective before failing.
 TIMEOUT_ENV = "DENSEGRPO_DIST_TIMEOUT_MIN"
 
@@ -667,7 +669,7 @@ def shard(
             "gather the same units at once; set model.sharding=replicate (each process holds both experts)"
         )
     kept = None if keep_dtypes else compute_dtype
-    for blocks in _block_lists(module).values():
+    for blocks in block_lists(module).values():
         for block in blocks:
             _shard_unit(block, kept)
     _shard_root(module, kept)
@@ -683,7 +685,7 @@ def sharded_frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     """A frozen copy of ``module`` (the KL reference), sharded as :func:`shard` shards it and built block by
     block: besides ``module``, one whole block of the copy is in memory at a time, not the whole copy that
     ``copy.deepcopy`` then :func:`shard` would hold (a second 24 GB for FLUX.1's transformer in bf16)."""
-    lists = _block_lists(module)
+    lists = block_lists(module)
     shared = {id(block): block for blocks in lists.values() for block in blocks}
     frozen = copy.deepcopy(module, shared)  # everything but the blocks, which are ``module``'s own for now
     for name, blocks in lists.items():
@@ -697,12 +699,6 @@ def sharded_frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     frozen.requires_grad_(False)
     _shard_root(frozen, None)
     return frozen
-
-
-def _block_lists(module: torch.nn.Module) -> dict[str, torch.nn.ModuleList]:
-    from densegrpo_fast.policies.base import block_lists
-
-    return block_lists(module)
 
 
 def _mixed_precision(compute_dtype: torch.dtype | None):

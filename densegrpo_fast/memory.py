@@ -647,6 +647,7 @@ def _stub_targets(
     text encoder that the adapter calls (Qwen-Image's ``text_encoder_call``), profiled instead of it.
     ``decode_call``: a module that runs the VAE's whole decode (Wan's ``decode_call``: its decoder's calls
     share a cache), profiled instead of the decoder."""
+    from densegrpo_fast.policies.base import block_lists
     from densegrpo_fast.policies.pretrained import is_text_encoder
 
     out = {}
@@ -657,10 +658,9 @@ def _stub_targets(
             out["vae.decoder"] = module.decoder
         elif encoder_call is not None and is_text_encoder(name):
             out[f"{name}.{encoder_call}"] = getattr(module, encoder_call)
-        elif name == "transformer" and sharded:
-            for child_name, child in module.named_children():
-                if isinstance(child, torch.nn.ModuleList):
-                    out.update({f"transformer.{child_name}.{i}": block for i, block in enumerate(child)})
+        elif name == "transformer" and sharded:  # (FSDP2's units: distributed.shard's block lists)
+            for list_name, blocks in block_lists(module).items():
+                out.update({f"transformer.{list_name}.{i}": block for i, block in enumerate(blocks)})
         else:
             out[name] = module
     return out
@@ -868,9 +868,9 @@ def _repeats_skipped():
 def _largest_unit(module: torch.nn.Module) -> int:
     """The bytes of ``module``'s largest FSDP2 unit (:func:`densegrpo_fast.distributed.shard`: each block, and
     the root's own parameters), whole, as FSDP2 moves it to the device before cutting its shards."""
-    from densegrpo_fast.distributed import _block_lists
+    from densegrpo_fast.policies.base import block_lists
 
-    blocks = [b for blocks in _block_lists(module).values() for b in blocks]
+    blocks = [b for blocks in block_lists(module).values() for b in blocks]
     in_blocks = {id(p) for b in blocks for p in b.parameters()}
     root = sum(p.numel() * p.element_size() for p in module.parameters() if id(p) not in in_blocks)
     return max([root, *(sum(p.numel() * p.element_size() for p in b.parameters()) for b in blocks)])

@@ -1,8 +1,8 @@
 """Full-size architectures of the checkpoints the recipes train, for building models without their weights.
 
 The memory estimate (:mod:`densegrpo_fast.memory`) and benchmarks/real_model_iteration.py build SD3.5-Medium,
-FLUX.1-dev, Qwen-Image, Z-Image, FLUX.2 [klein] 4B, Wan 2.1 T2V 1.3B and Wan 2.2 T2V-A14B from these configs when the checkpoint is not on disk (fake or random weights, the
-real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
+FLUX.1-dev, Qwen-Image, Z-Image, FLUX.2 [klein] 4B, Wan 2.1 T2V 1.3B and Wan 2.2 T2V-A14B from these configs when
+the checkpoint is not on disk (fake or random weights, the real shapes). :func:`stand_in_tokenizers` give the real sequence lengths without the tokenizer files: any
 lowercase prompt, one token per character, padded to the model's length (Qwen-Image's and Z-Image's
 tokenizers pad to the batch's longest prompt instead: one token per byte).
 """

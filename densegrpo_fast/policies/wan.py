@@ -19,8 +19,9 @@ patches, conditioned on UMT5-XXL by cross-attention. Where it differs from the i
   token of a text-to-video sample, and are passed so.
 - **Sampling grid** (:meth:`WanPolicy.sigma_grid`, used when ``sampling.shift`` is null): the checkpoint's
   scheduler's own sigmas, whatever the resolution. Wan's released scheduler is UniPC with flow sigmas
-  (``flow_shift`` 3; Wan suggests 5 for 720p, which the engine does not pick): the engine samples its grid with the Euler (ODE) or SDE step, not UniPC's second-order update,
-  and feeds the transformer ``1000 sigma`` where UniPC feeds it truncated to an integer. A scheduler of
+  (``flow_shift`` 3; Wan suggests 5 for 720p, which the engine does not pick): the engine samples its grid
+  with the Euler (ODE) or SDE step, not UniPC's second-order update, and feeds the transformer ``1000 sigma``
+  where UniPC feeds it truncated to an integer. A scheduler of
   FlowMatchEulerDiscreteScheduler gives its own grid and is what the pipeline equality test swaps in.
 
 With zero noise, the same initial latents and FlowMatchEulerDiscreteScheduler in the pipeline, the engine's
