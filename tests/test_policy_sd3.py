@@ -1044,6 +1044,26 @@ def test_the_sharded_kl_reference_is_built_one_block_at_a_time(sd3_dir, tmp_path
             assert torch.equal(p.to_local(), distributed.shard_like(fresh[n].detach(), p).to_local()), n
 
 
+LR = 3e-4  # (optim.lr of the tests' config)
+
+
+def _close_but_for_adam_sign_flips(ours: dict, theirs: dict, step) -> None:
+    """Each tensor of ``ours`` as ``theirs``' to a tenth of the learning rate ``step(name)`` (rtol 1e-3 beyond),
+    but for at most 1 % of all their elements, each within ``2 step(name)``. The adapters are a few Adam steps of
+    about the learning rate each from where they started (lora_B from 0), whatever the size of their gradients:
+    gradients summed in another order change a step by their relative rounding, and one within rounding of 0
+    may step the other way. A step lost or doubled (gradients not reduced over the ranks) is a learning rate
+    apart on most elements. Measured on an AMD EPYC: at most 1.1e-5 apart (0.04 of a step), but one element of
+    11 136 3.6e-5 apart."""
+    assert ours.keys() == theirs.keys()
+    off, total = 0, 0
+    for n, t in theirs.items():
+        apart = ~torch.isclose(ours[n], t, rtol=1e-3, atol=0.1 * step(n))
+        off, total = off + int(apart.sum()), total + t.numel()
+        assert not apart.any() or (ours[n] - t)[apart].abs().max() <= 2 * step(n), (n, (ours[n] - t)[apart])
+    assert off <= 0.01 * total, f"{off} of {total} elements apart"
+
+
 def test_lora_over_a_bf16_base_shards_over_two_processes(sd3_dir, tmp_path):
     """LoRA over an FSDP2-sharded bf16 base (model.sharding=fsdp): the rollouts are the unsharded model's bit for
     bit, the checkpoint holds the fp32 adapters alone, and the export merges them into the whole bf16 base."""
@@ -1056,16 +1076,15 @@ def test_lora_over_a_bf16_base_shards_over_two_processes(sd3_dir, tmp_path):
     sa, sb = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("run", "one"))
     assert sa["trainable"].keys() == sb["trainable"].keys() and all("lora_" in n for n in sa["trainable"])
     assert all(t.dtype == torch.float32 for t in [*sa["trainable"].values(), *sa["ema"].values()])
-    for n, t in sb["trainable"].items():  # (the one process summed its rows' gradients in another order)
-        torch.testing.assert_close(sa["trainable"][n], t, rtol=1e-3, atol=1e-6)
+    # (the one process summed its rows' gradients in another order)
+    _close_but_for_adam_sign_flips(sa["trainable"], sb["trainable"], lambda n: LR)
     exported, one = (load_file(tmp_path / d / "policy_ema.safetensors") for d in ("run", "one"))
     assert exported.keys() == one.keys() and all(t.dtype == one[n].dtype for n, t in exported.items())
     ours, theirs = (
         load_file(next((tmp_path / d / "lora_ema").glob("*.safetensors"))) for d in ("run", "one")
     )  # the EMA adapters in diffusers' LoRA format
-    assert ours.keys() == theirs.keys()
-    for n, t in theirs.items():
-        torch.testing.assert_close(ours[n], t, rtol=1e-3, atol=1e-6)
+    # (alpha / r folded into lora_B: 64 / 4)
+    _close_but_for_adam_sign_flips(ours, theirs, lambda n: LR * (64 / 4 if "lora_B" in n else 1))
     # the same job started from those adapters (lora.init) with gradient checkpointing: the sharded rollouts still
     # the unsharded model's bit for bit, the checkpointed blocks recomputed through the shards in the backward
     from test_distributed import records
