@@ -118,6 +118,12 @@ def plot_psi(path: Path, trajectory: list[list[float]], schedule: Schedule) -> N
     plt.close(fig)
 
 
+def _second_init(cfg):
+    from densegrpo_fast.lora_init import second_lora
+
+    return second_lora(cfg.lora.init, cfg.lora.init_2) if cfg.lora.enabled else None
+
+
 def calibrated_for(cfg) -> dict:
     """What Algorithm 1 balanced the gains and losses of, beyond the grid, SDE and steps a run checks: the
     policy it sampled (model, its dtype and resolution, warm start), its guidance and the reward (without the
@@ -135,6 +141,9 @@ def calibrated_for(cfg) -> dict:
         "dtype": cfg.model.dtype,
         "resolution": resolution_record(cfg.model.resolution),
         "lora_init": resolved_path(cfg.lora.init) if cfg.lora.enabled else None,
+        # (Wan 2.2 A14B's low-noise expert's, given apart or in lora.init's transformer_2/: older tables, without
+        # it, stay valid)
+        **({"lora_init_2": resolved_path(str(second))} if (second := _second_init(cfg)) is not None else {}),
         "guidance_scale": cfg.sampling.guidance_scale,
         # (Wan 2.2 A14B's low-noise expert's, where it takes effect: older tables, without it, stay valid)
         **(

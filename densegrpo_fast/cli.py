@@ -53,7 +53,13 @@ def _add_eval(sub) -> None:
         "--lora",
         default=None,
         help="pretrained families: a LoRA merged into the model (or --checkpoint) before sampling: a run's "
-        "lora_ema/, a diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA)",
+        "lora_ema/, a diffusers LoRA, or a peft adapter folder (e.g. a published Flow-GRPO LoRA); Wan 2.2 "
+        "A14B: the high-noise expert's, the low-noise expert's in its folder's transformer_2/ or --lora-2",
+    )
+    p.add_argument(
+        "--lora-2",
+        default=None,
+        help="Wan 2.2 A14B: the low-noise expert's LoRA (transformer_2), beside --lora's for the high-noise one",
     )
     p.add_argument("--json", action="store_true", help="print the scores as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (pretrained families)")
@@ -66,6 +72,7 @@ def _add_eval(sub) -> None:
             args.overrides,
             checkpoint=args.checkpoint,
             lora=args.lora,
+            lora_2=args.lora_2,
             as_json=args.json,
             progress=not args.no_progress,
         )

@@ -880,7 +880,14 @@ class LoRASection(Section):
         None,
         description="pretrained families: start the adapters from this LoRA instead of zero: a run's lora_ema/ "
         "folder, a diffusers LoRA (.safetensors or its folder), or a peft adapter folder (Flow-GRPO's published "
-        "LoRAs); its rank must be lora.rank; the KL reference stays the base model",
+        "LoRAs); its rank must be lora.rank; the KL reference stays the base model. Wan 2.2 A14B's two experts: "
+        "the high-noise expert's (transformer), with the low-noise expert's in its folder's transformer_2/ (as a "
+        "two-expert run's lora_ema/ holds it) or in lora.init_2",
+    )
+    init_2: str | None = Field(
+        None,
+        description="Wan 2.2 A14B: the low-noise expert's LoRA (transformer_2), in lora.init's formats, beside "
+        "lora.init's for the high-noise expert (null: lora.init's folder's transformer_2/)",
     )
     rank: int = Field(32, ge=1, description="LoRA r")
     alpha: float = Field(64, gt=0, description="LoRA alpha")
@@ -1400,6 +1407,18 @@ class TrainConfig(Section):
                 "zero; set "
                 "lora.init=null"
             )
+        if self.lora.enabled and self.lora.init_2 is not None:
+            if self.model.family != "wan":
+                problems.append(
+                    f"lora.init_2 ({self.lora.init_2!r}) starts the low-noise expert of Wan 2.2 T2V-A14B "
+                    f"(model.family wan with two experts): model.family {self.model.family} has one transformer; "
+                    "remove it"
+                )
+            elif self.lora.init is None:
+                problems.append(
+                    f"lora.init_2 ({self.lora.init_2!r}) without lora.init: the low-noise expert's LoRA comes with "
+                    "the high-noise expert's; give lora.init too"
+                )
         if self.model.sharding == "fsdp" and self.lora.enabled and self.lora.merge_for_sampling:
             problems.append(
                 "lora.merge_for_sampling with model.sharding=fsdp: the merge writes each base weight whole, and "
@@ -1459,7 +1478,7 @@ class TrainConfig(Section):
         LoRA settings are no mistake when the command line turns LoRA off)."""
         n = self.noise
         unused = [  # (section's dotted name, section, its fields, whether they are unused, why)
-            ("lora", self.lora, ("init", "rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
+            ("lora", self.lora, ("init", "init_2", "rank", "alpha", "target_modules", "merge_for_sampling"), not self.lora.enabled,
              "lora.enabled=false trains the full model"),
             ("dense", self.dense, ("completion_steps",), self.dense.mode == "sparse",
              "dense.mode=sparse scores the final image only (psi's calibration completes each latent over all "

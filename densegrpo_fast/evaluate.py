@@ -37,11 +37,11 @@ from densegrpo_fast.checkpoint import lock_dir, unlock_dir, write_text_atomic
 from densegrpo_fast.distributed import Dist
 from densegrpo_fast.logging import read_jsonl, save_gif
 from densegrpo_fast.lora_init import (
-    check_exists,
-    check_one_transformer,
+    check_checkpoint_experts,
     lora_config_identity,
     lora_identity,
     merge_lora,
+    second_lora,
 )
 from densegrpo_fast.policies.base import Policy, PromptEmbeds, compile_blocks, encoded_batches
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
@@ -358,7 +358,8 @@ NOT_SCORING = frozenset(
         "api_key_env",
     }
 )
-_PATHS = ("model", "checkpoint", "lora", "dataset")  # compared resolved: runs/x and /abs/runs/x are one file
+# (compared resolved: runs/x and /abs/runs/x are one file)
+_PATHS = ("model", "checkpoint", "lora", "lora_2", "dataset")
 
 
 def resolved_path(value):
@@ -432,12 +433,13 @@ def run_eval(
     as_json: bool = False,
     progress: bool = True,
     lora: str | None = None,
+    lora_2: str | None = None,
 ) -> dict:
     """The ``eval`` command. Toy models get the toy world's per-category report
     (:func:`densegrpo_fast.toy.evaluate.run_eval`); the pretrained families' models are sampled by the eval
     section's ODE (``--checkpoint``: a run's ``policy_ema.safetensors``, else the base model; ``--lora``: a
-    LoRA merged into it; at ``eval.resolution`` where it is set) and scored by each of ``eval.rewards``,
-    resumably, into ``eval.output_dir``."""
+    LoRA merged into it, ``--lora-2`` Wan 2.2 A14B's low-noise expert's; at ``eval.resolution`` where it is
+    set) and scored by each of ``eval.rewards``, resumably, into ``eval.output_dir``."""
     from densegrpo_fast.config import dump_config, load_config, resolution_record
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.rewards import build_reward
@@ -453,9 +455,10 @@ def run_eval(
             raise ValueError(
                 "the toy's eval report runs as one process (it takes seconds to minutes): run it without torchrun"
             )
-        if lora is not None:
+        if lora is not None or lora_2 is not None:
             raise ValueError(
-                "--lora merges a LoRA into a pretrained family's model: the toy's eval takes --checkpoint only"
+                f"{'--lora' if lora is not None else '--lora-2'} merges a LoRA into a pretrained family's model: the "
+                "toy's eval takes --checkpoint only"
             )
         return toy_eval(config, overrides, checkpoint=checkpoint, as_json=as_json)
     e = cfg.eval
@@ -465,9 +468,13 @@ def run_eval(
             f"--checkpoint {checkpoint!r} {what}: give the policy_ema.safetensors of a training run (or "
             "leave --checkpoint out to evaluate the base model)"
         )
-    if lora is not None:
-        check_exists(lora, "--lora")
-        check_one_transformer(cfg.model, "--lora", lora)
+    if lora_2 is not None and cfg.model.family != "wan":
+        raise ValueError(
+            f"--lora-2 {lora_2!r} merges the low-noise expert's LoRA of Wan 2.2 T2V-A14B (model.family wan with "
+            f"two experts): model.family {cfg.model.family} has one transformer; remove it"
+        )
+    if lora is not None or lora_2 is not None:
+        check_checkpoint_experts(cfg.model, "--lora", lora, lora_2)
     if not e.rewards:
         raise ValueError(
             "eval.rewards is empty: name at least one reward to score the samples with, e.g. "
@@ -507,11 +514,12 @@ def run_eval(
     # arithmetic may round otherwise on another device; --lora is told apart by its files).
     weights = distributed.weights_digest(policy, policy.device)
     if lora is not None:
-        merge_lora(policy, lora)
+        merge_lora(policy, lora, lora_2)
+    second = second_lora(lora, lora_2) if getattr(policy.transformer, "expert_names", ()) else None
     if e.resolution is not None:
         policy = policy.at_resolution(e.resolution)
     distributed.check_loaded(
-        d, policy, "the loaded models'", "model.checkpoint, --checkpoint and --lora", policy.device
+        d, policy, "the loaded models'", "model.checkpoint, --checkpoint, --lora and --lora-2", policy.device
     )
     distributed.check_loaded(d, rewards, "eval.rewards' models'", "eval.rewards' kwargs", policy.device)
     if m.compile:
@@ -527,6 +535,9 @@ def run_eval(
               "checkpoint_identity": checkpoint_identity(checkpoint),
               "weights": weights, "text_encoding": text_encoding(cfg), "lora": lora,
               "lora_weights": lora_identity(lora), "lora_config": lora_config_identity(lora),
+              # (Wan 2.2 A14B's low-noise expert's: older protocols, without it, stay valid)
+              **({"lora_2": str(second), "lora_2_weights": lora_identity(second),
+                  "lora_2_config": lora_config_identity(second)} if second is not None else {}),
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()}, m.video),
               **({"frames": policy.frames} if m.video else {}),
               **({"guidance_scale_2": m.guidance_scale_2}

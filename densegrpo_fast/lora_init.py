@@ -8,6 +8,10 @@ the run's own adapter (the one ``lora.rank``, ``lora.alpha`` and ``lora.target_m
 rescaled so that each layer adds what the file's adapter adds: ``B_run * A * alpha_run / r_run`` equals
 ``B_file * A * scale_file``. The run then trains its own adapter at its own scale, and the KL reference
 stays the base model (adapters disabled), as in Flow-GRPO's ``lora_path``.
+
+Wan 2.2 A14B's two experts take a LoRA each: the high-noise expert's at the path given, the low-noise expert's
+(``transformer_2``) at a second path (``lora.init_2``, ``--lora-2``) or in the first's ``transformer_2/`` folder,
+where a two-expert run's ``lora_ema/`` export writes it.
 """
 
 from __future__ import annotations
@@ -26,49 +30,123 @@ _FIX = (
     "folder (adapter_config.json and adapter_model.safetensors)"
 )
 
-
-def check_exists(path: str | Path, option: str) -> None:
-    """A ValueError, before any model loads, when the LoRA that ``option`` (``lora.init``, ``--lora``) names
-    is not there."""
-    if not Path(path).exists():
-        raise ValueError(f"{_named(option, path)} does not exist: {_FIX}")
-
-
-def _named(option: str, path: str | Path) -> str:
-    return f"{option}={str(path)!r}" if option == "lora.init" else f"{option} {str(path)!r}"
-
-
-#: A LoRA file given for a checkpoint with two experts.
-TWO_EXPERTS = (
-    "{name}: this checkpoint has two experts (Wan 2.2 A14B), and a LoRA file adapts one transformer, which the "
-    "engine does not pair with an expert: start from the base model (remove it)"
+#: The option naming the low-noise expert's LoRA (Wan 2.2 A14B's ``transformer_2``), per option.
+SECOND = {"lora.init": "lora.init_2", "--lora": "--lora-2"}
+#: The folder of a LoRA folder holding the low-noise expert's LoRA (a run's ``lora_ema/`` export of two experts).
+EXPERT_2 = "transformer_2"
+_FIX_2 = (
+    "give the low-noise expert's LoRA: a two-expert run's lora_ema/transformer_2/ folder, a diffusers LoRA (a "
+    ".safetensors file or its folder), or a peft adapter folder"
 )
 
 
-def check_one_transformer(model, option: str, path: str | Path) -> None:
-    """Refuse, from the checkpoint's ``model_index.json`` and before any model loads, a LoRA file (``option``:
-    ``lora.init``, ``--lora``) for a checkpoint with two experts. ``model``: the config's model section."""
+def check_exists(path: str | Path, option: str) -> None:
+    """A ValueError, before any model loads, when the LoRA that ``option`` (``lora.init``, ``--lora``, or the
+    low-noise expert's ``lora.init_2``, ``--lora-2``) names is not there."""
+    if not Path(path).exists():
+        fix = _FIX_2 if option in SECOND.values() else _FIX
+        raise ValueError(f"{_named(option, path)} does not exist: {fix}")
+
+
+def _named(option: str, path: str | Path) -> str:
+    return f"{option}={str(path)!r}" if option.startswith("lora.") else f"{option} {str(path)!r}"
+
+
+def second_lora(path: str | Path | None, path_2: str | Path | None) -> Path | None:
+    """The low-noise expert's LoRA: ``path_2`` where given, else ``path/transformer_2`` where ``path`` is a
+    folder holding one (the layout of a two-expert run's ``lora_ema/``), else None."""
+    if path_2 is not None:
+        return Path(path_2)
+    inner = Path(path) / EXPERT_2 if path is not None else None
+    return inner if inner is not None and inner.is_dir() else None
+
+
+def check_experts(two: bool | None, option: str, path, path_2=None) -> None:
+    """A ValueError where the LoRA (``option``: ``lora.init``, ``--lora``, at ``path``; the low-noise expert's
+    at ``path_2`` or in ``path``'s ``transformer_2/``) is not there or does not pair with the checkpoint's
+    transformers: ``two`` says whether it has two experts (Wan 2.2 A14B; None: not known, not checked)."""
+    option_2 = SECOND[option]
+    if path is None and path_2 is not None:
+        raise ValueError(
+            f"{_named(option_2, path_2)} without {option}: the low-noise expert's LoRA comes with the high-noise "
+            f"expert's; give both (or {option} alone, a folder holding the second in {EXPERT_2}/)"
+        )
+    if two is False and path_2 is not None:
+        raise ValueError(
+            f"{_named(option_2, path_2)} adapts the low-noise expert of a two-expert checkpoint (Wan 2.2 A14B), "
+            f"and this checkpoint has one transformer: remove {option_2}"
+        )
+    check_exists(path, option)
+    if path_2 is not None:
+        check_exists(path_2, option_2)
+        if (Path(path_2) / EXPERT_2).is_dir():  # (its own file is the high-noise expert's)
+            raise ValueError(
+                f"{_named(option_2, path_2)} is a two-expert export (it holds {EXPERT_2}/): give its {EXPERT_2}/ "
+                f"as {option_2}, or the folder alone as {option}"
+            )
+        if (Path(path) / EXPERT_2).is_dir():
+            raise ValueError(
+                f"{_named(option, path)} holds the low-noise expert's LoRA in {EXPERT_2}/, and {option_2} names "
+                f"another: give the folder alone, or {option_2} with {option} naming the high-noise expert's file"
+            )
+    second = second_lora(path, path_2)
+    if two and second is None:
+        raise ValueError(
+            f"{_named(option, path)}: this checkpoint has two experts (Wan 2.2 A14B), and a LoRA file adapts one "
+            f"transformer: give the low-noise expert's LoRA (transformer_2) too, as {option_2}, or a folder "
+            f"holding it in {EXPERT_2}/ (as a two-expert run exports its lora_ema/)"
+        )
+    if two is False and second is not None:
+        own = (
+            ""
+            if _is_peft_folder(Path(path))
+            else " (the folder's own file alone, by its path, if it is meant for this one)"
+        )
+        raise ValueError(
+            f"{_named(option, path)} holds a low-noise expert's LoRA in {EXPERT_2}/ (a Wan 2.2 A14B export), and "
+            f"this checkpoint has one transformer: give a LoRA of one transformer{own}"
+        )
+
+
+def check_checkpoint_experts(model, option: str, path, path_2=None) -> None:
+    """:func:`check_experts` from the checkpoint's ``model_index.json``, before any model loads. ``model``: the
+    config's model section."""
     from densegrpo_fast.policies import has_two_experts
 
-    if has_two_experts(model.family, model.checkpoint, local_files_only=model.local_files_only):
-        raise ValueError(TWO_EXPERTS.format(name=_named(option, path)))
+    two = has_two_experts(model.family, model.checkpoint, local_files_only=model.local_files_only)
+    check_experts(two, option, path, path_2)
 
 
-def _one_transformer(policy, name: str) -> None:
-    """A ValueError where ``policy`` has two experts (Wan 2.2 A14B): a LoRA file adapts one transformer."""
-    if getattr(policy.transformer, "expert_names", ()):
-        raise ValueError(TWO_EXPERTS.format(name=name))
+def _experts(policy, option: str, path, path_2) -> list[tuple[str | None, torch.nn.Module, Path, str]]:
+    """(expert, its transformer, its LoRA, the LoRA's name in errors) per transformer of ``policy`` the LoRA
+    adapts: one of ``policy.transformer`` (expert None), or Wan 2.2 A14B's two experts."""
+    names = getattr(policy.transformer, "expert_names", ())
+    check_experts(bool(names), option, path, path_2)
+    if not names:
+        return [(None, policy.transformer, Path(path), _named(option, path))]
+    second = second_lora(path, path_2)
+    name_2 = (
+        _named(SECOND[option], path_2) if path_2 is not None else f"{_named(option, path)} (its {EXPERT_2}/)"
+    )
+    first, low = names
+    return [
+        (first, getattr(policy.transformer, first), Path(path), _named(option, path)),
+        (low, getattr(policy.transformer, low), second, name_2),
+    ]
 
 
-def start_adapters_from(policy, path: str | Path) -> int:
+def start_adapters_from(policy, path: str | Path, path_2: str | Path | None = None) -> int:
     """Set the run's adapter (``"default"``, just added, still at its initial weights) of ``policy.transformer``
-    to the LoRA at ``path``; returns the number of layers set. A ValueError names what does not fit: another
-    rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
-    check_exists(path, "lora.init")
-    path, name = Path(path), _named("lora.init", path)
-    _one_transformer(policy, name)
-    transformer = policy.transformer
-    _load(policy, path, name)
+    to the LoRA at ``path`` (with two experts, Wan 2.2 A14B: the low-noise expert's to the LoRA at ``path_2``,
+    or in ``path``'s ``transformer_2/``); returns the number of layers set. A ValueError names what does not
+    fit: another rank, layers the run's ``lora.target_modules`` leave out, text-encoder weights, DoRA."""
+    experts = _experts(policy, "lora.init", path, path_2)
+    return sum(_start_one(policy, *expert) for expert in experts)
+
+
+def _start_one(policy, expert: str | None, transformer, path: Path, name: str) -> int:
+    """:func:`start_adapters_from` for one transformer (``policy.transformer``, or its ``expert``)."""
+    _load(policy, expert, transformer, path, name)
     layers, outside = 0, []
     with torch.no_grad():
         for layer, module in transformer.named_modules():
@@ -82,9 +160,10 @@ def start_adapters_from(policy, path: str | Path) -> int:
                 continue
             theirs, ours = lora_a[WARM].weight, lora_a[_ADAPTER].weight
             if theirs.shape != ours.shape:
+                both = " (both experts' LoRAs take lora.rank)" if expert is not None else ""
                 raise ValueError(
                     f"{name} has rank {theirs.shape[0]} (at {layer}), this run's adapters rank "
-                    f"{ours.shape[0]}: set lora.rank={theirs.shape[0]} to start from it"
+                    f"{ours.shape[0]}: set lora.rank={theirs.shape[0]} to start from it{both}"
                 )
             ours.copy_(theirs)
             scale = module.scaling[WARM] / module.scaling[_ADAPTER]
@@ -102,24 +181,24 @@ def start_adapters_from(policy, path: str | Path) -> int:
     return layers
 
 
-def merge_lora(policy, path: str | Path) -> int:
+def merge_lora(policy, path: str | Path, path_2: str | Path | None = None) -> int:
     """Fold the LoRA at ``path`` (the formats :func:`start_adapters_from` reads, at the file's own rank and
-    scale) into ``policy.transformer``'s weights and drop the adapter: what ``eval --lora`` scores, e.g. a
-    published Flow-GRPO LoRA on its base model. Returns the number of layers merged."""
-    check_exists(path, "--lora")
-    path, name = Path(path), _named("--lora", path)
-    _one_transformer(policy, name)
-    transformer = policy.transformer
-    _load(policy, path, name)
-    layers = sum(
-        1
-        for m in transformer.modules()
-        if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and WARM in m.lora_A
-    )
-    if layers == 0:
-        raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
-    transformer.fuse_lora(adapter_names=[WARM])
-    transformer.unload_lora()
+    scale; with two experts, the low-noise expert's from ``path_2`` or ``path``'s ``transformer_2/``) into
+    ``policy.transformer``'s weights and drop the adapter: what ``eval --lora`` scores, e.g. a published
+    Flow-GRPO LoRA on its base model. Returns the number of layers merged."""
+    layers = 0
+    for expert, transformer, file, name in _experts(policy, "--lora", path, path_2):
+        _load(policy, expert, transformer, file, name)
+        mine = sum(
+            1
+            for m in transformer.modules()
+            if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and WARM in m.lora_A
+        )
+        if mine == 0:
+            raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
+        transformer.fuse_lora(adapter_names=[WARM])
+        transformer.unload_lora()
+        layers += mine
     return layers
 
 
@@ -150,15 +229,16 @@ def lora_config_identity(path: str | Path | None) -> str | None:
     return hashlib.sha256((Path(path) / "adapter_config.json").read_bytes()).hexdigest()
 
 
-def _load(policy, path: Path, name: str) -> None:
-    """The LoRA at ``path`` as the adapter WARM of ``policy.transformer``, by the library of its format."""
+def _load(policy, expert: str | None, transformer, path: Path, name: str) -> None:
+    """The LoRA at ``path`` as the adapter WARM of ``transformer`` (``policy.transformer``, or its ``expert``),
+    by the library of its format."""
     with warnings.catch_warnings():  # (peft warns of a second adapter beside a run's: that is the point)
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         try:
             if _is_peft_folder(path):
-                _load_peft_folder(policy.transformer, path, name)
+                _load_peft_folder(transformer, path, name)
             else:
-                _load_diffusers_lora(policy, path, name)
+                _load_diffusers_lora(policy, expert, transformer, path, name)
         except RuntimeError as e:  # torch's load_state_dict: the layers' names match, their shapes do not
             if "size mismatch" not in str(e):
                 raise
@@ -208,7 +288,7 @@ def _load_peft_folder(transformer, path: Path, name: str) -> None:
     _fill_exactly(transformer, state, name)
 
 
-def _load_diffusers_lora(policy, path: Path, name: str) -> None:
+def _load_diffusers_lora(policy, expert: str | None, transformer, path: Path, name: str) -> None:
     from diffusers.utils import logging as diffusers_logging
     from safetensors import safe_open
 
@@ -234,21 +314,23 @@ def _load_diffusers_lora(policy, path: Path, name: str) -> None:
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # (it notes, per text encoder, that the file has no LoRA for it)
     try:
-        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM)
+        # (the low-noise expert's through the pipeline's transformer_2, which is the pair's)
+        second = {"load_into_transformer_2": True} if expert == EXPERT_2 else {}
+        pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=WARM, **second)
         # diffusers made the adapter (its ranks and scales) in the model's dtype: the weights again, exactly,
         # from the same conversion of the file's format
         state = type(pipe).lora_state_dict(str(folder), weight_name=weight_name)
     finally:
         diffusers_logging.set_verbosity(verbosity)
     state = state[0] if isinstance(state, tuple) else state
-    if WARM not in getattr(policy.transformer, "peft_config", {}):  # (diffusers loaded nothing into it)
+    if WARM not in getattr(transformer, "peft_config", {}):  # (diffusers loaded nothing into it)
         raise ValueError(f"{name} adapts no layer of this transformer: {_FIX} for this model")
     state = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
     if "lora_A" not in next(iter(state)):  # other LoRA namings, renamed as diffusers renames them
         from diffusers.utils import convert_unet_state_dict_to_peft
 
         state = convert_unet_state_dict_to_peft(state)
-    _fill_exactly(policy.transformer, state, name)
+    _fill_exactly(transformer, state, name)
 
 
 def _fill_exactly(transformer, state: dict[str, torch.Tensor], name: str) -> None:

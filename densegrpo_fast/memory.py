@@ -1525,6 +1525,7 @@ def run_memory(
             f"eval.num_prompts={-(-batch * processes // cfg.eval.images_per_prompt)}",
             "model.compile=false",  # fake tensors run eagerly
             "lora.init=null",  # a warm start's adapters have the run's shapes: its file is not read
+            "lora.init_2=null",
             "optim.name=adamw",  # (bitsandbytes' optimizer does not step fake tensors)
         ])  # fmt: skip
         if compiled:

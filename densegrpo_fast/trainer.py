@@ -53,7 +53,7 @@ from densegrpo_fast.logging import (
     save_gif,
     save_image_grid,
 )
-from densegrpo_fast.lora_init import check_exists, check_one_transformer, start_adapters_from
+from densegrpo_fast.lora_init import check_checkpoint_experts, start_adapters_from
 from densegrpo_fast.loss import grpo_loss
 from densegrpo_fast.nft import nft_loss, noised, old_decay, optimality
 from densegrpo_fast.policies import has_two_experts, load_policy
@@ -180,8 +180,7 @@ def setup(cfg: TrainConfig, resume: bool = False, progress: bool = True, policy=
             stacklevel=2,
         )
     if cfg.lora.enabled and cfg.lora.init is not None and not (resume and ckpt_path.exists()):
-        check_exists(cfg.lora.init, "lora.init")  # (a resumed run's adapters come from its checkpoint)
-        check_one_transformer(cfg.model, "lora.init", cfg.lora.init)
+        _check_inits(cfg)  # (a resumed run's adapters come from its checkpoint)
     distributed.check_device(cfg.model.device)
     # (name errors before the model loads; a video family's reward scores the videos' frames)
     reward_fn = cfg.reward.for_policy(build_reward(cfg.reward.name, **cfg.reward.kwargs), cfg.model.video)
@@ -472,7 +471,13 @@ def _add_adapters(cfg: TrainConfig, policy, init: str | None) -> None:
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
     if init is not None:
-        start_adapters_from(policy, init)
+        start_adapters_from(policy, init, cfg.lora.init_2)
+
+
+def _check_inits(cfg) -> None:
+    """``lora.init`` (and ``lora.init_2``) there and pairing with the checkpoint's transformers, before any model
+    loads."""
+    check_checkpoint_experts(cfg.model, "lora.init", cfg.lora.init, cfg.lora.init_2)
 
 
 def _check_prompts(reward_fn, name: str, sources: dict[str, PromptSource]) -> None:
@@ -616,12 +621,12 @@ def _warn_if_autocast_is_emulated(cfg: TrainConfig) -> None:
 
 
 #: What a resumed run may change: how long it runs, how it logs and checkpoints, where its directory is, how
-#: its blocks and threads run; not what an iteration computes. (lora.init: the checkpoint's adapters replace
-#: the start, so the file may move or go.)
+#: its blocks and threads run; not what an iteration computes. (lora.init and lora.init_2: the checkpoint's
+#: adapters replace the start, so the files may move or go.)
 RESUMABLE_CHANGES = (
     "run.iterations", "run.time_budget_s", "run.output_dir", "run.checkpoint_every", "run.sample_grid_every",
     "run.eval_every", "run.export_every", "run.keep_exports", "run.tensorboard", "run.wandb", "model.compile",
-    "model.compile_backend", "model.num_threads", "lora.init",
+    "model.compile_backend", "model.num_threads", "lora.init", "lora.init_2",
     # how many rows a call takes: the memory's knobs, for a run that ran out of it; like model.compile, they
     # change only the rounding of what an iteration computes
     "sampling.max_rows_per_call", "grpo.train_batch_size", "eval.batch_size",
@@ -710,8 +715,7 @@ def run_calibration(cfg: TrainConfig, progress: bool = True) -> tuple[torch.Tens
     check_same_servers(d, {"reward": reward_fn})
     init = cfg.lora.init if cfg.lora.enabled else None
     if init is not None:
-        check_exists(init, "lora.init")
-        check_one_transformer(m, "lora.init", init)
+        _check_inits(cfg)
     sharded = _shards(cfg, d)  # (as train shards it: no process holds the whole transformer)
     device = d.device(m.device)
     policy = load_policy(m.family, m.checkpoint, device, **m.adapter_options(), transformer_on_host=sharded)

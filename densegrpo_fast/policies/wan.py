@@ -34,8 +34,9 @@ sampler reproduces ``WanPipeline`` (tests/test_policy_wan.py).
   reward's completions beside the rollout's rows): each expert gets its rows. LoRA trains both (the same
   targets, an adapter each), full fine-tuning trains both, and the export writes one LoRA per expert.
   ``model.guidance_scale_2`` (:meth:`WanPolicy.set_guidance_scale_2`) gives the low-noise expert's rows a CFG
-  scale of their own, as the pipeline's ``guidance_scale_2``. Not supported with two experts: FSDP2 sharding,
-  and ``lora.init`` / ``eval --lora``.
+  scale of their own, as the pipeline's ``guidance_scale_2``. ``lora.init`` and ``eval --lora`` take a LoRA
+  per expert: the export's folder (the low-noise expert's in ``transformer_2/``), or ``lora.init_2`` /
+  ``--lora-2`` beside them. Not supported with two experts: FSDP2 sharding.
 
 Not supported: image-to-video conditioning.
 """
