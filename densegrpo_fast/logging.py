@@ -84,19 +84,32 @@ class MetricsLog:
             os.fsync(f.fileno())  # on disk before the checkpoint that follows it (which is fsynced)
         values = dict(scalars(record))
         it = record["iteration"]
+        if (writer := self._tensorboard()) is not None:
+            for key, value in values.items():
+                writer.add_scalar(key, value, it)
+            writer.flush()
+        if self.wandb is not None:
+            self.wandb.log({"iteration": it, **values})
+
+    def _tensorboard(self):
+        """The TensorBoard writer, opened at the first record or image (after :meth:`truncate_after`); None
+        without TensorBoard."""
         if self.writer is None and self.tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.tensorboard_dir), purge_step=self.purge_step)
-        if self.writer is not None:
-            for key, value in values.items():
-                self.writer.add_scalar(key, value, it)
-            self.writer.flush()
-        if self.wandb is not None:
-            self.wandb.log({"iteration": it, **values})
+        return self.writer
 
     def image(self, key: str, path: Path, iteration: int) -> None:
-        """A PNG written to the run directory (a sample grid), also shown in W&B under ``key``."""
+        """A PNG written to the run directory (a sample grid), also shown under ``key`` in TensorBoard's images
+        (at step ``iteration``) and in W&B."""
+        if (writer := self._tensorboard()) is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                writer.add_image(key, np.asarray(picture.convert("RGB")), iteration, dataformats="HWC")
+            writer.flush()
         if self.wandb is not None:
             import wandb
 

@@ -219,6 +219,38 @@ def test_tensorboard_hides_what_a_killed_run_wrote_after_its_checkpoint(tmp_path
     assert _tensorboard(tmp_path, "reward_mean") == [(1, -1.0)]
 
 
+def test_tensorboard_shows_the_sample_grids_and_hides_a_killed_runs_later_ones(tmp_path):
+    """A sample grid's PNG is an image in TensorBoard at its iteration, pixel for pixel; one a killed run wrote
+    after its checkpoint is hidden as its scalars are."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    grids = {}
+    for it in (1, 2, 3):
+        grids[it] = np.random.default_rng(it).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+        Image.fromarray(grids[it]).save(tmp_path / f"iter_{it}.png")
+    killed = MetricsLog(tmp_path)
+    killed.truncate_after(-1)
+    for it in (1, 2):
+        killed.write({"iteration": it, "reward_mean": float(it)})
+        killed.image("samples", tmp_path / f"iter_{it}.png", it)
+    killed.close()
+    resumed = MetricsLog(tmp_path, resume=True)
+    resumed.truncate_after(1)  # (the checkpoint was at iteration 1: iteration 2's grid is redrawn)
+    resumed.image("samples", tmp_path / "iter_3.png", 2)
+    resumed.close()
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    shown = {
+        e.step: np.asarray(Image.open(io.BytesIO(e.encoded_image_string))) for e in acc.Images("samples")
+    }
+    assert sorted(shown) == [1, 2]
+    assert np.array_equal(shown[1], grids[1]) and np.array_equal(shown[2], grids[3])
+
+
 def _dense_record(it, dR, pos, neg):
     return {"iteration": it, "dR_mean": dR, "dR_abs_mean": [abs(v) for v in dR], "dR_pos_frac": pos,
             "dR_neg_frac": neg}  # fmt: skip
