@@ -151,6 +151,12 @@ def calibrated_for(cfg) -> dict:
             if (second := cfg.model.guidance_scale_2) is not None and cfg.sampling.guidance_scale != 1
             else {}
         ),
+        # (CFG's negative prompt where it is set and CFG is on: older tables, without it, stay valid)
+        **(
+            {"negative_prompt": negative}
+            if (negative := cfg.model.negative_prompt) is not None and cfg.sampling.guidance_scale != 1
+            else {}
+        ),
         "reward": {"name": reward["name"], "kwargs": scoring_kwargs(reward["kwargs"])},
         # (a video family's psi also follows the videos' frames, and the frames its reward scores)
         **({"frames": cfg.model.frames, "reward_frames": cfg.reward.frames} if cfg.model.video else {}),

@@ -370,6 +370,13 @@ class ModelSection(Section):
         "below the boundary); null: each call's own, sampling.guidance_scale or eval.guidance_scale. As in the "
         "pipeline, a guidance_scale of 1 turns CFG off for both experts",
     )
+    negative_prompt: str | None = Field(
+        None,
+        description="CFG's negative prompt, in sampling, training and evaluation alike (the pipelines' "
+        "negative_prompt, e.g. the long one Wan's examples sample with); null: the family's default, the "
+        "pipeline's (the empty prompt; Qwen-Image ' '). The families with CFG; unused where the guidance scales "
+        "are 1",
+    )
     max_sequence_length: int | None = Field(
         None,
         ge=1,
@@ -426,8 +433,8 @@ class ModelSection(Section):
 
     #: The fields only the pretrained adapters read (the toy runs fp32 at 32 px from its own file).
     PRETRAINED_ONLY: ClassVar[tuple[str, ...]] = (
-        "dtype", "resolution", "frames", "guidance_scale_2", "max_sequence_length", "local_files_only",
-        "gradient_checkpointing", "offload_text_encoders", "prompt_cache",
+        "dtype", "resolution", "frames", "guidance_scale_2", "negative_prompt", "max_sequence_length",
+        "local_files_only", "gradient_checkpointing", "offload_text_encoders", "prompt_cache",
     )  # fmt: skip
 
     def autocast_context(self):
@@ -515,6 +522,11 @@ class ModelSection(Section):
                 f"model.guidance_scale_2 ({self.guidance_scale_2}) is the low-noise expert's CFG scale of Wan 2.2 "
                 f"T2V-A14B (model.family wan with two experts): model.family {self.family} has one transformer; "
                 "remove it"
+            )
+        if self.negative_prompt is not None and self.family in ("flux", "flux_kontext"):
+            out.append(
+                f"model.negative_prompt ({self.negative_prompt[:40]!r}): model.family {self.family} is "
+                "guidance-distilled and samples without CFG, so no negative prompt is encoded; remove it"
             )
         if self.family in VIDEO and self.frames is not None and (self.frames - 1) % 4:
             near = max(1, round((self.frames - 1) / 4)) * 4 + 1
@@ -1510,6 +1522,9 @@ class TrainConfig(Section):
             ("model", self.model, ("guidance_scale_2",),
              self.sampling.guidance_scale == 1 and self.eval.guidance_scale == 1,
              "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off for both experts (as in WanPipeline)"),
+            ("model", self.model, ("negative_prompt",),
+             self.sampling.guidance_scale == 1 and self.eval.guidance_scale == 1,
+             "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off, no negative prompt is encoded"),
             ("reward", self.reward, ("frames",), not self.model.video,
              f"model.family={self.model.family} makes images: reward.frames serves the video families"),
             *((f"eval.rewards.{k}", r, ("frames",), not self.model.video,

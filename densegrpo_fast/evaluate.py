@@ -541,7 +541,9 @@ def run_eval(
               "rewards": scoring_settings({k: r.model_dump(mode="json") for k, r in e.rewards.items()}, m.video),
               **({"frames": policy.frames} if m.video else {}),
               **({"guidance_scale_2": m.guidance_scale_2}
-                 if m.guidance_scale_2 is not None and e.guidance_scale != 1 else {})},
+                 if m.guidance_scale_2 is not None and e.guidance_scale != 1 else {}),
+              **({"negative_prompt": m.negative_prompt}
+                 if m.negative_prompt is not None and e.guidance_scale != 1 else {})},
     )  # fmt: skip
     if d.main:
         dump_config(cfg, out / "config.yaml")

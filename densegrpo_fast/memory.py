@@ -1316,6 +1316,8 @@ def fake_policy(cfg, mode):
         )
     if m.guidance_scale_2 is not None:  # (Wan 2.2 A14B's low-noise expert's scale, as load_policy sets it)
         policy.set_guidance_scale_2(m.guidance_scale_2)
+    if m.negative_prompt is not None:  # (its length counts where a tokenizer pads to the batch's longest)
+        policy.set_negative_prompt(m.negative_prompt)
     if m.gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     # (no move: see estimate_run). A prompt cache's run loads no text encoder: counted as offloaded ones

@@ -167,7 +167,10 @@ def _uncovered(root, entries: dict, texts, field: str) -> str | None:
 
 def check_covered(cfg, sources: dict[str, list[str]]) -> None:
     """With ``model.prompt_cache``, a ValueError (before any model loads) where the cache is missing or lacks
-    a prompt of a setting (``{field: prompts}``): the text encoders are not loaded to encode it."""
+    a prompt of a setting (``{field: prompts}``, and ``model.negative_prompt``): the text encoders are not
+    loaded to encode it."""
+    if (negative := cfg.model.negative_prompt) is not None:  # (encode-prompts encodes it beside the prompts)
+        sources = {**sources, "model.negative_prompt": [negative]}
     if cfg.model.prompt_cache is not None and (bad := coverage_problem(cfg.model.prompt_cache, sources)):
         raise ValueError(bad)
 
@@ -321,7 +324,12 @@ def encode_config(
         options = {**m.adapter_options(), "prompt_cache": None, "offload_text_encoders": False}
         options.pop("gradient_checkpointing", None)
         options.pop("guidance_scale_2", None)  # (a sampling setting: no encoder reads it)
+        negative = options.pop("negative_prompt", None)
         policy = adapter_class(m.family).load(m.checkpoint, device=m.device, text_only=True, **options)
+        if (
+            negative is not None
+        ):  # (the text encoded beside the prompts: the config's, as load_policy sets it)
+            policy.set_negative_prompt(negative)
         saved = _read_index(root)
         ident, stats = policy.prompt_cache_identity(known=saved["stats"] if saved else None)
         cache = PromptCache(root, ident, padded=not policy.pads_prompts, create=True, stats=stats)

@@ -98,16 +98,26 @@ def test_bf16_transformer_returns_an_fp32_velocity(pipe, policy):
     assert (v16 - v32).abs().max() < 0.1 * v32.abs().max()
 
 
-@pytest.mark.parametrize("guidance, hw", [(1.0, (32, 32)), (4.5, (32, 32)), (4.5, (48, 32))])
-def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance, hw):
+@pytest.mark.parametrize(
+    "guidance, hw, negative",
+    [(1.0, (32, 32), None), (4.5, (32, 32), None), (4.5, (48, 32), None), (4.5, (32, 32), "blurry, dark")],
+)
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance, hw, negative):
     """Zero noise, the same initial latents: the engine's sampler is StableDiffusion3Pipeline to 1e-5, square
-    and portrait ([height, width] = [48, 32])."""
+    and portrait ([height, width] = [48, 32]), with the empty negative prompt or another
+    (``model.negative_prompt``, the pipeline's ``negative_prompt``)."""
+    import copy
+
     T = 4
-    policy = policy.at_resolution(hw, "model.resolution")
+    policy = copy.copy(
+        policy.at_resolution(hw, "model.resolution")
+    )  # (the module's policy keeps its negative)
+    if negative is not None:
+        policy.set_negative_prompt(negative)
     assert policy.latent_shape == (4, hw[0] // 2, hw[1] // 2)  # (the tiny VAE's factor 2)
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
     call = dict(prompt=PROMPTS, height=hw[0], width=hw[1], num_inference_steps=T, guidance_scale=guidance,
-                max_sequence_length=tiny.MAX_T5_TOKENS)  # fmt: skip
+                max_sequence_length=tiny.MAX_T5_TOKENS, negative_prompt=negative)  # fmt: skip
     theirs = pipe(**call, latents=noise.clone(), output_type="latent").images
     theirs_img = pipe(**call, latents=noise.clone(), output_type="pt").images
 
@@ -119,7 +129,7 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, policy, guidance, hw
     ours = ro.latents[:, T]
     diff = (ours - theirs).abs().max().item()
     diff_img = (policy.decode(ours) - theirs_img).abs().max().item()
-    print(f"SD3 g={guidance} {hw}: max |latent diff| {diff:.2e}, max |image diff| {diff_img:.2e}")
+    print(f"SD3 g={guidance} {hw} negative={negative!r}: max |latent diff| {diff:.2e}, image {diff_img:.2e}")
     assert diff <= 1e-5 and diff_img <= 1e-5
     assert ours.abs().max() > 0.1  # a real trajectory, not a collapsed one
 

@@ -151,20 +151,24 @@ def test_the_grid_is_the_schedulers(pipe, T):
 
 
 @pytest.mark.parametrize(
-    "g, hw, frames, expand", [(5.0, (32, 32), FRAMES, False), (1.0, (32, 32), 9, False),
-                              (5.0, (48, 32), 1, False), (5.0, (32, 32), FRAMES, True)],
+    "g, hw, frames, expand, negative", [(5.0, (32, 32), FRAMES, False, None), (1.0, (32, 32), 9, False, None),
+                                        (5.0, (48, 32), 1, False, None), (5.0, (32, 32), FRAMES, True, None),
+                                        (5.0, (32, 32), FRAMES, False, "static, blurry, low quality")],
 )  # fmt: skip
-def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, g, hw, frames, expand):
+def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, g, hw, frames, expand, negative):
     """Zero noise, the same initial latents, FlowMatchEulerDiscreteScheduler in the pipeline (an Euler sampler,
     as the engine's): the engine's sampler is WanPipeline to 1e-5 in the latents and the decoded videos, with
-    CFG (two calls there, one here) and without, square and portrait, 1, 5 and 9 frames, and with Wan 2.2
-    TI2V-5B's per-token timesteps; the transformer sees the pipeline's times bit for bit."""
+    CFG (two calls there, one here) and without, square and portrait, 1, 5 and 9 frames, with Wan 2.2
+    TI2V-5B's per-token timesteps, and with a negative prompt (``model.negative_prompt``); the transformer sees
+    the pipeline's times bit for bit."""
     T = 4
     pipe = tiny.wan_pipeline(seed=0, expand_timesteps=True) if expand else pipe
     policy = WanPolicy(pipe, resolution=hw, max_sequence_length=MAX_TOKENS, frames=frames)
+    if negative is not None:
+        policy.set_negative_prompt(negative)
     noise = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(3))
     call = dict(prompt=list(PROMPTS), height=hw[0], width=hw[1], num_frames=frames, num_inference_steps=T,
-                guidance_scale=g, max_sequence_length=MAX_TOKENS)  # fmt: skip
+                guidance_scale=g, max_sequence_length=MAX_TOKENS, negative_prompt=negative)  # fmt: skip
     times = []
     hook = policy.transformer.register_forward_hook(
         lambda m, args, kwargs, out: times.append(kwargs["timestep"][:1].clone()), with_kwargs=True
@@ -189,7 +193,8 @@ def test_engine_ode_reproduces_the_diffusers_pipeline(pipe, g, hw, frames, expan
     video = policy.decode(ours)
     diff_video = (video - theirs_video.permute(0, 2, 1, 3, 4)).abs().max().item()
     print(
-        f"Wan g={g} {hw} {frames} frames expand={expand}: max |latent diff| {diff:.2e}, video {diff_video:.2e}"
+        f"Wan g={g} {hw} {frames} frames expand={expand} negative={negative!r}: max |latent diff| {diff:.2e}, "
+        f"video {diff_video:.2e}"
     )
     assert diff <= 1e-5 and diff_video <= 1e-5
     assert ours.abs().max() > 0.1 and video.shape == (2, 3, frames, *hw)
@@ -344,6 +349,32 @@ def test_the_eval_command_scores_and_saves_videos(wan_dir, tmp_path):
     assert summary["frames"] == FRAMES and summary["rewards"]["red"]["frames"] == 1
     gif = Image.open(out / "images" / "00000_0.gif")
     assert gif.n_frames == FRAMES and gif.size == (32, 32)
+
+
+def test_a_negative_prompt_is_recorded_where_cfg_uses_it(wan_dir, tmp_path):
+    """``model.negative_prompt``: the eval command samples with it and records it, refusing to resume its scores
+    under another; psi's record names it where CFG is on; unused where CFG is off (noted); refused by the
+    guidance-distilled families."""
+    from densegrpo_fast.calibration import calibrated_for
+    from densegrpo_fast.config import ConfigError, TrainConfig, load_config
+    from densegrpo_fast.evaluate import run_eval
+
+    out = tmp_path / "eval"
+    overrides = [o for o in _overrides(wan_dir, tmp_path) if not o.startswith(("run.", "reward."))]
+    overrides += ["eval.rewards={red: {name: image_only_redness, frames: 1}}", f"eval.output_dir={out}"]
+    summary = run_eval(None, [*overrides, "model.negative_prompt=static, blurry"], progress=False)
+    assert summary["negative_prompt"] == "static, blurry" and 0 < summary["scores"]["red"] < 1
+    with pytest.raises(ValueError, match=r"negative_prompt"):
+        run_eval(None, [*overrides, "model.negative_prompt=washed out"], progress=False)
+    cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, "model.negative_prompt=static"))
+    assert cfg.sampling.guidance_scale > 1 and calibrated_for(cfg)["negative_prompt"] == "static"
+    off = ["model.negative_prompt=static", "sampling.guidance_scale=1", "eval.guidance_scale=1"]
+    cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *off))
+    assert "negative_prompt" not in calibrated_for(cfg)
+    assert any("model.negative_prompt" in keys for keys, _ in cfg.ignored_settings())
+    for family in ("flux", "flux_kontext"):
+        with pytest.raises(ConfigError, match=rf"model.family {family} is guidance-distilled"):
+            load_config(TrainConfig, None, [f"model.family={family}", "model.negative_prompt=static"])
 
 
 def test_frames_and_family_defaults_in_the_config():

@@ -161,6 +161,34 @@ def test_encode_prompts_writes_the_configs_prompts_then_only_what_is_new(checkpo
     assert "0 prompt(s) encoded, 5 in the prompt cache" in capsys.readouterr().out
 
 
+def test_a_negative_prompt_is_encoded_into_the_cache_and_asked_of_it(checkpoints, tmp_path):
+    """``model.negative_prompt``: ``encode-prompts`` encodes it beside the prompts, and a run's policy reads it
+    from the cache as its CFG negative (what the encoders give it); a cache without it is refused before any
+    model loads, naming the setting."""
+    from densegrpo_fast.policies import load_policy
+    from densegrpo_fast.prompt_cache import check_covered
+
+    negative = "blurry, dark"
+    cfg = _config(checkpoints("sd3"), tmp_path, f"model.negative_prompt={negative}")
+    cache, new = encode_config(cfg, progress=False)
+    assert new == 4 and cache.missing([negative]) == [] and cache.missing([""]) == [""]
+    cached = load_policy("sd3", cfg.model.checkpoint, "cpu", **cfg.model.adapter_options())
+    direct = load_policy(
+        "sd3", cfg.model.checkpoint, "cpu", **{**cfg.model.adapter_options(), "prompt_cache": None}
+    )
+    assert cached.text_encoders() == [] and cached.negative_prompt == direct.negative_prompt == negative
+    want, got = direct.encode_prompts(["a red circle"]), cached.encode_prompts(["a red circle"])
+    torch.testing.assert_close(got.neg_embeds, want.neg_embeds, rtol=1e-6, atol=1e-6)
+    plain = load_policy("sd3", cfg.model.checkpoint, "cpu", **{**cfg.model.adapter_options(), "prompt_cache": None,
+                                                                "negative_prompt": None})  # fmt: skip
+    assert (plain.encode_prompts(["a red circle"]).neg_embeds - want.neg_embeds).abs().max() > 1e-3
+    other = _config(checkpoints("sd3"), tmp_path, "model.negative_prompt=washed out")
+    with pytest.raises(
+        ValueError, match=r"1 prompt\(s\) of model.negative_prompt are not in the prompt cache"
+    ):
+        check_covered(other, {"prompts.dataset": ["a red circle"]})
+
+
 def test_encode_prompts_reads_no_transformer_or_vae_weight(checkpoints, tmp_path):
     """The command's policy is text-only: a checkpoint without the transformer's and the VAE's weight files (their
     configs only, as `hf download` of the text encoders, tokenizers and those configs leaves it) encodes the same

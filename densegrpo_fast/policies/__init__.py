@@ -83,6 +83,7 @@ def load_policy(
     resolution: int | tuple[int, int] = 512,
     frames: int | None = None,
     guidance_scale_2: float | None = None,
+    negative_prompt: str | None = None,
     max_sequence_length: int | None = None,
     local_files_only: bool = True,
     gradient_checkpointing: bool = False,
@@ -99,6 +100,7 @@ def load_policy(
     Qwen-Image, Z-Image and FLUX.2 [klein]: 512 text tokens, Wan: 512). ``frames``: a video family's
     frames per video (None: its default), refused by the image families. ``guidance_scale_2``: the low-noise
     expert's CFG scale of a checkpoint with two experts (Wan 2.2 T2V-A14B), refused by others.
+    ``negative_prompt``: CFG's negative prompt (None: the family's default), refused by the families without CFG.
     ``transformer_on_host`` (every family): the transformer stays in host memory, the rest goes to ``device`` (a
     sharded run's FSDP2 moves the transformer there a block at a time).
     """
@@ -129,6 +131,8 @@ def load_policy(
     )  # fmt: skip
     if guidance_scale_2 is not None:
         policy.set_guidance_scale_2(guidance_scale_2)
+    if negative_prompt is not None:
+        policy.set_negative_prompt(negative_prompt)
     if gradient_checkpointing:
         policy.transformer.enable_gradient_checkpointing()
     return policy

@@ -51,6 +51,7 @@ class FluxPolicy(PackedLatentPolicy):
     """
 
     family = "flux"
+    has_cfg = False  # (guidance-distilled: the guidance goes in as an input)
     pipeline_name = "FluxPipeline"
     components = COMPONENTS
     default_repo = DEFAULT_REPO

@@ -241,6 +241,13 @@ def move_except(module: torch.nn.Module, device, stay: set[int]) -> None:
         move_except(child, device, stay)
 
 
+#: ``model.negative_prompt`` for a family without CFG.
+NO_CFG = (
+    "model.negative_prompt: model.family {family} is guidance-distilled and samples without CFG, so no negative "
+    "prompt is encoded; remove it"
+)
+
+
 class DiffusersPolicy:
     """Base of the adapters built on a diffusers pipeline: the parts of the
     :class:`~densegrpo_fast.policies.base.Policy` contract that do not depend on the family.
@@ -291,8 +298,19 @@ class DiffusersPolicy:
         naming :attr:`resolution_setting` where the model cannot sample it. Each family implements it."""
         raise NotImplementedError
 
-    #: The negative prompt of CFG, for the families whose ``encode_prompts`` is :meth:`_encode_with_negative`.
+    #: The negative prompt of CFG (the family's default, the pipeline's; ``model.negative_prompt`` sets another
+    #: with :meth:`set_negative_prompt`).
     negative_prompt = ""
+
+    #: Whether the family samples with CFG (a negative prompt's call beside each row's).
+    has_cfg = True
+
+    def set_negative_prompt(self, text: str) -> None:
+        """Encode ``text`` as CFG's negative prompt from now on (``model.negative_prompt``, the pipelines'
+        ``negative_prompt``); a ValueError for a family without CFG."""
+        if not self.has_cfg:
+            raise ValueError(NO_CFG.format(family=self.family))
+        self.negative_prompt = text
 
     #: The :class:`~densegrpo_fast.prompt_cache.PromptCache` that :meth:`_text` reads (``model.prompt_cache``;
     #: the text encoders are then not loaded), or None.

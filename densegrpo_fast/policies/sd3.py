@@ -88,11 +88,16 @@ class SD3Policy(DiffusersPolicy):
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, 77 + L, D] and ``pooled`` [B, P] as the pipeline encodes them, one encoder row per
-        distinct prompt; the negative is the empty prompt's, encoded once per policy and broadcast."""
+        distinct prompt; the negative is :attr:`negative_prompt`'s (the empty prompt's), encoded once per policy
+        and broadcast."""
         with self.text_encoders_on_device():
             if with_negative and self._negative is None:
-                self._negative = self._text([""])
+                self._negative = self._text([self.negative_prompt])
             return PromptEmbeds.deduplicated(self._text, prompts, self._negative if with_negative else None)
+
+    def set_negative_prompt(self, text: str) -> None:
+        super().set_negative_prompt(text)
+        self._negative = None  # (encoded anew at the next call)
 
     def forward_raw(
         self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor
