@@ -1174,7 +1174,7 @@ def test_model_section_accepts_repo_ids_and_passes_the_adapter_options():
     cfg = load_config(TrainConfig, None, ["model.family=sd3", "model.checkpoint=stabilityai/stable-diffusion-3.5-medium",
                                           "model.dtype=bf16", "sampling.shift=null"])  # fmt: skip
     assert cfg.model.adapter_options() == dict(dtype="bf16", resolution=512, frames=None, guidance_scale_2=None,
-                                               max_sequence_length=None, local_files_only=True,
+                                               negative_prompt=None, max_sequence_length=None, local_files_only=True,
                                                gradient_checkpointing=False, offload_text_encoders=False,
                                                prompt_cache=None)  # fmt: skip
 
