@@ -131,6 +131,7 @@ def calibrated_for(cfg) -> dict:
     spellings of one file agree."""
     from densegrpo_fast.config import resolution_record
     from densegrpo_fast.evaluate import resolved_path, scoring_kwargs
+    from densegrpo_fast.policies import negative_prompt_of
 
     # (a pairwise reward is calibrated on its pointwise view: it records that one)
     reward = cfg.reward.model_dump(mode="json")
@@ -151,16 +152,28 @@ def calibrated_for(cfg) -> dict:
             if (second := cfg.model.guidance_scale_2) is not None and cfg.sampling.guidance_scale != 1
             else {}
         ),
-        # (CFG's negative prompt where it is set and CFG is on: older tables, without it, stay valid)
+        # (CFG's negative prompt, where CFG is on: an older table, without it, took the family's)
         **(
             {"negative_prompt": negative}
-            if (negative := cfg.model.negative_prompt) is not None and cfg.sampling.guidance_scale != 1
+            if (negative := negative_prompt_of(cfg.model.family, cfg.model.negative_prompt)) is not None
+            and cfg.sampling.guidance_scale != 1
             else {}
         ),
         "reward": {"name": reward["name"], "kwargs": scoring_kwargs(reward["kwargs"])},
         # (a video family's psi also follows the videos' frames, and the frames its reward scores)
         **({"frames": cfg.model.frames, "reward_frames": cfg.reward.frames} if cfg.model.video else {}),
     }
+
+
+def calibration_changes(then: dict, now: dict, family: str) -> str:
+    """What differs between a psi table's ``calibrated_for`` (``then``) and this run's (``now``), ``"k: a -> b"``
+    joined by ``"; "``. Older tables do not record every entry: those they lack are not compared, but for the
+    negative prompt, which a table from before ``model.negative_prompt`` took from the ``family``."""
+    from densegrpo_fast.policies import negative_prompt_of
+
+    if "negative_prompt" in now and "negative_prompt" not in then:
+        then = {**then, "negative_prompt": negative_prompt_of(family, None)}
+    return "; ".join(f"{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v)
 
 
 def calibrate(

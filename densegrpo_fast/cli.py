@@ -241,10 +241,10 @@ def _add_validate(sub) -> None:
                 raise ValueError(bad)
             readable[field] = source.pool()[0]
         if cfg.model.prompt_cache is not None:  # (its identity is checked when the model loads)
-            from densegrpo_fast.prompt_cache import coverage_problem
+            from densegrpo_fast.prompt_cache import coverage_problem, with_negative
 
             try:
-                problem = coverage_problem(cfg.model.prompt_cache, readable)
+                problem = coverage_problem(cfg.model.prompt_cache, with_negative(cfg, readable))
             except ValueError as e:  # (an index.json this version does not read)
                 problem = str(e)
             if problem:

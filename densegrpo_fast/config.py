@@ -1524,7 +1524,7 @@ class TrainConfig(Section):
              "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off for both experts (as in WanPipeline)"),
             ("model", self.model, ("negative_prompt",),
              self.sampling.guidance_scale == 1 and self.eval.guidance_scale == 1,
-             "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off, no negative prompt is encoded"),
+             "sampling.guidance_scale and eval.guidance_scale are 1: CFG is off, and the negative prompt changes no sample"),
             ("reward", self.reward, ("frames",), not self.model.video,
              f"model.family={self.model.family} makes images: reward.frames serves the video families"),
             *((f"eval.rewards.{k}", r, ("frames",), not self.model.video,

@@ -103,12 +103,18 @@ class MetricsLog:
     def image(self, key: str, path: Path, iteration: int) -> None:
         """A PNG written to the run directory (a sample grid), also shown under ``key`` in TensorBoard's images
         (at step ``iteration``) and in W&B."""
-        if (writer := self._tensorboard()) is not None:
-            import numpy as np
+        if (writer := self._tensorboard()) is not None:  # (the file's own bytes: no decode and encode again)
             from PIL import Image
+            from tensorboard.compat.proto.summary_pb2 import Summary
 
-            with Image.open(path) as picture:
-                writer.add_image(key, np.asarray(picture.convert("RGB")), iteration, dataformats="HWC")
+            with Image.open(path) as picture:  # (its header alone is read)
+                (width, height), channels = picture.size, len(picture.getbands())
+            image = Summary.Image(
+                height=height, width=width, colorspace=channels, encoded_image_string=path.read_bytes()
+            )
+            writer._get_file_writer().add_summary(
+                Summary(value=[Summary.Value(tag=key, image=image)]), iteration
+            )
             writer.flush()
         if self.wandb is not None:
             import wandb

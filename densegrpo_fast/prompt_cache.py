@@ -167,12 +167,24 @@ def _uncovered(root, entries: dict, texts, field: str) -> str | None:
 
 def check_covered(cfg, sources: dict[str, list[str]]) -> None:
     """With ``model.prompt_cache``, a ValueError (before any model loads) where the cache is missing or lacks
-    a prompt of a setting (``{field: prompts}``, and ``model.negative_prompt``): the text encoders are not
-    loaded to encode it."""
-    if (negative := cfg.model.negative_prompt) is not None:  # (encode-prompts encodes it beside the prompts)
-        sources = {**sources, "model.negative_prompt": [negative]}
-    if cfg.model.prompt_cache is not None and (bad := coverage_problem(cfg.model.prompt_cache, sources)):
+    a prompt of a setting (``{field: prompts}``, and the negative prompt: :func:`with_negative`): the text
+    encoders are not loaded to encode it."""
+    if cfg.model.prompt_cache is not None and (
+        bad := coverage_problem(cfg.model.prompt_cache, with_negative(cfg, sources))
+    ):
         raise ValueError(bad)
+
+
+def with_negative(cfg, sources: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``sources`` and the negative prompt the config's policy encodes beside them (``model.negative_prompt``, or
+    the family's), which ``encode-prompts`` encodes with them: a cache made under another negative lacks it."""
+    from densegrpo_fast.policies import negative_prompt_of
+
+    negative = negative_prompt_of(cfg.model.family, cfg.model.negative_prompt)
+    field = (
+        "model.negative_prompt" if cfg.model.negative_prompt is not None else "the family's negative prompt"
+    )
+    return sources if negative is None else {**sources, field: [negative]}
 
 
 def coverage_problem(root, sources: dict[str, list[str]]) -> str | None:

@@ -27,7 +27,7 @@ import torch
 
 from densegrpo_fast import distributed
 from densegrpo_fast.awm import awm_loss, scaled_advantage
-from densegrpo_fast.calibration import calibrate, load_psi
+from densegrpo_fast.calibration import calibrate, calibration_changes, load_psi
 from densegrpo_fast.checkpoint import (
     check_trainable_names,
     load_checkpoint,
@@ -240,8 +240,11 @@ def _build(cfg, run_dir, resume, progress, policy, reward_fn, prompts, eval_prom
             **cfg.model.adapter_options(),
             transformer_on_host=sharded,
         )
-    elif cfg.model.guidance_scale_2 is not None:  # (a policy handed in: the setting applies to it too)
-        policy.set_guidance_scale_2(cfg.model.guidance_scale_2)
+    else:  # (a policy handed in: the settings load_policy applies apply to it too)
+        if cfg.model.guidance_scale_2 is not None:
+            policy.set_guidance_scale_2(cfg.model.guidance_scale_2)
+        if cfg.model.negative_prompt is not None:
+            policy.set_negative_prompt(cfg.model.negative_prompt)
     for setting, scale in (("sampling.guidance_scale", cfg.sampling.guidance_scale),
                            ("eval.guidance_scale", cfg.eval.guidance_scale)):  # fmt: skip
         problem = getattr(policy, "guidance_problem", lambda *_: None)(scale, setting)
@@ -828,11 +831,8 @@ def _read_psi(path: Path, n, grid: torch.Tensor, ws, size, cfg: TrainConfig) -> 
             "is a multiple of sqrt(s / (1 - s)) for flow_grpo and eta for cps, so the table means other noise "
             "here. Delete the file (or point noise.calibration.path elsewhere) to calibrate for this SDE"
         )
-    # (older tables do not record it, or not every entry: only those recorded are compared)
-    then, now = record.get("calibrated_for"), calibrated_for(cfg)
-    if then is not None and (
-        diff := "; ".join(f"{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v)
-    ):
+    then = record.get("calibrated_for")
+    if then is not None and (diff := calibration_changes(then, calibrated_for(cfg), cfg.model.family)):
         warnings.warn(
             f"psi table {path} was calibrated for another run ({diff}): Algorithm 1 balances the gains and losses "
             "of its own policy and reward, so this psi may not balance this run's. Delete the file (or point "

@@ -220,8 +220,8 @@ def test_tensorboard_hides_what_a_killed_run_wrote_after_its_checkpoint(tmp_path
 
 
 def test_tensorboard_shows_the_sample_grids_and_hides_a_killed_runs_later_ones(tmp_path):
-    """A sample grid's PNG is an image in TensorBoard at its iteration, pixel for pixel; one a killed run wrote
-    after its checkpoint is hidden as its scalars are."""
+    """A sample grid's PNG is an image in TensorBoard at its iteration, pixel for pixel (RGB or RGBA); one a
+    killed run wrote after its checkpoint is hidden as its scalars are."""
     import io
 
     import numpy as np
@@ -229,8 +229,8 @@ def test_tensorboard_shows_the_sample_grids_and_hides_a_killed_runs_later_ones(t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     grids = {}
-    for it in (1, 2, 3):
-        grids[it] = np.random.default_rng(it).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    for it in (1, 2, 3):  # (matplotlib writes RGBA grids: the third)
+        grids[it] = np.random.default_rng(it).integers(0, 256, (6, 10, 3 if it < 3 else 4), dtype=np.uint8)
         Image.fromarray(grids[it]).save(tmp_path / f"iter_{it}.png")
     killed = MetricsLog(tmp_path)
     killed.truncate_after(-1)

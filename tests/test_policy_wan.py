@@ -353,9 +353,10 @@ def test_the_eval_command_scores_and_saves_videos(wan_dir, tmp_path):
 
 def test_a_negative_prompt_is_recorded_where_cfg_uses_it(wan_dir, tmp_path):
     """``model.negative_prompt``: the eval command samples with it and records it, refusing to resume its scores
-    under another; psi's record names it where CFG is on; unused where CFG is off (noted); refused by the
+    under another (the family's included, and an older evaluation's, which took the family's); psi's record names
+    it where CFG is on (an older table took the family's); unused where CFG is off (noted); refused by the
     guidance-distilled families."""
-    from densegrpo_fast.calibration import calibrated_for
+    from densegrpo_fast.calibration import calibrated_for, calibration_changes
     from densegrpo_fast.config import ConfigError, TrainConfig, load_config
     from densegrpo_fast.evaluate import run_eval
 
@@ -364,10 +365,29 @@ def test_a_negative_prompt_is_recorded_where_cfg_uses_it(wan_dir, tmp_path):
     overrides += ["eval.rewards={red: {name: image_only_redness, frames: 1}}", f"eval.output_dir={out}"]
     summary = run_eval(None, [*overrides, "model.negative_prompt=static, blurry"], progress=False)
     assert summary["negative_prompt"] == "static, blurry" and 0 < summary["scores"]["red"] < 1
+    for other in (
+        "model.negative_prompt=washed out",
+        "model.negative_prompt=null",
+    ):  # (null: the family's, "")
+        with pytest.raises(ValueError, match=r"negative_prompt"):
+            run_eval(None, [*overrides, other], progress=False)
+    # an evaluation from before the setting (no negative recorded) sampled with the family's: it resumes under the
+    # family's, and not under another
+    base = [*overrides, f"eval.output_dir={tmp_path / 'base'}"]
+    assert run_eval(None, base, progress=False)["negative_prompt"] == ""
+    protocol = json.loads((tmp_path / "base" / "protocol.json").read_text())
+    del protocol["negative_prompt"]
+    (tmp_path / "base" / "protocol.json").write_text(json.dumps(protocol))
+    run_eval(None, [*base, 'model.negative_prompt=""'], progress=False)
     with pytest.raises(ValueError, match=r"negative_prompt"):
-        run_eval(None, [*overrides, "model.negative_prompt=washed out"], progress=False)
+        run_eval(None, [*base, "model.negative_prompt=static"], progress=False)
     cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, "model.negative_prompt=static"))
     assert cfg.sampling.guidance_scale > 1 and calibrated_for(cfg)["negative_prompt"] == "static"
+    # a psi table from before the setting was calibrated with the family's negative
+    older = {k: v for k, v in calibrated_for(cfg).items() if k != "negative_prompt"}
+    assert calibration_changes(older, calibrated_for(cfg), "wan") == "negative_prompt: '' -> 'static'"
+    plain = calibrated_for(load_config(TrainConfig, None, _overrides(wan_dir, tmp_path)))
+    assert plain["negative_prompt"] == "" and calibration_changes(older, plain, "wan") == ""
     off = ["model.negative_prompt=static", "sampling.guidance_scale=1", "eval.guidance_scale=1"]
     cfg = load_config(TrainConfig, None, _overrides(wan_dir, tmp_path, *off))
     assert "negative_prompt" not in calibrated_for(cfg)

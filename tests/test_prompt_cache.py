@@ -163,8 +163,8 @@ def test_encode_prompts_writes_the_configs_prompts_then_only_what_is_new(checkpo
 
 def test_a_negative_prompt_is_encoded_into_the_cache_and_asked_of_it(checkpoints, tmp_path):
     """``model.negative_prompt``: ``encode-prompts`` encodes it beside the prompts, and a run's policy reads it
-    from the cache as its CFG negative (what the encoders give it); a cache without it is refused before any
-    model loads, naming the setting."""
+    from the cache as its CFG negative (what the encoders give it); a cache without the negative a run encodes
+    (another, or the family's) is refused before any model loads, naming it."""
     from densegrpo_fast.policies import load_policy
     from densegrpo_fast.prompt_cache import check_covered
 
@@ -187,6 +187,9 @@ def test_a_negative_prompt_is_encoded_into_the_cache_and_asked_of_it(checkpoints
         ValueError, match=r"1 prompt\(s\) of model.negative_prompt are not in the prompt cache"
     ):
         check_covered(other, {"prompts.dataset": ["a red circle"]})
+    # a run under the family's negative (the empty prompt), which this cache lacks: refused as early
+    with pytest.raises(ValueError, match=r"of the family's negative prompt are not in the prompt cache .*''"):
+        check_covered(_config(checkpoints("sd3"), tmp_path), {"prompts.dataset": ["a red circle"]})
 
 
 def test_encode_prompts_reads_no_transformer_or_vae_weight(checkpoints, tmp_path):

@@ -74,6 +74,15 @@ def has_two_experts(family: str, checkpoint: str | None, *, local_files_only: bo
     return "transformer_2" in cls.checkpoint_components(index)
 
 
+def negative_prompt_of(family: str, configured: str | None) -> str | None:
+    """The negative prompt a ``family`` policy encodes for CFG: ``configured`` (``model.negative_prompt``), else
+    the family's own (the pipeline's); None for the toy, whose prompt embedding is a part of its model, and for
+    the guidance-distilled families, which have no CFG."""
+    if family == "toy" or not adapter_class(family).has_cfg:
+        return None
+    return configured if configured is not None else adapter_class(family).negative_prompt
+
+
 def load_policy(
     family: str,
     checkpoint: str | None,

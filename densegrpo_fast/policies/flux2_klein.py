@@ -144,7 +144,7 @@ class Flux2KleinPolicy(PackedLatentPolicy):
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, 3 D], one encoder row per distinct prompt; with ``with_negative`` (and an
-        undistilled checkpoint) the empty negative prompt's, encoded in the same call. Edits (every prompt an
+        undistilled checkpoint) :attr:`negative_prompt`'s (the empty prompt's), encoded in the same call. Edits (every prompt an
         :class:`~densegrpo_fast.prompts.EditPrompt`) add their sources' tokens as ``reference``."""
         with_negative = with_negative and not self.distilled
         if any(isinstance(p, EditPrompt) for p in prompts):

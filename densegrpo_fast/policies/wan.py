@@ -283,7 +283,8 @@ class WanPolicy(DiffusersPolicy):
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] as the pipeline encodes them and an empty ``pooled`` [B, 0], one encoder row
-        per distinct prompt; with ``with_negative`` the negative prompt's (the empty one), in the same batch."""
+        per distinct prompt; with ``with_negative`` :attr:`negative_prompt`'s (the empty prompt's), in the same
+        batch."""
         return self._encode_with_negative(prompts, with_negative)
 
     def forward_raw(

@@ -130,8 +130,8 @@ class ZImagePolicy(PackedLatentPolicy):
 
     def encode_prompts(self, prompts: list[str], *, with_negative: bool = True) -> PromptEmbeds:
         """``embeds`` [B, L, D] and the token mask [B, L] (in the ``pooled`` field), one encoder row per
-        distinct prompt; with ``with_negative`` the empty negative prompt's, encoded in the same batch so
-        that it comes padded to the same L."""
+        distinct prompt; with ``with_negative`` :attr:`negative_prompt`'s (the empty prompt's), encoded in the
+        same batch so that it comes padded to the same L."""
         return self._encode_with_negative(prompts, with_negative)
 
     @staticmethod
