@@ -169,10 +169,9 @@ def calibration_changes(then: dict, now: dict, family: str) -> str:
     """What differs between a psi table's ``calibrated_for`` (``then``) and this run's (``now``), ``"k: a -> b"``
     joined by ``"; "``. Older tables do not record every entry: those they lack are not compared, but for the
     negative prompt, which a table from before ``model.negative_prompt`` took from the ``family``."""
-    from densegrpo_fast.policies import negative_prompt_of
+    from densegrpo_fast.policies import with_family_negative
 
-    if "negative_prompt" in now and "negative_prompt" not in then:
-        then = {**then, "negative_prompt": negative_prompt_of(family, None)}
+    then = with_family_negative(then, family)
     return "; ".join(f"{k}: {then[k]!r} -> {v!r}" for k, v in now.items() if k in then and then[k] != v)
 
 

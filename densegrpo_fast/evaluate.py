@@ -43,7 +43,7 @@ from densegrpo_fast.lora_init import (
     merge_lora,
     second_lora,
 )
-from densegrpo_fast.policies import PRETRAINED, negative_prompt_of
+from densegrpo_fast.policies import negative_prompt_of, with_family_negative
 from densegrpo_fast.policies.base import Policy, PromptEmbeds, compile_blocks, encoded_batches
 from densegrpo_fast.prompt_cache import check_covered, text_encoding
 from densegrpo_fast.prompts import (
@@ -418,13 +418,7 @@ def _check_same_protocol(path: Path, protocol: dict) -> None:
                 "writes: delete it (the scores beside it are then resumed under this call's protocol) or give "
                 "eval.output_dir a new directory"
             )
-        if (
-            "negative_prompt" in protocol
-            and "negative_prompt" not in saved
-            and saved.get("family") in PRETRAINED
-        ):
-            # (an evaluation from before model.negative_prompt sampled with the family's)
-            saved = {**saved, "negative_prompt": negative_prompt_of(saved["family"], None)}
+        saved = with_family_negative(saved, saved.get("family"))
         same = lambda k, a, b: resolved_path(a) == resolved_path(b) if k in _PATHS else a == b  # noqa: E731
         diff = {k: (saved[k], v) for k, v in protocol.items() if k in saved and not same(k, saved[k], v)}
         if diff:

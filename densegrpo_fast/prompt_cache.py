@@ -338,9 +338,8 @@ def encode_config(
         options.pop("guidance_scale_2", None)  # (a sampling setting: no encoder reads it)
         negative = options.pop("negative_prompt", None)
         policy = adapter_class(m.family).load(m.checkpoint, device=m.device, text_only=True, **options)
-        if (
-            negative is not None
-        ):  # (the text encoded beside the prompts: the config's, as load_policy sets it)
+        # (the text encoded beside the prompts: the config's, as load_policy sets it)
+        if negative is not None:
             policy.set_negative_prompt(negative)
         saved = _read_index(root)
         ident, stats = policy.prompt_cache_identity(known=saved["stats"] if saved else None)

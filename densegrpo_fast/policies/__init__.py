@@ -83,6 +83,15 @@ def negative_prompt_of(family: str, configured: str | None) -> str | None:
     return configured if configured is not None else adapter_class(family).negative_prompt
 
 
+def with_family_negative(older: dict, family: str | None) -> dict:
+    """``older``, a record that may predate ``model.negative_prompt`` (an eval protocol, a psi table's
+    ``calibrated_for``), with the negative prompt it sampled with where it records none: the ``family``'s."""
+    if "negative_prompt" in older or family not in PRETRAINED:
+        return older
+    negative = negative_prompt_of(family, None)
+    return older if negative is None else {**older, "negative_prompt": negative}
+
+
 def load_policy(
     family: str,
     checkpoint: str | None,
